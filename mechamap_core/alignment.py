@@ -1,0 +1,159 @@
+"""Category words -> token positions, through the tokenizer's character offsets; chunking of long texts."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import numpy as np
+import pandas as pd
+
+
+@lru_cache(maxsize=4096)
+def _word_pattern(word: str) -> re.Pattern:
+    parts = [re.escape(p) for p in word.split()]
+    return re.compile(r"(?<!\w)" + r"\s+".join(parts) + r"(?!\w)", re.IGNORECASE)
+
+
+def find_word_spans(text: str, word: str) -> list[tuple[int, int]]:
+    """Character spans of every case-insensitive, whole-word occurrence of word in text.
+
+    Whole word: not preceded or followed by a letter, digit or underscore. Inner whitespace of
+    multi-word entries ("New York") matches any run of whitespace.
+    """
+    if not word.strip():
+        return []
+    return [m.span() for m in _word_pattern(word.strip()).finditer(text)]
+
+
+def word_coverage(texts: list[str], categories: dict[str, list[str]]) -> pd.DataFrame:
+    """One row per (category, word): how often it occurs in the texts (columns category, word, occurrences)."""
+    rows = [
+        {"category": cat, "word": word, "occurrences": sum(len(find_word_spans(t, word)) for t in texts)}
+        for cat, words in categories.items()
+        for word in words
+    ]
+    return pd.DataFrame(rows, columns=["category", "word", "occurrences"])
+
+
+def missing_words(texts: list[str], categories: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Per category, the words that never occur in the texts (only categories with missing words)."""
+    cov = word_coverage(texts, categories)
+    gone = cov[cov["occurrences"] == 0]
+    return {cat: list(g["word"]) for cat, g in gone.groupby("category", sort=False)}
+
+
+def special_token_frame(tokenizer) -> tuple[list[int], list[int]]:
+    """The ids the tokenizer puts before and after a single sequence (e.g. [CLS] / [SEP], or BOS)."""
+    probe = "hello"
+    bare = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    full = tokenizer(probe, add_special_tokens=True)["input_ids"]
+    for start in range(len(full) - len(bare) + 1):
+        if full[start : start + len(bare)] == bare:
+            return list(full[:start]), list(full[start + len(bare) :])
+    return [], []
+
+
+@dataclass
+class Chunk:
+    """One model input: special-token frame + a slice of one document's tokens."""
+
+    input_ids: list[int]
+    valid_positions: list[int]  # positions in input_ids of the counted (non-special) tokens
+    token_indices: list[int]  # global token index of each counted token
+
+
+@dataclass
+class AlignedText:
+    """Every counted token of every document, its categories, and the chunks that feed the model."""
+
+    tokens: pd.DataFrame  # token_index, doc, position, token_id, token, start, end
+    category_mask: np.ndarray  # [n_tokens, n_categories] bool
+    categories: list[str]
+    chunks: list[Chunk]
+    coverage: pd.DataFrame  # category, word, occurrences, n_tokens
+    texts: list[str] = field(repr=False, default_factory=list)
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.tokens)
+
+
+def align(
+    tokenizer,
+    texts: list[str],
+    categories: dict[str, list[str]],
+    max_chunk_tokens: int,
+) -> AlignedText:
+    """Tokenize texts, mark each token's categories by character overlap, and cut model-sized chunks.
+
+    A token belongs to a category when its character span overlaps an occurrence of one of the
+    category's words. Special tokens (BOS/CLS/SEP/padding, also when typed into the text) never count.
+    Raises ValueError if the tokenizer gives no character offsets (slow tokenizers).
+    """
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError("MechaMap needs a fast (Rust) tokenizer for character offsets; this model has only a slow one")
+    prefix, suffix = special_token_frame(tokenizer)
+    piece_len = max(1, max_chunk_tokens - len(prefix) - len(suffix))
+    special_ids = set(tokenizer.all_special_ids)
+    names = list(categories)
+    token_rows: list[tuple] = []
+    masks: list[np.ndarray] = []
+    chunks: list[Chunk] = []
+    token_counts = {(c, w): 0 for c in names for w in categories[c]}
+    for doc, text in enumerate(texts):
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        starts = np.array([o[0] for o in offsets], dtype=np.int64)
+        ends = np.array([o[1] for o in offsets], dtype=np.int64)
+        counted = np.array([i not in special_ids and e > s for i, s, e in zip(ids, starts, ends)], dtype=bool)
+        mask = np.zeros((len(ids), len(names)), dtype=bool)
+        for c, name in enumerate(names):
+            for word in categories[name]:
+                hit = np.zeros(len(ids), dtype=bool)
+                for a, b in find_word_spans(text, word):
+                    hit |= (starts < b) & (ends > a)
+                hit &= counted
+                token_counts[(name, word)] += int(hit.sum())
+                mask[:, c] |= hit
+        global_index = {}
+        for pos in np.flatnonzero(counted):
+            global_index[int(pos)] = len(token_rows)
+            token_rows.append((len(token_rows), doc, int(pos), ids[pos], text[starts[pos] : ends[pos]], starts[pos], ends[pos]))
+        masks.append(mask[counted])
+        for a in range(0, len(ids), piece_len):
+            piece = range(a, min(a + piece_len, len(ids)))
+            keep = [p for p in piece if p in global_index]
+            if not keep:
+                continue
+            chunks.append(
+                Chunk(
+                    input_ids=prefix + ids[piece.start : piece.stop] + suffix,
+                    valid_positions=[len(prefix) + p - a for p in keep],
+                    token_indices=[global_index[p] for p in keep],
+                )
+            )
+    tokens = pd.DataFrame(token_rows, columns=["token_index", "doc", "position", "token_id", "token", "start", "end"])
+    coverage = word_coverage(texts, categories)
+    coverage["n_tokens"] = [token_counts[(c, w)] for c, w in zip(coverage["category"], coverage["word"])]
+    category_mask = np.concatenate(masks) if masks else np.zeros((0, len(names)), dtype=bool)
+    return AlignedText(tokens, category_mask, names, chunks, coverage, texts=list(texts))
+
+
+def coverage_summary(coverage: pd.DataFrame, category_mask: np.ndarray | None = None, names: list[str] | None = None) -> pd.DataFrame:
+    """Per category: words found, words missing (listed) and, when a token mask is given, tokens covered."""
+    rows = []
+    for cat, g in coverage.groupby("category", sort=False):
+        found = g[g["occurrences"] > 0]
+        row = {
+            "category": cat,
+            "words": len(g),
+            "found": len(found),
+            "missing": len(g) - len(found),
+            "missing_words": ", ".join(g.loc[g["occurrences"] == 0, "word"]),
+        }
+        if category_mask is not None and names is not None:
+            row["n_tokens"] = int(category_mask[:, names.index(cat)].sum())
+        rows.append(row)
+    return pd.DataFrame(rows)

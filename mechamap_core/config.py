@@ -1,0 +1,216 @@
+"""ScanConfig: the typed scan configuration, and the project's only YAML load/save/validate."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+BUNDLED_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
+MAX_CONFIG_BYTES = 2_000_000
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used. `problems` lists (field, message) pairs, one per fault."""
+
+    def __init__(self, problems: list[tuple[str, str]]):
+        self.problems = problems
+        super().__init__("; ".join(f"{name}: {msg}" if name else msg for name, msg in problems))
+
+    def for_field(self, name: str) -> list[str]:
+        """Messages about one field (e.g. 'categories' or 'master_text')."""
+        return [msg for f, msg in self.problems if f == name or f.startswith(name + ".")]
+
+
+@dataclass
+class ScanConfig:
+    """What to scan and how. Defaults give a usable scan of the bundled model."""
+
+    master_text: str | list[str] = ""
+    categories: dict[str, list[str]] = field(default_factory=dict)
+    model: str = BUNDLED_MODEL_ID
+    threshold: float = 1.0
+    top_k_tokens: int = 5
+    limit_neurons: int = 0  # first N neurons of each layer; 0 = all
+    layers: list[int] | None = None  # None = all layers
+    corpus: str | None = None  # path to a .txt (one document per line) or .jsonl corpus
+    corpus_text_field: str = "text"
+    batch_size: int = 8  # chunks per forward pass
+    max_chunk_tokens: int = 0  # 0 = the model's context length
+
+    @property
+    def texts(self) -> list[str]:
+        """The master text as a list of documents (a single string is one document)."""
+        return [self.master_text] if isinstance(self.master_text, str) else list(self.master_text)
+
+    def to_dict(self) -> dict:
+        """Plain dict of every field, in declaration order (what save_config writes)."""
+        return dataclasses.asdict(self)
+
+    def content_hash(self) -> str:
+        """Stable short hash of the config content (keys scan caches and run ids)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+_FIELD_TYPES = {
+    "master_text": (str, list),
+    "categories": (dict,),
+    "model": (str,),
+    "threshold": (int, float),
+    "top_k_tokens": (int,),
+    "limit_neurons": (int,),
+    "layers": (list, type(None)),
+    "corpus": (str, type(None)),
+    "corpus_text_field": (str,),
+    "batch_size": (int,),
+    "max_chunk_tokens": (int,),
+}
+_CATEGORY_NAME = re.compile(r"^[\w][\w \-]{0,63}$")
+
+
+def config_from_dict(data: object) -> ScanConfig:
+    """Validate a parsed mapping and build a ScanConfig. Raises ConfigError listing every fault."""
+    if not isinstance(data, dict):
+        raise ConfigError([("", f"the config must be a mapping of keys to values, not {type(data).__name__}")])
+    problems: list[tuple[str, str]] = []
+    known = {f.name for f in dataclasses.fields(ScanConfig)}
+    for key in data:
+        if key not in known:
+            problems.append((str(key), f"unknown key '{key}' (known keys: {', '.join(sorted(known))})"))
+    for key, types in _FIELD_TYPES.items():
+        if key in data and (not isinstance(data[key], types) or isinstance(data[key], bool)):
+            wanted = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            problems.append((key, f"'{key}' must be {wanted}, got {type(data[key]).__name__}"))
+    if problems:
+        raise ConfigError(problems)
+    values = {k: v for k, v in data.items() if k in known}
+    if isinstance(values.get("categories"), dict):
+        values["categories"] = {str(k): v for k, v in values["categories"].items()}
+    cfg = ScanConfig(**values)
+    validate_config(cfg)
+    return cfg
+
+
+def validate_config(cfg: ScanConfig) -> None:
+    """Check a ScanConfig's values. Raises ConfigError listing every fault; returns None when valid."""
+    problems: list[tuple[str, str]] = []
+    texts = cfg.master_text if isinstance(cfg.master_text, list) else [cfg.master_text]
+    if any(not isinstance(t, str) for t in texts):
+        problems.append(("master_text", "every master text entry must be a string"))
+    elif not any(t.strip() for t in texts) and not cfg.corpus:
+        problems.append(("master_text", "the master text is empty: give some text that uses the category words"))
+    if not cfg.categories:
+        problems.append(("categories", "there are no categories: add at least one category with words"))
+    seen: dict[str, str] = {}
+    for name, words in cfg.categories.items():
+        where = f"categories.{name}"
+        if not name.strip():
+            problems.append((where, "a category has an empty name"))
+            continue
+        if not _CATEGORY_NAME.match(name):
+            problems.append((where, f"category name '{name}' may use letters, digits, spaces, '-' and '_' (max 64)"))
+        if name.strip().lower() in seen:
+            problems.append((where, f"duplicate category '{name}' (same as '{seen[name.strip().lower()]}')"))
+        seen[name.strip().lower()] = name
+        if not isinstance(words, list) or any(not isinstance(w, (str, int, float)) or isinstance(w, bool) for w in words):
+            problems.append((where, f"category '{name}' must be a list of words"))
+            continue
+        if not [w for w in words if str(w).strip()]:
+            problems.append((where, f"category '{name}' has no words"))
+    for key in ("top_k_tokens", "limit_neurons", "max_chunk_tokens"):
+        if getattr(cfg, key) < 0:
+            problems.append((key, f"'{key}' must be 0 or more, got {getattr(cfg, key)}"))
+    if cfg.top_k_tokens > 100:
+        problems.append(("top_k_tokens", "'top_k_tokens' must be at most 100"))
+    if cfg.batch_size < 1:
+        problems.append(("batch_size", "'batch_size' must be at least 1"))
+    if cfg.layers is not None and any(not isinstance(x, int) or isinstance(x, bool) or x < 0 for x in cfg.layers):
+        problems.append(("layers", "'layers' must be a list of layer numbers (0 or more)"))
+    if problems:
+        raise ConfigError(problems)
+    # normalise words to stripped strings (YAML may give 1999 as an int)
+    cfg.categories = {name: [str(w).strip() for w in words if str(w).strip()] for name, words in cfg.categories.items()}
+
+
+def parse_config(text: str) -> ScanConfig:
+    """Parse YAML text into a validated ScanConfig. Raises ConfigError on malformed or invalid input."""
+    if len(text.encode("utf-8", errors="replace")) > MAX_CONFIG_BYTES:
+        raise ConfigError([("", f"the config is larger than {MAX_CONFIG_BYTES // 1_000_000} MB")])
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        reason = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError([("", f"the YAML is malformed{where}: {reason}")]) from None
+    return config_from_dict(data)
+
+
+def load_config(path: str | os.PathLike) -> ScanConfig:
+    """Load and validate a YAML config file. Raises ConfigError (bad content) or FileNotFoundError."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    return parse_config(path.read_text(encoding="utf-8"))
+
+
+def config_to_yaml(cfg: ScanConfig) -> str:
+    """YAML text for a config: long texts as block scalars, keys in declaration order."""
+
+    class _Dumper(yaml.SafeDumper):
+        pass
+
+    def _str(dumper, value):
+        style = "|" if "\n" in value else None
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+    _Dumper.add_representer(str, _str)
+    data = {k: v for k, v in cfg.to_dict().items() if v is not None}
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=100)
+
+
+def save_config(cfg: ScanConfig, path: str | os.PathLike) -> Path:
+    """Validate, then write atomically (temp file + rename) so a crash never leaves half a file."""
+    validate_config(cfg)
+    return atomic_write_text(Path(path), config_to_yaml(cfg))
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    """Write text to path via a temp file in the same folder and os.replace. Returns the path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$")
+
+
+def safe_child_path(folder: str | os.PathLike, name: str, suffix: str) -> Path:
+    """Path of `name + suffix` inside folder. Raises ValueError for names with separators, '..' or odd characters."""
+    stem = name[: -len(suffix)] if suffix and name.endswith(suffix) else name
+    if not _SAFE_NAME.match(stem):
+        raise ValueError(
+            f"'{name}' is not a valid name: use 1-64 letters, digits, '-' or '_', starting with a letter or digit"
+        )
+    folder = Path(folder).resolve()
+    path = (folder / f"{stem}{suffix}").resolve()
+    if path.parent != folder:
+        raise ValueError(f"'{name}' would leave the folder {folder}")
+    return path
