@@ -62,6 +62,7 @@ class Chunk:
     input_ids: list[int]
     valid_positions: list[int]  # positions in input_ids of the counted (non-special) tokens
     token_indices: list[int]  # global token index of each counted token
+    doc: int = 0  # which document the chunk comes from
 
 
 @dataclass
@@ -132,6 +133,7 @@ def align(
                     input_ids=prefix + ids[piece.start : piece.stop] + suffix,
                     valid_positions=[len(prefix) + p - a for p in keep],
                     token_indices=[global_index[p] for p in keep],
+                    doc=doc,
                 )
             )
     tokens = pd.DataFrame(token_rows, columns=["token_index", "doc", "position", "token_id", "token", "start", "end"])

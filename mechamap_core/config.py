@@ -199,6 +199,30 @@ def atomic_write_text(path: Path, text: str) -> Path:
     return path
 
 
+def parse_layer_list(text: str) -> list[int] | None:
+    """'0,2,5-7' -> [0, 2, 5, 6, 7] (sorted, no repeats); '' -> None (all layers). Raises ValueError."""
+    if not text or not text.strip():
+        return None
+    out: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        lo, sep, hi = part.partition("-")
+        try:
+            first, last = int(lo), int(hi) if sep else int(lo)
+        except ValueError:
+            raise ValueError(f"invalid layer list '{text}': use layer numbers and ranges, e.g. 0,2,5-7") from None
+        if first < 0 or last < 0:
+            raise ValueError("layer numbers must be 0 or more")
+        if last < first:
+            raise ValueError(f"invalid layer range '{part}': the end is before the start")
+        out.extend(range(first, last + 1))
+    if not out:
+        raise ValueError(f"invalid layer list '{text}': use layer numbers and ranges, e.g. 0,2,5-7")
+    return sorted(set(out))
+
+
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$")
 
 

@@ -44,6 +44,7 @@ class ScanResult:
     metadata: dict
     texts: list[str] = field(default_factory=list)
     activations: dict[int, np.ndarray] | None = None  # layer -> [n_tokens, n_neurons] float16
+    extras: dict[str, pd.DataFrame] = field(default_factory=dict)  # optional tables, e.g. corpus examples
 
     @property
     def categories(self) -> list[str]:
@@ -90,23 +91,30 @@ def run_hooked_forward(
 ) -> int:
     """Feed every chunk through the model, calling on_layer(site, acts [T, N], token_index [T]) per layer.
 
-    acts holds the first n_neurons[layer] neurons of the counted tokens, as float32 on the model's
-    device. The forward pass stops after the last site. Returns the number of forward passes run.
-    Hooks are removed even when a hook or the model raises.
+    acts holds the counted tokens' neurons n_neurons[layer] (an int N: the first N; or a LongTensor of
+    neuron indices on the model's device), as float32 on the model's device. The forward pass stops
+    after the last site. progress(done, total, message) counts documents when there are several,
+    else layer steps. Returns the number of forward passes run. Hooks are removed even when a hook
+    or the model raises.
     """
     pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     last_layer = sites[-1].layer
-    total = -(-len(aligned.chunks) // batch_size) * len(sites)
-    state = {"shape": None, "flat": None, "index": None, "done": 0}
+    n_docs = len({c.doc for c in aligned.chunks})
+    total = n_docs if n_docs > 1 else -(-len(aligned.chunks) // batch_size) * len(sites)
+    state = {"shape": None, "flat": None, "index": None, "done": 0, "docs_done": 0}
 
     def hook_fn(site: NeuronSite):
         def hook(module, args):
             batch, seq = state["shape"]
             x = args[0].reshape(batch * seq, -1)  # [B*S, d_mlp]; OPT's fc2 input is already flat
-            acts = x.index_select(0, state["flat"])[:, : n_neurons[site.layer]].float()  # [T, N]
+            rows = x.index_select(0, state["flat"])  # [T, d_mlp]
+            pick = n_neurons[site.layer]
+            acts = (rows[:, :pick] if isinstance(pick, int) else rows.index_select(1, pick)).float()  # [T, N]
             on_layer(site, acts, state["index"])
             state["done"] += 1
-            if progress:
+            if progress and n_docs > 1:
+                progress(state["docs_done"], total, f"documents {state['docs_done']}/{n_docs}, layer {site.layer}")
+            elif progress:
                 progress(state["done"], total, f"layer {site.layer} ({site.hook})")
             if site.layer == last_layer:
                 raise _StopForward
@@ -115,6 +123,10 @@ def run_hooked_forward(
 
     passes = 0
     extra = {"use_cache": False} if lm.is_causal_lm else {}
+    # documents finished after each batch: a document is done once its last chunk has run
+    last_chunk = {c.doc: i for i, c in enumerate(aligned.chunks)}
+    ends = sorted(last_chunk.values())
+    docs_done = [sum(e < min(b + batch_size, len(aligned.chunks)) for e in ends) for b in range(0, len(aligned.chunks), batch_size)]
     with torch.inference_mode(), hooked(sites, hook_fn):
         for ids, mask, flat, index in batches(aligned, batch_size, pad_id, lm.device):
             state.update(shape=tuple(ids.shape), flat=flat, index=index.to(lm.device))
@@ -123,6 +135,9 @@ def run_hooked_forward(
             except _StopForward:
                 pass
             passes += 1
+            state["docs_done"] = docs_done[passes - 1]
+            if progress and n_docs > 1:
+                progress(state["docs_done"], total, f"documents {state['docs_done']}/{n_docs}")
     return passes
 
 

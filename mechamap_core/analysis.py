@@ -1,0 +1,146 @@
+"""Top neurons, layer x category pivots, multi-category overlap and category correlation: pandas in, pandas out."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+METRICS = {
+    "score": "score (selectivity: mean gap / RMS of the two SDs)",
+    "avg_activation": "avg_activation (mean over category tokens)",
+    "cohens_d": "Cohen's d (pooled SD)",
+    "auroc": "AUROC (category vs rest)",
+    "t_stat": "Welch t",
+}
+NEURON_KEY = ["layer", "neuron"]
+
+
+def _check_metric(scores: pd.DataFrame, metric: str) -> None:
+    if metric not in scores.columns:
+        raise ValueError(f"unknown metric '{metric}': choose one of {', '.join(c for c in METRICS if c in scores.columns)}")
+
+
+def flagged(scores: pd.DataFrame, metric: str = "score", threshold: float = 1.0) -> pd.DataFrame:
+    """Rows whose metric is at or above the threshold."""
+    _check_metric(scores, metric)
+    return scores[scores[metric] >= threshold]
+
+
+def top_neurons(
+    scores: pd.DataFrame, metric: str = "score", n: int = 10, category: str | None = None, top_tokens: pd.DataFrame | None = None
+) -> pd.DataFrame:
+    """The n highest-ranked neurons per category by metric (one category if given), best first.
+
+    With top_tokens, adds a readable `top_tokens` column.
+    """
+    _check_metric(scores, metric)
+    rows = scores if category is None else scores[scores["category"] == category]
+    best = rows.sort_values(metric, ascending=False, kind="stable").groupby("category", observed=True).head(n)
+    best = best.sort_values(["category", metric], ascending=[True, False], kind="stable").reset_index(drop=True)
+    if top_tokens is not None:
+        best = best.merge(top_token_strings(top_tokens), on=NEURON_KEY, how="left")
+    return best
+
+
+def top_token_strings(top_tokens: pd.DataFrame, digits: int = 3) -> pd.DataFrame:
+    """One row per neuron with `top_tokens` as the original's readable list, e.g. "[('pizza', 0.82), ...]"."""
+    if top_tokens.empty:
+        return pd.DataFrame(columns=[*NEURON_KEY, "top_tokens"])
+    ordered = top_tokens.sort_values([*NEURON_KEY, "rank"])
+    pairs = [(tok, round(float(act), digits)) for tok, act in zip(ordered["token"], ordered["activation"])]
+    ordered = ordered.assign(pair=pairs)
+    text = ordered.groupby(NEURON_KEY, sort=True)["pair"].agg(lambda p: str(list(p)))
+    return text.rename("top_tokens").reset_index()
+
+
+def layer_category_counts(scores: pd.DataFrame, metric: str = "score", threshold: float = 1.0) -> pd.DataFrame:
+    """Pivot: layers as rows, categories as columns, counting neurons with metric >= threshold."""
+    hits = flagged(scores, metric, threshold)
+    table = pd.crosstab(hits["layer"], hits["category"])
+    layers = sorted(scores["layer"].unique())
+    cats = list(scores["category"].cat.categories) if hasattr(scores["category"], "cat") else sorted(scores["category"].unique())
+    return table.reindex(index=layers, columns=cats, fill_value=0).rename_axis(index="layer", columns="category")
+
+
+def multi_category_neurons(
+    scores: pd.DataFrame, metric: str = "score", threshold: float = 1.0, min_categories: int = 2
+) -> pd.DataFrame:
+    """Neurons flagged in at least min_categories categories: layer, neuron, n_categories, categories (sorted)."""
+    hits = flagged(scores, metric, threshold)
+    grouped = hits.groupby(NEURON_KEY, observed=True)["category"].agg(lambda c: tuple(sorted(map(str, c))))
+    out = grouped.rename("categories").reset_index()
+    out["n_categories"] = out["categories"].map(len)
+    out = out[out["n_categories"] >= min_categories]
+    return out[[*NEURON_KEY, "n_categories", "categories"]].sort_values(
+        ["n_categories", *NEURON_KEY], ascending=[False, True, True], ignore_index=True
+    )
+
+
+def combination_counts(overlap: pd.DataFrame) -> pd.DataFrame:
+    """How often each combination of categories occurs among overlapping neurons (UpSet-style bars)."""
+    if overlap.empty:
+        return pd.DataFrame(columns=["combination", "n_categories", "neurons"])
+    counts = overlap.groupby("categories").size().rename("neurons").reset_index()
+    counts["n_categories"] = counts["categories"].map(len)
+    counts["combination"] = counts["categories"].map(" + ".join)
+    return counts[["combination", "n_categories", "neurons"]].sort_values("neurons", ascending=False, ignore_index=True)
+
+
+def category_correlation(
+    scores: pd.DataFrame, metric: str = "score", method: str = "pearson", layers: tuple[int, int] | None = None
+) -> pd.DataFrame:
+    """Category x category correlation of a metric across neurons (optionally within a layer range, inclusive)."""
+    _check_metric(scores, metric)
+    if method not in ("pearson", "spearman"):
+        raise ValueError(f"unknown correlation method '{method}': use pearson or spearman")
+    rows = scores if layers is None else scores[scores["layer"].between(*layers)]
+    wide = rows.pivot_table(index=NEURON_KEY, columns="category", values=metric, observed=True)
+    return wide.corr(method=method).rename_axis(index="category", columns="category")
+
+
+def neuron_profile(scores: pd.DataFrame, layer: int, neuron: int) -> pd.DataFrame:
+    """All category rows of one neuron. Raises KeyError if the scan has no such neuron."""
+    rows = scores[(scores["layer"] == layer) & (scores["neuron"] == neuron)]
+    if rows.empty:
+        raise KeyError(f"neuron L{layer}.N{neuron} is not in this scan")
+    return rows.reset_index(drop=True)
+
+
+def flagged_by_relative_depth(
+    scores: pd.DataFrame, n_layers: int, metric: str = "score", threshold: float = 1.0
+) -> pd.DataFrame:
+    """Per (category, layer): relative depth (layer / n_layers), flagged count and fraction of the layer's neurons.
+
+    The fraction makes models of different widths comparable; relative depth, of different depths.
+    """
+    _check_metric(scores, metric)
+    if n_layers < 1:
+        raise ValueError("n_layers must be at least 1")
+    per_layer = scores.groupby(["category", "layer"], observed=True)
+    out = per_layer[metric].agg(flagged=lambda v: int((v >= threshold).sum()), neurons="size").reset_index()
+    out["fraction"] = out["flagged"] / out["neurons"]
+    out["relative_depth"] = out["layer"] / n_layers
+    out["category"] = out["category"].astype(str)
+    return out[["category", "layer", "relative_depth", "flagged", "neurons", "fraction"]]
+
+
+def config_differences(meta_a: dict, meta_b: dict) -> list[str]:
+    """Readable differences between the configs of two runs (empty when they used the same config)."""
+    if meta_a.get("config_hash") == meta_b.get("config_hash"):
+        return []
+    cfg_a, cfg_b = meta_a.get("config", {}), meta_b.get("config", {})
+    notes = []
+    for key in sorted(set(cfg_a) | set(cfg_b)):
+        if key == "model" or cfg_a.get(key) == cfg_b.get(key):
+            continue
+        if key == "categories":
+            ca, cb = cfg_a.get(key) or {}, cfg_b.get(key) or {}
+            only_a, only_b = sorted(set(ca) - set(cb)), sorted(set(cb) - set(ca))
+            changed = sorted(c for c in set(ca) & set(cb) if ca[c] != cb[c])
+            parts = [f"only in A: {', '.join(only_a)}" if only_a else "", f"only in B: {', '.join(only_b)}" if only_b else "",
+                     f"different words: {', '.join(changed)}" if changed else ""]  # fmt: skip
+            notes.append("categories differ (" + "; ".join(p for p in parts if p) + ")")
+        elif key == "master_text":
+            notes.append("the master texts differ")
+        else:
+            notes.append(f"{key}: {cfg_a.get(key)!r} vs {cfg_b.get(key)!r}")
+    return notes or ["the configs differ"]

@@ -1,0 +1,194 @@
+"""Altair chart builders for the explorer views (DataFrame in, chart out) and PNG/SVG export via vl-convert."""
+
+from __future__ import annotations
+
+import altair as alt
+import pandas as pd
+
+from .analysis import flagged
+
+COMBINATION_SEPARATOR = " + "  # analysis.combination_counts joins category names with this
+_CELL = 28  # pixels per heatmap cell / bar band
+
+
+def _vl_version() -> str | None:
+    """The Vega-Lite version Altair writes (e.g. "6.4"), if vl-convert bundles it; else None (its latest)."""
+    import vl_convert
+
+    wanted = ".".join(alt.SCHEMA_VERSION.lstrip("v").split(".")[:2])
+    return wanted if wanted in vl_convert.get_vegalite_versions() else None
+
+
+def long_matrix(matrix: pd.DataFrame, row: str, column: str, value: str) -> pd.DataFrame:
+    """A wide matrix as long rows (row, column, value), labels as strings; NaN cells are kept as missing."""
+    data = matrix.copy()
+    data.index = data.index.astype(str)
+    data.columns = data.columns.astype(str)
+    data.index.name, data.columns.name = row, column
+    return data.reset_index().melt(id_vars=row, var_name=column, value_name=value)
+
+
+def layer_category_heatmap(counts: pd.DataFrame, title: str | None = None) -> alt.LayerChart:
+    """Heatmap of a layer x category count pivot (analysis.layer_category_counts), with count labels and tooltips.
+
+    Returns a LayerChart (rect + text). An empty pivot gives an empty chart.
+    """
+    data = long_matrix(counts, "layer", "category", "neurons")
+    categories = [str(c) for c in counts.columns]
+    layers = [str(i) for i in counts.index]
+    peak = float(data["neurons"].max()) if len(data) else 0.0
+    base = alt.Chart(data).encode(
+        x=alt.X("category:N", sort=categories, title="category", axis=alt.Axis(labelAngle=-30)),
+        y=alt.Y("layer:O", sort=layers, title="layer"),
+    )
+    cells = base.mark_rect(stroke="white", strokeWidth=1).encode(
+        color=alt.Color("neurons:Q", scale=alt.Scale(scheme="blues", domainMin=0), title="neurons"),
+        tooltip=[
+            alt.Tooltip("layer:O", title="layer"),
+            alt.Tooltip("category:N", title="category"),
+            alt.Tooltip("neurons:Q", title="neurons", format=","),
+        ],
+    )
+    labels = base.mark_text(baseline="middle", fontSize=11).encode(
+        text=alt.Text("neurons:Q", format=","),
+        color=alt.condition(alt.datum.neurons > peak / 2, alt.value("white"), alt.value("black")),
+    )
+    chart = alt.layer(cells, labels).properties(
+        width=max(len(categories), 1) * 64, height=max(len(layers), 1) * _CELL
+    )
+    return chart.properties(title=title) if title else chart
+
+
+def combination_bars(
+    combos: pd.DataFrame, categories: list[str] | None = None, matrix: bool = True, max_combinations: int = 40
+) -> alt.Chart | alt.VConcatChart:
+    """UpSet-style bars of neurons per category combination (analysis.combination_counts), largest first.
+
+    With matrix, a dot matrix below shows which categories make up each combination (a VConcatChart);
+    without, a single bar Chart with the combinations as x labels. Only the max_combinations largest are drawn.
+    categories orders the matrix rows (default: as they first appear).
+    """
+    data = combos.sort_values(["neurons", "combination"], ascending=[False, True], kind="stable").head(max_combinations)
+    data = data[["combination", "n_categories", "neurons"]].reset_index(drop=True)
+    order = list(data["combination"])
+    tooltip = [
+        alt.Tooltip("combination:N", title="categories"),
+        alt.Tooltip("n_categories:Q", title="# categories"),
+        alt.Tooltip("neurons:Q", title="neurons", format=","),
+    ]
+    width = max(len(order), 1) * _CELL
+    x_axis = alt.Axis(labels=False, ticks=False, title=None) if matrix else alt.Axis(labelAngle=-40, labelLimit=240)
+    bars = (
+        alt.Chart(data)
+        .mark_bar(color="#4c78a8")
+        .encode(
+            x=alt.X("combination:N", sort=order, axis=x_axis, title="category combination"),
+            y=alt.Y("neurons:Q", title="neurons"),
+            tooltip=tooltip,
+        )
+        .properties(width=width, height=220)
+    )
+    bars = alt.layer(bars, bars.mark_text(dy=-6, fontSize=10).encode(text=alt.Text("neurons:Q", format=",")))
+    if not matrix:
+        return bars.layer[0] if data.empty else bars
+    members = _membership(data, categories)
+    rows = list(dict.fromkeys(members["category"]))
+    dot_base = alt.Chart(members).encode(
+        x=alt.X("combination:N", sort=order, axis=None),
+        y=alt.Y("category:N", sort=rows, title=None),
+    )
+    dots = dot_base.mark_circle(size=90).encode(
+        color=alt.condition(alt.datum.member, alt.value("#222222"), alt.value("#dddddd")),
+        tooltip=[alt.Tooltip("combination:N", title="categories"), alt.Tooltip("category:N"), alt.Tooltip("member:N")],
+    )
+    links = (
+        alt.Chart(members[members["member"]])
+        .mark_line(color="#222222", strokeWidth=2)
+        .encode(x=alt.X("combination:N", sort=order, axis=None), y=alt.Y("category:N", sort=rows), detail="combination:N")
+    )
+    grid = alt.layer(links, dots).properties(width=width, height=max(len(rows), 1) * 20)
+    return alt.vconcat(bars, grid, spacing=4).resolve_scale(x="shared")
+
+
+def _membership(combos: pd.DataFrame, categories: list[str] | None) -> pd.DataFrame:
+    """Long rows (combination, category, member) for the UpSet dot matrix."""
+    sets = {c: c.split(COMBINATION_SEPARATOR) for c in combos["combination"]}
+    seen = list(dict.fromkeys(cat for parts in sets.values() for cat in parts))
+    rows = [c for c in (categories or []) if c in seen] + [c for c in seen if c not in (categories or [])]
+    records = [(combo, cat, cat in parts) for combo, parts in sets.items() for cat in rows]
+    return pd.DataFrame(records, columns=["combination", "category", "member"])
+
+
+def correlation_heatmap(corr: pd.DataFrame, title: str | None = None, labels: bool = True) -> alt.Chart | alt.LayerChart:
+    """Category x category correlation heatmap, diverging colours fixed to [-1, 1], r on hover.
+
+    With labels (and at most 16 categories) each cell also shows r to two decimals (a LayerChart).
+    """
+    data = long_matrix(corr, "category_a", "category_b", "r")
+    order = [str(c) for c in corr.columns]
+    base = alt.Chart(data).encode(
+        x=alt.X("category_b:N", sort=order, title=None, axis=alt.Axis(labelAngle=-30)),
+        y=alt.Y("category_a:N", sort=order, title=None),
+    )
+    cells = base.mark_rect(stroke="white", strokeWidth=1).encode(
+        color=alt.Color("r:Q", scale=alt.Scale(scheme="redblue", domain=[-1, 1], reverse=True), title="r"),
+        tooltip=[
+            alt.Tooltip("category_a:N", title="category"),
+            alt.Tooltip("category_b:N", title="vs"),
+            alt.Tooltip("r:Q", title="r", format=".3f"),
+        ],
+    )
+    size = max(len(order), 1) * 44
+    chart: alt.Chart | alt.LayerChart = cells
+    if labels and len(order) <= 16:
+        text = base.mark_text(baseline="middle", fontSize=10).encode(
+            text=alt.Text("r:Q", format=".2f"),
+            color=alt.condition("abs(datum.r) > 0.6", alt.value("white"), alt.value("black")),
+        )
+        chart = alt.layer(cells, text)
+    chart = chart.properties(width=size, height=size)
+    return chart.properties(title=title) if title else chart
+
+
+def flagged_per_category_bars(scores: pd.DataFrame, metric: str = "score", threshold: float = 1.0) -> alt.Chart:
+    """Bars of how many neurons each category flags (metric >= threshold), every category shown, zeros included.
+
+    Raises ValueError for a metric that is not a column of scores.
+    """
+    hits = flagged(scores, metric, threshold)
+    cats = list(scores["category"].cat.categories) if isinstance(scores["category"].dtype, pd.CategoricalDtype) else sorted(
+        scores["category"].astype(str).unique()
+    )
+    counts = hits["category"].astype(str).value_counts().reindex([str(c) for c in cats], fill_value=0)
+    data = counts.rename("neurons").rename_axis("category").reset_index()
+    return (
+        alt.Chart(data)
+        .mark_bar(color="#4c78a8")
+        .encode(
+            x=alt.X("category:N", sort=list(data["category"]), title="category", axis=alt.Axis(labelAngle=-30)),
+            y=alt.Y("neurons:Q", title=f"neurons with {metric} ≥ {threshold:g}"),
+            tooltip=[alt.Tooltip("category:N"), alt.Tooltip("neurons:Q", format=",")],
+        )
+        .properties(width=max(len(data), 1) * 48, height=220)
+    )
+
+
+def chart_to_png(chart: alt.TopLevelMixin, scale: float = 2.0) -> bytes:
+    """PNG bytes of a chart, rendered offline by vl-convert. Raises ValueError if the spec cannot be rendered."""
+    import vl_convert
+
+    try:
+        return vl_convert.vegalite_to_png(vl_spec=chart.to_dict(), vl_version=_vl_version(), scale=scale)
+    except Exception as err:  # vl-convert raises plain ValueError/RuntimeError with the Vega message
+        raise ValueError(f"could not render the chart as PNG: {err}") from err
+
+
+def chart_to_svg(chart: alt.TopLevelMixin) -> str:
+    """SVG text of a chart, rendered offline by vl-convert. Raises ValueError if the spec cannot be rendered."""
+    import vl_convert
+
+    try:
+        return vl_convert.vegalite_to_svg(vl_spec=chart.to_dict(), vl_version=_vl_version())
+    except Exception as err:
+        raise ValueError(f"could not render the chart as SVG: {err}") from err
+

@@ -1,0 +1,216 @@
+"""Command line: `python -m mechamap_core scan | interpret | validate | ablate`, with a tqdm progress bar on stderr."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import pandas as pd
+
+from . import analysis
+from .config import ConfigError, load_config, parse_layer_list
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, non-zero exit
+        self.exit(2, f"mechamap: error: {message}\n")
+
+
+def _layers(text: str) -> list[int]:
+    """'0,2,5-7' -> [0, 2, 5, 6, 7] (argparse type; the parsing lives in config.parse_layer_list)."""
+    try:
+        layers = parse_layer_list(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if layers is None:
+        raise argparse.ArgumentTypeError("the layer list is empty: use e.g. 0,2,5-7")
+    return layers
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m mechamap_core", description="Scan MLP neurons for category selectivity.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    s = sub.add_parser("scan", help="scan a model over a config's master text")
+    s.add_argument("--model", help="bundled id, Hugging Face id (from the cache) or local folder; default: the config's")
+    s.add_argument("--config", required=True, help="YAML config (e.g. configs/default.yaml)")
+    s.add_argument("--limit-neurons", type=_non_negative, help="first N neurons per layer (0 = all)")
+    s.add_argument("--layers", type=_layers, help="layer subset, e.g. 0,2,5-7")
+    s.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda or mps")
+    s.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
+    s.add_argument("--corpus", help="corpus file (.txt one document per line, or .jsonl) instead of the master text")
+    s.add_argument("--csv", help="write the scores CSV here")
+    s.add_argument("--json", help="write JSON keyed by neuron here")
+    s.add_argument("--parquet", help="write Parquet here")
+    s.add_argument("--flagged-only", action="store_true", help="export only rows with score >= the config's threshold")
+    s.add_argument("--save-run", metavar="RUNS_DIR", help="also save the run to RUNS_DIR/<id>/ (for the app)")
+    i = sub.add_parser("interpret", help="summarise a scores CSV as the original interpret_map.py did")
+    i.add_argument("--csv", required=True, help="scores CSV written by `scan`")
+    i.add_argument("--threshold", type=float, default=None, help="flag rows with metric >= T (default 1.0)")
+    i.add_argument("--metric", default="score", help="score, avg_activation, cohens_d, auroc, ...")
+    i.add_argument("--multi-category", action="store_true", help="list neurons flagged in 2+ categories")
+    i.add_argument("--correlation", action="store_true", help="print the category correlation matrix")
+    i.add_argument("--top", type=_non_negative, default=5, help="top neurons per category to print")
+    v = sub.add_parser("validate", help="check flagged neurons on a held-out text with its own category words")
+    v.add_argument("--csv", required=True, help="scores CSV (or Parquet) written by `scan`")
+    v.add_argument("--heldout", required=True, help="held-out YAML config (e.g. configs/validation.yaml)")
+    v.add_argument("--model", help="model to load; default: the CSV's model column")
+    v.add_argument("--metric", default="score", help="metric that flags neurons (default score)")
+    v.add_argument("--threshold", type=float, default=1.0, help="flag rows with metric >= T (default 1.0)")
+    v.add_argument("--min-auroc", type=float, default=0.75, help="held-out AUROC a neuron needs to pass (default 0.75)")
+    v.add_argument("--device", default="auto")
+    v.add_argument("--out", help="write the per-neuron results CSV here")
+    a = sub.add_parser("ablate", help="ablate neurons and compare the effect with random-neuron controls")
+    a.add_argument("--config", required=True, help="YAML config whose text and words are used")
+    a.add_argument("--category", required=True, help="category whose tokens are measured")
+    a.add_argument("--neurons", help="neurons to ablate, e.g. 5:376,5:544 (layer:neuron)")
+    a.add_argument("--csv", help="scores CSV: ablate every neuron flagged for the category")
+    a.add_argument("--threshold", type=float, default=1.0, help="with --csv: flag rows with score >= T")
+    a.add_argument("--max-neurons", type=_non_negative, default=20, help="with --csv: at most N best neurons (0 = all)")
+    a.add_argument("--mode", default="zero", choices=["zero", "mean"])
+    a.add_argument("--controls", type=_non_negative, default=5, help="random control sets (default 5)")
+    a.add_argument("--model", help="model to load; default: the config's")
+    a.add_argument("--device", default="auto")
+    return parser
+
+
+def _read_scores(path: str) -> pd.DataFrame:
+    scores = pd.read_parquet(path) if path.endswith(".parquet") else pd.read_csv(path)
+    missing = {"layer", "neuron", "category"} - set(scores.columns)
+    if missing:
+        raise ValueError(f"{path} lacks columns {sorted(missing)}; is it a MechaMap scores file?")
+    return scores
+
+
+def _neuron_list(text: str) -> list[tuple[int, int]]:
+    try:
+        return [(int(a), int(b)) for a, b in (part.split(":") for part in text.split(",") if part.strip())]
+    except ValueError:
+        raise ValueError(f"invalid neuron list '{text}': use layer:neuron pairs, e.g. 5:376,5:544") from None
+
+
+def _run_validate(args) -> int:
+    from .hypothesis import validate_heldout
+    from .models import load_model
+
+    scores = _read_scores(args.csv)
+    heldout = load_config(args.heldout)
+    if args.metric not in scores.columns:
+        raise ValueError(f"{args.csv} has no column '{args.metric}'")
+    candidates = scores[scores[args.metric] >= args.threshold]
+    model = args.model or str(scores["model"].iloc[0])
+    lm = load_model(model, device=args.device)
+    per_neuron, summary = validate_heldout(lm, candidates, heldout, args.min_auroc)
+    print(f"Held-out check of {len(candidates)} flagged rows ({args.metric} >= {args.threshold}), pass = AUROC >= {args.min_auroc}:")
+    print(summary.to_string(index=False))
+    if args.out:
+        per_neuron.to_csv(args.out, index=False)
+        print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+def _run_ablate(args) -> int:
+    from .hypothesis import ablate, flagged_for_category
+    from .models import load_model
+
+    cfg = load_config(args.config)
+    if args.neurons:
+        neurons = _neuron_list(args.neurons)
+    elif args.csv:
+        neurons = flagged_for_category(_read_scores(args.csv), args.category, "score", args.threshold, args.max_neurons or None)
+    else:
+        raise ValueError("give --neurons or --csv")
+    lm = load_model(args.model or cfg.model, device=args.device)
+    result = ablate(lm, cfg, args.category, neurons, mode=args.mode, n_controls=args.controls)
+    print(result.per_condition.drop(columns="neurons").to_string(index=False))
+    s = result.summary
+    print(f"\n{s['mode']}-ablating {s['n_neurons']} neuron(s) for '{s['category']}' ({s['measure']}): "
+          f"effect {s['effect']:+.4f} vs random controls {s['control_mean']:+.4f} ± {s['control_std']:.4f}"
+          + (f", z = {s['z_vs_controls']:.1f}" if "z_vs_controls" in s else ""))
+    return 0
+
+
+def _run_scan(args) -> int:
+    from tqdm import tqdm
+
+    from . import export
+    from .corpus import read_corpus
+    from .models import load_model
+    from .scanner import scan
+
+    cfg = load_config(args.config)
+    if args.model:
+        cfg.model = args.model
+    texts = read_corpus(args.corpus, cfg.corpus_text_field) if args.corpus else None
+    if texts is None and cfg.corpus:
+        texts = read_corpus(cfg.corpus, cfg.corpus_text_field)
+    print(f"loading {cfg.model} ...", file=sys.stderr)
+    lm = load_model(cfg.model, device=args.device, dtype=args.dtype)
+    with tqdm(desc="scanning", unit="layer", file=sys.stderr) as bar:
+
+        def progress(done, total, message):
+            bar.total = total
+            bar.set_postfix_str(message)
+            bar.update(done - bar.n)
+
+        result = scan(lm, cfg, layers=args.layers, limit_neurons=args.limit_neurons, progress=progress, texts=texts)
+    md = result.metadata
+    print(
+        f"scanned {len(md['layers'])} layers x {sum(md['neurons_per_layer'].values())} neurons over {md['n_tokens']} tokens "
+        f"in {md['n_forward_passes']} forward pass(es), {md['timings_s']['total']:.2f} s",
+        file=sys.stderr,
+    )
+    options = {"flagged_only": args.flagged_only}
+    for fmt, path in (("csv", args.csv), ("json", args.json), ("parquet", args.parquet)):
+        if path:
+            getattr(export, f"to_{fmt}")(result, path, **options)
+            print(f"wrote {path}", file=sys.stderr)
+    if args.save_run:
+        print(f"saved run {export.save_run(result, args.save_run)}", file=sys.stderr)
+    if not (args.csv or args.json or args.parquet):
+        print(analysis.top_neurons(result.scores, n=3, top_tokens=result.top_tokens)[
+            ["category", "layer", "neuron", "score", "avg_activation", "auroc", "top_tokens"]].to_string(index=False))
+    return 0
+
+
+def _run_interpret(args) -> int:
+    scores = pd.read_csv(args.csv)
+    needed = {"layer", "neuron", "category", args.metric}
+    if not needed <= set(scores.columns):
+        raise ValueError(f"{args.csv} lacks columns {sorted(needed - set(scores.columns))}; is it a MechaMap scores CSV?")
+    scores["category"] = pd.Categorical(scores["category"], categories=list(dict.fromkeys(scores["category"])))
+    threshold = 1.0 if args.threshold is None else args.threshold
+    pd.set_option("display.width", 200)
+    print(f"Neurons with {args.metric} >= {threshold}, by layer and category:")
+    print(analysis.layer_category_counts(scores, args.metric, threshold).to_string())
+    print(f"\nTop {args.top} neurons per category by {args.metric}:")
+    cols = [c for c in ("category", "layer", "neuron", args.metric, "avg_activation", "top_tokens") if c in scores.columns]
+    print(analysis.top_neurons(scores, args.metric, args.top)[list(dict.fromkeys(cols))].to_string(index=False))
+    if args.multi_category:
+        overlap = analysis.multi_category_neurons(scores, args.metric, threshold)
+        print(f"\nNeurons flagged in 2+ categories: {len(overlap)}")
+        print(overlap.to_string(index=False) if len(overlap) else "(none)")
+    if args.correlation:
+        print(f"\nCategory correlation of {args.metric} across neurons (Pearson):")
+        print(analysis.category_correlation(scores, args.metric).round(3).to_string())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code. Errors print one line to stderr and return non-zero."""
+    args = build_parser().parse_args(argv)
+    try:
+        runner = {"scan": _run_scan, "interpret": _run_interpret, "validate": _run_validate, "ablate": _run_ablate}
+        return runner[args.command](args)
+    except (ConfigError, ValueError, FileNotFoundError, OSError, RuntimeError) as exc:
+        print(f"mechamap: error: {exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,187 @@
+"""CSV (the original's schema first), JSON keyed by neuron, Parquet; and the run store under runs/<id>/."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .analysis import top_token_strings
+from .config import atomic_write_text
+from .scanner import ScanResult
+
+ORIGINAL_COLUMNS = ["model", "layer", "neuron", "category", "avg_activation", "top_tokens"]
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,80}$")
+
+
+def export_table(result: ScanResult, flagged_only: bool = False, metric: str = "score", threshold: float | None = None) -> pd.DataFrame:
+    """Scores with the original's columns first (top_tokens as readable text), then every statistic.
+
+    flagged_only keeps rows with metric >= threshold (default: the scan's threshold).
+    """
+    scores = result.scores
+    if flagged_only:
+        limit = result.metadata.get("threshold", 1.0) if threshold is None else threshold
+        scores = scores[scores[metric] >= limit]
+    table = scores.merge(top_token_strings(result.top_tokens), on=["layer", "neuron"], how="left")
+    table["category"] = table["category"].astype(str)
+    rest = [c for c in table.columns if c not in ORIGINAL_COLUMNS]
+    return table[ORIGINAL_COLUMNS + rest]
+
+
+def to_csv(result: ScanResult, path=None, **options) -> str | None:
+    """CSV text (or write to path) whose first columns are model, layer, neuron, category, avg_activation, top_tokens."""
+    return export_table(result, **options).to_csv(path, index=False)
+
+
+def to_json_dict(result: ScanResult, **options) -> dict:
+    """{"metadata": ..., "neurons": {"L{layer}.N{neuron}": {layer, neuron, hook, top_tokens, categories: {cat: stats}}}}."""
+    table = export_table(result, **options)
+    tops = result.top_tokens.groupby(["layer", "neuron"])
+    top_lists = {key: list(zip(g["token"], g["activation"].round(4).astype(float))) for key, g in tops}
+    stat_cols = [c for c in table.columns if c not in ("model", "layer", "neuron", "hook", "category", "top_tokens")]
+    neurons: dict[str, dict] = {}
+    for (layer, neuron), rows in table.groupby(["layer", "neuron"], sort=True):
+        neurons[f"L{layer}.N{neuron}"] = {
+            "layer": int(layer),
+            "neuron": int(neuron),
+            "hook": rows["hook"].iloc[0],
+            "top_tokens": [[t, a] for t, a in top_lists.get((layer, neuron), [])],
+            "categories": {
+                cat: {k: (None if pd.isna(v) else float(v)) for k, v in stats.items()}
+                for cat, stats in zip(rows["category"], rows[stat_cols].to_dict("records"))
+            },
+        }
+    return {"metadata": _jsonable(result.metadata), "neurons": neurons}
+
+
+def to_json(result: ScanResult, path=None, **options) -> str | None:
+    """JSON text keyed by neuron (or write it to path)."""
+    text = json.dumps(to_json_dict(result, **options), ensure_ascii=False)
+    if path is None:
+        return text
+    atomic_write_text(Path(path), text)
+    return None
+
+
+def to_parquet(result: ScanResult, path=None, **options) -> bytes | None:
+    """Parquet of the export table: bytes, or written to path."""
+    table = export_table(result, **options)
+    if path is None:
+        return table.to_parquet(index=False)
+    table.to_parquet(path, index=False)
+    return None
+
+
+def flagged_neurons(result: ScanResult, metric: str = "score", threshold: float | None = None) -> pd.DataFrame:
+    """Flagged (neuron, category) pairs with TransformerLens hook names, ready for follow-up hooking."""
+    limit = result.metadata.get("threshold", 1.0) if threshold is None else threshold
+    rows = result.scores[result.scores[metric] >= limit]
+    cols = ["model", "hook", "layer", "neuron", "category", metric] + (["auroc", "q_value"] if metric != "auroc" else ["q_value"])
+    out = rows[cols].copy()
+    out["category"] = out["category"].astype(str)
+    return out.sort_values(["category", metric], ascending=[True, False], ignore_index=True)
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+# --- run store -------------------------------------------------------------------------------
+
+
+def new_run_id(result: ScanResult) -> str:
+    """A readable, unique-enough id: time, model short name, config hash."""
+    short = re.sub(r"[^A-Za-z0-9]+", "-", result.metadata["model"].split("/")[-1]).strip("-")[:40] or "model"
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{short}-{result.metadata['config_hash'][:6]}"
+
+
+def save_run(result: ScanResult, runs_dir: str | os.PathLike = "runs", run_id: str | None = None) -> Path:
+    """Save a scan to runs_dir/<run_id>/ (Parquet tables, metadata.json, activations.npz). Atomic: written
+    to a temp folder, then renamed. Returns the run folder."""
+    runs_dir = Path(runs_dir)
+    run_id = run_id or new_run_id(result)
+    if not _RUN_ID.match(run_id):
+        raise ValueError(f"invalid run id '{run_id}'")
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    final = runs_dir / run_id
+    tmp = Path(tempfile.mkdtemp(dir=runs_dir, prefix=f".{run_id}."))
+    try:
+        result.scores.to_parquet(tmp / "scores.parquet", index=False)
+        result.top_tokens.to_parquet(tmp / "top_tokens.parquet", index=False)
+        result.tokens.to_parquet(tmp / "tokens.parquet", index=False)
+        result.coverage.to_parquet(tmp / "coverage.parquet", index=False)
+        np.save(tmp / "category_mask.npy", result.category_mask)
+        if result.activations is not None:
+            np.savez(tmp / "activations.npz", **{str(k): v for k, v in result.activations.items()})
+        extras = {k: v for k, v in result.extras.items() if isinstance(v, pd.DataFrame)}
+        for name, frame in extras.items():
+            frame.to_parquet(tmp / f"extra_{name}.parquet", index=False)
+        meta = {"run_id": run_id, "metadata": _jsonable(result.metadata), "texts": result.texts}
+        (tmp / "metadata.json").write_text(json.dumps(meta, ensure_ascii=False, indent=1), encoding="utf-8")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def load_run(run_dir: str | os.PathLike) -> ScanResult:
+    """Load a saved run folder back into a ScanResult. Raises FileNotFoundError or ValueError."""
+    run_dir = Path(run_dir)
+    meta_path = run_dir / "metadata.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a MechaMap run folder (no metadata.json)")
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    acts = None
+    if (run_dir / "activations.npz").is_file():
+        with np.load(run_dir / "activations.npz", allow_pickle=False) as data:
+            acts = {int(k): data[k] for k in data.files}
+    scores = pd.read_parquet(run_dir / "scores.parquet")
+    scores["category"] = pd.Categorical(scores["category"].astype(str), categories=meta["metadata"]["categories"])
+    extras = {p.stem[len("extra_") :]: pd.read_parquet(p) for p in sorted(run_dir.glob("extra_*.parquet"))}
+    return ScanResult(
+        scores=scores,
+        top_tokens=pd.read_parquet(run_dir / "top_tokens.parquet"),
+        tokens=pd.read_parquet(run_dir / "tokens.parquet"),
+        coverage=pd.read_parquet(run_dir / "coverage.parquet"),
+        category_mask=np.load(run_dir / "category_mask.npy", allow_pickle=False),
+        metadata=meta["metadata"] | {"run_id": meta["run_id"]},
+        texts=meta.get("texts", []),
+        activations=acts,
+        extras=extras,
+    )
+
+
+def list_runs(runs_dir: str | os.PathLike = "runs") -> pd.DataFrame:
+    """Saved runs, newest first: run_id, model, created, n_tokens, categories, path."""
+    rows = []
+    for meta_path in Path(runs_dir).glob("*/metadata.json"):
+        if meta_path.parent.name.startswith("."):
+            continue
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        md = meta.get("metadata", {})
+        rows.append({
+            "run_id": meta.get("run_id", meta_path.parent.name), "model": md.get("model"), "created": md.get("created"),
+            "n_tokens": md.get("n_tokens"), "categories": ", ".join(md.get("categories", [])), "path": str(meta_path.parent),
+        })  # fmt: skip
+    frame = pd.DataFrame(rows, columns=["run_id", "model", "created", "n_tokens", "categories", "path"])
+    return frame.sort_values("created", ascending=False, ignore_index=True)

@@ -1,0 +1,256 @@
+"""Hypothesis tests for flagged neurons: do they hold up on held-out text, and does ablating them hurt?"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .alignment import AlignedText, align
+from .config import ScanConfig, validate_config
+from .inspect_neuron import collect_activations
+from .models import LoadedModel
+from .scanner import batches, hooked
+from .sites import resolve_sites
+from .stats import auroc_exact, moment_statistics
+
+DEFAULT_MIN_AUROC = 0.75
+
+
+def heldout_statistics(acts: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+    """Statistics of per-token activations acts [T, K] against a category mask [T, C]: each [C, K].
+
+    Same definitions as the scan (moment_statistics) plus exact AUROC.
+    """
+    acts64 = acts.astype(np.float64)
+    maskf = mask.astype(np.float64)
+    out = moment_statistics(
+        n_all=float(acts.shape[0]),
+        n_cat=maskf.sum(0),
+        sum_all=acts64.sum(0),
+        sumsq_all=(acts64**2).sum(0),
+        sum_cat=maskf.T @ acts64,
+        sumsq_cat=maskf.T @ acts64**2,
+    )
+    out["auroc"] = auroc_exact(acts, mask)
+    out["score"] = out["separation"]
+    return out
+
+
+def validate_heldout(
+    lm: LoadedModel, candidates: pd.DataFrame, heldout: ScanConfig, min_auroc: float = DEFAULT_MIN_AUROC
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Check candidate neurons (columns layer, neuron, category) on a held-out text with its own words.
+
+    A neuron passes when its held-out AUROC (its category's tokens vs all other tokens) is >= min_auroc.
+    Returns (per-neuron table, per-category summary). Categories missing from the held-out config, or
+    without tokens in its text, are reported as untested rather than failed.
+    Raises ValueError for an empty candidate list, and ConfigError for an invalid held-out config.
+    """
+    if candidates.empty:
+        raise ValueError("there are no flagged neurons to test: lower the threshold or pick neurons")
+    validate_config(heldout)
+    cands = candidates[["layer", "neuron", "category"]].copy()
+    cands["category"] = cands["category"].astype(str)
+    neurons = {int(layer): sorted(set(g["neuron"].astype(int))) for layer, g in cands.groupby("layer")}
+    aligned, acts = collect_activations(lm, heldout.texts, neurons, heldout.categories)
+    names = aligned.categories
+    rows = []
+    for layer, ids in neurons.items():
+        stats = heldout_statistics(acts[layer], aligned.category_mask)
+        column = {n: i for i, n in enumerate(ids)}
+        for _, cand in cands[cands["layer"] == layer].iterrows():
+            row = {"layer": layer, "neuron": int(cand["neuron"]), "category": cand["category"]}
+            if cand["category"] in names and aligned.category_mask[:, names.index(cand["category"])].any():
+                c, k = names.index(cand["category"]), column[int(cand["neuron"])]
+                row.update({
+                    "heldout_tokens": int(aligned.category_mask[:, c].sum()),
+                    "heldout_auroc": float(stats["auroc"][c, k]),
+                    "heldout_score": float(stats["score"][c, k]),
+                    "heldout_cohens_d": float(stats["cohens_d"][c, k]),
+                    "heldout_avg_activation": float(stats["avg_activation"][c, k]),
+                    "heldout_p_value": float(stats["p_value"][c, k]),
+                    "status": "pass" if stats["auroc"][c, k] >= min_auroc else "fail",
+                })  # fmt: skip
+            else:
+                row["status"] = "untested (no held-out tokens for this category)"
+            rows.append(row)
+    per_neuron = pd.DataFrame(rows)
+    per_neuron.insert(3, "hook", per_neuron["layer"].map(lambda layer: f"blocks.{layer}.mlp.hook_post"))
+    per_neuron = per_neuron.merge(candidates.assign(category=candidates["category"].astype(str)), on=["layer", "neuron", "category"], how="left", suffixes=("", "_scan"))
+    summary = (
+        per_neuron.groupby("category", sort=False)["status"]
+        .agg(flagged="size", tested=lambda s: int(s.isin(["pass", "fail"]).sum()), held_up=lambda s: int((s == "pass").sum()))
+        .reset_index()
+    )
+    summary["held_up_fraction"] = np.where(summary["tested"] > 0, summary["held_up"] / summary["tested"].clip(lower=1), np.nan)
+    mean_auc = per_neuron.groupby("category", sort=False)["heldout_auroc"].mean() if "heldout_auroc" in per_neuron else None
+    summary["mean_heldout_auroc"] = summary["category"].map(mean_auc) if mean_auc is not None else np.nan
+    return per_neuron, summary
+
+
+# --- ablation --------------------------------------------------------------------------------
+
+
+@dataclass
+class AblationResult:
+    """Effect of ablating neurons, next to random-neuron controls."""
+
+    per_condition: pd.DataFrame  # condition, n_neurons, effect_target, effect_other
+    summary: dict
+    target_kind: str  # what effect_* measures
+
+
+def _target_tokens(aligned: AlignedText, category: str, causal: bool, window: int) -> np.ndarray:
+    """Bool [n_tokens]: tokens of the category, and for causal LMs the `window` tokens after each."""
+    if category not in aligned.categories:
+        raise ValueError(f"unknown category '{category}': the config has {', '.join(aligned.categories)}")
+    hit = aligned.category_mask[:, aligned.categories.index(category)].copy()
+    if not hit.any():
+        raise ValueError(f"no tokens of category '{category}' occur in the text")
+    if causal and window:
+        docs = aligned.tokens["doc"].to_numpy()
+        base = hit.copy()
+        for shift in range(1, window + 1):
+            moved = np.zeros_like(base)
+            moved[shift:] = base[:-shift] & (docs[shift:] == docs[:-shift])
+            hit |= moved
+    return hit
+
+
+def _forward_measure(lm: LoadedModel, aligned: AlignedText, sites, ablation: dict | None, batch_size: int) -> np.ndarray:
+    """Per counted token: log p(actual token | prefix) for causal LMs ([n_tokens], NaN where unpredicted),
+    else the final hidden state ([n_tokens, d_model]). ablation: {layer: (neuron index tensor, values tensor)}."""
+
+    def hook_fn(site):
+        idx, values = ablation[site.layer]
+
+        def hook(module, args):
+            x = args[0].clone()
+            x[..., idx] = values.to(x.dtype)
+            return (x, *args[1:])
+
+        return hook
+
+    pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    out = None
+    active = [s for s in sites if ablation and s.layer in ablation]
+    with torch.inference_mode(), hooked(active, hook_fn):
+        for ids, mask, flat, index in batches(aligned, batch_size, pad_id, lm.device):
+            if lm.is_causal_lm:
+                logits = lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()  # [B, S, V]
+                width = ids.shape[1]
+                rows, cols = flat // width, flat % width
+                ok = cols > 0
+                logp = torch.log_softmax(logits[rows[ok], cols[ok] - 1], dim=-1)  # [T_ok, V]
+                values = logp.gather(1, ids[rows[ok], cols[ok]].unsqueeze(1)).squeeze(1)
+                if out is None:
+                    out = np.full(aligned.n_tokens, np.nan)
+                out[index[ok.cpu()].numpy()] = values.cpu().numpy()
+            else:
+                hidden = lm.model(input_ids=ids, attention_mask=mask).last_hidden_state.float()  # [B, S, d]
+                picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat)  # [T, d]
+                if out is None:
+                    out = np.zeros((aligned.n_tokens, hidden.shape[-1]))
+                out[index.numpy()] = picked.cpu().numpy()
+    return out
+
+
+def ablate(
+    lm: LoadedModel,
+    cfg: ScanConfig,
+    category: str,
+    neurons: list[tuple[int, int]],
+    mode: str = "zero",
+    n_controls: int = 5,
+    window: int = 2,
+    seed: int = 0,
+) -> AblationResult:
+    """Zero- or mean-ablate neurons [(layer, neuron), ...] and measure the effect against random controls.
+
+    Causal LMs: mean change in log-probability of the actual next token at the category's tokens and
+    the `window` tokens after them (effect_target), and elsewhere (effect_other). Encoders: mean
+    relative change ||h' - h|| / ||h|| of the final hidden states at the category's tokens / elsewhere.
+    Controls: n_controls sets of as many random neurons from the same layers (never the targets).
+    Hooks are removed afterwards. Raises ValueError for bad neurons, modes or categories.
+    """
+    if mode not in ("zero", "mean"):
+        raise ValueError(f"unknown ablation mode '{mode}': use zero or mean")
+    if not neurons:
+        raise ValueError("no neurons to ablate: pick at least one")
+    validate_config(cfg)
+    by_layer: dict[int, list[int]] = {}
+    for layer, neuron in neurons:
+        by_layer.setdefault(int(layer), []).append(int(neuron))
+    with lm.lock:
+        sites = resolve_sites(lm.model, sorted(by_layer))
+        d_mlp = {s.layer: s.d_mlp for s in sites}
+    for layer, ids in by_layer.items():
+        if any(not 0 <= n < d_mlp[layer] for n in ids):
+            raise ValueError(f"a neuron in layer {layer} is out of range (0-{d_mlp[layer] - 1})")
+    rng = np.random.default_rng(seed)
+    conditions = [("ablated", by_layer)]
+    for i in range(n_controls):
+        control = {}
+        for layer, ids in by_layer.items():
+            pool = np.setdiff1d(np.arange(d_mlp[layer]), ids)
+            control[layer] = sorted(rng.choice(pool, size=min(len(ids), len(pool)), replace=False).tolist())
+        conditions.append((f"control {i + 1}", control))
+    chunk = min(cfg.max_chunk_tokens or lm.context_length, lm.context_length)
+    means = {}
+    if mode == "mean":
+        union = {layer: sorted({n for _, c in conditions for n in c[layer]}) for layer in by_layer}
+        _, acts = collect_activations(lm, cfg.texts, union, cfg.categories, max_chunk_tokens=chunk)
+        means = {layer: dict(zip(union[layer], acts[layer].mean(0))) for layer in union}
+    batch = 1 if lm.is_causal_lm else cfg.batch_size
+    with lm.lock:
+        aligned = align(lm.tokenizer, cfg.texts, cfg.categories, chunk)
+        target = _target_tokens(aligned, category, lm.is_causal_lm, window)
+        clean = _forward_measure(lm, aligned, sites, None, batch)
+        rows = []
+        for name, chosen in conditions:
+            spec = {}
+            for layer, ids in chosen.items():
+                idx = torch.tensor(ids, dtype=torch.long, device=lm.device)
+                vals = torch.tensor([means[layer][n] if mode == "mean" else 0.0 for n in ids], device=lm.device)
+                spec[layer] = (idx, vals)
+            changed = _forward_measure(lm, aligned, sites, spec, batch)
+            if lm.is_causal_lm:
+                delta = changed - clean  # [T]
+                valid = ~np.isnan(delta)
+                eff_t, eff_o = np.mean(delta[target & valid]), np.mean(delta[~target & valid]) if (~target & valid).any() else np.nan
+            else:
+                rel = np.linalg.norm(changed - clean, axis=1) / np.maximum(np.linalg.norm(clean, axis=1), 1e-9)
+                eff_t, eff_o = rel[target].mean(), rel[~target].mean() if (~target).any() else np.nan
+            rows.append({"condition": name, "n_neurons": sum(len(v) for v in chosen.values()),
+                         "neurons": "; ".join(f"L{lay}.N{n}" for lay, ids in chosen.items() for n in ids),
+                         "effect_target": float(eff_t), "effect_other": float(eff_o)})  # fmt: skip
+    table = pd.DataFrame(rows)
+    controls = table[table["condition"] != "ablated"]["effect_target"]
+    effect = float(table.loc[0, "effect_target"])
+    kind = (
+        "change in log p(next token) at category tokens and the next tokens"
+        if lm.is_causal_lm
+        else "relative change of final hidden states at category tokens"
+    )
+    summary = {
+        "category": category, "mode": mode, "n_neurons": int(table.loc[0, "n_neurons"]),
+        "n_target_tokens": int(target.sum()), "effect": effect,
+        "control_mean": float(controls.mean()) if len(controls) else float("nan"),
+        "control_std": float(controls.std(ddof=1)) if len(controls) > 1 else float("nan"),
+        "effect_other_tokens": float(table.loc[0, "effect_other"]), "measure": kind,
+    }  # fmt: skip
+    if len(controls) > 1 and summary["control_std"] > 0:
+        summary["z_vs_controls"] = (effect - summary["control_mean"]) / summary["control_std"]
+    return AblationResult(table, summary, kind)
+
+
+def flagged_for_category(scores: pd.DataFrame, category: str, metric: str = "score", threshold: float = 1.0, limit: int | None = None) -> list[tuple[int, int]]:
+    """(layer, neuron) of every neuron flagged for a category, best first (at most `limit`)."""
+    rows = scores[(scores["category"].astype(str) == category) & (scores[metric] >= threshold)]
+    rows = rows.sort_values(metric, ascending=False)
+    if limit:
+        rows = rows.head(limit)
+    return list(zip(rows["layer"].astype(int), rows["neuron"].astype(int)))

@@ -1,0 +1,109 @@
+"""One neuron up close: per-token activations on any text, top examples in context, direct effect on the vocabulary."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .alignment import align
+from .models import LoadedModel
+from .scanner import ScanResult, run_hooked_forward
+from .sites import resolve_sites
+
+
+def collect_activations(
+    lm: LoadedModel,
+    texts: list[str],
+    neurons: dict[int, list[int]],
+    categories: dict[str, list[str]] | None = None,
+    batch_size: int = 8,
+    max_chunk_tokens: int = 0,
+):
+    """Per-token activations of chosen neurons over texts, in one forward pass per batch of chunks.
+
+    neurons: {layer: [neuron, ...]}. Returns (AlignedText, {layer: float32 array [n_tokens, len(neurons[layer])]}).
+    Raises ValueError for neurons or layers out of range, or texts without countable tokens.
+    """
+    with lm.lock:
+        sites = resolve_sites(lm.model, sorted(neurons))
+        for site in sites:
+            bad = [n for n in neurons[site.layer] if not 0 <= n < site.d_mlp]
+            if bad:
+                raise ValueError(f"neurons {bad} are out of range for layer {site.layer} (0-{site.d_mlp - 1})")
+        chunk = min(max_chunk_tokens or lm.context_length, lm.context_length)
+        aligned = align(lm.tokenizer, texts, categories or {}, chunk)
+        if aligned.n_tokens == 0:
+            raise ValueError("the text has no tokens besides special tokens")
+        pick = {s.layer: torch.tensor(neurons[s.layer], dtype=torch.long, device=lm.device) for s in sites}
+        parts: dict[int, list[np.ndarray]] = {s.layer: [] for s in sites}
+
+        def keep(site, acts, _index):
+            parts[site.layer].append(acts.cpu().numpy())
+
+        run_hooked_forward(lm, aligned, sites, keep, pick, batch_size)
+    return aligned, {layer: np.concatenate(p) for layer, p in parts.items()}
+
+
+def token_activations(lm: LoadedModel, text: str, layer: int, neuron: int) -> pd.DataFrame:
+    """This neuron's activation on every token of text: token, start, end, activation."""
+    aligned, acts = collect_activations(lm, [text], {layer: [neuron]})
+    out = aligned.tokens[["token", "start", "end"]].copy()
+    out["activation"] = acts[layer][:, 0]
+    return out
+
+
+def neuron_token_table(result: ScanResult, layer: int, neuron: int) -> pd.DataFrame | None:
+    """Recorded per-token activations of one neuron with each token's categories, or None if not recorded."""
+    if result.activations is None or layer not in result.activations:
+        return None
+    acts = result.activations[layer]
+    if neuron >= acts.shape[1]:
+        return None
+    out = result.tokens[["token_index", "doc", "token", "start", "end"]].copy()
+    out["activation"] = acts[:, neuron].astype(np.float32)
+    names = result.categories
+    labels = [", ".join(names[c] for c in np.flatnonzero(row)) for row in result.category_mask]
+    out["categories"] = labels
+    return out
+
+
+def top_examples(result: ScanResult, layer: int, neuron: int, context_chars: int = 60) -> pd.DataFrame:
+    """Neuroscope-style: the neuron's top-activating tokens with the text around them.
+
+    Columns: rank, activation, doc, left, token, right.
+    """
+    top = result.top_tokens[(result.top_tokens["layer"] == layer) & (result.top_tokens["neuron"] == neuron)]
+    rows = []
+    for rank, act, index in zip(top["rank"], top["activation"], top["token_index"]):
+        tok = result.tokens.iloc[int(index)]
+        text = result.texts[int(tok["doc"])] if result.texts else ""
+        start, end = int(tok["start"]), int(tok["end"])
+        left = text[max(0, start - context_chars) : start].replace("\n", " ")
+        right = text[end : end + context_chars].replace("\n", " ")
+        rows.append({"rank": int(rank), "activation": float(act), "doc": int(tok["doc"]), "left": left, "token": tok["token"], "right": right})
+    return pd.DataFrame(rows, columns=["rank", "activation", "doc", "left", "token", "right"])
+
+
+def direct_effect(lm: LoadedModel, layer: int, neuron: int, k: int = 10) -> pd.DataFrame | None:
+    """Tokens the neuron's output weight pushes up and down most through the unembedding (no final norm).
+
+    Returns columns direction ('up'/'down'), rank, token, logit_effect; None if the model has no output embedding.
+    """
+    unembed = lm.model.get_output_embeddings() if hasattr(lm.model, "get_output_embeddings") else None
+    if unembed is None or getattr(unembed, "weight", None) is None:
+        return None
+    site = resolve_sites(lm.model, [layer])[0]
+    if not 0 <= neuron < site.d_mlp:
+        raise ValueError(f"neuron {neuron} is out of range for layer {layer} (0-{site.d_mlp - 1})")
+    with torch.inference_mode():
+        w_out = site.output_weight()[neuron].float()  # [d_model]
+        logits = unembed.weight.float() @ w_out  # [vocab]
+        up = torch.topk(logits, k)
+        down = torch.topk(-logits, k)
+    rows = []
+    for direction, values, ids, sign in (("up", up.values, up.indices, 1), ("down", down.values, down.indices, -1)):
+        for rank, (value, idx) in enumerate(zip(values.tolist(), ids.tolist()), start=1):
+            token = lm.tokenizer.decode([idx])
+            rows.append({"direction": direction, "rank": rank, "token": token, "logit_effect": sign * value})
+    return pd.DataFrame(rows)

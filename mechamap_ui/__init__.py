@@ -1,0 +1,1 @@
+"""The only Streamlit-aware helpers: caching, session state keys, shared widgets (pages -> here -> core)."""

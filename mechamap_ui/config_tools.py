@@ -1,0 +1,112 @@
+"""Config editor helpers: category table <-> dict, live word coverage, and highlighted master text HTML."""
+
+from __future__ import annotations
+
+import html
+
+import pandas as pd
+
+from mechamap_core.alignment import align, coverage_summary, find_word_spans, word_coverage
+from mechamap_core.config import ConfigError, ScanConfig
+
+TABLE_COLUMNS = ["category", "words"]
+# Colours for up to 12 categories (then they repeat); light enough to keep dark text readable.
+PALETTE = [
+    "#ffd6a5", "#caffbf", "#9bf6ff", "#bdb2ff", "#ffc6ff", "#fdffb6",
+    "#ffadad", "#a0c4ff", "#d0f4de", "#e4c1f9", "#fcf6bd", "#b9fbc0",
+]  # fmt: skip
+MAX_HIGHLIGHT_CHARS = 30_000
+
+
+def categories_to_table(categories: dict[str, list[str]]) -> pd.DataFrame:
+    """One row per category: name and its words joined with ', '."""
+    rows = [{"category": name, "words": ", ".join(str(w) for w in words)} for name, words in categories.items()]
+    return pd.DataFrame(rows, columns=TABLE_COLUMNS).astype({"category": "string", "words": "string"})
+
+
+def _cell(value) -> str:
+    return "" if value is None or (not isinstance(value, str) and pd.isna(value)) else str(value)
+
+
+def table_to_categories(table: pd.DataFrame) -> tuple[dict[str, list[str]], list[tuple[str, str]]]:
+    """Categories from the editor table, plus (field, message) problems the dict alone cannot show.
+
+    Fully blank rows are ignored. A name used twice would collapse in a dict, so it is reported here.
+    Words are split on commas and stripped.
+    """
+    categories: dict[str, list[str]] = {}
+    problems: list[tuple[str, str]] = []
+    first_row: dict[str, int] = {}
+    for number, (_, row) in enumerate(table.iterrows(), start=1):
+        name = _cell(row.get("category")).strip()
+        words = [w.strip() for w in _cell(row.get("words")).split(",") if w.strip()]
+        if not name and not words:
+            continue
+        if not name:
+            problems.append(("categories.", f"row {number} has words but no category name"))
+            continue
+        key = name.lower()
+        if key in first_row:
+            problems.append((f"categories.{name}", f"duplicate category '{name}' (rows {first_row[key]} and {number})"))
+            continue
+        first_row[key] = number
+        categories[name] = words
+    return categories, problems
+
+
+def config_problems(cfg: ScanConfig, extra: list[tuple[str, str]] | None = None) -> ConfigError | None:
+    """Every problem of a config (validate_config's plus extra ones), as one ConfigError, or None if valid."""
+    from mechamap_core.config import validate_config
+
+    problems = list(extra or [])
+    try:
+        validate_config(cfg)
+    except ConfigError as exc:
+        problems.extend(p for p in exc.problems if p not in problems)
+    return ConfigError(problems) if problems else None
+
+
+def coverage_table(texts: list[str], categories: dict[str, list[str]], tokenizer=None) -> pd.DataFrame:
+    """Per category: words, found, missing, the missing words and (with a tokenizer) the tokens they cover."""
+    categories = {name: words for name, words in categories.items() if words}
+    if not categories:
+        return pd.DataFrame(columns=["category", "words", "found", "missing", "missing_words"])
+    if tokenizer is not None:
+        try:
+            aligned = align(tokenizer, texts, categories, max_chunk_tokens=512)
+            return coverage_summary(aligned.coverage, aligned.category_mask, aligned.categories)
+        except ValueError:
+            pass
+    return coverage_summary(word_coverage(texts, categories))
+
+
+def highlight_html(text: str, categories: dict[str, list[str]]) -> tuple[str, bool]:
+    """HTML of text with every category word occurrence in a coloured, titled span; all text escaped.
+
+    Returns (html, truncated): long texts are cut at MAX_HIGHLIGHT_CHARS characters.
+    """
+    truncated = len(text) > MAX_HIGHLIGHT_CHARS
+    text = text[:MAX_HIGHLIGHT_CHARS]
+    colour = {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(categories)}
+    marks: list[tuple[int, int, str]] = []
+    for name, words in categories.items():
+        for word in words:
+            marks.extend((a, b, name) for a, b in find_word_spans(text, word))
+    marks.sort(key=lambda m: (m[0], -(m[1] - m[0])))
+    out, pos = [], 0
+    for start, end, name in marks:
+        if start < pos:  # overlaps an earlier mark: keep the first
+            continue
+        out.append(html.escape(text[pos:start]))
+        out.append(
+            f'<span title="{html.escape(name, quote=True)}" style="background:{colour[name]};'
+            f'border-radius:3px;padding:0 2px;color:#111">{html.escape(text[start:end])}</span>'
+        )
+        pos = end
+    out.append(html.escape(text[pos:]))
+    legend = " ".join(
+        f'<span style="background:{colour[n]};border-radius:3px;padding:0 4px;color:#111">{html.escape(n)}</span>'
+        for n in categories
+    )
+    body = "".join(out).replace("\n", "<br>")
+    return f'<div style="line-height:1.7">{legend}<hr style="margin:6px 0">{body}</div>', truncated

@@ -1,0 +1,41 @@
+"""Cached per-neuron data for the Neuron page: the run's model, recomputed and typed-text activations."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from mechamap_core.inspect_neuron import collect_activations, token_activations
+from mechamap_core.models import ModelNotAvailableError
+from mechamap_core.scanner import ScanResult
+from mechamap_ui.state import get_model
+
+
+def model_for(result: ScanResult):
+    """The run's model (cached), or None when it can't be loaded here."""
+    try:
+        return get_model(result.metadata["model"], "auto", "auto")
+    except (ModelNotAvailableError, ValueError, OSError):
+        return None
+
+
+def recomputed_token_table(result: ScanResult, layer: int, neuron: int):
+    """The neuron's per-token table recomputed with one forward pass (runs without recorded activations)."""
+    lm = model_for(result)
+    if lm is None:
+        return None
+    aligned, acts = collect_activations(lm, result.texts, {layer: [neuron]}, result.metadata["config"]["categories"])
+    table = aligned.tokens[["token_index", "doc", "token", "start", "end"]].copy()
+    table["activation"] = acts[layer][:, 0]
+    names = aligned.categories
+    table["categories"] = [", ".join(names[c] for c, hit in enumerate(row) if hit) for row in aligned.category_mask]
+    return table
+
+
+@st.cache_data(show_spinner="Running the model on your text...", max_entries=64)
+def typed_text_activations(model_spec: str, text: str, layer: int, neuron: int):
+    """One forward pass over a typed text (cached per text and neuron); None if the model is unavailable."""
+    try:
+        lm = get_model(model_spec, "auto", "auto")
+    except (ModelNotAvailableError, OSError):
+        return None
+    return token_activations(lm, text, layer, neuron)

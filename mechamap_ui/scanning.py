@@ -1,0 +1,146 @@
+"""Run a scan from the app: cached model, a process-wide scan-result cache, progress, run saving, readable errors."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from mechamap_core.config import ConfigError, ScanConfig, config_to_yaml
+from mechamap_core.export import save_run
+from mechamap_core.models import ModelNotAvailableError
+from mechamap_core.scanner import ScanResult, scan
+from mechamap_core.sites import SiteResolutionError
+
+from . import state
+
+# Why not st.cache_data: on a cache hit, cache_data replays the st calls made inside the cached
+# function, and progress-bar updates on a bar created outside it raise CacheReplayClosureError
+# (checked with Streamlit 1.67). It would also pickle every result, activations included. So scan
+# results live in this process-wide LRU, keyed like cache_data would key them (model spec + device +
+# dtype + config YAML + options), shared by every session like cache_data. Treat results as read-only.
+MAX_CACHED_SCANS = 4
+_CACHE: OrderedDict[str, tuple[ScanResult, str]] = OrderedDict()
+_CACHE_LOCK = threading.Lock()
+
+Progress = Callable[[float, str], None]
+
+
+@dataclass
+class ScanOutcome:
+    """A finished scan: its result, the saved run id, and whether it came from the cache."""
+
+    result: ScanResult
+    run_id: str
+    cached: bool
+
+
+def scan_key(spec: str, device: str, dtype: str, cfg: ScanConfig, layers, limit_neurons, texts) -> str:
+    """Cache key of a scan: model spec/device/dtype, the config's YAML text and the overrides."""
+    parts = [
+        spec.strip(), device, dtype, config_to_yaml(cfg), repr(None if layers is None else tuple(layers)),
+        repr(limit_neurons), "" if texts is None else "\x00".join(texts),
+    ]  # fmt: skip
+    return hashlib.sha256("\x1f".join(parts).encode("utf-8", errors="replace")).hexdigest()
+
+
+def clear_scan_cache() -> None:
+    """Forget every cached scan result (tests)."""
+    with _CACHE_LOCK:
+        _CACHE.clear()
+
+
+def run_scan(
+    spec: str,
+    cfg: ScanConfig,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    layers: list[int] | None = None,
+    limit_neurons: int | None = None,
+    texts: list[str] | None = None,
+    progress: Progress | None = None,
+) -> ScanOutcome:
+    """Load the model (st.cache_resource), scan (or reuse an identical cached scan) and save the run.
+
+    progress(fraction, message) is called while loading and per layer/batch. Returns a ScanOutcome.
+    Raises what load_model/scan raise: ModelNotAvailableError, SiteResolutionError, ConfigError,
+    ValueError, torch.OutOfMemoryError / RuntimeError; and OSError when the run cannot be saved.
+    """
+    report = progress or (lambda fraction, message: None)
+    key = scan_key(spec, device, dtype, cfg, layers, limit_neurons, texts)
+    runs = state.runs_dir()
+    with _CACHE_LOCK:
+        hit = _CACHE.get(key)
+        if hit is not None:
+            _CACHE.move_to_end(key)
+    if hit is not None:
+        result, run_id = hit
+        if not (runs / run_id / "metadata.json").is_file():  # the saved copy was removed: save it again
+            run_id = save_run(result, runs).name
+            with _CACHE_LOCK:
+                _CACHE[key] = (result, run_id)
+        report(1.0, "Same model, config and options as an earlier scan: reused its result.")
+        return ScanOutcome(result, run_id, cached=True)
+
+    report(0.0, f"Loading {spec.strip()} ...")
+    lm = state.get_model(spec.strip(), device, dtype)
+    if lm.lock.locked():
+        report(0.0, "Waiting: another session is scanning this model right now ...")
+
+    def on_progress(done: int, total: int, message: str) -> None:
+        report(min(done / max(total, 1), 1.0), f"Scanning {message} ({done}/{total})")
+
+    result = scan(lm, cfg, layers=layers, limit_neurons=limit_neurons, progress=on_progress, texts=texts)
+    report(1.0, "Saving the run ...")
+    run_id = save_run(result, runs).name
+    with _CACHE_LOCK:
+        _CACHE[key] = (result, run_id)
+        while len(_CACHE) > MAX_CACHED_SCANS:
+            _CACHE.popitem(last=False)
+    return ScanOutcome(result, run_id, cached=False)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _sentence(text: str) -> str:
+    text = text.strip()
+    text = text[:1].upper() + text[1:]
+    return text if text.endswith((".", "!", "?")) else text + "."
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for torch.OutOfMemoryError and RuntimeErrors that mention running out of memory."""
+    oom = getattr(torch, "OutOfMemoryError", None)
+    if oom is not None and isinstance(exc, oom):
+        return True
+    return isinstance(exc, (RuntimeError, MemoryError)) and (
+        isinstance(exc, MemoryError) or "out of memory" in str(exc).lower() or "can't allocate memory" in str(exc).lower()
+    )
+
+
+def friendly_error(exc: BaseException) -> str:
+    """One readable sentence for an exception raised while loading a model or scanning."""
+    if is_out_of_memory(exc):
+        return (
+            "The scan ran out of memory: scan fewer layers, set a neuron limit, use float16/bfloat16, "
+            "or pick a smaller model."
+        )
+    if isinstance(exc, ConfigError):
+        return _sentence("The config cannot be scanned: " + "; ".join(msg for _, msg in exc.problems))
+    if isinstance(exc, ModelNotAvailableError):
+        return _sentence(_first_line(exc))
+    if isinstance(exc, SiteResolutionError):
+        return _sentence("MechaMap does not support this model's architecture yet: " + _first_line(exc))
+    if isinstance(exc, ValueError):
+        return _sentence(_first_line(exc))
+    if isinstance(exc, OSError):
+        return _sentence("Could not read or write a file: " + _first_line(exc))
+    return _sentence(f"The scan failed ({type(exc).__name__}): {_first_line(exc)}")

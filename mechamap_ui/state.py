@@ -1,0 +1,163 @@
+"""Session state keys, cached model/run loading, and the active run shared by every page."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import streamlit as st
+
+from mechamap_core.config import ConfigError, ScanConfig, load_config
+from mechamap_core.export import list_runs, load_run
+from mechamap_core.models import LoadedModel, load_model
+from mechamap_core.scanner import ScanResult
+
+ROOT = Path(__file__).resolve().parent.parent
+# Import-time snapshots, kept for existing callers; prefer configs_dir() / runs_dir(), which read the
+# environment on every call (tests point MECHAMAP_CONFIGS_DIR / MECHAMAP_RUNS_DIR at temp folders).
+CONFIGS_DIR = Path(os.environ.get("MECHAMAP_CONFIGS_DIR", ROOT / "configs"))
+RUNS_DIR = Path(os.environ.get("MECHAMAP_RUNS_DIR", ROOT / "runs"))
+DEFAULT_CONFIG = CONFIGS_DIR / "default.yaml"
+BUNDLED_DEFAULT_CONFIG = ROOT / "configs" / "default.yaml"
+
+# session_state keys
+ACTIVE_RUN = "active_run_id"  # str: id of the run every explorer page shows
+ACTIVE_CONFIG = "active_config"  # ScanConfig being edited / used for the next scan
+ACTIVE_CONFIG_NAME = "active_config_name"  # str: file stem it came from (or "unsaved")
+RESULT_OVERRIDE = "result_override"  # ScanResult injected directly (AppTests, unsaved scans)
+CONFIG_VERSION = "active_config_version"  # int: bumped when ACTIVE_CONFIG is replaced (resets editor widgets)
+FLASH = "flash_message"  # str: one-shot success message shown after a rerun (e.g. "scan finished")
+
+
+def configs_dir() -> Path:
+    """Folder of the YAML configs (MECHAMAP_CONFIGS_DIR, read now, else <repo>/configs)."""
+    return Path(os.environ.get("MECHAMAP_CONFIGS_DIR", ROOT / "configs"))
+
+
+def runs_dir() -> Path:
+    """Folder of the saved runs (MECHAMAP_RUNS_DIR, read now, else <repo>/runs)."""
+    return Path(os.environ.get("MECHAMAP_RUNS_DIR", ROOT / "runs"))
+
+
+def default_config_path() -> Path:
+    """configs_dir()/default.yaml, or the repository's default.yaml when that folder has none."""
+    path = configs_dir() / "default.yaml"
+    return path if path.is_file() else BUNDLED_DEFAULT_CONFIG
+
+
+@st.cache_resource(show_spinner="Loading model...", max_entries=3)
+def get_model(spec: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    """The model, shared by every browser session. LoadedModel.lock serialises scans on it."""
+    return load_model(spec, device=device, dtype=dtype)
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def _tokenizer(spec: str):
+    from transformers import AutoTokenizer
+
+    from mechamap_core.models import resolve_model_source
+
+    source, _ = resolve_model_source(spec)
+    return AutoTokenizer.from_pretrained(source, local_files_only=True)
+
+
+def get_tokenizer(spec: str):
+    """The fast tokenizer of a bundled / cached / local model (no weights loaded), or None if unavailable."""
+    try:
+        tokenizer = _tokenizer(spec)
+    except Exception:  # noqa: BLE001 - any failure just means "no token counts"
+        return None
+    return tokenizer if getattr(tokenizer, "is_fast", False) else None
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def get_run(run_dir: str) -> ScanResult:
+    """A saved run, loaded once per process (switching pages never re-reads or rescans)."""
+    return load_run(run_dir)
+
+
+def active_config() -> ScanConfig:
+    """The config being edited (default.yaml the first time)."""
+    if ACTIVE_CONFIG not in st.session_state:
+        path = default_config_path()
+        try:
+            st.session_state[ACTIVE_CONFIG] = load_config(path)
+            st.session_state[ACTIVE_CONFIG_NAME] = path.stem
+        except (ConfigError, FileNotFoundError):
+            st.session_state[ACTIVE_CONFIG] = ScanConfig()
+            st.session_state[ACTIVE_CONFIG_NAME] = "unsaved"
+    return st.session_state[ACTIVE_CONFIG]
+
+
+def active_config_name() -> str:
+    """File stem of the active config, or 'unsaved'."""
+    active_config()
+    return st.session_state.get(ACTIVE_CONFIG_NAME, "unsaved")
+
+
+def set_active_config(cfg: ScanConfig, name: str) -> None:
+    """Replace the active config (e.g. after loading a file) and reset the editor widgets to it."""
+    st.session_state[ACTIVE_CONFIG] = cfg
+    st.session_state[ACTIVE_CONFIG_NAME] = name
+    st.session_state[CONFIG_VERSION] = config_version() + 1
+
+
+def config_version() -> int:
+    """Counter that config editor widget keys include, so replacing the config resets them."""
+    return int(st.session_state.get(CONFIG_VERSION, 0))
+
+
+def set_active_run(run_id: str | None) -> None:
+    st.session_state[ACTIVE_RUN] = run_id
+    st.session_state.pop(RESULT_OVERRIDE, None)
+
+
+def active_run_id() -> str | None:
+    """Id of the active saved run (None when none, or when an in-memory result overrides it)."""
+    if st.session_state.get(RESULT_OVERRIDE) is not None:
+        return None
+    return st.session_state.get(ACTIVE_RUN) or None
+
+
+def active_result() -> ScanResult | None:
+    """The ScanResult every explorer page shows, or None when no run is active or it can't be read."""
+    if st.session_state.get(RESULT_OVERRIDE) is not None:
+        return st.session_state[RESULT_OVERRIDE]
+    run_id = st.session_state.get(ACTIVE_RUN)
+    if not run_id:
+        return None
+    path = runs_dir() / run_id
+    try:
+        return get_run(str(path))
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def saved_runs():
+    """DataFrame of saved runs, newest first."""
+    return list_runs(runs_dir())
+
+
+def flash(message: str) -> None:
+    """Keep a success message for the next run (shown once by show_flash)."""
+    st.session_state[FLASH] = message
+
+
+def show_flash() -> None:
+    """Show and forget the pending flash message, if any."""
+    message = st.session_state.pop(FLASH, None)
+    if message:
+        st.success(message)
+
+
+def require_result() -> ScanResult:
+    """The active result; otherwise explain what to do, link to the Scan page, and stop the page."""
+    result = active_result()
+    if result is None:
+        st.info("No scan yet. Run one on the **Scan** page (or pick a saved run in the sidebar), then come back here.")
+        try:
+            st.page_link("pages/scan.py", label="Go to the Scan page", icon=":material/play_arrow:")
+        except st.errors.StreamlitAPIException:  # page run standalone (AppTest) or Scan not registered
+            st.caption("Open the Scan page from the sidebar.")
+        st.stop()
+    return result

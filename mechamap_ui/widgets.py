@@ -1,0 +1,208 @@
+"""Widgets shared by the explorer pages: metric picker, threshold slider, chart downloads, capped and clickable tables."""
+
+from __future__ import annotations
+
+import math
+
+import altair as alt
+import numpy as np
+import pandas as pd
+import streamlit as st
+from streamlit.errors import StreamlitAPIException
+
+from mechamap_core.analysis import METRICS
+from mechamap_core.charts import chart_to_png, chart_to_svg
+from mechamap_ui.state import ROOT
+
+SELECTED_NEURON = "selected_neuron"  # session_state: (layer, neuron) picked in a neuron table
+NEURON_PAGE = "pages/neuron.py"  # relative to the repo root, where app.py lives
+SCORE_LIKE = ("score", "separation", "cohens_d")  # effect sizes: slider -1..6, default the run's threshold
+MAX_TABLE_ROWS = 1000
+
+
+def metric_picker(scores: pd.DataFrame, key: str, label: str = "Metric", default: str = "score") -> str:
+    """Selectbox over the analysis.METRICS present in scores; returns the column name (e.g. "score")."""
+    options = [m for m in METRICS if m in scores.columns]
+    if not options:
+        st.error("This scan has none of the known metrics, so there is nothing to rank by.")
+        st.stop()
+    index = options.index(default) if default in options else 0
+    return st.selectbox(label, options, index=index, key=key, format_func=lambda m: METRICS.get(m, m))
+
+
+def nice_step(span: float, steps: int = 200) -> float:
+    """A 1-2-5 step that divides span into roughly `steps` parts (0.01 for an empty or invalid span)."""
+    if not math.isfinite(span) or span <= 0:
+        return 0.01
+    raw = span / steps
+    power = 10 ** math.floor(math.log10(raw))
+    return next(m * power for m in (1, 2, 5, 10) if m * power >= raw * (1 - 1e-9))
+
+
+def threshold_range(scores: pd.DataFrame, metric: str, default: float | None = None) -> tuple[float, float, float, float]:
+    """(min, max, value, step) for a threshold slider on metric.
+
+    score / separation / cohens_d: -1..6 (stretched to the data), value = default (the run's threshold) or 1.
+    auroc: 0.5..1, value 0.8. t_stat: 0..data max (at least 10), value 3. Anything else (avg_activation, ...):
+    the data range, value its 95th percentile.
+    """
+    values = scores[metric].to_numpy(dtype=float) if metric in scores.columns else np.array([])
+    values = values[np.isfinite(values)]
+    data_lo = float(values.min()) if values.size else 0.0
+    data_hi = float(values.max()) if values.size else 1.0
+    if metric == "auroc":
+        lo, hi, value, step = 0.5, 1.0, 0.8, 0.01
+    elif metric in SCORE_LIKE:
+        lo, hi, step = -1.0, max(6.0, math.ceil(data_hi)), 0.05
+        value = 1.0 if default is None else float(default)
+    elif metric == "t_stat":
+        lo, hi, step = 0.0, max(10.0, math.ceil(data_hi)), 0.1
+        value = 3.0
+    else:
+        step = nice_step(data_hi - data_lo)
+        lo, hi = math.floor(data_lo / step) * step, math.ceil(data_hi / step) * step
+        value = float(np.quantile(values, 0.95)) if values.size else lo
+    if hi <= lo:
+        hi = lo + step
+    value = min(max(round(value / step) * step, lo), hi)
+    digits = max(0, -math.floor(math.log10(step))) + 1
+    return float(round(lo, digits)), float(round(hi, digits)), float(round(value, digits)), float(round(step, digits))
+
+
+def threshold_slider(scores: pd.DataFrame, metric: str, key: str, default: float | None = None, label: str | None = None) -> float:
+    """Slider for the flagging threshold (metric >= value), with a range suited to metric (see threshold_range).
+
+    Each metric keeps its own slider state under the key f"{key}_{metric}".
+    """
+    lo, hi, value, step = threshold_range(scores, metric, default)
+    return float(
+        st.slider(
+            label or f"Threshold ({metric} ≥)",
+            min_value=lo,
+            max_value=hi,
+            value=value,
+            step=step,
+            key=f"{key}_{metric}",
+            help="A neuron counts for a category when its metric is at or above this value.",
+        )
+    )
+
+
+def chart_downloads(chart: alt.TopLevelMixin, name: str) -> None:
+    """PNG and SVG download buttons for a chart; the images are rendered (offline) only when clicked."""
+    left, right, _ = st.columns([1, 1, 4])
+    with left:
+        st.download_button(
+            "PNG", data=lambda: chart_to_png(chart), file_name=f"{name}.png", mime="image/png",
+            key=f"{name}_png", icon=":material/download:", on_click="ignore",
+        )  # fmt: skip
+    with right:
+        st.download_button(
+            "SVG", data=lambda: chart_to_svg(chart), file_name=f"{name}.svg", mime="image/svg+xml",
+            key=f"{name}_svg", icon=":material/download:", on_click="ignore",
+        )  # fmt: skip
+
+
+def _page_of(df: pd.DataFrame, max_rows: int, key: str | None) -> tuple[pd.DataFrame, str | None]:
+    """The rows to show (one page of at most max_rows) and the note saying how many of how many."""
+    total = len(df)
+    if total <= max_rows:
+        return df, None
+    if key is None:
+        return df.head(max_rows), f"Showing {max_rows:,} of {total:,} rows."
+    pages = math.ceil(total / max_rows)
+    page = int(st.number_input(f"Page (of {pages:,})", min_value=1, max_value=pages, value=1, step=1, key=f"{key}_page"))
+    start = (page - 1) * max_rows
+    shown = df.iloc[start : start + max_rows]
+    return shown, f"Showing rows {start + 1:,}–{start + len(shown):,} ({len(shown):,} of {total:,} rows)."
+
+
+def capped_table(df: pd.DataFrame, max_rows: int = MAX_TABLE_ROWS, key: str | None = None, **dataframe_kwargs) -> pd.DataFrame:
+    """st.dataframe of at most max_rows rows with a "Showing N of M rows" note; with key, pages through the rest.
+
+    Returns the rows shown.
+    """
+    shown, note = _page_of(df, max_rows, key)
+    st.dataframe(shown, **({"hide_index": True} | dataframe_kwargs))
+    if note:
+        st.caption(note)
+    return shown
+
+
+def neuron_table(df: pd.DataFrame, key: str, max_rows: int = MAX_TABLE_ROWS, **dataframe_kwargs) -> tuple[int, int] | None:
+    """A sortable table where clicking a row opens that neuron (needs layer and neuron columns).
+
+    The pick is stored as (layer, neuron) in st.session_state["selected_neuron"] and the app switches to
+    pages/neuron.py when that page exists; otherwise a caption names the pick. Returns the pick or None.
+    """
+    shown, note = _page_of(df, max_rows, key)
+    event = st.dataframe(
+        shown, key=key, on_select="rerun", selection_mode="single-row", hide_index=True, **dataframe_kwargs
+    )
+    if note:
+        st.caption(note)
+    clickable = {"layer", "neuron"} <= set(shown.columns)
+    if clickable:
+        st.caption("Click a row to open that neuron.")
+    rows = list(event.selection.rows) if event is not None else []
+    if not clickable or not rows or rows[0] >= len(shown):
+        return None
+    row = shown.iloc[rows[0]]
+    picked = (int(row["layer"]), int(row["neuron"]))
+    st.session_state[SELECTED_NEURON] = picked
+    open_neuron_page(*picked)
+    return picked
+
+
+def open_neuron_page(layer: int, neuron: int) -> None:
+    """Switch to the neuron page if the app has one; otherwise (or if it isn't registered) say what was picked."""
+    if (ROOT / NEURON_PAGE).exists():
+        try:
+            st.switch_page(NEURON_PAGE)
+        except StreamlitAPIException:  # page not registered with st.navigation, or a standalone page run
+            pass
+    st.caption(f"Selected neuron **L{layer}.N{neuron}**; open the Neuron page to see it in detail.")
+
+
+def stat_columns(df: pd.DataFrame, first: list[str], metric: str | None = None) -> pd.DataFrame:
+    """df with `first` columns leading, then metric, the other METRICS, q_value, top_tokens, hook (those present).
+
+    Categorical and tuple columns become plain text so every table renders and sorts.
+    """
+    order = [*first, *([metric] if metric else []), *METRICS, "q_value", "n_tokens", "top_tokens", "hook"]
+    cols = [c for c in dict.fromkeys(order) if c in df.columns]
+    out = df[cols].copy()
+    for col in out.columns:
+        if isinstance(out[col].dtype, pd.CategoricalDtype):
+            out[col] = out[col].astype(str)
+        elif out[col].dtype == object and len(out) and isinstance(out[col].iloc[0], tuple):
+            out[col] = out[col].map(", ".join)
+    return out
+
+
+def stat_column_config(df: pd.DataFrame) -> dict:
+    """column_config that shows statistics with 3 decimals (q/p values in scientific notation), values unrounded."""
+    config = {}
+    for col in df.columns:
+        if col in ("p_value", "q_value"):
+            config[col] = st.column_config.NumberColumn(col, format="%.2e")
+        elif col not in ("layer", "neuron", "n_tokens", "n_categories") and pd.api.types.is_float_dtype(df[col]):
+            config[col] = st.column_config.NumberColumn(col, format="%.3f")
+    return config
+
+
+def plain_labels(matrix: pd.DataFrame) -> pd.DataFrame:
+    """A copy of a pivot/matrix with plain string row and column labels (categorical indexes don't round-trip Arrow)."""
+    out = matrix.copy()
+    out.index = pd.Index([str(i) for i in matrix.index], name=matrix.index.name)
+    out.columns = pd.Index([str(c) for c in matrix.columns], name=matrix.columns.name)
+    return out
+
+
+def filter_by_categories(overlap: pd.DataFrame, chosen: list[str], match_all: bool = True) -> pd.DataFrame:
+    """Rows of a multi_category_neurons frame whose `categories` include all (or any) of chosen; all rows if none chosen."""
+    if not chosen:
+        return overlap
+    want = set(chosen)
+    keep = overlap["categories"].map(lambda cats: want <= set(cats) if match_all else bool(want & set(cats)))
+    return overlap[keep.astype(bool)]

@@ -1,0 +1,68 @@
+"""Compare page: two saved runs side by side (flagged neurons by relative depth, top neurons, correlations)."""
+
+import altair as alt
+import pandas as pd
+import streamlit as st
+
+from mechamap_core.analysis import category_correlation, config_differences, flagged_by_relative_depth, top_neurons
+from mechamap_core.charts import correlation_heatmap
+from mechamap_ui import state
+from mechamap_ui.widgets import chart_downloads, neuron_table, stat_column_config, stat_columns
+
+st.title("Compare two runs")
+runs = state.saved_runs()
+if len(runs) < 2:
+    st.info("Comparison needs two saved runs: scan two models (or two configs) on the **Scan** page first.")
+    st.page_link("pages/scan.py", label="Go to the Scan page")
+    st.stop()
+labels = {r.run_id: f"{r.run_id} ({r.model})" for r in runs.itertuples()}
+c1, c2 = st.columns(2)
+run_a = c1.selectbox("Run A", list(labels), format_func=labels.get, index=0)
+run_b = c2.selectbox("Run B", list(labels), format_func=labels.get, index=1)
+try:
+    res_a, res_b = (state.get_run(str(state.runs_dir() / r)) for r in (run_a, run_b))
+except (OSError, ValueError, KeyError) as exc:
+    st.error(f"A run could not be read: {exc}")
+    st.stop()
+notes = config_differences(res_a.metadata, res_b.metadata)
+if notes:
+    st.warning("These runs used different configs, so differences may come from the configs, not the models: " + "; ".join(notes))
+threshold = st.slider("Flag neurons with score ≥", -1.0, 6.0, float(res_a.metadata.get("threshold", 1.0)), 0.1)
+
+depth = []
+for name, res in (("A: " + res_a.metadata["model"], res_a), ("B: " + res_b.metadata["model"], res_b)):
+    frame = flagged_by_relative_depth(res.scores, int(res.metadata.get("n_layers_model", len(res.metadata["layers"]))), "score", threshold)
+    depth.append(frame.assign(run=name))
+depth_frame = pd.concat(depth, ignore_index=True)
+st.markdown("#### Flagged neurons by relative depth (fraction of each layer's neurons)")
+chart = (
+    alt.Chart(depth_frame)
+    .mark_line(point=True)
+    .encode(
+        x=alt.X("relative_depth:Q", title="layer / number of layers", scale=alt.Scale(domain=[0, 1])),
+        y=alt.Y("fraction:Q", title="fraction flagged"),
+        color=alt.Color("run:N", legend=alt.Legend(orient="top")),
+        tooltip=["run", "layer", "flagged", "neurons", alt.Tooltip("fraction:Q", format=".3f")],
+    )
+    .properties(width=180, height=140)
+    .facet(facet=alt.Facet("category:N", title=None), columns=4)
+)
+st.altair_chart(chart)
+chart_downloads(chart, "compare_depth")
+
+st.markdown("#### Top neurons per category")
+n = int(st.number_input("Neurons per category", 1, 50, 3))
+cols = st.columns(2)
+for col, res, key in ((cols[0], res_a, "cmp_top_a"), (cols[1], res_b, "cmp_top_b")):
+    with col:
+        st.caption(res.metadata["model"])
+        top = stat_columns(top_neurons(res.scores, "score", n, top_tokens=res.top_tokens), ["category", "layer", "neuron"], "score")
+        neuron_table(top[["category", "layer", "neuron", "score", "auroc", "top_tokens"]], key=key, column_config=stat_column_config(top))
+
+st.markdown("#### Category correlation (score across neurons, Pearson)")
+cols = st.columns(2)
+for col, res, tag in ((cols[0], res_a, "A"), (cols[1], res_b, "B")):
+    with col:
+        heat = correlation_heatmap(category_correlation(res.scores, "score"), title=f"{tag}: {res.metadata['model']}")
+        st.altair_chart(heat)
+        chart_downloads(heat, f"compare_corr_{tag}")

@@ -1,0 +1,235 @@
+"""Config page: edit categories, master text and scan settings in the browser; validate, save, load, upload, download."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import streamlit as st
+
+from mechamap_core.config import (
+    BUNDLED_MODEL_ID,
+    ConfigError,
+    config_to_yaml,
+    load_config,
+    parse_config,
+    parse_layer_list,
+    safe_child_path,
+    save_config,
+)
+from mechamap_ui import config_tools, state
+
+MAX_UPLOAD_BYTES = 1_000_000
+MESSAGE = "cfg_message"  # (kind, text) shown once after a load / upload callback
+UPLOAD = "cfg_upload"
+LOAD_CHOICE = "cfg_load_choice"
+
+
+def _say(kind: str, text: str) -> None:
+    st.session_state[MESSAGE] = (kind, text)
+
+
+def _load_saved() -> None:
+    """Callback: replace the active config with the chosen configs/<name>.yaml."""
+    choice = st.session_state.get(LOAD_CHOICE)
+    if not choice:
+        return
+    try:
+        path = safe_child_path(state.configs_dir(), choice, ".yaml")
+        cfg = load_config(path)
+    except (ConfigError, ValueError, OSError) as exc:
+        _say("error", f"{choice}.yaml was not loaded: {exc}")
+        return
+    state.set_active_config(cfg, path.stem)
+    _say("success", f"Loaded {path.name}.")
+
+
+def _load_upload() -> None:
+    """Callback: replace the active config with an uploaded YAML file, if it is valid; else say why."""
+    upload = st.session_state.get(UPLOAD)
+    if upload is None:
+        return
+    if upload.size > MAX_UPLOAD_BYTES:
+        _say("error", f"{upload.name} was not loaded: it is larger than 1 MB.")
+        return
+    try:
+        cfg = parse_config(upload.getvalue().decode("utf-8"))
+    except UnicodeDecodeError:
+        _say("error", f"{upload.name} was not loaded: it is not UTF-8 text.")
+        return
+    except ConfigError as exc:
+        _say("error", f"{upload.name} was not loaded, and the config is unchanged: {exc}")
+        return
+    stem = Path(upload.name).stem
+    state.set_active_config(cfg, stem)
+    _say("success", f"Loaded the uploaded {upload.name}.")
+
+
+def _show_problems(where, messages: list[str]) -> None:
+    for message in messages:
+        where.error(message)
+
+
+def download_stem(name: str) -> str:
+    """A safe file stem for the downloaded YAML."""
+    try:
+        return safe_child_path(state.configs_dir(), name.strip(), ".yaml").stem
+    except ValueError:
+        return "mechamap-config"
+
+
+def _joined(text: str | list[str]) -> str:
+    return text if isinstance(text, str) else "\n\n".join(text)
+
+
+st.title("Config")
+st.caption("Categories, master text and scan settings. The edited config is the one the Scan page uses.")
+state.show_flash()
+cfg = state.active_config()
+version = state.config_version()
+
+
+def key(name: str) -> str:
+    """Widget key tied to the loaded config: loading another config resets every editor widget."""
+    return f"cfg{version}_{name}"
+
+
+defaults = {
+    key("text"): _joined(cfg.master_text),
+    key("threshold"): float(cfg.threshold),
+    key("top_k"): int(cfg.top_k_tokens),
+    key("limit"): int(cfg.limit_neurons),
+    key("layers"): ",".join(map(str, cfg.layers or [])),
+    key("model"): cfg.model,
+    key("save_name"): "" if state.active_config_name() == "unsaved" else state.active_config_name(),
+}
+for name, value in defaults.items():
+    st.session_state.setdefault(name, value)
+if key("table") not in st.session_state or key("table_base") not in st.session_state:
+    st.session_state[key("table_base")] = config_tools.categories_to_table(cfg.categories)
+
+with st.expander("Load, upload or download a config", expanded=False, icon=":material/folder_open:"):
+    left, right = st.columns(2)
+    with left:
+        saved = sorted(p.stem for p in state.configs_dir().glob("*.yaml"))
+        st.selectbox("Saved configs", saved or ["(none)"], key=LOAD_CHOICE, disabled=not saved)
+        st.button("Load", on_click=_load_saved, disabled=not saved, icon=":material/upload_file:")
+    with right:
+        st.file_uploader("Upload a YAML config (max 1 MB)", type=["yaml", "yml"], key=UPLOAD, on_change=_load_upload)
+message_box = st.container()
+if MESSAGE in st.session_state:
+    kind, text = st.session_state.pop(MESSAGE)
+    getattr(message_box, kind)(text)
+
+st.subheader("Categories")
+st.caption("One row per category. Separate words with commas; multi-word entries such as *New York* work. "
+           "Add rows at the bottom, delete them by selecting them.")  # fmt: skip
+edited = st.data_editor(
+    st.session_state[key("table_base")],
+    key=key("table"),
+    num_rows="dynamic",
+    hide_index=True,
+    width="stretch",
+    column_config={
+        "category": st.column_config.TextColumn("Category", width="small"),
+        "words": st.column_config.TextColumn("Words (comma-separated)", width="large"),
+    },
+)
+categories_box = st.container()
+categories, table_problems = config_tools.table_to_categories(edited)
+
+st.subheader("Master text")
+text = st.text_area("Text that uses the category words", key=key("text"), height=220)
+text_box = st.container()
+master_text: str | list[str] = cfg.master_text if text == _joined(cfg.master_text) else text
+
+st.subheader("Scan settings")
+c1, c2, c3 = st.columns(3)
+threshold = c1.number_input("Flag threshold (score)", key=key("threshold"), step=0.1, format="%.2f",
+                            help="Views flag neuron-category pairs whose score is at least this")  # fmt: skip
+top_k = c2.number_input("Top tokens per neuron", key=key("top_k"), min_value=0, max_value=100, step=1)
+limit = c3.number_input("Neuron limit per layer (0 = all)", key=key("limit"), min_value=0, step=32)
+c4, c5 = st.columns(2)
+layers_text = c4.text_input("Layers (empty = all)", key=key("layers"), placeholder="e.g. 0,2,5-7")
+layers_box = c4.container()
+model = c5.text_input("Model", key=key("model"), help=f"Bundled: {BUNDLED_MODEL_ID}; or a cached Hugging Face id or a local folder")
+model_box = c5.container()
+
+extra_problems = list(table_problems)
+try:
+    layers = parse_layer_list(layers_text)
+except ValueError as exc:
+    layers = cfg.layers
+    extra_problems.append(("layers", str(exc)))
+edited_cfg = dataclasses.replace(
+    cfg, categories=categories, master_text=master_text, threshold=float(threshold), top_k_tokens=int(top_k),
+    limit_neurons=int(limit), layers=layers, model=model.strip(),
+)  # fmt: skip
+problem = config_tools.config_problems(edited_cfg, extra_problems)
+st.session_state[state.ACTIVE_CONFIG] = edited_cfg
+
+if problem is not None:
+    _show_problems(categories_box, problem.for_field("categories"))
+    _show_problems(text_box, problem.for_field("master_text"))
+    _show_problems(layers_box, problem.for_field("layers"))
+    _show_problems(model_box, problem.for_field("model"))
+    shown = {"categories", "master_text", "layers", "model"}
+    rest = [msg for field, msg in problem.problems if field.split(".")[0] not in shown]
+    _show_problems(st, rest)
+
+st.subheader("Word coverage")
+tokenizer = state.get_tokenizer(edited_cfg.model or BUNDLED_MODEL_ID)
+coverage = config_tools.coverage_table(edited_cfg.texts, categories, tokenizer)
+if coverage.empty:
+    st.info("Add categories with words to see which of them the master text covers.")
+else:
+    st.dataframe(coverage, hide_index=True, width="stretch", column_config={
+        "words": "words", "found": "found in text", "missing": "missing", "missing_words": "missing words",
+        "n_tokens": "tokens covered",
+    })  # fmt: skip
+    if tokenizer is None:
+        st.caption(f"The tokenizer of {edited_cfg.model} is not available offline, so only word occurrences are shown.")
+    else:
+        st.caption(f"Tokens counted with the tokenizer of {edited_cfg.model or BUNDLED_MODEL_ID}.")
+    if int(coverage["missing"].sum()):
+        st.warning("Some category words never occur in the master text; they add nothing to the scan.")
+if cfg.corpus:
+    st.caption(f"This config scans the corpus file {cfg.corpus} instead of (or besides) the master text.")
+with st.expander("Master text with the category words highlighted", icon=":material/format_color_text:"):
+    body, truncated = config_tools.highlight_html(_joined(edited_cfg.master_text), categories)
+    st.html(body)
+    if truncated:
+        st.caption("Only the start of the text is shown.")
+
+st.subheader("Save")
+s1, s2 = st.columns([2, 1])
+save_name = s1.text_input("Save as configs/<name>.yaml", key=key("save_name"), placeholder="my-categories")
+save_box = s1.container()
+overwrite = s2.checkbox("Overwrite if the file exists", key="cfg_overwrite")
+b1, b2 = st.columns([1, 1])
+if b1.button("Save config", type="primary", icon=":material/save:"):
+    if problem is not None:
+        save_box.error("The config has problems (shown above); fix them before saving. Nothing was written.")
+    else:
+        try:
+            path = safe_child_path(state.configs_dir(), save_name.strip(), ".yaml")
+        except ValueError as exc:
+            save_box.error(f"{exc}. Nothing was written.")
+        else:
+            if path.exists() and not overwrite:
+                save_box.warning(f"{path.name} already exists: tick *Overwrite if the file exists* to replace it.")
+            else:
+                try:
+                    save_config(edited_cfg, path)
+                except (ConfigError, OSError) as exc:
+                    save_box.error(f"{path.name} was not saved: {exc}")
+                else:
+                    st.session_state[state.ACTIVE_CONFIG_NAME] = path.stem
+                    save_box.success(f"Saved {path.name}.")
+b2.download_button(
+    "Download YAML", data=config_to_yaml(edited_cfg) if problem is None else "",
+    file_name=f"{download_stem(save_name)}.yaml", mime="application/x-yaml",
+    disabled=problem is not None, icon=":material/download:", on_click="ignore",
+)  # fmt: skip
+if problem is not None:
+    st.caption("Download and save are available once the config is valid.")

@@ -1,0 +1,46 @@
+"""Correlation page: how a metric co-varies between categories across neurons (category x category matrix)."""
+
+import streamlit as st
+
+from mechamap_core import analysis, charts
+from mechamap_ui import widgets
+from mechamap_ui.state import require_result
+
+METHODS = {"Pearson": "pearson", "Spearman": "spearman"}
+
+st.title("Correlation between categories")
+result = require_result()
+scores = result.scores
+layers = sorted(int(layer) for layer in scores["layer"].unique())
+
+left, right = st.columns(2)
+with left:
+    metric = widgets.metric_picker(scores, key="corr_metric")
+with right:
+    method = st.radio("Method", list(METHODS), key="corr_method", horizontal=True)
+if len(layers) > 1:
+    lo, hi = st.select_slider("Layers", options=layers, value=(layers[0], layers[-1]), key="corr_layers")
+else:
+    lo = hi = layers[0] if layers else 0
+    st.caption(f"This scan has one layer ({lo}).")
+
+try:
+    corr = analysis.category_correlation(scores, metric, METHODS[method], layers=(lo, hi))
+except (ValueError, KeyError) as err:
+    st.error(f"Could not compute the correlation: {err}.")
+    st.stop()
+
+n_neurons = scores.loc[scores["layer"].between(lo, hi), ["layer", "neuron"]].drop_duplicates().shape[0]
+st.caption(
+    f"{method} correlation of {metric} between categories, across {n_neurons:,} neurons in layers {lo}–{hi}. "
+    "Hover a cell for its value."
+)
+if corr.empty or corr.isna().all().all():
+    st.warning("Too few neurons (or constant values) in this layer range to correlate; widen the range.")
+    st.stop()
+
+chart = charts.correlation_heatmap(corr)
+st.altair_chart(chart, width="content")
+widgets.chart_downloads(chart, f"correlation_{metric}_{METHODS[method]}_L{lo}-{hi}")
+table = widgets.plain_labels(corr)
+st.dataframe(table, column_config={c: st.column_config.NumberColumn(c, format="%.3f") for c in table.columns})

@@ -1,0 +1,142 @@
+"""Hypothesis page: do flagged neurons hold up on held-out text, and does ablating them hurt more than random neurons?"""
+
+import altair as alt
+import pandas as pd
+import streamlit as st
+
+from mechamap_core.config import ConfigError, ScanConfig, load_config, safe_child_path
+from mechamap_core.export import flagged_neurons
+from mechamap_core.hypothesis import ablate, flagged_for_category, validate_heldout
+from mechamap_ui import state
+from mechamap_ui.neuron_data import model_for
+from mechamap_ui.widgets import chart_downloads, metric_picker, neuron_table, stat_column_config, threshold_slider
+
+st.title("Test hypotheses")
+result = state.require_result()
+lm = model_for(result)
+if lm is None:
+    st.error(f"The model of this run ({result.metadata['model']}) can't be loaded here, so it can't be tested.")
+    st.stop()
+
+
+def parse_typed_words(text: str) -> dict[str, list[str]]:
+    """'food: sushi, grape' lines -> {"food": ["sushi", "grape"]}."""
+    words = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        name, sep, rest = line.partition(":")
+        if not sep:
+            raise ConfigError([("categories", f"line {number}: write 'category: word, word, ...'")])
+        words[name.strip()] = [w.strip() for w in rest.split(",") if w.strip()]
+    return words
+
+
+held_tab, ablate_tab = st.tabs(["Held-out text", "Ablation"])
+with held_tab:
+    st.caption("For each flagged neuron: does it still separate its category's tokens from the rest on new text with new words?")
+    c1, c2, c3 = st.columns(3)
+    with c1:
+        metric = metric_picker(result.scores, key="hyp_metric")
+    with c2:
+        threshold = threshold_slider(result.scores, metric, key="hyp_threshold")
+    with c3:
+        min_auroc = st.slider("Pass if held-out AUROC ≥", 0.5, 1.0, 0.75, 0.01)
+    source = st.radio("Held-out text", ["A config file", "Type text and words"], horizontal=True)
+    heldout = None
+    try:
+        if source == "A config file":
+            names = sorted(p.stem for p in state.configs_dir().glob("*.yaml"))
+            default = names.index("validation") if "validation" in names else 0
+            name = st.selectbox("Held-out config", names, index=default) if names else None
+            if name:
+                heldout = load_config(safe_child_path(state.configs_dir(), name, ".yaml"))
+        else:
+            text = st.text_area("Held-out text", height=150)
+            words = st.text_area("Category words, one category per line", "food: sushi, grape\nlocation: Berlin, Lima", height=100)
+            if text.strip():
+                heldout = ScanConfig(master_text=text, categories=parse_typed_words(words), model=result.metadata["model"])
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        st.error(f"The held-out config can't be used: {exc}")
+    candidates = result.scores[result.scores[metric] >= threshold]
+    st.write(f"**{len(candidates):,}** flagged (neuron, category) rows with {metric} ≥ {threshold:g}.")
+    if heldout is not None and st.button("Run held-out check", type="primary"):
+        try:
+            with st.spinner("Running the held-out text through the model..."):
+                st.session_state["heldout_result"] = validate_heldout(lm, candidates, heldout, min_auroc)
+        except (ConfigError, ValueError) as exc:
+            st.error(str(exc))
+    if "heldout_result" in st.session_state:
+        per_neuron, summary = st.session_state["heldout_result"]
+        st.markdown("##### Per category: how many flagged neurons held up")
+        chart = (
+            alt.Chart(summary)
+            .mark_bar()
+            .encode(
+                x=alt.X("held_up_fraction:Q", scale=alt.Scale(domain=[0, 1]), title="fraction that held up"),
+                y=alt.Y("category:N", sort="-x", title=None),
+                tooltip=["category", "flagged", "tested", "held_up", alt.Tooltip("mean_heldout_auroc:Q", format=".3f")],
+            )
+        )
+        st.altair_chart(chart)
+        chart_downloads(chart, "heldout_summary")
+        st.dataframe(summary, hide_index=True, column_config=stat_column_config(summary))
+        st.markdown("##### Per neuron (click a row to open the neuron)")
+        cols = ["layer", "neuron", "category", "status", "heldout_auroc", "heldout_score", "heldout_cohens_d", "score", "auroc", "hook"]
+        shown = per_neuron[[c for c in cols if c in per_neuron.columns]]
+        neuron_table(shown, key="heldout_table", column_config=stat_column_config(shown))
+        st.download_button("Download per-neuron results (CSV)", shown.to_csv(index=False), "heldout_check.csv", "text/csv")
+
+with ablate_tab:
+    st.caption("Ablate neurons in a forward pass over the master text and compare with as many random neurons from the same layers.")
+    categories = result.categories
+    category = st.selectbox("Category", categories)
+    how = st.radio("Neurons", ["Flagged for this category", "Type them"], horizontal=True)
+    neurons: list[tuple[int, int]] = []
+    if how == "Flagged for this category":
+        limit = st.number_input("At most this many (best score first)", 1, 500, 10)
+        neurons = flagged_for_category(result.scores, category, "score", result.metadata.get("threshold", 1.0), int(limit))
+        st.caption(", ".join(f"L{a}.N{b}" for a, b in neurons) or "No neuron is flagged for this category.")
+    else:
+        typed = st.text_input("layer:neuron pairs", placeholder="5:376, 5:544")
+        try:
+            neurons = [(int(a), int(b)) for a, b in (p.split(":") for p in typed.split(",") if p.strip())]
+        except ValueError:
+            st.error("Write neurons as layer:neuron pairs separated by commas, e.g. 5:376, 5:544")
+    c1, c2 = st.columns(2)
+    mode = c1.radio("Ablation", ["zero", "mean"], horizontal=True)
+    controls = int(c2.number_input("Random control sets", 1, 50, 5))
+    cfg = ScanConfig(**{k: v for k, v in result.metadata["config"].items() if k in ScanConfig.__dataclass_fields__})
+    if st.button("Run ablation", type="primary", disabled=not neurons):
+        try:
+            with st.spinner(f"Running {controls + 2} forward passes..."):
+                st.session_state["ablation_result"] = ablate(lm, cfg, category, neurons, mode=mode, n_controls=controls)
+        except (ConfigError, ValueError, RuntimeError) as exc:
+            st.error(str(exc))
+    if "ablation_result" in st.session_state:
+        outcome = st.session_state["ablation_result"]
+        s = outcome.summary
+        z = f", z = {s['z_vs_controls']:.1f}" if "z_vs_controls" in s else ""
+        st.metric(f"Effect on '{s['category']}' ({s['mode']} ablation of {s['n_neurons']} neurons)", f"{s['effect']:+.4f}",
+                  f"{s['effect'] - s['control_mean']:+.4f} vs random controls{z}", delta_color="off")  # fmt: skip
+        st.caption(f"Measure: {s['measure']}. Controls: {s['control_mean']:+.4f} ± {s['control_std']:.4f}.")
+        table = outcome.per_condition.assign(kind=lambda d: d["condition"].where(d["condition"] == "ablated", "random control"))
+        long = table.melt(id_vars=["condition", "kind"], value_vars=["effect_target", "effect_other"], var_name="tokens")
+        long["tokens"] = long["tokens"].map({"effect_target": "category tokens", "effect_other": "other tokens"})
+        chart = (
+            alt.Chart(long)
+            .mark_bar()
+            .encode(
+                x=alt.X("value:Q", title="effect"), y=alt.Y("condition:N", sort=None, title=None),
+                color=alt.Color("kind:N", scale=alt.Scale(domain=["ablated", "random control"], range=["#d62728", "#999999"])),
+                row=alt.Row("tokens:N", title=None), tooltip=["condition", "tokens", alt.Tooltip("value:Q", format=".4f")],
+            )  # fmt: skip
+        )
+        st.altair_chart(chart)
+        chart_downloads(chart, "ablation")
+        st.dataframe(pd.DataFrame(outcome.per_condition), hide_index=True)
+
+st.divider()
+flagged = flagged_neurons(result)
+st.download_button("Download flagged neurons with hook names (CSV)", flagged.to_csv(index=False), "flagged_neurons.csv", "text/csv")
+st.download_button("Download flagged neurons with hook names (JSON)", flagged.to_json(orient="records"), "flagged_neurons.json", "application/json")

@@ -1,0 +1,74 @@
+"""Neuron page: one neuron in detail (coloured text, category bars, histogram, top examples, direct effect, try-a-text)."""
+
+import streamlit as st
+
+from mechamap_core.analysis import neuron_profile
+from mechamap_core.inspect_neuron import direct_effect, neuron_token_table, top_examples
+from mechamap_core.neuron_views import activation_histogram, category_bars, coloured_text_html, direct_effect_bars
+from mechamap_ui import state
+from mechamap_ui.neuron_data import model_for, recomputed_token_table, typed_text_activations
+from mechamap_ui.widgets import SELECTED_NEURON, chart_downloads, stat_column_config
+
+st.title("Neuron")
+result = state.require_result()
+layers = result.metadata["layers"]
+picked = st.session_state.get(SELECTED_NEURON) or (layers[0], 0)
+left, right = st.columns(2)
+layer = left.selectbox("Layer", layers, index=layers.index(picked[0]) if picked[0] in layers else 0)
+max_neuron = int(result.metadata["neurons_per_layer"][str(layer)]) - 1
+neuron = int(right.number_input(f"Neuron (0-{max_neuron})", 0, max_neuron, min(int(picked[1]), max_neuron)))
+st.session_state[SELECTED_NEURON] = (layer, neuron)
+profile = neuron_profile(result.scores, layer, neuron)
+st.subheader(f"L{layer}.N{neuron} · `blocks.{layer}.mlp.hook_post`")
+best = profile.sort_values("score", ascending=False).iloc[0]
+st.caption(f"Most selective for **{best['category']}** (score {best['score']:.2f}, AUROC {best['auroc']:.3f}, q {best['q_value']:.1e}).")
+
+st.markdown("#### Per category")
+bars = category_bars(profile)
+st.altair_chart(bars)
+chart_downloads(bars, f"neuron_L{layer}_N{neuron}_categories")
+with st.expander("All statistics"):
+    table = profile.drop(columns=["model", "hook"]).assign(category=profile["category"].astype(str))
+    st.dataframe(table, hide_index=True, column_config=stat_column_config(table))
+
+st.markdown("#### Top-activating examples")
+st.dataframe(top_examples(result, layer, neuron), hide_index=True)
+
+tokens = neuron_token_table(result, layer, neuron)
+if tokens is None:
+    with st.spinner("Recomputing this neuron's activations (they were not recorded for this run)..."):
+        tokens = recomputed_token_table(result, layer, neuron)
+if tokens is not None:
+    st.markdown("#### Activations over all tokens")
+    hist = activation_histogram(tokens)
+    st.altair_chart(hist)
+    chart_downloads(hist, f"neuron_L{layer}_N{neuron}_histogram")
+    st.markdown("#### Master text coloured by this neuron")
+    docs = sorted(tokens["doc"].unique())
+    doc = st.selectbox("Document", docs) if len(docs) > 1 else docs[0]
+    vmax = float(tokens["activation"].abs().max()) or 1.0
+    st.html(coloured_text_html(result.texts[doc], tokens[tokens["doc"] == doc], vmax))
+else:
+    st.info("Per-token activations are unavailable: the model of this run could not be loaded here.")
+
+st.markdown("#### Direct effect on the vocabulary")
+lm = model_for(result)
+effect = direct_effect(lm, layer, neuron) if lm is not None else None
+if effect is None:
+    st.caption("This model has no output embedding (e.g. a bare encoder), so there is no direct effect on tokens.")
+else:
+    st.altair_chart(direct_effect_bars(effect))
+
+st.markdown("#### Try your own text")
+typed = st.text_area("Text", "I had pizza and pasta in Rome on Monday.", max_chars=5000)
+if typed.strip():
+    try:
+        acts = typed_text_activations(result.metadata["model"], typed, layer, neuron)
+    except ValueError as exc:
+        st.error(str(exc))
+    else:
+        if acts is None:
+            st.info("The model of this run is not available here, so typed text can't be scanned.")
+        else:
+            st.html(coloured_text_html(typed, acts))
+            st.dataframe(acts[["token", "activation"]], hide_index=True)

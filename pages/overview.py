@@ -1,0 +1,70 @@
+"""Overview page: what MechaMap does, a one-click scan of the bundled model, and the active run's headline."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from mechamap_core import analysis
+from mechamap_core.config import BUNDLED_MODEL_ID, ConfigError, load_config
+from mechamap_ui import scanning, state
+
+st.title("🧭 MechaMap")
+st.markdown(
+    "MechaMap reads a master text that mixes words from semantic categories (places, food, numbers, ...) "
+    "and scores every MLP neuron of a transformer for how strongly **and how selectively** it responds to "
+    "each category, in one forward pass. Use the results to pick candidate neurons for ablation, probing "
+    "or circuit analysis."
+)
+state.show_flash()
+
+if st.button("Scan the bundled model with the default config", type="primary", icon=":material/play_arrow:"):
+    bar = st.progress(0.0, text="Starting ...")
+    outcome = None
+    try:
+        cfg = load_config(state.default_config_path())
+        outcome = scanning.run_scan(BUNDLED_MODEL_ID, cfg, progress=lambda f, msg: bar.progress(f, text=msg))
+    except (ConfigError, FileNotFoundError) as exc:
+        st.error(f"The default config cannot be used: {exc}")
+    except Exception as exc:  # noqa: BLE001 - every failure becomes one readable sentence
+        st.error(scanning.friendly_error(exc))
+    if outcome is not None:
+        state.set_active_run(outcome.run_id)
+        seconds = outcome.result.metadata["timings_s"]["total"]
+        state.flash(f"Scan finished in {seconds:.1f} s and saved as run {outcome.run_id}.")
+        st.rerun()
+
+result = state.active_result()
+if result is None:
+    st.info("No active run yet. Press the button above, or set up your own scan on the **Scan** page.")
+    st.page_link("pages/scan.py", label="Go to the Scan page", icon=":material/play_arrow:")
+    st.stop()
+
+md = result.metadata
+threshold = float(md.get("threshold", 1.0))
+st.subheader("Headline of the active run")
+st.caption(
+    f"{md.get('model')} · {len(md.get('layers', []))} layers × "
+    f"{sum(md.get('neurons_per_layer', {}).values())} neurons · {md.get('n_tokens')} tokens · "
+    f"created {str(md.get('created', '?')).replace('T', ' ')}"
+)
+counts = analysis.layer_category_counts(result.scores, "score", threshold).sum(axis=0)
+flagged = counts.rename("flagged neurons").rename_axis("category").reset_index()
+flagged["category"] = flagged["category"].astype(str)
+cols = st.columns(3)
+cols[0].metric("Neurons scanned", f"{result.scores[['layer', 'neuron']].drop_duplicates().shape[0]:,}")
+cols[1].metric(f"Neuron-category pairs with score ≥ {threshold:g}", f"{int(counts.sum()):,}")
+cols[2].metric("Categories", len(result.categories))
+
+left, right = st.columns([2, 3])
+with left:
+    st.markdown(f"**Flagged neurons per category** (score ≥ {threshold:g})")
+    st.bar_chart(flagged, x="category", y="flagged neurons", horizontal=True, sort="-flagged neurons")
+with right:
+    st.markdown("**Top neuron of each category** (by score)")
+    top = analysis.top_neurons(result.scores, "score", n=1, top_tokens=result.top_tokens)
+    top["category"] = top["category"].astype(str)
+    show = [c for c in ("category", "layer", "neuron", "score", "avg_activation", "auroc", "top_tokens") if c in top.columns]
+    st.dataframe(top[show], hide_index=True, column_config={"score": st.column_config.NumberColumn(format="%.2f"),
+                 "avg_activation": st.column_config.NumberColumn(format="%.3f"),
+                 "auroc": st.column_config.NumberColumn(format="%.3f")})  # fmt: skip
+st.caption("Explore the layers and categories on the Pivot, Overlap and Correlation pages.")

@@ -1,0 +1,51 @@
+"""Pivot page: neurons above a threshold per layer x category, and the top neurons of each category."""
+
+import streamlit as st
+
+from mechamap_core import analysis, charts
+from mechamap_ui import widgets
+from mechamap_ui.state import require_result
+
+ALL = "All categories"
+
+st.title("Pivot: layer × category")
+result = require_result()
+scores = result.scores
+
+left, right = st.columns(2)
+with left:
+    metric = widgets.metric_picker(scores, key="pivot_metric")
+with right:
+    threshold = widgets.threshold_slider(scores, metric, key="pivot_threshold", default=result.metadata.get("threshold"))
+
+try:
+    counts = analysis.layer_category_counts(scores, metric, threshold)
+except (ValueError, KeyError) as err:
+    st.error(f"Could not build the pivot: {err}.")
+    st.stop()
+
+st.subheader(f"Neurons with {metric} ≥ {threshold:g}, per layer and category")
+if counts.empty:
+    st.info("This scan has no layers or categories to count.")
+else:
+    chart = charts.layer_category_heatmap(counts)
+    st.altair_chart(chart, width="content")
+    widgets.chart_downloads(chart, f"pivot_{metric}_{threshold:g}")
+    st.dataframe(widgets.plain_labels(counts))
+    st.caption(f"{int(counts.to_numpy().sum()):,} (neuron, category) pairs flagged in {len(counts):,} layers.")
+
+st.subheader("Top neurons per category")
+n_col, cat_col = st.columns(2)
+with n_col:
+    n = int(st.number_input("Neurons per category", min_value=1, max_value=500, value=10, step=1, key="pivot_top_n"))
+with cat_col:
+    choice = st.selectbox("Category", [ALL, *result.categories], key="pivot_category")
+try:
+    top = analysis.top_neurons(
+        scores, metric, n=n, category=None if choice == ALL else choice, top_tokens=result.top_tokens
+    )
+except (ValueError, KeyError) as err:
+    st.error(f"Could not rank the neurons: {err}.")
+    st.stop()
+table = widgets.stat_columns(top, ["category", "layer", "neuron"], metric)
+widgets.neuron_table(table, key="pivot_top_table", column_config=widgets.stat_column_config(table))

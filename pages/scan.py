@@ -1,0 +1,150 @@
+"""Scan page: pick a model, device, dtype, layers, neuron limit and corpus; scan with progress; download the active run."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import streamlit as st
+import torch
+
+from mechamap_core import export
+from mechamap_core.config import BUNDLED_MODEL_ID, parse_layer_list
+from mechamap_core.corpus import parse_corpus
+from mechamap_core.models import BUNDLED_ALIASES, DTYPES
+from mechamap_ui import config_tools, scanning, state
+
+MAX_CORPUS_UPLOAD_MB = 5
+SOURCES = ["Bundled model (offline)", "Hugging Face id (from the local cache)", "Local folder"]
+
+
+def _devices() -> list[str]:
+    devices = ["auto", "cpu"]
+    if torch.cuda.is_available():
+        devices.append("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        devices.append("mps")
+    return devices
+
+
+def _init(name: str, value) -> None:
+    st.session_state.setdefault(name, value)
+
+
+st.title("Scan")
+state.show_flash()
+cfg = copy.deepcopy(state.active_config())
+problem = config_tools.config_problems(cfg)
+n_words = sum(len(w) for w in cfg.categories.values())
+st.markdown(
+    f"Config **{state.active_config_name()}**: {len(cfg.categories)} categories, {n_words} words, "
+    f"master text of {sum(len(t) for t in cfg.texts):,} characters."
+)
+st.page_link("pages/config_editor.py", label="Edit the categories and text on the Config page", icon=":material/tune:")
+if problem is not None:
+    st.error("The active config cannot be scanned yet: " + "; ".join(msg for _, msg in problem.problems))
+
+# --- model ---------------------------------------------------------------------------------
+st.subheader("Model")
+model_in_config = (cfg.model or BUNDLED_MODEL_ID).strip()
+if model_in_config in BUNDLED_ALIASES:
+    _init("scan_source", SOURCES[0])
+elif Path(model_in_config).expanduser().is_dir():
+    _init("scan_source", SOURCES[2])
+    _init("scan_local_dir", model_in_config)
+else:
+    _init("scan_source", SOURCES[1])
+    _init("scan_hub_id", model_in_config)
+_init("scan_hub_id", "gpt2")
+_init("scan_local_dir", "")
+source = st.radio("Model", SOURCES, key="scan_source", horizontal=True, label_visibility="collapsed")
+if source == SOURCES[0]:
+    spec = BUNDLED_MODEL_ID
+    st.caption(f"{BUNDLED_MODEL_ID}: 6 layers × 1536 MLP neurons, shipped with MechaMap, no download.")
+elif source == SOURCES[1]:
+    spec = st.text_input("Hugging Face model id", key="scan_hub_id", placeholder="gpt2, EleutherAI/pythia-70m, ...")
+    st.caption("The model must already be in the local Hugging Face cache: MechaMap never downloads while it runs.")
+else:
+    spec = st.text_input("Local model folder", key="scan_local_dir", placeholder="/path/to/model (with config.json)")
+
+c1, c2, c3, c4 = st.columns(4)
+device = c1.selectbox("Device", _devices(), key="scan_device")
+dtype = c2.selectbox("Precision", ["auto", *DTYPES], key="scan_dtype", help="auto: float32 on CPU, bfloat16/float16 on GPUs")
+_init("scan_layers", ",".join(map(str, cfg.layers or [])))
+_init("scan_limit", int(cfg.limit_neurons))
+layers_text = c3.text_input("Layers (empty = all)", key="scan_layers", placeholder="e.g. 0,2,5-7")
+limit = c4.number_input("Neuron limit per layer (0 = all)", key="scan_limit", min_value=0, step=32)
+input_errors: list[str] = []
+try:
+    layers = parse_layer_list(layers_text)
+except ValueError as exc:
+    layers = None
+    c3.error(str(exc))
+    input_errors.append(str(exc))
+
+# --- optional corpus -----------------------------------------------------------------------
+texts = None
+with st.expander("Use a corpus file instead of the master text (optional)", icon=":material/description:"):
+    upload = st.file_uploader(
+        f"Corpus: .txt (one document per line) or .jsonl (max {MAX_CORPUS_UPLOAD_MB} MB)",
+        type=["txt", "jsonl"], key="scan_corpus", max_upload_size=MAX_CORPUS_UPLOAD_MB,
+    )  # fmt: skip
+    _init("scan_corpus_field", cfg.corpus_text_field)
+    field = st.text_input("JSON field with the text (.jsonl only)", key="scan_corpus_field")
+    if upload is not None:
+        try:
+            if upload.size > MAX_CORPUS_UPLOAD_MB * 1_000_000:
+                raise ValueError(f"the corpus is larger than {MAX_CORPUS_UPLOAD_MB} MB")
+            kind = Path(upload.name).suffix.lower().lstrip(".")
+            texts = parse_corpus(upload.getvalue().decode("utf-8", errors="replace"), kind, field.strip() or "text")
+        except ValueError as exc:
+            st.error(f"{upload.name} cannot be used: {exc}.")
+            input_errors.append(str(exc))
+        else:
+            st.success(f"{len(texts):,} documents from {upload.name} replace the master text for this scan.")
+
+# --- scan ----------------------------------------------------------------------------------
+can_scan = problem is None and not input_errors and bool((spec or "").strip())
+if st.button("Scan", type="primary", icon=":material/play_arrow:", disabled=not can_scan):
+    bar = st.progress(0.0, text="Starting ...")
+    outcome = None
+    try:
+        outcome = scanning.run_scan(
+            spec, cfg, device=device, dtype=dtype, layers=layers, limit_neurons=int(limit), texts=texts,
+            progress=lambda fraction, message: bar.progress(fraction, text=message),
+        )  # fmt: skip
+    except Exception as exc:  # noqa: BLE001 - every failure becomes one readable sentence, never a traceback
+        bar.empty()
+        st.error(scanning.friendly_error(exc))
+    if outcome is not None:
+        state.set_active_run(outcome.run_id)
+        md = outcome.result.metadata
+        how = "reused from an identical earlier scan" if outcome.cached else f"finished in {md['timings_s']['total']:.1f} s"
+        state.flash(
+            f"Scan {how}: {len(md['layers'])} layers × {sum(md['neurons_per_layer'].values())} neurons over "
+            f"{md['n_tokens']} tokens. Saved as run {outcome.run_id}."
+        )
+        st.rerun()
+
+# --- active run downloads ------------------------------------------------------------------
+result = state.active_result()
+st.subheader("Active run")
+if result is None:
+    st.info("No active run yet: press **Scan**, or pick a saved run in the sidebar.")
+    st.stop()
+md = result.metadata
+st.markdown(
+    f"`{md.get('model')}` · {len(md.get('layers', []))} layers × {sum(md.get('neurons_per_layer', {}).values())} "
+    f"neurons · {md.get('n_tokens')} tokens in {md.get('n_forward_passes', '?')} forward pass(es) · "
+    f"device {md.get('device', '?')} / {md.get('dtype', '?')} · created {str(md.get('created', '?')).replace('T', ' ')}"
+)
+stem = str(md.get("run_id") or "mechamap-scan")
+d1, d2, d3, _ = st.columns([1, 1, 1, 2])
+d1.download_button("CSV", data=lambda: export.to_csv(result), file_name=f"{stem}.csv", mime="text/csv",
+                   on_click="ignore", icon=":material/download:")  # fmt: skip
+d2.download_button("JSON", data=lambda: export.to_json(result), file_name=f"{stem}.json", mime="application/json",
+                   on_click="ignore", icon=":material/download:")  # fmt: skip
+d3.download_button("Parquet", data=lambda: export.to_parquet(result), file_name=f"{stem}.parquet",
+                   mime="application/vnd.apache.parquet", on_click="ignore", icon=":material/download:")  # fmt: skip
+st.caption("The CSV starts with the original columns (model, layer, neuron, category, avg_activation, top_tokens), "
+           "then every statistic. Continue on the Pivot, Overlap and Correlation pages.")  # fmt: skip

@@ -1,0 +1,290 @@
+"""Every supported architecture: site resolution, and equivalence of the one-pass scan with the original per-neuron method."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats as sps
+from torch import nn
+
+from mechamap_core import ScanConfig, SiteResolutionError, scan
+from mechamap_core.sites import resolve_sites
+from tiny_models import ARCHS, config_intermediate_size
+
+# Independent table of each family's MLP down-projection (its input holds the neurons).
+DOWN_PROJ = {
+    "gpt2": "transformer.h.{L}.mlp.c_proj",
+    "gpt_neo": "transformer.h.{L}.mlp.c_proj",
+    "gpt_neox": "gpt_neox.layers.{L}.mlp.dense_4h_to_h",
+    "gptj": "transformer.h.{L}.mlp.fc_out",
+    "llama": "model.layers.{L}.mlp.down_proj",
+    "mistral": "model.layers.{L}.mlp.down_proj",
+    "qwen2": "model.layers.{L}.mlp.down_proj",
+    "gemma": "model.layers.{L}.mlp.down_proj",
+    "opt": "model.decoder.layers.{L}.fc2",
+    "phi": "model.layers.{L}.mlp.fc2",
+    "falcon": "transformer.h.{L}.mlp.dense_4h_to_h",
+    "bloom": "transformer.h.{L}.mlp.dense_4h_to_h",
+    "bert": "encoder.layer.{L}.output.dense",
+    "roberta": "encoder.layer.{L}.output.dense",
+    "distilbert": "transformer.layer.{L}.ffn.lin2",
+}
+assert set(DOWN_PROJ) == set(ARCHS)
+
+TEXT = (
+    "In Canberra a giraffe ate pizza and ice cream on Monday. Later a dog flew to New York "
+    "with seven friends, and back in 1999 Paris kept a giraffe too. The new yorker stayed home."
+)
+CATEGORIES = {
+    "location": ["Canberra", "New York", "Paris"],
+    "animal": ["giraffe", "dog", "kangaroo"],  # kangaroo never occurs
+    "food": ["pizza", "ice cream"],
+    "date": ["Monday", "1999"],
+}
+N_SAMPLE = 0  # neurons per layer checked by the per-neuron method; 0 = every neuron (tiny models are fast)
+
+
+def sample_neurons(d_mlp: int) -> list[int]:
+    """Every neuron, or a fixed spread of N_SAMPLE neurons including the first and the last."""
+    if not N_SAMPLE or N_SAMPLE >= d_mlp:
+        return list(range(d_mlp))
+    return sorted({int(round(x)) for x in np.linspace(0, d_mlp - 1, N_SAMPLE)})
+
+
+def reference_tokens(tokenizer, text: str, categories: dict[str, list[str]]):
+    """Independent alignment: tokenizer(text) with special tokens; counted positions and their category mask.
+
+    Returns (input_ids, positions [T] of non-special tokens, mask [T, C] bool, token texts [T]).
+    """
+    enc = tokenizer(text, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    special = set(tokenizer.all_special_ids)
+    positions = [p for p, (i, (s, e)) in enumerate(zip(ids, offsets)) if i not in special and e > s]
+    mask = np.zeros((len(positions), len(categories)), dtype=bool)
+    for c, words in enumerate(categories.values()):
+        for word in words:
+            pattern = r"(?<![A-Za-z0-9_])" + r"\s+".join(map(re.escape, word.split())) + r"(?![A-Za-z0-9_])"
+            for m in re.finditer(pattern, text, flags=re.IGNORECASE):
+                for t, p in enumerate(positions):
+                    s, e = offsets[p]
+                    if s < m.end() and e > m.start():
+                        mask[t, c] = True
+    tokens = [text[offsets[p][0] : offsets[p][1]] for p in positions]
+    return ids, np.array(positions), mask, tokens
+
+
+class Case:
+    """One arch: the scan result and the per-neuron brute-force activations of sampled neurons."""
+
+    def __init__(self, lm, arch):
+        self.lm = lm
+        cfg = ScanConfig(master_text=TEXT, categories=CATEGORIES, model=arch, top_k_tokens=3)
+        self.res = scan(lm, cfg, record_activations=True)
+        self.ids, self.positions, self.mask, self.tokens = reference_tokens(lm.tokenizer, TEXT, CATEGORIES)
+        self.categories = list(CATEGORIES)
+        self.d_mlp = config_intermediate_size(lm.model.config)
+        self.brute: dict[tuple[int, int], np.ndarray] = {}  # (layer, neuron) -> [T] float64
+        for layer in range(2):
+            path = DOWN_PROJ[arch].format(L=layer)
+            for neuron in sample_neurons(self.d_mlp):
+                # the original method: one full forward pass per neuron, reading that neuron only
+                acts = _one_neuron_pass(lm.model, path, self.ids, neuron)  # [pos]
+                self.brute[(layer, neuron)] = acts[self.positions].astype(np.float64)
+        self.table = {}
+        for col in ("avg_activation", "mean_rest", "std_category", "std_rest", "auroc", "n_tokens"):
+            for layer in range(2):
+                frame = self.res.scores[self.res.scores["layer"] == layer]
+                pivot = frame.pivot(index="neuron", columns="category", values=col)
+                self.table[(col, layer)] = pivot[self.categories].to_numpy()  # [N, C]
+
+    def stat(self, col: str, layer: int, neuron: int, c: int) -> float:
+        return float(self.table[(col, layer)][neuron, c])
+
+
+def _one_neuron_pass(model, path: str, input_ids: list[int], neuron: int) -> np.ndarray:
+    module = model.get_submodule(path)
+    seen = []
+
+    def grab(mod, inputs, output):
+        x = inputs[0]
+        seen.append(x.reshape(-1, x.shape[-1])[:, neuron].detach().float().clone())  # [pos]; OPT arrives flat
+
+    handle = module.register_forward_hook(grab)
+    try:
+        ids = torch.tensor([input_ids])
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    finally:
+        handle.remove()
+    assert len(seen) == 1
+    return seen[0].numpy()
+
+
+_CASES: dict[str, Case] = {}
+
+
+@pytest.fixture
+def case(tiny_models, request) -> Case:
+    arch = request.param
+    if arch not in _CASES:
+        _CASES[arch] = Case(tiny_models.lm(arch), arch)
+    return _CASES[arch]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_resolve_sites_one_per_layer(tiny_models, arch):
+    lm = tiny_models.lm(arch)
+    config = lm.model.config
+    sites = resolve_sites(lm.model)
+    assert [s.layer for s in sites] == [0, 1]
+    for site in sites:
+        assert site.d_mlp == config_intermediate_size(config)
+        assert site.hook == f"blocks.{site.layer}.mlp.hook_post"
+        assert site.path == DOWN_PROJ[arch].format(L=site.layer)
+        assert site.module is lm.model.get_submodule(site.path)
+        assert tuple(site.output_weight().shape) == (site.d_mlp, 32)  # [d_mlp, d_model]
+    assert [s.layer for s in resolve_sites(lm.model, [1])] == [1]
+    with pytest.raises(ValueError, match="out of range"):
+        resolve_sites(lm.model, [2])
+
+
+@pytest.mark.parametrize("case", ARCHS, indirect=True)
+def test_scan_shape_and_hook_column(case):
+    res = case.res
+    assert len(res.scores) == 2 * case.d_mlp * len(case.categories)
+    assert set(res.scores["hook"]) == {"blocks.0.mlp.hook_post", "blocks.1.mlp.hook_post"}
+    assert res.metadata["n_forward_passes"] == 1
+    assert res.metadata["n_tokens"] == len(case.positions)
+    # the alignment sees the multi-token word and "New York", and not "new yorker"
+    assert list(res.tokens["token"]) == case.tokens
+    np.testing.assert_array_equal(res.category_mask, case.mask)
+    loc = res.category_mask[:, case.categories.index("location")]
+    located = [t.lower() for t, hit in zip(case.tokens, loc) if hit]
+    assert "new" in located and "york" in located and located.count("new") == 1
+    animal = [t.lower() for t, hit in zip(case.tokens, res.category_mask[:, case.categories.index("animal")]) if hit]
+    assert len(animal) > 3 and "dog" in animal and "giraffe" not in animal  # "giraffe" is several tokens
+
+
+@pytest.mark.parametrize("case", ARCHS, indirect=True)
+def test_avg_activation_equals_per_neuron_passes(case):
+    """The original MechaMap: one forward pass per neuron, mean over the category's tokens."""
+    for (layer, neuron), acts in case.brute.items():
+        for c, name in enumerate(case.categories):
+            sel = case.mask[:, c]
+            assert case.stat("n_tokens", layer, neuron, c) == sel.sum()
+            got = case.stat("avg_activation", layer, neuron, c)
+            if not sel.any():
+                assert np.isnan(got), (layer, neuron, name)
+                continue
+            np.testing.assert_allclose(got, acts[sel].mean(), rtol=1e-4, atol=1e-5, err_msg=f"L{layer} N{neuron} {name}")
+
+
+@pytest.mark.parametrize("case", ARCHS, indirect=True)
+def test_rest_std_and_exact_auroc_equal_numpy(case):
+    for (layer, neuron), acts in case.brute.items():
+        for c, name in enumerate(case.categories):
+            sel = case.mask[:, c]
+            if not sel.any():
+                continue
+            cat, rest = acts[sel], acts[~sel]
+            where = f"L{layer} N{neuron} {name}"
+            np.testing.assert_allclose(case.stat("mean_rest", layer, neuron, c), rest.mean(), rtol=1e-4, atol=1e-5, err_msg=where)
+            np.testing.assert_allclose(case.stat("std_category", layer, neuron, c), cat.std(ddof=1), rtol=1e-3, atol=1e-5, err_msg=where)
+            np.testing.assert_allclose(case.stat("std_rest", layer, neuron, c), rest.std(ddof=1), rtol=1e-3, atol=1e-5, err_msg=where)
+            # exact AUROC: the recorded activations are float16, so rank the float16-rounded values
+            cat16, rest16 = cat.astype(np.float16), rest.astype(np.float16)
+            u = sps.mannwhitneyu(cat16, rest16, alternative="two-sided").statistic
+            one_pair = 1.0 / (len(cat) * len(rest))  # a float32 wobble may split or form one tie
+            np.testing.assert_allclose(case.stat("auroc", layer, neuron, c), u / (len(cat) * len(rest)), atol=one_pair + 1e-9, err_msg=where)
+
+
+@pytest.mark.parametrize("case", ARCHS, indirect=True)
+def test_top_token_is_brute_force_argmax(case):
+    top = case.res.top_tokens
+    first = top[top["rank"] == 1].set_index(["layer", "neuron"])
+    assert len(first) == 2 * case.d_mlp
+    assert (top.groupby(["layer", "neuron"]).size() == 3).all()
+    for (layer, neuron), acts in case.brute.items():
+        row = first.loc[(layer, neuron)]
+        best = int(row["token_index"])
+        np.testing.assert_allclose(row["activation"], acts.max(), rtol=1e-4, atol=1e-5)
+        assert acts[best] >= acts.max() - 1e-5  # ties (e.g. ReLU zeros) may pick any maximum
+        if np.sum(acts >= acts.max() - 1e-5) == 1:
+            assert best == int(np.argmax(acts))
+        assert row["token"] == case.tokens[best]
+
+
+# ---- architectures the path table does not know -------------------------------------------------
+
+
+class _Block(nn.Module):
+    def __init__(self, d_model=16, d_ff=40):
+        super().__init__()
+        self.attn_qkv = nn.Linear(d_model, 3 * d_model)  # wider output: never a down-projection
+        self.attn_out = nn.Linear(d_model, d_model)
+        self.ff_in = nn.Linear(d_model, d_ff)
+        self.ff_out = nn.Linear(d_ff, d_model)
+        self.norm = nn.LayerNorm(d_model)
+
+    def forward(self, x):
+        q, k, v = self.attn_qkv(x).chunk(3, dim=-1)
+        x = x + self.attn_out(torch.softmax(q @ k.transpose(-1, -2), -1) @ v)
+        return x + self.ff_out(torch.relu(self.ff_in(self.norm(x))))
+
+
+class CustomModel(nn.Module):
+    """A transformer whose block list and MLP names are in no known table."""
+
+    def __init__(self, n_layers=3):
+        super().__init__()
+        self.embed = nn.Embedding(50, 16)
+        self.stack = nn.ModuleList(_Block() for _ in range(n_layers))
+        self.head = nn.Linear(16, 50)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for block in self.stack:
+            x = block(x)
+        return self.head(x)
+
+
+class _NoMlpBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mix = nn.Linear(16, 16)
+        self.norm = nn.LayerNorm(16)
+
+
+class NoMlpModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stack = nn.ModuleList(_NoMlpBlock() for _ in range(2))
+
+
+def test_unknown_architecture_resolves_by_generic_search():
+    model = CustomModel()
+    sites = resolve_sites(model)
+    assert [s.layer for s in sites] == [0, 1, 2]
+    assert [s.path for s in sites] == [f"stack.{i}.ff_out" for i in range(3)]
+    assert all(s.d_mlp == 40 for s in sites)
+    assert sites[1].module is model.stack[1].ff_out
+    assert tuple(sites[0].output_weight().shape) == (40, 16)
+
+
+def test_model_without_mlp_raises_listing_paths():
+    with pytest.raises(SiteResolutionError) as info:
+        resolve_sites(NoMlpModel())
+    message = str(info.value)
+    assert "tried" in message
+    for path in ("stack.0.mlp.c_proj", "stack.0.mlp.down_proj", "stack.0.fc2", "stack.0.output.dense"):
+        assert path in message
+
+
+def test_model_without_blocks_raises_listing_paths():
+    with pytest.raises(SiteResolutionError) as info:
+        resolve_sites(nn.Sequential(nn.Linear(8, 4)))
+    message = str(info.value)
+    assert "tried" in message and "transformer.h" in message and "model.layers" in message

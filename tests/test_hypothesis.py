@@ -1,0 +1,174 @@
+"""Held-out validation, ablation, neuron views and run comparison, against independent computations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from tiny_models import capture_mlp_input
+
+from mechamap_core import ScanConfig, scan
+from mechamap_core.alignment import align
+from mechamap_core.analysis import config_differences, flagged_by_relative_depth, top_neurons
+from mechamap_core.hypothesis import _forward_measure, ablate, flagged_for_category, validate_heldout
+from mechamap_core.inspect_neuron import direct_effect, neuron_token_table, token_activations, top_examples
+from mechamap_core.sites import resolve_sites
+
+TEXT = "I ate pizza and bread in Paris. Later pasta in New York, then rice and cheese at home in Tokyo."
+WORDS = {"food": ["pizza", "bread", "pasta", "rice", "cheese"], "location": ["Paris", "New York", "Tokyo"]}
+
+
+def hand_auroc(pos: np.ndarray, neg: np.ndarray) -> float:
+    """P(category token > other token), ties half: by counting every pair."""
+    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
+    return wins / (len(pos) * len(neg))
+
+
+def test_heldout_reproduces_hand_computed_auroc(tiny_bert):
+    heldout = ScanConfig(master_text=TEXT, categories=WORDS)
+    candidates = pd.DataFrame({"layer": [0, 1, 1], "neuron": [3, 5, 7], "category": ["food", "location", "food"]})
+    per_neuron, summary = validate_heldout(tiny_bert, candidates, heldout, min_auroc=0.6)
+    enc = tiny_bert.tokenizer(TEXT, return_offsets_mapping=True, return_special_tokens_mask=True)
+    special = np.array(enc["special_tokens_mask"], dtype=bool)
+    spans = {c: [(TEXT.lower().index(w.lower()), TEXT.lower().index(w.lower()) + len(w)) for w in ws] for c, ws in WORDS.items()}
+    for row in per_neuron.itertuples():
+        acts = capture_mlp_input(tiny_bert.model, f"encoder.layer.{row.layer}.output.dense", enc["input_ids"])[:, row.neuron].numpy()
+        in_cat = np.array([any(s < b and e > a for a, b in spans[row.category]) for s, e in enc["offset_mapping"]]) & ~special
+        expected = hand_auroc(acts[in_cat], acts[~in_cat & ~special])
+        assert row.heldout_auroc == pytest.approx(expected, abs=1e-9)
+        assert row.status == ("pass" if expected >= 0.6 else "fail")
+    assert summary.set_index("category").loc["food", "tested"] == 2
+
+
+def test_heldout_reports_untested_categories(tiny_bert):
+    heldout = ScanConfig(master_text=TEXT, categories={"food": WORDS["food"]})
+    candidates = pd.DataFrame({"layer": [0], "neuron": [1], "category": ["vehicle"]})
+    per_neuron, summary = validate_heldout(tiny_bert, candidates, heldout)
+    assert per_neuron["status"].iloc[0].startswith("untested")
+    assert summary["tested"].iloc[0] == 0
+    with pytest.raises(ValueError, match="no flagged neurons"):
+        validate_heldout(tiny_bert, candidates.iloc[0:0], heldout)
+
+
+def test_ablating_a_neuron_changes_a_tiny_model_and_nothing_changes_nothing(tiny_gpt2):
+    cfg = ScanConfig(master_text=TEXT, categories=WORDS)
+    aligned = align(tiny_gpt2.tokenizer, cfg.texts, cfg.categories, 128)
+    sites = resolve_sites(tiny_gpt2.model)
+    clean = _forward_measure(tiny_gpt2, aligned, sites, None, 1)
+    nothing = {0: (torch.tensor([], dtype=torch.long), torch.tensor([]))}
+    assert np.array_equal(_forward_measure(tiny_gpt2, aligned, sites, nothing, 1), clean, equal_nan=True)
+    # scale a neuron up so a random tiny model visibly reacts, then check that zeroing it matters too
+    result = ablate(tiny_gpt2, cfg, "food", [(0, 3), (1, 4)], n_controls=3)
+    table = result.per_condition
+    assert table.loc[0, "condition"] == "ablated" and len(table) == 4
+    assert table.loc[0, "effect_target"] != 0.0
+    assert np.isfinite(result.summary["control_mean"])
+    hooks = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in tiny_gpt2.model.modules())
+    assert hooks == 0
+
+
+def test_ablation_effect_matches_manual_zeroing(tiny_gpt2):
+    """The ablated log-probabilities equal a forward pass with the neuron's input column zeroed by hand."""
+    cfg = ScanConfig(master_text=TEXT, categories=WORDS)
+    aligned = align(tiny_gpt2.tokenizer, cfg.texts, cfg.categories, 128)
+    sites = resolve_sites(tiny_gpt2.model)
+    ablated = _forward_measure(tiny_gpt2, aligned, sites, {1: (torch.tensor([4]), torch.tensor([0.0]))}, 1)
+    module = tiny_gpt2.model.get_submodule("transformer.h.1.mlp.c_proj")
+
+    def zero(mod, args):
+        x = args[0].clone()
+        x[..., 4] = 0
+        return (x,)
+
+    handle = module.register_forward_pre_hook(zero)
+    try:
+        ids = torch.tensor([aligned.chunks[0].input_ids])
+        with torch.no_grad():
+            logp = torch.log_softmax(tiny_gpt2.model(input_ids=ids).logits[0].float(), -1)
+    finally:
+        handle.remove()
+    chunk = aligned.chunks[0]
+    for pos, index in zip(chunk.valid_positions, chunk.token_indices):
+        if pos > 0:
+            assert ablated[index] == pytest.approx(logp[pos - 1, chunk.input_ids[pos]].item(), abs=1e-4)
+
+
+def test_ablation_bad_input(tiny_gpt2):
+    cfg = ScanConfig(master_text=TEXT, categories=WORDS)
+    with pytest.raises(ValueError, match="mode"):
+        ablate(tiny_gpt2, cfg, "food", [(0, 1)], mode="half")
+    with pytest.raises(ValueError, match="no neurons"):
+        ablate(tiny_gpt2, cfg, "food", [])
+    with pytest.raises(ValueError, match="out of range"):
+        ablate(tiny_gpt2, cfg, "food", [(0, 10_000)])
+    with pytest.raises(ValueError, match="unknown category"):
+        ablate(tiny_gpt2, cfg, "vehicle", [(0, 1)])
+
+
+def test_encoder_ablation_beats_random_controls_on_bundled_model(bundled_lm, default_cfg):
+    """The closing-note path: ablating the top food neurons moves food tokens more than random neurons do."""
+    res = scan(bundled_lm, default_cfg, layers=[4, 5])
+    neurons = flagged_for_category(res.scores, "food", threshold=1.5, limit=10)
+    result = ablate(bundled_lm, default_cfg, "food", neurons, n_controls=4)
+    assert result.summary["effect"] > result.summary["control_mean"] + 2 * result.summary["control_std"]
+
+
+def test_token_views_match_recorded_activations(bundled_lm, default_cfg):
+    res = scan(bundled_lm, default_cfg, layers=[5], limit_neurons=40)
+    table = neuron_token_table(res, 5, 7)
+    assert np.allclose(table["activation"], res.activations[5][:, 7].astype(np.float32))
+    short = ScanConfig(master_text=TEXT, categories=WORDS)
+    recorded = neuron_token_table(scan(bundled_lm, short, layers=[5], limit_neurons=8), 5, 7)
+    typed = token_activations(bundled_lm, TEXT, 5, 7)  # the same text: one forward pass of its own
+    assert list(typed["token"]) == list(recorded["token"])
+    assert np.allclose(typed["activation"], recorded["activation"], atol=2e-3)  # recorded in float16
+    examples = top_examples(res, 5, 7)
+    tops = res.top_tokens[(res.top_tokens.layer == 5) & (res.top_tokens.neuron == 7)]
+    assert list(examples["token"]) == list(tops["token"])
+    assert all(ex.token in res.texts[ex.doc] for ex in examples.itertuples())
+
+
+def test_direct_effect_is_unembedding_times_output_weight(tiny_gpt2, bundled_lm):
+    effect = direct_effect(tiny_gpt2, 1, 2, k=5)
+    w_out = tiny_gpt2.model.get_submodule("transformer.h.1.mlp.c_proj").weight[2]  # Conv1D: [d_mlp, d_model]
+    logits = tiny_gpt2.model.get_output_embeddings().weight @ w_out
+    assert effect[effect.direction == "up"]["logit_effect"].tolist() == pytest.approx(torch.topk(logits, 5).values.tolist(), abs=1e-5)
+    assert effect[effect.direction == "down"]["logit_effect"].tolist() == pytest.approx((-torch.topk(-logits, 5).values).tolist(), abs=1e-5)
+    assert direct_effect(bundled_lm, 0, 0) is None  # a bare encoder has no unembedding
+
+
+def test_relative_depth_and_config_differences():
+    scores = pd.DataFrame({
+        "layer": [0, 0, 1, 1, 2, 2], "neuron": [0, 1, 0, 1, 0, 1], "category": pd.Categorical(["a"] * 6),
+        "score": [2.0, 0.0, 2.0, 3.0, 0.5, 0.1],
+    })  # fmt: skip
+    depth = flagged_by_relative_depth(scores, 4, "score", 1.0)
+    assert depth["flagged"].tolist() == [1, 2, 0]
+    assert depth["fraction"].tolist() == [0.5, 1.0, 0.0]
+    assert depth["relative_depth"].tolist() == [0.0, 0.25, 0.5]
+    same = {"config_hash": "x", "config": {}}
+    assert config_differences(same, same) == []
+    a = {"config_hash": "a", "config": {"categories": {"food": ["x"]}, "master_text": "t", "threshold": 1.0}}
+    b = {"config_hash": "b", "config": {"categories": {"food": ["y"], "color": ["red"]}, "master_text": "u", "threshold": 2.0}}
+    notes = " ".join(config_differences(a, b))
+    assert "only in B: color" in notes and "different words: food" in notes and "master texts differ" in notes and "threshold" in notes
+
+
+def test_score_generalises_to_heldout_text_better_than_avg_activation(bundled_lm, default_cfg):
+    """Top neurons by `score` separate unseen words of their category on unseen text better than by avg_activation."""
+    from mechamap_core import load_config
+
+    heldout = load_config("configs/validation.yaml")
+    assert not {w.lower() for ws in heldout.categories.values() for w in ws} & {
+        w.lower() for ws in default_cfg.categories.values() for w in ws
+    }
+    res = scan(bundled_lm, default_cfg)
+    mean_auc = {}
+    for metric in ("score", "avg_activation"):
+        top = top_neurons(res.scores, metric, n=10)
+        per_neuron, _ = validate_heldout(bundled_lm, top, heldout)
+        mean_auc[metric] = per_neuron["heldout_auroc"].mean()
+    print(f"held-out mean AUROC of the top-10 per category: {mean_auc}")
+    assert mean_auc["score"] > 0.85
+    assert mean_auc["score"] > mean_auc["avg_activation"] + 0.1

@@ -1,0 +1,226 @@
+"""AppTests of the pivot, overlap and correlation pages on a real scan of the bundled model, plus their empty state."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import REPO_ROOT
+from streamlit.testing.v1 import AppTest
+
+from mechamap_core import analysis
+from mechamap_ui.state import RESULT_OVERRIDE
+from mechamap_ui.widgets import SELECTED_NEURON
+
+PAGES = REPO_ROOT / "pages"
+TIMEOUT = 60
+COUNTS, COMBOS, MATRIX = 0, 0, 0  # positions of the plain (unkeyed) tables on their pages
+
+
+@pytest.fixture(scope="module")
+def result(bundled_lm, default_cfg):
+    """One real scan (64 neurons per layer) shared by every test in this module."""
+    from mechamap_core import scan
+
+    return scan(bundled_lm, default_cfg, limit_neurons=64)
+
+
+def open_page(name: str, result=None) -> AppTest:
+    """Run pages/<name>.py standalone, with result injected as the active scan (None: no scan)."""
+    at = AppTest.from_file(str(PAGES / f"{name}.py"), default_timeout=TIMEOUT)
+    if result is not None:
+        at.session_state[RESULT_OVERRIDE] = result
+    return at.run()
+
+
+def table(at: AppTest, which: str | int) -> pd.DataFrame:
+    """The data of an st.dataframe: by key (clickable tables carry one) or by its position on the page."""
+    if isinstance(which, int):
+        return at.dataframe[which].value
+    found = [df for df in at.dataframe if df.key == which]
+    assert found, f"no dataframe with key {which!r}; keys: {[df.key for df in at.dataframe]}"
+    return found[0].value
+
+
+def assert_clean(at: AppTest) -> None:
+    assert not at.exception, [e.message for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+
+
+# --- empty state ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["pivot", "overlap", "correlation"])
+def test_empty_state_explains_and_does_not_raise(name):
+    at = open_page(name)
+    assert not at.exception, [e.message for e in at.exception]
+    assert "No scan yet" in at.info[0].value
+    assert len(at.dataframe) == 0
+    assert len(at.selectbox) == 0
+
+
+# --- pivot ------------------------------------------------------------------------------------
+
+
+def test_pivot_defaults_match_analysis(result):
+    at = open_page("pivot", result)
+    assert_clean(at)
+    assert at.selectbox(key="pivot_metric").value == "score"
+    threshold = at.slider(key="pivot_threshold_score").value
+    assert threshold == pytest.approx(result.metadata["threshold"])
+    shown = table(at, COUNTS)
+    expected = analysis.layer_category_counts(result.scores, "score", threshold)
+    assert list(shown.columns) == [str(c) for c in expected.columns]
+    np.testing.assert_array_equal(shown.to_numpy(), expected.to_numpy())
+    assert len(at.get("vega_lite_chart")) == 1
+    assert {b.proto.label for b in at.get("download_button")} == {"PNG", "SVG"}
+
+
+def test_pivot_metric_and_threshold_drive_the_heatmap_table(result):
+    at = open_page("pivot", result)
+    at.selectbox(key="pivot_metric").set_value("auroc").run()
+    assert_clean(at)
+    slider = at.slider(key="pivot_threshold_auroc")
+    assert (slider.min, slider.max, slider.value) == (0.5, 1.0, 0.8)
+    expected = analysis.layer_category_counts(result.scores, "auroc", 0.8)
+    np.testing.assert_array_equal(table(at, COUNTS).to_numpy(), expected.to_numpy())
+    slider.set_value(0.95).run()
+    expected = analysis.layer_category_counts(result.scores, "auroc", 0.95)
+    np.testing.assert_array_equal(table(at, COUNTS).to_numpy(), expected.to_numpy())
+    assert table(at, COUNTS).to_numpy().sum() < analysis.layer_category_counts(result.scores, "auroc", 0.8).to_numpy().sum()
+
+
+def test_pivot_top_neurons_with_category_filter(result):
+    at = open_page("pivot", result)
+    top = table(at, "pivot_top_table")
+    assert len(top) == 10 * len(result.categories)
+    at.number_input(key="pivot_top_n").set_value(3)
+    at.selectbox(key="pivot_category").set_value("food")
+    at.selectbox(key="pivot_metric").set_value("cohens_d").run()
+    assert_clean(at)
+    shown = table(at, "pivot_top_table")
+    expected = analysis.top_neurons(result.scores, "cohens_d", n=3, category="food", top_tokens=result.top_tokens)
+    assert list(shown.columns[:4]) == ["category", "layer", "neuron", "cohens_d"]
+    assert shown[["layer", "neuron"]].values.tolist() == expected[["layer", "neuron"]].values.tolist()
+    np.testing.assert_allclose(shown["cohens_d"], expected["cohens_d"])
+    assert shown["top_tokens"].tolist() == expected["top_tokens"].tolist()
+    assert shown["top_tokens"].iloc[0].startswith("[('")
+    assert set(shown["category"]) == {"food"}
+
+
+def test_pivot_row_click_selects_the_neuron(result):
+    at = open_page("pivot", result)
+    first = table(at, "pivot_top_table").iloc[1]
+    at.session_state["pivot_top_table"] = {"selection": {"rows": [1], "columns": [], "cells": []}}
+    at.run()
+    assert not at.exception, [e.message for e in at.exception]
+    picked = (int(first["layer"]), int(first["neuron"]))
+    assert at.session_state[SELECTED_NEURON] == picked
+    assert any(f"L{picked[0]}.N{picked[1]}" in c.value for c in at.caption)
+
+
+# --- overlap ----------------------------------------------------------------------------------
+
+
+def _overlap_frame(result, metric, threshold, min_categories=2):
+    return analysis.multi_category_neurons(result.scores, metric, threshold, min_categories)
+
+
+def test_overlap_table_and_count_match_analysis(result):
+    at = open_page("overlap", result)
+    assert_clean(at)
+    at.slider(key="overlap_threshold_score").set_value(0.5).run()
+    assert_clean(at)
+    expected = _overlap_frame(result, "score", 0.5)
+    assert len(expected) > 5, "the fixture scan should have overlapping neurons at score >= 0.5"
+    assert at.metric[0].value == f"{len(expected):,}"
+    shown = table(at, "overlap_table")
+    assert shown[["layer", "neuron", "n_categories"]].values.tolist() == expected[["layer", "neuron", "n_categories"]].values.tolist()
+    assert shown["categories"].tolist() == [", ".join(c) for c in expected["categories"]]
+    combos = table(at, COMBOS)
+    expected_combos = analysis.combination_counts(expected)
+    assert combos["combination"].tolist() == expected_combos["combination"].tolist()
+    assert combos["neurons"].tolist() == expected_combos["neurons"].tolist()
+    assert len(at.get("vega_lite_chart")) == 1
+
+
+def test_overlap_category_filter_all_any_and_min_categories(result):
+    at = open_page("overlap", result)
+    at.slider(key="overlap_threshold_score").set_value(0.5).run()
+    expected = _overlap_frame(result, "score", 0.5)
+    at.multiselect(key="overlap_filter").set_value(["food", "animal"]).run()
+    assert_clean(at)
+    both = expected[expected["categories"].map(lambda c: "food" in c and "animal" in c)]
+    assert table(at, "overlap_table")[["layer", "neuron"]].values.tolist() == both[["layer", "neuron"]].values.tolist()
+    at.radio(key="overlap_match").set_value("any selected").run()
+    either = expected[expected["categories"].map(lambda c: "food" in c or "animal" in c)]
+    assert table(at, "overlap_table")[["layer", "neuron"]].values.tolist() == either[["layer", "neuron"]].values.tolist()
+    assert len(either) >= len(both)
+    at.number_input(key="overlap_min").set_value(3).run()
+    assert_clean(at)
+    three = _overlap_frame(result, "score", 0.5, 3)
+    three = three[three["categories"].map(lambda c: "food" in c or "animal" in c)]
+    shown = table(at, "overlap_table")
+    assert shown[["layer", "neuron"]].values.tolist() == three[["layer", "neuron"]].values.tolist()
+    assert (shown["n_categories"] >= 3).all()
+
+
+def test_overlap_with_nothing_flagged_says_so(result):
+    at = open_page("overlap", result)
+    at.selectbox(key="overlap_metric").set_value("auroc").run()
+    at.slider(key="overlap_threshold_auroc").set_value(1.0).run()
+    assert not at.exception
+    assert any("Lower the threshold" in i.value for i in at.info)
+
+
+# --- correlation ------------------------------------------------------------------------------
+
+
+def _assert_matrix(shown: pd.DataFrame, expected: pd.DataFrame) -> None:
+    assert list(shown.columns) == [str(c) for c in expected.columns]
+    np.testing.assert_allclose(shown.to_numpy(dtype=float), expected.to_numpy(dtype=float), rtol=1e-9, equal_nan=True)
+
+
+def test_correlation_default_matrix(result):
+    at = open_page("correlation", result)
+    assert_clean(at)
+    _assert_matrix(table(at, MATRIX), analysis.category_correlation(result.scores, "score", "pearson", (0, 5)))
+    assert len(at.get("vega_lite_chart")) == 1
+
+
+def test_correlation_method_metric_and_layer_range(result):
+    at = open_page("correlation", result)
+    at.radio(key="corr_method").set_value("Spearman").run()
+    assert_clean(at)
+    _assert_matrix(table(at, MATRIX), analysis.category_correlation(result.scores, "score", "spearman"))
+    at.selectbox(key="corr_metric").set_value("avg_activation")
+    at.select_slider(key="corr_layers").set_range(2, 4).run()
+    assert_clean(at)
+    expected = analysis.category_correlation(result.scores, "avg_activation", "spearman", layers=(2, 4))
+    _assert_matrix(table(at, MATRIX), expected)
+    assert not np.allclose(expected.to_numpy(), analysis.category_correlation(result.scores, "avg_activation", "spearman").to_numpy())
+    assert any("layers 2–4" in c.value for c in at.caption)
+
+
+def test_row_click_switches_to_the_neuron_page_when_the_app_has_one(result, tmp_path, monkeypatch):
+    """Under a router that registers pages/neuron.py, clicking a top-neuron row opens that page with the pick."""
+    from mechamap_ui import widgets
+
+    (tmp_path / "pages").mkdir()
+    (tmp_path / "pages" / "neuron.py").write_text(
+        "import streamlit as st\nlayer, neuron = st.session_state['selected_neuron']\nst.header(f'Neuron L{layer}.N{neuron}')\n"
+    )
+    (tmp_path / "app.py").write_text(
+        "import streamlit as st\n"
+        f"st.navigation([st.Page({str(PAGES / 'pivot.py')!r}), st.Page('pages/neuron.py')]).run()\n"
+    )
+    monkeypatch.setattr(widgets, "ROOT", tmp_path)
+    at = AppTest.from_file(str(tmp_path / "app.py"), default_timeout=TIMEOUT)
+    at.session_state[RESULT_OVERRIDE] = result
+    at.run()
+    assert_clean(at)
+    row = table(at, "pivot_top_table").iloc[2]
+    at.session_state["pivot_top_table"] = {"selection": {"rows": [2], "columns": [], "cells": []}}
+    at.run()
+    assert not at.exception, [e.message for e in at.exception]
+    assert at.header[0].value == f"Neuron L{int(row['layer'])}.N{int(row['neuron'])}"

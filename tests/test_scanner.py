@@ -1,0 +1,334 @@
+"""scan(): hook hygiene, early stop, neuron/layer subsets, chunk merging, batching invariance, AUROC paths, q-values."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats as sps
+
+from mechamap_core import ScanConfig, scan
+from mechamap_core.alignment import align
+from mechamap_core.scanner import run_hooked_forward
+from mechamap_core.sites import resolve_sites
+from tiny_models import capture_mlp_input
+
+# Independent paths (not the resolver's) of the blocks and down-projections of the tiny models used here.
+BLOCK = {"gpt2": "transformer.h.{L}", "bert": "encoder.layer.{L}"}
+DOWN_PROJ = {"gpt2": "transformer.h.{L}.mlp.c_proj", "bert": "encoder.layer.{L}.output.dense"}
+TINY = ["gpt2", "bert"]
+MERGED_STATS = ["avg_activation", "mean_rest", "std_category", "std_rest", "cohens_d", "separation", "p_value"]
+KEY = ["layer", "neuron", "category"]
+
+
+@pytest.fixture(scope="module")
+def paragraphs(default_cfg) -> list[str]:
+    """The default master text's paragraphs (each well inside a tiny model's 128-token context)."""
+    parts = [p.strip() for p in default_cfg.master_text.split("\n\n") if p.strip()]
+    assert len(parts) >= 3
+    return parts
+
+
+def make_cfg(default_cfg, text, **changes) -> ScanConfig:
+    """A copy of the default config with another master text (and other changes)."""
+    return dataclasses.replace(default_cfg, master_text=text, categories=dict(default_cfg.categories), **changes)
+
+
+def hook_count(model) -> int:
+    """Forward pre-hooks + forward hooks registered on any module of the model."""
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+
+
+def numpy_stats(acts: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+    """Reference statistics [C, N] of per-token activations acts [T, N] and mask [T, C], written from the definitions."""
+    acts = acts.astype(np.float64)
+    n_tokens, n_neurons = acts.shape
+    out = {k: np.full((mask.shape[1], n_neurons), np.nan) for k in MERGED_STATS}
+    for c in range(mask.shape[1]):
+        sel = mask[:, c]
+        cat, rest = acts[sel], acts[~sel]
+        n_c, n_r = len(cat), len(rest)
+        if n_c < 2 or n_r < 2:
+            continue
+        mean_c, mean_r = cat.mean(0), rest.mean(0)
+        var_c, var_r = cat.var(0, ddof=1), rest.var(0, ddof=1)
+        pooled = ((n_c - 1) * var_c + (n_r - 1) * var_r) / (n_c + n_r - 2)
+        hedges = 1 - 3 / (4 * (n_c + n_r) - 9)
+        out["avg_activation"][c] = mean_c
+        out["mean_rest"][c] = mean_r
+        out["std_category"][c] = np.sqrt(var_c)
+        out["std_rest"][c] = np.sqrt(var_r)
+        out["cohens_d"][c] = hedges * (mean_c - mean_r) / np.sqrt(pooled)
+        out["separation"][c] = (mean_c - mean_r) / np.sqrt((var_c + var_r) / 2)
+        out["p_value"][c] = sps.ttest_ind(cat, rest, equal_var=False, alternative="greater", axis=0).pvalue
+    return out
+
+
+def scores_as_arrays(res, layer: int, columns) -> dict[str, np.ndarray]:
+    """scores columns of one layer as [C, N] arrays (categories in config order)."""
+    frame = res.scores[res.scores["layer"] == layer]
+    out = {}
+    for col in columns:
+        pivot = frame.pivot(index="category", columns="neuron", values=col)
+        out[col] = pivot.loc[res.categories].to_numpy(dtype=np.float64)
+    return out
+
+
+def assert_stats_match(res, layer, reference, rtol, atol, categories_ok):
+    got = scores_as_arrays(res, layer, MERGED_STATS)
+    for col in MERGED_STATS:
+        np.testing.assert_allclose(got[col][categories_ok], reference[col][categories_ok], rtol=rtol, atol=atol, err_msg=col)
+
+
+def bh_by_hand(p: np.ndarray) -> np.ndarray:
+    """Benjamini-Hochberg step-up q-values, NaN excluded from the count."""
+    q = np.full(p.shape, np.nan)
+    ok = ~np.isnan(p)
+    values = p[ok]
+    m = len(values)
+    order = np.argsort(values, kind="stable")
+    scaled = values[order] * m / np.arange(1, m + 1)
+    scaled = np.minimum.accumulate(scaled[::-1])[::-1]
+    back = np.empty(m)
+    back[order] = np.minimum(scaled, 1.0)
+    q[ok] = back
+    return q
+
+
+def drop_q(frame: pd.DataFrame) -> pd.DataFrame:
+    # q-values depend on how many tests were run, so a subset legitimately differs there
+    return frame.drop(columns=["q_value"]).reset_index(drop=True)
+
+
+# ---- hooks are temporary -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", TINY)
+def test_hooks_removed_after_scan_and_after_exception(tiny_models, default_cfg, paragraphs, arch):
+    lm = tiny_models.lm(arch)
+    cfg = make_cfg(default_cfg, paragraphs[0])
+    before = hook_count(lm.model)
+    during = []
+    scan(lm, cfg, progress=lambda done, total, msg: during.append(hook_count(lm.model)))
+    assert during and all(n == before + 2 for n in during)  # the count sees the scanner's two hooks
+    assert hook_count(lm.model) == before
+
+    def explode(done, total, msg):
+        if done == 2:
+            raise RuntimeError("boom from progress")
+
+    with pytest.raises(RuntimeError, match="boom from progress"):
+        scan(lm, cfg, progress=explode)
+    assert hook_count(lm.model) == before
+    assert not lm.lock.locked()
+
+    aligned = align(lm.tokenizer, [paragraphs[0]], cfg.categories, 128)
+    sites = resolve_sites(lm.model)
+
+    def bad_layer(site, acts, token_index):
+        raise KeyError("boom from on_layer")
+
+    with pytest.raises(KeyError, match="boom from on_layer"):
+        run_hooked_forward(lm, aligned, sites, bad_layer, {s.layer: s.d_mlp for s in sites})
+    assert hook_count(lm.model) == before
+    assert len(scan(lm, cfg).scores) > 0  # the model still scans normally afterwards
+
+
+@pytest.mark.parametrize("arch", TINY)
+def test_forward_stops_after_last_requested_layer(tiny_models, default_cfg, paragraphs, arch):
+    lm = tiny_models.lm(arch)
+    cfg = make_cfg(default_cfg, paragraphs[0])
+    calls = {"block1": 0}
+    block1 = lm.model.get_submodule(BLOCK[arch].format(L=1))
+    handle = block1.register_forward_pre_hook(lambda mod, args: calls.__setitem__("block1", calls["block1"] + 1))
+    try:
+        res = scan(lm, cfg, layers=[0])
+        assert calls["block1"] == 0
+        assert res.metadata["layers"] == [0]
+        scan(lm, cfg, layers=[1])
+        assert calls["block1"] > 0  # the counting hook does fire when layer 1 is needed
+    finally:
+        handle.remove()
+    if arch == "gpt2":  # even the last layer's down-projection stops the pass: the LM head never runs
+        head_calls = []
+        handle = lm.model.lm_head.register_forward_hook(lambda *a: head_calls.append(1))
+        try:
+            scan(lm, cfg)
+        finally:
+            handle.remove()
+        assert head_calls == []
+
+
+# ---- subsets of neurons and layers ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def full_scans(tiny_models, default_cfg, paragraphs):
+    cfg = make_cfg(default_cfg, paragraphs[0])
+    return {arch: (cfg, scan(tiny_models.lm(arch), cfg, record_activations=True)) for arch in TINY}
+
+
+@pytest.mark.parametrize("arch", TINY)
+def test_limit_neurons_is_first_n_of_full_scan(tiny_models, full_scans, arch):
+    cfg, full = full_scans[arch]
+    part = scan(tiny_models.lm(arch), cfg, limit_neurons=5, record_activations=True)
+    counts = part.scores.groupby(["layer", "category"], observed=True)["neuron"].agg(list)
+    assert all(neurons == [0, 1, 2, 3, 4] for neurons in counts)
+    assert part.metadata["neurons_per_layer"] == {"0": 5, "1": 5}
+    expected = full.scores[full.scores["neuron"] < 5]
+    pd.testing.assert_frame_equal(drop_q(part.scores), drop_q(expected), rtol=1e-5, atol=1e-7)
+    for layer in (0, 1):
+        np.testing.assert_array_equal(part.activations[layer], full.activations[layer][:, :5])
+    top_full = full.top_tokens[full.top_tokens["neuron"] < 5].reset_index(drop=True)
+    pd.testing.assert_frame_equal(part.top_tokens, top_full, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("arch", TINY)
+def test_layer_subset_equals_full_scan_rows(tiny_models, full_scans, arch):
+    cfg, full = full_scans[arch]
+    part = scan(tiny_models.lm(arch), cfg, layers=[1], record_activations=True)
+    assert set(part.scores["layer"]) == {1}
+    pd.testing.assert_frame_equal(drop_q(part.scores), drop_q(full.scores[full.scores["layer"] == 1]), rtol=1e-5, atol=1e-7)
+    assert list(part.activations) == [1]
+    np.testing.assert_array_equal(part.activations[1], full.activations[1])
+
+
+# ---- chunks, batches and documents ---------------------------------------------------------------
+
+
+def brute_chunks(lm, arch: str, text: str, chunk_tokens: int) -> dict[int, np.ndarray]:
+    """Per layer, [T, d_mlp] activations from one plain forward pass per chunk: [CLS] + piece + [SEP]."""
+    tok = lm.tokenizer
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert tok(text)["input_ids"] == [tok.cls_token_id, *ids, tok.sep_token_id]
+    piece = chunk_tokens - 2
+    out = {}
+    for layer in (0, 1):
+        parts = []
+        for a in range(0, len(ids), piece):
+            chunk = [tok.cls_token_id, *ids[a : a + piece], tok.sep_token_id]
+            acts = capture_mlp_input(lm.model, DOWN_PROJ[arch].format(L=layer), chunk)  # [len, d_mlp]
+            parts.append(acts[1:-1].numpy())
+        out[layer] = np.concatenate(parts)
+    return out
+
+
+@pytest.mark.parametrize("arch", TINY)
+def test_chunked_batched_scan_merges_exactly(tiny_models, default_cfg, paragraphs, arch):
+    lm = tiny_models.lm(arch)
+    cfg = make_cfg(default_cfg, paragraphs[0], max_chunk_tokens=16, batch_size=3)
+    res = scan(lm, cfg, record_activations=True)
+    n_tokens = res.metadata["n_tokens"]
+    assert res.metadata["n_chunks"] == -(-n_tokens // 14) >= 6
+    assert n_tokens % 14, "the last chunk should be shorter, so padding is exercised"
+    assert res.metadata["n_forward_passes"] == -(-res.metadata["n_chunks"] // 3)
+
+    brute = brute_chunks(lm, arch, paragraphs[0], 16)
+    n_cat = res.category_mask.sum(0)
+    ok = (n_cat >= 2) & (n_tokens - n_cat >= 2)
+    assert ok.sum() >= 4 and (n_cat == 0).any()  # some categories are absent from this paragraph
+    for layer in (0, 1):
+        assert brute[layer].shape == res.activations[layer].shape
+        # each chunk's recorded (float16) activations equal that chunk run alone
+        np.testing.assert_allclose(res.activations[layer].astype(np.float32), brute[layer], rtol=1e-3, atol=1e-4)
+        # the streamed, merged moments equal statistics of the pooled per-token activations
+        assert_stats_match(res, layer, numpy_stats(brute[layer], res.category_mask), 1e-4, 1e-6, ok)
+        recorded = numpy_stats(res.activations[layer].astype(np.float32), res.category_mask)
+        assert_stats_match(res, layer, recorded, 2e-2, 2e-3, ok)
+        got = scores_as_arrays(res, layer, ["avg_activation", "p_value"])
+        assert np.isnan(got["avg_activation"][n_cat == 0]).all() and np.isnan(got["p_value"][n_cat == 0]).all()
+
+
+@pytest.mark.parametrize("arch", TINY)
+def test_multi_document_equals_pooled_single_documents(tiny_models, default_cfg, paragraphs, arch):
+    lm = tiny_models.lm(arch)
+    docs = paragraphs[:3]
+    multi = scan(lm, make_cfg(default_cfg, docs), record_activations=True)
+    singles = [scan(lm, make_cfg(default_cfg, doc), record_activations=True) for doc in docs]
+    assert multi.metadata["n_documents"] == 3
+    assert list(multi.tokens["doc"].unique()) == [0, 1, 2]
+    mask = np.concatenate([s.category_mask for s in singles])
+    np.testing.assert_array_equal(multi.category_mask, mask)
+    n_cat = mask.sum(0)
+    ok = (n_cat >= 2) & (len(mask) - n_cat >= 2)
+    for layer in (0, 1):
+        pooled = np.concatenate([s.activations[layer] for s in singles]).astype(np.float32)
+        np.testing.assert_allclose(multi.activations[layer].astype(np.float32), pooled, rtol=1e-3, atol=1e-4)
+        assert_stats_match(multi, layer, numpy_stats(pooled, mask), 2e-2, 2e-3, ok)
+        # and tightly: the moments of the multi-document scan are the sums of the single ones
+        got = scores_as_arrays(multi, layer, ["avg_activation", "n_tokens"])
+        sums = sum(scores_as_arrays(s, layer, ["avg_activation"])["avg_activation"] * s.category_mask.sum(0)[:, None] for s in singles)
+        np.testing.assert_allclose(got["avg_activation"][ok], (sums / n_cat[:, None])[ok], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("arch", TINY)
+def test_batch_size_does_not_change_results(tiny_models, default_cfg, paragraphs, arch):
+    lm = tiny_models.lm(arch)
+    text = [paragraphs[0], paragraphs[1]]
+    one = scan(lm, make_cfg(default_cfg, text, max_chunk_tokens=20, batch_size=1), record_activations=True)
+    eight = scan(lm, make_cfg(default_cfg, text, max_chunk_tokens=20, batch_size=8), record_activations=True)
+    lengths = {len(g) for _, g in one.tokens.groupby("doc")}
+    assert eight.metadata["n_forward_passes"] < one.metadata["n_forward_passes"] == one.metadata["n_chunks"]
+    assert any(n % 18 for n in lengths)  # chunks of unequal length share a batch: right padding happens
+    cols = ["avg_activation", "mean_rest", "std_category", "std_rest", "cohens_d", "separation", "t_stat"]
+    pd.testing.assert_frame_equal(one.scores[KEY + cols], eight.scores[KEY + cols], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(one.scores["p_value"], eight.scores["p_value"], rtol=1e-3, atol=1e-8)
+    np.testing.assert_allclose(one.scores["auroc"], eight.scores["auroc"], atol=5e-3)
+    for layer in (0, 1):
+        np.testing.assert_allclose(one.activations[layer].astype(np.float32), eight.activations[layer].astype(np.float32), rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(one.top_tokens["activation"], eight.top_tokens["activation"], rtol=1e-4, atol=1e-5)
+
+
+# ---- AUROC paths, progress, errors, columns (bundled model) --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bundled_pair(bundled_lm, default_cfg):
+    exact = scan(bundled_lm, default_cfg, limit_neurons=64, record_activations=True)
+    binned = scan(bundled_lm, default_cfg, limit_neurons=64, record_activations=False)
+    return exact, binned
+
+
+def test_binned_auroc_close_to_exact(bundled_pair):
+    exact, binned = bundled_pair
+    assert exact.metadata["auroc_method"] == "exact" and exact.activations is not None
+    assert binned.metadata["auroc_method"].startswith("binned") and binned.activations is None
+    assert len(exact.scores) == 6 * 64 * 8
+    a, b = exact.scores["auroc"].to_numpy(), binned.scores["auroc"].to_numpy()
+    both = ~np.isnan(a) & ~np.isnan(b)
+    assert both.sum() == len(a)  # every default category occurs in the default text
+    assert np.abs(a[both] - b[both]).max() <= 0.03
+    # everything besides AUROC comes from the same moments
+    for col in ("avg_activation", "mean_rest", "cohens_d", "p_value"):
+        np.testing.assert_allclose(exact.scores[col], binned.scores[col], rtol=1e-6, atol=1e-9)
+
+
+def test_scores_columns_and_bh_q_values(bundled_pair):
+    exact, _ = bundled_pair
+    scores = exact.scores
+    for col in ["model", "layer", "neuron", "hook", "category", "n_tokens", "avg_activation", "score",
+                "mean_rest", "cohens_d", "auroc", "p_value", "q_value"]:  # fmt: skip
+        assert col in scores.columns, col
+    assert (scores["model"] == "sentence-transformers/all-MiniLM-L6-v2").all()
+    assert (scores["hook"] == "blocks." + scores["layer"].astype(str) + ".mlp.hook_post").all()
+    np.testing.assert_allclose(scores["q_value"].to_numpy(), bh_by_hand(scores["p_value"].to_numpy()), rtol=1e-9, atol=1e-12)
+    assert (scores["q_value"] >= scores["p_value"] - 1e-15).all()
+
+
+def test_progress_counts_up_to_total(tiny_gpt2, default_cfg, paragraphs):
+    calls = []
+    cfg = make_cfg(default_cfg, paragraphs[0], max_chunk_tokens=16, batch_size=3)
+    res = scan(tiny_gpt2, cfg, progress=lambda done, total, msg: calls.append((done, total, msg)))
+    total = res.metadata["n_forward_passes"] * 2
+    assert [c[0] for c in calls] == list(range(1, total + 1))
+    assert {c[1] for c in calls} == {total}
+    assert all("blocks." in c[2] for c in calls)
+
+
+@pytest.mark.parametrize("which", ["bundled", "gpt2"])
+def test_text_of_only_special_tokens_raises(bundled_lm, tiny_gpt2, default_cfg, which):
+    lm = bundled_lm if which == "bundled" else tiny_gpt2
+    with pytest.raises(ValueError, match="no tokens besides special tokens"):
+        scan(lm, make_cfg(default_cfg, "[CLS] [SEP]"))
