@@ -38,13 +38,12 @@ def _pick_run() -> None:
 
 
 def _run_label(runs, run_id: str) -> str:
+    """Picker label: the run id (time, model and config hash) and its token count; unique per run."""
     if run_id == NO_RUN:
         return "(none)"
     row = runs[runs["run_id"] == run_id]
-    if row.empty:
-        return run_id
-    row = row.iloc[0]
-    return f"{str(row['created']).replace('T', ' ')} · {str(row['model']).split('/')[-1]}"
+    tokens = f" · {row.iloc[0]['n_tokens']} tokens" if not row.empty and row.iloc[0]["n_tokens"] is not None else ""
+    return f"{run_id}{tokens}"
 
 
 def sidebar() -> None:

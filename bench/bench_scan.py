@@ -44,6 +44,7 @@ AIM_RATIO = 1.1
 MEMORY_TOLERANCE = 1.25  # peak growth of the 20k-token scan / of the one-batch scan
 MEMORY_SLACK_MB = 16.0  # differences below this are allocator noise, not growth
 GPT2_TOKENS = 1000
+THREADS = 1  # set from --threads
 MEMORY_TOKENS = 20_000
 
 # heavy imports (torch, transformers, mechamap_core) happen inside functions: the parent process must
@@ -66,6 +67,30 @@ def reset_peak_rss() -> bool:
     except OSError:
         return False
     return True
+
+
+def set_threads(n: int) -> None:
+    """n torch CPU threads (0 keeps torch's default)."""
+    import torch
+
+    if n > 0:
+        torch.set_num_threads(n)
+
+
+def load_average() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3]) if Path("/proc/loadavg").exists() else "n/a"
+
+
+def git_state() -> str:
+    """Commit of the checkout, and whether mechamap_core has uncommitted changes (they are what is timed)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "status", "--porcelain", "mechamap_core"], cwd=ROOT, capture_output=True,
+                               text=True, check=True).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return "not a git checkout"
+    return f"git {head}" + (" + uncommitted changes in mechamap_core" if dirty else "")
 
 
 def ru_maxrss_kb() -> int:
@@ -314,7 +339,7 @@ def memory_child(n_tokens: int, model: str, batch_size: int) -> None:
 
 def run_memory_child(n_tokens: int, model: str, batch_size: int) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child", str(n_tokens), "--model", model,
-           "--batch-size", str(batch_size)]  # fmt: skip
+           "--batch-size", str(batch_size), "--threads", str(THREADS)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"memory child {n_tokens} {model} failed:\n{proc.stderr[-3000:]}")
@@ -384,7 +409,14 @@ def bench_breakdown(lm, cfg, repeats: int) -> dict:
     moments = timed(lambda: updates(0, False), repeats)
     out["hook_moments"] = moments
     out["hook_topk"] = max(0.0, timed(lambda: updates(k, False), repeats) - moments) if k else 0.0
-    out["hook_histogram"] = max(0.0, timed(lambda: updates(0, True), repeats) - moments)
+
+    def histograms():  # the record-off path's extra work, on its own
+        accs = {s.layer: S.LayerAccumulator(n_neurons[s.layer], n_cat, 0, device, True) for s in sites}
+        with torch.inference_mode():
+            for layer, acts, index in captured:
+                accs[layer]._update_histogram(acts, mask_all.index_select(0, index))
+
+    out["hook_histogram"] = timed(histograms, repeats)
 
     def record():
         return [a.to(torch.float16).cpu() for _, a, _ in captured]
@@ -462,14 +494,19 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer repeats and memory runs (about 1-2 minutes)")
     parser.add_argument("--profile", action="store_true", help="also print cProfile tables of the scans")
     parser.add_argument("--no-breakdown", action="store_true", help="skip the where-the-time-goes section")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: stable on a shared machine; 0 = torch's default)")
     parser.add_argument("--memory-child", type=int, metavar="N_TOKENS", help=argparse.SUPPRESS)
     parser.add_argument("--model", default="bundled", choices=["bundled", "gpt2"], help=argparse.SUPPRESS)
     parser.add_argument("--batch-size", type=int, default=8, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
+        set_threads(args.threads)
         memory_child(args.memory_child, args.model, args.batch_size)
         return
 
+    global THREADS
+    THREADS = args.threads
     started = time.perf_counter()
     quick = args.quick
     warm_b, reps_b = (1, 5) if quick else (2, 7)
@@ -477,8 +514,9 @@ def main() -> None:
     n_passes_b, n_passes_g = (10, 5) if quick else (30, 20)
 
     print("# MechaMap scan benchmark" + (" (--quick)" if quick else ""))
+    print(f"\ncode: {git_state()}")
     print(f"\npython {platform.python_version()}, {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPU cores, {time.strftime('%Y-%m-%d %H:%M')}")  # fmt: skip
+          f"{os.cpu_count()} CPU cores, {time.strftime('%Y-%m-%d %H:%M')}, load average at start {load_average()}")  # fmt: skip
 
     # 4 first, while this process is still small (a child's ru_maxrss can start at its parent's peak)
     heading("4. Peak memory, record_activations=False (each scan in a fresh subprocess)")
@@ -492,6 +530,7 @@ def main() -> None:
 
     from mechamap_core import load_config
 
+    set_threads(THREADS)
     print(f"\ntorch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}")
     cfg = load_config(CONFIG)
 
@@ -605,7 +644,9 @@ def main() -> None:
          "; ".join(mem_cell.get("gpt2", ["not run"])), "no growth beyond one batch"],
     ]  # fmt: skip
     print(table(["measure", "bundled all-MiniLM-L6-v2 (CPU)", "GPT-2-small random (CPU)", "target"], summary))
-    print(f"\ntotal run time: {time.perf_counter() - started:.1f} s")
+    print(f"\ntorch threads: {torch.get_num_threads()}; load average at end: {load_average()} "
+          "(other processes on the machine add noise; scan and bare runs are interleaved so it hits both)")
+    print(f"total run time: {time.perf_counter() - started:.1f} s")
 
 
 if __name__ == "__main__":

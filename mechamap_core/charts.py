@@ -53,9 +53,8 @@ def layer_category_heatmap(counts: pd.DataFrame, title: str | None = None) -> al
         text=alt.Text("neurons:Q", format=","),
         color=alt.condition(alt.datum.neurons > peak / 2, alt.value("white"), alt.value("black")),
     )
-    chart = alt.layer(cells, labels).properties(
-        width=max(len(categories), 1) * 64, height=max(len(layers), 1) * _CELL
-    )
+    # A step height keeps each layer row _CELL px tall even when the host fits the chart to its container.
+    chart = alt.layer(cells, labels).properties(width=max(len(categories), 1) * 64, height=alt.Step(_CELL))
     return chart.properties(title=title) if title else chart
 
 
@@ -83,7 +82,7 @@ def combination_bars(
         .mark_bar(color="#4c78a8")
         .encode(
             x=alt.X("combination:N", sort=order, axis=x_axis, title="category combination"),
-            y=alt.Y("neurons:Q", title="neurons"),
+            y=alt.Y("neurons:Q", title="neurons", axis=alt.Axis(format="d", tickMinStep=1)),
             tooltip=tooltip,
         )
         .properties(width=width, height=220)
@@ -156,8 +155,10 @@ def flagged_per_category_bars(scores: pd.DataFrame, metric: str = "score", thres
     Raises ValueError for a metric that is not a column of scores.
     """
     hits = flagged(scores, metric, threshold)
-    cats = list(scores["category"].cat.categories) if isinstance(scores["category"].dtype, pd.CategoricalDtype) else sorted(
-        scores["category"].astype(str).unique()
+    cats = (
+        list(scores["category"].cat.categories)
+        if isinstance(scores["category"].dtype, pd.CategoricalDtype)
+        else sorted(scores["category"].astype(str).unique())
     )
     counts = hits["category"].astype(str).value_counts().reindex([str(c) for c in cats], fill_value=0)
     data = counts.rename("neurons").rename_axis("category").reset_index()
@@ -166,7 +167,7 @@ def flagged_per_category_bars(scores: pd.DataFrame, metric: str = "score", thres
         .mark_bar(color="#4c78a8")
         .encode(
             x=alt.X("category:N", sort=list(data["category"]), title="category", axis=alt.Axis(labelAngle=-30)),
-            y=alt.Y("neurons:Q", title=f"neurons with {metric} ≥ {threshold:g}"),
+            y=alt.Y("neurons:Q", title=f"neurons with {metric} ≥ {threshold:g}", axis=alt.Axis(format="d", tickMinStep=1)),
             tooltip=[alt.Tooltip("category:N"), alt.Tooltip("neurons:Q", format=",")],
         )
         .properties(width=max(len(data), 1) * 48, height=220)
@@ -191,4 +192,3 @@ def chart_to_svg(chart: alt.TopLevelMixin) -> str:
         return vl_convert.vegalite_to_svg(vl_spec=chart.to_dict(), vl_version=_vl_version())
     except Exception as err:
         raise ValueError(f"could not render the chart as SVG: {err}") from err
-

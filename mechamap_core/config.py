@@ -78,6 +78,8 @@ _CATEGORY_NAME = re.compile(r"^[\w][\w \-]{0,63}$")
 
 def config_from_dict(data: object) -> ScanConfig:
     """Validate a parsed mapping and build a ScanConfig. Raises ConfigError listing every fault."""
+    if data is None:
+        raise ConfigError([("", "the config is empty: it needs at least master_text and categories")])
     if not isinstance(data, dict):
         raise ConfigError([("", f"the config must be a mapping of keys to values, not {type(data).__name__}")])
     problems: list[tuple[str, str]] = []

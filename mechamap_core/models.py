@@ -40,7 +40,11 @@ class LoadedModel:
         tok_max = getattr(self.tokenizer, "model_max_length", None)
         limits.append(tok_max if tok_max and tok_max < 1_000_000 else None)
         known = [int(x) for x in limits if isinstance(x, int) and x > 0]
-        return min(known + [2048]) if known else 512
+        context = min(known + [2048]) if known else 512
+        if cfg.model_type in ("roberta", "xlm-roberta", "camembert", "data2vec-text") and cfg.max_position_embeddings <= context:
+            # positions start at padding_idx + 1, so the last padding_idx + 1 slots can't be used
+            context = cfg.max_position_embeddings - (cfg.pad_token_id or 0) - 1
+        return context
 
 
 def bundled_model_path() -> Path:

@@ -156,7 +156,7 @@ class LayerAccumulator:
         self.top_vals = torch.empty(0, n_neurons, device=device)  # [k, N]
         self.top_index = torch.empty(0, n_neurons, dtype=torch.long, device=device)  # [k, N]
         self.histogram = histogram
-        self.hist_lo = self.hist_width = None
+        self.hist_edges = None  # [N, HIST_BINS - 1] per-neuron bin edges, set by the first batch
         self.hist_all = torch.zeros(n_neurons * HIST_BINS, dtype=torch.long, device=device) if histogram else None
         self.hist_cat = torch.zeros(n_categories, n_neurons * HIST_BINS, dtype=torch.long, device=device) if histogram else None
 
@@ -182,11 +182,11 @@ class LayerAccumulator:
 
     def _update_histogram(self, acts: torch.Tensor, cat_mask: torch.Tensor) -> None:
         n_neurons = acts.shape[1]
-        if self.hist_lo is None:  # bins fixed from the first batch, with headroom on both sides
-            lo, hi = acts.min(0).values, acts.max(0).values
-            span = (hi - lo).clamp_min(1e-3)
-            self.hist_lo, self.hist_width = lo - 0.5 * span, 2.5 * span / HIST_BINS
-        bins = ((acts - self.hist_lo) / self.hist_width).floor().clamp_(0, HIST_BINS - 1).long()
+        if self.hist_edges is None:  # equal-mass bins: the first batch's quantiles; the end bins are open
+            ranked = acts.sort(dim=0).values  # [T, N]
+            at = torch.linspace(0, acts.shape[0] - 1, HIST_BINS + 1, device=acts.device)[1:-1].round().long()
+            self.hist_edges = ranked.index_select(0, at).T.contiguous()  # [N, HIST_BINS - 1]
+        bins = torch.searchsorted(self.hist_edges, acts.T.contiguous(), right=True).T  # [T, N] in 0..HIST_BINS-1
         flat = bins + torch.arange(n_neurons, device=acts.device) * HIST_BINS  # [T, N]
         self.hist_all += torch.bincount(flat.reshape(-1), minlength=n_neurons * HIST_BINS)
         for c in range(cat_mask.shape[1]):
@@ -327,8 +327,8 @@ def _assemble(model_name, aligned, sites, accs, n_neurons, activations):
     scores.insert(0, "model", model_name)
     scores.insert(3, "hook", scores["layer"].map(lambda layer: f"blocks.{layer}.mlp.hook_post"))
     scores = scores[["model", "layer", "neuron", "hook", "category", "n_tokens", *STAT_COLUMNS]]
-    scores = scores.sort_values(["layer", "neuron", "category"], kind="stable", ignore_index=True)
     scores["category"] = pd.Categorical(scores["category"], categories=names)
+    scores = scores.sort_values(["layer", "neuron", "category"], kind="stable", ignore_index=True)
     if tops:
         top = pd.concat(tops, ignore_index=True)
         top["token"] = aligned.tokens["token"].to_numpy()[top["token_index"].to_numpy()]

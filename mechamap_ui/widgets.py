@@ -69,7 +69,9 @@ def threshold_range(scores: pd.DataFrame, metric: str, default: float | None = N
     return float(round(lo, digits)), float(round(hi, digits)), float(round(value, digits)), float(round(step, digits))
 
 
-def threshold_slider(scores: pd.DataFrame, metric: str, key: str, default: float | None = None, label: str | None = None) -> float:
+def threshold_slider(
+    scores: pd.DataFrame, metric: str, key: str, default: float | None = None, label: str | None = None
+) -> float:
     """Slider for the flagging threshold (metric >= value), with a range suited to metric (see threshold_range).
 
     Each metric keeps its own slider state under the key f"{key}_{metric}".
@@ -136,9 +138,7 @@ def neuron_table(df: pd.DataFrame, key: str, max_rows: int = MAX_TABLE_ROWS, **d
     pages/neuron.py when that page exists; otherwise a caption names the pick. Returns the pick or None.
     """
     shown, note = _page_of(df, max_rows, key)
-    event = st.dataframe(
-        shown, key=key, on_select="rerun", selection_mode="single-row", hide_index=True, **dataframe_kwargs
-    )
+    event = st.dataframe(shown, key=key, on_select="rerun", selection_mode="single-row", hide_index=True, **dataframe_kwargs)
     if note:
         st.caption(note)
     clickable = {"layer", "neuron"} <= set(shown.columns)

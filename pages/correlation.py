@@ -40,7 +40,7 @@ if corr.empty or corr.isna().all().all():
     st.stop()
 
 chart = charts.correlation_heatmap(corr)
-st.altair_chart(chart, width="content")
+st.altair_chart(chart)
 widgets.chart_downloads(chart, f"correlation_{metric}_{METHODS[method]}_L{lo}-{hi}")
 table = widgets.plain_labels(corr)
 st.dataframe(table, column_config={c: st.column_config.NumberColumn(c, format="%.3f") for c in table.columns})

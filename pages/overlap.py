@@ -36,12 +36,14 @@ n_neurons = scores[["layer", "neuron"]].drop_duplicates().shape[0]
 st.metric(f"Neurons flagged in ≥ {min_categories} categories", f"{len(overlap):,}", help=f"of {n_neurons:,} neurons scanned")
 
 if overlap.empty:
-    st.info(f"No neuron has {metric} ≥ {threshold:g} in {min_categories} or more categories. Lower the threshold to see overlaps.")
+    st.info(
+        f"No neuron has {metric} ≥ {threshold:g} in {min_categories} or more categories. Lower the threshold to see overlaps."
+    )
     st.stop()
 
 st.subheader("Category combinations")
 chart = charts.combination_bars(combos, categories=result.categories, max_combinations=MAX_BARS)
-st.altair_chart(chart, width="content")
+st.altair_chart(chart)
 if len(combos) > MAX_BARS:
     st.caption(f"The {MAX_BARS} most frequent of {len(combos):,} combinations; all are in the table below.")
 widgets.chart_downloads(chart, f"overlap_{metric}_{threshold:g}")

@@ -29,7 +29,7 @@ if counts.empty:
     st.info("This scan has no layers or categories to count.")
 else:
     chart = charts.layer_category_heatmap(counts)
-    st.altair_chart(chart, width="content")
+    st.altair_chart(chart)
     widgets.chart_downloads(chart, f"pivot_{metric}_{threshold:g}")
     st.dataframe(widgets.plain_labels(counts))
     st.caption(f"{int(counts.to_numpy().sum()):,} (neuron, category) pairs flagged in {len(counts):,} layers.")
@@ -41,9 +41,7 @@ with n_col:
 with cat_col:
     choice = st.selectbox("Category", [ALL, *result.categories], key="pivot_category")
 try:
-    top = analysis.top_neurons(
-        scores, metric, n=n, category=None if choice == ALL else choice, top_tokens=result.top_tokens
-    )
+    top = analysis.top_neurons(scores, metric, n=n, category=None if choice == ALL else choice, top_tokens=result.top_tokens)
 except (ValueError, KeyError) as err:
     st.error(f"Could not rank the neurons: {err}.")
     st.stop()

@@ -135,7 +135,10 @@ def test_overlap_table_and_count_match_analysis(result):
     assert len(expected) > 5, "the fixture scan should have overlapping neurons at score >= 0.5"
     assert at.metric[0].value == f"{len(expected):,}"
     shown = table(at, "overlap_table")
-    assert shown[["layer", "neuron", "n_categories"]].values.tolist() == expected[["layer", "neuron", "n_categories"]].values.tolist()
+    assert (
+        shown[["layer", "neuron", "n_categories"]].values.tolist()
+        == expected[["layer", "neuron", "n_categories"]].values.tolist()
+    )
     assert shown["categories"].tolist() == [", ".join(c) for c in expected["categories"]]
     combos = table(at, COMBOS)
     expected_combos = analysis.combination_counts(expected)
@@ -198,7 +201,9 @@ def test_correlation_method_metric_and_layer_range(result):
     assert_clean(at)
     expected = analysis.category_correlation(result.scores, "avg_activation", "spearman", layers=(2, 4))
     _assert_matrix(table(at, MATRIX), expected)
-    assert not np.allclose(expected.to_numpy(), analysis.category_correlation(result.scores, "avg_activation", "spearman").to_numpy())
+    assert not np.allclose(
+        expected.to_numpy(), analysis.category_correlation(result.scores, "avg_activation", "spearman").to_numpy()
+    )
     assert any("layers 2–4" in c.value for c in at.caption)
 
 
@@ -211,8 +216,7 @@ def test_row_click_switches_to_the_neuron_page_when_the_app_has_one(result, tmp_
         "import streamlit as st\nlayer, neuron = st.session_state['selected_neuron']\nst.header(f'Neuron L{layer}.N{neuron}')\n"
     )
     (tmp_path / "app.py").write_text(
-        "import streamlit as st\n"
-        f"st.navigation([st.Page({str(PAGES / 'pivot.py')!r}), st.Page('pages/neuron.py')]).run()\n"
+        f"import streamlit as st\nst.navigation([st.Page({str(PAGES / 'pivot.py')!r}), st.Page('pages/neuron.py')]).run()\n"
     )
     monkeypatch.setattr(widgets, "ROOT", tmp_path)
     at = AppTest.from_file(str(tmp_path / "app.py"), default_timeout=TIMEOUT)
@@ -224,3 +228,62 @@ def test_row_click_switches_to_the_neuron_page_when_the_app_has_one(result, tmp_
     at.run()
     assert not at.exception, [e.message for e in at.exception]
     assert at.header[0].value == f"Neuron L{int(row['layer'])}.N{int(row['neuron'])}"
+
+
+def test_pivot_every_metric_renders(result):
+    at = open_page("pivot", result)
+    shown = [m for m in analysis.METRICS if m in result.scores.columns]
+    assert at.selectbox(key="pivot_metric").options == [analysis.METRICS[m] for m in shown]
+    for metric in shown:
+        at.selectbox(key="pivot_metric").set_value(metric).run()
+        assert_clean(at)
+        slider = at.slider(key=f"pivot_threshold_{metric}")
+        assert slider.min <= slider.value <= slider.max
+        expected = analysis.layer_category_counts(result.scores, metric, slider.value)
+        np.testing.assert_array_equal(table(at, COUNTS).to_numpy(), expected.to_numpy())
+
+
+# --- pure UI helpers ---------------------------------------------------------------------------
+
+
+def test_threshold_range_per_metric(result):
+    from mechamap_ui.widgets import threshold_range
+
+    assert threshold_range(result.scores, "score", 1.0) == (-1.0, 6.0, 1.0, 0.05)
+    assert threshold_range(result.scores, "score", 2.5)[2] == 2.5
+    assert threshold_range(result.scores, "auroc") == (0.5, 1.0, 0.8, 0.01)
+    lo, hi, value, step = threshold_range(result.scores, "cohens_d", None)
+    assert (lo, value) == (-1.0, 1.0) and hi >= result.scores["cohens_d"].max()
+    lo, hi, value, step = threshold_range(result.scores, "avg_activation")
+    acts = result.scores["avg_activation"]
+    assert lo <= acts.min() and hi >= acts.max() and lo < value < hi and step > 0
+    assert all(isinstance(v, float) for v in (lo, hi, value, step))
+
+
+def test_filter_by_categories_all_any():
+    from mechamap_ui.widgets import filter_by_categories
+
+    overlap = pd.DataFrame({"layer": [0, 1, 2], "neuron": [0, 0, 0], "categories": [("a", "b"), ("b", "c"), ("a", "b", "c")]})
+    assert filter_by_categories(overlap, [])["layer"].tolist() == [0, 1, 2]
+    assert filter_by_categories(overlap, ["a", "c"])["layer"].tolist() == [2]
+    assert filter_by_categories(overlap, ["a", "c"], match_all=False)["layer"].tolist() == [0, 1, 2]
+    assert filter_by_categories(overlap, ["c"])["layer"].tolist() == [1, 2]
+
+
+def test_capped_and_paginated_tables_say_how_many_rows_they_show():
+    def script():
+        import pandas as pd
+
+        from mechamap_ui.widgets import capped_table, neuron_table
+
+        df = pd.DataFrame({"layer": [i // 10 for i in range(25)], "neuron": list(range(25))})
+        capped_table(df, max_rows=10)
+        neuron_table(df, key="paged", max_rows=10)
+
+    at = AppTest.from_function(script, default_timeout=TIMEOUT).run()
+    assert not at.exception
+    assert len(at.dataframe[0].value) == 10 and len(at.dataframe[1].value) == 10
+    assert "Showing 10 of 25 rows." in [c.value for c in at.caption]
+    at.number_input(key="paged_page").set_value(3).run()
+    assert at.dataframe[1].value["neuron"].tolist() == list(range(20, 25))
+    assert any("21–25 (5 of 25 rows)" in c.value for c in at.caption)

@@ -8,12 +8,12 @@ import numpy as np
 import pandas as pd
 import pytest
 from scipy import stats as sps
+from tiny_models import capture_mlp_input
 
 from mechamap_core import ScanConfig, scan
 from mechamap_core.alignment import align
 from mechamap_core.scanner import run_hooked_forward
 from mechamap_core.sites import resolve_sites
-from tiny_models import capture_mlp_input
 
 # Independent paths (not the resolver's) of the blocks and down-projections of the tiny models used here.
 BLOCK = {"gpt2": "transformer.h.{L}", "bert": "encoder.layer.{L}"}
@@ -259,7 +259,10 @@ def test_multi_document_equals_pooled_single_documents(tiny_models, default_cfg,
         assert_stats_match(multi, layer, numpy_stats(pooled, mask), 2e-2, 2e-3, ok)
         # and tightly: the moments of the multi-document scan are the sums of the single ones
         got = scores_as_arrays(multi, layer, ["avg_activation", "n_tokens"])
-        sums = sum(scores_as_arrays(s, layer, ["avg_activation"])["avg_activation"] * s.category_mask.sum(0)[:, None] for s in singles)
+        sums = sum(
+            np.nan_to_num(scores_as_arrays(s, layer, ["avg_activation"])["avg_activation"]) * s.category_mask.sum(0)[:, None]
+            for s in singles
+        )  # a document without a category's tokens adds nothing
         np.testing.assert_allclose(got["avg_activation"][ok], (sums / n_cat[:, None])[ok], rtol=1e-5, atol=1e-7)
 
 
@@ -275,9 +278,11 @@ def test_batch_size_does_not_change_results(tiny_models, default_cfg, paragraphs
     cols = ["avg_activation", "mean_rest", "std_category", "std_rest", "cohens_d", "separation", "t_stat"]
     pd.testing.assert_frame_equal(one.scores[KEY + cols], eight.scores[KEY + cols], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(one.scores["p_value"], eight.scores["p_value"], rtol=1e-3, atol=1e-8)
-    np.testing.assert_allclose(one.scores["auroc"], eight.scores["auroc"], atol=5e-3)
+    np.testing.assert_allclose(one.scores["auroc"], eight.scores["auroc"], atol=1e-3)
     for layer in (0, 1):
-        np.testing.assert_allclose(one.activations[layer].astype(np.float32), eight.activations[layer].astype(np.float32), rtol=1e-3, atol=1e-4)
+        np.testing.assert_allclose(
+            one.activations[layer].astype(np.float32), eight.activations[layer].astype(np.float32), rtol=1e-3, atol=1e-4
+        )
     np.testing.assert_allclose(one.top_tokens["activation"], eight.top_tokens["activation"], rtol=1e-4, atol=1e-5)
 
 

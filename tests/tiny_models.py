@@ -53,7 +53,9 @@ def _config(arch: str, tokenizer):
             max_position_embeddings=POSITIONS, **common,
         )  # fmt: skip
     if arch == "gptj":
-        return tf.GPTJConfig(n_layer=LAYERS, n_embd=HIDDEN, n_head=HEADS, n_inner=D_MLP, rotary_dim=8, n_positions=POSITIONS, **common)
+        return tf.GPTJConfig(
+            n_layer=LAYERS, n_embd=HIDDEN, n_head=HEADS, n_inner=D_MLP, rotary_dim=8, n_positions=POSITIONS, **common
+        )
     if arch == "llama":
         return tf.LlamaConfig(**llama_like)
     if arch == "mistral":

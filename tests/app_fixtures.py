@@ -1,0 +1,90 @@
+"""Shared fixtures for the app's AppTests: temp runs/configs folders, a tiny real scan, and an AppTest factory."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+APP = REPO_ROOT / "app.py"
+APP_TIMEOUT_S = 180  # first runs load the bundled model; no test asserts on time
+
+
+@pytest.fixture(autouse=True)
+def _navigation_mode(monkeypatch):
+    """Keep Streamlit in st.navigation mode across AppTest runs.
+
+    A folder named pages/ next to app.py makes Streamlit start in its legacy "pages directory" mode,
+    which a server leaves for good at the first st.navigation call. AppTest re-derives the flag before
+    every run, so without this a second run executes the page file alone (no app.py, no sidebar).
+    """
+    from streamlit.runtime.pages_manager import PagesManager
+
+    original = PagesManager.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        PagesManager.uses_pages_directory = False
+
+    monkeypatch.setattr(PagesManager, "__init__", init)
+
+
+@pytest.fixture
+def app_env(tmp_path, monkeypatch) -> dict[str, Path]:
+    """Temp runs/ and configs/ folders (configs holds a copy of default.yaml) via MECHAMAP_* env vars.
+
+    Also empties the process-wide scan cache so every test scans afresh.
+    """
+    runs = tmp_path / "runs"
+    configs = tmp_path / "configs"
+    runs.mkdir()
+    configs.mkdir()
+    shutil.copy(REPO_ROOT / "configs" / "default.yaml", configs / "default.yaml")
+    monkeypatch.setenv("MECHAMAP_RUNS_DIR", str(runs))
+    monkeypatch.setenv("MECHAMAP_CONFIGS_DIR", str(configs))
+    from mechamap_ui import scanning
+
+    scanning.clear_scan_cache()
+    yield {"runs": runs, "configs": configs, "root": tmp_path}
+    scanning.clear_scan_cache()
+
+
+@pytest.fixture(scope="session")
+def tiny_result(bundled_lm, default_cfg):
+    """A real ScanResult of the bundled model: default config, 2 layers x 32 neurons."""
+    from mechamap_core import scan
+
+    return scan(bundled_lm, default_cfg, layers=[0, 5], limit_neurons=32)
+
+
+def make_app(result=None, **state):
+    """AppTest of app.py (not yet run); result goes in as RESULT_OVERRIDE, extra session state as given."""
+    from streamlit.testing.v1 import AppTest
+
+    from mechamap_ui.state import RESULT_OVERRIDE
+
+    at = AppTest.from_file(str(APP), default_timeout=APP_TIMEOUT_S)
+    if result is not None:
+        at.session_state[RESULT_OVERRIDE] = result
+    for key, value in state.items():
+        at.session_state[key] = value
+    return at
+
+
+def open_page(at, page: str):
+    """Run the app once (registers the pages), then switch to pages/<page>.py and run it."""
+    at.run()
+    at.switch_page(f"pages/{page}.py").run()
+    return at
+
+
+def texts(elements) -> list[str]:
+    """The .value of every element in an ElementList, as strings."""
+    return [str(e.value) for e in elements]
+
+
+def no_exception(at) -> None:
+    """Assert the app shows no exception element (no traceback reached the page)."""
+    assert not at.exception, [e.value for e in at.exception]

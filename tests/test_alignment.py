@@ -1,0 +1,223 @@
+"""alignment.py: whole-word matching, token overlap via character offsets, special tokens, chunking."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from tiny_models import bundled_tokenizer
+
+from mechamap_core.alignment import align, find_word_spans, missing_words, word_coverage
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return bundled_tokenizer()
+
+
+def spans_text(text: str, word: str) -> list[str]:
+    return [text[a:b] for a, b in find_word_spans(text, word)]
+
+
+def reference_mask(tokenizer, text: str, categories: dict[str, list[str]]) -> tuple[list[int], np.ndarray]:
+    """Independent reference: token ids and [T, C] mask from the tokenizer's *full* encoding.
+
+    Occurrences are found with str.find on lower-cased text plus an explicit boundary check
+    (no regular expressions); special tokens are dropped via special_tokens_mask.
+    """
+    enc = tokenizer(text, return_offsets_mapping=True, return_special_tokens_mask=True)
+    keep = [i for i, s in enumerate(enc["special_tokens_mask"]) if not s]
+    ids = [enc["input_ids"][i] for i in keep]
+    offsets = [enc["offset_mapping"][i] for i in keep]
+    low = text.lower()
+
+    def boundary(ch: str) -> bool:
+        return not (ch.isalnum() or ch == "_")
+
+    mask = np.zeros((len(ids), len(categories)), dtype=bool)
+    for c, words in enumerate(categories.values()):
+        for word in words:
+            w = word.lower()
+            start = low.find(w)
+            while start != -1:
+                end = start + len(w)
+                before = low[start - 1] if start > 0 else " "
+                after = low[end] if end < len(low) else " "
+                if boundary(before) and boundary(after):
+                    for t, (a, b) in enumerate(offsets):
+                        if a < end and b > start:
+                            mask[t, c] = True
+                start = low.find(w, start + 1)
+    return ids, mask
+
+
+# --- find_word_spans -----------------------------------------------------------------------
+
+
+def test_punctuation_around_word():
+    text = "I like pizza, and (pizza) and pizza."
+    assert spans_text(text, "pizza") == ["pizza", "pizza", "pizza"]
+    assert find_word_spans(text, "pizza")[0] == (7, 12)
+
+
+def test_case_insensitive():
+    text = "PIZZA or Pizza or pizza"
+    assert spans_text(text, "pizza") == ["PIZZA", "Pizza", "pizza"]
+    assert spans_text(text, "PiZzA") == ["PIZZA", "Pizza", "pizza"]
+
+
+def test_decimal_number_is_whole():
+    assert spans_text("pi is 3.14.", "3.14") == ["3.14"]
+    assert find_word_spans("pi is 3.141", "3.14") == []
+    assert find_word_spans("it was 23.14", "3.14") == []
+    # the dot is literal, not a regex wildcard
+    assert find_word_spans("3x14", "3.14") == []
+
+
+def test_multi_word_entries():
+    assert spans_text("I flew to New York today", "New York") == ["New York"]
+    assert spans_text("new\nyork and New  York", "New York") == ["new\nyork", "New  York"]
+    assert find_word_spans("Newark York", "New York") == []
+    assert find_word_spans("New Yorker", "New York") == []
+
+
+def test_word_inside_word_does_not_match():
+    text = "category concatenate cars scatter"
+    assert find_word_spans(text, "cat") == []
+    assert find_word_spans(text, "car") == []
+    assert spans_text("a cat_ cat2 cat", "cat") == ["cat"]
+    assert find_word_spans("a cat_ cat2 cat", "cat") == [(12, 15)]
+
+
+def test_repeated_words_each_found():
+    text = "dog, Dog and DOG; hotdog"
+    assert find_word_spans(text, "dog") == [(0, 3), (5, 8), (13, 16)]
+
+
+def test_blank_word_matches_nothing():
+    assert find_word_spans("some text", "  ") == []
+
+
+# --- align ---------------------------------------------------------------------------------
+
+
+def test_multi_token_words_fully_counted(tok):
+    text = "A giraffe lives near Canberra."
+    cats = {"animal": ["giraffe"], "location": ["Canberra"]}
+    al = align(tok, [text], cats, max_chunk_tokens=512)
+    toks = al.tokens
+    for c, word in enumerate(cats):
+        word_text = cats[word][0]
+        a = text.index(word_text)
+        b = a + len(word_text)
+        expected = ((toks["start"] < b) & (toks["end"] > a)).to_numpy()
+        assert expected.sum() >= 1
+        assert (al.category_mask[:, c] == expected).all()
+        # every sub-token of the word is counted, and together they spell the word
+        assert "".join(toks.loc[expected, "token"]) == word_text
+    giraffe_tokens = tok("giraffe", add_special_tokens=False)["input_ids"]
+    assert len(giraffe_tokens) > 1  # a real multi-token word with this tokenizer
+    assert int(al.category_mask[:, 0].sum()) == len(giraffe_tokens)
+    cov = al.coverage.set_index("word")
+    assert cov.loc["giraffe", "n_tokens"] == len(giraffe_tokens)
+    assert cov.loc["Canberra", "n_tokens"] == len(tok("Canberra", add_special_tokens=False)["input_ids"])
+
+
+def test_category_mask_matches_independent_reference(tok, default_cfg):
+    text = default_cfg.master_text
+    ids, ref = reference_mask(tok, text, default_cfg.categories)
+    al = align(tok, [text], default_cfg.categories, max_chunk_tokens=100_000)
+    assert al.tokens["token_id"].tolist() == ids
+    assert al.category_mask.shape == ref.shape
+    assert (al.category_mask == ref).all()
+    assert al.categories == list(default_cfg.categories)
+    # every word of the default config occurs
+    assert (al.coverage["occurrences"] > 0).all()
+    assert (al.coverage["n_tokens"] > 0).all()
+
+
+def test_tokens_table_spans_the_text(tok):
+    text = "Pizza in Paris, (pizza) in New  York."
+    al = align(tok, [text], {"food": ["pizza"]}, max_chunk_tokens=512)
+    for row in al.tokens.itertuples():
+        assert text[row.start : row.end] == row.token
+    assert al.tokens["token_index"].tolist() == list(range(al.n_tokens))
+
+
+def test_repeated_words_and_shared_tokens_count_once(tok):
+    text = "pizza and Pizza and PIZZA in New York"
+    cats = {"food": ["pizza"], "city": ["New York", "York"]}
+    al = align(tok, [text], cats, max_chunk_tokens=512)
+    cov = al.coverage.set_index(["category", "word"])
+    assert cov.loc[("food", "pizza"), "occurrences"] == 3
+    assert cov.loc[("food", "pizza"), "n_tokens"] == 3
+    assert int(al.category_mask[:, 0].sum()) == 3
+    assert cov.loc[("city", "New York"), "n_tokens"] == 2
+    assert cov.loc[("city", "York"), "n_tokens"] == 1
+    # "york" is hit by two words, yet counted once for the category
+    assert int(al.category_mask[:, 1].sum()) == 2
+    assert al.tokens.loc[al.category_mask[:, 1], "token"].tolist() == ["New", "York"]
+
+
+def test_absent_words_have_zero_coverage(tok):
+    cats = {"food": ["pizza", "kiwi"], "animal": ["zebra"]}
+    al = align(tok, ["I ate pizza."], cats, max_chunk_tokens=512)
+    cov = al.coverage.set_index("word")
+    assert cov.loc["kiwi", "occurrences"] == 0 and cov.loc["kiwi", "n_tokens"] == 0
+    assert cov.loc["zebra", "occurrences"] == 0 and cov.loc["zebra", "n_tokens"] == 0
+    assert not al.category_mask[:, 1].any()
+    assert missing_words(["I ate pizza."], cats) == {"food": ["kiwi"], "animal": ["zebra"]}
+    assert word_coverage(["I ate pizza."], cats)["occurrences"].tolist() == [1, 0, 0]
+
+
+def test_text_of_only_special_tokens_counts_nothing(tok):
+    al = align(tok, ["[CLS] [SEP]"], {"x": ["CLS", "SEP"]}, max_chunk_tokens=512)
+    assert al.n_tokens == 0
+    assert al.category_mask.shape == (0, 1)
+    assert al.chunks == []
+
+
+def test_special_tokens_typed_in_text_never_count(tok):
+    text = "pizza [SEP] [CLS] pizza [PAD] [MASK]"
+    al = align(tok, [text], {"food": ["pizza"], "sep": ["SEP", "CLS", "PAD", "MASK"]}, max_chunk_tokens=512)
+    special = set(tok.all_special_ids)
+    assert not set(al.tokens["token_id"]) & special
+    assert al.tokens["token"].tolist() == ["pizza", "pizza"]
+    assert al.category_mask[:, 0].tolist() == [True, True]
+    assert not al.category_mask[:, 1].any()
+    for chunk in al.chunks:
+        for p in chunk.valid_positions:
+            assert chunk.input_ids[p] not in special
+
+
+def test_chunking_covers_every_token_once(tok, default_cfg):
+    texts = [default_cfg.master_text[:600], "A short second document about pizza in Paris."]
+    al = align(tok, texts, default_cfg.categories, max_chunk_tokens=10)
+    cls_id, sep_id = tok.cls_token_id, tok.sep_token_id
+    assert len(al.chunks) > 5
+    seen = []
+    for chunk in al.chunks:
+        assert len(chunk.input_ids) <= 10
+        assert chunk.input_ids[0] == cls_id and chunk.input_ids[-1] == sep_id
+        assert cls_id not in chunk.input_ids[1:-1] and sep_id not in chunk.input_ids[1:-1]
+        assert len(chunk.valid_positions) == len(chunk.token_indices)
+        for p, t in zip(chunk.valid_positions, chunk.token_indices, strict=True):
+            assert 0 < p < len(chunk.input_ids) - 1
+            assert chunk.input_ids[p] == al.tokens.loc[t, "token_id"]
+            assert al.tokens.loc[t, "doc"] == chunk.doc
+        seen.extend(chunk.token_indices)
+    assert seen == sorted(seen)
+    assert seen == list(range(al.n_tokens))
+    assert sorted({c.doc for c in al.chunks}) == [0, 1]
+    # the same tokens and mask as one big chunk per document
+    whole = align(tok, texts, default_cfg.categories, max_chunk_tokens=100_000)
+    assert len(whole.chunks) == 2
+    assert whole.tokens.equals(al.tokens)
+    assert (whole.category_mask == al.category_mask).all()
+
+
+def test_slow_tokenizer_rejected():
+    class Slow:
+        is_fast = False
+
+    with pytest.raises(ValueError, match="fast"):
+        align(Slow(), ["text"], {"a": ["text"]}, 10)

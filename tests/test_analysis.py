@@ -1,0 +1,209 @@
+"""analysis.* against independent computations (loops, numpy, scipy) on a small hand-made scores table."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from mechamap_core import analysis
+
+CATS = ["animal", "food", "place"]
+# SCORE[layer][neuron] = score per category (animal, food, place); 3 layers x 4 neurons x 3 categories.
+SCORE = [
+    [[2.0, 1.5, 0.1], [0.2, 0.3, 0.4], [1.0, -0.5, 0.9], [-1.0, 0.0, 3.0]],
+    [[0.5, 2.5, 1.1], [1.2, 1.3, 1.4], [0.0, 0.05, 0.02], [0.7, 0.8, 2.2]],
+    [[3.5, 0.2, 0.3], [-0.2, 1.0, 1.0], [0.9, 0.95, 0.99], [2.1, 2.25, -2.3]],
+]
+
+
+@pytest.fixture
+def scores() -> pd.DataFrame:
+    """Long scores table like ScanResult.scores: score as above, avg_activation and auroc derived, distinct per row."""
+    rows = []
+    for layer, neurons in enumerate(SCORE):
+        for neuron, values in enumerate(neurons):
+            for c, (cat, value) in enumerate(zip(CATS, values)):
+                rows.append({
+                    "model": "hand", "layer": layer, "neuron": neuron, "hook": f"blocks.{layer}.mlp.hook_post",
+                    "category": cat, "avg_activation": value * value - 0.1 * c + 0.01 * neuron,
+                    "score": value, "auroc": 0.5 + np.tanh(value) / 2,
+                })  # fmt: skip
+    frame = pd.DataFrame(rows)
+    frame["category"] = pd.Categorical(frame["category"], categories=CATS)
+    return frame
+
+
+@pytest.fixture
+def top_tokens() -> pd.DataFrame:
+    """Two top tokens per neuron, given out of rank order on purpose."""
+    rows = []
+    for layer in range(3):
+        for neuron in range(4):
+            rows.append({"layer": layer, "neuron": neuron, "rank": 2, "token_index": 1, "token": "bread", "activation": 0.5})
+            rows.append({"layer": layer, "neuron": neuron, "rank": 1, "token_index": 0, "token": "pizza", "activation": 0.8234})
+    return pd.DataFrame(rows)
+
+
+def records(scores: pd.DataFrame):
+    """(layer, neuron, category, row) tuples for the manual loops."""
+    return [(int(r.layer), int(r.neuron), str(r.category), r) for r in scores.itertuples()]
+
+
+# --- top neurons ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("metric", ["score", "avg_activation", "auroc"])
+@pytest.mark.parametrize("n", [1, 2, 5])
+def test_top_neurons_order_matches_a_manual_sort(scores, metric, n):
+    got = analysis.top_neurons(scores, metric, n=n)
+    expected = []
+    for cat in sorted(CATS):
+        rows = [(getattr(r, metric), layer, neuron) for layer, neuron, c, r in records(scores) if c == cat]
+        rows.sort(key=lambda t: -t[0])
+        expected += [(cat, layer, neuron) for _, layer, neuron in rows[:n]]
+    assert list(zip(got["category"].astype(str), got["layer"], got["neuron"])) == expected
+
+
+def test_top_neurons_known_best_and_one_category(scores, top_tokens):
+    got = analysis.top_neurons(scores, "score", n=2)
+    best = {cat: list(zip(g["layer"], g["neuron"])) for cat, g in got.groupby("category", observed=True)}
+    assert best == {"animal": [(2, 0), (2, 3)], "food": [(1, 0), (2, 3)], "place": [(0, 3), (1, 3)]}
+    food = analysis.top_neurons(scores, "score", n=3, category="food", top_tokens=top_tokens)
+    assert set(food["category"].astype(str)) == {"food"}
+    assert food["score"].tolist() == [2.5, 2.25, 1.5]
+    assert food["top_tokens"].tolist() == ["[('pizza', 0.823), ('bread', 0.5)]"] * 3
+
+
+def test_top_token_strings_format(top_tokens):
+    text = analysis.top_token_strings(top_tokens)
+    assert len(text) == 12 and list(text.columns) == ["layer", "neuron", "top_tokens"]
+    assert text["top_tokens"].iloc[0] == "[('pizza', 0.823), ('bread', 0.5)]"
+    assert analysis.top_token_strings(top_tokens, digits=1)["top_tokens"].iloc[0] == "[('pizza', 0.8), ('bread', 0.5)]"
+    assert analysis.top_token_strings(top_tokens.iloc[:0]).empty
+
+
+# --- pivots -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("metric", "threshold"), [("score", 1.0), ("score", 3.0), ("score", -5.0), ("auroc", 0.9)])
+def test_layer_category_counts_match_a_manual_loop(scores, metric, threshold):
+    got = analysis.layer_category_counts(scores, metric, threshold)
+    manual = {(layer, cat): 0 for layer in range(3) for cat in CATS}
+    for layer, _, cat, row in records(scores):
+        manual[(layer, cat)] += getattr(row, metric) >= threshold
+    assert list(got.index) == [0, 1, 2] and [str(c) for c in got.columns] == CATS
+    assert {(layer, str(cat)): int(got.loc[layer, cat]) for layer in got.index for cat in got.columns} == manual
+
+
+def test_layer_category_counts_keeps_empty_rows_and_columns(scores):
+    got = analysis.layer_category_counts(scores, "score", 3.0)  # only L0N3 place (3.0) and L2N0 animal (3.5)
+    assert got.to_numpy().tolist() == [[0, 0, 1], [0, 0, 0], [1, 0, 0]]
+
+
+def test_flagged_is_inclusive(scores):
+    hits = analysis.flagged(scores, "score", 1.0)
+    assert (hits["score"] >= 1.0).all() and len(hits) == sum(v >= 1.0 for layer in SCORE for n in layer for v in n)
+    assert 1.0 in hits["score"].tolist()
+
+
+# --- overlap ----------------------------------------------------------------------------------
+
+
+def test_multi_category_neurons_known_overlaps(scores):
+    got = analysis.multi_category_neurons(scores, "score", 1.0)
+    assert list(got.columns) == ["layer", "neuron", "n_categories", "categories"]
+    assert list(zip(got["layer"], got["neuron"], got["n_categories"], got["categories"])) == [
+        (1, 1, 3, ("animal", "food", "place")),
+        (0, 0, 2, ("animal", "food")),
+        (1, 0, 2, ("food", "place")),
+        (2, 1, 2, ("food", "place")),
+        (2, 3, 2, ("animal", "food")),
+    ]
+    three = analysis.multi_category_neurons(scores, "score", 1.0, min_categories=3)
+    assert list(zip(three["layer"], three["neuron"])) == [(1, 1)]
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.5, 1.0, 2.0])
+def test_multi_category_neurons_match_a_manual_loop(scores, threshold):
+    got = analysis.multi_category_neurons(scores, "score", threshold)
+    hits: dict[tuple[int, int], list[str]] = {}
+    for layer, neuron, cat, row in records(scores):
+        if row.score >= threshold:
+            hits.setdefault((layer, neuron), []).append(cat)
+    manual = {key: tuple(sorted(cats)) for key, cats in hits.items() if len(cats) >= 2}
+    assert dict(zip(zip(got["layer"], got["neuron"]), got["categories"])) == manual
+    assert got["n_categories"].is_monotonic_decreasing
+
+
+def test_combination_counts(scores):
+    overlap = analysis.multi_category_neurons(scores, "score", 1.0)
+    got = analysis.combination_counts(overlap)
+    assert list(got.columns) == ["combination", "n_categories", "neurons"]
+    assert dict(zip(got["combination"], got["neurons"])) == {"animal + food": 2, "food + place": 2, "animal + food + place": 1}
+    assert dict(zip(got["combination"], got["n_categories"])) == {
+        "animal + food": 2,
+        "food + place": 2,
+        "animal + food + place": 3,
+    }
+    assert got["neurons"].is_monotonic_decreasing
+    assert Counter(" + ".join(c) for c in overlap["categories"]) == dict(zip(got["combination"], got["neurons"]))
+    assert analysis.combination_counts(overlap.iloc[:0]).empty
+
+
+# --- correlation ------------------------------------------------------------------------------
+
+
+def wide(scores: pd.DataFrame, metric: str, layers=None) -> np.ndarray:
+    """[neurons, categories] matrix built by hand (rows in layer, neuron order)."""
+    keep = [(layer, neuron) for layer in range(3) for neuron in range(4) if layers is None or layers[0] <= layer <= layers[1]]
+    lookup = {(layer, neuron, cat): getattr(row, metric) for layer, neuron, cat, row in records(scores)}
+    return np.array([[lookup[(layer, neuron, cat)] for cat in CATS] for layer, neuron in keep])
+
+
+@pytest.mark.parametrize("metric", ["score", "avg_activation"])
+@pytest.mark.parametrize("layers", [None, (1, 2), (0, 0)])
+def test_category_correlation_pearson_matches_numpy(scores, metric, layers):
+    got = analysis.category_correlation(scores, metric, "pearson", layers=layers)
+    assert [str(c) for c in got.columns] == CATS and [str(c) for c in got.index] == CATS
+    np.testing.assert_allclose(got.to_numpy(), np.corrcoef(wide(scores, metric, layers), rowvar=False), atol=1e-12)
+
+
+@pytest.mark.parametrize("layers", [None, (1, 2)])
+def test_category_correlation_spearman_matches_scipy(scores, layers):
+    got = analysis.category_correlation(scores, "score", "spearman", layers=layers)
+    expected = stats.spearmanr(wide(scores, "score", layers)).statistic
+    np.testing.assert_allclose(got.to_numpy(), expected, atol=1e-12)
+
+
+# --- errors -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda s: analysis.flagged(s, "nope"),
+        lambda s: analysis.top_neurons(s, "nope"),
+        lambda s: analysis.layer_category_counts(s, "nope"),
+        lambda s: analysis.multi_category_neurons(s, "nope"),
+        lambda s: analysis.category_correlation(s, "nope"),
+    ],
+)
+def test_unknown_metric_raises_value_error(scores, call):
+    with pytest.raises(ValueError, match="unknown metric 'nope'"):
+        call(scores)
+
+
+def test_unknown_correlation_method_raises_value_error(scores):
+    with pytest.raises(ValueError, match="unknown correlation method"):
+        analysis.category_correlation(scores, "score", "kendall-ish")
+
+
+def test_neuron_profile(scores):
+    rows = analysis.neuron_profile(scores, 2, 3)
+    assert rows["category"].astype(str).tolist() == CATS and rows["score"].tolist() == SCORE[2][3]
+    with pytest.raises(KeyError, match="L9.N0"):
+        analysis.neuron_profile(scores, 9, 0)

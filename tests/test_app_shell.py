@@ -1,0 +1,103 @@
+"""AppTests of app.py (router and sidebar) and the Overview page."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from app_fixtures import _navigation_mode, app_env, make_app, no_exception, open_page, texts, tiny_result  # noqa: F401
+
+from mechamap_core.export import save_run
+from mechamap_ui.state import ACTIVE_RUN, RESULT_OVERRIDE
+
+OUR_PAGES = ["overview", "config_editor", "scan"]
+OTHER_PAGES = ["pivot", "overlap", "correlation", "neuron", "hypothesis", "compare"]
+
+
+def test_app_opens_on_overview_with_empty_state(app_env):
+    at = make_app().run()
+    no_exception(at)
+    assert "MechaMap" in at.title[0].value
+    assert any("No active run yet" in v for v in texts(at.info))
+    assert any("Scan" in v for v in texts(at.page_link)), "the empty state links to the Scan page"
+    assert at.button[0].label == "Scan the bundled model with the default config"
+    sidebar = " ".join(texts(at.sidebar.markdown))
+    assert "default" in sidebar and "all-MiniLM-L6-v2" in sidebar
+    assert any("No active run" in v for v in texts(at.sidebar.caption))
+
+
+def test_every_existing_page_is_registered(app_env, tiny_result):
+    at = make_app(tiny_result).run()
+    no_exception(at)
+    for page in OUR_PAGES + OTHER_PAGES:
+        if os.path.exists(f"{os.path.dirname(__file__)}/../pages/{page}.py"):
+            at.switch_page(f"pages/{page}.py")  # raises ValueError for a file st.navigation did not register
+    for page in OUR_PAGES:
+        at.switch_page(f"pages/{page}.py").run()
+        no_exception(at)
+        assert len(at.sidebar.children) >= 2, f"the sidebar is drawn on {page}"
+
+
+def test_sidebar_shows_the_active_result(app_env, tiny_result):
+    at = make_app(tiny_result).run()
+    no_exception(at)
+    sidebar = " ".join(texts(at.sidebar.markdown))
+    assert "Active run" in sidebar
+    assert f"Tokens:** {tiny_result.metadata['n_tokens']}" in sidebar
+
+
+def test_sidebar_picker_switches_the_active_run(app_env, tiny_result):
+    first = save_run(tiny_result, app_env["runs"], run_id="20240101-000000-first").name
+    second = save_run(tiny_result, app_env["runs"], run_id="20240102-000000-second").name
+    at = make_app().run()
+    picker = at.sidebar.selectbox(key="sidebar_run_picker")
+    assert set(picker.options) >= {"(none)"} and len(picker.options) == 3
+    picker.set_value(second).run()
+    no_exception(at)
+    assert at.session_state[ACTIVE_RUN] == second
+    assert second in " ".join(texts(at.sidebar.markdown))
+    at.sidebar.selectbox(key="sidebar_run_picker").set_value(first).run()
+    assert at.session_state[ACTIVE_RUN] == first
+    assert at.subheader[0].value == "Headline of the active run"
+
+
+def test_overview_headline_for_a_result(app_env, tiny_result):
+    at = make_app(tiny_result).run()
+    no_exception(at)
+    assert at.subheader[0].value == "Headline of the active run"
+    labels = [m.label for m in at.metric]
+    assert "Neurons scanned" in labels and "Categories" in labels
+    assert at.metric[labels.index("Neurons scanned")].value == "64"  # 2 layers x 32 neurons
+    top = at.dataframe[0].value
+    assert list(top["category"]) == sorted(tiny_result.categories)  # one top neuron per category
+    assert top["top_tokens"].str.startswith("[(").all()
+    assert at.get("arrow_vega_lite_chart"), "the flagged-per-category bar chart is drawn"
+
+
+def test_overview_button_scans_and_activates_the_run(app_env):
+    at = make_app().run()
+    at.button[0].click().run()
+    no_exception(at)
+    assert not at.error, texts(at.error)
+    runs = os.listdir(app_env["runs"])
+    assert len(runs) == 1
+    assert at.session_state[ACTIVE_RUN] == runs[0]
+    assert RESULT_OVERRIDE not in at.session_state
+    assert any("Scan finished" in v for v in texts(at.success))
+    assert at.subheader[0].value == "Headline of the active run"
+    assert at.metric[0].value == "9,216"  # 6 layers x 1536 neurons
+
+
+def test_overview_button_with_a_broken_default_config_explains(app_env):
+    (app_env["configs"] / "default.yaml").write_text("categories: [oops\n", encoding="utf-8")
+    at = make_app().run()
+    at.button[0].click().run()
+    no_exception(at)
+    assert any("default config cannot be used" in v for v in texts(at.error))
+    assert os.listdir(app_env["runs"]) == []
+
+
+@pytest.mark.parametrize("page", OUR_PAGES)
+def test_our_pages_render_without_a_result(app_env, page):
+    at = open_page(make_app(), page)
+    no_exception(at)

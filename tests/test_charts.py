@@ -1,0 +1,139 @@
+"""Chart builders return Altair charts whose specs carry the expected encodings and data; PNG/SVG export works offline."""
+
+from __future__ import annotations
+
+import altair as alt
+import numpy as np
+import pandas as pd
+import pytest
+
+from mechamap_core import analysis, charts
+
+CATS = ["animal", "food", "place"]
+
+
+@pytest.fixture
+def scores() -> pd.DataFrame:
+    """2 layers x 3 neurons x 3 categories; score = a fixed pattern so the flagged counts are known."""
+    values = {
+        (0, 0): [2.0, 0.1, 1.5], (0, 1): [0.2, 1.1, 1.2], (0, 2): [-0.3, 0.0, 0.4],
+        (1, 0): [1.0, 1.0, 1.0], (1, 1): [0.9, 3.0, -1.0], (1, 2): [1.4, 0.2, 0.3],
+    }  # fmt: skip
+    rows = [
+        {"layer": layer, "neuron": neuron, "category": cat, "score": v, "auroc": 0.5 + v / 10}
+        for (layer, neuron), vals in values.items()
+        for cat, v in zip(CATS, vals)
+    ]
+    frame = pd.DataFrame(rows)
+    frame["category"] = pd.Categorical(frame["category"], categories=CATS)
+    return frame
+
+
+def data_of(spec: dict, node: dict | None = None) -> pd.DataFrame:
+    """The inline dataset a (sub)spec points at, as a DataFrame."""
+    node = spec if node is None else node
+    return pd.DataFrame(spec["datasets"][node["data"]["name"]])
+
+
+def by_mark(layers: list[dict]) -> dict[str, dict]:
+    return {(lay["mark"]["type"] if isinstance(lay["mark"], dict) else lay["mark"]): lay for lay in layers}
+
+
+def test_layer_category_heatmap_cells_labels_tooltips(scores):
+    counts = analysis.layer_category_counts(scores, "score", 1.0)
+    chart = charts.layer_category_heatmap(counts, title="flagged")
+    assert isinstance(chart, alt.LayerChart)
+    spec = chart.to_dict()
+    marks = by_mark(spec["layer"])
+    assert set(marks) == {"rect", "text"}
+    rect, text = marks["rect"]["encoding"], marks["text"]["encoding"]
+    assert (rect["x"]["field"], rect["y"]["field"], rect["color"]["field"]) == ("category", "layer", "neurons")
+    assert rect["x"]["sort"] == CATS and rect["y"]["sort"] == ["0", "1"]
+    assert {t["field"] for t in rect["tooltip"]} == {"layer", "category", "neurons"}
+    assert text["text"]["field"] == "neurons"
+    assert spec["title"] == "flagged"
+    data = data_of(spec).set_index(["layer", "category"])["neurons"]
+    # manual count: score >= 1 -> L0: animal (2.0), food (1.1), place (1.5, 1.2); L1: animal (1.0, 1.4), food (1.0, 3.0), place (1.0)
+    assert data.to_dict() == {
+        ("0", "animal"): 1, ("0", "food"): 1, ("0", "place"): 2,
+        ("1", "animal"): 2, ("1", "food"): 2, ("1", "place"): 1,
+    }  # fmt: skip
+
+
+def test_combination_bars_upset_with_dot_matrix(scores):
+    combos = analysis.combination_counts(analysis.multi_category_neurons(scores, "score", 1.0))
+    chart = charts.combination_bars(combos, categories=CATS)
+    assert isinstance(chart, alt.VConcatChart)
+    spec = chart.to_dict()
+    bars_spec, grid_spec = spec["vconcat"]
+    bar = by_mark(bars_spec["layer"])["bar"]["encoding"]
+    assert (bar["x"]["field"], bar["y"]["field"]) == ("combination", "neurons")
+    bars = data_of(spec, bars_spec)
+    assert bars["neurons"].is_monotonic_decreasing
+    assert bar["x"]["sort"] == bars["combination"].tolist()
+    # L0N0 animal+place, L0N1 food+place, L1N0 all three, L1N1 alone (food), L1N2 alone (animal)
+    assert dict(zip(bars["combination"], bars["neurons"])) == {
+        "animal + place": 1,
+        "food + place": 1,
+        "animal + food + place": 1,
+    }
+    dots_layer = by_mark(grid_spec["layer"])["circle"]
+    dots = data_of(spec, dots_layer)
+    assert dots_layer["encoding"]["y"]["sort"] == CATS
+    members = dots[dots["member"]].groupby("combination")["category"].agg(lambda c: " + ".join(sorted(c)))
+    assert {k: v for k, v in members.items()} == {c: " + ".join(sorted(c.split(" + "))) for c in bars["combination"]}
+    assert len(dots) == len(bars) * len(CATS)
+
+
+def test_combination_bars_without_matrix_and_capped():
+    combos = pd.DataFrame(
+        {"combination": ["a + b", "a + c", "b + c", "a + b + c"], "n_categories": [2, 2, 2, 3], "neurons": [5, 9, 1, 3]}
+    )
+    chart = charts.combination_bars(combos, matrix=False, max_combinations=2)
+    assert isinstance(chart, alt.LayerChart)
+    spec = chart.to_dict()
+    bar = by_mark(spec["layer"])["bar"]["encoding"]
+    assert bar["x"]["sort"] == ["a + c", "a + b"]
+    assert data_of(spec)["neurons"].tolist() == [9, 5]
+    empty = charts.combination_bars(combos.iloc[:0])
+    assert isinstance(empty, alt.VConcatChart)
+    empty.to_dict()  # valid spec even with nothing to draw
+
+
+def test_correlation_heatmap_fixed_diverging_scale_and_hover(scores):
+    corr = analysis.category_correlation(scores, "score")
+    chart = charts.correlation_heatmap(corr)
+    spec = chart.to_dict()
+    marks = by_mark(spec["layer"])
+    color = marks["rect"]["encoding"]["color"]
+    assert color["field"] == "r" and color["scale"]["domain"] == [-1, 1]
+    assert color["scale"]["scheme"] == "redblue"
+    assert "r" in {t["field"] for t in marks["rect"]["encoding"]["tooltip"]}
+    data = data_of(spec)
+    got = data.pivot(index="category_a", columns="category_b", values="r").loc[CATS, CATS]
+    np.testing.assert_allclose(got.to_numpy(), corr.to_numpy())
+    bare = charts.correlation_heatmap(corr, labels=False)
+    assert isinstance(bare, alt.Chart) and bare.to_dict()["mark"]["type"] == "rect"
+
+
+def test_flagged_per_category_bars_counts_every_category(scores):
+    chart = charts.flagged_per_category_bars(scores, "score", 2.0)
+    spec = chart.to_dict()
+    assert spec["mark"]["type"] == "bar"
+    assert (spec["encoding"]["x"]["field"], spec["encoding"]["y"]["field"]) == ("category", "neurons")
+    data = data_of(spec)
+    manual = {c: int(((scores["category"] == c) & (scores["score"] >= 2.0)).sum()) for c in CATS}
+    assert dict(zip(data["category"], data["neurons"])) == manual == {"animal": 1, "food": 1, "place": 0}
+    with pytest.raises(ValueError, match="unknown metric"):
+        charts.flagged_per_category_bars(scores, "nope", 1.0)
+
+
+def test_chart_export_png_and_svg(scores):
+    chart = charts.layer_category_heatmap(analysis.layer_category_counts(scores, "score", 1.0))
+    png = charts.chart_to_png(chart)
+    assert isinstance(png, bytes) and png.startswith(b"\x89PNG")
+    svg = charts.chart_to_svg(chart)
+    assert isinstance(svg, str) and svg.lstrip().startswith("<svg")
+    assert "animal" in svg
+    upset = charts.combination_bars(analysis.combination_counts(analysis.multi_category_neurons(scores, "score", 1.0)))
+    assert charts.chart_to_png(upset, scale=1).startswith(b"\x89PNG")

@@ -1,0 +1,195 @@
+"""cli.py: scan / interpret / validate / ablate end to end, and one-line errors for bad arguments."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from mechamap_core.cli import main
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT = str(REPO_ROOT / "configs" / "default.yaml")
+HELDOUT = str(REPO_ROOT / "configs" / "validation.yaml")
+ORIGINAL = ["model", "layer", "neuron", "category", "avg_activation", "top_tokens"]
+
+
+def error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("mechamap: error:")]
+
+
+def assert_one_line_error(err: str, *fragments: str) -> None:
+    lines = error_lines(err)
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def scanned(tmp_path_factory):
+    """One CLI scan of 8 neurons per layer, written as CSV, JSON and Parquet."""
+    out = tmp_path_factory.mktemp("cli_scan")
+    paths = {fmt: out / f"scores.{fmt}" for fmt in ("csv", "json", "parquet")}
+    code = main(["scan", "--config", DEFAULT, "--limit-neurons", "8", "--device", "cpu",
+                 "--csv", str(paths["csv"]), "--json", str(paths["json"]), "--parquet", str(paths["parquet"])])  # fmt: skip
+    return code, paths
+
+
+def test_scan_writes_every_format(scanned):
+    code, paths = scanned
+    assert code == 0
+    table = pd.read_csv(paths["csv"])
+    assert list(table.columns[:6]) == ORIGINAL
+    n_categories = 8
+    assert len(table) == 6 * 8 * n_categories
+    assert sorted(table["neuron"].unique()) == list(range(8))
+    assert sorted(table["layer"].unique()) == list(range(6))
+    data = json.loads(paths["json"].read_text(encoding="utf-8"))
+    assert len(data["neurons"]) == 6 * 8
+    assert "L5.N7" in data["neurons"]
+    pd.testing.assert_frame_equal(pd.read_parquet(paths["parquet"]), table, check_dtype=False, rtol=1e-9)
+
+
+def test_interpret_prints_pivot_overlap_and_correlation(scanned, capsys):
+    _, paths = scanned
+    capsys.readouterr()
+    assert main(["interpret", "--csv", str(paths["csv"]), "--multi-category", "--correlation", "--threshold", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "by layer and category" in out
+    assert "Top 5 neurons per category" in out
+    assert "Neurons flagged in 2+ categories" in out
+    assert "correlation" in out
+    for cat in ("date", "location", "animal", "food", "numeric", "language", "vehicle", "color"):
+        assert cat in out
+    # the pivot counts match an independent crosstab of the CSV
+    table = pd.read_csv(paths["csv"])
+    hits = table[table["score"] >= 0]
+    counts = pd.crosstab(hits["layer"], hits["category"])
+    pivot_block = out.split("by layer and category:")[1].split("Top ")[0]
+    pivot_rows = [line.split() for line in pivot_block.strip().splitlines()[2:]]
+    layer0 = next(r for r in pivot_rows if r[0] == "0")
+    header = pivot_block.strip().splitlines()[0].split()[1:]
+    assert len(header) == 8 and len(layer0) == 9
+    for cat, value in zip(header, layer0[1:], strict=True):
+        assert int(value) == int(counts.loc[0].get(cat, 0))
+
+
+def test_interpret_default_threshold(scanned, capsys):
+    _, paths = scanned
+    assert main(["interpret", "--csv", str(paths["csv"])]) == 0
+    out = capsys.readouterr().out
+    assert "score >= 1.0" in out
+    assert "2+ categories" not in out
+
+
+def test_validate_prints_summary(scanned, capsys, tmp_path):
+    _, paths = scanned
+    out_csv = tmp_path / "validated.csv"
+    code = main(["validate", "--csv", str(paths["csv"]), "--heldout", HELDOUT, "--threshold", "1",
+                 "--device", "cpu", "--out", str(out_csv)])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "Held-out check of" in captured.out
+    table = pd.read_csv(paths["csv"])
+    assert f"Held-out check of {int((table['score'] >= 1).sum())} flagged rows" in captured.out
+    assert out_csv.is_file()
+
+
+def test_ablate_prints_effect_vs_controls(capsys):
+    code = main(["ablate", "--config", DEFAULT, "--category", "food", "--neurons", "5:1,5:2", "--controls", "2",
+                 "--device", "cpu"])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    out = captured.out
+    assert "ablated" in out and "control 1" in out and "control 2" in out
+    assert "effect" in out and "vs random controls" in out
+    assert "'food'" in out and "2 neuron(s)" in out
+
+
+# --- bad arguments ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["frobnicate"], "invalid choice"),
+        (["scan"], "--config"),
+        (["scan", "--config", DEFAULT, "--limit-neurons", "-1"], "--limit-neurons"),
+        (["scan", "--config", DEFAULT, "--limit-neurons", "lots"], "--limit-neurons"),
+        (["scan", "--config", DEFAULT, "--layers", "x"], "--layers"),
+        (["scan", "--config", DEFAULT, "--layers", "3-1"], "--layers"),
+        (["interpret"], "--csv"),
+        ([], "command"),
+    ],
+)
+def test_argparse_errors_exit_2_with_one_line(argv, fragment, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert_one_line_error(err, fragment)
+
+
+def test_nonexistent_config(capsys, tmp_path):
+    assert main(["scan", "--config", str(tmp_path / "missing.yaml")]) == 1
+    assert_one_line_error(capsys.readouterr().err, "config file not found")
+
+
+def test_invalid_config(capsys, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("master_text: hi\ncategories: {}\nthreshold: high\n", encoding="utf-8")
+    assert main(["scan", "--config", str(bad)]) == 1
+    assert_one_line_error(capsys.readouterr().err, "threshold")
+
+
+def test_uncached_model_id(capsys):
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache("EleutherAI/pythia-70m", "config.json"), str):
+        pytest.skip("EleutherAI/pythia-70m is in this machine's Hugging Face cache")
+    assert main(["scan", "--config", DEFAULT, "--model", "EleutherAI/pythia-70m", "--device", "cpu"]) == 1
+    assert_one_line_error(capsys.readouterr().err, "EleutherAI/pythia-70m", "download")
+
+
+def test_interpret_csv_without_needed_columns(capsys, tmp_path):
+    csv = tmp_path / "other.csv"
+    pd.DataFrame({"a": [1, 2], "b": [3, 4]}).to_csv(csv, index=False)
+    assert main(["interpret", "--csv", str(csv)]) == 1
+    assert_one_line_error(capsys.readouterr().err, "lacks columns")
+
+
+def test_interpret_missing_csv(capsys, tmp_path):
+    assert main(["interpret", "--csv", str(tmp_path / "none.csv")]) == 1
+    assert_one_line_error(capsys.readouterr().err)
+
+
+def test_ablate_neuron_out_of_range(capsys):
+    code = main(["ablate", "--config", DEFAULT, "--category", "food", "--neurons", "5:99999", "--device", "cpu"])
+    assert code == 1
+    assert_one_line_error(capsys.readouterr().err, "out of range")
+
+
+def test_ablate_bad_neuron_list(capsys):
+    code = main(["ablate", "--config", DEFAULT, "--category", "food", "--neurons", "5-1"])
+    assert code == 1
+    assert_one_line_error(capsys.readouterr().err, "layer:neuron")
+
+
+def test_module_entry_point_shows_progress_on_stderr():
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "mechamap_core", "scan", "--config", "configs/default.yaml", "--limit-neurons", "4"],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "scanning" in proc.stderr
+    assert "%|" in proc.stderr  # tqdm's bar
+    assert "scanned 6 layers x 24 neurons" in proc.stderr
+    # without output files the top neurons go to stdout
+    assert "category" in proc.stdout and "score" in proc.stdout
