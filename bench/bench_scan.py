@@ -255,10 +255,10 @@ def bench_scan_vs_bare(lm, cfg, warmup: int, repeats: int, body: bool = False) -
         "scan_norec": lambda: scan(lm, cfg, record_activations=False),
         "bare": lambda: bare_forward(lm, inputs),
     }
-    if body and lm.model.base_model is not lm.model:
-        fns["body"] = lambda: bare_forward(lm, inputs, lm.model.base_model)
     times, values = interleaved(fns, warmup, repeats)
     out = {name: med(ts) for name, ts in times.items()}
+    if body and lm.model.base_model is not lm.model:  # reference only, so not interleaved: 3 runs
+        out["body"] = timed(lambda: bare_forward(lm, inputs, lm.model.base_model), 3, warmup=0)
     out["times"] = times
     meta = values["scan"][-1].metadata
     out.update(
@@ -279,7 +279,6 @@ def bench_scan_vs_bare(lm, cfg, warmup: int, repeats: int, body: bool = False) -
 
 def bench_per_neuron(lm, cfg, n_passes: int, seed: int = 0) -> dict:
     """Time n_passes of the original method: a full forward pass with a hook reading one neuron."""
-    import torch
 
     from mechamap_core.sites import resolve_sites
 
@@ -337,10 +336,13 @@ def memory_child(n_tokens: int, model: str, batch_size: int) -> None:
     }))  # fmt: skip
 
 
-def run_memory_child(n_tokens: int, model: str, batch_size: int) -> dict:
+def run_memory_child(n_tokens: int, model: str, batch_size: int, allocator: str = "default") -> dict:
+    env = dict(os.environ)
+    if allocator != "default":  # a fixed threshold turns off glibc's dynamic one, which fragments the heap
+        env["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child", str(n_tokens), "--model", model,
            "--batch-size", str(batch_size), "--threads", str(THREADS)]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"memory child {n_tokens} {model} failed:\n{proc.stderr[-3000:]}")
     out = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -353,17 +355,24 @@ def run_memory_child(n_tokens: int, model: str, batch_size: int) -> dict:
     return out
 
 
-def bench_memory(plan: list[tuple[str, int, int]]) -> list[dict]:
-    results = []
-    for model, batch_size, n_tokens in plan:
+def bench_memory(plan: list[tuple[str, int, int, str]], workers: int) -> list[dict]:
+    """Run the memory children, `workers` at a time (RSS is per process, so they do not disturb each other)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(job):
+        model, batch_size, n_tokens, allocator = job
         start = time.perf_counter()
-        r = run_memory_child(n_tokens, model, batch_size)
-        r["wall_s"] = time.perf_counter() - start
-        r["asked_tokens"] = n_tokens
-        results.append(r)
-        print(f"  memory child: {model:8s} batch_size={batch_size} {r['n_tokens']:6d} tokens "
-              f"{r['n_chunks']:3d} chunks  growth {r['growth_mb']:7.1f} MB  ({r['wall_s']:.1f} s)", flush=True)  # fmt: skip
-    return results
+        r = run_memory_child(n_tokens, model, batch_size, allocator)
+        r.update(wall_s=time.perf_counter() - start, asked_tokens=n_tokens, allocator=allocator)
+        print(f"  memory child: {model:8s} batch_size={batch_size} {r['n_tokens']:6d} tokens {r['n_chunks']:3d} chunks "
+              f"malloc {allocator:8s} growth {r['growth_mb']:7.1f} MB  ({r['wall_s']:.1f} s)", flush=True)  # fmt: skip
+        return r
+
+    # longest first, so the pool finishes together
+    order = sorted(range(len(plan)), key=lambda i: (plan[i][0] != "gpt2", -plan[i][2]))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        done = dict(zip(order, pool.map(one, [plan[i] for i in order])))
+    return [done[i] for i in range(len(plan))]
 
 
 def memory_verdict(small: dict, big: dict) -> tuple[float, str]:
@@ -387,13 +396,20 @@ def bench_breakdown(lm, cfg, repeats: int) -> dict:
 
     sites = resolve_sites(lm.model, cfg.layers)
     chunk_tokens = min(cfg.max_chunk_tokens or lm.context_length, lm.context_length)
-    out = {"align": timed(lambda: align(lm.tokenizer, cfg.texts, cfg.categories, chunk_tokens), repeats)}
+
+    def tm(fn):  # every code path here was warmed up by the scans before
+        return timed(fn, repeats, warmup=0)
+
+    out = {"align": tm(lambda: align(lm.tokenizer, cfg.texts, cfg.categories, chunk_tokens))}
     aligned, inputs = model_inputs(lm, cfg)
     n_neurons = {s.layer: s.d_mlp for s in sites}
     n_cat, k, device = len(aligned.categories), cfg.top_k_tokens, lm.device
-    out["bare"] = timed(lambda: bare_forward(lm, inputs), repeats)
     noop = lambda site, acts, index: None  # noqa: E731
-    out["hooked_noop"] = timed(lambda: S.run_hooked_forward(lm, aligned, sites, noop, n_neurons, cfg.batch_size), repeats)
+    times, _ = interleaved({
+        "bare": lambda: bare_forward(lm, inputs),
+        "hooked_noop": lambda: S.run_hooked_forward(lm, aligned, sites, noop, n_neurons, cfg.batch_size),
+    }, 0, repeats)  # fmt: skip
+    out.update({name: med(ts) for name, ts in times.items()})
     captured = []
     S.run_hooked_forward(lm, aligned, sites, lambda s, a, i: captured.append((s.layer, a.clone(), i.clone())),
                          n_neurons, cfg.batch_size)  # fmt: skip
@@ -406,9 +422,9 @@ def bench_breakdown(lm, cfg, repeats: int) -> dict:
                 accs[layer].update(acts, mask_all.index_select(0, index), index)
         return accs
 
-    moments = timed(lambda: updates(0, False), repeats)
+    moments = tm(lambda: updates(0, False))
     out["hook_moments"] = moments
-    out["hook_topk"] = max(0.0, timed(lambda: updates(k, False), repeats) - moments) if k else 0.0
+    out["hook_topk"] = max(0.0, tm(lambda: updates(k, False)) - moments) if k else 0.0
 
     def histograms():  # the record-off path's extra work, on its own
         accs = {s.layer: S.LayerAccumulator(n_neurons[s.layer], n_cat, 0, device, True) for s in sites}
@@ -416,25 +432,25 @@ def bench_breakdown(lm, cfg, repeats: int) -> dict:
             for layer, acts, index in captured:
                 accs[layer]._update_histogram(acts, mask_all.index_select(0, index))
 
-    out["hook_histogram"] = timed(histograms, repeats)
+    out["hook_histogram"] = tm(histograms)
 
     def record():
         return [a.to(torch.float16).cpu() for _, a, _ in captured]
 
-    out["hook_record"] = timed(record, repeats)
+    out["hook_record"] = tm(record)
     accs_rec, accs_hist = updates(k, False), updates(k, True)
     parts = {s.layer: [a.to(torch.float16).cpu() for layer, a, _ in captured if layer == s.layer] for s in sites}
-    out["concat_records"] = timed(lambda: {layer: torch.cat(p).numpy() for layer, p in parts.items()}, repeats)
+    out["concat_records"] = tm(lambda: {layer: torch.cat(p).numpy() for layer, p in parts.items()})
     acts_np = {layer: torch.cat(p).numpy() for layer, p in parts.items()}
-    out["moment_statistics"] = timed(lambda: [moment_statistics(**a.moments()) for a in accs_rec.values()], repeats)
-    out["auroc_exact"] = timed(
-        lambda: [auroc_exact(acts_np[s.layer].astype(np.float32), aligned.category_mask) for s in sites], repeats
+    out["moment_statistics"] = tm(lambda: [moment_statistics(**a.moments()) for a in accs_rec.values()])
+    out["auroc_exact"] = tm(
+        lambda: [auroc_exact(acts_np[s.layer].astype(np.float32), aligned.category_mask) for s in sites]
     )
-    out["auroc_binned"] = timed(lambda: [a.binned_auroc() for a in accs_hist.values()], repeats)
-    out["assemble_rec"] = timed(lambda: S._assemble(lm.name, aligned, sites, accs_rec, n_neurons, acts_np), repeats)
-    out["assemble_norec"] = timed(lambda: S._assemble(lm.name, aligned, sites, accs_hist, n_neurons, None), repeats)
+    out["auroc_binned"] = tm(lambda: [a.binned_auroc() for a in accs_hist.values()])
+    out["assemble_rec"] = tm(lambda: S._assemble(lm.name, aligned, sites, accs_rec, n_neurons, acts_np))
+    out["assemble_norec"] = tm(lambda: S._assemble(lm.name, aligned, sites, accs_hist, n_neurons, None))
     p_values = np.concatenate([moment_statistics(**a.moments())["p_value"].reshape(-1) for a in accs_rec.values()])
-    out["bh_qvalues"] = timed(lambda: bh_qvalues(p_values), repeats)
+    out["bh_qvalues"] = tm(lambda: bh_qvalues(p_values))
     out["frames_rec"] = max(0.0, out["assemble_rec"] - out["moment_statistics"] - out["auroc_exact"])
     out["frames_norec"] = max(0.0, out["assemble_norec"] - out["moment_statistics"] - out["auroc_binned"])
     out["sum_rec"] = (out["align"] + out["hooked_noop"] + out["hook_moments"] + out["hook_topk"] + out["hook_record"]
@@ -445,6 +461,7 @@ def bench_breakdown(lm, cfg, repeats: int) -> dict:
 
 
 BREAKDOWN_ROWS = [
+    ("bare", "bare forward (reference, re-timed here)"),
     ("align", "alignment (tokenize, word spans, chunks)"),
     ("hooked_noop", "hooked forward, no-op on_layer (hooks, gather, .float(), early stop)"),
     ("hook_moments", "  in hook: counts, sums, squares, category matmuls (float64)"),
@@ -494,6 +511,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer repeats and memory runs (about 1-2 minutes)")
     parser.add_argument("--profile", action="store_true", help="also print cProfile tables of the scans")
     parser.add_argument("--no-breakdown", action="store_true", help="skip the where-the-time-goes section")
+    parser.add_argument("--gpt2-memory", action="store_true",
+                        help="also measure GPT-2 memory, 1 chunk vs 20k tokens, with glibc's default and a fixed "
+                             "mmap threshold (adds about 4 minutes)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: stable on a shared machine; 0 = torch's default)")
     parser.add_argument("--memory-child", type=int, metavar="N_TOKENS", help=argparse.SUPPRESS)
@@ -511,7 +531,7 @@ def main() -> None:
     quick = args.quick
     warm_b, reps_b = (1, 5) if quick else (2, 7)
     warm_g, reps_g = (1, 3) if quick else (1, 5)
-    n_passes_b, n_passes_g = (10, 5) if quick else (30, 20)
+    n_passes_b, n_passes_g = (10, 5) if quick else (30, 10)
 
     print("# MechaMap scan benchmark" + (" (--quick)" if quick else ""))
     print(f"\ncode: {git_state()}")
@@ -520,10 +540,14 @@ def main() -> None:
 
     # 4 first, while this process is still small (a child's ru_maxrss can start at its parent's peak)
     heading("4. Peak memory, record_activations=False (each scan in a fresh subprocess)")
-    plan = [("bundled", 8, 500), ("bundled", 8, 4000), ("bundled", 8, MEMORY_TOKENS)]
+    plan = [("bundled", 1, 500, "default"), ("bundled", 1, MEMORY_TOKENS, "default")]
     if not quick:
-        plan += [("bundled", 1, 500), ("bundled", 1, MEMORY_TOKENS), ("gpt2", 1, GPT2_TOKENS), ("gpt2", 1, MEMORY_TOKENS)]
-    mem = bench_memory(plan)
+        plan += [("bundled", 8, 500, "default"), ("bundled", 8, 4000, "default"), ("bundled", 8, MEMORY_TOKENS, "default")]
+    if args.gpt2_memory:
+        plan += [(("gpt2", 1, n, alloc)) for alloc in ("default", "fixed") for n in (GPT2_TOKENS, MEMORY_TOKENS)]
+    workers = max(1, min(2, (os.cpu_count() or 1) // max(1, THREADS)))
+    print(f"({len(plan)} children, {workers} at a time, {THREADS} torch thread(s) each)")
+    mem = bench_memory(plan, workers)
 
     import torch
     import transformers
@@ -577,19 +601,22 @@ def main() -> None:
                  "speed-up"], rows))  # fmt: skip
 
     heading("4. Peak memory, record_activations=False (results)")
-    by = {(m["model"], m["batch_size"], m["asked_tokens"]): m for m in mem}
-    print(table(["model", "batch_size", "tokens", "chunks", "passes", "RSS after load", "peak RSS", "peak growth",
-                 "scan time"], [
-        [m["model"], m["batch_size"], f"{m['n_tokens']:,}", m["n_chunks"], m["passes"], f"{m['baseline_mb']:.0f} MB",
-         f"{m['peak_mb']:.0f} MB", f"{m['growth_mb']:.1f} MB", fmt_s(m["scan_s"])] for m in mem
+    by = {(m["model"], m["batch_size"], m["asked_tokens"], m["allocator"]): m for m in mem}
+    print(table(["model", "batch_size", "malloc", "tokens", "chunks", "passes", "RSS after load", "peak RSS",
+                 "peak growth", "scan time"], [
+        [m["model"], m["batch_size"], m["allocator"], f"{m['n_tokens']:,}", m["n_chunks"], m["passes"],
+         f"{m['baseline_mb']:.0f} MB", f"{m['peak_mb']:.0f} MB", f"{m['growth_mb']:.1f} MB", fmt_s(m["scan_s"])]
+        for m in mem
     ]))  # fmt: skip
     verdicts = []  # (label, small, big, ratio, status)
-    for model, bs, small_tokens in (("bundled", 1, 500), ("bundled", 8, 4000), ("gpt2", 1, GPT2_TOKENS)):
-        small, big = by.get((model, bs, small_tokens)), by.get((model, bs, MEMORY_TOKENS))
+    for model, bs, small_tokens, alloc in (("bundled", 1, 500, "default"), ("bundled", 8, 4000, "default"),
+                                           ("gpt2", 1, GPT2_TOKENS, "default"), ("gpt2", 1, GPT2_TOKENS, "fixed")):  # fmt: skip
+        small, big = by.get((model, bs, small_tokens, alloc)), by.get((model, bs, MEMORY_TOKENS, alloc))
         if small and big:
             what = "1 chunk" if bs == 1 else "1 full batch (8 chunks)"
-            verdicts.append((f"{model}, batch_size={bs}: {what} vs 20k tokens", small, big, *memory_verdict(small, big)))
-    one, big8 = by.get(("bundled", 8, 500)), by.get(("bundled", 8, MEMORY_TOKENS))
+            label = f"{model}, batch_size={bs}, malloc {alloc}: {what} vs 20k tokens"
+            verdicts.append((label, small, big, *memory_verdict(small, big)))
+    one, big8 = by.get(("bundled", 8, 500, "default")), by.get(("bundled", 8, MEMORY_TOKENS, "default"))
     rows = [[label, f"{s['growth_mb']:.1f} MB", f"{bg['growth_mb']:.1f} MB", f"{ratio:.2f}x", status]
             for label, s, bg, ratio, status in verdicts]  # fmt: skip
     if one and big8:
@@ -600,18 +627,19 @@ def main() -> None:
     print(table(["comparison", "small text growth", "20k-token growth", "ratio", "not growing with length?"], rows))
     print(f"\n(target met when the 20k-token peak growth is at most {MEMORY_TOLERANCE}x that of one batch of chunks, "
           f"or within {MEMORY_SLACK_MB:.0f} MB of it: the scan holds one batch of chunks at a time, "
-          "batch_size chunks per forward pass)")  # fmt: skip
+          "batch_size chunks per forward pass. malloc 'fixed' = MALLOC_MMAP_THRESHOLD_=131072, which turns off "
+          "glibc's dynamic mmap threshold, so big tensors are always returned to the OS and never fragment the heap)")  # fmt: skip
 
     bd = {}
     if not args.no_breakdown:
         heading("5. Where the time goes (each part timed on its own, medians)")
         bd["bundled MiniLM"] = bench_breakdown(lm_b, cfg, 3)
         if not quick:
-            bd["GPT-2-small random"] = bench_breakdown(lm_g, cfg_g, 3)
+            bd["GPT-2-small random"] = bench_breakdown(lm_g, cfg_g, 2)
         heads = ["part"]
         for label in bd:
             heads += [label, "x bare"]
-        rows = [["bare forward (reference)"] + sum([[fmt_s(d["bare"]), "1.00"] for d in bd.values()], [])]
+        rows = []
         for key, text in BREAKDOWN_ROWS:
             rows.append([text] + sum([[fmt_s(d[key]), f"{d[key] / d['bare']:.2f}"] for d in bd.values()], []))
         print(table(heads, rows))
@@ -626,8 +654,9 @@ def main() -> None:
     mem_cell = {}
     for label, s, bg, ratio, status in verdicts:
         key = "bundled" if label.startswith("bundled") else "gpt2"
+        alloc = "" if s["allocator"] == "default" else ", fixed mmap threshold"
         mem_cell.setdefault(key, []).append(
-            f"{s['growth_mb']:.0f} -> {bg['growth_mb']:.0f} MB ({ratio:.2f}x, bs={s['batch_size']}), {status}")
+            f"{s['growth_mb']:.0f} -> {bg['growth_mb']:.0f} MB ({ratio:.2f}x, bs={s['batch_size']}{alloc}), {status}")
     summary = [
         ["tokens / chunks", f"{b['n_tokens']} / {b['n_chunks']}", f"{g['n_tokens']} / {g['n_chunks']}", ""],
         ["bare forward", fmt_s(b["bare"]), fmt_s(g["bare"]), ""],
@@ -641,7 +670,7 @@ def main() -> None:
          f"{fmt_s(pn_g['estimate'])} ({pn_g['neurons']:,} passes)", ""],
         ["speed-up of scan over per-neuron", f"{pn_b['estimate'] / b['scan']:,.0f}x", f"{pn_g['estimate'] / g['scan']:,.0f}x", ""],
         ["peak RSS growth, small text -> 20k tokens", "; ".join(mem_cell.get("bundled", ["not run"])),
-         "; ".join(mem_cell.get("gpt2", ["not run"])), "no growth beyond one batch"],
+         "; ".join(mem_cell.get("gpt2", ["not run (--gpt2-memory)"])), "no growth beyond one batch"],
     ]  # fmt: skip
     print(table(["measure", "bundled all-MiniLM-L6-v2 (CPU)", "GPT-2-small random (CPU)", "target"], summary))
     print(f"\ntorch threads: {torch.get_num_threads()}; load average at end: {load_average()} "

@@ -60,11 +60,11 @@ def category_bars(profile: pd.DataFrame) -> alt.Chart:
         .mark_bar()
         .encode(
             x=alt.X("value:Q", title=None),
-            y=alt.Y("category:N", sort="-x", title=None),
+            y=alt.Y("category:N", sort="-x", title=None, axis=alt.Axis(labelOverlap=False)),
             color=alt.condition("datum.value >= 0", alt.value("#f28c28"), alt.value("#1e90ff")),
             tooltip=["category", "statistic", alt.Tooltip("value:Q", format=".3f"), alt.Tooltip("n_tokens:Q", title="tokens")],
         )
-        .properties(width=260, height=alt.Step(18))
+        .properties(width=260, height=alt.Step(20))
         .facet(column=alt.Column("statistic:N", title=None))
         .resolve_scale(x="independent")
     )

@@ -1,4 +1,4 @@
-"""Run a scan from the app: cached model, a process-wide scan-result cache, progress, run saving, readable errors."""
+"""Run a scan from the app: cached model, reuse of identical scans, progress, run saving, readable errors."""
 
 from __future__ import annotations
 
@@ -18,14 +18,15 @@ from mechamap_core.sites import SiteResolutionError
 
 from . import state
 
-# Why not st.cache_data: on a cache hit, cache_data replays the st calls made inside the cached
-# function, and progress-bar updates on a bar created outside it raise CacheReplayClosureError
-# (checked with Streamlit 1.67). It would also pickle every result, activations included. So scan
-# results live in this process-wide LRU, keyed like cache_data would key them (model spec + device +
-# dtype + config YAML + options), shared by every session like cache_data. Treat results as read-only.
-MAX_CACHED_SCANS = 4
-_CACHE: OrderedDict[str, tuple[ScanResult, str]] = OrderedDict()
-_CACHE_LOCK = threading.Lock()
+# Why not st.cache_data around scan(): on a cache hit, cache_data replays the st calls made inside the
+# cached function, and progress-bar updates on a bar created outside it raise CacheReplayClosureError
+# (checked with Streamlit 1.67). So identical scans are recognised here instead: a process-wide map,
+# keyed like cache_data would key them (model spec + device + dtype + config YAML + options), from scan
+# key to the saved run id. A hit reads that run back through state.get_run (an st.cache_data), so no
+# second copy of a result is held, and a removed run folder simply means scanning again.
+MAX_REMEMBERED_SCANS = 64
+_SCANS: OrderedDict[str, str] = OrderedDict()
+_SCANS_LOCK = threading.Lock()
 
 Progress = Callable[[float, str], None]
 
@@ -49,9 +50,9 @@ def scan_key(spec: str, device: str, dtype: str, cfg: ScanConfig, layers, limit_
 
 
 def clear_scan_cache() -> None:
-    """Forget every cached scan result (tests)."""
-    with _CACHE_LOCK:
-        _CACHE.clear()
+    """Forget every remembered scan (tests)."""
+    with _SCANS_LOCK:
+        _SCANS.clear()
 
 
 def run_scan(
@@ -65,7 +66,7 @@ def run_scan(
     texts: list[str] | None = None,
     progress: Progress | None = None,
 ) -> ScanOutcome:
-    """Load the model (st.cache_resource), scan (or reuse an identical cached scan) and save the run.
+    """Load the model (st.cache_resource), scan and save the run; an identical earlier scan's run is reused.
 
     progress(fraction, message) is called while loading and per layer/batch. Returns a ScanOutcome.
     Raises what load_model/scan raise: ModelNotAvailableError, SiteResolutionError, ConfigError,
@@ -74,18 +75,16 @@ def run_scan(
     report = progress or (lambda fraction, message: None)
     key = scan_key(spec, device, dtype, cfg, layers, limit_neurons, texts)
     runs = state.runs_dir()
-    with _CACHE_LOCK:
-        hit = _CACHE.get(key)
-        if hit is not None:
-            _CACHE.move_to_end(key)
-    if hit is not None:
-        result, run_id = hit
-        if not (runs / run_id / "metadata.json").is_file():  # the saved copy was removed: save it again
-            run_id = save_run(result, runs).name
-            with _CACHE_LOCK:
-                _CACHE[key] = (result, run_id)
-        report(1.0, "Same model, config and options as an earlier scan: reused its result.")
-        return ScanOutcome(result, run_id, cached=True)
+    with _SCANS_LOCK:
+        run_id = _SCANS.get(key)
+    if run_id is not None and (runs / run_id / "metadata.json").is_file():
+        try:
+            result = state.get_run(str(runs / run_id))
+        except (OSError, ValueError, KeyError):
+            pass  # unreadable now: scan again
+        else:
+            report(1.0, "Same model, config and options as an earlier scan: reused its saved run.")
+            return ScanOutcome(result, run_id, cached=True)
 
     report(0.0, f"Loading {spec.strip()} ...")
     lm = state.get_model(spec.strip(), device, dtype)
@@ -98,10 +97,11 @@ def run_scan(
     result = scan(lm, cfg, layers=layers, limit_neurons=limit_neurons, progress=on_progress, texts=texts)
     report(1.0, "Saving the run ...")
     run_id = save_run(result, runs).name
-    with _CACHE_LOCK:
-        _CACHE[key] = (result, run_id)
-        while len(_CACHE) > MAX_CACHED_SCANS:
-            _CACHE.popitem(last=False)
+    with _SCANS_LOCK:
+        _SCANS[key] = run_id
+        _SCANS.move_to_end(key)
+        while len(_SCANS) > MAX_REMEMBERED_SCANS:
+            _SCANS.popitem(last=False)
     return ScanOutcome(result, run_id, cached=False)
 
 
@@ -129,10 +129,7 @@ def is_out_of_memory(exc: BaseException) -> bool:
 def friendly_error(exc: BaseException) -> str:
     """One readable sentence for an exception raised while loading a model or scanning."""
     if is_out_of_memory(exc):
-        return (
-            "The scan ran out of memory: scan fewer layers, set a neuron limit, use float16/bfloat16, "
-            "or pick a smaller model."
-        )
+        return "The scan ran out of memory: scan fewer layers, set a neuron limit, use float16/bfloat16, or pick a smaller model."
     if isinstance(exc, ConfigError):
         return _sentence("The config cannot be scanned: " + "; ".join(msg for _, msg in exc.problems))
     if isinstance(exc, ModelNotAvailableError):

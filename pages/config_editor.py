@@ -152,7 +152,9 @@ limit = c3.number_input("Neuron limit per layer (0 = all)", key=key("limit"), mi
 c4, c5 = st.columns(2)
 layers_text = c4.text_input("Layers (empty = all)", key=key("layers"), placeholder="e.g. 0,2,5-7")
 layers_box = c4.container()
-model = c5.text_input("Model", key=key("model"), help=f"Bundled: {BUNDLED_MODEL_ID}; or a cached Hugging Face id or a local folder")
+model = c5.text_input(
+    "Model", key=key("model"), help=f"Bundled: {BUNDLED_MODEL_ID}; or a cached Hugging Face id or a local folder"
+)
 model_box = c5.container()
 
 extra_problems = list(table_problems)

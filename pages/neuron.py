@@ -12,7 +12,10 @@ from mechamap_ui.widgets import SELECTED_NEURON, chart_downloads, stat_column_co
 st.title("Neuron")
 result = state.require_result()
 layers = result.metadata["layers"]
-picked = st.session_state.get(SELECTED_NEURON) or (layers[0], 0)
+if not st.session_state.get(SELECTED_NEURON):  # start at the run's most selective neuron
+    best_row = result.scores.loc[result.scores["score"].idxmax()]
+    st.session_state[SELECTED_NEURON] = (int(best_row["layer"]), int(best_row["neuron"]))
+picked = st.session_state[SELECTED_NEURON]
 left, right = st.columns(2)
 layer = left.selectbox("Layer", layers, index=layers.index(picked[0]) if picked[0] in layers else 0)
 max_neuron = int(result.metadata["neurons_per_layer"][str(layer)]) - 1

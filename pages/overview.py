@@ -8,7 +8,7 @@ from mechamap_core import analysis
 from mechamap_core.config import BUNDLED_MODEL_ID, ConfigError, load_config
 from mechamap_ui import scanning, state
 
-st.title("🧭 MechaMap")
+st.title(":material/explore: MechaMap")
 st.markdown(
     "MechaMap reads a master text that mixes words from semantic categories (places, food, numbers, ...) "
     "and scores every MLP neuron of a transformer for how strongly **and how selectively** it responds to "

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from scipy import stats as sps
-from tiny_models import ARCHS, config_intermediate_size
+from tiny_models import ARCHS, capture_mlp_input, config_intermediate_size
 from torch import nn
 
 from mechamap_core import ScanConfig, SiteResolutionError, scan
@@ -105,22 +105,8 @@ class Case:
 
 
 def _one_neuron_pass(model, path: str, input_ids: list[int], neuron: int) -> np.ndarray:
-    module = model.get_submodule(path)
-    seen = []
-
-    def grab(mod, inputs, output):
-        x = inputs[0]
-        seen.append(x.reshape(-1, x.shape[-1])[:, neuron].detach().float().clone())  # [pos]; OPT arrives flat
-
-    handle = module.register_forward_hook(grab)
-    try:
-        ids = torch.tensor([input_ids])
-        with torch.no_grad():
-            model(input_ids=ids, attention_mask=torch.ones_like(ids))
-    finally:
-        handle.remove()
-    assert len(seen) == 1
-    return seen[0].numpy()
+    """The original method: one full forward pass, read one neuron ([pos])."""
+    return capture_mlp_input(model, path, input_ids)[:, neuron].numpy()
 
 
 _CASES: dict[str, Case] = {}

@@ -1,0 +1,186 @@
+"""Real-browser end-to-end test: `streamlit run app.py`, scan the bundled model, see the Pivot heatmap, open a neuron from it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SCREENSHOTS = REPO_ROOT / "test-output" / "screenshots"
+CHROMIUM = shutil.which("chromium")
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--no-first-run", "--disable-sync",
+]  # fmt: skip
+STARTUP_TIMEOUT_S = 90
+SCAN_TIMEOUT_MS = 240_000
+PAGE_TIMEOUT_MS = 60_000
+NEURON_LIMIT = os.environ.get("MECHAMAP_E2E_NEURON_LIMIT", "64")  # 0 = every neuron (for timing a full scan)
+
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium)")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"streamlit exited early with code {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"streamlit did not answer on {url} within {timeout_s} s")
+
+
+@pytest.fixture
+def streamlit_server(tmp_path):
+    """`streamlit run app.py` on a free port with temp runs/configs folders; yields (url, process start time)."""
+    runs, configs = tmp_path / "runs", tmp_path / "configs"
+    runs.mkdir()
+    configs.mkdir()
+    shutil.copy(REPO_ROOT / "configs" / "default.yaml", configs / "default.yaml")
+    port = _free_port()
+    env = os.environ | {
+        "MECHAMAP_RUNS_DIR": str(runs), "MECHAMAP_CONFIGS_DIR": str(configs), "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1", "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false",
+    }  # fmt: skip
+    log = (tmp_path / "streamlit.log").open("w")
+    started = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port), "--server.headless", "true",
+         "--server.address", "127.0.0.1"],
+        cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, proc, STARTUP_TIMEOUT_S)
+        yield {"url": url, "started": started, "runs": runs, "log": tmp_path / "streamlit.log"}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+        log.close()
+
+
+def _nav(page, title: str) -> None:
+    page.locator('[data-testid="stSidebarNav"] a').filter(has_text=title).first.click()
+
+
+def _no_exception(page) -> None:
+    errors = page.locator('[data-testid="stException"]')
+    assert errors.count() == 0, errors.first.inner_text()
+
+
+def test_scan_in_the_browser_then_open_the_pivot_heatmap(streamlit_server):
+    from playwright.sync_api import expect, sync_playwright
+
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    url, started = streamlit_server["url"], streamlit_server["started"]
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1440, "height": 1000})
+            page.goto(url)
+            expect(page.get_by_role("heading", name="MechaMap")).to_be_visible(timeout=PAGE_TIMEOUT_MS)
+            first_page_s = time.perf_counter() - started
+
+            _nav(page, "Scan")
+            expect(page.get_by_role("heading", name="Scan", exact=True)).to_be_visible(timeout=PAGE_TIMEOUT_MS)
+            limit = page.get_by_label("Neuron limit per layer (0 = all)")
+            limit.fill(NEURON_LIMIT)
+            limit.press("Enter")
+            expect(limit).to_have_value(NEURON_LIMIT)
+            page.wait_for_timeout(500)  # let the rerun that commits the value finish
+            page.screenshot(path=str(SCREENSHOTS / "01_scan_page_before.png"), full_page=True)
+            page.get_by_role("button", name="Scan", exact=True).click()
+            done = page.get_by_text("Saved as run", exact=False)
+            expect(done).to_be_visible(timeout=SCAN_TIMEOUT_MS)
+            expect(page.get_by_role("button", name="CSV")).to_be_visible()
+            first_result_s = time.perf_counter() - started
+            _no_exception(page)
+            assert len(list(streamlit_server["runs"].iterdir())) == 1, "the scan was saved as a run"
+            page.screenshot(path=str(SCREENSHOTS / "02_scan_page_after.png"), full_page=True)
+
+            clicked = time.perf_counter()
+            _nav(page, "Pivot")
+            expect(page.get_by_role("heading", name="Pivot: layer")).to_be_visible(timeout=PAGE_TIMEOUT_MS)
+            heatmap = page.locator('[data-testid="stVegaLiteChart"]').first
+            expect(heatmap).to_be_visible(timeout=PAGE_TIMEOUT_MS)
+            expect(heatmap.locator("canvas, svg").first).to_be_visible(timeout=PAGE_TIMEOUT_MS)
+            pivot_s = time.perf_counter() - clicked
+            _no_exception(page)
+            page.wait_for_timeout(500)
+            page.screenshot(path=str(SCREENSHOTS / "03_pivot_heatmap.png"), full_page=True)
+
+            clicked = time.perf_counter()
+            _nav(page, "Overview")
+            expect(page.get_by_role("heading", name="Headline of the active run")).to_be_visible(timeout=PAGE_TIMEOUT_MS)
+            expect(page.locator('[data-testid="stVegaLiteChart"]').first).to_be_visible(timeout=PAGE_TIMEOUT_MS)
+            overview_s = time.perf_counter() - clicked
+            _no_exception(page)
+            page.wait_for_timeout(500)
+            page.screenshot(path=str(SCREENSHOTS / "04_overview_headline.png"), full_page=True)
+
+            clicked = time.perf_counter()
+            _nav(page, "Pivot")
+            expect(page.get_by_role("heading", name="Pivot: layer")).to_be_visible(timeout=PAGE_TIMEOUT_MS)
+            expect(page.get_by_role("heading", name="Headline of the active run")).to_have_count(0, timeout=PAGE_TIMEOUT_MS)
+            expect(page.locator('[data-testid="stVegaLiteChart"]').first).to_be_visible(timeout=PAGE_TIMEOUT_MS)
+            pivot_again_s = time.perf_counter() - clicked
+
+            clicked = time.perf_counter()
+            _nav(page, "Config")
+            expect(page.get_by_role("heading", name="Word coverage")).to_be_visible(timeout=PAGE_TIMEOUT_MS)
+            config_s = time.perf_counter() - clicked
+            _no_exception(page)
+            page.wait_for_timeout(500)
+            page.screenshot(path=str(SCREENSHOTS / "05_config_page.png"), full_page=True)
+
+            # open a neuron from the Pivot page's top-neuron table: click the first row's selection cell
+            _nav(page, "Pivot")
+            expect(page.get_by_role("heading", name="Pivot: layer")).to_be_visible(timeout=PAGE_TIMEOUT_MS)
+            top_table = page.locator('[data-testid="stDataFrame"]').last
+            expect(top_table).to_be_visible(timeout=PAGE_TIMEOUT_MS)
+            top_table.scroll_into_view_if_needed()
+            page.wait_for_timeout(500)
+            top_table.click(position={"x": 18, "y": 52})  # header row is ~35 px; the row-selection column is first
+            expect(page.get_by_role("heading", name="Neuron", exact=True)).to_be_visible(timeout=PAGE_TIMEOUT_MS)
+            expect(page.get_by_text("blocks.", exact=False).first).to_be_visible(timeout=PAGE_TIMEOUT_MS)
+            expect(page.get_by_role("heading", name="Master text coloured by this neuron")).to_be_visible(timeout=PAGE_TIMEOUT_MS)
+            _no_exception(page)
+            page.wait_for_timeout(800)
+            page.screenshot(path=str(SCREENSHOTS / "06_neuron_from_pivot.png"), full_page=True)
+        finally:
+            browser.close()
+
+    print(
+        "\nMechaMap browser timings (this machine; no assertions on time):"
+        f"\n  process start -> first page visible:            {first_page_s:6.2f} s"
+        f"\n  process start -> first scan result visible:     {first_result_s:6.2f} s"
+        f" (bundled model, all 6 layers, neuron limit {NEURON_LIMIT})"
+        f"\n  re-open Pivot after the scan (heatmap visible): {pivot_s:6.2f} s"
+        f"\n  re-open Overview (headline + chart visible):    {overview_s:6.2f} s"
+        f"\n  Pivot again:                                    {pivot_again_s:6.2f} s"
+        f"\n  Config page (coverage visible):                 {config_s:6.2f} s"
+        f"\n  screenshots: {SCREENSHOTS}"
+    )

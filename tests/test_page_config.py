@@ -1,0 +1,237 @@
+"""AppTests of the Config page: category editing, validation next to fields, safe saving, loading and uploads."""
+
+from __future__ import annotations
+
+import app_fixtures
+import pytest
+import yaml
+from app_fixtures import make_app, no_exception, open_page, texts
+
+from mechamap_core.config import load_config
+from mechamap_ui.config_tools import categories_to_table, highlight_html, table_to_categories
+from mechamap_ui.state import ACTIVE_CONFIG, ACTIVE_CONFIG_NAME, CONFIG_VERSION
+
+# fixtures shared with the other app tests
+_navigation_mode = app_fixtures._navigation_mode
+app_env = app_fixtures.app_env
+
+
+def config_page():
+    return open_page(make_app(), "config_editor")
+
+
+def files(folder) -> dict[str, str]:
+    """Name -> content of every file in the folder (hidden temp files included)."""
+    return {p.name: p.read_text(encoding="utf-8") for p in sorted(folder.iterdir())}
+
+
+def edit_table(at, edited=None, added=None, deleted=None):
+    """Apply data editor edits (what the browser sends) and rerun."""
+    key = at.data_editor[0].key
+    at.session_state[key] = {"edited_rows": edited or {}, "added_rows": added or [], "deleted_rows": deleted or []}
+    return at.run()
+
+
+def save(at, name: str, overwrite: bool = False):
+    version = at.session_state.get(CONFIG_VERSION, 0)
+    at.text_input(key=f"cfg{version}_save_name").set_value(name)
+    at.checkbox(key="cfg_overwrite").set_value(overwrite)
+    next(b for b in at.button if b.label == "Save config").click()
+    return at.run()
+
+
+def test_page_shows_the_default_config_with_coverage(app_env):
+    at = config_page()
+    no_exception(at)
+    assert not at.error, texts(at.error)
+    table = at.data_editor[0].value
+    assert list(table["category"])[:2] == ["date", "location"]
+    coverage = at.dataframe[1].value
+    assert {"category", "found", "missing", "n_tokens"} <= set(coverage.columns)
+    assert (coverage["missing"] == 0).all() and (coverage["n_tokens"] > 0).all()
+    assert "<span" in at.html[0].value and "Canberra" in at.html[0].value
+    download = next(d for d in at.get("download_button") if d.label == "Download YAML")
+    assert not download.proto.disabled
+
+
+def test_add_rename_and_delete_categories(app_env):
+    at = config_page()
+    edit_table(
+        at,
+        edited={"0": {"category": "when"}},
+        added=[{"category": "planet", "words": "Mars, Venus"}],
+        deleted=[1],
+    )
+    no_exception(at)
+    cats = at.session_state[ACTIVE_CONFIG].categories
+    assert "when" in cats and "date" not in cats and "location" not in cats
+    assert cats["planet"] == ["Mars", "Venus"]
+    assert any("never occur" in v for v in texts(at.warning)), "Mars/Venus are not in the text: coverage warns"
+    coverage = at.dataframe[1].value.set_index("category")
+    assert coverage.loc["planet", "missing_words"] == "Mars, Venus"
+
+
+def test_empty_category_words_are_an_error_and_block_saving(app_env):
+    at = config_page()
+    before = files(app_env["configs"])
+    edit_table(at, edited={"0": {"words": ""}})
+    no_exception(at)
+    assert "category 'date' has no words" in texts(at.error)
+    save(at, "broken")
+    assert any("fix them before saving" in v for v in texts(at.error))
+    assert files(app_env["configs"]) == before
+    download = next(d for d in at.get("download_button") if d.label == "Download YAML")
+    assert download.proto.disabled
+
+
+def test_duplicate_category_names_are_an_error(app_env):
+    at = config_page()
+    edit_table(at, added=[{"category": "Food", "words": "kiwi"}])
+    no_exception(at)
+    assert any("duplicate category 'Food'" in v for v in texts(at.error))
+    before = files(app_env["configs"])
+    save(at, "dupes")
+    assert files(app_env["configs"]) == before
+
+
+def test_words_without_a_category_name_are_an_error(app_env):
+    at = config_page()
+    edit_table(at, added=[{"category": None, "words": "kiwi"}, {"category": None, "words": None}])
+    assert any("has words but no category name" in v for v in texts(at.error))
+    assert len(at.error) == 1, "the fully blank row is ignored"
+
+
+def test_empty_master_text_is_an_error(app_env):
+    at = config_page()
+    at.text_area[0].set_value("   ").run()
+    no_exception(at)
+    assert any("master text is empty" in v for v in texts(at.error))
+    before = files(app_env["configs"])
+    save(at, "notext")
+    assert files(app_env["configs"]) == before
+
+
+def test_bad_layer_list_is_shown_next_to_the_field(app_env):
+    at = config_page()
+    at.text_input(key="cfg0_layers").set_value("1-x").run()
+    assert any("invalid layer list" in v for v in texts(at.error))
+    at.text_input(key="cfg0_layers").set_value("0, 2-3").run()
+    assert not at.error
+    assert at.session_state[ACTIVE_CONFIG].layers == [0, 2, 3]
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", "", "..", "/etc/passwd", "a b", ".hidden"])
+def test_invalid_save_names_write_nothing(app_env, name):
+    at = config_page()
+    before = files(app_env["configs"])
+    outside = set(app_env["root"].iterdir())
+    save(at, name)
+    no_exception(at)
+    assert any("not a valid name" in v or "would leave" in v for v in texts(at.error)), texts(at.error)
+    assert files(app_env["configs"]) == before
+    assert set(app_env["root"].iterdir()) == outside
+
+
+def test_save_overwrites_only_after_confirmation(app_env):
+    at = config_page()
+    save(at, "mine")
+    path = app_env["configs"] / "mine.yaml"
+    assert path.is_file() and any("Saved mine.yaml" in v for v in texts(at.success))
+    assert load_config(path).threshold == 1.0
+    assert at.session_state[ACTIVE_CONFIG_NAME] == "mine"
+
+    at.number_input(key="cfg0_threshold").set_value(2.5).run()
+    save(at, "mine", overwrite=False)
+    assert any("already exists" in v for v in texts(at.warning))
+    assert load_config(path).threshold == 1.0, "not overwritten without the checkbox"
+
+    save(at, "mine", overwrite=True)
+    assert load_config(path).threshold == 2.5
+    assert not [p for p in app_env["configs"].iterdir() if p.name.startswith(".")], "no temp files left behind"
+
+
+def test_malformed_yaml_upload_changes_nothing(app_env):
+    at = config_page()
+    before_cfg = at.session_state[ACTIVE_CONFIG].to_dict()
+    before_files = files(app_env["configs"])
+    at.file_uploader[0].set_value(("bad.yaml", b"categories: [unclosed\nmaster_text: x\n", "application/x-yaml")).run()
+    no_exception(at)
+    assert any("bad.yaml was not loaded" in v and "malformed" in v for v in texts(at.error))
+    assert at.session_state[ACTIVE_CONFIG].to_dict() == before_cfg
+    assert files(app_env["configs"]) == before_files
+
+
+def test_invalid_config_upload_changes_nothing(app_env):
+    at = config_page()
+    before_cfg = at.session_state[ACTIVE_CONFIG].to_dict()
+    body = yaml.safe_dump({"master_text": "", "categories": {}, "bogus": 1}).encode()
+    at.file_uploader[0].set_value(("invalid.yaml", body, "application/x-yaml")).run()
+    assert any("invalid.yaml was not loaded" in v and "unknown key 'bogus'" in v for v in texts(at.error))
+    assert at.session_state[ACTIVE_CONFIG].to_dict() == before_cfg
+
+
+def test_oversized_upload_is_rejected(app_env):
+    at = config_page()
+    before_cfg = at.session_state[ACTIVE_CONFIG].to_dict()
+    at.file_uploader[0].set_value(("big.yaml", b"#" * 1_100_000, "application/x-yaml")).run()
+    assert any("larger than 1 MB" in v for v in texts(at.error))
+    assert at.session_state[ACTIVE_CONFIG].to_dict() == before_cfg
+
+
+def test_valid_upload_replaces_the_config_and_resets_the_editor(app_env):
+    at = config_page()
+    body = yaml.safe_dump(
+        {"master_text": "I ate a kiwi in Lima.", "categories": {"fruit": ["kiwi"], "city": ["Lima"]}}, sort_keys=False
+    )
+    at.file_uploader[0].set_value(("mine.yaml", body.encode(), "application/x-yaml")).run()
+    no_exception(at)
+    assert any("Loaded the uploaded mine.yaml" in v for v in texts(at.success))
+    assert at.session_state[ACTIVE_CONFIG].categories == {"fruit": ["kiwi"], "city": ["Lima"]}
+    assert list(at.data_editor[0].value["category"]) == ["fruit", "city"]
+    assert at.text_area[0].value == "I ate a kiwi in Lima."
+    assert not at.error
+
+
+def test_load_a_saved_config(app_env):
+    other = {"master_text": "Red and blue cars.", "categories": {"color": ["red", "blue"]}, "threshold": 0.5}
+    (app_env["configs"] / "other.yaml").write_text(yaml.safe_dump(other), encoding="utf-8")
+    at = config_page()
+    at.selectbox(key="cfg_load_choice").set_value("other")
+    next(b for b in at.button if b.label == "Load").click().run()
+    no_exception(at)
+    assert at.session_state[ACTIVE_CONFIG_NAME] == "other"
+    assert at.session_state[ACTIVE_CONFIG].categories == {"color": ["red", "blue"]}
+    assert at.number_input(key="cfg1_threshold").value == 0.5
+
+
+def test_broken_saved_config_does_not_load(app_env):
+    (app_env["configs"] / "broken.yaml").write_text("threshold: [1\n", encoding="utf-8")
+    at = config_page()
+    before_cfg = at.session_state[ACTIVE_CONFIG].to_dict()
+    at.selectbox(key="cfg_load_choice").set_value("broken")
+    next(b for b in at.button if b.label == "Load").click().run()
+    no_exception(at)
+    assert any("broken.yaml was not loaded" in v for v in texts(at.error))
+    assert at.session_state[ACTIVE_CONFIG].to_dict() == before_cfg
+
+
+def test_edits_survive_leaving_the_page(app_env):
+    at = config_page()
+    edit_table(at, added=[{"category": "planet", "words": "Mars"}])
+    at.switch_page("pages/scan.py").run()
+    no_exception(at)
+    at.switch_page("pages/config_editor.py").run()
+    assert "planet" in list(at.data_editor[0].value["category"])
+    assert "planet" in at.session_state[ACTIVE_CONFIG].categories
+
+
+def test_table_helpers_round_trip():
+    cats = {"food": ["pizza", "ice cream"], "city": ["New York"]}
+    back, problems = table_to_categories(categories_to_table(cats))
+    assert back == cats and problems == []
+
+
+def test_highlight_escapes_html():
+    body, truncated = highlight_html("<b>Paris</b> & <script>x</script>", {"city": ["Paris"]})
+    assert "<script>" not in body and "&lt;script&gt;" in body and "&amp;" in body
+    assert 'title="city"' in body and not truncated

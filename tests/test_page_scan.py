@@ -1,0 +1,233 @@
+"""AppTests of the Scan page (scans, readable errors, downloads) and the lock that serialises scans on a shared model."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+
+import app_fixtures
+import pandas as pd
+import pytest
+import torch
+from app_fixtures import make_app, no_exception, open_page, texts
+
+from mechamap_core import ConfigError, ModelNotAvailableError, ScanConfig, SiteResolutionError, scan
+from mechamap_ui import scanning
+from mechamap_ui.state import ACTIVE_CONFIG, ACTIVE_RUN, RESULT_OVERRIDE
+
+# fixtures shared with the other app tests
+_navigation_mode = app_fixtures._navigation_mode
+app_env = app_fixtures.app_env
+tiny_result = app_fixtures.tiny_result
+
+HUB = "Hugging Face id (from the local cache)"
+LOCAL = "Local folder"
+
+
+def scan_page(**state):
+    return open_page(make_app(**state), "scan")
+
+
+def click_scan(at):
+    next(b for b in at.button if b.label == "Scan").click()
+    return at.run()
+
+
+def scan_button(at):
+    return next(b for b in at.button if b.label == "Scan")
+
+
+def _hub_cached(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def test_scan_bundled_model_sets_a_saved_active_run(app_env):
+    at = scan_page()
+    no_exception(at)
+    assert not at.error, texts(at.error)
+    assert any("No active run yet" in v for v in texts(at.info))
+    at.text_input(key="scan_layers").set_value("0,5")
+    at.number_input(key="scan_limit").set_value(16)
+    click_scan(at)
+    no_exception(at)
+    assert not at.error, texts(at.error)
+    runs = os.listdir(app_env["runs"])
+    assert len(runs) == 1 and at.session_state[ACTIVE_RUN] == runs[0]
+    assert any("2 layers × 32 neurons" in v and runs[0] in v for v in texts(at.success))
+    assert {d.label for d in at.get("download_button")} >= {"CSV", "JSON", "Parquet"}
+    assert runs[0] in " ".join(texts(at.sidebar.markdown)), "the sidebar shows the new active run"
+    # the same scan again comes from the cache and reuses the saved run
+    click_scan(at)
+    assert any("reused" in v for v in texts(at.success))
+    assert os.listdir(app_env["runs"]) == runs
+
+
+@pytest.mark.parametrize("model_id", ["gpt2", "mechamap-tests/never-downloaded-model"])
+def test_uncached_hub_id_is_one_readable_error(app_env, model_id):
+    if _hub_cached(model_id):
+        pytest.skip(f"{model_id} is in this machine's Hugging Face cache, so it would load")
+    at = scan_page()
+    at.radio(key="scan_source").set_value(HUB).run()
+    at.text_input(key="scan_hub_id").set_value(model_id)
+    at.number_input(key="scan_limit").set_value(8)
+    click_scan(at)
+    no_exception(at)
+    assert len(at.error) == 1
+    assert "not in the local Hugging Face cache" in at.error[0].value and "hf download" in at.error[0].value
+    assert os.listdir(app_env["runs"]) == []
+    assert at.session_state.get(ACTIVE_RUN) is None
+    assert scan_button(at).disabled is False, "the page stays usable"
+
+
+def test_missing_local_folder_is_one_readable_error(app_env, tmp_path):
+    at = scan_page()
+    at.radio(key="scan_source").set_value(LOCAL).run()
+    at.text_input(key="scan_local_dir").set_value(str(tmp_path / "nowhere")).run()
+    click_scan(at)
+    no_exception(at)
+    assert len(at.error) == 1 and "neither a local model folder nor a Hugging Face model id" in at.error[0].value
+
+
+def test_empty_category_set_is_an_error(app_env):
+    cfg = ScanConfig(master_text="Paris is in France.", categories={})
+    at = scan_page(**{ACTIVE_CONFIG: cfg})
+    no_exception(at)
+    assert any("no categories" in v for v in texts(at.error))
+    assert scan_button(at).disabled
+
+
+def test_bad_layers_and_out_of_range_layers(app_env):
+    at = scan_page()
+    at.text_input(key="scan_layers").set_value("two").run()
+    assert any("invalid layer list" in v for v in texts(at.error)) and scan_button(at).disabled
+    at.text_input(key="scan_layers").set_value("0,9")
+    at.number_input(key="scan_limit").set_value(8).run()
+    click_scan(at)
+    no_exception(at)
+    assert any("out of range" in v and "0-5" in v for v in texts(at.error))
+
+
+@pytest.mark.parametrize(
+    ("exc", "expected"),
+    [
+        (SiteResolutionError("could not find the transformer blocks of Foo; tried: transformer.h"), "architecture"),
+        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), "ran out of memory"),
+        (RuntimeError("[enforce fail at alloc_cpu.cpp] DefaultCPUAllocator: can't allocate memory"), "ran out of memory"),
+        (ConfigError([("categories", "there are no categories")]), "config cannot be scanned"),
+        (ModelNotAvailableError("'x' is not in the local Hugging Face cache"), "not in the local"),
+        (ValueError("the master text has no tokens besides special tokens"), "no tokens"),
+    ],
+)
+def test_scan_failures_show_one_sentence_and_the_page_stays_usable(app_env, monkeypatch, exc, expected):
+    def boom(*args, **kwargs):
+        raise exc
+
+    real_scan = scanning.scan
+    monkeypatch.setattr(scanning, "scan", boom)
+    at = scan_page()
+    at.number_input(key="scan_limit").set_value(8)
+    click_scan(at)
+    no_exception(at)
+    assert len(at.error) == 1 and expected in at.error[0].value, texts(at.error)
+    assert "Traceback" not in at.error[0].value
+    assert os.listdir(app_env["runs"]) == []
+    monkeypatch.setattr(scanning, "scan", real_scan)
+    click_scan(at)  # the same session scans fine afterwards
+    no_exception(at)
+    assert not at.error and len(os.listdir(app_env["runs"])) == 1
+
+
+def test_corpus_upload_replaces_the_master_text(app_env):
+    at = scan_page()
+    corpus = b"Paris has a red tram.\nI ate pizza in Rome.\n\nA dog met a horse in London.\n"
+    at.file_uploader(key="scan_corpus").set_value(("docs.txt", corpus, "text/plain")).run()
+    assert any("3 documents from docs.txt" in v for v in texts(at.success))
+    at.text_input(key="scan_layers").set_value("0")
+    at.number_input(key="scan_limit").set_value(8)
+    click_scan(at)
+    no_exception(at)
+    assert not at.error, texts(at.error)
+    from mechamap_core.export import load_run
+
+    run = load_run(app_env["runs"] / at.session_state[ACTIVE_RUN])
+    assert run.metadata["n_documents"] == 3
+
+
+def test_broken_jsonl_corpus_is_an_error(app_env):
+    at = scan_page()
+    at.file_uploader(key="scan_corpus").set_value(("docs.jsonl", b'{"text": "ok"}\n{not json}\n', "application/json")).run()
+    no_exception(at)
+    assert any("line 2 of the corpus is not valid JSON" in v for v in texts(at.error))
+    assert scan_button(at).disabled
+
+
+def test_downloads_for_an_injected_result(app_env, tiny_result):
+    at = scan_page(**{RESULT_OVERRIDE: tiny_result})
+    no_exception(at)
+    assert {d.label for d in at.get("download_button")} >= {"CSV", "JSON", "Parquet"}
+    assert any("2 layers × 64 neurons" in v for v in texts(at.markdown))
+
+
+def test_friendly_error_is_one_sentence():
+    for exc in [
+        ModelNotAvailableError("line one\nline two"),
+        SiteResolutionError("no blocks"),
+        RuntimeError("weird\nstack"),
+        OSError("disk full"),
+    ]:
+        message = scanning.friendly_error(exc)
+        assert "\n" not in message and message.endswith(".") and message[0].isupper()
+
+
+# --- the lock on a shared model ------------------------------------------------------------
+
+
+def _scores(result) -> pd.DataFrame:
+    return result.scores.reset_index(drop=True)
+
+
+def test_concurrent_scans_on_one_model_equal_sequential_scans(bundled_lm, default_cfg):
+    """Two threads scan the SAME LoadedModel with DIFFERENT configs; the lock keeps their hooks apart."""
+    cfg_a = dataclasses.replace(default_cfg, categories={k: default_cfg.categories[k] for k in ("food", "animal")})
+    cfg_b = dataclasses.replace(
+        default_cfg,
+        categories={k: default_cfg.categories[k] for k in ("location", "color", "vehicle")},
+        master_text=default_cfg.master_text[: len(default_cfg.master_text) // 2],
+        top_k_tokens=3,
+    )
+    options = {"layers": [0, 2, 5], "limit_neurons": 64}
+    expected = {"a": scan(bundled_lm, cfg_a, **options), "b": scan(bundled_lm, cfg_b, **options)}
+
+    rounds = 3
+    start = threading.Barrier(2)
+    got: dict[str, list] = {"a": [], "b": []}
+    errors: list[BaseException] = []
+
+    def worker(name, cfg):
+        try:
+            for _ in range(rounds):
+                start.wait(timeout=60)
+                got[name].append(scan(bundled_lm, cfg, **options))
+        except BaseException as exc:  # noqa: BLE001 - surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=("a", cfg_a)), threading.Thread(target=worker, args=("b", cfg_b))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    assert not errors, errors
+    assert not bundled_lm.lock.locked()
+    for name in ("a", "b"):
+        assert len(got[name]) == rounds
+        for result in got[name]:
+            pd.testing.assert_frame_equal(_scores(result), _scores(expected[name]), check_exact=False, rtol=1e-6, atol=1e-6)
+            pd.testing.assert_frame_equal(result.top_tokens, expected[name].top_tokens, check_exact=False, rtol=1e-6, atol=1e-6)
+    hooks = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in bundled_lm.model.modules())
+    assert hooks == 0, "every hook was removed"
