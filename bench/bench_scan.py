@@ -443,9 +443,7 @@ def bench_breakdown(lm, cfg, repeats: int) -> dict:
     out["concat_records"] = tm(lambda: {layer: torch.cat(p).numpy() for layer, p in parts.items()})
     acts_np = {layer: torch.cat(p).numpy() for layer, p in parts.items()}
     out["moment_statistics"] = tm(lambda: [moment_statistics(**a.moments()) for a in accs_rec.values()])
-    out["auroc_exact"] = tm(
-        lambda: [auroc_exact(acts_np[s.layer].astype(np.float32), aligned.category_mask) for s in sites]
-    )
+    out["auroc_exact"] = tm(lambda: [auroc_exact(acts_np[s.layer].astype(np.float32), aligned.category_mask) for s in sites])
     out["auroc_binned"] = tm(lambda: [a.binned_auroc() for a in accs_hist.values()])
     out["assemble_rec"] = tm(lambda: S._assemble(lm.name, aligned, sites, accs_rec, n_neurons, acts_np))
     out["assemble_norec"] = tm(lambda: S._assemble(lm.name, aligned, sites, accs_hist, n_neurons, None))
@@ -473,8 +471,8 @@ BREAKDOWN_ROWS = [
     ("auroc_exact", "after: exact AUROC, rankdata (record on)"),
     ("auroc_binned", "after: binned AUROC from histograms (record off)"),
     ("bh_qvalues", "after: BH q-values (part of frames)"),
-    ("frames_rec", "after: DataFrames, sort, q-values, top tokens (record on)"),
-    ("frames_norec", "after: DataFrames, sort, q-values, top tokens (record off)"),
+    ("frames_rec", "after: rest of _assemble: DataFrames, sort, q-values, top tokens (by difference, record on)"),
+    ("frames_norec", "after: rest of _assemble (by difference, record off)"),
     ("sum_rec", "SUM of parts, record on (default)"),
     ("sum_norec", "SUM of parts, record off"),
 ]
@@ -511,11 +509,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer repeats and memory runs (about 1-2 minutes)")
     parser.add_argument("--profile", action="store_true", help="also print cProfile tables of the scans")
     parser.add_argument("--no-breakdown", action="store_true", help="skip the where-the-time-goes section")
-    parser.add_argument("--gpt2-memory", action="store_true",
-                        help="also measure GPT-2 memory, 1 chunk vs 20k tokens, with glibc's default and a fixed "
-                             "mmap threshold (adds about 4 minutes)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1: stable on a shared machine; 0 = torch's default)")
+    parser.add_argument(
+        "--gpt2-memory",
+        action="store_true",
+        help="also measure GPT-2 memory, 1 chunk vs 20k tokens, with glibc's default and a fixed "
+        "mmap threshold (adds about 4 minutes)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (default 1: stable on a shared machine; 0 = torch's default)"
+    )
     parser.add_argument("--memory-child", type=int, metavar="N_TOKENS", help=argparse.SUPPRESS)
     parser.add_argument("--model", default="bundled", choices=["bundled", "gpt2"], help=argparse.SUPPRESS)
     parser.add_argument("--batch-size", type=int, default=8, help=argparse.SUPPRESS)
@@ -542,7 +544,8 @@ def main() -> None:
     heading("4. Peak memory, record_activations=False (each scan in a fresh subprocess)")
     plan = [("bundled", 1, 500, "default"), ("bundled", 1, MEMORY_TOKENS, "default")]
     if not quick:
-        plan += [("bundled", 8, 500, "default"), ("bundled", 8, 4000, "default"), ("bundled", 8, MEMORY_TOKENS, "default")]
+        # a 1-chunk text is a batch of one at any batch_size, so the batch_size=1 500-token run serves both
+        plan += [("bundled", 8, 4000, "default"), ("bundled", 8, MEMORY_TOKENS, "default")]
     if args.gpt2_memory:
         plan += [(("gpt2", 1, n, alloc)) for alloc in ("default", "fixed") for n in (GPT2_TOKENS, MEMORY_TOKENS)]
     workers = max(1, min(2, (os.cpu_count() or 1) // max(1, THREADS)))
@@ -616,11 +619,11 @@ def main() -> None:
             what = "1 chunk" if bs == 1 else "1 full batch (8 chunks)"
             label = f"{model}, batch_size={bs}, malloc {alloc}: {what} vs 20k tokens"
             verdicts.append((label, small, big, *memory_verdict(small, big)))
-    one, big8 = by.get(("bundled", 8, 500, "default")), by.get(("bundled", 8, MEMORY_TOKENS, "default"))
+    one, big8 = by.get(("bundled", 1, 500, "default")), by.get(("bundled", 8, MEMORY_TOKENS, "default"))
     rows = [[label, f"{s['growth_mb']:.1f} MB", f"{bg['growth_mb']:.1f} MB", f"{ratio:.2f}x", status]
             for label, s, bg, ratio, status in verdicts]  # fmt: skip
     if one and big8:
-        rows.append(["bundled, batch_size=8: 1 chunk vs 20k tokens (info)", f"{one['growth_mb']:.1f} MB",
+        rows.append(["bundled: 1 chunk vs 20k tokens at batch_size=8 (info)", f"{one['growth_mb']:.1f} MB",
                      f"{big8['growth_mb']:.1f} MB", f"{big8['growth_mb'] / max(one['growth_mb'], 1e-9):.2f}x",
                      "info: a batch of 8 chunks is wider than 1 chunk"])  # fmt: skip
     print()
@@ -656,7 +659,12 @@ def main() -> None:
         key = "bundled" if label.startswith("bundled") else "gpt2"
         alloc = "" if s["allocator"] == "default" else ", fixed mmap threshold"
         mem_cell.setdefault(key, []).append(
-            f"{s['growth_mb']:.0f} -> {bg['growth_mb']:.0f} MB ({ratio:.2f}x, bs={s['batch_size']}{alloc}), {status}")
+            f"{s['growth_mb']:.0f} -> {bg['growth_mb']:.0f} MB ({ratio:.2f}x, bs={s['batch_size']}{alloc}), {status}"
+        )
+
+    def hooked_ratio(label):
+        return f"{bd[label]['hooked_noop'] / bd[label]['bare']:.2f}x" if label in bd else "not run"
+
     summary = [
         ["tokens / chunks", f"{b['n_tokens']} / {b['n_chunks']}", f"{g['n_tokens']} / {g['n_chunks']}", ""],
         ["bare forward", fmt_s(b["bare"]), fmt_s(g["bare"]), ""],
@@ -668,13 +676,16 @@ def main() -> None:
          f"{g['ratio_norec']:.2f}x, {ratio_status(g['ratio_norec'])}", "<= 1.3x (aim 1.1x)"],
         ["per-neuron method (estimated)", f"{fmt_s(pn_b['estimate'])} ({pn_b['neurons']:,} passes)",
          f"{fmt_s(pn_g['estimate'])} ({pn_g['neurons']:,} passes)", ""],
+        ["hooked forward alone (no reductions) / bare", hooked_ratio("bundled MiniLM"), hooked_ratio("GPT-2-small random"), ""],
         ["speed-up of scan over per-neuron", f"{pn_b['estimate'] / b['scan']:,.0f}x", f"{pn_g['estimate'] / g['scan']:,.0f}x", ""],
         ["peak RSS growth, small text -> 20k tokens", "; ".join(mem_cell.get("bundled", ["not run"])),
          "; ".join(mem_cell.get("gpt2", ["not run (--gpt2-memory)"])), "no growth beyond one batch"],
     ]  # fmt: skip
     print(table(["measure", "bundled all-MiniLM-L6-v2 (CPU)", "GPT-2-small random (CPU)", "target"], summary))
-    print(f"\ntorch threads: {torch.get_num_threads()}; load average at end: {load_average()} "
-          "(other processes on the machine add noise; scan and bare runs are interleaved so it hits both)")
+    print(
+        f"\ntorch threads: {torch.get_num_threads()}; load average at end: {load_average()} "
+        "(other processes on the machine add noise; scan and bare runs are interleaved so it hits both)"
+    )
     print(f"total run time: {time.perf_counter() - started:.1f} s")
 
 
