@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark of scan(): time vs a bare forward pass, vs the original per-neuron method, and memory vs text length.
 
-Run `python bench/bench_scan.py` (about 3-5 minutes on 2 CPU cores) or `--quick` (about 1-2 minutes).
+Run `python bench/bench_scan.py` (about 3-5 minutes on 2 CPU cores) or `--quick` (about 2 minutes).
 It prints every figure side by side for two models and ends with a markdown table for the README:
 
 1. the bundled all-MiniLM-L6-v2 (6 x 1536 neurons) on configs/default.yaml;
@@ -506,14 +506,14 @@ def profile_scans(lm, cfg, label: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repeats and memory runs (about 1-2 minutes)")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and memory runs (about 2 minutes)")
     parser.add_argument("--profile", action="store_true", help="also print cProfile tables of the scans")
     parser.add_argument("--no-breakdown", action="store_true", help="skip the where-the-time-goes section")
     parser.add_argument(
         "--gpt2-memory",
         action="store_true",
         help="also measure GPT-2 memory, 1 chunk vs 20k tokens, with glibc's default and a fixed "
-        "mmap threshold (adds about 4 minutes)",
+        "mmap threshold (adds about 2-3 minutes)",
     )
     parser.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (default 1: stable on a shared machine; 0 = torch's default)"

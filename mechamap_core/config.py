@@ -44,6 +44,7 @@ class ScanConfig:
     corpus_text_field: str = "text"
     batch_size: int = 8  # chunks per forward pass
     max_chunk_tokens: int = 0  # 0 = the model's context length
+    auroc: bool = True  # one-vs-rest AUROC for every neuron (a sort per neuron: the scan's costliest statistic)
 
     @property
     def texts(self) -> list[str]:
@@ -72,6 +73,7 @@ _FIELD_TYPES = {
     "corpus_text_field": (str,),
     "batch_size": (int,),
     "max_chunk_tokens": (int,),
+    "auroc": (bool,),
 }
 _CATEGORY_NAME = re.compile(r"^[\w][\w \-]{0,63}$")
 
@@ -88,7 +90,7 @@ def config_from_dict(data: object) -> ScanConfig:
         if key not in known:
             problems.append((str(key), f"unknown key '{key}' (known keys: {', '.join(sorted(known))})"))
     for key, types in _FIELD_TYPES.items():
-        if key in data and (not isinstance(data[key], types) or isinstance(data[key], bool)):
+        if key in data and (not isinstance(data[key], types) or (isinstance(data[key], bool) and bool not in types)):
             wanted = " or ".join("null" if t is type(None) else t.__name__ for t in types)
             problems.append((key, f"'{key}' must be {wanted}, got {type(data[key]).__name__}"))
     if problems:

@@ -171,7 +171,8 @@ class LayerAccumulator:
         self.sumsq_cat += (cat_mask.T @ squares).to(self.sum_all.dtype)
         if self.top_k:
             k = min(self.top_k, acts.shape[0])
-            vals, rows = torch.topk(acts, k, dim=0)  # [k, N]
+            vals, rows = torch.topk(acts.T.contiguous(), k, dim=1)  # [N, k]: along contiguous rows is faster
+            vals, rows = vals.T, rows.T  # [k, N]
             vals = torch.cat([self.top_vals, vals])
             index = torch.cat([self.top_index, token_index[rows]])
             keep = min(self.top_k, vals.shape[0])
@@ -183,8 +184,9 @@ class LayerAccumulator:
     def _update_histogram(self, acts: torch.Tensor, cat_mask: torch.Tensor) -> None:
         n_neurons = acts.shape[1]
         if self.hist_edges is None:  # equal-mass bins: the first batch's quantiles; the end bins are open
-            ranked = acts.sort(dim=0).values  # [T, N]
-            at = torch.linspace(0, acts.shape[0] - 1, HIST_BINS + 1, device=acts.device)[1:-1].round().long()
+            step = max(1, acts.shape[0] // 256)  # quantiles of at most ~256 rows are plenty for 64 bins
+            ranked = acts[::step].sort(dim=0).values  # [T', N]
+            at = torch.linspace(0, ranked.shape[0] - 1, HIST_BINS + 1, device=acts.device)[1:-1].round().long()
             self.hist_edges = ranked.index_select(0, at).T.contiguous()  # [N, HIST_BINS - 1]
         bins = torch.searchsorted(self.hist_edges, acts.T.contiguous(), right=True).T  # [T, N] in 0..HIST_BINS-1
         flat = bins + torch.arange(n_neurons, device=acts.device) * HIST_BINS  # [T, N]
@@ -210,8 +212,8 @@ class LayerAccumulator:
 
 
 def _decide_recording(record: bool | str, n_tokens: int, total_neurons: int) -> bool:
-    if record == "auto":
-        return n_tokens * total_neurons * 2 <= RECORD_AUTO_LIMIT_BYTES
+    if record == "auto":  # held as float32 during the scan, kept as float16 afterwards
+        return n_tokens * total_neurons * 4 <= RECORD_AUTO_LIMIT_BYTES
     return bool(record)
 
 
@@ -248,8 +250,9 @@ def scan(
         aligned_s = time.perf_counter()
         device = lm.device
         cat_mask_all = torch.from_numpy(aligned.category_mask.astype(np.float32)).to(device)  # [T_all, C]
+        histogram = cfg.auroc and not record  # exact AUROC needs the recorded activations, else histograms
         accs = {
-            s.layer: LayerAccumulator(n_neurons[s.layer], len(aligned.categories), cfg.top_k_tokens, device, not record)
+            s.layer: LayerAccumulator(n_neurons[s.layer], len(aligned.categories), cfg.top_k_tokens, device, histogram)
             for s in sites
         }
         recorded: dict[int, list[torch.Tensor]] = {s.layer: [] for s in sites}
@@ -257,14 +260,17 @@ def scan(
         def on_layer(site, acts, token_index):
             accs[site.layer].update(acts, cat_mask_all.index_select(0, token_index), token_index)
             if record:
-                recorded[site.layer].append(acts.to(torch.float16).cpu())
+                recorded[site.layer].append(acts.cpu())  # float32 here; float16 in the result
 
         passes = run_hooked_forward(lm, aligned, sites, on_layer, n_neurons, cfg.batch_size, progress)
         forward_s = time.perf_counter()
     activations = None
     if record:  # chunks arrive in token order, so concatenation is [n_tokens, N]
         activations = {layer: torch.cat(parts).numpy() for layer, parts in recorded.items()}
-    scores, top = _assemble(lm.name, aligned, sites, accs, n_neurons, activations)
+        recorded.clear()
+    scores, top = _assemble(lm.name, aligned, sites, accs, n_neurons, activations, cfg.auroc)
+    if activations is not None:
+        activations = {layer: torch.from_numpy(acts).half().numpy() for layer, acts in activations.items()}
     finished = time.perf_counter()
     metadata = {
         "model": lm.name,
@@ -281,7 +287,7 @@ def scan(
         "neurons_per_layer": {str(k): v for k, v in n_neurons.items()},
         "categories": aligned.categories,
         "category_tokens": {c: int(aligned.category_mask[:, i].sum()) for i, c in enumerate(aligned.categories)},
-        "auroc_method": "exact" if record else f"binned ({HIST_BINS} bins per neuron)",
+        "auroc_method": ("exact" if record else f"binned ({HIST_BINS} bins per neuron)") if cfg.auroc else "off",
         "threshold": cfg.threshold,
         "timings_s": {
             "align": round(aligned_s - started, 4),
@@ -296,44 +302,50 @@ def scan(
     return ScanResult(scores, top, aligned.tokens, aligned.coverage, aligned.category_mask, metadata, aligned.texts, activations)
 
 
-def _assemble(model_name, aligned, sites, accs, n_neurons, activations):
+def _assemble(model_name, aligned, sites, accs, n_neurons, activations, with_auroc=True):
+    """Scores rows in (layer, neuron, category) order, and the top-token table."""
     names = aligned.categories
-    frames, tops = [], []
+    n_cat = len(names)
+    columns: dict[str, list[np.ndarray]] = {}
+    tops = []
     for site in sites:
         acc, n = accs[site.layer], n_neurons[site.layer]
         stats = moment_statistics(**acc.moments())  # each [C, N]
-        if activations is not None:
-            stats["auroc"] = auroc_exact(activations[site.layer].astype(np.float32), aligned.category_mask)
+        if not with_auroc:
+            stats["auroc"] = np.full((n_cat, n), np.nan)
+        elif activations is not None:
+            stats["auroc"] = auroc_exact(activations[site.layer], aligned.category_mask)
         else:
             stats["auroc"] = acc.binned_auroc()
         stats["score"] = stats["separation"]
-        n_cat = acc.n_cat.cpu().numpy().astype(np.int64)
-        frame = pd.DataFrame({k: v.reshape(-1) for k, v in stats.items()})  # category-major
-        frame.insert(0, "category", np.repeat(names, n))
-        frame.insert(0, "neuron", np.tile(np.arange(n), len(names)))
-        frame.insert(0, "layer", site.layer)
-        frame["n_tokens"] = np.repeat(n_cat, n)
-        frames.append(frame)
+        stats["layer"] = np.full((n_cat, n), site.layer)
+        stats["neuron"] = np.broadcast_to(np.arange(n), (n_cat, n))
+        stats["category"] = np.broadcast_to(np.arange(n_cat)[:, None], (n_cat, n))
+        stats["n_tokens"] = np.broadcast_to(acc.n_cat.cpu().numpy().astype(np.int64)[:, None], (n_cat, n))
+        for key, value in stats.items():
+            columns.setdefault(key, []).append(value.T.reshape(-1))  # neuron-major: [N, C] flattened
         if acc.top_k:
             vals = acc.top_vals.cpu().numpy()  # [k, N]
             index = acc.top_index.cpu().numpy()
             k = vals.shape[0]
             tops.append(pd.DataFrame({
-                "layer": site.layer, "neuron": np.tile(np.arange(n), k), "rank": np.repeat(np.arange(1, k + 1), n),
-                "token_index": index.reshape(-1), "activation": vals.reshape(-1),
+                "layer": site.layer, "neuron": np.repeat(np.arange(n), k), "rank": np.tile(np.arange(1, k + 1), n),
+                "token_index": index.T.reshape(-1), "activation": vals.T.reshape(-1),
             }))  # fmt: skip
-    scores = pd.concat(frames, ignore_index=True)
-    scores["q_value"] = bh_qvalues(scores["p_value"].to_numpy())
-    scores.insert(0, "model", model_name)
-    scores.insert(3, "hook", scores["layer"].map(lambda layer: f"blocks.{layer}.mlp.hook_post"))
-    scores = scores[["model", "layer", "neuron", "hook", "category", "n_tokens", *STAT_COLUMNS]]
-    scores["category"] = pd.Categorical(scores["category"], categories=names)
-    scores = scores.sort_values(["layer", "neuron", "category"], kind="stable", ignore_index=True)
+    flat = {key: np.concatenate(parts) for key, parts in columns.items()}
+    flat["q_value"] = bh_qvalues(flat["p_value"])
+    layers = flat["layer"]
+    hooks = np.array([s.hook for s in sites], dtype=object)[np.searchsorted([s.layer for s in sites], layers)]
+    scores = pd.DataFrame({
+        "model": np.full(len(layers), model_name, dtype=object),
+        "layer": layers, "neuron": flat["neuron"], "hook": hooks,
+        "category": pd.Categorical.from_codes(flat["category"], categories=names),
+        "n_tokens": flat["n_tokens"], **{key: flat[key] for key in STAT_COLUMNS},
+    })  # fmt: skip
     if tops:
         top = pd.concat(tops, ignore_index=True)
         top["token"] = aligned.tokens["token"].to_numpy()[top["token_index"].to_numpy()]
         top = top[["layer", "neuron", "rank", "token_index", "token", "activation"]]
-        top = top.sort_values(["layer", "neuron", "rank"], ignore_index=True)
     else:
         top = pd.DataFrame(columns=["layer", "neuron", "rank", "token_index", "token", "activation"])
     return scores, top
