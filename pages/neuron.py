@@ -3,8 +3,8 @@
 import streamlit as st
 
 from mechamap_core.analysis import neuron_profile
+from mechamap_core.charts import activation_histogram, category_bars, coloured_text_html, direct_effect_bars
 from mechamap_core.inspect_neuron import direct_effect, neuron_token_table, top_examples
-from mechamap_core.neuron_views import activation_histogram, category_bars, coloured_text_html, direct_effect_bars
 from mechamap_ui import state
 from mechamap_ui.neuron_data import model_for, recomputed_token_table, typed_text_activations
 from mechamap_ui.widgets import SELECTED_NEURON, chart_downloads, stat_column_config

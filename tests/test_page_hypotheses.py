@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import app_fixtures
 import pytest
-from app_fixtures import _navigation_mode, app_env, make_app, open_page  # noqa: F401  (fixtures)
+from app_fixtures import make_app, open_page
 
 from mechamap_core import load_config, scan
 from mechamap_core.analysis import neuron_profile
 from mechamap_core.export import save_run
 from mechamap_core.inspect_neuron import top_examples
+
+_navigation_mode = app_fixtures._navigation_mode  # fixtures shared with the other app tests
+app_env = app_fixtures.app_env
 
 
 @pytest.fixture(scope="module")
