@@ -1,14 +1,18 @@
 #!/usr/bin/env python
 """Benchmark of scan(): time vs a bare forward pass, vs the original per-neuron method, and memory vs text length.
 
-Run `python bench/bench_scan.py` (about 3-5 minutes on 2 CPU cores) or `--quick` (about 2 minutes).
+Run `python bench/bench_scan.py` (about 5 minutes on 2 CPU cores) or `--quick` (about 2.5 minutes).
 It prints every figure side by side for two models and ends with a markdown table for the README:
 
 1. the bundled all-MiniLM-L6-v2 (6 x 1536 neurons) on configs/default.yaml;
 2. a randomly initialised GPT-2-small-shaped GPT2LMHeadModel (12 x 3072 neurons) over ~1,000 tokens;
+   for both, three scans against the bare forward: record auto (exact AUROC), record off (binned
+   AUROC from histograms) and auroc off (the one-pass scan: moments, effect sizes, t, p/q, top-k);
 3. the original method (one full forward pass per neuron), timed on a sample and extrapolated;
 4. peak RSS growth of a record_activations=False scan of a 20,000-token text vs a ~1-chunk text,
-   each in a fresh subprocess (`--memory-child`), so one measurement never inherits another's peak;
+   and of a corpus-mode scan (texts=[N documents of ~100-150 tokens]) for N = 25, 200 (and 400),
+   each in a fresh subprocess (`--memory-child`, `--corpus-child`), so one measurement never inherits
+   another's peak; the corpus children also report what the progress callback counted;
 5. where the time goes: alignment, the hooked forward, each reduction inside the hook, and the
    statistics afterwards, each timed on its own with the core's own functions.
 
@@ -46,6 +50,9 @@ MEMORY_SLACK_MB = 16.0  # differences below this are allocator noise, not growth
 GPT2_TOKENS = 1000
 THREADS = 1  # set from --threads
 MEMORY_TOKENS = 20_000
+CORPUS_CONFIGS = (ROOT / "configs" / "default.yaml", ROOT / "configs" / "validation.yaml")
+CORPUS_DOC_TOKENS = (100, 150)  # documents of about this many counted tokens
+CORPUS_SMALL = 25  # documents in the corpus-mode baseline run
 
 # heavy imports (torch, transformers, mechamap_core) happen inside functions: the parent process must
 # stay small while it spawns the memory children, whose ru_maxrss would otherwise start at the parent's.
@@ -245,14 +252,21 @@ def total_neurons(lm) -> int:
 # -------------------------------------------------------------------------------------- 1 + 2: scan vs bare
 
 
+SCAN_MODES = (("scan", "record auto"), ("scan_norec", "record off"), ("scan_off", "auroc off"))
+PHASES = ("align", "forward", "statistics")
+
+
 def bench_scan_vs_bare(lm, cfg, warmup: int, repeats: int, body: bool = False) -> dict:
-    """Median seconds of scan (record auto), scan (record off) and the bare forward, interleaved."""
+    """Median seconds of scan (record auto: exact AUROC), scan (record off: binned AUROC), scan with
+    auroc=False (record auto, no AUROC) and the bare forward, interleaved."""
     from mechamap_core import scan
 
     aligned, inputs = model_inputs(lm, cfg)
+    cfg_off = replace(cfg, auroc=False)
     fns = {
         "scan": lambda: scan(lm, cfg),
         "scan_norec": lambda: scan(lm, cfg, record_activations=False),
+        "scan_off": lambda: scan(lm, cfg_off),
         "bare": lambda: bare_forward(lm, inputs),
     }
     times, values = interleaved(fns, warmup, repeats)
@@ -265,11 +279,12 @@ def bench_scan_vs_bare(lm, cfg, warmup: int, repeats: int, body: bool = False) -
         n_tokens=meta["n_tokens"], n_chunks=meta["n_chunks"], passes=meta["n_forward_passes"],
         shape=[tuple(ids.shape) for ids, _ in inputs], auroc=meta["auroc_method"],
         auroc_norec=values["scan_norec"][-1].metadata["auroc_method"],
-        phases={k: med([v.metadata["timings_s"][k] for v in values["scan"]]) for k in ("align", "forward", "statistics")},
-        phases_norec={k: med([v.metadata["timings_s"][k] for v in values["scan_norec"]]) for k in ("align", "forward", "statistics")},
+        auroc_off=values["scan_off"][-1].metadata["auroc_method"],
+        auroc_off_nan=bool(values["scan_off"][-1].scores["auroc"].isna().all()),
     )  # fmt: skip
-    out["ratio"] = out["scan"] / out["bare"]
-    out["ratio_norec"] = out["scan_norec"] / out["bare"]
+    for key, _ in SCAN_MODES:
+        out["phases" + key[4:]] = {k: med([v.metadata["timings_s"][k] for v in values[key]]) for k in PHASES}
+        out["ratio" + key[4:]] = out[key] / out["bare"]
     del aligned
     return out
 
@@ -336,15 +351,84 @@ def memory_child(n_tokens: int, model: str, batch_size: int) -> None:
     }))  # fmt: skip
 
 
-def run_memory_child(n_tokens: int, model: str, batch_size: int, allocator: str = "default") -> dict:
+def corpus_documents(tokenizer, n_docs: int) -> list[str]:
+    """n_docs documents of about CORPUS_DOC_TOKENS counted tokens each: the sentences of the master texts
+    of configs/default.yaml and configs/validation.yaml, packed in order and cycled (each document starts
+    where the previous one ended, so neighbouring documents differ)."""
+    import yaml
+
+    sentences = []
+    for path in CORPUS_CONFIGS:
+        text = yaml.safe_load(path.read_text(encoding="utf-8"))["master_text"]
+        for paragraph in text.split("\n\n"):
+            sentences += [x.strip() for x in re.split(r"(?<=[.!?])\s+", paragraph.strip()) if x.strip()]
+    lengths = [len(tokenizer(x, add_special_tokens=False, verbose=False)["input_ids"]) for x in sentences]
+    low, high = CORPUS_DOC_TOKENS
+    docs, at = [], 0
+    while len(docs) < n_docs:
+        parts, size = [], 0
+        while size < low:
+            i = at % len(sentences)
+            if parts and size + lengths[i] > high:  # would overshoot: close early, start the next doc with it
+                break
+            parts.append(sentences[i])
+            size += lengths[i]
+            at += 1
+        docs.append(" ".join(parts))
+    return docs
+
+
+def corpus_child(n_docs: int, batch_size: int) -> None:
+    """Child process: load the bundled model, reset the peak RSS, scan n_docs documents in corpus mode
+    (texts=[...], record off), print JSON with the peak and what the progress callback reported."""
+    from mechamap_core import load_config, scan
+
+    lm = bundled_model()
+    cfg = load_config(CONFIG)
+    if batch_size:
+        cfg = replace(cfg, batch_size=batch_size)
+    docs = corpus_documents(lm.tokenizer, n_docs)
+    calls = []
+
+    def progress(done, total, message):
+        calls.append((done, total))
+
+    gc.collect()
+    ru_after_load = ru_maxrss_kb()
+    reset_ok = reset_peak_rss()
+    baseline = proc_status_kb()["VmRSS"]
+    ru_baseline = ru_maxrss_kb()
+    start = time.perf_counter()
+    res = scan(lm, cfg, record_activations=False, texts=docs, progress=progress)
+    seconds = time.perf_counter() - start
+    status = proc_status_kb()
+    ru_peak = ru_maxrss_kb()
+    per_doc = res.tokens.groupby("doc").size()
+    print(json.dumps({
+        "model": "bundled", "batch_size": cfg.batch_size, "n_docs": n_docs, "n_documents": res.metadata["n_documents"],
+        "n_tokens": res.metadata["n_tokens"], "n_chunks": res.metadata["n_chunks"],
+        "passes": res.metadata["n_forward_passes"], "auroc": res.metadata["auroc_method"],
+        "doc_tokens": [int(per_doc.min()), float(per_doc.mean()), int(per_doc.max())],
+        "progress_calls": len(calls), "progress_last": list(calls[-1]) if calls else None,
+        "progress_monotonic": all(a[0] <= b[0] for a, b in zip(calls, calls[1:])),
+        "progress_totals": sorted({t for _, t in calls}),
+        "baseline_kb": baseline, "ru_after_load_kb": ru_after_load, "ru_baseline_kb": ru_baseline,
+        "ru_peak_kb": ru_peak, "hwm_kb": status["VmHWM"], "reset_ok": reset_ok, "scan_s": seconds,
+    }))  # fmt: skip
+
+
+def run_memory_child(n: int, model: str, batch_size: int, allocator: str = "default", mode: str = "tokens") -> dict:
+    """Run one child (mode "tokens": --memory-child n tokens; "docs": --corpus-child n documents); its JSON,
+    with the peak growth above the post-load baseline added."""
     env = dict(os.environ)
     if allocator != "default":  # a fixed threshold turns off glibc's dynamic one, which fragments the heap
         env["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child", str(n_tokens), "--model", model,
+    flag = "--memory-child" if mode == "tokens" else "--corpus-child"
+    cmd = [sys.executable, str(Path(__file__).resolve()), flag, str(n), "--model", model,
            "--batch-size", str(batch_size), "--threads", str(THREADS)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, check=False)
     if proc.returncode != 0:
-        raise RuntimeError(f"memory child {n_tokens} {model} failed:\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"memory child {flag} {n} {model} failed:\n{proc.stderr[-3000:]}")
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     # peak growth above the post-load baseline. With the peak reset after loading, ru_maxrss is the scan's
     # own peak; without the reset it is max(load peak, scan peak), which can hide the scan's growth.
@@ -355,21 +439,29 @@ def run_memory_child(n_tokens: int, model: str, batch_size: int, allocator: str 
     return out
 
 
-def bench_memory(plan: list[tuple[str, int, int, str]], workers: int) -> list[dict]:
-    """Run the memory children, `workers` at a time (RSS is per process, so they do not disturb each other)."""
+def bench_memory(plan: list[tuple], workers: int) -> list[dict]:
+    """Run the memory children, `workers` at a time (RSS is per process, so they do not disturb each other).
+
+    plan entries: (model, batch_size, n_tokens, allocator) for a single text of n_tokens, or
+    ("bundled", batch_size, n_docs, "default", "docs") for a corpus-mode scan of n_docs documents.
+    """
     from concurrent.futures import ThreadPoolExecutor
 
     def one(job):
-        model, batch_size, n_tokens, allocator = job
+        model, batch_size, n, allocator, mode = (*job, "tokens")[:5]
         start = time.perf_counter()
-        r = run_memory_child(n_tokens, model, batch_size, allocator)
-        r.update(wall_s=time.perf_counter() - start, asked_tokens=n_tokens, allocator=allocator)
-        print(f"  memory child: {model:8s} batch_size={batch_size} {r['n_tokens']:6d} tokens {r['n_chunks']:3d} chunks "
-              f"malloc {allocator:8s} growth {r['growth_mb']:7.1f} MB  ({r['wall_s']:.1f} s)", flush=True)  # fmt: skip
+        r = run_memory_child(n, model, batch_size, allocator, mode)
+        r.update(wall_s=time.perf_counter() - start, asked_tokens=n if mode == "tokens" else None, allocator=allocator,
+                 mode=mode)  # fmt: skip
+        docs = f"{r['n_docs']:4d} docs " if mode == "docs" else " " * 10
+        print(f"  memory child: {model:8s} batch_size={batch_size} {docs}{r['n_tokens']:6d} tokens {r['n_chunks']:3d} "
+              f"chunks malloc {allocator:8s} growth {r['growth_mb']:7.1f} MB  ({r['wall_s']:.1f} s)", flush=True)  # fmt: skip
         return r
 
-    # longest first, so the pool finishes together
-    order = sorted(range(len(plan)), key=lambda i: (plan[i][0] != "gpt2", -plan[i][2]))
+    def work(job):  # rough token count, to start the longest first so the pool finishes together
+        return job[2] * (sum(CORPUS_DOC_TOKENS) // 2 if len(job) > 4 and job[4] == "docs" else 1)
+
+    order = sorted(range(len(plan)), key=lambda i: (plan[i][0] != "gpt2", -work(plan[i])))
     with ThreadPoolExecutor(max_workers=workers) as pool:
         done = dict(zip(order, pool.map(one, [plan[i] for i in order])))
     return [done[i] for i in range(len(plan))]
@@ -434,27 +526,34 @@ def bench_breakdown(lm, cfg, repeats: int) -> dict:
 
     out["hook_histogram"] = tm(histograms)
 
-    def record():
-        return [a.to(torch.float16).cpu() for _, a, _ in captured]
+    def record():  # what scan's on_layer does when recording: float32 to the CPU (no copy on a CPU model)
+        return [a.cpu() for _, a, _ in captured]
 
     out["hook_record"] = tm(record)
     accs_rec, accs_hist = updates(k, False), updates(k, True)
-    parts = {s.layer: [a.to(torch.float16).cpu() for layer, a, _ in captured if layer == s.layer] for s in sites}
+    parts = {s.layer: [a.cpu() for layer, a, _ in captured if layer == s.layer] for s in sites}
     out["concat_records"] = tm(lambda: {layer: torch.cat(p).numpy() for layer, p in parts.items()})
-    acts_np = {layer: torch.cat(p).numpy() for layer, p in parts.items()}
+    acts_np = {layer: torch.cat(p).numpy() for layer, p in parts.items()}  # float32 [T, N], as scan holds them
+    out["to_float16"] = tm(lambda: {layer: torch.from_numpy(a).half().numpy() for layer, a in acts_np.items()})
     out["moment_statistics"] = tm(lambda: [moment_statistics(**a.moments()) for a in accs_rec.values()])
-    out["auroc_exact"] = tm(lambda: [auroc_exact(acts_np[s.layer].astype(np.float32), aligned.category_mask) for s in sites])
+    out["auroc_exact"] = tm(lambda: [auroc_exact(acts_np[s.layer], aligned.category_mask) for s in sites])
     out["auroc_binned"] = tm(lambda: [a.binned_auroc() for a in accs_hist.values()])
-    out["assemble_rec"] = tm(lambda: S._assemble(lm.name, aligned, sites, accs_rec, n_neurons, acts_np))
-    out["assemble_norec"] = tm(lambda: S._assemble(lm.name, aligned, sites, accs_hist, n_neurons, None))
+    out["assemble_rec"] = tm(lambda: S._assemble(lm.name, aligned, sites, accs_rec, n_neurons, acts_np, True))
+    out["assemble_norec"] = tm(lambda: S._assemble(lm.name, aligned, sites, accs_hist, n_neurons, None, True))
+    out["assemble_off"] = tm(lambda: S._assemble(lm.name, aligned, sites, accs_rec, n_neurons, None, False))
     p_values = np.concatenate([moment_statistics(**a.moments())["p_value"].reshape(-1) for a in accs_rec.values()])
     out["bh_qvalues"] = tm(lambda: bh_qvalues(p_values))
     out["frames_rec"] = max(0.0, out["assemble_rec"] - out["moment_statistics"] - out["auroc_exact"])
     out["frames_norec"] = max(0.0, out["assemble_norec"] - out["moment_statistics"] - out["auroc_binned"])
-    out["sum_rec"] = (out["align"] + out["hooked_noop"] + out["hook_moments"] + out["hook_topk"] + out["hook_record"]
-                      + out["concat_records"] + out["assemble_rec"])  # fmt: skip
-    out["sum_norec"] = (out["align"] + out["hooked_noop"] + out["hook_moments"] + out["hook_topk"]
-                        + out["hook_histogram"] + out["assemble_norec"])  # fmt: skip
+    out["frames_off"] = max(0.0, out["assemble_off"] - out["moment_statistics"])
+    base = out["align"] + out["hooked_noop"] + out["hook_moments"] + out["hook_topk"]
+    out["sum_rec"] = base + out["hook_record"] + out["concat_records"] + out["assemble_rec"] + out["to_float16"]
+    out["sum_norec"] = base + out["hook_histogram"] + out["assemble_norec"]
+    out["sum_off"] = base + out["hook_record"] + out["concat_records"] + out["assemble_off"] + out["to_float16"]
+    # neurons whose activations have tied values go through scipy's rankdata in average_ranks
+    out["tied"] = sum(int((np.diff(np.sort(a, axis=0), axis=0) == 0).any(axis=0).sum()) for a in acts_np.values())
+    out["neurons"] = sum(a.shape[1] for a in acts_np.values())
+    out["tokens"] = aligned.n_tokens
     return out
 
 
@@ -463,18 +562,21 @@ BREAKDOWN_ROWS = [
     ("align", "alignment (tokenize, word spans, chunks)"),
     ("hooked_noop", "hooked forward, no-op on_layer (hooks, gather, .float(), early stop)"),
     ("hook_moments", "  in hook: counts, sums, squares, category matmuls (float64)"),
-    ("hook_topk", "  in hook: top-k merge"),
-    ("hook_histogram", "  in hook: histograms (record off only)"),
-    ("hook_record", "  in hook: record float16 activations (record on only)"),
+    ("hook_topk", "  in hook: top-k merge (along contiguous rows)"),
+    ("hook_histogram", "  in hook: histograms (record off, auroc on only)"),
+    ("hook_record", "  in hook: record float32 activations (record on only)"),
     ("concat_records", "after: concatenate recorded activations (record on)"),
     ("moment_statistics", "after: moment_statistics (means, SDs, d, Welch t, p)"),
-    ("auroc_exact", "after: exact AUROC, rankdata (record on)"),
+    ("auroc_exact", "after: exact AUROC, argsort ranks (record on)"),
     ("auroc_binned", "after: binned AUROC from histograms (record off)"),
     ("bh_qvalues", "after: BH q-values (part of frames)"),
-    ("frames_rec", "after: rest of _assemble: DataFrames, sort, q-values, top tokens (by difference, record on)"),
+    ("frames_rec", "after: rest of _assemble: DataFrames, q-values, top tokens (by difference, record on)"),
     ("frames_norec", "after: rest of _assemble (by difference, record off)"),
-    ("sum_rec", "SUM of parts, record on (default)"),
-    ("sum_norec", "SUM of parts, record off"),
+    ("frames_off", "after: rest of _assemble (by difference, auroc off)"),
+    ("to_float16", "after: recorded activations to float16 for the result (record on)"),
+    ("sum_rec", "SUM of parts, record auto = on (default, exact AUROC)"),
+    ("sum_norec", "SUM of parts, record off (binned AUROC)"),
+    ("sum_off", "SUM of parts, auroc off (record auto)"),
 ]
 
 
@@ -506,7 +608,7 @@ def profile_scans(lm, cfg, label: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repeats and memory runs (about 2 minutes)")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and memory runs (about 2.5 minutes)")
     parser.add_argument("--profile", action="store_true", help="also print cProfile tables of the scans")
     parser.add_argument("--no-breakdown", action="store_true", help="skip the where-the-time-goes section")
     parser.add_argument(
@@ -519,12 +621,17 @@ def main() -> None:
         "--threads", type=int, default=1, help="torch CPU threads (default 1: stable on a shared machine; 0 = torch's default)"
     )
     parser.add_argument("--memory-child", type=int, metavar="N_TOKENS", help=argparse.SUPPRESS)
+    parser.add_argument("--corpus-child", type=int, metavar="N_DOCS", help=argparse.SUPPRESS)
     parser.add_argument("--model", default="bundled", choices=["bundled", "gpt2"], help=argparse.SUPPRESS)
     parser.add_argument("--batch-size", type=int, default=8, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
         set_threads(args.threads)
         memory_child(args.memory_child, args.model, args.batch_size)
+        return
+    if args.corpus_child:
+        set_threads(args.threads)
+        corpus_child(args.corpus_child, args.batch_size)
         return
 
     global THREADS
@@ -546,6 +653,8 @@ def main() -> None:
     if not quick:
         # a 1-chunk text is a batch of one at any batch_size, so the batch_size=1 500-token run serves both
         plan += [("bundled", 8, 4000, "default"), ("bundled", 8, MEMORY_TOKENS, "default")]
+    corpus_sizes = [CORPUS_SMALL, 200] + ([] if quick else [400])
+    plan += [("bundled", 8, n, "default", "docs") for n in corpus_sizes]  # corpus mode, default batch_size
     if args.gpt2_memory:
         plan += [(("gpt2", 1, n, alloc)) for alloc in ("default", "fixed") for n in (GPT2_TOKENS, MEMORY_TOKENS)]
     workers = max(1, min(2, (os.cpu_count() or 1) // max(1, THREADS)))
@@ -576,21 +685,27 @@ def main() -> None:
 
     rows = []
     for label, r in (("bundled MiniLM", b), ("GPT-2-small random", g)):
-        rows.append([label, fmt_s(r["bare"]), fmt_s(r["scan"]), f"{r['ratio']:.2f}x", ratio_status(r["ratio"]),
-                     fmt_s(r["scan_norec"]), f"{r['ratio_norec']:.2f}x", ratio_status(r["ratio_norec"])])  # fmt: skip
+        row = [label, fmt_s(r["bare"])]
+        for key, _ in SCAN_MODES:
+            ratio = r["ratio" + key[4:]]
+            row += [fmt_s(r[key]), f"{ratio:.2f}x", ratio_status(ratio)]
+        rows.append(row)
     heading("1+2. Scan vs bare forward (same chunks, same batches)")
     print(table(["model", "bare forward", "scan (record auto)", "scan/bare", "<= 1.3x?", "scan (record off)",
-                 "scan/bare", "<= 1.3x?"], rows))  # fmt: skip
-    print(f"\nrecord auto -> AUROC {b['auroc']} (bundled), {g['auroc']} (GPT-2); record off -> {b['auroc_norec']}")
+                 "scan/bare", "<= 1.3x?", "scan, auroc off", "scan/bare", "<= 1.3x?"], rows))  # fmt: skip
+    print(f"\nrecord auto -> AUROC {b['auroc']} (bundled), {g['auroc']} (GPT-2); record off -> {b['auroc_norec']}; "
+          f"auroc off (cfg.auroc=False, record auto) -> AUROC {b['auroc_off']}, auroc column all NaN: "
+          f"{b['auroc_off_nan'] and g['auroc_off_nan']}")  # fmt: skip
     if "body" in g:
         print(f"GPT-2 bare forward without the LM head (transformer body only): {fmt_s(g['body'])}; "
-              f"scan/body = {g['scan'] / g['body']:.2f}x (record auto), {g['scan_norec'] / g['body']:.2f}x (record off). "
+              f"scan/body = {g['scan'] / g['body']:.2f}x (record auto), {g['scan_norec'] / g['body']:.2f}x (record off), "
+              f"{g['scan_off'] / g['body']:.2f}x (auroc off). "
               "The scan stops after the last MLP, so it never pays for the 768x50257 LM head.")  # fmt: skip
     print("\nscan phases (scan's own metadata timings_s, medians):")
     print(table(["model", "mode", "align", "forward (hooked, incl. reductions)", "statistics", "bare forward"], [
         [label, mode, fmt_s(p["align"]), fmt_s(p["forward"]), fmt_s(p["statistics"]), fmt_s(r["bare"])]
         for label, r in (("bundled MiniLM", b), ("GPT-2-small random", g))
-        for mode, p in (("record auto", r["phases"]), ("record off", r["phases_norec"]))
+        for mode, p in (("record auto", r["phases"]), ("record off", r["phases_norec"]), ("auroc off", r["phases_off"]))
     ]))  # fmt: skip
 
     heading("3. Speed-up over the original per-neuron method (one full forward pass per neuron)")
@@ -604,6 +719,8 @@ def main() -> None:
                  "speed-up"], rows))  # fmt: skip
 
     heading("4. Peak memory, record_activations=False (results)")
+    corpus = [m for m in mem if m["mode"] == "docs"]
+    mem = [m for m in mem if m["mode"] == "tokens"]
     by = {(m["model"], m["batch_size"], m["asked_tokens"], m["allocator"]): m for m in mem}
     print(table(["model", "batch_size", "malloc", "tokens", "chunks", "passes", "RSS after load", "peak RSS",
                  "peak growth", "scan time"], [
@@ -633,6 +750,43 @@ def main() -> None:
           "batch_size chunks per forward pass. malloc 'fixed' = MALLOC_MMAP_THRESHOLD_=131072, which turns off "
           "glibc's dynamic mmap threshold, so big tensors are always returned to the OS and never fragment the heap)")  # fmt: skip
 
+    heading("4b. Corpus mode: peak memory vs the number of documents (record_activations=False, fresh subprocesses)")
+    print(table(["documents", "tokens per doc (min/mean/max)", "tokens", "chunks", "passes", "batch_size", "AUROC",
+                 "RSS after load", "peak RSS", "peak growth", "scan time", "progress: last (done, total)",
+                 "progress calls"], [
+        [m["n_docs"], "{} / {:.0f} / {}".format(*m["doc_tokens"]), f"{m['n_tokens']:,}", m["n_chunks"], m["passes"],
+         m["batch_size"], m["auroc"], f"{m['baseline_mb']:.0f} MB", f"{m['peak_mb']:.0f} MB",
+         f"{m['growth_mb']:.1f} MB", fmt_s(m["scan_s"]), f"({m['progress_last'][0]}, {m['progress_last'][1]})"
+         if m["progress_last"] else "none", m["progress_calls"]]
+        for m in corpus
+    ]))  # fmt: skip
+    small_c = next((m for m in corpus if m["n_docs"] == CORPUS_SMALL), None)
+    corpus_verdicts = []  # (n_docs, ratio, status)
+    rows = []
+    for m in corpus:
+        if small_c is None or m is small_c:
+            continue
+        ratio, status = memory_verdict(small_c, m)
+        corpus_verdicts.append((m["n_docs"], m["growth_mb"], ratio, status))
+        rows.append([f"{CORPUS_SMALL} vs {m['n_docs']} documents", f"{small_c['growth_mb']:.1f} MB",
+                     f"{m['growth_mb']:.1f} MB", f"{ratio:.2f}x", status])  # fmt: skip
+    print()
+    print(table(["comparison", f"{CORPUS_SMALL}-doc growth", "larger corpus growth", "ratio",
+                 "not growing with the number of documents?"], rows))  # fmt: skip
+    progress_ok = all(m["progress_last"] == [m["n_docs"], m["n_docs"]] and m["progress_monotonic"]
+                      and m["progress_totals"] == [m["n_docs"]] for m in corpus)  # fmt: skip
+    if progress_ok:
+        print("\nprogress callback counts documents: yes (in every run its total was N, the number of documents, "
+              "done never went down, and the final call reported (N, N))")
+    else:
+        print("\nprogress callback counts documents: NO: " + "; ".join(
+            f"{m['n_docs']} docs: last {m['progress_last']}, totals {m['progress_totals']}, "
+            f"monotonic {m['progress_monotonic']}" for m in corpus))  # fmt: skip
+    print(f"(documents: sentences of the master texts of configs/default.yaml and configs/validation.yaml, packed "
+          f"to {CORPUS_DOC_TOKENS[0]}-{CORPUS_DOC_TOKENS[1]} counted tokens and cycled; categories of "
+          f"configs/default.yaml; target as above: at most {MEMORY_TOLERANCE}x the {CORPUS_SMALL}-document growth, "
+          f"or within {MEMORY_SLACK_MB:.0f} MB of it)")  # fmt: skip
+
     bd = {}
     if not args.no_breakdown:
         heading("5. Where the time goes (each part timed on its own, medians)")
@@ -647,6 +801,9 @@ def main() -> None:
             rows.append([text] + sum([[fmt_s(d[key]), f"{d[key] / d['bare']:.2f}"] for d in bd.values()], []))
         print(table(heads, rows))
         print("\n(hook parts are summed over every layer and batch; 'x bare' = seconds / bare forward seconds)")
+        for label, d in bd.items():
+            print(f"{label}: {d['tied']:,} of {d['neurons']:,} neurons have tied float32 activations over "
+                  f"{d['tokens']:,} tokens, so average_ranks sends them through scipy's rankdata")  # fmt: skip
 
     if args.profile:
         heading("cProfile")
@@ -674,12 +831,21 @@ def main() -> None:
         ["scan, record off", fmt_s(b["scan_norec"]), fmt_s(g["scan_norec"]), ""],
         ["scan (record off) / bare", f"{b['ratio_norec']:.2f}x, {ratio_status(b['ratio_norec'])}",
          f"{g['ratio_norec']:.2f}x, {ratio_status(g['ratio_norec'])}", "<= 1.3x (aim 1.1x)"],
+        ["scan, auroc off (record auto)", fmt_s(b["scan_off"]), fmt_s(g["scan_off"]), ""],
+        ["scan (auroc off) / bare", f"{b['ratio_off']:.2f}x, {ratio_status(b['ratio_off'])}",
+         f"{g['ratio_off']:.2f}x, {ratio_status(g['ratio_off'])}", "<= 1.3x (aim 1.1x)"],
         ["per-neuron method (estimated)", f"{fmt_s(pn_b['estimate'])} ({pn_b['neurons']:,} passes)",
          f"{fmt_s(pn_g['estimate'])} ({pn_g['neurons']:,} passes)", ""],
         ["hooked forward alone (no reductions) / bare", hooked_ratio("bundled MiniLM"), hooked_ratio("GPT-2-small random"), ""],
         ["speed-up of scan over per-neuron", f"{pn_b['estimate'] / b['scan']:,.0f}x", f"{pn_g['estimate'] / g['scan']:,.0f}x", ""],
         ["peak RSS growth, small text -> 20k tokens", "; ".join(mem_cell.get("bundled", ["not run"])),
          "; ".join(mem_cell.get("gpt2", ["not run (--gpt2-memory)"])), "no growth beyond one batch"],
+        ["corpus mode peak RSS growth, " + " -> ".join(str(m["n_docs"]) for m in corpus) + " documents (bs=8)",
+         " -> ".join(f"{m['growth_mb']:.0f}" for m in corpus) + " MB ("
+         + ", ".join(f"{n}/{CORPUS_SMALL}: {ratio:.2f}x" for n, _, ratio, _ in corpus_verdicts) + "), "
+         + ("target met" if corpus_verdicts and all(st == "target met" for *_, st in corpus_verdicts) else "NOT met")
+         + ("; progress counts documents" if progress_ok else "; progress NOT counting documents"),
+         "not run", f"<= {MEMORY_TOLERANCE}x or +{MEMORY_SLACK_MB:.0f} MB"],
     ]  # fmt: skip
     print(table(["measure", "bundled all-MiniLM-L6-v2 (CPU)", "GPT-2-small random (CPU)", "target"], summary))
     print(
