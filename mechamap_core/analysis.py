@@ -12,6 +12,7 @@ METRICS = {
     "t_stat": "Welch t",
 }
 NEURON_KEY = ["layer", "neuron"]
+COMBINATION_SEPARATOR = " + "  # combination_counts joins category names with this
 
 
 def _check_metric(scores: pd.DataFrame, metric: str) -> None:
@@ -81,7 +82,7 @@ def combination_counts(overlap: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame(columns=["combination", "n_categories", "neurons"])
     counts = overlap.groupby("categories").size().rename("neurons").reset_index()
     counts["n_categories"] = counts["categories"].map(len)
-    counts["combination"] = counts["categories"].map(" + ".join)
+    counts["combination"] = counts["categories"].map(COMBINATION_SEPARATOR.join)
     return counts[["combination", "n_categories", "neurons"]].sort_values("neurons", ascending=False, ignore_index=True)
 
 

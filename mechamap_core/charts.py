@@ -8,9 +8,8 @@ import altair as alt
 import numpy as np
 import pandas as pd
 
-from .analysis import flagged
+from .analysis import COMBINATION_SEPARATOR, flagged
 
-COMBINATION_SEPARATOR = " + "  # analysis.combination_counts joins category names with this
 _CELL = 28  # pixels per heatmap cell / bar band
 
 

@@ -91,13 +91,6 @@ def _read_scores(path: str) -> pd.DataFrame:
     return scores
 
 
-def _neuron_list(text: str) -> list[tuple[int, int]]:
-    try:
-        return [(int(a), int(b)) for a, b in (part.split(":") for part in text.split(",") if part.strip())]
-    except ValueError:
-        raise ValueError(f"invalid neuron list '{text}': use layer:neuron pairs, e.g. 5:376,5:544") from None
-
-
 def _run_validate(args) -> int:
     from .hypothesis import validate_heldout
     from .models import load_model
@@ -119,12 +112,12 @@ def _run_validate(args) -> int:
 
 
 def _run_ablate(args) -> int:
-    from .hypothesis import ablate, flagged_for_category
+    from .hypothesis import ablate, flagged_for_category, parse_neuron_list
     from .models import load_model
 
     cfg = load_config(args.config)
     if args.neurons:
-        neurons = _neuron_list(args.neurons)
+        neurons = parse_neuron_list(args.neurons)
     elif args.csv:
         neurons = flagged_for_category(_read_scores(args.csv), args.category, "score", args.threshold, args.max_neurons or None)
     else:

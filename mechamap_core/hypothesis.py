@@ -13,7 +13,7 @@ from .config import ScanConfig, validate_config
 from .inspect_neuron import collect_activations
 from .models import LoadedModel
 from .scanner import batches, hooked
-from .sites import resolve_sites
+from .sites import hook_name, resolve_sites
 from .stats import auroc_exact, moment_statistics
 
 DEFAULT_MIN_AUROC = 0.75
@@ -78,7 +78,7 @@ def validate_heldout(
                 row["status"] = "untested (no held-out tokens for this category)"
             rows.append(row)
     per_neuron = pd.DataFrame(rows)
-    per_neuron.insert(3, "hook", per_neuron["layer"].map(lambda layer: f"blocks.{layer}.mlp.hook_post"))
+    per_neuron.insert(3, "hook", per_neuron["layer"].map(hook_name))
     per_neuron = per_neuron.merge(candidates.assign(category=candidates["category"].astype(str)), on=["layer", "neuron", "category"], how="left", suffixes=("", "_scan"))
     summary = (
         per_neuron.groupby("category", sort=False)["status"]
@@ -134,11 +134,10 @@ def _forward_measure(lm: LoadedModel, aligned: AlignedText, sites, ablation: dic
 
         return hook
 
-    pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     out = None
     active = [s for s in sites if ablation and s.layer in ablation]
     with torch.inference_mode(), hooked(active, hook_fn):
-        for ids, mask, flat, index in batches(aligned, batch_size, pad_id, lm.device):
+        for ids, mask, flat, index in batches(aligned, batch_size, lm.pad_id, lm.device):
             if lm.is_causal_lm:
                 logits = lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()  # [B, S, V]
                 width = ids.shape[1]
@@ -198,7 +197,7 @@ def ablate(
             pool = np.setdiff1d(np.arange(d_mlp[layer]), ids)
             control[layer] = sorted(rng.choice(pool, size=min(len(ids), len(pool)), replace=False).tolist())
         conditions.append((f"control {i + 1}", control))
-    chunk = min(cfg.max_chunk_tokens or lm.context_length, lm.context_length)
+    chunk = lm.chunk_tokens(cfg.max_chunk_tokens)
     means = {}
     if mode == "mean":
         union = {layer: sorted({n for _, c in conditions for n in c[layer]}) for layer in by_layer}
@@ -245,6 +244,14 @@ def ablate(
     if len(controls) > 1 and summary["control_std"] > 0:
         summary["z_vs_controls"] = (effect - summary["control_mean"]) / summary["control_std"]
     return AblationResult(table, summary, kind)
+
+
+def parse_neuron_list(text: str) -> list[tuple[int, int]]:
+    """'5:376, 5:544' -> [(5, 376), (5, 544)] (empty parts skipped). Raises ValueError for anything else."""
+    try:
+        return [(int(a), int(b)) for a, b in (part.split(":") for part in text.split(",") if part.strip())]
+    except ValueError:
+        raise ValueError(f"invalid neuron list '{text}': use layer:neuron pairs, e.g. 5:376,5:544") from None
 
 
 def flagged_for_category(scores: pd.DataFrame, category: str, metric: str = "score", threshold: float = 1.0, limit: int | None = None) -> list[tuple[int, int]]:

@@ -31,7 +31,7 @@ def collect_activations(
             bad = [n for n in neurons[site.layer] if not 0 <= n < site.d_mlp]
             if bad:
                 raise ValueError(f"neurons {bad} are out of range for layer {site.layer} (0-{site.d_mlp - 1})")
-        chunk = min(max_chunk_tokens or lm.context_length, lm.context_length)
+        chunk = lm.chunk_tokens(max_chunk_tokens)
         aligned = align(lm.tokenizer, texts, categories or {}, chunk)
         if aligned.n_tokens == 0:
             raise ValueError("the text has no tokens besides special tokens")
@@ -60,11 +60,18 @@ def neuron_token_table(result: ScanResult, layer: int, neuron: int) -> pd.DataFr
     acts = result.activations[layer]
     if neuron >= acts.shape[1]:
         return None
-    out = result.tokens[["token_index", "doc", "token", "start", "end"]].copy()
-    out["activation"] = acts[:, neuron].astype(np.float32)
-    names = result.categories
-    labels = [", ".join(names[c] for c in np.flatnonzero(row)) for row in result.category_mask]
-    out["categories"] = labels
+    return token_table(result.tokens, acts[:, neuron].astype(np.float32), result.category_mask, result.categories)
+
+
+def token_table(tokens: pd.DataFrame, activations: np.ndarray, category_mask: np.ndarray, names: list[str]) -> pd.DataFrame:
+    """One neuron's per-token table: token_index, doc, token, start, end, activation, categories.
+
+    activations [n_tokens] and category_mask [n_tokens, n_categories] follow the rows of tokens;
+    categories is each token's category names joined with ", " ("" for none).
+    """
+    out = tokens[["token_index", "doc", "token", "start", "end"]].copy()
+    out["activation"] = activations
+    out["categories"] = [", ".join(names[c] for c in np.flatnonzero(row)) for row in category_mask]
     return out
 
 

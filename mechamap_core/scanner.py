@@ -97,7 +97,6 @@ def run_hooked_forward(
     else layer steps. Returns the number of forward passes run. Hooks are removed even when a hook
     or the model raises.
     """
-    pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     last_layer = sites[-1].layer
     n_docs = len({c.doc for c in aligned.chunks})
     total = n_docs if n_docs > 1 else -(-len(aligned.chunks) // batch_size) * len(sites)
@@ -128,7 +127,7 @@ def run_hooked_forward(
     ends = sorted(last_chunk.values())
     docs_done = [sum(e < min(b + batch_size, len(aligned.chunks)) for e in ends) for b in range(0, len(aligned.chunks), batch_size)]
     with torch.inference_mode(), hooked(sites, hook_fn):
-        for ids, mask, flat, index in batches(aligned, batch_size, pad_id, lm.device):
+        for ids, mask, flat, index in batches(aligned, batch_size, lm.pad_id, lm.device):
             state.update(shape=tuple(ids.shape), flat=flat, index=index.to(lm.device))
             try:
                 lm.model(input_ids=ids, attention_mask=mask, **extra)
@@ -230,7 +229,8 @@ def scan(
     """Scan every MLP neuron of lm over the config's master text(s), in one forward pass per batch of chunks.
 
     layers / limit_neurons override the config's (None keeps the config's). record_activations keeps
-    per-token float16 activations for the neuron view: True, False, or "auto" (when they fit in 512 MiB).
+    per-token activations for the neuron view (float16 in the result; held as float32 during the scan,
+    where exact AUROC ranks them): True, False, or "auto" (when the float32 copy fits in 512 MiB).
     texts overrides the config's master text(s) (e.g. documents streamed from a corpus).
     Returns a ScanResult. Raises ConfigError, SiteResolutionError, and ValueError for a text with no
     countable tokens or layers out of range.
@@ -241,7 +241,7 @@ def scan(
     limit = cfg.limit_neurons if limit_neurons is None else limit_neurons
     with lm.lock:
         sites = resolve_sites(lm.model, layers)
-        chunk_tokens = min(cfg.max_chunk_tokens or lm.context_length, lm.context_length)
+        chunk_tokens = lm.chunk_tokens(cfg.max_chunk_tokens)
         aligned = align(lm.tokenizer, texts if texts is not None else cfg.texts, cfg.categories, chunk_tokens)
         if aligned.n_tokens == 0:
             raise ValueError("the master text has no tokens besides special tokens, so there is nothing to scan")

@@ -7,7 +7,7 @@ import html
 import pandas as pd
 
 from mechamap_core.alignment import align, coverage_summary, find_word_spans, word_coverage
-from mechamap_core.config import ConfigError, ScanConfig
+from mechamap_core.config import ConfigError, ScanConfig, validate_config
 
 TABLE_COLUMNS = ["category", "words"]
 # Colours for up to 12 categories (then they repeat); light enough to keep dark text readable.
@@ -56,8 +56,6 @@ def table_to_categories(table: pd.DataFrame) -> tuple[dict[str, list[str]], list
 
 def config_problems(cfg: ScanConfig, extra: list[tuple[str, str]] | None = None) -> ConfigError | None:
     """Every problem of a config (validate_config's plus extra ones), as one ConfigError, or None if valid."""
-    from mechamap_core.config import validate_config
-
     problems = list(extra or [])
     try:
         validate_config(cfg)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from mechamap_core.inspect_neuron import collect_activations, token_activations
+from mechamap_core.inspect_neuron import collect_activations, token_activations, token_table
 from mechamap_core.models import ModelNotAvailableError
 from mechamap_core.scanner import ScanResult
 from mechamap_ui.state import get_model
@@ -24,11 +24,7 @@ def recomputed_token_table(result: ScanResult, layer: int, neuron: int):
     if lm is None:
         return None
     aligned, acts = collect_activations(lm, result.texts, {layer: [neuron]}, result.metadata["config"]["categories"])
-    table = aligned.tokens[["token_index", "doc", "token", "start", "end"]].copy()
-    table["activation"] = acts[layer][:, 0]
-    names = aligned.categories
-    table["categories"] = [", ".join(names[c] for c, hit in enumerate(row) if hit) for row in aligned.category_mask]
-    return table
+    return token_table(aligned.tokens, acts[layer][:, 0], aligned.category_mask, aligned.categories)
 
 
 @st.cache_data(show_spinner="Running the model on your text...", max_entries=64)

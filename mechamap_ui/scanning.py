@@ -8,6 +8,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import streamlit as st
 import torch
 
 from mechamap_core.config import ConfigError, ScanConfig, config_to_yaml
@@ -103,6 +104,18 @@ def run_scan(
         while len(_SCANS) > MAX_REMEMBERED_SCANS:
             _SCANS.popitem(last=False)
     return ScanOutcome(result, run_id, cached=False)
+
+
+def scan_with_progress_bar(spec: str, cfg: ScanConfig, **options) -> ScanOutcome | None:
+    """run_scan(spec, cfg, **options) under a progress bar; on any failure the bar goes, one readable
+    st.error says why (never a traceback), and None is returned."""
+    bar = st.progress(0.0, text="Starting ...")
+    try:
+        return run_scan(spec, cfg, progress=lambda fraction, message: bar.progress(fraction, text=message), **options)
+    except Exception as exc:  # noqa: BLE001 - every failure becomes one readable sentence, never a traceback
+        bar.empty()
+        st.error(friendly_error(exc))
+        return None
 
 
 def _first_line(exc: BaseException) -> str:

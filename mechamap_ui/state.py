@@ -13,11 +13,8 @@ from mechamap_core.models import LoadedModel, load_model
 from mechamap_core.scanner import ScanResult
 
 ROOT = Path(__file__).resolve().parent.parent
-# Import-time snapshots, kept for existing callers; prefer configs_dir() / runs_dir(), which read the
-# environment on every call (tests point MECHAMAP_CONFIGS_DIR / MECHAMAP_RUNS_DIR at temp folders).
-CONFIGS_DIR = Path(os.environ.get("MECHAMAP_CONFIGS_DIR", ROOT / "configs"))
-RUNS_DIR = Path(os.environ.get("MECHAMAP_RUNS_DIR", ROOT / "runs"))
-DEFAULT_CONFIG = CONFIGS_DIR / "default.yaml"
+# configs_dir() / runs_dir() read the environment on every call (tests point MECHAMAP_CONFIGS_DIR /
+# MECHAMAP_RUNS_DIR at temp folders).
 BUNDLED_DEFAULT_CONFIG = ROOT / "configs" / "default.yaml"
 
 # session_state keys

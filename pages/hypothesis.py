@@ -6,7 +6,7 @@ import streamlit as st
 
 from mechamap_core.config import ConfigError, ScanConfig, load_config, safe_child_path
 from mechamap_core.export import flagged_neurons
-from mechamap_core.hypothesis import ablate, flagged_for_category, validate_heldout
+from mechamap_core.hypothesis import ablate, flagged_for_category, parse_neuron_list, validate_heldout
 from mechamap_ui import state
 from mechamap_ui.neuron_data import model_for
 from mechamap_ui.widgets import chart_downloads, metric_picker, neuron_table, stat_column_config, threshold_slider
@@ -100,7 +100,7 @@ with ablate_tab:
     else:
         typed = st.text_input("layer:neuron pairs", placeholder="5:376, 5:544")
         try:
-            neurons = [(int(a), int(b)) for a, b in (p.split(":") for p in typed.split(",") if p.strip())]
+            neurons = parse_neuron_list(typed)
         except ValueError:
             st.error("Write neurons as layer:neuron pairs separated by commas, e.g. 5:376, 5:544")
     c1, c2 = st.columns(2)

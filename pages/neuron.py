@@ -5,6 +5,7 @@ import streamlit as st
 from mechamap_core.analysis import neuron_profile
 from mechamap_core.charts import activation_histogram, category_bars, coloured_text_html, direct_effect_bars
 from mechamap_core.inspect_neuron import direct_effect, neuron_token_table, top_examples
+from mechamap_core.sites import hook_name
 from mechamap_ui import state
 from mechamap_ui.neuron_data import model_for, recomputed_token_table, typed_text_activations
 from mechamap_ui.widgets import SELECTED_NEURON, chart_downloads, stat_column_config
@@ -22,7 +23,7 @@ max_neuron = int(result.metadata["neurons_per_layer"][str(layer)]) - 1
 neuron = int(right.number_input(f"Neuron (0-{max_neuron})", 0, max_neuron, min(int(picked[1]), max_neuron)))
 st.session_state[SELECTED_NEURON] = (layer, neuron)
 profile = neuron_profile(result.scores, layer, neuron)
-st.subheader(f"L{layer}.N{neuron} · `blocks.{layer}.mlp.hook_post`")
+st.subheader(f"L{layer}.N{neuron} · `{hook_name(layer)}`")
 best = profile.sort_values("score", ascending=False).iloc[0]
 st.caption(f"Most selective for **{best['category']}** (score {best['score']:.2f}, AUROC {best['auroc']:.3f}, q {best['q_value']:.1e}).")
 

@@ -18,15 +18,13 @@ st.markdown(
 state.show_flash()
 
 if st.button("Scan the bundled model with the default config", type="primary", icon=":material/play_arrow:"):
-    bar = st.progress(0.0, text="Starting ...")
     outcome = None
     try:
         cfg = load_config(state.default_config_path())
-        outcome = scanning.run_scan(BUNDLED_MODEL_ID, cfg, progress=lambda f, msg: bar.progress(f, text=msg))
     except (ConfigError, FileNotFoundError) as exc:
         st.error(f"The default config cannot be used: {exc}")
-    except Exception as exc:  # noqa: BLE001 - every failure becomes one readable sentence
-        st.error(scanning.friendly_error(exc))
+    else:
+        outcome = scanning.scan_with_progress_bar(BUNDLED_MODEL_ID, cfg)
     if outcome is not None:
         state.set_active_run(outcome.run_id)
         seconds = outcome.result.metadata["timings_s"]["total"]

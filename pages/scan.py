@@ -106,16 +106,9 @@ with st.expander("Use a corpus file instead of the master text (optional)", icon
 # --- scan ----------------------------------------------------------------------------------
 can_scan = problem is None and not input_errors and bool((spec or "").strip())
 if st.button("Scan", type="primary", icon=":material/play_arrow:", disabled=not can_scan):
-    bar = st.progress(0.0, text="Starting ...")
-    outcome = None
-    try:
-        outcome = scanning.run_scan(
-            spec, cfg, device=device, dtype=dtype, layers=layers, limit_neurons=int(limit), texts=texts,
-            progress=lambda fraction, message: bar.progress(fraction, text=message),
-        )  # fmt: skip
-    except Exception as exc:  # noqa: BLE001 - every failure becomes one readable sentence, never a traceback
-        bar.empty()
-        st.error(scanning.friendly_error(exc))
+    outcome = scanning.scan_with_progress_bar(
+        spec, cfg, device=device, dtype=dtype, layers=layers, limit_neurons=int(limit), texts=texts
+    )
     if outcome is not None:
         state.set_active_run(outcome.run_id)
         md = outcome.result.metadata
