@@ -7,6 +7,7 @@ import streamlit as st
 from mechamap_core import analysis
 from mechamap_core.config import BUNDLED_MODEL_ID, ConfigError, load_config
 from mechamap_ui import scanning, state
+from mechamap_ui.widgets import neuron_table, stat_column_config
 
 st.title(":material/explore: MechaMap")
 st.markdown(
@@ -62,7 +63,5 @@ with right:
     top = analysis.top_neurons(result.scores, "score", n=1, top_tokens=result.top_tokens)
     top["category"] = top["category"].astype(str)
     show = [c for c in ("category", "layer", "neuron", "score", "avg_activation", "auroc", "top_tokens") if c in top.columns]
-    st.dataframe(top[show], hide_index=True, column_config={"score": st.column_config.NumberColumn(format="%.2f"),
-                 "avg_activation": st.column_config.NumberColumn(format="%.3f"),
-                 "auroc": st.column_config.NumberColumn(format="%.3f")})  # fmt: skip
+    neuron_table(top[show], key="overview_top", column_config=stat_column_config(top[show]))
 st.caption("Explore the layers and categories on the Pivot, Overlap and Correlation pages.")
