@@ -484,7 +484,7 @@ def bench_breakdown(lm, cfg, repeats: int) -> dict:
     from mechamap_core import scanner as S
     from mechamap_core.alignment import align
     from mechamap_core.sites import resolve_sites
-    from mechamap_core.stats import auroc_exact, bh_qvalues, moment_statistics
+    from mechamap_core.stats import auroc_from_ranks, average_ranks, bh_qvalues, moment_statistics
 
     sites = resolve_sites(lm.model, cfg.layers)
     chunk_tokens = min(cfg.max_chunk_tokens or lm.context_length, lm.context_length)
@@ -526,17 +526,17 @@ def bench_breakdown(lm, cfg, repeats: int) -> dict:
 
     out["hook_histogram"] = tm(histograms)
 
-    def record():  # what scan's on_layer does when recording: float32 to the CPU (no copy on a CPU model)
-        return [a.cpu() for _, a, _ in captured]
+    def record():  # what scan's on_layer does when recording: the neuron-major float32 copy, on the CPU
+        return [a.T.contiguous().cpu() for _, a, _ in captured]
 
     out["hook_record"] = tm(record)
     accs_rec, accs_hist = updates(k, False), updates(k, True)
-    parts = {s.layer: [a.cpu() for layer, a, _ in captured if layer == s.layer] for s in sites}
-    out["concat_records"] = tm(lambda: {layer: torch.cat(p).numpy() for layer, p in parts.items()})
-    acts_np = {layer: torch.cat(p).numpy() for layer, p in parts.items()}  # float32 [T, N], as scan holds them
-    out["to_float16"] = tm(lambda: {layer: torch.from_numpy(a).half().numpy() for layer, a in acts_np.items()})
+    parts = {s.layer: [a.T.contiguous().cpu() for layer, a, _ in captured if layer == s.layer] for s in sites}
+    out["concat_records"] = tm(lambda: {layer: torch.cat(p, dim=1).numpy() for layer, p in parts.items()})
+    acts_np = {layer: torch.cat(p, dim=1).numpy() for layer, p in parts.items()}  # float32 [N, T], as scan holds them
+    out["to_float16"] = tm(lambda: {layer: torch.from_numpy(a).half().numpy().T for layer, a in acts_np.items()})
     out["moment_statistics"] = tm(lambda: [moment_statistics(**a.moments()) for a in accs_rec.values()])
-    out["auroc_exact"] = tm(lambda: [auroc_exact(acts_np[s.layer], aligned.category_mask) for s in sites])
+    out["auroc_exact"] = tm(lambda: [auroc_from_ranks(average_ranks(acts_np[s.layer]).T, aligned.category_mask) for s in sites])
     out["auroc_binned"] = tm(lambda: [a.binned_auroc() for a in accs_hist.values()])
     out["assemble_rec"] = tm(lambda: S._assemble(lm.name, aligned, sites, accs_rec, n_neurons, acts_np, True))
     out["assemble_norec"] = tm(lambda: S._assemble(lm.name, aligned, sites, accs_hist, n_neurons, None, True))
@@ -551,8 +551,8 @@ def bench_breakdown(lm, cfg, repeats: int) -> dict:
     out["sum_norec"] = base + out["hook_histogram"] + out["assemble_norec"]
     out["sum_off"] = base + out["hook_record"] + out["concat_records"] + out["assemble_off"] + out["to_float16"]
     # neurons whose activations have tied values go through scipy's rankdata in average_ranks
-    out["tied"] = sum(int((np.diff(np.sort(a, axis=0), axis=0) == 0).any(axis=0).sum()) for a in acts_np.values())
-    out["neurons"] = sum(a.shape[1] for a in acts_np.values())
+    out["tied"] = sum(int((np.diff(np.sort(a, axis=1), axis=1) == 0).any(axis=1).sum()) for a in acts_np.values())
+    out["neurons"] = sum(a.shape[0] for a in acts_np.values())
     out["tokens"] = aligned.n_tokens
     return out
 

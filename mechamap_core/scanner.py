@@ -17,7 +17,7 @@ from .config import ScanConfig, validate_config
 from .models import LoadedModel
 from .sites import NeuronSite, resolve_sites
 from .sites import n_layers as count_layers
-from .stats import auroc_binned, auroc_exact, bh_qvalues, moment_statistics
+from .stats import auroc_binned, auroc_from_ranks, average_ranks, bh_qvalues, moment_statistics
 
 ProgressFn = Callable[[int, int, str], None]
 RECORD_AUTO_LIMIT_BYTES = 512 * 2**20
@@ -159,8 +159,9 @@ class LayerAccumulator:
         self.hist_all = torch.zeros(n_neurons * HIST_BINS, dtype=torch.long, device=device) if histogram else None
         self.hist_cat = torch.zeros(n_categories, n_neurons * HIST_BINS, dtype=torch.long, device=device) if histogram else None
 
-    def update(self, acts: torch.Tensor, cat_mask: torch.Tensor, token_index: torch.Tensor) -> None:
-        """acts [T, N] float32, cat_mask [T, C] float32, token_index [T] long (global token numbers)."""
+    def update(self, acts: torch.Tensor, cat_mask: torch.Tensor, token_index: torch.Tensor, acts_t: torch.Tensor | None = None) -> None:
+        """acts [T, N] float32, cat_mask [T, C] float32, token_index [T] long (global token numbers);
+        acts_t: acts.T.contiguous() [N, T] if the caller has it (top-k runs along its contiguous rows)."""
         squares = acts * acts
         self.n_all += acts.shape[0]
         self.n_cat += cat_mask.sum(0).to(self.n_cat.dtype)
@@ -170,7 +171,8 @@ class LayerAccumulator:
         self.sumsq_cat += (cat_mask.T @ squares).to(self.sum_all.dtype)
         if self.top_k:
             k = min(self.top_k, acts.shape[0])
-            vals, rows = torch.topk(acts.T.contiguous(), k, dim=1)  # [N, k]: along contiguous rows is faster
+            acts_t = acts.T.contiguous() if acts_t is None else acts_t
+            vals, rows = torch.topk(acts_t, k, dim=1)  # [N, k]: along contiguous rows is faster
             vals, rows = vals.T, rows.T  # [k, N]
             vals = torch.cat([self.top_vals, vals])
             index = torch.cat([self.top_index, token_index[rows]])
@@ -258,19 +260,21 @@ def scan(
         recorded: dict[int, list[torch.Tensor]] = {s.layer: [] for s in sites}
 
         def on_layer(site, acts, token_index):
-            accs[site.layer].update(acts, cat_mask_all.index_select(0, token_index), token_index)
+            acts_t = acts.T.contiguous()  # [N, T]: top-k and the exact ranks both work along its rows
+            accs[site.layer].update(acts, cat_mask_all.index_select(0, token_index), token_index, acts_t)
             if record:
-                recorded[site.layer].append(acts.cpu())  # float32 here; float16 in the result
+                recorded[site.layer].append(acts_t.cpu())  # float32 here; float16 in the result
 
         passes = run_hooked_forward(lm, aligned, sites, on_layer, n_neurons, cfg.batch_size, progress)
         forward_s = time.perf_counter()
-    activations = None
-    if record:  # chunks arrive in token order, so concatenation is [n_tokens, N]
-        activations = {layer: torch.cat(parts).numpy() for layer, parts in recorded.items()}
+    activations_t = None
+    if record:  # chunks arrive in token order, so concatenating along tokens gives [N, n_tokens]
+        activations_t = {layer: torch.cat(parts, dim=1).numpy() for layer, parts in recorded.items()}
         recorded.clear()
-    scores, top = _assemble(lm.name, aligned, sites, accs, n_neurons, activations, cfg.auroc)
-    if activations is not None:
-        activations = {layer: torch.from_numpy(acts).half().numpy() for layer, acts in activations.items()}
+    scores, top = _assemble(lm.name, aligned, sites, accs, n_neurons, activations_t, cfg.auroc)
+    activations = None
+    if activations_t is not None:  # float16 [n_tokens, N] views of the neuron-major arrays
+        activations = {layer: torch.from_numpy(a).half().numpy().T for layer, a in activations_t.items()}
     finished = time.perf_counter()
     metadata = {
         "model": lm.name,
@@ -302,8 +306,10 @@ def scan(
     return ScanResult(scores, top, aligned.tokens, aligned.coverage, aligned.category_mask, metadata, aligned.texts, activations)
 
 
-def _assemble(model_name, aligned, sites, accs, n_neurons, activations, with_auroc=True):
-    """Scores rows in (layer, neuron, category) order, and the top-token table."""
+def _assemble(model_name, aligned, sites, accs, n_neurons, activations_t, with_auroc=True):
+    """Scores rows in (layer, neuron, category) order, and the top-token table.
+
+    activations_t: recorded float32 activations {layer: [N, n_tokens]} (exact AUROC), or None (binned)."""
     names = aligned.categories
     n_cat = len(names)
     columns: dict[str, list[np.ndarray]] = {}
@@ -313,8 +319,8 @@ def _assemble(model_name, aligned, sites, accs, n_neurons, activations, with_aur
         stats = moment_statistics(**acc.moments())  # each [C, N]
         if not with_auroc:
             stats["auroc"] = np.full((n_cat, n), np.nan)
-        elif activations is not None:
-            stats["auroc"] = auroc_exact(activations[site.layer], aligned.category_mask)
+        elif activations_t is not None:
+            stats["auroc"] = auroc_from_ranks(average_ranks(activations_t[site.layer]).T, aligned.category_mask)
         else:
             stats["auroc"] = acc.binned_auroc()
         stats["score"] = stats["separation"]
