@@ -326,6 +326,23 @@ def bench_per_neuron(lm, cfg, n_passes: int, seed: int = 0) -> dict:
 # ---------------------------------------------------------------------------------------------- 4: memory
 
 
+def measured_scan(run_scan):
+    """(result, memory figures) of run_scan() with the peak RSS reset just before it (child processes only)."""
+    gc.collect()
+    ru_after_load = ru_maxrss_kb()
+    reset_ok = reset_peak_rss()
+    baseline = proc_status_kb()["VmRSS"]
+    ru_baseline = ru_maxrss_kb()
+    start = time.perf_counter()
+    res = run_scan()
+    seconds = time.perf_counter() - start
+    status = proc_status_kb()
+    return res, {
+        "baseline_kb": baseline, "ru_after_load_kb": ru_after_load, "ru_baseline_kb": ru_baseline,
+        "ru_peak_kb": ru_maxrss_kb(), "hwm_kb": status["VmHWM"], "reset_ok": reset_ok, "scan_s": seconds,
+    }  # fmt: skip
+
+
 def memory_child(n_tokens: int, model: str, batch_size: int) -> None:
     """Child process: load a model, reset the peak RSS, scan an n_tokens text (record off), print JSON."""
     from mechamap_core import load_config, scan
@@ -333,21 +350,10 @@ def memory_child(n_tokens: int, model: str, batch_size: int) -> None:
     lm = bundled_model() if model == "bundled" else gpt2_model()
     cfg = load_config(CONFIG)
     cfg = replace(cfg, master_text=text_of_tokens(lm.tokenizer, cfg.master_text, n_tokens), batch_size=batch_size)
-    gc.collect()
-    ru_after_load = ru_maxrss_kb()
-    reset_ok = reset_peak_rss()
-    baseline = proc_status_kb()["VmRSS"]
-    ru_baseline = ru_maxrss_kb()
-    start = time.perf_counter()
-    res = scan(lm, cfg, record_activations=False)
-    seconds = time.perf_counter() - start
-    status = proc_status_kb()
-    ru_peak = ru_maxrss_kb()
+    res, memory = measured_scan(lambda: scan(lm, cfg, record_activations=False))
     print(json.dumps({
         "model": model, "batch_size": batch_size, "n_tokens": res.metadata["n_tokens"],
-        "n_chunks": res.metadata["n_chunks"], "passes": res.metadata["n_forward_passes"],
-        "baseline_kb": baseline, "ru_after_load_kb": ru_after_load, "ru_baseline_kb": ru_baseline,
-        "ru_peak_kb": ru_peak, "hwm_kb": status["VmHWM"], "reset_ok": reset_ok, "scan_s": seconds,
+        "n_chunks": res.metadata["n_chunks"], "passes": res.metadata["n_forward_passes"], **memory,
     }))  # fmt: skip
 
 
@@ -393,16 +399,7 @@ def corpus_child(n_docs: int, batch_size: int) -> None:
     def progress(done, total, message):
         calls.append((done, total))
 
-    gc.collect()
-    ru_after_load = ru_maxrss_kb()
-    reset_ok = reset_peak_rss()
-    baseline = proc_status_kb()["VmRSS"]
-    ru_baseline = ru_maxrss_kb()
-    start = time.perf_counter()
-    res = scan(lm, cfg, record_activations=False, texts=docs, progress=progress)
-    seconds = time.perf_counter() - start
-    status = proc_status_kb()
-    ru_peak = ru_maxrss_kb()
+    res, memory = measured_scan(lambda: scan(lm, cfg, record_activations=False, texts=docs, progress=progress))
     per_doc = res.tokens.groupby("doc").size()
     print(json.dumps({
         "model": "bundled", "batch_size": cfg.batch_size, "n_docs": n_docs, "n_documents": res.metadata["n_documents"],
@@ -411,9 +408,7 @@ def corpus_child(n_docs: int, batch_size: int) -> None:
         "doc_tokens": [int(per_doc.min()), float(per_doc.mean()), int(per_doc.max())],
         "progress_calls": len(calls), "progress_last": list(calls[-1]) if calls else None,
         "progress_monotonic": all(a[0] <= b[0] for a, b in zip(calls, calls[1:])),
-        "progress_totals": sorted({t for _, t in calls}),
-        "baseline_kb": baseline, "ru_after_load_kb": ru_after_load, "ru_baseline_kb": ru_baseline,
-        "ru_peak_kb": ru_peak, "hwm_kb": status["VmHWM"], "reset_ok": reset_ok, "scan_s": seconds,
+        "progress_totals": sorted({t for _, t in calls}), **memory,
     }))  # fmt: skip
 
 

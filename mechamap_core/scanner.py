@@ -259,8 +259,10 @@ def scan(
         }
         recorded: dict[int, list[torch.Tensor]] = {s.layer: [] for s in sites}
 
+        transpose = record or cfg.top_k_tokens > 0  # only top-k and the recording need the neuron-major copy
+
         def on_layer(site, acts, token_index):
-            acts_t = acts.T.contiguous()  # [N, T]: top-k and the exact ranks both work along its rows
+            acts_t = acts.T.contiguous() if transpose else None  # [N, T]: top-k and exact ranks work along its rows
             accs[site.layer].update(acts, cat_mask_all.index_select(0, token_index), token_index, acts_t)
             if record:
                 recorded[site.layer].append(acts_t.cpu())  # float32 here; float16 in the result
