@@ -478,8 +478,8 @@ def bench_breakdown(lm, cfg, repeats: int) -> dict:
 
     from mechamap_core import scanner as S
     from mechamap_core.alignment import align
-    from mechamap_core.sites import resolve_sites
-    from mechamap_core.stats import auroc_from_ranks, average_ranks, bh_qvalues, moment_statistics
+    from mechamap_core.sites import n_layers, resolve_sites
+    from mechamap_core.stats import bh_qvalues
 
     sites = resolve_sites(lm.model, cfg.layers)
     chunk_tokens = min(cfg.max_chunk_tokens or lm.context_length, lm.context_length)
@@ -520,34 +520,34 @@ def bench_breakdown(lm, cfg, repeats: int) -> dict:
                 accs[layer]._update_histogram(acts, mask_all.index_select(0, index))
 
     out["hook_histogram"] = tm(histograms)
+    kept = {s.layer: [a.cpu().numpy() for layer, a, _ in captured if layer == s.layer] for s in sites}
+    accs_rec, accs_hist = updates(0, False), updates(k, True)
 
-    def record():  # what scan's on_layer does when recording: the neuron-major float32 copy, on the CPU
-        return [a.T.contiguous().cpu() for _, a, _ in captured]
+    def finish(accs, record, with_auroc):  # what the worker (and, for the last layer, the scan's thread) runs
+        return [S._finish_part(s.layer, slice(0, n_neurons[s.layer]), accs[s.layer], kept[s.layer] if record else None,
+                               aligned.category_mask, k, with_auroc) for s in sites]  # fmt: skip
 
-    out["hook_record"] = tm(record)
-    accs_rec, accs_hist = updates(k, False), updates(k, True)
-    parts = {s.layer: [a.T.contiguous().cpu() for layer, a, _ in captured if layer == s.layer] for s in sites}
-    out["concat_records"] = tm(lambda: {layer: torch.cat(p, dim=1).numpy() for layer, p in parts.items()})
-    acts_np = {layer: torch.cat(p, dim=1).numpy() for layer, p in parts.items()}  # float32 [N, T], as scan holds them
-    out["to_float16"] = tm(lambda: {layer: torch.from_numpy(a).half().numpy().T for layer, a in acts_np.items()})
-    out["moment_statistics"] = tm(lambda: [moment_statistics(**a.moments()) for a in accs_rec.values()])
-    out["auroc_exact"] = tm(lambda: [auroc_from_ranks(average_ranks(acts_np[s.layer]).T, aligned.category_mask) for s in sites])
-    out["auroc_binned"] = tm(lambda: [a.binned_auroc() for a in accs_hist.values()])
-    out["assemble_rec"] = tm(lambda: S._assemble(lm.name, aligned, sites, accs_rec, n_neurons, acts_np, True))
-    out["assemble_norec"] = tm(lambda: S._assemble(lm.name, aligned, sites, accs_hist, n_neurons, None, True))
-    out["assemble_off"] = tm(lambda: S._assemble(lm.name, aligned, sites, accs_rec, n_neurons, None, False))
-    p_values = np.concatenate([moment_statistics(**a.moments())["p_value"].reshape(-1) for a in accs_rec.values()])
+    out["finish_rec"] = tm(lambda: finish(accs_rec, True, True))
+    out["finish_norec"] = tm(lambda: finish(accs_hist, False, True))
+    out["finish_off"] = tm(lambda: finish(accs_rec, True, False))
+    acts_t = {layer: np.ascontiguousarray(np.concatenate(parts).T) for layer, parts in kept.items()}
+    out["ranked"] = tm(lambda: [S._ranked_statistics(a, aligned.category_mask, k, True) for a in acts_t.values()])
+    parts = finish(accs_rec, True, True)
+    depth = n_layers(lm.model)
+    out["assemble"] = tm(lambda: S._assemble(lm.name, aligned, parts, depth))
+    p_values = np.concatenate([p.stats["p_value"].reshape(-1) for p in parts])
     out["bh_qvalues"] = tm(lambda: bh_qvalues(p_values))
-    out["frames_rec"] = max(0.0, out["assemble_rec"] - out["moment_statistics"] - out["auroc_exact"])
-    out["frames_norec"] = max(0.0, out["assemble_norec"] - out["moment_statistics"] - out["auroc_binned"])
-    out["frames_off"] = max(0.0, out["assemble_off"] - out["moment_statistics"])
-    base = out["align"] + out["hooked_noop"] + out["hook_moments"] + out["hook_topk"]
-    out["sum_rec"] = base + out["hook_record"] + out["concat_records"] + out["assemble_rec"] + out["to_float16"]
-    out["sum_norec"] = base + out["hook_histogram"] + out["assemble_norec"]
-    out["sum_off"] = base + out["hook_record"] + out["concat_records"] + out["assemble_off"] + out["to_float16"]
-    # neurons whose activations have tied values go through scipy's rankdata in average_ranks
-    out["tied"] = sum(int((np.diff(np.sort(a, axis=1), axis=1) == 0).any(axis=1).sum()) for a in acts_np.values())
-    out["neurons"] = sum(a.shape[0] for a in acts_np.values())
+    # the worker overlaps every layer's finishing with the forward pass, except the last layer's,
+    # which it shares with the scan's thread in two halves once the forward pass is done
+    last_share = 1 / len(sites) / 2
+    base = out["align"] + out["hooked_noop"] + out["assemble"]
+    out["sum_rec"] = base + out["hook_moments"] + out["finish_rec"]
+    out["exposed_rec"] = base + out["hook_moments"] + out["finish_rec"] * last_share
+    out["sum_norec"] = base + out["hook_moments"] + out["hook_topk"] + out["hook_histogram"] + out["finish_norec"]
+    out["sum_off"] = base + out["hook_moments"] + out["finish_off"]
+    out["exposed_off"] = base + out["hook_moments"] + out["finish_off"] * last_share
+    out["tied"] = sum(int((np.diff(np.sort(a, axis=1), axis=1) == 0).any(axis=1).sum()) for a in acts_t.values())
+    out["neurons"] = sum(a.shape[0] for a in acts_t.values())
     out["tokens"] = aligned.n_tokens
     return out
 
@@ -557,21 +557,19 @@ BREAKDOWN_ROWS = [
     ("align", "alignment (tokenize, word spans, chunks)"),
     ("hooked_noop", "hooked forward, no-op on_layer (hooks, gather, .float(), early stop)"),
     ("hook_moments", "  in hook: counts, sums, squares, category matmuls (float64)"),
-    ("hook_topk", "  in hook: top-k merge (along contiguous rows)"),
+    ("hook_topk", "  in hook: top-k merge (record off only; recorded layers take it from the ranking)"),
     ("hook_histogram", "  in hook: histograms (record off, auroc on only)"),
-    ("hook_record", "  in hook: record float32 activations (record on only)"),
-    ("concat_records", "after: concatenate recorded activations (record on)"),
-    ("moment_statistics", "after: moment_statistics (means, SDs, d, Welch t, p)"),
-    ("auroc_exact", "after: exact AUROC, argsort ranks (record on)"),
-    ("auroc_binned", "after: binned AUROC from histograms (record off)"),
-    ("bh_qvalues", "after: BH q-values (part of frames)"),
-    ("frames_rec", "after: rest of _assemble: DataFrames, q-values, top tokens (by difference, record on)"),
-    ("frames_norec", "after: rest of _assemble (by difference, record off)"),
-    ("frames_off", "after: rest of _assemble (by difference, auroc off)"),
-    ("to_float16", "after: recorded activations to float16 for the result (record on)"),
-    ("sum_rec", "SUM of parts, record auto = on (default, exact AUROC)"),
-    ("sum_norec", "SUM of parts, record off (binned AUROC)"),
-    ("sum_off", "SUM of parts, auroc off (record auto)"),
+    ("finish_rec", "finish layers, record on: moment statistics, exact AUROC, top-k, float16 copy (worker thread)"),
+    ("ranked", "  of which: argsort ranking, exact AUROC and top-k (_ranked_statistics)"),
+    ("finish_norec", "finish layers, record off: moment statistics, binned AUROC (inline)"),
+    ("finish_off", "finish layers, auroc off, record on (worker thread)"),
+    ("assemble", "after: scores and top-token tables, q-values"),
+    ("bh_qvalues", "  of which: BH q-values"),
+    ("sum_rec", "SUM of parts, record auto = on (default), as if nothing overlapped"),
+    ("exposed_rec", "  the same with only the last layer's half of finishing exposed (the worker overlaps the rest)"),
+    ("sum_norec", "SUM of parts, record off (binned AUROC; no overlap)"),
+    ("sum_off", "SUM of parts, auroc off (record auto), as if nothing overlapped"),
+    ("exposed_off", "  the same with only the last layer's half of finishing exposed"),
 ]
 
 
@@ -806,7 +804,7 @@ def main() -> None:
         print("\n(hook parts are summed over every layer and batch; 'x bare' = seconds / bare forward seconds)")
         for label, d in bd.items():
             print(f"{label}: {d['tied']:,} of {d['neurons']:,} neurons have tied float32 activations over "
-                  f"{d['tokens']:,} tokens, so average_ranks sends them through scipy's rankdata")  # fmt: skip
+                  f"{d['tokens']:,} tokens (average_ranks gives each tied run the mean of its positions)")  # fmt: skip
 
     if args.profile:
         heading("cProfile")

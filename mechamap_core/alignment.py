@@ -9,10 +9,16 @@ from functools import lru_cache
 import numpy as np
 import pandas as pd
 
+_WORD_CHAR = re.compile(r"\w")
+
 
 @lru_cache(maxsize=4096)
-def _word_pattern(word: str) -> re.Pattern:
-    parts = [re.escape(p) for p in word.split()]
+def _word_pattern(word: str, lowered: bool) -> re.Pattern:
+    """Inner whitespace matches any run of whitespace; no word character may follow. lowered: a pattern
+    of the lower-cased word for lower-cased text, without a look-behind, so re can search for it fast."""
+    parts = [re.escape(p) for p in (word.lower() if lowered else word).split()]
+    if lowered:
+        return re.compile(r"\s+".join(parts) + r"(?!\w)")
     return re.compile(r"(?<!\w)" + r"\s+".join(parts) + r"(?!\w)", re.IGNORECASE)
 
 
@@ -24,7 +30,17 @@ def find_word_spans(text: str, word: str) -> list[tuple[int, int]]:
     """
     if not word.strip():
         return []
-    return [m.span() for m in _word_pattern(word.strip()).finditer(text)]
+    lowered = text.lower()
+    if len(lowered) != len(text):  # lower() changed some offsets (e.g. "İ"): search the text itself
+        return [m.span() for m in _word_pattern(word.strip(), False).finditer(text)]
+    pattern, spans, at = _word_pattern(word.strip(), True), [], 0
+    while match := pattern.search(lowered, at):
+        if match.start() and _WORD_CHAR.match(lowered, match.start() - 1):
+            at = match.start() + 1  # inside a longer word: look again from the next character
+        else:
+            spans.append(match.span())
+            at = match.end()
+    return spans
 
 
 def word_coverage(texts: list[str], categories: dict[str, list[str]]) -> pd.DataFrame:
@@ -103,6 +119,7 @@ def align(
     masks: list[np.ndarray] = []
     chunks: list[Chunk] = []
     token_counts = {(c, w): 0 for c in names for w in categories[c]}
+    occurrences = dict.fromkeys(token_counts, 0)
     for doc, text in enumerate(texts):
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
         ids, offsets = enc["input_ids"], enc["offset_mapping"]
@@ -113,7 +130,9 @@ def align(
         for c, name in enumerate(names):
             for word in categories[name]:
                 hit = np.zeros(len(ids), dtype=bool)
-                for a, b in find_word_spans(text, word):
+                spans = find_word_spans(text, word)
+                occurrences[(name, word)] += len(spans)
+                for a, b in spans:
                     hit |= (starts < b) & (ends > a)
                 hit &= counted
                 token_counts[(name, word)] += int(hit.sum())
@@ -137,13 +156,17 @@ def align(
                 )
             )
     tokens = pd.DataFrame(token_rows, columns=["token_index", "doc", "position", "token_id", "token", "start", "end"])
-    coverage = word_coverage(texts, categories)
-    coverage["n_tokens"] = [token_counts[(c, w)] for c, w in zip(coverage["category"], coverage["word"])]
+    coverage = pd.DataFrame(
+        [(c, w, occurrences[(c, w)], token_counts[(c, w)]) for c, w in token_counts],
+        columns=["category", "word", "occurrences", "n_tokens"],
+    )
     category_mask = np.concatenate(masks) if masks else np.zeros((0, len(names)), dtype=bool)
     return AlignedText(tokens, category_mask, names, chunks, coverage, texts=list(texts))
 
 
-def coverage_summary(coverage: pd.DataFrame, category_mask: np.ndarray | None = None, names: list[str] | None = None) -> pd.DataFrame:
+def coverage_summary(
+    coverage: pd.DataFrame, category_mask: np.ndarray | None = None, names: list[str] | None = None
+) -> pd.DataFrame:
     """Per category: words found, words missing (listed) and, when a token mask is given, tokens covered."""
     rows = []
     for cat, g in coverage.groupby("category", sort=False):

@@ -31,7 +31,8 @@ def export_table(result: ScanResult, flagged_only: bool = False, metric: str = "
         limit = result.metadata.get("threshold", 1.0) if threshold is None else threshold
         scores = scores[scores[metric] >= limit]
     table = scores.merge(top_token_strings(result.top_tokens), on=["layer", "neuron"], how="left")
-    table["category"] = table["category"].astype(str)
+    for column in ("model", "hook", "category"):  # categorical in the scan's table; plain text in files
+        table[column] = table[column].astype(str)
     rest = [c for c in table.columns if c not in ORIGINAL_COLUMNS]
     return table[ORIGINAL_COLUMNS + rest]
 

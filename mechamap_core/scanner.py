@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -15,7 +16,7 @@ from . import __version__
 from .alignment import AlignedText, align
 from .config import ScanConfig, validate_config
 from .models import LoadedModel
-from .sites import NeuronSite, resolve_sites
+from .sites import NeuronSite, hook_name, resolve_sites
 from .sites import n_layers as count_layers
 from .stats import auroc_binned, auroc_from_ranks, average_ranks, bh_qvalues, moment_statistics
 
@@ -62,6 +63,47 @@ def hooked(sites: list[NeuronSite], hook_fn):
     finally:
         for handle in handles:
             handle.remove()
+
+
+class _Reducer:
+    """Runs submitted jobs in order on one worker thread and collects their results by key.
+
+    On leaving the block, the calling thread runs the jobs the worker has not started yet (newest
+    first) and waits for the rest, re-raising a job's error. After an error in the block itself,
+    jobs not yet started are dropped and only that error propagates. inline=True runs each job at once.
+    """
+
+    def __init__(self, inline: bool = False):
+        self.results: dict = {}
+        self.jobs: list[tuple[Future, tuple]] = []
+        self.pool = None if inline else ThreadPoolExecutor(max_workers=1, thread_name_prefix="mechamap-reduce")
+
+    def submit(self, key, fn, *args) -> None:
+        if self.pool is None:
+            self._run(key, fn, *args)
+        else:
+            self.jobs.append((self.pool.submit(self._run, key, fn, *args), (key, fn, *args)))
+
+    def _run(self, key, fn, *args) -> None:
+        self.results[key] = fn(*args)
+
+    def __enter__(self) -> _Reducer:
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        if self.pool is None:
+            return
+        try:
+            if exc_type is None:
+                for future, job in reversed(self.jobs):
+                    if future.cancel():  # not started: this thread would only wait, so it does the job
+                        self._run(*job)
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+        if exc_type is None:
+            for future, _ in self.jobs:
+                if not future.cancelled():
+                    future.result()
 
 
 def batches(aligned: AlignedText, batch_size: int, pad_id: int, device: torch.device):
@@ -125,7 +167,9 @@ def run_hooked_forward(
     # documents finished after each batch: a document is done once its last chunk has run
     last_chunk = {c.doc: i for i, c in enumerate(aligned.chunks)}
     ends = sorted(last_chunk.values())
-    docs_done = [sum(e < min(b + batch_size, len(aligned.chunks)) for e in ends) for b in range(0, len(aligned.chunks), batch_size)]
+    docs_done = [
+        sum(e < min(b + batch_size, len(aligned.chunks)) for e in ends) for b in range(0, len(aligned.chunks), batch_size)
+    ]
     with torch.inference_mode(), hooked(sites, hook_fn):
         for ids, mask, flat, index in batches(aligned, batch_size, lm.pad_id, lm.device):
             state.update(shape=tuple(ids.shape), flat=flat, index=index.to(lm.device))
@@ -159,9 +203,8 @@ class LayerAccumulator:
         self.hist_all = torch.zeros(n_neurons * HIST_BINS, dtype=torch.long, device=device) if histogram else None
         self.hist_cat = torch.zeros(n_categories, n_neurons * HIST_BINS, dtype=torch.long, device=device) if histogram else None
 
-    def update(self, acts: torch.Tensor, cat_mask: torch.Tensor, token_index: torch.Tensor, acts_t: torch.Tensor | None = None) -> None:
-        """acts [T, N] float32, cat_mask [T, C] float32, token_index [T] long (global token numbers);
-        acts_t: acts.T.contiguous() [N, T] if the caller has it (top-k runs along its contiguous rows)."""
+    def update(self, acts: torch.Tensor, cat_mask: torch.Tensor, token_index: torch.Tensor) -> None:
+        """acts [T, N] float32, cat_mask [T, C] float32, token_index [T] long (global token numbers)."""
         squares = acts * acts
         self.n_all += acts.shape[0]
         self.n_cat += cat_mask.sum(0).to(self.n_cat.dtype)
@@ -171,8 +214,7 @@ class LayerAccumulator:
         self.sumsq_cat += (cat_mask.T @ squares).to(self.sum_all.dtype)
         if self.top_k:
             k = min(self.top_k, acts.shape[0])
-            acts_t = acts.T.contiguous() if acts_t is None else acts_t
-            vals, rows = torch.topk(acts_t, k, dim=1)  # [N, k]: along contiguous rows is faster
+            vals, rows = torch.topk(acts.T.contiguous(), k, dim=1)  # [N, k]: along contiguous rows is faster
             vals, rows = vals.T, rows.T  # [k, N]
             vals = torch.cat([self.top_vals, vals])
             index = torch.cat([self.top_index, token_index[rows]])
@@ -197,19 +239,20 @@ class LayerAccumulator:
             if rows.any():
                 self.hist_cat[c] += torch.bincount(flat[rows].reshape(-1), minlength=n_neurons * HIST_BINS)
 
-    def moments(self) -> dict[str, np.ndarray]:
-        """The accumulated moments as float64 numpy arrays (moved to the CPU here, once)."""
-        cpu = lambda t: t.double().cpu().numpy()  # noqa: E731
+    def moments(self, neurons: slice = slice(None)) -> dict[str, np.ndarray]:
+        """The accumulated moments of a slice of the neurons, as float64 numpy arrays on the CPU."""
+        cpu = lambda t: t[..., neurons].double().cpu().numpy()  # noqa: E731
         return {
-            "n_all": float(self.n_all), "n_cat": cpu(self.n_cat), "sum_all": cpu(self.sum_all),
+            "n_all": float(self.n_all), "n_cat": self.n_cat.double().cpu().numpy(), "sum_all": cpu(self.sum_all),
             "sumsq_all": cpu(self.sumsq_all), "sum_cat": cpu(self.sum_cat), "sumsq_cat": cpu(self.sumsq_cat),
         }  # fmt: skip
 
-    def binned_auroc(self) -> np.ndarray:
+    def histogram_counts(self, neurons: slice = slice(None)) -> tuple[np.ndarray, np.ndarray]:
+        """Histograms of a slice of the neurons: over all tokens [n, B], over each category's tokens [C, n, B]."""
         n_cat, n_neurons = self.sum_cat.shape
-        counts_all = self.hist_all.view(n_neurons, HIST_BINS).cpu().numpy().astype(np.float64)
-        counts_cat = self.hist_cat.view(n_cat, n_neurons, HIST_BINS).cpu().numpy().astype(np.float64)
-        return auroc_binned(counts_all, counts_cat)
+        counts_all = self.hist_all.view(n_neurons, HIST_BINS)[neurons].cpu().numpy().astype(np.float64)
+        counts_cat = self.hist_cat.view(n_cat, n_neurons, HIST_BINS)[:, neurons].cpu().numpy().astype(np.float64)
+        return counts_all, counts_cat
 
 
 def _decide_recording(record: bool | str, n_tokens: int, total_neurons: int) -> bool:
@@ -253,30 +296,42 @@ def scan(
         device = lm.device
         cat_mask_all = torch.from_numpy(aligned.category_mask.astype(np.float32)).to(device)  # [T_all, C]
         histogram = cfg.auroc and not record  # exact AUROC needs the recorded activations, else histograms
+        top_k_in_hook = 0 if record else cfg.top_k_tokens  # recorded layers read their top-k off the exact ranking
         accs = {
-            s.layer: LayerAccumulator(n_neurons[s.layer], len(aligned.categories), cfg.top_k_tokens, device, histogram)
+            s.layer: LayerAccumulator(n_neurons[s.layer], len(aligned.categories), top_k_in_hook, device, histogram)
             for s in sites
         }
-        recorded: dict[int, list[torch.Tensor]] = {s.layer: [] for s in sites}
+        kept: dict[int, list[np.ndarray]] = {s.layer: [] for s in sites}  # recorded [T_batch, N] float32 parts
+        n_batches = -(-len(aligned.chunks) // cfg.batch_size)
+        batches_seen = dict.fromkeys(n_neurons, 0)
 
-        transpose = record or cfg.top_k_tokens > 0  # only top-k and the recording need the neuron-major copy
+        def finish(layer: int, neurons: slice) -> _LayerPart:  # numpy on the CPU, once the layer's last batch is in
+            acts_parts = [part[:, neurons] for part in kept[layer]] if record else None
+            return _finish_part(layer, neurons, accs[layer], acts_parts, aligned.category_mask, cfg.top_k_tokens, cfg.auroc)
 
         def on_layer(site, acts, token_index):
-            acts_t = acts.T.contiguous() if transpose else None  # [N, T]: top-k and exact ranks work along its rows
-            accs[site.layer].update(acts, cat_mask_all.index_select(0, token_index), token_index, acts_t)
+            acc = accs[site.layer]
+            acc.update(acts, cat_mask_all.index_select(0, token_index), token_index)  # on the model's device
             if record:
-                recorded[site.layer].append(acts_t.cpu())  # float32 here; float16 in the result
+                kept[site.layer].append(acts.cpu().numpy())  # acts is the hook's own gathered copy
+            batches_seen[site.layer] += 1
+            if batches_seen[site.layer] == n_batches:  # two halves, so two threads can share the last layer
+                half = -(-n_neurons[site.layer] // 2)
+                for neurons in (slice(0, half), slice(half, n_neurons[site.layer]))[: 2 if half > 0 else 0]:
+                    reducer.submit((site.layer, neurons.start), finish, site.layer, neurons)
 
-        passes = run_hooked_forward(lm, aligned, sites, on_layer, n_neurons, cfg.batch_size, progress)
+        # Each finished layer's statistics run on a worker thread, overlapping the forward pass of the
+        # layers after it; this thread joins in once the forward pass is done. MPS runs them inline.
+        with _Reducer(inline=device.type == "mps" or not record) as reducer:
+            passes = run_hooked_forward(lm, aligned, sites, on_layer, n_neurons, cfg.batch_size, progress)
         forward_s = time.perf_counter()
-    activations_t = None
-    if record:  # chunks arrive in token order, so concatenating along tokens gives [N, n_tokens]
-        activations_t = {layer: torch.cat(parts, dim=1).numpy() for layer, parts in recorded.items()}
-        recorded.clear()
-    scores, top = _assemble(lm.name, aligned, sites, accs, n_neurons, activations_t, cfg.auroc)
+    kept.clear()
+    layer_parts = sorted(reducer.results.values(), key=lambda part: (part.layer, part.first_neuron))
+    n_layers_model = count_layers(lm.model)
+    scores, top = _assemble(lm.name, aligned, layer_parts, n_layers_model)
     activations = None
-    if activations_t is not None:  # float16 [n_tokens, N] views of the neuron-major arrays
-        activations = {layer: torch.from_numpy(a).half().numpy().T for layer, a in activations_t.items()}
+    if record:  # float16 [n_tokens, N] views of the neuron-major copies
+        activations = {s.layer: np.concatenate([p.activations for p in layer_parts if p.layer == s.layer]).T for s in sites}
     finished = time.perf_counter()
     metadata = {
         "model": lm.name,
@@ -289,7 +344,7 @@ def scan(
         "n_forward_passes": passes,
         "chunk_tokens": chunk_tokens,
         "layers": [s.layer for s in sites],
-        "n_layers_model": count_layers(lm.model),
+        "n_layers_model": n_layers_model,
         "neurons_per_layer": {str(k): v for k, v in n_neurons.items()},
         "categories": aligned.categories,
         "category_tokens": {c: int(aligned.category_mask[:, i].sum()) for i, c in enumerate(aligned.categories)},
@@ -308,52 +363,80 @@ def scan(
     return ScanResult(scores, top, aligned.tokens, aligned.coverage, aligned.category_mask, metadata, aligned.texts, activations)
 
 
-def _assemble(model_name, aligned, sites, accs, n_neurons, activations_t, with_auroc=True):
-    """Scores rows in (layer, neuron, category) order, and the top-token table.
+@dataclass
+class _LayerPart:
+    """The statistics of a slice of one layer's neurons."""
 
-    activations_t: recorded float32 activations {layer: [N, n_tokens]} (exact AUROC), or None (binned)."""
+    layer: int
+    first_neuron: int
+    stats: dict[str, np.ndarray]  # each [C, n]
+    top: tuple[np.ndarray, np.ndarray] | None  # (values, token indices), each [k, n]
+    activations: np.ndarray | None  # the recorded activations, float16 [n, n_tokens]
+
+
+def _finish_part(layer, neurons, acc, acts_parts, category_mask, top_k, with_auroc) -> _LayerPart:
+    """Statistics of neurons (a slice) of a layer whose last batch is in: from the accumulator's moments,
+    and from the recorded activations acts_parts ([T_batch, n] each, in token order; exact AUROC and
+    top-k) or, without them, the accumulator's histograms (binned AUROC) and top-k."""
+    stats = moment_statistics(**acc.moments(neurons))
+    auroc = recorded = None
+    if acts_parts is not None:
+        acts_t = np.ascontiguousarray(np.concatenate(acts_parts).T)  # [n, n_tokens]
+        auroc, top = _ranked_statistics(acts_t, category_mask, top_k, with_auroc)
+        recorded = acts_t.astype(np.float16)
+    else:
+        auroc = auroc_binned(*acc.histogram_counts(neurons)) if acc.histogram else None
+        top = (acc.top_vals[:, neurons].cpu().numpy(), acc.top_index[:, neurons].cpu().numpy()) if acc.top_k else None
+    stats["auroc"] = np.full_like(stats["separation"], np.nan) if auroc is None else auroc
+    stats["score"] = stats["separation"]
+    return _LayerPart(layer, neurons.start, stats, top, recorded)
+
+
+def _ranked_statistics(acts_t: np.ndarray, category_mask: np.ndarray, top_k: int, with_auroc: bool):
+    """Exact AUROC [C, N] (None without with_auroc) and the top-k (values, token indices), each [k, N],
+    of one layer's recorded activations acts_t [N, n_tokens], from a single argsort of each neuron's row."""
+    order = np.argsort(acts_t, axis=1)  # [N, T] ascending
+    auroc = auroc_from_ranks(average_ranks(acts_t, order), category_mask) if with_auroc else None
+    top_index = np.ascontiguousarray(order[:, ::-1][:, : min(top_k, acts_t.shape[1])])  # [N, k] descending
+    top = (np.take_along_axis(acts_t, top_index, axis=1).T, top_index.T) if top_k else None
+    return auroc, top
+
+
+def _assemble(model_name: str, aligned: AlignedText, parts: list[_LayerPart], n_layers_model: int):
+    """Scores rows in (layer, neuron, category) order, and the top-token table, from the layer parts in that order.
+
+    model, hook and category are categorical columns: a few distinct strings over 10^5 rows. hook's
+    categories are every layer's hook name, so scans of different layers of one model share a dtype."""
     names = aligned.categories
     n_cat = len(names)
-    columns: dict[str, list[np.ndarray]] = {}
-    tops = []
-    for site in sites:
-        acc, n = accs[site.layer], n_neurons[site.layer]
-        stats = moment_statistics(**acc.moments())  # each [C, N]
-        if not with_auroc:
-            stats["auroc"] = np.full((n_cat, n), np.nan)
-        elif activations_t is not None:
-            stats["auroc"] = auroc_from_ranks(average_ranks(activations_t[site.layer]).T, aligned.category_mask)
-        else:
-            stats["auroc"] = acc.binned_auroc()
-        stats["score"] = stats["separation"]
-        stats["layer"] = np.full((n_cat, n), site.layer)
-        stats["neuron"] = np.broadcast_to(np.arange(n), (n_cat, n))
-        stats["category"] = np.broadcast_to(np.arange(n_cat)[:, None], (n_cat, n))
-        stats["n_tokens"] = np.broadcast_to(acc.n_cat.cpu().numpy().astype(np.int64)[:, None], (n_cat, n))
-        for key, value in stats.items():
-            columns.setdefault(key, []).append(value.T.reshape(-1))  # neuron-major: [N, C] flattened
-        if acc.top_k:
-            vals = acc.top_vals.cpu().numpy()  # [k, N]
-            index = acc.top_index.cpu().numpy()
-            k = vals.shape[0]
-            tops.append(pd.DataFrame({
-                "layer": site.layer, "neuron": np.repeat(np.arange(n), k), "rank": np.tile(np.arange(1, k + 1), n),
-                "token_index": index.T.reshape(-1), "activation": vals.T.reshape(-1),
-            }))  # fmt: skip
-    flat = {key: np.concatenate(parts) for key, parts in columns.items()}
-    flat["q_value"] = bh_qvalues(flat["p_value"])
-    layers = flat["layer"]
-    hooks = np.array([s.hook for s in sites], dtype=object)[np.searchsorted([s.layer for s in sites], layers)]
-    scores = pd.DataFrame({
-        "model": np.full(len(layers), model_name, dtype=object),
-        "layer": layers, "neuron": flat["neuron"], "hook": hooks,
-        "category": pd.Categorical.from_codes(flat["category"], categories=names),
-        "n_tokens": flat["n_tokens"], **{key: flat[key] for key in STAT_COLUMNS},
+    sizes = [p.stats["score"].shape[1] for p in parts]
+    n_rows = n_cat * sum(sizes)
+    block = np.empty((len(STAT_COLUMNS), n_rows))  # one float64 block, filled in place: [column, row]
+    for column, key in enumerate(STAT_COLUMNS[:-1]):  # rows neuron-major: each part's [n, C] flattened
+        block[column] = np.concatenate([p.stats[key].T.reshape(-1) for p in parts])
+    block[-1] = bh_qvalues(block[STAT_COLUMNS.index("p_value")])
+    site_layers = np.repeat([p.layer for p in parts], [n * n_cat for n in sizes])
+    neurons = [np.arange(p.first_neuron, p.first_neuron + n) for p, n in zip(parts, sizes)]
+    ids = pd.DataFrame({
+        "model": pd.Categorical.from_codes(np.zeros(n_rows, dtype=np.int8), categories=[model_name]),
+        "layer": site_layers.astype(np.int64),
+        "neuron": np.repeat(np.concatenate(neurons), n_cat),
+        "hook": pd.Categorical.from_codes(site_layers, categories=[hook_name(layer) for layer in range(n_layers_model)]),
+        "category": pd.Categorical.from_codes(np.tile(np.arange(n_cat), n_rows // max(n_cat, 1)), categories=names),
+        "n_tokens": np.tile(aligned.category_mask.sum(axis=0).astype(np.int64), n_rows // max(n_cat, 1)),
     })  # fmt: skip
-    if tops:
-        top = pd.concat(tops, ignore_index=True)
-        top["token"] = aligned.tokens["token"].to_numpy()[top["token_index"].to_numpy()]
-        top = top[["layer", "neuron", "rank", "token_index", "token", "activation"]]
-    else:
-        top = pd.DataFrame(columns=["layer", "neuron", "rank", "token_index", "token", "activation"])
+    scores = pd.concat([ids, pd.DataFrame(block.T, columns=STAT_COLUMNS, copy=False)], axis=1)
+    with_top = [(p, ids_) for p, ids_ in zip(parts, neurons) if p.top is not None]
+    if not with_top:
+        return scores, pd.DataFrame(columns=["layer", "neuron", "rank", "token_index", "token", "activation"])
+    k = with_top[0][0].top[0].shape[0]
+    token_index = np.concatenate([p.top[1].T.reshape(-1) for p, _ in with_top])
+    top = pd.DataFrame({
+        "layer": np.repeat([p.layer for p, _ in with_top], [k * len(ids_) for _, ids_ in with_top]).astype(np.int64),
+        "neuron": np.repeat(np.concatenate([ids_ for _, ids_ in with_top]), k),
+        "rank": np.tile(np.arange(1, k + 1), len(token_index) // max(k, 1)),
+        "token_index": token_index,
+        "token": aligned.tokens["token"].array.take(token_index),
+        "activation": np.concatenate([p.top[0].T.reshape(-1) for p, _ in with_top]),
+    })  # fmt: skip
     return scores, top

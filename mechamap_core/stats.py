@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import special
-from scipy import stats as sps
 
 EPS = 1e-12
 
@@ -63,7 +62,7 @@ def auroc_exact(acts: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
     Mann-Whitney U over category tokens vs all other tokens, ties counted half. NaN where a side is empty.
     """
-    return auroc_from_ranks(average_ranks(acts.T).T, mask)
+    return auroc_from_ranks(average_ranks(acts.T), mask)
 
 
 def auroc_binned(counts_all: np.ndarray, counts_cat: np.ndarray) -> np.ndarray:
@@ -83,38 +82,58 @@ def auroc_binned(counts_all: np.ndarray, counts_cat: np.ndarray) -> np.ndarray:
 
 
 def bh_qvalues(p_values: np.ndarray) -> np.ndarray:
-    """Benjamini-Hochberg q-values of a flat array of p-values (NaN stays NaN, excluded from the count)."""
-    q = np.full_like(p_values, np.nan, dtype=np.float64)
-    ok = ~np.isnan(p_values)
-    if ok.any():
-        q[ok] = sps.false_discovery_control(p_values[ok], method="bh")
+    """Benjamini-Hochberg q-values of a flat array of p-values (NaN stays NaN, excluded from the count).
+
+    The step-up rule written out: scipy's false_discovery_control gives the same values (tested) but
+    takes ~8x as long on a scan's 10^5 p-values, and this runs after the forward pass.
+    """
+    q = np.full(p_values.shape, np.nan)
+    ok = np.flatnonzero(~np.isnan(p_values))
+    order = ok[np.argsort(p_values[ok])]
+    scaled = p_values[order] * (len(order) / np.arange(1, len(order) + 1))
+    q[order] = np.minimum(np.minimum.accumulate(scaled[::-1])[::-1], 1.0)
     return q
 
 
-def average_ranks(acts_t: np.ndarray) -> np.ndarray:
+def average_ranks(acts_t: np.ndarray, order: np.ndarray | None = None) -> np.ndarray:
     """Ranks [N, T] of each neuron's activations over tokens (1-based, ties averaged), from acts_t [N, T].
 
-    One argsort per neuron row (contiguous, so much faster than scipy's rankdata along axis 0); only
-    rows with tied values (e.g. ReLU zeros) go through rankdata, so the ranks are exact with ties.
+    order: np.argsort(acts_t, axis=1), if the caller has it. One argsort per neuron row (contiguous,
+    so much faster than along axis 0); a run of tied values (e.g. ReLU zeros) shares the mean of its
+    positions, as in scipy's rankdata. The ranks are float32 (exact: halves up to 2**23) below
+    2**23 tokens, else float64.
     """
     acts_t = np.ascontiguousarray(acts_t, dtype=np.float32)
     n_tokens = acts_t.shape[1]
-    order = np.argsort(acts_t, axis=1)  # [N, T] token rows in ascending activation order
-    ranks_t = np.empty(acts_t.shape, dtype=np.float64)
-    np.put_along_axis(ranks_t, order, np.arange(1, n_tokens + 1, dtype=np.float64)[None, :], axis=1)
-    ordered = np.sort(acts_t, axis=1)
-    tied = (ordered[:, 1:] == ordered[:, :-1]).any(axis=1)  # [N]
-    if tied.any():
-        ranks_t[tied] = sps.rankdata(acts_t[tied], axis=1)
+    dtype = np.float32 if n_tokens < 2**23 else np.float64
+    order = np.argsort(acts_t, axis=1) if order is None else order  # [N, T] ascending
+    ranks_t = np.empty(acts_t.shape, dtype=dtype)
+    np.put_along_axis(ranks_t, order, np.arange(1, n_tokens + 1, dtype=dtype)[None, :], axis=1)
+    ordered = np.take_along_axis(acts_t, order, axis=1)
+    tied = ordered[:, 1:] == ordered[:, :-1]  # [N, T-1]: sorted position p+1 ties with p
+    rows = np.flatnonzero(tied.any(axis=1))
+    if rows.size:  # a tied run from sorted position i to j gets (i + j) / 2 + 1
+        position = np.arange(n_tokens)
+        apart = np.zeros((rows.size, 1), dtype=bool)
+        run_start = np.maximum.accumulate(np.where(np.hstack([apart, tied[rows]]), 0, position), axis=1)
+        run_end = np.minimum.accumulate(np.where(np.hstack([tied[rows], apart]), n_tokens - 1, position)[:, ::-1], axis=1)
+        tied_ranks = np.empty((rows.size, n_tokens), dtype=dtype)
+        np.put_along_axis(tied_ranks, order[rows], ((run_start + run_end[:, ::-1]) / 2.0 + 1.0).astype(dtype), axis=1)
+        ranks_t[rows] = tied_ranks
     return ranks_t
 
 
-def auroc_from_ranks(ranks: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """One-vs-rest AUROC [C, N] from average ranks [T, N] and a category mask [T, C] (Mann-Whitney U)."""
-    maskf = mask.astype(np.float64)
-    n_c = maskf.sum(axis=0)[:, None]  # [C, 1]
-    n_r = ranks.shape[0] - n_c
-    rank_sum = maskf.T @ ranks  # [C, N]
+def auroc_from_ranks(ranks_t: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """One-vs-rest AUROC [C, N] from average ranks [N, T] and a category mask [T, C] (Mann-Whitney U)."""
+    mask = np.asarray(mask, dtype=bool)
+    n_c = mask.sum(axis=0).astype(np.float64)[:, None]  # [C, 1]
+    n_r = ranks_t.shape[1] - n_c
+    # the category columns' sums, gathered: no BLAS call, whose spinning threads would slow a forward pass beside it
+    rank_sum = (
+        np.stack([ranks_t[:, column].sum(axis=1, dtype=np.float64) for column in mask.T])
+        if mask.shape[1]
+        else np.zeros((0, len(ranks_t)))
+    )
     with np.errstate(divide="ignore", invalid="ignore"):
         auc = (rank_sum - n_c * (n_c + 1) / 2.0) / (n_c * n_r)
     auc[((n_c < 1) | (n_r < 1))[:, 0]] = np.nan
