@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from tiny_models import bundled_tokenizer
@@ -91,6 +93,36 @@ def test_word_inside_word_does_not_match():
 def test_repeated_words_each_found():
     text = "dog, Dog and DOG; hotdog"
     assert find_word_spans(text, "dog") == [(0, 3), (5, 8), (13, 16)]
+
+
+def lookbehind_spans(text: str, word: str) -> list[tuple[int, int]]:
+    """The plain definition as one regular expression: no word character on either side, any case."""
+    pattern = r"(?<!\w)" + r"\s+".join(re.escape(p) for p in word.split()) + r"(?!\w)"
+    return [m.span() for m in re.finditer(pattern, text, re.IGNORECASE)]
+
+
+@pytest.mark.parametrize(
+    ("text", "word"),
+    [
+        ("ax x x", "x x"),  # the first candidate sits inside "ax": the search must restart one character on
+        ("xx x x", "x x"),
+        ("aaa aa aa", "aa aa"),
+        ("İstanbul and Istanbul, ISTANBUL", "istanbul"),  # lower() lengthens "İ": offsets must stay the text's
+        ("Straße STRASSE strasse", "strasse"),
+        ("the cat_ cat catalog Cat.", "cat"),
+    ],
+)
+def test_word_spans_equal_the_single_regex_definition(text, word):
+    assert find_word_spans(text, word) == lookbehind_spans(text, word)
+
+
+def test_word_spans_equal_the_single_regex_definition_on_random_texts():
+    rng = np.random.default_rng(0)
+    alphabet = list("ab _.\n") + ["İ", "é"]
+    for _ in range(300):
+        text = "".join(rng.choice(alphabet, size=int(rng.integers(0, 40))))
+        word = "".join(rng.choice(list("ab "), size=int(rng.integers(1, 5)))).strip() or "a"
+        assert find_word_spans(text, word) == lookbehind_spans(text, word), (text, word)
 
 
 def test_blank_word_matches_nothing():

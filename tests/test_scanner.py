@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import numpy as np
 import pandas as pd
@@ -10,7 +11,7 @@ import pytest
 from scipy import stats as sps
 from tiny_models import capture_mlp_input
 
-from mechamap_core import ScanConfig, scan
+from mechamap_core import ScanConfig, scan, scanner
 from mechamap_core.alignment import align
 from mechamap_core.scanner import run_hooked_forward
 from mechamap_core.sites import resolve_sites
@@ -127,6 +128,29 @@ def test_hooks_removed_after_scan_and_after_exception(tiny_models, default_cfg, 
         run_hooked_forward(lm, aligned, sites, bad_layer, {s.layer: s.d_mlp for s in sites})
     assert hook_count(lm.model) == before
     assert len(scan(lm, cfg).scores) > 0  # the model still scans normally afterwards
+
+
+@pytest.mark.parametrize("record", [True, False])
+def test_error_while_finishing_a_layer_reaches_the_caller(tiny_gpt2, default_cfg, paragraphs, monkeypatch, record):
+    """A layer's statistics run on a worker thread (record on) or inline: either way its error is raised
+    by scan(), with no hook, lock or worker thread left behind."""
+    cfg = make_cfg(default_cfg, paragraphs[0])
+    before = hook_count(tiny_gpt2.model)
+    finish_part = scanner._finish_part
+
+    def failing(layer, *args):
+        if layer == 0:
+            raise FloatingPointError("boom while finishing layer 0")
+        return finish_part(layer, *args)
+
+    monkeypatch.setattr(scanner, "_finish_part", failing)
+    with pytest.raises(FloatingPointError, match="boom while finishing layer 0"):
+        scan(tiny_gpt2, cfg, record_activations=record)
+    assert hook_count(tiny_gpt2.model) == before
+    assert not tiny_gpt2.lock.locked()
+    assert not [t for t in threading.enumerate() if t.name.startswith("mechamap-reduce")]
+    monkeypatch.setattr(scanner, "_finish_part", finish_part)
+    assert len(scan(tiny_gpt2, cfg, record_activations=record).scores) > 0
 
 
 @pytest.mark.parametrize("arch", TINY)
@@ -301,6 +325,20 @@ def test_binned_auroc_close_to_exact(bundled_pair):
     # everything besides AUROC comes from the same moments
     for col in ("avg_activation", "mean_rest", "cohens_d", "p_value"):
         np.testing.assert_allclose(exact.scores[col], binned.scores[col], rtol=1e-6, atol=1e-9)
+
+
+def test_recorded_top_k_equals_in_hook_top_k(bundled_pair):
+    """Recorded layers read their top-k off the exact ranking; without recording it is merged in the hook."""
+    exact, binned = bundled_pair
+    columns = ["layer", "neuron", "rank", "activation"]
+    np.testing.assert_allclose(exact.top_tokens[columns].to_numpy(float), binned.top_tokens[columns].to_numpy(float), rtol=1e-6)
+    acts = exact.activations
+    differ = np.flatnonzero(exact.top_tokens["token_index"].to_numpy() != binned.top_tokens["token_index"].to_numpy())
+    assert len(differ) < 0.01 * len(exact.top_tokens)
+    for row in binned.top_tokens.iloc[differ].itertuples():  # a different token only where activations tie
+        assert acts[row.layer][row.token_index, row.neuron] == np.float16(exact.top_tokens["activation"].iloc[row.Index])
+    for row in exact.top_tokens.sample(50, random_state=0).itertuples():
+        assert acts[row.layer][row.token_index, row.neuron] == np.float16(row.activation)
 
 
 def test_scores_columns_and_bh_q_values(bundled_pair):
