@@ -517,7 +517,7 @@ def bench_breakdown(lm, cfg, repeats: int) -> dict:
         accs = {s.layer: S.LayerAccumulator(n_neurons[s.layer], n_cat, 0, device, True) for s in sites}
         with torch.inference_mode():
             for layer, acts, index in captured:
-                accs[layer]._update_histogram(acts, mask_all.index_select(0, index))
+                accs[layer]._update_histogram(acts.T.contiguous(), mask_all.index_select(0, index))
 
     out["hook_histogram"] = tm(histograms)
     kept = {s.layer: [a.cpu().numpy() for layer, a, _ in captured if layer == s.layer] for s in sites}

@@ -189,12 +189,10 @@ class LayerAccumulator:
 
     def __init__(self, n_neurons: int, n_categories: int, top_k: int, device: torch.device, histogram: bool):
         acc = torch.float32 if device.type == "mps" else torch.float64
-        self.n_all = 0
-        self.n_cat = torch.zeros(n_categories, dtype=acc, device=device)
-        self.sum_all = torch.zeros(n_neurons, dtype=acc, device=device)
-        self.sumsq_all = torch.zeros(n_neurons, dtype=acc, device=device)
-        self.sum_cat = torch.zeros(n_categories, n_neurons, dtype=acc, device=device)
-        self.sumsq_cat = torch.zeros(n_categories, n_neurons, dtype=acc, device=device)
+        self.n_categories = n_categories
+        self.counts = torch.zeros(1 + n_categories, dtype=acc, device=device)  # all tokens, then each category's
+        self.sums = torch.zeros(1 + n_categories, n_neurons, dtype=acc, device=device)  # row 0: all tokens
+        self.sums_sq = torch.zeros(1 + n_categories, n_neurons, dtype=acc, device=device)
         self.top_k = top_k
         self.top_vals = torch.empty(0, n_neurons, device=device)  # [k, N]
         self.top_index = torch.empty(0, n_neurons, dtype=torch.long, device=device)  # [k, N]
@@ -205,16 +203,14 @@ class LayerAccumulator:
 
     def update(self, acts: torch.Tensor, cat_mask: torch.Tensor, token_index: torch.Tensor) -> None:
         """acts [T, N] float32, cat_mask [T, C] float32, token_index [T] long (global token numbers)."""
-        squares = acts * acts
-        self.n_all += acts.shape[0]
-        self.n_cat += cat_mask.sum(0).to(self.n_cat.dtype)
-        self.sum_all += acts.sum(0).to(self.sum_all.dtype)
-        self.sumsq_all += squares.sum(0).to(self.sum_all.dtype)
-        self.sum_cat += (cat_mask.T @ acts).to(self.sum_all.dtype)  # [C, N]
-        self.sumsq_cat += (cat_mask.T @ squares).to(self.sum_all.dtype)
+        rows = torch.cat([torch.ones_like(cat_mask[:, :1]), cat_mask], dim=1).T  # [1 + C, T]: all tokens, each category
+        self.counts += rows.sum(1).to(self.counts.dtype)
+        self.sums += (rows @ acts).to(self.sums.dtype)  # [1 + C, N]: one matmul for every sum
+        self.sums_sq += (rows @ (acts * acts)).to(self.sums.dtype)
+        acts_t = acts.T.contiguous() if self.top_k or self.histogram else None  # [N, T]: both work along its rows
         if self.top_k:
             k = min(self.top_k, acts.shape[0])
-            vals, rows = torch.topk(acts.T.contiguous(), k, dim=1)  # [N, k]: along contiguous rows is faster
+            vals, rows = torch.topk(acts_t, k, dim=1)  # [N, k]
             vals, rows = vals.T, rows.T  # [k, N]
             vals = torch.cat([self.top_vals, vals])
             index = torch.cat([self.top_index, token_index[rows]])
@@ -222,34 +218,36 @@ class LayerAccumulator:
             self.top_vals, order = torch.topk(vals, keep, dim=0)
             self.top_index = index.gather(0, order)
         if self.histogram:
-            self._update_histogram(acts, cat_mask)
+            self._update_histogram(acts_t, cat_mask)
 
-    def _update_histogram(self, acts: torch.Tensor, cat_mask: torch.Tensor) -> None:
-        n_neurons = acts.shape[1]
+    def _update_histogram(self, acts_t: torch.Tensor, cat_mask: torch.Tensor) -> None:
+        """acts_t [N, T]. Bin numbers are int32 and neuron-major, so the temporaries stay small."""
+        n_neurons = acts_t.shape[0]
         if self.hist_edges is None:  # equal-mass bins: the first batch's quantiles; the end bins are open
-            step = max(1, acts.shape[0] // 256)  # quantiles of at most ~256 rows are plenty for 64 bins
-            ranked = acts[::step].sort(dim=0).values  # [T', N]
-            at = torch.linspace(0, ranked.shape[0] - 1, HIST_BINS + 1, device=acts.device)[1:-1].round().long()
-            self.hist_edges = ranked.index_select(0, at).T.contiguous()  # [N, HIST_BINS - 1]
-        bins = torch.searchsorted(self.hist_edges, acts.T.contiguous(), right=True).T  # [T, N] in 0..HIST_BINS-1
-        flat = bins + torch.arange(n_neurons, device=acts.device) * HIST_BINS  # [T, N]
-        self.hist_all += torch.bincount(flat.reshape(-1), minlength=n_neurons * HIST_BINS)
+            step = max(1, acts_t.shape[1] // 256)  # quantiles of at most ~256 tokens are plenty for 64 bins
+            ranked = acts_t[:, ::step].sort(dim=1).values  # [N, T']
+            at = torch.linspace(0, ranked.shape[1] - 1, HIST_BINS + 1, device=acts_t.device)[1:-1].round().long()
+            self.hist_edges = ranked.index_select(1, at).contiguous()  # [N, HIST_BINS - 1]
+        bins = torch.searchsorted(self.hist_edges, acts_t, right=True, out_int32=True)  # [N, T] in 0..HIST_BINS-1
+        first_bin = torch.arange(0, n_neurons * HIST_BINS, HIST_BINS, device=acts_t.device, dtype=torch.int32)
+        bins += first_bin[:, None]  # each neuron's own bins in one flat histogram
+        self.hist_all += torch.bincount(bins.view(-1), minlength=n_neurons * HIST_BINS)
         for c in range(cat_mask.shape[1]):
-            rows = cat_mask[:, c] > 0
-            if rows.any():
-                self.hist_cat[c] += torch.bincount(flat[rows].reshape(-1), minlength=n_neurons * HIST_BINS)
+            rows = torch.nonzero(cat_mask[:, c] > 0).view(-1)
+            if len(rows):
+                self.hist_cat[c] += torch.bincount(bins.index_select(1, rows).view(-1), minlength=n_neurons * HIST_BINS)
 
     def moments(self, neurons: slice = slice(None)) -> dict[str, np.ndarray]:
         """The accumulated moments of a slice of the neurons, as float64 numpy arrays on the CPU."""
         cpu = lambda t: t[..., neurons].double().cpu().numpy()  # noqa: E731
         return {
-            "n_all": float(self.n_all), "n_cat": self.n_cat.double().cpu().numpy(), "sum_all": cpu(self.sum_all),
-            "sumsq_all": cpu(self.sumsq_all), "sum_cat": cpu(self.sum_cat), "sumsq_cat": cpu(self.sumsq_cat),
+            "n_all": float(self.counts[0]), "n_cat": self.counts[1:].double().cpu().numpy(), "sum_all": cpu(self.sums[0]),
+            "sumsq_all": cpu(self.sums_sq[0]), "sum_cat": cpu(self.sums[1:]), "sumsq_cat": cpu(self.sums_sq[1:]),
         }  # fmt: skip
 
     def histogram_counts(self, neurons: slice = slice(None)) -> tuple[np.ndarray, np.ndarray]:
         """Histograms of a slice of the neurons: over all tokens [n, B], over each category's tokens [C, n, B]."""
-        n_cat, n_neurons = self.sum_cat.shape
+        n_cat, n_neurons = self.n_categories, self.sums.shape[1]
         counts_all = self.hist_all.view(n_neurons, HIST_BINS)[neurons].cpu().numpy().astype(np.float64)
         counts_cat = self.hist_cat.view(n_cat, n_neurons, HIST_BINS)[:, neurons].cpu().numpy().astype(np.float64)
         return counts_all, counts_cat
@@ -381,7 +379,8 @@ def _finish_part(layer, neurons, acc, acts_parts, category_mask, top_k, with_aur
     stats = moment_statistics(**acc.moments(neurons))
     auroc = recorded = None
     if acts_parts is not None:
-        acts_t = np.ascontiguousarray(np.concatenate(acts_parts).T)  # [n, n_tokens]
+        stacked = acts_parts[0] if len(acts_parts) == 1 else np.concatenate(acts_parts)  # [n_tokens, n]
+        acts_t = np.ascontiguousarray(stacked.T)  # [n, n_tokens]
         auroc, top = _ranked_statistics(acts_t, category_mask, top_k, with_auroc)
         recorded = acts_t.astype(np.float16)
     else:
