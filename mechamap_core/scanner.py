@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -66,23 +67,28 @@ def hooked(sites: list[NeuronSite], hook_fn):
 
 
 class _Reducer:
-    """Runs submitted jobs in order on one worker thread and collects their results by key.
+    """Runs submitted jobs on a worker thread and collects their results by key.
 
+    mode "overlap": the worker starts each job as it is submitted (when the forward pass leaves a core
+    idle). "deferred": jobs wait until the block ends (when the forward pass uses every core, a worker
+    beside it would only slow it down). "inline": each job runs at once on the calling thread.
     On leaving the block, the calling thread runs the jobs the worker has not started yet (newest
     first) and waits for the rest, re-raising a job's error. After an error in the block itself,
-    jobs not yet started are dropped and only that error propagates. inline=True runs each job at once.
+    jobs not yet started are dropped and only that error propagates.
     """
 
-    def __init__(self, inline: bool = False):
+    def __init__(self, mode: str):
+        self.mode = mode
         self.results: dict = {}
-        self.jobs: list[tuple[Future, tuple]] = []
-        self.pool = None if inline else ThreadPoolExecutor(max_workers=1, thread_name_prefix="mechamap-reduce")
+        self.jobs: list[tuple[Future | None, tuple]] = []
+        self.pool = None if mode == "inline" else ThreadPoolExecutor(max_workers=1, thread_name_prefix="mechamap-reduce")
 
     def submit(self, key, fn, *args) -> None:
-        if self.pool is None:
-            self._run(key, fn, *args)
+        job = (key, fn, *args)
+        if self.mode == "inline":
+            self._run(*job)
         else:
-            self.jobs.append((self.pool.submit(self._run, key, fn, *args), (key, fn, *args)))
+            self.jobs.append((self.pool.submit(self._run, *job) if self.mode == "overlap" else None, job))
 
     def _run(self, key, fn, *args) -> None:
         self.results[key] = fn(*args)
@@ -95,6 +101,7 @@ class _Reducer:
             return
         try:
             if exc_type is None:
+                self.jobs = [(future or self.pool.submit(self._run, *job), job) for future, job in self.jobs]
                 for future, job in reversed(self.jobs):
                     if future.cancel():  # not started: this thread would only wait, so it does the job
                         self._run(*job)
@@ -104,6 +111,15 @@ class _Reducer:
             for future, _ in self.jobs:
                 if not future.cancelled():
                     future.result()
+
+
+def _reduction_mode(device: torch.device, record: bool) -> str:
+    """How a scan finishes its layers: see _Reducer. Without recording, finishing is light and runs inline."""
+    if device.type == "mps" or not record:
+        return "inline"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    idle_core = device.type != "cpu" or torch.get_num_threads() < cores  # a GPU forward leaves the CPU idle
+    return "overlap" if idle_core else "deferred"
 
 
 def batches(aligned: AlignedText, batch_size: int, pad_id: int, device: torch.device):
@@ -319,8 +335,8 @@ def scan(
                     reducer.submit((site.layer, neurons.start), finish, site.layer, neurons)
 
         # Each finished layer's statistics run on a worker thread, overlapping the forward pass of the
-        # layers after it; this thread joins in once the forward pass is done. MPS runs them inline.
-        with _Reducer(inline=device.type == "mps" or not record) as reducer:
+        # layers after it when a core is free; this thread joins in once the forward pass is done.
+        with _Reducer(_reduction_mode(device, record)) as reducer:
             passes = run_hooked_forward(lm, aligned, sites, on_layer, n_neurons, cfg.batch_size, progress)
         forward_s = time.perf_counter()
     kept.clear()
