@@ -109,7 +109,7 @@ def average_ranks(acts_t: np.ndarray, order: np.ndarray | None = None) -> np.nda
     order = np.argsort(acts_t, axis=1) if order is None else order  # [N, T] ascending
     ranks_t = np.empty(acts_t.shape, dtype=dtype)
     np.put_along_axis(ranks_t, order, np.arange(1, n_tokens + 1, dtype=dtype)[None, :], axis=1)
-    ordered = np.take_along_axis(acts_t, order, axis=1)
+    ordered = np.sort(acts_t, axis=1)  # = acts_t gathered in order; numpy's vectorised sort is quicker than the gather
     tied = ordered[:, 1:] == ordered[:, :-1]  # [N, T-1]: sorted position p+1 ties with p
     rows = np.flatnonzero(tied.any(axis=1))
     if rows.size:  # a tied run from sorted position i to j gets (i + j) / 2 + 1

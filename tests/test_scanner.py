@@ -8,6 +8,7 @@ import threading
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from scipy import stats as sps
 from tiny_models import capture_mlp_input
 
@@ -368,3 +369,29 @@ def test_text_of_only_special_tokens_raises(bundled_lm, tiny_gpt2, default_cfg, 
     lm = bundled_lm if which == "bundled" else tiny_gpt2
     with pytest.raises(ValueError, match="no tokens besides special tokens"):
         scan(lm, make_cfg(default_cfg, "[CLS] [SEP]"))
+
+
+@pytest.mark.parametrize("mode", ["overlap", "deferred", "inline"])
+def test_every_reduction_mode_gives_the_same_result(tiny_gpt2, default_cfg, paragraphs, monkeypatch, mode):
+    """Layers finish on a worker beside the forward pass, after it, or inline: the result is the same."""
+    cfg = make_cfg(default_cfg, paragraphs[0], max_chunk_tokens=16, batch_size=2)
+    monkeypatch.setattr(scanner, "_reduction_mode", lambda device, record: "inline")
+    reference = scan(tiny_gpt2, cfg, record_activations=True)
+    monkeypatch.setattr(scanner, "_reduction_mode", lambda device, record: mode)
+    result = scan(tiny_gpt2, cfg, record_activations=True)
+    pd.testing.assert_frame_equal(result.scores, reference.scores)
+    pd.testing.assert_frame_equal(result.top_tokens, reference.top_tokens)
+    for layer, acts in reference.activations.items():
+        np.testing.assert_array_equal(result.activations[layer], acts)
+
+
+def test_reduction_mode_uses_a_worker_only_beside_an_idle_core(monkeypatch):
+    cpu, cuda, mps = torch.device("cpu"), torch.device("cuda"), torch.device("mps")
+    monkeypatch.setattr(scanner.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(scanner.torch, "get_num_threads", lambda: 1)
+    assert scanner._reduction_mode(cpu, record=True) == "overlap"
+    assert scanner._reduction_mode(cpu, record=False) == "inline"  # histograms and moments: light, no thread
+    assert scanner._reduction_mode(mps, record=True) == "inline"
+    monkeypatch.setattr(scanner.torch, "get_num_threads", lambda: 2)
+    assert scanner._reduction_mode(cpu, record=True) == "deferred"  # the forward pass uses every core
+    assert scanner._reduction_mode(cuda, record=True) == "overlap"  # the GPU runs the forward pass
