@@ -330,9 +330,10 @@ def scan(
                 kept[site.layer].append(acts.cpu().numpy())  # acts is the hook's own gathered copy
             batches_seen[site.layer] += 1
             if batches_seen[site.layer] == n_batches:  # two halves, so two threads can share the last layer
-                half = -(-n_neurons[site.layer] // 2)
-                for neurons in (slice(0, half), slice(half, n_neurons[site.layer]))[: 2 if half > 0 else 0]:
-                    reducer.submit((site.layer, neurons.start), finish, site.layer, neurons)
+                n = n_neurons[site.layer]
+                for neurons in (slice(0, (n + 1) // 2), slice((n + 1) // 2, n)):
+                    if neurons.stop > neurons.start:
+                        reducer.submit((site.layer, neurons.start), finish, site.layer, neurons)
 
         # Each finished layer's statistics run on a worker thread, overlapping the forward pass of the
         # layers after it when a core is free; this thread joins in once the forward pass is done.
