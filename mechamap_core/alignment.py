@@ -22,19 +22,24 @@ def _word_pattern(word: str, lowered: bool) -> re.Pattern:
     return re.compile(r"(?<!\w)" + r"\s+".join(parts) + r"(?!\w)", re.IGNORECASE)
 
 
+@lru_cache(maxsize=2)  # align() looks for every word in one text after another
+def _lowered(text: str) -> str:
+    return text.lower()
+
+
 def find_word_spans(text: str, word: str) -> list[tuple[int, int]]:
     """Character spans of every case-insensitive, whole-word occurrence of word in text.
 
     Whole word: not preceded or followed by a letter, digit or underscore. Inner whitespace of
-    multi-word entries ("New York") matches any run of whitespace.
+    multi-word entries ("New York") matches any run of whitespace. Case follows re.IGNORECASE.
     """
-    if not word.strip():
+    word = word.strip()
+    if not word:
         return []
-    lowered = text.lower()
-    if len(lowered) != len(text):  # lower() changed some offsets (e.g. "İ"): search the text itself
-        return [m.span() for m in _word_pattern(word.strip(), False).finditer(text)]
-    pattern, spans, at = _word_pattern(word.strip(), True), [], 0
-    while match := pattern.search(lowered, at):
+    if not (text.isascii() and word.isascii()):  # Unicode case rules (ſ = s, ς = σ, İ ...): re's own matching
+        return [m.span() for m in _word_pattern(word, False).finditer(text)]
+    lowered, pattern, spans, at = _lowered(text), _word_pattern(word, True), [], 0
+    while match := pattern.search(lowered, at):  # ASCII: lower() is exactly re's case folding
         if match.start() and _WORD_CHAR.match(lowered, match.start() - 1):
             at = match.start() + 1  # inside a longer word: look again from the next character
         else:
@@ -128,7 +133,7 @@ def align(
         counted = np.array([i not in special_ids and e > s for i, s, e in zip(ids, starts, ends)], dtype=bool)
         mask = np.zeros((len(ids), len(names)), dtype=bool)
         for c, name in enumerate(names):
-            for word in categories[name]:
+            for word in dict.fromkeys(categories[name]):  # a word listed twice counts once
                 hit = np.zeros(len(ids), dtype=bool)
                 spans = find_word_spans(text, word)
                 occurrences[(name, word)] += len(spans)

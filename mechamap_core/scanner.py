@@ -206,7 +206,8 @@ class LayerAccumulator:
     def __init__(self, n_neurons: int, n_categories: int, top_k: int, device: torch.device, histogram: bool):
         acc = torch.float32 if device.type == "mps" else torch.float64
         self.n_categories = n_categories
-        self.counts = torch.zeros(1 + n_categories, dtype=acc, device=device)  # all tokens, then each category's
+        self.n_all = 0
+        self.n_cat = torch.zeros(n_categories, dtype=acc, device=device)
         self.sums = torch.zeros(1 + n_categories, n_neurons, dtype=acc, device=device)  # row 0: all tokens
         self.sums_sq = torch.zeros(1 + n_categories, n_neurons, dtype=acc, device=device)
         self.top_k = top_k
@@ -219,10 +220,11 @@ class LayerAccumulator:
 
     def update(self, acts: torch.Tensor, cat_mask: torch.Tensor, token_index: torch.Tensor) -> None:
         """acts [T, N] float32, cat_mask [T, C] float32, token_index [T] long (global token numbers)."""
-        rows = torch.cat([torch.ones_like(cat_mask[:, :1]), cat_mask], dim=1).T  # [1 + C, T]: all tokens, each category
-        self.counts += rows.sum(1).to(self.counts.dtype)
-        self.sums += (rows @ acts).to(self.sums.dtype)  # [1 + C, N]: one matmul for every sum
-        self.sums_sq += (rows @ (acts * acts)).to(self.sums.dtype)
+        groups = torch.cat([torch.ones_like(cat_mask[:, :1]), cat_mask], dim=1).T  # [1 + C, T]: all tokens, each category
+        self.n_all += acts.shape[0]
+        self.n_cat += cat_mask.sum(0).to(self.n_cat.dtype)
+        self.sums += (groups @ acts).to(self.sums.dtype)  # [1 + C, N]: one matmul for every sum
+        self.sums_sq += (groups @ (acts * acts)).to(self.sums.dtype)
         acts_t = acts.T.contiguous() if self.top_k or self.histogram else None  # [N, T]: both work along its rows
         if self.top_k:
             k = min(self.top_k, acts.shape[0])
@@ -257,7 +259,7 @@ class LayerAccumulator:
         """The accumulated moments of a slice of the neurons, as float64 numpy arrays on the CPU."""
         cpu = lambda t: t[..., neurons].double().cpu().numpy()  # noqa: E731
         return {
-            "n_all": float(self.counts[0]), "n_cat": self.counts[1:].double().cpu().numpy(), "sum_all": cpu(self.sums[0]),
+            "n_all": float(self.n_all), "n_cat": self.n_cat.double().cpu().numpy(), "sum_all": cpu(self.sums[0]),
             "sumsq_all": cpu(self.sums_sq[0]), "sum_cat": cpu(self.sums[1:]), "sumsq_cat": cpu(self.sums_sq[1:]),
         }  # fmt: skip
 
@@ -327,7 +329,7 @@ def scan(
             acc = accs[site.layer]
             acc.update(acts, cat_mask_all.index_select(0, token_index), token_index)  # on the model's device
             if record:
-                kept[site.layer].append(acts.cpu().numpy())  # acts is the hook's own gathered copy
+                kept[site.layer].append(np.ascontiguousarray(acts.cpu().numpy()))  # compact: acts may view all neurons
             batches_seen[site.layer] += 1
             if batches_seen[site.layer] == n_batches:  # two halves, so two threads can share the last layer
                 n = n_neurons[site.layer]
@@ -411,6 +413,8 @@ def _finish_part(layer, neurons, acc, acts_parts, category_mask, top_k, with_aur
 def _ranked_statistics(acts_t: np.ndarray, category_mask: np.ndarray, top_k: int, with_auroc: bool):
     """Exact AUROC [C, N] (None without with_auroc) and the top-k (values, token indices), each [k, N],
     of one layer's recorded activations acts_t [N, n_tokens], from a single argsort of each neuron's row."""
+    if not (top_k or with_auroc):
+        return None, None
     order = np.argsort(acts_t, axis=1)  # [N, T] ascending
     auroc = auroc_from_ranks(average_ranks(acts_t, order), category_mask) if with_auroc else None
     top_index = np.ascontiguousarray(order[:, ::-1][:, : min(top_k, acts_t.shape[1])])  # [N, k] descending

@@ -110,6 +110,12 @@ def lookbehind_spans(text: str, word: str) -> list[tuple[int, int]]:
         ("İstanbul and Istanbul, ISTANBUL", "istanbul"),  # lower() lengthens "İ": offsets must stay the text's
         ("Straße STRASSE strasse", "strasse"),
         ("the cat_ cat catalog Cat.", "cat"),
+        ("ſun rises", "sun"),  # re's Unicode case equivalences: long s = s, micro = mu, final sigma = sigma
+        ("Izmir and İzmir", "İzmir"),
+        ("5 µg", "μg"),
+        ("ΟΔΟΣ.Κ οδος", "οδος"),
+        ("ϐeta", "βeta"),
+        ("KELVIN kelvin", "kelvin"),
     ],
 )
 def test_word_spans_equal_the_single_regex_definition(text, word):
@@ -118,10 +124,10 @@ def test_word_spans_equal_the_single_regex_definition(text, word):
 
 def test_word_spans_equal_the_single_regex_definition_on_random_texts():
     rng = np.random.default_rng(0)
-    alphabet = list("ab _.\n") + ["İ", "é"]
+    alphabet = list("abs _.\n") + ["İ", "é", "ſ", "S", "ς", "σ", "Σ"]
     for _ in range(300):
         text = "".join(rng.choice(alphabet, size=int(rng.integers(0, 40))))
-        word = "".join(rng.choice(list("ab "), size=int(rng.integers(1, 5)))).strip() or "a"
+        word = "".join(rng.choice(list("absσ "), size=int(rng.integers(1, 5)))).strip() or "a"
         assert find_word_spans(text, word) == lookbehind_spans(text, word), (text, word)
 
 
@@ -253,3 +259,11 @@ def test_slow_tokenizer_rejected():
 
     with pytest.raises(ValueError, match="fast"):
         align(Slow(), ["text"], {"a": ["text"]}, 10)
+
+
+def test_a_word_listed_twice_counts_once(tok):
+    aligned = align(tok, ["A cat sat. The cat ran."], {"animal": ["cat", "cat", "dog"]}, 64)
+    cov = aligned.coverage.set_index("word")
+    assert list(aligned.coverage["word"]) == ["cat", "dog"]
+    assert cov.loc["cat", "occurrences"] == 2 and cov.loc["dog", "occurrences"] == 0
+    assert cov.loc["cat", "n_tokens"] == aligned.category_mask[:, 0].sum() == 2

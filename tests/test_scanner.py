@@ -395,3 +395,18 @@ def test_reduction_mode_uses_a_worker_only_beside_an_idle_core(monkeypatch):
     monkeypatch.setattr(scanner.torch, "get_num_threads", lambda: 2)
     assert scanner._reduction_mode(cpu, record=True) == "deferred"  # the forward pass uses every core
     assert scanner._reduction_mode(cuda, record=True) == "overlap"  # the GPU runs the forward pass
+
+
+def test_recorded_batches_keep_only_the_scanned_neurons(bundled_lm, default_cfg, monkeypatch):
+    """With limit_neurons, each recorded batch holds [T, limit] floats, not views of every neuron of the layer."""
+    held = []
+    finish_part = scanner._finish_part
+
+    def spy(layer, neurons, acc, acts_parts, *args):
+        held.extend((part.base if part.base is not None else part).strides[0] for part in acts_parts)
+        return finish_part(layer, neurons, acc, acts_parts, *args)
+
+    monkeypatch.setattr(scanner, "_finish_part", spy)
+    res = scan(bundled_lm, default_cfg, limit_neurons=3, layers=[0, 1], record_activations=True)
+    assert held and set(held) == {3 * 4}  # a row of the kept batch is 3 float32s, not the layer's 1,536
+    assert res.activations[0].shape == (res.metadata["n_tokens"], 3)
