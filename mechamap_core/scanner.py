@@ -73,8 +73,9 @@ class _Reducer:
     idle). "deferred": jobs wait until the block ends (when the forward pass uses every core, a worker
     beside it would only slow it down). "inline": each job runs at once on the calling thread.
     On leaving the block, the calling thread runs the jobs the worker has not started yet (newest
-    first) and waits for the rest, re-raising a job's error. After an error in the block itself,
-    jobs not yet started are dropped and only that error propagates.
+    first) and waits for the rest. A job's error is raised by the next submit() after it, or on
+    leaving. After an error in the block itself, jobs not yet started are dropped and only that
+    error propagates.
     """
 
     def __init__(self, mode: str):
@@ -84,6 +85,9 @@ class _Reducer:
         self.pool = None if mode == "inline" else ThreadPoolExecutor(max_workers=1, thread_name_prefix="mechamap-reduce")
 
     def submit(self, key, fn, *args) -> None:
+        for future, _ in self.jobs:  # a job that failed stops the scan here, not after the whole pass
+            if future is not None and future.done() and not future.cancelled() and future.exception() is not None:
+                raise future.exception()
         job = (key, fn, *args)
         if self.mode == "inline":
             self._run(*job)
