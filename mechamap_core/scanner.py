@@ -275,6 +275,12 @@ class LayerAccumulator:
         return counts_all, counts_cat
 
 
+def _hook_top_k(device: torch.device, record: bool, top_k: int) -> int:
+    """The top-k the hook merges: always on a GPU, where it is nearly free; on a CPU only without
+    recording, since recorded layers read their top-k off the exact AUROC's argsort."""
+    return top_k if device.type != "cpu" or not record else 0
+
+
 def _decide_recording(record: bool | str, n_tokens: int, total_neurons: int) -> bool:
     if record == "auto":  # held as float32 during the scan, kept as float16 afterwards
         return n_tokens * total_neurons * 4 <= RECORD_AUTO_LIMIT_BYTES
@@ -316,7 +322,7 @@ def scan(
         device = lm.device
         cat_mask_all = torch.from_numpy(aligned.category_mask.astype(np.float32)).to(device)  # [T_all, C]
         histogram = cfg.auroc and not record  # exact AUROC needs the recorded activations, else histograms
-        top_k_in_hook = 0 if record else cfg.top_k_tokens  # recorded layers read their top-k off the exact ranking
+        top_k_in_hook = _hook_top_k(device, record, cfg.top_k_tokens)
         accs = {
             s.layer: LayerAccumulator(n_neurons[s.layer], len(aligned.categories), top_k_in_hook, device, histogram)
             for s in sites
@@ -400,15 +406,17 @@ def _finish_part(layer, neurons, acc, acts_parts, category_mask, top_k, with_aur
     and from the recorded activations acts_parts ([T_batch, n] each, in token order; exact AUROC and
     top-k) or, without them, the accumulator's histograms (binned AUROC) and top-k."""
     stats = moment_statistics(**acc.moments(neurons))
-    auroc = recorded = None
+    auroc = recorded = top = None
+    if acc.top_k:  # merged in the hook
+        top = (acc.top_vals[:, neurons].cpu().numpy(), acc.top_index[:, neurons].cpu().numpy())
     if acts_parts is not None:
         stacked = acts_parts[0] if len(acts_parts) == 1 else np.concatenate(acts_parts)  # [n_tokens, n]
         acts_t = np.ascontiguousarray(stacked.T)  # [n, n_tokens]
-        auroc, top = _ranked_statistics(acts_t, category_mask, top_k, with_auroc)
+        auroc, ranked_top = _ranked_statistics(acts_t, category_mask, 0 if acc.top_k else top_k, with_auroc)
+        top = ranked_top if top is None else top
         recorded = acts_t.astype(np.float16)
-    else:
-        auroc = auroc_binned(*acc.histogram_counts(neurons)) if acc.histogram else None
-        top = (acc.top_vals[:, neurons].cpu().numpy(), acc.top_index[:, neurons].cpu().numpy()) if acc.top_k else None
+    elif acc.histogram:
+        auroc = auroc_binned(*acc.histogram_counts(neurons))
     stats["auroc"] = np.full_like(stats["separation"], np.nan) if auroc is None else auroc
     stats["score"] = stats["separation"]
     return _LayerPart(layer, neurons.start, stats, top, recorded)

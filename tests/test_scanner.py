@@ -395,6 +395,9 @@ def test_reduction_mode_uses_a_worker_only_beside_an_idle_core(monkeypatch):
     monkeypatch.setattr(scanner.torch, "get_num_threads", lambda: 2)
     assert scanner._reduction_mode(cpu, record=True) == "deferred"  # the forward pass uses every core
     assert scanner._reduction_mode(cuda, record=True) == "overlap"  # the GPU runs the forward pass
+    assert scanner._hook_top_k(cpu, True, 5) == 0  # read off the exact AUROC's argsort instead
+    assert scanner._hook_top_k(cpu, False, 5) == 5
+    assert scanner._hook_top_k(cuda, True, 5) == 5  # nearly free on a GPU
 
 
 def test_recorded_batches_keep_only_the_scanned_neurons(bundled_lm, default_cfg, monkeypatch):
@@ -410,3 +413,17 @@ def test_recorded_batches_keep_only_the_scanned_neurons(bundled_lm, default_cfg,
     res = scan(bundled_lm, default_cfg, limit_neurons=3, layers=[0, 1], record_activations=True)
     assert held and set(held) == {3 * 4}  # a row of the kept batch is 3 float32s, not the layer's 1,536
     assert res.activations[0].shape == (res.metadata["n_tokens"], 3)
+
+
+def test_top_k_merged_in_the_hook_equals_the_ranked_top_k(bundled_lm, default_cfg, monkeypatch):
+    """A GPU merges top-k in the hook even when recording; a CPU reads it off the ranking. Same tokens."""
+    ranked = scan(bundled_lm, default_cfg, limit_neurons=32, record_activations=True)
+    monkeypatch.setattr(scanner, "_hook_top_k", lambda device, record, top_k: top_k)
+    merged = scan(bundled_lm, default_cfg, limit_neurons=32, record_activations=True)
+    columns = ["layer", "neuron", "rank", "activation"]
+    np.testing.assert_allclose(merged.top_tokens[columns].to_numpy(float), ranked.top_tokens[columns].to_numpy(float), rtol=1e-6)
+    differ = merged.top_tokens["token_index"].to_numpy() != ranked.top_tokens["token_index"].to_numpy()
+    acts = ranked.activations
+    for row in merged.top_tokens[differ].itertuples():  # another token only where two activations tie
+        assert acts[row.layer][row.token_index, row.neuron] == np.float16(row.activation)
+    pd.testing.assert_frame_equal(merged.scores, ranked.scores)
