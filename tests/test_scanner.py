@@ -427,3 +427,29 @@ def test_top_k_merged_in_the_hook_equals_the_ranked_top_k(bundled_lm, default_cf
     for row in merged.top_tokens[differ].itertuples():  # another token only where two activations tie
         assert acts[row.layer][row.token_index, row.neuron] == np.float16(row.activation)
     pd.testing.assert_frame_equal(merged.scores, ranked.scores)
+
+
+def test_histograms_equal_binning_every_value():
+    """The all-token histogram comes from sorted rows; it must equal binning each value on its own."""
+    rng = np.random.default_rng(7)
+    n_neurons, n_cat, bins = 5, 3, scanner.HIST_BINS
+    acc = scanner.LayerAccumulator(n_neurons, n_cat, 0, torch.device("cpu"), histogram=True)
+    batches = []
+    for n_tokens in (300, 120, 77):
+        acts = torch.from_numpy(np.round(rng.standard_normal((n_tokens, n_neurons)), 1).astype(np.float32))  # ties
+        mask = torch.from_numpy((rng.random((n_tokens, n_cat)) < 0.2).astype(np.float32))
+        with torch.inference_mode():
+            acc.update(acts, mask, torch.arange(n_tokens))
+        batches.append((acts, mask))
+    edges = acc.hist_edges  # [N, bins - 1], from the first batch
+    expected_all = np.zeros((n_neurons, bins))
+    expected_cat = np.zeros((n_cat, n_neurons, bins))
+    for acts, mask in batches:
+        for n in range(n_neurons):
+            which = np.searchsorted(edges[n].numpy(), acts[:, n].numpy(), side="right")
+            expected_all[n] += np.bincount(which, minlength=bins)
+            for c in range(n_cat):
+                expected_cat[c, n] += np.bincount(which[mask[:, c].numpy() > 0], minlength=bins)
+    counts_all, counts_cat = acc.histogram_counts()
+    np.testing.assert_array_equal(counts_all, expected_all)
+    np.testing.assert_array_equal(counts_cat, expected_cat)
