@@ -259,8 +259,9 @@ class LayerAccumulator:
             return
         bins = torch.searchsorted(self.hist_edges, acts_t.index_select(1, tokens).contiguous(), right=True, out_int32=True)
         bins += torch.arange(0, n_neurons * HIST_BINS, HIST_BINS, device=acts_t.device, dtype=torch.int32)[:, None]
+        token_mask = cat_mask.index_select(0, tokens)  # [K, C]: the category tokens' rows
         for c in range(cat_mask.shape[1]):  # each neuron's own bins in one flat histogram
-            columns = torch.nonzero(cat_mask.index_select(0, tokens)[:, c] > 0).view(-1)
+            columns = torch.nonzero(token_mask[:, c] > 0).view(-1)
             if len(columns):
                 self.hist_cat[c] += torch.bincount(bins.index_select(1, columns).view(-1), minlength=n_neurons * HIST_BINS)
 

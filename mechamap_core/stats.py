@@ -85,7 +85,7 @@ def bh_qvalues(p_values: np.ndarray) -> np.ndarray:
     """Benjamini-Hochberg q-values of a flat array of p-values (NaN stays NaN, excluded from the count).
 
     The step-up rule written out: scipy's false_discovery_control gives the same values (tested) but
-    takes ~8x as long on a scan's 10^5 p-values, and this runs after the forward pass.
+    takes ~3.5x as long on a scan's 10^5 p-values (6.5 against 1.8 ms), and this runs after the pass.
     """
     q = np.full(p_values.shape, np.nan)
     ok = np.flatnonzero(~np.isnan(p_values))
