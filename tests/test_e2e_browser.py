@@ -91,6 +91,13 @@ def _no_exception(page) -> None:
     assert errors.count() == 0, errors.first.inner_text()
 
 
+def _snapshot(page, name: str, settle_ms: int = 500) -> None:
+    """No exception on the page; let charts settle; a full-page screenshot to SCREENSHOTS/name."""
+    _no_exception(page)
+    page.wait_for_timeout(settle_ms)
+    page.screenshot(path=str(SCREENSHOTS / name), full_page=True)
+
+
 def test_scan_in_the_browser_then_open_the_pivot_heatmap(streamlit_server):
     from playwright.sync_api import expect, sync_playwright
 
@@ -128,18 +135,14 @@ def test_scan_in_the_browser_then_open_the_pivot_heatmap(streamlit_server):
             expect(heatmap).to_be_visible(timeout=PAGE_TIMEOUT_MS)
             expect(heatmap.locator("canvas, svg").first).to_be_visible(timeout=PAGE_TIMEOUT_MS)
             pivot_s = time.perf_counter() - clicked
-            _no_exception(page)
-            page.wait_for_timeout(500)
-            page.screenshot(path=str(SCREENSHOTS / "03_pivot_heatmap.png"), full_page=True)
+            _snapshot(page, "03_pivot_heatmap.png")
 
             clicked = time.perf_counter()
             _nav(page, "Overview")
             expect(page.get_by_role("heading", name="Headline of the active run")).to_be_visible(timeout=PAGE_TIMEOUT_MS)
             expect(page.locator('[data-testid="stVegaLiteChart"]').first).to_be_visible(timeout=PAGE_TIMEOUT_MS)
             overview_s = time.perf_counter() - clicked
-            _no_exception(page)
-            page.wait_for_timeout(500)
-            page.screenshot(path=str(SCREENSHOTS / "04_overview_headline.png"), full_page=True)
+            _snapshot(page, "04_overview_headline.png")
 
             clicked = time.perf_counter()
             _nav(page, "Pivot")
@@ -152,9 +155,7 @@ def test_scan_in_the_browser_then_open_the_pivot_heatmap(streamlit_server):
             _nav(page, "Config")
             expect(page.get_by_role("heading", name="Word coverage")).to_be_visible(timeout=PAGE_TIMEOUT_MS)
             config_s = time.perf_counter() - clicked
-            _no_exception(page)
-            page.wait_for_timeout(500)
-            page.screenshot(path=str(SCREENSHOTS / "05_config_page.png"), full_page=True)
+            _snapshot(page, "05_config_page.png")
 
             # open a neuron from the Pivot page's top-neuron table: click the first row's selection cell
             _nav(page, "Pivot")
@@ -167,9 +168,7 @@ def test_scan_in_the_browser_then_open_the_pivot_heatmap(streamlit_server):
             expect(page.get_by_role("heading", name="Neuron", exact=True)).to_be_visible(timeout=PAGE_TIMEOUT_MS)
             expect(page.get_by_text("blocks.", exact=False).first).to_be_visible(timeout=PAGE_TIMEOUT_MS)
             expect(page.get_by_role("heading", name="Master text coloured by this neuron")).to_be_visible(timeout=PAGE_TIMEOUT_MS)
-            _no_exception(page)
-            page.wait_for_timeout(800)
-            page.screenshot(path=str(SCREENSHOTS / "06_neuron_from_pivot.png"), full_page=True)
+            _snapshot(page, "06_neuron_from_pivot.png", settle_ms=800)
         finally:
             browser.close()
 
