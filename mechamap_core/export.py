@@ -21,18 +21,29 @@ ORIGINAL_COLUMNS = ["model", "layer", "neuron", "category", "avg_activation", "t
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,80}$")
 
 
-def export_table(result: ScanResult, flagged_only: bool = False, metric: str = "score", threshold: float | None = None) -> pd.DataFrame:
+def _at_or_above(result: ScanResult, metric: str, threshold: float | None) -> pd.DataFrame:
+    """Score rows with metric >= threshold (default: the scan's threshold)."""
+    limit = result.metadata.get("threshold", 1.0) if threshold is None else threshold
+    return result.scores[result.scores[metric] >= limit]
+
+
+def _scores_for_files(
+    result: ScanResult, flagged_only: bool = False, metric: str = "score", threshold: float | None = None
+) -> pd.DataFrame:
+    """The scores to export (flagged rows only if asked), with model, hook and category as plain text."""
+    scores = _at_or_above(result, metric, threshold) if flagged_only else result.scores
+    return scores.astype({column: str for column in ("model", "hook", "category")})  # categorical in the scan's table
+
+
+def export_table(
+    result: ScanResult, flagged_only: bool = False, metric: str = "score", threshold: float | None = None
+) -> pd.DataFrame:
     """Scores with the original's columns first (top_tokens as readable text), then every statistic.
 
     flagged_only keeps rows with metric >= threshold (default: the scan's threshold).
     """
-    scores = result.scores
-    if flagged_only:
-        limit = result.metadata.get("threshold", 1.0) if threshold is None else threshold
-        scores = scores[scores[metric] >= limit]
-    table = scores.merge(top_token_strings(result.top_tokens), on=["layer", "neuron"], how="left")
-    for column in ("model", "hook", "category"):  # categorical in the scan's table; plain text in files
-        table[column] = table[column].astype(str)
+    table = _scores_for_files(result, flagged_only, metric, threshold)
+    table = table.merge(top_token_strings(result.top_tokens), on=["layer", "neuron"], how="left")
     rest = [c for c in table.columns if c not in ORIGINAL_COLUMNS]
     return table[ORIGINAL_COLUMNS + rest]
 
@@ -44,10 +55,11 @@ def to_csv(result: ScanResult, path=None, **options) -> str | None:
 
 def to_json_dict(result: ScanResult, **options) -> dict:
     """{"metadata": ..., "neurons": {"L{layer}.N{neuron}": {layer, neuron, hook, top_tokens, categories: {cat: stats}}}}."""
-    table = export_table(result, **options)
+    table = _scores_for_files(result, **options)  # top tokens go in as lists, not export_table's text
     tops = result.top_tokens.groupby(["layer", "neuron"])
     top_lists = {key: list(zip(g["token"], g["activation"].round(4).astype(float))) for key, g in tops}
-    stat_cols = [c for c in table.columns if c not in ("model", "layer", "neuron", "hook", "category", "top_tokens")]
+    ids = ("model", "layer", "neuron", "hook", "category", "top_tokens")
+    stat_cols = [c for c in dict.fromkeys([*ORIGINAL_COLUMNS, *table.columns]) if c not in ids]  # export_table's order
     neurons: dict[str, dict] = {}
     for (layer, neuron), rows in table.groupby(["layer", "neuron"], sort=True):
         neurons[f"L{layer}.N{neuron}"] = {
@@ -83,8 +95,7 @@ def to_parquet(result: ScanResult, path=None, **options) -> bytes | None:
 
 def flagged_neurons(result: ScanResult, metric: str = "score", threshold: float | None = None) -> pd.DataFrame:
     """Flagged (neuron, category) pairs with TransformerLens hook names, ready for follow-up hooking."""
-    limit = result.metadata.get("threshold", 1.0) if threshold is None else threshold
-    rows = result.scores[result.scores[metric] >= limit]
+    rows = _at_or_above(result, metric, threshold)
     cols = ["model", "hook", "layer", "neuron", "category", metric] + (["auroc", "q_value"] if metric != "auroc" else ["q_value"])
     out = rows[cols].copy()
     out["category"] = out["category"].astype(str)
