@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--save-run", metavar="RUNS_DIR", help="also save the run to RUNS_DIR/<id>/ (for the app)")
     i = sub.add_parser("interpret", help="summarise a scores CSV as the original interpret_map.py did")
     i.add_argument("--csv", required=True, help="scores CSV written by `scan`")
-    i.add_argument("--threshold", type=float, default=None, help="flag rows with metric >= T (default 1.0)")
+    i.add_argument("--threshold", type=float, default=1.0, help="flag rows with metric >= T (default 1.0)")
     i.add_argument("--metric", default="score", help="score, avg_activation, cohens_d, auroc, ...")
     i.add_argument("--multi-category", action="store_true", help="list neurons flagged in 2+ categories")
     i.add_argument("--correlation", action="store_true", help="print the category correlation matrix")
@@ -83,9 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _read_scores(path: str) -> pd.DataFrame:
+def _read_scores(path: str, *columns: str) -> pd.DataFrame:
     scores = pd.read_parquet(path) if path.endswith(".parquet") else pd.read_csv(path)
-    missing = {"layer", "neuron", "category"} - set(scores.columns)
+    missing = {"layer", "neuron", "category", *columns} - set(scores.columns)
     if missing:
         raise ValueError(f"{path} lacks columns {sorted(missing)}; is it a MechaMap scores file?")
     return scores
@@ -176,12 +176,9 @@ def _run_scan(args) -> int:
 
 
 def _run_interpret(args) -> int:
-    scores = pd.read_csv(args.csv)
-    needed = {"layer", "neuron", "category", args.metric}
-    if not needed <= set(scores.columns):
-        raise ValueError(f"{args.csv} lacks columns {sorted(needed - set(scores.columns))}; is it a MechaMap scores CSV?")
+    scores = _read_scores(args.csv, args.metric)
     scores["category"] = pd.Categorical(scores["category"], categories=list(dict.fromkeys(scores["category"])))
-    threshold = 1.0 if args.threshold is None else args.threshold
+    threshold = args.threshold  # default 1.0, the original's
     pd.set_option("display.width", 200)
     print(f"Neurons with {args.metric} >= {threshold}, by layer and category:")
     print(analysis.layer_category_counts(scores, args.metric, threshold).to_string())

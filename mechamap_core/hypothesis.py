@@ -198,14 +198,15 @@ def ablate(
             control[layer] = sorted(rng.choice(pool, size=min(len(ids), len(pool)), replace=False).tolist())
         conditions.append((f"control {i + 1}", control))
     chunk = lm.chunk_tokens(cfg.max_chunk_tokens)
-    means = {}
-    if mode == "mean":
+    means, aligned = {}, None
+    if mode == "mean":  # collect_activations aligns the same texts, so its alignment is reused below
         union = {layer: sorted({n for _, c in conditions for n in c[layer]}) for layer in by_layer}
-        _, acts = collect_activations(lm, cfg.texts, union, cfg.categories, max_chunk_tokens=chunk)
+        aligned, acts = collect_activations(lm, cfg.texts, union, cfg.categories, max_chunk_tokens=chunk)
         means = {layer: dict(zip(union[layer], acts[layer].mean(0))) for layer in union}
     batch = 1 if lm.is_causal_lm else cfg.batch_size
     with lm.lock:
-        aligned = align(lm.tokenizer, cfg.texts, cfg.categories, chunk)
+        if aligned is None:
+            aligned = align(lm.tokenizer, cfg.texts, cfg.categories, chunk)
         target = _target_tokens(aligned, category, lm.is_causal_lm, window)
         clean = _forward_measure(lm, aligned, sites, None, batch)
         rows = []
