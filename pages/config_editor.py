@@ -196,7 +196,10 @@ else:
     if int(coverage["missing"].sum()):
         st.warning("Some category words never occur in the master text; they add nothing to the scan.")
 if cfg.corpus:
-    st.caption(f"This config scans the corpus file {cfg.corpus} instead of (or besides) the master text.")
+    st.caption(
+        f"The CLI (`python -m mechamap_core scan`) scans this config's corpus file {cfg.corpus} instead of the "
+        "master text. The app reads no paths from a config: upload the corpus on the Scan page."
+    )
 with st.expander("Master text with the category words highlighted", icon=":material/format_color_text:"):
     body, truncated = config_tools.highlight_html(_joined(edited_cfg.master_text), categories)
     st.html(body)
