@@ -67,9 +67,12 @@ def get_tokenizer(spec: str):
     return tokenizer if getattr(tokenizer, "is_fast", False) else None
 
 
-@st.cache_data(show_spinner=False, max_entries=8)
+@st.cache_resource(show_spinner=False, max_entries=8)
 def get_run(run_dir: str) -> ScanResult:
-    """A saved run, loaded once per process (switching pages never re-reads or rescans)."""
+    """A saved run, loaded once per process and shared: switching pages never re-reads or rescans it.
+
+    A resource, not cache_data, which would unpickle a fresh copy at every call (twice per rerun: the
+    sidebar and the page). Nothing in the app modifies a ScanResult."""
     return load_run(run_dir)
 
 
