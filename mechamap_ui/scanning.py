@@ -80,7 +80,7 @@ def run_scan(
         run_id = _SCANS.get(key)
     if run_id is not None and (runs / run_id / "metadata.json").is_file():
         try:
-            result = state.get_run(str(runs / run_id))
+            result = state.saved_run(run_id)
         except (OSError, ValueError, KeyError):
             pass  # unreadable now: scan again
         else:

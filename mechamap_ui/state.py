@@ -36,6 +36,11 @@ def runs_dir() -> Path:
     return Path(os.environ.get("MECHAMAP_RUNS_DIR", ROOT / "runs"))
 
 
+def saved_config_names() -> list[str]:
+    """Stems of the YAML configs in configs_dir(), sorted."""
+    return sorted(p.stem for p in configs_dir().glob("*.yaml"))
+
+
 def default_config_path() -> Path:
     """configs_dir()/default.yaml, or the repository's default.yaml when that folder has none."""
     path = configs_dir() / "default.yaml"
@@ -126,11 +131,15 @@ def active_result() -> ScanResult | None:
     run_id = st.session_state.get(ACTIVE_RUN)
     if not run_id:
         return None
-    path = runs_dir() / run_id
     try:
-        return get_run(str(path))
+        return saved_run(run_id)
     except (OSError, ValueError, KeyError):
         return None
+
+
+def saved_run(run_id: str) -> ScanResult:
+    """The saved run runs_dir()/run_id, through the process-wide get_run cache."""
+    return get_run(str(runs_dir() / run_id))
 
 
 def saved_runs():

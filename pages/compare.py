@@ -20,7 +20,7 @@ c1, c2 = st.columns(2)
 run_a = c1.selectbox("Run A", list(labels), format_func=labels.get, index=0)
 run_b = c2.selectbox("Run B", list(labels), format_func=labels.get, index=1)
 try:
-    res_a, res_b = (state.get_run(str(state.runs_dir() / r)) for r in (run_a, run_b))
+    res_a, res_b = (state.saved_run(r) for r in (run_a, run_b))
 except (OSError, ValueError, KeyError) as exc:
     st.error(f"A run could not be read: {exc}")
     st.stop()

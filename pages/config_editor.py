@@ -111,7 +111,7 @@ if key("table") not in st.session_state or key("table_base") not in st.session_s
 with st.expander("Load, upload or download a config", expanded=False, icon=":material/folder_open:"):
     left, right = st.columns(2)
     with left:
-        saved = sorted(p.stem for p in state.configs_dir().glob("*.yaml"))
+        saved = state.saved_config_names()
         st.selectbox("Saved configs", saved or ["(none)"], key=LOAD_CHOICE, disabled=not saved)
         st.button("Load", on_click=_load_saved, disabled=not saved, icon=":material/upload_file:")
     with right:

@@ -4,6 +4,7 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
+from mechamap_core.analysis import flagged
 from mechamap_core.config import ConfigError, ScanConfig, load_config, safe_child_path
 from mechamap_core.export import flagged_neurons
 from mechamap_core.hypothesis import ablate, flagged_for_category, parse_neuron_list, validate_heldout
@@ -46,7 +47,7 @@ with held_tab:
     heldout = None
     try:
         if source == "A config file":
-            names = sorted(p.stem for p in state.configs_dir().glob("*.yaml"))
+            names = state.saved_config_names()
             default = names.index("validation") if "validation" in names else 0
             name = st.selectbox("Held-out config", names, index=default) if names else None
             if name:
@@ -58,7 +59,7 @@ with held_tab:
                 heldout = ScanConfig(master_text=text, categories=parse_typed_words(words), model=result.metadata["model"])
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         st.error(f"The held-out config can't be used: {exc}")
-    candidates = result.scores[result.scores[metric] >= threshold]
+    candidates = flagged(result.scores, metric, threshold)
     st.write(f"**{len(candidates):,}** flagged (neuron, category) rows with {metric} ≥ {threshold:g}.")
     if heldout is not None and st.button("Run held-out check", type="primary"):
         try:
