@@ -18,15 +18,15 @@ st.set_page_config(page_title="MechaMap", page_icon="🧭", layout="wide")
 
 # (file, title, material icon, section); a page is listed only once its file exists.
 PAGES = [
-    ("pages/overview.py", "Overview", ":material/explore:", "Start"),
-    ("pages/config_editor.py", "Config", ":material/tune:", "Start"),
-    ("pages/scan.py", "Scan", ":material/play_arrow:", "Start"),
-    ("pages/pivot.py", "Pivot", ":material/grid_on:", "Explore"),
-    ("pages/overlap.py", "Overlap", ":material/join_inner:", "Explore"),
-    ("pages/correlation.py", "Correlation", ":material/scatter_plot:", "Explore"),
-    ("pages/neuron.py", "Neuron", ":material/neurology:", "Explore"),
-    ("pages/hypothesis.py", "Hypothesis", ":material/science:", "Test"),
-    ("pages/compare.py", "Compare", ":material/compare_arrows:", "Test"),
+    ("views/overview.py", "Overview", ":material/explore:", "Start"),
+    ("views/config_editor.py", "Config", ":material/tune:", "Start"),
+    ("views/scan.py", "Scan", ":material/play_arrow:", "Start"),
+    ("views/pivot.py", "Pivot", ":material/grid_on:", "Explore"),
+    ("views/overlap.py", "Overlap", ":material/join_inner:", "Explore"),
+    ("views/correlation.py", "Correlation", ":material/scatter_plot:", "Explore"),
+    ("views/neuron.py", "Neuron", ":material/neurology:", "Explore"),
+    ("views/hypothesis.py", "Hypothesis", ":material/science:", "Test"),
+    ("views/compare.py", "Compare", ":material/compare_arrows:", "Test"),
 ]
 
 RUN_PICKER = "sidebar_run_picker"

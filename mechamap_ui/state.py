@@ -165,7 +165,7 @@ def require_result() -> ScanResult:
     if result is None:
         st.info("No scan yet. Run one on the **Scan** page (or pick a saved run in the sidebar), then come back here.")
         try:
-            st.page_link("pages/scan.py", label="Go to the Scan page", icon=":material/play_arrow:")
+            st.page_link("views/scan.py", label="Go to the Scan page", icon=":material/play_arrow:")
         except st.errors.StreamlitAPIException:  # page run standalone (AppTest) or Scan not registered
             st.caption("Open the Scan page from the sidebar.")
         st.stop()

@@ -15,7 +15,7 @@ from mechamap_core.charts import chart_to_png, chart_to_svg
 from mechamap_ui.state import ROOT
 
 SELECTED_NEURON = "selected_neuron"  # session_state: (layer, neuron) picked in a neuron table
-NEURON_PAGE = "pages/neuron.py"  # relative to the repo root, where app.py lives
+NEURON_PAGE = "views/neuron.py"  # relative to the repo root, where app.py lives
 SCORE_LIKE = ("score", "separation", "cohens_d")  # effect sizes: slider -1..6, default the run's threshold
 MAX_TABLE_ROWS = 1000
 
@@ -135,7 +135,7 @@ def neuron_table(df: pd.DataFrame, key: str, max_rows: int = MAX_TABLE_ROWS, **d
     """A sortable table where clicking a row opens that neuron (needs layer and neuron columns).
 
     The pick is stored as (layer, neuron) in st.session_state["selected_neuron"] and the app switches to
-    pages/neuron.py when that page exists; otherwise a caption names the pick. Returns the pick or None.
+    views/neuron.py when that page exists; otherwise a caption names the pick. Returns the pick or None.
     """
     shown, note = _page_of(df, max_rows, key)
     event = st.dataframe(shown, key=key, on_select="rerun", selection_mode="single-row", hide_index=True, **dataframe_kwargs)

@@ -74,9 +74,9 @@ def make_app(result=None, **state):
 
 
 def open_page(at, page: str):
-    """Run the app once (registers the pages), then switch to pages/<page>.py and run it."""
+    """Run the app once (registers the pages), then switch to views/<page>.py and run it."""
     at.run()
-    at.switch_page(f"pages/{page}.py").run()
+    at.switch_page(f"views/{page}.py").run()
     return at
 
 

@@ -36,10 +36,10 @@ def test_every_existing_page_is_registered(app_env, tiny_result):
     at = make_app(tiny_result).run()
     no_exception(at)
     for page in OUR_PAGES + OTHER_PAGES:
-        if os.path.exists(f"{os.path.dirname(__file__)}/../pages/{page}.py"):
-            at.switch_page(f"pages/{page}.py")  # raises ValueError for a file st.navigation did not register
+        if os.path.exists(f"{os.path.dirname(__file__)}/../views/{page}.py"):
+            at.switch_page(f"views/{page}.py")  # raises ValueError for a file st.navigation did not register
     for page in OUR_PAGES:
-        at.switch_page(f"pages/{page}.py").run()
+        at.switch_page(f"views/{page}.py").run()
         no_exception(at)
         assert len(at.sidebar.children) >= 2, f"the sidebar is drawn on {page}"
 

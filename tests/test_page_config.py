@@ -218,9 +218,9 @@ def test_broken_saved_config_does_not_load(app_env):
 def test_edits_survive_leaving_the_page(app_env):
     at = config_page()
     edit_table(at, added=[{"category": "planet", "words": "Mars"}])
-    at.switch_page("pages/scan.py").run()
+    at.switch_page("views/scan.py").run()
     no_exception(at)
-    at.switch_page("pages/config_editor.py").run()
+    at.switch_page("views/config_editor.py").run()
     assert "planet" in list(at.data_editor[0].value["category"])
     assert "planet" in at.session_state[ACTIVE_CONFIG].categories
 

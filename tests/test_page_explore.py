@@ -12,7 +12,7 @@ from mechamap_core import analysis
 from mechamap_ui.state import RESULT_OVERRIDE
 from mechamap_ui.widgets import SELECTED_NEURON
 
-PAGES = REPO_ROOT / "pages"
+PAGES = REPO_ROOT / "views"
 TIMEOUT = 60
 COUNTS, COMBOS, MATRIX = 0, 0, 0  # positions of the plain (unkeyed) tables on their pages
 
@@ -26,7 +26,7 @@ def result(bundled_lm, default_cfg):
 
 
 def open_page(name: str, result=None) -> AppTest:
-    """Run pages/<name>.py standalone, with result injected as the active scan (None: no scan)."""
+    """Run views/<name>.py standalone, with result injected as the active scan (None: no scan)."""
     at = AppTest.from_file(str(PAGES / f"{name}.py"), default_timeout=TIMEOUT)
     if result is not None:
         at.session_state[RESULT_OVERRIDE] = result
@@ -208,15 +208,15 @@ def test_correlation_method_metric_and_layer_range(result):
 
 
 def test_row_click_switches_to_the_neuron_page_when_the_app_has_one(result, tmp_path, monkeypatch):
-    """Under a router that registers pages/neuron.py, clicking a top-neuron row opens that page with the pick."""
+    """Under a router that registers views/neuron.py, clicking a top-neuron row opens that page with the pick."""
     from mechamap_ui import widgets
 
-    (tmp_path / "pages").mkdir()
-    (tmp_path / "pages" / "neuron.py").write_text(
+    (tmp_path / "views").mkdir()
+    (tmp_path / "views" / "neuron.py").write_text(
         "import streamlit as st\nlayer, neuron = st.session_state['selected_neuron']\nst.header(f'Neuron L{layer}.N{neuron}')\n"
     )
     (tmp_path / "app.py").write_text(
-        f"import streamlit as st\nst.navigation([st.Page({str(PAGES / 'pivot.py')!r}), st.Page('pages/neuron.py')]).run()\n"
+        f"import streamlit as st\nst.navigation([st.Page({str(PAGES / 'pivot.py')!r}), st.Page('views/neuron.py')]).run()\n"
     )
     monkeypatch.setattr(widgets, "ROOT", tmp_path)
     at = AppTest.from_file(str(tmp_path / "app.py"), default_timeout=TIMEOUT)

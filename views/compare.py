@@ -13,7 +13,7 @@ st.title("Compare two runs")
 runs = state.saved_runs()
 if len(runs) < 2:
     st.info("Comparison needs two saved runs: scan two models (or two configs) on the **Scan** page first.")
-    st.page_link("pages/scan.py", label="Go to the Scan page")
+    st.page_link("views/scan.py", label="Go to the Scan page")
     st.stop()
 labels = {r.run_id: f"{r.run_id} ({r.model})" for r in runs.itertuples()}
 c1, c2 = st.columns(2)

@@ -35,7 +35,7 @@ if st.button("Scan the bundled model with the default config", type="primary", i
 result = state.active_result()
 if result is None:
     st.info("No active run yet. Press the button above, or set up your own scan on the **Scan** page.")
-    st.page_link("pages/scan.py", label="Go to the Scan page", icon=":material/play_arrow:")
+    st.page_link("views/scan.py", label="Go to the Scan page", icon=":material/play_arrow:")
     st.stop()
 
 md = result.metadata

@@ -40,7 +40,7 @@ st.markdown(
     f"Config **{state.active_config_name()}**: {len(cfg.categories)} categories, {n_words} words, "
     f"master text of {sum(len(t) for t in cfg.texts):,} characters."
 )
-st.page_link("pages/config_editor.py", label="Edit the categories and text on the Config page", icon=":material/tune:")
+st.page_link("views/config_editor.py", label="Edit the categories and text on the Config page", icon=":material/tune:")
 if problem is not None:
     st.error("The active config cannot be scanned yet: " + "; ".join(msg for _, msg in problem.problems))
 
