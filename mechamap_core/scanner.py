@@ -30,6 +30,10 @@ STAT_COLUMNS = [
 ]  # fmt: skip
 
 
+class ScanCancelled(Exception):
+    """Raise it from a scan's progress callback to stop the scan; nothing is returned or saved."""
+
+
 class _StopForward(Exception):
     """Raised by the last needed layer's hook so the rest of the model never runs."""
 
