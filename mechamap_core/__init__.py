@@ -4,7 +4,7 @@ __version__ = "0.1.0"
 
 from .config import ConfigError, ScanConfig, load_config, save_config  # noqa: E402
 from .models import LoadedModel, ModelNotAvailableError, load_model  # noqa: E402
-from .scanner import ScanCancelled, ScanResult, scan  # noqa: E402
+from .scan import ScanCancelled, ScanResult, scan  # noqa: E402
 from .sites import SiteResolutionError  # noqa: E402
 
 __all__ = [

@@ -96,6 +96,7 @@ class AlignedText:
     chunks: list[Chunk]
     coverage: pd.DataFrame  # category, word, occurrences, n_tokens
     texts: list[str] = field(repr=False, default_factory=list)
+    token_word: np.ndarray | None = None  # [n_tokens] int32: row of `coverage` (the word) of each token, -1 for none
 
     @property
     def n_tokens(self) -> int:
@@ -122,8 +123,10 @@ def align(
     names = list(categories)
     token_rows: list[tuple] = []
     masks: list[np.ndarray] = []
+    word_rows: list[np.ndarray] = []
     chunks: list[Chunk] = []
     token_counts = {(c, w): 0 for c in names for w in categories[c]}
+    word_number = {key: i for i, key in enumerate(token_counts)}  # (category, word) -> row of coverage
     occurrences = dict.fromkeys(token_counts, 0)
     for doc, text in enumerate(texts):
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
@@ -132,6 +135,7 @@ def align(
         ends = np.array([o[1] for o in offsets], dtype=np.int64)
         counted = np.array([i not in special_ids and e > s for i, s, e in zip(ids, starts, ends)], dtype=bool)
         mask = np.zeros((len(ids), len(names)), dtype=bool)
+        token_word = np.full(len(ids), -1, dtype=np.int32)  # a token in several words keeps the first
         for c, name in enumerate(names):
             for word in dict.fromkeys(categories[name]):  # a word listed twice counts once
                 hit = np.zeros(len(ids), dtype=bool)
@@ -142,11 +146,13 @@ def align(
                 hit &= counted
                 token_counts[(name, word)] += int(hit.sum())
                 mask[:, c] |= hit
+                token_word[hit & (token_word < 0)] = word_number[(name, word)]
         global_index = {}
         for pos in np.flatnonzero(counted):
             global_index[int(pos)] = len(token_rows)
             token_rows.append((len(token_rows), doc, int(pos), ids[pos], text[starts[pos] : ends[pos]], starts[pos], ends[pos]))
         masks.append(mask[counted])
+        word_rows.append(token_word[counted])
         for a in range(0, len(ids), piece_len):
             piece = range(a, min(a + piece_len, len(ids)))
             keep = [p for p in piece if p in global_index]
@@ -166,7 +172,8 @@ def align(
         columns=["category", "word", "occurrences", "n_tokens"],
     )
     category_mask = np.concatenate(masks) if masks else np.zeros((0, len(names)), dtype=bool)
-    return AlignedText(tokens, category_mask, names, chunks, coverage, texts=list(texts))
+    token_word = np.concatenate(word_rows) if word_rows else np.zeros(0, dtype=np.int32)
+    return AlignedText(tokens, category_mask, names, chunks, coverage, texts=list(texts), token_word=token_word)
 
 
 def coverage_summary(

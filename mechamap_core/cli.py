@@ -138,7 +138,7 @@ def _run_scan(args) -> int:
     from . import export
     from .corpus import read_corpus
     from .models import load_model
-    from .scanner import scan
+    from .scan import scan
 
     cfg = load_config(args.config)
     if args.model:

@@ -15,7 +15,7 @@ import pandas as pd
 
 from .analysis import top_token_strings
 from .config import atomic_write_text
-from .scanner import ScanResult
+from .scan import ScanResult
 
 ORIGINAL_COLUMNS = ["model", "layer", "neuron", "category", "avg_activation", "top_tokens"]
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,80}$")
@@ -138,7 +138,7 @@ def save_run(result: ScanResult, runs_dir: str | os.PathLike = "runs", run_id: s
         result.coverage.to_parquet(tmp / "coverage.parquet", index=False)
         np.save(tmp / "category_mask.npy", result.category_mask)
         if result.activations is not None:
-            np.savez(tmp / "activations.npz", **{str(k): v for k, v in result.activations.items()})
+            np.savez(tmp / "activations.npz", **{str(k): v.astype(np.float16) for k, v in result.activations.items()})
         extras = {k: v for k, v in result.extras.items() if isinstance(v, pd.DataFrame)}
         for name, frame in extras.items():
             frame.to_parquet(tmp / f"extra_{name}.parquet", index=False)

@@ -12,7 +12,7 @@ from .alignment import AlignedText, align
 from .config import ScanConfig, validate_config
 from .inspect_neuron import collect_activations
 from .models import LoadedModel
-from .scanner import batches, hooked
+from .scan.driver import batches, hooked
 from .sites import hook_name, resolve_sites
 from .stats import auroc_exact, moment_statistics
 
@@ -137,7 +137,9 @@ def _forward_measure(lm: LoadedModel, aligned: AlignedText, sites, ablation: dic
     out = None
     active = [s for s in sites if ablation and s.layer in ablation]
     with torch.inference_mode(), hooked(active, hook_fn):
-        for ids, mask, flat, index in batches(aligned, batch_size, lm.pad_id, lm.device):
+        for batch in batches(aligned.chunks, batch_size, lm.pad_id):
+            ids, mask = batch.input_ids.to(lm.device), batch.attention_mask.to(lm.device)
+            flat, index = batch.positions.to(lm.device), batch.token_index
             if lm.is_causal_lm:
                 logits = lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()  # [B, S, V]
                 width = ids.shape[1]

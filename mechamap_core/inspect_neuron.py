@@ -8,7 +8,8 @@ import torch
 
 from .alignment import align
 from .models import LoadedModel
-from .scanner import ScanResult, run_hooked_forward
+from .scan.driver import batches, run_hooked_forward
+from .scan.result import ScanResult
 from .sites import resolve_sites
 
 
@@ -35,13 +36,13 @@ def collect_activations(
         aligned = align(lm.tokenizer, texts, categories or {}, chunk)
         if aligned.n_tokens == 0:
             raise ValueError("the text has no tokens besides special tokens")
-        pick = {s.layer: torch.tensor(neurons[s.layer], dtype=torch.long, device=lm.device) for s in sites}
+        pick = {s.layer: torch.tensor(neurons[s.layer], dtype=torch.long) for s in sites}
         parts: dict[int, list[np.ndarray]] = {s.layer: [] for s in sites}
 
-        def keep(site, acts, _index):
+        def keep(site, acts, _batch):
             parts[site.layer].append(acts.cpu().numpy())
 
-        run_hooked_forward(lm, aligned, sites, keep, pick, batch_size)
+        run_hooked_forward(lm, batches(aligned.chunks, batch_size, lm.pad_id), sites, keep, pick)
     return aligned, {layer: np.concatenate(p) for layer, p in parts.items()}
 
 

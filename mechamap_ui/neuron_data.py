@@ -6,7 +6,7 @@ import streamlit as st
 
 from mechamap_core.inspect_neuron import collect_activations, token_activations, token_table
 from mechamap_core.models import ModelNotAvailableError
-from mechamap_core.scanner import ScanResult
+from mechamap_core.scan import ScanResult
 from mechamap_ui.state import get_model
 
 

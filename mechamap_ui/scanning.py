@@ -14,7 +14,7 @@ import torch
 from mechamap_core.config import ConfigError, ScanConfig, config_to_yaml
 from mechamap_core.export import save_run
 from mechamap_core.models import ModelNotAvailableError
-from mechamap_core.scanner import ScanResult, scan
+from mechamap_core.scan import ScanResult, scan
 from mechamap_core.sites import SiteResolutionError
 
 from . import state

@@ -10,7 +10,7 @@ import streamlit as st
 from mechamap_core.config import ConfigError, ScanConfig, load_config
 from mechamap_core.export import list_runs, load_run
 from mechamap_core.models import LoadedModel, load_model
-from mechamap_core.scanner import ScanResult
+from mechamap_core.scan import ScanResult
 
 ROOT = Path(__file__).resolve().parent.parent
 # configs_dir() / runs_dir() read the environment on every call (tests point MECHAMAP_CONFIGS_DIR /

@@ -12,9 +12,12 @@ import torch
 from scipy import stats as sps
 from tiny_models import capture_mlp_input
 
-from mechamap_core import ScanConfig, scan, scanner
+from mechamap_core import ScanConfig, scan
 from mechamap_core.alignment import align
-from mechamap_core.scanner import run_hooked_forward
+from mechamap_core.scan import finish as scan_finish
+from mechamap_core.scan import run as scan_run
+from mechamap_core.scan.driver import batches, run_hooked_forward
+from mechamap_core.scan.state import HIST_BINS, BatchLabels, SiteStats, StatsLayout
 from mechamap_core.sites import resolve_sites
 
 # Independent paths (not the resolver's) of the blocks and down-projections of the tiny models used here.
@@ -122,11 +125,11 @@ def test_hooks_removed_after_scan_and_after_exception(tiny_models, default_cfg, 
     aligned = align(lm.tokenizer, [paragraphs[0]], cfg.categories, 128)
     sites = resolve_sites(lm.model)
 
-    def bad_layer(site, acts, token_index):
+    def bad_layer(site, acts, batch):
         raise KeyError("boom from on_layer")
 
     with pytest.raises(KeyError, match="boom from on_layer"):
-        run_hooked_forward(lm, aligned, sites, bad_layer, {s.layer: s.d_mlp for s in sites})
+        run_hooked_forward(lm, batches(aligned.chunks, 8, lm.pad_id), sites, bad_layer, {s.layer: s.d_mlp for s in sites})
     assert hook_count(lm.model) == before
     assert len(scan(lm, cfg).scores) > 0  # the model still scans normally afterwards
 
@@ -137,20 +140,20 @@ def test_error_while_finishing_a_layer_reaches_the_caller(tiny_gpt2, default_cfg
     by scan(), with no hook, lock or worker thread left behind."""
     cfg = make_cfg(default_cfg, paragraphs[0])
     before = hook_count(tiny_gpt2.model)
-    finish_part = scanner._finish_part
+    finish_part = scan_run.finish_part
 
     def failing(layer, *args):
         if layer == 0:
             raise FloatingPointError("boom while finishing layer 0")
         return finish_part(layer, *args)
 
-    monkeypatch.setattr(scanner, "_finish_part", failing)
+    monkeypatch.setattr(scan_run, "finish_part", failing)
     with pytest.raises(FloatingPointError, match="boom while finishing layer 0"):
         scan(tiny_gpt2, cfg, record_activations=record)
     assert hook_count(tiny_gpt2.model) == before
     assert not tiny_gpt2.lock.locked()
     assert not [t for t in threading.enumerate() if t.name.startswith("mechamap-reduce")]
-    monkeypatch.setattr(scanner, "_finish_part", finish_part)
+    monkeypatch.setattr(scan_run, "finish_part", finish_part)
     assert len(scan(tiny_gpt2, cfg, record_activations=record).scores) > 0
 
 
@@ -339,7 +342,7 @@ def test_recorded_top_k_equals_in_hook_top_k(bundled_pair):
     for row in binned.top_tokens.iloc[differ].itertuples():  # a different token only where activations tie
         assert acts[row.layer][row.token_index, row.neuron] == np.float16(exact.top_tokens["activation"].iloc[row.Index])
     for row in exact.top_tokens.sample(50, random_state=0).itertuples():
-        assert acts[row.layer][row.token_index, row.neuron] == np.float16(row.activation)
+        assert acts[row.layer][row.token_index, row.neuron] == np.float32(row.activation)
 
 
 def test_scores_columns_and_bh_q_values(bundled_pair):
@@ -375,9 +378,9 @@ def test_text_of_only_special_tokens_raises(bundled_lm, tiny_gpt2, default_cfg, 
 def test_every_reduction_mode_gives_the_same_result(tiny_gpt2, default_cfg, paragraphs, monkeypatch, mode):
     """Layers finish on a worker beside the forward pass, after it, or inline: the result is the same."""
     cfg = make_cfg(default_cfg, paragraphs[0], max_chunk_tokens=16, batch_size=2)
-    monkeypatch.setattr(scanner, "_reduction_mode", lambda device, record: "inline")
+    monkeypatch.setattr(scan_run, "reduction_mode", lambda device, record: "inline")
     reference = scan(tiny_gpt2, cfg, record_activations=True)
-    monkeypatch.setattr(scanner, "_reduction_mode", lambda device, record: mode)
+    monkeypatch.setattr(scan_run, "reduction_mode", lambda device, record: mode)
     result = scan(tiny_gpt2, cfg, record_activations=True)
     pd.testing.assert_frame_equal(result.scores, reference.scores)
     pd.testing.assert_frame_equal(result.top_tokens, reference.top_tokens)
@@ -387,29 +390,29 @@ def test_every_reduction_mode_gives_the_same_result(tiny_gpt2, default_cfg, para
 
 def test_reduction_mode_uses_a_worker_only_beside_an_idle_core(monkeypatch):
     cpu, cuda, mps = torch.device("cpu"), torch.device("cuda"), torch.device("mps")
-    monkeypatch.setattr(scanner.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
-    monkeypatch.setattr(scanner.torch, "get_num_threads", lambda: 1)
-    assert scanner._reduction_mode(cpu, record=True) == "overlap"
-    assert scanner._reduction_mode(cpu, record=False) == "inline"  # histograms and moments: light, no thread
-    assert scanner._reduction_mode(mps, record=True) == "inline"
-    monkeypatch.setattr(scanner.torch, "get_num_threads", lambda: 2)
-    assert scanner._reduction_mode(cpu, record=True) == "deferred"  # the forward pass uses every core
-    assert scanner._reduction_mode(cuda, record=True) == "overlap"  # the GPU runs the forward pass
-    assert scanner._hook_top_k(cpu, True, 5) == 0  # read off the exact AUROC's argsort instead
-    assert scanner._hook_top_k(cpu, False, 5) == 5
-    assert scanner._hook_top_k(cuda, True, 5) == 5  # nearly free on a GPU
+    monkeypatch.setattr(scan_run.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(scan_run.torch, "get_num_threads", lambda: 1)
+    assert scan_run.reduction_mode(cpu, record=True) == "overlap"
+    assert scan_run.reduction_mode(cpu, record=False) == "inline"  # histograms and moments: light, no thread
+    assert scan_run.reduction_mode(mps, record=True) == "inline"
+    monkeypatch.setattr(scan_run.torch, "get_num_threads", lambda: 2)
+    assert scan_run.reduction_mode(cpu, record=True) == "deferred"  # the forward pass uses every core
+    assert scan_run.reduction_mode(cuda, record=True) == "overlap"  # the GPU runs the forward pass
+    assert scan_run.hook_top_k(cpu, True, 5) == 0  # taken from the recording at the end instead
+    assert scan_run.hook_top_k(cpu, False, 5) == 5
+    assert scan_run.hook_top_k(cuda, True, 5) == 5  # nearly free on a GPU
 
 
 def test_recorded_batches_keep_only_the_scanned_neurons(bundled_lm, default_cfg, monkeypatch):
     """With limit_neurons, each recorded batch holds [T, limit] floats, not views of every neuron of the layer."""
     held = []
-    finish_part = scanner._finish_part
+    finish_part = scan_run.finish_part
 
-    def spy(layer, neurons, acc, acts_parts, *args):
-        held.extend((part.base if part.base is not None else part).strides[0] for part in acts_parts)
-        return finish_part(layer, neurons, acc, acts_parts, *args)
+    def spy(layer, neurons, stats, recorded, *args):
+        held.extend((part.base if part.base is not None else part).strides[0] for part in recorded)
+        return finish_part(layer, neurons, stats, recorded, *args)
 
-    monkeypatch.setattr(scanner, "_finish_part", spy)
+    monkeypatch.setattr(scan_run, "finish_part", spy)
     res = scan(bundled_lm, default_cfg, limit_neurons=3, layers=[0, 1], record_activations=True)
     assert held and set(held) == {3 * 4}  # a row of the kept batch is 3 float32s, not the layer's 1,536
     assert res.activations[0].shape == (res.metadata["n_tokens"], 3)
@@ -418,28 +421,28 @@ def test_recorded_batches_keep_only_the_scanned_neurons(bundled_lm, default_cfg,
 def test_top_k_merged_in_the_hook_equals_the_ranked_top_k(bundled_lm, default_cfg, monkeypatch):
     """A GPU merges top-k in the hook even when recording; a CPU reads it off the ranking. Same tokens."""
     ranked = scan(bundled_lm, default_cfg, limit_neurons=32, record_activations=True)
-    monkeypatch.setattr(scanner, "_hook_top_k", lambda device, record, top_k: top_k)
+    monkeypatch.setattr(scan_run, "hook_top_k", lambda device, record, top_k: top_k)
     merged = scan(bundled_lm, default_cfg, limit_neurons=32, record_activations=True)
     columns = ["layer", "neuron", "rank", "activation"]
     np.testing.assert_allclose(merged.top_tokens[columns].to_numpy(float), ranked.top_tokens[columns].to_numpy(float), rtol=1e-6)
     differ = merged.top_tokens["token_index"].to_numpy() != ranked.top_tokens["token_index"].to_numpy()
     acts = ranked.activations
     for row in merged.top_tokens[differ].itertuples():  # another token only where two activations tie
-        assert acts[row.layer][row.token_index, row.neuron] == np.float16(row.activation)
+        assert acts[row.layer][row.token_index, row.neuron] == np.float32(row.activation)
     pd.testing.assert_frame_equal(merged.scores, ranked.scores)
 
 
 def test_histograms_equal_binning_every_value():
     """The all-token histogram comes from sorted rows; it must equal binning each value on its own."""
     rng = np.random.default_rng(7)
-    n_neurons, n_cat, bins = 5, 3, scanner.HIST_BINS
-    acc = scanner.LayerAccumulator(n_neurons, n_cat, 0, torch.device("cpu"), histogram=True)
+    n_neurons, n_cat, bins = 5, 3, HIST_BINS
+    acc = SiteStats(StatsLayout(n_neurons, n_cat, hist_bins=bins), "cpu")
     batches = []
     for n_tokens in (300, 120, 77):
         acts = torch.from_numpy(np.round(rng.standard_normal((n_tokens, n_neurons)), 1).astype(np.float32))  # ties
         mask = torch.from_numpy((rng.random((n_tokens, n_cat)) < 0.2).astype(np.float32))
         with torch.inference_mode():
-            acc.update(acts, mask, torch.arange(n_tokens))
+            acc.update(acts, BatchLabels(mask, torch.arange(n_tokens)))
         batches.append((acts, mask))
     edges = acc.hist_edges  # [N, bins - 1], from the first batch
     expected_all = np.zeros((n_neurons, bins))
@@ -450,6 +453,6 @@ def test_histograms_equal_binning_every_value():
             expected_all[n] += np.bincount(which, minlength=bins)
             for c in range(n_cat):
                 expected_cat[c, n] += np.bincount(which[mask[:, c].numpy() > 0], minlength=bins)
-    counts_all, counts_cat = acc.histogram_counts()
+    counts_all, counts_cat = scan_finish.histogram_counts(acc)
     np.testing.assert_array_equal(counts_all, expected_all)
     np.testing.assert_array_equal(counts_cat, expected_cat)

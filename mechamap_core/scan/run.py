@@ -1,0 +1,243 @@
+"""scan(): one hooked forward pass per batch of chunks; each site's SiteStats, finished into score tables."""
+
+from __future__ import annotations
+
+import bisect
+import os
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..alignment import AlignedText, align
+from ..config import ScanConfig, validate_config
+from ..models import LoadedModel
+from ..sites import NeuronSite, resolve_sites
+from ..sites import n_layers as count_layers
+from .driver import Batch, ProgressFn, batches, run_hooked_forward, site_device
+from .finish import SitePart, assemble, finish_part
+from .result import ScanResult
+from .state import HIST_BINS, BatchLabels, SiteStats, StatsLayout
+
+RECORD_AUTO_LIMIT_BYTES = 512 * 2**20
+
+
+class _Reducer:
+    """Runs submitted jobs on a worker thread and collects their results by key.
+
+    mode "overlap": the worker starts each job as it is submitted (when the forward pass leaves a core
+    idle). "deferred": jobs wait until the block ends (when the forward pass uses every core, a worker
+    beside it would only slow it down). "inline": each job runs at once on the calling thread.
+    On leaving the block, the calling thread runs the jobs the worker has not started yet (newest
+    first) and waits for the rest. A job's error is raised by the next submit() after it, or on
+    leaving. After an error in the block itself, jobs not yet started are dropped and only that
+    error propagates.
+    """
+
+    def __init__(self, mode: str):
+        self.mode = mode
+        self.results: dict = {}
+        self.jobs: list[tuple[Future | None, tuple]] = []
+        self.pool = None if mode == "inline" else ThreadPoolExecutor(max_workers=1, thread_name_prefix="mechamap-reduce")
+
+    def submit(self, key, fn, *args) -> None:
+        for future, _ in self.jobs:  # a job that failed stops the scan here, not after the whole pass
+            if future is not None and future.done() and not future.cancelled() and future.exception() is not None:
+                raise future.exception()
+        job = (key, fn, *args)
+        if self.mode == "inline":
+            self._run(*job)
+        else:
+            self.jobs.append((self.pool.submit(self._run, *job) if self.mode == "overlap" else None, job))
+
+    def _run(self, key, fn, *args) -> None:
+        self.results[key] = fn(*args)
+
+    def __enter__(self) -> _Reducer:
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        if self.pool is None:
+            return
+        try:
+            if exc_type is None:
+                self.jobs = [(future or self.pool.submit(self._run, *job), job) for future, job in self.jobs]
+                for future, job in reversed(self.jobs):
+                    if future.cancel():  # not started: this thread would only wait, so it does the job
+                        self._run(*job)
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+        if exc_type is None:
+            for future, _ in self.jobs:
+                if not future.cancelled():
+                    future.result()
+
+
+def reduction_mode(device: torch.device, record: bool) -> str:
+    """How a scan finishes its sites: see _Reducer. Without recording, finishing is light and runs inline."""
+    if device.type == "mps" or not record:
+        return "inline"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    idle_core = device.type != "cpu" or torch.get_num_threads() < cores  # a GPU forward leaves the CPU idle
+    return "overlap" if idle_core else "deferred"
+
+
+def hook_top_k(device: torch.device, record: bool, top_k: int) -> int:
+    """The top-k the hook merges: always on a GPU, where it is nearly free; on a CPU only without
+    recording, since recorded sites take their top-k from the recording at the end."""
+    return top_k if device.type != "cpu" or not record else 0
+
+
+def decide_recording(record: bool | str, n_tokens: int, total_neurons: int) -> bool:
+    """Keep per-token activations? "auto": when the float32 copy fits in RECORD_AUTO_LIMIT_BYTES."""
+    if record == "auto":
+        return n_tokens * total_neurons * 4 <= RECORD_AUTO_LIMIT_BYTES
+    return bool(record)
+
+
+def batch_labels(aligned: AlignedText, batch: Batch) -> BatchLabels:
+    """The category rows, keys (token indices) and words of a batch's tokens, on the CPU."""
+    index = batch.token_index.numpy()
+    word = None if aligned.token_word is None else torch.from_numpy(aligned.token_word[index].astype(np.int64))
+    return BatchLabels(torch.from_numpy(aligned.category_mask[index].astype(np.float32)), batch.token_index, word)
+
+
+def scan(
+    lm: LoadedModel,
+    cfg: ScanConfig,
+    *,
+    layers: list[int] | None = None,
+    limit_neurons: int | None = None,
+    progress: ProgressFn | None = None,
+    record_activations: bool | str = "auto",
+    texts: list[str] | None = None,
+) -> ScanResult:
+    """Scan every MLP neuron of lm over the config's master text(s), in one forward pass per batch of chunks.
+
+    layers / limit_neurons override the config's (None keeps the config's). record_activations keeps
+    per-token activations for the neuron view and exact AUROC: True, False, or "auto" (when the float32
+    copy fits in 512 MiB). texts overrides the config's master text(s). progress(done, total, message)
+    counts documents when there are several, else site steps; raising ScanCancelled from it stops the scan.
+    Raises ConfigError, SiteResolutionError, and ValueError for a text with no countable tokens or layers
+    out of range.
+    """
+    started = time.perf_counter()
+    validate_config(cfg)
+    layers = cfg.layers if layers is None else layers
+    limit = cfg.limit_neurons if limit_neurons is None else limit_neurons
+    with lm.lock:
+        sites = resolve_sites(lm.model, layers)
+        chunk_tokens = lm.chunk_tokens(cfg.max_chunk_tokens)
+        aligned = align(lm.tokenizer, texts if texts is not None else cfg.texts, cfg.categories, chunk_tokens)
+        if aligned.n_tokens == 0:
+            raise ValueError("the master text has no tokens besides special tokens, so there is nothing to scan")
+        n_neurons = {s.layer: min(limit, s.d_mlp) if limit else s.d_mlp for s in sites}
+        record = decide_recording(record_activations, aligned.n_tokens, sum(n_neurons.values()))
+        aligned_s = time.perf_counter()
+        parts, passes = _run_sites(lm, cfg, aligned, sites, n_neurons, record, progress)
+        forward_s = time.perf_counter()
+    n_layers_model = count_layers(lm.model)
+    n_tokens_per_category = aligned.category_mask.sum(axis=0)
+    scores, top = assemble(lm.name, aligned.categories, n_tokens_per_category, parts, n_layers_model)
+    top.insert(4, "token", aligned.tokens["token"].array.take(top["token_index"].to_numpy()))
+    activations = None
+    if record:  # [n_tokens, N] views of the neuron-major copies
+        activations = {s.layer: np.concatenate([p.activations for p in parts if p.layer == s.layer]).T for s in sites}
+    finished = time.perf_counter()
+    metadata = {
+        "model": lm.name,
+        "config_hash": cfg.content_hash(),
+        "device": str(lm.device),
+        "dtype": str(lm.dtype).replace("torch.", ""),
+        "n_tokens": aligned.n_tokens,
+        "n_documents": len(aligned.texts),
+        "n_chunks": len(aligned.chunks),
+        "n_forward_passes": passes,
+        "chunk_tokens": chunk_tokens,
+        "layers": [s.layer for s in sites],
+        "n_layers_model": n_layers_model,
+        "neurons_per_layer": {str(k): v for k, v in n_neurons.items()},
+        "categories": aligned.categories,
+        "category_tokens": {c: int(n) for c, n in zip(aligned.categories, n_tokens_per_category)},
+        "auroc_method": ("exact" if record else f"binned ({HIST_BINS} bins per neuron)") if cfg.auroc else "off",
+        "threshold": cfg.threshold,
+        "timings_s": {
+            "align": round(aligned_s - started, 4),
+            "forward": round(forward_s - aligned_s, 4),
+            "statistics": round(finished - forward_s, 4),
+            "total": round(finished - started, 4),
+        },
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "mechamap_version": __version__,
+        "config": cfg.to_dict(),
+    }
+    return ScanResult(scores, top, aligned.tokens, aligned.coverage, aligned.category_mask, metadata, aligned.texts, activations)
+
+
+def _run_sites(lm, cfg, aligned, sites: list[NeuronSite], n_neurons, record: bool, progress):
+    """The forward passes with every site's SiteStats updated in its hook; each site finished once its last
+    batch is in (on a worker thread when a core is free). Returns (parts in site order, forward passes)."""
+    n_categories, n_words = len(aligned.categories), len(aligned.coverage)
+    histogram = cfg.auroc and not record  # exact AUROC needs the recorded activations, else histograms
+    top_k_in_hook = hook_top_k(lm.device, record, cfg.top_k_tokens)
+    layouts = {
+        s.layer: StatsLayout(n_neurons[s.layer], n_categories, n_words, 1, top_k_in_hook, HIST_BINS if histogram else 0)
+        for s in sites
+    }
+    states: dict[int, SiteStats] = {}
+    kept: dict[int, list[np.ndarray]] = {s.layer: [] for s in sites}  # recorded [T_batch, N] float32 parts
+    n_batches = -(-len(aligned.chunks) // cfg.batch_size)
+    seen = dict.fromkeys(n_neurons, 0)
+    labels = {"cpu": None, "moved": {}}  # the current batch's labels, and their copies per device
+    n_docs = len(aligned.texts)
+    total = n_docs if n_docs > 1 else n_batches * len(sites)
+    steps = {"done": 0, "docs": 0}
+    doc_ends = sorted({c.doc: i for i, c in enumerate(aligned.chunks)}.values())  # each document's last chunk
+
+    def finish(layer: int, neurons: slice) -> SitePart:  # numpy on the CPU, once the layer's last batch is in
+        recorded = [part[:, neurons] for part in kept[layer]] if record else None
+        return finish_part(layer, neurons, states[layer], recorded, aligned.category_mask, cfg.top_k_tokens, cfg.auroc)
+
+    def on_site(site: NeuronSite, acts: torch.Tensor, batch: Batch) -> None:
+        device = acts.device
+        if site.layer not in states:  # each site's statistics live on its module's device
+            states[site.layer] = SiteStats(layouts[site.layer], site_device(site, device))
+        if device not in labels["moved"]:
+            labels["moved"][device] = labels["cpu"].to(device)
+        states[site.layer].update(acts, labels["moved"][device])
+        if record:
+            kept[site.layer].append(np.ascontiguousarray(acts.cpu().numpy()))  # compact: acts may view all neurons
+        seen[site.layer] += 1
+        steps["done"] += 1
+        if progress and n_docs > 1:
+            progress(steps["docs"], total, f"documents {steps['docs']}/{n_docs}, layer {site.layer}")
+        elif progress:
+            progress(steps["done"], total, f"layer {site.layer} ({site.hook})")
+        if seen[site.layer] == n_batches:  # two halves, so two threads can share the last layer
+            n = n_neurons[site.layer]
+            for neurons in (slice(0, (n + 1) // 2), slice((n + 1) // 2, n)):
+                if neurons.stop > neurons.start:
+                    reducer.submit((site.layer, neurons.start), finish, site.layer, neurons)
+
+    def labelled_batches():
+        for batch in batches(aligned.chunks, cfg.batch_size, lm.pad_id):
+            labels["cpu"], labels["moved"] = batch_labels(aligned, batch), {}
+            yield batch
+
+    chunk_number = {"next": 0}
+
+    def on_batch(batch: Batch) -> None:
+        chunk_number["next"] += len(batch.docs)
+        steps["docs"] = bisect.bisect_left(doc_ends, chunk_number["next"])  # documents whose last chunk has run
+        if progress and n_docs > 1:
+            progress(steps["docs"], total, f"documents {steps['docs']}/{n_docs}")
+
+    # Each finished site's statistics run on a worker thread, overlapping the forward pass of the sites
+    # after it when a core is free; this thread joins in once the forward pass is done.
+    with _Reducer(reduction_mode(lm.device, record)) as reducer:
+        passes = run_hooked_forward(lm, labelled_batches(), sites, on_site, n_neurons, on_batch)
+    kept.clear()
+    parts = sorted(reducer.results.values(), key=lambda part: (part.layer, part.first_neuron))
+    return parts, passes

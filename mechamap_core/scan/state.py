@@ -1,0 +1,262 @@
+"""SiteStats: one neuron site's statistics as a mergeable state (batches, documents, ranks, checkpoints)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+HIST_BINS = 64
+_FLOAT_FIELDS = ("n_all", "n_cat", "sums", "sums_sq", "word_n", "word_sums", "word_sumsq")
+_COUNT_FIELDS = ("hist_all", "hist_group")
+_HASH_MULTIPLIER = 0x9E3779B97F4A7C15 - 2**64  # golden-ratio mixing, as a signed int64
+
+
+@dataclass(frozen=True)
+class StatsLayout:
+    """What a site's statistics hold. Every shard of a scan uses the same layout, so their states merge."""
+
+    n_neurons: int
+    n_categories: int
+    n_words: int = 0  # word-level sums for the word permutation test (0: off)
+    n_folds: int = 1  # histograms per category are kept per fold of its words (cv_auroc, binned)
+    top_k: int = 0  # highest activations per neuron, with their token keys
+    hist_bins: int = 0  # per-neuron histograms on agreed edges (binned AUROC); 0: off
+    sample_bands: int = 0  # quantile bands for sampled examples (0: off)
+    samples_per_band: int = 0
+
+
+@dataclass
+class BatchLabels:
+    """What a batch's counted tokens are, on one device. T tokens."""
+
+    category_mask: torch.Tensor  # [T, C] float32: 1 where the token belongs to the category
+    keys: torch.Tensor  # [T] int64: a token's unique, stable key (its token index or document and position)
+    word: torch.Tensor | None = None  # [T] int64: the token's word (coverage row), -1 for none
+    fold: torch.Tensor | None = None  # [T, C] int64: the fold of the token's word in each category, -1 outside
+
+    def to(self, device: torch.device) -> BatchLabels:
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return BatchLabels(*(move(getattr(self, name)) for name in ("category_mask", "keys", "word", "fold")))
+
+
+def token_priority(keys: torch.Tensor) -> torch.Tensor:
+    """A pseudo-random priority in [0, 1) fixed by each token's key: the same on every rank and run."""
+    mixed = keys * _HASH_MULTIPLIER  # int64 wrap-around multiply
+    mixed = mixed ^ (mixed >> 31)
+    return (mixed & 0xFFFFFF).double() / float(0x1000000)
+
+
+class SiteStats:
+    """Counts, sums, sums of squares, word sums, histograms, top-k and quantile samples of one site.
+
+    Lives on the site's device; update() runs inside the hook under inference mode. merge() is exact and
+    associative: sums add, histograms add (edges must agree), top-k keep the k largest values (ties by
+    smaller key), samples keep each band's lowest-priority tokens. state_dict()/from_state_dict()
+    round-trip through torch.save for checkpoints and for gathering across ranks.
+    """
+
+    def __init__(self, layout: StatsLayout, device: torch.device | str, edges: torch.Tensor | None = None):
+        self.layout = layout
+        device = torch.device(device)
+        acc = torch.float32 if device.type == "mps" else torch.float64
+        n, c, w = layout.n_neurons, layout.n_categories, layout.n_words
+        zeros = lambda *shape, dtype=acc: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
+        self.n_all = zeros(())
+        self.n_cat = zeros(c)
+        self.sums = zeros(1 + c, n)  # row 0: all tokens, then each category
+        self.sums_sq = zeros(1 + c, n)
+        self.word_n = zeros(w)
+        self.word_sums = zeros(w, n)
+        self.word_sumsq = zeros(w, n)
+        self.top_vals = torch.empty(0, n, device=device)  # [k, N] float32, descending
+        self.top_keys = torch.empty(0, n, dtype=torch.long, device=device)
+        bins = layout.hist_bins
+        self.hist_edges = None if edges is None else edges.to(device)  # [N, bins - 1], set by the first batch
+        self.hist_all = zeros(n, bins, dtype=torch.long)
+        self.hist_group = zeros(c * layout.n_folds, n, bins, dtype=torch.long)  # category-major, then fold
+        slots = layout.sample_bands * layout.samples_per_band
+        self.sample_priority = torch.full((slots, n), float("inf"), dtype=torch.float64, device=device)
+        self.sample_keys = torch.full((slots, n), -1, dtype=torch.long, device=device)
+        self.sample_vals = torch.zeros(slots, n, device=device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.sums.device
+
+    # ---- streaming ------------------------------------------------------------------------------
+
+    def update(self, acts: torch.Tensor, labels: BatchLabels) -> None:
+        """Add a batch: acts [T, N] float32 on this state's device, labels on the same device."""
+        cat_mask = labels.category_mask
+        groups = torch.cat([torch.ones_like(cat_mask[:, :1]), cat_mask], dim=1).T  # [1 + C, T]
+        self.n_all += acts.shape[0]
+        self.n_cat += cat_mask.sum(0).to(self.n_cat.dtype)
+        self.sums += (groups @ acts).to(self.sums.dtype)  # one matmul for every sum
+        self.sums_sq += (groups @ (acts * acts)).to(self.sums.dtype)
+        if self.layout.n_words and labels.word is not None:
+            in_word = torch.nonzero(labels.word >= 0).view(-1)
+            if len(in_word):
+                words, word_acts = labels.word.index_select(0, in_word), acts.index_select(0, in_word)
+                self.word_n.index_add_(0, words, torch.ones_like(words, dtype=self.word_n.dtype))
+                self.word_sums.index_add_(0, words, word_acts.to(self.word_sums.dtype))
+                self.word_sumsq.index_add_(0, words, (word_acts * word_acts).to(self.word_sums.dtype))
+        layout = self.layout
+        if not (layout.top_k or layout.hist_bins or layout.sample_bands):
+            return
+        acts_t = acts.T.contiguous()  # [N, T]: top-k, histograms and samples work along its rows
+        if layout.top_k:
+            self._update_top(acts_t, labels.keys)
+        if layout.hist_bins:
+            ordered = _sorted_rows(acts_t)
+            if self.hist_edges is None:
+                self.hist_edges = quantile_edges(ordered, layout.hist_bins)
+            self._update_histograms(acts_t, ordered, labels)
+        if layout.sample_bands:
+            self._update_samples(acts_t, labels.keys)
+
+    def _update_top(self, acts_t: torch.Tensor, keys: torch.Tensor) -> None:
+        k = min(self.layout.top_k, acts_t.shape[1])
+        vals, rows = torch.topk(acts_t, k, dim=1)  # [N, k]
+        self.top_vals, self.top_keys = _keep_top(
+            torch.cat([self.top_vals, vals.T]), torch.cat([self.top_keys, keys[rows].T]), self.layout.top_k
+        )
+
+    def _update_histograms(self, acts_t: torch.Tensor, ordered: torch.Tensor, labels: BatchLabels) -> None:
+        """All tokens: each neuron's sorted row, with the bin edges located in it. Category tokens (few): binned
+        one by one, per category and fold. A value equal to an edge counts in the bin above."""
+        n_neurons, n_tokens = acts_t.shape
+        bins = self.layout.hist_bins
+        below = torch.searchsorted(ordered, self.hist_edges)  # [N, bins - 1]: tokens under each edge
+        ends = torch.tensor([[0, n_tokens]], device=acts_t.device).expand(n_neurons, 2)
+        self.hist_all += torch.cat([ends[:, :1], below, ends[:, 1:]], dim=1).diff(dim=1)
+        tokens = torch.nonzero(labels.category_mask.sum(1) > 0).view(-1)
+        if not len(tokens):
+            return
+        values = acts_t.index_select(1, tokens).contiguous()
+        flat_bins = torch.searchsorted(self.hist_edges, values, right=True)  # [N, K]
+        flat_bins += torch.arange(0, n_neurons * bins, bins, device=acts_t.device)[:, None]
+        mask = labels.category_mask.index_select(0, tokens)  # [K, C]
+        fold = labels.fold.index_select(0, tokens) if labels.fold is not None else None
+        n_folds, flat = self.layout.n_folds, self.hist_group.view(len(self.hist_group), -1)
+        for c in range(mask.shape[1]):
+            for f in range(n_folds):
+                member = mask[:, c] > 0
+                if n_folds > 1:
+                    member &= fold[:, c] == f
+                columns = torch.nonzero(member).view(-1)
+                if len(columns):
+                    flat[c * n_folds + f] += torch.bincount(
+                        flat_bins.index_select(1, columns).view(-1), minlength=n_neurons * bins
+                    )
+
+    def _update_samples(self, acts_t: torch.Tensor, keys: torch.Tensor) -> None:
+        """Per neuron and activation band (quantiles of the edges), the tokens of lowest priority."""
+        edges = self.band_edges()
+        if edges is None:
+            return
+        band = torch.searchsorted(edges, acts_t.contiguous(), right=True)  # [N, T]
+        priority = token_priority(keys)[None, :].expand_as(band)
+        per_band = self.layout.samples_per_band
+        for b in range(self.layout.sample_bands):
+            rows = slice(b * per_band, (b + 1) * per_band)
+            candidate = torch.where(band == b, priority, torch.full_like(priority, float("inf")))  # [N, T]
+            merged_p = torch.cat([self.sample_priority[rows], candidate.T])
+            merged_k = torch.cat([self.sample_keys[rows], keys[:, None].expand(-1, acts_t.shape[0])])
+            merged_v = torch.cat([self.sample_vals[rows], acts_t.T])
+            take = torch.topk(merged_p, per_band, dim=0, largest=False).indices
+            self.sample_priority[rows] = merged_p.gather(0, take)
+            self.sample_keys[rows] = merged_k.gather(0, take)
+            self.sample_vals[rows] = merged_v.gather(0, take)
+
+    def band_edges(self) -> torch.Tensor | None:
+        """[N, bands - 1] activation-band edges: every (bins / bands)-th histogram edge."""
+        if self.hist_edges is None or not self.layout.sample_bands:
+            return None
+        step = self.layout.hist_bins // self.layout.sample_bands
+        return self.hist_edges[:, step - 1 :: step][:, : self.layout.sample_bands - 1].contiguous()
+
+    # ---- merging --------------------------------------------------------------------------------
+
+    def merge(self, other: SiteStats) -> SiteStats:
+        """A new state holding both: exact and associative (and commutative up to float rounding of sums)."""
+        if self.layout != other.layout:
+            raise ValueError(f"cannot merge statistics of different layouts: {self.layout} and {other.layout}")
+        other = other.to(self.device)
+        edges = self.hist_edges if self.hist_edges is not None else other.hist_edges
+        if self.layout.hist_bins and self.hist_edges is not None and other.hist_edges is not None:
+            if not torch.equal(self.hist_edges, other.hist_edges):
+                raise ValueError("cannot merge histograms on different bin edges: the shards must agree on edges")
+        out = SiteStats(self.layout, self.device, edges)
+        for name in _FLOAT_FIELDS + _COUNT_FIELDS:
+            setattr(out, name, getattr(self, name) + getattr(other, name))
+        out.top_vals, out.top_keys = _keep_top(
+            torch.cat([self.top_vals, other.top_vals]), torch.cat([self.top_keys, other.top_keys]), self.layout.top_k
+        )
+        per_band = self.layout.samples_per_band
+        for b in range(self.layout.sample_bands):
+            rows = slice(b * per_band, (b + 1) * per_band)
+            merged_p = torch.cat([self.sample_priority[rows], other.sample_priority[rows]])
+            take = _lowest_first(merged_p, torch.cat([self.sample_keys[rows], other.sample_keys[rows]]))[:per_band]
+            for name in ("sample_priority", "sample_keys", "sample_vals"):
+                both = torch.cat([getattr(self, name)[rows], getattr(other, name)[rows]])
+                getattr(out, name)[rows] = both.gather(0, take)
+        return out
+
+    def to(self, device: torch.device | str) -> SiteStats:
+        """This state on another device (itself when already there)."""
+        if torch.device(device) == self.device:
+            return self
+        return SiteStats.from_state_dict(self.state_dict(), device)
+
+    def state_dict(self) -> dict:
+        """Plain tensors on the CPU and the layout: what a checkpoint or a gather sends."""
+        names = _FLOAT_FIELDS + _COUNT_FIELDS + ("top_vals", "top_keys", "sample_priority", "sample_keys", "sample_vals")
+        state = {name: getattr(self, name).detach().cpu() for name in names}
+        state["hist_edges"] = None if self.hist_edges is None else self.hist_edges.cpu()
+        state["layout"] = asdict(self.layout)
+        return state
+
+    @classmethod
+    def from_state_dict(cls, state: dict, device: torch.device | str = "cpu") -> SiteStats:
+        out = cls(StatsLayout(**state["layout"]), device, state["hist_edges"])
+        for name, value in state.items():
+            if name not in ("layout", "hist_edges"):
+                setattr(out, name, value.to(out.device))
+        return out
+
+
+def merge_all(states: list[SiteStats]) -> SiteStats:
+    """Fold merge over a list of states (at least one)."""
+    merged = states[0]
+    for state in states[1:]:
+        merged = merged.merge(state)
+    return merged
+
+
+def quantile_edges(ordered: torch.Tensor, bins: int) -> torch.Tensor:
+    """Equal-mass bin edges [N, bins - 1] from rows sorted ascending [N, T]; the end bins are open."""
+    at = torch.linspace(0, ordered.shape[1] - 1, bins + 1, device=ordered.device)[1:-1].round().long()
+    return ordered.index_select(1, at).contiguous()
+
+
+def _lowest_first(priority: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Row order [M, N] by ascending priority, ties by ascending key (deterministic in any merge order)."""
+    by_key = torch.sort(keys, dim=0, stable=True).indices
+    by_priority = torch.sort(priority.gather(0, by_key), dim=0, stable=True).indices
+    return by_key.gather(0, by_priority)
+
+
+def _keep_top(vals: torch.Tensor, keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest of vals [M, N] per column with their keys, descending; ties keep the smaller key."""
+    order = _lowest_first(-vals.double(), keys)[:k]
+    return vals.gather(0, order), keys.gather(0, order)
+
+
+def _sorted_rows(x: torch.Tensor) -> torch.Tensor:
+    """x sorted along its rows. On the CPU through numpy, whose vectorised sort is several times torch's."""
+    if x.device.type == "cpu":
+        import numpy as np
+
+        return torch.from_numpy(np.sort(x.numpy(), axis=1))
+    return x.sort(dim=1).values

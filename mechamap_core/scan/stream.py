@@ -1,0 +1,346 @@
+"""Corpus scans: documents streamed in groups with flat memory, one SiteStats per site, checkpoints, resume."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .. import __version__
+from ..alignment import AlignedText, align
+from ..config import ScanConfig, validate_config
+from ..models import LoadedModel
+from ..sites import NeuronSite, resolve_sites
+from ..sites import n_layers as count_layers
+from .driver import Batch, batches, run_hooked_forward, site_device
+from .finish import assemble, finish_part
+from .result import ScanResult
+from .state import HIST_BINS, BatchLabels, SiteStats, StatsLayout, merge_all, quantile_edges, _sorted_rows
+
+KEY_POSITIONS = 2**24  # a token's key: document index * KEY_POSITIONS + its ordinal among the document's tokens
+CONTEXT_CHARS = 60
+SAMPLE_BANDS, SAMPLES_PER_BAND = 8, 2
+CHECKPOINT_VERSION = 1
+ProgressFn = Callable[[int, int | None, str], None]
+
+
+@dataclass
+class StreamState:
+    """Everything a corpus scan has accumulated: what a checkpoint holds and what ranks gather and merge."""
+
+    sites: dict[int, SiteStats]
+    examples: dict[int, tuple[int, str, str, str]] = field(default_factory=dict)  # key -> (doc, left, token, right)
+    documents: int = 0  # documents scanned
+    tokens: int = 0
+    category_tokens: np.ndarray | None = None  # [C]
+    next_index: int = 0  # the corpus index after the last scanned document (resume starts here)
+
+    def merge(self, other: StreamState) -> StreamState:
+        """Both shards' statistics: exact and associative, like SiteStats.merge."""
+        sites = {
+            layer: self.sites[layer].merge(other.sites[layer]) if layer in self.sites and layer in other.sites
+            else self.sites.get(layer) or other.sites[layer]
+            for layer in sorted({*self.sites, *other.sites})
+        }  # a shard that saw no documents has no sites yet
+        return StreamState(
+            sites, {**self.examples, **other.examples}, self.documents + other.documents,
+            self.tokens + other.tokens, self.category_tokens + other.category_tokens,
+            max(self.next_index, other.next_index),
+        )  # fmt: skip
+
+    def held_keys(self) -> np.ndarray:
+        """The keys of the tokens some site holds in its top-k or samples."""
+        held = [s.top_keys.flatten() for s in self.sites.values()] + [s.sample_keys.flatten() for s in self.sites.values()]
+        return np.unique(torch.cat([h.cpu() for h in held]).numpy()) if held else np.zeros(0, dtype=np.int64)
+
+    def prune_examples(self, held: np.ndarray | None = None) -> None:
+        """Keep the contexts of only the tokens some site still holds."""
+        held = set((self.held_keys() if held is None else held).tolist())
+        self.examples = {k: v for k, v in self.examples.items() if k in held}
+
+    def to_payload(self) -> dict:
+        """Plain CPU objects (torch.save / gather_object)."""
+        return {
+            "sites": {layer: s.state_dict() for layer, s in self.sites.items()}, "examples": self.examples,
+            "documents": self.documents, "tokens": self.tokens, "category_tokens": self.category_tokens,
+            "next_index": self.next_index,
+        }  # fmt: skip
+
+    @classmethod
+    def from_payload(cls, payload: dict, devices: dict[int, torch.device] | None = None) -> StreamState:
+        devices = devices or {}
+        sites = {
+            layer: SiteStats.from_state_dict(state, devices.get(layer, "cpu")) for layer, state in payload["sites"].items()
+        }
+        return cls(sites, dict(payload["examples"]), payload["documents"], payload["tokens"],
+                   np.asarray(payload["category_tokens"]), payload["next_index"])  # fmt: skip
+
+
+@dataclass
+class Checkpointing:
+    """Where and how often a corpus scan writes its state, and whether it resumes from it."""
+
+    directory: Path
+    every_documents: int
+    fingerprint: dict  # config hash, model, corpus, layers, world size: a resume must match it
+    resume: bool = False
+    rank: int = 0
+
+    @property
+    def path(self) -> Path:
+        return self.directory / f"rank{self.rank}.pt"
+
+    def save(self, state: StreamState) -> None:
+        """Atomic: written beside the checkpoint, then renamed over it."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(f".tmp{os.getpid()}")
+        torch.save({"version": CHECKPOINT_VERSION, "fingerprint": self.fingerprint, "state": state.to_payload()}, tmp)
+        os.replace(tmp, self.path)
+
+    def load(self) -> StreamState | None:
+        """The saved state, or None when there is none. Raises ValueError for a checkpoint of another scan."""
+        if not self.path.is_file():
+            return None
+        saved = torch.load(self.path, map_location="cpu", weights_only=False)
+        if saved.get("version") != CHECKPOINT_VERSION:
+            raise ValueError(f"{self.path} was written by another version of MechaMap's checkpoints")
+        differs = [k for k in self.fingerprint if saved["fingerprint"].get(k) != self.fingerprint[k]]
+        if differs:
+            raise ValueError(
+                f"the checkpoint in {self.directory} belongs to another scan (different {', '.join(differs)}); "
+                "use a new --checkpoint-dir or drop --resume"
+            )
+        return StreamState.from_payload(saved["state"])
+
+
+def corpus_fingerprint(source: str | os.PathLike) -> str:
+    """Identifies a corpus for resume checks: its path, and each file's size and first and last MiB."""
+    digest = hashlib.sha256(str(source).encode())
+    path = Path(str(source))
+    files = sorted(path.rglob("*")) if path.is_dir() else [path] if path.is_file() else []
+    for file in (f for f in files if f.is_file()):
+        size = file.stat().st_size
+        digest.update(f"{file.name}:{size}".encode())
+        with open(file, "rb") as handle:
+            digest.update(handle.read(2**20))
+            handle.seek(max(0, size - 2**20))
+            digest.update(handle.read(2**20))
+    return digest.hexdigest()[:16]
+
+
+def scan_stream(
+    lm: LoadedModel,
+    cfg: ScanConfig,
+    documents: Iterable,
+    *,
+    calibration_texts: list[str],
+    layers: list[int] | None = None,
+    limit_neurons: int | None = None,
+    progress: ProgressFn | None = None,
+    total_documents: int | None = None,
+    checkpointing: Checkpointing | None = None,
+    group_documents: int = 64,
+) -> StreamState:
+    """Scan a stream of documents (objects with .index and .text, e.g. corpus.iter_documents) into a StreamState.
+
+    Memory stays flat in corpus size: documents are aligned and scanned in groups, and only each site's
+    SiteStats and the contexts of the tokens they hold are kept. Histogram edges come from
+    calibration_texts (the corpus's first documents), so every rank and every resumed run agrees on them.
+    With checkpointing, the state is written every N documents and a resume skips what it holds.
+    """
+    validate_config(cfg)
+    layers = cfg.layers if layers is None else layers
+    limit = cfg.limit_neurons if limit_neurons is None else limit_neurons
+    with lm.lock:
+        sites = resolve_sites(lm.model, layers)
+        chunk_tokens = lm.chunk_tokens(cfg.max_chunk_tokens)
+        n_neurons = {s.layer: min(limit, s.d_mlp) if limit else s.d_mlp for s in sites}
+        n_words = sum(len(dict.fromkeys(words)) for words in cfg.categories.values())
+        layout = {
+            s.layer: StatsLayout(n_neurons[s.layer], len(cfg.categories), n_words, 1, cfg.top_k_tokens,
+                                 HIST_BINS if cfg.auroc else 0, SAMPLE_BANDS, SAMPLES_PER_BAND)
+            for s in sites
+        }  # fmt: skip
+        edges = _calibrate_edges(lm, cfg, sites, n_neurons, calibration_texts, chunk_tokens)
+        state = checkpointing.load() if checkpointing and checkpointing.resume else None
+        if state is None:
+            state = StreamState({}, category_tokens=np.zeros(len(cfg.categories), dtype=np.int64))
+        devices: dict[int, torch.device] = {}
+
+        def new_stats(site: NeuronSite, device: torch.device) -> SiteStats:
+            devices[site.layer] = site_device(site, device)
+            if site.layer in state.sites:  # resumed: the checkpoint's state moves to the site's device
+                return state.sites[site.layer].to(devices[site.layer])
+            return SiteStats(layout[site.layer], devices[site.layer], edges.get(site.layer))
+
+        since_checkpoint = 0
+        group: list = []
+        for document in documents:
+            if document.index < state.next_index:  # already in the resumed state
+                continue
+            group.append(document)
+            if len(group) == group_documents:
+                _scan_group(lm, cfg, sites, n_neurons, group, chunk_tokens, state, new_stats)
+                since_checkpoint += len(group)
+                group = []
+                if progress:
+                    progress(state.documents, total_documents, f"documents {state.documents:,}, tokens {state.tokens:,}")
+                if checkpointing and since_checkpoint >= checkpointing.every_documents:
+                    checkpointing.save(state)
+                    since_checkpoint = 0
+        if group:
+            _scan_group(lm, cfg, sites, n_neurons, group, chunk_tokens, state, new_stats)
+        if progress:
+            progress(state.documents, total_documents, f"documents {state.documents:,}, tokens {state.tokens:,}")
+        if checkpointing:
+            checkpointing.save(state)
+    state.sites = {layer: stats.to("cpu") for layer, stats in state.sites.items()}
+    return state
+
+
+def _calibrate_edges(lm, cfg, sites, n_neurons, texts: list[str], chunk_tokens: int) -> dict[int, torch.Tensor]:
+    """Per-site histogram edges from one forward pass over the calibration texts' first batch."""
+    if not cfg.auroc:
+        return {}
+    aligned = align(lm.tokenizer, [t for t in texts if t.strip()], {}, chunk_tokens)
+    if aligned.n_tokens == 0:
+        raise ValueError("the corpus's first documents have no tokens besides special tokens")
+    edges: dict[int, torch.Tensor] = {}
+
+    def on_site(site, acts, batch):
+        edges[site.layer] = quantile_edges(_sorted_rows(acts.T.contiguous()), HIST_BINS)
+
+    first = next(batches(aligned.chunks, cfg.batch_size, lm.pad_id))
+    run_hooked_forward(lm, [first], sites, on_site, n_neurons)
+    return edges
+
+
+def _scan_group(lm, cfg, sites, n_neurons, group: list, chunk_tokens: int, state: StreamState, new_stats) -> None:
+    """Align one group of documents, run its batches, update every site's state and keep new examples' contexts."""
+    aligned = align(lm.tokenizer, [d.text for d in group], cfg.categories, chunk_tokens)
+    doc_index = np.array([d.index for d in group], dtype=np.int64)
+    tokens = aligned.tokens
+    ordinal = tokens.groupby("doc").cumcount().to_numpy()
+    keys = doc_index[tokens["doc"].to_numpy()] * KEY_POSITIONS + ordinal  # [n_tokens] stable across runs and ranks
+    labels = {"cpu": None, "moved": {}}
+
+    def on_site(site, acts, batch: Batch):
+        device = acts.device
+        if site.layer not in state.sites:
+            state.sites[site.layer] = new_stats(site, device)
+        stats = state.sites[site.layer]
+        if device not in labels["moved"]:
+            labels["moved"][device] = labels["cpu"].to(device)
+        stats.update(acts, labels["moved"][device])
+
+    def labelled():
+        for batch in batches(aligned.chunks, cfg.batch_size, lm.pad_id):
+            labels["cpu"], labels["moved"] = _group_labels(aligned, batch, keys), {}
+            yield batch
+
+    if aligned.n_tokens:
+        run_hooked_forward(lm, labelled(), sites, on_site, n_neurons)
+    held = state.held_keys()
+    state.prune_examples(held)
+    for row in np.flatnonzero(np.isin(keys, held)):
+        key = int(keys[row])
+        if key not in state.examples:
+            doc, start, end = int(tokens["doc"].iat[row]), int(tokens["start"].iat[row]), int(tokens["end"].iat[row])
+            text = aligned.texts[doc]
+            state.examples[key] = (
+                int(doc_index[doc]), text[max(0, start - CONTEXT_CHARS) : start].replace("\n", " "),
+                text[start:end], text[end : end + CONTEXT_CHARS].replace("\n", " "),
+            )  # fmt: skip
+    state.documents += len(group)
+    state.tokens += aligned.n_tokens
+    state.category_tokens += aligned.category_mask.sum(axis=0).astype(np.int64)
+    state.next_index = int(doc_index.max()) + 1
+
+
+def _group_labels(aligned: AlignedText, batch: Batch, keys: np.ndarray) -> BatchLabels:
+    index = batch.token_index.numpy()
+    return BatchLabels(
+        torch.from_numpy(aligned.category_mask[index].astype(np.float32)),
+        torch.from_numpy(keys[index]),
+        torch.from_numpy(aligned.token_word[index].astype(np.int64)),
+    )
+
+
+def stream_result(lm: LoadedModel, cfg: ScanConfig, state: StreamState, extra_metadata: dict | None = None) -> ScanResult:
+    """A finished StreamState as a ScanResult: binned AUROC, top tokens with their contexts, and quantile samples.
+
+    tokens holds only the example tokens (token_index is the token's key); extras["examples"] their contexts,
+    extras["samples"] each neuron's tokens sampled across its activation bands."""
+    started = time.perf_counter()
+    layers = sorted(state.sites)
+    categories = list(cfg.categories)
+    parts = []
+    for layer in layers:
+        stats = state.sites[layer]
+        n = stats.layout.n_neurons
+        parts.append(finish_part(layer, slice(0, n), stats, None, np.zeros((0, len(categories)), bool), cfg.top_k_tokens, cfg.auroc))
+    n_layers_model = count_layers(lm.model)
+    scores, top = assemble(lm.name, categories, state.category_tokens, parts, n_layers_model)
+    examples = pd.DataFrame(
+        [(key, *value) for key, value in sorted(state.examples.items())],
+        columns=["token_index", "doc", "left", "token", "right"],
+    )
+    token_of = dict(zip(examples["token_index"], examples["token"]))
+    top.insert(4, "token", [token_of.get(int(k), "") for k in top["token_index"]])
+    samples = _sample_table(state, token_of)
+    tokens = pd.DataFrame({
+        "token_index": examples["token_index"], "doc": examples["doc"], "position": examples["token_index"] % KEY_POSITIONS,
+        "token_id": -1, "token": examples["token"], "start": -1, "end": -1,
+    })  # fmt: skip
+    metadata = {
+        "model": lm.name, "config_hash": cfg.content_hash(), "device": str(lm.device),
+        "dtype": str(lm.dtype).replace("torch.", ""), "n_tokens": int(state.tokens), "n_documents": int(state.documents),
+        "layers": layers, "n_layers_model": n_layers_model,
+        "neurons_per_layer": {str(layer): state.sites[layer].layout.n_neurons for layer in layers},
+        "categories": categories,
+        "category_tokens": {c: int(n) for c, n in zip(categories, state.category_tokens)},
+        "auroc_method": f"binned ({HIST_BINS} bins per neuron)" if cfg.auroc else "off",
+        "threshold": cfg.threshold, "source": "corpus",
+        "timings_s": {"statistics": round(time.perf_counter() - started, 4)},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "mechamap_version": __version__, "config": cfg.to_dict(),
+        **(extra_metadata or {}),
+    }  # fmt: skip
+    empty_mask = np.zeros((0, len(categories)), dtype=bool)
+    coverage = pd.DataFrame(columns=["category", "word", "occurrences", "n_tokens"])
+    extras = {"examples": examples, "samples": samples}
+    return ScanResult(scores, top, tokens, coverage, empty_mask, metadata, [], None, extras)
+
+
+def _sample_table(state: StreamState, token_of: dict) -> pd.DataFrame:
+    """Each neuron's sampled tokens: layer, neuron, band (0 = lowest activations), token_index, token, activation."""
+    frames = []
+    for layer, stats in sorted(state.sites.items()):
+        keys = stats.sample_keys.numpy()  # [bands * per_band, N]
+        vals = stats.sample_vals.numpy()
+        slot, neuron = np.nonzero(keys >= 0)
+        frames.append(pd.DataFrame({
+            "layer": layer, "neuron": neuron, "band": slot // max(stats.layout.samples_per_band, 1),
+            "token_index": keys[slot, neuron], "activation": vals[slot, neuron],
+        }))  # fmt: skip
+    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
+        columns=["layer", "neuron", "band", "token_index", "activation"])
+    table.insert(4, "token", [token_of.get(int(k), "") for k in table["token_index"]])
+    return table.sort_values(["layer", "neuron", "band"], kind="stable").reset_index(drop=True)
+
+
+def merge_states(states: list[StreamState]) -> StreamState:
+    """Fold merge of shard states (ranks, in rank order)."""
+    merged = states[0]
+    for other in states[1:]:
+        merged = merged.merge(other)
+    return merged
+
+
+__all__ = ["Checkpointing", "StreamState", "corpus_fingerprint", "merge_all", "merge_states", "scan_stream", "stream_result"]

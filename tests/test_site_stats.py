@@ -1,0 +1,122 @@
+"""SiteStats: streaming updates equal brute force, and shards merged in any order (and round-tripped) equal the whole."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from mechamap_core.scan.finish import histogram_counts, site_moments
+from mechamap_core.scan.state import BatchLabels, SiteStats, StatsLayout, merge_all, quantile_edges, token_priority
+
+N_NEURONS, N_CAT, N_WORDS, BINS, BANDS, PER_BAND, TOP_K = 6, 3, 7, 16, 4, 2, 5
+LAYOUT = StatsLayout(N_NEURONS, N_CAT, N_WORDS, 1, TOP_K, BINS, BANDS, PER_BAND)
+
+
+def make_batches(seed: int = 3, sizes=(40, 25, 31, 18)):
+    """Random batches with ties (rounded values), category masks, words and unique keys."""
+    rng = np.random.default_rng(seed)
+    out, first_key = [], 0
+    for n in sizes:
+        acts = torch.from_numpy(np.round(rng.standard_normal((n, N_NEURONS)), 1).astype(np.float32))
+        mask = (rng.random((n, N_CAT)) < 0.3).astype(np.float32)
+        word = torch.from_numpy(np.where(mask.any(1), rng.integers(0, N_WORDS, n), -1).astype(np.int64))
+        keys = torch.arange(first_key, first_key + n, dtype=torch.long) * 7 + 11
+        out.append((acts, BatchLabels(torch.from_numpy(mask), keys, word)))
+        first_key += n
+    return out
+
+
+def edges_for(batches_) -> torch.Tensor:
+    acts = batches_[0][0]
+    return quantile_edges(acts.T.contiguous().sort(dim=1).values, BINS)
+
+
+def state_of(batches_, edges) -> SiteStats:
+    state = SiteStats(LAYOUT, "cpu", edges)
+    with torch.inference_mode():
+        for acts, labels in batches_:
+            state.update(acts, labels)
+    return state
+
+
+def assert_same(a: SiteStats, b: SiteStats) -> None:
+    for key, value in site_moments(a).items():
+        np.testing.assert_allclose(site_moments(b)[key], value, rtol=1e-12, atol=1e-9, err_msg=key)
+    for name in ("word_n", "word_sums", "word_sumsq"):
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=1e-12, atol=1e-9)
+    for left, right in zip(histogram_counts(a), histogram_counts(b)):
+        np.testing.assert_array_equal(left, right)
+    for name in ("top_vals", "top_keys", "sample_keys", "sample_vals", "sample_priority"):
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=0, atol=0, msg=name)
+
+
+def test_update_equals_brute_force():
+    batches_ = make_batches()
+    edges = edges_for(batches_)
+    state = state_of(batches_, edges)
+    acts = torch.cat([a for a, _ in batches_]).double().numpy()
+    mask = torch.cat([lab.category_mask for _, lab in batches_]).numpy() > 0
+    word = torch.cat([lab.word for _, lab in batches_]).numpy()
+    keys = torch.cat([lab.keys for _, lab in batches_]).numpy()
+    moments = site_moments(state)
+    close = {"rtol": 1e-5, "atol": 1e-5}  # each batch's sums are float32 matmuls, added up in float64
+    np.testing.assert_allclose(moments["sum_all"], acts.sum(0), **close)
+    np.testing.assert_allclose(moments["sum_cat"], np.stack([acts[mask[:, c]].sum(0) for c in range(N_CAT)]), **close)
+    sumsq_cat = np.stack([(acts[mask[:, c]] ** 2).sum(0) for c in range(N_CAT)])
+    np.testing.assert_allclose(moments["sumsq_cat"], sumsq_cat, **close)
+    word_sums = np.stack([acts[word == w].sum(0) for w in range(N_WORDS)])
+    np.testing.assert_allclose(state.word_sums.numpy(), word_sums, **close)
+    np.testing.assert_array_equal(state.word_n.numpy(), [(word == w).sum() for w in range(N_WORDS)])
+    counts_all, counts_cat = histogram_counts(state)
+    for n in range(N_NEURONS):
+        which = np.searchsorted(edges[n].numpy(), acts[:, n].astype(np.float32), side="right")
+        np.testing.assert_array_equal(counts_all[n], np.bincount(which, minlength=BINS))
+        for c in range(N_CAT):
+            np.testing.assert_array_equal(counts_cat[c, n], np.bincount(which[mask[:, c]], minlength=BINS))
+    for n in range(N_NEURONS):  # top-k: largest values, ties by the smaller key
+        order = sorted(range(len(keys)), key=lambda i: (-acts[i, n], keys[i]))[:TOP_K]
+        np.testing.assert_allclose(state.top_vals[:, n].numpy(), acts[order, n].astype(np.float32))
+        assert {int(k) for k in state.top_keys[:, n]} <= {int(keys[i]) for i in range(len(keys)) if acts[i, n] >= acts[order[-1], n]}
+    priority = token_priority(torch.from_numpy(keys)).numpy()
+    band_edges = state.band_edges().numpy()
+    for n in range(N_NEURONS):  # samples: each band's lowest-priority tokens
+        band = np.searchsorted(band_edges[n], acts[:, n].astype(np.float32), side="right")
+        for b in range(BANDS):
+            members = np.flatnonzero(band == b)
+            expected = members[np.lexsort((keys[members], priority[members]))][:PER_BAND]
+            got = state.sample_keys[b * PER_BAND : (b + 1) * PER_BAND, n].numpy()
+            np.testing.assert_array_equal(got[: len(expected)], keys[expected])
+            assert (got[len(expected) :] == -1).all()
+
+
+def test_shards_merged_in_any_order_equal_the_whole():
+    batches_ = make_batches()
+    edges = edges_for(batches_)
+    whole = state_of(batches_, edges)
+    shards = [state_of([b], edges) for b in batches_]
+    for order in itertools.permutations(range(len(shards))):
+        assert_same(whole, merge_all([shards[i] for i in order]))
+    left_tree = shards[0].merge(shards[1]).merge(shards[2].merge(shards[3]))  # associativity: another bracketing
+    assert_same(whole, left_tree)
+
+
+def test_state_dict_round_trip_and_empty_shard():
+    batches_ = make_batches()
+    edges = edges_for(batches_)
+    whole = state_of(batches_, edges)
+    restored = SiteStats.from_state_dict(whole.state_dict())
+    assert_same(whole, restored)
+    assert_same(whole, whole.merge(SiteStats(LAYOUT, "cpu", edges)))  # a shard that saw nothing changes nothing
+
+
+def test_merge_refuses_other_edges_or_layouts():
+    batches_ = make_batches()
+    a = state_of(batches_[:1], edges_for(batches_))
+    b = state_of(batches_[1:2], edges_for(batches_[1:]))
+    with pytest.raises(ValueError, match="different bin edges"):
+        a.merge(b)
+    with pytest.raises(ValueError, match="different layouts"):
+        a.merge(SiteStats(StatsLayout(N_NEURONS, N_CAT), "cpu"))

@@ -1,0 +1,94 @@
+"""Corpus scans streamed in groups: equal to the in-memory scan, shards merge to the whole, checkpoints resume exactly."""
+
+from __future__ import annotations
+
+import dataclasses
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mechamap_core import scan
+from mechamap_core.scan.stream import Checkpointing, merge_states, scan_stream, stream_result
+
+MOMENTS = ["avg_activation", "mean_rest", "std_category", "std_rest", "separation", "cohens_d"]
+KEY = ["layer", "neuron", "category"]
+
+
+@pytest.fixture(scope="module")
+def documents(default_cfg) -> list[str]:
+    """Short documents: each sentence of the default master text."""
+    sentences = [s.strip() + "." for s in default_cfg.master_text.replace("\n", " ").split(".") if s.strip()]
+    assert len(sentences) > 20
+    return sentences
+
+
+def docs(texts, shard=None):
+    """Documents as the corpus reader yields them: index and text, optionally one rank's share."""
+    for index, text in enumerate(texts):
+        if shard is None or index % shard[1] == shard[0]:
+            yield SimpleNamespace(index=index, text=text)
+
+
+def stream(lm, cfg, texts, **options):
+    return scan_stream(lm, cfg, options.pop("source", docs(texts)), calibration_texts=texts[:8], group_documents=5, **options)
+
+
+def test_stream_equals_in_memory_scan(tiny_gpt2, default_cfg, documents):
+    cfg = dataclasses.replace(default_cfg, batch_size=4)
+    state = stream(tiny_gpt2, cfg, documents)
+    streamed = stream_result(tiny_gpt2, cfg, state)
+    reference = scan(tiny_gpt2, cfg, texts=documents, record_activations=False)
+    assert streamed.metadata["n_tokens"] == reference.metadata["n_tokens"]
+    assert streamed.metadata["n_documents"] == len(documents)
+    merged = streamed.scores.merge(reference.scores, on=KEY, suffixes=("", "_ref"))
+    for column in MOMENTS:
+        np.testing.assert_allclose(merged[column], merged[f"{column}_ref"], rtol=1e-5, atol=1e-6, err_msg=column)
+    np.testing.assert_allclose(merged["auroc"], merged["auroc_ref"], atol=0.03)  # binned, on other edges
+    np.testing.assert_allclose(
+        streamed.top_tokens["activation"].to_numpy(), reference.top_tokens["activation"].to_numpy(), rtol=1e-5
+    )
+    assert (streamed.top_tokens["token"] == reference.top_tokens["token"]).mean() > 0.95  # ties may pick others
+    examples = streamed.extras["examples"]
+    assert set(streamed.top_tokens["token_index"]) <= set(examples["token_index"])
+    row = examples.iloc[0]
+    assert row["token"] in documents[row["doc"]] and (row["left"] + row["token"]).strip() in documents[row["doc"]]
+    samples = streamed.extras["samples"]
+    assert set(samples["band"]) <= set(range(8)) and len(samples) > 0
+
+
+def test_two_shards_merge_to_the_single_process_state(tiny_gpt2, default_cfg, documents):
+    cfg = dataclasses.replace(default_cfg, batch_size=4)
+    whole = stream_result(tiny_gpt2, cfg, stream(tiny_gpt2, cfg, documents))
+    shards = [stream(tiny_gpt2, cfg, documents, source=docs(documents, (rank, 2))) for rank in range(2)]
+    merged = stream_result(tiny_gpt2, cfg, merge_states(shards))
+    assert merged.metadata["n_documents"] == len(documents)
+    joined = merged.scores.merge(whole.scores, on=KEY, suffixes=("", "_whole"))
+    for column in MOMENTS:
+        np.testing.assert_allclose(joined[column], joined[f"{column}_whole"], rtol=1e-5, atol=1e-6, err_msg=column)
+    np.testing.assert_allclose(joined["auroc"], joined["auroc_whole"], atol=1e-12)  # the same agreed edges
+    pd.testing.assert_frame_equal(merged.top_tokens, whole.top_tokens, check_exact=False, rtol=1e-5)
+    pd.testing.assert_frame_equal(merged.extras["samples"], whole.extras["samples"], check_exact=False, rtol=1e-5)
+
+
+def test_checkpoint_resume_and_refusal(tiny_gpt2, default_cfg, documents, tmp_path):
+    cfg = dataclasses.replace(default_cfg, batch_size=4)
+    fingerprint = {"config": cfg.content_hash(), "model": tiny_gpt2.name, "corpus": "sentences"}
+    whole = stream_result(tiny_gpt2, cfg, stream(tiny_gpt2, cfg, documents))
+
+    def stop_after(n):  # the first n documents, as if the process died after them
+        return (d for d in docs(documents) if d.index < n)
+
+    first = Checkpointing(tmp_path / "ck", 5, fingerprint)
+    stream(tiny_gpt2, cfg, documents, source=stop_after(12), checkpointing=first)
+    resumed = Checkpointing(tmp_path / "ck", 5, fingerprint, resume=True)
+    result = stream_result(tiny_gpt2, cfg, stream(tiny_gpt2, cfg, documents, checkpointing=resumed))
+    assert result.metadata["n_documents"] == len(documents)  # nothing lost, nothing counted twice
+    joined = result.scores.merge(whole.scores, on=KEY, suffixes=("", "_whole"))
+    for column in MOMENTS + ["auroc"]:
+        np.testing.assert_allclose(joined[column], joined[f"{column}_whole"], rtol=1e-5, atol=1e-6, err_msg=column)
+    pd.testing.assert_frame_equal(result.top_tokens, whole.top_tokens, check_exact=False, rtol=1e-5)
+    other = Checkpointing(tmp_path / "ck", 5, {**fingerprint, "config": "another"}, resume=True)
+    with pytest.raises(ValueError, match="belongs to another scan .*config"):
+        stream(tiny_gpt2, cfg, documents, checkpointing=other)
