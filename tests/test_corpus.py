@@ -487,3 +487,58 @@ def test_cli_scan_skips_and_counts_bad_documents(tmp_path, capsys):
     assert out.is_file()
     assert main([*argv, "--on-bad-document", "error"]) == 1
     assert capsys.readouterr().err.strip() == f"mechamap: error: {path} row 2 has no text (null)"
+
+
+# --- a Hub dataset's parquet files, through HfFileSystem, from a local stand-in for the Hub ------------------
+
+
+@pytest.fixture
+def hub_dataset(tmp_path, monkeypatch):
+    """A dataset repo org/corpus on a local Hub: data/train-0.parquet (5 rows, 2 bad), data/train-1.parquet."""
+    hub_server = pytest.importorskip("hub_server", reason="tests/hub_server.py comes with the hub branch")
+    serve_hub, use_hub = hub_server.serve_hub, hub_server.use_hub
+
+    data = tmp_path / "hub" / "datasets" / "org" / "corpus" / "data"
+    data.mkdir(parents=True)
+    write_parquet(data / "train-0.parquet", [DOCS[0], None, DOCS[1], "", DOCS[2]], row_group_size=2)
+    write_parquet(data / "train-1.parquet", many_texts(7), row_group_size=3)
+    (data.parent / "README.md").write_text("# a corpus\n", encoding="utf-8")
+    with serve_hub(tmp_path / "hub") as hub:
+        use_hub(monkeypatch, hub, tmp_path / "hf-cache")
+        yield hub
+
+
+def test_hub_dataset_parquet_files_streamed(hub_dataset, tmp_path):
+    expected = [DOCS[0], DOCS[1], DOCS[2], *many_texts(7)]
+    for source in ("hf://datasets/org/corpus", "hf://datasets/org/corpus/data/*.parquet",
+                   "hf://datasets/org/corpus/data"):  # fmt: skip
+        docs, report = collect(source)
+        assert [d.text for d in docs] == expected
+        assert [d.index for d in docs] == [0, 2, 4, *range(5, 12)]
+        assert docs[0].where == "hf://datasets/org/corpus/data/train-0.parquet row 1"
+        assert docs[-1].where == "hf://datasets/org/corpus/data/train-1.parquet row 7"
+        assert report.skipped == {"no_text": 1, "empty_text": 1}
+    one = "hf://datasets/org/corpus/data/train-1.parquet"
+    assert [d.text for d in collect(one, start=4)[0]] == many_texts(7)[4:]
+    shares = [collect("hf://datasets/org/corpus", shard=(rank, 2))[0] for rank in range(2)]
+    assert sorted(d.text for docs in shares for d in docs) == sorted(expected)
+    # the rows came from the Hub's resolve endpoint, streamed: nothing was downloaded into the cache
+    assert any(method == "GET" and path.startswith("/datasets/org/corpus/resolve/") for method, path, _ in
+               hub_dataset.requests)  # fmt: skip
+    assert not [path for path in (tmp_path / "hf-cache").rglob("*") if path.is_file()]
+
+
+def test_hub_sources_that_do_not_exist(hub_dataset):
+    with pytest.raises(FileNotFoundError, match="corpus not found on the Hub: hf://datasets/org/nope"):
+        iter_documents("hf://datasets/org/nope")
+    with pytest.raises(FileNotFoundError, match="corpus not found on the Hub"):
+        iter_documents("hf://datasets/org/corpus/data/missing.parquet")
+    with pytest.raises(FileNotFoundError, match="no .txt, .jsonl or .parquet files on the Hub match"):
+        iter_documents("hf://datasets/org/corpus/*.csv")
+    with pytest.raises(ValueError, match=r"not '\.md'"):
+        iter_documents("hf://datasets/org/corpus/README.md")
+
+
+def test_hub_offline_is_one_clear_error():
+    with pytest.raises(OSError, match=r"^cannot read hf://datasets/org/corpus from the Hub: .*offline mode"):
+        iter_documents("hf://datasets/org/corpus")
