@@ -47,7 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--layers", type=_layers, help="layer subset, e.g. 0,2,5-7")
     s.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda or mps")
     s.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
-    s.add_argument("--corpus", help="corpus file (.txt one document per line, or .jsonl) instead of the master text")
+    s.add_argument("--corpus", help="corpus instead of the master text: .txt (one document per line), .jsonl, "
+                   ".parquet, a folder of .txt files (one document each), a glob, or hf://datasets/ORG/NAME/...")
+    s.add_argument("--text-field", help="JSON field or Parquet column with the text (default: the config's, 'text')")
+    s.add_argument("--on-bad-document", choices=["skip", "error"], default="skip",
+                   help="skip and count bad documents (default), or stop at the first one")
     s.add_argument("--csv", help="write the scores CSV here")
     s.add_argument("--json", help="write JSON keyed by neuron here")
     s.add_argument("--parquet", help="write Parquet here")
@@ -136,16 +140,20 @@ def _run_scan(args) -> int:
     from tqdm import tqdm
 
     from . import export
-    from .corpus import read_corpus
+    from .corpus import CorpusReport, iter_documents
     from .models import load_model
     from .scan import scan
 
     cfg = load_config(args.config)
     if args.model:
         cfg.model = args.model
-    texts = read_corpus(args.corpus, cfg.corpus_text_field) if args.corpus else None
-    if texts is None and cfg.corpus:
-        texts = read_corpus(cfg.corpus, cfg.corpus_text_field)
+    texts, corpus = None, args.corpus or cfg.corpus
+    if corpus:
+        report = CorpusReport()
+        documents = iter_documents(corpus, text_field=args.text_field or cfg.corpus_text_field,
+                                   on_bad_document=args.on_bad_document, report=report)
+        texts = [document.text for document in documents]
+        print(f"corpus {corpus}: {report.summary()}", file=sys.stderr)
     print(f"loading {cfg.model} ...", file=sys.stderr)
     lm = load_model(cfg.model, device=args.device, dtype=args.dtype)
     with tqdm(desc="scanning", unit="layer", file=sys.stderr) as bar:

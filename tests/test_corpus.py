@@ -1,14 +1,19 @@
-"""corpus.py: .txt / .jsonl parsing with line-numbered errors, file checks, and a multi-document scan."""
+"""corpus.py: streamed sources (.txt, .jsonl, .parquet, folders, globs), bad documents, shards, resume, flat memory."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import tracemalloc
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+from conftest import REPO_ROOT
 
 from mechamap_core import scan
-from mechamap_core.corpus import parse_corpus, read_corpus
+from mechamap_core.cli import main
+from mechamap_core.corpus import CorpusReport, Document, iter_documents, parse_corpus, read_corpus
 
 DOCS = [
     "Anna ate pizza in Paris on Monday.",
@@ -17,8 +22,33 @@ DOCS = [
 ]
 
 
+def write_parquet(path, texts, row_group_size=2, column="text"):
+    table = pa.table({"id": list(range(len(texts))), column: pa.array(texts, type=pa.string())})
+    pq.write_table(table, path, row_group_size=row_group_size)
+    return path
+
+
+def write_folder(folder, texts):
+    folder.mkdir()
+    for i, text in enumerate(texts):
+        (folder / f"doc{i:03d}.txt").write_text(text + "\n", encoding="utf-8")
+    return folder
+
+
+def many_texts(n):
+    return [f"Document number {i} mentions Paris and {i % 97} red buses." for i in range(n)]
+
+
+def collect(source, **kwargs):
+    report = CorpusReport()
+    return list(iter_documents(source, report=report, **kwargs)), report
+
+
+# --- the in-memory API the app and older callers use ----------------------------------------------------
+
+
 def test_txt_one_document_per_line_blank_lines_skipped():
-    data = "first doc\n\n   \nsecond doc  \n\nthird\n"
+    data = "first doc\n\n   \nsecond doc  \r\n\nthird\n"
     assert parse_corpus(data, "txt") == ["first doc", "second doc", "third"]
 
 
@@ -32,28 +62,57 @@ def test_jsonl_custom_field():
     assert parse_corpus(data, "jsonl", text_field="body") == ["one", "two"]
 
 
-def test_jsonl_skips_blank_documents():
+def test_jsonl_blank_documents_are_bad_documents():
     data = '{"text": "one"}\n{"text": "   "}\n{"text": "two"}\n'
-    assert parse_corpus(data, "jsonl") == ["one", "two"]
+    with pytest.raises(ValueError, match=r"^line 2 of the corpus has an empty field 'text'$"):
+        parse_corpus(data, "jsonl")
+    report = CorpusReport()
+    assert parse_corpus(data, "jsonl", on_bad_document="skip", report=report) == ["one", "two"]
+    assert report.as_dict() == {"documents_read": 2, "documents_skipped": 1, "skipped_by_reason": {"empty_text": 1},
+                                "first_skipped": ["line 2 of the corpus has an empty field 'text'"]}  # fmt: skip
 
 
 def test_jsonl_bad_json_names_the_line():
     data = '{"text": "ok"}\n\n{"text": broken}\n'
-    with pytest.raises(ValueError, match=r"line 3 .*not valid JSON"):
+    with pytest.raises(ValueError, match=r"^line 3 of the corpus is not valid JSON: Expecting value$"):
         parse_corpus(data, "jsonl")
 
 
-@pytest.mark.parametrize("bad", ['{"body": "x"}', '{"text": 7}', '["text"]', '"just a string"'])
+@pytest.mark.parametrize("bad", ['{"body": "x"}', '{"text": 7}', '{"text": null}', '["text"]', '"just a string"'])
 def test_jsonl_missing_field_names_the_line(bad):
     data = '{"text": "ok"}\n' + bad + "\n"
     with pytest.raises(ValueError, match=r"line 2 .*'text'"):
         parse_corpus(data, "jsonl")
 
 
-@pytest.mark.parametrize("kind, data", [("txt", ""), ("txt", "\n  \n\n"), ("jsonl", '{"text": ""}\n')])
+def test_undecodable_bytes_are_one_bad_line_not_replaced():
+    data = b"good one\nbad \xff\xfe byte\ngood two\n"
+    with pytest.raises(ValueError, match=r"^line 2 of the corpus is not valid UTF-8 \(byte 5\)$"):
+        parse_corpus(data, "txt")
+    report = CorpusReport()
+    assert parse_corpus(data, "txt", on_bad_document="skip", report=report) == ["good one", "good two"]
+    assert report.skipped == {"not_utf8": 1}
+
+
+@pytest.mark.parametrize("kind, data", [("txt", ""), ("txt", "\n  \n\n"), ("jsonl", "\n")])
 def test_empty_corpus(kind, data):
-    with pytest.raises(ValueError, match="no documents"):
+    with pytest.raises(ValueError, match="^the corpus has no documents$"):
         parse_corpus(data, kind)
+
+
+def test_corpus_of_only_bad_documents_has_no_usable_documents():
+    with pytest.raises(ValueError, match=r"no usable documents: read 0 documents, skipped 2 bad ones \(2 empty"):
+        parse_corpus('{"text": ""}\n{"text": " "}\n', "jsonl", on_bad_document="skip")
+
+
+def test_parse_corpus_caps_the_size():
+    with pytest.raises(ValueError, match="larger than 200 MiB"):
+        parse_corpus(b"x" * (200 * 2**20 + 1), "txt")
+
+
+def test_parse_corpus_rejects_other_kinds():
+    with pytest.raises(ValueError, match=r"\.txt .*not '\.csv'"):
+        parse_corpus("a,b\n", "csv")
 
 
 def test_read_corpus_files(tmp_path):
@@ -63,19 +122,332 @@ def test_read_corpus_files(tmp_path):
     jsonl = tmp_path / "c.JSONL"
     jsonl.write_text("\n".join(json.dumps({"content": t}) for t in DOCS), encoding="utf-8")
     assert read_corpus(jsonl, text_field="content") == DOCS
+    assert read_corpus(write_parquet(tmp_path / "c.parquet", DOCS)) == DOCS
 
 
 @pytest.mark.parametrize("name", ["c.csv", "c.json", "c"])
 def test_read_corpus_rejects_other_suffixes(tmp_path, name):
     path = tmp_path / name
     path.write_text("some text\n", encoding="utf-8")
-    with pytest.raises(ValueError, match=r"\.txt"):
+    with pytest.raises(ValueError, match=r"\.txt .*\.jsonl or \.parquet"):
         read_corpus(path)
 
 
 def test_read_corpus_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
         read_corpus(tmp_path / "nope.txt")
+
+
+# --- every source: documents, indices, where ------------------------------------------------------------
+
+
+def test_txt_documents_have_index_and_line(tmp_path):
+    path = tmp_path / "docs.txt"
+    path.write_bytes(b"\xef\xbb\xbffirst\r\n\n  second  \n\nthird")
+    docs, report = collect(path)
+    assert docs == [Document(0, "first", f"{path} line 1"), Document(1, "second", f"{path} line 3"),
+                    Document(2, "third", f"{path} line 5")]  # fmt: skip
+    assert (report.documents, report.n_skipped) == (3, 0)
+
+
+def test_jsonl_documents_keep_their_text_and_skip_bad_ones(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text('{"body": "  spaced  "}\n\n{"body": 3}\n{"body": "last"}\n', encoding="utf-8")
+    docs, report = collect(path, text_field="body")
+    assert docs == [Document(0, "  spaced  ", f"{path} line 1"), Document(2, "last", f"{path} line 4")]
+    assert report.skipped == {"no_text": 1}
+    assert report.first_skipped == [(1, f"{path} line 3 has a int in field 'body', not a string")]
+
+
+def test_parquet_rows_by_row_group(tmp_path):
+    texts = [*DOCS, None, "", "fifth"]
+    path = write_parquet(tmp_path / "docs.parquet", texts, row_group_size=2)
+    assert pq.ParquetFile(path).metadata.num_row_groups == 3
+    docs, report = collect(path)
+    assert [(d.index, d.text, d.where) for d in docs] == [
+        (0, DOCS[0], f"{path} row 1"), (1, DOCS[1], f"{path} row 2"), (2, DOCS[2], f"{path} row 3"),
+        (5, "fifth", f"{path} row 6")]  # fmt: skip
+    assert report.skipped == {"no_text": 1, "empty_text": 1}
+    assert [message for _, message in report.first_skipped] == [f"{path} row 4 has no text (null)",
+                                                                f"{path} row 5 has an empty text"]  # fmt: skip
+
+
+def test_parquet_binary_column_decoded_per_row(tmp_path):
+    path = tmp_path / "docs.parquet"
+    pq.write_table(pa.table({"content": pa.array([b"ok one", b"bad \xff", b"ok two"], type=pa.binary())}), path)
+    docs, report = collect(path, text_field="content")
+    assert [d.text for d in docs] == ["ok one", "ok two"]
+    assert report.first_skipped == [(1, f"{path} row 2 is not valid UTF-8 (byte 5)")]
+
+
+def test_parquet_missing_or_non_text_column(tmp_path):
+    path = write_parquet(tmp_path / "docs.parquet", DOCS, column="body")
+    with pytest.raises(ValueError, match=r"docs.parquet has no column 'text' \(its columns: id, body\)"):
+        collect(path)
+    with pytest.raises(ValueError, match=r"column 'id' of .*docs.parquet holds int64, not text"):
+        collect(path, text_field="id")
+
+
+def test_not_a_parquet_file(tmp_path):
+    path = tmp_path / "docs.parquet"
+    path.write_text("not parquet at all", encoding="utf-8")
+    with pytest.raises(ValueError, match="docs.parquet is not a readable Parquet file"):
+        collect(path)
+
+
+def test_folder_each_txt_file_is_one_document_sorted_by_name(tmp_path):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "b.txt").write_text("Second file,\nstill one document.\n", encoding="utf-8")
+    (folder / "a.txt").write_text("First file.", encoding="utf-8")
+    (folder / "c.TXT").write_bytes(b"\xff broken")
+    (folder / "d.txt").write_text("  \n", encoding="utf-8")
+    (folder / "notes.md").write_text("ignored", encoding="utf-8")
+    (folder / "sub").mkdir()
+    (folder / "sub" / "z.txt").write_text("not read: folders are not recursive", encoding="utf-8")
+    docs, report = collect(folder)
+    assert docs == [Document(0, "First file.", str(folder / "a.txt")),
+                    Document(1, "Second file,\nstill one document.", str(folder / "b.txt"))]  # fmt: skip
+    assert report.skipped == {"not_utf8": 1, "empty_text": 1}
+    assert report.first_skipped == [(2, f"{folder / 'c.TXT'} is not valid UTF-8 (byte 1)"),
+                                    (3, f"{folder / 'd.txt'} is empty")]  # fmt: skip
+
+
+def test_folder_without_txt_files(tmp_path):
+    (tmp_path / "x.jsonl").write_text('{"text": "a"}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match="has no .txt files"):
+        collect(tmp_path)
+
+
+def test_glob_of_files_indexes_across_files_in_name_order(tmp_path):
+    (tmp_path / "b.jsonl").write_text('{"text": "b1"}\n{"text": "b2"}\n', encoding="utf-8")
+    (tmp_path / "a.jsonl").write_text('{"text": "a1"}\n', encoding="utf-8")
+    write_parquet(tmp_path / "c.parquet", ["c1", "c2", "c3"])
+    docs, _ = collect(str(tmp_path / "*"))
+    assert [(d.index, d.text) for d in docs] == [(0, "a1"), (1, "b1"), (2, "b2"), (3, "c1"), (4, "c2"), (5, "c3")]
+    with pytest.raises(FileNotFoundError, match="no .txt, .jsonl or .parquet files match"):
+        collect(str(tmp_path / "*.csv"))
+
+
+# --- bad documents of every kind -------------------------------------------------------------------------
+
+BAD_JSONL = (
+    b'{"text": "good 1"}\n'
+    b'{"text": "bad \xc3\x28 bytes"}\n'  # line 2: not UTF-8
+    b"{text: nope}\n"  # line 3: invalid JSON
+    b'{"other": "x"}\n'  # line 4: no field
+    b'{"text": ["list"]}\n'  # line 5: not a string
+    b"[1, 2]\n"  # line 6: not an object
+    b'{"text": null}\n'  # line 7: null
+    b'{"text": " \\t "}\n'  # line 8: empty
+    b"\n"  # blank line: no document
+    b'{"text": "good 2"}\n'
+)
+
+
+def test_every_kind_of_bad_document_counted_in_skip_mode(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_bytes(BAD_JSONL)
+    docs, report = collect(path)
+    assert [(d.index, d.text) for d in docs] == [(0, "good 1"), (8, "good 2")]
+    assert report.skipped == {"not_utf8": 1, "invalid_json": 1, "no_text": 4, "empty_text": 1}
+    assert report.n_skipped == 7
+    assert [index for index, _ in report.first_skipped] == [1, 2, 3, 4, 5]  # the first five only
+    assert report.as_dict()["first_skipped"] == [
+        f"{path} line 2 is not valid UTF-8 (byte 15)",
+        f"{path} line 3 is not valid JSON: Expecting property name enclosed in double quotes",
+        f"{path} line 4 has no field 'text'",
+        f"{path} line 5 has a list in field 'text', not a string",
+        f"{path} line 6 is not a JSON object with a string field 'text'",
+    ]
+    summary = report.summary()
+    assert summary.startswith("read 2 documents, skipped 7 bad ones (1 not valid UTF-8, 1 not valid JSON, ")
+    assert f"first: {path} line 2 is not valid UTF-8" in summary
+
+
+BAD_LINES = {  # line of BAD_JSONL -> how error mode names it when it is the file's second line
+    2: "is not valid UTF-8 (byte 15)",
+    3: "is not valid JSON: Expecting property name enclosed in double quotes",
+    4: "has no field 'text'",
+    5: "has a list in field 'text', not a string",
+    6: "is not a JSON object with a string field 'text'",
+    7: "has a NoneType in field 'text', not a string",
+    8: "has an empty field 'text'",
+}
+
+
+@pytest.mark.parametrize("line, problem", BAD_LINES.items())
+def test_error_mode_stops_at_the_bad_document_naming_it(tmp_path, line, problem):
+    path = tmp_path / "docs.jsonl"
+    lines = BAD_JSONL.splitlines(keepends=True)
+    path.write_bytes(lines[0] + lines[line - 1] + lines[-1])
+    documents = iter_documents(path, on_bad_document="error")
+    assert next(documents).text == "good 1"  # streamed: what comes before the bad document is read
+    with pytest.raises(ValueError) as error:
+        next(documents)
+    assert str(error.value) == f"{path} line 2 {problem}"
+    assert collect(path)[1].first_skipped == [(1, f"{path} line 2 {problem}")]  # the same words in skip mode
+
+
+def test_error_mode_names_the_first_of_many(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_bytes(BAD_JSONL)
+    with pytest.raises(ValueError, match=f"^{path} line 2 is not valid UTF-8"):
+        collect(path, on_bad_document="error")
+
+
+def test_txt_bad_lines(tmp_path):
+    path = tmp_path / "docs.txt"
+    path.write_bytes(b"one\n\xa0\xa0\n\xc2\xa0\nlast\n")  # bare 0xa0 bytes are not UTF-8; U+00A0 alone is blank
+    docs, report = collect(path)
+    assert [(d.index, d.text) for d in docs] == [(0, "one"), (3, "last")]
+    assert report.first_skipped == [(1, f"{path} line 2 is not valid UTF-8 (byte 1)"),
+                                    (2, f"{path} line 3 has only white space")]  # fmt: skip
+
+
+@pytest.mark.parametrize("content", [b"", b"\n \n\t\n"])
+def test_empty_files_have_no_documents(tmp_path, content):
+    path = tmp_path / "docs.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=f"^the corpus {path} has no documents$"):
+        collect(path)
+
+
+def test_empty_parquet_has_no_documents(tmp_path):
+    path = write_parquet(tmp_path / "docs.parquet", [])
+    with pytest.raises(ValueError, match="has no documents"):
+        collect(path)
+
+
+def test_argument_checks(tmp_path):
+    path = tmp_path / "docs.txt"
+    path.write_text("a\n", encoding="utf-8")
+    for kwargs, message in [({"on_bad_document": "warn"}, "'skip' or 'error'"), ({"shard": (2, 2)}, "rank"),
+                            ({"shard": (0, 0)}, "rank"), ({"start": -1}, "start"), ({"text_field": ""}, "empty")]:  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            iter_documents(path, **kwargs)
+    with pytest.raises(FileNotFoundError, match="corpus file not found"):
+        iter_documents(tmp_path / "missing.jsonl")  # checked when called, before the first document
+
+
+# --- shards and resume ------------------------------------------------------------------------------------
+
+
+def mixed_sources(tmp_path):
+    """The same 23 positions (bad ones at 4, 9, 16) as .txt, .jsonl, .parquet (row groups of 3) and a folder."""
+    texts = many_texts(23)
+    for bad in (4, 9, 16):
+        texts[bad] = ""
+    (tmp_path / "c.txt").write_bytes(b"\n".join(t.encode() if t else b"\xff" for t in texts) + b"\n")
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in texts), encoding="utf-8")
+    write_parquet(tmp_path / "c.parquet", texts, row_group_size=3)
+    write_folder(tmp_path / "folder", texts)
+    good = {i: t for i, t in enumerate(texts) if t}
+    return [tmp_path / "c.txt", tmp_path / "c.jsonl", tmp_path / "c.parquet", tmp_path / "folder"], good
+
+
+def test_two_ranks_cover_every_good_document_exactly_once(tmp_path):
+    sources, good = mixed_sources(tmp_path)
+    for source in sources:
+        whole, whole_report = collect(source)
+        assert {d.index: d.text for d in whole} == good
+        shares = [collect(source, shard=(rank, 2)) for rank in range(2)]
+        for rank, (docs, _) in enumerate(shares):
+            assert docs and all(d.index % 2 == rank for d in docs)
+        indices = sorted(d.index for docs, _ in shares for d in docs)
+        assert indices == sorted(good)  # every good document once, none twice
+        assert {d.index: d.text for docs, _ in shares for d in docs} == good
+        merged = shares[0][1].merge(shares[1][1])
+        assert merged == whole_report
+        assert merged.skipped == {"not_utf8" if source.suffix == ".txt" else "empty_text": 3}
+
+
+def test_three_ranks_and_report_merge_is_associative(tmp_path):
+    sources, good = mixed_sources(tmp_path)
+    reports = [collect(sources[1], shard=(rank, 3))[1] for rank in range(3)]
+    assert reports[0].merge(reports[1]).merge(reports[2]) == reports[0].merge(reports[1].merge(reports[2]))
+    assert reports[2].merge(reports[0]).merge(reports[1]) == collect(sources[1])[1]
+    assert sum(r.documents for r in reports) == len(good)
+
+
+@pytest.mark.parametrize("start", [0, 1, 4, 5, 10, 12, 22, 23, 40])
+def test_start_resumes_exactly(tmp_path, start):
+    sources, good = mixed_sources(tmp_path)
+    for source in sources:
+        docs, report = collect(source, start=start)
+        assert {d.index: d.text for d in docs} == {i: t for i, t in good.items() if i >= start}
+        assert report.n_skipped == sum(1 for bad in (4, 9, 16) if bad >= start)
+        shards = [collect(source, start=start, shard=(rank, 2))[0] for rank in range(2)]
+        assert sorted(d.index for docs in shards for d in docs) == [i for i in sorted(good) if i >= start]
+
+
+def test_start_skips_whole_parquet_row_groups(tmp_path, monkeypatch):
+    path = write_parquet(tmp_path / "c.parquet", many_texts(10), row_group_size=3)  # groups: 0-2, 3-5, 6-8, 9
+    asked = []
+    iter_batches = pq.ParquetFile.iter_batches
+
+    def recording(self, *args, **kwargs):
+        asked.append(kwargs["row_groups"])
+        return iter_batches(self, *args, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", recording)
+    assert [d.index for d in collect(path, start=7)[0]] == [7, 8, 9]
+    assert asked == [[2, 3]]
+
+
+# --- memory stays flat ------------------------------------------------------------------------------------
+
+
+def python_peak(source, **kwargs):
+    """tracemalloc peak of reading every document of the source (and dropping it)."""
+    report = CorpusReport()
+    tracemalloc.start()
+    try:
+        count = sum(1 for _ in iter_documents(source, report=report, **kwargs))
+        return tracemalloc.get_traced_memory()[1], count
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("kind", ["txt", "jsonl", "parquet", "folder"])
+def test_memory_is_flat_in_corpus_size(tmp_path, kind):
+    peaks = []
+    for n in (1_000, 20_000) if kind != "folder" else (200, 4_000):
+        texts = many_texts(n)
+        texts[n // 2] = ""  # bad documents are counted, not kept
+        path = tmp_path / f"c{n}.{kind}"
+        if kind == "txt":
+            path.write_text("\n".join(t or " \u00a0" for t in texts), encoding="utf-8")
+        elif kind == "jsonl":
+            path.write_text("\n".join(json.dumps({"text": t}) for t in texts), encoding="utf-8")
+        elif kind == "parquet":
+            write_parquet(path, texts, row_group_size=500)
+        else:
+            write_folder(path, texts)
+        peak, count = python_peak(path)
+        assert count == n - 1
+        peaks.append(peak)
+    # 20x the documents: the peak may not grow by more than a few KiB, but for a folder's sorted list of names
+    allowance = 16 * 2**10 + (3_800 * 100 if kind == "folder" else 0)
+    assert peaks[1] <= peaks[0] + allowance, peaks
+
+
+def test_parquet_never_materialises_the_table(tmp_path):
+    """Arrow's own allocations (invisible to tracemalloc) stay at one row group while reading 1k or 20k rows."""
+    peaks = []
+    for n in (1_000, 20_000):
+        path = write_parquet(tmp_path / f"c{n}.parquet", many_texts(n), row_group_size=500)
+        before = pa.total_allocated_bytes()
+        peak = 0
+        for _ in iter_documents(path):
+            peak = max(peak, pa.total_allocated_bytes() - before)
+        peaks.append(peak)
+    column_bytes_20k = sum(len(t) for t in many_texts(20_000))
+    assert peaks[1] < column_bytes_20k / 5, peaks  # one row group is 1/40 of the column
+    assert peaks[1] <= peaks[0] * 1.5 + 64 * 2**10, peaks
+
+
+# --- a scan and the command line --------------------------------------------------------------------------
 
 
 def test_scan_of_three_documents_reports_progress(bundled_lm, default_cfg, tmp_path):
@@ -100,3 +472,73 @@ def test_scan_of_three_documents_reports_progress(bundled_lm, default_cfg, tmp_p
     cov = res.coverage.set_index("word")
     assert cov.loc["pizza", "occurrences"] == 1
     assert cov.loc["Canberra", "occurrences"] == 0
+
+
+def test_cli_scan_skips_and_counts_bad_documents(tmp_path, capsys):
+    path = tmp_path / "docs.parquet"
+    pq.write_table(pa.table({"body": [DOCS[0], None, DOCS[1], ""]}), path)
+    out = tmp_path / "scores.csv"
+    argv = ["scan", "--config", str(REPO_ROOT / "configs" / "default.yaml"), "--corpus", str(path), "--text-field", "body",
+            "--limit-neurons", "2", "--layers", "0", "--device", "cpu", "--csv", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert (f"corpus {path}: read 2 documents, skipped 2 bad ones (1 no string text field, 1 empty text; "
+            f"first: {path} row 2 has no text (null))") in err  # fmt: skip
+    assert out.is_file()
+    assert main([*argv, "--on-bad-document", "error"]) == 1
+    assert capsys.readouterr().err.strip() == f"mechamap: error: {path} row 2 has no text (null)"
+
+
+# --- a Hub dataset's parquet files, through HfFileSystem, from a local stand-in for the Hub ------------------
+
+
+@pytest.fixture
+def hub_dataset(tmp_path, monkeypatch):
+    """A dataset repo org/corpus on a local Hub: data/train-0.parquet (5 rows, 2 bad), data/train-1.parquet."""
+    hub_server = pytest.importorskip("hub_server", reason="tests/hub_server.py comes with the hub branch")
+    serve_hub, use_hub = hub_server.serve_hub, hub_server.use_hub
+
+    data = tmp_path / "hub" / "datasets" / "org" / "corpus" / "data"
+    data.mkdir(parents=True)
+    write_parquet(data / "train-0.parquet", [DOCS[0], None, DOCS[1], "", DOCS[2]], row_group_size=2)
+    write_parquet(data / "train-1.parquet", many_texts(7), row_group_size=3)
+    (data.parent / "README.md").write_text("# a corpus\n", encoding="utf-8")
+    with serve_hub(tmp_path / "hub") as hub:
+        use_hub(monkeypatch, hub, tmp_path / "hf-cache")
+        yield hub
+
+
+def test_hub_dataset_parquet_files_streamed(hub_dataset, tmp_path):
+    expected = [DOCS[0], DOCS[1], DOCS[2], *many_texts(7)]
+    for source in ("hf://datasets/org/corpus", "hf://datasets/org/corpus/data/*.parquet",
+                   "hf://datasets/org/corpus/data"):  # fmt: skip
+        docs, report = collect(source)
+        assert [d.text for d in docs] == expected
+        assert [d.index for d in docs] == [0, 2, 4, *range(5, 12)]
+        assert docs[0].where == "hf://datasets/org/corpus/data/train-0.parquet row 1"
+        assert docs[-1].where == "hf://datasets/org/corpus/data/train-1.parquet row 7"
+        assert report.skipped == {"no_text": 1, "empty_text": 1}
+    one = "hf://datasets/org/corpus/data/train-1.parquet"
+    assert [d.text for d in collect(one, start=4)[0]] == many_texts(7)[4:]
+    shares = [collect("hf://datasets/org/corpus", shard=(rank, 2))[0] for rank in range(2)]
+    assert sorted(d.text for docs in shares for d in docs) == sorted(expected)
+    # the rows came from the Hub's resolve endpoint, streamed: nothing was downloaded into the cache
+    assert any(method == "GET" and path.startswith("/datasets/org/corpus/resolve/") for method, path, _ in
+               hub_dataset.requests)  # fmt: skip
+    assert not [path for path in (tmp_path / "hf-cache").rglob("*") if path.is_file()]
+
+
+def test_hub_sources_that_do_not_exist(hub_dataset):
+    with pytest.raises(FileNotFoundError, match="corpus not found on the Hub: hf://datasets/org/nope"):
+        iter_documents("hf://datasets/org/nope")
+    with pytest.raises(FileNotFoundError, match="corpus not found on the Hub"):
+        iter_documents("hf://datasets/org/corpus/data/missing.parquet")
+    with pytest.raises(FileNotFoundError, match="no .txt, .jsonl or .parquet files on the Hub match"):
+        iter_documents("hf://datasets/org/corpus/*.csv")
+    with pytest.raises(ValueError, match=r"not '\.md'"):
+        iter_documents("hf://datasets/org/corpus/README.md")
+
+
+def test_hub_offline_is_one_clear_error():
+    with pytest.raises(OSError, match=r"^cannot read hf://datasets/org/corpus from the Hub: .*offline mode"):
+        iter_documents("hf://datasets/org/corpus")
