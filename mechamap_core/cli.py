@@ -37,6 +37,13 @@ def _non_negative(text: str) -> int:
     return value
 
 
+def _positive(text: str) -> int:
+    value = _non_negative(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be 1 or more")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m mechamap_core", description="Scan MLP neurons for category selectivity.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -52,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--text-field", help="JSON field or Parquet column with the text (default: the config's, 'text')")
     s.add_argument("--on-bad-document", choices=["skip", "error"], default="skip",
                    help="skip and count bad documents (default), or stop at the first one")
+    s.add_argument("--checkpoint-dir", help="corpus scans: write the merged state here (one file per rank)")
+    s.add_argument("--checkpoint-every", type=_positive, default=1000, metavar="N",
+                   help="with --checkpoint-dir: write the state every N documents (default 1000)")
+    s.add_argument("--resume", action="store_true", help="continue the corpus scan saved in --checkpoint-dir")
     s.add_argument("--csv", help="write the scores CSV here")
     s.add_argument("--json", help="write JSON keyed by neuron here")
     s.add_argument("--parquet", help="write Parquet here")
@@ -140,36 +151,46 @@ def _run_scan(args) -> int:
     from tqdm import tqdm
 
     from . import export
-    from .corpus import CorpusReport, iter_documents
+    from .corpus_run import run_corpus_scan
     from .models import load_model
     from .scan import scan
 
     cfg = load_config(args.config)
     if args.model:
         cfg.model = args.model
-    texts, corpus = None, args.corpus or cfg.corpus
-    if corpus:
-        report = CorpusReport()
-        documents = iter_documents(corpus, text_field=args.text_field or cfg.corpus_text_field,
-                                   on_bad_document=args.on_bad_document, report=report)
-        texts = [document.text for document in documents]
-        print(f"corpus {corpus}: {report.summary()}", file=sys.stderr)
-    print(f"loading {cfg.model} ...", file=sys.stderr)
-    lm = load_model(cfg.model, device=args.device, dtype=args.dtype)
-    with tqdm(desc="scanning", unit="layer", file=sys.stderr) as bar:
+    corpus = args.corpus or cfg.corpus
+    if (args.checkpoint_dir or args.resume) and not corpus:
+        raise ValueError("--checkpoint-dir and --resume are for corpus scans: add --corpus")
+    if args.resume and not args.checkpoint_dir:
+        raise ValueError("--resume needs the --checkpoint-dir of the scan to continue")
 
-        def progress(done, total, message):
-            bar.total = total
-            bar.set_postfix_str(message)
-            bar.update(done - bar.n)
+    def load(device: str):
+        print(f"loading {cfg.model} ...", file=sys.stderr)
+        return load_model(cfg.model, device=device, dtype=args.dtype)
 
-        result = scan(lm, cfg, layers=args.layers, limit_neurons=args.limit_neurons, progress=progress, texts=texts)
-    md = result.metadata
-    print(
-        f"scanned {len(md['layers'])} layers x {sum(md['neurons_per_layer'].values())} neurons over {md['n_tokens']} tokens "
-        f"in {md['n_forward_passes']} forward pass(es), {md['timings_s']['total']:.2f} s",
-        file=sys.stderr,
-    )
+    if corpus:  # streamed with flat memory; under torchrun each rank scans its share and rank 0 writes
+        result = run_corpus_scan(args, cfg, load, corpus)
+        if result is None:
+            return 0
+        md = result.metadata
+        print(f"scanned {md['n_documents']:,} documents, {md['n_tokens']:,} tokens, on {md['world_size']} process(es)",
+              file=sys.stderr)  # fmt: skip
+    else:
+        lm = load(args.device)
+        with tqdm(desc="scanning", unit="layer", file=sys.stderr) as bar:
+
+            def progress(done, total, message):
+                bar.total = total
+                bar.set_postfix_str(message)
+                bar.update(done - bar.n)
+
+            result = scan(lm, cfg, layers=args.layers, limit_neurons=args.limit_neurons, progress=progress)
+        md = result.metadata
+        print(
+            f"scanned {len(md['layers'])} layers x {sum(md['neurons_per_layer'].values())} neurons over "
+            f"{md['n_tokens']} tokens in {md['n_forward_passes']} forward pass(es), {md['timings_s']['total']:.2f} s",
+            file=sys.stderr,
+        )
     options = {"flagged_only": args.flagged_only}
     for fmt, path in (("csv", args.csv), ("json", args.json), ("parquet", args.parquet)):
         if path:

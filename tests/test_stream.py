@@ -82,13 +82,15 @@ def test_checkpoint_resume_and_refusal(tiny_gpt2, default_cfg, documents, tmp_pa
 
     first = Checkpointing(tmp_path / "ck", 5, fingerprint)
     stream(tiny_gpt2, cfg, documents, source=stop_after(12), checkpointing=first)
-    resumed = Checkpointing(tmp_path / "ck", 5, fingerprint, resume=True)
-    result = stream_result(tiny_gpt2, cfg, stream(tiny_gpt2, cfg, documents, checkpointing=resumed))
+    resumed = Checkpointing(tmp_path / "ck", 5, fingerprint)
+    saved = resumed.load()
+    assert saved.next_index == 12
+    result = stream_result(tiny_gpt2, cfg, stream(tiny_gpt2, cfg, documents, checkpointing=resumed, resume_from=saved))
     assert result.metadata["n_documents"] == len(documents)  # nothing lost, nothing counted twice
     joined = result.scores.merge(whole.scores, on=KEY, suffixes=("", "_whole"))
     for column in MOMENTS + ["auroc"]:
         np.testing.assert_allclose(joined[column], joined[f"{column}_whole"], rtol=1e-5, atol=1e-6, err_msg=column)
     pd.testing.assert_frame_equal(result.top_tokens, whole.top_tokens, check_exact=False, rtol=1e-5)
-    other = Checkpointing(tmp_path / "ck", 5, {**fingerprint, "config": "another"}, resume=True)
+    other = Checkpointing(tmp_path / "ck", 5, {**fingerprint, "config": "another"})
     with pytest.raises(ValueError, match="belongs to another scan .*config"):
-        stream(tiny_gpt2, cfg, documents, checkpointing=other)
+        other.load()

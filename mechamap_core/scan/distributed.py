@@ -60,15 +60,15 @@ def process_group(ranks: Ranks, device: str):
         dist.destroy_process_group()
 
 
-def gather_to_rank0(state: StreamState, report: dict, ranks: Ranks) -> tuple[StreamState | None, list[dict]]:
-    """Rank 0 gets every rank's state merged in rank order and every rank's corpus report; others get None."""
+def gather_to_rank0(state: StreamState, ranks: Ranks) -> tuple[StreamState | None, list[int]]:
+    """Rank 0 gets every rank's state (statistics, examples, corpus report) merged in rank order, and each
+    rank's number of documents; the other ranks get (None, [])."""
     if not ranks.distributed:
-        return state, [report]
-    payload = {"state": state.to_payload(), "report": report}
+        return state, [state.documents]
     gathered = [None] * ranks.world_size if ranks.rank == 0 else None
-    dist.gather_object(payload, gathered, dst=0)
+    dist.gather_object(state.to_payload(), gathered, dst=0)
     if ranks.rank != 0:
         return None, []
-    merged = merge_states([StreamState.from_payload(p["state"]) for p in gathered])
+    merged = merge_states([StreamState.from_payload(payload) for payload in gathered])
     merged.prune_examples()
-    return merged, [p["report"] for p in gathered]
+    return merged, [payload["documents"] for payload in gathered]

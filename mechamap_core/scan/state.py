@@ -108,7 +108,7 @@ class SiteStats:
         if layout.top_k:
             self._update_top(acts_t, labels.keys)
         if layout.hist_bins:
-            ordered = _sorted_rows(acts_t)
+            ordered = sorted_rows(acts_t)
             if self.hist_edges is None:
                 self.hist_edges = quantile_edges(ordered, layout.hist_bins)
             self._update_histograms(acts_t, ordered, labels)
@@ -253,7 +253,7 @@ def _keep_top(vals: torch.Tensor, keys: torch.Tensor, k: int) -> tuple[torch.Ten
     return vals.gather(0, order), keys.gather(0, order)
 
 
-def _sorted_rows(x: torch.Tensor) -> torch.Tensor:
+def sorted_rows(x: torch.Tensor) -> torch.Tensor:
     """x sorted along its rows. On the CPU through numpy, whose vectorised sort is several times torch's."""
     if x.device.type == "cpu":
         import numpy as np

@@ -16,13 +16,14 @@ import torch
 from .. import __version__
 from ..alignment import AlignedText, align
 from ..config import ScanConfig, validate_config
+from ..corpus import CorpusReport
 from ..models import LoadedModel
 from ..sites import NeuronSite, resolve_sites
 from ..sites import n_layers as count_layers
 from .driver import Batch, batches, run_hooked_forward, site_device
 from .finish import assemble, finish_part
 from .result import ScanResult
-from .state import HIST_BINS, BatchLabels, SiteStats, StatsLayout, merge_all, quantile_edges, _sorted_rows
+from .state import HIST_BINS, BatchLabels, SiteStats, StatsLayout, quantile_edges, sorted_rows
 
 KEY_POSITIONS = 2**24  # a token's key: document index * KEY_POSITIONS + its ordinal among the document's tokens
 CONTEXT_CHARS = 60
@@ -41,6 +42,7 @@ class StreamState:
     tokens: int = 0
     category_tokens: np.ndarray | None = None  # [C]
     next_index: int = 0  # the corpus index after the last scanned document (resume starts here)
+    report: CorpusReport = field(default_factory=CorpusReport)  # documents read and bad ones skipped
 
     def merge(self, other: StreamState) -> StreamState:
         """Both shards' statistics: exact and associative, like SiteStats.merge."""
@@ -52,7 +54,7 @@ class StreamState:
         return StreamState(
             sites, {**self.examples, **other.examples}, self.documents + other.documents,
             self.tokens + other.tokens, self.category_tokens + other.category_tokens,
-            max(self.next_index, other.next_index),
+            max(self.next_index, other.next_index), self.report.merge(other.report),
         )  # fmt: skip
 
     def held_keys(self) -> np.ndarray:
@@ -70,7 +72,7 @@ class StreamState:
         return {
             "sites": {layer: s.state_dict() for layer, s in self.sites.items()}, "examples": self.examples,
             "documents": self.documents, "tokens": self.tokens, "category_tokens": self.category_tokens,
-            "next_index": self.next_index,
+            "next_index": self.next_index, "report": self.report,
         }  # fmt: skip
 
     @classmethod
@@ -80,7 +82,7 @@ class StreamState:
             layer: SiteStats.from_state_dict(state, devices.get(layer, "cpu")) for layer, state in payload["sites"].items()
         }
         return cls(sites, dict(payload["examples"]), payload["documents"], payload["tokens"],
-                   np.asarray(payload["category_tokens"]), payload["next_index"])  # fmt: skip
+                   np.asarray(payload["category_tokens"]), payload["next_index"], payload["report"])  # fmt: skip
 
 
 @dataclass
@@ -90,7 +92,6 @@ class Checkpointing:
     directory: Path
     every_documents: int
     fingerprint: dict  # config hash, model, corpus, layers, world size: a resume must match it
-    resume: bool = False
     rank: int = 0
 
     @property
@@ -146,6 +147,7 @@ def scan_stream(
     progress: ProgressFn | None = None,
     total_documents: int | None = None,
     checkpointing: Checkpointing | None = None,
+    resume_from: StreamState | None = None,
     group_documents: int = 64,
 ) -> StreamState:
     """Scan a stream of documents (objects with .index and .text, e.g. corpus.iter_documents) into a StreamState.
@@ -153,7 +155,8 @@ def scan_stream(
     Memory stays flat in corpus size: documents are aligned and scanned in groups, and only each site's
     SiteStats and the contexts of the tokens they hold are kept. Histogram edges come from
     calibration_texts (the corpus's first documents), so every rank and every resumed run agrees on them.
-    With checkpointing, the state is written every N documents and a resume skips what it holds.
+    With checkpointing, the state is written every N documents; resume_from (a checkpoint's state) is
+    continued, and documents it already holds (index < its next_index) are skipped.
     """
     validate_config(cfg)
     layers = cfg.layers if layers is None else layers
@@ -169,9 +172,7 @@ def scan_stream(
             for s in sites
         }  # fmt: skip
         edges = _calibrate_edges(lm, cfg, sites, n_neurons, calibration_texts, chunk_tokens)
-        state = checkpointing.load() if checkpointing and checkpointing.resume else None
-        if state is None:
-            state = StreamState({}, category_tokens=np.zeros(len(cfg.categories), dtype=np.int64))
+        state = resume_from or StreamState({}, category_tokens=np.zeros(len(cfg.categories), dtype=np.int64))
         devices: dict[int, torch.device] = {}
 
         def new_stats(site: NeuronSite, device: torch.device) -> SiteStats:
@@ -186,7 +187,7 @@ def scan_stream(
             if document.index < state.next_index:  # already in the resumed state
                 continue
             group.append(document)
-            if len(group) == group_documents:
+            if len(group) == min(group_documents, checkpointing.every_documents if checkpointing else group_documents):
                 _scan_group(lm, cfg, sites, n_neurons, group, chunk_tokens, state, new_stats)
                 since_checkpoint += len(group)
                 group = []
@@ -215,7 +216,7 @@ def _calibrate_edges(lm, cfg, sites, n_neurons, texts: list[str], chunk_tokens: 
     edges: dict[int, torch.Tensor] = {}
 
     def on_site(site, acts, batch):
-        edges[site.layer] = quantile_edges(_sorted_rows(acts.T.contiguous()), HIST_BINS)
+        edges[site.layer] = quantile_edges(sorted_rows(acts.T.contiguous()), HIST_BINS)
 
     first = next(batches(aligned.chunks, cfg.batch_size, lm.pad_id))
     run_hooked_forward(lm, [first], sites, on_site, n_neurons)
@@ -307,7 +308,7 @@ def stream_result(lm: LoadedModel, cfg: ScanConfig, state: StreamState, extra_me
         "categories": categories,
         "category_tokens": {c: int(n) for c, n in zip(categories, state.category_tokens)},
         "auroc_method": f"binned ({HIST_BINS} bins per neuron)" if cfg.auroc else "off",
-        "threshold": cfg.threshold, "source": "corpus",
+        "threshold": cfg.threshold, "source": "corpus", "corpus_report": state.report.as_dict(),
         "timings_s": {"statistics": round(time.perf_counter() - started, 4)},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "mechamap_version": __version__, "config": cfg.to_dict(),
         **(extra_metadata or {}),
@@ -343,4 +344,4 @@ def merge_states(states: list[StreamState]) -> StreamState:
     return merged
 
 
-__all__ = ["Checkpointing", "StreamState", "corpus_fingerprint", "merge_all", "merge_states", "scan_stream", "stream_result"]
+__all__ = ["Checkpointing", "StreamState", "corpus_fingerprint", "merge_states", "scan_stream", "stream_result"]

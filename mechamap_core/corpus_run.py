@@ -1,0 +1,95 @@
+"""Corpus scans from the CLI: each torchrun rank streams its share, checkpoints it, and rank 0 merges and writes."""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from .config import ScanConfig
+from .corpus import CorpusReport, Document, iter_documents
+from .models import LoadedModel
+from .scan.distributed import Ranks, gather_to_rank0, process_group, ranks_from_env
+from .scan.result import ScanResult
+from .scan.stream import Checkpointing, StreamState, corpus_fingerprint, scan_stream, stream_result
+
+CALIBRATION_DOCUMENTS = 32  # the corpus's first documents, from which every rank takes the same histogram edges
+
+
+class RankFailed(RuntimeError):
+    """A rank of a corpus scan failed; the message names the rank and the documents it was scanning."""
+
+
+def run_corpus_scan(args, cfg: ScanConfig, load: Callable[[str], LoadedModel], corpus: str) -> ScanResult | None:
+    """Scan a corpus as this process's rank (rank 0 of 1 outside torchrun). Returns the merged result on
+    rank 0, None on the other ranks. Raises RankFailed, ValueError (bad corpus, config or checkpoint)."""
+    from tqdm import tqdm
+
+    ranks = ranks_from_env()
+    device = ranks.device(args.device)
+    text_field = args.text_field or cfg.corpus_text_field
+    with process_group(ranks, device):
+        lm = load(device)
+        fingerprint = {
+            "config": cfg.content_hash(), "model": lm.name, "corpus": corpus_fingerprint(corpus), "text_field": text_field,
+            "layers": args.layers, "limit_neurons": args.limit_neurons, "world_size": ranks.world_size,
+        }  # fmt: skip
+        checkpointing = None
+        if args.checkpoint_dir:
+            checkpointing = Checkpointing(Path(args.checkpoint_dir), args.checkpoint_every, fingerprint, ranks.rank)
+        resumed = checkpointing.load() if checkpointing and args.resume else None
+        report = resumed.report if resumed else CorpusReport()
+        start = resumed.next_index if resumed else 0
+        documents = iter_documents(corpus, text_field=text_field, on_bad_document=args.on_bad_document,
+                                   shard=(ranks.rank, ranks.world_size), start=start, report=report)  # fmt: skip
+        calibration = [d.text for d in itertools.islice(iter_documents(corpus, text_field=text_field), CALIBRATION_DOCUMENTS)]
+        if resumed is not None:
+            print(f"rank {ranks.rank}: resuming after {resumed.documents:,} documents (index {start:,})", file=sys.stderr)
+        tracked = _Tracked(documents)
+        with tqdm(desc=f"rank {ranks.rank}" if ranks.distributed else "scanning", unit="doc", file=sys.stderr) as bar:
+
+            def progress(done: int, total, message: str) -> None:
+                bar.set_postfix_str(message, refresh=False)
+                bar.update(done - bar.n)
+
+            try:
+                state = scan_stream(
+                    lm, cfg, tracked, calibration_texts=calibration, layers=args.layers,
+                    limit_neurons=args.limit_neurons, progress=progress, checkpointing=checkpointing,
+                    resume_from=resumed,
+                )  # fmt: skip
+            except Exception as exc:
+                if not ranks.distributed:
+                    raise
+                raise RankFailed(f"rank {ranks.rank} failed {tracked.where()}: {_first_line(exc)}") from exc
+        state.report = report
+        merged, documents_per_rank = gather_to_rank0(state, ranks)
+    if merged is None:
+        return None
+    print(f"corpus {corpus}: {merged.report.summary()}", file=sys.stderr)
+    extra = {"corpus": corpus, "world_size": ranks.world_size, "documents_per_rank": documents_per_rank}
+    return stream_result(lm, cfg, merged, extra)
+
+
+class _Tracked:
+    """Iterates documents and remembers the last one handed out, to name it when a rank fails."""
+
+    def __init__(self, documents: Iterator[Document]):
+        self.documents = documents
+        self.last: Document | None = None
+
+    def __iter__(self):
+        for document in self.documents:
+            self.last = document
+            yield document
+
+    def where(self) -> str:
+        return "before its first document" if self.last is None else f"at or before document {self.last.index} ({self.last.where})"
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+__all__ = ["RankFailed", "Ranks", "StreamState", "run_corpus_scan"]
