@@ -136,8 +136,7 @@ def declared_mlp_widths(config) -> set[int]:
     """Every MLP width (neurons per layer or per expert) a model config declares; empty when it declares none.
 
     Reads intermediate_size (an int, or a list per layer), n_inner, ffn_dim, ffn_hidden_size, hidden_dim
-    (DistilBERT), moe/shared-expert sizes, MPT's expansion_ratio, and 4 * hidden where the family
-    defaults to it (n_inner / intermediate_size None: GPT-2, GPT-J, GPT-Neo; Bloom always).
+    (DistilBERT), mixture-of-experts and shared-expert sizes, and 4 * hidden where the family defaults to it.
     """
     if config is None:
         return set()
@@ -150,11 +149,8 @@ def declared_mlp_widths(config) -> set[int]:
     moe_width = _positive_ints(getattr(config, "moe_intermediate_size", None))
     if shared and moe_width:
         widths.add(shared[0] * moe_width[0])  # DeepSeek's shared experts form one MLP
-    ratio = getattr(config, "expansion_ratio", None)
-    d_model = getattr(config, "d_model", None)
-    if isinstance(ratio, (int, float)) and isinstance(d_model, int):
-        widths.add(int(ratio * d_model))  # MPT
-    defaults_to_4x = config.model_type in ("gpt2", "gptj", "gpt_neo", "codegen", "bloom", "gpt_bigcode", "imagegpt")
+    # n_inner / intermediate_size None means 4 * hidden; Bloom and MPT (whatever expansion_ratio says) always are
+    defaults_to_4x = config.model_type in ("gpt2", "gptj", "gpt_neo", "codegen", "bloom", "gpt_bigcode", "mpt")
     if hidden and defaults_to_4x:
         widths.add(4 * hidden)
     return widths

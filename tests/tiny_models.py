@@ -10,6 +10,8 @@ import torch
 ARCHS = [
     "gpt2", "gpt_neo", "gpt_neox", "gptj", "llama", "mistral", "qwen2", "gemma", "opt", "phi",
     "falcon", "bloom", "bert", "roberta", "distilbert",
+    "qwen3", "gemma2", "gemma3_text", "olmo2", "phi3", "smollm3", "granite", "stablelm",
+    "starcoder2", "cohere", "nemotron", "glm", "gpt_bigcode", "mpt",
 ]  # fmt: skip
 ENCODER_ARCHS = {"bert", "roberta", "distilbert"}
 # Mixture-of-experts families (transformers 5 fused experts); DeepSeek's first layer is dense.
@@ -102,6 +104,27 @@ def _config(arch: str, tokenizer):
             dim=HIDDEN, hidden_dim=D_MLP, n_layers=LAYERS, n_heads=HEADS, max_position_embeddings=POSITIONS,
             vocab_size=vocab, pad_token_id=tokenizer.pad_token_id,
         )  # fmt: skip
+    dense = {
+        "qwen3": ("Qwen3Config", {"head_dim": HIDDEN // HEADS}),
+        "gemma2": ("Gemma2Config", {"head_dim": HIDDEN // HEADS}),  # soft-capping, pre/post MLP norms
+        "gemma3_text": ("Gemma3TextConfig", {"head_dim": HIDDEN // HEADS}),
+        "olmo2": ("Olmo2Config", {}),  # norms after attention and MLP
+        "phi3": ("Phi3Config", {}),  # fused gate_up_proj
+        "smollm3": ("SmolLM3Config", {}),  # layers without rotary positions
+        "granite": ("GraniteConfig", {"residual_multiplier": 0.5, "embedding_multiplier": 2.0}),
+        "stablelm": ("StableLmConfig", {"use_parallel_residual": True}),
+        "starcoder2": ("Starcoder2Config", {}),  # c_fc -> c_proj as nn.Linear, not Conv1D
+        "cohere": ("CohereConfig", {}),  # attention and MLP in parallel
+        "nemotron": ("NemotronConfig", {}),  # squared ReLU, no gate
+        "glm": ("GlmConfig", {"head_dim": HIDDEN // HEADS}),  # fused gate_up_proj
+    }
+    if arch in dense:
+        name, extra = dense[arch]
+        return getattr(tf, name)(**extra, **llama_like)
+    if arch == "gpt_bigcode":  # multi-query attention; n_inner None means 4 * hidden
+        return tf.GPTBigCodeConfig(n_layer=LAYERS, n_embd=HIDDEN, n_head=HEADS, n_positions=POSITIONS, **common)
+    if arch == "mpt":  # blocks under transformer.blocks, MLP under ffn: found by the generic search
+        return tf.MptConfig(d_model=HIDDEN, n_heads=HEADS, n_layers=LAYERS, max_seq_len=POSITIONS, **common)
     moe = dict(num_experts_per_tok=TOP_K, output_router_logits=False, **llama_like)
     qwen_moe = dict(moe_intermediate_size=D_EXPERT, num_experts=N_EXPERTS, norm_topk_prob=False, **moe)
     deepseek = dict(
@@ -138,15 +161,19 @@ def _model_class(arch: str):
         "bert": "BertModel", "roberta": "RobertaModel", "distilbert": "DistilBertModel",
         "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
         "olmoe": "OlmoeForCausalLM", "gpt_oss": "GptOssForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM",
-        "deepseek_v2": "DeepseekV2ForCausalLM",
+        "deepseek_v2": "DeepseekV2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM",
+        "gemma3_text": "Gemma3ForCausalLM", "olmo2": "Olmo2ForCausalLM", "phi3": "Phi3ForCausalLM",
+        "smollm3": "SmolLM3ForCausalLM", "granite": "GraniteForCausalLM", "stablelm": "StableLmForCausalLM",
+        "starcoder2": "Starcoder2ForCausalLM", "cohere": "CohereForCausalLM", "nemotron": "NemotronForCausalLM",
+        "glm": "GlmForCausalLM", "gpt_bigcode": "GPTBigCodeForCausalLM", "mpt": "MptForCausalLM",
     }  # fmt: skip
     return getattr(tf, names[arch])
 
 
 def config_intermediate_size(config) -> int:
     """The MLP width (number of neurons per layer) that a model config declares."""
-    if config.model_type == "bloom":
-        return 4 * config.hidden_size
+    if config.model_type in ("bloom", "mpt") or (config.model_type == "gpt_bigcode" and config.n_inner is None):
+        return 4 * config.hidden_size  # fixed, or the family's default
     for key in ("n_inner", "ffn_dim", "ffn_hidden_size", "hidden_dim", "intermediate_size"):
         value = getattr(config, key, None)
         if isinstance(value, int) and value > 0:
