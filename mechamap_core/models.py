@@ -36,7 +36,7 @@ class LoadedModel:
     def context_length(self) -> int:
         """Longest input the model takes, capped at 2048 tokens per chunk."""
         cfg = self.model.config
-        limits = [getattr(cfg, k, None) for k in ("max_position_embeddings", "n_positions", "seq_length", "n_ctx")]
+        limits = [getattr(cfg, k, None) for k in ("max_position_embeddings", "n_positions", "seq_length", "n_ctx", "max_seq_len")]
         tok_max = getattr(self.tokenizer, "model_max_length", None)
         limits.append(tok_max if tok_max and tok_max < 1_000_000 else None)
         known = [int(x) for x in limits if isinstance(x, int) and x > 0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from torch import nn
@@ -18,6 +19,7 @@ BLOCK_LIST_PATHS = (
     "transformer.layer",  # DistilBERT base model
     "distilbert.transformer.layer",
     "model.language_model.layers",
+    "backbone.layers",  # Mamba, Mamba-2 (refused below: they have no MLP)
     "h",
     "layers",
     "decoder.layers",
@@ -25,34 +27,55 @@ BLOCK_LIST_PATHS = (
 
 # Paths (inside one block) of the MLP down-projection, whose input is the neuron vector.
 DOWN_PROJ_PATHS = (
-    "mlp.c_proj",  # GPT-2, GPT-Neo
+    "mlp.c_proj",  # GPT-2, GPT-Neo, StarCoder2, GPT-BigCode
     "mlp.fc_out",  # GPT-J
     "mlp.dense_4h_to_h",  # GPT-NeoX, Falcon, Bloom
-    "mlp.down_proj",  # Llama, Mistral, Qwen2, Gemma
+    "mlp.down_proj",  # Llama, Mistral, Qwen, Gemma, Phi-3, OLMo, Granite, StableLM
     "mlp.fc2",  # Phi
     "fc2",  # OPT (input arrives flattened to [batch*pos, d_mlp])
     "output.dense",  # BERT, RoBERTa
     "ffn.lin2",  # DistilBERT
 )
 
+# Inside a mixture-of-experts block: the shared (always-on) expert MLP and, inside it, its down-projection.
+SHARED_EXPERT_NAMES = ("shared_experts", "shared_expert", "shared_mlp")
+EXPERT_DOWN_PROJ_NAMES = ("down_proj", "w2", "c_proj", "fc2")
+
+# A generic find must sit inside the block's MLP: one of these words is a part of its path.
+MLP_PATH_WORDS = {"mlp", "ffn", "ff", "feedforward", "feed_forward", "fc", "fc1", "fc2", "mlp_block"}
+
+# Model types whose blocks hold no MLP at all (state-space or recurrent mixers), refused by name.
+MLP_FREE_TYPES = {
+    "mamba": "state-space (selective scan) mixers",
+    "mamba2": "state-space (SSD) mixers",
+    "falcon_mamba": "state-space (selective scan) mixers",
+    "rwkv": "RWKV time-mix and channel-mix recurrences",
+    "xlstm": "xLSTM recurrent cells",
+}
+
 
 class SiteResolutionError(RuntimeError):
-    """The model's MLP neurons could not be located; the message lists every path tried."""
+    """The model's MLP neurons could not be located; the message says why and lists what was tried."""
 
 
 @dataclass(frozen=True)
 class NeuronSite:
-    """One layer's neurons: the down-projection module whose input holds them."""
+    """One layer's dense neurons: the down-projection module whose input holds them.
+
+    kind is "dense" (the layer's MLP) or "shared_expert" (the always-on expert of a mixture-of-experts
+    layer, hook `blocks.{L}.mlp.shared_experts.hook_post`). Read both with a forward pre-hook on `module`.
+    """
 
     layer: int
     path: str  # module path from the model root
     module: nn.Module
     d_mlp: int
+    kind: str = "dense"
 
     @property
     def hook(self) -> str:
-        """TransformerLens hook name for these neurons."""
-        return hook_name(self.layer)
+        """TransformerLens-style hook name for these neurons."""
+        return shared_expert_hook_name(self.layer) if self.kind == "shared_expert" else hook_name(self.layer)
 
     def output_weight(self):
         """[d_mlp, d_model] weight that maps each neuron to the residual stream."""
@@ -63,6 +86,16 @@ class NeuronSite:
 def hook_name(layer: int) -> str:
     """TransformerLens' name for the MLP neuron activations of a layer."""
     return f"blocks.{layer}.mlp.hook_post"
+
+
+def shared_expert_hook_name(layer: int) -> str:
+    """Hook name of the shared expert's neurons in a mixture-of-experts layer (DeepSeek, Qwen2-MoE)."""
+    return f"blocks.{layer}.mlp.shared_experts.hook_post"
+
+
+def expert_hook_name(layer: int, expert: int) -> str:
+    """Hook name of routed expert `expert`'s neurons in layer `layer`."""
+    return f"blocks.{layer}.mlp.experts.{expert}.hook_post"
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -88,6 +121,41 @@ def _get(root: nn.Module, path: str) -> nn.Module | None:
         return None
 
 
+def _architecture(model: nn.Module) -> str:
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    return f"{type(model).__name__} (model type '{model_type}')" if model_type else type(model).__name__
+
+
+def _positive_ints(value) -> list[int]:
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return [v for v in values if isinstance(v, int) and not isinstance(v, bool) and v > 0]
+
+
+def declared_mlp_widths(config) -> set[int]:
+    """Every MLP width (neurons per layer or per expert) a model config declares; empty when it declares none.
+
+    Reads intermediate_size (an int, or a list per layer), n_inner, ffn_dim, ffn_hidden_size, hidden_dim
+    (DistilBERT), mixture-of-experts and shared-expert sizes, and 4 * hidden where the family defaults to it.
+    """
+    if config is None:
+        return set()
+    widths: set[int] = set()
+    for key in ("intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size", "hidden_dim", "moe_intermediate_size",
+                "shared_expert_intermediate_size", "expert_intermediate_size"):  # fmt: skip
+        widths.update(_positive_ints(getattr(config, key, None)))
+    hidden = next(iter(_positive_ints(getattr(config, "hidden_size", None) or getattr(config, "n_embd", None))), None)
+    shared = _positive_ints(getattr(config, "n_shared_experts", None))
+    moe_width = _positive_ints(getattr(config, "moe_intermediate_size", None))
+    if shared and moe_width:
+        widths.add(shared[0] * moe_width[0])  # DeepSeek's shared experts form one MLP
+    # n_inner / intermediate_size None means 4 * hidden; Bloom and MPT (whatever expansion_ratio says) always are
+    defaults_to_4x = config.model_type in ("gpt2", "gptj", "gpt_neo", "codegen", "bloom", "gpt_bigcode", "mpt")
+    if hidden and defaults_to_4x:
+        widths.add(4 * hidden)
+    return widths
+
+
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The model's list of transformer blocks and its path. Raises SiteResolutionError."""
     for path in BLOCK_LIST_PATHS:
@@ -108,22 +176,90 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     )
 
 
-def _generic_down_proj(block: nn.Module) -> tuple[str, nn.Module] | None:
+def _in_mlp(path: str) -> bool:
+    parts = path.lower().split(".")
+    words = set(parts) | {word for part in parts for word in part.split("_")}
+    return bool(words & MLP_PATH_WORDS)
+
+
+def _generic_down_proj(block: nn.Module, config) -> tuple[str, nn.Module] | None:
+    """The widest Linear inside the block's MLP that maps a declared MLP width to the residual width."""
+    widths = declared_mlp_widths(config)
+    hidden = getattr(config, "hidden_size", None) if config is not None else None
     best = None
     for name, mod in block.named_modules():
         shape = _in_out(mod)
-        if not shape or "attn" in name or "attention" in name:
+        if not shape or not _in_mlp(name):
             continue
         d_in, d_out = shape
-        if d_in > d_out and (best is None or d_in > best[0]):
+        if widths:
+            fits = d_in in widths and (not isinstance(hidden, int) or d_out == hidden)
+        else:  # no config to check against (a custom nn.Module): a narrowing Linear inside the MLP
+            fits = d_in > d_out
+        if fits and (best is None or d_in > best[0]):
             best = (d_in, name, mod)
     return (best[1], best[2]) if best else None
 
 
-def resolve_sites(model: nn.Module, layers: list[int] | None = None) -> list[NeuronSite]:
+def find_experts(block: nn.Module) -> tuple[str, nn.Module, nn.Module] | None:
+    """The mixture-of-experts part of one block, or None for a dense block.
+
+    Returns (path of the MoE block inside `block`, the MoE block, its experts module). The experts module
+    is either fused (transformers 5: 3-D `down_proj` parameter [E, H, I] or [E, I, H]) or an
+    nn.ModuleList of per-expert MLP modules (the older layout).
+    """
+    for name, mod in block.named_modules():
+        if not name.endswith("experts") or name.split(".")[-1] in SHARED_EXPERT_NAMES:
+            continue
+        fused = getattr(getattr(mod, "down_proj", None), "ndim", 0) == 3
+        per_module = isinstance(mod, nn.ModuleList) and len(mod) > 0 and all(_expert_down_proj(m) for m in mod)
+        if fused or per_module:
+            parent = name.rpartition(".")[0]
+            return parent, block.get_submodule(parent) if parent else block, mod
+    return None
+
+
+def _expert_down_proj(expert: nn.Module) -> tuple[str, nn.Module] | None:
+    return next(((n, m) for n in EXPERT_DOWN_PROJ_NAMES if (m := _get(expert, n)) is not None and _in_out(m)), None)
+
+
+def _shared_expert_site(layer: int, block_path: str, moe_path: str, moe_block: nn.Module) -> NeuronSite | None:
+    for name in SHARED_EXPERT_NAMES:
+        shared = _get(moe_block, name)
+        found = _expert_down_proj(shared) if shared is not None else None
+        if found:
+            down_name, down = found
+            path = ".".join(p for p in (block_path, moe_path, name, down_name) if p)
+            return NeuronSite(layer, path, down, _in_out(down)[0], kind="shared_expert")
+    return None
+
+
+def _no_mlp_error(model: nn.Module, layer: int, block: nn.Module, tried: str) -> SiteResolutionError:
+    arch = _architecture(model)
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    children = ", ".join(name for name, _ in block.named_children()) or "nothing"
+    if model_type in MLP_FREE_TYPES:
+        return SiteResolutionError(
+            f"{arch} has no MLP neurons: its blocks are {MLP_FREE_TYPES[model_type]} (layer {layer} holds: "
+            f"{children}), so there is no MLP down-projection whose input MechaMap could read"
+        )
+    return SiteResolutionError(
+        f"could not find the MLP down-projection of {arch} layer {layer} (the block holds: {children}); "
+        f"tried: {tried}, and a search inside the block's MLP (a path with mlp/ffn/feed_forward) for a Linear "
+        "that maps the config's intermediate size to the hidden size. If this architecture has no MLP "
+        "(a state-space or other MLP-free design), it has no MLP neurons to scan"
+    )
+
+
+def resolve_sites(model: nn.Module, layers: list[int] | None = None, *, with_moe: bool = False) -> list[NeuronSite]:
     """NeuronSite for each requested layer (all layers when None), in layer order.
 
-    Raises SiteResolutionError listing the module paths tried, and ValueError for layers out of range.
+    A mixture-of-experts layer has no dense MLP: with with_moe=False (the default) it raises
+    SiteResolutionError, so a caller that does not read experts never scans a shared expert as if it
+    were the layer. With with_moe=True it contributes its shared-expert site (kind "shared_expert")
+    when it has one, and nothing otherwise; its routed experts come from mechamap_core.moe.find_moe_layers.
+    Raises SiteResolutionError (MLP-free models, unknown layouts; the message says what was tried),
+    and ValueError for layers out of range.
     """
     blocks_path, blocks = find_blocks(model)
     n_layers = len(blocks)
@@ -131,19 +267,31 @@ def resolve_sites(model: nn.Module, layers: list[int] | None = None) -> list[Neu
     bad = [x for x in wanted if not 0 <= x < n_layers]
     if bad:
         raise ValueError(f"layers {bad} are out of range: this model has layers 0-{n_layers - 1}")
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) in MLP_FREE_TYPES:
+        first = wanted[0] if wanted else 0
+        raise _no_mlp_error(model, first, blocks[first], "")
     sites = []
     for layer in wanted:
         block = blocks[layer]
+        block_path = f"{blocks_path}.{layer}"
+        moe = find_experts(block)
+        if moe is not None:
+            if not with_moe:
+                raise SiteResolutionError(
+                    f"{_architecture(model)} is a mixture-of-experts model: layer {layer} routes tokens to experts "
+                    f"({block_path}.{moe[0]}), whose neurons are read expert by expert (mechamap_core.moe), "
+                    "not as one dense MLP"
+                )
+            shared = _shared_expert_site(layer, block_path, moe[0], moe[1])
+            sites.extend([shared] if shared else [])
+            continue
         found = next(((p, m) for p in DOWN_PROJ_PATHS if (m := _get(block, p)) is not None and _in_out(m)), None)
-        found = found or _generic_down_proj(block)
+        found = found or _generic_down_proj(block, config)
         if found is None:
-            tried = ", ".join(f"{blocks_path}.{layer}.{p}" for p in DOWN_PROJ_PATHS)
-            raise SiteResolutionError(
-                f"could not find the MLP down-projection of {type(model).__name__} layer {layer}; tried: {tried}, "
-                "and a search for a Linear layer that maps a wider input to a narrower output"
-            )
+            raise _no_mlp_error(model, layer, block, ", ".join(f"{block_path}.{p}" for p in DOWN_PROJ_PATHS))
         path, module = found
-        sites.append(NeuronSite(layer, f"{blocks_path}.{layer}.{path}", module, _in_out(module)[0]))
+        sites.append(NeuronSite(layer, f"{block_path}.{path}", module, _in_out(module)[0]))
     return sites
 
 

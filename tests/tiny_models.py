@@ -10,8 +10,12 @@ import torch
 ARCHS = [
     "gpt2", "gpt_neo", "gpt_neox", "gptj", "llama", "mistral", "qwen2", "gemma", "opt", "phi",
     "falcon", "bloom", "bert", "roberta", "distilbert",
+    "qwen3", "gemma2", "gemma3_text", "olmo2", "phi3", "smollm3", "granite", "stablelm",
+    "starcoder2", "cohere", "nemotron", "glm", "gpt_bigcode", "mpt",
 ]  # fmt: skip
 ENCODER_ARCHS = {"bert", "roberta", "distilbert"}
+# Mixture-of-experts families (transformers 5 fused experts); DeepSeek's first layer is dense.
+MOE_ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "deepseek_v3", "deepseek_v2"]
 
 HIDDEN = 32
 D_MLP = 48  # differs from HIDDEN so neuron counts cannot be confused with the residual width
@@ -19,6 +23,10 @@ LAYERS = 2
 HEADS = 2
 POSITIONS = 128
 SEED = 1234
+D_EXPERT = 24  # neurons per routed expert
+D_SHARED = 36  # Qwen2-MoE's shared expert width
+N_EXPERTS = 4
+TOP_K = 2
 
 
 def bundled_tokenizer():
@@ -96,7 +104,50 @@ def _config(arch: str, tokenizer):
             dim=HIDDEN, hidden_dim=D_MLP, n_layers=LAYERS, n_heads=HEADS, max_position_embeddings=POSITIONS,
             vocab_size=vocab, pad_token_id=tokenizer.pad_token_id,
         )  # fmt: skip
-    raise ValueError(f"unknown tiny architecture '{arch}' (known: {', '.join(ARCHS)})")
+    dense = {
+        "qwen3": ("Qwen3Config", {"head_dim": HIDDEN // HEADS}),
+        "gemma2": ("Gemma2Config", {"head_dim": HIDDEN // HEADS}),  # soft-capping, pre/post MLP norms
+        "gemma3_text": ("Gemma3TextConfig", {"head_dim": HIDDEN // HEADS}),
+        "olmo2": ("Olmo2Config", {}),  # norms after attention and MLP
+        "phi3": ("Phi3Config", {}),  # fused gate_up_proj
+        "smollm3": ("SmolLM3Config", {}),  # layers without rotary positions
+        "granite": ("GraniteConfig", {"residual_multiplier": 0.5, "embedding_multiplier": 2.0}),
+        "stablelm": ("StableLmConfig", {"use_parallel_residual": True}),
+        "starcoder2": ("Starcoder2Config", {}),  # c_fc -> c_proj as nn.Linear, not Conv1D
+        "cohere": ("CohereConfig", {}),  # attention and MLP in parallel
+        "nemotron": ("NemotronConfig", {}),  # squared ReLU, no gate
+        "glm": ("GlmConfig", {"head_dim": HIDDEN // HEADS}),  # fused gate_up_proj
+    }
+    if arch in dense:
+        name, extra = dense[arch]
+        return getattr(tf, name)(**extra, **llama_like)
+    if arch == "gpt_bigcode":  # multi-query attention; n_inner None means 4 * hidden
+        return tf.GPTBigCodeConfig(n_layer=LAYERS, n_embd=HIDDEN, n_head=HEADS, n_positions=POSITIONS, **common)
+    if arch == "mpt":  # blocks under transformer.blocks, MLP under ffn: found by the generic search
+        return tf.MptConfig(d_model=HIDDEN, n_heads=HEADS, n_layers=LAYERS, max_seq_len=POSITIONS, **common)
+    moe = dict(num_experts_per_tok=TOP_K, output_router_logits=False, **llama_like)
+    qwen_moe = dict(moe_intermediate_size=D_EXPERT, num_experts=N_EXPERTS, norm_topk_prob=False, **moe)
+    deepseek = dict(
+        moe_intermediate_size=D_EXPERT, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=16,
+        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, rope_parameters={"rope_type": "default"}, **moe,
+    )  # fmt: skip
+    if arch == "mixtral":
+        return tf.MixtralConfig(num_local_experts=N_EXPERTS, **{**moe, "intermediate_size": D_EXPERT})
+    if arch == "qwen2_moe":
+        return tf.Qwen2MoeConfig(shared_expert_intermediate_size=D_SHARED, **qwen_moe)
+    if arch == "qwen3_moe":
+        return tf.Qwen3MoeConfig(head_dim=HIDDEN // HEADS, **{**qwen_moe, "norm_topk_prob": True})
+    if arch == "olmoe":
+        return tf.OlmoeConfig(num_experts=N_EXPERTS, **{**moe, "intermediate_size": D_EXPERT})
+    if arch == "gpt_oss":  # a low swiglu limit so the clamps are exercised on tiny random activations
+        return tf.GptOssConfig(
+            num_local_experts=N_EXPERTS, head_dim=HIDDEN // HEADS, swiglu_limit=0.05, **{**moe, "intermediate_size": D_EXPERT}
+        )
+    if arch == "deepseek_v3":  # 8 experts in 2 groups, tokens limited to 1 group: group-limited routing
+        return tf.DeepseekV3Config(n_routed_experts=8, n_shared_experts=1, n_group=2, topk_group=1, **deepseek)
+    if arch == "deepseek_v2":  # two shared experts form one MLP of width 2 * D_EXPERT
+        return tf.DeepseekV2Config(n_routed_experts=N_EXPERTS, n_shared_experts=2, **deepseek)
+    raise ValueError(f"unknown tiny architecture '{arch}' (known: {', '.join(ARCHS + MOE_ARCHS)})")
 
 
 def _model_class(arch: str):
@@ -108,19 +159,40 @@ def _model_class(arch: str):
         "qwen2": "Qwen2ForCausalLM", "gemma": "GemmaForCausalLM", "opt": "OPTForCausalLM",
         "phi": "PhiForCausalLM", "falcon": "FalconForCausalLM", "bloom": "BloomForCausalLM",
         "bert": "BertModel", "roberta": "RobertaModel", "distilbert": "DistilBertModel",
+        "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+        "olmoe": "OlmoeForCausalLM", "gpt_oss": "GptOssForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM",
+        "deepseek_v2": "DeepseekV2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM",
+        "gemma3_text": "Gemma3ForCausalLM", "olmo2": "Olmo2ForCausalLM", "phi3": "Phi3ForCausalLM",
+        "smollm3": "SmolLM3ForCausalLM", "granite": "GraniteForCausalLM", "stablelm": "StableLmForCausalLM",
+        "starcoder2": "Starcoder2ForCausalLM", "cohere": "CohereForCausalLM", "nemotron": "NemotronForCausalLM",
+        "glm": "GlmForCausalLM", "gpt_bigcode": "GPTBigCodeForCausalLM", "mpt": "MptForCausalLM",
     }  # fmt: skip
     return getattr(tf, names[arch])
 
 
 def config_intermediate_size(config) -> int:
     """The MLP width (number of neurons per layer) that a model config declares."""
-    if config.model_type == "bloom":
-        return 4 * config.hidden_size
+    if config.model_type in ("bloom", "mpt") or (config.model_type == "gpt_bigcode" and config.n_inner is None):
+        return 4 * config.hidden_size  # fixed, or the family's default
     for key in ("n_inner", "ffn_dim", "ffn_hidden_size", "hidden_dim", "intermediate_size"):
         value = getattr(config, key, None)
         if isinstance(value, int) and value > 0:
             return value
     raise ValueError(f"no intermediate size in {type(config).__name__}")
+
+
+def tiny_model(arch: str, tokenizer=None) -> torch.nn.Module:
+    """A tiny random `arch` model in memory (2 layers, hidden 32, seeded weights, no dropout), in eval mode.
+
+    Its vocabulary is the tokenizer's (the bundled one when None).
+    """
+    config = _config(arch, tokenizer or bundled_tokenizer())
+    for key in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "hidden_dropout_prob", "attention_probs_dropout_prob",
+                "dropout", "attention_dropout", "hidden_dropout", "activation_dropout"):  # fmt: skip
+        if hasattr(config, key):
+            setattr(config, key, 0.0)
+    torch.manual_seed(SEED)
+    return _model_class(arch)(config).eval()
 
 
 def build_tiny_model(arch: str, folder: Path) -> Path:
@@ -131,13 +203,7 @@ def build_tiny_model(arch: str, folder: Path) -> Path:
     """
     folder = Path(folder)
     tokenizer = bundled_tokenizer()
-    config = _config(arch, tokenizer)
-    for key in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "hidden_dropout_prob", "attention_probs_dropout_prob",
-                "dropout", "attention_dropout", "hidden_dropout", "activation_dropout"):  # fmt: skip
-        if hasattr(config, key):
-            setattr(config, key, 0.0)
-    torch.manual_seed(SEED)
-    model = _model_class(arch)(config).eval()
+    model = tiny_model(arch, tokenizer)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)

@@ -1,0 +1,341 @@
+"""Mixture-of-experts neurons: find each MoE layer, replay its routing, recompute each expert's neurons.
+
+Definitions (DESIGN.md): neuron i of expert E in layer L is coordinate i of act(gate_E x) * (up_E x), the input
+of E's down-projection, on the tokens the router sends to E. Hook name: `blocks.{L}.mlp.experts.{E}.hook_post`
+(sites.expert_hook_name). A shared expert (DeepSeek `shared_experts`, Qwen2-MoE `shared_expert`) is an ordinary
+dense MLP: sites.resolve_sites(model, with_moe=True) returns it as a NeuronSite of kind "shared_expert", read
+with a forward pre-hook on its down_proj, hook name `blocks.{L}.mlp.shared_experts.hook_post`.
+
+How a scan reads routed experts, in one forward pass:
+
+    layers = find_moe_layers(model)                      # the MoE layers only; dense layers are sites.py's
+    for moe in layers:
+        moe.hook_module.register_forward_pre_hook(fn, with_kwargs=True)
+    def fn(module, args, kwargs):                        # runs inside the model's forward
+        routed = moe.read_hook_inputs(args, kwargs)      # RoutedTokens: hidden [T, H], top_k_index [T, k]
+        for part in moe.iter_expert_activations(routed.hidden, routed.top_k_index):
+            part.expert, part.rows, part.acts            # int, [t_E] int64, [t_E, d_expert] float32
+
+T is the batch flattened row-major: row r is position r % S of sequence r // S for input [B, S] (padding
+included: the caller drops padded rows, as it does for OPT's flattened dense input).
+
+Two layouts:
+- "fused" (transformers 5): the experts are one module with 3-D parameters (gate_up_proj [E, 2I, H], or
+  [E, H, 2I] when transposed as in gpt-oss; down_proj; optional biases), called as
+  experts(hidden [T, H], top_k_index [T, k], top_k_weights [T, k]). hook_module is that experts module, so the
+  hook sees the routing the model really used. The gate is applied with the module's own `_apply_gate`
+  (gpt-oss: interleaved gate/up, clamped swiglu with alpha and limit), so it cannot drift from the model.
+- "modules" (transformers 4 and hand-written blocks): an nn.ModuleList of expert MLPs with w1/w3/w2 or
+  gate_proj/up_proj/down_proj and act_fn, and a Linear gate giving router logits. hook_module is the MoE block;
+  the routing is replayed by route(): softmax over the logits in float32, top-k, renormalised when the block
+  (or config) says norm_topk_prob, or always for Mixtral.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .sites import SiteResolutionError, expert_hook_name, find_blocks, find_experts
+
+ROUTER_NAMES = ("gate", "router")
+# (gate, up, down) module names of one expert MLP in the per-module layout
+EXPERT_PROJ_NAMES = (("w1", "w3", "w2"), ("gate_proj", "up_proj", "down_proj"))
+# model types whose per-module routing always renormalises the top-k weights
+ALWAYS_RENORMALISED = {"mixtral"}
+
+
+@dataclass(frozen=True)
+class RoutedTokens:
+    """The tokens entering one MoE layer's experts and where the router sends them.
+
+    hidden [T, H] in the model's dtype; top_k_index [T, k] int64 expert ids (an id >= n_experts is a sentinel
+    that selects no expert); top_k_weights [T, k] the router's weights for them.
+    """
+
+    hidden: torch.Tensor
+    top_k_index: torch.Tensor
+    top_k_weights: torch.Tensor
+
+
+@dataclass(frozen=True)
+class ExpertActivations:
+    """One expert's neurons on the tokens routed to it: rows [t_E] int64 (ascending), acts [t_E, d_expert] float32."""
+
+    expert: int
+    rows: torch.Tensor
+    acts: torch.Tensor
+
+
+@dataclass(eq=False)
+class MoELayer:
+    """One mixture-of-experts layer: where to hook it, how it routes, and how to recompute its expert neurons."""
+
+    layer: int
+    path: str  # the MoE block, from the model root
+    block: nn.Module  # the MoE block: hidden states [B, S, H] in, hidden states out
+    experts: nn.Module  # the fused experts module, or the nn.ModuleList of expert MLPs
+    router: nn.Module  # the block's gate / router module
+    layout: str  # "fused" or "modules"
+    n_experts: int
+    top_k: int
+    d_expert: int  # neurons per expert (I)
+    d_model: int  # hidden size (H)
+    family: str  # config.model_type ("" when the model has no config)
+    renormalise: bool = False  # per-module layout only: renormalise the top-k softmax weights
+
+    @property
+    def hook_module(self) -> nn.Module:
+        """Register `register_forward_pre_hook(fn, with_kwargs=True)` here; fn passes (args, kwargs) to read_hook_inputs."""
+        return self.experts if self.layout == "fused" else self.block
+
+    @property
+    def experts_path(self) -> str:
+        """Path of the experts module from the model root."""
+        return f"{self.path}.{self._experts_name}"
+
+    @property
+    def _experts_name(self) -> str:
+        return next(name for name, mod in self.block.named_children() if mod is self.experts)
+
+    @cached_property
+    def _experts_params(self) -> list[str]:
+        # the fused experts' forward(hidden_states, top_k_index, top_k_weights), whatever the names
+        return list(inspect.signature(type(self.experts).forward).parameters)[1:]
+
+    def hook_name(self, expert: int) -> str:
+        """`blocks.{L}.mlp.experts.{E}.hook_post`."""
+        return expert_hook_name(self.layer, expert)
+
+    def read_hook_inputs(self, args: tuple, kwargs: dict) -> RoutedTokens:
+        """RoutedTokens from the arguments a forward pre-hook on hook_module received.
+
+        Fused layout: the experts' own inputs (hidden, top_k_index, top_k_weights), the routing the model used.
+        Per-module layout: the block's input hidden states [B, S, H], flattened, routed by route().
+        """
+        if self.layout == "fused":
+            bound = dict(zip(self._experts_params, args, strict=False)) | kwargs
+            hidden, index, weights = (bound[name] for name in self._experts_params[:3])
+            hidden = hidden.reshape(-1, self.d_model)
+            n_tokens = hidden.shape[0]
+            return RoutedTokens(hidden, index.reshape(n_tokens, -1).long(), weights.reshape(n_tokens, -1))
+        hidden = (args[0] if args else kwargs["hidden_states"]).reshape(-1, self.d_model)
+        return RoutedTokens(hidden, *self.route(hidden))
+
+    def route(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(top_k_index [T, k] int64, top_k_weights [T, k]) for hidden [T, H], computed by the model's own router.
+
+        Fused layout: the router module's call itself (it returns logits, weights, indices).
+        Per-module layout: the gate's logits, softmax in float32, top-k, renormalised if the family does,
+        weights cast to hidden's dtype (as transformers 4's Mixtral and Qwen2-MoE blocks did).
+        """
+        with torch.no_grad():
+            if self.layout == "modules":
+                probs = F.softmax(self.router(hidden).float(), dim=-1)
+                weights, index = torch.topk(probs, self.top_k, dim=-1)
+                if self.renormalise:
+                    weights = weights / weights.sum(dim=-1, keepdim=True)
+                return index, weights.to(hidden.dtype)
+            out = self.router(hidden)
+        tensors = [t for t in (out if isinstance(out, tuple) else (out,)) if isinstance(t, torch.Tensor)]
+        index = [t for t in tensors if not t.is_floating_point()]
+        pairs = [t for t in tensors if t.is_floating_point() and t.shape[-1] == self.top_k]
+        if len(index) != 1 or not pairs:
+            raise SiteResolutionError(
+                f"the router {type(self.router).__name__} of layer {self.layer} does not return "
+                "(logits, top-k weights, top-k indices); its routing cannot be read"
+            )
+        return index[0].reshape(-1, self.top_k).long(), pairs[-1].reshape(-1, self.top_k)
+
+    def expert_activations(
+        self, hidden: torch.Tensor, expert: int, top_k_index: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows [t_E] int64 ascending, acts [t_E, d_expert] float32): expert `expert`'s neurons on its tokens.
+
+        hidden [T, H]; top_k_index [T, k] (route(hidden) when None). Computed in float32 on the weights' device.
+        """
+        if not 0 <= expert < self.n_experts:
+            raise ValueError(f"expert {expert} is out of range: layer {self.layer} has experts 0-{self.n_experts - 1}")
+        index = self.route(hidden)[0] if top_k_index is None else top_k_index
+        rows = (index == expert).any(dim=-1).nonzero().flatten()
+        return rows, self._recompute(hidden[rows], expert)
+
+    def iter_expert_activations(
+        self, hidden: torch.Tensor, top_k_index: torch.Tensor | None = None
+    ) -> Iterator[ExpertActivations]:
+        """ExpertActivations for every expert that received tokens, in expert order (one host sync per call)."""
+        index = self.route(hidden)[0] if top_k_index is None else top_k_index
+        n_tokens, k = index.shape
+        flat = index.reshape(-1)
+        tokens = torch.arange(n_tokens, device=index.device).repeat_interleave(k)
+        real = (flat >= 0) & (flat < self.n_experts)
+        flat, tokens = flat[real], tokens[real]
+        order = torch.argsort(flat * n_tokens + tokens)  # by expert, then by token
+        counts = torch.bincount(flat, minlength=self.n_experts).tolist()
+        for expert, rows in enumerate(torch.split(tokens[order], counts)):
+            if len(rows):
+                yield ExpertActivations(expert, rows, self._recompute(hidden[rows], expert))
+
+    def _recompute(self, x: torch.Tensor, expert: int) -> torch.Tensor:
+        """act(gate_E x) * (up_E x) in float32, [t, d_expert]."""
+        if self.layout == "modules":
+            return _module_expert_acts(self.experts[expert], x)
+        experts = self.experts
+        has_gate = getattr(experts, "has_gate", hasattr(experts, "gate_up_proj"))
+        name = "gate_up_proj" if has_gate else "up_proj"
+        weight = getattr(experts, name)[expert]
+        x = x.to(device=weight.device, dtype=torch.float32)
+        transposed = getattr(experts, "is_transposed", False)
+        out = x @ weight.float() if transposed else x @ weight.float().T
+        if getattr(experts, "has_bias", False):
+            out = out + getattr(experts, f"{name}_bias")[expert].float()
+        if not has_gate:
+            return experts.act_fn(out)
+        apply_gate = getattr(experts, "_apply_gate", None)
+        if apply_gate is not None:
+            return apply_gate(out)
+        gate, up = out.chunk(2, dim=-1)
+        return experts.act_fn(gate) * up
+
+
+def _module_expert_acts(expert: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    gate_name, up_name, _ = next(names for names in EXPERT_PROJ_NAMES if hasattr(expert, names[0]))
+    gate, up = getattr(expert, gate_name), getattr(expert, up_name)
+    x = x.to(device=gate.weight.device, dtype=torch.float32)
+
+    def linear(proj: nn.Linear) -> torch.Tensor:
+        return F.linear(x, proj.weight.float(), None if proj.bias is None else proj.bias.float())
+
+    return expert.act_fn(linear(gate)) * linear(up)
+
+
+def _first_int(*values) -> int | None:
+    return next((v for v in values if isinstance(v, int) and not isinstance(v, bool) and v > 0), None)
+
+
+def _moe_layer(model: nn.Module, layer: int, block_path: str, block: nn.Module) -> MoELayer | None:
+    found = find_experts(block)
+    if found is None:
+        return None
+    moe_path, moe_block, experts = found
+    path = ".".join(p for p in (block_path, moe_path) if p)
+    config = getattr(model, "config", None)
+    family = getattr(config, "model_type", "") or ""
+    where = f"{type(model).__name__} layer {layer} ({path})"
+    router = next((m for n in ROUTER_NAMES if isinstance(m := getattr(moe_block, n, None), nn.Module)), None)
+    if router is None:
+        raise SiteResolutionError(f"{where}: the mixture-of-experts block has no router module named gate or router")
+    top_k = _first_int(getattr(router, "top_k", None), getattr(moe_block, "top_k", None),
+                       getattr(config, "num_experts_per_tok", None))  # fmt: skip
+    if top_k is None:
+        raise SiteResolutionError(f"{where}: cannot tell how many experts each token is routed to (top_k)")
+    d_model = _first_int(getattr(config, "hidden_size", None), getattr(router, "hidden_dim", None))
+    if isinstance(experts, nn.ModuleList):
+        return _per_module_layer(layer, path, moe_block, experts, router, top_k, family, config, where)
+    down = experts.down_proj
+    transposed = getattr(experts, "is_transposed", False)
+    d_expert = down.shape[1] if transposed else down.shape[2]
+    d_model = d_model or (down.shape[2] if transposed else down.shape[1])
+    has_gate = getattr(experts, "has_gate", hasattr(experts, "gate_up_proj"))
+    if not has_gate and not hasattr(experts, "up_proj"):
+        raise SiteResolutionError(f"{where}: the fused experts have neither gate_up_proj nor up_proj")
+    return MoELayer(layer, path, moe_block, experts, router, "fused", down.shape[0], top_k, d_expert, d_model, family)
+
+
+def _per_module_layer(layer, path, moe_block, experts, router, top_k, family, config, where) -> MoELayer:
+    first = experts[0]
+    names = next((names for names in EXPERT_PROJ_NAMES if all(hasattr(first, n) for n in names)), None)
+    if names is None or not hasattr(first, "act_fn"):
+        raise SiteResolutionError(
+            f"{where}: each expert must hold act_fn and gate/up/down projections named "
+            f"{' or '.join('/'.join(n) for n in EXPERT_PROJ_NAMES)}; found {', '.join(n for n, _ in first.named_children())}"
+        )
+    if not isinstance(router, nn.Linear):
+        raise SiteResolutionError(f"{where}: the per-expert layout needs a Linear gate giving router logits")
+    renormalise = getattr(moe_block, "norm_topk_prob", getattr(config, "norm_topk_prob", None))
+    if renormalise is None and family not in ALWAYS_RENORMALISED:
+        raise SiteResolutionError(f"{where}: unknown routing for model type '{family}' (does it renormalise top-k?)")
+    gate = getattr(first, names[0])
+    return MoELayer(
+        layer, path, moe_block, experts, router, "modules", len(experts), top_k, gate.out_features,
+        gate.in_features, family, renormalise=bool(renormalise if renormalise is not None else True),
+    )  # fmt: skip
+
+
+def find_moe_layers(model: nn.Module, layers: Sequence[int] | None = None) -> list[MoELayer]:
+    """MoELayer for each mixture-of-experts layer among `layers` (all when None), in layer order.
+
+    Dense layers are skipped (read them with sites.resolve_sites(model, layers, with_moe=True), which also gives
+    each MoE layer's shared expert). Returns [] for a dense model. Raises SiteResolutionError for an MoE layout it
+    cannot read, and ValueError for layers out of range.
+    """
+    blocks_path, blocks = find_blocks(model)
+    wanted = sorted(set(range(len(blocks)) if layers is None else layers))
+    bad = [x for x in wanted if not 0 <= x < len(blocks)]
+    if bad:
+        raise ValueError(f"layers {bad} are out of range: this model has layers 0-{len(blocks) - 1}")
+    found = (_moe_layer(model, layer, f"{blocks_path}.{layer}", blocks[layer]) for layer in wanted)
+    return [moe for moe in found if moe is not None]
+
+
+def routing_counts(
+    top_k_index: torch.Tensor, category_mask: torch.Tensor, n_experts: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(counts [E, C] int64, load [E] int64) on top_k_index's device, for one layer and one batch.
+
+    top_k_index [T, k]; category_mask [T, C] bool over the same T rows (pass only the counted rows: no padding,
+    no special tokens). counts[e, c] = category-c tokens routed to expert e; load[e] = tokens routed to e.
+    Sums over batches merge them exactly.
+    """
+    n_tokens = top_k_index.shape[0]
+    assigned = torch.zeros(n_tokens, n_experts + 1, dtype=torch.float64, device=top_k_index.device)
+    index = top_k_index.long().clamp(0, n_experts)  # sentinels land in the extra column
+    assigned.scatter_(1, index, 1.0)
+    assigned = assigned[:, :n_experts]
+    counts = assigned.T @ category_mask.to(device=assigned.device, dtype=torch.float64)
+    return counts.round().long(), assigned.sum(dim=0).round().long()
+
+
+def routing_table(
+    counts: Mapping[int, np.ndarray | torch.Tensor],
+    load: Mapping[int, np.ndarray | torch.Tensor],
+    category_tokens: Sequence[int] | np.ndarray,
+    n_tokens: int,
+    categories: Sequence[str],
+) -> pd.DataFrame:
+    """One row per (layer, expert, category): how many of the category's tokens the router sent to the expert.
+
+    counts: layer -> [E, C] (summed routing_counts); load: layer -> [E]; category_tokens [C]: tokens of each
+    category; n_tokens: all counted tokens. Columns: layer, expert, category, n_tokens (category tokens routed
+    there), share (n_tokens / the category's tokens; over experts it sums to top_k), expert_share (the
+    expert's share of all tokens, load / n_tokens) and enrichment (share / expert_share; 1 = no preference).
+    A category with no tokens gets NaN shares.
+    """
+    sizes = np.asarray(category_tokens, dtype=np.float64)
+    frames = []
+    for layer in sorted(counts):
+        grid = np.asarray(torch.as_tensor(counts[layer]).cpu(), dtype=np.int64)  # [E, C]
+        n_experts = grid.shape[0]
+        expert_share = np.asarray(torch.as_tensor(load[layer]).cpu(), dtype=np.float64) / max(n_tokens, 1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            share = np.where(sizes > 0, grid / sizes, np.nan)
+            enrichment = share / expert_share[:, None]
+        frames.append(pd.DataFrame({
+            "layer": layer,
+            "expert": np.repeat(np.arange(n_experts), len(categories)),
+            "category": np.tile(np.asarray(categories, dtype=object), n_experts),
+            "n_tokens": grid.reshape(-1),
+            "share": share.reshape(-1),
+            "expert_share": np.repeat(expert_share, len(categories)),
+            "enrichment": enrichment.reshape(-1),
+        }))  # fmt: skip
+    columns = ["layer", "expert", "category", "n_tokens", "share", "expert_share", "enrichment"]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
