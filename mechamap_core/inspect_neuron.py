@@ -36,10 +36,10 @@ def collect_activations(
         aligned = align(lm.tokenizer, texts, categories or {}, chunk)
         if aligned.n_tokens == 0:
             raise ValueError("the text has no tokens besides special tokens")
-        pick = {s.layer: torch.tensor(neurons[s.layer], dtype=torch.long) for s in sites}
+        pick = {s.hook: torch.tensor(neurons[s.layer], dtype=torch.long) for s in sites}
         parts: dict[int, list[np.ndarray]] = {s.layer: [] for s in sites}
 
-        def keep(site, acts, _batch):
+        def keep(site, acts, _batch, _slots):
             parts[site.layer].append(acts.cpu().numpy())
 
         run_hooked_forward(lm, batches(aligned.chunks, batch_size, lm.pad_id), sites, keep, pick)

@@ -34,7 +34,7 @@ def corpus(tmp_path_factory, default_cfg) -> Path:
 
 
 def cli(*args: str, torchrun: int = 0, timeout: int = 600, **popen) -> subprocess.CompletedProcess:
-    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={torchrun}", "--master-port=0"] if torchrun else [sys.executable]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={torchrun}"] if torchrun else [sys.executable]
     command = [*launcher, "-m", "mechamap_core", "scan", "--config", DEFAULT, "--device", "cpu", *args]
     return subprocess.run(command, cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=timeout, **popen)
 

@@ -125,11 +125,11 @@ def test_hooks_removed_after_scan_and_after_exception(tiny_models, default_cfg, 
     aligned = align(lm.tokenizer, [paragraphs[0]], cfg.categories, 128)
     sites = resolve_sites(lm.model)
 
-    def bad_layer(site, acts, batch):
+    def bad_layer(site, acts, batch, slots):
         raise KeyError("boom from on_layer")
 
     with pytest.raises(KeyError, match="boom from on_layer"):
-        run_hooked_forward(lm, batches(aligned.chunks, 8, lm.pad_id), sites, bad_layer, {s.layer: s.d_mlp for s in sites})
+        run_hooked_forward(lm, batches(aligned.chunks, 8, lm.pad_id), sites, bad_layer, {s.hook: s.d_mlp for s in sites})
     assert hook_count(lm.model) == before
     assert len(scan(lm, cfg).scores) > 0  # the model still scans normally afterwards
 

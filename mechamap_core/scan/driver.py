@@ -10,13 +10,53 @@ import torch
 
 from ..alignment import Chunk
 from ..models import LoadedModel
-from ..sites import NeuronSite
+from ..moe import MoELayer, find_moe_layers
+from ..sites import NeuronSite, resolve_sites
 
 ProgressFn = Callable[[int, int, str], None]
 
 
 class _StopForward(Exception):
     """Raised by the last needed site's hook so the rest of the model never runs."""
+
+
+@dataclass(frozen=True)
+class ExpertSite:
+    """One routed expert's neurons: read by recomputation inside its MoE layer's hook (see moe.py)."""
+
+    layer: int
+    expert: int
+    moe: MoELayer = field(repr=False, compare=False)
+
+    kind = "expert"
+
+    @property
+    def hook(self) -> str:
+        return self.moe.hook_name(self.expert)
+
+    @property
+    def d_mlp(self) -> int:
+        return self.moe.d_expert
+
+
+Site = NeuronSite | ExpertSite
+HookPoint = NeuronSite | MoELayer  # where a hook goes: a dense down-projection, or an MoE layer's experts
+
+
+def resolve_hook_points(model: torch.nn.Module, layers: list[int] | None) -> tuple[list[HookPoint], list[Site]]:
+    """The hook points of the requested layers in layer order, and every site they read (each expert its own).
+
+    Raises SiteResolutionError (no MLP neurons, unknown layouts) and ValueError (layers out of range)."""
+    dense = resolve_sites(model, layers, with_moe=True)
+    moe_layers = find_moe_layers(model, layers)
+    points: list[HookPoint] = sorted([*dense, *moe_layers], key=lambda p: p.layer)
+    sites: list[Site] = []
+    for point in points:
+        if isinstance(point, MoELayer):
+            sites.extend(ExpertSite(point.layer, expert, point) for expert in range(point.n_experts))
+        else:
+            sites.append(point)
+    return points, sites
 
 
 @dataclass
@@ -36,14 +76,27 @@ class Batch:
             self._on_device[device] = self.positions.to(device)
         return self._on_device[device]
 
+    def slots_on(self, device: torch.device) -> torch.Tensor:
+        """[B*S] long: each flat position's index among the counted tokens, -1 for padding and special tokens."""
+        key = ("slots", device)
+        if key not in self._on_device:
+            slots = torch.full((self.input_ids.numel(),), -1, dtype=torch.long)
+            slots[self.positions] = torch.arange(len(self.positions))
+            self._on_device[key] = slots.to(device)
+        return self._on_device[key]
+
 
 @contextmanager
-def hooked(sites: list[NeuronSite], hook_fn):
-    """Register hook_fn(site) as a forward pre-hook on each site's module; remove every handle on exit."""
+def hooked(sites: list[HookPoint], hook_fn):
+    """Register hook_fn(site) as a forward pre-hook on each site's module (an MoE layer's: with kwargs);
+    remove every handle on exit."""
     handles = []
     try:
         for site in sites:
-            handles.append(site.module.register_forward_pre_hook(hook_fn(site)))
+            if isinstance(site, MoELayer):
+                handles.append(site.hook_module.register_forward_pre_hook(hook_fn(site), with_kwargs=True))
+            else:
+                handles.append(site.module.register_forward_pre_hook(hook_fn(site)))
         yield
     finally:
         for handle in handles:
@@ -66,13 +119,14 @@ def batches(chunks: list[Chunk], batch_size: int, pad_id: int) -> Iterator[Batch
         yield Batch(ids, mask, torch.tensor(flat, dtype=torch.long), torch.tensor(index, dtype=torch.long), [c.doc for c in group])
 
 
-def site_device(site: NeuronSite, fallback: torch.device) -> torch.device:
+def site_device(site: Site, fallback: torch.device) -> torch.device:
     """Where a site's module computes: its weight's device (accelerate's execution device when offloaded)."""
-    hook = getattr(site.module, "_hf_hook", None)
+    module = site.moe.experts if isinstance(site, ExpertSite) else site.module
+    hook = getattr(module, "_hf_hook", None)
     execution = getattr(hook, "execution_device", None)
     if execution is not None:
         return torch.device(execution if not isinstance(execution, int) else f"cuda:{execution}")
-    weight = getattr(site.module, "weight", None)
+    weight = next(module.parameters(), None)
     if weight is not None and weight.device.type != "meta":
         return weight.device
     return fallback
@@ -81,43 +135,67 @@ def site_device(site: NeuronSite, fallback: torch.device) -> torch.device:
 def run_hooked_forward(
     lm: LoadedModel,
     batch_stream: Iterable[Batch],
-    sites: list[NeuronSite],
-    on_site: Callable[[NeuronSite, torch.Tensor, Batch], None],
-    n_neurons: dict[int, int | torch.Tensor],
+    points: list[HookPoint],
+    on_site: Callable[..., None],
+    n_neurons: dict,
     on_batch: Callable[[Batch], None] | None = None,
+    after_point: Callable[[HookPoint], None] | None = None,
 ) -> int:
-    """Run each batch through the model, calling on_site(site, acts [T, N], batch) for each site in order.
+    """Run each batch through the model, calling on_site(site, acts [t, N], batch, slots) for each site.
 
-    acts holds the counted tokens' neurons n_neurons[layer] (an int N: the first N; or a LongTensor of
-    neuron indices), as float32 on the site's device. The pass stops after the last site. on_batch(batch)
-    runs after each batch. Returns the number of forward passes. Hooks are removed even when a hook, a
-    callback or the model raises.
+    A dense point gives acts for all T counted tokens (slots None); an MoE layer gives each expert that
+    received tokens its acts on them, with slots [t] (their indices among the batch's T counted tokens).
+    n_neurons[site.hook] picks the neurons (an int N: the first N; or a LongTensor of neuron indices); acts
+    are float32 on the site's device. The pass stops once every point of the last layer has run.
+    on_batch(batch) runs after each batch, after_point(point) after each point's sites. Returns the number of forward passes. Hooks are removed even
+    when a hook, a callback or the model raises.
     """
-    last_site = sites[-1]
+    last_layer = max(p.layer for p in points)
     current: dict = {}
     picks: dict = {}
 
-    def hook_fn(site: NeuronSite):
-        def hook(module, args):
+    def picked(hook_name: str, rows: torch.Tensor) -> torch.Tensor:
+        pick = n_neurons[hook_name]
+        if not isinstance(pick, int):
+            pick = picks.setdefault((hook_name, rows.device), pick.to(rows.device))
+        return (rows[:, :pick] if isinstance(pick, int) else rows.index_select(1, pick)).float()
+
+    def finished(point: HookPoint) -> None:
+        if after_point is not None:
+            after_point(point)
+        if point.layer == last_layer:
+            current["pending"].discard(id(point))
+            if not current["pending"]:
+                raise _StopForward
+
+    def hook_fn(point: HookPoint):
+        def dense_hook(module, args):
             batch = current["batch"]
             x = args[0]
             x = x.reshape(-1, x.shape[-1])  # [B*S, d_mlp]; OPT's fc2 input is already flat
-            rows = x.index_select(0, batch.positions_on(x.device))  # [T, d_mlp]
-            pick = n_neurons[site.layer]
-            if not isinstance(pick, int):
-                pick = picks.setdefault((site.layer, x.device), pick.to(x.device))
-            acts = (rows[:, :pick] if isinstance(pick, int) else rows.index_select(1, pick)).float()  # [T, N]
-            on_site(site, acts, batch)
-            if site is last_site:
-                raise _StopForward
+            on_site(point, picked(point.hook, x.index_select(0, batch.positions_on(x.device))), batch, None)
+            finished(point)
 
-        return hook
+        def moe_hook(module, args, kwargs):
+            batch = current["batch"]
+            routed = point.read_hook_inputs(args, kwargs)
+            slots_of_rows = batch.slots_on(routed.top_k_index.device)
+            counted = slots_of_rows >= 0
+            index = torch.where(counted[:, None], routed.top_k_index, point.n_experts)  # uncounted rows: no expert
+            for part in point.iter_expert_activations(routed.hidden, index):
+                site = ExpertSite(point.layer, part.expert, point)
+                slots = slots_of_rows.to(part.rows.device)[part.rows]
+                on_site(site, picked(site.hook, part.acts), batch, slots)
+            finished(point)
+
+        return moe_hook if isinstance(point, MoELayer) else dense_hook
 
     passes = 0
     extra = {"use_cache": False} if lm.is_causal_lm else {}
-    with torch.inference_mode(), hooked(sites, hook_fn):
+    with torch.inference_mode(), hooked(points, hook_fn):
         for batch in batch_stream:
             current["batch"] = batch
+            current["pending"] = {id(p) for p in points if p.layer == last_layer}
             try:
                 lm.model(input_ids=batch.input_ids.to(lm.device), attention_mask=batch.attention_mask.to(lm.device), **extra)
             except _StopForward:

@@ -27,6 +27,9 @@ class SitePart:
     stats: dict[str, np.ndarray]  # each [C, n]
     top: tuple[np.ndarray, np.ndarray] | None  # (values, token keys), each [k, n]
     activations: np.ndarray | None  # the recorded activations, float32 [n, n_tokens]
+    n_tokens: np.ndarray | None = None  # [C] the category tokens the site saw (an expert: those routed to it)
+    hook: str = ""  # the site's hook name (set by the caller; the dense hook name when empty)
+    expert: int | None = None  # routed expert, None for dense and shared-expert neurons
 
 
 def site_moments(stats: SiteStats, neurons: slice = slice(None)) -> dict[str, np.ndarray]:
@@ -74,7 +77,8 @@ def finish_part(
         auroc = auroc_binned(*histogram_counts(stats, neurons))
     result["auroc"] = np.full_like(result["separation"], np.nan) if auroc is None else auroc
     result["score"] = result["separation"]
-    return SitePart(layer, neurons.start, result, top, acts_t)
+    n_tokens = stats.n_cat.cpu().numpy().round().astype(np.int64)
+    return SitePart(layer, neurons.start, result, top, acts_t, n_tokens, hook_name(layer))
 
 
 def auroc_exact_fast(acts_t: np.ndarray, category_mask: np.ndarray) -> np.ndarray:
@@ -107,12 +111,13 @@ def auroc_exact_fast(acts_t: np.ndarray, category_mask: np.ndarray) -> np.ndarra
     return auc
 
 
-def assemble(model_name: str, categories: list[str], n_tokens: np.ndarray, parts: list[SitePart], n_layers_model: int):
-    """Score rows in (layer, neuron, category) order from the parts in that order, and the top-k table
-    (layer, neuron, rank, token_index, activation; the caller adds token strings).
+def assemble(model_name: str, categories: list[str], parts: list[SitePart], n_layers_model: int):
+    """Score rows in (site, neuron, category) order from the parts in that order, and the top-k table
+    (layer, expert, neuron, rank, token_index, activation; the caller adds token strings).
 
     model, hook and category are categorical columns: a few distinct strings over 10^5 rows. hook's
-    categories are every layer's hook name, so scans of different layers of one model share a dtype."""
+    categories start with every layer's dense hook name, so scans of different layers of one model share
+    a dtype. expert is a nullable integer, empty for dense and shared-expert neurons."""
     n_cat = len(categories)
     sizes = [p.stats["score"].shape[1] for p in parts]
     n_rows = n_cat * sum(sizes)
@@ -120,27 +125,36 @@ def assemble(model_name: str, categories: list[str], n_tokens: np.ndarray, parts
     for column, key in enumerate(STAT_COLUMNS[:-1]):  # rows neuron-major: each part's [n, C] flattened
         block[column] = np.concatenate([p.stats[key].T.reshape(-1) for p in parts])
     block[-1] = bh_qvalues(block[STAT_COLUMNS.index("p_value")])
-    site_layers = np.repeat([p.layer for p in parts], [n * n_cat for n in sizes])
+    per_row = lambda values: np.repeat(values, [n * n_cat for n in sizes])  # noqa: E731
+    hooks = list(dict.fromkeys([hook_name(layer) for layer in range(n_layers_model)] + [p.hook for p in parts]))
+    hook_code = {name: code for code, name in enumerate(hooks)}
     neurons = [np.arange(p.first_neuron, p.first_neuron + n) for p, n in zip(parts, sizes)]
+    experts = [-1 if p.expert is None else p.expert for p in parts]
     ids = pd.DataFrame({
         "model": pd.Categorical.from_codes(np.zeros(n_rows, dtype=np.int8), categories=[model_name]),
-        "layer": site_layers.astype(np.int64),
+        "layer": per_row([p.layer for p in parts]).astype(np.int64),
+        "expert": pd.array(per_row(experts), dtype="Int64"),
         "neuron": np.repeat(np.concatenate(neurons), n_cat),
-        "hook": pd.Categorical.from_codes(site_layers, categories=[hook_name(layer) for layer in range(n_layers_model)]),
+        "hook": pd.Categorical.from_codes(per_row([hook_code[p.hook] for p in parts]), categories=hooks),
         "category": pd.Categorical.from_codes(np.tile(np.arange(n_cat), n_rows // max(n_cat, 1)), categories=categories),
-        "n_tokens": np.tile(np.asarray(n_tokens, dtype=np.int64), n_rows // max(n_cat, 1)),
+        "n_tokens": np.concatenate([np.tile(p.n_tokens, n) for p, n in zip(parts, sizes)]).astype(np.int64),
     })  # fmt: skip
+    ids.loc[ids["expert"] < 0, "expert"] = pd.NA
     scores = pd.concat([ids, pd.DataFrame(block.T, columns=STAT_COLUMNS, copy=False)], axis=1)
     with_top = [(p, ids_) for p, ids_ in zip(parts, neurons) if p.top is not None]
+    columns = ["layer", "expert", "neuron", "rank", "token_index", "activation"]
     if not with_top:
-        return scores, pd.DataFrame(columns=["layer", "neuron", "rank", "token_index", "activation"])
+        return scores, pd.DataFrame(columns=columns)
     k = with_top[0][0].top[0].shape[0]
     token_index = np.concatenate([p.top[1].T.reshape(-1) for p, _ in with_top])
+    per_top = lambda values: np.repeat(values, [k * len(ids_) for _, ids_ in with_top])  # noqa: E731
     top = pd.DataFrame({
-        "layer": np.repeat([p.layer for p, _ in with_top], [k * len(ids_) for _, ids_ in with_top]).astype(np.int64),
+        "layer": per_top([p.layer for p, _ in with_top]).astype(np.int64),
+        "expert": pd.array(per_top([-1 if p.expert is None else p.expert for p, _ in with_top]), dtype="Int64"),
         "neuron": np.repeat(np.concatenate([ids_ for _, ids_ in with_top]), k),
         "rank": np.tile(np.arange(1, k + 1), len(token_index) // max(k, 1)),
         "token_index": token_index,
         "activation": np.concatenate([p.top[0].T.reshape(-1) for p, _ in with_top]),
     })  # fmt: skip
+    top.loc[top["expert"] < 0, "expert"] = pd.NA
     return scores, top

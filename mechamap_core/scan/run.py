@@ -14,9 +14,8 @@ from .. import __version__
 from ..alignment import AlignedText, align
 from ..config import ScanConfig, validate_config
 from ..models import LoadedModel
-from ..sites import NeuronSite, resolve_sites
 from ..sites import n_layers as count_layers
-from .driver import Batch, ProgressFn, batches, run_hooked_forward, site_device
+from .driver import Batch, ProgressFn, Site, batches, resolve_hook_points, run_hooked_forward, site_device
 from .finish import SitePart, assemble, finish_part
 from .result import ScanResult
 from .state import HIST_BINS, BatchLabels, SiteStats, StatsLayout
@@ -128,23 +127,25 @@ def scan(
     layers = cfg.layers if layers is None else layers
     limit = cfg.limit_neurons if limit_neurons is None else limit_neurons
     with lm.lock:
-        sites = resolve_sites(lm.model, layers)
+        points, sites = resolve_hook_points(lm.model, layers)
         chunk_tokens = lm.chunk_tokens(cfg.max_chunk_tokens)
         aligned = align(lm.tokenizer, texts if texts is not None else cfg.texts, cfg.categories, chunk_tokens)
         if aligned.n_tokens == 0:
             raise ValueError("the master text has no tokens besides special tokens, so there is nothing to scan")
-        n_neurons = {s.layer: min(limit, s.d_mlp) if limit else s.d_mlp for s in sites}
-        record = decide_recording(record_activations, aligned.n_tokens, sum(n_neurons.values()))
+        n_neurons = {s.hook: min(limit, s.d_mlp) if limit else s.d_mlp for s in sites}
+        has_experts = any(s.kind == "expert" for s in sites)  # an expert sees only its routed tokens: no recording
+        record = not has_experts and decide_recording(record_activations, aligned.n_tokens, sum(n_neurons.values()))
         aligned_s = time.perf_counter()
-        parts, passes = _run_sites(lm, cfg, aligned, sites, n_neurons, record, progress)
+        parts, passes, states = _run_sites(lm, cfg, aligned, points, sites, n_neurons, record, progress)
         forward_s = time.perf_counter()
     n_layers_model = count_layers(lm.model)
     n_tokens_per_category = aligned.category_mask.sum(axis=0)
-    scores, top = assemble(lm.name, aligned.categories, n_tokens_per_category, parts, n_layers_model)
-    top.insert(4, "token", aligned.tokens["token"].array.take(top["token_index"].to_numpy()))
+    scores, top = assemble(lm.name, aligned.categories, parts, n_layers_model)
+    top.insert(5, "token", aligned.tokens["token"].array.take(top["token_index"].to_numpy()))
     activations = None
     if record:  # [n_tokens, N] views of the neuron-major copies
-        activations = {s.layer: np.concatenate([p.activations for p in parts if p.layer == s.layer]).T for s in sites}
+        activations = {s.layer: np.concatenate([p.activations for p in parts if p.hook == s.hook]).T for s in sites}
+    extras = {"routing": routing_from_states(sites, states, n_tokens_per_category, aligned)} if has_experts else {}
     finished = time.perf_counter()
     metadata = {
         "model": lm.name,
@@ -156,9 +157,10 @@ def scan(
         "n_chunks": len(aligned.chunks),
         "n_forward_passes": passes,
         "chunk_tokens": chunk_tokens,
-        "layers": [s.layer for s in sites],
+        "layers": sorted({s.layer for s in sites}),
         "n_layers_model": n_layers_model,
-        "neurons_per_layer": {str(k): v for k, v in n_neurons.items()},
+        "neurons_per_layer": {str(s.layer): n_neurons[s.hook] for s in sites if s.kind == "dense"},
+        "neurons_per_site": dict(n_neurons),
         "categories": aligned.categories,
         "category_tokens": {c: int(n) for c, n in zip(aligned.categories, n_tokens_per_category)},
         "auroc_method": ("exact" if record else f"binned ({HIST_BINS} bins per neuron)") if cfg.auroc else "off",
@@ -173,53 +175,81 @@ def scan(
         "mechamap_version": __version__,
         "config": cfg.to_dict(),
     }
-    return ScanResult(scores, top, aligned.tokens, aligned.coverage, aligned.category_mask, metadata, aligned.texts, activations)
+    return ScanResult(
+        scores, top, aligned.tokens, aligned.coverage, aligned.category_mask, metadata, aligned.texts, activations, extras
+    )
 
 
-def _run_sites(lm, cfg, aligned, sites: list[NeuronSite], n_neurons, record: bool, progress):
+def routing_from_states(sites: list[Site], states: dict, category_tokens: np.ndarray, aligned: AlignedText):
+    """The routing table (moe.routing_table) read off the experts' states: each expert's state counted the
+    category tokens routed to it (n_cat) and all its tokens (n_all)."""
+    from ..moe import routing_table
+
+    counts, load = {}, {}
+    for site in (s for s in sites if s.kind == "expert"):
+        n_experts = site.moe.n_experts
+        counts.setdefault(site.layer, np.zeros((n_experts, len(aligned.categories)), dtype=np.int64))
+        load.setdefault(site.layer, np.zeros(n_experts, dtype=np.int64))
+        if site.hook in states:
+            counts[site.layer][site.expert] = states[site.hook].n_cat.cpu().numpy().round().astype(np.int64)
+            load[site.layer][site.expert] = int(states[site.hook].n_all)
+    return routing_table(counts, load, category_tokens, aligned.n_tokens, aligned.categories)
+
+
+def _run_sites(lm, cfg, aligned, points, sites: list[Site], n_neurons, record: bool, progress):
     """The forward passes with every site's SiteStats updated in its hook; each site finished once its last
-    batch is in (on a worker thread when a core is free). Returns (parts in site order, forward passes)."""
+    batch is in (on a worker thread when a core is free). Returns (parts in site order, forward passes,
+    the states by hook name)."""
     n_categories, n_words = len(aligned.categories), len(aligned.coverage)
     histogram = cfg.auroc and not record  # exact AUROC needs the recorded activations, else histograms
     top_k_in_hook = hook_top_k(lm.device, record, cfg.top_k_tokens)
     layouts = {
-        s.layer: StatsLayout(n_neurons[s.layer], n_categories, n_words, 1, top_k_in_hook, HIST_BINS if histogram else 0)
+        s.hook: StatsLayout(n_neurons[s.hook], n_categories, n_words, 1, top_k_in_hook, HIST_BINS if histogram else 0)
         for s in sites
     }
-    states: dict[int, SiteStats] = {}
-    kept: dict[int, list[np.ndarray]] = {s.layer: [] for s in sites}  # recorded [T_batch, N] float32 parts
+    states: dict[str, SiteStats] = {}
+    kept: dict[str, list[np.ndarray]] = {s.hook: [] for s in sites}  # recorded [T_batch, N] float32 parts
     n_batches = -(-len(aligned.chunks) // cfg.batch_size)
-    seen = dict.fromkeys(n_neurons, 0)
+    seen = {id(p): 0 for p in points}
+    sites_of = {id(p): [s for s in sites if getattr(s, "moe", s) is p] for p in points}  # an MoE layer: its experts
     labels = {"cpu": None, "moved": {}}  # the current batch's labels, and their copies per device
     n_docs = len(aligned.texts)
-    total = n_docs if n_docs > 1 else n_batches * len(sites)
+    total = n_docs if n_docs > 1 else n_batches * len(points)
     steps = {"done": 0, "docs": 0}
     doc_ends = sorted({c.doc: i for i, c in enumerate(aligned.chunks)}.values())  # each document's last chunk
 
-    def finish(layer: int, neurons: slice) -> SitePart:  # numpy on the CPU, once the layer's last batch is in
-        recorded = [part[:, neurons] for part in kept[layer]] if record else None
-        return finish_part(layer, neurons, states[layer], recorded, aligned.category_mask, cfg.top_k_tokens, cfg.auroc)
+    def finish(site: Site, neurons: slice) -> SitePart:  # numpy on the CPU, once the site's last batch is in
+        if site.hook not in states:  # an expert the router never chose: every statistic is NaN
+            states[site.hook] = SiteStats(layouts[site.hook], "cpu")
+        recorded = [part[:, neurons] for part in kept[site.hook]] if record else None
+        part = finish_part(site.layer, neurons, states[site.hook], recorded, aligned.category_mask, cfg.top_k_tokens, cfg.auroc)
+        part.hook, part.expert = site.hook, getattr(site, "expert", None)
+        return part
 
-    def on_site(site: NeuronSite, acts: torch.Tensor, batch: Batch) -> None:
+    def on_site(site: Site, acts: torch.Tensor, batch: Batch, slots: torch.Tensor | None) -> None:
         device = acts.device
-        if site.layer not in states:  # each site's statistics live on its module's device
-            states[site.layer] = SiteStats(layouts[site.layer], site_device(site, device))
+        if site.hook not in states:  # each site's statistics live on its module's device
+            states[site.hook] = SiteStats(layouts[site.hook], site_device(site, device))
         if device not in labels["moved"]:
             labels["moved"][device] = labels["cpu"].to(device)
-        states[site.layer].update(acts, labels["moved"][device])
+        batch_labels_here = labels["moved"][device]
+        states[site.hook].update(acts, batch_labels_here if slots is None else batch_labels_here.select(slots))
         if record:
-            kept[site.layer].append(np.ascontiguousarray(acts.cpu().numpy()))  # compact: acts may view all neurons
-        seen[site.layer] += 1
+            kept[site.hook].append(np.ascontiguousarray(acts.cpu().numpy()))  # compact: acts may view all neurons
+
+    def after_point(point) -> None:
+        seen[id(point)] += 1
         steps["done"] += 1
         if progress and n_docs > 1:
-            progress(steps["docs"], total, f"documents {steps['docs']}/{n_docs}, layer {site.layer}")
+            progress(steps["docs"], total, f"documents {steps['docs']}/{n_docs}, layer {point.layer}")
         elif progress:
-            progress(steps["done"], total, f"layer {site.layer} ({site.hook})")
-        if seen[site.layer] == n_batches:  # two halves, so two threads can share the last layer
-            n = n_neurons[site.layer]
-            for neurons in (slice(0, (n + 1) // 2), slice((n + 1) // 2, n)):
-                if neurons.stop > neurons.start:
-                    reducer.submit((site.layer, neurons.start), finish, site.layer, neurons)
+            progress(steps["done"], total, f"layer {point.layer} ({getattr(point, 'hook', None) or point.experts_path})")
+        if seen[id(point)] == n_batches:  # every site of the point is complete; halves, so two threads share it
+            for site in sites_of[id(point)]:
+                n = n_neurons[site.hook]
+                for neurons in (slice(0, (n + 1) // 2), slice((n + 1) // 2, n)):
+                    if neurons.stop > neurons.start:
+                        reducer.submit((site.hook, neurons.start), finish, site, neurons)
 
     def labelled_batches():
         for batch in batches(aligned.chunks, cfg.batch_size, lm.pad_id):
@@ -237,7 +267,8 @@ def _run_sites(lm, cfg, aligned, sites: list[NeuronSite], n_neurons, record: boo
     # Each finished site's statistics run on a worker thread, overlapping the forward pass of the sites
     # after it when a core is free; this thread joins in once the forward pass is done.
     with _Reducer(reduction_mode(lm.device, record)) as reducer:
-        passes = run_hooked_forward(lm, labelled_batches(), sites, on_site, n_neurons, on_batch)
+        passes = run_hooked_forward(lm, labelled_batches(), points, on_site, n_neurons, on_batch, after_point)
     kept.clear()
-    parts = sorted(reducer.results.values(), key=lambda part: (part.layer, part.first_neuron))
-    return parts, passes
+    order = {site.hook: i for i, site in enumerate(sites)}
+    parts = sorted(reducer.results.values(), key=lambda part: (order[part.hook], part.first_neuron))
+    return parts, passes, states

@@ -35,6 +35,11 @@ class BatchLabels:
     word: torch.Tensor | None = None  # [T] int64: the token's word (coverage row), -1 for none
     fold: torch.Tensor | None = None  # [T, C] int64: the fold of the token's word in each category, -1 outside
 
+    def select(self, rows: torch.Tensor) -> BatchLabels:
+        """The labels of some of the tokens (rows [t] indices), e.g. those routed to one expert."""
+        pick = lambda t: None if t is None else t.index_select(0, rows.to(t.device))  # noqa: E731
+        return BatchLabels(*(pick(getattr(self, name)) for name in ("category_mask", "keys", "word", "fold")))
+
     def to(self, device: torch.device) -> BatchLabels:
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return BatchLabels(*(move(getattr(self, name)) for name in ("category_mask", "keys", "word", "fold")))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -18,9 +19,9 @@ from ..alignment import AlignedText, align
 from ..config import ScanConfig, validate_config
 from ..corpus import CorpusReport
 from ..models import LoadedModel
-from ..sites import NeuronSite, resolve_sites
+from ..moe import MoELayer
 from ..sites import n_layers as count_layers
-from .driver import Batch, batches, run_hooked_forward, site_device
+from .driver import Batch, Site, batches, resolve_hook_points, run_hooked_forward, site_device
 from .finish import assemble, finish_part
 from .result import ScanResult
 from .state import HIST_BINS, BatchLabels, SiteStats, StatsLayout, quantile_edges, sorted_rows
@@ -36,7 +37,7 @@ ProgressFn = Callable[[int, int | None, str], None]
 class StreamState:
     """Everything a corpus scan has accumulated: what a checkpoint holds and what ranks gather and merge."""
 
-    sites: dict[int, SiteStats]
+    sites: dict[str, SiteStats]  # by hook name
     examples: dict[int, tuple[int, str, str, str]] = field(default_factory=dict)  # key -> (doc, left, token, right)
     documents: int = 0  # documents scanned
     tokens: int = 0
@@ -162,24 +163,22 @@ def scan_stream(
     layers = cfg.layers if layers is None else layers
     limit = cfg.limit_neurons if limit_neurons is None else limit_neurons
     with lm.lock:
-        sites = resolve_sites(lm.model, layers)
+        points, sites = resolve_hook_points(lm.model, layers)
         chunk_tokens = lm.chunk_tokens(cfg.max_chunk_tokens)
-        n_neurons = {s.layer: min(limit, s.d_mlp) if limit else s.d_mlp for s in sites}
+        n_neurons = {s.hook: min(limit, s.d_mlp) if limit else s.d_mlp for s in sites}
         n_words = sum(len(dict.fromkeys(words)) for words in cfg.categories.values())
         layout = {
-            s.layer: StatsLayout(n_neurons[s.layer], len(cfg.categories), n_words, 1, cfg.top_k_tokens,
-                                 HIST_BINS if cfg.auroc else 0, SAMPLE_BANDS, SAMPLES_PER_BAND)
+            s.hook: StatsLayout(n_neurons[s.hook], len(cfg.categories), n_words, 1, cfg.top_k_tokens,
+                                HIST_BINS if cfg.auroc else 0, SAMPLE_BANDS, SAMPLES_PER_BAND)
             for s in sites
         }  # fmt: skip
-        edges = _calibrate_edges(lm, cfg, sites, n_neurons, calibration_texts, chunk_tokens)
+        edges = _calibrate_edges(lm, cfg, points, n_neurons, calibration_texts, chunk_tokens)
         state = resume_from or StreamState({}, category_tokens=np.zeros(len(cfg.categories), dtype=np.int64))
-        devices: dict[int, torch.device] = {}
-
-        def new_stats(site: NeuronSite, device: torch.device) -> SiteStats:
-            devices[site.layer] = site_device(site, device)
-            if site.layer in state.sites:  # resumed: the checkpoint's state moves to the site's device
-                return state.sites[site.layer].to(devices[site.layer])
-            return SiteStats(layout[site.layer], devices[site.layer], edges.get(site.layer))
+        for site in sites:  # every site has a state, even an expert the router never chooses
+            if site.hook not in state.sites:
+                state.sites[site.hook] = SiteStats(layout[site.hook], site_device(site, lm.device), edges.get(site.hook))
+            else:  # resumed: the checkpoint's state moves to the site's device
+                state.sites[site.hook] = state.sites[site.hook].to(site_device(site, lm.device))
 
         since_checkpoint = 0
         group: list = []
@@ -188,7 +187,7 @@ def scan_stream(
                 continue
             group.append(document)
             if len(group) == min(group_documents, checkpointing.every_documents if checkpointing else group_documents):
-                _scan_group(lm, cfg, sites, n_neurons, group, chunk_tokens, state, new_stats)
+                _scan_group(lm, cfg, points, n_neurons, group, chunk_tokens, state)
                 since_checkpoint += len(group)
                 group = []
                 if progress:
@@ -197,33 +196,51 @@ def scan_stream(
                     checkpointing.save(state)
                     since_checkpoint = 0
         if group:
-            _scan_group(lm, cfg, sites, n_neurons, group, chunk_tokens, state, new_stats)
+            _scan_group(lm, cfg, points, n_neurons, group, chunk_tokens, state)
         if progress:
             progress(state.documents, total_documents, f"documents {state.documents:,}, tokens {state.tokens:,}")
         if checkpointing:
             checkpointing.save(state)
-    state.sites = {layer: stats.to("cpu") for layer, stats in state.sites.items()}
+    state.sites = {hook: stats.to("cpu") for hook, stats in state.sites.items()}
     return state
 
 
-def _calibrate_edges(lm, cfg, sites, n_neurons, texts: list[str], chunk_tokens: int) -> dict[int, torch.Tensor]:
-    """Per-site histogram edges from one forward pass over the calibration texts' first batch."""
+def _calibrate_edges(lm, cfg, points, n_neurons, texts: list[str], chunk_tokens: int) -> dict[str, torch.Tensor]:
+    """Per-site histogram edges from one forward pass over the calibration texts' first batch. An expert's
+    edges come from its neurons on every calibration token (recomputed), so they exist for every expert."""
     if not cfg.auroc:
         return {}
     aligned = align(lm.tokenizer, [t for t in texts if t.strip()], {}, chunk_tokens)
     if aligned.n_tokens == 0:
         raise ValueError("the corpus's first documents have no tokens besides special tokens")
-    edges: dict[int, torch.Tensor] = {}
-
-    def on_site(site, acts, batch):
-        edges[site.layer] = quantile_edges(sorted_rows(acts.T.contiguous()), HIST_BINS)
-
+    edges: dict[str, torch.Tensor] = {}
     first = next(batches(aligned.chunks, cfg.batch_size, lm.pad_id))
-    run_hooked_forward(lm, [first], sites, on_site, n_neurons)
+    every_token = [p for p in points if isinstance(p, MoELayer)]
+
+    def edges_of(acts: torch.Tensor) -> torch.Tensor:
+        return quantile_edges(sorted_rows(acts.T.contiguous()), HIST_BINS)
+
+    def on_site(site, acts, batch, slots):
+        if site.kind != "expert":
+            edges[site.hook] = edges_of(acts)
+
+    def on_moe(module, args, kwargs, moe: MoELayer):
+        hidden = moe.read_hook_inputs(args, kwargs).hidden
+        hidden = hidden.index_select(0, first.positions_on(hidden.device))  # the counted tokens
+        for expert in range(moe.n_experts):
+            edges[moe.hook_name(expert)] = edges_of(moe._recompute(hidden, expert)[:, : n_neurons[moe.hook_name(expert)]])
+
+    handles = [p.hook_module.register_forward_pre_hook(lambda m, a, k, moe=p: on_moe(m, a, k, moe), with_kwargs=True)
+               for p in every_token]  # fmt: skip
+    try:
+        run_hooked_forward(lm, [first], points, on_site, n_neurons)
+    finally:
+        for handle in handles:
+            handle.remove()
     return edges
 
 
-def _scan_group(lm, cfg, sites, n_neurons, group: list, chunk_tokens: int, state: StreamState, new_stats) -> None:
+def _scan_group(lm, cfg, points, n_neurons, group: list, chunk_tokens: int, state: StreamState) -> None:
     """Align one group of documents, run its batches, update every site's state and keep new examples' contexts."""
     aligned = align(lm.tokenizer, [d.text for d in group], cfg.categories, chunk_tokens)
     doc_index = np.array([d.index for d in group], dtype=np.int64)
@@ -232,14 +249,12 @@ def _scan_group(lm, cfg, sites, n_neurons, group: list, chunk_tokens: int, state
     keys = doc_index[tokens["doc"].to_numpy()] * KEY_POSITIONS + ordinal  # [n_tokens] stable across runs and ranks
     labels = {"cpu": None, "moved": {}}
 
-    def on_site(site, acts, batch: Batch):
+    def on_site(site: Site, acts, batch: Batch, slots):
         device = acts.device
-        if site.layer not in state.sites:
-            state.sites[site.layer] = new_stats(site, device)
-        stats = state.sites[site.layer]
         if device not in labels["moved"]:
             labels["moved"][device] = labels["cpu"].to(device)
-        stats.update(acts, labels["moved"][device])
+        here = labels["moved"][device]
+        state.sites[site.hook].update(acts, here if slots is None else here.select(slots))
 
     def labelled():
         for batch in batches(aligned.chunks, cfg.batch_size, lm.pad_id):
@@ -247,7 +262,7 @@ def _scan_group(lm, cfg, sites, n_neurons, group: list, chunk_tokens: int, state
             yield batch
 
     if aligned.n_tokens:
-        run_hooked_forward(lm, labelled(), sites, on_site, n_neurons)
+        run_hooked_forward(lm, labelled(), points, on_site, n_neurons)
     held = state.held_keys()
     state.prune_examples(held)
     for row in np.flatnonzero(np.isin(keys, held)):
@@ -280,21 +295,23 @@ def stream_result(lm: LoadedModel, cfg: ScanConfig, state: StreamState, extra_me
     tokens holds only the example tokens (token_index is the token's key); extras["examples"] their contexts,
     extras["samples"] each neuron's tokens sampled across its activation bands."""
     started = time.perf_counter()
-    layers = sorted(state.sites)
     categories = list(cfg.categories)
     parts = []
-    for layer in layers:
-        stats = state.sites[layer]
-        n = stats.layout.n_neurons
-        parts.append(finish_part(layer, slice(0, n), stats, None, np.zeros((0, len(categories)), bool), cfg.top_k_tokens, cfg.auroc))
+    for hook, stats in sorted(state.sites.items(), key=lambda item: site_of_hook(item[0])):
+        layer, expert = site_of_hook(hook)
+        no_tokens = np.zeros((0, len(categories)), bool)
+        part = finish_part(layer, slice(0, stats.layout.n_neurons), stats, None, no_tokens, cfg.top_k_tokens, cfg.auroc)
+        part.hook, part.expert = hook, None if expert < 0 else expert
+        parts.append(part)
+    layers = sorted({p.layer for p in parts})
     n_layers_model = count_layers(lm.model)
-    scores, top = assemble(lm.name, categories, state.category_tokens, parts, n_layers_model)
+    scores, top = assemble(lm.name, categories, parts, n_layers_model)
     examples = pd.DataFrame(
         [(key, *value) for key, value in sorted(state.examples.items())],
         columns=["token_index", "doc", "left", "token", "right"],
     )
     token_of = dict(zip(examples["token_index"], examples["token"]))
-    top.insert(4, "token", [token_of.get(int(k), "") for k in top["token_index"]])
+    top.insert(5, "token", [token_of.get(int(k), "") for k in top["token_index"]])
     samples = _sample_table(state, token_of)
     tokens = pd.DataFrame({
         "token_index": examples["token_index"], "doc": examples["doc"], "position": examples["token_index"] % KEY_POSITIONS,
@@ -304,7 +321,7 @@ def stream_result(lm: LoadedModel, cfg: ScanConfig, state: StreamState, extra_me
         "model": lm.name, "config_hash": cfg.content_hash(), "device": str(lm.device),
         "dtype": str(lm.dtype).replace("torch.", ""), "n_tokens": int(state.tokens), "n_documents": int(state.documents),
         "layers": layers, "n_layers_model": n_layers_model,
-        "neurons_per_layer": {str(layer): state.sites[layer].layout.n_neurons for layer in layers},
+        "neurons_per_layer": {str(p.layer): p.stats["score"].shape[1] for p in parts if p.hook.endswith(".mlp.hook_post")},
         "categories": categories,
         "category_tokens": {c: int(n) for c, n in zip(categories, state.category_tokens)},
         "auroc_method": f"binned ({HIST_BINS} bins per neuron)" if cfg.auroc else "off",
@@ -319,21 +336,35 @@ def stream_result(lm: LoadedModel, cfg: ScanConfig, state: StreamState, extra_me
     return ScanResult(scores, top, tokens, coverage, empty_mask, metadata, [], None, extras)
 
 
+_HOOK_SITE = re.compile(r"^blocks\.(\d+)\.mlp\.(?:experts\.(\d+)\.|shared_experts\.)?hook_post$")
+
+
+def site_of_hook(hook: str) -> tuple[int, int]:
+    """(layer, expert) of a site's hook name; expert -1 for dense and shared-expert neurons."""
+    match = _HOOK_SITE.match(hook)
+    if match is None:
+        raise ValueError(f"not a MechaMap hook name: {hook}")
+    return int(match.group(1)), int(match.group(2)) if match.group(2) else -1
+
+
 def _sample_table(state: StreamState, token_of: dict) -> pd.DataFrame:
-    """Each neuron's sampled tokens: layer, neuron, band (0 = lowest activations), token_index, token, activation."""
+    """Each neuron's sampled tokens: layer, expert, neuron, band (0 = lowest activations), token_index, token,
+    activation."""
     frames = []
-    for layer, stats in sorted(state.sites.items()):
+    for hook, stats in sorted(state.sites.items(), key=lambda item: site_of_hook(item[0])):
+        layer, expert = site_of_hook(hook)
         keys = stats.sample_keys.numpy()  # [bands * per_band, N]
         vals = stats.sample_vals.numpy()
         slot, neuron = np.nonzero(keys >= 0)
         frames.append(pd.DataFrame({
-            "layer": layer, "neuron": neuron, "band": slot // max(stats.layout.samples_per_band, 1),
+            "layer": layer, "expert": pd.array([None if expert < 0 else expert] * len(slot), dtype="Int64"),
+            "neuron": neuron, "band": slot // max(stats.layout.samples_per_band, 1),
             "token_index": keys[slot, neuron], "activation": vals[slot, neuron],
         }))  # fmt: skip
-    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
-        columns=["layer", "neuron", "band", "token_index", "activation"])
-    table.insert(4, "token", [token_of.get(int(k), "") for k in table["token_index"]])
-    return table.sort_values(["layer", "neuron", "band"], kind="stable").reset_index(drop=True)
+    columns = ["layer", "expert", "neuron", "band", "token_index", "activation"]
+    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+    table.insert(5, "token", [token_of.get(int(k), "") for k in table["token_index"]])
+    return table.sort_values(["layer", "expert", "neuron", "band"], kind="stable").reset_index(drop=True)
 
 
 def merge_states(states: list[StreamState]) -> StreamState:
