@@ -209,8 +209,6 @@ def contrast_neurons(
     if top:
         rows = rows.groupby(rows["category"].astype(str), sort=False).head(top)
     if rows.empty:
-        raise ValueError(
-            f"no neuron has score >= {threshold} in a category of the contrast set ({', '.join(contrast_set)})"
-        )
+        raise ValueError(f"no neuron has score >= {threshold} in a category of the contrast set ({', '.join(contrast_set)})")
     keep = ["layer", "neuron", "category", "score"]
     return contrast_table(lm, rows[keep].reset_index(drop=True), contrast_set)

@@ -38,12 +38,12 @@ def write_master_text(categories: dict[str, list[str]], contexts: int = DEFAULT_
     """A balanced master text: each word in `contexts` different templates, categories interleaved.
 
     The text has `contexts` rounds, one paragraph each. A round is a run of blocks; block i holds the
-    i-th word of every category (words shuffled with the seed), in a seeded order of the categories.
-    Category c's i-th word takes template (i + c + round) mod T, where T is the number of slots (words of
-    the largest category), at least `contexts`, at most the usable templates. So in a round a full
-    category uses every one of the T templates once, neighbouring sentences differ, and a word meets a
-    different template in each round. Deterministic for a given seed. Raises ValueError when there are
-    no words, or `contexts` is below 1 or above the number of usable templates.
+    i-th word of every category (words shuffled with the seed), the categories in a seeded order, never
+    one category twice in a row. Category c's i-th word takes template (i + c + round) mod T, where T is
+    the number of slots (words of the largest category), at least `contexts`, at most the usable
+    templates. So in a round a full category uses every one of the T templates once, a block's sentences
+    all differ, and a word meets a different template in each round. Deterministic for a given seed.
+    Raises ValueError when there are no words, or `contexts` is below 1 or above the usable templates.
     """
     rng = random.Random(seed)
     words = {name: list(dict.fromkeys(str(w).strip() for w in ws if str(w).strip())) for name, ws in categories.items()}
@@ -61,10 +61,13 @@ def write_master_text(categories: dict[str, list[str]], contexts: int = DEFAULT_
     index = {name: c for c, name in enumerate(words)}
     paragraphs = []
     for round_ in range(contexts):
-        sentences = []
+        sentences, last = [], None
         for slot in range(slots):
             names = [n for n in words if slot < len(words[n])]
             rng.shuffle(names)
+            if len(names) > 1 and names[0] == last:  # no category twice in a row across blocks
+                names[0], names[1] = names[1], names[0]
+            last = names[-1]
             for name in names:
                 template = templates[(slot + index[name] + round_) % len(templates)]
                 sentences.append(template.format(words[name][slot]))
