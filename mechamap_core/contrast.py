@@ -75,12 +75,12 @@ def validate_contrast_set(data: object) -> ContrastSet:
                     problems.append((f"{at}.{sense}", f"'{word}' needs {sense}: a list of sentences"))
                     continue
                 if len(sentences) < MIN_SENTENCES:
-                    problems.append((f"{at}.{sense}", f"'{word}' needs at least {MIN_SENTENCES} {sense} sentences, "
-                                                      f"has {len(sentences)}"))  # fmt: skip
+                    count = f"needs at least {MIN_SENTENCES} {sense} sentences, has {len(sentences)}"
+                    problems.append((f"{at}.{sense}", f"'{word}' {count}"))
                 for number, sentence in enumerate(sentences, start=1):
                     if not find_word_spans(sentence, word):
-                        problems.append((f"{at}.{sense}", f"{sense} sentence {number} of '{word}' does not contain "
-                                                          f"the word: {sentence!r}"))  # fmt: skip
+                        lacks = f"{sense} sentence {number} of '{word}' does not contain the word"
+                        problems.append((f"{at}.{sense}", f"{lacks}: {sentence!r}"))
             out.setdefault(where, {})[word] = {s: list(senses.get(s) or []) for s in SENSES}
     if problems:
         raise ConfigError(problems)
@@ -96,7 +96,8 @@ def parse_contrast_set(text: str) -> ContrastSet:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError([("", f"the contrast YAML is malformed{where}: {getattr(exc, 'problem', exc)}")]) from None
+        reason = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError([("", f"the contrast YAML is malformed{where}: {reason}")]) from None
     return validate_contrast_set(data)
 
 
@@ -136,7 +137,8 @@ def sentence_activations(
         word_tokens |= picked
         keys.append((category, word, sense, sentence))
         rows.append(np.concatenate([acts[layer][picked].mean(0) for layer in neurons]))
-    columns = pd.MultiIndex.from_tuples([(layer, n) for layer, ids in neurons.items() for n in ids], names=["layer", "neuron"])
+    pairs = [(layer, n) for layer, ids in neurons.items() for n in ids]
+    columns = pd.MultiIndex.from_tuples(pairs, names=["layer", "neuron"])
     wide = pd.DataFrame(np.array(rows), columns=columns, index=pd.MultiIndex.from_tuples(keys))
     values = wide.stack(["layer", "neuron"], future_stack=True).rename("activation").reset_index()
     values.columns = ["category", "word", "sense", "sentence", "layer", "neuron", "activation"]
@@ -192,9 +194,10 @@ def contrast_table(lm: LoadedModel, candidates: pd.DataFrame, contrast_set: Cont
             label, reason = verdict(lift_in, lift_out, p_value)
             rows.append({
                 **cand, "layer": layer, "neuron": neuron, "hook": hook_name(layer), "word": word,
-                "n_in": len(in_vals), "n_out": len(out_vals), "in_mean": in_vals.mean(), "out_mean": out_vals.mean(),
-                "baseline_mean": mean, "baseline_std": std, "lift_in": lift_in, "lift_out": lift_out,
-                "auroc": float(auroc_exact(both, is_in)[0, 0]), "p_value": p_value, "verdict": label, "reason": reason,
+                "n_in": len(in_vals), "n_out": len(out_vals),
+                "in_mean": in_vals.mean(), "out_mean": out_vals.mean(), "baseline_mean": mean, "baseline_std": std,
+                "lift_in": lift_in, "lift_out": lift_out, "auroc": float(auroc_exact(both, is_in)[0, 0]),
+                "p_value": p_value, "verdict": label, "reason": reason,
             })  # fmt: skip
     return pd.DataFrame(rows)
 
@@ -209,6 +212,7 @@ def contrast_neurons(
     if top:
         rows = rows.groupby(rows["category"].astype(str), sort=False).head(top)
     if rows.empty:
-        raise ValueError(f"no neuron has score >= {threshold} in a category of the contrast set ({', '.join(contrast_set)})")
+        where = f"a category of the contrast set ({', '.join(contrast_set)})"
+        raise ValueError(f"no neuron has score >= {threshold} in {where}")
     keep = ["layer", "neuron", "category", "score"]
     return contrast_table(lm, rows[keep].reset_index(drop=True), contrast_set)

@@ -23,6 +23,18 @@ TEMPLATES = [
     "They kept coming back to {}.",
     "Her notebook had {} underlined.",
     "The sign above the door said {}.",
+    "The teacher wrote {} on the board.",
+    "Somebody had scribbled {} in the margin.",
+    "The title of the chapter was simply {}.",
+    "Her reply was just {}.",
+    "I kept thinking about {}.",
+    "The tag on the folder said {}.",
+    "The next topic on the agenda was {}.",
+    "He spelled {} slowly for the class.",
+    "The crossword answer turned out to be {}.",
+    "Nobody expected {} to come up again.",
+    "The message on the screen said {}.",
+    "They asked me about {} again.",
 ]
 DEFAULT_CONTEXTS = 3
 MIX_MODES = ("replace", "append")
@@ -46,8 +58,8 @@ def write_master_text(categories: dict[str, list[str]], contexts: int = DEFAULT_
     Raises ValueError when there are no words, or `contexts` is below 1 or above the usable templates.
     """
     rng = random.Random(seed)
-    words = {name: list(dict.fromkeys(str(w).strip() for w in ws if str(w).strip())) for name, ws in categories.items()}
-    words = {name: ws for name, ws in words.items() if ws}
+    words = {name: list(dict.fromkeys(str(w).strip() for w in ws)) for name, ws in categories.items()}
+    words = {name: [w for w in ws if w] for name, ws in words.items() if any(ws)}
     if not words:
         raise ValueError("there are no category words to write a text for")
     templates = usable_templates(words)

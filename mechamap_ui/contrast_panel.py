@@ -11,7 +11,8 @@ from mechamap_ui.widgets import neuron_table, stat_column_config
 
 CONTRAST_RESULT = "contrast_result"
 BUILT_IN = "Built-in (ambiguous words of the default categories)"
-SHOWN = ["layer", "neuron", "category", "word", "verdict", "score", "lift_in", "lift_out", "auroc", "p_value", "reason"]
+SHOWN = ["layer", "neuron", "category", "word", "verdict", "score", "lift_in", "lift_out", "auroc", "p_value",
+         "reason"]  # fmt: skip
 
 
 def _contrast_set():
@@ -32,24 +33,27 @@ def _contrast_set():
 
 def contrast_section(result: ScanResult, lm) -> None:
     """Widgets, the check on the run's model, and its per-word verdicts (click a row to open the neuron)."""
-    st.caption("The same word in the category's sense and out of it (*orange* the colour and the fruit): a "
-               "**semantic** neuron responds much more in the sense, a **lexical** one to the word either way.")  # fmt: skip
+    st.caption("The same word in the category's sense and out of it (*orange* the colour and the fruit): "
+               "a **semantic** neuron responds much more in the sense, a **lexical** one to the word "
+               "either way.")  # fmt: skip
     c1, c2 = st.columns(2)
-    threshold = c1.number_input("Neurons with score at least", value=float(result.metadata.get("threshold", 2.0)),
-                                step=0.1, key="contrast_threshold")  # fmt: skip
+    default = float(result.metadata.get("threshold", 2.0))
+    threshold = c1.number_input("Neurons with score at least", value=default, step=0.1, key="contrast_threshold")
     top = int(c2.number_input("Best neurons per category", 1, 100, 5, key="contrast_top"))
     contrast_set = _contrast_set()
     if contrast_set is not None and st.button("Run contrast check", key="contrast_run"):
         try:
             with st.spinner("Running the contrast sentences through the model..."):
-                st.session_state[CONTRAST_RESULT] = contrast_neurons(lm, result.scores, contrast_set, threshold, top)
+                table = contrast_neurons(lm, result.scores, contrast_set, threshold, top)
+                st.session_state[CONTRAST_RESULT] = table
         except ValueError as exc:
             st.error(str(exc))
     table = st.session_state.get(CONTRAST_RESULT)
     if table is not None:
         counts = table["verdict"].value_counts()
-        st.write(", ".join(f"**{counts.get(v, 0)}** {v}" for v in ("semantic", "lexical", "unclear"))
-                 + f" (neuron, word) pairs, {table[['layer', 'neuron']].drop_duplicates().shape[0]} neurons.")  # fmt: skip
+        n_neurons = len(table[["layer", "neuron"]].drop_duplicates())
+        verdicts = ", ".join(f"**{counts.get(v, 0)}** {v}" for v in ("semantic", "lexical", "unclear"))
+        st.write(f"{verdicts} (neuron, word) pairs, {n_neurons} neurons.")
         shown = table[SHOWN]
         neuron_table(shown, key="contrast_table", column_config=stat_column_config(shown))
         st.download_button("Download the verdicts (CSV)", table.to_csv(index=False), "contrast.csv", "text/csv")

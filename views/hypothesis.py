@@ -138,7 +138,7 @@ with ablate_tab:
         chart_downloads(chart, "ablation")
         st.dataframe(pd.DataFrame(outcome.per_condition), hide_index=True)
 
-with st.expander("Word form or meaning? Ambiguous words in and out of the category's sense", icon=":material/compare_arrows:"):
+with st.expander("Word form or meaning? (contrast sentences)", icon=":material/compare_arrows:"):
     contrast_section(result, lm)
 
 st.divider()
