@@ -29,11 +29,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
 from scipy.stats import mannwhitneyu
 
 from .alignment import find_word_spans
-from .config import MAX_CONFIG_BYTES, ConfigError
+from .config import ConfigError, safe_load_yaml
 from .inspect_neuron import collect_activations
 from .models import LoadedModel
 from .sites import hook_name
@@ -89,16 +88,7 @@ def validate_contrast_set(data: object) -> ContrastSet:
 
 def parse_contrast_set(text: str) -> ContrastSet:
     """Parse and validate contrast-set YAML text. Raises ConfigError on malformed or invalid input."""
-    if len(text.encode("utf-8", errors="replace")) > MAX_CONFIG_BYTES:
-        raise ConfigError([("", f"the contrast set is larger than {MAX_CONFIG_BYTES // 1_000_000} MB")])
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        reason = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError([("", f"the contrast YAML is malformed{where}: {reason}")]) from None
-    return validate_contrast_set(data)
+    return validate_contrast_set(safe_load_yaml(text, "contrast set"))
 
 
 def load_contrast_set(path: str | os.PathLike = DEFAULT_CONTRAST_PATH) -> ContrastSet:
