@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--out", help="write here: a .yaml/.yml path gets the whole config, other paths the text")
     c = sub.add_parser("contrast", help="do flagged neurons follow a word's form or its meaning? (contrast sentences)")
     c.add_argument("--csv", required=True, help="scores CSV (or Parquet) written by `scan`")
-    c.add_argument("--contrast", default="configs/contrast_default.yaml", help="contrast set YAML")
+    c.add_argument("--contrast", help="contrast set YAML (default: the built-in configs/contrast_default.yaml)")
     c.add_argument("--threshold", type=float, default=2.0, help="flag rows with score >= T (default 2.0)")
     c.add_argument("--top", type=_non_negative, default=5, help="at most N best neurons per category (0 = all)")
     c.add_argument("--model", help="model to load; default: the CSV's model column")
@@ -176,15 +176,15 @@ def _run_write_text(args) -> int:
 
 
 def _run_contrast(args) -> int:
-    from .contrast import contrast_neurons, load_contrast_set
+    from .contrast import DEFAULT_CONTRAST_PATH, contrast_neurons, load_contrast_set
     from .models import load_model
 
-    contrast_set = load_contrast_set(args.contrast)
+    contrast_set = load_contrast_set(args.contrast or DEFAULT_CONTRAST_PATH)
     scores = _read_scores(args.csv, "score")
     lm = load_model(args.model or str(scores["model"].iloc[0]), device=args.device)
     table = contrast_neurons(lm, scores, contrast_set, threshold=args.threshold, top=args.top or None)
     pd.set_option("display.width", 200)
-    print(f"Word form or meaning? Neurons with score >= {args.threshold}, on {args.contrast}:")
+    print(f"Word form or meaning? Neurons with score >= {args.threshold}, on {args.contrast or 'the built-in set'}:")
     print(table.round(3).to_string(index=False))
     if args.out:
         table.to_csv(args.out, index=False)

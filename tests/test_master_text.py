@@ -132,6 +132,10 @@ def test_cli_prints_writes_a_config_and_appends(tmp_path, capsys):
     assert text_file.read_text() == write_master_text(cats, 3, 0)
     assert main(["write-text", "--config", config, "--contexts", "0"]) == 1
     assert "contexts must be between 1 and 24" in capsys.readouterr().err
+    overlapping = tmp_path / "overlap.yaml"
+    overlapping.write_text("master_text: x\ncategories:\n  food: [ice cream]\n  dairy: [cream]\n")
+    assert main(["write-text", "--config", str(overlapping), "--contexts", "2"]) == 0
+    assert "'cream' (dairy) occurs 4 times, not 2: another entry contains it" in capsys.readouterr().err
 
 
 def test_config_page_writes_previews_and_uses_the_text(app_env):
