@@ -1,4 +1,4 @@
-"""Command line: `python -m mechamap_core scan | interpret | validate | ablate | write-text | contrast`, with a tqdm progress bar on stderr."""
+"""The command line (scan, interpret, validate, ablate, write-text, contrast), with a tqdm progress bar on stderr."""
 
 from __future__ import annotations
 

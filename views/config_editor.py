@@ -150,6 +150,7 @@ st.subheader("Master text")
 text = st.text_area("Text that uses the category words", key=key("text"), height=220)
 text_box = st.container()
 master_text: str | list[str] = cfg.master_text if text == _joined(cfg.master_text) else text
+
 st.subheader("Scan settings")
 c1, c2, c3 = st.columns(3)
 threshold = c1.number_input("Flag threshold (score)", key=key("threshold"), step=0.1, format="%.2f",
