@@ -1,4 +1,4 @@
-"""Command line: `python -m mechamap_core scan | interpret | validate | ablate`, with a tqdm progress bar on stderr."""
+"""The command line (scan, interpret, validate, ablate, write-text, contrast), with a tqdm progress bar on stderr."""
 
 from __future__ import annotations
 
@@ -95,6 +95,21 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--controls", type=_non_negative, default=5, help="random control sets (default 5)")
     a.add_argument("--model", help="model to load; default: the config's")
     a.add_argument("--device", default="auto")
+    w = sub.add_parser("write-text", help="write a balanced master text for a config's words from neutral templates")
+    w.add_argument("--config", required=True, help="YAML config whose categories are used")
+    w.add_argument("--contexts", type=_non_negative, default=3, help="templates (contexts) per word (default 3)")
+    w.add_argument("--seed", type=int, default=0, help="seed of the word and template order (default 0)")
+    w.add_argument("--mix", choices=["replace", "append"], default="replace",
+                   help="replace the config's text, or append to it (default replace)")  # fmt: skip
+    w.add_argument("--out", help="write here: a .yaml/.yml path gets the whole config, other paths the text")
+    c = sub.add_parser("contrast", help="do flagged neurons follow a word's form or its meaning? (contrast sentences)")
+    c.add_argument("--csv", required=True, help="scores CSV (or Parquet) written by `scan`")
+    c.add_argument("--contrast", help="contrast set YAML (default: the built-in configs/contrast_default.yaml)")
+    c.add_argument("--threshold", type=float, default=2.0, help="flag rows with score >= T (default 2.0)")
+    c.add_argument("--top", type=_non_negative, default=5, help="at most N best neurons per category (0 = all)")
+    c.add_argument("--model", help="model to load; default: the CSV's model column")
+    c.add_argument("--device", default="auto")
+    c.add_argument("--out", help="write the per-word verdicts CSV here")
     return parser
 
 
@@ -144,6 +159,51 @@ def _run_ablate(args) -> int:
     print(f"\n{s['mode']}-ablating {s['n_neurons']} neuron(s) for '{s['category']}' ({s['measure']}): "
           f"effect {s['effect']:+.4f} vs random controls {s['control_mean']:+.4f} ± {s['control_std']:.4f}"
           + (f", z = {s['z_vs_controls']:.1f}" if "z_vs_controls" in s else ""))
+    return 0
+
+
+def _run_write_text(args) -> int:
+    import dataclasses
+    from pathlib import Path
+
+    from .config import atomic_write_text, config_to_yaml, validate_config
+    from .master_text import mix_texts, overcounted_words, write_master_text
+
+    cfg = load_config(args.config)
+    generated = write_master_text(cfg.categories, args.contexts, args.seed)
+    for row in overcounted_words(generated, cfg.categories, args.contexts).itertuples():
+        print(f"warning: '{row.word}' ({row.category}) occurs {row.occurrences} times, not {args.contexts}: "
+              "another entry contains it", file=sys.stderr)  # fmt: skip
+    own = cfg.master_text if isinstance(cfg.master_text, str) else "\n\n".join(cfg.master_text)
+    text = mix_texts(own, generated, args.mix)
+    if not args.out:
+        print(text, end="")
+        return 0
+    out = Path(args.out)
+    if out.suffix in (".yaml", ".yml"):
+        new_cfg = dataclasses.replace(cfg, master_text=text)
+        validate_config(new_cfg)
+        atomic_write_text(out, config_to_yaml(new_cfg))
+    else:
+        atomic_write_text(out, text)
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+def _run_contrast(args) -> int:
+    from .contrast import DEFAULT_CONTRAST_PATH, contrast_neurons, load_contrast_set
+    from .models import load_model
+
+    contrast_set = load_contrast_set(args.contrast or DEFAULT_CONTRAST_PATH)
+    scores = _read_scores(args.csv, "score")
+    lm = load_model(args.model or str(scores["model"].iloc[0]), device=args.device)
+    table = contrast_neurons(lm, scores, contrast_set, threshold=args.threshold, top=args.top or None)
+    pd.set_option("display.width", 200)
+    print(f"Word form or meaning? Neurons with score >= {args.threshold}, on {args.contrast or 'the built-in set'}:")
+    print(table.round(3).to_string(index=False))
+    if args.out:
+        table.to_csv(args.out, index=False)
+        print(f"wrote {args.out}", file=sys.stderr)
     return 0
 
 
@@ -228,7 +288,10 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code. Errors print one line to stderr and return non-zero."""
     args = build_parser().parse_args(argv)
     try:
-        runner = {"scan": _run_scan, "interpret": _run_interpret, "validate": _run_validate, "ablate": _run_ablate}
+        runner = {
+            "scan": _run_scan, "interpret": _run_interpret, "validate": _run_validate, "ablate": _run_ablate,
+            "write-text": _run_write_text, "contrast": _run_contrast,
+        }  # fmt: skip
         return runner[args.command](args)
     except (ConfigError, ValueError, FileNotFoundError, OSError, RuntimeError) as exc:
         print(f"mechamap: error: {exc}", file=sys.stderr)

@@ -144,18 +144,22 @@ def validate_config(cfg: ScanConfig) -> None:
     cfg.categories = {name: [str(w).strip() for w in words if str(w).strip()] for name, words in cfg.categories.items()}
 
 
-def parse_config(text: str) -> ScanConfig:
-    """Parse YAML text into a validated ScanConfig. Raises ConfigError on malformed or invalid input."""
+def safe_load_yaml(text: str, what: str = "config") -> object:
+    """yaml.safe_load of at most MAX_CONFIG_BYTES; ConfigError says where malformed YAML goes wrong."""
     if len(text.encode("utf-8", errors="replace")) > MAX_CONFIG_BYTES:
-        raise ConfigError([("", f"the config is larger than {MAX_CONFIG_BYTES // 1_000_000} MB")])
+        raise ConfigError([("", f"the {what} is larger than {MAX_CONFIG_BYTES // 1_000_000} MB")])
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         reason = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError([("", f"the YAML is malformed{where}: {reason}")]) from None
-    return config_from_dict(data)
+
+
+def parse_config(text: str) -> ScanConfig:
+    """Parse YAML text into a validated ScanConfig. Raises ConfigError on malformed or invalid input."""
+    return config_from_dict(safe_load_yaml(text))
 
 
 def load_config(path: str | os.PathLike) -> ScanConfig:

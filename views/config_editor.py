@@ -17,6 +17,7 @@ from mechamap_core.config import (
     safe_child_path,
     save_config,
 )
+from mechamap_core.master_text import DEFAULT_CONTEXTS, TEMPLATES, mix_texts, overcounted_words, write_master_text
 from mechamap_ui import config_tools, state
 
 MAX_UPLOAD_BYTES = 1_000_000
@@ -63,6 +64,13 @@ def _load_upload() -> None:
     stem = Path(upload.name).stem
     state.set_active_config(cfg, stem)
     _say("success", f"Loaded the uploaded {upload.name}.")
+
+
+def _use_written_text(text_key: str, written: str, mode: str) -> None:
+    """Callback: the written master text replaces the user's text, or goes after it."""
+    st.session_state[text_key] = mix_texts(st.session_state.get(text_key, ""), written, mode)
+    _say("success", "The master text is now the written text." if mode == "replace" else
+         "The written text now follows your master text.")  # fmt: skip
 
 
 def _show_problems(where, messages: list[str]) -> None:
@@ -205,6 +213,25 @@ with st.expander("Master text with the category words highlighted", icon=":mater
     st.html(body)
     if truncated:
         st.caption("Only the start of the text is shown.")
+
+with st.expander("Write a master text for these words", icon=":material/edit_note:"):
+    st.caption("Every word in the same neutral sentences, the categories taking turns, so that each category "
+               "meets the same contexts. Use it instead of your text, or after it.")  # fmt: skip
+    w1, w2 = st.columns(2)
+    contexts = w1.number_input("Sentences per word", 1, len(TEMPLATES), DEFAULT_CONTEXTS, key="cfg_write_contexts")
+    seed = w2.number_input("Seed (word and sentence order)", 0, 2**31 - 1, 0, key="cfg_write_seed")
+    try:
+        written = write_master_text(categories, int(contexts), int(seed))
+    except ValueError as exc:
+        st.info(f"Nothing to write: {exc}.")
+    else:
+        st.code(written, language=None, wrap_lines=True, height=200)
+        st.dataframe(config_tools.coverage_table([written], categories, tokenizer), hide_index=True)
+        for row in overcounted_words(written, categories, int(contexts)).itertuples():
+            st.warning(f"'{row.word}' ({row.category}) occurs {row.occurrences} times: another word contains it.")
+        w3, w4 = st.columns(2)
+        w3.button("Replace my text with it", on_click=_use_written_text, args=(key("text"), written, "replace"))
+        w4.button("Append it to my text", on_click=_use_written_text, args=(key("text"), written, "append"))
 
 st.subheader("Save")
 s1, s2 = st.columns([2, 1])

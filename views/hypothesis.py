@@ -9,6 +9,7 @@ from mechamap_core.config import ConfigError, ScanConfig, load_config, safe_chil
 from mechamap_core.export import flagged_neurons
 from mechamap_core.hypothesis import ablate, flagged_for_category, parse_neuron_list, validate_heldout
 from mechamap_ui import state
+from mechamap_ui.contrast_panel import contrast_section
 from mechamap_ui.neuron_data import model_for
 from mechamap_ui.widgets import chart_downloads, metric_picker, neuron_table, stat_column_config, threshold_slider
 
@@ -136,6 +137,9 @@ with ablate_tab:
         st.altair_chart(chart)
         chart_downloads(chart, "ablation")
         st.dataframe(pd.DataFrame(outcome.per_condition), hide_index=True)
+
+with st.expander("Word form or meaning? (contrast sentences)", icon=":material/compare_arrows:"):
+    contrast_section(result, lm)
 
 st.divider()
 flagged = flagged_neurons(result)

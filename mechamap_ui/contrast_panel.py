@@ -1,0 +1,59 @@
+"""Hypothesis page section: do flagged neurons follow a word's form or its meaning? (contrast sentences)"""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from mechamap_core.config import ConfigError
+from mechamap_core.contrast import FORMAT_HELP, contrast_neurons, load_contrast_set, parse_contrast_set
+from mechamap_core.scanner import ScanResult
+from mechamap_ui.widgets import neuron_table, stat_column_config
+
+CONTRAST_RESULT = "contrast_result"
+BUILT_IN = "Built-in (ambiguous words of the default categories)"
+SHOWN = ["layer", "neuron", "category", "word", "verdict", "score", "lift_in", "lift_out", "auroc", "p_value",
+         "reason"]  # fmt: skip
+
+
+def _contrast_set():
+    """The chosen contrast set, or None (nothing uploaded yet, or an error already shown)."""
+    source = st.radio("Contrast set", [BUILT_IN, "Upload a YAML file"], horizontal=True, key="contrast_source")
+    try:
+        if source == BUILT_IN:
+            return load_contrast_set()
+        upload = st.file_uploader("Contrast set (YAML)", type=["yaml", "yml"], key="contrast_upload",
+                                  help=f"Format: {FORMAT_HELP}; at least 3 sentences per sense.")  # fmt: skip
+        return parse_contrast_set(upload.getvalue().decode("utf-8")) if upload is not None else None
+    except UnicodeDecodeError:
+        st.error("The contrast set can't be used: it is not UTF-8 text.")
+    except (ConfigError, FileNotFoundError) as exc:
+        st.error(f"The contrast set can't be used: {exc}")
+    return None
+
+
+def contrast_section(result: ScanResult, lm) -> None:
+    """Widgets, the check on the run's model, and its per-word verdicts (click a row to open the neuron)."""
+    st.caption("The same word in the category's sense and out of it (*orange* the colour and the fruit): "
+               "a **semantic** neuron responds much more in the sense, a **lexical** one to the word "
+               "either way.")  # fmt: skip
+    c1, c2 = st.columns(2)
+    default = float(result.metadata.get("threshold", 2.0))
+    threshold = c1.number_input("Neurons with score at least", value=default, step=0.1, key="contrast_threshold")
+    top = int(c2.number_input("Best neurons per category", 1, 100, 5, key="contrast_top"))
+    contrast_set = _contrast_set()
+    if contrast_set is not None and st.button("Run contrast check", key="contrast_run"):
+        try:
+            with st.spinner("Running the contrast sentences through the model..."):
+                table = contrast_neurons(lm, result.scores, contrast_set, threshold, top)
+                st.session_state[CONTRAST_RESULT] = table
+        except ValueError as exc:
+            st.error(str(exc))
+    table = st.session_state.get(CONTRAST_RESULT)
+    if table is not None:
+        counts = table["verdict"].value_counts()
+        n_neurons = len(table[["layer", "neuron"]].drop_duplicates())
+        verdicts = ", ".join(f"**{counts.get(v, 0)}** {v}" for v in ("semantic", "lexical", "unclear"))
+        st.write(f"{verdicts} (neuron, word) pairs, {n_neurons} neurons.")
+        shown = table[SHOWN]
+        neuron_table(shown, key="contrast_table", column_config=stat_column_config(shown))
+        st.download_button("Download the verdicts (CSV)", table.to_csv(index=False), "contrast.csv", "text/csv")

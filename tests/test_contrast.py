@@ -1,0 +1,191 @@
+"""Lexical or semantic: contrast sets, their validation, and verdicts checked against hand-computed activations."""
+
+from __future__ import annotations
+
+import itertools
+
+import app_fixtures
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from app_fixtures import make_app, no_exception, open_page
+from tiny_models import capture_mlp_input
+
+from mechamap_core import ScanConfig, scan
+from mechamap_core.cli import main
+from mechamap_core.config import ConfigError
+from mechamap_core.contrast import (
+    DEFAULT_CONTRAST_PATH,
+    contrast_neurons,
+    contrast_table,
+    load_contrast_set,
+    parse_contrast_set,
+    verdict,
+)
+from mechamap_core.export import to_csv
+
+_navigation_mode = app_fixtures._navigation_mode  # fixtures shared with the other app tests
+app_env = app_fixtures.app_env
+tiny_result = app_fixtures.tiny_result
+
+SET = {
+    "color": {
+        "orange": {
+            "in_sense": ["She painted the door orange.", "The sky turned orange at dusk.", "He wore an orange coat."],
+            "out_of_sense": ["He peeled an orange slowly.", "The orange was sweet.", "She bought an orange and an orange."],
+        },
+        "green": {
+            "in_sense": ["The walls were green.", "He chose the green hat.", "Green paint dried on the fence."],
+            "out_of_sense": ["They played on the village green.", "The golfer reached the green.", "He is green at this job."],
+        },
+    }
+}  # fmt: skip
+CANDIDATES = pd.DataFrame({"layer": [0, 1, 1], "neuron": [3, 5, 40], "category": ["color"] * 3, "score": [2.5, 2.2, 2.1]})
+
+
+def hand_values(lm, layer: int, neuron: int) -> tuple[dict, np.ndarray]:
+    """(sentence -> mean activation over the word's tokens, activations of all other tokens), computed with
+    a forward hook on the BERT output projection and the tokenizer's offsets, without MechaMap's alignment."""
+    per_sentence, context = {}, []
+    for word, senses in SET["color"].items():
+        for sentence in senses["in_sense"] + senses["out_of_sense"]:
+            enc = lm.tokenizer(sentence, return_offsets_mapping=True, return_special_tokens_mask=True)
+            acts = capture_mlp_input(lm.model, f"encoder.layer.{layer}.output.dense", enc["input_ids"])[:, neuron].numpy()
+            lower, spans, at = sentence.lower(), [], 0
+            while (at := lower.find(word, at)) >= 0:
+                spans.append((at, at + len(word)))
+                at += len(word)
+            in_word = np.array([any(s < b and e > a for a, b in spans) for s, e in enc["offset_mapping"]])
+            special = np.array(enc["special_tokens_mask"], dtype=bool)
+            per_sentence[sentence] = acts[in_word & ~special].mean()
+            context.extend(acts[~in_word & ~special])
+    return per_sentence, np.array(context, dtype=np.float64)
+
+
+def exact_p_greater(in_vals: np.ndarray, out_vals: np.ndarray) -> float:
+    """One-sided Mann-Whitney p by enumerating every split of the pooled values (no ties in float activations)."""
+    pooled = np.concatenate([in_vals, out_vals])
+
+    def u(idx):
+        chosen = pooled[list(idx)]
+        rest = np.delete(pooled, list(idx))
+        return sum((a > b) for a in chosen for b in rest)
+
+    observed = u(range(len(in_vals)))
+    splits = list(itertools.combinations(range(len(pooled)), len(in_vals)))
+    return sum(u(s) >= observed for s in splits) / len(splits)
+
+
+def test_contrast_table_matches_hand_computed_activations(tiny_bert):
+    table = contrast_table(tiny_bert, CANDIDATES, SET)
+    assert len(table) == 3 * 2 and list(table.columns[:4]) == ["layer", "neuron", "category", "score"]
+    for row in table.itertuples():
+        values, context = hand_values(tiny_bert, row.layer, row.neuron)
+        senses = SET["color"][row.word]
+        in_vals = np.array([values[s] for s in senses["in_sense"]])
+        out_vals = np.array([values[s] for s in senses["out_of_sense"]])
+        mean, std = context.mean(), context.std(ddof=1)
+        assert row.baseline_mean == pytest.approx(mean, abs=1e-6) and row.baseline_std == pytest.approx(std, rel=1e-5)
+        assert row.in_mean == pytest.approx(in_vals.mean(), abs=1e-6)
+        assert row.out_mean == pytest.approx(out_vals.mean(), abs=1e-6)
+        assert row.lift_in == pytest.approx((in_vals.mean() - mean) / std, abs=1e-4)
+        assert row.lift_out == pytest.approx((out_vals.mean() - mean) / std, abs=1e-4)
+        pairs = [(a > b) + 0.5 * (a == b) for a in in_vals for b in out_vals]
+        assert row.auroc == pytest.approx(np.mean(pairs))
+        assert row.p_value == pytest.approx(exact_p_greater(in_vals, out_vals))
+        assert (row.verdict, row.reason) == verdict(row.lift_in, row.lift_out, row.p_value)
+        assert row.hook == f"blocks.{row.layer}.mlp.hook_post"
+
+
+@pytest.mark.parametrize(
+    ("lift_in", "lift_out", "p_value", "expected"),
+    [
+        (3.0, 0.5, 0.014, "semantic"),  # responds in the sense, keeps 1/6 of it out of it, consistently
+        (3.0, 0.5, 0.2, "unclear"),  # in > out, but not across all sentences
+        (3.0, 2.0, 0.014, "lexical"),  # keeps 2/3 of the response out of the sense
+        (3.0, 4.0, 0.9, "lexical"),  # responds more out of the sense
+        (0.5, 0.2, 0.014, "unclear"),  # barely responds to the word at all
+        (0.5, 3.0, 0.9, "unclear"),  # responds to the other sense only
+    ],
+)
+def test_verdict_rules(lift_in, lift_out, p_value, expected):
+    assert verdict(lift_in, lift_out, p_value)[0] == expected
+
+
+def test_built_in_set_loads_and_pairs_senses_across_categories():
+    built_in = load_contrast_set(DEFAULT_CONTRAST_PATH)
+    assert set(built_in) == {"location", "language", "animal", "vehicle", "food", "date", "numeric", "color"}
+    assert built_in["color"]["orange"]["in_sense"] == built_in["food"]["orange"]["out_of_sense"]
+    assert built_in["location"]["Turkey"]["out_of_sense"] == built_in["animal"]["turkey"]["in_sense"]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("color: [orange", "malformed at line"),
+        ("- orange\n- green", "non-empty mapping"),
+        ("color: [orange, green]", "category 'color' must map words"),
+        ("color:\n  orange: [a, b]", "'orange' must be a mapping with the keys in_sense and out_of_sense"),
+        ("color:\n  orange:\n    in_sense: [orange a, orange b, orange c]", "'orange' needs out_of_sense"),
+        ("color:\n  orange:\n    in_sense: [orange a, orange b, orange c]\n    out_of_sense: [orange d, orange e, orange f]"
+         "\n    sense: [x]", "unknown keys ['sense']"),
+        ("color:\n  orange:\n    in_sense: [orange a, orange b]\n    out_of_sense: [orange d, orange e, orange f]",
+         "at least 3 in_sense sentences, has 2"),
+        ("color:\n  orange:\n    in_sense: [orange a, orange b, oranges]\n    out_of_sense: [orange d, orange e, orange f]",
+         "in_sense sentence 3 of 'orange' does not contain the word: 'oranges'"),
+        ("color:\n  orange:\n    in_sense: [orange a, orange b, 3]\n    out_of_sense: [orange d, orange e, orange f]",
+         "'orange' needs in_sense: a list of sentences"),
+    ],
+)  # fmt: skip
+def test_bad_contrast_files_get_clear_messages(text, message):
+    with pytest.raises(ConfigError) as err:
+        parse_contrast_set(text)
+    assert message in str(err.value)
+    assert "Traceback" not in str(err.value)
+
+
+def test_contrast_neurons_picks_the_best_flagged_per_category(tiny_bert):
+    scores = CANDIDATES.assign(category=["color", "color", "food"])
+    table = contrast_neurons(tiny_bert, scores, SET, threshold=2.15, top=1)
+    assert set(zip(table["layer"], table["neuron"])) == {(0, 3)}  # (1, 5) is second, (1, 40) not in the set
+    with pytest.raises(ValueError, match="no neuron has score >= 9"):
+        contrast_neurons(tiny_bert, scores, SET, threshold=9)
+
+
+def test_cli_contrast(tiny_models, tiny_bert, tmp_path, capsys):
+    cfg = ScanConfig(
+        master_text="The orange door and the green wall. An orange and a pear.", categories={"color": ["orange", "green"]}
+    )
+    scores_csv = tmp_path / "scores.csv"
+    result = scan(tiny_bert, cfg)
+    to_csv(result, scores_csv)
+    assert pd.read_csv(scores_csv)["model"].iloc[0] == str(tiny_models.path("bert"))  # the CLI loads it from there
+    contrast_file = tmp_path / "contrast.yaml"
+    contrast_file.write_text(yaml.safe_dump(SET, sort_keys=False))
+    out = tmp_path / "verdicts.csv"
+    args = ["contrast", "--csv", str(scores_csv), "--contrast", str(contrast_file), "--threshold", "-100", "--top", "2"]
+    assert main([*args, "--out", str(out), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    expected = contrast_neurons(tiny_bert, pd.read_csv(scores_csv), SET, threshold=-100, top=2)
+    got = pd.read_csv(out)
+    assert list(got["word"]) == list(expected["word"]) and list(got["verdict"]) == list(expected["verdict"])
+    assert np.allclose(got["lift_in"], expected["lift_in"]) and np.allclose(got["p_value"], expected["p_value"])
+    assert "verdict" in printed and "lexical" in printed
+    contrast_file.write_text("color: [orange]")
+    assert main(args) == 1
+    assert "category 'color' must map words" in capsys.readouterr().err
+
+
+def test_hypothesis_page_contrast_section(app_env, tiny_result):
+    at = open_page(make_app(tiny_result), "hypothesis")
+    no_exception(at)
+    at.number_input(key="contrast_threshold").set_value(0.0).run()
+    next(b for b in at.button if b.label == "Run contrast check").click().run()
+    no_exception(at)
+    table = at.session_state["contrast_result"]
+    assert set(table["verdict"]) <= {"semantic", "lexical", "unclear"} and len(table)
+    assert any("(neuron, word) pairs" in m.value for m in at.markdown)
+    at.radio(key="contrast_source").set_value("Upload a YAML file").run()
+    no_exception(at)
+    assert not at.error
