@@ -11,8 +11,14 @@ METRICS = {
     "auroc": "AUROC (category vs rest)",
     "t_stat": "Welch t",
 }
-NEURON_KEY = ["layer", "neuron"]
+NEURON_KEY = ["layer", "neuron"]  # a dense neuron; mixture-of-experts scans add "expert" (see neuron_key)
 COMBINATION_SEPARATOR = " + "  # combination_counts joins category names with this
+
+
+def neuron_key(frame: pd.DataFrame) -> list[str]:
+    """The columns that identify a neuron: layer, expert (empty for dense neurons) and neuron; runs saved
+    before expert neurons existed have no expert column."""
+    return ["layer", "expert", "neuron"] if "expert" in frame.columns else NEURON_KEY
 
 
 def _check_metric(scores: pd.DataFrame, metric: str) -> None:
@@ -38,18 +44,20 @@ def top_neurons(
     best = rows.sort_values(metric, ascending=False, kind="stable").groupby("category", observed=True).head(n)
     best = best.sort_values(["category", metric], ascending=[True, False], kind="stable").reset_index(drop=True)
     if top_tokens is not None:
-        best = best.merge(top_token_strings(top_tokens), on=NEURON_KEY, how="left")
+        strings = top_token_strings(top_tokens)
+        best = best.merge(strings, on=[c for c in neuron_key(best) if c in strings.columns], how="left")
     return best
 
 
 def top_token_strings(top_tokens: pd.DataFrame, digits: int = 3) -> pd.DataFrame:
     """One row per neuron with `top_tokens` as the original's readable list, e.g. "[('pizza', 0.82), ...]"."""
+    key = neuron_key(top_tokens)
     if top_tokens.empty:
-        return pd.DataFrame(columns=[*NEURON_KEY, "top_tokens"])
-    ordered = top_tokens.sort_values([*NEURON_KEY, "rank"])
+        return pd.DataFrame(columns=[*key, "top_tokens"])
+    ordered = top_tokens.sort_values([*key, "rank"])
     pairs = [(tok, round(float(act), digits)) for tok, act in zip(ordered["token"], ordered["activation"])]
     ordered = ordered.assign(pair=pairs)
-    text = ordered.groupby(NEURON_KEY, sort=True)["pair"].agg(lambda p: str(list(p)))
+    text = ordered.groupby(key, sort=True, dropna=False)["pair"].agg(lambda p: str(list(p)))
     return text.rename("top_tokens").reset_index()
 
 
@@ -67,12 +75,13 @@ def multi_category_neurons(
 ) -> pd.DataFrame:
     """Neurons flagged in at least min_categories categories: layer, neuron, n_categories, categories (sorted)."""
     hits = flagged(scores, metric, threshold)
-    grouped = hits.groupby(NEURON_KEY, observed=True)["category"].agg(lambda c: tuple(sorted(map(str, c))))
+    key = neuron_key(scores)
+    grouped = hits.groupby(key, observed=True, dropna=False)["category"].agg(lambda c: tuple(sorted(map(str, c))))
     out = grouped.rename("categories").reset_index()
     out["n_categories"] = out["categories"].map(len)
     out = out[out["n_categories"] >= min_categories]
-    return out[[*NEURON_KEY, "n_categories", "categories"]].sort_values(
-        ["n_categories", *NEURON_KEY], ascending=[False, True, True], ignore_index=True
+    return out[[*key, "n_categories", "categories"]].sort_values(
+        ["n_categories", *key], ascending=[False, *[True] * len(key)], ignore_index=True
     )
 
 
@@ -94,15 +103,19 @@ def category_correlation(
     if method not in ("pearson", "spearman"):
         raise ValueError(f"unknown correlation method '{method}': use pearson or spearman")
     rows = scores if layers is None else scores[scores["layer"].between(*layers)]
-    wide = rows.pivot_table(index=NEURON_KEY, columns="category", values=metric, observed=True)
+    wide = rows.groupby([*neuron_key(rows), "category"], observed=True, dropna=False)[metric].first().unstack("category")
     return wide.corr(method=method).rename_axis(index="category", columns="category")
 
 
-def neuron_profile(scores: pd.DataFrame, layer: int, neuron: int) -> pd.DataFrame:
-    """All category rows of one neuron. Raises KeyError if the scan has no such neuron."""
+def neuron_profile(scores: pd.DataFrame, layer: int, neuron: int, expert: int | None = None) -> pd.DataFrame:
+    """All category rows of one neuron (of a routed expert when expert is given). Raises KeyError if the scan
+    has no such neuron."""
     rows = scores[(scores["layer"] == layer) & (scores["neuron"] == neuron)]
+    if "expert" in scores.columns:
+        rows = rows[rows["expert"].isna()] if expert is None else rows[rows["expert"] == expert]
     if rows.empty:
-        raise KeyError(f"neuron L{layer}.N{neuron} is not in this scan")
+        where = f"L{layer}.N{neuron}" if expert is None else f"L{layer}.E{expert}.N{neuron}"
+        raise KeyError(f"neuron {where} is not in this scan")
     return rows.reset_index(drop=True)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .analysis import top_token_strings
+from .analysis import neuron_key, top_token_strings
 from .config import atomic_write_text
 from .scan import ScanResult
 
@@ -43,7 +43,8 @@ def export_table(
     flagged_only keeps rows with metric >= threshold (default: the scan's threshold).
     """
     table = _scores_for_files(result, flagged_only, metric, threshold)
-    table = table.merge(top_token_strings(result.top_tokens), on=["layer", "neuron"], how="left")
+    strings = top_token_strings(result.top_tokens)
+    table = table.merge(strings, on=[c for c in neuron_key(table) if c in strings.columns], how="left")
     rest = [c for c in table.columns if c not in ORIGINAL_COLUMNS]
     return table[ORIGINAL_COLUMNS + rest]
 
@@ -56,23 +57,33 @@ def to_csv(result: ScanResult, path=None, **options) -> str | None:
 def to_json_dict(result: ScanResult, **options) -> dict:
     """{"metadata": ..., "neurons": {"L{layer}.N{neuron}": {layer, neuron, hook, top_tokens, categories: {cat: stats}}}}."""
     table = _scores_for_files(result, **options)  # top tokens go in as lists, not export_table's text
-    tops = result.top_tokens.groupby(["layer", "neuron"])
-    top_lists = {key: list(zip(g["token"], g["activation"].round(4).astype(float))) for key, g in tops}
-    ids = ("model", "layer", "neuron", "hook", "category", "top_tokens")
+    key = neuron_key(table)
+    tops = result.top_tokens.groupby([c for c in key if c in result.top_tokens.columns], dropna=False)
+    top_lists = {_plain_key(k): list(zip(g["token"], g["activation"].round(4).astype(float))) for k, g in tops}
+    ids = ("model", "layer", "expert", "neuron", "hook", "category", "top_tokens")
     stat_cols = [c for c in dict.fromkeys([*ORIGINAL_COLUMNS, *table.columns]) if c not in ids]  # export_table's order
     neurons: dict[str, dict] = {}
-    for (layer, neuron), rows in table.groupby(["layer", "neuron"], sort=True):
-        neurons[f"L{layer}.N{neuron}"] = {
+    for identity, rows in table.groupby(key, sort=True, dropna=False):
+        identity = _plain_key(identity)
+        layer, neuron, expert = identity[0], identity[-1], identity[1] if len(identity) == 3 else None
+        name = f"L{layer}.N{neuron}" if expert is None else f"L{layer}.E{expert}.N{neuron}"
+        neurons[name] = {
             "layer": int(layer),
+            **({} if expert is None else {"expert": int(expert)}),
             "neuron": int(neuron),
             "hook": rows["hook"].iloc[0],
-            "top_tokens": [[t, a] for t, a in top_lists.get((layer, neuron), [])],
+            "top_tokens": [[t, a] for t, a in top_lists.get(identity, [])],
             "categories": {
                 cat: {k: (None if pd.isna(v) else float(v)) for k, v in stats.items()}
                 for cat, stats in zip(rows["category"], rows[stat_cols].to_dict("records"))
             },
         }
     return {"metadata": _jsonable(result.metadata), "neurons": neurons}
+
+
+def _plain_key(identity) -> tuple:
+    """A groupby key as plain ints, with None for an empty expert."""
+    return tuple(None if pd.isna(v) else int(v) for v in (identity if isinstance(identity, tuple) else (identity,)))
 
 
 def to_json(result: ScanResult, path=None, **options) -> str | None:
