@@ -239,10 +239,10 @@ def _hub_snapshot(source: str, revision, offline, token, download_progress, chec
     if offline or (offline is None and env_offline):
         folder = hub.cached_snapshot(repo_id, revision)
         if folder is None:
+            download_command = f"hf download {repo_id}" + (f" --revision {revision}" if revision else "")
             raise ModelNotAvailableError(
                 f"'{source}' is not in the local Hugging Face cache and downloads are off (offline mode: "
-                f"--offline or HF_HUB_OFFLINE=1); go online, or fetch it once with `hf download {repo_id}`"
-                + (f" --revision {revision}" if revision else "")
+                f"--offline or HF_HUB_OFFLINE=1); go online, or fetch it once with `{download_command}`"
             )
         return folder, folder.name, check(folder)
     try:

@@ -67,7 +67,7 @@ class FakeHub:
 
     root: Path
     url: str = ""
-    gated: dict[str, str] = field(default_factory=dict)
+    gated: dict[str, str] = field(default_factory=dict, repr=False)  # repo id -> the token it accepts
     requests: list[tuple[str, str, str | None]] = field(default_factory=list)
     down: bool = False
     _faults: dict[tuple[str, str], _Fault] = field(default_factory=dict)
