@@ -115,7 +115,9 @@ def empty_model(config, causal: bool) -> torch.nn.Module:
     from transformers import AutoModel, AutoModelForCausalLM
 
     with init_empty_weights():
-        return (AutoModelForCausalLM if causal else AutoModel).from_config(config)
+        model = (AutoModelForCausalLM if causal else AutoModel).from_config(config)
+    model.tie_weights()  # from_pretrained ties the output head to the embedding; from_config does not
+    return model
 
 
 def _quantised(module: torch.nn.Module, model: torch.nn.Module) -> bool:
@@ -169,7 +171,6 @@ def check_fits(
     *,
     device_map=None,
     quantization: str | None = None,
-    free=free_memory_bytes,
 ) -> int:
     """Raise ModelTooLargeError, saying what would fit, when the weights cannot fit the chosen device(s).
 
@@ -180,14 +181,14 @@ def check_fits(
         return needed
     if isinstance(device_map, dict):
         for target, size in bytes_per_device(model, device_map, dtype, quantization).items():
-            available = free(target)
+            available = free_memory_bytes(target)
             if available is not None and size > available:
                 raise ModelTooLargeError(
                     f"the device_map puts {human_bytes(size)} of '{name}' on {target}, which has "
                     f"{human_bytes(available)} free; move modules to other devices or to 'disk'"
                 )
         return needed
-    available = free(device)
+    available = free_memory_bytes(device)
     if available is None or needed <= available:
         return needed
     precision = f"{quantization}" if quantization else str(dtype).removeprefix("torch.")

@@ -217,7 +217,9 @@ class _Handler(BaseHTTPRequestHandler):
         if sent is None:
             self._error(401, "GatedRepo", f"Access to model {repo_id} is restricted. You must be authenticated.", head)
         else:
-            self._error(403, "GatedRepo", f"Access to model {repo_id} is restricted and you are not in the authorized list.", head)
+            self._error(
+                403, "GatedRepo", f"Access to model {repo_id} is restricted and you are not in the authorized list.", head
+            )
         return False
 
     def _resolve(self, method: str, kind: str, repo_id: str, revision: str, file_path: str) -> None:
