@@ -10,12 +10,16 @@ import socket
 import subprocess
 import sys
 
+import app_fixtures
 import pytest
 import torch
 from hub_server import hub_env, serve_hub, use_hub
 
-from mechamap_core import GatedModelError, ModelNotAvailableError, RemoteCodeRefusedError, export, load_model, scan
+from mechamap_core import GatedModelError, ModelNotAvailableError, RemoteCodeRefusedError, export, load_model, placement, scan
 from mechamap_core.hub import list_repo_files
+
+app_env = app_fixtures.app_env  # temp runs/configs folders for the Scan page test
+_navigation_mode = app_fixtures._navigation_mode
 
 SECRET = "hf_TestSecretToken1234567890abcdefXYZ"
 PROBE = [101, 2047, 2259, 10582, 102]  # [CLS] new york giraffe [SEP] in the bundled vocabulary
@@ -294,3 +298,32 @@ def test_cli_downloads_and_scans(hub, tmp_path):
     assert pd.read_csv(tmp_path / "a.csv").equals(pd.read_csv(tmp_path / "b.csv"))
     assert SECRET not in done.stdout + done.stderr + again.stdout + again.stderr
     assert _files_containing(tmp_path, SECRET.encode()) == []
+
+
+def test_scan_page_shows_size_then_downloads_and_scans(hub, app_env, hub_root):
+    """The Scan page lists the model's size from the Hub before scanning, then downloads it and scans."""
+    from app_fixtures import make_app, no_exception, open_page, texts
+
+    from mechamap_ui import scanning, state
+
+    scanning._listed_files.clear()
+    state.get_model.clear()
+    at = open_page(make_app(), "scan")
+    at.radio(key="scan_source").set_value("Hugging Face id (downloads on demand)").run()
+    at.text_input(key="scan_hub_id").set_value("org/tiny").run()
+    no_exception(at)
+    files = list_repo_files("org/tiny")
+    size_note = next(v for v in texts(at.caption) if "files," in v)
+    assert f"{len(files.files)} files, " in size_note and files.commit[:8] in size_note
+    assert placement.human_bytes(files.total_bytes) in size_note and placement.human_bytes(files.weight_bytes) in size_note
+    assert not _gets(hub, "model.safetensors")  # nothing downloaded yet
+    at.number_input(key="scan_limit").set_value(4)
+    next(b for b in at.button if b.label == "Scan").click()
+    at.run()
+    no_exception(at)
+    assert not at.error, texts(at.error)
+    assert _gets(hub, "model.safetensors")
+    assert any("Placement of the last loaded model: the whole model on" in v for v in texts(at.caption))
+    at.text_input(key="scan_hub_id").set_value("org/no-such-model").run()
+    assert any("was not found on the Hugging Face Hub" in v for v in texts(at.warning))
+    state.get_model.clear()
