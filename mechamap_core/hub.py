@@ -260,7 +260,13 @@ def check_no_remote_code(folder: Path, name: str) -> None:
 
 
 def is_connection_error(exc: BaseException | None) -> bool:
-    """True for errors that mean the Hub could not be reached (no network, timeout)."""
-    import httpx2
+    """True for errors that mean the Hub could not be reached (no network, refused, timeout), whichever HTTP
+    client huggingface_hub uses (httpx and its successors name them ConnectError / TimeoutException)."""
+    if exc is None:
+        return False
+    from huggingface_hub.errors import OfflineModeIsEnabled
 
-    return isinstance(exc, (httpx2.ConnectError, httpx2.TimeoutException))
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    return not isinstance(exc, OfflineModeIsEnabled) and (
+        isinstance(exc, (ConnectionError, TimeoutError)) or bool(names & {"ConnectError", "TimeoutException"})
+    )
