@@ -102,7 +102,8 @@ def describe_hub_error(exc: BaseException, repo_id: str, revision: str | None = 
 
     status = getattr(getattr(exc, "response", None), "status_code", None)
     if isinstance(exc, GatedRepoError) or (isinstance(exc, HfHubHTTPError) and status == 403):
-        return GatedModelError(f"'{repo_id}' is gated or private and this token has no access: {GATED_ADVICE}")
+        why = "is gated or private and this token has no access" if status == 403 else "is gated or private"
+        return GatedModelError(f"'{repo_id}' {why}: {GATED_ADVICE}")
     if isinstance(exc, RevisionNotFoundError):
         return ModelNotAvailableError(f"'{repo_id}' has no revision '{revision}' on the Hub (a branch, tag or commit)")
     if isinstance(exc, RepositoryNotFoundError):

@@ -178,7 +178,10 @@ def load_model(
         """The config, once checked for remote code and for fitting in memory."""
         hub.check_no_remote_code(folder, name)
         config = AutoConfig.from_pretrained(folder, local_files_only=True)
-        model_shapes = placement.empty_model(config, _is_causal(config))
+        try:
+            model_shapes = placement.empty_model(config, _is_causal(config))
+        except (ValueError, KeyError, TypeError, NotImplementedError):
+            return config  # no Auto class builds it: from_pretrained below says why, in one line
         placement.check_fits(name, model_shapes, torch_device, torch_dtype, device_map=device_map, quantization=quantization)
         return config
 

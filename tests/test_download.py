@@ -171,7 +171,9 @@ def test_gated_needs_a_token(hub, monkeypatch):
     with pytest.raises(GatedModelError) as info:
         load_model("org/gated", device="cpu")
     msg = str(info.value)
-    assert "gated or private" in msg and "HF_TOKEN" in msg and "st.secrets" in msg and "\n" not in msg
+    assert msg == (
+        "'org/gated' is gated or private: accept its terms on the Hub and set HF_TOKEN (or HF_TOKEN in the app's st.secrets)"
+    )
     with pytest.raises(GatedModelError, match="no access"):  # 403: a token without access
         load_model("org/gated", device="cpu", token="hf_wrong")
     assert not _gets(hub, "model.safetensors")  # refused before any weights were fetched
