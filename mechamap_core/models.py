@@ -177,7 +177,10 @@ def load_model(
     def check(folder: Path):
         """The config, once checked for remote code and for fitting in memory."""
         hub.check_no_remote_code(folder, name)
-        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+        try:
+            config = AutoConfig.from_pretrained(folder, local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise ModelNotAvailableError(f"could not read the config of '{name}': {_first_line(exc)}") from exc
         try:
             model_shapes = placement.empty_model(config, _is_causal(config))
         except (ValueError, KeyError, TypeError, NotImplementedError):
