@@ -61,6 +61,12 @@ def hub_root(tmp_path_factory, tiny_models):
         _copy_model(tiny, models / name)
         config = json.loads((models / name / "config.json").read_text())
         (models / name / "config.json").write_text(json.dumps({**config, **change}))
+    import pandas as pd
+
+    shards = root / "datasets" / "org" / "words" / "data"
+    shards.mkdir(parents=True)
+    for i in range(2):
+        pd.DataFrame({"text": [f"doc {i} a", f"doc {i} b"]}).to_parquet(shards / f"train-{i}.parquet")
     return root
 
 
@@ -329,3 +335,15 @@ def test_scan_page_shows_size_then_downloads_and_scans(hub, app_env, hub_root):
     at.text_input(key="scan_hub_id").set_value("org/no-such-model").run()
     assert any("was not found on the Hugging Face Hub" in v for v in texts(at.warning))
     state.get_model.clear()
+
+
+def test_dataset_repos_read_through_hf_paths(hub):
+    """The fake Hub also serves dataset repos to HfFileSystem, so `hf://datasets/...` paths work (for corpora)."""
+    import pandas as pd
+    from huggingface_hub import HfFileSystem
+
+    fs = HfFileSystem(skip_instance_cache=True)
+    assert fs.glob("datasets/org/words/**/*.parquet") == [f"datasets/org/words/data/train-{i}.parquet" for i in range(2)]
+    frame = pd.read_parquet("hf://datasets/org/words/data/train-1.parquet", storage_options={"skip_instance_cache": True})
+    assert frame["text"].tolist() == ["doc 1 a", "doc 1 b"]
+    assert any(path.startswith("/api/datasets/org/words") for _, path, _ in hub.requests)
