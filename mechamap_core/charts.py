@@ -298,7 +298,11 @@ def activation_histogram(token_table: pd.DataFrame, bins: int = 40) -> alt.Layer
     ticks = (
         alt.Chart(marked)
         .mark_tick(thickness=2, size=14)
-        .encode(x="activation:Q", color=alt.Color("category:N", title="category token"), tooltip=["token", "category", alt.Tooltip("activation:Q", format=".3f")])
+        .encode(
+            x="activation:Q",
+            color=alt.Color("category:N", title="category token"),
+            tooltip=["token", "category", alt.Tooltip("activation:Q", format=".3f")],
+        )
     )
     return alt.layer(hist, ticks).properties(height=220)
 
