@@ -157,3 +157,19 @@ def test_unknown_run_link_explains(app_env, tiny_result):
     assert any("No active run yet" in v for v in texts(at.info))
     at.run()
     assert not at.error, "the message is shown once, not on every rerun"
+
+
+def test_community_cloud_installs_the_cpu_torch_and_local_installs_never_wait_on_its_index():
+    """environment.yml (read by Community Cloud before requirements.txt) adds PyTorch's CPU index to
+    requirements.txt; requirements.txt itself names no index, so the README's commands never contact it."""
+    import yaml
+    from conftest import REPO_ROOT
+
+    env = yaml.safe_load((REPO_ROOT / "environment.yml").read_text(encoding="utf-8"))
+    pip_lines = next(dep["pip"] for dep in env["dependencies"] if isinstance(dep, dict))
+    assert pip_lines == ["--extra-index-url https://download.pytorch.org/whl/cpu", "-r requirements.txt"]
+    requirements = (REPO_ROOT / "requirements.txt").read_text(encoding="utf-8").splitlines()
+    assert "torch==2.13.0" in requirements
+    assert not [line for line in requirements if line.startswith("-") or "download.pytorch.org" in line]
+    for higher_priority in ("uv.lock", "Pipfile"):  # Cloud would take either of these before environment.yml
+        assert not (REPO_ROOT / higher_priority).exists()

@@ -52,15 +52,17 @@ def _wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
 
 
 @contextmanager
-def running_server(root: Path):
-    """`streamlit run app.py` on a free port with root/runs and root/configs (made if missing) as its folders.
+def running_server(root: Path, default_config: Path = REPO_ROOT / "configs" / "default.yaml"):
+    """`streamlit run app.py` on a free port with root/runs and root/configs (made if missing) as its folders,
+    default_config copied in as configs/default.yaml.
 
-    Yields url, the process start time, the runs folder and the log file; nothing requests a page before the caller.
+    Yields url, pid, the process start time, the runs folder and the log file; nothing requests a page before the
+    caller does. bench/bench_app_memory.py uses it too.
     """
     runs, configs = root / "runs", root / "configs"
-    runs.mkdir(exist_ok=True)
+    runs.mkdir(parents=True, exist_ok=True)
     configs.mkdir(exist_ok=True)
-    shutil.copy(REPO_ROOT / "configs" / "default.yaml", configs / "default.yaml")
+    shutil.copy(default_config, configs / "default.yaml")
     port = _free_port()
     env = os.environ | {
         "MECHAMAP_RUNS_DIR": str(runs), "MECHAMAP_CONFIGS_DIR": str(configs), "HF_HUB_OFFLINE": "1",
@@ -76,7 +78,7 @@ def running_server(root: Path):
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy(url, proc, STARTUP_TIMEOUT_S)  # /_stcore/health runs no script: the first page request is ours
-        yield {"url": url, "started": started, "runs": runs, "log": root / "streamlit.log"}
+        yield {"url": url, "pid": proc.pid, "started": started, "runs": runs, "log": root / "streamlit.log"}
     finally:
         proc.terminate()
         try:
