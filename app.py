@@ -12,21 +12,22 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:  # `streamlit run app.py` from elsewhere still finds the packages
     sys.path.insert(0, str(HERE))
 
-from mechamap_ui import state  # noqa: E402
+from mechamap_ui import links, state  # noqa: E402
 
 st.set_page_config(page_title="MechaMap", page_icon="🧭", layout="wide")
 
-# (file, title, material icon, section); a page is listed only once its file exists.
+# (file, title, material icon, section, url_path); a page is listed only once its file exists. The url_paths are
+# part of every shared link (/pivot, /neuron?run=...), so they stay fixed; the default page is served at "/".
 PAGES = [
-    ("views/overview.py", "Overview", ":material/explore:", "Start"),
-    ("views/config_editor.py", "Config", ":material/tune:", "Start"),
-    ("views/scan.py", "Scan", ":material/play_arrow:", "Start"),
-    ("views/pivot.py", "Pivot", ":material/grid_on:", "Explore"),
-    ("views/overlap.py", "Overlap", ":material/join_inner:", "Explore"),
-    ("views/correlation.py", "Correlation", ":material/scatter_plot:", "Explore"),
-    ("views/neuron.py", "Neuron", ":material/neurology:", "Explore"),
-    ("views/hypothesis.py", "Hypothesis", ":material/science:", "Test"),
-    ("views/compare.py", "Compare", ":material/compare_arrows:", "Test"),
+    ("views/overview.py", "Overview", ":material/explore:", "Start", "overview"),
+    ("views/config_editor.py", "Config", ":material/tune:", "Start", "config"),
+    ("views/scan.py", "Scan", ":material/play_arrow:", "Start", "scan"),
+    ("views/pivot.py", "Pivot", ":material/grid_on:", "Explore", "pivot"),
+    ("views/overlap.py", "Overlap", ":material/join_inner:", "Explore", "overlap"),
+    ("views/correlation.py", "Correlation", ":material/scatter_plot:", "Explore", "correlation"),
+    ("views/neuron.py", "Neuron", ":material/neurology:", "Explore", "neuron"),
+    ("views/hypothesis.py", "Hypothesis", ":material/science:", "Test", "hypothesis"),
+    ("views/compare.py", "Compare", ":material/compare_arrows:", "Test", "compare"),
 ]
 
 RUN_PICKER = "sidebar_run_picker"
@@ -78,9 +79,11 @@ def sidebar() -> None:
             )  # fmt: skip
 
 
+links.sync_run_link()
 sidebar()
 sections: dict[str, list] = {}
-for path, title, icon, section in PAGES:
+for path, title, icon, section, url_path in PAGES:
     if os.path.exists(HERE / path):
-        sections.setdefault(section, []).append(st.Page(path, title=title, icon=icon, default=path.endswith("overview.py")))
+        page = st.Page(path, title=title, icon=icon, url_path=url_path, default=path.endswith("overview.py"))
+        sections.setdefault(section, []).append(page)
 st.navigation(sections).run()

@@ -13,6 +13,12 @@ from .analysis import COMBINATION_SEPARATOR, flagged
 _CELL = 28  # pixels per heatmap cell / bar band
 
 
+def _category_axis() -> alt.Axis:
+    """An x axis of category names that shows every name: Vega-Lite's default hides overlapping labels
+    (every other one on a narrow heatmap), so the labels are slanted and never dropped."""
+    return alt.Axis(labelAngle=-45, labelOverlap=False, labelLimit=160)
+
+
 def _vl_version() -> str | None:
     """The Vega-Lite version Altair writes (e.g. "6.4"), if vl-convert bundles it; else None (its latest)."""
     import vl_convert
@@ -40,7 +46,7 @@ def layer_category_heatmap(counts: pd.DataFrame, title: str | None = None) -> al
     layers = [str(i) for i in counts.index]
     peak = float(data["neurons"].max()) if len(data) else 0.0
     base = alt.Chart(data).encode(
-        x=alt.X("category:N", sort=categories, title="category", axis=alt.Axis(labelAngle=-30)),
+        x=alt.X("category:N", sort=categories, title="category", axis=_category_axis()),
         y=alt.Y("layer:O", sort=layers, title="layer"),
     )
     cells = base.mark_rect(stroke="white", strokeWidth=1).encode(
@@ -128,7 +134,7 @@ def correlation_heatmap(corr: pd.DataFrame, title: str | None = None, labels: bo
     data = long_matrix(corr, "category_a", "category_b", "r")
     order = [str(c) for c in corr.columns]
     base = alt.Chart(data).encode(
-        x=alt.X("category_b:N", sort=order, title=None, axis=alt.Axis(labelAngle=-30)),
+        x=alt.X("category_b:N", sort=order, title=None, axis=_category_axis()),
         y=alt.Y("category_a:N", sort=order, title=None),
     )
     cells = base.mark_rect(stroke="white", strokeWidth=1).encode(
@@ -168,11 +174,32 @@ def flagged_per_category_bars(scores: pd.DataFrame, metric: str = "score", thres
         alt.Chart(data)
         .mark_bar(color="#4c78a8")
         .encode(
-            x=alt.X("category:N", sort=list(data["category"]), title="category", axis=alt.Axis(labelAngle=-30)),
+            x=alt.X("category:N", sort=list(data["category"]), title="category", axis=_category_axis()),
             y=alt.Y("neurons:Q", title=f"neurons with {metric} ≥ {threshold:g}", axis=alt.Axis(format="d", tickMinStep=1)),
             tooltip=[alt.Tooltip("category:N"), alt.Tooltip("neurons:Q", format=",")],
         )
         .properties(width=max(len(data), 1) * 48, height=220)
+    )
+
+
+def relative_depth_lines(depth: pd.DataFrame, columns: int = 4) -> alt.FacetChart:
+    """One small panel per category: the fraction of each layer's neurons flagged, by relative depth, one line per run.
+
+    depth: analysis.flagged_by_relative_depth rows with a `run` column naming the run (e.g. "A: gpt2"). The legend
+    shows every run name in full (model ids are long), above the panels.
+    """
+    legend = alt.Legend(orient="top", labelLimit=0, title=None, direction="vertical")
+    return (
+        alt.Chart(depth)
+        .mark_line(point=True)
+        .encode(
+            x=alt.X("relative_depth:Q", title="layer / number of layers", scale=alt.Scale(domain=[0, 1])),
+            y=alt.Y("fraction:Q", title="fraction flagged"),
+            color=alt.Color("run:N", legend=legend),
+            tooltip=["run", "layer", "flagged", "neurons", alt.Tooltip("fraction:Q", format=".3f")],
+        )
+        .properties(width=180, height=140)
+        .facet(facet=alt.Facet("category:N", title=None), columns=columns)
     )
 
 
@@ -271,7 +298,11 @@ def activation_histogram(token_table: pd.DataFrame, bins: int = 40) -> alt.Layer
     ticks = (
         alt.Chart(marked)
         .mark_tick(thickness=2, size=14)
-        .encode(x="activation:Q", color=alt.Color("category:N", title="category token"), tooltip=["token", "category", alt.Tooltip("activation:Q", format=".3f")])
+        .encode(
+            x="activation:Q",
+            color=alt.Color("category:N", title="category token"),
+            tooltip=["token", "category", alt.Tooltip("activation:Q", format=".3f")],
+        )
     )
     return alt.layer(hist, ticks).properties(height=220)
 

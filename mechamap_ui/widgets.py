@@ -20,14 +20,27 @@ SCORE_LIKE = ("score", "separation", "cohens_d")  # effect sizes: slider -1..6, 
 MAX_TABLE_ROWS = 1000
 
 
-def metric_picker(scores: pd.DataFrame, key: str, label: str = "Metric", default: str = "score") -> str:
-    """Selectbox over the analysis.METRICS present in scores; returns the column name (e.g. "score")."""
+def metric_picker(scores: pd.DataFrame, key: str, label: str = "Metric", default: str = "score", in_url: bool = False) -> str:
+    """Selectbox over the analysis.METRICS present in scores; returns the column name (e.g. "score").
+
+    in_url: the choice lives in the URL as ?<key>=<metric> (read back when a shared link is opened). Streamlit
+    writes a bound option as it is displayed, so those pickers show the plain column names (described in the help).
+    """
     options = [m for m in METRICS if m in scores.columns]
     if not options:
         st.error("This scan has none of the known metrics, so there is nothing to rank by.")
         st.stop()
     index = options.index(default) if default in options else 0
-    return st.selectbox(label, options, index=index, key=key, format_func=lambda m: METRICS.get(m, m))
+    described = "\n".join(f"- {METRICS[m]}" for m in options)
+    return st.selectbox(
+        label, options, index=index, key=key, format_func=str if in_url else lambda m: METRICS.get(m, m),
+        help=described, bind=_binding(in_url),
+    )  # fmt: skip
+
+
+def _binding(in_url: bool) -> str | None:
+    """The bind= of a widget whose value lives in the URL (Streamlit drops values that are invalid for it)."""
+    return "query-params" if in_url else None
 
 
 def nice_step(span: float, steps: int = 200) -> float:
@@ -70,11 +83,16 @@ def threshold_range(scores: pd.DataFrame, metric: str, default: float | None = N
 
 
 def threshold_slider(
-    scores: pd.DataFrame, metric: str, key: str, default: float | None = None, label: str | None = None
+    scores: pd.DataFrame,
+    metric: str,
+    key: str,
+    default: float | None = None,
+    label: str | None = None,
+    in_url: bool = False,
 ) -> float:
     """Slider for the flagging threshold (metric >= value), with a range suited to metric (see threshold_range).
 
-    Each metric keeps its own slider state under the key f"{key}_{metric}".
+    Each metric keeps its own slider state under the key f"{key}_{metric}"; in_url keeps it in the URL under that name.
     """
     lo, hi, value, step = threshold_range(scores, metric, default)
     return float(
@@ -86,6 +104,7 @@ def threshold_slider(
             step=step,
             key=f"{key}_{metric}",
             help="A neuron counts for a category when its metric is at or above this value.",
+            bind=_binding(in_url),
         )
     )
 

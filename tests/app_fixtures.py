@@ -12,25 +12,6 @@ APP = REPO_ROOT / "app.py"
 APP_TIMEOUT_S = 180  # first runs load the bundled model; no test asserts on time
 
 
-@pytest.fixture(autouse=True)
-def _navigation_mode(monkeypatch):
-    """Keep Streamlit in st.navigation mode across AppTest runs.
-
-    A folder named pages/ next to app.py makes Streamlit start in its legacy "pages directory" mode,
-    which a server leaves for good at the first st.navigation call. AppTest re-derives the flag before
-    every run, so without this a second run executes the page file alone (no app.py, no sidebar).
-    """
-    from streamlit.runtime.pages_manager import PagesManager
-
-    original = PagesManager.__init__
-
-    def init(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        PagesManager.uses_pages_directory = False
-
-    monkeypatch.setattr(PagesManager, "__init__", init)
-
-
 @pytest.fixture
 def app_env(tmp_path, monkeypatch) -> dict[str, Path]:
     """Temp runs/ and configs/ folders (configs holds a copy of default.yaml) via MECHAMAP_* env vars.

@@ -12,7 +12,6 @@ from mechamap_core.export import save_run
 from mechamap_ui.state import ACTIVE_RUN, RESULT_OVERRIDE
 
 # fixtures shared with the other app tests
-_navigation_mode = app_fixtures._navigation_mode
 app_env = app_fixtures.app_env
 tiny_result = app_fixtures.tiny_result
 
@@ -107,3 +106,70 @@ def test_overview_button_with_a_broken_default_config_explains(app_env):
 def test_our_pages_render_without_a_result(app_env, page):
     at = open_page(make_app(), page)
     no_exception(at)
+
+
+# --- links ------------------------------------------------------------------------------------
+
+
+def test_every_page_has_a_fixed_url_path():
+    """Shared links name pages by url_path (/pivot, /neuron?...): renaming one would break every link to it."""
+    import ast
+
+    from conftest import REPO_ROOT
+
+    tree = ast.parse((REPO_ROOT / "app.py").read_text(encoding="utf-8"))
+    assignments = {node.targets[0].id: node.value for node in tree.body if isinstance(node, ast.Assign)}
+    pages = ast.literal_eval(assignments["PAGES"])
+    assert {path: url for path, _, _, _, url in pages} == {
+        "views/overview.py": "overview", "views/config_editor.py": "config", "views/scan.py": "scan",
+        "views/pivot.py": "pivot", "views/overlap.py": "overlap", "views/correlation.py": "correlation",
+        "views/neuron.py": "neuron", "views/hypothesis.py": "hypothesis", "views/compare.py": "compare",
+    }  # fmt: skip
+    assert not (REPO_ROOT / "pages").exists(), "a pages/ folder next to app.py puts a fresh server in legacy mode"
+
+
+def test_run_link_activates_that_run_until_the_sidebar_picks_another(app_env, tiny_result):
+    first = save_run(tiny_result, app_env["runs"], run_id="20240101-000000-first").name
+    second = save_run(tiny_result, app_env["runs"], run_id="20240102-000000-second").name
+    at = make_app()
+    at.query_params["run"] = first
+    at.run()
+    no_exception(at)
+    assert at.session_state[ACTIVE_RUN] == first
+    assert at.sidebar.selectbox(key="sidebar_run_picker").value == first
+    assert f"**Active run:** {first}" in " ".join(texts(at.sidebar.markdown))
+    at.sidebar.selectbox(key="sidebar_run_picker").set_value(second).run()
+    no_exception(at)
+    assert at.session_state[ACTIVE_RUN] == second, "the link is followed once; the sidebar's pick wins afterwards"
+    assert at.query_params["run"] == second, "the URL names the active run, so it can be shared"
+    at.sidebar.selectbox(key="sidebar_run_picker").set_value("").run()
+    assert "run" not in at.query_params
+
+
+def test_unknown_run_link_explains(app_env, tiny_result):
+    save_run(tiny_result, app_env["runs"], run_id="20240101-000000-first")
+    at = make_app()
+    at.query_params["run"] = "20991231-no-such-run"
+    at.run()
+    no_exception(at)
+    assert any("'20991231-no-such-run', which is not among the saved runs" in e.value for e in at.error)
+    assert at.session_state.get(ACTIVE_RUN) is None
+    assert any("No active run yet" in v for v in texts(at.info))
+    at.run()
+    assert not at.error, "the message is shown once, not on every rerun"
+
+
+def test_community_cloud_installs_the_cpu_torch_and_local_installs_never_wait_on_its_index():
+    """environment.yml (read by Community Cloud before requirements.txt) adds PyTorch's CPU index to
+    requirements.txt; requirements.txt itself names no index, so the README's commands never contact it."""
+    import yaml
+    from conftest import REPO_ROOT
+
+    env = yaml.safe_load((REPO_ROOT / "environment.yml").read_text(encoding="utf-8"))
+    pip_lines = next(dep["pip"] for dep in env["dependencies"] if isinstance(dep, dict))
+    assert pip_lines == ["--extra-index-url https://download.pytorch.org/whl/cpu", "-r requirements.txt"]
+    requirements = (REPO_ROOT / "requirements.txt").read_text(encoding="utf-8").splitlines()
+    assert "torch==2.13.0" in requirements
+    assert not [line for line in requirements if line.startswith("-") or "download.pytorch.org" in line]
+    for higher_priority in ("uv.lock", "Pipfile"):  # Cloud would take either of these before environment.yml
+        assert not (REPO_ROOT / higher_priority).exists()

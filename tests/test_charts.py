@@ -116,6 +116,48 @@ def test_correlation_heatmap_fixed_diverging_scale_and_hover(scores):
     assert isinstance(bare, alt.Chart) and bare.to_dict()["mark"]["type"] == "rect"
 
 
+def x_axis(spec: dict) -> dict:
+    """The x axis of a chart spec, looked up in its first layer when it is layered."""
+    encoding = spec["layer"][0]["encoding"] if "layer" in spec else spec["encoding"]
+    return encoding["x"]["axis"]
+
+
+def test_category_axes_show_every_name(scores):
+    """Vega-Lite hides overlapping axis labels by default (in the app, every other category on the heatmap)."""
+    corr = analysis.category_correlation(scores, "score")
+    specs = {
+        "correlation": charts.correlation_heatmap(corr).to_dict(),
+        "unlabelled correlation": charts.correlation_heatmap(corr, labels=False).to_dict(),
+        "pivot": charts.layer_category_heatmap(analysis.layer_category_counts(scores, "score", 1.0)).to_dict(),
+        "bars": charts.flagged_per_category_bars(scores, "score", 1.0).to_dict(),
+    }
+    for name, spec in specs.items():
+        axis = x_axis(spec)
+        assert axis["labelOverlap"] is False, name
+        assert axis["labelAngle"] == -45 and axis["labelLimit"] >= 120, name
+
+
+def test_relative_depth_lines_legend_keeps_long_model_names():
+    runs = ["A: sentence-transformers/all-MiniLM-L6-v2", "B: EleutherAI/pythia-70m-deduped"]
+    depth = pd.DataFrame(
+        [
+            {"run": run, "category": cat, "layer": layer, "relative_depth": layer / 4, "flagged": layer, "neurons": 8}
+            for run in runs
+            for cat in CATS
+            for layer in range(4)
+        ]
+    ).assign(fraction=lambda d: d["flagged"] / d["neurons"])
+    spec = charts.relative_depth_lines(depth).to_dict()
+    legend = spec["spec"]["encoding"]["color"]["legend"]
+    assert legend["labelLimit"] == 0, "0 = no limit: Vega-Lite cuts legend labels at 160 px by default"
+    assert spec["spec"]["encoding"]["color"]["field"] == "run"
+    assert spec["facet"]["field"] == "category" and spec["columns"] == 4
+    data = data_of(spec)
+    assert sorted(data["run"].unique()) == runs and len(data) == len(depth)
+    svg = charts.chart_to_svg(charts.relative_depth_lines(depth))
+    assert all(f">{run}<" in svg for run in runs), "the rendered legend shows each run name whole"
+
+
 def test_flagged_per_category_bars_counts_every_category(scores):
     chart = charts.flagged_per_category_bars(scores, "score", 2.0)
     spec = chart.to_dict()

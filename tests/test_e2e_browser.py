@@ -1,4 +1,5 @@
-"""Real-browser end-to-end test: `streamlit run app.py`, scan the bundled model, see the Pivot heatmap, open a neuron from it."""
+"""Real-browser end-to-end tests: `streamlit run app.py`, scan the bundled model, see the Pivot heatmap, open a neuron
+from it; and shared links (a page, a neuron) as the very first request to a fresh server."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -49,19 +51,24 @@ def _wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
     raise TimeoutError(f"streamlit did not answer on {url} within {timeout_s} s")
 
 
-@pytest.fixture
-def streamlit_server(tmp_path):
-    """`streamlit run app.py` on a free port with temp runs/configs folders; yields (url, process start time)."""
-    runs, configs = tmp_path / "runs", tmp_path / "configs"
-    runs.mkdir()
-    configs.mkdir()
-    shutil.copy(REPO_ROOT / "configs" / "default.yaml", configs / "default.yaml")
+@contextmanager
+def running_server(root: Path, default_config: Path = REPO_ROOT / "configs" / "default.yaml"):
+    """`streamlit run app.py` on a free port with root/runs and root/configs (made if missing) as its folders,
+    default_config copied in as configs/default.yaml.
+
+    Yields url, pid, the process start time, the runs folder and the log file; nothing requests a page before the
+    caller does. bench/bench_app_memory.py uses it too.
+    """
+    runs, configs = root / "runs", root / "configs"
+    runs.mkdir(parents=True, exist_ok=True)
+    configs.mkdir(exist_ok=True)
+    shutil.copy(default_config, configs / "default.yaml")
     port = _free_port()
     env = os.environ | {
         "MECHAMAP_RUNS_DIR": str(runs), "MECHAMAP_CONFIGS_DIR": str(configs), "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1", "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false",
     }  # fmt: skip
-    log = (tmp_path / "streamlit.log").open("w")
+    log = (root / "streamlit.log").open("w")
     started = time.perf_counter()
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port), "--server.headless", "true",
@@ -70,8 +77,8 @@ def streamlit_server(tmp_path):
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_healthy(url, proc, STARTUP_TIMEOUT_S)
-        yield {"url": url, "started": started, "runs": runs, "log": tmp_path / "streamlit.log"}
+        _wait_healthy(url, proc, STARTUP_TIMEOUT_S)  # /_stcore/health runs no script: the first page request is ours
+        yield {"url": url, "pid": proc.pid, "started": started, "runs": runs, "log": root / "streamlit.log"}
     finally:
         proc.terminate()
         try:
@@ -80,6 +87,25 @@ def streamlit_server(tmp_path):
             proc.kill()
             proc.wait(timeout=10)
         log.close()
+
+
+@pytest.fixture
+def streamlit_server(tmp_path):
+    with running_server(tmp_path) as server:
+        yield server
+
+
+@pytest.fixture
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
 
 
 def _nav(page, title: str) -> None:
@@ -98,79 +124,73 @@ def _snapshot(page, name: str, settle_ms: int = 500) -> None:
     page.screenshot(path=str(SCREENSHOTS / name), full_page=True)
 
 
-def test_scan_in_the_browser_then_open_the_pivot_heatmap(streamlit_server):
-    from playwright.sync_api import expect, sync_playwright
+def test_scan_in_the_browser_then_open_the_pivot_heatmap(streamlit_server, browser):
+    from playwright.sync_api import expect
 
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     url, started = streamlit_server["url"], streamlit_server["started"]
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1440, "height": 1000})
-            page.goto(url)
-            expect(page.get_by_role("heading", name="MechaMap")).to_be_visible(timeout=PAGE_TIMEOUT_MS)
-            first_page_s = time.perf_counter() - started
+    page = browser.new_page(viewport={"width": 1440, "height": 1000})
+    page.goto(url)
+    expect(page.get_by_role("heading", name="MechaMap")).to_be_visible(timeout=PAGE_TIMEOUT_MS)
+    first_page_s = time.perf_counter() - started
 
-            _nav(page, "Scan")
-            expect(page.get_by_role("heading", name="Scan", exact=True)).to_be_visible(timeout=PAGE_TIMEOUT_MS)
-            limit = page.get_by_label("Neuron limit per layer (0 = all)")
-            limit.fill(NEURON_LIMIT)
-            limit.press("Enter")
-            expect(limit).to_have_value(NEURON_LIMIT)
-            page.wait_for_timeout(500)  # let the rerun that commits the value finish
-            page.screenshot(path=str(SCREENSHOTS / "01_scan_page_before.png"), full_page=True)
-            page.get_by_role("button", name="Scan", exact=True).click()
-            done = page.get_by_text("Saved as run", exact=False)
-            expect(done).to_be_visible(timeout=SCAN_TIMEOUT_MS)
-            expect(page.get_by_role("button", name="CSV")).to_be_visible()
-            first_result_s = time.perf_counter() - started
-            _no_exception(page)
-            assert len(list(streamlit_server["runs"].iterdir())) == 1, "the scan was saved as a run"
-            page.screenshot(path=str(SCREENSHOTS / "02_scan_page_after.png"), full_page=True)
+    _nav(page, "Scan")
+    expect(page.get_by_role("heading", name="Scan", exact=True)).to_be_visible(timeout=PAGE_TIMEOUT_MS)
+    limit = page.get_by_label("Neuron limit per layer (0 = all)")
+    limit.fill(NEURON_LIMIT)
+    limit.press("Enter")
+    expect(limit).to_have_value(NEURON_LIMIT)
+    page.wait_for_timeout(500)  # let the rerun that commits the value finish
+    page.screenshot(path=str(SCREENSHOTS / "01_scan_page_before.png"), full_page=True)
+    page.get_by_role("button", name="Scan", exact=True).click()
+    done = page.get_by_text("Saved as run", exact=False)
+    expect(done).to_be_visible(timeout=SCAN_TIMEOUT_MS)
+    expect(page.get_by_role("button", name="CSV")).to_be_visible()
+    first_result_s = time.perf_counter() - started
+    _no_exception(page)
+    assert len(list(streamlit_server["runs"].iterdir())) == 1, "the scan was saved as a run"
+    page.screenshot(path=str(SCREENSHOTS / "02_scan_page_after.png"), full_page=True)
 
-            clicked = time.perf_counter()
-            _nav(page, "Pivot")
-            expect(page.get_by_role("heading", name="Pivot: layer")).to_be_visible(timeout=PAGE_TIMEOUT_MS)
-            heatmap = page.locator('[data-testid="stVegaLiteChart"]').first
-            expect(heatmap).to_be_visible(timeout=PAGE_TIMEOUT_MS)
-            expect(heatmap.locator("canvas, svg").first).to_be_visible(timeout=PAGE_TIMEOUT_MS)
-            pivot_s = time.perf_counter() - clicked
-            _snapshot(page, "03_pivot_heatmap.png")
+    clicked = time.perf_counter()
+    _nav(page, "Pivot")
+    expect(page.get_by_role("heading", name="Pivot: layer")).to_be_visible(timeout=PAGE_TIMEOUT_MS)
+    heatmap = page.locator('[data-testid="stVegaLiteChart"]').first
+    expect(heatmap).to_be_visible(timeout=PAGE_TIMEOUT_MS)
+    expect(heatmap.locator("canvas, svg").first).to_be_visible(timeout=PAGE_TIMEOUT_MS)
+    pivot_s = time.perf_counter() - clicked
+    _snapshot(page, "03_pivot_heatmap.png")
 
-            clicked = time.perf_counter()
-            _nav(page, "Overview")
-            expect(page.get_by_role("heading", name="Headline of the active run")).to_be_visible(timeout=PAGE_TIMEOUT_MS)
-            expect(page.locator('[data-testid="stVegaLiteChart"]').first).to_be_visible(timeout=PAGE_TIMEOUT_MS)
-            overview_s = time.perf_counter() - clicked
-            _snapshot(page, "04_overview_headline.png")
+    clicked = time.perf_counter()
+    _nav(page, "Overview")
+    expect(page.get_by_role("heading", name="Headline of the active run")).to_be_visible(timeout=PAGE_TIMEOUT_MS)
+    expect(page.locator('[data-testid="stVegaLiteChart"]').first).to_be_visible(timeout=PAGE_TIMEOUT_MS)
+    overview_s = time.perf_counter() - clicked
+    _snapshot(page, "04_overview_headline.png")
 
-            clicked = time.perf_counter()
-            _nav(page, "Pivot")
-            expect(page.get_by_role("heading", name="Pivot: layer")).to_be_visible(timeout=PAGE_TIMEOUT_MS)
-            expect(page.get_by_role("heading", name="Headline of the active run")).to_have_count(0, timeout=PAGE_TIMEOUT_MS)
-            expect(page.locator('[data-testid="stVegaLiteChart"]').first).to_be_visible(timeout=PAGE_TIMEOUT_MS)
-            pivot_again_s = time.perf_counter() - clicked
+    clicked = time.perf_counter()
+    _nav(page, "Pivot")
+    expect(page.get_by_role("heading", name="Pivot: layer")).to_be_visible(timeout=PAGE_TIMEOUT_MS)
+    expect(page.get_by_role("heading", name="Headline of the active run")).to_have_count(0, timeout=PAGE_TIMEOUT_MS)
+    expect(page.locator('[data-testid="stVegaLiteChart"]').first).to_be_visible(timeout=PAGE_TIMEOUT_MS)
+    pivot_again_s = time.perf_counter() - clicked
 
-            clicked = time.perf_counter()
-            _nav(page, "Config")
-            expect(page.get_by_role("heading", name="Word coverage")).to_be_visible(timeout=PAGE_TIMEOUT_MS)
-            config_s = time.perf_counter() - clicked
-            _snapshot(page, "05_config_page.png")
+    clicked = time.perf_counter()
+    _nav(page, "Config")
+    expect(page.get_by_role("heading", name="Word coverage")).to_be_visible(timeout=PAGE_TIMEOUT_MS)
+    config_s = time.perf_counter() - clicked
+    _snapshot(page, "05_config_page.png")
 
-            # open a neuron from the Pivot page's top-neuron table: click the first row's selection cell
-            _nav(page, "Pivot")
-            expect(page.get_by_role("heading", name="Pivot: layer")).to_be_visible(timeout=PAGE_TIMEOUT_MS)
-            top_table = page.locator('[data-testid="stDataFrame"]').last
-            expect(top_table).to_be_visible(timeout=PAGE_TIMEOUT_MS)
-            top_table.scroll_into_view_if_needed()
-            page.wait_for_timeout(500)
-            top_table.click(position={"x": 18, "y": 52})  # header row is ~35 px; the row-selection column is first
-            expect(page.get_by_role("heading", name="Neuron", exact=True)).to_be_visible(timeout=PAGE_TIMEOUT_MS)
-            expect(page.get_by_text("blocks.", exact=False).first).to_be_visible(timeout=PAGE_TIMEOUT_MS)
-            expect(page.get_by_role("heading", name="Master text coloured by this neuron")).to_be_visible(timeout=PAGE_TIMEOUT_MS)
-            _snapshot(page, "06_neuron_from_pivot.png", settle_ms=800)
-        finally:
-            browser.close()
+    # open a neuron from the Pivot page's top-neuron table: click the first row's selection cell
+    _nav(page, "Pivot")
+    expect(page.get_by_role("heading", name="Pivot: layer")).to_be_visible(timeout=PAGE_TIMEOUT_MS)
+    top_table = page.locator('[data-testid="stDataFrame"]').last
+    expect(top_table).to_be_visible(timeout=PAGE_TIMEOUT_MS)
+    top_table.scroll_into_view_if_needed()
+    page.wait_for_timeout(500)
+    top_table.click(position={"x": 18, "y": 52})  # header row is ~35 px; the row-selection column is first
+    expect(page.get_by_role("heading", name="Neuron", exact=True)).to_be_visible(timeout=PAGE_TIMEOUT_MS)
+    expect(page.get_by_text("blocks.", exact=False).first).to_be_visible(timeout=PAGE_TIMEOUT_MS)
+    expect(page.get_by_role("heading", name="Master text coloured by this neuron")).to_be_visible(timeout=PAGE_TIMEOUT_MS)
+    _snapshot(page, "06_neuron_from_pivot.png", settle_ms=800)
 
     print(
         "\nMechaMap browser timings (this machine; no assertions on time):"
@@ -183,3 +203,65 @@ def test_scan_in_the_browser_then_open_the_pivot_heatmap(streamlit_server):
         f"\n  Config page (coverage visible):                 {config_s:6.2f} s"
         f"\n  screenshots: {SCREENSHOTS}"
     )
+
+
+LINKED_RUN = "20240101-000000-linked"
+
+
+@pytest.fixture
+def server_with_a_saved_run(tmp_path, bundled_lm, default_cfg):
+    """A fresh server (no page requested yet) whose runs folder holds one saved scan of the bundled model."""
+    from mechamap_core import scan
+    from mechamap_core.export import save_run
+
+    save_run(scan(bundled_lm, default_cfg, layers=[4, 5], limit_neurons=32), tmp_path / "runs", run_id=LINKED_RUN)
+    with running_server(tmp_path) as server:
+        yield server
+
+
+def _expect_router_sidebar(page) -> None:
+    """The page came through app.py: st.navigation's titled entries and the shared run panel are in the sidebar."""
+    from playwright.sync_api import expect
+
+    nav = page.locator('[data-testid="stSidebarNav"]')
+    for title in ("Overview", "Scan", "Pivot", "Neuron"):
+        expect(nav.get_by_text(title, exact=True)).to_be_visible(timeout=PAGE_TIMEOUT_MS)
+    expect(page.locator('[data-testid="stSidebar"]').get_by_text(f"Active run: {LINKED_RUN}")).to_be_visible()
+
+
+def test_a_shared_page_link_is_the_first_request_to_a_fresh_server(server_with_a_saved_run, browser):
+    """/pivot?run=...&metric=auroc&threshold_auroc=0.9 renders through the router, with that run, metric and threshold."""
+    from playwright.sync_api import expect
+
+    url = server_with_a_saved_run["url"]
+    page = browser.new_page(viewport={"width": 1440, "height": 1000})
+    page.goto(f"{url}/pivot?run={LINKED_RUN}&metric=auroc&threshold_auroc=0.9")
+    expect(page.get_by_role("heading", name="Pivot: layer")).to_be_visible(timeout=PAGE_TIMEOUT_MS)
+    _expect_router_sidebar(page)
+    expect(page.get_by_role("heading", name="Neurons with auroc ≥ 0.9, per layer and category")).to_be_visible()
+    expect(page.locator('[data-testid="stVegaLiteChart"]').first).to_be_visible(timeout=PAGE_TIMEOUT_MS)
+    assert page.url == f"{url}/pivot?run={LINKED_RUN}&metric=auroc&threshold_auroc=0.9"
+    _snapshot(page, "07_deep_link_pivot.png")
+
+    _nav(page, "Correlation")  # every category name on the heatmap's x axis (checked by eye in the screenshot)
+    expect(page.locator('[data-testid="stVegaLiteChart"]').first).to_be_visible(timeout=PAGE_TIMEOUT_MS)
+    assert page.url == f"{url}/correlation?run={LINKED_RUN}", "the URL keeps naming the active run"
+    _snapshot(page, "08_correlation_after_link.png", settle_ms=1000)
+
+
+def test_a_shared_neuron_link_is_the_first_request_to_a_fresh_server(server_with_a_saved_run, browser):
+    from playwright.sync_api import expect
+
+    url = server_with_a_saved_run["url"]
+    page = browser.new_page(viewport={"width": 1440, "height": 1000})
+    page.goto(f"{url}/neuron?run={LINKED_RUN}&layer=5&neuron=7")
+    expect(page.get_by_role("heading", name="Neuron", exact=True)).to_be_visible(timeout=PAGE_TIMEOUT_MS)
+    expect(page.get_by_role("heading", name="L5.N7")).to_be_visible(timeout=PAGE_TIMEOUT_MS)
+    _expect_router_sidebar(page)
+    link = page.locator('[data-testid="stCode"]').first
+    expect(link).to_have_text(f"{url}/neuron?run={LINKED_RUN}&layer=5&neuron=7", timeout=PAGE_TIMEOUT_MS)
+    _snapshot(page, "09_deep_link_neuron.png", settle_ms=800)
+
+    page.goto(f"{url}/neuron?run={LINKED_RUN}&layer=5&neuron=999")  # a new session: an out-of-range neuron explains
+    expect(page.get_by_text("The link's neuron 999 is out of range")).to_be_visible(timeout=PAGE_TIMEOUT_MS)
+    _no_exception(page)

@@ -12,7 +12,6 @@ from mechamap_ui.config_tools import categories_to_table, highlight_html, table_
 from mechamap_ui.state import ACTIVE_CONFIG, ACTIVE_CONFIG_NAME, CONFIG_VERSION
 
 # fixtures shared with the other app tests
-_navigation_mode = app_fixtures._navigation_mode
 app_env = app_fixtures.app_env
 
 

@@ -25,11 +25,13 @@ def result(bundled_lm, default_cfg):
     return scan(bundled_lm, default_cfg, limit_neurons=64)
 
 
-def open_page(name: str, result=None) -> AppTest:
-    """Run views/<name>.py standalone, with result injected as the active scan (None: no scan)."""
+def open_page(name: str, result=None, **query) -> AppTest:
+    """Run views/<name>.py standalone, with result injected as the active scan (None: no scan) and the URL's query."""
     at = AppTest.from_file(str(PAGES / f"{name}.py"), default_timeout=TIMEOUT)
     if result is not None:
         at.session_state[RESULT_OVERRIDE] = result
+    for param, value in query.items():
+        at.query_params[param] = value
     return at.run()
 
 
@@ -65,8 +67,8 @@ def test_empty_state_explains_and_does_not_raise(name):
 def test_pivot_defaults_match_analysis(result):
     at = open_page("pivot", result)
     assert_clean(at)
-    assert at.selectbox(key="pivot_metric").value == "score"
-    threshold = at.slider(key="pivot_threshold_score").value
+    assert at.selectbox(key="metric").value == "score"
+    threshold = at.slider(key="threshold_score").value
     assert threshold == pytest.approx(result.metadata["threshold"])
     shown = table(at, COUNTS)
     expected = analysis.layer_category_counts(result.scores, "score", threshold)
@@ -78,9 +80,9 @@ def test_pivot_defaults_match_analysis(result):
 
 def test_pivot_metric_and_threshold_drive_the_heatmap_table(result):
     at = open_page("pivot", result)
-    at.selectbox(key="pivot_metric").set_value("auroc").run()
+    at.selectbox(key="metric").set_value("auroc").run()
     assert_clean(at)
-    slider = at.slider(key="pivot_threshold_auroc")
+    slider = at.slider(key="threshold_auroc")
     assert (slider.min, slider.max, slider.value) == (0.5, 1.0, 0.8)
     expected = analysis.layer_category_counts(result.scores, "auroc", 0.8)
     np.testing.assert_array_equal(table(at, COUNTS).to_numpy(), expected.to_numpy())
@@ -96,7 +98,7 @@ def test_pivot_top_neurons_with_category_filter(result):
     assert len(top) == 10 * len(result.categories)
     at.number_input(key="pivot_top_n").set_value(3)
     at.selectbox(key="pivot_category").set_value("food")
-    at.selectbox(key="pivot_metric").set_value("cohens_d").run()
+    at.selectbox(key="metric").set_value("cohens_d").run()
     assert_clean(at)
     shown = table(at, "pivot_top_table")
     expected = analysis.top_neurons(result.scores, "cohens_d", n=3, category="food", top_tokens=result.top_tokens)
@@ -119,6 +121,27 @@ def test_pivot_row_click_selects_the_neuron(result):
     assert any(f"L{picked[0]}.N{picked[1]}" in c.value for c in at.caption)
 
 
+@pytest.mark.parametrize("name", ["pivot", "overlap"])
+def test_metric_and_threshold_are_read_from_the_url(result, name):
+    """A shared /pivot?metric=auroc&threshold_auroc=0.9 (or /overlap?...) opens with that metric and threshold."""
+    at = open_page(name, result, metric="auroc", threshold_auroc="0.9")
+    assert_clean(at)
+    assert at.selectbox(key="metric").value == "auroc"
+    assert at.slider(key="threshold_auroc").value == pytest.approx(0.9)
+    if name == "pivot":
+        expected = analysis.layer_category_counts(result.scores, "auroc", 0.9)
+        np.testing.assert_array_equal(table(at, COUNTS).to_numpy(), expected.to_numpy())
+    else:
+        assert at.metric[0].value == f"{len(_overlap_frame(result, 'auroc', 0.9)):,}"
+
+
+def test_invalid_url_values_fall_back_to_the_defaults(result):
+    at = open_page("pivot", result, metric="no_such_metric", threshold_score="99")
+    assert_clean(at)
+    assert at.selectbox(key="metric").value == "score"
+    assert at.slider(key="threshold_score").value == pytest.approx(result.metadata["threshold"])
+
+
 # --- overlap ----------------------------------------------------------------------------------
 
 
@@ -129,7 +152,7 @@ def _overlap_frame(result, metric, threshold, min_categories=2):
 def test_overlap_table_and_count_match_analysis(result):
     at = open_page("overlap", result)
     assert_clean(at)
-    at.slider(key="overlap_threshold_score").set_value(0.5).run()
+    at.slider(key="threshold_score").set_value(0.5).run()
     assert_clean(at)
     expected = _overlap_frame(result, "score", 0.5)
     assert len(expected) > 5, "the fixture scan should have overlapping neurons at score >= 0.5"
@@ -149,7 +172,7 @@ def test_overlap_table_and_count_match_analysis(result):
 
 def test_overlap_category_filter_all_any_and_min_categories(result):
     at = open_page("overlap", result)
-    at.slider(key="overlap_threshold_score").set_value(0.5).run()
+    at.slider(key="threshold_score").set_value(0.5).run()
     expected = _overlap_frame(result, "score", 0.5)
     at.multiselect(key="overlap_filter").set_value(["food", "animal"]).run()
     assert_clean(at)
@@ -170,8 +193,8 @@ def test_overlap_category_filter_all_any_and_min_categories(result):
 
 def test_overlap_with_nothing_flagged_says_so(result):
     at = open_page("overlap", result)
-    at.selectbox(key="overlap_metric").set_value("auroc").run()
-    at.slider(key="overlap_threshold_auroc").set_value(1.0).run()
+    at.selectbox(key="metric").set_value("auroc").run()
+    at.slider(key="threshold_auroc").set_value(1.0).run()
     assert not at.exception
     assert any("Lower the threshold" in i.value for i in at.info)
 
@@ -193,11 +216,11 @@ def test_correlation_default_matrix(result):
 
 def test_correlation_method_metric_and_layer_range(result):
     at = open_page("correlation", result)
-    at.radio(key="corr_method").set_value("Spearman").run()
+    at.radio(key="method").set_value("Spearman").run()
     assert_clean(at)
     _assert_matrix(table(at, MATRIX), analysis.category_correlation(result.scores, "score", "spearman"))
-    at.selectbox(key="corr_metric").set_value("avg_activation")
-    at.select_slider(key="corr_layers").set_range(2, 4).run()
+    at.selectbox(key="metric").set_value("avg_activation")
+    at.select_slider(key="layers").set_range(2, 4).run()
     assert_clean(at)
     expected = analysis.category_correlation(result.scores, "avg_activation", "spearman", layers=(2, 4))
     _assert_matrix(table(at, MATRIX), expected)
@@ -205,6 +228,15 @@ def test_correlation_method_metric_and_layer_range(result):
         expected.to_numpy(), analysis.category_correlation(result.scores, "avg_activation", "spearman").to_numpy()
     )
     assert any("layers 2–4" in c.value for c in at.caption)
+
+
+def test_correlation_settings_are_read_from_the_url(result):
+    at = open_page("correlation", result, metric="avg_activation", method="Spearman", layers=["2", "4"])
+    assert_clean(at)
+    assert (at.selectbox(key="metric").value, at.radio(key="method").value) == ("avg_activation", "Spearman")
+    assert at.select_slider(key="layers").value == (2, 4)
+    expected = analysis.category_correlation(result.scores, "avg_activation", "spearman", layers=(2, 4))
+    _assert_matrix(table(at, MATRIX), expected)
 
 
 def test_row_click_switches_to_the_neuron_page_when_the_app_has_one(result, tmp_path, monkeypatch):
@@ -233,11 +265,11 @@ def test_row_click_switches_to_the_neuron_page_when_the_app_has_one(result, tmp_
 def test_pivot_every_metric_renders(result):
     at = open_page("pivot", result)
     shown = [m for m in analysis.METRICS if m in result.scores.columns]
-    assert at.selectbox(key="pivot_metric").options == [analysis.METRICS[m] for m in shown]
+    assert at.selectbox(key="metric").options == shown  # plain names: a bound option goes into the URL as shown
     for metric in shown:
-        at.selectbox(key="pivot_metric").set_value(metric).run()
+        at.selectbox(key="metric").set_value(metric).run()
         assert_clean(at)
-        slider = at.slider(key=f"pivot_threshold_{metric}")
+        slider = at.slider(key=f"threshold_{metric}")
         assert slider.min <= slider.value <= slider.max
         expected = analysis.layer_category_counts(result.scores, metric, slider.value)
         np.testing.assert_array_equal(table(at, COUNTS).to_numpy(), expected.to_numpy())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import app_fixtures
 import pytest
 from app_fixtures import make_app, open_page
@@ -10,9 +12,9 @@ from mechamap_core import load_config, scan
 from mechamap_core.analysis import neuron_profile
 from mechamap_core.export import save_run
 from mechamap_core.inspect_neuron import top_examples
+from mechamap_ui.state import ACTIVE_RUN
 
-_navigation_mode = app_fixtures._navigation_mode  # fixtures shared with the other app tests
-app_env = app_fixtures.app_env
+app_env = app_fixtures.app_env  # fixtures shared with the other app tests
 
 
 @pytest.fixture(scope="module")
@@ -93,3 +95,78 @@ def test_compare_page_needs_two_runs_then_compares(app_env, food_result, bundled
     no_exception(at)
     assert any("different configs" in w.value for w in at.warning)
     assert len(at.get("vega_lite_chart")) >= 3  # depth lines + two correlation heatmaps
+
+
+def test_hypothesis_threshold_starts_at_the_runs_threshold(app_env, food_result):
+    from mechamap_core.analysis import flagged
+
+    threshold = food_result.metadata["threshold"]
+    assert threshold != 1.0, "the default config's threshold (2.0) tells the run's value from the old fixed 1.0"
+    at = open_page(make_app(food_result), "hypothesis")
+    no_exception(at)
+    assert at.slider(key="hyp_threshold_score").value == pytest.approx(threshold)
+    count = len(flagged(food_result.scores, "score", threshold))
+    assert any(m.value.startswith(f"**{count:,}** flagged") for m in at.markdown)
+
+
+# --- neuron links -----------------------------------------------------------------------------
+
+
+def linked_neuron_page(app_env, result, **query):
+    """The Neuron page opened from a link: the result saved as run "linked", query params as given."""
+    save_run(result, app_env["runs"], run_id="linked")
+    at = make_app()
+    at.query_params.update(query)
+    return open_page(at, "neuron")
+
+
+def test_neuron_link_opens_that_neuron_of_that_run(app_env, food_result):
+    at = linked_neuron_page(app_env, food_result, run="linked", layer="5", neuron="7")
+    no_exception(at)
+    assert not at.error, [e.value for e in at.error]
+    assert at.session_state[ACTIVE_RUN] == "linked"
+    assert at.session_state["selected_neuron"] == (5, 7)
+    assert at.subheader[0].value.startswith("L5.N7")
+    assert at.code[0].value == "/neuron?run=linked&layer=5&neuron=7"  # AppTest has no browser URL: relative link
+    # picking another neuron moves the URL and the link along, and the old link is not followed again
+    at.number_input[0].set_value(9).run()
+    no_exception(at)
+    assert at.session_state["selected_neuron"] == (5, 9)
+    assert (at.query_params["layer"], at.query_params["neuron"], at.query_params["run"]) == ("5", "9", "linked")
+    assert at.code[0].value.endswith("neuron=9")
+
+
+@pytest.mark.parametrize(
+    ("layer", "neuron", "message"),
+    [
+        ("five", "7", "layer 'five' is not a whole number"),
+        ("3", "7", "layer 3 is not in this run, which has layers 4, 5"),
+        ("5", "1.5", "neuron '1.5' is not a whole number"),
+        ("5", "64", "neuron 64 is out of range: this run scanned neurons 0-63 of layer 5"),
+        ("5", "-1", "neuron -1 is out of range"),
+        ("5", None, "needs both ?layer= and ?neuron="),
+        ("<b>", "7", "layer (unreadable) is not"),
+    ],
+)
+def test_parse_neuron_link_rejects_bad_values(food_result, layer, neuron, message):
+    from mechamap_ui.links import parse_neuron_link
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parse_neuron_link(layer, neuron, food_result)
+    assert parse_neuron_link("4", "63", food_result) == (4, 63)
+
+
+def test_bad_neuron_link_explains_and_shows_the_top_neuron(app_env, food_result):
+    at = linked_neuron_page(app_env, food_result, run="linked", layer="5", neuron="5000")
+    no_exception(at)
+    assert any("out of range" in e.value and "Showing another neuron" in e.value for e in at.error)
+    best = food_result.scores.loc[food_result.scores["score"].idxmax()]
+    assert at.session_state["selected_neuron"] == (int(best["layer"]), int(best["neuron"]))
+    assert at.query_params["neuron"] == str(int(best["neuron"])), "the URL names the neuron on screen"
+
+
+def test_neuron_of_an_unsaved_result_has_no_link(app_env, food_result):
+    at = open_page(make_app(food_result, selected_neuron=(4, 2)), "neuron")
+    no_exception(at)
+    assert not at.code
+    assert any("not a saved run" in c.value for c in at.caption)

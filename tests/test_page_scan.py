@@ -17,7 +17,6 @@ from mechamap_ui import scanning
 from mechamap_ui.state import ACTIVE_CONFIG, ACTIVE_RUN, RESULT_OVERRIDE
 
 # fixtures shared with the other app tests
-_navigation_mode = app_fixtures._navigation_mode
 app_env = app_fixtures.app_env
 tiny_result = app_fixtures.tiny_result
 

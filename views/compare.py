@@ -1,11 +1,10 @@
 """Compare page: two saved runs side by side (flagged neurons by relative depth, top neurons, correlations)."""
 
-import altair as alt
 import pandas as pd
 import streamlit as st
 
 from mechamap_core.analysis import category_correlation, config_differences, flagged_by_relative_depth, top_neurons
-from mechamap_core.charts import correlation_heatmap
+from mechamap_core.charts import correlation_heatmap, relative_depth_lines
 from mechamap_ui import state
 from mechamap_ui.widgets import chart_downloads, neuron_table, stat_column_config, stat_columns
 
@@ -35,18 +34,7 @@ for name, res in (("A: " + res_a.metadata["model"], res_a), ("B: " + res_b.metad
     depth.append(frame.assign(run=name))
 depth_frame = pd.concat(depth, ignore_index=True)
 st.markdown("#### Flagged neurons by relative depth (fraction of each layer's neurons)")
-chart = (
-    alt.Chart(depth_frame)
-    .mark_line(point=True)
-    .encode(
-        x=alt.X("relative_depth:Q", title="layer / number of layers", scale=alt.Scale(domain=[0, 1])),
-        y=alt.Y("fraction:Q", title="fraction flagged"),
-        color=alt.Color("run:N", legend=alt.Legend(orient="top")),
-        tooltip=["run", "layer", "flagged", "neurons", alt.Tooltip("fraction:Q", format=".3f")],
-    )
-    .properties(width=180, height=140)
-    .facet(facet=alt.Facet("category:N", title=None), columns=4)
-)
+chart = relative_depth_lines(depth_frame)
 st.altair_chart(chart)
 chart_downloads(chart, "compare_depth")
 

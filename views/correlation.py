@@ -15,11 +15,11 @@ layers = sorted(int(layer) for layer in scores["layer"].unique())
 
 left, right = st.columns(2)
 with left:
-    metric = widgets.metric_picker(scores, key="corr_metric")
+    metric = widgets.metric_picker(scores, key="metric", in_url=True)
 with right:
-    method = st.radio("Method", list(METHODS), key="corr_method", horizontal=True)
+    method = st.radio("Method", list(METHODS), key="method", horizontal=True, bind="query-params")
 if len(layers) > 1:
-    lo, hi = st.select_slider("Layers", options=layers, value=(layers[0], layers[-1]), key="corr_layers")
+    lo, hi = st.select_slider("Layers", options=layers, value=(layers[0], layers[-1]), key="layers", bind="query-params")
 else:
     lo = hi = layers[0] if layers else 0
     st.caption(f"This scan has one layer ({lo}).")

@@ -41,7 +41,7 @@ with held_tab:
     with c1:
         metric = metric_picker(result.scores, key="hyp_metric")
     with c2:
-        threshold = threshold_slider(result.scores, metric, key="hyp_threshold")
+        threshold = threshold_slider(result.scores, metric, key="hyp_threshold", default=result.metadata.get("threshold"))
     with c3:
         min_auroc = st.slider("Pass if held-out AUROC ≥", 0.5, 1.0, 0.75, 0.01)
     source = st.radio("Held-out text", ["A config file", "Type text and words"], horizontal=True)

@@ -6,13 +6,14 @@ from mechamap_core.analysis import neuron_profile
 from mechamap_core.charts import activation_histogram, category_bars, coloured_text_html, direct_effect_bars
 from mechamap_core.inspect_neuron import direct_effect, neuron_token_table, top_examples
 from mechamap_core.sites import hook_name
-from mechamap_ui import state
+from mechamap_ui import links, state
 from mechamap_ui.neuron_data import model_for, recomputed_token_table, typed_text_activations
 from mechamap_ui.widgets import SELECTED_NEURON, chart_downloads, stat_column_config
 
 st.title("Neuron")
 result = state.require_result()
 layers = result.metadata["layers"]
+links.follow_neuron_link(result, SELECTED_NEURON)
 if not st.session_state.get(SELECTED_NEURON):  # start at the run's most selective neuron
     best_row = result.scores.loc[result.scores["score"].idxmax()]
     st.session_state[SELECTED_NEURON] = (int(best_row["layer"]), int(best_row["neuron"]))
@@ -26,6 +27,7 @@ profile = neuron_profile(result.scores, layer, neuron)
 st.subheader(f"L{layer}.N{neuron} · `{hook_name(layer)}`")
 best = profile.sort_values("score", ascending=False).iloc[0]
 st.caption(f"Most selective for **{best['category']}** (score {best['score']:.2f}, AUROC {best['auroc']:.3f}, q {best['q_value']:.1e}).")
+links.show_neuron_link(layer, neuron)
 
 st.markdown("#### Per category")
 bars = category_bars(profile)

@@ -15,9 +15,9 @@ scores = result.scores
 
 left, mid, right = st.columns([2, 3, 1])
 with left:
-    metric = widgets.metric_picker(scores, key="overlap_metric")
+    metric = widgets.metric_picker(scores, key="metric", in_url=True)
 with mid:
-    threshold = widgets.threshold_slider(scores, metric, key="overlap_threshold", default=result.metadata.get("threshold"))
+    threshold = widgets.threshold_slider(scores, metric, key="threshold", default=result.metadata.get("threshold"), in_url=True)
 with right:
     min_categories = int(
         st.number_input(

@@ -14,9 +14,9 @@ scores = result.scores
 
 left, right = st.columns(2)
 with left:
-    metric = widgets.metric_picker(scores, key="pivot_metric")
+    metric = widgets.metric_picker(scores, key="metric", in_url=True)
 with right:
-    threshold = widgets.threshold_slider(scores, metric, key="pivot_threshold", default=result.metadata.get("threshold"))
+    threshold = widgets.threshold_slider(scores, metric, key="threshold", default=result.metadata.get("threshold"), in_url=True)
 
 try:
     counts = analysis.layer_category_counts(scores, metric, threshold)

@@ -1,0 +1,101 @@
+"""Shareable links: ?run=<id> names the active run on every page, ?layer=L&neuron=N a neuron on the Neuron page."""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import urlencode
+
+import streamlit as st
+
+from mechamap_core.scanner import ScanResult
+from mechamap_ui import state
+
+RUN_PARAM, LAYER_PARAM, NEURON_PARAM = "run", "layer", "neuron"
+NEURON_URL_PATH = "neuron"  # app.py's url_path of views/neuron.py
+# session_state: the link values this session already followed (or wrote), so a rerun does not follow them again
+# and a run picked in the sidebar, or a neuron picked on the page, wins over the URL it started from.
+FOLLOWED_RUN = "link_followed_run"
+FOLLOWED_NEURON = "link_followed_neuron"
+
+
+def _shown(text: str) -> str:
+    """A link's value as it may appear in a message: short plain text only (links can be crafted)."""
+    return f"'{text}'" if re.fullmatch(r"[\w.:+-]{1,80}", text) else "(unreadable)"
+
+
+def sync_run_link() -> None:
+    """Follow a new ?run=<id> (make it the active run, or say the id is unknown), then put the active run's id in the URL.
+
+    app.py calls it before drawing the sidebar, so the sidebar already shows a linked run.
+    """
+    run_id = st.query_params.get(RUN_PARAM)
+    if run_id is not None and run_id != st.session_state.get(FOLLOWED_RUN):
+        try:
+            known = set(state.saved_runs()["run_id"])
+        except OSError:
+            known = set()
+        if run_id in known:
+            state.set_active_run(run_id)
+        else:
+            st.error(
+                f"This link names the run {_shown(run_id)}, which is not among the saved runs here. Pick a run in the sidebar."
+            )
+    active = state.active_run_id()
+    if active is None:
+        st.query_params.pop(RUN_PARAM, None)
+    elif st.query_params.get(RUN_PARAM) != active:
+        st.query_params[RUN_PARAM] = active
+    st.session_state[FOLLOWED_RUN] = active
+
+
+def parse_neuron_link(layer_text: str | None, neuron_text: str | None, result: ScanResult) -> tuple[int, int]:
+    """(layer, neuron) from a link's ?layer= and ?neuron= texts, checked against the run; ValueError says what is wrong."""
+    if layer_text is None or neuron_text is None:
+        raise ValueError("A neuron link needs both ?layer= and ?neuron=, e.g. ?layer=5&neuron=376.")
+    layers = [int(layer) for layer in result.metadata["layers"]]
+    try:
+        layer = int(layer_text)
+    except ValueError:
+        raise ValueError(f"The link's layer {_shown(layer_text)} is not a whole number.") from None
+    if layer not in layers:
+        raise ValueError(f"The link's layer {layer} is not in this run, which has layers {', '.join(map(str, layers))}.")
+    try:
+        neuron = int(neuron_text)
+    except ValueError:
+        raise ValueError(f"The link's neuron {_shown(neuron_text)} is not a whole number.") from None
+    width = int(result.metadata["neurons_per_layer"][str(layer)])
+    if not 0 <= neuron < width:
+        raise ValueError(f"The link's neuron {neuron} is out of range: this run scanned neurons 0-{width - 1} of layer {layer}.")
+    return layer, neuron
+
+
+def follow_neuron_link(result: ScanResult, selected_key: str) -> None:
+    """Put a new ?layer=&neuron= link's neuron into session_state[selected_key], or show why the link is invalid."""
+    link = (st.query_params.get(LAYER_PARAM), st.query_params.get(NEURON_PARAM))
+    if link == (None, None) or link == st.session_state.get(FOLLOWED_NEURON):
+        return
+    st.session_state[FOLLOWED_NEURON] = link
+    try:
+        st.session_state[selected_key] = parse_neuron_link(*link, result)
+    except ValueError as err:
+        st.error(f"{err} Showing another neuron instead.")
+
+
+def neuron_url(run_id: str, layer: int, neuron: int, base: str | None) -> str:
+    """The shareable URL of a saved run's neuron; base is the Neuron page's address (relative when unknown)."""
+    query = urlencode({RUN_PARAM: run_id, LAYER_PARAM: layer, NEURON_PARAM: neuron})
+    return f"{base or '/' + NEURON_URL_PATH}?{query}"
+
+
+def show_neuron_link(layer: int, neuron: int) -> None:
+    """Keep ?layer=&neuron= in the URL and show the neuron's link with a copy button (saved runs only)."""
+    link = (str(layer), str(neuron))
+    if (st.query_params.get(LAYER_PARAM), st.query_params.get(NEURON_PARAM)) != link:
+        st.query_params.update({LAYER_PARAM: link[0], NEURON_PARAM: link[1]})
+    st.session_state[FOLLOWED_NEURON] = link
+    run_id = state.active_run_id()
+    if run_id is None:
+        st.caption("This result is not a saved run, so it has no shareable link.")
+        return
+    st.code(neuron_url(run_id, layer, neuron, st.context.url), language=None)
+    st.caption("Link to this neuron (copy button on the right).")
