@@ -44,7 +44,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .sites import SiteResolutionError, expert_hook_name, find_blocks, find_experts
+from .sites import SiteResolutionError, expert_hook_name, experts_layout, find_blocks, find_experts
 
 ROUTER_NAMES = ("gate", "router")
 # (gate, up, down) module names of one expert MLP in the per-module layout
@@ -230,6 +230,13 @@ def _moe_layer(model: nn.Module, layer: int, block_path: str, block: nn.Module) 
     config = getattr(model, "config", None)
     family = getattr(config, "model_type", "") or ""
     where = f"{type(model).__name__} layer {layer} ({path})"
+    layout = experts_layout(experts)
+    if layout is None:
+        raise SiteResolutionError(
+            f"{where}: unsupported mixture-of-experts layout {type(experts).__name__}; readable layouts are fused "
+            "experts called as experts(hidden, top_k_index, top_k_weights) (transformers 5) and a ModuleList of "
+            "expert MLPs"
+        )
     router = next((m for n in ROUTER_NAMES if isinstance(m := getattr(moe_block, n, None), nn.Module)), None)
     if router is None:
         raise SiteResolutionError(f"{where}: the mixture-of-experts block has no router module named gate or router")
@@ -238,7 +245,7 @@ def _moe_layer(model: nn.Module, layer: int, block_path: str, block: nn.Module) 
     if top_k is None:
         raise SiteResolutionError(f"{where}: cannot tell how many experts each token is routed to (top_k)")
     d_model = _first_int(getattr(config, "hidden_size", None), getattr(router, "hidden_dim", None))
-    if isinstance(experts, nn.ModuleList):
+    if layout == "modules":
         return _per_module_layer(layer, path, moe_block, experts, router, top_k, family, config, where)
     down = experts.down_proj
     transposed = getattr(experts, "is_transposed", False)
@@ -286,9 +293,7 @@ def find_moe_layers(model: nn.Module, layers: Sequence[int] | None = None) -> li
     return [moe for moe in found if moe is not None]
 
 
-def routing_counts(
-    top_k_index: torch.Tensor, category_mask: torch.Tensor, n_experts: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def routing_counts(top_k_index: torch.Tensor, category_mask: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(counts [E, C] int64, load [E] int64) on top_k_index's device, for one layer and one batch.
 
     top_k_index [T, k]; category_mask [T, C] bool over the same T rows (pass only the counted rows: no padding,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 from torch import nn
@@ -131,6 +132,15 @@ def _positive_ints(value) -> list[int]:
     return [v for v in values if isinstance(v, int) and not isinstance(v, bool) and v > 0]
 
 
+def _config_ints(config, key: str) -> list[int]:
+    """Positive ints under `key`: global, or from each layer's config in a heterogeneous config."""
+    try:
+        return _positive_ints(getattr(config, key, None))
+    except RuntimeError:  # transformers' heterogeneous configs refuse a global read of a per-layer value
+        per_layer = getattr(config, "per_layer_config", None) or []
+        return [v for layer_config in per_layer for v in _positive_ints(getattr(layer_config, key, None))]
+
+
 def declared_mlp_widths(config) -> set[int]:
     """Every MLP width (neurons per layer or per expert) a model config declares; empty when it declares none.
 
@@ -142,10 +152,10 @@ def declared_mlp_widths(config) -> set[int]:
     widths: set[int] = set()
     for key in ("intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size", "hidden_dim", "moe_intermediate_size",
                 "shared_expert_intermediate_size", "expert_intermediate_size"):  # fmt: skip
-        widths.update(_positive_ints(getattr(config, key, None)))
-    hidden = next(iter(_positive_ints(getattr(config, "hidden_size", None) or getattr(config, "n_embd", None))), None)
-    shared = _positive_ints(getattr(config, "n_shared_experts", None))
-    moe_width = _positive_ints(getattr(config, "moe_intermediate_size", None))
+        widths.update(_config_ints(config, key))
+    hidden = next(iter(_config_ints(config, "hidden_size") or _config_ints(config, "n_embd")), None)
+    shared = _config_ints(config, "n_shared_experts")
+    moe_width = _config_ints(config, "moe_intermediate_size")
     if shared and moe_width:
         widths.add(shared[0] * moe_width[0])  # DeepSeek's shared experts form one MLP
     # n_inner / intermediate_size None means 4 * hidden; Bloom and MPT (whatever expansion_ratio says) always are
@@ -188,13 +198,13 @@ def _generic_down_proj(block: nn.Module, config) -> tuple[str, nn.Module] | None
     best = None
     for name, mod in block.named_modules():
         shape = _in_out(mod)
-        if not shape or not _in_mlp(name):
+        if not shape or not _in_mlp(name) or "router" in name:
             continue
         d_in, d_out = shape
-        if widths:
-            fits = d_in in widths and (not isinstance(hidden, int) or d_out == hidden)
-        else:  # no config to check against (a custom nn.Module): a narrowing Linear inside the MLP
+        if config is None:  # a custom nn.Module, no config to check against: a narrowing Linear inside the MLP
             fits = d_in > d_out
+        else:
+            fits = d_in in widths and (not isinstance(hidden, int) or d_out == hidden)
         if fits and (best is None or d_in > best[0]):
             best = (d_in, name, mod)
     return (best[1], best[2]) if best else None
@@ -205,16 +215,25 @@ def find_experts(block: nn.Module) -> tuple[str, nn.Module, nn.Module] | None:
 
     Returns (path of the MoE block inside `block`, the MoE block, its experts module). The experts module
     is either fused (transformers 5: 3-D `down_proj` parameter [E, H, I] or [E, I, H]) or an
-    nn.ModuleList of per-expert MLP modules (the older layout).
+    nn.ModuleList of per-expert MLP modules (the older layout); experts_layout tells which.
+    Any other module named "...experts" that holds weights is returned too, so that the caller refuses its
+    layout loudly (moe.find_moe_layers) instead of reading a piece of it as a dense MLP.
     """
     for name, mod in block.named_modules():
-        if not name.endswith("experts") or name.split(".")[-1] in SHARED_EXPERT_NAMES:
-            continue
-        fused = getattr(getattr(mod, "down_proj", None), "ndim", 0) == 3
-        per_module = isinstance(mod, nn.ModuleList) and len(mod) > 0 and all(_expert_down_proj(m) for m in mod)
-        if fused or per_module:
+        last = name.split(".")[-1]
+        if last.endswith("experts") and last not in SHARED_EXPERT_NAMES and any(True for _ in mod.parameters()):
             parent = name.rpartition(".")[0]
             return parent, block.get_submodule(parent) if parent else block, mod
+    return None
+
+
+def experts_layout(experts: nn.Module) -> str | None:
+    """ "fused" (3-D down_proj, called with the routing), "modules" (a ModuleList of expert MLPs), or None."""
+    fused_call = len(inspect.signature(type(experts).forward).parameters) >= 4  # self, hidden, index, weights
+    if getattr(getattr(experts, "down_proj", None), "ndim", 0) == 3 and fused_call:
+        return "fused"
+    if isinstance(experts, nn.ModuleList) and len(experts) > 0 and all(_expert_down_proj(m) for m in experts):
+        return "modules"
     return None
 
 

@@ -412,3 +412,22 @@ def test_routing_counts_ignore_sentinel_experts():
     index = torch.tensor([[0, 4], [1, 0]])  # 4 == n_experts: expert parallelism's "no expert" sentinel
     counts, load = routing_counts(index, torch.tensor([[True], [False]]), n_experts=4)
     assert load.tolist() == [2, 1, 0, 0] and counts[:, 0].tolist() == [1, 0, 0, 0]
+
+
+def test_unsupported_fused_layout_is_refused():
+    """Llama 4's experts are called without the routing (experts(hidden) on pre-scaled copies): refused, loudly."""
+    import transformers as tf
+
+    config = tf.Llama4TextConfig(
+        hidden_size=HIDDEN, intermediate_size=D_EXPERT, intermediate_size_mlp=48, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, head_dim=16, num_local_experts=N_EXPERTS, vocab_size=100,
+    )  # fmt: skip
+    model = tf.Llama4ForCausalLM(config).eval()
+    with pytest.raises(SiteResolutionError, match="unsupported mixture-of-experts layout Llama4TextExperts"):
+        find_moe_layers(model)
+    with pytest.raises(SiteResolutionError, match="is a mixture-of-experts model"):
+        resolve_sites(model)
+    shared = resolve_sites(model, with_moe=True)  # its shared expert is an ordinary MLP
+    assert [(s.path, s.d_mlp, s.kind) for s in shared] == [
+        (f"model.layers.{L}.feed_forward.shared_expert.down_proj", D_EXPERT, "shared_expert") for L in (0, 1)
+    ]

@@ -15,6 +15,7 @@ ARCHS = [
 ]  # fmt: skip
 ENCODER_ARCHS = {"bert", "roberta", "distilbert"}
 # Mixture-of-experts families (transformers 5 fused experts); DeepSeek's first layer is dense.
+MLP_FREE_ARCHS = ["mamba", "mamba2"]  # state-space models: no MLP neurons, refused with a clear message
 MOE_ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "deepseek_v3", "deepseek_v2"]
 
 HIDDEN = 32
@@ -125,6 +126,13 @@ def _config(arch: str, tokenizer):
         return tf.GPTBigCodeConfig(n_layer=LAYERS, n_embd=HIDDEN, n_head=HEADS, n_positions=POSITIONS, **common)
     if arch == "mpt":  # blocks under transformer.blocks, MLP under ffn: found by the generic search
         return tf.MptConfig(d_model=HIDDEN, n_heads=HEADS, n_layers=LAYERS, max_seq_len=POSITIONS, **common)
+    if arch == "mamba":
+        return tf.MambaConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS, state_size=4, **common)
+    if arch == "mamba2":
+        return tf.Mamba2Config(
+            hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_heads=4, head_dim=2 * HIDDEN // 4, n_groups=1,
+            state_size=4, **common,
+        )  # fmt: skip
     moe = dict(num_experts_per_tok=TOP_K, output_router_logits=False, **llama_like)
     qwen_moe = dict(moe_intermediate_size=D_EXPERT, num_experts=N_EXPERTS, norm_topk_prob=False, **moe)
     deepseek = dict(
@@ -147,7 +155,7 @@ def _config(arch: str, tokenizer):
         return tf.DeepseekV3Config(n_routed_experts=8, n_shared_experts=1, n_group=2, topk_group=1, **deepseek)
     if arch == "deepseek_v2":  # two shared experts form one MLP of width 2 * D_EXPERT
         return tf.DeepseekV2Config(n_routed_experts=N_EXPERTS, n_shared_experts=2, **deepseek)
-    raise ValueError(f"unknown tiny architecture '{arch}' (known: {', '.join(ARCHS + MOE_ARCHS)})")
+    raise ValueError(f"unknown tiny architecture '{arch}' (known: {', '.join(ARCHS + MOE_ARCHS + MLP_FREE_ARCHS)})")
 
 
 def _model_class(arch: str):
@@ -166,6 +174,7 @@ def _model_class(arch: str):
         "smollm3": "SmolLM3ForCausalLM", "granite": "GraniteForCausalLM", "stablelm": "StableLmForCausalLM",
         "starcoder2": "Starcoder2ForCausalLM", "cohere": "CohereForCausalLM", "nemotron": "NemotronForCausalLM",
         "glm": "GlmForCausalLM", "gpt_bigcode": "GPTBigCodeForCausalLM", "mpt": "MptForCausalLM",
+        "mamba": "MambaForCausalLM", "mamba2": "Mamba2ForCausalLM",
     }  # fmt: skip
     return getattr(tf, names[arch])
 

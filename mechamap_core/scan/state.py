@@ -97,8 +97,16 @@ class SiteStats:
         groups = torch.cat([torch.ones_like(cat_mask[:, :1]), cat_mask], dim=1).T  # [1 + C, T]
         self.n_all += acts.shape[0]
         self.n_cat += cat_mask.sum(0).to(self.n_cat.dtype)
-        self.sums += (groups @ acts).to(self.sums.dtype)  # one matmul for every sum
-        self.sums_sq += (groups @ (acts * acts)).to(self.sums.dtype)
+        # One float32 matmul per moment, on activations centred on the batch mean: a neuron whose mean dwarfs
+        # its spread keeps its variance (raw float32 squares would lose it); the shift is undone in float64.
+        shift = acts.mean(dim=0)  # [N]
+        centred = acts - shift
+        wide = self.sums.dtype
+        counts = groups.sum(dim=1, keepdim=True).to(wide)  # [1 + C, 1]
+        linear = (groups @ centred).to(wide)  # [1 + C, N]
+        shift = shift.to(wide)
+        self.sums += linear + counts * shift
+        self.sums_sq += (groups @ (centred * centred)).to(wide) + 2 * shift * linear + counts * shift * shift
         if self.layout.n_words and labels.word is not None:
             in_word = torch.nonzero(labels.word >= 0).view(-1)
             if len(in_word):
