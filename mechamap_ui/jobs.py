@@ -27,7 +27,7 @@ def corpus_scan_work(lm: LoadedModel, cfg: ScanConfig, texts: list[str], runs_di
     remember it under the scan key; returns the run id. options: layers, limit_neurons."""
 
     def work(progress: JobProgress) -> str:
-        progress(0, len(texts), "Counting tokens ...")
+        progress(0, len(texts), "Counting tokens and preparing the documents ...")
         encoded = lm.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
         progress.set_unit_tokens([len(ids) for ids in encoded])
         last_total = [len(texts)]
@@ -75,18 +75,24 @@ def duration(seconds: float) -> str:
     return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
+def unit(job: JobView) -> str:
+    """What the job's done/total count: documents (corpus scans, whose token counts are known), else steps."""
+    return "documents" if job.tokens_total is not None else "steps"
+
+
 def progress_line(job: JobView) -> str:
     """'120/400 documents · 2,345 tokens/s · about 1 min 20 s left' (the parts known so far)."""
-    unit = "documents" if job.tokens_total is not None else "steps"
-    parts = [f"{job.done:,}/{job.total:,} {unit}" if job.total else job.message]
+    if not job.total:
+        return job.message
+    parts = [f"{job.done:,}/{job.total:,} {unit(job)}"]
     if job.tokens_per_second is not None:
         parts.append(f"{job.tokens_per_second:,.0f} tokens/s")
     elif job.units_per_second is not None:
-        parts.append(f"{job.units_per_second:,.1f} {unit}/s")
+        parts.append(f"{job.units_per_second:,.1f} {unit(job)}/s")
     if job.seconds_left is not None and job.done < job.total:
         parts.append(f"about {duration(job.seconds_left)} left")
-    elif job.total and job.done >= job.total:
-        parts.append(job.message)
+    else:
+        parts.append(job.message)  # preparing, or saving
     return " · ".join(parts)
 
 
@@ -102,16 +108,16 @@ def _show_job(job: JobView) -> None:
         elif job.state == FAILED:
             st.error(f"**{job.label}**: {job.error}")
         elif job.state == CANCELLED:
-            st.warning(f"**{job.label}**: cancelled after {job.done:,}/{job.total:,}; nothing was saved.")
+            st.warning(f"**{job.label}**: cancelled after {job.done:,} of {job.total:,} {unit(job)}; nothing was saved.")
         if not job.finished:
             label = "Cancelling ..." if job.cancel_requested else "Cancel"
             st.button(label, key=f"cancel-{job.id}", on_click=queue.cancel, args=(job.id,), disabled=job.cancel_requested)
             return
-        left, right, _ = st.columns([1, 1, 6])
-        if job.state == DONE and left.button("Open", key=f"open-{job.id}", icon=":material/open_in_new:"):
-            state.set_active_run(job.outcome)
-            st.rerun()
-        right.button("Dismiss", key=f"dismiss-{job.id}", on_click=queue.dismiss, args=(job.id,))
+        with st.container(horizontal=True):
+            if job.state == DONE and st.button("Open", key=f"open-{job.id}", icon=":material/open_in_new:"):
+                state.set_active_run(job.outcome)
+                st.rerun()
+            st.button("Dismiss", key=f"dismiss-{job.id}", on_click=queue.dismiss, args=(job.id,))
 
 
 def _job_panel(polling: bool) -> None:
