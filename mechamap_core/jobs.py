@@ -88,7 +88,7 @@ class _Job:
     id: str
     label: str
     resource: str
-    work: Work
+    work: Work | None
     token_prefix: list[int] | None = None  # token_prefix[i]: tokens in the first i units, once known
     state: str = QUEUED
     done: int = 0
@@ -248,5 +248,6 @@ class JobQueue:
 
     def _end(self, job: _Job, state: str, *, message: str = "", outcome: str | None = None, error: str | None = None):
         job.state, job.finished, job.outcome, job.error = state, self._clock(), outcome, error
+        job.work = None  # let go of what the work holds (a corpus, a model) while the job stays listed
         job.message = message or (error or "")
         self._changed.notify_all()

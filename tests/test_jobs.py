@@ -4,9 +4,11 @@ atomicity, and the Scan page's job panel (AppTest)."""
 from __future__ import annotations
 
 import dataclasses
+import gc
 import math
 import os
 import threading
+import weakref
 
 import app_fixtures
 import pandas as pd
@@ -102,6 +104,22 @@ def test_a_queued_job_cancelled_never_runs_and_finished_jobs_stay_until_dismisse
     queue.dismiss(first_id)
     queue.dismiss(second_id)
     assert queue.jobs() == []
+
+
+def test_a_finished_job_lets_go_of_what_its_work_held(queue):
+    class Corpus(list):
+        pass
+
+    def count(docs):
+        return lambda progress: str(len(docs))
+
+    corpus = Corpus(["a document"] * 1000)
+    held = weakref.ref(corpus)
+    job_id = queue.submit("holds a corpus", count(corpus))
+    del corpus
+    assert queue.wait(job_id, WAIT_S) and queue.job(job_id).outcome == "1000"
+    gc.collect()
+    assert held() is None  # the job is still listed, but no longer keeps its corpus (or model) alive
 
 
 def test_rate_and_eta_by_hand():
