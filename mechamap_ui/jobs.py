@@ -34,7 +34,7 @@ def corpus_scan_work(lm: LoadedModel, cfg: ScanConfig, texts: list[str], runs_di
 
         def on_progress(done: int, total: int, message: str) -> None:
             last_total[0] = total
-            progress(done, total, f"Scanning {message}")
+            progress(done, total, f"Scanning {message}" if done < total else "Computing the statistics ...")
 
         result = scan(lm, cfg, texts=texts, progress=on_progress, **options)
         progress(last_total[0], last_total[0], "Saving the run ...")  # the last moment a cancel still counts

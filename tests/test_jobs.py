@@ -344,6 +344,10 @@ def test_scan_page_shows_a_running_job_a_queue_and_opens_the_finished_run(app_en
     assert any("more.txt (5 documents)" in v and "nothing was saved" in v for v in texts(at.warning))
     assert os.listdir(app_env["runs"]) == [job.outcome]
     assert load_run(app_env["runs"] / job.outcome).metadata["n_documents"] == len(DOCS)
+    upload_corpus(at, "docs.txt", DOCS)  # the same scan again: its saved run is reused, no new job
+    click(at, "Scan")
+    assert len(fresh_registry.jobs()) == 2 and os.listdir(app_env["runs"]) == [job.outcome]
+    assert any(f"reused run {job.outcome}" in v for v in texts(at.success))
     click(at, "Dismiss", nth=1)
     click(at, "Dismiss")
     assert fresh_registry.jobs() == [] and not any(s.value == "Background jobs" for s in at.subheader)
