@@ -366,3 +366,14 @@ def test_a_failed_job_shows_its_error_on_the_scan_page(app_env, fresh_registry):
     assert any("docs.txt (3 documents)" in e and "40" in e for e in errors), errors
     assert all("Traceback" not in e for e in errors)
     assert os.listdir(app_env["runs"]) == []
+
+
+def test_a_corpus_scan_of_a_model_that_is_not_there_is_one_error_and_no_job(app_env, fresh_registry):
+    at = open_page(make_app(), "scan")
+    upload_corpus(at, "docs.txt", DOCS[:3])
+    at.radio(key="scan_source").set_value("Hugging Face id (from the local cache)").run()
+    at.text_input(key="scan_hub_id").set_value("no-such-org/no-such-model-xyz")
+    click(at, "Scan")
+    no_exception(at)
+    assert len(at.error) == 1 and "no-such-org/no-such-model-xyz" in at.error[0].value, texts(at.error)
+    assert fresh_registry.jobs() == [] and os.listdir(app_env["runs"]) == []
