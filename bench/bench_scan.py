@@ -222,8 +222,9 @@ def text_of_tokens(tokenizer, base: str, n_tokens: int) -> str:
 
 def model_inputs(lm, cfg):
     """(aligned text, [(input_ids, attention_mask)]) exactly as scan() builds them."""
-    from mechamap_core.alignment import align
     from mechamap_core.scanner import batches
+
+    from mechamap_core.alignment import align
 
     chunk_tokens = min(cfg.max_chunk_tokens or lm.context_length, lm.context_length)
     aligned = align(lm.tokenizer, cfg.texts, cfg.categories, chunk_tokens)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import streamlit as st
-from mechamap_core.scanner import ScanResult
 
 from mechamap_core.config import ConfigError
 from mechamap_core.contrast import FORMAT_HELP, contrast_neurons, load_contrast_set, parse_contrast_set
+from mechamap_core.scan import ScanResult
 from mechamap_ui.widgets import neuron_table, stat_column_config
 
 CONTRAST_RESULT = "contrast_result"

@@ -7,7 +7,7 @@ from urllib.parse import urlencode
 
 import streamlit as st
 
-from mechamap_core.scanner import ScanResult
+from mechamap_core.scan import ScanResult
 from mechamap_ui import state
 
 RUN_PARAM, LAYER_PARAM, NEURON_PARAM = "run", "layer", "neuron"

@@ -15,6 +15,7 @@ import torch
 from mechamap_core import hub, placement
 from mechamap_core.config import ConfigError, ScanConfig, config_to_yaml
 from mechamap_core.export import save_run
+from mechamap_core.jobs import first_line as _first_line
 from mechamap_core.models import ModelNotAvailableError, resolve_model_source
 from mechamap_core.scan import ScanResult, scan
 from mechamap_core.sites import SiteResolutionError
@@ -144,17 +145,10 @@ def run_scan(
     report = progress or (lambda fraction, message: None)
     loading = {k: v for k, v in (loading or {}).items() if v is not None}
     key = scan_key(spec, device, dtype, cfg, layers, limit_neurons, texts, loading)
-    runs = state.runs_dir()
-    with _SCANS_LOCK:
-        run_id = _SCANS.get(key)
-    if run_id is not None and (runs / run_id / "metadata.json").is_file():
-        try:
-            result = state.saved_run(run_id)
-        except (OSError, ValueError, KeyError):
-            pass  # unreadable now: scan again
-        else:
-            report(1.0, "Same model, config and options as an earlier scan: reused its saved run.")
-            return ScanOutcome(result, run_id, cached=True)
+    earlier = remembered_scan(key)
+    if earlier is not None:
+        report(1.0, "Same model, config and options as an earlier scan: reused its saved run.")
+        return earlier
 
     report(0.0, f"Loading {spec.strip()} ...")
 
@@ -171,13 +165,30 @@ def run_scan(
 
     result = scan(lm, cfg, layers=layers, limit_neurons=limit_neurons, progress=on_progress, texts=texts)
     report(1.0, "Saving the run ...")
-    run_id = save_run(result, runs).name
+    run_id = save_run(result, state.runs_dir()).name
+    remember_scan(key, run_id)
+    return ScanOutcome(result, run_id, cached=False, placement=dict(lm.placement))
+
+
+def remembered_scan(key: str) -> ScanOutcome | None:
+    """The saved run of an earlier scan with this scan_key, when it is still there and readable."""
+    with _SCANS_LOCK:
+        run_id = _SCANS.get(key)
+    if run_id is None or not (state.runs_dir() / run_id / "metadata.json").is_file():
+        return None
+    try:
+        return ScanOutcome(state.saved_run(run_id), run_id, cached=True)
+    except (OSError, ValueError, KeyError):
+        return None  # unreadable now: scan again
+
+
+def remember_scan(key: str, run_id: str) -> None:
+    """Remember that the scan with this scan_key was saved as run_id (the newest MAX_REMEMBERED_SCANS)."""
     with _SCANS_LOCK:
         _SCANS[key] = run_id
         _SCANS.move_to_end(key)
         while len(_SCANS) > MAX_REMEMBERED_SCANS:
             _SCANS.popitem(last=False)
-    return ScanOutcome(result, run_id, cached=False, placement=dict(lm.placement))
 
 
 def scan_with_progress_bar(spec: str, cfg: ScanConfig, **options) -> ScanOutcome | None:
@@ -190,11 +201,6 @@ def scan_with_progress_bar(spec: str, cfg: ScanConfig, **options) -> ScanOutcome
         bar.empty()
         st.error(friendly_error(exc))
         return None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _sentence(text: str) -> str:

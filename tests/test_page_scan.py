@@ -150,6 +150,10 @@ def test_corpus_upload_replaces_the_master_text(app_env):
     at.text_input(key="scan_layers").set_value("0")
     at.number_input(key="scan_limit").set_value(8)
     click_scan(at)
+    from mechamap_ui import jobs
+
+    assert jobs.registry().wait(at.session_state[jobs.MY_JOBS][-1], 120)  # a corpus scan is a background job
+    at.run()  # the job panel makes the finished run the active one
     no_exception(at)
     assert not at.error, texts(at.error)
     from mechamap_core.export import load_run

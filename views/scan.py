@@ -12,7 +12,7 @@ from mechamap_core import export, hub, placement
 from mechamap_core.config import BUNDLED_MODEL_ID, parse_layer_list
 from mechamap_core.corpus import parse_corpus
 from mechamap_core.models import BUNDLED_ALIASES, DTYPES
-from mechamap_ui import config_tools, scanning, state
+from mechamap_ui import config_tools, jobs, scanning, state
 
 MAX_CORPUS_UPLOAD_MB = 5
 SOURCES = ["Bundled model (offline)", "Hugging Face id (downloads on demand)", "Local folder"]
@@ -134,7 +134,14 @@ with st.expander("Use a corpus file instead of the master text (optional)", icon
 
 # --- scan ----------------------------------------------------------------------------------
 can_scan = problem is None and not input_errors and bool((spec or "").strip())
-if st.button("Scan", type="primary", icon=":material/play_arrow:", disabled=not can_scan):
+if texts is not None:
+    st.caption("A corpus scan runs as a background job: switch pages or close the tab, it goes on, then becomes a saved run.")
+scan_clicked = st.button("Scan", type="primary", icon=":material/play_arrow:", disabled=not can_scan)
+if scan_clicked and texts is not None:
+    corpus_label = f"{upload.name} ({len(texts):,} documents)"
+    jobs.start_corpus_scan(spec, cfg, corpus_label, device=device, dtype=dtype, texts=texts, layers=layers,
+                           limit_neurons=int(limit))  # fmt: skip
+elif scan_clicked:
     outcome = scanning.scan_with_progress_bar(
         spec, cfg, device=device, dtype=dtype, layers=layers, limit_neurons=int(limit), texts=texts, loading=loading
     )
@@ -149,6 +156,8 @@ if st.button("Scan", type="primary", icon=":material/play_arrow:", disabled=not 
             f"{md['n_tokens']} tokens. Saved as run {outcome.run_id}."
         )
         st.rerun()
+
+jobs.show_jobs()
 
 # --- active run downloads ------------------------------------------------------------------
 result = state.active_result()

@@ -1,0 +1,112 @@
+"""Real-browser test of a background corpus scan: start it, switch pages, close the tab, see it move, cancel it."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import test_e2e_browser
+from test_e2e_browser import CHROMIUM, CHROMIUM_ARGS, PAGE_TIMEOUT_MS, SCAN_TIMEOUT_MS, SCREENSHOTS, _nav, _no_exception
+
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium)")
+streamlit_server = test_e2e_browser.streamlit_server  # shared fixture: `streamlit run app.py` on a free port
+
+
+@pytest.fixture
+def one_torch_thread(monkeypatch):
+    """The server scans with one torch thread: on a busy 2-core machine two spin-waiting threads crawl."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
+N_DOCS = 1000  # ~15k tokens: minutes on the bundled model here (64 neurons per layer), so it is cancelled midway
+NEURON_LIMIT = "64"
+PROGRESS = re.compile(rf"([\d,]+)/{N_DOCS:,} documents")
+
+
+def _corpus(path):
+    words = ["the red fox met a dog in Paris", "she ate pizza in Rome", "a horse ran near the river", "in 1999 it snowed"]
+    path.write_text("\n".join(f"Document {i}: {words[i % 4]} and {words[(i * 7) % 4]}." for i in range(N_DOCS)))
+    return path
+
+
+def _documents_done(page) -> int:
+    """Documents done, read off the job's progress bar (waits for it to show a count)."""
+    bar = page.locator('[data-testid="stProgress"]').filter(has_text=PROGRESS).first
+    bar.wait_for(timeout=PAGE_TIMEOUT_MS)
+    return int(PROGRESS.search(bar.inner_text()).group(1).replace(",", ""))
+
+
+def _wait_for_more(page, than: int) -> int:
+    """Poll the bar (the page's fragment refreshes it) until more than `than` documents are done."""
+    for _ in range(SCAN_TIMEOUT_MS // 250):
+        done = _documents_done(page)
+        if done > than:
+            return done
+        page.wait_for_timeout(250)
+    raise AssertionError(f"the job stayed at {than} documents")
+
+
+def _screenshot_jobs(page, name: str) -> None:
+    """Scroll the job panel into view and take a screenshot of the window."""
+    page.get_by_role("heading", name="Active run").scroll_into_view_if_needed()  # the heading under the jobs
+    page.wait_for_timeout(300)
+    page.screenshot(path=str(SCREENSHOTS / name))
+
+
+def _open_scan_page(page):
+    from playwright.sync_api import expect
+
+    _nav(page, "Scan")
+    expect(page.get_by_role("heading", name="Scan", exact=True)).to_be_visible(timeout=PAGE_TIMEOUT_MS)
+
+
+def test_a_corpus_scan_job_survives_page_switches_and_a_closed_tab_then_cancels(one_torch_thread, streamlit_server, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    corpus = _corpus(tmp_path / "big_corpus.txt")
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1440, "height": 1000})
+            page.goto(streamlit_server["url"])
+            expect(page.get_by_role("heading", name="MechaMap")).to_be_visible(timeout=PAGE_TIMEOUT_MS)
+            _open_scan_page(page)
+            limit = page.get_by_label("Neuron limit per layer (0 = all)")
+            limit.fill(NEURON_LIMIT)
+            limit.press("Enter")
+            page.get_by_text("Use a corpus file instead of the master text").click()
+            page.locator('[data-testid="stFileUploaderDropzoneInput"]').set_input_files(str(corpus))
+            expect(page.get_by_text(f"{N_DOCS:,} documents from big_corpus.txt")).to_be_visible(timeout=PAGE_TIMEOUT_MS)
+            page.get_by_role("button", name="Scan", exact=True).click()
+            expect(page.get_by_role("heading", name="Background jobs")).to_be_visible(timeout=PAGE_TIMEOUT_MS)
+            first = _documents_done(page)
+            _no_exception(page)
+            _screenshot_jobs(page, "jobs_01_started.png")
+
+            _nav(page, "Config")  # leave the Scan page while the job runs
+            expect(page.get_by_role("heading", name="Word coverage")).to_be_visible(timeout=PAGE_TIMEOUT_MS)
+            page.wait_for_timeout(2000)
+            _open_scan_page(page)
+            back = _wait_for_more(page, first)
+            moving = _wait_for_more(page, back)  # the panel refreshes itself while the page stays open
+            expect(page.get_by_text("tokens/s", exact=False).first).to_be_visible()
+            expect(page.get_by_text(re.compile(r"about .* left")).first).to_be_visible()
+            _no_exception(page)
+            _screenshot_jobs(page, "jobs_02_back_on_scan_page.png")
+            page.close()  # close the tab: the job goes on
+
+            page = browser.new_page(viewport={"width": 1440, "height": 1000})
+            page.goto(streamlit_server["url"])
+            _open_scan_page(page)
+            reopened = _wait_for_more(page, moving)
+            page.get_by_role("button", name="Cancel", exact=True).click()
+            expect(page.get_by_text("documents; nothing was saved", exact=False)).to_be_visible(timeout=PAGE_TIMEOUT_MS)
+            expect(page.locator('[data-testid="stProgress"]')).to_have_count(0)
+            _no_exception(page)
+            _screenshot_jobs(page, "jobs_03_cancelled.png")
+        finally:
+            browser.close()
+    assert first < back < moving < reopened < N_DOCS
+    assert list(streamlit_server["runs"].iterdir()) == []  # cancelled: no run, no temp folder
+    print(f"\ndocuments done: {first} at start, {back} back on the page, {moving} later, {reopened} in a new tab; cancelled")
