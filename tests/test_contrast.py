@@ -25,7 +25,6 @@ from mechamap_core.contrast import (
 )
 from mechamap_core.export import to_csv
 
-_navigation_mode = app_fixtures._navigation_mode  # fixtures shared with the other app tests
 app_env = app_fixtures.app_env
 tiny_result = app_fixtures.tiny_result
 

@@ -19,7 +19,6 @@ from mechamap_core import GatedModelError, ModelNotAvailableError, RemoteCodeRef
 from mechamap_core.hub import list_repo_files
 
 app_env = app_fixtures.app_env  # temp runs/configs folders for the Scan page test
-_navigation_mode = app_fixtures._navigation_mode
 
 SECRET = "hf_TestSecretToken1234567890abcdefXYZ"
 PROBE = [101, 2047, 2259, 10582, 102]  # [CLS] new york giraffe [SEP] in the bundled vocabulary

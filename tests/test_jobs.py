@@ -22,7 +22,6 @@ from mechamap_core.jobs import CANCELLED, DONE, FAILED, QUEUED, RUNNING, JobProg
 from mechamap_ui import jobs, scanning
 from mechamap_ui.state import ACTIVE_RUN
 
-_navigation_mode = app_fixtures._navigation_mode
 app_env = app_fixtures.app_env
 tiny_result = app_fixtures.tiny_result
 

@@ -15,7 +15,6 @@ from mechamap_core.config import load_config
 from mechamap_core.master_text import TEMPLATES, mix_texts, overcounted_words, usable_templates, write_master_text
 from mechamap_ui.state import ACTIVE_CONFIG
 
-_navigation_mode = app_fixtures._navigation_mode  # fixtures shared with the other app tests
 app_env = app_fixtures.app_env
 TEMPLATE_RES = [(t, re.compile("^" + re.escape(t).replace(r"\{\}", "(.+)") + "$")) for t in TEMPLATES]
 
