@@ -45,6 +45,9 @@ class ScanConfig:
     batch_size: int = 8  # chunks per forward pass
     max_chunk_tokens: int = 0  # 0 = the model's context length
     auroc: bool = True  # one-vs-rest AUROC for every neuron (a sort per neuron: the scan's costliest statistic)
+    permutations: int = 1000  # word-level permutation test of score (p_value, q_value); 0 = Welch's test instead
+    cv_folds: int = 5  # folds of each category's words for cv_auroc; 0 = no cv_auroc
+    seed: int = 0  # permutation draws and word folds
 
     @property
     def texts(self) -> list[str]:
@@ -74,6 +77,9 @@ _FIELD_TYPES = {
     "batch_size": (int,),
     "max_chunk_tokens": (int,),
     "auroc": (bool,),
+    "permutations": (int,),
+    "cv_folds": (int,),
+    "seed": (int,),
 }
 _CATEGORY_NAME = re.compile(r"^[\w][\w \-]{0,63}$")
 
@@ -129,11 +135,15 @@ def validate_config(cfg: ScanConfig) -> None:
             continue
         if not [w for w in words if str(w).strip()]:
             problems.append((where, f"category '{name}' has no words"))
-    for key in ("top_k_tokens", "limit_neurons", "max_chunk_tokens"):
+    for key in ("top_k_tokens", "limit_neurons", "max_chunk_tokens", "permutations", "seed"):
         if getattr(cfg, key) < 0:
             problems.append((key, f"'{key}' must be 0 or more, got {getattr(cfg, key)}"))
     if cfg.top_k_tokens > 100:
         problems.append(("top_k_tokens", "'top_k_tokens' must be at most 100"))
+    if cfg.permutations > 100_000:
+        problems.append(("permutations", "'permutations' must be at most 100000"))
+    if cfg.cv_folds == 1 or cfg.cv_folds < 0 or cfg.cv_folds > 20:
+        problems.append(("cv_folds", "'cv_folds' must be 0 (off) or 2 to 20"))
     if cfg.batch_size < 1:
         problems.append(("batch_size", "'batch_size' must be at least 1"))
     if cfg.layers is not None and any(not isinstance(x, int) or isinstance(x, bool) or x < 0 for x in cfg.layers):

@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from tiny_models import D_MLP, LAYERS, bundled_tokenizer
@@ -302,3 +303,20 @@ def test_scan_of_wrapped_model_without_mlp_raises(default_cfg):
         scan(lm, default_cfg, limit_neurons=4)
     # the failure leaves no hook behind
     assert all(not m._forward_pre_hooks and not m._forward_hooks for m in lm.model.modules())
+
+
+def test_scan_of_a_model_spread_over_cpu_and_disk_equals_the_single_device_scan(tiny_models, tiny_gpt2, default_cfg):
+    """Each site's statistics live where its module computes (accelerate loads the disk block per use):
+    the spread scan equals the plain one, and the run records the placement."""
+    from mechamap_core import scan
+
+    spread = {"transformer.wte": "cpu", "transformer.wpe": "cpu", "transformer.h.0": "disk", "transformer.h.1": "cpu",
+              "transformer.ln_f": "cpu", "lm_head": "disk"}  # fmt: skip
+    lm = load_model(str(tiny_models.path("gpt2")), device="cpu", device_map=spread)
+    for record in (True, False):
+        spread_scan = scan(lm, default_cfg, record_activations=record)
+        plain = scan(tiny_gpt2, default_cfg, record_activations=record)
+        columns = ["avg_activation", "score", "auroc", "p_value"]
+        np.testing.assert_allclose(spread_scan.scores[columns].to_numpy(), plain.scores[columns].to_numpy(), rtol=1e-6)
+        assert spread_scan.top_tokens["token"].tolist() == plain.top_tokens["token"].tolist()
+    assert spread_scan.metadata["placement"] == spread

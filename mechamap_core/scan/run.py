@@ -151,6 +151,8 @@ def scan(
         "model": lm.name,
         "config_hash": cfg.content_hash(),
         "device": str(lm.device),
+        "placement": dict(lm.placement),
+        "model_commit": lm.commit,
         "dtype": str(lm.dtype).replace("torch.", ""),
         "n_tokens": aligned.n_tokens,
         "n_documents": len(aligned.texts),

@@ -319,9 +319,10 @@ def stream_result(lm: LoadedModel, cfg: ScanConfig, state: StreamState, extra_me
     })  # fmt: skip
     metadata = {
         "model": lm.name, "config_hash": cfg.content_hash(), "device": str(lm.device),
-        "dtype": str(lm.dtype).replace("torch.", ""), "n_tokens": int(state.tokens), "n_documents": int(state.documents),
+        "placement": dict(lm.placement), "model_commit": lm.commit, "dtype": str(lm.dtype).replace("torch.", ""),
+        "n_tokens": int(state.tokens), "n_documents": int(state.documents),
         "layers": layers, "n_layers_model": n_layers_model,
-        "neurons_per_layer": {str(p.layer): p.stats["score"].shape[1] for p in parts if p.hook.endswith(".mlp.hook_post")},
+        "neurons_per_layer": {str(p.layer): p.stats["score"].shape[1] for p in parts if p.expert is None},
         "categories": categories,
         "category_tokens": {c: int(n) for c, n in zip(categories, state.category_tokens)},
         "auroc_method": f"binned ({HIST_BINS} bins per neuron)" if cfg.auroc else "off",
