@@ -1,11 +1,15 @@
-"""Selectivity statistics from streamed moments: means, effect sizes, Welch t, AUROC, BH q-values."""
+"""Selectivity statistics from streamed moments: effect sizes, Welch t, word-level permutation tests, AUROC, BH q."""
 
 from __future__ import annotations
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from scipy import special
 
 EPS = 1e-12
+TIE_RTOL = 1e-6  # null scores this close to the observed one (relative) count as reaching it: rounding, not evidence
+CHUNK_ELEMENTS = 2**19  # permutations x neurons per block of the permutation test (~4 MB per float64 buffer)
 
 
 def moment_statistics(
@@ -26,16 +30,13 @@ def moment_statistics(
     n_c = n_cat.astype(np.float64)[:, None]  # [C, 1]
     n_r = float(n_all) - n_c
     with np.errstate(divide="ignore", invalid="ignore"):
-        mean_c = sum_cat / n_c
-        sum_r = sum_all[None, :] - sum_cat
-        mean_r = sum_r / n_r
-        var_c = np.maximum(sumsq_cat - n_c * mean_c**2, 0.0) / np.maximum(n_c - 1, 1)
-        var_r = np.maximum((sumsq_all[None, :] - sumsq_cat) - n_r * mean_r**2, 0.0) / np.maximum(n_r - 1, 1)
+        mean_c, var_c = mean_and_variance(n_c, sum_cat, sumsq_cat)
+        mean_r, var_r = mean_and_variance(n_r, sum_all[None, :] - sum_cat, sumsq_all[None, :] - sumsq_cat)
         diff = mean_c - mean_r
         pooled = ((n_c - 1) * var_c + (n_r - 1) * var_r) / np.maximum(n_c + n_r - 2, 1)
         hedges = 1.0 - 3.0 / np.maximum(4.0 * (n_c + n_r) - 9.0, 1.0)
         cohens_d = hedges * diff / np.sqrt(pooled + EPS)
-        separation = diff / np.sqrt((var_c + var_r) / 2.0 + EPS)
+        separation = separation_of(mean_c, var_c, mean_r, var_r)
         se2_c, se2_r = var_c / n_c, var_r / n_r
         se = np.sqrt(se2_c + se2_r + EPS)
         t_stat = diff / se
@@ -57,6 +58,17 @@ def moment_statistics(
     return out
 
 
+def mean_and_variance(n, total, total_sq):
+    """Mean and unbiased variance (clipped at 0) from a count, a sum and a sum of squares (numpy or torch)."""
+    mean = total / n
+    return mean, (total_sq - n * mean**2).clip(min=0.0) / (n - 1).clip(min=1)
+
+
+def separation_of(mean_c, var_c, mean_r, var_r):
+    """The default score: mean difference over the root mean of the two variances (numpy or torch)."""
+    return (mean_c - mean_r) / ((var_c + var_r) / 2.0 + EPS) ** 0.5
+
+
 def auroc_exact(acts: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """One-vs-rest AUROC [C, N] from per-token activations acts [T, N] and category mask [T, C].
 
@@ -71,13 +83,17 @@ def auroc_binned(counts_all: np.ndarray, counts_cat: np.ndarray) -> np.ndarray:
     counts_all: [N, B] over all tokens; counts_cat: [C, N, B] over each category's tokens.
     Pairs in the same bin count half, so the error is at most half the mass of shared bins.
     """
-    rest = counts_all[None, :, :] - counts_cat  # [C, N, B]
-    rest_below = np.cumsum(rest, axis=-1) - rest
-    wins = (counts_cat * (rest_below + 0.5 * rest)).sum(axis=-1)
-    n_c, n_r = counts_cat.sum(axis=-1), rest.sum(axis=-1)
+    return _auroc_binned_pair(counts_cat, counts_all[None, :, :] - counts_cat)
+
+
+def _auroc_binned_pair(counts_pos: np.ndarray, counts_neg: np.ndarray) -> np.ndarray:
+    """AUROC [..., N] of positives vs negatives from their histograms [..., N, B] on the same bins."""
+    neg_below = np.cumsum(counts_neg, axis=-1) - counts_neg
+    wins = (counts_pos * (neg_below + 0.5 * counts_neg)).sum(axis=-1)
+    n_pos, n_neg = counts_pos.sum(axis=-1), counts_neg.sum(axis=-1)
     with np.errstate(divide="ignore", invalid="ignore"):
-        auc = wins / (n_c * n_r)
-    auc[(n_c < 1) | (n_r < 1)] = np.nan
+        auc = wins / (n_pos * n_neg)
+    auc[(n_pos < 1) | (n_neg < 1)] = np.nan
     return auc
 
 
@@ -138,3 +154,247 @@ def auroc_from_ranks(ranks_t: np.ndarray, mask: np.ndarray) -> np.ndarray:
         auc = (rank_sum - n_c * (n_c + 1) / 2.0) / (n_c * n_r)
     auc[((n_c < 1) | (n_r < 1))[:, 0]] = np.nan
     return auc
+
+
+def permutation_subsets(word_category: np.ndarray, n_permutations: int = 1000, seed: int = 0) -> dict[int, torch.Tensor]:
+    """The random word subsets of the permutation test: {size: [P, size] int64 word indices}, on the CPU.
+
+    Category labels are exchangeable among the W words, so a category's null distribution depends only
+    on its number of words: categories of equal size share one set of draws. Row p of a set is the first
+    `size` words of a uniformly random ordering of all W words (argsort of float64 uniforms). Sizes are
+    drawn in ascending order from torch.Generator().manual_seed(seed): the same draws on every device.
+    """
+    word_category = np.asarray(word_category)
+    n_words = len(word_category)
+    sizes = np.unique(np.bincount(word_category[word_category >= 0]))
+    generator = torch.Generator().manual_seed(seed)
+    subsets = {}
+    for size in sizes[sizes > 0].tolist():
+        keys = torch.rand(n_permutations, n_words, generator=generator, dtype=torch.float64)
+        subsets[size] = keys.argsort(dim=1)[:, :size]
+    return subsets
+
+
+def permutation_pvalues(
+    word_n,  # [W] tokens per word
+    word_sum,  # [W, N] sum of each neuron's activation over each word's tokens
+    word_sumsq,  # [W, N]
+    n_all: float,  # all counted tokens, in words or not
+    sum_all,  # [N]
+    sumsq_all,  # [N]
+    word_category,  # [W] category index of each word (-1: in no category)
+    n_permutations: int = 1000,
+    seed: int = 0,
+    n_categories: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    chunk_elements: int = CHUNK_ELEMENTS,
+) -> np.ndarray:
+    """Word-level permutation p-values [C, N] (float64) of the separation score, one-sided (higher).
+
+    The observed score of category c is the separation of its words' tokens against all other tokens.
+    The null shuffles category labels among words, keeping each word's tokens together: category c's
+    permuted tokens are those of a random |W_c|-subset of all W words (permutation_subsets), the rest
+    all other tokens. p = (1 + #{null score >= observed}) / (1 + P). A null draw without a score (an
+    empty side) counts as reaching the observed score, and so does one within TIE_RTOL of it (a draw
+    of the category's own words, summed in another order).
+
+    Scores come from sums centred on each neuron's mean (separation is shift-invariant; centring keeps
+    the variances' cancellation small), gathered per subset (embedding_bag) on the device of word_sum,
+    in `dtype`, in blocks of about chunk_elements subsets x neurons; see _subset_separation. NaN for
+    categories without words. Inputs may be numpy arrays or torch tensors.
+    """
+    word_sum = torch.as_tensor(word_sum)
+    device = word_sum.device
+    exact = {"dtype": torch.float64, "device": device}
+    word_sum, word_sumsq = word_sum.to(**exact), torch.as_tensor(word_sumsq).to(**exact)
+    word_n, sum_all, sumsq_all = (torch.as_tensor(x).to(**exact) for x in (word_n, sum_all, sumsq_all))
+    word_category = np.asarray(word_category)
+    n_neurons = word_sum.shape[1]
+    n_categories = int(word_category.max(initial=-1)) + 1 if n_categories is None else n_categories
+    n_all = float(n_all)
+    mean_all = sum_all / max(n_all, 1.0)
+    centred_sumsq = (word_sumsq - 2.0 * mean_all * word_sum + word_n[:, None] * mean_all**2).to(dtype)
+    centred_sum = (word_sum - word_n[:, None] * mean_all).to(dtype)
+    total_sumsq = (sumsq_all - n_all * mean_all**2).to(dtype)  # and the centred total sum is 0
+
+    sizes = np.bincount(word_category[word_category >= 0], minlength=n_categories)
+    groups = []  # (categories of one size, [their own words; the random subsets] as rows, per-row constants)
+    for size, subsets in permutation_subsets(word_category, n_permutations, seed).items():
+        same_size = np.flatnonzero(sizes == size)
+        own_words = torch.as_tensor(np.stack([np.flatnonzero(word_category == c) for c in same_size]))
+        rows = torch.cat([own_words, subsets.sort(dim=1).values]).to(device)
+        groups.append((same_size, rows, _subset_constants(word_n[rows].sum(dim=1, keepdim=True), n_all, dtype)))
+    exceed = torch.zeros((n_categories, n_neurons), dtype=torch.int32, device=device)
+    observed_nan = np.zeros((n_categories, n_neurons), dtype=bool)
+    block_neurons = max(1, min(n_neurons, chunk_elements // max(n_permutations, 1)))
+    for start in range(0, n_neurons, block_neurons):
+        neurons = slice(start, min(start + block_neurons, n_neurons))
+        word_sums = torch.cat([centred_sum[:, neurons], centred_sumsq[:, neurons]], dim=1)  # [W, 2 n]
+        for same_size, rows, constants in groups:
+            block_rows = max(len(same_size) + 1, chunk_elements // block_neurons)
+            for first in range(0, len(rows), block_rows):
+                block = slice(first, first + block_rows)
+                scores = _subset_separation(rows[block], word_sums, total_sumsq[neurons], constants[block])
+                if first == 0:  # the first rows are the observed scores
+                    observed, scores = scores[: len(same_size)], scores[len(same_size) :]
+                    observed_nan[same_size, neurons] = torch.isnan(observed).cpu().numpy()
+                    reach = observed - TIE_RTOL * (1.0 + observed.abs())
+                exceed[same_size, neurons] += len(scores) - _count_below(scores, reach)  # NaN is never below
+    p_values = ((1.0 + exceed.double()) / (1.0 + n_permutations)).cpu().numpy()
+    p_values[(sizes == 0)[:, None] | observed_nan] = np.nan
+    return p_values
+
+
+def _subset_constants(n_c: torch.Tensor, n_all: float, dtype: torch.dtype) -> torch.Tensor:
+    """The per-subset factors [R, 4] (u, v, z, w) of _subset_separation, from token counts n_c [R, 1] (float64)."""
+    n_r = n_all - n_c
+    dof_c, dof_r = (n_c - 1).clip(min=1), (n_r - 1).clip(min=1)
+    return torch.cat([1 / n_c + 1 / n_r, dof_r / dof_c - 1, dof_r / (n_c * dof_c) + 1 / n_r, 0.5 / dof_r], 1).to(dtype)
+
+
+def _subset_separation(rows, word_sums, total_sumsq, constants) -> torch.Tensor:
+    """separation [R, n] of the word subsets rows [R, size] against all other tokens.
+
+    word_sums [W, 2n]: each word's centred sums, then sums of squares; total_sumsq [n]: over all tokens.
+    moment_statistics' formulas with the rest's sum -x (centred total 0), folded to few passes: with x, y
+    the subset's sum and sum of squares, a and b its and the rest's token counts, a1 = max(a - 1, 1),
+    b1 = max(b - 1, 1): mean_c - mean_r = x (1/a + 1/b) = x u, var_c = (y - x^2/a) / a1,
+    var_r = (Q - y - x^2/b) / b1, so (var_c + var_r) / 2 = w (Q + y v - x^2 z) with v = b1/a1 - 1,
+    z = b1/(a a1) + 1/b, w = 1/(2 b1). The two variances' sum is clipped at 0, not each one.
+    """
+    width = word_sums.shape[1] // 2
+    sums = F.embedding_bag(rows, word_sums, mode="sum")
+    x, y = sums[:, :width], sums[:, width:]
+    u, v, z, w = constants.T[:, :, None]
+    half_variance = torch.addcmul(total_sumsq, y, v).addcmul_(x.square(), z, value=-1.0).mul_(w).clamp_(min=0.0)
+    return (x * u).div_(half_variance.add_(EPS).sqrt_())
+
+
+def _count_below(values: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """#{values[:, n] < thresholds[c, n]} [C, n] (int32) of values [R, n]. On the CPU through numpy, whose
+    compare and int32 reduce take a third of torch's time (and torch's default int64 bool sum, 20x)."""
+    if values.device.type != "cpu":
+        return torch.stack([(values < row).sum(dim=0, dtype=torch.int32) for row in thresholds])
+    values, thresholds = values.numpy(), thresholds.numpy()
+    return torch.from_numpy(np.stack([np.add.reduce(values < row, axis=0, dtype=np.int32) for row in thresholds]))
+
+
+def auroc_sorted(sorted_rows: np.ndarray, acts_t: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """One-vs-rest AUROC [C, N] (ties half) from acts_t [N, T], its rows sorted, and a category mask [T, C].
+
+    Equal to auroc_exact without average ranks: a category token's wins over all tokens are counted by
+    binary search in its neuron's sorted row (torch.searchsorted), and its wins over its own category
+    sum to n_c^2 / 2 over the category, whatever the ties. sorted_rows = np.sort(acts_t, axis=1).
+    """
+    sorted_t, acts = torch.from_numpy(np.ascontiguousarray(sorted_rows)), torch.from_numpy(np.asarray(acts_t))
+    mask = np.asarray(mask, dtype=bool)
+    n_tokens = acts.shape[1]
+    auc = np.full((mask.shape[1], acts.shape[0]), np.nan)
+    for c, column in enumerate(mask.T):
+        tokens = torch.from_numpy(np.flatnonzero(column))
+        n_c, n_r = len(tokens), n_tokens - len(tokens)
+        if n_c and n_r:
+            wins_twice = _twice_below(sorted_t, acts[:, tokens]).sum(dim=1) - n_c**2
+            auc[c] = wins_twice.numpy() / (2.0 * n_c * n_r)
+    return auc
+
+
+def word_folds(word_category, k: int = 5, seed: int = 0, word_present=None) -> np.ndarray:
+    """Fold [W] (int64, 0..k-1) of each word among its category's words; -1 for a word without a category
+    or not present (word_present [W] bool, e.g. word_n > 0: words that never occur get no fold).
+
+    A category's present words, in a random order from np.random.default_rng([seed, category]), go to
+    folds 0, 1, ..., k-1, 0, 1, ...: fold sizes differ by at most one, a category with fewer than k
+    words has one fold per word, and adding a category never reshuffles another.
+    """
+    word_category = np.asarray(word_category)
+    present = np.ones(len(word_category), dtype=bool) if word_present is None else np.asarray(word_present, dtype=bool)
+    fold = np.full(len(word_category), -1, dtype=np.int64)
+    for c in np.unique(word_category[word_category >= 0]).tolist():
+        words = np.flatnonzero((word_category == c) & present)
+        fold[words[np.random.default_rng([seed, c]).permutation(len(words))]] = np.arange(len(words)) % k
+    return fold
+
+
+def fold_groups(word_category, word_fold) -> tuple[np.ndarray, np.ndarray]:
+    """(word_group [W], group_category [G]): one group per (category, fold) holding words, ordered by
+    category then fold; word_group is -1 for a word in no fold. Histograms per group feed cv_auroc_binned."""
+    word_category, word_fold = np.asarray(word_category), np.asarray(word_fold)
+    in_fold = (word_category >= 0) & (word_fold >= 0)
+    n_folds = int(word_fold.max(initial=0)) + 1
+    keys, word_group_in_fold = np.unique(word_category[in_fold] * n_folds + word_fold[in_fold], return_inverse=True)
+    word_group = np.full(len(word_category), -1, dtype=np.int64)
+    word_group[in_fold] = word_group_in_fold
+    return word_group, keys // n_folds
+
+
+def cv_auroc_exact(
+    acts_t: np.ndarray,  # [N, T] float32
+    token_word: np.ndarray,  # [T] word of each token, -1 for none
+    word_category: np.ndarray,  # [W]
+    word_fold: np.ndarray,  # [W], from word_folds
+    n_categories: int | None = None,
+    sorted_rows: np.ndarray | None = None,  # np.sort(acts_t, axis=1), if the caller has it
+) -> np.ndarray:
+    """Cross-validated AUROC [C, N] (float64): the mean over category c's folds of the AUROC of the fold's
+    tokens against the rest (tokens in no word of c), ties half; the other folds' tokens are left out.
+
+    NaN where fewer than two folds have tokens (a one-word category). The plain AUROC is the same fold
+    AUROCs' mean weighted by their tokens; cv_auroc weighs every fold alike, so one word's many tokens
+    cannot carry a category. A fold token's wins over the rest = its wins over all tokens (binary search
+    in the sorted row) minus those over its category's tokens (binary search in their own sorted values).
+    """
+    token_word = np.asarray(token_word)
+    word_group, group_category = fold_groups(word_category, word_fold)
+    token_group = np.where(token_word >= 0, word_group[token_word], -1)
+    token_category = np.where(token_word >= 0, np.asarray(word_category)[token_word], -1)
+    sorted_rows = np.sort(acts_t, axis=1) if sorted_rows is None else sorted_rows
+    sorted_t, acts = torch.from_numpy(np.ascontiguousarray(sorted_rows)), torch.from_numpy(np.asarray(acts_t))
+    auc_groups = np.full((len(group_category), acts.shape[0]), np.nan)
+    for c in np.unique(group_category).tolist():
+        tokens = np.flatnonzero(token_category == c)
+        values = acts[:, torch.from_numpy(tokens)]  # [N, n_c]
+        wins_twice = _twice_below(sorted_t, values) - _twice_below(values.sort(dim=1).values, values)
+        n_rest = acts.shape[1] - len(tokens)
+        for g in np.flatnonzero(group_category == c).tolist():
+            in_group = torch.from_numpy(token_group[tokens] == g)
+            n_g = int(in_group.sum())
+            if n_g and n_rest:
+                auc_groups[g] = wins_twice[:, in_group].sum(dim=1).numpy() / (2.0 * n_g * n_rest)
+    return _mean_over_folds(auc_groups, group_category, n_categories)
+
+
+def cv_auroc_binned(
+    counts_all: np.ndarray,  # [N, B] over all tokens
+    counts_group: np.ndarray,  # [G, N, B] over each fold group's tokens (fold_groups)
+    group_category: np.ndarray,  # [G]
+    n_categories: int | None = None,
+) -> np.ndarray:
+    """cv_auroc [C, N] from histograms on shared per-neuron bins, as cv_auroc_exact (pairs in a bin count half).
+
+    A category's tokens are its groups' tokens: a fold's rest is counts_all minus all of its category's groups.
+    """
+    group_category = np.asarray(group_category)
+    auc_groups = np.full(counts_group.shape[:2], np.nan)
+    for c in np.unique(group_category).tolist():
+        groups = np.flatnonzero(group_category == c)
+        rest = counts_all - counts_group[groups].sum(axis=0)
+        auc_groups[groups] = _auroc_binned_pair(counts_group[groups], rest[None])
+    return _mean_over_folds(auc_groups, group_category, n_categories)
+
+
+def _mean_over_folds(auc_groups: np.ndarray, group_category: np.ndarray, n_categories: int | None) -> np.ndarray:
+    """Mean [C, N] of each category's fold AUROCs [G, N]; NaN where fewer than two folds have one."""
+    n_categories = int(group_category.max(initial=-1)) + 1 if n_categories is None else n_categories
+    scored = ~np.isnan(auc_groups).all(axis=1)
+    out = np.full((n_categories, auc_groups.shape[1]), np.nan)
+    for c in range(n_categories):
+        folds = scored & (group_category == c)
+        if folds.sum() >= 2:
+            out[c] = auc_groups[folds].mean(axis=0)
+    return out
+
+
+def _twice_below(sorted_rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """2 #{row < v} + #{row == v} [N, m] (int64) for values [N, m], against each row of sorted_rows [N, T]."""
+    return torch.searchsorted(sorted_rows, values) + torch.searchsorted(sorted_rows, values, right=True)
