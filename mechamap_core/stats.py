@@ -156,6 +156,25 @@ def auroc_from_ranks(ranks_t: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return auc
 
 
+def word_moments(acts: np.ndarray, token_word: np.ndarray, n_words: int) -> dict[str, np.ndarray | float]:
+    """permutation_pvalues' inputs from per-token activations acts [T, N] and token_word [T] (-1: no word):
+    word_n [W], word_sum and word_sumsq [W, N], n_all, sum_all and sumsq_all [N], all float64."""
+    acts = np.asarray(acts, dtype=np.float64)
+    in_word = np.flatnonzero(np.asarray(token_word) >= 0)
+    words = np.asarray(token_word)[in_word]
+    word_sum, word_sumsq = np.zeros((n_words, acts.shape[1])), np.zeros((n_words, acts.shape[1]))
+    np.add.at(word_sum, words, acts[in_word])
+    np.add.at(word_sumsq, words, acts[in_word] ** 2)
+    return {
+        "word_n": np.bincount(words, minlength=n_words).astype(np.float64),
+        "word_sum": word_sum,
+        "word_sumsq": word_sumsq,
+        "n_all": float(len(acts)),
+        "sum_all": acts.sum(axis=0),
+        "sumsq_all": (acts**2).sum(axis=0),
+    }
+
+
 def permutation_subsets(word_category: np.ndarray, n_permutations: int = 1000, seed: int = 0) -> dict[int, torch.Tensor]:
     """The random word subsets of the permutation test: {size: [P, size] int64 word indices}, on the CPU.
 
@@ -217,16 +236,19 @@ def permutation_pvalues(
     centred_sum = (word_sum - word_n[:, None] * mean_all).to(dtype)
     total_sumsq = (sumsq_all - n_all * mean_all**2).to(dtype)  # and the centred total sum is 0
 
+    on_cpu = device.type == "cpu"  # after the gather, numpy: single-threaded, no pool to wake per operation
+    as_array = (lambda t: t.numpy()) if on_cpu else (lambda t: t)  # noqa: E731
     sizes = np.bincount(word_category[word_category >= 0], minlength=n_categories)
     groups = []  # (categories of one size, [their own words; the random subsets] as rows, per-row constants)
     for size, subsets in permutation_subsets(word_category, n_permutations, seed).items():
         same_size = np.flatnonzero(sizes == size)
         own_words = torch.as_tensor(np.stack([np.flatnonzero(word_category == c) for c in same_size]))
         rows = torch.cat([own_words, subsets.sort(dim=1).values]).to(device)
-        groups.append((same_size, rows, _subset_constants(word_n[rows].sum(dim=1, keepdim=True), n_all, dtype)))
-    exceed = torch.zeros((n_categories, n_neurons), dtype=torch.int32, device=device)
+        constants = _subset_constants(word_n[rows].sum(dim=1, keepdim=True), n_all).to(dtype)
+        groups.append((same_size, rows, as_array(constants)))
+    below = as_array(torch.zeros((n_categories, n_neurons), dtype=torch.int32, device=device))  # null draws below
     observed_nan = np.zeros((n_categories, n_neurons), dtype=bool)
-    block_neurons = max(1, min(n_neurons, chunk_elements // max(n_permutations, 1)))
+    block_neurons = max(1, min(n_neurons, chunk_elements // (n_permutations + n_categories)))
     for start in range(0, n_neurons, block_neurons):
         neurons = slice(start, min(start + block_neurons, n_neurons))
         word_sums = torch.cat([centred_sum[:, neurons], centred_sumsq[:, neurons]], dim=1)  # [W, 2 n]
@@ -234,67 +256,79 @@ def permutation_pvalues(
             block_rows = max(len(same_size) + 1, chunk_elements // block_neurons)
             for first in range(0, len(rows), block_rows):
                 block = slice(first, first + block_rows)
-                scores = _subset_separation(rows[block], word_sums, total_sumsq[neurons], constants[block])
+                sums = as_array(F.embedding_bag(rows[block], word_sums, mode="sum"))  # [rows, 2 n]
+                scores = _subset_separation(sums, as_array(total_sumsq[neurons]), constants[block])
                 if first == 0:  # the first rows are the observed scores
                     observed, scores = scores[: len(same_size)], scores[len(same_size) :]
-                    observed_nan[same_size, neurons] = torch.isnan(observed).cpu().numpy()
-                    reach = observed - TIE_RTOL * (1.0 + observed.abs())
-                exceed[same_size, neurons] += len(scores) - _count_below(scores, reach)  # NaN is never below
-    p_values = ((1.0 + exceed.double()) / (1.0 + n_permutations)).cpu().numpy()
+                    observed_nan[same_size, neurons] = np.asarray((observed != observed).tolist(), dtype=bool)
+                    reach = observed - TIE_RTOL * (1.0 + abs(observed))
+                below[same_size, neurons] += _count_below(scores, reach)  # NaN is never below
+    below = torch.as_tensor(below).double().cpu().numpy()
+    p_values = (1.0 + n_permutations - below) / (1.0 + n_permutations)
     p_values[(sizes == 0)[:, None] | observed_nan] = np.nan
     return p_values
 
 
-def _subset_constants(n_c: torch.Tensor, n_all: float, dtype: torch.dtype) -> torch.Tensor:
-    """The per-subset factors [R, 4] (u, v, z, w) of _subset_separation, from token counts n_c [R, 1] (float64)."""
+def _subset_constants(n_c: torch.Tensor, n_all: float) -> torch.Tensor:
+    """The per-subset factors [R, 4] (u, v, z, w) of _subset_separation, from token counts n_c [R, 1]."""
     n_r = n_all - n_c
     dof_c, dof_r = (n_c - 1).clip(min=1), (n_r - 1).clip(min=1)
-    return torch.cat([1 / n_c + 1 / n_r, dof_r / dof_c - 1, dof_r / (n_c * dof_c) + 1 / n_r, 0.5 / dof_r], 1).to(dtype)
+    return torch.cat([1 / n_c + 1 / n_r, dof_r / dof_c - 1, dof_r / (n_c * dof_c) + 1 / n_r, 0.5 / dof_r], dim=1)
 
 
-def _subset_separation(rows, word_sums, total_sumsq, constants) -> torch.Tensor:
-    """separation [R, n] of the word subsets rows [R, size] against all other tokens.
+def _subset_separation(sums, total_sumsq, constants):
+    """separation [R, n] of word subsets against all other tokens (numpy arrays or torch tensors).
 
-    word_sums [W, 2n]: each word's centred sums, then sums of squares; total_sumsq [n]: over all tokens.
-    moment_statistics' formulas with the rest's sum -x (centred total 0), folded to few passes: with x, y
-    the subset's sum and sum of squares, a and b its and the rest's token counts, a1 = max(a - 1, 1),
-    b1 = max(b - 1, 1): mean_c - mean_r = x (1/a + 1/b) = x u, var_c = (y - x^2/a) / a1,
-    var_r = (Q - y - x^2/b) / b1, so (var_c + var_r) / 2 = w (Q + y v - x^2 z) with v = b1/a1 - 1,
-    z = b1/(a a1) + 1/b, w = 1/(2 b1). The two variances' sum is clipped at 0, not each one.
+    sums [R, 2n]: each subset's centred sums, then sums of squares; total_sumsq [n]: over all tokens;
+    constants [R, 4]: _subset_constants. These are moment_statistics' formulas with the rest's sum -x
+    (the centred total is 0), in few passes: with x, y a subset's sum and sum of squares, a and b its
+    and the rest's token counts, a1 = max(a - 1, 1), b1 = max(b - 1, 1): mean_c - mean_r = x (1/a + 1/b)
+    = x u, var_c = (y - x^2/a) / a1, var_r = (Q - y - x^2/b) / b1, so (var_c + var_r) / 2 =
+    w (Q + y v - x^2 z) with v = b1/a1 - 1, z = b1/(a a1) + 1/b, w = 1/(2 b1). The two variances'
+    sum is clipped at 0 (rounding), not each one.
     """
-    width = word_sums.shape[1] // 2
-    sums = F.embedding_bag(rows, word_sums, mode="sum")
+    width = sums.shape[1] // 2
     x, y = sums[:, :width], sums[:, width:]
-    u, v, z, w = constants.T[:, :, None]
-    half_variance = torch.addcmul(total_sumsq, y, v).addcmul_(x.square(), z, value=-1.0).mul_(w).clamp_(min=0.0)
-    return (x * u).div_(half_variance.add_(EPS).sqrt_())
+    u, v, z, w = (constants[:, i : i + 1] for i in range(4))
+    with np.errstate(invalid="ignore"):  # a subset without tokens: 0 * inf, a NaN score
+        half_variance = y * v
+        half_variance += total_sumsq
+        squares = x * x
+        squares *= z
+        half_variance -= squares
+        half_variance *= w
+        half_variance = half_variance.clip(min=0.0)
+        half_variance += EPS
+        half_variance **= 0.5
+        scores = x * u
+        scores /= half_variance
+    return scores
 
 
-def _count_below(values: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
-    """#{values[:, n] < thresholds[c, n]} [C, n] (int32) of values [R, n]. On the CPU through numpy, whose
-    compare and int32 reduce take a third of torch's time (and torch's default int64 bool sum, 20x)."""
-    if values.device.type != "cpu":
+def _count_below(values, thresholds):
+    """#{values[:, n] < thresholds[c, n]} [C, n] (int32) of values [R, n], numpy arrays or torch tensors.
+    numpy's compare and int32 reduce take a third of torch's time on a CPU (torch's default int64 bool sum, 20x)."""
+    if isinstance(values, torch.Tensor):
         return torch.stack([(values < row).sum(dim=0, dtype=torch.int32) for row in thresholds])
-    values, thresholds = values.numpy(), thresholds.numpy()
-    return torch.from_numpy(np.stack([np.add.reduce(values < row, axis=0, dtype=np.int32) for row in thresholds]))
+    return np.stack([np.add.reduce(values < row, axis=0, dtype=np.int32) for row in thresholds])
 
 
 def auroc_sorted(sorted_rows: np.ndarray, acts_t: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """One-vs-rest AUROC [C, N] (ties half) from acts_t [N, T], its rows sorted, and a category mask [T, C].
 
-    Equal to auroc_exact without average ranks: a category token's wins over all tokens are counted by
-    binary search in its neuron's sorted row (torch.searchsorted), and its wins over its own category
-    sum to n_c^2 / 2 over the category, whatever the ties. sorted_rows = np.sort(acts_t, axis=1).
+    Equal to auroc_exact without an argsort: a category token's wins over all tokens come from a binary
+    search in its neuron's sorted row (_twice_rank), and its wins over its own category sum to n_c^2 / 2
+    over the category, whatever the ties. sorted_rows = np.sort(acts_t, axis=1), same dtype.
     """
-    sorted_t, acts = torch.from_numpy(np.ascontiguousarray(sorted_rows)), torch.from_numpy(np.asarray(acts_t))
     mask = np.asarray(mask, dtype=bool)
-    n_tokens = acts.shape[1]
-    auc = np.full((mask.shape[1], acts.shape[0]), np.nan)
-    for c, column in enumerate(mask.T):
-        tokens = torch.from_numpy(np.flatnonzero(column))
-        n_c, n_r = len(tokens), n_tokens - len(tokens)
+    tokens = np.flatnonzero(mask.any(axis=1))
+    twice_rank = _twice_rank(sorted_rows, np.ascontiguousarray(acts_t[:, tokens]))  # [N, tokens in a category]
+    n_tokens = acts_t.shape[1]
+    auc = np.full((mask.shape[1], acts_t.shape[0]), np.nan)
+    for c, in_category in enumerate(mask[tokens].T):
+        n_c, n_r = int(in_category.sum()), n_tokens - int(in_category.sum())
         if n_c and n_r:
-            wins_twice = _twice_below(sorted_t, acts[:, tokens]).sum(dim=1) - n_c**2
+            wins_twice = twice_rank[:, torch.from_numpy(in_category)].sum(dim=1) - n_c**2
             auc[c] = wins_twice.numpy() / (2.0 * n_c * n_r)
     return auc
 
@@ -339,25 +373,28 @@ def cv_auroc_exact(
     """Cross-validated AUROC [C, N] (float64): the mean over category c's folds of the AUROC of the fold's
     tokens against the rest (tokens in no word of c), ties half; the other folds' tokens are left out.
 
-    NaN where fewer than two folds have tokens (a one-word category). The plain AUROC is the same fold
-    AUROCs' mean weighted by their tokens; cv_auroc weighs every fold alike, so one word's many tokens
-    cannot carry a category. A fold token's wins over the rest = its wins over all tokens (binary search
-    in the sorted row) minus those over its category's tokens (binary search in their own sorted values).
+    NaN where fewer than two folds have tokens (a one-word category). The plain AUROC of c's word tokens
+    is the same fold AUROCs' mean weighted by their tokens; cv_auroc weighs every fold alike, so one
+    word's many tokens cannot carry a category. A fold token's wins over the rest are its wins over all
+    tokens (binary search in the sorted row) minus those over its category's tokens (the same, in their
+    own sorted values).
     """
-    token_word = np.asarray(token_word)
+    token_word, word_category = np.asarray(token_word), np.asarray(word_category)
     word_group, group_category = fold_groups(word_category, word_fold)
+    token_category = np.where(token_word >= 0, word_category[token_word], -1)
     token_group = np.where(token_word >= 0, word_group[token_word], -1)
-    token_category = np.where(token_word >= 0, np.asarray(word_category)[token_word], -1)
     sorted_rows = np.sort(acts_t, axis=1) if sorted_rows is None else sorted_rows
-    sorted_t, acts = torch.from_numpy(np.ascontiguousarray(sorted_rows)), torch.from_numpy(np.asarray(acts_t))
-    auc_groups = np.full((len(group_category), acts.shape[0]), np.nan)
+    tokens = np.flatnonzero(token_category >= 0)
+    values = np.ascontiguousarray(acts_t[:, tokens])  # [N, m]: every token in a category's word
+    twice_rank = _twice_rank(sorted_rows, values)
+    auc_groups = np.full((len(group_category), acts_t.shape[0]), np.nan)
     for c in np.unique(group_category).tolist():
-        tokens = np.flatnonzero(token_category == c)
-        values = acts[:, torch.from_numpy(tokens)]  # [N, n_c]
-        wins_twice = _twice_below(sorted_t, values) - _twice_below(values.sort(dim=1).values, values)
-        n_rest = acts.shape[1] - len(tokens)
+        columns = np.flatnonzero(token_category[tokens] == c)
+        own = np.ascontiguousarray(values[:, columns])
+        wins_twice = twice_rank[:, torch.from_numpy(columns)] - _twice_rank(np.sort(own, axis=1), own)
+        n_rest = acts_t.shape[1] - len(columns)
         for g in np.flatnonzero(group_category == c).tolist():
-            in_group = torch.from_numpy(token_group[tokens] == g)
+            in_group = torch.from_numpy(token_group[tokens[columns]] == g)
             n_g = int(in_group.sum())
             if n_g and n_rest:
                 auc_groups[g] = wins_twice[:, in_group].sum(dim=1).numpy() / (2.0 * n_g * n_rest)
@@ -395,6 +432,15 @@ def _mean_over_folds(auc_groups: np.ndarray, group_category: np.ndarray, n_categ
     return out
 
 
-def _twice_below(sorted_rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """2 #{row < v} + #{row == v} [N, m] (int64) for values [N, m], against each row of sorted_rows [N, T]."""
-    return torch.searchsorted(sorted_rows, values) + torch.searchsorted(sorted_rows, values, right=True)
+def _twice_rank(sorted_rows: np.ndarray, members: np.ndarray) -> torch.Tensor:
+    """2 #{row < v} + #{row == v} [N, m] (int64) for values members [N, m] that occur in the matching rows
+    of sorted_rows [N, T]. A binary search from the left (torch.searchsorted, batched over rows); from the
+    right only in rows with ties, since elsewhere each value occurs once and #{row == v} = 1."""
+    sorted_rows = np.ascontiguousarray(sorted_rows)
+    rows, values = torch.from_numpy(sorted_rows), torch.from_numpy(np.ascontiguousarray(members))
+    left = torch.searchsorted(rows, values)
+    twice = 2 * left + 1
+    tied = torch.from_numpy(np.flatnonzero((sorted_rows[:, 1:] == sorted_rows[:, :-1]).any(axis=1)))
+    if len(tied):
+        twice[tied] = left[tied] + torch.searchsorted(rows[tied], values[tied], right=True)
+    return twice

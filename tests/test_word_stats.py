@@ -9,6 +9,9 @@ from scipy import stats as sps
 
 from mechamap_core.stats import (
     TIE_RTOL,
+    _count_below,
+    _subset_constants,
+    _subset_separation,
     auroc_binned,
     auroc_exact,
     auroc_sorted,
@@ -20,6 +23,7 @@ from mechamap_core.stats import (
     permutation_pvalues,
     permutation_subsets,
     word_folds,
+    word_moments,
 )
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -39,21 +43,6 @@ def words_with_effects(rng, token_word: np.ndarray, n_neurons: int, word_scale=1
     offset = rng.normal(0.0, word_scale, (n_words, n_neurons))[np.maximum(token_word, 0)]
     offset[token_word < 0] = rng.normal(0.0, word_scale, ((token_word < 0).sum(), n_neurons))
     return offset + noise * rng.standard_normal((len(token_word), n_neurons))
-
-
-def word_statistics(acts: np.ndarray, token_word: np.ndarray, n_words: int) -> dict:
-    """The streamed sufficient statistics the scan core provides, from per-token activations [T, N]."""
-    in_word = token_word >= 0
-    one_hot = np.zeros((len(token_word), n_words))
-    one_hot[np.flatnonzero(in_word), token_word[in_word]] = 1.0
-    return {
-        "word_n": one_hot.sum(axis=0),
-        "word_sum": one_hot.T @ acts,
-        "word_sumsq": one_hot.T @ acts**2,
-        "n_all": float(len(acts)),
-        "sum_all": acts.sum(axis=0),
-        "sumsq_all": (acts**2).sum(axis=0),
-    }
 
 
 def separation_of_masks(acts: np.ndarray, masks: np.ndarray) -> np.ndarray:
@@ -112,7 +101,10 @@ def brute_force_pvalues(acts, token_word, word_category, n_categories, n_permuta
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_permutation_pvalues_equal_a_brute_force_loop(dtype):
     acts, token_word, word_category = tiny_problem()
-    stats = word_statistics(acts, token_word, len(word_category))
+    stats = word_moments(acts, token_word, len(word_category))
+    for w in range(len(word_category)):
+        assert stats["word_n"][w] == (token_word == w).sum()
+        np.testing.assert_allclose(stats["word_sumsq"][w], (acts[token_word == w] ** 2).sum(axis=0), rtol=1e-12)
     expected = brute_force_pvalues(acts, token_word, word_category, 5, n_permutations=300, seed=7)
     p = permutation_pvalues(**stats, word_category=word_category, n_permutations=300, seed=7, n_categories=5, dtype=dtype)
     assert p.shape == (5, 7) and p.dtype == np.float64
@@ -124,15 +116,38 @@ def test_permutation_pvalues_equal_a_brute_force_loop(dtype):
 
 def test_permutation_pvalues_do_not_depend_on_blocks_device_inputs_or_unrelated_words():
     acts, token_word, word_category = tiny_problem(1)
-    stats = word_statistics(acts, token_word, len(word_category))
+    stats = word_moments(acts, token_word, len(word_category))
     p = permutation_pvalues(**stats, word_category=word_category, n_permutations=250, seed=3)
     tensors = {k: torch.as_tensor(v) if isinstance(v, np.ndarray) else v for k, v in stats.items()}
     tiny_blocks = permutation_pvalues(**tensors, word_category=word_category, n_permutations=250, seed=3, chunk_elements=64)
     np.testing.assert_array_equal(tiny_blocks, p)
-    shifted = word_statistics(acts + 1000.0, token_word, len(word_category))  # the score is shift-invariant
+    shifted = word_moments(acts + 1000.0, token_word, len(word_category))  # the score is shift-invariant
     np.testing.assert_array_equal(permutation_pvalues(**shifted, word_category=word_category, n_permutations=250, seed=3), p)
     other_seed = permutation_pvalues(**stats, word_category=word_category, n_permutations=250, seed=4)
     assert not np.array_equal(other_seed, p)
+
+
+def test_folded_subset_separation_equals_moment_statistics_in_numpy_and_torch():
+    """The permutation kernel (numpy on a CPU, torch on other devices) against moment_statistics' separation."""
+    acts, token_word, word_category = tiny_problem(2)
+    rng = np.random.default_rng(2)
+    subsets = np.stack([rng.choice(8, size=3, replace=False) for _ in range(40)])  # words 0-7 all occur
+    centred = acts - acts.mean(axis=0)
+    moments = word_moments(centred, token_word, len(word_category))
+    sums = np.concatenate([moments["word_sum"][subsets].sum(axis=1), moments["word_sumsq"][subsets].sum(axis=1)], axis=1)
+    constants = _subset_constants(torch.as_tensor(moments["word_n"][subsets].sum(axis=1, keepdims=True)), len(acts))
+    expected = separation_of_masks(acts, np.stack([np.isin(token_word, row) for row in subsets], axis=1))
+    total_sumsq = moments["sumsq_all"]
+    from_numpy = _subset_separation(sums, total_sumsq, constants.numpy())
+    from_torch = _subset_separation(torch.as_tensor(sums), torch.as_tensor(total_sumsq), constants).numpy()
+    np.testing.assert_allclose(from_numpy[:, :5], expected[:, :5], rtol=1e-9, atol=0)  # word-effect neurons
+    np.testing.assert_allclose(from_numpy[:, 5:], 0.0, atol=1e-6)  # constant and dead neurons: no separation
+    np.testing.assert_allclose(from_torch, from_numpy, rtol=1e-12, atol=1e-15)
+    thresholds = from_numpy[:3] + 0.1
+    np.testing.assert_array_equal(
+        _count_below(torch.as_tensor(from_numpy), torch.as_tensor(thresholds)).numpy(), _count_below(from_numpy, thresholds)
+    )
+    assert (_count_below(from_numpy, thresholds) == (from_numpy[:, None, :] < thresholds).sum(axis=0)).all()
 
 
 def test_permutation_subsets_are_uniform_reproducible_and_shared_by_size():
@@ -160,7 +175,7 @@ def calibration_problem(seed: int = 0, n_neurons: int = 300):
 
 def test_random_categories_of_real_words_get_uniform_permutation_p_but_tiny_welch_p():
     acts, token_word, word_category = calibration_problem()
-    stats = word_statistics(acts, token_word, 96)
+    stats = word_moments(acts, token_word, 96)
     p = permutation_pvalues(**stats, word_category=word_category, n_permutations=999, seed=0).ravel()
     welch = welch_p(acts, category_masks(token_word, word_category, 8)).ravel()
     assert 0.035 <= (p < 0.05).mean() <= 0.065
@@ -173,7 +188,7 @@ def test_a_category_that_shares_an_effect_gets_small_permutation_p():
     acts, token_word, word_category = calibration_problem(seed=1, n_neurons=40)
     in_food = (token_word >= 0) & (word_category[np.maximum(token_word, 0)] == 2)
     acts[in_food, :10] += 2.0  # neurons 0-9 respond to every word of category 2
-    stats = word_statistics(acts, token_word, 96)
+    stats = word_moments(acts, token_word, 96)
     p = permutation_pvalues(**stats, word_category=word_category, n_permutations=999, seed=0)
     assert (p[2, :10] <= 2 / 1000).all()  # reached by at most one random draw
     assert np.median(p[2, 10:]) > 0.2
