@@ -1,0 +1,309 @@
+"""Word-level statistics: the permutation test of the score, and cv_auroc from folds of each category's words."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats as sps
+
+from mechamap_core.stats import (
+    TIE_RTOL,
+    _count_below,
+    _subset_constants,
+    _subset_separation,
+    auroc_binned,
+    auroc_exact,
+    auroc_sorted,
+    bh_qvalues,
+    cv_auroc_binned,
+    cv_auroc_exact,
+    fold_groups,
+    moment_statistics,
+    permutation_pvalues,
+    permutation_subsets,
+    word_folds,
+    word_moments,
+)
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def tokens_of_words(rng, occurrences: np.ndarray, n_other: int) -> np.ndarray:
+    """token_word [T]: word w's tokens (1-2 per occurrence) and n_other tokens of no word (-1), shuffled."""
+    per_word = [sum(rng.integers(1, 3, size=k)) for k in occurrences]
+    token_word = np.concatenate([np.repeat(np.arange(len(occurrences)), per_word), np.full(n_other, -1)])
+    return token_word[rng.permutation(len(token_word))]
+
+
+def words_with_effects(rng, token_word: np.ndarray, n_neurons: int, word_scale=1.0, noise=0.3) -> np.ndarray:
+    """acts [T, N]: each word shifts all its tokens by its own offset, so a word's tokens are correlated;
+    a token of no word gets an offset of its own. Every token has the same marginal distribution."""
+    n_words = int(token_word.max()) + 1
+    offset = rng.normal(0.0, word_scale, (n_words, n_neurons))[np.maximum(token_word, 0)]
+    offset[token_word < 0] = rng.normal(0.0, word_scale, ((token_word < 0).sum(), n_neurons))
+    return offset + noise * rng.standard_normal((len(token_word), n_neurons))
+
+
+def separation_of_masks(acts: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """moment_statistics' separation [C, N] of token masks [T, C] against all other tokens."""
+    weights = masks.astype(np.float64)
+    return moment_statistics(
+        len(acts), weights.sum(axis=0), acts.sum(axis=0), (acts**2).sum(axis=0), weights.T @ acts, weights.T @ acts**2
+    )["separation"]
+
+
+def welch_p(acts: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    weights = masks.astype(np.float64)
+    return moment_statistics(
+        len(acts), weights.sum(axis=0), acts.sum(axis=0), (acts**2).sum(axis=0), weights.T @ acts, weights.T @ acts**2
+    )["p_value"]
+
+
+def category_masks(token_word: np.ndarray, word_category: np.ndarray, n_categories: int) -> np.ndarray:
+    token_category = np.where(token_word >= 0, word_category[token_word], -1)
+    return token_category[:, None] == np.arange(n_categories)[None, :]
+
+
+# ---------------------------------------------------------------------------------------- permutation test
+
+
+def tiny_problem(seed: int = 0):
+    """10 words (two never occur) in 4 categories of sizes 3, 3, 2, 2 (a fifth category has no words),
+    7 neurons: word effects, a constant neuron and a dead (all-zero) neuron."""
+    rng = np.random.default_rng(seed)
+    occurrences = np.array([3, 1, 2, 4, 2, 1, 3, 2, 0, 0])
+    word_category = np.array([0, 0, 0, 1, 1, 1, 2, 3, 2, 3])
+    token_word = tokens_of_words(rng, occurrences, n_other=60)
+    acts = words_with_effects(rng, token_word, n_neurons=7)
+    acts[:, 5] = 0.7
+    acts[:, 6] = 0.0
+    return acts, token_word, word_category
+
+
+def brute_force_pvalues(acts, token_word, word_category, n_categories, n_permutations, seed):
+    """The permutation test written out: token masks per draw, moment_statistics, counted one by one."""
+    subsets = permutation_subsets(word_category, n_permutations, seed)
+    observed = separation_of_masks(acts, category_masks(token_word, word_category, n_categories))
+    p = np.full(observed.shape, np.nan)
+    for c in range(n_categories):
+        size = int((word_category == c).sum())
+        if size == 0:
+            continue
+        draws = np.stack([np.isin(token_word, subset.numpy()) for subset in subsets[size]], axis=1)  # [T, P]
+        null = separation_of_masks(acts, draws)  # [P, N]
+        reached = ~(null < observed[c] - TIE_RTOL * (1.0 + np.abs(observed[c])))  # NaN (an empty side) counts
+        p[c] = (1.0 + reached.sum(axis=0)) / (1.0 + n_permutations)
+        p[c, np.isnan(observed[c])] = np.nan
+    return p
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_permutation_pvalues_equal_a_brute_force_loop(dtype):
+    acts, token_word, word_category = tiny_problem()
+    stats = word_moments(acts, token_word, len(word_category))
+    for w in range(len(word_category)):
+        assert stats["word_n"][w] == (token_word == w).sum()
+        np.testing.assert_allclose(stats["word_sumsq"][w], (acts[token_word == w] ** 2).sum(axis=0), rtol=1e-12)
+    expected = brute_force_pvalues(acts, token_word, word_category, 5, n_permutations=300, seed=7)
+    p = permutation_pvalues(**stats, word_category=word_category, n_permutations=300, seed=7, n_categories=5, dtype=dtype)
+    assert p.shape == (5, 7) and p.dtype == np.float64
+    np.testing.assert_array_equal(p, expected)
+    assert np.isnan(p[4]).all()  # no words
+    assert (p[:4, 5:] == 1.0).all()  # constant and dead neurons: every draw ties
+    assert np.nanmin(p) < 0.05 and (p[:4, :5] < 1.0).any()  # the comparison is not vacuous
+
+
+def test_permutation_pvalues_do_not_depend_on_blocks_device_inputs_or_unrelated_words():
+    acts, token_word, word_category = tiny_problem(1)
+    stats = word_moments(acts, token_word, len(word_category))
+    p = permutation_pvalues(**stats, word_category=word_category, n_permutations=250, seed=3)
+    tensors = {k: torch.as_tensor(v) if isinstance(v, np.ndarray) else v for k, v in stats.items()}
+    tiny_blocks = permutation_pvalues(**tensors, word_category=word_category, n_permutations=250, seed=3, chunk_elements=64)
+    np.testing.assert_array_equal(tiny_blocks, p)
+    shifted = word_moments(acts + 1000.0, token_word, len(word_category))  # the score is shift-invariant
+    np.testing.assert_array_equal(permutation_pvalues(**shifted, word_category=word_category, n_permutations=250, seed=3), p)
+    other_seed = permutation_pvalues(**stats, word_category=word_category, n_permutations=250, seed=4)
+    assert not np.array_equal(other_seed, p)
+
+
+def test_folded_subset_separation_equals_moment_statistics_in_numpy_and_torch():
+    """The permutation kernel (numpy on a CPU, torch on other devices) against moment_statistics' separation."""
+    acts, token_word, word_category = tiny_problem(2)
+    rng = np.random.default_rng(2)
+    subsets = np.stack([rng.choice(8, size=3, replace=False) for _ in range(40)])  # words 0-7 all occur
+    centred = acts - acts.mean(axis=0)
+    moments = word_moments(centred, token_word, len(word_category))
+    sums = np.concatenate([moments["word_sum"][subsets].sum(axis=1), moments["word_sumsq"][subsets].sum(axis=1)], axis=1)
+    constants = _subset_constants(torch.as_tensor(moments["word_n"][subsets].sum(axis=1, keepdims=True)), len(acts))
+    expected = separation_of_masks(acts, np.stack([np.isin(token_word, row) for row in subsets], axis=1))
+    total_sumsq = moments["sumsq_all"]
+    from_numpy = _subset_separation(sums, total_sumsq, constants.numpy())
+    from_torch = _subset_separation(torch.as_tensor(sums), torch.as_tensor(total_sumsq), constants).numpy()
+    np.testing.assert_allclose(from_numpy[:, :5], expected[:, :5], rtol=1e-9, atol=0)  # word-effect neurons
+    np.testing.assert_allclose(from_numpy[:, 5:], 0.0, atol=1e-6)  # constant and dead neurons: no separation
+    np.testing.assert_allclose(from_torch, from_numpy, rtol=1e-12, atol=1e-15)
+    thresholds = from_numpy[:3] + 0.1
+    np.testing.assert_array_equal(
+        _count_below(torch.as_tensor(from_numpy), torch.as_tensor(thresholds)).numpy(), _count_below(from_numpy, thresholds)
+    )
+    assert (_count_below(from_numpy, thresholds) == (from_numpy[:, None, :] < thresholds).sum(axis=0)).all()
+
+
+def test_permutation_subsets_are_uniform_reproducible_and_shared_by_size():
+    word_category = np.repeat([0, 1, 2, 3], [4, 4, 2, 6])  # 16 words; sizes 2, 4, 6
+    subsets = permutation_subsets(word_category, n_permutations=6000, seed=11)
+    assert sorted(subsets) == [2, 4, 6]
+    for size, rows in subsets.items():
+        assert rows.shape == (6000, size) and rows.dtype == torch.int64
+        assert all(len(set(row.tolist())) == size for row in rows[:200])  # no word twice in a draw
+        frequency = np.bincount(rows.flatten().numpy(), minlength=16) / 6000
+        np.testing.assert_allclose(frequency, size / 16, atol=0.03)  # every word equally likely
+    again = permutation_subsets(word_category, n_permutations=6000, seed=11)
+    assert all(torch.equal(again[size], subsets[size]) for size in subsets)
+
+
+def calibration_problem(seed: int = 0, n_neurons: int = 300):
+    """The default config's shape: 96 real-ish words (1-8 occurrences, strong per-word effects) shuffled
+    at random into 8 meaningless categories of 12, among 1,500 tokens of no word."""
+    rng = np.random.default_rng(seed)
+    token_word = tokens_of_words(rng, rng.integers(1, 9, size=96), n_other=1500)
+    acts = words_with_effects(rng, token_word, n_neurons)
+    word_category = rng.permutation(np.repeat(np.arange(8), 12))
+    return acts, token_word, word_category
+
+
+def test_random_categories_of_real_words_get_uniform_permutation_p_but_tiny_welch_p():
+    acts, token_word, word_category = calibration_problem()
+    stats = word_moments(acts, token_word, 96)
+    p = permutation_pvalues(**stats, word_category=word_category, n_permutations=999, seed=0).ravel()
+    welch = welch_p(acts, category_masks(token_word, word_category, 8)).ravel()
+    assert 0.035 <= (p < 0.05).mean() <= 0.065
+    assert sps.kstest(p, "uniform").statistic < 0.03  # 2,400 p-values: D of about 0.01 for seeds 0-2
+    assert (welch < 0.05).mean() > 0.2  # token-level Welch: a word's tokens counted as independent evidence
+    assert (bh_qvalues(p) < 0.05).mean() < 0.005 and (bh_qvalues(welch) < 0.05).mean() > 0.1
+
+
+def test_a_category_that_shares_an_effect_gets_small_permutation_p():
+    acts, token_word, word_category = calibration_problem(seed=1, n_neurons=40)
+    in_food = (token_word >= 0) & (word_category[np.maximum(token_word, 0)] == 2)
+    acts[in_food, :10] += 2.0  # neurons 0-9 respond to every word of category 2
+    stats = word_moments(acts, token_word, 96)
+    p = permutation_pvalues(**stats, word_category=word_category, n_permutations=999, seed=0)
+    assert (p[2, :10] <= 2 / 1000).all()  # reached by at most one random draw
+    assert np.median(p[2, 10:]) > 0.2
+
+
+# ----------------------------------------------------------------------------------------------- cv_auroc
+
+
+def test_word_folds_split_each_category_evenly_and_deterministically():
+    word_category = np.repeat([0, 1, 2, 3], [12, 3, 1, 7])
+    fold = word_folds(word_category, k=5, seed=2)
+    assert fold.dtype == np.int64 and (fold >= 0).all()
+    assert np.bincount(fold[word_category == 0]).tolist() == [3, 3, 2, 2, 2]
+    assert sorted(fold[word_category == 1]) == [0, 1, 2] and fold[word_category == 2].tolist() == [0]
+    np.testing.assert_array_equal(word_folds(word_category, k=5, seed=2), fold)
+    assert not np.array_equal(word_folds(word_category, k=5, seed=3), fold)
+    present = np.ones(len(word_category), dtype=bool)
+    present[:4] = False
+    missing = word_folds(word_category, k=5, seed=2, word_present=present)
+    assert (missing[:4] == -1).all() and np.bincount(missing[4:12]).tolist() == [2, 2, 2, 1, 1]
+    word_group, group_category = fold_groups(word_category, fold)
+    assert group_category.tolist() == [0] * 5 + [1] * 3 + [2] + [3] * 5
+    np.testing.assert_array_equal(group_category[word_group], word_category)
+
+
+def pairwise_auroc(positive: np.ndarray, negative: np.ndarray) -> float:
+    """Mann-Whitney U / (n_pos n_neg), ties half, by scipy."""
+    return float(sps.mannwhitneyu(positive.astype(np.float64), negative.astype(np.float64)).statistic) / (
+        len(positive) * len(negative)
+    )
+
+
+def folds_problem(seed: int):
+    """acts_t [N, T] float32 with ties (ReLU zeros, rounding), 20 words in 4 categories (one of one word,
+    one word never occurs), and their folds (k=3)."""
+    rng = np.random.default_rng(seed)
+    occurrences = rng.integers(1, 5, size=20)
+    occurrences[5] = 0
+    word_category = np.repeat([0, 1, 2, 3], [8, 6, 5, 1])
+    token_word = tokens_of_words(rng, occurrences, n_other=90)
+    acts_t = words_with_effects(rng, token_word, n_neurons=9).T.astype(np.float32)
+    acts_t[1::3] = np.maximum(acts_t[1::3], 0.0)
+    acts_t[2::3] = np.round(acts_t[2::3], 1)
+    return acts_t, token_word, word_category, word_folds(word_category, k=3, seed=seed)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_cv_auroc_exact_equals_mann_whitney_per_fold(seed):
+    acts_t, token_word, word_category, fold = folds_problem(seed)
+    cv = cv_auroc_exact(acts_t, token_word, word_category, fold, n_categories=5)
+    assert cv.shape == (5, 9) and cv.dtype == np.float64
+    token_category = np.where(token_word >= 0, word_category[token_word], -1)
+    token_fold = np.where(token_word >= 0, fold[token_word], -1)
+    for c in range(3):
+        for n in range(9):
+            rest = acts_t[n, token_category != c]
+            per_fold = [
+                pairwise_auroc(acts_t[n, (token_category == c) & (token_fold == f)], rest)
+                for f in range(3)
+                if ((token_category == c) & (token_fold == f)).any()
+            ]
+            assert len(per_fold) >= 2
+            assert cv[c, n] == pytest.approx(np.mean(per_fold), abs=1e-12)
+    assert np.isnan(cv[3]).all() and np.isnan(cv[4]).all()  # one word; no words
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_auroc_sorted_equals_auroc_exact(seed):
+    acts_t, token_word, word_category, _ = folds_problem(seed)
+    mask = category_masks(token_word, word_category, 4)
+    mask[:, 0] |= mask[:, 1]  # categories may overlap
+    mask = np.hstack([mask, np.zeros((len(token_word), 1), dtype=bool), np.ones((len(token_word), 1), dtype=bool)])
+    expected = auroc_exact(acts_t.T, mask)
+    got = auroc_sorted(np.sort(acts_t, axis=1), acts_t, mask)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12)
+    assert np.isnan(got[-2:]).all() and np.isfinite(got[:-2]).all()
+
+
+def test_one_word_neuron_has_high_auroc_but_low_cv_auroc():
+    """A 10-word category whose first word occurs 15 times (30 tokens) and the others once (2 tokens);
+    neuron 0 fires on that one word only, neuron 1 on every word of the category."""
+    rng = np.random.default_rng(4)
+    occurrences = np.r_[15, np.ones(9, dtype=int), rng.integers(1, 4, size=10)]
+    word_category = np.repeat([0, 1], 10)
+    token_word = tokens_of_words(rng, occurrences, n_other=300)
+    acts_t = rng.normal(0.0, 1.0, (2, len(token_word))).astype(np.float32)
+    acts_t[0, token_word == 0] += 4.0
+    acts_t[1, (token_word >= 0) & (token_word < 10)] += 4.0
+    fold = word_folds(word_category, k=5, seed=0)
+    plain = auroc_exact(acts_t.T, category_masks(token_word, word_category, 2))
+    cv = cv_auroc_exact(acts_t, token_word, word_category, fold)
+    assert plain[0, 0] > 0.75 and cv[0, 0] < 0.65  # one word's many tokens carry the plain AUROC, not cv
+    assert plain[0, 1] > 0.95 and cv[0, 1] > 0.95  # a neuron for the whole category holds up
+
+
+def test_cv_auroc_binned_is_close_to_exact_on_smooth_data():
+    rng = np.random.default_rng(5)
+    token_word = tokens_of_words(rng, rng.integers(2, 8, size=40), n_other=2000)
+    word_category = np.repeat(np.arange(4), 10)
+    acts_t = words_with_effects(rng, token_word, n_neurons=30, word_scale=0.6, noise=1.0).T.astype(np.float32)
+    fold = word_folds(word_category, k=5, seed=1)
+    exact = cv_auroc_exact(acts_t, token_word, word_category, fold)
+    edges = np.quantile(acts_t, np.linspace(0, 1, 65)[1:-1], axis=1).T  # [N, 63] per-neuron quantile edges
+    bins = np.stack([np.searchsorted(edges[n], acts_t[n]) for n in range(len(acts_t))])  # [N, T] in 0..63
+    counts = lambda tokens: np.stack([np.bincount(row[tokens], minlength=64) for row in bins]).astype(np.float64)  # noqa: E731
+    word_group, group_category = fold_groups(word_category, fold)
+    token_group = np.where(token_word >= 0, word_group[token_word], -1)
+    counts_group = np.stack([counts(token_group == g) for g in range(len(group_category))])
+    binned = cv_auroc_binned(counts(np.ones(len(token_word), dtype=bool)), counts_group, group_category)
+    assert binned.shape == exact.shape == (4, 30)
+    assert np.abs(binned - exact).max() < 0.03
+    assert np.abs(exact - 0.5).max() > 0.1  # not a comparison of coin flips
+    merged = counts_group.reshape(4, 5, 30, 64).sum(axis=1)  # the groups' histograms add up to the categories'
+    np.testing.assert_allclose(
+        auroc_binned(counts(np.ones(len(token_word), dtype=bool)), merged),
+        auroc_exact(acts_t.T, category_masks(token_word, word_category, 4)),
+        atol=0.03,
+    )
