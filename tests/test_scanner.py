@@ -24,7 +24,7 @@ from mechamap_core.sites import resolve_sites
 BLOCK = {"gpt2": "transformer.h.{L}", "bert": "encoder.layer.{L}"}
 DOWN_PROJ = {"gpt2": "transformer.h.{L}.mlp.c_proj", "bert": "encoder.layer.{L}.output.dense"}
 TINY = ["gpt2", "bert"]
-MERGED_STATS = ["avg_activation", "mean_rest", "std_category", "std_rest", "cohens_d", "separation", "p_value"]
+MERGED_STATS = ["avg_activation", "mean_rest", "std_category", "std_rest", "cohens_d", "separation", "welch_p"]
 KEY = ["layer", "neuron", "category"]
 
 
@@ -67,7 +67,7 @@ def numpy_stats(acts: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
         out["std_rest"][c] = np.sqrt(var_r)
         out["cohens_d"][c] = hedges * (mean_c - mean_r) / np.sqrt(pooled)
         out["separation"][c] = (mean_c - mean_r) / np.sqrt((var_c + var_r) / 2)
-        out["p_value"][c] = sps.ttest_ind(cat, rest, equal_var=False, alternative="greater", axis=0).pvalue
+        out["welch_p"][c] = sps.ttest_ind(cat, rest, equal_var=False, alternative="greater", axis=0).pvalue
     return out
 
 
@@ -97,7 +97,7 @@ def bh_by_hand(p: np.ndarray) -> np.ndarray:
 
 def drop_q(frame: pd.DataFrame) -> pd.DataFrame:
     # q-values depend on how many tests were run, so a subset legitimately differs there
-    return frame.drop(columns=["q_value"]).reset_index(drop=True)
+    return frame.drop(columns=["q_value", "welch_q"]).reset_index(drop=True)
 
 
 # ---- hooks are temporary -------------------------------------------------------------------------
@@ -298,7 +298,7 @@ def test_batch_size_does_not_change_results(tiny_models, default_cfg, paragraphs
     assert any(n % 18 for n in lengths)  # chunks of unequal length share a batch: right padding happens
     cols = ["avg_activation", "mean_rest", "std_category", "std_rest", "cohens_d", "separation", "t_stat"]
     pd.testing.assert_frame_equal(one.scores[KEY + cols], eight.scores[KEY + cols], rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(one.scores["p_value"], eight.scores["p_value"], rtol=1e-3, atol=1e-8)
+    np.testing.assert_allclose(one.scores["welch_p"], eight.scores["welch_p"], rtol=1e-3, atol=1e-8)
     np.testing.assert_allclose(one.scores["auroc"], eight.scores["auroc"], atol=1e-3)
     for layer in (0, 1):
         np.testing.assert_allclose(
@@ -327,7 +327,7 @@ def test_binned_auroc_close_to_exact(bundled_pair):
     assert both.sum() == len(a)  # every default category occurs in the default text
     assert np.abs(a[both] - b[both]).max() <= 0.03
     # everything besides AUROC comes from the same moments
-    for col in ("avg_activation", "mean_rest", "cohens_d", "p_value"):
+    for col in ("avg_activation", "mean_rest", "cohens_d", "welch_p", "p_value"):
         np.testing.assert_allclose(exact.scores[col], binned.scores[col], rtol=1e-6, atol=1e-9)
 
 
@@ -355,6 +355,7 @@ def test_scores_columns_and_bh_q_values(bundled_pair):
     assert (scores["hook"] == "blocks." + scores["layer"].astype(str) + ".mlp.hook_post").all()
     np.testing.assert_allclose(scores["q_value"].to_numpy(), bh_by_hand(scores["p_value"].to_numpy()), rtol=1e-9, atol=1e-12)
     assert (scores["q_value"] >= scores["p_value"] - 1e-15).all()
+    np.testing.assert_allclose(scores["welch_q"].to_numpy(), bh_by_hand(scores["welch_p"].to_numpy()), rtol=1e-9, atol=1e-12)
 
 
 def test_progress_counts_up_to_total(tiny_gpt2, default_cfg, paragraphs):

@@ -9,13 +9,22 @@ import pandas as pd
 import torch
 
 from ..sites import hook_name
-from ..stats import auroc_binned, bh_qvalues, moment_statistics
+from ..stats import (
+    auroc_binned,
+    auroc_sorted,
+    bh_qvalues,
+    cv_auroc_binned,
+    cv_auroc_exact,
+    moment_statistics,
+    permutation_pvalues,
+)  # fmt: skip
 from .state import SiteStats
 
 STAT_COLUMNS = [
     "avg_activation", "score", "mean_rest", "std_category", "std_rest", "cohens_d", "separation",
-    "auroc", "t_stat", "p_value", "q_value",
+    "auroc", "cv_auroc", "t_stat", "p_value", "q_value", "welch_p", "welch_q",
 ]  # fmt: skip
+Q_VALUES = {"q_value": "p_value", "welch_q": "welch_p"}  # BH q-values across every (neuron, category) row
 
 
 @dataclass
@@ -50,65 +59,72 @@ def histogram_counts(stats: SiteStats, neurons: slice = slice(None)) -> tuple[np
     return counts_all, counts_cat
 
 
-def finish_part(
-    layer: int,
-    neurons: slice,
-    stats: SiteStats,
-    recorded: list[np.ndarray] | None,
-    category_mask: np.ndarray,
-    top_k: int,
-    with_auroc: bool,
-) -> SitePart:
-    """Statistics of a slice of a site's neurons once its last batch is in: moments from the state; exact
-    AUROC and top-k from the recorded activations ([T_batch, n] parts in token order) when there are any,
-    else the state's histograms (binned AUROC) and top-k."""
-    result = moment_statistics(**site_moments(stats, neurons))
-    auroc = acts_t = top = None
+@dataclass(frozen=True)
+class FinishContext:
+    """What finishing needs besides a site's state: the labels of the recorded tokens and of the words."""
+
+    category_mask: np.ndarray  # [T, C] bool: the recorded tokens' categories (T = 0 without recording)
+    top_k: int
+    with_auroc: bool
+    token_word: np.ndarray | None = None  # [T] word (coverage row) of each recorded token, -1 for none
+    word_category: np.ndarray | None = None  # [W] category of each word
+    word_fold: np.ndarray | None = None  # [W] fold of each word among its category's (-1: absent); None: no cv
+    permutations: int = 0  # word-level permutation test of score; 0: Welch's p-value is p_value
+    seed: int = 0
+
+
+def finish_part(layer: int, neurons: slice, stats: SiteStats, recorded: list[np.ndarray] | None,
+                context: FinishContext) -> SitePart:  # fmt: skip
+    """Statistics of a slice of a site's neurons once its last batch is in: moments and word sums from the
+    state (the permutation p-value); exact AUROC, cv_auroc and top-k from the recorded activations
+    ([T_batch, n] parts in token order) when there are any, else from the state's histograms and top-k."""
+    moments = site_moments(stats, neurons)
+    result = moment_statistics(**moments)
+    result["welch_p"] = result.pop("p_value")
+    n_categories = stats.layout.n_categories
+    result["p_value"] = result["welch_p"]
+    if context.permutations and stats.layout.n_words and context.word_category is not None:
+        result["p_value"] = permutation_pvalues(
+            stats.word_n, stats.word_sums[:, neurons], stats.word_sumsq[:, neurons], moments["n_all"],
+            moments["sum_all"], moments["sumsq_all"], context.word_category, context.permutations, context.seed,
+            n_categories,
+        )  # fmt: skip
+    auroc = cv = acts_t = top = None
     if stats.layout.top_k:  # merged in the hook
         top = (stats.top_vals[:, neurons].cpu().numpy(), stats.top_keys[:, neurons].cpu().numpy())
     if recorded is not None:
         stacked = recorded[0] if len(recorded) == 1 else np.concatenate(recorded)  # [n_tokens, n]
         acts_t = np.ascontiguousarray(stacked.T)  # [n, n_tokens]
-        auroc = auroc_exact_fast(acts_t, category_mask) if with_auroc else None
-        if top is None and top_k:
-            vals, index = torch.topk(torch.from_numpy(acts_t), min(top_k, acts_t.shape[1]), dim=1)
+        if context.with_auroc:
+            ordered = np.sort(acts_t, axis=1)  # one sort per neuron serves both AUROCs
+            auroc = auroc_sorted(ordered, acts_t, context.category_mask)
+            if context.word_fold is not None:
+                cv = cv_auroc_exact(acts_t, context.token_word, context.word_category, context.word_fold,
+                                    n_categories, ordered)  # fmt: skip
+        if top is None and context.top_k:
+            vals, index = torch.topk(torch.from_numpy(acts_t), min(context.top_k, acts_t.shape[1]), dim=1)
             top = (vals.T.numpy(), index.T.numpy())
-    elif with_auroc and stats.layout.hist_bins:
-        auroc = auroc_binned(*histogram_counts(stats, neurons))
-    result["auroc"] = np.full_like(result["separation"], np.nan) if auroc is None else auroc
+    elif context.with_auroc and stats.layout.hist_bins:
+        counts_all, counts_cat = histogram_counts(stats, neurons)
+        auroc = auroc_binned(counts_all, counts_cat)
+        if context.word_fold is not None and stats.layout.n_folds > 1:
+            groups = stats.hist_group[:, neurons].cpu().numpy().astype(np.float64)  # [C * folds, n, B]
+            cv = cv_auroc_binned(counts_all, groups, np.repeat(np.arange(n_categories), stats.layout.n_folds), n_categories)
+    nan = np.full_like(result["separation"], np.nan)
+    result["auroc"] = nan if auroc is None else auroc
+    result["cv_auroc"] = nan if cv is None else cv
     result["score"] = result["separation"]
     n_tokens = stats.n_cat.cpu().numpy().round().astype(np.int64)
     return SitePart(layer, neurons.start, result, top, acts_t, n_tokens, hook_name(layer))
 
 
-def auroc_exact_fast(acts_t: np.ndarray, category_mask: np.ndarray) -> np.ndarray:
-    """Exact one-vs-rest AUROC [C, N] (Mann-Whitney U, ties counted half) of acts_t [N, T] float32.
-
-    Each neuron's row is sorted once (numpy's vectorised sort); only the category tokens are then located
-    in it: their average rank is (#below + #at-or-below + 1) / 2. Rows without ties skip the second search.
-    """
-    mask = np.asarray(category_mask, dtype=bool)
-    n_c = mask.sum(axis=0).astype(np.float64)[:, None]  # [C, 1]
-    n_r = acts_t.shape[1] - n_c
-    auc = np.full((mask.shape[1], acts_t.shape[0]), np.nan)
-    columns = np.flatnonzero(mask.any(axis=1))
-    if not len(columns):
-        return auc
-    ordered = torch.from_numpy(np.sort(acts_t, axis=1))  # [N, T]
-    values = torch.from_numpy(np.ascontiguousarray(acts_t[:, columns]))  # [N, m]
-    at_or_below = torch.searchsorted(ordered, values, right=True)  # [N, m]
-    previous = ordered.gather(1, (at_or_below - 2).clamp(min=0))
-    tied = (at_or_below >= 2) & (previous == values)  # another token has the same value
-    if bool(tied.any()):
-        below = torch.searchsorted(ordered, values)
-    else:
-        below = at_or_below - 1
-    ranks = (below + at_or_below + 1).to(torch.float64) / 2.0  # [N, m] average ranks, 1-based
-    rank_sum = (ranks @ torch.from_numpy(mask[columns].astype(np.float64))).numpy().T  # [C, N]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        auc = (rank_sum - n_c * (n_c + 1) / 2.0) / (n_c * n_r)
-    auc[((n_c < 1) | (n_r < 1))[:, 0]] = np.nan
-    return auc
+def token_folds(token_word: np.ndarray, word_category: np.ndarray, word_fold: np.ndarray, n_categories: int):
+    """[T, C] int64: the fold of each token's word in the word's category, -1 elsewhere (binned cv_auroc)."""
+    folds = np.full((len(token_word), n_categories), -1, dtype=np.int64)
+    in_word = np.flatnonzero(token_word >= 0)
+    words = token_word[in_word]
+    folds[in_word, word_category[words]] = word_fold[words]
+    return folds
 
 
 def assemble(model_name: str, categories: list[str], parts: list[SitePart], n_layers_model: int):
@@ -122,9 +138,11 @@ def assemble(model_name: str, categories: list[str], parts: list[SitePart], n_la
     sizes = [p.stats["score"].shape[1] for p in parts]
     n_rows = n_cat * sum(sizes)
     block = np.empty((len(STAT_COLUMNS), n_rows))  # one float64 block, filled in place: [column, row]
-    for column, key in enumerate(STAT_COLUMNS[:-1]):  # rows neuron-major: each part's [n, C] flattened
-        block[column] = np.concatenate([p.stats[key].T.reshape(-1) for p in parts])
-    block[-1] = bh_qvalues(block[STAT_COLUMNS.index("p_value")])
+    for column, key in enumerate(STAT_COLUMNS):  # rows neuron-major: each part's [n, C] flattened
+        if key not in Q_VALUES:
+            block[column] = np.concatenate([p.stats[key].T.reshape(-1) for p in parts])
+    for q_column, p_column in Q_VALUES.items():
+        block[STAT_COLUMNS.index(q_column)] = bh_qvalues(block[STAT_COLUMNS.index(p_column)])
     per_row = lambda values: np.repeat(values, [n * n_cat for n in sizes])  # noqa: E731
     hooks = list(dict.fromkeys([hook_name(layer) for layer in range(n_layers_model)] + [p.hook for p in parts]))
     hook_code = {name: code for code, name in enumerate(hooks)}

@@ -15,8 +15,9 @@ from ..alignment import AlignedText, align
 from ..config import ScanConfig, validate_config
 from ..models import LoadedModel
 from ..sites import n_layers as count_layers
+from ..stats import word_folds
 from .driver import Batch, ProgressFn, Site, batches, resolve_hook_points, run_hooked_forward, site_device
-from .finish import SitePart, assemble, finish_part
+from .finish import FinishContext, SitePart, assemble, finish_part, token_folds
 from .result import ScanResult
 from .state import HIST_BINS, BatchLabels, SiteStats, StatsLayout
 
@@ -96,11 +97,24 @@ def decide_recording(record: bool | str, n_tokens: int, total_neurons: int) -> b
     return bool(record)
 
 
-def batch_labels(aligned: AlignedText, batch: Batch) -> BatchLabels:
-    """The category rows, keys (token indices) and words of a batch's tokens, on the CPU."""
+def word_labels(cfg: ScanConfig, coverage=None) -> tuple[np.ndarray, np.ndarray | None]:
+    """(word_category [W], word_fold [W] or None without cv) of the config's words, in coverage-row order
+    (each category's distinct words). With a coverage table, a word that never occurs gets no fold."""
+    word_category = np.array(
+        [c for c, words in enumerate(cfg.categories.values()) for _ in dict.fromkeys(words)], dtype=np.int64
+    )
+    if not cfg.cv_folds:
+        return word_category, None
+    present = None if coverage is None else coverage["n_tokens"].to_numpy() > 0
+    return word_category, word_folds(word_category, cfg.cv_folds, cfg.seed, present)
+
+
+def batch_labels(aligned: AlignedText, batch: Batch, folds: np.ndarray | None = None) -> BatchLabels:
+    """The category rows, keys (token indices), words and (binned cv_auroc) word folds of a batch's tokens."""
     index = batch.token_index.numpy()
     word = None if aligned.token_word is None else torch.from_numpy(aligned.token_word[index].astype(np.int64))
-    return BatchLabels(torch.from_numpy(aligned.category_mask[index].astype(np.float32)), batch.token_index, word)
+    fold = None if folds is None else torch.from_numpy(folds[index])
+    return BatchLabels(torch.from_numpy(aligned.category_mask[index].astype(np.float32)), batch.token_index, word, fold)
 
 
 def scan(
@@ -205,10 +219,17 @@ def _run_sites(lm, cfg, aligned, points, sites: list[Site], n_neurons, record: b
     n_categories, n_words = len(aligned.categories), len(aligned.coverage)
     histogram = cfg.auroc and not record  # exact AUROC needs the recorded activations, else histograms
     top_k_in_hook = hook_top_k(lm.device, record, cfg.top_k_tokens)
+    word_category, word_fold = word_labels(cfg, aligned.coverage)
+    n_folds = cfg.cv_folds if histogram and word_fold is not None else 1
+    folds = token_folds(aligned.token_word, word_category, word_fold, n_categories) if n_folds > 1 else None
     layouts = {
-        s.hook: StatsLayout(n_neurons[s.hook], n_categories, n_words, 1, top_k_in_hook, HIST_BINS if histogram else 0)
+        s.hook: StatsLayout(n_neurons[s.hook], n_categories, n_words, n_folds, top_k_in_hook, HIST_BINS if histogram else 0)
         for s in sites
     }
+    context = FinishContext(
+        aligned.category_mask, cfg.top_k_tokens, cfg.auroc, aligned.token_word, word_category, word_fold,
+        cfg.permutations, cfg.seed,
+    )  # fmt: skip
     states: dict[str, SiteStats] = {}
     kept: dict[str, list[np.ndarray]] = {s.hook: [] for s in sites}  # recorded [T_batch, N] float32 parts
     n_batches = -(-len(aligned.chunks) // cfg.batch_size)
@@ -224,7 +245,7 @@ def _run_sites(lm, cfg, aligned, points, sites: list[Site], n_neurons, record: b
         if site.hook not in states:  # an expert the router never chose: every statistic is NaN
             states[site.hook] = SiteStats(layouts[site.hook], "cpu")
         recorded = [part[:, neurons] for part in kept[site.hook]] if record else None
-        part = finish_part(site.layer, neurons, states[site.hook], recorded, aligned.category_mask, cfg.top_k_tokens, cfg.auroc)
+        part = finish_part(site.layer, neurons, states[site.hook], recorded, context)
         part.hook, part.expert = site.hook, getattr(site, "expert", None)
         return part
 
@@ -255,7 +276,7 @@ def _run_sites(lm, cfg, aligned, points, sites: list[Site], n_neurons, record: b
 
     def labelled_batches():
         for batch in batches(aligned.chunks, cfg.batch_size, lm.pad_id):
-            labels["cpu"], labels["moved"] = batch_labels(aligned, batch), {}
+            labels["cpu"], labels["moved"] = batch_labels(aligned, batch, folds), {}
             yield batch
 
     chunk_number = {"next": 0}

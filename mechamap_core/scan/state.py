@@ -94,19 +94,24 @@ class SiteStats:
     def update(self, acts: torch.Tensor, labels: BatchLabels) -> None:
         """Add a batch: acts [T, N] float32 on this state's device, labels on the same device."""
         cat_mask = labels.category_mask
-        groups = torch.cat([torch.ones_like(cat_mask[:, :1]), cat_mask], dim=1).T  # [1 + C, T]
+        wide = self.sums.dtype
         self.n_all += acts.shape[0]
         self.n_cat += cat_mask.sum(0).to(self.n_cat.dtype)
-        # One float32 matmul per moment, on activations centred on the batch mean: a neuron whose mean dwarfs
-        # its spread keeps its variance (raw float32 squares would lose it); the shift is undone in float64.
+        # All tokens: float32 sums of activations centred on the batch mean, the shift undone in float64, so a
+        # neuron whose mean dwarfs its spread keeps its variance (raw float32 squares would lose it).
         shift = acts.mean(dim=0)  # [N]
         centred = acts - shift
-        wide = self.sums.dtype
-        counts = groups.sum(dim=1, keepdim=True).to(wide)  # [1 + C, 1]
-        linear = (groups @ centred).to(wide)  # [1 + C, N]
-        shift = shift.to(wide)
-        self.sums += linear + counts * shift
-        self.sums_sq += (groups @ (centred * centred)).to(wide) + 2 * shift * linear + counts * shift * shift
+        linear = centred.sum(dim=0).to(wide)
+        n_batch, shift = float(acts.shape[0]), shift.to(wide)
+        self.sums[0] += linear + n_batch * shift
+        self.sums_sq[0] += (centred * centred).sum(dim=0).to(wide) + 2 * shift * linear + n_batch * shift * shift
+        # Category tokens (a minority): one matmul per moment in float64, exact for a category's few tokens.
+        rows = torch.nonzero(cat_mask.sum(1) > 0).view(-1)
+        if len(rows):
+            members = cat_mask.index_select(0, rows).T.to(wide)  # [C, K]
+            values = acts.index_select(0, rows).to(wide)  # [K, N]
+            self.sums[1:] += members @ values
+            self.sums_sq[1:] += members @ (values * values)
         if self.layout.n_words and labels.word is not None:
             in_word = torch.nonzero(labels.word >= 0).view(-1)
             if len(in_word):

@@ -22,8 +22,9 @@ from ..models import LoadedModel
 from ..moe import MoELayer
 from ..sites import n_layers as count_layers
 from .driver import Batch, Site, batches, resolve_hook_points, run_hooked_forward, site_device
-from .finish import assemble, finish_part
+from .finish import FinishContext, assemble, finish_part, token_folds
 from .result import ScanResult
+from .run import word_labels
 from .state import HIST_BINS, BatchLabels, SiteStats, StatsLayout, quantile_edges, sorted_rows
 
 KEY_POSITIONS = 2**24  # a token's key: document index * KEY_POSITIONS + its ordinal among the document's tokens
@@ -166,9 +167,11 @@ def scan_stream(
         points, sites = resolve_hook_points(lm.model, layers)
         chunk_tokens = lm.chunk_tokens(cfg.max_chunk_tokens)
         n_neurons = {s.hook: min(limit, s.d_mlp) if limit else s.d_mlp for s in sites}
-        n_words = sum(len(dict.fromkeys(words)) for words in cfg.categories.values())
+        word_category, word_fold = word_labels(cfg)
+        n_words = len(word_category)
+        n_folds = cfg.cv_folds if cfg.auroc and word_fold is not None else 1
         layout = {
-            s.hook: StatsLayout(n_neurons[s.hook], len(cfg.categories), n_words, 1, cfg.top_k_tokens,
+            s.hook: StatsLayout(n_neurons[s.hook], len(cfg.categories), n_words, n_folds, cfg.top_k_tokens,
                                 HIST_BINS if cfg.auroc else 0, SAMPLE_BANDS, SAMPLES_PER_BAND)
             for s in sites
         }  # fmt: skip
@@ -187,7 +190,7 @@ def scan_stream(
                 continue
             group.append(document)
             if len(group) == min(group_documents, checkpointing.every_documents if checkpointing else group_documents):
-                _scan_group(lm, cfg, points, n_neurons, group, chunk_tokens, state)
+                _scan_group(lm, cfg, points, n_neurons, group, chunk_tokens, state, word_fold)
                 since_checkpoint += len(group)
                 group = []
                 if progress:
@@ -196,7 +199,7 @@ def scan_stream(
                     checkpointing.save(state)
                     since_checkpoint = 0
         if group:
-            _scan_group(lm, cfg, points, n_neurons, group, chunk_tokens, state)
+            _scan_group(lm, cfg, points, n_neurons, group, chunk_tokens, state, word_fold)
         if progress:
             progress(state.documents, total_documents, f"documents {state.documents:,}, tokens {state.tokens:,}")
         if checkpointing:
@@ -240,7 +243,7 @@ def _calibrate_edges(lm, cfg, points, n_neurons, texts: list[str], chunk_tokens:
     return edges
 
 
-def _scan_group(lm, cfg, points, n_neurons, group: list, chunk_tokens: int, state: StreamState) -> None:
+def _scan_group(lm, cfg, points, n_neurons, group: list, chunk_tokens: int, state: StreamState, word_fold) -> None:
     """Align one group of documents, run its batches, update every site's state and keep new examples' contexts."""
     aligned = align(lm.tokenizer, [d.text for d in group], cfg.categories, chunk_tokens)
     doc_index = np.array([d.index for d in group], dtype=np.int64)
@@ -248,6 +251,8 @@ def _scan_group(lm, cfg, points, n_neurons, group: list, chunk_tokens: int, stat
     ordinal = tokens.groupby("doc").cumcount().to_numpy()
     keys = doc_index[tokens["doc"].to_numpy()] * KEY_POSITIONS + ordinal  # [n_tokens] stable across runs and ranks
     labels = {"cpu": None, "moved": {}}
+    word_category = word_labels(cfg)[0]
+    folds = None if word_fold is None else token_folds(aligned.token_word, word_category, word_fold, len(cfg.categories))
 
     def on_site(site: Site, acts, batch: Batch, slots):
         device = acts.device
@@ -258,7 +263,7 @@ def _scan_group(lm, cfg, points, n_neurons, group: list, chunk_tokens: int, stat
 
     def labelled():
         for batch in batches(aligned.chunks, cfg.batch_size, lm.pad_id):
-            labels["cpu"], labels["moved"] = _group_labels(aligned, batch, keys), {}
+            labels["cpu"], labels["moved"] = _group_labels(aligned, batch, keys, folds), {}
             yield batch
 
     if aligned.n_tokens:
@@ -280,12 +285,13 @@ def _scan_group(lm, cfg, points, n_neurons, group: list, chunk_tokens: int, stat
     state.next_index = int(doc_index.max()) + 1
 
 
-def _group_labels(aligned: AlignedText, batch: Batch, keys: np.ndarray) -> BatchLabels:
+def _group_labels(aligned: AlignedText, batch: Batch, keys: np.ndarray, folds: np.ndarray | None) -> BatchLabels:
     index = batch.token_index.numpy()
     return BatchLabels(
         torch.from_numpy(aligned.category_mask[index].astype(np.float32)),
         torch.from_numpy(keys[index]),
         torch.from_numpy(aligned.token_word[index].astype(np.int64)),
+        None if folds is None else torch.from_numpy(folds[index]),
     )
 
 
@@ -296,11 +302,13 @@ def stream_result(lm: LoadedModel, cfg: ScanConfig, state: StreamState, extra_me
     extras["samples"] each neuron's tokens sampled across its activation bands."""
     started = time.perf_counter()
     categories = list(cfg.categories)
+    word_category, word_fold = word_labels(cfg)
+    no_tokens = np.zeros((0, len(categories)), bool)
+    context = FinishContext(no_tokens, cfg.top_k_tokens, cfg.auroc, None, word_category, word_fold, cfg.permutations, cfg.seed)
     parts = []
     for hook, stats in sorted(state.sites.items(), key=lambda item: site_of_hook(item[0])):
         layer, expert = site_of_hook(hook)
-        no_tokens = np.zeros((0, len(categories)), bool)
-        part = finish_part(layer, slice(0, stats.layout.n_neurons), stats, None, no_tokens, cfg.top_k_tokens, cfg.auroc)
+        part = finish_part(layer, slice(0, stats.layout.n_neurons), stats, None, context)
         part.hook, part.expert = hook, None if expert < 0 else expert
         parts.append(part)
     layers = sorted({p.layer for p in parts})
