@@ -9,6 +9,7 @@ METRICS = {
     "avg_activation": "avg_activation (mean over category tokens)",
     "cohens_d": "Cohen's d (pooled SD)",
     "auroc": "AUROC (category vs rest)",
+    "cv_auroc": "cross-validated AUROC (held-out folds of the category's words: holds up across words)",
     "t_stat": "Welch t",
 }
 NEURON_KEY = ["layer", "neuron"]  # a dense neuron; mixture-of-experts scans add "expert" (see neuron_key)
@@ -30,6 +31,17 @@ def flagged(scores: pd.DataFrame, metric: str = "score", threshold: float = 1.0)
     """Rows whose metric is at or above the threshold."""
     _check_metric(scores, metric)
     return scores[scores[metric] >= threshold]
+
+
+HOLDS_UP_CV_AUROC = 0.75  # cv_auroc at or above this: the neuron's selectivity holds up on held-out words
+
+
+def holding_up(scores: pd.DataFrame, min_cv_auroc: float = HOLDS_UP_CV_AUROC) -> pd.DataFrame:
+    """Rows whose cv_auroc (AUROC on held-out folds of the category's words) is at least min_cv_auroc:
+    selectivity that holds up across words, not one or two words. Runs without cv_auroc are returned whole."""
+    if "cv_auroc" not in scores.columns or scores["cv_auroc"].isna().all():
+        return scores
+    return scores[scores["cv_auroc"] >= min_cv_auroc]
 
 
 def top_neurons(

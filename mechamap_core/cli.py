@@ -110,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", help="write JSON keyed by neuron here")
     s.add_argument("--parquet", help="write Parquet here")
     s.add_argument("--flagged-only", action="store_true", help="export only rows with score >= the config's threshold")
+    s.add_argument("--min-cv-auroc", type=float, metavar="A",
+                   help="export only rows that hold up across words: cv_auroc >= A (e.g. 0.75)")
     s.add_argument("--save-run", metavar="RUNS_DIR", help="also save the run to RUNS_DIR/<id>/ (for the app)")
     i = sub.add_parser("interpret", help="summarise a scores CSV as the original interpret_map.py did")
     i.add_argument("--csv", required=True, help="scores CSV written by `scan`")
@@ -118,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--multi-category", action="store_true", help="list neurons flagged in 2+ categories")
     i.add_argument("--correlation", action="store_true", help="print the category correlation matrix")
     i.add_argument("--top", type=_non_negative, default=5, help="top neurons per category to print")
+    i.add_argument("--min-cv-auroc", type=float, metavar="A", help="only rows that hold up across words (cv_auroc >= A)")
     v = sub.add_parser("validate", help="check flagged neurons on a held-out text with its own category words")
     v.add_argument("--csv", required=True, help="scores CSV (or Parquet) written by `scan`")
     v.add_argument("--heldout", required=True, help="held-out YAML config (e.g. configs/validation.yaml)")
@@ -293,7 +296,7 @@ def _run_scan(args) -> int:
             f"{md['n_tokens']} tokens in {md['n_forward_passes']} forward pass(es), {md['timings_s']['total']:.2f} s",
             file=sys.stderr,
         )
-    options = {"flagged_only": args.flagged_only}
+    options = {"flagged_only": args.flagged_only, "min_cv_auroc": args.min_cv_auroc}
     for fmt, path in (("csv", args.csv), ("json", args.json), ("parquet", args.parquet)):
         if path:
             getattr(export, f"to_{fmt}")(result, path, **options)
@@ -308,13 +311,19 @@ def _run_scan(args) -> int:
 
 def _run_interpret(args) -> int:
     scores = _read_scores(args.csv, args.metric)
+    if args.min_cv_auroc is not None:
+        if "cv_auroc" not in scores.columns:
+            raise ValueError(f"{args.csv} has no cv_auroc column (scanned before cross-validation existed); rescan it")
+        scores = analysis.holding_up(scores, args.min_cv_auroc)
+        print(f"Only rows that hold up across words: cv_auroc >= {args.min_cv_auroc}")
     scores["category"] = pd.Categorical(scores["category"], categories=list(dict.fromkeys(scores["category"])))
     threshold = args.threshold  # default 1.0, the original's
     pd.set_option("display.width", 200)
     print(f"Neurons with {args.metric} >= {threshold}, by layer and category:")
     print(analysis.layer_category_counts(scores, args.metric, threshold).to_string())
     print(f"\nTop {args.top} neurons per category by {args.metric}:")
-    cols = [c for c in ("category", "layer", "neuron", args.metric, "avg_activation", "top_tokens") if c in scores.columns]
+    cols = [c for c in ("category", "layer", "expert", "neuron", args.metric, "avg_activation", "cv_auroc", "top_tokens")
+            if c in scores.columns]  # fmt: skip
     print(analysis.top_neurons(scores, args.metric, args.top)[list(dict.fromkeys(cols))].to_string(index=False))
     if args.multi_category:
         overlap = analysis.multi_category_neurons(scores, args.metric, threshold)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .analysis import neuron_key, top_token_strings
+from .analysis import holding_up, neuron_key, top_token_strings
 from .config import atomic_write_text
 from .scan import ScanResult
 
@@ -28,21 +28,26 @@ def _at_or_above(result: ScanResult, metric: str, threshold: float | None) -> pd
 
 
 def _scores_for_files(
-    result: ScanResult, flagged_only: bool = False, metric: str = "score", threshold: float | None = None
+    result: ScanResult, flagged_only: bool = False, metric: str = "score", threshold: float | None = None,
+    min_cv_auroc: float | None = None,
 ) -> pd.DataFrame:
-    """The scores to export (flagged rows only if asked), with model, hook and category as plain text."""
+    """The scores to export (flagged rows only if asked; only rows that hold up across words, cv_auroc >=
+    min_cv_auroc, if given), with model, hook and category as plain text."""
     scores = _at_or_above(result, metric, threshold) if flagged_only else result.scores
+    if min_cv_auroc is not None:
+        scores = holding_up(scores, min_cv_auroc)
     return scores.astype({column: str for column in ("model", "hook", "category")})  # categorical in the scan's table
 
 
 def export_table(
-    result: ScanResult, flagged_only: bool = False, metric: str = "score", threshold: float | None = None
+    result: ScanResult, flagged_only: bool = False, metric: str = "score", threshold: float | None = None,
+    min_cv_auroc: float | None = None,
 ) -> pd.DataFrame:
     """Scores with the original's columns first (top_tokens as readable text), then every statistic.
 
     flagged_only keeps rows with metric >= threshold (default: the scan's threshold).
     """
-    table = _scores_for_files(result, flagged_only, metric, threshold)
+    table = _scores_for_files(result, flagged_only, metric, threshold, min_cv_auroc)
     strings = top_token_strings(result.top_tokens)
     table = table.merge(strings, on=[c for c in neuron_key(table) if c in strings.columns], how="left")
     rest = [c for c in table.columns if c not in ORIGINAL_COLUMNS]

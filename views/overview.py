@@ -46,7 +46,13 @@ st.caption(
     f"{sum(md.get('neurons_per_layer', {}).values())} neurons · {md.get('n_tokens')} tokens · "
     f"created {str(md.get('created', '?')).replace('T', ' ')}"
 )
-counts = analysis.layer_category_counts(result.scores, "score", threshold).sum(axis=0)
+holds_up = st.toggle(
+    f"Only neurons that hold up across words (cv_auroc ≥ {analysis.HOLDS_UP_CV_AUROC:g})", value=False,
+    help="cv_auroc: the AUROC on held-out folds of each category's words. A neuron that answers to one or two "
+    "words only scores about 0.5 on the folds without them.", disabled="cv_auroc" not in result.scores.columns,
+)  # fmt: skip
+scores = analysis.holding_up(result.scores) if holds_up else result.scores
+counts = analysis.layer_category_counts(scores, "score", threshold).sum(axis=0)
 flagged = counts.rename("flagged neurons").rename_axis("category").reset_index()
 flagged["category"] = flagged["category"].astype(str)
 cols = st.columns(3)
@@ -60,8 +66,9 @@ with left:
     st.bar_chart(flagged, x="category", y="flagged neurons", horizontal=True, sort="-flagged neurons")
 with right:
     st.markdown("**Top neuron of each category** (by score)")
-    top = analysis.top_neurons(result.scores, "score", n=1, top_tokens=result.top_tokens)
+    top = analysis.top_neurons(scores, "score", n=1, top_tokens=result.top_tokens)
     top["category"] = top["category"].astype(str)
-    show = [c for c in ("category", "layer", "neuron", "score", "avg_activation", "auroc", "top_tokens") if c in top.columns]
+    show = [c for c in ("category", "layer", "expert", "neuron", "score", "avg_activation", "auroc", "cv_auroc", "top_tokens")
+            if c in top.columns and not (c == "expert" and top[c].isna().all())]  # fmt: skip
     neuron_table(top[show], key="overview_top", column_config=stat_column_config(top[show]))
 st.caption("Explore the layers and categories on the Pivot, Overlap and Correlation pages.")

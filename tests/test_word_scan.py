@@ -1,0 +1,67 @@
+"""Word-level statistics inside scan(): the hook's word sums give the same permutation p-values as the recorded
+activations, cv_auroc equals its definition on the recording, and binned cv_auroc stays close to exact."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from mechamap_core import scan
+from mechamap_core.alignment import align
+from mechamap_core.cli import main
+from mechamap_core.scan.run import word_labels
+from mechamap_core.stats import cv_auroc_exact, permutation_pvalues, word_moments
+
+KEY = ["layer", "neuron", "category"]
+
+
+@pytest.fixture(scope="module")
+def recorded(bundled_lm, default_cfg):
+    cfg = dataclasses.replace(default_cfg, permutations=200)
+    return cfg, scan(bundled_lm, cfg, limit_neurons=24, record_activations=True)
+
+
+def as_grid(scores, layer, column, categories):
+    frame = scores[scores["layer"] == layer].pivot(index="category", columns="neuron", values=column)
+    return frame.loc[categories].to_numpy(dtype=np.float64)
+
+
+def test_permutation_p_and_cv_auroc_equal_their_definitions_on_the_recording(bundled_lm, recorded):
+    cfg, result = recorded
+    aligned = align(bundled_lm.tokenizer, cfg.texts, cfg.categories, bundled_lm.chunk_tokens(cfg.max_chunk_tokens))
+    word_category, word_fold = word_labels(cfg, aligned.coverage)
+    for layer in (0, 5):
+        acts = result.activations[layer].astype(np.float64)  # [T, N]
+        moments = word_moments(acts, aligned.token_word, len(word_category))
+        expected_p = permutation_pvalues(**moments, word_category=word_category, n_permutations=200, seed=cfg.seed,
+                                         n_categories=len(cfg.categories))  # fmt: skip
+        np.testing.assert_allclose(as_grid(result.scores, layer, "p_value", result.categories), expected_p, atol=1e-12)
+        expected_cv = cv_auroc_exact(np.ascontiguousarray(acts.T.astype(np.float32)), aligned.token_word, word_category,
+                                     word_fold, len(cfg.categories))  # fmt: skip
+        np.testing.assert_allclose(as_grid(result.scores, layer, "cv_auroc", result.categories), expected_cv, atol=1e-9)
+    confident = result.scores[result.scores["welch_p"] < 1e-3]  # where the token-level test is sure, words are less so
+    assert len(confident) and (confident["p_value"] > confident["welch_p"]).mean() > 0.9
+
+
+def test_binned_cv_auroc_close_to_exact(bundled_lm, recorded):
+    cfg, exact = recorded
+    binned = scan(bundled_lm, cfg, limit_neurons=24, record_activations=False)
+    a, b = exact.scores["cv_auroc"].to_numpy(), binned.scores["cv_auroc"].to_numpy()
+    assert np.isfinite(a).all() and np.abs(a - b).max() <= 0.05
+    np.testing.assert_allclose(exact.scores["p_value"], binned.scores["p_value"], atol=1e-12)  # from the same sums
+
+
+def test_cli_filters_by_cv_auroc(recorded, tmp_path, capsys):
+    cfg, result = recorded
+    csv = tmp_path / "scores.csv"
+    from mechamap_core import export
+
+    export.to_csv(result, csv)
+    kept = tmp_path / "kept.csv"
+    assert main(["interpret", "--csv", str(csv), "--min-cv-auroc", "0.9", "--metric", "cv_auroc"]) == 0
+    assert "cv_auroc >= 0.9" in capsys.readouterr().out
+    filtered = export.export_table(result, min_cv_auroc=0.9)
+    assert len(filtered) == int((result.scores["cv_auroc"] >= 0.9).sum()) and len(filtered) < len(result.scores)
+    assert not kept.exists()
