@@ -138,8 +138,10 @@ def test_folded_subset_separation_equals_moment_statistics_in_numpy_and_torch():
     constants = _subset_constants(torch.as_tensor(moments["word_n"][subsets].sum(axis=1, keepdims=True)), len(acts))
     expected = separation_of_masks(acts, np.stack([np.isin(token_word, row) for row in subsets], axis=1))
     total_sumsq = moments["sumsq_all"]
-    from_numpy = _subset_separation(sums, total_sumsq, constants.numpy())
-    from_torch = _subset_separation(torch.as_tensor(sums), torch.as_tensor(total_sumsq), constants).numpy()
+    x, y = sums[:, :7], sums[:, 7:]
+    from_numpy = _subset_separation(x, y, total_sumsq, constants.numpy())
+    tensors = (torch.as_tensor(x), torch.as_tensor(y), torch.as_tensor(total_sumsq))
+    from_torch = _subset_separation(*tensors, constants).numpy()
     np.testing.assert_allclose(from_numpy[:, :5], expected[:, :5], rtol=1e-9, atol=0)  # word-effect neurons
     np.testing.assert_allclose(from_numpy[:, 5:], 0.0, atol=1e-6)  # constant and dead neurons: no separation
     np.testing.assert_allclose(from_torch, from_numpy, rtol=1e-12, atol=1e-15)
