@@ -176,7 +176,7 @@ def word_moments(acts: np.ndarray, token_word: np.ndarray, n_words: int) -> dict
     }
 
 
-def permutation_subsets(word_category: np.ndarray, n_permutations: int = 1000, seed: int = 0) -> dict[int, torch.Tensor]:
+def permutation_subsets(word_category, n_permutations: int = 1000, seed: int = 0) -> dict[int, torch.Tensor]:
     """The random word subsets of the permutation test: {size: [P, size] int64 word indices}, on the CPU.
 
     Category labels are exchangeable among the W words, so a category's null distribution depends only
@@ -359,7 +359,7 @@ def word_folds(word_category, k: int = 5, seed: int = 0, word_present=None) -> n
     words has one fold per word, and adding a category never reshuffles another.
     """
     word_category = np.asarray(word_category)
-    present = np.ones(len(word_category), dtype=bool) if word_present is None else np.asarray(word_present, dtype=bool)
+    present = np.ones(len(word_category), dtype=bool) if word_present is None else np.asarray(word_present, bool)
     fold = np.full(len(word_category), -1, dtype=np.int64)
     for c in np.unique(word_category[word_category >= 0]).tolist():
         words = np.flatnonzero((word_category == c) & present)
@@ -373,7 +373,8 @@ def fold_groups(word_category, word_fold) -> tuple[np.ndarray, np.ndarray]:
     word_category, word_fold = np.asarray(word_category), np.asarray(word_fold)
     in_fold = (word_category >= 0) & (word_fold >= 0)
     n_folds = int(word_fold.max(initial=0)) + 1
-    keys, word_group_in_fold = np.unique(word_category[in_fold] * n_folds + word_fold[in_fold], return_inverse=True)
+    keys = word_category[in_fold] * n_folds + word_fold[in_fold]
+    keys, word_group_in_fold = np.unique(keys, return_inverse=True)
     word_group = np.full(len(word_category), -1, dtype=np.int64)
     word_group[in_fold] = word_group_in_fold
     return word_group, keys // n_folds
