@@ -239,8 +239,7 @@ def permutation_pvalues(
     centred_sum = (word_sum - word_n[:, None] * mean_all).to(dtype)
     total_sumsq = (sumsq_all - n_all * mean_all**2).to(dtype)  # and the centred total sum is 0
 
-    on_device = device.type != "cpu"
-    as_array = (lambda t: t) if on_device else (lambda t: t.numpy())  # noqa: E731
+    as_array = (lambda t: t.numpy()) if _numpy_arithmetic(device) else (lambda t: t)  # noqa: E731
     sizes = np.bincount(word_category[word_category >= 0], minlength=n_categories)
     word_sums = torch.cat([centred_sum, centred_sumsq], dim=1)  # [W, 2N]
     total_sumsq = as_array(total_sumsq)
@@ -270,6 +269,11 @@ def permutation_pvalues(
     p_values = (1.0 + n_permutations - below) / (1.0 + n_permutations)
     p_values[(sizes == 0)[:, None] | observed_nan] = np.nan
     return p_values
+
+
+def _numpy_arithmetic(device: torch.device) -> bool:
+    """Whether the permutation test scores on the CPU through numpy (torch elsewhere)."""
+    return device.type == "cpu"
 
 
 def _subset_constants(n_c: torch.Tensor, n_all: float) -> torch.Tensor:

@@ -7,6 +7,7 @@ import pytest
 import torch
 from scipy import stats as sps
 
+from mechamap_core import stats as stats_module
 from mechamap_core.stats import (
     TIE_RTOL,
     _count_below,
@@ -151,6 +152,15 @@ def test_folded_subset_separation_equals_moment_statistics_in_numpy_and_torch():
         _count_below(torch.as_tensor(from_numpy), torch.as_tensor(thresholds)).numpy(), _count_below(from_numpy, thresholds)
     )
     assert (_count_below(from_numpy, thresholds) == (from_numpy[:, None, :] < thresholds).sum(axis=0)).all()
+
+
+def test_permutation_pvalues_in_torch_as_on_an_accelerator_equal_the_numpy_route(monkeypatch):
+    acts, token_word, word_category = tiny_problem(3)
+    stats = {k: torch.as_tensor(v) if isinstance(v, np.ndarray) else v for k, v in word_moments(acts, token_word, 10).items()}
+    options = {"word_category": word_category, "n_permutations": 200, "seed": 5, "n_categories": 5, "chunk_elements": 256}
+    through_numpy = permutation_pvalues(**stats, **options)
+    monkeypatch.setattr(stats_module, "_numpy_arithmetic", lambda device: False)
+    np.testing.assert_array_equal(permutation_pvalues(**stats, **options), through_numpy)
 
 
 def test_permutation_subsets_are_uniform_reproducible_and_shared_by_size():
