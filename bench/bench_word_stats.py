@@ -7,7 +7,8 @@ words = 96 words), with the real activations of one scan:
 
 1. time, as a ratio to the bare forward pass over the same chunks (bench_scan's model_inputs and
    bare_forward), at 1 torch thread and at torch's default: permutation_pvalues with 1,000 permutations
-   (float32, the default, and float64), cv_auroc_exact (k = 5, including its sort), and the plain exact
+   (float32, the default, and float64; float32 also per site, 6 calls as the scan core makes),
+   cv_auroc_exact (k = 5, including its sort), and the plain exact
    AUROC two ways: auroc_sorted (sort + searchsorted) and auroc_from_ranks(average_ranks) (argsort, the
    scan's route today). Rounds are interleaved, warm-up dropped; medians of wall time and of this
    process's CPU time (all threads), whose ratio a shared, oversubscribed machine disturbs less;
@@ -138,9 +139,18 @@ def main() -> None:
     def permutations(dtype):
         return permutation_pvalues(**moments, word_category=word_category, n_permutations=args.permutations, dtype=dtype)
 
+    def permutations_per_site(sites: int = 6):  # as the scan core calls it: once per layer of 1,536 neurons
+        width = moments["word_sum"].shape[1] // sites
+        for site in range(sites):
+            part = slice(site * width, (site + 1) * width)
+            site_moments = {key: value[..., part] if np.ndim(value) else value for key, value in moments.items()}
+            site_moments["word_n"] = moments["word_n"]
+            permutation_pvalues(**site_moments, word_category=word_category, n_permutations=args.permutations)
+
     fns = {
         "bare forward": lambda: bare_forward(lm, inputs),
         f"permutation_pvalues, {args.permutations} perms, float32": lambda: permutations(torch.float32),
+        "  the same, per site: 6 calls of 1,536 neurons": permutations_per_site,
         f"permutation_pvalues, {args.permutations} perms, float64": lambda: permutations(torch.float64),
         "cv_auroc_exact (k=5, with its sort)": lambda: cv_auroc_exact(acts_t, token_word, word_category, fold),
         "exact AUROC: auroc_sorted (np.sort + searchsorted)": lambda: auroc_sorted(np.sort(acts_t, axis=1), acts_t, masks),
@@ -172,7 +182,8 @@ def main() -> None:
     p32, p64 = permutations(torch.float32), permutations(torch.float64)
     counts_apart = np.abs(p32 - p64) * (1 + args.permutations)
     print(
-        f"{int((counts_apart > 0.5).sum())} of {p32.size} (neuron, category) p-values differ; largest gap {counts_apart.max():.0f} count(s)"
+        f"{int((counts_apart > 0.5).sum())} of {p32.size} (neuron, category) p-values differ; "
+        f"largest gap {counts_apart.max():.0f} count(s)"
     )
     assert np.array_equal(np.isnan(p32), np.isnan(p64))
 

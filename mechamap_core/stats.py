@@ -9,7 +9,8 @@ from scipy import special
 
 EPS = 1e-12
 TIE_RTOL = 1e-6  # null scores this close to the observed one (relative) count as reaching it: rounding, not evidence
-CHUNK_ELEMENTS = 2**19  # permutations x neurons per block of the permutation test (~4 MB per float64 buffer)
+CHUNK_ELEMENTS = 2**19  # subsets x neurons per block of the permutation test's arithmetic (2 MB per float32 buffer)
+GATHERED_BLOCKS = 4  # and chunk_elements x this many gathered at once (8 MB): one wake-up of the thread pool
 
 
 def moment_statistics(
@@ -175,7 +176,7 @@ def word_moments(acts: np.ndarray, token_word: np.ndarray, n_words: int) -> dict
     }
 
 
-def permutation_subsets(word_category: np.ndarray, n_permutations: int = 1000, seed: int = 0) -> dict[int, torch.Tensor]:
+def permutation_subsets(word_category, n_permutations: int = 1000, seed: int = 0) -> dict[int, torch.Tensor]:
     """The random word subsets of the permutation test: {size: [P, size] int64 word indices}, on the CPU.
 
     Category labels are exchangeable among the W words, so a category's null distribution depends only
@@ -219,8 +220,10 @@ def permutation_pvalues(
 
     Scores come from sums centred on each neuron's mean (separation is shift-invariant; centring keeps
     the variances' cancellation small), gathered per subset (embedding_bag) on the device of word_sum,
-    in `dtype`, in blocks of about chunk_elements subsets x neurons; see _subset_separation. NaN for
-    categories without words. Inputs may be numpy arrays or torch tensors.
+    in `dtype`, GATHERED_BLOCKS x chunk_elements subsets x neurons at a time, and scored in blocks of
+    chunk_elements (see _subset_separation). On a CPU the arithmetic is numpy's, on one thread: torch's
+    thread pool, woken for each small operation, would spin between them. NaN for categories without
+    words. Inputs may be numpy arrays or torch tensors.
     """
     word_sum = torch.as_tensor(word_sum)
     device = word_sum.device
@@ -236,37 +239,41 @@ def permutation_pvalues(
     centred_sum = (word_sum - word_n[:, None] * mean_all).to(dtype)
     total_sumsq = (sumsq_all - n_all * mean_all**2).to(dtype)  # and the centred total sum is 0
 
-    on_device = device.type != "cpu"  # on a CPU, numpy after the gather: one thread, no pool to wake per operation
-    as_array = (lambda t: t) if on_device else (lambda t: t.numpy())  # noqa: E731
+    as_array = (lambda t: t.numpy()) if _numpy_arithmetic(device) else (lambda t: t)  # noqa: E731
     sizes = np.bincount(word_category[word_category >= 0], minlength=n_categories)
-    groups = []  # (categories of one size, [their own words; the random subsets] as rows, per-row constants)
+    word_sums = torch.cat([centred_sum, centred_sumsq], dim=1)  # [W, 2N]
+    total_sumsq = as_array(total_sumsq)
+    below = as_array(torch.zeros((n_categories, n_neurons), dtype=torch.int32, device=device))  # null draws below
+    observed_nan = np.zeros((n_categories, n_neurons), dtype=bool)
     for size, subsets in permutation_subsets(word_category, n_permutations, seed).items():
         same_size = np.flatnonzero(sizes == size)
         own_words = torch.as_tensor(np.stack([np.flatnonzero(word_category == c) for c in same_size]))
-        rows = torch.cat([own_words, subsets.sort(dim=1).values]).to(device)
-        constants = _subset_constants(word_n[rows].sum(dim=1, keepdim=True), n_all).to(dtype)
-        groups.append((same_size, rows, as_array(constants)))
-    below = as_array(torch.zeros((n_categories, n_neurons), dtype=torch.int32, device=device))  # null draws below
-    observed_nan = np.zeros((n_categories, n_neurons), dtype=bool)
-    block_neurons = max(1, min(n_neurons, chunk_elements // (n_permutations + n_categories)))
-    for start in range(0, n_neurons, block_neurons):
-        neurons = slice(start, min(start + block_neurons, n_neurons))
-        word_sums = torch.cat([centred_sum[:, neurons], centred_sumsq[:, neurons]], dim=1)  # [W, 2 n]
-        for same_size, rows, constants in groups:
-            block_rows = max(len(same_size) + 1, chunk_elements // block_neurons)
-            for first in range(0, len(rows), block_rows):
-                block = slice(first, first + block_rows)
-                sums = as_array(F.embedding_bag(rows[block], word_sums, mode="sum"))  # [rows, 2 n]
-                scores = _subset_separation(sums, as_array(total_sumsq[neurons]), constants[block])
-                if first == 0:  # the first rows are the observed scores
+        rows = torch.cat([own_words, subsets.sort(dim=1).values]).to(device)  # the observed rows come first
+        constants = as_array(_subset_constants(word_n[rows].sum(dim=1, keepdim=True), n_all).to(dtype))
+        reach = as_array(torch.empty((len(same_size), n_neurons), dtype=dtype, device=device))
+        block_rows = max(len(same_size) + 1, GATHERED_BLOCKS * chunk_elements // (2 * n_neurons))
+        for first in range(0, len(rows), block_rows):
+            block = slice(first, first + block_rows)
+            sums = as_array(F.embedding_bag(rows[block], word_sums, mode="sum"))  # [rows, 2N]
+            block_neurons = max(1, chunk_elements // len(sums))
+            for start in range(0, n_neurons, block_neurons):
+                neurons, stop = slice(start, start + block_neurons), min(start + block_neurons, n_neurons)
+                x, y = sums[:, start:stop], sums[:, n_neurons + start : n_neurons + stop]
+                scores = _subset_separation(x, y, total_sumsq[neurons], constants[block])
+                if first == 0:
                     observed, scores = scores[: len(same_size)], scores[len(same_size) :]
-                    observed_nan[same_size, neurons] = (observed != observed).cpu().numpy() if on_device else observed != observed
-                    reach = observed - TIE_RTOL * (1.0 + abs(observed))
-                below[same_size, neurons] += _count_below(scores, reach)  # NaN is never below
+                    reach[:, neurons] = observed - TIE_RTOL * (1.0 + abs(observed))  # NaN where no score
+                below[same_size, neurons] += _count_below(scores, reach[:, neurons])  # NaN is never below
+        observed_nan[same_size] = torch.as_tensor(reach != reach).cpu().numpy()
     below = torch.as_tensor(below).double().cpu().numpy()
     p_values = (1.0 + n_permutations - below) / (1.0 + n_permutations)
     p_values[(sizes == 0)[:, None] | observed_nan] = np.nan
     return p_values
+
+
+def _numpy_arithmetic(device: torch.device) -> bool:
+    """Whether the permutation test scores on the CPU through numpy (torch elsewhere)."""
+    return device.type == "cpu"
 
 
 def _subset_constants(n_c: torch.Tensor, n_all: float) -> torch.Tensor:
@@ -277,10 +284,10 @@ def _subset_constants(n_c: torch.Tensor, n_all: float) -> torch.Tensor:
     return torch.cat([dof_r / dof_c - 1, dof_r / (n_c * dof_c) + 1 / n_r, 0.5 / dof_r / u**2, EPS / u**2], dim=1)
 
 
-def _subset_separation(sums, total_sumsq, constants):
+def _subset_separation(x, y, total_sumsq, constants):
     """separation [R, n] of word subsets against all other tokens (numpy arrays or torch tensors).
 
-    sums [R, 2n]: each subset's centred sums, then sums of squares; total_sumsq [n]: over all tokens;
+    x, y [R, n]: each subset's centred sums and sums of squares; total_sumsq [n]: over all tokens;
     constants [R, 4]: _subset_constants. These are moment_statistics' formulas with the rest's sum -x
     (the centred total is 0), in few passes. With x, y a subset's sum and sum of squares, Q the total
     sum of squares, a and b the subset's and the rest's token counts, a1 = max(a - 1, 1) and
@@ -290,8 +297,6 @@ def _subset_separation(sums, total_sumsq, constants):
     The variances' sum is floored at EPS instead of clipped at 0 before adding EPS: a change of at
     most EPS, and only where the sum is below it (rounding).
     """
-    width = sums.shape[1] // 2
-    x, y = sums[:, :width], sums[:, width:]
     v, z, w, floor = (constants[:, i : i + 1] for i in range(4))
     with np.errstate(invalid="ignore", divide="ignore"):  # a subset without tokens: 0 * inf, a NaN score
         spread = y * v
@@ -358,7 +363,7 @@ def word_folds(word_category, k: int = 5, seed: int = 0, word_present=None) -> n
     words has one fold per word, and adding a category never reshuffles another.
     """
     word_category = np.asarray(word_category)
-    present = np.ones(len(word_category), dtype=bool) if word_present is None else np.asarray(word_present, dtype=bool)
+    present = np.ones(len(word_category), dtype=bool) if word_present is None else np.asarray(word_present, bool)
     fold = np.full(len(word_category), -1, dtype=np.int64)
     for c in np.unique(word_category[word_category >= 0]).tolist():
         words = np.flatnonzero((word_category == c) & present)
@@ -372,7 +377,8 @@ def fold_groups(word_category, word_fold) -> tuple[np.ndarray, np.ndarray]:
     word_category, word_fold = np.asarray(word_category), np.asarray(word_fold)
     in_fold = (word_category >= 0) & (word_fold >= 0)
     n_folds = int(word_fold.max(initial=0)) + 1
-    keys, word_group_in_fold = np.unique(word_category[in_fold] * n_folds + word_fold[in_fold], return_inverse=True)
+    keys = word_category[in_fold] * n_folds + word_fold[in_fold]
+    keys, word_group_in_fold = np.unique(keys, return_inverse=True)
     word_group = np.full(len(word_category), -1, dtype=np.int64)
     word_group[in_fold] = word_group_in_fold
     return word_group, keys // n_folds

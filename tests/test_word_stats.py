@@ -7,6 +7,7 @@ import pytest
 import torch
 from scipy import stats as sps
 
+from mechamap_core import stats as stats_module
 from mechamap_core.stats import (
     TIE_RTOL,
     _count_below,
@@ -106,7 +107,8 @@ def test_permutation_pvalues_equal_a_brute_force_loop(dtype):
         assert stats["word_n"][w] == (token_word == w).sum()
         np.testing.assert_allclose(stats["word_sumsq"][w], (acts[token_word == w] ** 2).sum(axis=0), rtol=1e-12)
     expected = brute_force_pvalues(acts, token_word, word_category, 5, n_permutations=300, seed=7)
-    p = permutation_pvalues(**stats, word_category=word_category, n_permutations=300, seed=7, n_categories=5, dtype=dtype)
+    options = {"n_permutations": 300, "seed": 7, "n_categories": 5, "dtype": dtype}
+    p = permutation_pvalues(**stats, word_category=word_category, **options)
     assert p.shape == (5, 7) and p.dtype == np.float64
     np.testing.assert_array_equal(p, expected)
     assert np.isnan(p[4]).all()  # no words
@@ -122,7 +124,8 @@ def test_permutation_pvalues_do_not_depend_on_blocks_device_inputs_or_unrelated_
     tiny_blocks = permutation_pvalues(**tensors, word_category=word_category, n_permutations=250, seed=3, chunk_elements=64)
     np.testing.assert_array_equal(tiny_blocks, p)
     shifted = word_moments(acts + 1000.0, token_word, len(word_category))  # the score is shift-invariant
-    np.testing.assert_array_equal(permutation_pvalues(**shifted, word_category=word_category, n_permutations=250, seed=3), p)
+    shifted_p = permutation_pvalues(**shifted, word_category=word_category, n_permutations=250, seed=3)
+    np.testing.assert_array_equal(shifted_p, p)
     other_seed = permutation_pvalues(**stats, word_category=word_category, n_permutations=250, seed=4)
     assert not np.array_equal(other_seed, p)
 
@@ -134,12 +137,13 @@ def test_folded_subset_separation_equals_moment_statistics_in_numpy_and_torch():
     subsets = np.stack([rng.choice(8, size=3, replace=False) for _ in range(40)])  # words 0-7 all occur
     centred = acts - acts.mean(axis=0)
     moments = word_moments(centred, token_word, len(word_category))
-    sums = np.concatenate([moments["word_sum"][subsets].sum(axis=1), moments["word_sumsq"][subsets].sum(axis=1)], axis=1)
     constants = _subset_constants(torch.as_tensor(moments["word_n"][subsets].sum(axis=1, keepdims=True)), len(acts))
     expected = separation_of_masks(acts, np.stack([np.isin(token_word, row) for row in subsets], axis=1))
     total_sumsq = moments["sumsq_all"]
-    from_numpy = _subset_separation(sums, total_sumsq, constants.numpy())
-    from_torch = _subset_separation(torch.as_tensor(sums), torch.as_tensor(total_sumsq), constants).numpy()
+    x, y = moments["word_sum"][subsets].sum(axis=1), moments["word_sumsq"][subsets].sum(axis=1)
+    from_numpy = _subset_separation(x, y, total_sumsq, constants.numpy())
+    tensors = (torch.as_tensor(x), torch.as_tensor(y), torch.as_tensor(total_sumsq))
+    from_torch = _subset_separation(*tensors, constants).numpy()
     np.testing.assert_allclose(from_numpy[:, :5], expected[:, :5], rtol=1e-9, atol=0)  # word-effect neurons
     np.testing.assert_allclose(from_numpy[:, 5:], 0.0, atol=1e-6)  # constant and dead neurons: no separation
     np.testing.assert_allclose(from_torch, from_numpy, rtol=1e-12, atol=1e-15)
@@ -148,6 +152,15 @@ def test_folded_subset_separation_equals_moment_statistics_in_numpy_and_torch():
         _count_below(torch.as_tensor(from_numpy), torch.as_tensor(thresholds)).numpy(), _count_below(from_numpy, thresholds)
     )
     assert (_count_below(from_numpy, thresholds) == (from_numpy[:, None, :] < thresholds).sum(axis=0)).all()
+
+
+def test_permutation_pvalues_in_torch_as_on_an_accelerator_equal_the_numpy_route(monkeypatch):
+    acts, token_word, word_category = tiny_problem(3)
+    stats = {k: torch.as_tensor(v) if isinstance(v, np.ndarray) else v for k, v in word_moments(acts, token_word, 10).items()}
+    options = {"word_category": word_category, "n_permutations": 200, "seed": 5, "n_categories": 5, "chunk_elements": 256}
+    through_numpy = permutation_pvalues(**stats, **options)
+    monkeypatch.setattr(stats_module, "_numpy_arithmetic", lambda device: False)
+    np.testing.assert_array_equal(permutation_pvalues(**stats, **options), through_numpy)
 
 
 def test_permutation_subsets_are_uniform_reproducible_and_shared_by_size():
@@ -293,7 +306,10 @@ def test_cv_auroc_binned_is_close_to_exact_on_smooth_data():
     exact = cv_auroc_exact(acts_t, token_word, word_category, fold)
     edges = np.quantile(acts_t, np.linspace(0, 1, 65)[1:-1], axis=1).T  # [N, 63] per-neuron quantile edges
     bins = np.stack([np.searchsorted(edges[n], acts_t[n]) for n in range(len(acts_t))])  # [N, T] in 0..63
-    counts = lambda tokens: np.stack([np.bincount(row[tokens], minlength=64) for row in bins]).astype(np.float64)  # noqa: E731
+
+    def counts(tokens):
+        return np.stack([np.bincount(row[tokens], minlength=64) for row in bins]).astype(np.float64)
+
     word_group, group_category = fold_groups(word_category, fold)
     token_group = np.where(token_word >= 0, word_group[token_word], -1)
     counts_group = np.stack([counts(token_group == g) for g in range(len(group_category))])
