@@ -503,6 +503,7 @@ def hub_dataset(tmp_path, monkeypatch):
     write_parquet(data / "train-0.parquet", [DOCS[0], None, DOCS[1], "", DOCS[2]], row_group_size=2)
     write_parquet(data / "train-1.parquet", many_texts(7), row_group_size=3)
     (data.parent / "README.md").write_text("# a corpus\n", encoding="utf-8")
+    (data.parent / "extra.jsonl").write_bytes(b'{"text": "from jsonl"}\n{"text": "bad \xff"}\n')  # folders: .parquet only
     with serve_hub(tmp_path / "hub") as hub:
         use_hub(monkeypatch, hub, tmp_path / "hf-cache")
         yield hub
@@ -518,6 +519,9 @@ def test_hub_dataset_parquet_files_streamed(hub_dataset, tmp_path):
         assert docs[0].where == "hf://datasets/org/corpus/data/train-0.parquet row 1"
         assert docs[-1].where == "hf://datasets/org/corpus/data/train-1.parquet row 7"
         assert report.skipped == {"no_text": 1, "empty_text": 1}
+    docs, report = collect("hf://datasets/org/corpus/extra.jsonl")  # any one file, lines read from the stream
+    assert [d.text for d in docs] == ["from jsonl"]
+    assert report.first_skipped == [(1, "hf://datasets/org/corpus/extra.jsonl line 2 is not valid UTF-8 (byte 15)")]
     one = "hf://datasets/org/corpus/data/train-1.parquet"
     assert [d.text for d in collect(one, start=4)[0]] == many_texts(7)[4:]
     shares = [collect("hf://datasets/org/corpus", shard=(rank, 2))[0] for rank in range(2)]
