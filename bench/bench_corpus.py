@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark of corpus.iter_documents: documents per second and peak RSS growth at 1,000 vs 20,000 documents.
 
-Run `python bench/bench_corpus.py` (1-5 minutes; writing 20,000 small files is most of it). For each
+Run `python bench/bench_corpus.py` (~10 minutes on a busy 2-core machine, mostly writing 20,000 files). For each
 source (.txt, .jsonl, .parquet with row groups of 1,000 rows, a folder of .txt files) and each size, a fresh
 child process (`--child`) imports the reader, resets its peak RSS, streams every document (~1 KB each) and
 prints JSON; the parent prints the figures side by side and how much more the peak grew for the larger
