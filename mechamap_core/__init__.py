@@ -3,11 +3,13 @@
 __version__ = "0.1.0"
 
 from .config import ConfigError, ScanConfig, load_config, save_config  # noqa: E402
-from .models import LoadedModel, ModelNotAvailableError, load_model  # noqa: E402
+from .hub import GatedModelError, ModelNotAvailableError, ModelTooLargeError, RemoteCodeRefusedError  # noqa: E402
+from .models import LoadedModel, load_model  # noqa: E402
 from .scanner import ScanCancelled, ScanResult, scan  # noqa: E402
 from .sites import SiteResolutionError  # noqa: E402
 
 __all__ = [
-    "ConfigError", "LoadedModel", "ModelNotAvailableError", "ScanConfig", "ScanCancelled", "ScanResult",
+    "ConfigError", "GatedModelError", "LoadedModel", "ModelNotAvailableError", "ModelTooLargeError",
+    "RemoteCodeRefusedError", "ScanConfig", "ScanCancelled", "ScanResult",
     "SiteResolutionError", "load_config", "load_model", "save_config", "scan",
 ]  # fmt: skip

@@ -37,16 +37,59 @@ def _non_negative(text: str) -> int:
     return value
 
 
+def _add_loading_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags for where a model comes from and how it is placed (passed to load_model)."""
+    parser.add_argument("--offline", action="store_true", help="use the Hugging Face cache only, never download")
+    parser.add_argument("--revision", help="Hub branch, tag or commit (same as --model org/name@REVISION)")
+    parser.add_argument("--device-map", help="spread the model with accelerate: auto, or a JSON {module: device} "
+                        "object (devices: GPU index, cpu, disk)")  # fmt: skip
+    parser.add_argument("--max-memory", help="memory per device for --device-map auto, e.g. 0=10GiB,cpu=30GiB")
+    parser.add_argument("--quantization", choices=["8bit", "4bit"], help="load the weights in 8 or 4 bits (CUDA)")
+
+
+def _download_bar():
+    """(download_progress callback, close) drawing a tqdm bar on stderr: bytes, speed and the file's name."""
+    from tqdm import tqdm
+
+    bar = None
+
+    def progress(done: int, total: int, filename: str) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="downloading", file=sys.stderr)
+        bar.set_postfix_str(filename, refresh=False)
+        bar.update(done - bar.n)
+
+    return progress, (lambda: bar is not None and bar.close())
+
+
+def _load(args, spec: str):
+    """load_model(spec) with the command's device/dtype and loading flags, a download bar on stderr."""
+    from .models import load_model
+
+    progress, close = _download_bar()
+    try:
+        return load_model(
+            spec, device=args.device, dtype=getattr(args, "dtype", "auto"), offline=True if args.offline else None,
+            revision=args.revision, device_map=args.device_map, max_memory=args.max_memory,
+            quantization=args.quantization, download_progress=progress,
+        )  # fmt: skip
+    finally:
+        close()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m mechamap_core", description="Scan MLP neurons for category selectivity.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     s = sub.add_parser("scan", help="scan a model over a config's master text")
-    s.add_argument("--model", help="bundled id, Hugging Face id (from the cache) or local folder; default: the config's")
+    model_help = "bundled id, local folder, or Hub id org/name[@revision] (downloaded unless offline); default: the config's"
+    s.add_argument("--model", help=model_help)
     s.add_argument("--config", required=True, help="YAML config (e.g. configs/default.yaml)")
     s.add_argument("--limit-neurons", type=_non_negative, help="first N neurons per layer (0 = all)")
     s.add_argument("--layers", type=_layers, help="layer subset, e.g. 0,2,5-7")
     s.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda or mps")
     s.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
+    _add_loading_flags(s)
     s.add_argument("--corpus", help="corpus instead of the master text: .txt (one document per line), .jsonl, "
                    ".parquet, a folder of .txt files (one document each), a glob, or hf://datasets/ORG/NAME/...")
     s.add_argument("--text-field", help="JSON field or Parquet column with the text (default: the config's, 'text')")
@@ -72,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--threshold", type=float, default=1.0, help="flag rows with metric >= T (default 1.0)")
     v.add_argument("--min-auroc", type=float, default=0.75, help="held-out AUROC a neuron needs to pass (default 0.75)")
     v.add_argument("--device", default="auto")
+    _add_loading_flags(v)
     v.add_argument("--out", help="write the per-neuron results CSV here")
     a = sub.add_parser("ablate", help="ablate neurons and compare the effect with random-neuron controls")
     a.add_argument("--config", required=True, help="YAML config whose text and words are used")
@@ -84,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--controls", type=_non_negative, default=5, help="random control sets (default 5)")
     a.add_argument("--model", help="model to load; default: the config's")
     a.add_argument("--device", default="auto")
+    _add_loading_flags(a)
     return parser
 
 
@@ -97,7 +142,6 @@ def _read_scores(path: str, *columns: str) -> pd.DataFrame:
 
 def _run_validate(args) -> int:
     from .hypothesis import validate_heldout
-    from .models import load_model
 
     scores = _read_scores(args.csv)
     heldout = load_config(args.heldout)
@@ -105,7 +149,7 @@ def _run_validate(args) -> int:
         raise ValueError(f"{args.csv} has no column '{args.metric}'")
     candidates = scores[scores[args.metric] >= args.threshold]
     model = args.model or str(scores["model"].iloc[0])
-    lm = load_model(model, device=args.device)
+    lm = _load(args, model)
     per_neuron, summary = validate_heldout(lm, candidates, heldout, args.min_auroc)
     print(f"Held-out check of {len(candidates)} flagged rows ({args.metric} >= {args.threshold}), pass = AUROC >= {args.min_auroc}:")
     print(summary.to_string(index=False))
@@ -117,7 +161,6 @@ def _run_validate(args) -> int:
 
 def _run_ablate(args) -> int:
     from .hypothesis import ablate, flagged_for_category, parse_neuron_list
-    from .models import load_model
 
     cfg = load_config(args.config)
     if args.neurons:
@@ -126,7 +169,7 @@ def _run_ablate(args) -> int:
         neurons = flagged_for_category(_read_scores(args.csv), args.category, "score", args.threshold, args.max_neurons or None)
     else:
         raise ValueError("give --neurons or --csv")
-    lm = load_model(args.model or cfg.model, device=args.device)
+    lm = _load(args, args.model or cfg.model)
     result = ablate(lm, cfg, args.category, neurons, mode=args.mode, n_controls=args.controls)
     print(result.per_condition.drop(columns="neurons").to_string(index=False))
     s = result.summary
@@ -141,7 +184,6 @@ def _run_scan(args) -> int:
 
     from . import export
     from .corpus import CorpusReport, iter_documents
-    from .models import load_model
     from .scanner import scan
 
     cfg = load_config(args.config)
@@ -155,7 +197,7 @@ def _run_scan(args) -> int:
         texts = [document.text for document in documents]
         print(f"corpus {corpus}: {report.summary()}", file=sys.stderr)
     print(f"loading {cfg.model} ...", file=sys.stderr)
-    lm = load_model(cfg.model, device=args.device, dtype=args.dtype)
+    lm = _load(args, cfg.model)
     with tqdm(desc="scanning", unit="layer", file=sys.stderr) as bar:
 
         def progress(done, total, message):

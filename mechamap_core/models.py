@@ -1,28 +1,30 @@
-"""load_model(spec) -> LoadedModel: the bundled offline model, Hugging Face cache ids, or local folders."""
+"""load_model(spec) -> LoadedModel: the bundled model, local folders, or Hub ids (cached or downloaded on demand)."""
 
 from __future__ import annotations
 
 import re
+import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from . import hub, placement
 from .config import BUNDLED_MODEL_ID
+from .hub import DownloadProgress, ModelNotAvailableError
 
 BUNDLED_ALIASES = {BUNDLED_MODEL_ID, "all-MiniLM-L6-v2", "bundled"}
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?(@[\w.\-/]+)?$")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-class ModelNotAvailableError(RuntimeError):
-    """The model is neither bundled, nor a local folder, nor in the Hugging Face cache."""
 
 
 @dataclass
 class LoadedModel:
-    """A model ready to scan. `lock` serialises scans: hooks on a shared model fire for every caller."""
+    """A model ready to scan. `lock` serialises scans: hooks on a shared model fire for every caller.
+
+    device is where inputs go (the input embedding's execution device); placement maps module paths to
+    devices ('cpu', 'cuda:0', 'disk'; {'': device} when the whole model sits on one device)."""
 
     model: torch.nn.Module
     tokenizer: object
@@ -30,6 +32,9 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     is_causal_lm: bool
+    placement: dict[str, str] = field(default_factory=dict)  # module path -> device ('' = the whole model)
+    commit: str | None = None  # the Hub commit the weights came from (Hub ids only)
+    offload_dir: object = field(default=None, repr=False, compare=False)  # removed with the model
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
@@ -45,7 +50,6 @@ class LoadedModel:
             # positions start at padding_idx + 1, so the last padding_idx + 1 slots can't be used
             context = cfg.max_position_embeddings - (cfg.pad_token_id or 0) - 1
         return context
-
 
     def chunk_tokens(self, requested: int = 0) -> int:
         """Tokens per chunk: the requested size (0 = the context length), never above the context length."""
@@ -126,44 +130,143 @@ def _is_causal(config) -> bool:
     return config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 
-def load_model(spec: str, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False) -> LoadedModel:
-    """Load a model and its fast tokenizer, in eval mode, offline.
+def load_model(
+    spec: str,
+    device: str = "auto",
+    dtype: str = "auto",
+    *,
+    offline: bool | None = None,
+    revision: str | None = None,
+    token: str | None = None,
+    device_map: str | dict | None = None,
+    max_memory: str | dict | None = None,
+    quantization: str | None = None,
+    download_progress: DownloadProgress | None = None,
+) -> LoadedModel:
+    """Load a model and its fast tokenizer, in eval mode. trust_remote_code is always off.
 
-    spec: the bundled id (sentence-transformers/all-MiniLM-L6-v2), a local folder, or a Hub id that
-    is already in the Hugging Face cache. Nothing is downloaded.
-    Raises ModelNotAvailableError (not bundled, not local, not cached) and ValueError (bad device/dtype).
+    spec: the bundled id (sentence-transformers/all-MiniLM-L6-v2), a local folder, or a Hub id, optionally
+    `org/name@revision`. A Hub id not in the Hugging Face cache is downloaded into it (config, tokenizer
+    files and weights only), unless offline: offline=None follows HF_HUB_OFFLINE, True uses the cache only.
+    token: for gated/private models; else HF_TOKEN. It is sent to the Hub and never stored.
+    download_progress(done_bytes, total_bytes, filename) is called as the download proceeds.
+    device_map: None (all on `device`), 'auto' or a {module path: device} dict (devices: GPU index, 'cpu',
+    'disk'), through accelerate; max_memory ('0=10GiB,cpu=30GiB' or a dict) implies device_map='auto'.
+    quantization: None, '8bit' or '4bit' (bitsandbytes, CUDA only).
+    Before loading, the weights' memory is estimated from the config; a model that cannot fit raises
+    ModelTooLargeError saying what would fit. Raises ModelNotAvailableError (and its subclasses
+    GatedModelError, RemoteCodeRefusedError, ModelTooLargeError) and ValueError (bad device/dtype/options).
     """
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     source, is_local = resolve_model_source(spec)
+    name = BUNDLED_MODEL_ID if spec.strip() in BUNDLED_ALIASES else spec.strip()
+    max_memory = placement.parse_max_memory(max_memory)
+    device_map = placement.parse_device_map(device_map) or ("auto" if max_memory else None)
+    placement.check_device_map_devices(device_map)
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(dtype, torch_device)
-    options = {"local_files_only": True, "trust_remote_code": trust_remote_code}
+    quantization_config = placement.quantization_config(quantization, torch_dtype)
+    if quantization_config is not None and device_map is None:
+        if torch_device.type != "cuda":
+            raise ValueError(f"{quantization} loading runs on a CUDA GPU: pick device cuda (or a device_map)")
+        device_map = {"": torch_device.index or 0}
+
+    def check(folder: Path):
+        """The config, once checked for remote code and for fitting in memory."""
+        hub.check_no_remote_code(folder, name)
+        try:
+            config = AutoConfig.from_pretrained(folder, local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise ModelNotAvailableError(f"could not read the config of '{name}': {_first_line(exc)}") from exc
+        try:
+            model_shapes = placement.empty_model(config, _is_causal(config))
+        except (ValueError, KeyError, TypeError, NotImplementedError):
+            return config  # no Auto class builds it: from_pretrained below says why, in one line
+        placement.check_fits(name, model_shapes, torch_device, torch_dtype, device_map=device_map, quantization=quantization)
+        return config
+
+    commit = None
+    if is_local:
+        folder = Path(source)
+        config = check(folder)
+    else:
+        folder, commit, config = _hub_snapshot(source, revision, offline, token, download_progress, check)
     try:
-        config = AutoConfig.from_pretrained(source, **options)
-        tokenizer = AutoTokenizer.from_pretrained(source, **options)
-    except (OSError, ValueError) as exc:
-        if is_local:
-            raise ModelNotAvailableError(f"could not load the model folder {source}: {str(exc).splitlines()[0]}") from exc
-        raise ModelNotAvailableError(
-            f"'{spec}' is not in the local Hugging Face cache and MechaMap never downloads at run time; "
-            f"fetch it once with `hf download {spec}` (or `huggingface-cli download {spec}`), "
-            "or pass the path of a local model folder"
-        ) from exc
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ModelNotAvailableError(f"could not load the tokenizer of '{name}': {_first_line(exc)}") from exc
     causal = _is_causal(config)
-    loader = AutoModelForCausalLM if causal else AutoModel
+    options = {"dtype": torch_dtype, "local_files_only": True, "trust_remote_code": False}
+    offload_dir = None
+    if device_map is not None:
+        offload_dir = tempfile.TemporaryDirectory(prefix="mechamap-offload-")
+        options.update(device_map=device_map, max_memory=max_memory, offload_folder=offload_dir.name)
+    if quantization_config is not None:
+        options["quantization_config"] = quantization_config
+    loader = _model_class(causal)
     try:
-        model = loader.from_pretrained(source, dtype=torch_dtype, **options)
+        model = loader.from_pretrained(folder, **options)
     except (OSError, ValueError) as exc:
-        raise ModelNotAvailableError(f"could not load the weights of '{spec}': {str(exc).splitlines()[0]}") from exc
-    model.to(torch_device).eval()
-    name = BUNDLED_MODEL_ID if spec.strip() in BUNDLED_ALIASES else spec.strip()
-    return LoadedModel(model, tokenizer, name, torch_device, torch_dtype, causal)
+        raise ModelNotAvailableError(f"could not load the weights of '{name}': {_first_line(exc)}") from exc
+    if device_map is None:
+        model.to(torch_device)
+    model.eval()
+    where = placement.placement_of(model, torch_device)
+    input_device = placement.input_device(model, where) if device_map is not None else torch_device
+    return LoadedModel(model, tokenizer, name, input_device, torch_dtype, causal, where, commit, offload_dir)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _model_class(causal: bool):
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    return AutoModelForCausalLM if causal else AutoModel
+
+
+def _hub_snapshot(source: str, revision, offline, token, download_progress, check):
+    """(local snapshot folder, commit, config) of a Hub id: from the cache when offline (or when the Hub
+    cannot be reached and the cache has it), else listed, checked, then downloaded into the cache."""
+    repo_id, spec_revision = hub.parse_hub_spec(source)
+    if revision and spec_revision and revision != spec_revision:
+        raise ModelNotAvailableError(f"'{source}' names revision '{spec_revision}' but revision='{revision}' was also given")
+    revision = revision or spec_revision
+    env_offline = hub.hub_offline()
+    if offline is False and env_offline:
+        raise ModelNotAvailableError(
+            f"'{source}' was to be downloaded, but HF_HUB_OFFLINE=1 is set in this environment: unset it to download"
+        )
+    if offline or (offline is None and env_offline):
+        folder = hub.cached_snapshot(repo_id, revision)
+        if folder is None:
+            download_command = f"hf download {repo_id}" + (f" --revision {revision}" if revision else "")
+            raise ModelNotAvailableError(
+                f"'{source}' is not in the local Hugging Face cache and downloads are off (offline mode: "
+                f"--offline or HF_HUB_OFFLINE=1); go online, or fetch it once with `{download_command}`"
+            )
+        return folder, folder.name, check(folder)
+    try:
+        files = hub.list_repo_files(repo_id, revision, token)
+    except ModelNotAvailableError as exc:
+        folder = hub.cached_snapshot(repo_id, revision) if hub.is_connection_error(exc.__cause__) else None
+        if folder is None:
+            raise
+        return folder, folder.name, check(folder)
+    folder = hub.fetch_config(files, token)
+    config = check(folder)
+    hub.fetch_files(files, token, download_progress)
+    return folder, files.commit, config
 
 
 def wrap_model(model: torch.nn.Module, tokenizer, name: str) -> LoadedModel:
     """LoadedModel around a model already in memory (tests, notebooks)."""
     param = next(model.parameters())
-    return LoadedModel(model.eval(), tokenizer, name, param.device, param.dtype, _is_causal(model.config))
+    where = placement.placement_of(model, param.device)
+    device = placement.input_device(model, where) if hasattr(model, "hf_device_map") else param.device
+    return LoadedModel(model.eval(), tokenizer, name, device, param.dtype, _is_causal(model.config), where)

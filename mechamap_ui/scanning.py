@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -11,9 +12,10 @@ from dataclasses import dataclass
 import streamlit as st
 import torch
 
+from mechamap_core import hub, placement
 from mechamap_core.config import ConfigError, ScanConfig, config_to_yaml
 from mechamap_core.export import save_run
-from mechamap_core.models import ModelNotAvailableError
+from mechamap_core.models import ModelNotAvailableError, resolve_model_source
 from mechamap_core.scanner import ScanResult, scan
 from mechamap_core.sites import SiteResolutionError
 
@@ -34,18 +36,82 @@ Progress = Callable[[float, str], None]
 
 @dataclass
 class ScanOutcome:
-    """A finished scan: its result, the saved run id, and whether it came from the cache."""
+    """A finished scan: its result, the saved run id, whether it came from the cache, and where the model sits
+    (module path -> device; None when an earlier run was reused)."""
 
     result: ScanResult
     run_id: str
     cached: bool
+    placement: dict[str, str] | None = None
 
 
-def scan_key(spec: str, device: str, dtype: str, cfg: ScanConfig, layers, limit_neurons, texts) -> str:
-    """Cache key of a scan: model spec/device/dtype, the config's YAML text and the overrides."""
+def hf_token() -> str | None:
+    """HF_TOKEN from Streamlit secrets (.streamlit/secrets.toml or the Cloud's secrets), else None.
+    It is passed to the Hub only, never stored (load_model falls back to the HF_TOKEN variable)."""
+    try:
+        return st.secrets.get("HF_TOKEN") or None
+    except Exception:  # noqa: BLE001 - no secrets file is the normal case
+        return None
+
+
+def hub_repo_files(spec: str) -> tuple[hub.RepoFiles | None, str | None]:
+    """(files a download of this Hub id fetches, with sizes; None) or (None, why not) from the Hub's file list.
+
+    (None, None) for the bundled model, local folders and offline mode. Cached for 10 minutes."""
+    try:
+        _, is_local = resolve_model_source(spec)
+    except ModelNotAvailableError as exc:
+        return None, _sentence(_first_line(exc))
+    if is_local or hub.hub_offline():
+        return None, None
+    repo_id, revision = hub.parse_hub_spec(spec)
+    return _listed_files(repo_id, revision, hf_token())
+
+
+@st.cache_data(ttl=600, show_spinner="Reading the model's file list from the Hub ...")
+def _listed_files(repo_id: str, revision: str | None, _token: str | None) -> tuple[hub.RepoFiles | None, str | None]:
+    try:
+        return hub.list_repo_files(repo_id, revision, _token), None
+    except ModelNotAvailableError as exc:
+        return None, _sentence(_first_line(exc))
+
+
+def memory_warning(files: hub.RepoFiles, device: str) -> str | None:
+    """A sentence when the model's weights clearly exceed the free memory of the device it would load on."""
+    target = "cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+    free = placement.free_memory_bytes(target)
+    if free is None or files.weight_bytes <= free:
+        return None
+    return (
+        f"Its weights ({placement.human_bytes(files.weight_bytes)}) exceed the free memory of this machine's {target} "
+        f"({placement.human_bytes(free)}): pick 8-bit/4-bit loading or offloading below, or a smaller model."
+    )
+
+
+def quantization_available() -> bool:
+    """Whether 8/4-bit loading can work here: a CUDA GPU and the bitsandbytes package."""
+    return torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes") is not None
+
+
+def describe_placement(where: dict[str, str]) -> str:
+    """'cpu: transformer.wte, transformer.h.0 · disk: transformer.h.1' (a few modules per device)."""
+    if set(where) == {""}:
+        return f"the whole model on {where['']}"
+    by_device: dict[str, list[str]] = {}
+    for module, device in where.items():
+        by_device.setdefault(device, []).append(module)
+    parts = []
+    for device, modules in by_device.items():
+        shown = ", ".join(modules[:3]) + (f" and {len(modules) - 3} more" if len(modules) > 3 else "")
+        parts.append(f"{device}: {shown}")
+    return " · ".join(parts)
+
+
+def scan_key(spec: str, device: str, dtype: str, cfg: ScanConfig, layers, limit_neurons, texts, loading=None) -> str:
+    """Cache key of a scan: model spec/device/dtype/loading options, the config's YAML text and the overrides."""
     parts = [
         spec.strip(), device, dtype, config_to_yaml(cfg), repr(None if layers is None else tuple(layers)),
-        repr(limit_neurons), "" if texts is None else "\x00".join(texts),
+        repr(limit_neurons), "" if texts is None else "\x00".join(texts), repr(sorted((loading or {}).items())),
     ]  # fmt: skip
     return hashlib.sha256("\x1f".join(parts).encode("utf-8", errors="replace")).hexdigest()
 
@@ -66,15 +132,18 @@ def run_scan(
     limit_neurons: int | None = None,
     texts: list[str] | None = None,
     progress: Progress | None = None,
+    loading: dict | None = None,
 ) -> ScanOutcome:
     """Load the model (st.cache_resource), scan and save the run; an identical earlier scan's run is reused.
 
-    progress(fraction, message) is called while loading and per layer/batch. Returns a ScanOutcome.
+    loading: load_model's placement options (device_map, max_memory, quantization). progress(fraction,
+    message) is called while downloading, loading and per layer/batch. Returns a ScanOutcome.
     Raises what load_model/scan raise: ModelNotAvailableError, SiteResolutionError, ConfigError,
     ValueError, torch.OutOfMemoryError / RuntimeError; and OSError when the run cannot be saved.
     """
     report = progress or (lambda fraction, message: None)
-    key = scan_key(spec, device, dtype, cfg, layers, limit_neurons, texts)
+    loading = {k: v for k, v in (loading or {}).items() if v is not None}
+    key = scan_key(spec, device, dtype, cfg, layers, limit_neurons, texts, loading)
     runs = state.runs_dir()
     with _SCANS_LOCK:
         run_id = _SCANS.get(key)
@@ -88,7 +157,12 @@ def run_scan(
             return ScanOutcome(result, run_id, cached=True)
 
     report(0.0, f"Loading {spec.strip()} ...")
-    lm = state.get_model(spec.strip(), device, dtype)
+
+    def on_download(done: int, total: int, filename: str) -> None:
+        size = f"{placement.human_bytes(done)} of {placement.human_bytes(total)}"
+        report(min(done / max(total, 1), 1.0), f"Downloading {spec.strip()}: {filename} ({size})")
+
+    lm = state.get_model(spec.strip(), device, dtype, _token=hf_token(), _download_progress=on_download, **loading)
     if lm.lock.locked():
         report(0.0, "Waiting: another session is scanning this model right now ...")
 
@@ -103,7 +177,7 @@ def run_scan(
         _SCANS.move_to_end(key)
         while len(_SCANS) > MAX_REMEMBERED_SCANS:
             _SCANS.popitem(last=False)
-    return ScanOutcome(result, run_id, cached=False)
+    return ScanOutcome(result, run_id, cached=False, placement=dict(lm.placement))
 
 
 def scan_with_progress_bar(spec: str, cfg: ScanConfig, **options) -> ScanOutcome | None:
@@ -145,7 +219,7 @@ def friendly_error(exc: BaseException) -> str:
         return "The scan ran out of memory: scan fewer layers, set a neuron limit, use float16/bfloat16, or pick a smaller model."
     if isinstance(exc, ConfigError):
         return _sentence("The config cannot be scanned: " + "; ".join(msg for _, msg in exc.problems))
-    if isinstance(exc, ModelNotAvailableError):
+    if isinstance(exc, ModelNotAvailableError):  # gated, remote code, too large, not found: all one line
         return _sentence(_first_line(exc))
     if isinstance(exc, SiteResolutionError):
         return _sentence("MechaMap does not support this model's architecture yet: " + _first_line(exc))

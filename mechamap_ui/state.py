@@ -48,9 +48,24 @@ def default_config_path() -> Path:
 
 
 @st.cache_resource(show_spinner="Loading model...", max_entries=3)
-def get_model(spec: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
-    """The model, shared by every browser session. LoadedModel.lock serialises scans on it."""
-    return load_model(spec, device=device, dtype=dtype)
+def get_model(
+    spec: str,
+    device: str = "auto",
+    dtype: str = "auto",
+    device_map: str | None = None,
+    max_memory: str | None = None,
+    quantization: str | None = None,
+    _token: str | None = None,
+    _download_progress=None,
+) -> LoadedModel:
+    """The model, shared by every browser session. LoadedModel.lock serialises scans on it.
+
+    Downloads a Hub id not in the cache (unless offline), reporting to _download_progress(done, total, file).
+    The _-prefixed arguments are not part of the cache key, so the token is never hashed or kept."""
+    return load_model(
+        spec, device=device, dtype=dtype, device_map=device_map, max_memory=max_memory, quantization=quantization,
+        token=_token, download_progress=_download_progress,
+    )  # fmt: skip
 
 
 @st.cache_resource(show_spinner=False, max_entries=8)

@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import REPO_ROOT
+from hub_server import serve_hub, use_hub
 
 from mechamap_core import scan
 from mechamap_core.cli import main
@@ -495,8 +496,6 @@ def test_cli_scan_skips_and_counts_bad_documents(tmp_path, capsys):
 @pytest.fixture
 def hub_dataset(tmp_path, monkeypatch):
     """A dataset repo org/corpus on a local Hub: data/train-0.parquet (5 rows, 2 bad), data/train-1.parquet."""
-    hub_server = pytest.importorskip("hub_server", reason="tests/hub_server.py comes with the hub branch")
-    serve_hub, use_hub = hub_server.serve_hub, hub_server.use_hub
 
     data = tmp_path / "hub" / "datasets" / "org" / "corpus" / "data"
     data.mkdir(parents=True)

@@ -1,15 +1,26 @@
-"""models.py: offline loading (bundled, local folder, cache), clear errors, devices, dtypes, site resolution."""
+"""models.py: loading (bundled, local folder, cache), clear errors, devices, dtypes, placement, site resolution."""
 
 from __future__ import annotations
 
 import inspect
+import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 from tiny_models import D_MLP, LAYERS, bundled_tokenizer
 from torch import nn
 
-from mechamap_core import ModelNotAvailableError, SiteResolutionError, load_model, scan
+from mechamap_core import (
+    ModelNotAvailableError,
+    ModelTooLargeError,
+    RemoteCodeRefusedError,
+    SiteResolutionError,
+    load_model,
+    placement,
+    scan,
+)
 from mechamap_core.config import BUNDLED_MODEL_ID
 from mechamap_core.models import pick_device, pick_dtype, resolve_model_source, wrap_model
 from mechamap_core.sites import resolve_sites
@@ -119,8 +130,8 @@ def test_dtypes():
         load_model("bundled", device="cpu", dtype="int4")
 
 
-def test_trust_remote_code_off_by_default(monkeypatch):
-    assert inspect.signature(load_model).parameters["trust_remote_code"].default is False
+def test_trust_remote_code_is_always_off(monkeypatch, tiny_models):
+    assert "trust_remote_code" not in inspect.signature(load_model).parameters  # no way to turn it on
     import transformers
 
     seen = {}
@@ -129,11 +140,107 @@ def test_trust_remote_code_off_by_default(monkeypatch):
         seen.update(kwargs)
         raise OSError("stop here")
 
-    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", spy)
-    with pytest.raises(ModelNotAvailableError):
-        load_model("bundled", device="cpu")
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
+    with pytest.raises(ModelNotAvailableError, match="stop here"):
+        load_model(str(tiny_models.path("gpt2")), device="cpu")
     assert seen.get("trust_remote_code") is False
     assert seen.get("local_files_only") is True
+
+
+def test_local_folder_needing_remote_code_is_refused(tiny_models, tmp_path):
+    folder = tmp_path / "custom"
+    shutil.copytree(tiny_models.path("gpt2"), folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModel": "modeling_custom.Custom"}}))
+    with pytest.raises(RemoteCodeRefusedError, match="auto_map: AutoModel -> modeling_custom.Custom"):
+        load_model(str(folder), device="cpu")
+
+
+# --- big models: placement, memory estimates, quantisation ------------------------------------
+
+
+def _logits(lm, ids=(101, 2047, 2259, 10582, 102)) -> torch.Tensor:
+    batch = torch.tensor([list(ids)], device=lm.device)
+    with torch.no_grad():
+        return lm.model(input_ids=batch, attention_mask=torch.ones_like(batch)).logits.cpu()
+
+
+def test_device_map_with_cpu_and_disk_offload_matches_plain_load(tiny_models, tiny_gpt2):
+    spread = {
+        "transformer.wte": "cpu", "transformer.wpe": "cpu", "transformer.h.0": "cpu", "transformer.h.1": "disk",
+        "transformer.ln_f": "cpu", "lm_head": "cpu",
+    }  # fmt: skip
+    lm = load_model(str(tiny_models.path("gpt2")), device="cpu", device_map=json.dumps(spread))
+    assert lm.placement == spread
+    assert lm.device == torch.device("cpu")  # the embedding's device
+    assert lm.model.transformer.h[1].mlp.c_fc.weight.device.type == "meta"  # really on disk, loaded per use
+    assert torch.equal(_logits(lm), _logits(tiny_gpt2))
+
+
+def test_max_memory_spreads_to_disk_and_matches(tiny_models, tiny_gpt2):
+    lm = load_model(str(tiny_models.path("gpt2")), device="cpu", max_memory="cpu=1MiB")
+    assert "disk" in lm.placement.values()  # 1 MiB of CPU memory cannot hold the 3.9 MB embedding
+    assert torch.allclose(_logits(lm), _logits(tiny_gpt2), atol=1e-6)
+
+
+def test_weight_estimate_counts_parameters(tiny_models, tiny_gpt2):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(tiny_models.path("gpt2"), local_files_only=True)
+    shapes = placement.empty_model(config, causal=True)
+    model = tiny_gpt2.model
+    n_params = sum(p.numel() for p in model.parameters())  # tied embedding / head counted once
+    assert placement.estimate_weight_bytes(shapes, torch.float32) == 4 * n_params
+    assert placement.estimate_weight_bytes(shapes, torch.bfloat16) == 2 * n_params
+    blocks = model.transformer.h
+    linear = sum(m.weight.numel() for b in blocks for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj))
+    assert placement.estimate_weight_bytes(shapes, torch.bfloat16, "8bit") == 2 * (n_params - linear) + linear
+    assert placement.estimate_weight_bytes(shapes, torch.bfloat16, "4bit") == 2 * (n_params - linear) + linear // 2
+    per_device = placement.bytes_per_device(shapes, {"transformer.h.1": "disk", "": "cpu"}, torch.float32)
+    block_1 = sum(p.numel() for p in blocks[1].parameters())
+    assert per_device == {"disk": 4 * block_1, "cpu": 4 * (n_params - block_1)}
+
+
+def test_too_large_model_says_what_would_fit(monkeypatch, tiny_models, tiny_gpt2):
+    n_bytes = 4 * sum(p.numel() for p in tiny_gpt2.model.parameters())
+    monkeypatch.setattr(placement, "free_memory_bytes", lambda device: n_bytes * 3 // 4)  # fits in bfloat16 only
+    with pytest.raises(ModelTooLargeError) as info:
+        load_model(str(tiny_models.path("gpt2")), device="cpu")
+    msg = str(info.value)
+    assert placement.human_bytes(n_bytes) in msg and placement.human_bytes(n_bytes * 3 // 4) in msg
+    assert "dtype bfloat16" in msg and "device_map='auto'" in msg and "\n" not in msg
+    assert load_model(str(tiny_models.path("gpt2")), device="cpu", dtype="bfloat16").dtype == torch.bfloat16
+    with pytest.raises(ModelTooLargeError, match="puts .* on cpu"):
+        load_model(str(tiny_models.path("gpt2")), device="cpu", device_map={"": "cpu"})
+
+
+def test_free_memory_reads_meminfo():
+    meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+    total = int(meminfo["MemTotal"].split()[0]) * 1024
+    free = placement.free_memory_bytes("cpu")
+    assert 0 < free <= total
+    assert placement.free_memory_bytes("disk") is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_quantization_needs_cuda():
+    with pytest.raises(ValueError, match="8bit loading needs a CUDA GPU"):
+        load_model("bundled", device="cpu", quantization="8bit")
+    with pytest.raises(ValueError, match="unknown quantization '3bit'"):
+        load_model("bundled", device="cpu", quantization="3bit")
+    with pytest.raises(ValueError, match="GPU 0, but this machine has 0 GPU"):
+        load_model("bundled", device="cpu", device_map={"": 0})
+
+
+def test_parse_loading_options():
+    assert placement.parse_max_memory("0=10GiB, cpu=30GB") == {0: 10 * 2**30, "cpu": 30 * 10**9}
+    assert placement.parse_device_map(' {"transformer.h.0": "disk"} ') == {"transformer.h.0": "disk"}
+    assert placement.parse_device_map("auto") == "auto" and placement.parse_device_map("") is None
+    for bad in ("cpu", "0=lots", ""):
+        with pytest.raises(ValueError):
+            placement.parse_max_memory(bad)
+    with pytest.raises(ValueError, match="neither 'auto' nor a JSON object"):
+        placement.parse_device_map("[1, 2]")
 
 
 # --- architectures without a findable MLP ----------------------------------------------------

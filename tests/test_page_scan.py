@@ -21,7 +21,7 @@ _navigation_mode = app_fixtures._navigation_mode
 app_env = app_fixtures.app_env
 tiny_result = app_fixtures.tiny_result
 
-HUB = "Hugging Face id (from the local cache)"
+HUB = "Hugging Face id (downloads on demand)"
 LOCAL = "Local folder"
 
 

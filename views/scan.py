@@ -8,14 +8,14 @@ from pathlib import Path
 import streamlit as st
 import torch
 
-from mechamap_core import export
+from mechamap_core import export, hub, placement
 from mechamap_core.config import BUNDLED_MODEL_ID, parse_layer_list
 from mechamap_core.corpus import parse_corpus
 from mechamap_core.models import BUNDLED_ALIASES, DTYPES
 from mechamap_ui import config_tools, scanning, state
 
 MAX_CORPUS_UPLOAD_MB = 5
-SOURCES = ["Bundled model (offline)", "Hugging Face id (from the local cache)", "Local folder"]
+SOURCES = ["Bundled model (offline)", "Hugging Face id (downloads on demand)", "Local folder"]
 
 
 def _devices() -> list[str]:
@@ -62,14 +62,43 @@ if source == SOURCES[0]:
     spec = BUNDLED_MODEL_ID
     st.caption(f"{BUNDLED_MODEL_ID}: 6 layers × 1536 MLP neurons, shipped with MechaMap, no download.")
 elif source == SOURCES[1]:
-    spec = st.text_input("Hugging Face model id", key="scan_hub_id", placeholder="gpt2, EleutherAI/pythia-70m, ...")
-    st.caption("The model must already be in the local Hugging Face cache: MechaMap never downloads while it runs.")
+    spec = st.text_input(
+        "Hugging Face model id", key="scan_hub_id", placeholder="gpt2, EleutherAI/pythia-70m, org/name@revision, ..."
+    )
 else:
     spec = st.text_input("Local model folder", key="scan_local_dir", placeholder="/path/to/model (with config.json)")
 
 c1, c2, c3, c4 = st.columns(4)
 device = c1.selectbox("Device", _devices(), key="scan_device")
 dtype = c2.selectbox("Precision", ["auto", *DTYPES], key="scan_dtype", help="auto: float32 on CPU, bfloat16/float16 on GPUs")
+if source == SOURCES[1] and (spec or "").strip():
+    if hub.hub_offline():
+        st.caption("Offline (HF_HUB_OFFLINE=1): the model must already be in the local Hugging Face cache.")
+    else:
+        files, problem_with_model = scanning.hub_repo_files(spec)
+        if problem_with_model:
+            st.warning(problem_with_model)
+        elif files is not None:
+            st.caption(
+                f"{len(files.files)} files, {placement.human_bytes(files.total_bytes)} "
+                f"({placement.human_bytes(files.weight_bytes)} of weights) at commit {files.commit[:8]}; "
+                "downloaded into the Hugging Face cache on the first scan. Gated models use HF_TOKEN from the secrets."
+            )
+            too_big = scanning.memory_warning(files, device)
+            if too_big:
+                st.warning(too_big)
+with st.expander("Big models: spread over devices, 8/4-bit", icon=":material/memory:"):
+    has_cuda = torch.cuda.is_available()
+    spread_label = "Spread over GPUs / offload to CPU" if has_cuda else "Offload what does not fit in memory to disk"
+    spread = st.checkbox(spread_label, key="scan_spread", help="accelerate's device_map='auto'")
+    if scanning.quantization_available():
+        quantization = st.radio("Weights", ["full precision", "8bit", "4bit"], key="scan_quantization", horizontal=True)
+    else:
+        quantization = "full precision"
+        st.caption("8-bit and 4-bit loading need a CUDA GPU and the bitsandbytes package.")
+    if st.session_state.get("scan_placement"):
+        st.caption("Placement of the last loaded model: " + st.session_state["scan_placement"])
+loading = {"device_map": "auto" if spread else None, "quantization": None if quantization == "full precision" else quantization}
 _init("scan_layers", ",".join(map(str, cfg.layers or [])))
 _init("scan_limit", int(cfg.limit_neurons))
 layers_text = c3.text_input("Layers (empty = all)", key="scan_layers", placeholder="e.g. 0,2,5-7")
@@ -107,10 +136,12 @@ with st.expander("Use a corpus file instead of the master text (optional)", icon
 can_scan = problem is None and not input_errors and bool((spec or "").strip())
 if st.button("Scan", type="primary", icon=":material/play_arrow:", disabled=not can_scan):
     outcome = scanning.scan_with_progress_bar(
-        spec, cfg, device=device, dtype=dtype, layers=layers, limit_neurons=int(limit), texts=texts
+        spec, cfg, device=device, dtype=dtype, layers=layers, limit_neurons=int(limit), texts=texts, loading=loading
     )
     if outcome is not None:
         state.set_active_run(outcome.run_id)
+        if outcome.placement is not None:
+            st.session_state["scan_placement"] = scanning.describe_placement(outcome.placement)
         md = outcome.result.metadata
         how = "reused from an identical earlier scan" if outcome.cached else f"finished in {md['timings_s']['total']:.1f} s"
         state.flash(

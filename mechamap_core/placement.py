@@ -1,0 +1,248 @@
+"""Big models: weight memory estimates, free memory per device, device maps, max_memory and 8/4-bit loading options."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import torch
+
+from .hub import ModelTooLargeError
+
+QUANTIZATIONS = {"8bit": 1.0, "4bit": 0.5}  # bytes per quantised weight (bitsandbytes Linear8bitLt / Linear4bit)
+GIB = 1024**3
+_MEMORY_TEXT = re.compile(r"^\s*([\d.]+)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def human_bytes(n: float) -> str:
+    """1.5e9 -> '1.4 GiB' (binary units, like nvidia-smi and the Hub's file list)."""
+    for unit, scale in (("GiB", GIB), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def free_memory_bytes(device: str | int | torch.device) -> int | None:
+    """Memory free for new tensors on a device: CUDA's mem_get_info; for cpu/mps MemAvailable from
+    /proc/meminfo (else os.sysconf's available pages). None when unknown; 'disk' is unlimited (None)."""
+    if isinstance(device, int):
+        device = torch.device("cuda", device)
+    device = str(device)
+    if device == "disk":
+        return None
+    if device.startswith("cuda"):
+        index = torch.device(device).index or 0
+        return int(torch.cuda.mem_get_info(index)[0])
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def parse_memory(text: str) -> int:
+    """'10GiB' / '500MB' / '1e9' -> bytes. Raises ValueError."""
+    match = _MEMORY_TEXT.match(str(text))
+    if not match:
+        raise ValueError(f"'{text}' is not a memory size: use e.g. 10GiB, 500MB or 1e9")
+    return int(float(match.group(1)) * _UNITS[(match.group(2) or "b").lower()])
+
+
+def parse_max_memory(text: str | dict | None) -> dict | None:
+    """'0=10GiB,cpu=30GiB' -> {0: 10 GiB, 'cpu': 30 GiB} in bytes (accelerate's max_memory). Raises ValueError."""
+    if text is None or isinstance(text, dict):
+        return text
+    budget: dict[int | str, int] = {}
+    for part in filter(None, (p.strip() for p in str(text).split(","))):
+        device, sep, size = part.partition("=")
+        if not sep:
+            raise ValueError(f"max_memory entry '{part}' needs DEVICE=SIZE, e.g. 0=10GiB or cpu=30GiB")
+        device = device.strip()
+        budget[int(device) if device.isdigit() else device] = parse_memory(size)
+    if not budget:
+        raise ValueError("max_memory is empty: use e.g. 0=10GiB,cpu=30GiB")
+    return budget
+
+
+def parse_device_map(text: str | dict | None) -> str | dict | None:
+    """None, 'auto' (also balanced / sequential), or a JSON object {module path: device}. Raises ValueError."""
+    if text is None or isinstance(text, dict):
+        return text
+    text = str(text).strip()
+    if text in ("", "none"):
+        return None
+    if text in ("auto", "balanced", "balanced_low_0", "sequential"):
+        return text
+    try:
+        mapping = json.loads(text)
+    except ValueError:
+        mapping = None
+    if not isinstance(mapping, dict):
+        raise ValueError(f"device_map '{text}' is neither 'auto' nor a JSON object like {{\"transformer.h.0\": \"cpu\"}}")
+    return mapping
+
+
+def quantization_config(quantization: str | None, dtype: torch.dtype):
+    """bitsandbytes' BitsAndBytesConfig for '8bit' / '4bit' (CUDA only), or None. Raises ValueError."""
+    if quantization is None:
+        return None
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization '{quantization}': use 8bit or 4bit")
+    if not torch.cuda.is_available():
+        raise ValueError(f"{quantization} loading needs a CUDA GPU (bitsandbytes); this machine has none")
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError(f"{quantization} loading needs bitsandbytes: pip install bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_type="nf4")
+
+
+def empty_model(config, causal: bool) -> torch.nn.Module:
+    """The model built from its config on the meta device: shapes only, no memory."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    with init_empty_weights():
+        model = (AutoModelForCausalLM if causal else AutoModel).from_config(config)
+    model.tie_weights()  # from_pretrained ties the output head to the embedding; from_config does not
+    return model
+
+
+def _quantised(module: torch.nn.Module, model: torch.nn.Module) -> bool:
+    """Whether bitsandbytes would quantise this module: Linear / Conv1D layers, not the output head."""
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return type(module).__name__ in ("Linear", "Conv1D") and module is not output
+
+
+def weight_bytes_by_module(model: torch.nn.Module, dtype: torch.dtype, quantization: str | None = None) -> dict[str, int]:
+    """Bytes of each parameter (tied weights once), keyed by parameter name, at dtype (or 8/4-bit for
+    the layers bitsandbytes quantises)."""
+    per_byte = torch.finfo(dtype).bits // 8
+    quantised = {
+        f"{name}.{p_name}" if name else p_name
+        for name, module in model.named_modules()
+        if quantization and _quantised(module, model)
+        for p_name, _ in module.named_parameters(recurse=False)
+        if p_name == "weight"
+    }
+    sizes = {}
+    for name, param in model.named_parameters():
+        size = QUANTIZATIONS[quantization] if name in quantised else per_byte
+        sizes[name] = int(param.numel() * size)
+    return sizes
+
+
+def estimate_weight_bytes(model: torch.nn.Module, dtype: torch.dtype, quantization: str | None = None) -> int:
+    """Bytes the weights take once loaded at dtype (or 8/4-bit), from a (meta) model's parameter shapes."""
+    return sum(weight_bytes_by_module(model, dtype, quantization).values())
+
+
+def bytes_per_device(model: torch.nn.Module, device_map: dict, dtype: torch.dtype, quantization: str | None = None):
+    """{device: bytes} of the weights a device_map dict puts on each device (longest module prefix wins)."""
+    keys = sorted(device_map, key=len, reverse=True)
+    totals: dict[str, int] = {}
+    for name, size in weight_bytes_by_module(model, dtype, quantization).items():
+        key = next((k for k in keys if k == "" or name == k or name.startswith(k + ".")), None)
+        if key is None:
+            raise ValueError(f"device_map places no module holding '{name}': add it (or an enclosing module)")
+        device = str(device_map[key])
+        device = f"cuda:{device}" if device.isdigit() else device
+        totals[device] = totals.get(device, 0) + size
+    return totals
+
+
+def check_fits(
+    name: str,
+    model: torch.nn.Module,
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    device_map=None,
+    quantization: str | None = None,
+) -> int:
+    """Raise ModelTooLargeError, saying what would fit, when the weights cannot fit the chosen device(s).
+
+    device_map 'auto' (and its variants) always fits: accelerate fills the GPUs, then the CPU, then disk.
+    A dict is checked device by device; otherwise the whole model must fit `device`. Returns the estimate."""
+    needed = estimate_weight_bytes(model, dtype, quantization)
+    if isinstance(device_map, str):
+        return needed
+    if isinstance(device_map, dict):
+        for target, size in bytes_per_device(model, device_map, dtype, quantization).items():
+            available = free_memory_bytes(target)
+            if available is not None and size > available:
+                raise ModelTooLargeError(
+                    f"the device_map puts {human_bytes(size)} of '{name}' on {target}, which has "
+                    f"{human_bytes(available)} free; move modules to other devices or to 'disk'"
+                )
+        return needed
+    available = free_memory_bytes(device)
+    if available is None or needed <= available:
+        return needed
+    precision = f"{quantization}" if quantization else str(dtype).removeprefix("torch.")
+    options = []
+    if device.type == "cuda":
+        for q in ("8bit", "4bit"):
+            smaller = estimate_weight_bytes(model, dtype, q)
+            if q != quantization and smaller < needed and smaller <= available:
+                options.append(f"quantization='{q}' (about {human_bytes(smaller)})")
+    if dtype == torch.float32:
+        half = estimate_weight_bytes(model, torch.bfloat16, quantization)
+        if half <= available:
+            options.append(f"dtype bfloat16 (about {human_bytes(half)})")
+    options.append("device_map='auto' (spread over the GPUs, offload the rest to CPU memory and disk)")
+    raise ModelTooLargeError(
+        f"'{name}' needs about {human_bytes(needed)} for its weights in {precision}, but {device} has "
+        f"{human_bytes(available)} free; what would fit: " + ", or ".join(options)
+    )
+
+
+def placement_of(model: torch.nn.Module, device: torch.device) -> dict[str, str]:
+    """{module path: device} of a loaded model: hf_device_map when accelerate placed it, else {'': device}."""
+    device_map = getattr(model, "hf_device_map", None)
+    if device_map:
+        return {name: (f"cuda:{d}" if isinstance(d, int) else str(d)) for name, d in device_map.items()}
+    return {"": str(device)}
+
+
+def input_device(model: torch.nn.Module, placement: dict[str, str]) -> torch.device:
+    """Device the input ids must be on: the input embedding's execution device.
+
+    accelerate runs modules placed on 'cpu' or 'disk' on the main device (the first GPU of the map, else
+    the CPU), so an offloaded embedding takes its inputs there."""
+    embedding = model.get_input_embeddings()
+    name = next((n for n, m in model.named_modules() if m is embedding), "")
+    keys = sorted(placement, key=len, reverse=True)
+    key = next((k for k in keys if k == "" or name == k or name.startswith(k + ".")), "")
+    where = placement.get(key, "cpu")
+    if where in ("cpu", "disk"):
+        gpus = [d for d in placement.values() if d not in ("cpu", "disk")]
+        return torch.device(gpus[0] if gpus else "cpu")
+    return torch.device(where)
+
+
+def check_device_map_devices(device_map) -> None:
+    """ValueError when a device_map names a GPU this machine lacks (before anything is loaded)."""
+    if not isinstance(device_map, dict):
+        return
+    for target in map(str, device_map.values()):
+        if target in ("cpu", "disk"):
+            continue
+        if target.isdigit() or target.startswith("cuda"):
+            index = int(target) if target.isdigit() else (torch.device(target).index or 0)
+            if index >= torch.cuda.device_count():
+                raise ValueError(f"device_map names GPU {index}, but this machine has {torch.cuda.device_count()} GPU(s)")
+        elif target != "mps":
+            raise ValueError(f"device_map device '{target}' is not a GPU index, cpu, mps or disk")
