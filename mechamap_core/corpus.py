@@ -124,8 +124,7 @@ def iter_documents(
     The source is checked before this returns (FileNotFoundError, ValueError); a corpus with no document
     positions, or, read whole, no good document, raises ValueError at the end of the iteration.
     """
-    if on_bad_document not in ("skip", "error"):
-        raise ValueError(f"on_bad_document must be 'skip' or 'error', not {on_bad_document!r}")
+    _check_on_bad_document(on_bad_document)
     rank, world_size = shard if shard is not None else (0, 1)
     if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
         raise ValueError(f"shard must be (rank, world_size) with 0 <= rank < world_size, not {shard!r}")
@@ -141,6 +140,11 @@ def iter_documents(
     else:
         readers = [_reader(file, text_field) for file in files]
     return _documents(f"the corpus {source}", readers, on_bad_document, rank, world_size, start, report)
+
+
+def _check_on_bad_document(on_bad_document: str) -> None:
+    if on_bad_document not in ("skip", "error"):
+        raise ValueError(f"on_bad_document must be 'skip' or 'error', not {on_bad_document!r}")
 
 
 def _documents(label, readers, on_bad_document, rank, world_size, start, report) -> Iterator[Document]:
@@ -268,7 +272,7 @@ def _line_records(file: _File) -> Iterator[tuple[int, str, bytes]]:
     return position
 
 
-def _line_where(name: str | None, number: int) -> str:
+def _line_where(name: str, number: int) -> str:
     return f"{name} line {number}" if name else f"line {number} of the corpus"
 
 
@@ -377,6 +381,7 @@ def parse_corpus(
     unless on_bad_document="skip", which counts bad lines in `report` instead."""
     if kind not in ("txt", "jsonl"):
         raise ValueError(f"corpus files must be .txt (one document per line) or .jsonl, not '.{kind}'")
+    _check_on_bad_document(on_bad_document)
     raw = data.encode("utf-8", errors="surrogatepass") if isinstance(data, str) else data
     if len(raw) > MAX_CORPUS_BYTES:
         raise ValueError(f"the corpus is larger than {MAX_CORPUS_BYTES // 2**20} MiB")
