@@ -334,16 +334,16 @@ def _count_below(values, thresholds):
     return counts
 
 
-def auroc_sorted(sorted_rows: np.ndarray, acts_t: np.ndarray, mask: np.ndarray) -> np.ndarray:
+def auroc_sorted(sorted_rows: np.ndarray, acts_t: np.ndarray, mask: np.ndarray, ranked=None) -> np.ndarray:
     """One-vs-rest AUROC [C, N] (ties half) from acts_t [N, T], its rows sorted, and a category mask [T, C].
 
     Equal to auroc_exact without an argsort: a category token's wins over all tokens come from a binary
     search in its neuron's sorted row (_twice_rank), and its wins over its own category sum to n_c^2 / 2
-    over the category, whatever the ties. sorted_rows = np.sort(acts_t, axis=1), same dtype.
+    over the category, whatever the ties. sorted_rows = np.sort(acts_t, axis=1), same dtype. ranked:
+    category_token_ranks(...) if the caller has it (cv_auroc_exact shares it).
     """
     mask = np.asarray(mask, dtype=bool)
-    tokens = np.flatnonzero(mask.any(axis=1))
-    twice_rank = _twice_rank(sorted_rows, np.ascontiguousarray(acts_t[:, tokens]))  # [N, tokens in a category]
+    tokens, twice_rank = ranked if ranked is not None else category_token_ranks(sorted_rows, acts_t, mask)
     n_tokens = acts_t.shape[1]
     auc = np.full((mask.shape[1], acts_t.shape[0]), np.nan)
     for c, in_category in enumerate(mask[tokens].T):
@@ -352,6 +352,13 @@ def auroc_sorted(sorted_rows: np.ndarray, acts_t: np.ndarray, mask: np.ndarray) 
             wins_twice = twice_rank[:, torch.from_numpy(in_category)].sum(dim=1) - n_c**2
             auc[c] = wins_twice.numpy() / (2.0 * n_c * n_r)
     return auc
+
+
+def category_token_ranks(sorted_rows: np.ndarray, acts_t: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
+    """(tokens [m]: every token in a category, their twice-ranks [N, m] among all tokens): the one binary
+    search per category token that auroc_sorted and cv_auroc_exact both need."""
+    tokens = np.flatnonzero(np.asarray(mask, dtype=bool).any(axis=1))
+    return tokens, _twice_rank(sorted_rows, np.ascontiguousarray(acts_t[:, tokens]))
 
 
 def word_folds(word_category, k: int = 5, seed: int = 0, word_present=None) -> np.ndarray:
@@ -391,6 +398,7 @@ def cv_auroc_exact(
     word_fold: np.ndarray,  # [W], from word_folds
     n_categories: int | None = None,
     sorted_rows: np.ndarray | None = None,  # np.sort(acts_t, axis=1), if the caller has it
+    ranked: tuple[np.ndarray, torch.Tensor] | None = None,  # category_token_ranks(...), if the caller has it
 ) -> np.ndarray:
     """Cross-validated AUROC [C, N] (float64): the mean over category c's folds of the AUROC of the fold's
     tokens against the rest (tokens in no word of c), ties half; the other folds' tokens are left out.
@@ -408,7 +416,10 @@ def cv_auroc_exact(
     sorted_rows = np.sort(acts_t, axis=1) if sorted_rows is None else sorted_rows
     tokens = np.flatnonzero(token_category >= 0)
     values = np.ascontiguousarray(acts_t[:, tokens])  # [N, m]: every token in a category's word
-    twice_rank = _twice_rank(sorted_rows, values)
+    if ranked is not None and np.isin(tokens, ranked[0]).all():  # the caller's search covers these tokens
+        twice_rank = ranked[1][:, torch.from_numpy(np.searchsorted(ranked[0], tokens))]
+    else:
+        twice_rank = _twice_rank(sorted_rows, values)
     auc_groups = np.full((len(group_category), acts_t.shape[0]), np.nan)
     for c in np.unique(group_category).tolist():
         columns = np.flatnonzero(token_category[tokens] == c)

@@ -13,6 +13,7 @@ from ..stats import (
     auroc_binned,
     auroc_sorted,
     bh_qvalues,
+    category_token_ranks,
     cv_auroc_binned,
     cv_auroc_exact,
     moment_statistics,
@@ -96,11 +97,12 @@ def finish_part(layer: int, neurons: slice, stats: SiteStats, recorded: list[np.
         stacked = recorded[0] if len(recorded) == 1 else np.concatenate(recorded)  # [n_tokens, n]
         acts_t = np.ascontiguousarray(stacked.T)  # [n, n_tokens]
         if context.with_auroc:
-            ordered = np.sort(acts_t, axis=1)  # one sort per neuron serves both AUROCs
-            auroc = auroc_sorted(ordered, acts_t, context.category_mask)
+            ordered = np.sort(acts_t, axis=1)  # one sort and one search per neuron serve both AUROCs
+            ranked = category_token_ranks(ordered, acts_t, context.category_mask)
+            auroc = auroc_sorted(ordered, acts_t, context.category_mask, ranked)
             if context.word_fold is not None:
                 cv = cv_auroc_exact(acts_t, context.token_word, context.word_category, context.word_fold,
-                                    n_categories, ordered)  # fmt: skip
+                                    n_categories, ordered, ranked)  # fmt: skip
         if top is None and context.top_k:
             vals, index = torch.topk(torch.from_numpy(acts_t), min(context.top_k, acts_t.shape[1]), dim=1)
             top = (vals.T.numpy(), index.T.numpy())
