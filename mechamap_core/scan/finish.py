@@ -40,6 +40,7 @@ class SitePart:
     n_tokens: np.ndarray | None = None  # [C] the category tokens the site saw (an expert: those routed to it)
     hook: str = ""  # the site's hook name (set by the caller; the dense hook name when empty)
     expert: int | None = None  # routed expert, None for dense and shared-expert neurons
+    word_moments: dict | None = None  # permutation_pvalues' inputs, until add_permutation_pvalues uses them
 
 
 def site_moments(stats: SiteStats, neurons: slice = slice(None)) -> dict[str, np.ndarray]:
@@ -83,13 +84,15 @@ def finish_part(layer: int, neurons: slice, stats: SiteStats, recorded: list[np.
     result = moment_statistics(**moments)
     result["welch_p"] = result.pop("p_value")
     n_categories = stats.layout.n_categories
-    result["p_value"] = result["welch_p"]
+    result["p_value"] = result["welch_p"]  # until add_permutation_pvalues replaces it
+    word_moments = None
     if context.permutations and stats.layout.n_words and context.word_category is not None:
-        result["p_value"] = permutation_pvalues(
-            stats.word_n, stats.word_sums[:, neurons], stats.word_sumsq[:, neurons], moments["n_all"],
-            moments["sum_all"], moments["sumsq_all"], context.word_category, context.permutations, context.seed,
-            n_categories,
-        )  # fmt: skip
+        cpu = lambda t: t.double().cpu().numpy()  # noqa: E731
+        word_moments = {
+            "word_n": cpu(stats.word_n), "word_sum": cpu(stats.word_sums[:, neurons]),
+            "word_sumsq": cpu(stats.word_sumsq[:, neurons]), "n_all": moments["n_all"],
+            "sum_all": moments["sum_all"], "sumsq_all": moments["sumsq_all"],
+        }  # fmt: skip
     auroc = cv = acts_t = top = None
     if stats.layout.top_k:  # merged in the hook
         top = (stats.top_vals[:, neurons].cpu().numpy(), stats.top_keys[:, neurons].cpu().numpy())
@@ -117,7 +120,31 @@ def finish_part(layer: int, neurons: slice, stats: SiteStats, recorded: list[np.
     result["cv_auroc"] = nan if cv is None else cv
     result["score"] = result["separation"]
     n_tokens = stats.n_cat.cpu().numpy().round().astype(np.int64)
-    return SitePart(layer, neurons.start, result, top, acts_t, n_tokens, hook_name(layer))
+    return SitePart(layer, neurons.start, result, top, acts_t, n_tokens, hook_name(layer), word_moments=word_moments)
+
+
+def add_permutation_pvalues(parts: list[SitePart], context: FinishContext) -> None:
+    """Replace each part's p_value by the word-level permutation p-value. Parts that saw the same tokens (every
+    dense site; each expert alone) share one call over all their neurons: the draws and the per-call work are
+    paid once, not per site."""
+    groups: dict[tuple, list[SitePart]] = {}
+    for part in (p for p in parts if p.word_moments is not None):
+        seen = part.word_moments
+        groups.setdefault((seen["n_all"], seen["word_n"].tobytes()), []).append(part)
+    for members in groups.values():
+        first = members[0].word_moments
+        joined = {key: np.concatenate([m.word_moments[key] for m in members], axis=-1)
+                  for key in ("word_sum", "word_sumsq", "sum_all", "sumsq_all")}  # fmt: skip
+        p_values = permutation_pvalues(
+            first["word_n"], joined["word_sum"], joined["word_sumsq"], first["n_all"], joined["sum_all"],
+            joined["sumsq_all"], context.word_category, context.permutations, context.seed, len(context.category_mask.T),
+        )  # fmt: skip
+        start = 0
+        for member in members:
+            width = member.stats["score"].shape[1]
+            member.stats["p_value"] = p_values[:, start : start + width]
+            member.word_moments = None
+            start += width
 
 
 def token_folds(token_word: np.ndarray, word_category: np.ndarray, word_fold: np.ndarray, n_categories: int):

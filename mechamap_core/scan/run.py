@@ -17,7 +17,7 @@ from ..models import LoadedModel
 from ..sites import n_layers as count_layers
 from ..stats import word_folds
 from .driver import Batch, ProgressFn, Site, batches, resolve_hook_points, run_hooked_forward, site_device
-from .finish import FinishContext, SitePart, assemble, finish_part, token_folds
+from .finish import FinishContext, SitePart, add_permutation_pvalues, assemble, finish_part, token_folds
 from .result import ScanResult
 from .state import HIST_BINS, BatchLabels, SiteStats, StatsLayout
 
@@ -294,4 +294,5 @@ def _run_sites(lm, cfg, aligned, points, sites: list[Site], n_neurons, record: b
     kept.clear()
     order = {site.hook: i for i, site in enumerate(sites)}
     parts = sorted(reducer.results.values(), key=lambda part: (order[part.hook], part.first_neuron))
+    add_permutation_pvalues(parts, context)
     return parts, passes, states

@@ -22,7 +22,7 @@ from ..models import LoadedModel
 from ..moe import MoELayer
 from ..sites import n_layers as count_layers
 from .driver import Batch, Site, batches, resolve_hook_points, run_hooked_forward, site_device
-from .finish import FinishContext, assemble, finish_part, token_folds
+from .finish import FinishContext, add_permutation_pvalues, assemble, finish_part, token_folds
 from .result import ScanResult
 from .run import word_labels
 from .state import HIST_BINS, BatchLabels, SiteStats, StatsLayout, quantile_edges, sorted_rows
@@ -311,6 +311,7 @@ def stream_result(lm: LoadedModel, cfg: ScanConfig, state: StreamState, extra_me
         part = finish_part(layer, slice(0, stats.layout.n_neurons), stats, None, context)
         part.hook, part.expert = hook, None if expert < 0 else expert
         parts.append(part)
+    add_permutation_pvalues(parts, context)
     layers = sorted({p.layer for p in parts})
     n_layers_model = count_layers(lm.model)
     scores, top = assemble(lm.name, categories, parts, n_layers_model)
