@@ -370,7 +370,7 @@ def test_a_failed_job_shows_its_error_on_the_scan_page(app_env, fresh_registry):
 def test_a_corpus_scan_of_a_model_that_is_not_there_is_one_error_and_no_job(app_env, fresh_registry):
     at = open_page(make_app(), "scan")
     upload_corpus(at, "docs.txt", DOCS[:3])
-    at.radio(key="scan_source").set_value("Hugging Face id (from the local cache)").run()
+    at.radio(key="scan_source").set_value("Hugging Face id (downloads on demand)").run()
     at.text_input(key="scan_hub_id").set_value("no-such-org/no-such-model-xyz")
     click(at, "Scan")
     no_exception(at)
