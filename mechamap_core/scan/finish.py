@@ -13,6 +13,7 @@ from ..stats import (
     auroc_binned,
     auroc_sorted,
     bh_qvalues,
+    consistent_separation,
     cv_auroc_binned,
     cv_auroc_exact,
     moment_statistics,
@@ -113,7 +114,7 @@ def finish_part(layer: int, neurons: slice, stats: SiteStats, recorded: list[np.
     nan = np.full_like(result["separation"], np.nan)
     result["auroc"] = nan if auroc is None else auroc
     result["cv_auroc"] = nan if cv is None else cv
-    result["score"] = result["separation"]
+    result["score"] = consistent_separation(result["separation"], result["cv_auroc"])
     n_tokens = stats.n_cat.cpu().numpy().round().astype(np.int64)
     return SitePart(layer, neurons.start, result, top, acts_t, n_tokens, hook_name(layer))
 
