@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench_heldout import heldout_auroc_of_top, with_mean_and_min  # noqa: E402
+
 from mechamap_core import load_config, load_model, scan  # noqa: E402
 
 RANKINGS = ["separation", "score", "cv_auroc"]
