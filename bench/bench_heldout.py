@@ -32,12 +32,23 @@ from mechamap_core.hypothesis import validate_heldout  # noqa: E402
 from mechamap_core.master_text import mix_texts, write_master_text  # noqa: E402
 
 
+def heldout_auroc_of_top(lm, scores: pd.DataFrame, heldout, top: int, metric: str = "score") -> pd.Series:
+    """Mean held-out AUROC per category of the top neurons per category by metric in a scan's scores."""
+    _, summary = validate_heldout(lm, top_neurons(scores, metric, top), heldout)
+    return summary.set_index("category")["mean_heldout_auroc"]
+
+
 def heldout_auroc_by_category(lm, cfg, heldout, top: int) -> pd.Series:
     """Mean held-out AUROC of the top neurons per category by score, scanned on cfg's text."""
-    result = scan(lm, cfg)
-    best = top_neurons(result.scores, "score", top)
-    _, summary = validate_heldout(lm, best, heldout)
-    return summary.set_index("category")["mean_heldout_auroc"]
+    return heldout_auroc_of_top(lm, scan(lm, cfg).scores, heldout, top)
+
+
+def with_mean_and_min(table: pd.DataFrame) -> pd.DataFrame:
+    """The per-category table with a mean row and a min row (over categories) appended."""
+    out = table.copy()
+    out.loc["mean"] = table.mean()
+    out.loc["min"] = table.min()
+    return out
 
 
 def main() -> None:
@@ -64,8 +75,7 @@ def main() -> None:
         table = pd.DataFrame(columns)
         gen_cols = [c for c in table.columns if c.startswith("generated")]
         table.insert(1, "generated (mean)", table[gen_cols].mean(axis=1))
-        table.loc["mean"] = table.mean()
-        table.loc["min"] = table.drop(index="mean").min()
+        table = with_mean_and_min(table)
         tokens = {name: len(lm.tokenizer(text)["input_ids"]) for name, text in texts.items()}
         print(f"\nTop-{args.top} neurons per category by score, mean held-out AUROC on {Path(path).name}")
         print(f"(tokens: {', '.join(f'{k} {v}' for k, v in tokens.items())}; {args.contexts} contexts per word)")

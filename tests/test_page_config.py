@@ -136,13 +136,13 @@ def test_save_overwrites_only_after_confirmation(app_env):
     save(at, "mine")
     path = app_env["configs"] / "mine.yaml"
     assert path.is_file() and any("Saved mine.yaml" in v for v in texts(at.success))
-    assert load_config(path).threshold == 2.0  # default.yaml's
+    assert load_config(path).threshold == 1.0  # default.yaml's
     assert at.session_state[ACTIVE_CONFIG_NAME] == "mine"
 
     at.number_input(key="cfg0_threshold").set_value(2.5).run()
     save(at, "mine", overwrite=False)
     assert any("already exists" in v for v in texts(at.warning))
-    assert load_config(path).threshold == 2.0, "not overwritten without the checkbox"
+    assert load_config(path).threshold == 1.0, "not overwritten without the checkbox"
 
     save(at, "mine", overwrite=True)
     assert load_config(path).threshold == 2.5

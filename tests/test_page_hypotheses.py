@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import re
 
 import app_fixtures
@@ -100,8 +102,8 @@ def test_compare_page_needs_two_runs_then_compares(app_env, food_result, bundled
 def test_hypothesis_threshold_starts_at_the_runs_threshold(app_env, food_result):
     from mechamap_core.analysis import flagged
 
-    threshold = food_result.metadata["threshold"]
-    assert threshold != 1.0, "the default config's threshold (2.0) tells the run's value from the old fixed 1.0"
+    food_result = dataclasses.replace(food_result, metadata={**food_result.metadata, "threshold": 1.5})
+    threshold = food_result.metadata["threshold"]  # not 1.0: tells the run's value from the old fixed 1.0
     at = open_page(make_app(food_result), "hypothesis")
     no_exception(at)
     assert at.slider(key="hyp_threshold_score").value == pytest.approx(threshold)

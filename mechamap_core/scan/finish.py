@@ -14,6 +14,7 @@ from ..stats import (
     auroc_sorted,
     bh_qvalues,
     category_token_ranks,
+    consistent_separation,
     cv_auroc_binned,
     cv_auroc_exact,
     moment_statistics,
@@ -118,7 +119,7 @@ def finish_part(layer: int, neurons: slice, stats: SiteStats, recorded: list[np.
     nan = np.full_like(result["separation"], np.nan)
     result["auroc"] = nan if auroc is None else auroc
     result["cv_auroc"] = nan if cv is None else cv
-    result["score"] = result["separation"]
+    result["score"] = consistent_separation(result["separation"], result["cv_auroc"])
     n_tokens = stats.n_cat.cpu().numpy().round().astype(np.int64)
     return SitePart(layer, neurons.start, result, top, acts_t, n_tokens, hook_name(layer), word_moments=word_moments)
 
