@@ -193,14 +193,14 @@ def assemble(model_name: str, categories: list[str], parts: list[SitePart], n_la
     columns = ["layer", "expert", "neuron", "rank", "token_index", "activation"]
     if not with_top:
         return scores, pd.DataFrame(columns=columns)
-    k = with_top[0][0].top[0].shape[0]
+    ks = [p.top[0].shape[0] for p, _ in with_top]  # an expert that saw fewer tokens than top_k keeps fewer
     token_index = np.concatenate([p.top[1].T.reshape(-1) for p, _ in with_top])
-    per_top = lambda values: np.repeat(values, [k * len(ids_) for _, ids_ in with_top])  # noqa: E731
+    per_top = lambda values: np.repeat(values, [k * len(ids_) for k, (_, ids_) in zip(ks, with_top)])  # noqa: E731
     top = pd.DataFrame({
         "layer": per_top([p.layer for p, _ in with_top]).astype(np.int64),
         "expert": pd.array(per_top([-1 if p.expert is None else p.expert for p, _ in with_top]), dtype="Int64"),
-        "neuron": np.repeat(np.concatenate([ids_ for _, ids_ in with_top]), k),
-        "rank": np.tile(np.arange(1, k + 1), len(token_index) // max(k, 1)),
+        "neuron": np.concatenate([np.repeat(ids_, k) for k, (_, ids_) in zip(ks, with_top)]),
+        "rank": np.concatenate([np.tile(np.arange(1, k + 1), len(ids_)) for k, (_, ids_) in zip(ks, with_top)]),
         "token_index": token_index,
         "activation": np.concatenate([p.top[0].T.reshape(-1) for p, _ in with_top]),
     })  # fmt: skip
