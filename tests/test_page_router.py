@@ -196,3 +196,52 @@ def test_overlap_lists_expert_neurons(app_env, moe_result):
     first = shown.iloc[0]
     tokens = top[(top["layer"] == first["layer"]) & (top["expert"] == first["expert"]) & (top["neuron"] == first["neuron"])]
     assert first["top_tokens"].startswith(f"[('{tokens.sort_values('rank')['token'].iloc[0]}'")
+
+
+def test_overview_counts_and_lists_expert_neurons(app_env, moe_result):
+    at = open_page(make_app(moe_result), "overview")
+    no_exception(at)
+    n_neurons = sum(moe_result.metadata["neurons_per_site"].values())
+    assert at.metric[0].value == f"{n_neurons:,}"
+    assert any(f"{n_neurons:,} neurons in 8 routed experts" in c.value for c in at.caption)
+    shown = next(df.value for df in at.dataframe if df.key == "overview_top")
+    assert list(shown.columns[:4]) == ["category", "layer", "expert", "neuron"]
+
+
+# --- core helpers the pages use ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def deepseek_result(default_cfg):
+    """A tiny DeepSeek-V3: layer 0 a dense MLP, layer 1 a shared expert and 8 routed experts."""
+    lm = wrap_model(build("deepseek_v3"), bundled_tokenizer(), "tiny-deepseek_v3")
+    paragraph = default_cfg.master_text.split("\n\n")[0]
+    return scan(lm, dataclasses.replace(default_cfg, master_text=paragraph, categories=dict(default_cfg.categories)))
+
+
+def test_neuron_groups_match_the_scanned_sites(moe_result, deepseek_result, tiny_result):
+    for result in (moe_result, deepseek_result):
+        groups = analysis.neuron_groups(result.scores)
+        assert dict(zip(groups["hook"], groups["n_neurons"])) == result.metadata["neurons_per_site"]
+        assert analysis.has_experts(result.scores) and analysis.shown_key(result.scores) == ["layer", "expert", "neuron"]
+    groups = analysis.neuron_groups(deepseek_result.scores)
+    assert groups["hook"].tolist()[:3] == [
+        "blocks.0.mlp.hook_post", "blocks.1.mlp.shared_experts.hook_post", "blocks.1.mlp.experts.0.hook_post",
+    ]  # fmt: skip
+    assert groups["expert"].isna().tolist() == [True, True] + [False] * 8
+    dense = analysis.neuron_groups(tiny_result.scores)
+    assert dense["expert"].isna().all() and dense["n_neurons"].tolist() == [32, 32]
+    assert not analysis.has_experts(tiny_result.scores) and analysis.shown_key(tiny_result.scores) == ["layer", "neuron"]
+    assert (analysis.neuron_label(1, 5), analysis.neuron_label(1, 5, 2)) == ("L1.N5", "L1.E2.N5")
+
+
+def test_top_examples_of_a_shared_and_a_routed_expert_neuron(deepseek_result):
+    from mechamap_core.inspect_neuron import top_examples
+
+    top = deepseek_result.top_tokens
+    for expert, hook_rows in ((None, top["expert"].isna()), (3, top["expert"] == 3)):
+        expected = top[hook_rows & (top["layer"] == 1) & (top["neuron"] == 4)].sort_values("rank")
+        shown = top_examples(deepseek_result, 1, 4, expert=expert)
+        assert len(shown) == len(expected) > 0
+        assert shown["token"].tolist() == expected["token"].tolist()
+        np.testing.assert_allclose(shown["activation"], expected["activation"])

@@ -44,13 +44,14 @@ st.subheader("Headline of the active run")
 key = analysis.shown_key(result.scores)
 if analysis.has_experts(result.scores):
     groups = analysis.neuron_groups(result.scores)
-    shape = f"{groups['n_neurons'].sum():,} neurons in {groups['expert'].notna().sum():,} routed experts and dense MLPs"
+    n_plain = int(groups["expert"].isna().sum())
+    shape = f"{groups['n_neurons'].sum():,} neurons in {groups['expert'].notna().sum():,} routed experts" + (
+        f" and {n_plain} dense or shared-expert MLPs" if n_plain else ""
+    )
+    shape = f"{len(md.get('layers', []))} layers · {shape}"
 else:
-    shape = f"{sum(md.get('neurons_per_layer', {}).values())} neurons"
-st.caption(
-    f"{md.get('model')} · {len(md.get('layers', []))} layers × {shape} · {md.get('n_tokens')} tokens · "
-    f"created {str(md.get('created', '?')).replace('T', ' ')}"
-)
+    shape = f"{len(md.get('layers', []))} layers × {sum(md.get('neurons_per_layer', {}).values())} neurons"
+st.caption(f"{md.get('model')} · {shape} · {md.get('n_tokens')} tokens · created {str(md.get('created', '?')).replace('T', ' ')}")
 counts = analysis.layer_category_counts(result.scores, "score", threshold).sum(axis=0)
 flagged = counts.rename("flagged neurons").rename_axis("category").reset_index()
 flagged["category"] = flagged["category"].astype(str)
