@@ -208,6 +208,13 @@ def test_overview_counts_and_lists_expert_neurons(app_env, moe_result):
     assert list(shown.columns[:4]) == ["category", "layer", "expert", "neuron"]
 
 
+def test_correlation_counts_expert_neurons(app_env, moe_result):
+    at = open_page(make_app(moe_result), "correlation")
+    no_exception(at)
+    n_neurons = sum(moe_result.metadata["neurons_per_site"].values())
+    assert any(f"across {n_neurons:,} neurons" in c.value for c in at.caption)
+
+
 # --- core helpers the pages use ---------------------------------------------------------------
 
 
