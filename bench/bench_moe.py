@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark: one mixture-of-experts scan (every expert neuron of every layer) vs one bare forward pass.
 
-Run `python bench/bench_moe.py` (about 5 minutes on the shared 2-core machine at load ~10; `--repeats 2` is
+Run `python bench/bench_moe.py` (4-7 minutes on the shared 2-core machine at load 5-10; `--repeats 2` is
 quicker, `--with-head` also times the full forward with the LM head, `--profile` adds a cProfile of one scan).
 
 The model is a randomly initialised Mixtral (transformers' MixtralForCausalLM from a MixtralConfig):
