@@ -26,6 +26,7 @@ PAGES = [
     ("views/overlap.py", "Overlap", ":material/join_inner:", "Explore", "overlap"),
     ("views/correlation.py", "Correlation", ":material/scatter_plot:", "Explore", "correlation"),
     ("views/neuron.py", "Neuron", ":material/neurology:", "Explore", "neuron"),
+    ("views/router.py", "Router", ":material/alt_route:", "Explore", "router"),
     ("views/hypothesis.py", "Hypothesis", ":material/science:", "Test", "hypothesis"),
     ("views/compare.py", "Compare", ":material/compare_arrows:", "Test", "compare"),
 ]

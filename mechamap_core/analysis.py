@@ -22,6 +22,33 @@ def neuron_key(frame: pd.DataFrame) -> list[str]:
     return ["layer", "expert", "neuron"] if "expert" in frame.columns else NEURON_KEY
 
 
+def has_experts(frame: pd.DataFrame) -> bool:
+    """Whether a scores or top-tokens frame holds routed-expert neurons (a mixture-of-experts run)."""
+    return "expert" in frame.columns and bool(frame["expert"].notna().any())
+
+
+def shown_key(frame: pd.DataFrame) -> list[str]:
+    """The neuron columns a table shows: layer, expert, neuron in a run with routed experts, else layer, neuron."""
+    return neuron_key(frame) if has_experts(frame) else NEURON_KEY
+
+
+def neuron_label(layer: int, neuron: int, expert: int | None = None) -> str:
+    """A neuron's short name: "L5.N7", or "L5.E2.N7" for neuron 7 of routed expert 2."""
+    return f"L{layer}.N{neuron}" if expert is None else f"L{layer}.E{expert}.N{neuron}"
+
+
+def neuron_groups(scores: pd.DataFrame) -> pd.DataFrame:
+    """One row per hook (a layer's MLP, shared expert or routed expert): layer, expert (<NA> unless routed),
+    hook and n_neurons (the highest neuron index scanned + 1), sorted by layer with the un-routed group first."""
+    key = ["layer", "expert"] if "expert" in scores.columns else ["layer"]
+    widths = scores.groupby([*key, "hook"], observed=True, dropna=False)["neuron"].max() + 1
+    out = widths.rename("n_neurons").reset_index()
+    if "expert" not in out.columns:
+        out.insert(1, "expert", pd.array([pd.NA] * len(out), dtype="Int64"))
+    out["hook"] = out["hook"].astype(str)
+    return out.sort_values(["layer", "expert"], na_position="first", ignore_index=True)
+
+
 def _check_metric(scores: pd.DataFrame, metric: str) -> None:
     if metric not in scores.columns:
         raise ValueError(f"unknown metric '{metric}': choose one of {', '.join(c for c in METRICS if c in scores.columns)}")
@@ -126,8 +153,7 @@ def neuron_profile(scores: pd.DataFrame, layer: int, neuron: int, expert: int | 
     if "expert" in scores.columns:
         rows = rows[rows["expert"].isna()] if expert is None else rows[rows["expert"] == expert]
     if rows.empty:
-        where = f"L{layer}.N{neuron}" if expert is None else f"L{layer}.E{expert}.N{neuron}"
-        raise KeyError(f"neuron {where} is not in this scan")
+        raise KeyError(f"neuron {neuron_label(layer, neuron, expert)} is not in this scan")
     return rows.reset_index(drop=True)
 
 

@@ -66,6 +66,51 @@ def layer_category_heatmap(counts: pd.DataFrame, title: str | None = None) -> al
     return chart.properties(title=title) if title else chart
 
 
+ROUTING_COLORS = {
+    "share": "share of the category's tokens sent to the expert",
+    "enrichment": "enrichment: that share / the expert's share of all tokens (1 = no preference)",
+}
+
+
+def routing_heatmap(routing: pd.DataFrame, category: str, color: str = "share") -> alt.Chart:
+    """Layer x expert heatmap of one category's routing (rows of moe.routing_table), coloured by share or
+    enrichment (diverging around 1), with the token counts in the tooltips. ValueError for an unknown colour
+    or a category the table lacks."""
+    if color not in ROUTING_COLORS:
+        raise ValueError(f"unknown routing colour '{color}': use {' or '.join(ROUTING_COLORS)}")
+    rows = routing[routing["category"].astype(str) == category]
+    if rows.empty:
+        raise ValueError(f"the routing table has no category '{category}'")
+    data = rows[["layer", "expert", "n_tokens", "share", "expert_share", "enrichment"]].astype(
+        {"layer": int, "expert": int, "n_tokens": int}
+    )
+    if color == "share":
+        scale = alt.Scale(scheme="blues", domainMin=0)
+    else:
+        scale = alt.Scale(scheme="redblue", reverse=True, domainMid=1)
+    experts = sorted(data["expert"].unique())
+    layers = sorted(data["layer"].unique())
+    chart = (
+        alt.Chart(data)
+        .mark_rect(stroke="white", strokeWidth=1)
+        .encode(
+            x=alt.X("expert:O", sort=experts, title="expert"),
+            y=alt.Y("layer:O", sort=layers, title="layer"),
+            color=alt.Color(f"{color}:Q", scale=scale, title=color),
+            tooltip=[
+                alt.Tooltip("layer:O", title="layer"),
+                alt.Tooltip("expert:O", title="expert"),
+                alt.Tooltip("n_tokens:Q", title=f"{category} tokens routed here", format=","),
+                alt.Tooltip("share:Q", title="share", format=".3f"),
+                alt.Tooltip("expert_share:Q", title="expert's share of all tokens", format=".3f"),
+                alt.Tooltip("enrichment:Q", title="enrichment", format=".2f"),
+            ],
+        )
+    )
+    return chart.properties(title=f"{category}: {ROUTING_COLORS[color]}", width=max(len(experts), 1) * 40,
+                            height=alt.Step(_CELL))  # fmt: skip
+
+
 def combination_bars(
     combos: pd.DataFrame, categories: list[str] | None = None, matrix: bool = True, max_combinations: int = 40
 ) -> alt.Chart | alt.VConcatChart:

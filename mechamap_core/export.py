@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .analysis import holding_up, neuron_key, top_token_strings
+from .analysis import holding_up, neuron_key, neuron_label, top_token_strings
 from .config import atomic_write_text
 from .scan import ScanResult
 
@@ -71,8 +71,7 @@ def to_json_dict(result: ScanResult, **options) -> dict:
     for identity, rows in table.groupby(key, sort=True, dropna=False):
         identity = _plain_key(identity)
         layer, neuron, expert = identity[0], identity[-1], identity[1] if len(identity) == 3 else None
-        name = f"L{layer}.N{neuron}" if expert is None else f"L{layer}.E{expert}.N{neuron}"
-        neurons[name] = {
+        neurons[neuron_label(layer, neuron, expert)] = {
             "layer": int(layer),
             **({} if expert is None else {"expert": int(expert)}),
             "neuron": int(neuron),

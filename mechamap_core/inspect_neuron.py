@@ -76,12 +76,15 @@ def token_table(tokens: pd.DataFrame, activations: np.ndarray, category_mask: np
     return out
 
 
-def top_examples(result: ScanResult, layer: int, neuron: int, context_chars: int = 60) -> pd.DataFrame:
-    """Neuroscope-style: the neuron's top-activating tokens with the text around them.
+def top_examples(result: ScanResult, layer: int, neuron: int, context_chars: int = 60, expert: int | None = None) -> pd.DataFrame:
+    """Neuroscope-style: the neuron's top-activating tokens with the text around them (of a routed expert's
+    neuron when expert is given, else of the layer's dense or shared-expert neuron).
 
     Columns: rank, activation, doc, left, token, right.
     """
     top = result.top_tokens[(result.top_tokens["layer"] == layer) & (result.top_tokens["neuron"] == neuron)]
+    if "expert" in top.columns:
+        top = top[top["expert"].isna()] if expert is None else top[top["expert"] == expert]
     rows = []
     for rank, act, index in zip(top["rank"], top["activation"], top["token_index"]):
         tok = result.tokens.iloc[int(index)]

@@ -1,4 +1,5 @@
-"""Shareable links: ?run=<id> names the active run on every page, ?layer=L&neuron=N a neuron on the Neuron page."""
+"""Shareable links: ?run=<id> names the active run on every page, ?layer=L&neuron=N (and &expert=E for a routed
+expert's neuron) a neuron on the Neuron page."""
 
 from __future__ import annotations
 
@@ -7,10 +8,11 @@ from urllib.parse import urlencode
 
 import streamlit as st
 
+from mechamap_core.analysis import has_experts, neuron_groups
 from mechamap_core.scan import ScanResult
 from mechamap_ui import state
 
-RUN_PARAM, LAYER_PARAM, NEURON_PARAM = "run", "layer", "neuron"
+RUN_PARAM, LAYER_PARAM, NEURON_PARAM, EXPERT_PARAM = "run", "layer", "neuron", "expert"
 NEURON_URL_PATH = "neuron"  # app.py's url_path of views/neuron.py
 # session_state: the link values this session already followed (or wrote), so a rerun does not follow them again
 # and a run picked in the sidebar, or a neuron picked on the page, wins over the URL it started from.
@@ -48,8 +50,11 @@ def sync_run_link() -> None:
     st.session_state[FOLLOWED_RUN] = active
 
 
-def parse_neuron_link(layer_text: str | None, neuron_text: str | None, result: ScanResult) -> tuple[int, int]:
-    """(layer, neuron) from a link's ?layer= and ?neuron= texts, checked against the run; ValueError says what is wrong."""
+def parse_neuron_link(
+    layer_text: str | None, neuron_text: str | None, result: ScanResult, expert_text: str | None = None
+) -> tuple[int, ...]:
+    """(layer, neuron), or (layer, neuron, expert) with ?expert=, from a link's texts, checked against the run;
+    ValueError says what is wrong."""
     if layer_text is None or neuron_text is None:
         raise ValueError("A neuron link needs both ?layer= and ?neuron=, e.g. ?layer=5&neuron=376.")
     layers = [int(layer) for layer in result.metadata["layers"]]
@@ -63,39 +68,76 @@ def parse_neuron_link(layer_text: str | None, neuron_text: str | None, result: S
         neuron = int(neuron_text)
     except ValueError:
         raise ValueError(f"The link's neuron {_shown(neuron_text)} is not a whole number.") from None
-    width = int(result.metadata["neurons_per_layer"][str(layer)])
+    if not has_experts(result.scores):
+        if expert_text is not None:
+            raise ValueError("The link names an expert, but this run has no mixture-of-experts layers.")
+        width, where = int(result.metadata["neurons_per_layer"][str(layer)]), f"layer {layer}"
+    else:
+        expert, width = _expert_of_link(expert_text, layer, result)
+        where = f"layer {layer}" if expert is None else f"expert {expert} of layer {layer}"
     if not 0 <= neuron < width:
-        raise ValueError(f"The link's neuron {neuron} is out of range: this run scanned neurons 0-{width - 1} of layer {layer}.")
-    return layer, neuron
+        raise ValueError(f"The link's neuron {neuron} is out of range: this run scanned neurons 0-{width - 1} of {where}.")
+    return (layer, neuron) if expert_text is None else (layer, neuron, expert)
+
+
+def _expert_of_link(expert_text: str | None, layer: int, result: ScanResult) -> tuple[int | None, int]:
+    """(expert or None, neurons scanned there) for a link's ?expert= text in a mixture-of-experts run."""
+    groups = neuron_groups(result.scores)
+    in_layer = groups[groups["layer"] == layer]
+    experts = [int(e) for e in in_layer["expert"].dropna()]
+    if expert_text is None:
+        row = in_layer[in_layer["expert"].isna()]
+        if row.empty:
+            raise ValueError(f"Layer {layer} of this run has only routed experts: add ?expert= ({_span(experts)}).")
+        return None, int(row["n_neurons"].iloc[0])
+    try:
+        expert = int(expert_text)
+    except ValueError:
+        raise ValueError(f"The link's expert {_shown(expert_text)} is not a whole number.") from None
+    if expert not in experts:
+        where = f"which has experts {_span(experts)}" if experts else "which has no routed experts"
+        raise ValueError(f"The link's expert {expert} is not in layer {layer} of this run, {where}.")
+    return expert, int(in_layer.loc[in_layer["expert"] == expert, "n_neurons"].iloc[0])
+
+
+def _span(numbers: list[int]) -> str:
+    return f"{min(numbers)}-{max(numbers)}" if numbers else "none"
 
 
 def follow_neuron_link(result: ScanResult, selected_key: str) -> None:
     """Put a new ?layer=&neuron= link's neuron into session_state[selected_key], or show why the link is invalid."""
-    link = (st.query_params.get(LAYER_PARAM), st.query_params.get(NEURON_PARAM))
-    if link == (None, None) or link == st.session_state.get(FOLLOWED_NEURON):
+    link = (st.query_params.get(LAYER_PARAM), st.query_params.get(NEURON_PARAM), st.query_params.get(EXPERT_PARAM))
+    if link[:2] == (None, None) or link == st.session_state.get(FOLLOWED_NEURON):
         return
     st.session_state[FOLLOWED_NEURON] = link
     try:
-        st.session_state[selected_key] = parse_neuron_link(*link, result)
+        st.session_state[selected_key] = parse_neuron_link(link[0], link[1], result, link[2])
     except ValueError as err:
         st.error(f"{err} Showing another neuron instead.")
 
 
-def neuron_url(run_id: str, layer: int, neuron: int, base: str | None) -> str:
-    """The shareable URL of a saved run's neuron; base is the Neuron page's address (relative when unknown)."""
-    query = urlencode({RUN_PARAM: run_id, LAYER_PARAM: layer, NEURON_PARAM: neuron})
+def neuron_url(run_id: str, layer: int, neuron: int, base: str | None, expert: int | None = None) -> str:
+    """The shareable URL of a saved run's neuron (of a routed expert when expert is given); base is the Neuron
+    page's address (relative when unknown)."""
+    expert_part = {} if expert is None else {EXPERT_PARAM: expert}
+    query = urlencode({RUN_PARAM: run_id, LAYER_PARAM: layer, **expert_part, NEURON_PARAM: neuron})
     return f"{base or '/' + NEURON_URL_PATH}?{query}"
 
 
-def show_neuron_link(layer: int, neuron: int) -> None:
-    """Keep ?layer=&neuron= in the URL and show the neuron's link with a copy button (saved runs only)."""
-    link = (str(layer), str(neuron))
-    if (st.query_params.get(LAYER_PARAM), st.query_params.get(NEURON_PARAM)) != link:
+def show_neuron_link(layer: int, neuron: int, expert: int | None = None) -> None:
+    """Keep ?layer=&neuron= (and ?expert=) in the URL and show the neuron's link with a copy button (saved runs only)."""
+    link = (str(layer), str(neuron), None if expert is None else str(expert))
+    params = (LAYER_PARAM, NEURON_PARAM, EXPERT_PARAM)
+    if tuple(st.query_params.get(p) for p in params) != link:
         st.query_params.update({LAYER_PARAM: link[0], NEURON_PARAM: link[1]})
+        if expert is None:
+            st.query_params.pop(EXPERT_PARAM, None)
+        else:
+            st.query_params[EXPERT_PARAM] = link[2]
     st.session_state[FOLLOWED_NEURON] = link
     run_id = state.active_run_id()
     if run_id is None:
         st.caption("This result is not a saved run, so it has no shareable link.")
         return
-    st.code(neuron_url(run_id, layer, neuron, st.context.url), language=None)
+    st.code(neuron_url(run_id, layer, neuron, st.context.url, expert), language=None)
     st.caption("Link to this neuron (copy button on the right).")

@@ -10,11 +10,11 @@ import pandas as pd
 import streamlit as st
 from streamlit.errors import StreamlitAPIException
 
-from mechamap_core.analysis import METRICS
+from mechamap_core.analysis import METRICS, neuron_groups, neuron_label
 from mechamap_core.charts import chart_to_png, chart_to_svg
 from mechamap_ui.state import ROOT
 
-SELECTED_NEURON = "selected_neuron"  # session_state: (layer, neuron) picked in a neuron table
+SELECTED_NEURON = "selected_neuron"  # session_state: (layer, neuron), or (layer, neuron, expert) for a routed expert
 NEURON_PAGE = "views/neuron.py"  # relative to the repo root, where app.py lives
 SCORE_LIKE = ("score", "separation", "cohens_d")  # effect sizes: slider -1..6, default the run's threshold
 MAX_TABLE_ROWS = 1000
@@ -150,10 +150,11 @@ def capped_table(df: pd.DataFrame, max_rows: int = MAX_TABLE_ROWS, key: str | No
     return shown
 
 
-def neuron_table(df: pd.DataFrame, key: str, max_rows: int = MAX_TABLE_ROWS, **dataframe_kwargs) -> tuple[int, int] | None:
-    """A sortable table where clicking a row opens that neuron (needs layer and neuron columns).
+def neuron_table(df: pd.DataFrame, key: str, max_rows: int = MAX_TABLE_ROWS, **dataframe_kwargs) -> tuple[int, ...] | None:
+    """A sortable table where clicking a row opens that neuron (needs layer and neuron columns; an expert
+    column, where present, carries a routed expert's number).
 
-    The pick is stored as (layer, neuron) in st.session_state["selected_neuron"] and the app switches to
+    The pick is stored as neuron_pick(row) in st.session_state["selected_neuron"] and the app switches to
     views/neuron.py when that page exists; otherwise a caption names the pick. Returns the pick or None.
     """
     shown, note = _page_of(df, max_rows, key)
@@ -167,20 +168,54 @@ def neuron_table(df: pd.DataFrame, key: str, max_rows: int = MAX_TABLE_ROWS, **d
     if not clickable or not rows or rows[0] >= len(shown):
         return None
     row = shown.iloc[rows[0]]
-    picked = (int(row["layer"]), int(row["neuron"]))
+    picked = neuron_pick(row)
     st.session_state[SELECTED_NEURON] = picked
     open_neuron_page(*picked)
     return picked
 
 
-def open_neuron_page(layer: int, neuron: int) -> None:
+def neuron_pick(row: pd.Series) -> tuple[int, ...]:
+    """A table row's neuron as session_state keeps it: (layer, neuron), or (layer, neuron, expert) when the row
+    has a routed expert."""
+    expert = row.get("expert")
+    plain = (int(row["layer"]), int(row["neuron"]))
+    return plain if expert is None or pd.isna(expert) else (*plain, int(expert))
+
+
+def expert_neuron_picker(scores: pd.DataFrame, picked: tuple[int, ...]) -> tuple[int, int | None, int]:
+    """Layer, expert and neuron inputs for a run with routed experts, starting at picked; returns
+    (layer, expert or None for the layer's dense or shared-expert neurons, neuron)."""
+    groups = neuron_groups(scores)
+    layers = sorted(int(layer) for layer in groups["layer"].unique())
+    layer_col, expert_col, neuron_col = st.columns(3)
+    layer = layer_col.selectbox("Layer", layers, index=layers.index(picked[0]) if picked[0] in layers else 0)
+    in_layer = groups[groups["layer"] == layer]
+    options = [None if pd.isna(e) else int(e) for e in in_layer["expert"]]
+    hooks = dict(zip(options, in_layer["hook"]))
+    wanted = picked[2] if len(picked) > 2 else None
+    expert = expert_col.selectbox(
+        "Expert", options, index=options.index(wanted) if wanted in options else 0,
+        format_func=lambda e: _unrouted_label(hooks[e]) if e is None else str(e),
+        help="A routed expert's neurons see only the tokens the router sends to it.",
+    )  # fmt: skip
+    max_neuron = int(in_layer["n_neurons"].iloc[options.index(expert)]) - 1
+    start = min(int(picked[1]), max_neuron)
+    neuron = int(neuron_col.number_input(f"Neuron (0-{max_neuron})", 0, max_neuron, start))
+    return layer, expert, neuron
+
+
+def _unrouted_label(hook: str) -> str:
+    return "shared expert" if ".shared_experts." in hook else "dense MLP"
+
+
+def open_neuron_page(layer: int, neuron: int, expert: int | None = None) -> None:
     """Switch to the neuron page if the app has one; otherwise (or if it isn't registered) say what was picked."""
     if (ROOT / NEURON_PAGE).exists():
         try:
             st.switch_page(NEURON_PAGE)
         except StreamlitAPIException:  # page not registered with st.navigation, or a standalone page run
             pass
-    st.caption(f"Selected neuron **L{layer}.N{neuron}**; open the Neuron page to see it in detail.")
+    st.caption(f"Selected neuron **{neuron_label(layer, neuron, expert)}**; open the Neuron page to see it in detail.")
 
 
 def stat_columns(df: pd.DataFrame, first: list[str], metric: str | None = None) -> pd.DataFrame:
@@ -205,7 +240,7 @@ def stat_column_config(df: pd.DataFrame) -> dict:
     for col in df.columns:
         if col in ("p_value", "q_value"):
             config[col] = st.column_config.NumberColumn(col, format="%.2e")
-        elif col not in ("layer", "neuron", "n_tokens", "n_categories") and pd.api.types.is_float_dtype(df[col]):
+        elif col not in ("layer", "expert", "neuron", "n_tokens", "n_categories") and pd.api.types.is_float_dtype(df[col]):
             config[col] = st.column_config.NumberColumn(col, format="%.3f")
     return config
 

@@ -16,7 +16,7 @@ app_env = app_fixtures.app_env
 tiny_result = app_fixtures.tiny_result
 
 OUR_PAGES = ["overview", "config_editor", "scan"]
-OTHER_PAGES = ["pivot", "overlap", "correlation", "neuron", "hypothesis", "compare"]
+OTHER_PAGES = ["pivot", "overlap", "correlation", "neuron", "router", "hypothesis", "compare"]
 
 
 def test_app_opens_on_overview_with_empty_state(app_env):
@@ -123,7 +123,8 @@ def test_every_page_has_a_fixed_url_path():
     assert {path: url for path, _, _, _, url in pages} == {
         "views/overview.py": "overview", "views/config_editor.py": "config", "views/scan.py": "scan",
         "views/pivot.py": "pivot", "views/overlap.py": "overlap", "views/correlation.py": "correlation",
-        "views/neuron.py": "neuron", "views/hypothesis.py": "hypothesis", "views/compare.py": "compare",
+        "views/neuron.py": "neuron", "views/router.py": "router", "views/hypothesis.py": "hypothesis",
+        "views/compare.py": "compare",
     }  # fmt: skip
     assert not (REPO_ROOT / "pages").exists(), "a pages/ folder next to app.py puts a fresh server in legacy mode"
 

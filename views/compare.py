@@ -3,7 +3,13 @@
 import pandas as pd
 import streamlit as st
 
-from mechamap_core.analysis import category_correlation, config_differences, flagged_by_relative_depth, top_neurons
+from mechamap_core.analysis import (
+    category_correlation,
+    config_differences,
+    flagged_by_relative_depth,
+    shown_key,
+    top_neurons,
+)
 from mechamap_core.charts import correlation_heatmap, relative_depth_lines
 from mechamap_ui import state
 from mechamap_ui.widgets import chart_downloads, neuron_table, stat_column_config, stat_columns
@@ -44,8 +50,9 @@ cols = st.columns(2)
 for col, res, key in ((cols[0], res_a, "cmp_top_a"), (cols[1], res_b, "cmp_top_b")):
     with col:
         st.caption(res.metadata["model"])
-        top = stat_columns(top_neurons(res.scores, "score", n, top_tokens=res.top_tokens), ["category", "layer", "neuron"], "score")
-        neuron_table(top[["category", "layer", "neuron", "score", "auroc", "top_tokens"]], key=key, column_config=stat_column_config(top))
+        ids = ["category", *shown_key(res.scores)]
+        top = stat_columns(top_neurons(res.scores, "score", n, top_tokens=res.top_tokens), ids, "score")
+        neuron_table(top[[*ids, "score", "auroc", "top_tokens"]], key=key, column_config=stat_column_config(top))
 
 st.markdown("#### Category correlation (score across neurons, Pearson)")
 cols = st.columns(2)

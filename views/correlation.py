@@ -30,7 +30,7 @@ except (ValueError, KeyError) as err:
     st.error(f"Could not compute the correlation: {err}.")
     st.stop()
 
-n_neurons = scores.loc[scores["layer"].between(lo, hi), ["layer", "neuron"]].drop_duplicates().shape[0]
+n_neurons = scores.loc[scores["layer"].between(lo, hi), analysis.shown_key(scores)].drop_duplicates().shape[0]
 st.caption(
     f"{method} correlation of {metric} between categories, across {n_neurons:,} neurons in layers {lo}–{hi}. "
     "Hover a cell for its value."

@@ -2,43 +2,67 @@
 
 import streamlit as st
 
-from mechamap_core.analysis import neuron_profile
+from mechamap_core.analysis import has_experts, neuron_label, neuron_profile
 from mechamap_core.charts import activation_histogram, category_bars, coloured_text_html, direct_effect_bars
 from mechamap_core.inspect_neuron import direct_effect, neuron_token_table, top_examples
 from mechamap_core.sites import hook_name
 from mechamap_ui import links, state
 from mechamap_ui.neuron_data import model_for, recomputed_token_table, typed_text_activations
-from mechamap_ui.widgets import SELECTED_NEURON, chart_downloads, stat_column_config
+from mechamap_ui.widgets import SELECTED_NEURON, chart_downloads, expert_neuron_picker, neuron_pick, stat_column_config
 
 st.title("Neuron")
 result = state.require_result()
 layers = result.metadata["layers"]
 links.follow_neuron_link(result, SELECTED_NEURON)
 if not st.session_state.get(SELECTED_NEURON):  # start at the run's most selective neuron
-    best_row = result.scores.loc[result.scores["score"].idxmax()]
-    st.session_state[SELECTED_NEURON] = (int(best_row["layer"]), int(best_row["neuron"]))
+    st.session_state[SELECTED_NEURON] = neuron_pick(result.scores.loc[result.scores["score"].idxmax()])
 picked = st.session_state[SELECTED_NEURON]
-left, right = st.columns(2)
-layer = left.selectbox("Layer", layers, index=layers.index(picked[0]) if picked[0] in layers else 0)
-max_neuron = int(result.metadata["neurons_per_layer"][str(layer)]) - 1
-neuron = int(right.number_input(f"Neuron (0-{max_neuron})", 0, max_neuron, min(int(picked[1]), max_neuron)))
-st.session_state[SELECTED_NEURON] = (layer, neuron)
-profile = neuron_profile(result.scores, layer, neuron)
-st.subheader(f"L{layer}.N{neuron} · `{hook_name(layer)}`")
+if has_experts(result.scores):
+    layer, expert, neuron = expert_neuron_picker(result.scores, picked)
+else:
+    expert = None
+    left, right = st.columns(2)
+    layer = left.selectbox("Layer", layers, index=layers.index(picked[0]) if picked[0] in layers else 0)
+    max_neuron = int(result.metadata["neurons_per_layer"][str(layer)]) - 1
+    neuron = int(right.number_input(f"Neuron (0-{max_neuron})", 0, max_neuron, min(int(picked[1]), max_neuron)))
+st.session_state[SELECTED_NEURON] = (layer, neuron) if expert is None else (layer, neuron, expert)
+try:
+    profile = neuron_profile(result.scores, layer, neuron, expert)
+except KeyError:
+    st.error(f"This run did not scan neuron {neuron_label(layer, neuron, expert)}: pick another neuron.")
+    st.stop()
+label, hook = neuron_label(layer, neuron, expert), str(profile["hook"].iloc[0])
+st.subheader(f"{label} · `{hook}`")
 best = profile.sort_values("score", ascending=False).iloc[0]
-st.caption(f"Most selective for **{best['category']}** (score {best['score']:.2f}, AUROC {best['auroc']:.3f}, q {best['q_value']:.1e}).")
-links.show_neuron_link(layer, neuron)
+if profile["score"].notna().any():
+    st.caption(f"Most selective for **{best['category']}** (score {best['score']:.2f}, AUROC {best['auroc']:.3f}, q {best['q_value']:.1e}).")
+else:
+    st.caption("No category has enough tokens routed to this expert for statistics.")
+if expert is not None:
+    st.caption(
+        f"Neuron {neuron} of expert {expert}: its statistics use only the tokens the router sent to this expert "
+        "(n_tokens per category in the table below); a category with too few of them has no values."
+    )
+links.show_neuron_link(layer, neuron, expert)
 
 st.markdown("#### Per category")
 bars = category_bars(profile)
 st.altair_chart(bars)
-chart_downloads(bars, f"neuron_L{layer}_N{neuron}_categories")
+chart_downloads(bars, f"neuron_{label.replace('.', '_')}_categories")
 with st.expander("All statistics"):
     table = profile.drop(columns=["model", "hook"]).assign(category=profile["category"].astype(str))
     st.dataframe(table, hide_index=True, column_config=stat_column_config(table))
 
 st.markdown("#### Top-activating examples")
-st.dataframe(top_examples(result, layer, neuron), hide_index=True)
+st.dataframe(top_examples(result, layer, neuron, expert=expert), hide_index=True)
+
+if hook != hook_name(layer):  # a routed or shared expert: the model-based views below read dense MLPs only
+    st.info(
+        "Per-token activations, the direct effect and typed-text activations are computed for dense MLP neurons "
+        "only. An expert neuron exists only on the tokens the router sends to its expert; the examples above "
+        "are its top-activating tokens from the scan."
+    )
+    st.stop()
 
 tokens = neuron_token_table(result, layer, neuron)
 if tokens is None:
@@ -48,7 +72,7 @@ if tokens is not None:
     st.markdown("#### Activations over all tokens")
     hist = activation_histogram(tokens)
     st.altair_chart(hist)
-    chart_downloads(hist, f"neuron_L{layer}_N{neuron}_histogram")
+    chart_downloads(hist, f"neuron_{label.replace('.', '_')}_histogram")
     st.markdown("#### Master text coloured by this neuron")
     docs = sorted(tokens["doc"].unique())
     doc = st.selectbox("Document", docs) if len(docs) > 1 else docs[0]

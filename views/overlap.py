@@ -32,7 +32,8 @@ except (ValueError, KeyError) as err:
     st.error(f"Could not compute the overlap: {err}.")
     st.stop()
 
-n_neurons = scores[["layer", "neuron"]].drop_duplicates().shape[0]
+key = analysis.shown_key(scores)
+n_neurons = scores[key].drop_duplicates().shape[0]
 st.metric(f"Neurons flagged in ≥ {min_categories} categories", f"{len(overlap):,}", help=f"of {n_neurons:,} neurons scanned")
 
 if overlap.empty:
@@ -57,7 +58,8 @@ with pick_col:
 with mode_col:
     mode = st.radio("Match", [MATCH_ALL, MATCH_ANY], key="overlap_match", horizontal=True)
 rows = widgets.filter_by_categories(overlap, chosen, match_all=mode == MATCH_ALL)
-rows = rows.merge(analysis.top_token_strings(result.top_tokens), on=analysis.NEURON_KEY, how="left")
-table = widgets.stat_columns(rows, ["layer", "neuron", "n_categories", "categories", "top_tokens"])
+strings = analysis.top_token_strings(result.top_tokens)
+rows = rows.merge(strings, on=[c for c in analysis.neuron_key(rows) if c in strings.columns], how="left")
+table = widgets.stat_columns(rows, [*key, "n_categories", "categories", "top_tokens"])
 st.caption(f"{len(table):,} neurons match.")
 widgets.neuron_table(table, key="overlap_table", max_rows=500)

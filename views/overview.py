@@ -41,11 +41,17 @@ if result is None:
 md = result.metadata
 threshold = float(md.get("threshold", 1.0))
 st.subheader("Headline of the active run")
-st.caption(
-    f"{md.get('model')} · {len(md.get('layers', []))} layers × "
-    f"{sum(md.get('neurons_per_layer', {}).values())} neurons · {md.get('n_tokens')} tokens · "
-    f"created {str(md.get('created', '?')).replace('T', ' ')}"
-)
+key = analysis.shown_key(result.scores)
+if analysis.has_experts(result.scores):
+    groups = analysis.neuron_groups(result.scores)
+    n_plain = int(groups["expert"].isna().sum())
+    shape = f"{groups['n_neurons'].sum():,} neurons in {groups['expert'].notna().sum():,} routed experts" + (
+        f" and {n_plain} dense or shared-expert MLPs" if n_plain else ""
+    )
+    shape = f"{len(md.get('layers', []))} layers · {shape}"
+else:
+    shape = f"{len(md.get('layers', []))} layers × {sum(md.get('neurons_per_layer', {}).values())} neurons"
+st.caption(f"{md.get('model')} · {shape} · {md.get('n_tokens')} tokens · created {str(md.get('created', '?')).replace('T', ' ')}")
 holds_up = st.toggle(
     f"Only neurons that hold up across words (cv_auroc ≥ {analysis.HOLDS_UP_CV_AUROC:g})", value=False,
     help="cv_auroc: the AUROC on held-out folds of each category's words. A neuron that answers to one or two "
@@ -56,7 +62,7 @@ counts = analysis.layer_category_counts(scores, "score", threshold).sum(axis=0)
 flagged = counts.rename("flagged neurons").rename_axis("category").reset_index()
 flagged["category"] = flagged["category"].astype(str)
 cols = st.columns(3)
-cols[0].metric("Neurons scanned", f"{result.scores[['layer', 'neuron']].drop_duplicates().shape[0]:,}")
+cols[0].metric("Neurons scanned", f"{result.scores[key].drop_duplicates().shape[0]:,}")
 cols[1].metric(f"Neuron-category pairs with score ≥ {threshold:g}", f"{int(counts.sum()):,}")
 cols[2].metric("Categories", len(result.categories))
 
@@ -68,7 +74,6 @@ with right:
     st.markdown("**Top neuron of each category** (by score)")
     top = analysis.top_neurons(scores, "score", n=1, top_tokens=result.top_tokens)
     top["category"] = top["category"].astype(str)
-    show = [c for c in ("category", "layer", "expert", "neuron", "score", "avg_activation", "auroc", "cv_auroc", "top_tokens")
-            if c in top.columns and not (c == "expert" and top[c].isna().all())]  # fmt: skip
+    show = [c for c in ("category", *key, "score", "avg_activation", "auroc", "cv_auroc", "top_tokens") if c in top.columns]
     neuron_table(top[show], key="overview_top", column_config=stat_column_config(top[show]))
 st.caption("Explore the layers and categories on the Pivot, Overlap and Correlation pages.")

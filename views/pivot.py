@@ -45,5 +45,5 @@ try:
 except (ValueError, KeyError) as err:
     st.error(f"Could not rank the neurons: {err}.")
     st.stop()
-table = widgets.stat_columns(top, ["category", "layer", "neuron"], metric)
+table = widgets.stat_columns(top, ["category", *analysis.shown_key(scores)], metric)
 widgets.neuron_table(table, key="pivot_top_table", column_config=widgets.stat_column_config(table))

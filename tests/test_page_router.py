@@ -1,0 +1,254 @@
+"""AppTests of mixture-of-experts runs: the Router page, expert neurons on the Neuron, Pivot and Overlap pages and
+in neuron links, driven with a real scan of a tiny random Mixtral saved as a run."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+
+import app_fixtures
+import numpy as np
+import pytest
+from app_fixtures import make_app, no_exception, open_page
+from test_moe import build
+from tiny_models import N_EXPERTS, TOP_K, bundled_tokenizer
+
+from mechamap_core import analysis, charts, scan
+from mechamap_core.export import save_run
+from mechamap_core.models import wrap_model
+from mechamap_ui.state import ACTIVE_RUN
+from mechamap_ui.widgets import SELECTED_NEURON
+
+app_env = app_fixtures.app_env
+tiny_result = app_fixtures.tiny_result
+RUN = "moe"
+
+
+@pytest.fixture(scope="module")
+def moe_result(default_cfg):
+    """A real scan of a tiny random Mixtral (2 MoE layers x 4 experts x 24 neurons) over the first paragraph."""
+    lm = wrap_model(build("mixtral"), bundled_tokenizer(), "tiny-mixtral")
+    paragraph = default_cfg.master_text.split("\n\n")[0]
+    return scan(lm, dataclasses.replace(default_cfg, master_text=paragraph, categories=dict(default_cfg.categories)))
+
+
+def saved_run_app(app_env, result, page: str, **query):
+    """app.py opened on views/<page>.py from a link to the result saved as run "moe" (query params as given)."""
+    save_run(result, app_env["runs"], run_id=RUN)
+    at = make_app()
+    at.query_params.update({"run": RUN, **query})
+    return open_page(at, page)
+
+
+def chart_spec(at) -> dict:
+    charts_drawn = at.get("vega_lite_chart")
+    assert len(charts_drawn) == 1
+    return json.loads(charts_drawn[0].proto.spec)
+
+
+def expert_rows(scores, layer, expert, neuron):
+    """One expert neuron's score rows, selected with plain pandas (independently of analysis.neuron_profile)."""
+    picked = scores[(scores["layer"] == layer) & (scores["expert"] == expert) & (scores["neuron"] == neuron)]
+    return picked.reset_index(drop=True)
+
+
+# --- Router page ------------------------------------------------------------------------------
+
+
+def test_router_page_shows_each_categorys_routing(app_env, moe_result):
+    at = saved_run_app(app_env, moe_result, "router")
+    no_exception(at)
+    assert at.session_state[ACTIVE_RUN] == RUN
+    category = at.selectbox(key="router_category").value
+    assert category == moe_result.categories[0]
+    spec = chart_spec(at)
+    assert (spec["encoding"]["x"]["field"], spec["encoding"]["y"]["field"]) == ("expert", "layer")
+    assert spec["encoding"]["color"]["field"] == "share"
+    shown = at.dataframe[0].value
+    assert len(shown) == 2 * N_EXPERTS and set(shown["category"]) == {category}
+    # every counted token goes to TOP_K experts, so a layer's shares of a category sum to TOP_K, and the
+    # category tokens routed over a layer's experts sum to TOP_K x the category's tokens
+    n_category = moe_result.metadata["category_tokens"][category]
+    for _, layer_rows in shown.groupby("layer"):
+        assert layer_rows["share"].sum() == pytest.approx(TOP_K)
+        assert layer_rows["n_tokens"].sum() == TOP_K * n_category
+    np.testing.assert_allclose(shown["share"], shown["n_tokens"] / n_category)
+
+    other = moe_result.categories[-1]
+    at.selectbox(key="router_category").set_value(other)
+    at.radio(key="router_color").set_value("enrichment").run()
+    no_exception(at)
+    spec = chart_spec(at)
+    assert spec["encoding"]["color"]["field"] == "enrichment"
+    assert spec["title"].startswith(f"{other}: enrichment")
+    shown = at.dataframe[0].value
+    assert set(shown["category"]) == {other}
+    np.testing.assert_allclose(shown["enrichment"], shown["share"] / shown["expert_share"])
+
+
+def test_router_page_of_a_dense_run_says_there_is_no_routing(app_env, tiny_result):
+    at = open_page(make_app(tiny_result), "router")
+    no_exception(at)
+    assert any("this run has no mixture-of-experts layers" in i.value.lower() for i in at.info)
+    assert not at.get("vega_lite_chart") and not at.dataframe
+
+
+def test_routing_heatmap_rejects_unknown_colour_and_category(moe_result):
+    routing = moe_result.extras["routing"]
+    with pytest.raises(ValueError, match="unknown routing colour 'load'"):
+        charts.routing_heatmap(routing, moe_result.categories[0], "load")
+    with pytest.raises(ValueError, match="no category 'weather'"):
+        charts.routing_heatmap(routing, "weather")
+
+
+# --- Neuron page and links --------------------------------------------------------------------
+
+
+def test_neuron_link_opens_an_expert_neuron(app_env, moe_result):
+    at = saved_run_app(app_env, moe_result, "neuron", layer="1", expert="2", neuron="5")
+    no_exception(at)
+    assert not at.error, [e.value for e in at.error]
+    assert at.session_state[SELECTED_NEURON] == (1, 5, 2)
+    assert at.subheader[0].value == "L1.E2.N5 · `blocks.1.mlp.experts.2.hook_post`"
+    assert at.code[0].value == f"/neuron?run={RUN}&layer=1&expert=2&neuron=5"
+    expected = expert_rows(moe_result.scores, 1, 2, 5)
+    stats = at.dataframe[0].value
+    assert stats["category"].tolist() == expected["category"].astype(str).tolist()
+    assert stats["n_tokens"].tolist() == expected["n_tokens"].tolist()
+    np.testing.assert_allclose(stats["avg_activation"], expected["avg_activation"])
+    top = moe_result.top_tokens
+    top = top[(top["layer"] == 1) & (top["expert"] == 2) & (top["neuron"] == 5)].sort_values("rank")
+    assert at.dataframe[1].value["token"].tolist() == top["token"].tolist()
+    assert any("dense MLP neurons only" in i.value for i in at.info)
+
+    at.selectbox[1].set_value(3).run()  # layer, expert: the pickers carry no keys
+    no_exception(at)
+    assert at.session_state[SELECTED_NEURON] == (1, 5, 3)
+    assert (at.query_params["expert"], at.query_params["neuron"]) == ("3", "5")
+    assert at.subheader[0].value.startswith("L1.E3.N5")
+
+
+def test_neuron_page_starts_at_the_best_expert_neuron(app_env, moe_result):
+    at = open_page(make_app(moe_result), "neuron")
+    no_exception(at)
+    best = moe_result.scores.loc[moe_result.scores["score"].idxmax()]
+    assert at.session_state[SELECTED_NEURON] == (int(best["layer"]), int(best["neuron"]), int(best["expert"]))
+
+
+@pytest.mark.parametrize(
+    ("layer", "neuron", "expert", "message"),
+    [
+        ("1", "5", "9", "expert 9 is not in layer 1 of this run, which has experts 0-3"),
+        ("1", "5", None, "Layer 1 of this run has only routed experts: add ?expert= (0-3)"),
+        ("1", "5", "two", "expert 'two' is not a whole number"),
+        ("1", "24", "2", "neuron 24 is out of range: this run scanned neurons 0-23 of expert 2 of layer 1"),
+    ],
+)
+def test_parse_neuron_link_checks_the_expert(moe_result, layer, neuron, expert, message):
+    from mechamap_ui.links import parse_neuron_link
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parse_neuron_link(layer, neuron, moe_result, expert)
+    assert parse_neuron_link("0", "23", moe_result, "3") == (0, 23, 3)
+
+
+def test_expert_link_to_a_dense_run_is_refused(tiny_result):
+    from mechamap_ui.links import neuron_url, parse_neuron_link
+
+    with pytest.raises(ValueError, match="this run has no mixture-of-experts layers"):
+        parse_neuron_link("0", "3", tiny_result, "1")
+    assert neuron_url("r", 0, 3, None) == "/neuron?run=r&layer=0&neuron=3"
+
+
+# --- Pivot and Overlap ------------------------------------------------------------------------
+
+
+def test_pivot_lists_and_opens_expert_neurons(app_env, moe_result):
+    at = saved_run_app(app_env, moe_result, "pivot")
+    no_exception(at)
+    shown = next(df.value for df in at.dataframe if df.key == "pivot_top_table")
+    assert list(shown.columns[:4]) == ["category", "layer", "expert", "neuron"]
+    expected = analysis.top_neurons(moe_result.scores, "score", n=10)
+    assert shown[["layer", "expert", "neuron"]].astype(int).values.tolist() == (
+        expected[["layer", "expert", "neuron"]].astype(int).values.tolist()
+    )
+    row = shown.iloc[2]
+    at.session_state["pivot_top_table"] = {"selection": {"rows": [2], "columns": [], "cells": []}}
+    at.run()
+    no_exception(at)
+    assert at.session_state[SELECTED_NEURON] == (int(row["layer"]), int(row["neuron"]), int(row["expert"]))
+    label = f"L{int(row['layer'])}.E{int(row['expert'])}.N{int(row['neuron'])}"
+    assert at.subheader[0].value.startswith(label), "the click opened that expert neuron on the Neuron page"
+
+
+def test_overlap_lists_expert_neurons(app_env, moe_result):
+    at = saved_run_app(app_env, moe_result, "overlap", threshold_score="0.5")
+    no_exception(at)
+    shown = next(df.value for df in at.dataframe if df.key == "overlap_table")
+    expected = analysis.multi_category_neurons(moe_result.scores, "score", 0.5, 2)
+    assert len(expected) > 0
+    assert list(shown.columns[:3]) == ["layer", "expert", "neuron"]
+    assert shown[["layer", "expert", "neuron"]].astype(int).values.tolist() == (
+        expected[["layer", "expert", "neuron"]].astype(int).values.tolist()
+    )
+    top = moe_result.top_tokens
+    first = shown.iloc[0]
+    tokens = top[(top["layer"] == first["layer"]) & (top["expert"] == first["expert"]) & (top["neuron"] == first["neuron"])]
+    assert first["top_tokens"].startswith(f"[('{tokens.sort_values('rank')['token'].iloc[0]}'")
+
+
+def test_overview_counts_and_lists_expert_neurons(app_env, moe_result):
+    at = open_page(make_app(moe_result), "overview")
+    no_exception(at)
+    n_neurons = sum(moe_result.metadata["neurons_per_site"].values())
+    assert at.metric[0].value == f"{n_neurons:,}"
+    assert any(f"{n_neurons:,} neurons in 8 routed experts" in c.value for c in at.caption)
+    shown = next(df.value for df in at.dataframe if df.key == "overview_top")
+    assert list(shown.columns[:4]) == ["category", "layer", "expert", "neuron"]
+
+
+def test_correlation_counts_expert_neurons(app_env, moe_result):
+    at = open_page(make_app(moe_result), "correlation")
+    no_exception(at)
+    n_neurons = sum(moe_result.metadata["neurons_per_site"].values())
+    assert any(f"across {n_neurons:,} neurons" in c.value for c in at.caption)
+
+
+# --- core helpers the pages use ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def deepseek_result(default_cfg):
+    """A tiny DeepSeek-V3: layer 0 a dense MLP, layer 1 a shared expert and 8 routed experts."""
+    lm = wrap_model(build("deepseek_v3"), bundled_tokenizer(), "tiny-deepseek_v3")
+    paragraph = default_cfg.master_text.split("\n\n")[0]
+    return scan(lm, dataclasses.replace(default_cfg, master_text=paragraph, categories=dict(default_cfg.categories)))
+
+
+def test_neuron_groups_match_the_scanned_sites(moe_result, deepseek_result, tiny_result):
+    for result in (moe_result, deepseek_result):
+        groups = analysis.neuron_groups(result.scores)
+        assert dict(zip(groups["hook"], groups["n_neurons"])) == result.metadata["neurons_per_site"]
+        assert analysis.has_experts(result.scores) and analysis.shown_key(result.scores) == ["layer", "expert", "neuron"]
+    groups = analysis.neuron_groups(deepseek_result.scores)
+    assert groups["hook"].tolist()[:3] == [
+        "blocks.0.mlp.hook_post", "blocks.1.mlp.shared_experts.hook_post", "blocks.1.mlp.experts.0.hook_post",
+    ]  # fmt: skip
+    assert groups["expert"].isna().tolist() == [True, True] + [False] * 8
+    dense = analysis.neuron_groups(tiny_result.scores)
+    assert dense["expert"].isna().all() and dense["n_neurons"].tolist() == [32, 32]
+    assert not analysis.has_experts(tiny_result.scores) and analysis.shown_key(tiny_result.scores) == ["layer", "neuron"]
+    assert (analysis.neuron_label(1, 5), analysis.neuron_label(1, 5, 2)) == ("L1.N5", "L1.E2.N5")
+
+
+def test_top_examples_of_a_shared_and_a_routed_expert_neuron(deepseek_result):
+    from mechamap_core.inspect_neuron import top_examples
+
+    top = deepseek_result.top_tokens
+    for expert, hook_rows in ((None, top["expert"].isna()), (3, top["expert"] == 3)):
+        expected = top[hook_rows & (top["layer"] == 1) & (top["neuron"] == 4)].sort_values("rank")
+        shown = top_examples(deepseek_result, 1, 4, expert=expert)
+        assert len(shown) == len(expected) > 0
+        assert shown["token"].tolist() == expected["token"].tolist()
+        np.testing.assert_allclose(shown["activation"], expected["activation"])

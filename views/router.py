@@ -1,0 +1,49 @@
+"""Router page: where a mixture-of-experts run's routers send each category's tokens, per layer and expert."""
+
+import streamlit as st
+
+from mechamap_core import charts
+from mechamap_ui import widgets
+from mechamap_ui.state import require_result
+
+st.title("Router: layer × expert")
+result = require_result()
+routing = result.extras.get("routing")
+if routing is None or routing.empty:
+    st.info(
+        "This run has no mixture-of-experts layers, so there is no routing to show. Scan a mixture-of-experts "
+        "model (Mixtral, Qwen-MoE, OLMoE, gpt-oss, DeepSeek) to see which experts each category's tokens go to."
+    )
+    st.stop()
+
+present = set(routing["category"].astype(str))
+categories = [c for c in result.categories if c in present]
+left, right = st.columns([2, 3])
+with left:
+    category = st.selectbox("Category", categories, key="router_category")
+with right:
+    color = st.radio(
+        "Colour by", list(charts.ROUTING_COLORS), key="router_color", horizontal=True,
+        help="\n".join(f"- **{name}**: {text}" for name, text in charts.ROUTING_COLORS.items()),
+    )  # fmt: skip
+
+rows = routing[routing["category"].astype(str) == category]
+tokens = int(result.metadata.get("category_tokens", {}).get(category, 0))
+if rows["share"].isna().all():
+    st.info(f"The master text has no counted tokens of **{category}**, so the router sent none anywhere.")
+else:
+    chart = charts.routing_heatmap(routing, category, color)
+    st.altair_chart(chart)
+    widgets.chart_downloads(chart, f"router_{category}_{color}")
+    st.caption(
+        f"{tokens:,} {category} tokens. share: the fraction of them the router sent to the expert (each token goes "
+        "to top-k experts, so a layer's shares add up to k). enrichment: that share divided by the expert's share "
+        "of all tokens; above 1 the expert prefers this category."
+    )
+
+st.subheader("Routing table")
+table = rows.assign(category=rows["category"].astype(str)).sort_values(["layer", "expert"], ignore_index=True)
+widgets.capped_table(
+    table, key="router_table",
+    column_config={c: st.column_config.NumberColumn(c, format="%.3f") for c in ("share", "expert_share", "enrichment")},
+)  # fmt: skip
