@@ -319,3 +319,14 @@ def test_capped_and_paginated_tables_say_how_many_rows_they_show():
     at.number_input(key="paged_page").set_value(3).run()
     assert at.dataframe[1].value["neuron"].tolist() == list(range(20, 25))
     assert any("21–25 (5 of 25 rows)" in c.value for c in at.caption)
+
+
+def test_pivot_filter_keeps_neurons_that_hold_up_across_words(result):
+    at = open_page("pivot", result)
+    at.toggle(key="pivot_holds_up").set_value(True).run()
+    assert_clean(at)
+    threshold = at.slider(key="threshold_score").value
+    holding = analysis.holding_up(result.scores)
+    assert len(holding) < len(result.scores)
+    expected = analysis.layer_category_counts(holding, "score", threshold)
+    np.testing.assert_array_equal(table(at, COUNTS).to_numpy(), expected.to_numpy())

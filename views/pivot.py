@@ -11,6 +11,13 @@ ALL = "All categories"
 st.title("Pivot: layer × category")
 result = require_result()
 scores = result.scores
+holds_up = st.toggle(
+    f"Only neurons that hold up across words (cv_auroc ≥ {analysis.HOLDS_UP_CV_AUROC:g})", key="pivot_holds_up",
+    help="cv_auroc: the AUROC on held-out folds of each category's words; a neuron selective for one or two "
+    "words only gets about 0.5 on the folds without them.", disabled="cv_auroc" not in scores.columns,
+)  # fmt: skip
+if holds_up:
+    scores = analysis.holding_up(scores)
 
 left, right = st.columns(2)
 with left:
