@@ -123,21 +123,26 @@ def config_intermediate_size(config) -> int:
     raise ValueError(f"no intermediate size in {type(config).__name__}")
 
 
-def build_tiny_model(arch: str, folder: Path) -> Path:
-    """Build a tiny random `arch` model (2 layers, hidden 32, seeded weights) and save it with the bundled tokenizer.
+def tiny_model(arch: str, tokenizer) -> torch.nn.Module:
+    """A tiny random `arch` model in memory (2 layers, hidden 32, seeded weights, no dropout, eval mode) whose
+    vocabulary and special token ids are the tokenizer's (it needs pad, cls and sep tokens).
 
-    Causal families are saved as their *ForCausalLM class, encoders as the base model. Returns folder.
-    Raises ValueError for an unknown arch.
+    Causal families are their *ForCausalLM class, encoders the base model. Raises ValueError for an unknown arch.
     """
-    folder = Path(folder)
-    tokenizer = bundled_tokenizer()
     config = _config(arch, tokenizer)
     for key in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "hidden_dropout_prob", "attention_probs_dropout_prob",
                 "dropout", "attention_dropout", "hidden_dropout", "activation_dropout"):  # fmt: skip
         if hasattr(config, key):
             setattr(config, key, 0.0)
     torch.manual_seed(SEED)
-    model = _model_class(arch)(config).eval()
+    return _model_class(arch)(config).eval()
+
+
+def build_tiny_model(arch: str, folder: Path) -> Path:
+    """Build tiny_model(arch) with the bundled tokenizer and save both in folder. Returns folder."""
+    folder = Path(folder)
+    tokenizer = bundled_tokenizer()
+    model = tiny_model(arch, tokenizer)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)

@@ -81,7 +81,8 @@ def auroc_exact_fast(acts_t: np.ndarray, category_mask: np.ndarray) -> np.ndarra
     """Exact one-vs-rest AUROC [C, N] (Mann-Whitney U, ties counted half) of acts_t [N, T] float32.
 
     Each neuron's row is sorted once (numpy's vectorised sort); only the category tokens are then located
-    in it: their average rank is (#below + #at-or-below + 1) / 2. Rows without ties skip the second search.
+    in it: their average rank is (#below + #at-or-below + 1) / 2. Only rows where a category token ties with
+    another token search a second time.
     """
     mask = np.asarray(category_mask, dtype=bool)
     n_c = mask.sum(axis=0).astype(np.float64)[:, None]  # [C, 1]
@@ -95,10 +96,10 @@ def auroc_exact_fast(acts_t: np.ndarray, category_mask: np.ndarray) -> np.ndarra
     at_or_below = torch.searchsorted(ordered, values, right=True)  # [N, m]
     previous = ordered.gather(1, (at_or_below - 2).clamp(min=0))
     tied = (at_or_below >= 2) & (previous == values)  # another token has the same value
-    if bool(tied.any()):
-        below = torch.searchsorted(ordered, values)
-    else:
-        below = at_or_below - 1
+    below = at_or_below - 1
+    rows = torch.nonzero(tied.any(dim=1)).view(-1)  # only these need the second search (ReLU: all; GELU: few)
+    if len(rows):
+        below[rows] = torch.searchsorted(ordered.index_select(0, rows), values.index_select(0, rows))
     ranks = (below + at_or_below + 1).to(torch.float64) / 2.0  # [N, m] average ranks, 1-based
     rank_sum = (ranks @ torch.from_numpy(mask[columns].astype(np.float64))).numpy().T  # [C, N]
     with np.errstate(divide="ignore", invalid="ignore"):
