@@ -64,8 +64,7 @@ def finish_part(
     if stats.layout.top_k:  # merged in the hook
         top = (stats.top_vals[:, neurons].cpu().numpy(), stats.top_keys[:, neurons].cpu().numpy())
     if recorded is not None:
-        stacked = recorded[0] if len(recorded) == 1 else np.concatenate(recorded)  # [n_tokens, n]
-        acts_t = np.ascontiguousarray(stacked.T)  # [n, n_tokens]
+        acts_t = _transposed(recorded)  # [n, n_tokens]
         auroc = auroc_exact_fast(acts_t, category_mask) if with_auroc else None
         if top is None and top_k:
             vals, index = torch.topk(torch.from_numpy(acts_t), min(top_k, acts_t.shape[1]), dim=1)
@@ -75,6 +74,16 @@ def finish_part(
     result["auroc"] = np.full_like(result["separation"], np.nan) if auroc is None else auroc
     result["score"] = result["separation"]
     return SitePart(layer, neurons.start, result, top, acts_t)
+
+
+def _transposed(parts: list[np.ndarray]) -> np.ndarray:
+    """The [T_batch, n] parts as one neuron-major [n, T] float32 array, each part copied once into place."""
+    out = np.empty((parts[0].shape[1], sum(len(p) for p in parts)), dtype=np.float32)
+    at = 0
+    for part in parts:
+        out[:, at : at + len(part)] = part.T
+        at += len(part)
+    return out
 
 
 def auroc_exact_fast(acts_t: np.ndarray, category_mask: np.ndarray) -> np.ndarray:
