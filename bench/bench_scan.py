@@ -355,6 +355,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer repeats, no memory children")
     parser.add_argument("--profile", action="store_true", help="also print cProfile tables of the default scans")
     parser.add_argument("--no-breakdown", action="store_true", help="skip the where-the-time-goes section")
+    parser.add_argument("--repeats", type=int, help="timed rounds (default 5, --quick 3), after 1-2 warm-up rounds")
     parser.add_argument("--memory-child", type=int, metavar="N_TOKENS", help=argparse.SUPPRESS)
     parser.add_argument("--model", default="bundled", choices=["bundled", "gpt2"], help=argparse.SUPPRESS)
     parser.add_argument("--batch-size", type=int, default=8, help=argparse.SUPPRESS)
@@ -378,6 +379,7 @@ def main() -> None:
     default_threads = torch.get_num_threads()
     threads = [1] + ([default_threads] if default_threads > 1 else [])
     warmup, repeats = (1, 3) if args.quick else (2, 5)
+    repeats = args.repeats or repeats
     cfg = load_config(CONFIG)
     lm_b, lm_g = bundled_model(), gpt2_model()
     cfg_g = gpt2_config(cfg, lm_g)

@@ -205,7 +205,7 @@ def plan_for(lm, aligned, sites, n_neurons: dict, batch_size: int, record: bool 
     figures = [f for f in (device_available_bytes(d) for d in devices) if f is not None]
     return plan_scan(
         record=record, n_tokens=aligned.n_tokens, total_neurons=sum(n_neurons.values()),
-        widest_site=max(n_neurons.values()), chunk_tokens=max(len(c.input_ids) for c in aligned.chunks),
+        widest_site=max(n_neurons.values(), default=0), chunk_tokens=max(len(c.input_ids) for c in aligned.chunks),
         n_chunks=len(aligned.chunks), batch_size=batch_size, shape=model_shape(lm.model, lm.dtype),
         host_available=host_available_bytes(), device_available=min(figures) if figures else None,
     )  # fmt: skip
