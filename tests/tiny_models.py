@@ -191,9 +191,10 @@ def config_intermediate_size(config) -> int:
 
 
 def tiny_model(arch: str, tokenizer=None) -> torch.nn.Module:
-    """A tiny random `arch` model in memory (2 layers, hidden 32, seeded weights, no dropout), in eval mode.
+    """A tiny random `arch` model in memory (2 layers, hidden 32, seeded weights, no dropout, eval mode) whose
+    vocabulary and special token ids are the tokenizer's (the bundled one when None; it needs pad, cls and sep).
 
-    Its vocabulary is the tokenizer's (the bundled one when None).
+    Causal families are their *ForCausalLM class, encoders the base model. Raises ValueError for an unknown arch.
     """
     config = _config(arch, tokenizer or bundled_tokenizer())
     for key in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "hidden_dropout_prob", "attention_probs_dropout_prob",
@@ -205,11 +206,7 @@ def tiny_model(arch: str, tokenizer=None) -> torch.nn.Module:
 
 
 def build_tiny_model(arch: str, folder: Path) -> Path:
-    """Build a tiny random `arch` model (2 layers, hidden 32, seeded weights) and save it with the bundled tokenizer.
-
-    Causal families are saved as their *ForCausalLM class, encoders as the base model. Returns folder.
-    Raises ValueError for an unknown arch.
-    """
+    """Build tiny_model(arch) with the bundled tokenizer and save both in folder. Returns folder."""
     folder = Path(folder)
     tokenizer = bundled_tokenizer()
     model = tiny_model(arch, tokenizer)

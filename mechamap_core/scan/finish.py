@@ -98,8 +98,7 @@ def finish_part(layer: int, neurons: slice, stats: SiteStats, recorded: list[np.
     if stats.layout.top_k:  # merged in the hook
         top = (stats.top_vals[:, neurons].cpu().numpy(), stats.top_keys[:, neurons].cpu().numpy())
     if recorded is not None:
-        stacked = recorded[0] if len(recorded) == 1 else np.concatenate(recorded)  # [n_tokens, n]
-        acts_t = np.ascontiguousarray(stacked.T)  # [n, n_tokens]
+        acts_t = _transposed(recorded)  # [n, n_tokens]
         if context.with_auroc:
             ordered = np.sort(acts_t, axis=1)  # one sort and one search per neuron serve both AUROCs
             ranked = category_token_ranks(ordered, acts_t, context.category_mask)
@@ -146,6 +145,16 @@ def add_permutation_pvalues(parts: list[SitePart], context: FinishContext) -> No
             member.stats["p_value"] = p_values[:, start : start + width]
             member.word_moments = None
             start += width
+
+
+def _transposed(parts: list[np.ndarray]) -> np.ndarray:
+    """The [T_batch, n] parts as one neuron-major [n, T] float32 array, each part copied once into place."""
+    out = np.empty((parts[0].shape[1], sum(len(p) for p in parts)), dtype=np.float32)
+    at = 0
+    for part in parts:
+        out[:, at : at + len(part)] = part.T
+        at += len(part)
+    return out
 
 
 def token_folds(token_word: np.ndarray, word_category: np.ndarray, word_fold: np.ndarray, n_categories: int):

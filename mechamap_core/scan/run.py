@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -18,10 +19,9 @@ from ..sites import n_layers as count_layers
 from ..stats import word_folds
 from .driver import Batch, ProgressFn, Site, batches, resolve_hook_points, run_hooked_forward, site_device
 from .finish import FinishContext, SitePart, add_permutation_pvalues, assemble, finish_part, token_folds
+from .plan import plan_for, run_with_retry
 from .result import ScanResult
 from .state import HIST_BINS, BatchLabels, SiteStats, StatsLayout
-
-RECORD_AUTO_LIMIT_BYTES = 512 * 2**20
 
 
 class _Reducer:
@@ -90,13 +90,6 @@ def hook_top_k(device: torch.device, record: bool, top_k: int) -> int:
     return top_k if device.type != "cpu" or not record else 0
 
 
-def decide_recording(record: bool | str, n_tokens: int, total_neurons: int) -> bool:
-    """Keep per-token activations? "auto": when the float32 copy fits in RECORD_AUTO_LIMIT_BYTES."""
-    if record == "auto":
-        return n_tokens * total_neurons * 4 <= RECORD_AUTO_LIMIT_BYTES
-    return bool(record)
-
-
 def word_labels(cfg: ScanConfig, coverage=None) -> tuple[np.ndarray, np.ndarray | None]:
     """(word_category [W], word_fold [W] or None without cv) of the config's words, in coverage-row order
     (each category's distinct words). With a coverage table, a word that never occurs gets no fold."""
@@ -131,10 +124,11 @@ def scan(
 
     layers / limit_neurons override the config's (None keeps the config's). record_activations keeps
     per-token activations for the neuron view and exact AUROC: True, False, or "auto" (when the float32
-    copy fits in 512 MiB). texts overrides the config's master text(s). progress(done, total, message)
-    counts documents when there are several, else site steps; raising ScanCancelled from it stops the scan.
-    Raises ConfigError, SiteResolutionError, and ValueError for a text with no countable tokens or layers
-    out of range.
+    copy fits the memory plan, scan/plan.py; metadata["plan"] says why). texts overrides the config's master
+    text(s). progress(done, total, message) counts documents when there are several, else site steps; raising
+    ScanCancelled from it stops the scan. An out-of-memory error retries once with a smaller batch.
+    Raises ConfigError, SiteResolutionError, ValueError for a text with no countable tokens or layers out of
+    range, and ScanMemoryError when the retry runs out of memory too.
     """
     started = time.perf_counter()
     validate_config(cfg)
@@ -148,9 +142,12 @@ def scan(
             raise ValueError("the master text has no tokens besides special tokens, so there is nothing to scan")
         n_neurons = {s.hook: min(limit, s.d_mlp) if limit else s.d_mlp for s in sites}
         has_experts = any(s.kind == "expert" for s in sites)  # an expert sees only its routed tokens: no recording
-        record = not has_experts and decide_recording(record_activations, aligned.n_tokens, sum(n_neurons.values()))
+        plan = plan_for(lm, aligned, sites, n_neurons, cfg.batch_size, False if has_experts else record_activations)
         aligned_s = time.perf_counter()
-        parts, passes, states = _run_sites(lm, cfg, aligned, points, sites, n_neurons, record, progress)
+        (parts, passes, states), plan = run_with_retry(plan, lambda p: _run_sites(
+            lm, dataclasses.replace(cfg, batch_size=p.batch_size), aligned, points, sites, n_neurons, p.record, progress
+        ))  # fmt: skip  # an out-of-memory error retries once with a smaller batch
+        record = plan.record
         forward_s = time.perf_counter()
     n_layers_model = count_layers(lm.model)
     n_tokens_per_category = aligned.category_mask.sum(axis=0)
@@ -190,6 +187,7 @@ def scan(
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "mechamap_version": __version__,
         "config": cfg.to_dict(),
+        "plan": plan.as_dict(),
     }
     return ScanResult(
         scores, top, aligned.tokens, aligned.coverage, aligned.category_mask, metadata, aligned.texts, activations, extras

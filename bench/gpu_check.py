@@ -1,0 +1,428 @@
+#!/usr/bin/env python
+"""GPU check of the scan (issue 9): correctness per architecture, speed, memory, multi-device and quantised models.
+
+Run it in one go on a GPU machine (under 8 minutes on one H100/H200, no downloads: random weights from
+configs and a word-level tokenizer trained here on the master texts):
+
+    python bench/gpu_check.py                     # cuda when available
+    python bench/gpu_check.py --tiny --device cpu # tiny shapes on the CPU: what tests/test_gpu_check.py runs
+
+It prints one table (section, case, check, measured, target, status) and a last line counting the rows that
+passed and failed. Status is "pass", "FAIL", "info" (a figure without a target) or "skipped: why".
+Only torch, transformers, numpy, pandas, scipy and mechamap_core are needed (accelerate for the multi-device
+rows, bitsandbytes for the quantised ones); importing streamlit is blocked, which checks that the core never
+imports it.
+
+Tolerances, against the CPU float32 scan of the same weights:
+- float32 on the device: avg_activation within 1e-4 (absolute) and the same top tokens (a different token
+  counts only where the two activations differ by more than 1e-4, i.e. not a tie).
+- bfloat16 keeps 8 significant bits (unit roundoff 2^-9 = 0.2%); every layer rounds its inputs, weights and
+  outputs of a dozen operations, so an activation carries about 1% of its scale in error per layer, and a
+  mean over a category's tokens averages some of it out. The check: |avg_activation difference| at most
+  BF16_TOLERANCE x the RMS of all the layer's activations (3%).
+- float16 keeps 11 bits (2^-12, 8 times finer): FP16_TOLERANCE = 0.5% of the RMS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.abc
+import sys
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+
+from common import CONFIG, ROOT, bare_forward, fmt_s, load_average, med, model_inputs, table, text_of_tokens
+
+
+class _NoStreamlit(importlib.abc.MetaPathFinder):
+    """Makes `import streamlit` fail: the core must work without the app's packages (as on the GPU machine)."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "streamlit" or name.startswith("streamlit."):
+            raise ImportError("streamlit is blocked by bench/gpu_check.py: mechamap_core must not import it")
+        return None
+
+
+sys.meta_path.insert(0, _NoStreamlit())
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from tiny_models import ARCHS, tiny_model  # noqa: E402
+
+from mechamap_core import load_config, scan  # noqa: E402
+from mechamap_core.models import wrap_model  # noqa: E402
+
+F32_TOLERANCE = 1e-4
+BF16_TOLERANCE = 0.03
+FP16_TOLERANCE = 0.005
+SPEED_TARGET = 1.15  # scan / bare forward
+MEMORY_TARGET = 1.05  # peak GPU memory of the longest text / of the shortest (plus MEMORY_SLACK)
+MEMORY_SLACK = 32 * 2**20
+QUANT_TARGETS = {"8bit": 0.98, "4bit": 0.9}  # Pearson r of avg_activation against float32; never run yet
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+# ------------------------------------------------------------------------------------------------ setup
+
+
+def make_tokenizer(max_length: int):
+    """A word-level fast tokenizer (BERT-style [CLS] ... [SEP], lower-cased) trained on the master texts of
+    configs/*.yaml: no download, and it works where the bundled model's package is not installed."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    configs = [load_config(path) for path in sorted((ROOT / "configs").glob("*.yaml"))]
+    words = [word for cfg in configs for words in cfg.categories.values() for word in words]
+    core = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    core.normalizer = normalizers.BertNormalizer(lowercase=True)
+    core.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    core.train_from_iterator([cfg.master_text for cfg in configs] + words, trainers.WordLevelTrainer(special_tokens=SPECIALS))
+    cls, sep = core.token_to_id("[CLS]"), core.token_to_id("[SEP]")
+    core.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
+        mask_token="[MASK]", model_max_length=max_length,
+    )  # fmt: skip
+
+
+def hook_count(model) -> int:
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+
+
+def release(device: torch.device) -> None:
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+class Rows:
+    """The table's rows: section, case, check, measured, target, status."""
+
+    def __init__(self):
+        self.rows: list[list[str]] = []
+
+    def add(self, section, case, check, measured, target="", status="info") -> None:
+        self.rows.append([section, case, check, measured, target, status])
+        print(f"  {section:12s} {case:28s} {check:34s} {measured:28s} {status}", flush=True)
+
+    def check(self, section, case, check, measured, target, ok: bool) -> None:
+        self.add(section, case, check, measured, target, "pass" if ok else "FAIL")
+
+
+def compare(res, ref, tolerance: float, scale: float = 1.0) -> tuple[float, int, int]:
+    """(max |avg_activation difference| / scale, neurons whose top tokens differ beyond a tie, neurons)."""
+    key = ["layer", "neuron", "category"]
+    a = res.scores.set_index(key)["avg_activation"]
+    b = ref.scores.set_index(key)["avg_activation"].reindex(a.index)
+    diff = float(np.nanmax(np.abs(a.to_numpy() - b.to_numpy()))) / scale if len(a) else 0.0
+    top = res.top_tokens.merge(ref.top_tokens, on=["layer", "neuron", "rank"], suffixes=("", "_ref"))
+    apart = (top["activation"] - top["activation_ref"]).abs() > tolerance * scale  # not a tie
+    differs = top[(top["token_index"] != top["token_index_ref"]) & apart]
+    count = lambda frame: len(frame[["layer", "neuron"]].drop_duplicates())  # noqa: E731
+    return diff, count(differs), count(res.top_tokens)
+
+
+def activation_rms(res) -> float:
+    return float(np.sqrt(np.mean([np.mean(np.square(a, dtype=np.float64)) for a in res.activations.values()])))
+
+
+# ------------------------------------------------------------------------------------------ correctness
+
+
+def check_architectures(rows: Rows, device: torch.device, cfg) -> None:
+    """Every supported family, tiny and random: the device scan in float32, bfloat16 and float16 against the
+    CPU float32 scan; and no hook left behind."""
+    tokenizer = make_tokenizer(128)
+    for arch in ARCHS:
+        base = tiny_model(arch, tokenizer)
+        ref = scan(wrap_model(base, tokenizer, arch), cfg, record_activations=True)
+        scale = activation_rms(ref)
+        tolerances = {torch.float32: F32_TOLERANCE, torch.bfloat16: BF16_TOLERANCE, torch.float16: FP16_TOLERANCE}
+        for dtype, tolerance in tolerances.items():
+            name = str(dtype).replace("torch.", "")
+            model = copy.deepcopy(base).to(device=device, dtype=dtype)
+            before = hook_count(model)
+            try:
+                res = scan(wrap_model(model, tokenizer, arch), cfg, record_activations=True)
+            except Exception as error:  # noqa: BLE001 - a row that says why, and the check goes on
+                rows.add("correctness", f"{arch} {name}", "scan runs", f"{type(error).__name__}: {error}"[:80], "", "FAIL")
+                continue
+            left = hook_count(model) - before
+            if dtype == torch.float32:
+                diff, differ, total = compare(res, ref, tolerance)
+                rows.check("correctness", f"{arch} float32", "avg_activation vs CPU, top tokens",
+                           f"max diff {diff:.1e}, top differ {differ}/{total}", f"<= {tolerance:g}, 0", diff <= tolerance and differ == 0)  # fmt: skip
+            else:
+                diff, differ, total = compare(res, ref, tolerance, scale)
+                rows.check("correctness", f"{arch} {name}", "avg_activation vs CPU float32 / RMS",
+                           f"{diff:.2%} (top differ {differ}/{total})", f"<= {tolerance:.1%}", diff <= tolerance)  # fmt: skip
+            rows.check("correctness", f"{arch} {name}", "hooks left behind", str(left), "0", left == 0)
+            del model, res
+            release(device)
+
+
+# ---------------------------------------------------------------------------------------- speed, memory
+
+
+def speed_models(tiny: bool) -> dict:
+    """name -> config of the speed models: GPT-2-small, Pythia-1.4B and Llama-3-8B shapes (tiny: 2-layer ones)."""
+    import transformers as tf
+
+    if tiny:
+        return {
+            "gpt2-tiny": tf.GPT2Config(n_layer=2, n_embd=64, n_head=2, n_inner=256, vocab_size=1024),
+            "pythia-tiny": tf.GPTNeoXConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256,
+                                            vocab_size=1024),
+            "llama-tiny": tf.LlamaConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                                         num_key_value_heads=1, vocab_size=1024),
+        }  # fmt: skip
+    return {
+        "gpt2-small": tf.GPT2Config(),
+        "pythia-1.4b": tf.GPTNeoXConfig(
+            hidden_size=2048, num_hidden_layers=24, num_attention_heads=16, intermediate_size=8192, vocab_size=50304,
+            max_position_embeddings=2048, rotary_pct=0.25,
+        ),
+        "llama-3-8b": tf.LlamaConfig(
+            hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+            num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
+        ),
+    }  # fmt: skip
+
+
+def random_model(config, device: torch.device, dtype: torch.dtype):
+    """A randomly initialised causal LM built directly on the device in dtype."""
+    from transformers import AutoModelForCausalLM
+
+    previous = torch.get_default_dtype()
+    torch.manual_seed(0)
+    try:
+        torch.set_default_dtype(dtype)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.to(dtype).eval()
+
+
+def timed_on(device: torch.device, fn) -> tuple[float, int]:
+    """(seconds, peak allocated bytes) of fn(): CUDA events and the allocator's peak on a GPU, else the clock."""
+    if device.type != "cuda":
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start, 0
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize(device)
+    return begin.elapsed_time(end) / 1000.0, torch.cuda.max_memory_allocated(device)
+
+
+def check_speed(rows: Rows, device: torch.device, cfg, tiny: bool, deadline: float, repeats: int) -> None:
+    """scan / bare forward in bfloat16 (float32 on a CPU, which has no fast bfloat16) over about 4k and 32k tokens
+    (tiny: 300 and 1,200), interleaved after a warm-up round; tokens per second and peak memory. Both the default
+    scan (record auto) and record off."""
+    from dataclasses import replace
+
+    tokenizer = make_tokenizer(2048)
+    sizes = (300, 1200) if tiny else (4096, 32768)
+    for name, config in speed_models(tiny).items():
+        if time.monotonic() > deadline:
+            rows.add("speed", name, "scan / bare", "", "", "skipped: time budget")
+            continue
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        lm = wrap_model(random_model(config, device, dtype), tokenizer, name)
+        for n_tokens in sizes:
+            if time.monotonic() > deadline:
+                rows.add("speed", f"{name} {n_tokens} tok", "scan / bare", "", "", "skipped: time budget")
+                continue
+            run_cfg = replace(cfg, master_text=text_of_tokens(tokenizer, cfg.master_text, n_tokens))
+            _, inputs = model_inputs(lm, run_cfg)
+            fns = {
+                "bare": partial(bare_forward, lm, inputs),
+                "scan": partial(scan, lm, run_cfg),
+                "scan, record off": partial(scan, lm, run_cfg, record_activations=False),
+            }
+            seconds = {k: [] for k in fns}
+            peaks = {k: 0 for k in fns}
+            for round_ in range(1 + repeats):
+                for key, fn in fns.items():
+                    s, peak = timed_on(device, fn)
+                    if round_:
+                        seconds[key].append(s)
+                        peaks[key] = max(peaks[key], peak)
+            last = scan(lm, run_cfg)
+            tokens = last.metadata["n_tokens"]
+            bare = med(seconds["bare"])
+            rows.add("speed", f"{name} {tokens} tok", "bare forward", f"{fmt_s(bare)}, {tokens / bare:,.0f} tok/s, "
+                     f"peak {peaks['bare'] / 2**30:.2f} GiB")  # fmt: skip
+            for key in ("scan", "scan, record off"):
+                s = med(seconds[key])
+                record = "exact AUROC" if key == "scan" and last.metadata["plan"]["record"] else "binned AUROC"
+                measured = f"{s / bare:.2f}x, {tokens / s:,.0f} tok/s, peak {peaks[key] / 2**30:.2f} GiB"
+                check = f"{key} / bare ({record})"
+                if device.type == "cuda":
+                    rows.check("speed", f"{name} {tokens} tok", check, measured, f"<= {SPEED_TARGET}x", s / bare <= SPEED_TARGET)
+                else:  # the target is a GPU's; bench_scan.py holds the CPU figures
+                    rows.add("speed", f"{name} {tokens} tok", check, measured, "GPU target", "info")
+            release(device)
+        del lm
+        release(device)
+
+
+def check_memory(rows: Rows, device: torch.device, cfg, tiny: bool, deadline: float) -> None:
+    """Peak GPU memory of a record-off scan from about 4k to 64k tokens (GPT-2-small shape, bfloat16): flat."""
+    from dataclasses import replace
+
+    if device.type != "cuda":
+        rows.add("memory", "record off", "peak GPU memory vs tokens", "", "", "skipped: not a GPU (bench_scan.py measures RSS)")
+        return
+    name, config = next(iter(speed_models(tiny).items()))
+    tokenizer = make_tokenizer(2048)
+    lm = wrap_model(random_model(config, device, torch.bfloat16), tokenizer, name)
+    peaks = {}
+    for n_tokens in (300, 1200, 4800) if tiny else (4096, 16384, 65536):
+        if time.monotonic() > deadline:
+            rows.add("memory", f"{name} {n_tokens} tok", "peak GPU memory", "", "", "skipped: time budget")
+            continue
+        run_cfg = replace(cfg, master_text=text_of_tokens(tokenizer, cfg.master_text, n_tokens))
+        scan(lm, run_cfg, record_activations=False)  # warm-up: kernels and the allocator's pools
+        seconds, peak = timed_on(device, partial(scan, lm, run_cfg, record_activations=False))
+        peaks[n_tokens] = peak
+        measured = f"{peak / 2**20:,.0f} MiB in {fmt_s(seconds)}"
+        rows.add("memory", f"{name} {n_tokens} tok", "record off: peak GPU memory", measured)
+    if len(peaks) > 1:
+        small, big = peaks[min(peaks)], peaks[max(peaks)]
+        rows.check("memory", f"{name} {min(peaks)} -> {max(peaks)} tok", "peak grows by", f"{big / small:.3f}x",
+                   f"<= {MEMORY_TARGET}x or +{MEMORY_SLACK // 2**20} MiB", big <= small * MEMORY_TARGET or big - small <= MEMORY_SLACK)  # fmt: skip
+    del lm
+    release(device)
+
+
+# ---------------------------------------------------------------------------------- multi-device, quantised
+
+
+def check_multi_device(rows: Rows, device: torch.device, cfg) -> None:
+    """A model split by accelerate's dispatch_model: the embeddings and the first half of the blocks on the
+    device, the other half offloaded to the CPU (on a CPU run: offloaded to disk). Its scan equals the
+    single-device scan. (Tiny models are too small for infer_auto_device_map's headroom rules, so the map
+    is written by hand.)"""
+    try:
+        from accelerate import dispatch_model
+    except ImportError:
+        rows.add("multi-device", "split model", "scan equals one device", "", "", "skipped: accelerate not installed")
+        return
+    from mechamap_core.sites import find_blocks
+
+    tokenizer = make_tokenizer(128)
+    main, spill = (device.index or 0, "cpu") if device.type == "cuda" else ("cpu", "disk")
+    for arch in ("llama", "gpt2", "bert"):
+        base = tiny_model(arch, tokenizer).to(device)
+        ref = scan(wrap_model(base, tokenizer, arch), cfg, record_activations=True)
+        split = copy.deepcopy(base).cpu()
+        blocks_path, blocks = find_blocks(split)
+        device_map = {}
+        for name, _ in [*split.named_parameters(remove_duplicate=False), *split.named_buffers()]:
+            owner = name.rsplit(".", 1)[0]
+            inside = owner.removeprefix(blocks_path + ".").split(".")[0] if owner.startswith(blocks_path + ".") else None
+            if inside is None:
+                device_map[owner] = main
+            else:
+                device_map[f"{blocks_path}.{inside}"] = main if int(inside) < len(blocks) // 2 else spill
+        with tempfile.TemporaryDirectory() as offload:
+            split = dispatch_model(split, device_map, main_device=main, offload_dir=offload)
+            res = scan(wrap_model(split, tokenizer, arch), cfg, record_activations=True)
+        placed = "+".join(sorted({str(v) for v in device_map.values()}))
+        diff, differ, total = compare(res, ref, F32_TOLERANCE)
+        rows.check("multi-device", f"{arch} over {placed}", "avg_activation, top tokens vs one device",
+                   f"max diff {diff:.1e}, top differ {differ}/{total}", f"<= {F32_TOLERANCE:g}, 0",
+                   diff <= F32_TOLERANCE and differ == 0)  # fmt: skip
+        release(device)
+
+
+def check_quantised(rows: Rows, device: torch.device, cfg) -> None:
+    """8-bit and 4-bit (bitsandbytes) loads of a small random Llama: avg_activation against float32."""
+    if device.type != "cuda":
+        for bits in QUANT_TARGETS:
+            rows.add("quantised", bits, "avg_activation vs float32", "", "", "skipped: bitsandbytes needs CUDA")
+        return
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig
+    except ImportError:
+        for bits in QUANT_TARGETS:
+            rows.add("quantised", bits, "avg_activation vs float32", "", "", "skipped: bitsandbytes not installed")
+        return
+    tokenizer = make_tokenizer(512)
+    config = LlamaConfig(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+                         vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    with tempfile.TemporaryDirectory() as folder:
+        random_model(config, torch.device("cpu"), torch.float32).save_pretrained(folder)
+        ref = scan(wrap_model(AutoModelForCausalLM.from_pretrained(folder).to(device), tokenizer, "f32"), cfg)
+        for bits, target in QUANT_TARGETS.items():
+            quant = BitsAndBytesConfig(load_in_8bit=True) if bits == "8bit" else BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16)  # fmt: skip
+            model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=quant, device_map={"": device.index or 0})
+            res = scan(wrap_model(model, tokenizer, bits), cfg)
+            a = res.scores["avg_activation"].to_numpy()
+            b = ref.scores["avg_activation"].to_numpy()
+            ok = ~(np.isnan(a) | np.isnan(b))
+            r = float(np.corrcoef(a[ok], b[ok])[0, 1])
+            rows.check("quantised", bits, "avg_activation vs float32: Pearson r", f"{r:.4f}", f">= {target}", r >= target)
+            del model
+            release(device)
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes for the speed and memory rows (CPU-friendly)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--budget-s", type=float, default=420.0, help="skip speed/memory cases begun after this")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", help="also write the table to this file")
+    args = parser.parse_args(argv)
+    started = time.monotonic()
+    deadline = started + args.budget_s
+    device = torch.device(args.device)
+    import transformers
+
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none (CPU run)"
+    header = (f"gpu_check {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: device {device}, GPU {gpu}, "
+              f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} CPU threads, "
+              f"load average {load_average()}, {'tiny' if args.tiny else 'full'} shapes")  # fmt: skip
+    print(header, flush=True)
+    cfg = load_config(CONFIG)
+    rows = Rows()
+    rows.check("setup", "import", "mechamap_core without streamlit", "streamlit" in sys.modules and "imported" or "not imported",
+               "not imported", "streamlit" not in sys.modules)  # fmt: skip
+    check_architectures(rows, device, cfg)
+    check_multi_device(rows, device, cfg)
+    check_quantised(rows, device, cfg)
+    check_speed(rows, device, cfg, args.tiny, deadline, args.repeats)
+    check_memory(rows, device, cfg, args.tiny, deadline)
+    output = table(["section", "case", "check", "measured", "target", "status"], rows.rows)
+    failed = sum(r[5] == "FAIL" for r in rows.rows)
+    correctness = [r for r in rows.rows if r[0] == "correctness"]
+    summary = (f"correctness: {sum(r[5] == 'pass' for r in correctness)}/{len(correctness)} rows passed; "
+               f"all rows: {sum(r[5] == 'pass' for r in rows.rows)} passed, {failed} failed, "
+               f"{sum(r[5].startswith('skipped') for r in rows.rows)} skipped; {time.monotonic() - started:.0f} s")  # fmt: skip
+    print("\n" + header + "\n\n" + output + "\n\n" + summary)
+    if args.out:
+        Path(args.out).write_text(header + "\n\n" + output + "\n\n" + summary + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

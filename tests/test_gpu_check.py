@@ -1,0 +1,38 @@
+"""bench/gpu_check.py on the CPU with tiny shapes: the GPU check runs end to end and every correctness row passes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from conftest import REPO_ROOT
+
+
+def test_gpu_check_runs_on_the_cpu_and_every_correctness_row_passes(tmp_path):
+    out = tmp_path / "table.md"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "bench" / "gpu_check.py"), "--tiny", "--device", "cpu", "--repeats", "1",
+         "--out", str(out)],
+        capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=1200, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = out.read_text(encoding="utf-8").splitlines()
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines if line.startswith("| ")][1:]
+    by_section = {}
+    for section, case, check, _measured, _target, status in rows:
+        by_section.setdefault(section, []).append((case, check, status))
+    from tiny_models import ARCHS
+
+    correctness = by_section["correctness"]
+    # every architecture in float32, bfloat16 and float16: the values row and the hooks row
+    assert len(correctness) == len(ARCHS) * 3 * 2
+    assert {case.split()[0] for case, _, _ in correctness} == set(ARCHS)
+    assert [row for row in correctness if row[2] != "pass"] == []
+    assert by_section["setup"] == [("import", "mechamap_core without streamlit", "pass")]
+    assert [status for _, _, status in by_section["multi-device"]] == ["pass"] * 3
+    assert {status for _, _, status in by_section["quantised"]} == {"skipped: bitsandbytes needs CUDA"}
+    assert len([r for r in by_section["speed"] if "/ bare" in r[1]]) == 3 * 2 * 2  # 3 models, 2 sizes, 2 scans
+    assert "FAIL" not in {status for *_, status in rows}
+    assert lines[-1].startswith(f"correctness: {len(correctness)}/{len(correctness)} rows passed")
