@@ -76,12 +76,24 @@ def token_table(tokens: pd.DataFrame, activations: np.ndarray, category_mask: np
     return out
 
 
+EXAMPLE_COLUMNS = ["rank", "activation", "doc", "left", "token", "right"]
+SAMPLE_COLUMNS = ["band", "activation", "doc", "left", "token", "right"]
+
+
+def is_streamed(result: ScanResult) -> bool:
+    """Whether result is a streamed corpus scan's: it kept its examples' contexts, not the texts or every token."""
+    return "examples" in result.extras and not result.texts
+
+
 def top_examples(result: ScanResult, layer: int, neuron: int, context_chars: int = 60) -> pd.DataFrame:
     """Neuroscope-style: the neuron's top-activating tokens with the text around them.
 
-    Columns: rank, activation, doc, left, token, right.
+    Columns: rank, activation, doc, left, token, right. A streamed corpus scan's contexts come from
+    extras["examples"] (kept during the scan, keyed by the token's key, up to 60 characters each side).
     """
     top = result.top_tokens[(result.top_tokens["layer"] == layer) & (result.top_tokens["neuron"] == neuron)]
+    if is_streamed(result):
+        return _with_context(top, result.extras["examples"], context_chars)[EXAMPLE_COLUMNS]
     rows = []
     for rank, act, index in zip(top["rank"], top["activation"], top["token_index"]):
         tok = result.tokens.iloc[int(index)]
@@ -89,8 +101,31 @@ def top_examples(result: ScanResult, layer: int, neuron: int, context_chars: int
         start, end = int(tok["start"]), int(tok["end"])
         left = text[max(0, start - context_chars) : start].replace("\n", " ")
         right = text[end : end + context_chars].replace("\n", " ")
-        rows.append({"rank": int(rank), "activation": float(act), "doc": int(tok["doc"]), "left": left, "token": tok["token"], "right": right})
-    return pd.DataFrame(rows, columns=["rank", "activation", "doc", "left", "token", "right"])
+        rows.append([int(rank), float(act), int(tok["doc"]), left, tok["token"], right])
+    return pd.DataFrame(rows, columns=EXAMPLE_COLUMNS)
+
+
+def quantile_samples(result: ScanResult, layer: int, neuron: int, context_chars: int = 60) -> pd.DataFrame | None:
+    """A streamed corpus scan's tokens sampled across the neuron's activation bands (band 0 holds the lowest
+    activations), in context, lowest first. Columns: band, activation, doc, left, token, right. None for other runs.
+    """
+    samples = result.extras.get("samples")
+    if samples is None or not is_streamed(result):
+        return None
+    mine = samples[(samples["layer"] == layer) & (samples["neuron"] == neuron)]
+    if "expert" in mine.columns:
+        mine = mine[mine["expert"].isna()]  # the layer's dense neurons, as the Neuron page shows them
+    picked = _with_context(mine, result.extras["examples"], context_chars)
+    return picked.sort_values(["band", "activation"], kind="stable").reset_index(drop=True)[SAMPLE_COLUMNS]
+
+
+def _with_context(rows: pd.DataFrame, examples: pd.DataFrame, context_chars: int) -> pd.DataFrame:
+    """rows (with token_index, the token's key) joined with the examples' doc, left, token and right."""
+    context = examples[["token_index", "doc", "left", "token", "right"]]
+    joined = rows.drop(columns=["token", "doc"], errors="ignore").merge(context, on="token_index", how="left")
+    joined["left"] = joined["left"].fillna("").str[-context_chars:] if context_chars else ""
+    joined["right"] = joined["right"].fillna("").str[:context_chars] if context_chars else ""
+    return joined.astype({"activation": float})
 
 
 def direct_effect(lm: LoadedModel, layer: int, neuron: int, k: int = 10) -> pd.DataFrame | None:
