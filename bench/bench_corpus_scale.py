@@ -44,6 +44,7 @@ CONFIG = CONFIGS[0]
 MEMORY_SIZES = (1_000, 20_000)
 STARTUP_DOCS = 8
 CALIBRATION_DOCUMENTS = 32  # as mechamap_core.corpus_run
+LIMIT_NEURONS = 32  # per layer: the per-token statistics (top-k, histograms, quantile samples) dominate a scan here
 
 
 # --- preparation (in a child, so that the parent never imports torch) ---------------------------------
@@ -96,10 +97,12 @@ def prepare(folder: Path, sizes: list[int]) -> None:
 # --- the memory child ---------------------------------------------------------------------------------
 
 
-def child(corpus: Path, model: Path) -> None:
+def child(corpus: Path, model: Path, limit_neurons: int) -> None:
     import itertools
 
     import torch
+
+    torch.set_num_threads(1)  # 2 threads spin against each other on a busy 2-core machine; memory is the point here
 
     from mechamap_core import load_config, load_model
     from mechamap_core.corpus import iter_documents
@@ -111,7 +114,7 @@ def child(corpus: Path, model: Path) -> None:
     reset = reset_peak_rss()
     before = proc_status_kb()
     started = time.perf_counter()
-    state = scan_stream(lm, cfg, iter_documents(corpus), calibration_texts=calibration)
+    state = scan_stream(lm, cfg, iter_documents(corpus), calibration_texts=calibration, limit_neurons=limit_neurons)
     scanned = time.perf_counter()
     result = stream_result(lm, cfg, state)
     finished = time.perf_counter()
@@ -135,9 +138,9 @@ def run_child(args: list[str], env: dict | None = None) -> tuple[float, subproce
     return seconds, done
 
 
-def cli(corpus: Path, model: Path, out: Path, processes: int) -> list[str]:
+def cli(corpus: Path, model: Path, out: Path, processes: int, limit_neurons: int) -> list[str]:
     scan = ["-m", "mechamap_core", "scan", "--config", str(CONFIG), "--model", str(model), "--corpus", str(corpus),
-            "--device", "cpu", "--csv", str(out)]  # fmt: skip
+            "--device", "cpu", "--limit-neurons", str(limit_neurons), "--csv", str(out)]  # fmt: skip
     if processes == 1:
         return [sys.executable, *scan]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}", *scan]
@@ -150,33 +153,62 @@ def table(headers: list[str], rows: list[list]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="1,000 vs 5,000 documents and a 1,000-document speed run")
-    parser.add_argument("--speed-docs", type=int, default=4_000, help="documents in the 1-vs-2-process runs")
-    parser.add_argument("--child", nargs=2, metavar=("CORPUS", "MODEL"), help=argparse.SUPPRESS)
+    parser.add_argument("--quick", action="store_true", help="1,000 vs 5,000 documents and a 300-document speed run")
+    parser.add_argument("--speed-docs", type=int, default=1_000, help="documents in the 1-vs-2-process runs")
+    parser.add_argument("--limit-neurons", type=int, default=LIMIT_NEURONS, help="neurons per layer scanned")
+    parser.add_argument("--child", nargs=3, metavar=("CORPUS", "MODEL", "LIMIT"), help=argparse.SUPPRESS)
     parser.add_argument("--prepare", nargs="+", metavar="ARG", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(Path(args.child[0]), Path(args.child[1]))
+        child(Path(args.child[0]), Path(args.child[1]), int(args.child[2]))
         return
     if args.prepare:
         prepare(Path(args.prepare[0]), [int(n) for n in args.prepare[1:]])
         return
 
     memory_sizes = (1_000, 5_000) if args.quick else MEMORY_SIZES
-    speed_docs = 1_000 if args.quick else args.speed_docs
+    speed_docs = 300 if args.quick else args.speed_docs
     began = time.perf_counter()
-    print(f"load average at start: {load_average()} on {os.cpu_count()} cores")
+    print(f"load average at start: {load_average()} on {os.cpu_count()} cores", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench_corpus_scale_") as tmp:
         folder = Path(tmp)
         sizes = sorted({*memory_sizes, speed_docs, STARTUP_DOCS})
         run_child([sys.executable, __file__, "--prepare", tmp, *map(str, sizes)])
         model = folder / "model"
 
+        print(f"prepared in {time.perf_counter() - began:.0f} s", flush=True)
+        tokens = json.loads((folder / "tokens.json").read_text())[str(speed_docs)]
+        print(f"\n## 1 process vs 2 (CLI, --device cpu, {speed_docs:,} documents, {tokens:,} tokens)\n")
+        runs = {
+            "1 process x torch default threads": (1, {}),
+            "1 process x 1 thread (OMP_NUM_THREADS=1)": (1, {"OMP_NUM_THREADS": "1"}),
+            "2 processes (torchrun, gloo) x 1 thread each": (2, {}),
+        }
+        speed = {}
+        for name, (processes, env) in runs.items():
+            out = folder / f"out_{processes}_{len(env)}.csv"
+            startup, _ = run_child(cli(folder / f"corpus_{STARTUP_DOCS}.jsonl", model, out, processes, args.limit_neurons), env)
+            wall, done = run_child(cli(folder / f"corpus_{speed_docs}.jsonl", model, out, processes, args.limit_neurons), env)
+            print(f"{name}: start-up {startup:.1f} s, wall {wall:.1f} s", flush=True)
+            torchrun_threads = "OMP_NUM_THREADS" in done.stderr and "to be 1" in done.stderr
+            speed[name] = (wall, startup, torchrun_threads)
+        base_wall, base_startup, _ = speed[next(iter(runs))]
+        rows = []
+        for name, (wall, startup, torchrun_threads) in speed.items():
+            scan_s = max(wall - startup, 1e-9)
+            rows.append([name + (" (torchrun set OMP_NUM_THREADS=1)" if torchrun_threads else ""), f"{wall:.1f} s",
+                         f"{startup:.1f} s", f"{scan_s:.1f} s", f"{speed_docs / scan_s:,.0f}",
+                         f"{tokens / scan_s:,.0f}",
+                         f"{(base_wall - base_startup) / scan_s:.2f}x", f"{base_wall / wall:.2f}x"])  # fmt: skip
+        print(table(["run", "wall", f"start-up ({STARTUP_DOCS} docs)", "scan (wall - start-up)", "docs/s", "tokens/s",
+                     "scan speed-up", "wall speed-up"], rows))  # fmt: skip
         print("\n## Peak RSS of a streamed corpus scan (fresh process each; scan_stream + stream_result)\n")
         memory = {}
         for n in memory_sizes:
-            _, done = run_child([sys.executable, __file__, "--child", str(folder / f"corpus_{n}.jsonl"), str(model)])
+            corpus = str(folder / f"corpus_{n}.jsonl")
+            _, done = run_child([sys.executable, __file__, "--child", corpus, str(model), str(args.limit_neurons)])
             memory[n] = json.loads(done.stdout.strip().splitlines()[-1])
+            print(f"{n:,} documents: {memory[n]}", flush=True)
         rows = []
         for n, m in memory.items():
             growth = (m["peak_kb"] - m["rss_before_kb"]) / 1024
@@ -190,30 +222,6 @@ def main() -> None:
         print(f"\n{memory_sizes[1] // memory_sizes[0]}x the documents: the peak grew {grew:+.1f} MB more "
               f"(peak reset worked: {small['peak_reset'] and large['peak_reset']})")  # fmt: skip
 
-        tokens = json.loads((folder / "tokens.json").read_text())[str(speed_docs)]
-        print(f"\n## 1 process vs 2 (CLI, --device cpu, {speed_docs:,} documents, {tokens:,} tokens)\n")
-        runs = {
-            "1 process x torch default threads": (1, {}),
-            "1 process x 1 thread (OMP_NUM_THREADS=1)": (1, {"OMP_NUM_THREADS": "1"}),
-            "2 processes (torchrun, gloo) x 1 thread each": (2, {}),
-        }
-        speed = {}
-        for name, (processes, env) in runs.items():
-            out = folder / f"out_{processes}_{len(env)}.csv"
-            startup, _ = run_child(cli(folder / f"corpus_{STARTUP_DOCS}.jsonl", model, out, processes), env)
-            wall, done = run_child(cli(folder / f"corpus_{speed_docs}.jsonl", model, out, processes), env)
-            torchrun_threads = "OMP_NUM_THREADS" in done.stderr and "to be 1" in done.stderr
-            speed[name] = (wall, startup, torchrun_threads)
-        base_wall, base_startup, _ = speed[next(iter(runs))]
-        rows = []
-        for name, (wall, startup, torchrun_threads) in speed.items():
-            scan_s = max(wall - startup, 1e-9)
-            rows.append([name + (" (torchrun set OMP_NUM_THREADS=1)" if torchrun_threads else ""), f"{wall:.1f} s",
-                         f"{startup:.1f} s", f"{scan_s:.1f} s", f"{speed_docs / scan_s:,.0f}",
-                         f"{tokens / scan_s:,.0f}",
-                         f"{(base_wall - base_startup) / scan_s:.2f}x", f"{base_wall / wall:.2f}x"])  # fmt: skip
-        print(table(["run", "wall", f"start-up ({STARTUP_DOCS} docs)", "scan (wall - start-up)", "docs/s", "tokens/s",
-                     "scan speed-up", "wall speed-up"], rows))  # fmt: skip
     print(f"\nload average at end: {load_average()}; bench took {time.perf_counter() - began:.0f} s")
 
 
