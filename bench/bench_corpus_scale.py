@@ -1,11 +1,11 @@
 #!/usr/bin/env python
 """Benchmark of streamed corpus scans: peak RSS at 1,000 vs 20,000 documents, throughput, and 2 processes vs 1.
 
-Run `python bench/bench_corpus_scale.py` (about 6-8 minutes on a busy 2-core machine; `--quick` about 2).
+Run `python bench/bench_corpus_scale.py` (about 11 minutes on a busy 2-core machine; `--quick` about 4).
 It asserts nothing. A small random GPT-2 (2 layers, 64 hidden, 256 MLP neurons per layer, the bundled
-tokenizer) is scanned, because the bundled all-MiniLM-L6-v2 runs ~2,500 tokens/s here and 20,000
-documents would take a quarter of an hour; the memory and the 1-vs-2-process comparison do not depend on
-the model's size. Documents pack 2-5 sentences of the configs' master texts (~50-150 tokens each).
+tokenizer; 32 neurons per layer) is scanned, because the bundled all-MiniLM-L6-v2 with all its neurons
+streams ~650 tokens per CPU-second here and 20,000 documents would take most of an hour; the memory and
+the 1-vs-2-process comparison do not depend on the model's size. Documents pack 2-5 sentences of the configs' master texts (~50-150 tokens each).
 
 1. Memory: for each corpus size, a fresh child process (`--child`) loads the model, resets its peak RSS
    (/proc/self/clear_refs = 5), and runs what the CLI runs (scan_stream over corpus.iter_documents with
