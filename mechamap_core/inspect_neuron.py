@@ -93,7 +93,7 @@ def top_examples(result: ScanResult, layer: int, neuron: int, context_chars: int
     """
     top = result.top_tokens[(result.top_tokens["layer"] == layer) & (result.top_tokens["neuron"] == neuron)]
     if is_streamed(result):
-        return _with_context(top, result.extras["examples"], context_chars)[EXAMPLE_COLUMNS]
+        return _with_context(_dense(top), result.extras["examples"], context_chars)[EXAMPLE_COLUMNS]
     rows = []
     for rank, act, index in zip(top["rank"], top["activation"], top["token_index"]):
         tok = result.tokens.iloc[int(index)]
@@ -112,11 +112,14 @@ def quantile_samples(result: ScanResult, layer: int, neuron: int, context_chars:
     samples = result.extras.get("samples")
     if samples is None or not is_streamed(result):
         return None
-    mine = samples[(samples["layer"] == layer) & (samples["neuron"] == neuron)]
-    if "expert" in mine.columns:
-        mine = mine[mine["expert"].isna()]  # the layer's dense neurons, as the Neuron page shows them
+    mine = _dense(samples[(samples["layer"] == layer) & (samples["neuron"] == neuron)])
     picked = _with_context(mine, result.extras["examples"], context_chars)
     return picked.sort_values(["band", "activation"], kind="stable").reset_index(drop=True)[SAMPLE_COLUMNS]
+
+
+def _dense(rows: pd.DataFrame) -> pd.DataFrame:
+    """The rows of a layer's dense neurons (not of its experts), as the Neuron page shows them."""
+    return rows[rows["expert"].isna()] if "expert" in rows.columns else rows
 
 
 def _with_context(rows: pd.DataFrame, examples: pd.DataFrame, context_chars: int) -> pd.DataFrame:
