@@ -76,15 +76,25 @@ def token_table(tokens: pd.DataFrame, activations: np.ndarray, category_mask: np
     return out
 
 
+EXAMPLE_COLUMNS = ["rank", "activation", "doc", "left", "token", "right"]
+SAMPLE_COLUMNS = ["band", "activation", "doc", "left", "token", "right"]
+
+
+def is_streamed(result: ScanResult) -> bool:
+    """Whether result is a streamed corpus scan's: it kept its examples' contexts, not the texts or every token."""
+    return "examples" in result.extras and not result.texts
+
+
 def top_examples(result: ScanResult, layer: int, neuron: int, context_chars: int = 60, expert: int | None = None) -> pd.DataFrame:
     """Neuroscope-style: the neuron's top-activating tokens with the text around them (of a routed expert's
     neuron when expert is given, else of the layer's dense or shared-expert neuron).
 
-    Columns: rank, activation, doc, left, token, right.
+    Columns: rank, activation, doc, left, token, right. A streamed corpus scan's contexts come from
+    extras["examples"] (kept during the scan, keyed by the token's key, up to 60 characters each side).
     """
-    top = result.top_tokens[(result.top_tokens["layer"] == layer) & (result.top_tokens["neuron"] == neuron)]
-    if "expert" in top.columns:
-        top = top[top["expert"].isna()] if expert is None else top[top["expert"] == expert]
+    top = _of_neuron(result.top_tokens, layer, neuron, expert)
+    if is_streamed(result):
+        return _with_context(top, result.extras["examples"], context_chars)[EXAMPLE_COLUMNS]
     rows = []
     for rank, act, index in zip(top["rank"], top["activation"], top["token_index"]):
         tok = result.tokens.iloc[int(index)]
@@ -92,8 +102,37 @@ def top_examples(result: ScanResult, layer: int, neuron: int, context_chars: int
         start, end = int(tok["start"]), int(tok["end"])
         left = text[max(0, start - context_chars) : start].replace("\n", " ")
         right = text[end : end + context_chars].replace("\n", " ")
-        rows.append({"rank": int(rank), "activation": float(act), "doc": int(tok["doc"]), "left": left, "token": tok["token"], "right": right})
-    return pd.DataFrame(rows, columns=["rank", "activation", "doc", "left", "token", "right"])
+        rows.append([int(rank), float(act), int(tok["doc"]), left, tok["token"], right])
+    return pd.DataFrame(rows, columns=EXAMPLE_COLUMNS)
+
+
+def quantile_samples(result: ScanResult, layer: int, neuron: int, context_chars: int = 60) -> pd.DataFrame | None:
+    """A streamed corpus scan's tokens sampled across the neuron's activation bands (band 0 holds the lowest
+    activations), in context, lowest first. Columns: band, activation, doc, left, token, right. None for other runs.
+    """
+    samples = result.extras.get("samples")
+    if samples is None or not is_streamed(result):
+        return None
+    mine = _of_neuron(samples, layer, neuron)
+    picked = _with_context(mine, result.extras["examples"], context_chars)
+    return picked.sort_values(["band", "activation"], kind="stable").reset_index(drop=True)[SAMPLE_COLUMNS]
+
+
+def _of_neuron(rows: pd.DataFrame, layer: int, neuron: int, expert: int | None = None) -> pd.DataFrame:
+    """The rows of one neuron: of routed expert `expert`, or (None) of the layer's dense or shared-expert MLP."""
+    rows = rows[(rows["layer"] == layer) & (rows["neuron"] == neuron)]
+    if "expert" in rows.columns:
+        rows = rows[rows["expert"].isna()] if expert is None else rows[rows["expert"] == expert]
+    return rows
+
+
+def _with_context(rows: pd.DataFrame, examples: pd.DataFrame, context_chars: int) -> pd.DataFrame:
+    """rows (with token_index, the token's key) joined with the examples' doc, left, token and right."""
+    context = examples[["token_index", "doc", "left", "token", "right"]]
+    joined = rows.drop(columns=["token", "doc"], errors="ignore").merge(context, on="token_index", how="left")
+    joined["left"] = joined["left"].fillna("").str[-context_chars:] if context_chars else ""
+    joined["right"] = joined["right"].fillna("").str[:context_chars] if context_chars else ""
+    return joined.astype({"activation": float})
 
 
 def direct_effect(lm: LoadedModel, layer: int, neuron: int, k: int = 10) -> pd.DataFrame | None:

@@ -6,13 +6,18 @@ from pathlib import Path
 
 import streamlit as st
 
-from mechamap_core import LoadedModel, ScanConfig, scan
+from mechamap_core import LoadedModel, ScanConfig
+from mechamap_core.corpus import Document
+from mechamap_core.corpus_run import CALIBRATION_DOCUMENTS
 from mechamap_core.export import save_run
 from mechamap_core.jobs import CANCELLED, DONE, FAILED, QUEUED, RUNNING, JobProgress, JobQueue, JobView, Work
+from mechamap_core.scan.stream import scan_stream, stream_result
 
 from . import scanning, state
 
 POLL_S = 1.0  # how often the job panel refreshes while a job is queued or running
+PROGRESS_STEPS = 20  # a corpus job reports its progress about this many times
+MAX_GROUP_DOCUMENTS = 64  # scan_stream's default group
 MY_JOBS = "my_scan_jobs"  # session_state: ids of the jobs this session started that have not finished yet
 
 
@@ -23,26 +28,36 @@ def registry() -> JobQueue:
 
 
 def corpus_scan_work(lm: LoadedModel, cfg: ScanConfig, texts: list[str], runs_dir: Path, key: str, **options) -> Work:
-    """A job's work: count each document's tokens, scan the documents, save the run (atomically) and
-    remember it under the scan key; returns the run id. options: layers, limit_neurons."""
+    """A job's work: stream the documents through scan_stream (memory flat in their number, progress after
+    each group of documents), finish the statistics, save the run (atomically) and remember it under the
+    scan key; returns the run id. options: layers, limit_neurons."""
 
     def work(progress: JobProgress) -> str:
-        progress(0, len(texts), "Counting tokens and preparing the documents ...")
+        total = len(texts)
+        progress(0, total, "Counting tokens ...")
         encoded = lm.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
         progress.set_unit_tokens([len(ids) for ids in encoded])
-        last_total = [len(texts)]
+        del encoded
 
-        def on_progress(done: int, total: int, message: str) -> None:
-            last_total[0] = total
+        def on_progress(done: int, _total: int | None, message: str) -> None:
             progress(done, total, f"Scanning {message}" if done < total else "Computing the statistics ...")
 
-        result = scan(lm, cfg, texts=texts, progress=on_progress, **options)
-        progress(last_total[0], last_total[0], "Saving the run ...")  # the last moment a cancel still counts
+        documents = (Document(index, text, f"document {index + 1}") for index, text in enumerate(texts))
+        calibration = texts[:CALIBRATION_DOCUMENTS]
+        state = scan_stream(lm, cfg, documents, calibration_texts=calibration, progress=on_progress,
+                            total_documents=total, group_documents=group_size(total), **options)  # fmt: skip
+        result = stream_result(lm, cfg, state, {"corpus": f"{total:,} uploaded documents"})
+        progress(total, total, "Saving the run ...")  # the last moment a cancel still counts
         run_id = save_run(result, runs_dir).name
         scanning.remember_scan(key, run_id)
         return run_id
 
     return work
+
+
+def group_size(n_documents: int) -> int:
+    """Documents per progress step: about PROGRESS_STEPS steps, never more than 64 documents at a time."""
+    return max(1, min(MAX_GROUP_DOCUMENTS, n_documents // PROGRESS_STEPS))
 
 
 def start_corpus_scan(spec: str, cfg: ScanConfig, label: str, *, device: str, dtype: str, texts: list[str], **options):

@@ -17,8 +17,11 @@ from app_fixtures import make_app, no_exception, open_page, texts
 
 from mechamap_core import ScanCancelled, scan
 from mechamap_core.config import BUNDLED_MODEL_ID
+from mechamap_core.corpus import Document
 from mechamap_core.export import load_run, save_run
+from mechamap_core.inspect_neuron import is_streamed
 from mechamap_core.jobs import CANCELLED, DONE, FAILED, QUEUED, RUNNING, JobProgress, JobQueue, rate_and_eta
+from mechamap_core.scan.stream import scan_stream, stream_result
 from mechamap_ui import jobs, scanning
 from mechamap_ui.state import ACTIVE_RUN
 
@@ -190,7 +193,7 @@ def run_corpus_job(queue, lm, cfg, runs, docs=DOCS, on_report=None, **options) -
     return submitted[0]
 
 
-def test_a_corpus_job_saves_the_run_of_a_direct_scan_with_monotonic_progress(queue, bundled_lm, default_cfg, tmp_path):
+def test_a_corpus_job_saves_the_run_of_a_streamed_scan_with_monotonic_progress(queue, bundled_lm, default_cfg, tmp_path):
     cfg = small_cfg(default_cfg)
     views = []
     job_id = run_corpus_job(queue, bundled_lm, cfg, tmp_path, on_report=views.append, layers=[0, 3], limit_neurons=16)
@@ -198,9 +201,17 @@ def test_a_corpus_job_saves_the_run_of_a_direct_scan_with_monotonic_progress(que
     job = queue.job(job_id)
     assert job.state == DONE, job.error
     saved = load_run(tmp_path / job.outcome)
-    direct = scan(bundled_lm, cfg, texts=DOCS, layers=[0, 3], limit_neurons=16)
-    pd.testing.assert_frame_equal(saved.scores, direct.scores, check_exact=False, rtol=1e-6)
-    assert saved.metadata["n_documents"] == len(DOCS)
+    assert is_streamed(saved) and saved.metadata["n_documents"] == len(DOCS)
+    stream = (Document(i, text, "") for i, text in enumerate(DOCS))  # the same scan, called directly
+    state = scan_stream(bundled_lm, cfg, stream, calibration_texts=DOCS, layers=[0, 3], limit_neurons=16,
+                        group_documents=jobs.group_size(len(DOCS)))  # fmt: skip
+    streamed = stream_result(bundled_lm, cfg, state)
+    pd.testing.assert_frame_equal(saved.scores, streamed.scores, check_exact=False, rtol=1e-6)
+    pd.testing.assert_frame_equal(saved.top_tokens, streamed.top_tokens, check_exact=False, rtol=1e-6)
+    close = {"check_exact": False, "rtol": 1e-4, "atol": 1e-5}  # float32 sums in another order
+    direct = scan(bundled_lm, cfg, texts=DOCS, layers=[0, 3], limit_neurons=16)  # in memory: the same moments
+    moments = ["n_tokens", "avg_activation", "mean_rest", "std_category", "std_rest", "cohens_d"]
+    pd.testing.assert_frame_equal(saved.scores[moments], direct.scores[moments], **close)
 
     counts = [len(bundled_lm.tokenizer.encode(doc, add_special_tokens=False)) for doc in DOCS]  # one at a time
     assert sum(counts) == direct.metadata["n_tokens"]

@@ -4,7 +4,7 @@ import streamlit as st
 
 from mechamap_core.analysis import has_experts, neuron_label, neuron_profile
 from mechamap_core.charts import activation_histogram, category_bars, coloured_text_html, direct_effect_bars
-from mechamap_core.inspect_neuron import direct_effect, neuron_token_table, top_examples
+from mechamap_core.inspect_neuron import direct_effect, neuron_token_table, quantile_samples, top_examples
 from mechamap_core.sites import hook_name
 from mechamap_ui import links, state
 from mechamap_ui.neuron_data import model_for, recomputed_token_table, typed_text_activations
@@ -64,22 +64,33 @@ if hook != hook_name(layer):  # a routed or shared expert: the model-based views
     )
     st.stop()
 
-tokens = neuron_token_table(result, layer, neuron)
-if tokens is None:
-    with st.spinner("Recomputing this neuron's activations (they were not recorded for this run)..."):
-        tokens = recomputed_token_table(result, layer, neuron)
-if tokens is not None:
-    st.markdown("#### Activations over all tokens")
-    hist = activation_histogram(tokens)
-    st.altair_chart(hist)
-    chart_downloads(hist, f"neuron_{label.replace('.', '_')}_histogram")
-    st.markdown("#### Master text coloured by this neuron")
-    docs = sorted(tokens["doc"].unique())
-    doc = st.selectbox("Document", docs) if len(docs) > 1 else docs[0]
-    vmax = float(tokens["activation"].abs().max()) or 1.0
-    st.html(coloured_text_html(result.texts[doc], tokens[tokens["doc"] == doc], vmax))
+samples = quantile_samples(result, layer, neuron)
+if samples is not None:  # a streamed corpus scan: its texts and per-token activations were not kept
+    n_documents = result.metadata.get("n_documents", 0)
+    st.markdown("#### Examples across the activation range")
+    st.caption(
+        f"This run scanned a corpus of {n_documents:,} documents as a stream and kept only each neuron's top "
+        "examples and tokens sampled across its activation quantiles (band 0 = lowest), not every token's "
+        "activation, so there is no histogram or coloured text here."
+    )
+    st.dataframe(samples, hide_index=True)
 else:
-    st.info("Per-token activations are unavailable: the model of this run could not be loaded here.")
+    tokens = neuron_token_table(result, layer, neuron)
+    if tokens is None:
+        with st.spinner("Recomputing this neuron's activations (they were not recorded for this run)..."):
+            tokens = recomputed_token_table(result, layer, neuron)
+    if tokens is not None:
+        st.markdown("#### Activations over all tokens")
+        hist = activation_histogram(tokens)
+        st.altair_chart(hist)
+        chart_downloads(hist, f"neuron_{label.replace('.', '_')}_histogram")
+        st.markdown("#### Master text coloured by this neuron")
+        docs = sorted(tokens["doc"].unique())
+        doc = st.selectbox("Document", docs) if len(docs) > 1 else docs[0]
+        vmax = float(tokens["activation"].abs().max()) or 1.0
+        st.html(coloured_text_html(result.texts[doc], tokens[tokens["doc"] == doc], vmax))
+    else:
+        st.info("Per-token activations are unavailable: the model of this run could not be loaded here.")
 
 st.markdown("#### Direct effect on the vocabulary")
 lm = model_for(result)
