@@ -6,10 +6,11 @@ from .config import ConfigError, ScanConfig, load_config, save_config  # noqa: E
 from .hub import GatedModelError, ModelNotAvailableError, ModelTooLargeError, RemoteCodeRefusedError  # noqa: E402
 from .models import LoadedModel, load_model  # noqa: E402
 from .scan import ScanCancelled, ScanResult, scan  # noqa: E402
+from .scan.plan import ScanMemoryError  # noqa: E402
 from .sites import SiteResolutionError  # noqa: E402
 
 __all__ = [
     "ConfigError", "GatedModelError", "LoadedModel", "ModelNotAvailableError", "ModelTooLargeError",
-    "RemoteCodeRefusedError", "ScanConfig", "ScanCancelled", "ScanResult",
+    "RemoteCodeRefusedError", "ScanMemoryError", "ScanConfig", "ScanCancelled", "ScanResult",
     "SiteResolutionError", "load_config", "load_model", "save_config", "scan",
 ]  # fmt: skip

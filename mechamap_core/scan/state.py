@@ -173,8 +173,15 @@ class SiteStats:
         edges = self.band_edges()
         if edges is None:
             return
+        priority = token_priority(keys)
+        worst = self.sample_priority.max()  # inf while a slot is empty
+        if torch.isfinite(worst):  # a token above every slot's priority can enter none: after warm-up, most
+            candidates = torch.nonzero(priority <= worst).view(-1)
+            if not len(candidates):
+                return
+            acts_t, keys, priority = acts_t.index_select(1, candidates), keys[candidates], priority[candidates]
         band = torch.searchsorted(edges, acts_t.contiguous(), right=True)  # [N, T]
-        priority = token_priority(keys)[None, :].expand_as(band)
+        priority = priority[None, :].expand_as(band)
         per_band = self.layout.samples_per_band
         for b in range(self.layout.sample_bands):
             rows = slice(b * per_band, (b + 1) * per_band)
