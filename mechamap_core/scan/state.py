@@ -154,19 +154,15 @@ class SiteStats:
         values = acts_t.index_select(1, tokens).contiguous()
         flat_bins = torch.searchsorted(self.hist_edges, values, right=True)  # [N, K]
         flat_bins += torch.arange(0, n_neurons * bins, bins, device=acts_t.device)[:, None]
-        mask = labels.category_mask.index_select(0, tokens)  # [K, C]
-        fold = labels.fold.index_select(0, tokens) if labels.fold is not None else None
-        n_folds, flat = self.layout.n_folds, self.hist_group.view(len(self.hist_group), -1)
-        for c in range(mask.shape[1]):
-            for f in range(n_folds):
-                member = mask[:, c] > 0
-                if n_folds > 1:
-                    member &= fold[:, c] == f
-                columns = torch.nonzero(member).view(-1)
-                if len(columns):
-                    flat[c * n_folds + f] += torch.bincount(
-                        flat_bins.index_select(1, columns).view(-1), minlength=n_neurons * bins
-                    )
+        mask = labels.category_mask.index_select(0, tokens) > 0  # [K, C]
+        n_folds, cells = self.layout.n_folds, n_neurons * bins
+        if n_folds > 1:  # each (token, category) pair lands in its category's fold of the token's word
+            fold = labels.fold.index_select(0, tokens)
+            mask &= fold >= 0
+        token_of_pair, category_of_pair = torch.nonzero(mask, as_tuple=True)  # every (token, group) pair
+        group = category_of_pair * n_folds + (fold[token_of_pair, category_of_pair] if n_folds > 1 else 0)
+        pairs = flat_bins.index_select(1, token_of_pair) + (group * cells)[None, :]  # [N, P]: one flat index each
+        self.hist_group.view(-1).add_(torch.bincount(pairs.view(-1), minlength=len(self.hist_group) * cells))
 
     def _update_samples(self, acts_t: torch.Tensor, keys: torch.Tensor) -> None:
         """Per neuron and activation band (quantiles of the edges), the tokens of lowest priority."""
