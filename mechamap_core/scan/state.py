@@ -114,11 +114,18 @@ class SiteStats:
             self.sums_sq[1:] += members @ (values * values)
         if self.layout.n_words and labels.word is not None:
             in_word = torch.nonzero(labels.word >= 0).view(-1)
-            if len(in_word):
-                words, word_acts = labels.word.index_select(0, in_word), acts.index_select(0, in_word)
-                self.word_n.index_add_(0, words, torch.ones_like(words, dtype=self.word_n.dtype))
-                self.word_sums.index_add_(0, words, word_acts.to(self.word_sums.dtype))
-                self.word_sumsq.index_add_(0, words, (word_acts * word_acts).to(self.word_sums.dtype))
+            if len(in_word):  # per word present: float32 matmuls of the centred values, the shift undone in float64
+                present, slot = torch.unique(labels.word.index_select(0, in_word), return_inverse=True)
+                members = torch.zeros(len(present), len(in_word), dtype=acts.dtype, device=acts.device)
+                members[slot, torch.arange(len(in_word), device=acts.device)] = 1.0  # [U, K] one-hot
+                values = centred.index_select(0, in_word)  # [K, N]
+                n_word = members.sum(dim=1, keepdim=True).to(wide)
+                linear = (members @ values).to(wide)
+                self.word_n.index_add_(0, present, n_word[:, 0])
+                self.word_sums.index_add_(0, present, linear + n_word * shift)
+                self.word_sumsq.index_add_(
+                    0, present, (members @ (values * values)).to(wide) + 2 * shift * linear + n_word * shift * shift
+                )
         layout = self.layout
         if not (layout.top_k or layout.hist_bins or layout.sample_bands):
             return
