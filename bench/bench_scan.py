@@ -95,14 +95,18 @@ def gpt2_config(cfg, lm):
 def plain_scan(lm, cfg, aligned, inputs):
     """What a researcher would write: hooks cache every layer's neuron activations over the whole pass, then
     per category: means and squares by matmul, effect sizes, Welch t and p, exact AUROC from
-    scipy.stats.rankdata, top-k by torch.topk, BH q-values by scipy. Returns the scores DataFrame."""
+    scipy.stats.rankdata, top-k by torch.topk, BH q-values by scipy; and the same word-level statistics the
+    scan has on by default, from the cached activations with the library's own functions (word_moments +
+    permutation_pvalues over all layers at once, cv_auroc_exact per layer). Returns the scores DataFrame."""
     import numpy as np
     import pandas as pd
     import torch
     from scipy import stats
 
     from mechamap_core.scan.driver import batches
+    from mechamap_core.scan.run import word_labels
     from mechamap_core.sites import resolve_sites
+    from mechamap_core.stats import cv_auroc_exact, permutation_pvalues, word_moments
 
     sites = resolve_sites(lm.model, cfg.layers)
     positions = [b.positions for b in batches(aligned.chunks, cfg.batch_size, lm.pad_id)]
@@ -129,8 +133,13 @@ def plain_scan(lm, cfg, aligned, inputs):
     n_c = mask.sum(0)[:, None].double()
     n_r = mask.shape[0] - n_c
     frames = []
-    for layer, parts in cache.items():
-        acts = torch.cat(parts)  # [T, N]
+    word_category, word_fold = word_labels(cfg, aligned.coverage)
+    all_acts = {layer: torch.cat(parts) for layer, parts in cache.items()}
+    moments = word_moments(torch.cat(list(all_acts.values()), dim=1).numpy(), aligned.token_word, len(word_category))
+    permutation_p = permutation_pvalues(**moments, word_category=word_category, n_permutations=cfg.permutations,
+                                        seed=cfg.seed, n_categories=len(aligned.categories))  # [C, all neurons]
+    first = 0
+    for layer, acts in all_acts.items():  # [T, N]
         sum_c, sq_c = (mask.T @ acts).double(), (mask.T @ acts**2).double()
         sum_all, sq_all = acts.double().sum(0), (acts.double() ** 2).sum(0)
         mean_c, mean_r = sum_c / n_c, (sum_all - sum_c) / n_r
@@ -145,15 +154,21 @@ def plain_scan(lm, cfg, aligned, inputs):
         ranks = torch.from_numpy(stats.rankdata(acts.numpy(), axis=0))  # [T, N] average ranks
         auroc = ((mask.double().T @ ranks) - n_c * (n_c + 1) / 2) / (n_c * n_r)
         torch.topk(acts, min(cfg.top_k_tokens, len(acts)), dim=0)
+        cv = cv_auroc_exact(np.ascontiguousarray(acts.T.numpy()), aligned.token_word, word_category, word_fold,
+                            len(aligned.categories))  # fmt: skip
+        layer_p = permutation_p[:, first : first + acts.shape[1]]
+        first += acts.shape[1]
         frames.append(pd.DataFrame({
             "layer": layer, "neuron": np.tile(np.arange(acts.shape[1]), len(n_c)),
             "category": np.repeat(aligned.categories, acts.shape[1]), "avg_activation": mean_c.numpy().ravel(),
             "cohens_d": (diff / torch.sqrt(pooled)).numpy().ravel(),
             "separation": (diff / torch.sqrt((var_c + var_r) / 2)).numpy().ravel(),
-            "t_stat": t.numpy().ravel(), "p_value": p.ravel(), "auroc": auroc.numpy().ravel(),
+            "t_stat": t.numpy().ravel(), "welch_p": p.ravel(), "auroc": auroc.numpy().ravel(),
+            "cv_auroc": cv.ravel(), "p_value": layer_p.ravel(),
         }))  # fmt: skip
     scores = pd.concat(frames, ignore_index=True)
     scores["q_value"] = stats.false_discovery_control(scores["p_value"].fillna(1.0))
+    scores["welch_q"] = stats.false_discovery_control(scores["welch_p"].fillna(1.0))
     return scores
 
 
@@ -207,11 +222,14 @@ def check_plain_agrees(res, plain) -> None:
     key = ["layer", "neuron", "category"]
     ours = res.scores.set_index(key).sort_index()
     theirs = plain.set_index(key).reindex(ours.index)
-    for column in ("avg_activation", "auroc", "p_value"):
+    draws = res.metadata["config"]["permutations"]
+    for column in ("avg_activation", "auroc", "cv_auroc", "welch_p", "p_value"):
         a, b = ours[column].to_numpy(), theirs[column].to_numpy()
         spread = (ours["std_category"] > 1e-6) & (ours["std_rest"] > 1e-6)  # a constant side: t divides by ~0
         ok = np.isfinite(a) & np.isfinite(b) & spread.to_numpy()
-        if not np.allclose(a[ok], b[ok], rtol=1e-3, atol=1e-5):
+        # a permutation p-value may differ by a draw or two that ties within rounding of the sums
+        atol = 3.0 / (1 + draws) if column == "p_value" else 1e-5
+        if not np.allclose(a[ok], b[ok], rtol=1e-3, atol=atol):
             raise AssertionError(f"the plain approach's {column} differs from the scan's: the benchmark is unfair")
 
 
@@ -224,34 +242,35 @@ def bench_breakdown(lm, cfg, repeats: int) -> dict:
     import torch
 
     from mechamap_core.alignment import align
-    from mechamap_core.scan.driver import batches, run_hooked_forward
-    from mechamap_core.scan.finish import assemble, auroc_exact_fast, finish_part
-    from mechamap_core.scan.run import batch_labels, hook_top_k
+    from mechamap_core.scan.driver import batches, resolve_hook_points, run_hooked_forward
+    from mechamap_core.scan.finish import FinishContext, add_permutation_pvalues, assemble, finish_part
+    from mechamap_core.scan.run import batch_labels, hook_top_k, word_labels
     from mechamap_core.scan.state import HIST_BINS, SiteStats, StatsLayout
-    from mechamap_core.sites import n_layers, resolve_sites
+    from mechamap_core.sites import n_layers
+    from mechamap_core.stats import auroc_sorted, category_token_ranks
 
     def tm(fn):
         fn()
         return med([_timed(fn) for _ in range(repeats)])
 
-    sites = resolve_sites(lm.model, cfg.layers)
+    points, sites = resolve_hook_points(lm.model, cfg.layers)
     chunk_tokens = lm.chunk_tokens(cfg.max_chunk_tokens)
     out = {"align": tm(lambda: align(lm.tokenizer, cfg.texts, cfg.categories, chunk_tokens))}
     aligned, inputs = model_inputs(lm, cfg)
-    n_neurons = {s.layer: s.d_mlp for s in sites}
+    n_neurons = {s.hook: s.d_mlp for s in sites}
     batch_list = list(batches(aligned.chunks, cfg.batch_size, lm.pad_id))
     out["bare"] = tm(lambda: bare_forward(lm, inputs))
-    out["hooked_noop"] = tm(lambda: run_hooked_forward(lm, batch_list, sites, lambda *a: None, n_neurons))
+    out["hooked_noop"] = tm(lambda: run_hooked_forward(lm, batch_list, points, lambda *a: None, n_neurons))
     captured = []
-    run_hooked_forward(lm, batch_list, sites, lambda s, a, b: captured.append((s.layer, a.clone(), b)), n_neurons)
+    run_hooked_forward(lm, batch_list, points, lambda s, a, b, _: captured.append((s.hook, a.clone(), b)), n_neurons)
     labels = {id(b): batch_labels(aligned, b) for b in batch_list}
     n_cat, n_words, k = len(aligned.categories), len(aligned.coverage), cfg.top_k_tokens
 
     def updates(words: int, top_k: int, bins: int):
-        states = {s.layer: SiteStats(StatsLayout(n_neurons[s.layer], n_cat, words, 1, top_k, bins), "cpu") for s in sites}
+        states = {s.hook: SiteStats(StatsLayout(n_neurons[s.hook], n_cat, words, 1, top_k, bins), "cpu") for s in sites}
         with torch.inference_mode():
-            for layer, acts, batch in captured:
-                states[layer].update(acts, labels[id(batch)])
+            for hook, acts, batch in captured:
+                states[hook].update(acts, labels[id(batch)])
         return states
 
     out["hook_moments"] = tm(lambda: updates(0, 0, 0))
@@ -259,23 +278,35 @@ def bench_breakdown(lm, cfg, repeats: int) -> dict:
     record_top_k = hook_top_k(lm.device, True, k)
     out["hook_record"] = tm(lambda: updates(n_words, record_top_k, 0))
     out["hook_norec"] = tm(lambda: updates(n_words, k, HIST_BINS))
-    kept = {s.layer: [a.numpy() for layer, a, _ in captured if layer == s.layer] for s in sites}
+    kept = {s.hook: [a.numpy() for hook, a, _ in captured if hook == s.hook] for s in sites}
     states = updates(n_words, record_top_k, 0)
+    word_category, word_fold = word_labels(cfg, aligned.coverage)
 
     def finish(with_auroc):
-        return [finish_part(s.layer, slice(0, n_neurons[s.layer]), states[s.layer], kept[s.layer], aligned.category_mask,
-                            k, with_auroc) for s in sites]  # fmt: skip
+        context = FinishContext(aligned.category_mask, k, with_auroc, aligned.token_word, word_category,
+                                word_fold if with_auroc else None, cfg.permutations, cfg.seed)  # fmt: skip
+        return [finish_part(s.layer, slice(0, n_neurons[s.hook]), states[s.hook], kept[s.hook], context) for s in sites]
 
     out["finish_rec"] = tm(lambda: finish(True))
     out["finish_off"] = tm(lambda: finish(False))
-    acts_t = {layer: np.ascontiguousarray(np.concatenate(parts).T) for layer, parts in kept.items()}
-    out["auroc"] = tm(lambda: [auroc_exact_fast(a, aligned.category_mask) for a in acts_t.values()])
+    acts_t = {hook: np.ascontiguousarray(np.concatenate(parts).T) for hook, parts in kept.items()}
+    mask = aligned.category_mask
+
+    def exact_auroc():
+        for a in acts_t.values():
+            ordered = np.sort(a, axis=1)
+            auroc_sorted(ordered, a, mask, category_token_ranks(ordered, a, mask))
+
+    out["auroc"] = tm(exact_auroc)
     out["sort"] = tm(lambda: [np.sort(a, axis=1) for a in acts_t.values()])
+    context = FinishContext(mask, k, True, aligned.token_word, word_category, word_fold, cfg.permutations, cfg.seed)
+    out["permutation"] = tm(lambda: add_permutation_pvalues(finish(False), context))
     parts = finish(True)
+    add_permutation_pvalues(parts, context)
     depth = n_layers(lm.model)
-    counts = aligned.category_mask.sum(axis=0)
-    out["assemble"] = tm(lambda: assemble(lm.name, aligned.categories, counts, parts, depth))
-    out["sum_rec"] = out["align"] + out["hooked_noop"] + out["hook_record"] + out["finish_rec"] + out["assemble"]
+    out["assemble"] = tm(lambda: assemble(lm.name, aligned.categories, parts, depth))
+    out["sum_rec"] = (out["align"] + out["hooked_noop"] + out["hook_record"] + out["finish_rec"] + out["permutation"]
+                      + out["assemble"])  # fmt: skip
     out["tied"] = sum(int((np.diff(np.sort(a, axis=1), axis=1) == 0).any(axis=1).sum()) for a in acts_t.values())
     out["neurons"] = sum(a.shape[0] for a in acts_t.values())
     out["category_tokens"] = int(aligned.category_mask.any(axis=1).sum())
@@ -295,11 +326,12 @@ BREAKDOWN_ROWS = [
     ("align", "alignment (tokenize, word spans, chunks)"),
     ("hooked_noop", "hooked forward, no-op on_site (hooks, gather, .float(), early stop)"),
     ("hook_moments", "  SiteStats.update: counts, sums, squares (category matmuls)"),
-    ("hook_words", "  SiteStats.update: word sums (index_add_), extra"),
+    ("hook_words", "  SiteStats.update: word sums (two matmuls over the words present), extra"),
     ("hook_record", "  SiteStats.update as a recording scan runs it (moments, words, top-k only off the CPU)"),
     ("hook_norec", "  SiteStats.update as a record-off scan runs it (+ top-k, 64-bin histograms)"),
     ("finish_rec", "finish_part, every layer, recorded: moments, exact AUROC, top-k, transposed copy"),
-    ("auroc", "  of which: auroc_exact_fast"),
+    ("auroc", "  of which: exact AUROC (sort + one search per category token)"),
+    ("permutation", "word-level permutation p-values, 1,000 draws, all dense sites in one call"),
     ("sort", "    of which: np.sort of every neuron's row"),
     ("finish_off", "finish_part, every layer, recorded, auroc off"),
     ("assemble", "assemble: scores and top-token tables, q-values"),
