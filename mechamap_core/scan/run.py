@@ -102,12 +102,27 @@ def word_labels(cfg: ScanConfig, coverage=None) -> tuple[np.ndarray, np.ndarray 
     return word_category, word_folds(word_category, cfg.cv_folds, cfg.seed, present)
 
 
-def batch_labels(aligned: AlignedText, batch: Batch, folds: np.ndarray | None = None) -> BatchLabels:
-    """The category rows, keys (token indices), words and (binned cv_auroc) word folds of a batch's tokens."""
+def batch_labels(
+    aligned: AlignedText, batch: Batch, folds: np.ndarray | None = None, keys: np.ndarray | None = None
+) -> BatchLabels:
+    """The category rows, keys, words and (binned cv_auroc) word folds of a batch's tokens. keys [n_tokens]:
+    each token's key (a corpus scan's document and position); None: the token indices."""
     index = batch.token_index.numpy()
     word = None if aligned.token_word is None else torch.from_numpy(aligned.token_word[index].astype(np.int64))
     fold = None if folds is None else torch.from_numpy(folds[index])
-    return BatchLabels(torch.from_numpy(aligned.category_mask[index].astype(np.float32)), batch.token_index, word, fold)
+    token_keys = batch.token_index if keys is None else torch.from_numpy(keys[index])
+    return BatchLabels(torch.from_numpy(aligned.category_mask[index].astype(np.float32)), token_keys, word, fold)
+
+
+def scan_targets(lm: LoadedModel, cfg: ScanConfig, layers: list[int] | None, limit_neurons: int | None):
+    """(hook points, sites, neurons read per site hook, tokens per chunk) of a scan, after validating cfg;
+    layers / limit_neurons override the config's when not None."""
+    validate_config(cfg)
+    layers = cfg.layers if layers is None else layers
+    limit = cfg.limit_neurons if limit_neurons is None else limit_neurons
+    points, sites = resolve_hook_points(lm.model, layers)
+    n_neurons = {s.hook: min(limit, s.d_mlp) if limit else s.d_mlp for s in sites}
+    return points, sites, n_neurons, lm.chunk_tokens(cfg.max_chunk_tokens)
 
 
 def scan(
@@ -131,16 +146,11 @@ def scan(
     range, and ScanMemoryError when the retry runs out of memory too.
     """
     started = time.perf_counter()
-    validate_config(cfg)
-    layers = cfg.layers if layers is None else layers
-    limit = cfg.limit_neurons if limit_neurons is None else limit_neurons
     with lm.lock:
-        points, sites = resolve_hook_points(lm.model, layers)
-        chunk_tokens = lm.chunk_tokens(cfg.max_chunk_tokens)
+        points, sites, n_neurons, chunk_tokens = scan_targets(lm, cfg, layers, limit_neurons)
         aligned = align(lm.tokenizer, texts if texts is not None else cfg.texts, cfg.categories, chunk_tokens)
         if aligned.n_tokens == 0:
             raise ValueError("the master text has no tokens besides special tokens, so there is nothing to scan")
-        n_neurons = {s.hook: min(limit, s.d_mlp) if limit else s.d_mlp for s in sites}
         has_experts = any(s.kind == "expert" for s in sites)  # an expert sees only its routed tokens: no recording
         plan = plan_for(lm, aligned, sites, n_neurons, cfg.batch_size, False if has_experts else record_activations)
         aligned_s = time.perf_counter()

@@ -15,17 +15,17 @@ import pandas as pd
 import torch
 
 from .. import __version__
-from ..alignment import AlignedText, align
-from ..config import ScanConfig, validate_config
+from ..alignment import align
+from ..config import ScanConfig
 from ..corpus import CorpusReport
 from ..models import LoadedModel
 from ..moe import MoELayer
 from ..sites import n_layers as count_layers
-from .driver import Batch, Site, batches, resolve_hook_points, run_hooked_forward, site_device
+from .driver import Batch, Site, batches, run_hooked_forward, site_device
 from .finish import FinishContext, add_permutation_pvalues, assemble, finish_part, token_folds
 from .result import ScanResult
-from .run import word_labels
-from .state import HIST_BINS, BatchLabels, SiteStats, StatsLayout, quantile_edges, sorted_rows
+from .run import batch_labels, scan_targets, word_labels
+from .state import HIST_BINS, SiteStats, StatsLayout, quantile_edges, sorted_rows
 
 KEY_POSITIONS = 2**24  # a token's key: document index * KEY_POSITIONS + its ordinal among the document's tokens
 CONTEXT_CHARS = 60
@@ -89,7 +89,7 @@ class StreamState:
 
 @dataclass
 class Checkpointing:
-    """Where and how often a corpus scan writes its state, and whether it resumes from it."""
+    """Where and how often a corpus scan writes its state (per rank), and the fingerprint a resume must match."""
 
     directory: Path
     every_documents: int
@@ -160,13 +160,8 @@ def scan_stream(
     With checkpointing, the state is written every N documents; resume_from (a checkpoint's state) is
     continued, and documents it already holds (index < its next_index) are skipped.
     """
-    validate_config(cfg)
-    layers = cfg.layers if layers is None else layers
-    limit = cfg.limit_neurons if limit_neurons is None else limit_neurons
     with lm.lock:
-        points, sites = resolve_hook_points(lm.model, layers)
-        chunk_tokens = lm.chunk_tokens(cfg.max_chunk_tokens)
-        n_neurons = {s.hook: min(limit, s.d_mlp) if limit else s.d_mlp for s in sites}
+        points, sites, n_neurons, chunk_tokens = scan_targets(lm, cfg, layers, limit_neurons)
         word_category, word_fold = word_labels(cfg)
         n_words = len(word_category)
         n_folds = cfg.cv_folds if cfg.auroc and word_fold is not None else 1
@@ -190,7 +185,7 @@ def scan_stream(
                 continue
             group.append(document)
             if len(group) == min(group_documents, checkpointing.every_documents if checkpointing else group_documents):
-                _scan_group(lm, cfg, points, n_neurons, group, chunk_tokens, state, word_fold)
+                _scan_group(lm, cfg, points, n_neurons, group, chunk_tokens, state, word_category, word_fold)
                 since_checkpoint += len(group)
                 group = []
                 if progress:
@@ -199,7 +194,7 @@ def scan_stream(
                     checkpointing.save(state)
                     since_checkpoint = 0
         if group:
-            _scan_group(lm, cfg, points, n_neurons, group, chunk_tokens, state, word_fold)
+            _scan_group(lm, cfg, points, n_neurons, group, chunk_tokens, state, word_category, word_fold)
         if progress:
             progress(state.documents, total_documents, f"documents {state.documents:,}, tokens {state.tokens:,}")
         if checkpointing:
@@ -243,7 +238,9 @@ def _calibrate_edges(lm, cfg, points, n_neurons, texts: list[str], chunk_tokens:
     return edges
 
 
-def _scan_group(lm, cfg, points, n_neurons, group: list, chunk_tokens: int, state: StreamState, word_fold) -> None:
+def _scan_group(
+    lm, cfg, points, n_neurons, group: list, chunk_tokens: int, state: StreamState, word_category, word_fold
+) -> None:
     """Align one group of documents, run its batches, update every site's state and keep new examples' contexts."""
     aligned = align(lm.tokenizer, [d.text for d in group], cfg.categories, chunk_tokens)
     doc_index = np.array([d.index for d in group], dtype=np.int64)
@@ -251,7 +248,6 @@ def _scan_group(lm, cfg, points, n_neurons, group: list, chunk_tokens: int, stat
     ordinal = tokens.groupby("doc").cumcount().to_numpy()
     keys = doc_index[tokens["doc"].to_numpy()] * KEY_POSITIONS + ordinal  # [n_tokens] stable across runs and ranks
     labels = {"cpu": None, "moved": {}}
-    word_category = word_labels(cfg)[0]
     folds = None if word_fold is None else token_folds(aligned.token_word, word_category, word_fold, len(cfg.categories))
 
     def on_site(site: Site, acts, batch: Batch, slots):
@@ -263,7 +259,7 @@ def _scan_group(lm, cfg, points, n_neurons, group: list, chunk_tokens: int, stat
 
     def labelled():
         for batch in batches(aligned.chunks, cfg.batch_size, lm.pad_id):
-            labels["cpu"], labels["moved"] = _group_labels(aligned, batch, keys, folds), {}
+            labels["cpu"], labels["moved"] = batch_labels(aligned, batch, folds, keys), {}
             yield batch
 
     if aligned.n_tokens:
@@ -283,16 +279,6 @@ def _scan_group(lm, cfg, points, n_neurons, group: list, chunk_tokens: int, stat
     state.tokens += aligned.n_tokens
     state.category_tokens += aligned.category_mask.sum(axis=0).astype(np.int64)
     state.next_index = int(doc_index.max()) + 1
-
-
-def _group_labels(aligned: AlignedText, batch: Batch, keys: np.ndarray, folds: np.ndarray | None) -> BatchLabels:
-    index = batch.token_index.numpy()
-    return BatchLabels(
-        torch.from_numpy(aligned.category_mask[index].astype(np.float32)),
-        torch.from_numpy(keys[index]),
-        torch.from_numpy(aligned.token_word[index].astype(np.int64)),
-        None if folds is None else torch.from_numpy(folds[index]),
-    )
 
 
 def stream_result(lm: LoadedModel, cfg: ScanConfig, state: StreamState, extra_metadata: dict | None = None) -> ScanResult:
