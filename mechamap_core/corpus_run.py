@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .config import ScanConfig
 from .corpus import CorpusReport, Document, iter_documents
+from .errors import first_line
 from .models import LoadedModel
 from .scan.distributed import Ranks, gather_to_rank0, process_group, ranks_from_env
 from .scan.result import ScanResult
@@ -62,7 +63,7 @@ def run_corpus_scan(args, cfg: ScanConfig, load: Callable[[str], LoadedModel], c
             except Exception as exc:
                 if not ranks.distributed:
                     raise
-                raise RankFailed(f"rank {ranks.rank} failed {tracked.where()}: {_first_line(exc)}") from exc
+                raise RankFailed(f"rank {ranks.rank} failed {tracked.where()}: {first_line(exc)}") from exc
         state.report = report
         merged, documents_per_rank = gather_to_rank0(state, ranks)
     if merged is None:
@@ -88,8 +89,6 @@ class _Tracked:
         return "before its first document" if self.last is None else f"at or before document {self.last.index} ({self.last.where})"
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 __all__ = ["RankFailed", "Ranks", "StreamState", "run_corpus_scan"]

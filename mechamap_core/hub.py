@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+from .errors import first_line
+
 # download_progress(done_bytes, total_bytes, filename): called as bytes arrive.
 DownloadProgress = Callable[[int, int, str], None]
 
@@ -119,8 +121,9 @@ def describe_hub_error(exc: BaseException, repo_id: str, revision: str | None = 
             f"cannot reach the Hugging Face Hub ({constants.ENDPOINT}) to fetch '{repo_id}' and it is not in the cache: "
             "check the network, or scan a cached model"
         )
-    first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    return ModelNotAvailableError(f"the download of '{repo_id}' failed ({first_line}); nothing partial was kept, try again")
+    return ModelNotAvailableError(
+        f"the download of '{repo_id}' failed ({first_line(exc)}); nothing partial was kept, try again"
+    )
 
 
 def list_repo_files(repo_id: str, revision: str | None = None, token: str | None = None) -> RepoFiles:

@@ -9,7 +9,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import accumulate
 
-from . import ScanCancelled  # the public name; the scan core behind it is being reorganised
+from .errors import first_line
+from .scan.result import ScanCancelled
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 ACTIVE_STATES = (QUEUED, RUNNING)
@@ -28,12 +29,6 @@ class JobProgress:
 
 
 Work = Callable[[JobProgress], str]  # the job's work; returns its outcome (e.g. the saved run id)
-
-
-def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message (its class name when the message is empty)."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def rate_and_eta(

@@ -12,6 +12,7 @@ import torch
 
 from . import hub, placement
 from .config import BUNDLED_MODEL_ID
+from .errors import first_line
 from .hub import DownloadProgress, ModelNotAvailableError
 
 BUNDLED_ALIASES = {BUNDLED_MODEL_ID, "all-MiniLM-L6-v2", "bundled"}
@@ -180,7 +181,7 @@ def load_model(
         try:
             config = AutoConfig.from_pretrained(folder, local_files_only=True)
         except (OSError, ValueError) as exc:
-            raise ModelNotAvailableError(f"could not read the config of '{name}': {_first_line(exc)}") from exc
+            raise ModelNotAvailableError(f"could not read the config of '{name}': {first_line(exc)}") from exc
         try:
             model_shapes = placement.empty_model(config, _is_causal(config))
         except (ValueError, KeyError, TypeError, NotImplementedError):
@@ -197,7 +198,7 @@ def load_model(
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, TypeError) as exc:
-        raise ModelNotAvailableError(f"could not load the tokenizer of '{name}': {_first_line(exc)}") from exc
+        raise ModelNotAvailableError(f"could not load the tokenizer of '{name}': {first_line(exc)}") from exc
     causal = _is_causal(config)
     options = {"dtype": torch_dtype, "local_files_only": True, "trust_remote_code": False}
     offload_dir = None
@@ -210,18 +211,13 @@ def load_model(
     try:
         model = loader.from_pretrained(folder, **options)
     except (OSError, ValueError) as exc:
-        raise ModelNotAvailableError(f"could not load the weights of '{name}': {_first_line(exc)}") from exc
+        raise ModelNotAvailableError(f"could not load the weights of '{name}': {first_line(exc)}") from exc
     if device_map is None:
         model.to(torch_device)
     model.eval()
     where = placement.placement_of(model, torch_device)
     input_device = placement.input_device(model, where) if device_map is not None else torch_device
     return LoadedModel(model, tokenizer, name, input_device, torch_dtype, causal, where, commit, offload_dir)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _model_class(causal: bool):

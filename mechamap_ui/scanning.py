@@ -14,8 +14,8 @@ import torch
 
 from mechamap_core import hub, placement
 from mechamap_core.config import ConfigError, ScanConfig, config_to_yaml
+from mechamap_core.errors import first_line as _first_line
 from mechamap_core.export import save_run
-from mechamap_core.jobs import first_line as _first_line
 from mechamap_core.models import ModelNotAvailableError, resolve_model_source
 from mechamap_core.scan import ScanResult, scan
 from mechamap_core.sites import SiteResolutionError
