@@ -243,7 +243,7 @@ def _run_sites(lm, cfg, aligned, points, sites: list[Site], n_neurons, record: b
     n_batches = -(-len(aligned.chunks) // cfg.batch_size)
     seen = {id(p): 0 for p in points}
     sites_of = {id(p): [s for s in sites if getattr(s, "moe", s) is p] for p in points}  # an MoE layer: its experts
-    labels = {"cpu": None, "moved": {}}  # the current batch's labels, and their copies per device
+    labels = {"current": None}  # the current batch's labels (on the CPU; .on(device) for a site's device)
     n_docs = len(aligned.texts)
     total = n_docs if n_docs > 1 else n_batches * len(points)
     steps = {"done": 0, "docs": 0}
@@ -261,10 +261,8 @@ def _run_sites(lm, cfg, aligned, points, sites: list[Site], n_neurons, record: b
         device = acts.device
         if site.hook not in states:  # each site's statistics live on its module's device
             states[site.hook] = SiteStats(layouts[site.hook], site_device(site, device))
-        if device not in labels["moved"]:
-            labels["moved"][device] = labels["cpu"].to(device)
-        batch_labels_here = labels["moved"][device]
-        states[site.hook].update(acts, batch_labels_here if slots is None else batch_labels_here.select(slots))
+        here = labels["current"].on(device)
+        states[site.hook].update(acts, here if slots is None else here.select(slots))
         if record:
             kept[site.hook].append(np.ascontiguousarray(acts.cpu().numpy()))  # compact: acts may view all neurons
 
@@ -284,7 +282,7 @@ def _run_sites(lm, cfg, aligned, points, sites: list[Site], n_neurons, record: b
 
     def labelled_batches():
         for batch in batches(aligned.chunks, cfg.batch_size, lm.pad_id):
-            labels["cpu"], labels["moved"] = batch_labels(aligned, batch, folds), {}
+            labels["current"] = batch_labels(aligned, batch, folds)
             yield batch
 
     chunk_number = {"next": 0}

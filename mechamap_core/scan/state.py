@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -34,6 +34,13 @@ class BatchLabels:
     keys: torch.Tensor  # [T] int64: a token's unique, stable key (its token index or document and position)
     word: torch.Tensor | None = None  # [T] int64: the token's word (coverage row), -1 for none
     fold: torch.Tensor | None = None  # [T, C] int64: the fold of the token's word in each category, -1 outside
+    _copies: dict = field(default_factory=dict, repr=False, compare=False)  # device -> these labels there
+
+    def on(self, device: torch.device) -> BatchLabels:
+        """These labels on a site's device, moved once per device (a model spread over devices has several)."""
+        if device not in self._copies:
+            self._copies[device] = self.to(device)
+        return self._copies[device]
 
     def select(self, rows: torch.Tensor) -> BatchLabels:
         """The labels of some of the tokens (rows [t] indices), e.g. those routed to one expert."""

@@ -247,19 +247,16 @@ def _scan_group(
     tokens = aligned.tokens
     ordinal = tokens.groupby("doc").cumcount().to_numpy()
     keys = doc_index[tokens["doc"].to_numpy()] * KEY_POSITIONS + ordinal  # [n_tokens] stable across runs and ranks
-    labels = {"cpu": None, "moved": {}}
+    labels = {"current": None}  # the current batch's labels (on the CPU; .on(device) for a site's device)
     folds = None if word_fold is None else token_folds(aligned.token_word, word_category, word_fold, len(cfg.categories))
 
     def on_site(site: Site, acts, batch: Batch, slots):
-        device = acts.device
-        if device not in labels["moved"]:
-            labels["moved"][device] = labels["cpu"].to(device)
-        here = labels["moved"][device]
+        here = labels["current"].on(acts.device)
         state.sites[site.hook].update(acts, here if slots is None else here.select(slots))
 
     def labelled():
         for batch in batches(aligned.chunks, cfg.batch_size, lm.pad_id):
-            labels["cpu"], labels["moved"] = batch_labels(aligned, batch, folds, keys), {}
+            labels["current"] = batch_labels(aligned, batch, folds, keys)
             yield batch
 
     if aligned.n_tokens:
