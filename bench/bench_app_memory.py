@@ -83,7 +83,7 @@ class RssSampler(threading.Thread):
 def save_gpt2_small(folder: Path) -> int:
     """A random GPT-2-small-shaped model with the bundled tokenizer, saved for load_model; returns its parameters."""
     import torch
-    from bench_scan import gpt2_tokenizer
+    from common import gpt2_tokenizer
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)

@@ -25,7 +25,7 @@ for path in (ROOT, ROOT / "bench"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from bench_scan import proc_status_kb, reset_peak_rss  # noqa: E402
+from common import proc_status_kb, reset_peak_rss  # noqa: E402
 
 SIZES = (1_000, 20_000)
 KINDS = ("txt", "jsonl", "parquet", "folder")

@@ -37,7 +37,7 @@ for path in (ROOT, ROOT / "bench"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from bench_scan import load_average, proc_status_kb, reset_peak_rss  # noqa: E402
+from common import load_average, proc_status_kb, reset_peak_rss  # noqa: E402
 
 CONFIGS = (ROOT / "configs" / "default.yaml", ROOT / "configs" / "validation.yaml")
 CONFIG = CONFIGS[0]

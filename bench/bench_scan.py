@@ -23,7 +23,6 @@ import gc
 import json
 import os
 import platform
-import re
 import resource
 import subprocess
 import sys
@@ -31,7 +30,20 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from common import CONFIG, ROOT, bare_forward, fmt_s, load_average, med, model_inputs, table, text_of_tokens
+from common import (  # noqa: E402
+    CONFIG,
+    ROOT,
+    bare_forward,
+    fmt_s,
+    gpt2_tokenizer,
+    load_average,
+    med,
+    model_inputs,
+    proc_status_kb,
+    reset_peak_rss,
+    table,
+    text_of_tokens,
+)  # fmt: skip
 
 TARGET_RATIO = 1.3  # scan time / bare forward time, from the issue
 GPT2_TOKENS = 1000
@@ -74,15 +86,12 @@ def gpt2_model():
     """Random GPT-2-small-shaped GPT2LMHeadModel (GPT2Config defaults) with the bundled tokenizer, allowed
     GPT-2's 1024 positions (it says 512, BERT's limit)."""
     import torch
-    from tiny_models import bundled_tokenizer
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from mechamap_core.models import wrap_model
 
-    tokenizer = bundled_tokenizer()
-    tokenizer.model_max_length = GPT2Config().n_positions
     torch.manual_seed(0)
-    return wrap_model(GPT2LMHeadModel(GPT2Config()), tokenizer, "gpt2-small-random")
+    return wrap_model(GPT2LMHeadModel(GPT2Config()), gpt2_tokenizer(), "gpt2-small-random")
 
 
 def gpt2_config(cfg, lm):
@@ -353,12 +362,8 @@ def memory_child(n_tokens: int, model: str, batch_size: int, threads: int) -> No
     cfg = load_config(CONFIG)
     cfg = replace(cfg, master_text=text_of_tokens(lm.tokenizer, cfg.master_text, n_tokens), batch_size=batch_size)
     gc.collect()
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # the peak RSS restarts from the RSS now
-        reset = True
-    except OSError:
-        reset = False
-    baseline = int(re.search(r"^VmRSS:\s+(\d+)", Path("/proc/self/status").read_text(), re.M).group(1))
+    reset = reset_peak_rss()  # the peak RSS restarts from the RSS now
+    baseline = proc_status_kb()["VmRSS"]
     start = time.perf_counter()
     res = scan(lm, cfg, record_activations=False)
     print(json.dumps({

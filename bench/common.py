@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -74,3 +75,28 @@ def table(headers: list[str], rows: list[list]) -> str:
 def load_average() -> str:
     path = Path("/proc/loadavg")
     return " ".join(path.read_text().split()[:3]) if path.exists() else "n/a"
+
+
+def proc_status_kb() -> dict[str, int]:
+    """VmRSS and VmHWM (peak) of this process in kB, from /proc/self/status (Linux)."""
+    text = Path("/proc/self/status").read_text()
+    return {key: int(re.search(rf"^{key}:\s+(\d+)", text, re.M).group(1)) for key in ("VmRSS", "VmHWM")}
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak RSS to its current RSS (Linux >= 4.0). Returns whether it worked."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def gpt2_tokenizer():
+    """The bundled (BERT WordPiece) tokenizer, allowed GPT-2's 1024 positions (it says 512, BERT's limit)."""
+    from tiny_models import bundled_tokenizer
+    from transformers import GPT2Config
+
+    tokenizer = bundled_tokenizer()
+    tokenizer.model_max_length = GPT2Config().n_positions
+    return tokenizer
