@@ -137,7 +137,7 @@ def add_permutation_pvalues(parts: list[SitePart], context: FinishContext) -> No
                   for key in ("word_sum", "word_sumsq", "sum_all", "sumsq_all")}  # fmt: skip
         p_values = permutation_pvalues(
             first["word_n"], joined["word_sum"], joined["word_sumsq"], first["n_all"], joined["sum_all"],
-            joined["sumsq_all"], context.word_category, context.permutations, context.seed, len(context.category_mask.T),
+            joined["sumsq_all"], context.word_category, context.permutations, context.seed, context.category_mask.shape[1],
         )  # fmt: skip
         start = 0
         for member in members:
