@@ -256,7 +256,7 @@ def bench_breakdown(lm, cfg, repeats: int) -> dict:
     from mechamap_core.scan.run import batch_labels, hook_top_k, word_labels
     from mechamap_core.scan.state import HIST_BINS, SiteStats, StatsLayout
     from mechamap_core.sites import n_layers
-    from mechamap_core.stats import auroc_sorted, category_token_ranks
+    from mechamap_core.stats import exact_aurocs
 
     def tm(fn):
         fn()
@@ -301,15 +301,10 @@ def bench_breakdown(lm, cfg, repeats: int) -> dict:
     acts_t = {hook: np.ascontiguousarray(np.concatenate(parts).T) for hook, parts in kept.items()}
     mask = aligned.category_mask
 
-    def exact_auroc():
-        for a in acts_t.values():
-            ordered = np.sort(a, axis=1)
-            auroc_sorted(ordered, a, mask, category_token_ranks(ordered, a, mask))
-
-    out["auroc"] = tm(exact_auroc)
+    out["auroc"] = tm(lambda: [exact_aurocs(a, mask, aligned.token_word, word_category, word_fold) for a in acts_t.values()])
     out["sort"] = tm(lambda: [np.sort(a, axis=1) for a in acts_t.values()])
     context = FinishContext(mask, k, True, aligned.token_word, word_category, word_fold, cfg.permutations, cfg.seed)
-    out["permutation"] = tm(lambda: add_permutation_pvalues(finish(False), context))
+    out["permutation"] = max(0.0, tm(lambda: add_permutation_pvalues(finish(False), context)) - out["finish_off"])
     parts = finish(True)
     add_permutation_pvalues(parts, context)
     depth = n_layers(lm.model)
@@ -339,9 +334,9 @@ BREAKDOWN_ROWS = [
     ("hook_record", "  SiteStats.update as a recording scan runs it (moments, words, top-k only off the CPU)"),
     ("hook_norec", "  SiteStats.update as a record-off scan runs it (+ top-k, 64-bin histograms)"),
     ("finish_rec", "finish_part, every layer, recorded: moments, exact AUROC, top-k, transposed copy"),
-    ("auroc", "  of which: exact AUROC (sort + one search per category token)"),
+    ("auroc", "  of which: exact AUROC and cv_auroc (one sort of labelled int64 keys per neuron)"),
+    ("sort", "    for scale: a plain float32 np.sort of every neuron's row"),
     ("permutation", "word-level permutation p-values, 1,000 draws, all dense sites in one call"),
-    ("sort", "    of which: np.sort of every neuron's row"),
     ("finish_off", "finish_part, every layer, recorded, auroc off"),
     ("assemble", "assemble: scores and top-token tables, q-values"),
     ("sum_rec", "SUM for a default scan, as if nothing overlapped"),

@@ -15,10 +15,10 @@ from mechamap_core.stats import (
     _subset_separation,
     auroc_binned,
     auroc_exact,
-    auroc_sorted,
     bh_qvalues,
     cv_auroc_binned,
     cv_auroc_exact,
+    exact_aurocs,
     fold_groups,
     moment_statistics,
     permutation_pvalues,
@@ -116,13 +116,18 @@ def test_permutation_pvalues_equal_a_brute_force_loop(dtype):
     assert np.nanmin(p) < 0.05 and (p[:4, :5] < 1.0).any()  # the comparison is not vacuous
 
 
-def test_permutation_pvalues_do_not_depend_on_blocks_device_inputs_or_unrelated_words():
+def test_permutation_pvalues_do_not_depend_on_blocks_threads_device_inputs_or_unrelated_words(monkeypatch):
     acts, token_word, word_category = tiny_problem(1)
     stats = word_moments(acts, token_word, len(word_category))
     p = permutation_pvalues(**stats, word_category=word_category, n_permutations=250, seed=3)
     tensors = {k: torch.as_tensor(v) if isinstance(v, np.ndarray) else v for k, v in stats.items()}
     tiny_blocks = permutation_pvalues(**tensors, word_category=word_category, n_permutations=250, seed=3, chunk_elements=64)
     np.testing.assert_array_equal(tiny_blocks, p)
+    monkeypatch.setattr(stats_module, "PERMUTATION_SLICE_NEURONS", 2)  # 7 neurons over 3 threads' slices
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    assert [s.stop - s.start for s in stats_module._neuron_slices(7, torch.device("cpu"))] == [2, 3, 2]
+    np.testing.assert_array_equal(permutation_pvalues(**stats, word_category=word_category, n_permutations=250, seed=3), p)
+    monkeypatch.undo()
     shifted = word_moments(acts + 1000.0, token_word, len(word_category))  # the score is shift-invariant
     shifted_p = permutation_pvalues(**shifted, word_category=word_category, n_permutations=250, seed=3)
     np.testing.assert_array_equal(shifted_p, p)
@@ -269,15 +274,19 @@ def test_cv_auroc_exact_equals_mann_whitney_per_fold(seed):
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_auroc_sorted_equals_auroc_exact(seed):
-    acts_t, token_word, word_category, _ = folds_problem(seed)
+def test_exact_aurocs_equal_auroc_exact_and_cv_auroc_exact(seed):
+    acts_t, token_word, word_category, fold = folds_problem(seed)
+    acts_t[0, :7] = -0.0  # -0.0 ties with 0.0, as the floats compare
+    acts_t[0, 7:14] = 0.0
     mask = category_masks(token_word, word_category, 4)
     mask[:, 0] |= mask[:, 1]  # categories may overlap
     mask = np.hstack([mask, np.zeros((len(token_word), 1), dtype=bool), np.ones((len(token_word), 1), dtype=bool)])
     expected = auroc_exact(acts_t.T, mask)
-    got = auroc_sorted(np.sort(acts_t, axis=1), acts_t, mask)
+    got, cv = exact_aurocs(acts_t, mask, token_word, word_category, fold, 5)
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12)
     assert np.isnan(got[-2:]).all() and np.isfinite(got[:-2]).all()
+    np.testing.assert_array_equal(cv, cv_auroc_exact(acts_t, token_word, word_category, fold, 5))
+    assert exact_aurocs(acts_t, mask)[1] is None
 
 
 def test_one_word_neuron_has_high_auroc_but_low_cv_auroc():

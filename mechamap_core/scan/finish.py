@@ -11,12 +11,10 @@ import torch
 from ..sites import hook_name
 from ..stats import (
     auroc_binned,
-    auroc_sorted,
     bh_qvalues,
-    category_token_ranks,
     consistent_separation,
     cv_auroc_binned,
-    cv_auroc_exact,
+    exact_aurocs,
     moment_statistics,
     permutation_pvalues,
 )  # fmt: skip
@@ -99,13 +97,9 @@ def finish_part(layer: int, neurons: slice, stats: SiteStats, recorded: list[np.
         top = (stats.top_vals[:, neurons].cpu().numpy(), stats.top_keys[:, neurons].cpu().numpy())
     if recorded is not None:
         acts_t = _transposed(recorded)  # [n, n_tokens]
-        if context.with_auroc:
-            ordered = np.sort(acts_t, axis=1)  # one sort and one search per neuron serve both AUROCs
-            ranked = category_token_ranks(ordered, acts_t, context.category_mask)
-            auroc = auroc_sorted(ordered, acts_t, context.category_mask, ranked)
-            if context.word_fold is not None:
-                cv = cv_auroc_exact(acts_t, context.token_word, context.word_category, context.word_fold,
-                                    n_categories, ordered, ranked)  # fmt: skip
+        if context.with_auroc:  # one sort per neuron serves both AUROCs
+            auroc, cv = exact_aurocs(acts_t, context.category_mask, context.token_word, context.word_category,
+                                     context.word_fold, n_categories)  # fmt: skip
         if top is None and context.top_k:
             vals, index = torch.topk(torch.from_numpy(acts_t), min(context.top_k, acts_t.shape[1]), dim=1)
             top = (vals.T.numpy(), index.T.numpy())
