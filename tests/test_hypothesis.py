@@ -166,16 +166,20 @@ def config_words(cfg) -> set[str]:
     return {w.lower() for ws in cfg.categories.values() for w in ws}
 
 
-@pytest.mark.parametrize("heldout_name", ["validation.yaml", "heldout.yaml"])
+HELDOUT_FLOORS = {"validation.yaml": 0.9, "heldout.yaml": 0.9, "heldout_fresh.yaml": 0.8}  # measured 0.939, 0.908, 0.840
+
+
+@pytest.mark.parametrize("heldout_name", list(HELDOUT_FLOORS))
 def test_score_generalises_to_heldout_text(bundled_lm, default_cfg, default_scores, heldout_name):
     """The top-5 neurons per category by `score` separate unseen words of their category on unseen text: better
     than by avg_activation, and at least as well as by separation alone (the ranking before cv_auroc was folded
-    in). validation.yaml chose the ranking and the default text; heldout.yaml only confirms the choice."""
+    in). validation.yaml chose the ranking and the default text; heldout.yaml confirmed the choice;
+    heldout_fresh.yaml, written last, measured it once (README: below the issue's 0.92 target)."""
     from mechamap_core import load_config
 
     heldout = load_config(f"configs/{heldout_name}")
-    other = load_config("configs/heldout.yaml" if heldout_name == "validation.yaml" else "configs/validation.yaml")
-    assert not config_words(heldout) & (config_words(default_cfg) | config_words(other))
+    others = [load_config(f"configs/{name}") for name in HELDOUT_FLOORS if name != heldout_name]
+    assert not config_words(heldout) & set().union(config_words(default_cfg), *map(config_words, others))
     weight = (2 * default_scores["cv_auroc"] - 1).abs()  # the default ranking, from the scan's own columns
     np.testing.assert_allclose(default_scores["score"], default_scores["separation"] * weight, rtol=1e-12)
     mean_auc = {}
@@ -184,6 +188,6 @@ def test_score_generalises_to_heldout_text(bundled_lm, default_cfg, default_scor
         assert len(per_neuron) == 5 * len(default_cfg.categories)
         mean_auc[metric] = per_neuron["heldout_auroc"].mean()
     print(f"{heldout_name}: held-out mean AUROC of the top-5 per category: {mean_auc}")
-    assert mean_auc["score"] > 0.9
+    assert mean_auc["score"] > HELDOUT_FLOORS[heldout_name]
     assert mean_auc["score"] >= mean_auc["separation"]
     assert mean_auc["score"] > mean_auc["avg_activation"] + 0.1
