@@ -452,8 +452,8 @@ def exact_aurocs(
         token_word, word_category = np.asarray(token_word), np.asarray(word_category)
         word_group, group_category = fold_groups(word_category, word_fold)
         token_group = np.where(token_word >= 0, word_group[token_word], -1)
-    signatures, token_class = np.unique(np.column_stack([mask, token_group]), axis=0, return_inverse=True)
-    twice_sums = _twice_rank_sums(acts_t, token_class.reshape(-1), len(signatures))  # [N, classes]
+    signatures, token_class = _distinct_rows(np.column_stack([mask, token_group]))
+    twice_sums = _twice_rank_sums(acts_t, token_class, len(signatures))  # [N, classes]
     n_c = mask.sum(axis=0)
     auroc = np.full((n_cat, acts_t.shape[0]), np.nan)
     for c in np.flatnonzero((n_c > 0) & (n_c < n_tokens)).tolist():
@@ -476,6 +476,15 @@ def exact_aurocs(
                 overall = twice_sums[:, np.flatnonzero(class_group == g)].sum(axis=1)
                 auc_groups[g] = (overall - within[:, i]) / (2.0 * n_g * n_rest)
     return auroc, _mean_over_folds(auc_groups, group_category, n_categories)
+
+
+def _distinct_rows(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(the distinct rows [K, columns] of an integer or bool table [R, columns], each row's index among them [R]).
+    np.unique(axis=0) does the same at 10x the time: this compares each row's bytes as one value."""
+    rows = np.ascontiguousarray(table, dtype=np.int64)
+    as_bytes = rows.view(np.dtype((np.void, rows.itemsize * rows.shape[1]))).reshape(-1)
+    _, first, inverse = np.unique(as_bytes, return_index=True, return_inverse=True)
+    return rows[first], inverse.reshape(-1)
 
 
 def _twice_rank_sums(values: np.ndarray, labels: np.ndarray, n_labels: int) -> np.ndarray:
