@@ -161,7 +161,8 @@ def test_expert_statistics_from_recording_equal_those_without(default_cfg, parag
     recorded, binned = (scan(lm, cfg, record_activations=record) for record in (True, False))
     assert (recorded.metadata["auroc_method"], binned.metadata["auroc_method"]) == ("exact", "binned (64 bins per neuron)")
     a, b = recorded.scores, binned.scores
-    assert a[["layer", "expert", "neuron", "category", "n_tokens"]].equals(b[["layer", "expert", "neuron", "category", "n_tokens"]])
+    rows = ["layer", "expert", "neuron", "category", "n_tokens"]
+    assert a[rows].equals(b[rows])
     for column in ("avg_activation", "mean_rest", "std_category", "std_rest", "separation", "t_stat", "welch_p"):
         np.testing.assert_allclose(a[column].to_numpy(), b[column].to_numpy(), rtol=1e-9, atol=1e-12, equal_nan=True)
     np.testing.assert_array_equal(a["p_value"].to_numpy(), b["p_value"].to_numpy())

@@ -223,10 +223,8 @@ def routing_from_states(sites: list[Site], states: dict, category_tokens: np.nda
 def recorded_widths(sites: list[Site], n_neurons: dict) -> dict:
     """The neurons each site records per token of the text, for the memory plan: a dense site all its neurons;
     an expert its neurons on its routed tokens only, which over a layer's experts are top_k per token."""
-    return {
-        s.hook: -(-n_neurons[s.hook] * s.moe.top_k // s.moe.n_experts) if s.kind == "expert" else n_neurons[s.hook]
-        for s in sites
-    }
+    routed_share = lambda s: (s.moe.top_k, s.moe.n_experts) if s.kind == "expert" else (1, 1)  # noqa: E731
+    return {s.hook: -(-n_neurons[s.hook] * routed_share(s)[0] // routed_share(s)[1]) for s in sites}
 
 
 def finish_slices(site: Site, n: int) -> list[slice]:
