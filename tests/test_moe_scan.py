@@ -6,14 +6,17 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from test_moe import LAYOUT, LEGACY, build, reference_expert, reference_topk
-from tiny_models import MOE_ARCHS, bundled_tokenizer
+from tiny_models import D_EXPERT, MOE_ARCHS, TOP_K, bundled_tokenizer
 
 from mechamap_core import analysis, export, scan
 from mechamap_core.alignment import align
 from mechamap_core.models import wrap_model
+from mechamap_core.scan.driver import resolve_hook_points
+from mechamap_core.scan.run import finish_slices, recorded_widths
 
 
 @pytest.fixture(scope="module")
@@ -21,10 +24,10 @@ def paragraph(default_cfg) -> str:
     return default_cfg.master_text.split("\n\n")[0]
 
 
-def independent_expert_means(model, family, tokenizer, text, categories):
-    """Per MoE layer, expert and category: (category tokens routed there, mean of each expert neuron over them),
-    from one plain forward pass with the MoE blocks' inputs captured, routed with reference_topk, recomputed
-    from the raw weights in float64."""
+def independent_expert_neurons(model, family, tokenizer, text, categories):
+    """Per (MoE layer, expert): (token indices routed there [t], their category mask [t, C], the expert's neurons
+    on them [t, N] float64), from one plain forward pass with the MoE blocks' inputs captured, routed with
+    reference_topk, recomputed from the raw weights in float64."""
     aligned = align(tokenizer, [text], categories, 10_000)
     (chunk,) = aligned.chunks
     captured = {}
@@ -40,7 +43,8 @@ def independent_expert_means(model, family, tokenizer, text, categories):
         for handle in handles:
             handle.remove()
     counted = torch.tensor(chunk.valid_positions)
-    mask = aligned.category_mask[chunk.token_indices]  # [T, C]
+    token_index = np.asarray(chunk.token_indices)
+    mask = aligned.category_mask[token_index]  # [T, C]
     out = {}
     for layer, hidden in captured.items():
         block = model.get_submodule(LAYOUT[family][1].format(L=layer))
@@ -51,11 +55,25 @@ def independent_expert_means(model, family, tokenizer, text, categories):
             for expert in range(LAYOUT[family][2]):
                 routed = (chosen == expert).any(dim=1).numpy()
                 neurons, _ = reference_expert(family, block, hidden[counted][torch.from_numpy(routed)], expert)
-                for c, name in enumerate(categories):
-                    rows = mask[routed][:, c]
-                    mean = neurons.numpy()[rows].mean(axis=0) if rows.any() else None
-                    out[(layer, expert, name)] = (int(rows.sum()), mean)
+                out[(layer, expert)] = (token_index[routed], mask[routed], neurons.numpy())
     return out
+
+
+def independent_expert_means(model, family, tokenizer, text, categories):
+    """Per MoE layer, expert and category: (category tokens routed there, mean of each expert neuron over them,
+    None without such tokens), from independent_expert_neurons."""
+    out = {}
+    for (layer, expert), (_, mask, neurons) in independent_expert_neurons(model, family, tokenizer, text, categories).items():
+        for c, name in enumerate(categories):
+            rows = mask[:, c]
+            out[(layer, expert, name)] = (int(rows.sum()), neurons[rows].mean(axis=0) if rows.any() else None)
+    return out
+
+
+def pairwise_auroc(positives: np.ndarray, negatives: np.ndarray) -> np.ndarray:
+    """AUROC per column by comparing every positive with every negative (ties half): [p, N], [n, N] -> [N]."""
+    diff = positives[:, None, :] - negatives[None, :, :]
+    return ((diff > 0) + 0.5 * (diff == 0)).mean(axis=(0, 1))
 
 
 @pytest.mark.parametrize("family", MOE_ARCHS + LEGACY)
@@ -98,3 +116,67 @@ def test_expert_rows_in_exports_and_analysis(default_cfg, paragraph, tmp_path):
     assert len(back.extras["routing"]) == len(result.extras["routing"])
     top = analysis.top_neurons(result.scores, n=3, top_tokens=result.top_tokens)
     assert "expert" in top.columns
+
+
+@pytest.mark.parametrize("family", ["mixtral", "legacy_qwen2_moe"])
+def test_recorded_expert_auroc_and_top_tokens_equal_brute_force_on_routed_tokens(family, default_cfg, paragraph):
+    model = build(family)
+    tokenizer = bundled_tokenizer()
+    cfg = dataclasses.replace(default_cfg, master_text=paragraph, categories=dict(default_cfg.categories), top_k_tokens=3)
+    result = scan(wrap_model(model, tokenizer, f"tiny-{family}"), cfg, record_activations=True)
+    assert result.metadata["auroc_method"] == "exact" and result.metadata["plan"]["record"]
+    assert result.activations is None  # an expert's recording covers its routed tokens only: not a per-token table
+    scores, top = result.scores, result.top_tokens
+    checked = 0
+    for (layer, expert), (tokens, mask, neurons) in independent_expert_neurons(
+        model, family, tokenizer, paragraph, cfg.categories
+    ).items():
+        site = scores[(scores["layer"] == layer) & (scores["expert"] == expert)]
+        for c, name in enumerate(cfg.categories):
+            rows = site[site["category"] == name].sort_values("neuron")
+            in_category = mask[:, c]
+            if in_category.any() and not in_category.all():
+                expected = pairwise_auroc(neurons[in_category], neurons[~in_category])
+                np.testing.assert_allclose(rows["auroc"].to_numpy(), expected, atol=1e-6)
+                checked += 1
+            else:
+                assert rows["auroc"].isna().all()
+        best = top[(top["layer"] == layer) & (top["expert"] == expert) & (top["rank"] == 1)].sort_values("neuron")
+        if len(tokens):  # rank 1: a token routed to the expert, with the expert's highest activation
+            assert set(best["token_index"]) <= set(tokens.tolist())
+            np.testing.assert_allclose(best["activation"].to_numpy(), neurons.max(axis=0), rtol=1e-4, atol=1e-5)
+            position = {t: i for i, t in enumerate(tokens.tolist())}
+            at_token = neurons[[position[t] for t in best["token_index"]], best["neuron"].to_numpy()]
+            np.testing.assert_allclose(best["activation"].to_numpy(), at_token, rtol=1e-4, atol=1e-5)
+        else:
+            assert best.empty
+    assert checked > 0
+
+
+def test_expert_statistics_from_recording_equal_those_without(default_cfg, paragraph):
+    """Recording changes only how AUROC and top tokens are computed: counts, moments and the word permutation
+    p-values (run per expert on the worker) are the same numbers."""
+    lm = wrap_model(build("mixtral"), bundled_tokenizer(), "tiny-mixtral")
+    cfg = dataclasses.replace(default_cfg, master_text=paragraph, categories=dict(default_cfg.categories), permutations=200)
+    recorded, binned = (scan(lm, cfg, record_activations=record) for record in (True, False))
+    assert (recorded.metadata["auroc_method"], binned.metadata["auroc_method"]) == ("exact", "binned (64 bins per neuron)")
+    a, b = recorded.scores, binned.scores
+    rows = ["layer", "expert", "neuron", "category", "n_tokens"]
+    assert a[rows].equals(b[rows])
+    for column in ("avg_activation", "mean_rest", "std_category", "std_rest", "separation", "t_stat", "welch_p"):
+        np.testing.assert_allclose(a[column].to_numpy(), b[column].to_numpy(), rtol=1e-9, atol=1e-12, equal_nan=True)
+    np.testing.assert_array_equal(a["p_value"].to_numpy(), b["p_value"].to_numpy())
+    assert a["p_value"].notna().any()
+    pd.testing.assert_frame_equal(recorded.extras["routing"], binned.extras["routing"])
+
+
+def test_memory_plan_counts_an_experts_routed_tokens_only():
+    lm = wrap_model(build("mixtral"), bundled_tokenizer(), "tiny-mixtral")
+    points, sites = resolve_hook_points(lm.model, None)
+    n_neurons = {s.hook: s.d_mlp for s in sites}
+    widths = recorded_widths(sites, n_neurons)
+    for layer in LAYOUT["mixtral"][0]:
+        experts = [s for s in sites if s.kind == "expert" and s.layer == layer]
+        assert sum(widths[s.hook] for s in experts) == TOP_K * D_EXPERT  # each token records top_k experts' neurons
+    expert = next(s for s in sites if s.kind == "expert")
+    assert finish_slices(expert, 9) == [slice(0, 9)]  # one job, so one permutation call

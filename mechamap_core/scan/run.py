@@ -151,8 +151,8 @@ def scan(
         aligned = align(lm.tokenizer, texts if texts is not None else cfg.texts, cfg.categories, chunk_tokens)
         if aligned.n_tokens == 0:
             raise ValueError("the master text has no tokens besides special tokens, so there is nothing to scan")
-        has_experts = any(s.kind == "expert" for s in sites)  # an expert sees only its routed tokens: no recording
-        plan = plan_for(lm, aligned, sites, n_neurons, cfg.batch_size, False if has_experts else record_activations)
+        has_experts = any(s.kind == "expert" for s in sites)
+        plan = plan_for(lm, aligned, sites, recorded_widths(sites, n_neurons), cfg.batch_size, record_activations)
         aligned_s = time.perf_counter()
         (parts, passes, states), plan = run_with_retry(plan, lambda p: _run_sites(
             lm, dataclasses.replace(cfg, batch_size=p.batch_size), aligned, points, sites, n_neurons, p.record, progress
@@ -164,7 +164,7 @@ def scan(
     scores, top = assemble(lm.name, aligned.categories, parts, n_layers_model)
     top.insert(5, "token", aligned.tokens["token"].array.take(top["token_index"].to_numpy()))
     activations = None
-    if record:  # [n_tokens, N] views of the neuron-major copies
+    if record and not has_experts:  # [n_tokens, N] views of the neuron-major copies (an expert's: its tokens only)
         activations = {s.layer: np.concatenate([p.activations for p in parts if p.hook == s.hook]).T for s in sites}
     extras = {"routing": routing_from_states(sites, states, n_tokens_per_category, aligned)} if has_experts else {}
     finished = time.perf_counter()
@@ -220,6 +220,27 @@ def routing_from_states(sites: list[Site], states: dict, category_tokens: np.nda
     return routing_table(counts, load, category_tokens, aligned.n_tokens, aligned.categories)
 
 
+def recorded_widths(sites: list[Site], n_neurons: dict) -> dict:
+    """The neurons each site records per token of the text, for the memory plan: a dense site all its neurons;
+    an expert its neurons on its routed tokens only, which over a layer's experts are top_k per token."""
+    routed_share = lambda s: (s.moe.top_k, s.moe.n_experts) if s.kind == "expert" else (1, 1)  # noqa: E731
+    return {s.hook: -(-n_neurons[s.hook] * routed_share(s)[0] // routed_share(s)[1]) for s in sites}
+
+
+def finish_slices(site: Site, n: int) -> list[slice]:
+    """The neuron slices a site is finished in, one job each: a dense site in halves, so two threads share
+    it; an expert whole (a layer has several, and its permutation test is then one call)."""
+    if site.kind == "expert":
+        return [slice(0, n)]
+    return [s for s in (slice(0, (n + 1) // 2), slice((n + 1) // 2, n)) if s.stop > s.start]
+
+
+def routed_context(context: FinishContext, tokens: np.ndarray) -> FinishContext:
+    """The finishing context of an expert's recording: the labels of the tokens routed to it (tokens [t])."""
+    token_word = None if context.token_word is None else context.token_word[tokens]
+    return dataclasses.replace(context, category_mask=context.category_mask[tokens], token_word=token_word)
+
+
 def _run_sites(lm, cfg, aligned, points, sites: list[Site], n_neurons, record: bool, progress):
     """The forward passes with every site's SiteStats updated in its hook; each site finished once its last
     batch is in (on a worker thread when a core is free). Returns (parts in site order, forward passes,
@@ -240,6 +261,7 @@ def _run_sites(lm, cfg, aligned, points, sites: list[Site], n_neurons, record: b
     )  # fmt: skip
     states: dict[str, SiteStats] = {}
     kept: dict[str, list[np.ndarray]] = {s.hook: [] for s in sites}  # recorded [T_batch, N] float32 parts
+    kept_tokens: dict[str, list[torch.Tensor]] = {s.hook: [] for s in sites}  # an expert's: its tokens' indices
     n_batches = -(-len(aligned.chunks) // cfg.batch_size)
     seen = {id(p): 0 for p in points}
     sites_of = {id(p): [s for s in sites if getattr(s, "moe", s) is p] for p in points}  # an MoE layer: its experts
@@ -252,9 +274,15 @@ def _run_sites(lm, cfg, aligned, points, sites: list[Site], n_neurons, record: b
     def finish(site: Site, neurons: slice) -> SitePart:  # numpy on the CPU, once the site's last batch is in
         if site.hook not in states:  # an expert the router never chose: every statistic is NaN
             states[site.hook] = SiteStats(layouts[site.hook], "cpu")
-        recorded = [part[:, neurons] for part in kept[site.hook]] if record else None
-        part = finish_part(site.layer, neurons, states[site.hook], recorded, context)
+        recorded = [part[:, neurons] for part in kept[site.hook]] if record and kept[site.hook] else None
+        tokens = torch.cat(kept_tokens[site.hook]).numpy() if recorded and site.kind == "expert" else None
+        site_context = context if tokens is None else routed_context(context, tokens)
+        part = finish_part(site.layer, neurons, states[site.hook], recorded, site_context)
+        if tokens is not None and part.top is not None and not layouts[site.hook].top_k:  # recorded rows -> tokens
+            part.top = (part.top[0], tokens[part.top[1]])
         part.hook, part.expert = site.hook, getattr(site, "expert", None)
+        if site.kind == "expert":  # no other site saw its tokens: its permutation test runs here, on the worker
+            add_permutation_pvalues([part], context)
         return part
 
     def on_site(site: Site, acts: torch.Tensor, batch: Batch, slots: torch.Tensor | None) -> None:
@@ -265,6 +293,8 @@ def _run_sites(lm, cfg, aligned, points, sites: list[Site], n_neurons, record: b
         states[site.hook].update(acts, here if slots is None else here.select(slots))
         if record:
             kept[site.hook].append(np.ascontiguousarray(acts.cpu().numpy()))  # compact: acts may view all neurons
+            if slots is not None:
+                kept_tokens[site.hook].append(batch.token_index[slots.cpu()])
 
     def after_point(point) -> None:
         seen[id(point)] += 1
@@ -273,12 +303,10 @@ def _run_sites(lm, cfg, aligned, points, sites: list[Site], n_neurons, record: b
             progress(steps["docs"], total, f"documents {steps['docs']}/{n_docs}, layer {point.layer}")
         elif progress:
             progress(steps["done"], total, f"layer {point.layer} ({getattr(point, 'hook', None) or point.experts_path})")
-        if seen[id(point)] == n_batches:  # every site of the point is complete; halves, so two threads share it
+        if seen[id(point)] == n_batches:  # every site of the point is complete: its jobs can start
             for site in sites_of[id(point)]:
-                n = n_neurons[site.hook]
-                for neurons in (slice(0, (n + 1) // 2), slice((n + 1) // 2, n)):
-                    if neurons.stop > neurons.start:
-                        reducer.submit((site.hook, neurons.start), finish, site, neurons)
+                for neurons in finish_slices(site, n_neurons[site.hook]):
+                    reducer.submit((site.hook, neurons.start), finish, site, neurons)
 
     def labelled_batches():
         for batch in batches(aligned.chunks, cfg.batch_size, lm.pad_id):
