@@ -8,9 +8,8 @@ words = 96 words), with the real activations of one scan:
 1. time, as a ratio to the bare forward pass over the same chunks (bench_scan's model_inputs and
    bare_forward), at 1 torch thread and at torch's default: permutation_pvalues with 1,000 permutations
    (float32, the default, and float64; float32 also per site, 6 calls as the scan core makes),
-   cv_auroc_exact (k = 5, including its sort), and the plain exact
-   AUROC two ways: auroc_sorted (sort + searchsorted) and auroc_from_ranks(average_ranks) (argsort, the
-   scan's route today). Rounds are interleaved, warm-up dropped; medians of wall time and of this
+   cv_auroc_exact (k = 5, including its sort), exact_aurocs (the plain exact AUROC and cv_auroc from one
+   sort of labelled keys, the scan's route), and for comparison auroc_from_ranks(average_ranks) (argsort). Rounds are interleaved, warm-up dropped; medians of wall time and of this
    process's CPU time (all threads), whose ratio a shared, oversubscribed machine disturbs less;
 2. how far the float32 p-values are from the float64 ones (in permutation counts);
 3. calibration on the real model: the 96 words shuffled at random into 8 meaningless categories of 12
@@ -52,10 +51,10 @@ from mechamap_core import load_config, scan  # noqa: E402
 from mechamap_core.alignment import find_word_spans  # noqa: E402
 from mechamap_core.stats import (  # noqa: E402
     auroc_from_ranks,
-    auroc_sorted,
     average_ranks,
     bh_qvalues,
     cv_auroc_exact,
+    exact_aurocs,
     moment_statistics,
     permutation_pvalues,
     word_folds,
@@ -153,7 +152,8 @@ def main() -> None:
         "  the same, per site: 6 calls of 1,536 neurons": permutations_per_site,
         f"permutation_pvalues, {args.permutations} perms, float64": lambda: permutations(torch.float64),
         "cv_auroc_exact (k=5, with its sort)": lambda: cv_auroc_exact(acts_t, token_word, word_category, fold),
-        "exact AUROC: auroc_sorted (np.sort + searchsorted)": lambda: auroc_sorted(np.sort(acts_t, axis=1), acts_t, masks),
+        "exact AUROC and cv_auroc: exact_aurocs (one int64 sort, the scan's route)": lambda: exact_aurocs(
+            acts_t, masks, token_word, word_category, fold),
         "exact AUROC: auroc_from_ranks(average_ranks) (argsort)": lambda: auroc_from_ranks(average_ranks(acts_t), masks),
     }
     for threads in [int(t) for t in args.threads.split(",")]:
