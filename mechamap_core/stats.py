@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -203,11 +204,17 @@ def permutation_subsets(word_category, n_permutations: int = 1000, seed: int = 0
     drawn in ascending order from torch.Generator().manual_seed(seed): the same draws on every device.
     """
     word_category = np.asarray(word_category)
-    n_words = len(word_category)
     sizes = np.unique(np.bincount(word_category[word_category >= 0]))
+    return dict(_drawn_subsets(len(word_category), tuple(sizes[sizes > 0].tolist()), n_permutations, seed))
+
+
+@functools.lru_cache(maxsize=8)
+def _drawn_subsets(n_words: int, sizes: tuple[int, ...], n_permutations: int, seed: int) -> dict[int, torch.Tensor]:
+    """permutation_subsets' draws, kept for the next call with the same words, sizes and seed (a scan of
+    a mixture-of-experts model tests each expert in a call of its own). Callers must not change them."""
     generator = torch.Generator().manual_seed(seed)
     subsets = {}
-    for size in sizes[sizes > 0].tolist():
+    for size in sizes:
         keys = torch.rand(n_permutations, n_words, generator=generator, dtype=torch.float64)
         subsets[size] = keys.argsort(dim=1)[:, :size]
     return subsets
