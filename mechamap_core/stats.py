@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -14,7 +13,7 @@ EPS = 1e-12
 TIE_RTOL = 1e-6  # null scores this close to the observed one (relative) count as reaching it: rounding, not evidence
 CHUNK_ELEMENTS = 2**19  # subsets x neurons per block of the permutation test's arithmetic (2 MB per float32 buffer)
 GATHERED_BLOCKS = 4  # and chunk_elements x this many gathered at once (8 MB): one wake-up of the thread pool
-PERMUTATION_SLICE_NEURONS = 1024  # the least neurons a thread of the permutation test takes
+LABEL_BITS = 16  # _twice_rank_sums' keys: block (15 bits), value (32), label (16)
 RANK_BLOCK_ELEMENTS = 2**16  # values per block of _twice_rank_sums (its int64 keys: 512 KB, in cache)
 
 
@@ -246,9 +245,9 @@ def permutation_pvalues(
     Scores come from sums centred on each neuron's mean (separation is shift-invariant; centring keeps
     the variances' cancellation small), gathered per subset (embedding_bag) on the device of word_sum,
     in `dtype`, GATHERED_BLOCKS x chunk_elements subsets x neurons at a time, and scored in blocks of
-    chunk_elements (see _subset_separation). On a CPU the arithmetic is numpy's, each of torch's threads
-    scoring a slice of the neurons (torch's own pool, woken for each small operation, would spin between
-    them). NaN for categories without words. Inputs may be numpy arrays or torch tensors.
+    chunk_elements (see _subset_separation). On a CPU the arithmetic is numpy's, on one thread: torch's
+    thread pool, woken for each small operation, would spin between them. NaN for categories without
+    words. Inputs may be numpy arrays or torch tensors.
     """
     word_sum = torch.as_tensor(word_sum)
     device = word_sum.device
@@ -268,33 +267,17 @@ def permutation_pvalues(
     sizes = np.bincount(word_category[word_category >= 0], minlength=n_categories)
     below = np.zeros((n_categories, n_neurons))  # null draws scoring below the observed score (less TIE_RTOL)
     observed_nan = np.zeros((n_categories, n_neurons), dtype=bool)
-    slices = _neuron_slices(n_neurons, device)
     for size, subsets in permutation_subsets(word_category, n_permutations, seed).items():
         same_size = np.flatnonzero(sizes == size)
         own_words = torch.as_tensor(np.stack([np.flatnonzero(word_category == c) for c in same_size]))
         rows = torch.cat([own_words, subsets.sort(dim=1).values]).to(device)  # the observed rows come first
         constants = as_array(_subset_constants(word_n[rows].sum(dim=1, keepdim=True), n_all).to(dtype))
-
-        def count(neurons: slice):
-            return _draws_below(rows, len(same_size), constants, centred_sum[:, neurons], centred_sumsq[:, neurons],
-                                total_sumsq[neurons], chunk_elements, as_array)  # fmt: skip
-
-        with ThreadPoolExecutor(len(slices), thread_name_prefix="mechamap-permutation") as pool:
-            for neurons, (part_below, part_nan) in zip(slices, pool.map(count, slices)):
-                below[same_size, neurons] = part_below
-                observed_nan[same_size, neurons] = part_nan
+        below[same_size], observed_nan[same_size] = _draws_below(
+            rows, len(same_size), constants, centred_sum, centred_sumsq, total_sumsq, chunk_elements, as_array
+        )
     p_values = (1.0 + n_permutations - below) / (1.0 + n_permutations)
     p_values[(sizes == 0)[:, None] | observed_nan] = np.nan
     return p_values
-
-
-def _neuron_slices(n_neurons: int, device: torch.device) -> list[slice]:
-    """The neurons of the permutation test split across torch's CPU threads (at least PERMUTATION_SLICE_NEURONS
-    each; numpy releases the GIL in its arithmetic, embedding_bag in its gather); one slice on an accelerator."""
-    workers = torch.get_num_threads() if _numpy_arithmetic(device) else 1
-    workers = max(1, min(workers, n_neurons // PERMUTATION_SLICE_NEURONS))
-    edges = np.linspace(0, n_neurons, workers + 1).round().astype(int).tolist()
-    return [slice(start, stop) for start, stop in zip(edges[:-1], edges[1:])]
 
 
 def _draws_below(rows, n_observed, constants, centred_sum, centred_sumsq, total_sumsq, chunk_elements, as_array):
@@ -469,19 +452,17 @@ def exact_aurocs(
     if not with_cv:
         return auroc, None
     token_category = np.where(token_word >= 0, word_category[token_word], -1)
+    in_group = np.flatnonzero(token_group >= 0)  # a category's tokens, ranked among their own category's
+    within = _twice_rank_sums(acts_t[:, in_group], token_group[in_group], len(group_category), token_category[in_group])
     class_group = signatures[:, -1]
+    n_category_tokens = np.bincount(token_category[in_group], minlength=len(group_category))
+    n_group_tokens = np.bincount(token_group[in_group], minlength=len(group_category))
     auc_groups = np.full((len(group_category), acts_t.shape[0]), np.nan)
-    for c in np.unique(group_category).tolist():
-        columns = np.flatnonzero(token_category == c)
-        groups = np.flatnonzero(group_category == c)
-        n_rest = n_tokens - len(columns)
-        local = np.searchsorted(groups, token_group[columns])  # the fold group of each of c's tokens, 0..
-        within = _twice_rank_sums(acts_t[:, columns], local, len(groups))  # [N, groups of c]
-        for i, g in enumerate(groups.tolist()):
-            n_g = int((local == i).sum())
-            if n_g and n_rest:
-                overall = twice_sums[:, np.flatnonzero(class_group == g)].sum(axis=1)
-                auc_groups[g] = (overall - within[:, i]) / (2.0 * n_g * n_rest)
+    for g, c in enumerate(group_category.tolist()):
+        n_rest = n_tokens - n_category_tokens[c]
+        if n_group_tokens[g] and n_rest:
+            overall = twice_sums[:, np.flatnonzero(class_group == g)].sum(axis=1)
+            auc_groups[g] = (overall - within[:, g]) / (2.0 * n_group_tokens[g] * n_rest)
     return auroc, _mean_over_folds(auc_groups, group_category, n_categories)
 
 
@@ -494,36 +475,44 @@ def _distinct_rows(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return rows[first], inverse.reshape(-1)
 
 
-def _twice_rank_sums(values: np.ndarray, labels: np.ndarray, n_labels: int) -> np.ndarray:
+def _twice_rank_sums(values: np.ndarray, labels: np.ndarray, n_labels: int, blocks: np.ndarray | None = None) -> np.ndarray:
     """[N, n_labels] float64: per row of values [N, L], the sum over the columns with each label [L] of
-    their twice-ranks in the row, 2 #{row < v} + #{row == v}.
+    their twice-ranks, 2 #{row < v} + #{row == v}, among the columns of their own block [L] (all columns
+    when blocks is None).
 
-    One numpy sort per row of int64 keys that order as the float32 values do and carry the column's label in
-    their low 32 bits: the labels come out in sorted order with no argsort (3x a plain sort) and no search.
-    A value at sorted position p has twice-rank 2p + 1; a run of ties from i to j, i + j + 1 each. -0.0
-    counts as 0.0. Rows go in blocks of about RANK_BLOCK_ELEMENTS, in place, so the buffers stay in cache.
+    One numpy sort per row of int64 keys that order as (block, float32 value) do and carry the column's
+    label in their low LABEL_BITS: the labels come out in sorted order with no argsort (3x a plain sort) and
+    no search. A value at sorted position p, its block starting at s, has twice-rank 2 (p - s) + 1; a run of
+    ties from i to j, i + j + 1 - 2 s each. -0.0 counts as 0.0. Rows go in blocks of about
+    RANK_BLOCK_ELEMENTS, in place, so the buffers stay in cache.
     """
     values = np.asarray(values, dtype=np.float32)
     n_rows, length = values.shape
-    column_labels = np.asarray(labels, dtype=np.int64)[None, :]
-    plain_twice = np.arange(1, 2 * length, 2, dtype=np.float64)
+    blocks = np.zeros(length, dtype=np.int64) if blocks is None else np.asarray(blocks, dtype=np.int64)
+    if n_labels > 2**LABEL_BITS or blocks.max(initial=0) >= 2 ** (31 - LABEL_BITS):
+        raise ValueError(f"too many token classes ({n_labels}) or categories to rank exactly")
+    block_sizes = np.bincount(blocks)
+    block_start = np.repeat(np.cumsum(block_sizes) - block_sizes, block_sizes)  # [L] at each sorted position
+    column_keys = (blocks << (32 + LABEL_BITS)) | np.asarray(labels, dtype=np.int64)
+    plain_twice = 2.0 * (np.arange(length) - block_start) + 1.0
     out = np.empty((n_rows, n_labels))
     rows_per_block = max(1, RANK_BLOCK_ELEMENTS // max(length, 1))
     for first in range(0, n_rows, rows_per_block):
         bits = (values[first : first + rows_per_block] + np.float32(0.0)).view(np.int32)  # -0.0 becomes 0.0
         bits ^= (bits >> 31) & 0x7FFFFFFF  # int32 that sorts as the floats (negative ones reversed)
         keys = bits.astype(np.int64)
-        keys <<= 32
-        keys |= column_labels
+        keys += 2**31  # 0 .. 2^32 - 1
+        keys <<= LABEL_BITS
+        keys |= column_keys
         keys.sort(axis=1)
-        sorted_labels = keys & 0xFFFFFFFF
-        keys >>= 32  # the values' part: equal where the values tie
+        sorted_labels = keys & (2**LABEL_BITS - 1)
+        keys >>= LABEL_BITS  # (block, value): equal where the values tie within a block
         tied = keys[:, 1:] == keys[:, :-1]  # [rows, L-1]: sorted position p+1 ties with p
         twice = np.tile(plain_twice, (len(keys), 1))
         with_ties = np.flatnonzero(tied.any(axis=1))
         if with_ties.size:
             run_start, run_end = _tie_runs(tied[with_ties])
-            twice[with_ties] = run_start + run_end + 1.0
+            twice[with_ties] = run_start + run_end + 1.0 - 2.0 * block_start
         sorted_labels += (np.arange(len(keys), dtype=np.int64) * n_labels)[:, None]
         sums = np.bincount(sorted_labels.reshape(-1), weights=twice.reshape(-1), minlength=len(keys) * n_labels)
         out[first : first + len(keys)] = sums.reshape(len(keys), n_labels)
