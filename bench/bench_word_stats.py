@@ -96,13 +96,13 @@ def welch_and_masks(acts, token_word, word_category, n_categories):
     return stats["p_value"], masks.astype(bool)
 
 
-def with_cpu_seconds(fn):
-    """fn, returning the CPU seconds of this process (all threads) that it took."""
+def with_cpu_seconds(fn, seconds: list[float]):
+    """fn, appending the CPU seconds of this process (all threads) that each call took to `seconds`."""
 
-    def run() -> float:
+    def run() -> None:
         start = time.process_time()
         fn()
-        return time.process_time() - start
+        seconds.append(time.process_time() - start)
 
     return run
 
@@ -159,7 +159,9 @@ def main() -> None:
     for threads in [int(t) for t in args.threads.split(",")]:
         torch.set_num_threads(threads or default_threads)
         heading(f"Time at {torch.get_num_threads()} torch thread(s); numpy's sort and compares run on one")
-        times, cpu = interleaved({name: with_cpu_seconds(fn) for name, fn in fns.items()}, 1, args.repeats)
+        cpu = {name: [] for name in fns}
+        times, _ = interleaved({name: with_cpu_seconds(fn, cpu[name]) for name, fn in fns.items()}, 1, args.repeats)
+        cpu = {name: seconds[1:] for name, seconds in cpu.items()}  # the warm-up round dropped, as interleaved does
         bare, bare_cpu = med(times["bare forward"]), med(cpu["bare forward"])
         rows = [
             [
