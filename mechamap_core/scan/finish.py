@@ -84,14 +84,7 @@ def finish_part(layer: int, neurons: slice, stats: SiteStats, recorded: list[np.
     result["welch_p"] = result.pop("p_value")
     n_categories = stats.layout.n_categories
     result["p_value"] = result["welch_p"]  # until add_permutation_pvalues replaces it
-    word_moments = None
-    if context.permutations and stats.layout.n_words and context.word_category is not None:
-        cpu = lambda t: t.double().cpu().numpy()  # noqa: E731
-        word_moments = {
-            "word_n": cpu(stats.word_n), "word_sum": cpu(stats.word_sums[:, neurons]),
-            "word_sumsq": cpu(stats.word_sumsq[:, neurons]), "n_all": moments["n_all"],
-            "sum_all": moments["sum_all"], "sumsq_all": moments["sumsq_all"],
-        }  # fmt: skip
+    word_moments = site_word_moments(stats, neurons, context, moments)
     auroc = cv = acts_t = top = None
     if stats.layout.top_k:  # merged in the hook
         top = (stats.top_vals[:, neurons].cpu().numpy(), stats.top_keys[:, neurons].cpu().numpy())
@@ -117,28 +110,51 @@ def finish_part(layer: int, neurons: slice, stats: SiteStats, recorded: list[np.
     return SitePart(layer, neurons.start, result, top, acts_t, n_tokens, hook_name(layer), word_moments=word_moments)
 
 
-def add_permutation_pvalues(parts: list[SitePart], context: FinishContext) -> None:
-    """Replace each part's p_value by the word-level permutation p-value. Parts that saw the same tokens (every
-    dense site; each expert alone) share one call over all their neurons: the draws and the per-call work are
-    paid once, not per site."""
-    groups: dict[tuple, list[SitePart]] = {}
-    for part in (p for p in parts if p.word_moments is not None):
-        seen = part.word_moments
-        groups.setdefault((seen["n_all"], seen["word_n"].tobytes()), []).append(part)
+def site_word_moments(stats: SiteStats, neurons: slice, context: FinishContext, moments: dict | None = None):
+    """permutation_pvalues' inputs for a slice of a site's neurons (float64 numpy), or None when the context
+    runs no permutation test or the site has no words. moments: site_moments(stats, neurons), if at hand."""
+    if not (context.permutations and stats.layout.n_words and context.word_category is not None):
+        return None
+    moments = site_moments(stats, neurons) if moments is None else moments
+    cpu = lambda t: t.double().cpu().numpy()  # noqa: E731
+    return {
+        "word_n": cpu(stats.word_n), "word_sum": cpu(stats.word_sums[:, neurons]),
+        "word_sumsq": cpu(stats.word_sumsq[:, neurons]), "n_all": moments["n_all"],
+        "sum_all": moments["sum_all"], "sumsq_all": moments["sumsq_all"],
+    }  # fmt: skip
+
+
+def permutation_pvalues_of(word_moments: list[dict | None], context: FinishContext) -> list[np.ndarray | None]:
+    """The word-level permutation p-values [C, n] of each entry of word_moments (site_word_moments; None
+    stays None). Entries that saw the same tokens (every dense site; each expert alone) share one call over
+    all their neurons: the draws and the per-call work are paid once, not per site."""
+    groups: dict[tuple, list[int]] = {}
+    for i, seen in enumerate(word_moments):
+        if seen is not None:
+            groups.setdefault((seen["n_all"], seen["word_n"].tobytes()), []).append(i)
+    out: list[np.ndarray | None] = [None] * len(word_moments)
     for members in groups.values():
-        first = members[0].word_moments
-        joined = {key: np.concatenate([m.word_moments[key] for m in members], axis=-1)
+        first = word_moments[members[0]]
+        joined = {key: np.concatenate([word_moments[i][key] for i in members], axis=-1)
                   for key in ("word_sum", "word_sumsq", "sum_all", "sumsq_all")}  # fmt: skip
         p_values = permutation_pvalues(
             first["word_n"], joined["word_sum"], joined["word_sumsq"], first["n_all"], joined["sum_all"],
             joined["sumsq_all"], context.word_category, context.permutations, context.seed, context.category_mask.shape[1],
         )  # fmt: skip
         start = 0
-        for member in members:
-            width = member.stats["score"].shape[1]
-            member.stats["p_value"] = p_values[:, start : start + width]
-            member.word_moments = None
-            start += width
+        for i in members:
+            width = word_moments[i]["word_sum"].shape[1]
+            out[i], start = p_values[:, start : start + width], start + width
+    return out
+
+
+def add_permutation_pvalues(parts: list[SitePart], context: FinishContext) -> None:
+    """Replace each part's p_value by the word-level permutation p-value (permutation_pvalues_of over the
+    parts' word moments, which are then dropped)."""
+    for part, p_values in zip(parts, permutation_pvalues_of([part.word_moments for part in parts], context)):
+        if p_values is not None:
+            part.stats["p_value"] = p_values
+        part.word_moments = None
 
 
 def _transposed(parts: list[np.ndarray]) -> np.ndarray:

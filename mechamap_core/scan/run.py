@@ -18,10 +18,21 @@ from ..models import LoadedModel
 from ..sites import n_layers as count_layers
 from ..stats import word_folds
 from .driver import Batch, ProgressFn, Site, batches, resolve_hook_points, run_hooked_forward, site_device
-from .finish import FinishContext, SitePart, add_permutation_pvalues, assemble, finish_part, token_folds
+from .finish import (
+    FinishContext,
+    SitePart,
+    add_permutation_pvalues,
+    assemble,
+    finish_part,
+    permutation_pvalues_of,
+    site_word_moments,
+    token_folds,
+)
 from .plan import plan_for, run_with_retry
 from .result import ScanResult
 from .state import HIST_BINS, BatchLabels, SiteStats, StatsLayout
+
+DENSE_PERMUTATIONS = "dense sites' permutation test"  # its job's key among the finishing jobs'
 
 
 class _Reducer:
@@ -259,6 +270,7 @@ def _run_sites(lm, cfg, aligned, points, sites: list[Site], n_neurons, record: b
         aligned.category_mask, cfg.top_k_tokens, cfg.auroc, aligned.token_word, word_category, word_fold,
         cfg.permutations, cfg.seed,
     )  # fmt: skip
+    dense_context = dataclasses.replace(context, permutations=0)
     states: dict[str, SiteStats] = {}
     kept: dict[str, list[np.ndarray]] = {s.hook: [] for s in sites}  # recorded [T_batch, N] float32 parts
     kept_tokens: dict[str, list[torch.Tensor]] = {s.hook: [] for s in sites}  # an expert's: its tokens' indices
@@ -276,7 +288,10 @@ def _run_sites(lm, cfg, aligned, points, sites: list[Site], n_neurons, record: b
             states[site.hook] = SiteStats(layouts[site.hook], "cpu")
         recorded = [part[:, neurons] for part in kept[site.hook]] if record and kept[site.hook] else None
         tokens = torch.cat(kept_tokens[site.hook]).numpy() if recorded and site.kind == "expert" else None
-        site_context = context if tokens is None else routed_context(context, tokens)
+        if site.kind != "expert":
+            site_context = dense_context  # its permutation test runs in dense_pvalues, with every dense site's
+        else:
+            site_context = context if tokens is None else routed_context(context, tokens)
         part = finish_part(site.layer, neurons, states[site.hook], recorded, site_context)
         if tokens is not None and part.top is not None and not layouts[site.hook].top_k:  # recorded rows -> tokens
             part.top = (part.top[0], tokens[part.top[1]])
@@ -321,12 +336,25 @@ def _run_sites(lm, cfg, aligned, points, sites: list[Site], n_neurons, record: b
         if progress and n_docs > 1:
             progress(steps["docs"], total, f"documents {steps['docs']}/{n_docs}")
 
+    dense = [s for s in sites if s.kind != "expert"]
+
+    def dense_pvalues() -> dict[str, np.ndarray | None]:  # every dense site's permutation test, in one call
+        moments = [site_word_moments(states[s.hook], slice(None), context) for s in dense]
+        return {s.hook: p_values for s, p_values in zip(dense, permutation_pvalues_of(moments, context))}
+
     # Each finished site's statistics run on a worker thread, overlapping the forward pass of the sites
-    # after it when a core is free; this thread joins in once the forward pass is done.
+    # after it when a core is free; this thread joins in once the forward pass is done. The dense sites'
+    # permutation test needs only their states, so it is one more job beside the last sites' finishing.
     with _Reducer(reduction_mode(lm.device, record)) as reducer:
         passes = run_hooked_forward(lm, labelled_batches(), points, on_site, n_neurons, on_batch, after_point)
+        if dense:
+            reducer.submit(DENSE_PERMUTATIONS, dense_pvalues)
     kept.clear()
+    dense_p_values = reducer.results.pop(DENSE_PERMUTATIONS, {})
     order = {site.hook: i for i, site in enumerate(sites)}
     parts = sorted(reducer.results.values(), key=lambda part: (order[part.hook], part.first_neuron))
-    add_permutation_pvalues(parts, context)
+    for part in parts:
+        if dense_p_values.get(part.hook) is not None:
+            width = part.stats["score"].shape[1]
+            part.stats["p_value"] = dense_p_values[part.hook][:, part.first_neuron : part.first_neuron + width]
     return parts, passes, states
