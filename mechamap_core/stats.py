@@ -424,7 +424,8 @@ def exact_aurocs(
     word_fold: np.ndarray | None = None,  # [W], from word_folds
     n_categories: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """(auroc [C, N], cv_auroc [C, N] or None), float64, exact with ties counted half, from one sort per neuron.
+    """(auroc [C, N], cv_auroc [C, N] or None), float64, exact with ties counted half, from one sort of each
+    neuron's row (and, for cv_auroc, one more of its category tokens).
 
     auroc: one-vs-rest Mann-Whitney U of each category's tokens (mask) against all others, as auroc_exact.
     cv_auroc (with token_word, word_category and word_fold): as cv_auroc_exact. Every token gets a class,
@@ -432,7 +433,8 @@ def exact_aurocs(
     twice-ranks of each class. A category's tokens' twice-ranks among all tokens sum to 2 x (their wins
     over the rest) + n_c^2 (their wins over their own category, whatever the ties), so
     auroc = (sum - n_c^2) / (2 n_c n_rest). A fold's wins over its category's rest are its wins over all
-    tokens minus those over its category's tokens: the same sums within each category's own tokens.
+    tokens minus those over its category's tokens: the same sums within each category's own tokens, from
+    one sort keyed by (category, value) of every category token.
     """
     mask = np.asarray(mask, dtype=bool)
     n_tokens, n_cat = mask.shape
