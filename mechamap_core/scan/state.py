@@ -59,6 +59,12 @@ def token_priority(keys: torch.Tensor) -> torch.Tensor:
     return (mixed & 0xFFFFFF).double() / float(0x1000000)
 
 
+def _shifted_back(count, centred_sum, centred_sumsq, shift):
+    """(sum, sum of squares) of values x = c + shift, from the count, sum and sum of squares of the centred
+    c (float64, so the float32 sums of c keep a spread that a large mean would swamp)."""
+    return centred_sum + count * shift, centred_sumsq + 2 * shift * centred_sum + count * shift * shift
+
+
 class SiteStats:
     """Counts, sums, sums of squares, word sums, histograms, top-k and quantile samples of one site.
 
@@ -108,10 +114,12 @@ class SiteStats:
         # neuron whose mean dwarfs its spread keeps its variance (raw float32 squares would lose it).
         shift = acts.mean(dim=0)  # [N]
         centred = acts - shift
-        linear = centred.sum(dim=0).to(wide)
-        n_batch, shift = float(acts.shape[0]), shift.to(wide)
-        self.sums[0] += linear + n_batch * shift
-        self.sums_sq[0] += (centred * centred).sum(dim=0).to(wide) + 2 * shift * linear + n_batch * shift * shift
+        shift = shift.to(wide)
+        total, total_sq = _shifted_back(
+            float(acts.shape[0]), centred.sum(dim=0).to(wide), (centred * centred).sum(dim=0).to(wide), shift
+        )
+        self.sums[0] += total
+        self.sums_sq[0] += total_sq
         # Category tokens (a minority): one matmul per moment in float64, exact for a category's few tokens.
         rows = torch.nonzero(cat_mask.sum(1) > 0).view(-1)
         if len(rows):
@@ -127,12 +135,12 @@ class SiteStats:
                 members[slot, torch.arange(len(in_word), device=acts.device)] = 1.0  # [U, K] one-hot
                 values = centred.index_select(0, in_word)  # [K, N]
                 n_word = members.sum(dim=1, keepdim=True).to(wide)
-                linear = (members @ values).to(wide)
-                self.word_n.index_add_(0, present, n_word[:, 0])
-                self.word_sums.index_add_(0, present, linear + n_word * shift)
-                self.word_sumsq.index_add_(
-                    0, present, (members @ (values * values)).to(wide) + 2 * shift * linear + n_word * shift * shift
+                word_sum, word_sumsq = _shifted_back(
+                    n_word, (members @ values).to(wide), (members @ (values * values)).to(wide), shift
                 )
+                self.word_n.index_add_(0, present, n_word[:, 0])
+                self.word_sums.index_add_(0, present, word_sum)
+                self.word_sumsq.index_add_(0, present, word_sumsq)
         layout = self.layout
         if not (layout.top_k or layout.hist_bins or layout.sample_bands):
             return
