@@ -286,7 +286,7 @@ def stream_result(lm: LoadedModel, cfg: ScanConfig, state: StreamState, extra_me
     started = time.perf_counter()
     categories = list(cfg.categories)
     word_category, word_fold = word_labels(cfg)
-    no_tokens = np.zeros((0, len(categories)), bool)
+    no_tokens = np.zeros((0, len(categories)), bool)  # a corpus scan records no per-token labels
     context = FinishContext(no_tokens, cfg.top_k_tokens, cfg.auroc, None, word_category, word_fold, cfg.permutations, cfg.seed)
     parts = []
     for hook, stats in sorted(state.sites.items(), key=lambda item: site_of_hook(item[0])):
@@ -323,10 +323,9 @@ def stream_result(lm: LoadedModel, cfg: ScanConfig, state: StreamState, extra_me
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "mechamap_version": __version__, "config": cfg.to_dict(),
         **(extra_metadata or {}),
     }  # fmt: skip
-    empty_mask = np.zeros((0, len(categories)), dtype=bool)
     coverage = pd.DataFrame(columns=["category", "word", "occurrences", "n_tokens"])
     extras = {"examples": examples, "samples": samples}
-    return ScanResult(scores, top, tokens, coverage, empty_mask, metadata, [], None, extras)
+    return ScanResult(scores, top, tokens, coverage, no_tokens, metadata, [], None, extras)
 
 
 _HOOK_SITE = re.compile(r"^blocks\.(\d+)\.mlp\.(?:experts\.(\d+)\.|shared_experts\.)?hook_post$")
