@@ -1,4 +1,4 @@
-"""Mixture-of-experts neurons: find each MoE layer, replay its routing, recompute each expert's neurons.
+"""Mixture-of-experts neurons: find each MoE layer, replay its routing, read or recompute each expert's neurons.
 
 Definitions (DESIGN.md): neuron i of expert E in layer L is coordinate i of act(gate_E x) * (up_E x), the input
 of E's down-projection, on the tokens the router sends to E. Hook name: `blocks.{L}.mlp.experts.{E}.hook_post`
@@ -13,8 +13,14 @@ How a scan reads routed experts, in one forward pass:
         moe.hook_module.register_forward_pre_hook(fn, with_kwargs=True)
     def fn(module, args, kwargs):                        # runs inside the model's forward
         routed = moe.read_hook_inputs(args, kwargs)      # RoutedTokens: hidden [T, H], top_k_index [T, k]
-        for part in moe.iter_expert_activations(routed.hidden, routed.top_k_index):
+        for part in moe.recomputed_activations(routed, counted):   # counted [T] bool: tokens to keep
             part.expert, part.rows, part.acts            # int, [t_E] int64, [t_E, d_expert] float32
+
+Where moe.reads_model_gate (transformers 5's grouped_mm and batched_mm experts, the default), the scan skips
+the recomputation: `with moe.reading_gate(on_gated)` makes the experts' own `_apply_gate` hand its output [S, I]
+(every routed row's neurons, as the model computed them) to on_gated, and
+moe.gate_output_activations(gated, routed, counted) splits it by expert (row order: gated_rows). The first
+batch checks one expert against the recomputation; a mismatch warns and falls back to recomputing.
 
 T is the batch flattened row-major: row r is position r % S of sequence r // S for input [B, S] (padding
 included: the caller drops padded rows, as it does for OPT's flattened dense input).
@@ -34,7 +40,9 @@ Two layouts:
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -51,6 +59,9 @@ ROUTER_NAMES = ("gate", "router")
 EXPERT_PROJ_NAMES = (("w1", "w3", "w2"), ("gate_proj", "up_proj", "down_proj"))
 # model types whose per-module routing always renormalises the top-k weights
 ALWAYS_RENORMALISED = {"mixtral"}
+# transformers 5 experts implementations that gate all S = T * k routed rows in one `_apply_gate` call, whose
+# output a scan reads instead of recomputing the experts (row order: MoELayer.gated_rows)
+GATE_READING_IMPLEMENTATIONS = ("grouped_mm", "batched_mm")
 
 
 @dataclass(frozen=True)
@@ -91,6 +102,8 @@ class MoELayer:
     d_model: int  # hidden size (H)
     family: str  # config.model_type ("" when the model has no config)
     renormalise: bool = False  # per-module layout only: renormalise the top-k softmax weights
+    gate_checked: bool = False  # the model's gate output was compared with a recomputation once
+    gate_unreadable: bool = False  # that comparison failed: recompute instead
 
     @property
     def hook_module(self) -> nn.Module:
@@ -183,6 +196,93 @@ class MoELayer:
         for expert, rows in enumerate(torch.split(tokens[order], counts)):
             if len(rows):
                 yield ExpertActivations(expert, rows, self._recompute(hidden[rows], expert))
+
+    def recomputed_activations(self, routed: RoutedTokens, counted: torch.Tensor) -> Iterator[ExpertActivations]:
+        """iter_expert_activations for the tokens of `routed` where counted [T] (bool) is set: recomputed."""
+        index = torch.where(counted[:, None].to(routed.top_k_index.device), routed.top_k_index, self.n_experts)
+        return self.iter_expert_activations(routed.hidden, index)
+
+    @property
+    def reads_model_gate(self) -> bool:
+        """Whether a scan reads the expert neurons the model itself computes (its experts' `_apply_gate` output,
+        through reading_gate) instead of recomputing them: fused gated experts run by grouped_mm or batched_mm."""
+        implementation = getattr(getattr(self.experts, "config", None), "_experts_implementation", None)
+        return (
+            self.layout == "fused"
+            and not self.gate_unreadable
+            and getattr(self.experts, "has_gate", False)
+            and callable(getattr(self.experts, "_apply_gate", None))
+            and implementation in GATE_READING_IMPLEMENTATIONS
+        )
+
+    @contextmanager
+    def reading_gate(self, on_gate_output: Callable[[torch.Tensor], None]):
+        """Within the block, the experts' `_apply_gate` hands its output [S, I] (the neurons of the S routed rows,
+        in gated_rows' order) to on_gate_output before returning it. Restored on exit, also on errors."""
+        experts = self.experts
+        own = vars(experts).get("_apply_gate")
+        model_gate = experts._apply_gate
+
+        def apply_gate(gate_up: torch.Tensor) -> torch.Tensor:
+            gated = model_gate(gate_up)
+            on_gate_output(gated)
+            return gated
+
+        experts._apply_gate = apply_gate
+        try:
+            yield
+        finally:
+            if own is None:
+                del experts._apply_gate
+            else:
+                experts._apply_gate = own
+
+    def gated_rows(self, top_k_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens [S], experts [S]) of the rows the model's `_apply_gate` receives for top_k_index [T, k]:
+        batched_mm gates the flattened top-k slots in order; grouped_mm first sorts them by expert, with the
+        same torch.sort call on the same tensor (so the same permutation)."""
+        n_slots = top_k_index.numel()
+        experts = top_k_index.reshape(-1)
+        tokens = torch.arange(n_slots, device=experts.device) // top_k_index.shape[1]
+        if self.experts.config._experts_implementation == "grouped_mm":
+            experts, perm = torch.sort(experts)
+            tokens = perm // top_k_index.shape[1]
+        return tokens, experts
+
+    def gate_output_activations(
+        self, gated: torch.Tensor, routed: RoutedTokens, counted: torch.Tensor
+    ) -> Iterator[ExpertActivations]:
+        """ExpertActivations, in expert order, from the model's own gate output gated [S, I] for `routed`, keeping
+        the tokens where counted [T] (bool) is set.
+
+        The first call compares one expert with _recompute; if they differ (a transformers whose experts order
+        their rows otherwise), it warns, and this layer recomputes from then on."""
+        tokens, experts = self.gated_rows(routed.top_k_index)
+        kept = (counted[tokens] & (experts >= 0) & (experts < self.n_experts)).nonzero().flatten()
+        tokens, experts = tokens[kept], experts[kept]
+        order = torch.argsort(experts * len(counted) + tokens)  # by expert, then by token
+        kept, tokens, experts = kept[order], tokens[order], experts[order]
+        counts = torch.bincount(experts, minlength=self.n_experts).tolist()
+        parts = [
+            ExpertActivations(expert, rows, gated.index_select(0, where).float())
+            for expert, (rows, where) in enumerate(zip(torch.split(tokens, counts), torch.split(kept, counts)))
+            if len(rows)
+        ]
+        if not self.gate_checked and parts:
+            self.gate_checked = True
+            first = parts[0]
+            recomputed = self._recompute(routed.hidden[first.rows], first.expert)
+            rtol = 1e-3 if gated.dtype == torch.float32 else 5e-2  # 16-bit: the model rounds gate and up
+            if not torch.allclose(first.acts, recomputed.to(first.acts.device), rtol=rtol, atol=rtol * float(recomputed.abs().max())):
+                self.gate_unreadable = True
+                warnings.warn(
+                    f"layer {self.layer}: the experts' gate output does not match a recomputation of expert "
+                    f"{first.expert}; recomputing this layer's experts instead (slower, same definition)",
+                    stacklevel=2,
+                )
+                yield from self.recomputed_activations(routed, counted)
+                return
+        yield from parts
 
     def _recompute(self, x: torch.Tensor, expert: int) -> torch.Tensor:
         """act(gate_E x) * (up_E x) in float32, [t, d_expert]."""

@@ -180,3 +180,66 @@ def test_memory_plan_counts_an_experts_routed_tokens_only():
         assert sum(widths[s.hook] for s in experts) == TOP_K * D_EXPERT  # each token records top_k experts' neurons
     expert = next(s for s in sites if s.kind == "expert")
     assert finish_slices(expert, 9) == [slice(0, 9)]  # one job, so one permutation call
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_gate_output_read_from_the_model_equals_recomputation_in_every_experts_implementation(family, default_cfg, paragraph):
+    """grouped_mm and batched_mm experts are read at their `_apply_gate` output (rows reordered per
+    MoELayer.gated_rows); eager experts are recomputed. All three give the same table, and no wrapper is left."""
+    model = build(family)
+    cfg = dataclasses.replace(default_cfg, master_text=paragraph, categories=dict(default_cfg.categories), permutations=50)
+    tables = {}
+    for implementation in ("grouped_mm", "batched_mm", "eager"):
+        model.set_experts_implementation(implementation)
+        lm = wrap_model(model, bundled_tokenizer(), f"tiny-{family}")
+        moe = next(p for p in resolve_hook_points(model, None)[0] if hasattr(p, "reads_model_gate"))
+        assert moe.reads_model_gate == (implementation != "eager")
+        tables[implementation] = scan(lm, cfg).scores
+        assert "_apply_gate" not in vars(moe.experts)
+    for implementation in ("batched_mm", "eager"):
+        a, b = tables["grouped_mm"], tables[implementation]
+        assert a[["layer", "expert", "neuron", "category", "n_tokens"]].equals(b[["layer", "expert", "neuron", "category", "n_tokens"]])
+        np.testing.assert_allclose(a["avg_activation"], b["avg_activation"], rtol=1e-4, atol=1e-5, equal_nan=True)
+
+
+def test_a_gate_output_in_an_unexpected_row_order_is_caught_and_recomputed(default_cfg, paragraph, monkeypatch):
+    """If a transformers release ordered the gated rows otherwise, the first batch's check against a recomputation
+    warns and the layer is recomputed: the table still equals the independent recomputation."""
+    from mechamap_core import moe as moe_module
+
+    def reversed_rows(self, top_k_index):
+        tokens, experts = original(self, top_k_index)
+        return tokens.flip(0), experts
+    original = moe_module.MoELayer.gated_rows
+    monkeypatch.setattr(moe_module.MoELayer, "gated_rows", reversed_rows)
+    model = build("mixtral")
+    tokenizer = bundled_tokenizer()
+    cfg = dataclasses.replace(default_cfg, master_text=paragraph, categories=dict(default_cfg.categories), permutations=50)
+    with pytest.warns(UserWarning, match="recomputing this layer's experts"):
+        result = scan(wrap_model(model, tokenizer, "tiny-mixtral"), cfg)
+    assert_expert_means_equal_recomputation(result, model, tokenizer, paragraph, cfg.categories)
+
+
+def test_experts_that_never_call_their_gate_are_recomputed_with_a_warning(default_cfg, paragraph, monkeypatch):
+    """An experts implementation taken for one that gates through `_apply_gate` but does not (eager Mixtral
+    loops over its experts): the pass ends with the layer unread, which is then recomputed, not left empty."""
+    from mechamap_core import moe as moe_module
+
+    monkeypatch.setattr(moe_module, "GATE_READING_IMPLEMENTATIONS", ("eager",))
+    model = build("mixtral")
+    model.set_experts_implementation("eager")
+    tokenizer = bundled_tokenizer()
+    cfg = dataclasses.replace(default_cfg, master_text=paragraph, categories=dict(default_cfg.categories), permutations=50)
+    with pytest.warns(UserWarning, match="never called _apply_gate"):
+        result = scan(wrap_model(model, tokenizer, "tiny-mixtral"), cfg)
+    assert_expert_means_equal_recomputation(result, model, tokenizer, paragraph, cfg.categories)
+
+
+def assert_expert_means_equal_recomputation(result, model, tokenizer, text, categories) -> None:
+    """A tiny Mixtral scan's expert rows: n_tokens and avg_activation as independent_expert_means gives them."""
+    experts = result.scores[result.scores["expert"].notna()]
+    for (layer, expert, category), (n_tokens, mean) in independent_expert_means(model, "mixtral", tokenizer, text, categories).items():
+        rows = experts[(experts["layer"] == layer) & (experts["expert"] == expert) & (experts["category"] == category)]
+        assert (rows["n_tokens"] == n_tokens).all()
+        if mean is not None:
+            np.testing.assert_allclose(rows.sort_values("neuron")["avg_activation"], mean, rtol=1e-4, atol=1e-5)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -22,7 +23,7 @@ class _StopForward(Exception):
 
 @dataclass(frozen=True)
 class ExpertSite:
-    """One routed expert's neurons: read by recomputation inside its MoE layer's hook (see moe.py)."""
+    """One routed expert's neurons: read at the model's gate output, or recomputed, in its MoE layer's hooks (moe.py)."""
 
     layer: int
     expert: int
@@ -87,20 +88,18 @@ class Batch:
 
 
 @contextmanager
-def hooked(sites: list[HookPoint], hook_fn):
-    """Register hook_fn(site) as a forward pre-hook on each site's module (an MoE layer's: with kwargs);
-    remove every handle on exit."""
-    handles = []
-    try:
+def hooked(sites: list[HookPoint], hook_fn, gate_fn=None):
+    """Register hook_fn(site) as a forward pre-hook on each site's module (an MoE layer's: with kwargs), and
+    gate_fn(layer) on each MoE layer that reads its model's gate output (MoELayer.reading_gate); undo all on exit."""
+    with ExitStack() as undo:
         for site in sites:
             if isinstance(site, MoELayer):
-                handles.append(site.hook_module.register_forward_pre_hook(hook_fn(site), with_kwargs=True))
+                undo.callback(site.hook_module.register_forward_pre_hook(hook_fn(site), with_kwargs=True).remove)
+                if gate_fn is not None and site.reads_model_gate:
+                    undo.enter_context(site.reading_gate(gate_fn(site)))
             else:
-                handles.append(site.module.register_forward_pre_hook(hook_fn(site)))
+                undo.callback(site.module.register_forward_pre_hook(hook_fn(site)).remove)
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def batches(chunks: list[Chunk], batch_size: int, pad_id: int) -> Iterator[Batch]:
@@ -177,29 +176,56 @@ def run_hooked_forward(
             finished(point)
 
         def moe_hook(module, args, kwargs):
-            batch = current["batch"]
             routed = point.read_hook_inputs(args, kwargs)
-            slots_of_rows = batch.slots_on(routed.top_k_index.device)
-            counted = slots_of_rows >= 0
-            index = torch.where(counted[:, None], routed.top_k_index, point.n_experts)  # uncounted rows: no expert
-            for part in point.iter_expert_activations(routed.hidden, index):
-                site = ExpertSite(point.layer, part.expert, point)
-                slots = slots_of_rows.to(part.rows.device)[part.rows]
-                on_site(site, picked(site.hook, part.acts), batch, slots)
+            if point.reads_model_gate:  # read on the way out of the experts' gate: gate_hook
+                current["routed"][id(point)] = routed
+                return
+            slots_of_rows = current["batch"].slots_on(routed.top_k_index.device)
+            read_experts(point, point.recomputed_activations(routed, slots_of_rows >= 0), slots_of_rows)
             finished(point)
 
         return moe_hook if isinstance(point, MoELayer) else dense_hook
 
+    def read_experts(point: MoELayer, parts, slots_of_rows: torch.Tensor) -> None:
+        for part in parts:
+            site = ExpertSite(point.layer, part.expert, point)
+            on_site(site, picked(site.hook, part.acts), current["batch"], slots_of_rows.to(part.rows.device)[part.rows])
+
+    def gate_hook(point: MoELayer):
+        def on_gate_output(gated: torch.Tensor) -> None:
+            routed = current["routed"].pop(id(point), None)
+            if routed is None:  # the layer went back to recomputing (MoELayer.gate_output_activations)
+                return
+            slots_of_rows = current["batch"].slots_on(gated.device)
+            read_experts(point, point.gate_output_activations(gated, routed, slots_of_rows >= 0), slots_of_rows)
+            finished(point)
+
+        return on_gate_output
+
+    def read_unread_gates() -> None:
+        """Layers whose pre-hook ran but whose experts never called _apply_gate: recompute them, from now on too."""
+        for point in points:
+            routed = current["routed"].pop(id(point), None)
+            if routed is not None:
+                point.gate_unreadable = True
+                warnings.warn(f"layer {point.layer}: the experts never called _apply_gate; recomputing them instead", stacklevel=2)
+                slots_of_rows = current["batch"].slots_on(routed.top_k_index.device)
+                read_experts(point, point.recomputed_activations(routed, slots_of_rows >= 0), slots_of_rows)
+                if after_point is not None:
+                    after_point(point)
+
     passes = 0
     extra = {"use_cache": False} if lm.is_causal_lm else {}
-    with torch.inference_mode(), hooked(points, hook_fn):
+    with torch.inference_mode(), hooked(points, hook_fn, gate_hook):
         for batch in batch_stream:
             current["batch"] = batch
+            current["routed"] = {}
             current["pending"] = {id(p) for p in points if p.layer == last_layer}
             try:
                 lm.model(input_ids=batch.input_ids.to(lm.device), attention_mask=batch.attention_mask.to(lm.device), **extra)
             except _StopForward:
                 pass
+            read_unread_gates()
             passes += 1
             if on_batch is not None:
                 on_batch(batch)

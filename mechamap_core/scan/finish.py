@@ -187,9 +187,11 @@ def assemble(model_name: str, categories: list[str], parts: list[SitePart], n_la
     sizes = [p.stats["score"].shape[1] for p in parts]
     n_rows = n_cat * sum(sizes)
     block = np.empty((len(STAT_COLUMNS), n_rows))  # one float64 block, filled in place: [column, row]
-    for column, key in enumerate(STAT_COLUMNS):  # rows neuron-major: each part's [n, C] flattened
+    ends = np.cumsum([0] + [n * n_cat for n in sizes])
+    for column, key in enumerate(STAT_COLUMNS):  # rows neuron-major: each part's [C, n] transposed into place
         if key not in Q_VALUES:
-            block[column] = np.concatenate([p.stats[key].T.reshape(-1) for p in parts])
+            for part, n, start, stop in zip(parts, sizes, ends[:-1], ends[1:]):
+                block[column, start:stop].reshape(n, n_cat)[:] = part.stats[key].T
     for q_column, p_column in Q_VALUES.items():
         block[STAT_COLUMNS.index(q_column)] = bh_qvalues(block[STAT_COLUMNS.index(p_column)])
     per_row = lambda values: np.repeat(values, [n * n_cat for n in sizes])  # noqa: E731
