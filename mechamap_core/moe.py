@@ -62,6 +62,7 @@ ALWAYS_RENORMALISED = {"mixtral"}
 # transformers 5 experts implementations that gate all S = T * k routed rows in one `_apply_gate` call, whose
 # output a scan reads instead of recomputing the experts (row order: MoELayer.gated_rows)
 GATE_READING_IMPLEMENTATIONS = ("grouped_mm", "batched_mm")
+GATE_CHECK_ROWS = 16  # the rows of one expert that the first batch recomputes to check the gate output's order
 
 
 @dataclass(frozen=True)
@@ -255,7 +256,7 @@ class MoELayer:
         """ExpertActivations, in expert order, from the model's own gate output gated [S, I] for `routed`, keeping
         the tokens where counted [T] (bool) is set.
 
-        The first call compares one expert with _recompute; if they differ (a transformers whose experts order
+        The first call compares GATE_CHECK_ROWS rows of one expert with _recompute; if they differ (a transformers whose experts order
         their rows otherwise), it warns, and this layer recomputes from then on."""
         tokens, experts = self.gated_rows(routed.top_k_index)
         kept = (counted[tokens] & (experts >= 0) & (experts < self.n_experts)).nonzero().flatten()
@@ -271,9 +272,10 @@ class MoELayer:
         if not self.gate_checked and parts:
             self.gate_checked = True
             first = parts[0]
-            recomputed = self._recompute(routed.hidden[first.rows], first.expert)
+            rows, read = first.rows[:GATE_CHECK_ROWS], first.acts[:GATE_CHECK_ROWS]
+            recomputed = self._recompute(routed.hidden[rows], first.expert).to(read.device)
             rtol = 1e-3 if gated.dtype == torch.float32 else 5e-2  # 16-bit: the model rounds gate and up
-            if not torch.allclose(first.acts, recomputed.to(first.acts.device), rtol=rtol, atol=rtol * float(recomputed.abs().max())):
+            if not torch.allclose(read, recomputed, rtol=rtol, atol=rtol * float(recomputed.abs().max())):
                 self.gate_unreadable = True
                 warnings.warn(
                     f"layer {self.layer}: the experts' gate output does not match a recomputation of expert "
