@@ -20,7 +20,7 @@ Where moe.reads_model_gate (transformers 5's grouped_mm and batched_mm experts, 
 the recomputation: `with moe.reading_gate(on_gated)` makes the experts' own `_apply_gate` hand its output [S, I]
 (every routed row's neurons, as the model computed them) to on_gated, and
 moe.gate_output_activations(gated, routed, counted) splits it by expert (row order: gated_rows). The first
-batch checks one expert against the recomputation; a mismatch warns and falls back to recomputing.
+batch checks 16 rows of one expert against the recomputation; a mismatch warns and falls back to recomputing.
 
 T is the batch flattened row-major: row r is position r % S of sequence r // S for input [B, S] (padding
 included: the caller drops padded rows, as it does for OPT's flattened dense input).
@@ -256,8 +256,8 @@ class MoELayer:
         """ExpertActivations, in expert order, from the model's own gate output gated [S, I] for `routed`, keeping
         the tokens where counted [T] (bool) is set.
 
-        The first call compares GATE_CHECK_ROWS rows of one expert with _recompute; if they differ (a transformers whose experts order
-        their rows otherwise), it warns, and this layer recomputes from then on."""
+        The first call compares GATE_CHECK_ROWS rows of one expert with _recompute; if they differ (a
+        transformers whose experts order their rows otherwise), it warns, and the layer recomputes from then on."""
         tokens, experts = self.gated_rows(routed.top_k_index)
         kept = (counted[tokens] & (experts >= 0) & (experts < self.n_experts)).nonzero().flatten()
         tokens, experts = tokens[kept], experts[kept]
