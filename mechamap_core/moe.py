@@ -259,6 +259,7 @@ class MoELayer:
         The first call compares GATE_CHECK_ROWS rows of one expert with _recompute; if they differ (a
         transformers whose experts order their rows otherwise), it warns, and the layer recomputes from then on."""
         tokens, experts = self.gated_rows(routed.top_k_index)
+        counted = counted.to(tokens.device)
         kept = (counted[tokens] & (experts >= 0) & (experts < self.n_experts)).nonzero().flatten()
         tokens, experts = tokens[kept], experts[kept]
         order = torch.argsort(experts * len(counted) + tokens)  # by expert, then by token
@@ -266,14 +267,14 @@ class MoELayer:
         counts = torch.bincount(experts, minlength=self.n_experts).tolist()
         parts = [
             ExpertActivations(expert, rows, gated.index_select(0, where).float())
-            for expert, (rows, where) in enumerate(zip(torch.split(tokens, counts), torch.split(kept, counts)))
+            for expert, (rows, where) in enumerate(zip(torch.split(tokens, counts), torch.split(kept.to(gated.device), counts)))
             if len(rows)
         ]
         if not self.gate_checked and parts:
             self.gate_checked = True
             first = parts[0]
             rows, read = first.rows[:GATE_CHECK_ROWS], first.acts[:GATE_CHECK_ROWS]
-            recomputed = self._recompute(routed.hidden[rows], first.expert).to(read.device)
+            recomputed = self._recompute(routed.hidden[rows.to(routed.hidden.device)], first.expert).to(read.device)
             rtol = 1e-3 if gated.dtype == torch.float32 else 5e-2  # 16-bit: the model rounds gate and up
             if not torch.allclose(read, recomputed, rtol=rtol, atol=rtol * float(recomputed.abs().max())):
                 self.gate_unreadable = True
