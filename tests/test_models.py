@@ -324,8 +324,9 @@ def test_scan_of_a_model_spread_over_cpu_and_disk_equals_the_single_device_scan(
 
 
 def test_scan_of_a_mixture_of_experts_model_spread_over_cpu_and_disk_equals_the_single_device_scan(tiny_models, default_cfg):
-    """Experts offloaded to disk are loaded per use inside their forward, where the scan reads their gate output:
-    the spread scan of a tiny Mixtral equals the plain one, routing table included."""
+    """Experts offloaded to disk are loaded per use inside their forward, where the scan reads their gate output
+    (and, for eager experts, loaded by the scan for its recomputation): the spread scan of a tiny Mixtral equals
+    the plain one, routing table included."""
     from mechamap_core import scan
     from mechamap_core.moe import find_moe_layers
 
@@ -336,8 +337,12 @@ def test_scan_of_a_mixture_of_experts_model_spread_over_cpu_and_disk_equals_the_
     lm = load_model(folder, device="cpu", device_map=spread)
     assert lm.model.model.layers[0].mlp.experts.gate_up_proj.device.type == "meta"  # on disk, loaded per use
     assert all(moe.reads_model_gate for moe in find_moe_layers(lm.model))  # the gate output is read, not recomputed
-    spread_scan, plain_scan = scan(lm, default_cfg), scan(plain, default_cfg)
     columns = ["avg_activation", "score", "auroc", "p_value"]
-    assert spread_scan.scores["expert"].notna().any()
-    np.testing.assert_allclose(spread_scan.scores[columns].to_numpy(), plain_scan.scores[columns].to_numpy(), rtol=1e-6)
-    pd.testing.assert_frame_equal(spread_scan.extras["routing"], plain_scan.extras["routing"])
+    for implementation in (None, "eager"):  # the default (grouped_mm), read; eager, recomputed from the disk weights
+        for model in (lm.model, plain.model):
+            if implementation is not None:
+                model.set_experts_implementation(implementation)
+        spread_scan, plain_scan = scan(lm, default_cfg), scan(plain, default_cfg)
+        assert spread_scan.scores["expert"].notna().any()
+        np.testing.assert_allclose(spread_scan.scores[columns].to_numpy(), plain_scan.scores[columns].to_numpy(), rtol=1e-6)
+        pd.testing.assert_frame_equal(spread_scan.extras["routing"], plain_scan.extras["routing"])

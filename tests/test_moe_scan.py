@@ -243,3 +243,20 @@ def assert_expert_means_equal_recomputation(result, model, tokenizer, text, cate
         assert (rows["n_tokens"] == n_tokens).all()
         if mean is not None:
             np.testing.assert_allclose(rows.sort_values("neuron")["avg_activation"], mean, rtol=1e-4, atol=1e-5)
+
+
+def test_per_module_experts_whose_weights_accelerate_offloaded_equal_the_plain_scan(default_cfg, paragraph):
+    """Recomputation runs in the MoE block's pre-hook, outside the experts' forward where accelerate loads
+    offloaded weights: it loads them itself (the per-module layout here; fused eager experts in test_models)."""
+    from accelerate import cpu_offload
+
+    model = build("legacy_qwen2_moe")
+    tokenizer = bundled_tokenizer()
+    cfg = dataclasses.replace(default_cfg, master_text=paragraph, categories=dict(default_cfg.categories), permutations=50)
+    plain = scan(wrap_model(model, tokenizer, "tiny-legacy"), cfg).scores
+    for layer in LAYOUT["legacy_qwen2_moe"][0]:  # each expert MLP's weights offloaded, loaded in its forward only
+        cpu_offload(model.get_submodule(LAYOUT["legacy_qwen2_moe"][1].format(L=layer)).experts, torch.device("cpu"))
+    assert any(p.device.type == "meta" for p in model.parameters())
+    offloaded = scan(wrap_model(model, tokenizer, "tiny-legacy"), cfg).scores
+    assert offloaded["n_tokens"].equals(plain["n_tokens"])
+    np.testing.assert_allclose(offloaded["avg_activation"], plain["avg_activation"], rtol=1e-6, atol=1e-7, equal_nan=True)
