@@ -8,6 +8,7 @@ import torch
 
 from .alignment import align
 from .models import LoadedModel
+from .placement import offloaded_weights_loaded
 from .scan.driver import batches, run_hooked_forward
 from .scan.result import ScanResult
 from .sites import resolve_sites
@@ -146,9 +147,8 @@ def direct_effect(lm: LoadedModel, layer: int, neuron: int, k: int = 10) -> pd.D
     site = resolve_sites(lm.model, [layer])[0]
     if not 0 <= neuron < site.d_mlp:
         raise ValueError(f"neuron {neuron} is out of range for layer {layer} (0-{site.d_mlp - 1})")
-    with torch.inference_mode():
-        w_out = site.output_weight()[neuron].float()  # [d_model]
-        logits = unembed.weight.float() @ w_out  # [vocab]
+    with torch.inference_mode(), offloaded_weights_loaded(site.module, unembed):  # weights accelerate offloaded
+        logits = unembed.weight.float() @ site.output_weight()[neuron].float().to(unembed.weight.device)  # [vocab]
         up = torch.topk(logits, k)
         down = torch.topk(-logits, k)
     rows = []

@@ -42,7 +42,7 @@ from __future__ import annotations
 import inspect
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -52,6 +52,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .placement import offloaded_weights_loaded
 from .sites import SiteResolutionError, expert_hook_name, experts_layout, find_blocks, find_experts
 
 ROUTER_NAMES = ("gate", "router")
@@ -292,9 +293,9 @@ class MoELayer:
         disk, loaded only inside their module's forward) are loaded for the recomputation."""
         if self.layout == "modules":
             expert_mlp = self.experts[expert]
-            with _offloaded_weights_loaded(*expert_mlp.modules()):
+            with offloaded_weights_loaded(*expert_mlp.modules()):
                 return _module_expert_acts(expert_mlp, x)
-        with _offloaded_weights_loaded(self.experts):
+        with offloaded_weights_loaded(self.experts):
             return self._recompute_fused(x, expert)
 
     def _recompute_fused(self, x: torch.Tensor, expert: int) -> torch.Tensor:
@@ -314,20 +315,6 @@ class MoELayer:
             return apply_gate(out)
         gate, up = out.chunk(2, dim=-1)
         return experts.act_fn(gate) * up
-
-
-@contextmanager
-def _offloaded_weights_loaded(*modules: nn.Module):
-    """Within the block, the modules' own parameters that accelerate offloaded are on their execution device
-    (accelerate.utils.align_module_device). Modules whose weights are already there (no offloading, or inside
-    their own forward, where accelerate loaded them and will put them back) are left as they are."""
-    from accelerate.utils import align_module_device
-
-    with ExitStack() as stack:
-        for module in modules:
-            if any(p.device.type == "meta" for p in module.parameters(recurse=False)):
-                stack.enter_context(align_module_device(module))
-        yield
 
 
 def _module_expert_acts(expert: nn.Module, x: torch.Tensor) -> torch.Tensor:

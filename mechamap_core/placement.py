@@ -1,10 +1,11 @@
-"""Big models: weight memory estimates, free memory per device, device maps, max_memory and 8/4-bit loading options."""
+"""Big models: weight memory estimates, free memory per device, device maps, max_memory, 8/4-bit, offloaded weights."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+from contextlib import ExitStack, contextmanager
 
 import torch
 
@@ -14,6 +15,20 @@ QUANTIZATIONS = {"8bit": 1.0, "4bit": 0.5}  # bytes per quantised weight (bitsan
 GIB = 1024**3
 _MEMORY_TEXT = re.compile(r"^\s*([\d.]+)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _UNITS = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+@contextmanager
+def offloaded_weights_loaded(*modules: torch.nn.Module):
+    """Within the block, the modules' own parameters that accelerate offloaded are on their execution device
+    (accelerate.utils.align_module_device). Modules whose weights are already there (no offloading, or inside
+    their own forward, where accelerate loaded them and will put them back) are left as they are."""
+    from accelerate.utils import align_module_device
+
+    with ExitStack() as stack:
+        for module in modules:
+            if any(p.device.type == "meta" for p in module.parameters(recurse=False)):
+                stack.enter_context(align_module_device(module))
+        yield
 
 
 def human_bytes(n: float) -> str:

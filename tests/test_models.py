@@ -346,3 +346,15 @@ def test_scan_of_a_mixture_of_experts_model_spread_over_cpu_and_disk_equals_the_
         assert spread_scan.scores["expert"].notna().any()
         np.testing.assert_allclose(spread_scan.scores[columns].to_numpy(), plain_scan.scores[columns].to_numpy(), rtol=1e-6)
         pd.testing.assert_frame_equal(spread_scan.extras["routing"], plain_scan.extras["routing"])
+
+
+def test_direct_effect_of_a_neuron_whose_weights_are_on_disk_equals_the_plain_load(tiny_models, tiny_gpt2):
+    """The down-projection and the unembedding offloaded to disk are loaded for the logit-effect product."""
+    from mechamap_core.inspect_neuron import direct_effect
+
+    spread = {"transformer.wte": "cpu", "transformer.wpe": "cpu", "transformer.h.0": "cpu", "transformer.h.1": "disk",
+              "transformer.ln_f": "cpu", "lm_head": "disk"}  # fmt: skip
+    lm = load_model(str(tiny_models.path("gpt2")), device="cpu", device_map=spread)
+    assert lm.model.transformer.h[1].mlp.c_proj.weight.device.type == "meta"
+    pd.testing.assert_frame_equal(direct_effect(lm, 1, 3, k=5), direct_effect(tiny_gpt2, 1, 3, k=5))
+    assert lm.model.transformer.h[1].mlp.c_proj.weight.device.type == "meta"  # offloaded again afterwards
