@@ -63,6 +63,9 @@ ALWAYS_RENORMALISED = {"mixtral"}
 # transformers 5 experts implementations that gate all S = T * k routed rows in one `_apply_gate` call, whose
 # output a scan reads instead of recomputing the experts (row order: MoELayer.gated_rows)
 GATE_READING_IMPLEMENTATIONS = ("grouped_mm", "batched_mm")
+GATE_READ = "read at the experts' own _apply_gate output"
+RECOMPUTED = "recomputed from the expert weights"
+RECOMPUTED_AFTER_CHECK = "recomputed from the expert weights: reading the gate output failed its check"
 GATE_CHECK_ROWS = 16  # the rows of one expert that the first batch recomputes to check the gate output's order
 
 
@@ -216,6 +219,13 @@ class MoELayer:
             and callable(getattr(self.experts, "_apply_gate", None))
             and implementation in GATE_READING_IMPLEMENTATIONS
         )
+
+    @property
+    def neuron_source(self) -> str:
+        """How a scan read this layer's expert neurons, for the run's metadata["expert_neurons"]."""
+        if self.reads_model_gate:
+            return GATE_READ
+        return RECOMPUTED_AFTER_CHECK if self.gate_unreadable else RECOMPUTED
 
     @contextmanager
     def reading_gate(self, on_gate_output: Callable[[torch.Tensor], None]):

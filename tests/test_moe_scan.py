@@ -185,7 +185,10 @@ def test_memory_plan_counts_an_experts_routed_tokens_only():
 @pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
 def test_gate_output_read_from_the_model_equals_recomputation_in_every_experts_implementation(family, default_cfg, paragraph):
     """grouped_mm and batched_mm experts are read at their `_apply_gate` output (rows reordered per
-    MoELayer.gated_rows); eager experts are recomputed. All three give the same table, and no wrapper is left."""
+    MoELayer.gated_rows); eager experts are recomputed. All three give the same table, the run's metadata says
+    which, and no wrapper is left."""
+    from mechamap_core import moe as moe_module
+
     model = build(family)
     cfg = dataclasses.replace(default_cfg, master_text=paragraph, categories=dict(default_cfg.categories), permutations=50)
     tables = {}
@@ -194,7 +197,10 @@ def test_gate_output_read_from_the_model_equals_recomputation_in_every_experts_i
         lm = wrap_model(model, bundled_tokenizer(), f"tiny-{family}")
         moe = next(p for p in resolve_hook_points(model, None)[0] if hasattr(p, "reads_model_gate"))
         assert moe.reads_model_gate == (implementation != "eager")
-        tables[implementation] = scan(lm, cfg).scores
+        result = scan(lm, cfg)
+        tables[implementation] = result.scores
+        expected_source = moe_module.RECOMPUTED if implementation == "eager" else moe_module.GATE_READ
+        assert set(result.metadata["expert_neurons"].values()) == {expected_source}
         assert "_apply_gate" not in vars(moe.experts)
     for implementation in ("batched_mm", "eager"):
         a, b = tables["grouped_mm"], tables[implementation]
@@ -218,6 +224,7 @@ def test_a_gate_output_in_an_unexpected_row_order_is_caught_and_recomputed(defau
     with pytest.warns(UserWarning, match="recomputing this layer's experts"):
         result = scan(wrap_model(model, tokenizer, "tiny-mixtral"), cfg)
     assert_expert_means_equal_recomputation(result, model, tokenizer, paragraph, cfg.categories)
+    assert set(result.metadata["expert_neurons"].values()) == {moe_module.RECOMPUTED_AFTER_CHECK}
 
 
 def test_experts_that_never_call_their_gate_are_recomputed_with_a_warning(default_cfg, paragraph, monkeypatch):

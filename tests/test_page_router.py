@@ -60,6 +60,7 @@ def test_router_page_shows_each_categorys_routing(app_env, moe_result):
     at = saved_run_app(app_env, moe_result, "router")
     no_exception(at)
     assert at.session_state[ACTIVE_RUN] == RUN
+    assert any("Expert neurons of layer(s) 0, 1: read at the experts' own _apply_gate output" in c.value for c in at.caption)
     category = at.selectbox(key="router_category").value
     assert category == moe_result.categories[0]
     spec = chart_spec(at)
@@ -252,3 +253,13 @@ def test_top_examples_of_a_shared_and_a_routed_expert_neuron(deepseek_result):
         assert len(shown) == len(expected) > 0
         assert shown["token"].tolist() == expected["token"].tolist()
         np.testing.assert_allclose(shown["activation"], expected["activation"])
+
+
+def test_router_page_warns_when_a_layers_gate_output_failed_its_check(app_env, moe_result):
+    from mechamap_core.moe import GATE_READ, RECOMPUTED_AFTER_CHECK
+
+    checked = dataclasses.replace(moe_result, metadata={**moe_result.metadata, "expert_neurons": {"0": GATE_READ, "1": RECOMPUTED_AFTER_CHECK}})
+    at = saved_run_app(app_env, checked, "router")
+    no_exception(at)
+    assert any("layer(s) 1: recomputed from the expert weights: reading the gate output failed" in w.value for w in at.warning)
+    assert any("layer(s) 0: read at" in c.value for c in at.caption)

@@ -16,6 +16,11 @@ if routing is None or routing.empty:
     )
     st.stop()
 
+sources = result.metadata.get("expert_neurons", {})  # layer -> how the scan read its expert neurons
+for source in dict.fromkeys(sources.values()):
+    layers = ", ".join(layer for layer, how in sources.items() if how == source)
+    (st.warning if "failed" in source else st.caption)(f"Expert neurons of layer(s) {layers}: {source}.")
+
 present = set(routing["category"].astype(str))
 categories = [c for c in result.categories if c in present]
 left, right = st.columns([2, 3])

@@ -15,6 +15,7 @@ from .. import __version__
 from ..alignment import AlignedText, align
 from ..config import ScanConfig, validate_config
 from ..models import LoadedModel
+from ..moe import MoELayer
 from ..sites import n_layers as count_layers
 from ..stats import word_folds
 from .driver import Batch, ProgressFn, Site, batches, resolve_hook_points, run_hooked_forward, site_device
@@ -209,6 +210,7 @@ def scan(
         "mechamap_version": __version__,
         "config": cfg.to_dict(),
         "plan": plan.as_dict(),
+        **({"expert_neurons": {str(p.layer): p.neuron_source for p in points if isinstance(p, MoELayer)}} if has_experts else {}),
     }
     return ScanResult(
         scores, top, aligned.tokens, aligned.coverage, aligned.category_mask, metadata, aligned.texts, activations, extras
