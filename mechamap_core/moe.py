@@ -208,16 +208,20 @@ class MoELayer:
         return self.iter_expert_activations(routed.hidden, index)
 
     @property
+    def experts_implementation(self) -> str | None:
+        """transformers' experts implementation of this layer ("grouped_mm", "batched_mm", "eager", ...), if any."""
+        return getattr(getattr(self.experts, "config", None), "_experts_implementation", None)
+
+    @property
     def reads_model_gate(self) -> bool:
         """Whether a scan reads the expert neurons the model itself computes (its experts' `_apply_gate` output,
         through reading_gate) instead of recomputing them: fused gated experts run by grouped_mm or batched_mm."""
-        implementation = getattr(getattr(self.experts, "config", None), "_experts_implementation", None)
         return (
             self.layout == "fused"
             and not self.gate_unreadable
             and getattr(self.experts, "has_gate", False)
             and callable(getattr(self.experts, "_apply_gate", None))
-            and implementation in GATE_READING_IMPLEMENTATIONS
+            and self.experts_implementation in GATE_READING_IMPLEMENTATIONS
         )
 
     @property
@@ -256,7 +260,7 @@ class MoELayer:
         n_slots = top_k_index.numel()
         experts = top_k_index.reshape(-1)
         tokens = torch.arange(n_slots, device=experts.device) // top_k_index.shape[1]
-        if self.experts.config._experts_implementation == "grouped_mm":
+        if self.experts_implementation == "grouped_mm":
             experts, perm = torch.sort(experts)
             tokens = perm // top_k_index.shape[1]
         return tokens, experts

@@ -22,12 +22,15 @@ def offloaded_weights_loaded(*modules: torch.nn.Module):
     """Within the block, the modules' own parameters that accelerate offloaded are on their execution device
     (accelerate.utils.align_module_device). Modules whose weights are already there (no offloading, or inside
     their own forward, where accelerate loaded them and will put them back) are left as they are."""
+    offloaded = [m for m in modules if any(p.device.type == "meta" for p in m.parameters(recurse=False))]
+    if not offloaded:
+        yield
+        return
     from accelerate.utils import align_module_device
 
     with ExitStack() as stack:
-        for module in modules:
-            if any(p.device.type == "meta" for p in module.parameters(recurse=False)):
-                stack.enter_context(align_module_device(module))
+        for module in offloaded:
+            stack.enter_context(align_module_device(module))
         yield
 
 

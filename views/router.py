@@ -3,6 +3,7 @@
 import streamlit as st
 
 from mechamap_core import charts
+from mechamap_core.moe import RECOMPUTED_AFTER_CHECK
 from mechamap_ui import widgets
 from mechamap_ui.state import require_result
 
@@ -19,7 +20,7 @@ if routing is None or routing.empty:
 sources = result.metadata.get("expert_neurons", {})  # layer -> how the scan read its expert neurons
 for source in dict.fromkeys(sources.values()):
     layers = ", ".join(layer for layer, how in sources.items() if how == source)
-    (st.warning if "failed" in source else st.caption)(f"Expert neurons of layer(s) {layers}: {source}.")
+    (st.warning if source == RECOMPUTED_AFTER_CHECK else st.caption)(f"Expert neurons of layer(s) {layers}: {source}.")
 
 present = set(routing["category"].astype(str))
 categories = [c for c in result.categories if c in present]

@@ -180,8 +180,7 @@ def run_hooked_forward(
             if point.reads_model_gate:  # read on the way out of the experts' gate: gate_hook
                 current["routed"][id(point)] = routed
                 return
-            slots_of_rows = current["batch"].slots_on(routed.top_k_index.device)
-            read_experts(point, point.recomputed_activations(routed, slots_of_rows >= 0), slots_of_rows)
+            read_recomputed(point, routed)
             finished(point)
 
         return moe_hook if isinstance(point, MoELayer) else dense_hook
@@ -190,6 +189,10 @@ def run_hooked_forward(
         for part in parts:
             site = ExpertSite(point.layer, part.expert, point)
             on_site(site, picked(site.hook, part.acts), current["batch"], slots_of_rows.to(part.rows.device)[part.rows])
+
+    def read_recomputed(point: MoELayer, routed) -> None:
+        slots_of_rows = current["batch"].slots_on(routed.top_k_index.device)
+        read_experts(point, point.recomputed_activations(routed, slots_of_rows >= 0), slots_of_rows)
 
     def gate_hook(point: MoELayer):
         def on_gate_output(gated: torch.Tensor) -> None:
@@ -209,8 +212,7 @@ def run_hooked_forward(
             if routed is not None:
                 point.gate_unreadable = True
                 warnings.warn(f"layer {point.layer}: the experts never called _apply_gate; recomputing them instead", stacklevel=2)
-                slots_of_rows = current["batch"].slots_on(routed.top_k_index.device)
-                read_experts(point, point.recomputed_activations(routed, slots_of_rows >= 0), slots_of_rows)
+                read_recomputed(point, routed)
                 if after_point is not None:
                     after_point(point)
 

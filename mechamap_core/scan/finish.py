@@ -188,7 +188,8 @@ def assemble(model_name: str, categories: list[str], parts: list[SitePart], n_la
     sizes = [p.stats["score"].shape[1] for p in parts]
     n_rows = n_cat * sum(sizes)
     block = np.empty((len(STAT_COLUMNS), n_rows))  # one float64 block, filled in place: [column, row]
-    ends = np.cumsum([0] + [n * n_cat for n in sizes])
+    part_rows = [n * n_cat for n in sizes]
+    ends = np.cumsum([0] + part_rows)
     for column, key in enumerate(STAT_COLUMNS):  # rows neuron-major: each part's [C, n] transposed into place
         if key not in Q_VALUES:
             for part, n, start, stop in zip(parts, sizes, ends[:-1], ends[1:]):
@@ -197,7 +198,7 @@ def assemble(model_name: str, categories: list[str], parts: list[SitePart], n_la
         q_values = pool.map(bh_qvalues, [block[STAT_COLUMNS.index(p_column)] for p_column in Q_VALUES.values()])
         for q_column, q in zip(Q_VALUES, q_values):
             block[STAT_COLUMNS.index(q_column)] = q
-    per_row = lambda values: np.repeat(values, [n * n_cat for n in sizes])  # noqa: E731
+    per_row = lambda values: np.repeat(values, part_rows)  # noqa: E731
     hooks = list(dict.fromkeys([hook_name(layer) for layer in range(n_layers_model)] + [p.hook for p in parts]))
     hook_code = {name: code for code, name in enumerate(hooks)}
     neurons = [np.arange(p.first_neuron, p.first_neuron + n) for p, n in zip(parts, sizes)]
