@@ -15,6 +15,7 @@ CHUNK_ELEMENTS = 2**19  # subsets x neurons per block of the permutation test's 
 GATHERED_BLOCKS = 4  # and chunk_elements x this many gathered at once (8 MB): one wake-up of the thread pool
 LABEL_BITS = 16  # _twice_rank_sums' keys: block (15 bits), value (32), label (16)
 RANK_BLOCK_ELEMENTS = 2**16  # values per block of _twice_rank_sums (its int64 keys: 512 KB, in cache)
+DEVICE_RANK_ELEMENTS = 2**25  # and per block on a GPU (256 MiB of int64 keys; a few such buffers at once)
 
 
 def moment_statistics(
@@ -97,15 +98,21 @@ def auroc_binned(counts_all: np.ndarray, counts_cat: np.ndarray) -> np.ndarray:
     return _auroc_binned_pair(counts_cat, counts_all[None, :, :] - counts_cat)
 
 
-def _auroc_binned_pair(counts_pos: np.ndarray, counts_neg: np.ndarray) -> np.ndarray:
-    """AUROC [..., N] of positives vs negatives from their histograms [..., N, B] on the same bins."""
-    neg_below = np.cumsum(counts_neg, axis=-1) - counts_neg
-    wins = (counts_pos * (neg_below + 0.5 * counts_neg)).sum(axis=-1)
-    n_pos, n_neg = counts_pos.sum(axis=-1), counts_neg.sum(axis=-1)
+def _auroc_binned_pair(counts_pos, counts_neg):
+    """AUROC [..., N] of positives vs negatives from their histograms [..., N, B] on the same bins (float64
+    numpy arrays, or torch tensors on the histograms' device)."""
+    neg_below = counts_neg.cumsum(-1) - counts_neg
+    wins = (counts_pos * (neg_below + 0.5 * counts_neg)).sum(-1)
+    n_pos, n_neg = counts_pos.sum(-1), counts_neg.sum(-1)
     with np.errstate(divide="ignore", invalid="ignore"):
         auc = wins / (n_pos * n_neg)
     auc[(n_pos < 1) | (n_neg < 1)] = np.nan
     return auc
+
+
+def as_numpy(values) -> np.ndarray:
+    """A numpy array of values: a torch tensor is copied to the CPU; an array is returned as it is."""
+    return values.cpu().numpy() if isinstance(values, torch.Tensor) else values
 
 
 def bh_qvalues(p_values: np.ndarray) -> np.ndarray:
@@ -455,7 +462,8 @@ def exact_aurocs(
         return auroc, None
     token_category = np.where(token_word >= 0, word_category[token_word], -1)
     in_group = np.flatnonzero(token_group >= 0)  # a category's tokens, ranked among their own category's
-    within = _twice_rank_sums(acts_t[:, in_group], token_group[in_group], len(group_category), token_category[in_group])
+    columns = torch.as_tensor(in_group, device=acts_t.device) if isinstance(acts_t, torch.Tensor) else in_group
+    within = _twice_rank_sums(acts_t[:, columns], token_group[in_group], len(group_category), token_category[in_group])
     class_group = signatures[:, -1]
     n_category_tokens = np.bincount(token_category[in_group], minlength=len(group_category))
     n_group_tokens = np.bincount(token_group[in_group], minlength=len(group_category))
@@ -486,8 +494,11 @@ def _twice_rank_sums(values: np.ndarray, labels: np.ndarray, n_labels: int, bloc
     label in their low LABEL_BITS: the labels come out in sorted order with no argsort (3x a plain sort) and
     no search. A value at sorted position p, its block starting at s, has twice-rank 2 (p - s) + 1; a run of
     ties from i to j, i + j + 1 - 2 s each. -0.0 counts as 0.0. Rows go in blocks of about
-    RANK_BLOCK_ELEMENTS, in place, so the buffers stay in cache.
+    RANK_BLOCK_ELEMENTS, in place, so the buffers stay in cache. values may be a tensor (a GPU's recording):
+    then the same keys are sorted on its device (_twice_rank_sums_on_device).
     """
+    if isinstance(values, torch.Tensor):
+        return _twice_rank_sums_on_device(values, labels, n_labels, blocks)
     values = np.asarray(values, dtype=np.float32)
     n_rows, length = values.shape
     blocks = np.zeros(length, dtype=np.int64) if blocks is None else np.asarray(blocks, dtype=np.int64)
@@ -521,22 +532,58 @@ def _twice_rank_sums(values: np.ndarray, labels: np.ndarray, n_labels: int, bloc
     return out
 
 
+def _twice_rank_sums_on_device(values: torch.Tensor, labels, n_labels: int, blocks=None) -> np.ndarray:
+    """_twice_rank_sums of a tensor on its device (a GPU): the same (block, value, label) keys in one torch
+    sort per block of rows; tie runs from running maxima and minima of positions (a value outside a run
+    is its own run, so one formula serves every row); per-label sums by scatter-add. Returns numpy."""
+    device = values.device
+    n_rows, length = values.shape
+    blocks = torch.zeros(length, dtype=torch.int64) if blocks is None else torch.as_tensor(np.asarray(blocks, dtype=np.int64))
+    if n_labels > 2**LABEL_BITS or (length > 0 and int(blocks.max()) >= 2 ** (31 - LABEL_BITS)):
+        raise ValueError(f"too many token classes ({n_labels}) or categories to rank exactly")
+    blocks = blocks.to(device)
+    block_sizes = torch.bincount(blocks)
+    block_start = torch.repeat_interleave(torch.cumsum(block_sizes, 0) - block_sizes, block_sizes)  # [L]
+    column_keys = (blocks << (32 + LABEL_BITS)) | torch.as_tensor(np.asarray(labels, dtype=np.int64), device=device)
+    position = torch.arange(length, device=device)
+    out = torch.empty((n_rows, n_labels), dtype=torch.float64, device=device)
+    rows_per_block = max(1, DEVICE_RANK_ELEMENTS // max(length, 1))
+    for first in range(0, n_rows, rows_per_block):
+        bits = (values[first : first + rows_per_block].float() + 0.0).contiguous().view(torch.int32)  # -0.0 -> 0.0
+        bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # int32 that sorts as the floats
+        keys = ((bits.long() + 2**31) << LABEL_BITS) | column_keys
+        keys = keys.sort(dim=1).values
+        sorted_labels = keys & (2**LABEL_BITS - 1)
+        keys >>= LABEL_BITS
+        tied = keys[:, 1:] == keys[:, :-1]  # [rows, L-1]
+        apart = torch.zeros((len(keys), 1), dtype=torch.bool, device=device)
+        run_start = torch.where(torch.cat([apart, tied], dim=1), 0, position).cummax(dim=1).values
+        run_end = torch.where(torch.cat([tied, apart], dim=1), length - 1, position).flip(1).cummin(dim=1).values.flip(1)
+        twice = (run_start + run_end + 1 - 2 * block_start).double()
+        sorted_labels += (torch.arange(len(keys), device=device) * n_labels)[:, None]
+        sums = torch.zeros(len(keys) * n_labels, dtype=torch.float64, device=device)
+        sums.index_add_(0, sorted_labels.reshape(-1), twice.reshape(-1))
+        out[first : first + len(keys)] = sums.view(len(keys), n_labels)
+    return out.cpu().numpy()
+
+
 def cv_auroc_binned(
-    counts_all: np.ndarray,  # [N, B] over all tokens
-    counts_group: np.ndarray,  # [G, N, B] over each fold group's tokens (fold_groups)
+    counts_all,  # [N, B] over all tokens
+    counts_group,  # [G, N, B] over each fold group's tokens (fold_groups)
     group_category: np.ndarray,  # [G]
     n_categories: int | None = None,
 ) -> np.ndarray:
     """cv_auroc [C, N] from histograms on shared per-neuron bins, as cv_auroc_exact (pairs in a bin count half).
 
     A category's tokens are its groups' tokens: a fold's rest is counts_all minus all of its category's groups.
+    The histograms are float64 numpy arrays, or torch tensors (computed on their device); the result is numpy.
     """
     group_category = np.asarray(group_category)
-    auc_groups = np.full(counts_group.shape[:2], np.nan)
+    auc_groups = np.full(tuple(counts_group.shape[:2]), np.nan)
     for c in np.unique(group_category).tolist():
         groups = np.flatnonzero(group_category == c)
-        rest = counts_all - counts_group[groups].sum(axis=0)
-        auc_groups[groups] = _auroc_binned_pair(counts_group[groups], rest[None])
+        rest = counts_all - counts_group[groups].sum(0)
+        auc_groups[groups] = as_numpy(_auroc_binned_pair(counts_group[groups], rest[None]))
     return _mean_over_folds(auc_groups, group_category, n_categories)
 
 

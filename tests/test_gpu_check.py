@@ -23,16 +23,19 @@ def test_gpu_check_runs_on_the_cpu_and_every_correctness_row_passes(tmp_path):
     by_section = {}
     for section, case, check, _measured, _target, status in rows:
         by_section.setdefault(section, []).append((case, check, status))
-    from tiny_models import ARCHS
+    from tiny_models import ARCHS, MOE_ARCHS
 
     correctness = by_section["correctness"]
-    # every architecture in float32, bfloat16 and float16: the values row and the hooks row
-    assert len(correctness) == len(ARCHS) * 3 * 2
-    assert {case.split()[0] for case, _, _ in correctness} == set(ARCHS)
+    # every architecture, dense and MoE, in float32, bfloat16 and float16: the values row and the hooks row
+    assert len(correctness) == (len(ARCHS) + len(MOE_ARCHS)) * 3 * 2
+    assert {case.split()[0] for case, _, _ in correctness} == set(ARCHS) | set(MOE_ARCHS)
+    assert {case.split()[0] for case, _, _ in by_section["moe"]} == set(MOE_ARCHS)  # how expert neurons were read
     assert [row for row in correctness if row[2] != "pass"] == []
     assert by_section["setup"] == [("import", "mechamap_core without streamlit", "pass")]
-    assert [status for _, _, status in by_section["multi-device"]] == ["pass"] * 3
+    assert [status for _, _, status in by_section["multi-device"]] == ["pass"] * 4  # 3 dispatched, 1 max_memory
+    assert [status for _, _, status in by_section["streamed"]] == ["pass"] * 2
+    assert [status for _, _, status in by_section["big models"]] == ["pass"]
     assert {status for _, _, status in by_section["quantised"]} == {"skipped: bitsandbytes needs CUDA"}
-    assert len([r for r in by_section["speed"] if "/ bare" in r[1]]) == 3 * 2 * 2  # 3 models, 2 sizes, 2 scans
+    assert len([r for r in by_section["speed"] if "/ bare" in r[1]]) == 4 * 2 * 2  # 4 models, 2 sizes, 2 scans
     assert "FAIL" not in {status for *_, status in rows}
     assert lines[-1].startswith(f"correctness: {len(correctness)}/{len(correctness)} rows passed")

@@ -157,3 +157,40 @@ def test_a_second_out_of_memory_error_gives_one_readable_message(tiny_gpt2, long
     assert isinstance(info.value, RuntimeError) and isinstance(info.value.__cause__, torch.OutOfMemoryError)
     assert "limit_neurons" in str(info.value) and "\n" not in str(info.value)
     assert hooks_on(tiny_gpt2.model) == before - 1  # only the test's own hook was there
+
+
+def test_a_gpu_keeps_the_recording_when_three_times_it_fits_beside_a_batch():
+    per_chunk = P.batch_bytes_per_chunk(1024, 3072, SHAPE)
+    record_bytes = 1000 * 36_864 * 4
+    on_gpu = plan(gpu=True)
+    assert on_gpu.record and on_gpu.record_on_device and "stays on the GPU" in on_gpu.reason
+    assert not plan().record_on_device  # a CPU's recording is the host's anyway
+    room = P.RECORD_PEAK_FACTOR * record_bytes + 8 * per_chunk
+    assert plan(gpu=True, device_available=room).record_on_device
+    crowded = plan(gpu=True, device_available=P.RECORD_PEAK_FACTOR * record_bytes)  # no room left for a batch
+    assert crowded.record and not crowded.record_on_device and "kept on the host" in crowded.reason
+    assert not plan(gpu=True, record=False).record_on_device
+    # out of memory with the recording on the GPU: first move it to the host, same batch
+    retry = on_gpu.after_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
+    assert retry.record and not retry.record_on_device and retry.batch_size == 8 and "on the host" in retry.retries[0]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "mixtral"])
+def test_a_recording_kept_as_tensors_gives_the_same_scan_as_one_kept_on_the_host(tiny_models, default_cfg, monkeypatch, arch):
+    """The GPU route (recorded tensors, exact AUROC sorted by torch, histograms and permutation sums as tensors)
+    run on the CPU: every column equals the host route's."""
+    from mechamap_core.scan import run as run_module
+
+    lm = tiny_models.lm(arch)
+    host = scan(lm, default_cfg, record_activations=True)
+    planned = run_module.plan_for
+    monkeypatch.setattr(run_module, "plan_for", lambda *a, **k: dataclasses.replace(planned(*a, **k), record_on_device=True))
+    kept = scan(lm, default_cfg, record_activations=True)
+    assert kept.metadata["plan"]["record_on_device"]
+    key = [c for c in ("layer", "expert", "neuron", "category") if c in host.scores.columns]
+    numeric = [c for c in host.scores.columns if c not in key and host.scores[c].dtype.kind == "f"]
+    pd.testing.assert_frame_equal(kept.scores.set_index(key)[numeric], host.scores.set_index(key)[numeric], rtol=1e-12, atol=1e-12)
+    pd.testing.assert_frame_equal(kept.top_tokens, host.top_tokens)
+    if host.activations is not None:
+        for layer, acts in host.activations.items():
+            np.testing.assert_array_equal(kept.activations[layer], acts)

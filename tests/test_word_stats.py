@@ -282,6 +282,28 @@ def test_exact_aurocs_equal_auroc_exact_and_cv_auroc_exact(seed):
     assert np.isnan(got[-2:]).all() and np.isfinite(got[:-2]).all()
     np.testing.assert_array_equal(cv, cv_auroc_exact(acts_t, token_word, word_category, fold, 5))
     assert exact_aurocs(acts_t, mask)[1] is None
+    # a GPU's recording is a tensor, ranked on its device by torch's sort: the same sums, so the same AUROCs
+    on_device, cv_on_device = exact_aurocs(torch.from_numpy(acts_t), mask, token_word, word_category, fold, 5)
+    np.testing.assert_array_equal(on_device, got)
+    np.testing.assert_array_equal(cv_on_device, cv)
+
+
+def test_twice_rank_sums_on_a_device_equal_the_numpy_route_with_ties_blocks_and_small_blocks(monkeypatch):
+    rng = np.random.default_rng(9)
+    values = rng.integers(-3, 4, size=(37, 50)).astype(np.float32)  # many ties
+    values[:, :5] = -0.0
+    values[3] = rng.normal(size=50)  # a row without ties
+    labels, blocks = rng.integers(0, 6, size=50), np.sort(rng.integers(0, 3, size=50))
+    expected = stats_module._twice_rank_sums(values, labels, 6, blocks)
+    monkeypatch.setattr(stats_module, "DEVICE_RANK_ELEMENTS", 200)  # rows in blocks of 4
+    got = stats_module._twice_rank_sums_on_device(torch.from_numpy(values), labels, 6, blocks)
+    np.testing.assert_array_equal(got, expected)
+    brute = np.zeros((37, 6))  # 2 #{same-block values below} + #{equal}, summed per label
+    for r in range(37):
+        for j in range(50):
+            same = blocks == blocks[j]
+            brute[r, labels[j]] += 2 * (values[r, same] < values[r, j]).sum() + (values[r, same] == values[r, j]).sum()
+    np.testing.assert_array_equal(got, brute)
 
 
 def test_one_word_neuron_has_high_auroc_but_low_cv_auroc():
@@ -327,3 +349,10 @@ def test_cv_auroc_binned_is_close_to_exact_on_smooth_data():
         auroc_exact(acts_t.T, category_masks(token_word, word_category, 4)),
         atol=0.03,
     )
+    # histograms on a GPU are scored there, in torch: the same values as numpy's
+    as_tensor = torch.from_numpy
+    all_tokens = counts(np.ones(len(token_word), dtype=bool))
+    np.testing.assert_allclose(cv_auroc_binned(as_tensor(all_tokens), as_tensor(counts_group), group_category), binned,
+                               rtol=0, atol=1e-12)  # fmt: skip
+    np.testing.assert_allclose(auroc_binned(as_tensor(all_tokens), as_tensor(merged)).numpy(),
+                               auroc_binned(all_tokens, merged), rtol=0, atol=1e-12)  # fmt: skip

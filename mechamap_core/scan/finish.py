@@ -11,6 +11,7 @@ import torch
 
 from ..sites import hook_name
 from ..stats import (
+    as_numpy,
     auroc_binned,
     bh_qvalues,
     consistent_separation,
@@ -36,7 +37,7 @@ class SitePart:
     first_neuron: int
     stats: dict[str, np.ndarray]  # each [C, n]
     top: tuple[np.ndarray, np.ndarray] | None  # (values, token keys), each [k, n]
-    activations: np.ndarray | None  # the recorded activations, float32 [n, n_tokens]
+    activations: np.ndarray | None  # the recorded activations, float32 [n, n_tokens] (on the host)
     n_tokens: np.ndarray | None = None  # [C] the category tokens the site saw (an expert: those routed to it)
     hook: str = ""  # the site's hook name (set by the caller; the dense hook name when empty)
     expert: int | None = None  # routed expert, None for dense and shared-expert neurons
@@ -52,13 +53,13 @@ def site_moments(stats: SiteStats, neurons: slice = slice(None)) -> dict[str, np
     }  # fmt: skip
 
 
-def histogram_counts(stats: SiteStats, neurons: slice = slice(None)) -> tuple[np.ndarray, np.ndarray]:
-    """Histograms of a slice of the neurons: all tokens [n, B], each category's tokens [C, n, B] (folds summed)."""
+def histogram_counts(stats: SiteStats, neurons: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+    """Histograms of a slice of the neurons, float64 on the state's device: all tokens [n, B], each category's
+    tokens [C, n, B] (folds summed)."""
     layout = stats.layout
-    counts_all = stats.hist_all[neurons].cpu().numpy().astype(np.float64)
+    counts_all = stats.hist_all[neurons].double()
     grouped = stats.hist_group.view(layout.n_categories, layout.n_folds, layout.n_neurons, layout.hist_bins)
-    counts_cat = grouped[:, :, neurons].sum(1).cpu().numpy().astype(np.float64)
-    return counts_all, counts_cat
+    return counts_all, grouped[:, :, neurons].sum(1).double()
 
 
 @dataclass(frozen=True)
@@ -75,11 +76,13 @@ class FinishContext:
     seed: int = 0
 
 
-def finish_part(layer: int, neurons: slice, stats: SiteStats, recorded: list[np.ndarray] | None,
+def finish_part(layer: int, neurons: slice, stats: SiteStats, recorded: list[np.ndarray | torch.Tensor] | None,
                 context: FinishContext) -> SitePart:  # fmt: skip
     """Statistics of a slice of a site's neurons once its last batch is in: moments and word sums from the
     state (the permutation p-value); exact AUROC, cv_auroc and top-k from the recorded activations
-    ([T_batch, n] parts in token order) when there are any, else from the state's histograms and top-k."""
+    ([T_batch, n] parts in token order: numpy arrays, or tensors on the GPU that computed them, where the
+    AUROCs' sorts then run) when there are any, else from the state's histograms and top-k. Histograms and
+    the permutation test are computed on the state's device."""
     moments = site_moments(stats, neurons)
     result = moment_statistics(**moments)
     result["welch_p"] = result.pop("p_value")
@@ -95,13 +98,14 @@ def finish_part(layer: int, neurons: slice, stats: SiteStats, recorded: list[np.
             auroc, cv = exact_aurocs(acts_t, context.category_mask, context.token_word, context.word_category,
                                      context.word_fold, n_categories)  # fmt: skip
         if top is None and context.top_k:
-            vals, index = torch.topk(torch.from_numpy(acts_t), min(context.top_k, acts_t.shape[1]), dim=1)
-            top = (vals.T.numpy(), index.T.numpy())
+            vals, index = torch.topk(torch.as_tensor(acts_t), min(context.top_k, acts_t.shape[1]), dim=1)
+            top = (vals.T.cpu().numpy(), index.T.cpu().numpy())
+        acts_t = as_numpy(acts_t)  # the result keeps the recording on the host
     elif context.with_auroc and stats.layout.hist_bins:
-        counts_all, counts_cat = histogram_counts(stats, neurons)
-        auroc = auroc_binned(counts_all, counts_cat)
+        counts_all, counts_cat = (on_device(t) for t in histogram_counts(stats, neurons))
+        auroc = as_numpy(auroc_binned(counts_all, counts_cat))
         if context.word_fold is not None and stats.layout.n_folds > 1:
-            groups = stats.hist_group[:, neurons].cpu().numpy().astype(np.float64)  # [C * folds, n, B]
+            groups = on_device(stats.hist_group[:, neurons].double())  # [C * folds, n, B]
             cv = cv_auroc_binned(counts_all, groups, np.repeat(np.arange(n_categories), stats.layout.n_folds), n_categories)
     nan = np.full_like(result["separation"], np.nan)
     result["auroc"] = nan if auroc is None else auroc
@@ -111,16 +115,23 @@ def finish_part(layer: int, neurons: slice, stats: SiteStats, recorded: list[np.
     return SitePart(layer, neurons.start, result, top, acts_t, n_tokens, hook_name(layer), word_moments=word_moments)
 
 
+def on_device(values: torch.Tensor):
+    """values for the finishing arithmetic: a GPU's tensor stays there (torch's arithmetic, no copy to the
+    host); a CPU tensor becomes a numpy array (numpy's arithmetic, whose single-threaded reductions do not wake
+    torch's thread pool beside a forward pass)."""
+    return values.numpy() if values.device.type == "cpu" else values
+
+
 def site_word_moments(stats: SiteStats, neurons: slice, context: FinishContext, moments: dict | None = None):
     """permutation_pvalues' inputs for a slice of a site's neurons (float64 numpy), or None when the context
     runs no permutation test or the site has no words. moments: site_moments(stats, neurons), if at hand."""
     if not (context.permutations and stats.layout.n_words and context.word_category is not None):
         return None
     moments = site_moments(stats, neurons) if moments is None else moments
-    cpu = lambda t: t.double().cpu().numpy()  # noqa: E731
+    exact = lambda t: on_device(t.double())  # noqa: E731 - the permutation test runs where the sums are
     return {
-        "word_n": cpu(stats.word_n), "word_sum": cpu(stats.word_sums[:, neurons]),
-        "word_sumsq": cpu(stats.word_sumsq[:, neurons]), "n_all": moments["n_all"],
+        "word_n": as_numpy(stats.word_n.double()), "word_sum": exact(stats.word_sums[:, neurons]),
+        "word_sumsq": exact(stats.word_sumsq[:, neurons]), "n_all": moments["n_all"],
         "sum_all": moments["sum_all"], "sumsq_all": moments["sumsq_all"],
     }  # fmt: skip
 
@@ -136,7 +147,7 @@ def permutation_pvalues_of(word_moments: list[dict | None], context: FinishConte
     out: list[np.ndarray | None] = [None] * len(word_moments)
     for members in groups.values():
         first = word_moments[members[0]]
-        joined = {key: np.concatenate([word_moments[i][key] for i in members], axis=-1)
+        joined = {key: _joined([word_moments[i][key] for i in members])
                   for key in ("word_sum", "word_sumsq", "sum_all", "sumsq_all")}  # fmt: skip
         p_values = permutation_pvalues(
             first["word_n"], joined["word_sum"], joined["word_sumsq"], first["n_all"], joined["sum_all"],
@@ -149,6 +160,15 @@ def permutation_pvalues_of(word_moments: list[dict | None], context: FinishConte
     return out
 
 
+def _joined(parts: list) -> np.ndarray | torch.Tensor:
+    """The parts side by side along their last axis: numpy when all are numpy arrays, else a tensor on the first
+    tensor's device (a model spread over devices has sites on several)."""
+    tensors = [part for part in parts if isinstance(part, torch.Tensor)]
+    if not tensors:
+        return np.concatenate(parts, axis=-1)
+    return torch.cat([torch.as_tensor(part).to(tensors[0].device) for part in parts], dim=-1)
+
+
 def add_permutation_pvalues(parts: list[SitePart], context: FinishContext) -> None:
     """Replace each part's p_value by the word-level permutation p-value (permutation_pvalues_of over the
     parts' word moments, which are then dropped)."""
@@ -158,8 +178,11 @@ def add_permutation_pvalues(parts: list[SitePart], context: FinishContext) -> No
         part.word_moments = None
 
 
-def _transposed(parts: list[np.ndarray]) -> np.ndarray:
-    """The [T_batch, n] parts as one neuron-major [n, T] float32 array, each part copied once into place."""
+def _transposed(parts: list[np.ndarray] | list[torch.Tensor]) -> np.ndarray | torch.Tensor:
+    """The [T_batch, n] parts as one neuron-major [n, T] float32 array, each part copied once into place
+    (tensors: one tensor on their device)."""
+    if isinstance(parts[0], torch.Tensor):
+        return torch.cat(parts).T.contiguous()
     out = np.empty((parts[0].shape[1], sum(len(p) for p in parts)), dtype=np.float32)
     at = 0
     for part in parts:

@@ -167,7 +167,8 @@ def scan(
         plan = plan_for(lm, aligned, sites, recorded_widths(sites, n_neurons), cfg.batch_size, record_activations)
         aligned_s = time.perf_counter()
         (parts, passes, states), plan = run_with_retry(plan, lambda p: _run_sites(
-            lm, dataclasses.replace(cfg, batch_size=p.batch_size), aligned, points, sites, n_neurons, p.record, progress
+            lm, dataclasses.replace(cfg, batch_size=p.batch_size), aligned, points, sites, n_neurons, p.record, progress,
+            p.record_on_device,
         ))  # fmt: skip  # an out-of-memory error retries once with a smaller batch
         record = plan.record
         forward_s = time.perf_counter()
@@ -254,9 +255,10 @@ def routed_context(context: FinishContext, tokens: np.ndarray) -> FinishContext:
     return dataclasses.replace(context, category_mask=context.category_mask[tokens], token_word=token_word)
 
 
-def _run_sites(lm, cfg, aligned, points, sites: list[Site], n_neurons, record: bool, progress):
+def _run_sites(lm, cfg, aligned, points, sites: list[Site], n_neurons, record: bool, progress, record_on_device=False):
     """The forward passes with every site's SiteStats updated in its hook; each site finished once its last
-    batch is in (on a worker thread when a core is free). Returns (parts in site order, forward passes,
+    batch is in (on a worker thread when a core is free). A recording is kept on the host, or with
+    record_on_device on the GPU that computes each site. Returns (parts in site order, forward passes,
     the states by hook name)."""
     n_categories, n_words = len(aligned.categories), len(aligned.coverage)
     histogram = cfg.auroc and not record  # exact AUROC needs the recorded activations, else histograms
@@ -274,7 +276,7 @@ def _run_sites(lm, cfg, aligned, points, sites: list[Site], n_neurons, record: b
     )  # fmt: skip
     dense_context = dataclasses.replace(context, permutations=0)
     states: dict[str, SiteStats] = {}
-    kept: dict[str, list[np.ndarray]] = {s.hook: [] for s in sites}  # recorded [T_batch, N] float32 parts
+    kept: dict[str, list] = {s.hook: [] for s in sites}  # recorded [T_batch, N] float32 parts (numpy, or GPU tensors)
     kept_tokens: dict[str, list[torch.Tensor]] = {s.hook: [] for s in sites}  # an expert's: its tokens' indices
     n_batches = -(-len(aligned.chunks) // cfg.batch_size)
     seen = {id(p): 0 for p in points}
@@ -285,7 +287,7 @@ def _run_sites(lm, cfg, aligned, points, sites: list[Site], n_neurons, record: b
     steps = {"done": 0, "docs": 0}
     doc_ends = sorted({c.doc: i for i, c in enumerate(aligned.chunks)}.values())  # each document's last chunk
 
-    def finish(site: Site, neurons: slice) -> SitePart:  # numpy on the CPU, once the site's last batch is in
+    def finish(site: Site, neurons: slice) -> SitePart:  # once the site's last batch is in
         if site.hook not in states:  # an expert the router never chose: every statistic is NaN
             states[site.hook] = SiteStats(layouts[site.hook], "cpu")
         recorded = [part[:, neurons] for part in kept[site.hook]] if record and kept[site.hook] else None
@@ -308,8 +310,11 @@ def _run_sites(lm, cfg, aligned, points, sites: list[Site], n_neurons, record: b
             states[site.hook] = SiteStats(layouts[site.hook], site_device(site, device))
         here = labels["current"].on(device)
         states[site.hook].update(acts, here if slots is None else here.select(slots))
-        if record:
-            kept[site.hook].append(np.ascontiguousarray(acts.cpu().numpy()))  # compact: acts may view all neurons
+        if record:  # compact copies: acts may view all neurons
+            if record_on_device:  # float32 on the GPU, where finishing sorts it
+                kept[site.hook].append(acts.to(torch.float32, memory_format=torch.contiguous_format, copy=True))
+            else:
+                kept[site.hook].append(np.ascontiguousarray(acts.cpu().numpy()))
             if slots is not None:
                 kept_tokens[site.hook].append(batch.token_index[slots.cpu()])
 
