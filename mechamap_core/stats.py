@@ -15,7 +15,7 @@ CHUNK_ELEMENTS = 2**19  # subsets x neurons per block of the permutation test's 
 GATHERED_BLOCKS = 4  # and chunk_elements x this many gathered at once (8 MB): one wake-up of the thread pool
 LABEL_BITS = 16  # _twice_rank_sums' keys: block (15 bits), value (32), label (16)
 RANK_BLOCK_ELEMENTS = 2**16  # values per block of _twice_rank_sums (its int64 keys: 512 KB, in cache)
-DEVICE_RANK_ELEMENTS = 2**25  # and per block on a GPU (256 MiB of int64 keys; a few such buffers at once)
+DEVICE_RANK_ELEMENTS = 2**24  # and per block on a GPU (128 MiB of int64 keys; about 7 such buffers at once)
 
 
 def moment_statistics(

@@ -165,14 +165,18 @@ def test_a_gpu_keeps_the_recording_when_three_times_it_fits_beside_a_batch():
     on_gpu = plan(gpu=True)
     assert on_gpu.record and on_gpu.record_on_device and "stays on the GPU" in on_gpu.reason
     assert not plan().record_on_device  # a CPU's recording is the host's anyway
-    room = P.RECORD_PEAK_FACTOR * record_bytes + 8 * per_chunk
+    sorting = 2 * P.RANK_SORT_BYTES_PER_VALUE * min(P.DEVICE_RANK_ELEMENTS, 3072 * 1000)
+    room = P.RECORD_PEAK_FACTOR * record_bytes + 8 * per_chunk + sorting
     assert plan(gpu=True, device_available=room).record_on_device
     crowded = plan(gpu=True, device_available=P.RECORD_PEAK_FACTOR * record_bytes)  # no room left for a batch
     assert crowded.record and not crowded.record_on_device and "kept on the host" in crowded.reason
     assert not plan(gpu=True, record=False).record_on_device
-    # out of memory with the recording on the GPU: first move it to the host, same batch
+    one_chunk = P.RECORD_PEAK_FACTOR * record_bytes + per_chunk + sorting  # a text of one chunk: a batch of 1
+    assert plan(gpu=True, n_chunks=1, device_available=one_chunk).record_on_device
+    assert not plan(gpu=True, n_chunks=1, device_available=one_chunk - 1).record_on_device  # the sorts need room too
+    # out of memory with the recording on the GPU: the retry moves it to the host and halves the batch
     retry = on_gpu.after_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
-    assert retry.record and not retry.record_on_device and retry.batch_size == 8 and "on the host" in retry.retries[0]
+    assert retry.record and not retry.record_on_device and retry.batch_size == 4 and "on the host" in retry.retries[0]
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "mixtral"])
@@ -194,3 +198,19 @@ def test_a_recording_kept_as_tensors_gives_the_same_scan_as_one_kept_on_the_host
     if host.activations is not None:
         for layer, acts in host.activations.items():
             np.testing.assert_array_equal(kept.activations[layer], acts)
+
+
+def test_histograms_and_permutation_sums_kept_as_tensors_give_the_same_scan_as_numpy(tiny_gpt2, default_cfg, monkeypatch):
+    """A record-off scan whose finishing keeps the histograms and word sums as tensors (the CUDA route: torch's
+    binned AUROCs, the permutation test in torch, dense sites' sums joined by torch.cat) equals numpy's."""
+    from mechamap_core import stats as stats_module
+    from mechamap_core.scan import finish as finish_module
+
+    host = scan(tiny_gpt2, default_cfg, record_activations=False)
+    monkeypatch.setattr(finish_module, "for_finishing", lambda values: values.double())
+    monkeypatch.setattr(stats_module, "_numpy_arithmetic", lambda device: False)
+    kept = scan(tiny_gpt2, default_cfg, record_activations=False)
+    key = ["layer", "neuron", "category"]
+    numeric = [c for c in host.scores.columns if c not in key and host.scores[c].dtype.kind == "f"]
+    pd.testing.assert_frame_equal(kept.scores.set_index(key)[numeric], host.scores.set_index(key)[numeric], rtol=1e-9, atol=1e-12)
+    assert host.scores["cv_auroc"].notna().any() and host.scores["p_value"].notna().any()

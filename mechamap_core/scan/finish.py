@@ -53,13 +53,12 @@ def site_moments(stats: SiteStats, neurons: slice = slice(None)) -> dict[str, np
     }  # fmt: skip
 
 
-def histogram_counts(stats: SiteStats, neurons: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
-    """Histograms of a slice of the neurons, float64 on the state's device: all tokens [n, B], each category's
-    tokens [C, n, B] (folds summed)."""
+def histogram_counts(stats: SiteStats, neurons: slice = slice(None)):
+    """Histograms of a slice of the neurons, float64 (for_finishing): all tokens [n, B], each category's tokens
+    [C, n, B] (folds summed)."""
     layout = stats.layout
-    counts_all = stats.hist_all[neurons].double()
     grouped = stats.hist_group.view(layout.n_categories, layout.n_folds, layout.n_neurons, layout.hist_bins)
-    return counts_all, grouped[:, :, neurons].sum(1).double()
+    return for_finishing(stats.hist_all[neurons]), for_finishing(grouped[:, :, neurons].sum(1))
 
 
 @dataclass(frozen=True)
@@ -102,10 +101,10 @@ def finish_part(layer: int, neurons: slice, stats: SiteStats, recorded: list[np.
             top = (vals.T.cpu().numpy(), index.T.cpu().numpy())
         acts_t = as_numpy(acts_t)  # the result keeps the recording on the host
     elif context.with_auroc and stats.layout.hist_bins:
-        counts_all, counts_cat = (on_device(t) for t in histogram_counts(stats, neurons))
+        counts_all, counts_cat = histogram_counts(stats, neurons)
         auroc = as_numpy(auroc_binned(counts_all, counts_cat))
         if context.word_fold is not None and stats.layout.n_folds > 1:
-            groups = on_device(stats.hist_group[:, neurons].double())  # [C * folds, n, B]
+            groups = for_finishing(stats.hist_group[:, neurons])  # [C * folds, n, B]
             cv = cv_auroc_binned(counts_all, groups, np.repeat(np.arange(n_categories), stats.layout.n_folds), n_categories)
     nan = np.full_like(result["separation"], np.nan)
     result["auroc"] = nan if auroc is None else auroc
@@ -115,11 +114,13 @@ def finish_part(layer: int, neurons: slice, stats: SiteStats, recorded: list[np.
     return SitePart(layer, neurons.start, result, top, acts_t, n_tokens, hook_name(layer), word_moments=word_moments)
 
 
-def on_device(values: torch.Tensor):
-    """values for the finishing arithmetic: a GPU's tensor stays there (torch's arithmetic, no copy to the
-    host); a CPU tensor becomes a numpy array (numpy's arithmetic, whose single-threaded reductions do not wake
-    torch's thread pool beside a forward pass)."""
-    return values.numpy() if values.device.type == "cpu" else values
+def for_finishing(values: torch.Tensor):
+    """values in float64 for the finishing arithmetic: on a CUDA GPU a tensor there (torch's arithmetic, no
+    copy to the host); elsewhere a numpy array (numpy's single-threaded reductions do not wake torch's thread
+    pool beside a forward pass, and Apple's MPS has no float64)."""
+    if values.device.type == "cuda":
+        return values.double()
+    return values.cpu().double().numpy()
 
 
 def site_word_moments(stats: SiteStats, neurons: slice, context: FinishContext, moments: dict | None = None):
@@ -128,10 +129,9 @@ def site_word_moments(stats: SiteStats, neurons: slice, context: FinishContext, 
     if not (context.permutations and stats.layout.n_words and context.word_category is not None):
         return None
     moments = site_moments(stats, neurons) if moments is None else moments
-    exact = lambda t: on_device(t.double())  # noqa: E731 - the permutation test runs where the sums are
-    return {
-        "word_n": as_numpy(stats.word_n.double()), "word_sum": exact(stats.word_sums[:, neurons]),
-        "word_sumsq": exact(stats.word_sumsq[:, neurons]), "n_all": moments["n_all"],
+    return {  # the permutation test runs where the word sums are (for_finishing)
+        "word_n": stats.word_n.cpu().double().numpy(), "word_sum": for_finishing(stats.word_sums[:, neurons]),
+        "word_sumsq": for_finishing(stats.word_sumsq[:, neurons]), "n_all": moments["n_all"],
         "sum_all": moments["sum_all"], "sumsq_all": moments["sumsq_all"],
     }  # fmt: skip
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from ..stats import DEVICE_RANK_ELEMENTS
+
 MIB = 2**20
 # Recorded activations (float32; on the host, or on a GPU where RECORD_PEAK_FACTOR times them fits beside the
 # batch, so that exact AUROC is sorted there) are the one part of a scan that grows
@@ -22,6 +24,10 @@ RECORD_FRACTION = 0.25
 # Finishing a recorded layer holds the recording, its transposed copy and one sorted layer; the result's
 # activations are concatenated once more at the end. Recording needs this many times its size free.
 RECORD_PEAK_FACTOR = 3
+# Exact AUROC on a GPU sorts DEVICE_RANK_ELEMENTS values at a time and holds about this many bytes per value
+# (int64 keys, their sorted copy, labels, tie runs, float64 twice-ranks; measured 13x a float32 block), and the
+# reducer's worker and the main thread may each run one.
+RANK_SORT_BYTES_PER_VALUE = 56
 # The forward pass of one batch (activations, attention scores, the site's float32 copies) may take this
 # share of the compute device's free memory; the rest is left to the allocator, other processes and the app.
 BATCH_FRACTION = 0.5
@@ -64,9 +70,11 @@ class ScanPlan:
         """The plan to retry with after an out-of-memory error: half the batch; at batch 1, no recording.
         None when there is nothing smaller to try."""
         what = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'out of memory'}"
-        if self.record_on_device:
-            change = f"{what}; retried with the recording on the host instead of the GPU"
-            return _replace(self, record_on_device=False, retries=(*self.retries, change))
+        if self.record_on_device:  # and half the batch: the error may have come from the pass itself
+            smaller = max(1, self.batch_size // 2)
+            change = f"{what}; retried with the recording on the host instead of the GPU, batch_size {smaller}"
+            return _replace(self, record_on_device=False, batch_size=smaller,
+                            batch_bytes=self.batch_bytes * smaller // self.batch_size, retries=(*self.retries, change))  # fmt: skip
         if self.batch_size > 1:
             smaller = self.batch_size // 2
             change = f"{what}; retried with batch_size {smaller} instead of {self.batch_size}"
@@ -170,7 +178,7 @@ def plan_scan(
     it is available on the host; True and False are obeyed. batch_size is the config's, lowered until one
     batch's estimated working memory fits BATCH_FRACTION of the device's free memory (never below 1).
     gpu: the sites compute on a GPU; a recording then stays there when RECORD_PEAK_FACTOR times it fits in
-    the device's free memory beside one batch."""
+    the device's free memory beside one batch and two exact-AUROC sorts (RANK_SORT_BYTES_PER_VALUE)."""
     record_bytes = n_tokens * total_neurons * 4
     limit = None
     if record == "auto":
@@ -197,8 +205,9 @@ def plan_scan(
                    f"{_mib(device_available)} free on the device")  # fmt: skip
     else:
         reason += f"; batch_size {size}: the device's free memory is unknown"
+    sorting = 2 * RANK_SORT_BYTES_PER_VALUE * min(DEVICE_RANK_ELEMENTS, widest_site * n_tokens)  # two sorts at once
     on_device = bool(fits and gpu and device_available is not None
-                     and record_bytes * RECORD_PEAK_FACTOR + per_chunk * size <= device_available)  # fmt: skip
+                     and record_bytes * RECORD_PEAK_FACTOR + per_chunk * size + sorting <= device_available)  # fmt: skip
     if fits and gpu:
         reason += "; the recording stays on the GPU" if on_device else "; the recording is kept on the host"
     return ScanPlan(fits, size, record_bytes, limit, host_available, device_available, per_chunk * size, reason,
@@ -236,6 +245,7 @@ def run_with_retry(plan: ScanPlan, attempt):
             raise
         retry = plan.after_out_of_memory(error)
         if retry is None:
+            _release_memory()
             raise ScanMemoryError(out_of_memory_message(plan, error)) from error
     _release_memory()
     try:
@@ -243,6 +253,7 @@ def run_with_retry(plan: ScanPlan, attempt):
     except Exception as error:  # noqa: BLE001
         if not is_out_of_memory(error):
             raise
+        _release_memory()
         raise ScanMemoryError(out_of_memory_message(retry, error)) from error
 
 

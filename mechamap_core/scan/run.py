@@ -352,11 +352,13 @@ def _run_sites(lm, cfg, aligned, points, sites: list[Site], n_neurons, record: b
     # Each finished site's statistics run on a worker thread, overlapping the forward pass of the sites
     # after it when a core is free; this thread joins in once the forward pass is done. The dense sites'
     # permutation test needs only their states, so it is one more job beside the last sites' finishing.
-    with _Reducer(reduction_mode(lm.device, record)) as reducer:
-        passes = run_hooked_forward(lm, labelled_batches(), points, on_site, n_neurons, on_batch, after_point)
-        if dense:
-            reducer.submit(DENSE_PERMUTATIONS, dense_pvalues)
-    kept.clear()
+    try:
+        with _Reducer(reduction_mode(lm.device, record)) as reducer:
+            passes = run_hooked_forward(lm, labelled_batches(), points, on_site, n_neurons, on_batch, after_point)
+            if dense:
+                reducer.submit(DENSE_PERMUTATIONS, dense_pvalues)
+    finally:  # also after an error: a GPU's recording must not outlive a failed attempt
+        kept.clear()
     dense_p_values = reducer.results.pop(DENSE_PERMUTATIONS, {})
     order = {site.hook: i for i, site in enumerate(sites)}
     parts = sorted(reducer.results.values(), key=lambda part: (order[part.hook], part.first_neuron))
