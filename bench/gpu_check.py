@@ -320,6 +320,8 @@ def speed_of_model(rows: Rows, device, cfg, tokenizer, name: str, config, sizes,
         bare = med(seconds["bare"])
         rows.add("speed", f"{name} {tokens} tok", "bare forward", f"{fmt_s(bare)}, {tokens / bare:,.0f} tok/s, "
                  f"peak {peaks['bare'] / 2**30:.2f} GiB")  # fmt: skip
+        phases = ", ".join(f"{k} {fmt_s(v)}" for k, v in last.metadata["timings_s"].items() if k != "total")
+        rows.add("speed", f"{name} {tokens} tok", "default scan's phases", phases[:80])  # where the rest goes
         for key in ("scan", "scan, record off"):
             s = med(seconds[key])
             record = "exact AUROC" if key == "scan" and last.metadata["plan"]["record"] else "binned AUROC"

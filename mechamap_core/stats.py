@@ -579,12 +579,18 @@ def cv_auroc_binned(
     The histograms are float64 numpy arrays, or torch tensors (computed on their device); the result is numpy.
     """
     group_category = np.asarray(group_category)
-    auc_groups = np.full(tuple(counts_group.shape[:2]), np.nan)
+    on_device = isinstance(counts_group, torch.Tensor)
+    if on_device:  # filled there, copied to the host once
+        auc_groups = torch.full(tuple(counts_group.shape[:2]), np.nan, dtype=torch.float64, device=counts_group.device)
+    else:
+        auc_groups = np.full(counts_group.shape[:2], np.nan)
     for c in np.unique(group_category).tolist():
         groups = np.flatnonzero(group_category == c)
+        if on_device:
+            groups = torch.as_tensor(groups, device=counts_group.device)
         rest = counts_all - counts_group[groups].sum(0)
-        auc_groups[groups] = as_numpy(_auroc_binned_pair(counts_group[groups], rest[None]))
-    return _mean_over_folds(auc_groups, group_category, n_categories)
+        auc_groups[groups] = _auroc_binned_pair(counts_group[groups], rest[None])
+    return _mean_over_folds(as_numpy(auc_groups), group_category, n_categories)
 
 
 def _mean_over_folds(auc_groups: np.ndarray, group_category: np.ndarray, n_categories: int | None) -> np.ndarray:

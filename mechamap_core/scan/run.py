@@ -241,10 +241,10 @@ def recorded_widths(sites: list[Site], n_neurons: dict) -> dict:
     return {s.hook: -(-n_neurons[s.hook] * routed_share(s)[0] // routed_share(s)[1]) for s in sites}
 
 
-def finish_slices(site: Site, n: int) -> list[slice]:
-    """The neuron slices a site is finished in, one job each: a dense site in halves, so two threads share
-    it; an expert whole (a layer has several, and its permutation test is then one call)."""
-    if site.kind == "expert":
+def finish_slices(site: Site, n: int, on_gpu: bool = False) -> list[slice]:
+    """The neuron slices a site is finished in, one job each: a dense site on the CPU in halves, so two threads
+    share it; an expert, or any site on a GPU (whose kernels are already parallel), whole (one call each)."""
+    if site.kind == "expert" or on_gpu:
         return [slice(0, n)]
     return [s for s in (slice(0, (n + 1) // 2), slice((n + 1) // 2, n)) if s.stop > s.start]
 
@@ -327,7 +327,8 @@ def _run_sites(lm, cfg, aligned, points, sites: list[Site], n_neurons, record: b
             progress(steps["done"], total, f"layer {point.layer} ({getattr(point, 'hook', None) or point.experts_path})")
         if seen[id(point)] == n_batches:  # every site of the point is complete: its jobs can start
             for site in sites_of[id(point)]:
-                for neurons in finish_slices(site, n_neurons[site.hook]):
+                on_gpu = site.hook in states and states[site.hook].device.type == "cuda"
+                for neurons in finish_slices(site, n_neurons[site.hook], on_gpu):
                     reducer.submit((site.hook, neurons.start), finish, site, neurons)
 
     def labelled_batches():
