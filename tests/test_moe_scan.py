@@ -4,6 +4,7 @@ routing counts equal the router's own top-k, and expert rows flow through export
 from __future__ import annotations
 
 import dataclasses
+import types
 
 import numpy as np
 import pandas as pd
@@ -180,7 +181,7 @@ def test_memory_plan_counts_an_experts_routed_tokens_only():
         assert sum(widths[s.hook] for s in experts) == TOP_K * D_EXPERT  # each token records top_k experts' neurons
     expert = next(s for s in sites if s.kind == "expert")
     assert finish_slices(expert, 9) == [slice(0, 9)]  # one job, so one permutation call
-    dense = next(s for s in sites if s.kind != "expert")
+    dense = types.SimpleNamespace(kind="dense")  # Mixtral has none; finish_slices reads only the kind
     assert finish_slices(dense, 9) == [slice(0, 5), slice(5, 9)]  # two CPU threads share a dense site
     assert finish_slices(dense, 9, on_gpu=True) == [slice(0, 9)]  # a GPU's kernels are parallel already
 

@@ -214,3 +214,16 @@ def test_histograms_and_permutation_sums_kept_as_tensors_give_the_same_scan_as_n
     numeric = [c for c in host.scores.columns if c not in key and host.scores[c].dtype.kind == "f"]
     pd.testing.assert_frame_equal(kept.scores.set_index(key)[numeric], host.scores.set_index(key)[numeric], rtol=1e-9, atol=1e-12)
     assert host.scores["cv_auroc"].notna().any() and host.scores["p_value"].notna().any()
+
+
+def test_word_sums_of_sites_on_different_devices_are_joined_on_one():
+    """A model split over a GPU and the CPU has sites whose word sums are tensors beside numpy arrays: the dense
+    permutation test joins them on the first tensor's device; all numpy stays numpy."""
+    from mechamap_core.scan.finish import _joined
+
+    a, b = np.arange(6.0).reshape(2, 3), torch.arange(4.0).reshape(2, 2)
+    joined = _joined([a, b, a])
+    assert isinstance(joined, torch.Tensor) and joined.device == b.device
+    np.testing.assert_array_equal(joined.numpy(), np.hstack([a, b.numpy(), a]))
+    both = _joined([a, a])
+    assert isinstance(both, np.ndarray) and both.shape == (2, 6)
