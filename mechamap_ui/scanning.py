@@ -94,6 +94,22 @@ def quantization_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes") is not None
 
 
+def describe_plan(metadata: dict) -> str | None:
+    """How a run used memory, from its metadata["plan"]: exact or binned AUROC, where the recording lived, the
+    batch size and any out-of-memory retries; None for runs saved before plans were recorded."""
+    plan = metadata.get("plan")
+    if not plan:
+        return None
+    if plan.get("record"):
+        where = "on the GPU" if plan.get("record_on_device") else "on the host"
+        auroc = f"exact AUROC (activations recorded {where}, {plan['record_bytes'] / 2**20:,.0f} MiB)"
+    else:
+        auroc = "binned AUROC (64-bin histograms; the recording did not fit or was off)"
+    retries = plan.get("retries") or []
+    retried = f" · {len(retries)} out-of-memory retr{'y' if len(retries) == 1 else 'ies'}: " + "; ".join(retries) if retries else ""
+    return f"Memory plan: {auroc} · batch_size {plan['batch_size']}{retried}"
+
+
 def describe_placement(where: dict[str, str]) -> str:
     """'cpu: transformer.wte, transformer.h.0 · disk: transformer.h.1' (a few modules per device)."""
     if set(where) == {""}:

@@ -177,6 +177,28 @@ def test_downloads_for_an_injected_result(app_env, tiny_result):
     assert any("2 layers × 64 neurons" in v for v in texts(at.markdown))
 
 
+def test_the_active_run_says_how_it_used_memory(app_env, tiny_result):
+    """The plan in the run's metadata: exact or binned AUROC, where the recording lived, retries."""
+    import dataclasses
+
+    from mechamap_ui.scanning import describe_plan
+
+    at = scan_page(**{RESULT_OVERRIDE: tiny_result})
+    no_exception(at)
+    shown = [v for v in texts(at.caption) if v.startswith("Memory plan:")]
+    assert shown == [describe_plan(tiny_result.metadata)] and "AUROC" in shown[0]
+    plan = {"record": True, "record_on_device": True, "record_bytes": 3 * 2**20, "batch_size": 2,
+            "retries": ["OutOfMemoryError: CUDA out of memory; retried with the recording on the host instead of the GPU, batch_size 2"]}  # fmt: skip
+    gpu = describe_plan({"plan": plan})
+    assert "exact AUROC (activations recorded on the GPU, 3 MiB)" in gpu and "1 out-of-memory retry: OutOfMemoryError" in gpu
+    binned = describe_plan({"plan": {**plan, "record": False, "retries": []}})
+    assert binned == "Memory plan: binned AUROC (64-bin histograms; the recording did not fit or was off) · batch_size 2"
+    assert describe_plan({}) is None  # runs saved before plans were recorded
+    at = scan_page(**{RESULT_OVERRIDE: dataclasses.replace(tiny_result, metadata={**tiny_result.metadata, "plan": plan})})
+    no_exception(at)
+    assert gpu in texts(at.caption)
+
+
 def test_friendly_error_is_one_sentence():
     for exc in [
         ModelNotAvailableError("line one\nline two"),

@@ -171,6 +171,8 @@ st.markdown(
     f"neurons · {md.get('n_tokens')} tokens in {md.get('n_forward_passes', '?')} forward pass(es) · "
     f"device {md.get('device', '?')} / {md.get('dtype', '?')} · created {str(md.get('created', '?')).replace('T', ' ')}"
 )
+if (plan := scanning.describe_plan(md)) is not None:
+    st.caption(plan, help=md["plan"].get("reason"))
 stem = str(md.get("run_id") or "mechamap-scan")
 d1, d2, d3, _ = st.columns([1, 1, 1, 2])
 d1.download_button("CSV", data=lambda: export.to_csv(result), file_name=f"{stem}.csv", mime="text/csv",
