@@ -100,9 +100,12 @@ def describe_plan(metadata: dict) -> str | None:
     plan = metadata.get("plan")
     if not plan:
         return None
-    if plan.get("record"):
-        where = "on the GPU" if plan.get("record_on_device") else "on the host"
-        auroc = f"exact AUROC (activations recorded {where}, {plan['record_bytes'] / 2**20:,.0f} MiB)"
+    where = "on the GPU" if plan.get("record_on_device") else "on the host"
+    recorded = f"activations recorded {where}, {plan.get('record_bytes', 0) / 2**20:,.0f} MiB"
+    if metadata.get("auroc_method") == "off":
+        auroc = "AUROC off" + (f" ({recorded})" if plan.get("record") else "")
+    elif plan.get("record"):
+        auroc = f"exact AUROC ({recorded})"
     else:
         auroc = "binned AUROC (64-bin histograms; the recording did not fit or was off)"
     retries = plan.get("retries") or []

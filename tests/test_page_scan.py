@@ -194,6 +194,8 @@ def test_the_active_run_says_how_it_used_memory(app_env, tiny_result):
     binned = describe_plan({"plan": {**plan, "record": False, "retries": []}})
     assert binned == "Memory plan: binned AUROC (64-bin histograms; the recording did not fit or was off) · batch_size 2"
     assert describe_plan({}) is None  # runs saved before plans were recorded
+    assert describe_plan({"plan": {**plan, "record": False, "retries": []}, "auroc_method": "off"}).startswith(
+        "Memory plan: AUROC off · batch_size 2")
     at = scan_page(**{RESULT_OVERRIDE: dataclasses.replace(tiny_result, metadata={**tiny_result.metadata, "plan": plan})})
     no_exception(at)
     assert gpu in texts(at.caption)
