@@ -30,16 +30,11 @@ import cProfile
 import gc
 import pstats
 import statistics
-import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 from unittest.mock import patch
 
-ROOT = Path(__file__).resolve().parents[1]
-for path in (ROOT, ROOT / "tests"):
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
+from common import ROOT, bare_forward, load_average, model_inputs  # common puts the repo and tests/ on sys.path
 
 TARGET_RATIO = 1.5  # scan / bare forward, from issue 10
 SHAPE = {
@@ -54,11 +49,6 @@ SHAPE = {
 }
 
 
-def load_average() -> str:
-    loadavg = Path("/proc/loadavg")
-    return " ".join(loadavg.read_text().split()[:3]) if loadavg.exists() else "n/a"
-
-
 def build_model(tokenizer):
     """The random Mixtral described in the module docstring, in eval mode."""
     import torch
@@ -67,23 +57,6 @@ def build_model(tokenizer):
     torch.manual_seed(0)
     config = MixtralConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **SHAPE)
     return MixtralForCausalLM(config).eval()
-
-
-def model_inputs(lm, cfg, texts: list[str] | None = None) -> list[tuple]:
-    """The (input_ids, attention_mask) batches exactly as scan() builds them (of texts, default the config's)."""
-    from mechamap_core.alignment import align
-    from mechamap_core.scan.driver import batches
-
-    aligned = align(lm.tokenizer, texts or cfg.texts, cfg.categories, lm.chunk_tokens(cfg.max_chunk_tokens))
-    return [(b.input_ids, b.attention_mask) for b in batches(aligned.chunks, cfg.batch_size, lm.pad_id)]
-
-
-def bare_forward(module, inputs) -> None:
-    import torch
-
-    with torch.inference_mode():
-        for ids, mask in inputs:
-            module(input_ids=ids, attention_mask=mask, use_cache=False)
 
 
 def interleaved(fns: dict, repeats: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
@@ -128,12 +101,12 @@ def main() -> None:
     lm = wrap_model(model, tokenizer, "random-mixtral-285m")
     cfg = load_config(ROOT / "configs" / "default.yaml")
     cfg = replace(cfg, categories=dict(cfg.categories))
-    inputs = model_inputs(lm, cfg)
+    _, inputs = model_inputs(lm, cfg)
     print(f"Input: configs/default.yaml master text, batches {[tuple(ids.shape) for ids, _ in inputs]}")
     print(f"Load average before: {load_average()}", flush=True)
     warm_text = [cfg.texts[0][:300]]
     scan(lm, cfg, texts=warm_text)
-    bare_forward(model.model, model_inputs(lm, cfg, warm_text))
+    bare_forward(lm, model_inputs(lm, cfg, warm_text)[1], module=model.model)
 
     results = []
 
@@ -143,11 +116,11 @@ def main() -> None:
 
     fns = {
         "scan": lambda: results.append(scan(lm, cfg)),
-        "bare body": lambda: bare_forward(model.model, inputs),
+        "bare body": lambda: bare_forward(lm, inputs, module=model.model),
         "scan, experts recomputed": scan_recomputing,
     }
     if args.with_head:
-        fns["bare full"] = lambda: bare_forward(model, inputs)
+        fns["bare full"] = lambda: bare_forward(lm, inputs)
     times, cpu = interleaved(fns, args.repeats)
     medians = {name: statistics.median(ts) for name, ts in times.items()}
     cpu_medians = {name: statistics.median(ts) for name, ts in cpu.items()}
