@@ -150,6 +150,14 @@ def compare(res, ref, tolerance: float, scale: float = 1.0, same_routing: bool =
     return diff, count(differs), count(res.top_tokens)
 
 
+def check_same_scan(rows: Rows, section: str, case: str, check: str, res, ref, split: bool = True) -> None:
+    """A pass row where res equals ref in float32: avg_activation within F32_TOLERANCE and the same top tokens
+    (compare); split: a further condition of the case (the model really was spread over devices)."""
+    diff, differ, total = compare(res, ref, F32_TOLERANCE)
+    rows.check(section, case, check, f"max diff {diff:.1e}, top differ {differ}/{total}", f"<= {F32_TOLERANCE:g}, 0",
+               diff <= F32_TOLERANCE and differ == 0 and split)  # fmt: skip
+
+
 def routing_agreement(res, ref) -> float:
     """The share of (layer, expert, category) cells of the routing table with the same token count in both."""
     key = ["layer", "expert", "category"]
@@ -190,9 +198,7 @@ def check_architectures(rows: Rows, device: torch.device, cfg, archs: list[str])
                 continue
             left = hook_count(model) - before
             if dtype == torch.float32:
-                diff, differ, total = compare(res, ref, tolerance)
-                rows.check("correctness", f"{arch} float32", "avg_activation vs CPU, top tokens",
-                           f"max diff {diff:.1e}, top differ {differ}/{total}", f"<= {tolerance:g}, 0", diff <= tolerance and differ == 0)  # fmt: skip
+                check_same_scan(rows, "correctness", f"{arch} float32", "avg_activation vs CPU, top tokens", res, ref)
                 if "expert_neurons" in res.metadata:
                     ways = sorted(set(res.metadata["expert_neurons"].values()))
                     rows.add("moe", f"{arch} on {device.type}", "expert neurons", "; ".join(ways)[:60])
@@ -405,10 +411,7 @@ def check_multi_device(rows: Rows, device: torch.device, cfg) -> None:
             split = dispatch_model(split, device_map, main_device=main, offload_dir=offload)
             res = scan(wrap_model(split, tokenizer, arch), cfg, record_activations=True)
         placed = "+".join(sorted({str(v) for v in device_map.values()}))
-        diff, differ, total = compare(res, ref, F32_TOLERANCE)
-        rows.check("multi-device", f"{arch} over {placed}", "avg_activation, top tokens vs one device",
-                   f"max diff {diff:.1e}, top differ {differ}/{total}", f"<= {F32_TOLERANCE:g}, 0",
-                   diff <= F32_TOLERANCE and differ == 0)  # fmt: skip
+        check_same_scan(rows, "multi-device", f"{arch} over {placed}", "avg_activation, top tokens vs one device", res, ref)
         release(device)
 
 
@@ -435,11 +438,9 @@ def check_max_memory_split(rows: Rows, device: torch.device, cfg, folder: str) -
     lm = load_model(folder, device=str(device), dtype="float32", max_memory=budget)
     placed = Counter(lm.placement.values())
     res = scan(lm, cfg, record_activations=True)
-    diff, differ, total = compare(res, ref, F32_TOLERANCE)
     where = ", ".join(f"{k}: {v}" for k, v in sorted(placed.items()))
-    rows.check("multi-device", f"llama max_memory {budget}", f"placement {where}"[:34],
-               f"max diff {diff:.1e}, top differ {differ}/{total}", f"<= {F32_TOLERANCE:g}, 0",
-               diff <= F32_TOLERANCE and differ == 0 and len(placed) > 1)  # fmt: skip
+    check_same_scan(rows, "multi-device", f"llama max_memory {budget}", f"placement {where}"[:34], res, ref,
+                    split=len(placed) > 1)  # fmt: skip
 
 
 def check_too_large(rows: Rows, device: torch.device) -> None:
@@ -512,10 +513,7 @@ def check_streamed(rows: Rows, device: torch.device, cfg) -> None:
             stream = (SimpleNamespace(index=i, text=t) for i, t in enumerate(documents))
             state = scan_stream(lm, cfg, stream, calibration_texts=documents[:8], group_documents=8)
             results.append(stream_result(lm, cfg, state))
-        diff, differ, total = compare(results[1], results[0], F32_TOLERANCE)
-        rows.check("streamed", f"{arch} on {device.type}", "avg_activation, top tokens vs CPU",
-                   f"max diff {diff:.1e}, top differ {differ}/{total}", f"<= {F32_TOLERANCE:g}, 0",
-                   diff <= F32_TOLERANCE and differ == 0)  # fmt: skip
+        check_same_scan(rows, "streamed", f"{arch} on {device.type}", "avg_activation, top tokens vs CPU", *results[::-1])
         release(device)
 
 

@@ -497,16 +497,17 @@ def _twice_rank_sums(values: np.ndarray, labels: np.ndarray, n_labels: int, bloc
     RANK_BLOCK_ELEMENTS, in place, so the buffers stay in cache. values may be a tensor (a GPU's recording):
     then the same keys are sorted on its device (_twice_rank_sums_on_device).
     """
-    if isinstance(values, torch.Tensor):
-        return _twice_rank_sums_on_device(values, labels, n_labels, blocks)
-    values = np.asarray(values, dtype=np.float32)
-    n_rows, length = values.shape
+    length = values.shape[1]
     blocks = np.zeros(length, dtype=np.int64) if blocks is None else np.asarray(blocks, dtype=np.int64)
     if n_labels > 2**LABEL_BITS or blocks.max(initial=0) >= 2 ** (31 - LABEL_BITS):
         raise ValueError(f"too many token classes ({n_labels}) or categories to rank exactly")
     block_sizes = np.bincount(blocks)
     block_start = np.repeat(np.cumsum(block_sizes) - block_sizes, block_sizes)  # [L] at each sorted position
     column_keys = (blocks << (32 + LABEL_BITS)) | np.asarray(labels, dtype=np.int64)
+    if isinstance(values, torch.Tensor):
+        return _twice_rank_sums_on_device(values, column_keys, block_start, n_labels)
+    values = np.asarray(values, dtype=np.float32)
+    n_rows = len(values)
     plain_twice = 2.0 * (np.arange(length) - block_start) + 1.0
     out = np.empty((n_rows, n_labels))
     rows_per_block = max(1, RANK_BLOCK_ELEMENTS // max(length, 1))
@@ -532,19 +533,14 @@ def _twice_rank_sums(values: np.ndarray, labels: np.ndarray, n_labels: int, bloc
     return out
 
 
-def _twice_rank_sums_on_device(values: torch.Tensor, labels, n_labels: int, blocks=None) -> np.ndarray:
-    """_twice_rank_sums of a tensor on its device (a GPU): the same (block, value, label) keys in one torch
-    sort per block of rows; tie runs from running maxima and minima of positions (a value outside a run
-    is its own run, so one formula serves every row); per-label sums by scatter-add. Returns numpy."""
+def _twice_rank_sums_on_device(values: torch.Tensor, column_keys: np.ndarray, block_start: np.ndarray, n_labels: int) -> np.ndarray:
+    """_twice_rank_sums of a tensor on its device (a GPU), given its columns' (block, label) key bits and each
+    sorted position's block start: the same keys in one torch sort per block of rows; tie runs from running
+    maxima and minima of positions (a value outside a run is its own run, so one formula serves every row);
+    per-label sums by scatter-add. Returns numpy."""
     device = values.device
     n_rows, length = values.shape
-    blocks = torch.zeros(length, dtype=torch.int64) if blocks is None else torch.as_tensor(np.asarray(blocks, dtype=np.int64))
-    if n_labels > 2**LABEL_BITS or (length > 0 and int(blocks.max()) >= 2 ** (31 - LABEL_BITS)):
-        raise ValueError(f"too many token classes ({n_labels}) or categories to rank exactly")
-    blocks = blocks.to(device)
-    block_sizes = torch.bincount(blocks)
-    block_start = torch.repeat_interleave(torch.cumsum(block_sizes, 0) - block_sizes, block_sizes)  # [L]
-    column_keys = (blocks << (32 + LABEL_BITS)) | torch.as_tensor(np.asarray(labels, dtype=np.int64), device=device)
+    column_keys, block_start = torch.as_tensor(column_keys, device=device), torch.as_tensor(block_start, device=device)
     position = torch.arange(length, device=device)
     out = torch.empty((n_rows, n_labels), dtype=torch.float64, device=device)
     rows_per_block = max(1, DEVICE_RANK_ELEMENTS // max(length, 1))

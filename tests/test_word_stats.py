@@ -296,7 +296,7 @@ def test_twice_rank_sums_on_a_device_equal_the_numpy_route_with_ties_blocks_and_
     labels, blocks = rng.integers(0, 6, size=50), rng.integers(0, 3, size=50)  # blocks interleaved, as categories are
     expected = stats_module._twice_rank_sums(values, labels, 6, blocks)
     monkeypatch.setattr(stats_module, "DEVICE_RANK_ELEMENTS", 200)  # rows in blocks of 4
-    got = stats_module._twice_rank_sums_on_device(torch.from_numpy(values), labels, 6, blocks)
+    got = stats_module._twice_rank_sums(torch.from_numpy(values), labels, 6, blocks)  # a tensor: the device route
     np.testing.assert_array_equal(got, expected)
     brute = np.zeros((37, 6))  # 2 #{same-block values below} + #{equal}, summed per label
     for r in range(37):

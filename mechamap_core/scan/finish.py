@@ -46,7 +46,8 @@ class SitePart:
 
 def site_moments(stats: SiteStats, neurons: slice = slice(None)) -> dict[str, np.ndarray]:
     """The accumulated moments of a slice of a site's neurons, float64 numpy on the CPU (one copy from a GPU)."""
-    sums, sums_sq = torch.cat([stats.sums[:, neurons], stats.sums_sq[:, neurons]]).double().cpu().numpy().reshape(2, len(stats.sums), -1)
+    both = torch.cat([stats.sums[:, neurons], stats.sums_sq[:, neurons]])  # [2 (1 + C), n]: one copy
+    sums, sums_sq = both.double().cpu().numpy().reshape(2, len(stats.sums), -1)
     return {
         "n_all": float(stats.n_all), "n_cat": stats.n_cat.double().cpu().numpy(), "sum_all": sums[0],
         "sumsq_all": sums_sq[0], "sum_cat": sums[1:], "sumsq_cat": sums_sq[1:],

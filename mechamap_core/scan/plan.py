@@ -70,16 +70,14 @@ class ScanPlan:
         """The plan to retry with after an out-of-memory error: half the batch; at batch 1, no recording.
         None when there is nothing smaller to try."""
         what = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'out of memory'}"
+        smaller = max(1, self.batch_size // 2)
+        halved = {"batch_size": smaller, "batch_bytes": self.batch_bytes * smaller // self.batch_size}
         if self.record_on_device:  # and half the batch: the error may have come from the pass itself
-            smaller = max(1, self.batch_size // 2)
             change = f"{what}; retried with the recording on the host instead of the GPU, batch_size {smaller}"
-            return _replace(self, record_on_device=False, batch_size=smaller,
-                            batch_bytes=self.batch_bytes * smaller // self.batch_size, retries=(*self.retries, change))  # fmt: skip
+            return _replace(self, record_on_device=False, **halved, retries=(*self.retries, change))
         if self.batch_size > 1:
-            smaller = self.batch_size // 2
             change = f"{what}; retried with batch_size {smaller} instead of {self.batch_size}"
-            return _replace(self, batch_size=smaller, batch_bytes=self.batch_bytes * smaller // self.batch_size,
-                            retries=(*self.retries, change))  # fmt: skip
+            return _replace(self, **halved, retries=(*self.retries, change))
         if self.record:
             change = f"{what}; retried without recording (binned AUROC) at batch_size 1"
             return _replace(self, record=False, retries=(*self.retries, change))
