@@ -282,13 +282,15 @@ def timed_on(device: torch.device, fn) -> tuple[float, int]:
     return begin.elapsed_time(end) / 1000.0, torch.cuda.max_memory_allocated(device)
 
 
-def check_speed(rows: Rows, device: torch.device, cfg, tiny: bool, deadline: float, repeats: int) -> None:
+def check_speed(rows: Rows, device: torch.device, cfg, tiny: bool, deadline: float, repeats: int, models=None) -> None:
     """scan / bare forward in bfloat16 (float32 on a CPU, which has no fast bfloat16) over about 4k and 32k tokens
     (tiny: 300 and 1,200), interleaved after a warm-up round; tokens per second and peak memory. Both the default
-    scan (record auto) and record off."""
+    scan (record auto) and record off. models: comma-separated names to run (None: every one)."""
     tokenizer = make_tokenizer(2048)
     sizes = (300, 1200) if tiny else (4096, 32768)
     for name, config in speed_models(tiny).items():
+        if models and name not in models.split(","):
+            continue
         if time.monotonic() > deadline:
             rows.add("speed", name, "scan / bare", "", "", "skipped: time budget")
             continue
@@ -375,6 +377,49 @@ def check_memory(rows: Rows, device: torch.device, cfg, tiny: bool, deadline: fl
                    f"<= {MEMORY_TARGET}x or +{MEMORY_SLACK // 2**20} MiB", big <= small * MEMORY_TARGET or big - small <= MEMORY_SLACK)  # fmt: skip
     del lm
     release(device)
+
+
+def profile_scans(specs: str, device: torch.device, cfg, tiny: bool, folder: Path, deadline: float) -> None:
+    """Where a scan's time goes: for each "model:tokens:record" of specs (record auto or off), one cProfile of a
+    scan (host time by function) and one torch.profiler run of another (time per operator, host and device),
+    after a warm-up scan. Each goes to folder/profile_<model>_<tokens>_<record>.txt."""
+    import cProfile
+    import io
+    import pstats
+    from dataclasses import replace
+
+    from torch.profiler import ProfilerActivity, profile
+
+    tokenizer = make_tokenizer(2048)
+    models = speed_models(tiny)
+    folder.mkdir(parents=True, exist_ok=True)
+    for spec in specs.split(","):
+        if time.monotonic() > deadline:
+            print(f"profile {spec} skipped: time budget", flush=True)
+            continue
+        name, n_tokens, record = spec.split(":")
+        lm = wrap_model(random_model(models[name], device, torch.bfloat16 if device.type == "cuda" else torch.float32),
+                        tokenizer, name)  # fmt: skip
+        run_cfg = replace(cfg, master_text=text_of_tokens(tokenizer, cfg.master_text, int(n_tokens)))
+        run = partial(scan, lm, run_cfg, record_activations="auto" if record == "auto" else False)
+        result = run()  # warm-up
+        report = [f"{spec}: phases {result.metadata['timings_s']}, plan {result.metadata['plan']}"]
+        profiler = cProfile.Profile()
+        seconds, _ = timed_on(device, partial(profiler.runcall, run))
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(45)
+        report += [f"cProfile of one scan ({fmt_s(seconds)} under the profiler), by cumulative time:", text.getvalue()]
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            timed_on(device, run)
+        by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        report += [f"torch.profiler, by {by}:", prof.key_averages().table(sort_by=by, row_limit=35, max_name_column_width=60)]
+        report += ["torch.profiler, by self_cpu_time_total:",
+                   prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60)]  # fmt: skip
+        (folder / f"profile_{name}_{n_tokens}_{record}.txt").write_text("\n".join(report), encoding="utf-8")
+        print(f"profiled {spec} -> {folder}", flush=True)
+        del lm, result
+        release(device)
 
 
 # ---------------------------------------------------------------------------------- multi-device, quantised
@@ -540,6 +585,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="also write the table to this file")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, of: {', '.join(SECTIONS)}")
     parser.add_argument("--archs", help="comma-separated families for the correctness rows (default: every one)")
+    parser.add_argument("--profile", help='comma-separated "model:tokens:record" scans to profile, e.g. gpt2-small:32768:off')
+    parser.add_argument("--models", help="comma-separated speed models (default: every one)")
+    parser.add_argument("--profile-dir", default=".", help="where the profiles are written")
     args = parser.parse_args(argv)
     started = time.monotonic()
     deadline = started + args.budget_s
@@ -575,7 +623,9 @@ def main(argv: list[str] | None = None) -> int:
     if "memory" in sections:
         guarded(rows, "memory", check_memory, rows, device, cfg, args.tiny, deadline)
     if "speed" in sections:
-        guarded(rows, "speed", check_speed, rows, device, cfg, args.tiny, deadline, args.repeats)
+        guarded(rows, "speed", check_speed, rows, device, cfg, args.tiny, deadline, args.repeats, args.models)
+    if args.profile:
+        guarded(rows, "profile", profile_scans, args.profile, device, cfg, args.tiny, Path(args.profile_dir), deadline)
     output = table(["section", "case", "check", "measured", "target", "status"], rows.rows)
     failed = sum(r[5] == "FAIL" for r in rows.rows)
     correctness = [r for r in rows.rows if r[0] == "correctness"]

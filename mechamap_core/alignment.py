@@ -121,52 +121,63 @@ def align(
     piece_len = max(1, max_chunk_tokens - len(prefix) - len(suffix))
     special_ids = set(tokenizer.all_special_ids)
     names = list(categories)
-    token_rows: list[tuple] = []
+    token_frames: list[pd.DataFrame] = []
     masks: list[np.ndarray] = []
     word_rows: list[np.ndarray] = []
     chunks: list[Chunk] = []
     token_counts = {(c, w): 0 for c in names for w in categories[c]}
     word_number = {key: i for i, key in enumerate(token_counts)}  # (category, word) -> row of coverage
     occurrences = dict.fromkeys(token_counts, 0)
+    n_counted = 0
     for doc, text in enumerate(texts):
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
-        ids, offsets = enc["input_ids"], enc["offset_mapping"]
-        starts = np.array([o[0] for o in offsets], dtype=np.int64)
-        ends = np.array([o[1] for o in offsets], dtype=np.int64)
-        counted = np.array([i not in special_ids and e > s for i, s, e in zip(ids, starts, ends)], dtype=bool)
+        ids = enc["input_ids"]
+        offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+        starts, ends = offsets[:, 0], offsets[:, 1]
+        counted = ~np.isin(np.asarray(ids, dtype=np.int64), list(special_ids)) & (ends > starts)
         mask = np.zeros((len(ids), len(names)), dtype=bool)
         token_word = np.full(len(ids), -1, dtype=np.int32)  # a token in several words keeps the first
         for c, name in enumerate(names):
             for word in dict.fromkeys(categories[name]):  # a word listed twice counts once
-                hit = np.zeros(len(ids), dtype=bool)
                 spans = find_word_spans(text, word)
                 occurrences[(name, word)] += len(spans)
-                for a, b in spans:
-                    hit |= (starts < b) & (ends > a)
-                hit &= counted
+                hit = _overlapping(spans, starts, ends, len(text)) & counted
                 token_counts[(name, word)] += int(hit.sum())
                 mask[:, c] |= hit
                 token_word[hit & (token_word < 0)] = word_number[(name, word)]
-        global_index = {}
-        for pos in np.flatnonzero(counted):
-            global_index[int(pos)] = len(token_rows)
-            token_rows.append((len(token_rows), doc, int(pos), ids[pos], text[starts[pos] : ends[pos]], starts[pos], ends[pos]))
+        positions = np.flatnonzero(counted)
+        global_index = np.full(len(ids), -1, dtype=np.int64)  # position -> global token index (-1: not counted)
+        global_index[positions] = n_counted + np.arange(len(positions))
+        token_frames.append(
+            pd.DataFrame(
+                {
+                    "token_index": global_index[positions],
+                    "doc": doc,
+                    "position": positions,
+                    "token_id": np.asarray(ids, dtype=np.int64)[positions],
+                    "token": [text[a:b] for a, b in zip(starts[positions].tolist(), ends[positions].tolist())],
+                    "start": starts[positions],
+                    "end": ends[positions],
+                }
+            )
+        )
+        n_counted += len(positions)
         masks.append(mask[counted])
         word_rows.append(token_word[counted])
         for a in range(0, len(ids), piece_len):
-            piece = range(a, min(a + piece_len, len(ids)))
-            keep = [p for p in piece if p in global_index]
-            if not keep:
+            keep = np.flatnonzero(counted[a : a + piece_len])  # offsets in the piece of its counted tokens
+            if not len(keep):
                 continue
             chunks.append(
                 Chunk(
-                    input_ids=prefix + ids[piece.start : piece.stop] + suffix,
-                    valid_positions=[len(prefix) + p - a for p in keep],
-                    token_indices=[global_index[p] for p in keep],
+                    input_ids=prefix + ids[a : a + piece_len] + suffix,
+                    valid_positions=(keep + len(prefix)).tolist(),
+                    token_indices=global_index[a + keep].tolist(),
                     doc=doc,
                 )
             )
-    tokens = pd.DataFrame(token_rows, columns=["token_index", "doc", "position", "token_id", "token", "start", "end"])
+    columns = ["token_index", "doc", "position", "token_id", "token", "start", "end"]
+    tokens = pd.concat(token_frames, ignore_index=True) if token_frames else pd.DataFrame(columns=columns)
     coverage = pd.DataFrame(
         [(c, w, occurrences[(c, w)], token_counts[(c, w)]) for c, w in token_counts],
         columns=["category", "word", "occurrences", "n_tokens"],
@@ -174,6 +185,20 @@ def align(
     category_mask = np.concatenate(masks) if masks else np.zeros((0, len(names)), dtype=bool)
     token_word = np.concatenate(word_rows) if word_rows else np.zeros(0, dtype=np.int32)
     return AlignedText(tokens, category_mask, names, chunks, coverage, texts=list(texts), token_word=token_word)
+
+
+def _overlapping(spans: list[tuple[int, int]], starts: np.ndarray, ends: np.ndarray, n_chars: int) -> np.ndarray:
+    """[n_tokens] bool: whether each token's characters [start, end) overlap one of the spans [a, b) of a text of
+    n_chars characters: more covered characters lie before its end than before its start (so an empty token never
+    does; align counts none). Two running sums over the text, so the cost does not grow with the spans."""
+    if not spans:
+        return np.zeros(len(starts), dtype=bool)
+    edges = np.zeros(n_chars + 1, dtype=np.int64)
+    bounds = np.asarray(spans, dtype=np.int64)
+    np.add.at(edges, bounds[:, 0], 1)
+    np.add.at(edges, bounds[:, 1], -1)
+    covered_before = np.concatenate([[0], np.cumsum(np.cumsum(edges[:-1]) > 0)])  # [n_chars + 1]
+    return covered_before[np.minimum(ends, n_chars)] > covered_before[np.minimum(starts, n_chars)]
 
 
 def coverage_summary(

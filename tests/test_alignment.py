@@ -267,3 +267,20 @@ def test_a_word_listed_twice_counts_once(tok):
     assert list(aligned.coverage["word"]) == ["cat", "dog"]
     assert cov.loc["cat", "occurrences"] == 2 and cov.loc["dog", "occurrences"] == 0
     assert cov.loc["cat", "n_tokens"] == aligned.category_mask[:, 0].sum() == 2
+
+
+def test_token_span_overlap_equals_the_pairwise_definition():
+    """_overlapping (running sums over the text) against the definition, token [s, e) overlaps span [a, b) when
+    s < b and e > a, on random disjoint spans and non-empty tokens (align counts no others) in any order,
+    overlapping each other or not."""
+    from mechamap_core.alignment import _overlapping
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n_chars = int(rng.integers(1, 60))
+        cuts = np.sort(rng.choice(np.arange(n_chars + 1), size=2 * int(rng.integers(0, n_chars // 2 + 1)), replace=False))
+        spans = [(int(a), int(b)) for a, b in cuts.reshape(-1, 2)]
+        starts = rng.integers(0, n_chars, size=30)
+        ends = np.minimum(starts + rng.integers(1, 6, size=30), n_chars)
+        expected = np.array([any(s < b and e > a for a, b in spans) for s, e in zip(starts, ends)], dtype=bool)
+        assert (_overlapping(spans, starts, ends, n_chars) == expected).all()
