@@ -399,6 +399,7 @@ def test_reduction_mode_uses_a_worker_only_beside_an_idle_core(monkeypatch):
     monkeypatch.setattr(scan_run.torch, "get_num_threads", lambda: 2)
     assert scan_run.reduction_mode(cpu, record=True) == "deferred"  # the forward pass uses every core
     assert scan_run.reduction_mode(cuda, record=True) == "overlap"  # the GPU runs the forward pass
+    assert scan_run.reduction_mode(cuda, record=False) == "overlap"  # the host's finishing beside its launches
     assert scan_run.hook_top_k(cpu, True, 5) == 0  # taken from the recording at the end instead
     assert scan_run.hook_top_k(cpu, False, 5) == 5
     assert scan_run.hook_top_k(cuda, True, 5) == 5  # nearly free on a GPU

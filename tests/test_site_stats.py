@@ -92,6 +92,35 @@ def test_update_equals_brute_force():
             assert (got[len(expected) :] == -1).all()
 
 
+def test_fold_histograms_equal_brute_force():
+    """Per category and fold histograms (binned cv_auroc): a (token, category) pair counts in the fold of the token's
+    word in that category, and nowhere when that word has no fold there (-1); the same with the labels' index found
+    before they move (as for a GPU) as when the update finds it."""
+    n_folds = 3
+    layout = StatsLayout(N_NEURONS, N_CAT, n_folds=n_folds, hist_bins=BINS)
+    rng = np.random.default_rng(5)
+    batches_ = []
+    for acts, labels in make_batches(seed=9):
+        fold = np.where(labels.category_mask.numpy() > 0, rng.integers(-1, n_folds, labels.category_mask.shape), -1)
+        batches_.append((acts, BatchLabels(labels.category_mask, labels.keys, fold=torch.from_numpy(fold))))
+    edges = edges_for(batches_)
+    found_in_update, moved = SiteStats(layout, "cpu", edges), SiteStats(layout, "cpu", edges)
+    with torch.inference_mode():
+        for acts, labels in batches_:
+            found_in_update.update(acts, labels)
+            moved.update(acts, BatchLabels(labels.category_mask, labels.keys, fold=labels.fold).to(torch.device("cpu")))
+    acts = torch.cat([a for a, _ in batches_]).numpy()
+    fold = torch.cat([lab.fold for _, lab in batches_]).numpy()
+    groups = found_in_update.hist_group.view(N_CAT, n_folds, N_NEURONS, BINS).numpy()
+    for n in range(N_NEURONS):
+        which = np.searchsorted(edges[n].numpy(), acts[:, n], side="right")
+        for c, f in itertools.product(range(N_CAT), range(n_folds)):
+            np.testing.assert_array_equal(groups[c, f, n], np.bincount(which[fold[:, c] == f], minlength=BINS))
+    assert (fold == -1).sum() > (torch.cat([lab.category_mask for _, lab in batches_]) == 0).sum()  # some -1 in a category
+    torch.testing.assert_close(moved.hist_group, found_in_update.hist_group, rtol=0, atol=0)
+    torch.testing.assert_close(moved.hist_all, found_in_update.hist_all, rtol=0, atol=0)
+
+
 def test_shards_merged_in_any_order_equal_the_whole():
     batches_ = make_batches()
     edges = edges_for(batches_)

@@ -88,8 +88,10 @@ class _Reducer:
 
 
 def reduction_mode(device: torch.device, record: bool) -> str:
-    """How a scan finishes its sites: see _Reducer. Without recording, finishing is light and runs inline."""
-    if device.type == "mps" or not record:
+    """How a scan finishes its sites: see _Reducer. On a CPU without recording, finishing is light and runs
+    inline; on a CUDA GPU it overlaps the forward pass either way, since its host work (Welch's p-value, the moments'
+    numpy, copies) would otherwise hold up the next layers' kernel launches."""
+    if device.type == "mps" or (not record and device.type != "cuda"):
         return "inline"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     idle_core = device.type != "cpu" or torch.get_num_threads() < cores  # a GPU forward leaves the CPU idle

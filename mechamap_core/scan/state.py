@@ -27,6 +27,46 @@ class StatsLayout:
 
 
 @dataclass
+class LabelIndex:
+    """Where a batch's category and word tokens are, found once per batch: for a batch going to a GPU, on the host
+    before it moves, so the hooks there run no nonzero() or unique() (each of which waits for the GPU)."""
+
+    category_rows: torch.Tensor  # [K] the tokens in at least one category
+    pair_token: torch.Tensor  # [P] each (token, category) pair of them: the token's place in category_rows
+    pair_category: torch.Tensor  # [P] and the category
+    pair_fold: torch.Tensor  # [P] the fold of the token's word in that category (-1: none; 0 without folds)
+    word_rows: torch.Tensor | None = None  # [K_w] the tokens in a word (None: no word labels)
+    words: torch.Tensor | None = None  # [U] the distinct words among them, ascending
+    word_slot: torch.Tensor | None = None  # [K_w] each such token's word, as its place in words
+
+    def to(self, device: torch.device) -> LabelIndex:
+        return LabelIndex(*(None if t is None else _moved(t, device) for t in vars(self).values()))
+
+
+def label_index(category_mask: torch.Tensor, word: torch.Tensor | None, fold: torch.Tensor | None) -> LabelIndex:
+    """The LabelIndex of a batch's labels, computed where they are."""
+    in_category = category_mask > 0
+    rows = torch.nonzero(in_category.any(dim=1)).view(-1)
+    pair_token, pair_category = torch.nonzero(in_category.index_select(0, rows), as_tuple=True)
+    if fold is None:
+        pair_fold = torch.zeros_like(pair_token)
+    else:
+        pair_fold = fold.index_select(0, rows)[pair_token, pair_category]
+    if word is None:
+        return LabelIndex(rows, pair_token, pair_category, pair_fold)
+    word_rows = torch.nonzero(word >= 0).view(-1)
+    words, word_slot = torch.unique(word.index_select(0, word_rows), return_inverse=True)
+    return LabelIndex(rows, pair_token, pair_category, pair_fold, word_rows, words, word_slot)
+
+
+def _moved(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """t on device; from the host to a CUDA GPU through pinned memory, so the copy does not wait for the GPU."""
+    if t.device.type == "cpu" and device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
+@dataclass
 class BatchLabels:
     """What a batch's counted tokens are, on one device. T tokens."""
 
@@ -35,6 +75,13 @@ class BatchLabels:
     word: torch.Tensor | None = None  # [T] int64: the token's word (coverage row), -1 for none
     fold: torch.Tensor | None = None  # [T, C] int64: the fold of the token's word in each category, -1 outside
     _copies: dict = field(default_factory=dict, repr=False, compare=False)  # device -> these labels there
+    _index: LabelIndex | None = field(default=None, repr=False, compare=False)
+
+    def index(self) -> LabelIndex:
+        """Where the category and word tokens are (computed once, where the labels are)."""
+        if self._index is None:
+            self._index = label_index(self.category_mask, self.word, self.fold)
+        return self._index
 
     def on(self, device: torch.device) -> BatchLabels:
         """These labels on a site's device, moved once per device (a model spread over devices has several)."""
@@ -48,8 +95,9 @@ class BatchLabels:
         return BatchLabels(*(pick(getattr(self, name)) for name in ("category_mask", "keys", "word", "fold")))
 
     def to(self, device: torch.device) -> BatchLabels:
-        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return BatchLabels(*(move(getattr(self, name)) for name in ("category_mask", "keys", "word", "fold")))
+        """These labels, with their index found here first (on the host, for a batch bound for a GPU), on device."""
+        tensors = (getattr(self, name) for name in ("category_mask", "keys", "word", "fold"))
+        return BatchLabels(*(None if t is None else _moved(t, device) for t in tensors), _index=self.index().to(device))
 
 
 def token_priority(keys: torch.Tensor) -> torch.Tensor:
@@ -106,7 +154,7 @@ class SiteStats:
 
     def update(self, acts: torch.Tensor, labels: BatchLabels) -> None:
         """Add a batch: acts [T, N] float32 on this state's device, labels on the same device."""
-        cat_mask = labels.category_mask
+        cat_mask, index = labels.category_mask, labels.index()
         wide = self.sums.dtype
         self.n_all += acts.shape[0]
         self.n_cat += cat_mask.sum(0).to(self.n_cat.dtype)
@@ -121,16 +169,15 @@ class SiteStats:
         self.sums[0] += total
         self.sums_sq[0] += total_sq
         # Category tokens (a minority): one matmul per moment in float64, exact for a category's few tokens.
-        rows = torch.nonzero(cat_mask.sum(1) > 0).view(-1)
+        rows = index.category_rows
         if len(rows):
             members = cat_mask.index_select(0, rows).T.to(wide)  # [C, K]
             values = acts.index_select(0, rows).to(wide)  # [K, N]
             self.sums[1:] += members @ values
             self.sums_sq[1:] += members @ (values * values)
         if self.layout.n_words and labels.word is not None:
-            in_word = torch.nonzero(labels.word >= 0).view(-1)
+            in_word, present, slot = index.word_rows, index.words, index.word_slot
             if len(in_word):  # per word present: float32 matmuls of the centred values, the shift undone in float64
-                present, slot = torch.unique(labels.word.index_select(0, in_word), return_inverse=True)
                 members = torch.zeros(len(present), len(in_word), dtype=acts.dtype, device=acts.device)
                 members[slot, torch.arange(len(in_word), device=acts.device)] = 1.0  # [U, K] one-hot
                 values = centred.index_select(0, in_word)  # [K, N]
@@ -168,23 +215,20 @@ class SiteStats:
         n_neurons, n_tokens = acts_t.shape
         bins = self.layout.hist_bins
         below = torch.searchsorted(ordered, self.hist_edges)  # [N, bins - 1]: tokens under each edge
-        ends = torch.tensor([[0, n_tokens]], device=acts_t.device).expand(n_neurons, 2)
-        self.hist_all += torch.cat([ends[:, :1], below, ends[:, 1:]], dim=1).diff(dim=1)
-        tokens = torch.nonzero(labels.category_mask.sum(1) > 0).view(-1)
-        if not len(tokens):
+        self.hist_all += torch.cat([below.new_zeros(n_neurons, 1), below, below.new_full((n_neurons, 1), n_tokens)], 1).diff(1)
+        index = labels.index()
+        if not len(index.category_rows):
             return
-        values = acts_t.index_select(1, tokens).contiguous()
+        values = acts_t.index_select(1, index.category_rows).contiguous()
         flat_bins = torch.searchsorted(self.hist_edges, values, right=True)  # [N, K]
         flat_bins += torch.arange(0, n_neurons * bins, bins, device=acts_t.device)[:, None]
-        mask = labels.category_mask.index_select(0, tokens) > 0  # [K, C]
-        n_folds, cells = self.layout.n_folds, n_neurons * bins
-        if n_folds > 1:  # each (token, category) pair lands in its category's fold of the token's word
-            fold = labels.fold.index_select(0, tokens)
-            mask &= fold >= 0
-        token_of_pair, category_of_pair = torch.nonzero(mask, as_tuple=True)  # every (token, group) pair
-        group = category_of_pair * n_folds + (fold[token_of_pair, category_of_pair] if n_folds > 1 else 0)
-        pairs = flat_bins.index_select(1, token_of_pair) + (group * cells)[None, :]  # [N, P]: one flat index each
-        self.hist_group.view(-1).add_(torch.bincount(pairs.view(-1), minlength=len(self.hist_group) * cells))
+        n_folds, cells, n_groups = self.layout.n_folds, n_neurons * bins, len(self.hist_group)
+        group = index.pair_category * n_folds  # every (token, category) pair lands in its category's group
+        if n_folds > 1:  # and there in the fold of the token's word; a pair whose word has no fold in a spare group
+            group = torch.where(index.pair_fold >= 0, group + index.pair_fold, n_groups)
+        pairs = flat_bins.index_select(1, index.pair_token) + (group * cells)[None, :]  # [N, P]: one flat index each
+        counts = torch.bincount(pairs.view(-1), minlength=(n_groups + 1) * cells)[: n_groups * cells]
+        self.hist_group.view(-1).add_(counts)
 
     def _update_samples(self, acts_t: torch.Tensor, keys: torch.Tensor) -> None:
         """Per neuron and activation band (quantiles of the edges), the tokens of lowest priority."""
