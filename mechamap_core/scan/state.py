@@ -222,13 +222,15 @@ class SiteStats:
         values = acts_t.index_select(1, index.category_rows).contiguous()
         flat_bins = torch.searchsorted(self.hist_edges, values, right=True)  # [N, K]
         flat_bins += torch.arange(0, n_neurons * bins, bins, device=acts_t.device)[:, None]
-        n_folds, cells, n_groups = self.layout.n_folds, n_neurons * bins, len(self.hist_group)
+        n_folds, cells = self.layout.n_folds, n_neurons * bins
         group = index.pair_category * n_folds  # every (token, category) pair lands in its category's group
-        if n_folds > 1:  # and there in the fold of the token's word; a pair whose word has no fold in a spare group
-            group = torch.where(index.pair_fold >= 0, group + index.pair_fold, n_groups)
+        counts = torch.ones_like(group)
+        if n_folds > 1:  # and there in the fold of the token's word; a pair whose word has no fold counts 0
+            group = group + index.pair_fold.clamp(min=0)
+            counts = (index.pair_fold >= 0).long()
         pairs = flat_bins.index_select(1, index.pair_token) + (group * cells)[None, :]  # [N, P]: one flat index each
-        counts = torch.bincount(pairs.view(-1), minlength=(n_groups + 1) * cells)[: n_groups * cells]
-        self.hist_group.view(-1).add_(counts)
+        # index_add_, not bincount: on a GPU bincount reads the indices' minimum and maximum back to the host
+        self.hist_group.view(-1).index_add_(0, pairs.view(-1), counts.expand_as(pairs).reshape(-1))
 
     def _update_samples(self, acts_t: torch.Tensor, keys: torch.Tensor) -> None:
         """Per neuron and activation band (quantiles of the edges), the tokens of lowest priority."""
