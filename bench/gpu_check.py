@@ -266,6 +266,11 @@ def random_model(config, device: torch.device, dtype: torch.dtype):
     return model.to(dtype).eval()
 
 
+def speed_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 on a GPU; float32 on a CPU, which has no fast bfloat16."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 def timed_on(device: torch.device, fn) -> tuple[float, int]:
     """(seconds, peak allocated bytes) of fn(): CUDA events and the allocator's peak on a GPU, else the clock."""
     if device.type != "cuda":
@@ -302,8 +307,7 @@ def speed_of_model(rows: Rows, device, cfg, tokenizer, name: str, config, sizes,
     from dataclasses import replace
 
     target = MOE_TARGET if "mixtral" in name else SPEED_TARGET
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    lm = wrap_model(random_model(config, device, dtype), tokenizer, name)
+    lm = wrap_model(random_model(config, device, speed_dtype(device)), tokenizer, name)
     for n_tokens in sizes:
         if time.monotonic() > deadline:
             rows.add("speed", f"{name} {n_tokens} tok", "scan / bare", "", "", "skipped: time budget")
@@ -398,8 +402,7 @@ def profile_scans(specs: str, device: torch.device, cfg, tiny: bool, folder: Pat
             print(f"profile {spec} skipped: time budget", flush=True)
             continue
         name, n_tokens, record = spec.split(":")
-        lm = wrap_model(random_model(models[name], device, torch.bfloat16 if device.type == "cuda" else torch.float32),
-                        tokenizer, name)  # fmt: skip
+        lm = wrap_model(random_model(models[name], device, speed_dtype(device)), tokenizer, name)
         run_cfg = replace(cfg, master_text=text_of_tokens(tokenizer, cfg.master_text, int(n_tokens)))
         run = partial(scan, lm, run_cfg, record_activations="auto" if record == "auto" else False)
         result = run()  # warm-up

@@ -132,9 +132,10 @@ def align(
     for doc, text in enumerate(texts):
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
         ids = enc["input_ids"]
+        id_array = np.asarray(ids, dtype=np.int64)
         offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
         starts, ends = offsets[:, 0], offsets[:, 1]
-        counted = ~np.isin(np.asarray(ids, dtype=np.int64), list(special_ids)) & (ends > starts)
+        counted = ~np.isin(id_array, list(special_ids)) & (ends > starts)
         mask = np.zeros((len(ids), len(names)), dtype=bool)
         token_word = np.full(len(ids), -1, dtype=np.int32)  # a token in several words keeps the first
         for c, name in enumerate(names):
@@ -148,16 +149,17 @@ def align(
         positions = np.flatnonzero(counted)
         global_index = np.full(len(ids), -1, dtype=np.int64)  # position -> global token index (-1: not counted)
         global_index[positions] = n_counted + np.arange(len(positions))
+        token_starts, token_ends = starts[positions], ends[positions]
         token_frames.append(
             pd.DataFrame(
                 {
                     "token_index": global_index[positions],
                     "doc": doc,
                     "position": positions,
-                    "token_id": np.asarray(ids, dtype=np.int64)[positions],
-                    "token": [text[a:b] for a, b in zip(starts[positions].tolist(), ends[positions].tolist())],
-                    "start": starts[positions],
-                    "end": ends[positions],
+                    "token_id": id_array[positions],
+                    "token": [text[a:b] for a, b in zip(token_starts.tolist(), token_ends.tolist())],
+                    "start": token_starts,
+                    "end": token_ends,
                 }
             )
         )

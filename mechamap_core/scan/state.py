@@ -198,7 +198,7 @@ class SiteStats:
             ordered = sorted_rows(acts_t)
             if self.hist_edges is None:
                 self.hist_edges = quantile_edges(ordered, layout.hist_bins)
-            self._update_histograms(acts_t, ordered, labels)
+            self._update_histograms(acts_t, ordered, index)
         if layout.sample_bands:
             self._update_samples(acts_t, labels.keys)
 
@@ -209,14 +209,13 @@ class SiteStats:
             torch.cat([self.top_vals, vals.T]), torch.cat([self.top_keys, keys[rows].T]), self.layout.top_k
         )
 
-    def _update_histograms(self, acts_t: torch.Tensor, ordered: torch.Tensor, labels: BatchLabels) -> None:
+    def _update_histograms(self, acts_t: torch.Tensor, ordered: torch.Tensor, index: LabelIndex) -> None:
         """All tokens: each neuron's sorted row, with the bin edges located in it. Category tokens (few): binned
         one by one, per category and fold. A value equal to an edge counts in the bin above."""
         n_neurons, n_tokens = acts_t.shape
         bins = self.layout.hist_bins
         below = torch.searchsorted(ordered, self.hist_edges)  # [N, bins - 1]: tokens under each edge
         self.hist_all += torch.cat([below.new_zeros(n_neurons, 1), below, below.new_full((n_neurons, 1), n_tokens)], 1).diff(1)
-        index = labels.index()
         if not len(index.category_rows):
             return
         values = acts_t.index_select(1, index.category_rows).contiguous()
