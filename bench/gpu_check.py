@@ -71,7 +71,7 @@ FP16_TOLERANCE = 0.005
 SPEED_TARGET = 1.15  # scan / bare forward
 MEMORY_TARGET = 1.05  # peak GPU memory of the longest text / of the shortest (plus MEMORY_SLACK)
 MEMORY_SLACK = 32 * 2**20
-SECTIONS = ("correctness", "streamed", "multi-device", "quantised", "big-models", "memory", "speed")
+SECTIONS = ("correctness", "streamed", "multi-device", "quantised", "big-models", "memory", "histograms", "speed")
 MOE_16BIT_FACTOR = 1.5  # MoE in 16 bits: at most this times the CPU's own distance in that dtype
 QUANT_TARGETS = {"8bit": 0.98, "4bit": 0.9}  # Pearson r of avg_activation against float32; never run yet
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -346,6 +346,42 @@ def speed_of_model(rows: Rows, device, cfg, tokenizer, name: str, config, sizes,
         release(device)
     del lm
     release(device)
+
+
+def check_histogram_update(rows: Rows, device: torch.device, tiny: bool, repeats: int) -> None:
+    """A record-off scan's per-batch statistics update of one site (moments, 64-bin histograms per category and
+    fold) at GPT-2-small's and Llama-3-8B's MLP widths over a batch of 4,096 tokens (tiny: 256 neurons, 300
+    tokens), with every token binned through its neuron's sorted row (the CPU's way) and by searching the edges
+    (a GPU's, state.sorts_rows_to_bin): equal counts, and each one's time."""
+    from mechamap_core.scan import state as state_module
+    from mechamap_core.scan.state import BatchLabels, SiteStats, StatsLayout, quantile_edges, sorted_rows
+
+    widths = {"tiny": 256} if tiny else {"gpt2-small": 3072, "llama-3-8b": 14336}
+    n_tokens, n_categories, n_folds = (300 if tiny else 4096), 8, 5
+    generator = torch.Generator().manual_seed(0)
+    mask = (torch.rand(n_tokens, n_categories, generator=generator) < 0.04).float()
+    fold = torch.where(mask > 0, torch.randint(0, n_folds, mask.shape, generator=generator), -1)
+    labels = BatchLabels(mask, torch.arange(n_tokens), fold=fold).to(device)
+    choice = state_module.sorts_rows_to_bin
+    try:
+        for name, width in widths.items():
+            acts = torch.randn(n_tokens, width, generator=generator).to(device)
+            layout = StatsLayout(width, n_categories, n_folds=n_folds, hist_bins=64)
+            edges = quantile_edges(sorted_rows(acts.T.contiguous()), 64)
+            states, seconds = {}, {}
+            for way, sorts in (("sort", True), ("search", False)):
+                state_module.sorts_rows_to_bin = lambda _device, sorts=sorts: sorts
+                states[way] = SiteStats(layout, device, edges)
+                times = [timed_on(device, partial(states[way].update, acts, labels))[0] for _ in range(1 + repeats)]
+                seconds[way] = med(times[1:])
+            same = all(torch.equal(getattr(states["sort"], f), getattr(states["search"], f)) for f in ("hist_all", "hist_group"))
+            case = f"{name} {width} x {n_tokens} tok"
+            rows.check("histograms", case, "counts: by search = by sort", "equal" if same else "DIFFER", "equal", same)
+            rows.add("histograms", case, "update by sort / by search", f"{fmt_s(seconds['sort'])} / {fmt_s(seconds['search'])}, "
+                     f"{seconds['sort'] / seconds['search']:.2f}x")  # fmt: skip
+            release(device)
+    finally:
+        state_module.sorts_rows_to_bin = choice
 
 
 def check_memory(rows: Rows, device: torch.device, cfg, tiny: bool, deadline: float) -> None:
@@ -625,6 +661,8 @@ def main(argv: list[str] | None = None) -> int:
         guarded(rows, "big models", check_too_large, rows, device)
     if "memory" in sections:
         guarded(rows, "memory", check_memory, rows, device, cfg, args.tiny, deadline)
+    if "histograms" in sections:
+        guarded(rows, "histograms", check_histogram_update, rows, device, args.tiny, args.repeats)
     if "speed" in sections:
         guarded(rows, "speed", check_speed, rows, device, cfg, args.tiny, deadline, args.repeats, args.models)
     if args.profile:

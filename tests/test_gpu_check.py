@@ -35,6 +35,8 @@ def test_gpu_check_runs_on_the_cpu_and_every_correctness_row_passes(tmp_path):
     assert [status for _, _, status in by_section["multi-device"]] == ["pass"] * 4  # 3 dispatched, 1 max_memory
     assert [status for _, _, status in by_section["streamed"]] == ["pass"] * 2
     assert [status for _, _, status in by_section["big models"]] == ["pass"]
+    assert [(check, status) for _, check, status in by_section["histograms"]] == [  # binned by sort and by search
+        ("counts: by search = by sort", "pass"), ("update by sort / by search", "info")]
     assert {status for _, _, status in by_section["quantised"]} == {"skipped: bitsandbytes needs CUDA"}
     assert len([r for r in by_section["speed"] if "/ bare" in r[1]]) == 4 * 2 * 2  # 4 models, 2 sizes, 2 scans
     assert "FAIL" not in {status for *_, status in rows}

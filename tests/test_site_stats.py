@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from mechamap_core.scan import state as state_module
 from mechamap_core.scan.finish import histogram_counts, site_moments
 from mechamap_core.scan.state import BatchLabels, SiteStats, StatsLayout, merge_all, quantile_edges, token_priority
 
@@ -119,6 +120,30 @@ def test_fold_histograms_equal_brute_force():
     assert (fold == -1).sum() > (torch.cat([lab.category_mask for _, lab in batches_]) == 0).sum()  # some -1 in a category
     torch.testing.assert_close(moved.hist_group, found_in_update.hist_group, rtol=0, atol=0)
     torch.testing.assert_close(moved.hist_all, found_in_update.hist_all, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("edges_given", [True, False])
+def test_histograms_binned_by_search_equal_the_sorted_rows(monkeypatch, edges_given):
+    """A GPU bins every token by searching its row's edges, with no per-batch sort (sorts_rows_to_bin); the CPU
+    locates the edges in each sorted row. Both count the brute-force bins, a value on an edge in the bin above,
+    with the edges given or learnt from the first batch (whose quantiles are values of it, so they tie)."""
+    batches_ = make_batches(seed=11)
+    edges = edges_for(batches_)
+    on_edges = batches_[1][0]
+    on_edges[:5] = edges[:, 2 : 2 + 5].T  # values exactly on an edge, beside rounded values that tie often
+    states = {}
+    for sorts in (True, False):
+        monkeypatch.setattr(state_module, "sorts_rows_to_bin", lambda device, sorts=sorts: sorts)
+        states[sorts] = state_of(batches_, edges if edges_given else None)
+    by_sort, by_search = states[True], states[False]
+    torch.testing.assert_close(by_search.hist_edges, by_sort.hist_edges, rtol=0, atol=0)
+    assert_same(by_sort, by_search)
+    acts = torch.cat([a for a, _ in batches_]).numpy()
+    counts_all, _ = histogram_counts(by_search)
+    for n in range(N_NEURONS):
+        which = np.searchsorted(by_search.hist_edges[n].numpy(), acts[:, n], side="right")
+        np.testing.assert_array_equal(counts_all[n], np.bincount(which, minlength=BINS))
+    assert (acts[:, :, None] == by_search.hist_edges.numpy()[None]).any(axis=2).sum() >= 5
 
 
 def test_shards_merged_in_any_order_equal_the_whole():
