@@ -112,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--flagged-only", action="store_true", help="export only rows with score >= the config's threshold")
     s.add_argument("--min-cv-auroc", type=float, metavar="A",
                    help="export only rows that hold up across words: cv_auroc >= A (e.g. 0.75)")
+    s.add_argument("--routing", metavar="CSV", help="mixture-of-experts models: write the routing table (layer, "
+                   "expert, category: tokens routed, share, enrichment) here")
     s.add_argument("--save-run", metavar="RUNS_DIR", help="also save the run to RUNS_DIR/<id>/ (for the app)")
     i = sub.add_parser("interpret", help="summarise a scores CSV as the original interpret_map.py did")
     i.add_argument("--csv", required=True, help="scores CSV written by `scan`")
@@ -301,6 +303,13 @@ def _run_scan(args) -> int:
         if path:
             getattr(export, f"to_{fmt}")(result, path, **options)
             print(f"wrote {path}", file=sys.stderr)
+    if args.routing:
+        routing = result.extras.get("routing")
+        if routing is None:
+            print(f"{result.metadata['model']} has no mixture-of-experts layers: no routing table written", file=sys.stderr)
+        else:
+            routing.to_csv(args.routing, index=False)
+            print(f"wrote {args.routing}", file=sys.stderr)
     if args.save_run:
         print(f"saved run {export.save_run(result, args.save_run)}", file=sys.stderr)
     if not (args.csv or args.json or args.parquet):

@@ -56,6 +56,38 @@ def test_scan_writes_every_format(scanned):
     pd.testing.assert_frame_equal(pd.read_parquet(paths["parquet"]), table, check_dtype=False, rtol=1e-9)
 
 
+@pytest.mark.parametrize("corpus", [False, True])
+def test_scan_of_an_moe_model_writes_expert_rows_and_the_routing_table(tmp_path, capsys, corpus):
+    """A mixture-of-experts model from a folder, scanned over the master text or streamed over a corpus: the CSV
+    has expert rows and --routing writes the routing table, whose shares over a layer's experts add up to top_k."""
+    from tiny_models import TOP_K, build_tiny_model
+
+    model = build_tiny_model("mixtral", tmp_path / "tiny-mixtral")
+    csv, routing = tmp_path / "scores.csv", tmp_path / "routing.csv"
+    argv = ["scan", "--config", DEFAULT, "--model", str(model), "--device", "cpu", "--csv", str(csv), "--routing", str(routing)]
+    if corpus:
+        documents = tmp_path / "corpus.txt"
+        documents.write_text("The red bus drove to Paris.\nShe ate an apple on Monday.\nA cat sat by the tram.\n", encoding="utf-8")
+        argv += ["--corpus", str(documents)]
+    assert main(argv) == 0, capsys.readouterr().err
+    scores = pd.read_csv(csv, dtype={"expert": "Int64"})
+    assert scores["expert"].notna().any()
+    table = pd.read_csv(routing)
+    assert list(table.columns[:5]) == ["layer", "expert", "category", "n_tokens", "share"]
+    shares = table.groupby(["layer", "category"])["share"].sum(min_count=1).dropna()  # NaN: a category without tokens
+    assert len(shares) > 0
+    assert shares.round(9).eq(TOP_K).all()
+    assert set(zip(table["layer"], table["expert"])) == set(zip(*scores.loc[scores["expert"].notna(), ["layer", "expert"]].to_numpy().T))
+
+
+def test_routing_of_a_dense_model_says_there_is_none(tmp_path, capsys):
+    routing = tmp_path / "routing.csv"
+    argv = ["scan", "--config", DEFAULT, "--limit-neurons", "2", "--layers", "0", "--device", "cpu", "--routing", str(routing)]
+    assert main(argv) == 0
+    assert "has no mixture-of-experts layers: no routing table written" in capsys.readouterr().err
+    assert not routing.exists()
+
+
 def test_interpret_prints_pivot_overlap_and_correlation(scanned, capsys):
     _, paths = scanned
     capsys.readouterr()

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from mechamap_core import scan
-from mechamap_core.scan.stream import Checkpointing, merge_states, scan_stream, stream_result
+from mechamap_core.scan.stream import Checkpointing, StreamState, merge_states, scan_stream, stream_result
 
 MOMENTS = ["avg_activation", "mean_rest", "std_category", "std_rest", "separation", "cohens_d"]
 KEY = ["layer", "neuron", "category"]
@@ -56,6 +56,34 @@ def test_stream_equals_in_memory_scan(tiny_gpt2, default_cfg, documents):
     assert row["token"] in documents[row["doc"]] and (row["left"] + row["token"]).strip() in documents[row["doc"]]
     samples = streamed.extras["samples"]
     assert set(samples["band"]) <= set(range(8)) and len(samples) > 0
+
+
+def test_streamed_moe_scan_equals_in_memory_scan_with_routing_and_sources(default_cfg, documents):
+    """A corpus scan of a mixture-of-experts model: its expert rows, routing table and how it read the expert
+    neurons equal the in-memory scan's, also for two shards gathered and merged (the Router page reads all three)."""
+    from tiny_models import bundled_tokenizer, tiny_model
+
+    from mechamap_core.models import wrap_model
+
+    lm = wrap_model(tiny_model("mixtral"), bundled_tokenizer(), "tiny-mixtral")
+    cfg = dataclasses.replace(default_cfg, batch_size=4)
+    reference = scan(lm, cfg, texts=documents, record_activations=False)
+    whole = stream_result(lm, cfg, stream(lm, cfg, documents))
+    shards = [stream(lm, cfg, documents, source=docs(documents, (rank, 2))) for rank in range(2)]
+    gathered = [StreamState.from_payload(shard.to_payload()) for shard in shards]  # as a checkpoint or a gather does
+    merged = stream_result(lm, cfg, merge_states(gathered))
+    key = ["layer", "expert", "neuron", "category"]
+    for streamed in (whole, merged):
+        experts = streamed.scores[streamed.scores["expert"].notna()]
+        assert len(experts) == int(reference.scores["expert"].notna().sum()) > 0
+        joined = experts.merge(reference.scores, on=key, suffixes=("", "_ref"))
+        assert len(joined) == len(experts)
+        np.testing.assert_array_equal(joined["n_tokens"], joined["n_tokens_ref"])
+        for column in MOMENTS:
+            np.testing.assert_allclose(joined[column], joined[f"{column}_ref"], rtol=1e-5, atol=1e-6, err_msg=column)
+        pd.testing.assert_frame_equal(streamed.extras["routing"], reference.extras["routing"], check_exact=False, rtol=1e-12)
+        assert streamed.metadata["expert_neurons"] == reference.metadata["expert_neurons"]
+        assert set(streamed.metadata["expert_neurons"]) == {str(layer) for layer in streamed.extras["routing"]["layer"]}
 
 
 def test_two_shards_merge_to_the_single_process_state(tiny_gpt2, default_cfg, documents):

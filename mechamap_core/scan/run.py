@@ -181,7 +181,11 @@ def scan(
     activations = None
     if record and not has_experts:  # [n_tokens, N] views of the neuron-major copies (an expert's: its tokens only)
         activations = {s.layer: np.concatenate([p.activations for p in parts if p.hook == s.hook]).T for s in sites}
-    extras = {"routing": routing_from_states(sites, states, n_tokens_per_category, aligned)} if has_experts else {}
+    extras = {}
+    if has_experts:
+        experts = {(s.layer, s.expert): states.get(s.hook) for s in sites if s.kind == "expert"}
+        n_experts = {s.layer: s.moe.n_experts for s in sites if s.kind == "expert"}
+        extras["routing"] = routing_from_states(experts, n_experts, n_tokens_per_category, aligned.n_tokens, aligned.categories)
     finished = time.perf_counter()
     metadata = {
         "model": lm.name,
@@ -220,20 +224,19 @@ def scan(
     )
 
 
-def routing_from_states(sites: list[Site], states: dict, category_tokens: np.ndarray, aligned: AlignedText):
+def routing_from_states(experts: dict, n_experts: dict, category_tokens, n_tokens: int, categories: list[str]):
     """The routing table (moe.routing_table) read off the experts' states: each expert's state counted the
-    category tokens routed to it (n_cat) and all its tokens (n_all)."""
+    category tokens routed to it (n_cat) and all its tokens (n_all). experts: (layer, expert) -> SiteStats, or
+    None for an expert without a state; n_experts: layer -> its number of experts."""
     from ..moe import routing_table
 
-    counts, load = {}, {}
-    for site in (s for s in sites if s.kind == "expert"):
-        n_experts = site.moe.n_experts
-        counts.setdefault(site.layer, np.zeros((n_experts, len(aligned.categories)), dtype=np.int64))
-        load.setdefault(site.layer, np.zeros(n_experts, dtype=np.int64))
-        if site.hook in states:
-            counts[site.layer][site.expert] = states[site.hook].n_cat.cpu().numpy().round().astype(np.int64)
-            load[site.layer][site.expert] = int(states[site.hook].n_all)
-    return routing_table(counts, load, category_tokens, aligned.n_tokens, aligned.categories)
+    counts = {layer: np.zeros((n, len(categories)), dtype=np.int64) for layer, n in n_experts.items()}
+    load = {layer: np.zeros(n, dtype=np.int64) for layer, n in n_experts.items()}
+    for (layer, expert), stats in experts.items():
+        if stats is not None:
+            counts[layer][expert] = stats.n_cat.cpu().numpy().round().astype(np.int64)
+            load[layer][expert] = int(stats.n_all)
+    return routing_table(counts, load, category_tokens, n_tokens, categories)
 
 
 def recorded_widths(sites: list[Site], n_neurons: dict) -> dict:

@@ -19,12 +19,12 @@ from ..alignment import align
 from ..config import ScanConfig
 from ..corpus import CorpusReport
 from ..models import LoadedModel
-from ..moe import MoELayer
+from ..moe import RECOMPUTED_AFTER_CHECK, MoELayer
 from ..sites import n_layers as count_layers
 from .driver import Batch, Site, batches, run_hooked_forward, site_device
 from .finish import FinishContext, add_permutation_pvalues, assemble, finish_part, token_folds
 from .result import ScanResult
-from .run import batch_labels, scan_targets, word_labels
+from .run import batch_labels, routing_from_states, scan_targets, word_labels
 from .state import HIST_BINS, SiteStats, StatsLayout, quantile_edges, sorted_rows
 
 KEY_POSITIONS = 2**24  # a token's key: document index * KEY_POSITIONS + its ordinal among the document's tokens
@@ -45,6 +45,7 @@ class StreamState:
     category_tokens: np.ndarray | None = None  # [C]
     next_index: int = 0  # the corpus index after the last scanned document (resume starts here)
     report: CorpusReport = field(default_factory=CorpusReport)  # documents read and bad ones skipped
+    expert_neurons: dict[str, str] = field(default_factory=dict)  # MoE layer -> how its expert neurons were read
 
     def merge(self, other: StreamState) -> StreamState:
         """Both shards' statistics: exact and associative, like SiteStats.merge."""
@@ -57,6 +58,7 @@ class StreamState:
             sites, {**self.examples, **other.examples}, self.documents + other.documents,
             self.tokens + other.tokens, self.category_tokens + other.category_tokens,
             max(self.next_index, other.next_index), self.report.merge(other.report),
+            _merged_sources(self.expert_neurons, other.expert_neurons),
         )  # fmt: skip
 
     def held_keys(self) -> np.ndarray:
@@ -74,7 +76,7 @@ class StreamState:
         return {
             "sites": {layer: s.state_dict() for layer, s in self.sites.items()}, "examples": self.examples,
             "documents": self.documents, "tokens": self.tokens, "category_tokens": self.category_tokens,
-            "next_index": self.next_index, "report": self.report,
+            "next_index": self.next_index, "report": self.report, "expert_neurons": self.expert_neurons,
         }  # fmt: skip
 
     @classmethod
@@ -84,7 +86,14 @@ class StreamState:
             layer: SiteStats.from_state_dict(state, devices.get(layer, "cpu")) for layer, state in payload["sites"].items()
         }
         return cls(sites, dict(payload["examples"]), payload["documents"], payload["tokens"],
-                   np.asarray(payload["category_tokens"]), payload["next_index"], payload["report"])  # fmt: skip
+                   np.asarray(payload["category_tokens"]), payload["next_index"], payload["report"],
+                   dict(payload.get("expert_neurons", {})))  # fmt: skip
+
+
+def _merged_sources(mine: dict[str, str], theirs: dict[str, str]) -> dict[str, str]:
+    """Both shards' expert_neurons; where they differ for a layer, the one that fell back to recomputing (it warns)."""
+    return {layer: RECOMPUTED_AFTER_CHECK if RECOMPUTED_AFTER_CHECK in (mine.get(layer), theirs.get(layer))
+            else mine.get(layer) or theirs[layer] for layer in sorted({*mine, *theirs}, key=int)}  # fmt: skip
 
 
 @dataclass
@@ -195,6 +204,8 @@ def scan_stream(
                     since_checkpoint = 0
         if group:
             _scan_group(lm, cfg, points, n_neurons, group, chunk_tokens, state, word_category, word_fold)
+        state.expert_neurons = _merged_sources(state.expert_neurons, {
+            str(p.layer): p.neuron_source for p in points if isinstance(p, MoELayer)})  # fmt: skip
         if progress:
             progress(state.documents, total_documents, f"documents {state.documents:,}, tokens {state.tokens:,}")
         if checkpointing:
@@ -309,6 +320,7 @@ def stream_result(lm: LoadedModel, cfg: ScanConfig, state: StreamState, extra_me
         "token_index": examples["token_index"], "doc": examples["doc"], "position": examples["token_index"] % KEY_POSITIONS,
         "token_id": -1, "token": examples["token"], "start": -1, "end": -1,
     })  # fmt: skip
+    extras = {"examples": examples, "samples": samples}
     metadata = {
         "model": lm.name, "config_hash": cfg.content_hash(), "device": str(lm.device),
         "placement": dict(lm.placement), "model_commit": lm.commit, "dtype": str(lm.dtype).replace("torch.", ""),
@@ -323,8 +335,12 @@ def stream_result(lm: LoadedModel, cfg: ScanConfig, state: StreamState, extra_me
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "mechamap_version": __version__, "config": cfg.to_dict(),
         **(extra_metadata or {}),
     }  # fmt: skip
+    experts = {site_of_hook(hook): stats for hook, stats in state.sites.items() if site_of_hook(hook)[1] >= 0}
+    if experts:  # every expert has a state (scan_stream makes one for each), so a layer's count is its largest + 1
+        n_experts = {layer: 1 + max(e for at, e in experts if at == layer) for layer, _ in experts}
+        extras["routing"] = routing_from_states(experts, n_experts, state.category_tokens, int(state.tokens), categories)
+        metadata["expert_neurons"] = dict(state.expert_neurons)
     coverage = pd.DataFrame(columns=["category", "word", "occurrences", "n_tokens"])
-    extras = {"examples": examples, "samples": samples}
     return ScanResult(scores, top, tokens, coverage, no_tokens, metadata, [], None, extras)
 
 
