@@ -313,8 +313,9 @@ def _run_scan(args) -> int:
     if args.save_run:
         print(f"saved run {export.save_run(result, args.save_run)}", file=sys.stderr)
     if not (args.csv or args.json or args.parquet):
+        expert = ["expert"] if result.scores["expert"].notna().any() else []  # a mixture-of-experts model's neurons
         print(analysis.top_neurons(result.scores, n=3, top_tokens=result.top_tokens)[
-            ["category", "layer", "neuron", "score", "avg_activation", "auroc", "top_tokens"]].to_string(index=False))
+            ["category", "layer", *expert, "neuron", "score", "avg_activation", "auroc", "top_tokens"]].to_string(index=False))
     return 0
 
 

@@ -78,6 +78,10 @@ def test_scan_of_an_moe_model_writes_expert_rows_and_the_routing_table(tmp_path,
     assert len(shares) > 0
     assert shares.round(9).eq(TOP_K).all()
     assert set(zip(table["layer"], table["expert"])) == set(zip(*scores.loc[scores["expert"].notna(), ["layer", "expert"]].to_numpy().T))
+    if not corpus:  # without an output file the top neurons are printed, each with its expert
+        capsys.readouterr()
+        assert main(["scan", "--config", DEFAULT, "--model", str(model), "--device", "cpu"]) == 0
+        assert capsys.readouterr().out.split()[:4] == ["category", "layer", "expert", "neuron"]
 
 
 def test_routing_of_a_dense_model_says_there_is_none(tmp_path, capsys):
