@@ -198,7 +198,11 @@ def _run_ablate(args) -> int:
     if args.neurons:
         neurons = parse_neuron_list(args.neurons)
     elif args.csv:
-        neurons = flagged_for_category(_read_scores(args.csv), args.category, "score", args.threshold, args.max_neurons or None)
+        scores = _read_scores(args.csv)
+        neurons = flagged_for_category(scores, args.category, "score", args.threshold, args.max_neurons or None)
+        if not neurons and "expert" in scores.columns and scores["expert"].notna().any():
+            raise ValueError(f"{args.csv} flags no dense MLP neuron for '{args.category}': ablation covers dense MLP "
+                             "neurons, not a mixture-of-experts model's experts")  # fmt: skip
     else:
         raise ValueError("give --neurons or --csv")
     lm = _load(args, args.model or cfg.model)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,7 +14,7 @@ from .config import ScanConfig, validate_config
 from .inspect_neuron import collect_activations
 from .models import LoadedModel
 from .scan.driver import batches, hooked
-from .sites import hook_name, resolve_sites
+from .sites import expert_hook_name, hook_name, resolve_sites
 from .stats import auroc_exact, moment_statistics
 
 DEFAULT_MIN_AUROC = 0.75
@@ -42,44 +43,38 @@ def heldout_statistics(acts: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarr
 def validate_heldout(
     lm: LoadedModel, candidates: pd.DataFrame, heldout: ScanConfig, min_auroc: float = DEFAULT_MIN_AUROC
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Check candidate neurons (columns layer, neuron, category) on a held-out text with its own words.
+    """Check candidate neurons (columns layer, neuron, category; expert for a mixture-of-experts model's) on a
+    held-out text with its own words.
 
-    A neuron passes when its held-out AUROC (its category's tokens vs all other tokens) is >= min_auroc.
-    Returns (per-neuron table, per-category summary). Categories missing from the held-out config, or
-    without tokens in its text, are reported as untested rather than failed.
+    A neuron passes when its held-out AUROC (its category's tokens vs all other tokens) is >= min_auroc. An
+    expert neuron is measured as the scan defines it, on the held-out tokens the router sends to its expert,
+    from an exact scan of the held-out text's layers (so is a shared expert's, whose hook the candidates'
+    `hook` column names). Returns (per-neuron table, per-category summary). Categories
+    missing from the held-out config, or without tokens in its text (or its expert's share of it), are
+    reported as untested rather than failed.
     Raises ValueError for an empty candidate list, and ConfigError for an invalid held-out config.
     """
     if candidates.empty:
         raise ValueError("there are no flagged neurons to test: lower the threshold or pick neurons")
     validate_config(heldout)
-    cands = candidates[["layer", "neuron", "category"]].copy()
+    experts = "expert" in candidates.columns and bool(candidates["expert"].notna().any())
+    key = ["layer", "expert", "neuron", "category"] if experts else ["layer", "neuron", "category"]
+    cands = candidates[key].copy()
     cands["category"] = cands["category"].astype(str)
-    neurons = {int(layer): sorted(set(g["neuron"].astype(int))) for layer, g in cands.groupby("layer")}
-    aligned, acts = collect_activations(lm, heldout.texts, neurons, heldout.categories)
-    names = aligned.categories
+    cands["hook"] = candidates["hook"].astype(str) if "hook" in candidates.columns else [
+        expert_hook_name(int(r.layer), int(r.expert)) if experts and pd.notna(r.expert) else hook_name(int(r.layer))
+        for r in cands.itertuples()]  # fmt: skip
+    dense = cands["hook"] == cands["layer"].astype(int).map(hook_name)
     rows = []
-    for layer, ids in neurons.items():
-        stats = heldout_statistics(acts[layer], aligned.category_mask)
-        column = {n: i for i, n in enumerate(ids)}
-        for _, cand in cands[cands["layer"] == layer].iterrows():
-            row = {"layer": layer, "neuron": int(cand["neuron"]), "category": cand["category"]}
-            if cand["category"] in names and aligned.category_mask[:, names.index(cand["category"])].any():
-                c, k = names.index(cand["category"]), column[int(cand["neuron"])]
-                row.update({
-                    "heldout_tokens": int(aligned.category_mask[:, c].sum()),
-                    "heldout_auroc": float(stats["auroc"][c, k]),
-                    "heldout_score": float(stats["score"][c, k]),
-                    "heldout_cohens_d": float(stats["cohens_d"][c, k]),
-                    "heldout_avg_activation": float(stats["avg_activation"][c, k]),
-                    "heldout_p_value": float(stats["p_value"][c, k]),
-                    "status": "pass" if stats["auroc"][c, k] >= min_auroc else "fail",
-                })  # fmt: skip
-            else:
-                row["status"] = "untested (no held-out tokens for this category)"
-            rows.append(row)
+    if dense.any():
+        rows += _dense_heldout_rows(lm, cands[dense], heldout, min_auroc)
+    if (~dense).any():
+        rows += _scanned_heldout_rows(lm, cands[~dense], heldout, min_auroc)
     per_neuron = pd.DataFrame(rows)
-    per_neuron.insert(3, "hook", per_neuron["layer"].map(hook_name))
-    per_neuron = per_neuron.merge(candidates.assign(category=candidates["category"].astype(str)), on=["layer", "neuron", "category"], how="left", suffixes=("", "_scan"))
+    if experts:
+        per_neuron["expert"] = pd.array(per_neuron["expert"], dtype="Int64")
+    scanned = candidates.assign(category=candidates["category"].astype(str))
+    per_neuron = per_neuron.merge(scanned, on=key, how="left", suffixes=("", "_scan"))
     summary = (
         per_neuron.groupby("category", sort=False)["status"]
         .agg(flagged="size", tested=lambda s: int(s.isin(["pass", "fail"]).sum()), held_up=lambda s: int((s == "pass").sum()))
@@ -89,6 +84,67 @@ def validate_heldout(
     mean_auc = per_neuron.groupby("category", sort=False)["heldout_auroc"].mean() if "heldout_auroc" in per_neuron else None
     summary["mean_heldout_auroc"] = summary["category"].map(mean_auc) if mean_auc is not None else np.nan
     return per_neuron, summary
+
+
+def _checked(row: dict, n_tokens: int, auroc: float, score: float, cohens_d: float, avg: float, p: float, min_auroc: float) -> dict:
+    """row with its held-out statistics and status (pass or fail by AUROC)."""
+    return row | {
+        "heldout_tokens": int(n_tokens), "heldout_auroc": float(auroc), "heldout_score": float(score),
+        "heldout_cohens_d": float(cohens_d), "heldout_avg_activation": float(avg), "heldout_p_value": float(p),
+        "status": "pass" if auroc >= min_auroc else "fail",
+    }  # fmt: skip
+
+
+def _dense_heldout_rows(lm: LoadedModel, cands: pd.DataFrame, heldout: ScanConfig, min_auroc: float) -> list[dict]:
+    """validate_heldout's rows of dense candidates: their activations collected in one pass over the held-out text."""
+    neurons = {int(layer): sorted(set(g["neuron"].astype(int))) for layer, g in cands.groupby("layer")}
+    aligned, acts = collect_activations(lm, heldout.texts, neurons, heldout.categories)
+    names = aligned.categories
+    rows = []
+    for layer, ids in neurons.items():
+        stats = heldout_statistics(acts[layer], aligned.category_mask)
+        column = {n: i for i, n in enumerate(ids)}
+        for cand in cands[cands["layer"] == layer].itertuples():
+            row = _identity(cand)
+            if cand.category in names and aligned.category_mask[:, names.index(cand.category)].any():
+                c, k = names.index(cand.category), column[int(cand.neuron)]
+                n_tokens = aligned.category_mask[:, c].sum()
+                picked = [stats[name][c, k] for name in ("auroc", "score", "cohens_d", "avg_activation", "p_value")]
+                rows.append(_checked(row, n_tokens, *picked, min_auroc))
+            else:
+                rows.append(row | {"status": "untested (no held-out tokens for this category)"})
+    return rows
+
+
+def _identity(cand) -> dict:
+    """A candidate row's layer, expert (where the candidates have one), neuron, category and hook."""
+    expert = {"expert": pd.NA if pd.isna(cand.expert) else int(cand.expert)} if hasattr(cand, "expert") else {}
+    return {"layer": int(cand.layer), **expert, "neuron": int(cand.neuron), "category": cand.category, "hook": cand.hook}
+
+
+def _scanned_heldout_rows(lm: LoadedModel, cands: pd.DataFrame, heldout: ScanConfig, min_auroc: float) -> list[dict]:
+    """validate_heldout's rows of expert (and shared-expert) candidates, read off a scan of the held-out text over
+    their layers: each expert's statistics on the tokens routed to it, exact AUROC (recorded), Welch's p-value."""
+    from .scan.run import scan
+
+    layers = sorted({int(layer) for layer in cands["layer"]})
+    quick = dataclasses.replace(heldout, permutations=0, cv_folds=0)  # what the check reads needs neither
+    scores = scan(lm, quick, layers=layers, record_activations=True).scores
+    found = scores.assign(hook=scores["hook"].astype(str), category=scores["category"].astype(str)).set_index(["hook", "neuron", "category"])
+    rows = []
+    for cand in cands.itertuples():
+        row = _identity(cand)
+        at = (cand.hook, row["neuron"], cand.category)
+        if at not in found.index or not found.at[at, "n_tokens"]:
+            rows.append(row | {"status": "untested (none of this category's held-out tokens reach this neuron)"})
+            continue
+        stat = found.loc[at]
+        if np.isnan(stat["auroc"]):
+            rows.append(row | {"status": "untested (its expert saw too few held-out tokens to compare)"})
+            continue
+        picked = [stat[name] for name in ("auroc", "separation", "cohens_d", "avg_activation", "welch_p")]
+        rows.append(_checked(row, stat["n_tokens"], *picked, min_auroc))
+    return rows
 
 
 # --- ablation --------------------------------------------------------------------------------
@@ -258,8 +314,11 @@ def parse_neuron_list(text: str) -> list[tuple[int, int]]:
 
 
 def flagged_for_category(scores: pd.DataFrame, category: str, metric: str = "score", threshold: float = 1.0, limit: int | None = None) -> list[tuple[int, int]]:
-    """(layer, neuron) of every neuron flagged for a category, best first (at most `limit`)."""
+    """(layer, neuron) of every dense MLP neuron flagged for a category, best first (at most `limit`): ablation's
+    neurons. A mixture-of-experts model's expert and shared-expert neurons are left out (ablate covers dense MLPs)."""
     rows = scores[(scores["category"].astype(str) == category) & (scores[metric] >= threshold)]
+    if "hook" in rows.columns:
+        rows = rows[rows["hook"].astype(str) == rows["layer"].astype(int).map(hook_name)]
     rows = rows.sort_values(metric, ascending=False)
     if limit:
         rows = rows.head(limit)

@@ -82,6 +82,10 @@ def test_scan_of_an_moe_model_writes_expert_rows_and_the_routing_table(tmp_path,
         capsys.readouterr()
         assert main(["scan", "--config", DEFAULT, "--model", str(model), "--device", "cpu"]) == 0
         assert capsys.readouterr().out.split()[:4] == ["category", "layer", "expert", "neuron"]
+        code = main(["validate", "--csv", str(csv), "--heldout", HELDOUT, "--threshold", "-100", "--device", "cpu"])
+        assert code == 0 and "Held-out check of" in capsys.readouterr().out  # expert neurons on their routed tokens
+        assert main(["ablate", "--config", DEFAULT, "--model", str(model), "--category", "food", "--csv", str(csv)]) == 1
+        assert_one_line_error(capsys.readouterr().err, "ablation covers dense MLP neurons")
 
 
 def test_routing_of_a_dense_model_says_there_is_none(tmp_path, capsys):

@@ -15,6 +15,7 @@ from tiny_models import D_EXPERT, MOE_ARCHS, TOP_K, bundled_tokenizer
 
 from mechamap_core import analysis, export, scan
 from mechamap_core.alignment import align
+from mechamap_core.hypothesis import validate_heldout
 from mechamap_core.models import wrap_model
 from mechamap_core.scan.driver import resolve_hook_points
 from mechamap_core.scan.run import finish_slices, recorded_widths
@@ -152,6 +153,73 @@ def test_recorded_expert_auroc_and_top_tokens_equal_brute_force_on_routed_tokens
         else:
             assert best.empty
     assert checked > 0
+
+
+def test_heldout_check_of_expert_neurons_equals_brute_force_on_the_routed_heldout_tokens(default_cfg, paragraph):
+    """validate_heldout of expert candidates: each one's held-out AUROC, tokens and mean are its expert's neurons on
+    the held-out tokens routed there (independent recomputation, pairwise AUROC); a category none of whose held-out
+    tokens reached the expert is untested, and dense candidates beside them go the dense way."""
+    model = build("mixtral")
+    tokenizer = bundled_tokenizer()
+    lm = wrap_model(model, tokenizer, "tiny-mixtral")
+    cfg = dataclasses.replace(default_cfg, master_text=paragraph, categories=dict(default_cfg.categories))
+    scores = scan(lm, cfg).scores
+    heldout_text = default_cfg.master_text.split("\n\n")[1]  # another paragraph: other tokens, the same words
+    heldout = dataclasses.replace(cfg, master_text=heldout_text)
+    candidates = scores[scores["neuron"] < 3]  # every expert, every category: some reach no held-out token
+    per_neuron, summary = validate_heldout(lm, candidates, heldout, min_auroc=0.6)
+    assert len(per_neuron) == len(candidates)
+    assert (per_neuron["hook"] == [f"blocks.{r.layer}.mlp.experts.{r.expert}.hook_post" for r in per_neuron.itertuples()]).all()
+    reference = independent_expert_neurons(model, "mixtral", tokenizer, heldout_text, cfg.categories)
+    names = list(cfg.categories)
+    tested = untested = 0
+    for row in per_neuron.itertuples():
+        _, mask, neurons = reference[(row.layer, row.expert)]
+        in_category = mask[:, names.index(row.category)]
+        if not in_category.any():
+            assert row.status.startswith("untested"), row
+            untested += 1
+            continue
+        column = neurons[:, row.neuron]
+        assert row.heldout_tokens == in_category.sum()
+        np.testing.assert_allclose(row.heldout_avg_activation, column[in_category].mean(), rtol=1e-4, atol=1e-6)
+        expected = pairwise_auroc(column[in_category, None], column[~in_category, None])[0]
+        np.testing.assert_allclose(row.heldout_auroc, expected, atol=1e-6)
+        assert row.status == ("pass" if expected >= 0.6 else "fail")
+        tested += 1
+    assert tested > 0 and untested > 0
+    assert summary["tested"].sum() == tested
+
+
+def test_heldout_check_of_a_model_with_dense_shared_and_routed_neurons():
+    """DeepSeek-V3: layer 0 is a dense MLP, layer 1 routed experts beside shared experts. Each candidate is checked
+    its own way (dense by collecting its activations; shared and routed experts off a held-out scan), and every
+    one gets the held-out statistics of an exact scan of the held-out text."""
+    from conftest import REPO_ROOT
+
+    from mechamap_core import load_config
+
+    default = load_config(REPO_ROOT / "configs" / "default.yaml")
+    lm = wrap_model(build("deepseek_v3"), bundled_tokenizer(), "tiny-deepseek_v3")
+    cfg = dataclasses.replace(default, master_text=default.master_text.split("\n\n")[0])
+    scores = scan(lm, cfg).scores
+    kinds = {"dense": scores["hook"] == "blocks.0.mlp.hook_post", "shared": scores["hook"] == "blocks.1.mlp.shared_experts.hook_post",
+             "routed": scores["expert"].notna()}  # fmt: skip
+    candidates = pd.concat([scores[rows & (scores["neuron"] < 2)] for rows in kinds.values()])
+    assert all((rows & (scores["neuron"] < 2)).any() for rows in kinds.values())
+    heldout = dataclasses.replace(cfg, master_text=default.master_text.split("\n\n")[1])
+    per_neuron, _ = validate_heldout(lm, candidates, heldout)
+    assert len(per_neuron) == len(candidates)
+    exact = scan(lm, dataclasses.replace(heldout, permutations=0, cv_folds=0), record_activations=True).scores
+    joined = per_neuron.merge(exact.assign(hook=exact["hook"].astype(str), category=exact["category"].astype(str)),
+                              on=["hook", "neuron", "category"], suffixes=("", "_exact"))  # fmt: skip
+    assert len(joined) == len(per_neuron)
+    tested = joined[joined["status"].isin(["pass", "fail"])]
+    assert set(tested["hook"].map(lambda h: "routed" if ".experts." in h else "shared" if "shared" in h else "dense")) == set(kinds)
+    np.testing.assert_allclose(tested["heldout_auroc"], tested["auroc_exact"], atol=1e-9)
+    np.testing.assert_allclose(tested["heldout_avg_activation"], tested["avg_activation_exact"], rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(tested["heldout_tokens"], tested["n_tokens_exact"])
+    assert joined.loc[~joined.index.isin(tested.index), "n_tokens_exact"].eq(0).all()  # untested: none reached it
 
 
 def test_expert_statistics_from_recording_equal_those_without(default_cfg, paragraph):

@@ -263,3 +263,28 @@ def test_router_page_warns_when_a_layers_gate_output_failed_its_check(app_env, m
     no_exception(at)
     assert any("layer(s) 1: recomputed from the expert weights: reading the gate output failed" in w.value for w in at.warning)
     assert any("layer(s) 0: read at" in c.value for c in at.caption)
+
+
+def test_hypothesis_page_checks_expert_neurons_on_heldout_text(app_env, default_cfg, tmp_path):
+    """A loadable MoE model's run on the Test page: the held-out check measures its expert neurons (no
+    traceback), and the ablation tab says it covers dense neurons only when a category flags experts alone."""
+    import shutil
+
+    from conftest import REPO_ROOT
+    from tiny_models import build_tiny_model
+
+    from mechamap_core import load_model
+
+    lm = load_model(str(build_tiny_model("mixtral", tmp_path / "tiny-mixtral")), device="cpu")
+    paragraph = default_cfg.master_text.split("\n\n")[0]
+    result = scan(lm, dataclasses.replace(default_cfg, master_text=paragraph, categories=dict(default_cfg.categories), threshold=0.0))
+    shutil.copy(REPO_ROOT / "configs" / "validation.yaml", app_env["configs"] / "validation.yaml")
+    at = open_page(make_app(result), "hypothesis")
+    no_exception(at)
+    [b for b in at.button if b.label == "Run held-out check"][0].click().run()
+    no_exception(at)
+    assert not at.error, [e.value for e in at.error]
+    per_neuron, summary = at.session_state["heldout_result"]
+    assert per_neuron["expert"].notna().all() and (per_neuron["status"].isin(["pass", "fail"])).any()
+    assert summary["tested"].sum() > 0
+    assert any("ablation covers dense MLP neurons, not experts" in c.value for c in at.caption)

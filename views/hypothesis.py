@@ -66,7 +66,7 @@ with held_tab:
         try:
             with st.spinner("Running the held-out text through the model..."):
                 st.session_state["heldout_result"] = validate_heldout(lm, candidates, heldout, min_auroc)
-        except (ConfigError, ValueError) as exc:
+        except (ConfigError, ValueError, RuntimeError) as exc:
             st.error(str(exc))
     if "heldout_result" in st.session_state:
         per_neuron, summary = st.session_state["heldout_result"]
@@ -84,7 +84,7 @@ with held_tab:
         chart_downloads(chart, "heldout_summary")
         st.dataframe(summary, hide_index=True, column_config=stat_column_config(summary))
         st.markdown("##### Per neuron (click a row to open the neuron)")
-        cols = ["layer", "neuron", "category", "status", "heldout_auroc", "heldout_score", "heldout_cohens_d", "score", "auroc", "hook"]
+        cols = ["layer", "expert", "neuron", "category", "status", "heldout_auroc", "heldout_score", "heldout_cohens_d", "score", "auroc", "hook"]
         shown = per_neuron[[c for c in cols if c in per_neuron.columns]]
         neuron_table(shown, key="heldout_table", column_config=stat_column_config(shown))
         st.download_button("Download per-neuron results (CSV)", shown.to_csv(index=False), "heldout_check.csv", "text/csv")
@@ -98,7 +98,10 @@ with ablate_tab:
     if how == "Flagged for this category":
         limit = st.number_input("At most this many (best score first)", 1, 500, 10)
         neurons = flagged_for_category(result.scores, category, "score", result.metadata.get("threshold", 1.0), int(limit))
-        st.caption(", ".join(f"L{a}.N{b}" for a, b in neurons) or "No neuron is flagged for this category.")
+        experts = "expert" in result.scores.columns and bool(result.scores["expert"].notna().any())
+        none = ("No dense MLP neuron is flagged for this category (ablation covers dense MLP neurons, not experts)."
+                if experts else "No neuron is flagged for this category.")  # fmt: skip
+        st.caption(", ".join(f"L{a}.N{b}" for a, b in neurons) or none)
     else:
         typed = st.text_input("layer:neuron pairs", placeholder="5:376, 5:544")
         try:
