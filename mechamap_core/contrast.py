@@ -195,9 +195,17 @@ def contrast_table(lm: LoadedModel, candidates: pd.DataFrame, contrast_set: Cont
 def contrast_neurons(
     lm: LoadedModel, scores: pd.DataFrame, contrast_set: ContrastSet, threshold: float = 2.0, top: int | None = 5
 ) -> pd.DataFrame:
-    """contrast_table for the neurons with score >= threshold in the contrast set's categories (best `top`
-    per category by score; None = all). Raises ValueError when none is flagged there."""
+    """contrast_table for the dense MLP neurons with score >= threshold in the contrast set's categories (best
+    `top` per category by score; None = all). A mixture-of-experts model's expert and shared-expert neurons are
+    left out: an expert sees only the tokens routed to it, so most contrast words never reach it.
+    Raises ValueError when none is flagged there."""
     rows = scores[(scores["score"] >= threshold) & scores["category"].astype(str).isin(list(contrast_set))]
+    if "hook" in rows.columns:
+        dense = rows["hook"].astype(str) == rows["layer"].astype(int).map(hook_name)
+        if len(rows) and not dense.any():
+            raise ValueError(f"the neurons with score >= {threshold} in the contrast set's categories are all experts' "
+                             "(or shared experts') neurons: the contrast check covers dense MLP neurons")  # fmt: skip
+        rows = rows[dense]
     rows = rows.sort_values("score", ascending=False, kind="stable")
     if top:
         rows = rows.groupby(rows["category"].astype(str), sort=False).head(top)

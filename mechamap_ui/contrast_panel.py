@@ -46,7 +46,7 @@ def contrast_section(result: ScanResult, lm) -> None:
             with st.spinner("Running the contrast sentences through the model..."):
                 table = contrast_neurons(lm, result.scores, contrast_set, threshold, top)
                 st.session_state[CONTRAST_RESULT] = table
-        except ValueError as exc:
+        except (ValueError, RuntimeError) as exc:
             st.error(str(exc))
     table = st.session_state.get(CONTRAST_RESULT)
     if table is not None:

@@ -267,7 +267,7 @@ def test_router_page_warns_when_a_layers_gate_output_failed_its_check(app_env, m
 
 def test_hypothesis_page_checks_expert_neurons_on_heldout_text(app_env, default_cfg, tmp_path):
     """A loadable MoE model's run on the Test page: the held-out check measures its expert neurons (no
-    traceback), and the ablation tab says it covers dense neurons only when a category flags experts alone."""
+    traceback); ablation and the word-form-or-meaning check say they cover dense neurons, which this model lacks."""
     import shutil
 
     from conftest import REPO_ROOT
@@ -288,3 +288,7 @@ def test_hypothesis_page_checks_expert_neurons_on_heldout_text(app_env, default_
     assert per_neuron["expert"].notna().all() and (per_neuron["status"].isin(["pass", "fail"])).any()
     assert summary["tested"].sum() > 0
     assert any("ablation covers dense MLP neurons, not experts" in c.value for c in at.caption)
+    at.number_input(key="contrast_threshold").set_value(-100.0).run()
+    at.button(key="contrast_run").click().run()
+    no_exception(at)
+    assert any("the contrast check covers dense MLP neurons" in e.value for e in at.error)
