@@ -227,6 +227,31 @@ def flagged_per_category_bars(scores: pd.DataFrame, metric: str = "score", thres
     )
 
 
+HELDOUT_MEASURES = {"mean_heldout_auroc": "flagged neurons (mean)", "best_possible_auroc": "best as many on this text"}
+
+
+def heldout_ceiling_dots(summary: pd.DataFrame) -> alt.LayerChart:
+    """Per category, a dot for the flagged neurons' mean held-out AUROC and one for the best as many neurons reach
+    on the held-out text (validate_heldout's summary with best_possible_auroc), joined by a line: the gap."""
+    data = summary.assign(category=summary["category"].astype(str))
+    long = data.melt(id_vars="category", value_vars=list(HELDOUT_MEASURES), var_name="measure", value_name="auroc")
+    long["measure"] = long["measure"].map(HELDOUT_MEASURES)
+    y = alt.Y("category:N", sort=list(data["category"]), title=None, axis=alt.Axis(labelOverlap=False, labelLimit=160))
+    x = alt.X("auroc:Q", scale=alt.Scale(domain=[0.4, 1.0], clamp=True), title="held-out AUROC")
+    gap = alt.Chart(long.dropna()).mark_line(color="#bbbbbb").encode(x=x, y=y, detail="category:N")
+    dots = (
+        alt.Chart(long.dropna())
+        .mark_circle(size=90, opacity=1)
+        .encode(
+            x=x, y=y,
+            color=alt.Color("measure:N", scale=alt.Scale(domain=list(HELDOUT_MEASURES.values()), range=["#4c78a8", "#f58518"]),
+                            legend=alt.Legend(title=None, orient="bottom")),
+            tooltip=["category:N", "measure:N", alt.Tooltip("auroc:Q", format=".3f")],
+        )  # fmt: skip
+    )
+    return (gap + dots).properties(width=420, height=max(len(data), 1) * 30)
+
+
 def relative_depth_lines(depth: pd.DataFrame, columns: int = 4) -> alt.FacetChart:
     """One small panel per category: the fraction of each layer's neurons flagged, by relative depth, one line per run.
 

@@ -132,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--min-auroc", type=float, default=0.75, help="held-out AUROC a neuron needs to pass (default 0.75)")
     v.add_argument("--device", default="auto")
     _add_loading_flags(v)
+    v.add_argument("--ceiling", action="store_true", help="also scan the held-out text for the best neurons on it: "
+                   "best_possible_auroc, an upper bound for mean_heldout_auroc")
     v.add_argument("--out", help="write the per-neuron results CSV here")
     a = sub.add_parser("ablate", help="ablate neurons and compare the effect with random-neuron controls")
     a.add_argument("--config", required=True, help="YAML config whose text and words are used")
@@ -173,7 +175,7 @@ def _read_scores(path: str, *columns: str) -> pd.DataFrame:
 
 
 def _run_validate(args) -> int:
-    from .hypothesis import validate_heldout
+    from .hypothesis import validate_heldout, with_ceiling
 
     scores = _read_scores(args.csv)
     heldout = load_config(args.heldout)
@@ -183,6 +185,8 @@ def _run_validate(args) -> int:
     model = args.model or str(scores["model"].iloc[0])
     lm = _load(args, model)
     per_neuron, summary = validate_heldout(lm, candidates, heldout, args.min_auroc)
+    if args.ceiling:
+        summary = with_ceiling(lm, scores, heldout, summary)
     print(f"Held-out check of {len(candidates)} flagged rows ({args.metric} >= {args.threshold}), pass = AUROC >= {args.min_auroc}:")
     print(summary.to_string(index=False))
     if args.out:

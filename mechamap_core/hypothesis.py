@@ -86,6 +86,33 @@ def validate_heldout(
     return per_neuron, summary
 
 
+def heldout_ceiling(
+    lm: LoadedModel, heldout: ScanConfig, counts: dict[str, int], layers: list[int] | None = None, limit_neurons: int = 0
+) -> pd.Series:
+    """Per category: the mean held-out AUROC of the best counts[category] neurons of lm on the held-out text,
+    chosen on that text itself (the top by exact AUROC on a scan of it, over `layers` and the first
+    `limit_neurons` neurons, as the run scanned). No choice of as many neurons from other text can do better
+    there, so it bounds validate_heldout's mean_heldout_auroc from above; NaN for a category without tokens."""
+    from .scan.run import scan
+
+    validate_config(heldout)
+    quick = dataclasses.replace(heldout, permutations=0, cv_folds=0)
+    scores = scan(lm, quick, layers=layers, limit_neurons=limit_neurons, record_activations=True).scores
+    auroc = scores.assign(category=scores["category"].astype(str)).groupby("category")["auroc"]
+    best = {category: auroc.get_group(category).dropna().nlargest(n).mean() if category in auroc.groups and n else np.nan
+            for category, n in counts.items()}  # fmt: skip
+    return pd.Series(best, name="best_possible_auroc", dtype=float)
+
+
+def with_ceiling(lm: LoadedModel, scores: pd.DataFrame, heldout: ScanConfig, summary: pd.DataFrame) -> pd.DataFrame:
+    """validate_heldout's summary with best_possible_auroc: heldout_ceiling for as many neurons per category as
+    were tested, over the layers and neurons the run's scores cover."""
+    counts = dict(zip(summary["category"].astype(str), summary["tested"].astype(int)))
+    layers = sorted({int(layer) for layer in scores["layer"].unique()})
+    ceiling = heldout_ceiling(lm, heldout, counts, layers, int(scores["neuron"].max()) + 1)
+    return summary.assign(best_possible_auroc=summary["category"].astype(str).map(ceiling))
+
+
 def _checked(row: dict, n_tokens: int, auroc: float, score: float, cohens_d: float, avg: float, p: float, min_auroc: float) -> dict:
     """row with its held-out statistics and status (pass or fail by AUROC)."""
     return row | {

@@ -179,3 +179,17 @@ def test_chart_export_png_and_svg(scores):
     assert "animal" in svg
     upset = charts.combination_bars(analysis.combination_counts(analysis.multi_category_neurons(scores, "score", 1.0)))
     assert charts.chart_to_png(upset, scale=1).startswith(b"\x89PNG")
+
+
+def test_heldout_ceiling_dots_pair_each_category_mean_with_its_best():
+    summary = pd.DataFrame({"category": ["food", "date", "color"], "tested": [5, 5, 0],
+                            "mean_heldout_auroc": [0.91, 0.69, np.nan], "best_possible_auroc": [0.96, 0.84, np.nan]})  # fmt: skip
+    spec = charts.heldout_ceiling_dots(summary).to_dict()
+    rows = next(iter(spec["datasets"].values()))
+    got = {(r["category"], r["measure"]): r["auroc"] for r in rows}
+    assert got == {("food", "flagged neurons (mean)"): 0.91, ("food", "best as many on this text"): 0.96,
+                   ("date", "flagged neurons (mean)"): 0.69, ("date", "best as many on this text"): 0.84}  # fmt: skip
+    marks = [layer["mark"]["type"] for layer in spec["layer"]]
+    assert marks == ["line", "circle"]
+    assert spec["layer"][1]["encoding"]["tooltip"][2]["format"] == ".3f"
+    assert spec["layer"][1]["encoding"]["y"]["axis"]["labelOverlap"] is False  # every category named

@@ -139,6 +139,13 @@ def test_validate_prints_summary(scanned, capsys, tmp_path):
     table = pd.read_csv(paths["csv"])
     assert f"Held-out check of {int((table['score'] >= 1).sum())} flagged rows" in captured.out
     assert out_csv.is_file()
+    assert main(["validate", "--csv", str(paths["csv"]), "--heldout", HELDOUT, "--threshold", "0", "--device", "cpu", "--ceiling"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = lines[1].split()
+    assert header[-2:] == ["mean_heldout_auroc", "best_possible_auroc"]
+    for line in lines[2:]:  # the best neurons among the scanned 8 per layer, chosen on the held-out text, bound the mean
+        mean, best = (float(v) for v in line.split()[-2:])
+        assert mean <= best + 1e-9
 
 
 def test_ablate_prints_effect_vs_controls(capsys):

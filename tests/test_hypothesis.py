@@ -41,6 +41,32 @@ def test_heldout_reproduces_hand_computed_auroc(tiny_bert):
     assert summary.set_index("category").loc["food", "tested"] == 2
 
 
+def test_heldout_ceiling_is_the_best_neurons_on_the_heldout_text_by_brute_force(tiny_bert):
+    """heldout_ceiling: per category, the mean AUROC of the best n neurons of every layer on the held-out text,
+    from hand-counted AUROCs of all neurons; it bounds the held-out mean of any n candidates from above."""
+    from mechamap_core.hypothesis import heldout_ceiling
+
+    heldout = ScanConfig(master_text=TEXT, categories=WORDS)
+    counts = {"food": 2, "location": 3, "vehicle": 1}  # vehicle: not in the held-out config
+    ceiling = heldout_ceiling(tiny_bert, heldout, counts)
+    enc = tiny_bert.tokenizer(TEXT, return_offsets_mapping=True, return_special_tokens_mask=True)
+    special = np.array(enc["special_tokens_mask"], dtype=bool)
+    sites = resolve_sites(tiny_bert.model)
+    acts = np.concatenate([capture_mlp_input(tiny_bert.model, f"encoder.layer.{s.layer}.output.dense", enc["input_ids"]).numpy()
+                           for s in sites], axis=1)[~special]  # fmt: skip
+    offsets = [o for o, sp in zip(enc["offset_mapping"], special) if not sp]
+    for category, n in [("food", 2), ("location", 3)]:
+        spans = [(TEXT.lower().index(w.lower()), TEXT.lower().index(w.lower()) + len(w)) for w in WORDS[category]]
+        in_cat = np.array([any(s < b and e > a for a, b in spans) for s, e in offsets])
+        diff = acts[in_cat][:, None, :] - acts[~in_cat][None, :, :]
+        every = ((diff > 0) + 0.5 * (diff == 0)).mean(axis=(0, 1))  # each neuron's AUROC, by counting pairs
+        assert ceiling[category] == pytest.approx(np.sort(every)[-n:].mean(), abs=1e-9)
+        candidates = pd.DataFrame({"layer": [0] * n, "neuron": list(range(n)), "category": [category] * n})
+        _, summary = validate_heldout(tiny_bert, candidates, heldout)
+        assert summary["mean_heldout_auroc"].iloc[0] <= ceiling[category] + 1e-12
+    assert np.isnan(ceiling["vehicle"])
+
+
 def test_heldout_reports_untested_categories(tiny_bert):
     heldout = ScanConfig(master_text=TEXT, categories={"food": WORDS["food"]})
     candidates = pd.DataFrame({"layer": [0], "neuron": [1], "category": ["vehicle"]})

@@ -62,7 +62,10 @@ def test_hypothesis_page_heldout_and_ablation(app_env, food_result):
     [b for b in at.button if b.label == "Run held-out check"][0].click().run()
     no_exception(at)
     per_neuron, summary = at.session_state["heldout_result"]
-    assert set(summary.columns) >= {"category", "flagged", "tested", "held_up", "held_up_fraction"}
+    assert set(summary.columns) >= {"category", "flagged", "tested", "held_up", "held_up_fraction", "best_possible_auroc"}
+    tested = summary[summary["tested"] > 0]
+    assert (tested["mean_heldout_auroc"] <= tested["best_possible_auroc"] + 1e-12).all()  # the best bound the flagged
+    assert any("the best as many neurons reach on this text" in m.value for m in at.markdown)
     assert set(per_neuron["status"]) <= {"pass", "fail"}
     [b for b in at.button if b.label == "Run ablation"][0].click().run()
     no_exception(at)

@@ -4,10 +4,11 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
+from mechamap_core import charts
 from mechamap_core.analysis import flagged
 from mechamap_core.config import ConfigError, ScanConfig, load_config, safe_child_path
 from mechamap_core.export import flagged_neurons
-from mechamap_core.hypothesis import ablate, flagged_for_category, parse_neuron_list, validate_heldout
+from mechamap_core.hypothesis import ablate, flagged_for_category, parse_neuron_list, validate_heldout, with_ceiling
 from mechamap_ui import state
 from mechamap_ui.contrast_panel import contrast_section
 from mechamap_ui.neuron_data import model_for
@@ -62,10 +63,18 @@ with held_tab:
         st.error(f"The held-out config can't be used: {exc}")
     candidates = flagged(result.scores, metric, threshold)
     st.write(f"**{len(candidates):,}** flagged (neuron, category) rows with {metric} ≥ {threshold:g}.")
+    ceiling = st.checkbox(
+        "Also find the best neurons on the held-out text", value=True,
+        help="Scans the held-out text once and takes, per category, as many neurons as were tested with the highest "
+             "AUROC on it: no choice of neurons from other text can beat them there, so their mean is an upper bound.",
+    )  # fmt: skip
     if heldout is not None and st.button("Run held-out check", type="primary"):
         try:
             with st.spinner("Running the held-out text through the model..."):
-                st.session_state["heldout_result"] = validate_heldout(lm, candidates, heldout, min_auroc)
+                per_neuron, summary = validate_heldout(lm, candidates, heldout, min_auroc)
+                if ceiling:
+                    summary = with_ceiling(lm, result.scores, heldout, summary)
+                st.session_state["heldout_result"] = per_neuron, summary
         except (ConfigError, ValueError, RuntimeError) as exc:
             st.error(str(exc))
     if "heldout_result" in st.session_state:
@@ -82,6 +91,11 @@ with held_tab:
         )
         st.altair_chart(chart)
         chart_downloads(chart, "heldout_summary")
+        if "best_possible_auroc" in summary:
+            st.markdown("##### Mean held-out AUROC of the flagged neurons, and the best as many neurons reach on this text")
+            ceiling_chart = charts.heldout_ceiling_dots(summary)
+            st.altair_chart(ceiling_chart)
+            chart_downloads(ceiling_chart, "heldout_ceiling")
         st.dataframe(summary, hide_index=True, column_config=stat_column_config(summary))
         st.markdown("##### Per neuron (click a row to open the neuron)")
         cols = ["layer", "expert", "neuron", "category", "status", "heldout_auroc", "heldout_score", "heldout_cohens_d", "score", "auroc", "hook"]
