@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 from bench_heldout import heldout_auroc_of_top, with_mean_and_min  # noqa: E402
 
 from mechamap_core import ScanConfig, load_config, load_model, scan  # noqa: E402
+from mechamap_core.hypothesis import heldout_ceiling  # noqa: E402
 
 RANKINGS = ["separation", "score", "cv_auroc"]
 HELDOUT = [str(ROOT / "configs" / f) for f in ("validation.yaml", "heldout.yaml", "heldout_fresh.yaml")]
@@ -48,12 +49,6 @@ def with_words_of(cfg: ScanConfig, others: list[ScanConfig]) -> ScanConfig:
     """cfg with the other configs' words added to its categories and their master texts as more documents."""
     categories = {name: list(dict.fromkeys(words + [w for o in others for w in o.categories.get(name, [])])) for name, words in cfg.categories.items()}
     return dataclasses.replace(cfg, categories=categories, master_text=cfg.texts + [t for o in others for t in o.texts])
-
-
-def ceiling(lm, heldout: ScanConfig, top: int) -> pd.Series:
-    """Mean held-out AUROC per category of the top neurons by AUROC on the held-out config's own scan: the
-    most any choice of `top` neurons per category can reach on that text."""
-    return heldout_auroc_of_top(lm, scan(lm, heldout).scores, heldout, top, "auroc")
 
 
 def main() -> None:
@@ -72,7 +67,7 @@ def main() -> None:
     for path in [p for p in args.heldout if Path(p).resolve() not in added]:
         heldout = load_config(path)
         table = pd.DataFrame({metric: heldout_auroc_of_top(lm, scores, heldout, args.top, metric) for metric in RANKINGS})
-        table["ceiling"] = ceiling(lm, heldout, args.top)
+        table["ceiling"] = heldout_ceiling(lm, heldout, dict.fromkeys(heldout.categories, args.top))
         print(f"\nTop-{args.top} neurons per category by each ranking, mean held-out AUROC on {Path(path).name}")
         print(f"(scanned on {scanned}; ceiling: the top-{args.top} by AUROC on {Path(path).name}'s own scan)")
         print(with_mean_and_min(table).round(3).to_string())

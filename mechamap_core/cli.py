@@ -204,7 +204,7 @@ def _run_ablate(args) -> int:
     elif args.csv:
         scores = _read_scores(args.csv)
         neurons = flagged_for_category(scores, args.category, "score", args.threshold, args.max_neurons or None)
-        if not neurons and "expert" in scores.columns and scores["expert"].notna().any():
+        if not neurons and analysis.has_experts(scores):
             raise ValueError(f"{args.csv} flags no dense MLP neuron for '{args.category}': ablation covers dense MLP "
                              "neurons, not a mixture-of-experts model's experts")  # fmt: skip
     else:
@@ -321,7 +321,7 @@ def _run_scan(args) -> int:
     if args.save_run:
         print(f"saved run {export.save_run(result, args.save_run)}", file=sys.stderr)
     if not (args.csv or args.json or args.parquet):
-        expert = ["expert"] if result.scores["expert"].notna().any() else []  # a mixture-of-experts model's neurons
+        expert = ["expert"] if analysis.has_experts(result.scores) else []  # a mixture-of-experts model's neurons
         print(analysis.top_neurons(result.scores, n=3, top_tokens=result.top_tokens)[
             ["category", "layer", *expert, "neuron", "score", "avg_activation", "auroc", "top_tokens"]].to_string(index=False))
     return 0

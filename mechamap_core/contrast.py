@@ -35,7 +35,7 @@ from .alignment import find_word_spans
 from .config import ConfigError, safe_load_yaml
 from .inspect_neuron import collect_activations
 from .models import LoadedModel
-from .sites import hook_name
+from .sites import dense_mlp_rows, hook_name
 from .stats import auroc_exact
 
 SENSES = ("in_sense", "out_of_sense")
@@ -200,12 +200,11 @@ def contrast_neurons(
     left out: an expert sees only the tokens routed to it, so most contrast words never reach it.
     Raises ValueError when none is flagged there."""
     rows = scores[(scores["score"] >= threshold) & scores["category"].astype(str).isin(list(contrast_set))]
-    if "hook" in rows.columns:
-        dense = rows["hook"].astype(str) == rows["layer"].astype(int).map(hook_name)
-        if len(rows) and not dense.any():
-            raise ValueError(f"the neurons with score >= {threshold} in the contrast set's categories are all experts' "
-                             "(or shared experts') neurons: the contrast check covers dense MLP neurons")  # fmt: skip
-        rows = rows[dense]
+    dense = dense_mlp_rows(rows)
+    if len(rows) and not dense.any():
+        raise ValueError(f"the neurons with score >= {threshold} in the contrast set's categories are all experts' "
+                         "(or shared experts') neurons: the contrast check covers dense MLP neurons")  # fmt: skip
+    rows = rows[dense]
     rows = rows.sort_values("score", ascending=False, kind="stable")
     if top:
         rows = rows.groupby(rows["category"].astype(str), sort=False).head(top)

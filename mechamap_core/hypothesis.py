@@ -10,11 +10,12 @@ import pandas as pd
 import torch
 
 from .alignment import AlignedText, align
+from .analysis import has_experts
 from .config import ScanConfig, validate_config
 from .inspect_neuron import collect_activations
 from .models import LoadedModel
 from .scan.driver import batches, hooked
-from .sites import expert_hook_name, hook_name, resolve_sites
+from .sites import dense_mlp_rows, expert_hook_name, hook_name, resolve_sites
 from .stats import auroc_exact, moment_statistics
 
 DEFAULT_MIN_AUROC = 0.75
@@ -57,14 +58,14 @@ def validate_heldout(
     if candidates.empty:
         raise ValueError("there are no flagged neurons to test: lower the threshold or pick neurons")
     validate_config(heldout)
-    experts = "expert" in candidates.columns and bool(candidates["expert"].notna().any())
+    experts = has_experts(candidates)
     key = ["layer", "expert", "neuron", "category"] if experts else ["layer", "neuron", "category"]
     cands = candidates[key].copy()
     cands["category"] = cands["category"].astype(str)
     cands["hook"] = candidates["hook"].astype(str) if "hook" in candidates.columns else [
         expert_hook_name(int(r.layer), int(r.expert)) if experts and pd.notna(r.expert) else hook_name(int(r.layer))
         for r in cands.itertuples()]  # fmt: skip
-    dense = cands["hook"] == cands["layer"].astype(int).map(hook_name)
+    dense = dense_mlp_rows(cands)
     rows = []
     if dense.any():
         rows += _dense_heldout_rows(lm, cands[dense], heldout, min_auroc)
@@ -90,14 +91,16 @@ def heldout_ceiling(
     lm: LoadedModel, heldout: ScanConfig, counts: dict[str, int], layers: list[int] | None = None, limit_neurons: int = 0
 ) -> pd.Series:
     """Per category: the mean held-out AUROC of the best counts[category] neurons of lm on the held-out text,
-    chosen on that text itself (the top by exact AUROC on a scan of it, over `layers` and the first
-    `limit_neurons` neurons, as the run scanned). No choice of as many neurons from other text can do better
-    there, so it bounds validate_heldout's mean_heldout_auroc from above; NaN for a category without tokens."""
+    chosen on that text itself (the top by AUROC on a scan of it, over `layers` and the first `limit_neurons`
+    neurons, as the run scanned). No choice of as many neurons from other text can do better there, so it
+    bounds validate_heldout's mean_heldout_auroc from above; NaN for a category without tokens. The AUROC is
+    exact when the scan's memory plan can record the held-out text's activations (any text of a few thousand
+    tokens), else binned from histograms."""
     from .scan.run import scan
 
     validate_config(heldout)
-    quick = dataclasses.replace(heldout, permutations=0, cv_folds=0)
-    scores = scan(lm, quick, layers=layers, limit_neurons=limit_neurons, record_activations=True).scores
+    quick = dataclasses.replace(heldout, auroc=True, permutations=0, cv_folds=0)
+    scores = scan(lm, quick, layers=layers, limit_neurons=limit_neurons).scores
     auroc = scores.assign(category=scores["category"].astype(str)).groupby("category")["auroc"]
     best = {category: auroc.get_group(category).dropna().nlargest(n).mean() if category in auroc.groups and n else np.nan
             for category, n in counts.items()}  # fmt: skip
@@ -137,7 +140,10 @@ def _dense_heldout_rows(lm: LoadedModel, cands: pd.DataFrame, heldout: ScanConfi
                 c, k = names.index(cand.category), column[int(cand.neuron)]
                 n_tokens = aligned.category_mask[:, c].sum()
                 picked = [stats[name][c, k] for name in ("auroc", "score", "cohens_d", "avg_activation", "p_value")]
-                rows.append(_checked(row, n_tokens, *picked, min_auroc))
+                if np.isnan(picked[0]):  # no other tokens to compare with
+                    rows.append(row | {"status": "untested (every held-out token is this category's)"})
+                else:
+                    rows.append(_checked(row, n_tokens, *picked, min_auroc))
             else:
                 rows.append(row | {"status": "untested (no held-out tokens for this category)"})
     return rows
@@ -151,12 +157,14 @@ def _identity(cand) -> dict:
 
 def _scanned_heldout_rows(lm: LoadedModel, cands: pd.DataFrame, heldout: ScanConfig, min_auroc: float) -> list[dict]:
     """validate_heldout's rows of expert (and shared-expert) candidates, read off a scan of the held-out text over
-    their layers: each expert's statistics on the tokens routed to it, exact AUROC (recorded), Welch's p-value."""
+    their layers (every candidate's neuron included, whatever the held-out config's limit_neurons): each expert's
+    statistics on the tokens routed to it, AUROC (exact when the memory plan records, as for any short text),
+    Welch's p-value."""
     from .scan.run import scan
 
     layers = sorted({int(layer) for layer in cands["layer"]})
-    quick = dataclasses.replace(heldout, permutations=0, cv_folds=0)  # what the check reads needs neither
-    scores = scan(lm, quick, layers=layers, record_activations=True).scores
+    quick = dataclasses.replace(heldout, auroc=True, permutations=0, cv_folds=0)  # what the check reads needs neither
+    scores = scan(lm, quick, layers=layers, limit_neurons=int(cands["neuron"].max()) + 1).scores
     found = scores.assign(hook=scores["hook"].astype(str), category=scores["category"].astype(str)).set_index(["hook", "neuron", "category"])
     rows = []
     for cand in cands.itertuples():
@@ -344,8 +352,7 @@ def flagged_for_category(scores: pd.DataFrame, category: str, metric: str = "sco
     """(layer, neuron) of every dense MLP neuron flagged for a category, best first (at most `limit`): ablation's
     neurons. A mixture-of-experts model's expert and shared-expert neurons are left out (ablate covers dense MLPs)."""
     rows = scores[(scores["category"].astype(str) == category) & (scores[metric] >= threshold)]
-    if "hook" in rows.columns:
-        rows = rows[rows["hook"].astype(str) == rows["layer"].astype(int).map(hook_name)]
+    rows = rows[dense_mlp_rows(rows)]
     rows = rows.sort_values(metric, ascending=False)
     if limit:
         rows = rows.head(limit)

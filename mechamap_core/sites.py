@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass
 
+import pandas as pd
 from torch import nn
 
 # Paths (from the model root) of the list of transformer blocks, most common first.
@@ -86,6 +87,14 @@ class NeuronSite:
 def hook_name(layer: int) -> str:
     """TransformerLens' name for the MLP neuron activations of a layer."""
     return f"blocks.{layer}.mlp.hook_post"
+
+
+def dense_mlp_rows(frame: pd.DataFrame) -> pd.Series:
+    """Bool per row of a scores-like frame (layer, hook): whether the row is a dense MLP neuron, i.e. its hook is
+    its layer's hook_name rather than an expert's or a shared expert's; every row when there is no hook column."""
+    if "hook" not in frame.columns:
+        return pd.Series(True, index=frame.index)
+    return frame["hook"].astype(str) == frame["layer"].astype(int).map(hook_name).astype(str)
 
 
 def shared_expert_hook_name(layer: int) -> str:

@@ -82,8 +82,11 @@ def test_scan_of_an_moe_model_writes_expert_rows_and_the_routing_table(tmp_path,
         capsys.readouterr()
         assert main(["scan", "--config", DEFAULT, "--model", str(model), "--device", "cpu"]) == 0
         assert capsys.readouterr().out.split()[:4] == ["category", "layer", "expert", "neuron"]
-        code = main(["validate", "--csv", str(csv), "--heldout", HELDOUT, "--threshold", "-100", "--device", "cpu"])
+        checked = tmp_path / "checked.csv"
+        code = main(["validate", "--csv", str(csv), "--heldout", HELDOUT, "--threshold", "-100", "--device", "cpu", "--out", str(checked)])
         assert code == 0 and "Held-out check of" in capsys.readouterr().out  # expert neurons on their routed tokens
+        statuses = pd.read_csv(checked)[lambda t: t["expert"].notna()]["status"]
+        assert statuses.isin(["pass", "fail"]).any(), statuses.value_counts()
         assert main(["ablate", "--config", DEFAULT, "--model", str(model), "--category", "food", "--csv", str(csv)]) == 1
         assert_one_line_error(capsys.readouterr().err, "ablation covers dense MLP neurons")
 

@@ -165,7 +165,8 @@ def test_heldout_check_of_expert_neurons_equals_brute_force_on_the_routed_heldou
     cfg = dataclasses.replace(default_cfg, master_text=paragraph, categories=dict(default_cfg.categories))
     scores = scan(lm, cfg).scores
     heldout_text = default_cfg.master_text.split("\n\n")[1]  # another paragraph: other tokens, the same words
-    heldout = dataclasses.replace(cfg, master_text=heldout_text)
+    # the held-out config's own limit_neurons and auroc switch do not narrow what the check measures
+    heldout = dataclasses.replace(cfg, master_text=heldout_text, limit_neurons=1, auroc=False)
     candidates = scores[scores["neuron"] < 3]  # every expert, every category: some reach no held-out token
     per_neuron, summary = validate_heldout(lm, candidates, heldout, min_auroc=0.6)
     assert len(per_neuron) == len(candidates)

@@ -287,6 +287,9 @@ def test_hypothesis_page_checks_expert_neurons_on_heldout_text(app_env, default_
     per_neuron, summary = at.session_state["heldout_result"]
     assert per_neuron["expert"].notna().all() and (per_neuron["status"].isin(["pass", "fail"])).any()
     assert summary["tested"].sum() > 0
+    tested = summary[summary["tested"] > 0]  # the ceiling, on by default, covers the experts' neurons too
+    assert tested["best_possible_auroc"].notna().all()
+    assert (tested["mean_heldout_auroc"] <= tested["best_possible_auroc"] + 1e-12).all()
     assert any("ablation covers dense MLP neurons, not experts" in c.value for c in at.caption)
     at.number_input(key="contrast_threshold").set_value(-100.0).run()
     at.button(key="contrast_run").click().run()

@@ -122,3 +122,37 @@ def test_checkpoint_resume_and_refusal(tiny_gpt2, default_cfg, documents, tmp_pa
     other = Checkpointing(tmp_path / "ck", 5, {**fingerprint, "config": "another"})
     with pytest.raises(ValueError, match="belongs to another scan .*config"):
         other.load()
+
+
+def test_moe_checkpoint_written_midway_keeps_how_expert_neurons_were_read(default_cfg, documents, tmp_path):
+    """A run killed after a checkpoint: the checkpoint already names how each MoE layer read its expert neurons,
+    and a layer that fell back to recomputing in any shard stays marked so through merges and old checkpoints."""
+    from tiny_models import bundled_tokenizer, tiny_model
+
+    from mechamap_core.models import wrap_model
+    from mechamap_core.moe import RECOMPUTED_AFTER_CHECK
+    from mechamap_core.scan.stream import _merged_sources
+
+    lm = wrap_model(tiny_model("mixtral"), bundled_tokenizer(), "tiny-mixtral")
+    cfg = dataclasses.replace(default_cfg, batch_size=4)
+
+    def dies_after(n):  # the process dies while reading document n
+        for document in docs(documents):
+            if document.index == n:
+                raise KeyboardInterrupt
+            yield document
+
+    checkpoints = Checkpointing(tmp_path / "ck", 5, {"config": cfg.content_hash()})
+    with pytest.raises(KeyboardInterrupt):
+        stream(lm, cfg, documents, source=dies_after(12), checkpointing=checkpoints)
+    saved = checkpoints.load()
+    assert saved.next_index == 10
+    reference = scan(lm, cfg, texts=documents[:2], record_activations=False).metadata["expert_neurons"]
+    assert saved.expert_neurons == reference and len(reference) > 0
+    layer = next(iter(reference))
+    fallback = {layer: RECOMPUTED_AFTER_CHECK}
+    assert _merged_sources(reference, fallback)[layer] == RECOMPUTED_AFTER_CHECK
+    assert _merged_sources(fallback, reference)[layer] == RECOMPUTED_AFTER_CHECK
+    assert _merged_sources({}, reference) == reference  # a checkpoint from before the field existed
+    old = {key: value for key, value in saved.to_payload().items() if key != "expert_neurons"}
+    assert StreamState.from_payload(old).expert_neurons == {}

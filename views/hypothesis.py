@@ -5,7 +5,7 @@ import pandas as pd
 import streamlit as st
 
 from mechamap_core import charts
-from mechamap_core.analysis import flagged
+from mechamap_core.analysis import flagged, has_experts
 from mechamap_core.config import ConfigError, ScanConfig, load_config, safe_child_path
 from mechamap_core.export import flagged_neurons
 from mechamap_core.hypothesis import ablate, flagged_for_category, parse_neuron_list, validate_heldout, with_ceiling
@@ -71,12 +71,17 @@ with held_tab:
     if heldout is not None and st.button("Run held-out check", type="primary"):
         try:
             with st.spinner("Running the held-out text through the model..."):
-                per_neuron, summary = validate_heldout(lm, candidates, heldout, min_auroc)
-                if ceiling:
-                    summary = with_ceiling(lm, result.scores, heldout, summary)
-                st.session_state["heldout_result"] = per_neuron, summary
+                st.session_state["heldout_result"] = validate_heldout(lm, candidates, heldout, min_auroc)
         except (ConfigError, ValueError, RuntimeError) as exc:
+            st.session_state.pop("heldout_result", None)  # no earlier result shown as if it were this one's
             st.error(str(exc))
+        if ceiling and "heldout_result" in st.session_state:
+            per_neuron, summary = st.session_state["heldout_result"]
+            try:
+                with st.spinner("Scanning the held-out text for the best neurons on it..."):
+                    st.session_state["heldout_result"] = per_neuron, with_ceiling(lm, result.scores, heldout, summary)
+            except (ConfigError, ValueError, RuntimeError) as exc:
+                st.warning(f"The held-out check is below; the best neurons on the held-out text could not be found: {exc}")
     if "heldout_result" in st.session_state:
         per_neuron, summary = st.session_state["heldout_result"]
         st.markdown("##### Per category: how many flagged neurons held up")
@@ -112,9 +117,8 @@ with ablate_tab:
     if how == "Flagged for this category":
         limit = st.number_input("At most this many (best score first)", 1, 500, 10)
         neurons = flagged_for_category(result.scores, category, "score", result.metadata.get("threshold", 1.0), int(limit))
-        experts = "expert" in result.scores.columns and bool(result.scores["expert"].notna().any())
         none = ("No dense MLP neuron is flagged for this category (ablation covers dense MLP neurons, not experts)."
-                if experts else "No neuron is flagged for this category.")  # fmt: skip
+                if has_experts(result.scores) else "No neuron is flagged for this category.")  # fmt: skip
         st.caption(", ".join(f"L{a}.N{b}" for a, b in neurons) or none)
     else:
         typed = st.text_input("layer:neuron pairs", placeholder="5:376, 5:544")

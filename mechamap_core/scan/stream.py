@@ -96,6 +96,12 @@ def _merged_sources(mine: dict[str, str], theirs: dict[str, str]) -> dict[str, s
             else mine.get(layer) or theirs[layer] for layer in sorted({*mine, *theirs}, key=int)}  # fmt: skip
 
 
+def _note_sources(state: StreamState, points: list) -> None:
+    """Merge how this run's mixture-of-experts layers read their expert neurons into state.expert_neurons."""
+    state.expert_neurons = _merged_sources(state.expert_neurons, {
+        str(p.layer): p.neuron_source for p in points if isinstance(p, MoELayer)})  # fmt: skip
+
+
 @dataclass
 class Checkpointing:
     """Where and how often a corpus scan writes its state (per rank), and the fingerprint a resume must match."""
@@ -200,12 +206,12 @@ def scan_stream(
                 if progress:
                     progress(state.documents, total_documents, f"documents {state.documents:,}, tokens {state.tokens:,}")
                 if checkpointing and since_checkpoint >= checkpointing.every_documents:
+                    _note_sources(state, points)  # a resumed run keeps a layer's fallback to recomputing
                     checkpointing.save(state)
                     since_checkpoint = 0
         if group:
             _scan_group(lm, cfg, points, n_neurons, group, chunk_tokens, state, word_category, word_fold)
-        state.expert_neurons = _merged_sources(state.expert_neurons, {
-            str(p.layer): p.neuron_source for p in points if isinstance(p, MoELayer)})  # fmt: skip
+        _note_sources(state, points)
         if progress:
             progress(state.documents, total_documents, f"documents {state.documents:,}, tokens {state.tokens:,}")
         if checkpointing:
