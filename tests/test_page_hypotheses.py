@@ -66,6 +66,8 @@ def test_hypothesis_page_heldout_and_ablation(app_env, food_result):
     tested = summary[summary["tested"] > 0]
     assert (tested["mean_heldout_auroc"] <= tested["best_possible_auroc"] + 1e-12).all()  # the best bound the flagged
     assert any("the best as many neurons reach on this text" in m.value for m in at.markdown)
+    shown = at.dataframe[-1].value  # the per-neuron table: a dense run's has no expert column
+    assert {"layer", "neuron", "status", "heldout_auroc"} <= set(shown.columns) and "expert" not in shown.columns
     assert set(per_neuron["status"]) <= {"pass", "fail"}
     [b for b in at.button if b.label == "Run ablation"][0].click().run()
     no_exception(at)

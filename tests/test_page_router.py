@@ -287,6 +287,7 @@ def test_hypothesis_page_checks_expert_neurons_on_heldout_text(app_env, default_
     per_neuron, summary = at.session_state["heldout_result"]
     assert per_neuron["expert"].notna().all() and (per_neuron["status"].isin(["pass", "fail"])).any()
     assert summary["tested"].sum() > 0
+    assert "expert" in at.dataframe[-1].value.columns  # the per-neuron table names each neuron's expert
     tested = summary[summary["tested"] > 0]  # the ceiling, on by default, covers the experts' neurons too
     assert tested["best_possible_auroc"].notna().all()
     assert (tested["mean_heldout_auroc"] <= tested["best_possible_auroc"] + 1e-12).all()

@@ -5,7 +5,7 @@ import pandas as pd
 import streamlit as st
 
 from mechamap_core import charts
-from mechamap_core.analysis import flagged, has_experts
+from mechamap_core.analysis import flagged, has_experts, shown_key
 from mechamap_core.config import ConfigError, ScanConfig, load_config, safe_child_path
 from mechamap_core.export import flagged_neurons
 from mechamap_core.hypothesis import ablate, flagged_for_category, parse_neuron_list, validate_heldout, with_ceiling
@@ -103,7 +103,7 @@ with held_tab:
             chart_downloads(ceiling_chart, "heldout_ceiling")
         st.dataframe(summary, hide_index=True, column_config=stat_column_config(summary))
         st.markdown("##### Per neuron (click a row to open the neuron)")
-        cols = ["layer", "expert", "neuron", "category", "status", "heldout_auroc", "heldout_score", "heldout_cohens_d", "score", "auroc", "hook"]
+        cols = [*shown_key(per_neuron), "category", "status", "heldout_auroc", "heldout_score", "heldout_cohens_d", "score", "auroc", "hook"]
         shown = per_neuron[[c for c in cols if c in per_neuron.columns]]
         neuron_table(shown, key="heldout_table", column_config=stat_column_config(shown))
         st.download_button("Download per-neuron results (CSV)", shown.to_csv(index=False), "heldout_check.csv", "text/csv")
