@@ -160,9 +160,12 @@ def neuron_profile(scores: pd.DataFrame, layer: int, neuron: int, expert: int | 
 def flagged_by_relative_depth(
     scores: pd.DataFrame, n_layers: int, metric: str = "score", threshold: float = 1.0
 ) -> pd.DataFrame:
-    """Per (category, layer): relative depth (layer / n_layers), flagged count and fraction of the layer's neurons.
+    """Per (category, layer): relative depth ((layer + 0.5) / n_layers, the middle of the layer's share of the
+    depth), flagged count and fraction of the layer's neurons.
 
-    The fraction makes models of different widths comparable; relative depth, of different depths.
+    The fraction makes models of different widths comparable; relative depth, of different depths: the first
+    and last layers of any two models sit equally far from 0 and 1 (layer / n_layers put a 2-layer model's last
+    layer at 0.5, mid-depth).
     """
     _check_metric(scores, metric)
     if n_layers < 1:
@@ -170,7 +173,7 @@ def flagged_by_relative_depth(
     per_layer = scores.groupby(["category", "layer"], observed=True)
     out = per_layer[metric].agg(flagged=lambda v: int((v >= threshold).sum()), neurons="size").reset_index()
     out["fraction"] = out["flagged"] / out["neurons"]
-    out["relative_depth"] = out["layer"] / n_layers
+    out["relative_depth"] = (out["layer"] + 0.5) / n_layers
     out["category"] = out["category"].astype(str)
     return out[["category", "layer", "relative_depth", "flagged", "neurons", "fraction"]]
 

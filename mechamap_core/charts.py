@@ -263,7 +263,7 @@ def relative_depth_lines(depth: pd.DataFrame, columns: int = 4) -> alt.FacetChar
         alt.Chart(depth)
         .mark_line(point=True)
         .encode(
-            x=alt.X("relative_depth:Q", title="layer / number of layers", scale=alt.Scale(domain=[0, 1])),
+            x=alt.X("relative_depth:Q", title="relative depth: (layer + ½) / number of layers", scale=alt.Scale(domain=[0, 1])),
             y=alt.Y("fraction:Q", title="fraction flagged"),
             color=alt.Color("run:N", legend=legend),
             tooltip=["run", "layer", "flagged", "neurons", alt.Tooltip("fraction:Q", format=".3f")],
@@ -327,12 +327,14 @@ def coloured_text_html(text: str, tokens: pd.DataFrame, vmax: float | None = Non
         cursor = end
     parts.append(html.escape(text[cursor:]))
     body = "".join(parts).replace("\n", "<br>")
+    marked = "categories" in tokens.columns and bool(tokens["categories"].fillna("").astype(bool).any())
+    underlined = "; underlined = category token" if marked else ""  # typed text has no category tokens
     legend = (
         '<div style="display:flex;align-items:center;gap:6px;font-size:0.8em;margin-bottom:6px">'
         f"<span>{-vmax:.2f}</span>"
         '<span style="width:160px;height:10px;background:linear-gradient(to right, rgba(30,144,255,1), '
         'rgba(255,255,255,0), rgba(255,140,0,1))"></span>'
-        f"<span>{vmax:.2f}</span><span>(hover a token for its value; underlined = category token)</span></div>"
+        f"<span>{vmax:.2f}</span><span>(hover a token for its value{underlined})</span></div>"
     )
     return f'{legend}<div style="line-height:1.9;font-family:sans-serif">{body}</div>'
 

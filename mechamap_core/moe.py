@@ -63,7 +63,7 @@ ALWAYS_RENORMALISED = {"mixtral"}
 # transformers 5 experts implementations that gate all S = T * k routed rows in one `_apply_gate` call, whose
 # output a scan reads instead of recomputing the experts (row order: MoELayer.gated_rows)
 GATE_READING_IMPLEMENTATIONS = ("grouped_mm", "batched_mm")
-GATE_READ = "read at the experts' own _apply_gate output"
+GATE_READ = "read from the model's own expert computation (no second pass over the expert weights)"
 RECOMPUTED = "recomputed from the expert weights"
 RECOMPUTED_AFTER_CHECK = "recomputed from the expert weights: reading the gate output failed its check"
 GATE_CHECK_ROWS = 16  # the rows of one expert that the first batch recomputes to check the gate output's order

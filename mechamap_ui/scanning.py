@@ -13,6 +13,7 @@ import streamlit as st
 import torch
 
 from mechamap_core import hub, placement
+from mechamap_core.analysis import neuron_groups
 from mechamap_core.config import ConfigError, ScanConfig, config_to_yaml
 from mechamap_core.errors import first_line as _first_line
 from mechamap_core.export import save_run
@@ -94,6 +95,26 @@ def quantization_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes") is not None
 
 
+def describe_shape(scores) -> str:
+    """What a run scanned, for a caption: "6 layers × 1,536 neurons (9,216)" (or "6 layers, 9,000 neurons" when widths differ), or for a mixture-of-experts run
+    "2 layers · 192 neurons in 4 routed experts per layer (8 in all)", plus its dense or shared-expert MLPs."""
+    groups = neuron_groups(scores)
+    n_layers = groups["layer"].nunique()
+    routed, plain = groups[groups["expert"].notna()], groups[groups["expert"].isna()]
+    if routed.empty:
+        widths, total = plain["n_neurons"].unique(), int(plain["n_neurons"].sum())
+        return f"{n_layers} layers × {int(widths[0]):,} neurons ({total:,})" if len(widths) == 1 else f"{n_layers} layers, {total:,} neurons"
+    per_layer = routed.groupby("layer").size().unique()
+    experts = f"{int(per_layer[0])} routed experts per layer ({len(routed):,} in all)" if len(per_layer) == 1 else f"{len(routed):,} routed experts"
+    shape = f"{n_layers} layers · {int(routed['n_neurons'].sum()):,} neurons in {experts}"
+    return shape + (f" and {int(plain['n_neurons'].sum()):,} in {len(plain)} dense or shared-expert MLPs" if len(plain) else "")
+
+
+def _mib(n_bytes: float) -> str:
+    """A size in MiB as a caption shows it: "<1 MiB" for a few hundred KiB rather than "0 MiB"."""
+    return "<1 MiB" if 0 < n_bytes < 2**20 else f"{n_bytes / 2**20:,.0f} MiB"
+
+
 def describe_plan(metadata: dict) -> str | None:
     """How a run used memory, from its metadata["plan"]: exact or binned AUROC, where the recording lived, the
     batch size and any out-of-memory retries; None for runs saved before plans were recorded."""
@@ -101,7 +122,7 @@ def describe_plan(metadata: dict) -> str | None:
     if not plan:
         return None
     where = "on the GPU" if plan.get("record_on_device") else "on the host"
-    recorded = f"activations recorded {where}, {plan.get('record_bytes', 0) / 2**20:,.0f} MiB"
+    recorded = f"activations recorded {where}, {_mib(plan.get('record_bytes', 0))}"
     if metadata.get("auroc_method") == "off":
         auroc = "AUROC off" + (f" ({recorded})" if plan.get("record") else "")
     elif plan.get("record"):

@@ -12,7 +12,7 @@ from streamlit.errors import StreamlitAPIException
 
 from mechamap_core.analysis import METRICS, neuron_groups, neuron_label
 from mechamap_core.charts import chart_to_png, chart_to_svg
-from mechamap_ui.state import ROOT
+from mechamap_ui.state import ROOT, set_active_run
 
 SELECTED_NEURON = "selected_neuron"  # session_state: (layer, neuron), or (layer, neuron, expert) for a routed expert
 NEURON_PAGE = "views/neuron.py"  # relative to the repo root, where app.py lives
@@ -111,13 +111,11 @@ def threshold_slider(
 
 def chart_downloads(chart: alt.TopLevelMixin, name: str) -> None:
     """PNG and SVG download buttons for a chart; the images are rendered (offline) only when clicked."""
-    left, right, _ = st.columns([1, 1, 4])
-    with left:
+    with st.container(horizontal=True):  # side by side at their own width, also in a narrow column
         st.download_button(
             "PNG", data=lambda: chart_to_png(chart), file_name=f"{name}.png", mime="image/png",
             key=f"{name}_png", icon=":material/download:", on_click="ignore",
         )  # fmt: skip
-    with right:
         st.download_button(
             "SVG", data=lambda: chart_to_svg(chart), file_name=f"{name}.svg", mime="image/svg+xml",
             key=f"{name}_svg", icon=":material/download:", on_click="ignore",
@@ -150,12 +148,16 @@ def capped_table(df: pd.DataFrame, max_rows: int = MAX_TABLE_ROWS, key: str | No
     return shown
 
 
-def neuron_table(df: pd.DataFrame, key: str, max_rows: int = MAX_TABLE_ROWS, **dataframe_kwargs) -> tuple[int, ...] | None:
+def neuron_table(
+    df: pd.DataFrame, key: str, max_rows: int = MAX_TABLE_ROWS, run_id: str | None = None, **dataframe_kwargs
+) -> tuple[int, ...] | None:
     """A sortable table where clicking a row opens that neuron (needs layer and neuron columns; an expert
     column, where present, carries a routed expert's number).
 
     The pick is stored as neuron_pick(row) in st.session_state["selected_neuron"] and the app switches to
-    views/neuron.py when that page exists; otherwise a caption names the pick. Returns the pick or None.
+    views/neuron.py when that page exists; otherwise a caption names the pick. run_id: the saved run the rows
+    belong to when it may not be the active one (Compare); opening a neuron makes it the active run. Returns
+    the pick or None.
     """
     shown, note = _page_of(df, max_rows, key)
     event = st.dataframe(shown, key=key, on_select="rerun", selection_mode="single-row", hide_index=True, **dataframe_kwargs)
@@ -169,6 +171,8 @@ def neuron_table(df: pd.DataFrame, key: str, max_rows: int = MAX_TABLE_ROWS, **d
         return None
     row = shown.iloc[rows[0]]
     picked = neuron_pick(row)
+    if run_id is not None:
+        set_active_run(run_id)
     st.session_state[SELECTED_NEURON] = picked
     open_neuron_page(*picked)
     return picked
@@ -235,14 +239,24 @@ def stat_columns(df: pd.DataFrame, first: list[str], metric: str | None = None) 
 
 
 def stat_column_config(df: pd.DataFrame) -> dict:
-    """column_config that shows statistics with 3 decimals (q/p values in scientific notation), values unrounded."""
+    """column_config that shows statistics with at least 3 decimals, more where a column's typical magnitude is
+    small (an expert's activations near 1e-3 show 3 significant digits, not 0.000); q/p values in scientific
+    notation; the values themselves unrounded."""
     config = {}
     for col in df.columns:
         if col in ("p_value", "q_value"):
             config[col] = st.column_config.NumberColumn(col, format="%.2e")
         elif col not in ("layer", "expert", "neuron", "n_tokens", "n_categories") and pd.api.types.is_float_dtype(df[col]):
-            config[col] = st.column_config.NumberColumn(col, format="%.3f")
+            config[col] = st.column_config.NumberColumn(col, format=f"%.{_decimals(df[col])}f")
     return config
+
+
+def _decimals(values: pd.Series, digits: int = 3, most: int = 8) -> int:
+    """Decimals that show `digits` significant digits of a column's median nonzero magnitude: at least 3, at most `most`."""
+    magnitude = values.abs().replace(0, np.nan).median()
+    if not np.isfinite(magnitude):
+        return digits
+    return int(np.clip(digits - 1 - math.floor(math.log10(magnitude)), digits, most))
 
 
 def plain_labels(matrix: pd.DataFrame) -> pd.DataFrame:

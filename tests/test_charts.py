@@ -193,3 +193,16 @@ def test_heldout_ceiling_dots_pair_each_category_mean_with_its_best():
     assert marks == ["line", "circle"]
     assert spec["layer"][1]["encoding"]["tooltip"][2]["format"] == ".3f"
     assert spec["layer"][1]["encoding"]["y"]["axis"]["labelOverlap"] is False  # every category named
+
+
+def test_coloured_text_shows_each_tokens_value_and_marks_category_tokens_only_when_there_are_some():
+    text = "I ate pizza today"
+    tokens = pd.DataFrame({"start": [0, 2, 6, 12], "end": [1, 5, 11, 17], "activation": [0.1, -0.5, 2.0, 0.0],
+                           "categories": ["", "", "food", ""]})  # fmt: skip
+    html = charts.coloured_text_html(text, tokens)
+    assert 'title="2.000 [food]"' in html and 'title="-0.500"' in html
+    assert html.count("border-bottom:2px solid") == 1  # only pizza is underlined
+    assert "underlined = category token" in html and "<span>2.00</span>" in html  # the scale ends at max |value|
+    typed = charts.coloured_text_html(text, tokens.drop(columns="categories"))
+    assert "underlined" not in typed and "border-bottom" not in typed
+    assert "underlined" not in charts.coloured_text_html(text, tokens.assign(categories=""))

@@ -172,7 +172,7 @@ def test_relative_depth_and_config_differences():
     depth = flagged_by_relative_depth(scores, 4, "score", 1.0)
     assert depth["flagged"].tolist() == [1, 2, 0]
     assert depth["fraction"].tolist() == [0.5, 1.0, 0.0]
-    assert depth["relative_depth"].tolist() == [0.0, 0.25, 0.5]
+    assert depth["relative_depth"].tolist() == [0.125, 0.375, 0.625]  # layer 3 of 4 would be 0.875
     same = {"config_hash": "x", "config": {}}
     assert config_differences(same, same) == []
     a = {"config_hash": "a", "config": {"categories": {"food": ["x"]}, "master_text": "t", "threshold": 1.0}}

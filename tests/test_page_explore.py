@@ -330,3 +330,12 @@ def test_pivot_filter_keeps_neurons_that_hold_up_across_words(result):
     assert len(holding) < len(result.scores)
     expected = analysis.layer_category_counts(holding, "score", threshold)
     np.testing.assert_array_equal(table(at, COUNTS).to_numpy(), expected.to_numpy())
+
+
+def test_statistics_show_three_significant_digits_of_small_columns():
+    from mechamap_ui.widgets import stat_column_config
+
+    frame = pd.DataFrame({"layer": [0.0, 1.0], "score": [1.25, 0.5], "mean_rest": [0.00123, -0.0004], "zeros": [0.0, 0.0],
+                          "q_value": [1e-5, 0.2]})  # fmt: skip
+    formats = {col: spec["type_config"]["format"] for col, spec in stat_column_config(frame).items()}
+    assert formats == {"score": "%.3f", "mean_rest": "%.6f", "zeros": "%.3f", "q_value": "%.2e"}  # median 0.000815

@@ -101,6 +101,13 @@ def test_compare_page_needs_two_runs_then_compares(app_env, food_result, bundled
     no_exception(at)
     assert any("different configs" in w.value for w in at.warning)
     assert len(at.get("vega_lite_chart")) >= 3  # depth lines + two correlation heatmaps
+    shown = at.dataframe(key="cmp_top_b").value  # a click on Run B's table opens that neuron of Run B
+    at.session_state["cmp_top_b"] = {"selection": {"rows": [0], "columns": [], "cells": []}}
+    run_b = next(s.value for s in at.selectbox if s.label == "Run B")
+    at.run()
+    no_exception(at)
+    assert at.session_state[ACTIVE_RUN] == run_b
+    assert at.session_state["selected_neuron"] == (int(shown["layer"].iloc[0]), int(shown["neuron"].iloc[0]))
 
 
 def test_hypothesis_threshold_starts_at_the_runs_threshold(app_env, food_result):

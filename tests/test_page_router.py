@@ -60,7 +60,7 @@ def test_router_page_shows_each_categorys_routing(app_env, moe_result):
     at = saved_run_app(app_env, moe_result, "router")
     no_exception(at)
     assert at.session_state[ACTIVE_RUN] == RUN
-    assert any("Expert neurons of layer(s) 0, 1: read at the experts' own _apply_gate output" in c.value for c in at.caption)
+    assert any("Expert neurons of layer(s) 0, 1: read from the model's own expert computation" in c.value for c in at.caption)
     category = at.selectbox(key="router_category").value
     assert category == moe_result.categories[0]
     spec = chart_spec(at)
@@ -204,7 +204,8 @@ def test_overview_counts_and_lists_expert_neurons(app_env, moe_result):
     no_exception(at)
     n_neurons = sum(moe_result.metadata["neurons_per_site"].values())
     assert at.metric[0].value == f"{n_neurons:,}"
-    assert any(f"{n_neurons:,} neurons in 8 routed experts" in c.value for c in at.caption)
+    n_experts = moe_result.scores["expert"].nunique()  # per layer; 2 layers of them
+    assert any(f"{n_neurons:,} neurons in {n_experts} routed experts per layer ({2 * n_experts} in all)" in c.value for c in at.caption)
     shown = next(df.value for df in at.dataframe if df.key == "overview_top")
     assert list(shown.columns[:4]) == ["category", "layer", "expert", "neuron"]
 
@@ -262,7 +263,7 @@ def test_router_page_warns_when_a_layers_gate_output_failed_its_check(app_env, m
     at = saved_run_app(app_env, checked, "router")
     no_exception(at)
     assert any("layer(s) 1: recomputed from the expert weights: reading the gate output failed" in w.value for w in at.warning)
-    assert any("layer(s) 0: read at" in c.value for c in at.caption)
+    assert any("layer(s) 0: read from the model" in c.value for c in at.caption)
 
 
 def test_hypothesis_page_checks_expert_neurons_on_heldout_text(app_env, default_cfg, tmp_path):

@@ -58,7 +58,7 @@ def test_scan_bundled_model_sets_a_saved_active_run(app_env):
     assert not at.error, texts(at.error)
     runs = os.listdir(app_env["runs"])
     assert len(runs) == 1 and at.session_state[ACTIVE_RUN] == runs[0]
-    assert any("2 layers × 32 neurons" in v and runs[0] in v for v in texts(at.success))
+    assert any("2 layers × 16 neurons (32)" in v and runs[0] in v for v in texts(at.success))  # per layer, then all
     assert {d.label for d in at.get("download_button")} >= {"CSV", "JSON", "Parquet"}
     assert runs[0] in " ".join(texts(at.sidebar.markdown)), "the sidebar shows the new active run"
     # the same scan again comes from the cache and reuses the saved run
@@ -174,7 +174,7 @@ def test_downloads_for_an_injected_result(app_env, tiny_result):
     at = scan_page(**{RESULT_OVERRIDE: tiny_result})
     no_exception(at)
     assert {d.label for d in at.get("download_button")} >= {"CSV", "JSON", "Parquet"}
-    assert any("2 layers × 64 neurons" in v for v in texts(at.markdown))
+    assert any("2 layers × 32 neurons (64)" in v for v in texts(at.markdown))
 
 
 def test_the_active_run_says_how_it_used_memory(app_env, tiny_result):
@@ -193,12 +193,29 @@ def test_the_active_run_says_how_it_used_memory(app_env, tiny_result):
     assert "exact AUROC (activations recorded on the GPU, 3 MiB)" in gpu and "1 out-of-memory retry: OutOfMemoryError" in gpu
     binned = describe_plan({"plan": {**plan, "record": False, "retries": []}})
     assert binned == "Memory plan: binned AUROC (64-bin histograms; the recording did not fit or was off) · batch_size 2"
+    assert "recorded on the GPU, <1 MiB)" in describe_plan({"plan": {**plan, "record_bytes": 300_000}})  # not "0 MiB"
     assert describe_plan({}) is None  # runs saved before plans were recorded
     assert describe_plan({"plan": {**plan, "record": False, "retries": []}, "auroc_method": "off"}).startswith(
         "Memory plan: AUROC off · batch_size 2")
     at = scan_page(**{RESULT_OVERRIDE: dataclasses.replace(tiny_result, metadata={**tiny_result.metadata, "plan": plan})})
     no_exception(at)
     assert gpu in texts(at.caption)
+
+
+def test_run_shape_counts_neurons_per_layer_and_experts_per_layer():
+    import pandas as pd
+
+    from mechamap_ui.scanning import describe_shape
+
+    def scores(groups):  # (layer, expert or None, hook, width) -> one row per neuron
+        return pd.DataFrame([{"layer": layer, "expert": expert, "hook": hook, "neuron": n} for layer, expert, hook, width in groups
+                             for n in range(width)]).astype({"expert": "Int64"})  # fmt: skip
+
+    assert describe_shape(scores([(0, None, "h0", 3), (1, None, "h1", 3)])) == "2 layers × 3 neurons (6)"
+    assert describe_shape(scores([(0, None, "h0", 3), (1, None, "h1", 2)])) == "2 layers, 5 neurons"
+    moe = [(0, None, "blocks.0.mlp.hook_post", 4), (1, None, "shared", 2), (1, 0, "e0", 3), (1, 1, "e1", 3)]
+    assert describe_shape(scores(moe)) == ("2 layers · 6 neurons in 2 routed experts per layer (2 in all) "
+                                           "and 6 in 2 dense or shared-expert MLPs")  # fmt: skip
 
 
 def test_friendly_error_is_one_sentence():

@@ -47,12 +47,12 @@ chart_downloads(chart, "compare_depth")
 st.markdown("#### Top neurons per category")
 n = int(st.number_input("Neurons per category", 1, 50, 3))
 cols = st.columns(2)
-for col, res, key in ((cols[0], res_a, "cmp_top_a"), (cols[1], res_b, "cmp_top_b")):
+for col, res, run_id, key in ((cols[0], res_a, run_a, "cmp_top_a"), (cols[1], res_b, run_b, "cmp_top_b")):
     with col:
         st.caption(res.metadata["model"])
         ids = ["category", *shown_key(res.scores)]
         top = stat_columns(top_neurons(res.scores, "score", n, top_tokens=res.top_tokens), ids, "score")
-        neuron_table(top[[*ids, "score", "auroc", "top_tokens"]], key=key, column_config=stat_column_config(top))
+        neuron_table(top[[*ids, "score", "auroc", "top_tokens"]], key=key, run_id=run_id, column_config=stat_column_config(top))
 
 st.markdown("#### Category correlation (score across neurons, Pearson)")
 cols = st.columns(2)

@@ -51,6 +51,8 @@ st.altair_chart(bars)
 chart_downloads(bars, f"neuron_{label.replace('.', '_')}_categories")
 with st.expander("All statistics"):
     table = profile.drop(columns=["model", "hook"]).assign(category=profile["category"].astype(str))
+    if "expert" in table.columns and table["expert"].isna().all():  # a dense neuron
+        table = table.drop(columns="expert")
     st.dataframe(table, hide_index=True, column_config=stat_column_config(table))
 
 st.markdown("#### Top-activating examples")

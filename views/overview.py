@@ -42,16 +42,7 @@ md = result.metadata
 threshold = float(md.get("threshold", 1.0))
 st.subheader("Headline of the active run")
 key = analysis.shown_key(result.scores)
-if analysis.has_experts(result.scores):
-    groups = analysis.neuron_groups(result.scores)
-    n_plain = int(groups["expert"].isna().sum())
-    shape = f"{groups['n_neurons'].sum():,} neurons in {groups['expert'].notna().sum():,} routed experts" + (
-        f" and {n_plain} dense or shared-expert MLPs" if n_plain else ""
-    )
-    shape = f"{len(md.get('layers', []))} layers · {shape}"
-else:
-    shape = f"{len(md.get('layers', []))} layers × {sum(md.get('neurons_per_layer', {}).values())} neurons"
-st.caption(f"{md.get('model')} · {shape} · {md.get('n_tokens')} tokens · created {str(md.get('created', '?')).replace('T', ' ')}")
+st.caption(f"{md.get('model')} · {scanning.describe_shape(result.scores)} · {md.get('n_tokens')} tokens · created {str(md.get('created', '?')).replace('T', ' ')}")
 holds_up = st.toggle(
     f"Only neurons that hold up across words (cv_auroc ≥ {analysis.HOLDS_UP_CV_AUROC:g})", value=False,
     help="cv_auroc: the AUROC on held-out folds of each category's words. A neuron that answers to one or two "

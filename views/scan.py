@@ -152,8 +152,8 @@ elif scan_clicked:
         md = outcome.result.metadata
         how = "reused from an identical earlier scan" if outcome.cached else f"finished in {md['timings_s']['total']:.1f} s"
         state.flash(
-            f"Scan {how}: {len(md['layers'])} layers × {sum(md['neurons_per_layer'].values())} neurons over "
-            f"{md['n_tokens']} tokens. Saved as run {outcome.run_id}."
+            f"Scan {how}: {scanning.describe_shape(outcome.result.scores)} over {md['n_tokens']:,} tokens. "
+            f"Saved as run {outcome.run_id}."
         )
         st.rerun()
 
@@ -167,8 +167,7 @@ if result is None:
     st.stop()
 md = result.metadata
 st.markdown(
-    f"`{md.get('model')}` · {len(md.get('layers', []))} layers × {sum(md.get('neurons_per_layer', {}).values())} "
-    f"neurons · {md.get('n_tokens')} tokens in {md.get('n_forward_passes', '?')} forward pass(es) · "
+    f"`{md.get('model')}` · {scanning.describe_shape(result.scores)} · {md.get('n_tokens')} tokens in {md.get('n_forward_passes', '?')} forward pass(es) · "
     f"device {md.get('device', '?')} / {md.get('dtype', '?')} · created {str(md.get('created', '?')).replace('T', ' ')}"
 )
 if (plan := scanning.describe_plan(md)) is not None:
