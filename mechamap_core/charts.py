@@ -263,7 +263,7 @@ def relative_depth_lines(depth: pd.DataFrame, columns: int = 4) -> alt.FacetChar
         alt.Chart(depth)
         .mark_line(point=True)
         .encode(
-            x=alt.X("relative_depth:Q", title="relative depth: (layer + ½) / number of layers", scale=alt.Scale(domain=[0, 1])),
+            x=alt.X("relative_depth:Q", title="relative depth", scale=alt.Scale(domain=[0, 1])),
             y=alt.Y("fraction:Q", title="fraction flagged"),
             color=alt.Color("run:N", legend=legend),
             tooltip=["run", "layer", "flagged", "neurons", alt.Tooltip("fraction:Q", format=".3f")],

@@ -40,6 +40,8 @@ for name, res in (("A: " + res_a.metadata["model"], res_a), ("B: " + res_b.metad
     depth.append(frame.assign(run=name))
 depth_frame = pd.concat(depth, ignore_index=True)
 st.markdown("#### Flagged neurons by relative depth (fraction of each layer's neurons)")
+st.caption("Relative depth: (layer + ½) / number of layers, the middle of each layer's share of the model, so models "
+           "of different depths line up.")  # fmt: skip
 chart = relative_depth_lines(depth_frame)
 st.altair_chart(chart)
 chart_downloads(chart, "compare_depth")
