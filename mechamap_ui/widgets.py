@@ -23,8 +23,9 @@ MAX_TABLE_ROWS = 1000
 def metric_picker(scores: pd.DataFrame, key: str, label: str = "Metric", default: str = "score", in_url: bool = False) -> str:
     """Selectbox over the analysis.METRICS present in scores; returns the column name (e.g. "score").
 
-    in_url: the choice lives in the URL as ?<key>=<metric> (read back when a shared link is opened). Streamlit
-    writes a bound option as it is displayed, so those pickers show the plain column names (described in the help).
+    in_url: the choice lives in the URL as ?<key>=<metric> (read back when a shared link is opened). Every picker
+    shows the plain column names, as the tables do (a bound option is written to the URL as displayed; a long
+    description was cut off in a narrow column); the help describes each.
     """
     options = [m for m in METRICS if m in scores.columns]
     if not options:
@@ -33,8 +34,7 @@ def metric_picker(scores: pd.DataFrame, key: str, label: str = "Metric", default
     index = options.index(default) if default in options else 0
     described = "\n".join(f"- {METRICS[m]}" for m in options)
     return st.selectbox(
-        label, options, index=index, key=key, format_func=str if in_url else lambda m: METRICS.get(m, m),
-        help=described, bind=_binding(in_url),
+        label, options, index=index, key=key, help=described, bind=_binding(in_url),
     )  # fmt: skip
 
 
