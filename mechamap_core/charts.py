@@ -234,13 +234,13 @@ def heldout_ceiling_dots(summary: pd.DataFrame) -> alt.LayerChart:
     """Per category, a dot for the flagged neurons' mean held-out AUROC and one for the best as many neurons reach
     on the held-out text (validate_heldout's summary with best_possible_auroc), joined by a line: the gap."""
     data = summary.assign(category=summary["category"].astype(str))
-    long = data.melt(id_vars="category", value_vars=list(HELDOUT_MEASURES), var_name="measure", value_name="auroc")
+    long = data.melt(id_vars="category", value_vars=list(HELDOUT_MEASURES), var_name="measure", value_name="auroc").dropna()
     long["measure"] = long["measure"].map(HELDOUT_MEASURES)
     y = alt.Y("category:N", sort=list(data["category"]), title=None, axis=alt.Axis(labelOverlap=False, labelLimit=160))
     x = alt.X("auroc:Q", scale=alt.Scale(domain=[0.4, 1.0], clamp=True), title="held-out AUROC")
-    gap = alt.Chart(long.dropna()).mark_line(color="#bbbbbb").encode(x=x, y=y, detail="category:N")
+    gap = alt.Chart(long).mark_line(color="#bbbbbb").encode(x=x, y=y, detail="category:N")
     dots = (
-        alt.Chart(long.dropna())
+        alt.Chart(long)
         .mark_circle(size=90, opacity=1)
         .encode(
             x=x, y=y,

@@ -99,6 +99,8 @@ def heldout_ceiling(
     from .scan.run import scan
 
     validate_config(heldout)
+    if not any(counts.values()):  # nothing was tested: no scan to run
+        return pd.Series(np.nan, index=list(counts), name="best_possible_auroc", dtype=float)
     quick = dataclasses.replace(heldout, auroc=True, permutations=0, cv_folds=0)
     scores = scan(lm, quick, layers=layers, limit_neurons=limit_neurons).scores
     auroc = scores.assign(category=scores["category"].astype(str)).groupby("category")["auroc"]

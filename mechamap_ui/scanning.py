@@ -9,6 +9,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import pandas as pd
 import streamlit as st
 import torch
 
@@ -95,9 +96,10 @@ def quantization_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes") is not None
 
 
-def describe_shape(scores) -> str:
-    """What a run scanned, for a caption: "6 layers × 1,536 neurons (9,216)" (or "6 layers, 9,000 neurons" when widths differ), or for a mixture-of-experts run
-    "2 layers · 192 neurons in 4 routed experts per layer (8 in all)", plus its dense or shared-expert MLPs."""
+def describe_shape(scores: pd.DataFrame) -> str:
+    """What a run scanned, for a caption: "6 layers × 1,536 neurons (9,216)" ("6 layers, 9,000 neurons" when the
+    widths differ), or for a mixture-of-experts run "2 layers · 192 neurons in 4 routed experts per layer (8 in
+    all)", plus its dense or shared-expert MLPs."""
     groups = neuron_groups(scores)
     n_layers = groups["layer"].nunique()
     routed, plain = groups[groups["expert"].notna()], groups[groups["expert"].isna()]

@@ -65,6 +65,7 @@ def test_heldout_ceiling_is_the_best_neurons_on_the_heldout_text_by_brute_force(
         _, summary = validate_heldout(tiny_bert, candidates, heldout)
         assert summary["mean_heldout_auroc"].iloc[0] <= ceiling[category] + 1e-12
     assert np.isnan(ceiling["vehicle"])
+    assert heldout_ceiling(tiny_bert, heldout, {"food": 0}).isna().all()  # nothing tested: NaN, without a scan
 
 
 def test_heldout_reports_untested_categories(tiny_bert):

@@ -51,8 +51,8 @@ st.altair_chart(bars)
 chart_downloads(bars, f"neuron_{label.replace('.', '_')}_categories")
 with st.expander("All statistics"):
     table = profile.drop(columns=["model", "hook"]).assign(category=profile["category"].astype(str))
-    if "expert" in table.columns and table["expert"].isna().all():  # a dense neuron
-        table = table.drop(columns="expert")
+    if not has_experts(table):  # a dense neuron: no expert column of empties
+        table = table.drop(columns="expert", errors="ignore")
     st.dataframe(table, hide_index=True, column_config=stat_column_config(table))
 
 st.markdown("#### Top-activating examples")
