@@ -11,7 +11,8 @@ the default config, ranks the neurons of each category three ways, takes the top
 
 configs/validation.yaml and configs/heldout.yaml are development data: the ranking and the default text
 were chosen on them. configs/heldout_fresh.yaml was written after the last decision and run once on the
-final choice; it is the figure to quote, not one to tune on (`--heldout configs/heldout_fresh.yaml`).
+final choice; it is the figure to quote, not one to tune on (`--heldout configs/heldout_fresh.yaml`), and so
+is configs/heldout_fresh2.yaml, written on 2026-12-05 before any scan of it (README: "A broader default").
 It prints the mean held-out AUROC per category, the mean and the minimum over categories, and beside them
 the **ceiling**: the mean held-out AUROC of the top-N neurons by AUROC on a scan of the held-out config
 itself, i.e. the most that any choice of N neurons per category can reach on that text (chosen in-sample,
@@ -42,7 +43,7 @@ from mechamap_core import ScanConfig, load_config, load_model, scan  # noqa: E40
 from mechamap_core.hypothesis import heldout_ceiling  # noqa: E402
 
 RANKINGS = ["separation", "score", "cv_auroc"]
-HELDOUT = [str(ROOT / "configs" / f) for f in ("validation.yaml", "heldout.yaml", "heldout_fresh.yaml")]
+HELDOUT = [str(ROOT / "configs" / f) for f in ("validation.yaml", "heldout.yaml", "heldout_fresh.yaml", "heldout_fresh2.yaml")]
 
 
 def with_words_of(cfg: ScanConfig, others: list[ScanConfig]) -> ScanConfig:
