@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+import tempfile
+from pathlib import Path
 
 import pandas as pd
 
@@ -27,21 +30,66 @@ def _layers(text: str) -> list[int]:
     return layers
 
 
-def _non_negative(text: str) -> int:
+def _at_least(minimum: int, why: str = ""):
+    """argparse type: a whole number >= minimum (why: said after the limit in the error)."""
+
+    def whole_number(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {minimum} or more{why}")
+        return value
+
+    return whole_number
+
+
+_non_negative, _positive = _at_least(0), _at_least(1)
+
+
+def _finite(text: str) -> float:
+    """argparse type: a finite number (a threshold)."""
     try:
-        value = int(text)
+        value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError("must be 0 or more")
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, not {text}")
     return value
 
 
-def _positive(text: str) -> int:
-    value = _non_negative(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be 1 or more")
+def _fraction(text: str) -> float:
+    """argparse type: a number from 0 to 1 (an AUROC)."""
+    value = _finite(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (an AUROC), not {text}")
     return value
+
+
+def _check_outputs(outputs: dict[str, str | None], inputs: dict[str, str | None], folders: tuple[str, ...] = ()) -> None:
+    """Before any work: each output path ({flag: path}; folders: the flags that name a folder) names none of the
+    inputs ({flag: path}) and no other output, is not a folder (or, for folders, a file), and can be written:
+    its folder is created and a temp file tried there. Raises ValueError naming the flag."""
+    taken = {Path(path).expanduser().resolve(): flag for flag, path in inputs.items() if path}
+    for flag, path in outputs.items():
+        if not path:
+            continue
+        target = Path(path).expanduser().resolve()
+        if target in taken:
+            raise ValueError(f"{flag} {path} is also {taken[target]}: writing it would overwrite that file; "
+                             "give the output another path")  # fmt: skip
+        taken[target] = flag
+        if flag in folders and target.is_file():
+            raise ValueError(f"{flag} {path} is a file: give a folder")
+        if flag not in folders and target.is_dir():
+            raise ValueError(f"{flag} {path} is a folder: give a file path")
+        folder = target if flag in folders else target.parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=folder).close()
+        except OSError as exc:
+            raise ValueError(f"cannot write {flag} {path}: {exc.strerror or exc}") from None
 
 
 def _add_loading_flags(parser: argparse.ArgumentParser) -> None:
@@ -110,26 +158,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", help="write JSON keyed by neuron here")
     s.add_argument("--parquet", help="write Parquet here")
     s.add_argument("--flagged-only", action="store_true", help="export only rows with score >= the config's threshold")
-    s.add_argument("--min-cv-auroc", type=float, metavar="A",
+    s.add_argument("--min-cv-auroc", type=_fraction, metavar="A",
                    help="export only rows that hold up across words: cv_auroc >= A (e.g. 0.75)")
     s.add_argument("--routing", metavar="CSV", help="mixture-of-experts models: write the routing table (layer, "
                    "expert, category: tokens routed, share, enrichment) here")
     s.add_argument("--save-run", metavar="RUNS_DIR", help="also save the run to RUNS_DIR/<id>/ (for the app)")
     i = sub.add_parser("interpret", help="summarise a scores CSV as the original interpret_map.py did")
     i.add_argument("--csv", required=True, help="scores CSV written by `scan`")
-    i.add_argument("--threshold", type=float, default=1.0, help="flag rows with metric >= T (default 1.0)")
+    i.add_argument("--threshold", type=_finite, default=1.0, help="flag rows with metric >= T (default 1.0)")
     i.add_argument("--metric", default="score", help="score, avg_activation, cohens_d, auroc, ...")
     i.add_argument("--multi-category", action="store_true", help="list neurons flagged in 2+ categories")
     i.add_argument("--correlation", action="store_true", help="print the category correlation matrix")
     i.add_argument("--top", type=_non_negative, default=5, help="top neurons per category to print")
-    i.add_argument("--min-cv-auroc", type=float, metavar="A", help="only rows that hold up across words (cv_auroc >= A)")
+    i.add_argument("--min-cv-auroc", type=_fraction, metavar="A", help="only rows that hold up across words (cv_auroc >= A)")
     v = sub.add_parser("validate", help="check flagged neurons on a held-out text with its own category words")
     v.add_argument("--csv", required=True, help="scores CSV (or Parquet) written by `scan`")
     v.add_argument("--heldout", required=True, help="held-out YAML config (e.g. configs/validation.yaml)")
     v.add_argument("--model", help="model to load; default: the CSV's model column")
     v.add_argument("--metric", default="score", help="metric that flags neurons (default score)")
-    v.add_argument("--threshold", type=float, default=1.0, help="flag rows with metric >= T (default 1.0)")
-    v.add_argument("--min-auroc", type=float, default=0.75, help="held-out AUROC a neuron needs to pass (default 0.75)")
+    v.add_argument("--threshold", type=_finite, default=1.0, help="flag rows with metric >= T (default 1.0)")
+    v.add_argument("--min-auroc", type=_fraction, default=0.75, help="held-out AUROC a neuron needs to pass (default 0.75)")
     v.add_argument("--device", default="auto")
     _add_loading_flags(v)
     v.add_argument("--ceiling", action="store_true", help="also scan the held-out text for the best neurons on it: "
@@ -140,16 +188,16 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--category", required=True, help="category whose tokens are measured")
     a.add_argument("--neurons", help="neurons to ablate, e.g. 5:376,5:544 (layer:neuron)")
     a.add_argument("--csv", help="scores CSV: ablate every neuron flagged for the category")
-    a.add_argument("--threshold", type=float, default=1.0, help="with --csv: flag rows with score >= T")
+    a.add_argument("--threshold", type=_finite, default=1.0, help="with --csv: flag rows with score >= T")
     a.add_argument("--max-neurons", type=_non_negative, default=20, help="with --csv: at most N best neurons (0 = all)")
     a.add_argument("--mode", default="zero", choices=["zero", "mean"])
-    a.add_argument("--controls", type=_non_negative, default=5, help="random control sets (default 5)")
+    a.add_argument("--controls", type=_at_least(2, ": their spread needs two"), default=5, help="random control sets (default 5)")
     a.add_argument("--model", help="model to load; default: the config's")
     a.add_argument("--device", default="auto")
     _add_loading_flags(a)
     w = sub.add_parser("write-text", help="write a balanced master text for a config's words from neutral templates")
     w.add_argument("--config", required=True, help="YAML config whose categories are used")
-    w.add_argument("--contexts", type=_non_negative, default=3, help="templates (contexts) per word (default 3)")
+    w.add_argument("--contexts", type=_positive, default=3, help="templates (contexts) per word (default 3)")
     w.add_argument("--seed", type=int, default=0, help="seed of the word and template order (default 0)")
     w.add_argument("--mix", choices=["replace", "append"], default="replace",
                    help="replace the config's text, or append to it (default replace)")  # fmt: skip
@@ -157,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("contrast", help="do flagged neurons follow a word's form or its meaning? (contrast sentences)")
     c.add_argument("--csv", required=True, help="scores CSV (or Parquet) written by `scan`")
     c.add_argument("--contrast", help="contrast set YAML (default: the built-in configs/contrast_default.yaml)")
-    c.add_argument("--threshold", type=float, default=2.0, help="flag rows with score >= T (default 2.0)")
+    c.add_argument("--threshold", type=_finite, default=2.0, help="flag rows with score >= T (default 2.0)")
     c.add_argument("--top", type=_non_negative, default=5, help="at most N best neurons per category (0 = all)")
     c.add_argument("--model", help="model to load; default: the CSV's model column")
     c.add_argument("--device", default="auto")
@@ -166,29 +214,54 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _read_scores(path: str, *columns: str) -> pd.DataFrame:
-    scores = pd.read_parquet(path) if path.endswith(".parquet") else pd.read_csv(path)
+def _read_scores(path: str, *columns: str, numeric: tuple[str, ...] = ()) -> pd.DataFrame:
+    """A scores CSV or Parquet file with layer, neuron, category and `columns`, checked: at least one row, whole
+    layer and neuron numbers, and numbers in the `numeric` columns. Raises ValueError naming the file."""
+    try:
+        scores = pd.read_parquet(path) if path.endswith(".parquet") else pd.read_csv(path)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not a MechaMap scores file ({str(exc).strip()})") from None
     missing = {"layer", "neuron", "category", *columns} - set(scores.columns)
     if missing:
         raise ValueError(f"{path} lacks columns {sorted(missing)}; is it a MechaMap scores file?")
+    if scores.empty:
+        raise ValueError(f"{path} has no rows: scan again, or pick the file with the results")
+    for column in ("layer", "neuron"):
+        values = scores[column]
+        if not pd.api.types.is_numeric_dtype(values) or values.isna().any() or (values % 1 != 0).any():
+            raise ValueError(f"{path}: every row needs a whole-number {column}")
+    for column in numeric:
+        if not pd.api.types.is_numeric_dtype(scores[column]):
+            raise ValueError(f"{path}: '{column}' is not a numeric column; pick a statistic such as score or auroc")
     return scores
+
+
+def _model_name(args, scores: pd.DataFrame) -> str:
+    """--model, else the scores' model column. Raises ValueError when neither names one."""
+    if args.model:
+        return args.model
+    if "model" not in scores.columns or scores["model"].isna().all():
+        raise ValueError(f"{args.csv} has no model column: name the model with --model")
+    return str(scores["model"].dropna().iloc[0])
 
 
 def _run_validate(args) -> int:
     from .hypothesis import validate_heldout, with_ceiling
 
-    scores = _read_scores(args.csv)
+    _check_outputs({"--out": args.out}, {"--csv": args.csv, "--heldout": args.heldout})
+    scores = _read_scores(args.csv, args.metric, numeric=(args.metric,))
     heldout = load_config(args.heldout)
-    if args.metric not in scores.columns:
-        raise ValueError(f"{args.csv} has no column '{args.metric}'")
     candidates = scores[scores[args.metric] >= args.threshold]
-    model = args.model or str(scores["model"].iloc[0])
-    lm = _load(args, model)
+    lm = _load(args, _model_name(args, scores))
     per_neuron, summary = validate_heldout(lm, candidates, heldout, args.min_auroc)
     if args.ceiling:
         summary = with_ceiling(lm, scores, heldout, summary)
     print(f"Held-out check of {len(candidates)} flagged rows ({args.metric} >= {args.threshold}), pass = AUROC >= {args.min_auroc}:")
     print(summary.to_string(index=False))
+    if not summary["tested"].any():
+        reasons = "; ".join(sorted(set(per_neuron["status"])))
+        print(f"note: no flagged neuron could be tested ({reasons}): does {args.heldout} have the scan's categories, "
+              "with their words in its text?", file=sys.stderr)  # fmt: skip
     if args.out:
         per_neuron.to_csv(args.out, index=False)
         print(f"wrote {args.out}", file=sys.stderr)
@@ -199,6 +272,8 @@ def _run_ablate(args) -> int:
     from .hypothesis import ablate, flagged_for_category, parse_neuron_list
 
     cfg = load_config(args.config)
+    if args.neurons and args.csv:
+        raise ValueError("give --neurons or --csv, not both")
     if args.neurons:
         neurons = parse_neuron_list(args.neurons)
     elif args.csv:
@@ -226,6 +301,7 @@ def _run_write_text(args) -> int:
     from .config import atomic_write_text, config_to_yaml, validate_config
     from .master_text import mix_texts, overcounted_words, write_master_text
 
+    _check_outputs({"--out": args.out}, {"--config": args.config})
     cfg = load_config(args.config)
     generated = write_master_text(cfg.categories, args.contexts, args.seed)
     for row in overcounted_words(generated, cfg.categories, args.contexts).itertuples():
@@ -250,9 +326,10 @@ def _run_write_text(args) -> int:
 def _run_contrast(args) -> int:
     from .contrast import DEFAULT_CONTRAST_PATH, contrast_neurons, load_contrast_set
 
+    _check_outputs({"--out": args.out}, {"--csv": args.csv, "--contrast": args.contrast})
     contrast_set = load_contrast_set(args.contrast or DEFAULT_CONTRAST_PATH)
-    scores = _read_scores(args.csv, "score")
-    lm = _load(args, args.model or str(scores["model"].iloc[0]))
+    scores = _read_scores(args.csv, "score", numeric=("score",))
+    lm = _load(args, _model_name(args, scores))
     table = contrast_neurons(lm, scores, contrast_set, threshold=args.threshold, top=args.top or None)
     pd.set_option("display.width", 200)
     print(f"Word form or meaning? Neurons with score >= {args.threshold}, on {args.contrast or 'the built-in set'}:")
@@ -278,6 +355,12 @@ def _run_scan(args) -> int:
         raise ValueError("--checkpoint-dir and --resume are for corpus scans: add --corpus")
     if args.resume and not args.checkpoint_dir:
         raise ValueError("--resume needs the --checkpoint-dir of the scan to continue")
+    outputs = {"--csv": args.csv, "--json": args.json, "--parquet": args.parquet, "--routing": args.routing,
+               "--save-run": args.save_run, "--checkpoint-dir": args.checkpoint_dir}  # fmt: skip
+    local_corpus = corpus if corpus and Path(corpus).exists() else None  # not a glob or an hf:// address
+    _check_outputs(outputs, {"--config": args.config, "--corpus": local_corpus}, folders=("--save-run", "--checkpoint-dir"))
+    if not corpus:
+        _warn_missing_words(cfg)
 
     def load(device: str):
         print(f"loading {cfg.model} ...", file=sys.stderr)
@@ -307,6 +390,9 @@ def _run_scan(args) -> int:
             file=sys.stderr,
         )
     options = {"flagged_only": args.flagged_only, "min_cv_auroc": args.min_cv_auroc}
+    if args.min_cv_auroc is not None and result.scores["cv_auroc"].isna().all():
+        print("note: this scan has no cv_auroc (it needs two or more words per category, auroc and cv_folds on): "
+              "--min-cv-auroc keeps every row", file=sys.stderr)  # fmt: skip
     for fmt, path in (("csv", args.csv), ("json", args.json), ("parquet", args.parquet)):
         if path:
             getattr(export, f"to_{fmt}")(result, path, **options)
@@ -327,8 +413,22 @@ def _run_scan(args) -> int:
     return 0
 
 
+def _warn_missing_words(cfg) -> None:
+    """Before a scan of the master text: a ValueError when none of the config's words occurs in it (every statistic
+    would be empty), a warning naming the words that do not occur."""
+    from .alignment import missing_words
+
+    missing = [word for words in missing_words(cfg.texts, cfg.categories).values() for word in words]
+    n_words = sum(len(words) for words in cfg.categories.values())
+    if missing and len(missing) == n_words:
+        raise ValueError("none of the config's words occurs in its master text: there is nothing to measure")
+    if missing:
+        shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+        print(f"warning: {len(missing)} of {n_words} words never occur in the master text: {shown}", file=sys.stderr)
+
+
 def _run_interpret(args) -> int:
-    scores = _read_scores(args.csv, args.metric)
+    scores = _read_scores(args.csv, args.metric, numeric=(args.metric,))
     if args.min_cv_auroc is not None:
         if "cv_auroc" not in scores.columns:
             raise ValueError(f"{args.csv} has no cv_auroc column (scanned before cross-validation existed); rescan it")

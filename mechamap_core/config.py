@@ -175,6 +175,8 @@ def parse_config(text: str) -> ScanConfig:
 def load_config(path: str | os.PathLike) -> ScanConfig:
     """Load and validate a YAML config file. Raises ConfigError (bad content) or FileNotFoundError."""
     path = Path(path)
+    if path.is_dir():
+        raise FileNotFoundError(f"{path} is a folder, not a config file")
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
     return parse_config(path.read_text(encoding="utf-8"))

@@ -47,6 +47,9 @@ def run_corpus_scan(args, cfg: ScanConfig, load: Callable[[str], LoadedModel], c
         calibration = [d.text for d in itertools.islice(iter_documents(corpus, text_field=text_field), CALIBRATION_DOCUMENTS)]
         if resumed is not None:
             print(f"rank {ranks.rank}: resuming after {resumed.documents:,} documents (index {start:,})", file=sys.stderr)
+        elif args.resume:
+            print(f"rank {ranks.rank}: no checkpoint in {args.checkpoint_dir} to resume: starting from the first document",
+                  file=sys.stderr)  # fmt: skip
         tracked = _Tracked(documents)
         with tqdm(desc=f"rank {ranks.rank}" if ranks.distributed else "scanning", unit="doc", file=sys.stderr) as bar:
 

@@ -343,9 +343,10 @@ def ablate(
 
 
 def parse_neuron_list(text: str) -> list[tuple[int, int]]:
-    """'5:376, 5:544' -> [(5, 376), (5, 544)] (empty parts skipped). Raises ValueError for anything else."""
+    """'5:376, 5:544' -> [(5, 376), (5, 544)] (empty parts skipped, a repeated pair kept once, in first order).
+    Raises ValueError for anything else."""
     try:
-        return [(int(a), int(b)) for a, b in (part.split(":") for part in text.split(",") if part.strip())]
+        return list(dict.fromkeys((int(a), int(b)) for a, b in (part.split(":") for part in text.split(",") if part.strip())))
     except ValueError:
         raise ValueError(f"invalid neuron list '{text}': use layer:neuron pairs, e.g. 5:376,5:544") from None
 

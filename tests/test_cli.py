@@ -176,6 +176,13 @@ def test_ablate_prints_effect_vs_controls(capsys):
         (["scan", "--config", DEFAULT, "--layers", "3-1"], "--layers"),
         (["interpret"], "--csv"),
         ([], "command"),
+        (["interpret", "--csv", "x.csv", "--threshold", "nan"], "--threshold"),
+        (["interpret", "--csv", "x.csv", "--threshold", "inf"], "--threshold"),
+        (["interpret", "--csv", "x.csv", "--min-cv-auroc", "2"], "--min-cv-auroc"),
+        (["scan", "--config", DEFAULT, "--min-cv-auroc", "nan"], "--min-cv-auroc"),
+        (["validate", "--csv", "x.csv", "--heldout", HELDOUT, "--min-auroc", "1.5"], "--min-auroc"),
+        (["ablate", "--config", DEFAULT, "--category", "food", "--neurons", "5:1", "--controls", "1"], "--controls"),
+        (["write-text", "--config", DEFAULT, "--contexts", "0"], "--contexts"),
     ],
 )
 def test_argparse_errors_exit_2_with_one_line(argv, fragment, capsys):
@@ -243,3 +250,116 @@ def test_module_entry_point_shows_progress_on_stderr():
     assert "scanned 6 layers x 24 neurons" in proc.stderr
     # without output files the top neurons go to stdout
     assert "category" in proc.stdout and "score" in proc.stdout
+
+
+# --- outputs and scores files checked before any work ------------------------------------------------------
+
+
+def test_outputs_never_overwrite_inputs_or_each_other(scanned, capsys, tmp_path):
+    csv = tmp_path / "scores.csv"
+    csv.write_bytes(scanned[1]["csv"].read_bytes())
+    config = tmp_path / "cfg.yaml"
+    config.write_text(Path(DEFAULT).read_text(encoding="utf-8"), encoding="utf-8")
+    before = {path: path.read_bytes() for path in (csv, config)}
+    cases = [
+        (["validate", "--csv", str(csv), "--heldout", HELDOUT, "--out", str(csv)], "--out", "--csv"),
+        (["contrast", "--csv", str(csv), "--out", str(tmp_path / "." / "scores.csv")], "--out", "--csv"),
+        (["scan", "--config", str(config), "--csv", str(config)], "--csv", "--config"),
+        (["scan", "--config", str(config), "--csv", str(tmp_path / "a.csv"), "--json", str(tmp_path / "a.csv")], "--json", "--csv"),
+        (["write-text", "--config", str(config), "--out", str(config)], "--out", "--config"),
+    ]  # fmt: skip
+    for argv, *fragments in cases:
+        assert main(argv) == 1, argv
+        err = capsys.readouterr().err
+        assert_one_line_error(err, *fragments, "overwrite")
+        assert "loading" not in err  # refused before any model was loaded
+    assert {path: path.read_bytes() for path in before} == before
+    assert not (tmp_path / "a.csv").exists()
+
+
+def test_output_paths_are_checked_before_the_scan_and_folders_made(capsys, tmp_path):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("x", encoding="utf-8")
+    scan = ["scan", "--config", DEFAULT, "--limit-neurons", "2", "--device", "cpu"]
+    for extra, fragment in [
+        (["--csv", str(tmp_path / "folder")], "is a folder"),
+        (["--save-run", str(tmp_path / "file")], "is a file"),
+        (["--json", "/proc/mechamap/x.json"], "cannot write --json"),
+    ]:
+        assert main(scan + extra) == 1
+        err = capsys.readouterr().err
+        assert_one_line_error(err, fragment)
+        assert "loading" not in err and ".tmp" not in err
+    nested = tmp_path / "new" / "deeper" / "scores.csv"
+    assert main(scan + ["--csv", str(nested)]) == 0
+    assert len(pd.read_csv(nested)) == 6 * 2 * 8
+
+
+def test_scores_files_that_are_not_scan_results_get_one_line_errors(scanned, capsys, tmp_path):
+    table = pd.read_csv(scanned[1]["csv"])
+    files = {
+        "header_only": table.head(0),
+        "no_model": table.drop(columns="model"),
+        "text_layer": table.assign(layer=table["layer"].astype(str) + "x"),
+        "empty_layer": table.assign(layer=table["layer"].where(table.index > 0)),
+    }
+    paths = {name: tmp_path / f"{name}.csv" for name in files}
+    for name, frame in files.items():
+        frame.to_csv(paths[name], index=False)
+    (tmp_path / "empty.csv").write_text("", encoding="utf-8")
+    cases = [
+        (["validate", "--csv", str(paths["header_only"]), "--heldout", HELDOUT], "has no rows"),
+        (["contrast", "--csv", str(paths["header_only"])], "has no rows"),
+        (["validate", "--csv", str(paths["no_model"]), "--heldout", HELDOUT], "--model"),
+        (["contrast", "--csv", str(paths["no_model"])], "--model"),
+        (["interpret", "--csv", str(paths["text_layer"])], "whole-number layer"),
+        (["interpret", "--csv", str(paths["empty_layer"])], "whole-number layer"),
+        (["interpret", "--csv", str(scanned[1]["csv"]), "--metric", "model"], "not a numeric column"),
+        (["validate", "--csv", str(scanned[1]["csv"]), "--heldout", HELDOUT, "--metric", "top_tokens"], "not a numeric column"),
+        (["interpret", "--csv", str(tmp_path / "empty.csv")], "not a MechaMap scores file"),
+        (["interpret", "--csv", DEFAULT], "not a MechaMap scores file"),
+    ]  # fmt: skip
+    for argv, fragment in cases:
+        assert main(argv) == 1, argv
+        assert_one_line_error(capsys.readouterr().err, fragment)
+
+
+def test_scan_refuses_a_text_without_any_category_word_and_names_missing_words(capsys, tmp_path):
+    config = tmp_path / "cfg.yaml"
+    config.write_text("master_text: The sky is quiet today.\ncategories:\n  fruit: [mango, kiwi]\n", encoding="utf-8")
+    assert main(["scan", "--config", str(config), "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert_one_line_error(err, "none of the config's words")
+    assert "loading" not in err
+    config.write_text("master_text: A mango, then another mango.\ncategories:\n  fruit: [mango, kiwi]\n  pet: [dog]\n",
+                      encoding="utf-8")  # fmt: skip
+    assert main(["scan", "--config", str(config), "--device", "cpu", "--limit-neurons", "2",
+                 "--min-cv-auroc", "0.9", "--csv", str(tmp_path / "x.csv")]) == 0  # fmt: skip
+    err = capsys.readouterr().err
+    assert "warning: 2 of 3 words never occur in the master text: kiwi, dog" in err
+    assert "--min-cv-auroc keeps every row" in err  # no category has two words that occur: no cv_auroc
+
+
+def test_a_directory_given_as_config_is_named_as_such(capsys, tmp_path):
+    assert main(["scan", "--config", str(tmp_path)]) == 1
+    assert_one_line_error(capsys.readouterr().err, "is a folder, not a config file")
+
+
+def test_ablate_counts_a_repeated_neuron_once_and_refuses_two_neuron_sources(capsys, scanned):
+    from mechamap_core.hypothesis import parse_neuron_list
+
+    assert parse_neuron_list("5:0, 5:0,4:2,5:0") == [(5, 0), (4, 2)]
+    argv = ["ablate", "--config", DEFAULT, "--category", "food", "--neurons", "5:1", "--csv", str(scanned[1]["csv"])]
+    assert main(argv) == 1
+    assert_one_line_error(capsys.readouterr().err, "not both")
+
+
+def test_resume_without_a_checkpoint_says_it_starts_from_the_first_document(capsys, tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("A dog ate pizza in Paris.\nA red bus left London on Monday.\n", encoding="utf-8")
+    argv = ["scan", "--config", DEFAULT, "--corpus", str(corpus), "--limit-neurons", "2", "--device", "cpu",
+            "--checkpoint-dir", str(tmp_path / "checkpoints"), "--resume", "--csv", str(tmp_path / "x.csv")]  # fmt: skip
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert f"no checkpoint in {tmp_path / 'checkpoints'} to resume: starting from the first document" in err
+    assert "scanned 2 documents" in err and (tmp_path / "x.csv").is_file()

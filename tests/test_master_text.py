@@ -129,7 +129,10 @@ def test_cli_prints_writes_a_config_and_appends(tmp_path, capsys):
     text_file = tmp_path / "text.txt"
     assert main(["write-text", "--config", config, "--out", str(text_file)]) == 0
     assert text_file.read_text() == write_master_text(cats, 3, 0)
-    assert main(["write-text", "--config", config, "--contexts", "0"]) == 1
+    with pytest.raises(SystemExit):  # argparse: a whole number of 1 or more
+        main(["write-text", "--config", config, "--contexts", "0"])
+    assert "argument --contexts: must be 1 or more" in capsys.readouterr().err
+    assert main(["write-text", "--config", config, "--contexts", "99"]) == 1
     assert "contexts must be between 1 and 24" in capsys.readouterr().err
     overlapping = tmp_path / "overlap.yaml"
     overlapping.write_text("master_text: x\ncategories:\n  food: [ice cream]\n  dairy: [cream]\n")
