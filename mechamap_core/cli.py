@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import glob
 import math
 import sys
 import tempfile
@@ -67,17 +68,23 @@ def _fraction(text: str) -> float:
     return value
 
 
-def _check_outputs(outputs: dict[str, str | None], inputs: dict[str, str | None], folders: tuple[str, ...] = ()) -> None:
+def _check_outputs(
+    outputs: dict[str, str | None], inputs: dict[str, str | list[str] | None], folders: tuple[str, ...] = ()
+) -> None:
     """Before any work: each output path ({flag: path}; folders: the flags that name a folder) names none of the
-    inputs ({flag: path}) and no other output, is not a folder (or, for folders, a file), and can be written:
-    its folder is created and a temp file tried there. Raises ValueError naming the flag."""
-    taken = {Path(path).expanduser().resolve(): flag for flag, path in inputs.items() if path}
+    inputs ({flag: a path or a list of paths}) and no other output, is not a folder (or, for folders, a file),
+    and can be written: its folder is created and a temp file tried there. A device or a pipe (/dev/stdout) is
+    written as a stream and not checked. Raises ValueError naming the flag."""
+    taken = {Path(path).resolve(): flag for flag, paths in inputs.items()
+             for path in ([paths] if isinstance(paths, str) else paths or [])}  # fmt: skip
     for flag, path in outputs.items():
         if not path:
             continue
-        target = Path(path).expanduser().resolve()
+        if Path(path).exists() and not (Path(path).is_file() or Path(path).is_dir()):
+            continue  # a device or a pipe
+        target = Path(path).resolve()
         if target in taken:
-            raise ValueError(f"{flag} {path} is also {taken[target]}: writing it would overwrite that file; "
+            raise ValueError(f"{flag} {path} is also {taken[target]}: writing there would overwrite it; "
                              "give the output another path")  # fmt: skip
         taken[target] = flag
         if flag in folders and target.is_file():
@@ -221,9 +228,12 @@ def _read_scores(path: str, *columns: str, numeric: tuple[str, ...] = ()) -> pd.
         scores = pd.read_parquet(path) if path.endswith(".parquet") else pd.read_csv(path)
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path} is not a MechaMap scores file ({str(exc).strip()})") from None
-    missing = {"layer", "neuron", "category", *columns} - set(scores.columns)
+    missing = {"layer", "neuron", "category"} - set(scores.columns)
     if missing:
         raise ValueError(f"{path} lacks columns {sorted(missing)}; is it a MechaMap scores file?")
+    absent = [column for column in columns if column not in scores.columns]
+    if absent:
+        raise ValueError(f"{path} has no column {', '.join(map(repr, absent))}")
     if scores.empty:
         raise ValueError(f"{path} has no rows: scan again, or pick the file with the results")
     for column in ("layer", "neuron"):
@@ -233,7 +243,18 @@ def _read_scores(path: str, *columns: str, numeric: tuple[str, ...] = ()) -> pd.
     for column in numeric:
         if not pd.api.types.is_numeric_dtype(scores[column]):
             raise ValueError(f"{path}: '{column}' is not a numeric column; pick a statistic such as score or auroc")
-    return scores
+    return scores.astype({"layer": "int64", "neuron": "int64"})
+
+
+def _corpus_files(corpus: str | None) -> list[str]:
+    """The local files a corpus reads (the file, a glob's matches, a folder's files): inputs no output may name."""
+    if not corpus or corpus.startswith("hf://"):
+        return []
+    if glob.has_magic(corpus):
+        return glob.glob(corpus, recursive=True)
+    if Path(corpus).is_dir():
+        return [str(path) for path in Path(corpus).iterdir()]
+    return [corpus]
 
 
 def _model_name(args, scores: pd.DataFrame) -> str:
@@ -251,8 +272,11 @@ def _run_validate(args) -> int:
     _check_outputs({"--out": args.out}, {"--csv": args.csv, "--heldout": args.heldout})
     scores = _read_scores(args.csv, args.metric, numeric=(args.metric,))
     heldout = load_config(args.heldout)
+    model = _model_name(args, scores)
     candidates = scores[scores[args.metric] >= args.threshold]
-    lm = _load(args, _model_name(args, scores))
+    if candidates.empty:
+        raise ValueError(f"no row of {args.csv} has {args.metric} >= {args.threshold}: lower --threshold")
+    lm = _load(args, model)
     per_neuron, summary = validate_heldout(lm, candidates, heldout, args.min_auroc)
     if args.ceiling:
         summary = with_ceiling(lm, scores, heldout, summary)
@@ -272,16 +296,21 @@ def _run_ablate(args) -> int:
     from .hypothesis import ablate, flagged_for_category, parse_neuron_list
 
     cfg = load_config(args.config)
+    if args.category not in cfg.categories:
+        raise ValueError(f"{args.config} has no category '{args.category}' (it has {', '.join(cfg.categories)})")
     if args.neurons and args.csv:
         raise ValueError("give --neurons or --csv, not both")
     if args.neurons:
         neurons = parse_neuron_list(args.neurons)
     elif args.csv:
-        scores = _read_scores(args.csv)
+        scores = _read_scores(args.csv, "score", numeric=("score",))
         neurons = flagged_for_category(scores, args.category, "score", args.threshold, args.max_neurons or None)
         if not neurons and analysis.has_experts(scores):
             raise ValueError(f"{args.csv} flags no dense MLP neuron for '{args.category}': ablation covers dense MLP "
                              "neurons, not a mixture-of-experts model's experts")  # fmt: skip
+        if not neurons:
+            raise ValueError(f"{args.csv} flags no neuron for '{args.category}' (score >= {args.threshold}): "
+                             "lower --threshold")  # fmt: skip
     else:
         raise ValueError("give --neurons or --csv")
     lm = _load(args, args.model or cfg.model)
@@ -329,7 +358,10 @@ def _run_contrast(args) -> int:
     _check_outputs({"--out": args.out}, {"--csv": args.csv, "--contrast": args.contrast})
     contrast_set = load_contrast_set(args.contrast or DEFAULT_CONTRAST_PATH)
     scores = _read_scores(args.csv, "score", numeric=("score",))
-    lm = _load(args, _model_name(args, scores))
+    model = _model_name(args, scores)
+    if not (scores["score"] >= args.threshold).any():
+        raise ValueError(f"no row of {args.csv} has score >= {args.threshold}: lower --threshold")
+    lm = _load(args, model)
     table = contrast_neurons(lm, scores, contrast_set, threshold=args.threshold, top=args.top or None)
     pd.set_option("display.width", 200)
     print(f"Word form or meaning? Neurons with score >= {args.threshold}, on {args.contrast or 'the built-in set'}:")
@@ -357,8 +389,7 @@ def _run_scan(args) -> int:
         raise ValueError("--resume needs the --checkpoint-dir of the scan to continue")
     outputs = {"--csv": args.csv, "--json": args.json, "--parquet": args.parquet, "--routing": args.routing,
                "--save-run": args.save_run, "--checkpoint-dir": args.checkpoint_dir}  # fmt: skip
-    local_corpus = corpus if corpus and Path(corpus).exists() else None  # not a glob or an hf:// address
-    _check_outputs(outputs, {"--config": args.config, "--corpus": local_corpus}, folders=("--save-run", "--checkpoint-dir"))
+    _check_outputs(outputs, {"--config": args.config, "--corpus": _corpus_files(corpus)}, folders=("--save-run", "--checkpoint-dir"))
     if not corpus:
         _warn_missing_words(cfg)
 

@@ -255,7 +255,17 @@ def test_module_entry_point_shows_progress_on_stderr():
 # --- outputs and scores files checked before any work ------------------------------------------------------
 
 
-def test_outputs_never_overwrite_inputs_or_each_other(scanned, capsys, tmp_path):
+def no_model_loads(monkeypatch):
+    """Make loading a model fail loudly: the checks under test must refuse before it."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr("mechamap_core.cli._load", refuse)
+
+
+def test_outputs_never_overwrite_inputs_or_each_other(scanned, capsys, tmp_path, monkeypatch):
+    no_model_loads(monkeypatch)
     csv = tmp_path / "scores.csv"
     csv.write_bytes(scanned[1]["csv"].read_bytes())
     config = tmp_path / "cfg.yaml"
@@ -268,13 +278,43 @@ def test_outputs_never_overwrite_inputs_or_each_other(scanned, capsys, tmp_path)
         (["scan", "--config", str(config), "--csv", str(tmp_path / "a.csv"), "--json", str(tmp_path / "a.csv")], "--json", "--csv"),
         (["write-text", "--config", str(config), "--out", str(config)], "--out", "--config"),
     ]  # fmt: skip
+    corpus = [tmp_path / "c1.txt", tmp_path / "c2.txt"]
+    for path in corpus:
+        path.write_text("A dog ate pizza.\n", encoding="utf-8")
+        before[path] = path.read_bytes()
+    for source in (str(tmp_path / "c*.txt"), str(corpus[1])):  # a glob's match, and the file itself
+        cases.append((["scan", "--config", str(config), "--corpus", source, "--csv", str(corpus[1])], "--csv", "--corpus"))
     for argv, *fragments in cases:
         assert main(argv) == 1, argv
-        err = capsys.readouterr().err
-        assert_one_line_error(err, *fragments, "overwrite")
-        assert "loading" not in err  # refused before any model was loaded
+        assert_one_line_error(capsys.readouterr().err, *fragments, "overwrite")
     assert {path: path.read_bytes() for path in before} == before
     assert not (tmp_path / "a.csv").exists()
+
+
+def test_streams_pass_the_output_check():
+    from mechamap_core.cli import _check_outputs
+
+    _check_outputs({"--csv": "/dev/stdout", "--json": "/dev/null"}, {"--config": DEFAULT})  # no error
+
+
+def test_nothing_to_test_or_ablate_is_said_before_any_model_loads(scanned, capsys, monkeypatch, tmp_path):
+    no_model_loads(monkeypatch)
+    csv = str(scanned[1]["csv"])
+    cases = [
+        (["validate", "--csv", csv, "--heldout", HELDOUT, "--threshold", "99"], "lower --threshold"),
+        (["contrast", "--csv", csv, "--threshold", "99"], "lower --threshold"),
+        (["ablate", "--config", DEFAULT, "--category", "food", "--csv", csv, "--threshold", "99"], "lower --threshold"),
+        (["ablate", "--config", DEFAULT, "--category", "fruit", "--neurons", "5:1"], "no category 'fruit'"),
+        (["validate", "--csv", csv, "--heldout", HELDOUT, "--metric", "scroe"], "has no column 'scroe'"),
+    ]
+    for argv, fragment in cases:
+        assert main(argv) == 1, argv
+        assert_one_line_error(capsys.readouterr().err, fragment)
+    floats = tmp_path / "floats.csv"
+    pd.read_csv(csv).astype({"layer": float}).to_csv(floats, index=False)
+    from mechamap_core.cli import _read_scores
+
+    assert _read_scores(str(floats))["layer"].dtype == "int64"  # 4.0 is layer 4
 
 
 def test_output_paths_are_checked_before_the_scan_and_folders_made(capsys, tmp_path):
@@ -295,7 +335,8 @@ def test_output_paths_are_checked_before_the_scan_and_folders_made(capsys, tmp_p
     assert len(pd.read_csv(nested)) == 6 * 2 * 8
 
 
-def test_scores_files_that_are_not_scan_results_get_one_line_errors(scanned, capsys, tmp_path):
+def test_scores_files_that_are_not_scan_results_get_one_line_errors(scanned, capsys, tmp_path, monkeypatch):
+    no_model_loads(monkeypatch)
     table = pd.read_csv(scanned[1]["csv"])
     files = {
         "header_only": table.head(0),
@@ -330,7 +371,7 @@ def test_scan_refuses_a_text_without_any_category_word_and_names_missing_words(c
     assert main(["scan", "--config", str(config), "--device", "cpu"]) == 1
     err = capsys.readouterr().err
     assert_one_line_error(err, "none of the config's words")
-    assert "loading" not in err
+    assert "loading" not in err  # scan prints "loading <model>" before it loads
     config.write_text("master_text: A mango, then another mango.\ncategories:\n  fruit: [mango, kiwi]\n  pet: [dog]\n",
                       encoding="utf-8")  # fmt: skip
     assert main(["scan", "--config", str(config), "--device", "cpu", "--limit-neurons", "2",
