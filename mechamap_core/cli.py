@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import glob
 import math
 import sys
 import tempfile
@@ -80,9 +79,10 @@ def _check_outputs(
     for flag, path in outputs.items():
         if not path:
             continue
-        if Path(path).exists() and not (Path(path).is_file() or Path(path).is_dir()):
+        given = Path(path)
+        if given.exists() and not (given.is_file() or given.is_dir()):
             continue  # a device or a pipe
-        target = Path(path).resolve()
+        target = given.resolve()
         if target in taken:
             raise ValueError(f"{flag} {path} is also {taken[target]}: writing there would overwrite it; "
                              "give the output another path")  # fmt: skip
@@ -246,17 +246,6 @@ def _read_scores(path: str, *columns: str, numeric: tuple[str, ...] = ()) -> pd.
     return scores.astype({"layer": "int64", "neuron": "int64"})
 
 
-def _corpus_files(corpus: str | None) -> list[str]:
-    """The local files a corpus reads (the file, a glob's matches, a folder's files): inputs no output may name."""
-    if not corpus or corpus.startswith("hf://"):
-        return []
-    if glob.has_magic(corpus):
-        return glob.glob(corpus, recursive=True)
-    if Path(corpus).is_dir():
-        return [str(path) for path in Path(corpus).iterdir()]
-    return [corpus]
-
-
 def _model_name(args, scores: pd.DataFrame) -> str:
     """--model, else the scores' model column. Raises ValueError when neither names one."""
     if args.model:
@@ -376,6 +365,7 @@ def _run_scan(args) -> int:
     from tqdm import tqdm
 
     from . import export
+    from .corpus import local_files
     from .corpus_run import run_corpus_scan
     from .scan import scan
 
@@ -389,7 +379,8 @@ def _run_scan(args) -> int:
         raise ValueError("--resume needs the --checkpoint-dir of the scan to continue")
     outputs = {"--csv": args.csv, "--json": args.json, "--parquet": args.parquet, "--routing": args.routing,
                "--save-run": args.save_run, "--checkpoint-dir": args.checkpoint_dir}  # fmt: skip
-    _check_outputs(outputs, {"--config": args.config, "--corpus": _corpus_files(corpus)}, folders=("--save-run", "--checkpoint-dir"))
+    corpus_files = local_files(corpus) if corpus else []  # the corpus module's own listing, checked before loading
+    _check_outputs(outputs, {"--config": args.config, "--corpus": corpus_files}, folders=("--save-run", "--checkpoint-dir"))
     if not corpus:
         _warn_missing_words(cfg)
 

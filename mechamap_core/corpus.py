@@ -202,21 +202,37 @@ def _resolve(source: str) -> tuple[list[_File], _Records | None]:
     """The files of a source, or (for a folder of .txt files) one record reader over its files."""
     if source.startswith("hf://"):
         return _hub_files(source), None
+    if Path(source).is_dir() and not glob.has_magic(source):
+        names = _folder_names(source)
+        return [], _Records(lambda skip: _folder_records(source, names, skip))
+    return [_local_file(path) for path in local_files(source)], None
+
+
+def local_files(source: str) -> list[str]:
+    """The local files a corpus source reads, in reading order: a glob's .txt, .jsonl and .parquet matches, a
+    folder's .txt files or the file itself; [] for a Hub source. Raises FileNotFoundError or ValueError when
+    there are none."""
+    if source.startswith("hf://"):
+        return []
     if glob.has_magic(source):
         paths = sorted(path for path in glob.glob(source, recursive=True) if _kind(path) and os.path.isfile(path))
         if not paths:
             raise FileNotFoundError(f"no .txt, .jsonl or .parquet files match {source}")
-        return [_local_file(path) for path in paths], None
-    path = Path(source)
-    if path.is_dir():
-        with os.scandir(path) as entries:  # names only: the listing is the one part that grows with the corpus
-            names = sorted(e.name for e in entries if e.name.lower().endswith(".txt") and e.is_file())
-        if not names:
-            raise ValueError(f"the folder {source} has no .txt files (a folder corpus is one document per .txt file)")
-        return [], _Records(lambda skip: _folder_records(source, names, skip))
-    if not path.is_file():
+        return paths
+    if Path(source).is_dir():
+        return [os.path.join(source, name) for name in _folder_names(source)]
+    if not Path(source).is_file():
         raise FileNotFoundError(f"corpus file not found: {source}")
-    return [_local_file(source)], None
+    return [source]
+
+
+def _folder_names(folder: str) -> list[str]:
+    """The sorted names of a folder corpus's .txt files. Raises ValueError when it has none."""
+    with os.scandir(folder) as entries:  # names only: the listing is the one part that grows with the corpus
+        names = sorted(e.name for e in entries if e.name.lower().endswith(".txt") and e.is_file())
+    if not names:
+        raise ValueError(f"the folder {folder} has no .txt files (a folder corpus is one document per .txt file)")
+    return names
 
 
 def _checked_kind(name: str) -> str:
