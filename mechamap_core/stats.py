@@ -12,7 +12,7 @@ from scipy import special
 EPS = 1e-12
 TIE_RTOL = 1e-6  # null scores this close to the observed one (relative) count as reaching it: rounding, not evidence
 CHUNK_ELEMENTS = 2**19  # subsets x neurons per block of the permutation test's arithmetic (2 MB per float32 buffer)
-GATHERED_BLOCKS = 4  # and chunk_elements x this many gathered at once (8 MB): one wake-up of the thread pool
+GATHER_NEURONS = 1024  # neurons per block of the permutation test on a CPU: their word sums (W x 2 x 1024 float32) stay in cache
 LABEL_BITS = 16  # _twice_rank_sums' keys: block (15 bits), value (32), label (16)
 RANK_BLOCK_ELEMENTS = 2**16  # values per block of _twice_rank_sums (its int64 keys: 512 KB, in cache)
 DEVICE_RANK_ELEMENTS = 2**24  # and per block on a GPU (128 MiB of int64 keys; about 7 such buffers at once)
@@ -292,19 +292,19 @@ def _draws_below(rows, n_observed, constants, centred_sum, centred_sumsq, total_
     how many null draws (rows[n_observed:], word subsets) score below each observed row's score (rows[:n_observed],
     the categories' own words) less TIE_RTOL, and where the observed score is NaN. See permutation_pvalues."""
     n_neurons, device, dtype = centred_sum.shape[1], centred_sum.device, centred_sum.dtype
-    word_sums = torch.cat([centred_sum, centred_sumsq], dim=1)  # [W, 2n]
     total_sumsq = as_array(total_sumsq)
     below = as_array(torch.zeros((n_observed, n_neurons), dtype=torch.int32, device=device))
     reach = as_array(torch.empty((n_observed, n_neurons), dtype=dtype, device=device))
-    block_rows = max(n_observed + 1, GATHERED_BLOCKS * chunk_elements // (2 * n_neurons))
-    for first in range(0, len(rows), block_rows):
-        block = slice(first, first + block_rows)
-        sums = as_array(F.embedding_bag(rows[block], word_sums, mode="sum"))  # [rows, 2n]
-        block_neurons = max(1, chunk_elements // len(sums))
-        for start in range(0, n_neurons, block_neurons):
-            neurons, stop = slice(start, start + block_neurons), min(start + block_neurons, n_neurons)
-            x, y = sums[:, start:stop], sums[:, n_neurons + start : n_neurons + stop]
-            scores = _subset_separation(x, y, total_sumsq[neurons], constants[block])
+    block_neurons = GATHER_NEURONS if device.type == "cpu" else max(1, chunk_elements // (n_observed + 1))
+    for start in range(0, n_neurons, block_neurons):  # a block's word sums stay in cache while every draw gathers them
+        neurons = slice(start, min(start + block_neurons, n_neurons))
+        width = neurons.stop - start
+        word_sums = torch.cat([centred_sum[:, neurons], centred_sumsq[:, neurons]], dim=1)  # [W, 2 width]
+        block_rows = max(n_observed + 1, chunk_elements // width)
+        for first in range(0, len(rows), block_rows):
+            block = slice(first, first + block_rows)
+            sums = as_array(F.embedding_bag(rows[block], word_sums, mode="sum"))  # [rows, 2 width]
+            scores = _subset_separation(sums[:, :width], sums[:, width:], total_sumsq[neurons], constants[block])
             if first == 0:
                 observed, scores = scores[:n_observed], scores[n_observed:]
                 reach[:, neurons] = observed - TIE_RTOL * (1.0 + abs(observed))  # NaN where no score
@@ -503,33 +503,36 @@ def _twice_rank_sums(values: np.ndarray, labels: np.ndarray, n_labels: int, bloc
         raise ValueError(f"too many token classes ({n_labels}) or categories to rank exactly")
     block_sizes = np.bincount(blocks)
     block_start = np.repeat(np.cumsum(block_sizes) - block_sizes, block_sizes)  # [L] at each sorted position
-    column_keys = (blocks << (32 + LABEL_BITS)) | np.asarray(labels, dtype=np.int64)
     if isinstance(values, torch.Tensor):
+        column_keys = (blocks << (32 + LABEL_BITS)) | np.asarray(labels, dtype=np.int64)
         return _twice_rank_sums_on_device(values, column_keys, block_start, n_labels)
     values = np.asarray(values, dtype=np.float32)
     n_rows = len(values)
-    plain_twice = 2.0 * (np.arange(length) - block_start) + 1.0
+    rows_per_block = max(1, min(RANK_BLOCK_ELEMENTS // max(length, 1), 2**LABEL_BITS // max(n_labels, 1)))
+    # the keys' low bits carry (row in the block, label): sorted, they are the bincount's bins as they stand
+    low_bits = (blocks << (32 + LABEL_BITS)) | (np.arange(rows_per_block)[:, None] * n_labels + np.asarray(labels))
+    plain_twice = np.tile(2.0 * (np.arange(length) - block_start) + 1.0, rows_per_block)  # without ties
+    position = np.arange(length)
     out = np.empty((n_rows, n_labels))
-    rows_per_block = max(1, RANK_BLOCK_ELEMENTS // max(length, 1))
     for first in range(0, n_rows, rows_per_block):
         bits = (values[first : first + rows_per_block] + np.float32(0.0)).view(np.int32)  # -0.0 becomes 0.0
         bits ^= (bits >> 31) & 0x7FFFFFFF  # int32 that sorts as the floats (negative ones reversed)
+        n = len(bits)
         keys = bits.astype(np.int64)
         keys += 2**31  # 0 .. 2^32 - 1
         keys <<= LABEL_BITS
-        keys |= column_keys
+        keys |= low_bits[:n]
         keys.sort(axis=1)
-        sorted_labels = keys & (2**LABEL_BITS - 1)
+        bins = keys & (2**LABEL_BITS - 1)
         keys >>= LABEL_BITS  # (block, value): equal where the values tie within a block
         tied = keys[:, 1:] == keys[:, :-1]  # [rows, L-1]: sorted position p+1 ties with p
-        twice = np.tile(plain_twice, (len(keys), 1))
+        sums = np.bincount(bins.reshape(-1), weights=plain_twice[: n * length], minlength=n * n_labels)
         with_ties = np.flatnonzero(tied.any(axis=1))
-        if with_ties.size:
+        if with_ties.size:  # a run's values get i + j + 1 - 2 s instead of 2 (p - s) + 1
             run_start, run_end = _tie_runs(tied[with_ties])
-            twice[with_ties] = run_start + run_end + 1.0 - 2.0 * block_start
-        sorted_labels += (np.arange(len(keys), dtype=np.int64) * n_labels)[:, None]
-        sums = np.bincount(sorted_labels.reshape(-1), weights=twice.reshape(-1), minlength=len(keys) * n_labels)
-        out[first : first + len(keys)] = sums.reshape(len(keys), n_labels)
+            shift = (run_start + run_end - 2 * position).astype(np.float64)
+            sums += np.bincount(bins[with_ties].reshape(-1), weights=shift.reshape(-1), minlength=n * n_labels)
+        out[first : first + n] = sums.reshape(n, n_labels)
     return out
 
 

@@ -304,6 +304,10 @@ def test_twice_rank_sums_on_a_device_equal_the_numpy_route_with_ties_blocks_and_
             same = blocks == blocks[j]
             brute[r, labels[j]] += 2 * (values[r, same] < values[r, j]).sum() + (values[r, same] == values[r, j]).sum()
     np.testing.assert_array_equal(got, brute)
+    monkeypatch.setattr(stats_module, "RANK_BLOCK_ELEMENTS", 200)  # the numpy route in blocks of 4 rows, the last of 1
+    np.testing.assert_array_equal(stats_module._twice_rank_sums(values, labels, 6, blocks), brute)
+    monkeypatch.setattr(stats_module, "LABEL_BITS", 4)  # at most 2 rows x 6 labels fit the keys' low bits
+    np.testing.assert_array_equal(stats_module._twice_rank_sums(values, labels, 6, blocks), brute)
 
 
 def test_one_word_neuron_has_high_auroc_but_low_cv_auroc():

@@ -27,6 +27,7 @@ STAT_COLUMNS = [
     "auroc", "cv_auroc", "t_stat", "p_value", "q_value", "welch_p", "welch_q",
 ]  # fmt: skip
 Q_VALUES = {"q_value": "p_value", "welch_q": "welch_p"}  # BH q-values across every (neuron, category) row
+TRANSPOSE_ROWS = 32  # token rows per block of _transposed's copy (its reads then stay in cache)
 
 
 @dataclass
@@ -186,8 +187,10 @@ def _transposed(parts: list[np.ndarray] | list[torch.Tensor]) -> np.ndarray | to
         return torch.cat(parts).T.contiguous()
     out = np.empty((parts[0].shape[1], sum(len(p) for p in parts)), dtype=np.float32)
     at = 0
-    for part in parts:
-        out[:, at : at + len(part)] = part.T
+    for part in parts:  # TRANSPOSE_ROWS rows at a time: one strided copy of a whole part is ~10x slower
+        for first in range(0, len(part), TRANSPOSE_ROWS):
+            rows = part[first : first + TRANSPOSE_ROWS]
+            out[:, at + first : at + first + len(rows)] = rows.T
         at += len(part)
     return out
 
