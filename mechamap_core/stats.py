@@ -251,8 +251,8 @@ def permutation_pvalues(
 
     Scores come from sums centred on each neuron's mean (separation is shift-invariant; centring keeps
     the variances' cancellation small), gathered per subset (embedding_bag) on the device of word_sum,
-    in `dtype`, GATHERED_BLOCKS x chunk_elements subsets x neurons at a time, and scored in blocks of
-    chunk_elements (see _subset_separation). On a CPU the arithmetic is numpy's, on one thread: torch's
+    in `dtype`, GATHER_NEURONS neurons at a time on a CPU (their word sums stay in cache), about
+    chunk_elements subsets x neurons per gather and score (see _subset_separation). On a CPU the arithmetic is numpy's, on one thread: torch's
     thread pool, woken for each small operation, would spin between them. NaN for categories without
     words. Inputs may be numpy arrays or torch tensors.
     """
