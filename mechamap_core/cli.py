@@ -12,6 +12,7 @@ import pandas as pd
 
 from . import analysis
 from .config import ConfigError, load_config, parse_layer_list
+from .terminal import progress_bar
 
 
 class _Parser(argparse.ArgumentParser):
@@ -303,7 +304,8 @@ def _run_ablate(args) -> int:
     else:
         raise ValueError("give --neurons or --csv")
     lm = _load(args, args.model or cfg.model)
-    result = ablate(lm, cfg, args.category, neurons, mode=args.mode, n_controls=args.controls)
+    with progress_bar("ablating", "pass") as progress:
+        result = ablate(lm, cfg, args.category, neurons, mode=args.mode, n_controls=args.controls, progress=progress)
     print(result.per_condition.drop(columns="neurons").to_string(index=False))
     s = result.summary
     print(f"\n{s['mode']}-ablating {s['n_neurons']} neuron(s) for '{s['category']}' ({s['measure']}): "
@@ -362,8 +364,6 @@ def _run_contrast(args) -> int:
 
 
 def _run_scan(args) -> int:
-    from tqdm import tqdm
-
     from . import export
     from .corpus import local_files
     from .corpus_run import run_corpus_scan
@@ -397,13 +397,7 @@ def _run_scan(args) -> int:
               file=sys.stderr)  # fmt: skip
     else:
         lm = load(args.device)
-        with tqdm(desc="scanning", unit="layer", file=sys.stderr) as bar:
-
-            def progress(done, total, message):
-                bar.total = total
-                bar.set_postfix_str(message)
-                bar.update(done - bar.n)
-
+        with progress_bar("scanning", "layer") as progress:
             result = scan(lm, cfg, layers=args.layers, limit_neurons=args.limit_neurons, progress=progress)
         md = result.metadata
         print(

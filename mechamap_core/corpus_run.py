@@ -14,6 +14,7 @@ from .models import LoadedModel
 from .scan.distributed import Ranks, gather_to_rank0, process_group, ranks_from_env
 from .scan.result import ScanResult
 from .scan.stream import Checkpointing, StreamState, corpus_fingerprint, scan_stream, stream_result
+from .terminal import progress_bar
 
 CALIBRATION_DOCUMENTS = 32  # the corpus's first documents, from which every rank takes the same histogram edges
 
@@ -25,8 +26,6 @@ class RankFailed(RuntimeError):
 def run_corpus_scan(args, cfg: ScanConfig, load: Callable[[str], LoadedModel], corpus: str) -> ScanResult | None:
     """Scan a corpus as this process's rank (rank 0 of 1 outside torchrun). Returns the merged result on
     rank 0, None on the other ranks. Raises RankFailed, ValueError (bad corpus, config or checkpoint)."""
-    from tqdm import tqdm
-
     ranks = ranks_from_env()
     device = ranks.device(args.device)
     text_field = args.text_field or cfg.corpus_text_field
@@ -51,12 +50,7 @@ def run_corpus_scan(args, cfg: ScanConfig, load: Callable[[str], LoadedModel], c
             print(f"rank {ranks.rank}: no checkpoint in {args.checkpoint_dir} to resume: starting from the first document",
                   file=sys.stderr)  # fmt: skip
         tracked = _Tracked(documents)
-        with tqdm(desc=f"rank {ranks.rank}" if ranks.distributed else "scanning", unit="doc", file=sys.stderr) as bar:
-
-            def progress(done: int, total, message: str) -> None:
-                bar.set_postfix_str(message, refresh=False)
-                bar.update(done - bar.n)
-
+        with progress_bar(f"rank {ranks.rank}" if ranks.distributed else "scanning", "doc") as progress:
             try:
                 state = scan_stream(
                     lm, cfg, tracked, calibration_texts=calibration, layers=args.layers,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -261,6 +262,7 @@ def ablate(
     n_controls: int = 5,
     window: int = 2,
     seed: int = 0,
+    progress: Callable[[int, int, str], None] | None = None,
 ) -> AblationResult:
     """Zero- or mean-ablate neurons [(layer, neuron), ...] and measure the effect against random controls.
 
@@ -268,7 +270,9 @@ def ablate(
     the `window` tokens after them (effect_target), and elsewhere (effect_other). Encoders: mean
     relative change ||h' - h|| / ||h|| of the final hidden states at the category's tokens / elsewhere.
     Controls: n_controls sets of as many random neurons from the same layers (never the targets).
-    Hooks are removed afterwards. Raises ValueError for bad neurons, modes or categories.
+    Hooks are removed afterwards. progress(done, total, message) is called before the first forward pass and
+    after each: n_controls + 2 passes, one more for mean ablation's means. Raises ValueError for bad neurons,
+    modes or categories.
     """
     if mode not in ("zero", "mean"):
         raise ValueError(f"unknown ablation mode '{mode}': use zero or mean")
@@ -293,11 +297,15 @@ def ablate(
             control[layer] = sorted(rng.choice(pool, size=min(len(ids), len(pool)), replace=False).tolist())
         conditions.append((f"control {i + 1}", control))
     chunk = lm.chunk_tokens(cfg.max_chunk_tokens)
+    report = progress or (lambda done, total, message: None)
+    n_passes = len(conditions) + 1 + (mode == "mean")
+    report(0, n_passes, "the neurons' mean activations" if mode == "mean" else "the model as it is")
     means, aligned = {}, None
     if mode == "mean":  # collect_activations aligns the same texts, so its alignment is reused below
         union = {layer: sorted({n for _, c in conditions for n in c[layer]}) for layer in by_layer}
         aligned, acts = collect_activations(lm, cfg.texts, union, cfg.categories, max_chunk_tokens=chunk)
         means = {layer: dict(zip(union[layer], acts[layer].mean(0))) for layer in union}
+        report(1, n_passes, "the model as it is")
     batch = 1 if lm.is_causal_lm else cfg.batch_size
     with lm.lock:
         if aligned is None:
@@ -305,7 +313,9 @@ def ablate(
         target = _target_tokens(aligned, category, lm.is_causal_lm, window)
         clean = _forward_measure(lm, aligned, sites, None, batch)
         rows = []
-        for name, chosen in conditions:
+        for i, (name, chosen) in enumerate(conditions):
+            done = n_passes - len(conditions) + i
+            report(done, n_passes, "the chosen neurons ablated" if i == 0 else f"random {name} of {n_controls}")
             spec = {}
             for layer, ids in chosen.items():
                 idx = torch.tensor(ids, dtype=torch.long, device=lm.device)
@@ -322,6 +332,7 @@ def ablate(
             rows.append({"condition": name, "n_neurons": sum(len(v) for v in chosen.values()),
                          "neurons": "; ".join(f"L{lay}.N{n}" for lay, ids in chosen.items() for n in ids),
                          "effect_target": float(eff_t), "effect_other": float(eff_o)})  # fmt: skip
+    report(n_passes, n_passes, "done")
     table = pd.DataFrame(rows)
     controls = table[table["condition"] != "ablated"]["effect_target"]
     effect = float(table.loc[0, "effect_target"])

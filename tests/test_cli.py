@@ -160,6 +160,7 @@ def test_ablate_prints_effect_vs_controls(capsys):
     assert "ablated" in out and "control 1" in out and "control 2" in out
     assert "effect" in out and "vs random controls" in out
     assert "'food'" in out and "2 neuron(s)" in out
+    assert "ablating" in captured.err and "4/4" in captured.err  # the progress bar: the clean pass, ablated, 2 controls
 
 
 # --- bad arguments ---------------------------------------------------------------------------

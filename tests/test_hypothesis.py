@@ -95,6 +95,22 @@ def test_ablating_a_neuron_changes_a_tiny_model_and_nothing_changes_nothing(tiny
     assert hooks == 0
 
 
+@pytest.mark.parametrize("mode", ["zero", "mean"])
+def test_ablation_reports_each_forward_pass_and_the_same_result_as_without_progress(tiny_gpt2, mode):
+    cfg = ScanConfig(master_text=TEXT, categories=WORDS)
+    calls = []
+    reported = ablate(tiny_gpt2, cfg, "food", [(0, 3)], mode=mode, n_controls=3, progress=lambda *call: calls.append(call))
+    n_passes = 3 + 2 + (mode == "mean")  # controls, the clean model, the ablated one (and the means)
+    assert [(done, total) for done, total, _ in calls] == [(done, n_passes) for done in range(n_passes + 1)]
+    first = ["the neurons' mean activations"] if mode == "mean" else []
+    assert [message for _, _, message in calls] == first + [
+        "the model as it is", "the chosen neurons ablated", "random control 1 of 3", "random control 2 of 3",
+        "random control 3 of 3", "done",
+    ]  # fmt: skip
+    quiet = ablate(tiny_gpt2, cfg, "food", [(0, 3)], mode=mode, n_controls=3)
+    pd.testing.assert_frame_equal(reported.per_condition, quiet.per_condition)
+
+
 def test_ablation_effect_matches_manual_zeroing(tiny_gpt2):
     """The ablated log-probabilities equal a forward pass with the neuron's input column zeroed by hand."""
     cfg = ScanConfig(master_text=TEXT, categories=WORDS)

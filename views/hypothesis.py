@@ -131,11 +131,16 @@ with ablate_tab:
     controls = int(c2.number_input("Random control sets", 1, 50, 5))
     cfg = ScanConfig(**{k: v for k, v in result.metadata["config"].items() if k in ScanConfig.__dataclass_fields__})
     if st.button("Run ablation", type="primary", disabled=not neurons):
+        bar = st.progress(0.0, text="Starting ...")
+
+        def on_progress(done: int, total: int, message: str) -> None:
+            bar.progress(done / total, text=f"Forward pass {min(done + 1, total)} of {total}: {message}" if done < total else "Done")
+
         try:
-            with st.spinner(f"Running {controls + 2} forward passes..."):
-                st.session_state["ablation_result"] = ablate(lm, cfg, category, neurons, mode=mode, n_controls=controls)
+            st.session_state["ablation_result"] = ablate(lm, cfg, category, neurons, mode=mode, n_controls=controls, progress=on_progress)
         except (ConfigError, ValueError, RuntimeError) as exc:
             st.error(str(exc))
+        bar.empty()
     if "ablation_result" in st.session_state:
         outcome = st.session_state["ablation_result"]
         s = outcome.summary

@@ -1,0 +1,23 @@
+"""Progress on the command line: a tqdm bar on stderr that takes the core's progress(done, total, message) calls."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+
+@contextmanager
+def progress_bar(description: str, unit: str) -> Iterator[Callable[[int, int | None, str], None]]:
+    """A tqdm bar on stderr, yielded as a progress(done, total, message) callback (total None: not known)."""
+    from tqdm import tqdm
+
+    with tqdm(desc=description, unit=unit, file=sys.stderr) as bar:
+
+        def progress(done: int, total: int | None, message: str) -> None:
+            if total is not None:
+                bar.total = total
+            bar.set_postfix_str(message, refresh=False)
+            bar.update(done - bar.n)
+
+        yield progress
