@@ -10,7 +10,8 @@ interleaved repeats of: the bare forward pass over the scan's own batches; the d
 exact AUROC); record off (binned AUROC); auroc off; and "the plain approach a researcher would write" (hooks
 cache every layer's activations, then means by matmul, Welch t, exact AUROC from scipy.stats.rankdata,
 top-k, BH q-values: the same statistics). Every figure is printed as a ratio to the bare pass measured in
-the same rounds. Then where the time of a scan goes (each part timed on its own with the core's own
+the same rounds, and as the scan's time beyond the bare pass per neuron and token (a figure that does not
+move with how fast the CPU runs the model's matmuls). Then where the time of a scan goes (each part timed on its own with the core's own
 functions), and the peak RSS of record-off scans in fresh subprocesses (a short text against 20k tokens).
 
 Prints figures; asserts nothing (timed assertions do not belong in tests).
@@ -218,10 +219,24 @@ def bench_speed(lm, cfg, threads: list[int], warmup: int, repeats: int) -> dict:
         times, last = interleaved(fns, warmup, repeats)
         out[n] = {name: med(ts) for name, ts in times.items()}
         meta = last["scan"].metadata
-        out[n]["meta"] = {"tokens": meta["n_tokens"], "chunks": meta["n_chunks"], "auroc": meta["auroc_method"],
+        out[n]["meta"] = {"tokens": meta["n_tokens"], "neurons": sum(meta["neurons_per_layer"].values()),
+                          "chunks": meta["n_chunks"], "auroc": meta["auroc_method"],
                           "plan": meta["plan"]["reason"], "statistics_s": meta["timings_s"]["statistics"]}  # fmt: skip
         check_plain_agrees(last["scan"], last["plain"])
     return out
+
+
+def extra_time_table(results: dict, threads: list[int]) -> str:
+    """(scan - bare) / (neurons x tokens) in nanoseconds, per model, mode and thread count."""
+    rows = []
+    for label, by_threads in results.items():
+        for mode in ("scan", "scan_norec", "scan_off"):
+            row = [label, MODE_NAMES[mode]]
+            for n in threads:
+                r = by_threads[n]
+                row.append(f"{(r[mode] - r['bare']) / (r['meta']['neurons'] * r['meta']['tokens']) * 1e9:.1f}")
+            rows.append(row)
+    return table(["model", "what"] + [f"{n} thread(s)" for n in threads], rows)
 
 
 def check_plain_agrees(res, plain) -> None:
@@ -440,6 +455,10 @@ def main() -> None:
     print(table(headers, rows))
     print(f"\n(target: the default scan <= {TARGET_RATIO}x the bare pass, and never slower than the plain approach. "
           "The bare pass includes GPT-2's LM head, which the scan never runs: it stops after the last MLP.)")  # fmt: skip
+    heading("The scan's time beyond the bare pass, per neuron and token (ns)")
+    print(extra_time_table(results, threads))
+    print("\n(the ratio to the bare pass depends on how fast this CPU runs the model's matmuls; this figure is the "
+          "statistics' own cost, comparable across models of any width and text of any length on one machine)")
 
     if not args.no_breakdown:
         heading(f"Where the time goes at {threads[-1]} thread(s) (each part timed on its own, medians)")

@@ -199,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--threshold", type=_finite, default=1.0, help="with --csv: flag rows with score >= T")
     a.add_argument("--max-neurons", type=_non_negative, default=20, help="with --csv: at most N best neurons (0 = all)")
     a.add_argument("--mode", default="zero", choices=["zero", "mean"])
+    # 2 = hypothesis.MIN_CONTROLS, written out: the parser imports no torch
     a.add_argument("--controls", type=_at_least(2, ": their spread needs two"), default=5, help="random control sets (default 5)")
     a.add_argument("--model", help="model to load; default: the config's")
     a.add_argument("--device", default="auto")

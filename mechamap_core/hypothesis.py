@@ -20,6 +20,7 @@ from .sites import dense_mlp_rows, expert_hook_name, hook_name, resolve_sites
 from .stats import auroc_exact, moment_statistics
 
 DEFAULT_MIN_AUROC = 0.75
+MIN_CONTROLS = 2  # ablate: random control sets, so that their spread (and z) exists
 
 
 def heldout_statistics(acts: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
@@ -272,12 +273,14 @@ def ablate(
     Controls: n_controls sets of as many random neurons from the same layers (never the targets).
     Hooks are removed afterwards. progress(done, total, message) is called before the first forward pass and
     after each: n_controls + 2 passes, one more for mean ablation's means. Raises ValueError for bad neurons,
-    modes or categories.
+    modes or categories, and for fewer than MIN_CONTROLS control sets.
     """
     if mode not in ("zero", "mean"):
         raise ValueError(f"unknown ablation mode '{mode}': use zero or mean")
     if not neurons:
         raise ValueError("no neurons to ablate: pick at least one")
+    if n_controls < MIN_CONTROLS:
+        raise ValueError(f"{n_controls} random control set(s): the controls' spread needs at least {MIN_CONTROLS}")
     validate_config(cfg)
     by_layer: dict[int, list[int]] = {}
     for layer, neuron in neurons:

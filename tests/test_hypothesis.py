@@ -111,6 +111,13 @@ def test_ablation_reports_each_forward_pass_and_the_same_result_as_without_progr
     pd.testing.assert_frame_equal(reported.per_condition, quiet.per_condition)
 
 
+@pytest.mark.parametrize("n_controls", [0, 1])
+def test_ablation_refuses_fewer_than_two_control_sets(tiny_gpt2, n_controls):
+    cfg = ScanConfig(master_text=TEXT, categories=WORDS)
+    with pytest.raises(ValueError, match="spread needs at least 2"):
+        ablate(tiny_gpt2, cfg, "food", [(0, 3)], n_controls=n_controls)
+
+
 def test_ablation_effect_matches_manual_zeroing(tiny_gpt2):
     """The ablated log-probabilities equal a forward pass with the neuron's input column zeroed by hand."""
     cfg = ScanConfig(master_text=TEXT, categories=WORDS)

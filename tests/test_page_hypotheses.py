@@ -69,6 +69,8 @@ def test_hypothesis_page_heldout_and_ablation(app_env, food_result):
     shown = at.dataframe[-1].value  # the per-neuron table: a dense run's has no expert column
     assert {"layer", "neuron", "status", "heldout_auroc"} <= set(shown.columns) and "expert" not in shown.columns
     assert set(per_neuron["status"]) <= {"pass", "fail"}
+    controls = [n for n in at.number_input if n.label == "Random control sets"][0]
+    assert controls.min == 2 and controls.value == 5  # the controls' spread needs two sets
     [b for b in at.button if b.label == "Run ablation"][0].click().run()
     no_exception(at)
     outcome = at.session_state["ablation_result"]

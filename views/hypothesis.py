@@ -8,7 +8,7 @@ from mechamap_core import charts
 from mechamap_core.analysis import flagged, has_experts, shown_key
 from mechamap_core.config import ConfigError, ScanConfig, load_config, safe_child_path
 from mechamap_core.export import flagged_neurons
-from mechamap_core.hypothesis import ablate, flagged_for_category, parse_neuron_list, validate_heldout, with_ceiling
+from mechamap_core.hypothesis import MIN_CONTROLS, ablate, flagged_for_category, parse_neuron_list, validate_heldout, with_ceiling
 from mechamap_ui import state
 from mechamap_ui.contrast_panel import contrast_section
 from mechamap_ui.neuron_data import model_for
@@ -128,7 +128,7 @@ with ablate_tab:
             st.error("Write neurons as layer:neuron pairs separated by commas, e.g. 5:376, 5:544")
     c1, c2 = st.columns(2)
     mode = c1.radio("Ablation", ["zero", "mean"], horizontal=True)
-    controls = int(c2.number_input("Random control sets", 1, 50, 5))
+    controls = int(c2.number_input("Random control sets", MIN_CONTROLS, 50, 5, help="At least two, so that their spread and z exist"))
     cfg = ScanConfig(**{k: v for k, v in result.metadata["config"].items() if k in ScanConfig.__dataclass_fields__})
     if st.button("Run ablation", type="primary", disabled=not neurons):
         bar = st.progress(0.0, text="Starting ...")
