@@ -35,9 +35,24 @@ def test_heldout_reproduces_hand_computed_auroc(tiny_bert):
     for row in per_neuron.itertuples():
         acts = capture_mlp_input(tiny_bert.model, f"encoder.layer.{row.layer}.output.dense", enc["input_ids"])[:, row.neuron].numpy()
         in_cat = np.array([any(s < b and e > a for a, b in spans[row.category]) for s, e in enc["offset_mapping"]]) & ~special
-        expected = hand_auroc(acts[in_cat], acts[~in_cat & ~special])
+        pos, neg = acts[in_cat].astype(np.float64), acts[~in_cat & ~special].astype(np.float64)
+        expected = hand_auroc(pos, neg)
         assert row.heldout_auroc == pytest.approx(expected, abs=1e-9)
         assert row.status == ("pass" if expected >= 0.6 else "fail")
+        # the scan's definitions, from numpy's own mean and variance: separation, and Hedges-corrected Cohen's d
+        var_c, var_r = pos.var(ddof=1), neg.var(ddof=1)
+        assert row.heldout_avg_activation == pytest.approx(pos.mean(), abs=1e-6)
+        assert row.heldout_score == pytest.approx((pos.mean() - neg.mean()) / np.sqrt((var_c + var_r) / 2), rel=1e-5)
+        pooled = ((len(pos) - 1) * var_c + (len(neg) - 1) * var_r) / (len(pos) + len(neg) - 2)
+        hedges = 1 - 3 / (4 * (len(pos) + len(neg)) - 9)
+        assert row.heldout_cohens_d == pytest.approx(hedges * (pos.mean() - neg.mean()) / np.sqrt(pooled), rel=1e-5)
+    for category, rows in per_neuron.groupby("category"):  # the summary, counted row by row
+        line = summary.set_index("category").loc[category]
+        statuses = list(rows["status"])
+        assert line["flagged"] == len(statuses) and line["tested"] == len(statuses)
+        assert line["held_up"] == statuses.count("pass")
+        assert line["held_up_fraction"] == pytest.approx(statuses.count("pass") / len(statuses))
+        assert line["mean_heldout_auroc"] == pytest.approx(sum(rows["heldout_auroc"]) / len(statuses))
     assert summary.set_index("category").loc["food", "tested"] == 2
 
 
@@ -91,6 +106,11 @@ def test_ablating_a_neuron_changes_a_tiny_model_and_nothing_changes_nothing(tiny
     assert table.loc[0, "condition"] == "ablated" and len(table) == 4
     assert table.loc[0, "effect_target"] != 0.0
     assert np.isfinite(result.summary["control_mean"])
+    controls = [row.effect_target for row in table.itertuples() if row.condition.startswith("control")]
+    mean = sum(controls) / len(controls)
+    std = (sum((c - mean) ** 2 for c in controls) / (len(controls) - 1)) ** 0.5  # the sample standard deviation
+    assert result.summary["control_mean"] == pytest.approx(mean) and result.summary["control_std"] == pytest.approx(std)
+    assert result.summary["z_vs_controls"] == pytest.approx((table.loc[0, "effect_target"] - mean) / std)
     hooks = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in tiny_gpt2.model.modules())
     assert hooks == 0
 
