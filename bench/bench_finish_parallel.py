@@ -94,14 +94,13 @@ def main() -> None:
     import torch
 
     from mechamap_core import load_config, load_model, scan
+    from mechamap_core.alignment import align
     from mechamap_core.scan.run import word_labels
 
     torch.set_num_threads(1)  # the finishing's own threads are what is compared
     cfg = load_config(CONFIG)
     lm = load_model("bundled")
     result = scan(lm, cfg)
-    from mechamap_core.alignment import align
-
     aligned = align(lm.tokenizer, cfg.texts, cfg.categories, lm.chunk_tokens(cfg.max_chunk_tokens))
     word_category, word_fold = word_labels(cfg, aligned.coverage)
     labels = {"mask": aligned.category_mask, "token_word": aligned.token_word, "word_category": word_category,
