@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import re
+import threading
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -162,6 +167,141 @@ def test_ablation_effect_matches_manual_zeroing(tiny_gpt2):
     for pos, index in zip(chunk.valid_positions, chunk.token_indices):
         if pos > 0:
             assert ablated[index] == pytest.approx(logp[pos - 1, chunk.input_ids[pos]].item(), abs=1e-4)
+
+
+# --- ablation effect, recomputed from plain forward passes -----------------------------------
+
+ABLATION_DOCS = ["I ate pizza and bread in Paris, then rice", "Later pasta in New York and cheese at home in Tokyo."]
+DOWN_PROJECTION = {"gpt2": "transformer.h.{layer}.mlp.c_proj", "bert": "encoder.layer.{layer}.output.dense"}
+
+
+def hand_tokens(tokenizer, text: str, words: list[str]) -> tuple[list[int], list[int], np.ndarray]:
+    """(input ids with the tokenizer's special tokens, positions of the other tokens, whether each of those overlaps a
+    whole-word, case-insensitive occurrence of one of the words), from the tokenizer's offsets and re alone."""
+    enc = tokenizer(text, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    special = set(tokenizer.all_special_ids)
+    patterns = [r"(?<!\w)" + r"\s+".join(map(re.escape, word.split())) + r"(?!\w)" for word in words]
+    spans = [m.span() for pattern in patterns for m in re.finditer(pattern, text, re.IGNORECASE)]
+    positions = [p for p, token in enumerate(ids) if token not in special]
+    hit = np.array([any(a < offsets[p][1] and offsets[p][0] < b for a, b in spans) for p in positions])
+    return ids, positions, hit
+
+
+def hand_forward(model, arch: str, ids: list[int], replace: dict[int, dict[int, float]]) -> torch.Tensor:
+    """One plain forward pass of one sequence with chosen down-projection input columns set to given values
+    ({layer: {neuron: value}}): logits [pos, vocab] for a causal LM, else the final hidden states [pos, d]."""
+
+    def setter(values):
+        def hook(module, args):
+            x = args[0].clone()
+            for neuron, value in values.items():
+                x[..., neuron] = value
+            return (x,)
+
+        return hook
+
+    handles = [model.get_submodule(DOWN_PROJECTION[arch].format(layer=layer)).register_forward_pre_hook(setter(values))
+               for layer, values in replace.items()]  # fmt: skip
+    try:
+        with torch.no_grad():
+            out = model(input_ids=torch.tensor([ids]))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return (out.logits if arch == "gpt2" else out.last_hidden_state)[0].double()
+
+
+def hand_ablation_effects(lm, arch: str, category_words: list[str], replace, window: int) -> tuple[float, float, int]:
+    """(mean effect at the target tokens, mean effect at the others, number of target tokens) over ABLATION_DOCS.
+
+    Causal LM: the change in log p(actual token | prefix) at each token, targets being the category's tokens and
+    the `window` tokens after each in the same document. Encoder: ||h' - h|| / ||h|| of the final hidden state
+    at each token, targets being the category's tokens."""
+    effects, targets = [], []
+    for text in ABLATION_DOCS:
+        ids, positions, hit = hand_tokens(lm.tokenizer, text, category_words)
+        clean, changed = hand_forward(lm.model, arch, ids, {}), hand_forward(lm.model, arch, ids, replace)
+        if arch == "gpt2":
+            target = hit.copy()
+            for shift in range(1, window + 1):
+                target[shift:] |= hit[:-shift]
+            for p in positions:
+                assert p > 0  # the [CLS] frame: every counted token has a prefix to be predicted from
+            logp_clean, logp_changed = torch.log_softmax(clean, -1), torch.log_softmax(changed, -1)
+            effects += [(logp_changed[p - 1, ids[p]] - logp_clean[p - 1, ids[p]]).item() for p in positions]
+        else:
+            target = hit
+            effects += [(torch.linalg.norm(changed[p] - clean[p]) / torch.linalg.norm(clean[p])).item() for p in positions]
+        targets += target.tolist()
+    effects, targets = np.array(effects), np.array(targets)
+    return effects[targets].mean(), effects[~targets].mean(), int(targets.sum())
+
+
+def hand_means(lm, arch: str, neurons: dict[int, list[int]]) -> dict[int, dict[int, float]]:
+    """{layer: {neuron: its mean activation over every non-special token of ABLATION_DOCS}} from the clean model."""
+    acts = {layer: [] for layer in neurons}
+    for text in ABLATION_DOCS:
+        ids, positions, _ = hand_tokens(lm.tokenizer, text, [])
+        for layer in neurons:
+            acts[layer].append(capture_mlp_input(lm.model, DOWN_PROJECTION[arch].format(layer=layer), ids)[positions])
+    return {layer: {n: torch.cat(acts[layer])[:, n].double().mean().item() for n in ids} for layer, ids in neurons.items()}
+
+
+def parsed_neurons(label: str) -> dict[int, list[int]]:
+    """'L0.N3; L1.N4' -> {0: [3], 1: [4]}."""
+    out: dict[int, list[int]] = {}
+    for part in label.split("; "):
+        layer, neuron = part.removeprefix("L").split(".N")
+        out.setdefault(int(layer), []).append(int(neuron))
+    return out
+
+
+@pytest.fixture(scope="module")
+def loud_models(tiny_models):
+    """{arch: a copy of the tiny gpt2 / bert model whose down-projection weights are 20x larger}: the random
+    MLPs barely move the output, and an ablation's effect must stand well clear of float32 rounding."""
+    loud = {}
+    for arch in DOWN_PROJECTION:
+        lm = tiny_models.lm(arch)
+        model = copy.deepcopy(lm.model)
+        for layer in range(model.config.num_hidden_layers):
+            model.get_submodule(DOWN_PROJECTION[arch].format(layer=layer)).weight.data *= 20
+        if arch == "gpt2":  # and logits far from uniform, so log p moves with them
+            model.transformer.ln_f.weight.data *= 30
+        loud[arch] = dataclasses.replace(lm, model=model, lock=threading.Lock())
+    return loud
+
+
+@pytest.mark.parametrize(
+    ("arch", "mode", "window"),
+    [("gpt2", "zero", 2), ("gpt2", "mean", 1), ("gpt2", "zero", 0), ("bert", "zero", 2), ("bert", "mean", 2)],
+)
+def test_ablation_effects_match_plain_forward_passes_with_hand_made_hooks(loud_models, arch, mode, window):
+    """Every condition's effect_target and effect_other, and the summary's effect and target-token count, equal the
+    measure recomputed from two plain forward passes per document (hooks of this test zeroing or mean-replacing the
+    condition's neurons at the down-projection input), the category words found with re, the window spelled out."""
+    lm = loud_models[arch]
+    cfg = ScanConfig(master_text=ABLATION_DOCS, categories=WORDS)
+    chosen = [(0, 3), (1, 4), (1, 40)]
+    result = ablate(lm, cfg, "food", chosen, mode=mode, n_controls=2, window=window, seed=7)
+    table = result.per_condition
+    assert table["condition"].tolist() == ["ablated", "control 1", "control 2"]
+    assert parsed_neurons(table.loc[0, "neurons"]) == {0: [3], 1: [4, 40]}
+    for row in table.itertuples():
+        neurons = parsed_neurons(row.neurons)
+        assert {layer: len(ids) for layer, ids in neurons.items()} == {0: 1, 1: 2}
+        if row.condition != "ablated":  # random neurons of the same layers, never the chosen ones
+            assert not {(layer, n) for layer, ids in neurons.items() for n in ids} & set(chosen)
+        means = hand_means(lm, arch, neurons) if mode == "mean" else None
+        replace = {layer: {n: means[layer][n] if means else 0.0 for n in ids} for layer, ids in neurons.items()}
+        target, other, n_target = hand_ablation_effects(lm, arch, WORDS["food"], replace, window)
+        assert row.effect_target == pytest.approx(target, rel=1e-4, abs=1e-7)
+        assert row.effect_other == pytest.approx(other, rel=1e-4, abs=1e-7)
+        assert abs(target) > 1e-3  # the model does react: far above float32 rounding, not a comparison of zeros
+        if row.condition == "ablated":
+            assert result.summary["effect"] == row.effect_target
+            assert result.summary["n_target_tokens"] == n_target
 
 
 def test_ablation_bad_input(tiny_gpt2):
