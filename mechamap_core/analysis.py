@@ -100,9 +100,14 @@ def top_token_strings(top_tokens: pd.DataFrame, digits: int = 3) -> pd.DataFrame
     return text.rename("top_tokens").reset_index()
 
 
-def layer_category_counts(scores: pd.DataFrame, metric: str = "score", threshold: float = 1.0) -> pd.DataFrame:
-    """Pivot: layers as rows, categories as columns, counting neurons with metric >= threshold."""
-    hits = flagged(scores, metric, threshold)
+def layer_category_counts(
+    scores: pd.DataFrame, metric: str = "score", threshold: float = 1.0, min_cv_auroc: float | None = None
+) -> pd.DataFrame:
+    """Pivot: layers as rows, categories as columns, counting neurons with metric >= threshold and, given
+    min_cv_auroc, only those that hold up across words (holding_up). Every layer and category of scores keeps its
+    row and column, with 0 where the filters leave no neuron (so pass the whole run, and the filter here)."""
+    kept = scores if min_cv_auroc is None else holding_up(scores, min_cv_auroc)
+    hits = flagged(kept, metric, threshold)
     table = pd.crosstab(hits["layer"], hits["category"])
     layers = sorted(scores["layer"].unique())
     cats = list(scores["category"].cat.categories) if hasattr(scores["category"], "cat") else sorted(scores["category"].unique())

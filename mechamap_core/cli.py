@@ -445,17 +445,19 @@ def _warn_missing_words(cfg) -> None:
 
 
 def _run_interpret(args) -> int:
-    scores = _read_scores(args.csv, args.metric, numeric=(args.metric,))
+    scanned = _read_scores(args.csv, args.metric, numeric=(args.metric,))
+    scanned["category"] = pd.Categorical(scanned["category"], categories=list(dict.fromkeys(scanned["category"])))
+    scores = scanned
     if args.min_cv_auroc is not None:
         if "cv_auroc" not in scores.columns:
             raise ValueError(f"{args.csv} has no cv_auroc column (scanned before cross-validation existed); rescan it")
-        scores = analysis.holding_up(scores, args.min_cv_auroc)
+        scores = analysis.holding_up(scanned, args.min_cv_auroc)
         print(f"Only rows that hold up across words: cv_auroc >= {args.min_cv_auroc}")
-    scores["category"] = pd.Categorical(scores["category"], categories=list(dict.fromkeys(scores["category"])))
     threshold = args.threshold  # default 1.0, the original's
     pd.set_option("display.width", 200)
     print(f"Neurons with {args.metric} >= {threshold}, by layer and category:")
-    print(analysis.layer_category_counts(scores, args.metric, threshold).to_string())
+    pivot = analysis.layer_category_counts(scanned, args.metric, threshold, args.min_cv_auroc)  # every layer, category
+    print(pivot.to_string())
     print(f"\nTop {args.top} neurons per category by {args.metric}:")
     cols = [c for c in ("category", "layer", "expert", "neuron", args.metric, "avg_activation", "cv_auroc", "top_tokens")
             if c in scores.columns]  # fmt: skip

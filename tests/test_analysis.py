@@ -207,3 +207,36 @@ def test_neuron_profile(scores):
     assert rows["category"].astype(str).tolist() == CATS and rows["score"].tolist() == SCORE[2][3]
     with pytest.raises(KeyError, match="L9.N0"):
         analysis.neuron_profile(scores, 9, 0)
+
+
+# --- the pivot's "holds up across words" filter ---------------------------------------------------
+
+# cv_auroc per layer and category (the same for a layer's neurons): nothing in layer 1 and nothing for "food" holds up
+CV_AUROC = [[0.9, 0.6, 0.8], [0.7, 0.74, 0.5], [0.75, 0.6, np.nan]]
+
+
+@pytest.mark.parametrize("categorical", [True, False])
+@pytest.mark.parametrize("threshold", [-5.0, 1.0])
+def test_holds_up_filter_keeps_every_layer_and_category_of_the_pivot(scores, categorical, threshold):
+    """With the filter on, a layer or category left without neurons shows zeros instead of dropping out, whether the
+    category column is categorical (a fresh scan) or plain strings; counts equal a loop over the rows."""
+    frame = scores.assign(cv_auroc=[CV_AUROC[r.layer][CATS.index(str(r.category))] for r in scores.itertuples()])
+    if not categorical:
+        frame["category"] = frame["category"].astype(str)
+    got = analysis.layer_category_counts(frame, "score", threshold, min_cv_auroc=analysis.HOLDS_UP_CV_AUROC)
+    manual = np.zeros((3, len(CATS)), dtype=int)
+    for layer, _, cat, row in records(frame):
+        manual[layer, CATS.index(cat)] += row.score >= threshold and row.cv_auroc >= 0.75  # NaN holds nothing up
+    assert list(got.index) == [0, 1, 2] and [str(c) for c in got.columns] == CATS
+    assert got.to_numpy().tolist() == manual.tolist()
+    assert manual[1].sum() == 0 and manual[:, CATS.index("food")].sum() == 0  # the empty row and column are shown
+    assert manual.sum() > 0
+    unfiltered = analysis.layer_category_counts(frame, "score", threshold)
+    assert (got.to_numpy() <= unfiltered.to_numpy()).all() and got.to_numpy().sum() < unfiltered.to_numpy().sum()
+
+
+def test_holds_up_filter_that_keeps_nothing_gives_a_pivot_of_zeros(scores):
+    frame = scores.assign(cv_auroc=0.5)
+    got = analysis.layer_category_counts(frame, "score", -5.0, min_cv_auroc=0.75)
+    assert got.shape == (3, len(CATS)) and got.to_numpy().tolist() == [[0, 0, 0]] * 3
+

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import app_fixtures
@@ -77,6 +78,22 @@ def test_overview_headline_for_a_result(app_env, tiny_result):
     assert list(top["category"]) == tiny_result.categories  # one top neuron per category, in config order
     assert top["top_tokens"].str.startswith("[(").all()
     assert at.get("vega_lite_chart"), "the flagged-per-category bar chart is drawn"
+
+
+def test_overview_holds_up_toggle_counts_pairs_by_hand(app_env, tiny_result):
+    """The headline's flagged pairs with and without "holds up across words", against a count over the rows."""
+    scores = tiny_result.scores
+    scores = scores.assign(cv_auroc=scores["cv_auroc"].mask(scores["layer"] == 5, 0.5))  # layer 5 holds nothing up
+    at = make_app(dataclasses.replace(tiny_result, scores=scores)).run()
+    threshold = float(tiny_result.metadata.get("threshold", 1.0))
+    labels = [m.label for m in at.metric]
+    pairs = labels.index(f"Neuron-category pairs with score ≥ {threshold:g}")
+    assert at.metric[pairs].value == f"{int((scores['score'] >= threshold).sum()):,}"
+    at.toggle[0].set_value(True).run()
+    no_exception(at)
+    holding = int(((scores["score"] >= threshold) & (scores["cv_auroc"] >= 0.75)).sum())
+    assert at.metric[pairs].value == f"{holding:,}"
+    assert holding < (scores["score"] >= threshold).sum()
 
 
 def test_overview_button_scans_and_activates_the_run(app_env):

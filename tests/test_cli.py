@@ -123,6 +123,26 @@ def test_interpret_prints_pivot_overlap_and_correlation(scanned, capsys):
         assert int(value) == int(counts.loc[0].get(cat, 0))
 
 
+def test_interpret_min_cv_auroc_keeps_every_layer_and_category_in_the_pivot(capsys, tmp_path):
+    """--min-cv-auroc leaves no neuron in layer 1 and none for "food": the pivot still prints their row and column,
+    with 0s, and its counts equal a loop over the rows."""
+    rows = [{"layer": layer, "neuron": neuron, "category": cat, "score": 1.0 + neuron - c,
+             "cv_auroc": 0.5 if layer == 1 or cat == "food" else 0.6 + 0.1 * neuron}
+            for layer in range(3) for neuron in range(4) for c, cat in enumerate(["animal", "food", "place"])]  # fmt: skip
+    csv = tmp_path / "scores.csv"
+    pd.DataFrame(rows).to_csv(csv, index=False)
+    assert main(["interpret", "--csv", str(csv), "--min-cv-auroc", "0.75"]) == 0
+    pivot_block = capsys.readouterr().out.split("by layer and category:")[1].split("Top ")[0]
+    lines = pivot_block.strip().splitlines()
+    assert lines[0].split() == ["category", "animal", "food", "place"]
+    printed = {int(line.split()[0]): [int(v) for v in line.split()[1:]] for line in lines[2:]}
+    expected = {layer: [0, 0, 0] for layer in range(3)}
+    for row in rows:
+        kept = row["score"] >= 1.0 and row["cv_auroc"] >= 0.75
+        expected[row["layer"]][["animal", "food", "place"].index(row["category"])] += kept
+    assert printed == expected and expected[1] == [0, 0, 0] and expected[0] == [2, 0, 2]
+
+
 def test_interpret_default_threshold(scanned, capsys):
     _, paths = scanned
     assert main(["interpret", "--csv", str(paths["csv"])]) == 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -321,15 +323,44 @@ def test_capped_and_paginated_tables_say_how_many_rows_they_show():
     assert any("21–25 (5 of 25 rows)" in c.value for c in at.caption)
 
 
+def hand_pivot(scores: pd.DataFrame, threshold: float, min_cv_auroc: float) -> pd.DataFrame:
+    """Layer x category counts of rows with score >= threshold and cv_auroc >= min_cv_auroc, every layer and
+    category of the run kept (0 where none), counted by a loop."""
+    layers = sorted(int(layer) for layer in scores["layer"].unique())
+    cats = [str(c) for c in scores["category"].cat.categories]
+    counts = np.zeros((len(layers), len(cats)), dtype=int)
+    for row in scores.itertuples():
+        kept = row.score >= threshold and row.cv_auroc >= min_cv_auroc  # NaN keeps nothing
+        counts[layers.index(row.layer), cats.index(str(row.category))] += kept
+    return pd.DataFrame(counts, index=[str(layer) for layer in layers], columns=cats)
+
+
 def test_pivot_filter_keeps_neurons_that_hold_up_across_words(result):
     at = open_page("pivot", result)
     at.toggle(key="pivot_holds_up").set_value(True).run()
     assert_clean(at)
     threshold = at.slider(key="threshold_score").value
-    holding = analysis.holding_up(result.scores)
-    assert len(holding) < len(result.scores)
-    expected = analysis.layer_category_counts(holding, "score", threshold)
-    np.testing.assert_array_equal(table(at, COUNTS).to_numpy(), expected.to_numpy())
+    assert len(analysis.holding_up(result.scores)) < len(result.scores)
+    shown, expected = table(at, COUNTS), hand_pivot(result.scores, threshold, analysis.HOLDS_UP_CV_AUROC)
+    assert [str(i) for i in shown.index] == list(expected.index) and list(shown.columns) == list(expected.columns)
+    np.testing.assert_array_equal(shown.to_numpy(), expected.to_numpy())
+
+
+def test_pivot_filter_shows_a_layer_and_a_category_it_empties_as_zeros(result):
+    """Where no neuron of a layer (or of a category) holds up across words, the pivot keeps its row (column) of 0s,
+    so the layers and categories stay where the unfiltered pivot has them."""
+    unsteady = (result.scores["layer"] == 3) | (result.scores["category"] == "color")
+    scores = result.scores.assign(cv_auroc=result.scores["cv_auroc"].mask(unsteady, 0.5))
+    at = open_page("pivot", dataclasses.replace(result, scores=scores))
+    at.toggle(key="pivot_holds_up").set_value(True).run()
+    assert_clean(at)
+    threshold = at.slider(key="threshold_score").value
+    shown, expected = table(at, COUNTS), hand_pivot(scores, threshold, analysis.HOLDS_UP_CV_AUROC)
+    assert [str(i) for i in shown.index] == [str(layer) for layer in range(6)] == list(expected.index)
+    assert list(shown.columns) == list(expected.columns) == result.categories
+    np.testing.assert_array_equal(shown.to_numpy(), expected.to_numpy())
+    assert shown.loc[shown.index.astype(str) == "3"].to_numpy().sum() == 0 and shown["color"].sum() == 0
+    assert shown.to_numpy().sum() > 0
 
 
 def test_statistics_show_three_significant_digits_of_small_columns():

@@ -48,8 +48,9 @@ holds_up = st.toggle(
     help="cv_auroc: the AUROC on held-out folds of each category's words. A neuron that answers to one or two "
     "words only scores about 0.5 on the folds without them.", disabled="cv_auroc" not in result.scores.columns,
 )  # fmt: skip
+min_cv_auroc = analysis.HOLDS_UP_CV_AUROC if holds_up else None
 scores = analysis.holding_up(result.scores) if holds_up else result.scores
-counts = analysis.layer_category_counts(scores, "score", threshold).sum(axis=0)
+counts = analysis.layer_category_counts(result.scores, "score", threshold, min_cv_auroc).sum(axis=0)  # every category
 flagged = counts.rename("flagged neurons").rename_axis("category").reset_index()
 flagged["category"] = flagged["category"].astype(str)
 cols = st.columns(3)

@@ -16,6 +16,7 @@ holds_up = st.toggle(
     help="cv_auroc: the AUROC on held-out folds of each category's words; a neuron selective for one or two "
     "words only gets about 0.5 on the folds without them.", disabled="cv_auroc" not in scores.columns,
 )  # fmt: skip
+min_cv_auroc = analysis.HOLDS_UP_CV_AUROC if holds_up else None
 if holds_up:
     scores = analysis.holding_up(scores)
 
@@ -26,7 +27,7 @@ with right:
     threshold = widgets.threshold_slider(scores, metric, key="threshold", default=result.metadata.get("threshold"), in_url=True)
 
 try:
-    counts = analysis.layer_category_counts(scores, metric, threshold)
+    counts = analysis.layer_category_counts(result.scores, metric, threshold, min_cv_auroc)  # every layer and category
 except (ValueError, KeyError) as err:
     st.error(f"Could not build the pivot: {err}.")
     st.stop()
