@@ -240,3 +240,121 @@ def test_holds_up_filter_that_keeps_nothing_gives_a_pivot_of_zeros(scores):
     got = analysis.layer_category_counts(frame, "score", -5.0, min_cv_auroc=0.75)
     assert got.shape == (3, len(CATS)) and got.to_numpy().tolist() == [[0, 0, 0]] * 3
 
+
+# --- mixture-of-experts runs: the same (layer, neuron) in two experts is two neurons ---------------
+
+# (layer, expert, neurons): layer 0 dense, layer 1 a shared expert (expert empty) and two routed experts, layer 2
+# two routed experts; every routed expert numbers its neurons from 0, like the dense and shared ones.
+MOE_GROUPS = [(0, None, 4), (1, None, 3), (1, 0, 4), (1, 1, 4), (2, 0, 3), (2, 1, 3)]
+# scores (animal, food, place) planted at neuron 2 of layer 1 and neuron 1 of layer 2, in each of their groups
+PLANTED = {
+    (1, None, 2): (0.1, 1.5, 1.2), (1, 0, 2): (2.0, 1.1, 0.3), (1, 1, 2): (1.3, 0.2, np.nan),
+    (2, 0, 1): (1.0, 1.6, 1.4), (2, 1, 1): (1.0, -0.3, 1.7),
+}  # fmt: skip
+NOT_ROUTED = (1, 1, "place")  # expert 1 of layer 1 saw no "place" token: its neurons have no place statistics
+
+
+def moe_hook(layer: int, expert: int | None) -> str:
+    if expert is not None:
+        return f"blocks.{layer}.mlp.experts.{expert}.hook_post"
+    return f"blocks.{layer}.mlp.hook_post" if layer == 0 else f"blocks.{layer}.mlp.shared_experts.hook_post"
+
+
+def build_moe_scores() -> pd.DataFrame:
+    """A mixture-of-experts scores table (expert: nullable Int64, empty for dense and shared neurons), random scores
+    and avg_activations with PLANTED overlaps and a NOT_ROUTED expert's NaN rows."""
+    rng = np.random.default_rng(5)
+    rows = []
+    for layer, expert, width in MOE_GROUPS:
+        for neuron in range(width):
+            values = PLANTED.get((layer, expert, neuron), np.round(rng.normal(0.5, 1.0, len(CATS)), 2))
+            for cat, value in zip(CATS, values):
+                missing = (layer, expert, cat) == NOT_ROUTED
+                rows.append({
+                    "layer": layer, "expert": expert, "neuron": neuron, "hook": moe_hook(layer, expert),
+                    "category": cat, "score": np.nan if missing else value,
+                    "avg_activation": np.nan if missing else round(float(rng.normal(0.0, 0.2)), 3),
+                })  # fmt: skip
+    frame = pd.DataFrame(rows)
+    frame["expert"] = pd.array(frame["expert"], dtype="Int64")
+    frame["category"] = pd.Categorical(frame["category"], categories=CATS)
+    return frame
+
+
+@pytest.fixture
+def moe_scores() -> pd.DataFrame:
+    return build_moe_scores()
+
+
+def moe_key(row) -> tuple[int, int | None, int]:
+    """(layer, expert or None, neuron) of a row: the identity of an expert, shared or dense neuron."""
+    return int(row.layer), None if pd.isna(row.expert) else int(row.expert), int(row.neuron)
+
+
+def hand_overlap(frame: pd.DataFrame, metric: str, threshold: float, min_categories: int) -> dict:
+    """{(layer, expert or None, neuron): sorted categories} of neurons flagged in >= min_categories, by a loop."""
+    hits: dict[tuple, list[str]] = {}
+    for row in frame.itertuples():
+        if getattr(row, metric) >= threshold:  # NaN never is
+            hits.setdefault(moe_key(row), []).append(str(row.category))
+    return {key: tuple(sorted(cats)) for key, cats in hits.items() if len(cats) >= min_categories}
+
+
+@pytest.mark.parametrize(("threshold", "min_categories"), [(1.0, 2), (0.5, 2), (0.0, 3), (-1.0, 2)])
+def test_moe_overlap_matches_a_loop_that_keeps_experts_apart(moe_scores, threshold, min_categories):
+    got = analysis.multi_category_neurons(moe_scores, "score", threshold, min_categories)
+    assert list(got.columns) == ["layer", "expert", "neuron", "n_categories", "categories"]
+    found = {moe_key(row): row.categories for row in got.itertuples()}
+    assert len(found) == len(got)  # one row per neuron
+    assert found == hand_overlap(moe_scores, "score", threshold, min_categories)
+    assert all(row.n_categories == len(row.categories) for row in got.itertuples())
+    assert got["n_categories"].is_monotonic_decreasing
+    combos = analysis.combination_counts(got)
+    assert dict(zip(combos["combination"], combos["neurons"])) == Counter(" + ".join(c) for c in found.values())
+
+
+def test_moe_overlap_of_the_planted_neurons(moe_scores):
+    """Neuron 2 of layer 1 is three neurons (shared expert, experts 0 and 1) with three different category sets."""
+    got = analysis.multi_category_neurons(moe_scores, "score", 1.0)
+    found = {moe_key(row): row.categories for row in got.itertuples()}
+    assert found[(1, None, 2)] == ("food", "place")
+    assert found[(1, 0, 2)] == ("animal", "food")
+    assert (1, 1, 2) not in found  # animal only: its place score is missing, which flags nothing
+    assert found[(2, 0, 1)] == ("animal", "food", "place")
+    assert found[(2, 1, 1)] == ("animal", "place")  # 1.0 itself is flagged
+    n_neurons = moe_scores[analysis.shown_key(moe_scores)].drop_duplicates().shape[0]  # the page's "of N neurons"
+    assert n_neurons == sum(width for _, _, width in MOE_GROUPS) == 21
+
+
+def hand_correlation(frame: pd.DataFrame, metric: str, method: str, layers=None) -> tuple[np.ndarray, int]:
+    """(category x category correlation, number of neurons): one row per (layer, expert, neuron), each pair of
+    categories over the neurons with both values (pairwise complete), Spearman as Pearson of the ranks."""
+    values: dict[tuple, dict[str, float]] = {}
+    for row in frame.itertuples():
+        if layers is None or layers[0] <= row.layer <= layers[1]:
+            values.setdefault(moe_key(row), {})[str(row.category)] = getattr(row, metric)
+    matrix = np.array([[per_cat[cat] for cat in CATS] for per_cat in values.values()])  # [neurons, categories]
+    out = np.full((len(CATS), len(CATS)), np.nan)
+    for i in range(len(CATS)):
+        for j in range(len(CATS)):
+            both = ~np.isnan(matrix[:, i]) & ~np.isnan(matrix[:, j])
+            x, y = matrix[both, i], matrix[both, j]
+            if method == "spearman":
+                x, y = stats.rankdata(x), stats.rankdata(y)
+            out[i, j] = np.corrcoef(x, y)[0, 1]
+    return out, len(matrix)
+
+
+@pytest.mark.parametrize("metric", ["score", "avg_activation"])
+@pytest.mark.parametrize("method", ["pearson", "spearman"])
+@pytest.mark.parametrize("layers", [None, (1, 1), (1, 2)])
+def test_moe_category_correlation_matches_numpy_over_every_expert_neuron(moe_scores, metric, method, layers):
+    got = analysis.category_correlation(moe_scores, metric, method, layers=layers)
+    expected, n_neurons = hand_correlation(moe_scores, metric, method, layers)
+    assert [str(c) for c in got.columns] == CATS and [str(c) for c in got.index] == CATS
+    np.testing.assert_allclose(got.to_numpy(dtype=float), expected, atol=1e-12)
+    in_range = moe_scores if layers is None else moe_scores[moe_scores["layer"].between(*layers)]
+    assert n_neurons > in_range[["layer", "neuron"]].drop_duplicates().shape[0]  # experts share neuron numbers
+    merged, _ = hand_correlation(in_range.drop_duplicates(["layer", "neuron", "category"]).assign(expert=pd.NA), metric, method)
+    assert not np.allclose(expected, merged)  # keeping one row per (layer, neuron) would show other numbers
+

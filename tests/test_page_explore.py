@@ -1,16 +1,19 @@
-"""AppTests of the pivot, overlap and correlation pages on a real scan of the bundled model, plus their empty state."""
+"""AppTests of the pivot, overlap and correlation pages on a real scan and a hand-made MoE run, plus their empty state."""
 
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 
 import numpy as np
 import pandas as pd
 import pytest
 from conftest import REPO_ROOT
 from streamlit.testing.v1 import AppTest
+from test_analysis import CATS, build_moe_scores, hand_correlation, hand_overlap, moe_key
 
 from mechamap_core import analysis
+from mechamap_core.scan.result import ScanResult
 from mechamap_ui.state import RESULT_OVERRIDE
 from mechamap_ui.widgets import SELECTED_NEURON
 
@@ -361,6 +364,45 @@ def test_pivot_filter_shows_a_layer_and_a_category_it_empties_as_zeros(result):
     np.testing.assert_array_equal(shown.to_numpy(), expected.to_numpy())
     assert shown.loc[shown.index.astype(str) == "3"].to_numpy().sum() == 0 and shown["color"].sum() == 0
     assert shown.to_numpy().sum() > 0
+
+
+# --- mixture-of-experts runs: overlap and correlation pages ---------------------------------------
+
+
+@pytest.fixture
+def moe_result() -> ScanResult:
+    """A hand-made mixture-of-experts run (test_analysis.build_moe_scores) with one top token per neuron."""
+    scores = build_moe_scores()
+    neurons = scores[["layer", "expert", "neuron"]].drop_duplicates(ignore_index=True)
+    top_tokens = neurons.assign(rank=1, token_index=0, token="pizza", activation=1.0)
+    metadata = {"model": "hand-moe", "categories": CATS, "threshold": 1.0, "layers": [0, 1, 2]}
+    empty = pd.DataFrame()
+    return ScanResult(scores, top_tokens, empty, empty, np.zeros((0, len(CATS)), dtype=bool), metadata)
+
+
+def test_moe_overlap_page_counts_expert_neurons_apart(moe_result):
+    at = open_page("overlap", moe_result)
+    assert_clean(at)
+    expected = hand_overlap(moe_result.scores, "score", 1.0, 2)
+    assert (1, None, 2) in expected and (1, 0, 2) in expected  # the same (layer, neuron) in two groups
+    assert at.metric[0].value == f"{len(expected):,}"
+    shown = table(at, "overlap_table")
+    assert list(shown.columns[:3]) == ["layer", "expert", "neuron"]
+    found = {moe_key(row): row.categories for row in shown.itertuples()}
+    assert found == {key: ", ".join(cats) for key, cats in expected.items()}
+    combos = table(at, COMBOS)
+    assert dict(zip(combos["combination"], combos["neurons"])) == Counter(" + ".join(c) for c in expected.values())
+
+
+@pytest.mark.parametrize("method", ["Pearson", "Spearman"])
+def test_moe_correlation_page_matches_numpy_over_every_expert_neuron(moe_result, method):
+    at = open_page("correlation", moe_result, method=method, layers=["1", "2"])
+    assert_clean(at)
+    expected, n_neurons = hand_correlation(moe_result.scores, "score", method.lower(), (1, 2))
+    shown = table(at, MATRIX)
+    assert list(shown.columns) == CATS
+    np.testing.assert_allclose(shown.to_numpy(dtype=float), expected, atol=1e-12)
+    assert n_neurons == 17 and any(f"across {n_neurons} neurons in layers 1–2" in c.value for c in at.caption)
 
 
 def test_statistics_show_three_significant_digits_of_small_columns():
