@@ -166,18 +166,21 @@ def flagged_by_relative_depth(
     scores: pd.DataFrame, n_layers: int, metric: str = "score", threshold: float = 1.0
 ) -> pd.DataFrame:
     """Per (category, layer): relative depth ((layer + 0.5) / n_layers, the middle of the layer's share of the
-    depth), flagged count and fraction of the layer's neurons.
+    depth), flagged count, neurons (the layer's neurons with a value of the metric for the category) and the
+    fraction of those flagged.
 
     The fraction makes models of different widths comparable; relative depth, of different depths: the first
     and last layers of any two models sit equally far from 0 and 1 (layer / n_layers put a 2-layer model's last
-    layer at 0.5, mid-depth).
+    layer at 0.5, mid-depth). A missing (NaN) value is a neuron that was not measured for the category (its
+    expert saw too few of the category's tokens, or the text has none), so it counts in neither the flagged count
+    nor the neurons: a layer without any measured neuron has a NaN fraction, not a false 0.
     """
     _check_metric(scores, metric)
     if n_layers < 1:
         raise ValueError("n_layers must be at least 1")
     per_layer = scores.groupby(["category", "layer"], observed=True)
-    out = per_layer[metric].agg(flagged=lambda v: int((v >= threshold).sum()), neurons="size").reset_index()
-    out["fraction"] = out["flagged"] / out["neurons"]
+    out = per_layer[metric].agg(flagged=lambda v: int((v >= threshold).sum()), neurons="count").reset_index()
+    out["fraction"] = out["flagged"] / out["neurons"].where(out["neurons"] > 0)
     out["relative_depth"] = (out["layer"] + 0.5) / n_layers
     out["category"] = out["category"].astype(str)
     return out[["category", "layer", "relative_depth", "flagged", "neurons", "fraction"]]

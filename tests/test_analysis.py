@@ -358,3 +358,33 @@ def test_moe_category_correlation_matches_numpy_over_every_expert_neuron(moe_sco
     merged, _ = hand_correlation(in_range.drop_duplicates(["layer", "neuron", "category"]).assign(expert=pd.NA), metric, method)
     assert not np.allclose(expected, merged)  # keeping one row per (layer, neuron) would show other numbers
 
+
+# --- fraction flagged by relative depth (the Compare page) ----------------------------------------
+
+
+@pytest.mark.parametrize("threshold", [0.0, 1.0, 1.5])
+def test_relative_depth_fractions_with_several_categories_and_missing_scores_match_a_loop(moe_scores, threshold):
+    """Per category and layer: flagged neurons over the neurons with a score (a missing score was never measured,
+    so it is neither flagged nor counted), NaN where none has one; relative depth (layer + 1/2) / n_layers."""
+    frame = moe_scores.copy()
+    frame.loc[frame["category"] == "food", "score"] = np.nan  # "food" has no token in this run's text at all ...
+    frame.loc[(frame["category"] == "food") & (frame["layer"] == 2), "score"] = 1.2  # ... but in layer 2's
+    got = analysis.flagged_by_relative_depth(frame, n_layers=4, metric="score", threshold=threshold)
+    flagged: dict[tuple[str, int], int] = {}
+    scored: dict[tuple[str, int], int] = {}
+    for row in frame.itertuples():
+        at = (str(row.category), int(row.layer))
+        flagged[at] = flagged.get(at, 0) + bool(row.score >= threshold)
+        scored[at] = scored.get(at, 0) + (not np.isnan(row.score))
+    assert sorted(zip(got["category"], got["layer"])) == sorted(scored)
+    for row in got.itertuples():
+        at = (row.category, row.layer)
+        assert (row.flagged, row.neurons) == (flagged[at], scored[at])
+        assert row.relative_depth == (row.layer + 0.5) / 4
+        if scored[at]:
+            assert row.fraction == pytest.approx(flagged[at] / scored[at], rel=1e-15)
+        else:
+            assert np.isnan(row.fraction)  # not measured: no point on the chart, rather than a false zero
+    place_1 = got[(got["category"] == "place") & (got["layer"] == 1)].iloc[0]
+    assert place_1["neurons"] == 3 + 4  # the shared expert and expert 0; expert 1 saw no place token
+    assert got[got["category"] == "food"]["neurons"].tolist() == [0, 0, 6]

@@ -158,6 +158,18 @@ def test_relative_depth_lines_legend_keeps_long_model_names():
     assert all(f">{run}<" in svg for run in runs), "the rendered legend shows each run name whole"
 
 
+def test_relative_depth_lines_leave_out_layers_without_a_measured_neuron(scores):
+    """A category without a score anywhere (no token in the text) has NaN fractions: null in the chart's data, so
+    Vega-Lite draws no point, and the chart still renders."""
+    unmeasured = scores.assign(score=scores["score"].where(scores["category"] != "food"))
+    depth = analysis.flagged_by_relative_depth(unmeasured, 2, "score", 1.0).assign(run="A: tiny")
+    data = data_of(charts.relative_depth_lines(depth).to_dict())
+    food = data[data["category"] == "food"]
+    assert len(food) == 2 and food["fraction"].isna().all() and (food["neurons"] == 0).all()
+    assert data[data["category"] != "food"]["fraction"].notna().all()
+    assert "<svg" in charts.chart_to_svg(charts.relative_depth_lines(depth))
+
+
 def test_flagged_per_category_bars_counts_every_category(scores):
     chart = charts.flagged_per_category_bars(scores, "score", 2.0)
     spec = chart.to_dict()

@@ -41,7 +41,8 @@ for name, res in (("A: " + res_a.metadata["model"], res_a), ("B: " + res_b.metad
 depth_frame = pd.concat(depth, ignore_index=True)
 st.markdown("#### Flagged neurons by relative depth (fraction of each layer's neurons)")
 st.caption("Relative depth: (layer + ½) / number of layers, the middle of each layer's share of the model, so models "
-           "of different depths line up.")  # fmt: skip
+           "of different depths line up. Neurons without a score for a category (an expert that saw too few of its "
+           "tokens, or a text without any) are left out of both counts: no point rather than a false 0.")  # fmt: skip
 chart = relative_depth_lines(depth_frame)
 st.altair_chart(chart)
 chart_downloads(chart, "compare_depth")
