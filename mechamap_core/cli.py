@@ -406,6 +406,7 @@ def _run_scan(args) -> int:
             f"{md['n_tokens']} tokens in {md['n_forward_passes']} forward pass(es), {md['timings_s']['total']:.2f} s",
             file=sys.stderr,
         )
+    _note_thin_experts(result)
     options = {"flagged_only": args.flagged_only, "min_cv_auroc": args.min_cv_auroc}
     if args.min_cv_auroc is not None and result.scores["cv_auroc"].isna().all():
         print("note: this scan has no cv_auroc (it needs two or more words per category, auroc and cv_folds on): "
@@ -428,6 +429,21 @@ def _run_scan(args) -> int:
         print(analysis.top_neurons(result.scores, n=3, top_tokens=result.top_tokens)[
             ["category", "layer", *expert, "neuron", "score", "avg_activation", "auroc", "top_tokens"]].to_string(index=False))
     return 0
+
+
+def _note_thin_experts(result) -> None:
+    """After a mixture-of-experts scan: how many (layer, expert, category) cells got too few routed tokens for
+    statistics (their expert neurons are NaN there), so an empty-looking table is explained."""
+    from .scan import MIN_EXPERT_TOKENS
+
+    routing = result.extras.get("routing")
+    if routing is None or routing.empty:
+        return
+    thin = int((routing["n_tokens"] < MIN_EXPERT_TOKENS).sum())
+    if thin:
+        print(f"note: in {thin:,} of {len(routing):,} (layer, expert, category) cells the expert saw fewer than "
+              f"{MIN_EXPERT_TOKENS} of the category's tokens; its neurons have no statistics there (a longer text "
+              "or --corpus gives them more)", file=sys.stderr)  # fmt: skip
 
 
 def _warn_missing_words(cfg) -> None:

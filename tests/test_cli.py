@@ -60,7 +60,9 @@ def test_scan_writes_every_format(scanned):
 def test_scan_of_an_moe_model_writes_expert_rows_and_the_routing_table(tmp_path, capsys, corpus):
     """A mixture-of-experts model from a folder, scanned over the master text or streamed over a corpus: the CSV
     has expert rows and --routing writes the routing table, whose shares over a layer's experts add up to top_k."""
-    from tiny_models import TOP_K, build_tiny_model
+    from tiny_models import D_EXPERT, TOP_K, build_tiny_model
+
+    from mechamap_core.scan import MIN_EXPERT_TOKENS
 
     model = build_tiny_model("mixtral", tmp_path / "tiny-mixtral")
     csv, routing = tmp_path / "scores.csv", tmp_path / "routing.csv"
@@ -70,9 +72,16 @@ def test_scan_of_an_moe_model_writes_expert_rows_and_the_routing_table(tmp_path,
         documents.write_text("The red bus drove to Paris.\nShe ate an apple on Monday.\nA cat sat by the tram.\n", encoding="utf-8")
         argv += ["--corpus", str(documents)]
     assert main(argv) == 0, capsys.readouterr().err
+    said = capsys.readouterr().err
     scores = pd.read_csv(csv, dtype={"expert": "Int64"})
     assert scores["expert"].notna().any()
     table = pd.read_csv(routing)
+    thin = int((table["n_tokens"] < MIN_EXPERT_TOKENS).sum())  # cells whose expert neurons have no statistics
+    assert thin > 0 or not corpus  # three short documents leave some experts short of a category's tokens
+    assert (f"note: in {thin:,} of {len(table):,} (layer, expert, category) cells the expert saw fewer than" in said) == (thin > 0)
+    short = table[table["n_tokens"] < MIN_EXPERT_TOKENS]
+    blank = scores.merge(short[["layer", "expert", "category"]], on=["layer", "expert", "category"])
+    assert len(blank) == len(short) * D_EXPERT and blank["score"].isna().all()
     assert list(table.columns[:5]) == ["layer", "expert", "category", "n_tokens", "share"]
     shares = table.groupby(["layer", "category"])["share"].sum(min_count=1).dropna()  # NaN: a category without tokens
     assert len(shares) > 0

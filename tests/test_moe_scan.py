@@ -18,45 +18,62 @@ from mechamap_core.alignment import align
 from mechamap_core.hypothesis import validate_heldout
 from mechamap_core.models import wrap_model
 from mechamap_core.scan.driver import resolve_hook_points
+from mechamap_core.scan.finish import MIN_EXPERT_TOKENS, STAT_COLUMNS
 from mechamap_core.scan.run import finish_slices, recorded_widths
+
+SCANNED_PARAGRAPHS = 4  # of the default master text: most (expert, category) cells get MIN_EXPERT_TOKENS, a few do not
 
 
 @pytest.fixture(scope="module")
 def paragraph(default_cfg) -> str:
-    return default_cfg.master_text.split("\n\n")[0]
+    return "\n\n".join(default_cfg.master_text.split("\n\n")[:SCANNED_PARAGRAPHS])
+
+
+def heldout_paragraphs(master_text: str) -> str:
+    """The default master text's paragraphs after those scanned: other tokens, the same words."""
+    return "\n\n".join(master_text.split("\n\n")[SCANNED_PARAGRAPHS:])
 
 
 def independent_expert_neurons(model, family, tokenizer, text, categories):
     """Per (MoE layer, expert): (token indices routed there [t], their category mask [t, C], the expert's neurons
-    on them [t, N] float64), from one plain forward pass with the MoE blocks' inputs captured, routed with
-    reference_topk, recomputed from the raw weights in float64."""
-    aligned = align(tokenizer, [text], categories, 10_000)
-    (chunk,) = aligned.chunks
-    captured = {}
-    handles = []
-    for layer in LAYOUT[family][0]:
-        block = model.get_submodule(LAYOUT[family][1].format(L=layer))
-        handles.append(block.register_forward_pre_hook(
-            lambda module, args, layer=layer: captured.__setitem__(layer, args[0].reshape(-1, args[0].shape[-1]).clone())))
-    try:
-        with torch.no_grad():
-            model(input_ids=torch.tensor([chunk.input_ids]))
-    finally:
-        for handle in handles:
-            handle.remove()
-    counted = torch.tensor(chunk.valid_positions)
-    token_index = np.asarray(chunk.token_indices)
+    on them [t, N] float64), from plain forward passes (one per chunk of the model's context, as the scan cuts
+    the text) with the MoE blocks' inputs captured, routed with reference_topk, recomputed from the raw weights
+    in float64."""
+    aligned = align(tokenizer, [text], categories, wrap_model(model, tokenizer, "reference").chunk_tokens(0))
+    per_chunk = []
+    for chunk in aligned.chunks:
+        captured = {}
+        handles = []
+        for layer in LAYOUT[family][0]:
+            block = model.get_submodule(LAYOUT[family][1].format(L=layer))
+            handles.append(
+                block.register_forward_pre_hook(
+                    lambda module, args, layer=layer, captured=captured: captured.__setitem__(
+                        layer, args[0].reshape(-1, args[0].shape[-1]).clone()
+                    )
+                )
+            )
+        try:
+            with torch.no_grad():
+                model(input_ids=torch.tensor([chunk.input_ids]))
+        finally:
+            for handle in handles:
+                handle.remove()
+        counted = torch.tensor(chunk.valid_positions)
+        per_chunk.append({layer: hidden[counted] for layer, hidden in captured.items()})
+    hidden_of = {layer: torch.cat([chunk[layer] for chunk in per_chunk]) for layer in LAYOUT[family][0]}  # [T, H]
+    token_index = np.concatenate([np.asarray(chunk.token_indices) for chunk in aligned.chunks])
     mask = aligned.category_mask[token_index]  # [T, C]
     out = {}
-    for layer, hidden in captured.items():
+    for layer, hidden in hidden_of.items():
         block = model.get_submodule(LAYOUT[family][1].format(L=layer))
         with torch.no_grad():
             router = getattr(block, "gate", None) or block.router
             logits = torch.nn.functional.linear(hidden, router.weight, getattr(router, "bias", None))
-            chosen = reference_topk(family, block, logits)[counted]  # [T, k]
+            chosen = reference_topk(family, block, logits)  # [T, k]
             for expert in range(LAYOUT[family][2]):
                 routed = (chosen == expert).any(dim=1).numpy()
-                neurons, _ = reference_expert(family, block, hidden[counted][torch.from_numpy(routed)], expert)
+                neurons, _ = reference_expert(family, block, hidden[torch.from_numpy(routed)], expert)
                 out[(layer, expert)] = (token_index[routed], mask[routed], neurons.numpy())
     return out
 
@@ -86,20 +103,9 @@ def test_expert_neurons_equal_recomputation_on_routed_tokens(family, default_cfg
     cfg = dataclasses.replace(default_cfg, master_text=paragraph, categories=dict(default_cfg.categories))
     result = scan(lm, cfg)
     scores = result.scores
-    expected = independent_expert_means(model, family, tokenizer, paragraph, cfg.categories)
     experts = scores[scores["expert"].notna()]
     assert set(experts["hook"].astype(str)) >= {f"blocks.{LAYOUT[family][0][0]}.mlp.experts.0.hook_post"}
-    checked = 0
-    for (layer, expert, category), (n_tokens, mean) in expected.items():
-        rows = experts[(experts["layer"] == layer) & (experts["expert"] == expert) & (experts["category"] == category)]
-        rows = rows.sort_values("neuron")
-        assert (rows["n_tokens"] == n_tokens).all(), (layer, expert, category)
-        if mean is None:
-            assert rows["avg_activation"].isna().all()
-        else:
-            np.testing.assert_allclose(rows["avg_activation"].to_numpy(), mean, rtol=1e-4, atol=1e-5)
-            checked += 1
-    assert checked > 0
+    expected = assert_expert_means_equal_recomputation(result, model, tokenizer, paragraph, cfg.categories, family)
     routing = result.extras["routing"]
     for (layer, expert, category), (n_tokens, _) in expected.items():
         row = routing[(routing["layer"] == layer) & (routing["expert"] == expert) & (routing["category"] == category)]
@@ -137,7 +143,7 @@ def test_recorded_expert_auroc_and_top_tokens_equal_brute_force_on_routed_tokens
         for c, name in enumerate(cfg.categories):
             rows = site[site["category"] == name].sort_values("neuron")
             in_category = mask[:, c]
-            if in_category.any() and not in_category.all():
+            if in_category.sum() >= MIN_EXPERT_TOKENS and not in_category.all():
                 expected = pairwise_auroc(neurons[in_category], neurons[~in_category])
                 np.testing.assert_allclose(rows["auroc"].to_numpy(), expected, atol=1e-6)
                 checked += 1
@@ -164,7 +170,7 @@ def test_heldout_check_of_expert_neurons_equals_brute_force_on_the_routed_heldou
     lm = wrap_model(model, tokenizer, "tiny-mixtral")
     cfg = dataclasses.replace(default_cfg, master_text=paragraph, categories=dict(default_cfg.categories))
     scores = scan(lm, cfg).scores
-    heldout_text = default_cfg.master_text.split("\n\n")[1]  # another paragraph: other tokens, the same words
+    heldout_text = heldout_paragraphs(default_cfg.master_text)
     # the held-out config's own limit_neurons and auroc switch do not narrow what the check measures
     heldout = dataclasses.replace(cfg, master_text=heldout_text, limit_neurons=1, auroc=False)
     candidates = scores[scores["neuron"] < 3]  # every expert, every category: some reach no held-out token
@@ -177,7 +183,7 @@ def test_heldout_check_of_expert_neurons_equals_brute_force_on_the_routed_heldou
     for row in per_neuron.itertuples():
         _, mask, neurons = reference[(row.layer, row.expert)]
         in_category = mask[:, names.index(row.category)]
-        if not in_category.any():
+        if in_category.sum() < MIN_EXPERT_TOKENS:  # none, or too few to compare
             assert row.status.startswith("untested"), row
             untested += 1
             continue
@@ -202,13 +208,13 @@ def test_heldout_check_of_a_model_with_dense_shared_and_routed_neurons():
 
     default = load_config(REPO_ROOT / "configs" / "default.yaml")
     lm = wrap_model(build("deepseek_v3"), bundled_tokenizer(), "tiny-deepseek_v3")
-    cfg = dataclasses.replace(default, master_text=default.master_text.split("\n\n")[0])
+    cfg = dataclasses.replace(default, master_text="\n\n".join(default.master_text.split("\n\n")[:SCANNED_PARAGRAPHS]))
     scores = scan(lm, cfg).scores
     kinds = {"dense": scores["hook"] == "blocks.0.mlp.hook_post", "shared": scores["hook"] == "blocks.1.mlp.shared_experts.hook_post",
              "routed": scores["expert"].notna()}  # fmt: skip
     candidates = pd.concat([scores[rows & (scores["neuron"] < 2)] for rows in kinds.values()])
     assert all((rows & (scores["neuron"] < 2)).any() for rows in kinds.values())
-    heldout = dataclasses.replace(cfg, master_text=default.master_text.split("\n\n")[1])
+    heldout = dataclasses.replace(cfg, master_text=heldout_paragraphs(default.master_text))
     per_neuron, _ = validate_heldout(lm, candidates, heldout)
     assert len(per_neuron) == len(candidates)
     exact = scan(lm, dataclasses.replace(heldout, permutations=0, cv_folds=0), record_activations=True).scores
@@ -216,11 +222,16 @@ def test_heldout_check_of_a_model_with_dense_shared_and_routed_neurons():
                               on=["hook", "neuron", "category"], suffixes=("", "_exact"))  # fmt: skip
     assert len(joined) == len(per_neuron)
     tested = joined[joined["status"].isin(["pass", "fail"])]
-    assert set(tested["hook"].map(lambda h: "routed" if ".experts." in h else "shared" if "shared" in h else "dense")) == set(kinds)
+    assert set(tested["hook"].map(lambda h: "routed" if ".experts." in h else "shared" if "shared" in h else "dense")) == set(
+        kinds
+    )
     np.testing.assert_allclose(tested["heldout_auroc"], tested["auroc_exact"], atol=1e-9)
     np.testing.assert_allclose(tested["heldout_avg_activation"], tested["avg_activation_exact"], rtol=1e-5, atol=1e-7)
     np.testing.assert_array_equal(tested["heldout_tokens"], tested["n_tokens_exact"])
-    assert joined.loc[~joined.index.isin(tested.index), "n_tokens_exact"].eq(0).all()  # untested: none reached it
+    untested = joined.loc[~joined.index.isin(tested.index)]
+    assert (
+        untested["n_tokens_exact"].lt(MIN_EXPERT_TOKENS).all() and untested["hook"].str.contains(".experts.").all()
+    )  # too few routed
 
 
 def test_expert_statistics_from_recording_equal_those_without(default_cfg, paragraph):
@@ -277,7 +288,9 @@ def test_gate_output_read_from_the_model_equals_recomputation_in_every_experts_i
         assert "_apply_gate" not in vars(moe.experts)
     for implementation in ("batched_mm", "eager"):
         a, b = tables["grouped_mm"], tables[implementation]
-        assert a[["layer", "expert", "neuron", "category", "n_tokens"]].equals(b[["layer", "expert", "neuron", "category", "n_tokens"]])
+        assert a[["layer", "expert", "neuron", "category", "n_tokens"]].equals(
+            b[["layer", "expert", "neuron", "category", "n_tokens"]]
+        )
         np.testing.assert_allclose(a["avg_activation"], b["avg_activation"], rtol=1e-4, atol=1e-5, equal_nan=True)
 
 
@@ -289,6 +302,7 @@ def test_a_gate_output_in_an_unexpected_row_order_is_caught_and_recomputed(defau
     def reversed_rows(self, top_k_index):
         tokens, experts = original(self, top_k_index)
         return tokens.flip(0), experts
+
     original = moe_module.MoELayer.gated_rows
     monkeypatch.setattr(moe_module.MoELayer, "gated_rows", reversed_rows)
     model = build("mixtral")
@@ -315,14 +329,24 @@ def test_experts_that_never_call_their_gate_are_recomputed_with_a_warning(defaul
     assert_expert_means_equal_recomputation(result, model, tokenizer, paragraph, cfg.categories)
 
 
-def assert_expert_means_equal_recomputation(result, model, tokenizer, text, categories) -> None:
-    """A tiny Mixtral scan's expert rows: n_tokens and avg_activation as independent_expert_means gives them."""
+def assert_expert_means_equal_recomputation(result, model, tokenizer, text, categories, family="mixtral") -> dict:
+    """A tiny MoE scan's expert rows: n_tokens and avg_activation as independent_expert_means gives them, and every
+    statistic NaN where the expert saw fewer than MIN_EXPERT_TOKENS of the category (both cases occur). Returns
+    independent_expert_means."""
     experts = result.scores[result.scores["expert"].notna()]
-    for (layer, expert, category), (n_tokens, mean) in independent_expert_means(model, "mixtral", tokenizer, text, categories).items():
+    expected = independent_expert_means(model, family, tokenizer, text, categories)
+    checked = blanked = 0
+    for (layer, expert, category), (n_tokens, mean) in expected.items():
         rows = experts[(experts["layer"] == layer) & (experts["expert"] == expert) & (experts["category"] == category)]
-        assert (rows["n_tokens"] == n_tokens).all()
-        if mean is not None:
+        assert (rows["n_tokens"] == n_tokens).all(), (layer, expert, category)
+        if n_tokens < MIN_EXPERT_TOKENS:  # too few routed tokens (or none): no statistic at all
+            assert rows[STAT_COLUMNS].isna().all().all(), (layer, expert, category, n_tokens)
+            blanked += 1
+        else:
             np.testing.assert_allclose(rows.sort_values("neuron")["avg_activation"], mean, rtol=1e-4, atol=1e-5)
+            checked += 1
+    assert checked > 0 and blanked > 0
+    return expected
 
 
 def test_per_module_experts_whose_weights_accelerate_offloaded_equal_the_plain_scan(default_cfg, paragraph):

@@ -12,11 +12,13 @@ import numpy as np
 import pytest
 from app_fixtures import make_app, no_exception, open_page
 from test_moe import build
+from test_moe_scan import SCANNED_PARAGRAPHS
 from tiny_models import N_EXPERTS, TOP_K, bundled_tokenizer
 
 from mechamap_core import analysis, charts, scan
 from mechamap_core.export import save_run
 from mechamap_core.models import wrap_model
+from mechamap_core.scan import MIN_EXPERT_TOKENS
 from mechamap_ui.state import ACTIVE_RUN
 from mechamap_ui.widgets import SELECTED_NEURON
 
@@ -27,10 +29,11 @@ RUN = "moe"
 
 @pytest.fixture(scope="module")
 def moe_result(default_cfg):
-    """A real scan of a tiny random Mixtral (2 MoE layers x 4 experts x 24 neurons) over the first paragraph."""
+    """A real scan of a tiny random Mixtral (2 MoE layers x 4 experts x 24 neurons) over the first paragraphs (enough
+    that most experts see MIN_EXPERT_TOKENS of most categories)."""
     lm = wrap_model(build("mixtral"), bundled_tokenizer(), "tiny-mixtral")
-    paragraph = default_cfg.master_text.split("\n\n")[0]
-    return scan(lm, dataclasses.replace(default_cfg, master_text=paragraph, categories=dict(default_cfg.categories)))
+    text = "\n\n".join(default_cfg.master_text.split("\n\n")[:SCANNED_PARAGRAPHS])
+    return scan(lm, dataclasses.replace(default_cfg, master_text=text, categories=dict(default_cfg.categories)))
 
 
 def saved_run_app(app_env, result, page: str, **query):
@@ -75,6 +78,7 @@ def test_router_page_shows_each_categorys_routing(app_env, moe_result):
         assert layer_rows["share"].sum() == pytest.approx(TOP_K)
         assert layer_rows["n_tokens"].sum() == TOP_K * n_category
     np.testing.assert_allclose(shown["share"], shown["n_tokens"] / n_category)
+    assert_thin_experts_caption(at, shown, category)
 
     other = moe_result.categories[-1]
     at.selectbox(key="router_category").set_value(other)
@@ -86,6 +90,18 @@ def test_router_page_shows_each_categorys_routing(app_env, moe_result):
     shown = at.dataframe[0].value
     assert set(shown["category"]) == {other}
     np.testing.assert_allclose(shown["enrichment"], shown["share"] / shown["expert_share"])
+    assert_thin_experts_caption(at, shown, other)
+    thin_anywhere = moe_result.extras["routing"]["n_tokens"] < MIN_EXPERT_TOKENS
+    assert thin_anywhere.any() and not thin_anywhere.all()  # the scanned text leaves some experts short, not all
+
+
+def assert_thin_experts_caption(at, shown, category) -> None:
+    """The Router page names how many experts saw fewer than MIN_EXPERT_TOKENS of the category (counted here from the
+    shown table), and says nothing of it when none did."""
+    thin = int((shown["n_tokens"] < MIN_EXPERT_TOKENS).sum())
+    said = [c.value for c in at.caption if f"saw fewer than {MIN_EXPERT_TOKENS} {category} tokens" in c.value]
+    assert said == ([f"{thin} of {len(shown)} experts saw fewer than {MIN_EXPERT_TOKENS} {category} tokens, so their neurons "
+                     f"have no statistics for {category}. A longer master text, or a corpus scan, gives them more."] if thin else [])
 
 
 def test_router_page_of_a_dense_run_says_there_is_no_routing(app_env, tiny_result):
@@ -184,10 +200,10 @@ def test_pivot_lists_and_opens_expert_neurons(app_env, moe_result):
 
 
 def test_overlap_lists_expert_neurons(app_env, moe_result):
-    at = saved_run_app(app_env, moe_result, "overlap", threshold_score="0.5")
+    at = saved_run_app(app_env, moe_result, "overlap", threshold_score="0.2")
     no_exception(at)
     shown = next(df.value for df in at.dataframe if df.key == "overlap_table")
-    expected = analysis.multi_category_neurons(moe_result.scores, "score", 0.5, 2)
+    expected = analysis.multi_category_neurons(moe_result.scores, "score", 0.2, 2)
     assert len(expected) > 0
     assert list(shown.columns[:3]) == ["layer", "expert", "neuron"]
     assert shown[["layer", "expert", "neuron"]].astype(int).values.tolist() == (

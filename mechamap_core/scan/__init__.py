@@ -1,8 +1,19 @@
 """The scan core: sites' mergeable statistics (state), the forward-pass driver, finishing, and scan()."""
 
+from .finish import MIN_EXPERT_TOKENS
 from .plan import ScanMemoryError
 from .result import ScanCancelled, ScanResult
 from .run import scan
 from .state import BatchLabels, SiteStats, StatsLayout, merge_all
 
-__all__ = ["BatchLabels", "ScanCancelled", "ScanMemoryError", "ScanResult", "SiteStats", "StatsLayout", "merge_all", "scan"]
+__all__ = [
+    "MIN_EXPERT_TOKENS",
+    "BatchLabels",
+    "ScanCancelled",
+    "ScanMemoryError",
+    "ScanResult",
+    "SiteStats",
+    "StatsLayout",
+    "merge_all",
+    "scan",
+]
