@@ -366,6 +366,20 @@ def test_pivot_filter_shows_a_layer_and_a_category_it_empties_as_zeros(result):
     assert shown.to_numpy().sum() > 0
 
 
+def test_holds_up_toggle_is_disabled_and_says_why_on_a_run_without_cv_auroc(result):
+    """A run scanned with cv_folds 0 has no cv_auroc values: the toggle on Pivot and Overview cannot be turned on
+    (it would filter nothing), and its help says what the run lacks."""
+    no_cv = dataclasses.replace(result, scores=result.scores.assign(cv_auroc=np.nan))
+    for page, key in (("pivot", "pivot_holds_up"), ("overview", "overview_holds_up")):
+        at = open_page(page, no_cv)
+        assert_clean(at)
+        toggle = at.toggle(key=key)
+        assert toggle.disabled and not toggle.value
+        assert "This run has no cv_auroc" in toggle.help
+    at = open_page("pivot", result)
+    assert not at.toggle(key="pivot_holds_up").disabled and "held-out folds" in at.toggle(key="pivot_holds_up").help
+
+
 # --- mixture-of-experts runs: overlap and correlation pages ---------------------------------------
 
 
@@ -402,7 +416,10 @@ def test_moe_correlation_page_matches_numpy_over_every_expert_neuron(moe_result,
     shown = table(at, MATRIX)
     assert list(shown.columns) == CATS
     np.testing.assert_allclose(shown.to_numpy(dtype=float), expected, atol=1e-12)
-    assert n_neurons == 17 and any(f"across {n_neurons} neurons in layers 1–2" in c.value for c in at.caption)
+    in_range = moe_result.scores[moe_result.scores["layer"].isin([1, 2])]
+    assert in_range["score"].isna().any()  # an expert that never saw a category: pairs go over fewer neurons
+    said = f"across up to {n_neurons} neurons in layers 1–2 (each pair over the neurons with a value for both categories)"
+    assert n_neurons == 17 and any(said in c.value for c in at.caption)
 
 
 def test_statistics_show_three_significant_digits_of_small_columns():

@@ -30,9 +30,12 @@ except (ValueError, KeyError) as err:
     st.error(f"Could not compute the correlation: {err}.")
     st.stop()
 
-n_neurons = scores.loc[scores["layer"].between(lo, hi), analysis.shown_key(scores)].drop_duplicates().shape[0]
+in_range = scores[scores["layer"].between(lo, hi)]
+n_neurons = in_range[analysis.shown_key(scores)].drop_duplicates().shape[0]
+gaps = in_range[metric].isna().any()  # pandas correlates each pair over the neurons with a value for both
 st.caption(
-    f"{method} correlation of {metric} between categories, across {n_neurons:,} neurons in layers {lo}–{hi}. "
+    f"{method} correlation of {metric} between categories, across {'up to ' if gaps else ''}{n_neurons:,} neurons in "
+    f"layers {lo}–{hi}{' (each pair over the neurons with a value for both categories)' if gaps else ''}. "
     "Hover a cell for its value."
 )
 if corr.empty or corr.isna().all().all():

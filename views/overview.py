@@ -7,7 +7,7 @@ import streamlit as st
 from mechamap_core import analysis
 from mechamap_core.config import BUNDLED_MODEL_ID, ConfigError, load_config
 from mechamap_ui import scanning, state
-from mechamap_ui.widgets import neuron_table, stat_column_config
+from mechamap_ui.widgets import holds_up_toggle, neuron_table, stat_column_config
 
 st.title(":material/explore: MechaMap")
 st.markdown(
@@ -43,13 +43,8 @@ threshold = float(md.get("threshold", 1.0))
 st.subheader("Headline of the active run")
 key = analysis.shown_key(result.scores)
 st.caption(f"{md.get('model')} · {scanning.describe_shape(result.scores)} · {md.get('n_tokens')} tokens · created {str(md.get('created', '?')).replace('T', ' ')}")
-holds_up = st.toggle(
-    f"Only neurons that hold up across words (cv_auroc ≥ {analysis.HOLDS_UP_CV_AUROC:g})", value=False,
-    help="cv_auroc: the AUROC on held-out folds of each category's words. A neuron that answers to one or two "
-    "words only scores about 0.5 on the folds without them.", disabled="cv_auroc" not in result.scores.columns,
-)  # fmt: skip
-min_cv_auroc = analysis.HOLDS_UP_CV_AUROC if holds_up else None
-scores = analysis.holding_up(result.scores) if holds_up else result.scores
+min_cv_auroc = holds_up_toggle(result.scores, key="overview_holds_up")
+scores = result.scores if min_cv_auroc is None else analysis.holding_up(result.scores, min_cv_auroc)
 counts = analysis.layer_category_counts(result.scores, "score", threshold, min_cv_auroc).sum(axis=0)  # every category
 flagged = counts.rename("flagged neurons").rename_axis("category").reset_index()
 flagged["category"] = flagged["category"].astype(str)

@@ -11,14 +11,9 @@ ALL = "All categories"
 st.title("Pivot: layer × category")
 result = require_result()
 scores = result.scores
-holds_up = st.toggle(
-    f"Only neurons that hold up across words (cv_auroc ≥ {analysis.HOLDS_UP_CV_AUROC:g})", key="pivot_holds_up",
-    help="cv_auroc: the AUROC on held-out folds of each category's words; a neuron selective for one or two "
-    "words only gets about 0.5 on the folds without them.", disabled="cv_auroc" not in scores.columns,
-)  # fmt: skip
-min_cv_auroc = analysis.HOLDS_UP_CV_AUROC if holds_up else None
-if holds_up:
-    scores = analysis.holding_up(scores)
+min_cv_auroc = widgets.holds_up_toggle(scores, key="pivot_holds_up")
+if min_cv_auroc is not None:
+    scores = analysis.holding_up(scores, min_cv_auroc)
 
 left, right = st.columns(2)
 with left:
