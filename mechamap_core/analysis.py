@@ -117,7 +117,8 @@ def layer_category_counts(
 def multi_category_neurons(
     scores: pd.DataFrame, metric: str = "score", threshold: float = 1.0, min_categories: int = 2
 ) -> pd.DataFrame:
-    """Neurons flagged in at least min_categories categories: layer, neuron, n_categories, categories (sorted)."""
+    """Neurons flagged in at least min_categories categories: layer, [expert,] neuron, n_categories, categories
+    (sorted), most categories first, then by layer with the un-routed neurons first (as neuron_groups)."""
     hits = flagged(scores, metric, threshold)
     key = neuron_key(scores)
     grouped = hits.groupby(key, observed=True, dropna=False)["category"].agg(lambda c: tuple(sorted(map(str, c))))
@@ -125,7 +126,7 @@ def multi_category_neurons(
     out["n_categories"] = out["categories"].map(len)
     out = out[out["n_categories"] >= min_categories]
     return out[[*key, "n_categories", "categories"]].sort_values(
-        ["n_categories", *key], ascending=[False, *[True] * len(key)], ignore_index=True
+        ["n_categories", *key], ascending=[False, *[True] * len(key)], na_position="first", ignore_index=True
     )
 
 

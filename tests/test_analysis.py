@@ -309,6 +309,8 @@ def test_moe_overlap_matches_a_loop_that_keeps_experts_apart(moe_scores, thresho
     assert found == hand_overlap(moe_scores, "score", threshold, min_categories)
     assert all(row.n_categories == len(row.categories) for row in got.itertuples())
     assert got["n_categories"].is_monotonic_decreasing
+    order = [(-row.n_categories, row.layer, -1 if pd.isna(row.expert) else row.expert, row.neuron) for row in got.itertuples()]
+    assert order == sorted(order)  # then by layer, un-routed neurons first (as neuron_groups), expert, neuron
     combos = analysis.combination_counts(got)
     assert dict(zip(combos["combination"], combos["neurons"])) == Counter(" + ".join(c) for c in found.values())
 
