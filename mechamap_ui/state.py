@@ -22,6 +22,7 @@ ACTIVE_RUN = "active_run_id"  # str: id of the run every explorer page shows
 ACTIVE_CONFIG = "active_config"  # ScanConfig being edited / used for the next scan
 ACTIVE_CONFIG_NAME = "active_config_name"  # str: file stem it came from (or "unsaved")
 RESULT_OVERRIDE = "result_override"  # ScanResult injected directly (AppTests, unsaved scans)
+ACTIVE_CONFIG_PROBLEMS = "active_config_problems"  # [(field, message)] the editor found that the config alone cannot show
 CONFIG_VERSION = "active_config_version"  # int: bumped when ACTIVE_CONFIG is replaced (resets editor widgets)
 FLASH = "flash_message"  # str: one-shot success message shown after a rerun (e.g. "scan finished")
 
@@ -115,9 +116,16 @@ def active_config_name() -> str:
     return st.session_state.get(ACTIVE_CONFIG_NAME, "unsaved")
 
 
+def active_config_problems() -> list[tuple[str, str]]:
+    """Problems of the active config that only the Config page's table shows (a category name used twice, words
+    without a name, an unreadable layer list): the config itself lost them, so a scan must be refused on them too."""
+    return list(st.session_state.get(ACTIVE_CONFIG_PROBLEMS, []))
+
+
 def set_active_config(cfg: ScanConfig, name: str) -> None:
     """Replace the active config (e.g. after loading a file) and reset the editor widgets to it."""
     st.session_state[ACTIVE_CONFIG] = cfg
+    st.session_state[ACTIVE_CONFIG_PROBLEMS] = []
     st.session_state[ACTIVE_CONFIG_NAME] = name
     st.session_state[CONFIG_VERSION] = config_version() + 1
 

@@ -93,6 +93,25 @@ def test_duplicate_category_names_are_an_error(app_env):
     assert files(app_env["configs"]) == before
 
 
+@pytest.mark.parametrize("row", [{"category": "Food", "words": "giraffe, dog"}, {"category": None, "words": "giraffe"},])
+def test_a_table_problem_also_blocks_the_scan(app_env, row):
+    """A duplicate name (whose words the config would file under the other row) or words without a name: the config
+    dict cannot show either, so the Scan page is told and refuses, naming the problem, until the table is mended."""
+    at = config_page()
+    edit_table(at, added=[row])
+    at.switch_page("views/scan.py").run()
+    no_exception(at)
+    said = " ".join(texts(at.error))
+    assert "The active config cannot be scanned yet" in said
+    assert ("duplicate category 'Food'" if row["category"] else "has words but no category name") in said
+    assert next(b for b in at.button if b.label == "Scan").disabled
+    at.switch_page("views/config_editor.py").run()
+    edit_table(at, deleted=[len(at.data_editor[0].value) - 1])
+    assert not at.error
+    at.switch_page("views/scan.py").run()
+    assert not any("cannot be scanned" in v for v in texts(at.error))
+
+
 def test_words_without_a_category_name_are_an_error(app_env):
     at = config_page()
     edit_table(at, added=[{"category": None, "words": "kiwi"}, {"category": None, "words": None}])

@@ -177,6 +177,7 @@ edited_cfg = dataclasses.replace(
 )  # fmt: skip
 problem = config_tools.config_problems(edited_cfg, extra_problems)
 st.session_state[state.ACTIVE_CONFIG] = edited_cfg
+st.session_state[state.ACTIVE_CONFIG_PROBLEMS] = extra_problems  # the Scan page refuses on them too
 
 if problem is not None:
     _show_problems(categories_box, problem.for_field("categories"))

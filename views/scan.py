@@ -34,7 +34,7 @@ def _init(name: str, value) -> None:
 st.title("Scan")
 state.show_flash()
 cfg = copy.deepcopy(state.active_config())
-problem = config_tools.config_problems(cfg)
+problem = config_tools.config_problems(cfg, state.active_config_problems())
 n_words = sum(len(w) for w in cfg.categories.values())
 st.markdown(
     f"Config **{state.active_config_name()}**: {len(cfg.categories)} categories, {n_words} words, "
