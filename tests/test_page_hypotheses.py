@@ -77,6 +77,28 @@ def test_hypothesis_page_heldout_and_ablation(app_env, food_result):
     assert outcome.summary["category"] == food_result.categories[0]
     assert len(outcome.per_condition) == 1 + 5
     assert at.metric and at.metric[0].value.startswith(("+", "-"))
+    stale = "The results below are from an earlier run with other choices"
+    assert not any(stale in w.value for w in at.warning)
+
+
+def test_hypothesis_results_say_when_the_choices_changed_and_a_failed_ablation_clears_its_result(app_env, food_result):
+    """A result stays on the page after its inputs change, marked as from an earlier run; an ablation that fails
+    removes the earlier result instead of showing it under the error."""
+    stale = "The results below are from an earlier run with other choices"
+    at = open_page(make_app(food_result), "hypothesis")
+    [b for b in at.button if b.label == "Run held-out check"][0].click().run()
+    assert "heldout_result" in at.session_state and not any(stale in w.value for w in at.warning)
+    next(w for w in at.slider if w.label == "Pass if held-out AUROC ≥").set_value(0.9).run()
+    no_exception(at)
+    assert any(stale in w.value for w in at.warning)
+    [b for b in at.button if b.label == "Run ablation"][0].click().run()
+    assert "ablation_result" in at.session_state
+    at.radio[1].set_value("Type them").run()
+    at.text_input[0].set_value("0:1, 99:3").run()
+    [b for b in at.button if b.label == "Run ablation"][0].click().run()
+    no_exception(at)
+    assert any("out of range" in e.value for e in at.error)
+    assert "ablation_result" not in at.session_state and not at.metric
 
 
 def test_hypothesis_page_bad_inputs(app_env, food_result):

@@ -35,6 +35,15 @@ def parse_typed_words(text: str) -> dict[str, list[str]]:
     return words
 
 
+HELDOUT_INPUTS, ABLATION_INPUTS = "heldout_inputs", "ablation_inputs"  # session_state: what the shown result was run with
+
+
+def warn_if_stale(inputs_key: str, current: tuple) -> None:
+    """Say so when the result below was run with other choices than the page shows now."""
+    if st.session_state.get(inputs_key, current) != current:
+        st.warning("The results below are from an earlier run with other choices; run it again to see the current ones.")
+
+
 held_tab, ablate_tab = st.tabs(["Held-out text", "Ablation"])
 with held_tab:
     st.caption("For each flagged neuron: does it still separate its category's tokens from the rest on new text with new words?")
@@ -68,7 +77,9 @@ with held_tab:
         help="Scans the held-out text once and takes, per category, as many neurons as were tested with the highest "
              "AUROC on it: no choice of neurons from other text can beat them there, so their mean is an upper bound.",
     )  # fmt: skip
+    heldout_inputs = (metric, threshold, min_auroc, heldout, ceiling)
     if heldout is not None and st.button("Run held-out check", type="primary"):
+        st.session_state[HELDOUT_INPUTS] = heldout_inputs
         try:
             with st.spinner("Running the held-out text through the model..."):
                 st.session_state["heldout_result"] = validate_heldout(lm, candidates, heldout, min_auroc)
@@ -84,6 +95,7 @@ with held_tab:
                 st.warning(f"The held-out check is below; the best neurons on the held-out text could not be found: {exc}")
     if "heldout_result" in st.session_state:
         per_neuron, summary = st.session_state["heldout_result"]
+        warn_if_stale(HELDOUT_INPUTS, heldout_inputs)
         st.markdown("##### Per category: how many flagged neurons held up")
         chart = (
             alt.Chart(summary)
@@ -130,7 +142,9 @@ with ablate_tab:
     mode = c1.radio("Ablation", ["zero", "mean"], horizontal=True)
     controls = int(c2.number_input("Random control sets", MIN_CONTROLS, 50, 5, help="At least two, so that their spread and z exist"))
     cfg = ScanConfig(**{k: v for k, v in result.metadata["config"].items() if k in ScanConfig.__dataclass_fields__})
+    ablation_inputs = (category, tuple(neurons), mode, controls)
     if st.button("Run ablation", type="primary", disabled=not neurons):
+        st.session_state[ABLATION_INPUTS] = ablation_inputs
         bar = st.progress(0.0, text="Starting ...")
 
         def on_progress(done: int, total: int, message: str) -> None:
@@ -139,10 +153,12 @@ with ablate_tab:
         try:
             st.session_state["ablation_result"] = ablate(lm, cfg, category, neurons, mode=mode, n_controls=controls, progress=on_progress)
         except (ConfigError, ValueError, RuntimeError) as exc:
+            st.session_state.pop("ablation_result", None)  # no earlier result shown as if it were this one's
             st.error(str(exc))
         bar.empty()
     if "ablation_result" in st.session_state:
         outcome = st.session_state["ablation_result"]
+        warn_if_stale(ABLATION_INPUTS, ablation_inputs)
         s = outcome.summary
         z = f", z = {s['z_vs_controls']:.1f}" if "z_vs_controls" in s else ""
         st.metric(f"Effect on '{s['category']}' ({s['mode']} ablation of {s['n_neurons']} neurons)", f"{s['effect']:+.4f}",
