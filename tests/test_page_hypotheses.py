@@ -7,10 +7,11 @@ import re
 
 import app_fixtures
 import pytest
-from app_fixtures import make_app, open_page
+from app_fixtures import make_app, no_exception, open_page
 
 from mechamap_core import load_config, scan
 from mechamap_core.analysis import neuron_profile
+from mechamap_core.config import ScanConfig
 from mechamap_core.export import save_run
 from mechamap_core.inspect_neuron import top_examples
 from mechamap_ui.state import ACTIVE_RUN
@@ -23,9 +24,6 @@ def food_result(bundled_lm, default_cfg):
     """Layers 4-5, 64 neurons each: small but with real food neurons."""
     return scan(bundled_lm, default_cfg, layers=[4, 5], limit_neurons=64)
 
-
-def no_exception(at):
-    assert not at.exception, [e.message for e in at.exception]
 
 
 def test_neuron_page_shows_the_selected_neuron(app_env, food_result):
@@ -99,6 +97,25 @@ def test_hypothesis_results_say_when_the_choices_changed_and_a_failed_ablation_c
     no_exception(at)
     assert any("out of range" in e.value for e in at.error)
     assert "ablation_result" not in at.session_state and not at.metric
+
+
+def test_heldout_text_that_is_not_held_out_is_called_out(app_env, food_result):
+    """Typing the scanned text itself as held-out text warns that it is not held out; typed words the scanned config
+    also had are named as not testing new words; new text and words get neither warning."""
+    scanned = food_result.metadata["config"]
+    at = open_page(make_app(food_result), "hypothesis")
+    at.radio[0].set_value("Type text and words").run()
+    first_category, words = next(iter(scanned["categories"].items()))
+    at.text_area[0].set_value(ScanConfig(master_text=scanned["master_text"]).texts[0]).run()
+    at.text_area[1].set_value(f"{first_category}: {words[0]}, zzyzx").run()
+    no_exception(at)
+    assert any("This is the text the run was scanned on" in w.value for w in at.warning)
+    at.text_area[0].set_value(f"We talked about {words[0]} and zzyzx today.").run()
+    said = [w.value for w in at.warning]
+    assert not any("scanned on" in w for w in said)
+    assert any(w.startswith(f"1 of the held-out words were also in the scanned config ({words[0].lower()})") for w in said)
+    at.text_area[1].set_value(f"{first_category}: zzyzx").run()
+    assert not at.warning
 
 
 def test_hypothesis_page_bad_inputs(app_env, food_result):

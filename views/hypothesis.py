@@ -70,6 +70,15 @@ with held_tab:
                 heldout = ScanConfig(master_text=text, categories=parse_typed_words(words), model=result.metadata["model"])
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         st.error(f"The held-out config can't be used: {exc}")
+    if heldout is not None:
+        scanned = result.metadata.get("config", {})
+        reused = sorted({w.lower() for ws in heldout.categories.values() for w in ws}
+                        & {w.lower() for ws in scanned.get("categories", {}).values() for w in ws})  # fmt: skip
+        if heldout.texts == ScanConfig(master_text=scanned.get("master_text", "")).texts:
+            st.warning("This is the text the run was scanned on, so it is not held out: every neuron will look as if it held up.")
+        elif reused:
+            st.warning(f"{len(reused)} of the held-out words were also in the scanned config ({', '.join(reused[:8])}"
+                       f"{', ...' if len(reused) > 8 else ''}); they do not test generalisation to new words.")  # fmt: skip
     candidates = flagged(result.scores, metric, threshold)
     st.write(f"**{len(candidates):,}** flagged (neuron, category) rows with {metric} ≥ {threshold:g}.")
     ceiling = st.checkbox(
