@@ -63,10 +63,15 @@ def flagged(scores: pd.DataFrame, metric: str = "score", threshold: float = 1.0)
 HOLDS_UP_CV_AUROC = 0.75  # cv_auroc at or above this: the neuron's selectivity holds up on held-out words
 
 
+def has_cv_auroc(scores: pd.DataFrame) -> bool:
+    """Whether a run has any cv_auroc value (none without cv_folds, with one word per category, or from before it)."""
+    return "cv_auroc" in scores.columns and bool(scores["cv_auroc"].notna().any())
+
+
 def holding_up(scores: pd.DataFrame, min_cv_auroc: float = HOLDS_UP_CV_AUROC) -> pd.DataFrame:
     """Rows whose cv_auroc (AUROC on held-out folds of the category's words) is at least min_cv_auroc:
     selectivity that holds up across words, not one or two words. Runs without cv_auroc are returned whole."""
-    if "cv_auroc" not in scores.columns or scores["cv_auroc"].isna().all():
+    if not has_cv_auroc(scores):
         return scores
     return scores[scores["cv_auroc"] >= min_cv_auroc]
 

@@ -408,7 +408,7 @@ def _run_scan(args) -> int:
         )
     _note_thin_experts(result)
     options = {"flagged_only": args.flagged_only, "min_cv_auroc": args.min_cv_auroc}
-    if args.min_cv_auroc is not None and result.scores["cv_auroc"].isna().all():
+    if args.min_cv_auroc is not None and not analysis.has_cv_auroc(result.scores):
         print("note: this scan has no cv_auroc (it needs two or more words per category, auroc and cv_folds on): "
               "--min-cv-auroc keeps every row", file=sys.stderr)  # fmt: skip
     for fmt, path in (("csv", args.csv), ("json", args.json), ("parquet", args.parquet)):

@@ -10,7 +10,7 @@ import pandas as pd
 import streamlit as st
 from streamlit.errors import StreamlitAPIException
 
-from mechamap_core.analysis import HOLDS_UP_CV_AUROC, METRICS, neuron_groups, neuron_label
+from mechamap_core.analysis import HOLDS_UP_CV_AUROC, METRICS, has_cv_auroc, neuron_groups, neuron_label
 from mechamap_core.charts import chart_to_png, chart_to_svg
 from mechamap_ui.state import ROOT, set_active_run
 
@@ -112,7 +112,7 @@ def threshold_slider(
 def holds_up_toggle(scores: pd.DataFrame, key: str) -> float | None:
     """The "only neurons that hold up across words" toggle: the cv_auroc floor to filter by, or None when off. A
     run without cv_auroc values (cv_folds 0, or one word per category) gets the toggle disabled, saying why."""
-    has_cv = "cv_auroc" in scores.columns and scores["cv_auroc"].notna().any()
+    has_cv = has_cv_auroc(scores)
     explained = (
         "cv_auroc: the AUROC on held-out folds of each category's words; a neuron selective for one or two words only "
         "gets about 0.5 on the folds without them."

@@ -20,6 +20,7 @@ lm = model_for(result)
 if lm is None:
     st.error(f"The model of this run ({result.metadata['model']}) can't be loaded here, so it can't be tested.")
     st.stop()
+scanned_cfg = ScanConfig(**{k: v for k, v in result.metadata["config"].items() if k in ScanConfig.__dataclass_fields__})
 
 
 def parse_typed_words(text: str) -> dict[str, list[str]]:
@@ -71,10 +72,9 @@ with held_tab:
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         st.error(f"The held-out config can't be used: {exc}")
     if heldout is not None:
-        scanned = result.metadata.get("config", {})
         reused = sorted({w.lower() for ws in heldout.categories.values() for w in ws}
-                        & {w.lower() for ws in scanned.get("categories", {}).values() for w in ws})  # fmt: skip
-        if heldout.texts == ScanConfig(master_text=scanned.get("master_text", "")).texts:
+                        & {w.lower() for ws in scanned_cfg.categories.values() for w in ws})  # fmt: skip
+        if heldout.texts == scanned_cfg.texts:
             st.warning("This is the text the run was scanned on, so it is not held out: every neuron will look as if it held up.")
         elif reused:
             st.warning(f"{len(reused)} of the held-out words were also in the scanned config ({', '.join(reused[:8])}"
@@ -150,7 +150,6 @@ with ablate_tab:
     c1, c2 = st.columns(2)
     mode = c1.radio("Ablation", ["zero", "mean"], horizontal=True)
     controls = int(c2.number_input("Random control sets", MIN_CONTROLS, 50, 5, help="At least two, so that their spread and z exist"))
-    cfg = ScanConfig(**{k: v for k, v in result.metadata["config"].items() if k in ScanConfig.__dataclass_fields__})
     ablation_inputs = (category, tuple(neurons), mode, controls)
     if st.button("Run ablation", type="primary", disabled=not neurons):
         st.session_state[ABLATION_INPUTS] = ablation_inputs
@@ -160,7 +159,7 @@ with ablate_tab:
             bar.progress(done / total, text=f"Forward pass {min(done + 1, total)} of {total}: {message}" if done < total else "Done")
 
         try:
-            st.session_state["ablation_result"] = ablate(lm, cfg, category, neurons, mode=mode, n_controls=controls, progress=on_progress)
+            st.session_state["ablation_result"] = ablate(lm, scanned_cfg, category, neurons, mode=mode, n_controls=controls, progress=on_progress)
         except (ConfigError, ValueError, RuntimeError) as exc:
             st.session_state.pop("ablation_result", None)  # no earlier result shown as if it were this one's
             st.error(str(exc))
