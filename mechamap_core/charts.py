@@ -232,12 +232,18 @@ HELDOUT_MEASURES = {"mean_heldout_auroc": "flagged neurons (mean)", "best_possib
 
 def heldout_ceiling_dots(summary: pd.DataFrame) -> alt.LayerChart:
     """Per category, a dot for the flagged neurons' mean held-out AUROC and one for the best as many neurons reach
-    on the held-out text (validate_heldout's summary with best_possible_auroc), joined by a line: the gap."""
+    on the held-out text (validate_heldout's summary with best_possible_auroc), joined by a line: the gap. A dashed
+    rule marks chance (0.5). Categories without a value (none of their neurons tested) are left out, not drawn at 0;
+    the axis runs from 0.4, or lower when a value is lower, to 1, so that no dot is cut off or pinned to the edge."""
     data = summary.assign(category=summary["category"].astype(str))
     long = data.melt(id_vars="category", value_vars=list(HELDOUT_MEASURES), var_name="measure", value_name="auroc").dropna()
     long["measure"] = long["measure"].map(HELDOUT_MEASURES)
-    y = alt.Y("category:N", sort=list(data["category"]), title=None, axis=alt.Axis(labelOverlap=False, labelLimit=160))
-    x = alt.X("auroc:Q", scale=alt.Scale(domain=[0.4, 1.0], clamp=True), title="held-out AUROC")
+    shown = list(dict.fromkeys(long["category"]))
+    low = min(0.4, np.floor(round((long["auroc"].min() - 0.05) * 20, 9)) / 20) if len(long) else 0.4  # 0.05 steps, margin 0.05+
+    y = alt.Y("category:N", sort=shown, title=None, axis=alt.Axis(labelOverlap=False, labelLimit=160))
+    x = alt.X("auroc:Q", scale=alt.Scale(domain=[max(float(low), 0.0), 1.0]), title="held-out AUROC")
+    chance = alt.Chart(pd.DataFrame({"auroc": [0.5]})).mark_rule(color="#999999", strokeDash=[4, 4]).encode(
+        x=x, tooltip=[alt.Tooltip("auroc:Q", title="chance")])
     gap = alt.Chart(long).mark_line(color="#bbbbbb").encode(x=x, y=y, detail="category:N")
     dots = (
         alt.Chart(long)
@@ -249,7 +255,7 @@ def heldout_ceiling_dots(summary: pd.DataFrame) -> alt.LayerChart:
             tooltip=["category:N", "measure:N", alt.Tooltip("auroc:Q", format=".3f")],
         )  # fmt: skip
     )
-    return (gap + dots).properties(width=420, height=max(len(data), 1) * 30)
+    return (chance + gap + dots).properties(width=420, height=max(len(shown), 1) * 30)
 
 
 def relative_depth_lines(depth: pd.DataFrame, columns: int = 4) -> alt.FacetChart:

@@ -197,14 +197,29 @@ def test_heldout_ceiling_dots_pair_each_category_mean_with_its_best():
     summary = pd.DataFrame({"category": ["food", "date", "color"], "tested": [5, 5, 0],
                             "mean_heldout_auroc": [0.91, 0.69, np.nan], "best_possible_auroc": [0.96, 0.84, np.nan]})  # fmt: skip
     spec = charts.heldout_ceiling_dots(summary).to_dict()
-    rows = next(iter(spec["datasets"].values()))
-    got = {(r["category"], r["measure"]): r["auroc"] for r in rows}
+    rule, line, dots = spec["layer"]
+    assert [rule["mark"]["type"], line["mark"]["type"], dots["mark"]["type"]] == ["rule", "line", "circle"]
+    got = {(r["category"], r["measure"]): r["auroc"] for r in data_of(spec, dots).to_dict("records")}
     assert got == {("food", "flagged neurons (mean)"): 0.91, ("food", "best as many on this text"): 0.96,
                    ("date", "flagged neurons (mean)"): 0.69, ("date", "best as many on this text"): 0.84}  # fmt: skip
-    marks = [layer["mark"]["type"] for layer in spec["layer"]]
-    assert marks == ["line", "circle"]
-    assert spec["layer"][1]["encoding"]["tooltip"][2]["format"] == ".3f"
-    assert spec["layer"][1]["encoding"]["y"]["axis"]["labelOverlap"] is False  # every category named
+    assert dots["encoding"]["tooltip"][2]["format"] == ".3f"
+    assert dots["encoding"]["y"]["axis"]["labelOverlap"] is False  # every category named
+    assert dots["encoding"]["y"]["sort"] == ["food", "date"]  # untested color: no row, not a dot at 0
+    assert list(data_of(spec, rule)["auroc"]) == [0.5]  # chance
+    assert dots["encoding"]["x"]["scale"] == {"domain": [0.4, 1.0]}  # every value is above 0.45: the usual axis
+
+
+@pytest.mark.parametrize(("lowest", "axis_from"), [(0.3, 0.25), (0.37, 0.3), (0.42, 0.35), (0.02, 0.0)])
+def test_heldout_ceiling_dots_axis_reaches_below_the_lowest_auroc(lowest, axis_from):
+    """A neuron worse than 0.4 is drawn where it is, on an axis from 0.05 or more below it in 0.05 steps (never
+    below 0), not clamped to a fixed 0.4 edge; the chart still renders."""
+    summary = pd.DataFrame({"category": ["food", "date"], "tested": [2, 2],
+                            "mean_heldout_auroc": [0.8, lowest], "best_possible_auroc": [0.9, 0.7]})  # fmt: skip
+    chart = charts.heldout_ceiling_dots(summary)
+    x = chart.to_dict()["layer"][2]["encoding"]["x"]
+    assert x["scale"]["domain"] == [pytest.approx(axis_from), 1.0] and "clamp" not in x["scale"]
+    assert axis_from <= lowest - 0.05 or axis_from == 0.0
+    assert "date" in charts.chart_to_svg(chart)
 
 
 def test_coloured_text_shows_each_tokens_value_and_marks_category_tokens_only_when_there_are_some():
