@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .alignment import AlignedText, align
+from .alignment import AlignedText, align, missing_words
 from .analysis import has_experts
-from .config import ScanConfig, validate_config
+from .config import ConfigError, ScanConfig, validate_config
 from .inspect_neuron import collect_activations
 from .models import LoadedModel
 from .scan.driver import batches, hooked
@@ -21,6 +21,120 @@ from .stats import auroc_exact, moment_statistics
 
 DEFAULT_MIN_AUROC = 0.75
 MIN_CONTROLS = 2  # ablate: random control sets, so that their spread (and z) exists
+NOT_TESTED = "not tested"  # heldout_summary_table: a category none of whose flagged neurons could be tested
+MAX_NAMED_WORDS = 20  # check_heldout_inputs names at most this many missing words
+
+
+# --- held-out inputs ---------------------------------------------------------------------------
+
+
+def parse_typed_words(text: str) -> dict[str, list[str]]:
+    """'food: sushi, grape' lines -> {"food": ["sushi", "grape"]}: blank lines and blank words skipped, a category
+    given on several lines gets every line's words (each once, in first order), a category without words kept
+    with none (check_heldout_inputs names it). Raises ConfigError naming a line without ':' or without a name."""
+    words: dict[str, list[str]] = {}
+    problems = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        name, sep, rest = line.partition(":")
+        if not sep:
+            problems.append(("categories", f"line {number}: write 'category: word, word, ...'"))
+        elif not name.strip():
+            problems.append(("categories", f"line {number}: the category name before ':' is missing"))
+        else:
+            listed = words.setdefault(name.strip(), [])
+            listed += [w for w in dict.fromkeys(w.strip() for w in rest.split(",")) if w and w not in listed]
+    if problems:
+        raise ConfigError(problems)
+    return words
+
+
+@dataclass
+class HeldoutInputs:
+    """A held-out config cut down to what can be tested, and what the page should say about what was left out."""
+
+    config: ScanConfig | None  # None when nothing can be tested
+    messages: list[tuple[str, str]]  # (level, text); level is "error", "warning" or "info"
+
+
+def _quoted(names) -> str:
+    return ", ".join(f"'{n}'" for n in names)
+
+
+def check_heldout_inputs(heldout: ScanConfig, run_categories: list[str]) -> HeldoutInputs:
+    """Check a held-out config against the run it tests and say what would otherwise be dropped without a word.
+
+    Left out, each with a message: categories the run does not have (validate_heldout tests the run's flagged
+    neurons, so their words could test nothing), and categories without a word (blank or whitespace words do not
+    count). Named in a warning: the kept words that never occur in the held-out text (not checked for a corpus,
+    which is not read here). Named in a note: the run's categories none of whose held-out words occur, whose
+    flagged neurons will show as not tested. config is None, with an error or note saying why, for an empty text,
+    no usable category, a config validate_config rejects, or a text in which no held-out word occurs.
+    """
+    if not heldout.corpus and not any(str(t).strip() for t in heldout.texts):
+        return HeldoutInputs(None, [("info", "The held-out text is empty: give a text that uses the held-out words.")])
+    if not heldout.categories:
+        return HeldoutInputs(None, [("error", "There are no held-out words: give one category per line, "
+                                              "e.g. 'food: sushi, grape'.")])  # fmt: skip
+    run = [str(c) for c in run_categories]
+    messages = []
+    unknown = [name for name in heldout.categories if name not in run]
+    if unknown:
+        has = f"no category {_quoted(unknown)}; its words were" if len(unknown) == 1 else f"no categories {_quoted(unknown)}; their words were"
+        messages.append(("warning", f"The run has {has} ignored. The run's categories are: {', '.join(run)}."))
+    usable = {name: [str(w).strip() for w in words if str(w).strip()] if isinstance(words, list) else words
+              for name, words in heldout.categories.items() if name in run}  # fmt: skip
+    wordless = [name for name, words in usable.items() if not words]
+    if wordless:
+        has = f"Category {_quoted(wordless)} has" if len(wordless) == 1 else f"Categories {_quoted(wordless)} have"
+        messages.append(("warning", f"{has} no held-out words, so {'it was' if len(wordless) == 1 else 'they were'} left out."))
+    kept = {name: words for name, words in usable.items() if words}
+    if not kept:
+        messages.append(("error", f"None of the held-out categories can be tested: give words for the run's categories "
+                                  f"({', '.join(run)})."))  # fmt: skip
+        return HeldoutInputs(None, messages)
+    config = dataclasses.replace(heldout, categories=kept)
+    try:
+        validate_config(config)
+    except ConfigError as exc:
+        return HeldoutInputs(None, [*messages, ("error", f"The held-out config can't be used: {exc}")])
+    found = set(kept)
+    if not config.corpus:
+        missing = missing_words(config.texts, config.categories)
+        found = {name for name, words in config.categories.items() if len(missing.get(name, [])) < len(words)}
+        if missing:
+            named = [f"{name}: {word}" for name, words in missing.items() for word in words]
+            more = f" and {len(named) - MAX_NAMED_WORDS} more" if len(named) > MAX_NAMED_WORDS else ""
+            messages.append(("warning", "These held-out words do not occur in the held-out text and were not tested: "
+                                        f"{'; '.join(named[:MAX_NAMED_WORDS])}{more}."))  # fmt: skip
+    if not found:
+        return HeldoutInputs(None, [*messages, ("error", "None of the held-out words occurs in the held-out text: "
+                                                         "nothing can be tested.")])  # fmt: skip
+    untested = [name for name in run if name not in found]
+    if untested:
+        messages.append(("info", "No held-out word of these categories occurs in the held-out text, so their flagged "
+                                 f"neurons will show as not tested: {', '.join(untested)}."))  # fmt: skip
+    return HeldoutInputs(config, messages)
+
+
+def untested_categories(summary: pd.DataFrame) -> list[str]:
+    """The categories of validate_heldout's summary none of whose flagged neurons could be tested."""
+    return summary.loc[summary["tested"] == 0, "category"].astype(str).tolist()
+
+
+def heldout_summary_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """validate_heldout's summary as the page shows it: a category without a tested neuron reads NOT_TESTED in
+    every result column (never a 0 that looks like a result, nor an empty NaN); fractions as percentages, AUROCs
+    to 3 decimals."""
+    tested = summary["tested"] > 0
+    table = summary[["category", "flagged", "tested"]].astype({"category": str})
+    formats = {"held_up": "{:.0f}", "held_up_fraction": "{:.0%}", "mean_heldout_auroc": "{:.3f}", "best_possible_auroc": "{:.3f}"}
+    for column, form in formats.items():
+        if column in summary:
+            shown = [form.format(v) if pd.notna(v) else "" for v in summary[column]]
+            table[column] = np.where(tested, shown, NOT_TESTED)
+    return table
 
 
 def heldout_statistics(acts: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:

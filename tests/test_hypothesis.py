@@ -16,7 +16,18 @@ from tiny_models import capture_mlp_input
 from mechamap_core import ScanConfig, scan
 from mechamap_core.alignment import align
 from mechamap_core.analysis import config_differences, flagged_by_relative_depth, top_neurons
-from mechamap_core.hypothesis import _forward_measure, ablate, flagged_for_category, validate_heldout
+from mechamap_core.config import ConfigError
+from mechamap_core.hypothesis import (
+    MAX_NAMED_WORDS,
+    _forward_measure,
+    ablate,
+    check_heldout_inputs,
+    flagged_for_category,
+    heldout_summary_table,
+    parse_typed_words,
+    untested_categories,
+    validate_heldout,
+)
 from mechamap_core.inspect_neuron import direct_effect, neuron_token_table, token_activations, top_examples
 from mechamap_core.sites import resolve_sites
 
@@ -96,6 +107,78 @@ def test_heldout_reports_untested_categories(tiny_bert):
     assert summary["tested"].iloc[0] == 0
     with pytest.raises(ValueError, match="no flagged neurons"):
         validate_heldout(tiny_bert, candidates.iloc[0:0], heldout)
+
+
+# --- held-out inputs: what would be dropped without a word is named ----------------------------------------
+
+RUN_CATEGORIES = ["food", "location", "animal", "date"]
+
+
+def test_parse_typed_words_merges_repeated_categories_and_names_bad_lines():
+    typed = "food: sushi, grape\n\n location : Lima ,  , Berlin\nfood: grape, rice\nanimal: , ,\ndate:"
+    assert parse_typed_words(typed) == {"food": ["sushi", "grape", "rice"], "location": ["Lima", "Berlin"], "animal": [], "date": []}
+    with pytest.raises(ConfigError, match=re.escape("line 2: write 'category: word, word, ...'")):
+        parse_typed_words("food: sushi\nfood sushi")
+    with pytest.raises(ConfigError, match=re.escape("line 1: the category name before ':' is missing")):
+        parse_typed_words(" : sushi")
+
+
+def test_check_heldout_inputs_names_unknown_categories_wordless_categories_and_absent_words():
+    typed = parse_typed_words("food: SUSHI, grape\nxyz: foo\nanimal:   ,  \nlocation: Lima\nqq: bar")
+    checked = check_heldout_inputs(ScanConfig(master_text="We ate sushi in Lima.", categories=typed), RUN_CATEGORIES)
+    assert checked.messages == [
+        ("warning", "The run has no categories 'xyz', 'qq'; their words were ignored. "
+                    "The run's categories are: food, location, animal, date."),
+        ("warning", "Category 'animal' has no held-out words, so it was left out."),
+        ("warning", "These held-out words do not occur in the held-out text and were not tested: food: grape."),
+        ("info", "No held-out word of these categories occurs in the held-out text, so their flagged neurons will show "
+                 "as not tested: animal, date."),
+    ]  # fmt: skip
+    assert checked.config.categories == {"food": ["SUSHI", "grape"], "location": ["Lima"]}
+    one = check_heldout_inputs(ScanConfig(master_text="sushi", categories={"food": ["sushi"], "xyz": ["a"]}), ["food"])
+    assert one.messages == [("warning", "The run has no category 'xyz'; its words were ignored. The run's categories are: food.")]
+    clean = check_heldout_inputs(ScanConfig(master_text="sushi in Lima", categories={"food": ["sushi"], "location": ["Lima"]}),
+                                 ["food", "location"])  # fmt: skip
+    assert clean.messages == [] and clean.config.categories == {"food": ["sushi"], "location": ["Lima"]}
+
+
+def test_check_heldout_inputs_refuses_what_cannot_be_tested_and_says_why():
+    def check(text, categories):
+        checked = check_heldout_inputs(ScanConfig(master_text=text, categories=categories), RUN_CATEGORIES)
+        assert checked.config is None
+        return checked.messages
+
+    assert check("   \n ", {"food": ["sushi"]}) == [("info", "The held-out text is empty: give a text that uses the held-out words.")]
+    assert check("sushi", {}) == [("error", "There are no held-out words: give one category per line, e.g. 'food: sushi, grape'.")]
+    assert check("sushi", {"xyz": ["sushi"], "food": []})[-1] == (
+        "error", "None of the held-out categories can be tested: give words for the run's categories (food, location, animal, date).")
+    assert check("sushi", {"food": ["grape"]})[-1] == ("error", "None of the held-out words occurs in the held-out text: nothing can be tested.")
+    assert check("sushi", {"food": "sushi"}) == [  # a config file's words not written as a list
+        ("error", "The held-out config can't be used: categories.food: category 'food' must be a list of words")]
+
+
+def test_check_heldout_inputs_caps_the_named_missing_words():
+    words = [f"w{i}" for i in range(MAX_NAMED_WORDS + 3)]
+    checked = check_heldout_inputs(ScanConfig(master_text="sushi", categories={"food": ["sushi", *words]}), ["food"])
+    named = "; ".join(f"food: {w}" for w in words[:MAX_NAMED_WORDS])
+    assert checked.messages == [("warning", f"These held-out words do not occur in the held-out text and were not tested: {named} and 3 more.")]
+
+
+def test_heldout_summary_table_says_not_tested_instead_of_zero_or_nan():
+    summary = pd.DataFrame({"category": ["food", "vehicle", "date"], "flagged": [3, 2, 4], "tested": [3, 0, 4],
+                            "held_up": [2, 0, 0], "held_up_fraction": [2 / 3, np.nan, 0.0],
+                            "mean_heldout_auroc": [0.8126, np.nan, 0.31], "best_possible_auroc": [0.9, np.nan, 0.6]})  # fmt: skip
+    assert untested_categories(summary) == ["vehicle"]
+    table = heldout_summary_table(summary)
+    assert table.to_dict("records") == [
+        {"category": "food", "flagged": 3, "tested": 3, "held_up": "2", "held_up_fraction": "67%",
+         "mean_heldout_auroc": "0.813", "best_possible_auroc": "0.900"},
+        {"category": "vehicle", "flagged": 2, "tested": 0, "held_up": "not tested", "held_up_fraction": "not tested",
+         "mean_heldout_auroc": "not tested", "best_possible_auroc": "not tested"},
+        {"category": "date", "flagged": 4, "tested": 4, "held_up": "0", "held_up_fraction": "0%",
+         "mean_heldout_auroc": "0.310", "best_possible_auroc": "0.600"},
+    ]  # fmt: skip
+    assert "best_possible_auroc" not in heldout_summary_table(summary.drop(columns="best_possible_auroc"))
 
 
 def test_ablating_a_neuron_changes_a_tiny_model_and_nothing_changes_nothing(tiny_gpt2):

@@ -131,6 +131,91 @@ def test_hypothesis_page_bad_inputs(app_env, food_result):
     assert any("layer:neuron" in e.value for e in at.error)
 
 
+def typed_heldout(at, text: str, words: str):
+    """The Hypothesis page's held-out tab switched to typed text and words, both typed in."""
+    at.radio[0].set_value("Type text and words").run()
+    at.text_area[0].set_value(text).run()
+    at.text_area[1].set_value(words).run()
+    no_exception(at)
+    return at
+
+
+def shown_messages(at) -> list[str]:
+    return [m.value for kind in (at.error, at.warning, at.info) for m in kind]
+
+
+def drawn_categories(chart) -> set[str]:
+    """The categories an Altair chart on the page draws, read from the datasets Streamlit sent with it."""
+    import pyarrow as pa
+
+    names = set()
+    for dataset in chart.proto.datasets:
+        table = pa.ipc.open_stream(dataset.data.data).read_all().to_pandas()
+        names |= set(table["category"].astype(str)) if "category" in table else set()
+    return names
+
+
+def test_typed_heldout_words_that_would_be_dropped_are_named(app_env, food_result):
+    """Typed held-out words absent from the typed text, words of a category the run lacks, and a category whose
+    words are blank are each named; the run goes on with the rest, and the run's categories without held-out
+    tokens are left out of the charts with a caption and read 'not tested' in the table, never 0."""
+    at = open_page(make_app(food_result), "hypothesis")
+    run_categories = ", ".join(food_result.categories)
+    typed_heldout(at, "We ate sushi in Lima on a quiet evening.", "food: sushi, grape\nxyz: foo\nanimal: , ,\nlocation: Lima")
+    said = shown_messages(at)
+    assert "These held-out words do not occur in the held-out text and were not tested: food: grape." in said
+    assert f"The run has no category 'xyz'; its words were ignored. The run's categories are: {run_categories}." in said
+    assert "Category 'animal' has no held-out words, so it was left out." in said
+    untested = [c for c in food_result.categories if c not in ("food", "location")]
+    assert any(m.endswith(f"will show as not tested: {', '.join(untested)}.") for m in said)
+    [b for b in at.button if b.label == "Run held-out check"][0].click().run()
+    no_exception(at)
+    _, summary = at.session_state["heldout_result"]
+    assert set(summary["category"]) <= {"food", "location", *untested}
+    not_tested = sorted(summary.loc[summary["tested"] == 0, "category"].astype(str))
+    tested = sorted(summary.loc[summary["tested"] > 0, "category"].astype(str))
+    assert not_tested and tested, "the flagged neurons of this run cover both kinds"
+    assert any(c.value.startswith(f"Not tested, so not drawn: {', '.join(summary.loc[summary['tested'] == 0, 'category'])}")
+               for c in at.caption)  # fmt: skip
+    bars, dots = at.get("vega_lite_chart")[:2]
+    assert drawn_categories(bars) == set(tested) and drawn_categories(dots) == set(tested)
+    table = next(d.value for d in at.dataframe if "held_up_fraction" in d.value.columns)
+    rows = table.set_index("category")
+    assert (rows.loc[not_tested, ["held_up", "held_up_fraction", "mean_heldout_auroc"]] == "not tested").all().all()
+    assert not (rows.loc[tested, "held_up"] == "not tested").any()
+
+
+@pytest.mark.parametrize(
+    ("text", "words", "message"),
+    [
+        ("   ", "food: sushi", "The held-out text is empty: give a text that uses the held-out words."),
+        ("We ate sushi.", "  \n", "There are no held-out words: give one category per line, e.g. 'food: sushi, grape'."),
+        ("We ate sushi.", "food:  ,  ", "Category 'food' has no held-out words, so it was left out."),
+        ("We ate sushi.", "xyz: sushi", "None of the held-out categories can be tested"),
+        ("We ate sushi.", "food: grape", "None of the held-out words occurs in the held-out text: nothing can be tested."),
+        ("We ate sushi.", ": sushi", "line 1: the category name before ':' is missing"),
+    ],
+)
+def test_typed_heldout_that_cannot_be_tested_says_why_and_offers_no_run(app_env, food_result, text, words, message):
+    at = typed_heldout(open_page(make_app(food_result), "hypothesis"), text, words)
+    assert any(message in m for m in shown_messages(at)), shown_messages(at)
+    assert not [b for b in at.button if b.label == "Run held-out check"]
+
+
+def test_heldout_with_no_testable_neuron_draws_no_empty_chart(app_env, food_result):
+    """A held-out text that is all one category's word leaves nothing to compare it with: every flagged neuron is
+    untested, which the page says instead of drawing charts of nothing (or of zeros)."""
+    at = typed_heldout(open_page(make_app(food_result), "hypothesis"), "sushi", "food: sushi")
+    [b for b in at.button if b.label == "Run held-out check"][0].click().run()
+    no_exception(at)
+    _, summary = at.session_state["heldout_result"]
+    assert (summary["tested"] == 0).all()
+    assert any(w.value.startswith("No flagged neuron could be tested") for w in at.warning)
+    assert not at.get("vega_lite_chart")
+    table = next(d.value for d in at.dataframe if "held_up_fraction" in d.value.columns)
+    assert (table["held_up_fraction"] == "not tested").all()
+
+
 def test_compare_page_needs_two_runs_then_compares(app_env, food_result, bundled_lm):
     at = open_page(make_app(food_result), "compare")
     no_exception(at)

@@ -8,7 +8,18 @@ from mechamap_core import charts
 from mechamap_core.analysis import flagged, has_experts, shown_key
 from mechamap_core.config import ConfigError, ScanConfig, load_config, safe_child_path
 from mechamap_core.export import flagged_neurons
-from mechamap_core.hypothesis import MIN_CONTROLS, ablate, flagged_for_category, parse_neuron_list, validate_heldout, with_ceiling
+from mechamap_core.hypothesis import (
+    MIN_CONTROLS,
+    ablate,
+    check_heldout_inputs,
+    flagged_for_category,
+    heldout_summary_table,
+    parse_neuron_list,
+    parse_typed_words,
+    untested_categories,
+    validate_heldout,
+    with_ceiling,
+)
 from mechamap_ui import state
 from mechamap_ui.contrast_panel import contrast_section
 from mechamap_ui.neuron_data import model_for
@@ -21,19 +32,6 @@ if lm is None:
     st.error(f"The model of this run ({result.metadata['model']}) can't be loaded here, so it can't be tested.")
     st.stop()
 scanned_cfg = ScanConfig(**{k: v for k, v in result.metadata["config"].items() if k in ScanConfig.__dataclass_fields__})
-
-
-def parse_typed_words(text: str) -> dict[str, list[str]]:
-    """'food: sushi, grape' lines -> {"food": ["sushi", "grape"]}."""
-    words = {}
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        name, sep, rest = line.partition(":")
-        if not sep:
-            raise ConfigError([("categories", f"line {number}: write 'category: word, word, ...'")])
-        words[name.strip()] = [w.strip() for w in rest.split(",") if w.strip()]
-    return words
 
 
 HELDOUT_INPUTS, ABLATION_INPUTS = "heldout_inputs", "ablation_inputs"  # session_state: what the shown result was run with
@@ -67,10 +65,14 @@ with held_tab:
         else:
             text = st.text_area("Held-out text", height=150)
             words = st.text_area("Category words, one category per line", "food: sushi, grape\nlocation: Berlin, Lima", height=100)
-            if text.strip():
-                heldout = ScanConfig(master_text=text, categories=parse_typed_words(words), model=result.metadata["model"])
+            heldout = ScanConfig(master_text=text, categories=parse_typed_words(words), model=result.metadata["model"])
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         st.error(f"The held-out config can't be used: {exc}")
+    if heldout is not None:
+        checked = check_heldout_inputs(heldout, result.categories)
+        for level, message in checked.messages:
+            getattr(st, level)(message)
+        heldout = checked.config
     if heldout is not None:
         reused = sorted({w.lower() for ws in heldout.categories.values() for w in ws}
                         & {w.lower() for ws in scanned_cfg.categories.values() for w in ws})  # fmt: skip
@@ -105,24 +107,33 @@ with held_tab:
     if "heldout_result" in st.session_state:
         per_neuron, summary = st.session_state["heldout_result"]
         warn_if_stale(HELDOUT_INPUTS, heldout_inputs)
-        st.markdown("##### Per category: how many flagged neurons held up")
-        chart = (
-            alt.Chart(summary)
-            .mark_bar()
-            .encode(
-                x=alt.X("held_up_fraction:Q", scale=alt.Scale(domain=[0, 1]), title="fraction that held up"),
-                y=alt.Y("category:N", sort="-x", title=None),
-                tooltip=["category", "flagged", "tested", "held_up", alt.Tooltip("mean_heldout_auroc:Q", format=".3f")],
+        untested = untested_categories(summary)
+        tested = summary[~summary["category"].astype(str).isin(untested)]
+        if tested.empty:
+            st.warning("No flagged neuron could be tested: no category of theirs has held-out tokens to compare (see each "
+                       "neuron's status below).")  # fmt: skip
+        else:
+            st.markdown("##### Per category: how many flagged neurons held up")
+            chart = (
+                alt.Chart(tested)
+                .mark_bar()
+                .encode(
+                    x=alt.X("held_up_fraction:Q", scale=alt.Scale(domain=[0, 1]), title="fraction that held up"),
+                    y=alt.Y("category:N", sort="-x", title=None),
+                    tooltip=["category", "flagged", "tested", "held_up", alt.Tooltip("mean_heldout_auroc:Q", format=".3f")],
+                )
             )
-        )
-        st.altair_chart(chart)
-        chart_downloads(chart, "heldout_summary")
-        if "best_possible_auroc" in summary:
-            st.markdown("##### Mean held-out AUROC of the flagged neurons, and the best as many neurons reach on this text")
-            ceiling_chart = charts.heldout_ceiling_dots(summary)
-            st.altair_chart(ceiling_chart)
-            chart_downloads(ceiling_chart, "heldout_ceiling")
-        st.dataframe(summary, hide_index=True, column_config=stat_column_config(summary))
+            st.altair_chart(chart)
+            chart_downloads(chart, "heldout_summary")
+            if untested:
+                st.caption(f"Not tested, so not drawn: {', '.join(untested)} (none of their flagged neurons had held-out "
+                           "tokens to compare; see each neuron's status below).")  # fmt: skip
+            if "best_possible_auroc" in summary:
+                st.markdown("##### Mean held-out AUROC of the flagged neurons, and the best as many neurons reach on this text")
+                ceiling_chart = charts.heldout_ceiling_dots(tested)
+                st.altair_chart(ceiling_chart)
+                chart_downloads(ceiling_chart, "heldout_ceiling")
+        st.dataframe(heldout_summary_table(summary), hide_index=True)
         st.markdown("##### Per neuron (click a row to open the neuron)")
         cols = [*shown_key(per_neuron), "category", "status", "heldout_auroc", "heldout_score", "heldout_cohens_d", "score", "auroc", "hook"]
         shown = per_neuron[[c for c in cols if c in per_neuron.columns]]
