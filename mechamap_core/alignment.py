@@ -65,6 +65,18 @@ def missing_words(texts: list[str], categories: dict[str, list[str]]) -> dict[st
     return {cat: list(g["word"]) for cat, g in gone.groupby("category", sort=False)}
 
 
+def words_in_several_categories(categories: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Words that more than one category lists, as they match (case-insensitive, inner whitespace collapsed), with
+    those categories in config order: their tokens count for each of them, so the categories share that evidence."""
+    listed: dict[str, list[str]] = {}
+    for cat, words in categories.items():
+        for word in words:
+            key = " ".join(word.casefold().split())
+            if key and cat not in listed.setdefault(key, []):
+                listed[key].append(cat)
+    return {word: cats for word, cats in listed.items() if len(cats) > 1}
+
+
 def special_token_frame(tokenizer) -> tuple[list[int], list[int]]:
     """The ids the tokenizer puts before and after a single sequence (e.g. [CLS] / [SEP], or BOS)."""
     probe = "hello"

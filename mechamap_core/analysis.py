@@ -85,12 +85,22 @@ def top_neurons(
     """
     _check_metric(scores, metric)
     rows = scores if category is None else scores[scores["category"] == category]
+    rows = rows[rows[metric].notna()]  # a category without statistics (too few tokens) has no top neuron
     best = rows.sort_values(metric, ascending=False, kind="stable").groupby("category", observed=True).head(n)
     best = best.sort_values(["category", metric], ascending=[True, False], kind="stable").reset_index(drop=True)
     if top_tokens is not None:
         strings = top_token_strings(top_tokens)
         best = best.merge(strings, on=[c for c in neuron_key(best) if c in strings.columns], how="left")
     return best
+
+
+def categories_without_statistics(scores: pd.DataFrame) -> pd.Series:
+    """Categories none of whose rows has a score (fewer than MIN_CATEGORY_TOKENS of their tokens wherever a
+    neuron saw them), with their most tokens at any site (a dense neuron: all of them); empty when every category
+    has one. Their neurons are blank in every table, not 0."""
+    scored = scores.groupby("category", observed=False)["score"].count()
+    n_tokens = scores.groupby("category", observed=False)["n_tokens"].max()
+    return n_tokens[scored == 0].fillna(0).astype(int).rename("n_tokens")  # no rows at all: 0
 
 
 def top_token_strings(top_tokens: pd.DataFrame, digits: int = 3) -> pd.DataFrame:

@@ -406,6 +406,7 @@ def _run_scan(args) -> int:
             f"{md['n_tokens']} tokens in {md['n_forward_passes']} forward pass(es), {md['timings_s']['total']:.2f} s",
             file=sys.stderr,
         )
+    _note_categories_without_statistics(result)
     _note_thin_experts(result)
     options = {"flagged_only": args.flagged_only, "min_cv_auroc": args.min_cv_auroc}
     if args.min_cv_auroc is not None and not analysis.has_cv_auroc(result.scores):
@@ -431,18 +432,29 @@ def _run_scan(args) -> int:
     return 0
 
 
+def _note_categories_without_statistics(result) -> None:
+    """After a scan: the categories no neuron has statistics for (too few of their tokens), so blank rows are explained."""
+    from .scan import MIN_CATEGORY_TOKENS
+
+    blank = analysis.categories_without_statistics(result.scores)
+    if len(blank):
+        named = ", ".join(f"'{cat}' ({n} token{'' if n == 1 else 's'})" for cat, n in blank.items())
+        print(f"note: no statistics for {named}: a category needs at least {MIN_CATEGORY_TOKENS} of its tokens in "
+              "the text; add words that occur, or text that uses them", file=sys.stderr)  # fmt: skip
+
+
 def _note_thin_experts(result) -> None:
     """After a mixture-of-experts scan: how many (layer, expert, category) cells got too few routed tokens for
     statistics (their expert neurons are NaN there), so an empty-looking table is explained."""
-    from .scan import MIN_EXPERT_TOKENS
+    from .scan import MIN_CATEGORY_TOKENS
 
     routing = result.extras.get("routing")
     if routing is None or routing.empty:
         return
-    thin = int((routing["n_tokens"] < MIN_EXPERT_TOKENS).sum())
+    thin = int((routing["n_tokens"] < MIN_CATEGORY_TOKENS).sum())
     if thin:
         print(f"note: in {thin:,} of {len(routing):,} (layer, expert, category) cells the expert saw fewer than "
-              f"{MIN_EXPERT_TOKENS} of the category's tokens; its neurons have no statistics there (a longer text "
+              f"{MIN_CATEGORY_TOKENS} of the category's tokens; its neurons have no statistics there (a longer text "
               "or --corpus gives them more)", file=sys.stderr)  # fmt: skip
 
 

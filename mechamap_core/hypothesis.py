@@ -17,7 +17,7 @@ from .inspect_neuron import collect_activations
 from .models import LoadedModel
 from .scan.driver import batches, hooked
 from .sites import dense_mlp_rows, expert_hook_name, hook_name, resolve_sites
-from .stats import auroc_exact, moment_statistics
+from .stats import MIN_CATEGORY_TOKENS, auroc_exact, moment_statistics
 
 DEFAULT_MIN_AUROC = 0.75
 MIN_CONTROLS = 2  # ablate: random control sets, so that their spread (and z) exists
@@ -254,14 +254,16 @@ def _dense_heldout_rows(lm: LoadedModel, cands: pd.DataFrame, heldout: ScanConfi
         column = {n: i for i, n in enumerate(ids)}
         for cand in cands[cands["layer"] == layer].itertuples():
             row = _identity(cand)
-            if cand.category in names and aligned.category_mask[:, names.index(cand.category)].any():
+            n_tokens = int(aligned.category_mask[:, names.index(cand.category)].sum()) if cand.category in names else 0
+            if n_tokens >= MIN_CATEGORY_TOKENS:
                 c, k = names.index(cand.category), column[int(cand.neuron)]
-                n_tokens = aligned.category_mask[:, c].sum()
                 picked = [stats[name][c, k] for name in ("auroc", "score", "cohens_d", "avg_activation", "p_value")]
                 if np.isnan(picked[0]):  # no other tokens to compare with
                     rows.append(row | {"status": "untested (every held-out token is this category's)"})
                 else:
                     rows.append(_checked(row, n_tokens, *picked, min_auroc))
+            elif n_tokens:  # as in a scan: too few tokens for an AUROC worth reading
+                rows.append(row | {"status": f"untested (fewer than {MIN_CATEGORY_TOKENS} held-out tokens of this category)"})
             else:
                 rows.append(row | {"status": "untested (no held-out tokens for this category)"})
     return rows

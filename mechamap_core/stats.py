@@ -10,6 +10,11 @@ import torch.nn.functional as F
 from scipy import special
 
 EPS = 1e-12
+# A neuron's statistics of a category need at least this many of the category's tokens (for an expert neuron: routed
+# to its expert); below, every statistic of the (neuron, category) is NaN (n_tokens stays). A score, AUROC or mean
+# from one to four tokens is noise that ranks as evidence (one token has no variance: its separation reached 39 on
+# the bundled model, far above any real category's). The usual minimum cell count.
+MIN_CATEGORY_TOKENS = 5
 TIE_RTOL = 1e-6  # null scores this close to the observed one (relative) count as reaching it: rounding, not evidence
 CHUNK_ELEMENTS = 2**19  # subsets x neurons per block of the permutation test's arithmetic (2 MB per float32 buffer)
 GATHER_NEURONS = 1024  # neurons per block of the permutation test on a CPU: their word sums (W x 2 x 1024 float32) stay in cache

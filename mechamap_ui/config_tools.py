@@ -6,8 +6,9 @@ import html
 
 import pandas as pd
 
-from mechamap_core.alignment import align, coverage_summary, find_word_spans, word_coverage
+from mechamap_core.alignment import align, coverage_summary, find_word_spans, word_coverage, words_in_several_categories
 from mechamap_core.config import ConfigError, ScanConfig, validate_config
+from mechamap_core.stats import MIN_CATEGORY_TOKENS
 
 TABLE_COLUMNS = ["category", "words"]
 # Colours for up to 12 categories (then they repeat); light enough to keep dark text readable.
@@ -76,6 +77,29 @@ def coverage_table(texts: list[str], categories: dict[str, list[str]], tokenizer
         except ValueError:
             pass
     return coverage_summary(word_coverage(texts, categories))
+
+
+def coverage_warnings(coverage: pd.DataFrame, categories: dict[str, list[str]]) -> list[str]:
+    """What a scan of this coverage (coverage_table's) would leave empty or blur, one sentence each: categories with
+    fewer than MIN_CATEGORY_TOKENS tokens in the text (their neurons get no statistics; without a tokenizer, those
+    none of whose words occurs), and words that several categories list."""
+    warnings = []
+    if "n_tokens" in coverage.columns:
+        for row in coverage[coverage["n_tokens"] < MIN_CATEGORY_TOKENS].itertuples():
+            warnings.append(
+                f"'{row.category}' covers {row.n_tokens} token{'' if row.n_tokens == 1 else 's'} of the text, fewer "
+                f"than {MIN_CATEGORY_TOKENS}: its neurons will have no statistics for it (blank, not 0). Add words "
+                "that occur, or text that uses its words."
+            )
+    else:
+        for row in coverage[coverage["found"] == 0].itertuples():
+            warnings.append(f"None of the words of '{row.category}' occurs in the text: its neurons will have no statistics for it.")
+    for word, cats in words_in_several_categories(categories).items():
+        warnings.append(
+            f"'{word}' is a word of {' and '.join(repr(c) for c in cats)}: its tokens count for each, so these "
+            "categories share that evidence (keep it in one, unless the overlap is the point)."
+        )
+    return warnings
 
 
 def highlight_html(text: str, categories: dict[str, list[str]]) -> tuple[str, bool]:

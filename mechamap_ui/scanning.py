@@ -8,6 +8,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
 import streamlit as st
@@ -110,6 +111,34 @@ def describe_shape(scores: pd.DataFrame) -> str:
     experts = f"{int(per_layer[0])} routed experts per layer ({len(routed):,} in all)" if len(per_layer) == 1 else f"{len(routed):,} routed experts"
     shape = f"{n_layers} layers · {int(routed['n_neurons'].sum()):,} neurons in {experts}"
     return shape + (f" and {int(plain['n_neurons'].sum()):,} in {len(plain)} dense or shared-expert MLPs" if len(plain) else "")
+
+
+def describe_passes(metadata: dict) -> str:
+    """How much text a run read, for a caption: "1,204 tokens in 3 forward passes" for a scan of a master text,
+    "2,000,000 tokens from 5,000 documents" for a corpus scan (which counts documents, not passes)."""
+    tokens = f"{int(metadata.get('n_tokens', 0)):,} tokens"
+    if "n_forward_passes" in metadata:
+        passes = int(metadata["n_forward_passes"])
+        return f"{tokens} in {passes:,} forward pass{'' if passes == 1 else 'es'}"
+    if "n_documents" in metadata:
+        documents = int(metadata["n_documents"])
+        return f"{tokens} from {documents:,} document{'' if documents == 1 else 's'}"
+    return tokens
+
+
+def local_folder_problem(folder_text: str) -> str | None:
+    """Why a typed local model folder cannot be scanned (no such folder, or no config.json in it), or None: said as
+    the user types, so the Scan button stays off instead of failing after it is pressed."""
+    folder = (folder_text or "").strip()
+    if not folder:
+        return None
+    if not Path(folder).expanduser().is_dir():
+        return f"There is no folder {folder} on the machine running MechaMap: give the folder that holds the model's config.json."
+    try:
+        resolve_model_source(folder)
+    except ModelNotAvailableError as exc:
+        return _sentence(str(exc))
+    return None
 
 
 def _mib(n_bytes: float) -> str:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from tiny_models import bundled_tokenizer
 
-from mechamap_core.alignment import align, find_word_spans, missing_words, word_coverage
+from mechamap_core.alignment import align, find_word_spans, missing_words, word_coverage, words_in_several_categories
 
 
 @pytest.fixture(scope="module")
@@ -284,3 +284,16 @@ def test_token_span_overlap_equals_the_pairwise_definition():
         ends = np.minimum(starts + rng.integers(1, 6, size=30), n_chars)
         expected = np.array([any(s < b and e > a for a, b in spans) for s, e in zip(starts, ends)], dtype=bool)
         assert (_overlapping(spans, starts, ends, n_chars) == expected).all()
+
+
+def test_words_in_several_categories_match_as_the_text_does():
+    """A word listed under two categories, in any case or inner spacing, is the same word to find_word_spans."""
+    categories = {"fruit": ["orange", "Turkey ", "apple"], "colour": ["Orange", "red"], "country": ["turkey", "New  York"],
+                  "city": ["new york", "Paris"], "empty": []}  # fmt: skip
+    got = words_in_several_categories(categories)
+    assert got == {"orange": ["fruit", "colour"], "turkey": ["fruit", "country"], "new york": ["country", "city"]}
+    text = "An orange, a Turkey and New York."
+    for word, cats in got.items():  # each spelling of it finds the same spans
+        spans = {tuple(find_word_spans(text, w)) for c in cats for w in categories[c] if " ".join(w.lower().split()) == word}
+        assert len(spans) == 1 and spans != {()}
+    assert words_in_several_categories({"a": ["x", "X"], "b": ["y"]}) == {}  # twice in one category is not shared

@@ -78,6 +78,20 @@ def test_top_neurons_known_best_and_one_category(scores, top_tokens):
     assert food["top_tokens"].tolist() == ["[('pizza', 0.823), ('bread', 0.5)]"] * 3
 
 
+def test_a_category_without_statistics_has_no_top_neuron_and_is_named(scores):
+    """Rows of a category with too few tokens are NaN (the scan blanks them): no neuron is its 'top' one, and
+    categories_without_statistics names it with its token count (the largest n_tokens of its rows)."""
+    assert analysis.categories_without_statistics(scores.assign(n_tokens=40)).empty
+    thin = scores.assign(n_tokens=np.where(scores["category"] == "food", 3, 40))
+    thin.loc[thin["category"] == "food", ["score", "avg_activation", "auroc"]] = np.nan
+    top = analysis.top_neurons(thin, "score", n=2)
+    assert sorted(set(top["category"].astype(str))) == ["animal", "place"] and len(top) == 4
+    assert analysis.top_neurons(thin, "score", n=2, category="food").empty
+    assert analysis.categories_without_statistics(thin).to_dict() == {"food": 3}
+    filtered = thin[thin["category"] != "food"]  # a filter that removed a category's rows: it has no statistics there
+    assert analysis.categories_without_statistics(filtered).to_dict() == {"food": 0}
+
+
 def test_top_token_strings_format(top_tokens):
     text = analysis.top_token_strings(top_tokens)
     assert len(text) == 12 and list(text.columns) == ["layer", "neuron", "top_tokens"]

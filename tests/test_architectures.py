@@ -13,6 +13,7 @@ from torch import nn
 
 from mechamap_core import ScanConfig, SiteResolutionError, scan
 from mechamap_core import sites as sites_module
+from mechamap_core.scan import MIN_CATEGORY_TOKENS
 from mechamap_core.sites import resolve_sites
 
 # Independent table of each family's MLP down-projection (its input holds the neurons).
@@ -51,13 +52,15 @@ assert set(DOWN_PROJ) == set(ARCHS)
 
 TEXT = (
     "In Canberra a giraffe ate pizza and ice cream on Monday. Later a dog flew to New York "
-    "with seven friends, and back in 1999 Paris kept a giraffe too. The new yorker stayed home."
+    "with seven friends, and back in 1999 Paris kept a giraffe too. The new yorker stayed home. "
+    "On Monday in 1999 the dog had pizza in Paris, and on Monday a giraffe ate ice cream in Canberra in a red hat."
 )
-CATEGORIES = {
+CATEGORIES = {  # each at least MIN_CATEGORY_TOKENS tokens, but colour: its neurons get NaN statistics
     "location": ["Canberra", "New York", "Paris"],
     "animal": ["giraffe", "dog", "kangaroo"],  # kangaroo never occurs
     "food": ["pizza", "ice cream"],
     "date": ["Monday", "1999"],
+    "colour": ["red"],
 }
 N_SAMPLE = 0  # neurons per layer checked by the per-neuron method; 0 = every neuron (tiny models are fast)
 
@@ -167,6 +170,8 @@ def test_scan_shape_and_hook_column(case):
     assert "new" in located and "york" in located and located.count("new") == 1
     animal = [t.lower() for t, hit in zip(case.tokens, res.category_mask[:, case.categories.index("animal")], strict=True) if hit]
     assert len(animal) > 3 and "dog" in animal and "giraffe" not in animal  # "giraffe" is several tokens
+    n_cat = dict(zip(case.categories, case.mask.sum(0)))  # the statistics tests check every category but colour
+    assert min(n for c, n in n_cat.items() if c != "colour") >= MIN_CATEGORY_TOKENS > n_cat["colour"] > 0
 
 
 @pytest.mark.parametrize("case", ARCHS, indirect=True)
@@ -177,7 +182,7 @@ def test_avg_activation_equals_per_neuron_passes(case):
             sel = case.mask[:, c]
             assert case.stat("n_tokens", layer, neuron, c) == sel.sum()
             got = case.stat("avg_activation", layer, neuron, c)
-            if not sel.any():
+            if sel.sum() < MIN_CATEGORY_TOKENS:  # too few tokens for statistics (colour): NaN
                 assert np.isnan(got), (layer, neuron, name)
                 continue
             np.testing.assert_allclose(got, acts[sel].mean(), rtol=1e-4, atol=1e-5, err_msg=f"L{layer} N{neuron} {name}")
@@ -193,7 +198,7 @@ def test_rest_std_and_exact_auroc_equal_numpy(case):
     for (layer, neuron), acts in case.brute.items():
         for c, name in enumerate(case.categories):
             sel = case.mask[:, c]
-            if not sel.any():
+            if sel.sum() < MIN_CATEGORY_TOKENS:
                 continue
             cat, rest = acts[sel], acts[~sel]
             where = f"L{layer} N{neuron} {name}"

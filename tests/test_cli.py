@@ -62,7 +62,7 @@ def test_scan_of_an_moe_model_writes_expert_rows_and_the_routing_table(tmp_path,
     has expert rows and --routing writes the routing table, whose shares over a layer's experts add up to top_k."""
     from tiny_models import D_EXPERT, TOP_K, build_tiny_model
 
-    from mechamap_core.scan import MIN_EXPERT_TOKENS
+    from mechamap_core.scan import MIN_CATEGORY_TOKENS
 
     model = build_tiny_model("mixtral", tmp_path / "tiny-mixtral")
     csv, routing = tmp_path / "scores.csv", tmp_path / "routing.csv"
@@ -76,10 +76,10 @@ def test_scan_of_an_moe_model_writes_expert_rows_and_the_routing_table(tmp_path,
     scores = pd.read_csv(csv, dtype={"expert": "Int64"})
     assert scores["expert"].notna().any()
     table = pd.read_csv(routing)
-    thin = int((table["n_tokens"] < MIN_EXPERT_TOKENS).sum())  # cells whose expert neurons have no statistics
+    thin = int((table["n_tokens"] < MIN_CATEGORY_TOKENS).sum())  # cells whose expert neurons have no statistics
     assert thin > 0 or not corpus  # three short documents leave some experts short of a category's tokens
     assert (f"note: in {thin:,} of {len(table):,} (layer, expert, category) cells the expert saw fewer than" in said) == (thin > 0)
-    short = table[table["n_tokens"] < MIN_EXPERT_TOKENS]
+    short = table[table["n_tokens"] < MIN_CATEGORY_TOKENS]
     blank = scores.merge(short[["layer", "expert", "category"]], on=["layer", "expert", "category"])
     assert len(blank) == len(short) * D_EXPERT and blank["score"].isna().all()
     assert list(table.columns[:5]) == ["layer", "expert", "category", "n_tokens", "share"]
@@ -106,6 +106,27 @@ def test_routing_of_a_dense_model_says_there_is_none(tmp_path, capsys):
     assert main(argv) == 0
     assert "has no mixture-of-experts layers: no routing table written" in capsys.readouterr().err
     assert not routing.exists()
+
+
+def test_scan_names_the_categories_too_thin_for_statistics(tmp_path, capsys):
+    """A category with fewer than MIN_CATEGORY_TOKENS tokens gets NaN rows, and the scan says which and why."""
+    from mechamap_core import load_config, save_config
+    from mechamap_core.scan import MIN_CATEGORY_TOKENS
+
+    cfg = load_config(DEFAULT)
+    cfg.categories = {**cfg.categories, "planet": ["Jupiter"], "gem": ["sapphire"]}
+    cfg.master_text += "\n\nJupiter is bright tonight."
+    config, csv = tmp_path / "thin.yaml", tmp_path / "thin.csv"
+    save_config(cfg, config)
+    argv = ["scan", "--config", str(config), "--limit-neurons", "4", "--layers", "0", "--device", "cpu", "--csv", str(csv)]
+    assert main(argv) == 0
+    table = pd.read_csv(csv)
+    thin = table[table["category"].isin(["planet", "gem"])]
+    tokens = thin.groupby("category")["n_tokens"].first().to_dict()
+    assert tokens["gem"] == 0 and 0 < tokens["planet"] < MIN_CATEGORY_TOKENS and thin["score"].isna().all()
+    assert table.loc[~table["category"].isin(["planet", "gem"]), "score"].notna().all()
+    planet = f"'planet' ({tokens['planet']} token{'' if tokens['planet'] == 1 else 's'})"
+    assert f"note: no statistics for {planet}, 'gem' (0 tokens): a category needs at least 5" in capsys.readouterr().err
 
 
 def test_interpret_prints_pivot_overlap_and_correlation(scanned, capsys):

@@ -154,8 +154,9 @@ def test_contrast_neurons_picks_the_best_flagged_per_category(tiny_bert):
 
 def test_cli_contrast(tiny_models, tiny_bert, tmp_path, capsys):
     cfg = ScanConfig(
-        master_text="The orange door and the green wall. An orange and a pear.", categories={"color": ["orange", "green"]}
-    )
+        master_text="The orange door and the green wall. An orange and a pear. A green hat and a green leaf.",
+        categories={"color": ["orange", "green"]},
+    )  # five color tokens: MIN_CATEGORY_TOKENS
     scores_csv = tmp_path / "scores.csv"
     result = scan(tiny_bert, cfg)
     to_csv(result, scores_csv)

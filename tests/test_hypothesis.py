@@ -31,7 +31,7 @@ from mechamap_core.hypothesis import (
 from mechamap_core.inspect_neuron import direct_effect, neuron_token_table, token_activations, top_examples
 from mechamap_core.sites import resolve_sites
 
-TEXT = "I ate pizza and bread in Paris. Later pasta in New York, then rice and cheese at home in Tokyo."
+TEXT = "I ate pizza and bread in Paris. Later pasta in New York, then rice and cheese at home in Tokyo and Paris."
 WORDS = {"food": ["pizza", "bread", "pasta", "rice", "cheese"], "location": ["Paris", "New York", "Tokyo"]}
 
 
@@ -47,7 +47,7 @@ def test_heldout_reproduces_hand_computed_auroc(tiny_bert):
     per_neuron, summary = validate_heldout(tiny_bert, candidates, heldout, min_auroc=0.6)
     enc = tiny_bert.tokenizer(TEXT, return_offsets_mapping=True, return_special_tokens_mask=True)
     special = np.array(enc["special_tokens_mask"], dtype=bool)
-    spans = {c: [(TEXT.lower().index(w.lower()), TEXT.lower().index(w.lower()) + len(w)) for w in ws] for c, ws in WORDS.items()}
+    spans = {c: [m.span() for w in ws for m in re.finditer(re.escape(w), TEXT)] for c, ws in WORDS.items()}
     for row in per_neuron.itertuples():
         acts = capture_mlp_input(tiny_bert.model, f"encoder.layer.{row.layer}.output.dense", enc["input_ids"])[:, row.neuron].numpy()
         in_cat = np.array([any(s < b and e > a for a, b in spans[row.category]) for s, e in enc["offset_mapping"]]) & ~special
@@ -87,7 +87,7 @@ def test_heldout_ceiling_is_the_best_neurons_on_the_heldout_text_by_brute_force(
                            for s in sites], axis=1)[~special]  # fmt: skip
     offsets = [o for o, sp in zip(enc["offset_mapping"], special) if not sp]
     for category, n in [("food", 2), ("location", 3)]:
-        spans = [(TEXT.lower().index(w.lower()), TEXT.lower().index(w.lower()) + len(w)) for w in WORDS[category]]
+        spans = [m.span() for w in WORDS[category] for m in re.finditer(re.escape(w), TEXT)]
         in_cat = np.array([any(s < b and e > a for a, b in spans) for s, e in offsets])
         diff = acts[in_cat][:, None, :] - acts[~in_cat][None, :, :]
         every = ((diff > 0) + 0.5 * (diff == 0)).mean(axis=(0, 1))  # each neuron's AUROC, by counting pairs
@@ -107,6 +107,24 @@ def test_heldout_reports_untested_categories(tiny_bert):
     assert summary["tested"].iloc[0] == 0
     with pytest.raises(ValueError, match="no flagged neurons"):
         validate_heldout(tiny_bert, candidates.iloc[0:0], heldout)
+
+
+def test_a_heldout_category_with_too_few_tokens_is_untested_as_in_a_scan(tiny_bert):
+    """Fewer than MIN_CATEGORY_TOKENS held-out tokens of a category: its neurons are untested (not an AUROC from
+    one token), and the ceiling, read off a scan of the held-out text, is NaN there too."""
+    from mechamap_core.hypothesis import heldout_ceiling
+    from mechamap_core.scan import MIN_CATEGORY_TOKENS
+
+    heldout = ScanConfig(master_text=TEXT, categories={"food": WORDS["food"], "city": ["Tokyo"]})
+    n_city = len(tiny_bert.tokenizer("Tokyo", add_special_tokens=False)["input_ids"])
+    assert 0 < n_city < MIN_CATEGORY_TOKENS
+    candidates = pd.DataFrame({"layer": [0, 0], "neuron": [1, 2], "category": ["city", "food"]})
+    per_neuron, summary = validate_heldout(tiny_bert, candidates, heldout)
+    status = dict(zip(per_neuron["category"], per_neuron["status"]))
+    assert status["city"] == f"untested (fewer than {MIN_CATEGORY_TOKENS} held-out tokens of this category)"
+    assert status["food"] in ("pass", "fail")
+    ceiling = heldout_ceiling(tiny_bert, heldout, {"city": 1, "food": 1})
+    assert np.isnan(ceiling["city"]) and not np.isnan(ceiling["food"])
 
 
 # --- held-out inputs: what would be dropped without a word is named ----------------------------------------

@@ -17,11 +17,12 @@ from mechamap_core import analysis, export, scan
 from mechamap_core.alignment import align
 from mechamap_core.hypothesis import validate_heldout
 from mechamap_core.models import wrap_model
+from mechamap_core.scan import MIN_CATEGORY_TOKENS
 from mechamap_core.scan.driver import resolve_hook_points
-from mechamap_core.scan.finish import MIN_EXPERT_TOKENS, STAT_COLUMNS
+from mechamap_core.scan.finish import STAT_COLUMNS
 from mechamap_core.scan.run import finish_slices, recorded_widths
 
-SCANNED_PARAGRAPHS = 4  # of the default master text: most (expert, category) cells get MIN_EXPERT_TOKENS, a few do not
+SCANNED_PARAGRAPHS = 4  # of the default master text: most (expert, category) cells get MIN_CATEGORY_TOKENS, a few do not
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +144,7 @@ def test_recorded_expert_auroc_and_top_tokens_equal_brute_force_on_routed_tokens
         for c, name in enumerate(cfg.categories):
             rows = site[site["category"] == name].sort_values("neuron")
             in_category = mask[:, c]
-            if in_category.sum() >= MIN_EXPERT_TOKENS and not in_category.all():
+            if in_category.sum() >= MIN_CATEGORY_TOKENS and not in_category.all():
                 expected = pairwise_auroc(neurons[in_category], neurons[~in_category])
                 np.testing.assert_allclose(rows["auroc"].to_numpy(), expected, atol=1e-6)
                 checked += 1
@@ -183,7 +184,7 @@ def test_heldout_check_of_expert_neurons_equals_brute_force_on_the_routed_heldou
     for row in per_neuron.itertuples():
         _, mask, neurons = reference[(row.layer, row.expert)]
         in_category = mask[:, names.index(row.category)]
-        if in_category.sum() < MIN_EXPERT_TOKENS:  # none, or too few to compare
+        if in_category.sum() < MIN_CATEGORY_TOKENS:  # none, or too few to compare
             assert row.status.startswith("untested"), row
             untested += 1
             continue
@@ -230,7 +231,7 @@ def test_heldout_check_of_a_model_with_dense_shared_and_routed_neurons():
     np.testing.assert_array_equal(tested["heldout_tokens"], tested["n_tokens_exact"])
     untested = joined.loc[~joined.index.isin(tested.index)]
     assert (
-        untested["n_tokens_exact"].lt(MIN_EXPERT_TOKENS).all() and untested["hook"].str.contains(".experts.").all()
+        untested["n_tokens_exact"].lt(MIN_CATEGORY_TOKENS).all() and untested["hook"].str.contains(".experts.").all()
     )  # too few routed
 
 
@@ -331,7 +332,7 @@ def test_experts_that_never_call_their_gate_are_recomputed_with_a_warning(defaul
 
 def assert_expert_means_equal_recomputation(result, model, tokenizer, text, categories, family="mixtral") -> dict:
     """A tiny MoE scan's expert rows: n_tokens and avg_activation as independent_expert_means gives them, and every
-    statistic NaN where the expert saw fewer than MIN_EXPERT_TOKENS of the category (both cases occur). Returns
+    statistic NaN where the expert saw fewer than MIN_CATEGORY_TOKENS of the category (both cases occur). Returns
     independent_expert_means."""
     experts = result.scores[result.scores["expert"].notna()]
     expected = independent_expert_means(model, family, tokenizer, text, categories)
@@ -339,7 +340,7 @@ def assert_expert_means_equal_recomputation(result, model, tokenizer, text, cate
     for (layer, expert, category), (n_tokens, mean) in expected.items():
         rows = experts[(experts["layer"] == layer) & (experts["expert"] == expert) & (experts["category"] == category)]
         assert (rows["n_tokens"] == n_tokens).all(), (layer, expert, category)
-        if n_tokens < MIN_EXPERT_TOKENS:  # too few routed tokens (or none): no statistic at all
+        if n_tokens < MIN_CATEGORY_TOKENS:  # too few routed tokens (or none): no statistic at all
             assert rows[STAT_COLUMNS].isna().all().all(), (layer, expert, category, n_tokens)
             blanked += 1
         else:

@@ -70,6 +70,22 @@ def test_add_rename_and_delete_categories(app_env):
     assert coverage.loc["planet", "missing_words"] == "Mars, Venus"
 
 
+def test_coverage_names_categories_too_thin_to_score_and_shared_words(app_env):
+    """A category covering fewer than MIN_CATEGORY_TOKENS tokens (counted in the coverage table, with the bundled
+    tokenizer) and a word two categories list each get a warning; the default config's categories get none."""
+    at = config_page()
+    assert not [w for w in texts(at.warning) if "fewer than" in w or "is a word of" in w]
+    food = at.session_state[ACTIVE_CONFIG].categories["food"]
+    edit_table(at, added=[{"category": "planet", "words": "Mars, Venus"}, {"category": "dish", "words": food[0]}])
+    no_exception(at)
+    coverage = at.dataframe[1].value.set_index("category")
+    assert coverage.loc["planet", "n_tokens"] == 0
+    warned = texts(at.warning)
+    assert any(w.startswith("'planet' covers 0 tokens of the text, fewer than 5") for w in warned), warned
+    assert any(w.startswith(f"'{food[0].lower()}' is a word of 'food' and 'dish'") for w in warned), warned
+    assert not at.error, "warnings, not errors: the config can still be saved and scanned"
+
+
 def test_empty_category_words_are_an_error_and_block_saving(app_env):
     at = config_page()
     before = files(app_env["configs"])

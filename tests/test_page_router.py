@@ -18,7 +18,7 @@ from tiny_models import N_EXPERTS, TOP_K, bundled_tokenizer
 from mechamap_core import analysis, charts, scan
 from mechamap_core.export import save_run
 from mechamap_core.models import wrap_model
-from mechamap_core.scan import MIN_EXPERT_TOKENS
+from mechamap_core.scan import MIN_CATEGORY_TOKENS
 from mechamap_ui.state import ACTIVE_RUN
 from mechamap_ui.widgets import SELECTED_NEURON
 
@@ -30,7 +30,7 @@ RUN = "moe"
 @pytest.fixture(scope="module")
 def moe_result(default_cfg):
     """A real scan of a tiny random Mixtral (2 MoE layers x 4 experts x 24 neurons) over the first paragraphs (enough
-    that most experts see MIN_EXPERT_TOKENS of most categories)."""
+    that most experts see MIN_CATEGORY_TOKENS of most categories)."""
     lm = wrap_model(build("mixtral"), bundled_tokenizer(), "tiny-mixtral")
     text = "\n\n".join(default_cfg.master_text.split("\n\n")[:SCANNED_PARAGRAPHS])
     return scan(lm, dataclasses.replace(default_cfg, master_text=text, categories=dict(default_cfg.categories)))
@@ -91,16 +91,16 @@ def test_router_page_shows_each_categorys_routing(app_env, moe_result):
     assert set(shown["category"]) == {other}
     np.testing.assert_allclose(shown["enrichment"], shown["share"] / shown["expert_share"])
     assert_thin_experts_caption(at, shown, other)
-    thin_anywhere = moe_result.extras["routing"]["n_tokens"] < MIN_EXPERT_TOKENS
+    thin_anywhere = moe_result.extras["routing"]["n_tokens"] < MIN_CATEGORY_TOKENS
     assert thin_anywhere.any() and not thin_anywhere.all()  # the scanned text leaves some experts short, not all
 
 
 def assert_thin_experts_caption(at, shown, category) -> None:
-    """The Router page names how many experts saw fewer than MIN_EXPERT_TOKENS of the category (counted here from the
+    """The Router page names how many experts saw fewer than MIN_CATEGORY_TOKENS of the category (counted here from the
     shown table), and says nothing of it when none did."""
-    thin = int((shown["n_tokens"] < MIN_EXPERT_TOKENS).sum())
-    said = [c.value for c in at.caption if f"saw fewer than {MIN_EXPERT_TOKENS} {category} tokens" in c.value]
-    assert said == ([f"{thin} of {len(shown)} experts saw fewer than {MIN_EXPERT_TOKENS} {category} tokens, so their neurons "
+    thin = int((shown["n_tokens"] < MIN_CATEGORY_TOKENS).sum())
+    said = [c.value for c in at.caption if f"saw fewer than {MIN_CATEGORY_TOKENS} {category} tokens" in c.value]
+    assert said == ([f"{thin} of {len(shown)} experts saw fewer than {MIN_CATEGORY_TOKENS} {category} tokens, so their neurons "
                      f"have no statistics for {category}. A longer master text, or a corpus scan, gives them more."] if thin else [])
 
 

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import torch
 from app_fixtures import make_app, no_exception, open_page, texts
+from tiny_models import bundled_tokenizer
 
 from mechamap_core import ConfigError, ModelNotAvailableError, ScanConfig, SiteResolutionError, scan
 from mechamap_ui import scanning
@@ -84,13 +85,38 @@ def test_uncached_hub_id_is_one_readable_error(app_env, model_id):
     assert scan_button(at).disabled is False, "the page stays usable"
 
 
-def test_missing_local_folder_is_one_readable_error(app_env, tmp_path):
+def test_missing_local_folder_is_one_readable_error_before_scanning(app_env, tmp_path):
     at = scan_page()
     at.radio(key="scan_source").set_value(LOCAL).run()
     at.text_input(key="scan_local_dir").set_value(str(tmp_path / "nowhere")).run()
-    click_scan(at)
+    no_exception(at)  # said as soon as it is typed, and the Scan button stays off
+    assert texts(at.error) == [f"There is no folder {tmp_path / 'nowhere'} on the machine running MechaMap: give the "
+                               "folder that holds the model's config.json."]  # fmt: skip
+    assert scan_button(at).disabled
+    (tmp_path / "not_a_model").mkdir()
+    at.text_input(key="scan_local_dir").set_value(str(tmp_path / "not_a_model")).run()
+    assert len(at.error) == 1 and "has no config.json" in at.error[0].value and scan_button(at).disabled
+    at.text_input(key="scan_local_dir").set_value("").run()
+    assert not at.error
+
+
+def test_categories_a_scan_would_leave_blank_are_named_before_it(app_env):
+    """A category with fewer than MIN_CATEGORY_TOKENS tokens in the text, and a word two categories list, are
+    named on the Scan page before the scan (warnings: the scan may still run)."""
+    cfg = ScanConfig(
+        master_text="Paris and Rome and Berlin and Madrid and Lisbon. Jupiter shines. An orange fruit, orange paint.",
+        categories={"city": ["Paris", "Rome", "Berlin", "Madrid", "Lisbon"], "planet": ["Jupiter"],
+                    "gem": ["sapphire"], "fruit": ["orange"], "colour": ["Orange"]},
+    )  # fmt: skip
+    at = scan_page(**{ACTIVE_CONFIG: cfg})
     no_exception(at)
-    assert len(at.error) == 1 and "neither a local model folder nor a Hugging Face model id" in at.error[0].value
+    warned = texts(at.warning)
+    planet_tokens = len(bundled_tokenizer()("Jupiter", add_special_tokens=False)["input_ids"])
+    assert planet_tokens < 5
+    assert any(w.startswith(f"'planet' covers {planet_tokens} token") for w in warned), warned
+    assert any(w.startswith("'gem' covers 0 tokens of the text, fewer than 5") for w in warned), warned
+    assert any(w.startswith("'orange' is a word of 'fruit' and 'colour'") for w in warned), warned
+    assert not any("'city'" in w for w in warned) and not scan_button(at).disabled
 
 
 def test_empty_category_set_is_an_error(app_env):
@@ -216,6 +242,13 @@ def test_run_shape_counts_neurons_per_layer_and_experts_per_layer():
     moe = [(0, None, "blocks.0.mlp.hook_post", 4), (1, None, "shared", 2), (1, 0, "e0", 3), (1, 1, "e1", 3)]
     assert describe_shape(scores(moe)) == ("2 layers · 6 neurons in 2 routed experts per layer (2 in all) "
                                            "and 6 in 2 dense or shared-expert MLPs")  # fmt: skip
+
+
+def test_run_caption_counts_passes_or_documents():
+    assert scanning.describe_passes({"n_tokens": 1204, "n_forward_passes": 3}) == "1,204 tokens in 3 forward passes"
+    assert scanning.describe_passes({"n_tokens": 9, "n_forward_passes": 1}) == "9 tokens in 1 forward pass"
+    corpus = {"n_tokens": 2_000_000, "n_documents": 5000, "source": "corpus"}  # a corpus scan counts no passes
+    assert scanning.describe_passes(corpus) == "2,000,000 tokens from 5,000 documents"
 
 
 def test_friendly_error_is_one_sentence():

@@ -204,6 +204,8 @@ else:
         st.caption(f"Tokens counted with the tokenizer of {edited_cfg.model or BUNDLED_MODEL_ID}.")
     if int(coverage["missing"].sum()):
         st.warning("Some category words never occur in the master text; they add nothing to the scan.")
+    for warning in config_tools.coverage_warnings(coverage, categories):
+        st.warning(warning)
 if cfg.corpus:
     st.caption(
         f"The CLI (`python -m mechamap_core scan`) scans this config's corpus file {cfg.corpus} instead of the "

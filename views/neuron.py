@@ -5,7 +5,7 @@ import streamlit as st
 from mechamap_core.analysis import has_experts, neuron_label, neuron_profile
 from mechamap_core.charts import activation_histogram, category_bars, coloured_text_html, direct_effect_bars
 from mechamap_core.inspect_neuron import direct_effect, neuron_token_table, quantile_samples, top_examples
-from mechamap_core.scan import MIN_EXPERT_TOKENS
+from mechamap_core.scan import MIN_CATEGORY_TOKENS
 from mechamap_core.sites import hook_name
 from mechamap_ui import links, state
 from mechamap_ui.neuron_data import model_for, recomputed_token_table, typed_text_activations
@@ -42,7 +42,7 @@ else:
 if expert is not None:
     st.caption(
         f"Neuron {neuron} of expert {expert}: its statistics use only the tokens the router sent to this expert "
-        f"(n_tokens per category in the table below); a category with fewer than {MIN_EXPERT_TOKENS} of them has no values."
+        f"(n_tokens per category in the table below); a category with fewer than {MIN_CATEGORY_TOKENS} of them has no values."
     )
 links.show_neuron_link(layer, neuron, expert)
 

@@ -4,7 +4,7 @@ import streamlit as st
 
 from mechamap_core import charts
 from mechamap_core.moe import RECOMPUTED_AFTER_CHECK
-from mechamap_core.scan import MIN_EXPERT_TOKENS
+from mechamap_core.scan import MIN_CATEGORY_TOKENS
 from mechamap_ui import widgets
 from mechamap_ui.state import require_result
 
@@ -47,10 +47,10 @@ else:
         "to top-k experts, so a layer's shares add up to k). enrichment: that share divided by the expert's share "
         "of all tokens; above 1 the expert prefers this category."
     )
-    thin = int((rows["n_tokens"] < MIN_EXPERT_TOKENS).sum())
+    thin = int((rows["n_tokens"] < MIN_CATEGORY_TOKENS).sum())
     if thin:
         st.caption(
-            f"{thin} of {len(rows)} experts saw fewer than {MIN_EXPERT_TOKENS} {category} tokens, so their neurons have "
+            f"{thin} of {len(rows)} experts saw fewer than {MIN_CATEGORY_TOKENS} {category} tokens, so their neurons have "
             f"no statistics for {category}. A longer master text, or a corpus scan, gives them more."
         )
 

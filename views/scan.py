@@ -46,6 +46,7 @@ if problem is not None:
 
 # --- model ---------------------------------------------------------------------------------
 st.subheader("Model")
+folder_problem = None
 model_in_config = (cfg.model or BUNDLED_MODEL_ID).strip()
 if model_in_config in BUNDLED_ALIASES:
     _init("scan_source", SOURCES[0])
@@ -67,6 +68,9 @@ elif source == SOURCES[1]:
     )
 else:
     spec = st.text_input("Local model folder", key="scan_local_dir", placeholder="/path/to/model (with config.json)")
+    folder_problem = scanning.local_folder_problem(spec)
+    if folder_problem:
+        st.error(folder_problem)
 
 c1, c2, c3, c4 = st.columns(4)
 device = c1.selectbox("Device", _devices(), key="scan_device")
@@ -103,7 +107,7 @@ _init("scan_layers", ",".join(map(str, cfg.layers or [])))
 _init("scan_limit", int(cfg.limit_neurons))
 layers_text = c3.text_input("Layers (empty = all)", key="scan_layers", placeholder="e.g. 0,2,5-7")
 limit = c4.number_input("Neuron limit per layer (0 = all)", key="scan_limit", min_value=0, step=32)
-input_errors: list[str] = []
+input_errors: list[str] = [folder_problem] if folder_problem else []
 try:
     layers = parse_layer_list(layers_text)
 except ValueError as exc:
@@ -133,6 +137,10 @@ with st.expander("Use a corpus file instead of the master text (optional)", icon
             st.success(f"{len(texts):,} documents from {upload.name} replace the master text for this scan.")
 
 # --- scan ----------------------------------------------------------------------------------
+if texts is None and problem is None and (spec or "").strip():  # what a scan of the master text would leave blank
+    coverage = config_tools.coverage_table(cfg.texts, cfg.categories, state.get_tokenizer(spec.strip()))
+    for warning in config_tools.coverage_warnings(coverage, cfg.categories):
+        st.warning(warning)
 can_scan = problem is None and not input_errors and bool((spec or "").strip())
 if texts is not None:
     st.caption("A corpus scan runs as a background job: switch pages or close the tab, it goes on, then becomes a saved run.")
@@ -167,7 +175,7 @@ if result is None:
     st.stop()
 md = result.metadata
 st.markdown(
-    f"`{md.get('model')}` · {scanning.describe_shape(result.scores)} · {md.get('n_tokens')} tokens in {md.get('n_forward_passes', '?')} forward pass(es) · "
+    f"`{md.get('model')}` · {scanning.describe_shape(result.scores)} · {scanning.describe_passes(md)} · "
     f"device {md.get('device', '?')} / {md.get('dtype', '?')} · created {str(md.get('created', '?')).replace('T', ' ')}"
 )
 if (plan := scanning.describe_plan(md)) is not None:

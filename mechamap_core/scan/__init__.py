@@ -1,13 +1,13 @@
 """The scan core: sites' mergeable statistics (state), the forward-pass driver, finishing, and scan()."""
 
-from .finish import MIN_EXPERT_TOKENS
+from ..stats import MIN_CATEGORY_TOKENS
 from .plan import ScanMemoryError
 from .result import ScanCancelled, ScanResult
 from .run import scan
 from .state import BatchLabels, SiteStats, StatsLayout, merge_all
 
 __all__ = [
-    "MIN_EXPERT_TOKENS",
+    "MIN_CATEGORY_TOKENS",
     "BatchLabels",
     "ScanCancelled",
     "ScanMemoryError",

@@ -11,6 +11,7 @@ import torch
 
 from ..sites import hook_name
 from ..stats import (
+    MIN_CATEGORY_TOKENS,
     as_numpy,
     auroc_binned,
     bh_qvalues,
@@ -28,10 +29,6 @@ STAT_COLUMNS = [
 ]  # fmt: skip
 Q_VALUES = {"q_value": "p_value", "welch_q": "welch_p"}  # BH q-values across every (neuron, category) row
 TRANSPOSE_ROWS = 32  # token rows per block of _transposed's copy (its reads then stay in cache)
-# A routed expert's statistics of a category need at least this many of the category's tokens routed to it; below,
-# every statistic of the (neuron, category) is NaN (n_tokens stays): a score, AUROC or mean from one to four tokens
-# is noise that would rank as evidence. The usual minimum cell count; dense neurons see every token and keep theirs.
-MIN_EXPERT_TOKENS = 5
 
 
 @dataclass
@@ -225,9 +222,8 @@ def assemble(model_name: str, categories: list[str], parts: list[SitePart], n_la
         if key not in Q_VALUES:
             for part, n, start, stop in zip(parts, sizes, ends[:-1], ends[1:]):
                 block[column, start:stop].reshape(n, n_cat)[:] = part.stats[key].T
-    for part, n, start, stop in zip(parts, sizes, ends[:-1], ends[1:]):
-        if part.expert is not None:  # categories its expert saw too few tokens of: NaN (q-values then leave them out)
-            block[:, start:stop].reshape(len(STAT_COLUMNS), n, n_cat)[:, :, part.n_tokens < MIN_EXPERT_TOKENS] = np.nan
+    for part, n, start, stop in zip(parts, sizes, ends[:-1], ends[1:]):  # too few of a category's tokens: NaN (no q)
+        block[:, start:stop].reshape(len(STAT_COLUMNS), n, n_cat)[:, :, part.n_tokens < MIN_CATEGORY_TOKENS] = np.nan
     with ThreadPoolExecutor(max_workers=len(Q_VALUES)) as pool:  # each a sort that releases the GIL: side by side
         q_values = pool.map(bh_qvalues, [block[STAT_COLUMNS.index(p_column)] for p_column in Q_VALUES.values()])
         for q_column, q in zip(Q_VALUES, q_values):
