@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+
 import pandas as pd
 
 METRICS = {
@@ -115,6 +117,26 @@ def top_token_strings(top_tokens: pd.DataFrame, digits: int = 3) -> pd.DataFrame
     return text.rename("top_tokens").reset_index()
 
 
+TOKEN_SEPARATOR = " · "  # readable_top_tokens joins the tokens with this
+
+
+def readable_top_tokens(text: object) -> object:
+    """The original's top-token list text (top_token_strings), e.g. "[('Paris', 3.2), (' London', 2.91)]", as
+    "Paris 3.20 · London 2.91" for a table: tokens stripped of surrounding spaces (a whitespace-only token keeps
+    its quoted form), activations to 2 decimals (3 when the largest is below 0.1). Anything that is not such a
+    list (a missing value, other text) comes back unchanged."""
+    if not isinstance(text, str) or not text.startswith("[("):
+        return text
+    try:
+        pairs = ast.literal_eval(text)
+        tokens = [(str(token), float(activation)) for token, activation in pairs]
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return text
+    peak = max((abs(activation) for _, activation in tokens), default=0.0)
+    decimals = 2 if peak >= 0.1 else 3
+    return TOKEN_SEPARATOR.join(f"{token.strip() or repr(token)} {activation:.{decimals}f}" for token, activation in tokens)
+
+
 def layer_category_counts(
     scores: pd.DataFrame, metric: str = "score", threshold: float = 1.0, min_cv_auroc: float | None = None
 ) -> pd.DataFrame:
@@ -221,5 +243,44 @@ def config_differences(meta_a: dict, meta_b: dict) -> list[str]:
         elif key == "master_text":
             notes.append("the master texts differ")
         else:
-            notes.append(f"{key}: {cfg_a.get(key)!r} vs {cfg_b.get(key)!r}")
+            notes.append(f"{key}: {_config_value(cfg_a, key)} vs {_config_value(cfg_b, key)}")
     return notes or ["the configs differ"]
+
+
+CONFIG_NONE = {"layers": "all layers", "corpus": "no corpus"}  # what a config's empty (None) value means
+
+
+def _config_value(cfg: dict, key: str) -> str:
+    """A config value as config_differences shows it: its repr, what an empty value means, or "not set" for a
+    key the run's config does not have (a run saved before the key existed), never a bare None."""
+    if key not in cfg:
+        return "not set"
+    value = cfg[key]
+    return CONFIG_NONE.get(key, "not set") if value is None else repr(value)
+
+
+def permutation_count(metadata: dict) -> int | None:
+    """How many word-level permutations the run's p_value (and q_value) came from: its config's `permutations`
+    (0: Welch's t-test instead, no permutation test); None when the run's metadata does not say."""
+    value = (metadata.get("config") or {}).get("permutations")
+    return None if value is None else int(value)
+
+
+def permutation_floor(permutations: int) -> float:
+    """The smallest p-value a permutation test of that many draws can give: p = (1 + hits) / (1 + P) >= 1 / (1 + P)."""
+    return 1.0 / (1 + permutations)
+
+
+def run_label(run_id: str, model: str | None) -> str:
+    """How the Compare page names a saved run in its pickers, captions, legend and titles: "<run id> (<model>)".
+    Run ids are unique (time, model and config hash), so two runs of one model stay apart."""
+    return f"{run_id} ({model})" if model else run_id
+
+
+def comparison_defaults(run_ids: list[str], preferred: str | None = None) -> tuple[str, str]:
+    """The runs Compare starts with, from run_ids (newest first, at least two): run A is the preferred run (the
+    active or linked one) when it is among them, else the newest; run B the newest other run."""
+    if len(run_ids) < 2:
+        raise ValueError("comparing needs at least two runs")
+    run_a = preferred if preferred in run_ids else run_ids[0]
+    return run_a, next(r for r in run_ids if r != run_a)

@@ -171,34 +171,56 @@ def _membership(combos: pd.DataFrame, categories: list[str] | None) -> pd.DataFr
     return pd.DataFrame(records, columns=["combination", "category", "member"])
 
 
-def correlation_heatmap(corr: pd.DataFrame, title: str | None = None, labels: bool = True) -> alt.Chart | alt.LayerChart:
+NO_VALUE = "no value"  # a chart's tooltip for a missing (NaN) value, instead of Vega's "null"
+NO_VALUE_MARK = "–"  # a cell label for a missing value
+NO_VALUE_COLOUR = "#d9d9d9"  # the grey of a heatmap cell without a value
+
+
+def correlation_heatmap(corr: pd.DataFrame, title: str | None = None, labels: bool = True) -> alt.LayerChart:
     """Category x category correlation heatmap, diverging colours fixed to [-1, 1], r on hover.
 
-    With labels (and at most 16 categories) each cell also shows r to two decimals (a LayerChart).
+    A pair without a correlation (NaN: fewer than two neurons with values for both categories, or a constant
+    metric) is a grey cell labelled "–" whose tooltip says "no value". With labels (and at most 16 categories)
+    each cell also shows r to two decimals.
     """
     data = long_matrix(corr, "category_a", "category_b", "r")
+    missing = data["r"].isna()
+    data["r_hover"] = data["r"].map(lambda r: f"{r:.3f}").where(~missing, NO_VALUE)
+    data["r_label"] = data["r"].map(lambda r: f"{r:.2f}").where(~missing, NO_VALUE_MARK)
     order = [str(c) for c in corr.columns]
     base = alt.Chart(data).encode(
         x=alt.X("category_b:N", sort=order, title=None, axis=_category_axis()),
         y=alt.Y("category_a:N", sort=order, title=None),
     )
-    cells = base.mark_rect(stroke="white", strokeWidth=1).encode(
-        color=alt.Color("r:Q", scale=alt.Scale(scheme="redblue", domain=[-1, 1], reverse=True), title="r"),
-        tooltip=[
-            alt.Tooltip("category_a:N", title="category"),
-            alt.Tooltip("category_b:N", title="vs"),
-            alt.Tooltip("r:Q", title="r", format=".3f"),
-        ],
+    tooltip = [
+        alt.Tooltip("category_a:N", title="category"),
+        alt.Tooltip("category_b:N", title="vs"),
+        alt.Tooltip("r_hover:N", title="r"),
+    ]
+    cells = (
+        base.transform_filter("isValid(datum.r) && isFinite(datum.r)")
+        .mark_rect(stroke="white", strokeWidth=1)
+        .encode(
+            color=alt.Color("r:Q", scale=alt.Scale(scheme="redblue", domain=[-1, 1], reverse=True), title="r"),
+            tooltip=tooltip,
+        )
+    )
+    gaps = (
+        base.transform_filter("!isValid(datum.r) || !isFinite(datum.r)")
+        .mark_rect(stroke="white", strokeWidth=1, color=NO_VALUE_COLOUR)
+        .encode(tooltip=tooltip)
     )
     size = max(len(order), 1) * 44
-    chart: alt.Chart | alt.LayerChart = cells
+    layers = [gaps, cells]  # the grey cells first: a lookup of the rect layer by mark finds the coloured one
     if labels and len(order) <= 16:
-        text = base.mark_text(baseline="middle", fontSize=10).encode(
-            text=alt.Text("r:Q", format=".2f"),
-            color=alt.condition("abs(datum.r) > 0.6", alt.value("white"), alt.value("black")),
+        layers.append(
+            base.mark_text(baseline="middle", fontSize=10).encode(
+                text=alt.Text("r_label:N"),
+                color=alt.condition("abs(datum.r) > 0.6", alt.value("white"), alt.value("black")),
+                tooltip=tooltip,
+            )
         )
-        chart = alt.layer(cells, text)
-    chart = chart.properties(width=size, height=size)
+    chart = alt.layer(*layers).properties(width=size, height=size)
     return chart.properties(title=title) if title else chart
 
 
@@ -261,18 +283,20 @@ def heldout_ceiling_dots(summary: pd.DataFrame) -> alt.LayerChart:
 def relative_depth_lines(depth: pd.DataFrame, columns: int = 4) -> alt.FacetChart:
     """One small panel per category: the fraction of each layer's neurons flagged, by relative depth, one line per run.
 
-    depth: analysis.flagged_by_relative_depth rows with a `run` column naming the run (e.g. "A: gpt2"). The legend
-    shows every run name in full (model ids are long), above the panels.
+    depth: analysis.flagged_by_relative_depth rows with a `run` column naming the run (e.g. "A: <run id> (gpt2)").
+    The legend shows every run name in full (model ids are long), above the panels. A layer without a fraction
+    (no neuron with a value for the category) has no point, and says "no value" where the line's tooltip shows it.
     """
     legend = alt.Legend(orient="top", labelLimit=0, title=None, direction="vertical")
+    hover = depth["fraction"].map(lambda f: f"{f:.3f}").where(depth["fraction"].notna(), f"{NO_VALUE} (no neuron with a value)")
     return (
-        alt.Chart(depth)
+        alt.Chart(depth.assign(fraction_hover=hover))
         .mark_line(point=True)
         .encode(
             x=alt.X("relative_depth:Q", title="relative depth", scale=alt.Scale(domain=[0, 1])),
             y=alt.Y("fraction:Q", title="fraction flagged"),
             color=alt.Color("run:N", legend=legend),
-            tooltip=["run", "layer", "flagged", "neurons", alt.Tooltip("fraction:Q", format=".3f")],
+            tooltip=["run", "layer", "flagged", "neurons", alt.Tooltip("fraction_hover:N", title="fraction")],
         )
         .properties(width=180, height=140)
         .facet(facet=alt.Facet("category:N", title=None), columns=columns)

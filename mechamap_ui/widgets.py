@@ -10,14 +10,36 @@ import pandas as pd
 import streamlit as st
 from streamlit.errors import StreamlitAPIException
 
-from mechamap_core.analysis import HOLDS_UP_CV_AUROC, METRICS, has_cv_auroc, neuron_groups, neuron_label
-from mechamap_core.charts import chart_to_png, chart_to_svg
+from mechamap_core.analysis import (
+    HOLDS_UP_CV_AUROC,
+    METRICS,
+    has_cv_auroc,
+    neuron_groups,
+    neuron_label,
+    permutation_floor,
+    readable_top_tokens,
+)
+from mechamap_core.charts import NO_VALUE_MARK, chart_to_png, chart_to_svg
+from mechamap_core.scan import MIN_CATEGORY_TOKENS
+from mechamap_core.scan.finish import STAT_COLUMNS
 from mechamap_ui.state import ROOT, set_active_run
 
 SELECTED_NEURON = "selected_neuron"  # session_state: (layer, neuron), or (layer, neuron, expert) for a routed expert
 NEURON_PAGE = "views/neuron.py"  # relative to the repo root, where app.py lives
 SCORE_LIKE = ("score", "separation", "cohens_d")  # effect sizes: slider -1..6, default the run's threshold
 MAX_TABLE_ROWS = 1000
+# Why a table cell is blank (shown as NO_VALUE_MARK, not "None"), per column: BLANK_REASONS, else NO_STATISTICS for
+# a scan statistic (STAT_COLUMNS), else "not measured for that row".
+NO_STATISTICS = (
+    f"fewer than {MIN_CATEGORY_TOKENS} of the category's tokens reached the neuron (a category with few tokens in the "
+    "text, or an expert the router rarely sends them to)"
+)
+BLANK_REASONS = {
+    "expert": "a dense MLP or shared-expert neuron, not a routed expert",
+    "auroc": NO_STATISTICS + ", or the run had AUROC off",
+    "cv_auroc": "needs cv_folds on and two or more words per category",
+    "top_tokens": "no top tokens were recorded for the neuron",
+}
 
 
 def metric_picker(scores: pd.DataFrame, key: str, label: str = "Metric", default: str = "score", in_url: bool = False) -> str:
@@ -155,12 +177,13 @@ def _page_of(df: pd.DataFrame, max_rows: int, key: str | None) -> tuple[pd.DataF
 def capped_table(df: pd.DataFrame, max_rows: int = MAX_TABLE_ROWS, key: str | None = None, **dataframe_kwargs) -> pd.DataFrame:
     """st.dataframe of at most max_rows rows with a "Showing N of M rows" note; with key, pages through the rest.
 
-    Returns the rows shown.
+    Blank cells show as "–" with a caption saying why, top tokens as readable text. Returns the rows shown.
     """
     shown, note = _page_of(df, max_rows, key)
-    st.dataframe(shown, **({"hide_index": True} | dataframe_kwargs))
+    st.dataframe(readable_cells(shown), **({"hide_index": True, "placeholder": NO_VALUE_MARK} | dataframe_kwargs))
     if note:
         st.caption(note)
+    explain_blanks(shown)
     return shown
 
 
@@ -173,12 +196,17 @@ def neuron_table(
     The pick is stored as neuron_pick(row) in st.session_state["selected_neuron"] and the app switches to
     views/neuron.py when that page exists; otherwise a caption names the pick. run_id: the saved run the rows
     belong to when it may not be the active one (Compare); opening a neuron makes it the active run. Returns
-    the pick or None.
+    the pick or None. Blank cells show as "–" with a caption saying why (explain_blanks), top tokens as
+    readable text (readable_cells).
     """
     shown, note = _page_of(df, max_rows, key)
-    event = st.dataframe(shown, key=key, on_select="rerun", selection_mode="single-row", hide_index=True, **dataframe_kwargs)
+    event = st.dataframe(
+        readable_cells(shown), key=key, on_select="rerun", selection_mode="single-row",
+        **({"hide_index": True, "placeholder": NO_VALUE_MARK} | dataframe_kwargs),
+    )  # fmt: skip
     if note:
         st.caption(note)
+    explain_blanks(shown)
     clickable = {"layer", "neuron"} <= set(shown.columns)
     if clickable:
         st.caption("Click a row to open that neuron.")
@@ -192,6 +220,34 @@ def neuron_table(
     st.session_state[SELECTED_NEURON] = picked
     open_neuron_page(*picked)
     return picked
+
+
+def readable_cells(df: pd.DataFrame) -> pd.DataFrame:
+    """df for display: a `top_tokens` column of the original's list text ("[('Paris', 3.2), ...]") as
+    "Paris 3.20 · ..." (analysis.readable_top_tokens); other columns, and exports, keep their values."""
+    if "top_tokens" not in df.columns:
+        return df
+    return df.assign(top_tokens=df["top_tokens"].map(readable_top_tokens))
+
+
+def blank_note(df: pd.DataFrame) -> str | None:
+    """The caption explaining a table's blank cells: the columns that have some, grouped by why (BLANK_REASONS, or
+    NO_STATISTICS for a scan statistic, else 'not measured'), or None when no cell is blank."""
+    by_reason: dict[str | None, list[str]] = {}
+    for column in (str(c) for c in df.columns if df[c].isna().any()):
+        reason = BLANK_REASONS.get(column, NO_STATISTICS if column in STAT_COLUMNS else None)
+        by_reason.setdefault(reason, []).append(column)
+    if not by_reason:
+        return None
+    parts = [", ".join(cols) + f": {reason or 'not measured for that row'}" for reason, cols in by_reason.items()]
+    return f"{NO_VALUE_MARK} : no value. " + "; ".join(parts) + "."
+
+
+def explain_blanks(df: pd.DataFrame) -> None:
+    """A caption under a table saying why its blank cells have no value (nothing when none is blank)."""
+    note = blank_note(df)
+    if note:
+        st.caption(note)
 
 
 def neuron_pick(row: pd.Series) -> tuple[int, ...]:
@@ -254,17 +310,41 @@ def stat_columns(df: pd.DataFrame, first: list[str], metric: str | None = None) 
     return out
 
 
-def stat_column_config(df: pd.DataFrame) -> dict:
+def stat_column_config(df: pd.DataFrame, permutations: int | None = None) -> dict:
     """column_config that shows statistics with at least 3 decimals, more where a column's typical magnitude is
     small (an expert's activations near 1e-3 show 3 significant digits, not 0.000); q/p values in scientific
-    notation; the values themselves unrounded."""
+    notation; the values themselves unrounded.
+
+    permutations: the run's word-level permutation count (analysis.permutation_count): the p_value and q_value
+    headers' help then gives the floor 1/(1 + permutations) those values cannot go below (0: Welch's test, no
+    floor). None (not known here): q_value's help explains the floor in general, and p_value gets no help (the
+    table's p-values may come from another test, e.g. the contrast check's Mann-Whitney)."""
     config = {}
     for col in df.columns:
         if col in ("p_value", "q_value"):
-            config[col] = st.column_config.NumberColumn(col, format="%.2e")
+            config[col] = st.column_config.NumberColumn(col, format="%.2e", help=significance_help(col, permutations))
         elif col not in ("layer", "expert", "neuron", "n_tokens", "n_categories") and pd.api.types.is_float_dtype(df[col]):
             config[col] = st.column_config.NumberColumn(col, format=f"%.{_decimals(df[col])}f")
     return config
+
+
+def significance_help(column: str, permutations: int | None) -> str | None:
+    """The header help of a scan's p_value or q_value column: what it is and, for a permutation test, its floor."""
+    what = "q_value: the Benjamini-Hochberg q-value (false discovery rate) of p_value across every (neuron, category)"
+    if column == "p_value":
+        what = "p_value: how often shuffling the category labels among words gives a score at least as high"
+    if permutations is None:
+        if column == "p_value":
+            return None
+        return (f"{what}. When the run used a word-level permutation test of P permutations (config `permutations`, "
+                "1000 by default), p cannot go below 1/(1+P), about 1.0e-03 for 1000, and so q neither: a value at "
+                "that floor means 'as small as this test can show', not that exact probability.")  # fmt: skip
+    if permutations == 0:
+        return f"{column}: from Welch's t-test (this run had permutations 0, no permutation test), so there is no floor."
+    floor = permutation_floor(permutations)
+    return (f"{what}. This run drew {permutations:,} permutations, so p cannot go below 1/(1+{permutations:,}) = "
+            f"{floor:.2e}, and q neither: a value at that floor means 'as small as this test can show', not that "
+            "exact probability.")  # fmt: skip
 
 
 def _decimals(values: pd.Series, digits: int = 3, most: int = 8) -> int:

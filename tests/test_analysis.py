@@ -100,6 +100,59 @@ def test_top_token_strings_format(top_tokens):
     assert analysis.top_token_strings(top_tokens.iloc[:0]).empty
 
 
+def test_readable_top_tokens_turns_the_original_list_into_text(top_tokens):
+    """Every neuron's list text (top_token_strings) reads back as "token activation · ...", checked against the
+    top_tokens frame itself; anything else is left as it is."""
+    text = analysis.top_token_strings(top_tokens)
+    for row in text.itertuples():
+        mine = top_tokens[(top_tokens["layer"] == row.layer) & (top_tokens["neuron"] == row.neuron)].sort_values("rank")
+        peak = mine["activation"].abs().max()
+        digits = 2 if peak >= 0.1 else 3
+        expected = " · ".join(f"{t.strip()} {round(a, 3):.{digits}f}" for t, a in zip(mine["token"], mine["activation"]))
+        assert analysis.readable_top_tokens(row.top_tokens) == expected
+    quirky = str([(" Paris", 3.2), ("'s", 2.914), ('say "hi"', -0.5), (" ", 0.25)])
+    assert analysis.readable_top_tokens(quirky) == "Paris 3.20 · 's 2.91 · say \"hi\" -0.50 · ' ' 0.25"
+    assert analysis.readable_top_tokens(str([("tiny", 0.0123), ("less", 0.004)])) == "tiny 0.012 · less 0.004"
+    for other in (None, np.nan, "", "pizza, bread", "[('broken', )", "[('nan', nan)]"):
+        assert analysis.readable_top_tokens(other) is other
+
+
+def test_permutation_count_and_its_floor():
+    assert analysis.permutation_count({"config": {"permutations": 200}}) == 200
+    assert analysis.permutation_count({"config": {"permutations": 0}}) == 0
+    assert analysis.permutation_count({"config": {}}) is None and analysis.permutation_count({}) is None
+    assert analysis.permutation_floor(999) == 1 / 1000 and analysis.permutation_floor(0) == 1.0
+
+
+def test_run_labels_tell_two_runs_of_one_model_apart():
+    first, second = analysis.run_label("20261201-1403-gpt2-ab12", "gpt2"), analysis.run_label("20261202-0900-gpt2-cd34", "gpt2")
+    assert first != second and first == "20261201-1403-gpt2-ab12 (gpt2)"
+    assert analysis.run_label("run-x", None) == "run-x"
+
+
+@pytest.mark.parametrize(
+    ("preferred", "expected"),
+    [(None, ("c", "b")), ("a", ("a", "c")), ("b", ("b", "c")), ("c", ("c", "b")), ("gone", ("c", "b"))],
+)
+def test_comparison_defaults_put_the_preferred_run_first(preferred, expected):
+    """Newest first: A is the preferred (linked or active) run when saved, else the newest; B the newest other."""
+    assert analysis.comparison_defaults(["c", "b", "a"], preferred) == expected
+
+
+def test_comparison_defaults_need_two_runs():
+    with pytest.raises(ValueError, match="two runs"):
+        analysis.comparison_defaults(["only"], "only")
+
+
+def test_config_differences_say_what_a_missing_or_empty_value_means():
+    a = {"config_hash": "1", "config": {"layers": None, "corpus": "c.txt", "permutations": 1000, "cv_folds": None}}
+    b = {"config_hash": "2", "config": {"layers": [0, 5], "corpus": None, "cv_folds": 5}}
+    notes = analysis.config_differences(a, b)
+    assert notes == ["corpus: 'c.txt' vs no corpus", "cv_folds: not set vs 5", "layers: all layers vs [0, 5]",
+                     "permutations: 1000 vs not set"]  # fmt: skip
+    assert "None" not in " ".join(notes)
+
+
 # --- pivots -----------------------------------------------------------------------------------
 
 

@@ -76,7 +76,7 @@ def test_overview_headline_for_a_result(app_env, tiny_result):
     assert at.metric[labels.index("Neurons scanned")].value == "64"  # 2 layers x 32 neurons
     top = at.dataframe[0].value
     assert list(top["category"]) == tiny_result.categories  # one top neuron per category, in config order
-    assert top["top_tokens"].str.startswith("[(").all()
+    assert top["top_tokens"].str.contains(" · ").all() and not top["top_tokens"].str.startswith("[(").any()  # readable
     assert at.get("vega_lite_chart"), "the flagged-per-category bar chart is drawn"
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import altair as alt
 import numpy as np
 import pandas as pd
@@ -108,12 +110,32 @@ def test_correlation_heatmap_fixed_diverging_scale_and_hover(scores):
     color = marks["rect"]["encoding"]["color"]
     assert color["field"] == "r" and color["scale"]["domain"] == [-1, 1]
     assert color["scale"]["scheme"] == "redblue"
-    assert "r" in {t["field"] for t in marks["rect"]["encoding"]["tooltip"]}
+    assert "r_hover" in {t["field"] for t in marks["rect"]["encoding"]["tooltip"]}  # r as text: "no value" if none
     data = data_of(spec)
+    assert data["r_hover"].tolist() == [f"{r:.3f}" for r in data["r"]]
     got = data.pivot(index="category_a", columns="category_b", values="r").loc[CATS, CATS]
     np.testing.assert_allclose(got.to_numpy(), corr.to_numpy())
-    bare = charts.correlation_heatmap(corr, labels=False)
-    assert isinstance(bare, alt.Chart) and bare.to_dict()["mark"]["type"] == "rect"
+    bare = charts.correlation_heatmap(corr, labels=False).to_dict()
+    assert [layer["mark"]["type"] for layer in bare["layer"]] == ["rect", "rect"]  # no value cells, then r cells
+
+
+def test_correlation_heatmap_draws_a_missing_r_as_a_grey_no_value_cell(scores):
+    """A pair without a correlation (here: "place" has no score anywhere) is a grey cell labelled "–" whose tooltip
+    says "no value"; the rendered chart never shows Vega's "null"."""
+    corr = analysis.category_correlation(scores.assign(score=scores["score"].where(scores["category"] != "place")), "score")
+    n_missing = int(corr.isna().to_numpy().sum())
+    assert n_missing == 5  # place's row and column
+    chart = charts.correlation_heatmap(corr, title="A: run-1 (tiny)")
+    svg = charts.chart_to_svg(chart)
+    assert "null" not in re.sub(r'aria-label="[^"]*"', "", svg)  # screen-reader labels list every field
+    assert svg.count('aria-label="category_b') == 2 * len(CATS) ** 2  # rect + label per cell
+    assert svg.count("r: no value") == 2 * n_missing  # the grey cell and its label say so on hover
+    assert svg.count(f'fill="{charts.NO_VALUE_COLOUR}"') == n_missing
+    labels = re.findall(r"<text[^>]*>([^<]*)</text>", svg)
+    assert labels.count("–") == n_missing
+    assert sorted(float(t) for t in labels[: len(CATS) ** 2] if t != "–") == sorted(
+        round(float(r), 2) for r in corr.to_numpy().ravel() if not np.isnan(r)
+    )
 
 
 def x_axis(spec: dict) -> dict:
@@ -168,6 +190,11 @@ def test_relative_depth_lines_leave_out_layers_without_a_measured_neuron(scores)
     assert len(food) == 2 and food["fraction"].isna().all() and (food["neurons"] == 0).all()
     assert data[data["category"] != "food"]["fraction"].notna().all()
     assert "<svg" in charts.chart_to_svg(charts.relative_depth_lines(depth))
+    assert (food["fraction_hover"] == "no value (no neuron with a value)").all()  # the tooltip, not "null"
+    measured = data[data["category"] != "food"]
+    assert measured["fraction_hover"].tolist() == [f"{f:.3f}" for f in measured["fraction"]]
+    tooltip = charts.relative_depth_lines(depth).to_dict()["spec"]["encoding"]["tooltip"]
+    assert {"field": "fraction_hover", "title": "fraction", "type": "nominal"} in tooltip
 
 
 def test_flagged_per_category_bars_counts_every_category(scores):

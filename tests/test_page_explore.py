@@ -110,9 +110,19 @@ def test_pivot_top_neurons_with_category_filter(result):
     assert list(shown.columns[:4]) == ["category", "layer", "neuron", "cohens_d"]
     assert shown[["layer", "neuron"]].values.tolist() == expected[["layer", "neuron"]].values.tolist()
     np.testing.assert_allclose(shown["cohens_d"], expected["cohens_d"])
-    assert shown["top_tokens"].tolist() == expected["top_tokens"].tolist()
-    assert shown["top_tokens"].iloc[0].startswith("[('")
+    hand = [hand_top_tokens(result.top_tokens, row.layer, row.neuron) for row in shown.itertuples()]
+    assert shown["top_tokens"].tolist() == hand  # "pizza 0.82 · bread 0.50 · ...", not the list's Python text
+    assert not shown["top_tokens"].str.contains(r"\[\(|\('", regex=True).any()
     assert set(shown["category"]) == {"food"}
+
+
+def hand_top_tokens(top_tokens: pd.DataFrame, layer: int, neuron: int) -> str:
+    """A neuron's top tokens as a table shows them, from the top_tokens frame: "token activation" by rank, joined
+    by " · ", activations (stored to 3 decimals) shown to 2 (3 when all are below 0.1)."""
+    mine = top_tokens[(top_tokens["layer"] == layer) & (top_tokens["neuron"] == neuron)].sort_values("rank")
+    acts = [round(float(a), 3) for a in mine["activation"]]
+    digits = 2 if max(abs(a) for a in acts) >= 0.1 else 3
+    return " · ".join(f"{t.strip() or repr(t)} {a:.{digits}f}" for t, a in zip(mine["token"], acts))
 
 
 def test_pivot_row_click_selects_the_neuron(result):
@@ -429,3 +439,84 @@ def test_statistics_show_three_significant_digits_of_small_columns():
                           "q_value": [1e-5, 0.2]})  # fmt: skip
     formats = {col: spec["type_config"]["format"] for col, spec in stat_column_config(frame).items()}
     assert formats == {"score": "%.3f", "mean_rest": "%.6f", "zeros": "%.3f", "q_value": "%.2e"}  # median 0.000815
+
+
+# --- blanks, top tokens and the q-value floor in tables ---------------------------------------------
+
+
+def chart_data(at: AppTest) -> list[pd.DataFrame]:
+    """The data of every chart on the page (Streamlit sends it apart from the spec, as Arrow)."""
+    from streamlit import dataframe_util
+
+    return [
+        dataframe_util.convert_arrow_bytes_to_pandas_df(chart.proto.datasets[0].data.data)
+        for chart in at.get("vega_lite_chart")
+    ]
+
+
+def test_correlation_of_a_category_without_scores_is_blank_and_explained(result):
+    """A category with no score in the layer range correlates with nothing: its cells are "–" in the table (not
+    "None"), grey "no value" cells in the heatmap, and a caption names it."""
+    assert "color" in result.categories
+    scores = result.scores.assign(score=result.scores["score"].where(result.scores["category"] != "color"))
+    at = open_page("correlation", dataclasses.replace(result, scores=scores))
+    assert_clean(at)
+    matrix = at.dataframe[MATRIX]
+    assert matrix.proto.placeholder == "–"
+    expected = analysis.category_correlation(scores, "score", "pearson")
+    _assert_matrix(matrix.value, expected)
+    assert matrix.value["color"].isna().all() and matrix.value.loc["color"].isna().all()
+    n_blank = 2 * len(result.categories) - 1
+    assert int(matrix.value.isna().to_numpy().sum()) == n_blank
+    (heat,) = chart_data(at)
+    assert (heat["r_hover"] == "no value").sum() == n_blank and (heat["r_label"] == "–").sum() == n_blank
+    note = next(c.value for c in at.caption if c.value.startswith("Grey cells and – : no value"))
+    assert "color has no correlation with any category here." in note
+    at = open_page("correlation", result)  # no gap: no such caption
+    assert not any(c.value.startswith("Grey cells") for c in at.caption)
+
+
+def test_q_value_header_explains_the_permutation_floor():
+    from mechamap_ui.widgets import stat_column_config
+
+    frame = pd.DataFrame({"score": [1.0], "p_value": [0.01], "q_value": [0.02]})
+    helps = {p: {c: spec.get("help") for c, spec in stat_column_config(frame, permutations=p).items()} for p in (200, 0, None)}
+    floor = f"{1 / 201:.2e}"
+    assert "200 permutations" in helps[200]["q_value"] and floor in helps[200]["q_value"] and floor in helps[200]["p_value"]
+    assert "no floor" in helps[0]["q_value"] and "Welch" in helps[0]["p_value"]
+    assert "1/(1+P)" in helps[None]["q_value"] and helps[None]["p_value"] is None  # p may be another test's here
+    assert helps[200]["score"] is None
+
+
+def test_blank_note_names_each_blank_column_and_why():
+    from mechamap_ui.widgets import NO_STATISTICS, blank_note
+
+    frame = pd.DataFrame({"layer": [0, 1], "score": [1.0, np.nan], "q_value": [np.nan, 0.1], "cv_auroc": [np.nan] * 2,
+                          "top_tokens": ["[('a', 1.0)]", None], "heldout_auroc": [np.nan, 0.7]})  # fmt: skip
+    note = blank_note(frame)
+    assert note == (f"– : no value. score, q_value: {NO_STATISTICS}; cv_auroc: needs cv_folds on and two or more words "
+                    "per category; top_tokens: no top tokens were recorded for the neuron; heldout_auroc: not measured "
+                    "for that row.")  # fmt: skip
+    assert blank_note(frame.dropna(axis=1)) is None
+
+
+def test_neuron_table_shows_blanks_as_a_dash_with_a_reason_and_tokens_as_text():
+    def script():
+        import numpy as np
+        import pandas as pd
+
+        from mechamap_ui.widgets import capped_table, neuron_table
+
+        df = pd.DataFrame({"layer": [0, 1], "neuron": [3, 4], "cv_auroc": [np.nan, 0.8],
+                           "top_tokens": [str([(" Paris", 3.2), ("London", 2.914)]), np.nan]})  # fmt: skip
+        neuron_table(df, key="clickable")
+        capped_table(df)
+
+    at = AppTest.from_function(script, default_timeout=TIMEOUT).run()
+    assert not at.exception
+    for frame in at.dataframe:
+        assert frame.proto.placeholder == "–"
+        assert frame.value["top_tokens"].iloc[0] == "Paris 3.20 · London 2.91" and pd.isna(frame.value["top_tokens"].iloc[1])
+        assert np.isnan(frame.value["cv_auroc"].iloc[0])  # still a number column: sorts as numbers
+    notes = [c.value for c in at.caption if c.value.startswith("– : no value.")]
+    assert len(notes) == 2 and all("cv_auroc: needs cv_folds on" in n and "top_tokens: no top tokens" in n for n in notes)

@@ -212,7 +212,7 @@ def test_overlap_lists_expert_neurons(app_env, moe_result):
     top = moe_result.top_tokens
     first = shown.iloc[0]
     tokens = top[(top["layer"] == first["layer"]) & (top["expert"] == first["expert"]) & (top["neuron"] == first["neuron"])]
-    assert first["top_tokens"].startswith(f"[('{tokens.sort_values('rank')['token'].iloc[0]}'")
+    assert first["top_tokens"].startswith(f"{tokens.sort_values('rank')['token'].iloc[0].strip()} ")  # readable text
 
 
 def test_overview_counts_and_lists_expert_neurons(app_env, moe_result):

@@ -46,4 +46,15 @@ chart = charts.correlation_heatmap(corr)
 st.altair_chart(chart)
 widgets.chart_downloads(chart, f"correlation_{metric}_{METHODS[method]}_L{lo}-{hi}")
 table = widgets.plain_labels(corr)
-st.dataframe(table, column_config={c: st.column_config.NumberColumn(c, format="%.3f") for c in table.columns})
+st.dataframe(
+    table, placeholder=charts.NO_VALUE_MARK,
+    column_config={c: st.column_config.NumberColumn(c, format="%.3f") for c in table.columns},
+)  # fmt: skip
+if corr.isna().any().any():
+    alone = [str(c) for c in corr.columns if corr[c].isna().all()]
+    named = f" {', '.join(alone)} {'has' if len(alone) == 1 else 'have'} no correlation with any category here." if alone else ""
+    st.caption(
+        f"Grey cells and {charts.NO_VALUE_MARK} : no value, because fewer than two neurons in layers {lo}–{hi} have "
+        f"a {metric} for both categories (a category with too few tokens in the text, or that too few reached) or "
+        f"the values are constant.{named}"
+    )
