@@ -17,7 +17,8 @@ from mechamap_ui import links, state  # noqa: E402
 st.set_page_config(page_title="MechaMap", page_icon="🧭", layout="wide")
 
 # (file, title, material icon, section, url_path); a page is listed only once its file exists. The url_paths are
-# part of every shared link (/pivot, /neuron?run=...), so they stay fixed; the default page is served at "/".
+# part of every shared link (/pivot, /neuron?run=...), so they stay fixed. The default page (DEFAULT_PAGE) is served
+# at "/", and Streamlit serves a default page nowhere else, so its url_path is served by a hidden copy of it.
 PAGES = [
     ("views/overview.py", "Overview", ":material/explore:", "Start", "overview"),
     ("views/config_editor.py", "Config", ":material/tune:", "Start", "config"),
@@ -31,6 +32,8 @@ PAGES = [
     ("views/compare.py", "Compare", ":material/compare_arrows:", "Test", "compare"),
 ]
 
+DEFAULT_PAGE = "views/overview.py"
+DEFAULT_PAGE_OWN_PATH = "home"  # the default page's own url_path, never served: its url_path names the hidden copy
 RUN_PICKER = "sidebar_run_picker"
 NO_RUN = ""
 
@@ -84,7 +87,14 @@ links.sync_run_link()
 sidebar()
 sections: dict[str, list] = {}
 for path, title, icon, section, url_path in PAGES:
-    if os.path.exists(HERE / path):
-        page = st.Page(path, title=title, icon=icon, url_path=url_path, default=path.endswith("overview.py"))
-        sections.setdefault(section, []).append(page)
-st.navigation(sections).run()
+    if not os.path.exists(HERE / path):
+        continue
+    listed = sections.setdefault(section, [])
+    if path == DEFAULT_PAGE:  # in the menu at "/", and hidden at /overview for links that name it
+        listed.append(st.Page(path, title=title, icon=icon, url_path=DEFAULT_PAGE_OWN_PATH, default=True))
+        listed.append(st.Page(path, title=title, icon=icon, url_path=url_path, visibility="hidden"))
+    else:
+        listed.append(st.Page(path, title=title, icon=icon, url_path=url_path))
+page = st.navigation(sections)
+links.keep_page_params(page.url_path)
+page.run()

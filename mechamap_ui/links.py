@@ -1,16 +1,19 @@
 """Shareable links: ?run=<id> names the active run on every page, ?layer=L&neuron=N (and &expert=E for a routed
-expert's neuron) a neuron on the Neuron page."""
+expert's neuron) a neuron on the Neuron page; each page drops the link params of the others."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from urllib.parse import urlencode
 
+import pandas as pd
 import streamlit as st
 
-from mechamap_core.analysis import has_experts, neuron_groups
+from mechamap_core.analysis import has_experts, neuron_groups, neuron_label
 from mechamap_core.scan import ScanResult
 from mechamap_ui import state
+from mechamap_ui.widgets import neuron_pick
 
 RUN_PARAM, LAYER_PARAM, NEURON_PARAM, EXPERT_PARAM = "run", "layer", "neuron", "expert"
 NEURON_URL_PATH = "neuron"  # app.py's url_path of views/neuron.py
@@ -18,6 +21,11 @@ NEURON_URL_PATH = "neuron"  # app.py's url_path of views/neuron.py
 # and a run picked in the sidebar, or a neuron picked on the page, wins over the URL it started from.
 FOLLOWED_RUN = "link_followed_run"
 FOLLOWED_NEURON = "link_followed_neuron"
+# The link params each page reads and writes, by url_path, besides ?run= (which every page keeps). A page drops the
+# other pages' link params when it opens, so its URL names only what it shows: the browser's Back from the Neuron
+# page to /pivot brought ?layer=&neuron= along. Params bound to widgets (bind="query-params": the Pivot's metric and
+# threshold, ...) are Streamlit's, which drops a page's bound params when another page opens.
+PAGE_LINK_PARAMS: dict[str, tuple[str, ...]] = {NEURON_URL_PATH: (LAYER_PARAM, NEURON_PARAM, EXPERT_PARAM)}
 
 
 def _shown(text: str) -> str:
@@ -50,6 +58,19 @@ def sync_run_link() -> None:
     st.session_state[FOLLOWED_RUN] = active
 
 
+def other_pages_params(url_path: str, params: Iterable[str]) -> list[str]:
+    """Those of params that are link params of pages other than the one at url_path (none of its own)."""
+    own = set(PAGE_LINK_PARAMS.get(url_path, ()))
+    foreign = {param for page, names in PAGE_LINK_PARAMS.items() if page != url_path for param in names} - own
+    return [param for param in params if param in foreign]
+
+
+def keep_page_params(url_path: str) -> None:
+    """Drop the other pages' link params from the URL of the page at url_path; app.py calls it before the page runs."""
+    for param in other_pages_params(url_path, list(st.query_params)):
+        del st.query_params[param]
+
+
 def parse_neuron_link(
     layer_text: str | None, neuron_text: str | None, result: ScanResult, expert_text: str | None = None
 ) -> tuple[int, ...]:
@@ -57,13 +78,7 @@ def parse_neuron_link(
     ValueError says what is wrong."""
     if layer_text is None or neuron_text is None:
         raise ValueError("A neuron link needs both ?layer= and ?neuron=, e.g. ?layer=5&neuron=376.")
-    layers = [int(layer) for layer in result.metadata["layers"]]
-    try:
-        layer = int(layer_text)
-    except ValueError:
-        raise ValueError(f"The link's layer {_shown(layer_text)} is not a whole number.") from None
-    if layer not in layers:
-        raise ValueError(f"The link's layer {layer} is not in this run, which has layers {', '.join(map(str, layers))}.")
+    layer = _layer_of_link(layer_text, result)
     try:
         neuron = int(neuron_text)
     except ValueError:
@@ -78,6 +93,53 @@ def parse_neuron_link(
     if not 0 <= neuron < width:
         raise ValueError(f"The link's neuron {neuron} is out of range: this run scanned neurons 0-{width - 1} of {where}.")
     return (layer, neuron) if expert_text is None else (layer, neuron, expert)
+
+
+def _layer_of_link(layer_text: str, result: ScanResult) -> int:
+    """A link's ?layer= text as a layer of the run; ValueError says what is wrong."""
+    layers = [int(layer) for layer in result.metadata["layers"]]
+    try:
+        layer = int(layer_text)
+    except ValueError:
+        raise ValueError(f"The link's layer {_shown(layer_text)} is not a whole number.") from None
+    if layer not in layers:
+        raise ValueError(f"The link's layer {layer} is not in this run, which has layers {', '.join(map(str, layers))}.")
+    return layer
+
+
+def read_neuron_link(
+    layer_text: str | None, neuron_text: str | None, result: ScanResult, expert_text: str | None = None
+) -> tuple[tuple[int, ...], str | None]:
+    """(the neuron a link names, None), or for a bad link (the nearest neuron it can show, what was wrong and what
+    is shown instead).
+
+    A bad neuron keeps the link's layer and expert (their top neuron is shown), a bad or missing expert keeps the
+    layer (its top neuron), and only a bad or missing layer gives the run's top neuron.
+    """
+    try:
+        return parse_neuron_link(layer_text, neuron_text, result, expert_text), None
+    except ValueError as err:
+        problem = str(err)
+    layer = expert = None
+    try:
+        layer = None if layer_text is None else _layer_of_link(layer_text, result)
+        if layer is not None and expert_text is not None and has_experts(result.scores):
+            expert = _expert_of_link(expert_text, layer, result)[0]
+    except ValueError:
+        pass
+    shown = top_neuron(result.scores, layer, expert)
+    where = "this run" if layer is None else f"layer {layer}" if expert is None else f"expert {expert} of layer {layer}"
+    return shown, f"{problem} Showing {neuron_label(*shown)}, the top neuron of {where}, instead."
+
+
+def top_neuron(scores: pd.DataFrame, layer: int | None = None, expert: int | None = None) -> tuple[int, ...]:
+    """The highest-scoring neuron of the run, of one layer, or of one routed expert of a layer, as
+    widgets.neuron_pick gives it; the lowest-numbered one there when none has a score."""
+    rows = scores if layer is None else scores[scores["layer"] == layer]
+    if expert is not None:
+        rows = rows[rows["expert"] == expert]
+    scored = rows["score"].dropna()
+    return neuron_pick(rows.loc[scored.idxmax() if len(scored) else rows["neuron"].idxmin()])
 
 
 def _expert_of_link(expert_text: str | None, layer: int, result: ScanResult) -> tuple[int | None, int]:
@@ -105,15 +167,15 @@ def _span(numbers: list[int]) -> str:
 
 
 def follow_neuron_link(result: ScanResult, selected_key: str) -> None:
-    """Put a new ?layer=&neuron= link's neuron into session_state[selected_key], or show why the link is invalid."""
+    """Put a new ?layer=&neuron= link's neuron into session_state[selected_key]; for an invalid link, say what is
+    wrong and put the nearest neuron it can show there (see read_neuron_link)."""
     link = (st.query_params.get(LAYER_PARAM), st.query_params.get(NEURON_PARAM), st.query_params.get(EXPERT_PARAM))
     if link[:2] == (None, None) or link == st.session_state.get(FOLLOWED_NEURON):
         return
     st.session_state[FOLLOWED_NEURON] = link
-    try:
-        st.session_state[selected_key] = parse_neuron_link(link[0], link[1], result, link[2])
-    except ValueError as err:
-        st.error(f"{err} Showing another neuron instead.")
+    st.session_state[selected_key], problem = read_neuron_link(link[0], link[1], result, link[2])
+    if problem:
+        st.error(problem)
 
 
 def neuron_url(run_id: str, layer: int, neuron: int, base: str | None, expert: int | None = None) -> str:

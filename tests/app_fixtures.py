@@ -55,8 +55,12 @@ def make_app(result=None, **state):
 
 
 def open_page(at, page: str):
-    """Run the app once (registers the pages), then switch to views/<page>.py and run it."""
+    """Run the app once (registers the pages), then switch to views/<page>.py and run it, with the query params set
+    before (a browser asks for the linked page at once; the first run here is on the Overview, which drops the
+    other pages' link params)."""
+    query = dict(at.query_params)
     at.run()
+    at.query_params.update(query)
     at.switch_page(f"views/{page}.py").run()
     return at
 

@@ -4,6 +4,7 @@ from it; and shared links (a page, a neuron) as the very first request to a fres
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -124,6 +125,17 @@ def _snapshot(page, name: str, settle_ms: int = 500) -> None:
     page.screenshot(path=str(SCREENSHOTS / name), full_page=True)
 
 
+def _open_first_top_neuron(page) -> None:
+    """On the Pivot page: click the first row of its top-neuron table, which opens that neuron on the Neuron page."""
+    from playwright.sync_api import expect
+
+    top_table = page.locator('[data-testid="stDataFrame"]').last
+    expect(top_table).to_be_visible(timeout=PAGE_TIMEOUT_MS)
+    top_table.scroll_into_view_if_needed()
+    page.wait_for_timeout(500)
+    top_table.click(position={"x": 18, "y": 52})  # header row is ~35 px; the row-selection column is first
+
+
 def test_scan_in_the_browser_then_open_the_pivot_heatmap(streamlit_server, browser):
     from playwright.sync_api import expect
 
@@ -182,11 +194,7 @@ def test_scan_in_the_browser_then_open_the_pivot_heatmap(streamlit_server, brows
     # open a neuron from the Pivot page's top-neuron table: click the first row's selection cell
     _nav(page, "Pivot")
     expect(page.get_by_role("heading", name="Pivot: layer")).to_be_visible(timeout=PAGE_TIMEOUT_MS)
-    top_table = page.locator('[data-testid="stDataFrame"]').last
-    expect(top_table).to_be_visible(timeout=PAGE_TIMEOUT_MS)
-    top_table.scroll_into_view_if_needed()
-    page.wait_for_timeout(500)
-    top_table.click(position={"x": 18, "y": 52})  # header row is ~35 px; the row-selection column is first
+    _open_first_top_neuron(page)
     expect(page.get_by_role("heading", name="Neuron", exact=True)).to_be_visible(timeout=PAGE_TIMEOUT_MS)
     expect(page.get_by_text("blocks.", exact=False).first).to_be_visible(timeout=PAGE_TIMEOUT_MS)
     expect(page.get_by_role("heading", name="Master text coloured by this neuron")).to_be_visible(timeout=PAGE_TIMEOUT_MS)
@@ -219,6 +227,16 @@ def server_with_a_saved_run(tmp_path, bundled_lm, default_cfg):
         yield server
 
 
+def _first_request(browser, address: str, heading: str):
+    """A new browser page opened at address, once the heading (its exact name) is on screen."""
+    from playwright.sync_api import expect
+
+    page = browser.new_page(viewport={"width": 1440, "height": 1000})
+    page.goto(address)
+    expect(page.get_by_role("heading", name=heading, exact=True)).to_be_visible(timeout=PAGE_TIMEOUT_MS)
+    return page
+
+
 def _expect_router_sidebar(page) -> None:
     """The page came through app.py: st.navigation's titled entries and the shared run panel are in the sidebar."""
     from playwright.sync_api import expect
@@ -234,9 +252,7 @@ def test_a_shared_page_link_is_the_first_request_to_a_fresh_server(server_with_a
     from playwright.sync_api import expect
 
     url = server_with_a_saved_run["url"]
-    page = browser.new_page(viewport={"width": 1440, "height": 1000})
-    page.goto(f"{url}/pivot?run={LINKED_RUN}&metric=auroc&threshold_auroc=0.9")
-    expect(page.get_by_role("heading", name="Pivot: layer")).to_be_visible(timeout=PAGE_TIMEOUT_MS)
+    page = _first_request(browser, f"{url}/pivot?run={LINKED_RUN}&metric=auroc&threshold_auroc=0.9", "Pivot: layer × category")
     _expect_router_sidebar(page)
     expect(page.get_by_role("heading", name="Neurons with auroc ≥ 0.9, per layer and category")).to_be_visible()
     expect(page.locator('[data-testid="stVegaLiteChart"]').first).to_be_visible(timeout=PAGE_TIMEOUT_MS)
@@ -255,9 +271,7 @@ def test_a_shared_neuron_link_is_the_first_request_to_a_fresh_server(server_with
     from playwright.sync_api import expect
 
     url = server_with_a_saved_run["url"]
-    page = browser.new_page(viewport={"width": 1440, "height": 1000})
-    page.goto(f"{url}/neuron?run={LINKED_RUN}&layer=5&neuron=7")
-    expect(page.get_by_role("heading", name="Neuron", exact=True)).to_be_visible(timeout=PAGE_TIMEOUT_MS)
+    page = _first_request(browser, f"{url}/neuron?run={LINKED_RUN}&layer=5&neuron=7", "Neuron")
     expect(page.get_by_role("heading", name="L5.N7")).to_be_visible(timeout=PAGE_TIMEOUT_MS)
     _expect_router_sidebar(page)
     link = page.locator('[data-testid="stCode"]').first
@@ -266,4 +280,40 @@ def test_a_shared_neuron_link_is_the_first_request_to_a_fresh_server(server_with
 
     page.goto(f"{url}/neuron?run={LINKED_RUN}&layer=5&neuron=999")  # a new session: an out-of-range neuron explains
     expect(page.get_by_text("The link's neuron 999 is out of range")).to_be_visible(timeout=PAGE_TIMEOUT_MS)
+    expect(page.get_by_text("the top neuron of layer 5, instead")).to_be_visible()  # and stays on the linked layer
+    expect(page.get_by_role("heading", name="L5.N")).to_be_visible()
+    _no_exception(page)
+
+
+def test_back_from_a_neuron_leaves_the_pivot_link_without_its_params(server_with_a_saved_run, browser):
+    """Pivot -> click a neuron -> the browser's Back: the Pivot's URL names the run only, not the neuron."""
+    from playwright.sync_api import expect
+
+    url = server_with_a_saved_run["url"]
+    page = _first_request(browser, f"{url}/pivot?run={LINKED_RUN}", "Pivot: layer × category")
+    _open_first_top_neuron(page)
+    expect(page).to_have_url(re.compile(rf"/neuron\?run={LINKED_RUN}&layer=\d+&neuron=\d+$"), timeout=PAGE_TIMEOUT_MS)
+    expect(page.get_by_role("heading", name="Top-activating examples")).to_be_visible(timeout=PAGE_TIMEOUT_MS)
+    page.wait_for_timeout(1000)  # let the Neuron page's run finish before going back
+    pivot = page.get_by_role("heading", name="Pivot: layer")
+    for _ in range(3):  # Streamlit may leave more than one history entry per page: Back until the Pivot shows
+        page.go_back()
+        page.wait_for_timeout(1500)
+        if pivot.count():
+            break
+    expect(pivot).to_be_visible(timeout=PAGE_TIMEOUT_MS)
+    page.wait_for_timeout(1000)  # the URL the Pivot page settles on
+    assert page.url == f"{url}/pivot?run={LINKED_RUN}"
+    _no_exception(page)
+
+
+def test_the_overview_has_its_own_address_too(server_with_a_saved_run, browser):
+    """/overview?run=... opens the Overview (the default page, also at /) without Streamlit's "Page not found"."""
+    from playwright.sync_api import expect
+
+    url = server_with_a_saved_run["url"]
+    page = _first_request(browser, f"{url}/overview?run={LINKED_RUN}", "Headline of the active run")
+    _expect_router_sidebar(page)
+    expect(page.get_by_text("Page not found")).to_have_count(0)
+    assert page.url == f"{url}/overview?run={LINKED_RUN}"
     _no_exception(page)

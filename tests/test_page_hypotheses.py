@@ -295,15 +295,6 @@ def test_parse_neuron_link_rejects_bad_values(food_result, layer, neuron, messag
     assert parse_neuron_link("4", "63", food_result) == (4, 63)
 
 
-def test_bad_neuron_link_explains_and_shows_the_top_neuron(app_env, food_result):
-    at = linked_neuron_page(app_env, food_result, run="linked", layer="5", neuron="5000")
-    no_exception(at)
-    assert any("out of range" in e.value and "Showing another neuron" in e.value for e in at.error)
-    best = food_result.scores.loc[food_result.scores["score"].idxmax()]
-    assert at.session_state["selected_neuron"] == (int(best["layer"]), int(best["neuron"]))
-    assert at.query_params["neuron"] == str(int(best["neuron"])), "the URL names the neuron on screen"
-
-
 def test_neuron_of_an_unsaved_result_has_no_link(app_env, food_result):
     at = open_page(make_app(food_result, selected_neuron=(4, 2)), "neuron")
     no_exception(at)

@@ -9,14 +9,14 @@ from mechamap_core.scan import MIN_CATEGORY_TOKENS
 from mechamap_core.sites import hook_name
 from mechamap_ui import links, state
 from mechamap_ui.neuron_data import model_for, recomputed_token_table, typed_text_activations
-from mechamap_ui.widgets import SELECTED_NEURON, chart_downloads, expert_neuron_picker, neuron_pick, stat_column_config
+from mechamap_ui.widgets import SELECTED_NEURON, chart_downloads, expert_neuron_picker, stat_column_config
 
 st.title("Neuron")
 result = state.require_result()
 layers = result.metadata["layers"]
 links.follow_neuron_link(result, SELECTED_NEURON)
 if not st.session_state.get(SELECTED_NEURON):  # start at the run's most selective neuron
-    st.session_state[SELECTED_NEURON] = neuron_pick(result.scores.loc[result.scores["score"].idxmax()])
+    st.session_state[SELECTED_NEURON] = links.top_neuron(result.scores)
 picked = st.session_state[SELECTED_NEURON]
 if has_experts(result.scores):
     layer, expert, neuron = expert_neuron_picker(result.scores, picked)
