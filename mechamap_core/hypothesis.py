@@ -62,15 +62,17 @@ def _quoted(names) -> str:
     return ", ".join(f"'{n}'" for n in names)
 
 
-def check_heldout_inputs(heldout: ScanConfig, run_categories: list[str]) -> HeldoutInputs:
+def check_heldout_inputs(heldout: ScanConfig, run_categories: list[str], lm: LoadedModel | None = None) -> HeldoutInputs:
     """Check a held-out config against the run it tests and say what would otherwise be dropped without a word.
 
     Left out, each with a message: categories the run does not have (validate_heldout tests the run's flagged
     neurons, so their words could test nothing), and categories without a word (blank or whitespace words do not
     count). Named in a warning: the kept words that never occur in the held-out text (not checked for a corpus,
     which is not read here). Named in a note: the run's categories none of whose held-out words occur, whose
-    flagged neurons will show as not tested. config is None, with an error or note saying why, for an empty text,
-    no usable category, a config validate_config rejects, or a text in which no held-out word occurs.
+    flagged neurons will show as not tested; with the model (its tokenizer), also those whose words cover fewer
+    than MIN_CATEGORY_TOKENS tokens, which the held-out check cannot test either. config is None, with an error or
+    note saying why, for an empty text, no usable category, a config validate_config rejects, or a text in which no
+    category can be tested.
     """
     if not heldout.corpus and not any(str(t).strip() for t in heldout.texts):
         return HeldoutInputs(None, [("info", "The held-out text is empty: give a text that uses the held-out words.")])
@@ -111,11 +113,30 @@ def check_heldout_inputs(heldout: ScanConfig, run_categories: list[str]) -> Held
     if not found:
         return HeldoutInputs(None, [*messages, ("error", "None of the held-out words occurs in the held-out text: "
                                                          "nothing can be tested.")])  # fmt: skip
-    untested = [name for name in run if name not in found]
+    thin = _thin_categories(config, found, lm) if lm is not None and not config.corpus else {}
+    if thin:
+        counts = ", ".join(f"{name} ({n} token{'' if n == 1 else 's'})" for name, n in thin.items())
+        messages.append(("warning", f"A category needs at least {MIN_CATEGORY_TOKENS} held-out tokens to be tested; "
+                                    f"these have fewer: {counts}. Use their words more often in the held-out text."))  # fmt: skip
+        found -= set(thin)
+        if not found:
+            return HeldoutInputs(None, [*messages, ("error", "No held-out category has enough tokens: nothing can be tested.")])
+    untested = [name for name in run if name not in found and name not in thin]
     if untested:
         messages.append(("info", "No held-out word of these categories occurs in the held-out text, so their flagged "
                                  f"neurons will show as not tested: {', '.join(untested)}."))  # fmt: skip
     return HeldoutInputs(config, messages)
+
+
+def _thin_categories(config: ScanConfig, found: set[str], lm: LoadedModel) -> dict[str, int]:
+    """The found categories covering fewer than MIN_CATEGORY_TOKENS tokens of the held-out text, with their counts."""
+    try:
+        aligned = align(lm.tokenizer, config.texts, config.categories, lm.chunk_tokens(config.max_chunk_tokens))
+    except ValueError:  # a slow tokenizer: the check itself will say so
+        return {}
+    counts = aligned.category_mask.sum(axis=0)
+    return {name: int(counts[aligned.categories.index(name)]) for name in config.categories
+            if name in found and counts[aligned.categories.index(name)] < MIN_CATEGORY_TOKENS}  # fmt: skip
 
 
 def untested_categories(summary: pd.DataFrame) -> list[str]:

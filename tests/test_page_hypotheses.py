@@ -14,6 +14,7 @@ from mechamap_core.analysis import neuron_profile
 from mechamap_core.config import ScanConfig
 from mechamap_core.export import save_run
 from mechamap_core.inspect_neuron import top_examples
+from mechamap_core.scan import MIN_CATEGORY_TOKENS
 from mechamap_ui.state import ACTIVE_RUN
 
 app_env = app_fixtures.app_env  # fixtures shared with the other app tests
@@ -115,7 +116,7 @@ def test_heldout_text_that_is_not_held_out_is_called_out(app_env, food_result):
     assert not any("scanned on" in w for w in said)
     assert any(w.startswith(f"1 of the held-out words were also in the scanned config ({words[0].lower()})") for w in said)
     at.text_area[1].set_value(f"{first_category}: zzyzx").run()
-    assert not at.warning
+    assert not any("scanned on" in w.value or "also in the scanned config" in w.value for w in at.warning)
 
 
 def test_hypothesis_page_bad_inputs(app_env, food_result):
@@ -161,7 +162,7 @@ def test_typed_heldout_words_that_would_be_dropped_are_named(app_env, food_resul
     tokens are left out of the charts with a caption and read 'not tested' in the table, never 0."""
     at = open_page(make_app(food_result), "hypothesis")
     run_categories = ", ".join(food_result.categories)
-    typed_heldout(at, "We ate sushi in Lima on a quiet evening.", "food: sushi, grape\nxyz: foo\nanimal: , ,\nlocation: Lima")
+    typed_heldout(at, "We ate sushi in Lima on a quiet evening. " * 5, "food: sushi, grape\nxyz: foo\nanimal: , ,\nlocation: Lima")
     said = shown_messages(at)
     assert "These held-out words do not occur in the held-out text and were not tested: food: grape." in said
     assert f"The run has no category 'xyz'; its words were ignored. The run's categories are: {run_categories}." in said
@@ -185,6 +186,24 @@ def test_typed_heldout_words_that_would_be_dropped_are_named(app_env, food_resul
     assert not (rows.loc[tested, "held_up"] == "not tested").any()
 
 
+def test_typed_heldout_categories_with_too_few_tokens_are_named(app_env, food_result):
+    """A held-out category whose words cover fewer than MIN_CATEGORY_TOKENS tokens cannot be tested: the page
+    names it with its token count before the run, and a text in which no category has enough offers no run."""
+    at = open_page(make_app(food_result), "hypothesis")
+    typed_heldout(at, "We ate sushi in Lima. " * 5 + "Then Berlin.", "food: sushi\nlocation: Lima, Berlin")
+    said = shown_messages(at)
+    assert not any("fewer" in m for m in said), said  # sushi x5 and Lima x5 + Berlin: enough
+    typed_heldout(at, "We ate sushi in Lima. " * 5 + "Then Berlin.", "food: sushi\nlocation: Berlin")
+    said = shown_messages(at)
+    assert any(m.startswith(f"A category needs at least {MIN_CATEGORY_TOKENS} held-out tokens to be tested; "
+                            "these have fewer: location (1 token).") for m in said), said  # fmt: skip
+    assert [b for b in at.button if b.label == "Run held-out check"], "food can still be tested"
+    typed_heldout(at, "We ate sushi in Lima.", "food: sushi\nlocation: Lima")
+    said = shown_messages(at)
+    assert "No held-out category has enough tokens: nothing can be tested." in said
+    assert not [b for b in at.button if b.label == "Run held-out check"]
+
+
 @pytest.mark.parametrize(
     ("text", "words", "message"),
     [
@@ -205,7 +224,7 @@ def test_typed_heldout_that_cannot_be_tested_says_why_and_offers_no_run(app_env,
 def test_heldout_with_no_testable_neuron_draws_no_empty_chart(app_env, food_result):
     """A held-out text that is all one category's word leaves nothing to compare it with: every flagged neuron is
     untested, which the page says instead of drawing charts of nothing (or of zeros)."""
-    at = typed_heldout(open_page(make_app(food_result), "hypothesis"), "sushi", "food: sushi")
+    at = typed_heldout(open_page(make_app(food_result), "hypothesis"), "sushi " * 5, "food: sushi")
     [b for b in at.button if b.label == "Run held-out check"][0].click().run()
     no_exception(at)
     _, summary = at.session_state["heldout_result"]

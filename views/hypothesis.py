@@ -69,11 +69,9 @@ with held_tab:
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         st.error(f"The held-out config can't be used: {exc}")
     if heldout is not None:
-        checked = check_heldout_inputs(heldout, result.categories)
+        checked = check_heldout_inputs(heldout, result.categories, lm)
         for level, message in checked.messages:
             getattr(st, level)(message)
-        heldout = checked.config
-    if heldout is not None:
         reused = sorted({w.lower() for ws in heldout.categories.values() for w in ws}
                         & {w.lower() for ws in scanned_cfg.categories.values() for w in ws})  # fmt: skip
         if heldout.texts == scanned_cfg.texts:
@@ -81,6 +79,7 @@ with held_tab:
         elif reused:
             st.warning(f"{len(reused)} of the held-out words were also in the scanned config ({', '.join(reused[:8])}"
                        f"{', ...' if len(reused) > 8 else ''}); they do not test generalisation to new words.")  # fmt: skip
+        heldout = checked.config
     candidates = flagged(result.scores, metric, threshold)
     st.write(f"**{len(candidates):,}** flagged (neuron, category) rows with {metric} ≥ {threshold:g}.")
     ceiling = st.checkbox(
