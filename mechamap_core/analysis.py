@@ -105,6 +105,18 @@ def categories_without_statistics(scores: pd.DataFrame) -> pd.Series:
     return n_tokens[scored == 0].fillna(0).astype(int).rename("n_tokens")  # no rows at all: 0
 
 
+def no_statistics_note(scores: pd.DataFrame) -> str | None:
+    """One sentence naming the categories without statistics (categories_without_statistics) and why, or None."""
+    from .stats import MIN_CATEGORY_TOKENS  # stats imports torch; analysis stays light for the pages
+
+    blank = categories_without_statistics(scores)
+    if not len(blank):
+        return None
+    named = ", ".join(f"'{cat}' ({n} token{'' if n == 1 else 's'})" for cat, n in blank.items())
+    return (f"No statistics for {named}: a category needs at least {MIN_CATEGORY_TOKENS} of its tokens in the text, "
+            "so its neurons are blank (not 0) and none is flagged. Add words that occur, or text that uses them.")  # fmt: skip
+
+
 def top_token_strings(top_tokens: pd.DataFrame, digits: int = 3) -> pd.DataFrame:
     """One row per neuron with `top_tokens` as the original's readable list, e.g. "[('pizza', 0.82), ...]"."""
     key = neuron_key(top_tokens)
@@ -135,6 +147,14 @@ def readable_top_tokens(text: object) -> object:
     peak = max((abs(activation) for _, activation in tokens), default=0.0)
     decimals = 2 if peak >= 0.1 else 3
     return TOKEN_SEPARATOR.join(f"{token.strip() or repr(token)} {activation:.{decimals}f}" for token, activation in tokens)
+
+
+def with_readable_top_tokens(df: pd.DataFrame) -> pd.DataFrame:
+    """df for reading (a page's table, the terminal): a `top_tokens` column of the original's list text as
+    "Paris 3.20 · ..." (readable_top_tokens); other columns, and exports, keep their values."""
+    if "top_tokens" not in df.columns:
+        return df
+    return df.assign(top_tokens=df["top_tokens"].map(readable_top_tokens))
 
 
 def layer_category_counts(

@@ -427,20 +427,17 @@ def _run_scan(args) -> int:
         print(f"saved run {export.save_run(result, args.save_run)}", file=sys.stderr)
     if not (args.csv or args.json or args.parquet):
         expert = ["expert"] if analysis.has_experts(result.scores) else []  # a mixture-of-experts model's neurons
-        print(analysis.top_neurons(result.scores, n=3, top_tokens=result.top_tokens)[
-            ["category", "layer", *expert, "neuron", "score", "avg_activation", "auroc", "top_tokens"]].to_string(index=False))
+        top = analysis.top_neurons(result.scores, n=3, top_tokens=result.top_tokens)
+        shown = top[["category", "layer", *expert, "neuron", "score", "avg_activation", "auroc", "top_tokens"]]
+        print(analysis.with_readable_top_tokens(shown).to_string(index=False))
     return 0
 
 
 def _note_categories_without_statistics(result) -> None:
     """After a scan: the categories no neuron has statistics for (too few of their tokens), so blank rows are explained."""
-    from .scan import MIN_CATEGORY_TOKENS
-
-    blank = analysis.categories_without_statistics(result.scores)
-    if len(blank):
-        named = ", ".join(f"'{cat}' ({n} token{'' if n == 1 else 's'})" for cat, n in blank.items())
-        print(f"note: no statistics for {named}: a category needs at least {MIN_CATEGORY_TOKENS} of its tokens in "
-              "the text; add words that occur, or text that uses them", file=sys.stderr)  # fmt: skip
+    note = analysis.no_statistics_note(result.scores)
+    if note:
+        print(f"note: {note[0].lower()}{note[1:]}", file=sys.stderr)
 
 
 def _note_thin_experts(result) -> None:
@@ -489,7 +486,8 @@ def _run_interpret(args) -> int:
     print(f"\nTop {args.top} neurons per category by {args.metric}:")
     cols = [c for c in ("category", "layer", "expert", "neuron", args.metric, "avg_activation", "cv_auroc", "top_tokens")
             if c in scores.columns]  # fmt: skip
-    print(analysis.top_neurons(scores, args.metric, args.top)[list(dict.fromkeys(cols))].to_string(index=False))
+    top = analysis.top_neurons(scores, args.metric, args.top)[list(dict.fromkeys(cols))]
+    print(analysis.with_readable_top_tokens(top).to_string(index=False))
     if args.multi_category:
         overlap = analysis.multi_category_neurons(scores, args.metric, threshold)
         print(f"\nNeurons flagged in 2+ categories: {len(overlap)}")

@@ -16,8 +16,9 @@ from mechamap_core.analysis import (
     has_cv_auroc,
     neuron_groups,
     neuron_label,
+    no_statistics_note,
     permutation_floor,
-    readable_top_tokens,
+    with_readable_top_tokens,
 )
 from mechamap_core.charts import NO_VALUE_MARK, chart_to_png, chart_to_svg
 from mechamap_core.scan import MIN_CATEGORY_TOKENS
@@ -180,7 +181,7 @@ def capped_table(df: pd.DataFrame, max_rows: int = MAX_TABLE_ROWS, key: str | No
     Blank cells show as "–" with a caption saying why, top tokens as readable text. Returns the rows shown.
     """
     shown, note = _page_of(df, max_rows, key)
-    st.dataframe(readable_cells(shown), **({"hide_index": True, "placeholder": NO_VALUE_MARK} | dataframe_kwargs))
+    st.dataframe(with_readable_top_tokens(shown), **({"hide_index": True, "placeholder": NO_VALUE_MARK} | dataframe_kwargs))
     if note:
         st.caption(note)
     explain_blanks(shown)
@@ -197,11 +198,11 @@ def neuron_table(
     views/neuron.py when that page exists; otherwise a caption names the pick. run_id: the saved run the rows
     belong to when it may not be the active one (Compare); opening a neuron makes it the active run. Returns
     the pick or None. Blank cells show as "–" with a caption saying why (explain_blanks), top tokens as
-    readable text (readable_cells).
+    readable text (analysis.with_readable_top_tokens).
     """
     shown, note = _page_of(df, max_rows, key)
     event = st.dataframe(
-        readable_cells(shown), key=key, on_select="rerun", selection_mode="single-row",
+        with_readable_top_tokens(shown), key=key, on_select="rerun", selection_mode="single-row",
         **({"hide_index": True, "placeholder": NO_VALUE_MARK} | dataframe_kwargs),
     )  # fmt: skip
     if note:
@@ -222,14 +223,6 @@ def neuron_table(
     return picked
 
 
-def readable_cells(df: pd.DataFrame) -> pd.DataFrame:
-    """df for display: a `top_tokens` column of the original's list text ("[('Paris', 3.2), ...]") as
-    "Paris 3.20 · ..." (analysis.readable_top_tokens); other columns, and exports, keep their values."""
-    if "top_tokens" not in df.columns:
-        return df
-    return df.assign(top_tokens=df["top_tokens"].map(readable_top_tokens))
-
-
 def blank_note(df: pd.DataFrame) -> str | None:
     """The caption explaining a table's blank cells: the columns that have some, grouped by why (BLANK_REASONS, or
     NO_STATISTICS for a scan statistic, else 'not measured'), or None when no cell is blank."""
@@ -248,6 +241,13 @@ def explain_blanks(df: pd.DataFrame) -> None:
     note = blank_note(df)
     if note:
         st.caption(note)
+
+
+def explain_categories_without_statistics(scores: pd.DataFrame) -> None:
+    """A note naming the run's categories that no neuron has statistics for, and why (nothing when there are none)."""
+    note = no_statistics_note(scores)
+    if note:
+        st.info(note, icon=":material/info:")
 
 
 def neuron_pick(row: pd.Series) -> tuple[int, ...]:

@@ -520,3 +520,18 @@ def test_neuron_table_shows_blanks_as_a_dash_with_a_reason_and_tokens_as_text():
         assert np.isnan(frame.value["cv_auroc"].iloc[0])  # still a number column: sorts as numbers
     notes = [c.value for c in at.caption if c.value.startswith("– : no value.")]
     assert len(notes) == 2 and all("cv_auroc: needs cv_folds on" in n and "top_tokens: no top tokens" in n for n in notes)
+
+
+@pytest.mark.parametrize("name", ["pivot", "overview"])
+def test_a_category_without_statistics_is_named_with_why(result, name):
+    """A category too thin for statistics (its rows blanked as the scan blanks them) is named with its token count
+    above the Pivot's counts and the Overview's headline, so its column of zeros is not read as 'no neuron cares'."""
+    scores = result.scores.copy()
+    food = scores["category"] == "food"
+    scores.loc[food, "n_tokens"] = 3
+    scores.loc[food, [c for c in ("score", "separation", "avg_activation", "auroc", "cv_auroc") if c in scores]] = np.nan
+    at = open_page(name, dataclasses.replace(result, scores=scores))
+    assert not at.exception, [e.message for e in at.exception]
+    assert any(i.value.startswith("No statistics for 'food' (3 tokens): a category needs at least 5") for i in at.info)
+    at = open_page(name, result)
+    assert not any(i.value.startswith("No statistics") for i in at.info)

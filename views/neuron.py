@@ -2,14 +2,14 @@
 
 import streamlit as st
 
-from mechamap_core.analysis import has_experts, neuron_label, neuron_profile
+from mechamap_core.analysis import has_experts, neuron_label, neuron_profile, permutation_count
 from mechamap_core.charts import activation_histogram, category_bars, coloured_text_html, direct_effect_bars
 from mechamap_core.inspect_neuron import direct_effect, neuron_token_table, quantile_samples, top_examples
 from mechamap_core.scan import MIN_CATEGORY_TOKENS
 from mechamap_core.sites import hook_name
 from mechamap_ui import links, state
 from mechamap_ui.neuron_data import model_for, recomputed_token_table, typed_text_activations
-from mechamap_ui.widgets import SELECTED_NEURON, chart_downloads, expert_neuron_picker, stat_column_config
+from mechamap_ui.widgets import SELECTED_NEURON, capped_table, chart_downloads, expert_neuron_picker, stat_column_config
 
 st.title("Neuron")
 result = state.require_result()
@@ -54,7 +54,7 @@ with st.expander("All statistics"):
     table = profile.drop(columns=["model", "hook"]).assign(category=profile["category"].astype(str))
     if not has_experts(table):  # a dense neuron: no expert column of empties
         table = table.drop(columns="expert", errors="ignore")
-    st.dataframe(table, hide_index=True, column_config=stat_column_config(table))
+    capped_table(table, column_config=stat_column_config(table, permutation_count(result.metadata)))
 
 st.markdown("#### Top-activating examples")
 st.dataframe(top_examples(result, layer, neuron, expert=expert), hide_index=True)

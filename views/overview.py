@@ -7,7 +7,7 @@ import streamlit as st
 from mechamap_core import analysis
 from mechamap_core.config import BUNDLED_MODEL_ID, ConfigError, load_config
 from mechamap_ui import scanning, state
-from mechamap_ui.widgets import holds_up_toggle, neuron_table, stat_column_config
+from mechamap_ui.widgets import explain_categories_without_statistics, holds_up_toggle, neuron_table, stat_column_config
 
 st.title(":material/explore: MechaMap")
 st.markdown(
@@ -52,6 +52,7 @@ cols = st.columns(3)
 cols[0].metric("Neurons scanned", f"{result.scores[key].drop_duplicates().shape[0]:,}")
 cols[1].metric(f"Neuron-category pairs with score ≥ {threshold:g}", f"{int(counts.sum()):,}")
 cols[2].metric("Categories", len(result.categories))
+explain_categories_without_statistics(result.scores)
 
 left, right = st.columns([2, 3])
 with left:
@@ -62,5 +63,5 @@ with right:
     top = analysis.top_neurons(scores, "score", n=1, top_tokens=result.top_tokens)
     top["category"] = top["category"].astype(str)
     show = [c for c in ("category", *key, "score", "avg_activation", "auroc", "cv_auroc", "top_tokens") if c in top.columns]
-    neuron_table(top[show], key="overview_top", column_config=stat_column_config(top[show]))
+    neuron_table(top[show], key="overview_top", column_config=stat_column_config(top[show], analysis.permutation_count(md)))
 st.caption("Explore the layers and categories on the Pivot, Overlap and Correlation pages.")

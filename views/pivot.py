@@ -28,6 +28,7 @@ except (ValueError, KeyError) as err:
     st.stop()
 
 st.subheader(f"Neurons with {metric} ≥ {threshold:g}, per layer and category")
+widgets.explain_categories_without_statistics(result.scores)
 if counts.empty:
     st.info("This scan has no layers or categories to count.")
 else:
@@ -49,4 +50,5 @@ except (ValueError, KeyError) as err:
     st.error(f"Could not rank the neurons: {err}.")
     st.stop()
 table = widgets.stat_columns(top, ["category", *analysis.shown_key(scores)], metric)
-widgets.neuron_table(table, key="pivot_top_table", column_config=widgets.stat_column_config(table))
+permutations = analysis.permutation_count(result.metadata)
+widgets.neuron_table(table, key="pivot_top_table", column_config=widgets.stat_column_config(table, permutations))
