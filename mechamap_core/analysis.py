@@ -105,6 +105,17 @@ def categories_without_statistics(scores: pd.DataFrame) -> pd.Series:
     return n_tokens[scored == 0].fillna(0).astype(int).rename("n_tokens")  # no rows at all: 0
 
 
+def blank_without_statistics(counts: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFrame:
+    """A layer x category count pivot (layer_category_counts) for display: the columns of categories without
+    statistics (categories_without_statistics) are NaN, "no value", instead of a 0 that reads as "no neuron"."""
+    blank = [c for c in categories_without_statistics(scores).index if c in counts.columns]
+    if not blank:
+        return counts
+    shown = counts.astype(float)
+    shown.loc[:, blank] = float("nan")
+    return shown
+
+
 def no_statistics_note(scores: pd.DataFrame) -> str | None:
     """One sentence naming the categories without statistics (categories_without_statistics) and why, or None."""
     from .stats import MIN_CATEGORY_TOKENS  # stats imports torch; analysis stays light for the pages

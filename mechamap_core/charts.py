@@ -27,6 +27,11 @@ def _vl_version() -> str | None:
     return wanted if wanted in vl_convert.get_vegalite_versions() else None
 
 
+NO_VALUE = "no value"  # a chart's tooltip for a missing (NaN) value, instead of Vega's "null"
+NO_VALUE_MARK = "–"  # a cell label for a missing value
+NO_VALUE_COLOUR = "#d9d9d9"  # the grey of a heatmap cell without a value
+
+
 def long_matrix(matrix: pd.DataFrame, row: str, column: str, value: str) -> pd.DataFrame:
     """A wide matrix as long rows (row, column, value), labels as strings; NaN cells are kept as missing."""
     data = matrix.copy()
@@ -39,30 +44,36 @@ def long_matrix(matrix: pd.DataFrame, row: str, column: str, value: str) -> pd.D
 def layer_category_heatmap(counts: pd.DataFrame, title: str | None = None) -> alt.LayerChart:
     """Heatmap of a layer x category count pivot (analysis.layer_category_counts), with count labels and tooltips.
 
-    Returns a LayerChart (rect + text). An empty pivot gives an empty chart.
+    A NaN count (a category without statistics, which no threshold can flag) is a grey cell labelled "–" whose
+    tooltip says "no value", not a 0. Returns a LayerChart (grey rect, rect, text). An empty pivot gives an empty chart.
     """
     data = long_matrix(counts, "layer", "category", "neurons")
+    missing = data["neurons"].isna()
+    data["label"] = data["neurons"].map(lambda n: f"{n:,.0f}").where(~missing, NO_VALUE_MARK)
     categories = [str(c) for c in counts.columns]
     layers = [str(i) for i in counts.index]
-    peak = float(data["neurons"].max()) if len(data) else 0.0
+    peak = float(data["neurons"].max()) if len(data) and not missing.all() else 0.0
     base = alt.Chart(data).encode(
         x=alt.X("category:N", sort=categories, title="category", axis=_category_axis()),
         y=alt.Y("layer:O", sort=layers, title="layer"),
     )
-    cells = base.mark_rect(stroke="white", strokeWidth=1).encode(
+    where = alt.Tooltip("layer:O", title="layer"), alt.Tooltip("category:N", title="category")
+    gaps = (
+        base.transform_filter("!isValid(datum.neurons)")
+        .mark_rect(stroke="white", strokeWidth=1, color=NO_VALUE_COLOUR)
+        .encode(tooltip=[*where, alt.Tooltip("label:N", title=NO_VALUE)])
+    )
+    cells = base.transform_filter("isValid(datum.neurons)").mark_rect(stroke="white", strokeWidth=1).encode(
         color=alt.Color("neurons:Q", scale=alt.Scale(scheme="blues", domainMin=0), title="neurons"),
-        tooltip=[
-            alt.Tooltip("layer:O", title="layer"),
-            alt.Tooltip("category:N", title="category"),
-            alt.Tooltip("neurons:Q", title="neurons", format=","),
-        ],
+        tooltip=[*where, alt.Tooltip("neurons:Q", title="neurons", format=",")],
     )
     labels = base.mark_text(baseline="middle", fontSize=11).encode(
-        text=alt.Text("neurons:Q", format=","),
+        text=alt.Text("label:N"),
         color=alt.condition(alt.datum.neurons > peak / 2, alt.value("white"), alt.value("black")),
     )
-    # A step height keeps each layer row _CELL px tall even when the host fits the chart to its container.
-    chart = alt.layer(cells, labels).properties(width=max(len(categories), 1) * 64, height=alt.Step(_CELL))
+    # A step height keeps each layer row _CELL px tall even when the host fits the chart to its container. The grey
+    # cells come first: a lookup of the rect layer by mark finds the coloured one.
+    chart = alt.layer(gaps, cells, labels).properties(width=max(len(categories), 1) * 64, height=alt.Step(_CELL))
     return chart.properties(title=title) if title else chart
 
 
@@ -171,9 +182,6 @@ def _membership(combos: pd.DataFrame, categories: list[str] | None) -> pd.DataFr
     return pd.DataFrame(records, columns=["combination", "category", "member"])
 
 
-NO_VALUE = "no value"  # a chart's tooltip for a missing (NaN) value, instead of Vega's "null"
-NO_VALUE_MARK = "–"  # a cell label for a missing value
-NO_VALUE_COLOUR = "#d9d9d9"  # the grey of a heatmap cell without a value
 
 
 def correlation_heatmap(corr: pd.DataFrame, title: str | None = None, labels: bool = True) -> alt.LayerChart:
@@ -277,7 +285,9 @@ def heldout_ceiling_dots(summary: pd.DataFrame) -> alt.LayerChart:
             tooltip=["category:N", "measure:N", alt.Tooltip("auroc:Q", format=".3f")],
         )  # fmt: skip
     )
-    return (chance + gap + dots).properties(width=420, height=max(len(shown), 1) * 30)
+    # A step height keeps each category row 30 px tall when the page fits the chart to its container (a fixed
+    # height of 30 px a row left two rows no room beside the axis title and legend: their labels overprinted).
+    return (chance + gap + dots).properties(width=420, height=alt.Step(30))
 
 
 def relative_depth_lines(depth: pd.DataFrame, columns: int = 4) -> alt.FacetChart:

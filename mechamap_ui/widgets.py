@@ -286,9 +286,14 @@ def _unrouted_label(hook: str) -> str:
 
 def open_neuron_page(layer: int, neuron: int, expert: int | None = None) -> None:
     """Switch to the neuron page if the app has one; otherwise (or if it isn't registered) say what was picked."""
+    from mechamap_ui.links import RUN_PARAM  # links imports this module
+
     if (ROOT / NEURON_PAGE).exists():
+        # Only ?run= goes along, given explicitly: with query_params=None Streamlit clears the URL, which it refuses
+        # while this page's params are bound to widgets (a Pivot with its metric changed), and the click did nothing.
+        kept = {RUN_PARAM: st.query_params[RUN_PARAM]} if RUN_PARAM in st.query_params else {}
         try:
-            st.switch_page(NEURON_PAGE)
+            st.switch_page(NEURON_PAGE, query_params=kept)
         except StreamlitAPIException:  # page not registered with st.navigation, or a standalone page run
             pass
     st.caption(f"Selected neuron **{neuron_label(layer, neuron, expert)}**; open the Neuron page to see it in detail.")

@@ -52,7 +52,7 @@ def test_layer_category_heatmap_cells_labels_tooltips(scores):
     assert (rect["x"]["field"], rect["y"]["field"], rect["color"]["field"]) == ("category", "layer", "neurons")
     assert rect["x"]["sort"] == CATS and rect["y"]["sort"] == ["0", "1"]
     assert {t["field"] for t in rect["tooltip"]} == {"layer", "category", "neurons"}
-    assert text["text"]["field"] == "neurons"
+    assert text["text"]["field"] == "label"
     assert spec["title"] == "flagged"
     data = data_of(spec).set_index(["layer", "category"])["neurons"]
     # manual count: score >= 1 -> L0: animal (2.0), food (1.1), place (1.5, 1.2); L1: animal (1.0, 1.4), food (1.0, 3.0), place (1.0)
@@ -60,6 +60,25 @@ def test_layer_category_heatmap_cells_labels_tooltips(scores):
         ("0", "animal"): 1, ("0", "food"): 1, ("0", "place"): 2,
         ("1", "animal"): 2, ("1", "food"): 2, ("1", "place"): 1,
     }  # fmt: skip
+    assert set(data_of(spec)["label"]) == {"1", "2"}
+
+
+def test_layer_category_heatmap_greys_a_category_without_statistics(scores):
+    """A NaN column (analysis.blank_without_statistics) is grey cells labelled "–", never a coloured 0."""
+    thin = scores.assign(n_tokens=np.where(scores["category"] == "food", 3, 40))
+    thin.loc[thin["category"] == "food", "score"] = np.nan
+    counts = analysis.layer_category_counts(thin, "score", 1.0)
+    assert (counts["food"] == 0).all()  # the count itself: no neuron flagged
+    shown = analysis.blank_without_statistics(counts, thin)
+    assert shown["food"].isna().all() and shown.drop(columns="food").equals(counts.drop(columns="food").astype(float))
+    assert analysis.blank_without_statistics(counts, scores.assign(n_tokens=40)) is counts
+    spec = charts.layer_category_heatmap(shown).to_dict()
+    gaps, cells, labels = spec["layer"]
+    assert gaps["mark"]["color"] == charts.NO_VALUE_COLOUR and gaps["transform"] == [{"filter": "!isValid(datum.neurons)"}]
+    assert cells["transform"] == [{"filter": "isValid(datum.neurons)"}]
+    data = data_of(spec).set_index(["layer", "category"])
+    assert set(data.loc[(slice(None), "food"), "label"]) == {charts.NO_VALUE_MARK}
+    assert set(data.loc[(slice(None), "animal"), "label"]) == {"1", "2"}
 
 
 def test_combination_bars_upset_with_dot_matrix(scores):
@@ -234,6 +253,7 @@ def test_heldout_ceiling_dots_pair_each_category_mean_with_its_best():
     assert dots["encoding"]["y"]["sort"] == ["food", "date"]  # untested color: no row, not a dot at 0
     assert list(data_of(spec, rule)["auroc"]) == [0.5]  # chance
     assert dots["encoding"]["x"]["scale"] == {"domain": [0.4, 1.0]}  # every value is above 0.45: the usual axis
+    assert spec["height"] == {"step": 30}  # rows keep their height when the page fits the chart to its container
 
 
 @pytest.mark.parametrize(("lowest", "axis_from"), [(0.3, 0.25), (0.37, 0.3), (0.42, 0.35), (0.02, 0.0)])

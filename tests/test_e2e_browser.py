@@ -317,3 +317,16 @@ def test_the_overview_has_its_own_address_too(server_with_a_saved_run, browser):
     expect(page.get_by_text("Page not found")).to_have_count(0)
     assert page.url == f"{url}/overview?run={LINKED_RUN}"
     _no_exception(page)
+
+
+def test_a_row_click_opens_the_neuron_even_with_the_metric_in_the_url(server_with_a_saved_run, browser):
+    """/pivot?...&metric=auroc&threshold_auroc=0.9 binds widgets to the URL; a row click still opens the Neuron page
+    (Streamlit refused to clear bound params on a plain switch_page, and the click did nothing)."""
+    from playwright.sync_api import expect
+
+    url = server_with_a_saved_run["url"]
+    page = _first_request(browser, f"{url}/pivot?run={LINKED_RUN}&metric=auroc&threshold_auroc=0.9", "Pivot: layer × category")
+    _open_first_top_neuron(page)
+    expect(page).to_have_url(re.compile(rf"/neuron\?run={LINKED_RUN}&layer=\d+&neuron=\d+$"), timeout=PAGE_TIMEOUT_MS)
+    expect(page.get_by_role("heading", name="Top-activating examples")).to_be_visible(timeout=PAGE_TIMEOUT_MS)
+    _no_exception(page)

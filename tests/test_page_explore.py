@@ -533,5 +533,15 @@ def test_a_category_without_statistics_is_named_with_why(result, name):
     at = open_page(name, dataclasses.replace(result, scores=scores))
     assert not at.exception, [e.message for e in at.exception]
     assert any(i.value.startswith("No statistics for 'food' (3 tokens): a category needs at least 5") for i in at.info)
+    if name == "pivot":  # its counts say "–" for food, not 0
+        assert table(at, COUNTS)["food"].isna().all()
+    else:  # the flagged-per-category bars leave food out
+        import pyarrow as pa
+
+        chart = at.get("vega_lite_chart")[0]
+        drawn = set()
+        for dataset in chart.proto.datasets:
+            drawn |= set(pa.ipc.open_stream(dataset.data.data).read_all().to_pandas().astype(str).stack())
+        assert "animal" in drawn and "food" not in drawn
     at = open_page(name, result)
     assert not any(i.value.startswith("No statistics") for i in at.info)

@@ -138,6 +138,7 @@ edited = st.data_editor(
     num_rows="dynamic",
     hide_index=True,
     width="stretch",
+    placeholder="",  # a new row's empty cells, not "None"
     column_config={
         "category": st.column_config.TextColumn("Category", width="small"),
         "words": st.column_config.TextColumn("Words (comma-separated)", width="large"),
@@ -267,4 +268,4 @@ b2.download_button(
     disabled=problem is not None, icon=":material/download:", on_click="ignore",
 )  # fmt: skip
 if problem is not None:
-    st.caption("Download and save are available once the config is valid.")
+    st.caption("Download is available once the config is valid; Save refuses until then and writes nothing.")

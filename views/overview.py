@@ -46,6 +46,7 @@ st.caption(f"{md.get('model')} · {scanning.describe_shape(result.scores)} · {m
 min_cv_auroc = holds_up_toggle(result.scores, key="overview_holds_up")
 scores = result.scores if min_cv_auroc is None else analysis.holding_up(result.scores, min_cv_auroc)
 counts = analysis.layer_category_counts(result.scores, "score", threshold, min_cv_auroc).sum(axis=0)  # every category
+counts = counts.drop(analysis.categories_without_statistics(result.scores).index, errors="ignore")  # named below
 flagged = counts.rename("flagged neurons").rename_axis("category").reset_index()
 flagged["category"] = flagged["category"].astype(str)
 cols = st.columns(3)

@@ -32,10 +32,11 @@ widgets.explain_categories_without_statistics(result.scores)
 if counts.empty:
     st.info("This scan has no layers or categories to count.")
 else:
-    chart = charts.layer_category_heatmap(counts)
+    shown = analysis.blank_without_statistics(counts, result.scores)  # "–", not 0, where nothing can be flagged
+    chart = charts.layer_category_heatmap(shown)
     st.altair_chart(chart)
     widgets.chart_downloads(chart, f"pivot_{metric}_{threshold:g}")
-    st.dataframe(widgets.plain_labels(counts))
+    st.dataframe(widgets.plain_labels(shown), placeholder=widgets.NO_VALUE_MARK)
     st.caption(f"{int(counts.to_numpy().sum()):,} (neuron, category) pairs flagged in {len(counts):,} layers.")
 
 st.subheader("Top neurons per category")
