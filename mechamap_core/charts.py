@@ -182,8 +182,6 @@ def _membership(combos: pd.DataFrame, categories: list[str] | None) -> pd.DataFr
     return pd.DataFrame(records, columns=["combination", "category", "member"])
 
 
-
-
 def correlation_heatmap(corr: pd.DataFrame, title: str | None = None, labels: bool = True) -> alt.LayerChart:
     """Category x category correlation heatmap, diverging colours fixed to [-1, 1], r on hover.
 
