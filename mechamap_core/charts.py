@@ -397,24 +397,29 @@ def category_bars(profile: pd.DataFrame) -> alt.Chart:
     )
 
 
-def activation_histogram(token_table: pd.DataFrame, bins: int = 40) -> alt.LayerChart:
-    """Histogram of the neuron's activations over all tokens, with category tokens marked as coloured ticks."""
-    base = alt.Chart(token_table)
-    hist = base.mark_bar(color="#bbbbbb").encode(
-        x=alt.X("activation:Q", bin=alt.Bin(maxbins=bins), title="activation"),
-        y=alt.Y("count():Q", title="tokens"),
+def activation_histogram(token_table: pd.DataFrame, bins: int = 40) -> alt.VConcatChart:
+    """Histogram of the neuron's activations over all tokens (grey bars, tokens per bin) and, below it on the same
+    activation axis, a row of ticks per category: one tick per token of that category (a token of two categories
+    has a tick in each row), so the category tokens never sit on the count axis as if they were counts."""
+    hist = (
+        alt.Chart(token_table)
+        .mark_bar(color="#bbbbbb")
+        .encode(x=alt.X("activation:Q", bin=alt.Bin(maxbins=bins), title=None), y=alt.Y("count():Q", title="tokens"))
+        .properties(height=180)
     )
-    marked = token_table[token_table["categories"] != ""].assign(category=lambda d: d["categories"].str.split(", ").str[0])
+    marked = token_table[token_table["categories"] != ""].assign(category=lambda d: d["categories"].str.split(", "))
     ticks = (
-        alt.Chart(marked)
-        .mark_tick(thickness=2, size=14)
+        alt.Chart(marked.explode("category"))
+        .mark_tick(thickness=2)
         .encode(
-            x="activation:Q",
-            color=alt.Color("category:N", title="category token"),
+            x=alt.X("activation:Q", title="activation"),
+            y=alt.Y("category:N", title=None),
+            color=alt.Color("category:N", legend=None),
             tooltip=["token", "category", alt.Tooltip("activation:Q", format=".3f")],
         )
+        .properties(height=alt.Step(14))
     )
-    return alt.layer(hist, ticks).properties(height=220)
+    return alt.vconcat(hist, ticks, spacing=4).resolve_scale(x="shared")
 
 
 def direct_effect_bars(effect: pd.DataFrame) -> alt.Chart:

@@ -280,3 +280,19 @@ def test_coloured_text_shows_each_tokens_value_and_marks_category_tokens_only_wh
     typed = charts.coloured_text_html(text, tokens.drop(columns="categories"))
     assert "underlined" not in typed and "border-bottom" not in typed
     assert "underlined" not in charts.coloured_text_html(text, tokens.assign(categories=""))
+
+
+def test_activation_histogram_counts_every_token_and_ticks_each_category_token_in_its_row():
+    """The bars count all tokens by activation; below them, on the same x scale, one tick per (token, category): a
+    token of two categories has a tick in both rows, a token of none has no tick, and no tick sits on the count axis."""
+    tokens = pd.DataFrame({"token": ["a", "Paris", "pizza", "orange", "the"],
+                           "activation": [0.1, 2.0, 1.5, 0.7, -0.2],
+                           "categories": ["", "location", "food", "colour, food", ""]})  # fmt: skip
+    spec = charts.activation_histogram(tokens, bins=10).to_dict()
+    hist, ticks = spec["vconcat"]
+    assert spec["resolve"] == {"scale": {"x": "shared"}}
+    assert hist["mark"]["type"] == "bar" and hist["encoding"]["y"]["aggregate"] == "count"
+    assert data_of(spec, hist)["activation"].tolist() == tokens["activation"].tolist()  # every token counted
+    assert ticks["mark"]["type"] == "tick" and ticks["encoding"]["y"]["field"] == "category"
+    drawn = sorted(zip(data_of(spec, ticks)["token"], data_of(spec, ticks)["category"], data_of(spec, ticks)["activation"]))
+    assert drawn == [("Paris", "location", 2.0), ("orange", "colour", 0.7), ("orange", "food", 0.7), ("pizza", "food", 1.5)]

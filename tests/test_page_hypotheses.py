@@ -184,6 +184,10 @@ def test_typed_heldout_words_that_would_be_dropped_are_named(app_env, food_resul
     rows = table.set_index("category")
     assert (rows.loc[not_tested, ["held_up", "held_up_fraction", "mean_heldout_auroc"]] == "not tested").all().all()
     assert not (rows.loc[tested, "held_up"] == "not tested").any()
+    neurons = next(d.value for d in at.dataframe if "status" in d.value.columns)
+    was_tested = neurons["status"].isin(["pass", "fail"]).to_numpy()
+    assert was_tested.any() and not was_tested.all()
+    assert list(was_tested) == sorted(was_tested, reverse=True), "tested neurons are listed before untested ones"
 
 
 def test_typed_heldout_categories_with_too_few_tokens_are_named(app_env, food_result):

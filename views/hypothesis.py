@@ -136,6 +136,7 @@ with held_tab:
         st.markdown("##### Per neuron (click a row to open the neuron)")
         cols = [*shown_key(per_neuron), "category", "status", "heldout_auroc", "heldout_score", "heldout_cohens_d", "score", "auroc", "hook"]
         shown = per_neuron[[c for c in cols if c in per_neuron.columns]]
+        shown = shown.sort_values("status", key=lambda s: ~s.isin(["pass", "fail"]), kind="stable")  # tested first
         neuron_table(shown, key="heldout_table", column_config=stat_column_config(shown))
         st.download_button("Download per-neuron results (CSV)", shown.to_csv(index=False), "heldout_check.csv", "text/csv")
 
