@@ -6,6 +6,8 @@ import ast
 
 import pandas as pd
 
+from .stats import MIN_CATEGORY_TOKENS
+
 METRICS = {
     "score": "score (selectivity: mean gap / RMS of the two SDs)",
     "avg_activation": "avg_activation (mean over category tokens)",
@@ -105,10 +107,11 @@ def categories_without_statistics(scores: pd.DataFrame) -> pd.Series:
     return n_tokens[scored == 0].fillna(0).astype(int).rename("n_tokens")  # no rows at all: 0
 
 
-def blank_without_statistics(counts: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFrame:
-    """A layer x category count pivot (layer_category_counts) for display: the columns of categories without
-    statistics (categories_without_statistics) are NaN, "no value", instead of a 0 that reads as "no neuron"."""
-    blank = [c for c in categories_without_statistics(scores).index if c in counts.columns]
+def blank_without_statistics(counts: pd.DataFrame, without: pd.Series) -> pd.DataFrame:
+    """A layer x category count pivot (layer_category_counts) for display: the columns of the categories without
+    statistics (`without`, categories_without_statistics) are NaN, "no value", instead of a 0 that reads as "no
+    neuron"."""
+    blank = [c for c in without.index if c in counts.columns]
     if not blank:
         return counts
     shown = counts.astype(float)
@@ -116,14 +119,12 @@ def blank_without_statistics(counts: pd.DataFrame, scores: pd.DataFrame) -> pd.D
     return shown
 
 
-def no_statistics_note(scores: pd.DataFrame) -> str | None:
-    """One sentence naming the categories without statistics (categories_without_statistics) and why, or None."""
-    from .stats import MIN_CATEGORY_TOKENS  # stats imports torch; analysis stays light for the pages
-
-    blank = categories_without_statistics(scores)
-    if not len(blank):
+def no_statistics_note(without: pd.Series) -> str | None:
+    """One sentence naming the categories without statistics (`without`, categories_without_statistics) and why,
+    or None when there are none."""
+    if not len(without):
         return None
-    named = ", ".join(f"'{cat}' ({n} token{'' if n == 1 else 's'})" for cat, n in blank.items())
+    named = ", ".join(f"'{cat}' ({n} token{'' if n == 1 else 's'})" for cat, n in without.items())
     return (f"No statistics for {named}: a category needs at least {MIN_CATEGORY_TOKENS} of its tokens in the text, "
             "so its neurons are blank (not 0) and none is flagged. Add words that occur, or text that uses them.")  # fmt: skip
 

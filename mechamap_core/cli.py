@@ -435,7 +435,7 @@ def _run_scan(args) -> int:
 
 def _note_categories_without_statistics(result) -> None:
     """After a scan: the categories no neuron has statistics for (too few of their tokens), so blank rows are explained."""
-    note = analysis.no_statistics_note(result.scores)
+    note = analysis.no_statistics_note(analysis.categories_without_statistics(result.scores))
     if note:
         print(f"note: {note[0].lower()}{note[1:]}", file=sys.stderr)
 

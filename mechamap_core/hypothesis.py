@@ -21,6 +21,7 @@ from .stats import MIN_CATEGORY_TOKENS, auroc_exact, moment_statistics
 
 DEFAULT_MIN_AUROC = 0.75
 MIN_CONTROLS = 2  # ablate: random control sets, so that their spread (and z) exists
+TESTED_STATUSES = ("pass", "fail")  # validate_heldout's statuses of a neuron that was tested (else "untested (why)")
 NOT_TESTED = "not tested"  # heldout_summary_table: a category none of whose flagged neurons could be tested
 MAX_NAMED_WORDS = 20  # check_heldout_inputs names at most this many missing words
 
@@ -134,9 +135,8 @@ def _thin_categories(config: ScanConfig, found: set[str], lm: LoadedModel) -> di
         aligned = align(lm.tokenizer, config.texts, config.categories, lm.chunk_tokens(config.max_chunk_tokens))
     except ValueError:  # a slow tokenizer: the check itself will say so
         return {}
-    counts = aligned.category_mask.sum(axis=0)
-    return {name: int(counts[aligned.categories.index(name)]) for name in config.categories
-            if name in found and counts[aligned.categories.index(name)] < MIN_CATEGORY_TOKENS}  # fmt: skip
+    counts = dict(zip(aligned.categories, aligned.category_mask.sum(axis=0).tolist()))
+    return {name: counts[name] for name in config.categories if name in found and counts[name] < MIN_CATEGORY_TOKENS}
 
 
 def untested_categories(summary: pd.DataFrame) -> list[str]:
@@ -215,7 +215,7 @@ def validate_heldout(
     per_neuron = per_neuron.merge(scanned, on=key, how="left", suffixes=("", "_scan"))
     summary = (
         per_neuron.groupby("category", sort=False)["status"]
-        .agg(flagged="size", tested=lambda s: int(s.isin(["pass", "fail"]).sum()), held_up=lambda s: int((s == "pass").sum()))
+        .agg(flagged="size", tested=lambda s: int(s.isin(TESTED_STATUSES).sum()), held_up=lambda s: int((s == "pass").sum()))
         .reset_index()
     )
     summary["held_up_fraction"] = np.where(summary["tested"] > 0, summary["held_up"] / summary["tested"].clip(lower=1), np.nan)

@@ -243,9 +243,10 @@ def explain_blanks(df: pd.DataFrame) -> None:
         st.caption(note)
 
 
-def explain_categories_without_statistics(scores: pd.DataFrame) -> None:
-    """A note naming the run's categories that no neuron has statistics for, and why (nothing when there are none)."""
-    note = no_statistics_note(scores)
+def explain_categories_without_statistics(without: pd.Series) -> None:
+    """A note naming the run's categories that no neuron has statistics for (analysis.categories_without_statistics),
+    and why; nothing when there are none."""
+    note = no_statistics_note(without)
     if note:
         st.info(note, icon=":material/info:")
 

@@ -90,9 +90,10 @@ def test_a_category_without_statistics_has_no_top_neuron_and_is_named(scores):
     assert analysis.categories_without_statistics(thin).to_dict() == {"food": 3}
     filtered = thin[thin["category"] != "food"]  # a filter that removed a category's rows: it has no statistics there
     assert analysis.categories_without_statistics(filtered).to_dict() == {"food": 0}
-    assert analysis.no_statistics_note(scores.assign(n_tokens=40)) is None
-    assert analysis.no_statistics_note(thin).startswith("No statistics for 'food' (3 tokens): a category needs at least 5")
-    assert analysis.no_statistics_note(filtered.assign(n_tokens=1)).startswith("No statistics for 'food' (0 tokens)")
+    note = analysis.no_statistics_note
+    assert note(analysis.categories_without_statistics(scores.assign(n_tokens=40))) is None
+    assert note(analysis.categories_without_statistics(thin)).startswith("No statistics for 'food' (3 tokens): a category needs at least 5")
+    assert note(analysis.categories_without_statistics(filtered.assign(n_tokens=1))).startswith("No statistics for 'food' (0 tokens)")
 
 
 def test_top_token_strings_format(top_tokens):

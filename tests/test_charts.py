@@ -69,9 +69,9 @@ def test_layer_category_heatmap_greys_a_category_without_statistics(scores):
     thin.loc[thin["category"] == "food", "score"] = np.nan
     counts = analysis.layer_category_counts(thin, "score", 1.0)
     assert (counts["food"] == 0).all()  # the count itself: no neuron flagged
-    shown = analysis.blank_without_statistics(counts, thin)
+    shown = analysis.blank_without_statistics(counts, analysis.categories_without_statistics(thin))
     assert shown["food"].isna().all() and shown.drop(columns="food").equals(counts.drop(columns="food").astype(float))
-    assert analysis.blank_without_statistics(counts, scores.assign(n_tokens=40)) is counts
+    assert analysis.blank_without_statistics(counts, analysis.categories_without_statistics(scores.assign(n_tokens=40))) is counts
     spec = charts.layer_category_heatmap(shown).to_dict()
     gaps, cells, labels = spec["layer"]
     assert gaps["mark"]["color"] == charts.NO_VALUE_COLOUR and gaps["transform"] == [{"filter": "!isValid(datum.neurons)"}]

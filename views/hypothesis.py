@@ -10,6 +10,7 @@ from mechamap_core.config import ConfigError, ScanConfig, load_config, safe_chil
 from mechamap_core.export import flagged_neurons
 from mechamap_core.hypothesis import (
     MIN_CONTROLS,
+    TESTED_STATUSES,
     ablate,
     check_heldout_inputs,
     flagged_for_category,
@@ -136,7 +137,7 @@ with held_tab:
         st.markdown("##### Per neuron (click a row to open the neuron)")
         cols = [*shown_key(per_neuron), "category", "status", "heldout_auroc", "heldout_score", "heldout_cohens_d", "score", "auroc", "hook"]
         shown = per_neuron[[c for c in cols if c in per_neuron.columns]]
-        shown = shown.sort_values("status", key=lambda s: ~s.isin(["pass", "fail"]), kind="stable")  # tested first
+        shown = shown.sort_values("status", key=lambda s: ~s.isin(TESTED_STATUSES), kind="stable")  # tested first
         neuron_table(shown, key="heldout_table", column_config=stat_column_config(shown))
         st.download_button("Download per-neuron results (CSV)", shown.to_csv(index=False), "heldout_check.csv", "text/csv")
 

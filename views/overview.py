@@ -46,14 +46,15 @@ st.caption(f"{md.get('model')} · {scanning.describe_shape(result.scores)} · {m
 min_cv_auroc = holds_up_toggle(result.scores, key="overview_holds_up")
 scores = result.scores if min_cv_auroc is None else analysis.holding_up(result.scores, min_cv_auroc)
 counts = analysis.layer_category_counts(result.scores, "score", threshold, min_cv_auroc).sum(axis=0)  # every category
-counts = counts.drop(analysis.categories_without_statistics(result.scores).index, errors="ignore")  # named below
+without_statistics = analysis.categories_without_statistics(result.scores)
+counts = counts.drop(without_statistics.index, errors="ignore")  # named below
 flagged = counts.rename("flagged neurons").rename_axis("category").reset_index()
 flagged["category"] = flagged["category"].astype(str)
 cols = st.columns(3)
 cols[0].metric("Neurons scanned", f"{result.scores[key].drop_duplicates().shape[0]:,}")
 cols[1].metric(f"Neuron-category pairs with score ≥ {threshold:g}", f"{int(counts.sum()):,}")
 cols[2].metric("Categories", len(result.categories))
-explain_categories_without_statistics(result.scores)
+explain_categories_without_statistics(without_statistics)
 
 left, right = st.columns([2, 3])
 with left:

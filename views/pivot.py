@@ -28,11 +28,12 @@ except (ValueError, KeyError) as err:
     st.stop()
 
 st.subheader(f"Neurons with {metric} ≥ {threshold:g}, per layer and category")
-widgets.explain_categories_without_statistics(result.scores)
+without_statistics = analysis.categories_without_statistics(result.scores)
+widgets.explain_categories_without_statistics(without_statistics)
 if counts.empty:
     st.info("This scan has no layers or categories to count.")
 else:
-    shown = analysis.blank_without_statistics(counts, result.scores)  # "–", not 0, where nothing can be flagged
+    shown = analysis.blank_without_statistics(counts, without_statistics)  # "–", not 0, where nothing can be flagged
     chart = charts.layer_category_heatmap(shown)
     st.altair_chart(chart)
     widgets.chart_downloads(chart, f"pivot_{metric}_{threshold:g}")
