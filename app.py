@@ -52,18 +52,22 @@ def _run_label(runs, run_id: str) -> str:
 
 
 def sidebar() -> None:
-    """Active config, active run and a picker over the saved runs."""
+    """Active config, active run (with the config it was scanned with) and a picker over the saved runs."""
     with st.sidebar:
         cfg = state.active_config()
-        st.markdown(f"**Config:** {state.active_config_name()}  \n**Model:** `{cfg.model}`")
+        st.markdown(f"**Active config:** {state.active_config_name()}  \n**Model:** `{cfg.model}`")
         result = state.active_result()
         if result is not None:
             md = result.metadata
+            scanned_with, difference = state.run_config_note(md)
             st.markdown(
                 f"**Active run:** {md.get('run_id', 'in memory (unsaved)')}  \n"
                 f"**Model:** `{md.get('model')}`  \n**Created:** {str(md.get('created', '?')).replace('T', ' ')}  \n"
-                f"**Tokens:** {md.get('n_tokens', '?')} · **layers:** {len(md.get('layers', []))}"
+                f"**Tokens:** {md.get('n_tokens', '?')} · **layers:** {len(md.get('layers', []))}  \n"
+                f"**Scanned with:** {scanned_with}"
             )
+            if difference:
+                st.caption(f":material/info: {difference}")
         else:
             st.caption("No active run yet.")
         try:

@@ -66,15 +66,20 @@ def missing_words(texts: list[str], categories: dict[str, list[str]]) -> dict[st
 
 
 def words_in_several_categories(categories: dict[str, list[str]]) -> dict[str, list[str]]:
-    """Words that more than one category lists, as they match (case-insensitive, inner whitespace collapsed), with
-    those categories in config order: their tokens count for each of them, so the categories share that evidence."""
+    """Words that more than one category lists, matched as the text matches them (case-insensitive, inner whitespace
+    collapsed), with those categories in config order: their tokens count for each of them, so the categories share
+    that evidence. Each word is given as the user first wrote it (inner whitespace collapsed), not lower-cased."""
     listed: dict[str, list[str]] = {}
+    spelled: dict[str, str] = {}  # matching key -> the first spelling listed
     for cat, words in categories.items():
         for word in words:
             key = " ".join(word.casefold().split())
-            if key and cat not in listed.setdefault(key, []):
+            if not key:
+                continue
+            spelled.setdefault(key, " ".join(word.split()))
+            if cat not in listed.setdefault(key, []):
                 listed[key].append(cat)
-    return {word: cats for word, cats in listed.items() if len(cats) > 1}
+    return {spelled[key]: cats for key, cats in listed.items() if len(cats) > 1}
 
 
 def special_token_frame(tokenizer) -> tuple[list[int], list[int]]:

@@ -6,6 +6,7 @@ import ast
 
 import pandas as pd
 
+from .config import layer_list_text
 from .stats import MIN_CATEGORY_TOKENS
 
 METRICS = {
@@ -232,6 +233,13 @@ def neuron_profile(scores: pd.DataFrame, layer: int, neuron: int, expert: int | 
     return rows.reset_index(drop=True)
 
 
+def flagged_pairs_text(counts: pd.DataFrame) -> str:
+    """A sentence on layer_category_counts' table: how many (neuron, category) pairs are flagged, in how many of
+    its layers, e.g. '1 (neuron, category) pair flagged, in 1 of 2 layers'."""
+    pairs, layers_with = int(counts.to_numpy().sum()), int((counts.sum(axis=1) > 0).sum())
+    return f"{pairs:,} (neuron, category) pair{'' if pairs == 1 else 's'} flagged, in {layers_with:,} of {len(counts):,} layers."
+
+
 def flagged_by_relative_depth(
     scores: pd.DataFrame, n_layers: int, metric: str = "score", threshold: float = 1.0
 ) -> pd.DataFrame:
@@ -256,14 +264,25 @@ def flagged_by_relative_depth(
     return out[["category", "layer", "relative_depth", "flagged", "neurons", "fraction"]]
 
 
+# What a run covered, as its metadata records it (scan_coverage's keys), and the config key each one supersedes in
+# config_differences: the metadata says what was scanned, also when the Scan page or the CLI's --layers /
+# --limit-neurons overrode the config.
+LAYERS_SCANNED, NEURONS_SCANNED, TEXT_SCANNED = "layers scanned", "neurons scanned per layer", "text scanned"
+COVERAGE_OF_CONFIG = {"layers": LAYERS_SCANNED, "limit_neurons": NEURONS_SCANNED, "corpus": TEXT_SCANNED}
+
+
 def config_differences(meta_a: dict, meta_b: dict) -> list[str]:
-    """Readable differences between the configs of two runs (empty when they used the same config)."""
+    """Readable differences between the scan settings of two runs (empty when they scanned alike): every config key
+    that differs (the model aside), and every difference in what they covered (coverage_differences: the layers,
+    the neurons per layer, the text), which stands in for the config's layers / limit_neurons / corpus where both
+    runs record it."""
+    coverage, covered = coverage_differences(meta_a, meta_b)
     if meta_a.get("config_hash") == meta_b.get("config_hash"):
-        return []
+        return coverage
     cfg_a, cfg_b = meta_a.get("config", {}), meta_b.get("config", {})
     notes = []
-    for key in sorted(set(cfg_a) | set(cfg_b)):
-        if key == "model" or cfg_a.get(key) == cfg_b.get(key):
+    for key in differing_config_keys(cfg_a, cfg_b):
+        if key == "model" or COVERAGE_OF_CONFIG.get(key) in covered:
             continue
         if key == "categories":
             ca, cb = cfg_a.get(key) or {}, cfg_b.get(key) or {}
@@ -276,18 +295,61 @@ def config_differences(meta_a: dict, meta_b: dict) -> list[str]:
             notes.append("the master texts differ")
         else:
             notes.append(f"{key}: {_config_value(cfg_a, key)} vs {_config_value(cfg_b, key)}")
-    return notes or ["the configs differ"]
+    return notes + coverage or ["the configs differ"]
+
+
+def differing_config_keys(cfg_a: dict, cfg_b: dict) -> list[str]:
+    """The keys, sorted, whose values differ between two configs as dicts (a key only one of them has counts)."""
+    keys = sorted(set(cfg_a) | set(cfg_b))
+    return [key for key in keys if key not in cfg_a or key not in cfg_b or cfg_a[key] != cfg_b[key]]
+
+
+def scan_coverage(metadata: dict) -> dict[str, str]:
+    """What a run covered, from its metadata, in words that compare across models: LAYERS_SCANNED ("all", or
+    "0, 5 of 6"), NEURONS_SCANNED ("1,536", or "32-64" where widths differ) and TEXT_SCANNED ("the master text", or
+    "a corpus (...)"). A key is left out where the metadata does not record it (a run saved before it did)."""
+    coverage = {}
+    if metadata.get("layers") is not None:
+        layers = sorted(int(layer) for layer in metadata["layers"])
+        depth = metadata.get("n_layers_model")
+        whole = depth is not None and layers == list(range(int(depth)))
+        of_depth = "" if depth is None else f" of {depth}"
+        coverage[LAYERS_SCANNED] = "all" if whole else layer_list_text(layers) + of_depth
+    widths = metadata.get("neurons_per_site") or metadata.get("neurons_per_layer")
+    if widths:
+        low, high = min(map(int, widths.values())), max(map(int, widths.values()))
+        coverage[NEURONS_SCANNED] = f"{low:,}" if low == high else f"{low:,}-{high:,}"
+    if "n_documents" in metadata:  # every run records it; the master text or a corpus
+        corpus = f"a corpus ({metadata['corpus']})" if metadata.get("corpus") else "a corpus"
+        coverage[TEXT_SCANNED] = corpus if metadata.get("source") == "corpus" else "the master text"
+    return coverage
+
+
+def coverage_differences(meta_a: dict, meta_b: dict) -> tuple[list[str], set[str]]:
+    """(notes on what two runs covered differently, the scan_coverage keys both record). The neurons per layer are
+    compared only between runs of one model: between two models they differ by architecture, not by a setting."""
+    a, b = scan_coverage(meta_a), scan_coverage(meta_b)
+    if meta_a.get("model") != meta_b.get("model"):
+        a.pop(NEURONS_SCANNED, None)
+        b.pop(NEURONS_SCANNED, None)
+    both = set(a) & set(b)
+    differing = [key for key in (LAYERS_SCANNED, NEURONS_SCANNED, TEXT_SCANNED) if key in both and a[key] != b[key]]
+    notes = [f"{key}: {a[key]} vs {b[key]}" for key in differing]
+    return notes, both
 
 
 CONFIG_NONE = {"layers": "all layers", "corpus": "no corpus"}  # what a config's empty (None) value means
+CONFIG_ZERO = {"limit_neurons": "all neurons"}  # what a config's 0 means where 0 turns a limit off
 
 
 def _config_value(cfg: dict, key: str) -> str:
-    """A config value as config_differences shows it: its repr, what an empty value means, or "not set" for a
-    key the run's config does not have (a run saved before the key existed), never a bare None."""
+    """A config value as config_differences shows it: its repr, what an empty (or, for a limit, zero) value means,
+    or "not set" for a key the run's config does not have (a run saved before the key existed), never a bare None."""
     if key not in cfg:
         return "not set"
     value = cfg[key]
+    if value == 0 and key in CONFIG_ZERO:
+        return CONFIG_ZERO[key]
     return CONFIG_NONE.get(key, "not set") if value is None else repr(value)
 
 

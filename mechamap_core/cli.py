@@ -258,7 +258,7 @@ def _model_name(args, scores: pd.DataFrame) -> str:
 
 
 def _run_validate(args) -> int:
-    from .hypothesis import validate_heldout, with_ceiling
+    from .hypothesis import heldout_scan, validate_heldout, with_ceiling
 
     _check_outputs({"--out": args.out}, {"--csv": args.csv, "--heldout": args.heldout})
     scores = _read_scores(args.csv, args.metric, numeric=(args.metric,))
@@ -268,9 +268,10 @@ def _run_validate(args) -> int:
     if candidates.empty:
         raise ValueError(f"no row of {args.csv} has {args.metric} >= {args.threshold}: lower --threshold")
     lm = _load(args, model)
-    per_neuron, summary = validate_heldout(lm, candidates, heldout, args.min_auroc)
+    scanned = heldout_scan(lm, heldout, scores) if args.ceiling else None  # one pass serves the ceiling and the check
+    per_neuron, summary = validate_heldout(lm, candidates, heldout, args.min_auroc, scanned=scanned)
     if args.ceiling:
-        summary = with_ceiling(lm, scores, heldout, summary)
+        summary = with_ceiling(lm, scores, heldout, summary, scanned=scanned)
     print(f"Held-out check of {len(candidates)} flagged rows ({args.metric} >= {args.threshold}), pass = AUROC >= {args.min_auroc}:")
     print(summary.to_string(index=False))
     if not summary["tested"].any():
@@ -284,7 +285,7 @@ def _run_validate(args) -> int:
 
 
 def _run_ablate(args) -> int:
-    from .hypothesis import ablate, flagged_for_category, parse_neuron_list
+    from .hypothesis import ablate, control_rank_text, flagged_for_category, parse_neuron_list
 
     cfg = load_config(args.config)
     if args.category not in cfg.categories:
@@ -311,7 +312,8 @@ def _run_ablate(args) -> int:
     s = result.summary
     print(f"\n{s['mode']}-ablating {s['n_neurons']} neuron(s) for '{s['category']}' ({s['measure']}): "
           f"effect {s['effect']:+.4f} vs random controls {s['control_mean']:+.4f} ± {s['control_std']:.4f}"
-          + (f", z = {s['z_vs_controls']:.1f}" if "z_vs_controls" in s else ""))
+          + (f", z = {s['z_vs_controls']:.1f}" if "z_vs_controls" in s else "")
+          + (f"; {control_rank_text(s)}" if "p_vs_controls" in s else ""))
     return 0
 
 
@@ -373,6 +375,7 @@ def _run_scan(args) -> int:
     cfg = load_config(args.config)
     if args.model:
         cfg.model = args.model
+    cfg = cfg.covering(args.layers, args.limit_neurons)  # the run records what it covered, as the app's runs do
     corpus = args.corpus or cfg.corpus
     if (args.checkpoint_dir or args.resume) and not corpus:
         raise ValueError("--checkpoint-dir and --resume are for corpus scans: add --corpus")

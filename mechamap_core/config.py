@@ -54,6 +54,12 @@ class ScanConfig:
         """The master text as a list of documents (a single string is one document)."""
         return [self.master_text] if isinstance(self.master_text, str) else list(self.master_text)
 
+    def covering(self, layers: list[int] | None, limit_neurons: int | None) -> ScanConfig:
+        """A copy with a scan's own layers and neuron limit in it (those given, e.g. the Scan page's or the CLI's
+        --layers / --limit-neurons), so that the run's metadata["config"] and config_hash record what it covered."""
+        given = {"layers": layers, "limit_neurons": limit_neurons}
+        return dataclasses.replace(self, **{key: value for key, value in given.items() if value is not None})
+
     def to_dict(self) -> dict:
         """Plain dict of every field, in declaration order (what save_config writes)."""
         return dataclasses.asdict(self)
@@ -241,6 +247,17 @@ def parse_layer_list(text: str) -> list[int] | None:
     if not out:
         raise ValueError(f"invalid layer list '{text}': use layer numbers and ranges, e.g. 0,2,5-7")
     return sorted(set(out))
+
+
+def layer_list_text(layers: list[int]) -> str:
+    """[0, 2, 5, 6, 7] -> '0, 2, 5-7': layer numbers with runs of consecutive ones as ranges (parse_layer_list reads it)."""
+    parts: list[str] = []
+    for layer in sorted(set(layers)):
+        if parts and parts[-1].rpartition("-")[2] == str(layer - 1):
+            parts[-1] = f"{parts[-1].partition('-')[0]}-{layer}"
+        else:
+            parts.append(str(layer))
+    return ", ".join(parts)
 
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$")

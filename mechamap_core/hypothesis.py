@@ -16,6 +16,7 @@ from .config import ConfigError, ScanConfig, validate_config
 from .inspect_neuron import collect_activations
 from .models import LoadedModel
 from .scan.driver import batches, hooked
+from .scan.result import ScanResult
 from .sites import dense_mlp_rows, expert_hook_name, hook_name, resolve_sites
 from .stats import MIN_CATEGORY_TOKENS, auroc_exact, moment_statistics
 
@@ -179,7 +180,11 @@ def heldout_statistics(acts: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarr
 
 
 def validate_heldout(
-    lm: LoadedModel, candidates: pd.DataFrame, heldout: ScanConfig, min_auroc: float = DEFAULT_MIN_AUROC
+    lm: LoadedModel,
+    candidates: pd.DataFrame,
+    heldout: ScanConfig,
+    min_auroc: float = DEFAULT_MIN_AUROC,
+    scanned: ScanResult | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Check candidate neurons (columns layer, neuron, category; expert for a mixture-of-experts model's) on a
     held-out text with its own words.
@@ -189,12 +194,17 @@ def validate_heldout(
     from an exact scan of the held-out text's layers (so is a shared expert's, whose hook the candidates'
     `hook` column names). Returns (per-neuron table, per-category summary). Categories
     missing from the held-out config, or without tokens in its text (or its expert's share of it), are
-    reported as untested rather than failed.
-    Raises ValueError for an empty candidate list, and ConfigError for an invalid held-out config.
+    reported as untested rather than failed. scanned: heldout_scan's result (the ceiling's scan); where it
+    recorded every candidate's neuron the check reads them off it instead of running the model over the text
+    again, with the same results (not an MoE model's dense neurons: its scan keeps no activations).
+    Raises ValueError for an empty candidate list or a scan of other text, and ConfigError for an invalid
+    held-out config.
     """
     if candidates.empty:
         raise ValueError("there are no flagged neurons to test: lower the threshold or pick neurons")
     validate_config(heldout)
+    if scanned is not None:
+        _check_scanned(scanned, heldout)
     experts = has_experts(candidates)
     key = ["layer", "expert", "neuron", "category"] if experts else ["layer", "neuron", "category"]
     cands = candidates[key].copy()
@@ -203,11 +213,12 @@ def validate_heldout(
         expert_hook_name(int(r.layer), int(r.expert)) if experts and pd.notna(r.expert) else hook_name(int(r.layer))
         for r in cands.itertuples()]  # fmt: skip
     dense = dense_mlp_rows(cands)
+    reusable = scanned if scanned is not None and _recorded_every(scanned, cands) else None
     rows = []
     if dense.any():
-        rows += _dense_heldout_rows(lm, cands[dense], heldout, min_auroc)
+        rows += _dense_heldout_rows(lm, cands[dense], heldout, min_auroc, reusable)
     if (~dense).any():
-        rows += _scanned_heldout_rows(lm, cands[~dense], heldout, min_auroc)
+        rows += _scanned_heldout_rows(lm, cands[~dense], heldout, min_auroc, reusable)
     per_neuron = pd.DataFrame(rows)
     if experts:
         per_neuron["expert"] = pd.array(per_neuron["expert"], dtype="Int64")
@@ -224,6 +235,42 @@ def validate_heldout(
     return per_neuron, summary
 
 
+def heldout_scan(lm: LoadedModel, heldout: ScanConfig, scores: pd.DataFrame) -> ScanResult:
+    """The held-out text scanned over the layers and neurons the run's scores cover, AUROC on (exact when the
+    memory plan can record the activations), without permutations or cv folds: with_ceiling's input, which
+    validate_heldout can read its candidates off too (scanned=), so the model runs over the held-out text once."""
+    validate_config(heldout)
+    return _quick_scan(lm, heldout, *_run_extent(scores))
+
+
+def _quick_scan(lm: LoadedModel, heldout: ScanConfig, layers: list[int] | None, limit_neurons: int) -> ScanResult:
+    """A scan of the held-out text with AUROC and neither permutations nor cv folds (what the checks read needs
+    neither), over `layers` and the first `limit_neurons` neurons of each site (0: all)."""
+    from .scan.run import scan
+
+    quick = dataclasses.replace(heldout, auroc=True, permutations=0, cv_folds=0)
+    return scan(lm, quick, layers=layers, limit_neurons=limit_neurons)
+
+
+def _run_extent(scores: pd.DataFrame) -> tuple[list[int], int]:
+    """(layers, limit_neurons) of the scan behind a run's scores: the layers it has, the neurons up to its highest."""
+    return sorted({int(layer) for layer in scores["layer"].unique()}), int(scores["neuron"].max()) + 1
+
+
+def _check_scanned(scanned: ScanResult, heldout: ScanConfig) -> None:
+    """Raises ValueError unless scanned is a scan of the held-out config's text(s) and categories."""
+    if scanned.texts != heldout.texts or scanned.categories != list(heldout.categories):
+        raise ValueError("the held-out scan given is of another text or other categories than the held-out config")
+
+
+def _recorded_every(scanned: ScanResult, cands: pd.DataFrame) -> bool:
+    """Whether a held-out scan read every candidate's neuron (its hook, up to its neuron) with exact AUROC, so that
+    validate_heldout's results read off it equal those of its own passes."""
+    widths = scanned.metadata["neurons_per_site"]
+    read = all(widths.get(hook, 0) > neuron for hook, neuron in zip(cands["hook"], cands["neuron"].astype(int)))
+    return read and scanned.metadata["auroc_method"] == "exact"
+
+
 def heldout_ceiling(
     lm: LoadedModel, heldout: ScanConfig, counts: dict[str, int], layers: list[int] | None = None, limit_neurons: int = 0
 ) -> pd.Series:
@@ -233,25 +280,34 @@ def heldout_ceiling(
     bounds validate_heldout's mean_heldout_auroc from above; NaN for a category without tokens. The AUROC is
     exact when the scan's memory plan can record the held-out text's activations (any text of a few thousand
     tokens), else binned from histograms."""
-    from .scan.run import scan
-
     validate_config(heldout)
     if not any(counts.values()):  # nothing was tested: no scan to run
+        return _best_aurocs(None, counts)
+    return _best_aurocs(_quick_scan(lm, heldout, layers, limit_neurons).scores, counts)
+
+
+def _best_aurocs(scores: pd.DataFrame | None, counts: dict[str, int]) -> pd.Series:
+    """heldout_ceiling's series from a held-out scan's scores (None: nothing to read, every category NaN)."""
+    if scores is None:
         return pd.Series(np.nan, index=list(counts), name="best_possible_auroc", dtype=float)
-    quick = dataclasses.replace(heldout, auroc=True, permutations=0, cv_folds=0)
-    scores = scan(lm, quick, layers=layers, limit_neurons=limit_neurons).scores
     auroc = scores.assign(category=scores["category"].astype(str)).groupby("category")["auroc"]
     best = {category: auroc.get_group(category).dropna().nlargest(n).mean() if category in auroc.groups and n else np.nan
             for category, n in counts.items()}  # fmt: skip
     return pd.Series(best, name="best_possible_auroc", dtype=float)
 
 
-def with_ceiling(lm: LoadedModel, scores: pd.DataFrame, heldout: ScanConfig, summary: pd.DataFrame) -> pd.DataFrame:
+def with_ceiling(
+    lm: LoadedModel, scores: pd.DataFrame, heldout: ScanConfig, summary: pd.DataFrame, scanned: ScanResult | None = None
+) -> pd.DataFrame:
     """validate_heldout's summary with best_possible_auroc: heldout_ceiling for as many neurons per category as
-    were tested, over the layers and neurons the run's scores cover."""
+    were tested, over the layers and neurons the run's scores cover; read off scanned (heldout_scan's result for
+    these scores) when given, else from a scan of its own. Raises ValueError for a scan of other text."""
     counts = dict(zip(summary["category"].astype(str), summary["tested"].astype(int)))
-    layers = sorted({int(layer) for layer in scores["layer"].unique()})
-    ceiling = heldout_ceiling(lm, heldout, counts, layers, int(scores["neuron"].max()) + 1)
+    if scanned is None:
+        ceiling = heldout_ceiling(lm, heldout, counts, *_run_extent(scores))
+    else:
+        _check_scanned(scanned, heldout)
+        ceiling = _best_aurocs(scanned.scores, counts)
     return summary.assign(best_possible_auroc=summary["category"].astype(str).map(ceiling))
 
 
@@ -264,18 +320,27 @@ def _checked(row: dict, n_tokens: int, auroc: float, score: float, cohens_d: flo
     }  # fmt: skip
 
 
-def _dense_heldout_rows(lm: LoadedModel, cands: pd.DataFrame, heldout: ScanConfig, min_auroc: float) -> list[dict]:
-    """validate_heldout's rows of dense candidates: their activations collected in one pass over the held-out text."""
+def _dense_heldout_rows(
+    lm: LoadedModel, cands: pd.DataFrame, heldout: ScanConfig, min_auroc: float, scanned: ScanResult | None
+) -> list[dict]:
+    """validate_heldout's rows of dense candidates: their activations on the held-out text, taken from a held-out
+    scan that recorded them, else collected in one pass over it (chunked and batched as the scan does)."""
     neurons = {int(layer): sorted(set(g["neuron"].astype(int))) for layer, g in cands.groupby("layer")}
-    aligned, acts = collect_activations(lm, heldout.texts, neurons, heldout.categories)
-    names = aligned.categories
+    if scanned is not None and scanned.activations is not None:  # an MoE model's scan keeps no activations
+        names, mask = scanned.categories, scanned.category_mask
+        # C order, as collected: the statistics' sums then add in the same order, to the same last bit
+        acts = {layer: np.ascontiguousarray(scanned.activations[layer][:, ids]) for layer, ids in neurons.items()}
+    else:
+        aligned, acts = collect_activations(lm, heldout.texts, neurons, heldout.categories,
+                                            batch_size=heldout.batch_size, max_chunk_tokens=heldout.max_chunk_tokens)  # fmt: skip
+        names, mask = aligned.categories, aligned.category_mask
     rows = []
     for layer, ids in neurons.items():
-        stats = heldout_statistics(acts[layer], aligned.category_mask)
+        stats = heldout_statistics(acts[layer], mask)
         column = {n: i for i, n in enumerate(ids)}
         for cand in cands[cands["layer"] == layer].itertuples():
             row = _identity(cand)
-            n_tokens = int(aligned.category_mask[:, names.index(cand.category)].sum()) if cand.category in names else 0
+            n_tokens = int(mask[:, names.index(cand.category)].sum()) if cand.category in names else 0
             if n_tokens >= MIN_CATEGORY_TOKENS:
                 c, k = names.index(cand.category), column[int(cand.neuron)]
                 picked = [stats[name][c, k] for name in ("auroc", "score", "cohens_d", "avg_activation", "p_value")]
@@ -296,16 +361,14 @@ def _identity(cand) -> dict:
     return {"layer": int(cand.layer), **expert, "neuron": int(cand.neuron), "category": cand.category, "hook": cand.hook}
 
 
-def _scanned_heldout_rows(lm: LoadedModel, cands: pd.DataFrame, heldout: ScanConfig, min_auroc: float) -> list[dict]:
+def _scanned_heldout_rows(
+    lm: LoadedModel, cands: pd.DataFrame, heldout: ScanConfig, min_auroc: float, scanned: ScanResult | None
+) -> list[dict]:
     """validate_heldout's rows of expert (and shared-expert) candidates, read off a scan of the held-out text over
-    their layers (every candidate's neuron included, whatever the held-out config's limit_neurons): each expert's
-    statistics on the tokens routed to it, AUROC (exact when the memory plan records, as for any short text),
-    Welch's p-value."""
-    from .scan.run import scan
-
-    layers = sorted({int(layer) for layer in cands["layer"]})
-    quick = dataclasses.replace(heldout, auroc=True, permutations=0, cv_folds=0)  # what the check reads needs neither
-    scores = scan(lm, quick, layers=layers, limit_neurons=int(cands["neuron"].max()) + 1).scores
+    their layers (every candidate's neuron included, whatever the held-out config's limit_neurons), or off scanned
+    where given: each expert's statistics on the tokens routed to it, AUROC (exact when the memory plan records,
+    as for any short text), Welch's p-value."""
+    scores = scanned.scores if scanned is not None else _quick_scan(lm, heldout, *_run_extent(cands)).scores
     found = scores.assign(hook=scores["hook"].astype(str), category=scores["category"].astype(str)).set_index(["hook", "neuron", "category"])
     rows = []
     for cand in cands.itertuples():
@@ -407,7 +470,8 @@ def ablate(
     Causal LMs: mean change in log-probability of the actual next token at the category's tokens and
     the `window` tokens after them (effect_target), and elsewhere (effect_other). Encoders: mean
     relative change ||h' - h|| / ||h|| of the final hidden states at the category's tokens / elsewhere.
-    Controls: n_controls sets of as many random neurons from the same layers (never the targets).
+    Controls: n_controls sets of as many random neurons from the same layers (never the targets); the summary
+    compares the effect with theirs by z_vs_controls (when they spread) and by rank (rank_vs_controls).
     Hooks are removed afterwards. progress(done, total, message) is called before the first forward pass and
     after each: n_controls + 2 passes, one more for mean ablation's means. Raises ValueError for bad neurons,
     modes or categories, and for fewer than MIN_CONTROLS control sets.
@@ -490,7 +554,30 @@ def ablate(
     }  # fmt: skip
     if len(controls) > 1 and summary["control_std"] > 0:
         summary["z_vs_controls"] = (effect - summary["control_mean"]) / summary["control_std"]
+    summary |= rank_vs_controls(effect, controls.to_numpy())
     return AblationResult(table, summary, kind)
+
+
+def rank_vs_controls(effect: float, controls: np.ndarray) -> dict:
+    """How an ablation's effect ranks among its random control sets' effects, by size (the absolute value: a causal
+    LM's effect is a drop in log p, an encoder's a positive change): n_controls; controls_as_large, the control sets
+    whose effect is at least as large; p_vs_controls = (1 + controls_as_large) / (1 + n_controls), the
+    permutation-style p-value, which n control sets cannot take below 1 / (1 + n). Empty when an effect is NaN."""
+    controls = np.asarray(controls, dtype=float)
+    if not len(controls) or not np.isfinite(effect) or not np.isfinite(controls).all():
+        return {}
+    as_large = int((np.abs(controls) >= abs(effect)).sum())
+    return {"n_controls": len(controls), "controls_as_large": as_large, "p_vs_controls": (1 + as_large) / (1 + len(controls))}
+
+
+def control_rank_text(summary: dict) -> str:
+    """rank_vs_controls' result in words, e.g. 'larger in size than 5 of 5 random control sets (p = 0.17, the smallest 5
+    sets allow)'; empty when the summary has no rank."""
+    if "p_vs_controls" not in summary:
+        return ""
+    n, as_large = summary["n_controls"], summary["controls_as_large"]
+    floor = f", the smallest {n} sets allow" if as_large == 0 else ""
+    return f"larger in size than {n - as_large} of {n} random control sets (p = {summary['p_vs_controls']:.2f}{floor})"
 
 
 def parse_neuron_list(text: str) -> list[tuple[int, int]]:

@@ -1,4 +1,5 @@
-"""Config editor helpers: category table <-> dict, live word coverage, and highlighted master text HTML."""
+"""Config editor helpers: category table <-> dict, live word coverage, highlighted master text HTML, and the
+size-capped YAML uploads (a config, a contrast set)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,20 @@ PALETTE = [
     "#ffadad", "#a0c4ff", "#d0f4de", "#e4c1f9", "#fcf6bd", "#b9fbc0",
 ]  # fmt: skip
 MAX_HIGHLIGHT_CHARS = 30_000
+# A YAML upload (config or contrast set) is capped at this many MB: st.file_uploader's max_upload_size (so the widget
+# states this limit, not the server's maxUploadSize) and checked again on the server by uploaded_yaml_text.
+MAX_YAML_UPLOAD_MB = 1
+
+
+def uploaded_yaml_text(upload) -> str:
+    """The text of an uploaded YAML file (a Streamlit UploadedFile); ValueError says why it can't be read: larger
+    than MAX_YAML_UPLOAD_MB, or not UTF-8."""
+    if upload.size > MAX_YAML_UPLOAD_MB * 1_000_000:
+        raise ValueError(f"it is larger than {MAX_YAML_UPLOAD_MB} MB")
+    try:
+        return upload.getvalue().decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError("it is not UTF-8 text") from None
 
 
 def categories_to_table(categories: dict[str, list[str]]) -> pd.DataFrame:

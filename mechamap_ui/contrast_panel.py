@@ -7,6 +7,7 @@ import streamlit as st
 from mechamap_core.config import ConfigError
 from mechamap_core.contrast import FORMAT_HELP, contrast_neurons, load_contrast_set, parse_contrast_set
 from mechamap_core.scan import ScanResult
+from mechamap_ui.config_tools import MAX_YAML_UPLOAD_MB, uploaded_yaml_text
 from mechamap_ui.widgets import neuron_table, stat_column_config
 
 CONTRAST_RESULT = "contrast_result"
@@ -21,13 +22,15 @@ def _contrast_set():
     try:
         if source == BUILT_IN:
             return load_contrast_set()
-        upload = st.file_uploader("Contrast set (YAML)", type=["yaml", "yml"], key="contrast_upload",
-                                  help=f"Format: {FORMAT_HELP}; at least 3 sentences per sense.")  # fmt: skip
-        return parse_contrast_set(upload.getvalue().decode("utf-8")) if upload is not None else None
-    except UnicodeDecodeError:
-        st.error("The contrast set can't be used: it is not UTF-8 text.")
+        upload = st.file_uploader(
+            f"Contrast set (YAML, max {MAX_YAML_UPLOAD_MB} MB)", type=["yaml", "yml"], key="contrast_upload",
+            help=f"Format: {FORMAT_HELP}; at least 3 sentences per sense.", max_upload_size=MAX_YAML_UPLOAD_MB,
+        )  # fmt: skip
+        return parse_contrast_set(uploaded_yaml_text(upload)) if upload is not None else None
     except (ConfigError, FileNotFoundError) as exc:
         st.error(f"The contrast set can't be used: {exc}")
+    except ValueError as exc:  # too large, or not UTF-8
+        st.error(f"The contrast set can't be used: {exc}.")
     return None
 
 

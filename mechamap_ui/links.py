@@ -1,5 +1,6 @@
-"""Shareable links: ?run=<id> names the active run on every page, ?layer=L&neuron=N (and &expert=E for a routed
-expert's neuron) a neuron on the Neuron page; each page drops the link params of the others."""
+"""Shareable links: ?run=<id> names the active run on every page (an address without it opens the newest saved run),
+?layer=L&neuron=N (and &expert=E for a routed expert's neuron) a neuron on the Neuron page; each page drops the link
+params of the others."""
 
 from __future__ import annotations
 
@@ -35,11 +36,17 @@ def _shown(text: str) -> str:
 
 def sync_run_link() -> None:
     """Follow a new ?run=<id> (make it the active run, or say the id is unknown), then put the active run's id in the URL.
+    A session's first run without ?run= (a new tab, or a reload of an address that lost it) starts on the newest saved
+    run, and says so.
 
     app.py calls it before drawing the sidebar, so the sidebar already shows a linked run.
     """
     run_id = st.query_params.get(RUN_PARAM)
-    if run_id is not None and run_id != st.session_state.get(FOLLOWED_RUN):
+    if run_id is None and FOLLOWED_RUN not in st.session_state:
+        newest = state.start_on_the_newest_run()
+        if newest is not None:
+            st.toast(f"Showing the newest saved run, {newest}: pick another in the sidebar.", icon=":material/history:")
+    elif run_id is not None and run_id != st.session_state.get(FOLLOWED_RUN):
         try:
             known = set(state.saved_runs()["run_id"])
         except OSError:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from . import state
 # key to the saved run id. A hit reads that run back through state.get_run (an st.cache_data), so no
 # second copy of a result is held, and a removed run folder simply means scanning again.
 MAX_REMEMBERED_SCANS = 64
+ALREADY_LOADED_S = 0.05  # a model "loaded" faster than this came from st.cache_resource: it was already in memory
 _SCANS: OrderedDict[str, str] = OrderedDict()
 _SCANS_LOCK = threading.Lock()
 
@@ -40,13 +42,38 @@ Progress = Callable[[float, str], None]
 
 @dataclass
 class ScanOutcome:
-    """A finished scan: its result, the saved run id, whether it came from the cache, and where the model sits
-    (module path -> device; None when an earlier run was reused)."""
+    """A finished scan: its result, the saved run id, whether it came from the cache, where the model sits
+    (module path -> device) and the seconds it took to get the model (download and load, or a cache hit); the
+    last two None when an earlier run was reused."""
 
     result: ScanResult
     run_id: str
     cached: bool
     placement: dict[str, str] | None = None
+    load_seconds: float | None = None
+
+
+def describe_timing(outcome: ScanOutcome) -> str:
+    """How a scan went, for its finish message: "finished in 0.5 s (model loaded in 3.1 s)", "finished in 0.5 s
+    (model already loaded)", or "reused from an identical earlier scan". The scan's own time (the run's
+    timings_s["total"]) excludes getting the model, so that is said apart."""
+    if outcome.cached:
+        return "reused from an identical earlier scan"
+    scanned = f"finished in {outcome.result.metadata['timings_s']['total']:.1f} s"
+    if outcome.load_seconds is None:
+        return scanned
+    if outcome.load_seconds < ALREADY_LOADED_S:
+        return f"{scanned} (model already loaded)"
+    return f"{scanned} (model loaded in {outcome.load_seconds:.1f} s)"
+
+
+def finished_message(outcome: ScanOutcome) -> str:
+    """The success message after a scan: its timing, what it covered, and the saved run's id."""
+    metadata = outcome.result.metadata
+    return (
+        f"Scan {describe_timing(outcome)}: {describe_shape(outcome.result.scores)} over {metadata['n_tokens']:,} "
+        f"tokens. Saved as run {outcome.run_id}."
+    )
 
 
 def hf_token() -> str | None:
@@ -221,13 +248,16 @@ def run_scan(
         report(1.0, "Same model, config and options as an earlier scan: reused its saved run.")
         return earlier
 
+    cfg = cfg.covering(layers, limit_neurons)
     report(0.0, f"Loading {spec.strip()} ...")
 
     def on_download(done: int, total: int, filename: str) -> None:
         size = f"{placement.human_bytes(done)} of {placement.human_bytes(total)}"
         report(min(done / max(total, 1), 1.0), f"Downloading {spec.strip()}: {filename} ({size})")
 
+    asked = time.perf_counter()
     lm = state.get_model(spec.strip(), device, dtype, _token=hf_token(), _download_progress=on_download, **loading)
+    load_seconds = time.perf_counter() - asked
     if lm.lock.locked():
         report(0.0, "Waiting: another session is scanning this model right now ...")
 
@@ -238,7 +268,7 @@ def run_scan(
     report(1.0, "Saving the run ...")
     run_id = save_run(result, state.runs_dir()).name
     remember_scan(key, run_id)
-    return ScanOutcome(result, run_id, cached=False, placement=dict(lm.placement))
+    return ScanOutcome(result, run_id, cached=False, placement=dict(lm.placement), load_seconds=load_seconds)
 
 
 def remembered_scan(key: str) -> ScanOutcome | None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import streamlit as st
 
+from mechamap_core.analysis import differing_config_keys
 from mechamap_core.config import ConfigError, ScanConfig, load_config
 from mechamap_core.export import list_runs, load_run
 from mechamap_core.models import LoadedModel, load_model
@@ -116,6 +117,45 @@ def active_config_name() -> str:
     return st.session_state.get(ACTIVE_CONFIG_NAME, "unsaved")
 
 
+@st.cache_data(show_spinner=False, max_entries=256)
+def _saved_config_hash(path: str, modified_ns: int) -> str | None:
+    """The content hash of a saved config file as it is at modified_ns (part of the cache key), None if unreadable."""
+    try:
+        return load_config(path).content_hash()
+    except (ConfigError, OSError):
+        return None
+
+
+def saved_config_with_hash(config_hash: str | None) -> str | None:
+    """The name (file stem) of a config in configs_dir() whose content hash is config_hash, or None."""
+    if not config_hash:
+        return None
+    for path in sorted(configs_dir().glob("*.yaml")):
+        try:
+            if _saved_config_hash(str(path), path.stat().st_mtime_ns) == config_hash:
+                return path.stem
+        except OSError:
+            continue
+    return None
+
+
+def run_config_note(metadata: dict) -> tuple[str, str | None]:
+    """(the config a run was scanned with, in words; how it differs from the active config, or None when it is the
+    active config). Runs record their config and its hash, not the file it came from: a saved config with that hash
+    names it."""
+    active, active_name = active_config(), active_config_name()
+    run_hash = metadata.get("config_hash")
+    if run_hash is not None and run_hash == active.content_hash():
+        return f"the active config ({active_name})", None
+    saved = saved_config_with_hash(run_hash)
+    scanned_with = f"config {saved}" if saved else f"a config not saved here (hash `{str(run_hash)[:6]}`)"
+    if saved == active_name:  # the run has the saved file's content, the active config began as that file
+        active_name += ", edited since it was loaded"
+    keys = differing_config_keys(metadata.get("config") or {}, active.to_dict())
+    which = f" in {', '.join(keys)}" if keys else ""
+    return scanned_with, f"Not the active config ({active_name}): it differs{which}. The Scan page uses the active one."
+
+
 def active_config_problems() -> list[tuple[str, str]]:
     """Problems of the active config that only the Config page's table shows (a category name used twice, words
     without a name, an unreadable layer list): the config itself lost them, so a scan must be refused on them too."""
@@ -138,6 +178,22 @@ def config_version() -> int:
 def set_active_run(run_id: str | None) -> None:
     st.session_state[ACTIVE_RUN] = run_id
     st.session_state.pop(RESULT_OVERRIDE, None)
+
+
+def start_on_the_newest_run() -> str | None:
+    """Make the newest saved run active in a session that has none yet (a new tab, or a browser reload of an address
+    without ?run=: a reload starts a new session, so nothing of the old one is left to remember); returns its id.
+    A session that already has a run, chose none in the sidebar, or holds an in-memory result keeps it (None)."""
+    if ACTIVE_RUN in st.session_state or st.session_state.get(RESULT_OVERRIDE) is not None:
+        return None
+    try:
+        runs = saved_runs()
+    except OSError:
+        return None
+    if runs.empty:
+        return None
+    st.session_state[ACTIVE_RUN] = str(runs["run_id"].iloc[0])
+    return st.session_state[ACTIVE_RUN]
 
 
 def active_run_id() -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import altair as alt
 import numpy as np
@@ -316,19 +317,36 @@ def stat_columns(df: pd.DataFrame, first: list[str], metric: str | None = None) 
     return out
 
 
+# p and q values, in every table and text: 3 significant digits in scientific notation. Tables format in the browser
+# (JavaScript's toExponential: "1.00e-3"); significance_text writes the same in captions and help.
+SIGNIFICANCE_FORMAT = "%.2e"
+SIGNIFICANCE_DIGITS = 2
+
+
+def significance_text(value: float) -> str:
+    """A p or q value as the tables show it (SIGNIFICANCE_FORMAT in the browser): "1.00e-3", "4.56e-12", "1.00e+0"."""
+    return re.sub(r"e([+-])0*(\d)", r"e\1\2", f"{value:.{SIGNIFICANCE_DIGITS}e}")
+
+
+def is_significance_column(column: str) -> bool:
+    """Whether a column holds p or q values (p_value, q_value, heldout_p_value, ...): shown as SIGNIFICANCE_FORMAT."""
+    return column in ("p_value", "q_value") or column.endswith(("_p_value", "_q_value"))
+
+
 def stat_column_config(df: pd.DataFrame, permutations: int | None = None) -> dict:
     """column_config that shows statistics with at least 3 decimals, more where a column's typical magnitude is
-    small (an expert's activations near 1e-3 show 3 significant digits, not 0.000); q/p values in scientific
-    notation; the values themselves unrounded.
+    small (an expert's activations near 1e-3 show 3 significant digits, not 0.000); p and q values (any
+    is_significance_column) in SIGNIFICANCE_FORMAT, as everywhere in the app; the values themselves unrounded.
 
     permutations: the run's word-level permutation count (analysis.permutation_count): the p_value and q_value
     headers' help then gives the floor 1/(1 + permutations) those values cannot go below (0: Welch's test, no
     floor). None (not known here): q_value's help explains the floor in general, and p_value gets no help (the
     table's p-values may come from another test, e.g. the contrast check's Mann-Whitney)."""
     config = {}
-    for col in df.columns:
-        if col in ("p_value", "q_value"):
-            config[col] = st.column_config.NumberColumn(col, format="%.2e", help=significance_help(col, permutations))
+    for col in map(str, df.columns):
+        if is_significance_column(col):
+            explained = significance_help(col, permutations) if col in ("p_value", "q_value") else None
+            config[col] = st.column_config.NumberColumn(col, format=SIGNIFICANCE_FORMAT, help=explained)
         elif col not in ("layer", "expert", "neuron", "n_tokens", "n_categories") and pd.api.types.is_float_dtype(df[col]):
             config[col] = st.column_config.NumberColumn(col, format=f"%.{_decimals(df[col])}f")
     return config
@@ -343,14 +361,15 @@ def significance_help(column: str, permutations: int | None) -> str | None:
         if column == "p_value":
             return None
         return (f"{what}. When the run used a word-level permutation test of P permutations (config `permutations`, "
-                "1000 by default), p cannot go below 1/(1+P), about 1.0e-03 for 1000, and so q neither: a value at "
-                "that floor means 'as small as this test can show', not that exact probability.")  # fmt: skip
+                f"1000 by default), p cannot go below 1/(1+P), about {significance_text(permutation_floor(1000))} for "
+                "1000, and so q neither: a value at that floor means 'as small as this test can show', not that exact "
+                "probability.")  # fmt: skip
     if permutations == 0:
         return f"{column}: from Welch's t-test (this run had permutations 0, no permutation test), so there is no floor."
     floor = permutation_floor(permutations)
     return (f"{what}. This run drew {permutations:,} permutations, so p cannot go below 1/(1+{permutations:,}) = "
-            f"{floor:.2e}, and q neither: a value at that floor means 'as small as this test can show', not that "
-            "exact probability.")  # fmt: skip
+            f"{significance_text(floor)}, and q neither: a value at that floor means 'as small as this test can "
+            "show', not that exact probability.")  # fmt: skip
 
 
 def _decimals(values: pd.Series, digits: int = 3, most: int = 8) -> int:

@@ -287,13 +287,15 @@ def test_token_span_overlap_equals_the_pairwise_definition():
 
 
 def test_words_in_several_categories_match_as_the_text_does():
-    """A word listed under two categories, in any case or inner spacing, is the same word to find_word_spans."""
+    """A word listed under two categories, in any case or inner spacing, is the same word to find_word_spans; it is
+    named as the user first wrote it (inner spaces collapsed), not lower-cased."""
     categories = {"fruit": ["orange", "Turkey ", "apple"], "colour": ["Orange", "red"], "country": ["turkey", "New  York"],
                   "city": ["new york", "Paris"], "empty": []}  # fmt: skip
     got = words_in_several_categories(categories)
-    assert got == {"orange": ["fruit", "colour"], "turkey": ["fruit", "country"], "new york": ["country", "city"]}
+    assert got == {"orange": ["fruit", "colour"], "Turkey": ["fruit", "country"], "New York": ["country", "city"]}
     text = "An orange, a Turkey and New York."
     for word, cats in got.items():  # each spelling of it finds the same spans
-        spans = {tuple(find_word_spans(text, w)) for c in cats for w in categories[c] if " ".join(w.lower().split()) == word}
+        same = " ".join(word.lower().split())
+        spans = {tuple(find_word_spans(text, w)) for c in cats for w in categories[c] if " ".join(w.lower().split()) == same}
         assert len(spans) == 1 and spans != {()}
     assert words_in_several_categories({"a": ["x", "X"], "b": ["y"]}) == {}  # twice in one category is not shared

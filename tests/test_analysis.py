@@ -157,6 +157,45 @@ def test_config_differences_say_what_a_missing_or_empty_value_means():
     assert "None" not in " ".join(notes)
 
 
+def run_metadata(config_hash: str = "h", model: str = "m", layers=(0, 1, 2, 3), depth: int = 4, width: int = 64, **more):
+    """The metadata a run records about what it covered (and its config), for config_differences."""
+    config = {"model": model, "layers": None, "limit_neurons": 0, "corpus": None}
+    return {"config_hash": config_hash, "model": model, "layers": list(layers), "n_layers_model": depth,
+            "neurons_per_layer": {str(layer): width for layer in layers}, "n_documents": 1, "config": config, **more}  # fmt: skip
+
+
+def test_scan_coverage_says_what_a_run_covered():
+    assert analysis.scan_coverage(run_metadata()) == {
+        "layers scanned": "all", "neurons scanned per layer": "64", "text scanned": "the master text"}  # fmt: skip
+    corpus = run_metadata(layers=[0, 2, 3], width=32, source="corpus", corpus="1,000 uploaded documents")
+    assert analysis.scan_coverage(corpus) == {"layers scanned": "0, 2-3 of 4", "neurons scanned per layer": "32",
+                                              "text scanned": "a corpus (1,000 uploaded documents)"}  # fmt: skip
+    assert analysis.scan_coverage({"config": {}}) == {}  # a run saved before any of it was recorded
+
+
+def test_config_differences_name_layers_and_neuron_limits_given_beside_the_config():
+    """A run limited by --layers / --limit-neurons (its config, and so its hash, the same as a full run's) differs in
+    what it covered, and config_differences says so; a full scan of a deeper model is not a difference."""
+    full, limited = run_metadata(), run_metadata(layers=[1, 3], width=16)
+    notes = analysis.config_differences(full, limited)
+    assert notes == ["layers scanned: all vs 1, 3 of 4", "neurons scanned per layer: 64 vs 16"]
+    assert analysis.config_differences(full, full) == []
+    deeper = run_metadata(model="m2", depth=12, layers=range(12), width=3072)
+    assert analysis.config_differences(full, deeper) == []  # all layers of each, every neuron: widths are the models'
+    uploaded = run_metadata(source="corpus", corpus="5 uploaded documents")
+    assert analysis.config_differences(full, uploaded) == ["text scanned: the master text vs a corpus (5 uploaded documents)"]
+
+
+def test_config_differences_read_the_config_where_the_run_does_not_say():
+    """Between two models, neuron widths are the models'; the configs' limit_neurons tells a limit then (the app
+    writes the Scan page's limit into the run's config), and says what 0 means. The layers the runs record stand in
+    for the configs' layers."""
+    limited = run_metadata("a", model="m2", layers=[0, 1], depth=2, width=32)
+    limited["config"] |= {"limit_neurons": 32, "layers": [0, 1]}
+    notes = analysis.config_differences(run_metadata("b"), limited)
+    assert notes == ["limit_neurons: all neurons vs 32"], notes  # layers: all of each model's
+
+
 # --- pivots -----------------------------------------------------------------------------------
 
 
@@ -173,6 +212,9 @@ def test_layer_category_counts_match_a_manual_loop(scores, metric, threshold):
 def test_layer_category_counts_keeps_empty_rows_and_columns(scores):
     got = analysis.layer_category_counts(scores, "score", 3.0)  # only L0N3 place (3.0) and L2N0 animal (3.5)
     assert got.to_numpy().tolist() == [[0, 0, 1], [0, 0, 0], [1, 0, 0]]
+    assert analysis.flagged_pairs_text(got) == "2 (neuron, category) pairs flagged, in 2 of 3 layers."
+    one = analysis.layer_category_counts(scores, "score", 3.2)  # only L2N0 animal
+    assert analysis.flagged_pairs_text(one) == "1 (neuron, category) pair flagged, in 1 of 3 layers."
 
 
 def test_flagged_is_inclusive(scores):

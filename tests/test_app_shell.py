@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 
 import app_fixtures
 import pytest
 from app_fixtures import make_app, no_exception, open_page, texts
 
+from mechamap_core.config import load_config
 from mechamap_core.export import save_run
-from mechamap_ui.state import ACTIVE_RUN, RESULT_OVERRIDE
+from mechamap_ui.state import ACTIVE_CONFIG, ACTIVE_CONFIG_NAME, ACTIVE_RUN, RESULT_OVERRIDE
 
 # fixtures shared with the other app tests
 app_env = app_fixtures.app_env
@@ -50,6 +52,66 @@ def test_sidebar_shows_the_active_result(app_env, tiny_result):
     sidebar = " ".join(texts(at.sidebar.markdown))
     assert "Active run" in sidebar
     assert f"Tokens:** {tiny_result.metadata['n_tokens']}" in sidebar
+
+
+def sidebar_text(at) -> str:
+    return " ".join(texts(at.sidebar.markdown) + texts(at.sidebar.caption))
+
+
+def test_sidebar_names_the_config_the_run_was_scanned_with(app_env, tiny_result):
+    """The active run's own config is named, and where it is not the active config (which the sidebar also shows,
+    and the Scan page uses) a note says so and which settings differ."""
+    at = make_app(tiny_result).run()  # scanned with default.yaml, the active config
+    no_exception(at)
+    assert "**Active config:** default" in sidebar_text(at)
+    assert "**Scanned with:** the active config (default)" in sidebar_text(at)
+    assert "Not the active config" not in sidebar_text(at)
+
+    mine = dataclasses.replace(load_config(app_env["configs"] / "default.yaml"), threshold=2.5)
+    at = make_app(tiny_result, **{ACTIVE_CONFIG: mine, ACTIVE_CONFIG_NAME: "mine"}).run()
+    no_exception(at)
+    assert "**Active config:** mine" in sidebar_text(at)
+    assert "**Scanned with:** config default" in sidebar_text(at)  # the saved config with the run's config hash
+    assert "Not the active config (mine): it differs in threshold. The Scan page uses the active one." in sidebar_text(at)
+
+    at = make_app(tiny_result, **{ACTIVE_CONFIG: mine, ACTIVE_CONFIG_NAME: "default"}).run()  # default.yaml, edited
+    assert "**Scanned with:** config default" in sidebar_text(at)
+    assert "Not the active config (default, edited since it was loaded): it differs in threshold." in sidebar_text(at)
+
+    elsewhere = {**tiny_result.metadata["config"], "categories": {"planet": ["Mars"]}}
+    saved_nowhere = {**tiny_result.metadata, "config": elsewhere, "config_hash": "abcdef123456"}
+    unsaved = dataclasses.replace(tiny_result, metadata=saved_nowhere)
+    at = make_app(unsaved).run()
+    no_exception(at)
+    assert "**Scanned with:** a config not saved here (hash `abcdef`)" in sidebar_text(at)
+    assert "Not the active config (default): it differs in categories." in sidebar_text(at)
+
+
+def saved_in_order(tiny_result, runs_dir, *run_ids: str) -> list[str]:
+    """tiny_result saved under each id, created a day apart in that order (the last is the newest)."""
+    for day, run_id in enumerate(run_ids, start=1):
+        created = {**tiny_result.metadata, "created": f"2024-01-0{day}T00:00:00"}
+        save_run(dataclasses.replace(tiny_result, metadata=created), runs_dir, run_id=run_id)
+    return list(run_ids)
+
+
+def test_a_session_without_a_run_link_starts_on_the_newest_saved_run(app_env, tiny_result):
+    """A browser reload starts a new session: without ?run= in the address it opens the newest saved run (and says
+    so), not an empty app; a ?run= link still wins, and a session that picked no run keeps none."""
+    older, newest = saved_in_order(tiny_result, app_env["runs"], "20240101-000000-older", "20240102-000000-newest")
+    at = make_app().run()
+    no_exception(at)
+    assert at.session_state[ACTIVE_RUN] == newest and at.query_params["run"] == newest
+    assert [t.value for t in at.toast] == [f"Showing the newest saved run, {newest}: pick another in the sidebar."]
+    assert f"**Active run:** {newest}" in sidebar_text(at)
+    at.sidebar.selectbox(key="sidebar_run_picker").set_value("").run()  # (none): kept, not replaced by the newest
+    at.run()
+    assert at.session_state[ACTIVE_RUN] is None and "run" not in at.query_params
+
+    at = make_app()
+    at.query_params["run"] = older
+    at.run()
+    assert at.session_state[ACTIVE_RUN] == older and not at.toast
 
 
 def test_sidebar_picker_switches_the_active_run(app_env, tiny_result):
@@ -105,7 +167,8 @@ def test_overview_button_scans_and_activates_the_run(app_env):
     assert len(runs) == 1
     assert at.session_state[ACTIVE_RUN] == runs[0]
     assert RESULT_OVERRIDE not in at.session_state
-    assert any("Scan finished" in v for v in texts(at.success))
+    timing = r"Scan finished in \d+\.\d s \(model (loaded in \d+\.\d s|already loaded)\): 6 layers × 1,536 neurons"
+    assert any(re.match(timing, v) and runs[0] in v for v in texts(at.success)), texts(at.success)
     assert at.subheader[0].value == "Headline of the active run"
     assert at.metric[0].value == "9,216"  # 6 layers x 1536 neurons
 

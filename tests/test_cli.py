@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -53,6 +54,7 @@ def test_scan_writes_every_format(scanned):
     data = json.loads(paths["json"].read_text(encoding="utf-8"))
     assert len(data["neurons"]) == 6 * 8
     assert "L5.N7" in data["neurons"]
+    assert data["metadata"]["config"]["limit_neurons"] == 8  # the run records the --limit-neurons it was scanned with
     pd.testing.assert_frame_equal(pd.read_parquet(paths["parquet"]), table, check_dtype=False, rtol=1e-9)
 
 
@@ -210,6 +212,7 @@ def test_ablate_prints_effect_vs_controls(capsys):
     assert "ablated" in out and "control 1" in out and "control 2" in out
     assert "effect" in out and "vs random controls" in out
     assert "'food'" in out and "2 neuron(s)" in out
+    assert re.search(r"; larger in size than [0-2] of 2 random control sets \(p = (0\.33|0\.67|1\.00)", out)  # the rank
     assert "ablating" in captured.err and "4/4" in captured.err  # the progress bar: the clean pass, ablated, 2 controls
 
 

@@ -252,3 +252,12 @@ def test_parse_layer_list():
 def test_parse_layer_list_errors(text):
     with pytest.raises(ValueError):
         parse_layer_list(text)
+
+
+def test_covering_writes_a_scans_layers_and_limit_into_a_copy():
+    cfg = ScanConfig(master_text="x", categories={"a": ["x"]}, layers=[1], limit_neurons=4)
+    assert cfg.covering(None, None) == cfg  # nothing given: the config's own extent stands
+    covered = cfg.covering([0, 2], 8)
+    assert (covered.layers, covered.limit_neurons) == ([0, 2], 8)
+    assert (cfg.layers, cfg.limit_neurons) == ([1], 4)  # the original is untouched
+    assert covered.content_hash() != cfg.content_hash()

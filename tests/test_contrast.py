@@ -189,3 +189,30 @@ def test_hypothesis_page_contrast_section(app_env, tiny_result):
     at.radio(key="contrast_source").set_value("Upload a YAML file").run()
     no_exception(at)
     assert not at.error
+
+
+def _contrast_upload_page():
+    """The contrast section's set picker alone; the set it gives is kept in session_state["picked_set"]."""
+    import streamlit as st
+
+    from mechamap_ui.contrast_panel import _contrast_set
+
+    st.session_state["picked_set"] = _contrast_set()
+
+
+def test_contrast_upload_states_and_checks_its_1_mb_cap():
+    """The uploader states the 1 MB cap of a YAML upload (max_upload_size, not the server's maxUploadSize); the server
+    refuses a larger or non-UTF-8 file with one message, and reads a valid one."""
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_function(_contrast_upload_page).run()
+    at.radio(key="contrast_source").set_value("Upload a YAML file").run()
+    uploader = at.file_uploader(key="contrast_upload")
+    assert uploader.proto.max_upload_size_mb == 1 and "max 1 MB" in uploader.label
+    uploader.set_value(("big.yaml", b"#" * 1_100_000, "application/x-yaml")).run()
+    assert [e.value for e in at.error] == ["The contrast set can't be used: it is larger than 1 MB."]
+    assert at.session_state["picked_set"] is None
+    at.file_uploader(key="contrast_upload").set_value(("latin.yaml", "# caf\xe9".encode("latin-1"), "text/yaml")).run()
+    assert [e.value for e in at.error] == ["The contrast set can't be used: it is not UTF-8 text."]
+    at.file_uploader(key="contrast_upload").set_value(("set.yaml", yaml.safe_dump(SET).encode(), "text/yaml")).run()
+    assert not at.error and at.session_state["picked_set"] == parse_contrast_set(yaml.safe_dump(SET))

@@ -22,11 +22,15 @@ from mechamap_core.hypothesis import (
     _forward_measure,
     ablate,
     check_heldout_inputs,
+    control_rank_text,
     flagged_for_category,
+    heldout_scan,
     heldout_summary_table,
     parse_typed_words,
+    rank_vs_controls,
     untested_categories,
     validate_heldout,
+    with_ceiling,
 )
 from mechamap_core.inspect_neuron import direct_effect, neuron_token_table, token_activations, top_examples
 from mechamap_core.sites import resolve_sites
@@ -97,6 +101,76 @@ def test_heldout_ceiling_is_the_best_neurons_on_the_heldout_text_by_brute_force(
         assert summary["mean_heldout_auroc"].iloc[0] <= ceiling[category] + 1e-12
     assert np.isnan(ceiling["vehicle"])
     assert heldout_ceiling(tiny_bert, heldout, {"food": 0}).isna().all()  # nothing tested: NaN, without a scan
+
+
+def model_forwards(model: torch.nn.Module) -> tuple[list, object]:
+    """(calls, handle): every forward pass of model appends to calls until handle.remove()."""
+    calls: list = []
+    return calls, model.register_forward_pre_hook(lambda module, args: calls.append(1))
+
+
+def test_heldout_check_read_off_the_ceilings_scan_equals_its_own_passes(tiny_bert):
+    """validate_heldout with heldout_scan's result: the same per-neuron table and summary, to the last bit, as its
+    own pass over the held-out text, without running the model again; with_ceiling's numbers read off that scan
+    equal the old path's (a scan of the held-out text over the run's layers and neurons, computed here: the top-n
+    AUROCs per category, averaged). A scan that missed a candidate's neuron is not used; one of another text is refused."""
+    run = ScanConfig(master_text="Soup and salad in Rome, then noodles in Oslo and Madrid with tea.", categories=WORDS)
+    scores = scan(tiny_bert, run, limit_neurons=24).scores
+    candidates = scores[scores["neuron"].isin([1, 5, 20])]
+    heldout = ScanConfig(master_text=TEXT, categories=WORDS, auroc=False, permutations=50)  # the scans turn these off
+    own_neurons, own_summary = validate_heldout(tiny_bert, candidates, heldout, min_auroc=0.6)
+    scanned = heldout_scan(tiny_bert, heldout, scores)
+    assert scanned.metadata["auroc_method"] == "exact" and scanned.metadata["layers"] == [0, 1]
+    calls, handle = model_forwards(tiny_bert.model)
+    try:
+        per_neuron, summary = validate_heldout(tiny_bert, candidates, heldout, min_auroc=0.6, scanned=scanned)
+        with_best = with_ceiling(tiny_bert, scores, heldout, summary, scanned=scanned)
+    finally:
+        handle.remove()
+    assert calls == []  # the model did not run over the held-out text again
+    pd.testing.assert_frame_equal(per_neuron, own_neurons, check_exact=True)
+    pd.testing.assert_frame_equal(summary, own_summary, check_exact=True)
+    old_scan = scan(tiny_bert, dataclasses.replace(heldout, auroc=True, permutations=0, cv_folds=0), layers=[0, 1],
+                    limit_neurons=24).scores  # fmt: skip
+    for line in with_best.itertuples():
+        aurocs = old_scan.loc[old_scan["category"].astype(str) == line.category, "auroc"].dropna()
+        assert line.tested > 0 and line.best_possible_auroc == pytest.approx(np.sort(aurocs)[-line.tested:].mean(), abs=1e-12)
+    pd.testing.assert_frame_equal(with_best, with_ceiling(tiny_bert, scores, heldout, own_summary), check_exact=True)
+    narrow = heldout_scan(tiny_bert, heldout, scores[scores["neuron"] < 10])  # neuron 20 not read: its own pass
+    pd.testing.assert_frame_equal(validate_heldout(tiny_bert, candidates, heldout, 0.6, scanned=narrow)[0], own_neurons)
+    other = heldout_scan(tiny_bert, dataclasses.replace(heldout, master_text=TEXT + " More rice."), scores)
+    for check in (lambda: validate_heldout(tiny_bert, candidates, heldout, scanned=other),
+                  lambda: with_ceiling(tiny_bert, scores, heldout, summary, scanned=other)):  # fmt: skip
+        with pytest.raises(ValueError, match="held-out scan given is of another text"):
+            check()
+
+
+def test_expert_heldout_check_read_off_a_wider_scan_equals_its_own(default_cfg):
+    """Expert candidates: read off heldout_scan's scan of every layer and neuron the run has, without running the
+    model again, their held-out rows equal those of validate_heldout's own scan of just their layers and neurons."""
+    from test_moe import build
+    from tiny_models import bundled_tokenizer
+
+    from mechamap_core.models import wrap_model
+
+    lm = wrap_model(build("mixtral"), bundled_tokenizer(), "tiny-mixtral")
+    paragraphs = default_cfg.master_text.split("\n\n")
+    run = dataclasses.replace(default_cfg, master_text="\n\n".join(paragraphs[:4]), categories=dict(default_cfg.categories))
+    scores = scan(lm, run).scores
+    heldout = dataclasses.replace(run, master_text="\n\n".join(paragraphs[4:]))
+    candidates = scores[scores["neuron"] < 2]
+    own_neurons, own_summary = validate_heldout(lm, candidates, heldout)
+    scanned = heldout_scan(lm, heldout, scores)
+    assert max(scanned.metadata["neurons_per_site"].values()) > 2 and scanned.metadata["auroc_method"] == "exact"
+    calls, handle = model_forwards(lm.model)
+    try:
+        per_neuron, summary = validate_heldout(lm, candidates, heldout, scanned=scanned)
+    finally:
+        handle.remove()
+    assert calls == []  # read off the scan, not scanned again
+    assert per_neuron["status"].isin(["pass", "fail"]).any() and per_neuron["hook"].str.contains(".experts.").all()
+    pd.testing.assert_frame_equal(per_neuron, own_neurons, check_exact=True)
+    pd.testing.assert_frame_equal(summary, own_summary, check_exact=True)
 
 
 def test_heldout_reports_untested_categories(tiny_bert):
@@ -217,8 +291,33 @@ def test_ablating_a_neuron_changes_a_tiny_model_and_nothing_changes_nothing(tiny
     std = (sum((c - mean) ** 2 for c in controls) / (len(controls) - 1)) ** 0.5  # the sample standard deviation
     assert result.summary["control_mean"] == pytest.approx(mean) and result.summary["control_std"] == pytest.approx(std)
     assert result.summary["z_vs_controls"] == pytest.approx((table.loc[0, "effect_target"] - mean) / std)
+    as_large = sum(abs(c) >= abs(table.loc[0, "effect_target"]) for c in controls)  # the rank, counted by size
+    assert (result.summary["n_controls"], result.summary["controls_as_large"]) == (3, as_large)
+    assert result.summary["p_vs_controls"] == (1 + as_large) / 4
     hooks = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in tiny_gpt2.model.modules())
     assert hooks == 0
+
+
+@pytest.mark.parametrize(
+    ("effect", "controls", "as_large", "text"),
+    [
+        (-0.5, [-0.1, 0.6, -0.5, 0.2, 0.05], 2, "larger in size than 3 of 5 random control sets (p = 0.50)"),
+        (0.9, [0.1, -0.2], 0, "larger in size than 2 of 2 random control sets (p = 0.33, the smallest 2 sets allow)"),
+        (0.0, [0.0, 0.0, 0.0], 3, "larger in size than 0 of 3 random control sets (p = 1.00)"),  # ties count as large
+    ],
+)
+def test_rank_vs_controls_is_the_permutation_p_value_of_hand_built_effects(effect, controls, as_large, text):
+    """p = (1 + control sets whose effect is at least as large in size) / (1 + control sets), said in words."""
+    rank = rank_vs_controls(effect, np.array(controls))
+    assert rank == {"n_controls": len(controls), "controls_as_large": as_large, "p_vs_controls": (1 + as_large) / (1 + len(controls))}
+    assert control_rank_text(rank) == text
+
+
+def test_rank_vs_controls_is_left_out_without_numbers():
+    assert rank_vs_controls(float("nan"), np.array([0.1, 0.2])) == {}
+    assert rank_vs_controls(0.3, np.array([0.1, float("nan")])) == {}
+    assert rank_vs_controls(0.3, np.array([])) == {}
+    assert control_rank_text({"effect": 0.3}) == ""
 
 
 @pytest.mark.parametrize("mode", ["zero", "mean"])

@@ -3,6 +3,7 @@ warning, distinct run labels, blank cells, readable top tokens and the q-value f
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import app_fixtures
@@ -150,7 +151,8 @@ def test_top_tables_show_readable_tokens_blanks_and_the_q_floor(three_runs):
     for key, permutations in (("cmp_top_a", 200), ("cmp_top_b", 1000)):
         help_text = json.loads(top_table(at, key).proto.columns)["q_value"]["help"]
         floor = 1 / (1 + permutations)
-        assert f"{permutations:,} permutations" in help_text and f"{floor:.2e}" in help_text
+        shown_floor = {200: "4.98e-3", 1000: "9.99e-4"}[permutations]  # as the table's "%.2e" shows it (JavaScript)
+        assert f"{permutations:,} permutations" in help_text and f"= {shown_floor}, and q neither" in help_text
         assert np.allclose(top_table(at, key).value["q_value"], floor)  # the hand-made q-values sit at the floor
 
 
@@ -182,3 +184,17 @@ def test_config_differences_never_say_none(three_runs, app_env):
     warning = next(w.value for w in at.warning if "different configs" in w.value)
     assert "permutations: not set vs 1000" in warning
     assert "None" not in warning
+
+
+def test_config_differences_name_the_layers_and_neurons_each_run_covered(three_runs, app_env):
+    """A run limited to some layers and neurons (--layers / --limit-neurons beside an unchanged config: the same
+    config hash as the full run) is not compared as if it covered the same neurons."""
+    limited = gappy_run(5, "2026-12-04T00:00:00", empty_category=None)  # run-new's config and config hash
+    kept = limited.scores[limited.scores["layer"].isin([0, 2]) & (limited.scores["neuron"] < 4)].reset_index(drop=True)
+    covered = {"layers": [0, 2], "neurons_per_layer": {"0": 4, "2": 4}}
+    save_run(dataclasses.replace(limited, scores=kept, metadata=limited.metadata | covered), app_env["runs"], "run-limited")
+    at = compare_page(**{ACTIVE_RUN: "run-limited"})
+    no_exception(at)
+    assert picked(at) == ("run-limited", "run-new")
+    warning = next(w.value for w in at.warning if "different configs" in w.value)
+    assert warning.endswith(": layers scanned: 0, 2 of 4 vs 0-2 of 4; neurons scanned per layer: 4 vs 6"), warning

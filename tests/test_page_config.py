@@ -75,14 +75,15 @@ def test_coverage_names_categories_too_thin_to_score_and_shared_words(app_env):
     tokenizer) and a word two categories list each get a warning; the default config's categories get none."""
     at = config_page()
     assert not [w for w in texts(at.warning) if "fewer than" in w or "is a word of" in w]
-    food = at.session_state[ACTIVE_CONFIG].categories["food"]
-    edit_table(at, added=[{"category": "planet", "words": "Mars, Venus"}, {"category": "dish", "words": food[0]}])
+    shared = at.session_state[ACTIVE_CONFIG].categories["language"][0]  # "English", as the config writes it
+    assert shared != shared.lower()
+    edit_table(at, added=[{"category": "planet", "words": "Mars, Venus"}, {"category": "tongue", "words": shared.lower()}])
     no_exception(at)
     coverage = at.dataframe[1].value.set_index("category")
     assert coverage.loc["planet", "n_tokens"] == 0
     warned = texts(at.warning)
     assert any(w.startswith("'planet' covers 0 tokens of the text, fewer than 5") for w in warned), warned
-    assert any(w.startswith(f"'{food[0].lower()}' is a word of 'food' and 'dish'") for w in warned), warned
+    assert any(w.startswith(f"'{shared}' is a word of 'language' and 'tongue'") for w in warned), warned  # as written
     assert not at.error, "warnings, not errors: the config can still be saved and scanned"
 
 
@@ -205,10 +206,17 @@ def test_invalid_config_upload_changes_nothing(app_env):
 
 
 def test_oversized_upload_is_rejected(app_env):
+    """The widget itself states the 1 MB cap (max_upload_size, not the server's maxUploadSize), and the server
+    checks it again: a larger or non-UTF-8 file changes nothing."""
     at = config_page()
+    uploader = at.file_uploader[0]
+    assert uploader.proto.max_upload_size_mb == 1 and "max 1 MB" in uploader.label
     before_cfg = at.session_state[ACTIVE_CONFIG].to_dict()
     at.file_uploader[0].set_value(("big.yaml", b"#" * 1_100_000, "application/x-yaml")).run()
-    assert any("larger than 1 MB" in v for v in texts(at.error))
+    assert any("big.yaml was not loaded: it is larger than 1 MB." == v for v in texts(at.error)), texts(at.error)
+    assert at.session_state[ACTIVE_CONFIG].to_dict() == before_cfg
+    at.file_uploader[0].set_value(("latin.yaml", "threshold: 2 # caf\xe9".encode("latin-1"), "application/x-yaml")).run()
+    assert any("latin.yaml was not loaded: it is not UTF-8 text." == v for v in texts(at.error)), texts(at.error)
     assert at.session_state[ACTIVE_CONFIG].to_dict() == before_cfg
 
 

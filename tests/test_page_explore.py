@@ -476,12 +476,52 @@ def test_correlation_of_a_category_without_scores_is_blank_and_explained(result)
     assert not any(c.value.startswith("Grey cells") for c in at.caption)
 
 
+def test_significance_text_writes_p_and_q_values_as_the_tables_show_them():
+    """The tables format p and q values in the browser with "%.2e" (JavaScript: no zero-padded exponent); a caption
+    or help text writes the same."""
+    from mechamap_ui.widgets import SIGNIFICANCE_FORMAT, significance_text
+
+    assert SIGNIFICANCE_FORMAT == "%.2e"
+    shown = [significance_text(v) for v in (1 / 1001, 0.0012, 4.56e-12, 0.05, 1.0)]
+    assert shown == ["9.99e-4", "1.20e-3", "4.56e-12", "5.00e-2", "1.00e+0"]  # (0.05).toExponential(2) == "5.00e-2"
+
+
+@pytest.mark.parametrize("name", ["pivot", "overlap", "neuron"])
+def test_p_and_q_values_read_alike_on_every_page(result, name):
+    """Every table of the page that shows p or q values (here the Pivot's and the Neuron page's; the Overlap lists
+    none) formats them as SIGNIFICANCE_FORMAT, also a held-out p-value; the Neuron page's caption writes its q so."""
+    import json
+    import re
+
+    from mechamap_ui.widgets import SIGNIFICANCE_FORMAT, significance_text, stat_column_config
+
+    at = open_page(name, result)
+    assert not at.exception, [e.message for e in at.exception]
+    formats = {}
+    for frame in at.dataframe:
+        columns = json.loads(frame.proto.columns or "{}")
+        formats.update({col: spec.get("type_config", {}).get("format") for col, spec in columns.items()
+                        if col.endswith(("p_value", "q_value"))})  # fmt: skip
+        unconfigured = [c for c in frame.value.columns if str(c).endswith(("p_value", "q_value")) and c not in columns]
+        assert not unconfigured, f"{name}: p/q columns in the browser's default number format: {unconfigured}"
+    assert set(formats.values()) <= {SIGNIFICANCE_FORMAT}
+    assert bool(formats) == (name != "overlap"), formats
+    if name == "neuron":
+        said = next(c.value for c in at.caption if c.value.startswith("Most selective for"))
+        q = re.search(r"q (\S+)\)\.$", said).group(1)
+        layer, neuron = at.session_state[SELECTED_NEURON]
+        profile = analysis.neuron_profile(result.scores, layer, neuron)
+        assert q == significance_text(profile.sort_values("score", ascending=False)["q_value"].iloc[0])
+    heldout = pd.DataFrame({"heldout_p_value": [0.0012], "heldout_auroc": [0.8]})
+    assert stat_column_config(heldout)["heldout_p_value"]["type_config"]["format"] == SIGNIFICANCE_FORMAT
+
+
 def test_q_value_header_explains_the_permutation_floor():
     from mechamap_ui.widgets import stat_column_config
 
     frame = pd.DataFrame({"score": [1.0], "p_value": [0.01], "q_value": [0.02]})
     helps = {p: {c: spec.get("help") for c, spec in stat_column_config(frame, permutations=p).items()} for p in (200, 0, None)}
-    floor = f"{1 / 201:.2e}"
+    floor = "4.98e-3"  # 1/201 as the tables' "%.2e" shows it in the browser (JavaScript's toExponential)
     assert "200 permutations" in helps[200]["q_value"] and floor in helps[200]["q_value"] and floor in helps[200]["p_value"]
     assert "no floor" in helps[0]["q_value"] and "Welch" in helps[0]["p_value"]
     assert "1/(1+P)" in helps[None]["q_value"] and helps[None]["p_value"] is None  # p may be another test's here

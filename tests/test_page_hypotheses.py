@@ -6,6 +6,7 @@ import dataclasses
 import re
 
 import app_fixtures
+import pandas as pd
 import pytest
 from app_fixtures import make_app, no_exception, open_page
 
@@ -54,7 +55,12 @@ def test_neuron_page_starts_at_the_top_neuron_and_follows_the_inputs(app_env, fo
     assert len(stats) == len(food_result.categories)
 
 
-def test_hypothesis_page_heldout_and_ablation(app_env, food_result):
+def test_hypothesis_page_heldout_and_ablation(app_env, food_result, bundled_lm):
+    """The held-out check with its ceiling (one scan of the held-out text serves both) gives what the check and the
+    ceiling's own scan give one after the other; the ablation's caption ranks its effect among the control sets'."""
+    from mechamap_core.analysis import flagged
+    from mechamap_core.hypothesis import control_rank_text, validate_heldout, with_ceiling
+
     at = open_page(make_app(food_result), "hypothesis")
     no_exception(at)
     assert any("flagged (neuron, category) rows" in m.value for m in at.markdown)
@@ -68,6 +74,11 @@ def test_hypothesis_page_heldout_and_ablation(app_env, food_result):
     shown = at.dataframe[-1].value  # the per-neuron table: a dense run's has no expert column
     assert {"layer", "neuron", "status", "heldout_auroc"} <= set(shown.columns) and "expert" not in shown.columns
     assert set(per_neuron["status"]) <= {"pass", "fail"}
+    metric, threshold, min_auroc, heldout, ceiling = at.session_state["heldout_inputs"]
+    assert ceiling
+    own, own_summary = validate_heldout(bundled_lm, flagged(food_result.scores, metric, threshold), heldout, min_auroc)
+    pd.testing.assert_frame_equal(per_neuron, own)
+    pd.testing.assert_frame_equal(summary, with_ceiling(bundled_lm, food_result.scores, heldout, own_summary))
     controls = [n for n in at.number_input if n.label == "Random control sets"][0]
     assert controls.min == 2 and controls.value == 5  # the controls' spread needs two sets
     [b for b in at.button if b.label == "Run ablation"][0].click().run()
@@ -76,6 +87,8 @@ def test_hypothesis_page_heldout_and_ablation(app_env, food_result):
     assert outcome.summary["category"] == food_result.categories[0]
     assert len(outcome.per_condition) == 1 + 5
     assert at.metric and at.metric[0].value.startswith(("+", "-"))
+    rank = control_rank_text(outcome.summary)
+    assert rank.endswith(")") and any(f"The effect is {rank}." in c.value for c in at.caption)
     stale = "The results below are from an earlier run with other choices"
     assert not any(stale in w.value for w in at.warning)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import threading
 
 import app_fixtures
@@ -14,6 +15,7 @@ from app_fixtures import make_app, no_exception, open_page, texts
 from tiny_models import bundled_tokenizer
 
 from mechamap_core import ConfigError, ModelNotAvailableError, ScanConfig, SiteResolutionError, scan
+from mechamap_core.export import load_run
 from mechamap_ui import scanning
 from mechamap_ui.state import ACTIVE_CONFIG, ACTIVE_RUN, RESULT_OVERRIDE
 
@@ -60,6 +62,10 @@ def test_scan_bundled_model_sets_a_saved_active_run(app_env):
     runs = os.listdir(app_env["runs"])
     assert len(runs) == 1 and at.session_state[ACTIVE_RUN] == runs[0]
     assert any("2 layers × 16 neurons (32)" in v and runs[0] in v for v in texts(at.success))  # per layer, then all
+    timing = r"Scan finished in \d+\.\d s \(model (loaded in \d+\.\d s|already loaded)\): "
+    assert any(re.match(timing, v) for v in texts(at.success)), texts(at.success)  # the model's load said apart
+    scanned = load_run(app_env["runs"] / runs[0]).metadata["config"]  # the layers and limit the scan used, not the config's
+    assert (scanned["layers"], scanned["limit_neurons"]) == ([0, 5], 16)
     assert {d.label for d in at.get("download_button")} >= {"CSV", "JSON", "Parquet"}
     assert runs[0] in " ".join(texts(at.sidebar.markdown)), "the sidebar shows the new active run"
     # the same scan again comes from the cache and reuses the saved run
@@ -182,10 +188,9 @@ def test_corpus_upload_replaces_the_master_text(app_env):
     at.run()  # the job panel makes the finished run the active one
     no_exception(at)
     assert not at.error, texts(at.error)
-    from mechamap_core.export import load_run
-
     run = load_run(app_env["runs"] / at.session_state[ACTIVE_RUN])
     assert run.metadata["n_documents"] == 3
+    assert (run.metadata["config"]["layers"], run.metadata["config"]["limit_neurons"]) == ([0], 8)  # as scanned
 
 
 def test_broken_jsonl_corpus_is_an_error(app_env):
@@ -242,6 +247,21 @@ def test_run_shape_counts_neurons_per_layer_and_experts_per_layer():
     moe = [(0, None, "blocks.0.mlp.hook_post", 4), (1, None, "shared", 2), (1, 0, "e0", 3), (1, 1, "e1", 3)]
     assert describe_shape(scores(moe)) == ("2 layers · 6 neurons in 2 routed experts per layer (2 in all) "
                                            "and 6 in 2 dense or shared-expert MLPs")  # fmt: skip
+
+
+def test_finish_message_says_the_scan_time_and_the_model_load_time_apart(tiny_result):
+    """The run's timings_s["total"] covers the scan alone; getting the model (download and load, or the cache) is
+    said apart, and a reused run has neither."""
+    timed = dataclasses.replace(tiny_result, metadata={**tiny_result.metadata, "timings_s": {"total": 0.52}})
+    outcome = scanning.ScanOutcome(timed, "run-1", cached=False, load_seconds=3.14)
+    assert scanning.describe_timing(outcome) == "finished in 0.5 s (model loaded in 3.1 s)"
+    quick = dataclasses.replace(outcome, load_seconds=scanning.ALREADY_LOADED_S / 10)
+    assert scanning.describe_timing(quick) == "finished in 0.5 s (model already loaded)"
+    assert scanning.describe_timing(dataclasses.replace(outcome, cached=True)) == "reused from an identical earlier scan"
+    assert scanning.finished_message(outcome) == (
+        f"Scan finished in 0.5 s (model loaded in 3.1 s): 2 layers × 32 neurons (64) over "
+        f"{tiny_result.metadata['n_tokens']:,} tokens. Saved as run run-1."
+    )
 
 
 def test_run_caption_counts_passes_or_documents():

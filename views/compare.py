@@ -41,7 +41,8 @@ except (OSError, ValueError, KeyError) as exc:
 tags = {"A": f"A: {labels[run_a]}", "B": f"B: {labels[run_b]}"}  # the runs' names in every caption, legend, title
 notes = config_differences(res_a.metadata, res_b.metadata)
 if notes:
-    st.warning("These runs used different configs, so differences may come from the configs, not the models: " + "; ".join(notes))
+    st.warning("These runs used different configs or covered different neurons or text, so differences may come "
+               "from those, not the models: " + "; ".join(notes))  # fmt: skip
 threshold = st.slider("Flag neurons with score ≥", -1.0, 6.0, float(res_a.metadata.get("threshold", 1.0)), 0.1)
 
 depth = []

@@ -20,7 +20,6 @@ from mechamap_core.config import (
 from mechamap_core.master_text import DEFAULT_CONTEXTS, TEMPLATES, mix_texts, overcounted_words, write_master_text
 from mechamap_ui import config_tools, state
 
-MAX_UPLOAD_BYTES = 1_000_000
 MESSAGE = "cfg_message"  # (kind, text) shown once after a load / upload callback
 UPLOAD = "cfg_upload"
 LOAD_CHOICE = "cfg_load_choice"
@@ -50,16 +49,13 @@ def _load_upload() -> None:
     upload = st.session_state.get(UPLOAD)
     if upload is None:
         return
-    if upload.size > MAX_UPLOAD_BYTES:
-        _say("error", f"{upload.name} was not loaded: it is larger than 1 MB.")
-        return
     try:
-        cfg = parse_config(upload.getvalue().decode("utf-8"))
-    except UnicodeDecodeError:
-        _say("error", f"{upload.name} was not loaded: it is not UTF-8 text.")
-        return
+        cfg = parse_config(config_tools.uploaded_yaml_text(upload))
     except ConfigError as exc:
         _say("error", f"{upload.name} was not loaded, and the config is unchanged: {exc}")
+        return
+    except ValueError as exc:  # too large, or not UTF-8
+        _say("error", f"{upload.name} was not loaded: {exc}.")
         return
     stem = Path(upload.name).stem
     state.set_active_config(cfg, stem)
@@ -123,7 +119,10 @@ with st.expander("Load, upload or download a config", expanded=False, icon=":mat
         st.selectbox("Saved configs", saved or ["(none)"], key=LOAD_CHOICE, disabled=not saved)
         st.button("Load", on_click=_load_saved, disabled=not saved, icon=":material/upload_file:")
     with right:
-        st.file_uploader("Upload a YAML config (max 1 MB)", type=["yaml", "yml"], key=UPLOAD, on_change=_load_upload)
+        st.file_uploader(
+            f"Upload a YAML config (max {config_tools.MAX_YAML_UPLOAD_MB} MB)", type=["yaml", "yml"], key=UPLOAD,
+            on_change=_load_upload, max_upload_size=config_tools.MAX_YAML_UPLOAD_MB,
+        )  # fmt: skip
 message_box = st.container()
 if MESSAGE in st.session_state:
     kind, text = st.session_state.pop(MESSAGE)

@@ -13,7 +13,9 @@ from mechamap_core.hypothesis import (
     TESTED_STATUSES,
     ablate,
     check_heldout_inputs,
+    control_rank_text,
     flagged_for_category,
+    heldout_scan,
     heldout_summary_table,
     parse_neuron_list,
     parse_typed_words,
@@ -91,19 +93,24 @@ with held_tab:
     heldout_inputs = (metric, threshold, min_auroc, heldout, ceiling)
     if heldout is not None and st.button("Run held-out check", type="primary"):
         st.session_state[HELDOUT_INPUTS] = heldout_inputs
+        scanned, ceiling_problem = None, None
+        if ceiling and not candidates.empty:  # one scan of the held-out text serves the ceiling and the check
+            try:
+                with st.spinner("Scanning the held-out text..."):
+                    scanned = heldout_scan(lm, heldout, result.scores)
+            except (ConfigError, ValueError, RuntimeError) as exc:
+                ceiling_problem = exc
         try:
-            with st.spinner("Running the held-out text through the model..."):
-                st.session_state["heldout_result"] = validate_heldout(lm, candidates, heldout, min_auroc)
+            with st.spinner("Checking the flagged neurons on the held-out text..."):
+                per_neuron, summary = validate_heldout(lm, candidates, heldout, min_auroc, scanned=scanned)
+                if scanned is not None:
+                    summary = with_ceiling(lm, result.scores, heldout, summary, scanned=scanned)
+            st.session_state["heldout_result"] = per_neuron, summary
         except (ConfigError, ValueError, RuntimeError) as exc:
             st.session_state.pop("heldout_result", None)  # no earlier result shown as if it were this one's
             st.error(str(exc))
-        if ceiling and "heldout_result" in st.session_state:
-            per_neuron, summary = st.session_state["heldout_result"]
-            try:
-                with st.spinner("Scanning the held-out text for the best neurons on it..."):
-                    st.session_state["heldout_result"] = per_neuron, with_ceiling(lm, result.scores, heldout, summary)
-            except (ConfigError, ValueError, RuntimeError) as exc:
-                st.warning(f"The held-out check is below; the best neurons on the held-out text could not be found: {exc}")
+        if ceiling_problem is not None and "heldout_result" in st.session_state:
+            st.warning(f"The held-out check is below; the best neurons on the held-out text could not be found: {ceiling_problem}")
     if "heldout_result" in st.session_state:
         per_neuron, summary = st.session_state["heldout_result"]
         warn_if_stale(HELDOUT_INPUTS, heldout_inputs)
@@ -183,7 +190,9 @@ with ablate_tab:
         z = f", z = {s['z_vs_controls']:.1f}" if "z_vs_controls" in s else ""
         st.metric(f"Effect on '{s['category']}' ({s['mode']} ablation of {s['n_neurons']} neurons)", f"{s['effect']:+.4f}",
                   f"{s['effect'] - s['control_mean']:+.4f} vs random controls{z}", delta_color="off")  # fmt: skip
-        st.caption(f"Measure: {s['measure']}. Controls: {s['control_mean']:+.4f} ± {s['control_std']:.4f}.")
+        rank = control_rank_text(s)
+        st.caption(f"Measure: {s['measure']}. Controls: {s['control_mean']:+.4f} ± {s['control_std']:.4f}."
+                   + (f" The effect is {rank}." if rank else ""))  # fmt: skip
         table = outcome.per_condition.assign(kind=lambda d: d["condition"].where(d["condition"] == "ablated", "random control"))
         long = table.melt(id_vars=["condition", "kind"], value_vars=["effect_target", "effect_other"], var_name="tokens")
         long["tokens"] = long["tokens"].map({"effect_target": "category tokens", "effect_other": "other tokens"})

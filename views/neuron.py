@@ -9,7 +9,14 @@ from mechamap_core.scan import MIN_CATEGORY_TOKENS
 from mechamap_core.sites import hook_name
 from mechamap_ui import links, state
 from mechamap_ui.neuron_data import model_for, recomputed_token_table, typed_text_activations
-from mechamap_ui.widgets import SELECTED_NEURON, capped_table, chart_downloads, expert_neuron_picker, stat_column_config
+from mechamap_ui.widgets import (
+    SELECTED_NEURON,
+    capped_table,
+    chart_downloads,
+    expert_neuron_picker,
+    significance_text,
+    stat_column_config,
+)
 
 st.title("Neuron")
 result = state.require_result()
@@ -36,7 +43,8 @@ label, hook = neuron_label(layer, neuron, expert), str(profile["hook"].iloc[0])
 st.subheader(f"{label} · `{hook}`")
 best = profile.sort_values("score", ascending=False).iloc[0]
 if profile["score"].notna().any():
-    st.caption(f"Most selective for **{best['category']}** (score {best['score']:.2f}, AUROC {best['auroc']:.3f}, q {best['q_value']:.1e}).")
+    figures = f"score {best['score']:.2f}, AUROC {best['auroc']:.3f}, q {significance_text(best['q_value'])}"
+    st.caption(f"Most selective for **{best['category']}** ({figures}).")
 else:
     st.caption("No category has enough tokens routed to this expert for statistics.")
 if expert is not None:

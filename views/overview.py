@@ -28,8 +28,7 @@ if st.button("Scan the bundled model with the default config", type="primary", i
         outcome = scanning.scan_with_progress_bar(BUNDLED_MODEL_ID, cfg)
     if outcome is not None:
         state.set_active_run(outcome.run_id)
-        seconds = outcome.result.metadata["timings_s"]["total"]
-        state.flash(f"Scan finished in {seconds:.1f} s and saved as run {outcome.run_id}.")
+        state.flash(scanning.finished_message(outcome))
         st.rerun()
 
 result = state.active_result()

@@ -38,7 +38,7 @@ else:
     st.altair_chart(chart)
     widgets.chart_downloads(chart, f"pivot_{metric}_{threshold:g}")
     st.dataframe(widgets.plain_labels(shown), placeholder=widgets.NO_VALUE_MARK)
-    st.caption(f"{int(counts.to_numpy().sum()):,} (neuron, category) pairs flagged in {len(counts):,} layers.")
+    st.caption(analysis.flagged_pairs_text(counts))
 
 st.subheader("Top neurons per category")
 n_col, cat_col = st.columns(2)

@@ -157,12 +157,7 @@ elif scan_clicked:
         state.set_active_run(outcome.run_id)
         if outcome.placement is not None:
             st.session_state["scan_placement"] = scanning.describe_placement(outcome.placement)
-        md = outcome.result.metadata
-        how = "reused from an identical earlier scan" if outcome.cached else f"finished in {md['timings_s']['total']:.1f} s"
-        state.flash(
-            f"Scan {how}: {scanning.describe_shape(outcome.result.scores)} over {md['n_tokens']:,} tokens. "
-            f"Saved as run {outcome.run_id}."
-        )
+        state.flash(scanning.finished_message(outcome))
         st.rerun()
 
 jobs.show_jobs()
