@@ -16,7 +16,8 @@ from mechamap_core.scan import ScanResult
 from mechamap_ui import state
 from mechamap_ui.widgets import neuron_pick
 
-RUN_PARAM, LAYER_PARAM, NEURON_PARAM, EXPERT_PARAM = "run", "layer", "neuron", "expert"
+RUN_PARAM = state.RUN_PARAM
+LAYER_PARAM, NEURON_PARAM, EXPERT_PARAM = "layer", "neuron", "expert"
 NEURON_URL_PATH = "neuron"  # app.py's url_path of views/neuron.py
 # session_state: the link values this session already followed (or wrote), so a rerun does not follow them again
 # and a run picked in the sidebar, or a neuron picked on the page, wins over the URL it started from.

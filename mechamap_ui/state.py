@@ -20,6 +20,7 @@ BUNDLED_DEFAULT_CONFIG = ROOT / "configs" / "default.yaml"
 
 # session_state keys
 ACTIVE_RUN = "active_run_id"  # str: id of the run every explorer page shows
+RUN_PARAM = "run"  # the URL's ?run=<id>, which names the active run in a shared link (links keeps it in step)
 ACTIVE_CONFIG = "active_config"  # ScanConfig being edited / used for the next scan
 ACTIVE_CONFIG_NAME = "active_config_name"  # str: file stem it came from (or "unsaved")
 RESULT_OVERRIDE = "result_override"  # ScanResult injected directly (AppTests, unsaved scans)

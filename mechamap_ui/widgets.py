@@ -24,7 +24,7 @@ from mechamap_core.analysis import (
 from mechamap_core.charts import NO_VALUE_MARK, chart_to_png, chart_to_svg
 from mechamap_core.scan import MIN_CATEGORY_TOKENS
 from mechamap_core.scan.finish import STAT_COLUMNS
-from mechamap_ui.state import ROOT, set_active_run
+from mechamap_ui.state import ROOT, RUN_PARAM, set_active_run
 
 SELECTED_NEURON = "selected_neuron"  # session_state: (layer, neuron), or (layer, neuron, expert) for a routed expert
 NEURON_PAGE = "views/neuron.py"  # relative to the repo root, where app.py lives
@@ -288,8 +288,6 @@ def _unrouted_label(hook: str) -> str:
 
 def open_neuron_page(layer: int, neuron: int, expert: int | None = None) -> None:
     """Switch to the neuron page if the app has one; otherwise (or if it isn't registered) say what was picked."""
-    from mechamap_ui.links import RUN_PARAM  # links imports this module
-
     if (ROOT / NEURON_PAGE).exists():
         # Only ?run= goes along, given explicitly: with query_params=None Streamlit clears the URL, which it refuses
         # while this page's params are bound to widgets (a Pivot with its metric changed), and the click did nothing.
