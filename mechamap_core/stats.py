@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import zlib
 
 import numpy as np
 import torch
@@ -380,20 +381,23 @@ def _count_below(values, thresholds):
     return counts
 
 
-def word_folds(word_category, k: int = 5, seed: int = 0, word_present=None) -> np.ndarray:
+def word_folds(word_category, k: int = 5, seed: int = 0, word_present=None, category_names=None) -> np.ndarray:
     """Fold [W] (int64, 0..k-1) of each word among its category's words; -1 for a word without a category
     or not present (word_present [W] bool, e.g. word_n > 0: words that never occur get no fold).
 
-    A category's present words, in a random order from np.random.default_rng([seed, category]), go to
-    folds 0, 1, ..., k-1, 0, 1, ...: fold sizes differ by at most one, a category with fewer than k
-    words has one fold per word, and adding a category never reshuffles another.
+    A category's present words, in a random order from np.random.default_rng([seed, key]), go to folds 0, 1,
+    ..., k-1, 0, 1, ...: fold sizes differ by at most one, and a category with fewer than k words has one fold
+    per word. key is the CRC-32 of the category's name (category_names [C], what a scan passes), so a category's
+    folds do not depend on which other categories the config lists or in what order; without names it is
+    the category's index, which holds only while the categories before it stay.
     """
     word_category = np.asarray(word_category)
     present = np.ones(len(word_category), dtype=bool) if word_present is None else np.asarray(word_present, bool)
     fold = np.full(len(word_category), -1, dtype=np.int64)
     for c in np.unique(word_category[word_category >= 0]).tolist():
         words = np.flatnonzero((word_category == c) & present)
-        fold[words[np.random.default_rng([seed, c]).permutation(len(words))]] = np.arange(len(words)) % k
+        key = c if category_names is None else zlib.crc32(str(category_names[c]).encode("utf-8"))
+        fold[words[np.random.default_rng([seed, key]).permutation(len(words))]] = np.arange(len(words)) % k
     return fold
 
 

@@ -458,3 +458,14 @@ def test_histograms_equal_binning_every_value():
     counts_all, counts_cat = scan_finish.histogram_counts(acc)
     np.testing.assert_array_equal(counts_all, expected_all)
     np.testing.assert_array_equal(counts_cat, expected_cat)
+
+
+@pytest.mark.parametrize("record", [True, False])
+def test_top_k_tokens_zero_scans_without_top_tokens(bundled_lm, default_cfg, bundled_pair, record):
+    """top_k_tokens: 0 turns the top tokens off; every statistic stays as with them."""
+    cfg = dataclasses.replace(default_cfg, top_k_tokens=0)
+    result = scan(bundled_lm, cfg, limit_neurons=64, record_activations=record)
+    assert result.top_tokens.empty and list(result.top_tokens.columns)[:3] == ["layer", "expert", "neuron"]
+    with_top = bundled_pair[0 if record else 1]
+    for column in ("avg_activation", "score", "auroc", "p_value"):
+        np.testing.assert_allclose(result.scores[column], with_top.scores[column], rtol=1e-6, atol=1e-9)

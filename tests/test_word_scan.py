@@ -45,6 +45,17 @@ def test_permutation_p_and_cv_auroc_equal_their_definitions_on_the_recording(bun
     assert len(confident) and (confident["p_value"] > confident["welch_p"]).mean() > 0.9
 
 
+def test_cv_auroc_and_score_do_not_depend_on_the_order_or_company_of_categories(bundled_lm, recorded):
+    cfg, result = recorded
+    listed = list(cfg.categories.items())
+    for categories in (dict(reversed(listed)), dict(listed[2:4])):  # reordered; two categories alone
+        other = scan(bundled_lm, dataclasses.replace(cfg, categories=categories), limit_neurons=24, layers=[0, 5])
+        for column in ("cv_auroc", "score", "auroc"):
+            for layer in (0, 5):
+                expected = as_grid(result.scores, layer, column, list(categories))
+                np.testing.assert_allclose(as_grid(other.scores, layer, column, list(categories)), expected, atol=1e-12)
+
+
 def test_binned_cv_auroc_close_to_exact(bundled_lm, recorded):
     cfg, exact = recorded
     binned = scan(bundled_lm, cfg, limit_neurons=24, record_activations=False)

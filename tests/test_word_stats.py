@@ -227,6 +227,19 @@ def test_word_folds_split_each_category_evenly_and_deterministically():
     np.testing.assert_array_equal(group_category[word_group], word_category)
 
 
+def test_word_folds_keyed_by_name_do_not_depend_on_the_other_categories():
+    names = ["food", "color", "animal"]
+    word_category = np.repeat([0, 1, 2], [12, 9, 7])
+    fold = word_folds(word_category, k=5, seed=0, category_names=names)
+    reversed_category = 2 - word_category  # the same words, the categories listed the other way round
+    flipped = word_folds(reversed_category, k=5, seed=0, category_names=names[::-1])
+    np.testing.assert_array_equal(flipped, fold)
+    alone = word_folds(np.zeros(9, dtype=np.int64), k=5, seed=0, category_names=["color"])  # the others dropped
+    np.testing.assert_array_equal(alone, fold[word_category == 1])
+    by_index = word_folds(reversed_category, k=5, seed=0)  # without names only the index keys the draw
+    assert not np.array_equal(by_index, fold)
+
+
 def pairwise_auroc(positive: np.ndarray, negative: np.ndarray) -> float:
     """Mann-Whitney U / (n_pos n_neg), ties half, by scipy."""
     return float(sps.mannwhitneyu(positive.astype(np.float64), negative.astype(np.float64)).statistic) / (

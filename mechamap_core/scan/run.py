@@ -113,7 +113,7 @@ def word_labels(cfg: ScanConfig, coverage=None) -> tuple[np.ndarray, np.ndarray 
     if not cfg.cv_folds:
         return word_category, None
     present = None if coverage is None else coverage["n_tokens"].to_numpy() > 0
-    return word_category, word_folds(word_category, cfg.cv_folds, cfg.seed, present)
+    return word_category, word_folds(word_category, cfg.cv_folds, cfg.seed, present, list(cfg.categories))
 
 
 def batch_labels(
@@ -177,7 +177,7 @@ def scan(
     n_layers_model = count_layers(lm.model)
     n_tokens_per_category = aligned.category_mask.sum(axis=0)
     scores, top = assemble(lm.name, aligned.categories, parts, n_layers_model)
-    top.insert(5, "token", aligned.tokens["token"].array.take(top["token_index"].to_numpy()))
+    top.insert(5, "token", aligned.tokens["token"].array.take(top["token_index"].to_numpy(dtype=np.int64)))
     activations = None
     if record and not has_experts:  # [n_tokens, N] views of the neuron-major copies (an expert's: its tokens only)
         activations = {s.layer: np.concatenate([p.activations for p in parts if p.hook == s.hook]).T for s in sites}
