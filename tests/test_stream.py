@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from mechamap_core import scan
 from mechamap_core.scan.stream import Checkpointing, StreamState, merge_states, scan_stream, stream_result
@@ -122,6 +123,29 @@ def test_checkpoint_resume_and_refusal(tiny_gpt2, default_cfg, documents, tmp_pa
     other = Checkpointing(tmp_path / "ck", 5, {**fingerprint, "config": "another"})
     with pytest.raises(ValueError, match="belongs to another scan .*config"):
         other.load()
+
+
+class RunsCodeWhenUnpickled:
+    """A pickle that would call print when loaded without weights_only: a checkpoint must never run it."""
+
+    def __reduce__(self):
+        return (print, ("this ran while loading a checkpoint",))
+
+
+def test_a_damaged_or_unsafe_checkpoint_is_named_and_never_run(tiny_gpt2, default_cfg, documents, tmp_path, capsys):
+    cfg = dataclasses.replace(default_cfg, batch_size=4)
+    checkpoints = Checkpointing(tmp_path / "ck", 5, {"config": cfg.content_hash()})
+    stream(tiny_gpt2, cfg, documents, source=(d for d in docs(documents) if d.index < 6), checkpointing=checkpoints)
+    good = checkpoints.path.read_bytes()
+    assert checkpoints.load().next_index == 6  # read back with weights_only: plain tensors and data only
+    for damaged in (b"mechamap output, not a checkpoint", good[: len(good) // 2]):
+        checkpoints.path.write_bytes(damaged)
+        with pytest.raises(ValueError, match=r"rank0\.pt is not a readable MechaMap checkpoint .*new --checkpoint-dir"):
+            checkpoints.load()
+    torch.save({"version": 2, "fingerprint": {}, "state": RunsCodeWhenUnpickled()}, checkpoints.path)
+    with pytest.raises(ValueError, match="not a readable MechaMap checkpoint"):
+        checkpoints.load()
+    assert "this ran" not in capsys.readouterr().out
 
 
 def test_moe_checkpoint_written_midway_keeps_how_expert_neurons_were_read(default_cfg, documents, tmp_path):

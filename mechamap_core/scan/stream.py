@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import re
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,7 @@ from .state import HIST_BINS, SiteStats, StatsLayout, quantile_edges, sorted_row
 KEY_POSITIONS = 2**24  # a token's key: document index * KEY_POSITIONS + its ordinal among the document's tokens
 CONTEXT_CHARS = 60
 SAMPLE_BANDS, SAMPLES_PER_BAND = 8, 2
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
 ProgressFn = Callable[[int, int | None, str], None]
 
 
@@ -72,11 +73,15 @@ class StreamState:
         self.examples = {k: v for k, v in self.examples.items() if k in held}
 
     def to_payload(self) -> dict:
-        """Plain CPU objects (torch.save / gather_object)."""
+        """Plain CPU tensors, numbers, strings and containers of them (torch.save / gather_object): what
+        torch.load(weights_only=True) reads back, so a checkpoint file runs no code when it is loaded."""
+        category_tokens = None if self.category_tokens is None else torch.as_tensor(self.category_tokens)
         return {
-            "sites": {layer: s.state_dict() for layer, s in self.sites.items()}, "examples": self.examples,
-            "documents": self.documents, "tokens": self.tokens, "category_tokens": self.category_tokens,
-            "next_index": self.next_index, "report": self.report, "expert_neurons": self.expert_neurons,
+            "sites": {layer: s.state_dict() for layer, s in self.sites.items()},
+            "examples": {int(k): (int(doc), *context) for k, (doc, *context) in self.examples.items()},
+            "documents": int(self.documents), "tokens": int(self.tokens), "category_tokens": category_tokens,
+            "next_index": int(self.next_index), "report": asdict(self.report),
+            "expert_neurons": self.expert_neurons,
         }  # fmt: skip
 
     @classmethod
@@ -85,8 +90,10 @@ class StreamState:
         sites = {
             layer: SiteStats.from_state_dict(state, devices.get(layer, "cpu")) for layer, state in payload["sites"].items()
         }
+        report = payload["report"]
+        report = report if isinstance(report, CorpusReport) else CorpusReport(**report)  # a gathered payload: either
         return cls(sites, dict(payload["examples"]), payload["documents"], payload["tokens"],
-                   np.asarray(payload["category_tokens"]), payload["next_index"], payload["report"],
+                   np.asarray(payload["category_tokens"]), payload["next_index"], report,
                    dict(payload.get("expert_neurons", {})))  # fmt: skip
 
 
@@ -123,11 +130,18 @@ class Checkpointing:
         os.replace(tmp, self.path)
 
     def load(self) -> StreamState | None:
-        """The saved state, or None when there is none. Raises ValueError for a checkpoint of another scan."""
+        """The saved state, or None when there is none. Raises ValueError for a checkpoint of another scan, and for
+        a file that is not a readable checkpoint (damaged, cut short, or anything but plain tensors and data:
+        weights_only, so loading one runs no code)."""
         if not self.path.is_file():
             return None
-        saved = torch.load(self.path, map_location="cpu", weights_only=False)
-        if saved.get("version") != CHECKPOINT_VERSION:
+        try:
+            saved = torch.load(self.path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, AttributeError) as exc:
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ValueError(f"{self.path} is not a readable MechaMap checkpoint ({first_line}); delete it, or use a "
+                             "new --checkpoint-dir, to start the scan afresh") from None  # fmt: skip
+        if not isinstance(saved, dict) or saved.get("version") != CHECKPOINT_VERSION:
             raise ValueError(f"{self.path} was written by another version of MechaMap's checkpoints")
         differs = [k for k in self.fingerprint if saved["fingerprint"].get(k) != self.fingerprint[k]]
         if differs:
