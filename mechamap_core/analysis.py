@@ -120,14 +120,31 @@ def blank_without_statistics(counts: pd.DataFrame, without: pd.Series) -> pd.Dat
     return shown
 
 
-def no_statistics_note(without: pd.Series) -> str | None:
-    """One sentence naming the categories without statistics (`without`, categories_without_statistics) and why,
-    or None when there are none."""
+def no_statistics_note(without: pd.Series, coverage: pd.DataFrame | None = None) -> str | None:
+    """A note naming the categories without statistics (`without`, categories_without_statistics) and why, or None
+    when there are none. With the run's word coverage, it also names their words that occur in the text yet give
+    no token to count (uncounted_words: an emoji the tokenizer maps to its unknown token)."""
     if not len(without):
         return None
     named = ", ".join(f"'{cat}' ({n} token{'' if n == 1 else 's'})" for cat, n in without.items())
-    return (f"No statistics for {named}: a category needs at least {MIN_CATEGORY_TOKENS} of its tokens in the text, "
+    note = (f"No statistics for {named}: a category needs at least {MIN_CATEGORY_TOKENS} of its tokens in the text, "
             "so its neurons are blank (not 0) and none is flagged. Add words that occur, or text that uses them.")  # fmt: skip
+    uncounted = uncounted_words(coverage)
+    uncounted = uncounted[uncounted["category"].astype(str).isin(without.index.astype(str))]
+    if len(uncounted):
+        words = ", ".join(f"'{word}'" for word in uncounted["word"])
+        verb = "occurs" if len(uncounted) == 1 else "occur"
+        note += (f" Of their words, {words} {verb} in the text but give no token this model's tokenizer can count: "
+                 "it reads them as special tokens (such as its unknown token), so use other words.")  # fmt: skip
+    return note
+
+
+def uncounted_words(coverage: pd.DataFrame | None) -> pd.DataFrame:
+    """The rows of a word coverage table (category, word, occurrences, n_tokens) whose word occurs in the text but
+    gives no countable token (n_tokens 0): the tokenizer reads it as special tokens only. Empty without coverage."""
+    if coverage is None or coverage.empty or "occurrences" not in coverage:
+        return pd.DataFrame(columns=["category", "word", "occurrences", "n_tokens"])
+    return coverage[(coverage["occurrences"] > 0) & (coverage["n_tokens"] == 0)]
 
 
 def top_token_strings(top_tokens: pd.DataFrame, digits: int = 3) -> pd.DataFrame:

@@ -244,10 +244,10 @@ def explain_blanks(df: pd.DataFrame) -> None:
         st.caption(note)
 
 
-def explain_categories_without_statistics(without: pd.Series) -> None:
+def explain_categories_without_statistics(without: pd.Series, coverage: pd.DataFrame | None = None) -> None:
     """A note naming the run's categories that no neuron has statistics for (analysis.categories_without_statistics),
-    and why; nothing when there are none."""
-    note = no_statistics_note(without)
+    and why (with the run's word coverage: their words the tokenizer cannot count); nothing when there are none."""
+    note = no_statistics_note(without, coverage)
     if note:
         st.info(note, icon=":material/info:")
 

@@ -94,6 +94,13 @@ def test_a_category_without_statistics_has_no_top_neuron_and_is_named(scores):
     assert note(analysis.categories_without_statistics(scores.assign(n_tokens=40))) is None
     assert note(analysis.categories_without_statistics(thin)).startswith("No statistics for 'food' (3 tokens): a category needs at least 5")
     assert note(analysis.categories_without_statistics(filtered.assign(n_tokens=1))).startswith("No statistics for 'food' (0 tokens)")
+    coverage = pd.DataFrame({"category": ["food", "food", "animal"], "word": ["🍕", "pie", "🐈"],
+                             "occurrences": [2, 3, 4], "n_tokens": [0, 3, 0]})  # fmt: skip
+    assert analysis.uncounted_words(coverage)["word"].tolist() == ["🍕", "🐈"]
+    named = note(analysis.categories_without_statistics(thin), coverage)
+    assert "Of their words, '🍕' occurs in the text but give no token" in named  # animal has statistics: not named
+    assert "🐈" not in named and "pie" not in named
+    assert "Of their words" not in note(analysis.categories_without_statistics(thin), None)
 
 
 def test_top_token_strings_format(top_tokens):

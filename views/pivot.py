@@ -29,7 +29,7 @@ except (ValueError, KeyError) as err:
 
 st.subheader(f"Neurons with {metric} ≥ {threshold:g}, per layer and category")
 without_statistics = analysis.categories_without_statistics(result.scores)
-widgets.explain_categories_without_statistics(without_statistics)
+widgets.explain_categories_without_statistics(without_statistics, result.coverage)
 if counts.empty:
     st.info("This scan has no layers or categories to count.")
 else:
