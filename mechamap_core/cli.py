@@ -6,12 +6,15 @@ import argparse
 import math
 import sys
 import tempfile
+from contextlib import contextmanager
+from itertools import count, takewhile
 from pathlib import Path
 
 import pandas as pd
 
 from . import analysis
 from .config import ConfigError, load_config, parse_layer_list
+from .errors import first_line
 from .terminal import progress_bar
 
 
@@ -69,14 +72,21 @@ def _fraction(text: str) -> float:
 
 
 def _check_outputs(
-    outputs: dict[str, str | None], inputs: dict[str, str | list[str] | None], folders: tuple[str, ...] = ()
+    outputs: dict[str, str | None],
+    inputs: dict[str, str | list[str] | None],
+    folders: tuple[str, ...] = (),
+    input_folders: dict[str, str | None] | None = None,
+    formats: dict[str, str] | None = None,
 ) -> None:
     """Before any work: each output path ({flag: path}; folders: the flags that name a folder) names none of the
-    inputs ({flag: a path or a list of paths}) and no other output, is not a folder (or, for folders, a file),
-    and can be written: its folder is created and a temp file tried there. A device or a pipe (/dev/stdout) is
-    written as a stream and not checked. Raises ValueError naming the flag."""
+    inputs ({flag: a path or a list of paths}) and no other output, lies in none of the input_folders ({label:
+    folder}, e.g. a model folder, every file of which is read; an output flag may name its own folder), is not a
+    folder (or, for folders, a file), and can be written: its folder is created and a temp file tried there. A
+    device or a pipe (/dev/stdout) is written as a stream and not checked. Raises ValueError naming the flag.
+    formats ({flag: suffix}): an output whose name ends in another suffix gets a warning (it holds that format)."""
     taken = {Path(path).resolve(): flag for flag, paths in inputs.items()
              for path in ([paths] if isinstance(paths, str) else paths or [])}  # fmt: skip
+    guarded = {Path(folder).resolve(): label for label, folder in (input_folders or {}).items() if folder}
     for flag, path in outputs.items():
         if not path:
             continue
@@ -87,6 +97,10 @@ def _check_outputs(
         if target in taken:
             raise ValueError(f"{flag} {path} is also {taken[target]}: writing there would overwrite it; "
                              "give the output another path")  # fmt: skip
+        for folder, label in guarded.items():
+            if label != flag and (target == folder or folder in target.parents):
+                raise ValueError(f"{flag} {path} lies in {label} {folder}: writing there could overwrite its files; "
+                                 "give the output another path")  # fmt: skip
         taken[target] = flag
         if flag in folders and target.is_file():
             raise ValueError(f"{flag} {path} is a file: give a folder")
@@ -98,10 +112,44 @@ def _check_outputs(
             tempfile.TemporaryFile(dir=folder).close()
         except OSError as exc:
             raise ValueError(f"cannot write {flag} {path}: {exc.strerror or exc}") from None
+    for flag, suffix in (formats or {}).items():
+        found = Path(outputs.get(flag) or "").suffix
+        if found and found.lower() != suffix:
+            print(f"warning: {flag} {outputs[flag]} does not end in {suffix}: it is written as {suffix[1:].upper()} all the same",
+                  file=sys.stderr)  # fmt: skip
+
+
+def _model_folder(spec: str | None) -> str | None:
+    """The local folder a model spec loads from (a folder, or the bundled model's), None for a Hub id or a bad spec
+    (loading it says why)."""
+    from .hub import ModelNotAvailableError
+    from .models import resolve_model_source
+
+    try:
+        source, is_local = resolve_model_source(spec or "")
+    except ModelNotAvailableError:
+        return None
+    return source if is_local else None
+
+
+@contextmanager
+def _naming_undecodable(flag: str, path: str | None):
+    """Turns a text file's UnicodeDecodeError (a binary file given for a YAML file) into a ValueError naming it."""
+    try:
+        yield
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{flag} {path} is not UTF-8 text ({exc.reason} at byte {exc.start}): give a YAML file") from None
+
+
+def _load_config(path: str, flag: str, require_master_text: bool = True):
+    """load_config(path), a file that is not text named with its flag."""
+    with _naming_undecodable(flag, path):
+        return load_config(path, require_master_text=require_master_text)
 
 
 def _add_loading_flags(parser: argparse.ArgumentParser) -> None:
     """Flags for where a model comes from and how it is placed (passed to load_model)."""
+    parser.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda or mps")
     parser.add_argument("--offline", action="store_true", help="use the Hugging Face cache only, never download")
     parser.add_argument("--revision", help="Hub branch, tag or commit (same as --model org/name@REVISION)")
     parser.add_argument("--device-map", help="spread the model with accelerate: auto, or a JSON {module: device} "
@@ -150,16 +198,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", required=True, help="YAML config (e.g. configs/default.yaml)")
     s.add_argument("--limit-neurons", type=_non_negative, help="first N neurons per layer (0 = all)")
     s.add_argument("--layers", type=_layers, help="layer subset, e.g. 0,2,5-7")
-    s.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda or mps")
     s.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
     _add_loading_flags(s)
     s.add_argument("--corpus", help="corpus instead of the master text: .txt (one document per line), .jsonl, "
                    ".parquet, a folder of .txt files (one document each), a glob, or hf://datasets/ORG/NAME/...")
-    s.add_argument("--text-field", help="JSON field or Parquet column with the text (default: the config's, 'text')")
-    s.add_argument("--on-bad-document", choices=["skip", "error"], default="skip",
-                   help="skip and count bad documents (default), or stop at the first one")
+    s.add_argument("--text-field", help="corpus scans: JSON field or Parquet column with the text (default: the config's, 'text')")
+    s.add_argument("--on-bad-document", choices=["skip", "error"],
+                   help="corpus scans: skip and count bad documents (default), or stop at the first one")
     s.add_argument("--checkpoint-dir", help="corpus scans: write the merged state here (one file per rank)")
-    s.add_argument("--checkpoint-every", type=_positive, default=1000, metavar="N",
+    s.add_argument("--checkpoint-every", type=_positive, metavar="N",
                    help="with --checkpoint-dir: write the state every N documents (default 1000)")
     s.add_argument("--resume", action="store_true", help="continue the corpus scan saved in --checkpoint-dir")
     s.add_argument("--csv", help="write the scores CSV here")
@@ -177,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--metric", default="score", help="score, avg_activation, cohens_d, auroc, ...")
     i.add_argument("--multi-category", action="store_true", help="list neurons flagged in 2+ categories")
     i.add_argument("--correlation", action="store_true", help="print the category correlation matrix")
-    i.add_argument("--top", type=_non_negative, default=5, help="top neurons per category to print")
+    i.add_argument("--top", type=_positive, default=5, help="top neurons per category to print (default 5)")
     i.add_argument("--min-cv-auroc", type=_fraction, metavar="A", help="only rows that hold up across words (cv_auroc >= A)")
     v = sub.add_parser("validate", help="check flagged neurons on a held-out text with its own category words")
     v.add_argument("--csv", required=True, help="scores CSV (or Parquet) written by `scan`")
@@ -186,7 +233,6 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--metric", default="score", help="metric that flags neurons (default score)")
     v.add_argument("--threshold", type=_finite, default=1.0, help="flag rows with metric >= T (default 1.0)")
     v.add_argument("--min-auroc", type=_fraction, default=0.75, help="held-out AUROC a neuron needs to pass (default 0.75)")
-    v.add_argument("--device", default="auto")
     _add_loading_flags(v)
     v.add_argument("--ceiling", action="store_true", help="also scan the held-out text for the best neurons on it: "
                    "best_possible_auroc, an upper bound for mean_heldout_auroc")
@@ -202,7 +248,6 @@ def build_parser() -> argparse.ArgumentParser:
     # 2 = hypothesis.MIN_CONTROLS, written out: the parser imports no torch
     a.add_argument("--controls", type=_at_least(2, ": their spread needs two"), default=5, help="random control sets (default 5)")
     a.add_argument("--model", help="model to load; default: the config's")
-    a.add_argument("--device", default="auto")
     _add_loading_flags(a)
     w = sub.add_parser("write-text", help="write a balanced master text for a config's words from neutral templates")
     w.add_argument("--config", required=True, help="YAML config whose categories are used")
@@ -217,19 +262,31 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--threshold", type=_finite, default=2.0, help="flag rows with score >= T (default 2.0)")
     c.add_argument("--top", type=_non_negative, default=5, help="at most N best neurons per category (0 = all)")
     c.add_argument("--model", help="model to load; default: the CSV's model column")
-    c.add_argument("--device", default="auto")
     c.add_argument("--out", help="write the per-word verdicts CSV here")
     _add_loading_flags(c)
     return parser
 
 
-def _read_scores(path: str, *columns: str, numeric: tuple[str, ...] = ()) -> pd.DataFrame:
-    """A scores CSV or Parquet file with layer, neuron, category and `columns`, checked: at least one row, whole
-    layer and neuron numbers, and numbers in the `numeric` columns. Raises ValueError naming the file."""
+def _read_scores(path: str, *columns: str, numeric: tuple[str, ...] = (), flag: str = "--csv") -> pd.DataFrame:
+    """A scores CSV or Parquet file (given with `flag`) with layer, neuron, category and `columns`, checked: a .csv,
+    .parquet or extensionless name (a pipe), at least one row, whole layer and neuron numbers, and numbers in the
+    `numeric` columns. Raises ValueError naming the file."""
+    suffix = Path(path).suffix.lower()
+    if suffix in (".json", ".jsonl"):
+        raise ValueError(f"{flag} {path} is a JSON export; pass the CSV or Parquet export")
+    if suffix not in ("", ".csv", ".parquet"):
+        raise ValueError(f"{flag} {path} is not a CSV or Parquet file (it ends in {suffix}); pass the CSV or Parquet "
+                         "export of `scan`")  # fmt: skip
+    if not Path(path).exists():
+        raise ValueError(f"{flag} {path}: no such file")
+    if Path(path).is_dir():
+        raise ValueError(f"{flag} {path} is a folder: give the scores file")
     try:
-        scores = pd.read_parquet(path) if path.endswith(".parquet") else pd.read_csv(path)
-    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path} is not a MechaMap scores file ({str(exc).strip()})") from None
+        scores = pd.read_parquet(path) if suffix == ".parquet" else pd.read_csv(path)
+    except ValueError as exc:  # empty, malformed or undecodable CSV; not a Parquet file
+        raise ValueError(f"{path} is not a MechaMap scores file ({first_line(exc)})") from None
+    except OSError as exc:
+        raise ValueError(f"cannot read {flag} {path}: {exc.strerror or first_line(exc)}") from None
     missing = {"layer", "neuron", "category"} - set(scores.columns)
     if missing:
         raise ValueError(f"{path} lacks columns {sorted(missing)}; is it a MechaMap scores file?")
@@ -249,29 +306,49 @@ def _read_scores(path: str, *columns: str, numeric: tuple[str, ...] = ()) -> pd.
 
 
 def _model_name(args, scores: pd.DataFrame) -> str:
-    """--model, else the scores' model column. Raises ValueError when neither names one."""
+    """--model, else the scores' model column. Raises ValueError when neither names one, or when the scores hold
+    several models; warns when --model is not the model the scores were scanned with (their neuron numbers are
+    that model's; another model, e.g. a fine-tuned one, is the user's choice)."""
+    scanned = list(scores["model"].dropna().astype(str).unique()) if "model" in scores.columns else []
+    if len(scanned) > 1:
+        raise ValueError(f"{args.csv} holds the scores of {len(scanned)} models ({', '.join(scanned[:3])}"
+                         f"{', ...' if len(scanned) > 3 else ''}): keep one model's rows")  # fmt: skip
     if args.model:
+        if scanned and not _same_model(args.model, scanned[0]):
+            print(f"warning: --model {args.model} is not the model {args.csv} was scanned with ({scanned[0]}): its "
+                  "neuron numbers refer to that model", file=sys.stderr)  # fmt: skip
         return args.model
-    if "model" not in scores.columns or scores["model"].isna().all():
+    if not scanned:
         raise ValueError(f"{args.csv} has no model column: name the model with --model")
-    return str(scores["model"].dropna().iloc[0])
+    return scanned[0]
+
+
+def _same_model(spec: str, other: str) -> bool:
+    """Whether two model specs load the same model: the same text, or the same local (or bundled) folder."""
+    folder = _model_folder(spec)
+    return spec.strip() == other.strip() or (folder is not None and folder == _model_folder(other))
 
 
 def _run_validate(args) -> int:
     from .hypothesis import heldout_scan, validate_heldout, with_ceiling
 
-    _check_outputs({"--out": args.out}, {"--csv": args.csv, "--heldout": args.heldout})
     scores = _read_scores(args.csv, args.metric, numeric=(args.metric,))
-    heldout = load_config(args.heldout)
+    heldout = _load_config(args.heldout, "--heldout")
     model = _model_name(args, scores)
+    _check_outputs({"--out": args.out}, {"--csv": args.csv, "--heldout": args.heldout},
+                   input_folders={"the model folder": _model_folder(model)}, formats={"--out": ".csv"})  # fmt: skip
     candidates = scores[scores[args.metric] >= args.threshold]
     if candidates.empty:
         raise ValueError(f"no row of {args.csv} has {args.metric} >= {args.threshold}: lower --threshold")
+    run_categories = list(dict.fromkeys(scores["category"].astype(str)))
+    said: set[str] = set()
+    _checked_heldout(args.heldout, heldout, run_categories, said)  # before loading: the categories and words
     lm = _load(args, model)
-    scanned = heldout_scan(lm, heldout, scores) if args.ceiling else None  # one pass serves the ceiling and the check
-    per_neuron, summary = validate_heldout(lm, candidates, heldout, args.min_auroc, scanned=scanned)
+    tested = _checked_heldout(args.heldout, heldout, run_categories, said, lm).config  # and the tokens, with the model
+    scanned = heldout_scan(lm, tested, scores) if args.ceiling else None  # one pass serves the ceiling and the check
+    per_neuron, summary = validate_heldout(lm, candidates, tested, args.min_auroc, scanned=scanned)
     if args.ceiling:
-        summary = with_ceiling(lm, scores, heldout, summary, scanned=scanned)
+        summary = with_ceiling(lm, scores, tested, summary, scanned=scanned)
     print(f"Held-out check of {len(candidates)} flagged rows ({args.metric} >= {args.threshold}), pass = AUROC >= {args.min_auroc}:")
     print(summary.to_string(index=False))
     if not summary["tested"].any():
@@ -284,18 +361,48 @@ def _run_validate(args) -> int:
     return 0
 
 
+def _checked_heldout(path: str, heldout, run_categories: list[str], said: set[str], lm=None):
+    """hypothesis.check_heldout_inputs of the held-out config against the run's categories (with lm: also the
+    categories with too few tokens): its warnings and notes not yet in `said` printed and added to it, and a
+    ValueError naming the file when nothing can be tested. Returns the HeldoutInputs."""
+    from .hypothesis import check_heldout_inputs
+
+    checked = check_heldout_inputs(heldout, run_categories, lm)
+    errors = [message for level, message in checked.messages if level == "error"]
+    problem = None if checked.config is not None else (errors or [checked.messages[-1][1]])[0]
+    for level, message in checked.messages:
+        if message != problem and message not in said:
+            _say("note" if level == "info" else level, message)
+            said.add(message)
+    if problem:
+        raise ValueError(f"--heldout {path}: {_as_clause(problem)}")
+    return checked
+
+
+def _as_clause(sentence: str) -> str:
+    """A message sentence of the core ('The run has ...') as the CLI's clause ('the run has ...')."""
+    return sentence[:1].lower() + sentence[1:].rstrip(".")
+
+
+def _say(level: str, sentence: str) -> None:
+    """One `level: ...` line (warning or note) on stderr."""
+    print(f"{level}: {_as_clause(sentence)}", file=sys.stderr)
+
+
 def _run_ablate(args) -> int:
     from .hypothesis import ablate, control_rank_text, flagged_for_category, parse_neuron_list
 
-    cfg = load_config(args.config)
+    cfg = _load_config(args.config, "--config")
     if args.category not in cfg.categories:
         raise ValueError(f"{args.config} has no category '{args.category}' (it has {', '.join(cfg.categories)})")
     if args.neurons and args.csv:
         raise ValueError("give --neurons or --csv, not both")
     if args.neurons:
         neurons = parse_neuron_list(args.neurons)
+        model = args.model or cfg.model
     elif args.csv:
         scores = _read_scores(args.csv, "score", numeric=("score",))
+        model = _model_name(args, scores)  # the neuron numbers are the scanned model's
         neurons = flagged_for_category(scores, args.category, "score", args.threshold, args.max_neurons or None)
         if not neurons and analysis.has_experts(scores):
             raise ValueError(f"{args.csv} flags no dense MLP neuron for '{args.category}': ablation covers dense MLP "
@@ -305,7 +412,7 @@ def _run_ablate(args) -> int:
                              "lower --threshold")  # fmt: skip
     else:
         raise ValueError("give --neurons or --csv")
-    lm = _load(args, args.model or cfg.model)
+    lm = _load(args, model)
     with progress_bar("ablating", "pass") as progress:
         result = ablate(lm, cfg, args.category, neurons, mode=args.mode, n_controls=args.controls, progress=progress)
     print(result.per_condition.drop(columns="neurons").to_string(index=False))
@@ -325,7 +432,7 @@ def _run_write_text(args) -> int:
     from .master_text import mix_texts, overcounted_words, write_master_text
 
     _check_outputs({"--out": args.out}, {"--config": args.config})
-    cfg = load_config(args.config)
+    cfg = _load_config(args.config, "--config", require_master_text=False)  # writing the text is the point
     generated = write_master_text(cfg.categories, args.contexts, args.seed)
     for row in overcounted_words(generated, cfg.categories, args.contexts).itertuples():
         print(f"warning: '{row.word}' ({row.category}) occurs {row.occurrences} times, not {args.contexts}: "
@@ -347,12 +454,13 @@ def _run_write_text(args) -> int:
 
 
 def _run_contrast(args) -> int:
-    from .contrast import DEFAULT_CONTRAST_PATH, contrast_neurons, load_contrast_set
+    from .contrast import contrast_neurons
 
-    _check_outputs({"--out": args.out}, {"--csv": args.csv, "--contrast": args.contrast})
-    contrast_set = load_contrast_set(args.contrast or DEFAULT_CONTRAST_PATH)
+    contrast_set = _load_contrast_set(args.contrast)
     scores = _read_scores(args.csv, "score", numeric=("score",))
     model = _model_name(args, scores)
+    _check_outputs({"--out": args.out}, {"--csv": args.csv, "--contrast": args.contrast},
+                   input_folders={"the model folder": _model_folder(model)}, formats={"--out": ".csv"})  # fmt: skip
     if not (scores["score"] >= args.threshold).any():
         raise ValueError(f"no row of {args.csv} has score >= {args.threshold}: lower --threshold")
     lm = _load(args, model)
@@ -366,25 +474,53 @@ def _run_contrast(args) -> int:
     return 0
 
 
+def _load_contrast_set(path: str | None):
+    """contrast.load_contrast_set of --contrast (default: the built-in set); a scan config given instead is named as
+    such, with the format expected, rather than as a fault per key."""
+    from .contrast import DEFAULT_CONTRAST_PATH, FORMAT_HELP, load_contrast_set
+
+    with _naming_undecodable("--contrast", path):
+        try:
+            return load_contrast_set(path or DEFAULT_CONTRAST_PATH)
+        except ConfigError:
+            if path and _looks_like_scan_config(path):
+                raise ValueError(f"--contrast {path}: this looks like a scan config, not a contrast set; a contrast "
+                                 f"set maps {FORMAT_HELP} (see configs/contrast_default.yaml)") from None  # fmt: skip
+            raise
+
+
+def _looks_like_scan_config(path: str) -> bool:
+    """Whether a YAML file holds a mapping with a scan config's master_text or categories."""
+    from .config import safe_load_yaml
+
+    try:
+        data = safe_load_yaml(Path(path).read_text(encoding="utf-8"))
+    except ConfigError:
+        return False
+    return isinstance(data, dict) and bool({"master_text", "categories"} & set(data))
+
+
 def _run_scan(args) -> int:
     from . import export
     from .corpus import local_files
     from .corpus_run import run_corpus_scan
     from .scan import scan
 
-    cfg = load_config(args.config)
+    cfg = _load_config(args.config, "--config")
     if args.model:
         cfg.model = args.model
     cfg = cfg.covering(args.layers, args.limit_neurons)  # the run records what it covered, as the app's runs do
     corpus = args.corpus or cfg.corpus
-    if (args.checkpoint_dir or args.resume) and not corpus:
-        raise ValueError("--checkpoint-dir and --resume are for corpus scans: add --corpus")
-    if args.resume and not args.checkpoint_dir:
-        raise ValueError("--resume needs the --checkpoint-dir of the scan to continue")
+    _check_corpus_flags(args, corpus)
     outputs = {"--csv": args.csv, "--json": args.json, "--parquet": args.parquet, "--routing": args.routing,
                "--save-run": args.save_run, "--checkpoint-dir": args.checkpoint_dir}  # fmt: skip
     corpus_files = local_files(corpus) if corpus else []  # the corpus module's own listing, checked before loading
-    _check_outputs(outputs, {"--config": args.config, "--corpus": corpus_files}, folders=("--save-run", "--checkpoint-dir"))
+    _check_outputs(
+        outputs, {"--config": args.config, "--corpus": corpus_files}, folders=("--save-run", "--checkpoint-dir"),
+        input_folders={"the model folder": _model_folder(cfg.model), "--checkpoint-dir": args.checkpoint_dir},
+        formats={"--csv": ".csv", "--json": ".json", "--parquet": ".parquet", "--routing": ".csv"},
+    )
+    _warn_repeated_words(cfg)
     if not corpus:
         _warn_missing_words(cfg)
 
@@ -405,8 +541,8 @@ def _run_scan(args) -> int:
             result = scan(lm, cfg, layers=args.layers, limit_neurons=args.limit_neurons, progress=progress)
         md = result.metadata
         print(
-            f"scanned {len(md['layers'])} layers x {sum(md['neurons_per_layer'].values())} neurons over "
-            f"{md['n_tokens']} tokens in {md['n_forward_passes']} forward pass(es), {md['timings_s']['total']:.2f} s",
+            f"scanned {_neurons_scanned(md)} over {md['n_tokens']:,} tokens in {md['n_forward_passes']} forward "
+            f"pass(es), {md['timings_s']['total']:.2f} s",
             file=sys.stderr,
         )
     _note_categories_without_statistics(result)
@@ -436,11 +572,66 @@ def _run_scan(args) -> int:
     return 0
 
 
+def _check_corpus_flags(args, corpus: str | None) -> None:
+    """Refuses the corpus-scan flags without a corpus (they would be ignored), and --resume or --checkpoint-every
+    without --checkpoint-dir; then fills in the defaults of --on-bad-document (skip) and --checkpoint-every (1000)."""
+    given = {"--text-field": args.text_field, "--on-bad-document": args.on_bad_document,
+             "--checkpoint-dir": args.checkpoint_dir, "--resume": args.resume}  # fmt: skip
+    named = [flag for flag, value in given.items() if value]
+    if named and not corpus:
+        raise ValueError(f"{' and '.join(named)} {'is' if len(named) == 1 else 'are'} for corpus scans: add --corpus")
+    if args.resume and not args.checkpoint_dir:
+        raise ValueError("--resume needs the --checkpoint-dir of the scan to continue")
+    if args.checkpoint_every is not None and not args.checkpoint_dir:
+        raise ValueError("--checkpoint-every needs --checkpoint-dir, the folder the checkpoints go to")
+    args.on_bad_document = args.on_bad_document or "skip"
+    args.checkpoint_every = args.checkpoint_every or 1000
+
+
+def _neurons_scanned(metadata: dict) -> str:
+    """What a master-text scan covered, from its metadata's neurons_per_site: '6 layers, 9,216 neurons (1,536 per
+    layer)', or for a mixture-of-experts model '2 layers, 8 experts each, 192 expert neurons' (plus a shared
+    expert's neurons, and dense layers apart where only some layers have experts)."""
+    from .sites import hook_name, shared_expert_hook_name
+
+    widths, layers = metadata["neurons_per_site"], metadata["layers"]
+    dense = [widths[hook_name(layer)] for layer in layers if hook_name(layer) in widths]
+    shared = [widths[shared_expert_hook_name(layer)] for layer in layers if shared_expert_hook_name(layer) in widths]
+    experts = {layer: _expert_widths(widths, layer) for layer in layers}
+    experts = {layer: expert_widths for layer, expert_widths in experts.items() if expert_widths}
+    parts = [f"{len(layers)} layer{'' if len(layers) == 1 else 's'}"]
+    if dense:
+        every = len(dense) == len(layers)
+        where = f"({_span(dense)} per layer)" if every else f"in {len(dense)} dense layer{'' if len(dense) == 1 else 's'}"
+        parts.append(f"{sum(dense):,} neurons {where}")
+    if experts:
+        n_experts = _span([len(expert_widths) for expert_widths in experts.values()])
+        where = "each" if len(experts) == len(layers) else f"in {len(experts)} layer{'' if len(experts) == 1 else 's'}"
+        parts.append(f"{n_experts} experts {where}, {sum(map(sum, experts.values())):,} expert neurons")
+    if shared:
+        parts.append(f"{sum(shared):,} shared-expert neurons")
+    return ", ".join(parts)
+
+
+def _expert_widths(widths: dict[str, int], layer: int) -> list[int]:
+    """The neurons of each of a layer's routed experts ({hook: neurons} of a scan's sites; experts 0, 1, ...)."""
+    from .sites import expert_hook_name
+
+    hooks = takewhile(widths.__contains__, (expert_hook_name(layer, expert) for expert in count()))
+    return [widths[hook] for hook in hooks]
+
+
+def _span(values: list[int]) -> str:
+    """'1,536', or '32-64' where the values differ."""
+    low, high = min(values), max(values)
+    return f"{low:,}" if low == high else f"{low:,}-{high:,}"
+
+
 def _note_categories_without_statistics(result) -> None:
     """After a scan: the categories no neuron has statistics for (too few of their tokens), so blank rows are explained."""
     note = analysis.no_statistics_note(analysis.categories_without_statistics(result.scores))
     if note:
-        print(f"note: {note[0].lower()}{note[1:]}", file=sys.stderr)
+        _say("note", note)
 
 
 def _note_thin_experts(result) -> None:
@@ -456,6 +647,25 @@ def _note_thin_experts(result) -> None:
         print(f"note: in {thin:,} of {len(routing):,} (layer, expert, category) cells the expert saw fewer than "
               f"{MIN_CATEGORY_TOKENS} of the category's tokens; its neurons have no statistics there (a longer text "
               "or --corpus gives them more)", file=sys.stderr)  # fmt: skip
+
+
+def _warn_repeated_words(cfg) -> None:
+    """Before a scan: a warning for each word that several categories list (its tokens count for each) and for each
+    word one category lists more than once (words match whatever their case and spacing, so once is enough)."""
+    from .alignment import words_in_several_categories
+
+    for word, categories in words_in_several_categories(cfg.categories).items():
+        print(f"warning: '{word}' is a word of {' and '.join(map(repr, categories))}: its tokens count for each, so "
+              "these categories share that evidence (keep it in one, unless the overlap is the point)", file=sys.stderr)  # fmt: skip
+    for category, words in cfg.categories.items():
+        spellings: dict[str, list[str]] = {}
+        for word in words:
+            spellings.setdefault(" ".join(word.casefold().split()), []).append(word)
+        for listed in spellings.values():
+            if len(listed) > 1:
+                print(f"warning: '{listed[0]}' is listed {len(listed)} times in '{category}' "
+                      f"({', '.join(map(repr, listed))}): words match whatever their case, so once is enough",
+                      file=sys.stderr)  # fmt: skip
 
 
 def _warn_missing_words(cfg) -> None:
@@ -487,8 +697,8 @@ def _run_interpret(args) -> int:
     pivot = analysis.layer_category_counts(scanned, args.metric, threshold, args.min_cv_auroc)  # every layer, category
     print(pivot.to_string())
     print(f"\nTop {args.top} neurons per category by {args.metric}:")
-    cols = [c for c in ("category", "layer", "expert", "neuron", args.metric, "avg_activation", "cv_auroc", "top_tokens")
-            if c in scores.columns]  # fmt: skip
+    neuron = analysis.shown_key(scanned)  # layer, [expert,] neuron: no blank expert column for a dense model
+    cols = [c for c in ("category", *neuron, args.metric, "avg_activation", "cv_auroc", "top_tokens") if c in scores.columns]
     top = analysis.top_neurons(scores, args.metric, args.top)[list(dict.fromkeys(cols))]
     print(analysis.with_readable_top_tokens(top).to_string(index=False))
     if args.multi_category:

@@ -1,15 +1,22 @@
-"""ScanConfig: the typed scan configuration, and the project's only YAML load/save/validate."""
+"""ScanConfig: the typed scan configuration, and the project's only YAML load/save/validate; and atomic_output, the
+one way every output file (config, CSV, JSON, Parquet) is written."""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
-import tempfile
+import secrets
+import shutil
+import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import yaml
 
@@ -90,8 +97,11 @@ _FIELD_TYPES = {
 _CATEGORY_NAME = re.compile(r"^[\w][\w \-]{0,63}$")
 
 
-def config_from_dict(data: object) -> ScanConfig:
-    """Validate a parsed mapping and build a ScanConfig. Raises ConfigError listing every fault."""
+def config_from_dict(data: object, require_master_text: bool = True) -> ScanConfig:
+    """Validate a parsed mapping and build a ScanConfig. Raises ConfigError listing every fault.
+
+    require_master_text=False accepts a config without a master text (only categories), e.g. one to write a text for.
+    """
     if data is None:
         raise ConfigError([("", "the config is empty: it needs at least master_text and categories")])
     if not isinstance(data, dict):
@@ -101,27 +111,42 @@ def config_from_dict(data: object) -> ScanConfig:
     for key in data:
         if key not in known:
             problems.append((str(key), f"unknown key '{key}' (known keys: {', '.join(sorted(known))})"))
-    for key, types in _FIELD_TYPES.items():
-        if key in data and (not isinstance(data[key], types) or (isinstance(data[key], bool) and bool not in types)):
-            wanted = " or ".join("null" if t is type(None) else t.__name__ for t in types)
-            problems.append((key, f"'{key}' must be {wanted}, got {type(data[key]).__name__}"))
+    problems += _type_problems(data)
     if problems:
         raise ConfigError(problems)
     values = {k: v for k, v in data.items() if k in known}
     if isinstance(values.get("categories"), dict):
         values["categories"] = {str(k): v for k, v in values["categories"].items()}
     cfg = ScanConfig(**values)
-    validate_config(cfg)
+    validate_config(cfg, require_master_text)
     return cfg
 
 
-def validate_config(cfg: ScanConfig) -> None:
-    """Check a ScanConfig's values. Raises ConfigError listing every fault; returns None when valid."""
-    problems: list[tuple[str, str]] = []
+def _type_problems(values: dict) -> list[tuple[str, str]]:
+    """(key, message) for each setting in values whose type is not the one ScanConfig takes (a bool is no number)."""
+    problems = []
+    for key, types in _FIELD_TYPES.items():
+        if key in values and (not isinstance(values[key], types) or (isinstance(values[key], bool) and bool not in types)):
+            wanted = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            problems.append((key, f"'{key}' must be {wanted}, got {type(values[key]).__name__}"))
+    return problems
+
+
+def validate_config(cfg: ScanConfig, require_master_text: bool = True) -> None:
+    """Check a ScanConfig's values. Raises ConfigError listing every fault; returns None when valid.
+
+    require_master_text=False lets an empty master text pass (every other check stays)."""
+    settings = {setting.name: getattr(cfg, setting.name) for setting in dataclasses.fields(cfg)}
+    problems = _type_problems(settings)
+    for name, value in settings.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            problems.append((name, f"'{name}' must be a finite number, got {value}"))
+    if problems:  # the checks below compare numbers and walk lists: they need the types right
+        raise ConfigError(problems)
     texts = cfg.master_text if isinstance(cfg.master_text, list) else [cfg.master_text]
     if any(not isinstance(t, str) for t in texts):
         problems.append(("master_text", "every master text entry must be a string"))
-    elif not any(t.strip() for t in texts) and not cfg.corpus:
+    elif require_master_text and not any(t.strip() for t in texts) and not cfg.corpus:
         problems.append(("master_text", "the master text is empty: give some text that uses the category words"))
     if not cfg.categories:
         problems.append(("categories", "there are no categories: add at least one category with words"))
@@ -154,6 +179,8 @@ def validate_config(cfg: ScanConfig) -> None:
         problems.append(("batch_size", "'batch_size' must be at least 1"))
     if cfg.layers is not None and any(not isinstance(x, int) or isinstance(x, bool) or x < 0 for x in cfg.layers):
         problems.append(("layers", "'layers' must be a list of layer numbers (0 or more)"))
+    elif cfg.layers is not None and not cfg.layers:
+        problems.append(("layers", "'layers' lists no layer: leave it out (null) to scan every layer"))
     if problems:
         raise ConfigError(problems)
     # normalise words to stripped strings (YAML may give 1999 as an int)
@@ -173,19 +200,22 @@ def safe_load_yaml(text: str, what: str = "config") -> object:
         raise ConfigError([("", f"the YAML is malformed{where}: {reason}")]) from None
 
 
-def parse_config(text: str) -> ScanConfig:
-    """Parse YAML text into a validated ScanConfig. Raises ConfigError on malformed or invalid input."""
-    return config_from_dict(safe_load_yaml(text))
+def parse_config(text: str, require_master_text: bool = True) -> ScanConfig:
+    """Parse YAML text into a validated ScanConfig. Raises ConfigError on malformed or invalid input.
+    require_master_text=False accepts a config without a master text."""
+    return config_from_dict(safe_load_yaml(text), require_master_text)
 
 
-def load_config(path: str | os.PathLike) -> ScanConfig:
-    """Load and validate a YAML config file. Raises ConfigError (bad content) or FileNotFoundError."""
+def load_config(path: str | os.PathLike, require_master_text: bool = True) -> ScanConfig:
+    """Load and validate a YAML config file. Raises ConfigError (bad content) or FileNotFoundError.
+
+    require_master_text=False accepts a config that has only categories (write-text writes it a master text)."""
     path = Path(path)
     if path.is_dir():
         raise FileNotFoundError(f"{path} is a folder, not a config file")
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
-    return parse_config(path.read_text(encoding="utf-8"))
+    return parse_config(path.read_text(encoding="utf-8"), require_master_text)
 
 
 def config_to_yaml(cfg: ScanConfig) -> str:
@@ -209,20 +239,94 @@ def save_config(cfg: ScanConfig, path: str | os.PathLike) -> Path:
     return atomic_write_text(Path(path), config_to_yaml(cfg))
 
 
-def atomic_write_text(path: Path, text: str) -> Path:
-    """Write text to path via a temp file in the same folder and os.replace. Returns the path."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write text (UTF-8) to path through atomic_output. Returns the path."""
+    with atomic_output(path) as handle:
+        handle.write(text)
+    return Path(path)
+
+
+@contextmanager
+def atomic_output(path: str | os.PathLike, binary: bool = False) -> Iterator[IO]:
+    """An open file (text, UTF-8, or binary) whose content takes path's place only once the block ends without error.
+
+    It is a temp file beside the final target, fsync'd, then renamed over it (os.replace): an error or a kill midway
+    leaves the old file whole and, but for a kill, no temp file. A symlink is followed to its final target, which is
+    replaced (the link stays a link). A new file gets the usual mode (0o666 less the umask); a replaced one keeps its
+    own. A stream is written straight into: a path that is no regular file (a FIFO, a terminal), or one that names an
+    open descriptor (/dev/stdout -> /proc/self/fd/1), written through that descriptor, so that a file the shell
+    opened (`> out.csv`, `>> log`) keeps its offset and append mode."""
+    mode, text_options = ("wb", {}) if binary else ("w", {"encoding": "utf-8", "newline": ""})
+    stream = _stream(path)
+    if stream is not None:
+        with open(os.dup(stream) if isinstance(stream, int) else stream, mode, **text_options) as handle:
+            yield handle
+        return
+    target = Path(os.path.realpath(path))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_beside(target)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        with open(tmp, mode, **text_options) as handle:
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        replace_keeping_mode(tmp, target)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
-    return path
+
+
+_DESCRIPTOR_TABLE = re.compile(r"^/proc/(?P<pid>[^/]+)(/task/[^/]+)?/fd$")
+
+
+def _stream(path: str | os.PathLike) -> int | str | None:
+    """How to write path as a stream: this process's descriptor number when following its symlinks reaches
+    /proc/self/fd/N (as /dev/stdout does); path itself when it is no regular file (a FIFO, a terminal) or names
+    another process's descriptor; None for a regular file, or none yet, which atomic_output replaces."""
+    try:
+        regular = stat.S_ISREG(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return None
+    location = os.path.join(os.getcwd(), os.fspath(path))
+    for _ in range(40):  # the kernel's own limit on symlink hops
+        folder = os.path.realpath(os.path.dirname(location))
+        table = _DESCRIPTOR_TABLE.match(folder)
+        name = os.path.basename(location)
+        if table and name.isdigit():
+            return int(name) if table["pid"] == str(os.getpid()) else os.fspath(path)
+        location = os.path.join(folder, name)
+        if not os.path.islink(location):
+            break
+        location = os.path.join(folder, os.readlink(location))
+    return None if regular else os.fspath(path)
+
+
+def temp_beside(target: Path, folder: bool = False) -> Path:
+    """A new, empty temp file (or folder) next to target, named .<target name>.<random>.tmp, created with the usual
+    mode: 0o666 (0o777 for a folder) less the umask, as open() and mkdir() give, not mkstemp's owner-only 0o600."""
+    for _ in range(100):
+        tmp = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            if folder:
+                tmp.mkdir(0o777)
+            else:
+                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temp name next to {target}")
+
+
+def replace_keeping_mode(tmp: Path, target: Path) -> None:
+    """Put tmp (a file or folder from temp_beside) in target's place, giving it target's permission bits when target
+    exists. A file is replaced atomically (os.replace); an old folder is removed first."""
+    try:
+        os.chmod(tmp, stat.S_IMODE(os.stat(target).st_mode))
+    except FileNotFoundError:
+        pass
+    if target.is_dir() and not target.is_symlink():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
 
 
 def parse_layer_list(text: str) -> list[int] | None:

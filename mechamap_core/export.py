@@ -1,4 +1,7 @@
-"""CSV (the original's schema first), JSON keyed by neuron, Parquet; and the run store under runs/<id>/."""
+"""CSV (the original's schema first), JSON keyed by neuron, Parquet; and the run store under runs/<id>/.
+
+Every file goes through config.atomic_output: written whole or not at all, symlinks followed, streams such as
+/dev/stdout written straight into."""
 
 from __future__ import annotations
 
@@ -6,7 +9,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from .analysis import holding_up, neuron_key, neuron_label, top_token_strings
-from .config import atomic_write_text
+from .config import atomic_output, atomic_write_text, replace_keeping_mode, temp_beside
 from .scan import ScanResult
 
 ORIGINAL_COLUMNS = ["model", "layer", "neuron", "category", "avg_activation", "top_tokens"]
@@ -56,7 +58,12 @@ def export_table(
 
 def to_csv(result: ScanResult, path=None, **options) -> str | None:
     """CSV text (or write to path) whose first columns are model, layer, neuron, category, avg_activation, top_tokens."""
-    return export_table(result, **options).to_csv(path, index=False)
+    table = export_table(result, **options)
+    if path is None:
+        return table.to_csv(index=False)
+    with atomic_output(path) as handle:
+        table.to_csv(handle, index=False)
+    return None
 
 
 def to_json_dict(result: ScanResult, **options) -> dict:
@@ -67,6 +74,7 @@ def to_json_dict(result: ScanResult, **options) -> dict:
     top_lists = {_plain_key(k): list(zip(g["token"], g["activation"].round(4).astype(float))) for k, g in tops}
     ids = ("model", "layer", "expert", "neuron", "hook", "category", "top_tokens")
     stat_cols = [c for c in dict.fromkeys([*ORIGINAL_COLUMNS, *table.columns]) if c not in ids]  # export_table's order
+    whole_numbers = {c for c in stat_cols if pd.api.types.is_integer_dtype(table[c])}  # n_tokens: 19, not 19.0
     neurons: dict[str, dict] = {}
     for identity, rows in table.groupby(key, sort=True, dropna=False):
         identity = _plain_key(identity)
@@ -78,11 +86,18 @@ def to_json_dict(result: ScanResult, **options) -> dict:
             "hook": rows["hook"].iloc[0],
             "top_tokens": [[t, a] for t, a in top_lists.get(identity, [])],
             "categories": {
-                cat: {k: (None if pd.isna(v) else float(v)) for k, v in stats.items()}
+                cat: {k: _json_number(v, k in whole_numbers) for k, v in stats.items()}
                 for cat, stats in zip(rows["category"], rows[stat_cols].to_dict("records"))
             },
         }
     return {"metadata": _jsonable(result.metadata), "neurons": neurons}
+
+
+def _json_number(value, whole: bool) -> int | float | None:
+    """A statistic as JSON has it: None for a missing value, an int for an integer column, else a float."""
+    if pd.isna(value):
+        return None
+    return int(value) if whole else float(value)
 
 
 def _plain_key(identity) -> tuple:
@@ -104,7 +119,8 @@ def to_parquet(result: ScanResult, path=None, **options) -> bytes | None:
     table = export_table(result, **options)
     if path is None:
         return table.to_parquet(index=False)
-    table.to_parquet(path, index=False)
+    with atomic_output(path, binary=True) as handle:
+        table.to_parquet(handle, index=False)
     return None
 
 
@@ -137,15 +153,15 @@ def new_run_id(result: ScanResult) -> str:
 
 
 def save_run(result: ScanResult, runs_dir: str | os.PathLike = "runs", run_id: str | None = None) -> Path:
-    """Save a scan to runs_dir/<run_id>/ (Parquet tables, metadata.json, activations.npz). Atomic: written
-    to a temp folder, then renamed. Returns the run folder."""
+    """Save a scan to runs_dir/<run_id>/ (Parquet tables, metadata.json, activations.npz). Written to a temp
+    folder (the usual mode, or the mode of the run folder it replaces), then renamed. Returns the run folder."""
     runs_dir = Path(runs_dir)
     run_id = run_id or new_run_id(result)
     if not _RUN_ID.match(run_id):
         raise ValueError(f"invalid run id '{run_id}'")
     runs_dir.mkdir(parents=True, exist_ok=True)
     final = runs_dir / run_id
-    tmp = Path(tempfile.mkdtemp(dir=runs_dir, prefix=f".{run_id}."))
+    tmp = temp_beside(final, folder=True)
     try:
         result.scores.to_parquet(tmp / "scores.parquet", index=False)
         result.top_tokens.to_parquet(tmp / "top_tokens.parquet", index=False)
@@ -159,9 +175,7 @@ def save_run(result: ScanResult, runs_dir: str | os.PathLike = "runs", run_id: s
             frame.to_parquet(tmp / f"extra_{name}.parquet", index=False)
         meta = {"run_id": run_id, "metadata": _jsonable(result.metadata), "texts": result.texts}
         (tmp / "metadata.json").write_text(json.dumps(meta, ensure_ascii=False, indent=1), encoding="utf-8")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        replace_keeping_mode(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -195,6 +195,9 @@ def load_model(
         config = check(folder)
     else:
         folder, commit, config = _hub_snapshot(source, revision, offline, token, download_progress, check)
+    if not any((folder / file).is_file() for file in hub.TOKENIZER_CORE):  # else transformers makes an empty tokenizer
+        raise ModelNotAvailableError(f"the model folder {folder} has no tokenizer files (one of "
+                                     f"{', '.join(hub.TOKENIZER_CORE)}): save the model's tokenizer there too")  # fmt: skip
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, TypeError) as exc:

@@ -62,7 +62,7 @@ def test_scan_writes_every_format(scanned):
 def test_scan_of_an_moe_model_writes_expert_rows_and_the_routing_table(tmp_path, capsys, corpus):
     """A mixture-of-experts model from a folder, scanned over the master text or streamed over a corpus: the CSV
     has expert rows and --routing writes the routing table, whose shares over a layer's experts add up to top_k."""
-    from tiny_models import D_EXPERT, TOP_K, build_tiny_model
+    from tiny_models import D_EXPERT, N_EXPERTS, TOP_K, build_tiny_model
 
     from mechamap_core.scan import MIN_CATEGORY_TOKENS
 
@@ -75,6 +75,7 @@ def test_scan_of_an_moe_model_writes_expert_rows_and_the_routing_table(tmp_path,
         argv += ["--corpus", str(documents)]
     assert main(argv) == 0, capsys.readouterr().err
     said = capsys.readouterr().err
+    assert corpus or f"scanned 2 layers, {N_EXPERTS} experts each, {2 * N_EXPERTS * D_EXPERT} expert neurons over " in said
     scores = pd.read_csv(csv, dtype={"expert": "Int64"})
     assert scores["expert"].notna().any()
     table = pd.read_csv(routing)
@@ -93,6 +94,8 @@ def test_scan_of_an_moe_model_writes_expert_rows_and_the_routing_table(tmp_path,
         capsys.readouterr()
         assert main(["scan", "--config", DEFAULT, "--model", str(model), "--device", "cpu"]) == 0
         assert capsys.readouterr().out.split()[:4] == ["category", "layer", "expert", "neuron"]
+        assert main(["interpret", "--csv", str(csv), "--threshold", "-100"]) == 0
+        assert capsys.readouterr().out.split("by score:")[1].split()[:4] == ["category", "layer", "expert", "neuron"]
         checked = tmp_path / "checked.csv"
         code = main(["validate", "--csv", str(csv), "--heldout", HELDOUT, "--threshold", "-100", "--device", "cpu", "--out", str(checked)])
         assert code == 0 and "Held-out check of" in capsys.readouterr().out  # expert neurons on their routed tokens
@@ -106,7 +109,9 @@ def test_routing_of_a_dense_model_says_there_is_none(tmp_path, capsys):
     routing = tmp_path / "routing.csv"
     argv = ["scan", "--config", DEFAULT, "--limit-neurons", "2", "--layers", "0", "--device", "cpu", "--routing", str(routing)]
     assert main(argv) == 0
-    assert "has no mixture-of-experts layers: no routing table written" in capsys.readouterr().err
+    said = capsys.readouterr().err
+    assert "has no mixture-of-experts layers: no routing table written" in said
+    assert "scanned 1 layer, 2 neurons (2 per layer) over " in said  # per layer, and the total
     assert not routing.exists()
 
 
@@ -181,6 +186,7 @@ def test_interpret_default_threshold(scanned, capsys):
     out = capsys.readouterr().out
     assert "score >= 1.0" in out
     assert "2+ categories" not in out
+    assert "expert" not in out  # a dense model's scores: no column of blank experts
 
 
 def test_validate_prints_summary(scanned, capsys, tmp_path):
@@ -237,6 +243,7 @@ def test_ablate_prints_effect_vs_controls(capsys):
         (["validate", "--csv", "x.csv", "--heldout", HELDOUT, "--min-auroc", "1.5"], "--min-auroc"),
         (["ablate", "--config", DEFAULT, "--category", "food", "--neurons", "5:1", "--controls", "1"], "--controls"),
         (["write-text", "--config", DEFAULT, "--contexts", "0"], "--contexts"),
+        (["interpret", "--csv", "x.csv", "--top", "0"], "--top"),
     ],
 )
 def test_argparse_errors_exit_2_with_one_line(argv, fragment, capsys):
@@ -277,7 +284,24 @@ def test_interpret_csv_without_needed_columns(capsys, tmp_path):
 
 def test_interpret_missing_csv(capsys, tmp_path):
     assert main(["interpret", "--csv", str(tmp_path / "none.csv")]) == 1
-    assert_one_line_error(capsys.readouterr().err)
+    assert_one_line_error(capsys.readouterr().err, f"--csv {tmp_path / 'none.csv'}: no such file")
+
+
+def test_scores_files_are_read_only_as_csv_or_parquet(scanned, capsys, tmp_path, monkeypatch):
+    """The JSON export (tens of MB for a real model, which pandas would parse as CSV for minutes) and any other
+    non-CSV/Parquet name are refused at once, by every command that reads scores, before a model loads."""
+    no_model_loads(monkeypatch)
+    export = str(scanned[1]["json"])
+    sheet = tmp_path / "scores.xlsx"
+    sheet.write_bytes(scanned[1]["csv"].read_bytes())
+    for command in (["interpret"], ["validate", "--heldout", HELDOUT], ["contrast"],
+                    ["ablate", "--config", DEFAULT, "--category", "food"]):  # fmt: skip
+        assert main([*command, "--csv", export]) == 1
+        assert_one_line_error(capsys.readouterr().err, f"--csv {export} is a JSON export; pass the CSV or Parquet export")
+        assert main([*command, "--csv", str(sheet)]) == 1
+        assert_one_line_error(capsys.readouterr().err, "is not a CSV or Parquet file (it ends in .xlsx)")
+    assert main(["interpret", "--csv", str(tmp_path)]) == 1
+    assert_one_line_error(capsys.readouterr().err, "--csv", "is a folder")
 
 
 def test_ablate_neuron_out_of_range(capsys):
@@ -301,7 +325,7 @@ def test_module_entry_point_shows_progress_on_stderr():
     assert proc.returncode == 0, proc.stderr
     assert "scanning" in proc.stderr
     assert "%|" in proc.stderr  # tqdm's bar
-    assert "scanned 6 layers x 24 neurons" in proc.stderr
+    assert "scanned 6 layers, 24 neurons (4 per layer) over" in proc.stderr
     # without output files the top neurons go to stdout
     assert "category" in proc.stdout and "score" in proc.stdout
 
@@ -412,7 +436,7 @@ def test_scores_files_that_are_not_scan_results_get_one_line_errors(scanned, cap
         (["interpret", "--csv", str(scanned[1]["csv"]), "--metric", "model"], "not a numeric column"),
         (["validate", "--csv", str(scanned[1]["csv"]), "--heldout", HELDOUT, "--metric", "top_tokens"], "not a numeric column"),
         (["interpret", "--csv", str(tmp_path / "empty.csv")], "not a MechaMap scores file"),
-        (["interpret", "--csv", DEFAULT], "not a MechaMap scores file"),
+        (["interpret", "--csv", DEFAULT], "is not a CSV or Parquet file (it ends in .yaml)"),
     ]  # fmt: skip
     for argv, fragment in cases:
         assert main(argv) == 1, argv
@@ -458,3 +482,171 @@ def test_resume_without_a_checkpoint_says_it_starts_from_the_first_document(caps
     err = capsys.readouterr().err
     assert f"no checkpoint in {tmp_path / 'checkpoints'} to resume: starting from the first document" in err
     assert "scanned 2 documents" in err and (tmp_path / "x.csv").is_file()
+
+
+# --- the model folder and checkpoints are inputs; the scores' model is the one loaded ------------------------
+
+
+def stop_at_loading(monkeypatch) -> list[str]:
+    """Record the model each command loads, and stop there with a one-line error (exit 1): the list of specs."""
+    loaded = []
+
+    def record(args, spec, device=None):
+        loaded.append(spec)
+        raise RuntimeError("stopped where the model loads")
+
+    monkeypatch.setattr("mechamap_core.cli._load", record)
+    return loaded
+
+
+def scores_of(model: str, *, score: float = 5.0, category: str = "food") -> pd.DataFrame:
+    """Two rows of a scores table of `model`, flagged for `category`."""
+    return pd.DataFrame({"model": model, "layer": [0, 1], "neuron": [3, 4], "category": category, "score": score})
+
+
+def test_outputs_never_write_into_the_model_folder_or_the_checkpoint_folder(capsys, tmp_path, monkeypatch):
+    from tiny_models import build_tiny_model
+
+    no_model_loads(monkeypatch)
+    model = build_tiny_model("gpt2", tmp_path / "tiny_gpt2")
+    scores = tmp_path / "scores.csv"
+    scores_of(str(model)).to_csv(scores, index=False)
+    corpus, checkpoints = tmp_path / "corpus.txt", tmp_path / "checkpoints"
+    corpus.write_text("A dog ate pizza in Paris.\n", encoding="utf-8")
+    checkpoints.mkdir()
+    (checkpoints / "rank0.pt").write_bytes(b"state")
+    before = {path: path.read_bytes() for path in [*model.iterdir(), checkpoints / "rank0.pt"]}
+    scan = ["scan", "--config", DEFAULT, "--model", str(model)]
+    cases = [
+        ([*scan, "--json", str(model / "config.json")], "--json"),
+        ([*scan, "--csv", str(model / "added_tokens.json")], "--csv"),  # a new file there could change the model
+        ([*scan, "--save-run", str(model / "runs")], "--save-run"),
+        ([*scan, "--corpus", str(corpus), "--checkpoint-dir", str(checkpoints), "--csv", str(checkpoints / "rank0.pt")],
+         "--csv", f"lies in --checkpoint-dir {checkpoints}"),
+        (["validate", "--csv", str(scores), "--heldout", HELDOUT, "--out", str(model / "tokenizer.json")], "--out"),
+        (["contrast", "--csv", str(scores), "--out", str(model / "verdicts.csv")], "--out"),
+    ]  # fmt: skip
+    for argv, *fragments in cases:
+        assert main(argv) == 1, argv
+        err = capsys.readouterr().err
+        assert_one_line_error(err, *fragments, "overwrite")
+        assert "lies in" in err
+    assert {path: path.read_bytes() for path in before} == before
+    assert sorted(path.name for path in model.iterdir()) == sorted(path.name for path in before if path.parent == model)
+
+
+def test_validate_ablate_contrast_load_the_model_of_the_scores(capsys, tmp_path, monkeypatch):
+    """Each loads the model the scores were scanned with, not the config's; --model wins with a warning when it
+    names another model (not when it names the same folder another way); scores of two models are refused."""
+    from tiny_models import build_tiny_model
+
+    model = build_tiny_model("gpt2", tmp_path / "tiny_gpt2")
+    scores, mixed = tmp_path / "scores.csv", tmp_path / "mixed.csv"
+    scores_of(str(model)).to_csv(scores, index=False)
+    pd.concat([scores_of(str(model)), scores_of("bundled")]).to_csv(mixed, index=False)
+    loaded = stop_at_loading(monkeypatch)
+    commands = [["validate", "--heldout", HELDOUT], ["ablate", "--config", DEFAULT, "--category", "food"], ["contrast"]]
+    for command in commands:
+        assert main([*command, "--csv", str(scores)]) == 1
+        assert_one_line_error(capsys.readouterr().err, "stopped where the model loads")
+        assert main([*command, "--csv", str(scores), "--model", str(tmp_path / "." / "tiny_gpt2")]) == 1
+        assert "warning: --model" not in capsys.readouterr().err
+        assert main([*command, "--csv", str(scores), "--model", "bundled"]) == 1
+        warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: --model")]
+        assert warnings == [f"warning: --model bundled is not the model {scores} was scanned with ({model}): its neuron "
+                            "numbers refer to that model"]  # fmt: skip
+        assert main([*command, "--csv", str(mixed)]) == 1
+        assert_one_line_error(capsys.readouterr().err, f"{mixed} holds the scores of 2 models", "keep one model's rows")
+    assert loaded == [str(model), str(tmp_path / "." / "tiny_gpt2"), "bundled"] * len(commands)
+
+
+def test_scan_summary_counts_neurons_per_layer_and_experts():
+    from mechamap_core.cli import _neurons_scanned
+
+    dense = {"layers": [0, 1, 2], "neurons_per_site": {f"blocks.{layer}.mlp.hook_post": 1536 for layer in range(3)}}
+    assert _neurons_scanned(dense) == "3 layers, 4,608 neurons (1,536 per layer)"
+    experts = {f"blocks.1.mlp.experts.{expert}.hook_post": 24 for expert in range(8)}
+    mixed = {"layers": [0, 1], "neurons_per_site": {"blocks.0.mlp.hook_post": 48, **experts,
+                                                   "blocks.1.mlp.shared_experts.hook_post": 36}}  # fmt: skip
+    assert _neurons_scanned(mixed) == "2 layers, 48 neurons in 1 dense layer, 8 experts in 1 layer, 192 expert neurons, " \
+                                      "36 shared-expert neurons"  # fmt: skip
+
+
+# --- warnings that change nothing, and refusals of what would be ignored ------------------------------------
+
+
+def test_scan_warns_of_shared_and_repeated_words_and_of_output_names_of_another_format(capsys, tmp_path, monkeypatch):
+    stop_at_loading(monkeypatch)
+    config = tmp_path / "words.yaml"
+    config.write_text("master_text: A red cat and a dog sat in Paris.\n"
+                      "categories:\n  animal: [cat, dog]\n  location: [Paris, Cat]\n  color: [red, Red, blue]\n",
+                      encoding="utf-8")  # fmt: skip
+    outputs = {"--csv": "scores.xlsx", "--json": "scores.csv", "--parquet": "scores.parquet", "--routing": "routing"}
+    argv = ["scan", "--config", str(config)]
+    for flag, name in outputs.items():
+        argv += [flag, str(tmp_path / name)]
+    assert main(argv) == 1
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warnings == [
+        f"warning: --csv {tmp_path / 'scores.xlsx'} does not end in .csv: it is written as CSV all the same",
+        f"warning: --json {tmp_path / 'scores.csv'} does not end in .json: it is written as JSON all the same",
+        "warning: 'cat' is a word of 'animal' and 'location': its tokens count for each, so these categories share that "
+        "evidence (keep it in one, unless the overlap is the point)",
+        "warning: 'red' is listed 2 times in 'color' ('red', 'Red'): words match whatever their case, so once is enough",
+        "warning: 1 of 7 words never occur in the master text: blue",
+    ]  # an extensionless name (a pipe, /dev/stdout) is no other format
+
+
+def test_files_that_are_not_text_and_flags_that_would_be_ignored_are_refused(capsys, tmp_path, monkeypatch):
+    no_model_loads(monkeypatch)
+    binary = tmp_path / "weights.yaml"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00binary")
+    scores = tmp_path / "scores.csv"
+    scores_of("bundled").to_csv(scores, index=False)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("A dog ate pizza.\n", encoding="utf-8")
+    scan = ["scan", "--config", DEFAULT]
+    cases = [
+        (["scan", "--config", str(binary)], f"--config {binary} is not UTF-8 text"),
+        (["ablate", "--config", str(binary), "--category", "food", "--neurons", "0:1"], f"--config {binary} is not UTF-8"),
+        (["validate", "--csv", str(scores), "--heldout", str(binary)], f"--heldout {binary} is not UTF-8 text"),
+        (["contrast", "--csv", str(scores), "--contrast", str(binary)], f"--contrast {binary} is not UTF-8 text"),
+        (["contrast", "--csv", str(scores), "--contrast", DEFAULT], "this looks like a scan config, not a contrast set",
+         "in_sense: [sentences], out_of_sense: [sentences]"),
+        ([*scan, "--text-field", "body"], "--text-field is for corpus scans: add --corpus"),
+        ([*scan, "--on-bad-document", "error"], "--on-bad-document is for corpus scans: add --corpus"),
+        ([*scan, "--text-field", "body", "--checkpoint-dir", str(tmp_path / "c")], "--text-field and --checkpoint-dir are"),
+        ([*scan, "--corpus", str(corpus), "--checkpoint-every", "5"], "--checkpoint-every needs --checkpoint-dir"),
+    ]  # fmt: skip
+    for argv, *fragments in cases:
+        assert main(argv) == 1, argv
+        assert_one_line_error(capsys.readouterr().err, *fragments)
+    assert not (tmp_path / "c").exists()
+
+
+def test_validate_checks_the_heldout_categories_before_loading_the_model(capsys, tmp_path, monkeypatch):
+    scores = tmp_path / "scores.csv"
+    scores_of("bundled").to_csv(scores, index=False)
+    unrelated, partly = tmp_path / "planets.yaml", tmp_path / "partly.yaml"
+    unrelated.write_text("master_text: Jupiter and Mars, then Jupiter.\ncategories:\n  planet: [Jupiter, Mars]\n",
+                         encoding="utf-8")  # fmt: skip
+    partly.write_text("master_text: Jupiter, sushi and a grape. More sushi.\n"
+                      "categories:\n  planet: [Jupiter]\n  food: [sushi, grape, mango]\n", encoding="utf-8")  # fmt: skip
+    no_model_loads(monkeypatch)
+    assert main(["validate", "--csv", str(scores), "--heldout", str(unrelated)]) == 1
+    err = capsys.readouterr().err
+    assert_one_line_error(err, f"--heldout {unrelated}: none of the held-out categories can be tested", "(food)")
+    assert "warning: the run has no category 'planet'; its words were ignored" in err
+    stop_at_loading(monkeypatch)
+    assert main(["validate", "--csv", str(scores), "--heldout", str(partly)]) == 1
+    err = capsys.readouterr().err
+    assert_one_line_error(err, "stopped where the model loads")  # the checks passed: something can be tested
+    assert "warning: the run has no category 'planet'" in err
+    assert "warning: these held-out words do not occur in the held-out text and were not tested: food: mango" in err
+
+
+def test_every_device_flag_says_what_it_takes(capsys):
+    for command in ("scan", "validate", "ablate", "contrast"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert "--device DEVICE auto (cuda, mps, cpu), cpu, cuda or mps" in " ".join(capsys.readouterr().out.split())

@@ -1,10 +1,15 @@
-"""config.py: YAML load/save roundtrip, validation messages, atomic save, safe names, layer lists."""
+"""config.py: YAML load/save roundtrip, validation messages, atomic save (symlinks, streams, modes), safe names,
+layer lists."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
 import re
+import stat
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -12,7 +17,15 @@ import yaml
 
 from mechamap_core import ConfigError, ScanConfig, load_config, save_config
 from mechamap_core.alignment import missing_words
-from mechamap_core.config import parse_config, parse_layer_list, safe_child_path
+from mechamap_core.config import (
+    atomic_output,
+    atomic_write_text,
+    parse_config,
+    parse_layer_list,
+    safe_child_path,
+    temp_beside,
+    validate_config,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_YAML = REPO_ROOT / "configs" / "default.yaml"
@@ -261,3 +274,217 @@ def test_covering_writes_a_scans_layers_and_limit_into_a_copy():
     assert (covered.layers, covered.limit_neurons) == ([0, 2], 8)
     assert (cfg.layers, cfg.limit_neurons) == ([1], 4)  # the original is untouched
     assert covered.content_hash() != cfg.content_hash()
+
+
+# --- finite numbers and configs without a master text ----------------------------------------
+
+
+@pytest.mark.parametrize("value", [".nan", "-.inf", ".inf", "1.0e+999"])
+def test_non_finite_threshold_is_refused_naming_the_key(value):
+    err = config_error(yaml_of() + f"threshold: {value}\n")
+    assert fields_of(err) == {"threshold"}
+    assert "'threshold' must be a finite number" in str(err)
+
+
+def test_every_float_setting_is_checked_for_finiteness():
+    cfg = ScanConfig(master_text="I ate pizza.", categories={"food": ["pizza"]}, threshold=float("nan"))
+    cfg.top_k_tokens = float("inf")  # a config built in code skips config_from_dict's type checks
+    with pytest.raises(ConfigError) as info:
+        validate_config(cfg)
+    assert {"threshold", "top_k_tokens"} <= fields_of(info.value)
+    assert "'top_k_tokens' must be a finite number, got inf" in str(info.value)
+
+
+def test_a_config_with_only_categories_loads_when_no_master_text_is_required(tmp_path):
+    path = tmp_path / "words.yaml"
+    path.write_text(yaml_of(master_text=...), encoding="utf-8")
+    with pytest.raises(ConfigError, match="master_text"):
+        load_config(path)
+    cfg = load_config(path, require_master_text=False)
+    assert cfg.master_text == "" and cfg.categories == VALID["categories"]
+    assert parse_config(yaml_of(master_text="  "), require_master_text=False).categories == VALID["categories"]
+
+
+@pytest.mark.parametrize(
+    "changes, field",
+    [({"categories": {}}, "categories"), ({"modle": "gpt2"}, "modle"), ({"master_text": ["ok", 3]}, "master_text"),
+     ({"top_k_tokens": -1}, "top_k_tokens"), ({"threshold": float("nan")}, "threshold")],
+)  # fmt: skip
+def test_every_other_check_stays_without_a_master_text(changes, field):
+    with pytest.raises(ConfigError) as info:
+        parse_config(yaml_of(**{"master_text": ..., **changes}), require_master_text=False)
+    assert field in fields_of(info.value)
+
+
+# --- atomic_output: symlinks, streams, failures, permissions ----------------------------------
+
+
+@pytest.fixture
+def umask():
+    """os.umask for a test to set the mask with (0o022 until it does); the old mask comes back afterwards."""
+    old = os.umask(0o022)
+    yield os.umask
+    os.umask(old)
+
+
+def test_a_symlinked_output_replaces_its_target_and_stays_a_link(tmp_path):
+    (tmp_path / "elsewhere").mkdir()
+    target = tmp_path / "elsewhere" / "config.yaml"
+    target.write_text("old", encoding="utf-8")
+    target.chmod(0o640)
+    hop = tmp_path / "hop.yaml"
+    hop.symlink_to(target)
+    link = tmp_path / "link.yaml"
+    link.symlink_to("hop.yaml")  # relative, and a link to a link
+    cfg = load_config(DEFAULT_YAML)
+    save_config(cfg, link)
+    assert link.is_symlink() and hop.is_symlink() and os.readlink(link) == "hop.yaml"
+    assert load_config(target) == cfg
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["config.yaml", "elsewhere", "hop.yaml", "link.yaml"]
+
+
+def test_a_dangling_symlink_gets_its_target_created(tmp_path):
+    link = tmp_path / "link.txt"
+    link.symlink_to(tmp_path / "made" / "target.txt")
+    atomic_write_text(link, "fresh")
+    assert link.is_symlink()
+    assert (tmp_path / "made" / "target.txt").read_text(encoding="utf-8") == "fresh"
+
+
+def read_fifo_while(fifo: Path, write) -> bytes:
+    """Everything written into a FIFO by write(), read by a thread (opening a FIFO blocks until both ends are open)."""
+    received: list[bytes] = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    write()
+    reader.join(timeout=30)
+    assert not reader.is_alive()
+    return received[0]
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_a_fifo_is_written_straight_into(tmp_path, binary):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+
+    def write():
+        with atomic_output(fifo, binary=binary) as handle:
+            handle.write(b"raw\x00bytes" if binary else "tëxt\n")
+
+    assert read_fifo_while(fifo, write) == (b"raw\x00bytes" if binary else "tëxt\n".encode())
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert [p.name for p in tmp_path.iterdir()] == ["pipe"]
+
+
+def test_a_symlink_to_a_fifo_is_a_stream_too(tmp_path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    (tmp_path / "link").symlink_to(fifo)
+    received = read_fifo_while(fifo, lambda: atomic_write_text(tmp_path / "link", "through the link"))
+    assert received == b"through the link"
+    assert (tmp_path / "link").is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "pipe"]
+
+
+WRITE_TEXT = """
+import sys
+from mechamap_core.config import atomic_write_text
+print("before", flush=True)
+atomic_write_text(sys.argv[1], "the text\\n")
+print("after", flush=True)
+"""
+
+
+def run_python(*args: str, **options) -> subprocess.CompletedProcess:
+    """This Python run on args from the repository root, with mechamap_core importable."""
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    return subprocess.run([sys.executable, *args], cwd=REPO_ROOT, env=env, timeout=120, **options)
+
+
+def stdout_paths() -> list:
+    """/dev/fd/1 (a /dev symlink through /proc/self/fd, whose folder no one can create files in, so even a broken
+    writer cannot replace it), and /dev/stdout where /dev is not writable by this user (as root it is skipped)."""
+    writable_dev = os.access("/dev", os.W_OK)
+    reason = "/dev is writable here: a broken writer could replace /dev/stdout"
+    return ["/dev/fd/1", pytest.param("/dev/stdout", marks=pytest.mark.skipif(writable_dev, reason=reason))]
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc/self/fd (Linux)")
+@pytest.mark.parametrize("path", stdout_paths())
+def test_stdout_through_a_pipe_receives_the_text(path):
+    link_before = os.readlink(path if path == "/dev/stdout" else "/dev/fd")
+    done = run_python("-c", WRITE_TEXT, path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "before\nthe text\nafter\n"
+    assert os.readlink(path if path == "/dev/stdout" else "/dev/fd") == link_before
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc/self/fd (Linux)")
+@pytest.mark.parametrize("append", [True, False])
+def test_stdout_redirected_to_a_file_is_written_through_the_shells_descriptor(tmp_path, append):
+    log = tmp_path / "log.txt"
+    log.write_text("earlier\n", encoding="utf-8")
+    inode = log.stat().st_ino
+    with open(log, "a" if append else "w", encoding="utf-8") as redirected:  # `>> log.txt` and `> log.txt`
+        done = run_python("-c", WRITE_TEXT, "/dev/fd/1", stdout=redirected, stderr=subprocess.PIPE)
+    assert done.returncode == 0, done.stderr
+    kept = "earlier\n" if append else ""
+    assert log.read_text(encoding="utf-8") == kept + "before\nthe text\nafter\n"
+    assert log.stat().st_ino == inode  # the same file, not a replacement
+    assert [p.name for p in tmp_path.iterdir()] == ["log.txt"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc/self/fd (Linux)")
+@pytest.mark.parametrize("path", stdout_paths())
+def test_cli_write_text_to_stdout_streams(path):
+    done = run_python("-m", "mechamap_core", "write-text", "--config", str(DEFAULT_YAML), "--out", path,
+                      capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "pizza" in done.stdout.lower()
+    assert Path("/dev/stdout").is_symlink() and Path("/dev/fd").is_symlink()
+
+
+def test_an_error_midway_keeps_the_old_file_and_leaves_no_temp_file(tmp_path):
+    target = tmp_path / "out.bin"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError, match="midway"), atomic_output(target, binary=True) as handle:
+        handle.write(b"half of the new")
+        handle.flush()
+        raise RuntimeError("killed midway")
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]
+
+
+def test_a_folder_is_refused_and_left_alone(tmp_path):
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(IsADirectoryError):
+        atomic_write_text(tmp_path / "folder", "x")
+    assert list((tmp_path / "folder").iterdir()) == []
+
+
+@pytest.mark.parametrize("mask, expected", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)], ids=oct)
+def test_a_new_file_gets_the_usual_mode(tmp_path, umask, mask, expected):
+    umask(mask)
+    atomic_write_text(tmp_path / "new.txt", "x")
+    save_config(load_config(DEFAULT_YAML), tmp_path / "new.yaml")
+    assert stat.S_IMODE((tmp_path / "new.txt").stat().st_mode) == expected
+    assert stat.S_IMODE((tmp_path / "new.yaml").stat().st_mode) == expected
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o600, 0o664, 0o444], ids=oct)
+def test_a_replaced_file_keeps_its_mode(tmp_path, umask, mode):
+    umask(0o077)
+    target = tmp_path / "cfg.yaml"
+    target.write_text("old", encoding="utf-8")
+    target.chmod(mode)
+    save_config(load_config(DEFAULT_YAML), target)
+    assert stat.S_IMODE(target.stat().st_mode) == mode
+    assert load_config(target).categories == load_config(DEFAULT_YAML).categories
+
+
+def test_temp_folders_get_the_usual_mode(tmp_path, umask):
+    umask(0o027)
+    folder = temp_beside(tmp_path / "run", folder=True)
+    assert folder.is_dir() and folder.parent == tmp_path and folder.name.startswith(".run.")
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o750

@@ -1,4 +1,5 @@
-"""export.py: CSV (original columns first), JSON keyed by neuron, Parquet, flagged rows, the run store."""
+"""export.py: CSV (original columns first), JSON keyed by neuron (integer columns as ints), Parquet, flagged rows,
+the run store; files written atomically, through symlinks, as streams and with the usual modes."""
 
 from __future__ import annotations
 
@@ -7,6 +8,12 @@ import dataclasses
 import io
 import json
 import math
+import os
+import re
+import stat
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -16,6 +23,7 @@ from mechamap_core import export, scan
 
 ORIGINAL = ["model", "layer", "neuron", "category", "avg_activation", "top_tokens"]
 KEY = ["layer", "neuron", "category"]
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -201,3 +209,118 @@ def test_list_runs_of_empty_folder(tmp_path):
     listed = export.list_runs(tmp_path)
     assert listed.empty
     assert list(listed.columns[:2]) == ["run_id", "model"]
+
+
+# --- JSON numbers, atomic files, symlinks, streams and modes ---------------------------------
+
+
+def test_json_keeps_integer_columns_as_ints(result):
+    text = export.to_json(result)
+    assert '"n_tokens": 19.0' not in text and re.search(r'"n_tokens": \d+[,}]', text)
+    scores = plain_scores(result).set_index(KEY)
+    for entry in json.loads(text)["neurons"].values():
+        for cat, stats in entry["categories"].items():
+            assert type(stats["n_tokens"]) is int
+            assert stats["n_tokens"] == scores.loc[(entry["layer"], entry["neuron"], cat), "n_tokens"]
+            assert all(type(stats[col]) in (float, type(None)) for col in ("avg_activation", "score", "auroc"))
+
+
+def write(result, fmt: str, path) -> None:
+    """export.to_csv / to_json / to_parquet of the scan to path."""
+    getattr(export, f"to_{fmt}")(result, path)
+
+
+def read(fmt: str, path) -> object:
+    """What a format's file holds, in a comparable form."""
+    if fmt == "json":
+        return json.loads(path.read_text(encoding="utf-8"))
+    return pd.read_parquet(path) if fmt == "parquet" else path.read_text(encoding="utf-8")
+
+
+def same(fmt: str, got, want) -> None:
+    """Assert that two reads of the same format hold the same content."""
+    if fmt == "parquet":
+        pd.testing.assert_frame_equal(got, want)
+    else:
+        assert got == want
+
+
+@pytest.mark.parametrize("fmt, writer", [("csv", "to_csv"), ("parquet", "to_parquet")])
+def test_a_write_failing_midway_keeps_the_old_file(result, tmp_path, monkeypatch, fmt, writer):
+    target = tmp_path / f"scores.{fmt}"
+    target.write_bytes(b"the old export")
+    original = getattr(pd.DataFrame, writer)
+
+    def fails_after_writing(frame, handle, **kwargs):
+        original(frame.head(3), handle, **kwargs)  # part of the table reaches the file, then the scan is killed
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pd.DataFrame, writer, fails_after_writing)
+    with pytest.raises(KeyboardInterrupt):
+        write(result, fmt, target)
+    assert target.read_bytes() == b"the old export"
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "json", "parquet"])
+def test_a_symlinked_export_replaces_its_target_and_keeps_its_mode(result, tmp_path, fmt):
+    (tmp_path / "store").mkdir()
+    target = tmp_path / "store" / f"scores.{fmt}"
+    target.write_bytes(b"old")
+    target.chmod(0o604)
+    link = tmp_path / f"latest.{fmt}"
+    link.symlink_to(target)
+    write(result, fmt, link)
+    write(result, fmt, tmp_path / f"plain.{fmt}")
+    assert link.is_symlink() and link.resolve() == target
+    same(fmt, read(fmt, target), read(fmt, tmp_path / f"plain.{fmt}"))
+    assert stat.S_IMODE(target.stat().st_mode) == 0o604
+    assert sorted(p.name for p in tmp_path.rglob("*")) == sorted([link.name, f"plain.{fmt}", "store", target.name])
+
+
+@pytest.fixture
+def umask_027():
+    """Umask 0o027 for a test (new files 0o640, new folders 0o750), the old mask restored afterwards."""
+    old = os.umask(0o027)
+    yield
+    os.umask(old)
+
+
+def test_new_exports_and_run_folders_get_the_usual_mode(result, tmp_path, umask_027):
+    for fmt in ("csv", "json", "parquet"):
+        write(result, fmt, tmp_path / f"new.{fmt}")
+        assert stat.S_IMODE((tmp_path / f"new.{fmt}").stat().st_mode) == 0o640, fmt
+    folder = export.save_run(result, tmp_path / "runs", run_id="fresh")
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o750
+    assert stat.S_IMODE((folder / "metadata.json").stat().st_mode) == 0o640
+
+
+def test_a_replaced_run_folder_keeps_its_mode(result, tmp_path, umask_027):
+    folder = export.save_run(result, tmp_path, run_id="again")
+    folder.chmod(0o711)
+    assert export.save_run(result, tmp_path, run_id="again") == folder
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o711
+    assert [p.name for p in tmp_path.iterdir()] == ["again"]
+
+
+EXPORT_TO_STDOUT = """
+import sys
+from mechamap_core import export
+getattr(export, "to_" + sys.argv[2])(export.load_run(sys.argv[1]), "/dev/fd/1")
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc/self/fd (Linux)")
+@pytest.mark.parametrize("fmt", ["csv", "json", "parquet"])
+def test_exports_stream_to_stdout(result, tmp_path, fmt):
+    """/dev/fd/1 is /dev/stdout's twin (a /dev symlink through /proc/self/fd to the descriptor) that no writer can
+    replace, even as root; tests/test_config.py also tries /dev/stdout itself where that is safe."""
+    folder = export.save_run(result, tmp_path / "runs", run_id="piped")
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    command = [sys.executable, "-c", EXPORT_TO_STDOUT, str(folder), fmt]
+    done = subprocess.run(command, capture_output=True, cwd=REPO_ROOT, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr.decode()
+    (tmp_path / f"piped.{fmt}").write_bytes(done.stdout)
+    write(export.load_run(folder), fmt, tmp_path / f"direct.{fmt}")
+    same(fmt, read(fmt, tmp_path / f"piped.{fmt}"), read(fmt, tmp_path / f"direct.{fmt}"))
+    assert Path("/dev/fd").is_symlink()

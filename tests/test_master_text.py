@@ -140,6 +140,20 @@ def test_cli_prints_writes_a_config_and_appends(tmp_path, capsys):
     assert "'cream' (dairy) occurs 4 times, not 2: another entry contains it" in capsys.readouterr().err
 
 
+def test_cli_writes_a_text_for_a_config_of_categories_alone(tmp_path, capsys):
+    categories_only = tmp_path / "words.yaml"
+    categories_only.write_text("categories:\n  food: [pizza, soup]\n  pet: [dog, cat]\n", encoding="utf-8")
+    assert main(["write-text", "--config", str(categories_only), "--contexts", "2"]) == 0
+    assert capsys.readouterr().out == write_master_text({"food": ["pizza", "soup"], "pet": ["dog", "cat"]}, 2, 0)
+    out = tmp_path / "written.yaml"
+    assert main(["write-text", "--config", str(categories_only), "--out", str(out)]) == 0
+    assert load_config(out).master_text.strip()  # the saved config is complete, checked as any other
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00categories")
+    assert main(["write-text", "--config", str(binary)]) == 1
+    assert "--config" in capsys.readouterr().err
+
+
 def test_config_page_writes_previews_and_uses_the_text(app_env):
     at = open_page(make_app(), "config_editor")
     no_exception(at)

@@ -158,6 +158,17 @@ def test_local_folder_needing_remote_code_is_refused(tiny_models, tmp_path):
         load_model(str(folder), device="cpu")
 
 
+def test_local_folder_without_tokenizer_files_is_named(tiny_models, tmp_path):
+    """Config and weights but no tokenizer: transformers would build an empty tokenizer, and the scan would find no
+    tokens in the text; the folder is named instead."""
+    folder = tmp_path / "no_tokenizer"
+    shutil.copytree(tiny_models.path("gpt2"), folder)
+    for file in folder.glob("tokenizer*"):
+        file.unlink()
+    with pytest.raises(ModelNotAvailableError, match=f"the model folder {folder} has no tokenizer files"):
+        load_model(str(folder), device="cpu")
+
+
 # --- big models: placement, memory estimates, quantisation ------------------------------------
 
 

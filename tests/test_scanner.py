@@ -469,3 +469,16 @@ def test_top_k_tokens_zero_scans_without_top_tokens(bundled_lm, default_cfg, bun
     with_top = bundled_pair[0 if record else 1]
     for column in ("avg_activation", "score", "auroc", "p_value"):
         np.testing.assert_allclose(result.scores[column], with_top.scores[column], rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [({"limit_neurons": -1}, "'limit_neurons' must be 0 or more"), ({"limit_neurons": 1.5}, "'limit_neurons' must be int"),
+     ({"limit_neurons": True}, "'limit_neurons' must be int, got bool"), ({"layers": []}, "'layers' lists no layer"),
+     ({"layers": ["1"]}, "'layers' must be a list of layer numbers")],
+)
+def test_scan_checks_its_layer_and_neuron_overrides_as_the_config_is_checked(tiny_gpt2, default_cfg, override, message):
+    from mechamap_core import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        scan(tiny_gpt2, default_cfg, **override)

@@ -130,10 +130,10 @@ def batch_labels(
 
 def scan_targets(lm: LoadedModel, cfg: ScanConfig, layers: list[int] | None, limit_neurons: int | None):
     """(hook points, sites, neurons read per site hook, tokens per chunk) of a scan, after validating cfg;
-    layers / limit_neurons override the config's when not None."""
+    layers / limit_neurons override the config's when not None, checked as the config's own would be."""
+    cfg = cfg.covering(layers, limit_neurons)
     validate_config(cfg)
-    layers = cfg.layers if layers is None else layers
-    limit = cfg.limit_neurons if limit_neurons is None else limit_neurons
+    layers, limit = cfg.layers, cfg.limit_neurons
     points, sites = resolve_hook_points(lm.model, layers)
     n_neurons = {s.hook: min(limit, s.d_mlp) if limit else s.d_mlp for s in sites}
     return points, sites, n_neurons, lm.chunk_tokens(cfg.max_chunk_tokens)
