@@ -330,6 +330,7 @@ def _same_model(spec: str, other: str) -> bool:
 
 
 def _run_validate(args) -> int:
+    from . import export
     from .hypothesis import heldout_scan, validate_heldout, with_ceiling
 
     scores = _read_scores(args.csv, args.metric, numeric=(args.metric,))
@@ -356,7 +357,7 @@ def _run_validate(args) -> int:
         print(f"note: no flagged neuron could be tested ({reasons}): does {args.heldout} have the scan's categories, "
               "with their words in its text?", file=sys.stderr)  # fmt: skip
     if args.out:
-        per_neuron.to_csv(args.out, index=False)
+        export.write_csv(per_neuron, args.out)
         print(f"wrote {args.out}", file=sys.stderr)
     return 0
 
@@ -454,6 +455,7 @@ def _run_write_text(args) -> int:
 
 
 def _run_contrast(args) -> int:
+    from . import export
     from .contrast import contrast_neurons
 
     contrast_set = _load_contrast_set(args.contrast)
@@ -469,7 +471,7 @@ def _run_contrast(args) -> int:
     print(f"Word form or meaning? Neurons with score >= {args.threshold}, on {args.contrast or 'the built-in set'}:")
     print(table.round(3).to_string(index=False))
     if args.out:
-        table.to_csv(args.out, index=False)
+        export.write_csv(table, args.out)
         print(f"wrote {args.out}", file=sys.stderr)
     return 0
 
@@ -560,7 +562,7 @@ def _run_scan(args) -> int:
         if routing is None:
             print(f"{result.metadata['model']} has no mixture-of-experts layers: no routing table written", file=sys.stderr)
         else:
-            routing.to_csv(args.routing, index=False)
+            export.write_csv(routing, args.routing)
             print(f"wrote {args.routing}", file=sys.stderr)
     if args.save_run:
         print(f"saved run {export.save_run(result, args.save_run)}", file=sys.stderr)
@@ -629,7 +631,7 @@ def _span(values: list[int]) -> str:
 
 def _note_categories_without_statistics(result) -> None:
     """After a scan: the categories no neuron has statistics for (too few of their tokens), so blank rows are explained."""
-    note = analysis.no_statistics_note(analysis.categories_without_statistics(result.scores))
+    note = analysis.no_statistics_note(analysis.categories_without_statistics(result.scores), result.coverage)
     if note:
         _say("note", note)
 

@@ -61,9 +61,14 @@ def to_csv(result: ScanResult, path=None, **options) -> str | None:
     table = export_table(result, **options)
     if path is None:
         return table.to_csv(index=False)
+    write_csv(table, path)
+    return None
+
+
+def write_csv(table: pd.DataFrame, path) -> None:
+    """A table as CSV (no index) at path, through atomic_output: whole or not at all."""
     with atomic_output(path) as handle:
         table.to_csv(handle, index=False)
-    return None
 
 
 def to_json_dict(result: ScanResult, **options) -> dict:

@@ -650,3 +650,13 @@ def test_every_device_flag_says_what_it_takes(capsys):
         with pytest.raises(SystemExit):
             main([command, "--help"])
         assert "--device DEVICE auto (cuda, mps, cpu), cpu, cuda or mps" in " ".join(capsys.readouterr().out.split())
+
+
+def test_a_category_of_words_the_tokenizer_cannot_count_is_named_with_them(capsys, tmp_path):
+    config = tmp_path / "emoji.yaml"
+    config.write_text("master_text: I ate 🍕 and 🍣 today; then 🍕 again. A red car, a blue bus, a green van, a red tram, "
+                      "a blue car.\ncategories:\n  food: ['🍕', '🍣']\n  color: [red, blue, green]\n", encoding="utf-8")  # fmt: skip
+    assert main(["scan", "--config", str(config), "--device", "cpu", "--layers", "0", "--limit-neurons", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "no statistics for 'food' (0 tokens)" in err
+    assert "'🍕', '🍣' occur in the text but give no token this model's tokenizer can count" in err
