@@ -9,6 +9,8 @@ import pandas as pd
 from .config import layer_list_text
 from .stats import MIN_CATEGORY_TOKENS
 
+NO_VALUE_MARK = "–"  # what a table, chart or the CLI shows for a missing value (never 0, never "nan")
+
 METRICS = {
     "score": "score (selectivity: mean gap / RMS of the two SDs)",
     "avg_activation": "avg_activation (mean over category tokens)",

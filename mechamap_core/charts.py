@@ -8,7 +8,7 @@ import altair as alt
 import numpy as np
 import pandas as pd
 
-from .analysis import COMBINATION_SEPARATOR, flagged
+from .analysis import COMBINATION_SEPARATOR, NO_VALUE_MARK, flagged
 
 _CELL = 28  # pixels per heatmap cell / bar band
 
@@ -28,7 +28,6 @@ def _vl_version() -> str | None:
 
 
 NO_VALUE = "no value"  # a chart's tooltip for a missing (NaN) value, instead of Vega's "null"
-NO_VALUE_MARK = "–"  # a cell label for a missing value
 NO_VALUE_COLOUR = "#d9d9d9"  # the grey of a heatmap cell without a value
 
 

@@ -351,7 +351,9 @@ def _run_validate(args) -> int:
     if args.ceiling:
         summary = with_ceiling(lm, scores, tested, summary, scanned=scanned)
     print(f"Held-out check of {len(candidates)} flagged rows ({args.metric} >= {args.threshold}), pass = AUROC >= {args.min_auroc}:")
-    print(summary.to_string(index=False))
+    print(summary.to_string(index=False, na_rep=analysis.NO_VALUE_MARK))
+    if (summary["tested"] == 0).any():
+        print(f"({analysis.NO_VALUE_MARK}: no flagged neuron of that category could be tested on the held-out text)")
     if not summary["tested"].any():
         reasons = "; ".join(sorted(set(per_neuron["status"])))
         print(f"note: no flagged neuron could be tested ({reasons}): does {args.heldout} have the scan's categories, "

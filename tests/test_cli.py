@@ -660,3 +660,16 @@ def test_a_category_of_words_the_tokenizer_cannot_count_is_named_with_them(capsy
     err = capsys.readouterr().err
     assert "no statistics for 'food' (0 tokens)" in err
     assert "'🍕', '🍣' occur in the text but give no token this model's tokenizer can count" in err
+
+
+def test_validate_marks_untested_categories_rather_than_printing_nan(scanned, capsys, tmp_path):
+    _, paths = scanned
+    heldout = tmp_path / "animals_only.yaml"
+    heldout.write_text("master_text: A giraffe met a giraffe, then a zebra, a zebra and an otter by an otter.\n"
+                       "categories:\n  animal: [giraffe, zebra, otter]\n", encoding="utf-8")  # fmt: skip
+    assert main(["validate", "--csv", str(paths["csv"]), "--heldout", str(heldout), "--threshold", "0", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[2:] if line.split() and line.split()[0].isalpha()}
+    assert rows["food"][2] == "0" and rows["food"][-1] == "–" and "nan" not in out.lower()
+    assert float(rows["animal"][-1]) > 0  # the one tested category has its mean held-out AUROC
+    assert "(–: no flagged neuron of that category could be tested on the held-out text)" in out
