@@ -314,7 +314,9 @@ def config_differences(meta_a: dict, meta_b: dict) -> list[str]:
             notes.append("the master texts differ")
         else:
             notes.append(f"{key}: {_config_value(cfg_a, key)} vs {_config_value(cfg_b, key)}")
-    return notes + coverage or ["the configs differ"]
+    if not notes and not coverage and not (cfg_a or cfg_b):  # hashes differ, and neither run records its config
+        return ["the configs differ"]
+    return notes + coverage  # configs that differ only in the model: no note, the model is what is compared
 
 
 def differing_config_keys(cfg_a: dict, cfg_b: dict) -> list[str]:

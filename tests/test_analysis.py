@@ -203,6 +203,15 @@ def test_config_differences_read_the_config_where_the_run_does_not_say():
     assert notes == ["limit_neurons: all neurons vs 32"], notes  # layers: all of each model's
 
 
+def test_config_differences_say_nothing_of_two_models_scanned_with_one_config():
+    """The config's hash covers its model, so two models scanned with one config have different hashes; the model is
+    what Compare compares, so that is no difference to warn of. A run that does not record its config still is."""
+    other_model = run_metadata("h2", model="m2", depth=12, layers=range(12), width=3072)
+    other_model["config"]["model"] = "m2"
+    assert analysis.config_differences(run_metadata("h1"), other_model) == []
+    assert analysis.config_differences({"config_hash": "h1"}, {"config_hash": "h3"}) == ["the configs differ"]
+
+
 # --- pivots -----------------------------------------------------------------------------------
 
 
