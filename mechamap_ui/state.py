@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -118,22 +119,29 @@ def active_config_name() -> str:
     return st.session_state.get(ACTIVE_CONFIG_NAME, "unsaved")
 
 
+def settings_of(config: dict) -> str:
+    """A config's settings (as a dict) apart from its model, as one comparable string: one config scanned on two
+    models is the same config."""
+    return json.dumps({key: value for key, value in config.items() if key != "model"}, sort_keys=True, default=str)
+
+
 @st.cache_data(show_spinner=False, max_entries=256)
-def _saved_config_hash(path: str, modified_ns: int) -> str | None:
-    """The content hash of a saved config file as it is at modified_ns (part of the cache key), None if unreadable."""
+def _saved_config_settings(path: str, modified_ns: int) -> str | None:
+    """settings_of a saved config file as it is at modified_ns (part of the cache key), None if unreadable."""
     try:
-        return load_config(path).content_hash()
+        return settings_of(load_config(path).to_dict())
     except (ConfigError, OSError):
         return None
 
 
-def saved_config_with_hash(config_hash: str | None) -> str | None:
-    """The name (file stem) of a config in configs_dir() whose content hash is config_hash, or None."""
-    if not config_hash:
+def saved_config_with_settings(config: dict) -> str | None:
+    """The name (file stem) of a config in configs_dir() with the same settings as config (its model aside), or None."""
+    if not config:
         return None
+    wanted = settings_of(config)
     for path in sorted(configs_dir().glob("*.yaml")):
         try:
-            if _saved_config_hash(str(path), path.stat().st_mtime_ns) == config_hash:
+            if _saved_config_settings(str(path), path.stat().st_mtime_ns) == wanted:
                 return path.stem
         except OSError:
             continue
@@ -142,18 +150,18 @@ def saved_config_with_hash(config_hash: str | None) -> str | None:
 
 def run_config_note(metadata: dict) -> tuple[str, str | None]:
     """(the config a run was scanned with, in words; how it differs from the active config, or None when it is the
-    active config). Runs record their config and its hash, not the file it came from: a saved config with that hash
-    names it."""
+    active config). The model aside: the sidebar names the run's model, and one config serves many models. Runs
+    record their config, not the file it came from: a saved config with the same settings names it."""
     active, active_name = active_config(), active_config_name()
-    run_hash = metadata.get("config_hash")
-    if run_hash is not None and run_hash == active.content_hash():
+    run_config = metadata.get("config") or {}
+    differing = [key for key in differing_config_keys(run_config, active.to_dict()) if key != "model"]
+    if metadata.get("config_hash") == active.content_hash() or (run_config and not differing):
         return f"the active config ({active_name})", None
-    saved = saved_config_with_hash(run_hash)
-    scanned_with = f"config {saved}" if saved else f"a config not saved here (hash `{str(run_hash)[:6]}`)"
-    if saved == active_name:  # the run has the saved file's content, the active config began as that file
+    saved = saved_config_with_settings(run_config)
+    scanned_with = f"config {saved}" if saved else f"a config not saved here (hash `{str(metadata.get('config_hash'))[:6]}`)"
+    if saved == active_name:  # the run has the saved file's settings, the active config began as that file
         active_name += ", edited since it was loaded"
-    keys = differing_config_keys(metadata.get("config") or {}, active.to_dict())
-    which = f" in {', '.join(keys)}" if keys else ""
+    which = f" in {', '.join(differing)}" if differing else ""
     return scanned_with, f"Not the active config ({active_name}): it differs{which}. The Scan page uses the active one."
 
 

@@ -86,6 +86,15 @@ def test_sidebar_names_the_config_the_run_was_scanned_with(app_env, tiny_result)
     assert "**Scanned with:** a config not saved here (hash `abcdef`)" in sidebar_text(at)
     assert "Not the active config (default): it differs in categories." in sidebar_text(at)
 
+    another_model = {**tiny_result.metadata, "config": {**tiny_result.metadata["config"], "model": "org/other"},
+                     "config_hash": "0123456789ab", "model": "org/other"}  # fmt: skip
+    at = make_app(dataclasses.replace(tiny_result, metadata=another_model)).run()  # one config, another model
+    assert "**Scanned with:** the active config (default)" in sidebar_text(at)
+    assert "Not the active config" not in sidebar_text(at)
+    at = make_app(dataclasses.replace(tiny_result, metadata=another_model), **{ACTIVE_CONFIG: mine, ACTIVE_CONFIG_NAME: "mine"}).run()
+    assert "**Scanned with:** config default" in sidebar_text(at)  # the saved file, whatever model scanned with it
+    assert "it differs in threshold." in sidebar_text(at)
+
 
 def saved_in_order(tiny_result, runs_dir, *run_ids: str) -> list[str]:
     """tiny_result saved under each id, created a day apart in that order (the last is the newest)."""
