@@ -431,7 +431,8 @@ def _run_write_text(args) -> int:
     import dataclasses
     from pathlib import Path
 
-    from .config import atomic_write_text, config_to_yaml, validate_config
+    from .config import config_to_yaml, validate_config
+    from .files import atomic_write_text
     from .master_text import mix_texts, overcounted_words, write_master_text
 
     _check_outputs({"--out": args.out}, {"--config": args.config})

@@ -1,5 +1,4 @@
-"""ScanConfig: the typed scan configuration, and the project's only YAML load/save/validate; and atomic_output, the
-one way every output file (config, CSV, JSON, Parquet) is written."""
+"""ScanConfig: the typed scan configuration, and the project's only YAML load/save/validate."""
 
 from __future__ import annotations
 
@@ -9,16 +8,12 @@ import json
 import math
 import os
 import re
-import secrets
-import shutil
-import stat
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
 
 import yaml
+
+from .files import atomic_write_text
 
 BUNDLED_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
 MAX_CONFIG_BYTES = 2_000_000
@@ -237,96 +232,6 @@ def save_config(cfg: ScanConfig, path: str | os.PathLike) -> Path:
     """Validate, then write atomically (temp file + rename) so a crash never leaves half a file."""
     validate_config(cfg)
     return atomic_write_text(Path(path), config_to_yaml(cfg))
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write text (UTF-8) to path through atomic_output. Returns the path."""
-    with atomic_output(path) as handle:
-        handle.write(text)
-    return Path(path)
-
-
-@contextmanager
-def atomic_output(path: str | os.PathLike, binary: bool = False) -> Iterator[IO]:
-    """An open file (text, UTF-8, or binary) whose content takes path's place only once the block ends without error.
-
-    It is a temp file beside the final target, fsync'd, then renamed over it (os.replace): an error or a kill midway
-    leaves the old file whole and, but for a kill, no temp file. A symlink is followed to its final target, which is
-    replaced (the link stays a link). A new file gets the usual mode (0o666 less the umask); a replaced one keeps its
-    own. A stream is written straight into: a path that is no regular file (a FIFO, a terminal), or one that names an
-    open descriptor (/dev/stdout -> /proc/self/fd/1), written through that descriptor, so that a file the shell
-    opened (`> out.csv`, `>> log`) keeps its offset and append mode."""
-    mode, text_options = ("wb", {}) if binary else ("w", {"encoding": "utf-8", "newline": ""})
-    stream = _stream(path)
-    if stream is not None:
-        with open(os.dup(stream) if isinstance(stream, int) else stream, mode, **text_options) as handle:
-            yield handle
-        return
-    target = Path(os.path.realpath(path))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_beside(target)
-    try:
-        with open(tmp, mode, **text_options) as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        replace_keeping_mode(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-_DESCRIPTOR_TABLE = re.compile(r"^/proc/(?P<pid>[^/]+)(/task/[^/]+)?/fd$")
-
-
-def _stream(path: str | os.PathLike) -> int | str | None:
-    """How to write path as a stream: this process's descriptor number when following its symlinks reaches
-    /proc/self/fd/N (as /dev/stdout does); path itself when it is no regular file (a FIFO, a terminal) or names
-    another process's descriptor; None for a regular file, or none yet, which atomic_output replaces."""
-    try:
-        regular = stat.S_ISREG(os.stat(path).st_mode)
-    except FileNotFoundError:
-        return None
-    location = os.path.join(os.getcwd(), os.fspath(path))
-    for _ in range(40):  # the kernel's own limit on symlink hops
-        folder = os.path.realpath(os.path.dirname(location))
-        table = _DESCRIPTOR_TABLE.match(folder)
-        name = os.path.basename(location)
-        if table and name.isdigit():
-            return int(name) if table["pid"] == str(os.getpid()) else os.fspath(path)
-        location = os.path.join(folder, name)
-        if not os.path.islink(location):
-            break
-        location = os.path.join(folder, os.readlink(location))
-    return None if regular else os.fspath(path)
-
-
-def temp_beside(target: Path, folder: bool = False) -> Path:
-    """A new, empty temp file (or folder) next to target, named .<target name>.<random>.tmp, created with the usual
-    mode: 0o666 (0o777 for a folder) less the umask, as open() and mkdir() give, not mkstemp's owner-only 0o600."""
-    for _ in range(100):
-        tmp = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
-        try:
-            if folder:
-                tmp.mkdir(0o777)
-            else:
-                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-            return tmp
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"no free temp name next to {target}")
-
-
-def replace_keeping_mode(tmp: Path, target: Path) -> None:
-    """Put tmp (a file or folder from temp_beside) in target's place, giving it target's permission bits when target
-    exists. A file is replaced atomically (os.replace); an old folder is removed first."""
-    try:
-        os.chmod(tmp, stat.S_IMODE(os.stat(target).st_mode))
-    except FileNotFoundError:
-        pass
-    if target.is_dir() and not target.is_symlink():
-        shutil.rmtree(target)
-    os.replace(tmp, target)
 
 
 def parse_layer_list(text: str) -> list[int] | None:

@@ -1,6 +1,6 @@
 """CSV (the original's schema first), JSON keyed by neuron, Parquet; and the run store under runs/<id>/.
 
-Every file goes through config.atomic_output: written whole or not at all, symlinks followed, streams such as
+Every file goes through files.atomic_output: written whole or not at all, symlinks followed, streams such as
 /dev/stdout written straight into."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from .analysis import holding_up, neuron_key, neuron_label, top_token_strings
-from .config import atomic_output, atomic_write_text, replace_keeping_mode, temp_beside
+from .files import atomic_output, atomic_write_text, kept_mode, replace, temp_beside
 from .scan import ScanResult
 
 ORIGINAL_COLUMNS = ["model", "layer", "neuron", "category", "avg_activation", "top_tokens"]
@@ -157,16 +157,22 @@ def new_run_id(result: ScanResult) -> str:
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{short}-{result.metadata['config_hash'][:6]}"
 
 
+RUN_FOLDER_MODE = 0o700  # a new run folder, as mkdtemp made it: private to its owner
+
+
 def save_run(result: ScanResult, runs_dir: str | os.PathLike = "runs", run_id: str | None = None) -> Path:
     """Save a scan to runs_dir/<run_id>/ (Parquet tables, metadata.json, activations.npz). Written to a temp
-    folder (the usual mode, or the mode of the run folder it replaces), then renamed. Returns the run folder."""
+    folder, then renamed. A new run folder is private (0700: it holds the master text and activations), one it
+    replaces keeps its mode. Returns the run folder."""
     runs_dir = Path(runs_dir)
     run_id = run_id or new_run_id(result)
     if not _RUN_ID.match(run_id):
         raise ValueError(f"invalid run id '{run_id}'")
     runs_dir.mkdir(parents=True, exist_ok=True)
     final = runs_dir / run_id
-    tmp = temp_beside(final, folder=True)
+    keep = kept_mode(final)
+    keep = RUN_FOLDER_MODE if keep is None else keep
+    tmp = temp_beside(final, folder=True, mode=keep)
     try:
         result.scores.to_parquet(tmp / "scores.parquet", index=False)
         result.top_tokens.to_parquet(tmp / "top_tokens.parquet", index=False)
@@ -180,7 +186,7 @@ def save_run(result: ScanResult, runs_dir: str | os.PathLike = "runs", run_id: s
             frame.to_parquet(tmp / f"extra_{name}.parquet", index=False)
         meta = {"run_id": run_id, "metadata": _jsonable(result.metadata), "texts": result.texts}
         (tmp / "metadata.json").write_text(json.dumps(meta, ensure_ascii=False, indent=1), encoding="utf-8")
-        replace_keeping_mode(tmp, final)
+        replace(tmp, final, keep)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -17,15 +17,8 @@ import yaml
 
 from mechamap_core import ConfigError, ScanConfig, load_config, save_config
 from mechamap_core.alignment import missing_words
-from mechamap_core.config import (
-    atomic_output,
-    atomic_write_text,
-    parse_config,
-    parse_layer_list,
-    safe_child_path,
-    temp_beside,
-    validate_config,
-)
+from mechamap_core.config import parse_config, parse_layer_list, safe_child_path, validate_config
+from mechamap_core.files import atomic_output, atomic_write_text, temp_beside
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_YAML = REPO_ROOT / "configs" / "default.yaml"
@@ -344,12 +337,47 @@ def test_a_symlinked_output_replaces_its_target_and_stays_a_link(tmp_path):
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["config.yaml", "elsewhere", "hop.yaml", "link.yaml"]
 
 
-def test_a_dangling_symlink_gets_its_target_created(tmp_path):
+def test_a_dangling_symlink_gets_its_target_created_but_never_its_folders(tmp_path):
     link = tmp_path / "link.txt"
-    link.symlink_to(tmp_path / "made" / "target.txt")
+    link.symlink_to(tmp_path / "target.txt")
     atomic_write_text(link, "fresh")
-    assert link.is_symlink()
-    assert (tmp_path / "made" / "target.txt").read_text(encoding="utf-8") == "fresh"
+    assert link.is_symlink() and (tmp_path / "target.txt").read_text(encoding="utf-8") == "fresh"
+    far = tmp_path / "far.txt"
+    far.symlink_to(tmp_path / "made" / "deep" / "target.txt")
+    with pytest.raises(FileNotFoundError, match="whose folder does not exist"):
+        atomic_write_text(far, "x")
+    assert not (tmp_path / "made").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make a link owned by another user")
+def test_a_link_another_user_planted_in_a_shared_folder_is_not_followed(tmp_path):
+    """The kernel's protected_symlinks rule: in a sticky folder others may write to (/tmp), only a link owned by this
+    user or by the folder's owner is followed, so a planted link cannot aim an output at someone's file."""
+    shared, victim = tmp_path / "shared", tmp_path / "victim.txt"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    victim.write_text("keep me", encoding="utf-8")
+    planted = shared / "scores.csv"
+    planted.symlink_to(victim)
+    os.lchown(planted, 12345, 12345)  # another user's link in the shared folder
+    with pytest.raises(PermissionError, match="another user made in a shared folder"):
+        atomic_write_text(planted, "overwritten")
+    assert victim.read_text(encoding="utf-8") == "keep me"
+    os.lchown(planted, 0, 0)  # this user's own link is followed
+    atomic_write_text(planted, "mine")
+    assert victim.read_text(encoding="utf-8") == "mine" and planted.is_symlink()
+
+
+def test_a_private_file_stays_private_while_it_is_rewritten(tmp_path, umask):
+    umask(0o022)
+    target = tmp_path / "private.csv"
+    target.write_text("old", encoding="utf-8")
+    target.chmod(0o600)
+    with atomic_output(target) as handle:
+        handle.write("new")
+        (tmp,) = [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+        assert stat.S_IMODE(tmp.stat().st_mode) == 0o600  # never 0o644 while the new content is written
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600 and target.read_text(encoding="utf-8") == "new"
 
 
 def read_fifo_while(fifo: Path, write) -> bytes:

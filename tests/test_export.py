@@ -280,7 +280,7 @@ def test_a_symlinked_export_replaces_its_target_and_keeps_its_mode(result, tmp_p
 
 @pytest.fixture
 def umask_027():
-    """Umask 0o027 for a test (new files 0o640, new folders 0o750), the old mask restored afterwards."""
+    """Umask 0o027 for a test (new files 0o640; new run folders stay 0o700), the old mask restored afterwards."""
     old = os.umask(0o027)
     yield
     os.umask(old)
@@ -291,7 +291,7 @@ def test_new_exports_and_run_folders_get_the_usual_mode(result, tmp_path, umask_
         write(result, fmt, tmp_path / f"new.{fmt}")
         assert stat.S_IMODE((tmp_path / f"new.{fmt}").stat().st_mode) == 0o640, fmt
     folder = export.save_run(result, tmp_path / "runs", run_id="fresh")
-    assert stat.S_IMODE(folder.stat().st_mode) == 0o750
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700  # private: a run holds the master text and activations
     assert stat.S_IMODE((folder / "metadata.json").stat().st_mode) == 0o640
 
 
