@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import operator
 import os
 import re
 from dataclasses import dataclass, field
@@ -59,7 +60,7 @@ class ScanConfig:
     def covering(self, layers: list[int] | None, limit_neurons: int | None) -> ScanConfig:
         """A copy with a scan's own layers and neuron limit in it (those given, e.g. the Scan page's or the CLI's
         --layers / --limit-neurons), so that the run's metadata["config"] and config_hash record what it covered."""
-        given = {"layers": layers, "limit_neurons": limit_neurons}
+        given = {"layers": _whole_numbers(layers), "limit_neurons": _whole_number(limit_neurons)}
         return dataclasses.replace(self, **{key: value for key, value in given.items() if value is not None})
 
     def to_dict(self) -> dict:
@@ -70,6 +71,25 @@ class ScanConfig:
         """Stable short hash of the config content (keys scan caches and run ids)."""
         blob = json.dumps(self.to_dict(), sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _whole_number(value):
+    """value as a Python int where it is a whole number of another kind (numpy's int64); anything else unchanged, for
+    validate_config to name."""
+    try:
+        return value if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        return value
+
+
+def _whole_numbers(values):
+    """A list of _whole_number from a tuple, range, array or list of layer numbers; None, or a str, unchanged."""
+    if values is None or isinstance(values, str):
+        return values
+    try:
+        return [_whole_number(value) for value in values]
+    except TypeError:
+        return values
 
 
 _FIELD_TYPES = {

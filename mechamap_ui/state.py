@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -119,14 +118,17 @@ def active_config_name() -> str:
     return st.session_state.get(ACTIVE_CONFIG_NAME, "unsaved")
 
 
-def settings_of(config: dict) -> str:
-    """A config's settings (as a dict) apart from its model, as one comparable string: one config scanned on two
-    models is the same config."""
-    return json.dumps({key: value for key, value in config.items() if key != "model"}, sort_keys=True, default=str)
+NOT_SETTINGS = ("model", "layers", "limit_neurons")  # what a scan picks beside its config: the model, and how much of it
+
+
+def settings_of(config: dict) -> dict:
+    """A config's settings (as a dict) apart from NOT_SETTINGS: one config scanned on two models, or on some layers
+    from the Scan page, is the same config. Compared with ==, so a threshold of 2 equals 2.0."""
+    return {key: value for key, value in config.items() if key not in NOT_SETTINGS}
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
-def _saved_config_settings(path: str, modified_ns: int) -> str | None:
+def _saved_config_settings(path: str, modified_ns: int) -> dict | None:
     """settings_of a saved config file as it is at modified_ns (part of the cache key), None if unreadable."""
     try:
         return settings_of(load_config(path).to_dict())
@@ -135,7 +137,7 @@ def _saved_config_settings(path: str, modified_ns: int) -> str | None:
 
 
 def saved_config_with_settings(config: dict) -> str | None:
-    """The name (file stem) of a config in configs_dir() with the same settings as config (its model aside), or None."""
+    """The name (file stem) of a config in configs_dir() with the same settings as config, or None."""
     if not config:
         return None
     wanted = settings_of(config)
@@ -150,15 +152,17 @@ def saved_config_with_settings(config: dict) -> str | None:
 
 def run_config_note(metadata: dict) -> tuple[str, str | None]:
     """(the config a run was scanned with, in words; how it differs from the active config, or None when it is the
-    active config). The model aside: the sidebar names the run's model, and one config serves many models. Runs
-    record their config, not the file it came from: a saved config with the same settings names it."""
+    active config). Its settings_of count: the sidebar names the run's model and layers, and one config serves many
+    models and layer choices. Runs record their config, not the file it came from: a saved config with the same
+    settings names it."""
     active, active_name = active_config(), active_config_name()
     run_config = metadata.get("config") or {}
-    differing = [key for key in differing_config_keys(run_config, active.to_dict()) if key != "model"]
+    differing = [key for key in differing_config_keys(settings_of(run_config), settings_of(active.to_dict()))]
     if metadata.get("config_hash") == active.content_hash() or (run_config and not differing):
         return f"the active config ({active_name})", None
     saved = saved_config_with_settings(run_config)
-    scanned_with = f"config {saved}" if saved else f"a config not saved here (hash `{str(metadata.get('config_hash'))[:6]}`)"
+    unsaved = f"a config not saved here (hash `{metadata['config_hash'][:6]}`)" if metadata.get("config_hash") else "an unrecorded config"
+    scanned_with = f"config {saved}" if saved else unsaved
     if saved == active_name:  # the run has the saved file's settings, the active config began as that file
         active_name += ", edited since it was loaded"
     which = f" in {', '.join(differing)}" if differing else ""

@@ -95,6 +95,13 @@ def test_sidebar_names_the_config_the_run_was_scanned_with(app_env, tiny_result)
     assert "**Scanned with:** config default" in sidebar_text(at)  # the saved file, whatever model scanned with it
     assert "it differs in threshold." in sidebar_text(at)
 
+    some_layers = {**tiny_result.metadata, "config_hash": "fedcba987654",
+                   "config": {**tiny_result.metadata["config"], "layers": [0], "limit_neurons": 16,
+                              "threshold": int(tiny_result.metadata["config"]["threshold"])}}  # fmt: skip
+    at = make_app(dataclasses.replace(tiny_result, metadata=some_layers)).run()  # the Scan page's layers and limit
+    assert "**Scanned with:** the active config (default)" in sidebar_text(at)
+    assert "Not the active config" not in sidebar_text(at)
+
 
 def saved_in_order(tiny_result, runs_dir, *run_ids: str) -> list[str]:
     """tiny_result saved under each id, created a day apart in that order (the last is the newest)."""

@@ -482,3 +482,11 @@ def test_scan_checks_its_layer_and_neuron_overrides_as_the_config_is_checked(tin
 
     with pytest.raises(ConfigError, match=message):
         scan(tiny_gpt2, default_cfg, **override)
+
+
+def test_a_scan_records_the_layers_and_neurons_it_covered_in_its_config(tiny_gpt2, default_cfg):
+    """layers / limit_neurons given to scan() (numpy's whole numbers too) go into the run's config and hash."""
+    limited = scan(tiny_gpt2, default_cfg, layers=np.array([0]), limit_neurons=np.int64(3))
+    assert (limited.metadata["config"]["layers"], limited.metadata["config"]["limit_neurons"]) == ([0], 3)
+    assert limited.metadata["config_hash"] == default_cfg.covering([0], 3).content_hash() != default_cfg.content_hash()
+    assert sorted(limited.scores["neuron"].unique()) == [0, 1, 2]

@@ -160,8 +160,9 @@ def scan(
     range, and ScanMemoryError when the retry runs out of memory too.
     """
     started = time.perf_counter()
+    cfg = cfg.covering(layers, limit_neurons)  # the run's config and hash record the layers and neurons it covered
     with lm.lock:
-        points, sites, n_neurons, chunk_tokens = scan_targets(lm, cfg, layers, limit_neurons)
+        points, sites, n_neurons, chunk_tokens = scan_targets(lm, cfg, None, None)
         aligned = align(lm.tokenizer, texts if texts is not None else cfg.texts, cfg.categories, chunk_tokens)
         if aligned.n_tokens == 0:
             raise ValueError("the master text has no tokens besides special tokens, so there is nothing to scan")
