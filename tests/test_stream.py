@@ -140,12 +140,21 @@ def test_a_damaged_or_unsafe_checkpoint_is_named_and_never_run(tiny_gpt2, defaul
     assert checkpoints.load().next_index == 6  # read back with weights_only: plain tensors and data only
     for damaged in (b"mechamap output, not a checkpoint", good[: len(good) // 2]):
         checkpoints.path.write_bytes(damaged)
-        with pytest.raises(ValueError, match=r"rank0\.pt is not a readable MechaMap checkpoint .*new --checkpoint-dir"):
+        with pytest.raises(ValueError, match=r"rank0\.pt is not a checkpoint this MechaMap can resume .*new --checkpoint-dir"):
             checkpoints.load()
     torch.save({"version": 2, "fingerprint": {}, "state": RunsCodeWhenUnpickled()}, checkpoints.path)
-    with pytest.raises(ValueError, match="not a readable MechaMap checkpoint"):
+    with pytest.raises(ValueError, match=r"can resume \(written by an older MechaMap, or not a checkpoint\)"):
         checkpoints.load()
     assert "this ran" not in capsys.readouterr().out
+    from mechamap_core.corpus import CorpusReport  # version 1 pickled this object: torch's weights-only load refuses it
+
+    torch.save({"version": 1, "fingerprint": {}, "state": {"report": CorpusReport()}}, checkpoints.path)
+    with pytest.raises(ValueError, match="written by an older MechaMap") as refused:
+        checkpoints.load()
+    assert "\x1b" not in str(refused.value) and "weights_only" not in str(refused.value)
+    torch.save({"version": 2}, checkpoints.path)  # plain data, but no state or fingerprint
+    with pytest.raises(ValueError, match="another version of MechaMap's checkpoints"):
+        checkpoints.load()
 
 
 def test_moe_checkpoint_written_midway_keeps_how_expert_neurons_were_read(default_cfg, documents, tmp_path):

@@ -19,6 +19,8 @@ from .. import __version__
 from ..alignment import align
 from ..config import ScanConfig
 from ..corpus import CorpusReport
+from ..errors import first_line
+from ..files import atomic_output
 from ..models import LoadedModel
 from ..moe import RECOMPUTED_AFTER_CHECK, MoELayer
 from ..sites import n_layers as count_layers
@@ -123,33 +125,38 @@ class Checkpointing:
         return self.directory / f"rank{self.rank}.pt"
 
     def save(self, state: StreamState) -> None:
-        """Atomic: written beside the checkpoint, then renamed over it."""
+        """Atomic (files.atomic_output): written beside the checkpoint, then renamed over it."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(f".tmp{os.getpid()}")
-        torch.save({"version": CHECKPOINT_VERSION, "fingerprint": self.fingerprint, "state": state.to_payload()}, tmp)
-        os.replace(tmp, self.path)
+        with atomic_output(self.path, binary=True) as handle:
+            torch.save({"version": CHECKPOINT_VERSION, "fingerprint": self.fingerprint, "state": state.to_payload()}, handle)
 
     def load(self) -> StreamState | None:
         """The saved state, or None when there is none. Raises ValueError for a checkpoint of another scan, and for
-        a file that is not a readable checkpoint (damaged, cut short, or anything but plain tensors and data:
-        weights_only, so loading one runs no code)."""
+        a file that is not a readable checkpoint (damaged, cut short, written before checkpoint version 2, or
+        anything but plain tensors and data: weights_only, so loading one runs no code)."""
         if not self.path.is_file():
             return None
         try:
             saved = torch.load(self.path, map_location="cpu", weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, AttributeError) as exc:
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ValueError(f"{self.path} is not a readable MechaMap checkpoint ({first_line}); delete it, or use a "
-                             "new --checkpoint-dir, to start the scan afresh") from None  # fmt: skip
-        if not isinstance(saved, dict) or saved.get("version") != CHECKPOINT_VERSION:
+            why = "written by an older MechaMap, or not a checkpoint" if "weights only" in str(exc).lower() else first_line(exc)
+            raise ValueError(f"{self.path} is not a checkpoint this MechaMap can resume ({_plain(why)}); delete it, or "
+                             "use a new --checkpoint-dir, to start the scan afresh") from None  # fmt: skip
+        if not isinstance(saved, dict) or saved.get("version") != CHECKPOINT_VERSION or "state" not in saved:
             raise ValueError(f"{self.path} was written by another version of MechaMap's checkpoints")
-        differs = [k for k in self.fingerprint if saved["fingerprint"].get(k) != self.fingerprint[k]]
+        recorded = saved.get("fingerprint") or {}
+        differs = [k for k in self.fingerprint if recorded.get(k) != self.fingerprint[k]]
         if differs:
             raise ValueError(
                 f"the checkpoint in {self.directory} belongs to another scan (different {', '.join(differs)}); "
                 "use a new --checkpoint-dir or drop --resume"
             )
         return StreamState.from_payload(saved["state"])
+
+
+def _plain(text: str) -> str:
+    """text without terminal escape codes (torch colours some of its messages)."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
 
 def corpus_fingerprint(source: str | os.PathLike) -> str:
