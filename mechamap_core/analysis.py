@@ -338,12 +338,17 @@ def scan_coverage(metadata: dict) -> dict[str, str]:
         coverage[LAYERS_SCANNED] = "all" if whole else layer_list_text(layers) + of_depth
     widths = metadata.get("neurons_per_site") or metadata.get("neurons_per_layer")
     if widths:
-        low, high = min(map(int, widths.values())), max(map(int, widths.values()))
-        coverage[NEURONS_SCANNED] = f"{low:,}" if low == high else f"{low:,}-{high:,}"
+        coverage[NEURONS_SCANNED] = number_span([int(width) for width in widths.values()])
     if "n_documents" in metadata:  # every run records it; the master text or a corpus
         corpus = f"a corpus ({metadata['corpus']})" if metadata.get("corpus") else "a corpus"
         coverage[TEXT_SCANNED] = corpus if metadata.get("source") == "corpus" else "the master text"
     return coverage
+
+
+def number_span(values: list[int]) -> str:
+    """'1,536', or '32-64' where the values differ."""
+    low, high = min(values), max(values)
+    return f"{low:,}" if low == high else f"{low:,}-{high:,}"
 
 
 def coverage_differences(meta_a: dict, meta_b: dict) -> tuple[list[str], set[str]]:

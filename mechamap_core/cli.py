@@ -224,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--metric", default="score", help="score, avg_activation, cohens_d, auroc, ...")
     i.add_argument("--multi-category", action="store_true", help="list neurons flagged in 2+ categories")
     i.add_argument("--correlation", action="store_true", help="print the category correlation matrix")
-    i.add_argument("--top", type=_positive, default=5, help="top neurons per category to print (default 5)")
+    i.add_argument("--top", type=_non_negative, default=5, help="top neurons per category to print (default 5; 0 = all)")
     i.add_argument("--min-cv-auroc", type=_fraction, metavar="A", help="only rows that hold up across words (cv_auroc >= A)")
     v = sub.add_parser("validate", help="check flagged neurons on a held-out text with its own category words")
     v.add_argument("--csv", required=True, help="scores CSV (or Parquet) written by `scan`")
@@ -607,10 +607,10 @@ def _neurons_scanned(metadata: dict) -> str:
     parts = [f"{len(layers)} layer{'' if len(layers) == 1 else 's'}"]
     if dense:
         every = len(dense) == len(layers)
-        where = f"({_span(dense)} per layer)" if every else f"in {len(dense)} dense layer{'' if len(dense) == 1 else 's'}"
+        where = f"({analysis.number_span(dense)} per layer)" if every else f"in {len(dense)} dense layer{'' if len(dense) == 1 else 's'}"
         parts.append(f"{sum(dense):,} neurons {where}")
     if experts:
-        n_experts = _span([len(expert_widths) for expert_widths in experts.values()])
+        n_experts = analysis.number_span([len(expert_widths) for expert_widths in experts.values()])
         where = "each" if len(experts) == len(layers) else f"in {len(experts)} layer{'' if len(experts) == 1 else 's'}"
         parts.append(f"{n_experts} experts {where}, {sum(map(sum, experts.values())):,} expert neurons")
     if shared:
@@ -624,12 +624,6 @@ def _expert_widths(widths: dict[str, int], layer: int) -> list[int]:
 
     hooks = takewhile(widths.__contains__, (expert_hook_name(layer, expert) for expert in count()))
     return [widths[hook] for hook in hooks]
-
-
-def _span(values: list[int]) -> str:
-    """'1,536', or '32-64' where the values differ."""
-    low, high = min(values), max(values)
-    return f"{low:,}" if low == high else f"{low:,}-{high:,}"
 
 
 def _note_categories_without_statistics(result) -> None:
@@ -701,10 +695,10 @@ def _run_interpret(args) -> int:
     print(f"Neurons with {args.metric} >= {threshold}, by layer and category:")
     pivot = analysis.layer_category_counts(scanned, args.metric, threshold, args.min_cv_auroc)  # every layer, category
     print(pivot.to_string())
-    print(f"\nTop {args.top} neurons per category by {args.metric}:")
+    print(f"\n{f'Top {args.top}' if args.top else 'All'} neurons per category by {args.metric}:")
     neuron = analysis.shown_key(scanned)  # layer, [expert,] neuron: no blank expert column for a dense model
     cols = [c for c in ("category", *neuron, args.metric, "avg_activation", "cv_auroc", "top_tokens") if c in scores.columns]
-    top = analysis.top_neurons(scores, args.metric, args.top)[list(dict.fromkeys(cols))]
+    top = analysis.top_neurons(scores, args.metric, args.top or len(scores))[list(dict.fromkeys(cols))]  # 0: all
     print(analysis.with_readable_top_tokens(top).to_string(index=False))
     if args.multi_category:
         overlap = analysis.multi_category_neurons(scores, args.metric, threshold)

@@ -18,9 +18,10 @@ CONFIG_FILE = "config.json"
 # Files a tokenizer may need (all that are present are fetched); one of TOKENIZER_CORE must be there.
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.txt",
-    "vocab.json", "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+    "vocab.json", "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "spm.model",
 )  # fmt: skip
-TOKENIZER_CORE = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
+TOKENIZER_CORE = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+                  "spm.model")  # spm.model: DeBERTa-v3's sentencepiece file
 GATED_ADVICE = "accept its terms on the Hub and set HF_TOKEN (or HF_TOKEN in the app's st.secrets)"
 
 

@@ -341,12 +341,13 @@ def stat_column_config(df: pd.DataFrame, permutations: int | None = None) -> dic
     floor). None (not known here): q_value's help explains the floor in general, and p_value gets no help (the
     table's p-values may come from another test, e.g. the contrast check's Mann-Whitney)."""
     config = {}
-    for col in map(str, df.columns):
+    for column in df.columns:
+        col = str(column)
         if is_significance_column(col):
             explained = significance_help(col, permutations) if col in ("p_value", "q_value") else None
             config[col] = st.column_config.NumberColumn(col, format=SIGNIFICANCE_FORMAT, help=explained)
-        elif col not in ("layer", "expert", "neuron", "n_tokens", "n_categories") and pd.api.types.is_float_dtype(df[col]):
-            config[col] = st.column_config.NumberColumn(col, format=f"%.{_decimals(df[col])}f")
+        elif col not in ("layer", "expert", "neuron", "n_tokens", "n_categories") and pd.api.types.is_float_dtype(df[column]):
+            config[col] = st.column_config.NumberColumn(col, format=f"%.{_decimals(df[column])}f")
     return config
 
 

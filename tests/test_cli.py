@@ -160,6 +160,15 @@ def test_interpret_prints_pivot_overlap_and_correlation(scanned, capsys):
         assert int(value) == int(counts.loc[0].get(cat, 0))
 
 
+def test_interpret_top_0_lists_every_scored_neuron(scanned, capsys):
+    _, paths = scanned
+    capsys.readouterr()
+    assert main(["interpret", "--csv", str(paths["csv"]), "--top", "0"]) == 0
+    out = capsys.readouterr().out
+    listed = out.split("All neurons per category by score:")[1].strip().splitlines()[1:]
+    assert len(listed) == int(pd.read_csv(paths["csv"])["score"].notna().sum())  # as contrast's --top 0: all
+
+
 def test_interpret_min_cv_auroc_keeps_every_layer_and_category_in_the_pivot(capsys, tmp_path):
     """--min-cv-auroc leaves no neuron in layer 1 and none for "food": the pivot still prints their row and column,
     with 0s, and its counts equal a loop over the rows."""
@@ -243,7 +252,7 @@ def test_ablate_prints_effect_vs_controls(capsys):
         (["validate", "--csv", "x.csv", "--heldout", HELDOUT, "--min-auroc", "1.5"], "--min-auroc"),
         (["ablate", "--config", DEFAULT, "--category", "food", "--neurons", "5:1", "--controls", "1"], "--controls"),
         (["write-text", "--config", DEFAULT, "--contexts", "0"], "--contexts"),
-        (["interpret", "--csv", "x.csv", "--top", "0"], "--top"),
+        (["interpret", "--csv", "x.csv", "--top", "-1"], "--top"),
     ],
 )
 def test_argparse_errors_exit_2_with_one_line(argv, fragment, capsys):

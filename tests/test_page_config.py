@@ -234,6 +234,16 @@ def test_valid_upload_replaces_the_config_and_resets_the_editor(app_env):
     assert not at.error
 
 
+def test_a_config_of_categories_alone_can_be_uploaded_to_write_its_text(app_env):
+    at = config_page()
+    body = yaml.safe_dump({"categories": {"fruit": ["kiwi", "mango"], "city": ["Lima", "Oslo"]}}, sort_keys=False)
+    at.file_uploader[0].set_value(("words.yaml", body.encode(), "application/x-yaml")).run()
+    no_exception(at)
+    assert any("Loaded the uploaded words.yaml" in v for v in texts(at.success))
+    assert at.session_state[ACTIVE_CONFIG].categories == {"fruit": ["kiwi", "mango"], "city": ["Lima", "Oslo"]}
+    assert at.session_state[ACTIVE_CONFIG].master_text == ""  # the page's "Write a master text" fills it
+
+
 def test_load_a_saved_config(app_env):
     other = {"master_text": "Red and blue cars.", "categories": {"color": ["red", "blue"]}, "threshold": 0.5}
     (app_env["configs"] / "other.yaml").write_text(yaml.safe_dump(other), encoding="utf-8")

@@ -50,7 +50,7 @@ def _load_upload() -> None:
     if upload is None:
         return
     try:
-        cfg = parse_config(config_tools.uploaded_yaml_text(upload))
+        cfg = parse_config(config_tools.uploaded_yaml_text(upload), require_master_text=False)  # write one below
     except ConfigError as exc:
         _say("error", f"{upload.name} was not loaded, and the config is unchanged: {exc}")
         return
