@@ -15,6 +15,7 @@ import pandas as pd
 from . import analysis
 from .config import ConfigError, load_config, parse_layer_list
 from .errors import first_line
+from .files import format_suffix
 from .terminal import progress_bar
 
 
@@ -113,8 +114,8 @@ def _check_outputs(
         except OSError as exc:
             raise ValueError(f"cannot write {flag} {path}: {exc.strerror or exc}") from None
     for flag, suffix in (formats or {}).items():
-        found = Path(outputs.get(flag) or "").suffix
-        if found and found.lower() != suffix:
+        found = format_suffix(outputs.get(flag) or "") if suffix == ".csv" else Path(outputs.get(flag) or "").suffix.lower()
+        if found and found != suffix:
             print(f"warning: {flag} {outputs[flag]} does not end in {suffix}: it is written as {suffix[1:].upper()} all the same",
                   file=sys.stderr)  # fmt: skip
 
@@ -271,7 +272,7 @@ def _read_scores(path: str, *columns: str, numeric: tuple[str, ...] = (), flag: 
     """A scores CSV or Parquet file (given with `flag`) with layer, neuron, category and `columns`, checked: a .csv,
     .parquet or extensionless name (a pipe), at least one row, whole layer and neuron numbers, and numbers in the
     `numeric` columns. Raises ValueError naming the file."""
-    suffix = Path(path).suffix.lower()
+    suffix = format_suffix(path)  # a .csv.gz reads as CSV: pandas decompresses it
     if suffix in (".json", ".jsonl"):
         raise ValueError(f"{flag} {path} is a JSON export; pass the CSV or Parquet export")
     if suffix not in ("", ".csv", ".parquet"):

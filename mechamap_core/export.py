@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from .analysis import holding_up, neuron_key, neuron_label, top_token_strings
-from .files import atomic_output, atomic_write_text, kept_mode, replace, temp_beside
+from .files import CSV_COMPRESSIONS, atomic_output, atomic_write_text, kept_mode, replace, temp_beside
 from .scan import ScanResult
 
 ORIGINAL_COLUMNS = ["model", "layer", "neuron", "category", "avg_activation", "top_tokens"]
@@ -66,9 +66,11 @@ def to_csv(result: ScanResult, path=None, **options) -> str | None:
 
 
 def write_csv(table: pd.DataFrame, path) -> None:
-    """A table as CSV (no index) at path, through atomic_output: whole or not at all."""
-    with atomic_output(path) as handle:
-        table.to_csv(handle, index=False)
+    """A table as CSV (no index) at path, through atomic_output: whole or not at all; compressed where the name
+    ends in a compression suffix (out.csv.gz), as pandas writes it."""
+    compression = CSV_COMPRESSIONS.get(Path(path).suffix.lower())
+    with atomic_output(path, binary=compression is not None) as handle:
+        table.to_csv(handle, index=False, **({"compression": compression} if compression else {}))
 
 
 def to_json_dict(result: ScanResult, **options) -> dict:

@@ -17,6 +17,17 @@ MAX_SYMLINK_HOPS = 40  # the kernel's own limit
 _DESCRIPTOR_TABLE = re.compile(r"^/proc/(?P<pid>[^/]+)(/task/[^/]+)?/fd$")
 
 
+CSV_COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zst": "zstd"}  # as pandas infers from a file name
+
+
+def format_suffix(path) -> str:
+    """A file name's format suffix, lower-cased, under a compression suffix: 'out.CSV.gz' -> '.csv'."""
+    suffixes = [suffix.lower() for suffix in Path(path).suffixes]
+    if suffixes and suffixes[-1] in CSV_COMPRESSIONS:
+        suffixes.pop()
+    return suffixes[-1] if suffixes else ""
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write text (UTF-8) to path through atomic_output. Returns the path."""
     with atomic_output(path) as handle:
