@@ -228,7 +228,7 @@ def load_config(path: str | os.PathLike, require_master_text: bool = True) -> Sc
     path = Path(path)
     if path.is_dir():
         raise FileNotFoundError(f"{path} is a folder, not a config file")
-    if not path.is_file():
+    if not path.exists():  # a pipe (--config <(...), /dev/stdin) is read like a file
         raise FileNotFoundError(f"config file not found: {path}")
     return parse_config(path.read_text(encoding="utf-8"), require_master_text)
 

@@ -692,3 +692,16 @@ def test_a_compressed_csv_is_written_compressed_and_read_back(capsys, tmp_path):
     assert len(pd.read_csv(packed)) == 4 * 8
     assert main(["interpret", "--csv", str(packed), "--top", "1"]) == 0
     assert "Top 1 neurons per category by score" in capsys.readouterr().out
+
+
+def test_a_config_can_come_from_a_pipe(capsys, tmp_path):
+    """--config <(...) and /dev/stdin are pipes, not regular files: they are read like files."""
+    import threading
+
+    fifo = tmp_path / "config.fifo"
+    os.mkfifo(fifo)
+    feeder = threading.Thread(target=lambda: fifo.write_text("categories:\n  food: [pizza, soup]\n", encoding="utf-8"))
+    feeder.start()
+    assert main(["write-text", "--config", str(fifo), "--contexts", "1"]) == 0
+    feeder.join(timeout=10)
+    assert "pizza" in capsys.readouterr().out
