@@ -101,6 +101,8 @@ def final_target(path: str | os.PathLike) -> Path:
 
 def _check_may_follow(link: Path) -> None:
     """Raises PermissionError where the kernel's protected_symlinks rule would not follow link."""
+    if not hasattr(os, "geteuid"):  # no POSIX owners (Windows): nothing to compare
+        return
     folder = os.stat(link.parent)
     shared = folder.st_mode & stat.S_ISVTX and folder.st_mode & stat.S_IWOTH
     owner = os.lstat(link).st_uid
