@@ -114,7 +114,7 @@ def plain_scan(lm, cfg, aligned, inputs):
     from scipy import stats
 
     from mechamap_core.scan.driver import batches
-    from mechamap_core.scan.run import word_labels
+    from mechamap_core.scan.run import word_keys, word_labels
     from mechamap_core.sites import resolve_sites
     from mechamap_core.stats import cv_auroc_exact, permutation_pvalues, word_moments
 
@@ -147,7 +147,8 @@ def plain_scan(lm, cfg, aligned, inputs):
     all_acts = {layer: torch.cat(parts) for layer, parts in cache.items()}
     moments = word_moments(torch.cat(list(all_acts.values()), dim=1).numpy(), aligned.token_word, len(word_category))
     permutation_p = permutation_pvalues(**moments, word_category=word_category, n_permutations=cfg.permutations,
-                                        seed=cfg.seed, n_categories=len(aligned.categories))  # [C, all neurons]
+                                        seed=cfg.seed, n_categories=len(aligned.categories),
+                                        word_keys=word_keys(cfg))  # [C, all neurons]; the scan's word order
     first = 0
     for layer, acts in all_acts.items():  # [T, N]
         sum_c, sq_c = (mask.T @ acts).double(), (mask.T @ acts**2).double()

@@ -207,17 +207,26 @@ def word_moments(acts: np.ndarray, token_word: np.ndarray, n_words: int) -> dict
     }
 
 
-def permutation_subsets(word_category, n_permutations: int = 1000, seed: int = 0) -> dict[int, torch.Tensor]:
+def permutation_subsets(
+    word_category, n_permutations: int = 1000, seed: int = 0, word_keys=None
+) -> dict[int, torch.Tensor]:
     """The random word subsets of the permutation test: {size: [P, size] int64 word indices}, on the CPU.
 
     Category labels are exchangeable among the W words, so a category's null distribution depends only
     on its number of words: categories of equal size share one set of draws. Row p of a set is the first
     `size` words of a uniformly random ordering of all W words (argsort of float64 uniforms). Sizes are
     drawn in ascending order from torch.Generator().manual_seed(seed): the same draws on every device.
+    word_keys [W] (what a scan passes: each word's category and text) order the words before the draw, so the
+    same words get the same draws however the config lists its categories and words; without them, the words'
+    own order does.
     """
     word_category = np.asarray(word_category)
     sizes = np.unique(np.bincount(word_category[word_category >= 0]))
-    return dict(_drawn_subsets(len(word_category), tuple(sizes[sizes > 0].tolist()), n_permutations, seed))
+    drawn = _drawn_subsets(len(word_category), tuple(sizes[sizes > 0].tolist()), n_permutations, seed)
+    if word_keys is None:
+        return dict(drawn)
+    word_at = torch.as_tensor(sorted(range(len(word_keys)), key=lambda word: word_keys[word]), dtype=torch.int64)
+    return {size: word_at[positions] for size, positions in drawn.items()}  # sorted position -> the word there
 
 
 @functools.lru_cache(maxsize=8)
@@ -245,6 +254,7 @@ def permutation_pvalues(
     n_categories: int | None = None,
     dtype: torch.dtype = torch.float32,
     chunk_elements: int = CHUNK_ELEMENTS,
+    word_keys=None,  # [W] str: order the words before the draws (permutation_subsets)
 ) -> np.ndarray:
     """Word-level permutation p-values [C, N] (float64) of the separation score, one-sided (higher).
 
@@ -280,7 +290,7 @@ def permutation_pvalues(
     sizes = np.bincount(word_category[word_category >= 0], minlength=n_categories)
     below = np.zeros((n_categories, n_neurons))  # null draws scoring below the observed score (less TIE_RTOL)
     observed_nan = np.zeros((n_categories, n_neurons), dtype=bool)
-    for size, subsets in permutation_subsets(word_category, n_permutations, seed).items():
+    for size, subsets in permutation_subsets(word_category, n_permutations, seed, word_keys).items():
         same_size = np.flatnonzero(sizes == size)
         own_words = torch.as_tensor(np.stack([np.flatnonzero(word_category == c) for c in same_size]))
         rows = torch.cat([own_words, subsets.sort(dim=1).values]).to(device)  # the observed rows come first

@@ -227,6 +227,23 @@ def test_word_folds_split_each_category_evenly_and_deterministically():
     np.testing.assert_array_equal(group_category[word_group], word_category)
 
 
+def test_permutation_draws_keyed_by_word_do_not_depend_on_the_words_order():
+    rng = np.random.default_rng(0)
+    word_category = np.repeat([0, 1, 2], [6, 4, 5])
+    keys = [f"{c}\x1fword{i}" for i, c in enumerate(word_category)]
+    stats = {"word_n": rng.integers(1, 4, 15).astype(float), "word_sum": rng.normal(size=(15, 7)),
+             "word_sumsq": rng.uniform(1, 3, size=(15, 7)), "n_all": 60.0, "sum_all": rng.normal(size=7),
+             "sumsq_all": rng.uniform(40, 60, size=7)}  # fmt: skip
+    p = permutation_pvalues(**stats, word_category=word_category, n_permutations=199, seed=3, word_keys=keys)
+    order = rng.permutation(15)  # the same words, listed in another order
+    moved = {name: value[order] if name.startswith("word_") else value for name, value in stats.items()}
+    p_moved = permutation_pvalues(**moved, word_category=word_category[order], n_permutations=199, seed=3,
+                                  word_keys=[keys[i] for i in order])  # fmt: skip
+    np.testing.assert_allclose(p_moved, p, atol=1e-12)
+    unkeyed = permutation_pvalues(**moved, word_category=word_category[order], n_permutations=199, seed=3)
+    assert not np.allclose(unkeyed, p)  # without keys the draws follow the listed order
+
+
 def test_word_folds_keyed_by_name_do_not_depend_on_the_other_categories():
     names = ["food", "color", "animal"]
     word_category = np.repeat([0, 1, 2], [12, 9, 7])

@@ -76,6 +76,7 @@ class FinishContext:
     word_fold: np.ndarray | None = None  # [W] fold of each word among its category's (-1: absent); None: no cv
     permutations: int = 0  # word-level permutation test of score; 0: Welch's p-value is p_value
     seed: int = 0
+    word_keys: list[str] | None = None  # [W] each word's category and text: the permutation draws' word order
 
 
 def finish_part(layer: int, neurons: slice, stats: SiteStats, recorded: list[np.ndarray | torch.Tensor] | None,
@@ -155,6 +156,7 @@ def permutation_pvalues_of(word_moments: list[dict | None], context: FinishConte
         p_values = permutation_pvalues(
             first["word_n"], joined["word_sum"], joined["word_sumsq"], first["n_all"], joined["sum_all"],
             joined["sumsq_all"], context.word_category, context.permutations, context.seed, context.category_mask.shape[1],
+            word_keys=context.word_keys,
         )  # fmt: skip
         start = 0
         for i in members:

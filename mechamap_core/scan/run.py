@@ -104,6 +104,12 @@ def hook_top_k(device: torch.device, record: bool, top_k: int) -> int:
     return top_k if device.type != "cpu" or not record else 0
 
 
+def word_keys(cfg: ScanConfig) -> list[str]:
+    """Each word's category and text ("food\x1fpizza"), in word_labels' order: the permutation draws order the words
+    by them, so the p-values do not depend on the order in which the config lists its categories or words."""
+    return [f"{category}\x1f{word}" for category, words in cfg.categories.items() for word in dict.fromkeys(words)]
+
+
 def word_labels(cfg: ScanConfig, coverage=None) -> tuple[np.ndarray, np.ndarray | None]:
     """(word_category [W], word_fold [W] or None without cv) of the config's words, in coverage-row order
     (each category's distinct words). With a coverage table, a word that never occurs gets no fold."""
@@ -278,7 +284,7 @@ def _run_sites(lm, cfg, aligned, points, sites: list[Site], n_neurons, record: b
     }
     context = FinishContext(
         aligned.category_mask, cfg.top_k_tokens, cfg.auroc, aligned.token_word, word_category, word_fold,
-        cfg.permutations, cfg.seed,
+        cfg.permutations, cfg.seed, word_keys(cfg),
     )  # fmt: skip
     dense_context = dataclasses.replace(context, permutations=0)
     states: dict[str, SiteStats] = {}

@@ -27,7 +27,7 @@ from ..sites import n_layers as count_layers
 from .driver import Batch, Site, batches, run_hooked_forward, site_device
 from .finish import FinishContext, add_permutation_pvalues, assemble, finish_part, token_folds
 from .result import ScanResult
-from .run import batch_labels, routing_from_states, scan_targets, word_labels
+from .run import batch_labels, routing_from_states, scan_targets, word_keys, word_labels
 from .state import HIST_BINS, SiteStats, StatsLayout, quantile_edges, sorted_rows
 
 KEY_POSITIONS = 2**24  # a token's key: document index * KEY_POSITIONS + its ordinal among the document's tokens
@@ -325,7 +325,8 @@ def stream_result(lm: LoadedModel, cfg: ScanConfig, state: StreamState, extra_me
     categories = list(cfg.categories)
     word_category, word_fold = word_labels(cfg)
     no_tokens = np.zeros((0, len(categories)), bool)  # a corpus scan records no per-token labels
-    context = FinishContext(no_tokens, cfg.top_k_tokens, cfg.auroc, None, word_category, word_fold, cfg.permutations, cfg.seed)
+    context = FinishContext(no_tokens, cfg.top_k_tokens, cfg.auroc, None, word_category, word_fold, cfg.permutations,
+                            cfg.seed, word_keys(cfg))  # fmt: skip
     parts = []
     for hook, stats in sorted(state.sites.items(), key=lambda item: site_of_hook(item[0])):
         layer, expert = site_of_hook(hook)
