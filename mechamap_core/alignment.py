@@ -65,6 +65,11 @@ def missing_words(texts: list[str], categories: dict[str, list[str]]) -> dict[st
     return {cat: list(g["word"]) for cat, g in gone.groupby("category", sort=False)}
 
 
+def matching_key(word: str) -> str:
+    """A word as the text matches it: case-folded, inner whitespace collapsed ('New  York' and 'new york' match alike)."""
+    return " ".join(word.casefold().split())
+
+
 def words_in_several_categories(categories: dict[str, list[str]]) -> dict[str, list[str]]:
     """Words that more than one category lists, matched as the text matches them (case-insensitive, inner whitespace
     collapsed), with those categories in config order: their tokens count for each of them, so the categories share
@@ -73,7 +78,7 @@ def words_in_several_categories(categories: dict[str, list[str]]) -> dict[str, l
     spelled: dict[str, str] = {}  # matching key -> the first spelling listed
     for cat, words in categories.items():
         for word in words:
-            key = " ".join(word.casefold().split())
+            key = matching_key(word)
             if not key:
                 continue
             spelled.setdefault(key, " ".join(word.split()))

@@ -652,7 +652,7 @@ def _note_thin_experts(result) -> None:
 def _warn_repeated_words(cfg) -> None:
     """Before a scan: a warning for each word that several categories list (its tokens count for each) and for each
     word one category lists more than once (words match whatever their case and spacing, so once is enough)."""
-    from .alignment import words_in_several_categories
+    from .alignment import matching_key, words_in_several_categories
 
     for word, categories in words_in_several_categories(cfg.categories).items():
         print(f"warning: '{word}' is a word of {' and '.join(map(repr, categories))}: its tokens count for each, so "
@@ -660,7 +660,7 @@ def _warn_repeated_words(cfg) -> None:
     for category, words in cfg.categories.items():
         spellings: dict[str, list[str]] = {}
         for word in words:
-            spellings.setdefault(" ".join(word.casefold().split()), []).append(word)
+            spellings.setdefault(matching_key(word), []).append(word)
         for listed in spellings.values():
             if len(listed) > 1:
                 print(f"warning: '{listed[0]}' is listed {len(listed)} times in '{category}' "

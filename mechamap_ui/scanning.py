@@ -248,7 +248,6 @@ def run_scan(
         report(1.0, "Same model, config and options as an earlier scan: reused its saved run.")
         return earlier
 
-    cfg = cfg.covering(layers, limit_neurons)
     report(0.0, f"Loading {spec.strip()} ...")
 
     def on_download(done: int, total: int, filename: str) -> None:

@@ -157,7 +157,7 @@ def run_config_note(metadata: dict) -> tuple[str, str | None]:
     settings names it."""
     active, active_name = active_config(), active_config_name()
     run_config = metadata.get("config") or {}
-    differing = [key for key in differing_config_keys(settings_of(run_config), settings_of(active.to_dict()))]
+    differing = differing_config_keys(settings_of(run_config), settings_of(active.to_dict()))
     if metadata.get("config_hash") == active.content_hash() or (run_config and not differing):
         return f"the active config ({active_name})", None
     saved = saved_config_with_settings(run_config)

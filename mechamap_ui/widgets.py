@@ -317,8 +317,8 @@ def stat_columns(df: pd.DataFrame, first: list[str], metric: str | None = None) 
 
 # p and q values, in every table and text: 3 significant digits in scientific notation. Tables format in the browser
 # (JavaScript's toExponential: "1.00e-3"); significance_text writes the same in captions and help.
-SIGNIFICANCE_FORMAT = "%.2e"
 SIGNIFICANCE_DIGITS = 2
+SIGNIFICANCE_FORMAT = f"%.{SIGNIFICANCE_DIGITS}e"
 
 
 def significance_text(value: float) -> str:

@@ -104,18 +104,22 @@ def hook_top_k(device: torch.device, record: bool, top_k: int) -> int:
     return top_k if device.type != "cpu" or not record else 0
 
 
+def config_words(cfg: ScanConfig) -> list[tuple[int, str, str]]:
+    """(category index, category, word) of each category's distinct words, in coverage-row order: the one listing
+    word_labels and word_keys both follow."""
+    return [(c, category, word) for c, (category, words) in enumerate(cfg.categories.items()) for word in dict.fromkeys(words)]
+
+
 def word_keys(cfg: ScanConfig) -> list[str]:
     """Each word's category and text ("food\x1fpizza"), in word_labels' order: the permutation draws order the words
     by them, so the p-values do not depend on the order in which the config lists its categories or words."""
-    return [f"{category}\x1f{word}" for category, words in cfg.categories.items() for word in dict.fromkeys(words)]
+    return [f"{category}\x1f{word}" for _, category, word in config_words(cfg)]
 
 
 def word_labels(cfg: ScanConfig, coverage=None) -> tuple[np.ndarray, np.ndarray | None]:
     """(word_category [W], word_fold [W] or None without cv) of the config's words, in coverage-row order
     (each category's distinct words). With a coverage table, a word that never occurs gets no fold."""
-    word_category = np.array(
-        [c for c, words in enumerate(cfg.categories.values()) for _ in dict.fromkeys(words)], dtype=np.int64
-    )
+    word_category = np.array([c for c, _, _ in config_words(cfg)], dtype=np.int64)
     if not cfg.cv_folds:
         return word_category, None
     present = None if coverage is None else coverage["n_tokens"].to_numpy() > 0
