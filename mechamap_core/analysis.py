@@ -56,6 +56,28 @@ def neuron_groups(scores: pd.DataFrame) -> pd.DataFrame:
     return out.sort_values(["layer", "expert"], na_position="first", ignore_index=True)
 
 
+def describe_shape(scores: pd.DataFrame) -> str:
+    """What a run scanned, in words: "6 layers × 1,536 neurons (9,216)" ("6 layers, 9,000 neurons" when the widths
+    differ), or for a mixture-of-experts run "2 layers · 192 neurons in 4 routed experts per layer (8 in all)"
+    ("... in 8 routed experts in 1 layer" where only some layers have experts), plus its dense or shared-expert MLPs."""
+    groups = neuron_groups(scores)
+    n_layers = groups["layer"].nunique()
+    layers = f"{n_layers} layer{'' if n_layers == 1 else 's'}"
+    routed, plain = groups[groups["expert"].notna()], groups[groups["expert"].isna()]
+    if routed.empty:
+        widths, total = plain["n_neurons"].unique(), int(plain["n_neurons"].sum())
+        return f"{layers} × {int(widths[0]):,} neurons ({total:,})" if len(widths) == 1 else f"{layers}, {total:,} neurons"
+    per_layer, expert_layers = routed.groupby("layer").size().unique(), routed["layer"].nunique()
+    if expert_layers < n_layers:
+        experts = f"{len(routed):,} routed experts in {expert_layers} layer{'' if expert_layers == 1 else 's'}"
+    elif len(per_layer) == 1:
+        experts = f"{int(per_layer[0])} routed experts per layer ({len(routed):,} in all)"
+    else:
+        experts = f"{len(routed):,} routed experts"
+    shape = f"{layers} · {int(routed['n_neurons'].sum()):,} neurons in {experts}"
+    return shape + (f" and {int(plain['n_neurons'].sum()):,} in {len(plain)} dense or shared-expert MLPs" if len(plain) else "")
+
+
 def _check_metric(scores: pd.DataFrame, metric: str) -> None:
     if metric not in scores.columns:
         raise ValueError(f"unknown metric '{metric}': choose one of {', '.join(c for c in METRICS if c in scores.columns)}")

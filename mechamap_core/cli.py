@@ -7,7 +7,6 @@ import math
 import sys
 import tempfile
 from contextlib import contextmanager
-from itertools import count, takewhile
 from pathlib import Path
 
 import pandas as pd
@@ -547,7 +546,7 @@ def _run_scan(args) -> int:
             result = scan(lm, cfg, layers=args.layers, limit_neurons=args.limit_neurons, progress=progress)
         md = result.metadata
         print(
-            f"scanned {_neurons_scanned(md)} over {md['n_tokens']:,} tokens in {md['n_forward_passes']} forward "
+            f"scanned {analysis.describe_shape(result.scores)} over {md['n_tokens']:,} tokens in {md['n_forward_passes']} forward "
             f"pass(es), {md['timings_s']['total']:.2f} s",
             file=sys.stderr,
         )
@@ -592,39 +591,6 @@ def _check_corpus_flags(args, corpus: str | None) -> None:
         raise ValueError("--checkpoint-every needs --checkpoint-dir, the folder the checkpoints go to")
     args.on_bad_document = args.on_bad_document or "skip"
     args.checkpoint_every = args.checkpoint_every or 1000
-
-
-def _neurons_scanned(metadata: dict) -> str:
-    """What a master-text scan covered, from its metadata's neurons_per_site: '6 layers, 9,216 neurons (1,536 per
-    layer)', or for a mixture-of-experts model '2 layers, 8 experts each, 192 expert neurons' (plus a shared
-    expert's neurons, and dense layers apart where only some layers have experts)."""
-    from .sites import hook_name, shared_expert_hook_name
-
-    widths, layers = metadata["neurons_per_site"], metadata["layers"]
-    dense = [widths[hook_name(layer)] for layer in layers if hook_name(layer) in widths]
-    shared = [widths[shared_expert_hook_name(layer)] for layer in layers if shared_expert_hook_name(layer) in widths]
-    experts = {layer: _expert_widths(widths, layer) for layer in layers}
-    experts = {layer: expert_widths for layer, expert_widths in experts.items() if expert_widths}
-    parts = [f"{len(layers)} layer{'' if len(layers) == 1 else 's'}"]
-    if dense:
-        every = len(dense) == len(layers)
-        where = f"({analysis.number_span(dense)} per layer)" if every else f"in {len(dense)} dense layer{'' if len(dense) == 1 else 's'}"
-        parts.append(f"{sum(dense):,} neurons {where}")
-    if experts:
-        n_experts = analysis.number_span([len(expert_widths) for expert_widths in experts.values()])
-        where = "each" if len(experts) == len(layers) else f"in {len(experts)} layer{'' if len(experts) == 1 else 's'}"
-        parts.append(f"{n_experts} experts {where}, {sum(map(sum, experts.values())):,} expert neurons")
-    if shared:
-        parts.append(f"{sum(shared):,} shared-expert neurons")
-    return ", ".join(parts)
-
-
-def _expert_widths(widths: dict[str, int], layer: int) -> list[int]:
-    """The neurons of each of a layer's routed experts ({hook: neurons} of a scan's sites; experts 0, 1, ...)."""
-    from .sites import expert_hook_name
-
-    hooks = takewhile(widths.__contains__, (expert_hook_name(layer, expert) for expert in count()))
-    return [widths[hook] for hook in hooks]
 
 
 def _note_categories_without_statistics(result) -> None:

@@ -11,12 +11,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import pandas as pd
 import streamlit as st
 import torch
 
 from mechamap_core import hub, placement
-from mechamap_core.analysis import neuron_groups
+from mechamap_core.analysis import describe_shape
 from mechamap_core.config import ConfigError, ScanConfig, config_to_yaml
 from mechamap_core.errors import first_line as _first_line
 from mechamap_core.export import save_run
@@ -122,22 +121,6 @@ def memory_warning(files: hub.RepoFiles, device: str) -> str | None:
 def quantization_available() -> bool:
     """Whether 8/4-bit loading can work here: a CUDA GPU and the bitsandbytes package."""
     return torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes") is not None
-
-
-def describe_shape(scores: pd.DataFrame) -> str:
-    """What a run scanned, for a caption: "6 layers × 1,536 neurons (9,216)" ("6 layers, 9,000 neurons" when the
-    widths differ), or for a mixture-of-experts run "2 layers · 192 neurons in 4 routed experts per layer (8 in
-    all)", plus its dense or shared-expert MLPs."""
-    groups = neuron_groups(scores)
-    n_layers = groups["layer"].nunique()
-    routed, plain = groups[groups["expert"].notna()], groups[groups["expert"].isna()]
-    if routed.empty:
-        widths, total = plain["n_neurons"].unique(), int(plain["n_neurons"].sum())
-        return f"{n_layers} layers × {int(widths[0]):,} neurons ({total:,})" if len(widths) == 1 else f"{n_layers} layers, {total:,} neurons"
-    per_layer = routed.groupby("layer").size().unique()
-    experts = f"{int(per_layer[0])} routed experts per layer ({len(routed):,} in all)" if len(per_layer) == 1 else f"{len(routed):,} routed experts"
-    shape = f"{n_layers} layers · {int(routed['n_neurons'].sum()):,} neurons in {experts}"
-    return shape + (f" and {int(plain['n_neurons'].sum()):,} in {len(plain)} dense or shared-expert MLPs" if len(plain) else "")
 
 
 def describe_passes(metadata: dict) -> str:

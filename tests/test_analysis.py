@@ -519,3 +519,19 @@ def test_relative_depth_fractions_with_several_categories_and_missing_scores_mat
     place_1 = got[(got["category"] == "place") & (got["layer"] == 1)].iloc[0]
     assert place_1["neurons"] == 3 + 4  # the shared expert and expert 0; expert 1 saw no place token
     assert got[got["category"] == "food"]["neurons"].tolist() == [0, 0, 6]
+
+
+def test_run_shape_counts_neurons_per_layer_and_experts_per_layer():
+    """One description of what a run scanned, for the app's captions and the CLI's summary."""
+    def scores(groups):  # (layer, expert or None, hook, width) -> one row per neuron
+        return pd.DataFrame([{"layer": layer, "expert": expert, "hook": hook, "neuron": n} for layer, expert, hook, width in groups
+                             for n in range(width)]).astype({"expert": "Int64"})  # fmt: skip
+
+    assert analysis.describe_shape(scores([(0, None, "h0", 3), (1, None, "h1", 3)])) == "2 layers × 3 neurons (6)"
+    assert analysis.describe_shape(scores([(0, None, "h0", 3), (1, None, "h1", 2)])) == "2 layers, 5 neurons"
+    moe = [(0, None, "blocks.0.mlp.hook_post", 4), (1, None, "shared", 2), (1, 0, "e0", 3), (1, 1, "e1", 3)]
+    assert analysis.describe_shape(scores(moe)) == ("2 layers · 6 neurons in 2 routed experts in 1 layer "
+                                                    "and 6 in 2 dense or shared-expert MLPs")  # fmt: skip
+    every_layer = [(0, 0, "a0", 2), (0, 1, "a1", 2), (1, 0, "b0", 2), (1, 1, "b1", 2)]
+    assert analysis.describe_shape(scores(every_layer)) == "2 layers · 8 neurons in 2 routed experts per layer (4 in all)"
+    assert analysis.describe_shape(scores([(3, None, "h3", 5)])) == "1 layer × 5 neurons (5)"

@@ -75,7 +75,7 @@ def test_scan_of_an_moe_model_writes_expert_rows_and_the_routing_table(tmp_path,
         argv += ["--corpus", str(documents)]
     assert main(argv) == 0, capsys.readouterr().err
     said = capsys.readouterr().err
-    assert corpus or f"scanned 2 layers, {N_EXPERTS} experts each, {2 * N_EXPERTS * D_EXPERT} expert neurons over " in said
+    assert corpus or f"scanned 2 layers · {2 * N_EXPERTS * D_EXPERT} neurons in {N_EXPERTS} routed experts per layer ({2 * N_EXPERTS} in all) over " in said
     scores = pd.read_csv(csv, dtype={"expert": "Int64"})
     assert scores["expert"].notna().any()
     table = pd.read_csv(routing)
@@ -111,7 +111,7 @@ def test_routing_of_a_dense_model_says_there_is_none(tmp_path, capsys):
     assert main(argv) == 0
     said = capsys.readouterr().err
     assert "has no mixture-of-experts layers: no routing table written" in said
-    assert "scanned 1 layer, 2 neurons (2 per layer) over " in said  # per layer, and the total
+    assert "scanned 1 layer × 2 neurons (2) over " in said  # per layer, and the total
     assert not routing.exists()
 
 
@@ -334,7 +334,7 @@ def test_module_entry_point_shows_progress_on_stderr():
     assert proc.returncode == 0, proc.stderr
     assert "scanning" in proc.stderr
     assert "%|" in proc.stderr  # tqdm's bar
-    assert "scanned 6 layers, 24 neurons (4 per layer) over" in proc.stderr
+    assert "scanned 6 layers × 4 neurons (24) over" in proc.stderr
     # without output files the top neurons go to stdout
     assert "category" in proc.stdout and "score" in proc.stdout
 
@@ -567,18 +567,6 @@ def test_validate_ablate_contrast_load_the_model_of_the_scores(capsys, tmp_path,
         assert main([*command, "--csv", str(mixed)]) == 1
         assert_one_line_error(capsys.readouterr().err, f"{mixed} holds the scores of 2 models", "keep one model's rows")
     assert loaded == [str(model), str(tmp_path / "." / "tiny_gpt2"), "bundled"] * len(commands)
-
-
-def test_scan_summary_counts_neurons_per_layer_and_experts():
-    from mechamap_core.cli import _neurons_scanned
-
-    dense = {"layers": [0, 1, 2], "neurons_per_site": {f"blocks.{layer}.mlp.hook_post": 1536 for layer in range(3)}}
-    assert _neurons_scanned(dense) == "3 layers, 4,608 neurons (1,536 per layer)"
-    experts = {f"blocks.1.mlp.experts.{expert}.hook_post": 24 for expert in range(8)}
-    mixed = {"layers": [0, 1], "neurons_per_site": {"blocks.0.mlp.hook_post": 48, **experts,
-                                                   "blocks.1.mlp.shared_experts.hook_post": 36}}  # fmt: skip
-    assert _neurons_scanned(mixed) == "2 layers, 48 neurons in 1 dense layer, 8 experts in 1 layer, 192 expert neurons, " \
-                                      "36 shared-expert neurons"  # fmt: skip
 
 
 # --- warnings that change nothing, and refusals of what would be ignored ------------------------------------

@@ -233,22 +233,6 @@ def test_the_active_run_says_how_it_used_memory(app_env, tiny_result):
     assert gpu in texts(at.caption)
 
 
-def test_run_shape_counts_neurons_per_layer_and_experts_per_layer():
-    import pandas as pd
-
-    from mechamap_ui.scanning import describe_shape
-
-    def scores(groups):  # (layer, expert or None, hook, width) -> one row per neuron
-        return pd.DataFrame([{"layer": layer, "expert": expert, "hook": hook, "neuron": n} for layer, expert, hook, width in groups
-                             for n in range(width)]).astype({"expert": "Int64"})  # fmt: skip
-
-    assert describe_shape(scores([(0, None, "h0", 3), (1, None, "h1", 3)])) == "2 layers × 3 neurons (6)"
-    assert describe_shape(scores([(0, None, "h0", 3), (1, None, "h1", 2)])) == "2 layers, 5 neurons"
-    moe = [(0, None, "blocks.0.mlp.hook_post", 4), (1, None, "shared", 2), (1, 0, "e0", 3), (1, 1, "e1", 3)]
-    assert describe_shape(scores(moe)) == ("2 layers · 6 neurons in 2 routed experts per layer (2 in all) "
-                                           "and 6 in 2 dense or shared-expert MLPs")  # fmt: skip
-
-
 def test_finish_message_says_the_scan_time_and_the_model_load_time_apart(tiny_result):
     """The run's timings_s["total"] covers the scan alone; getting the model (download and load, or the cache) is
     said apart, and a reused run has neither."""

@@ -41,7 +41,7 @@ md = result.metadata
 threshold = float(md.get("threshold", 1.0))
 st.subheader("Headline of the active run")
 key = analysis.shown_key(result.scores)
-st.caption(f"{md.get('model')} · {scanning.describe_shape(result.scores)} · {md.get('n_tokens')} tokens · created {str(md.get('created', '?')).replace('T', ' ')}")
+st.caption(f"{md.get('model')} · {analysis.describe_shape(result.scores)} · {md.get('n_tokens')} tokens · created {str(md.get('created', '?')).replace('T', ' ')}")
 min_cv_auroc = holds_up_toggle(result.scores, key="overview_holds_up")
 scores = result.scores if min_cv_auroc is None else analysis.holding_up(result.scores, min_cv_auroc)
 counts = analysis.layer_category_counts(result.scores, "score", threshold, min_cv_auroc).sum(axis=0)  # every category

@@ -8,7 +8,7 @@ from pathlib import Path
 import streamlit as st
 import torch
 
-from mechamap_core import export, hub, placement
+from mechamap_core import analysis, export, hub, placement
 from mechamap_core.config import BUNDLED_MODEL_ID, parse_layer_list
 from mechamap_core.corpus import parse_corpus
 from mechamap_core.models import BUNDLED_ALIASES, DTYPES
@@ -170,7 +170,7 @@ if result is None:
     st.stop()
 md = result.metadata
 st.markdown(
-    f"`{md.get('model')}` · {scanning.describe_shape(result.scores)} · {scanning.describe_passes(md)} · "
+    f"`{md.get('model')}` · {analysis.describe_shape(result.scores)} · {scanning.describe_passes(md)} · "
     f"device {md.get('device', '?')} / {md.get('dtype', '?')} · created {str(md.get('created', '?')).replace('T', ' ')}"
 )
 if (plan := scanning.describe_plan(md)) is not None:
