@@ -164,9 +164,18 @@ def temp_beside(target: Path, folder: bool = False, mode: int | None = None) -> 
 
 def replace(tmp: Path, target: Path, mode: int | None = None) -> None:
     """Put tmp (a file or folder from temp_beside) in target's place, with permission bits mode when given: a file
-    atomically (os.replace); an old folder is removed first."""
+    atomically (os.replace). An old folder is first renamed aside and removed only once tmp is in its place, so
+    at every moment one of the two is whole under a name, and a failed swap puts the old folder back."""
     if mode is not None:
         os.chmod(tmp, mode)
-    if target.is_dir() and not target.is_symlink():
-        shutil.rmtree(target)
-    os.replace(tmp, target)
+    if not target.is_dir() or target.is_symlink():
+        os.replace(tmp, target)
+        return
+    old = temp_beside(target, folder=True)
+    os.replace(target, old)  # onto the empty temp folder: one rename
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        os.replace(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

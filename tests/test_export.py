@@ -186,6 +186,36 @@ def test_save_run_overwrites_same_id(result, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["same"]
 
 
+def test_a_failed_swap_keeps_the_old_run_whole(result, tmp_path, monkeypatch):
+    """Replacing a run renames the old folder aside first; if putting the new one in its place fails, the old run is
+    back under its name, loadable, and no temp folder is left."""
+    import os
+
+    from mechamap_core import files
+
+    folder = export.save_run(result, tmp_path, run_id="kept")
+    before = sorted(p.name for p in folder.iterdir())
+    real_replace, calls = os.replace, []
+
+    def failing_second_rename(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:  # the first moves the old run aside, the second would put the new one in
+            raise OSError("disk gone")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", failing_second_rename)
+    changed = dataclasses.replace(result, metadata={**result.metadata, "model": "another"})
+    with pytest.raises(OSError, match="disk gone"):
+        export.save_run(changed, tmp_path, run_id="kept")
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["kept"]
+    assert sorted(p.name for p in folder.iterdir()) == before
+    assert export.load_run(folder).metadata["model"] == result.metadata["model"]
+    export.save_run(changed, tmp_path, run_id="kept")
+    assert export.load_run(folder).metadata["model"] == "another"
+    assert [p.name for p in tmp_path.iterdir()] == ["kept"]
+
+
 def test_save_run_default_id_is_listed(result, tmp_path):
     folder = export.save_run(result, tmp_path)
     assert folder.parent == tmp_path
