@@ -21,13 +21,20 @@ MAX_HIGHLIGHT_CHARS = 30_000
 # A YAML upload (config or contrast set) is capped at this many MB: st.file_uploader's max_upload_size (so the widget
 # states this limit, not the server's maxUploadSize) and checked again on the server by uploaded_yaml_text.
 MAX_YAML_UPLOAD_MB = 1
+UPLOAD_MB = 1024 * 1024  # the file uploader's "MB", in bytes: Streamlit counts max_upload_size in MiB
+
+
+def check_upload_size(upload, limit_mb: int, what: str = "it") -> None:
+    """ValueError when an upload (a Streamlit UploadedFile) is larger than limit_mb, counted as the widget that
+    states the limit counts it, so a file the widget accepts is never refused here."""
+    if upload.size > limit_mb * UPLOAD_MB:
+        raise ValueError(f"{what} is larger than {limit_mb} MB")
 
 
 def uploaded_yaml_text(upload) -> str:
     """The text of an uploaded YAML file (a Streamlit UploadedFile); ValueError says why it can't be read: larger
     than MAX_YAML_UPLOAD_MB, or not UTF-8."""
-    if upload.size > MAX_YAML_UPLOAD_MB * 1_000_000:
-        raise ValueError(f"it is larger than {MAX_YAML_UPLOAD_MB} MB")
+    check_upload_size(upload, MAX_YAML_UPLOAD_MB)
     try:
         return upload.getvalue().decode("utf-8")
     except UnicodeDecodeError:

@@ -218,6 +218,11 @@ def test_oversized_upload_is_rejected(app_env):
     at.file_uploader[0].set_value(("latin.yaml", "threshold: 2 # caf\xe9".encode("latin-1"), "application/x-yaml")).run()
     assert any("latin.yaml was not loaded: it is not UTF-8 text." == v for v in texts(at.error)), texts(at.error)
     assert at.session_state[ACTIVE_CONFIG].to_dict() == before_cfg
+    # the widget's MB is a MiB: a file of 1,040,000 bytes passes it, so the server's check takes it too
+    body = yaml.safe_dump({"master_text": "I ate a kiwi in Lima.", "categories": {"fruit": ["kiwi"]}}).encode()
+    padded = body + b"#" * (1_040_000 - len(body))
+    at.file_uploader[0].set_value(("padded.yaml", padded, "application/x-yaml")).run()
+    assert not at.error and any("Loaded the uploaded padded.yaml" in v for v in texts(at.success)), texts(at.error)
 
 
 def test_valid_upload_replaces_the_config_and_resets_the_editor(app_env):

@@ -126,8 +126,7 @@ with st.expander("Use a corpus file instead of the master text (optional)", icon
     field = st.text_input("JSON field with the text (.jsonl only)", key="scan_corpus_field")
     if upload is not None:
         try:
-            if upload.size > MAX_CORPUS_UPLOAD_MB * 1_000_000:
-                raise ValueError(f"the corpus is larger than {MAX_CORPUS_UPLOAD_MB} MB")
+            config_tools.check_upload_size(upload, MAX_CORPUS_UPLOAD_MB, "the corpus")
             kind = Path(upload.name).suffix.lower().lstrip(".")
             texts = parse_corpus(upload.getvalue().decode("utf-8", errors="replace"), kind, field.strip() or "text")
         except ValueError as exc:
