@@ -27,6 +27,12 @@ class ConfigError(ValueError):
         self.problems = problems
         super().__init__("; ".join(f"{name}: {msg}" if name else msg for name, msg in problems))
 
+    def listing(self) -> str:
+        """The problems for a reader: one as a line, several as a bulleted list after a blank line (Markdown in the
+        app, plain text in a terminal), where str() runs them together on one line separated by '; '."""
+        lines = [f"{name}: {msg}" if name else msg for name, msg in self.problems]
+        return lines[0] if len(lines) == 1 else "\n\n" + "\n".join(f"- {line}" for line in lines)
+
     def for_field(self, name: str) -> list[str]:
         """Messages about one field (e.g. 'categories' or 'master_text')."""
         return [msg for f, msg in self.problems if f == name or f.startswith(name + ".")]

@@ -102,7 +102,7 @@ def check_heldout_inputs(heldout: ScanConfig, run_categories: list[str], lm: Loa
     try:
         validate_config(config)
     except ConfigError as exc:
-        return HeldoutInputs(None, [*messages, ("error", f"The held-out config can't be used: {exc}")])
+        return HeldoutInputs(None, [*messages, ("error", f"The held-out config can't be used: {exc.listing()}")])
     found = set(kept)
     if not config.corpus:
         missing = missing_words(config.texts, config.categories)

@@ -31,6 +31,11 @@ def check_upload_size(upload, limit_mb: int, what: str = "it") -> None:
         raise ValueError(f"{what} is larger than {limit_mb} MB")
 
 
+def readable_error(exc: Exception) -> str:
+    """An error for st.error: a ConfigError's problems as a list when there are several, else its text."""
+    return exc.listing() if isinstance(exc, ConfigError) else str(exc)
+
+
 def uploaded_yaml_text(upload) -> str:
     """The text of an uploaded YAML file (a Streamlit UploadedFile); ValueError says why it can't be read: larger
     than MAX_YAML_UPLOAD_MB, or not UTF-8."""

@@ -7,7 +7,7 @@ import streamlit as st
 from mechamap_core.config import ConfigError
 from mechamap_core.contrast import FORMAT_HELP, contrast_neurons, load_contrast_set, parse_contrast_set
 from mechamap_core.scan import ScanResult
-from mechamap_ui.config_tools import MAX_YAML_UPLOAD_MB, uploaded_yaml_text
+from mechamap_ui.config_tools import MAX_YAML_UPLOAD_MB, readable_error, uploaded_yaml_text
 from mechamap_ui.widgets import neuron_table, stat_column_config
 
 CONTRAST_RESULT = "contrast_result"
@@ -28,7 +28,7 @@ def _contrast_set():
         )  # fmt: skip
         return parse_contrast_set(uploaded_yaml_text(upload)) if upload is not None else None
     except (ConfigError, FileNotFoundError) as exc:
-        st.error(f"The contrast set can't be used: {exc}")
+        st.error(f"The contrast set can't be used: {readable_error(exc)}")
     except ValueError as exc:  # too large, or not UTF-8
         st.error(f"The contrast set can't be used: {exc}.")
     return None

@@ -216,3 +216,7 @@ def test_contrast_upload_states_and_checks_its_1_mb_cap():
     assert [e.value for e in at.error] == ["The contrast set can't be used: it is not UTF-8 text."]
     at.file_uploader(key="contrast_upload").set_value(("set.yaml", yaml.safe_dump(SET).encode(), "text/yaml")).run()
     assert not at.error and at.session_state["picked_set"] == parse_contrast_set(yaml.safe_dump(SET))
+    broken = {"color": {"orange": {"in_sense": ["An orange wall."]}, "rose": "a flower"}}  # two faults: one per line
+    at.file_uploader(key="contrast_upload").set_value(("broken.yaml", yaml.safe_dump(broken).encode(), "text/yaml")).run()
+    [message] = [e.value for e in at.error]
+    assert message.startswith("The contrast set can't be used: \n\n- ") and message.count("\n- ") >= 2, message

@@ -38,7 +38,7 @@ def _load_saved() -> None:
         path = safe_child_path(state.configs_dir(), choice, ".yaml")
         cfg = load_config(path)
     except (ConfigError, ValueError, OSError) as exc:
-        _say("error", f"{choice}.yaml was not loaded: {exc}")
+        _say("error", f"{choice}.yaml was not loaded: {config_tools.readable_error(exc)}")
         return
     state.set_active_config(cfg, path.stem)
     _say("success", f"Loaded {path.name}.")
@@ -52,7 +52,7 @@ def _load_upload() -> None:
     try:
         cfg = parse_config(config_tools.uploaded_yaml_text(upload), require_master_text=False)  # write one below
     except ConfigError as exc:
-        _say("error", f"{upload.name} was not loaded, and the config is unchanged: {exc}")
+        _say("error", f"{upload.name} was not loaded, and the config is unchanged: {exc.listing()}")
         return
     except ValueError as exc:  # too large, or not UTF-8
         _say("error", f"{upload.name} was not loaded: {exc}.")

@@ -23,7 +23,7 @@ from mechamap_core.hypothesis import (
     validate_heldout,
     with_ceiling,
 )
-from mechamap_ui import state
+from mechamap_ui import config_tools, state
 from mechamap_ui.contrast_panel import contrast_section
 from mechamap_ui.neuron_data import model_for
 from mechamap_ui.widgets import chart_downloads, metric_picker, neuron_table, stat_column_config, threshold_slider
@@ -70,7 +70,7 @@ with held_tab:
             words = st.text_area("Category words, one category per line", "food: sushi, grape\nlocation: Berlin, Lima", height=100)
             heldout = ScanConfig(master_text=text, categories=parse_typed_words(words), model=result.metadata["model"])
     except (ConfigError, ValueError, FileNotFoundError) as exc:
-        st.error(f"The held-out config can't be used: {exc}")
+        st.error(f"The held-out config can't be used: {config_tools.readable_error(exc)}")
     if heldout is not None:
         checked = check_heldout_inputs(heldout, result.categories, lm)
         for level, message in checked.messages:
