@@ -189,3 +189,15 @@ def test_moe_checkpoint_written_midway_keeps_how_expert_neurons_were_read(defaul
     assert _merged_sources({}, reference) == reference  # a checkpoint from before the field existed
     old = {key: value for key, value in saved.to_payload().items() if key != "expert_neurons"}
     assert StreamState.from_payload(old).expert_neurons == {}
+
+
+def test_a_corpus_run_records_the_layers_and_neurons_it_covered(tiny_gpt2, default_cfg, documents):
+    """Like scan(), a streamed run's config (and so its hash) says which layers and how many neurons per site it
+    covered, however the stream was started; a scan of everything leaves the config's own choice (all layers)."""
+    texts = documents[:6]
+    part = stream_result(tiny_gpt2, default_cfg, stream(tiny_gpt2, default_cfg, texts, layers=[1], limit_neurons=3))
+    assert part.metadata["config"]["layers"] == [1] and part.metadata["config"]["limit_neurons"] == 3
+    assert sorted(part.scores["layer"].unique()) == [1] and part.scores["neuron"].max() == 2
+    whole = stream_result(tiny_gpt2, default_cfg, stream(tiny_gpt2, default_cfg, texts))
+    assert whole.metadata["config"] == default_cfg.to_dict()
+    assert whole.metadata["config_hash"] == default_cfg.content_hash() != part.metadata["config_hash"]

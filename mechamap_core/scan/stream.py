@@ -24,7 +24,7 @@ from ..files import atomic_output
 from ..models import LoadedModel
 from ..moe import RECOMPUTED_AFTER_CHECK, MoELayer
 from ..sites import n_layers as count_layers
-from .driver import Batch, Site, batches, run_hooked_forward, site_device
+from .driver import Batch, Site, batches, resolve_hook_points, run_hooked_forward, site_device
 from .finish import FinishContext, add_permutation_pvalues, assemble, finish_part, token_folds
 from .result import ScanResult
 from .run import batch_labels, routing_from_states, scan_targets, word_keys, word_labels
@@ -322,6 +322,7 @@ def stream_result(lm: LoadedModel, cfg: ScanConfig, state: StreamState, extra_me
     tokens holds only the example tokens (token_index is the token's key); extras["examples"] their contexts,
     extras["samples"] each neuron's tokens sampled across its activation bands."""
     started = time.perf_counter()
+    cfg = _covered_config(lm, cfg, state)
     categories = list(cfg.categories)
     word_category, word_fold = word_labels(cfg)
     no_tokens = np.zeros((0, len(categories)), bool)  # a corpus scan records no per-token labels
@@ -370,6 +371,17 @@ def stream_result(lm: LoadedModel, cfg: ScanConfig, state: StreamState, extra_me
         metadata["expert_neurons"] = dict(state.expert_neurons)
     coverage = pd.DataFrame(columns=["category", "word", "occurrences", "n_tokens"])
     return ScanResult(scores, top, tokens, coverage, no_tokens, metadata, [], None, extras)
+
+
+def _covered_config(lm: LoadedModel, cfg: ScanConfig, state: StreamState) -> ScanConfig:
+    """cfg with the layers and neuron limit that the state's sites cover, so that a corpus run's config and hash
+    record them as scan()'s do, whatever layers= and limit_neurons= the stream was scanned with."""
+    layers = sorted({site_of_hook(hook)[0] for hook in state.sites})
+    widths = {site.hook: site.d_mlp for site in resolve_hook_points(lm.model, layers)[1]}
+    read = {hook: stats.layout.n_neurons for hook, stats in state.sites.items()}
+    limit = max(read.values()) if any(n < widths.get(hook, n) for hook, n in read.items()) else None
+    every_layer = cfg.layers is None and layers == list(range(count_layers(lm.model)))
+    return cfg.covering(None if every_layer else layers, limit)
 
 
 _HOOK_SITE = re.compile(r"^blocks\.(\d+)\.mlp\.(?:experts\.(\d+)\.|shared_experts\.)?hook_post$")
