@@ -209,16 +209,42 @@ def validate_config(cfg: ScanConfig, require_master_text: bool = True) -> None:
 
 
 def safe_load_yaml(text: str, what: str = "config") -> object:
-    """yaml.safe_load of at most MAX_CONFIG_BYTES; ConfigError says where malformed YAML goes wrong."""
+    """yaml.safe_load of at most MAX_CONFIG_BYTES; ConfigError says where malformed YAML goes wrong, or which key a
+    mapping lists twice."""
     if len(text.encode("utf-8", errors="replace")) > MAX_CONFIG_BYTES:
         raise ConfigError([("", f"the {what} is larger than {MAX_CONFIG_BYTES // 1_000_000} MB")])
     try:
-        return yaml.safe_load(text)
+        data = yaml.safe_load(text)
+        repeated = _repeated_keys(yaml.compose(text, Loader=yaml.SafeLoader))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         reason = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError([("", f"the YAML is malformed{where}: {reason}")]) from None
+    if repeated:  # safe_load keeps the last of them and drops the rest without a word
+        raise ConfigError([("", f"'{key}' appears twice in one mapping (lines {first} and {again}): the first would be "
+                                "lost; merge them or rename one") for key, first, again in repeated])  # fmt: skip
+    return data
+
+
+def _repeated_keys(node) -> list[tuple[str, int, int]]:
+    """(key, first line, repeated line) for each key that a mapping of the composed YAML lists twice. Keys compare
+    as written, so 1999 and '1999' (one category once names are strings) count as the same."""
+    repeated, stack = [], [node]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[str, int] = {}
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode) and key.value != "<<":
+                    line = key.start_mark.line + 1
+                    if key.value in seen:
+                        repeated.append((key.value, seen[key.value], line))
+                    seen.setdefault(key.value, line)
+                stack.append(value)
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+    return sorted(repeated, key=lambda found: found[2])
 
 
 def parse_config(text: str, require_master_text: bool = True) -> ScanConfig:

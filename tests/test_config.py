@@ -109,6 +109,23 @@ def test_malformed_flow_sequence_names_its_line():
     assert re.search(r"line 2, column \d+", str(err)), str(err)
 
 
+@pytest.mark.parametrize("text, key, lines", [
+    ("master_text: a dog\ncategories:\n  animal: [dog, cat]\n  food: [bread]\n  animal: [tiger]\n", "animal", (3, 5)),
+    ("master_text: a dog\ncategories:\n  1999: [dog]\n  '1999': [bread]\n", "1999", (3, 4)),  # one name as strings
+    ("master_text: a dog\nthreshold: 1\nthreshold: 2\ncategories: {animal: [dog]}\n", "threshold", (2, 3)),
+])  # fmt: skip
+def test_a_key_listed_twice_is_refused_not_silently_dropped(text, key, lines):
+    """yaml.safe_load keeps the last of two equal keys; a category's words (or a setting) would vanish without a word."""
+    err = config_error(text)
+    assert str(err) == f"'{key}' appears twice in one mapping (lines {lines[0]} and {lines[1]}): the first would be lost; " \
+                       "merge them or rename one"  # fmt: skip
+
+
+def test_equal_words_or_values_are_not_repeated_keys():
+    cfg = parse_config("master_text: a dog and a dog\ncategories:\n  animal: [dog, dog]\n  pet: [dog]\nlayers: [1, 1]\n")
+    assert cfg.categories == {"animal": ["dog", "dog"], "pet": ["dog"]}
+
+
 @pytest.mark.parametrize("text, kind", [("- a\n- b\n", "list"), ("42\n", "int"), ("just a string\n", "str")])
 def test_yaml_that_is_not_a_mapping(text, kind):
     err = config_error(text)
