@@ -7,6 +7,7 @@ import streamlit as st
 from mechamap_core.config import ConfigError
 from mechamap_core.contrast import FORMAT_HELP, contrast_neurons, load_contrast_set, parse_contrast_set
 from mechamap_core.scan import ScanResult
+from mechamap_ui import state
 from mechamap_ui.config_tools import MAX_YAML_UPLOAD_MB, readable_error, uploaded_yaml_text
 from mechamap_ui.widgets import neuron_table, stat_column_config
 
@@ -44,14 +45,15 @@ def contrast_section(result: ScanResult, lm) -> None:
     threshold = c1.number_input("Neurons with score at least", value=default, step=0.1, key="contrast_threshold")
     top = int(c2.number_input("Best neurons per category", 1, 100, 5, key="contrast_top"))
     contrast_set = _contrast_set()
+    inputs = (threshold, top, contrast_set)
     if contrast_set is not None and st.button("Run contrast check", key="contrast_run"):
         try:
             with st.spinner("Running the contrast sentences through the model..."):
-                table = contrast_neurons(lm, result.scores, contrast_set, threshold, top)
-                st.session_state[CONTRAST_RESULT] = table
+                state.keep_check(CONTRAST_RESULT, result, inputs, contrast_neurons(lm, result.scores, contrast_set, threshold, top))
         except (ValueError, RuntimeError) as exc:
+            st.session_state.pop(CONTRAST_RESULT, None)  # no earlier result shown as if it were this one's
             st.error(str(exc))
-    table = st.session_state.get(CONTRAST_RESULT)
+    table = state.kept_check(CONTRAST_RESULT, result, inputs, "contrast check")
     if table is not None:
         counts = table["verdict"].value_counts()
         n_neurons = len(table[["layer", "neuron"]].drop_duplicates())

@@ -251,6 +251,33 @@ def show_flash() -> None:
         st.success(message)
 
 
+def result_identity(result: ScanResult) -> tuple:
+    """What tells one scan result from another: its run id (None before saving), config hash and creation time."""
+    return tuple(result.metadata.get(key) for key in ("run_id", "config_hash", "created"))
+
+
+def keep_check(key: str, result: ScanResult, inputs: tuple, value) -> None:
+    """Keep a check's outcome (held-out, ablation, contrast) in session_state[key], with the run and the choices it
+    was computed for, so that kept_check never shows it under another run."""
+    st.session_state[key] = (result_identity(result), inputs, value)
+
+
+def kept_check(key: str, result: ScanResult, inputs: tuple, what: str):
+    """The outcome keep_check kept under key, or None when there is none or it was computed for another run (then a
+    note says so: it is not shown under this one). With other choices than `inputs`, a warning above it says so."""
+    kept = st.session_state.get(key)
+    if kept is None:
+        return None
+    identity, kept_inputs, value = kept
+    if identity != result_identity(result):
+        st.info(f"The last {what} was of another run; run it again for this one.")
+        return None
+    if kept_inputs != inputs:
+        st.warning("The results below were computed with other choices than those shown now; run the check again to "
+                   "see the current ones.")  # fmt: skip
+    return value
+
+
 def require_result() -> ScanResult:
     """The active result; otherwise explain what to do, link to the Scan page, and stop the page."""
     result = active_result()

@@ -183,9 +183,12 @@ def test_hypothesis_page_contrast_section(app_env, tiny_result):
     at.number_input(key="contrast_threshold").set_value(0.0).run()
     next(b for b in at.button if b.label == "Run contrast check").click().run()
     no_exception(at)
-    table = at.session_state["contrast_result"]
+    table = at.session_state["contrast_result"][-1]
     assert set(table["verdict"]) <= {"semantic", "lexical", "unclear"} and len(table)
     assert any("(neuron, word) pairs" in m.value for m in at.markdown)
+    assert not any("other choices" in w.value for w in at.warning)
+    at.number_input(key="contrast_threshold").set_value(0.5).run()  # the verdicts shown are now of other choices
+    assert any("computed with other choices than those shown now" in w.value for w in at.warning)
     at.radio(key="contrast_source").set_value("Upload a YAML file").run()
     no_exception(at)
     assert not at.error

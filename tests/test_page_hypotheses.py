@@ -8,7 +8,7 @@ import re
 import app_fixtures
 import pandas as pd
 import pytest
-from app_fixtures import make_app, no_exception, open_page
+from app_fixtures import make_app, no_exception, open_page, texts
 
 from mechamap_core import load_config, scan
 from mechamap_core.analysis import neuron_profile
@@ -66,7 +66,7 @@ def test_hypothesis_page_heldout_and_ablation(app_env, food_result, bundled_lm):
     assert any("flagged (neuron, category) rows" in m.value for m in at.markdown)
     [b for b in at.button if b.label == "Run held-out check"][0].click().run()
     no_exception(at)
-    per_neuron, summary = at.session_state["heldout_result"]
+    per_neuron, summary = at.session_state["heldout_result"][-1]
     assert set(summary.columns) >= {"category", "flagged", "tested", "held_up", "held_up_fraction", "best_possible_auroc"}
     tested = summary[summary["tested"] > 0]
     assert (tested["mean_heldout_auroc"] <= tested["best_possible_auroc"] + 1e-12).all()  # the best bound the flagged
@@ -74,7 +74,7 @@ def test_hypothesis_page_heldout_and_ablation(app_env, food_result, bundled_lm):
     shown = at.dataframe[-1].value  # the per-neuron table: a dense run's has no expert column
     assert {"layer", "neuron", "status", "heldout_auroc"} <= set(shown.columns) and "expert" not in shown.columns
     assert set(per_neuron["status"]) <= {"pass", "fail"}
-    metric, threshold, min_auroc, heldout, ceiling = at.session_state["heldout_inputs"]
+    metric, threshold, min_auroc, heldout, ceiling = at.session_state["heldout_result"][1]
     assert ceiling
     own, own_summary = validate_heldout(bundled_lm, flagged(food_result.scores, metric, threshold), heldout, min_auroc)
     pd.testing.assert_frame_equal(per_neuron, own)
@@ -83,20 +83,20 @@ def test_hypothesis_page_heldout_and_ablation(app_env, food_result, bundled_lm):
     assert controls.min == 2 and controls.value == 5  # the controls' spread needs two sets
     [b for b in at.button if b.label == "Run ablation"][0].click().run()
     no_exception(at)
-    outcome = at.session_state["ablation_result"]
+    outcome = at.session_state["ablation_result"][-1]
     assert outcome.summary["category"] == food_result.categories[0]
     assert len(outcome.per_condition) == 1 + 5
     assert at.metric and at.metric[0].value.startswith(("+", "-"))
     rank = control_rank_text(outcome.summary)
     assert rank.endswith(")") and any(f"The effect is {rank}." in c.value for c in at.caption)
-    stale = "The results below are from an earlier run with other choices"
+    stale = "The results below were computed with other choices than those shown now"
     assert not any(stale in w.value for w in at.warning)
 
 
 def test_hypothesis_results_say_when_the_choices_changed_and_a_failed_ablation_clears_its_result(app_env, food_result):
     """A result stays on the page after its inputs change, marked as from an earlier run; an ablation that fails
     removes the earlier result instead of showing it under the error."""
-    stale = "The results below are from an earlier run with other choices"
+    stale = "The results below were computed with other choices than those shown now"
     at = open_page(make_app(food_result), "hypothesis")
     [b for b in at.button if b.label == "Run held-out check"][0].click().run()
     assert "heldout_result" in at.session_state and not any(stale in w.value for w in at.warning)
@@ -111,6 +111,29 @@ def test_hypothesis_results_say_when_the_choices_changed_and_a_failed_ablation_c
     no_exception(at)
     assert any("out of range" in e.value for e in at.error)
     assert "ablation_result" not in at.session_state and not at.metric
+
+
+def test_checks_of_one_run_are_not_shown_under_another(app_env, food_result):
+    """A held-out check and an ablation belong to the run they were computed on: after a switch to another run the
+    page says the last ones were of another run and shows neither (their tables and downloads would be the old
+    run's); back on the first run, they are shown again."""
+    from mechamap_ui.state import RESULT_OVERRIDE
+
+    at = open_page(make_app(food_result), "hypothesis")
+    [b for b in at.button if b.label == "Run held-out check"][0].click().run()
+    [b for b in at.button if b.label == "Run ablation"][0].click().run()
+    assert at.metric and len(at.dataframe) >= 2
+    other = dataclasses.replace(food_result, metadata={**food_result.metadata, "created": "2026-12-06T00:00:00"})
+    at.session_state[RESULT_OVERRIDE] = other
+    at.run()
+    no_exception(at)
+    notes = texts(at.info)
+    assert "The last held-out check was of another run; run it again for this one." in notes, notes
+    assert "The last ablation was of another run; run it again for this one." in notes, notes
+    assert not at.metric and not [b for b in at.download_button if "per-neuron" in b.label]
+    at.session_state[RESULT_OVERRIDE] = food_result
+    at.run()
+    assert at.metric and not any("of another run" in n for n in texts(at.info))
 
 
 def test_heldout_text_that_is_not_held_out_is_called_out(app_env, food_result):
@@ -184,7 +207,7 @@ def test_typed_heldout_words_that_would_be_dropped_are_named(app_env, food_resul
     assert any(m.endswith(f"will show as not tested: {', '.join(untested)}.") for m in said)
     [b for b in at.button if b.label == "Run held-out check"][0].click().run()
     no_exception(at)
-    _, summary = at.session_state["heldout_result"]
+    _, summary = at.session_state["heldout_result"][-1]
     assert set(summary["category"]) <= {"food", "location", *untested}
     not_tested = sorted(summary.loc[summary["tested"] == 0, "category"].astype(str))
     tested = sorted(summary.loc[summary["tested"] > 0, "category"].astype(str))
@@ -244,7 +267,7 @@ def test_heldout_with_no_testable_neuron_draws_no_empty_chart(app_env, food_resu
     at = typed_heldout(open_page(make_app(food_result), "hypothesis"), "sushi " * 5, "food: sushi")
     [b for b in at.button if b.label == "Run held-out check"][0].click().run()
     no_exception(at)
-    _, summary = at.session_state["heldout_result"]
+    _, summary = at.session_state["heldout_result"][-1]
     assert (summary["tested"] == 0).all()
     assert any(w.value.startswith("No flagged neuron could be tested") for w in at.warning)
     assert not at.get("vega_lite_chart")

@@ -302,7 +302,7 @@ def test_hypothesis_page_checks_expert_neurons_on_heldout_text(app_env, default_
     [b for b in at.button if b.label == "Run held-out check"][0].click().run()
     no_exception(at)
     assert not at.error, [e.value for e in at.error]
-    per_neuron, summary = at.session_state["heldout_result"]
+    per_neuron, summary = at.session_state["heldout_result"][-1]
     assert per_neuron["expert"].notna().all() and (per_neuron["status"].isin(["pass", "fail"])).any()
     assert summary["tested"].sum() > 0
     assert "expert" in at.dataframe[-1].value.columns  # the per-neuron table names each neuron's expert

@@ -37,13 +37,7 @@ if lm is None:
 scanned_cfg = ScanConfig(**{k: v for k, v in result.metadata["config"].items() if k in ScanConfig.__dataclass_fields__})
 
 
-HELDOUT_INPUTS, ABLATION_INPUTS = "heldout_inputs", "ablation_inputs"  # session_state: what the shown result was run with
-
-
-def warn_if_stale(inputs_key: str, current: tuple) -> None:
-    """Say so when the result below was run with other choices than the page shows now."""
-    if st.session_state.get(inputs_key, current) != current:
-        st.warning("The results below are from an earlier run with other choices; run it again to see the current ones.")
+HELDOUT_CHECK, ABLATION_CHECK = "heldout_result", "ablation_result"  # session_state: kept by state.keep_check
 
 
 held_tab, ablate_tab = st.tabs(["Held-out text", "Ablation"])
@@ -92,7 +86,6 @@ with held_tab:
     )  # fmt: skip
     heldout_inputs = (metric, threshold, min_auroc, heldout, ceiling)
     if heldout is not None and st.button("Run held-out check", type="primary"):
-        st.session_state[HELDOUT_INPUTS] = heldout_inputs
         scanned, ceiling_problem = None, None
         if ceiling and not candidates.empty:  # one scan of the held-out text serves the ceiling and the check
             try:
@@ -105,15 +98,15 @@ with held_tab:
                 per_neuron, summary = validate_heldout(lm, candidates, heldout, min_auroc, scanned=scanned)
                 if scanned is not None:
                     summary = with_ceiling(lm, result.scores, heldout, summary, scanned=scanned)
-            st.session_state["heldout_result"] = per_neuron, summary
+            state.keep_check(HELDOUT_CHECK, result, heldout_inputs, (per_neuron, summary))
         except (ConfigError, ValueError, RuntimeError) as exc:
-            st.session_state.pop("heldout_result", None)  # no earlier result shown as if it were this one's
+            st.session_state.pop(HELDOUT_CHECK, None)  # no earlier result shown as if it were this one's
             st.error(str(exc))
-        if ceiling_problem is not None and "heldout_result" in st.session_state:
+        if ceiling_problem is not None and HELDOUT_CHECK in st.session_state:
             st.warning(f"The held-out check is below; the best neurons on the held-out text could not be found: {ceiling_problem}")
-    if "heldout_result" in st.session_state:
-        per_neuron, summary = st.session_state["heldout_result"]
-        warn_if_stale(HELDOUT_INPUTS, heldout_inputs)
+    heldout_check = state.kept_check(HELDOUT_CHECK, result, heldout_inputs, "held-out check")
+    if heldout_check is not None:
+        per_neuron, summary = heldout_check
         untested = untested_categories(summary)
         tested = summary[~summary["category"].astype(str).isin(untested)]
         if tested.empty:
@@ -171,21 +164,20 @@ with ablate_tab:
     controls = int(c2.number_input("Random control sets", MIN_CONTROLS, 50, 5, help="At least two, so that their spread and z exist"))
     ablation_inputs = (category, tuple(neurons), mode, controls)
     if st.button("Run ablation", type="primary", disabled=not neurons):
-        st.session_state[ABLATION_INPUTS] = ablation_inputs
         bar = st.progress(0.0, text="Starting ...")
 
         def on_progress(done: int, total: int, message: str) -> None:
             bar.progress(done / total, text=f"Forward pass {min(done + 1, total)} of {total}: {message}" if done < total else "Done")
 
         try:
-            st.session_state["ablation_result"] = ablate(lm, scanned_cfg, category, neurons, mode=mode, n_controls=controls, progress=on_progress)
+            outcome = ablate(lm, scanned_cfg, category, neurons, mode=mode, n_controls=controls, progress=on_progress)
+            state.keep_check(ABLATION_CHECK, result, ablation_inputs, outcome)
         except (ConfigError, ValueError, RuntimeError) as exc:
-            st.session_state.pop("ablation_result", None)  # no earlier result shown as if it were this one's
+            st.session_state.pop(ABLATION_CHECK, None)  # no earlier result shown as if it were this one's
             st.error(str(exc))
         bar.empty()
-    if "ablation_result" in st.session_state:
-        outcome = st.session_state["ablation_result"]
-        warn_if_stale(ABLATION_INPUTS, ablation_inputs)
+    outcome = state.kept_check(ABLATION_CHECK, result, ablation_inputs, "ablation")
+    if outcome is not None:
         s = outcome.summary
         z = f", z = {s['z_vs_controls']:.1f}" if "z_vs_controls" in s else ""
         st.metric(f"Effect on '{s['category']}' ({s['mode']} ablation of {s['n_neurons']} neurons)", f"{s['effect']:+.4f}",
