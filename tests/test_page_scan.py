@@ -74,6 +74,19 @@ def test_scan_bundled_model_sets_a_saved_active_run(app_env):
     assert os.listdir(app_env["runs"]) == runs
 
 
+def test_an_emptied_layers_field_scans_every_layer_even_when_the_config_names_some(app_env, default_cfg):
+    """The Layers field starts at the config's layers; emptied, it means every layer, as its label says (it used
+    to fall back to the config's)."""
+    at = scan_page(**{ACTIVE_CONFIG: dataclasses.replace(default_cfg, layers=[5], limit_neurons=4)})
+    assert at.text_input(key="scan_layers").value == "5"
+    at.text_input(key="scan_layers").set_value("")
+    click_scan(at)
+    no_exception(at)
+    assert any("6 layers × 4 neurons (24)" in v for v in texts(at.success)), texts(at.success)
+    [run] = os.listdir(app_env["runs"])
+    assert load_run(app_env["runs"] / run).metadata["config"]["layers"] is None
+
+
 @pytest.mark.parametrize("model_id", ["gpt2", "mechamap-tests/never-downloaded-model"])
 def test_uncached_hub_id_is_one_readable_error(app_env, model_id):
     if _hub_cached(model_id):

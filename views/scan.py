@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import streamlit as st
@@ -114,6 +115,7 @@ except ValueError as exc:
     layers = None
     c3.error(str(exc))
     input_errors.append(str(exc))
+cfg = dataclasses.replace(cfg, layers=layers)  # the field starts at the config's layers; empty means all, as it says
 
 # --- optional corpus -----------------------------------------------------------------------
 texts = None
