@@ -79,7 +79,8 @@ def nice_step(span: float, steps: int = 200) -> float:
 def threshold_range(scores: pd.DataFrame, metric: str, default: float | None = None) -> tuple[float, float, float, float]:
     """(min, max, value, step) for a threshold slider on metric.
 
-    score / separation / cohens_d: -1..6 (stretched to the data), value = default (the run's threshold) or 1.
+    score / separation / cohens_d: -1..6 (stretched to the data and to default), value = default (the run's
+    threshold) or 1.
     auroc: 0.5..1, value 0.8. t_stat: 0..data max (at least 10), value 3. Anything else (avg_activation, ...):
     the data range, value its 95th percentile.
     """
@@ -89,9 +90,9 @@ def threshold_range(scores: pd.DataFrame, metric: str, default: float | None = N
     data_hi = float(values.max()) if values.size else 1.0
     if metric == "auroc":
         lo, hi, value, step = 0.5, 1.0, 0.8, 0.01
-    elif metric in SCORE_LIKE:
-        lo, hi, step = -1.0, max(6.0, math.ceil(data_hi)), 0.05
-        value = 1.0 if default is None else float(default)
+    elif metric in SCORE_LIKE:  # stretched to the run's own threshold too, so that no page clamps it
+        value = 1.0 if default is None or not math.isfinite(float(default)) else float(default)
+        lo, hi, step = min(-1.0, math.floor(value)), max(6.0, math.ceil(data_hi), math.ceil(value)), 0.05
     elif metric == "t_stat":
         lo, hi, step = 0.0, max(10.0, math.ceil(data_hi)), 0.1
         value = 3.0
