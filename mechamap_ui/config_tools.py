@@ -4,6 +4,7 @@ size-capped YAML uploads (a config, a contrast set)."""
 from __future__ import annotations
 
 import html
+import re
 
 import pandas as pd
 
@@ -31,9 +32,21 @@ def check_upload_size(upload, limit_mb: int, what: str = "it") -> None:
         raise ValueError(f"{what} is larger than {limit_mb} MB")
 
 
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]<>#|~$])")
+
+
+def literal(text: str) -> str:
+    """text with the characters Markdown (and Streamlit's $...$ LaTeX) would read escaped, so st.error and friends
+    show it as typed: a file name my_config_v2.yaml or a category '<b>_x_</b>' is not turned into italics or lost."""
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", str(text))
+
+
 def readable_error(exc: Exception) -> str:
-    """An error for st.error: a ConfigError's problems as a list when there are several, else its text."""
-    return exc.listing() if isinstance(exc, ConfigError) else str(exc)
+    """An error for st.error, shown literally: a ConfigError's problems as a list when there are several, else its
+    text."""
+    if isinstance(exc, ConfigError):
+        return ConfigError([(literal(name), literal(message)) for name, message in exc.problems]).listing()
+    return literal(str(exc))
 
 
 def uploaded_yaml_text(upload) -> str:

@@ -225,6 +225,17 @@ def test_oversized_upload_is_rejected(app_env):
     assert not at.error and any("Loaded the uploaded padded.yaml" in v for v in texts(at.success)), texts(at.error)
 
 
+def test_upload_errors_show_names_and_problems_literally(app_env):
+    """A file name or problem with Markdown's characters (my_config_v2.yaml, a category '<b>') is escaped, so the
+    error shows it as typed; several problems are a list."""
+    at = config_page()
+    body = yaml.safe_dump({"master_text": "x", "categories": {"a/b": ["c"], "<b>": ["d"]}}).encode()
+    at.file_uploader[0].set_value(("my_config_v2.yaml", body, "application/x-yaml")).run()
+    [message] = [v for v in texts(at.error) if "was not loaded" in v]
+    assert message.startswith("my\\_config\\_v2.yaml was not loaded, and the config is unchanged: \n\n- ")
+    assert "\\<b\\>" in message and "'\\_'" in message and message.count("\n- ") == 2, message
+
+
 def test_valid_upload_replaces_the_config_and_resets_the_editor(app_env):
     at = config_page()
     body = yaml.safe_dump(

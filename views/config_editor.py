@@ -38,7 +38,7 @@ def _load_saved() -> None:
         path = safe_child_path(state.configs_dir(), choice, ".yaml")
         cfg = load_config(path)
     except (ConfigError, ValueError, OSError) as exc:
-        _say("error", f"{choice}.yaml was not loaded: {config_tools.readable_error(exc)}")
+        _say("error", f"{config_tools.literal(choice)}.yaml was not loaded: {config_tools.readable_error(exc)}")
         return
     state.set_active_config(cfg, path.stem)
     _say("success", f"Loaded {path.name}.")
@@ -52,14 +52,15 @@ def _load_upload() -> None:
     try:
         cfg = parse_config(config_tools.uploaded_yaml_text(upload), require_master_text=False)  # write one below
     except ConfigError as exc:
-        _say("error", f"{upload.name} was not loaded, and the config is unchanged: {exc.listing()}")
+        _say("error", f"{config_tools.literal(upload.name)} was not loaded, and the config is unchanged: "
+                      f"{config_tools.readable_error(exc)}")
         return
     except ValueError as exc:  # too large, or not UTF-8
-        _say("error", f"{upload.name} was not loaded: {exc}.")
+        _say("error", f"{config_tools.literal(upload.name)} was not loaded: {exc}.")
         return
     stem = Path(upload.name).stem
     state.set_active_config(cfg, stem)
-    _say("success", f"Loaded the uploaded {upload.name}.")
+    _say("success", f"Loaded the uploaded {config_tools.literal(upload.name)}.")
 
 
 def _use_written_text(text_key: str, written: str, mode: str) -> None:
@@ -71,7 +72,7 @@ def _use_written_text(text_key: str, written: str, mode: str) -> None:
 
 def _show_problems(where, messages: list[str]) -> None:
     for message in messages:
-        where.error(message)
+        where.error(config_tools.literal(message))
 
 
 def download_stem(name: str) -> str:
