@@ -70,6 +70,15 @@ def matching_key(word: str) -> str:
     return " ".join(word.casefold().split())
 
 
+def distinct_words(words) -> list[str]:
+    """A category's words with repeats dropped as the text matches them (matching_key): 'Pizza' after 'pizza' is the
+    same word, so its tokens count once, as one word of the word-level statistics. The first spelling is kept."""
+    first: dict[str, str] = {}
+    for word in words:
+        first.setdefault(matching_key(str(word)), word)
+    return list(first.values())
+
+
 def words_in_several_categories(categories: dict[str, list[str]]) -> dict[str, list[str]]:
     """Words that more than one category lists, matched as the text matches them (case-insensitive, inner whitespace
     collapsed), with those categories in config order: their tokens count for each of them, so the categories share
@@ -147,7 +156,7 @@ def align(
     masks: list[np.ndarray] = []
     word_rows: list[np.ndarray] = []
     chunks: list[Chunk] = []
-    token_counts = {(c, w): 0 for c in names for w in categories[c]}
+    token_counts = {(c, w): 0 for c in names for w in distinct_words(categories[c])}
     word_number = {key: i for i, key in enumerate(token_counts)}  # (category, word) -> row of coverage
     occurrences = dict.fromkeys(token_counts, 0)
     n_counted = 0
@@ -161,7 +170,7 @@ def align(
         mask = np.zeros((len(ids), len(names)), dtype=bool)
         token_word = np.full(len(ids), -1, dtype=np.int32)  # a token in several words keeps the first
         for c, name in enumerate(names):
-            for word in dict.fromkeys(categories[name]):  # a word listed twice counts once
+            for word in distinct_words(categories[name]):  # a word listed twice, in any case, counts once
                 spans = find_word_spans(text, word)
                 occurrences[(name, word)] += len(spans)
                 hit = _overlapping(spans, starts, ends, len(text)) & counted

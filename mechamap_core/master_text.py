@@ -6,7 +6,7 @@ import random
 
 import pandas as pd
 
-from .alignment import find_word_spans, word_coverage
+from .alignment import distinct_words, find_word_spans, word_coverage
 
 # Sentence frames that take any word as a mention, so no category fits them better than another. They
 # avoid words that lean towards a category (no numbers, places, times, colours, food, animals or vehicles).
@@ -58,7 +58,7 @@ def write_master_text(categories: dict[str, list[str]], contexts: int = DEFAULT_
     Raises ValueError when there are no words, or `contexts` is below 1 or above the usable templates.
     """
     rng = random.Random(seed)
-    words = {name: list(dict.fromkeys(str(w).strip() for w in ws)) for name, ws in categories.items()}
+    words = {name: distinct_words(str(w).strip() for w in ws) for name, ws in categories.items()}  # Pizza = pizza
     words = {name: [w for w in ws if w] for name, ws in words.items() if any(ws)}
     if not words:
         raise ValueError("there are no category words to write a text for")

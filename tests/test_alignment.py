@@ -269,6 +269,13 @@ def test_a_word_listed_twice_counts_once(tok):
     assert cov.loc["cat", "n_tokens"] == aligned.category_mask[:, 0].sum() == 2
 
 
+def test_a_word_listed_again_in_another_case_is_the_same_word(tok):
+    """'Cat' after 'cat' matches the same occurrences, so it is one word: one coverage row, tokens counted once."""
+    aligned = align(tok, ["A cat sat. The Cat ran."], {"animal": ["cat", "CAT ", "dog", "Cat"]}, 64)
+    assert list(aligned.coverage["word"]) == ["cat", "dog"]
+    assert aligned.coverage.set_index("word").loc["cat", "n_tokens"] == aligned.category_mask[:, 0].sum() == 2
+
+
 def test_token_span_overlap_equals_the_pairwise_definition():
     """_overlapping (running sums over the text) against the definition, token [s, e) overlaps span [a, b) when
     s < b and e > a, on random disjoint spans and non-empty tokens (align counts no others) in any order,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from mechamap_core import scan
@@ -60,6 +61,18 @@ def test_results_do_not_depend_on_the_order_or_company_of_categories(bundled_lm,
                 expected = as_grid(result.scores, layer, column, list(categories))
                 np.testing.assert_allclose(as_grid(other.scores, layer, column, list(categories)), expected, atol=1e-9,
                                            err_msg=column)  # fmt: skip
+
+
+def test_a_word_listed_again_in_another_case_changes_no_statistic(bundled_lm, recorded):
+    """Listing 'paris' after 'Paris' (or 'PIZZA' after 'pizza') adds no word: the word-level statistics (cv folds,
+    permutation draws) see the same words, so every column is the same; before, such a repeat was a second word
+    with the same tokens and moved score, cv_auroc and p_value."""
+    cfg, result = recorded
+    repeated = {name: [*words, *(w.upper() for w in words[:2])] for name, words in cfg.categories.items()}
+    other = scan(bundled_lm, dataclasses.replace(cfg, categories=repeated), limit_neurons=24)
+    pd.testing.assert_frame_equal(other.coverage, result.coverage)
+    for column in ("avg_activation", "auroc", "cv_auroc", "score", "p_value", "q_value"):
+        np.testing.assert_array_equal(other.scores[column].to_numpy(), result.scores[column].to_numpy(), err_msg=column)
 
 
 def test_binned_cv_auroc_close_to_exact(bundled_lm, recorded):

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..alignment import AlignedText, align
+from ..alignment import AlignedText, align, distinct_words
 from ..config import ScanConfig, validate_config
 from ..models import LoadedModel
 from ..moe import MoELayer
@@ -107,7 +107,7 @@ def hook_top_k(device: torch.device, record: bool, top_k: int) -> int:
 def config_words(cfg: ScanConfig) -> list[tuple[int, str, str]]:
     """(category index, category, word) of each category's distinct words, in coverage-row order: the one listing
     word_labels and word_keys both follow."""
-    return [(c, category, word) for c, (category, words) in enumerate(cfg.categories.items()) for word in dict.fromkeys(words)]
+    return [(c, category, word) for c, (category, words) in enumerate(cfg.categories.items()) for word in distinct_words(words)]
 
 
 def word_keys(cfg: ScanConfig) -> list[str]:
