@@ -143,6 +143,9 @@ def config_from_dict(data: object, require_master_text: bool = True) -> ScanConf
     return cfg
 
 
+_LARGEST_SETTING = 2**63 - 1  # a whole-number setting must fit an int64 (numpy, torch's generator seed, float())
+
+
 def _type_problems(values: dict) -> list[tuple[str, str]]:
     """(key, message) for each setting in values whose type is not the one ScanConfig takes (a bool is no number)."""
     problems = []
@@ -162,6 +165,8 @@ def validate_config(cfg: ScanConfig, require_master_text: bool = True) -> None:
     for name, value in settings.items():
         if isinstance(value, float) and not math.isfinite(value):
             problems.append((name, f"'{name}' must be a finite number, got {value}"))
+        elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > _LARGEST_SETTING:
+            problems.append((name, f"'{name}' is too large: at most {_LARGEST_SETTING:,} (2^63 - 1)"))
     if problems:  # the checks below compare numbers and walk lists: they need the types right
         raise ConfigError(problems)
     texts = cfg.master_text if isinstance(cfg.master_text, list) else [cfg.master_text]

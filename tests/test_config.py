@@ -296,6 +296,15 @@ def test_non_finite_threshold_is_refused_naming_the_key(value):
     assert "'threshold' must be a finite number" in str(err)
 
 
+@pytest.mark.parametrize("key, value", [("threshold", 10**400), ("seed", 2**64), ("limit_neurons", -(2**70))])
+def test_whole_numbers_beyond_int64_are_refused_before_the_scan(key, value):
+    """A 401-digit threshold overflowed float() when flagging (a traceback after the scan), a seed of 2^64 overflowed
+    torch's generator; both are refused with the other config faults."""
+    err = config_error(yaml_of() + f"{key}: {value}\n")
+    assert fields_of(err) == {key}
+    assert f"'{key}' is too large: at most 9,223,372,036,854,775,807 (2^63 - 1)" in str(err)
+
+
 def test_every_float_setting_is_checked_for_finiteness():
     cfg = ScanConfig(master_text="I ate pizza.", categories={"food": ["pizza"]}, threshold=float("nan"))
     cfg.top_k_tokens = float("inf")  # a config built in code skips config_from_dict's type checks
