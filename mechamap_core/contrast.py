@@ -94,7 +94,9 @@ def parse_contrast_set(text: str) -> ContrastSet:
 def load_contrast_set(path: str | os.PathLike = DEFAULT_CONTRAST_PATH) -> ContrastSet:
     """Load and validate a contrast-set file. Raises ConfigError (bad content) or FileNotFoundError."""
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        raise FileNotFoundError(f"{path} is a folder, not a contrast set file")
+    if not path.exists():  # a pipe (--contrast <(...)) is read like a file, as a config is
         raise FileNotFoundError(f"contrast set not found: {path}")
     return parse_contrast_set(path.read_text(encoding="utf-8"))
 

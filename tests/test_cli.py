@@ -610,6 +610,7 @@ def test_files_that_are_not_text_and_flags_that_would_be_ignored_are_refused(cap
         (["contrast", "--csv", str(scores), "--contrast", str(binary)], f"--contrast {binary} is not UTF-8 text"),
         (["contrast", "--csv", str(scores), "--contrast", DEFAULT], "this looks like a scan config, not a contrast set",
          "in_sense: [sentences], out_of_sense: [sentences]"),
+        (["contrast", "--csv", str(scores), "--contrast", str(tmp_path)], f"{tmp_path} is a folder, not a contrast set file"),
         ([*scan, "--text-field", "body"], "--text-field is for corpus scans: add --corpus"),
         ([*scan, "--on-bad-document", "error"], "--on-bad-document is for corpus scans: add --corpus"),
         ([*scan, "--text-field", "body", "--checkpoint-dir", str(tmp_path / "c")], "--text-field and --checkpoint-dir are"),
