@@ -556,10 +556,17 @@ def _run_scan(args) -> int:
     if args.min_cv_auroc is not None and not analysis.has_cv_auroc(result.scores):
         print("note: this scan has no cv_auroc (it needs two or more words per category, auroc and cv_folds on): "
               "--min-cv-auroc keeps every row", file=sys.stderr)  # fmt: skip
-    for fmt, path in (("csv", args.csv), ("json", args.json), ("parquet", args.parquet)):
-        if path:
-            getattr(export, f"to_{fmt}")(result, path, **options)
-            print(f"wrote {path}", file=sys.stderr)
+    outputs = [(fmt, path) for fmt, path in (("csv", args.csv), ("json", args.json), ("parquet", args.parquet)) if path]
+    if outputs and (args.flagged_only or args.min_cv_auroc is not None):
+        kept = len(export.exported_scores(result, **options))
+        if not kept:
+            _say("warning", f"no row is {_kept_rows_phrase(args, result)}: the files get a header and no neurons "
+                            "(lower the config's threshold or --min-cv-auroc, or leave the filters out)")  # fmt: skip
+        else:
+            print(f"{kept:,} of {len(result.scores):,} rows {_kept_rows_phrase(args, result)}", file=sys.stderr)
+    for fmt, path in outputs:
+        getattr(export, f"to_{fmt}")(result, path, **options)
+        print(f"wrote {path}", file=sys.stderr)
     if args.routing:
         routing = result.extras.get("routing")
         if routing is None:
@@ -575,6 +582,13 @@ def _run_scan(args) -> int:
         shown = top[["category", "layer", *expert, "neuron", "score", "avg_activation", "auroc", "top_tokens"]]
         print(analysis.with_readable_top_tokens(shown).to_string(index=False))
     return 0
+
+
+def _kept_rows_phrase(args, result) -> str:
+    """What --flagged-only / --min-cv-auroc keep, in words: 'flagged (score >= 1) and holding up (cv_auroc >= 0.8)'."""
+    parts = [f"flagged (score >= {result.metadata.get('threshold', 1.0):g})"] if args.flagged_only else []
+    parts += [f"holding up (cv_auroc >= {args.min_cv_auroc:g})"] if args.min_cv_auroc is not None else []
+    return " and ".join(parts)
 
 
 def _check_corpus_flags(args, corpus: str | None) -> None:

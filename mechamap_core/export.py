@@ -29,7 +29,7 @@ def _at_or_above(result: ScanResult, metric: str, threshold: float | None) -> pd
     return result.scores[result.scores[metric] >= limit]
 
 
-def _scores_for_files(
+def exported_scores(
     result: ScanResult, flagged_only: bool = False, metric: str = "score", threshold: float | None = None,
     min_cv_auroc: float | None = None,
 ) -> pd.DataFrame:
@@ -49,7 +49,7 @@ def export_table(
 
     flagged_only keeps rows with metric >= threshold (default: the scan's threshold).
     """
-    table = _scores_for_files(result, flagged_only, metric, threshold, min_cv_auroc)
+    table = exported_scores(result, flagged_only, metric, threshold, min_cv_auroc)
     strings = top_token_strings(result.top_tokens)
     table = table.merge(strings, on=[c for c in neuron_key(table) if c in strings.columns], how="left")
     rest = [c for c in table.columns if c not in ORIGINAL_COLUMNS]
@@ -75,7 +75,7 @@ def write_csv(table: pd.DataFrame, path) -> None:
 
 def to_json_dict(result: ScanResult, **options) -> dict:
     """{"metadata": ..., "neurons": {"L{layer}.N{neuron}": {layer, neuron, hook, top_tokens, categories: {cat: stats}}}}."""
-    table = _scores_for_files(result, **options)  # top tokens go in as lists, not export_table's text
+    table = exported_scores(result, **options)  # top tokens go in as lists, not export_table's text
     key = neuron_key(table)
     tops = result.top_tokens.groupby([c for c in key if c in result.top_tokens.columns], dropna=False)
     top_lists = {_plain_key(k): list(zip(g["token"], g["activation"].astype(float).round(4))) for k, g in tops}

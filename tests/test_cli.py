@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -113,6 +114,24 @@ def test_routing_of_a_dense_model_says_there_is_none(tmp_path, capsys):
     assert "has no mixture-of-experts layers: no routing table written" in said
     assert "scanned 1 layer × 2 neurons (2) over " in said  # per layer, and the total
     assert not routing.exists()
+
+
+def test_scan_says_how_many_rows_the_output_filters_keep_and_warns_when_none(tmp_path, capsys):
+    """--flagged-only or --min-cv-auroc that keep no row would write a header-only file without a word; now the scan
+    warns, and otherwise counts the rows kept."""
+    from mechamap_core import load_config, save_config
+
+    strict = tmp_path / "strict.yaml"
+    save_config(dataclasses.replace(load_config(DEFAULT), threshold=99.0), strict)
+    csv = tmp_path / "flagged.csv"
+    argv = ["scan", "--config", str(strict), "--limit-neurons", "3", "--layers", "0", "--device", "cpu", "--csv", str(csv)]
+    assert main([*argv, "--flagged-only"]) == 0
+    said = capsys.readouterr().err
+    assert "warning: no row is flagged (score >= 99): the files get a header and no neurons" in said, said
+    assert pd.read_csv(csv).empty
+    assert main([*argv, "--min-cv-auroc", "0"]) == 0
+    kept = len(pd.read_csv(csv))
+    assert f"{kept:,} of 24 rows holding up (cv_auroc >= 0)" in capsys.readouterr().err and kept > 0
 
 
 def test_scan_names_the_categories_too_thin_for_statistics(tmp_path, capsys):
