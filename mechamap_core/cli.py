@@ -448,7 +448,9 @@ def _run_write_text(args) -> int:
         return 0
     out = Path(args.out)
     if out.suffix in (".yaml", ".yml"):
-        new_cfg = dataclasses.replace(cfg, master_text=text)
+        documents = isinstance(cfg.master_text, list) and args.mix == "append" and any(t.strip() for t in cfg.master_text)
+        # a config of several documents keeps them apart (each is scanned alone); the written text is one more
+        new_cfg = dataclasses.replace(cfg, master_text=[*cfg.master_text, generated] if documents else text)
         validate_config(new_cfg)
         atomic_write_text(out, config_to_yaml(new_cfg))
     else:

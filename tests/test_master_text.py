@@ -140,6 +140,19 @@ def test_cli_prints_writes_a_config_and_appends(tmp_path, capsys):
     assert "'cream' (dairy) occurs 4 times, not 2: another entry contains it" in capsys.readouterr().err
 
 
+def test_appending_to_a_config_of_several_documents_keeps_them_apart(tmp_path):
+    """Each master-text document is scanned alone; appending a written text adds it as one more document instead
+    of joining them all into one (which changed the chunks and contexts of the scan)."""
+    several = tmp_path / "several.yaml"
+    several.write_text("master_text: [I ate pizza., My dog barked.]\ncategories:\n  food: [pizza]\n  pet: [dog]\n")
+    out = tmp_path / "more.yaml"
+    assert main(["write-text", "--config", str(several), "--out", str(out), "--mix", "append", "--contexts", "2"]) == 0
+    written = write_master_text({"food": ["pizza"], "pet": ["dog"]}, 2, 0)
+    assert load_config(out).master_text == ["I ate pizza.", "My dog barked.", written]
+    assert main(["write-text", "--config", str(several), "--out", str(out), "--contexts", "2"]) == 0  # replace
+    assert load_config(out).master_text == written
+
+
 def test_cli_writes_a_text_for_a_config_of_categories_alone(tmp_path, capsys):
     categories_only = tmp_path / "words.yaml"
     categories_only.write_text("categories:\n  food: [pizza, soup]\n  pet: [dog, cat]\n", encoding="utf-8")
