@@ -146,21 +146,31 @@ def blank_without_statistics(counts: pd.DataFrame, without: pd.Series) -> pd.Dat
 
 def no_statistics_note(without: pd.Series, coverage: pd.DataFrame | None = None) -> str | None:
     """A note naming the categories without statistics (`without`, categories_without_statistics) and why, or None
-    when there are none. With the run's word coverage, it also names their words that occur in the text yet give
-    no token to count (uncounted_words: an emoji the tokenizer maps to its unknown token)."""
-    if not len(without):
-        return None
-    named = ", ".join(f"'{cat}' ({n} token{'' if n == 1 else 's'})" for cat, n in without.items())
-    note = (f"No statistics for {named}: a category needs at least {MIN_CATEGORY_TOKENS} of its tokens in the text, "
-            "so its neurons are blank (not 0) and none is flagged. Add words that occur, or text that uses them.")  # fmt: skip
+    when there is nothing to say. With the run's word coverage, it also names the words that occur in the text yet
+    give no token to count (uncounted_words: an emoji the tokenizer maps to its unknown token): those of the blank
+    categories as part of the reason, those of other categories as words that add nothing to their statistics."""
     uncounted = uncounted_words(coverage)
-    uncounted = uncounted[uncounted["category"].astype(str).isin(without.index.astype(str))]
-    if len(uncounted):
-        words = ", ".join(f"'{word}'" for word in uncounted["word"])
-        verb = "occurs" if len(uncounted) == 1 else "occur"
-        note += (f" Of their words, {words} {verb} in the text but give no token this model's tokenizer can count: "
-                 "it reads them as special tokens (such as its unknown token), so use other words.")  # fmt: skip
-    return note
+    blank = uncounted["category"].astype(str).isin(without.index.astype(str))
+    sentences = []
+    if len(without):
+        named = ", ".join(f"'{cat}' ({n} token{'' if n == 1 else 's'})" for cat, n in without.items())
+        sentences.append(f"No statistics for {named}: a category needs at least {MIN_CATEGORY_TOKENS} of its tokens in "
+                         "the text, so its neurons are blank (not 0) and none is flagged. Add words that occur, or text "
+                         "that uses them.")  # fmt: skip
+        if blank.any():
+            words = ", ".join(f"'{word}'" for word in uncounted.loc[blank, "word"])
+            one = blank.sum() == 1
+            sentences.append(f"Of their words, {words} {'occurs' if one else 'occur'} in the text but "
+                             f"{'gives' if one else 'give'} no token this model's tokenizer can count: it reads them as "
+                             "special tokens (such as its unknown token), so use other words.")  # fmt: skip
+    others = uncounted[~blank]
+    if len(others):
+        words = ", ".join(f"'{row.word}' ({row.category})" for row in others.itertuples())
+        sentences.append(f"{words} {'occurs' if len(others) == 1 else 'occur'} in the text but "
+                         f"{'gives' if len(others) == 1 else 'give'} no token this model's tokenizer can count (it reads "
+                         "them as special tokens, such as its unknown token), so they add nothing to their categories' "
+                         "statistics; use other words.")  # fmt: skip
+    return " ".join(sentences) or None
 
 
 def uncounted_words(coverage: pd.DataFrame | None) -> pd.DataFrame:

@@ -246,8 +246,8 @@ def explain_blanks(df: pd.DataFrame) -> None:
 
 
 def explain_categories_without_statistics(without: pd.Series, coverage: pd.DataFrame | None = None) -> None:
-    """A note naming the run's categories that no neuron has statistics for (analysis.categories_without_statistics),
-    and why (with the run's word coverage: their words the tokenizer cannot count); nothing when there are none."""
+    """A note naming the run's categories that no neuron has statistics for (analysis.categories_without_statistics)
+    and why, and (with the run's word coverage) the words the tokenizer cannot count; nothing when there are none."""
     note = no_statistics_note(without, coverage)
     if note:
         st.info(note, icon=":material/info:")

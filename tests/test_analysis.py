@@ -98,8 +98,13 @@ def test_a_category_without_statistics_has_no_top_neuron_and_is_named(scores):
                              "occurrences": [2, 3, 4], "n_tokens": [0, 3, 0]})  # fmt: skip
     assert analysis.uncounted_words(coverage)["word"].tolist() == ["🍕", "🐈"]
     named = note(analysis.categories_without_statistics(thin), coverage)
-    assert "Of their words, '🍕' occurs in the text but give no token" in named  # animal has statistics: not named
-    assert "🐈" not in named and "pie" not in named
+    assert "Of their words, '🍕' occurs in the text but gives no token" in named
+    assert "pie" not in named  # animal has statistics: its uncounted word is named apart, as adding nothing
+    assert named.endswith("'🐈' (animal) occurs in the text but gives no token this model's tokenizer can count (it "
+                          "reads them as special tokens, such as its unknown token), so they add nothing to their "
+                          "categories' statistics; use other words.")  # fmt: skip
+    alone = note(analysis.categories_without_statistics(scores.assign(n_tokens=40)), coverage)  # no blank category
+    assert alone.startswith("'🍕' (food), '🐈' (animal) occur in the text but give no token"), alone
     assert "Of their words" not in note(analysis.categories_without_statistics(thin), None)
 
 

@@ -677,6 +677,11 @@ def test_a_category_of_words_the_tokenizer_cannot_count_is_named_with_them(capsy
     err = capsys.readouterr().err
     assert "no statistics for 'food' (0 tokens)" in err
     assert "'🍕', '🍣' occur in the text but give no token this model's tokenizer can count" in err
+    config.write_text("master_text: A red 🚗, a blue bus, a green van, a red tram, a blue car, a bus, a 🚗 again.\n"
+                      "categories:\n  color: [red, blue, green]\n  vehicle: [bus, van, tram, car, '🚗']\n", encoding="utf-8")
+    assert main(["scan", "--config", str(config), "--device", "cpu", "--layers", "0", "--limit-neurons", "2"]) == 0
+    err = capsys.readouterr().err  # vehicle has statistics, but its emoji adds nothing: said all the same
+    assert "note: '🚗' (vehicle) occurs in the text but gives no token this model's tokenizer can count" in err, err
 
 
 def test_validate_marks_untested_categories_rather_than_printing_nan(scanned, capsys, tmp_path):
