@@ -9,6 +9,7 @@ import streamlit as st
 
 from mechamap_core.analysis import differing_config_keys
 from mechamap_core.config import ConfigError, ScanConfig, load_config
+from mechamap_core.contrast import load_contrast_set
 from mechamap_core.export import list_runs, load_run
 from mechamap_core.models import LoadedModel, load_model
 from mechamap_core.scan import ScanResult
@@ -40,8 +41,26 @@ def runs_dir() -> Path:
 
 
 def saved_config_names() -> list[str]:
-    """Stems of the YAML configs in configs_dir(), sorted."""
-    return sorted(p.stem for p in configs_dir().glob("*.yaml"))
+    """Stems of the YAML configs in configs_dir(), sorted; a contrast set kept there (contrast_default.yaml) is no
+    scan config, so it is left out rather than offered and refused with a fault per category."""
+    names = []
+    for path in sorted(configs_dir().glob("*.yaml")):
+        try:
+            if not _is_contrast_set(str(path), path.stat().st_mtime_ns):
+                names.append(path.stem)
+        except OSError:
+            continue
+    return names
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def _is_contrast_set(path: str, modified_ns: int) -> bool:
+    """Whether a YAML file (as it is at modified_ns, part of the cache key) is a valid contrast set."""
+    try:
+        load_contrast_set(path)
+    except (ConfigError, OSError, UnicodeDecodeError):
+        return False
+    return True
 
 
 def default_config_path() -> Path:

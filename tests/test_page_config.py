@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
+
 import app_fixtures
 import pytest
 import yaml
-from app_fixtures import make_app, no_exception, open_page, texts
+from app_fixtures import REPO_ROOT, make_app, no_exception, open_page, texts
 
 from mechamap_core.config import load_config
 from mechamap_ui.config_tools import categories_to_table, highlight_html, table_to_categories
@@ -281,6 +283,15 @@ def test_broken_saved_config_does_not_load(app_env):
     no_exception(at)
     assert any("broken.yaml was not loaded" in v for v in texts(at.error))
     assert at.session_state[ACTIVE_CONFIG].to_dict() == before_cfg
+
+
+def test_a_contrast_set_among_the_configs_is_not_offered_as_one(app_env):
+    """configs/contrast_default.yaml is a contrast set: not in the Config page's list of saved configs (loading it was
+    refused with a fault per category), while a broken scan config stays listed so that its fault can be seen."""
+    shutil.copy(REPO_ROOT / "configs" / "contrast_default.yaml", app_env["configs"] / "contrast_default.yaml")
+    (app_env["configs"] / "broken.yaml").write_text("threshold: [1\n", encoding="utf-8")
+    at = config_page()
+    assert at.selectbox(key="cfg_load_choice").options == ["broken", "default"]
 
 
 def test_edits_survive_leaving_the_page(app_env):
