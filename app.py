@@ -55,7 +55,7 @@ def sidebar() -> None:
     """Active config, active run (with the config it was scanned with) and a picker over the saved runs."""
     with st.sidebar:
         cfg = state.active_config()
-        st.markdown(f"**Active config:** {state.active_config_name()}  \n**Model:** `{cfg.model}`")
+        st.markdown(f"**Active config:** {state.active_config_label()}  \n**Model:** `{cfg.model}`")
         result = state.active_result()
         if result is not None:
             md = result.metadata

@@ -147,12 +147,29 @@ def settings_of(config: dict) -> dict:
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
-def _saved_config_settings(path: str, modified_ns: int) -> dict | None:
-    """settings_of a saved config file as it is at modified_ns (part of the cache key), None if unreadable."""
+def _saved_config_dict(path: str, modified_ns: int) -> dict | None:
+    """A saved config file as a dict, as it is at modified_ns (part of the cache key); None if unreadable."""
     try:
-        return settings_of(load_config(path).to_dict())
+        return load_config(path).to_dict()
     except (ConfigError, OSError):
         return None
+
+
+def _saved_config_settings(path: str, modified_ns: int) -> dict | None:
+    """settings_of a saved config file as it is at modified_ns, None if unreadable."""
+    saved = _saved_config_dict(path, modified_ns)
+    return None if saved is None else settings_of(saved)
+
+
+def active_config_label() -> str:
+    """The active config's name for captions, with "(edited, not saved)" once it differs from the file of that name."""
+    name = active_config_name()
+    path = configs_dir() / f"{name}.yaml"
+    try:
+        saved = _saved_config_dict(str(path), path.stat().st_mtime_ns)
+    except OSError:
+        return name
+    return f"{name} (edited, not saved)" if saved is not None and saved != active_config().to_dict() else name
 
 
 def saved_config_with_settings(config: dict) -> str | None:

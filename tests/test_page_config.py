@@ -295,10 +295,14 @@ def test_a_contrast_set_among_the_configs_is_not_offered_as_one(app_env):
 
 
 def test_edits_survive_leaving_the_page(app_env):
+    """Edits stay when the user leaves the page, and the Scan page and sidebar name the config as edited."""
     at = config_page()
+    assert any(v.startswith("**Active config:** default  \n") for v in texts(at.sidebar.markdown)), texts(at.sidebar.markdown)
     edit_table(at, added=[{"category": "planet", "words": "Mars"}])
     at.switch_page("views/scan.py").run()
     no_exception(at)
+    assert any(v.startswith("Config **default (edited, not saved)**: ") for v in texts(at.markdown)), texts(at.markdown)
+    assert any("**Active config:** default (edited, not saved)" in v for v in texts(at.sidebar.markdown))
     at.switch_page("views/config_editor.py").run()
     assert "planet" in list(at.data_editor[0].value["category"])
     assert "planet" in at.session_state[ACTIVE_CONFIG].categories

@@ -38,7 +38,7 @@ cfg = copy.deepcopy(state.active_config())
 problem = config_tools.config_problems(cfg, state.active_config_problems())
 n_words = sum(len(w) for w in cfg.categories.values())
 st.markdown(
-    f"Config **{state.active_config_name()}**: {len(cfg.categories)} categories, {n_words} words, "
+    f"Config **{state.active_config_label()}**: {len(cfg.categories)} categories, {n_words} words, "
     f"master text of {sum(len(t) for t in cfg.texts):,} characters."
 )
 st.page_link("views/config_editor.py", label="Edit the categories and text on the Config page", icon=":material/tune:")
