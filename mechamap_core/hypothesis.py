@@ -83,6 +83,11 @@ def check_heldout_inputs(heldout: ScanConfig, run_categories: list[str], lm: Loa
                                               "e.g. 'food: sushi, grape'.")])  # fmt: skip
     run = [str(c) for c in run_categories]
     messages = []
+    spelled = {name.strip().casefold(): name for name in run}  # 'Location' is the run's 'location', as configs match
+    renamed: dict = {}
+    for name, words in heldout.categories.items():
+        renamed.setdefault(spelled.get(str(name).strip().casefold(), name), words)
+    heldout = dataclasses.replace(heldout, categories=renamed)
     unknown = [name for name in heldout.categories if name not in run]
     if unknown:
         has = f"no category {_quoted(unknown)}; its words were" if len(unknown) == 1 else f"no categories {_quoted(unknown)}; their words were"

@@ -232,6 +232,9 @@ def test_check_heldout_inputs_names_unknown_categories_wordless_categories_and_a
     clean = check_heldout_inputs(ScanConfig(master_text="sushi in Lima", categories={"food": ["sushi"], "location": ["Lima"]}),
                                  ["food", "location"])  # fmt: skip
     assert clean.messages == [] and clean.config.categories == {"food": ["sushi"], "location": ["Lima"]}
+    cased = check_heldout_inputs(ScanConfig(master_text="sushi in Lima", categories={"Food": ["sushi"], "LOCATION ": ["Lima"]}),
+                                 ["food", "location"])  # fmt: skip
+    assert cased.messages == [] and cased.config.categories == {"food": ["sushi"], "location": ["Lima"]}  # the run's names
 
 
 def test_check_heldout_inputs_refuses_what_cannot_be_tested_and_says_why():
