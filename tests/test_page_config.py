@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 
 import app_fixtures
@@ -306,6 +307,18 @@ def test_edits_survive_leaving_the_page(app_env):
     at.switch_page("views/config_editor.py").run()
     assert "planet" in list(at.data_editor[0].value["category"])
     assert "planet" in at.session_state[ACTIVE_CONFIG].categories
+
+
+def test_a_master_text_of_several_documents_says_so_and_warns_when_edited_into_one(app_env):
+    cfg = dataclasses.replace(load_config(REPO_ROOT / "configs" / "default.yaml"),
+                              master_text=["A dog ate pizza in Paris.", "A cat ate bread in Rome."])  # fmt: skip
+    at = open_page(make_app(**{ACTIVE_CONFIG: cfg}), "config_editor")
+    no_exception(at)
+    assert any(v.startswith("This config's master text is 2 documents, each scanned alone") for v in texts(at.caption))
+    assert at.text_area[0].value == "A dog ate pizza in Paris.\n\nA cat ate bread in Rome."
+    at.text_area[0].set_value("A dog ate pizza in Paris.\n\nA cat ate bread in Lima.").run()
+    assert any("Edited here, it becomes one document" in v for v in texts(at.warning)), texts(at.warning)
+    assert at.session_state[ACTIVE_CONFIG].master_text == "A dog ate pizza in Paris.\n\nA cat ate bread in Lima."
 
 
 def test_table_helpers_round_trip():

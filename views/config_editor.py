@@ -151,6 +151,13 @@ st.subheader("Master text")
 text = st.text_area("Text that uses the category words", key=key("text"), height=220)
 text_box = st.container()
 master_text: str | list[str] = cfg.master_text if text == _joined(cfg.master_text) else text
+if isinstance(cfg.master_text, list) and len(cfg.master_text) > 1:
+    documents = f"This config's master text is {len(cfg.master_text)} documents, each scanned alone, shown here joined by blank lines"
+    if master_text is cfg.master_text:
+        text_box.caption(f"{documents}.")
+    else:
+        text_box.warning(f"{documents}. Edited here, it becomes one document, which changes the scan's chunks; to keep "
+                         "the documents apart, edit them in the YAML file instead.")  # fmt: skip
 
 st.subheader("Scan settings")
 c1, c2, c3 = st.columns(3)
