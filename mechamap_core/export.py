@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .analysis import holding_up, neuron_key, neuron_label, top_token_strings
+from .analysis import has_experts, holding_up, neuron_key, neuron_label, top_token_strings
 from .files import CSV_COMPRESSIONS, atomic_output, atomic_write_text, kept_mode, replace, temp_beside
 from .scan import ScanResult
 
@@ -134,7 +134,8 @@ def to_parquet(result: ScanResult, path=None, **options) -> bytes | None:
 def flagged_neurons(result: ScanResult, metric: str = "score", threshold: float | None = None) -> pd.DataFrame:
     """Flagged (neuron, category) pairs with TransformerLens hook names, ready for follow-up hooking."""
     rows = _at_or_above(result, metric, threshold)
-    cols = ["model", "hook", "layer", "neuron", "category", metric] + (["auroc", "q_value"] if metric != "auroc" else ["q_value"])
+    expert = ["expert"] if has_experts(result.scores) else []  # a routed expert's neuron index is within its expert
+    cols = ["model", "hook", "layer", *expert, "neuron", "category", metric] + (["auroc", "q_value"] if metric != "auroc" else ["q_value"])
     out = rows[cols].copy()
     out["category"] = out["category"].astype(str)
     return out.sort_values(["category", metric], ascending=[True, False], ignore_index=True)

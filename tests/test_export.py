@@ -151,7 +151,7 @@ def test_flagged_neurons_have_hook_names(result):
     flagged = export.flagged_neurons(result, threshold=thr)
     assert len(flagged) == int((result.scores["score"] >= thr).sum())
     assert (flagged["hook"] == flagged["layer"].map(lambda layer: f"blocks.{layer}.mlp.hook_post")).all()
-    assert {"model", "hook", "layer", "neuron", "category", "score"} <= set(flagged.columns)
+    assert {"model", "hook", "layer", "neuron", "category", "score"} <= set(flagged.columns) and "expert" not in flagged  # dense
     assert (flagged["score"] >= thr).all()
 
 

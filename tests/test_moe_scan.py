@@ -125,6 +125,11 @@ def test_expert_rows_in_exports_and_analysis(default_cfg, paragraph, tmp_path):
     assert len(back.extras["routing"]) == len(result.extras["routing"])
     top = analysis.top_neurons(result.scores, n=3, top_tokens=result.top_tokens)
     assert "expert" in top.columns
+    flagged = export.flagged_neurons(result, threshold=-100)  # every scored pair: experts share neuron numbers
+    assert list(flagged.columns[:5]) == ["model", "hook", "layer", "expert", "neuron"]
+    routed = flagged[flagged["expert"].notna()]
+    assert (routed["hook"] == [f"blocks.{layer}.mlp.experts.{expert}.hook_post" for layer, expert in
+                               zip(routed["layer"], routed["expert"])]).all()  # fmt: skip
 
 
 @pytest.mark.parametrize("family", ["mixtral", "legacy_qwen2_moe"])
