@@ -33,6 +33,7 @@ from . import state
 # second copy of a result is held, and a removed run folder simply means scanning again.
 MAX_REMEMBERED_SCANS = 64
 ALREADY_LOADED_S = 0.05  # a model "loaded" faster than this came from st.cache_resource: it was already in memory
+WAIT_WORTH_SAYING_S = 0.5  # a wait for another scan's hold on the model shorter than this goes unsaid
 _SCANS: OrderedDict[str, str] = OrderedDict()
 _SCANS_LOCK = threading.Lock()
 
@@ -58,7 +59,10 @@ def describe_timing(outcome: ScanOutcome) -> str:
     timings_s["total"]) excludes getting the model, so that is said apart."""
     if outcome.cached:
         return "reused from an identical earlier scan"
-    scanned = f"finished in {outcome.result.metadata['timings_s']['total']:.1f} s"
+    timings = outcome.result.metadata["timings_s"]
+    scanned = f"finished in {timings['total']:.1f} s"
+    if timings.get("waited_for_model", 0) >= WAIT_WORTH_SAYING_S:
+        scanned += f", after waiting {timings['waited_for_model']:.1f} s for another scan of this model"
     if outcome.load_seconds is None:
         return scanned
     if outcome.load_seconds < ALREADY_LOADED_S:

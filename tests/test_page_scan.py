@@ -6,6 +6,7 @@ import dataclasses
 import os
 import re
 import threading
+import time
 
 import app_fixtures
 import pandas as pd
@@ -259,6 +260,9 @@ def test_finish_message_says_the_scan_time_and_the_model_load_time_apart(tiny_re
         f"Scan finished in 0.5 s (model loaded in 3.1 s): 2 layers × 32 neurons (64) over "
         f"{tiny_result.metadata['n_tokens']:,} tokens. Saved as run run-1."
     )
+    waited = dataclasses.replace(timed, metadata={**timed.metadata, "timings_s": {"total": 0.52, "waited_for_model": 21.2}})
+    assert scanning.describe_timing(dataclasses.replace(quick, result=waited)) == (
+        "finished in 0.5 s, after waiting 21.2 s for another scan of this model (model already loaded)")
 
 
 def test_run_caption_counts_passes_or_documents():
@@ -325,3 +329,23 @@ def test_concurrent_scans_on_one_model_equal_sequential_scans(bundled_lm, defaul
             pd.testing.assert_frame_equal(result.top_tokens, expected[name].top_tokens, check_exact=False, rtol=1e-6, atol=1e-6)
     hooks = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in bundled_lm.model.modules())
     assert hooks == 0, "every hook was removed"
+
+
+def test_a_scan_that_waits_for_the_model_records_the_wait_apart(bundled_lm, default_cfg):
+    """Another scan holding the model (another session, a corpus job) is not this scan's time: timings_s["total"]
+    starts once the model is free, and the wait is recorded as waited_for_model."""
+    held = threading.Event()
+
+    def hold_the_model():
+        with bundled_lm.lock:
+            held.set()
+            time.sleep(1.0)
+
+    holder = threading.Thread(target=hold_the_model)
+    holder.start()
+    held.wait(timeout=30)
+    result = scan(bundled_lm, default_cfg, layers=[0], limit_neurons=8)
+    holder.join()
+    timings = result.metadata["timings_s"]
+    assert timings["waited_for_model"] >= 0.5, timings
+    assert timings["align"] < 0.5, timings  # the first step after the wait: it used to hold the whole wait

@@ -169,9 +169,10 @@ def scan(
     Raises ConfigError, SiteResolutionError, ValueError for a text with no countable tokens or layers out of
     range, and ScanMemoryError when the retry runs out of memory too.
     """
-    started = time.perf_counter()
+    requested = time.perf_counter()
     cfg = cfg.covering(layers, limit_neurons)  # the run's config and hash record the layers and neurons it covered
     with lm.lock:
+        started = time.perf_counter()  # the scan's own time starts here: waiting for another scan of lm is apart
         points, sites, n_neurons, chunk_tokens = scan_targets(lm, cfg, None, None)
         aligned = align(lm.tokenizer, texts if texts is not None else cfg.texts, cfg.categories, chunk_tokens)
         if aligned.n_tokens == 0:
@@ -223,6 +224,7 @@ def scan(
             "forward": round(forward_s - aligned_s, 4),
             "statistics": round(finished - forward_s, 4),
             "total": round(finished - started, 4),
+            "waited_for_model": round(started - requested, 4),  # another scan (session, job) held the model
         },
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "mechamap_version": __version__,
