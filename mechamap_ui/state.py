@@ -192,17 +192,18 @@ def run_config_note(metadata: dict) -> tuple[str, str | None]:
     models and layer choices. Runs record their config, not the file it came from: a saved config with the same
     settings names it."""
     active, active_name = active_config(), active_config_name()
+    active_label = active_name + (", edited since it was loaded" if active_config_label() != active_name else "")
     run_config = metadata.get("config") or {}
     differing = differing_config_keys(settings_of(run_config), settings_of(active.to_dict()))
     if metadata.get("config_hash") == active.content_hash() or (run_config and not differing):
-        return f"the active config ({active_name})", None
+        return f"the active config ({active_label})", None
     saved = saved_config_with_settings(run_config)
     unsaved = f"a config not saved here (hash `{metadata['config_hash'][:6]}`)" if metadata.get("config_hash") else "an unrecorded config"
     scanned_with = f"config {saved}" if saved else unsaved
-    if saved == active_name:  # the run has the saved file's settings, the active config began as that file
-        active_name += ", edited since it was loaded"
+    if saved == active_name and active_label == active_name:  # the run has the file's settings; the active one began as it
+        active_label += ", edited since it was loaded"  # (edits to the model or layers alone leave settings_of equal)
     which = f" in {', '.join(differing)}" if differing else ""
-    return scanned_with, f"Not the active config ({active_name}): it differs{which}. The Scan page uses the active one."
+    return scanned_with, f"Not the active config ({active_label}): it differs{which}. The Scan page uses the active one."
 
 
 def active_config_problems() -> list[tuple[str, str]]:

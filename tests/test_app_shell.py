@@ -77,6 +77,9 @@ def test_sidebar_names_the_config_the_run_was_scanned_with(app_env, tiny_result)
     at = make_app(tiny_result, **{ACTIVE_CONFIG: mine, ACTIVE_CONFIG_NAME: "default"}).run()  # default.yaml, edited
     assert "**Scanned with:** config default" in sidebar_text(at)
     assert "Not the active config (default, edited since it was loaded): it differs in threshold." in sidebar_text(at)
+    scanned_edited = {**tiny_result.metadata, "config": mine.to_dict(), "config_hash": mine.content_hash()}
+    at = make_app(dataclasses.replace(tiny_result, metadata=scanned_edited), **{ACTIVE_CONFIG: mine, ACTIVE_CONFIG_NAME: "default"}).run()
+    assert "**Scanned with:** the active config (default, edited since it was loaded)" in sidebar_text(at)  # not the file
 
     elsewhere = {**tiny_result.metadata["config"], "categories": {"planet": ["Mars"]}}
     saved_nowhere = {**tiny_result.metadata, "config": elsewhere, "config_hash": "abcdef123456"}
