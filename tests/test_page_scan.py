@@ -207,11 +207,23 @@ def test_corpus_upload_replaces_the_master_text(app_env):
     assert (run.metadata["config"]["layers"], run.metadata["config"]["limit_neurons"]) == ([0], 8)  # as scanned
 
 
-def test_broken_jsonl_corpus_is_an_error(app_env):
+def test_bad_corpus_lines_are_skipped_and_counted_as_the_cli_does_or_stop_it(app_env):
+    """By default a bad line (invalid JSON, no text field) is skipped and counted, as the CLI's --on-bad-document
+    skip; unchecked, the first one stops the upload; a file of bad lines only is refused either way."""
     at = scan_page()
-    at.file_uploader(key="scan_corpus").set_value(("docs.jsonl", b'{"text": "ok"}\n{not json}\n', "application/json")).run()
+    body = b'{"text": "A dog ate pizza."}\n{not json}\n{"other": "x"}\n{"text": "A cat in Paris."}\n'
+    at.file_uploader(key="scan_corpus").set_value(("docs.jsonl", body, "application/json")).run()
     no_exception(at)
+    assert any(v.startswith("2 documents from docs.jsonl replace the master text") for v in texts(at.success))
+    [warning] = [v for v in texts(at.warning) if "skipped" in v]
+    assert warning.startswith("read 2 documents, skipped 2 bad ones (1 not valid JSON, 1 ") and "line 2" in warning
+    assert not scan_button(at).disabled
+    at.checkbox(key="scan_corpus_skip").set_value(False).run()
     assert any("line 2 of the corpus is not valid JSON" in v for v in texts(at.error))
+    assert scan_button(at).disabled
+    at.checkbox(key="scan_corpus_skip").set_value(True).run()
+    at.file_uploader(key="scan_corpus").set_value(("bad.jsonl", b'{not json}\n', "application/json")).run()
+    assert any("the corpus has no usable documents: read 0 documents, skipped 1 bad ones" in v for v in texts(at.error))
     assert scan_button(at).disabled
 
 

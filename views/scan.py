@@ -11,7 +11,7 @@ import torch
 
 from mechamap_core import analysis, export, hub, placement
 from mechamap_core.config import BUNDLED_MODEL_ID, parse_layer_list
-from mechamap_core.corpus import parse_corpus
+from mechamap_core.corpus import CorpusReport, parse_corpus
 from mechamap_core.models import BUNDLED_ALIASES, DTYPES
 from mechamap_ui import config_tools, jobs, scanning, state
 
@@ -126,16 +126,24 @@ with st.expander("Use a corpus file instead of the master text (optional)", icon
     )  # fmt: skip
     _init("scan_corpus_field", cfg.corpus_text_field)
     field = st.text_input("JSON field with the text (.jsonl only)", key="scan_corpus_field")
+    skip_bad = st.checkbox("Skip and count bad documents (invalid JSON, no text field, empty)", value=True,
+                           key="scan_corpus_skip", help="As the CLI's --on-bad-document skip; off: the first one stops it")  # fmt: skip
     if upload is not None:
+        report = CorpusReport()
         try:
             config_tools.check_upload_size(upload, MAX_CORPUS_UPLOAD_MB, "the corpus")
             kind = Path(upload.name).suffix.lower().lstrip(".")
-            texts = parse_corpus(upload.getvalue().decode("utf-8", errors="replace"), kind, field.strip() or "text")
+            texts = parse_corpus(upload.getvalue(), kind, field.strip() or "text",
+                                 on_bad_document="skip" if skip_bad else "error", report=report)  # fmt: skip
         except ValueError as exc:
-            st.error(f"{upload.name} cannot be used: {exc}.")
+            texts = None
+            st.error(f"{config_tools.literal(upload.name)} cannot be used: {config_tools.literal(exc)}.")
             input_errors.append(str(exc))
         else:
-            st.success(f"{len(texts):,} documents from {upload.name} replace the master text for this scan.")
+            st.success(f"{len(texts):,} documents from {config_tools.literal(upload.name)} replace the master text for "
+                       "this scan.")  # fmt: skip
+            if report.n_skipped:
+                st.warning(config_tools.literal(report.summary()) + ".")
 
 # --- scan ----------------------------------------------------------------------------------
 if texts is None and problem is None and (spec or "").strip():  # what a scan of the master text would leave blank
