@@ -88,7 +88,8 @@ def _joined(text: str | list[str]) -> str:
 
 
 st.title("Config")
-st.caption("Categories, master text and scan settings. The edited config is the one the Scan page uses.")
+st.caption("Categories, master text and scan settings. The edited config is the one the Scan page uses. Edits live in "
+           "this browser tab until you save or download them: a reload or a new tab starts from the saved default.")  # fmt: skip
 state.show_flash()
 cfg = state.active_config()
 version = state.config_version()
