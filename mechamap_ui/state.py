@@ -319,7 +319,15 @@ def require_result() -> ScanResult:
     """The active result; otherwise explain what to do, link to the Scan page, and stop the page."""
     result = active_result()
     if result is None:
-        st.info("No scan yet. Run one on the **Scan** page (or pick a saved run in the sidebar), then come back here.")
+        try:
+            n_saved = len(saved_runs())
+        except OSError:
+            n_saved = 0
+        if n_saved:  # e.g. a link to a run that is gone: the saved ones are still there to pick
+            st.info(f"No run is active. Pick one of the {n_saved:,} saved runs in the sidebar, or run a scan on the "
+                    "**Scan** page, then come back here.")  # fmt: skip
+        else:
+            st.info("No scan yet. Run one on the **Scan** page (or pick a saved run in the sidebar), then come back here.")
         try:
             st.page_link("views/scan.py", label="Go to the Scan page", icon=":material/play_arrow:")
         except st.errors.StreamlitAPIException:  # page run standalone (AppTest) or Scan not registered

@@ -257,6 +257,11 @@ def test_unknown_run_link_explains(app_env, tiny_result):
     assert any("No active run yet" in v for v in texts(at.info))
     at.run()
     assert not at.error, "the message is shown once, not on every rerun"
+    at = make_app()
+    at.query_params["run"] = "20991231-no-such-run"
+    at = open_page(at, "pivot")  # an explorer page: it points to the saved runs, not to "No scan yet"
+    no_exception(at)
+    assert "No run is active. Pick one of the 1 saved runs in the sidebar" in texts(at.info)[-1], texts(at.info)
 
 
 def test_community_cloud_installs_the_cpu_torch_and_local_installs_never_wait_on_its_index():
