@@ -136,6 +136,19 @@ def test_checks_of_one_run_are_not_shown_under_another(app_env, food_result):
     assert at.metric and not any("of another run" in n for n in texts(at.info))
 
 
+def test_heldout_check_is_offered_only_with_neurons_to_test(app_env, food_result):
+    at = open_page(make_app(food_result), "hypothesis")
+
+    def button():
+        return next(b for b in at.button if b.label == "Run held-out check")
+
+    assert not button().disabled
+    threshold = next(s for s in at.slider if s.label.startswith("Threshold"))
+    threshold.set_value(threshold.max).run()  # above every score
+    no_exception(at)
+    assert button().disabled and any("lower the threshold to have neurons to test" in c for c in texts(at.caption))
+
+
 def test_heldout_text_that_is_not_held_out_is_called_out(app_env, food_result):
     """Typing the scanned text itself as held-out text warns that it is not held out; typed words the scanned config
     also had are named as not testing new words; new text and words get neither warning."""

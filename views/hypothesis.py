@@ -85,7 +85,9 @@ with held_tab:
              "AUROC on it: no choice of neurons from other text can beat them there, so their mean is an upper bound.",
     )  # fmt: skip
     heldout_inputs = (metric, threshold, min_auroc, heldout, ceiling)
-    if heldout is not None and st.button("Run held-out check", type="primary"):
+    if candidates.empty:
+        st.caption(f"No row has {metric} ≥ {threshold:g}: lower the threshold to have neurons to test.")
+    if heldout is not None and st.button("Run held-out check", type="primary", disabled=candidates.empty):
         scanned, ceiling_problem = None, None
         if ceiling and not candidates.empty:  # one scan of the held-out text serves the ceiling and the check
             try:
