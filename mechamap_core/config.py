@@ -235,9 +235,12 @@ def safe_load_yaml(text: str, what: str = "config") -> object:
 def _repeated_keys(node) -> list[tuple[str, int, int]]:
     """(key, first line, repeated line) for each key that a mapping of the composed YAML lists twice. Keys compare
     as written, so 1999 and '1999' (one category once names are strings) count as the same."""
-    repeated, stack = [], [node]
+    repeated, stack, visited = [], [node], set()
     while stack:
         node = stack.pop()
+        if id(node) in visited:  # an alias shares its anchor's node: each node once, and no loop on a recursive one
+            continue
+        visited.add(id(node))
         if isinstance(node, yaml.MappingNode):
             seen: dict[str, int] = {}
             for key, value in node.value:

@@ -121,6 +121,16 @@ def test_a_key_listed_twice_is_refused_not_silently_dropped(text, key, lines):
                        "merge them or rename one"  # fmt: skip
 
 
+def test_the_repeated_key_check_visits_aliased_nodes_once():
+    """An alias shares its anchor's node: a recursive one (&l [*l]) must not loop, and nested aliases (billion laughs)
+    must not multiply the walk; the config's own faults are reported as usual."""
+    laughs = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(8))  # fmt: skip
+    for extra in ("loop: &l [*l]\n", laughs):
+        err = config_error("master_text: hi\ncategories: {food: [pizza]}\n" + extra)
+        assert "unknown key" in str(err) and "appears twice" not in str(err)
+
+
 def test_equal_words_or_values_are_not_repeated_keys():
     cfg = parse_config("master_text: a dog and a dog\ncategories:\n  animal: [dog, dog]\n  pet: [dog]\nlayers: [1, 1]\n")
     assert cfg.categories == {"animal": ["dog", "dog"], "pet": ["dog"]}
