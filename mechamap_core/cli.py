@@ -516,7 +516,8 @@ def _run_scan(args) -> int:
     cfg = _load_config(args.config, "--config")
     if args.model:
         cfg.model = args.model
-    cfg = cfg.covering(args.layers, args.limit_neurons)  # the run records what it covered, as the app's runs do
+    cfg = cfg.covering(args.layers, args.limit_neurons)  # scan() and stream_result record it too; a corpus checkpoint's
+    # fingerprint hashes this config, so checkpoints written with --layers resume only with it applied here
     corpus = args.corpus or cfg.corpus
     _check_corpus_flags(args, corpus)
     outputs = {"--csv": args.csv, "--json": args.json, "--parquet": args.parquet, "--routing": args.routing,

@@ -75,8 +75,7 @@ def start_corpus_scan(spec: str, cfg: ScanConfig, label: str, *, device: str, dt
     except Exception as exc:  # noqa: BLE001 - every failure becomes one readable sentence, never a traceback
         st.error(scanning.friendly_error(exc))
         return
-    scanned = cfg.covering(options.get("layers"), options.get("limit_neurons"))
-    work = corpus_scan_work(lm, scanned, texts, state.runs_dir(), key, **options)
+    work = corpus_scan_work(lm, cfg, texts, state.runs_dir(), key, **options)  # the run records what it covered
     job_id = registry().submit(label, work, resource=f"{spec}|{device}|{dtype}")
     st.session_state.setdefault(MY_JOBS, []).append(job_id)
 

@@ -200,4 +200,7 @@ def test_a_corpus_run_records_the_layers_and_neurons_it_covered(tiny_gpt2, defau
     assert sorted(part.scores["layer"].unique()) == [1] and part.scores["neuron"].max() == 2
     whole = stream_result(tiny_gpt2, default_cfg, stream(tiny_gpt2, default_cfg, texts))
     assert whole.metadata["config"] == default_cfg.to_dict()
+    limited = dataclasses.replace(default_cfg, limit_neurons=3)  # the config cuts, the stream is told 0: all neurons
+    every = stream_result(tiny_gpt2, limited, stream(tiny_gpt2, limited, texts, layers=[1], limit_neurons=0))
+    assert every.metadata["config"]["limit_neurons"] == 0 and every.scores["neuron"].max() > 2
     assert whole.metadata["config_hash"] == default_cfg.content_hash() != part.metadata["config_hash"]

@@ -379,7 +379,10 @@ def _covered_config(lm: LoadedModel, cfg: ScanConfig, state: StreamState) -> Sca
     layers = sorted({site_of_hook(hook)[0] for hook in state.sites})
     widths = {site.hook: site.d_mlp for site in resolve_hook_points(lm.model, layers)[1]}
     read = {hook: stats.layout.n_neurons for hook, stats in state.sites.items()}
-    limit = max(read.values()) if any(n < widths.get(hook, n) for hook, n in read.items()) else None
+    if any(n < widths.get(hook, n) for hook, n in read.items()):
+        limit = max(read.values())
+    else:  # every neuron read: the config's own limit says so unless it would have cut (then limit_neurons=0 overrode it)
+        limit = None if not cfg.limit_neurons or cfg.limit_neurons >= max(widths.values(), default=0) else 0
     every_layer = cfg.layers is None and layers == list(range(count_layers(lm.model)))
     return cfg.covering(None if every_layer else layers, limit)
 
