@@ -158,19 +158,22 @@ def no_statistics_note(without: pd.Series, coverage: pd.DataFrame | None = None)
                          "the text, so its neurons are blank (not 0) and none is flagged. Add words that occur, or text "
                          "that uses them.")  # fmt: skip
         if blank.any():
-            words = ", ".join(f"'{word}'" for word in uncounted.loc[blank, "word"])
-            one = blank.sum() == 1
-            sentences.append(f"Of their words, {words} {'occurs' if one else 'occur'} in the text but "
-                             f"{'gives' if one else 'give'} no token this model's tokenizer can count: it reads them as "
-                             "special tokens (such as its unknown token), so use other words.")  # fmt: skip
+            words = [f"'{word}'" for word in uncounted.loc[blank, "word"]]
+            sentences.append(f"Of their words, {_no_countable_token(words)}: it reads them as special tokens (such as "
+                             "its unknown token), so use other words.")  # fmt: skip
     others = uncounted[~blank]
     if len(others):
-        words = ", ".join(f"'{row.word}' ({row.category})" for row in others.itertuples())
-        sentences.append(f"{words} {'occurs' if len(others) == 1 else 'occur'} in the text but "
-                         f"{'gives' if len(others) == 1 else 'give'} no token this model's tokenizer can count (it reads "
-                         "them as special tokens, such as its unknown token), so they add nothing to their categories' "
-                         "statistics; use other words.")  # fmt: skip
+        words = [f"'{row.word}' ({row.category})" for row in others.itertuples()]
+        sentences.append(f"{_no_countable_token(words)} (it reads them as special tokens, such as its unknown token), "
+                         "so they add nothing to their categories' statistics; use other words.")  # fmt: skip
     return " ".join(sentences) or None
+
+
+def _no_countable_token(words: list[str]) -> str:
+    """"'x', 'y' occur in the text but give no token this model's tokenizer can count" (one word: occurs, gives)."""
+    one = len(words) == 1
+    return (f"{', '.join(words)} {'occurs' if one else 'occur'} in the text but {'gives' if one else 'give'} no token "
+            "this model's tokenizer can count")
 
 
 def uncounted_words(coverage: pd.DataFrame | None) -> pd.DataFrame:

@@ -25,12 +25,16 @@ class ConfigError(ValueError):
 
     def __init__(self, problems: list[tuple[str, str]]):
         self.problems = problems
-        super().__init__("; ".join(f"{name}: {msg}" if name else msg for name, msg in problems))
+        super().__init__("; ".join(self._lines()))
+
+    def _lines(self) -> list[str]:
+        """Each problem as 'field: message' (the message alone when it concerns no one field)."""
+        return [f"{name}: {msg}" if name else msg for name, msg in self.problems]
 
     def listing(self) -> str:
         """The problems for a reader: one as a line, several as a bulleted list after a blank line (Markdown in the
         app, plain text in a terminal), where str() runs them together on one line separated by '; '."""
-        lines = [f"{name}: {msg}" if name else msg for name, msg in self.problems]
+        lines = self._lines()
         return lines[0] if len(lines) == 1 else "\n\n" + "\n".join(f"- {line}" for line in lines)
 
     def for_field(self, name: str) -> list[str]:

@@ -43,14 +43,18 @@ def runs_dir() -> Path:
 def saved_config_names() -> list[str]:
     """Stems of the YAML configs in configs_dir(), sorted; a contrast set kept there (contrast_default.yaml) is no
     scan config, so it is left out rather than offered and refused with a fault per category."""
-    names = []
+    return [path.stem for path, modified_ns in _config_files() if not _is_contrast_set(str(path), modified_ns)]
+
+
+def _config_files() -> list[tuple[Path, int]]:
+    """(path, modification time in ns) of each YAML file in configs_dir(), sorted; one that vanished is left out."""
+    files = []
     for path in sorted(configs_dir().glob("*.yaml")):
         try:
-            if not _is_contrast_set(str(path), path.stat().st_mtime_ns):
-                names.append(path.stem)
+            files.append((path, path.stat().st_mtime_ns))
         except OSError:
             continue
-    return names
+    return files
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
@@ -177,13 +181,8 @@ def saved_config_with_settings(config: dict) -> str | None:
     if not config:
         return None
     wanted = settings_of(config)
-    for path in sorted(configs_dir().glob("*.yaml")):
-        try:
-            if _saved_config_settings(str(path), path.stat().st_mtime_ns) == wanted:
-                return path.stem
-        except OSError:
-            continue
-    return None
+    return next((path.stem for path, modified_ns in _config_files() if _saved_config_settings(str(path), modified_ns) == wanted),
+                None)  # fmt: skip
 
 
 def run_config_note(metadata: dict) -> tuple[str, str | None]:
