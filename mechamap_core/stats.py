@@ -391,7 +391,9 @@ def _count_below(values, thresholds):
     return counts
 
 
-def word_folds(word_category, k: int = 5, seed: int = 0, word_present=None, category_names=None) -> np.ndarray:
+def word_folds(
+    word_category, k: int = 5, seed: int = 0, word_present=None, category_names=None, word_keys=None
+) -> np.ndarray:
     """Fold [W] (int64, 0..k-1) of each word among its category's words; -1 for a word without a category
     or not present (word_present [W] bool, e.g. word_n > 0: words that never occur get no fold).
 
@@ -399,13 +401,17 @@ def word_folds(word_category, k: int = 5, seed: int = 0, word_present=None, cate
     ..., k-1, 0, 1, ...: fold sizes differ by at most one, and a category with fewer than k words has one fold
     per word. key is the CRC-32 of the category's name (category_names [C], what a scan passes), so a category's
     folds do not depend on which other categories the config lists or in what order; without names it is
-    the category's index, which holds only while the categories before it stay.
+    the category's index, which holds only while the categories before it stay. With word_keys [W] (each
+    word's text as it matches, what a scan passes) the draw starts from the words sorted by them, so listing a
+    category's words in another order leaves its folds as they are; without, it starts from the listed order.
     """
     word_category = np.asarray(word_category)
     present = np.ones(len(word_category), dtype=bool) if word_present is None else np.asarray(word_present, bool)
     fold = np.full(len(word_category), -1, dtype=np.int64)
     for c in np.unique(word_category[word_category >= 0]).tolist():
         words = np.flatnonzero((word_category == c) & present)
+        if word_keys is not None:
+            words = words[np.argsort([word_keys[w] for w in words], kind="stable")]
         key = c if category_names is None else zlib.crc32(str(category_names[c]).encode("utf-8"))
         fold[words[np.random.default_rng([seed, key]).permutation(len(words))]] = np.arange(len(words)) % k
     return fold

@@ -49,7 +49,7 @@ def test_permutation_p_and_cv_auroc_equal_their_definitions_on_the_recording(bun
 def test_results_do_not_depend_on_the_order_or_company_of_categories(bundled_lm, recorded):
     """Every statistic is the same with the categories listed in another order; cv_auroc and score are also the same
     with only some of the categories (p-values are not: the permutation null shuffles labels among the words the
-    config lists). A category's own words, reordered, split into other cv folds (word_folds)."""
+    config lists)."""
     cfg, result = recorded
     listed = list(cfg.categories.items())
     reordered = dict(reversed(listed))
@@ -61,6 +61,19 @@ def test_results_do_not_depend_on_the_order_or_company_of_categories(bundled_lm,
                 expected = as_grid(result.scores, layer, column, list(categories))
                 np.testing.assert_allclose(as_grid(other.scores, layer, column, list(categories)), expected, atol=1e-9,
                                            err_msg=column)  # fmt: skip
+
+
+def test_results_do_not_depend_on_the_order_of_a_categorys_words(bundled_lm, recorded):
+    """Each category's words listed in another order (and one spelled in another case) give the same cv folds and
+    permutation draws, so every column is the same; before, the folds followed the listed order and moved score."""
+    cfg, result = recorded
+    rng = np.random.default_rng(7)
+    shuffled = {name: [words[i] for i in rng.permutation(len(words))] for name, words in cfg.categories.items()}
+    shuffled["food"] = [word.upper() for word in shuffled["food"]]
+    assert any(shuffled[name] != list(words) for name, words in cfg.categories.items())
+    other = scan(bundled_lm, dataclasses.replace(cfg, categories=shuffled), limit_neurons=24)
+    for column in ("avg_activation", "auroc", "cv_auroc", "score", "p_value", "q_value"):
+        np.testing.assert_array_equal(other.scores[column].to_numpy(), result.scores[column].to_numpy(), err_msg=column)
 
 
 def test_a_word_listed_again_in_another_case_changes_no_statistic(bundled_lm, recorded):

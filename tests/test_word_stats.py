@@ -257,6 +257,16 @@ def test_word_folds_keyed_by_name_do_not_depend_on_the_other_categories():
     assert not np.array_equal(by_index, fold)
 
 
+def test_word_folds_keyed_by_word_do_not_depend_on_the_listed_order():
+    word_category = np.repeat([0, 1], [12, 9])
+    keys = [f"{c}\x1fword{i:02d}" for i, c in enumerate(word_category)]
+    fold = word_folds(word_category, k=5, seed=0, word_keys=keys)
+    order = np.concatenate([np.random.default_rng(1).permutation(12), 12 + np.random.default_rng(2).permutation(9)])
+    moved = word_folds(word_category[order], k=5, seed=0, word_keys=[keys[i] for i in order])
+    np.testing.assert_array_equal(moved, fold[order])  # each word keeps its fold
+    assert not np.array_equal(word_folds(word_category[order], k=5, seed=0), fold[order])  # unkeyed: listed order
+
+
 def pairwise_auroc(positive: np.ndarray, negative: np.ndarray) -> float:
     """Mann-Whitney U / (n_pos n_neg), ties half, by scipy."""
     return float(sps.mannwhitneyu(positive.astype(np.float64), negative.astype(np.float64)).statistic) / (

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..alignment import AlignedText, align, distinct_words
+from ..alignment import AlignedText, align, distinct_words, matching_key
 from ..config import ScanConfig, validate_config
 from ..models import LoadedModel
 from ..moe import MoELayer
@@ -111,9 +111,10 @@ def config_words(cfg: ScanConfig) -> list[tuple[int, str, str]]:
 
 
 def word_keys(cfg: ScanConfig) -> list[str]:
-    """Each word's category and text ("food\x1fpizza"), in word_labels' order: the permutation draws order the words
-    by them, so the p-values do not depend on the order in which the config lists its categories or words."""
-    return [f"{category}\x1f{word}" for _, category, word in config_words(cfg)]
+    """Each word's category and text as it matches ("food\x1fice cream"), in word_labels' order: the permutation draws
+    and the cv folds order the words by them, so neither depends on the order in which the config lists its
+    categories or words, nor on which spelling of a repeated word it lists first."""
+    return [f"{category}\x1f{matching_key(word)}" for _, category, word in config_words(cfg)]
 
 
 def word_labels(cfg: ScanConfig, coverage=None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -123,7 +124,7 @@ def word_labels(cfg: ScanConfig, coverage=None) -> tuple[np.ndarray, np.ndarray 
     if not cfg.cv_folds:
         return word_category, None
     present = None if coverage is None else coverage["n_tokens"].to_numpy() > 0
-    return word_category, word_folds(word_category, cfg.cv_folds, cfg.seed, present, list(cfg.categories))
+    return word_category, word_folds(word_category, cfg.cv_folds, cfg.seed, present, list(cfg.categories), word_keys(cfg))
 
 
 def batch_labels(
