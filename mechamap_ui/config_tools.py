@@ -1,5 +1,5 @@
-"""Config editor helpers: category table <-> dict, live word coverage, highlighted master text HTML, and the
-size-capped YAML uploads (a config, a contrast set)."""
+"""Config editor helpers: category table <-> dict, master text documents <-> one text box, live word coverage,
+highlighted master text HTML, and the size-capped YAML uploads (a config, a contrast set)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,24 @@ MAX_HIGHLIGHT_CHARS = 30_000
 # states this limit, not the server's maxUploadSize) and checked again on the server by uploaded_yaml_text.
 MAX_YAML_UPLOAD_MB = 1
 UPLOAD_MB = 1024 * 1024  # the file uploader's "MB", in bytes: Streamlit counts max_upload_size in MiB
+
+
+DOCUMENT_BREAK = "---"  # in the master text box, a line of just this starts a new document
+_DOCUMENT_BREAK_LINE = re.compile(r"^[ \t]*---[ \t]*$", re.MULTILINE)
+
+
+def join_documents(master_text: str | list[str]) -> str:
+    """The master text as the text box shows it: a list's documents separated by lines of DOCUMENT_BREAK."""
+    return master_text if isinstance(master_text, str) else f"\n\n{DOCUMENT_BREAK}\n\n".join(master_text)
+
+
+def split_documents(text: str) -> str | list[str]:
+    """The text box's text as a master text: split into documents at lines of DOCUMENT_BREAK (empty ones
+    dropped), or the text itself when it has no such line; join_documents' inverse for documents without one."""
+    if not _DOCUMENT_BREAK_LINE.search(text):
+        return text
+    documents = [part.strip("\n") for part in _DOCUMENT_BREAK_LINE.split(text) if part.strip()]
+    return documents if len(documents) > 1 else "".join(documents)
 
 
 def check_upload_size(upload, limit_mb: int, what: str = "it") -> None:

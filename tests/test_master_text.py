@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections import Counter
 
@@ -186,3 +187,15 @@ def test_config_page_writes_previews_and_uses_the_text(app_env):
     at.run()
     assert at.session_state[ACTIVE_CONFIG].master_text == write_master_text(cfg.categories, 2, 0)
     assert any("now the written text" in s.value for s in at.success)
+
+
+def test_config_page_appends_the_written_text_as_one_more_document(app_env):
+    """Where the master text is several documents, the written text goes after them as a document of its own, as
+    `write-text --mix append` writes it, rather than into the last document."""
+    cfg = dataclasses.replace(load_config(app_fixtures.REPO_ROOT / "configs" / "default.yaml"), master_text=["A dog in Paris.", "Pizza in Rome."])
+    at = open_page(make_app(**{ACTIVE_CONFIG: cfg}), "config_editor")
+    written = write_master_text(cfg.categories, 3, 0)
+    next(b for b in at.button if b.label == "Append it to my text").click()
+    at.run()
+    no_exception(at)
+    assert at.session_state[ACTIVE_CONFIG].master_text == ["A dog in Paris.", "Pizza in Rome.", written.rstrip("\n")]

@@ -11,7 +11,7 @@ import yaml
 from app_fixtures import REPO_ROOT, make_app, no_exception, open_page, texts
 
 from mechamap_core.config import load_config
-from mechamap_ui.config_tools import categories_to_table, highlight_html, table_to_categories
+from mechamap_ui.config_tools import categories_to_table, highlight_html, join_documents, split_documents, table_to_categories
 from mechamap_ui.state import ACTIVE_CONFIG, ACTIVE_CONFIG_NAME, CONFIG_VERSION
 
 # fixtures shared with the other app tests
@@ -309,16 +309,32 @@ def test_edits_survive_leaving_the_page(app_env):
     assert "planet" in at.session_state[ACTIVE_CONFIG].categories
 
 
-def test_a_master_text_of_several_documents_says_so_and_warns_when_edited_into_one(app_env):
+def test_a_master_text_of_several_documents_stays_several_when_edited(app_env):
+    """A list master text shows its documents separated by '---' lines; edited, it stays that many documents (before,
+    an edit joined them into one and changed the scan's chunks); a '---' line typed in a text starts a document."""
     cfg = dataclasses.replace(load_config(REPO_ROOT / "configs" / "default.yaml"),
                               master_text=["A dog ate pizza in Paris.", "A cat ate bread in Rome."])  # fmt: skip
     at = open_page(make_app(**{ACTIVE_CONFIG: cfg}), "config_editor")
     no_exception(at)
-    assert any(v.startswith("This config's master text is 2 documents, each scanned alone") for v in texts(at.caption))
-    assert at.text_area[0].value == "A dog ate pizza in Paris.\n\nA cat ate bread in Rome."
-    at.text_area[0].set_value("A dog ate pizza in Paris.\n\nA cat ate bread in Lima.").run()
-    assert any("Edited here, it becomes one document" in v for v in texts(at.warning)), texts(at.warning)
-    assert at.session_state[ACTIVE_CONFIG].master_text == "A dog ate pizza in Paris.\n\nA cat ate bread in Lima."
+    assert any(v.startswith("2 documents, separated by lines of ---") for v in texts(at.caption)), texts(at.caption)
+    assert at.text_area[0].value == "A dog ate pizza in Paris.\n\n---\n\nA cat ate bread in Rome."
+    at.text_area[0].set_value("A dog ate pizza in Paris.\n\n---\n\nA cat ate bread in Lima.").run()
+    no_exception(at)
+    assert at.session_state[ACTIVE_CONFIG].master_text == ["A dog ate pizza in Paris.", "A cat ate bread in Lima."]
+    at.text_area[0].set_value("A dog ate pizza in Paris.\n---\nA cat ate bread in Lima.\n---\nA cow in Oslo.").run()
+    assert at.session_state[ACTIVE_CONFIG].master_text == ["A dog ate pizza in Paris.", "A cat ate bread in Lima.",
+                                                          "A cow in Oslo."]  # fmt: skip
+    at.text_area[0].set_value("A dog ate pizza in Paris. A cat ate bread in Lima.").run()
+    assert at.session_state[ACTIVE_CONFIG].master_text == "A dog ate pizza in Paris. A cat ate bread in Lima."
+    assert not any("documents, separated" in v for v in texts(at.caption))
+
+
+def test_master_text_documents_round_trip_through_the_text_box():
+    documents = ["First line.\n\nSecond paragraph.", "  Indented start.", "Last."]
+    assert split_documents(join_documents(documents)) == documents
+    assert join_documents("One text.") == "One text." and split_documents("One text.\n--- not a break") == "One text.\n--- not a break"
+    assert split_documents("---\nOnly one.\n  ---  \n\n") == "Only one."  # empty documents are dropped
+    assert split_documents("") == ""
 
 
 def test_table_helpers_round_trip():

@@ -64,8 +64,12 @@ def _load_upload() -> None:
 
 
 def _use_written_text(text_key: str, written: str, mode: str) -> None:
-    """Callback: the written master text replaces the user's text, or goes after it."""
-    st.session_state[text_key] = mix_texts(st.session_state.get(text_key, ""), written, mode)
+    """Callback: the written master text replaces the user's text, or goes after it (as one more document where
+    the text already has several, as write-text --mix append does)."""
+    own = st.session_state.get(text_key, "")
+    if mode == "append" and isinstance(config_tools.split_documents(own), list):
+        written = f"{config_tools.DOCUMENT_BREAK}\n\n{written}"
+    st.session_state[text_key] = mix_texts(own, written, mode)
     _say("success", "The master text is now the written text." if mode == "replace" else
          "The written text now follows your master text.")  # fmt: skip
 
@@ -83,10 +87,6 @@ def download_stem(name: str) -> str:
         return "mechamap-config"
 
 
-def _joined(text: str | list[str]) -> str:
-    return text if isinstance(text, str) else "\n\n".join(text)
-
-
 st.title("Config")
 st.caption("Categories, master text and scan settings. The edited config is the one the Scan page uses. Edits live in "
            "this browser tab until you save or download them: a reload or a new tab starts from the saved default.")  # fmt: skip
@@ -101,7 +101,7 @@ def key(name: str) -> str:
 
 
 defaults = {
-    key("text"): _joined(cfg.master_text),
+    key("text"): config_tools.join_documents(cfg.master_text),
     key("threshold"): float(cfg.threshold),
     key("top_k"): int(cfg.top_k_tokens),
     key("limit"): int(cfg.limit_neurons),
@@ -149,16 +149,14 @@ categories_box = st.container()
 categories, table_problems = config_tools.table_to_categories(edited)
 
 st.subheader("Master text")
-text = st.text_area("Text that uses the category words", key=key("text"), height=220)
+text = st.text_area("Text that uses the category words", key=key("text"), height=220,
+                    help=f"A line of just {config_tools.DOCUMENT_BREAK} starts a new document; each document is scanned "
+                         "on its own, so no chunk spans two of them.")  # fmt: skip
 text_box = st.container()
-master_text: str | list[str] = cfg.master_text if text == _joined(cfg.master_text) else text
-if isinstance(cfg.master_text, list) and len(cfg.master_text) > 1:
-    documents = f"This config's master text is {len(cfg.master_text)} documents, each scanned alone, shown here joined by blank lines"
-    if master_text is cfg.master_text:
-        text_box.caption(f"{documents}.")
-    else:
-        text_box.warning(f"{documents}. Edited here, it becomes one document, which changes the scan's chunks; to keep "
-                         "the documents apart, edit them in the YAML file instead.")  # fmt: skip
+master_text = cfg.master_text if text == config_tools.join_documents(cfg.master_text) else config_tools.split_documents(text)
+if isinstance(master_text, list):
+    text_box.caption(f"{len(master_text)} documents, separated by lines of {config_tools.DOCUMENT_BREAK}; each is "
+                     "scanned on its own.")  # fmt: skip
 
 st.subheader("Scan settings")
 c1, c2, c3 = st.columns(3)
@@ -221,7 +219,7 @@ if cfg.corpus:
         "master text. The app reads no paths from a config: upload the corpus on the Scan page."
     )
 with st.expander("Master text with the category words highlighted", icon=":material/format_color_text:"):
-    body, truncated = config_tools.highlight_html(_joined(edited_cfg.master_text), categories)
+    body, truncated = config_tools.highlight_html(config_tools.join_documents(edited_cfg.master_text), categories)
     st.html(body)
     if truncated:
         st.caption("Only the start of the text is shown.")
