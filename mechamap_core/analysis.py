@@ -247,7 +247,8 @@ def multi_category_neurons(
     key = neuron_key(scores)
     grouped = hits.groupby(key, observed=True, dropna=False)["category"].agg(lambda c: tuple(sorted(map(str, c))))
     out = grouped.rename("categories").reset_index()
-    out["n_categories"] = out["categories"].map(len)
+    out["categories"] = out["categories"].astype(object)  # empty, the aggregate keeps the categorical dtype
+    out["n_categories"] = out["categories"].map(len).astype("int64")
     out = out[out["n_categories"] >= min_categories]
     return out[[*key, "n_categories", "categories"]].sort_values(
         ["n_categories", *key], ascending=[False, *[True] * len(key)], na_position="first", ignore_index=True

@@ -273,6 +273,14 @@ def test_multi_category_neurons_match_a_manual_loop(scores, threshold):
     assert got["n_categories"].is_monotonic_decreasing
 
 
+def test_multi_category_neurons_when_nothing_is_flagged(scores):
+    """No pair passes: an empty table with its columns, never a TypeError. Category names of three different lengths
+    (food, place, animal) made the empty aggregate's lengths a categorical that cannot be compared with >=."""
+    scores = scores.assign(category=scores["category"].astype(str).astype("category"))
+    got = analysis.multi_category_neurons(scores, "score", 1e9)
+    assert got.empty and list(got.columns) == ["layer", "neuron", "n_categories", "categories"]
+
+
 def test_combination_counts(scores):
     overlap = analysis.multi_category_neurons(scores, "score", 1.0)
     got = analysis.combination_counts(overlap)
