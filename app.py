@@ -101,4 +101,5 @@ for path, title, icon, section, url_path in PAGES:
         listed.append(st.Page(path, title=title, icon=icon, url_path=url_path))
 page = st.navigation(sections)
 links.keep_page_params(page.url_path)
+state.note_page(page.url_path)
 page.run()

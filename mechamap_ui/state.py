@@ -27,6 +27,7 @@ ACTIVE_CONFIG_NAME = "active_config_name"  # str: file stem it came from (or "un
 RESULT_OVERRIDE = "result_override"  # ScanResult injected directly (AppTests, unsaved scans)
 ACTIVE_CONFIG_PROBLEMS = "active_config_problems"  # [(field, message)] the editor found that the config alone cannot show
 CONFIG_VERSION = "active_config_version"  # int: bumped when ACTIVE_CONFIG is replaced (resets editor widgets)
+PAGE_NOW, PAGE_BEFORE = "page_now", "page_before"  # url_path of the page this run draws, and of the run before's
 FLASH = "flash_message"  # str: one-shot success message shown after a rerun (e.g. "scan finished")
 
 
@@ -222,6 +223,36 @@ def set_active_config(cfg: ScanConfig, name: str) -> None:
 def config_version() -> int:
     """Counter that config editor widget keys include, so replacing the config resets them."""
     return int(st.session_state.get(CONFIG_VERSION, 0))
+
+
+def note_page(url_path: str) -> None:
+    """The entry point, on every run: which page this run draws, and which the run before drew."""
+    st.session_state[PAGE_BEFORE] = st.session_state.get(PAGE_NOW)
+    st.session_state[PAGE_NOW] = url_path
+
+
+def restore_widgets(page: str, defaults: dict, basis) -> None:
+    """Before a page draws its widgets: on coming back from another page, set each widget key to the value it held
+    when this page was last drawn (Streamlit drops a widget's state on a run that does not draw it, so leaving the
+    page would reset it), else to its default (a None default leaves the widget its own); while the page stays, only
+    a key still unset is set.
+    basis: what the defaults come from (e.g. the active config's model and layers); once it changes, the
+    defaults win again. keep_widgets saves the values."""
+    kept_basis, values = st.session_state.get(f"kept_widgets:{page}", (None, {}))
+    values = values if kept_basis == basis else {}
+    returning = st.session_state.get(PAGE_BEFORE) != st.session_state.get(PAGE_NOW)
+    for key, default in defaults.items():
+        value = values.get(key, default)
+        if value is not None and (returning or key not in st.session_state):
+            st.session_state[key] = value
+
+
+def keep_widgets(page: str, keys, basis) -> None:
+    """After a page drew its widgets: keep their values (those drawn on an earlier run too) for restore_widgets."""
+    kept_basis, values = st.session_state.get(f"kept_widgets:{page}", (None, {}))
+    values = dict(values) if kept_basis == basis else {}
+    values.update({key: st.session_state[key] for key in keys if key in st.session_state})
+    st.session_state[f"kept_widgets:{page}"] = (basis, values)
 
 
 def set_active_run(run_id: str | None) -> None:

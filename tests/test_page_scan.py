@@ -361,3 +361,29 @@ def test_a_scan_that_waits_for_the_model_records_the_wait_apart(bundled_lm, defa
     timings = result.metadata["timings_s"]
     assert timings["waited_for_model"] >= 0.5, timings
     assert timings["align"] < 0.5, timings  # the first step after the wait: it used to hold the whole wait
+
+
+def test_the_scan_settings_survive_leaving_the_page(app_env):
+    """Model, device, layers and neuron limit stay as the user set them after a visit to another page (Streamlit drops
+    a widget's state on a run that does not draw it, so they used to fall back to the config's); a config loaded
+    meanwhile with another model or layers sets them afresh."""
+    at = scan_page()
+    at.radio(key="scan_source").set_value(HUB).run()
+    at.text_input(key="scan_hub_id").set_value("EleutherAI/pythia-70m")
+    at.selectbox(key="scan_device").set_value("cpu")
+    at.text_input(key="scan_layers").set_value("3")
+    at.number_input(key="scan_limit").set_value(32).run()
+    for page in ("config_editor", "pivot", "config_editor"):
+        at.switch_page(f"views/{page}.py").run()
+        no_exception(at)
+    at.switch_page("views/scan.py").run()
+    no_exception(at)
+    assert at.radio(key="scan_source").value == HUB
+    assert at.text_input(key="scan_hub_id").value == "EleutherAI/pythia-70m"
+    assert at.selectbox(key="scan_device").value == "cpu"
+    assert at.text_input(key="scan_layers").value == "3" and at.number_input(key="scan_limit").value == 32
+    at.switch_page("views/config_editor.py").run()
+    cfg = at.session_state[ACTIVE_CONFIG]
+    at.session_state[ACTIVE_CONFIG] = dataclasses.replace(cfg, layers=[0, 1])  # the config changed meanwhile
+    at.switch_page("views/scan.py").run()
+    assert at.text_input(key="scan_layers").value == "0,1" and at.number_input(key="scan_limit").value == 0

@@ -28,10 +28,6 @@ def _devices() -> list[str]:
     return devices
 
 
-def _init(name: str, value) -> None:
-    st.session_state.setdefault(name, value)
-
-
 st.title("Scan")
 state.show_flash()
 cfg = copy.deepcopy(state.active_config())
@@ -50,15 +46,28 @@ st.subheader("Model")
 folder_problem = None
 model_in_config = (cfg.model or BUNDLED_MODEL_ID).strip()
 if model_in_config in BUNDLED_ALIASES:
-    _init("scan_source", SOURCES[0])
+    source_default = SOURCES[0]
 elif Path(model_in_config).expanduser().is_dir():
-    _init("scan_source", SOURCES[2])
-    _init("scan_local_dir", model_in_config)
+    source_default = SOURCES[2]
 else:
-    _init("scan_source", SOURCES[1])
-    _init("scan_hub_id", model_in_config)
-_init("scan_hub_id", "gpt2")
-_init("scan_local_dir", "")
+    source_default = SOURCES[1]
+# the settings start from the active config, and keep what the user set here while it stays the same config
+settings_basis = (state.config_version(), model_in_config, tuple(cfg.layers or []), int(cfg.limit_neurons))
+setting_defaults = {
+    "scan_source": source_default,
+    "scan_hub_id": model_in_config if source_default == SOURCES[1] else "gpt2",
+    "scan_local_dir": model_in_config if source_default == SOURCES[2] else "",
+    "scan_layers": ",".join(map(str, cfg.layers or [])),
+    "scan_limit": int(cfg.limit_neurons),
+    "scan_corpus_field": cfg.corpus_text_field,
+    "scan_corpus_skip": True,
+    **dict.fromkeys(["scan_device", "scan_dtype", "scan_spread", "scan_quantization"]),
+}  # fmt: skip
+
+state.restore_widgets("scan", setting_defaults, settings_basis)
+
+if st.session_state.get("scan_device", "auto") not in _devices():  # kept from a session that had another device
+    del st.session_state["scan_device"]
 source = st.radio("Model", SOURCES, key="scan_source", horizontal=True, label_visibility="collapsed")
 if source == SOURCES[0]:
     spec = BUNDLED_MODEL_ID
@@ -104,8 +113,6 @@ with st.expander("Big models: spread over devices, 8/4-bit", icon=":material/mem
     if st.session_state.get("scan_placement"):
         st.caption("Placement of the last loaded model: " + st.session_state["scan_placement"])
 loading = {"device_map": "auto" if spread else None, "quantization": None if quantization == "full precision" else quantization}
-_init("scan_layers", ",".join(map(str, cfg.layers or [])))
-_init("scan_limit", int(cfg.limit_neurons))
 layers_text = c3.text_input("Layers (empty = all)", key="scan_layers", placeholder="e.g. 0,2,5-7")
 limit = c4.number_input("Neuron limit per layer (0 = all)", key="scan_limit", min_value=0, step=32)
 input_errors: list[str] = [folder_problem] if folder_problem else []
@@ -124,9 +131,8 @@ with st.expander("Use a corpus file instead of the master text (optional)", icon
         f"Corpus: .txt (one document per line) or .jsonl (max {MAX_CORPUS_UPLOAD_MB} MB)",
         type=["txt", "jsonl"], key="scan_corpus", max_upload_size=MAX_CORPUS_UPLOAD_MB,
     )  # fmt: skip
-    _init("scan_corpus_field", cfg.corpus_text_field)
     field = st.text_input("JSON field with the text (.jsonl only)", key="scan_corpus_field")
-    skip_bad = st.checkbox("Skip and count bad documents (invalid JSON, no text field, empty)", value=True,
+    skip_bad = st.checkbox("Skip and count bad documents (invalid JSON, no text field, empty)",
                            key="scan_corpus_skip", help="As the CLI's --on-bad-document skip; off: the first one stops it")  # fmt: skip
     if upload is not None:
         report = CorpusReport()
@@ -144,6 +150,8 @@ with st.expander("Use a corpus file instead of the master text (optional)", icon
                        "this scan.")  # fmt: skip
             if report.n_skipped:
                 st.warning(config_tools.literal(report.summary()) + ".")
+
+state.keep_widgets("scan", setting_defaults, settings_basis)
 
 # --- scan ----------------------------------------------------------------------------------
 if texts is None and problem is None and (spec or "").strip():  # what a scan of the master text would leave blank
