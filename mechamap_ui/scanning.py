@@ -278,16 +278,23 @@ def remember_scan(key: str, run_id: str) -> None:
             _SCANS.popitem(last=False)
 
 
+STAY_ON_THE_PAGE = (":material/info: Stay on this page until the scan finishes: leaving it or reloading stops the scan, "
+                    "and nothing is saved. A corpus scan (Scan page) runs in the background instead.")
+
+
 def scan_with_progress_bar(spec: str, cfg: ScanConfig, **options) -> ScanOutcome | None:
     """run_scan(spec, cfg, **options) under a progress bar; on any failure the bar goes, one readable
     st.error says why (never a traceback), and None is returned."""
     bar = st.progress(0.0, text="Starting ...")
+    stay = st.caption(STAY_ON_THE_PAGE)
     try:
         return run_scan(spec, cfg, progress=lambda fraction, message: bar.progress(fraction, text=message), **options)
     except Exception as exc:  # noqa: BLE001 - every failure becomes one readable sentence, never a traceback
         bar.empty()
         st.error(friendly_error(exc))
         return None
+    finally:
+        stay.empty()
 
 
 def _sentence(text: str) -> str:

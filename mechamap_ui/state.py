@@ -166,6 +166,9 @@ def _saved_config_settings(path: str, modified_ns: int) -> dict | None:
     return None if saved is None else settings_of(saved)
 
 
+EDITED_MARK = " (edited, not saved)"  # after the active config's name once it differs from its file
+
+
 def active_config_label() -> str:
     """The active config's name for captions, with "(edited, not saved)" once it differs from the file of that name."""
     name = active_config_name()
@@ -174,7 +177,7 @@ def active_config_label() -> str:
         saved = _saved_config_dict(str(path), path.stat().st_mtime_ns)
     except OSError:
         return name
-    return f"{name} (edited, not saved)" if saved is not None and saved != active_config().to_dict() else name
+    return f"{name}{EDITED_MARK}" if saved is not None and saved != active_config().to_dict() else name
 
 
 def saved_config_with_settings(config: dict) -> str | None:

@@ -81,14 +81,14 @@ def threshold_range(scores: pd.DataFrame, metric: str, default: float | None = N
 
     score / separation / cohens_d: -1..6 (stretched to the data and to default), value = default (the run's
     threshold) or 1.
-    auroc: 0.5..1, value 0.8. t_stat: 0..data max (at least 10), value 3. Anything else (avg_activation, ...):
+    auroc, cv_auroc: 0.5..1, value 0.8. t_stat: 0..data max (at least 10), value 3. Anything else (avg_activation, ...):
     the data range, value its 95th percentile.
     """
     values = scores[metric].to_numpy(dtype=float) if metric in scores.columns else np.array([])
     values = values[np.isfinite(values)]
     data_lo = float(values.min()) if values.size else 0.0
     data_hi = float(values.max()) if values.size else 1.0
-    if metric == "auroc":
+    if metric in ("auroc", "cv_auroc"):
         lo, hi, value, step = 0.5, 1.0, 0.8, 0.01
     elif metric in SCORE_LIKE:  # stretched to the run's own threshold too, so that no page clamps it
         value = 1.0 if default is None or not math.isfinite(float(default)) else float(default)
@@ -120,6 +120,7 @@ def threshold_slider(
     Each metric keeps its own slider state under the key f"{key}_{metric}"; in_url keeps it in the URL under that name.
     """
     lo, hi, value, step = threshold_range(scores, metric, default)
+    decimals = max(0, -math.floor(math.log10(step) + 1e-9))  # the slider shows what it holds (0.005: 3 decimals)
     return float(
         st.slider(
             label or f"Threshold ({metric} ≥)",
@@ -127,6 +128,7 @@ def threshold_slider(
             max_value=hi,
             value=value,
             step=step,
+            format=f"%.{decimals}f",
             key=f"{key}_{metric}",
             help="A neuron counts for a category when its metric is at or above this value.",
             bind=_binding(in_url),

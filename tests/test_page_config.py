@@ -275,6 +275,25 @@ def test_load_a_saved_config(app_env):
     assert at.number_input(key="cfg1_threshold").value == 0.5
 
 
+def test_loading_over_unsaved_edits_says_so_and_can_be_undone(app_env):
+    """A load that replaces unsaved edits warns, and Undo brings the edited config back (before, "Loaded" was all it
+    said and the edits were gone)."""
+    other = {"master_text": "Red and blue cars.", "categories": {"color": ["red", "blue"]}}
+    (app_env["configs"] / "other.yaml").write_text(yaml.safe_dump(other), encoding="utf-8")
+    at = config_page()
+    edit_table(at, added=[{"category": "planet", "words": "Mars"}])
+    at.selectbox(key="cfg_load_choice").set_value("other")
+    next(b for b in at.button if b.label == "Load").click().run()
+    no_exception(at)
+    assert any("replaced your unsaved edits of default (edited, not saved)" in v for v in texts(at.warning)), texts(at.warning)
+    assert at.session_state[ACTIVE_CONFIG].categories == {"color": ["red", "blue"]}
+    next(b for b in at.button if b.label == "Undo").click().run()
+    no_exception(at)
+    assert "planet" in at.session_state[ACTIVE_CONFIG].categories and at.session_state[ACTIVE_CONFIG_NAME] == "default"
+    assert "planet" in list(at.data_editor[0].value["category"])
+    assert any("Brought back default (edited, not saved)" in v for v in texts(at.success))
+
+
 def test_broken_saved_config_does_not_load(app_env):
     (app_env["configs"] / "broken.yaml").write_text("threshold: [1\n", encoding="utf-8")
     at = config_page()

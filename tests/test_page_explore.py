@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections import Counter
 
 import numpy as np
@@ -89,12 +90,16 @@ def test_pivot_metric_and_threshold_drive_the_heatmap_table(result):
     assert_clean(at)
     slider = at.slider(key="threshold_auroc")
     assert (slider.min, slider.max, slider.value) == (0.5, 1.0, 0.8)
+    assert slider.proto.format == "%.2f"  # the slider shows as many decimals as its step has
     expected = analysis.layer_category_counts(result.scores, "auroc", 0.8)
     np.testing.assert_array_equal(table(at, COUNTS).to_numpy(), expected.to_numpy())
     slider.set_value(0.95).run()
     expected = analysis.layer_category_counts(result.scores, "auroc", 0.95)
     np.testing.assert_array_equal(table(at, COUNTS).to_numpy(), expected.to_numpy())
     assert table(at, COUNTS).to_numpy().sum() < analysis.layer_category_counts(result.scores, "auroc", 0.8).to_numpy().sum()
+    at.selectbox(key="metric").set_value("avg_activation").run()
+    slider = at.slider(key="threshold_avg_activation")
+    assert slider.proto.format == f"%.{max(0, -math.floor(math.log10(slider.step) + 1e-9))}f"
 
 
 def test_pivot_top_neurons_with_category_filter(result):
@@ -301,6 +306,7 @@ def test_threshold_range_per_metric(result):
     assert threshold_range(result.scores, "score", 8.0) == (-1.0, 8.0, 8.0, 0.05)  # a run's own threshold, never clamped
     assert threshold_range(result.scores, "score", -3.0) == (-3.0, 6.0, -3.0, 0.05)
     assert threshold_range(result.scores, "auroc") == (0.5, 1.0, 0.8, 0.01)
+    assert threshold_range(result.scores, "cv_auroc") == (0.5, 1.0, 0.8, 0.01)  # before: the data's range, step 0.005
     lo, hi, value, step = threshold_range(result.scores, "cohens_d", None)
     assert (lo, value) == (-1.0, 1.0) and hi >= result.scores["cohens_d"].max()
     lo, hi, value, step = threshold_range(result.scores, "avg_activation")

@@ -23,6 +23,7 @@ from mechamap_ui import config_tools, state
 MESSAGE = "cfg_message"  # (kind, text) shown once after a load / upload callback
 UPLOAD = "cfg_upload"
 LOAD_CHOICE = "cfg_load_choice"
+REPLACED = "cfg_replaced"  # (config, name, label) that the last load replaced: Undo brings it back
 
 
 def _say(kind: str, text: str) -> None:
@@ -40,8 +41,7 @@ def _load_saved() -> None:
     except (ConfigError, ValueError, OSError) as exc:
         _say("error", f"{config_tools.literal(choice)}.yaml was not loaded: {config_tools.readable_error(exc)}")
         return
-    state.set_active_config(cfg, path.stem)
-    _say("success", f"Loaded {path.name}.")
+    _replace_config(cfg, path.stem, f"Loaded {path.name}.")
 
 
 def _load_upload() -> None:
@@ -58,9 +58,27 @@ def _load_upload() -> None:
     except ValueError as exc:  # too large, or not UTF-8
         _say("error", f"{config_tools.literal(upload.name)} was not loaded: {exc}.")
         return
-    stem = Path(upload.name).stem
-    state.set_active_config(cfg, stem)
-    _say("success", f"Loaded the uploaded {config_tools.literal(upload.name)}.")
+    _replace_config(cfg, Path(upload.name).stem, f"Loaded the uploaded {config_tools.literal(upload.name)}.")
+
+
+def _replace_config(cfg, name: str, message: str) -> None:
+    """Make cfg the active config, keeping the one it replaces for Undo (saying so when it had unsaved edits)."""
+    label = state.active_config_label()
+    st.session_state[REPLACED] = (state.active_config(), state.active_config_name(), label)
+    state.set_active_config(cfg, name)
+    if label.endswith(state.EDITED_MARK):
+        _say("warning", f"{message} It replaced your unsaved edits of {config_tools.literal(label)}: *Undo* brings them back.")
+    else:
+        _say("success", message)
+
+
+def _undo_load() -> None:
+    """Callback: bring back the config that the last load replaced."""
+    replaced = st.session_state.pop(REPLACED, None)
+    if replaced is not None:
+        cfg, name, label = replaced
+        state.set_active_config(cfg, name)
+        _say("success", f"Brought back {config_tools.literal(label)}.")
 
 
 def _use_written_text(text_key: str, written: str, mode: str) -> None:
@@ -129,6 +147,8 @@ message_box = st.container()
 if MESSAGE in st.session_state:
     kind, text = st.session_state.pop(MESSAGE)
     getattr(message_box, kind)(text)
+    if text.startswith("Loaded") and REPLACED in st.session_state:
+        message_box.button("Undo", on_click=_undo_load, icon=":material/undo:", help="Bring back the config this load replaced")
 
 st.subheader("Categories")
 st.caption("One row per category. Separate words with commas; multi-word entries such as *New York* work. "
