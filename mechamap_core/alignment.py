@@ -127,7 +127,9 @@ class AlignedText:
     chunks: list[Chunk]
     coverage: pd.DataFrame  # category, word, occurrences, n_tokens
     texts: list[str] = field(repr=False, default_factory=list)
-    token_word: np.ndarray | None = None  # [n_tokens] int32: row of `coverage` (the word) of each token, -1 for none
+    # [n_tokens, C] int32: per category, the row of `coverage` (the word) each token belongs to, -1 for none; a token
+    # in two words of one category is the longer word's
+    token_word: np.ndarray | None = None
 
     @property
     def n_tokens(self) -> int:
@@ -168,15 +170,19 @@ def align(
         starts, ends = offsets[:, 0], offsets[:, 1]
         counted = ~np.isin(id_array, list(special_ids)) & (ends > starts)
         mask = np.zeros((len(ids), len(names)), dtype=bool)
-        token_word = np.full(len(ids), -1, dtype=np.int32)  # a token in several words keeps the first
+        token_word = np.full((len(ids), len(names)), -1, dtype=np.int32)  # [tokens, categories]: the word
         for c, name in enumerate(names):
+            hits = {}
             for word in distinct_words(categories[name]):  # a word listed twice, in any case, counts once
                 spans = find_word_spans(text, word)
                 occurrences[(name, word)] += len(spans)
-                hit = _overlapping(spans, starts, ends, len(text)) & counted
+                hits[word] = hit = _overlapping(spans, starts, ends, len(text)) & counted
                 token_counts[(name, word)] += int(hit.sum())
                 mask[:, c] |= hit
-                token_word[hit & (token_word < 0)] = word_number[(name, word)]
+            # a token in two words of one category ('cream' inside 'ice cream') is the longer word's, whatever
+            # the order in which the config lists them
+            for word in sorted(hits, key=lambda w: (-len(matching_key(w)), matching_key(w))):
+                token_word[hits[word] & (token_word[:, c] < 0), c] = word_number[(name, word)]
         positions = np.flatnonzero(counted)
         global_index = np.full(len(ids), -1, dtype=np.int64)  # position -> global token index (-1: not counted)
         global_index[positions] = n_counted + np.arange(len(positions))
@@ -216,7 +222,7 @@ def align(
         columns=["category", "word", "occurrences", "n_tokens"],
     )
     category_mask = np.concatenate(masks) if masks else np.zeros((0, len(names)), dtype=bool)
-    token_word = np.concatenate(word_rows) if word_rows else np.zeros(0, dtype=np.int32)
+    token_word = np.concatenate(word_rows) if word_rows else np.zeros((0, len(names)), dtype=np.int32)
     return AlignedText(tokens, category_mask, names, chunks, coverage, texts=list(texts), token_word=token_word)
 
 

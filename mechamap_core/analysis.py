@@ -124,8 +124,8 @@ def top_neurons(
 
 
 def categories_without_statistics(scores: pd.DataFrame) -> pd.Series:
-    """Categories none of whose rows has a score (fewer than MIN_CATEGORY_TOKENS of their tokens wherever a
-    neuron saw them), with their most tokens at any site (a dense neuron: all of them); empty when every category
+    """Categories none of whose rows has a score (fewer than MIN_CATEGORY_TOKENS of their tokens, or of other tokens,
+    wherever a neuron saw them), with their most tokens at any site (a dense neuron: all of them); empty when every category
     has one. Their neurons are blank in every table, not 0."""
     scored = scores.groupby("category", observed=False)["score"].count()
     n_tokens = scores.groupby("category", observed=False)["n_tokens"].max()
@@ -155,8 +155,8 @@ def no_statistics_note(without: pd.Series, coverage: pd.DataFrame | None = None)
     if len(without):
         named = ", ".join(f"'{cat}' ({n} token{'' if n == 1 else 's'})" for cat, n in without.items())
         sentences.append(f"No statistics for {named}: a category needs at least {MIN_CATEGORY_TOKENS} of its tokens in "
-                         "the text, so its neurons are blank (not 0) and none is flagged. Add words that occur, or text "
-                         "that uses them.")  # fmt: skip
+                         f"the text, and {MIN_CATEGORY_TOKENS} other tokens to compare them with, so its neurons are blank "
+                         "(not 0) and none is flagged. Add words that occur, or text that uses them.")  # fmt: skip
         if blank.any():
             words = [f"'{word}'" for word in uncounted.loc[blank, "word"]]
             sentences.append(f"Of their words, {_no_countable_token(words)}: it reads them as special tokens (such as "

@@ -188,12 +188,24 @@ def auroc_from_ranks(ranks_t: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return auc
 
 
+def word_pairs(token_word) -> tuple[np.ndarray, np.ndarray]:
+    """(token [K], word [K]) of each membership of a token in a word. token_word is [T, C], the token's word in
+    each category (what align gives: a token in words of two categories belongs to both), or [T], one word per
+    token; -1 for none."""
+    token_word = np.asarray(token_word)
+    if token_word.ndim == 1:
+        tokens = np.flatnonzero(token_word >= 0)
+        return tokens, token_word[tokens]
+    tokens, categories = np.nonzero(token_word >= 0)
+    return tokens, token_word[tokens, categories]
+
+
 def word_moments(acts: np.ndarray, token_word: np.ndarray, n_words: int) -> dict[str, np.ndarray | float]:
-    """permutation_pvalues' inputs from per-token activations acts [T, N] and token_word [T] (-1: no word):
-    word_n [W], word_sum and word_sumsq [W, N], n_all, sum_all and sumsq_all [N], all float64."""
+    """permutation_pvalues' inputs from per-token activations acts [T, N] and token_word ([T, C] or [T], as
+    word_pairs; -1: no word): word_n [W], word_sum and word_sumsq [W, N], n_all, sum_all and sumsq_all [N], all
+    float64. A token in two words counts in both."""
     acts = np.asarray(acts, dtype=np.float64)
-    in_word = np.flatnonzero(np.asarray(token_word) >= 0)
-    words = np.asarray(token_word)[in_word]
+    in_word, words = word_pairs(token_word)
     word_sum, word_sumsq = np.zeros((n_words, acts.shape[1])), np.zeros((n_words, acts.shape[1]))
     np.add.at(word_sum, words, acts[in_word])
     np.add.at(word_sumsq, words, acts[in_word] ** 2)
@@ -432,7 +444,7 @@ def fold_groups(word_category, word_fold) -> tuple[np.ndarray, np.ndarray]:
 
 def cv_auroc_exact(
     acts_t: np.ndarray,  # [N, T] float32
-    token_word: np.ndarray,  # [T] word of each token, -1 for none
+    token_word: np.ndarray,  # [T, C] or [T] word of each token (as word_pairs), -1 for none
     word_category: np.ndarray,  # [W]
     word_fold: np.ndarray,  # [W], from word_folds
     n_categories: int | None = None,
@@ -451,7 +463,7 @@ def cv_auroc_exact(
 def exact_aurocs(
     acts_t: np.ndarray,  # [N, T] float32
     mask: np.ndarray,  # [T, C] bool: each token's categories
-    token_word: np.ndarray | None = None,  # [T] word of each token, -1 for none (cv_auroc; None: no cv)
+    token_word: np.ndarray | None = None,  # [T, C] or [T], as word_pairs (cv_auroc; None: no cv)
     word_category: np.ndarray | None = None,  # [W]
     word_fold: np.ndarray | None = None,  # [W], from word_folds
     n_categories: int | None = None,
@@ -461,21 +473,28 @@ def exact_aurocs(
 
     auroc: one-vs-rest Mann-Whitney U of each category's tokens (mask) against all others, as auroc_exact.
     cv_auroc (with token_word, word_category and word_fold): as cv_auroc_exact. Every token gets a class,
-    its distinct (mask row, fold group); _twice_rank_sums sorts each neuron's row once and sums the
+    its distinct (mask row, fold group in each category); _twice_rank_sums sorts each neuron's row once and sums the
     twice-ranks of each class. A category's tokens' twice-ranks among all tokens sum to 2 x (their wins
     over the rest) + n_c^2 (their wins over their own category, whatever the ties), so
     auroc = (sum - n_c^2) / (2 n_c n_rest). A fold's wins over its category's rest are its wins over all
     tokens minus those over its category's tokens: the same sums within each category's own tokens, from
-    one sort keyed by (category, value) of every category token.
+    one sort keyed by (category, value) of every (token, category of its word) pair: a token in words of two
+    categories is ranked in both.
     """
     mask = np.asarray(mask, dtype=bool)
     n_tokens, n_cat = mask.shape
     with_cv = token_word is not None and word_category is not None and word_fold is not None
-    token_group = np.full(n_tokens, -1, dtype=np.int64)
+    token_group = np.full((n_tokens, 1), -1, dtype=np.int64)  # [T, categories of the words]: fold group, -1 none
     if with_cv:
-        token_word, word_category = np.asarray(token_word), np.asarray(word_category)
+        word_category = np.asarray(word_category)
         word_group, group_category = fold_groups(word_category, word_fold)
-        token_group = np.where(token_word >= 0, word_group[token_word], -1)
+        pair_token, pair_word = word_pairs(token_word)
+        in_fold = word_group[pair_word] >= 0
+        pair_token, pair_group = pair_token[in_fold], word_group[pair_word[in_fold]]
+        pair_category = word_category[pair_word[in_fold]]
+        n_word_categories = int(word_category.max(initial=0)) + 1
+        token_group = np.full((n_tokens, n_word_categories), -1, dtype=np.int64)
+        token_group[pair_token, pair_category] = pair_group
     signatures, token_class = _distinct_rows(np.column_stack([mask, token_group]))
     twice_sums = _twice_rank_sums(acts_t, token_class, len(signatures))  # [N, classes]
     n_c = mask.sum(axis=0)
@@ -485,18 +504,17 @@ def exact_aurocs(
         auroc[c] = (rank_sum - float(n_c[c]) ** 2) / (2.0 * n_c[c] * (n_tokens - n_c[c]))
     if not with_cv:
         return auroc, None
-    token_category = np.where(token_word >= 0, word_category[token_word], -1)
-    in_group = np.flatnonzero(token_group >= 0)  # a category's tokens, ranked among their own category's
-    columns = torch.as_tensor(in_group, device=acts_t.device) if isinstance(acts_t, torch.Tensor) else in_group
-    within = _twice_rank_sums(acts_t[:, columns], token_group[in_group], len(group_category), token_category[in_group])
-    class_group = signatures[:, -1]
-    n_category_tokens = np.bincount(token_category[in_group], minlength=len(group_category))
-    n_group_tokens = np.bincount(token_group[in_group], minlength=len(group_category))
+    # each (token, category of its word) pair, ranked among that category's word tokens
+    columns = torch.as_tensor(pair_token, device=acts_t.device) if isinstance(acts_t, torch.Tensor) else pair_token
+    within = _twice_rank_sums(acts_t[:, columns], pair_group, len(group_category), pair_category)
+    class_group = signatures[:, n_cat:]  # [classes, categories of the words]
+    n_category_tokens = np.bincount(pair_category, minlength=n_word_categories)
+    n_group_tokens = np.bincount(pair_group, minlength=len(group_category))
     auc_groups = np.full((len(group_category), acts_t.shape[0]), np.nan)
     for g, c in enumerate(group_category.tolist()):
         n_rest = n_tokens - n_category_tokens[c]
         if n_group_tokens[g] and n_rest:
-            overall = twice_sums[:, np.flatnonzero(class_group == g)].sum(axis=1)
+            overall = twice_sums[:, np.flatnonzero(class_group[:, c] == g)].sum(axis=1)
             auc_groups[g] = (overall - within[:, g]) / (2.0 * n_group_tokens[g] * n_rest)
     return auroc, _mean_over_folds(auc_groups, group_category, n_categories)
 

@@ -76,6 +76,30 @@ def test_results_do_not_depend_on_the_order_of_a_categorys_words(bundled_lm, rec
         np.testing.assert_array_equal(other.scores[column].to_numpy(), result.scores[column].to_numpy(), err_msg=column)
 
 
+def test_categories_sharing_words_do_not_depend_on_their_order(bundled_lm, recorded):
+    """A category that lists some of another's words ('produce': apple, pizza, ... beside food) gets the shared tokens
+    in its word-level statistics whichever comes first, and its cv_auroc is what it gets alone; within a category, a
+    word inside another ('cream', 'ice cream') gives its tokens to the longer one whatever the order. Before, a token
+    kept the first word it matched: the category listed second lost it, and cv_auroc, score and p moved with order."""
+    cfg, _ = recorded
+    food = list(cfg.categories["food"])
+    produce = [w for w in food if w.lower() != "ice cream"][:6]
+    base = dict(cfg.categories, food=[*food, "cream"])
+    first = dataclasses.replace(cfg, categories={"produce": produce, **base})
+    last = dataclasses.replace(cfg, categories={**base, "produce": produce})
+    cream_first = dataclasses.replace(cfg, categories={**base, "food": ["cream", *food], "produce": produce})
+    results = [scan(bundled_lm, c, limit_neurons=24).scores for c in (first, last, cream_first)]
+    key = ["layer", "neuron", "category"]
+    frames = [r.astype({"category": str}).sort_values(key, ignore_index=True) for r in results]
+    assert frames[0]["cv_auroc"][frames[0]["category"] == "produce"].notna().all()
+    for other in frames[1:]:
+        for column in ("avg_activation", "auroc", "cv_auroc", "score", "p_value", "q_value"):
+            np.testing.assert_array_equal(other[column].to_numpy(), frames[0][column].to_numpy(), err_msg=column)
+    alone = scan(bundled_lm, dataclasses.replace(cfg, categories={"produce": produce}), limit_neurons=24).scores
+    np.testing.assert_allclose(alone["cv_auroc"].to_numpy(),
+                               frames[0][frames[0]["category"] == "produce"]["cv_auroc"].to_numpy(), atol=1e-12)  # fmt: skip
+
+
 def test_a_word_listed_again_in_another_case_changes_no_statistic(bundled_lm, recorded):
     """Listing 'paris' after 'Paris' (or 'PIZZA' after 'pizza') adds no word: the word-level statistics (cv folds,
     permutation draws) see the same words, so every column is the same; before, such a repeat was a second word

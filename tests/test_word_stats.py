@@ -308,6 +308,33 @@ def test_cv_auroc_exact_equals_mann_whitney_per_fold(seed):
     assert np.isnan(cv[3]).all() and np.isnan(cv[4]).all()  # one word; no words
 
 
+def test_a_token_in_words_of_two_categories_counts_for_both():
+    """token_word [T, C]: tokens shared by a word of category 0 and one of category 1 rank in both categories' folds
+    and add to both words' sums (before, a token kept only the first word it matched, so the category listed second
+    lost it: its cv_auroc counted it as rest and its permutation test never saw it)."""
+    acts_t, single, word_category, fold = folds_problem(0)
+    n_categories = int(word_category.max()) + 1
+    two = np.full((len(single), n_categories), -1, dtype=np.int64)
+    in_word = single >= 0
+    two[in_word, word_category[np.maximum(single, 0)][in_word]] = single[in_word]
+    first_0 = np.flatnonzero(word_category == 0)[0]
+    shared = np.flatnonzero(two[:, 0] == first_0)  # word first_0's tokens also belong to category 1's first word
+    two[shared, 1] = np.flatnonzero(word_category == 1)[0]
+    cv = cv_auroc_exact(acts_t, two, word_category, fold, n_categories)
+    for c in range(2):
+        in_c = two[:, c] >= 0
+        token_fold = np.where(in_c, fold[np.maximum(two[:, c], 0)], -1)
+        for n in range(acts_t.shape[0]):
+            per_fold = [pairwise_auroc(acts_t[n, token_fold == f], acts_t[n, ~in_c]) for f in range(3) if (token_fold == f).any()]
+            assert cv[c, n] == pytest.approx(np.mean(per_fold), abs=1e-12)
+    moments = word_moments(acts_t.T, two, len(word_category))
+    for w in (first_0, np.flatnonzero(word_category == 1)[0]):
+        members = (two == w).any(axis=1)
+        assert moments["word_n"][w] == members.sum()
+        np.testing.assert_allclose(moments["word_sum"][w], acts_t.T[members].astype(np.float64).sum(axis=0), rtol=1e-12)
+    np.testing.assert_array_equal(cv[2:], cv_auroc_exact(acts_t, single, word_category, fold, n_categories)[2:])
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_exact_aurocs_equal_auroc_exact_and_cv_auroc_exact(seed):
     acts_t, token_word, word_category, fold = folds_problem(seed)

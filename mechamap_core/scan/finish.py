@@ -20,6 +20,7 @@ from ..stats import (
     exact_aurocs,
     moment_statistics,
     permutation_pvalues,
+    word_pairs,
 )  # fmt: skip
 from .state import SiteStats
 
@@ -44,6 +45,7 @@ class SitePart:
     hook: str = ""  # the site's hook name (set by the caller; the dense hook name when empty)
     expert: int | None = None  # routed expert, None for dense and shared-expert neurons
     word_moments: dict | None = None  # permutation_pvalues' inputs, until add_permutation_pvalues uses them
+    n_seen: int | None = None  # all the tokens the site saw (an expert: those routed to it); None: not known
 
 
 def site_moments(stats: SiteStats, neurons: slice = slice(None)) -> dict[str, np.ndarray]:
@@ -71,7 +73,7 @@ class FinishContext:
     category_mask: np.ndarray  # [T, C] bool: the recorded tokens' categories (T = 0 without recording)
     top_k: int
     with_auroc: bool
-    token_word: np.ndarray | None = None  # [T] word (coverage row) of each recorded token, -1 for none
+    token_word: np.ndarray | None = None  # [T, C] word (coverage row) of each recorded token per category, -1 none
     word_category: np.ndarray | None = None  # [W] category of each word
     word_fold: np.ndarray | None = None  # [W] fold of each word among its category's (-1: absent); None: no cv
     permutations: int = 0  # word-level permutation test of score; 0: Welch's p-value is p_value
@@ -115,7 +117,8 @@ def finish_part(layer: int, neurons: slice, stats: SiteStats, recorded: list[np.
     result["cv_auroc"] = nan if cv is None else cv
     result["score"] = consistent_separation(result["separation"], result["cv_auroc"])
     n_tokens = stats.n_cat.cpu().numpy().round().astype(np.int64)
-    return SitePart(layer, neurons.start, result, top, acts_t, n_tokens, hook_name(layer), word_moments=word_moments)
+    return SitePart(layer, neurons.start, result, top, acts_t, n_tokens, hook_name(layer), word_moments=word_moments,
+                    n_seen=int(round(float(stats.n_all))))  # fmt: skip
 
 
 def for_finishing(values: torch.Tensor):
@@ -199,12 +202,19 @@ def _transposed(parts: list[np.ndarray] | list[torch.Tensor]) -> np.ndarray | to
 
 
 def token_folds(token_word: np.ndarray, word_category: np.ndarray, word_fold: np.ndarray, n_categories: int):
-    """[T, C] int64: the fold of each token's word in the word's category, -1 elsewhere (binned cv_auroc)."""
+    """[T, C] int64: the fold of each token's word in the word's category, -1 elsewhere (binned cv_auroc);
+    token_word [T, C] or [T], as word_pairs."""
     folds = np.full((len(token_word), n_categories), -1, dtype=np.int64)
-    in_word = np.flatnonzero(token_word >= 0)
-    words = token_word[in_word]
+    in_word, words = word_pairs(token_word)
     folds[in_word, word_category[words]] = word_fold[words]
     return folds
+
+
+def too_few_tokens(part: SitePart) -> np.ndarray:
+    """[C] bool: the categories of which the part's site saw fewer than MIN_CATEGORY_TOKENS tokens, or fewer than
+    that many other tokens (a rest of one or two tokens has no variance to compare with, as a category of one)."""
+    thin = part.n_tokens < MIN_CATEGORY_TOKENS
+    return thin if part.n_seen is None else thin | (part.n_seen - part.n_tokens < MIN_CATEGORY_TOKENS)
 
 
 def assemble(model_name: str, categories: list[str], parts: list[SitePart], n_layers_model: int):
@@ -224,8 +234,8 @@ def assemble(model_name: str, categories: list[str], parts: list[SitePart], n_la
         if key not in Q_VALUES:
             for part, n, start, stop in zip(parts, sizes, ends[:-1], ends[1:]):
                 block[column, start:stop].reshape(n, n_cat)[:] = part.stats[key].T
-    for part, n, start, stop in zip(parts, sizes, ends[:-1], ends[1:]):  # too few of a category's tokens: NaN (no q)
-        block[:, start:stop].reshape(len(STAT_COLUMNS), n, n_cat)[:, :, part.n_tokens < MIN_CATEGORY_TOKENS] = np.nan
+    for part, n, start, stop in zip(parts, sizes, ends[:-1], ends[1:]):  # too few tokens on a side: NaN (no q)
+        block[:, start:stop].reshape(len(STAT_COLUMNS), n, n_cat)[:, :, too_few_tokens(part)] = np.nan
     with ThreadPoolExecutor(max_workers=len(Q_VALUES)) as pool:  # each a sort that releases the GIL: side by side
         q_values = pool.map(bh_qvalues, [block[STAT_COLUMNS.index(p_column)] for p_column in Q_VALUES.values()])
         for q_column, q in zip(Q_VALUES, q_values):

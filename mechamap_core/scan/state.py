@@ -35,9 +35,9 @@ class LabelIndex:
     pair_token: torch.Tensor  # [P] each (token, category) pair of them: the token's place in category_rows
     pair_category: torch.Tensor  # [P] and the category
     pair_fold: torch.Tensor  # [P] the fold of the token's word in that category (-1: none; 0 without folds)
-    word_rows: torch.Tensor | None = None  # [K_w] the tokens in a word (None: no word labels)
+    word_rows: torch.Tensor | None = None  # [K_w] the token of each (token, word) membership (None: no word labels)
     words: torch.Tensor | None = None  # [U] the distinct words among them, ascending
-    word_slot: torch.Tensor | None = None  # [K_w] each such token's word, as its place in words
+    word_slot: torch.Tensor | None = None  # [K_w] each membership's word, as its place in words
 
     def to(self, device: torch.device) -> LabelIndex:
         return LabelIndex(*(None if t is None else _moved(t, device) for t in vars(self).values()))
@@ -54,8 +54,13 @@ def label_index(category_mask: torch.Tensor, word: torch.Tensor | None, fold: to
         pair_fold = fold.index_select(0, rows)[pair_token, pair_category]
     if word is None:
         return LabelIndex(rows, pair_token, pair_category, pair_fold)
-    word_rows = torch.nonzero(word >= 0).view(-1)
-    words, word_slot = torch.unique(word.index_select(0, word_rows), return_inverse=True)
+    if word.dim() == 1:
+        word_rows = torch.nonzero(word >= 0).view(-1)
+        pair_word = word.index_select(0, word_rows)
+    else:  # [T, C]: a token in words of two categories counts in both
+        word_rows, word_column = torch.nonzero(word >= 0, as_tuple=True)
+        pair_word = word[word_rows, word_column]
+    words, word_slot = torch.unique(pair_word, return_inverse=True)
     return LabelIndex(rows, pair_token, pair_category, pair_fold, word_rows, words, word_slot)
 
 
@@ -72,7 +77,7 @@ class BatchLabels:
 
     category_mask: torch.Tensor  # [T, C] float32: 1 where the token belongs to the category
     keys: torch.Tensor  # [T] int64: a token's unique, stable key (its token index or document and position)
-    word: torch.Tensor | None = None  # [T] int64: the token's word (coverage row), -1 for none
+    word: torch.Tensor | None = None  # [T, C] (or [T]) int64: the token's word (coverage row) in each category, -1 none
     fold: torch.Tensor | None = None  # [T, C] int64: the fold of the token's word in each category, -1 outside
     _copies: dict = field(default_factory=dict, repr=False, compare=False)  # device -> these labels there
     _index: LabelIndex | None = field(default=None, repr=False, compare=False)
