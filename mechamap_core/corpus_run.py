@@ -55,13 +55,12 @@ def run_corpus_scan(args, cfg: ScanConfig, load: Callable[[str], LoadedModel], c
                 state = scan_stream(
                     lm, cfg, tracked, calibration_texts=calibration, layers=args.layers,
                     limit_neurons=args.limit_neurons, progress=progress, checkpointing=checkpointing,
-                    resume_from=resumed,
+                    resume_from=resumed, report=report,
                 )  # fmt: skip
             except Exception as exc:
                 if not ranks.distributed:
                     raise
                 raise RankFailed(f"rank {ranks.rank} failed {tracked.where()}: {first_line(exc)}") from exc
-        state.report = report
         merged, documents_per_rank = gather_to_rank0(state, ranks)
     if merged is None:
         return None

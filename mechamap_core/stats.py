@@ -82,9 +82,13 @@ def separation_of(mean_c, var_c, mean_r, var_r):
 
 
 def consistent_separation(separation: np.ndarray, cv_auroc: np.ndarray) -> np.ndarray:
-    """The default score: separation x |2 cv_auroc - 1|, shrunk as far as held-out words of the category fail
-    to rank above the rest (cv_auroc 1 or 0 keeps it, 0.5 zeroes it); plain separation where cv_auroc is NaN."""
-    return np.where(np.isnan(cv_auroc), separation, separation * np.abs(2.0 * cv_auroc - 1.0))
+    """The default score: separation x max(0, ±(2 cv_auroc - 1)), the sign that of separation: shrunk as far as
+    held-out words of the category fail to fall on separation's side of the rest (cv_auroc 1 keeps a positive
+    separation, 0 a negative one; 0.5, or held-out words on the other side, give 0); plain separation where
+    cv_auroc is NaN. (Before, |2 cv_auroc - 1| also kept a positive separation whose held-out words rank below
+    the rest.)"""
+    agreement = np.maximum(np.sign(separation) * (2.0 * cv_auroc - 1.0), 0.0)
+    return np.where(np.isnan(cv_auroc), separation, separation * agreement)
 
 
 def auroc_exact(acts: np.ndarray, mask: np.ndarray) -> np.ndarray:

@@ -103,5 +103,8 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_models, tmp_path, default
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming after" in resumed.stderr
     assert_same_scan(scores(tmp_path / "resumed.parquet"), scores(tmp_path / "ref.parquet"))
+    summary = lambda stderr: next(line for line in stderr.splitlines() if line.startswith("corpus "))  # noqa: E731
+    assert summary(resumed.stderr) == summary(reference.stderr)  # the documents read before the kill count too
+    assert "read 1,500 documents" in summary(reference.stderr), summary(reference.stderr)
     refused = cli(*args, "--resume", "--limit-neurons", "4", "--parquet", str(tmp_path / "other.parquet"))
     assert refused.returncode == 1 and "belongs to another scan" in refused.stderr

@@ -596,7 +596,7 @@ def test_score_generalises_to_heldout_text(bundled_lm, default_cfg, default_scor
     heldout = load_config(f"configs/{heldout_name}")
     others = [load_config(f"configs/{name}") for name in HELDOUT_FLOORS if name != heldout_name]
     assert not config_words(heldout) & set().union(config_words(default_cfg), *map(config_words, others))
-    weight = (2 * default_scores["cv_auroc"] - 1).abs()  # the default ranking, from the scan's own columns
+    weight = (np.sign(default_scores["separation"]) * (2 * default_scores["cv_auroc"] - 1)).clip(lower=0)  # the default ranking
     np.testing.assert_allclose(default_scores["score"], default_scores["separation"] * weight, rtol=1e-12)
     mean_auc = {}
     for metric in ("score", "separation", "avg_activation"):

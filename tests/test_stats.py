@@ -63,3 +63,11 @@ def test_bh_qvalues_equal_scipy_with_ties_and_nan():
     assert np.isnan(q[~ok]).all()
     np.testing.assert_allclose(q[ok], sps.false_discovery_control(p[ok], method="bh"), rtol=1e-12, atol=0)
     assert np.isnan(bh_qvalues(np.full(4, np.nan))).all()
+
+
+def test_score_keeps_separation_only_where_held_out_words_agree_with_its_sign():
+    from mechamap_core.stats import consistent_separation
+
+    separation = np.array([2.0, 2.0, -2.0, -2.0, 2.0, 2.0])
+    cv_auroc = np.array([0.9, 0.2, 0.1, 0.8, 0.5, np.nan])
+    np.testing.assert_allclose(consistent_separation(separation, cv_auroc), [1.6, 0.0, -1.6, 0.0, 0.0, 2.0])

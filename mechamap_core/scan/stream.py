@@ -187,6 +187,7 @@ def scan_stream(
     checkpointing: Checkpointing | None = None,
     resume_from: StreamState | None = None,
     group_documents: int = 64,
+    report: CorpusReport | None = None,
 ) -> StreamState:
     """Scan a stream of documents (objects with .index and .text, e.g. corpus.iter_documents) into a StreamState.
 
@@ -194,7 +195,9 @@ def scan_stream(
     SiteStats and the contexts of the tokens they hold are kept. Histogram edges come from
     calibration_texts (the corpus's first documents), so every rank and every resumed run agrees on them.
     With checkpointing, the state is written every N documents; resume_from (a checkpoint's state) is
-    continued, and documents it already holds (index < its next_index) are skipped.
+    continued, and documents it already holds (index < its next_index) are skipped. report: the corpus reader's
+    CorpusReport (iter_documents(report=...)), kept in the state, so a checkpoint holds what was read and skipped
+    until then (a resumed run passes the checkpoint's, state.report).
     """
     with lm.lock:
         points, sites, n_neurons, chunk_tokens = scan_targets(lm, cfg, layers, limit_neurons)
@@ -208,6 +211,8 @@ def scan_stream(
         }  # fmt: skip
         edges = _calibrate_edges(lm, cfg, points, n_neurons, calibration_texts, chunk_tokens)
         state = resume_from or StreamState({}, category_tokens=np.zeros(len(cfg.categories), dtype=np.int64))
+        if report is not None:
+            state.report = report
         for site in sites:  # every site has a state, even an expert the router never chooses
             if site.hook not in state.sites:
                 state.sites[site.hook] = SiteStats(layout[site.hook], site_device(site, lm.device), edges.get(site.hook))
