@@ -706,3 +706,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError, FileNotFoundError, OSError, RuntimeError) as exc:
         print(f"mechamap: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback from wherever the scan was
+        checkpoint_dir = getattr(args, "checkpoint_dir", None)
+        resume = f"; the last checkpoint in {checkpoint_dir} resumes it (--resume)" if checkpoint_dir else ""
+        print(f"mechamap: interrupted, nothing written{resume}", file=sys.stderr)
+        return 130

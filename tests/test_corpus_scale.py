@@ -108,3 +108,24 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_models, tmp_path, default
     assert "read 1,500 documents" in summary(reference.stderr), summary(reference.stderr)
     refused = cli(*args, "--resume", "--limit-neurons", "4", "--parquet", str(tmp_path / "other.parquet"))
     assert refused.returncode == 1 and "belongs to another scan" in refused.stderr
+
+
+def test_ctrl_c_stops_a_scan_with_one_line(tiny_models, tmp_path, default_cfg):
+    """SIGINT (Ctrl-C) mid-scan: exit code 130 and one line naming the checkpoint to resume, not a traceback."""
+    big = tmp_path / "big.txt"
+    big.write_text("\n".join([default_cfg.master_text.replace("\n", " ")] * 400) + "\n")
+    checkpoints = tmp_path / "ck"
+    command = [sys.executable, "-m", "mechamap_core", "scan", "--config", DEFAULT, "--device", "cpu", "--model",
+               str(tiny_models.path("gpt2")), "--corpus", str(big), "--checkpoint-dir", str(checkpoints),
+               "--checkpoint-every", "20", "--parquet", str(tmp_path / "out.parquet")]  # fmt: skip
+    proc = subprocess.Popen(command, cwd=REPO_ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (checkpoints / "rank0.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr
+    assert stderr.rstrip().splitlines()[-1] == (f"mechamap: interrupted, nothing written; the last checkpoint in "
+                                                f"{checkpoints} resumes it (--resume)")  # fmt: skip
+    assert not (tmp_path / "out.parquet").exists()
