@@ -72,11 +72,12 @@ class CorpusReport:
 
     def summary(self) -> str:
         """One line, e.g. 'read 998 documents, skipped 2 bad ones (1 not valid JSON, 1 empty text; first: ...)'."""
-        line = f"read {self.documents:,} documents"
+        line = f"read {self.documents:,} document{'' if self.documents == 1 else 's'}"
         if not self.n_skipped:
             return line + ", skipped none"
         reasons = ", ".join(f"{n:,} {BAD_REASONS[reason]}" for reason, n in self.skipped.items())
-        return f"{line}, skipped {self.n_skipped:,} bad ones ({reasons}; first: {self.first_skipped[0][1]})"
+        bad = "bad one" if self.n_skipped == 1 else "bad ones"
+        return f"{line}, skipped {self.n_skipped:,} {bad} ({reasons}; first: {self.first_skipped[0][1]})"
 
 
 class _BadDocument(Exception):

@@ -223,8 +223,14 @@ def test_bad_corpus_lines_are_skipped_and_counted_as_the_cli_does_or_stop_it(app
     assert scan_button(at).disabled
     at.checkbox(key="scan_corpus_skip").set_value(True).run()
     at.file_uploader(key="scan_corpus").set_value(("bad.jsonl", b'{not json}\n', "application/json")).run()
-    assert any("the corpus has no usable documents: read 0 documents, skipped 1 bad ones" in v for v in texts(at.error))
+    assert any("the corpus has no usable documents: read 0 documents, skipped 1 bad one " in v for v in texts(at.error))
     assert scan_button(at).disabled
+    mostly_bad = b'{"text": "Paris"}\n' + b"{not json}\n" * 3  # as a binary file reads: a line of text by chance
+    at.file_uploader(key="scan_corpus").set_value(("mostly_bad.jsonl", mostly_bad, "application/json")).run()
+    no_exception(at)
+    assert any("mostly\\_bad.jsonl cannot be used: most of it is not usable text (read 1 document, skipped 3 bad ones"
+               in v for v in texts(at.error)), texts(at.error)  # fmt: skip
+    assert scan_button(at).disabled and not any("replace" in v for v in texts(at.success))
 
 
 def test_downloads_for_an_injected_result(app_env, tiny_result):

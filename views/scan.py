@@ -146,10 +146,17 @@ with st.expander("Use a corpus file instead of the master text (optional)", icon
             st.error(f"{config_tools.literal(upload.name)} cannot be used: {config_tools.literal(exc)}.")
             input_errors.append(str(exc))
         else:
-            st.success(f"{len(texts):,} documents from {config_tools.literal(upload.name)} replace the master text for "
-                       "this scan.")  # fmt: skip
-            if report.n_skipped:
-                st.warning(config_tools.literal(report.summary()) + ".")
+            if report.n_skipped > report.documents:  # e.g. a binary file: a few lines parse as text by chance
+                texts = None
+                problem_with_corpus = f"most of it is not usable text ({report.summary()}); is it the right file?"
+                st.error(f"{config_tools.literal(upload.name)} cannot be used: {config_tools.literal(problem_with_corpus)}")
+                input_errors.append(problem_with_corpus)
+            else:
+                one = len(texts) == 1
+                st.success(f"{len(texts):,} document{'' if one else 's'} from {config_tools.literal(upload.name)} "
+                           f"replace{'s' if one else ''} the master text for this scan.")  # fmt: skip
+                if report.n_skipped:
+                    st.warning(config_tools.literal(report.summary()) + ".")
 
 state.keep_widgets("scan", setting_defaults, settings_basis)
 
