@@ -197,11 +197,9 @@ def word_pairs(token_word) -> tuple[np.ndarray, np.ndarray]:
     each category (what align gives: a token in words of two categories belongs to both), or [T], one word per
     token; -1 for none."""
     token_word = np.asarray(token_word)
-    if token_word.ndim == 1:
-        tokens = np.flatnonzero(token_word >= 0)
-        return tokens, token_word[tokens]
-    tokens, categories = np.nonzero(token_word >= 0)
-    return tokens, token_word[tokens, categories]
+    token_word = token_word[:, None] if token_word.ndim == 1 else token_word  # [T] is one column
+    tokens, columns = np.nonzero(token_word >= 0)
+    return tokens, token_word[tokens, columns]
 
 
 def word_moments(acts: np.ndarray, token_word: np.ndarray, n_words: int) -> dict[str, np.ndarray | float]:

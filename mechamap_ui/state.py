@@ -241,8 +241,7 @@ def restore_widgets(page: str, defaults: dict, basis) -> None:
     a key still unset is set.
     basis: what the defaults come from (e.g. the active config's model and layers); once it changes, the
     defaults win again. keep_widgets saves the values."""
-    kept_basis, values = st.session_state.get(f"kept_widgets:{page}", (None, {}))
-    values = values if kept_basis == basis else {}
+    values = _kept_widgets(page, basis)
     returning = st.session_state.get(PAGE_BEFORE) != st.session_state.get(PAGE_NOW)
     for key, default in defaults.items():
         value = values.get(key, default)
@@ -252,10 +251,14 @@ def restore_widgets(page: str, defaults: dict, basis) -> None:
 
 def keep_widgets(page: str, keys, basis) -> None:
     """After a page drew its widgets: keep their values (those drawn on an earlier run too) for restore_widgets."""
-    kept_basis, values = st.session_state.get(f"kept_widgets:{page}", (None, {}))
-    values = dict(values) if kept_basis == basis else {}
-    values.update({key: st.session_state[key] for key in keys if key in st.session_state})
+    values = {**_kept_widgets(page, basis), **{key: st.session_state[key] for key in keys if key in st.session_state}}
     st.session_state[f"kept_widgets:{page}"] = (basis, values)
+
+
+def _kept_widgets(page: str, basis) -> dict:
+    """The widget values keep_widgets kept for page, if they were kept with this basis; else none."""
+    kept_basis, values = st.session_state.get(f"kept_widgets:{page}", (None, {}))
+    return values if kept_basis == basis else {}
 
 
 def set_active_run(run_id: str | None) -> None:

@@ -20,14 +20,14 @@ from mechamap_core.config import (
 from mechamap_core.master_text import DEFAULT_CONTEXTS, TEMPLATES, mix_texts, overcounted_words, write_master_text
 from mechamap_ui import config_tools, state
 
-MESSAGE = "cfg_message"  # (kind, text) shown once after a load / upload callback
+MESSAGE = "cfg_message"  # (kind, text, offers Undo) shown once after a load / upload callback
 UPLOAD = "cfg_upload"
 LOAD_CHOICE = "cfg_load_choice"
 REPLACED = "cfg_replaced"  # (config, name, label) that the last load replaced: Undo brings it back
 
 
-def _say(kind: str, text: str) -> None:
-    st.session_state[MESSAGE] = (kind, text)
+def _say(kind: str, text: str, offer_undo: bool = False) -> None:
+    st.session_state[MESSAGE] = (kind, text, offer_undo)
 
 
 def _load_saved() -> None:
@@ -67,9 +67,10 @@ def _replace_config(cfg, name: str, message: str) -> None:
     st.session_state[REPLACED] = (state.active_config(), state.active_config_name(), label)
     state.set_active_config(cfg, name)
     if label.endswith(state.EDITED_MARK):
-        _say("warning", f"{message} It replaced your unsaved edits of {config_tools.literal(label)}: *Undo* brings them back.")
+        _say("warning", f"{message} It replaced your unsaved edits of {config_tools.literal(label)}: *Undo* brings them "
+                        "back.", offer_undo=True)  # fmt: skip
     else:
-        _say("success", message)
+        _say("success", message, offer_undo=True)
 
 
 def _undo_load() -> None:
@@ -145,9 +146,9 @@ with st.expander("Load, upload or download a config", expanded=False, icon=":mat
         )  # fmt: skip
 message_box = st.container()
 if MESSAGE in st.session_state:
-    kind, text = st.session_state.pop(MESSAGE)
+    kind, text, offer_undo = st.session_state.pop(MESSAGE)
     getattr(message_box, kind)(text)
-    if text.startswith("Loaded") and REPLACED in st.session_state:
+    if offer_undo and REPLACED in st.session_state:
         message_box.button("Undo", on_click=_undo_load, icon=":material/undo:", help="Bring back the config this load replaced")
 
 st.subheader("Categories")

@@ -63,9 +63,7 @@ setting_defaults = {
     "scan_corpus_skip": True,
     **dict.fromkeys(["scan_device", "scan_dtype", "scan_spread", "scan_quantization"]),
 }  # fmt: skip
-
 state.restore_widgets("scan", setting_defaults, settings_basis)
-
 if st.session_state.get("scan_device", "auto") not in _devices():  # kept from a session that had another device
     del st.session_state["scan_device"]
 source = st.radio("Model", SOURCES, key="scan_source", horizontal=True, label_visibility="collapsed")
@@ -141,22 +139,18 @@ with st.expander("Use a corpus file instead of the master text (optional)", icon
             kind = Path(upload.name).suffix.lower().lstrip(".")
             texts = parse_corpus(upload.getvalue(), kind, field.strip() or "text",
                                  on_bad_document="skip" if skip_bad else "error", report=report)  # fmt: skip
+            if report.n_skipped > report.documents:  # e.g. a binary file: a few lines parse as text by chance
+                raise ValueError(f"most of it is not usable text ({report.summary()}), so it is likely not the right file")
         except ValueError as exc:
             texts = None
             st.error(f"{config_tools.literal(upload.name)} cannot be used: {config_tools.literal(exc)}.")
             input_errors.append(str(exc))
         else:
-            if report.n_skipped > report.documents:  # e.g. a binary file: a few lines parse as text by chance
-                texts = None
-                problem_with_corpus = f"most of it is not usable text ({report.summary()}); is it the right file?"
-                st.error(f"{config_tools.literal(upload.name)} cannot be used: {config_tools.literal(problem_with_corpus)}")
-                input_errors.append(problem_with_corpus)
-            else:
-                one = len(texts) == 1
-                st.success(f"{len(texts):,} document{'' if one else 's'} from {config_tools.literal(upload.name)} "
-                           f"replace{'s' if one else ''} the master text for this scan.")  # fmt: skip
-                if report.n_skipped:
-                    st.warning(config_tools.literal(report.summary()) + ".")
+            one = len(texts) == 1
+            st.success(f"{len(texts):,} document{'' if one else 's'} from {config_tools.literal(upload.name)} "
+                       f"replace{'s' if one else ''} the master text for this scan.")  # fmt: skip
+            if report.n_skipped:
+                st.warning(config_tools.literal(report.summary()) + ".")
 
 state.keep_widgets("scan", setting_defaults, settings_basis)
 

@@ -41,11 +41,11 @@ class SitePart:
     stats: dict[str, np.ndarray]  # each [C, n]
     top: tuple[np.ndarray, np.ndarray] | None  # (values, token keys), each [k, n]
     activations: np.ndarray | None  # the recorded activations, float32 [n, n_tokens] (on the host)
-    n_tokens: np.ndarray | None = None  # [C] the category tokens the site saw (an expert: those routed to it)
+    n_tokens: np.ndarray  # [C] the category tokens the site saw (an expert: those routed to it)
+    n_seen: int  # all the tokens the site saw (an expert: those routed to it)
     hook: str = ""  # the site's hook name (set by the caller; the dense hook name when empty)
     expert: int | None = None  # routed expert, None for dense and shared-expert neurons
     word_moments: dict | None = None  # permutation_pvalues' inputs, until add_permutation_pvalues uses them
-    n_seen: int | None = None  # all the tokens the site saw (an expert: those routed to it); None: not known
 
 
 def site_moments(stats: SiteStats, neurons: slice = slice(None)) -> dict[str, np.ndarray]:
@@ -117,8 +117,8 @@ def finish_part(layer: int, neurons: slice, stats: SiteStats, recorded: list[np.
     result["cv_auroc"] = nan if cv is None else cv
     result["score"] = consistent_separation(result["separation"], result["cv_auroc"])
     n_tokens = stats.n_cat.cpu().numpy().round().astype(np.int64)
-    return SitePart(layer, neurons.start, result, top, acts_t, n_tokens, hook_name(layer), word_moments=word_moments,
-                    n_seen=int(round(float(stats.n_all))))  # fmt: skip
+    n_seen = int(round(float(stats.n_all)))
+    return SitePart(layer, neurons.start, result, top, acts_t, n_tokens, n_seen, hook_name(layer), word_moments=word_moments)
 
 
 def for_finishing(values: torch.Tensor):
@@ -213,8 +213,7 @@ def token_folds(token_word: np.ndarray, word_category: np.ndarray, word_fold: np
 def too_few_tokens(part: SitePart) -> np.ndarray:
     """[C] bool: the categories of which the part's site saw fewer than MIN_CATEGORY_TOKENS tokens, or fewer than
     that many other tokens (a rest of one or two tokens has no variance to compare with, as a category of one)."""
-    thin = part.n_tokens < MIN_CATEGORY_TOKENS
-    return thin if part.n_seen is None else thin | (part.n_seen - part.n_tokens < MIN_CATEGORY_TOKENS)
+    return (part.n_tokens < MIN_CATEGORY_TOKENS) | (part.n_seen - part.n_tokens < MIN_CATEGORY_TOKENS)
 
 
 def assemble(model_name: str, categories: list[str], parts: list[SitePart], n_layers_model: int):

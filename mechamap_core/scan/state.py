@@ -54,13 +54,9 @@ def label_index(category_mask: torch.Tensor, word: torch.Tensor | None, fold: to
         pair_fold = fold.index_select(0, rows)[pair_token, pair_category]
     if word is None:
         return LabelIndex(rows, pair_token, pair_category, pair_fold)
-    if word.dim() == 1:
-        word_rows = torch.nonzero(word >= 0).view(-1)
-        pair_word = word.index_select(0, word_rows)
-    else:  # [T, C]: a token in words of two categories counts in both
-        word_rows, word_column = torch.nonzero(word >= 0, as_tuple=True)
-        pair_word = word[word_rows, word_column]
-    words, word_slot = torch.unique(pair_word, return_inverse=True)
+    word = word[:, None] if word.dim() == 1 else word  # [T, C]: a token in words of two categories counts in both
+    word_rows, word_column = torch.nonzero(word >= 0, as_tuple=True)
+    words, word_slot = torch.unique(word[word_rows, word_column], return_inverse=True)
     return LabelIndex(rows, pair_token, pair_category, pair_fold, word_rows, words, word_slot)
 
 
