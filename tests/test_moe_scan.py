@@ -255,6 +255,11 @@ def test_expert_statistics_from_recording_equal_those_without(default_cfg, parag
     np.testing.assert_array_equal(a["p_value"].to_numpy(), b["p_value"].to_numpy())
     assert a["p_value"].notna().any()
     pd.testing.assert_frame_equal(recorded.extras["routing"], binned.extras["routing"])
+    # binned AUROC on edges calibrated from every token (one extra pass), not from the expert's first routed few
+    assert binned.metadata["n_forward_passes"] == recorded.metadata["n_forward_passes"] + 1
+    exact_auroc, binned_auroc = a["auroc"].to_numpy(), b["auroc"].to_numpy()
+    assert np.array_equal(np.isnan(exact_auroc), np.isnan(binned_auroc))
+    assert np.nanmax(np.abs(exact_auroc - binned_auroc)) <= 0.05
 
 
 def test_memory_plan_counts_an_experts_routed_tokens_only():

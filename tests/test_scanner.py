@@ -331,6 +331,30 @@ def test_binned_auroc_close_to_exact(bundled_pair):
         np.testing.assert_allclose(exact.scores[col], binned.scores[col], rtol=1e-6, atol=1e-9)
 
 
+def test_binned_auroc_calibrates_its_edges_when_batches_are_small(bundled_lm, default_cfg):
+    """Batches of 16 tokens: the histogram edges come from one calibration batch of CALIBRATION_TOKENS tokens
+    (one extra forward pass), not from the first 16 tokens, which put binned AUROCs up to 0.12 off the exact."""
+    cfg = dataclasses.replace(default_cfg, batch_size=1, max_chunk_tokens=16)
+    exact = scan(bundled_lm, cfg, limit_neurons=32, record_activations=True)
+    binned = scan(bundled_lm, cfg, limit_neurons=32, record_activations=False)
+    assert binned.metadata["n_forward_passes"] == binned.metadata["n_chunks"] + 1  # the calibration batch
+    assert exact.metadata["n_forward_passes"] == exact.metadata["n_chunks"]
+    for column in ("auroc", "cv_auroc"):
+        a, b = exact.scores[column].to_numpy(), binned.scores[column].to_numpy()
+        assert np.abs(a - b).max() <= 0.01
+
+
+def test_calibration_batch_size():
+    """Enough chunks for CALIBRATION_TOKENS tokens, never fewer than a scan batch, no more than exist or fit."""
+    from mechamap_core.scan.calibrate import CALIBRATION_TOKENS, calibration_chunks
+
+    assert calibration_chunks(16, 1, 500) == CALIBRATION_TOKENS // 16
+    assert calibration_chunks(16, 1, 10) == 10
+    assert calibration_chunks(16, 1, 500, most_chunks=3) == 3
+    assert calibration_chunks(512, 8, 500) == 8  # the first scan batch already has the tokens
+    assert calibration_chunks(4096, 1, 500) == 1
+
+
 def test_recorded_top_k_equals_in_hook_top_k(bundled_pair):
     """Recorded layers read their top-k off the exact ranking; without recording it is merged in the hook."""
     exact, binned = bundled_pair

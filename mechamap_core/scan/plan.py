@@ -66,6 +66,16 @@ class ScanPlan:
         out["retries"] = list(self.retries)
         return out
 
+    def most_chunks(self) -> int | None:
+        """The most chunks one batch may hold in the device's free memory (None: unknown); after an
+        out-of-memory retry, no more than the retry's batch."""
+        if self.retries:
+            return self.batch_size
+        if self.device_available_bytes is None:
+            return None
+        per_chunk = max(1, self.batch_bytes // max(self.batch_size, 1))
+        return max(1, int(BATCH_FRACTION * self.device_available_bytes) // per_chunk)
+
     def after_out_of_memory(self, error: BaseException) -> ScanPlan | None:
         """The plan to retry with after an out-of-memory error: half the batch; at batch 1, no recording.
         None when there is nothing smaller to try."""

@@ -18,6 +18,7 @@ from ..models import LoadedModel
 from ..moe import MoELayer
 from ..sites import n_layers as count_layers
 from ..stats import word_folds
+from .calibrate import calibrate_edges, calibration_chunks
 from .driver import Batch, ProgressFn, Site, batches, resolve_hook_points, run_hooked_forward, site_device
 from .finish import (
     FinishContext,
@@ -183,7 +184,7 @@ def scan(
         aligned_s = time.perf_counter()
         (parts, passes, states), plan = run_with_retry(plan, lambda p: _run_sites(
             lm, dataclasses.replace(cfg, batch_size=p.batch_size), aligned, points, sites, n_neurons, p.record, progress,
-            p.record_on_device,
+            p.record_on_device, p.most_chunks(),
         ))  # fmt: skip  # an out-of-memory error retries once with a smaller batch
         record = plan.record
         forward_s = time.perf_counter()
@@ -274,11 +275,16 @@ def routed_context(context: FinishContext, tokens: np.ndarray) -> FinishContext:
     return dataclasses.replace(context, category_mask=context.category_mask[tokens], token_word=token_word)
 
 
-def _run_sites(lm, cfg, aligned, points, sites: list[Site], n_neurons, record: bool, progress, record_on_device=False):
+def _run_sites(
+    lm, cfg, aligned, points, sites: list[Site], n_neurons, record: bool, progress, record_on_device=False,
+    most_chunks: int | None = None,
+):
     """The forward passes with every site's SiteStats updated in its hook; each site finished once its last
     batch is in (on a worker thread when a core is free). A recording is kept on the host, or with
-    record_on_device on the GPU that computes each site. Returns (parts in site order, forward passes,
-    the states by hook name)."""
+    record_on_device on the GPU that computes each site. Without a recording, histogram edges come from the
+    first batch when it has CALIBRATION_TOKENS tokens, else from a calibration batch of up to most_chunks
+    chunks (calibrate.py), as do experts' (whose first batch may route few tokens to them). Returns (parts in
+    site order, forward passes plus calibration passes, the states by hook name)."""
     n_categories, n_words = len(aligned.categories), len(aligned.coverage)
     histogram = cfg.auroc and not record  # exact AUROC needs the recorded activations, else histograms
     top_k_in_hook = hook_top_k(lm.device, record, cfg.top_k_tokens)
@@ -294,6 +300,12 @@ def _run_sites(lm, cfg, aligned, points, sites: list[Site], n_neurons, record: b
         cfg.permutations, cfg.seed, word_keys(cfg),
     )  # fmt: skip
     dense_context = dataclasses.replace(context, permutations=0)
+    edges: dict[str, torch.Tensor] = {}
+    if histogram:
+        chunk_tokens = max(len(c.input_ids) for c in aligned.chunks)
+        n_chunks = calibration_chunks(chunk_tokens, cfg.batch_size, len(aligned.chunks), most_chunks)
+        if n_chunks > cfg.batch_size or any(s.kind == "expert" for s in sites):
+            edges = calibrate_edges(lm, points, n_neurons, aligned.chunks, n_chunks)
     states: dict[str, SiteStats] = {}
     kept: dict[str, list] = {s.hook: [] for s in sites}  # recorded [T_batch, N] float32 parts (numpy, or GPU tensors)
     kept_tokens: dict[str, list[torch.Tensor]] = {s.hook: [] for s in sites}  # an expert's: its tokens' indices
@@ -326,7 +338,7 @@ def _run_sites(lm, cfg, aligned, points, sites: list[Site], n_neurons, record: b
     def on_site(site: Site, acts: torch.Tensor, batch: Batch, slots: torch.Tensor | None) -> None:
         device = acts.device
         if site.hook not in states:  # each site's statistics live on its module's device
-            states[site.hook] = SiteStats(layouts[site.hook], site_device(site, device))
+            states[site.hook] = SiteStats(layouts[site.hook], site_device(site, device), edges.get(site.hook))
         here = labels["current"].on(device)
         states[site.hook].update(acts, here if slots is None else here.select(slots))
         if record:  # compact copies: acts may view all neurons
@@ -386,4 +398,4 @@ def _run_sites(lm, cfg, aligned, points, sites: list[Site], n_neurons, record: b
         if dense_p_values.get(part.hook) is not None:
             width = part.stats["score"].shape[1]
             part.stats["p_value"] = dense_p_values[part.hook][:, part.first_neuron : part.first_neuron + width]
-    return parts, passes, states
+    return parts, passes + (1 if edges else 0), states

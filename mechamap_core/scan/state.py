@@ -335,9 +335,12 @@ def merge_all(states: list[SiteStats]) -> SiteStats:
 
 
 def quantile_edges(ordered: torch.Tensor, bins: int) -> torch.Tensor:
-    """Equal-mass bin edges [N, bins - 1] from rows sorted ascending [N, T]; the end bins are open."""
+    """Equal-mass bin edges [N, bins - 1] from rows sorted ascending [N, T]; the end bins are open. Each edge lies
+    halfway between two neighbouring values, not on one: a value on an edge would change bins with a rounding
+    difference of the forward pass (another batch's padding), and shards of one scan would disagree."""
     at = torch.linspace(0, ordered.shape[1] - 1, bins + 1, device=ordered.device)[1:-1].round().long()
-    return ordered.index_select(1, at).contiguous()
+    above = (at + 1).clamp(max=ordered.shape[1] - 1)
+    return ((ordered.index_select(1, at) + ordered.index_select(1, above)) / 2).contiguous()
 
 
 def _lowest_first(priority: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:

@@ -24,11 +24,12 @@ from ..files import atomic_output
 from ..models import LoadedModel
 from ..moe import RECOMPUTED_AFTER_CHECK, MoELayer
 from ..sites import n_layers as count_layers
+from .calibrate import calibrate_edges, calibration_chunks
 from .driver import Batch, Site, batches, resolve_hook_points, run_hooked_forward, site_device
 from .finish import FinishContext, add_permutation_pvalues, assemble, finish_part, token_folds
 from .result import ScanResult
 from .run import batch_labels, routing_from_states, scan_targets, word_keys, word_labels
-from .state import HIST_BINS, SiteStats, StatsLayout, quantile_edges, sorted_rows
+from .state import HIST_BINS, SiteStats, StatsLayout
 
 KEY_POSITIONS = 2**24  # a token's key: document index * KEY_POSITIONS + its ordinal among the document's tokens
 CONTEXT_CHARS = 60
@@ -209,7 +210,13 @@ def scan_stream(
                                 HIST_BINS if cfg.auroc else 0, SAMPLE_BANDS, SAMPLES_PER_BAND)
             for s in sites
         }  # fmt: skip
-        edges = _calibrate_edges(lm, cfg, points, n_neurons, calibration_texts, chunk_tokens)
+        edges = {}
+        if cfg.auroc:
+            calibration = align(lm.tokenizer, [t for t in calibration_texts if t.strip()], {}, chunk_tokens)
+            if calibration.n_tokens == 0:
+                raise ValueError("the corpus's first documents have no tokens besides special tokens")
+            n_chunks = calibration_chunks(chunk_tokens, cfg.batch_size, len(calibration.chunks))
+            edges = calibrate_edges(lm, points, n_neurons, calibration.chunks, n_chunks)
         state = resume_from or StreamState({}, category_tokens=np.zeros(len(cfg.categories), dtype=np.int64))
         if report is not None:
             state.report = report
@@ -244,41 +251,6 @@ def scan_stream(
             checkpointing.save(state)
     state.sites = {hook: stats.to("cpu") for hook, stats in state.sites.items()}
     return state
-
-
-def _calibrate_edges(lm, cfg, points, n_neurons, texts: list[str], chunk_tokens: int) -> dict[str, torch.Tensor]:
-    """Per-site histogram edges from one forward pass over the calibration texts' first batch. An expert's
-    edges come from its neurons on every calibration token (recomputed), so they exist for every expert."""
-    if not cfg.auroc:
-        return {}
-    aligned = align(lm.tokenizer, [t for t in texts if t.strip()], {}, chunk_tokens)
-    if aligned.n_tokens == 0:
-        raise ValueError("the corpus's first documents have no tokens besides special tokens")
-    edges: dict[str, torch.Tensor] = {}
-    first = next(batches(aligned.chunks, cfg.batch_size, lm.pad_id))
-    every_token = [p for p in points if isinstance(p, MoELayer)]
-
-    def edges_of(acts: torch.Tensor) -> torch.Tensor:
-        return quantile_edges(sorted_rows(acts.T.contiguous()), HIST_BINS)
-
-    def on_site(site, acts, batch, slots):
-        if site.kind != "expert":
-            edges[site.hook] = edges_of(acts)
-
-    def on_moe(module, args, kwargs, moe: MoELayer):
-        hidden = moe.read_hook_inputs(args, kwargs).hidden
-        hidden = hidden.index_select(0, first.positions_on(hidden.device))  # the counted tokens
-        for expert in range(moe.n_experts):
-            edges[moe.hook_name(expert)] = edges_of(moe._recompute(hidden, expert)[:, : n_neurons[moe.hook_name(expert)]])
-
-    handles = [p.hook_module.register_forward_pre_hook(lambda m, a, k, moe=p: on_moe(m, a, k, moe), with_kwargs=True)
-               for p in every_token]  # fmt: skip
-    try:
-        run_hooked_forward(lm, [first], points, on_site, n_neurons)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return edges
 
 
 def _scan_group(
