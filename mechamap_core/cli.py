@@ -107,6 +107,9 @@ def _check_outputs(
         if flag not in folders and target.is_dir():
             raise ValueError(f"{flag} {path} is a folder: give a file path")
         folder = target if flag in folders else target.parent
+        file_above = next((above for above in (folder, *folder.parents) if above.is_file()), None)
+        if file_above is not None:  # mkdir would say only "File exists" or "Not a directory"
+            raise ValueError(f"cannot write {flag} {path}: {file_above} is a file, not a folder")
         try:
             folder.mkdir(parents=True, exist_ok=True)
             tempfile.TemporaryFile(dir=folder).close()
@@ -267,10 +270,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# read as text whatever they hold (a category named 1999), and with low_memory=False no column's type is inferred
+# chunk by chunk (a top_tokens column empty for 100,000 rows, then text, made pandas warn of mixed types)
+_TEXT_COLUMNS = {"model": str, "category": str, "hook": str, "top_tokens": str}
+
+
 def _read_scores(path: str, *columns: str, numeric: tuple[str, ...] = (), flag: str = "--csv") -> pd.DataFrame:
     """A scores CSV or Parquet file (given with `flag`) with layer, neuron, category and `columns`, checked: a .csv,
-    .parquet or extensionless name (a pipe), at least one row, whole layer and neuron numbers, and numbers in the
-    `numeric` columns. Raises ValueError naming the file."""
+    .parquet or extensionless name (a pipe), at least one row, whole layer and neuron numbers, whole or empty experts
+    (read as nullable integers), and numbers in the `numeric` columns. Raises ValueError naming the file."""
     suffix = format_suffix(path)  # a .csv.gz reads as CSV: pandas decompresses it
     if suffix in (".json", ".jsonl"):
         raise ValueError(f"{flag} {path} is a JSON export; pass the CSV or Parquet export")
@@ -282,7 +290,7 @@ def _read_scores(path: str, *columns: str, numeric: tuple[str, ...] = (), flag: 
     if Path(path).is_dir():
         raise ValueError(f"{flag} {path} is a folder: give the scores file")
     try:
-        scores = pd.read_parquet(path) if suffix == ".parquet" else pd.read_csv(path)
+        scores = pd.read_parquet(path) if suffix == ".parquet" else pd.read_csv(path, dtype=_TEXT_COLUMNS, low_memory=False)
     except ValueError as exc:  # empty, malformed or undecodable CSV; not a Parquet file
         raise ValueError(f"{path} is not a MechaMap scores file ({first_line(exc)})") from None
     except OSError as exc:
@@ -297,12 +305,20 @@ def _read_scores(path: str, *columns: str, numeric: tuple[str, ...] = (), flag: 
         raise ValueError(f"{path} has no rows: scan again, or pick the file with the results")
     for column in ("layer", "neuron"):
         values = scores[column]
-        if not pd.api.types.is_numeric_dtype(values) or values.isna().any() or (values % 1 != 0).any():
+        if values.isna().any() or not _whole_or_empty(values):
             raise ValueError(f"{path}: every row needs a whole-number {column}")
+    if "expert" in scores.columns and not _whole_or_empty(scores["expert"]):
+        raise ValueError(f"{path}: every expert must be a whole number, or empty for a dense neuron")
     for column in numeric:
         if not pd.api.types.is_numeric_dtype(scores[column]):
             raise ValueError(f"{path}: '{column}' is not a numeric column; pick a statistic such as score or auroc")
-    return scores.astype({"layer": "int64", "neuron": "int64"})
+    whole = {"layer": "int64", "neuron": "int64", **({"expert": "Int64"} if "expert" in scores.columns else {})}
+    return scores.astype(whole)  # a CSV gives layer 4.0 for a float column, and expert 2.0 beside empty ones
+
+
+def _whole_or_empty(values: pd.Series) -> bool:
+    """Whether a column holds only whole numbers and empty cells."""
+    return pd.api.types.is_numeric_dtype(values) and bool((values.dropna() % 1 == 0).all())
 
 
 def _model_name(args, scores: pd.DataFrame) -> str:
@@ -461,10 +477,11 @@ def _run_write_text(args) -> int:
 
 def _run_contrast(args) -> int:
     from . import export
-    from .contrast import contrast_neurons
+    from .contrast import check_shared_categories, contrast_neurons
 
     contrast_set = _load_contrast_set(args.contrast)
     scores = _read_scores(args.csv, "score", numeric=("score",))
+    check_shared_categories(scores, contrast_set)
     model = _model_name(args, scores)
     _check_outputs({"--out": args.out}, {"--csv": args.csv, "--contrast": args.contrast},
                    input_folders={"the model folder": _model_folder(model)}, formats={"--out": ".csv"})  # fmt: skip
@@ -685,7 +702,7 @@ def _run_interpret(args) -> int:
     top = analysis.top_neurons(scores, args.metric, args.top or len(scores))[list(dict.fromkeys(cols))]  # 0: all
     print(analysis.with_readable_top_tokens(top).to_string(index=False))
     if args.multi_category:
-        overlap = analysis.multi_category_neurons(scores, args.metric, threshold)
+        overlap = analysis.multi_category_neurons(scores, args.metric, threshold)[[*neuron, "n_categories", "categories"]]
         print(f"\nNeurons flagged in 2+ categories: {len(overlap)}")
         print(overlap.to_string(index=False) if len(overlap) else "(none)")
     if args.correlation:

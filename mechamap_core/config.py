@@ -191,11 +191,9 @@ def validate_config(cfg: ScanConfig, require_master_text: bool = True) -> None:
         if name.strip().lower() in seen:
             problems.append((where, f"duplicate category '{name}' (same as '{seen[name.strip().lower()]}')"))
         seen[name.strip().lower()] = name
-        if not isinstance(words, list) or any(not isinstance(w, (str, int, float)) or isinstance(w, bool) for w in words):
-            problems.append((where, f"category '{name}' must be a list of words"))
-            continue
-        if not [w for w in words if str(w).strip()]:
-            problems.append((where, f"category '{name}' has no words"))
+        words_problem = _words_problem(name, words)
+        if words_problem:
+            problems.append((where, words_problem))
     for key in ("top_k_tokens", "limit_neurons", "max_chunk_tokens", "permutations", "seed"):
         if getattr(cfg, key) < 0:
             problems.append((key, f"'{key}' must be 0 or more, got {getattr(cfg, key)}"))
@@ -214,7 +212,40 @@ def validate_config(cfg: ScanConfig, require_master_text: bool = True) -> None:
     if problems:
         raise ConfigError(problems)
     # normalise words to stripped strings (YAML may give 1999 as an int)
-    cfg.categories = {name: [str(w).strip() for w in words if str(w).strip()] for name, words in cfg.categories.items()}
+    cfg.categories = {name: [str(w).strip() for w in words] for name, words in cfg.categories.items()}
+
+
+def _words_problem(name: str, words: object) -> str | None:
+    """What keeps a category's entries from being a list of words, or None. Numbers count as words (YAML reads 1999
+    as an int); true/false (YAML's reading of unquoted yes, no, on, off), nested lists and mappings, dates and other
+    values do not; empty or blank words (and null: a '-' with nothing after it) are named, not dropped."""
+    listed = f"category '{name}' must be a list of words"
+    if not isinstance(words, list):
+        return listed
+    flags = [number for number, word in enumerate(words, start=1) if isinstance(word, bool)]
+    if flags:
+        return (f"{listed}: YAML reads {_entries(flags)} (yes, no, on, off, true, false unquoted) as true/false; "
+                f'quote {"it" if len(flags) == 1 else "them"}, e.g. "yes"')  # fmt: skip
+    for number, word in enumerate(words, start=1):
+        if isinstance(word, (list, dict)):
+            kind = "list" if isinstance(word, list) else "mapping"
+            return f"{listed}: entry {number} is a {kind}; give one word or phrase per entry"
+        if not isinstance(word, (str, int, float, type(None))):  # a date: YAML reads 2024-01-15 as one
+            return f'{listed}: YAML reads entry {number} as a {type(word).__name__}; quote it, e.g. "{word}"'
+    empty = [number for number, word in enumerate(words, start=1) if word is None or not str(word).strip()]
+    if len(empty) == len(words):
+        return f"category '{name}' has no words"
+    if empty:
+        what, them = ("an empty word", "it") if len(empty) == 1 else ("empty words", "them")
+        return f"category '{name}' has {what} ({_entries(empty)}): remove {them}"
+    return None
+
+
+def _entries(numbers: list[int]) -> str:
+    """[2] -> 'entry 2', [2, 4] -> 'entries 2 and 4', [1, 2, 5] -> 'entries 1, 2 and 5'."""
+    if len(numbers) == 1:
+        return f"entry {numbers[0]}"
+    return f"entries {', '.join(map(str, numbers[:-1]))} and {numbers[-1]}"
 
 
 def safe_load_yaml(text: str, what: str = "config") -> object:

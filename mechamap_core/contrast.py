@@ -194,13 +194,23 @@ def contrast_table(lm: LoadedModel, candidates: pd.DataFrame, contrast_set: Cont
     return pd.DataFrame(rows)
 
 
+def check_shared_categories(scores: pd.DataFrame, contrast_set: ContrastSet) -> None:
+    """Raises ValueError, naming the run's categories, when the scores have none of the contrast set's categories
+    (before any model loads: no threshold would flag a neuron there)."""
+    run = list(dict.fromkeys(scores["category"].astype(str)))
+    if not set(run) & set(contrast_set):
+        raise ValueError(f"the run has no category of the contrast set ({', '.join(contrast_set)}); "
+                         f"the run's categories are: {', '.join(run)}")  # fmt: skip
+
+
 def contrast_neurons(
     lm: LoadedModel, scores: pd.DataFrame, contrast_set: ContrastSet, threshold: float = 2.0, top: int | None = 5
 ) -> pd.DataFrame:
     """contrast_table for the dense MLP neurons with score >= threshold in the contrast set's categories (best
     `top` per category by score; None = all). A mixture-of-experts model's expert and shared-expert neurons are
     left out: an expert sees only the tokens routed to it, so most contrast words never reach it.
-    Raises ValueError when none is flagged there."""
+    Raises ValueError when the run has none of the set's categories, or when no neuron is flagged in them."""
+    check_shared_categories(scores, contrast_set)
     rows = scores[(scores["score"] >= threshold) & scores["category"].astype(str).isin(list(contrast_set))]
     dense = dense_mlp_rows(rows)
     if len(rows) and not dense.any():

@@ -143,6 +143,19 @@ def iter_documents(
     return _documents(f"the corpus {source}", readers, on_bad_document, rank, world_size, start, report)
 
 
+def check_corpus(source: str | os.PathLike, *, text_field: str = "text", on_bad_document: str = "skip") -> None:
+    """Check a corpus cheaply before a scan loads its model: iter_documents' checks of the source (its files exist
+    and are of a kind read here), then reading up to its first good document (a corpus of bad documents only is
+    read to its end). Raises what iter_documents raises: FileNotFoundError, OSError, or ValueError for a corpus
+    without documents, with no usable one (e.g. no record has the text field), or (on_bad_document="error")
+    whose first document is bad."""
+    documents = iter_documents(source, text_field=text_field, on_bad_document=on_bad_document)
+    try:
+        next(documents, None)
+    finally:
+        documents.close()
+
+
 def _check_on_bad_document(on_bad_document: str) -> None:
     if on_bad_document not in ("skip", "error"):
         raise ValueError(f"on_bad_document must be 'skip' or 'error', not {on_bad_document!r}")

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .config import ScanConfig
-from .corpus import CorpusReport, Document, iter_documents
+from .corpus import CorpusReport, Document, check_corpus, iter_documents
 from .errors import first_line
 from .models import LoadedModel
 from .scan.distributed import Ranks, gather_to_rank0, process_group, ranks_from_env
@@ -29,6 +29,7 @@ def run_corpus_scan(args, cfg: ScanConfig, load: Callable[[str], LoadedModel], c
     ranks = ranks_from_env()
     device = ranks.device(args.device)
     text_field = args.text_field or cfg.corpus_text_field
+    check_corpus(corpus, text_field=text_field, on_bad_document=args.on_bad_document)  # a bad corpus before loading
     with process_group(ranks, device):
         lm = load(device)
         fingerprint = {

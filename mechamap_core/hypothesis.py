@@ -70,11 +70,12 @@ def check_heldout_inputs(heldout: ScanConfig, run_categories: list[str], lm: Loa
     Left out, each with a message: categories the run does not have (validate_heldout tests the run's flagged
     neurons, so their words could test nothing), and categories without a word (blank or whitespace words do not
     count). Named in a warning: the kept words that never occur in the held-out text (not checked for a corpus,
-    which is not read here). Named in a note: the run's categories none of whose held-out words occur, whose
-    flagged neurons will show as not tested; with the model (its tokenizer), also those whose words cover fewer
-    than MIN_CATEGORY_TOKENS tokens, which the held-out check cannot test either. config is None, with an error or
-    note saying why, for an empty text, no usable category, a config validate_config rejects, or a text in which no
-    category can be tested.
+    which is not read here), and, with the model (its tokenizer), the categories whose words cover fewer than
+    MIN_CATEGORY_TOKENS tokens, which the held-out check cannot test. Named in notes, each saying which, as their
+    flagged neurons will show as not tested: the run's categories the held-out config gives no words, and those
+    none of whose held-out words occurs in the held-out text. config is None, with an error or note saying why, for
+    an empty text, no usable category, a config validate_config rejects, or a text in which no category can be
+    tested.
     """
     if not heldout.corpus and not any(str(t).strip() for t in heldout.texts):
         return HeldoutInputs(None, [("info", "The held-out text is empty: give a text that uses the held-out words.")])
@@ -128,10 +129,14 @@ def check_heldout_inputs(heldout: ScanConfig, run_categories: list[str], lm: Loa
         found -= set(thin)
         if not found:
             return HeldoutInputs(None, [*messages, ("error", "No held-out category has enough tokens: nothing can be tested.")])
-    untested = [name for name in run if name not in found and name not in thin]
-    if untested:
+    without_words = [name for name in run if name not in kept]  # not in the held-out config, or blank words only
+    unmatched = [name for name in run if name in kept and name not in found and name not in thin]
+    if without_words:
+        messages.append(("info", "The held-out config has no words for these categories of the run, so their flagged "
+                                 f"neurons will show as not tested: {', '.join(without_words)}."))  # fmt: skip
+    if unmatched:
         messages.append(("info", "No held-out word of these categories occurs in the held-out text, so their flagged "
-                                 f"neurons will show as not tested: {', '.join(untested)}."))  # fmt: skip
+                                 f"neurons will show as not tested: {', '.join(unmatched)}."))  # fmt: skip
     return HeldoutInputs(config, messages)
 
 
@@ -227,7 +232,8 @@ def validate_heldout(
     per_neuron = pd.DataFrame(rows)
     if experts:
         per_neuron["expert"] = pd.array(per_neuron["expert"], dtype="Int64")
-    scanned = candidates.assign(category=candidates["category"].astype(str))
+    # per_neuron has each candidate's hook already: merged again, it came back as a second column, hook_scan
+    scanned = candidates.drop(columns="hook", errors="ignore").assign(category=candidates["category"].astype(str))
     per_neuron = per_neuron.merge(scanned, on=key, how="left", suffixes=("", "_scan"))
     summary = (
         per_neuron.groupby("category", sort=False)["status"]

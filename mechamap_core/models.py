@@ -234,7 +234,8 @@ def _hub_snapshot(source: str, revision, offline, token, download_progress, chec
     cannot be reached and the cache has it), else listed, checked, then downloaded into the cache."""
     repo_id, spec_revision = hub.parse_hub_spec(source)
     if revision and spec_revision and revision != spec_revision:
-        raise ModelNotAvailableError(f"'{source}' names revision '{spec_revision}' but revision='{revision}' was also given")
+        raise ModelNotAvailableError(f"'{source}' names revision '{spec_revision}' but --revision {revision} (revision="
+                                     f"'{revision}') was also given: name the revision once")  # fmt: skip
     revision = revision or spec_revision
     env_offline = hub.hub_offline()
     if offline is False and env_offline:

@@ -227,7 +227,8 @@ def test_validate_prints_summary(scanned, capsys, tmp_path):
     assert "Held-out check of" in captured.out
     table = pd.read_csv(paths["csv"])
     assert f"Held-out check of {int((table['score'] >= 1).sum())} flagged rows" in captured.out
-    assert out_csv.is_file()
+    columns = list(pd.read_csv(out_csv).columns)
+    assert columns.count("hook") == 1 and not [c for c in columns if c.endswith("_scan")]  # one hook column
     assert main(["validate", "--csv", str(paths["csv"]), "--heldout", HELDOUT, "--threshold", "0", "--device", "cpu", "--ceiling"]) == 0
     lines = capsys.readouterr().out.splitlines()
     header = lines[1].split()
@@ -718,3 +719,81 @@ def test_a_config_can_come_from_a_pipe(capsys, tmp_path):
     assert main(["write-text", "--config", str(fifo), "--contexts", "1"]) == 0
     feeder.join(timeout=10)
     assert "pizza" in capsys.readouterr().out
+
+
+# --- refused before loading, and tables read back as written ----------------------------------------------
+
+
+def test_a_bad_corpus_is_refused_before_the_model_loads(capsys, tmp_path, monkeypatch):
+    """A corpus of another kind, without documents, or whose records lack the text field is named before loading."""
+    no_model_loads(monkeypatch)
+    (tmp_path / "docs.csv").write_text("text\nA dog ate pizza.\n", encoding="utf-8")
+    (tmp_path / "empty.txt").write_text("\n  \n", encoding="utf-8")
+    (tmp_path / "docs.jsonl").write_text('{"body": "A dog ate pizza."}\n{"body": "A red bus."}\n', encoding="utf-8")
+    scan = ["scan", "--config", DEFAULT, "--model", str(tmp_path / "no-such-model"), "--corpus"]
+    cases = [
+        ([*scan, str(tmp_path / "docs.csv")], "corpus files must be .txt", "not '.csv'"),
+        ([*scan, str(tmp_path / "empty.txt")], f"the corpus {tmp_path / 'empty.txt'} has no documents"),
+        ([*scan, str(tmp_path / "docs.jsonl")], "has no usable documents", "has no field 'text'"),
+        ([*scan, str(tmp_path / "docs.jsonl"), "--text-field", "title"], "has no field 'title'"),
+        ([*scan, str(tmp_path / "docs.jsonl"), "--on-bad-document", "error"], "docs.jsonl line 1 has no field 'text'"),
+    ]  # fmt: skip
+    for argv, *fragments in cases:
+        assert main(argv) == 1, argv
+        err = capsys.readouterr().err
+        assert_one_line_error(err, *fragments)
+        assert "loading" not in err
+
+
+def test_interpret_multi_category_shows_experts_as_whole_numbers_and_no_blank_expert_column(scanned, capsys, tmp_path):
+    from mechamap_core.cli import _read_scores
+
+    assert main(["interpret", "--csv", str(scanned[1]["csv"]), "--multi-category", "--threshold", "0"]) == 0
+    overlap = capsys.readouterr().out.split("Neurons flagged in 2+ categories")[1]
+    assert overlap.splitlines()[1].split() == ["layer", "neuron", "n_categories", "categories"]  # a dense run
+    moe = tmp_path / "moe.csv"
+    hooks = ["blocks.0.mlp.hook_post", "blocks.0.mlp.experts.2.hook_post", "blocks.0.mlp.experts.2.hook_post"]
+    pd.DataFrame({"model": "m", "layer": 0, "expert": [None, 2, 2], "neuron": [1, 7, 7], "category": ["food", "food", "animal"],
+                  "hook": hooks, "score": 5.0}).to_csv(moe, index=False)  # fmt: skip
+    assert _read_scores(str(moe))["expert"].dtype == "Int64"
+    assert main(["interpret", "--csv", str(moe), "--multi-category"]) == 0
+    out = capsys.readouterr().out
+    overlap = out.split("Neurons flagged in 2+ categories: 1")[1].splitlines()
+    assert overlap[1].split() == ["layer", "expert", "neuron", "n_categories", "categories"]
+    assert overlap[2].split()[:3] == ["0", "2", "7"] and "2.0" not in out
+
+
+def test_scores_with_a_column_empty_at_first_are_read_without_a_dtype_warning(tmp_path):
+    """pandas reads a long CSV in chunks and warns when a column (top_tokens, empty for neurons without tokens) is
+    empty in one chunk and text in another."""
+    import warnings
+
+    from mechamap_core.cli import _read_scores
+
+    n = 140_000
+    csv = tmp_path / "long.csv"
+    pd.DataFrame({"layer": 0, "neuron": range(n), "category": "food", "score": 1.0,
+                  "top_tokens": [None] * (n - 1) + ["[('pizza', 1.0)]"]}).to_csv(csv, index=False)  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scores = _read_scores(str(csv))
+    assert scores["top_tokens"].iloc[-1] == "[('pizza', 1.0)]" and scores["top_tokens"].isna().sum() == n - 1
+
+
+def test_contrast_names_the_runs_categories_when_it_has_none_of_the_sets(capsys, tmp_path, monkeypatch):
+    no_model_loads(monkeypatch)
+    scores = tmp_path / "scores.csv"
+    pd.concat([scores_of("bundled", category="planet"), scores_of("bundled", category="gem")]).to_csv(scores, index=False)
+    assert main(["contrast", "--csv", str(scores)]) == 1
+    assert_one_line_error(capsys.readouterr().err, "the run has no category of the contrast set",
+                          "the run's categories are: planet, gem")  # fmt: skip
+
+
+def test_output_below_a_file_and_a_revision_given_twice_are_named_as_such(capsys, tmp_path):
+    (tmp_path / "file").write_text("x", encoding="utf-8")
+    scan = ["scan", "--config", DEFAULT, "--limit-neurons", "2", "--device", "cpu"]
+    for below in (tmp_path / "file" / "scores.csv", tmp_path / "file" / "deeper" / "scores.csv"):
+        assert main([*scan, "--csv", str(below)]) == 1
+        assert_one_line_error(capsys.readouterr().err, f"cannot write --csv {below}: {tmp_path / 'file'} is a file, not a folder")
+    assert main([*scan, "--model", "org/tiny@v1", "--revision", "main"]) == 1
+    assert_one_line_error(capsys.readouterr().err, "'org/tiny@v1' names revision 'v1'", "--revision main")

@@ -186,6 +186,29 @@ def test_empty_word_lists(words):
     assert "no words" in str(err)
 
 
+def test_empty_words_are_refused_naming_their_category():
+    """An empty or blank word among real ones is refused, not dropped without a word (the Config page's table
+    drops the blanks between its commas before validating, so only a file's list can hold one)."""
+    err = config_error(yaml_of(categories={"food": ["pizza", "", "soup", "  "], "location": ["Paris"]}))
+    assert err.problems == [("categories.food", "category 'food' has empty words (entries 2 and 4): remove them")]
+    err = config_error(yaml_of(categories={"food": ["pizza", None]}))  # a '-' with nothing after it, or null
+    assert err.problems == [("categories.food", "category 'food' has an empty word (entry 2): remove it")]
+    with pytest.raises(ConfigError, match="has an empty word"):
+        validate_config(ScanConfig(master_text="pizza", categories={"food": ["pizza", " "]}))
+
+
+def test_entries_yaml_reads_as_other_than_words_are_named_with_the_quoting_that_keeps_them():
+    """Numbers are words (1999, 3.14); yes/no/on/off are read by YAML as true/false, and a nested list is no word."""
+    assert parse_config("master_text: pi is 3.14\ncategories: {numeric: [3.14, 250]}\n").categories == {
+        "numeric": ["3.14", "250"]}  # fmt: skip
+    err = config_error("master_text: yes or no\ncategories: {answer: [yes, no, maybe]}\n")
+    assert err.problems == [("categories.answer", "category 'answer' must be a list of words: YAML reads entries 1 "
+                             "and 2 (yes, no, on, off, true, false unquoted) as true/false; quote them, e.g. \"yes\"")]  # fmt: skip
+    err = config_error("master_text: a b\ncategories: {letters: [a, [b, c]]}\n")
+    assert err.problems == [("categories.letters", "category 'letters' must be a list of words: entry 2 is a list; "
+                             "give one word or phrase per entry")]  # fmt: skip
+
+
 @pytest.mark.parametrize("text", ["", "   \n  "])
 def test_empty_master_text(text):
     err = config_error(yaml_of(master_text=text))

@@ -223,8 +223,8 @@ def test_check_heldout_inputs_names_unknown_categories_wordless_categories_and_a
                     "The run's categories are: food, location, animal, date."),
         ("warning", "Category 'animal' has no held-out words, so it was left out."),
         ("warning", "These held-out words do not occur in the held-out text and were not tested: food: grape."),
-        ("info", "No held-out word of these categories occurs in the held-out text, so their flagged neurons will show "
-                 "as not tested: animal, date."),
+        ("info", "The held-out config has no words for these categories of the run, so their flagged neurons will "
+                 "show as not tested: animal, date."),
     ]  # fmt: skip
     assert checked.config.categories == {"food": ["SUSHI", "grape"], "location": ["Lima"]}
     one = check_heldout_inputs(ScanConfig(master_text="sushi", categories={"food": ["sushi"], "xyz": ["a"]}), ["food"])
@@ -235,6 +235,18 @@ def test_check_heldout_inputs_names_unknown_categories_wordless_categories_and_a
     cased = check_heldout_inputs(ScanConfig(master_text="sushi in Lima", categories={"Food": ["sushi"], "LOCATION ": ["Lima"]}),
                                  ["food", "location"])  # fmt: skip
     assert cased.messages == [] and cased.config.categories == {"food": ["sushi"], "location": ["Lima"]}  # the run's names
+
+
+def test_check_heldout_inputs_notes_say_which_categories_lack_words_and_which_lack_them_in_the_text():
+    """A category the held-out config leaves out is not one whose words miss the text: each note names its own."""
+    heldout = ScanConfig(master_text="We ate sushi.", categories={"food": ["sushi"], "location": ["Lima"], "animal": [" "]})
+    notes = [message for level, message in check_heldout_inputs(heldout, RUN_CATEGORIES).messages if level == "info"]
+    assert notes == [
+        "The held-out config has no words for these categories of the run, so their flagged neurons will show as not "
+        "tested: animal, date.",
+        "No held-out word of these categories occurs in the held-out text, so their flagged neurons will show as not "
+        "tested: location.",
+    ]  # fmt: skip
 
 
 def test_check_heldout_inputs_refuses_what_cannot_be_tested_and_says_why():
