@@ -227,31 +227,33 @@ def permutation_subsets(
     """The random word subsets of the permutation test: {size: [P, size] int64 word indices}, on the CPU.
 
     Category labels are exchangeable among the W words, so a category's null distribution depends only
-    on its number of words: categories of equal size share one set of draws. Row p of a set is the first
-    `size` words of a uniformly random ordering of all W words (argsort of float64 uniforms). Sizes are
-    drawn in ascending order from torch.Generator().manual_seed(seed): the same draws on every device.
-    word_keys [W] (what a scan passes: each word's category and text) order the words before the draw, so the
-    same words get the same draws however the config lists its categories and words; without them, the words'
-    own order does.
+    on its number of words: categories of equal size share one set of draws. Row p of a set holds the `size`
+    words of lowest draw key, each word's P keys being uniforms from np.random.default_rng([seed, size, word]),
+    where word is the CRC-32 of its word_keys entry (what a scan passes: each word's category and text), or its
+    index without them. So a subset is a uniformly random one; the same words get the same draws however the
+    config lists its categories and words, on every device; and adding or removing a word changes a size's
+    draws only where that word is among the `size` lowest (a category keeps most of its draws when another one
+    gains a word, unless its own size changes).
     """
     word_category = np.asarray(word_category)
     sizes = np.unique(np.bincount(word_category[word_category >= 0]))
-    drawn = _drawn_subsets(len(word_category), tuple(sizes[sizes > 0].tolist()), n_permutations, seed)
     if word_keys is None:
-        return dict(drawn)
-    word_at = torch.as_tensor(sorted(range(len(word_keys)), key=lambda word: word_keys[word]), dtype=torch.int64)
-    return {size: word_at[positions] for size, positions in drawn.items()}  # sorted position -> the word there
+        word_seeds = tuple(range(len(word_category)))
+    else:
+        word_seeds = tuple(zlib.crc32(str(key).encode("utf-8")) for key in word_keys)
+    return dict(_drawn_subsets(word_seeds, tuple(sizes[sizes > 0].tolist()), n_permutations, seed))
 
 
 @functools.lru_cache(maxsize=8)
-def _drawn_subsets(n_words: int, sizes: tuple[int, ...], n_permutations: int, seed: int) -> dict[int, torch.Tensor]:
+def _drawn_subsets(word_seeds: tuple[int, ...], sizes: tuple[int, ...], n_permutations: int, seed: int) -> dict[int, torch.Tensor]:
     """permutation_subsets' draws, kept for the next call with the same words, sizes and seed (a scan of
     a mixture-of-experts model tests each expert in a call of its own). Callers must not change them."""
-    generator = torch.Generator().manual_seed(seed)
     subsets = {}
     for size in sizes:
-        keys = torch.rand(n_permutations, n_words, generator=generator, dtype=torch.float64)
-        subsets[size] = keys.argsort(dim=1)[:, :size]
+        keys = np.empty((n_permutations, len(word_seeds)))  # [P, W]: column w, word w's own stream
+        for column, word in enumerate(word_seeds):
+            keys[:, column] = np.random.default_rng([seed, size, word]).random(n_permutations)
+        subsets[size] = torch.from_numpy(np.argsort(keys, axis=1, kind="stable")[:, :size].astype(np.int64))
     return subsets
 
 

@@ -176,6 +176,20 @@ def test_permutation_subsets_are_uniform_reproducible_and_shared_by_size():
     assert all(torch.equal(again[size], subsets[size]) for size in subsets)
 
 
+def test_a_word_added_elsewhere_changes_only_the_draws_it_joins():
+    """Each word draws its keys from a stream of its own (its key's CRC-32, the size, the seed): a word added to one
+    category leaves every draw of the other sizes in which it is not among the lowest `size` keys as it was."""
+    keys = [f"food\x1fword{i}" for i in range(24)]
+    word_category = np.repeat([0, 1, 2], [6, 8, 10])
+    before = permutation_subsets(word_category, n_permutations=2000, seed=3, word_keys=keys)
+    after = permutation_subsets(np.append(word_category, 2), n_permutations=2000, seed=3, word_keys=[*keys, "new\x1fword"])
+    assert sorted(after) == [6, 8, 11]
+    for size in (6, 8):
+        joined = (after[size] == 24).any(dim=1)  # draws where the new word is among the lowest keys
+        assert torch.equal(after[size][~joined], before[size][~joined])
+        assert abs(joined.float().mean().item() - size / 25) < 0.03  # about size / W of the draws change
+
+
 def calibration_problem(seed: int = 0, n_neurons: int = 300):
     """The default config's shape: 96 real-ish words (1-8 occurrences, strong per-word effects) shuffled
     at random into 8 meaningless categories of 12, among 1,500 tokens of no word."""
