@@ -12,10 +12,11 @@ from ..moe import MoELayer
 from .driver import HookPoint, batches, run_hooked_forward
 from .state import HIST_BINS, quantile_edges, sorted_rows
 
-# Edges from fewer tokens are coarse quantiles: on the default text in batches of 16 tokens, edges from the
-# first batch put binned AUROCs up to 0.12 off the exact ones, edges from 2,048 tokens 0.0035
-# (tests/test_scanner.py::test_binned_auroc_calibrates_its_edges_when_batches_are_small).
-CALIBRATION_TOKENS = 2048
+# Edges from fewer tokens are coarse quantiles. The default and validation texts (1,436 tokens) in batches of 16
+# tokens, binned against exact AUROC (largest error): edges from 16 tokens 0.125, 256 tokens 0.0072, 512 0.0042,
+# 1,024 0.0033, 2,048 0.0042 (64 bins' own limit). 1,024 tokens is one batch of most CPU scans already (no extra
+# pass). bench/bench_binned_edges.py prints this table; tests/test_scanner.py checks the error stays small.
+CALIBRATION_TOKENS = 1024
 
 
 def calibration_chunks(chunk_tokens: int, batch_size: int, n_chunks: int, most_chunks: int | None = None) -> int:
