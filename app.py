@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import streamlit as st
+from streamlit.delta_generator import DeltaGenerator
 
 HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:  # `streamlit run app.py` from elsewhere still finds the packages
@@ -51,25 +52,38 @@ def _run_label(runs, run_id: str) -> str:
     return f"{run_id}{tokens}"
 
 
-def sidebar() -> None:
-    """Active config, active run (with the config it was scanned with) and a picker over the saved runs."""
+def describe_active(places: list[DeltaGenerator]) -> None:
+    """In three one-element places (st.empty, so drawing again replaces them): the active config, the active run, and
+    how the config the run was scanned with differs from the active one (or nothing)."""
+    config_place, run_place, note_place = places
+    cfg = state.active_config()
+    config_place.markdown(f"**Active config:** {state.active_config_label()}  \n**Model:** `{cfg.model}`")
+    result = state.active_result()
+    if result is None:
+        run_place.caption("No active run yet.")
+        note_place.empty()
+        return
+    md = result.metadata
+    scanned_with, difference = state.run_config_note(md)
+    run_place.markdown(
+        f"**Active run:** {md.get('run_id', 'in memory (unsaved)')}  \n"
+        f"**Model:** `{md.get('model')}`  \n**Created:** {str(md.get('created', '?')).replace('T', ' ')}  \n"
+        f"**Tokens:** {md.get('n_tokens', '?')} · **layers:** {len(md.get('layers', []))}  \n"
+        f"**Scanned with:** {scanned_with}"
+    )
+    if difference:
+        note_place.caption(f":material/info: {difference}")
+    else:
+        note_place.empty()
+
+
+def sidebar() -> list[DeltaGenerator]:
+    """The active config and run (describe_active), then a picker over the saved runs; returns describe_active's
+    places, which app.py fills again after the page."""
     with st.sidebar:
-        cfg = state.active_config()
-        st.markdown(f"**Active config:** {state.active_config_label()}  \n**Model:** `{cfg.model}`")
-        result = state.active_result()
-        if result is not None:
-            md = result.metadata
-            scanned_with, difference = state.run_config_note(md)
-            st.markdown(
-                f"**Active run:** {md.get('run_id', 'in memory (unsaved)')}  \n"
-                f"**Model:** `{md.get('model')}`  \n**Created:** {str(md.get('created', '?')).replace('T', ' ')}  \n"
-                f"**Tokens:** {md.get('n_tokens', '?')} · **layers:** {len(md.get('layers', []))}  \n"
-                f"**Scanned with:** {scanned_with}"
-            )
-            if difference:
-                st.caption(f":material/info: {difference}")
-        else:
-            st.caption("No active run yet.")
+        box = st.container()  # one sidebar element, however many of its places are drawn: the picker never moves
+        places = [box.empty() for _ in range(3)]
+        describe_active(places)
         try:
             runs = state.saved_runs()
         except OSError:
@@ -85,10 +99,11 @@ def sidebar() -> None:
                 "Saved runs", options, key=RUN_PICKER, on_change=_pick_run,
                 format_func=lambda run_id: _run_label(runs, run_id), help="Make a saved run the active one",
             )  # fmt: skip
+    return places
 
 
 links.sync_run_link()
-sidebar()
+active_places = sidebar()
 sections: dict[str, list] = {}
 for path, title, icon, section, url_path in PAGES:
     if not os.path.exists(HERE / path):
@@ -103,3 +118,7 @@ page = st.navigation(sections)
 links.keep_page_params(page.url_path)
 state.note_page(page.url_path)
 page.run()
+# The page may have changed what the sidebar describes (the Config page writes the edited config as it draws, and
+# saving names it): describe it again, or the sidebar would lag one change behind. A page that stops early (st.stop)
+# ends the script before this line, and leaves the description drawn before it, which it did not change.
+describe_active(active_places)

@@ -105,6 +105,15 @@ def holding_up(scores: pd.DataFrame, min_cv_auroc: float = HOLDS_UP_CV_AUROC) ->
     return scores[scores["cv_auroc"] >= min_cv_auroc]
 
 
+def left_out_by_holding_up(
+    scores: pd.DataFrame, metric: str, threshold: float, min_cv_auroc: float = HOLDS_UP_CV_AUROC
+) -> tuple[int, int]:
+    """(rows with metric >= threshold that holding_up leaves out, rows with metric >= threshold). With the default
+    score often none: it shrinks separation by max(0, 2 cv_auroc - 1), so a high score rarely has a low cv_auroc."""
+    hits = flagged(scores, metric, threshold)
+    return len(hits) - len(holding_up(hits, min_cv_auroc)), len(hits)
+
+
 def top_neurons(
     scores: pd.DataFrame, metric: str = "score", n: int = 10, category: str | None = None, top_tokens: pd.DataFrame | None = None
 ) -> pd.DataFrame:

@@ -11,12 +11,20 @@ import pandas as pd
 from .analysis import COMBINATION_SEPARATOR, NO_VALUE_MARK, flagged
 
 _CELL = 28  # pixels per heatmap cell / bar band
+# Pixels per labelled row: Streamlit's chart theme draws axis labels 14 px high, 4 px apart, and hides any that
+# would overlap, so a 14 px row showed every other label; 20 px fits each one.
+_LABEL_ROW = 20
 
 
 def _category_axis() -> alt.Axis:
     """An x axis of category names that shows every name: Vega-Lite's default hides overlapping labels
     (every other one on a narrow heatmap), so the labels are slanted and never dropped."""
     return alt.Axis(labelAngle=-45, labelOverlap=False, labelLimit=160)
+
+
+def _row_axis() -> alt.Axis:
+    """A y axis of row names that never hides one (with rows _LABEL_ROW px tall, none overlap)."""
+    return alt.Axis(labelOverlap=False, labelLimit=160)
 
 
 def _vl_version() -> str | None:
@@ -412,11 +420,11 @@ def activation_histogram(token_table: pd.DataFrame, bins: int = 40) -> alt.VConc
         .mark_tick(thickness=2)
         .encode(
             x=alt.X("activation:Q", title="activation"),
-            y=alt.Y("category:N", title=None),
+            y=alt.Y("category:N", title=None, axis=_row_axis()),
             color=alt.Color("category:N", legend=None),
             tooltip=["token", "category", alt.Tooltip("activation:Q", format=".3f")],
         )
-        .properties(height=alt.Step(14))
+        .properties(height=alt.Step(_LABEL_ROW))
     )
     return alt.vconcat(hist, ticks, spacing=4).resolve_scale(x="shared")
 
@@ -428,9 +436,9 @@ def direct_effect_bars(effect: pd.DataFrame) -> alt.Chart:
         .mark_bar()
         .encode(
             x=alt.X("logit_effect:Q", title="direct logit effect"),
-            y=alt.Y("token:N", sort="-x", title=None),
+            y=alt.Y("token:N", sort="-x", title=None, axis=_row_axis()),
             color=alt.Color("direction:N", scale=alt.Scale(domain=["up", "down"], range=["#f28c28", "#1e90ff"])),
             tooltip=["token", "direction", alt.Tooltip("logit_effect:Q", format=".3f")],
         )
-        .properties(height=alt.Step(14))
+        .properties(height=alt.Step(_LABEL_ROW))
     )

@@ -111,6 +111,15 @@ def progress_line(job: JobView) -> str:
     return " · ".join(parts)
 
 
+def _open_run_of(job: JobView) -> None:
+    """Make a finished job's run the active one, say so once (a flash), and take the job off the panel: its
+    success would otherwise stay there on every later visit and beside later scans. The run stays in the sidebar."""
+    state.set_active_run(job.outcome)
+    state.flash(f"Corpus scan {job.label} finished. Saved as run {job.outcome}.")
+    registry().dismiss(job.id)
+    st.rerun()
+
+
 def _show_job(job: JobView) -> None:
     queue = registry()
     with st.container(border=True):
@@ -130,8 +139,7 @@ def _show_job(job: JobView) -> None:
             return
         with st.container(horizontal=True):
             if job.state == DONE and st.button("Open", key=f"open-{job.id}", icon=":material/open_in_new:"):
-                state.set_active_run(job.outcome)
-                st.rerun()
+                _open_run_of(job)
             st.button("Dismiss", key=f"dismiss-{job.id}", on_click=queue.dismiss, args=(job.id,))
 
 
@@ -142,9 +150,7 @@ def _job_panel(polling: bool) -> None:
         if job.id in mine and job.finished:
             mine.remove(job.id)
             if job.state == DONE:  # this session's scan is a saved run now: make it the active one
-                state.set_active_run(job.outcome)
-                state.flash(f"Corpus scan {job.label} finished. Saved as run {job.outcome}.")
-                st.rerun()
+                _open_run_of(job)
     if polling and all(job.finished for job in views):
         st.rerun()  # nothing left to poll; the full rerun also lists the new runs in the sidebar
     for job in views:

@@ -15,6 +15,7 @@ from mechamap_core.analysis import (
     HOLDS_UP_CV_AUROC,
     METRICS,
     has_cv_auroc,
+    left_out_by_holding_up,
     neuron_groups,
     neuron_label,
     no_statistics_note,
@@ -150,6 +151,28 @@ def holds_up_toggle(scores: pd.DataFrame, key: str) -> float | None:
         f"Only neurons that hold up across words (cv_auroc ≥ {HOLDS_UP_CV_AUROC:g})", key=key, help=explained, disabled=not has_cv
     )
     return HOLDS_UP_CV_AUROC if on and has_cv else None
+
+
+def holds_up_effect(scores: pd.DataFrame, metric: str, threshold: float, min_cv_auroc: float | None) -> None:
+    """Under an active holds_up_toggle: how many pairs with metric >= threshold it leaves out, and when none, why
+    (score already weighs cv_auroc in), so a filter that changes nothing does not look broken."""
+    if min_cv_auroc is None:
+        return
+    left_out, pairs = left_out_by_holding_up(scores, metric, threshold, min_cv_auroc)
+    flagged_pairs = f"(neuron, category) pairs with {metric} ≥ {threshold:g}"
+    if left_out:
+        st.caption(f"Holding up across words leaves out {left_out:,} of the {pairs:,} {flagged_pairs}: "
+                   f"those whose cv_auroc is below {min_cv_auroc:g} or missing.")  # fmt: skip
+    elif pairs:
+        why = (
+            " The score already shrinks separation by how well held-out words agree, × max(0, 2·cv_auroc − 1), "
+            "so a pair with a high score rarely has a low cv_auroc. The filter matters at lower thresholds "
+            "and for the other metrics."
+            if metric == "score"
+            else ""
+        )
+        st.caption(f"Holding up across words leaves out none of the {pairs:,} {flagged_pairs}: "
+                   f"all have cv_auroc ≥ {min_cv_auroc:g}.{why}")  # fmt: skip
 
 
 def chart_downloads(chart: alt.TopLevelMixin, name: str) -> None:

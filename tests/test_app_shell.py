@@ -43,7 +43,7 @@ def test_every_existing_page_is_registered(app_env, tiny_result):
     for page in OUR_PAGES:
         at.switch_page(f"views/{page}.py").run()
         no_exception(at)
-        assert len(at.sidebar.children) >= 2, f"the sidebar is drawn on {page}"
+        assert len(at.sidebar.markdown) >= 2, f"the sidebar is drawn on {page}"  # the active config and run
 
 
 def test_sidebar_shows_the_active_result(app_env, tiny_result):
@@ -174,7 +174,10 @@ def test_overview_holds_up_toggle_counts_pairs_by_hand(app_env, tiny_result):
     no_exception(at)
     holding = int(((scores["score"] >= threshold) & (scores["cv_auroc"] >= 0.75)).sum())
     assert at.metric[pairs].value == f"{holding:,}"
-    assert holding < (scores["score"] >= threshold).sum()
+    flagged = int((scores["score"] >= threshold).sum())
+    assert holding < flagged
+    left_out = f"leaves out {flagged - holding:,} of the {flagged:,} (neuron, category) pairs with score ≥ {threshold:g}"
+    assert any(left_out in v for v in texts(at.caption)), texts(at.caption)
 
 
 def test_overview_button_scans_and_activates_the_run(app_env):

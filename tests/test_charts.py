@@ -296,3 +296,30 @@ def test_activation_histogram_counts_every_token_and_ticks_each_category_token_i
     assert ticks["mark"]["type"] == "tick" and ticks["encoding"]["y"]["field"] == "category"
     drawn = sorted(zip(data_of(spec, ticks)["token"], data_of(spec, ticks)["category"], data_of(spec, ticks)["activation"]))
     assert drawn == [("Paris", "location", 2.0), ("orange", "colour", 0.7), ("orange", "food", 0.7), ("pizza", "food", 1.5)]
+
+
+STREAMLIT_AXIS_THEME = {"labelOverlap": True, "labelFontSize": 14, "labelSeparation": 4}  # st.altair_chart's theme
+
+
+def hidden_labels(chart: alt.TopLevelMixin, names: list[str]) -> list[str]:
+    """The names whose axis label Vega hides (opacity 0) when the chart is drawn with Streamlit's axis theme."""
+    svg = charts.chart_to_svg(chart.configure_axis(**STREAMLIT_AXIS_THEME))
+    assert all(f">{name}</text>" in svg for name in names)
+    return [name for name in names if re.search(rf'<text[^>]*opacity="0"[^>]*>{re.escape(name)}</text>', svg)]
+
+
+def test_neuron_page_row_charts_name_every_row_under_streamlits_theme():
+    """Streamlit's theme hides overlapping axis labels; 14 px rows showed every other category of the tick strip
+    (and every other token of the direct-effect bars). Rows are tall enough and labels are never dropped."""
+    names = ["location", "food", "numeric", "animal", "date", "language", "vehicle", "colour"]
+    tokens = pd.DataFrame({"token": names, "activation": np.arange(8.0), "categories": names})
+    strip = charts.activation_histogram(tokens)
+    ticks = strip.to_dict()["vconcat"][1]
+    assert ticks["encoding"]["y"]["axis"]["labelOverlap"] is False and ticks["height"]["step"] >= 18
+    assert hidden_labels(strip, names) == []
+    words = [f"word{i}" for i in range(20)]
+    effect = pd.DataFrame({"direction": ["up"] * 10 + ["down"] * 10, "rank": list(range(1, 11)) * 2,
+                           "token": words, "logit_effect": np.r_[np.arange(10, 0, -1), -np.arange(1, 11)]})  # fmt: skip
+    bars = charts.direct_effect_bars(effect)
+    assert bars.to_dict()["encoding"]["y"]["axis"]["labelOverlap"] is False
+    assert hidden_labels(bars, words) == []

@@ -345,20 +345,20 @@ def test_scan_page_shows_a_running_job_a_queue_and_opens_the_finished_run(app_en
         assert fresh_registry.wait(second.id, WAIT_S)
         assert fresh_registry.job(second.id).state == CANCELLED
     assert fresh_registry.wait(first.id, WAIT_S)
+    job = fresh_registry.job(first.id)
     at.run()  # the panel sees this session's job done: it becomes the active run
     no_exception(at)
     assert not at.error, texts(at.error)
-    job = fresh_registry.job(first.id)
     assert job.state == DONE and at.session_state[ACTIVE_RUN] == job.outcome
     assert any(f"Saved as run {job.outcome}" in v for v in texts(at.success))
     assert any("more.txt (5 documents)" in v and "nothing was saved" in v for v in texts(at.warning))
     assert os.listdir(app_env["runs"]) == [job.outcome]
     assert load_run(app_env["runs"] / job.outcome).metadata["n_documents"] == len(DOCS)
+    assert [view.id for view in fresh_registry.jobs()] == [second.id]  # the opened run's job left the panel
     upload_corpus(at, "docs.txt", DOCS)  # the same scan again: its saved run is reused, no new job
     click(at, "Scan")
-    assert len(fresh_registry.jobs()) == 2 and os.listdir(app_env["runs"]) == [job.outcome]
+    assert len(fresh_registry.jobs()) == 1 and os.listdir(app_env["runs"]) == [job.outcome]
     assert any(f"reused run {job.outcome}" in v for v in texts(at.success))
-    click(at, "Dismiss", nth=1)
     click(at, "Dismiss")
     assert fresh_registry.jobs() == [] and not any(s.value == "Background jobs" for s in at.subheader)
 
@@ -387,3 +387,41 @@ def test_a_corpus_scan_of_a_model_that_is_not_there_is_one_error_and_no_job(app_
     no_exception(at)
     assert len(at.error) == 1 and "no-such-org/no-such-model-xyz" in at.error[0].value, texts(at.error)
     assert fresh_registry.jobs() == [] and os.listdir(app_env["runs"]) == []
+
+
+def saved_messages(at) -> list[str]:
+    """The success messages that name a saved run."""
+    return [v for v in texts(at.success) if "Saved as run" in v]
+
+
+def test_a_finished_jobs_success_shows_once_after_its_run_is_opened(app_env, fresh_registry):
+    """The session that started a corpus scan opens its run when it finishes and says so once; the job leaves the
+    panel, so its success does not stay on later visits or next to a later scan. Another session (a reopened tab)
+    sees the finished job with Open; opening it is the same: said once, then gone."""
+    at = open_page(make_app(), "scan")
+    upload_corpus(at, "docs.txt", DOCS[:4])
+    click(at, "Scan")
+    (job,) = fresh_registry.jobs()
+    assert fresh_registry.wait(job.id, WAIT_S)
+    run_id = fresh_registry.job(job.id).outcome
+    at.run()  # the panel sees this session's job done: it becomes the active run, said once
+    no_exception(at)
+    assert at.session_state[ACTIVE_RUN] == run_id and fresh_registry.jobs() == []
+    assert saved_messages(at) == [f"Corpus scan docs.txt (4 documents) finished. Saved as run {run_id}."]
+    at.run()  # a later visit
+    assert saved_messages(at) == [] and not any(s.value == "Background jobs" for s in at.subheader)
+
+    upload_corpus(at, "more.txt", DOCS[4:7])
+    click(at, "Scan")
+    (job,) = fresh_registry.jobs()
+    assert fresh_registry.wait(job.id, WAIT_S)
+    done = fresh_registry.job(job.id)
+    other = open_page(make_app(), "scan")  # a new tab: not its job, so it is listed with Open
+    assert saved_messages(other) == [f"**more.txt (3 documents)**: finished in {jobs.duration(done.elapsed_s)}. "
+                                      f"Saved as run {done.outcome}."]  # fmt: skip
+    click(other, "Open")
+    no_exception(other)
+    assert other.session_state[ACTIVE_RUN] == done.outcome and fresh_registry.jobs() == []
+    assert saved_messages(other) == [f"Corpus scan more.txt (3 documents) finished. Saved as run {done.outcome}."]
+    other.run()
+    assert saved_messages(other) == []

@@ -16,6 +16,7 @@ from mechamap_ui.state import ACTIVE_CONFIG, ACTIVE_CONFIG_NAME, CONFIG_VERSION
 
 # fixtures shared with the other app tests
 app_env = app_fixtures.app_env
+tiny_result = app_fixtures.tiny_result
 
 
 def config_page():
@@ -326,6 +327,30 @@ def test_edits_survive_leaving_the_page(app_env):
     at.switch_page("views/config_editor.py").run()
     assert "planet" in list(at.data_editor[0].value["category"])
     assert "planet" in at.session_state[ACTIVE_CONFIG].categories
+
+
+def test_the_sidebar_shows_each_edit_and_save_at_once(app_env, tiny_result):
+    """The sidebar is drawn before the page, and the Config page writes the edited config (and a saved one's name)
+    as it draws: the sidebar named the config, and how the active run's config differs from it, as they were one
+    edit before. It is drawn again after the page."""
+    at = open_page(make_app(tiny_result), "config_editor")
+    threshold = at.number_input(key="cfg0_threshold")
+
+    def sidebar() -> str:
+        return " ".join(texts(at.sidebar.markdown) + texts(at.sidebar.caption))
+
+    assert "**Active config:** default  \n" in sidebar() and "**Scanned with:** the active config (default)" in sidebar()
+    threshold.set_value(2.5).run()
+    no_exception(at)
+    assert "**Active config:** default (edited, not saved)  \n" in sidebar()
+    assert "**Scanned with:** config default" in sidebar() and "it differs in threshold" in sidebar()
+    threshold.set_value(1.0).run()  # back to the file's value
+    assert "**Active config:** default  \n" in sidebar() and "**Scanned with:** the active config (default)" in sidebar()
+    assert "Not the active config" not in sidebar()
+    threshold.set_value(2.5).run()
+    save(at, "mine")
+    no_exception(at)
+    assert "**Active config:** mine  \n" in sidebar() and "Not the active config (mine): it differs in threshold" in sidebar()
 
 
 def test_a_master_text_of_several_documents_stays_several_when_edited(app_env):

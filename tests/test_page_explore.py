@@ -384,6 +384,31 @@ def test_pivot_filter_shows_a_layer_and_a_category_it_empties_as_zeros(result):
     assert shown.to_numpy().sum() > 0
 
 
+def test_holds_up_toggle_says_what_it_leaves_out_and_why_score_keeps_every_pair(result):
+    """score is separation × max(0, 2·cv_auroc − 1): on this real run every pair with score ≥ 1 has cv_auroc ≥ 0.75,
+    so the toggle leaves out none of them, and says why instead of seeming to do nothing; with auroc, whose value
+    does not weigh cv_auroc in, it says how many pairs it leaves out (counted by hand)."""
+    scores = result.scores
+    at = open_page("pivot", result)
+    at.toggle(key="pivot_holds_up").set_value(True).run()
+    assert_clean(at)
+    threshold = at.slider(key="threshold_score").value
+    pairs = scores[scores["score"] >= threshold]
+    assert threshold >= 1 and len(pairs) and (pairs["cv_auroc"] >= analysis.HOLDS_UP_CV_AUROC).all()
+    notes = [c.value for c in at.caption if "Holding up across words" in c.value]
+    assert len(notes) == 1 and f"leaves out none of the {len(pairs):,} (neuron, category) pairs with score ≥ 1" in notes[0]
+    assert "The score already shrinks separation" in notes[0]
+    at.selectbox(key="metric").set_value("auroc").run()
+    threshold = at.slider(key="threshold_auroc").set_value(0.7).run().slider(key="threshold_auroc").value
+    pairs = scores[scores["auroc"] >= threshold]
+    left_out = int((~(pairs["cv_auroc"] >= analysis.HOLDS_UP_CV_AUROC)).sum())  # NaN does not hold up either
+    assert left_out > 0
+    expected = f"Holding up across words leaves out {left_out:,} of the {len(pairs):,} (neuron, category) pairs with auroc"
+    assert [c.value for c in at.caption if "Holding up across words" in c.value][0].startswith(expected)
+    at.toggle(key="pivot_holds_up").set_value(False).run()
+    assert not [c.value for c in at.caption if "Holding up across words" in c.value]
+
+
 def test_holds_up_toggle_is_disabled_and_says_why_on_a_run_without_cv_auroc(result):
     """A run scanned with cv_folds 0 has no cv_auroc values: the toggle on Pivot and Overview cannot be turned on
     (it would filter nothing), and its help says what the run lacks."""

@@ -7,7 +7,13 @@ import streamlit as st
 from mechamap_core import analysis
 from mechamap_core.config import BUNDLED_MODEL_ID, ConfigError, load_config
 from mechamap_ui import scanning, state
-from mechamap_ui.widgets import explain_categories_without_statistics, holds_up_toggle, neuron_table, stat_column_config
+from mechamap_ui.widgets import (
+    explain_categories_without_statistics,
+    holds_up_effect,
+    holds_up_toggle,
+    neuron_table,
+    stat_column_config,
+)
 
 st.title(":material/explore: MechaMap")
 st.markdown(
@@ -43,6 +49,7 @@ st.subheader("Headline of the active run")
 key = analysis.shown_key(result.scores)
 st.caption(f"{md.get('model')} · {analysis.describe_shape(result.scores)} · {md.get('n_tokens')} tokens · created {str(md.get('created', '?')).replace('T', ' ')}")
 min_cv_auroc = holds_up_toggle(result.scores, key="overview_holds_up")
+holds_up_effect(result.scores, "score", threshold, min_cv_auroc)
 scores = result.scores if min_cv_auroc is None else analysis.holding_up(result.scores, min_cv_auroc)
 counts = analysis.layer_category_counts(result.scores, "score", threshold, min_cv_auroc).sum(axis=0)  # every category
 without_statistics = analysis.categories_without_statistics(result.scores)

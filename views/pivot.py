@@ -26,6 +26,7 @@ try:
 except (ValueError, KeyError) as err:
     st.error(f"Could not build the pivot: {err}.")
     st.stop()
+widgets.holds_up_effect(result.scores, metric, threshold, min_cv_auroc)
 
 st.subheader(f"Neurons with {metric} ≥ {threshold:g}, per layer and category")
 without_statistics = analysis.categories_without_statistics(result.scores)
