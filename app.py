@@ -93,10 +93,17 @@ def sidebar() -> list[DeltaGenerator]:
             active = state.active_run_id() or NO_RUN
             if active not in options:
                 active = NO_RUN
+            # The browser shows the picker's default (index) whenever it has no value of its own for it: a page
+            # clicked before the first run's picker was mounted. With index 0 it showed (none) while the active run
+            # stayed, and the next run sent (none) back as a pick (_pick_run dropped the run). So the default is the
+            # active run; a run that sets the value through session state (sent along with it) keeps index 0, as
+            # Streamlit warns about a widget given both.
+            index = options.index(active)
             if st.session_state.get(RUN_PICKER) != active:
                 st.session_state[RUN_PICKER] = active
+                index = 0
             st.selectbox(
-                "Saved runs", options, key=RUN_PICKER, on_change=_pick_run,
+                "Saved runs", options, index=index, key=RUN_PICKER, on_change=_pick_run,
                 format_func=lambda run_id: _run_label(runs, run_id), help="Make a saved run the active one",
             )  # fmt: skip
     return places
@@ -104,6 +111,8 @@ def sidebar() -> list[DeltaGenerator]:
 
 links.sync_run_link()
 active_places = sidebar()
+with st.sidebar:
+    links.one_history_entry_per_page()  # last in the sidebar, where its empty element takes no room from the page
 sections: dict[str, list] = {}
 for path, title, icon, section, url_path in PAGES:
     if not os.path.exists(HERE / path):

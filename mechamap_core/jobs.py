@@ -28,7 +28,7 @@ class JobProgress:
         self.record(done, total, message)
 
 
-Work = Callable[[JobProgress], str]  # the job's work; returns its outcome (e.g. the saved run id)
+Work = Callable[[JobProgress], object]  # the job's work; returns its outcome (e.g. its saved run's id and message)
 
 
 def rate_and_eta(
@@ -65,7 +65,7 @@ class JobView:
     units_per_second: float | None
     seconds_left: float | None
     elapsed_s: float  # since it started running (0 while queued)
-    outcome: str | None  # what the work returned (a run id) once done
+    outcome: object | None  # what the work returned (e.g. its saved run) once done
     error: str | None  # one readable line once failed
     cancel_requested: bool
 
@@ -89,7 +89,7 @@ class _Job:
     done: int = 0
     total: int = 0
     message: str = "Waiting to start"
-    outcome: str | None = None
+    outcome: object | None = None
     error: str | None = None
     started: float | None = None
     finished: float | None = None
@@ -107,8 +107,9 @@ class JobQueue:
     """Runs submitted work on one thread per job; jobs sharing a resource run one at a time, in order.
 
     work(progress) gets a JobProgress: progress(done, total, message) records progress and raises
-    ScanCancelled once the job is cancelled. A job ends done (its outcome is what work returned), failed (one readable
-    line, from describe(exc)) or cancelled, and stays listed until dismissed. Thread-safe.
+    ScanCancelled once the job is cancelled. done never goes back while total stays; another total starts another
+    count from 0 (a download in bytes, then a scan in steps). A job ends done (its outcome is what work returned),
+    failed (one readable line, from describe(exc)) or cancelled, and stays listed until dismissed. Thread-safe.
     """
 
     def __init__(self, describe: Callable[[BaseException], str] = first_line, clock: Callable[[], float] = time.monotonic):
@@ -208,6 +209,8 @@ class JobQueue:
             with self._changed:
                 if job.token_prefix is not None and int(total) != len(job.token_prefix) - 1:
                     job.token_prefix = None  # progress counts something else than the units the counts are for
+                if int(total) != job.total:  # another count begins (a download's bytes, then a scan's steps):
+                    job.done, job.mark = 0, None  # it starts from 0, and so does its rate
                 job.total = int(total)
                 job.done = max(job.done, min(int(done), job.total))  # never backwards
                 job.message = message
@@ -241,7 +244,7 @@ class JobQueue:
             with self._changed:
                 self._end(job, DONE, outcome=outcome, message="Finished")
 
-    def _end(self, job: _Job, state: str, *, message: str = "", outcome: str | None = None, error: str | None = None):
+    def _end(self, job: _Job, state: str, *, message: str = "", outcome: object | None = None, error: str | None = None):
         job.state, job.finished, job.outcome, job.error = state, self._clock(), outcome, error
         job.work = None  # let go of what the work holds (a corpus, a model) while the job stays listed
         job.message = message or (error or "")

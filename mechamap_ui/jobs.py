@@ -1,7 +1,9 @@
-"""Background corpus scans in the app: the process-wide job queue, submitting a scan to it, and the job panel."""
+"""Background scans in the app (master text and corpus): the process-wide job queue, submitting a scan to it, and
+the job panel."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import streamlit as st
@@ -18,7 +20,9 @@ from . import scanning, state
 POLL_S = 1.0  # how often the job panel refreshes while a job is queued or running
 PROGRESS_STEPS = 20  # a corpus job reports its progress about this many times
 MAX_GROUP_DOCUMENTS = 64  # scan_stream's default group
-MY_JOBS = "my_scan_jobs"  # session_state: ids of the jobs this session started that have not finished yet
+MY_JOBS = "my_scan_jobs"  # session_state: {job id: scan key} of the jobs this session started, until they finish
+GOES_ON_IN_THE_BACKGROUND = (":material/info: A scan runs as a background job: switch pages or close the tab, it goes "
+                             "on. It becomes a saved run (in the sidebar), which this page opens when it finishes.")
 
 
 @st.cache_resource(show_spinner=False)
@@ -27,12 +31,37 @@ def registry() -> JobQueue:
     return JobQueue(describe=scanning.friendly_error)
 
 
-def corpus_scan_work(lm: LoadedModel, cfg: ScanConfig, texts: list[str], runs_dir: Path, key: str, **options) -> Work:
+@dataclass(frozen=True)
+class SavedScan:
+    """What a scan job ends with: its saved run, the message that says so when the run opens, and where the model
+    sat, in words (master-text scans; None for corpus scans, whose model loads in the page)."""
+
+    run_id: str
+    message: str
+    placement: str | None = None
+
+
+def master_scan_work(spec: str, cfg: ScanConfig, *, device: str, dtype: str, loading: dict | None = None,
+                     **options) -> Work:  # fmt: skip
+    """A job's work: scanning.run_scan in the job's thread, which loads the model (downloading a Hub id, with its
+    progress), scans the config's master text (recording activations when they fit), saves the run and remembers it
+    under its scan key, or reuses an identical earlier scan's run. options: layers, limit_neurons."""
+
+    def work(progress: JobProgress) -> SavedScan:
+        outcome = scanning.run_scan(spec, cfg, device=device, dtype=dtype, progress=progress, loading=loading, **options)
+        where = None if outcome.placement is None else scanning.describe_placement(outcome.placement)
+        return SavedScan(outcome.run_id, scanning.finished_message(outcome), where)
+
+    return work
+
+
+def corpus_scan_work(lm: LoadedModel, cfg: ScanConfig, texts: list[str], runs_dir: Path, key: str, *, label: str,
+                     **options) -> Work:  # fmt: skip
     """A job's work: stream the documents through scan_stream (memory flat in their number, progress after
     each group of documents), finish the statistics, save the run (atomically) and remember it under the
-    scan key; returns the run id. options: layers, limit_neurons."""
+    scan key; returns its SavedScan. label names the corpus in the message. options: layers, limit_neurons."""
 
-    def work(progress: JobProgress) -> str:
+    def work(progress: JobProgress) -> SavedScan:
         total = len(texts)
         progress(0, total, "Counting tokens ...")
         encoded = lm.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
@@ -50,7 +79,7 @@ def corpus_scan_work(lm: LoadedModel, cfg: ScanConfig, texts: list[str], runs_di
         progress(total, total, "Saving the run ...")  # the last moment a cancel still counts
         run_id = save_run(result, runs_dir).name
         scanning.remember_scan(key, run_id)
-        return run_id
+        return SavedScan(run_id, f"Corpus scan {label} finished. Saved as run {run_id}.")
 
     return work
 
@@ -60,24 +89,77 @@ def group_size(n_documents: int) -> int:
     return max(1, min(MAX_GROUP_DOCUMENTS, n_documents // PROGRESS_STEPS))
 
 
+def master_scan_label(spec: str, layers: list[int] | None, limit_neurons: int | None) -> str:
+    """'Master text on gpt2 (layers 0, 5; 64 neurons per layer)': what a master-text job scans, for the job panel."""
+    which = f"layer{'s' if len(layers) > 1 else ''} {', '.join(map(str, layers))}" if layers else "all layers"
+    return f"Master text on {spec} ({which}" + (f"; {limit_neurons:,} neurons per layer)" if limit_neurons else ")")
+
+
+def start_master_scan(spec: str, cfg: ScanConfig, *, device: str, dtype: str, loading: dict | None = None, **options):
+    """Queue a background scan of the config's master text, or open an identical earlier scan's run at once, or
+    follow the same scan this session already has queued or running. The model loads in the job (a Hub id downloads
+    there, with its progress), so leaving the page never stops it. options: layers, limit_neurons."""
+    spec, loading = spec.strip(), scanning.loading_options(loading)
+    key = scanning.scan_key(spec, device, dtype, cfg, options.get("layers"), options.get("limit_neurons"), None, loading)
+    earlier = scanning.remembered_scan(key)
+    if earlier is not None:
+        _open_at_once(earlier.run_id, scanning.finished_message(earlier))
+    if _following_the_same_scan(key):
+        return
+    work = master_scan_work(spec, cfg, device=device, dtype=dtype, loading=loading, **options)
+    label = master_scan_label(spec, options.get("layers"), options.get("limit_neurons"))
+    _submit(label, work, key, _model_resource(spec, device, dtype, loading))
+
+
 def start_corpus_scan(spec: str, cfg: ScanConfig, label: str, *, device: str, dtype: str, texts: list[str], **options):
-    """Queue a background scan of texts (or reuse an identical earlier scan's run). The model loads here,
-    in the page; errors become one st.error line. options: layers, limit_neurons."""
+    """Queue a background scan of texts, or open an identical earlier scan's run at once, or follow the same scan
+    this session already has queued or running. The model loads here, in the page; errors become one st.error line.
+    options: layers, limit_neurons."""
     spec = spec.strip()
     key = scanning.scan_key(spec, device, dtype, cfg, options.get("layers"), options.get("limit_neurons"), texts)
     earlier = scanning.remembered_scan(key)
     if earlier is not None:
-        state.set_active_run(earlier.run_id)
-        state.flash(f"Same model, config, options and corpus as an earlier scan: reused run {earlier.run_id}.")
-        st.rerun()
+        _open_at_once(earlier.run_id, f"Same model, config, options and corpus as an earlier scan: reused run {earlier.run_id}.")
+    if _following_the_same_scan(key):
+        return
     try:
         lm = state.get_model(spec, device, dtype)
     except Exception as exc:  # noqa: BLE001 - every failure becomes one readable sentence, never a traceback
         st.error(scanning.friendly_error(exc))
         return
-    work = corpus_scan_work(lm, cfg, texts, state.runs_dir(), key, **options)  # the run records what it covered
-    job_id = registry().submit(label, work, resource=f"{spec}|{device}|{dtype}")
-    st.session_state.setdefault(MY_JOBS, []).append(job_id)
+    work = corpus_scan_work(lm, cfg, texts, state.runs_dir(), key, label=label, **options)  # the run records what it covered
+    _submit(label, work, key, _model_resource(spec, device, dtype))
+
+
+def _model_resource(spec: str, device: str, dtype: str, loading: dict | None = None) -> str:
+    """The queue's resource for a scan: one per loaded model (st.cache_resource keys models on these), whose jobs run
+    one at a time."""
+    return f"{spec}|{device}|{dtype}" + (f"|{sorted(loading.items())}" if loading else "")
+
+
+def _open_at_once(run_id: str, message: str) -> None:
+    """Make an earlier scan's saved run the active one, say so once (a flash), and rerun."""
+    state.set_active_run(run_id)
+    state.flash(message)
+    st.rerun()
+
+
+def _following_the_same_scan(key: str) -> bool:
+    """Whether this session already has the scan with this scan_key queued or running; then pressing Scan again
+    follows that job (its run opens when it finishes) instead of queueing a duplicate, and an st.info says so."""
+    for job_id, its_key in st.session_state.get(MY_JOBS, {}).items():
+        job = registry().job(job_id)
+        if its_key == key and job is not None and not job.finished:
+            st.info(f"This scan is already {job.state} (**{job.label}**, below): its run opens when it finishes.",
+                    icon=":material/schedule:")  # fmt: skip
+            return True
+    return False
+
+
+def _submit(label: str, work: Work, key: str, resource: str) -> None:
+    """Queue work as this session's job (its run opens in this session when it finishes)."""
+    job_id = registry().submit(label, work, resource=resource)
+    st.session_state.setdefault(MY_JOBS, {})[job_id] = key
 
 
 def duration(seconds: float) -> str:
@@ -90,32 +172,36 @@ def duration(seconds: float) -> str:
     return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
-def unit(job: JobView) -> str:
-    """What the job's done/total count: documents (corpus scans, whose token counts are known), else steps."""
-    return "documents" if job.tokens_total is not None else "steps"
+def counts_documents(job: JobView) -> bool:
+    """Whether the job's done/total count documents (a corpus scan, once their token counts are known); a master-text
+    scan's progress counts bytes while downloading, then layer steps, and its message says which."""
+    return job.tokens_total is not None
 
 
 def progress_line(job: JobView) -> str:
-    """'120/400 documents · 2,345 tokens/s · about 1 min 20 s left' (the parts known so far)."""
+    """A corpus scan: '120/400 documents · 2,345 tokens/s · about 1 min 20 s left'; a master-text scan: its message
+    (which counts the bytes downloaded or the layers scanned) and 'about 20 s left' (the parts known so far)."""
     if not job.total:
         return job.message
-    parts = [f"{job.done:,}/{job.total:,} {unit(job)}"]
+    parts = [f"{job.done:,}/{job.total:,} documents"] if counts_documents(job) else [job.message]
     if job.tokens_per_second is not None:
         parts.append(f"{job.tokens_per_second:,.0f} tokens/s")
-    elif job.units_per_second is not None:
-        parts.append(f"{job.units_per_second:,.1f} {unit(job)}/s")
     if job.seconds_left is not None and job.done < job.total:
         parts.append(f"about {duration(job.seconds_left)} left")
-    else:
+    elif counts_documents(job):
         parts.append(job.message)  # preparing, or saving
     return " · ".join(parts)
 
 
 def _open_run_of(job: JobView) -> None:
-    """Make a finished job's run the active one, say so once (a flash), and take the job off the panel: its
-    success would otherwise stay there on every later visit and beside later scans. The run stays in the sidebar."""
-    state.set_active_run(job.outcome)
-    state.flash(f"Corpus scan {job.label} finished. Saved as run {job.outcome}.")
+    """Make a finished job's run the active one (and, for a master-text scan, note where its model sits), say so once
+    (a flash), and take the job off the panel: its success would otherwise stay there on every later visit and beside
+    later scans. The run stays in the sidebar."""
+    saved: SavedScan = job.outcome
+    state.set_active_run(saved.run_id)
+    if saved.placement is not None:
+        st.session_state[scanning.PLACEMENT] = saved.placement
+    state.flash(saved.message)
     registry().dismiss(job.id)
     st.rerun()
 
@@ -128,11 +214,12 @@ def _show_job(job: JobView) -> None:
         elif job.state == QUEUED:
             st.info(f"**{job.label}**: queued, {job.position} job(s) ahead of it on this model.", icon=":material/schedule:")
         elif job.state == DONE:
-            st.success(f"**{job.label}**: finished in {duration(job.elapsed_s)}. Saved as run {job.outcome}.")
+            st.success(f"**{job.label}**: finished in {duration(job.elapsed_s)}. Saved as run {job.outcome.run_id}.")
         elif job.state == FAILED:
             st.error(f"**{job.label}**: {job.error}")
         elif job.state == CANCELLED:
-            st.warning(f"**{job.label}**: cancelled after {job.done:,} of {job.total:,} {unit(job)}; nothing was saved.")
+            after = f" after {job.done:,} of {job.total:,} documents" if counts_documents(job) else ""
+            st.warning(f"**{job.label}**: cancelled{after}; nothing was saved.")
         if not job.finished:
             label = "Cancelling ..." if job.cancel_requested else "Cancel"
             st.button(label, key=f"cancel-{job.id}", on_click=queue.cancel, args=(job.id,), disabled=job.cancel_requested)
@@ -145,10 +232,12 @@ def _show_job(job: JobView) -> None:
 
 def _job_panel(polling: bool) -> None:
     views = registry().jobs()
-    mine = st.session_state.setdefault(MY_JOBS, [])
+    mine = st.session_state.setdefault(MY_JOBS, {})
+    for job_id in set(mine) - {job.id for job in views}:  # taken off the panel in another session (Open, Dismiss)
+        del mine[job_id]
     for job in views:
         if job.id in mine and job.finished:
-            mine.remove(job.id)
+            del mine[job.id]
             if job.state == DONE:  # this session's scan is a saved run now: make it the active one
                 _open_run_of(job)
     if polling and all(job.finished for job in views):
@@ -163,6 +252,6 @@ def show_jobs() -> None:
     if not views:
         return
     st.subheader("Background jobs")
-    st.caption("Corpus scans run here in the background: switch pages or close the tab, they go on.")
+    st.caption("Scans run here in the background: switch pages or close the tab, they go on.")
     polling = any(not job.finished for job in views)
     st.fragment(_job_panel, run_every=POLL_S if polling else None)(polling)

@@ -5,11 +5,12 @@ params of the others."""
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from urllib.parse import urlencode
 
 import pandas as pd
 import streamlit as st
+from streamlit.errors import StreamlitAPIException
 
 from mechamap_core.analysis import has_experts, neuron_groups, neuron_label
 from mechamap_core.scan import ScanResult
@@ -33,6 +34,54 @@ PAGE_LINK_PARAMS: dict[str, tuple[str, ...]] = {NEURON_URL_PATH: (LAYER_PARAM, N
 def _shown(text: str) -> str:
     """A link's value as it may appear in a message: short plain text only (links can be crafted)."""
     return f"'{text}'" if re.fullmatch(r"[\w.:+-]{1,80}", text) else "(unreadable)"
+
+
+def set_query_params(wanted: Mapping[str, str | None]) -> None:
+    """Give the URL's params these values (None drops one) and keep the others, in one write, or in none when the URL
+    already has them: the browser adds a history entry for each write that changes the address, so writing key by
+    key (or writing what is already there) made Back stop more than once on one page."""
+    current = {key: st.query_params.get_all(key) for key in st.query_params}
+    changes = {key: value for key, value in wanted.items() if current.get(key) != (None if value is None else [value])}
+    if not changes:
+        return
+    if all(value is not None for value in changes.values()):
+        st.query_params.update(changes)
+        return
+    if len(changes) == 1:
+        del st.query_params[next(iter(changes))]
+        return
+    kept = {key: values for key, values in current.items() if key not in changes}
+    try:  # from_dict replaces every param with one write, but refuses to write one bound to a widget (bind=)
+        st.query_params.from_dict({**kept, **{key: value for key, value in changes.items() if value is not None}})
+    except StreamlitAPIException:
+        for key, value in changes.items():
+            if value is None:
+                st.query_params.pop(key, None)
+            else:
+                st.query_params[key] = value
+
+
+# Streamlit's browser side adds a history entry for each change of the URL's params it is sent, besides the page's
+# own: a page switch that changes them too (Streamlit drops the old page's widget-bound params, ?run= is put back, the
+# Neuron page names its neuron) took 2-3 entries, and Back stopped on the same page. This script makes a new address
+# on the same path replace the current entry instead, so that each page visit is one entry.
+ONE_ENTRY_PER_PAGE = """<script>
+(() => {
+  const history = window.history;
+  if (history.mechamapOneEntryPerPage) return;
+  const push = history.pushState.bind(history);
+  history.pushState = (state, title, url) => {
+    const samePage = new URL(url, window.location.href).pathname === window.location.pathname;
+    return samePage ? history.replaceState(state, title, url) : push(state, title, url);
+  };
+  history.mechamapOneEntryPerPage = true;
+})();
+</script>"""
+
+
+def one_history_entry_per_page() -> None:
+    """Install ONE_ENTRY_PER_PAGE in the browser (once per tab; app.py calls it on every run)."""
+    st.html(ONE_ENTRY_PER_PAGE, unsafe_allow_javascript=True)
 
 
 def sync_run_link() -> None:
@@ -59,10 +108,7 @@ def sync_run_link() -> None:
                 f"This link names the run {_shown(run_id)}, which is not among the saved runs here. Pick a run in the sidebar."
             )
     active = state.active_run_id()
-    if active is None:
-        st.query_params.pop(RUN_PARAM, None)
-    elif st.query_params.get(RUN_PARAM) != active:
-        st.query_params[RUN_PARAM] = active
+    set_query_params({RUN_PARAM: active})
     st.session_state[FOLLOWED_RUN] = active
 
 
@@ -74,9 +120,9 @@ def other_pages_params(url_path: str, params: Iterable[str]) -> list[str]:
 
 
 def keep_page_params(url_path: str) -> None:
-    """Drop the other pages' link params from the URL of the page at url_path; app.py calls it before the page runs."""
-    for param in other_pages_params(url_path, list(st.query_params)):
-        del st.query_params[param]
+    """Drop the other pages' link params from the URL of the page at url_path (in one write); app.py calls it before
+    the page runs."""
+    set_query_params(dict.fromkeys(other_pages_params(url_path, list(st.query_params))))
 
 
 def parse_neuron_link(
@@ -197,13 +243,7 @@ def neuron_url(run_id: str, layer: int, neuron: int, base: str | None, expert: i
 def show_neuron_link(layer: int, neuron: int, expert: int | None = None) -> None:
     """Keep ?layer=&neuron= (and ?expert=) in the URL and show the neuron's link with a copy button (saved runs only)."""
     link = (str(layer), str(neuron), None if expert is None else str(expert))
-    params = (LAYER_PARAM, NEURON_PARAM, EXPERT_PARAM)
-    if tuple(st.query_params.get(p) for p in params) != link:
-        st.query_params.update({LAYER_PARAM: link[0], NEURON_PARAM: link[1]})
-        if expert is None:
-            st.query_params.pop(EXPERT_PARAM, None)
-        else:
-            st.query_params[EXPERT_PARAM] = link[2]
+    set_query_params(dict(zip((LAYER_PARAM, NEURON_PARAM, EXPERT_PARAM), link)))
     st.session_state[FOLLOWED_NEURON] = link
     run_id = state.active_run_id()
     if run_id is None:

@@ -20,24 +20,24 @@ from mechamap_core.config import ConfigError, ScanConfig, config_to_yaml
 from mechamap_core.errors import first_line as _first_line
 from mechamap_core.export import save_run
 from mechamap_core.models import ModelNotAvailableError, resolve_model_source
-from mechamap_core.scan import ScanResult, scan
+from mechamap_core.scan import ScanCancelled, ScanResult, scan
 from mechamap_core.sites import SiteResolutionError
 
 from . import state
 
-# Why not st.cache_data around scan(): on a cache hit, cache_data replays the st calls made inside the
-# cached function, and progress-bar updates on a bar created outside it raise CacheReplayClosureError
-# (checked with Streamlit 1.67). So identical scans are recognised here instead: a process-wide map,
-# keyed like cache_data would key them (model spec + device + dtype + config YAML + options), from scan
-# key to the saved run id. A hit reads that run back through state.get_run (an st.cache_data), so no
-# second copy of a result is held, and a removed run folder simply means scanning again.
+# Why not st.cache_data around scan(): a scan runs as a background job (mechamap_ui.jobs), outside any script
+# run, and what it leaves is a saved run; a cached ScanResult would be a second copy of it. So identical scans are
+# recognised here instead: a process-wide map, keyed like cache_data would key them (model spec + device + dtype +
+# config YAML + options), from scan key to the saved run id. A hit reads that run back through state.get_run (an
+# st.cache_resource), so no second copy of a result is held, and a removed run folder simply means scanning again.
 MAX_REMEMBERED_SCANS = 64
 ALREADY_LOADED_S = 0.05  # a model "loaded" faster than this came from st.cache_resource: it was already in memory
 WAIT_WORTH_SAYING_S = 0.5  # a wait for another scan's hold on the model shorter than this goes unsaid
 _SCANS: OrderedDict[str, str] = OrderedDict()
 _SCANS_LOCK = threading.Lock()
 
-Progress = Callable[[float, str], None]
+Progress = Callable[[int, int, str], None]  # progress(done, total, message), as a job's JobProgress takes it
+PLACEMENT = "scan_placement"  # session_state: where the last model this session scanned with sits, in words
 
 
 @dataclass
@@ -193,11 +193,16 @@ def describe_placement(where: dict[str, str]) -> str:
     return " · ".join(parts)
 
 
+def loading_options(loading: dict | None) -> dict:
+    """The placement options (device_map, max_memory, quantization) that are set: None means load_model's default."""
+    return {option: value for option, value in (loading or {}).items() if value is not None}
+
+
 def scan_key(spec: str, device: str, dtype: str, cfg: ScanConfig, layers, limit_neurons, texts, loading=None) -> str:
     """Cache key of a scan: model spec/device/dtype/loading options, the config's YAML text and the overrides."""
     parts = [
         spec.strip(), device, dtype, config_to_yaml(cfg), repr(None if layers is None else tuple(layers)),
-        repr(limit_neurons), "" if texts is None else "\x00".join(texts), repr(sorted((loading or {}).items())),
+        repr(limit_neurons), "" if texts is None else "\x00".join(texts), repr(sorted(loading_options(loading).items())),
     ]  # fmt: skip
     return hashlib.sha256("\x1f".join(parts).encode("utf-8", errors="replace")).hexdigest()
 
@@ -222,36 +227,43 @@ def run_scan(
 ) -> ScanOutcome:
     """Load the model (st.cache_resource), scan and save the run; an identical earlier scan's run is reused.
 
-    loading: load_model's placement options (device_map, max_memory, quantization). progress(fraction,
-    message) is called while downloading, loading and per layer/batch. Returns a ScanOutcome.
+    loading: load_model's placement options (device_map, max_memory, quantization). progress(done, total,
+    message) is called while downloading (bytes), loading and per layer/batch (steps); when it raises
+    ScanCancelled, the download or scan stops and ScanCancelled is raised, with nothing saved. Returns a ScanOutcome.
     Raises what load_model/scan raise: ModelNotAvailableError, SiteResolutionError, ConfigError,
     ValueError, torch.OutOfMemoryError / RuntimeError; and OSError when the run cannot be saved.
     """
-    report = progress or (lambda fraction, message: None)
-    loading = {k: v for k, v in (loading or {}).items() if v is not None}
+    report = progress or (lambda done, total, message: None)
+    loading = loading_options(loading)
     key = scan_key(spec, device, dtype, cfg, layers, limit_neurons, texts, loading)
     earlier = remembered_scan(key)
     if earlier is not None:
-        report(1.0, "Same model, config and options as an earlier scan: reused its saved run.")
+        report(1, 1, "Same model, config and options as an earlier scan: reused its saved run.")
         return earlier
 
-    report(0.0, f"Loading {spec.strip()} ...")
+    report(0, 0, f"Loading {spec.strip()} ...")
 
     def on_download(done: int, total: int, filename: str) -> None:
         size = f"{placement.human_bytes(done)} of {placement.human_bytes(total)}"
-        report(min(done / max(total, 1), 1.0), f"Downloading {spec.strip()}: {filename} ({size})")
+        report(done, total, f"Downloading {spec.strip()}: {filename} ({size})")
 
     asked = time.perf_counter()
-    lm = state.get_model(spec.strip(), device, dtype, _token=hf_token(), _download_progress=on_download, **loading)
+    try:
+        lm = state.get_model(spec.strip(), device, dtype, _token=hf_token(), _download_progress=on_download, **loading)
+    except Exception as exc:
+        cancelled = cancel_within(exc)
+        if cancelled is None:
+            raise
+        raise cancelled from None  # a cancel during the download, which the Hub client reports as a failed download
     load_seconds = time.perf_counter() - asked
     if lm.lock.locked():
-        report(0.0, "Waiting: another session is scanning this model right now ...")
+        report(0, 0, "Waiting: another scan is using this model right now ...")
 
     def on_progress(done: int, total: int, message: str) -> None:
-        report(min(done / max(total, 1), 1.0), f"Scanning {message} ({done}/{total})")
+        report(done, total, f"Scanning {message} ({done}/{total})")
 
     result = scan(lm, cfg, layers=layers, limit_neurons=limit_neurons, progress=on_progress, texts=texts)
-    report(1.0, "Saving the run ...")
+    report(1, 1, "Saving the run ...")  # the last moment a cancel still counts
     run_id = save_run(result, state.runs_dir()).name
     remember_scan(key, run_id)
     return ScanOutcome(result, run_id, cached=False, placement=dict(lm.placement), load_seconds=load_seconds)
@@ -278,23 +290,17 @@ def remember_scan(key: str, run_id: str) -> None:
             _SCANS.popitem(last=False)
 
 
-STAY_ON_THE_PAGE = (":material/info: Stay on this page until the scan finishes: leaving it or reloading stops the scan, "
-                    "and nothing is saved. A corpus scan (Scan page) runs in the background instead.")
-
-
-def scan_with_progress_bar(spec: str, cfg: ScanConfig, **options) -> ScanOutcome | None:
-    """run_scan(spec, cfg, **options) under a progress bar; on any failure the bar goes, one readable
-    st.error says why (never a traceback), and None is returned."""
-    bar = st.progress(0.0, text="Starting ...")
-    stay = st.caption(STAY_ON_THE_PAGE)
-    try:
-        return run_scan(spec, cfg, progress=lambda fraction, message: bar.progress(fraction, text=message), **options)
-    except Exception as exc:  # noqa: BLE001 - every failure becomes one readable sentence, never a traceback
-        bar.empty()
-        st.error(friendly_error(exc))
-        return None
-    finally:
-        stay.empty()
+def cancel_within(exc: BaseException) -> ScanCancelled | None:
+    """The ScanCancelled that exc is, or was raised from (a progress report inside a download raises it, and the Hub
+    client wraps it in its own errors); None when exc was no cancel."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, ScanCancelled):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 def _sentence(text: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -10,13 +11,15 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parent.parent
 APP = REPO_ROOT / "app.py"
 APP_TIMEOUT_S = 180  # first runs load the bundled model; no test asserts on time
+JOB_TIMEOUT_S = 180  # a background scan of the bundled model (small neuron limits); no test asserts on time
 
 
 @pytest.fixture
 def app_env(tmp_path, monkeypatch) -> dict[str, Path]:
     """Temp runs/ and configs/ folders (configs holds a copy of default.yaml) via MECHAMAP_* env vars.
 
-    Also empties the process-wide scan cache so every test scans afresh.
+    Also empties the process-wide scan cache so every test scans afresh, and the job queue: no test sees another's
+    jobs, and none leaves a worker behind (its unfinished jobs are cancelled and waited for).
     """
     runs = tmp_path / "runs"
     configs = tmp_path / "configs"
@@ -28,8 +31,35 @@ def app_env(tmp_path, monkeypatch) -> dict[str, Path]:
     from mechamap_ui import scanning
 
     scanning.clear_scan_cache()
+    clear_jobs()
     yield {"runs": runs, "configs": configs, "root": tmp_path}
+    clear_jobs()
     scanning.clear_scan_cache()
+
+
+def clear_jobs() -> None:
+    """Cancel every unfinished job of the app's job queue, wait for them, and start a new, empty queue."""
+    from mechamap_ui import jobs
+
+    queue = jobs.registry()
+    for job in queue.jobs():
+        queue.cancel(job.id)
+        queue.wait(job.id, JOB_TIMEOUT_S)
+    jobs.registry.clear()
+
+
+def wait_for_jobs(at):
+    """Wait until every job of the app's job queue has finished, then run the app again (the job panel opens this
+    session's finished runs and shows failures); with no job listed (none started, or opened already), nothing."""
+    from mechamap_ui import jobs
+
+    queue = jobs.registry()
+    listed = queue.jobs()
+    if not listed:
+        return at
+    for job in listed:
+        assert queue.wait(job.id, JOB_TIMEOUT_S), f"{job.label} did not finish"
+    return at.run()
 
 
 @pytest.fixture(scope="session")
@@ -73,3 +103,10 @@ def texts(elements) -> list[str]:
 def no_exception(at) -> None:
     """Assert the app shows no exception element (no traceback reached the page)."""
     assert not at.exception, [e.value for e in at.exception]
+
+
+def wait_until(condition, timeout_s: float = JOB_TIMEOUT_S) -> None:
+    """Poll condition() every 50 ms until it is true; fail after timeout_s."""
+    pause = threading.Event()
+    while not condition():
+        assert not pause.wait(0.05) and (timeout_s := timeout_s - 0.05) > 0, "the condition never came true"

@@ -8,7 +8,7 @@ import re
 
 import app_fixtures
 import pytest
-from app_fixtures import make_app, no_exception, open_page, texts
+from app_fixtures import make_app, no_exception, open_page, texts, wait_for_jobs
 
 from mechamap_core.config import load_config
 from mechamap_core.export import save_run
@@ -148,6 +148,24 @@ def test_sidebar_picker_switches_the_active_run(app_env, tiny_result):
     assert at.subheader[0].value == "Headline of the active run"
 
 
+def test_a_browser_that_draws_the_run_picker_afresh_shows_the_active_run(app_env, tiny_result):
+    """A page clicked before the first run's picker was mounted: the browser has no value of its own for the picker
+    and draws it from the next run's element, at its default. That default is the active run, so the run after it
+    does not get (none) back as a pick, which dropped the active run."""
+    older, newest = saved_in_order(tiny_result, app_env["runs"], "20240101-000000-older", "20240102-000000-newest")
+    at = make_app().run()
+    at.switch_page("views/pivot.py").run()
+    no_exception(at)
+    picker = at.sidebar.selectbox(key="sidebar_run_picker")
+    shown = picker.proto.default  # the option a browser without its own value shows
+    assert picker.proto.options[shown].startswith(newest)
+    picker.select_index(shown)  # the browser sends what it shows with the next click
+    at.switch_page("views/overlap.py").run()
+    no_exception(at)
+    assert at.session_state[ACTIVE_RUN] == newest and at.query_params["run"] == newest
+    assert f"**Active run:** {newest}" in sidebar_text(at)
+
+
 def test_overview_headline_for_a_result(app_env, tiny_result):
     at = make_app(tiny_result).run()
     no_exception(at)
@@ -181,8 +199,10 @@ def test_overview_holds_up_toggle_counts_pairs_by_hand(app_env, tiny_result):
 
 
 def test_overview_button_scans_and_activates_the_run(app_env):
+    """The one-click scan is a background job too (the Scan page's path): its run opens on the Overview when it ends."""
     at = make_app().run()
     at.button[0].click().run()
+    wait_for_jobs(at)
     no_exception(at)
     assert not at.error, texts(at.error)
     runs = os.listdir(app_env["runs"])

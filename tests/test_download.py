@@ -310,8 +310,9 @@ def test_cli_downloads_and_scans(hub, tmp_path):
 
 
 def test_scan_page_shows_size_then_downloads_and_scans(hub, app_env, hub_root):
-    """The Scan page lists the model's size from the Hub before scanning, then downloads it and scans."""
-    from app_fixtures import make_app, no_exception, open_page, texts
+    """The Scan page lists the model's size from the Hub before scanning, then downloads it and scans (a background
+    job), and says where the model sits."""
+    from app_fixtures import make_app, no_exception, open_page, texts, wait_for_jobs
 
     from mechamap_ui import scanning, state
 
@@ -329,12 +330,44 @@ def test_scan_page_shows_size_then_downloads_and_scans(hub, app_env, hub_root):
     at.number_input(key="scan_limit").set_value(4)
     next(b for b in at.button if b.label == "Scan").click()
     at.run()
+    wait_for_jobs(at)
     no_exception(at)
     assert not at.error, texts(at.error)
     assert _gets(hub, "model.safetensors")
+    assert any("Saved as run" in v for v in texts(at.success)), texts(at.success)
     assert any("Placement of the last loaded model: the whole model on" in v for v in texts(at.caption))
     at.text_input(key="scan_hub_id").set_value("org/no-such-model").run()
     assert any("was not found on the Hugging Face Hub" in v for v in texts(at.warning))
+    state.get_model.clear()
+
+
+def test_a_scan_job_reports_its_download_then_its_scan_and_a_cancel_stops_the_download(hub, app_env, default_cfg):
+    """The Scan page's job (jobs.master_scan_work) downloads a Hub id in the job: bytes first (never backwards), then
+    the layer steps, counted afresh. Cancelled during the download, it ends cancelled, not failed, and saves nothing."""
+    from mechamap_core import ScanCancelled
+    from mechamap_core.jobs import JobProgress
+    from mechamap_ui import jobs, state
+
+    def work():
+        return jobs.master_scan_work("org/tiny", default_cfg, device="cpu", dtype="auto", limit_neurons=4)
+
+    def stop_in_the_download(done, total, message):
+        if message.startswith("Downloading org/tiny: model.safetensors"):  # amid the weights (the Hub client wraps it)
+            raise ScanCancelled("cancelled")
+
+    state.get_model.clear()
+    with pytest.raises(ScanCancelled):
+        work()(JobProgress(stop_in_the_download, lambda counts: None))
+    assert os.listdir(app_env["runs"]) == []
+
+    reports = []
+    saved = work()(JobProgress(lambda *report: reports.append(report), lambda counts: None))
+    downloads = [(done, total) for done, total, message in reports if message.startswith("Downloading org/tiny: ")]
+    files = list_repo_files("org/tiny")
+    assert downloads and downloads == sorted(downloads) and downloads[-1] == (files.total_bytes, files.total_bytes)
+    steps = [(done, total) for done, total, message in reports if message.startswith("Scanning ")]
+    assert steps and steps[-1][0] == steps[-1][1] < files.total_bytes
+    assert os.listdir(app_env["runs"]) == [saved.run_id]
     state.get_model.clear()
 
 

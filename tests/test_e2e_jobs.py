@@ -1,12 +1,25 @@
-"""Real-browser test of a background corpus scan: start it, switch pages, close the tab, see it move, cancel it."""
+"""Real-browser tests of background scans: a corpus scan (start it, switch pages, close the tab, see it move, cancel
+it) and a master-text scan (leave the page mid-scan, come back to its run)."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
+import time
 
 import pytest
 import test_e2e_browser
-from test_e2e_browser import CHROMIUM, CHROMIUM_ARGS, PAGE_TIMEOUT_MS, SCAN_TIMEOUT_MS, SCREENSHOTS, _nav, _no_exception
+from test_e2e_browser import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    PAGE_TIMEOUT_MS,
+    REPO_ROOT,
+    SCAN_TIMEOUT_MS,
+    SCREENSHOTS,
+    _nav,
+    _no_exception,
+    running_server,
+)
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium)")
 streamlit_server = test_e2e_browser.streamlit_server  # shared fixture: `streamlit run app.py` on a free port
@@ -111,3 +124,72 @@ def test_a_corpus_scan_job_survives_page_switches_and_a_closed_tab_then_cancels(
     assert first < back < moving < reopened < N_DOCS
     assert list(streamlit_server["runs"].iterdir()) == []  # cancelled: no run, no temp folder
     print(f"\ndocuments done: {first} at start, {back} back on the page, {moving} later, {reopened} in a new tab; cancelled")
+
+
+TEXT_REPEATS = 80  # the default master text 80 times (~65k tokens): ~30 s on the bundled model at 64 neurons per layer
+# on a busy 2-core machine, so the scan is still running when the test leaves the page
+
+
+@pytest.fixture
+def server_with_a_long_master_text(one_torch_thread, tmp_path):
+    """A fresh server whose default config is the default one with a master text TEXT_REPEATS times as long."""
+    from mechamap_core.config import load_config, save_config
+
+    default = load_config(REPO_ROOT / "configs" / "default.yaml")
+    long_text = dataclasses.replace(default, master_text="\n".join([default.master_text] * TEXT_REPEATS))
+    save_config(long_text, tmp_path / "long.yaml")
+    with running_server(tmp_path / "server", default_config=tmp_path / "long.yaml") as server:
+        yield server
+
+
+def _saved_runs(runs) -> list[str]:
+    """The finished run folders (a run being saved is a temp folder without metadata.json until it is renamed)."""
+    return [path.name for path in runs.iterdir() if (path / "metadata.json").is_file()]
+
+
+def test_a_master_text_scan_goes_on_while_the_user_is_on_another_page(server_with_a_long_master_text):
+    """Scan the master text, leave for the Config page mid-scan: the scan goes on and is saved; back on the Scan page
+    its run opens, said once, as the active run in the sidebar."""
+    from playwright.sync_api import expect, sync_playwright
+
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    runs = server_with_a_long_master_text["runs"]
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1440, "height": 1000})
+            page.goto(server_with_a_long_master_text["url"])
+            expect(page.get_by_role("heading", name="MechaMap")).to_be_visible(timeout=PAGE_TIMEOUT_MS)
+            _open_scan_page(page)
+            limit = page.get_by_label("Neuron limit per layer (0 = all)")
+            limit.fill(NEURON_LIMIT)
+            limit.press("Enter")
+            expect(limit).to_have_value(NEURON_LIMIT)
+            page.wait_for_timeout(500)  # let the rerun that commits the value finish
+            expect(page.get_by_text("A scan runs as a background job", exact=False)).to_be_visible()
+            page.get_by_role("button", name="Scan", exact=True).click()
+            bar = page.locator('[data-testid="stProgress"]').filter(has_text="Scanning layer")
+            expect(bar.first).to_be_visible(timeout=SCAN_TIMEOUT_MS)  # the job's bar, refreshed by the panel
+            expect(bar.first).to_contain_text("Master text on sentence-transformers/all-MiniLM-L6-v2")
+            _no_exception(page)
+            _screenshot_jobs(page, "jobs_04_master_text_scan_running.png")
+            assert _saved_runs(runs) == [], "the scan finished before the test left the page: make the text longer"
+
+            _nav(page, "Config")  # leave the Scan page mid-scan
+            expect(page.get_by_role("heading", name="Word coverage")).to_be_visible(timeout=PAGE_TIMEOUT_MS)
+            deadline = time.monotonic() + SCAN_TIMEOUT_MS / 1000
+            while not _saved_runs(runs):
+                assert time.monotonic() < deadline, "the scan never finished while the user was away"
+                page.wait_for_timeout(500)
+            [run_id] = _saved_runs(runs)
+            expect(page.get_by_text("Saved as run", exact=False)).to_have_count(0)  # it opens on the Scan page
+
+            _open_scan_page(page)
+            expect(page.get_by_text(f"Saved as run {run_id}.", exact=False)).to_be_visible(timeout=PAGE_TIMEOUT_MS)
+            expect(page.get_by_role("button", name="CSV")).to_be_visible()
+            expect(page.locator('[data-testid="stSidebar"]').get_by_text(f"Active run: {run_id}", exact=False)).to_be_visible()
+            expect(page.get_by_role("heading", name="Background jobs")).to_have_count(0)  # opened: it left the panel
+            _no_exception(page)
+            page.screenshot(path=str(SCREENSHOTS / "jobs_05_master_text_scan_opened.png"), full_page=True)
+        finally:
+            browser.close()

@@ -11,9 +11,10 @@ import threading
 import weakref
 
 import app_fixtures
+import numpy as np
 import pandas as pd
 import pytest
-from app_fixtures import make_app, no_exception, open_page, texts
+from app_fixtures import make_app, no_exception, open_page, texts, wait_until
 
 from mechamap_core import ScanCancelled, scan
 from mechamap_core.config import BUNDLED_MODEL_ID
@@ -22,7 +23,7 @@ from mechamap_core.export import load_run, save_run
 from mechamap_core.inspect_neuron import is_streamed
 from mechamap_core.jobs import CANCELLED, DONE, FAILED, QUEUED, RUNNING, JobProgress, JobQueue, rate_and_eta
 from mechamap_core.scan.stream import scan_stream, stream_result
-from mechamap_ui import jobs, scanning
+from mechamap_ui import jobs, scanning, state
 from mechamap_ui.state import ACTIVE_RUN
 
 app_env = app_fixtures.app_env
@@ -166,6 +167,40 @@ def test_rates_and_time_left_follow_the_clock_and_the_token_counts():
     assert done.state == DONE and done.seconds_left is None and done.elapsed_s == pytest.approx(9.0)
 
 
+def test_a_new_total_starts_a_new_count_and_a_new_rate():
+    """A master-text scan counts a download's bytes, then its layer steps: done never goes back within one count, and
+    another total starts from 0, with its rate measured from its own first report."""
+    now = [0.0]
+    queue = JobQueue(clock=lambda: now[0])
+    known, release, reported = threading.Event(), threading.Event(), threading.Event()
+
+    def work(progress: JobProgress) -> str:
+        assert known.wait(WAIT_S)
+        for t, done, total in [(1.0, 0, 1000), (3.0, 600, 1000), (4.0, 500, 1000), (5.0, 1000, 1000), (6.0, 1, 6),
+                               (8.0, 3, 6)]:  # fmt: skip
+            now[0] = t
+            progress(done, total, f"{done} of {total}")
+            if (done, total) == (600, 1000):
+                view = queue.job(job_ids[0])
+                assert (view.done, view.total, view.units_per_second) == (600, 1000, pytest.approx(300.0))
+            if (done, total) == (500, 1000):
+                assert queue.job(job_ids[0]).done == 600  # never backwards within a count
+        reported.set()
+        assert release.wait(WAIT_S)
+        return "run"
+
+    job_ids = [queue.submit("download, then scan", work)]
+    known.set()
+    assert reported.wait(WAIT_S)
+    view = queue.job(job_ids[0])
+    assert (view.done, view.total, view.message) == (3, 6, "3 of 6")
+    assert view.units_per_second == pytest.approx(1.0)  # 2 steps in 2 s, from the steps' first report at t=6
+    assert view.seconds_left == pytest.approx(3.0)
+    assert jobs.progress_line(view) == "3 of 6 · about 3 s left"  # the message counts what is done
+    release.set()
+    assert queue.wait(job_ids[0], WAIT_S)
+
+
 def test_duration_text():
     assert [jobs.duration(s) for s in (0.4, 45, 61, 3599, 7620)] == ["0 s", "45 s", "1 min 01 s", "59 min 59 s", "2 h 07 min"]
 
@@ -175,7 +210,12 @@ def test_duration_text():
 
 def run_corpus_job(queue, lm, cfg, runs, docs=DOCS, on_report=None, **options) -> str:
     """Submit corpus_scan_work(...) as a job; on_report(view) runs after every progress report."""
-    inner = jobs.corpus_scan_work(lm, cfg, list(docs), runs, key=f"test-{id(cfg)}", **options)
+    inner = jobs.corpus_scan_work(lm, cfg, list(docs), runs, key=f"test-{id(cfg)}", label="corpus", **options)
+    return run_watched_job(queue, inner, on_report)
+
+
+def run_watched_job(queue, inner, on_report=None) -> str:
+    """Submit the work inner as a job; on_report(view) runs after every progress report."""
     submitted: list[str] = []
     known = threading.Event()
 
@@ -188,7 +228,7 @@ def run_corpus_job(queue, lm, cfg, runs, docs=DOCS, on_report=None, **options) -
 
         return inner(JobProgress(record, progress.set_unit_tokens))
 
-    submitted.append(queue.submit("corpus", work, resource="bundled"))
+    submitted.append(queue.submit("scan", work, resource="bundled"))
     known.set()
     return submitted[0]
 
@@ -200,7 +240,7 @@ def test_a_corpus_job_saves_the_run_of_a_streamed_scan_with_monotonic_progress(q
     assert queue.wait(job_id, WAIT_S)
     job = queue.job(job_id)
     assert job.state == DONE, job.error
-    saved = load_run(tmp_path / job.outcome)
+    saved = load_run(tmp_path / job.outcome.run_id)
     assert is_streamed(saved) and saved.metadata["n_documents"] == len(DOCS)
     stream = (Document(i, text, "") for i, text in enumerate(DOCS))  # the same scan, called directly
     state = scan_stream(bundled_lm, cfg, stream, calibration_texts=DOCS, layers=[0, 3], limit_neurons=16,
@@ -275,6 +315,62 @@ def test_a_job_whose_run_cannot_be_saved_fails_readably(queue, bundled_lm, defau
     assert sorted(os.listdir(tmp_path)) == ["not-a-folder"]
 
 
+def test_a_master_text_job_saves_the_run_of_a_direct_scan_with_its_recording(app_env, bundled_lm, default_cfg):
+    """master_scan_work (the Scan page's job) loads the model, scans the master text and saves the run with the
+    activations it recorded (for the Neuron page): the run a scan called directly gives. It remembers the run under its
+    scan key, so the same scan is not run again. Its progress goes from loading, through the layer steps (never
+    backwards), to saving."""
+    queue = jobs.registry()
+    cfg, options = small_cfg(default_cfg), {"layers": [0, 3], "limit_neurons": 16}
+    views = []
+    job_id = run_watched_job(queue, jobs.master_scan_work(BUNDLED_MODEL_ID, cfg, device="auto", dtype="auto", **options),
+                             views.append)  # fmt: skip
+    assert queue.wait(job_id, WAIT_S)
+    job = queue.job(job_id)
+    assert job.state == DONE, job.error
+    saved = job.outcome
+    assert os.listdir(app_env["runs"]) == [saved.run_id] and saved.placement == "the whole model on cpu"
+    assert "2 layers × 16 neurons (32)" in saved.message and saved.message.endswith(f"Saved as run {saved.run_id}.")
+    run = load_run(app_env["runs"] / saved.run_id)
+    direct = scan(bundled_lm, cfg, **options)
+    close = {"check_exact": False, "rtol": 1e-5, "atol": 1e-6}
+    pd.testing.assert_frame_equal(run.scores, direct.scores, **close)
+    pd.testing.assert_frame_equal(run.top_tokens, direct.top_tokens, **close)
+    assert sorted(run.activations) == sorted(direct.activations) == [0, 3]
+    for layer, recorded in direct.activations.items():  # saved as float16
+        np.testing.assert_allclose(run.activations[layer], recorded.astype(np.float16), rtol=1e-3, atol=1e-3)
+    key = scanning.scan_key(BUNDLED_MODEL_ID, "auto", "auto", cfg, options["layers"], options["limit_neurons"], None)
+    assert scanning.remembered_scan(key).run_id == saved.run_id
+
+    assert views[0].message == f"Loading {BUNDLED_MODEL_ID} ..." and views[-1].message == "Saving the run ..."
+    steps = [view for view in views if view.message.startswith("Scanning")]
+    assert steps and {view.total for view in steps} == {steps[0].total} and steps[-1].done == steps[0].total
+    assert [view.done for view in steps] == sorted(view.done for view in steps)
+    assert steps[-1].message.endswith(f"({steps[0].total}/{steps[0].total})")
+
+
+def test_a_master_text_job_cancelled_mid_scan_saves_nothing(app_env, default_cfg):
+    queue = jobs.registry()
+    reached, resume = gate()
+
+    def on_report(view):
+        if view.message.startswith("Scanning") and not reached.is_set():
+            reached.set()
+            assert resume.wait(WAIT_S)
+
+    work = jobs.master_scan_work(BUNDLED_MODEL_ID, small_cfg(default_cfg), device="auto", dtype="auto", layers=[0, 3, 5],
+                                 limit_neurons=8)  # fmt: skip
+    job_id = run_watched_job(queue, work, on_report)
+    assert reached.wait(WAIT_S)
+    queue.cancel(job_id)
+    resume.set()
+    assert queue.wait(job_id, WAIT_S)
+    job = queue.job(job_id)
+    assert job.state == CANCELLED and 0 < job.done < job.total
+    assert os.listdir(app_env["runs"]) == []
+    assert not state.get_model(BUNDLED_MODEL_ID, "auto", "auto").lock.locked()
+
+
 def test_save_run_that_fails_midway_leaves_no_folder(tiny_result, tmp_path):
     unwritable = pd.DataFrame({"mixed": [1, "two", 3.0]})  # pyarrow refuses a column of mixed types
     result = dataclasses.replace(tiny_result, extras={"bad": unwritable})
@@ -294,14 +390,9 @@ def test_save_run_that_fails_midway_leaves_no_folder(tiny_result, tmp_path):
 
 
 @pytest.fixture
-def fresh_registry():
-    jobs.registry.clear()
-    yield jobs.registry()
-    queue = jobs.registry()
-    for job in queue.jobs():
-        queue.cancel(job.id)
-        queue.wait(job.id, WAIT_S)
-    jobs.registry.clear()
+def fresh_registry(app_env):
+    """The app's job queue, empty: app_env starts a new one, and cancels and clears it afterwards."""
+    return jobs.registry()
 
 
 def upload_corpus(at, name: str, docs: list[str]):
@@ -311,20 +402,12 @@ def upload_corpus(at, name: str, docs: list[str]):
     return at.run()
 
 
-def wait_until(condition, timeout_s: float = WAIT_S) -> None:
-    done = threading.Event()
-    while not condition():
-        assert not done.wait(0.05) and (timeout_s := timeout_s - 0.05) > 0, "the condition never came true"
-
-
 def click(at, label: str, nth: int = 0):
     [b for b in at.button if b.label == label][nth].click()
     return at.run()
 
 
 def test_scan_page_shows_a_running_job_a_queue_and_opens_the_finished_run(app_env, fresh_registry):
-    from mechamap_ui import state
-
     at = open_page(make_app(), "scan")
     upload_corpus(at, "docs.txt", DOCS)
     lm = state.get_model(BUNDLED_MODEL_ID, "auto", "auto")  # the page's model, shared through st.cache_resource
@@ -349,16 +432,16 @@ def test_scan_page_shows_a_running_job_a_queue_and_opens_the_finished_run(app_en
     at.run()  # the panel sees this session's job done: it becomes the active run
     no_exception(at)
     assert not at.error, texts(at.error)
-    assert job.state == DONE and at.session_state[ACTIVE_RUN] == job.outcome
-    assert any(f"Saved as run {job.outcome}" in v for v in texts(at.success))
+    assert job.state == DONE and at.session_state[ACTIVE_RUN] == job.outcome.run_id
+    assert any(f"Saved as run {job.outcome.run_id}" in v for v in texts(at.success))
     assert any("more.txt (5 documents)" in v and "nothing was saved" in v for v in texts(at.warning))
-    assert os.listdir(app_env["runs"]) == [job.outcome]
-    assert load_run(app_env["runs"] / job.outcome).metadata["n_documents"] == len(DOCS)
+    assert os.listdir(app_env["runs"]) == [job.outcome.run_id]
+    assert load_run(app_env["runs"] / job.outcome.run_id).metadata["n_documents"] == len(DOCS)
     assert [view.id for view in fresh_registry.jobs()] == [second.id]  # the opened run's job left the panel
     upload_corpus(at, "docs.txt", DOCS)  # the same scan again: its saved run is reused, no new job
     click(at, "Scan")
-    assert len(fresh_registry.jobs()) == 1 and os.listdir(app_env["runs"]) == [job.outcome]
-    assert any(f"reused run {job.outcome}" in v for v in texts(at.success))
+    assert len(fresh_registry.jobs()) == 1 and os.listdir(app_env["runs"]) == [job.outcome.run_id]
+    assert any(f"reused run {job.outcome.run_id}" in v for v in texts(at.success))
     click(at, "Dismiss")
     assert fresh_registry.jobs() == [] and not any(s.value == "Background jobs" for s in at.subheader)
 
@@ -403,7 +486,7 @@ def test_a_finished_jobs_success_shows_once_after_its_run_is_opened(app_env, fre
     click(at, "Scan")
     (job,) = fresh_registry.jobs()
     assert fresh_registry.wait(job.id, WAIT_S)
-    run_id = fresh_registry.job(job.id).outcome
+    run_id = fresh_registry.job(job.id).outcome.run_id
     at.run()  # the panel sees this session's job done: it becomes the active run, said once
     no_exception(at)
     assert at.session_state[ACTIVE_RUN] == run_id and fresh_registry.jobs() == []
@@ -418,10 +501,11 @@ def test_a_finished_jobs_success_shows_once_after_its_run_is_opened(app_env, fre
     done = fresh_registry.job(job.id)
     other = open_page(make_app(), "scan")  # a new tab: not its job, so it is listed with Open
     assert saved_messages(other) == [f"**more.txt (3 documents)**: finished in {jobs.duration(done.elapsed_s)}. "
-                                      f"Saved as run {done.outcome}."]  # fmt: skip
+                                      f"Saved as run {done.outcome.run_id}."]  # fmt: skip
     click(other, "Open")
     no_exception(other)
-    assert other.session_state[ACTIVE_RUN] == done.outcome and fresh_registry.jobs() == []
-    assert saved_messages(other) == [f"Corpus scan more.txt (3 documents) finished. Saved as run {done.outcome}."]
+    assert other.session_state[ACTIVE_RUN] == done.outcome.run_id and fresh_registry.jobs() == []
+    assert saved_messages(other) == [f"Corpus scan more.txt (3 documents) finished. Saved as run {done.outcome.run_id}."]
     other.run()
     assert saved_messages(other) == []
+

@@ -206,3 +206,68 @@ def test_overview_is_served_at_the_root_and_at_overview(app_env, tiny_result):
     at.switch_page("views/overview.py").run()  # AppTest picks the page whose path is the file's name: /overview
     no_exception(at)
     assert at.subheader[0].value == "Headline of the active run"
+
+
+# --- each change of the URL is one write (the browser adds a history entry per write) ------------
+
+
+@pytest.fixture
+def url_writes(monkeypatch) -> list[dict]:
+    """The query params of each write that Streamlit sends to the browser (which pushes a history entry for each)."""
+    from streamlit.runtime.state.query_params import QueryParams
+
+    writes, send = [], QueryParams._send_query_param_msg
+
+    def counted(self):
+        writes.append({key: self.get_all(key) for key in self})
+        send(self)
+
+    monkeypatch.setattr(QueryParams, "_send_query_param_msg", counted)
+    return writes
+
+
+def _set_the_wanted_params():
+    import streamlit as st
+
+    from mechamap_ui.links import set_query_params
+
+    set_query_params(st.session_state.get("wanted", {}))
+
+
+def test_set_query_params_writes_once_and_only_a_change(url_writes):
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_function(_set_the_wanted_params)
+    at.query_params.update({"run": "a", "layer": "1", "neuron": "2", "expert": "0", "metric": "auroc"})
+    at.session_state["wanted"] = {"run": "a", "layer": "1", "neuron": "2", "gone": None}  # as they are
+    at.run()
+    assert url_writes == []
+    at.session_state["wanted"] = {"run": "b", "layer": "3"}  # two values: one write
+    at.run()
+    assert url_writes == [{"run": ["b"], "layer": ["3"], "neuron": ["2"], "expert": ["0"], "metric": ["auroc"]}]
+    at.session_state["wanted"] = {"run": "b", "neuron": "4", "expert": None}  # a value and a drop: one write
+    at.run()
+    assert url_writes[1:] == [{"run": ["b"], "layer": ["3"], "neuron": ["4"], "metric": ["auroc"]}]
+    at.session_state["wanted"] = {"layer": None, "neuron": None}  # two drops: one write
+    at.run()
+    assert url_writes[2:] == [{"run": ["b"], "metric": ["auroc"]}]
+    assert dict(at.query_params) == {"run": "b", "metric": "auroc"}
+
+
+def test_switching_pages_writes_the_url_once_or_not_at_all(app_env, tiny_result, url_writes):
+    """A page visit whose URL already names the run writes nothing; another neuron on the Neuron page is one write."""
+    at = open_page(linked_app(app_env, tiny_result), "pivot")
+    no_exception(at)
+    url_writes.clear()
+    at.switch_page("views/correlation.py").run()
+    no_exception(at)
+    assert url_writes == []
+
+    at = open_page(linked_app(app_env, tiny_result, layer="5", neuron="7"), "neuron")
+    no_exception(at)
+    url_writes.clear()
+    at.session_state[SELECTED_NEURON] = (5, 8)
+    at.run()
+    no_exception(at)
+    assert at.subheader[0].value.startswith("L5.N8 ")
+    assert url_writes == [{"run": [LINKED], "layer": ["5"], "neuron": ["8"]}]

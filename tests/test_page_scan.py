@@ -1,4 +1,5 @@
-"""AppTests of the Scan page (scans, readable errors, downloads) and the lock that serialises scans on a shared model."""
+"""AppTests of the Scan page (scans as background jobs, leaving the page mid-scan, readable errors, downloads) and the
+lock that serialises scans on a shared model."""
 
 from __future__ import annotations
 
@@ -7,17 +8,20 @@ import os
 import re
 import threading
 import time
+from contextlib import contextmanager
 
 import app_fixtures
 import pandas as pd
 import pytest
 import torch
-from app_fixtures import make_app, no_exception, open_page, texts
+from app_fixtures import JOB_TIMEOUT_S, make_app, no_exception, open_page, texts, wait_for_jobs, wait_until
 from tiny_models import bundled_tokenizer
 
 from mechamap_core import ConfigError, ModelNotAvailableError, ScanConfig, SiteResolutionError, scan
+from mechamap_core.config import BUNDLED_MODEL_ID
 from mechamap_core.export import load_run
-from mechamap_ui import scanning
+from mechamap_core.jobs import CANCELLED, QUEUED, RUNNING
+from mechamap_ui import jobs, scanning, state
 from mechamap_ui.state import ACTIVE_CONFIG, ACTIVE_RUN, RESULT_OVERRIDE
 
 # fixtures shared with the other app tests
@@ -25,6 +29,7 @@ app_env = app_fixtures.app_env
 tiny_result = app_fixtures.tiny_result
 
 HUB = "Hugging Face id (downloads on demand)"
+RUN_PICKER = "sidebar_run_picker"  # app.py's sidebar picker of the saved runs
 LOCAL = "Local folder"
 
 
@@ -33,6 +38,14 @@ def scan_page(**state):
 
 
 def click_scan(at):
+    """Press Scan, wait for the background job it starts, and run the page again: it opens the job's run (or shows
+    why the job failed)."""
+    press_scan(at)
+    return wait_for_jobs(at)
+
+
+def press_scan(at):
+    """Press Scan and run the page once (the job it starts goes on in the background)."""
     next(b for b in at.button if b.label == "Scan").click()
     return at.run()
 
@@ -73,6 +86,110 @@ def test_scan_bundled_model_sets_a_saved_active_run(app_env):
     click_scan(at)
     assert any("reused" in v for v in texts(at.success))
     assert os.listdir(app_env["runs"]) == runs
+
+
+def progress_texts(at) -> list[str]:
+    return [str(p.proto.text) for p in at.get("progress")]
+
+
+@contextmanager
+def scan_waiting_for_the_model(at):
+    """Hold the bundled model's lock (as another scan would), press Scan, wait until the job waits for the model, mid-
+    scan, and yield the job; the model is let go after the block."""
+    lm = state.get_model(BUNDLED_MODEL_ID, "auto", "auto")  # the page's model, shared through st.cache_resource
+    with lm.lock:
+        press_scan(at)
+        no_exception(at)
+        (job,) = jobs.registry().jobs()
+        wait_until(lambda: jobs.registry().job(job.id).message.startswith("Waiting"))
+        at.run()
+        yield job
+
+
+def test_a_scan_goes_on_when_the_user_leaves_the_page_and_its_run_opens_on_return(app_env):
+    """A scan of the master text is a background job: switching to another page mid-scan does not stop it. While the
+    user is away its run is saved (with the activations it recorded, for the Neuron page) and listed in the sidebar;
+    the next time the Scan page shows, it becomes the active run, said once, with the model's placement, and the job
+    leaves the panel."""
+    at = scan_page()
+    assert jobs.GOES_ON_IN_THE_BACKGROUND in texts(at.caption)
+    at.text_input(key="scan_layers").set_value("0,5")
+    at.number_input(key="scan_limit").set_value(64)
+    queue = jobs.registry()
+    with scan_waiting_for_the_model(at) as job:
+        label = "Master text on sentence-transformers/all-MiniLM-L6-v2 (layers 0, 5; 64 neurons per layer)"
+        assert job.label == label
+        assert any(t.startswith(f"**{label}**: Waiting: another scan is using this model") for t in progress_texts(at)), \
+            progress_texts(at)  # fmt: skip
+        assert [b.label for b in at.button].count("Cancel") == 1
+        at.switch_page("views/pivot.py").run()  # leave the page mid-scan
+        no_exception(at)
+        assert queue.job(job.id).state == RUNNING
+    assert queue.wait(job.id, JOB_TIMEOUT_S)
+    saved = queue.job(job.id).outcome
+    at.run()  # still on the Pivot page: the run is saved and in the sidebar, and opens on the Scan page
+    no_exception(at)
+    assert os.listdir(app_env["runs"]) == [saved.run_id] and at.session_state.get(ACTIVE_RUN) is None
+    assert any(option.startswith(saved.run_id) for option in at.sidebar.selectbox(key=RUN_PICKER).options)
+    at.switch_page("views/scan.py").run()
+    no_exception(at)
+    assert not at.error, texts(at.error)
+    assert at.session_state[ACTIVE_RUN] == saved.run_id and queue.jobs() == []
+    assert [v for v in texts(at.success) if saved.run_id in v] == [saved.message]
+    assert re.match(r"Scan finished in \d+\.\d s \(model (loaded in \d+\.\d s|already loaded)\): 2 layers × 64 neurons "
+                    rf"\(128\) over [\d,]+ tokens\. Saved as run {saved.run_id}\.$", saved.message), saved.message  # fmt: skip
+    run = load_run(app_env["runs"] / saved.run_id)
+    assert run.activations is not None and sorted(run.activations) == [0, 5]  # recorded, for the Neuron page
+    assert scanning.describe_plan(run.metadata) in texts(at.caption)  # the memory plan of the run
+    assert "Placement of the last loaded model: the whole model on cpu" in texts(at.caption)
+    assert saved.run_id in " ".join(texts(at.sidebar.markdown)), "the sidebar shows the new active run"
+    at.run()
+    assert not any(saved.run_id in v for v in texts(at.success)), "said once"
+    press_scan(at)  # the same scan again reuses its run at once: no job
+    assert queue.jobs() == [] and os.listdir(app_env["runs"]) == [saved.run_id]
+    assert any(v.startswith("Scan reused from an identical earlier scan: ") for v in texts(at.success)), texts(at.success)
+
+
+def test_pressing_scan_again_follows_the_same_scan_and_other_settings_queue_behind_it(app_env):
+    """Scan pressed again with the same settings while that scan is queued or running follows it (no second job; its
+    run opens when it finishes); a scan with other settings queues behind it on the same model. Each becomes a run."""
+    at = scan_page()
+    at.text_input(key="scan_layers").set_value("0")
+    at.number_input(key="scan_limit").set_value(8)
+    queue = jobs.registry()
+    with scan_waiting_for_the_model(at) as job:
+        press_scan(at)
+        no_exception(at)
+        assert [view.id for view in queue.jobs()] == [job.id]
+        assert any(f"This scan is already running (**{job.label}**, below)" in v for v in texts(at.info)), texts(at.info)
+        at.number_input(key="scan_limit").set_value(16)
+        press_scan(at)
+        first, second = queue.jobs()
+        assert first.id == job.id and (second.state, second.position) == (QUEUED, 1)
+        assert any("16 neurons per layer" in v and "queued, 1 job(s) ahead" in v for v in texts(at.info)), texts(at.info)
+    wait_for_jobs(at)
+    no_exception(at)
+    runs = os.listdir(app_env["runs"])
+    assert len(runs) == 2 and queue.jobs() == []  # both opened in turn: the later one is active
+    assert load_run(app_env["runs"] / at.session_state[ACTIVE_RUN]).metadata["config"]["limit_neurons"] == 16
+
+
+def test_a_running_scan_cancels_and_saves_nothing(app_env):
+    at = scan_page()
+    at.text_input(key="scan_layers").set_value("0")
+    at.number_input(key="scan_limit").set_value(8)
+    queue = jobs.registry()
+    with scan_waiting_for_the_model(at) as job:
+        next(b for b in at.button if b.label == "Cancel").click()
+        at.run()
+        assert queue.job(job.id).cancel_requested and any(b.label == "Cancelling ..." for b in at.button)
+    assert queue.wait(job.id, JOB_TIMEOUT_S)  # it stops at the scan's first progress report
+    at.run()
+    no_exception(at)
+    assert queue.job(job.id).state == CANCELLED
+    assert f"**{job.label}**: cancelled; nothing was saved." in texts(at.warning)
+    assert os.listdir(app_env["runs"]) == [] and at.session_state.get(ACTIVE_RUN) is None
+    assert not state.get_model(BUNDLED_MODEL_ID, "auto", "auto").lock.locked()
 
 
 def test_an_emptied_layers_field_scans_every_layer_even_when_the_config_names_some(app_env, default_cfg):
@@ -182,7 +299,11 @@ def test_scan_failures_show_one_sentence_and_the_page_stays_usable(app_env, monk
     assert len(at.error) == 1 and expected in at.error[0].value, texts(at.error)
     assert "Traceback" not in at.error[0].value
     assert os.listdir(app_env["runs"]) == []
+    assert at.session_state.get(ACTIVE_RUN) is None
     monkeypatch.setattr(scanning, "scan", real_scan)
+    next(b for b in at.button if b.label == "Dismiss").click()  # the failed job stays listed until dismissed
+    at.run()
+    assert not at.error
     click_scan(at)  # the same session scans fine afterwards
     no_exception(at)
     assert not at.error and len(os.listdir(app_env["runs"])) == 1
@@ -195,11 +316,7 @@ def test_corpus_upload_replaces_the_master_text(app_env):
     assert any("3 documents from docs.txt" in v for v in texts(at.success))
     at.text_input(key="scan_layers").set_value("0")
     at.number_input(key="scan_limit").set_value(8)
-    click_scan(at)
-    from mechamap_ui import jobs
-
-    assert jobs.registry().wait(at.session_state[jobs.MY_JOBS][-1], 120)  # a corpus scan is a background job
-    at.run()  # the job panel makes the finished run the active one
+    click_scan(at)  # a corpus scan is a background job: the job panel makes its finished run the active one
     no_exception(at)
     assert not at.error, texts(at.error)
     run = load_run(app_env["runs"] / at.session_state[ACTIVE_RUN])

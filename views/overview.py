@@ -6,7 +6,7 @@ import streamlit as st
 
 from mechamap_core import analysis
 from mechamap_core.config import BUNDLED_MODEL_ID, ConfigError, load_config
-from mechamap_ui import scanning, state
+from mechamap_ui import jobs, state
 from mechamap_ui.widgets import (
     explain_categories_without_statistics,
     holds_up_effect,
@@ -25,17 +25,13 @@ st.markdown(
 state.show_flash()
 
 if st.button("Scan the bundled model with the default config", type="primary", icon=":material/play_arrow:"):
-    outcome = None
     try:
         cfg = load_config(state.default_config_path())
     except (ConfigError, FileNotFoundError) as exc:
         st.error(f"The default config cannot be used: {exc}")
     else:
-        outcome = scanning.scan_with_progress_bar(BUNDLED_MODEL_ID, cfg)
-    if outcome is not None:
-        state.set_active_run(outcome.run_id)
-        state.flash(scanning.finished_message(outcome))
-        st.rerun()
+        jobs.start_master_scan(BUNDLED_MODEL_ID, cfg, device="auto", dtype="auto")
+jobs.show_jobs()
 
 result = state.active_result()
 if result is None:

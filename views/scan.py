@@ -1,4 +1,4 @@
-"""Scan page: pick a model, device, dtype, layers, neuron limit and corpus; scan with progress; download the active run."""
+"""Scan page: pick a model, device, dtype, layers, neuron limit and corpus; scan as a background job; download the active run."""
 
 from __future__ import annotations
 
@@ -108,8 +108,8 @@ with st.expander("Big models: spread over devices, 8/4-bit", icon=":material/mem
     else:
         quantization = "full precision"
         st.caption("8-bit and 4-bit loading need a CUDA GPU and the bitsandbytes package.")
-    if st.session_state.get("scan_placement"):
-        st.caption("Placement of the last loaded model: " + st.session_state["scan_placement"])
+    if st.session_state.get(scanning.PLACEMENT):
+        st.caption("Placement of the last loaded model: " + st.session_state[scanning.PLACEMENT])
 loading = {"device_map": "auto" if spread else None, "quantization": None if quantization == "full precision" else quantization}
 layers_text = c3.text_input("Layers (empty = all)", key="scan_layers", placeholder="e.g. 0,2,5-7")
 limit = c4.number_input("Neuron limit per layer (0 = all)", key="scan_limit", min_value=0, step=32)
@@ -160,23 +160,14 @@ if texts is None and problem is None and (spec or "").strip():  # what a scan of
     for warning in config_tools.coverage_warnings(coverage, cfg.categories):
         st.warning(warning)
 can_scan = problem is None and not input_errors and bool((spec or "").strip())
-if texts is not None:
-    st.caption("A corpus scan runs as a background job: switch pages or close the tab, it goes on, then becomes a saved run.")
+st.caption(jobs.GOES_ON_IN_THE_BACKGROUND)
 scan_clicked = st.button("Scan", type="primary", icon=":material/play_arrow:", disabled=not can_scan)
 if scan_clicked and texts is not None:
     corpus_label = f"{upload.name} ({len(texts):,} documents)"
     jobs.start_corpus_scan(spec, cfg, corpus_label, device=device, dtype=dtype, texts=texts, layers=layers,
                            limit_neurons=int(limit))  # fmt: skip
 elif scan_clicked:
-    outcome = scanning.scan_with_progress_bar(
-        spec, cfg, device=device, dtype=dtype, layers=layers, limit_neurons=int(limit), texts=texts, loading=loading
-    )
-    if outcome is not None:
-        state.set_active_run(outcome.run_id)
-        if outcome.placement is not None:
-            st.session_state["scan_placement"] = scanning.describe_placement(outcome.placement)
-        state.flash(scanning.finished_message(outcome))
-        st.rerun()
+    jobs.start_master_scan(spec, cfg, device=device, dtype=dtype, loading=loading, layers=layers, limit_neurons=int(limit))
 
 jobs.show_jobs()
 
