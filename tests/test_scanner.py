@@ -345,14 +345,20 @@ def test_binned_auroc_calibrates_its_edges_when_batches_are_small(bundled_lm, de
 
 
 def test_calibration_batch_size():
-    """Enough chunks for CALIBRATION_TOKENS tokens, never fewer than a scan batch, no more than exist or fit."""
+    """Enough chunks for CALIBRATION_TOKENS counted tokens, never fewer than a scan batch, no more than exist or fit."""
+    from mechamap_core.alignment import Chunk
     from mechamap_core.scan.calibrate import CALIBRATION_TOKENS, calibration_chunks
 
-    assert calibration_chunks(16, 1, 500) == CALIBRATION_TOKENS // 16
-    assert calibration_chunks(16, 1, 10) == 10
-    assert calibration_chunks(16, 1, 500, most_chunks=3) == 3
-    assert calibration_chunks(512, 8, 500) == 8  # the first scan batch already has the tokens
-    assert calibration_chunks(4096, 1, 500) == 1
+    def chunks(n: int, tokens: int) -> list[Chunk]:  # n chunks of `tokens` counted tokens each
+        return [Chunk([0] * (tokens + 2), list(range(1, tokens + 1)), list(range(tokens))) for _ in range(n)]
+
+    assert calibration_chunks(chunks(500, 16), 1) == CALIBRATION_TOKENS // 16
+    assert calibration_chunks(chunks(10, 16), 1) == 10
+    assert calibration_chunks(chunks(500, 16), 1, most_chunks=3) == 3
+    assert calibration_chunks(chunks(500, 512), 8) == 8  # the first scan batch already has the tokens
+    assert calibration_chunks(chunks(500, 4096), 1) == 1
+    # short documents are short chunks: their counted tokens decide, not the longest a chunk may be
+    assert calibration_chunks(chunks(500, 50), 2) == -(-CALIBRATION_TOKENS // 50)
 
 
 def test_recorded_top_k_equals_in_hook_top_k(bundled_pair):

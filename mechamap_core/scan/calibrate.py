@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import math
-
+import numpy as np
 import torch
 
 from ..alignment import Chunk
@@ -13,17 +12,20 @@ from .driver import HookPoint, batches, run_hooked_forward
 from .state import HIST_BINS, quantile_edges, sorted_rows
 
 # Edges from fewer tokens are coarse quantiles. The default and validation texts (1,436 tokens) in batches of 16
-# tokens, binned against exact AUROC (largest error): edges from 16 tokens 0.125, 256 tokens 0.0072, 512 0.0042,
-# 1,024 0.0033, 2,048 0.0042 (64 bins' own limit). 1,024 tokens is one batch of most CPU scans already (no extra
-# pass). bench/bench_binned_edges.py prints this table; tests/test_scanner.py checks the error stays small.
+# tokens, binned against exact AUROC (largest error): edges from the first batch alone 0.125, from 16 counted
+# tokens 0.039, 256 tokens 0.0070, 512 0.0034, 1,024 0.0033, 2,048 0.0042 (64 bins' own limit). 1,024 tokens is one
+# batch of most CPU scans already (no extra pass). bench/bench_binned_edges.py prints this table; tests/test_scanner.py
+# checks the error stays small.
 CALIBRATION_TOKENS = 1024
 
 
-def calibration_chunks(chunk_tokens: int, batch_size: int, n_chunks: int, most_chunks: int | None = None) -> int:
-    """How many chunks the calibration batch holds: enough for CALIBRATION_TOKENS tokens and never fewer than
-    a scan batch, but no more than there are, nor than most_chunks (what fits in memory, when known)."""
-    wanted = max(batch_size, math.ceil(CALIBRATION_TOKENS / max(chunk_tokens, 1)))
-    return max(1, min(wanted, n_chunks, most_chunks if most_chunks is not None else wanted))
+def calibration_chunks(chunks: list[Chunk], batch_size: int, most_chunks: int | None = None) -> int:
+    """How many leading chunks the calibration batch holds: enough for CALIBRATION_TOKENS counted tokens (short
+    documents are short chunks) and never fewer than a scan batch, but no more than there are, nor than most_chunks
+    (what fits in memory, when known)."""
+    counted = np.cumsum([len(chunk.token_indices) for chunk in chunks])
+    wanted = max(batch_size, int(np.searchsorted(counted, CALIBRATION_TOKENS)) + 1)
+    return max(1, min(wanted, len(chunks), most_chunks if most_chunks is not None else wanted))
 
 
 def calibrate_edges(

@@ -302,8 +302,7 @@ def _run_sites(
     dense_context = dataclasses.replace(context, permutations=0)
     edges: dict[str, torch.Tensor] = {}
     if histogram:
-        chunk_tokens = max(len(c.input_ids) for c in aligned.chunks)
-        n_chunks = calibration_chunks(chunk_tokens, cfg.batch_size, len(aligned.chunks), most_chunks)
+        n_chunks = calibration_chunks(aligned.chunks, cfg.batch_size, most_chunks)
         if n_chunks > cfg.batch_size or any(s.kind == "expert" for s in sites):
             edges = calibrate_edges(lm, points, n_neurons, aligned.chunks, n_chunks)
     states: dict[str, SiteStats] = {}

@@ -215,7 +215,7 @@ def scan_stream(
             calibration = align(lm.tokenizer, [t for t in calibration_texts if t.strip()], {}, chunk_tokens)
             if calibration.n_tokens == 0:
                 raise ValueError("the corpus's first documents have no tokens besides special tokens")
-            n_chunks = calibration_chunks(chunk_tokens, cfg.batch_size, len(calibration.chunks))
+            n_chunks = calibration_chunks(calibration.chunks, cfg.batch_size)
             edges = calibrate_edges(lm, points, n_neurons, calibration.chunks, n_chunks)
         state = resume_from or StreamState({}, category_tokens=np.zeros(len(cfg.categories), dtype=np.int64))
         if report is not None:
