@@ -74,6 +74,19 @@ def _open_scan_page(page):
     expect(page.get_by_role("heading", name="Scan", exact=True)).to_be_visible(timeout=PAGE_TIMEOUT_MS)
 
 
+def _scan_page_at_the_neuron_limit(page, url: str):
+    """Open the app at url, go to the Scan page and set the neuron limit to NEURON_LIMIT; returns its field."""
+    from playwright.sync_api import expect
+
+    page.goto(url)
+    expect(page.get_by_role("heading", name="MechaMap")).to_be_visible(timeout=PAGE_TIMEOUT_MS)
+    _open_scan_page(page)
+    limit = page.get_by_label("Neuron limit per layer (0 = all)")
+    limit.fill(NEURON_LIMIT)
+    limit.press("Enter")
+    return limit
+
+
 def test_a_corpus_scan_job_survives_page_switches_and_a_closed_tab_then_cancels(one_torch_thread, streamlit_server, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
@@ -83,12 +96,7 @@ def test_a_corpus_scan_job_survives_page_switches_and_a_closed_tab_then_cancels(
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1440, "height": 1000})
-            page.goto(streamlit_server["url"])
-            expect(page.get_by_role("heading", name="MechaMap")).to_be_visible(timeout=PAGE_TIMEOUT_MS)
-            _open_scan_page(page)
-            limit = page.get_by_label("Neuron limit per layer (0 = all)")
-            limit.fill(NEURON_LIMIT)
-            limit.press("Enter")
+            _scan_page_at_the_neuron_limit(page, streamlit_server["url"])
             page.get_by_text("Use a corpus file instead of the master text").click()
             page.locator('[data-testid="stFileUploaderDropzoneInput"]').set_input_files(str(corpus))
             expect(page.get_by_text(f"{N_DOCS:,} documents from big_corpus.txt")).to_be_visible(timeout=PAGE_TIMEOUT_MS)
@@ -158,12 +166,7 @@ def test_a_master_text_scan_goes_on_while_the_user_is_on_another_page(server_wit
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1440, "height": 1000})
-            page.goto(server_with_a_long_master_text["url"])
-            expect(page.get_by_role("heading", name="MechaMap")).to_be_visible(timeout=PAGE_TIMEOUT_MS)
-            _open_scan_page(page)
-            limit = page.get_by_label("Neuron limit per layer (0 = all)")
-            limit.fill(NEURON_LIMIT)
-            limit.press("Enter")
+            limit = _scan_page_at_the_neuron_limit(page, server_with_a_long_master_text["url"])
             expect(limit).to_have_value(NEURON_LIMIT)
             page.wait_for_timeout(500)  # let the rerun that commits the value finish
             expect(page.get_by_text("A scan runs as a background job", exact=False)).to_be_visible()
