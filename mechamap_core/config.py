@@ -248,14 +248,17 @@ def _entries(numbers: list[int]) -> str:
     return f"entries {', '.join(map(str, numbers[:-1]))} and {numbers[-1]}"
 
 
-def safe_load_yaml(text: str, what: str = "config") -> object:
-    """yaml.safe_load of at most MAX_CONFIG_BYTES; ConfigError says where malformed YAML goes wrong, or which key a
-    mapping lists twice."""
+def safe_load_yaml(text: str, what: str = "config", words_under: tuple[str, ...] | None = ("categories",)) -> object:
+    """yaml.safe_load of at most MAX_CONFIG_BYTES; ConfigError says where malformed YAML goes wrong, which key a
+    mapping lists twice, or which word YAML would read as a number written otherwise (_words_read_as_numbers:
+    the keys and list entries under the top-level keys words_under, or anywhere with None)."""
     if len(text.encode("utf-8", errors="replace")) > MAX_CONFIG_BYTES:
         raise ConfigError([("", f"the {what} is larger than {MAX_CONFIG_BYTES // 1_000_000} MB")])
     try:
         data = yaml.safe_load(text)
-        repeated = _repeated_keys(yaml.compose(text, Loader=yaml.SafeLoader))
+        document = yaml.compose(text, Loader=yaml.SafeLoader)
+        repeated = _repeated_keys(document)
+        renumbered = _words_read_as_numbers(document, words_under)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -264,7 +267,47 @@ def safe_load_yaml(text: str, what: str = "config") -> object:
     if repeated:  # safe_load keeps the last of them and drops the rest without a word
         raise ConfigError([("", f"'{key}' appears twice in one mapping (lines {first} and {again}): the first would be "
                                 "lost; merge them or rename one") for key, first, again in repeated])  # fmt: skip
+    if renumbered:
+        raise ConfigError([("", f"line {line}: YAML reads {text} as the number {value!r}, so it would become "
+                                f"'{value}'; quote it to keep it as written: \"{text}\"")
+                           for text, value, line in renumbered])  # fmt: skip
     return data
+
+
+def _words_read_as_numbers(document, words_under: tuple[str, ...] | None) -> list[tuple[str, object, int]]:
+    """(text, number, line) of each unquoted key or list entry that YAML reads as a number whose str() differs
+    from the text (2.50 as 2.5, 012 as 10, 1_000 as 1000, 1:30 as 90, .5 as 0.5): as a word it would change
+    without a word of warning. Only under the top-level mapping's keys words_under (None: the whole document);
+    a setting's value (seed: 012) is a number, not a word, and is not checked."""
+    if document is None:
+        return []
+    if words_under is None:
+        stack = [document]
+    elif isinstance(document, yaml.MappingNode):
+        stack = [value for key, value in document.value if isinstance(key, yaml.ScalarNode) and key.value in words_under]
+    else:
+        stack = []
+    numbers = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+    found, visited = [], set()
+    while stack:
+        node = stack.pop()
+        if id(node) in visited:
+            continue
+        visited.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            words = [key for key, _ in node.value]
+            stack.extend(value for _, value in node.value if not isinstance(value, yaml.ScalarNode))
+        elif isinstance(node, yaml.SequenceNode):
+            words = node.value
+            stack.extend(words)
+        else:
+            continue
+        for word in words:
+            if isinstance(word, yaml.ScalarNode) and word.style is None and word.tag in numbers:
+                value = yaml.SafeLoader("").construct_object(word)
+                if str(value) != word.value:
+                    found.append((word.value, value, word.start_mark.line + 1))
+    return sorted(found, key=lambda item: item[2])
 
 
 def _repeated_keys(node) -> list[tuple[str, int, int]]:

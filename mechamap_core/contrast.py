@@ -88,7 +88,7 @@ def validate_contrast_set(data: object) -> ContrastSet:
 
 def parse_contrast_set(text: str) -> ContrastSet:
     """Parse and validate contrast-set YAML text. Raises ConfigError on malformed or invalid input."""
-    return validate_contrast_set(safe_load_yaml(text, "contrast set"))
+    return validate_contrast_set(safe_load_yaml(text, "contrast set", words_under=None))
 
 
 def load_contrast_set(path: str | os.PathLike = DEFAULT_CONTRAST_PATH) -> ContrastSet:

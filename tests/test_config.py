@@ -209,6 +209,25 @@ def test_entries_yaml_reads_as_other_than_words_are_named_with_the_quoting_that_
                              "give one word or phrase per entry")]  # fmt: skip
 
 
+def test_words_yaml_would_read_as_other_numbers_are_refused_with_their_line_and_the_quoting_that_keeps_them():
+    """2.50 would become the word 2.5 (and 012 10, 1_000 1000, 1.50 as a name 1.5): refused, not changed silently.
+    Numbers YAML keeps as written stay words, a quoted one stays as quoted, and a setting's value is not a word."""
+    text = ("master_text: 2.50 012 1_000 x 1999\ncategories:\n  numeric: [2.50, 1999, '2.50', 012]\n"
+            "  1.50: [x, 1_000]\nseed: 012\n")  # fmt: skip
+    err = config_error(text)
+    assert err.problems == [
+        ("", "line 3: YAML reads 2.50 as the number 2.5, so it would become '2.5'; quote it to keep it as written: \"2.50\""),
+        ("", "line 3: YAML reads 012 as the number 10, so it would become '10'; quote it to keep it as written: \"012\""),
+        ("", "line 4: YAML reads 1.50 as the number 1.5, so it would become '1.5'; quote it to keep it as written: \"1.50\""),
+        ("", "line 4: YAML reads 1_000 as the number 1000, so it would become '1000'; quote it to keep it as written: "
+             "\"1_000\""),
+    ]  # fmt: skip
+    cfg = parse_config("master_text: 2.50 or 1999 x\ncategories:\n  numeric: ['2.50', 1999, -4]\n  '012': [x]\n"
+                       "seed: 012\npermutations: 1_000\n")  # fmt: skip
+    assert cfg.categories == {"numeric": ["2.50", "1999", "-4"], "012": ["x"]}
+    assert (cfg.seed, cfg.permutations) == (10, 1000)
+
+
 @pytest.mark.parametrize("text", ["", "   \n  "])
 def test_empty_master_text(text):
     err = config_error(yaml_of(master_text=text))

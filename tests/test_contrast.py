@@ -135,6 +135,8 @@ def test_built_in_set_loads_and_pairs_senses_across_categories():
          "in_sense sentence 3 of 'orange' does not contain the word: 'oranges'"),
         ("color:\n  orange:\n    in_sense: [orange a, orange b, 3]\n    out_of_sense: [orange d, orange e, orange f]",
          "'orange' needs in_sense: a list of sentences"),
+        ("price:\n  2.50:\n    in_sense: [a 2.50 b, c 2.50, 2.50 d]\n    out_of_sense: [2.50 e, f 2.50, g 2.50 h]",
+         "line 2: YAML reads 2.50 as the number 2.5, so it would become '2.5'; quote it"),
     ],
 )  # fmt: skip
 def test_bad_contrast_files_get_clear_messages(text, message):
