@@ -556,31 +556,46 @@ def _twice_rank_sums(values: np.ndarray, labels: np.ndarray, n_labels: int, bloc
     values = np.asarray(values, dtype=np.float32)
     n_rows = len(values)
     rows_per_block = max(1, min(RANK_BLOCK_ELEMENTS // max(length, 1), 2**LABEL_BITS // max(n_labels, 1)))
-    # the keys' low bits carry (row in the block, label): sorted, they are the bincount's bins as they stand
+    # key = block 2^48 + value 2^16 + (row in the block, label): signed int64s that sort as (block, value, row,
+    # label) with the value's int32 negative or not; sorted, their low bits are the bincount's bins as they stand
     low_bits = (blocks << (32 + LABEL_BITS)) | (np.arange(rows_per_block)[:, None] * n_labels + np.asarray(labels))
     plain_twice = np.tile(2.0 * (np.arange(length) - block_start) + 1.0, rows_per_block)  # without ties
-    position = np.arange(length)
     out = np.empty((n_rows, n_labels))
     for first in range(0, n_rows, rows_per_block):
         bits = (values[first : first + rows_per_block] + np.float32(0.0)).view(np.int32)  # -0.0 becomes 0.0
         bits ^= (bits >> 31) & 0x7FFFFFFF  # int32 that sorts as the floats (negative ones reversed)
         n = len(bits)
         keys = bits.astype(np.int64)
-        keys += 2**31  # 0 .. 2^32 - 1
         keys <<= LABEL_BITS
-        keys |= low_bits[:n]
+        keys += low_bits[:n]
         keys.sort(axis=1)
-        bins = keys & (2**LABEL_BITS - 1)
+        bins = (keys & (2**LABEL_BITS - 1)).reshape(-1)
         keys >>= LABEL_BITS  # (block, value): equal where the values tie within a block
         tied = keys[:, 1:] == keys[:, :-1]  # [rows, L-1]: sorted position p+1 ties with p
-        sums = np.bincount(bins.reshape(-1), weights=plain_twice[: n * length], minlength=n * n_labels)
-        with_ties = np.flatnonzero(tied.any(axis=1))
-        if with_ties.size:  # a run's values get i + j + 1 - 2 s instead of 2 (p - s) + 1
-            run_start, run_end = _tie_runs(tied[with_ties])
-            shift = (run_start + run_end - 2 * position).astype(np.float64)
-            sums += np.bincount(bins[with_ties].reshape(-1), weights=shift.reshape(-1), minlength=n * n_labels)
+        sums = np.bincount(bins, weights=plain_twice[: n * length], minlength=n * n_labels)
+        _add_tie_shifts(sums, bins, np.flatnonzero(tied), length)
         out[first : first + n] = sums.reshape(n, n_labels)
     return out
+
+
+def _add_tie_shifts(sums: np.ndarray, bins: np.ndarray, tied_pairs: np.ndarray, length: int) -> None:
+    """Add to sums [bins] each tied value's twice-rank beyond 2 (p - s) + 1: a run of ties from sorted position i
+    to j gets i + j + 1 - 2 s each, a shift of i + j - 2 p. tied_pairs: the flat indices r (L-1) + p of the sorted
+    rows' [rows, L-1] ties (position p+1 of row r equals p); bins [rows L]: each sorted position's bin. Only the
+    tied positions are visited (few: most rows have none)."""
+    if not tied_pairs.size:
+        return
+    row, left = np.divmod(tied_pairs, length - 1)
+    opens = np.ones(len(tied_pairs), dtype=bool)  # a pair that does not continue the one before opens a run
+    opens[1:] = (tied_pairs[1:] != tied_pairs[:-1] + 1) | (row[1:] != row[:-1])
+    run = np.cumsum(opens) - 1
+    run_first = left[opens]
+    run_last = left[np.flatnonzero(np.append(opens[1:], True))] + 1
+    position = np.concatenate([left, run_last])  # each pair's left value, and each run's last value
+    of_run = np.concatenate([run, np.arange(len(run_first))])
+    flat = np.concatenate([row, row[opens]]) * length + position
+    shift = (run_first[of_run] + run_last[of_run] - 2 * position).astype(np.float64)
+    sums += np.bincount(bins[flat], weights=shift, minlength=len(sums))
 
 
 def _twice_rank_sums_on_device(values: torch.Tensor, column_keys: np.ndarray, block_start: np.ndarray, n_labels: int) -> np.ndarray:
