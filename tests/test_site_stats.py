@@ -63,7 +63,7 @@ def test_update_equals_brute_force():
     word = torch.cat([lab.word for _, lab in batches_]).numpy()
     keys = torch.cat([lab.keys for _, lab in batches_]).numpy()
     moments = site_moments(state)
-    close = {"rtol": 1e-5, "atol": 1e-5}  # each batch's sums are float32 matmuls, added up in float64
+    close = {"rtol": 1e-5, "atol": 1e-5}  # each batch's word sums are float32, added up in float64
     np.testing.assert_allclose(moments["sum_all"], acts.sum(0), **close)
     np.testing.assert_allclose(moments["sum_cat"], np.stack([acts[mask[:, c]].sum(0) for c in range(N_CAT)]), **close)
     sumsq_cat = np.stack([(acts[mask[:, c]] ** 2).sum(0) for c in range(N_CAT)])
@@ -91,6 +91,18 @@ def test_update_equals_brute_force():
             got = state.sample_keys[b * PER_BAND : (b + 1) * PER_BAND, n].numpy()
             np.testing.assert_array_equal(got[: len(expected)], keys[expected])
             assert (got[len(expected) :] == -1).all()
+
+
+def test_group_sums_by_index_add_on_a_cpu_equal_the_one_hot_matmul_a_gpu_uses():
+    generator = torch.Generator().manual_seed(3)
+    values = torch.randn(50, 7, dtype=torch.float64, generator=generator)
+    group = torch.randint(0, 5, (50,), generator=generator)  # group 5 has no rows: zeros
+    expected = np.stack([values[group == g].sum(0).numpy() for g in range(6)])
+    by_index_add = state_module._group_sums(values, group, 6)
+    by_one_hot = state_module._group_sums(values, group, 6, one_hot=True)
+    np.testing.assert_allclose(by_index_add.numpy(), expected, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(by_one_hot.numpy(), expected, rtol=1e-12, atol=1e-12)
+    assert not by_index_add[5].any()
 
 
 def test_fold_histograms_equal_brute_force():
