@@ -26,15 +26,11 @@ from .finish import (
     add_permutation_pvalues,
     assemble,
     finish_part,
-    permutation_pvalues_of,
-    site_word_moments,
     token_folds,
 )
 from .plan import plan_for, run_with_retry
 from .result import ScanResult
 from .state import HIST_BINS, BatchLabels, SiteStats, StatsLayout
-
-DENSE_PERMUTATIONS = "dense sites' permutation test"  # its job's key among the finishing jobs'
 
 
 class _Reducer:
@@ -299,7 +295,6 @@ def _run_sites(
         aligned.category_mask, cfg.top_k_tokens, cfg.auroc, aligned.token_word, word_category, word_fold,
         cfg.permutations, cfg.seed, word_keys(cfg),
     )  # fmt: skip
-    dense_context = dataclasses.replace(context, permutations=0)
     edges: dict[str, torch.Tensor] = {}
     if histogram:
         n_chunks = calibration_chunks(aligned.chunks, cfg.batch_size, most_chunks)
@@ -322,16 +317,12 @@ def _run_sites(
             states[site.hook] = SiteStats(layouts[site.hook], "cpu")
         recorded = [part[:, neurons] for part in kept[site.hook]] if record and kept[site.hook] else None
         tokens = torch.cat(kept_tokens[site.hook]).numpy() if recorded and site.kind == "expert" else None
-        if site.kind != "expert":
-            site_context = dense_context  # its permutation test runs in dense_pvalues, with every dense site's
-        else:
-            site_context = context if tokens is None else routed_context(context, tokens)
+        site_context = context if tokens is None else routed_context(context, tokens)
         part = finish_part(site.layer, neurons, states[site.hook], recorded, site_context)
         if tokens is not None and part.top is not None and not layouts[site.hook].top_k:  # recorded rows -> tokens
             part.top = (part.top[0], tokens[part.top[1]])
         part.hook, part.expert = site.hook, getattr(site, "expert", None)
-        if site.kind == "expert":  # no other site saw its tokens: its permutation test runs here, on the worker
-            add_permutation_pvalues([part], context)
+        add_permutation_pvalues([part], context)  # its neurons' own: a job as long as the rest of finishing
         return part
 
     def on_site(site: Site, acts: torch.Tensor, batch: Batch, slots: torch.Tensor | None) -> None:
@@ -374,27 +365,13 @@ def _run_sites(
         if progress and n_docs > 1:
             progress(steps["docs"], total, f"documents {steps['docs']}/{n_docs}")
 
-    dense = [s for s in sites if s.kind != "expert"]
-
-    def dense_pvalues() -> dict[str, np.ndarray | None]:  # every dense site's permutation test, in one call
-        moments = [site_word_moments(states[s.hook], slice(None), context) for s in dense]
-        return {s.hook: p_values for s, p_values in zip(dense, permutation_pvalues_of(moments, context))}
-
-    # Each finished site's statistics run on a worker thread, overlapping the forward pass of the sites
-    # after it when a core is free; this thread joins in once the forward pass is done. The dense sites'
-    # permutation test needs only their states, so it is one more job beside the last sites' finishing.
+    # Each finished site's statistics, its permutation test included, run on a worker thread, overlapping the
+    # forward pass of the sites after it when a core is free; this thread joins in once the forward pass is done.
     try:
         with _Reducer(reduction_mode(lm.device, record)) as reducer:
             passes = run_hooked_forward(lm, labelled_batches(), points, on_site, n_neurons, on_batch, after_point)
-            if dense:
-                reducer.submit(DENSE_PERMUTATIONS, dense_pvalues)
     finally:  # also after an error: a GPU's recording must not outlive a failed attempt
         kept.clear()
-    dense_p_values = reducer.results.pop(DENSE_PERMUTATIONS, {})
     order = {site.hook: i for i, site in enumerate(sites)}
     parts = sorted(reducer.results.values(), key=lambda part: (order[part.hook], part.first_neuron))
-    for part in parts:
-        if dense_p_values.get(part.hook) is not None:
-            width = part.stats["score"].shape[1]
-            part.stats["p_value"] = dense_p_values[part.hook][:, part.first_neuron : part.first_neuron + width]
     return parts, passes + (1 if edges else 0), states
