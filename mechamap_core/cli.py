@@ -690,7 +690,8 @@ def _run_interpret(args) -> int:
         if "cv_auroc" not in scores.columns:
             raise ValueError(f"{args.csv} has no cv_auroc column (scanned before cross-validation existed); rescan it")
         scores = analysis.holding_up(scanned, args.min_cv_auroc)
-        print(f"Only rows that hold up across words: cv_auroc >= {args.min_cv_auroc}")
+        print(f"Only rows that hold up across words: cv_auroc >= {args.min_cv_auroc} "
+              f"({len(scores):,} of {len(scanned):,} rows)")
     threshold = args.threshold  # default 1.0, the original's
     pd.set_option("display.width", 200)
     print(f"Neurons with {args.metric} >= {threshold}, by layer and category:")

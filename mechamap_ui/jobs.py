@@ -252,6 +252,6 @@ def show_jobs() -> None:
     if not views:
         return
     st.subheader("Background jobs")
-    st.caption("Scans run here in the background: switch pages or close the tab, they go on.")
+    st.caption("Every scan started on this server, by anyone using it, newest last. Dismiss takes a finished one off the list for everyone.")
     polling = any(not job.finished for job in views)
     st.fragment(_job_panel, run_every=POLL_S if polling else None)(polling)

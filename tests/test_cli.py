@@ -197,7 +197,10 @@ def test_interpret_min_cv_auroc_keeps_every_layer_and_category_in_the_pivot(caps
     csv = tmp_path / "scores.csv"
     pd.DataFrame(rows).to_csv(csv, index=False)
     assert main(["interpret", "--csv", str(csv), "--min-cv-auroc", "0.75"]) == 0
-    pivot_block = capsys.readouterr().out.split("by layer and category:")[1].split("Top ")[0]
+    out = capsys.readouterr().out
+    holding = sum(row["cv_auroc"] >= 0.75 for row in rows)  # 8: how many the filter keeps, said with the filter
+    assert f"Only rows that hold up across words: cv_auroc >= 0.75 ({holding} of {len(rows)} rows)" in out
+    pivot_block = out.split("by layer and category:")[1].split("Top ")[0]
     lines = pivot_block.strip().splitlines()
     assert lines[0].split() == ["category", "animal", "food", "place"]
     printed = {int(line.split()[0]): [int(v) for v in line.split()[1:]] for line in lines[2:]}

@@ -424,6 +424,8 @@ def test_scan_page_shows_a_running_job_a_queue_and_opens_the_finished_run(app_en
         assert any(f"docs.txt ({len(DOCS)} documents)" in t and f"/{len(DOCS)} documents" in t for t in bars), bars
         assert any("more.txt (5 documents)" in v and "queued, 1 job(s) ahead" in v for v in texts(at.info))
         assert [b.label for b in at.button].count("Cancel") == 2
+        captions = texts(at.caption)  # the page says once that a scan goes on; the panel, whose jobs it lists
+        assert sum("goes on" in c or "go on" in c for c in captions) == 1 and any("by anyone using it" in c for c in captions)
         click(at, "Cancel", nth=1)  # cancel the queued one
         assert fresh_registry.wait(second.id, WAIT_S)
         assert fresh_registry.job(second.id).state == CANCELLED
