@@ -2,7 +2,9 @@
 """Benchmark: one mixture-of-experts scan (every expert neuron of every layer) vs one bare forward pass.
 
 Run `python bench/bench_moe.py` (4-7 minutes on the shared 2-core machine at load 5-10; `--repeats 2` is
-quicker, `--with-head` also times the full forward with the LM head, `--profile` adds a cProfile of one scan).
+quicker, `--with-head` also times the full forward with the LM head, `--profile` adds a cProfile of one scan,
+`--tokens 4096` repeats the master text to about 4,096 tokens: the permutation test's cost is per neuron, not per
+token, so the ratio falls as the text grows).
 
 The model is a randomly initialised Mixtral (transformers' MixtralForCausalLM from a MixtralConfig):
 hidden 1024, 8 experts routed top-2, 1024 neurons per expert, 8 layers, 16 heads (4 key/value heads) and the
@@ -34,7 +36,7 @@ import time
 from dataclasses import replace
 from unittest.mock import patch
 
-from common import ROOT, bare_forward, load_average, model_inputs  # common puts the repo and tests/ on sys.path
+from common import ROOT, bare_forward, load_average, model_inputs, text_of_tokens  # common puts the repo and tests/ on sys.path
 
 TARGET_RATIO = 1.5  # scan / bare forward, from issue 10
 SHAPE = {
@@ -80,6 +82,8 @@ def main() -> None:
     parser.add_argument("--with-head", action="store_true", help="also time the full forward, LM head included")
     parser.add_argument("--profile", action="store_true", help="then print a cProfile of one scan (own time)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--tokens", type=int, default=0,
+                        help="the master text repeated to about this many tokens (0: as it is, 820)")  # fmt: skip
     args = parser.parse_args()
 
     import torch
@@ -101,8 +105,11 @@ def main() -> None:
     lm = wrap_model(model, tokenizer, "random-mixtral-285m")
     cfg = load_config(ROOT / "configs" / "default.yaml")
     cfg = replace(cfg, categories=dict(cfg.categories))
+    if args.tokens:
+        cfg = replace(cfg, master_text=text_of_tokens(tokenizer, cfg.master_text, args.tokens))
     _, inputs = model_inputs(lm, cfg)
-    print(f"Input: configs/default.yaml master text, batches {[tuple(ids.shape) for ids, _ in inputs]}")
+    repeated = f", repeated to about {args.tokens:,} tokens" if args.tokens else ""
+    print(f"Input: configs/default.yaml master text{repeated}, batches {[tuple(ids.shape) for ids, _ in inputs]}")
     print(f"Load average before: {load_average()}", flush=True)
     warm_text = [cfg.texts[0][:300]]
     scan(lm, cfg, texts=warm_text)
