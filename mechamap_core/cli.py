@@ -518,7 +518,7 @@ def _looks_like_scan_config(path: str) -> bool:
     from .config import safe_load_yaml
 
     try:
-        data = safe_load_yaml(Path(path).read_text(encoding="utf-8"))
+        data = safe_load_yaml(Path(path).read_text(encoding="utf-8"), words_under=())  # its shape, not its words
     except ConfigError:
         return False
     return isinstance(data, dict) and bool({"master_text", "categories"} & set(data))
@@ -689,9 +689,13 @@ def _run_interpret(args) -> int:
     if args.min_cv_auroc is not None:
         if "cv_auroc" not in scores.columns:
             raise ValueError(f"{args.csv} has no cv_auroc column (scanned before cross-validation existed); rescan it")
-        scores = analysis.holding_up(scanned, args.min_cv_auroc)
-        print(f"Only rows that hold up across words: cv_auroc >= {args.min_cv_auroc} "
-              f"({len(scores):,} of {len(scanned):,} rows)")
+        if not analysis.has_cv_auroc(scanned):
+            print("note: this scan has no cv_auroc values (it needs two or more words per category, auroc and "
+                  "cv_folds on): --min-cv-auroc keeps every row", file=sys.stderr)  # fmt: skip
+        else:
+            scores = analysis.holding_up(scanned, args.min_cv_auroc)
+            print(f"Only rows that hold up across words: cv_auroc >= {args.min_cv_auroc} "
+                  f"({len(scores):,} of {len(scanned):,} rows)")
     threshold = args.threshold  # default 1.0, the original's
     pd.set_option("display.width", 200)
     print(f"Neurons with {args.metric} >= {threshold}, by layer and category:")

@@ -250,7 +250,7 @@ def _entries(numbers: list[int]) -> str:
 
 def safe_load_yaml(text: str, what: str = "config", words_under: tuple[str, ...] | None = ("categories",)) -> object:
     """yaml.safe_load of at most MAX_CONFIG_BYTES; ConfigError says where malformed YAML goes wrong, which key a
-    mapping lists twice, or which word YAML would read as a number written otherwise (_words_read_as_numbers:
+    mapping lists twice, or which word YAML would read as something written otherwise (_words_yaml_changes:
     the keys and list entries under the top-level keys words_under, or anywhere with None)."""
     if len(text.encode("utf-8", errors="replace")) > MAX_CONFIG_BYTES:
         raise ConfigError([("", f"the {what} is larger than {MAX_CONFIG_BYTES // 1_000_000} MB")])
@@ -258,29 +258,53 @@ def safe_load_yaml(text: str, what: str = "config", words_under: tuple[str, ...]
         data = yaml.safe_load(text)
         document = yaml.compose(text, Loader=yaml.SafeLoader)
         repeated = _repeated_keys(document)
-        renumbered = _words_read_as_numbers(document, words_under)
+        changed = _words_yaml_changes(document, words_under)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         reason = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError([("", f"the YAML is malformed{where}: {reason}")]) from None
     if repeated:  # safe_load keeps the last of them and drops the rest without a word
-        raise ConfigError([("", f"'{key}' appears twice in one mapping (lines {first} and {again}): the first would be "
-                                "lost; merge them or rename one") for key, first, again in repeated])  # fmt: skip
-    if renumbered:
-        raise ConfigError([("", f"line {line}: YAML reads {text} as the number {value!r}, so it would become "
+        raise ConfigError([("", f"{_keys_named(key, first_key)} (lines {first} and {again}): the first would be lost; "
+                                "merge them or rename one")
+                           for key, first_key, first, again in repeated])  # fmt: skip
+    if changed:
+        raise ConfigError([("", f"line {line}: YAML reads {text} as {_yaml_reading(value)}, so it would become "
                                 f"'{value}'; quote it to keep it as written: \"{text}\"")
-                           for text, value, line in renumbered])  # fmt: skip
+                           for text, value, line in changed])  # fmt: skip
     return data
 
 
-def _words_read_as_numbers(document, words_under: tuple[str, ...] | None) -> list[tuple[str, object, int]]:
-    """(text, number, line) of each unquoted key or list entry that YAML reads as a number whose str() differs
-    from the text (2.50 as 2.5, 012 as 10, 1_000 as 1000, 1:30 as 90, .5 as 0.5): as a word it would change
-    without a word of warning. Only under the top-level mapping's keys words_under (None: the whole document);
-    a setting's value (seed: 012) is a number, not a word, and is not checked."""
-    if document is None:
-        return []
+_READ_AS_OTHER_THAN_TEXT = {f"tag:yaml.org,2002:{kind}" for kind in ("int", "float", "bool", "null")}
+
+
+def _read_value(node) -> object:
+    """What safe_load makes of a scalar node."""
+    return yaml.SafeLoader("").construct_object(node)
+
+
+def _yaml_reading(value: object) -> str:
+    """How a message names what YAML read: 'true', 'null', 'the number 2.5'."""
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    return f"the number {value!r}"
+
+
+def _keys_named(key: str, first_key: str) -> str:
+    """"'food' appears twice in one mapping", or for two spellings of one key, "one mapping has '1' and '1.0', which
+    YAML reads as one key"."""
+    if key == first_key:
+        return f"'{key}' appears twice in one mapping"
+    return f"one mapping has '{first_key}' and '{key}', which YAML reads as one key"
+
+
+def _words_yaml_changes(document, words_under: tuple[str, ...] | None) -> list[tuple[str, object, int]]:
+    """(text, value, line) of each unquoted key or list entry that YAML reads as a number whose str() differs
+    from the text (2.50 as 2.5, 012 as 10, 1_000 as 1000, 1:30 as 90, .5 as 0.5), and of each unquoted key it
+    reads as true, false or null (yes as True, ~ as None): as a word or a name it would change without a word
+    of warning. (A list entry read as true/false or null is named by config_from_dict.) Only under the
+    top-level mapping's keys words_under (None: the whole document); a setting's value (seed: 012) is a
+    number, not a word, and is not checked."""
     if words_under is None:
         stack = [document]
     elif isinstance(document, yaml.MappingNode):
@@ -291,28 +315,27 @@ def _words_read_as_numbers(document, words_under: tuple[str, ...] | None) -> lis
     found, visited = [], set()
     while stack:
         node = stack.pop()
-        if id(node) in visited:
+        if node is None or id(node) in visited:  # an alias shares its anchor's node: each node once
             continue
         visited.add(id(node))
         if isinstance(node, yaml.MappingNode):
-            words = [key for key, _ in node.value]
-            stack.extend(value for _, value in node.value if not isinstance(value, yaml.ScalarNode))
+            keys = [key for key, _ in node.value if isinstance(key, yaml.ScalarNode) and key.style is None]
+            stack.extend(value for _, value in node.value if not isinstance(value, yaml.ScalarNode))  # a value: no word
+            stack.extend(key for key in keys if key.tag in _READ_AS_OTHER_THAN_TEXT - set(numbers))
+            stack.extend(key for key in keys if key.tag in numbers)
         elif isinstance(node, yaml.SequenceNode):
-            words = node.value
-            stack.extend(words)
-        else:
-            continue
-        for word in words:
-            if isinstance(word, yaml.ScalarNode) and word.style is None and word.tag in numbers:
-                value = yaml.SafeLoader("").construct_object(word)
-                if str(value) != word.value:
-                    found.append((word.value, value, word.start_mark.line + 1))
-    return sorted(found, key=lambda item: item[2])
+            stack.extend(entry for entry in node.value if not isinstance(entry, yaml.ScalarNode) or entry.tag in numbers)
+        elif isinstance(node, yaml.ScalarNode) and node.style is None and node.tag in _READ_AS_OTHER_THAN_TEXT:
+            value = _read_value(node)
+            if str(value) != node.value:
+                found.append((node.start_mark.line, node.start_mark.column, node.value, value))
+    return [(text, value, line + 1) for line, _, text, value in sorted(found, key=lambda item: item[:2])]
 
 
-def _repeated_keys(node) -> list[tuple[str, int, int]]:
-    """(key, first line, repeated line) for each key that a mapping of the composed YAML lists twice. Keys compare
-    as written, so 1999 and '1999' (one category once names are strings) count as the same."""
+def _repeated_keys(node) -> list[tuple[str, str, int, int]]:
+    """(key, the key it repeats, first line, repeated line) for each key that a mapping of the composed YAML lists
+    twice. Keys compare as written, so 1999 and '1999' (one category once names are strings) count as the same,
+    and as safe_load reads them, so 1 and 1.0 (or 1 and true) do too."""
     repeated, stack, visited = [], [node], set()
     while stack:
         node = stack.pop()
@@ -320,17 +343,22 @@ def _repeated_keys(node) -> list[tuple[str, int, int]]:
             continue
         visited.add(id(node))
         if isinstance(node, yaml.MappingNode):
-            seen: dict[str, int] = {}
+            seen: dict[tuple, tuple[str, int]] = {}
             for key, value in node.value:
                 if isinstance(key, yaml.ScalarNode) and key.value != "<<":
                     line = key.start_mark.line + 1
-                    if key.value in seen:
-                        repeated.append((key.value, seen[key.value], line))
-                    seen.setdefault(key.value, line)
+                    names = [("as written", key.value)]
+                    if key.style is None and key.tag in _READ_AS_OTHER_THAN_TEXT:
+                        names.append(("as read", _read_value(key)))
+                    first = next((seen[name] for name in names if name in seen), None)
+                    if first is not None:
+                        repeated.append((key.value, first[0], first[1], line))
+                    for name in names:
+                        seen.setdefault(name, (key.value, line))
                 stack.append(value)
         elif isinstance(node, yaml.SequenceNode):
             stack.extend(node.value)
-    return sorted(repeated, key=lambda found: found[2])
+    return sorted(repeated, key=lambda found: found[3])
 
 
 def parse_config(text: str, require_master_text: bool = True) -> ScanConfig:

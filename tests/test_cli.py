@@ -211,6 +211,17 @@ def test_interpret_min_cv_auroc_keeps_every_layer_and_category_in_the_pivot(caps
     assert printed == expected and expected[1] == [0, 0, 0] and expected[0] == [2, 0, 2]
 
 
+def test_interpret_min_cv_auroc_on_scores_without_cv_auroc_values_says_it_keeps_every_row(capsys, tmp_path):
+    rows = [{"layer": 0, "neuron": n, "category": "food", "score": 2.0, "cv_auroc": float("nan")} for n in range(3)]
+    csv = tmp_path / "scores.csv"
+    pd.DataFrame(rows).to_csv(csv, index=False)  # cv_folds: 0, or one word per category: a column of NaN
+    assert main(["interpret", "--csv", str(csv), "--min-cv-auroc", "0.75"]) == 0
+    out, err = capsys.readouterr()
+    assert "no cv_auroc values" in err and "--min-cv-auroc keeps every row" in err and "Only rows" not in out
+    assert out.split("by layer and category:")[1].split()[:4] == ["category", "food", "layer", "0"]
+    assert "3" in out.split("by layer and category:")[1].splitlines()[3]
+
+
 def test_interpret_default_threshold(scanned, capsys):
     _, paths = scanned
     assert main(["interpret", "--csv", str(paths["csv"])]) == 0
@@ -625,6 +636,8 @@ def test_files_that_are_not_text_and_flags_that_would_be_ignored_are_refused(cap
     scores_of("bundled").to_csv(scores, index=False)
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("A dog ate pizza.\n", encoding="utf-8")
+    priced = tmp_path / "priced.yaml"  # a scan config whose word YAML reads as 2.5
+    priced.write_text("master_text: it cost 2.50\ncategories:\n  price: [2.50]\n", encoding="utf-8")
     scan = ["scan", "--config", DEFAULT]
     cases = [
         (["scan", "--config", str(binary)], f"--config {binary} is not UTF-8 text"),
@@ -633,6 +646,7 @@ def test_files_that_are_not_text_and_flags_that_would_be_ignored_are_refused(cap
         (["contrast", "--csv", str(scores), "--contrast", str(binary)], f"--contrast {binary} is not UTF-8 text"),
         (["contrast", "--csv", str(scores), "--contrast", DEFAULT], "this looks like a scan config, not a contrast set",
          "in_sense: [sentences], out_of_sense: [sentences]"),
+        (["contrast", "--csv", str(scores), "--contrast", str(priced)], "this looks like a scan config"),  # not "2.50"
         (["contrast", "--csv", str(scores), "--contrast", str(tmp_path)], f"{tmp_path} is a folder, not a contrast set file"),
         ([*scan, "--text-field", "body"], "--text-field is for corpus scans: add --corpus"),
         ([*scan, "--on-bad-document", "error"], "--on-bad-document is for corpus scans: add --corpus"),

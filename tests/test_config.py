@@ -113,12 +113,15 @@ def test_malformed_flow_sequence_names_its_line():
     ("master_text: a dog\ncategories:\n  animal: [dog, cat]\n  food: [bread]\n  animal: [tiger]\n", "animal", (3, 5)),
     ("master_text: a dog\ncategories:\n  1999: [dog]\n  '1999': [bread]\n", "1999", (3, 4)),  # one name as strings
     ("master_text: a dog\nthreshold: 1\nthreshold: 2\ncategories: {animal: [dog]}\n", "threshold", (2, 3)),
+    ("master_text: a dog\ncategories:\n  1: [dog]\n  1.0: [bread]\n", ("1", "1.0"), (3, 4)),  # 1 == 1.0 to safe_load
+    ("master_text: a dog\ncategories:\n  1: [dog]\n  on: [bread]\n", ("1", "on"), (3, 4)),  # and so is true
 ])  # fmt: skip
 def test_a_key_listed_twice_is_refused_not_silently_dropped(text, key, lines):
     """yaml.safe_load keeps the last of two equal keys; a category's words (or a setting) would vanish without a word."""
     err = config_error(text)
-    assert str(err) == f"'{key}' appears twice in one mapping (lines {lines[0]} and {lines[1]}): the first would be lost; " \
-                       "merge them or rename one"  # fmt: skip
+    named = f"'{key}' appears twice in one mapping" if isinstance(key, str) else \
+        f"one mapping has '{key[0]}' and '{key[1]}', which YAML reads as one key"  # fmt: skip
+    assert str(err) == f"{named} (lines {lines[0]} and {lines[1]}): the first would be lost; merge them or rename one"
 
 
 def test_the_repeated_key_check_visits_aliased_nodes_once():
@@ -221,6 +224,12 @@ def test_words_yaml_would_read_as_other_numbers_are_refused_with_their_line_and_
         ("", "line 4: YAML reads 1.50 as the number 1.5, so it would become '1.5'; quote it to keep it as written: \"1.50\""),
         ("", "line 4: YAML reads 1_000 as the number 1000, so it would become '1000'; quote it to keep it as written: "
              "\"1_000\""),
+    ]  # fmt: skip
+    err = config_error("master_text: a b\ncategories:\n  yes: [a]\n  ~: [b]\n  c: [&n 012, *n]\n")  # names too
+    assert err.problems == [
+        ("", "line 3: YAML reads yes as true, so it would become 'True'; quote it to keep it as written: \"yes\""),
+        ("", "line 4: YAML reads ~ as null, so it would become 'None'; quote it to keep it as written: \"~\""),
+        ("", "line 5: YAML reads 012 as the number 10, so it would become '10'; quote it to keep it as written: \"012\""),
     ]  # fmt: skip
     cfg = parse_config("master_text: 2.50 or 1999 x\ncategories:\n  numeric: ['2.50', 1999, -4]\n  '012': [x]\n"
                        "seed: 012\npermutations: 1_000\n")  # fmt: skip
