@@ -356,7 +356,7 @@ BREAKDOWN_ROWS = [
     ("finish_rec", "finish_part, every layer, recorded: moments, exact AUROC, top-k, transposed copy"),
     ("auroc", "  of which: exact AUROC and cv_auroc (one sort of labelled int64 keys per neuron)"),
     ("sort", "    for scale: a plain float32 np.sort of every neuron's row"),
-    ("permutation", "word-level permutation p-values, 1,000 draws, each finishing job its own neurons'"),
+    ("permutation", "word-level permutation p-values, 1,000 draws, one call per layer (the scan: per finishing job)"),
     ("finish_off", "finish_part, every layer, recorded, auroc off"),
     ("assemble", "assemble: scores and top-token tables, q-values"),
     ("sum_rec", "SUM for a default scan, as if nothing overlapped"),

@@ -145,8 +145,9 @@ def site_word_moments(stats: SiteStats, neurons: slice, context: FinishContext, 
 
 def permutation_pvalues_of(word_moments: list[dict | None], context: FinishContext) -> list[np.ndarray | None]:
     """The word-level permutation p-values [C, n] of each entry of word_moments (site_word_moments; None
-    stays None). Entries that saw the same tokens (every dense site; each expert alone) share one call over
-    all their neurons: the draws and the per-call work are paid once, not per site."""
+    stays None). Entries that saw the same tokens (a streamed scan's dense sites; each expert alone) share one
+    call over all their neurons: the draws and the per-call work are paid once, not per site. (scan() calls it
+    from each finishing job for that job's neurons, so the test runs beside the forward pass.)"""
     groups: dict[tuple, list[int]] = {}
     for i, seen in enumerate(word_moments):
         if seen is not None:

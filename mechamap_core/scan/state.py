@@ -109,12 +109,12 @@ def token_priority(keys: torch.Tensor) -> torch.Tensor:
 
 
 def _group_sums(values: torch.Tensor, group: torch.Tensor, n_groups: int, one_hot: bool | None = None) -> torch.Tensor:
-    """[n_groups, N]: the sum of the rows of values [R, N] in each group (group [R]). On a CPU by index_add_ (a
-    seventh of a one-hot matmul's time there: MiniLM's category and word sums, 6.3 -> 0.7 ms a layer at 1 thread);
-    elsewhere (or with one_hot) by a one-hot matmul, since a GPU's index_add_ adds floats in a racing order, so
-    its sums would change in the last bits from run to run."""
+    """[n_groups, N]: the sum of the rows of values [R, N] in each group (group [R]). On a CPU by index_add_
+    (under an eighth of a one-hot matmul's time there: MiniLM's category and word sums, 6.3 -> 0.7 ms a layer at
+    1 thread); elsewhere (or with one_hot) by a one-hot matmul, since a GPU's index_add_ adds floats in a racing
+    order, so its sums would change in the last bits from run to run."""
     if not (values.device.type != "cpu" if one_hot is None else one_hot):
-        return torch.zeros(n_groups, values.shape[1], dtype=values.dtype).index_add_(0, group, values)
+        return torch.zeros(n_groups, values.shape[1], dtype=values.dtype, device=values.device).index_add_(0, group, values)
     one_hot = torch.zeros(n_groups, len(group), dtype=values.dtype, device=values.device)
     one_hot[group, torch.arange(len(group), device=values.device)] = 1.0
     return one_hot @ values
