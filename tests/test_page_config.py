@@ -209,6 +209,17 @@ def test_invalid_config_upload_changes_nothing(app_env):
     assert at.session_state[ACTIVE_CONFIG].to_dict() == before_cfg
 
 
+def test_an_upload_whose_word_yaml_would_renumber_changes_nothing_and_says_how_to_quote_it(app_env):
+    at = config_page()
+    before_cfg = at.session_state[ACTIVE_CONFIG].to_dict()
+    body = b"master_text: it cost 2.50\ncategories:\n  price: [2.50, cost]\n"
+    at.file_uploader[0].set_value(("prices.yaml", body, "application/x-yaml")).run()
+    no_exception(at)
+    [message] = [v for v in texts(at.error) if "prices.yaml was not loaded" in v]
+    assert "YAML reads 2.50 as the number 2.5" in message and '"2.50"' in message, message
+    assert at.session_state[ACTIVE_CONFIG].to_dict() == before_cfg
+
+
 def test_oversized_upload_is_rejected(app_env):
     """The widget itself states the 1 MB cap (max_upload_size, not the server's maxUploadSize), and the server
     checks it again: a larger or non-UTF-8 file changes nothing."""
