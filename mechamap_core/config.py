@@ -321,8 +321,7 @@ def _words_yaml_changes(document, words_under: tuple[str, ...] | None) -> list[t
         if isinstance(node, yaml.MappingNode):
             keys = [key for key, _ in node.value if isinstance(key, yaml.ScalarNode) and key.style is None]
             stack.extend(value for _, value in node.value if not isinstance(value, yaml.ScalarNode))  # a value: no word
-            stack.extend(key for key in keys if key.tag in _READ_AS_OTHER_THAN_TEXT - set(numbers))
-            stack.extend(key for key in keys if key.tag in numbers)
+            stack.extend(key for key in keys if key.tag in _READ_AS_OTHER_THAN_TEXT)  # a name read as true: 'True'
         elif isinstance(node, yaml.SequenceNode):
             stack.extend(entry for entry in node.value if not isinstance(entry, yaml.ScalarNode) or entry.tag in numbers)
         elif isinstance(node, yaml.ScalarNode) and node.style is None and node.tag in _READ_AS_OTHER_THAN_TEXT:
