@@ -600,9 +600,9 @@ def _add_tie_shifts(sums: np.ndarray, bins: np.ndarray, tied_pairs: np.ndarray, 
 
 def _twice_rank_sums_on_device(values: torch.Tensor, column_keys: np.ndarray, block_start: np.ndarray, n_labels: int) -> np.ndarray:
     """_twice_rank_sums of a tensor on its device (a GPU), given its columns' (block, label) key bits and each
-    sorted position's block start: keys that sort as the numpy route's, in one torch sort per block of rows; tie runs from running
-    maxima and minima of positions (a value outside a run is its own run, so one formula serves every row);
-    per-label sums by scatter-add. Returns numpy."""
+    sorted position's block start: keys that sort as the numpy route's, in one torch sort per block of rows; tie
+    runs from running maxima and minima of positions (a value outside a run is its own run, so one formula
+    serves every row); per-label sums by scatter-add. Returns numpy."""
     device = values.device
     n_rows, length = values.shape
     column_keys, block_start = torch.as_tensor(column_keys, device=device), torch.as_tensor(block_start, device=device)

@@ -113,11 +113,13 @@ def _group_sums(values: torch.Tensor, group: torch.Tensor, n_groups: int, one_ho
     (under an eighth of a one-hot matmul's time there: MiniLM's category and word sums, 6.3 -> 0.7 ms a layer at
     1 thread); elsewhere (or with one_hot) by a one-hot matmul, since a GPU's index_add_ adds floats in a racing
     order, so its sums would change in the last bits from run to run."""
-    if not (values.device.type != "cpu" if one_hot is None else one_hot):
+    if one_hot is None:
+        one_hot = values.device.type != "cpu"
+    if not one_hot:
         return torch.zeros(n_groups, values.shape[1], dtype=values.dtype, device=values.device).index_add_(0, group, values)
-    one_hot = torch.zeros(n_groups, len(group), dtype=values.dtype, device=values.device)
-    one_hot[group, torch.arange(len(group), device=values.device)] = 1.0
-    return one_hot @ values
+    members = torch.zeros(n_groups, len(group), dtype=values.dtype, device=values.device)
+    members[group, torch.arange(len(group), device=values.device)] = 1.0
+    return members @ values
 
 
 def _shifted_back(count, centred_sum, centred_sumsq, shift):
@@ -185,7 +187,7 @@ class SiteStats:
         # a category's few tokens.
         rows = index.category_rows
         if len(rows):
-            values = acts.index_select(0, rows).to(wide).index_select(0, index.pair_token)  # [P, N]
+            values = acts.index_select(0, rows.index_select(0, index.pair_token)).to(wide)  # [P, N]: one gather
             self.sums[1:] += _group_sums(values, index.pair_category, len(self.n_cat))
             self.sums_sq[1:] += _group_sums(values * values, index.pair_category, len(self.n_cat))
         if self.layout.n_words and labels.word is not None:
