@@ -298,6 +298,20 @@ def _keys_named(key: str, first_key: str) -> str:
     return f"one mapping has '{first_key}' and '{key}', which YAML reads as one key"
 
 
+def _containers(roots) -> list:
+    """Every mapping and list node under the composed YAML nodes roots, each once: an alias shares its anchor's
+    node, so a recursive one does not loop and nested ones (billion laughs) do not multiply the walk."""
+    stack, visited, found = list(roots), set(), []
+    while stack:
+        node = stack.pop()
+        if not isinstance(node, (yaml.MappingNode, yaml.SequenceNode)) or id(node) in visited:
+            continue
+        visited.add(id(node))
+        found.append(node)
+        stack.extend([value for _, value in node.value] if isinstance(node, yaml.MappingNode) else node.value)
+    return found
+
+
 def _words_yaml_changes(document, words_under: tuple[str, ...] | None) -> list[tuple[str, object, int]]:
     """(text, value, line) of each unquoted key or list entry that YAML reads as a number whose str() differs
     from the text (2.50 as 2.5, 012 as 10, 1_000 as 1000, 1:30 as 90, .5 as 0.5), and of each unquoted key it
@@ -306,57 +320,44 @@ def _words_yaml_changes(document, words_under: tuple[str, ...] | None) -> list[t
     top-level mapping's keys words_under (None: the whole document); a setting's value (seed: 012) is a
     number, not a word, and is not checked."""
     if words_under is None:
-        stack = [document]
+        roots = [document]
     elif isinstance(document, yaml.MappingNode):
-        stack = [value for key, value in document.value if isinstance(key, yaml.ScalarNode) and key.value in words_under]
+        roots = [value for key, value in document.value if isinstance(key, yaml.ScalarNode) and key.value in words_under]
     else:
-        stack = []
+        roots = []
     numbers = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
-    found, visited = [], set()
-    while stack:
-        node = stack.pop()
-        if node is None or id(node) in visited:  # an alias shares its anchor's node: each node once
-            continue
-        visited.add(id(node))
-        if isinstance(node, yaml.MappingNode):
-            keys = [key for key, _ in node.value if isinstance(key, yaml.ScalarNode) and key.style is None]
-            stack.extend(value for _, value in node.value if not isinstance(value, yaml.ScalarNode))  # a value: no word
-            stack.extend(key for key in keys if key.tag in _READ_AS_OTHER_THAN_TEXT)  # a name read as true: 'True'
-        elif isinstance(node, yaml.SequenceNode):
-            stack.extend(entry for entry in node.value if not isinstance(entry, yaml.ScalarNode) or entry.tag in numbers)
-        elif isinstance(node, yaml.ScalarNode) and node.style is None and node.tag in _READ_AS_OTHER_THAN_TEXT:
-            value = _read_value(node)
-            if str(value) != node.value:
-                found.append((node.start_mark.line, node.start_mark.column, node.value, value))
-    return [(text, value, line + 1) for line, _, text, value in sorted(found, key=lambda item: item[:2])]
+    words = {}  # id -> node: an aliased word once
+    for node in _containers(roots):
+        if isinstance(node, yaml.MappingNode):  # a name read as true becomes 'True'
+            words.update((id(key), key) for key, _ in node.value if isinstance(key, yaml.ScalarNode)
+                         and key.style is None and key.tag in _READ_AS_OTHER_THAN_TEXT)  # fmt: skip
+        else:
+            words.update((id(entry), entry) for entry in node.value if isinstance(entry, yaml.ScalarNode)
+                         and entry.style is None and entry.tag in numbers)  # fmt: skip
+    found = [(word.start_mark.line, word.start_mark.column, word.value, _read_value(word)) for word in words.values()]
+    return [(text, value, line + 1) for line, _, text, value in sorted(found, key=lambda item: item[:2]) if str(value) != text]
 
 
 def _repeated_keys(node) -> list[tuple[str, str, int, int]]:
     """(key, the key it repeats, first line, repeated line) for each key that a mapping of the composed YAML lists
     twice. Keys compare as written, so 1999 and '1999' (one category once names are strings) count as the same,
     and as safe_load reads them, so 1 and 1.0 (or 1 and true) do too."""
-    repeated, stack, visited = [], [node], set()
-    while stack:
-        node = stack.pop()
-        if id(node) in visited:  # an alias shares its anchor's node: each node once, and no loop on a recursive one
+    repeated = []
+    for mapping in _containers([node]):
+        if not isinstance(mapping, yaml.MappingNode):
             continue
-        visited.add(id(node))
-        if isinstance(node, yaml.MappingNode):
-            seen: dict[tuple, tuple[str, int]] = {}
-            for key, value in node.value:
-                if isinstance(key, yaml.ScalarNode) and key.value != "<<":
-                    line = key.start_mark.line + 1
-                    names = [("as written", key.value)]
-                    if key.style is None and key.tag in _READ_AS_OTHER_THAN_TEXT:
-                        names.append(("as read", _read_value(key)))
-                    first = next((seen[name] for name in names if name in seen), None)
-                    if first is not None:
-                        repeated.append((key.value, first[0], first[1], line))
-                    for name in names:
-                        seen.setdefault(name, (key.value, line))
-                stack.append(value)
-        elif isinstance(node, yaml.SequenceNode):
-            stack.extend(node.value)
+        seen: dict[tuple, tuple[str, int]] = {}
+        for key, _ in mapping.value:
+            if isinstance(key, yaml.ScalarNode) and key.value != "<<":
+                line = key.start_mark.line + 1
+                names = [("as written", key.value)]
+                if key.style is None and key.tag in _READ_AS_OTHER_THAN_TEXT:
+                    names.append(("as read", _read_value(key)))
+                first = next((seen[name] for name in names if name in seen), None)
+                if first is not None:
+                    repeated.append((key.value, first[0], first[1], line))
+                for name in names:
+                    seen.setdefault(name, (key.value, line))
     return sorted(repeated, key=lambda found: found[3])
 
 
