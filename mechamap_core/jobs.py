@@ -84,6 +84,7 @@ class _Job:
     label: str
     resource: str
     work: Work | None
+    on_end: Callable[[], None] | None = None  # called once the job has ended, however it ended
     token_prefix: list[int] | None = None  # token_prefix[i]: tokens in the first i units, once known
     state: str = QUEUED
     done: int = 0
@@ -120,10 +121,11 @@ class JobQueue:
         self._ids = itertools.count(1)
         self._threads: dict[str, threading.Thread] = {}
 
-    def submit(self, label: str, work: Work, *, resource: str = "") -> str:
-        """Queue work behind the unfinished jobs on the same resource; returns the job id."""
+    def submit(self, label: str, work: Work, *, resource: str = "", on_end: Callable[[], None] | None = None) -> str:
+        """Queue work behind the unfinished jobs on the same resource; returns the job id. on_end() is called once the
+        job has ended (done, failed or cancelled, queued or running), on its thread."""
         with self._changed:
-            job = _Job(f"job-{next(self._ids)}", label, resource, work)
+            job = _Job(f"job-{next(self._ids)}", label, resource, work, on_end)
             self._jobs[job.id] = job
             thread = threading.Thread(target=self._run, args=(job,), name=f"mechamap-{job.id}", daemon=True)
             self._threads[job.id] = thread
@@ -249,3 +251,5 @@ class JobQueue:
         job.work = None  # let go of what the work holds (a corpus, a model) while the job stays listed
         job.message = message or (error or "")
         self._changed.notify_all()
+        if job.on_end is not None:
+            job.on_end()

@@ -3,12 +3,14 @@ the job panel."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
 import streamlit as st
 
-from mechamap_core import LoadedModel, ScanConfig
+from mechamap_core import LoadedModel, ScanConfig, pending
+from mechamap_core.config import ConfigError, config_from_dict
 from mechamap_core.corpus import Document
 from mechamap_core.corpus_run import CALIBRATION_DOCUMENTS
 from mechamap_core.export import save_run
@@ -108,27 +110,32 @@ def start_master_scan(spec: str, cfg: ScanConfig, *, device: str, dtype: str, lo
         return
     work = master_scan_work(spec, cfg, device=device, dtype=dtype, loading=loading, **options)
     label = master_scan_label(spec, options.get("layers"), options.get("limit_neurons"))
-    _submit(label, work, key, _model_resource(spec, device, dtype, loading))
+    request = {"spec": spec, "config": cfg.to_dict(), "device": device, "dtype": dtype, "loading": loading, **options}
+    _submit(label, work, key, _model_resource(spec, device, dtype, loading), request)
 
 
-def start_corpus_scan(spec: str, cfg: ScanConfig, label: str, *, device: str, dtype: str, texts: list[str], **options):
+def start_corpus_scan(spec: str, cfg: ScanConfig, label: str, *, device: str, dtype: str, texts: list[str],
+                      **options) -> bool:  # fmt: skip
     """Queue a background scan of texts, or open an identical earlier scan's run at once, or follow the same scan
-    this session already has queued or running. The model loads here, in the page; errors become one st.error line.
-    options: layers, limit_neurons."""
+    this session already has queued or running. The model loads here, in the page; errors become one st.error line,
+    and False. options: layers, limit_neurons."""
     spec = spec.strip()
     key = scanning.scan_key(spec, device, dtype, cfg, options.get("layers"), options.get("limit_neurons"), texts)
     earlier = scanning.remembered_scan(key)
     if earlier is not None:
         _open_at_once(earlier.run_id, f"Same model, config, options and corpus as an earlier scan: reused run {earlier.run_id}.")
     if _following_the_same_scan(key):
-        return
+        return True
     try:
         lm = state.get_model(spec, device, dtype)
     except Exception as exc:  # noqa: BLE001 - every failure becomes one readable sentence, never a traceback
         st.error(scanning.friendly_error(exc))
-        return
+        return False
     work = corpus_scan_work(lm, cfg, texts, state.runs_dir(), key, label=label, **options)  # the run records what it covered
-    _submit(label, work, key, _model_resource(spec, device, dtype))
+    request = {"spec": spec, "config": cfg.to_dict(), "device": device, "dtype": dtype, "corpus": label, "texts": texts,
+               **options}  # fmt: skip
+    _submit(label, work, key, _model_resource(spec, device, dtype), request)
+    return True
 
 
 def _model_resource(spec: str, device: str, dtype: str, loading: dict | None = None) -> str:
@@ -156,10 +163,39 @@ def _following_the_same_scan(key: str) -> bool:
     return False
 
 
-def _submit(label: str, work: Work, key: str, resource: str) -> None:
-    """Queue work as this session's job (its run opens in this session when it finishes)."""
-    job_id = registry().submit(label, work, resource=resource)
+def _submit(label: str, work: Work, key: str, resource: str, request: dict) -> None:
+    """Queue work as this session's job (its run opens in this session when it finishes), kept on disk until it ends
+    (pending.py: request is what starts it again after a server restart; a runs folder that cannot be written to
+    keeps no record, and the scan's own save will say so)."""
+    try:
+        record = pending.keep_pending(state.runs_dir(), label, request)
+    except OSError:
+        record = None
+    forget = None if record is None else functools.partial(pending.forget_pending, record)
+    job_id = registry().submit(label, work, resource=resource, on_end=forget)
     st.session_state.setdefault(MY_JOBS, {})[job_id] = key
+
+
+def _start_again(scan: pending.PendingScan) -> bool:
+    """Queue an interrupted scan again as this session's job (its record goes once the new one is queued: True), or
+    say in one line why it cannot be (its config no longer validates, its model does not load: False)."""
+    request = dict(scan.request)
+    try:
+        cfg = config_from_dict(request.pop("config"))
+    except ConfigError as exc:
+        st.error(f"**{scan.label}** cannot start again: {exc}")
+        return False
+    spec, texts, corpus = request.pop("spec"), request.pop("texts", None), request.pop("corpus", None)
+    queued = True
+    try:
+        if texts is None:
+            start_master_scan(spec, cfg, **request)
+        else:
+            queued = start_corpus_scan(spec, cfg, corpus, texts=texts, **request)
+    finally:  # also when an identical earlier run opens instead (st.rerun raises)
+        if queued:
+            pending.forget_pending(scan.path)
+    return queued
 
 
 def duration(seconds: float) -> str:
@@ -246,12 +282,26 @@ def _job_panel(polling: bool) -> None:
         _show_job(job)
 
 
+def _show_interrupted(scans: list[pending.PendingScan]) -> None:
+    """The scans a server stopped before they ended (pending.interrupted_scans), each with Scan again and Discard."""
+    for scan in scans:
+        with st.container(border=True):
+            st.warning(f"**{scan.label}**: interrupted. The server stopped before this scan ended (queued {scan.started}), "
+                       "so nothing was saved. Its config, model and options were kept.", icon=":material/restart_alt:")  # fmt: skip
+            with st.container(horizontal=True):
+                if st.button("Scan again", key=f"again-{scan.path.name}", icon=":material/replay:") and _start_again(scan):
+                    st.rerun()
+                st.button("Discard", key=f"discard-{scan.path.name}", on_click=pending.forget_pending, args=(scan.path,))
+
+
 def show_jobs() -> None:
-    """The background jobs, newest last, refreshed every POLL_S seconds while one is queued or running."""
-    views = registry().jobs()
-    if not views:
+    """The background jobs, newest last, refreshed every POLL_S seconds while one is queued or running; before them,
+    the scans a server restart interrupted."""
+    views, interrupted = registry().jobs(), pending.interrupted_scans(state.runs_dir())
+    if not views and not interrupted:
         return
     st.subheader("Background jobs")
     st.caption("Every scan started on this server, by anyone using it, newest last. Dismiss takes a finished one off the list for everyone.")
+    _show_interrupted(interrupted)
     polling = any(not job.finished for job in views)
     st.fragment(_job_panel, run_every=POLL_S if polling else None)(polling)
