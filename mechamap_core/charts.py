@@ -70,8 +70,10 @@ def layer_category_heatmap(counts: pd.DataFrame, title: str | None = None) -> al
         .mark_rect(stroke="white", strokeWidth=1, color=NO_VALUE_COLOUR)
         .encode(tooltip=[*where, alt.Tooltip("label:N", title=NO_VALUE)])
     )
+    domain = {"domainMin": 0} if peak > 0 else {"domain": [0, 1]}  # all 0: the palest blue, not its middle
     cells = base.transform_filter("isValid(datum.neurons)").mark_rect(stroke="white", strokeWidth=1).encode(
-        color=alt.Color("neurons:Q", scale=alt.Scale(scheme="blues", domainMin=0), title="neurons"),
+        color=alt.Color("neurons:Q", scale=alt.Scale(scheme="blues", **domain), title="neurons",
+                        legend=alt.Legend(format=",d", tickMinStep=1)),  # counts: whole numbers
         tooltip=[*where, alt.Tooltip("neurons:Q", title="neurons", format=",")],
     )
     labels = base.mark_text(baseline="middle", fontSize=11).encode(
@@ -385,7 +387,9 @@ def coloured_text_html(text: str, tokens: pd.DataFrame, vmax: float | None = Non
 
 
 def category_bars(profile: pd.DataFrame) -> alt.Chart:
-    """Per-category bars of avg_activation and score for one neuron, with n_tokens in the tooltip."""
+    """Per-category bars of avg_activation and score for one neuron, with n_tokens in the tooltip; categories from the
+    highest score down in both (a category without a score last)."""
+    order = profile.sort_values("score", ascending=False, na_position="last")["category"].astype(str).tolist()
     long = profile.assign(category=profile["category"].astype(str)).melt(
         id_vars=["category", "n_tokens"], value_vars=["avg_activation", "score"], var_name="statistic"
     )
@@ -394,7 +398,7 @@ def category_bars(profile: pd.DataFrame) -> alt.Chart:
         .mark_bar()
         .encode(
             x=alt.X("value:Q", title=None),
-            y=alt.Y("category:N", sort="-x", title=None, axis=alt.Axis(labelOverlap=False)),
+            y=alt.Y("category:N", sort=order, title=None, axis=alt.Axis(labelOverlap=False)),
             color=alt.condition("datum.value >= 0", alt.value("#f28c28"), alt.value("#1e90ff")),
             tooltip=["category", "statistic", alt.Tooltip("value:Q", format=".3f"), alt.Tooltip("n_tokens:Q", title="tokens")],
         )

@@ -323,3 +323,25 @@ def test_neuron_page_row_charts_name_every_row_under_streamlits_theme():
     bars = charts.direct_effect_bars(effect)
     assert bars.to_dict()["encoding"]["y"]["axis"]["labelOverlap"] is False
     assert hidden_labels(bars, words) == []
+
+
+def test_layer_category_heatmap_of_only_zeros_is_the_palest_colour_with_whole_number_legend(scores):
+    """Every count 0 (a threshold above every score): the scale runs 0 to 1, so the cells take its start, not its
+    middle, and the legend counts in whole numbers."""
+    counts = analysis.layer_category_counts(scores, "score", 99.0)
+    assert (counts.to_numpy() == 0).all()
+    colour = by_mark(charts.layer_category_heatmap(counts).to_dict()["layer"])["rect"]["encoding"]["color"]
+    assert colour["scale"]["domain"] == [0, 1] and colour["legend"]["format"] == ",d"
+    some = by_mark(charts.layer_category_heatmap(analysis.layer_category_counts(scores, "score", 1.0)).to_dict()["layer"])
+    assert some["rect"]["encoding"]["color"]["scale"] == {"scheme": "blues", "domainMin": 0}
+
+
+def test_category_bars_order_the_categories_by_score_in_both_panels():
+    """The Neuron page's headline names the category of the highest score: the bars list it first in both panels,
+    even where another category has the highest avg_activation; a category without a score comes last."""
+    profile = pd.DataFrame({
+        "category": pd.Categorical(["animal", "date", "food", "place"]), "n_tokens": [12, 12, 3, 12],
+        "avg_activation": [0.9, 0.1, 0.5, 0.2], "score": [-0.5, 0.3, np.nan, 0.1],
+    })  # fmt: skip
+    spec = charts.category_bars(profile).to_dict()
+    assert spec["spec"]["encoding"]["y"]["sort"] == ["date", "place", "animal", "food"]

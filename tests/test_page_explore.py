@@ -618,3 +618,26 @@ def test_a_category_without_statistics_is_named_with_why(result, name):
         assert "animal" in drawn and "food" not in drawn
     at = open_page(name, result)
     assert not any(i.value.startswith("No statistics") for i in at.info)
+
+
+def test_neuron_headline_claims_selectivity_only_for_a_positive_score(result):
+    """The Neuron page's headline: a neuron whose best score is 0 or below is selective for no category (never
+    "-0.00"); one with a positive best score below the run's threshold says it is below (the bars follow the same
+    order: test_charts.py)."""
+    scores = result.scores.copy()
+    rows = lambda neuron: (scores["layer"] == 0) & (scores["neuron"] == neuron)  # noqa: E731
+    scores.loc[rows(0), "score"] = -np.linspace(0.001, 0.5, rows(0).sum())  # best: -0.001, which rounds to -0.00
+    scores.loc[rows(1), "score"] = np.linspace(-0.3, 0.7, rows(1).sum())
+    changed = dataclasses.replace(result, scores=scores)
+    threshold = result.metadata["threshold"]
+    for neuron, expected in [(0, "Selective for no category: every score is 0 or below"),
+                             (1, f"below the run's flag threshold {threshold:g}.")]:  # fmt: skip
+        at = AppTest.from_file(str(PAGES / "neuron.py"), default_timeout=TIMEOUT)
+        at.session_state[RESULT_OVERRIDE] = changed
+        at.session_state[SELECTED_NEURON] = (0, neuron)
+        at.run()
+        assert_clean(at)
+        said = [c.value for c in at.caption if "elective" in c.value]
+        assert len(said) == 1 and expected in said[0] and "-0.00" not in said[0], said
+        best = scores[rows(neuron)].sort_values("score", ascending=False)["category"].iloc[0]
+        assert f"**{best}**" in said[0]

@@ -43,8 +43,15 @@ label, hook = neuron_label(layer, neuron, expert), str(profile["hook"].iloc[0])
 st.subheader(f"{label} · `{hook}`")
 best = profile.sort_values("score", ascending=False).iloc[0]
 if profile["score"].notna().any():
-    figures = f"score {best['score']:.2f}, AUROC {best['auroc']:.3f}, q {significance_text(best['q_value'])}"
-    st.caption(f"Most selective for **{best['category']}** ({figures}).")
+    score = round(float(best["score"]), 2) + 0.0  # + 0.0: a score rounding to -0.00 reads 0.00
+    figures = f"AUROC {best['auroc']:.3f}, q {significance_text(best['q_value'])}"
+    threshold = result.metadata.get("threshold")
+    if best["score"] > 0:
+        below = f", below the run's flag threshold {threshold:g}" if threshold is not None and best["score"] < threshold else ""
+        st.caption(f"Most selective for **{best['category']}** (score {score:.2f}, {figures}){below}.")
+    else:
+        st.caption(f"Selective for no category: every score is 0 or below (the highest, **{best['category']}**'s, is "
+                   f"{score:.2f}; {figures}).")  # fmt: skip
 else:
     st.caption("No category has enough tokens routed to this expert for statistics.")
 if expert is not None:
