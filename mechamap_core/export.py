@@ -166,12 +166,18 @@ RUN_FOLDER_MODE = 0o700  # a new run folder, as mkdtemp made it: private to its 
 def save_run(result: ScanResult, runs_dir: str | os.PathLike = "runs", run_id: str | None = None) -> Path:
     """Save a scan to runs_dir/<run_id>/ (Parquet tables, metadata.json, activations.npz). Written to a temp
     folder, then renamed. A new run folder is private (0700: it holds the master text and activations), one it
-    replaces keeps its mode. Returns the run folder."""
+    replaces keeps its mode. Without run_id, a new id (new_run_id) that never replaces a saved run: two scans of
+    one model and config saved in the same second (their corpora, devices or dtypes may differ) get id and
+    id-2. Returns the run folder."""
     runs_dir = Path(runs_dir)
+    new_id = run_id is None
     run_id = run_id or new_run_id(result)
     if not _RUN_ID.match(run_id):
         raise ValueError(f"invalid run id '{run_id}'")
     runs_dir.mkdir(parents=True, exist_ok=True)
+    wanted = run_id
+    if new_id:
+        run_id = _free_run_id(runs_dir, wanted)
     final = runs_dir / run_id
     keep = kept_mode(final)
     keep = RUN_FOLDER_MODE if keep is None else keep
@@ -187,13 +193,39 @@ def save_run(result: ScanResult, runs_dir: str | os.PathLike = "runs", run_id: s
         extras = {k: v for k, v in result.extras.items() if isinstance(v, pd.DataFrame)}
         for name, frame in extras.items():
             frame.to_parquet(tmp / f"extra_{name}.parquet", index=False)
-        meta = {"run_id": run_id, "metadata": _jsonable(result.metadata), "texts": result.texts}
-        (tmp / "metadata.json").write_text(json.dumps(meta, ensure_ascii=False, indent=1), encoding="utf-8")
-        replace(tmp, final, keep)
+        _write_metadata(tmp, run_id, result)
+        if not new_id:
+            replace(tmp, final, keep)
+            return final
+        os.chmod(tmp, keep)
+        while True:  # a rename onto a run folder (never empty) fails, so a run saved since the check is kept
+            try:
+                os.rename(tmp, final)
+                return final
+            except OSError:
+                if not final.exists():
+                    raise
+            run_id = _free_run_id(runs_dir, wanted)
+            _write_metadata(tmp, run_id, result)
+            final = runs_dir / run_id
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return final
+
+
+def _write_metadata(folder: Path, run_id: str, result: ScanResult) -> None:
+    """A run folder's metadata.json: its id, the scan's metadata and its texts."""
+    meta = {"run_id": run_id, "metadata": _jsonable(result.metadata), "texts": result.texts}
+    (folder / "metadata.json").write_text(json.dumps(meta, ensure_ascii=False, indent=1), encoding="utf-8")
+
+
+def _free_run_id(runs_dir: Path, run_id: str) -> str:
+    """run_id when runs_dir has nothing of that name, else the first of run_id-2, run_id-3, ... that is free."""
+    candidate, number = run_id, 1
+    while (runs_dir / candidate).exists():
+        number += 1
+        candidate = f"{run_id}-{number}"
+    return candidate
 
 
 def load_run(run_dir: str | os.PathLike) -> ScanResult:

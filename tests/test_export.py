@@ -356,3 +356,34 @@ def test_exports_stream_to_stdout(result, tmp_path, fmt):
     write(export.load_run(folder), fmt, tmp_path / f"direct.{fmt}")
     same(fmt, read(fmt, tmp_path / f"piped.{fmt}"), read(fmt, tmp_path / f"direct.{fmt}"))
     assert Path("/dev/fd").is_symlink()
+
+
+def test_a_new_run_id_never_replaces_a_saved_run(result, tmp_path, monkeypatch):
+    """Two scans of one model and config saved in the same second (their corpora or dtypes may differ) get id and
+    id-2, each with its own metadata; so does one whose id a run took between the check and the rename (another
+    process), and a new folder is private."""
+    monkeypatch.setattr(export, "new_run_id", lambda result: "20261206-213832-model-a2f38c")
+    first = export.save_run(result, tmp_path)
+    second = export.save_run(result, tmp_path)
+    assert (first.name, second.name) == ("20261206-213832-model-a2f38c", "20261206-213832-model-a2f38c-2")
+    saved_ids = [json.loads((folder / "metadata.json").read_text(encoding="utf-8"))["run_id"] for folder in (first, second)]
+    assert saved_ids == [first.name, second.name]
+    assert stat.S_IMODE(second.stat().st_mode) == 0o700
+
+    taken = {"done": False}
+    real_free_run_id = export._free_run_id
+
+    def a_run_appears_after_the_check(runs_dir, run_id):
+        free = real_free_run_id(runs_dir, run_id)
+        if not taken["done"]:  # another process saves a run under that id before this one renames
+            taken["done"] = True
+            (runs_dir / free).mkdir()
+            (runs_dir / free / "metadata.json").write_text('{"run_id": "theirs"}', encoding="utf-8")
+        return free
+
+    monkeypatch.setattr(export, "_free_run_id", a_run_appears_after_the_check)
+    third = export.save_run(result, tmp_path)
+    assert third.name == "20261206-213832-model-a2f38c-4"
+    assert json.loads((tmp_path / "20261206-213832-model-a2f38c-3" / "metadata.json").read_text(encoding="utf-8")) == {"run_id": "theirs"}
+    assert json.loads((third / "metadata.json").read_text(encoding="utf-8"))["run_id"] == third.name
+    assert sorted(p.name for p in tmp_path.iterdir()) == [first.name, second.name, f"{first.name}-3", third.name]
