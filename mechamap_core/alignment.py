@@ -9,6 +9,8 @@ from functools import lru_cache
 import numpy as np
 import pandas as pd
 
+from .errors import unpaired_surrogate
+
 _WORD_CHAR = re.compile(r"\w")
 
 
@@ -146,8 +148,12 @@ def align(
 
     A token belongs to a category when its character span overlaps an occurrence of one of the
     category's words. Special tokens (BOS/CLS/SEP/padding, also when typed into the text) never count.
-    Raises ValueError if the tokenizer gives no character offsets (slow tokenizers).
+    Raises ValueError if the tokenizer gives no character offsets (slow tokenizers), or for a text that is no text
+    (an unpaired surrogate, which the tokenizer refuses).
     """
+    for doc, text in enumerate(texts):
+        if (bad := unpaired_surrogate(text)) is not None:
+            raise ValueError(f"text {doc + 1} of {len(texts)} has {bad}")
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError("MechaMap needs a fast (Rust) tokenizer for character offsets; this model has only a slow one")
     prefix, suffix = special_token_frame(tokenizer)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from .errors import unpaired_surrogate
 from .files import atomic_write_text
 
 BUNDLED_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
@@ -156,8 +157,28 @@ def _type_problems(values: dict) -> list[tuple[str, str]]:
     for key, types in _FIELD_TYPES.items():
         if key in values and (not isinstance(values[key], types) or (isinstance(values[key], bool) and bool not in types)):
             wanted = " or ".join("null" if t is type(None) else t.__name__ for t in types)
-            problems.append((key, f"'{key}' must be {wanted}, got {type(values[key]).__name__}"))
+            problems.append((key, f"'{key}' must be {wanted}, got {_what_was_given(values[key], types)}"))
     return problems
+
+
+def _yaml_float(number: float) -> str:
+    """number as YAML reads a float: 0.001, 1.0e+300 (an exponent only after a dot)."""
+    mantissa, exponent, power = repr(number).partition("e")
+    return f"{mantissa}{'' if '.' in mantissa else '.0'}e{power}" if exponent else mantissa
+
+
+def _what_was_given(value: object, wanted: tuple[type, ...]) -> str:
+    """A setting's wrong value, in words: its type; for a number that YAML read as text (1e0, 1e-3: YAML 1.1 reads
+    an exponent as a number only after a dot and with a sign), the text and how to write it."""
+    if isinstance(value, str) and (float in wanted or int in wanted):
+        try:
+            number = float(value.replace("_", ""))
+        except ValueError:
+            return "str"
+        written = _yaml_float(number) if float in wanted else f"{number:.0f}" if number.is_integer() else None
+        if math.isfinite(number) and written is not None:
+            return f"the text '{value}' (YAML reads an exponent as a number only in a form like 1.0e+0: write {written})"
+    return type(value).__name__
 
 
 def validate_config(cfg: ScanConfig, require_master_text: bool = True) -> None:
@@ -178,6 +199,8 @@ def validate_config(cfg: ScanConfig, require_master_text: bool = True) -> None:
         problems.append(("master_text", "every master text entry must be a string"))
     elif require_master_text and not any(t.strip() for t in texts) and not cfg.corpus:
         problems.append(("master_text", "the master text is empty: give some text that uses the category words"))
+    else:
+        problems += [("master_text", f"the master text has {bad}") for bad in map(unpaired_surrogate, texts) if bad][:1]
     if not cfg.categories:
         problems.append(("categories", "there are no categories: add at least one category with words"))
     seen: dict[str, str] = {}
@@ -185,6 +208,9 @@ def validate_config(cfg: ScanConfig, require_master_text: bool = True) -> None:
         where = f"categories.{name}"
         if not name.strip():
             problems.append((where, "a category has an empty name"))
+            continue
+        if (bad := unpaired_surrogate(name)) is not None:
+            problems.append((where, f"a category name has {bad}"))
             continue
         if not _CATEGORY_NAME.match(name):
             problems.append((where, f"category name '{name}' may use letters, digits, spaces, '-' and '_' (max 64)"))
@@ -232,6 +258,10 @@ def _words_problem(name: str, words: object) -> str | None:
             return f"{listed}: entry {number} is a {kind}; give one word or phrase per entry"
         if not isinstance(word, (str, int, float, type(None))):  # a date: YAML reads 2024-01-15 as one
             return f'{listed}: YAML reads entry {number} as a {type(word).__name__}; quote it, e.g. "{word}"'
+    not_text = [(number, bad) for number, word in enumerate(words, start=1)
+                if isinstance(word, str) and (bad := unpaired_surrogate(word)) is not None]  # fmt: skip
+    if not_text:
+        return f"category '{name}' entry {not_text[0][0]} has {not_text[0][1]}"
     empty = [number for number, word in enumerate(words, start=1) if word is None or not str(word).strip()]
     if len(empty) == len(words):
         return f"category '{name}' has no words"
@@ -376,7 +406,11 @@ def load_config(path: str | os.PathLike, require_master_text: bool = True) -> Sc
         raise FileNotFoundError(f"{path} is a folder, not a config file")
     if not path.exists():  # a pipe (--config <(...), /dev/stdin) is read like a file
         raise FileNotFoundError(f"config file not found: {path}")
-    return parse_config(path.read_text(encoding="utf-8"), require_master_text)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError([("", f"{path} is not UTF-8 text (byte {exc.start + 1}): is it a YAML config?")]) from None
+    return parse_config(text, require_master_text)
 
 
 def config_to_yaml(cfg: ScanConfig) -> str:
@@ -400,8 +434,12 @@ def save_config(cfg: ScanConfig, path: str | os.PathLike) -> Path:
     return atomic_write_text(Path(path), config_to_yaml(cfg))
 
 
+MAX_LAYER_NUMBER = 99_999  # far beyond any model's depth: a longer range is a typo, refused before it fills memory
+
+
 def parse_layer_list(text: str) -> list[int] | None:
-    """'0,2,5-7' -> [0, 2, 5, 6, 7] (sorted, no repeats); '' -> None (all layers). Raises ValueError."""
+    """'0,2,5-7' -> [0, 2, 5, 6, 7] (sorted, no repeats); '' -> None (all layers). Raises ValueError, also for a
+    layer number above MAX_LAYER_NUMBER."""
     if not text or not text.strip():
         return None
     out: list[int] = []
@@ -418,10 +456,22 @@ def parse_layer_list(text: str) -> list[int] | None:
             raise ValueError("layer numbers must be 0 or more")
         if last < first:
             raise ValueError(f"invalid layer range '{part}': the end is before the start")
+        if last > MAX_LAYER_NUMBER:
+            raise ValueError(f"layer {last:,} in '{part}' is beyond any model: layer numbers go up to {MAX_LAYER_NUMBER:,}")
         out.extend(range(first, last + 1))
     if not out:
         raise ValueError(f"invalid layer list '{text}': use layer numbers and ranges, e.g. 0,2,5-7")
     return sorted(set(out))
+
+
+def layers_out_of_range(layers: list[int] | None, n_layers: int) -> str | None:
+    """Why layers name a layer that a model of n_layers layers does not have ("layer 9 is out of range: this model
+    has layers 0-5"; many as ranges, "layers 6-99999 are ..."), or None when every layer exists or layers is None."""
+    bad = [layer for layer in layers or [] if not 0 <= layer < n_layers]
+    if not bad:
+        return None
+    named = f"layer {bad[0]} is" if len(bad) == 1 else f"layers {layer_list_text(bad)} are"
+    return f"{named} out of range: this model has layers 0-{n_layers - 1}"
 
 
 def layer_list_text(layers: list[int]) -> str:

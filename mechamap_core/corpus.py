@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from .errors import unpaired_surrogate
+
 MAX_CORPUS_BYTES = 200 * 2**20  # cap of the in-memory paths (parse_corpus, read_corpus); iter_documents has none
 FILE_KINDS = ("txt", "jsonl", "parquet")
 PARQUET_BATCH_ROWS = 1024  # rows per decoded batch; pyarrow reads one row group at a time
@@ -379,6 +381,8 @@ def _json_text(raw: bytes, text_field: str) -> str:
         raise _BadDocument("no_text", f"has a {type(value).__name__} in field '{text_field}', not a string")
     if not value.strip():
         raise _BadDocument("empty_text", f"has an empty field '{text_field}'")
+    if (bad := unpaired_surrogate(value)) is not None:  # JSON's \ud800 escape: no UTF-8 text, which tokenizers refuse
+        raise _BadDocument("not_utf8", f"has {bad}, in field '{text_field}'")
     return value
 
 

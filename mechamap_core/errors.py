@@ -7,3 +7,15 @@ def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (its class name when the message is empty)."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def unpaired_surrogate(text: str) -> str | None:
+    """What keeps text from being text, in words ("an unpaired surrogate \\ud800 at character 7 (half of a
+    \\uXXXX\\uXXXX pair, as a JSON or YAML escape can give), which is no character: remove it"), or None. Such a
+    string cannot be written as UTF-8, and a tokenizer refuses it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return (f"an unpaired surrogate \\u{ord(text[exc.start]):04x} at character {exc.start + 1} (half of a "
+                "\\uXXXX\\uXXXX pair, as a JSON or YAML escape can give), which is no character: remove it")  # fmt: skip
+    return None

@@ -52,6 +52,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .config import layers_out_of_range
 from .placement import offloaded_weights_loaded
 from .sites import SiteResolutionError, expert_hook_name, experts_layout, find_blocks, find_experts
 
@@ -411,9 +412,8 @@ def find_moe_layers(model: nn.Module, layers: Sequence[int] | None = None) -> li
     """
     blocks_path, blocks = find_blocks(model)
     wanted = sorted(set(range(len(blocks)) if layers is None else layers))
-    bad = [x for x in wanted if not 0 <= x < len(blocks)]
-    if bad:
-        raise ValueError(f"layers {bad} are out of range: this model has layers 0-{len(blocks) - 1}")
+    if (problem := layers_out_of_range(wanted, len(blocks))) is not None:
+        raise ValueError(problem)
     found = (_moe_layer(model, layer, f"{blocks_path}.{layer}", blocks[layer]) for layer in wanted)
     return [moe for moe in found if moe is not None]
 

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import pandas as pd
 from torch import nn
 
+from .config import layers_out_of_range
+
 # Paths (from the model root) of the list of transformer blocks, most common first.
 BLOCK_LIST_PATHS = (
     "transformer.h",  # GPT-2, GPT-Neo, GPT-J, Falcon, Bloom
@@ -291,9 +293,8 @@ def resolve_sites(model: nn.Module, layers: list[int] | None = None, *, with_moe
     blocks_path, blocks = find_blocks(model)
     n_layers = len(blocks)
     wanted = sorted(set(range(n_layers) if layers is None else layers))
-    bad = [x for x in wanted if not 0 <= x < n_layers]
-    if bad:
-        raise ValueError(f"layers {bad} are out of range: this model has layers 0-{n_layers - 1}")
+    if (problem := layers_out_of_range(wanted, n_layers)) is not None:
+        raise ValueError(problem)
     config = getattr(model, "config", None)
     if getattr(config, "model_type", None) in MLP_FREE_TYPES:
         first = wanted[0] if wanted else 0

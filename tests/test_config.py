@@ -603,3 +603,47 @@ def test_temp_folders_get_the_usual_mode(tmp_path, umask):
     folder = temp_beside(tmp_path / "run", folder=True)
     assert folder.is_dir() and folder.parent == tmp_path and folder.name.startswith(".run.")
     assert stat.S_IMODE(folder.stat().st_mode) == 0o750
+
+
+def test_a_huge_layer_range_is_refused_before_it_fills_memory():
+    with pytest.raises(ValueError, match=r"^layer 100,000,000,000 in '0-100000000000' is beyond any model: layer numbers go up to 99,999$"):
+        parse_layer_list("0-100000000000")
+    assert parse_layer_list("0-3, 99999") == [0, 1, 2, 3, 99999]
+
+
+def test_layers_out_of_range_names_them_as_ranges():
+    from mechamap_core.config import layers_out_of_range
+
+    assert layers_out_of_range([0, 9], 6) == "layer 9 is out of range: this model has layers 0-5"
+    assert layers_out_of_range(list(range(0, 99_999)), 6) == "layers 6-99998 are out of range: this model has layers 0-5"
+    assert layers_out_of_range([0, 5], 6) is None and layers_out_of_range(None, 6) is None
+
+
+@pytest.mark.parametrize("key, written, wanted", [
+    ("threshold", "1e0", "write 1.0"), ("threshold", "-1e308", "write -1.0e+308"), ("threshold", "1e-3", "write 0.001"),
+    ("seed", "1e3", "write 1000"),
+])  # fmt: skip
+def test_a_number_yaml_reads_as_text_says_how_to_write_it(key, written, wanted):
+    """YAML 1.1 reads 1e0 (an exponent without a dot and a sign) as text: the message says so and gives a form that
+    YAML reads as the number meant, which then loads."""
+    text = yaml_of().rstrip("\n") + f"\n{key}: {written}\n"
+    (message,) = [message for _, message in config_error(text).problems]
+    assert f"got the text '{written}'" in message and message.endswith(f"{wanted})")
+    assert getattr(parse_config(text.replace(f"{key}: {written}", f"{key}: {wanted.removeprefix('write ')}")), key) == float(written)
+
+
+def test_text_that_is_no_text_is_refused_where_it_is():
+    """An unpaired surrogate (YAML's "\\ud800" escape without its pair) in the master text, a name or a word: named
+    with its place, never a tokenizer's TypeError in the scan."""
+    err = config_error('master_text: "Paris \\ud800"\ncategories:\n  food: [pizza, "x\\udc00"]\n  "a\\ud801": [b]\n')
+    problems = dict(err.problems)
+    assert problems["master_text"].startswith("the master text has an unpaired surrogate \\ud800 at character 7")
+    assert problems["categories.food"].startswith("category 'food' entry 2 has an unpaired surrogate \\udc00")
+    assert problems["categories.a\ud801"].startswith("a category name has an unpaired surrogate \\ud801 at character 2")
+
+
+def test_a_config_file_that_is_not_utf8_is_a_config_error(tmp_path):
+    path = tmp_path / "binary.yaml"
+    path.write_bytes(b"master_text: caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"binary.yaml is not UTF-8 text \(byte 17\): is it a YAML config\?"):
+        load_config(path)

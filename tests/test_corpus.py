@@ -546,3 +546,19 @@ def test_hub_sources_that_do_not_exist(hub_dataset):
 def test_hub_offline_is_one_clear_error():
     with pytest.raises(OSError, match=r"^cannot read hf://datasets/org/corpus from the Hub: .*offline mode"):
         iter_documents("hf://datasets/org/corpus")
+
+
+def test_a_json_escape_that_makes_no_text_is_one_bad_document():
+    """A lone surrogate (JSON's "\\ud800" without its pair) cannot be UTF-8 or tokenized: the document is a bad one,
+    skipped and counted (or named), never a tokenizer's TypeError mid-scan."""
+    data = '{"text": "apple pie"}\n{"text": "apple \\ud800 tart"}\n{"text": "a pair \\ud83c\\udf4e is fine"}\n'
+    report = CorpusReport()
+    assert parse_corpus(data, "jsonl", on_bad_document="skip", report=report) == ["apple pie", "a pair 🍎 is fine"]
+    assert report.skipped == {"not_utf8": 1}
+    with pytest.raises(ValueError, match=r"^line 2 of the corpus has an unpaired surrogate \\ud800 at character 7 "):
+        parse_corpus(data, "jsonl")
+
+
+def test_a_text_given_to_a_scan_that_is_no_text_is_refused_by_name(bundled_lm, default_cfg):
+    with pytest.raises(ValueError, match=r"^text 2 of 2 has an unpaired surrogate \\udc00 at character 4 "):
+        scan(bundled_lm, default_cfg, texts=["Paris is fine.", "Red\udc00 bus."], limit_neurons=2, layers=[0])
