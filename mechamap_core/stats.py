@@ -279,7 +279,9 @@ def permutation_pvalues(
     permuted tokens are those of a random |W_c|-subset of all W words (permutation_subsets), the rest
     all other tokens. p = (1 + #{null score >= observed}) / (1 + P). A null draw without a score (an
     empty side) counts as reaching the observed score, and so does one within TIE_RTOL of it (a draw
-    of the category's own words, summed in another order).
+    of the category's own words, summed in another order). NaN for a category without words, and for one
+    whose words are all the words (a config of one category): its only subset is itself, so no draw could
+    ever score below it and p would be 1 whatever the neuron does.
 
     Scores come from sums centred on each neuron's mean (separation is shift-invariant; centring keeps
     the variances' cancellation small), gathered per subset (embedding_bag) on the device of word_sum,
@@ -315,7 +317,8 @@ def permutation_pvalues(
             rows, len(same_size), constants, centred_sum, centred_sumsq, total_sumsq, chunk_elements, as_array
         )
     p_values = (1.0 + n_permutations - below) / (1.0 + n_permutations)
-    p_values[(sizes == 0)[:, None] | observed_nan] = np.nan
+    alone = sizes == len(word_category)  # a category with every word: no other subset, so no test (p 1)
+    p_values[((sizes == 0) | alone)[:, None] | observed_nan] = np.nan
     return p_values
 
 

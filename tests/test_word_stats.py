@@ -116,6 +116,24 @@ def test_permutation_pvalues_equal_a_brute_force_loop(dtype):
     assert np.nanmin(p) < 0.05 and (p[:4, :5] < 1.0).any()  # the comparison is not vacuous
 
 
+def test_a_category_with_every_word_has_no_permutation_p_value():
+    """With one category (or one holding every labelled word), the only subset of its size is itself: the brute-force
+    loop gives p = 1 for every neuron, however selective (a CLI audit saw p = q = 1 on all 9,216 rows). That is no
+    test, so p is NaN; once another category's words join, the same neurons are tested."""
+    acts, token_word, word_category = tiny_problem()
+    for kept, n_categories in [(word_category == 0, 1), (word_category <= 1, 2)]:  # words 0-2, then 0-5: the first ones
+        words = np.flatnonzero(kept)
+        only_these = np.where(np.isin(token_word, words), token_word, -1)  # the other words' tokens are rest tokens
+        stats = word_moments(acts, only_these, len(words))
+        p = permutation_pvalues(**stats, word_category=word_category[words], n_permutations=50, seed=7)
+        brute = brute_force_pvalues(acts, only_these, word_category[words], n_categories, n_permutations=50, seed=7)
+        if n_categories == 1:
+            assert (brute == 1.0).all() and np.isnan(p).all()
+        else:
+            np.testing.assert_array_equal(p, brute)
+            assert not np.isnan(p[:, :5]).any() and (p < 1.0).any()
+
+
 def test_permutation_pvalues_do_not_depend_on_blocks_device_inputs_or_unrelated_words():
     acts, token_word, word_category = tiny_problem(1)
     stats = word_moments(acts, token_word, len(word_category))
