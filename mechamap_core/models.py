@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import tempfile
 import threading
@@ -161,6 +162,14 @@ def load_model(
     from transformers import AutoConfig, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    if not isinstance(spec, (str, os.PathLike)):
+        raise TypeError(f"spec must be the bundled id, a Hub id or a local folder (a str or path), not {type(spec).__name__}")
+    spec = os.fspath(spec)
+    device = str(device) if isinstance(device, torch.device) else device
+    dtype = str(dtype).removeprefix("torch.") if isinstance(dtype, torch.dtype) else dtype
+    for option, value, examples in (("device", device, "'auto', 'cpu', 'cuda' or 'cuda:0'"), ("dtype", dtype, "'auto' or 'float32'")):
+        if not isinstance(value, str):
+            raise TypeError(f"{option} must be a str such as {examples}, not {type(value).__name__}")
     hf_logging.disable_progress_bar()
     source, is_local = resolve_model_source(spec)
     name = BUNDLED_MODEL_ID if spec.strip() in BUNDLED_ALIASES else spec.strip()

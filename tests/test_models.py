@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -70,6 +71,19 @@ def test_local_folder_loads(tiny_models):
     sites = resolve_sites(lm.model)
     assert [s.d_mlp for s in sites] == [D_MLP] * LAYERS
     assert [s.path for s in sites] == [f"transformer.h.{i}.mlp.c_proj" for i in range(LAYERS)]
+
+
+def test_a_path_object_device_and_dtype_objects_load_and_wrong_kinds_are_named(tiny_models):
+    """load_model takes a folder as a Path, and torch's device and dtype objects as their names; an argument of
+    another kind is a TypeError that names it and what it takes (not an AttributeError from deep inside)."""
+    folder = tiny_models.path("gpt2")
+    lm = load_model(folder, device=torch.device("cpu"), dtype=torch.bfloat16)
+    assert lm.name == str(folder) and lm.dtype == torch.bfloat16 and lm.device.type == "cpu"
+    for spec, options, named in [(123, {}, "spec must be the bundled id, a Hub id or a local folder (a str or path), not int"),
+                                 (folder, {"device": 0}, "device must be a str such as 'auto', 'cpu', 'cuda' or 'cuda:0', not int"),
+                                 (folder, {"dtype": 16}, "dtype must be a str such as 'auto' or 'float32', not int")]:  # fmt: skip
+        with pytest.raises(TypeError, match=f"^{re.escape(named)}$"):
+            load_model(spec, **options)
 
 
 @pytest.mark.parametrize("hub_id", ["gpt2", "EleutherAI/pythia-70m"])

@@ -514,6 +514,18 @@ def test_scan_checks_its_layer_and_neuron_overrides_as_the_config_is_checked(tin
         scan(tiny_gpt2, default_cfg, **override)
 
 
+def test_scan_takes_a_config_file_path_and_names_arguments_of_the_wrong_kind(tiny_gpt2, default_cfg, tmp_path):
+    from mechamap_core import save_config
+
+    path = save_config(default_cfg, tmp_path / "mine.yaml")
+    from_file, from_config = (scan(tiny_gpt2, cfg, layers=[0], limit_neurons=3) for cfg in (str(path), default_cfg))
+    pd.testing.assert_frame_equal(from_file.scores, from_config.scores)
+    with pytest.raises(TypeError, match="^the config must be a ScanConfig or the path of a YAML config file, not dict$"):
+        scan(tiny_gpt2, default_cfg.to_dict())
+    with pytest.raises(TypeError, match=r"^progress must be a function progress\(done, total, message\), not int$"):
+        scan(tiny_gpt2, default_cfg, progress=5)
+
+
 def test_a_scan_records_the_layers_and_neurons_it_covered_in_its_config(tiny_gpt2, default_cfg):
     """layers / limit_neurons given to scan() (numpy's whole numbers too) go into the run's config and hash."""
     limited = scan(tiny_gpt2, default_cfg, layers=np.array([0]), limit_neurons=np.int64(3))

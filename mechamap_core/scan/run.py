@@ -13,7 +13,7 @@ import torch
 
 from .. import __version__
 from ..alignment import AlignedText, align, distinct_words, matching_key
-from ..config import ScanConfig, validate_config
+from ..config import ScanConfig, as_scan_config, validate_config
 from ..models import LoadedModel
 from ..moe import MoELayer
 from ..sites import n_layers as count_layers
@@ -149,7 +149,7 @@ def scan_targets(lm: LoadedModel, cfg: ScanConfig, layers: list[int] | None, lim
 
 def scan(
     lm: LoadedModel,
-    cfg: ScanConfig,
+    cfg: ScanConfig | str | os.PathLike,
     *,
     layers: list[int] | None = None,
     limit_neurons: int | None = None,
@@ -159,15 +159,18 @@ def scan(
 ) -> ScanResult:
     """Scan every MLP neuron of lm over the config's master text(s), in one forward pass per batch of chunks.
 
-    layers / limit_neurons override the config's (None keeps the config's). record_activations keeps
+    cfg: a ScanConfig, or the path of a YAML config file. layers / limit_neurons override the config's (None keeps the config's). record_activations keeps
     per-token activations for the neuron view and exact AUROC: True, False, or "auto" (when the float32
     copy fits the memory plan, scan/plan.py; metadata["plan"] says why). texts overrides the config's master
     text(s). progress(done, total, message) counts documents when there are several, else site steps; raising
     ScanCancelled from it stops the scan. An out-of-memory error retries once with a smaller batch.
     Raises ConfigError, SiteResolutionError, ValueError for a text with no countable tokens or layers out of
-    range, and ScanMemoryError when the retry runs out of memory too.
+    range, ScanMemoryError when the retry runs out of memory too, and TypeError for arguments of the wrong kind.
     """
     requested = time.perf_counter()
+    cfg = as_scan_config(cfg)
+    if progress is not None and not callable(progress):
+        raise TypeError(f"progress must be a function progress(done, total, message), not {type(progress).__name__}")
     cfg = cfg.covering(layers, limit_neurons)  # the run's config and hash record the layers and neurons it covered
     with lm.lock:
         started = time.perf_counter()  # the scan's own time starts here: waiting for another scan of lm is apart
