@@ -413,13 +413,14 @@ def load_config(path: str | os.PathLike, require_master_text: bool = True) -> Sc
     return parse_config(text, require_master_text)
 
 
-def as_scan_config(cfg: ScanConfig | str | os.PathLike) -> ScanConfig:
-    """cfg itself when it is a ScanConfig, the config file's (load_config) when it is a path; else TypeError."""
+def as_scan_config(cfg: ScanConfig | str | os.PathLike, argument: str = "the config") -> ScanConfig:
+    """cfg itself when it is a ScanConfig, the config file's (load_config) when it is a path (str or os.PathLike);
+    else a TypeError naming `argument` (ConfigError or FileNotFoundError from load_config for a bad file)."""
     if isinstance(cfg, ScanConfig):
         return cfg
     if isinstance(cfg, (str, os.PathLike)):
         return load_config(cfg)
-    raise TypeError(f"the config must be a ScanConfig or the path of a YAML config file, not {type(cfg).__name__}")
+    raise TypeError(f"{argument} must be a ScanConfig or the path of a YAML config file, not {type(cfg).__name__}")
 
 
 def config_to_yaml(cfg: ScanConfig) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -12,12 +13,12 @@ import torch
 
 from .alignment import AlignedText, align, missing_words
 from .analysis import has_experts
-from .config import ConfigError, ScanConfig, validate_config
-from .inspect_neuron import collect_activations
+from .config import ConfigError, ScanConfig, as_scan_config, validate_config
+from .inspect_neuron import check_neuron_range, collect_activations
 from .models import LoadedModel
-from .scan.driver import batches, hooked
+from .scan.driver import batches, hooked, resolve_hook_points
 from .scan.result import ScanResult
-from .sites import dense_mlp_rows, expert_hook_name, hook_name, resolve_sites
+from .sites import dense_mlp_rows, expert_hook_name, hook_name, resolve_sites, shared_expert_hook_name
 from .stats import MIN_CATEGORY_TOKENS, auroc_exact, moment_statistics
 
 DEFAULT_MIN_AUROC = 0.75
@@ -25,6 +26,7 @@ MIN_CONTROLS = 2  # ablate: random control sets, so that their spread (and z) ex
 TESTED_STATUSES = ("pass", "fail")  # validate_heldout's statuses of a neuron that was tested (else "untested (why)")
 NOT_TESTED = "not tested"  # heldout_summary_table: a category none of whose flagged neurons could be tested
 MAX_NAMED_WORDS = 20  # check_heldout_inputs names at most this many missing words
+CANDIDATE_COLUMNS = ("layer", "neuron", "category")  # validate_heldout's candidates (and heldout_scan's scores) need these
 
 
 # --- held-out inputs ---------------------------------------------------------------------------
@@ -64,7 +66,8 @@ def _quoted(names) -> str:
     return ", ".join(f"'{n}'" for n in names)
 
 
-def check_heldout_inputs(heldout: ScanConfig, run_categories: list[str], lm: LoadedModel | None = None) -> HeldoutInputs:
+def check_heldout_inputs(heldout: ScanConfig, run_categories: list[str], lm: LoadedModel | None = None,
+                         typed: bool = False) -> HeldoutInputs:  # fmt: skip
     """Check a held-out config against the run it tests and say what would otherwise be dropped without a word.
 
     Left out, each with a message: categories the run does not have (validate_heldout tests the run's flagged
@@ -75,8 +78,11 @@ def check_heldout_inputs(heldout: ScanConfig, run_categories: list[str], lm: Loa
     flagged neurons will show as not tested: the run's categories the held-out config gives no words, and those
     none of whose held-out words occurs in the held-out text. config is None, with an error or note saying why, for
     an empty text, no usable category, a config validate_config rejects, or a text in which no category can be
-    tested.
+    tested. heldout may be a config file's path (as_scan_config). typed: the text and words were typed (the
+    Hypothesis page), so the messages do not call them a config.
     """
+    source = "The held-out text and words" if typed else "The held-out config"
+    heldout = as_scan_config(heldout, "heldout")
     if not heldout.corpus and not any(str(t).strip() for t in heldout.texts):
         return HeldoutInputs(None, [("info", "The held-out text is empty: give a text that uses the held-out words.")])
     if not heldout.categories:
@@ -108,7 +114,7 @@ def check_heldout_inputs(heldout: ScanConfig, run_categories: list[str], lm: Loa
     try:
         validate_config(config)
     except ConfigError as exc:
-        return HeldoutInputs(None, [*messages, ("error", f"The held-out config can't be used: {exc.listing()}")])
+        return HeldoutInputs(None, [*messages, ("error", f"{source} can't be used: {exc.listing()}")])
     found = set(kept)
     if not config.corpus:
         missing = missing_words(config.texts, config.categories)
@@ -132,8 +138,9 @@ def check_heldout_inputs(heldout: ScanConfig, run_categories: list[str], lm: Loa
     without_words = [name for name in run if name not in kept]  # not in the held-out config, or blank words only
     unmatched = [name for name in run if name in kept and name not in found and name not in thin]
     if without_words:
-        messages.append(("info", "The held-out config has no words for these categories of the run, so their flagged "
-                                 f"neurons will show as not tested: {', '.join(without_words)}."))  # fmt: skip
+        none_given = "No words were typed" if typed else "The held-out config has no words"
+        messages.append(("info", f"{none_given} for these categories of the run, so their flagged neurons will show as "
+                                 f"not tested: {', '.join(without_words)}."))  # fmt: skip
     if unmatched:
         messages.append(("info", "No held-out word of these categories occurs in the held-out text, so their flagged "
                                  f"neurons will show as not tested: {', '.join(unmatched)}."))  # fmt: skip
@@ -207,21 +214,19 @@ def validate_heldout(
     reported as untested rather than failed. scanned: heldout_scan's result (the ceiling's scan); where it
     recorded every candidate's neuron the check reads them off it instead of running the model over the text
     again, with the same results (not an MoE model's dense neurons: its scan keeps no activations).
-    Raises ValueError for an empty candidate list or a scan of other text, and ConfigError for an invalid
-    held-out config.
+    heldout may be a config file's path (as_scan_config). Raises ValueError for an empty candidate list, a
+    candidate repeated (check_candidates) or outside the model's neurons, or a scan of other text, ConfigError
+    for an invalid held-out config, and TypeError for candidates that are not a DataFrame.
     """
-    if candidates.empty:
+    heldout = as_scan_config(heldout, "heldout")
+    cands = check_candidates(lm, candidates, "candidates", "flagged rows")
+    if cands.empty:
         raise ValueError("there are no flagged neurons to test: lower the threshold or pick neurons")
     validate_config(heldout)
     if scanned is not None:
         _check_scanned(scanned, heldout)
-    experts = has_experts(candidates)
-    key = ["layer", "expert", "neuron", "category"] if experts else ["layer", "neuron", "category"]
-    cands = candidates[key].copy()
-    cands["category"] = cands["category"].astype(str)
-    cands["hook"] = candidates["hook"].astype(str) if "hook" in candidates.columns else [
-        expert_hook_name(int(r.layer), int(r.expert)) if experts and pd.notna(r.expert) else hook_name(int(r.layer))
-        for r in cands.itertuples()]  # fmt: skip
+    key = [column for column in cands.columns if column != "hook"]  # layer, expert (routed experts' only), neuron, category
+    experts = "expert" in key
     dense = dense_mlp_rows(cands)
     reusable = scanned if scanned is not None and _recorded_every(scanned, cands) else None
     rows = []
@@ -249,9 +254,64 @@ def validate_heldout(
 def heldout_scan(lm: LoadedModel, heldout: ScanConfig, scores: pd.DataFrame) -> ScanResult:
     """The held-out text scanned over the layers and neurons the run's scores cover, AUROC on (exact when the
     memory plan can record the activations), without permutations or cv folds: with_ceiling's input, which
-    validate_heldout can read its candidates off too (scanned=), so the model runs over the held-out text once."""
+    validate_heldout can read its candidates off too (scanned=), so the model runs over the held-out text once.
+    heldout may be a config file's path. Raises, before the scan, what validate_heldout would raise for these
+    scores as candidates (check_candidates: repeated rows, neurons outside the model's)."""
+    heldout = as_scan_config(heldout, "heldout")
+    check_candidates(lm, scores, "scores", "score rows")
     validate_config(heldout)
     return _quick_scan(lm, heldout, *_run_extent(scores))
+
+
+def check_candidates(lm: LoadedModel, candidates: pd.DataFrame, argument: str, rows: str) -> pd.DataFrame:
+    """validate_heldout's candidates (or heldout_scan's scores; messages name the argument, and its rows as `rows`,
+    e.g. "flagged rows") checked, as their key columns (layer, expert where routed experts are, neuron, category as
+    text) and each row's hook (its own column's, else the layer's or its expert's hook name). Raises TypeError for a non-DataFrame; ValueError for a missing column, a
+    (layer, expert, neuron, category) repeated (merged back, each copy would multiply the results: refused, as
+    the copies may differ), or a neuron outside its layer's (or expert's) range in the model, negative included."""
+    if not isinstance(candidates, pd.DataFrame):
+        raise TypeError(f"{argument} must be a pandas DataFrame of scores (columns layer, neuron, category), "
+                        f"not {type(candidates).__name__}")  # fmt: skip
+    missing = [column for column in CANDIDATE_COLUMNS if column not in candidates.columns]
+    if missing:
+        raise ValueError(f"the {rows} lack the column{'s' if len(missing) > 1 else ''} {', '.join(missing)}: "
+                         "give a scan's scores (columns layer, neuron, category)")  # fmt: skip
+    experts = has_experts(candidates)
+    key = ["layer", "expert", "neuron", "category"] if experts else ["layer", "neuron", "category"]
+    cands = candidates[key].copy()
+    cands["category"] = cands["category"].astype(str)
+    cands["hook"] = candidates["hook"].astype(str) if "hook" in candidates.columns else [
+        expert_hook_name(int(r.layer), int(r.expert)) if experts and pd.notna(r.expert) else hook_name(int(r.layer))
+        for r in cands.itertuples()]  # fmt: skip
+    repeated = cands.duplicated(key)
+    if repeated.any():
+        first = cands[repeated].iloc[0]
+        example = ", ".join(f"{column} {first[column]}" for column in key[:-1] if pd.notna(first[column]))
+        raise ValueError(f"{int(repeated.sum())} of the {rows} repeat an earlier row's neuron and category "
+                         f"(e.g. {example}, category '{first['category']}'): the scores were probably written twice, or "
+                         "two scans' scores were joined; keep one row per neuron and category")  # fmt: skip
+    if not cands.empty:
+        _check_sites_and_neurons(lm, cands)
+    return cands
+
+
+def _check_sites_and_neurons(lm: LoadedModel, cands: pd.DataFrame) -> None:
+    """Raises ValueError for a candidate (layer, hook, neuron) the model does not have (check_neuron_range)."""
+    with lm.lock:
+        _, sites = resolve_hook_points(lm.model, sorted({int(layer) for layer in cands["layer"]}))
+    widths = {site.hook: site.d_mlp for site in sites}
+    for (layer, hook), group in cands.groupby(["layer", "hook"], sort=False):
+        layer = int(layer)
+        expert = group["expert"].iloc[0] if "expert" in group.columns else pd.NA
+        if hook == hook_name(layer):
+            where = f"layer {layer}"
+        elif hook == shared_expert_hook_name(layer):
+            where = f"the shared expert of layer {layer}"
+        else:
+            where = f"expert {int(expert)} of layer {layer}" if pd.notna(expert) else f"hook {hook}"
+        if hook not in widths:
+            raise ValueError(f"the model has no hook {hook} ({where}): are these scores of another model?")
+        check_neuron_range(group["neuron"].astype(int), widths[hook], where)
 
 
 def _quick_scan(lm: LoadedModel, heldout: ScanConfig, layers: list[int] | None, limit_neurons: int) -> ScanResult:
@@ -484,32 +544,41 @@ def ablate(
     Controls: n_controls sets of as many random neurons from the same layers (never the targets); the summary
     compares the effect with theirs by z_vs_controls (when they spread) and by rank (rank_vs_controls).
     Hooks are removed afterwards. progress(done, total, message) is called before the first forward pass and
-    after each: n_controls + 2 passes, one more for mean ablation's means. Raises ValueError for bad neurons,
-    modes or categories, and for fewer than MIN_CONTROLS control sets.
+    after each: n_controls + 2 passes, one more for mean ablation's means. neurons may be a text such as
+    '5:376,5:544' (parse_neuron_list), and cfg a config file's path (as_scan_config); a repeated neuron counts
+    once. Raises ValueError for bad neurons, modes or categories, for fewer than MIN_CONTROLS control sets, and
+    for a layer of which more than half the neurons are ablated (its control sets could not match them in size);
+    TypeError for neurons that are not (layer, neuron) pairs.
     """
     if mode not in ("zero", "mean"):
         raise ValueError(f"unknown ablation mode '{mode}': use zero or mean")
+    neurons = _neuron_pairs(neurons)
     if not neurons:
         raise ValueError("no neurons to ablate: pick at least one")
     if n_controls < MIN_CONTROLS:
         raise ValueError(f"{n_controls} random control set(s): the controls' spread needs at least {MIN_CONTROLS}")
+    cfg = as_scan_config(cfg, "cfg")
     validate_config(cfg)
     by_layer: dict[int, list[int]] = {}
     for layer, neuron in neurons:
-        by_layer.setdefault(int(layer), []).append(int(neuron))
+        by_layer.setdefault(layer, []).append(neuron)
     with lm.lock:
         sites = resolve_sites(lm.model, sorted(by_layer))
         d_mlp = {s.layer: s.d_mlp for s in sites}
     for layer, ids in by_layer.items():
-        if any(not 0 <= n < d_mlp[layer] for n in ids):
-            raise ValueError(f"a neuron in layer {layer} is out of range (0-{d_mlp[layer] - 1})")
+        check_neuron_range(ids, d_mlp[layer], f"layer {layer}")
+        if d_mlp[layer] - len(ids) < len(ids):
+            raise ValueError(f"layer {layer} has {d_mlp[layer]} neurons: ablating {len(ids)} of them leaves "
+                             f"{d_mlp[layer] - len(ids)} others, and each random control set needs {len(ids)} from "
+                             f"that layer to match the targets' size; ablate at most {d_mlp[layer] // 2} neurons of "
+                             f"layer {layer}")  # fmt: skip
     rng = np.random.default_rng(seed)
     conditions = [("ablated", by_layer)]
     for i in range(n_controls):
         control = {}
         for layer, ids in by_layer.items():
             pool = np.setdiff1d(np.arange(d_mlp[layer]), ids)
-            control[layer] = sorted(rng.choice(pool, size=min(len(ids), len(pool)), replace=False).tolist())
+            control[layer] = sorted(rng.choice(pool, size=len(ids), replace=False).tolist())
         conditions.append((f"control {i + 1}", control))
     chunk = lm.chunk_tokens(cfg.max_chunk_tokens)
     report = progress or (lambda done, total, message: None)
@@ -567,6 +636,23 @@ def ablate(
         summary["z_vs_controls"] = (effect - summary["control_mean"]) / summary["control_std"]
     summary |= rank_vs_controls(effect, controls.to_numpy())
     return AblationResult(table, summary, kind)
+
+
+def _neuron_pairs(neurons) -> list[tuple[int, int]]:
+    """ablate's neurons as (layer, neuron) pairs of ints, each once, in first order: a text parsed as the CLI's
+    --neurons (parse_neuron_list). Raises TypeError for anything but (layer, neuron) pairs of whole numbers."""
+    if isinstance(neurons, str):
+        return parse_neuron_list(neurons)
+    expected = "neurons must be a list of (layer, neuron) pairs of whole numbers, e.g. [(5, 376), (5, 544)], or a text such as '5:376,5:544'"
+    whole = lambda value: isinstance(value, numbers.Integral) and not isinstance(value, bool)  # noqa: E731
+    try:
+        items = list(neurons)
+    except TypeError:
+        raise TypeError(f"{expected}, not {type(neurons).__name__}") from None
+    for item in items:
+        if not (isinstance(item, (tuple, list, np.ndarray)) and len(item) == 2 and all(whole(v) for v in item)):
+            raise TypeError(f"{expected}; got {item!r}")
+    return list(dict.fromkeys((int(layer), int(neuron)) for layer, neuron in items))
 
 
 def rank_vs_controls(effect: float, controls: np.ndarray) -> dict:

@@ -11,7 +11,18 @@ from .models import LoadedModel
 from .placement import offloaded_weights_loaded
 from .scan.driver import batches, run_hooked_forward
 from .scan.result import ScanResult
-from .sites import resolve_sites
+from .sites import expert_hook_name, hook_name, resolve_sites, shared_expert_hook_name
+
+
+def check_neuron_range(neurons, width: int | None, where: str) -> None:
+    """Raises ValueError naming the neurons outside 0 to width - 1 of `where` (e.g. "layer 3"): negative numbers
+    too, which numpy and torch would otherwise count from the end (neuron -1 as the last) without a word. width
+    None: a width not known, so only negative numbers are refused."""
+    bad = list(dict.fromkeys(int(n) for n in neurons if n < 0 or (width is not None and n >= width)))
+    if bad:
+        named = f"neuron {bad[0]} is" if len(bad) == 1 else f"neurons {bad} are"
+        span = f"0-{width - 1}" if width is not None else "neuron numbers start at 0"
+        raise ValueError(f"{named} out of range for {where} ({span})")
 
 
 def collect_activations(
@@ -30,9 +41,7 @@ def collect_activations(
     with lm.lock:
         sites = resolve_sites(lm.model, sorted(neurons))
         for site in sites:
-            bad = [n for n in neurons[site.layer] if not 0 <= n < site.d_mlp]
-            if bad:
-                raise ValueError(f"neurons {bad} are out of range for layer {site.layer} (0-{site.d_mlp - 1})")
+            check_neuron_range(neurons[site.layer], site.d_mlp, f"layer {site.layer}")
         chunk = lm.chunk_tokens(max_chunk_tokens)
         aligned = align(lm.tokenizer, texts, categories or {}, chunk)
         if aligned.n_tokens == 0:
@@ -56,12 +65,12 @@ def token_activations(lm: LoadedModel, text: str, layer: int, neuron: int) -> pd
 
 
 def neuron_token_table(result: ScanResult, layer: int, neuron: int) -> pd.DataFrame | None:
-    """Recorded per-token activations of one neuron with each token's categories, or None if not recorded."""
+    """Recorded per-token activations of one neuron with each token's categories, or None if not recorded.
+    Raises ValueError for a neuron the run did not record (a negative one included)."""
     if result.activations is None or layer not in result.activations:
         return None
     acts = result.activations[layer]
-    if neuron >= acts.shape[1]:
-        return None
+    check_neuron_range([neuron], acts.shape[1], f"layer {layer} of this run")
     return token_table(result.tokens, acts[:, neuron].astype(np.float32), result.category_mask, result.categories)
 
 
@@ -91,8 +100,10 @@ def top_examples(result: ScanResult, layer: int, neuron: int, context_chars: int
     neuron when expert is given, else of the layer's dense or shared-expert neuron).
 
     Columns: rank, activation, doc, left, token, right. A streamed corpus scan's contexts come from
-    extras["examples"] (kept during the scan, keyed by the token's key, up to 60 characters each side).
+    extras["examples"] (kept during the scan, keyed by the token's key, up to 60 characters each side). Raises
+    ValueError for a neuron outside the run's range (a negative one included).
     """
+    _check_run_neuron(result, layer, neuron, expert)
     top = _of_neuron(result.top_tokens, layer, neuron, expert)
     if is_streamed(result):
         return _with_context(top, result.extras["examples"], context_chars)[EXAMPLE_COLUMNS]
@@ -110,13 +121,27 @@ def top_examples(result: ScanResult, layer: int, neuron: int, context_chars: int
 def quantile_samples(result: ScanResult, layer: int, neuron: int, context_chars: int = 60) -> pd.DataFrame | None:
     """A streamed corpus scan's tokens sampled across the neuron's activation bands (band 0 holds the lowest
     activations), in context, lowest first. Columns: band, activation, doc, left, token, right. None for other runs.
+    Raises ValueError for a neuron outside the run's range (a negative one included).
     """
+    _check_run_neuron(result, layer, neuron)
     samples = result.extras.get("samples")
     if samples is None or not is_streamed(result):
         return None
     mine = _of_neuron(samples, layer, neuron)
     picked = _with_context(mine, result.extras["examples"], context_chars)
     return picked.sort_values(["band", "activation"], kind="stable").reset_index(drop=True)[SAMPLE_COLUMNS]
+
+
+def _check_run_neuron(result: ScanResult, layer: int, neuron: int, expert: int | None = None) -> None:
+    """Raises ValueError (check_neuron_range) for a negative neuron, or one past the neurons the run's metadata says
+    it scanned of that layer (or expert); where the metadata does not say (an older run's), only a negative one."""
+    where = f"layer {layer}" if expert is None else f"expert {expert} of layer {layer}"
+    per_site = result.metadata.get("neurons_per_site") or {}
+    hooks = [expert_hook_name(layer, expert)] if expert is not None else [hook_name(layer), shared_expert_hook_name(layer)]
+    widths = [int(per_site[hook]) for hook in hooks if hook in per_site]
+    if not widths and expert is None and str(layer) in (result.metadata.get("neurons_per_layer") or {}):
+        widths = [int(result.metadata["neurons_per_layer"][str(layer)])]
+    check_neuron_range([neuron], widths[0] if widths else None, f"{where} of this run" if widths else where)
 
 
 def _of_neuron(rows: pd.DataFrame, layer: int, neuron: int, expert: int | None = None) -> pd.DataFrame:
@@ -145,8 +170,7 @@ def direct_effect(lm: LoadedModel, layer: int, neuron: int, k: int = 10) -> pd.D
     if unembed is None or getattr(unembed, "weight", None) is None:
         return None
     site = resolve_sites(lm.model, [layer])[0]
-    if not 0 <= neuron < site.d_mlp:
-        raise ValueError(f"neuron {neuron} is out of range for layer {layer} (0-{site.d_mlp - 1})")
+    check_neuron_range([neuron], site.d_mlp, f"layer {layer}")
     with torch.inference_mode(), offloaded_weights_loaded(site.module, unembed):  # weights accelerate offloaded
         logits = unembed.weight.float() @ site.output_weight()[neuron].float().to(unembed.weight.device)  # [vocab]
         up = torch.topk(logits, k)

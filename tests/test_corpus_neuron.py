@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from app_fixtures import make_app, open_page, texts
+from tiny_models import D_MLP
 
 from mechamap_core import scan
 from mechamap_core.export import load_run, save_run
@@ -94,6 +95,19 @@ def test_a_saved_streamed_run_keeps_its_neuron_view(streamed, tmp_path):
 def test_in_memory_runs_have_no_quantile_samples(in_memory):
     assert not is_streamed(in_memory) and quantile_samples(in_memory, LAYER, NEURON) is None
 
+
+
+@pytest.mark.parametrize("neuron", [-1, D_MLP])
+def test_neuron_views_refuse_a_neuron_outside_the_run(streamed, in_memory, neuron):
+    """-1 would read (or wrap to) the layer's last neuron and D_MLP is past the run's: each view says so instead
+    of showing another neuron's activations or an empty table."""
+    expected = f"neuron {neuron} is out of range for layer {LAYER} of this run (0-{D_MLP - 1})"
+    views = [lambda: top_examples(streamed, LAYER, neuron), lambda: quantile_samples(streamed, LAYER, neuron),
+             lambda: top_examples(in_memory, LAYER, neuron), lambda: neuron_token_table(in_memory, LAYER, neuron)]  # fmt: skip
+    for view in views:
+        with pytest.raises(ValueError) as refused:
+            view()
+        assert str(refused.value) == expected
 
 def test_neuron_page_of_a_corpus_run_shows_examples_and_samples_instead_of_recomputing(app_env, streamed):
     at = open_page(make_app(streamed, selected_neuron=(LAYER, NEURON)), "neuron")

@@ -11,12 +11,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from tiny_models import capture_mlp_input
+from tiny_models import D_EXPERT, D_MLP, capture_mlp_input
 
 from mechamap_core import ScanConfig, scan
 from mechamap_core.alignment import align
 from mechamap_core.analysis import config_differences, flagged_by_relative_depth, top_neurons
-from mechamap_core.config import ConfigError
+from mechamap_core.config import ConfigError, config_to_yaml
 from mechamap_core.hypothesis import (
     MAX_NAMED_WORDS,
     _forward_measure,
@@ -26,13 +26,14 @@ from mechamap_core.hypothesis import (
     flagged_for_category,
     heldout_scan,
     heldout_summary_table,
+    parse_neuron_list,
     parse_typed_words,
     rank_vs_controls,
     untested_categories,
     validate_heldout,
     with_ceiling,
 )
-from mechamap_core.inspect_neuron import direct_effect, neuron_token_table, token_activations, top_examples
+from mechamap_core.inspect_neuron import collect_activations, direct_effect, neuron_token_table, token_activations, top_examples
 from mechamap_core.sites import resolve_sites
 
 TEXT = "I ate pizza and bread in Paris. Later pasta in New York, then rice and cheese at home in Tokyo and Paris."
@@ -200,6 +201,95 @@ def test_a_heldout_category_with_too_few_tokens_is_untested_as_in_a_scan(tiny_be
     ceiling = heldout_ceiling(tiny_bert, heldout, {"city": 1, "food": 1})
     assert np.isnan(ceiling["city"]) and not np.isnan(ceiling["food"])
 
+
+
+def test_heldout_refuses_repeated_score_rows_before_any_pass(tiny_bert):
+    """Scores written twice (two scans' CSVs joined): each neuron would be tested, counted and merged back twice, so
+    validate_heldout and heldout_scan refuse them, saying how many rows repeat and which, before running the model."""
+    heldout = ScanConfig(master_text=TEXT, categories=WORDS)
+    candidates = pd.DataFrame({"layer": [0, 1, 1], "neuron": [3, 5, 7], "category": ["food", "location", "food"]})
+    twice = pd.concat([candidates, candidates.iloc[1:]], ignore_index=True)  # rows 1 and 2 again
+    expected = ("2 of the {} repeat an earlier row's neuron and category (e.g. layer 1, neuron 5, category "
+                "'location'): the scores were probably written twice, or two scans' scores were joined; keep one row "
+                "per neuron and category")  # fmt: skip
+    calls, handle = model_forwards(tiny_bert.model)
+    try:
+        with pytest.raises(ValueError) as refused:
+            validate_heldout(tiny_bert, twice, heldout)
+        assert str(refused.value) == expected.format("flagged rows")
+        with pytest.raises(ValueError) as refused:
+            heldout_scan(tiny_bert, heldout, twice)
+        assert str(refused.value) == expected.format("score rows")
+    finally:
+        handle.remove()
+    assert calls == []
+    # the same neuron for two categories is no repeat: each row is tested once
+    per_neuron, summary = validate_heldout(tiny_bert, candidates.assign(neuron=3), heldout)
+    assert list(zip(per_neuron["layer"], per_neuron["neuron"], per_neuron["category"])) == [
+        (0, 3, "food"), (1, 3, "location"), (1, 3, "food")]  # fmt: skip
+    assert summary["flagged"].sum() == 3
+
+
+@pytest.mark.parametrize("neuron", [-3, D_MLP])
+def test_heldout_refuses_neurons_outside_the_layer_with_or_without_the_ceilings_scan(tiny_bert, neuron):
+    """A negative neuron (which numpy would count from the layer's end) or one past the layer is refused by the
+    check on its own, by heldout_scan (the --ceiling path's scan) and by the check read off a scan, with the
+    message collect_activations gives."""
+    heldout = ScanConfig(master_text=TEXT, categories=WORDS)
+    candidates = pd.DataFrame({"layer": [0, 1], "neuron": [3, neuron], "category": ["food", "food"]})
+    expected = f"neuron {neuron} is out of range for layer 1 (0-{D_MLP - 1})"
+    with pytest.raises(ValueError) as own:
+        collect_activations(tiny_bert, [TEXT], {1: [neuron]})
+    assert str(own.value) == expected
+    scanned = heldout_scan(tiny_bert, heldout, candidates.assign(neuron=[3, 7]))
+    for check in (lambda: validate_heldout(tiny_bert, candidates, heldout),
+                  lambda: heldout_scan(tiny_bert, heldout, candidates),
+                  lambda: validate_heldout(tiny_bert, candidates, heldout, scanned=scanned)):  # fmt: skip
+        with pytest.raises(ValueError) as refused:
+            check()
+        assert str(refused.value) == expected
+
+
+def test_expert_heldout_refuses_an_expert_neuron_outside_the_expert(default_cfg):
+    from test_moe import build
+    from tiny_models import bundled_tokenizer
+
+    from mechamap_core.models import wrap_model
+
+    lm = wrap_model(build("mixtral"), bundled_tokenizer(), "tiny-mixtral")
+    heldout = ScanConfig(master_text=TEXT, categories=WORDS)
+    for neuron in (-1, D_EXPERT):
+        candidates = pd.DataFrame({"layer": [0], "expert": [2], "neuron": [neuron], "category": ["food"]})
+        with pytest.raises(ValueError) as refused:
+            validate_heldout(lm, candidates, heldout)
+        assert str(refused.value) == f"neuron {neuron} is out of range for expert 2 of layer 0 (0-{D_EXPERT - 1})"
+    candidates = pd.DataFrame({"layer": [0], "expert": [99], "neuron": [1], "category": ["food"]})
+    with pytest.raises(ValueError) as refused:
+        validate_heldout(lm, candidates, heldout)
+    assert str(refused.value) == ("the model has no hook blocks.0.mlp.experts.99.hook_post (expert 99 of layer 0): "
+                                  "are these scores of another model?")  # fmt: skip
+
+
+def test_heldout_takes_a_config_path_and_names_wrong_argument_types(tiny_bert, tmp_path):
+    heldout = ScanConfig(master_text=TEXT, categories=WORDS)
+    path = tmp_path / "heldout.yaml"
+    path.write_text(config_to_yaml(heldout), encoding="utf-8")
+    candidates = pd.DataFrame({"layer": [0, 1], "neuron": [3, 5], "category": ["food", "location"]})
+    given = validate_heldout(tiny_bert, candidates, heldout)
+    for as_path in (str(path), path):
+        for got, want in zip(validate_heldout(tiny_bert, candidates, as_path), given):
+            pd.testing.assert_frame_equal(got, want, check_exact=True)
+    with pytest.raises(TypeError) as refused:
+        validate_heldout(tiny_bert, candidates, {"categories": WORDS})
+    assert str(refused.value) == "heldout must be a ScanConfig or the path of a YAML config file, not dict"
+    with pytest.raises(TypeError) as refused:
+        validate_heldout(tiny_bert, [(0, 3, "food")], heldout)
+    assert str(refused.value) == "candidates must be a pandas DataFrame of scores (columns layer, neuron, category), not list"
+    with pytest.raises(ValueError) as refused:
+        validate_heldout(tiny_bert, candidates.drop(columns="category"), heldout)
+    assert str(refused.value) == "the flagged rows lack the column category: give a scan's scores (columns layer, neuron, category)"
+    with pytest.raises(FileNotFoundError, match="config file not found"):
+        validate_heldout(tiny_bert, candidates, str(tmp_path / "missing.yaml"))
 
 # --- held-out inputs: what would be dropped without a word is named ----------------------------------------
 
@@ -525,11 +615,56 @@ def test_ablation_bad_input(tiny_gpt2):
         ablate(tiny_gpt2, cfg, "food", [(0, 1)], mode="half")
     with pytest.raises(ValueError, match="no neurons"):
         ablate(tiny_gpt2, cfg, "food", [])
-    with pytest.raises(ValueError, match="out of range"):
-        ablate(tiny_gpt2, cfg, "food", [(0, 10_000)])
+    for neuron in (10_000, -1):  # -1 is no alias of the layer's last neuron
+        with pytest.raises(ValueError) as refused:
+            ablate(tiny_gpt2, cfg, "food", [(0, 2), (0, neuron)])
+        assert str(refused.value) == f"neuron {neuron} is out of range for layer 0 (0-{D_MLP - 1})"
     with pytest.raises(ValueError, match="unknown category"):
         ablate(tiny_gpt2, cfg, "vehicle", [(0, 1)])
 
+
+
+def test_ablation_controls_match_the_targets_size_in_every_layer(tiny_gpt2):
+    """Every control set takes as many random neurons from each layer as the targets there, none of them a target:
+    half a layer's neurons is the most that leaves enough others. More is refused, saying how to fix it."""
+    cfg = ScanConfig(master_text=TEXT, categories=WORDS)
+    half = D_MLP // 2
+    targets = [(0, 5), (0, 9)] + [(1, n) for n in range(half)]
+    table = ablate(tiny_gpt2, cfg, "food", targets, n_controls=3).per_condition
+    for row in table.itertuples():
+        chosen = parsed_neurons(row.neurons)
+        assert {layer: len(ids) for layer, ids in chosen.items()} == {0: 2, 1: half} and row.n_neurons == 2 + half
+        if row.condition != "ablated":
+            assert not set(chosen[0]) & {5, 9} and not set(chosen[1]) & set(range(half))
+    for n_ablated in (half + 1, D_MLP - 1, D_MLP):
+        with pytest.raises(ValueError) as refused:
+            ablate(tiny_gpt2, cfg, "food", [(0, 1)] + [(1, n) for n in range(n_ablated)], n_controls=3)
+        assert str(refused.value) == (
+            f"layer 1 has {D_MLP} neurons: ablating {n_ablated} of them leaves {D_MLP - n_ablated} others, and each "
+            f"random control set needs {n_ablated} from that layer to match the targets' size; ablate at most {half} "
+            "neurons of layer 1")  # fmt: skip
+
+
+def test_ablation_takes_neurons_as_the_clis_text_and_a_config_path(tiny_gpt2, tmp_path):
+    cfg = ScanConfig(master_text=TEXT, categories=WORDS)
+    path = tmp_path / "run.yaml"
+    path.write_text(config_to_yaml(cfg), encoding="utf-8")
+    as_pairs = ablate(tiny_gpt2, cfg, "food", [(0, 3), (1, 4)], n_controls=2)
+    assert parse_neuron_list("0:3, 1:4,") == [(0, 3), (1, 4)]
+    for neurons, config in (("0:3, 1:4,", cfg), ([(0, 3), (1, 4), (0, 3)], str(path)), (np.array([[0, 3], [1, 4]]), path)):
+        pd.testing.assert_frame_equal(ablate(tiny_gpt2, config, "food", neurons, n_controls=2).per_condition,
+                                      as_pairs.per_condition, check_exact=True)  # fmt: skip
+    expected = ("neurons must be a list of (layer, neuron) pairs of whole numbers, e.g. [(5, 376), (5, 544)], "
+                "or a text such as '5:376,5:544'")  # fmt: skip
+    for neurons, got in (([(0,)], "; got (0,)"), ([(0, 1.5)], "; got (0, 1.5)"), ([(True, 1)], "; got (True, 1)"), (5, ", not int")):
+        with pytest.raises(TypeError) as refused:
+            ablate(tiny_gpt2, cfg, "food", neurons)
+        assert str(refused.value) == expected + got
+    with pytest.raises(ValueError, match="invalid neuron list '0-1': use layer:neuron pairs"):
+        ablate(tiny_gpt2, cfg, "food", "0-1")
+    with pytest.raises(TypeError) as refused:
+        ablate(tiny_gpt2, 42, "food", [(0, 1)])
+    assert str(refused.value) == "cfg must be a ScanConfig or the path of a YAML config file, not int"
 
 def test_encoder_ablation_beats_random_controls_on_bundled_model(bundled_lm, default_cfg):
     """The closing-note path: ablating the top food neurons moves food tokens more than random neurons do."""
@@ -552,6 +687,11 @@ def test_token_views_match_recorded_activations(bundled_lm, default_cfg):
     tops = res.top_tokens[(res.top_tokens.layer == 5) & (res.top_tokens.neuron == 7)]
     assert list(examples["token"]) == list(tops["token"])
     assert all(ex.token in res.texts[ex.doc] for ex in examples.itertuples())
+    for neuron in (-1, 40):  # -1 would read the last recorded neuron; 40 is past the 40 this run scanned
+        for view in (neuron_token_table, top_examples):
+            with pytest.raises(ValueError) as refused:
+                view(res, 5, neuron)
+            assert str(refused.value) == f"neuron {neuron} is out of range for layer 5 of this run (0-39)"
 
 
 def test_direct_effect_is_unembedding_times_output_weight(tiny_gpt2, bundled_lm):
@@ -561,6 +701,10 @@ def test_direct_effect_is_unembedding_times_output_weight(tiny_gpt2, bundled_lm)
     assert effect[effect.direction == "up"]["logit_effect"].tolist() == pytest.approx(torch.topk(logits, 5).values.tolist(), abs=1e-5)
     assert effect[effect.direction == "down"]["logit_effect"].tolist() == pytest.approx((-torch.topk(-logits, 5).values).tolist(), abs=1e-5)
     assert direct_effect(bundled_lm, 0, 0) is None  # a bare encoder has no unembedding
+    for neuron in (-1, D_MLP):
+        with pytest.raises(ValueError) as refused:
+            direct_effect(tiny_gpt2, 1, neuron)
+        assert str(refused.value) == f"neuron {neuron} is out of range for layer 1 (0-{D_MLP - 1})"
 
 
 def test_relative_depth_and_config_differences():
