@@ -13,7 +13,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:  # `streamlit run app.py` from elsewhere still finds the packages
     sys.path.insert(0, str(HERE))
 
-from mechamap_ui import links, state  # noqa: E402
+from mechamap_ui import links, scanning, state  # noqa: E402
 
 st.set_page_config(page_title="MechaMap", page_icon="🧭", layout="wide")
 
@@ -64,11 +64,13 @@ def describe_active(places: list[DeltaGenerator]) -> None:
         note_place.empty()
         return
     md = result.metadata
-    scanned_with, difference = state.run_config_note(md)
+    scanned_with, difference = state.run_config_note(md)  # leaves out the layers and neuron limit, named here
+    neurons = scanning.describe_neurons(md)
     run_place.markdown(
         f"**Active run:** {md.get('run_id', 'in memory (unsaved)')}  \n"
         f"**Model:** `{md.get('model')}`  \n**Created:** {str(md.get('created', '?')).replace('T', ' ')}  \n"
-        f"**Tokens:** {md.get('n_tokens', '?')} · **layers:** {len(md.get('layers', []))}  \n"
+        f"**Tokens:** {md.get('n_tokens', '?')} · **layers:** {len(md.get('layers', []))}"
+        f"{f' · **neurons:** {neurons}' if neurons else ''}  \n"
         f"**Scanned with:** {scanned_with}"
     )
     if difference:

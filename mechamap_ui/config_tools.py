@@ -59,11 +59,11 @@ def literal(text: str) -> str:
     return _MARKDOWN_SPECIAL.sub(r"\\\1", str(text))
 
 
-def readable_error(exc: Exception) -> str:
+def readable_error(exc: Exception, with_fields: bool = True) -> str:
     """An error for st.error, shown literally: a ConfigError's problems as a list when there are several, else its
-    text."""
+    text. with_fields=False leaves out the config field each problem is of (for input that is no config file)."""
     if isinstance(exc, ConfigError):
-        return ConfigError([(literal(name), literal(message)) for name, message in exc.problems]).listing()
+        return ConfigError([(literal(name) if with_fields else "", literal(message)) for name, message in exc.problems]).listing()
     return literal(str(exc))
 
 

@@ -38,6 +38,8 @@ _SCANS_LOCK = threading.Lock()
 
 Progress = Callable[[int, int, str], None]  # progress(done, total, message), as a job's JobProgress takes it
 PLACEMENT = "scan_placement"  # session_state: where the last model this session scanned with sits, in words
+# The bundled model's shape (all-MiniLM-L6-v2), which the Scan page shows and checks typed layers against
+BUNDLED_N_LAYERS, BUNDLED_MLP_WIDTH = 6, 1536
 
 
 @dataclass
@@ -138,6 +140,25 @@ def describe_passes(metadata: dict) -> str:
         documents = int(metadata["n_documents"])
         return f"{tokens} from {documents:,} document{'' if documents == 1 else 's'}"
     return tokens
+
+
+def describe_neurons(metadata: dict) -> str | None:
+    """The neurons a run scanned, for the sidebar: "1,536 per layer (9,216)"; where a neuron limit cut them "the first
+    64 per layer (384)" (the model's full width is not recorded); "per MLP or expert" in a run with more neuron sites
+    than layers (routed experts); just the total where the widths differ and no limit cut. None when the metadata
+    does not record them (a run saved before it did)."""
+    per_site = metadata.get("neurons_per_site") or metadata.get("neurons_per_layer") or {}
+    widths = [int(width) for width in per_site.values()]
+    if not widths:
+        return None
+    total = f"{sum(widths):,}"
+    unit = "layer" if len(widths) == len(metadata.get("layers") or ()) else "MLP or expert"
+    limit = int((metadata.get("config") or {}).get("limit_neurons") or 0)
+    if limit and max(widths) >= limit:  # a site as wide as the limit was (or may have been) cut there
+        return f"the first {limit:,} per {unit} ({total})"
+    if len(set(widths)) == 1:
+        return f"{widths[0]:,} per {unit} ({total})"
+    return total
 
 
 def local_folder_problem(folder_text: str) -> str | None:

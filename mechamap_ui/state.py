@@ -360,8 +360,9 @@ def require_result() -> ScanResult:
         except OSError:
             n_saved = 0
         if n_saved:  # e.g. a link to a run that is gone: the saved ones are still there to pick
-            st.info(f"No run is active. Pick one of the {n_saved:,} saved runs in the sidebar, or run a scan on the "
-                    "**Scan** page, then come back here.")  # fmt: skip
+            pick = "Pick the saved run" if n_saved == 1 else f"Pick one of the {n_saved:,} saved runs"
+            st.info(f"No run is active. {pick} in the sidebar, or run a scan on the **Scan** page, then come back "
+                    "here.")  # fmt: skip
         else:
             st.info("No scan yet. Run one on the **Scan** page (or pick a saved run in the sidebar), then come back here.")
         try:

@@ -1,4 +1,5 @@
-"""Widgets shared by the explorer pages: metric picker, threshold slider, chart downloads, capped and clickable tables."""
+"""Widgets shared by the explorer pages: metric picker, threshold slider, chart downloads, capped and clickable tables;
+and the wording the pages share (counted nouns, layers a model does not have)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pandas as pd
 import streamlit as st
 from streamlit.errors import StreamlitAPIException
 
+from mechamap_core import config as core_config
 from mechamap_core.analysis import (
     HOLDS_UP_CV_AUROC,
     METRICS,
@@ -41,8 +43,24 @@ BLANK_REASONS = {
     "expert": "a dense MLP or shared-expert neuron, not a routed expert",
     "auroc": NO_STATISTICS + ", or the run had AUROC off",
     "cv_auroc": "needs cv_folds on and two or more words per category",
+    # the word-level permutation test swaps category labels between words: one category has none to swap with
+    **dict.fromkeys(("p_value", "q_value"), NO_STATISTICS + ", or the config has a single category (the word-level test "
+                                             "swaps labels between categories' words; welch_p has a value)"),
     "top_tokens": "no top tokens were recorded for the neuron",
 }
+
+
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """n and noun, in the plural unless n is 1: "1 neuron", "1,536 neurons"; plural for an irregular one ("passes")."""
+    return f"{n:,} {noun if n == 1 else plural or noun + 's'}"
+
+
+def layers_out_of_range(layers: list[int] | None, n_layers: int | None) -> str | None:
+    """The scan's own refusal of layers a model of n_layers layers lacks (config.layers_out_of_range), as a sentence
+    ("Layer 9 is out of range: this model has layers 0-5."), so that a page can refuse it before starting anything;
+    None when every layer exists, layers is None (all layers), or n_layers is not known (None)."""
+    problem = None if n_layers is None else core_config.layers_out_of_range(layers, n_layers)
+    return None if problem is None else f"{problem[0].upper()}{problem[1:]}."
 
 
 def metric_picker(scores: pd.DataFrame, key: str, label: str = "Metric", default: str = "score", in_url: bool = False) -> str:

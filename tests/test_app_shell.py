@@ -12,6 +12,7 @@ from app_fixtures import make_app, no_exception, open_page, texts, wait_for_jobs
 
 from mechamap_core.config import load_config
 from mechamap_core.export import save_run
+from mechamap_ui import scanning
 from mechamap_ui.state import ACTIVE_CONFIG, ACTIVE_CONFIG_NAME, ACTIVE_RUN, RESULT_OVERRIDE
 
 # fixtures shared with the other app tests
@@ -104,6 +105,35 @@ def test_sidebar_names_the_config_the_run_was_scanned_with(app_env, tiny_result)
     at = make_app(dataclasses.replace(tiny_result, metadata=some_layers)).run()  # the Scan page's layers and limit
     assert "**Scanned with:** the active config (default)" in sidebar_text(at)
     assert "Not the active config" not in sidebar_text(at)
+
+
+def test_sidebar_says_which_neurons_the_run_scanned(app_env, tiny_result):
+    """The run line names the neurons scanned beside the layers, and a neuron limit (which the config note leaves out,
+    as the sidebar names it): tiny_result scanned the first 32 neurons of 2 layers."""
+    assert tiny_result.metadata["config"]["limit_neurons"] == 32
+    at = make_app(tiny_result).run()
+    no_exception(at)
+    assert "**layers:** 2 · **neurons:** the first 32 per layer (64)" in sidebar_text(at), sidebar_text(at)
+    every_neuron = {**tiny_result.metadata, "config": {**tiny_result.metadata["config"], "limit_neurons": 0}}
+    at = make_app(dataclasses.replace(tiny_result, metadata=every_neuron)).run()
+    assert "**layers:** 2 · **neurons:** 32 per layer (64)" in sidebar_text(at), sidebar_text(at)
+    unrecorded = {k: v for k, v in tiny_result.metadata.items() if k not in ("neurons_per_layer", "neurons_per_site")}
+    at = make_app(dataclasses.replace(tiny_result, metadata=unrecorded)).run()
+    no_exception(at)
+    assert "**layers:** 2  \n**Scanned with:**" in sidebar_text(at) and "neurons:" not in sidebar_text(at)
+
+
+def test_neurons_scanned_are_described_per_layer_or_per_expert():
+    dense = {"layers": [0, 1], "neurons_per_layer": {"0": 1536, "1": 1536}, "config": {"limit_neurons": 0}}
+    assert scanning.describe_neurons(dense) == "1,536 per layer (3,072)"
+    assert scanning.describe_neurons({**dense, "config": {"limit_neurons": 2048}}) == "1,536 per layer (3,072)"  # no cut
+    assert scanning.describe_neurons({**dense, "neurons_per_layer": {"0": 64, "1": 64}, "config": {"limit_neurons": 64}}) == (
+        "the first 64 per layer (128)"
+    )
+    moe = {"layers": [0], "neurons_per_layer": {}, "neurons_per_site": {"mlp.shared": 64, "mlp.experts.0": 32, "mlp.experts.1": 32}}
+    assert scanning.describe_neurons({**moe, "config": {"limit_neurons": 64}}) == "the first 64 per MLP or expert (128)"
+    assert scanning.describe_neurons({**moe, "config": {"limit_neurons": 0}}) == "128"
+    assert scanning.describe_neurons({"layers": [0]}) is None
 
 
 def saved_in_order(tiny_result, runs_dir, *run_ids: str) -> list[str]:
@@ -284,7 +314,12 @@ def test_unknown_run_link_explains(app_env, tiny_result):
     at.query_params["run"] = "20991231-no-such-run"
     at = open_page(at, "pivot")  # an explorer page: it points to the saved runs, not to "No scan yet"
     no_exception(at)
-    assert "No run is active. Pick one of the 1 saved runs in the sidebar" in texts(at.info)[-1], texts(at.info)
+    assert "No run is active. Pick the saved run in the sidebar" in texts(at.info)[-1], texts(at.info)
+    save_run(tiny_result, app_env["runs"], run_id="20240102-000000-second")
+    at = make_app()
+    at.query_params["run"] = "20991231-no-such-run"
+    at = open_page(at, "pivot")
+    assert "No run is active. Pick one of the 2 saved runs in the sidebar" in texts(at.info)[-1], texts(at.info)
 
 
 def test_community_cloud_installs_the_cpu_torch_and_local_installs_never_wait_on_its_index():

@@ -448,9 +448,13 @@ def test_scan_page_shows_a_running_job_a_queue_and_opens_the_finished_run(app_en
     assert fresh_registry.jobs() == [] and not any(s.value == "Background jobs" for s in at.subheader)
 
 
-def test_a_failed_job_shows_its_error_on_the_scan_page(app_env, fresh_registry):
+def test_a_failed_job_shows_its_error_on_the_scan_page(app_env, fresh_registry, tiny_models):
+    """A failure only the job finds (a local model, whose layer count the page does not know before loading it; the
+    bundled model's out-of-range layers are refused before any job): one readable line on the page, nothing saved."""
     at = open_page(make_app(), "scan")
     upload_corpus(at, "docs.txt", DOCS[:3])
+    at.radio(key="scan_source").set_value("Local folder").run()
+    at.text_input(key="scan_local_dir").set_value(str(tiny_models.path("gpt2"))).run()
     at.text_input(key="scan_layers").set_value("40").run()
     click(at, "Scan")
     (job,) = fresh_registry.jobs()

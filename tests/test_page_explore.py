@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections import Counter
 
 import numpy as np
@@ -211,6 +212,18 @@ def test_overlap_category_filter_all_any_and_min_categories(result):
     assert (shown["n_categories"] >= 3).all()
 
 
+def test_overlap_counts_one_matching_neuron_in_the_singular(result):
+    """One neuron left by the category filter is "1 neuron matches.", not "1 neurons match."."""
+    at = open_page("overlap", result)
+    at.slider(key="threshold_score").set_value(0.5).run()
+    flagged_in = [set(c) for c in _overlap_frame(result, "score", 0.5)["categories"]]
+    alone = next(cats for cats in flagged_in if sum(cats <= other for other in flagged_in) == 1)  # in one neuron only
+    at.multiselect(key="overlap_filter").set_value(sorted(alone)).run()
+    assert_clean(at)
+    assert len(table(at, "overlap_table")) == 1
+    assert "1 neuron matches." in [c.value for c in at.caption], [c.value for c in at.caption]
+
+
 def test_overlap_with_nothing_flagged_says_so(result):
     at = open_page("overlap", result)
     at.selectbox(key="metric").set_value("auroc").run()
@@ -248,6 +261,15 @@ def test_correlation_method_metric_and_layer_range(result):
         expected.to_numpy(), analysis.category_correlation(result.scores, "avg_activation", "spearman").to_numpy()
     )
     assert any("layers 2–4" in c.value for c in at.caption)
+
+
+def test_correlation_of_one_layer_says_layer_not_a_range(result):
+    """A range of one layer reads "in layer 5", not "in layers 5–5"."""
+    at = open_page("correlation", result)
+    at.select_slider(key="layers").set_range(5, 5).run()
+    assert not at.exception
+    captions = " ".join(c.value for c in at.caption)
+    assert "neurons in layer 5." in captions and "5–5" not in captions, captions
 
 
 def test_correlation_settings_are_read_from_the_url(result):
@@ -567,9 +589,10 @@ def test_blank_note_names_each_blank_column_and_why():
     frame = pd.DataFrame({"layer": [0, 1], "score": [1.0, np.nan], "q_value": [np.nan, 0.1], "cv_auroc": [np.nan] * 2,
                           "top_tokens": ["[('a', 1.0)]", None], "heldout_auroc": [np.nan, 0.7]})  # fmt: skip
     note = blank_note(frame)
-    assert note == (f"– : no value. score, q_value: {NO_STATISTICS}; cv_auroc: needs cv_folds on and two or more words "
-                    "per category; top_tokens: no top tokens were recorded for the neuron; heldout_auroc: not measured "
-                    "for that row.")  # fmt: skip
+    assert note == (f"– : no value. score: {NO_STATISTICS}; q_value: {NO_STATISTICS}, or the config has a single "
+                    "category (the word-level test swaps labels between categories' words; welch_p has a value); "
+                    "cv_auroc: needs cv_folds on and two or more words per category; top_tokens: no top tokens were "
+                    "recorded for the neuron; heldout_auroc: not measured for that row.")  # fmt: skip
     assert blank_note(frame.dropna(axis=1)) is None
 
 
@@ -641,3 +664,15 @@ def test_neuron_headline_claims_selectivity_only_for_a_positive_score(result):
         assert len(said) == 1 and expected in said[0] and "-0.00" not in said[0], said
         best = scores[rows(neuron)].sort_values("score", ascending=False)["category"].iloc[0]
         assert f"**{best}**" in said[0]
+
+
+def test_typed_text_activations_show_in_one_number_format(result):
+    """The Neuron page's "Try your own text" table gives its activation column one format (it mixed -0.113 with
+    -0.1549 in the browser's default)."""
+    import json
+
+    at = open_page("neuron", result)
+    assert_clean(at)
+    (typed,) = [frame for frame in at.dataframe if list(frame.value.columns) == ["token", "activation"]]
+    columns = json.loads(typed.proto.columns or "{}")
+    assert re.fullmatch(r"%\.\d+f", columns["activation"]["type_config"]["format"]), columns

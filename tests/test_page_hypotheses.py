@@ -106,11 +106,33 @@ def test_hypothesis_results_say_when_the_choices_changed_and_a_failed_ablation_c
     [b for b in at.button if b.label == "Run ablation"][0].click().run()
     assert "ablation_result" in at.session_state
     at.radio[1].set_value("Type them").run()
-    at.text_input[0].set_value("0:1, 99:3").run()
+    at.text_input[0].set_value("0:1, 5:99999").run()  # a neuron the layer lacks: the run does not record its width
     [b for b in at.button if b.label == "Run ablation"][0].click().run()
     no_exception(at)
     assert any("out of range" in e.value for e in at.error)
     assert "ablation_result" not in at.session_state and not at.metric
+
+
+def test_ablation_refuses_layers_the_model_lacks_before_it_runs(app_env, food_result):
+    """Typed neurons in a layer the run's model does not have (its metadata's n_layers_model) are refused as they
+    are typed, with Run ablation off; a layer the run did not scan but the model has can still be ablated."""
+    at = open_page(make_app(food_result), "hypothesis")
+    at.radio[1].set_value("Type them").run()
+    at.text_input[0].set_value("5:376, 9:1").run()
+    no_exception(at)
+    assert texts(at.error) == ["Layer 9 is out of range: this model has layers 0-5."]
+    assert [b for b in at.button if b.label == "Run ablation"][0].disabled
+    at.text_input[0].set_value("0:1").run()
+    assert not at.error and not [b for b in at.button if b.label == "Run ablation"][0].disabled
+
+
+def test_ablation_of_one_neuron_is_counted_in_the_singular(app_env, food_result):
+    at = open_page(make_app(food_result), "hypothesis")
+    at.radio[1].set_value("Type them").run()
+    at.text_input[0].set_value("5:1").run()
+    [b for b in at.button if b.label == "Run ablation"][0].click().run()
+    no_exception(at)
+    assert at.metric[0].label.endswith("(zero ablation of 1 neuron)"), at.metric[0].label
 
 
 def test_checks_of_one_run_are_not_shown_under_another(app_env, food_result):
@@ -179,6 +201,19 @@ def test_hypothesis_page_bad_inputs(app_env, food_result):
     at.text_input[0].set_value("5-7").run()
     no_exception(at)
     assert any("layer:neuron" in e.value for e in at.error)
+
+
+def test_typed_heldout_words_are_not_called_a_config(app_env, food_result):
+    """Typed text and words are named as typed, never as "the held-out config": an unreadable line of words, and the
+    run's categories the typed words leave out."""
+    at = open_page(make_app(food_result), "hypothesis")
+    typed_heldout(at, "We ate sushi in Lima.", "food: sushi\nlocation: Lima\n\nfood sushi")
+    assert "The typed words can't be used: line 4: write 'category: word, word, ...'" in texts(at.error), texts(at.error)
+    typed_heldout(at, "We ate sushi in Lima on a quiet evening. " * 5, "food: sushi\nlocation: Lima")
+    untested = [c for c in food_result.categories if c not in ("food", "location")]
+    assert (f"No words were typed for these categories of the run, so their flagged neurons will show as not tested: "
+            f"{', '.join(untested)}.") in shown_messages(at), shown_messages(at)  # fmt: skip
+    assert not any("config" in m for m in shown_messages(at)), shown_messages(at)
 
 
 def typed_heldout(at, text: str, words: str):

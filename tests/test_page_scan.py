@@ -267,14 +267,36 @@ def test_empty_category_set_is_an_error(app_env):
 
 
 def test_bad_layers_and_out_of_range_layers(app_env):
+    """An unreadable layer list, and layers the bundled model (whose layer count the page shows) does not have, are
+    refused as they are typed, with Scan off: no job is started to fail on them."""
     at = scan_page()
     at.text_input(key="scan_layers").set_value("two").run()
     assert any("invalid layer list" in v for v in texts(at.error)) and scan_button(at).disabled
-    at.text_input(key="scan_layers").set_value("0,9")
-    at.number_input(key="scan_limit").set_value(8).run()
-    click_scan(at)
+    at.text_input(key="scan_layers").set_value("0,9").run()
     no_exception(at)
-    assert any("out of range" in v and "0-5" in v for v in texts(at.error))
+    assert texts(at.error) == ["Layer 9 is out of range: this model has layers 0-5."]
+    assert scan_button(at).disabled and not jobs.registry().jobs()
+    at.text_input(key="scan_layers").set_value("4-7, 12").run()
+    assert texts(at.error) == ["Layers 6-7, 12 are out of range: this model has layers 0-5."]
+    at.text_input(key="scan_layers").set_value("0,5").run()
+    assert not at.error and not scan_button(at).disabled
+
+
+def test_the_bundled_models_shape_on_the_scan_page_is_its_real_one(bundled_lm):
+    """The layer count the Scan page shows and checks typed layers against is the bundled model's, as is its width."""
+    from mechamap_core.sites import n_layers, resolve_sites
+
+    assert n_layers(bundled_lm.model) == scanning.BUNDLED_N_LAYERS
+    assert {site.d_mlp for site in resolve_sites(bundled_lm.model)} == {scanning.BUNDLED_MLP_WIDTH}
+
+
+def test_layers_are_checked_against_no_count_for_a_model_the_page_does_not_know(app_env):
+    """A Hub model's layer count is not known before it loads: its layers are left to the scan to check."""
+    at = scan_page()
+    at.radio(key="scan_source").set_value(HUB).run()
+    at.text_input(key="scan_layers").set_value("0,40").run()
+    no_exception(at)
+    assert not any("out of range" in v for v in texts(at.error))
 
 
 @pytest.mark.parametrize(

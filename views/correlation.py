@@ -30,12 +30,14 @@ except (ValueError, KeyError) as err:
     st.error(f"Could not compute the correlation: {err}.")
     st.stop()
 
+where = f"layer {lo}" if lo == hi else f"layers {lo}–{hi}"
 in_range = scores[scores["layer"].between(lo, hi)]
 n_neurons = in_range[analysis.shown_key(scores)].drop_duplicates().shape[0]
 gaps = in_range[metric].isna().any()  # pandas correlates each pair over the neurons with a value for both
 st.caption(
-    f"{method} correlation of {metric} between categories, across {'up to ' if gaps else ''}{n_neurons:,} neurons in "
-    f"layers {lo}–{hi}{' (each pair over the neurons with a value for both categories)' if gaps else ''}. "
+    f"{method} correlation of {metric} between categories, across {'up to ' if gaps else ''}"
+    f"{widgets.counted(n_neurons, 'neuron')} in {where}"
+    f"{' (each pair over the neurons with a value for both categories)' if gaps else ''}. "
     "Hover a cell for its value."
 )
 if corr.empty or corr.isna().all().all():
@@ -54,7 +56,7 @@ if corr.isna().any().any():
     alone = [str(c) for c in corr.columns if corr[c].isna().all()]
     named = f" {', '.join(alone)} {'has' if len(alone) == 1 else 'have'} no correlation with any category here." if alone else ""
     st.caption(
-        f"Grey cells and {charts.NO_VALUE_MARK} : no value, because fewer than two neurons in layers {lo}–{hi} have "
+        f"Grey cells and {charts.NO_VALUE_MARK} : no value, because fewer than two neurons in {where} have "
         f"a {metric} for both categories (a category with too few tokens in the text, or that too few reached) or "
         f"the values are constant.{named}"
     )

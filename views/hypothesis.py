@@ -26,7 +26,15 @@ from mechamap_core.hypothesis import (
 from mechamap_ui import config_tools, state
 from mechamap_ui.contrast_panel import contrast_section
 from mechamap_ui.neuron_data import model_for
-from mechamap_ui.widgets import chart_downloads, metric_picker, neuron_table, stat_column_config, threshold_slider
+from mechamap_ui.widgets import (
+    chart_downloads,
+    counted,
+    layers_out_of_range,
+    metric_picker,
+    neuron_table,
+    stat_column_config,
+    threshold_slider,
+)
 
 st.title("Test hypotheses")
 result = state.require_result()
@@ -38,7 +46,7 @@ scanned_cfg = ScanConfig(**{k: v for k, v in result.metadata["config"].items() i
 
 
 HELDOUT_CHECK, ABLATION_CHECK = "heldout_result", "ablation_result"  # session_state: kept by state.keep_check
-
+FROM_FILE, TYPED = "A config file", "Type text and words"  # where the held-out text and words come from
 
 held_tab, ablate_tab = st.tabs(["Held-out text", "Ablation"])
 with held_tab:
@@ -50,10 +58,10 @@ with held_tab:
         threshold = threshold_slider(result.scores, metric, key="hyp_threshold", default=result.metadata.get("threshold"))
     with c3:
         min_auroc = st.slider("Pass if held-out AUROC ≥", 0.5, 1.0, 0.75, 0.01)
-    source = st.radio("Held-out text", ["A config file", "Type text and words"], horizontal=True)
+    source = st.radio("Held-out text", [FROM_FILE, TYPED], horizontal=True)
     heldout = None
     try:
-        if source == "A config file":
+        if source == FROM_FILE:
             names = state.saved_config_names()
             default = names.index("validation") if "validation" in names else 0
             name = st.selectbox("Held-out config", names, index=default) if names else None
@@ -64,9 +72,12 @@ with held_tab:
             words = st.text_area("Category words, one category per line", "food: sushi, grape\nlocation: Berlin, Lima", height=100)
             heldout = ScanConfig(master_text=text, categories=parse_typed_words(words), model=result.metadata["model"])
     except (ConfigError, ValueError, FileNotFoundError) as exc:
-        st.error(f"The held-out config can't be used: {config_tools.readable_error(exc)}")
+        if source == FROM_FILE:
+            st.error(f"The held-out config can't be used: {config_tools.readable_error(exc)}")
+        else:  # the typed words' lines, not a config's fields
+            st.error(f"The typed words can't be used: {config_tools.readable_error(exc, with_fields=False)}")
     if heldout is not None:
-        checked = check_heldout_inputs(heldout, result.categories, lm)
+        checked = check_heldout_inputs(heldout, result.categories, lm, typed=source != FROM_FILE)
         for level, message in checked.messages:
             getattr(st, level)(message)
         reused = sorted({w.lower() for ws in heldout.categories.values() for w in ws}
@@ -161,6 +172,10 @@ with ablate_tab:
             neurons = parse_neuron_list(typed)
         except ValueError:
             st.error("Write neurons as layer:neuron pairs separated by commas, e.g. 5:376, 5:544")
+        missing_layers = layers_out_of_range(sorted({layer for layer, _ in neurons}), result.metadata.get("n_layers_model"))
+        if missing_layers:  # refused before the button, as the ablation would refuse it after
+            st.error(missing_layers)
+            neurons = []
     c1, c2 = st.columns(2)
     mode = c1.radio("Ablation", ["zero", "mean"], horizontal=True)
     controls = int(c2.number_input("Random control sets", MIN_CONTROLS, 50, 5, help="At least two, so that their spread and z exist"))
@@ -182,7 +197,7 @@ with ablate_tab:
     if outcome is not None:
         s = outcome.summary
         z = f", z = {s['z_vs_controls']:.1f}" if "z_vs_controls" in s else ""
-        st.metric(f"Effect on '{s['category']}' ({s['mode']} ablation of {s['n_neurons']} neurons)", f"{s['effect']:+.4f}",
+        st.metric(f"Effect on '{s['category']}' ({s['mode']} ablation of {counted(s['n_neurons'], 'neuron')})", f"{s['effect']:+.4f}",
                   f"{s['effect'] - s['control_mean']:+.4f} vs random controls{z}", delta_color="off")  # fmt: skip
         rank = control_rank_text(s)
         st.caption(f"Measure: {s['measure']}. Controls: {s['control_mean']:+.4f} ± {s['control_std']:.4f}."

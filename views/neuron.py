@@ -130,4 +130,5 @@ if typed.strip():
             st.info("The model of this run is not available here, so typed text can't be scanned.")
         else:
             st.html(coloured_text_html(typed, acts))
-            st.dataframe(acts[["token", "activation"]], hide_index=True)
+            shown = acts[["token", "activation"]]
+            st.dataframe(shown, hide_index=True, column_config=stat_column_config(shown))  # one number format

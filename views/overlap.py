@@ -61,5 +61,5 @@ rows = widgets.filter_by_categories(overlap, chosen, match_all=mode == MATCH_ALL
 strings = analysis.top_token_strings(result.top_tokens)
 rows = rows.merge(strings, on=[c for c in analysis.neuron_key(rows) if c in strings.columns], how="left")
 table = widgets.stat_columns(rows, [*key, "n_categories", "categories", "top_tokens"])
-st.caption(f"{len(table):,} neurons match.")
+st.caption(f"{widgets.counted(len(table), 'neuron')} match{'es' if len(table) == 1 else ''}.")
 widgets.neuron_table(table, key="overlap_table", max_rows=500)

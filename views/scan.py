@@ -13,7 +13,7 @@ from mechamap_core import analysis, export, hub, placement
 from mechamap_core.config import BUNDLED_MODEL_ID, parse_layer_list
 from mechamap_core.corpus import CorpusReport, parse_corpus
 from mechamap_core.models import BUNDLED_ALIASES, DTYPES
-from mechamap_ui import config_tools, jobs, scanning, state
+from mechamap_ui import config_tools, jobs, scanning, state, widgets
 
 MAX_CORPUS_UPLOAD_MB = 5
 SOURCES = ["Bundled model (offline)", "Hugging Face id (downloads on demand)", "Local folder"]
@@ -44,6 +44,7 @@ if problem is not None:
 # --- model ---------------------------------------------------------------------------------
 st.subheader("Model")
 folder_problem = None
+model_layers = None  # the chosen model's layer count, where the page knows it (the bundled model's)
 model_in_config = (cfg.model or BUNDLED_MODEL_ID).strip()
 if model_in_config in BUNDLED_ALIASES:
     source_default = SOURCES[0]
@@ -68,8 +69,9 @@ if st.session_state.get("scan_device", "auto") not in _devices():  # kept from a
     del st.session_state["scan_device"]
 source = st.radio("Model", SOURCES, key="scan_source", horizontal=True, label_visibility="collapsed")
 if source == SOURCES[0]:
-    spec = BUNDLED_MODEL_ID
-    st.caption(f"{BUNDLED_MODEL_ID}: 6 layers × 1536 MLP neurons, shipped with MechaMap, no download.")
+    spec, model_layers = BUNDLED_MODEL_ID, scanning.BUNDLED_N_LAYERS
+    st.caption(f"{BUNDLED_MODEL_ID}: {model_layers} layers × {scanning.BUNDLED_MLP_WIDTH} MLP neurons, shipped with "
+               "MechaMap, no download.")  # fmt: skip
 elif source == SOURCES[1]:
     spec = st.text_input(
         "Hugging Face model id", key="scan_hub_id", placeholder="gpt2, EleutherAI/pythia-70m, org/name@revision, ..."
@@ -117,9 +119,12 @@ input_errors: list[str] = [folder_problem] if folder_problem else []
 try:
     layers = parse_layer_list(layers_text)
 except ValueError as exc:
-    layers = None
-    c3.error(str(exc))
-    input_errors.append(str(exc))
+    layers, layers_problem = None, str(exc)
+else:
+    layers_problem = widgets.layers_out_of_range(layers, model_layers)  # refused now, not by the job it would start
+if layers_problem:
+    c3.error(layers_problem)
+    input_errors.append(layers_problem)
 cfg = dataclasses.replace(cfg, layers=layers)  # the field starts at the config's layers; empty means all, as it says
 
 # --- optional corpus -----------------------------------------------------------------------
