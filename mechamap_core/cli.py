@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import math
 import sys
 import tempfile
@@ -21,6 +22,20 @@ from .terminal import progress_bar
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, non-zero exit
         self.exit(2, f"mechamap: error: {message}\n")
+
+    def add_argument(self, *args, **kwargs):
+        """As argparse's, with text options (no type or choices of their own) refusing an empty value: --csv ""
+        would be taken for no --csv, and --text-field "" for the default field."""
+        if kwargs.get("action", "store") == "store" and "type" not in kwargs and "choices" not in kwargs:
+            kwargs["type"] = _not_empty
+        return super().add_argument(*args, **kwargs)
+
+
+def _not_empty(text: str) -> str:
+    """argparse type: any text but an empty or blank one."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty: give a value, or leave the option out")
+    return text
 
 
 def _layers(text: str) -> list[int]:
@@ -137,17 +152,12 @@ def _model_folder(spec: str | None) -> str | None:
 
 @contextmanager
 def _naming_undecodable(flag: str, path: str | None):
-    """Turns a text file's UnicodeDecodeError (a binary file given for a YAML file) into a ValueError naming it."""
+    """Turns a text file's UnicodeDecodeError (a binary file given for a YAML contrast set) into a ValueError naming it
+    (load_config names a config file that is not text itself)."""
     try:
         yield
     except UnicodeDecodeError as exc:
         raise ValueError(f"{flag} {path} is not UTF-8 text ({exc.reason} at byte {exc.start}): give a YAML file") from None
-
-
-def _load_config(path: str, flag: str, require_master_text: bool = True):
-    """load_config(path), a file that is not text named with its flag."""
-    with _naming_undecodable(flag, path):
-        return load_config(path, require_master_text=require_master_text)
 
 
 def _add_loading_flags(parser: argparse.ArgumentParser) -> None:
@@ -181,6 +191,8 @@ def _load(args, spec: str, device: str | None = None):
     """load_model(spec) with the command's device (or this one)/dtype and loading flags, a download bar on stderr."""
     from .models import load_model
 
+    _check_revision_applies(args.revision, spec)
+    _check_max_memory_devices(args.max_memory)
     progress, close = _download_bar()
     try:
         return load_model(
@@ -190,6 +202,34 @@ def _load(args, spec: str, device: str | None = None):
         )  # fmt: skip
     finally:
         close()
+
+
+def _check_revision_applies(revision: str | None, spec: str) -> None:
+    """A ValueError when --revision is given for a model that does not come from the Hub (it would be ignored)."""
+    from .models import BUNDLED_ALIASES
+
+    if not revision or _model_folder(spec) is None:
+        return
+    source = f"{spec} is the bundled model" if spec.strip() in BUNDLED_ALIASES else f"{spec} is a local model folder"
+    raise ValueError(f"--revision {revision} applies to Hugging Face Hub ids only, and {source}: leave --revision out, "
+                     "or give the Hub id (org/name) to load that revision")  # fmt: skip
+
+
+def _check_max_memory_devices(max_memory: str | None) -> None:
+    """A ValueError when --max-memory names a GPU this machine lacks, or a device that is none of a GPU index, cpu,
+    mps or disk (accelerate would print stray lines, then fail with a message that names neither)."""
+    import torch
+
+    from .placement import parse_max_memory
+
+    gpus = torch.cuda.device_count()
+    for device in parse_max_memory(max_memory) or {}:
+        if isinstance(device, int) and device >= gpus:
+            have = f"has {gpus} GPU{'' if gpus == 1 else 's'} (0-{gpus - 1})" if gpus else "has no GPU"
+            raise ValueError(f"--max-memory names GPU {device}, but this machine {have}: give only the devices it has "
+                             "(e.g. cpu=30GiB), or leave --max-memory out")  # fmt: skip
+        if isinstance(device, str) and device not in ("cpu", "mps", "disk"):
+            raise ValueError(f"--max-memory device '{device}' is not a GPU index, cpu, mps or disk: use e.g. 0=10GiB,cpu=30GiB")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -270,15 +310,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# read as text whatever they hold (a category named 1999), and with low_memory=False no column's type is inferred
-# chunk by chunk (a top_tokens column empty for 100,000 rows, then text, made pandas warn of mixed types)
+# read as text whatever they hold (a category named 1999, or NA, None or nan: only an empty cell is missing), and with
+# low_memory=False no column's type is inferred chunk by chunk (a top_tokens column empty for 100,000 rows, then text,
+# made pandas warn of mixed types)
 _TEXT_COLUMNS = {"model": str, "category": str, "hook": str, "top_tokens": str}
+_LARGEST_INDEX = 2**31  # a layer, expert or neuron number at or above this is no model's
 
 
 def _read_scores(path: str, *columns: str, numeric: tuple[str, ...] = (), flag: str = "--csv") -> pd.DataFrame:
     """A scores CSV or Parquet file (given with `flag`) with layer, neuron, category and `columns`, checked: a .csv,
-    .parquet or extensionless name (a pipe), at least one row, whole layer and neuron numbers, whole or empty experts
-    (read as nullable integers), and numbers in the `numeric` columns. Raises ValueError naming the file."""
+    .parquet or extensionless name (a pipe), at least one row, a category name in every row, whole layer and neuron
+    numbers (0 or more), whole or empty experts (read as nullable integers), and numbers in the `numeric` columns.
+    Raises ValueError naming the file (and the row and column of a bad cell)."""
     suffix = format_suffix(path)  # a .csv.gz reads as CSV: pandas decompresses it
     if suffix in (".json", ".jsonl"):
         raise ValueError(f"{flag} {path} is a JSON export; pass the CSV or Parquet export")
@@ -290,7 +333,7 @@ def _read_scores(path: str, *columns: str, numeric: tuple[str, ...] = (), flag: 
     if Path(path).is_dir():
         raise ValueError(f"{flag} {path} is a folder: give the scores file")
     try:
-        scores = pd.read_parquet(path) if suffix == ".parquet" else pd.read_csv(path, dtype=_TEXT_COLUMNS, low_memory=False)
+        scores = pd.read_parquet(path) if suffix == ".parquet" else _read_scores_csv(path)
     except ValueError as exc:  # empty, malformed or undecodable CSV; not a Parquet file
         raise ValueError(f"{path} is not a MechaMap scores file ({first_line(exc)})") from None
     except OSError as exc:
@@ -303,12 +346,13 @@ def _read_scores(path: str, *columns: str, numeric: tuple[str, ...] = (), flag: 
         raise ValueError(f"{path} has no column {', '.join(map(repr, absent))}")
     if scores.empty:
         raise ValueError(f"{path} has no rows: scan again, or pick the file with the results")
-    for column in ("layer", "neuron"):
-        values = scores[column]
-        if values.isna().any() or not _whole_or_empty(values):
-            raise ValueError(f"{path}: every row needs a whole-number {column}")
-    if "expert" in scores.columns and not _whole_or_empty(scores["expert"]):
-        raise ValueError(f"{path}: every expert must be a whole number, or empty for a dense neuron")
+    unnamed = scores["category"].isna() | (scores["category"].astype(str) == "")
+    if unnamed.any():
+        raise ValueError(f"{path}: {_row_name(scores, unnamed, suffix)} has no category name; every row needs one "
+                         "(is the file cut or edited?)")  # fmt: skip
+    for column in ("layer", "neuron", "expert"):
+        if column in scores.columns:
+            _check_index_column(path, scores, column, suffix)
     for column in numeric:
         if not pd.api.types.is_numeric_dtype(scores[column]):
             raise ValueError(f"{path}: '{column}' is not a numeric column; pick a statistic such as score or auroc")
@@ -316,9 +360,50 @@ def _read_scores(path: str, *columns: str, numeric: tuple[str, ...] = (), flag: 
     return scores.astype(whole)  # a CSV gives layer 4.0 for a float column, and expert 2.0 beside empty ones
 
 
-def _whole_or_empty(values: pd.Series) -> bool:
-    """Whether a column holds only whole numbers and empty cells."""
-    return pd.api.types.is_numeric_dtype(values) and bool((values.dropna() % 1 == 0).all())
+def _read_scores_csv(path: str) -> pd.DataFrame:
+    """A scores CSV with _TEXT_COLUMNS read as text in which only an empty cell is missing (a category named NA or
+    None stays a name), and pandas' usual missing-value marks (NaN, NA, ...) in every other column."""
+    from pandas._libs.parsers import STR_NA_VALUES  # pandas' default na_values (listed in read_csv's documentation)
+
+    source = path if Path(path).is_file() else io.BytesIO(Path(path).read_bytes())  # a pipe is read once
+    header = pd.read_csv(source, nrows=0).columns
+    if not isinstance(source, str):
+        source.seek(0)
+    missing_marks = {column: [""] if column in _TEXT_COLUMNS else sorted(STR_NA_VALUES) for column in header}
+    return pd.read_csv(source, dtype=_TEXT_COLUMNS, keep_default_na=False, na_values=missing_marks, low_memory=False)
+
+
+def _row_name(scores: pd.DataFrame, bad: pd.Series, suffix: str) -> str:
+    """The first row where `bad` is true, for a message: 'row 3 (line 4)' of a CSV (its header is line 1)."""
+    row = int(bad.to_numpy().nonzero()[0][0]) + 1
+    return f"row {row}" + (f" (line {row + 1})" if suffix != ".parquet" else "")
+
+
+def _check_index_column(path: str, scores: pd.DataFrame, column: str, suffix: str) -> None:
+    """A ValueError naming the first row whose layer, neuron or expert is not a whole number from 0 up to
+    _LARGEST_INDEX (an empty expert is a dense neuron's)."""
+    values = scores[column]
+    numbers = pd.to_numeric(values.astype(object), errors="coerce").astype(float)  # text -> NaN
+    empty = values.isna()
+    valid = (numbers % 1 == 0) & (numbers >= 0) & (numbers < _LARGEST_INDEX)
+    bad = ~(valid | empty) if column == "expert" else ~valid
+    if bad.any():
+        first = values[bad].iloc[0]
+        found = f"no {column}" if pd.isna(first) else f"{column} {first!r}" if isinstance(first, str) else f"{column} {first:g}"
+        dense = ", or empty for a dense neuron" if column == "expert" else ""
+        raise ValueError(f"{path}: {_row_name(scores, bad, suffix)} has {found}; every {column} must be a whole number "
+                         f"from 0 to {_LARGEST_INDEX - 1:,}{dense} (is the file cut or edited?)")  # fmt: skip
+
+
+def _refuse_significance_metric(metric: str) -> None:
+    """A ValueError for --metric p_value, q_value, welch_p or welch_q: --metric ranks the highest values first and
+    flags those >= --threshold, but for a p or q value lower is stronger (it would pick the least significant)."""
+    from .scan.finish import Q_VALUES  # the q-value columns and the p-value columns they come from
+
+    if metric in {*Q_VALUES, *Q_VALUES.values()}:
+        raise ValueError(f"--metric {metric} is a p or q value, where lower is stronger, but --metric ranks the highest "
+                         "values first and flags those >= --threshold (the least significant): use --metric score, "
+                         "auroc or cohens_d, whose higher values are stronger")  # fmt: skip
 
 
 def _model_name(args, scores: pd.DataFrame) -> str:
@@ -349,8 +434,9 @@ def _run_validate(args) -> int:
     from . import export
     from .hypothesis import heldout_scan, validate_heldout, with_ceiling
 
+    _refuse_significance_metric(args.metric)
     scores = _read_scores(args.csv, args.metric, numeric=(args.metric,))
-    heldout = _load_config(args.heldout, "--heldout")
+    heldout = load_config(args.heldout)
     model = _model_name(args, scores)
     _check_outputs({"--out": args.out}, {"--csv": args.csv, "--heldout": args.heldout},
                    input_folders={"the model folder": _model_folder(model)}, formats={"--out": ".csv"})  # fmt: skip
@@ -376,7 +462,7 @@ def _run_validate(args) -> int:
               "with their words in its text?", file=sys.stderr)  # fmt: skip
     if args.out:
         export.write_csv(per_neuron, args.out)
-        print(f"wrote {args.out}", file=sys.stderr)
+        _wrote(args, args.out)
     return 0
 
 
@@ -411,7 +497,7 @@ def _say(level: str, sentence: str) -> None:
 def _run_ablate(args) -> int:
     from .hypothesis import ablate, control_rank_text, flagged_for_category, parse_neuron_list
 
-    cfg = _load_config(args.config, "--config")
+    cfg = load_config(args.config)
     if args.category not in cfg.categories:
         raise ValueError(f"{args.config} has no category '{args.category}' (it has {', '.join(cfg.categories)})")
     if args.neurons and args.csv:
@@ -422,6 +508,10 @@ def _run_ablate(args) -> int:
     elif args.csv:
         scores = _read_scores(args.csv, "score", numeric=("score",))
         model = _model_name(args, scores)  # the neuron numbers are the scanned model's
+        scanned_categories = list(dict.fromkeys(scores["category"].astype(str)))
+        if args.category not in scanned_categories:
+            raise ValueError(f"{args.csv} has no category '{args.category}' (it has {', '.join(scanned_categories)}): "
+                             "scan with a config that has it, or pick one of these")  # fmt: skip
         neurons = flagged_for_category(scores, args.category, "score", args.threshold, args.max_neurons or None)
         if not neurons and analysis.has_experts(scores):
             raise ValueError(f"{args.csv} flags no dense MLP neuron for '{args.category}': ablation covers dense MLP "
@@ -452,7 +542,7 @@ def _run_write_text(args) -> int:
     from .master_text import mix_texts, overcounted_words, write_master_text
 
     _check_outputs({"--out": args.out}, {"--config": args.config})
-    cfg = _load_config(args.config, "--config", require_master_text=False)  # writing the text is the point
+    cfg = load_config(args.config, require_master_text=False)  # writing the text is the point
     generated = write_master_text(cfg.categories, args.contexts, args.seed)
     for row in overcounted_words(generated, cfg.categories, args.contexts).itertuples():
         print(f"warning: '{row.word}' ({row.category}) occurs {row.occurrences} times, not {args.contexts}: "
@@ -463,7 +553,7 @@ def _run_write_text(args) -> int:
         print(text, end="")
         return 0
     out = Path(args.out)
-    if out.suffix in (".yaml", ".yml"):
+    if out.suffix.lower() in (".yaml", ".yml"):
         documents = isinstance(cfg.master_text, list) and args.mix == "append" and any(t.strip() for t in cfg.master_text)
         # a config of several documents keeps them apart (each is scanned alone); the written text is one more
         new_cfg = dataclasses.replace(cfg, master_text=[*cfg.master_text, generated] if documents else text)
@@ -471,7 +561,7 @@ def _run_write_text(args) -> int:
         atomic_write_text(out, config_to_yaml(new_cfg))
     else:
         atomic_write_text(out, text)
-    print(f"wrote {out}", file=sys.stderr)
+    _wrote(args, out)
     return 0
 
 
@@ -494,7 +584,7 @@ def _run_contrast(args) -> int:
     print(table.round(3).to_string(index=False))
     if args.out:
         export.write_csv(table, args.out)
-        print(f"wrote {args.out}", file=sys.stderr)
+        _wrote(args, args.out)
     return 0
 
 
@@ -530,7 +620,7 @@ def _run_scan(args) -> int:
     from .corpus_run import run_corpus_scan
     from .scan import scan
 
-    cfg = _load_config(args.config, "--config")
+    cfg = load_config(args.config)
     if args.model:
         cfg.model = args.model
     cfg = cfg.covering(args.layers, args.limit_neurons)  # scan() and stream_result record it too; a corpus checkpoint's
@@ -573,41 +663,54 @@ def _run_scan(args) -> int:
     _note_categories_without_statistics(result)
     _note_thin_experts(result)
     options = {"flagged_only": args.flagged_only, "min_cv_auroc": args.min_cv_auroc}
-    if args.min_cv_auroc is not None and not analysis.has_cv_auroc(result.scores):
-        print("note: this scan has no cv_auroc (it needs two or more words per category, auroc and cv_folds on): "
-              "--min-cv-auroc keeps every row", file=sys.stderr)  # fmt: skip
+    filters_cv_auroc = args.min_cv_auroc is not None and analysis.has_cv_auroc(result.scores)
+    if args.min_cv_auroc is not None and not filters_cv_auroc:
+        print(f"note: this scan has no cv_auroc ({_CV_AUROC_NEEDS}): --min-cv-auroc keeps every row", file=sys.stderr)
     outputs = [(fmt, path) for fmt, path in (("csv", args.csv), ("json", args.json), ("parquet", args.parquet)) if path]
-    if outputs and (args.flagged_only or args.min_cv_auroc is not None):
+    if outputs and (args.flagged_only or filters_cv_auroc):
         kept = len(export.exported_scores(result, **options))
+        kept_rows = _kept_rows_phrase(
+            result.metadata.get("threshold", 1.0) if args.flagged_only else None, args.min_cv_auroc if filters_cv_auroc else None
+        )  # fmt: skip
         if not kept:
-            _say("warning", f"no row is {_kept_rows_phrase(args, result)}: the files get a header and no neurons "
+            _say("warning", f"no row is {kept_rows}: the files get a header and no neurons "
                             "(lower the config's threshold or --min-cv-auroc, or leave the filters out)")  # fmt: skip
         else:
-            print(f"{kept:,} of {len(result.scores):,} rows {_kept_rows_phrase(args, result)}", file=sys.stderr)
+            print(f"{kept:,} of {len(result.scores):,} rows {kept_rows}", file=sys.stderr)
     for fmt, path in outputs:
         getattr(export, f"to_{fmt}")(result, path, **options)
-        print(f"wrote {path}", file=sys.stderr)
+        _wrote(args, path)
     if args.routing:
         routing = result.extras.get("routing")
         if routing is None:
             print(f"{result.metadata['model']} has no mixture-of-experts layers: no routing table written", file=sys.stderr)
         else:
             export.write_csv(routing, args.routing)
-            print(f"wrote {args.routing}", file=sys.stderr)
+            _wrote(args, args.routing)
     if args.save_run:
-        print(f"saved run {export.save_run(result, args.save_run)}", file=sys.stderr)
+        saved = export.save_run(result, args.save_run)
+        args.written.append(str(saved))
+        print(f"saved run {saved}", file=sys.stderr)
     if not (args.csv or args.json or args.parquet):
         expert = ["expert"] if analysis.has_experts(result.scores) else []  # a mixture-of-experts model's neurons
         top = analysis.top_neurons(result.scores, n=3, top_tokens=result.top_tokens)
         shown = top[["category", "layer", *expert, "neuron", "score", "avg_activation", "auroc", "top_tokens"]]
-        print(analysis.with_readable_top_tokens(shown).to_string(index=False))
+        if shown.empty:
+            print("No neuron has a score in any category (too few of the categories' tokens; see the note above), "
+                  "so there are no top neurons to show.")  # fmt: skip
+        else:
+            print(analysis.with_readable_top_tokens(shown).to_string(index=False))
     return 0
 
 
-def _kept_rows_phrase(args, result) -> str:
-    """What --flagged-only / --min-cv-auroc keep, in words: 'flagged (score >= 1) and holding up (cv_auroc >= 0.8)'."""
-    parts = [f"flagged (score >= {result.metadata.get('threshold', 1.0):g})"] if args.flagged_only else []
-    parts += [f"holding up (cv_auroc >= {args.min_cv_auroc:g})"] if args.min_cv_auroc is not None else []
+_CV_AUROC_NEEDS = "it needs two or more words per category, auroc and cv_folds on"  # why a scan has no cv_auroc
+
+
+def _kept_rows_phrase(threshold: float | None, min_cv_auroc: float | None) -> str:
+    """What --flagged-only (threshold: the scan's) and --min-cv-auroc keep, in words, each None when not applied:
+    'flagged (score >= 1) and holding up (cv_auroc >= 0.8)'."""
+    parts = [f"flagged (score >= {threshold:g})"] if threshold is not None else []
+    parts += [f"holding up (cv_auroc >= {min_cv_auroc:g})"] if min_cv_auroc is not None else []
     return " and ".join(parts)
 
 
@@ -683,6 +786,7 @@ def _warn_missing_words(cfg) -> None:
 
 
 def _run_interpret(args) -> int:
+    _refuse_significance_metric(args.metric)
     scanned = _read_scores(args.csv, args.metric, numeric=(args.metric,))
     scanned["category"] = pd.Categorical(scanned["category"], categories=list(dict.fromkeys(scanned["category"])))
     scores = scanned
@@ -690,8 +794,8 @@ def _run_interpret(args) -> int:
         if "cv_auroc" not in scores.columns:
             raise ValueError(f"{args.csv} has no cv_auroc column (scanned before cross-validation existed); rescan it")
         if not analysis.has_cv_auroc(scanned):
-            print("note: this scan has no cv_auroc values (it needs two or more words per category, auroc and "
-                  "cv_folds on): --min-cv-auroc keeps every row", file=sys.stderr)  # fmt: skip
+            print(f"note: this scan has no cv_auroc values ({_CV_AUROC_NEEDS}): --min-cv-auroc keeps every row",
+                  file=sys.stderr)  # fmt: skip
         else:
             scores = analysis.holding_up(scanned, args.min_cv_auroc)
             print(f"Only rows that hold up across words: cv_auroc >= {args.min_cv_auroc} "
@@ -705,20 +809,32 @@ def _run_interpret(args) -> int:
     neuron = analysis.shown_key(scanned)  # layer, [expert,] neuron: no blank expert column for a dense model
     cols = [c for c in ("category", *neuron, args.metric, "avg_activation", "cv_auroc", "top_tokens") if c in scores.columns]
     top = analysis.top_neurons(scores, args.metric, args.top or len(scores))[list(dict.fromkeys(cols))]  # 0: all
-    print(analysis.with_readable_top_tokens(top).to_string(index=False))
+    print(analysis.with_readable_top_tokens(top).to_string(index=False) if len(top) else f"(none: {_why_none_ranked(args, scores)})")
     if args.multi_category:
         overlap = analysis.multi_category_neurons(scores, args.metric, threshold)[[*neuron, "n_categories", "categories"]]
         print(f"\nNeurons flagged in 2+ categories: {len(overlap)}")
         print(overlap.to_string(index=False) if len(overlap) else "(none)")
     if args.correlation:
         print(f"\nCategory correlation of {args.metric} across neurons (Pearson):")
-        print(analysis.category_correlation(scores, args.metric).round(3).to_string())
+        if scores[args.metric].notna().any():
+            print(analysis.category_correlation(scores, args.metric).round(3).to_string())
+        else:
+            print(f"(none: {_why_none_ranked(args, scores)})")
     return 0
+
+
+def _why_none_ranked(args, scores: pd.DataFrame) -> str:
+    """Why interpret has no neuron to rank by args.metric among scores (the rows --min-cv-auroc kept)."""
+    if scores.empty:
+        return f"no row holds up across words (cv_auroc >= {args.min_cv_auroc:g}): lower --min-cv-auroc"
+    why = f" ({_CV_AUROC_NEEDS})" if args.metric == "cv_auroc" else " (its categories had too few tokens)"
+    return f"no row of {args.csv} has a {args.metric} value{why}; pick another --metric, such as score or auroc"
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code. Errors print one line to stderr and return non-zero."""
     args = build_parser().parse_args(argv)
+    args.written = []  # the output files written so far (_wrote), for the message after Ctrl-C
     try:
         runner = {
             "scan": _run_scan, "interpret": _run_interpret, "validate": _run_validate, "ablate": _run_ablate,
@@ -729,7 +845,32 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mechamap: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback from wherever the scan was
-        checkpoint_dir = getattr(args, "checkpoint_dir", None)
-        resume = f"; the last checkpoint in {checkpoint_dir} resumes it (--resume)" if checkpoint_dir else ""
-        print(f"mechamap: interrupted, nothing written{resume}", file=sys.stderr)
+        print(f"mechamap: {_interrupted_message(args)}", file=sys.stderr)
         return 130
+
+
+def _wrote(args, path) -> None:
+    """Says that an output file was written, and records it in args.written (what an interruption reports)."""
+    args.written.append(str(path))
+    print(f"wrote {path}", file=sys.stderr)
+
+
+def _interrupted_message(args) -> str:
+    """What Ctrl-C left behind, in words: the outputs written before it (args.written), and, for a corpus scan
+    whose --checkpoint-dir holds this rank's checkpoint, that --resume continues from it."""
+    if args.written:
+        message = f"interrupted after writing {', '.join(args.written)}; nothing else was written"
+    else:
+        message = "interrupted, no output was written"
+    checkpoint_dir = getattr(args, "checkpoint_dir", None)
+    if checkpoint_dir and _checkpoint_exists(checkpoint_dir):
+        message += f"; the last checkpoint in {checkpoint_dir} resumes the scan (--resume)"
+    return message
+
+
+def _checkpoint_exists(checkpoint_dir: str) -> bool:
+    """Whether checkpoint_dir holds the checkpoint this process's rank would resume from (scan.stream.Checkpointing)."""
+    from .scan.distributed import ranks_from_env
+    from .scan.stream import Checkpointing
+
+    return Checkpointing(Path(checkpoint_dir), 1, {}, ranks_from_env().rank).path.is_file()

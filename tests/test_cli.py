@@ -287,6 +287,13 @@ def test_ablate_prints_effect_vs_controls(capsys):
         (["ablate", "--config", DEFAULT, "--category", "food", "--neurons", "5:1", "--controls", "1"], "--controls"),
         (["write-text", "--config", DEFAULT, "--contexts", "0"], "--contexts"),
         (["interpret", "--csv", "x.csv", "--top", "-1"], "--top"),
+        # an empty value was taken for no option (--csv "" wrote nothing) or for the default (--text-field "" read 'text')
+        (["scan", "--config", DEFAULT, "--csv", ""], "argument --csv: is empty"),
+        (["scan", "--config", DEFAULT, "--json", " "], "argument --json: is empty"),
+        (["scan", "--config", DEFAULT, "--corpus", "c.txt", "--text-field", ""], "argument --text-field: is empty"),
+        (["validate", "--csv", "x.csv", "--heldout", HELDOUT, "--out", ""], "argument --out: is empty"),
+        (["write-text", "--config", DEFAULT, "--out", ""], "argument --out: is empty"),
+        (["interpret", "--csv", ""], "argument --csv: is empty"),
     ],
 )
 def test_argparse_errors_exit_2_with_one_line(argv, fragment, capsys):
@@ -464,6 +471,10 @@ def test_scores_files_that_are_not_scan_results_get_one_line_errors(scanned, cap
         "no_model": table.drop(columns="model"),
         "text_layer": table.assign(layer=table["layer"].astype(str) + "x"),
         "empty_layer": table.assign(layer=table["layer"].where(table.index > 0)),
+        "huge_layer": table.assign(layer=table["layer"].astype(float).where(table.index != 2, 1e30)),  # was read as -2**63
+        "half_neuron": table.assign(neuron=table["neuron"].astype(float).where(table.index != 1, 2.5)),
+        "negative_neuron": table.assign(neuron=table["neuron"].where(table.index != 0, -1)),
+        "text_expert": table.assign(expert=["two"] + [None] * (len(table) - 1)),
     }
     paths = {name: tmp_path / f"{name}.csv" for name in files}
     for name, frame in files.items():
@@ -474,16 +485,20 @@ def test_scores_files_that_are_not_scan_results_get_one_line_errors(scanned, cap
         (["contrast", "--csv", str(paths["header_only"])], "has no rows"),
         (["validate", "--csv", str(paths["no_model"]), "--heldout", HELDOUT], "--model"),
         (["contrast", "--csv", str(paths["no_model"])], "--model"),
-        (["interpret", "--csv", str(paths["text_layer"])], "whole-number layer"),
-        (["interpret", "--csv", str(paths["empty_layer"])], "whole-number layer"),
+        (["interpret", "--csv", str(paths["text_layer"])], "row 1 (line 2) has layer '0x'; every layer must be a whole number"),
+        (["interpret", "--csv", str(paths["empty_layer"])], "row 1 (line 2) has no layer; every layer must be a whole number"),
+        (["interpret", "--csv", str(paths["huge_layer"])], "row 3 (line 4) has layer 1e+30; every layer must be a whole number from 0"),
+        (["interpret", "--csv", str(paths["half_neuron"])], "row 2 (line 3) has neuron 2.5; every neuron must be a whole number"),
+        (["contrast", "--csv", str(paths["negative_neuron"])], "row 1 (line 2) has neuron -1; every neuron must be a whole number from 0"),
+        (["interpret", "--csv", str(paths["text_expert"])], "row 1 (line 2) has expert 'two'; every expert must be a whole number", "or empty for a dense neuron"),
         (["interpret", "--csv", str(scanned[1]["csv"]), "--metric", "model"], "not a numeric column"),
         (["validate", "--csv", str(scanned[1]["csv"]), "--heldout", HELDOUT, "--metric", "top_tokens"], "not a numeric column"),
         (["interpret", "--csv", str(tmp_path / "empty.csv")], "not a MechaMap scores file"),
         (["interpret", "--csv", DEFAULT], "is not a CSV or Parquet file (it ends in .yaml)"),
     ]  # fmt: skip
-    for argv, fragment in cases:
+    for argv, *fragments in cases:
         assert main(argv) == 1, argv
-        assert_one_line_error(capsys.readouterr().err, fragment)
+        assert_one_line_error(capsys.readouterr().err, *fragments)
 
 
 def test_scan_refuses_a_text_without_any_category_word_and_names_missing_words(capsys, tmp_path):
@@ -500,6 +515,7 @@ def test_scan_refuses_a_text_without_any_category_word_and_names_missing_words(c
     err = capsys.readouterr().err
     assert "warning: 2 of 3 words never occur in the master text: kiwi, dog" in err
     assert "--min-cv-auroc keeps every row" in err  # no category has two words that occur: no cv_auroc
+    assert "holding up" not in err  # it also said "48 of 48 rows holding up (cv_auroc >= 0.9)"
 
 
 def test_a_directory_given_as_config_is_named_as_such(capsys, tmp_path):
@@ -640,9 +656,9 @@ def test_files_that_are_not_text_and_flags_that_would_be_ignored_are_refused(cap
     priced.write_text("master_text: it cost 2.50\ncategories:\n  price: [2.50]\n", encoding="utf-8")
     scan = ["scan", "--config", DEFAULT]
     cases = [
-        (["scan", "--config", str(binary)], f"--config {binary} is not UTF-8 text"),
-        (["ablate", "--config", str(binary), "--category", "food", "--neurons", "0:1"], f"--config {binary} is not UTF-8"),
-        (["validate", "--csv", str(scores), "--heldout", str(binary)], f"--heldout {binary} is not UTF-8 text"),
+        (["scan", "--config", str(binary)], f"{binary} is not UTF-8 text (byte 1): is it a YAML config?"),
+        (["ablate", "--config", str(binary), "--category", "food", "--neurons", "0:1"], f"{binary} is not UTF-8 text"),
+        (["validate", "--csv", str(scores), "--heldout", str(binary)], f"{binary} is not UTF-8 text"),
         (["contrast", "--csv", str(scores), "--contrast", str(binary)], f"--contrast {binary} is not UTF-8 text"),
         (["contrast", "--csv", str(scores), "--contrast", DEFAULT], "this looks like a scan config, not a contrast set",
          "in_sense: [sentences], out_of_sense: [sentences]"),
@@ -814,3 +830,140 @@ def test_output_below_a_file_and_a_revision_given_twice_are_named_as_such(capsys
         assert_one_line_error(capsys.readouterr().err, f"cannot write --csv {below}: {tmp_path / 'file'} is a file, not a folder")
     assert main([*scan, "--model", "org/tiny@v1", "--revision", "main"]) == 1
     assert_one_line_error(capsys.readouterr().err, "'org/tiny@v1' names revision 'v1'", "--revision main")
+
+
+# --- interruptions, names that read as missing, and options that did nothing -----------------------------------
+
+
+def test_ctrl_c_says_which_outputs_were_written_and_offers_resume_only_with_a_checkpoint(capsys, tmp_path, monkeypatch):
+    """Ctrl-C after the CSV was written said "nothing written"; a corpus scan stopped before its first checkpoint
+    offered --resume from an empty folder."""
+    from mechamap_core import export
+
+    csv, json_out, parquet = tmp_path / "big.csv", tmp_path / "big.json", tmp_path / "big.parquet"
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export, "to_json", interrupt)  # Ctrl-C while the JSON is written, after the CSV
+    argv = ["scan", "--config", DEFAULT, "--limit-neurons", "2", "--layers", "0", "--device", "cpu",
+            "--csv", str(csv), "--json", str(json_out), "--parquet", str(parquet)]  # fmt: skip
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert f"mechamap: interrupted after writing {csv}; nothing else was written" in err.splitlines()[-1], err
+    assert csv.is_file() and not json_out.exists() and not parquet.exists()
+
+    monkeypatch.setattr("mechamap_core.cli._load", interrupt)  # Ctrl-C while the model loads
+    corpus, checkpoints = tmp_path / "corpus.txt", tmp_path / "checkpoints"
+    corpus.write_text("A dog ate pizza in Paris.\n", encoding="utf-8")
+    scan = ["scan", "--config", DEFAULT, "--corpus", str(corpus), "--checkpoint-dir", str(checkpoints), "--csv", str(tmp_path / "c.csv")]
+    assert main(scan) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == "mechamap: interrupted, no output was written"
+    checkpoints.mkdir(exist_ok=True)
+    (checkpoints / "rank0.pt").write_bytes(b"state")  # an earlier run's checkpoint
+    assert main(scan) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"mechamap: interrupted, no output was written; the last checkpoint in {checkpoints} resumes the scan (--resume)"
+    )
+
+
+def test_categories_named_like_missing_values_survive_the_csv(capsys, tmp_path):
+    """A category named NA, None, nan or null was read back from the scores CSV as missing: interpret failed
+    ("Categorical categories cannot be null") and ablate found no neuron for it. An empty name gets one line."""
+    from mechamap_core import load_config, save_config
+
+    cfg = load_config(DEFAULT)
+    names = {"NA": "food", "None": "location", "nan": "animal"}  # each takes the words of one (N/A is no config name)
+    cfg.categories = {name: cfg.categories[source] for name, source in names.items()}
+    cfg.categories["null"] = ["Jupiter"]  # too few tokens: its statistics are NaN, and must read back as NaN
+    config, csv = tmp_path / "na.yaml", tmp_path / "na.csv"
+    save_config(cfg, config)
+    assert main(["scan", "--config", str(config), "--limit-neurons", "4", "--device", "cpu", "--csv", str(csv)]) == 0
+    capsys.readouterr()
+    assert main(["interpret", "--csv", str(csv), "--top", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.split("by layer and category:")[1].split()[:5] == ["category", "NA", "None", "nan", "null"], out
+    from mechamap_core.cli import _read_scores
+
+    scores = _read_scores(str(csv))
+    assert scores.loc[scores["category"] == "null", "score"].isna().all()
+    assert scores.loc[scores["category"] != "null", "score"].notna().all()
+    assert scores["score"].dtype == "float64"
+    best = scores[scores["category"] == "NA"]["score"].max()
+    argv = ["ablate", "--config", str(config), "--category", "NA", "--csv", str(csv), "--threshold", str(best - 1e-9),
+            "--controls", "2", "--device", "cpu"]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    assert "ablating 1 neuron(s) for 'NA'" in capsys.readouterr().out
+    table = pd.read_csv(csv, keep_default_na=False)
+    table.loc[3, "category"] = ""
+    table.to_csv(csv, index=False)
+    assert main(["interpret", "--csv", str(csv)]) == 1
+    assert_one_line_error(capsys.readouterr().err, "row 4 (line 5) has no category name")
+
+
+def test_ablate_names_a_category_the_scores_do_not_have(capsys, tmp_path, monkeypatch):
+    """It said the CSV "flags no neuron for 'location': lower --threshold" when the CSV has no such category."""
+    no_model_loads(monkeypatch)
+    scores = tmp_path / "scores.csv"
+    pd.concat([scores_of("bundled"), scores_of("bundled", category="animal")]).to_csv(scores, index=False)
+    assert main(["ablate", "--config", DEFAULT, "--category", "location", "--csv", str(scores)]) == 1
+    assert_one_line_error(capsys.readouterr().err, f"{scores} has no category 'location' (it has food, animal)")
+
+
+def test_write_text_writes_a_config_to_an_upper_case_yaml_suffix(capsys, tmp_path):
+    from mechamap_core import load_config
+
+    for name in ("text.YAML", "text.Yml"):
+        out = tmp_path / name
+        assert main(["write-text", "--config", DEFAULT, "--out", str(out)]) == 0
+        assert load_config(str(out)).categories == load_config(DEFAULT).categories  # a config, not the bare text
+
+
+def test_revision_and_max_memory_that_cannot_apply_are_refused(capsys, tmp_path, monkeypatch):
+    """--revision was ignored for the bundled model and local folders; --max-memory naming a GPU the machine lacks
+    printed accelerate's stray lines, then "Cannot access accelerator device when none is available"."""
+    from tiny_models import build_tiny_model
+
+    folder = build_tiny_model("gpt2", tmp_path / "tiny_gpt2")
+    scan = ["scan", "--config", DEFAULT, "--limit-neurons", "1", "--layers", "0", "--device", "cpu"]
+    assert main([*scan, "--revision", "does-not-exist"]) == 1
+    assert_one_line_error(capsys.readouterr().err, "--revision does-not-exist applies to Hugging Face Hub ids only",
+                          "is the bundled model")  # fmt: skip
+    assert main([*scan, "--model", str(folder), "--revision", "v1"]) == 1
+    assert_one_line_error(capsys.readouterr().err, f"{folder} is a local model folder: leave --revision out")
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 0)
+    assert main([*scan, "--max-memory", "0=10GiB"]) == 1
+    out, err = capsys.readouterr()
+    assert_one_line_error(err, "--max-memory names GPU 0, but this machine has no GPU")
+    assert "not available" not in out + err
+    assert main([*scan, "--max-memory", "cuda:0=10GiB"]) == 1
+    assert_one_line_error(capsys.readouterr().err, "--max-memory device 'cuda:0' is not a GPU index, cpu, mps or disk")
+
+
+def test_nothing_to_rank_is_said_in_a_sentence_not_as_an_empty_table(capsys, tmp_path):
+    """interpret --metric cv_auroc of a scan without cv_auroc values, and a scan whose categories have too few
+    tokens, printed pandas' "Empty DataFrame / Columns: [...] / Index: []"."""
+    csv = tmp_path / "scores.csv"
+    scores_of("bundled").assign(cv_auroc=float("nan")).to_csv(csv, index=False)
+    assert main(["interpret", "--csv", str(csv), "--metric", "cv_auroc", "--correlation"]) == 0
+    out = capsys.readouterr().out
+    assert "Empty DataFrame" not in out and "NaN" not in out
+    assert out.count(f"(none: no row of {csv} has a cv_auroc value (it needs two or more words per category") == 2
+    config = tmp_path / "thin.yaml"
+    config.write_text("master_text: A mango, then a kiwi.\ncategories:\n  fruit: [mango, kiwi]\n", encoding="utf-8")
+    assert main(["scan", "--config", str(config), "--limit-neurons", "2", "--layers", "0", "--device", "cpu"]) == 0
+    out, err = capsys.readouterr()
+    assert "Empty DataFrame" not in out and "no statistics for 'fruit'" in err
+    assert "No neuron has a score in any category" in out
+
+
+@pytest.mark.parametrize("metric", ["p_value", "q_value", "welch_p", "welch_q"])
+def test_p_and_q_values_are_refused_as_a_metric(metric, capsys, tmp_path, monkeypatch):
+    """--metric q_value --threshold 0.05 ranked the least significant neurons first and flagged q >= 0.05."""
+    no_model_loads(monkeypatch)
+    csv = tmp_path / "scores.csv"
+    scores_of("bundled").assign(**{metric: [0.001, 0.5]}).to_csv(csv, index=False)
+    for argv in (["interpret", "--csv", str(csv)], ["validate", "--csv", str(csv), "--heldout", HELDOUT]):
+        assert main([*argv, "--metric", metric, "--threshold", "0.05"]) == 1
+        assert_one_line_error(capsys.readouterr().err, f"--metric {metric} is a p or q value, where lower is stronger",
+                              "use --metric score")  # fmt: skip

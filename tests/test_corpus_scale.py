@@ -126,6 +126,6 @@ def test_ctrl_c_stops_a_scan_with_one_line(tiny_models, tmp_path, default_cfg):
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr[-2000:]
     assert "Traceback" not in stderr
-    assert stderr.rstrip().splitlines()[-1] == (f"mechamap: interrupted, nothing written; the last checkpoint in "
-                                                f"{checkpoints} resumes it (--resume)")  # fmt: skip
+    assert stderr.rstrip().splitlines()[-1] == (f"mechamap: interrupted, no output was written; the last checkpoint "
+                                                f"in {checkpoints} resumes the scan (--resume)")  # fmt: skip
     assert not (tmp_path / "out.parquet").exists()
