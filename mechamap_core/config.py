@@ -148,6 +148,7 @@ def config_from_dict(data: object, require_master_text: bool = True) -> ScanConf
     return cfg
 
 
+MIN_CHUNK_TOKENS = 16  # the shortest chunk a scan cuts a text into (max_chunk_tokens; 0: the model's own limit)
 _LARGEST_SETTING = 2**63 - 1  # a whole-number setting must fit an int64 (numpy, torch's generator seed, float())
 
 
@@ -223,6 +224,11 @@ def validate_config(cfg: ScanConfig, require_master_text: bool = True) -> None:
     for key in ("top_k_tokens", "limit_neurons", "max_chunk_tokens", "permutations", "seed"):
         if getattr(cfg, key) < 0:
             problems.append((key, f"'{key}' must be 0 or more, got {getattr(cfg, key)}"))
+    if 0 < cfg.max_chunk_tokens < MIN_CHUNK_TOKENS:
+        problems.append(("max_chunk_tokens", f"'max_chunk_tokens' must be 0 (the model's own limit) or at least "
+                                             f"{MIN_CHUNK_TOKENS}: shorter chunks leave the model no context to read a "
+                                             f"word in (with 1, activations of a token repeat exactly and scores run "
+                                             f"into the hundreds of thousands)"))  # fmt: skip
     if cfg.top_k_tokens > 100:
         problems.append(("top_k_tokens", "'top_k_tokens' must be at most 100"))
     if cfg.permutations > 100_000:

@@ -647,3 +647,14 @@ def test_a_config_file_that_is_not_utf8_is_a_config_error(tmp_path):
     path.write_bytes(b"master_text: caf\xe9\n")
     with pytest.raises(ConfigError, match=r"binary.yaml is not UTF-8 text \(byte 17\): is it a YAML config\?"):
         load_config(path)
+
+
+@pytest.mark.parametrize("chunk, fine", [(0, True), (1, False), (15, False), (16, True), (4096, True)])
+def test_max_chunk_tokens_is_the_models_limit_or_enough_for_context(chunk, fine):
+    """A chunk of 1 token (a CLI audit) gives every occurrence of a token the same activation, and scores in the
+    hundreds of thousands: refused below MIN_CHUNK_TOKENS, with 0 (the model's limit) still allowed."""
+    text = yaml_of(max_chunk_tokens=chunk)
+    if fine:
+        assert parse_config(text).max_chunk_tokens == chunk
+    else:
+        assert "'max_chunk_tokens' must be 0 (the model's own limit) or at least 16" in dict(config_error(text).problems)["max_chunk_tokens"]
