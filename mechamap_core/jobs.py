@@ -84,7 +84,7 @@ class _Job:
     label: str
     resource: str
     work: Work | None
-    on_end: Callable[[], None] | None = None  # called once the job has ended, however it ended
+    on_end: Callable[[str], None] | None = None  # called with its final state once the job has ended
     token_prefix: list[int] | None = None  # token_prefix[i]: tokens in the first i units, once known
     state: str = QUEUED
     done: int = 0
@@ -121,9 +121,9 @@ class JobQueue:
         self._ids = itertools.count(1)
         self._threads: dict[str, threading.Thread] = {}
 
-    def submit(self, label: str, work: Work, *, resource: str = "", on_end: Callable[[], None] | None = None) -> str:
-        """Queue work behind the unfinished jobs on the same resource; returns the job id. on_end() is called once the
-        job has ended (done, failed or cancelled, queued or running), on its thread."""
+    def submit(self, label: str, work: Work, *, resource: str = "", on_end: Callable[[str], None] | None = None) -> str:
+        """Queue work behind the unfinished jobs on the same resource; returns the job id. on_end(state) is called once
+        the job has ended (DONE, FAILED or CANCELLED, queued or running), on its thread."""
         with self._changed:
             job = _Job(f"job-{next(self._ids)}", label, resource, work, on_end)
             self._jobs[job.id] = job
@@ -252,4 +252,4 @@ class JobQueue:
         job.message = message or (error or "")
         self._changed.notify_all()
         if job.on_end is not None:
-            job.on_end()
+            job.on_end(state)

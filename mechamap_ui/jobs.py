@@ -3,7 +3,6 @@ the job panel."""
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,34 +96,39 @@ def master_scan_label(spec: str, layers: list[int] | None, limit_neurons: int | 
     return f"Master text on {spec} ({which}" + (f"; {limit_neurons:,} neurons per layer)" if limit_neurons else ")")
 
 
-def start_master_scan(spec: str, cfg: ScanConfig, *, device: str, dtype: str, loading: dict | None = None, **options):
+def start_master_scan(spec: str, cfg: ScanConfig, *, device: str, dtype: str, loading: dict | None = None,
+                      again: pending.PendingScan | None = None, **options):  # fmt: skip
     """Queue a background scan of the config's master text, or open an identical earlier scan's run at once, or
     follow the same scan this session already has queued or running. The model loads in the job (a Hub id downloads
     there, with its progress), so leaving the page never stops it. options: layers, limit_neurons."""
     spec, loading = spec.strip(), scanning.loading_options(loading)
     key = scanning.scan_key(spec, device, dtype, cfg, options.get("layers"), options.get("limit_neurons"), None, loading)
     earlier = scanning.remembered_scan(key)
-    if earlier is not None:
-        _open_at_once(earlier.run_id, scanning.finished_message(earlier))
-    if _following_the_same_scan(key):
+    if earlier is not None or _following_the_same_scan(key):
+        if again is not None:  # the interrupted scan's run, or its job, is here already
+            pending.forget_pending(again.path)
+        if earlier is not None:
+            _open_at_once(earlier.run_id, scanning.finished_message(earlier))
         return
     work = master_scan_work(spec, cfg, device=device, dtype=dtype, loading=loading, **options)
     label = master_scan_label(spec, options.get("layers"), options.get("limit_neurons"))
     request = {"spec": spec, "config": cfg.to_dict(), "device": device, "dtype": dtype, "loading": loading, **options}
-    _submit(label, work, key, _model_resource(spec, device, dtype, loading), request)
+    _submit(label, work, key, _model_resource(spec, device, dtype, loading), request, again)
 
 
 def start_corpus_scan(spec: str, cfg: ScanConfig, label: str, *, device: str, dtype: str, texts: list[str],
-                      **options) -> bool:  # fmt: skip
+                      again: pending.PendingScan | None = None, **options) -> bool:  # fmt: skip
     """Queue a background scan of texts, or open an identical earlier scan's run at once, or follow the same scan
     this session already has queued or running. The model loads here, in the page; errors become one st.error line,
     and False. options: layers, limit_neurons."""
     spec = spec.strip()
     key = scanning.scan_key(spec, device, dtype, cfg, options.get("layers"), options.get("limit_neurons"), texts)
     earlier = scanning.remembered_scan(key)
-    if earlier is not None:
-        _open_at_once(earlier.run_id, f"Same model, config, options and corpus as an earlier scan: reused run {earlier.run_id}.")
-    if _following_the_same_scan(key):
+    if earlier is not None or _following_the_same_scan(key):
+        if again is not None:  # the interrupted scan's run, or its job, is here already
+            pending.forget_pending(again.path)
+        if earlier is not None:
+            _open_at_once(earlier.run_id, f"Same model, config, options and corpus as an earlier scan: reused run {earlier.run_id}.")
         return True
     try:
         lm = state.get_model(spec, device, dtype)
@@ -134,7 +138,7 @@ def start_corpus_scan(spec: str, cfg: ScanConfig, label: str, *, device: str, dt
     work = corpus_scan_work(lm, cfg, texts, state.runs_dir(), key, label=label, **options)  # the run records what it covered
     request = {"spec": spec, "config": cfg.to_dict(), "device": device, "dtype": dtype, "corpus": label, "texts": texts,
                **options}  # fmt: skip
-    _submit(label, work, key, _model_resource(spec, device, dtype), request)
+    _submit(label, work, key, _model_resource(spec, device, dtype), request, again)
     return True
 
 
@@ -163,39 +167,53 @@ def _following_the_same_scan(key: str) -> bool:
     return False
 
 
-def _submit(label: str, work: Work, key: str, resource: str, request: dict) -> None:
+def _submit(label: str, work: Work, key: str, resource: str, request: dict, again: pending.PendingScan | None = None):
     """Queue work as this session's job (its run opens in this session when it finishes), kept on disk until it ends
     (pending.py: request is what starts it again after a server restart; a runs folder that cannot be written to
-    keeps no record, and the scan's own save will say so)."""
-    try:
-        record = pending.keep_pending(state.runs_dir(), label, request)
-    except OSError:
-        record = None
-    forget = None if record is None else functools.partial(pending.forget_pending, record)
-    job_id = registry().submit(label, work, resource=resource, on_end=forget)
+    keeps no record, and the scan's own save will say so). again: the interrupted scan this job starts again, whose
+    record it holds instead; a failure lists it as interrupted once more, so nothing of it is lost."""
+    if again is not None:
+        pending.hold_pending(again.path)
+        record = again.path
+    else:
+        try:
+            record = pending.keep_pending(state.runs_dir(), label, request)
+        except OSError:
+            record = None
+
+    def ended(final_state: str) -> None:
+        if record is not None:
+            failed_again = again is not None and final_state == FAILED
+            (pending.release_pending if failed_again else pending.forget_pending)(record)
+
+    job_id = registry().submit(label, work, resource=resource, on_end=ended)
     st.session_state.setdefault(MY_JOBS, {})[job_id] = key
 
 
+REQUEST_KEYS = {"spec", "config"}  # what a record's request must have; it may also have those below
+REQUEST_OPTIONS = {"device", "dtype", "loading", "layers", "limit_neurons", "texts", "corpus"}
+
+
 def _start_again(scan: pending.PendingScan) -> bool:
-    """Queue an interrupted scan again as this session's job (its record goes once the new one is queued: True), or
-    say in one line why it cannot be (its config no longer validates, its model does not load: False)."""
+    """Queue an interrupted scan again as this session's job, holding its record until the job ends (True), or say
+    in one line why it cannot be (a record of another layout, a config that no longer validates, a model that does
+    not load in the page: False, and the record stays)."""
     request = dict(scan.request)
+    unknown, missing = set(request) - REQUEST_KEYS - REQUEST_OPTIONS, REQUEST_KEYS - set(request)
+    if unknown or missing:
+        st.error(f"**{scan.label}** cannot start again: its record {'lacks' if missing else 'has unknown'} "
+                 f"{', '.join(sorted(missing or unknown))} (another MechaMap version wrote it?). Discard it.")  # fmt: skip
+        return False
     try:
         cfg = config_from_dict(request.pop("config"))
     except ConfigError as exc:
         st.error(f"**{scan.label}** cannot start again: {exc}")
         return False
     spec, texts, corpus = request.pop("spec"), request.pop("texts", None), request.pop("corpus", None)
-    queued = True
-    try:
-        if texts is None:
-            start_master_scan(spec, cfg, **request)
-        else:
-            queued = start_corpus_scan(spec, cfg, corpus, texts=texts, **request)
-    finally:  # also when an identical earlier run opens instead (st.rerun raises)
-        if queued:
-            pending.forget_pending(scan.path)
-    return queued
+    if texts is None:
+        start_master_scan(spec, cfg, again=scan, **request)
+        return True
+    return start_corpus_scan(spec, cfg, corpus, texts=texts, again=scan, **request)
 
 
 def duration(seconds: float) -> str:
@@ -286,8 +304,9 @@ def _show_interrupted(scans: list[pending.PendingScan]) -> None:
     """The scans a server stopped before they ended (pending.interrupted_scans), each with Scan again and Discard."""
     for scan in scans:
         with st.container(border=True):
-            st.warning(f"**{scan.label}**: interrupted. The server stopped before this scan ended (queued {scan.started}), "
-                       "so nothing was saved. Its config, model and options were kept.", icon=":material/restart_alt:")  # fmt: skip
+            st.warning(f"**{scan.label}**: interrupted. The server stopped before this scan's job ended (queued "
+                       f"{scan.started}), so its run was not saved (unless the sidebar lists it: it may have stopped "
+                       "while ending). Its config, model and options were kept.", icon=":material/restart_alt:")  # fmt: skip
             with st.container(horizontal=True):
                 if st.button("Scan again", key=f"again-{scan.path.name}", icon=":material/replay:") and _start_again(scan):
                     st.rerun()

@@ -14,7 +14,7 @@ from app_fixtures import make_app, no_exception, open_page, texts
 from test_jobs import DOCS, WAIT_S, blocking_work, click, gate, queue, upload_corpus  # noqa: F401 (fixture)
 
 from mechamap_core import pending
-from mechamap_core.config import BUNDLED_MODEL_ID
+from mechamap_core.config import BUNDLED_MODEL_ID, load_config
 from mechamap_core.export import load_run
 from mechamap_core.jobs import CANCELLED, DONE, FAILED
 from mechamap_ui import jobs, state
@@ -23,58 +23,70 @@ from mechamap_ui.state import ACTIVE_RUN
 app_env = app_fixtures.app_env
 
 
-def a_gone_process() -> int:
-    """The pid of a process that has ended."""
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()
-    return child.pid
+HOLD_AND_SLEEP = """
+import fcntl, sys, time
+handle = open(sys.argv[1], "rb")
+fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+print("held", flush=True)
+time.sleep(120)
+"""
 
 
-def left_by_a_stopped_server(path, pid: int | None = None) -> None:
-    """Make a record look as if a server process that has since stopped wrote it."""
+def left_by_a_stopped_server(path) -> None:
+    """Make a record look as if a server process that has since stopped wrote it: no process holds it (and, for the
+    Windows fallback, it names another process)."""
+    pending.release_pending(path)
     record = json.loads(path.read_text(encoding="utf-8"))
-    record.update(server="a-server-that-stopped", pid=a_gone_process() if pid is None else pid)
+    record.update(server="a-server-that-stopped", pid=0)
     path.write_text(json.dumps(record), encoding="utf-8")
 
 
-def test_on_end_runs_once_when_a_job_ends_however_it_ends(queue):  # noqa: F811
-    ended: list[str] = []
+def test_on_end_runs_once_with_the_final_state_however_a_job_ends(queue):  # noqa: F811
+    ended: list[tuple[str, str]] = []
 
     def failing(progress):
         raise RuntimeError("no")
 
-    done_id = queue.submit("done", lambda progress: "ok", on_end=lambda: ended.append("done"))
-    failed_id = queue.submit("failed", failing, on_end=lambda: ended.append("failed"))
+    done_id = queue.submit("done", lambda progress: "ok", on_end=lambda state: ended.append(("done", state)))
+    failed_id = queue.submit("failed", failing, on_end=lambda state: ended.append(("failed", state)))
     first = gate()
     running_id = queue.submit("running", blocking_work(*first, [], "running"), resource="m")
-    queued_id = queue.submit("queued", lambda progress: "never", resource="m", on_end=lambda: ended.append("queued"))
+    queued_id = queue.submit("queued", lambda progress: "never", resource="m",
+                             on_end=lambda state: ended.append(("queued", state)))  # fmt: skip
     assert first[0].wait(WAIT_S)
     queue.cancel(queued_id)  # cancelled before it ran: its work never runs, its on_end does
     for job_id in (done_id, failed_id, queued_id):
         assert queue.wait(job_id, WAIT_S)
-    assert sorted(ended) == ["done", "failed", "queued"]
-    assert [queue.job(i).state for i in (done_id, failed_id, queued_id)] == [DONE, FAILED, CANCELLED]
+    assert sorted(ended) == [("done", DONE), ("failed", FAILED), ("queued", CANCELLED)]
     first[1].set()
     assert queue.wait(running_id, WAIT_S)
 
 
-def test_a_record_is_interrupted_only_once_its_server_is_gone(tmp_path):
+@pytest.mark.skipif(pending.fcntl is None, reason="POSIX file locks (Windows names the process in the record)")
+def test_a_record_is_interrupted_only_when_no_running_process_holds_it(tmp_path):
+    """A record is held (locked) by the process running its scan, and the lock dies with that process whatever its
+    pid becomes; a record another running server holds is its own; an unreadable one is left alone."""
     request = {"spec": "gpt2", "layers": [0, 5], "words": ["café", "東京"]}
     path = pending.keep_pending(tmp_path, "Master text on gpt2", request)
     assert path.parent == tmp_path / pending.FOLDER and (path.parent.stat().st_mode & 0o777) == 0o700
     assert pending.interrupted_scans(tmp_path) == []  # this server's own: it is still running it
 
-    left_by_a_stopped_server(path, pid=os.getpid())  # a restarted server in a container can get its old pid back
+    left_by_a_stopped_server(path)
     (found,) = pending.interrupted_scans(tmp_path)
     assert (found.path, found.label, found.request) == (path, "Master text on gpt2", request)
 
-    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as other:
-        try:  # another server, still running, that shares the runs folder: its scans are its own
-            left_by_a_stopped_server(path, pid=other.pid)
-            assert pending.interrupted_scans(tmp_path) == []
-        finally:
-            other.kill()
-    left_by_a_stopped_server(path)
+    other = subprocess.Popen([sys.executable, "-c", HOLD_AND_SLEEP, str(path)], stdout=subprocess.PIPE, text=True)
+    try:  # another server, still running, that shares the runs folder and holds the record: its scan is its own
+        assert other.stdout.readline().strip() == "held"
+        assert pending.interrupted_scans(tmp_path) == []
+    finally:
+        other.kill()
+        other.wait()
+    assert [scan.path for scan in pending.interrupted_scans(tmp_path)] == [path]  # its lock went with it
+
+    pending.hold_pending(path)  # started again here: no longer interrupted, until released
+    assert pending.interrupted_scans(tmp_path) == []
+    pending.release_pending(path)
     assert [scan.path for scan in pending.interrupted_scans(tmp_path)] == [path]
 
     broken = path.parent / "00000000-broken.json"
@@ -137,19 +149,20 @@ def test_the_scan_page_starts_an_interrupted_scan_again(app_env, kind):
     no_exception(at)
     label = json.loads(kept)["label"]
     (warning,) = interrupted_warnings(at)
-    assert label in warning and "nothing was saved" in warning and jobs.registry().jobs() == []
+    assert label in warning and "its run was not saved" in warning and jobs.registry().jobs() == []
     if kind == "corpus":
         assert label == "docs.txt (4 documents)"
     click(at, "Scan again")
     no_exception(at)
-    assert interrupted_warnings(at) == [] and not record.exists()
+    assert interrupted_warnings(at) == [] and record.exists()  # held by the job until it ends
     (job,) = jobs.registry().jobs()
     assert job.label == label and jobs.registry().wait(job.id, WAIT_S)
+    assert not record.exists()  # it ended done: the record went
     run_id = jobs.registry().job(job.id).outcome.run_id
     at.run()  # this session's job: its run opens
     no_exception(at)
     assert at.session_state[ACTIVE_RUN] == run_id
-    assert os.listdir(app_env["runs"]) == [run_id]  # the new job's record went when it ended
+    assert os.listdir(app_env["runs"]) == [run_id]
     result = load_run(app_env["runs"] / run_id)
     assert result.metadata["layers"] == [0] and result.metadata["neurons_per_layer"] == {"0": 8}
     asked = json.loads(kept)["request"]["config"]  # the run's config records the layers and neurons it covered
@@ -173,3 +186,35 @@ def test_an_interrupted_scan_whose_config_no_longer_validates_says_why(app_env):
     no_exception(at)
     assert any("cannot start again" in e and "no categories" in e for e in texts(at.error)), texts(at.error)
     assert path.exists() and jobs.registry().jobs() == []  # kept: Discard takes it off
+
+
+def test_an_interrupted_scan_that_fails_again_stays_interrupted(app_env, tmp_path):
+    """Scan again of a master-text scan whose model no longer loads (it loads in the job): the job fails with its
+    reason on the panel, and the record is listed as interrupted again, config and options kept, not thrown away."""
+    cfg = load_config(app_env["configs"] / "default.yaml")
+    request = {"spec": str(tmp_path / "a-model-folder-that-went"), "config": cfg.to_dict(), "device": "auto",
+               "dtype": "auto", "loading": {}, "layers": [0], "limit_neurons": 4}  # fmt: skip
+    path = pending.keep_pending(app_env["runs"], "Master text on a-model-folder-that-went (layer 0)", request)
+    left_by_a_stopped_server(path)
+    at = open_page(make_app(), "scan")
+    click(at, "Scan again")
+    (job,) = jobs.registry().jobs()
+    assert jobs.registry().wait(job.id, WAIT_S) and jobs.registry().job(job.id).state == FAILED
+    at.run()
+    no_exception(at)
+    assert any("a-model-folder-that-went" in e for e in texts(at.error)), texts(at.error)
+    (warning,) = interrupted_warnings(at)
+    assert "a-model-folder-that-went" in warning and path.exists()
+    assert json.loads(path.read_text(encoding="utf-8"))["request"] == request
+
+
+def test_a_record_of_another_layout_says_so_and_stays(app_env):
+    """A record that lacks what starts a scan (or has keys this version does not know): one line, no traceback, and
+    the record stays for Discard."""
+    path = pending.keep_pending(app_env["runs"], "Old", {"spec": BUNDLED_MODEL_ID})
+    left_by_a_stopped_server(path)
+    at = open_page(make_app(), "scan")
+    click(at, "Scan again")
+    no_exception(at)
+    assert any("**Old** cannot start again: its record lacks config" in e for e in texts(at.error)), texts(at.error)
+    assert path.exists() and jobs.registry().jobs() == []
