@@ -567,11 +567,11 @@ def ablate(
         d_mlp = {s.layer: s.d_mlp for s in sites}
     for layer, ids in by_layer.items():
         check_neuron_range(ids, d_mlp[layer], f"layer {layer}")
-        if d_mlp[layer] - len(ids) < len(ids):
+        if d_mlp[layer] - len(ids) <= len(ids):  # with no more others than targets, every control set is the same
             raise ValueError(f"layer {layer} has {d_mlp[layer]} neurons: ablating {len(ids)} of them leaves "
-                             f"{d_mlp[layer] - len(ids)} others, and each random control set needs {len(ids)} from "
-                             f"that layer to match the targets' size; ablate at most {d_mlp[layer] // 2} neurons of "
-                             f"layer {layer}")  # fmt: skip
+                             f"{d_mlp[layer] - len(ids)} others, and the random control sets need {len(ids)} of more "
+                             f"than {len(ids)} to match the targets' size and differ from each other; ablate at most "
+                             f"{(d_mlp[layer] - 1) // 2} neurons of layer {layer}")  # fmt: skip
     rng = np.random.default_rng(seed)
     conditions = [("ablated", by_layer)]
     for i in range(n_controls):

@@ -626,9 +626,10 @@ def test_ablation_bad_input(tiny_gpt2):
 
 def test_ablation_controls_match_the_targets_size_in_every_layer(tiny_gpt2):
     """Every control set takes as many random neurons from each layer as the targets there, none of them a target:
-    half a layer's neurons is the most that leaves enough others. More is refused, saying how to fix it."""
+    fewer than half a layer's neurons is the most that leaves enough others for control sets that differ (with half,
+    each would be the other half). More is refused, saying how to fix it."""
     cfg = ScanConfig(master_text=TEXT, categories=WORDS)
-    half = D_MLP // 2
+    half = (D_MLP - 1) // 2
     targets = [(0, 5), (0, 9)] + [(1, n) for n in range(half)]
     table = ablate(tiny_gpt2, cfg, "food", targets, n_controls=3).per_condition
     for row in table.itertuples():
@@ -640,9 +641,9 @@ def test_ablation_controls_match_the_targets_size_in_every_layer(tiny_gpt2):
         with pytest.raises(ValueError) as refused:
             ablate(tiny_gpt2, cfg, "food", [(0, 1)] + [(1, n) for n in range(n_ablated)], n_controls=3)
         assert str(refused.value) == (
-            f"layer 1 has {D_MLP} neurons: ablating {n_ablated} of them leaves {D_MLP - n_ablated} others, and each "
-            f"random control set needs {n_ablated} from that layer to match the targets' size; ablate at most {half} "
-            "neurons of layer 1")  # fmt: skip
+            f"layer 1 has {D_MLP} neurons: ablating {n_ablated} of them leaves {D_MLP - n_ablated} others, and the "
+            f"random control sets need {n_ablated} of more than {n_ablated} to match the targets' size and differ from "
+            f"each other; ablate at most {half} neurons of layer 1")  # fmt: skip
 
 
 def test_ablation_takes_neurons_as_the_clis_text_and_a_config_path(tiny_gpt2, tmp_path):
