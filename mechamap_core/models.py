@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import tempfile
@@ -121,6 +122,39 @@ def resolve_model_source(spec: str) -> tuple[str, bool]:
     if local.suffix or spec.startswith((".", "/", "~")) or not _HUB_ID.match(spec):
         raise ModelNotAvailableError(f"'{spec}' is neither a local model folder nor a Hugging Face model id")
     return spec, False
+
+
+def local_model_depth(spec: str) -> tuple[int, int | None] | None:
+    """(layers, MLP width or None) of the bundled model or a local model folder, read from its config.json before
+    anything loads (a page then refuses layers the model lacks at once); None for a Hub id, a folder that cannot
+    be read, or a config that does not say (num_hidden_layers missing, e.g. a multimodal one's text config)."""
+    try:
+        source, is_local = resolve_model_source(spec)
+    except ModelNotAvailableError:
+        return None
+    if not is_local:
+        return None
+    config_file = Path(source) / "config.json"
+    try:
+        return _config_depth(str(config_file), config_file.stat().st_mtime_ns)
+    except OSError:
+        return None
+
+
+@functools.lru_cache(maxsize=16)
+def _config_depth(config_file: str, modified_ns: int) -> tuple[int, int | None] | None:
+    """local_model_depth's reading of one config.json, kept while the file is unchanged (modified_ns)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(Path(config_file).parent, local_files_only=True)
+    except (OSError, ValueError, KeyError):
+        return None
+    layers = getattr(config, "num_hidden_layers", None)
+    width = getattr(config, "intermediate_size", None)
+    if not isinstance(layers, int) or isinstance(layers, bool) or layers <= 0:
+        return None
+    return layers, width if isinstance(width, int) and not isinstance(width, bool) else None
 
 
 def _is_causal(config) -> bool:

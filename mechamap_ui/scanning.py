@@ -38,8 +38,6 @@ _SCANS_LOCK = threading.Lock()
 
 Progress = Callable[[int, int, str], None]  # progress(done, total, message), as a job's JobProgress takes it
 PLACEMENT = "scan_placement"  # session_state: where the last model this session scanned with sits, in words
-# The bundled model's shape (all-MiniLM-L6-v2), which the Scan page shows and checks typed layers against
-BUNDLED_N_LAYERS, BUNDLED_MLP_WIDTH = 6, 1536
 
 
 @dataclass

@@ -448,21 +448,21 @@ def test_scan_page_shows_a_running_job_a_queue_and_opens_the_finished_run(app_en
     assert fresh_registry.jobs() == [] and not any(s.value == "Background jobs" for s in at.subheader)
 
 
-def test_a_failed_job_shows_its_error_on_the_scan_page(app_env, fresh_registry, tiny_models):
-    """A failure only the job finds (a local model, whose layer count the page does not know before loading it; the
-    bundled model's out-of-range layers are refused before any job): one readable line on the page, nothing saved."""
+def test_a_failed_job_shows_its_error_on_the_scan_page(app_env, fresh_registry):
+    """A failure only the job finds (a master-text scan loads its model in the job: here a Hub id that is not in the
+    offline cache; the page refuses what it can check before, e.g. layers a known model lacks): one readable line
+    on the page, nothing saved."""
     at = open_page(make_app(), "scan")
-    upload_corpus(at, "docs.txt", DOCS[:3])
-    at.radio(key="scan_source").set_value("Local folder").run()
-    at.text_input(key="scan_local_dir").set_value(str(tiny_models.path("gpt2"))).run()
-    at.text_input(key="scan_layers").set_value("40").run()
+    at.radio(key="scan_source").set_value("Hugging Face id (downloads on demand)").run()
+    at.text_input(key="scan_hub_id").set_value("no-such-org/no-such-model-xyz").run()
     click(at, "Scan")
     (job,) = fresh_registry.jobs()
     assert fresh_registry.wait(job.id, WAIT_S)
     at.run()
     no_exception(at)
     errors = texts(at.error)
-    assert any("docs.txt (3 documents)" in e and "40" in e for e in errors), errors
+    assert any("Master text on no-such-org/no-such-model-xyz" in e and "not in the local Hugging Face cache" in e
+               for e in errors), errors  # fmt: skip
     assert all("Traceback" not in e for e in errors)
     assert os.listdir(app_env["runs"]) == []
 

@@ -282,12 +282,33 @@ def test_bad_layers_and_out_of_range_layers(app_env):
     assert not at.error and not scan_button(at).disabled
 
 
-def test_the_bundled_models_shape_on_the_scan_page_is_its_real_one(bundled_lm):
-    """The layer count the Scan page shows and checks typed layers against is the bundled model's, as is its width."""
+def test_the_depth_read_before_loading_is_the_loaded_models(bundled_lm, tiny_models, tmp_path):
+    """The layer count (and width) the Scan page shows and checks typed layers against, read from config.json before
+    anything loads, is what the loaded model has: the bundled model, and tiny models of several families; a Hub id,
+    a folder that is not a model, or a config without num_hidden_layers gives nothing to check against."""
+    from mechamap_core.models import load_model, local_model_depth
     from mechamap_core.sites import n_layers, resolve_sites
 
-    assert n_layers(bundled_lm.model) == scanning.BUNDLED_N_LAYERS
-    assert {site.d_mlp for site in resolve_sites(bundled_lm.model)} == {scanning.BUNDLED_MLP_WIDTH}
+    assert local_model_depth(BUNDLED_MODEL_ID) == (n_layers(bundled_lm.model), 1536)
+    assert {site.d_mlp for site in resolve_sites(bundled_lm.model)} == {1536}
+    for arch in ("gpt2", "llama", "bert"):
+        folder = tiny_models.path(arch)
+        assert local_model_depth(str(folder))[0] == n_layers(load_model(str(folder), device="cpu").model), arch
+    assert local_model_depth("gpt2") is None and local_model_depth(str(tmp_path)) is None
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2", "n_layer": 0}', encoding="utf-8")
+    assert local_model_depth(str(tmp_path)) is None
+
+
+def test_a_local_folders_layers_are_checked_before_any_job(app_env, tiny_models):
+    at = scan_page()
+    at.radio(key="scan_source").set_value("Local folder").run()
+    at.text_input(key="scan_local_dir").set_value(str(tiny_models.path("gpt2"))).run()
+    at.text_input(key="scan_layers").set_value("0,40").run()
+    no_exception(at)
+    from tiny_models import LAYERS
+
+    assert texts(at.error) == [f"Layer 40 is out of range: this model has layers 0-{LAYERS - 1}."]
+    assert scan_button(at).disabled
 
 
 def test_layers_are_checked_against_no_count_for_a_model_the_page_does_not_know(app_env):
