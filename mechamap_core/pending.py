@@ -22,6 +22,7 @@ FOLDER = ".pending_scans"  # inside the runs folder: private like a run, and lis
 SERVER = uuid.uuid4().hex  # this process (the Windows fallback's test of whose record it is)
 _FOLDER_LOCK = threading.Lock()  # the folder is made for a record and removed once empty, never both at once
 _HELD: dict[Path, IO] = {}  # this process's records, each open and locked while its scan is queued or running
+HOLD_ATTEMPTS = 40  # 5 ms apart: a lock another process keeps longer than that is its own (it runs the scan)
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,8 @@ def keep_pending(runs_dir: str | os.PathLike, label: str, request: dict) -> Path
 
 def hold_pending(path: Path) -> None:
     """Make an interrupted scan's record this process's again (its scan is queued once more): no longer listed by
-    interrupted_scans until release_pending or forget_pending."""
+    interrupted_scans until release_pending or forget_pending. Raises OSError (BlockingIOError) when another running
+    process holds it: another server started it again first."""
     with _FOLDER_LOCK:
         _hold(Path(path))
 
@@ -93,7 +95,9 @@ def interrupted_scans(runs_dir: str | os.PathLike) -> list[PendingScan]:
     A record this process or another running server holds is not listed; nor is one that cannot be read (it stays
     on disk)."""
     found = []
-    for path in sorted((Path(runs_dir) / FOLDER).glob("*.json")):
+    with _FOLDER_LOCK:  # not between another thread's writing of a record and its lock
+        paths = sorted((Path(runs_dir) / FOLDER).glob("*.json"))
+    for path in paths:
         try:
             record = json.loads(path.read_text(encoding="utf-8"))
             label, started, request = str(record["label"]), str(record["started"]), dict(record["request"])
@@ -113,7 +117,15 @@ def _hold(path: Path) -> None:
         _rewrite_owner(path, SERVER, os.getpid())
         return
     handle = open(path, "rb")  # noqa: SIM115 - kept open (and locked) until the scan ends or the process does
-    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    for attempt in range(HOLD_ATTEMPTS):  # another server's interrupted_scans may be testing the lock this moment
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if attempt == HOLD_ATTEMPTS - 1:
+                handle.close()
+                raise
+            time.sleep(0.005)
     _HELD[path] = handle
 
 

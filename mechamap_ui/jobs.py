@@ -210,10 +210,18 @@ def _start_again(scan: pending.PendingScan) -> bool:
         st.error(f"**{scan.label}** cannot start again: {exc}")
         return False
     spec, texts, corpus = request.pop("spec"), request.pop("texts", None), request.pop("corpus", None)
+    try:
+        pending.hold_pending(scan.path)
+    except OSError:  # another server holds it now: it started it again first
+        st.info(f"**{scan.label}** is being scanned again by another server.", icon=":material/schedule:")
+        return False
     if texts is None:
         start_master_scan(spec, cfg, again=scan, **request)
         return True
-    return start_corpus_scan(spec, cfg, corpus, texts=texts, again=scan, **request)
+    queued = start_corpus_scan(spec, cfg, corpus, texts=texts, again=scan, **request)
+    if not queued:  # its model did not load here: the record is interrupted again, for a later try or Discard
+        pending.release_pending(scan.path)
+    return queued
 
 
 def duration(seconds: float) -> str:

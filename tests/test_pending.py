@@ -11,6 +11,7 @@ import sys
 import app_fixtures
 import pytest
 from app_fixtures import make_app, no_exception, open_page, texts
+from streamlit.testing.v1 import AppTest
 from test_jobs import DOCS, WAIT_S, blocking_work, click, gate, queue, upload_corpus  # noqa: F401 (fixture)
 
 from mechamap_core import pending
@@ -218,3 +219,53 @@ def test_a_record_of_another_layout_says_so_and_stays(app_env):
     no_exception(at)
     assert any("**Old** cannot start again: its record lacks config" in e for e in texts(at.error)), texts(at.error)
     assert path.exists() and jobs.registry().jobs() == []
+
+
+HOLD_BRIEFLY = """
+import fcntl, sys, time
+handle = open(sys.argv[1], "rb")
+fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+print("held", flush=True)
+time.sleep(float(sys.argv[2]))
+"""
+
+
+@pytest.mark.skipif(pending.fcntl is None, reason="POSIX file locks")
+def test_holding_waits_out_a_brief_test_of_the_lock_but_not_another_server(app_env):
+    """Another server's interrupted_scans takes a record's lock for a moment to test it: holding waits that out.
+    A server that holds it for good started it again first: Scan again here says so and queues nothing."""
+    path = pending.keep_pending(app_env["runs"], "Master text on bundled (layer 0)",
+                                {"spec": BUNDLED_MODEL_ID, "config": {"master_text": "x", "categories": {"a": ["x"]}}})
+    left_by_a_stopped_server(path)
+    with subprocess.Popen([sys.executable, "-c", HOLD_BRIEFLY, str(path), "0.05"], stdout=subprocess.PIPE, text=True) as brief:
+        assert brief.stdout.readline().strip() == "held"
+        pending.hold_pending(path)  # retried until the brief lock went
+    assert pending.interrupted_scans(app_env["runs"]) == []
+    pending.release_pending(path)
+
+    at = open_page(make_app(), "scan")
+    assert len(interrupted_warnings(at)) == 1
+    other = subprocess.Popen([sys.executable, "-c", HOLD_BRIEFLY, str(path), "120"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline().strip() == "held"
+        at.run()  # another server holds it now: no longer interrupted here
+        assert interrupted_warnings(at) == []
+        clicked_before = AppTest.from_function(start_again, args=(str(path),), default_timeout=60).run()  # the race
+        no_exception(clicked_before)
+        assert any("is being scanned again by another server" in i for i in texts(clicked_before.info))
+        assert jobs.registry().jobs() == [] and path.exists()
+    finally:
+        other.kill()
+        other.wait()
+
+
+def start_again(path: str) -> None:
+    """Scan again pressed on a record that another server took in the meantime (an AppTest script)."""
+    from pathlib import Path
+
+    from mechamap_core import pending
+    from mechamap_ui import jobs
+
+    record = pending.PendingScan(Path(path), "Master text on bundled (layer 0)", "now", {"spec": "bundled", "config": {
+        "master_text": "x", "categories": {"a": ["x"]}}})  # fmt: skip
+    jobs._start_again(record)
