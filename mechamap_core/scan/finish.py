@@ -130,12 +130,11 @@ def for_finishing(values: torch.Tensor):
     return values.cpu().double().numpy()
 
 
-def site_word_moments(stats: SiteStats, neurons: slice, context: FinishContext, moments: dict | None = None):
+def site_word_moments(stats: SiteStats, neurons: slice, context: FinishContext, moments: dict):
     """permutation_pvalues' inputs for a slice of a site's neurons (float64 numpy), or None when the context
-    runs no permutation test or the site has no words. moments: site_moments(stats, neurons), if at hand."""
+    runs no permutation test or the site has no words. moments: site_moments(stats, neurons)."""
     if not (context.permutations and stats.layout.n_words and context.word_category is not None):
         return None
-    moments = site_moments(stats, neurons) if moments is None else moments
     return {  # the permutation test runs where the word sums are (for_finishing)
         "word_n": stats.word_n.cpu().double().numpy(), "word_sum": for_finishing(stats.word_sums[:, neurons]),
         "word_sumsq": for_finishing(stats.word_sumsq[:, neurons]), "n_all": moments["n_all"],
