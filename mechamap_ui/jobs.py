@@ -3,6 +3,7 @@ the job panel."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,12 +104,7 @@ def start_master_scan(spec: str, cfg: ScanConfig, *, device: str, dtype: str, lo
     there, with its progress), so leaving the page never stops it. options: layers, limit_neurons."""
     spec, loading = spec.strip(), scanning.loading_options(loading)
     key = scanning.scan_key(spec, device, dtype, cfg, options.get("layers"), options.get("limit_neurons"), None, loading)
-    earlier = scanning.remembered_scan(key)
-    if earlier is not None or _following_the_same_scan(key):
-        if again is not None:  # the interrupted scan's run, or its job, is here already
-            pending.forget_pending(again.path)
-        if earlier is not None:
-            _open_at_once(earlier.run_id, scanning.finished_message(earlier))
+    if _needs_no_job(key, again, scanning.finished_message):
         return
     work = master_scan_work(spec, cfg, device=device, dtype=dtype, loading=loading, **options)
     label = master_scan_label(spec, options.get("layers"), options.get("limit_neurons"))
@@ -123,12 +119,10 @@ def start_corpus_scan(spec: str, cfg: ScanConfig, label: str, *, device: str, dt
     and False. options: layers, limit_neurons."""
     spec = spec.strip()
     key = scanning.scan_key(spec, device, dtype, cfg, options.get("layers"), options.get("limit_neurons"), texts)
-    earlier = scanning.remembered_scan(key)
-    if earlier is not None or _following_the_same_scan(key):
-        if again is not None:  # the interrupted scan's run, or its job, is here already
-            pending.forget_pending(again.path)
-        if earlier is not None:
-            _open_at_once(earlier.run_id, f"Same model, config, options and corpus as an earlier scan: reused run {earlier.run_id}.")
+    def reused(earlier) -> str:
+        return f"Same model, config, options and corpus as an earlier scan: reused run {earlier.run_id}."
+
+    if _needs_no_job(key, again, reused):
         return True
     try:
         lm = state.get_model(spec, device, dtype)
@@ -146,6 +140,20 @@ def _model_resource(spec: str, device: str, dtype: str, loading: dict | None = N
     """The queue's resource for a scan: one per loaded model (st.cache_resource keys models on these), whose jobs run
     one at a time."""
     return f"{spec}|{device}|{dtype}" + (f"|{sorted(loading.items())}" if loading else "")
+
+
+def _needs_no_job(key: str, again: pending.PendingScan | None, message_of: Callable) -> bool:
+    """Whether the scan with this scan_key needs no job: an identical earlier scan's run opens at once (said by
+    message_of(earlier); st.rerun), or this session already follows that scan's job (_following_the_same_scan).
+    Either way an interrupted scan started again (again) is done with, and its record goes."""
+    earlier = scanning.remembered_scan(key)
+    if earlier is None and not _following_the_same_scan(key):
+        return False
+    if again is not None:
+        pending.forget_pending(again.path)
+    if earlier is not None:
+        _open_at_once(earlier.run_id, message_of(earlier))
+    return True
 
 
 def _open_at_once(run_id: str, message: str) -> None:
@@ -171,9 +179,9 @@ def _submit(label: str, work: Work, key: str, resource: str, request: dict, agai
     """Queue work as this session's job (its run opens in this session when it finishes), kept on disk until it ends
     (pending.py: request is what starts it again after a server restart; a runs folder that cannot be written to
     keeps no record, and the scan's own save will say so). again: the interrupted scan this job starts again, whose
-    record it holds instead; a failure lists it as interrupted once more, so nothing of it is lost."""
+    record (held already: _start_again) it keeps instead; a failure lists it as interrupted once more, so nothing
+    of it is lost."""
     if again is not None:
-        pending.hold_pending(again.path)
         record = again.path
     else:
         try:
