@@ -547,7 +547,8 @@ def ablate(
     after each: n_controls + 2 passes, one more for mean ablation's means. neurons may be a text such as
     '5:376,5:544' (parse_neuron_list), and cfg a config file's path (as_scan_config); a repeated neuron counts
     once. Raises ValueError for bad neurons, modes or categories, for fewer than MIN_CONTROLS control sets, and
-    for a layer of which more than half the neurons are ablated (its control sets could not match them in size);
+    for a layer of which half the neurons or more are ablated (its control sets could not match them in size and
+    still differ);
     TypeError for neurons that are not (layer, neuron) pairs.
     """
     if mode not in ("zero", "mean"):
