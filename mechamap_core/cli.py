@@ -7,7 +7,6 @@ import io
 import math
 import sys
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -148,16 +147,6 @@ def _model_folder(spec: str | None) -> str | None:
     except ModelNotAvailableError:
         return None
     return source if is_local else None
-
-
-@contextmanager
-def _naming_undecodable(flag: str, path: str | None):
-    """Turns a text file's UnicodeDecodeError (a binary file given for a YAML contrast set) into a ValueError naming it
-    (load_config names a config file that is not text itself)."""
-    try:
-        yield
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{flag} {path} is not UTF-8 text ({exc.reason} at byte {exc.start}): give a YAML file") from None
 
 
 def _add_loading_flags(parser: argparse.ArgumentParser) -> None:
@@ -593,22 +582,21 @@ def _load_contrast_set(path: str | None):
     such, with the format expected, rather than as a fault per key."""
     from .contrast import DEFAULT_CONTRAST_PATH, FORMAT_HELP, load_contrast_set
 
-    with _naming_undecodable("--contrast", path):
-        try:
-            return load_contrast_set(path or DEFAULT_CONTRAST_PATH)
-        except ConfigError:
-            if path and _looks_like_scan_config(path):
-                raise ValueError(f"--contrast {path}: this looks like a scan config, not a contrast set; a contrast "
-                                 f"set maps {FORMAT_HELP} (see configs/contrast_default.yaml)") from None  # fmt: skip
-            raise
+    try:
+        return load_contrast_set(path or DEFAULT_CONTRAST_PATH)
+    except ConfigError:
+        if path and _looks_like_scan_config(path):
+            raise ValueError(f"--contrast {path}: this looks like a scan config, not a contrast set; a contrast "
+                             f"set maps {FORMAT_HELP} (see configs/contrast_default.yaml)") from None  # fmt: skip
+        raise
 
 
 def _looks_like_scan_config(path: str) -> bool:
     """Whether a YAML file holds a mapping with a scan config's master_text or categories."""
-    from .config import safe_load_yaml
+    from .config import read_yaml_file, safe_load_yaml
 
     try:
-        data = safe_load_yaml(Path(path).read_text(encoding="utf-8"), words_under=())  # its shape, not its words
+        data = safe_load_yaml(read_yaml_file(path, "contrast set"), words_under=())  # its shape, not its words
     except ConfigError:
         return False
     return isinstance(data, dict) and bool({"master_text", "categories"} & set(data))

@@ -407,16 +407,22 @@ def load_config(path: str | os.PathLike, require_master_text: bool = True) -> Sc
     """Load and validate a YAML config file. Raises ConfigError (bad content) or FileNotFoundError.
 
     require_master_text=False accepts a config that has only categories (write-text writes it a master text)."""
+    return parse_config(read_yaml_file(path, "config"), require_master_text)
+
+
+def read_yaml_file(path: str | os.PathLike, what: str) -> str:
+    """The text of the YAML file path, given as a `what` ("config", "contrast set"); a pipe (--config <(...),
+    /dev/stdin) is read like a file. Raises FileNotFoundError for a folder or a missing file, and ConfigError for
+    a file that is not UTF-8 text (a binary file given for a YAML one)."""
     path = Path(path)
     if path.is_dir():
-        raise FileNotFoundError(f"{path} is a folder, not a config file")
-    if not path.exists():  # a pipe (--config <(...), /dev/stdin) is read like a file
-        raise FileNotFoundError(f"config file not found: {path}")
+        raise FileNotFoundError(f"{path} is a folder, not a {what} file")
+    if not path.exists():
+        raise FileNotFoundError(f"{what} file not found: {path}")
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise ConfigError([("", f"{path} is not UTF-8 text (byte {exc.start + 1}): is it a YAML config?")]) from None
-    return parse_config(text, require_master_text)
+        raise ConfigError([("", f"{path} is not UTF-8 text (byte {exc.start + 1}): is it a YAML {what}?")]) from None
 
 
 def as_scan_config(cfg: ScanConfig | str | os.PathLike, argument: str = "the config") -> ScanConfig:

@@ -32,7 +32,7 @@ import pandas as pd
 from scipy.stats import mannwhitneyu
 
 from .alignment import find_word_spans
-from .config import ConfigError, safe_load_yaml
+from .config import ConfigError, read_yaml_file, safe_load_yaml
 from .inspect_neuron import collect_activations
 from .models import LoadedModel
 from .sites import dense_mlp_rows, hook_name
@@ -92,13 +92,8 @@ def parse_contrast_set(text: str) -> ContrastSet:
 
 
 def load_contrast_set(path: str | os.PathLike = DEFAULT_CONTRAST_PATH) -> ContrastSet:
-    """Load and validate a contrast-set file. Raises ConfigError (bad content) or FileNotFoundError."""
-    path = Path(path)
-    if path.is_dir():
-        raise FileNotFoundError(f"{path} is a folder, not a contrast set file")
-    if not path.exists():  # a pipe (--contrast <(...)) is read like a file, as a config is
-        raise FileNotFoundError(f"contrast set not found: {path}")
-    return parse_contrast_set(path.read_text(encoding="utf-8"))
+    """Load and validate a contrast-set file. Raises ConfigError (bad content, or no UTF-8 text) or FileNotFoundError."""
+    return parse_contrast_set(read_yaml_file(path, "contrast set"))
 
 
 def sentence_activations(

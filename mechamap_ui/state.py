@@ -63,7 +63,7 @@ def _is_contrast_set(path: str, modified_ns: int) -> bool:
     """Whether a YAML file (as it is at modified_ns, part of the cache key) is a valid contrast set."""
     try:
         load_contrast_set(path)
-    except (ConfigError, OSError, UnicodeDecodeError):
+    except (ConfigError, OSError):
         return False
     return True
 

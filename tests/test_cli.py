@@ -659,7 +659,7 @@ def test_files_that_are_not_text_and_flags_that_would_be_ignored_are_refused(cap
         (["scan", "--config", str(binary)], f"{binary} is not UTF-8 text (byte 1): is it a YAML config?"),
         (["ablate", "--config", str(binary), "--category", "food", "--neurons", "0:1"], f"{binary} is not UTF-8 text"),
         (["validate", "--csv", str(scores), "--heldout", str(binary)], f"{binary} is not UTF-8 text"),
-        (["contrast", "--csv", str(scores), "--contrast", str(binary)], f"--contrast {binary} is not UTF-8 text"),
+        (["contrast", "--csv", str(scores), "--contrast", str(binary)], f"{binary} is not UTF-8 text (byte 1): is it a YAML contrast set?"),
         (["contrast", "--csv", str(scores), "--contrast", DEFAULT], "this looks like a scan config, not a contrast set",
          "in_sense: [sentences], out_of_sense: [sentences]"),
         (["contrast", "--csv", str(scores), "--contrast", str(priced)], "this looks like a scan config"),  # not "2.50"
