@@ -15,6 +15,7 @@ from . import analysis
 from .config import ConfigError, load_config, parse_layer_list
 from .errors import first_line
 from .files import format_suffix
+from .stats import CV_AUROC_NEEDS
 from .terminal import progress_bar
 
 
@@ -653,7 +654,7 @@ def _run_scan(args) -> int:
     options = {"flagged_only": args.flagged_only, "min_cv_auroc": args.min_cv_auroc}
     filters_cv_auroc = args.min_cv_auroc is not None and analysis.has_cv_auroc(result.scores)
     if args.min_cv_auroc is not None and not filters_cv_auroc:
-        print(f"note: this scan has no cv_auroc ({_CV_AUROC_NEEDS}): --min-cv-auroc keeps every row", file=sys.stderr)
+        print(f"note: this scan has no cv_auroc (it needs {CV_AUROC_NEEDS}): --min-cv-auroc keeps every row", file=sys.stderr)
     outputs = [(fmt, path) for fmt, path in (("csv", args.csv), ("json", args.json), ("parquet", args.parquet)) if path]
     if outputs and (args.flagged_only or filters_cv_auroc):
         kept = len(export.exported_scores(result, **options))
@@ -689,9 +690,6 @@ def _run_scan(args) -> int:
         else:
             print(analysis.with_readable_top_tokens(shown).to_string(index=False))
     return 0
-
-
-_CV_AUROC_NEEDS = "it needs two or more words per category, auroc and cv_folds on"  # why a scan has no cv_auroc
 
 
 def _kept_rows_phrase(threshold: float | None, min_cv_auroc: float | None) -> str:
@@ -782,7 +780,7 @@ def _run_interpret(args) -> int:
         if "cv_auroc" not in scores.columns:
             raise ValueError(f"{args.csv} has no cv_auroc column (scanned before cross-validation existed); rescan it")
         if not analysis.has_cv_auroc(scanned):
-            print(f"note: this scan has no cv_auroc values ({_CV_AUROC_NEEDS}): --min-cv-auroc keeps every row",
+            print(f"note: this scan has no cv_auroc values (it needs {CV_AUROC_NEEDS}): --min-cv-auroc keeps every row",
                   file=sys.stderr)  # fmt: skip
         else:
             scores = analysis.holding_up(scanned, args.min_cv_auroc)
@@ -815,7 +813,7 @@ def _why_none_ranked(args, scores: pd.DataFrame) -> str:
     """Why interpret has no neuron to rank by args.metric among scores (the rows --min-cv-auroc kept)."""
     if scores.empty:
         return f"no row holds up across words (cv_auroc >= {args.min_cv_auroc:g}): lower --min-cv-auroc"
-    why = f" ({_CV_AUROC_NEEDS})" if args.metric == "cv_auroc" else " (its categories had too few tokens)"
+    why = f" (it needs {CV_AUROC_NEEDS})" if args.metric == "cv_auroc" else " (its categories had too few tokens)"
     return f"no row of {args.csv} has a {args.metric} value{why}; pick another --metric, such as score or auroc"
 
 

@@ -16,6 +16,7 @@ EPS = 1e-12
 # from one to four tokens is noise that ranks as evidence (one token has no variance: its separation reached 39 on
 # the bundled model, far above any real category's). The usual minimum cell count.
 MIN_CATEGORY_TOKENS = 5
+CV_AUROC_NEEDS = "two or more words per category, auroc and cv_folds on"  # why a scan has no cv_auroc
 TIE_RTOL = 1e-6  # null scores this close to the observed one (relative) count as reaching it: rounding, not evidence
 CHUNK_ELEMENTS = 2**19  # subsets x neurons per block of the permutation test's arithmetic (2 MB per float32 buffer)
 GATHER_NEURONS = 1024  # neurons per block of the permutation test on a CPU: their word sums (W x 2 x 1024 float32) stay in cache

@@ -27,6 +27,7 @@ from mechamap_core.analysis import (
 from mechamap_core.charts import NO_VALUE_MARK, chart_to_png, chart_to_svg
 from mechamap_core.scan import MIN_CATEGORY_TOKENS
 from mechamap_core.scan.finish import STAT_COLUMNS
+from mechamap_core.stats import CV_AUROC_NEEDS
 from mechamap_ui.state import ROOT, RUN_PARAM, set_active_run
 
 SELECTED_NEURON = "selected_neuron"  # session_state: (layer, neuron), or (layer, neuron, expert) for a routed expert
@@ -42,7 +43,7 @@ NO_STATISTICS = (
 BLANK_REASONS = {
     "expert": "a dense MLP or shared-expert neuron, not a routed expert",
     "auroc": NO_STATISTICS + ", or the run had AUROC off",
-    "cv_auroc": "needs cv_folds on and two or more words per category",
+    "cv_auroc": f"needs {CV_AUROC_NEEDS}",
     # the word-level permutation test swaps category labels between words: one category has none to swap with
     **dict.fromkeys(("p_value", "q_value"), NO_STATISTICS + ", or the config has a single category (the word-level test "
                                              "swaps labels between categories' words; welch_p has a value)"),

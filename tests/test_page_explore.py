@@ -591,7 +591,7 @@ def test_blank_note_names_each_blank_column_and_why():
     note = blank_note(frame)
     assert note == (f"– : no value. score: {NO_STATISTICS}; q_value: {NO_STATISTICS}, or the config has a single "
                     "category (the word-level test swaps labels between categories' words; welch_p has a value); "
-                    "cv_auroc: needs cv_folds on and two or more words per category; top_tokens: no top tokens were "
+                    "cv_auroc: needs two or more words per category, auroc and cv_folds on; top_tokens: no top tokens were "
                     "recorded for the neuron; heldout_auroc: not measured for that row.")  # fmt: skip
     assert blank_note(frame.dropna(axis=1)) is None
 
@@ -615,7 +615,7 @@ def test_neuron_table_shows_blanks_as_a_dash_with_a_reason_and_tokens_as_text():
         assert frame.value["top_tokens"].iloc[0] == "Paris 3.20 · London 2.91" and pd.isna(frame.value["top_tokens"].iloc[1])
         assert np.isnan(frame.value["cv_auroc"].iloc[0])  # still a number column: sorts as numbers
     notes = [c.value for c in at.caption if c.value.startswith("– : no value.")]
-    assert len(notes) == 2 and all("cv_auroc: needs cv_folds on" in n and "top_tokens: no top tokens" in n for n in notes)
+    assert len(notes) == 2 and all("cv_auroc: needs two or more words per category, auroc and cv_folds on" in n and "top_tokens: no top tokens" in n for n in notes)
 
 
 @pytest.mark.parametrize("name", ["pivot", "overview"])
