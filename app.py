@@ -13,7 +13,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:  # `streamlit run app.py` from elsewhere still finds the packages
     sys.path.insert(0, str(HERE))
 
-from mechamap_ui import links, scanning, state  # noqa: E402
+from mechamap_ui import jobs, links, scanning, state  # noqa: E402
 
 st.set_page_config(page_title="MechaMap", page_icon="🧭", layout="wide")
 
@@ -126,6 +126,9 @@ for path, title, icon, section, url_path in PAGES:
     else:
         listed.append(st.Page(path, title=title, icon=icon, url_path=url_path))
 page = st.navigation(sections)
+if page.url_path != "scan":  # the Scan page lists them in full
+    with st.sidebar:
+        jobs.note_interrupted_elsewhere()
 links.keep_page_params(page.url_path)
 state.note_page(page.url_path)
 page.run()

@@ -17,7 +17,7 @@ from mechamap_core.export import save_run
 from mechamap_core.jobs import CANCELLED, DONE, FAILED, QUEUED, RUNNING, JobProgress, JobQueue, JobView, Work
 from mechamap_core.scan.stream import scan_stream, stream_result
 
-from . import scanning, state
+from . import scanning, state, widgets
 
 POLL_S = 1.0  # how often the job panel refreshes while a job is queued or running
 PROGRESS_STEPS = 20  # a corpus job reports its progress about this many times
@@ -327,6 +327,17 @@ def _show_interrupted(scans: list[pending.PendingScan]) -> None:
                 if st.button("Scan again", key=f"again-{scan.path.name}", icon=":material/replay:") and _start_again(scan):
                     st.rerun()
                 st.button("Discard", key=f"discard-{scan.path.name}", on_click=pending.forget_pending, args=(scan.path,))
+
+
+def note_interrupted_elsewhere() -> None:
+    """A line pointing to the Scan page while a server restart has left interrupted scans there (for the sidebar of
+    every other page: nothing a user started is silently dropped, whichever page they open first)."""
+    interrupted = pending.interrupted_scans(state.runs_dir())
+    if interrupted:
+        st.warning(f"{widgets.counted(len(interrupted), 'scan')} interrupted by a server restart: start "
+                   f"{'it' if len(interrupted) == 1 else 'them'} again or discard on the Scan page.",
+                   icon=":material/restart_alt:")  # fmt: skip
+        st.page_link("views/scan.py", label="Go to the Scan page", icon=":material/play_arrow:")
 
 
 def show_jobs() -> None:

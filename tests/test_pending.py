@@ -177,6 +177,34 @@ def test_the_scan_page_starts_an_interrupted_scan_again(app_env, kind):
     assert interrupted_warnings(at) == [] and not record.exists() and jobs.registry().jobs() == []
 
 
+def test_every_other_page_points_to_the_interrupted_scans_in_its_sidebar(app_env):
+    """Whichever page a user opens after a restart, its sidebar says that scans were interrupted and links to the
+    Scan page, which lists them in full (and so has no such line in its sidebar); once discarded, the line goes."""
+    request = {"spec": BUNDLED_MODEL_ID, "config": {}, "device": "auto", "dtype": "auto", "loading": {}}
+    paths = [pending.keep_pending(app_env["runs"], f"Scan {i}", request) for i in range(2)]
+    at = make_app().run()
+    assert not [w for w in texts(at.sidebar.warning) if "interrupted" in w]  # this server is running them
+    for path in paths:
+        left_by_a_stopped_server(path)
+    at.run()  # the Overview
+    no_exception(at)
+    assert [w for w in texts(at.sidebar.warning) if "interrupted" in w] == [
+        "2 scans interrupted by a server restart: start them again or discard on the Scan page."]
+    at.switch_page("views/pivot.py").run()
+    assert len([w for w in texts(at.sidebar.warning) if "interrupted" in w]) == 1
+    at.switch_page("views/scan.py").run()
+    assert not [w for w in texts(at.sidebar.warning) if "interrupted" in w] and len(interrupted_warnings(at)) == 2
+    click(at, "Discard")
+    at.switch_page("views/neuron.py").run()
+    no_exception(at)
+    assert [w for w in texts(at.sidebar.warning) if "interrupted" in w] == [
+        "1 scan interrupted by a server restart: start it again or discard on the Scan page."]
+    for path in paths:  # the one Discard left
+        pending.forget_pending(path)
+    at.run()
+    assert not [w for w in texts(at.sidebar.warning) if "interrupted" in w]
+
+
 def test_an_interrupted_scan_whose_config_no_longer_validates_says_why(app_env):
     path = pending.keep_pending(app_env["runs"], "Master text on bundled (all layers)",
                                 {"spec": BUNDLED_MODEL_ID, "config": {"master_text": "x", "categories": {}},
