@@ -124,17 +124,19 @@ def resolve_model_source(spec: str) -> tuple[str, bool]:
     return spec, False
 
 
-def local_model_depth(spec: str) -> tuple[int, int | None] | None:
-    """(layers, MLP width or None) of the bundled model or a local model folder, read from its config.json before
-    anything loads (a page then refuses layers the model lacks at once); None for a Hub id, a folder that cannot
-    be read, or a config that does not say (num_hidden_layers missing, e.g. a multimodal one's text config)."""
+def model_depth(spec: str) -> tuple[int, int | None] | None:
+    """(layers, MLP width or None) of the bundled model, a local model folder, or a Hub id (at its revision) whose
+    config.json is in the Hugging Face cache, read from that config.json before anything loads, with no network (a
+    page then refuses layers the model lacks at once); None for a Hub id not cached, a folder that cannot be read,
+    or a config that does not say (num_hidden_layers missing, e.g. a multimodal one's text config)."""
     try:
         source, is_local = resolve_model_source(spec)
+        folder = Path(source) if is_local else hub.cached_snapshot(*hub.parse_hub_spec(source))
     except ModelNotAvailableError:
         return None
-    if not is_local:
+    if folder is None:
         return None
-    config_file = Path(source) / "config.json"
+    config_file = folder / "config.json"
     try:
         return _config_depth(str(config_file), config_file.stat().st_mtime_ns)
     except OSError:
@@ -143,7 +145,7 @@ def local_model_depth(spec: str) -> tuple[int, int | None] | None:
 
 @functools.lru_cache(maxsize=16)
 def _config_depth(config_file: str, modified_ns: int) -> tuple[int, int | None] | None:
-    """local_model_depth's reading of one config.json, kept while the file is unchanged (modified_ns)."""
+    """model_depth's reading of one config.json, kept while the file is unchanged (modified_ns)."""
     from transformers import AutoConfig
 
     try:

@@ -91,7 +91,9 @@ def hf_token() -> str | None:
 def hub_repo_files(spec: str) -> tuple[hub.RepoFiles | None, str | None]:
     """(files a download of this Hub id fetches, with sizes; None) or (None, why not) from the Hub's file list.
 
-    (None, None) for the bundled model, local folders and offline mode. Cached for 10 minutes."""
+    (None, None) for the bundled model, local folders and offline mode. Cached for 10 minutes. Listed, its config.json
+    (a few KB) is fetched into the Hugging Face cache, where the scan would fetch it first anyway: models.model_depth
+    then knows the model's layers before anything else downloads."""
     try:
         _, is_local = resolve_model_source(spec)
     except ModelNotAvailableError as exc:
@@ -105,9 +107,14 @@ def hub_repo_files(spec: str) -> tuple[hub.RepoFiles | None, str | None]:
 @st.cache_data(ttl=600, show_spinner="Reading the model's file list from the Hub ...")
 def _listed_files(repo_id: str, revision: str | None, _token: str | None) -> tuple[hub.RepoFiles | None, str | None]:
     try:
-        return hub.list_repo_files(repo_id, revision, _token), None
+        files = hub.list_repo_files(repo_id, revision, _token)
     except ModelNotAvailableError as exc:
         return None, _sentence(_first_line(exc))
+    try:
+        hub.fetch_config(files, _token)
+    except ModelNotAvailableError:  # the scan will say why, if it still fails then; the layers go unchecked here
+        pass
+    return files, None
 
 
 def memory_warning(files: hub.RepoFiles, device: str) -> str | None:

@@ -341,6 +341,37 @@ def test_scan_page_shows_size_then_downloads_and_scans(hub, app_env, hub_root):
     state.get_model.clear()
 
 
+def test_a_hub_models_layers_are_checked_before_its_weights_download(hub, app_env, monkeypatch):
+    """Typing a Hub id fetches its config.json alone (at the revision asked), so the Scan page refuses layers the model
+    lacks at once, with Scan off, before any job or weight download; offline, the cached config serves the same."""
+    from app_fixtures import make_app, no_exception, open_page, texts
+    from huggingface_hub import constants
+    from tiny_models import LAYERS
+
+    from mechamap_core.models import model_depth
+    from mechamap_ui import jobs, scanning
+
+    scanning._listed_files.clear()
+    at = open_page(make_app(), "scan")
+    at.radio(key="scan_source").set_value("Hugging Face id (downloads on demand)").run()
+    at.text_input(key="scan_layers").set_value("0,40").run()
+    refused = [f"Layer 40 is out of range: this model has layers 0-{LAYERS - 1}."]
+    for model_id in ("org/tiny", "org/tiny@v1"):
+        at.text_input(key="scan_hub_id").set_value(model_id).run()
+        no_exception(at)
+        assert texts(at.error) == refused, model_id
+        assert next(b for b in at.button if b.label == "Scan").disabled
+    asked = {path for _, path, _ in hub.requests if path.endswith("/config.json")}  # v1's is the same blob: a HEAD
+    assert asked == {"/org/tiny/resolve/main/config.json", "/org/tiny/resolve/v1/config.json"}, asked
+    assert not _gets(hub, "model.safetensors") and not jobs.registry().jobs()
+    assert model_depth("org/tiny")[0] == model_depth("org/tiny@v1")[0] == LAYERS
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    at.text_input(key="scan_hub_id").set_value("org/tiny").run()
+    assert any("Offline" in v for v in texts(at.caption)) and texts(at.error) == refused
+    at.text_input(key="scan_hub_id").set_value("org/gated").run()  # not cached: left to the scan
+    assert not texts(at.error)
+
+
 def test_a_scan_job_reports_its_download_then_its_scan_and_a_cancel_stops_the_download(hub, app_env, default_cfg):
     """The Scan page's job (jobs.master_scan_work) downloads a Hub id in the job: bytes first (never backwards), then
     the layer steps, counted afresh. Cancelled during the download, it ends cancelled, not failed, and saves nothing."""

@@ -284,19 +284,20 @@ def test_bad_layers_and_out_of_range_layers(app_env):
 
 def test_the_depth_read_before_loading_is_the_loaded_models(bundled_lm, tiny_models, tmp_path):
     """The layer count (and width) the Scan page shows and checks typed layers against, read from config.json before
-    anything loads, is what the loaded model has: the bundled model, and tiny models of several families; a Hub id,
-    a folder that is not a model, or a config without num_hidden_layers gives nothing to check against."""
-    from mechamap_core.models import load_model, local_model_depth
+    anything loads, is what the loaded model has: the bundled model, and tiny models of several families; a Hub id
+    not in the cache (test_download checks a cached one), a folder that is not a model, or a config without
+    num_hidden_layers gives nothing to check against."""
+    from mechamap_core.models import load_model, model_depth
     from mechamap_core.sites import n_layers, resolve_sites
 
-    assert local_model_depth(BUNDLED_MODEL_ID) == (n_layers(bundled_lm.model), 1536)
+    assert model_depth(BUNDLED_MODEL_ID) == (n_layers(bundled_lm.model), 1536)
     assert {site.d_mlp for site in resolve_sites(bundled_lm.model)} == {1536}
     for arch in ("gpt2", "llama", "bert"):
         folder = tiny_models.path(arch)
-        assert local_model_depth(str(folder))[0] == n_layers(load_model(str(folder), device="cpu").model), arch
-    assert local_model_depth("gpt2") is None and local_model_depth(str(tmp_path)) is None
+        assert model_depth(str(folder))[0] == n_layers(load_model(str(folder), device="cpu").model), arch
+    assert model_depth("mechamap-tests/never-downloaded-model") is None and model_depth(str(tmp_path)) is None
     (tmp_path / "config.json").write_text('{"model_type": "gpt2", "n_layer": 0}', encoding="utf-8")
-    assert local_model_depth(str(tmp_path)) is None
+    assert model_depth(str(tmp_path)) is None
 
 
 def test_a_local_folders_layers_are_checked_before_any_job(app_env, tiny_models):
@@ -312,9 +313,11 @@ def test_a_local_folders_layers_are_checked_before_any_job(app_env, tiny_models)
 
 
 def test_layers_are_checked_against_no_count_for_a_model_the_page_does_not_know(app_env):
-    """A Hub model's layer count is not known before it loads: its layers are left to the scan to check."""
+    """A Hub model whose config is not in the cache (nor reachable: no network here) has no layer count before it
+    loads: its layers are left to the scan to check."""
     at = scan_page()
     at.radio(key="scan_source").set_value(HUB).run()
+    at.text_input(key="scan_hub_id").set_value("mechamap-tests/never-downloaded-model").run()
     at.text_input(key="scan_layers").set_value("0,40").run()
     no_exception(at)
     assert not any("out of range" in v for v in texts(at.error))

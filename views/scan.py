@@ -12,7 +12,7 @@ import torch
 from mechamap_core import analysis, export, hub, placement
 from mechamap_core.config import BUNDLED_MODEL_ID, parse_layer_list
 from mechamap_core.corpus import CorpusReport, parse_corpus
-from mechamap_core.models import BUNDLED_ALIASES, DTYPES, local_model_depth
+from mechamap_core.models import BUNDLED_ALIASES, DTYPES, model_depth
 from mechamap_ui import config_tools, jobs, scanning, state, widgets
 
 MAX_CORPUS_UPLOAD_MB = 5
@@ -44,7 +44,7 @@ if problem is not None:
 # --- model ---------------------------------------------------------------------------------
 st.subheader("Model")
 folder_problem = None
-model_layers = None  # the chosen model's layer count, where the page knows it (the bundled model's, a local folder's)
+model_layers = None  # the chosen model's layer count, where the page knows it (models.model_depth)
 model_in_config = (cfg.model or BUNDLED_MODEL_ID).strip()
 if model_in_config in BUNDLED_ALIASES:
     source_default = SOURCES[0]
@@ -70,7 +70,7 @@ if st.session_state.get("scan_device", "auto") not in _devices():  # kept from a
 source = st.radio("Model", SOURCES, key="scan_source", horizontal=True, label_visibility="collapsed")
 if source == SOURCES[0]:
     spec = BUNDLED_MODEL_ID
-    model_layers, mlp_width = local_model_depth(spec) or (None, None)
+    model_layers, mlp_width = model_depth(spec) or (None, None)
     st.caption(f"{BUNDLED_MODEL_ID}: {model_layers} layers × {mlp_width} MLP neurons, shipped with MechaMap, no download.")
 elif source == SOURCES[1]:
     spec = st.text_input(
@@ -82,7 +82,7 @@ else:
     if folder_problem:
         st.error(folder_problem)
     elif (spec or "").strip():
-        model_layers = (local_model_depth(spec) or (None, None))[0]
+        model_layers = (model_depth(spec) or (None, None))[0]
 
 c1, c2, c3, c4 = st.columns(4)
 device = c1.selectbox("Device", _devices(), key="scan_device")
@@ -103,6 +103,7 @@ if source == SOURCES[1] and (spec or "").strip():
             too_big = scanning.memory_warning(files, device)
             if too_big:
                 st.warning(too_big)
+    model_layers = (model_depth(spec) or (None, None))[0]  # from its config.json in the cache, offline too
 with st.expander("Big models: spread over devices, 8/4-bit", icon=":material/memory:"):
     has_cuda = torch.cuda.is_available()
     spread_label = "Spread over GPUs / offload to CPU" if has_cuda else "Offload what does not fit in memory to disk"
