@@ -43,7 +43,6 @@ CONFIGS = (ROOT / "configs" / "default.yaml", ROOT / "configs" / "validation.yam
 CONFIG = CONFIGS[0]
 MEMORY_SIZES = (1_000, 20_000)
 STARTUP_DOCS = 8
-CALIBRATION_DOCUMENTS = 32  # as mechamap_core.corpus_run
 LIMIT_NEURONS = 32  # per layer: the per-token statistics (top-k, histograms, quantile samples) dominate a scan here
 
 
@@ -98,7 +97,6 @@ def prepare(folder: Path, sizes: list[int]) -> None:
 
 
 def child(corpus: Path, model: Path, limit_neurons: int) -> None:
-    import itertools
 
     import torch
 
@@ -110,7 +108,7 @@ def child(corpus: Path, model: Path, limit_neurons: int) -> None:
 
     cfg = load_config(CONFIG)
     lm = load_model(str(model), device="cpu")
-    calibration = [d.text for d in itertools.islice(iter_documents(corpus), CALIBRATION_DOCUMENTS)]
+    calibration = (d.text for d in iter_documents(corpus))  # as mechamap_core.corpus_run
     reset = reset_peak_rss()
     before = proc_status_kb()
     started = time.perf_counter()

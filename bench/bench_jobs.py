@@ -26,7 +26,6 @@ import torch  # noqa: E402
 
 from mechamap_core import load_config, load_model  # noqa: E402
 from mechamap_core.corpus import Document  # noqa: E402
-from mechamap_core.corpus_run import CALIBRATION_DOCUMENTS  # noqa: E402
 from mechamap_core.jobs import JobQueue  # noqa: E402
 from mechamap_core.scan.stream import scan_stream, stream_result  # noqa: E402
 from mechamap_ui.jobs import POLL_S, corpus_scan_work, group_size  # noqa: E402
@@ -41,7 +40,7 @@ def corpus(n_docs: int) -> list[str]:
 def direct(lm, cfg, docs: list[str], options: dict):
     """The job's scan called directly: the same documents, calibration and groups."""
     documents = (Document(i, text, "") for i, text in enumerate(docs))
-    state = scan_stream(lm, cfg, documents, calibration_texts=docs[:CALIBRATION_DOCUMENTS],
+    state = scan_stream(lm, cfg, documents, calibration_texts=docs,
                         group_documents=group_size(len(docs)), **options)  # fmt: skip
     return stream_result(lm, cfg, state)
 

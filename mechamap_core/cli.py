@@ -639,6 +639,8 @@ def _run_scan(args) -> int:
         md = result.metadata
         print(f"scanned {md['n_documents']:,} documents, {md['n_tokens']:,} tokens, on {md['world_size']} process(es)",
               file=sys.stderr)  # fmt: skip
+        coverage = result.coverage
+        _say_missing_words(coverage.loc[coverage["occurrences"] == 0, "word"].tolist(), len(coverage), "the corpus")
     else:
         lm = load(args.device)
         with progress_bar("scanning", "layer") as progress:
@@ -766,9 +768,13 @@ def _warn_missing_words(cfg) -> None:
     n_words = sum(len(words) for words in cfg.categories.values())
     if missing and len(missing) == n_words:
         raise ValueError("none of the config's words occurs in its master text: there is nothing to measure")
+    _say_missing_words(missing, n_words, "the master text")
+
+
+def _say_missing_words(missing: list[str], n_words: int, where: str) -> None:
     if missing:
         shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
-        print(f"warning: {len(missing)} of {n_words} words never occur in the master text: {shown}", file=sys.stderr)
+        print(f"warning: {len(missing)} of {n_words} words never occur in {where}: {shown}", file=sys.stderr)
 
 
 def _run_interpret(args) -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,8 +15,6 @@ from .scan.result import ScanResult
 from .scan.stream import Checkpointing, StreamState, corpus_fingerprint, scan_stream, stream_result
 from .terminal import progress_bar
 
-CALIBRATION_DOCUMENTS = 32  # the corpus's first documents, from which every rank takes the same histogram edges
-
 
 class RankFailed(RuntimeError):
     """A rank of a corpus scan failed; the message names the rank and the documents it was scanning."""
@@ -30,21 +27,24 @@ def run_corpus_scan(args, cfg: ScanConfig, load: Callable[[str], LoadedModel], c
     device = ranks.device(args.device)
     text_field = args.text_field or cfg.corpus_text_field
     check_corpus(corpus, text_field=text_field, on_bad_document=args.on_bad_document)  # a bad corpus before loading
+    fingerprint = {
+        "config": cfg.content_hash(), "corpus": corpus_fingerprint(corpus), "text_field": text_field,
+        "layers": args.layers, "limit_neurons": args.limit_neurons, "world_size": ranks.world_size,
+    }  # fmt: skip
+    checkpointing = None
+    if args.checkpoint_dir:
+        checkpointing = Checkpointing(Path(args.checkpoint_dir), args.checkpoint_every, fingerprint, ranks.rank)
+        if not args.resume:
+            checkpointing.refuse_to_overwrite()  # before the model loads
     with process_group(ranks, device):
         lm = load(device)
-        fingerprint = {
-            "config": cfg.content_hash(), "model": lm.name, "corpus": corpus_fingerprint(corpus), "text_field": text_field,
-            "layers": args.layers, "limit_neurons": args.limit_neurons, "world_size": ranks.world_size,
-        }  # fmt: skip
-        checkpointing = None
-        if args.checkpoint_dir:
-            checkpointing = Checkpointing(Path(args.checkpoint_dir), args.checkpoint_every, fingerprint, ranks.rank)
+        fingerprint["model"] = lm.name
         resumed = checkpointing.load() if checkpointing and args.resume else None
         report = resumed.report if resumed else CorpusReport()
         start = resumed.next_index if resumed else 0
         documents = iter_documents(corpus, text_field=text_field, on_bad_document=args.on_bad_document,
                                    shard=(ranks.rank, ranks.world_size), start=start, report=report)  # fmt: skip
-        calibration = [d.text for d in itertools.islice(iter_documents(corpus, text_field=text_field), CALIBRATION_DOCUMENTS)]
+        calibration = (d.text for d in iter_documents(corpus, text_field=text_field))  # read only as far as needed
         if resumed is not None:
             print(f"rank {ranks.rank}: resuming after {resumed.documents:,} documents (index {start:,})", file=sys.stderr)
         elif args.resume:

@@ -12,7 +12,6 @@ import streamlit as st
 from mechamap_core import LoadedModel, ScanConfig, pending
 from mechamap_core.config import ConfigError, config_from_dict
 from mechamap_core.corpus import Document
-from mechamap_core.corpus_run import CALIBRATION_DOCUMENTS
 from mechamap_core.export import save_run
 from mechamap_core.jobs import CANCELLED, DONE, FAILED, QUEUED, RUNNING, JobProgress, JobQueue, JobView, Work
 from mechamap_core.scan.stream import scan_stream, stream_result
@@ -74,8 +73,7 @@ def corpus_scan_work(lm: LoadedModel, cfg: ScanConfig, texts: list[str], runs_di
             progress(done, total, f"Scanning {message}" if done < total else "Computing the statistics ...")
 
         documents = (Document(index, text, f"document {index + 1}") for index, text in enumerate(texts))
-        calibration = texts[:CALIBRATION_DOCUMENTS]
-        state = scan_stream(lm, cfg, documents, calibration_texts=calibration, progress=on_progress,
+        state = scan_stream(lm, cfg, documents, calibration_texts=texts, progress=on_progress,
                             total_documents=total, group_documents=group_size(total), **options)  # fmt: skip
         result = stream_result(lm, cfg, state, {"corpus": f"{total:,} uploaded documents"})
         progress(total, total, "Saving the run ...")  # the last moment a cancel still counts

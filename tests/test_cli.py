@@ -860,8 +860,8 @@ def test_ctrl_c_says_which_outputs_were_written_and_offers_resume_only_with_a_ch
     assert main(scan) == 130
     assert capsys.readouterr().err.splitlines()[-1] == "mechamap: interrupted, no output was written"
     checkpoints.mkdir(exist_ok=True)
-    (checkpoints / "rank0.pt").write_bytes(b"state")  # an earlier run's checkpoint
-    assert main(scan) == 130
+    (checkpoints / "rank0.pt").write_bytes(b"state")  # an earlier run's checkpoint, resumed (without --resume: refused)
+    assert main([*scan, "--resume"]) == 130
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"mechamap: interrupted, no output was written; the last checkpoint in {checkpoints} resumes the scan (--resume)"
     )

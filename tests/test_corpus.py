@@ -485,10 +485,33 @@ def test_cli_scan_skips_and_counts_bad_documents(tmp_path, capsys):
     err = capsys.readouterr().err
     assert (f"corpus {path}: read 2 documents, skipped 2 bad ones (1 no string text field, 1 empty text; "
             f"first: {path} row 2 has no text (null))") in err  # fmt: skip
+    missing = [line for line in err.splitlines() if "words never occur in the corpus" in line]  # two documents
+    assert len(missing) == 1 and missing[0].startswith("warning: ") and "of 96 words" in missing[0], err
     assert out.is_file()
     assert main([*argv, "--on-bad-document", "error"]) == 1
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("mechamap: error:")]
     assert errors == [f"mechamap: error: {path} row 2 has no text (null)"]  # one line, after the progress bar
+
+
+def test_cli_scan_never_overwrites_a_checkpoint_it_does_not_resume(tmp_path, capsys):
+    """A --checkpoint-dir that already holds a checkpoint (this scan's progress, or another scan's) is refused before
+    the model loads unless --resume continues it: the scan would otherwise replace it at its first checkpoint."""
+    corpus = tmp_path / "docs.txt"
+    corpus.write_text("\n".join(DOCS), encoding="utf-8")
+    ckpt = tmp_path / "ckpt"
+    argv = ["scan", "--config", str(REPO_ROOT / "configs" / "default.yaml"), "--corpus", str(corpus), "--limit-neurons",
+            "2", "--layers", "0", "--device", "cpu", "--checkpoint-dir", str(ckpt), "--checkpoint-every", "2"]  # fmt: skip
+    assert main(argv) == 0
+    saved = (ckpt / "rank0.pt").read_bytes()
+    capsys.readouterr()
+    another = [*argv[:8], "0-1", *argv[9:]]  # --layers 0-1
+    for again in (argv, another):  # the same scan, and another one into the same folder
+        assert main(again) == 1
+        err = capsys.readouterr().err
+        assert f"mechamap: error: {ckpt} already holds a checkpoint (rank0.pt): --resume continues it" in err
+        assert "loading" not in err and (ckpt / "rank0.pt").read_bytes() == saved
+    assert main([*argv, "--resume"]) == 0
+    assert f"resuming after {len(DOCS)} documents" in capsys.readouterr().err
 
 
 # --- a Hub dataset's parquet files, through HfFileSystem, from a local stand-in for the Hub ------------------

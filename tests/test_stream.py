@@ -204,3 +204,74 @@ def test_a_corpus_run_records_the_layers_and_neurons_it_covered(tiny_gpt2, defau
     every = stream_result(tiny_gpt2, limited, stream(tiny_gpt2, limited, texts, layers=[1], limit_neurons=0))
     assert every.metadata["config"]["limit_neurons"] == 0 and every.scores["neuron"].max() > 2
     assert whole.metadata["config_hash"] == default_cfg.content_hash() != part.metadata["config_hash"]
+
+
+def test_edges_come_from_enough_tokens_however_short_the_first_documents(bundled_lm, default_cfg, documents):
+    """A corpus that opens with many one-word documents: the histogram edges still come from CALIBRATION_TOKENS
+    tokens (the stream's texts are read as far as needed), so its binned AUROC stays within 0.03 of the exact one of
+    the same texts. Edges from the first 32 documents alone (what a corpus scan took) were off by up to 0.38."""
+    from mechamap_core.scan.calibrate import CALIBRATION_TOKENS, first_texts_for_edges
+
+    texts = ["Hello."] * 40 + documents * 2
+    chosen = first_texts_for_edges(bundled_lm.tokenizer, iter(["", "  "] + texts))  # blank texts are left out
+    n_tokens = [len(bundled_lm.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in chosen]
+    assert chosen == texts[: len(chosen)] and sum(n_tokens) >= CALIBRATION_TOKENS > sum(n_tokens[:-1])
+    assert first_texts_for_edges(bundled_lm.tokenizer, ["Hello."] * 5) == ["Hello."] * 5  # fewer: all of them
+    cfg = dataclasses.replace(default_cfg, batch_size=8)
+    options = {"layers": [3], "limit_neurons": 64}
+    streamed = stream_result(bundled_lm, cfg, scan_stream(bundled_lm, cfg, docs(texts), calibration_texts=iter(texts),
+                                                          **options))  # fmt: skip
+    exact = scan(bundled_lm, cfg, texts=texts, **options)
+    joined = streamed.scores.merge(exact.scores, on=KEY, suffixes=("", "_exact")).dropna(subset=["auroc_exact"])
+    assert len(joined) >= 64 * len(cfg.categories) // 2  # the categories with enough tokens for statistics
+    assert np.abs(joined["auroc"] - joined["auroc_exact"]).max() <= 0.03
+
+
+def test_documents_out_of_index_order_are_all_scanned_and_plain_strings_are_documents(tiny_gpt2, default_cfg, documents):
+    """Only a resumed stream skips documents (those its checkpoint holds): shuffled documents, or two corpora chained,
+    are scanned whole. Plain strings are documents too; anything else is refused by name."""
+    cfg = dataclasses.replace(default_cfg, batch_size=4)
+    in_order = stream(tiny_gpt2, cfg, documents)
+    shuffled = list(docs(documents))
+    np.random.default_rng(0).shuffle(shuffled)
+    assert stream(tiny_gpt2, cfg, documents, source=shuffled).documents == len(documents)
+    chained = [*docs(documents[:10]), *docs(documents[10:])]  # indices start again at 0
+    assert stream(tiny_gpt2, cfg, documents, source=chained).documents == len(documents)
+    as_strings = stream(tiny_gpt2, cfg, documents, source=list(documents))
+    assert as_strings.documents == len(documents) and as_strings.tokens == in_order.tokens
+    with pytest.raises(TypeError, match="strings or objects with .index and .text .*not int"):
+        stream(tiny_gpt2, cfg, documents, source=[3])
+
+
+def test_a_corpus_run_has_the_coverage_table_of_the_same_texts_scanned_in_memory(tiny_gpt2, default_cfg, documents):
+    """Each config word's occurrences and tokens, counted over every document (also across shards and a checkpoint's
+    payload): the same table as a scan of the texts in memory, absent words with 0."""
+    cfg = dataclasses.replace(default_cfg, batch_size=4, categories={**default_cfg.categories, "planet": ["Neptune"]})
+    reference = scan(tiny_gpt2, cfg, texts=documents, record_activations=False, limit_neurons=4)
+    shards = [stream(tiny_gpt2, cfg, documents, source=docs(documents, (rank, 2)), limit_neurons=4) for rank in range(2)]
+    merged = merge_states([StreamState.from_payload(shard.to_payload()) for shard in shards])
+    coverage = stream_result(tiny_gpt2, cfg, merged).coverage
+    pd.testing.assert_frame_equal(coverage, reference.coverage, check_dtype=False)
+    assert coverage.set_index("word").loc["Neptune", "occurrences"] == 0 and coverage["n_tokens"].sum() > 0
+
+
+def test_a_corpus_is_known_by_the_files_it_reads(tmp_path, monkeypatch):
+    """The resume check's fingerprint: the same for the same files however the path is written, changed by any file
+    of a glob changing, and blind to files the corpus does not read (a checkpoint folder inside a folder corpus)."""
+    from mechamap_core.scan.stream import corpus_fingerprint
+
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for name, text in (("a.txt", "Paris is big."), ("b.txt", "Rome is old.")):
+        (folder / name).write_text(text, encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    for source in (folder, "corpus/*.txt", folder / "a.txt"):
+        before = corpus_fingerprint(source)
+        assert corpus_fingerprint(str(source).replace(str(tmp_path) + "/", "")) == before  # relative or absolute
+        (folder / "checkpoints").mkdir(exist_ok=True)
+        (folder / "checkpoints" / "rank0.pt").write_bytes(b"state")
+        (folder / "notes.md").write_text("not a document", encoding="utf-8")
+        assert corpus_fingerprint(source) == before, source
+        with open(folder / "a.txt", "a", encoding="utf-8") as handle:
+            handle.write(" And old.")
+        assert corpus_fingerprint(source) != before, source

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterable
+
 import numpy as np
 import torch
 
@@ -17,6 +20,20 @@ from .state import HIST_BINS, quantile_edges, sorted_rows
 # batch of most CPU scans already (no extra pass). bench/bench_binned_edges.py prints this table; tests/test_scanner.py
 # checks the error stays small.
 CALIBRATION_TOKENS = 1024
+CALIBRATION_MOST_TEXTS = 4096  # a stream's calibration reads no further, however short its texts
+
+
+def first_texts_for_edges(tokenizer, texts: Iterable[str]) -> list[str]:
+    """The leading non-blank texts of a stream (read lazily) that together hold CALIBRATION_TOKENS tokens, or all of
+    them if they hold fewer, but no more than CALIBRATION_MOST_TEXTS texts: a corpus's edges then come from as many
+    tokens as a master text's, however short its first documents are."""
+    chosen, n_tokens = [], 0
+    for text in itertools.islice((t for t in texts if t.strip()), CALIBRATION_MOST_TEXTS):
+        chosen.append(text)
+        n_tokens += len(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+        if n_tokens >= CALIBRATION_TOKENS:
+            break
+    return chosen
 
 
 def calibration_chunks(chunks: list[Chunk], batch_size: int, most_chunks: int | None = None) -> int:

@@ -7,7 +7,7 @@ import os
 import pickle
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -18,23 +18,23 @@ import torch
 from .. import __version__
 from ..alignment import align
 from ..config import ScanConfig
-from ..corpus import CorpusReport
+from ..corpus import CorpusReport, Document, local_files
 from ..errors import first_line
 from ..files import atomic_output
 from ..models import LoadedModel
 from ..moe import RECOMPUTED_AFTER_CHECK, MoELayer
 from ..sites import n_layers as count_layers
-from .calibrate import calibrate_edges, calibration_chunks
+from .calibrate import calibrate_edges, calibration_chunks, first_texts_for_edges
 from .driver import Batch, Site, batches, resolve_hook_points, run_hooked_forward, site_device
 from .finish import FinishContext, add_permutation_pvalues, assemble, finish_part, token_folds
 from .result import ScanResult
-from .run import batch_labels, routing_from_states, scan_targets, word_keys, word_labels
+from .run import batch_labels, config_words, routing_from_states, scan_targets, word_keys, word_labels
 from .state import HIST_BINS, SiteStats, StatsLayout
 
 KEY_POSITIONS = 2**24  # a token's key: document index * KEY_POSITIONS + its ordinal among the document's tokens
 CONTEXT_CHARS = 60
 SAMPLE_BANDS, SAMPLES_PER_BAND = 8, 2
-CHECKPOINT_VERSION = 2
+CHECKPOINT_VERSION = 3  # 3: word counts (the corpus coverage table); 2: plain data, weights_only
 ProgressFn = Callable[[int, int | None, str], None]
 
 
@@ -50,6 +50,7 @@ class StreamState:
     next_index: int = 0  # the corpus index after the last scanned document (resume starts here)
     report: CorpusReport = field(default_factory=CorpusReport)  # documents read and bad ones skipped
     expert_neurons: dict[str, str] = field(default_factory=dict)  # MoE layer -> how its expert neurons were read
+    word_counts: np.ndarray | None = None  # [W, 2] occurrences and tokens of each config word (run.config_words' rows)
 
     def merge(self, other: StreamState) -> StreamState:
         """Both shards' statistics: exact and associative, like SiteStats.merge."""
@@ -62,7 +63,7 @@ class StreamState:
             sites, {**self.examples, **other.examples}, self.documents + other.documents,
             self.tokens + other.tokens, self.category_tokens + other.category_tokens,
             max(self.next_index, other.next_index), self.report.merge(other.report),
-            _merged_sources(self.expert_neurons, other.expert_neurons),
+            _merged_sources(self.expert_neurons, other.expert_neurons), self.word_counts + other.word_counts,
         )  # fmt: skip
 
     def held_keys(self) -> np.ndarray:
@@ -84,7 +85,7 @@ class StreamState:
             "examples": {int(k): (int(doc), *context) for k, (doc, *context) in self.examples.items()},
             "documents": int(self.documents), "tokens": int(self.tokens), "category_tokens": category_tokens,
             "next_index": int(self.next_index), "report": asdict(self.report),
-            "expert_neurons": self.expert_neurons,
+            "expert_neurons": self.expert_neurons, "word_counts": torch.as_tensor(self.word_counts),
         }  # fmt: skip
 
     @classmethod
@@ -97,7 +98,7 @@ class StreamState:
         report = report if isinstance(report, CorpusReport) else CorpusReport(**report)  # a gathered payload: either
         return cls(sites, dict(payload["examples"]), payload["documents"], payload["tokens"],
                    np.asarray(payload["category_tokens"]), payload["next_index"], report,
-                   dict(payload.get("expert_neurons", {})))  # fmt: skip
+                   dict(payload.get("expert_neurons", {})), np.asarray(payload["word_counts"]))  # fmt: skip
 
 
 def _merged_sources(mine: dict[str, str], theirs: dict[str, str]) -> dict[str, str]:
@@ -131,6 +132,13 @@ class Checkpointing:
         with atomic_output(self.path, binary=True) as handle:
             torch.save({"version": CHECKPOINT_VERSION, "fingerprint": self.fingerprint, "state": state.to_payload()}, handle)
 
+    def refuse_to_overwrite(self) -> None:
+        """Raise ValueError when the folder already holds this rank's checkpoint: a scan that is not resuming would
+        replace it (another scan's, or this one's progress) with its own at its first checkpoint."""
+        if self.path.is_file():
+            raise ValueError(f"{self.directory} already holds a checkpoint ({self.path.name}): --resume continues "
+                             "it; to start afresh, delete it or use another --checkpoint-dir")  # fmt: skip
+
     def load(self) -> StreamState | None:
         """The saved state, or None when there is none. Raises ValueError for a checkpoint of another scan, and for
         a file that is not a readable checkpoint (damaged, cut short, written before checkpoint version 2, or
@@ -150,7 +158,7 @@ class Checkpointing:
         if differs:
             raise ValueError(
                 f"the checkpoint in {self.directory} belongs to another scan (different {', '.join(differs)}); "
-                "use a new --checkpoint-dir or drop --resume"
+                "use a new --checkpoint-dir, or delete that checkpoint to start this scan afresh"
             )
         return StreamState.from_payload(saved["state"])
 
@@ -161,11 +169,13 @@ def _plain(text: str) -> str:
 
 
 def corpus_fingerprint(source: str | os.PathLike) -> str:
-    """Identifies a corpus for resume checks: its path, and each file's size and first and last MiB."""
-    digest = hashlib.sha256(str(source).encode())
-    path = Path(str(source))
-    files = sorted(path.rglob("*")) if path.is_dir() else [path] if path.is_file() else []
-    for file in (f for f in files if f.is_file()):
+    """Identifies a corpus for resume checks by what it reads, wherever it is and however its path is written: each
+    file it reads (corpus.local_files: a glob's matches, a folder's .txt files, the file), in reading order, by name,
+    size and first and last MiB. A Hub source by its address."""
+    source = os.fspath(source)
+    files = local_files(source)
+    digest = hashlib.sha256(b"" if files else source.encode())
+    for file in map(Path, files):
         size = file.stat().st_size
         digest.update(f"{file.name}:{size}".encode())
         with open(file, "rb") as handle:
@@ -180,7 +190,7 @@ def scan_stream(
     cfg: ScanConfig,
     documents: Iterable,
     *,
-    calibration_texts: list[str],
+    calibration_texts: Iterable[str],
     layers: list[int] | None = None,
     limit_neurons: int | None = None,
     progress: ProgressFn | None = None,
@@ -190,13 +200,16 @@ def scan_stream(
     group_documents: int = 64,
     report: CorpusReport | None = None,
 ) -> StreamState:
-    """Scan a stream of documents (objects with .index and .text, e.g. corpus.iter_documents) into a StreamState.
+    """Scan a stream of documents (objects with .index and .text, e.g. corpus.iter_documents; or plain strings,
+    indexed by their position in the stream) into a StreamState.
 
     Memory stays flat in corpus size: documents are aligned and scanned in groups, and only each site's
     SiteStats and the contexts of the tokens they hold are kept. Histogram edges come from
-    calibration_texts (the corpus's first documents), so every rank and every resumed run agrees on them.
+    calibration_texts: the corpus's texts from its first document (any iterable, read lazily until they hold
+    calibration.CALIBRATION_TOKENS tokens: first_texts_for_edges), so every rank and every resumed run agrees on them.
     With checkpointing, the state is written every N documents; resume_from (a checkpoint's state) is
-    continued, and documents it already holds (index < its next_index) are skipped. report: the corpus reader's
+    continued, and documents it already holds (index < its next_index: resuming needs documents in increasing
+    index order, as iter_documents yields them) are skipped. Without resume_from no document is skipped. report: the corpus reader's
     CorpusReport (iter_documents(report=...)), kept in the state, so a checkpoint holds what was read and skipped
     until then (a resumed run passes the checkpoint's, state.report).
     """
@@ -212,12 +225,13 @@ def scan_stream(
         }  # fmt: skip
         edges = {}
         if cfg.auroc:
-            calibration = align(lm.tokenizer, [t for t in calibration_texts if t.strip()], {}, chunk_tokens)
+            calibration = align(lm.tokenizer, first_texts_for_edges(lm.tokenizer, calibration_texts), {}, chunk_tokens)
             if calibration.n_tokens == 0:
                 raise ValueError("the corpus's first documents have no tokens besides special tokens")
             n_chunks = calibration_chunks(calibration.chunks, cfg.batch_size)
             edges = calibrate_edges(lm, points, n_neurons, calibration.chunks, n_chunks)
-        state = resume_from or StreamState({}, category_tokens=np.zeros(len(cfg.categories), dtype=np.int64))
+        state = resume_from or StreamState({}, category_tokens=np.zeros(len(cfg.categories), dtype=np.int64),
+                                           word_counts=np.zeros((n_words, 2), dtype=np.int64))  # fmt: skip
         if report is not None:
             state.report = report
         for site in sites:  # every site has a state, even an expert the router never chooses
@@ -228,8 +242,9 @@ def scan_stream(
 
         since_checkpoint = 0
         group: list = []
-        for document in documents:
-            if document.index < state.next_index:  # already in the resumed state
+        resumed_up_to = resume_from.next_index if resume_from is not None else 0
+        for document in _as_documents(documents):
+            if document.index < resumed_up_to:  # already in the resumed state
                 continue
             group.append(document)
             if len(group) == min(group_documents, checkpointing.every_documents if checkpointing else group_documents):
@@ -251,6 +266,19 @@ def scan_stream(
             checkpointing.save(state)
     state.sites = {hook: stats.to("cpu") for hook, stats in state.sites.items()}
     return state
+
+
+def _as_documents(documents: Iterable) -> Iterator:
+    """The stream's documents, a plain string becoming a Document indexed by its position in the stream. Raises
+    TypeError for anything else without .index and .text."""
+    for position, document in enumerate(documents):
+        if isinstance(document, str):
+            yield Document(position, document, f"document {position + 1}")
+        elif isinstance(getattr(document, "text", None), str) and isinstance(getattr(document, "index", None), (int, np.integer)):
+            yield document
+        else:
+            raise TypeError(f"scan_stream's documents are strings or objects with .index and .text (corpus.Document), "
+                            f"not {type(document).__name__}")  # fmt: skip
 
 
 def _scan_group(
@@ -290,6 +318,7 @@ def _scan_group(
     state.documents += len(group)
     state.tokens += aligned.n_tokens
     state.category_tokens += aligned.category_mask.sum(axis=0).astype(np.int64)
+    state.word_counts += aligned.coverage[["occurrences", "n_tokens"]].to_numpy(dtype=np.int64)
     state.next_index = int(doc_index.max()) + 1
 
 
@@ -346,7 +375,10 @@ def stream_result(lm: LoadedModel, cfg: ScanConfig, state: StreamState, extra_me
         n_experts = {layer: 1 + max(e for at, e in experts if at == layer) for layer, _ in experts}
         extras["routing"] = routing_from_states(experts, n_experts, state.category_tokens, int(state.tokens), categories)
         metadata["expert_neurons"] = dict(state.expert_neurons)
-    coverage = pd.DataFrame(columns=["category", "word", "occurrences", "n_tokens"])
+    coverage = pd.DataFrame(
+        [(category, word, *counts) for (_, category, word), counts in zip(config_words(cfg), state.word_counts.tolist())],
+        columns=["category", "word", "occurrences", "n_tokens"],
+    )  # as a master-text scan's, counted over every document
     return ScanResult(scores, top, tokens, coverage, no_tokens, metadata, [], None, extras)
 
 
