@@ -576,6 +576,8 @@ def check_quantised(rows: Rows, device: torch.device, cfg, folder: str) -> None:
         weight_bytes = sum(t.numel() * t.element_size() for t in lm.model.parameters())
         rows.check("quantised", bits, "avg_activation vs float32: Pearson r", f"{r:.4f} ({weight_bytes / 2**20:.1f} MiB weights)",
                    f">= {target}", r >= target)  # fmt: skip
+        rows.check("quantised", bits, "run metadata records it", str(res.metadata.get("quantization")), bits,
+                   res.metadata.get("quantization") == bits)  # fmt: skip
         del lm
         release(device)
 

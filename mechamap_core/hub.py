@@ -122,6 +122,11 @@ def describe_hub_error(exc: BaseException, repo_id: str, revision: str | None = 
             f"cannot reach the Hugging Face Hub ({constants.ENDPOINT}) to fetch '{repo_id}' and it is not in the cache: "
             "check the network, or scan a cached model"
         )
+    if hub_unavailable(exc):
+        return ModelNotAvailableError(
+            f"the download of '{repo_id}' failed: the Hugging Face Hub could not serve it just now (HTTP {status}); "
+            "nothing partial was kept, try again later"
+        )
     return ModelNotAvailableError(
         f"the download of '{repo_id}' failed ({first_line(exc)}); nothing partial was kept, try again"
     )
@@ -193,15 +198,18 @@ class _DownloadTracker:
         self.report(self.finished, self.total, filename)
 
 
-def fetch_config(repo: RepoFiles, token: str | None = None) -> Path:
+def fetch_config(repo: RepoFiles, token: str | None = None, at_commit: bool = False) -> Path:
     """Download config.json alone (first, so the model can be checked before its weights are fetched).
 
-    Asked for at the requested revision, so the cache records that branch/tag -> commit for offline use.
+    Asked for at the requested revision, so the cache records that branch/tag -> commit for offline use; with
+    at_commit, at the listed commit, which leaves the cache's branch and tag pointers as they are (a page that only
+    looks at a model must not point an offline load of its cached copy at a snapshot holding config.json alone).
     Returns the local snapshot folder. Raises ModelNotAvailableError / GatedModelError."""
     from huggingface_hub import hf_hub_download
 
     try:
-        path = hf_hub_download(repo.repo_id, CONFIG_FILE, revision=repo.revision, token=hub_token(token))
+        revision = repo.commit if at_commit else repo.revision
+        path = hf_hub_download(repo.repo_id, CONFIG_FILE, revision=revision, token=hub_token(token))
     except Exception as exc:  # noqa: BLE001
         raise describe_hub_error(exc, repo.repo_id, repo.revision) from exc
     return Path(path).parent
@@ -223,6 +231,9 @@ def fetch_files(repo: RepoFiles, token: str | None = None, progress: DownloadPro
                 repo.repo_id, filename, revision=repo.commit, token=hub_token(token),
                 tqdm_class=partial(_FileProgress, tracker, filename),
             )  # fmt: skip
+            if os.path.getsize(path) != size:  # a cached blob cut short (a copy, a full disk): fetched again, whole
+                path = hf_hub_download(repo.repo_id, filename, revision=repo.commit, token=hub_token(token),
+                                       force_download=True, tqdm_class=partial(_FileProgress, tracker, filename))  # fmt: skip
         except Exception as exc:  # noqa: BLE001
             raise describe_hub_error(exc, repo.repo_id, repo.revision) from exc
         tracker.file_done(size, filename)
@@ -237,6 +248,40 @@ def cached_snapshot(repo_id: str, revision: str | None = None) -> Path | None:
 
     found = try_to_load_from_cache(repo_id, CONFIG_FILE, revision=revision)
     return Path(found).parent if isinstance(found, str) else None
+
+
+def incomplete_snapshot(folder: Path) -> str | None:
+    """What a cached snapshot lacks to load (its weights, a shard its index names, its tokenizer), in words, or None.
+    A download that stopped after config.json (a load refused for its size, an interrupted one) leaves such a
+    snapshot, and the branch it was asked for points at it."""
+    names = [p.name for p in Path(folder).iterdir()]
+    weights = _pick_weight_files(names)
+    index = next((name for name in weights if name.endswith(".index.json")), None)
+    if index is not None:
+        try:
+            shards = set(json.loads((Path(folder) / index).read_text(encoding="utf-8"))["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            shards = set()
+        lacking = sorted(shards - set(names))
+        if lacking:
+            return f"weight shards {', '.join(lacking[:3])}{' ...' if len(lacking) > 3 else ''}"
+    if not weights:
+        return "its weights"
+    if not any(name in names for name in TOKENIZER_CORE):
+        return "its tokenizer"
+    return None
+
+
+def complete_snapshots(repo_id: str) -> list[str]:
+    """The commits of repo_id whose cached snapshot is complete (incomplete_snapshot), newest first."""
+    from huggingface_hub import constants
+
+    snapshots = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "snapshots"
+    try:
+        folders = sorted(snapshots.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)
+    except OSError:
+        return []
+    return [folder.name for folder in folders if folder.is_dir() and incomplete_snapshot(folder) is None]
 
 
 def check_no_remote_code(folder: Path, name: str) -> None:
@@ -255,6 +300,9 @@ def check_no_remote_code(folder: Path, name: str) -> None:
             "MechaMap never runs a repo's code (trust_remote_code stays off)"
         )
     model_type = config.get("model_type")
+    if model_type is None:
+        raise ModelNotAvailableError(f"the config.json of '{name}' has no model_type, so transformers cannot tell which "
+                                     "architecture it is: add its \"model_type\" (e.g. \"gpt2\", \"llama\")")  # fmt: skip
     if model_type not in CONFIG_MAPPING:
         import transformers
 
@@ -262,6 +310,13 @@ def check_no_remote_code(folder: Path, name: str) -> None:
             f"'{name}' has model_type '{model_type}', which transformers {transformers.__version__} does not know; "
             "it would need the repo's own code, which MechaMap never runs (trust_remote_code stays off)"
         )
+
+
+def hub_unavailable(exc: BaseException | None) -> bool:
+    """True when the Hub could not serve a request for reasons of its own or the network's (is_connection_error, or an
+    HTTP 429 rate limit or 5xx server error), so that a copy in the cache should be used instead."""
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    return is_connection_error(exc) or status == 429 or (isinstance(status, int) and status >= 500)
 
 
 def is_connection_error(exc: BaseException | None) -> bool:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from . import hub, placement
 from .config import BUNDLED_MODEL_ID
@@ -20,6 +21,9 @@ from .hub import DownloadProgress, ModelNotAvailableError
 BUNDLED_ALIASES = {BUNDLED_MODEL_ID, "all-MiniLM-L6-v2", "bundled"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?(@[\w.\-/]+)?$")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# what a model file (not a model) ends with; a Hub id may end with any other dotted part (Qwen2.5-0.5B, @v1.0)
+FILE_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".onnx", ".h5", ".msgpack", ".json", ".yaml",
+                 ".yml", ".txt", ".csv", ".zip", ".gz", ".tar"}  # fmt: skip
 
 
 @dataclass
@@ -37,6 +41,7 @@ class LoadedModel:
     is_causal_lm: bool
     placement: dict[str, str] = field(default_factory=dict)  # module path -> device ('' = the whole model)
     commit: str | None = None  # the Hub commit the weights came from (Hub ids only)
+    quantization: str | None = None  # "8bit" or "4bit" when loaded so (the weights then differ from the checkpoint's)
     offload_dir: object = field(default=None, repr=False, compare=False)  # removed with the model
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
@@ -119,7 +124,11 @@ def resolve_model_source(spec: str) -> tuple[str, bool]:
         if not (local / "config.json").is_file():
             raise ModelNotAvailableError(f"the folder {local} has no config.json, so it is not a Hugging Face model folder")
         return str(local.resolve()), True
-    if local.suffix or spec.startswith((".", "/", "~")) or not _HUB_ID.match(spec):
+    if local.suffix.lower() in FILE_SUFFIXES:
+        raise ModelNotAvailableError(f"'{spec}' names a file, not a model: give the folder that holds its config.json, "
+                                     "or a Hugging Face model id")  # fmt: skip
+    if spec.startswith((".", "/", "~")) or not _HUB_ID.match(spec):
+        hub.parse_hub_spec(spec)  # an empty revision ('org/name@') gets its own message
         raise ModelNotAvailableError(f"'{spec}' is neither a local model folder nor a Hugging Face model id")
     return spec, False
 
@@ -134,9 +143,12 @@ def model_depth(spec: str) -> tuple[int, int | None] | None:
         folder = Path(source) if is_local else hub.cached_snapshot(*hub.parse_hub_spec(source))
     except ModelNotAvailableError:
         return None
-    if folder is None:
-        return None
-    config_file = folder / "config.json"
+    return None if folder is None else folder_depth(folder)
+
+
+def folder_depth(folder: Path) -> tuple[int, int | None] | None:
+    """model_depth of the model whose config.json is in folder (None where it cannot be read or does not say)."""
+    config_file = Path(folder) / "config.json"
     try:
         return _config_depth(str(config_file), config_file.stat().st_mtime_ns)
     except OSError:
@@ -149,8 +161,8 @@ def _config_depth(config_file: str, modified_ns: int) -> tuple[int, int | None] 
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(Path(config_file).parent, local_files_only=True)
-    except (OSError, ValueError, KeyError):
+        config = AutoConfig.from_pretrained(Path(config_file).parent, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, KeyError):  # a config needing its repo's code raises ValueError: never asked, never run
         return None
     layers = getattr(config, "num_hidden_layers", None)
     width = getattr(config, "intermediate_size", None)
@@ -209,6 +221,8 @@ def load_model(
     hf_logging.disable_progress_bar()
     source, is_local = resolve_model_source(spec)
     name = BUNDLED_MODEL_ID if spec.strip() in BUNDLED_ALIASES else spec.strip()
+    if revision and not is_local and "@" not in name:  # the name records the revision, as org/name@revision does, so
+        name = f"{name}@{revision}"  # what reads a run's model column back (validate, ablate --csv) loads the same
     max_memory = placement.parse_max_memory(max_memory)
     device_map = placement.parse_device_map(device_map) or ("auto" if max_memory else None)
     placement.check_device_map_devices(device_map)
@@ -224,7 +238,7 @@ def load_model(
         """The config, once checked for remote code and for fitting in memory."""
         hub.check_no_remote_code(folder, name)
         try:
-            config = AutoConfig.from_pretrained(folder, local_files_only=True)
+            config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
         except (OSError, ValueError) as exc:
             raise ModelNotAvailableError(f"could not read the config of '{name}': {first_line(exc)}") from exc
         try:
@@ -244,7 +258,7 @@ def load_model(
         raise ModelNotAvailableError(f"the model folder {folder} has no tokenizer files (one of "
                                      f"{', '.join(hub.TOKENIZER_CORE)}): save the model's tokenizer there too")  # fmt: skip
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, TypeError) as exc:
         raise ModelNotAvailableError(f"could not load the tokenizer of '{name}': {first_line(exc)}") from exc
     causal = _is_causal(config)
@@ -258,14 +272,16 @@ def load_model(
     loader = _model_class(causal)
     try:
         model = loader.from_pretrained(folder, **options)
-    except (OSError, ValueError) as exc:
-        raise ModelNotAvailableError(f"could not load the weights of '{name}': {first_line(exc)}") from exc
+    except (OSError, ValueError, SafetensorError) as exc:
+        again = "save or copy the model again" if is_local else f"download it again (`hf download {source.partition('@')[0]} --force-download`)"
+        damaged = f" (a weights file in {folder} is damaged or cut short: {again})" if isinstance(exc, SafetensorError) else ""
+        raise ModelNotAvailableError(f"could not load the weights of '{name}': {first_line(exc)}{damaged}") from exc
     if device_map is None:
         model.to(torch_device)
     model.eval()
     where = placement.placement_of(model, torch_device)
     input_device = placement.input_device(model, where) if device_map is not None else torch_device
-    return LoadedModel(model, tokenizer, name, input_device, torch_dtype, causal, where, commit, offload_dir)
+    return LoadedModel(model, tokenizer, name, input_device, torch_dtype, causal, where, commit, quantization, offload_dir)
 
 
 def _model_class(causal: bool):
@@ -295,18 +311,32 @@ def _hub_snapshot(source: str, revision, offline, token, download_progress, chec
                 f"'{source}' is not in the local Hugging Face cache and downloads are off (offline mode: "
                 f"--offline or HF_HUB_OFFLINE=1); go online, or fetch it once with `{download_command}`"
             )
-        return folder, folder.name, check(folder)
+        return _complete(folder, source, repo_id), folder.name, check(folder)
     try:
         files = hub.list_repo_files(repo_id, revision, token)
     except ModelNotAvailableError as exc:
-        folder = hub.cached_snapshot(repo_id, revision) if hub.is_connection_error(exc.__cause__) else None
+        folder = hub.cached_snapshot(repo_id, revision) if hub.hub_unavailable(exc.__cause__) else None
         if folder is None:
             raise
-        return folder, folder.name, check(folder)
+        return _complete(folder, source, repo_id), folder.name, check(folder)
     folder = hub.fetch_config(files, token)
     config = check(folder)
     hub.fetch_files(files, token, download_progress)
     return folder, files.commit, config
+
+
+def _complete(folder: Path, source: str, repo_id: str) -> Path:
+    """folder, a cached snapshot used without the Hub, once checked to hold what loading needs; else one message that
+    says a download stopped midway and names the complete cached commits, if any."""
+    lacking = hub.incomplete_snapshot(folder)
+    if lacking is None:
+        return folder
+    others = [commit for commit in hub.complete_snapshots(repo_id) if commit != folder.name]
+    instead = f", or load a complete cached commit: {repo_id}@{others[0]}" if others else ""
+    raise ModelNotAvailableError(
+        f"the cached copy of '{source}' (commit {folder.name[:8]}) lacks {lacking}: a download stopped midway; go online "
+        f"to finish it{instead}"
+    )
 
 
 def wrap_model(model: torch.nn.Module, tokenizer, name: str) -> LoadedModel:

@@ -19,7 +19,7 @@ from mechamap_core.analysis import describe_shape
 from mechamap_core.config import ConfigError, ScanConfig, config_to_yaml
 from mechamap_core.errors import first_line as _first_line
 from mechamap_core.export import save_run
-from mechamap_core.models import ModelNotAvailableError, resolve_model_source
+from mechamap_core.models import ModelNotAvailableError, folder_depth, resolve_model_source
 from mechamap_core.scan import ScanCancelled, ScanResult, scan
 from mechamap_core.sites import SiteResolutionError
 
@@ -91,9 +91,7 @@ def hf_token() -> str | None:
 def hub_repo_files(spec: str) -> tuple[hub.RepoFiles | None, str | None]:
     """(files a download of this Hub id fetches, with sizes; None) or (None, why not) from the Hub's file list.
 
-    (None, None) for the bundled model, local folders and offline mode. Cached for 10 minutes. Listed, its config.json
-    (a few KB) is fetched into the Hugging Face cache, where the scan would fetch it first anyway: models.model_depth
-    then knows the model's layers before anything else downloads."""
+    (None, None) for the bundled model, local folders and offline mode. Cached for 10 minutes."""
     try:
         _, is_local = resolve_model_source(spec)
     except ModelNotAvailableError as exc:
@@ -107,14 +105,25 @@ def hub_repo_files(spec: str) -> tuple[hub.RepoFiles | None, str | None]:
 @st.cache_data(ttl=600, show_spinner="Reading the model's file list from the Hub ...")
 def _listed_files(repo_id: str, revision: str | None, _token: str | None) -> tuple[hub.RepoFiles | None, str | None]:
     try:
-        files = hub.list_repo_files(repo_id, revision, _token)
+        return hub.list_repo_files(repo_id, revision, _token), None
     except ModelNotAvailableError as exc:
         return None, _sentence(_first_line(exc))
+
+
+def hub_model_layers(files: hub.RepoFiles) -> int | None:
+    """The layers of a listed Hub model, from its config.json alone (a few KB, fetched at the listed commit into the
+    Hugging Face cache, where the scan would fetch it first), so the page refuses layers it lacks before anything
+    else downloads; None where it cannot be fetched or read (the scan then says why)."""
+    return _layers_at_commit(files.repo_id, files.commit, hf_token())
+
+
+@st.cache_data(ttl=600, show_spinner=False)
+def _layers_at_commit(repo_id: str, commit: str, _token: str | None) -> int | None:
     try:
-        hub.fetch_config(files, _token)
-    except ModelNotAvailableError:  # the scan will say why, if it still fails then; the layers go unchecked here
-        pass
-    return files, None
+        folder = hub.fetch_config(hub.RepoFiles(repo_id, None, commit, {}, ()), _token, at_commit=True)
+    except ModelNotAvailableError:
+        return None
+    return (folder_depth(folder) or (None, None))[0]
 
 
 def memory_warning(files: hub.RepoFiles, device: str) -> str | None:

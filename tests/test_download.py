@@ -53,6 +53,7 @@ def hub_root(tmp_path_factory, tiny_models):
     _copy_model(tiny, models / "tiny@v1", weights=False)
     other.save_pretrained(models / "tiny@v1")
     _copy_model(tiny, models / "gated")
+    _copy_model(tiny, models / "Tiny-1.5B")  # dotted, as Qwen2.5-0.5B and Llama-3.2-1B are
     _copy_model(tiny, models / "no-weights", weights=False)
     _copy_model(tiny, models / "no-tokenizer", tokenizer=False)
     for name, change in (("remote-code", {"auto_map": {"AutoModelForCausalLM": "modeling_x.XForCausalLM"}}),
@@ -117,7 +118,8 @@ def test_download_then_scan(hub, hub_root, tiny_models, default_cfg):
     assert lm.placement == {"": "cpu"} and lm.device == torch.device("cpu")
     result = scan(lm, default_cfg, limit_neurons=4)
     assert set(result.scores["model"]) == {"org/tiny"}
-    assert result.metadata["model"] == "org/tiny"
+    assert result.metadata["model"] == "org/tiny" and result.metadata["model_commit"] == lm.commit
+    assert result.metadata["quantization"] is None  # full precision (gpu_check checks an 8/4-bit load records it)
 
 
 def test_offline_rescan_from_cache(hub, monkeypatch, default_cfg):
@@ -226,7 +228,7 @@ def test_revision_pinning(hub, hub_root, monkeypatch):
     v1_again = load_model("org/tiny", device="cpu", revision="v1")
     by_commit = load_model(f"org/tiny@{hub.commit('org/tiny', 'v1')}", device="cpu")
     assert main.commit == hub.commit("org/tiny") != v1.commit == hub.commit("org/tiny", "v1")
-    assert v1_again.commit == by_commit.commit == v1.commit and v1.name == "org/tiny@v1"
+    assert v1_again.commit == by_commit.commit == v1.commit and v1.name == v1_again.name == "org/tiny@v1"
     assert not torch.equal(_logits(main), _logits(v1))
     from transformers import AutoModelForCausalLM
 
@@ -238,6 +240,92 @@ def test_revision_pinning(hub, hub_root, monkeypatch):
     # both revisions are cached: offline, each name finds its own weights
     assert load_model("org/tiny@v1", device="cpu", offline=True).commit == v1.commit
     assert load_model("org/tiny", device="cpu", offline=True).commit == main.commit
+
+
+def test_hub_ids_with_dots_load_and_files_or_empty_revisions_are_named(hub):
+    """A dotted Hub id (Qwen2.5-0.5B, Llama-3.2-1B) or revision (v1.0) was refused as "neither a local model folder nor
+    a Hugging Face model id" (its dotted part read as a file suffix)."""
+    from mechamap_core.models import resolve_model_source
+
+    assert load_model("org/Tiny-1.5B", device="cpu").name == "org/Tiny-1.5B"
+    for spec in ("Qwen/Qwen2.5-0.5B", "meta-llama/Llama-3.2-1B", "TinyLlama/TinyLlama-1.1B-Chat-v1.0", "gpt2@v1.0"):
+        assert resolve_model_source(spec) == (spec, False)
+    with pytest.raises(ModelNotAvailableError, match="'model.safetensors' names a file, not a model: give the folder"):
+        resolve_model_source("model.safetensors")
+    with pytest.raises(ModelNotAvailableError, match="'org/tiny@' ends with '@': give a revision after it"):
+        load_model("org/tiny@", device="cpu")
+
+
+def test_a_cached_model_loads_while_the_hub_fails_and_an_uncached_one_says_so(hub):
+    """A Hub answering 503 (or 429, or another 5xx) is treated as unreachable: a cached model loads from the cache,
+    as with no network at all, instead of failing its download."""
+    cached = load_model("org/tiny", device="cpu")
+    hub.down = True
+    assert load_model("org/tiny", device="cpu").commit == cached.commit
+    with pytest.raises(ModelNotAvailableError, match=r"could not serve it just now \(HTTP 503\); nothing partial was kept"):
+        load_model("org/gated", device="cpu")
+    hub.heal()
+
+
+def test_a_cached_snapshot_a_download_left_incomplete_is_named_offline(hub):
+    """A download that stopped after config.json (refused for its size, interrupted) leaves the branch pointing at a
+    snapshot holding config.json alone: offline, that copy is named as incomplete, with the complete cached commit
+    to load instead (it said "the model folder ... has no tokenizer files: save the model's tokenizer there too")."""
+    from huggingface_hub import hf_hub_download
+
+    complete = load_model("org/tiny", device="cpu").commit
+    hf_hub_download("org/tiny", "config.json", revision="v1")  # v1 -> a snapshot of its config alone
+    with pytest.raises(ModelNotAvailableError) as refused:
+        load_model("org/tiny@v1", device="cpu", offline=True)
+    v1 = hub.commit("org/tiny", "v1")
+    assert str(refused.value) == (f"the cached copy of 'org/tiny@v1' (commit {v1[:8]}) lacks its weights: a download stopped "
+                                  f"midway; go online to finish it, or load a complete cached commit: org/tiny@{complete}")  # fmt: skip
+    assert load_model(f"org/tiny@{complete}", device="cpu", offline=True).commit == complete
+
+
+def test_weights_cut_short_are_named_and_fetched_again_from_the_hub(hub, tiny_models, tmp_path):
+    """A truncated safetensors file raised safetensors' own error from deep inside transformers (a traceback in the
+    CLI); in the Hub cache it stayed cut short, since a file already there is not fetched again."""
+    folder = tmp_path / "cut"
+    _copy_model(tiny_models.path("gpt2"), folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100_000])
+    with pytest.raises(ModelNotAvailableError, match=r"could not load the weights of .*: .*\(a weights file in .*cut is "
+                                                     r"damaged or cut short: save or copy the model again\)$"):  # fmt: skip
+        load_model(str(folder), device="cpu")
+    first = load_model("org/tiny", device="cpu")
+    expected = _logits(first)
+    blob = (hub.cache / "models--org--tiny" / "snapshots" / first.commit / "model.safetensors").resolve()
+    whole = blob.read_bytes()
+    cut = blob.with_name("cut")
+    cut.write_bytes(whole[:100_000])
+    os.replace(cut, blob)  # a new file: the loaded model's memory map of the old one stays valid
+    with pytest.raises(ModelNotAvailableError, match=r"download it again \(`hf download org/tiny --force-download`\)"):
+        load_model("org/tiny", device="cpu", offline=True)
+    again = load_model("org/tiny", device="cpu")  # online: the listed size tells the cut copy, fetched whole again
+    assert blob.read_bytes() == whole and torch.equal(_logits(again), expected)
+
+
+def test_reading_a_models_depth_never_runs_or_offers_its_code(tmp_path, monkeypatch, tiny_models):
+    """model_depth read a config.json with AutoConfig without trust_remote_code=False: for a config naming its own
+    code, transformers asked "Do you wish to run the custom code? [y/N]" and ran it on "y"."""
+    from mechamap_core.models import model_depth
+
+    folder = tmp_path / "remote"
+    _copy_model(tiny_models.path("gpt2"), folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="xnet", auto_map={"AutoConfig": "configuration_x.XConfig"})
+    (folder / "config.json").write_text(json.dumps(config))
+    ran = tmp_path / "ran"
+    (folder / "configuration_x.py").write_text(f"open({str(ran)!r}, 'w').write('ran')\n"
+                                               "from transformers import PretrainedConfig\n"
+                                               "class XConfig(PretrainedConfig):\n    model_type = 'xnet'\n")  # fmt: skip
+    monkeypatch.setattr("builtins.input", lambda *args: "y")
+    assert model_depth(str(folder)) is None and not ran.exists()
+    del config["auto_map"], config["model_type"]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelNotAvailableError, match="has no model_type, so transformers cannot tell which architecture"):
+        load_model(str(folder), device="cpu")
 
 
 def test_remote_code_is_refused_before_weights(hub):
@@ -342,8 +430,9 @@ def test_scan_page_shows_size_then_downloads_and_scans(hub, app_env, hub_root):
 
 
 def test_a_hub_models_layers_are_checked_before_its_weights_download(hub, app_env, monkeypatch):
-    """Typing a Hub id fetches its config.json alone (at the revision asked), so the Scan page refuses layers the model
-    lacks at once, with Scan off, before any job or weight download; offline, the cached config serves the same."""
+    """Typing a Hub id fetches its config.json alone (at the listed commit of the revision asked, leaving the cache's
+    branch pointers alone), so the Scan page refuses layers the model lacks at once, with Scan off, before any job or
+    weight download; offline, a cached model's config serves the same."""
     from app_fixtures import make_app, no_exception, open_page, texts
     from huggingface_hub import constants
     from tiny_models import LAYERS
@@ -352,6 +441,7 @@ def test_a_hub_models_layers_are_checked_before_its_weights_download(hub, app_en
     from mechamap_ui import jobs, scanning
 
     scanning._listed_files.clear()
+    scanning._layers_at_commit.clear()
     at = open_page(make_app(), "scan")
     at.radio(key="scan_source").set_value("Hugging Face id (downloads on demand)").run()
     at.text_input(key="scan_layers").set_value("0,40").run()
@@ -362,9 +452,11 @@ def test_a_hub_models_layers_are_checked_before_its_weights_download(hub, app_en
         assert texts(at.error) == refused, model_id
         assert next(b for b in at.button if b.label == "Scan").disabled
     asked = {path for _, path, _ in hub.requests if path.endswith("/config.json")}  # v1's is the same blob: a HEAD
-    assert asked == {"/org/tiny/resolve/main/config.json", "/org/tiny/resolve/v1/config.json"}, asked
+    assert asked == {f"/org/tiny/resolve/{hub.commit('org/tiny', rev)}/config.json" for rev in ("main", "v1")}, asked
     assert not _gets(hub, "model.safetensors") and not jobs.registry().jobs()
-    assert model_depth("org/tiny")[0] == model_depth("org/tiny@v1")[0] == LAYERS
+    assert model_depth("org/tiny") is None  # no branch of the cache points at a snapshot of config.json alone
+    load_model("org/tiny", device="cpu")  # cached whole: offline, its config serves
+    assert model_depth("org/tiny")[0] == LAYERS
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     at.text_input(key="scan_hub_id").set_value("org/tiny").run()
     assert any("Offline" in v for v in texts(at.caption)) and texts(at.error) == refused

@@ -90,6 +90,7 @@ dtype = c2.selectbox("Precision", ["auto", *DTYPES], key="scan_dtype", help="aut
 if source == SOURCES[1] and (spec or "").strip():
     if hub.hub_offline():
         st.caption("Offline (HF_HUB_OFFLINE=1): the model must already be in the local Hugging Face cache.")
+        model_layers = (model_depth(spec) or (None, None))[0]  # from its cached config.json
     else:
         files, problem_with_model = scanning.hub_repo_files(spec)
         if problem_with_model:
@@ -103,7 +104,7 @@ if source == SOURCES[1] and (spec or "").strip():
             too_big = scanning.memory_warning(files, device)
             if too_big:
                 st.warning(too_big)
-    model_layers = (model_depth(spec) or (None, None))[0]  # from its config.json in the cache, offline too
+            model_layers = scanning.hub_model_layers(files)
 with st.expander("Big models: spread over devices, 8/4-bit", icon=":material/memory:"):
     has_cuda = torch.cuda.is_available()
     spread_label = "Spread over GPUs / offload to CPU" if has_cuda else "Offload what does not fit in memory to disk"

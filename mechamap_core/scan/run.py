@@ -84,6 +84,14 @@ class _Reducer:
                     future.result()
 
 
+def model_metadata(lm: LoadedModel, cfg: ScanConfig) -> dict:
+    """What a run records of the model it scanned and how it was loaded (a master-text or a corpus run alike)."""
+    return {
+        "model": lm.name, "config_hash": cfg.content_hash(), "device": str(lm.device), "placement": dict(lm.placement),
+        "model_commit": lm.commit, "dtype": str(lm.dtype).replace("torch.", ""), "quantization": lm.quantization,
+    }  # fmt: skip
+
+
 def reduction_mode(device: torch.device, record: bool) -> str:
     """How a scan finishes its sites: see _Reducer. On a CPU without recording, finishing is light and runs
     inline; on a CUDA GPU it overlaps the forward pass either way, since its host work (Welch's p-value, the moments'
@@ -201,12 +209,7 @@ def scan(
         extras["routing"] = routing_from_states(experts, n_experts, n_tokens_per_category, aligned.n_tokens, aligned.categories)
     finished = time.perf_counter()
     metadata = {
-        "model": lm.name,
-        "config_hash": cfg.content_hash(),
-        "device": str(lm.device),
-        "placement": dict(lm.placement),
-        "model_commit": lm.commit,
-        "dtype": str(lm.dtype).replace("torch.", ""),
+        **model_metadata(lm, cfg),
         "n_tokens": aligned.n_tokens,
         "n_documents": len(aligned.texts),
         "n_chunks": len(aligned.chunks),

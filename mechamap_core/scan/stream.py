@@ -28,7 +28,7 @@ from .calibrate import calibrate_edges, calibration_chunks, first_texts_for_edge
 from .driver import Batch, Site, batches, resolve_hook_points, run_hooked_forward, site_device
 from .finish import FinishContext, add_permutation_pvalues, assemble, finish_part, token_folds
 from .result import ScanResult
-from .run import batch_labels, config_words, routing_from_states, scan_targets, word_keys, word_labels
+from .run import batch_labels, config_words, model_metadata, routing_from_states, scan_targets, word_keys, word_labels
 from .state import HIST_BINS, SiteStats, StatsLayout
 
 KEY_POSITIONS = 2**24  # a token's key: document index * KEY_POSITIONS + its ordinal among the document's tokens
@@ -357,9 +357,7 @@ def stream_result(lm: LoadedModel, cfg: ScanConfig, state: StreamState, extra_me
     })  # fmt: skip
     extras = {"examples": examples, "samples": samples}
     metadata = {
-        "model": lm.name, "config_hash": cfg.content_hash(), "device": str(lm.device),
-        "placement": dict(lm.placement), "model_commit": lm.commit, "dtype": str(lm.dtype).replace("torch.", ""),
-        "n_tokens": int(state.tokens), "n_documents": int(state.documents),
+        **model_metadata(lm, cfg), "n_tokens": int(state.tokens), "n_documents": int(state.documents),
         "layers": layers, "n_layers_model": n_layers_model,
         "neurons_per_layer": {str(p.layer): p.stats["score"].shape[1] for p in parts if p.expert is None},
         "categories": categories,
