@@ -412,7 +412,7 @@ def test_scan_page_shows_size_then_downloads_and_scans(hub, app_env, hub_root):
     no_exception(at)
     files = list_repo_files("org/tiny")
     size_note = next(v for v in texts(at.caption) if "files," in v)
-    assert f"{len(files.files)} files, " in size_note and files.commit[:8] in size_note
+    assert size_note.startswith(f"2 layers; {len(files.files)} files, ") and files.commit[:8] in size_note
     assert placement.human_bytes(files.total_bytes) in size_note and placement.human_bytes(files.weight_bytes) in size_note
     assert not _gets(hub, "model.safetensors")  # nothing downloaded yet
     at.number_input(key="scan_limit").set_value(4)

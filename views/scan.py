@@ -96,15 +96,16 @@ if source == SOURCES[1] and (spec or "").strip():
         if problem_with_model:
             st.warning(problem_with_model)
         elif files is not None:
+            model_layers = scanning.hub_model_layers(files)
             st.caption(
-                f"{len(files.files)} files, {placement.human_bytes(files.total_bytes)} "
-                f"({placement.human_bytes(files.weight_bytes)} of weights) at commit {files.commit[:8]}; "
-                "downloaded into the Hugging Face cache on the first scan. Gated models use HF_TOKEN from the secrets."
+                f"{f'{model_layers} layers; ' if model_layers else ''}{len(files.files)} files, "
+                f"{placement.human_bytes(files.total_bytes)} ({placement.human_bytes(files.weight_bytes)} of weights) at "
+                f"commit {files.commit[:8]}; downloaded into the Hugging Face cache on the first scan. Gated models use "
+                "HF_TOKEN from the secrets."
             )
             too_big = scanning.memory_warning(files, device)
             if too_big:
                 st.warning(too_big)
-            model_layers = scanning.hub_model_layers(files)
 with st.expander("Big models: spread over devices, 8/4-bit", icon=":material/memory:"):
     has_cuda = torch.cuda.is_available()
     spread_label = "Spread over GPUs / offload to CPU" if has_cuda else "Offload what does not fit in memory to disk"
