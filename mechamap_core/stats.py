@@ -223,18 +223,18 @@ def word_moments(acts: np.ndarray, token_word: np.ndarray, n_words: int) -> dict
 
 
 def permutation_subsets(
-    word_category, n_permutations: int = 1000, seed: int = 0, word_keys=None
+    word_category, n_permutations: int = 1000, seed: int = 0, word_keys=None, pool=None
 ) -> dict[int, torch.Tensor]:
     """The random word subsets of the permutation test: {size: [P, size] int64 word indices}, on the CPU.
 
-    Category labels are exchangeable among the W words, so a category's null distribution depends only
-    on its number of words: categories of equal size share one set of draws. Row p of a set holds the `size`
-    words of lowest draw key, each word's P keys being uniforms from np.random.default_rng([seed, size, word]),
-    where word is the CRC-32 of its word_keys entry (what a scan passes: each word's category and text), or its
-    index without them. So a subset is a uniformly random one; the same words get the same draws however the
-    config lists its categories and words, on every device; and adding or removing a word changes a size's
-    draws only where that word is among the `size` lowest (a category keeps most of its draws when another one
-    gains a word, unless its own size changes).
+    Category labels are exchangeable among the words of the pool (a bool [W]; default every word), so a
+    category's null distribution depends only on its number of words: categories of equal size share one set
+    of draws. Row p of a set holds the `size` pool words of lowest draw key, each word's P keys being uniforms
+    from np.random.default_rng([seed, size, word]), where word is the CRC-32 of its word_keys entry (what a scan
+    passes: each word's category and text), or its index without them. So a subset is a uniformly random one of
+    the pool; the same words get the same draws however the config lists its categories and words, on every
+    device; and adding or removing a word changes a size's draws only where that word is among the `size`
+    lowest (a category keeps most of its draws when another one gains a word, unless its own size changes).
     """
     word_category = np.asarray(word_category)
     sizes = np.unique(np.bincount(word_category[word_category >= 0]))
@@ -242,20 +242,57 @@ def permutation_subsets(
         word_seeds = tuple(range(len(word_category)))
     else:
         word_seeds = tuple(zlib.crc32(str(key).encode("utf-8")) for key in word_keys)
-    return dict(_drawn_subsets(word_seeds, tuple(sizes[sizes > 0].tolist()), n_permutations, seed))
+    pool = np.ones(len(word_category), dtype=bool) if pool is None else np.asarray(pool, dtype=bool)
+    return dict(_pool_subsets(word_seeds, tuple(sizes[sizes > 0].tolist()), n_permutations, seed, pool.tobytes()))
+
+
+@functools.lru_cache(maxsize=64)
+def _pool_subsets(word_seeds: tuple, sizes: tuple, n_permutations: int, seed: int, pool: bytes) -> dict[int, torch.Tensor]:
+    """permutation_subsets' draws from a pool (a bool [W] as bytes), kept for the next call with the same words,
+    pool, sizes and seed (each finishing job of a scan, and each expert of a mixture-of-experts layer, tests its
+    neurons in a call of its own). Callers must not change them."""
+    in_pool = np.frombuffer(pool, dtype=bool)
+    subsets = {}
+    for size, order in _key_orders(word_seeds, sizes, n_permutations, seed).items():
+        if in_pool.all():
+            subsets[size] = torch.from_numpy(np.ascontiguousarray(order[:, :size]))
+            continue
+        pooled = in_pool[order]  # [P, W]: the ordered words that are in the pool
+        first = pooled & (np.cumsum(pooled, axis=1) <= size)  # the `size` of them with the lowest keys
+        subsets[size] = torch.from_numpy(order[first].reshape(n_permutations, size))
+    return subsets
 
 
 @functools.lru_cache(maxsize=8)
-def _drawn_subsets(word_seeds: tuple[int, ...], sizes: tuple[int, ...], n_permutations: int, seed: int) -> dict[int, torch.Tensor]:
-    """permutation_subsets' draws, kept for the next call with the same words, sizes and seed (a scan of
-    a mixture-of-experts model tests each expert in a call of its own). Callers must not change them."""
-    subsets = {}
+def _key_orders(word_seeds: tuple, sizes: tuple, n_permutations: int, seed: int) -> dict[int, np.ndarray]:
+    """{size: [P, W] int64}: each draw's words in the order of their keys (permutation_subsets)."""
+    orders = {}
     for size in sizes:
         keys = np.empty((n_permutations, len(word_seeds)))  # [P, W]: column w, word w's own stream
         for column, word in enumerate(word_seeds):
             keys[:, column] = np.random.default_rng([seed, size, word]).random(n_permutations)
-        subsets[size] = torch.from_numpy(np.argsort(keys, axis=1, kind="stable")[:, :size].astype(np.int64))
-    return subsets
+        orders[size] = np.argsort(keys, axis=1, kind="stable").astype(np.int64)
+    return orders
+
+
+def draw_pool(word_n, word_keys=None) -> np.ndarray:
+    """[W] bool: the words a permutation draw may hold. A word with no tokens where the test runs (absent from the
+    text, or, for an expert, never routed to it) is no evidence either way: a category's observed set carries none
+    of its tokens, so a null subset may not carry its place either (else a category listing absent words meets
+    null subsets of more tokens than its own, and its p-values come out too small). A word that two categories
+    list ('orange' in food and colour) is drawn once, by its entry of least key, whatever order the config lists
+    them in (else a draw holding both entries counts its tokens twice). word_keys: each entry's category and text
+    ("food\x1forange"); None: every entry distinct."""
+    pool = np.asarray(word_n.cpu() if isinstance(word_n, torch.Tensor) else word_n) > 0
+    if word_keys is not None:
+        kept: dict[str, int] = {}  # text -> the entry of least key that has tokens
+        for w in np.flatnonzero(pool).tolist():
+            text = str(word_keys[w]).partition("\x1f")[2]
+            if text not in kept or str(word_keys[w]) < str(word_keys[kept[text]]):
+                kept[text] = w
+        pool[:] = False
+        pool[list(kept.values())] = True
+    return pool
 
 
 def permutation_pvalues(
@@ -277,8 +314,9 @@ def permutation_pvalues(
 
     The observed score of category c is the separation of its words' tokens against all other tokens.
     The null shuffles category labels among words, keeping each word's tokens together: category c's
-    permuted tokens are those of a random |W_c|-subset of all W words (permutation_subsets), the rest
-    all other tokens. p = (1 + #{null score >= observed}) / (1 + P). A null draw without a score (an
+    permuted tokens are those of a random |W_c|-subset of the words that have tokens here, each text once
+    (draw_pool; |W_c| counts c's words with tokens), the rest all other tokens (permutation_subsets).
+    p = (1 + #{null score >= observed}) / (1 + P). A null draw without a score (an
     empty side) counts as reaching the observed score, and so does one within TIE_RTOL of it (a draw
     of the category's own words, summed in another order). NaN for a category without words, and for one
     whose words are all the words (a config of one category): its only subset is itself, so no draw could
@@ -306,10 +344,12 @@ def permutation_pvalues(
     total_sumsq = (sumsq_all - n_all * mean_all**2).to(dtype)  # and the centred total sum is 0
 
     as_array = (lambda t: t.numpy()) if _numpy_arithmetic(device) else (lambda t: t)  # noqa: E731
+    pool = draw_pool(word_n, word_keys)
+    word_category = np.where(word_n.cpu().numpy() > 0, word_category, -1)  # a word without tokens here is no evidence
     sizes = np.bincount(word_category[word_category >= 0], minlength=n_categories)
     below = np.zeros((n_categories, n_neurons))  # null draws scoring below the observed score (less TIE_RTOL)
     observed_nan = np.zeros((n_categories, n_neurons), dtype=bool)
-    for size, subsets in permutation_subsets(word_category, n_permutations, seed, word_keys).items():
+    for size, subsets in permutation_subsets(word_category, n_permutations, seed, word_keys, pool).items():
         same_size = np.flatnonzero(sizes == size)
         own_words = torch.as_tensor(np.stack([np.flatnonzero(word_category == c) for c in same_size]))
         rows = torch.cat([own_words, subsets.sort(dim=1).values]).to(device)  # the observed rows come first
@@ -318,7 +358,7 @@ def permutation_pvalues(
             rows, len(same_size), constants, centred_sum, centred_sumsq, total_sumsq, chunk_elements, as_array
         )
     p_values = (1.0 + n_permutations - below) / (1.0 + n_permutations)
-    alone = sizes == len(word_category)  # a category with every word: no other subset, so no test (p 1)
+    alone = sizes == pool.sum()  # a category with every word: no other subset, so no test (p 1)
     p_values[((sizes == 0) | alone)[:, None] | observed_nan] = np.nan
     return p_values
 

@@ -18,6 +18,7 @@ from mechamap_core.stats import (
     bh_qvalues,
     cv_auroc_binned,
     cv_auroc_exact,
+    draw_pool,
     exact_aurocs,
     fold_groups,
     moment_statistics,
@@ -83,8 +84,11 @@ def tiny_problem(seed: int = 0):
 
 
 def brute_force_pvalues(acts, token_word, word_category, n_categories, n_permutations, seed):
-    """The permutation test written out: token masks per draw, moment_statistics, counted one by one."""
-    subsets = permutation_subsets(word_category, n_permutations, seed)
+    """The permutation test written out: token masks per draw, moment_statistics, counted one by one. Only words
+    with tokens take part: a category's size counts its words that occur, and draws hold only such words."""
+    present = np.bincount(token_word[token_word >= 0], minlength=len(word_category)) > 0
+    word_category = np.where(present, word_category, -1)
+    subsets = permutation_subsets(word_category, n_permutations, seed, pool=present)
     observed = separation_of_masks(acts, category_masks(token_word, word_category, n_categories))
     p = np.full(observed.shape, np.nan)
     for c in range(n_categories):
@@ -227,6 +231,55 @@ def test_random_categories_of_real_words_get_uniform_permutation_p_but_tiny_welc
     assert sps.kstest(p, "uniform").statistic < 0.03  # 2,400 p-values: D of about 0.01 for seeds 0-2
     assert (welch < 0.05).mean() > 0.2  # token-level Welch: a word's tokens counted as independent evidence
     assert (bh_qvalues(p) < 0.05).mean() < 0.005 and (bh_qvalues(welch) < 0.05).mean() > 0.1
+
+
+def test_categories_listing_absent_words_still_get_uniform_permutation_p():
+    """Four of eight random categories list 9 words each that never occur (a config whose coverage shows missing
+    words): their observed sets hold 3 words' tokens, and null subsets of 12 words from every word held about 4x
+    as many, so null scores varied less and p came out too small (a statistics audit: 12-17% below 0.05 on the
+    bundled model). Words without tokens now take no part in the draws, and the rate is nominal again."""
+    rng = np.random.default_rng(4)
+    token_word = tokens_of_words(rng, rng.integers(1, 9, size=96), n_other=1500)
+    acts = words_with_effects(rng, token_word, 300)
+    occurring = rng.permutation(96)
+    word_category = np.full(96 + 36, -1)
+    for c in range(4):  # small categories: 3 words that occur, 9 that never do (indices 96 and up)
+        word_category[occurring[3 * c : 3 * c + 3]] = c
+        word_category[96 + 9 * c : 96 + 9 * c + 9] = c
+    for c in range(4, 8):  # big categories: 21 words each
+        word_category[occurring[12 + 21 * (c - 4) : 33 + 21 * (c - 4)]] = c
+    stats = word_moments(acts, token_word, len(word_category))  # words 96+ have no tokens
+    p = permutation_pvalues(**stats, word_category=word_category, n_permutations=999, seed=0)
+    small, big = p[:4].ravel(), p[4:].ravel()
+    assert 0.03 <= (small < 0.05).mean() <= 0.07 and 0.03 <= (big < 0.05).mean() <= 0.07
+    assert sps.kstest(small, "uniform").statistic < 0.05
+    present_only = permutation_pvalues(**{k: v[:96] if k.startswith("word_") else v for k, v in stats.items()},
+                                       word_category=word_category[:96], n_permutations=999, seed=0)  # fmt: skip
+    np.testing.assert_array_equal(p, present_only)  # absent words change nothing at all
+
+
+def test_a_word_two_categories_list_is_drawn_once():
+    """'orange' in food and in colour is two entries with the same tokens: a draw holding both counted its tokens
+    twice (the rest lost them twice). The pool holds each text once, so a draw never does, and p equals the
+    brute-force loop over draws of distinct words."""
+    acts, token_word, word_category = calibration_problem(seed=2, n_neurons=60)
+    keys = [f"{c}\x1fword{w}" for w, c in enumerate(word_category)]
+    word_category = np.append(word_category, word_category[0] ^ 1)  # word 0 again, in another category
+    keys.append(f"{word_category[-1]}\x1fword0")
+    stats = word_moments(acts, token_word, 96)
+    stats = {k: np.concatenate([v, v[:1]]) if k.startswith("word_") else v for k, v in stats.items()}  # same tokens
+    pool = draw_pool(stats["word_n"], keys)
+    assert pool[:96].all() and not pool[96]
+    subsets = permutation_subsets(word_category, 499, 5, keys, pool)
+    assert all(not (rows == 96).any() for rows in subsets.values())
+    p = permutation_pvalues(**stats, word_category=word_category, n_permutations=499, seed=5, word_keys=keys)
+    twice = word_category[96]  # the category that lists word 0 a second time (13 words): word 0's tokens count once
+    members = np.where(np.flatnonzero(word_category == twice) == 96, 0, np.flatnonzero(word_category == twice))
+    observed = separation_of_masks(acts, np.isin(token_word, members)[:, None])[0]
+    draws = np.stack([np.isin(token_word, rows.numpy()) for rows in subsets[13]], axis=1)
+    null = separation_of_masks(acts, draws)
+    reached = ~(null < observed - TIE_RTOL * (1.0 + np.abs(observed)))
+    np.testing.assert_array_equal(p[twice], (1.0 + reached.sum(axis=0)) / 500.0)
 
 
 def test_a_category_that_shares_an_effect_gets_small_permutation_p():
