@@ -84,6 +84,8 @@ def test_streamed_moe_scan_equals_in_memory_scan_with_routing_and_sources(defaul
             np.testing.assert_allclose(joined[column], joined[f"{column}_ref"], rtol=1e-5, atol=1e-6, err_msg=column)
         pd.testing.assert_frame_equal(streamed.extras["routing"], reference.extras["routing"], check_exact=False, rtol=1e-12)
         assert streamed.metadata["expert_neurons"] == reference.metadata["expert_neurons"]
+        for widths in ("neurons_per_site", "neurons_per_layer"):  # the sidebar counts a run's neurons from them
+            assert streamed.metadata[widths] == reference.metadata[widths], widths
         assert set(streamed.metadata["expert_neurons"]) == {str(layer) for layer in streamed.extras["routing"]["layer"]}
 
 

@@ -23,6 +23,7 @@ from ..errors import first_line
 from ..files import atomic_output
 from ..models import LoadedModel
 from ..moe import RECOMPUTED_AFTER_CHECK, MoELayer
+from ..sites import hook_name
 from ..sites import n_layers as count_layers
 from .calibrate import calibrate_edges, calibration_chunks, first_texts_for_edges
 from .driver import Batch, Site, batches, resolve_hook_points, run_hooked_forward, site_device
@@ -359,7 +360,8 @@ def stream_result(lm: LoadedModel, cfg: ScanConfig, state: StreamState, extra_me
     metadata = {
         **model_metadata(lm, cfg), "n_tokens": int(state.tokens), "n_documents": int(state.documents),
         "layers": layers, "n_layers_model": n_layers_model,
-        "neurons_per_layer": {str(p.layer): p.stats["score"].shape[1] for p in parts if p.expert is None},
+        "neurons_per_layer": {str(p.layer): p.stats["score"].shape[1] for p in parts if p.hook == hook_name(p.layer)},
+        "neurons_per_site": {p.hook: p.stats["score"].shape[1] for p in parts},  # as scan()'s: experts' too
         "categories": categories,
         "category_tokens": {c: int(n) for c, n in zip(categories, state.category_tokens)},
         "auroc_method": f"binned ({HIST_BINS} bins per neuron)" if cfg.auroc else "off",
