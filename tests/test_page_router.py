@@ -95,6 +95,15 @@ def test_router_page_shows_each_categorys_routing(app_env, moe_result):
     assert thin_anywhere.any() and not thin_anywhere.all()  # the scanned text leaves some experts short, not all
 
 
+def test_router_page_of_a_corpus_run_advises_a_larger_corpus(app_env, moe_result):
+    """A corpus run's thin experts are not the master text's doing, and "a corpus scan" is what it already is."""
+    corpus_run = dataclasses.replace(moe_result, metadata={**moe_result.metadata, "source": "corpus"})
+    at = saved_run_app(app_env, corpus_run, "router")
+    no_exception(at)
+    said = [c.value for c in at.caption if "saw fewer than" in c.value]
+    assert said and all(c.endswith("A larger corpus gives them more.") and "master text" not in c for c in said)
+
+
 def assert_thin_experts_caption(at, shown, category) -> None:
     """The Router page names how many experts saw fewer than MIN_CATEGORY_TOKENS of the category (counted here from the
     shown table), and says nothing of it when none did."""

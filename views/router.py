@@ -36,8 +36,10 @@ with right:
 
 rows = routing[routing["category"].astype(str) == category]
 tokens = int(result.metadata.get("category_tokens", {}).get(category, 0))
+corpus = result.metadata.get("source") == "corpus"
 if rows["share"].isna().all():
-    st.info(f"The master text has no counted tokens of **{category}**, so the router sent none anywhere.")
+    st.info(f"The {'corpus' if corpus else 'master text'} has no counted tokens of **{category}**, so the router sent "
+            "none anywhere.")  # fmt: skip
 else:
     chart = charts.routing_heatmap(routing, category, color)
     st.altair_chart(chart)
@@ -51,7 +53,8 @@ else:
     if thin:
         st.caption(
             f"{thin} of {len(rows)} experts saw fewer than {MIN_CATEGORY_TOKENS} {category} tokens, so their neurons have "
-            f"no statistics for {category}. A longer master text, or a corpus scan, gives them more."
+            f"no statistics for {category}. "
+            + ("A larger corpus gives them more." if corpus else "A longer master text, or a corpus scan, gives them more.")
         )
 
 st.subheader("Routing table")
