@@ -181,7 +181,11 @@ def read_neuron_link(
             expert = _expert_of_link(expert_text, layer, result)[0]
     except ValueError:
         pass
-    shown = top_neuron(result.scores, layer, expert)
+    scores = result.scores
+    if layer is not None and expert_text is None and has_experts(scores):  # the link named the layer's own MLP
+        own_mlp = scores[(scores["layer"] == layer) & scores["expert"].isna()]  # (dense, or shared experts)
+        scores = own_mlp if len(own_mlp) else scores
+    shown = top_neuron(scores, layer, expert)
     where = "this run" if layer is None else f"layer {layer}" if expert is None else f"expert {expert} of layer {layer}"
     return shown, f"{problem} Showing {neuron_label(*shown)}, the top neuron of {where}, instead."
 

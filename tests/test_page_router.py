@@ -323,3 +323,16 @@ def test_hypothesis_page_checks_expert_neurons_on_heldout_text(app_env, default_
     at.button(key="contrast_run").click().run()
     no_exception(at)
     assert any("the contrast check covers dense MLP neurons" in e.value for e in at.error)
+
+
+def test_a_bad_neuron_link_to_a_shared_expert_falls_back_to_the_shared_experts_top_neuron(deepseek_result):
+    """?layer=1&neuron=30 (no expert) names layer 1's shared expert, whose 24 neurons end at 23: the fallback keeps to
+    it, as a bad neuron keeps the link's layer and expert, instead of the layer's top routed-expert neuron."""
+    from mechamap_ui.links import read_neuron_link
+
+    scores = deepseek_result.scores
+    shared = scores[(scores["layer"] == 1) & scores["expert"].isna()].dropna(subset=["score"])
+    best = shared.loc[shared["score"].idxmax()]
+    shown, problem = read_neuron_link("1", "30", deepseek_result)
+    assert shown == (1, int(best["neuron"])) and "neuron 30 is out of range" in problem
+    assert problem.endswith(f"Showing L1.N{int(best['neuron'])}, the top neuron of layer 1, instead.")
