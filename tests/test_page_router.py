@@ -330,9 +330,11 @@ def test_a_bad_neuron_link_to_a_shared_expert_falls_back_to_the_shared_experts_t
     it, as a bad neuron keeps the link's layer and expert, instead of the layer's top routed-expert neuron."""
     from mechamap_ui.links import read_neuron_link
 
-    scores = deepseek_result.scores
+    scores = deepseek_result.scores.copy()
+    routed = scores.index[(scores["layer"] == 1) & (scores["expert"] == 2)][0]
+    scores.loc[routed, "score"] = 100.0  # a routed expert's neuron tops layer 1
     shared = scores[(scores["layer"] == 1) & scores["expert"].isna()].dropna(subset=["score"])
     best = shared.loc[shared["score"].idxmax()]
-    shown, problem = read_neuron_link("1", "30", deepseek_result)
+    shown, problem = read_neuron_link("1", "30", dataclasses.replace(deepseek_result, scores=scores))
     assert shown == (1, int(best["neuron"])) and "neuron 30 is out of range" in problem
     assert problem.endswith(f"Showing L1.N{int(best['neuron'])}, the top neuron of layer 1, instead.")
