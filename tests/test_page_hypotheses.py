@@ -188,6 +188,14 @@ def test_heldout_text_that_is_not_held_out_is_called_out(app_env, food_result):
     assert any(w.startswith(f"1 of the held-out words were also in the scanned config ({words[0].lower()})") for w in said)
     at.text_area[1].set_value(f"{first_category}: zzyzx").run()
     assert not any("scanned on" in w.value or "also in the scanned config" in w.value for w in at.warning)
+    # a corpus run read its corpus, not its config's master text: that text is held out from it
+    corpus_run = dataclasses.replace(food_result, metadata={**food_result.metadata, "source": "corpus"})
+    at = open_page(make_app(corpus_run), "hypothesis")
+    at.radio[0].set_value("Type text and words").run()
+    at.text_area[0].set_value(ScanConfig(master_text=scanned["master_text"]).texts[0]).run()
+    at.text_area[1].set_value(f"{first_category}: zzyzx").run()
+    no_exception(at)
+    assert not any("scanned on" in w.value for w in at.warning)
 
 
 def test_hypothesis_page_bad_inputs(app_env, food_result):

@@ -82,7 +82,7 @@ with held_tab:
             getattr(st, level)(message)
         reused = sorted({w.lower() for ws in heldout.categories.values() for w in ws}
                         & {w.lower() for ws in scanned_cfg.categories.values() for w in ws})  # fmt: skip
-        if heldout.texts == scanned_cfg.texts:
+        if heldout.texts == scanned_cfg.texts and result.metadata.get("source") != "corpus":  # a corpus run read a corpus
             st.warning("This is the text the run was scanned on, so it is not held out: every neuron will look as if it held up.")
         elif reused:
             st.warning(f"{len(reused)} of the held-out words were also in the scanned config ({', '.join(reused[:8])}"
