@@ -132,12 +132,15 @@ def top_neurons(
     return best
 
 
-def categories_without_statistics(scores: pd.DataFrame) -> pd.Series:
+def categories_without_statistics(scores: pd.DataFrame, category_tokens: dict[str, int] | None = None) -> pd.Series:
     """Categories none of whose rows has a score (fewer than MIN_CATEGORY_TOKENS of their tokens, or of other tokens,
-    wherever a neuron saw them), with their most tokens at any site (a dense neuron: all of them); empty when every category
-    has one. Their neurons are blank in every table, not 0."""
+    wherever a neuron saw them), with their tokens in the text: category_tokens' count (a run's
+    metadata["category_tokens"]) where given, else their most tokens at any site (a dense neuron: all of them; a routed
+    expert: those routed to it); empty when every category has one. Their neurons are blank in every table, not 0."""
     scored = scores.groupby("category", observed=False)["score"].count()
     n_tokens = scores.groupby("category", observed=False)["n_tokens"].max()
+    if category_tokens:
+        n_tokens = pd.Series([category_tokens.get(str(c), n) for c, n in n_tokens.items()], index=n_tokens.index, dtype=float)
     return n_tokens[scored == 0].fillna(0).astype(int).rename("n_tokens")  # no rows at all: 0
 
 
@@ -155,21 +158,30 @@ def blank_without_statistics(counts: pd.DataFrame, without: pd.Series) -> pd.Dat
 
 def no_statistics_note(without: pd.Series, coverage: pd.DataFrame | None = None) -> str | None:
     """A note naming the categories without statistics (`without`, categories_without_statistics) and why, or None
-    when there is nothing to say. With the run's word coverage, it also names the words that occur in the text yet
-    give no token to count (uncounted_words: an emoji the tokenizer maps to its unknown token): those of the blank
-    categories as part of the reason, those of other categories as words that add nothing to their statistics."""
+    when there is nothing to say. A category with MIN_CATEGORY_TOKENS tokens or more in the text (a mixture-of-experts
+    run's, given the run's category_tokens) has none because no expert saw that many of them: more text helps it, not
+    more words. With the run's word coverage, it also names the words that occur in the text yet give no token to
+    count (uncounted_words: an emoji the tokenizer maps to its unknown token): those of the blank categories as part
+    of the reason, those of other categories as words that add nothing to their statistics."""
     uncounted = uncounted_words(coverage)
     blank = uncounted["category"].astype(str).isin(without.index.astype(str))
     sentences = []
-    if len(without):
-        named = ", ".join(f"'{cat}' ({n} token{'' if n == 1 else 's'})" for cat, n in without.items())
+    few, spread = without[without < MIN_CATEGORY_TOKENS], without[without >= MIN_CATEGORY_TOKENS]
+    if len(few):
+        named = ", ".join(f"'{cat}' ({n} token{'' if n == 1 else 's'})" for cat, n in few.items())
         sentences.append(f"No statistics for {named}: a category needs at least {MIN_CATEGORY_TOKENS} of its tokens in "
                          f"the text, and {MIN_CATEGORY_TOKENS} other tokens to compare them with, so its neurons are blank "
                          "(not 0) and none is flagged. Add words that occur, or text that uses them.")  # fmt: skip
-        if blank.any():
-            words = [f"'{word}'" for word in uncounted.loc[blank, "word"]]
-            sentences.append(f"Of their words, {_no_countable_token(words)}: it reads them as special tokens (such as "
-                             "its unknown token), so use other words.")  # fmt: skip
+    if len(spread):
+        named = ", ".join(f"'{cat}' ({n:,} tokens in the text)" for cat, n in spread.items())
+        sentences.append(f"No statistics for {named}: the router spreads a category's tokens over the experts, and no "
+                         f"expert saw {MIN_CATEGORY_TOKENS} of them (an expert neuron's statistics use only the tokens "
+                         "routed to it), so its neurons are blank (not 0) and none is flagged. More text (a longer master "
+                         "text or a larger corpus) gives each expert more.")  # fmt: skip
+    if blank.any():
+        words = [f"'{word}'" for word in uncounted.loc[blank, "word"]]
+        sentences.append(f"Of their words, {_no_countable_token(words)}: it reads them as special tokens (such as "
+                         "its unknown token), so use other words.")  # fmt: skip
     others = uncounted[~blank]
     if len(others):
         words = [f"'{row.word}' ({row.category})" for row in others.itertuples()]

@@ -7,12 +7,13 @@ import io
 import math
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import pandas as pd
 
 from . import analysis
-from .config import ConfigError, load_config, parse_layer_list
+from .config import ConfigError, layer_list_text, load_config, parse_layer_list
 from .errors import first_line
 from .files import format_suffix
 from .stats import CV_AUROC_NEEDS
@@ -485,7 +486,8 @@ def _say(level: str, sentence: str) -> None:
 
 
 def _run_ablate(args) -> int:
-    from .hypothesis import ablate, control_rank_text, flagged_for_category, parse_neuron_list
+    from .hypothesis import NeuronsLeftOut, ablate, control_rank_text, flagged_for_category, parse_neuron_list
+    from .inspect_neuron import dense_sites
 
     cfg = load_config(args.config)
     if args.category not in cfg.categories:
@@ -502,16 +504,22 @@ def _run_ablate(args) -> int:
         if args.category not in scanned_categories:
             raise ValueError(f"{args.csv} has no category '{args.category}' (it has {', '.join(scanned_categories)}): "
                              "scan with a config that has it, or pick one of these")  # fmt: skip
-        neurons = flagged_for_category(scores, args.category, "score", args.threshold, args.max_neurons or None)
+        with warnings.catch_warnings(record=True) as left_out:
+            warnings.simplefilter("always", NeuronsLeftOut)
+            neurons = flagged_for_category(scores, args.category, "score", args.threshold, args.max_neurons or None)
         if not neurons and analysis.has_experts(scores):
             raise ValueError(f"{args.csv} flags no dense MLP neuron for '{args.category}': ablation covers dense MLP "
                              "neurons, not a mixture-of-experts model's experts")  # fmt: skip
         if not neurons:
             raise ValueError(f"{args.csv} flags no neuron for '{args.category}' (score >= {args.threshold}): "
                              "lower --threshold")  # fmt: skip
+        for warning in left_out:  # one note: how many flagged expert neurons the ablation leaves out
+            if issubclass(warning.category, NeuronsLeftOut):
+                _say("note", str(warning.message))
     else:
         raise ValueError("give --neurons or --csv")
     lm = _load(args, model)
+    dense_sites(lm.model, sorted({layer for layer, _ in neurons}))  # a mixture-of-experts layer: refused before the bar
     with progress_bar("ablating", "pass") as progress:
         result = ablate(lm, cfg, args.category, neurons, mode=args.mode, n_controls=args.controls, progress=progress)
     print(result.per_condition.drop(columns="neurons").to_string(index=False))
@@ -628,17 +636,20 @@ def _run_scan(args) -> int:
     if not corpus:
         _warn_missing_words(cfg)
 
+    loaded = []  # the model, once loaded (the corpus scan loads it inside)
+
     def load(device: str):
         print(f"loading {cfg.model} ...", file=sys.stderr)
-        return _load(args, cfg.model, device)
+        loaded.append(_load(args, cfg.model, device))
+        return loaded[-1]
 
     if corpus:  # streamed with flat memory; under torchrun each rank scans its share and rank 0 writes
         result = run_corpus_scan(args, cfg, load, corpus)
         if result is None:
             return 0
         md = result.metadata
-        print(f"scanned {md['n_documents']:,} documents, {md['n_tokens']:,} tokens, on {md['world_size']} process(es)",
-              file=sys.stderr)  # fmt: skip
+        print(f"scanned {analysis.describe_shape(result.scores)} over {md['n_documents']:,} documents, {md['n_tokens']:,} "
+              f"tokens, on {md['world_size']} process(es)", file=sys.stderr)  # fmt: skip
         coverage = result.coverage
         _say_missing_words(coverage.loc[coverage["occurrences"] == 0, "word"].tolist(), len(coverage), "the corpus")
     else:
@@ -674,7 +685,7 @@ def _run_scan(args) -> int:
     if args.routing:
         routing = result.extras.get("routing")
         if routing is None:
-            print(f"{result.metadata['model']} has no mixture-of-experts layers: no routing table written", file=sys.stderr)
+            print(f"{_without_experts(loaded[-1], result.metadata)}: no routing table written", file=sys.stderr)
         else:
             export.write_csv(routing, args.routing)
             _wrote(args, args.routing)
@@ -692,6 +703,16 @@ def _run_scan(args) -> int:
         else:
             print(analysis.with_readable_top_tokens(shown).to_string(index=False))
     return 0
+
+
+def _without_experts(lm, metadata: dict) -> str:
+    """Why a scan has no routing table, in words: the model has no mixture-of-experts layer, or (--layers) none of the
+    layers scanned is one."""
+    from .sites import find_blocks, find_experts
+
+    if any(find_experts(block) for block in find_blocks(lm.model)[1]):
+        return f"none of the scanned layers ({layer_list_text(metadata['layers'])}) is a mixture-of-experts layer"
+    return f"{metadata['model']} has no mixture-of-experts layers"
 
 
 def _kept_rows_phrase(threshold: float | None, min_cv_auroc: float | None) -> str:
@@ -720,7 +741,8 @@ def _check_corpus_flags(args, corpus: str | None) -> None:
 
 def _note_categories_without_statistics(result) -> None:
     """After a scan: the categories no neuron has statistics for (too few of their tokens), so blank rows are explained."""
-    note = analysis.no_statistics_note(analysis.categories_without_statistics(result.scores), result.coverage)
+    without = analysis.categories_without_statistics(result.scores, result.metadata.get("category_tokens"))
+    note = analysis.no_statistics_note(without, result.coverage)
     if note:
         _say("note", note)
 
@@ -734,10 +756,11 @@ def _note_thin_experts(result) -> None:
     if routing is None or routing.empty:
         return
     thin = int((routing["n_tokens"] < MIN_CATEGORY_TOKENS).sum())
+    more = "a larger corpus" if result.metadata.get("source") == "corpus" else "a longer text or --corpus"
     if thin:
         print(f"note: in {thin:,} of {len(routing):,} (layer, expert, category) cells the expert saw fewer than "
-              f"{MIN_CATEGORY_TOKENS} of the category's tokens; its neurons have no statistics there (a longer text "
-              "or --corpus gives them more)", file=sys.stderr)  # fmt: skip
+              f"{MIN_CATEGORY_TOKENS} of the category's tokens; its neurons have no statistics there ({more} gives "
+              "them more)", file=sys.stderr)  # fmt: skip
 
 
 def _warn_repeated_words(cfg) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -14,11 +15,11 @@ import torch
 from .alignment import AlignedText, align, missing_words
 from .analysis import has_experts
 from .config import ConfigError, ScanConfig, as_scan_config, validate_config
-from .inspect_neuron import check_neuron_range, collect_activations
+from .inspect_neuron import check_neuron_range, collect_activations, dense_sites
 from .models import LoadedModel
 from .scan.driver import batches, hooked, resolve_hook_points
 from .scan.result import ScanResult
-from .sites import dense_mlp_rows, expert_hook_name, hook_name, resolve_sites, shared_expert_hook_name
+from .sites import dense_mlp_rows, expert_hook_name, hook_name, shared_expert_hook_name
 from .stats import MIN_CATEGORY_TOKENS, auroc_exact, moment_statistics
 
 DEFAULT_MIN_AUROC = 0.75
@@ -291,12 +292,14 @@ def check_candidates(lm: LoadedModel, candidates: pd.DataFrame, argument: str, r
                          f"(e.g. {example}, category '{first['category']}'): the scores were probably written twice, or "
                          "two scans' scores were joined; keep one row per neuron and category")  # fmt: skip
     if not cands.empty:
-        _check_sites_and_neurons(lm, cands)
+        _check_sites_and_neurons(lm, cands, hooks_given="hook" in candidates.columns)
     return cands
 
 
-def _check_sites_and_neurons(lm: LoadedModel, cands: pd.DataFrame) -> None:
-    """Raises ValueError for a candidate (layer, hook, neuron) the model does not have (check_neuron_range)."""
+def _check_sites_and_neurons(lm: LoadedModel, cands: pd.DataFrame, hooks_given: bool = True) -> None:
+    """Raises ValueError for a candidate (layer, hook, neuron) the model does not have (check_neuron_range), and,
+    where the candidates had no hook column (hooks_given False), for a row of an empty expert in a
+    mixture-of-experts layer: its shared expert's, which only that column tells apart."""
     with lm.lock:
         _, sites = resolve_hook_points(lm.model, sorted({int(layer) for layer in cands["layer"]}))
     widths = {site.hook: site.d_mlp for site in sites}
@@ -309,6 +312,9 @@ def _check_sites_and_neurons(lm: LoadedModel, cands: pd.DataFrame) -> None:
             where = f"the shared expert of layer {layer}"
         else:
             where = f"expert {int(expert)} of layer {layer}" if pd.notna(expert) else f"hook {hook}"
+        if hook not in widths and not hooks_given and shared_expert_hook_name(layer) in widths:
+            raise ValueError(f"layer {layer} is a mixture-of-experts layer without a dense MLP, so its rows with an "
+                             "empty expert are its shared expert's: keep their hook column, which tells them apart")  # fmt: skip
         if hook not in widths:
             raise ValueError(f"the model has no hook {hook} ({where}): are these scores of another model?")
         check_neuron_range(group["neuron"].astype(int), widths[hook], where)
@@ -546,9 +552,9 @@ def ablate(
     Hooks are removed afterwards. progress(done, total, message) is called before the first forward pass and
     after each: n_controls + 2 passes, one more for mean ablation's means. neurons may be a text such as
     '5:376,5:544' (parse_neuron_list), and cfg a config file's path (as_scan_config); a repeated neuron counts
-    once. Raises ValueError for bad neurons, modes or categories, for fewer than MIN_CONTROLS control sets, and
-    for a layer of which half the neurons or more are ablated (its control sets could not match them in size and
-    still differ);
+    once. Raises ValueError for bad neurons, modes or categories, for a mixture-of-experts layer (dense_sites), for
+    fewer than MIN_CONTROLS control sets, and for a layer of which half the neurons or more are ablated (its control
+    sets could not match them in size and still differ);
     TypeError for neurons that are not (layer, neuron) pairs.
     """
     if mode not in ("zero", "mean"):
@@ -564,7 +570,7 @@ def ablate(
     for layer, neuron in neurons:
         by_layer.setdefault(layer, []).append(neuron)
     with lm.lock:
-        sites = resolve_sites(lm.model, sorted(by_layer))
+        sites = dense_sites(lm.model, sorted(by_layer))
         d_mlp = {s.layer: s.d_mlp for s in sites}
     for layer, ids in by_layer.items():
         check_neuron_range(ids, d_mlp[layer], f"layer {layer}")
@@ -687,11 +693,22 @@ def parse_neuron_list(text: str) -> list[tuple[int, int]]:
         raise ValueError(f"invalid neuron list '{text}': use layer:neuron pairs, e.g. 5:376,5:544") from None
 
 
+class NeuronsLeftOut(UserWarning):
+    """flagged_for_category left flagged neurons out: a mixture-of-experts model's expert and shared-expert neurons,
+    which ablate does not cover. The message says how many."""
+
+
 def flagged_for_category(scores: pd.DataFrame, category: str, metric: str = "score", threshold: float = 1.0, limit: int | None = None) -> list[tuple[int, int]]:
     """(layer, neuron) of every dense MLP neuron flagged for a category, best first (at most `limit`): ablation's
-    neurons. A mixture-of-experts model's expert and shared-expert neurons are left out (ablate covers dense MLPs)."""
+    neurons. A mixture-of-experts model's expert and shared-expert neurons are left out (ablate covers dense MLPs),
+    with a NeuronsLeftOut warning saying how many of the flagged neurons that leaves out."""
     rows = scores[(scores["category"].astype(str) == category) & (scores[metric] >= threshold)]
-    rows = rows[dense_mlp_rows(rows)]
+    dense = dense_mlp_rows(rows)
+    if not dense.all():
+        warnings.warn(f"{int((~dense).sum())} of the {len(rows)} neurons flagged for '{category}' are mixture-of-experts "
+                      "(expert or shared-expert) neurons and were left out: ablation covers dense MLP neurons only",
+                      NeuronsLeftOut, stacklevel=2)  # fmt: skip
+    rows = rows[dense]
     rows = rows.sort_values(metric, ascending=False)
     if limit:
         rows = rows.head(limit)

@@ -7,11 +7,13 @@ import pandas as pd
 import torch
 
 from .alignment import align
+from .analysis import neuron_groups
+from .config import layer_list_text
 from .models import LoadedModel
 from .placement import offloaded_weights_loaded
 from .scan.driver import batches, run_hooked_forward
 from .scan.result import ScanResult
-from .sites import expert_hook_name, hook_name, resolve_sites, shared_expert_hook_name
+from .sites import NeuronSite, expert_hook_name, hook_name, resolve_sites, shared_expert_hook_name
 
 
 def check_neuron_range(neurons, width: int | None, where: str) -> None:
@@ -25,6 +27,19 @@ def check_neuron_range(neurons, width: int | None, where: str) -> None:
         raise ValueError(f"{named} out of range for {where} ({span})")
 
 
+def dense_sites(model: torch.nn.Module, layers: list[int]) -> list[NeuronSite]:
+    """The dense MLP sites of `layers`, for the views that run the model on a neuron (per-token activations, direct
+    effect, ablation). Raises ValueError naming the layers that are mixture-of-experts layers (their expert and
+    shared-expert neurons are read only by a scan), and for layers out of range."""
+    sites = resolve_sites(model, layers, with_moe=True)
+    moe = sorted(set(layers) - {site.layer for site in sites if site.kind == "dense"})
+    if moe:
+        named = f"layer {moe[0]} is a mixture-of-experts layer" if len(moe) == 1 else (
+            f"layers {layer_list_text(moe)} are mixture-of-experts layers")  # fmt: skip
+        raise ValueError(f"{named}: per-token views and ablation cover dense MLP layers only")
+    return sites
+
+
 def collect_activations(
     lm: LoadedModel,
     texts: list[str],
@@ -36,10 +51,11 @@ def collect_activations(
     """Per-token activations of chosen neurons over texts, in one forward pass per batch of chunks.
 
     neurons: {layer: [neuron, ...]}. Returns (AlignedText, {layer: float32 array [n_tokens, len(neurons[layer])]}).
-    Raises ValueError for neurons or layers out of range, or texts without countable tokens.
+    Raises ValueError for neurons or layers out of range, mixture-of-experts layers (dense_sites), or texts without
+    countable tokens.
     """
     with lm.lock:
-        sites = resolve_sites(lm.model, sorted(neurons))
+        sites = dense_sites(lm.model, sorted(neurons))
         for site in sites:
             check_neuron_range(neurons[site.layer], site.d_mlp, f"layer {site.layer}")
         chunk = lm.chunk_tokens(max_chunk_tokens)
@@ -57,7 +73,8 @@ def collect_activations(
 
 
 def token_activations(lm: LoadedModel, text: str, layer: int, neuron: int) -> pd.DataFrame:
-    """This neuron's activation on every token of text: token, start, end, activation."""
+    """This neuron's activation on every token of text: token, start, end, activation. Raises ValueError for a
+    mixture-of-experts layer (dense_sites) and a neuron out of range."""
     aligned, acts = collect_activations(lm, [text], {layer: [neuron]})
     out = aligned.tokens[["token", "start", "end"]].copy()
     out["activation"] = acts[layer][:, 0]
@@ -101,7 +118,8 @@ def top_examples(result: ScanResult, layer: int, neuron: int, context_chars: int
 
     Columns: rank, activation, doc, left, token, right. A streamed corpus scan's contexts come from
     extras["examples"] (kept during the scan, keyed by the token's key, up to 60 characters each side). Raises
-    ValueError for a neuron outside the run's range (a negative one included).
+    ValueError for a layer or expert the run does not have (a layer of routed experts only, without expert=,
+    included) and for a neuron outside the run's range (a negative one included).
     """
     _check_run_neuron(result, layer, neuron, expert)
     top = _of_neuron(result.top_tokens, layer, neuron, expert)
@@ -118,30 +136,59 @@ def top_examples(result: ScanResult, layer: int, neuron: int, context_chars: int
     return pd.DataFrame(rows, columns=EXAMPLE_COLUMNS)
 
 
-def quantile_samples(result: ScanResult, layer: int, neuron: int, context_chars: int = 60) -> pd.DataFrame | None:
+def quantile_samples(
+    result: ScanResult, layer: int, neuron: int, context_chars: int = 60, expert: int | None = None
+) -> pd.DataFrame | None:
     """A streamed corpus scan's tokens sampled across the neuron's activation bands (band 0 holds the lowest
-    activations), in context, lowest first. Columns: band, activation, doc, left, token, right. None for other runs.
-    Raises ValueError for a neuron outside the run's range (a negative one included).
+    activations), in context, lowest first (of a routed expert's neuron when expert is given, else of the layer's
+    dense or shared-expert neuron). Columns: band, activation, doc, left, token, right. None for other runs.
+    Raises ValueError as top_examples does: for a layer or expert the run does not have (a layer of routed experts
+    only, without expert=, included) and for a neuron outside the run's range (a negative one included).
     """
-    _check_run_neuron(result, layer, neuron)
+    _check_run_neuron(result, layer, neuron, expert)
     samples = result.extras.get("samples")
     if samples is None or not is_streamed(result):
         return None
-    mine = _of_neuron(samples, layer, neuron)
+    mine = _of_neuron(samples, layer, neuron, expert)
     picked = _with_context(mine, result.extras["examples"], context_chars)
     return picked.sort_values(["band", "activation"], kind="stable").reset_index(drop=True)[SAMPLE_COLUMNS]
 
 
 def _check_run_neuron(result: ScanResult, layer: int, neuron: int, expert: int | None = None) -> None:
-    """Raises ValueError (check_neuron_range) for a negative neuron, or one past the neurons the run's metadata says
-    it scanned of that layer (or expert); where the metadata does not say (an older run's), only a negative one."""
-    where = f"layer {layer}" if expert is None else f"expert {expert} of layer {layer}"
-    per_site = result.metadata.get("neurons_per_site") or {}
+    """Raises ValueError for a site the run does not have (_missing_site): a layer it did not scan, an expert the
+    layer lacks, or (expert None) a layer of routed experts only; and (check_neuron_range) for a negative neuron or
+    one past the neurons it scanned of that layer's dense or shared-expert MLP (or of the expert)."""
+    widths = _run_widths(result)
     hooks = [expert_hook_name(layer, expert)] if expert is not None else [hook_name(layer), shared_expert_hook_name(layer)]
-    widths = [int(per_site[hook]) for hook in hooks if hook in per_site]
-    if not widths and expert is None and str(layer) in (result.metadata.get("neurons_per_layer") or {}):
-        widths = [int(result.metadata["neurons_per_layer"][str(layer)])]
-    check_neuron_range([neuron], widths[0] if widths else None, f"{where} of this run" if widths else where)
+    found = [widths[hook] for hook in hooks if hook in widths]
+    if not found:
+        raise ValueError(_missing_site(result, layer, expert))
+    where = f"layer {layer}" if expert is None else f"expert {expert} of layer {layer}"
+    check_neuron_range([neuron], found[0], f"{where} of this run")
+
+
+def _run_widths(result: ScanResult) -> dict[str, int]:
+    """{hook: neurons scanned} for every site of the run: its metadata's neurons_per_site, else (a streamed or an
+    older run, whose metadata does not list its sites) read off its scores (neuron_groups)."""
+    per_site = result.metadata.get("neurons_per_site")
+    if per_site:
+        return {str(hook): int(width) for hook, width in per_site.items()}
+    groups = neuron_groups(result.scores)
+    return dict(zip(groups["hook"], groups["n_neurons"].astype(int)))
+
+
+def _missing_site(result: ScanResult, layer: int, expert: int | None) -> str:
+    """Why the run has no neuron site of `layer` (and `expert`), naming what it has."""
+    groups = neuron_groups(result.scores)
+    in_layer = groups[groups["layer"] == layer]
+    if in_layer.empty:
+        return f"this run has no layer {layer} (it scanned layers {layer_list_text(groups['layer'].tolist())})"
+    experts = layer_list_text(in_layer["expert"].dropna().astype(int).tolist())
+    if expert is None:
+        return f"layer {layer} of this run has only routed experts ({experts}): pass expert= to pick one"
+    if not experts:
+        return f"layer {layer} of this run has no routed experts: leave expert out"
+    return f"layer {layer} of this run has no expert {expert} (its experts are {experts})"
 
 
 def _of_neuron(rows: pd.DataFrame, layer: int, neuron: int, expert: int | None = None) -> pd.DataFrame:
@@ -165,11 +212,12 @@ def direct_effect(lm: LoadedModel, layer: int, neuron: int, k: int = 10) -> pd.D
     """Tokens the neuron's output weight pushes up and down most through the unembedding (no final norm).
 
     Returns columns direction ('up'/'down'), rank, token, logit_effect; None if the model has no output embedding.
+    Raises ValueError for a mixture-of-experts layer (dense_sites) and a neuron out of range.
     """
     unembed = lm.model.get_output_embeddings() if hasattr(lm.model, "get_output_embeddings") else None
     if unembed is None or getattr(unembed, "weight", None) is None:
         return None
-    site = resolve_sites(lm.model, [layer])[0]
+    site = dense_sites(lm.model, [layer])[0]
     check_neuron_range([neuron], site.d_mlp, f"layer {layer}")
     with torch.inference_mode(), offloaded_weights_loaded(site.module, unembed):  # weights accelerate offloaded
         logits = unembed.weight.float() @ site.output_weight()[neuron].float().to(unembed.weight.device)  # [vocab]

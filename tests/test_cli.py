@@ -540,7 +540,7 @@ def test_resume_without_a_checkpoint_says_it_starts_from_the_first_document(caps
     assert main(argv) == 0
     err = capsys.readouterr().err
     assert f"no checkpoint in {tmp_path / 'checkpoints'} to resume: starting from the first document" in err
-    assert "scanned 2 documents" in err and (tmp_path / "x.csv").is_file()
+    assert "scanned 6 layers × 2 neurons (12) over 2 documents" in err and (tmp_path / "x.csv").is_file()
 
 
 # --- the model folder and checkpoints are inputs; the scores' model is the one loaded ------------------------

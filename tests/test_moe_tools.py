@@ -1,0 +1,172 @@
+"""The tools around a mixture-of-experts scan: ablation, notes, per-neuron views and checks name what they leave out."""
+
+from __future__ import annotations
+
+import warnings
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+from test_cli import DEFAULT, HELDOUT, assert_one_line_error
+from tiny_models import D_EXPERT, D_SHARED, N_EXPERTS
+
+from mechamap_core import analysis, scan
+from mechamap_core.cli import _note_categories_without_statistics, main
+from mechamap_core.hypothesis import NeuronsLeftOut, ablate, flagged_for_category, validate_heldout
+from mechamap_core.inspect_neuron import direct_effect, quantile_samples, token_activations, top_examples
+from mechamap_core.scan import MIN_CATEGORY_TOKENS
+from mechamap_core.scan.stream import scan_stream, stream_result
+from mechamap_core.sites import expert_hook_name, hook_name, shared_expert_hook_name
+
+MOE_REFUSAL = "layer 1 is a mixture-of-experts layer: per-token views and ablation cover dense MLP layers only"
+
+
+@pytest.fixture(scope="module")
+def documents(default_cfg) -> list[str]:
+    """Short documents: each sentence of the default master text."""
+    return [s.strip() + "." for s in default_cfg.master_text.replace("\n", " ").split(".") if s.strip()]
+
+
+@pytest.fixture(scope="module")
+def streamed_qwen2_moe(tiny_models, default_cfg, documents):
+    """A streamed corpus scan of the tiny Qwen2-MoE (a shared expert and routed experts in both layers)."""
+    lm = tiny_models.lm("qwen2_moe")
+    stream = (SimpleNamespace(index=i, text=t) for i, t in enumerate(documents))
+    return stream_result(lm, default_cfg, scan_stream(lm, default_cfg, stream, calibration_texts=documents))
+
+
+@pytest.fixture(scope="module")
+def mixtral_run(tiny_models, default_cfg):
+    """A master-text scan of the tiny Mixtral: routed experts only, no dense or shared-expert neuron."""
+    return scan(tiny_models.lm("mixtral"), default_cfg, limit_neurons=4)
+
+
+def mixed_scores(model: str) -> pd.DataFrame:
+    """Scores that flag one dense neuron (layer 0), a routed expert's and a shared expert's (layer 1) for food."""
+    rows = [(0, pd.NA, 3, hook_name(0)), (1, 2, 1, expert_hook_name(1, 2)), (1, pd.NA, 0, shared_expert_hook_name(1))]
+    return pd.DataFrame({
+        "model": model, "layer": [r[0] for r in rows], "expert": pd.array([r[1] for r in rows], dtype="Int64"),
+        "neuron": [r[2] for r in rows], "hook": [r[3] for r in rows], "category": "food", "score": [2.0, 3.0, 2.5],
+    })  # fmt: skip
+
+
+def test_flagging_for_ablation_warns_of_the_expert_neurons_it_leaves_out():
+    with pytest.warns(NeuronsLeftOut, match="2 of the 3 neurons flagged for 'food' are mixture-of-experts"):
+        assert flagged_for_category(mixed_scores("m"), "food") == [(0, 3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # dense neurons only: nothing left out, no warning
+        assert flagged_for_category(mixed_scores("m").head(1), "food") == [(0, 3)]
+
+
+def test_ablate_csv_notes_the_expert_neurons_it_leaves_out(tiny_models, tmp_path, capsys):
+    csv = tmp_path / "scores.csv"
+    mixed_scores(str(tiny_models.path("deepseek_v3"))).to_csv(csv, index=False)
+    argv = ["ablate", "--config", DEFAULT, "--category", "food", "--csv", str(csv), "--controls", "2", "--device", "cpu"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    notes = [line for line in captured.err.splitlines() if line.startswith("note:")]
+    assert notes == ["note: 2 of the 3 neurons flagged for 'food' are mixture-of-experts (expert or shared-expert) "
+                     "neurons and were left out: ablation covers dense MLP neurons only"]  # fmt: skip
+    assert "zero-ablating 1 neuron(s) for 'food'" in captured.out
+
+
+def test_no_statistics_note_of_an_moe_run_gives_the_texts_tokens_and_blames_the_spread_over_experts(capsys):
+    """Every expert saw 3 of the 19 date tokens: the note names 19, says no expert saw enough, and asks for more text."""
+    cells = [(layer, expert, category) for layer in (0, 1) for expert in range(4) for category in ("date", "food")]
+    scores = pd.DataFrame(cells, columns=["layer", "expert", "category"]).assign(neuron=0)
+    scores["expert"] = scores["expert"].astype("Int64")
+    scores["n_tokens"] = np.where(scores["category"] == "date", 3, 12)
+    scores["score"] = np.where(scores["category"] == "date", np.nan, 1.0)
+    without = analysis.categories_without_statistics(scores, {"date": 19, "food": 40})
+    assert without.to_dict() == {"date": 19}
+    note = analysis.no_statistics_note(without)
+    assert note.startswith("No statistics for 'date' (19 tokens in the text): ")
+    assert f"no expert saw {MIN_CATEGORY_TOKENS} of them" in note and "a larger corpus" in note and "Add words" not in note
+    few = analysis.no_statistics_note(analysis.categories_without_statistics(scores, {"date": 3, "food": 40}))
+    assert few.startswith("No statistics for 'date' (3 tokens): a category needs at least") and "Add words" in few
+    run = SimpleNamespace(scores=scores, coverage=None, metadata={"category_tokens": {"date": 19, "food": 40}})
+    _note_categories_without_statistics(run)  # the CLI's note after a scan reads the run's category_tokens
+    assert capsys.readouterr().err.startswith("note: no statistics for 'date' (19 tokens in the text): ")
+
+
+def test_quantile_samples_of_a_routed_expert_and_of_the_shared_expert(streamed_qwen2_moe, documents):
+    samples = streamed_qwen2_moe.extras["samples"]
+    for expert in (2, None):
+        shown = quantile_samples(streamed_qwen2_moe, 1, 3, expert=expert)
+        mine = samples[(samples["layer"] == 1) & (samples["neuron"] == 3)]
+        mine = mine[mine["expert"].isna()] if expert is None else mine[mine["expert"] == expert]
+        assert len(shown) == len(mine) > 0
+        assert sorted(shown["activation"]) == sorted(mine["activation"].astype(float))
+        for row in shown.itertuples():
+            assert f"{row.left}{row.token}{row.right}" in documents[row.doc], row
+    with pytest.raises(ValueError, match=r"layer 1 of this run has no expert 9 \(its experts are 0-3\)"):
+        quantile_samples(streamed_qwen2_moe, 1, 3, expert=9)
+    with pytest.raises(ValueError, match=f"out of range for expert 2 of layer 1 of this run \\(0-{D_EXPERT - 1}\\)"):
+        quantile_samples(streamed_qwen2_moe, 1, D_EXPERT, expert=2)
+    with pytest.raises(ValueError, match=f"out of range for layer 1 of this run \\(0-{D_SHARED - 1}\\)"):
+        quantile_samples(streamed_qwen2_moe, 1, D_SHARED)
+
+
+def test_top_examples_and_quantile_samples_refuse_a_site_the_run_lacks(mixtral_run, streamed_qwen2_moe):
+    assert len(top_examples(mixtral_run, 1, 3, expert=2)) > 0
+    for view in (top_examples, quantile_samples):
+        with pytest.raises(ValueError, match=f"layer 1 of this run has only routed experts \\(0-{N_EXPERTS - 1}\\): pass expert="):
+            view(mixtral_run, 1, 3)
+        with pytest.raises(ValueError, match=r"layer 1 of this run has no expert 99 \(its experts are 0-3\)"):
+            view(mixtral_run, 1, 3, expert=99)
+        with pytest.raises(ValueError, match=r"this run has no layer 7 \(it scanned layers 0-1\)"):
+            view(mixtral_run, 7, 3, expert=1)
+    with pytest.raises(ValueError, match="no layer 7"):  # a streamed run, whose metadata lists no sites
+        top_examples(streamed_qwen2_moe, 7, 3)
+
+
+def test_per_token_views_and_ablation_refuse_a_mixture_of_experts_layer_in_one_plain_sentence(tiny_models, default_cfg):
+    lm = tiny_models.lm("qwen2_moe")
+    for view in (lambda: token_activations(lm, "Paris is in France.", 1, 3), lambda: direct_effect(lm, 1, 3),
+                 lambda: ablate(lm, default_cfg, "food", [(1, 3)], n_controls=2)):  # fmt: skip
+        with pytest.raises(ValueError) as info:
+            view()
+        assert str(info.value) == MOE_REFUSAL
+    dense = tiny_models.lm("deepseek_v3")  # its layer 0 is dense: still read
+    assert len(token_activations(dense, "Paris is in France.", 0, 3)) > 0
+    with pytest.raises(ValueError, match=MOE_REFUSAL):
+        token_activations(dense, "Paris is in France.", 1, 3)
+
+
+def test_ablate_neurons_of_a_mixture_of_experts_layer_is_refused_before_any_progress_bar(tiny_models, capsys):
+    argv = ["ablate", "--config", DEFAULT, "--category", "food", "--model", str(tiny_models.path("qwen2_moe")),
+            "--neurons", "1:3", "--device", "cpu"]  # fmt: skip
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert_one_line_error(err, MOE_REFUSAL)
+    assert "ablating" not in err
+
+
+def test_routing_with_only_dense_layers_of_an_moe_model_says_so(tiny_models, tmp_path, capsys):
+    routing = tmp_path / "routing.csv"
+    argv = ["scan", "--config", DEFAULT, "--model", str(tiny_models.path("deepseek_v3")), "--layers", "0",
+            "--limit-neurons", "2", "--device", "cpu", "--routing", str(routing)]  # fmt: skip
+    assert main(argv) == 0
+    assert "none of the scanned layers (0) is a mixture-of-experts layer: no routing table written" in capsys.readouterr().err
+    assert not routing.exists()
+
+
+def test_heldout_check_of_shared_expert_rows_without_their_hook_asks_for_it(tiny_models):
+    candidates = pd.DataFrame({"layer": [1], "expert": pd.array([pd.NA], dtype="Int64"), "neuron": [0], "category": ["food"]})
+    with pytest.raises(ValueError, match="layer 1 is a mixture-of-experts layer without a dense MLP, so its rows with an "
+                                         "empty expert are its shared expert's: keep their hook column"):  # fmt: skip
+        validate_heldout(tiny_models.lm("qwen2_moe"), candidates, HELDOUT)
+
+
+def test_a_corpus_scan_says_what_it_covered_and_its_thin_experts_note_does_not_suggest_a_corpus(tiny_models, tmp_path, capsys):
+    documents = tmp_path / "corpus.txt"
+    documents.write_text("The red bus drove to Paris.\nShe ate an apple on Monday.\nA cat sat by the tram.\n", encoding="utf-8")
+    argv = ["scan", "--config", DEFAULT, "--model", str(tiny_models.path("mixtral")), "--device", "cpu",
+            "--corpus", str(documents), "--csv", str(tmp_path / "scores.csv")]  # fmt: skip
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    shape = f"2 layers · {2 * N_EXPERTS * D_EXPERT} neurons in {N_EXPERTS} routed experts per layer ({2 * N_EXPERTS} in all)"
+    assert f"scanned {shape} over 3 documents, " in err
+    thin = next(line for line in err.splitlines() if "(layer, expert, category) cells" in line)
+    assert "(a larger corpus gives them more)" in thin and "--corpus" not in thin
