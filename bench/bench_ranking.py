@@ -6,7 +6,7 @@ the default config, ranks the neurons of each category three ways, takes the top
 (default 5) and checks them with validate_heldout on each held-out config:
 
 - separation: the mean gap over the root mean of the two variances (the default score before issue 12);
-- score: the default ranking, separation x |2 cv_auroc - 1| (stats.consistent_separation);
+- score: the default ranking, separation x max(0, ±(2 cv_auroc - 1)) (stats.consistent_separation);
 - cv_auroc: cross-validated AUROC alone.
 
 configs/validation.yaml and configs/heldout.yaml are development data: the ranking and the default text

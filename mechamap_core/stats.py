@@ -82,14 +82,16 @@ def separation_of(mean_c, var_c, mean_r, var_r):
     return (mean_c - mean_r) / ((var_c + var_r) / 2.0 + EPS) ** 0.5
 
 
-def consistent_separation(separation: np.ndarray, cv_auroc: np.ndarray) -> np.ndarray:
+def consistent_separation(separation: np.ndarray, cv_auroc: np.ndarray, cv_measured: bool = True) -> np.ndarray:
     """The default score: separation x max(0, ±(2 cv_auroc - 1)), the sign that of separation: shrunk as far as
-    held-out words of the category fail to fall on separation's side of the rest (cv_auroc 1 keeps a positive
-    separation, 0 a negative one; 0.5, or held-out words on the other side, give 0); plain separation where
-    cv_auroc is NaN. (Before, |2 cv_auroc - 1| also kept a positive separation whose held-out words rank below
-    the rest.)"""
+    the category's folds of words fail to fall on separation's side of the rest (cv_auroc 1 keeps a positive
+    separation, 0 a negative one; 0.5, or folds on the other side, give 0). Where cv_auroc is NaN: NaN when it was
+    measured (cv_measured: the category's tokens there come from fewer than two folds of words, so nothing shows
+    that its selectivity holds across words, and plain separation would let one word's detector outrank real
+    category neurons), plain separation when the scan does not measure it (auroc or cv_folds off). (Before, |2
+    cv_auroc - 1| also kept a positive separation whose folds rank below the rest.)"""
     agreement = np.maximum(np.sign(separation) * (2.0 * cv_auroc - 1.0), 0.0)
-    return np.where(np.isnan(cv_auroc), separation, separation * agreement)
+    return np.where(np.isnan(cv_auroc), np.nan if cv_measured else separation, separation * agreement)
 
 
 def auroc_exact(acts: np.ndarray, mask: np.ndarray) -> np.ndarray:

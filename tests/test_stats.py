@@ -65,9 +65,11 @@ def test_bh_qvalues_equal_scipy_with_ties_and_nan():
     assert np.isnan(bh_qvalues(np.full(4, np.nan))).all()
 
 
-def test_score_keeps_separation_only_where_held_out_words_agree_with_its_sign():
+def test_score_keeps_separation_only_where_the_folds_of_words_agree_with_its_sign():
+    """A NaN cv_auroc that was measured (one word's tokens) leaves no score; one that was not (cv off), separation."""
     from mechamap_core.stats import consistent_separation
 
     separation = np.array([2.0, 2.0, -2.0, -2.0, 2.0, 2.0])
     cv_auroc = np.array([0.9, 0.2, 0.1, 0.8, 0.5, np.nan])
-    np.testing.assert_allclose(consistent_separation(separation, cv_auroc), [1.6, 0.0, -1.6, 0.0, 0.0, 2.0])
+    np.testing.assert_allclose(consistent_separation(separation, cv_auroc), [1.6, 0.0, -1.6, 0.0, 0.0, np.nan])
+    np.testing.assert_allclose(consistent_separation(separation, np.full(6, np.nan), cv_measured=False), separation)

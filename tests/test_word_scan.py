@@ -132,3 +132,23 @@ def test_cli_filters_by_cv_auroc(recorded, tmp_path, capsys):
     filtered = export.export_table(result, min_cv_auroc=0.9)
     assert len(filtered) == int((result.scores["cv_auroc"] >= 0.9).sum()) and len(filtered) < len(result.scores)
     assert not kept.exists()
+
+
+def test_a_one_word_category_has_no_score_but_keeps_its_other_statistics(bundled_lm, recorded):
+    """With cv on, a category whose tokens come from one word has no cv_auroc, and its score was plain separation,
+    never shrunk: a one-word 'vehicle' got 54 flagged neurons on layer 2 where 12-word categories got 0-19 (a
+    statistics audit). Its score is empty now (nothing shows its selectivity holds across words; it is not flagged),
+    while separation, auroc and the rest stay; with cv off, score is separation as before."""
+    cfg, _ = recorded
+    one_word = dataclasses.replace(cfg, categories={**cfg.categories, "vehicle": ["scooter"]})
+    scores = scan(bundled_lm, one_word, layers=[2], limit_neurons=64).scores
+    vehicle = scores[scores["category"].astype(str) == "vehicle"]
+    assert vehicle["cv_auroc"].isna().all() and vehicle["score"].isna().all()
+    assert vehicle["separation"].notna().all() and vehicle["auroc"].notna().all()
+    others = scores[scores["category"].astype(str) != "vehicle"]
+    assert others["score"].notna().all()
+    from mechamap_core.analysis import categories_without_statistics
+
+    assert categories_without_statistics(scores).empty  # it has statistics: only its score is empty
+    no_cv = scan(bundled_lm, dataclasses.replace(one_word, cv_folds=0), layers=[2], limit_neurons=64).scores
+    np.testing.assert_array_equal(no_cv["score"].to_numpy(), no_cv["separation"].to_numpy())

@@ -115,7 +115,7 @@ def finish_part(layer: int, neurons: slice, stats: SiteStats, recorded: list[np.
     nan = np.full_like(result["separation"], np.nan)
     result["auroc"] = nan if auroc is None else auroc
     result["cv_auroc"] = nan if cv is None else cv
-    result["score"] = consistent_separation(result["separation"], result["cv_auroc"])
+    result["score"] = consistent_separation(result["separation"], result["cv_auroc"], cv_measured=cv is not None)
     n_tokens = stats.n_cat.cpu().numpy().round().astype(np.int64)
     n_seen = int(round(float(stats.n_all)))
     return SitePart(layer, neurons.start, result, top, acts_t, n_tokens, n_seen, hook_name(layer), word_moments=word_moments)
