@@ -59,7 +59,7 @@ class ScanConfig:
     batch_size: int = 8  # chunks per forward pass
     max_chunk_tokens: int = 0  # 0 = the model's context length
     auroc: bool = True  # one-vs-rest AUROC for every neuron (a sort per neuron: the scan's costliest statistic)
-    permutations: int = 1000  # word-level permutation test of score (p_value, q_value); 0 = Welch's test instead
+    permutations: int = 1000  # word-level permutation test of separation (p_value, q_value); 0 = Welch's test instead
     cv_folds: int = 5  # folds of each category's words for cv_auroc; 0 = no cv_auroc
     seed: int = 0  # permutation draws and word folds
 

@@ -76,7 +76,7 @@ class FinishContext:
     token_word: np.ndarray | None = None  # [T, C] word (coverage row) of each recorded token per category, -1 none
     word_category: np.ndarray | None = None  # [W] category of each word
     word_fold: np.ndarray | None = None  # [W] fold of each word among its category's (-1: absent); None: no cv
-    permutations: int = 0  # word-level permutation test of score; 0: Welch's p-value is p_value
+    permutations: int = 0  # word-level permutation test of separation; 0: Welch's p-value is p_value
     seed: int = 0
     word_keys: list[str] | None = None  # [W] each word's category and text: the permutation draws' word order
 
