@@ -486,7 +486,7 @@ def _say(level: str, sentence: str) -> None:
 
 
 def _run_ablate(args) -> int:
-    from .hypothesis import NeuronsLeftOut, ablate, control_rank_text, flagged_for_category, parse_neuron_list
+    from .hypothesis import NeuronsLeftOut, ablate, ablation_summary_text, flagged_for_category, parse_neuron_list
     from .inspect_neuron import dense_sites
 
     cfg = load_config(args.config)
@@ -523,11 +523,7 @@ def _run_ablate(args) -> int:
     with progress_bar("ablating", "pass") as progress:
         result = ablate(lm, cfg, args.category, neurons, mode=args.mode, n_controls=args.controls, progress=progress)
     print(result.per_condition.drop(columns="neurons").to_string(index=False))
-    s = result.summary
-    print(f"\n{s['mode']}-ablating {s['n_neurons']} neuron(s) for '{s['category']}' ({s['measure']}): "
-          f"effect {s['effect']:+.4f} vs random controls {s['control_mean']:+.4f} ± {s['control_std']:.4f}"
-          + (f", z = {s['z_vs_controls']:.1f}" if "z_vs_controls" in s else "")
-          + (f"; {control_rank_text(s)}" if "p_vs_controls" in s else ""))
+    print(f"\n{ablation_summary_text(result.summary)}")
     return 0
 
 

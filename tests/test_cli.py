@@ -260,8 +260,9 @@ def test_ablate_prints_effect_vs_controls(capsys):
     out = captured.out
     assert "ablated" in out and "control 1" in out and "control 2" in out
     assert "effect" in out and "vs random controls" in out
-    assert "'food'" in out and "2 neuron(s)" in out
-    assert re.search(r"; larger in size than [0-2] of 2 random control sets \(p = (0\.33|0\.67|1\.00)", out)  # the rank
+    assert "'food'" in out and "2 neurons" in out and "effect_specific" in out
+    rank = r"; larger in size than [0-2] of 2 random control sets \(p = (0\.33|0\.67|1\.00)"
+    assert len(re.findall(rank, out)) == 2  # the effect's rank, and the category-specific effect's
     assert "ablating" in captured.err and "4/4" in captured.err  # the progress bar: the clean pass, ablated, 2 controls
 
 
@@ -893,7 +894,7 @@ def test_categories_named_like_missing_values_survive_the_csv(capsys, tmp_path):
     argv = ["ablate", "--config", str(config), "--category", "NA", "--csv", str(csv), "--threshold", str(best - 1e-9),
             "--controls", "2", "--device", "cpu"]  # fmt: skip
     assert main(argv) == 0, capsys.readouterr().err
-    assert "ablating 1 neuron(s) for 'NA'" in capsys.readouterr().out
+    assert "ablating 1 neuron for 'NA'" in capsys.readouterr().out
     table = pd.read_csv(csv, keep_default_na=False)
     table.loc[3, "category"] = ""
     table.to_csv(csv, index=False)

@@ -21,6 +21,7 @@ from mechamap_core.hypothesis import (
     MAX_NAMED_WORDS,
     _forward_measure,
     ablate,
+    ablation_summary_text,
     check_heldout_inputs,
     control_rank_text,
     flagged_for_category,
@@ -63,7 +64,7 @@ def test_heldout_reproduces_hand_computed_auroc(tiny_bert):
         # the scan's definitions, from numpy's own mean and variance: separation, and Hedges-corrected Cohen's d
         var_c, var_r = pos.var(ddof=1), neg.var(ddof=1)
         assert row.heldout_avg_activation == pytest.approx(pos.mean(), abs=1e-6)
-        assert row.heldout_score == pytest.approx((pos.mean() - neg.mean()) / np.sqrt((var_c + var_r) / 2), rel=1e-5)
+        assert row.heldout_separation == pytest.approx((pos.mean() - neg.mean()) / np.sqrt((var_c + var_r) / 2), rel=1e-5)
         pooled = ((len(pos) - 1) * var_c + (len(neg) - 1) * var_r) / (len(pos) + len(neg) - 2)
         hedges = 1 - 3 / (4 * (len(pos) + len(neg)) - 9)
         assert row.heldout_cohens_d == pytest.approx(hedges * (pos.mean() - neg.mean()) / np.sqrt(pooled), rel=1e-5)
@@ -399,6 +400,17 @@ def test_ablating_a_neuron_changes_a_tiny_model_and_nothing_changes_nothing(tiny
     as_large = sum(abs(c) >= abs(table.loc[0, "effect_target"]) for c in controls)  # the rank, counted by size
     assert (result.summary["n_controls"], result.summary["controls_as_large"]) == (3, as_large)
     assert result.summary["p_vs_controls"] == (1 + as_large) / 4
+    # the category-specific effect: at the category's tokens minus elsewhere, against the controls' own
+    specific = [row.effect_target - row.effect_other for row in table.itertuples()]
+    np.testing.assert_allclose(table["effect_specific"], specific)
+    s_mean, s_std = np.mean(specific[1:]), np.std(specific[1:], ddof=1)
+    assert result.summary["specific_effect"] == pytest.approx(specific[0])
+    assert result.summary["specific_z_vs_controls"] == pytest.approx((specific[0] - s_mean) / s_std)
+    s_large = sum(abs(c) >= abs(specific[0]) for c in specific[1:])
+    assert result.summary["specific_p_vs_controls"] == (1 + s_large) / 4
+    text = ablation_summary_text(result.summary)
+    assert text.startswith("zero-ablating 2 neurons for 'food' (change in log p(next token)")
+    assert f"Its category-specific effect (minus the effect elsewhere) {specific[0]:+.4f} vs random controls" in text
     hooks = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in tiny_gpt2.model.modules())
     assert hooks == 0
 

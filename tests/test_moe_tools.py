@@ -68,7 +68,7 @@ def test_ablate_csv_notes_the_expert_neurons_it_leaves_out(tiny_models, tmp_path
     notes = [line for line in captured.err.splitlines() if line.startswith("note:")]
     assert notes == ["note: 2 of the 3 neurons flagged for 'food' are mixture-of-experts (expert or shared-expert) "
                      "neurons and were left out: ablation covers dense MLP neurons only"]  # fmt: skip
-    assert "zero-ablating 1 neuron(s) for 'food'" in captured.out
+    assert "zero-ablating 1 neuron for 'food'" in captured.out
 
 
 def test_no_statistics_note_of_an_moe_run_gives_the_texts_tokens_and_blames_the_spread_over_experts(capsys):
