@@ -7,7 +7,6 @@ import io
 import math
 import sys
 import tempfile
-import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -486,7 +485,7 @@ def _say(level: str, sentence: str) -> None:
 
 
 def _run_ablate(args) -> int:
-    from .hypothesis import NeuronsLeftOut, ablate, ablation_summary_text, flagged_for_category, parse_neuron_list
+    from .hypothesis import ablate, ablation_summary_text, experts_left_out, flagged_for_category, parse_neuron_list
     from .inspect_neuron import dense_sites
 
     cfg = load_config(args.config)
@@ -504,18 +503,16 @@ def _run_ablate(args) -> int:
         if args.category not in scanned_categories:
             raise ValueError(f"{args.csv} has no category '{args.category}' (it has {', '.join(scanned_categories)}): "
                              "scan with a config that has it, or pick one of these")  # fmt: skip
-        with warnings.catch_warnings(record=True) as left_out:
-            warnings.simplefilter("always", NeuronsLeftOut)
-            neurons = flagged_for_category(scores, args.category, "score", args.threshold, args.max_neurons or None)
+        neurons = flagged_for_category(scores, args.category, "score", args.threshold, args.max_neurons or None, warn=False)
         if not neurons and analysis.has_experts(scores):
             raise ValueError(f"{args.csv} flags no dense MLP neuron for '{args.category}': ablation covers dense MLP "
                              "neurons, not a mixture-of-experts model's experts")  # fmt: skip
         if not neurons:
             raise ValueError(f"{args.csv} flags no neuron for '{args.category}' (score >= {args.threshold}): "
                              "lower --threshold")  # fmt: skip
-        for warning in left_out:  # one note: how many flagged expert neurons the ablation leaves out
-            if issubclass(warning.category, NeuronsLeftOut):
-                _say("note", str(warning.message))
+        left_out = experts_left_out(scores, args.category, "score", args.threshold)
+        if left_out:  # how many flagged expert neurons the ablation leaves out
+            _say("note", left_out)
     else:
         raise ValueError("give --neurons or --csv")
     lm = _load(args, model)

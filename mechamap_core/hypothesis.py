@@ -721,22 +721,34 @@ def parse_neuron_list(text: str) -> list[tuple[int, int]]:
         raise ValueError(f"invalid neuron list '{text}': use layer:neuron pairs, e.g. 5:376,5:544") from None
 
 
+def experts_left_out(scores: pd.DataFrame, category: str, metric: str = "score", threshold: float = 1.0) -> str | None:
+    """How many of a category's flagged neurons flagged_for_category leaves out of an ablation (a mixture-of-experts
+    model's expert and shared-expert neurons), in a sentence; None when it leaves none out."""
+    rows = scores[(scores["category"].astype(str) == category) & (scores[metric] >= threshold)]
+    left_out = int((~dense_mlp_rows(rows)).sum())
+    if not left_out:
+        return None
+    return (f"{left_out} of the {len(rows)} neurons flagged for '{category}' are mixture-of-experts (expert or "
+            "shared-expert) neurons and were left out: ablation covers dense MLP neurons only")
+
+
 class NeuronsLeftOut(UserWarning):
     """flagged_for_category left flagged neurons out: a mixture-of-experts model's expert and shared-expert neurons,
     which ablate does not cover. The message says how many."""
 
 
-def flagged_for_category(scores: pd.DataFrame, category: str, metric: str = "score", threshold: float = 1.0, limit: int | None = None) -> list[tuple[int, int]]:
+def flagged_for_category(
+    scores: pd.DataFrame, category: str, metric: str = "score", threshold: float = 1.0, limit: int | None = None,
+    warn: bool = True,
+) -> list[tuple[int, int]]:  # fmt: skip
     """(layer, neuron) of every dense MLP neuron flagged for a category, best first (at most `limit`): ablation's
     neurons. A mixture-of-experts model's expert and shared-expert neurons are left out (ablate covers dense MLPs),
-    with a NeuronsLeftOut warning saying how many of the flagged neurons that leaves out."""
+    with a NeuronsLeftOut warning (unless warn is False) saying how many, as experts_left_out does."""
     rows = scores[(scores["category"].astype(str) == category) & (scores[metric] >= threshold)]
-    dense = dense_mlp_rows(rows)
-    if not dense.all():
-        warnings.warn(f"{int((~dense).sum())} of the {len(rows)} neurons flagged for '{category}' are mixture-of-experts "
-                      "(expert or shared-expert) neurons and were left out: ablation covers dense MLP neurons only",
-                      NeuronsLeftOut, stacklevel=2)  # fmt: skip
-    rows = rows[dense]
+    note = experts_left_out(scores, category, metric, threshold)
+    if note and warn:
+        warnings.warn(note, NeuronsLeftOut, stacklevel=2)
+    rows = rows[dense_mlp_rows(rows)]
     rows = rows.sort_values(metric, ascending=False)
     if limit:
         rows = rows.head(limit)

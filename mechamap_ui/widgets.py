@@ -44,6 +44,8 @@ BLANK_REASONS = {
     "expert": "a dense MLP or shared-expert neuron, not a routed expert",
     "auroc": NO_STATISTICS + ", or the run had AUROC off",
     "cv_auroc": f"needs {CV_AUROC_NEEDS}",
+    "score": NO_STATISTICS + ", or the category's tokens there come from one word (score needs two or more, whose "
+             "folds cv_auroc compares; separation has a value)",
     # the word-level permutation test swaps category labels between words: one category has none to swap with
     **dict.fromkeys(("p_value", "q_value"), NO_STATISTICS + ", or the config has a single category (the word-level test "
                                              "swaps labels between categories' words; welch_p has a value)"),
@@ -372,8 +374,9 @@ def significance_text(value: float) -> str:
 
 
 def is_significance_column(column: str) -> bool:
-    """Whether a column holds p or q values (p_value, q_value, heldout_p_value, ...): shown as SIGNIFICANCE_FORMAT."""
-    return column in ("p_value", "q_value") or column.endswith(("_p_value", "_q_value"))
+    """Whether a column holds p or q values (p_value, q_value, welch_p, welch_q, heldout_welch_p, ...): shown as
+    SIGNIFICANCE_FORMAT."""
+    return column in ("p_value", "q_value", "welch_p", "welch_q") or column.endswith(("_p_value", "_q_value", "_welch_p"))
 
 
 def stat_column_config(df: pd.DataFrame, permutations: int | None = None) -> dict:

@@ -122,3 +122,33 @@ def test_neuron_page_of_a_corpus_run_shows_examples_and_samples_instead_of_recom
     assert "#### Examples across the activation range" in headings
     assert not any("Master text coloured" in h or "Activations over all tokens" in h for h in headings)
     assert not at.info  # nothing claims the model is missing
+
+
+@pytest.fixture(scope="module")
+def streamed_qwen2_moe(tiny_models, default_cfg, documents):
+    """A streamed corpus scan of the tiny Qwen2-MoE: a shared expert and routed experts in both layers."""
+    lm = tiny_models.lm("qwen2_moe")
+    stream = (SimpleNamespace(index=i, text=t) for i, t in enumerate(documents))
+    return stream_result(lm, default_cfg, scan_stream(lm, default_cfg, stream, calibration_texts=documents))
+
+
+@pytest.mark.parametrize("expert", [2, None], ids=["routed", "shared"])
+def test_neuron_page_of_a_corpus_runs_expert_neuron_shows_its_samples_then_what_it_cannot(app_env, streamed_qwen2_moe, expert):
+    """A routed (expert=) or shared-expert neuron of a corpus run shows its samples across the activation range, as a
+    dense neuron's page does; the note that per-token views cover dense neurons only comes after them."""
+    picked = (LAYER, NEURON) if expert is None else (LAYER, NEURON, expert)
+    at = open_page(make_app(streamed_qwen2_moe, selected_neuron=picked), "neuron")
+    assert not at.exception, [e.message for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+    assert at.session_state["selected_neuron"] == picked
+    expected = quantile_samples(streamed_qwen2_moe, LAYER, NEURON, expert=expert)
+    assert len(expected) > 0
+    shown_samples = next(d.value for d in at.dataframe if "band" in d.value.columns)
+    pd.testing.assert_frame_equal(shown_samples.reset_index(drop=True), expected)
+    [note] = [i for i in at.info if "dense MLP neurons only" in i.value]
+    assert "tokens sampled across its activation range" in note.value
+    [heading] = [m for m in at.markdown if m.value == "#### Examples across the activation range"]
+    positions = {id(element): i for i, element in enumerate(at.main)}  # the page's elements, top to bottom
+    assert positions[id(heading)] < positions[id(note)], "the dense-only note comes after what can be shown"
+    headings = texts(at.markdown)
+    assert not any("Direct effect" in h or "Try your own text" in h for h in headings)

@@ -77,7 +77,7 @@ def test_no_statistics_note_of_an_moe_run_gives_the_texts_tokens_and_blames_the_
     scores = pd.DataFrame(cells, columns=["layer", "expert", "category"]).assign(neuron=0)
     scores["expert"] = scores["expert"].astype("Int64")
     scores["n_tokens"] = np.where(scores["category"] == "date", 3, 12)
-    scores["score"] = np.where(scores["category"] == "date", np.nan, 1.0)
+    scores["score"] = scores["avg_activation"] = np.where(scores["category"] == "date", np.nan, 1.0)
     without = analysis.categories_without_statistics(scores, {"date": 19, "food": 40})
     assert without.to_dict() == {"date": 19}
     note = analysis.no_statistics_note(without)

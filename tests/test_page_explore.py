@@ -567,8 +567,9 @@ def test_p_and_q_values_read_alike_on_every_page(result, name):
         layer, neuron = at.session_state[SELECTED_NEURON]
         profile = analysis.neuron_profile(result.scores, layer, neuron)
         assert q == significance_text(profile.sort_values("score", ascending=False)["q_value"].iloc[0])
-    heldout = pd.DataFrame({"heldout_p_value": [0.0012], "heldout_auroc": [0.8]})
-    assert stat_column_config(heldout)["heldout_p_value"]["type_config"]["format"] == SIGNIFICANCE_FORMAT
+    heldout = pd.DataFrame({"heldout_welch_p": [0.0012], "heldout_auroc": [0.8], "welch_p": [1e-9], "welch_q": [0.01]})
+    config = stat_column_config(heldout)
+    assert all(config[c]["type_config"]["format"] == SIGNIFICANCE_FORMAT for c in ("heldout_welch_p", "welch_p", "welch_q"))
 
 
 def test_q_value_header_explains_the_permutation_floor():
@@ -589,7 +590,9 @@ def test_blank_note_names_each_blank_column_and_why():
     frame = pd.DataFrame({"layer": [0, 1], "score": [1.0, np.nan], "q_value": [np.nan, 0.1], "cv_auroc": [np.nan] * 2,
                           "top_tokens": ["[('a', 1.0)]", None], "heldout_auroc": [np.nan, 0.7]})  # fmt: skip
     note = blank_note(frame)
-    assert note == (f"– : no value. score: {NO_STATISTICS}; q_value: {NO_STATISTICS}, or the config has a single "
+    assert note == (f"– : no value. score: {NO_STATISTICS}, or the category's tokens there come from one word (score "
+                    "needs two or more, whose folds cv_auroc compares; separation has a value); "
+                    f"q_value: {NO_STATISTICS}, or the config has a single "
                     "category (the word-level test swaps labels between categories' words; welch_p has a value); "
                     "cv_auroc: needs two or more words per category, auroc and cv_folds on; top_tokens: no top tokens were "
                     "recorded for the neuron; heldout_auroc: not measured for that row.")  # fmt: skip
@@ -626,7 +629,8 @@ def test_a_category_without_statistics_is_named_with_why(result, name):
     food = scores["category"] == "food"
     scores.loc[food, "n_tokens"] = 3
     scores.loc[food, [c for c in ("score", "separation", "avg_activation", "auroc", "cv_auroc") if c in scores]] = np.nan
-    at = open_page(name, dataclasses.replace(result, scores=scores))
+    in_text = {**result.metadata["category_tokens"], "food": 3}  # as a scan that found 3 food tokens records it
+    at = open_page(name, dataclasses.replace(result, scores=scores, metadata={**result.metadata, "category_tokens": in_text}))
     assert not at.exception, [e.message for e in at.exception]
     assert any(i.value.startswith("No statistics for 'food' (3 tokens): a category needs at least 5") for i in at.info)
     if name == "pivot":  # its counts say "–" for food, not 0

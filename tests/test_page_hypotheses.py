@@ -88,7 +88,9 @@ def test_hypothesis_page_heldout_and_ablation(app_env, food_result, bundled_lm):
     assert len(outcome.per_condition) == 1 + 5
     assert at.metric and at.metric[0].value.startswith(("+", "-"))
     rank = control_rank_text(outcome.summary)
-    assert rank.endswith(")") and any(f"The effect is {rank}." in c.value for c in at.caption)
+    assert rank.endswith(")") and any(f"It is {rank}." in c.value for c in at.caption)
+    specific = control_rank_text(outcome.summary, "specific_")  # the category-specific effect, beside it
+    assert len(at.metric) == 2 and specific and any(f"It is {specific}." in c.value for c in at.caption)
     stale = "The results below were computed with other choices than those shown now"
     assert not any(stale in w.value for w in at.warning)
 

@@ -235,6 +235,29 @@ def test_overview_counts_and_lists_expert_neurons(app_env, moe_result):
     assert list(shown.columns[:4]) == ["category", "layer", "expert", "neuron"]
 
 
+@pytest.mark.parametrize("page", ["pivot", "overview"])
+def test_a_category_no_expert_saw_enough_of_is_named_with_its_tokens_in_the_text(app_env, moe_result, page):
+    """Every expert saw fewer than MIN_CATEGORY_TOKENS of a category the text has plenty of: the Pivot and Overview
+    name it with its tokens in the text (the run's category_tokens) and blame the spread over the experts, as the CLI
+    does, not its largest per-expert count with advice to add words."""
+    category = moe_result.categories[0]  # blanked here as the scan blanks it; the scan leaves others blank itself
+    scores = moe_result.scores.copy()
+    rows = scores["category"] == category
+    scores.loc[rows, "n_tokens"] = scores.loc[rows, "n_tokens"].clip(upper=MIN_CATEGORY_TOKENS - 1)
+    stats = [c for c in ("score", "separation", "avg_activation", "auroc", "cv_auroc", "cohens_d") if c in scores]
+    scores.loc[rows, stats] = np.nan
+    blank = [str(c) for c, s in scores.groupby("category", observed=True)["avg_activation"] if s.isna().all()]
+    in_text = moe_result.metadata["category_tokens"]
+    assert category in blank and all(in_text[c] >= MIN_CATEGORY_TOKENS > scores.loc[scores["category"] == c, "n_tokens"].max()
+                                     for c in blank)  # fmt: skip
+    at = open_page(make_app(dataclasses.replace(moe_result, scores=scores)), page)
+    no_exception(at)
+    [note] = [i.value for i in at.info if i.value.startswith("No statistics")]
+    named = ", ".join(f"'{c}' ({in_text[c]:,} tokens in the text)" for c in blank)
+    assert note.startswith(f"No statistics for {named}: the router spreads a category's tokens over the experts")
+    assert f"no expert saw {MIN_CATEGORY_TOKENS} of them" in note and "Add words" not in note
+
+
 def test_correlation_counts_expert_neurons(app_env, moe_result):
     at = open_page(make_app(moe_result), "correlation")
     no_exception(at)
@@ -323,6 +346,34 @@ def test_hypothesis_page_checks_expert_neurons_on_heldout_text(app_env, default_
     at.button(key="contrast_run").click().run()
     no_exception(at)
     assert any("the contrast check covers dense MLP neurons" in e.value for e in at.error)
+
+
+def test_ablation_says_on_the_page_how_many_flagged_expert_neurons_it_leaves_out(app_env, tiny_models, default_cfg):
+    """A DeepSeek run (dense layer 0, experts in layer 1) on the Test page: the ablation's flagged neurons are the dense
+    ones, and a caption next to them says how many flagged expert and shared-expert neurons it leaves out; the
+    NeuronsLeftOut warning behind it reaches no console."""
+    import warnings
+
+    from mechamap_core.hypothesis import NeuronsLeftOut
+
+    lm = tiny_models.lm("deepseek_v3")
+    paragraph = default_cfg.master_text.split("\n\n")[0]
+    cfg = dataclasses.replace(default_cfg, master_text=paragraph, categories=dict(default_cfg.categories), threshold=0.0)
+    result = scan(lm, cfg)
+    category = result.categories[0]
+    flagged = result.scores[(result.scores["category"] == category) & (result.scores["score"] >= 0.0)]
+    dense = flagged["hook"] == flagged["layer"].map(lambda layer: f"blocks.{layer}.mlp.hook_post")
+    assert dense.any() and not dense.all()  # the caption has dense neurons to list and expert neurons to count
+    with warnings.catch_warnings(record=True) as console:
+        warnings.simplefilter("always")
+        at = open_page(make_app(result), "hypothesis")
+    no_exception(at)
+    assert not [w for w in console if issubclass(w.category, NeuronsLeftOut)], "the warning went to the console"
+    left_out = (f"{int((~dense).sum())} of the {len(flagged)} neurons flagged for '{category}' are mixture-of-experts "
+                "(expert or shared-expert) neurons and were left out: ablation covers dense MLP neurons only.")  # fmt: skip
+    captions = [c.value for c in at.caption]
+    assert left_out in captions
+    assert captions[captions.index(left_out) - 1].startswith("L0.N"), "next to the flagged dense neurons it lists"
 
 
 def test_a_bad_neuron_link_to_a_shared_expert_falls_back_to_the_shared_experts_top_neuron(deepseek_result):

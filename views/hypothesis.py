@@ -14,6 +14,7 @@ from mechamap_core.hypothesis import (
     ablate,
     check_heldout_inputs,
     control_rank_text,
+    experts_left_out,
     flagged_for_category,
     heldout_scan,
     heldout_summary_table,
@@ -148,7 +149,7 @@ with held_tab:
                 chart_downloads(ceiling_chart, "heldout_ceiling")
         st.dataframe(heldout_summary_table(summary), hide_index=True)
         st.markdown("##### Per neuron (click a row to open the neuron)")
-        cols = [*shown_key(per_neuron), "category", "status", "heldout_auroc", "heldout_score", "heldout_cohens_d", "score", "auroc", "hook"]
+        cols = [*shown_key(per_neuron), "category", "status", "heldout_auroc", "heldout_separation", "separation", "heldout_cohens_d", "auroc", "hook"]
         shown = per_neuron[[c for c in cols if c in per_neuron.columns]]
         shown = shown.sort_values("status", key=lambda s: ~s.isin(TESTED_STATUSES), kind="stable")  # tested first
         neuron_table(shown, key="heldout_table", column_config=stat_column_config(shown))
@@ -162,10 +163,14 @@ with ablate_tab:
     neurons: list[tuple[int, int]] = []
     if how == "Flagged for this category":
         limit = st.number_input("At most this many (best score first)", 1, 500, 10)
-        neurons = flagged_for_category(result.scores, category, "score", result.metadata.get("threshold", 1.0), int(limit))
+        threshold = result.metadata.get("threshold", 1.0)
+        neurons = flagged_for_category(result.scores, category, "score", threshold, int(limit), warn=False)
         none = ("No dense MLP neuron is flagged for this category (ablation covers dense MLP neurons, not experts)."
                 if has_experts(result.scores) else "No neuron is flagged for this category.")  # fmt: skip
         st.caption(", ".join(f"L{a}.N{b}" for a, b in neurons) or none)
+        left_out = experts_left_out(result.scores, category, "score", threshold)
+        if left_out:  # "2 of the 5 neurons flagged for 'food' are mixture-of-experts ... left out: ..."
+            st.caption(f"{left_out}.")
     else:
         typed = st.text_input("layer:neuron pairs", placeholder="5:376, 5:544")
         try:
@@ -196,15 +201,22 @@ with ablate_tab:
     outcome = state.kept_check(ABLATION_CHECK, result, ablation_inputs, "ablation")
     if outcome is not None:
         s = outcome.summary
-        z = f", z = {s['z_vs_controls']:.1f}" if "z_vs_controls" in s else ""
-        st.metric(f"Effect on '{s['category']}' ({s['mode']} ablation of {counted(s['n_neurons'], 'neuron')})", f"{s['effect']:+.4f}",
-                  f"{s['effect'] - s['control_mean']:+.4f} vs random controls{z}", delta_color="off")  # fmt: skip
-        rank = control_rank_text(s)
-        st.caption(f"Measure: {s['measure']}. Controls: {s['control_mean']:+.4f} ± {s['control_std']:.4f}."
-                   + (f" The effect is {rank}." if rank else ""))  # fmt: skip
+        ablated = f"{s['mode']} ablation of {counted(s['n_neurons'], 'neuron')}"
+        for place, prefix, what in zip(st.columns(2), ("", "specific_"),
+                                       (f"Effect on '{s['category']}' tokens", "Category-specific effect (minus elsewhere)")):  # fmt: skip
+            z = f", z = {s[f'{prefix}z_vs_controls']:.1f}" if f"{prefix}z_vs_controls" in s else ""
+            place.metric(f"{what} ({ablated})", f"{s[f'{prefix}effect']:+.4f}",
+                         f"{s[f'{prefix}effect'] - s[f'{prefix}control_mean']:+.4f} vs random controls{z}", delta_color="off")  # fmt: skip
+            rank = control_rank_text(s, prefix)
+            place.caption(f"Controls: {s[f'{prefix}control_mean']:+.4f} ± {s[f'{prefix}control_std']:.4f}."
+                          + (f" It is {rank}." if rank else ""))  # fmt: skip
+        st.caption(f"Measure: {s['measure']}. The category-specific effect is the effect at the category's tokens minus "
+                   "the effect elsewhere: neurons that matter to every token also beat random ones at the category's "
+                   "tokens, so only this one says the harm is the category's.")  # fmt: skip
         table = outcome.per_condition.assign(kind=lambda d: d["condition"].where(d["condition"] == "ablated", "random control"))
-        long = table.melt(id_vars=["condition", "kind"], value_vars=["effect_target", "effect_other"], var_name="tokens")
-        long["tokens"] = long["tokens"].map({"effect_target": "category tokens", "effect_other": "other tokens"})
+        effects = {"effect_target": "category tokens", "effect_other": "other tokens", "effect_specific": "category minus other"}
+        long = table.melt(id_vars=["condition", "kind"], value_vars=list(effects), var_name="tokens")
+        long["tokens"] = long["tokens"].map(effects)
         chart = (
             alt.Chart(long)
             .mark_bar()

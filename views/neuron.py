@@ -74,15 +74,7 @@ with st.expander("All statistics"):
 st.markdown("#### Top-activating examples")
 st.dataframe(top_examples(result, layer, neuron, expert=expert), hide_index=True)
 
-if hook != hook_name(layer):  # a routed or shared expert: the model-based views below read dense MLPs only
-    st.info(
-        "Per-token activations, the direct effect and typed-text activations are computed for dense MLP neurons "
-        "only. An expert neuron exists only on the tokens the router sends to its expert; the examples above "
-        "are its top-activating tokens from the scan."
-    )
-    st.stop()
-
-samples = quantile_samples(result, layer, neuron)
+samples = quantile_samples(result, layer, neuron, expert=expert)
 if samples is not None:  # a streamed corpus scan: its texts and per-token activations were not kept
     n_documents = result.metadata.get("n_documents", 0)
     st.markdown("#### Examples across the activation range")
@@ -92,7 +84,17 @@ if samples is not None:  # a streamed corpus scan: its texts and per-token activ
         "activation, so there is no histogram or coloured text here."
     )
     st.dataframe(samples, hide_index=True)
-else:
+
+if hook != hook_name(layer):  # a routed or shared expert: the model-based views below read dense MLPs only
+    kept = "its top-activating tokens" + ("" if samples is None else " and tokens sampled across its activation range")
+    st.info(
+        "Per-token activations, the direct effect and typed-text activations are computed for dense MLP neurons "
+        "only. An expert neuron is read from its expert's own computation (a routed expert's only on the tokens the "
+        f"router sends to it); the examples above are {kept} from the scan."
+    )
+    st.stop()
+
+if samples is None:
     tokens = neuron_token_table(result, layer, neuron)
     if tokens is None:
         with st.spinner("Recomputing this neuron's activations (they were not recorded for this run)..."):

@@ -48,7 +48,7 @@ min_cv_auroc = holds_up_toggle(result.scores, key="overview_holds_up")
 holds_up_effect(result.scores, "score", threshold, min_cv_auroc)
 scores = result.scores if min_cv_auroc is None else analysis.holding_up(result.scores, min_cv_auroc)
 counts = analysis.layer_category_counts(result.scores, "score", threshold, min_cv_auroc).sum(axis=0)  # every category
-without_statistics = analysis.categories_without_statistics(result.scores)
+without_statistics = analysis.categories_without_statistics(result.scores, result.metadata.get("category_tokens"))
 counts = counts.drop(without_statistics.index, errors="ignore")  # named below
 flagged = counts.rename("flagged neurons").rename_axis("category").reset_index()
 flagged["category"] = flagged["category"].astype(str)
