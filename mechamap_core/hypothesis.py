@@ -425,8 +425,9 @@ def _dense_heldout_rows(
             if n_tokens >= MIN_CATEGORY_TOKENS:
                 c, k = names.index(cand.category), column[int(cand.neuron)]
                 picked = [stats[name][c, k] for name in ("auroc", "separation", "cohens_d", "avg_activation", "p_value")]
-                if np.isnan(picked[0]):  # no other tokens to compare with
-                    rows.append(row | {"status": "untested (every held-out token is this category's)"})
+                if len(mask) - n_tokens < MIN_CATEGORY_TOKENS:  # as in a scan: too few other tokens to compare with
+                    rows.append(row | {"status": f"untested (fewer than {MIN_CATEGORY_TOKENS} held-out tokens outside "
+                                                 "this category)"})  # fmt: skip
                 else:
                     rows.append(_checked(row, n_tokens, *picked, min_auroc))
             elif n_tokens:  # as in a scan: too few tokens for an AUROC worth reading

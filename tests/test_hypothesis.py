@@ -201,6 +201,11 @@ def test_a_heldout_category_with_too_few_tokens_is_untested_as_in_a_scan(tiny_be
     assert status["food"] in ("pass", "fail")
     ceiling = heldout_ceiling(tiny_bert, heldout, {"city": 1, "food": 1})
     assert np.isnan(ceiling["city"]) and not np.isnan(ceiling["food"])
+    # and, as in a scan, fewer than MIN_CATEGORY_TOKENS other tokens (here the one "."): untested, not an AUROC
+    crowded = ScanConfig(master_text="pizza bread pasta rice cheese.", categories={"food": WORDS["food"]})
+    per_neuron, _ = validate_heldout(tiny_bert, candidates[candidates["category"] == "food"], crowded)
+    assert per_neuron["status"].tolist() == [f"untested (fewer than {MIN_CATEGORY_TOKENS} held-out tokens outside this "
+                                             "category)"]  # fmt: skip
 
 
 
