@@ -255,26 +255,25 @@ def _pool_subsets(word_seeds: tuple, sizes: tuple, n_permutations: int, seed: in
     neurons in a call of its own). Callers must not change them."""
     in_pool = np.frombuffer(pool, dtype=bool)
     subsets = {}
-    for size, order in _key_orders(word_seeds, sizes, n_permutations, seed).items():
+    for size in sizes:
+        order = _key_order(word_seeds, size, n_permutations, seed)
         if in_pool.all():
-            subsets[size] = torch.from_numpy(np.ascontiguousarray(order[:, :size]))
+            subsets[size] = torch.from_numpy(order[:, :size].astype(np.int64))
             continue
         pooled = in_pool[order]  # [P, W]: the ordered words that are in the pool
         first = pooled & (np.cumsum(pooled, axis=1) <= size)  # the `size` of them with the lowest keys
-        subsets[size] = torch.from_numpy(order[first].reshape(n_permutations, size))
+        subsets[size] = torch.from_numpy(order[first].reshape(n_permutations, size).astype(np.int64))
     return subsets
 
 
-@functools.lru_cache(maxsize=8)
-def _key_orders(word_seeds: tuple, sizes: tuple, n_permutations: int, seed: int) -> dict[int, np.ndarray]:
-    """{size: [P, W] int64}: each draw's words in the order of their keys (permutation_subsets)."""
-    orders = {}
-    for size in sizes:
-        keys = np.empty((n_permutations, len(word_seeds)))  # [P, W]: column w, word w's own stream
-        for column, word in enumerate(word_seeds):
-            keys[:, column] = np.random.default_rng([seed, size, word]).random(n_permutations)
-        orders[size] = np.argsort(keys, axis=1, kind="stable").astype(np.int64)
-    return orders
+@functools.lru_cache(maxsize=32)
+def _key_order(word_seeds: tuple, size: int, n_permutations: int, seed: int) -> np.ndarray:
+    """[P, W] int32: the words of each draw of a size in the order of their keys (permutation_subsets), kept per
+    size (an expert's pool changes its categories' sizes, not the draws of a size)."""
+    keys = np.empty((n_permutations, len(word_seeds)))  # [P, W]: column w, word w's own stream
+    for column, word in enumerate(word_seeds):
+        keys[:, column] = np.random.default_rng([seed, size, word]).random(n_permutations)
+    return np.argsort(keys, axis=1, kind="stable").astype(np.int32)
 
 
 def draw_pool(word_n, word_keys=None) -> np.ndarray:
