@@ -15,7 +15,8 @@ words = 96 words), with the real activations of one scan:
 2. how far the float32 p-values are from the float64 ones (in permutation counts);
 3. calibration on the real model: the 96 words shuffled at random into 8 meaningless categories of 12
    (as in the issue): share of (neuron, category) pairs with p < 0.05 and q < 0.05, permutation against
-   token-level Welch; and the same counts for the real categories.
+   token-level Welch; the same counts for the real categories; and random categories of which 4 list 3 words that
+   occur and 9 that never do (a config whose coverage shows missing words), beside 4 of 21 words.
 
 Words are matched as the scan matches them (alignment.find_word_spans, character overlap); a token that
 overlaps several entries goes to the first in config order. Prints figures; asserts nothing.
@@ -213,6 +214,20 @@ def main() -> None:
         p_perm = permutation_pvalues(**moments, word_category=random_category, n_permutations=args.permutations)
         p_random_welch, _ = welch_and_masks(acts, token_word, random_category, n_categories)
         rows.append(significance_row(f"random categories, shuffle {shuffle}", p_perm, p_random_welch))
+    with_absent = {key: np.concatenate([value, np.zeros((36, *np.shape(value)[1:]))]) if key.startswith("word_") else value
+                   for key, value in moments.items()}  # 36 words more, which never occur  # fmt: skip
+    for shuffle in range(3):  # 4 categories of 3 words that occur and 9 that never do, 4 of 21 that occur
+        order = np.random.default_rng(100 + shuffle).permutation(n_words)
+        absent_category = np.full(n_words + 36, -1)
+        for c in range(4):
+            absent_category[order[3 * c : 3 * c + 3]] = c
+            absent_category[n_words + 9 * c : n_words + 9 * c + 9] = c
+            absent_category[order[12 + 21 * c : 33 + 21 * c]] = 4 + c
+        p_perm = permutation_pvalues(**with_absent, word_category=absent_category, n_permutations=args.permutations)
+        p_random_welch, _ = welch_and_masks(acts, token_word, absent_category[:n_words], n_categories)
+        small = f"{100 * np.nanmean(p_perm[:4] < 0.05):.1f}%"  # the 4 categories listing absent words, alone
+        rows.append(significance_row(f"random, 4 listing 9 absent words (their p<0.05: {small}), shuffle {shuffle}",
+                                     p_perm, p_random_welch))  # fmt: skip
     print(table(["categories", "perm p<0.05", "perm q<0.05", "Welch p<0.05", "Welch q<0.05"], rows))
 
 
