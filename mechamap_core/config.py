@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import hashlib
 import json
@@ -522,3 +523,16 @@ def safe_child_path(folder: str | os.PathLike, name: str, suffix: str) -> Path:
     if path.parent != folder:
         raise ValueError(f"'{name}' would leave the folder {folder}")
     return path
+
+
+def words_text(words: list[str]) -> str:
+    """A category's words as one editable line, 'pizza, "1,000", ice cream': joined by ', ', a word holding a comma or
+    a double quote quoted CSV-style (its quotes doubled), so split_words gives the same words back."""
+    quoted = ['"' + word.replace('"', '""') + '"' if ("," in word or '"' in word) else word for word in map(str, words)]
+    return ", ".join(quoted)
+
+
+def split_words(text: str) -> list[str]:
+    """The words of one line written as words_text writes them: split on commas outside double quotes, each stripped,
+    blank ones dropped ('Washington, D.C.' unquoted is two words; quoted, one)."""
+    return [word.strip() for word in next(csv.reader([text], skipinitialspace=True), []) if word.strip()]

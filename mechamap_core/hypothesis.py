@@ -14,7 +14,7 @@ import torch
 
 from .alignment import AlignedText, align, missing_words
 from .analysis import has_experts
-from .config import ConfigError, ScanConfig, as_scan_config, validate_config
+from .config import ConfigError, ScanConfig, as_scan_config, split_words, validate_config
 from .inspect_neuron import check_neuron_range, collect_activations, dense_sites
 from .models import LoadedModel
 from .scan.driver import batches, hooked, resolve_hook_points
@@ -34,7 +34,8 @@ CANDIDATE_COLUMNS = ("layer", "neuron", "category")  # validate_heldout's candid
 
 
 def parse_typed_words(text: str) -> dict[str, list[str]]:
-    """'food: sushi, grape' lines -> {"food": ["sushi", "grape"]}: blank lines and blank words skipped, a category
+    """'food: sushi, grape' lines -> {"food": ["sushi", "grape"]} (a word holding a comma in double quotes, as
+    config.split_words reads them): blank lines and blank words skipped, a category
     given on several lines gets every line's words (each once, in first order), a category without words kept
     with none (check_heldout_inputs names it). Raises ConfigError naming a line without ':' or without a name."""
     words: dict[str, list[str]] = {}
@@ -49,7 +50,7 @@ def parse_typed_words(text: str) -> dict[str, list[str]]:
             problems.append(("categories", f"line {number}: the category name before ':' is missing"))
         else:
             listed = words.setdefault(name.strip(), [])
-            listed += [w for w in dict.fromkeys(w.strip() for w in rest.split(",")) if w and w not in listed]
+            listed += [w for w in dict.fromkeys(split_words(rest)) if w not in listed]
     if problems:
         raise ConfigError(problems)
     return words

@@ -9,7 +9,7 @@ import re
 import pandas as pd
 
 from mechamap_core.alignment import align, coverage_summary, find_word_spans, word_coverage, words_in_several_categories
-from mechamap_core.config import ConfigError, ScanConfig, validate_config
+from mechamap_core.config import ConfigError, ScanConfig, split_words, validate_config, words_text
 from mechamap_core.stats import MIN_CATEGORY_TOKENS
 
 TABLE_COLUMNS = ["category", "words"]
@@ -78,8 +78,9 @@ def uploaded_yaml_text(upload) -> str:
 
 
 def categories_to_table(categories: dict[str, list[str]]) -> pd.DataFrame:
-    """One row per category: name and its words joined with ', '."""
-    rows = [{"category": name, "words": ", ".join(str(w) for w in words)} for name, words in categories.items()]
+    """One row per category: name and its words as config.words_text writes them (joined with ', ', a word holding a
+    comma quoted)."""
+    rows = [{"category": name, "words": words_text(words)} for name, words in categories.items()]
     return pd.DataFrame(rows, columns=TABLE_COLUMNS).astype({"category": "string", "words": "string"})
 
 
@@ -91,14 +92,14 @@ def table_to_categories(table: pd.DataFrame) -> tuple[dict[str, list[str]], list
     """Categories from the editor table, plus (field, message) problems the dict alone cannot show.
 
     Fully blank rows are ignored. A name used twice would collapse in a dict, so it is reported here.
-    Words are split on commas and stripped.
+    Words are split on commas outside double quotes and stripped (config.split_words).
     """
     categories: dict[str, list[str]] = {}
     problems: list[tuple[str, str]] = []
     first_row: dict[str, int] = {}
     for number, (_, row) in enumerate(table.iterrows(), start=1):
         name = _cell(row.get("category")).strip()
-        words = [w.strip() for w in _cell(row.get("words")).split(",") if w.strip()]
+        words = split_words(_cell(row.get("words")))
         if not name and not words:
             continue
         if not name:

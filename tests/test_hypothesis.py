@@ -305,6 +305,7 @@ RUN_CATEGORIES = ["food", "location", "animal", "date"]
 def test_parse_typed_words_merges_repeated_categories_and_names_bad_lines():
     typed = "food: sushi, grape\n\n location : Lima ,  , Berlin\nfood: grape, rice\nanimal: , ,\ndate:"
     assert parse_typed_words(typed) == {"food": ["sushi", "grape", "rice"], "location": ["Lima", "Berlin"], "animal": [], "date": []}
+    assert parse_typed_words('numeric: "1,000", seven') == {"numeric": ["1,000", "seven"]}  # a comma in quotes
     with pytest.raises(ConfigError, match=re.escape("line 2: write 'category: word, word, ...'")):
         parse_typed_words("food: sushi\nfood sushi")
     with pytest.raises(ConfigError, match=re.escape("line 1: the category name before ':' is missing")):

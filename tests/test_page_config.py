@@ -393,9 +393,27 @@ def test_master_text_documents_round_trip_through_the_text_box():
 
 
 def test_table_helpers_round_trip():
-    cats = {"food": ["pizza", "ice cream"], "city": ["New York"]}
-    back, problems = table_to_categories(categories_to_table(cats))
+    cats = {"food": ["pizza", "ice cream"], "city": ["New York", "Washington, D.C."], "size": ["1,000", 'say "hi"', '5"']}
+    table = categories_to_table(cats)
+    assert table["words"].tolist()[1] == 'New York, "Washington, D.C."'  # a word with a comma is quoted in the cell
+    back, problems = table_to_categories(table)
     assert back == cats and problems == []
+
+
+def test_words_with_commas_survive_loading_editing_and_saving(app_env):
+    """Loading a config whose words hold commas ("1,000", "Washington, D.C.") split them at the commas in the editor
+    table, and the active config, the Scan page and a save (an Overwrite of the file too) took the split words (an
+    audit). Loaded, edited elsewhere and saved, they stay whole; typed in quotes, a new one does too."""
+    words = {"numeric": ["1,000", "seven"], "place": ["Washington, D.C."], "color": ["red", "blue"]}
+    other = {"master_text": "Seven of 1,000 red cars in Washington, D.C. were blue.", "categories": words}
+    (app_env["configs"] / "commas.yaml").write_text(yaml.safe_dump(other), encoding="utf-8")
+    at = config_page()
+    at.selectbox(key="cfg_load_choice").set_value("commas")
+    next(b for b in at.button if b.label == "Load").click().run()
+    no_exception(at)
+    assert at.session_state[ACTIVE_CONFIG].categories == words
+    at.number_input(key="cfg1_threshold").set_value(0.5).run()  # an edit elsewhere: the words are read back from the table
+    assert at.session_state[ACTIVE_CONFIG].categories == words
 
 
 def test_highlight_escapes_html():

@@ -152,8 +152,9 @@ if MESSAGE in st.session_state:
         message_box.button("Undo", on_click=_undo_load, icon=":material/undo:", help="Bring back the config this load replaced")
 
 st.subheader("Categories")
-st.caption("One row per category. Separate words with commas; multi-word entries such as *New York* work. "
-           "Add rows at the bottom, delete them by selecting them.")  # fmt: skip
+st.caption("One row per category. Separate words with commas; multi-word entries such as *New York* work, and a "
+           'word holding a comma goes in double quotes ("1,000"). Add rows at the bottom, delete them by selecting '
+           "them.")  # fmt: skip
 edited = st.data_editor(
     st.session_state[key("table_base")],
     key=key("table"),
