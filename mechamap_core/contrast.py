@@ -4,10 +4,12 @@ A contrast set is YAML: category -> word -> {in_sense: [sentences], out_of_sense
 sentence uses the word once or more; in_sense in the category's meaning ("orange" as a colour for the
 color category), out_of_sense in another ("orange" the fruit). A neuron's value on a sentence is its
 mean activation over the word's tokens there. Against the neuron's baseline (mean and SD of its
-activation on the other tokens of all the sentences):
+activation on the other tokens of all the set's sentences, whichever categories have candidates, so that no
+other choice, such as the threshold or the other categories, moves a neuron's verdict):
 
 - lift_in / lift_out: how many baseline SDs the in-sense / out-of-sense values lie above the baseline mean;
-- auroc, p_value: in-sense vs out-of-sense sentences, one-sided exact Mann-Whitney (sentences are the unit).
+- auroc, p_value: in-sense vs out-of-sense sentences, one-sided Mann-Whitney (sentences are the unit; scipy's
+  default method: exact for small samples without ties, else its normal approximation).
 
 Verdicts (per neuron, category and word):
 - "semantic": lift_in >= MIN_LIFT, lift_out < MAX_OUT_SHARE * lift_in and p_value <= ALPHA: it responds to
@@ -62,6 +64,9 @@ def validate_contrast_set(data: object) -> ContrastSet:
             continue
         for word, senses in words.items():
             at, word = f"{where}.{word}", str(word).strip()
+            if word in out.get(where, {}):  # "orange" and "orange ": one word, whose first sentences would be lost
+                problems.append((at, f"'{word}' is listed twice in '{where}' (once with surrounding spaces): keep one"))
+                continue
             if not isinstance(senses, dict):
                 problems.append((at, f"'{word}' must be a mapping with the keys in_sense and out_of_sense"))
                 continue
@@ -103,7 +108,8 @@ def sentence_activations(
 
     Returns (values, baseline). values: category, word, sense, sentence, layer, neuron, activation (mean
     over the word's tokens in the sentence). baseline: layer, neuron, baseline_mean, baseline_std, over
-    every token of the sentences that belongs to none of their words.
+    every token of the sentences that belongs to none of their words. Raises ValueError for a word that gives no
+    token the model counts in its sentences (its tokenizer reads it as its unknown token, say).
     """
     entries = [
         (category, word, sense, sentence)
@@ -118,6 +124,11 @@ def sentence_activations(
     docs = aligned.tokens["doc"].to_numpy()
     doc_of = {sentence: i for i, sentence in enumerate(sentences)}
     word_tokens = np.zeros(aligned.n_tokens, dtype=bool)
+    without_tokens = sorted({f"'{word}' ({category})" for category, word, *_ in entries
+                             if not aligned.category_mask[:, words.index(word.lower())].any()})  # fmt: skip
+    if without_tokens:
+        raise ValueError(f"{', '.join(without_tokens)} gives no token this model's tokenizer counts in its sentences "
+                         "(it reads it as a special token, such as its unknown token): use another word")  # fmt: skip
     rows, keys = [], []
     for category, word, sense, sentence in entries:
         picked = (docs == doc_of[sentence]) & aligned.category_mask[:, words.index(word.lower())]
@@ -163,7 +174,7 @@ def contrast_table(lm: LoadedModel, candidates: pd.DataFrame, contrast_set: Cont
     if cands.empty:
         raise ValueError(f"no candidate neuron is in a category of the contrast set ({', '.join(contrast_set)})")
     neurons = {int(layer): sorted(set(g["neuron"].astype(int))) for layer, g in cands.groupby("layer")}
-    values, baseline = sentence_activations(lm, neurons, {c: contrast_set[c] for c in cands["category"].unique()})
+    values, baseline = sentence_activations(lm, neurons, contrast_set)  # the whole set: a baseline that no choice changes
     base = baseline.set_index(["layer", "neuron"])
     groups = values.groupby(["layer", "neuron", "category", "word"], sort=False)
     rows = []

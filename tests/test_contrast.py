@@ -137,6 +137,9 @@ def test_built_in_set_loads_and_pairs_senses_across_categories():
          "'orange' needs in_sense: a list of sentences"),
         ("price:\n  2.50:\n    in_sense: [a 2.50 b, c 2.50, 2.50 d]\n    out_of_sense: [2.50 e, f 2.50, g 2.50 h]",
          "line 2: YAML reads 2.50 as the number 2.5, so it would become '2.5'; quote it"),
+        ("color:\n  orange:\n    in_sense: [orange a, orange b, orange c]\n    out_of_sense: [orange d, orange e, orange f]"
+         "\n  'orange ':\n    in_sense: [orange a, orange b, orange c]\n    out_of_sense: [orange d, orange e, orange f]",
+         "'orange' is listed twice in 'color' (once with surrounding spaces): keep one"),
     ],
 )  # fmt: skip
 def test_bad_contrast_files_get_clear_messages(text, message):
@@ -144,6 +147,34 @@ def test_bad_contrast_files_get_clear_messages(text, message):
         parse_contrast_set(text)
     assert message in str(err.value)
     assert "Traceback" not in str(err.value)
+
+
+def test_a_neurons_verdict_does_not_depend_on_the_other_categories_checked(tiny_bert):
+    """The baseline was taken over the sentences of the categories that had candidates, so the threshold, --top or
+    another category's candidates moved a neuron's lifts and flipped verdicts (an audit: 8 of 70 on the bundled
+    model). It is the whole set's now: the same neuron gets the same row with or without a food candidate."""
+    food = {"pizza": {"in_sense": ["We ate pizza.", "The pizza was hot.", "Pizza for lunch."],
+                      "out_of_sense": ["Pizza is a band.", "He named his dog Pizza.", "The Pizza font."]}}  # fmt: skip
+    both = {**SET, "food": food}
+    alone = contrast_table(tiny_bert, CANDIDATES, both)
+    with_food = contrast_table(tiny_bert, pd.concat([CANDIDATES, CANDIDATES.iloc[:1].assign(category="food")]), both)
+    shared = with_food[with_food["category"] == "color"].reset_index(drop=True)
+    pd.testing.assert_frame_equal(shared, alone)
+
+
+def test_a_contrast_word_the_model_cannot_count_is_named():
+    """A word the tokenizer reads only as its unknown token gave NaN lifts and the verdict 'does not respond to the
+    word' (with numpy's empty-mean warnings): it is refused by name."""
+    from tiny_models import bundled_tokenizer, tiny_model
+
+    from mechamap_core.models import wrap_model
+
+    lm = wrap_model(tiny_model("bert"), bundled_tokenizer(), "tiny-bert")
+    snowman = {"weather": {"☃": {"in_sense": ["A ☃ stood.", "The ☃ melted.", "We built a ☃."],
+                                 "out_of_sense": ["Type ☃ here.", "The ☃ glyph.", "A ☃ emoji."]}}}  # fmt: skip
+    candidates = pd.DataFrame({"layer": [0], "neuron": [3], "category": ["weather"]})
+    with pytest.raises(ValueError, match="'☃' \\(weather\\) gives no token this model's tokenizer counts in its sentences"):
+        contrast_table(lm, candidates, snowman)
 
 
 def test_contrast_neurons_picks_the_best_flagged_per_category(tiny_bert):
