@@ -537,7 +537,7 @@ def _run_write_text(args) -> int:
     generated = write_master_text(cfg.categories, args.contexts, args.seed)
     for row in overcounted_words(generated, cfg.categories, args.contexts).itertuples():
         print(f"warning: '{row.word}' ({row.category}) occurs {row.occurrences} times, not {args.contexts}: "
-              "another entry contains it", file=sys.stderr)  # fmt: skip
+              "another entry contains it, or another category lists it too", file=sys.stderr)  # fmt: skip
     own = cfg.master_text if isinstance(cfg.master_text, str) else "\n\n".join(cfg.master_text)
     text = mix_texts(own, generated, args.mix)
     if not args.out:

@@ -54,8 +54,11 @@ def write_master_text(categories: dict[str, list[str]], contexts: int = DEFAULT_
     one category twice in a row. Category c's i-th word takes template (i + c + round) mod T, where T is
     the number of slots (words of the largest category), at least `contexts`, at most the usable
     templates. So in a round a full category uses every one of the T templates once, a block's sentences
-    all differ, and a word meets a different template in each round. Deterministic for a given seed.
-    Raises ValueError when there are no words, or `contexts` is below 1 or above the usable templates.
+    all differ, and a word meets a different template in each round. A category with fewer words than the
+    largest fills only the first slots, so it uses fewer templates, and the last blocks hold only the larger
+    categories (then one category can follow itself). Deterministic for a given seed.
+    Raises ValueError when there are no words, when every template holds a category word, or when `contexts` is
+    below 1 or above the usable templates.
     """
     rng = random.Random(seed)
     words = {name: distinct_words(str(w).strip() for w in ws) for name, ws in categories.items()}  # Pizza = pizza
@@ -63,6 +66,9 @@ def write_master_text(categories: dict[str, list[str]], contexts: int = DEFAULT_
     if not words:
         raise ValueError("there are no category words to write a text for")
     templates = usable_templates(words)
+    if not templates:
+        raise ValueError(f"every one of the {len(TEMPLATES)} templates contains one of the category words (such as "
+                         "'the' or 'was'), so none can hold a word without counting another: drop such common words")  # fmt: skip
     if not 1 <= contexts <= len(templates):
         raise ValueError(f"contexts must be between 1 and {len(templates)} (the usable templates), got {contexts}")
     rng.shuffle(templates)
@@ -98,6 +104,7 @@ def mix_texts(own: str, generated: str, mode: str = "replace") -> str:
 
 def overcounted_words(text: str, categories: dict[str, list[str]], contexts: int) -> pd.DataFrame:
     """Words that occur more often than the `contexts` times they were written: another word contains them
-    ('cream' inside 'ice cream'), so the same tokens count for both. Columns category, word, occurrences."""
+    ('cream' inside 'ice cream'), or another category lists them too, so the same tokens count for both. Columns
+    category, word, occurrences."""
     coverage = word_coverage([text], categories)
     return coverage[coverage["occurrences"] > contexts].reset_index(drop=True)

@@ -199,3 +199,11 @@ def test_config_page_appends_the_written_text_as_one_more_document(app_env):
     at.run()
     no_exception(at)
     assert at.session_state[ACTIVE_CONFIG].master_text == ["A dog in Paris.", "Pizza in Rome.", written.rstrip("\n")]
+
+
+def test_words_that_leave_no_template_are_named_as_the_reason():
+    """Common words in every template ('the', 'was', ...) left no usable template, and the message read "contexts must
+    be between 1 and 0 (the usable templates), got 1" (an audit)."""
+    common = sorted({word for template in TEMPLATES for word in template.format("").replace(".", "").split()})
+    with pytest.raises(ValueError, match=r"every one of the \d+ templates contains one of the category words"):
+        write_master_text({"func": common, "other": ["zebra"]}, 1)

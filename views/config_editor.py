@@ -260,7 +260,8 @@ with st.expander("Write a master text for these words", icon=":material/edit_not
         st.code(written, language=None, wrap_lines=True, height=200)
         st.dataframe(config_tools.coverage_table([written], categories, tokenizer), hide_index=True)
         for row in overcounted_words(written, categories, int(contexts)).itertuples():
-            st.warning(f"'{row.word}' ({row.category}) occurs {row.occurrences} times: another word contains it.")
+            st.warning(f"'{row.word}' ({row.category}) occurs {row.occurrences} times: another word contains it, or "
+                       "another category lists it too.")  # fmt: skip
         w3, w4 = st.columns(2)
         w3.button("Replace my text with it", on_click=_use_written_text, args=(key("text"), written, "replace"))
         w4.button("Append it to my text", on_click=_use_written_text, args=(key("text"), written, "append"))
