@@ -137,7 +137,8 @@ def categories_without_statistics(scores: pd.DataFrame, category_tokens: dict[st
     wherever a neuron saw them), with their tokens in the text: category_tokens' count (a run's
     metadata["category_tokens"]) where given, else their most tokens at any site (a dense neuron: all of them; a routed
     expert: those routed to it); empty when every category has one. Their neurons are blank in every table, not 0."""
-    scored = scores.groupby("category", observed=False)["avg_activation"].count()  # not score: a one-word one has none
+    present = "avg_activation" if "avg_activation" in scores else "score"  # not score first: a one-word one has none
+    scored = scores.groupby("category", observed=False)[present].count()
     n_tokens = scores.groupby("category", observed=False)["n_tokens"].max()
     if category_tokens:
         n_tokens = pd.Series([category_tokens.get(str(c), n) for c, n in n_tokens.items()], index=n_tokens.index, dtype=float)

@@ -65,8 +65,8 @@ def test_layer_category_heatmap_cells_labels_tooltips(scores):
 
 def test_layer_category_heatmap_greys_a_category_without_statistics(scores):
     """A NaN column (analysis.blank_without_statistics) is grey cells labelled "–", never a coloured 0."""
-    thin = scores.assign(n_tokens=np.where(scores["category"] == "food", 3, 40))
-    thin.loc[thin["category"] == "food", "score"] = np.nan
+    thin = scores.assign(n_tokens=np.where(scores["category"] == "food", 3, 40), avg_activation=1.0)
+    thin.loc[thin["category"] == "food", ["score", "avg_activation"]] = np.nan  # as a scan blanks a thin category
     counts = analysis.layer_category_counts(thin, "score", 1.0)
     assert (counts["food"] == 0).all()  # the count itself: no neuron flagged
     shown = analysis.blank_without_statistics(counts, analysis.categories_without_statistics(thin))
