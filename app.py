@@ -126,7 +126,7 @@ for path, title, icon, section, url_path in PAGES:
     else:
         listed.append(st.Page(path, title=title, icon=icon, url_path=url_path))
 page = st.navigation(sections)
-if page.url_path != "scan":  # the Scan page lists them in full
+if page.url_path not in ("scan", "overview", ""):  # these list them in full (jobs.show_jobs; "" is the Overview at /)
     with st.sidebar:
         jobs.note_interrupted_elsewhere()
 links.keep_page_params(page.url_path)
