@@ -9,7 +9,7 @@ the 1-vs-2-process comparison do not depend on the model's size. Documents pack 
 
 1. Memory: for each corpus size, a fresh child process (`--child`) loads the model, resets its peak RSS
    (/proc/self/clear_refs = 5), and runs what the CLI runs (scan_stream over corpus.iter_documents with
-   the first 32 documents as calibration, then stream_result). It prints VmRSS before, VmHWM (peak) after,
+   the corpus's first documents as calibration, read until they hold 1,024 tokens, then stream_result). It prints VmRSS before, VmHWM (peak) after,
    and the documents, tokens and seconds. Flat memory: the 20,000-document peak grows no more than the
    1,000-document one.
 2. Processes: the same CLI scan (`python -m mechamap_core scan --corpus ... --device cpu --csv ...`) of one
