@@ -726,12 +726,17 @@ def parse_neuron_list(text: str) -> list[tuple[int, int]]:
 def experts_left_out(scores: pd.DataFrame, category: str, metric: str = "score", threshold: float = 1.0) -> str | None:
     """How many of a category's flagged neurons flagged_for_category leaves out of an ablation (a mixture-of-experts
     model's expert and shared-expert neurons), in a sentence; None when it leaves none out."""
-    rows = scores[(scores["category"].astype(str) == category) & (scores[metric] >= threshold)]
+    rows = _flagged_rows(scores, category, metric, threshold)
     left_out = int((~dense_mlp_rows(rows)).sum())
     if not left_out:
         return None
     return (f"{left_out} of the {len(rows)} neurons flagged for '{category}' are mixture-of-experts (expert or "
             "shared-expert) neurons and were left out: ablation covers dense MLP neurons only")
+
+
+def _flagged_rows(scores: pd.DataFrame, category: str, metric: str, threshold: float) -> pd.DataFrame:
+    """The score rows of a category with metric >= threshold (dense and expert neurons alike)."""
+    return scores[(scores["category"].astype(str) == category) & (scores[metric] >= threshold)]
 
 
 class NeuronsLeftOut(UserWarning):
@@ -746,10 +751,10 @@ def flagged_for_category(
     """(layer, neuron) of every dense MLP neuron flagged for a category, best first (at most `limit`): ablation's
     neurons. A mixture-of-experts model's expert and shared-expert neurons are left out (ablate covers dense MLPs),
     with a NeuronsLeftOut warning (unless warn is False) saying how many, as experts_left_out does."""
-    rows = scores[(scores["category"].astype(str) == category) & (scores[metric] >= threshold)]
-    note = experts_left_out(scores, category, metric, threshold)
-    if note and warn:
+    note = experts_left_out(scores, category, metric, threshold) if warn else None
+    if note:
         warnings.warn(note, NeuronsLeftOut, stacklevel=2)
+    rows = _flagged_rows(scores, category, metric, threshold)
     rows = rows[dense_mlp_rows(rows)]
     rows = rows.sort_values(metric, ascending=False)
     if limit:
