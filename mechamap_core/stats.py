@@ -310,6 +310,7 @@ def permutation_pvalues(
     dtype: torch.dtype = torch.float32,
     chunk_elements: int = CHUNK_ELEMENTS,
     word_keys=None,  # [W] str: order the words before the draws (permutation_subsets)
+    tested=None,  # [C] bool: the categories to test (default all); the others get NaN and cost nothing
 ) -> np.ndarray:
     """Word-level permutation p-values [C, N] (float64) of the separation score, one-sided (higher).
 
@@ -321,7 +322,9 @@ def permutation_pvalues(
     empty side) counts as reaching the observed score, and so does one within TIE_RTOL of it (a draw
     of the category's own words, summed in another order). NaN for a category without words, and for one
     whose words are all the words (a config of one category): its only subset is itself, so no draw could
-    ever score below it and p would be 1 whatever the neuron does.
+    ever score below it and p would be 1 whatever the neuron does. NaN too for a category that tested leaves out
+    (a scan leaves out those with too few tokens, whose statistics are NaN): a size none of the tested categories
+    has is never scored, and the others' p-values are the same as when every category is tested.
 
     Scores come from sums centred on each neuron's mean (separation is shift-invariant; centring keeps
     the variances' cancellation small), gathered per subset (embedding_bag) on the device of word_sum,
@@ -346,7 +349,10 @@ def permutation_pvalues(
 
     as_array = (lambda t: t.numpy()) if _numpy_arithmetic(device) else (lambda t: t)  # noqa: E731
     pool = draw_pool(word_n, word_keys)
-    word_category = np.where(word_n.cpu().numpy() > 0, word_category, -1)  # a word without tokens here is no evidence
+    tested = np.ones(n_categories, dtype=bool) if tested is None else np.asarray(tested, dtype=bool)
+    # a word without tokens here is no evidence; the words of a category not tested set no size to draw
+    counted = (word_n.cpu().numpy() > 0) & np.isin(word_category, np.flatnonzero(tested))
+    word_category = np.where(counted, word_category, -1)
     sizes = np.bincount(word_category[word_category >= 0], minlength=n_categories)
     below = np.zeros((n_categories, n_neurons))  # null draws scoring below the observed score (less TIE_RTOL)
     observed_nan = np.zeros((n_categories, n_neurons), dtype=bool)
@@ -373,19 +379,27 @@ def _draws_below(rows, n_observed, constants, centred_sum, centred_sumsq, total_
     below = as_array(torch.zeros((n_observed, n_neurons), dtype=torch.int32, device=device))
     reach = as_array(torch.empty((n_observed, n_neurons), dtype=dtype, device=device))
     block_neurons = GATHER_NEURONS if device.type == "cpu" else max(1, chunk_elements // (n_observed + 1))
-    for start in range(0, n_neurons, block_neurons):  # a block's word sums stay in cache while every draw gathers them
+    starts = range(0, n_neurons, block_neurons)
+    widths = {min(block_neurons, n_neurons - start) for start in starts}
+    block_rows = {width: max(n_observed + 1, chunk_elements // width) for width in widths}
+    scratch = None
+    if isinstance(total_sumsq, np.ndarray):  # numpy's arithmetic: flat buffers for every block, the largest's size
+        size = max(min(len(rows), block_rows[width]) * width for width in widths)
+        scratch = [np.empty(size, dtype=total_sumsq.dtype) for _ in range(2)] + [np.empty(size, dtype=bool)]
+    for start in starts:  # a block's word sums stay in cache while every draw gathers them
         neurons = slice(start, min(start + block_neurons, n_neurons))
         width = neurons.stop - start
         word_sums = torch.cat([centred_sum[:, neurons], centred_sumsq[:, neurons]], dim=1)  # [W, 2 width]
-        block_rows = max(n_observed + 1, chunk_elements // width)
-        for first in range(0, len(rows), block_rows):
-            block = slice(first, first + block_rows)
+        for first in range(0, len(rows), block_rows[width]):
+            block = slice(first, first + block_rows[width])
             sums = as_array(F.embedding_bag(rows[block], word_sums, mode="sum"))  # [rows, 2 width]
-            scores = _subset_separation(sums[:, :width], sums[:, width:], total_sumsq[neurons], constants[block])
+            in_place = scratch and [buffer[: sums.size // 2].reshape(len(sums), width) for buffer in scratch]
+            x, y = sums[:, :width], sums[:, width:]
+            scores = _subset_separation(x, y, total_sumsq[neurons], constants[block], in_place and in_place[:2])
             if first == 0:
                 observed, scores = scores[:n_observed], scores[n_observed:]
                 reach[:, neurons] = observed - TIE_RTOL * (1.0 + abs(observed))  # NaN where no score
-            below[:, neurons] += _count_below(scores, reach[:, neurons])  # NaN is never below
+            below[:, neurons] += _count_below(scores, reach[:, neurons], in_place and in_place[2])  # NaN is never below
     return torch.as_tensor(below).double().cpu().numpy(), torch.as_tensor(reach != reach).cpu().numpy()
 
 
@@ -402,7 +416,7 @@ def _subset_constants(n_c: torch.Tensor, n_all: float) -> torch.Tensor:
     return torch.cat([dof_r / dof_c - 1, dof_r / (n_c * dof_c) + 1 / n_r, 0.5 / dof_r / u**2, EPS / u**2], dim=1)
 
 
-def _subset_separation(x, y, total_sumsq, constants):
+def _subset_separation(x, y, total_sumsq, constants, scratch=None):
     """separation [R, n] of word subsets against all other tokens (numpy arrays or torch tensors).
 
     x, y [R, n]: each subset's centred sums and sums of squares; total_sumsq [n]: over all tokens;
@@ -414,18 +428,20 @@ def _subset_separation(x, y, total_sumsq, constants):
     z = b1/(a a1) + 1/b, w = 1/(2 b1); and separation = x / sqrt((w/u^2) (Q + y v - x^2 z) + EPS/u^2).
     The variances' sum is floored at EPS instead of clipped at 0 before adding EPS: a change of at
     most EPS, and only where the sum is below it (rounding).
+    scratch: two numpy buffers [R, n] to compute in (the result is the first), else fresh arrays or tensors (on a
+    CPU, fresh arrays of this size come from the system each time and fault in every page again).
     """
     v, z, w, floor = (constants[:, i : i + 1] for i in range(4))
     with np.errstate(invalid="ignore", divide="ignore"):  # a subset without tokens: 0 * inf, a NaN score
-        spread = y * v
+        spread = y * v if scratch is None else np.multiply(y, v, out=scratch[0])
         spread += total_sumsq
-        squares = x * x
+        squares = x * x if scratch is None else np.multiply(x, x, out=scratch[1])
         squares *= z
         spread -= squares
         spread *= w
         spread = _floor_at(spread, floor)
         spread **= 0.5
-        return x / spread
+        return x / spread if scratch is None else np.divide(x, spread, out=spread)
 
 
 def _floor_at(values, floor):
@@ -435,15 +451,16 @@ def _floor_at(values, floor):
     return np.maximum(values, floor, out=values)
 
 
-def _count_below(values, thresholds):
+def _count_below(values, thresholds, scratch=None):
     """#{values[:, n] < thresholds[c, n]} [C, n] (int32) of values [R, n], numpy arrays or torch tensors.
 
     On a CPU through numpy, the compares summed as bytes 255 rows at a time: a third of the time of an
-    int32 sum (and of torch's compare and sum; its default int64 sum of booleans takes 20x)."""
+    int32 sum (and of torch's compare and sum; its default int64 sum of booleans takes 20x). scratch: a bool
+    numpy buffer of values' width and at least its rows, for the compares."""
     if isinstance(values, torch.Tensor):
         return torch.stack([(values < row).sum(dim=0, dtype=torch.int32) for row in thresholds])
     counts = np.zeros(thresholds.shape, dtype=np.int32)
-    below = np.empty(values.shape, dtype=bool)
+    below = np.empty(values.shape, dtype=bool) if scratch is None else scratch[: len(values)]
     for c, row in enumerate(thresholds):
         np.less(values, row, out=below)
         as_bytes = below.view(np.uint8)

@@ -152,6 +152,40 @@ def test_permutation_pvalues_do_not_depend_on_blocks_device_inputs_or_unrelated_
     assert not np.array_equal(other_seed, p)
 
 
+def test_permutation_pvalues_reuse_their_buffers_across_neuron_and_draw_blocks(monkeypatch):
+    """The CPU route computes every block in the same buffers, sized for the widest block: narrower last blocks of
+    neurons and of draws get views of them, and no block sees another's numbers."""
+    acts, token_word, word_category = tiny_problem(2)
+    stats = word_moments(acts, token_word, len(word_category))
+    p = permutation_pvalues(**stats, word_category=word_category, n_permutations=250, seed=3)
+    monkeypatch.setattr(stats_module, "GATHER_NEURONS", 3)  # neuron blocks 3, 3, 1
+    for chunk_elements in (9, 64, 2**19):  # draw blocks of 8 rows or more (the observed rows and one), and one
+        blocked = permutation_pvalues(**stats, word_category=word_category, n_permutations=250, seed=3, chunk_elements=chunk_elements)
+        np.testing.assert_array_equal(blocked, p)
+
+
+def test_categories_left_out_of_the_test_get_nan_and_change_no_other_p():
+    """A scan leaves out the categories with too few tokens (their statistics are NaN): their sizes' draws are never
+    scored, and every tested category's p-value is the one it gets when all are tested."""
+    acts, token_word, word_category = tiny_problem(3)  # category sizes 3, 3, 2, 2: leaving out 0 and 2 drops sizes
+    stats = word_moments(acts, token_word, len(word_category))
+    options = {"word_category": word_category, "n_permutations": 200, "seed": 5, "n_categories": 5}
+    every = permutation_pvalues(**stats, **options)
+    scored = []
+    real_subset_separation = stats_module._subset_separation
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr(stats_module, "_subset_separation", lambda x, *rest: scored.append(len(x)) or real_subset_separation(x, *rest))
+    try:
+        some = permutation_pvalues(**stats, **options, tested=np.array([False, True, True, False, True]))
+    finally:
+        monkeypatch.undo()
+    np.testing.assert_array_equal(some[[1, 2]], every[[1, 2]])
+    assert np.isnan(some[[0, 3, 4]]).all() and not np.isnan(every[[0, 3]]).any()
+    assert sum(scored) == 2 * (1 + 200)  # sizes 3 and 2 once each: category 1's draws and category 2's
+    nothing = permutation_pvalues(**stats, **options, tested=np.zeros(5, dtype=bool))
+    assert np.isnan(nothing).all()
+
+
 def test_folded_subset_separation_equals_moment_statistics_in_numpy_and_torch():
     """The permutation kernel (numpy on a CPU, torch on other devices) against moment_statistics' separation."""
     acts, token_word, word_category = tiny_problem(2)

@@ -139,6 +139,7 @@ def site_word_moments(stats: SiteStats, neurons: slice, context: FinishContext, 
         "word_n": stats.word_n.cpu().double().numpy(), "word_sum": for_finishing(stats.word_sums[:, neurons]),
         "word_sumsq": for_finishing(stats.word_sumsq[:, neurons]), "n_all": moments["n_all"],
         "sum_all": moments["sum_all"], "sumsq_all": moments["sumsq_all"],
+        "tested": enough_tokens(moments["n_cat"].round(), round(moments["n_all"])),
     }  # fmt: skip
 
 
@@ -150,7 +151,7 @@ def permutation_pvalues_of(word_moments: list[dict | None], context: FinishConte
     groups: dict[tuple, list[int]] = {}
     for i, seen in enumerate(word_moments):
         if seen is not None:
-            groups.setdefault((seen["n_all"], seen["word_n"].tobytes()), []).append(i)
+            groups.setdefault((seen["n_all"], seen["word_n"].tobytes(), seen["tested"].tobytes()), []).append(i)
     out: list[np.ndarray | None] = [None] * len(word_moments)
     for members in groups.values():
         first = word_moments[members[0]]
@@ -159,7 +160,7 @@ def permutation_pvalues_of(word_moments: list[dict | None], context: FinishConte
         p_values = permutation_pvalues(
             first["word_n"], joined["word_sum"], joined["word_sumsq"], first["n_all"], joined["sum_all"],
             joined["sumsq_all"], context.word_category, context.permutations, context.seed, context.category_mask.shape[1],
-            word_keys=context.word_keys,
+            word_keys=context.word_keys, tested=first["tested"],
         )  # fmt: skip
         start = 0
         for i in members:
@@ -210,10 +211,16 @@ def token_folds(token_word: np.ndarray, word_category: np.ndarray, word_fold: np
     return folds
 
 
+def enough_tokens(n_tokens: np.ndarray, n_seen: float) -> np.ndarray:
+    """[C] bool: the categories of which a site saw at least MIN_CATEGORY_TOKENS tokens (n_tokens [C]) and at least
+    that many other tokens (a rest of one or two tokens has no variance to compare with, as a category of one).
+    The others get no statistics (too_few_tokens), so their permutation tests are never run."""
+    return (n_tokens >= MIN_CATEGORY_TOKENS) & (n_seen - n_tokens >= MIN_CATEGORY_TOKENS)
+
+
 def too_few_tokens(part: SitePart) -> np.ndarray:
-    """[C] bool: the categories of which the part's site saw fewer than MIN_CATEGORY_TOKENS tokens, or fewer than
-    that many other tokens (a rest of one or two tokens has no variance to compare with, as a category of one)."""
-    return (part.n_tokens < MIN_CATEGORY_TOKENS) | (part.n_seen - part.n_tokens < MIN_CATEGORY_TOKENS)
+    """[C] bool: the categories of which the part's site saw too few tokens, or too few others (enough_tokens)."""
+    return ~enough_tokens(part.n_tokens, part.n_seen)
 
 
 def assemble(model_name: str, categories: list[str], parts: list[SitePart], n_layers_model: int):
