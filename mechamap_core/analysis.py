@@ -157,13 +157,14 @@ def blank_without_statistics(counts: pd.DataFrame, without: pd.Series) -> pd.Dat
     return shown
 
 
-def no_statistics_note(without: pd.Series, coverage: pd.DataFrame | None = None) -> str | None:
+def no_statistics_note(without: pd.Series, coverage: pd.DataFrame | None = None, routed: bool = False) -> str | None:
     """A note naming the categories without statistics (`without`, categories_without_statistics) and why, or None
-    when there is nothing to say. A category with MIN_CATEGORY_TOKENS tokens or more in the text (a mixture-of-experts
-    run's, given the run's category_tokens) has none because no expert saw that many of them: more text helps it, not
-    more words. With the run's word coverage, it also names the words that occur in the text yet give no token to
-    count (uncounted_words: an emoji the tokenizer maps to its unknown token): those of the blank categories as part
-    of the reason, those of other categories as words that add nothing to their statistics."""
+    when there is nothing to say. A category with MIN_CATEGORY_TOKENS tokens or more in the text has none because, in a
+    mixture-of-experts run (routed; given the run's category_tokens), no expert saw that many of them: more text
+    helps it, not more words; in a dense run, because fewer than that many of the text's tokens lie outside it. With
+    the run's word coverage, it also names the words that occur in the text yet give no token to count
+    (uncounted_words: an emoji the tokenizer maps to its unknown token): those of the blank categories as part of the
+    reason, those of other categories as words that add nothing to their statistics."""
     uncounted = uncounted_words(coverage)
     blank = uncounted["category"].astype(str).isin(without.index.astype(str))
     sentences = []
@@ -173,8 +174,12 @@ def no_statistics_note(without: pd.Series, coverage: pd.DataFrame | None = None)
         sentences.append(f"No statistics for {named}: a category needs at least {MIN_CATEGORY_TOKENS} of its tokens in "
                          f"the text, and {MIN_CATEGORY_TOKENS} other tokens to compare them with, so its neurons are blank "
                          "(not 0) and none is flagged. Add words that occur, or text that uses them.")  # fmt: skip
-    if len(spread):
-        named = ", ".join(f"'{cat}' ({n:,} tokens in the text)" for cat, n in spread.items())
+    named = ", ".join(f"'{cat}' ({n:,} tokens in the text)" for cat, n in spread.items())
+    if len(spread) and not routed:
+        sentences.append(f"No statistics for {named}: fewer than {MIN_CATEGORY_TOKENS} of the text's tokens lie outside "
+                         "its words, and a category's tokens need that many others to compare them with, so its neurons "
+                         "are blank (not 0) and none is flagged. Add text that uses none of its words.")  # fmt: skip
+    elif len(spread):
         sentences.append(f"No statistics for {named}: the router spreads a category's tokens over the experts, and no "
                          f"expert saw {MIN_CATEGORY_TOKENS} of them (an expert neuron's statistics use only the tokens "
                          "routed to it), so its neurons are blank (not 0) and none is flagged. More text (a longer master "

@@ -735,7 +735,7 @@ def _check_corpus_flags(args, corpus: str | None) -> None:
 def _note_categories_without_statistics(result) -> None:
     """After a scan: the categories no neuron has statistics for (too few of their tokens), so blank rows are explained."""
     without = analysis.categories_without_statistics(result.scores, result.metadata.get("category_tokens"))
-    note = analysis.no_statistics_note(without, result.coverage)
+    note = analysis.no_statistics_note(without, result.coverage, routed=analysis.has_experts(result.scores))
     if note:
         _say("note", note)
 

@@ -291,10 +291,11 @@ def explain_blanks(df: pd.DataFrame) -> None:
         st.caption(note)
 
 
-def explain_categories_without_statistics(without: pd.Series, coverage: pd.DataFrame | None = None) -> None:
+def explain_categories_without_statistics(without: pd.Series, coverage: pd.DataFrame | None = None, routed: bool = False) -> None:
     """A note naming the run's categories that no neuron has statistics for (analysis.categories_without_statistics)
-    and why, and (with the run's word coverage) the words the tokenizer cannot count; nothing when there are none."""
-    note = no_statistics_note(without, coverage)
+    and why (routed: a mixture-of-experts run), and (with the run's word coverage) the words the tokenizer cannot
+    count; nothing when there are none."""
+    note = no_statistics_note(without, coverage, routed)
     if note:
         st.info(note, icon=":material/info:")
 

@@ -106,6 +106,12 @@ def test_a_category_without_statistics_has_no_top_neuron_and_is_named(scores):
     alone = note(analysis.categories_without_statistics(scores.assign(n_tokens=40)), coverage)  # no blank category
     assert alone.startswith("'🍕' (food), '🐈' (animal) occur in the text but give no token"), alone
     assert "Of their words" not in note(analysis.categories_without_statistics(thin), None)
+    # a dense run's category that covers all but 3 of the text's tokens: not the router's fault, nor too few words
+    crowded = scores.assign(n_tokens=np.where(scores["category"] == "food", 812, 40))
+    crowded.loc[crowded["category"] == "food", ["score", "avg_activation", "auroc"]] = np.nan
+    dense = note(analysis.categories_without_statistics(crowded))
+    assert dense.startswith("No statistics for 'food' (812 tokens in the text): fewer than 5 of the text's tokens lie "
+                            "outside its words") and "router" not in dense and "Add words" not in dense
 
 
 def test_top_token_strings_format(top_tokens):

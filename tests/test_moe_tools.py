@@ -80,10 +80,10 @@ def test_no_statistics_note_of_an_moe_run_gives_the_texts_tokens_and_blames_the_
     scores["score"] = scores["avg_activation"] = np.where(scores["category"] == "date", np.nan, 1.0)
     without = analysis.categories_without_statistics(scores, {"date": 19, "food": 40})
     assert without.to_dict() == {"date": 19}
-    note = analysis.no_statistics_note(without)
+    note = analysis.no_statistics_note(without, routed=True)
     assert note.startswith("No statistics for 'date' (19 tokens in the text): ")
     assert f"no expert saw {MIN_CATEGORY_TOKENS} of them" in note and "a larger corpus" in note and "Add words" not in note
-    few = analysis.no_statistics_note(analysis.categories_without_statistics(scores, {"date": 3, "food": 40}))
+    few = analysis.no_statistics_note(analysis.categories_without_statistics(scores, {"date": 3, "food": 40}), routed=True)
     assert few.startswith("No statistics for 'date' (3 tokens): a category needs at least") and "Add words" in few
     run = SimpleNamespace(scores=scores, coverage=None, metadata={"category_tokens": {"date": 19, "food": 40}})
     _note_categories_without_statistics(run)  # the CLI's note after a scan reads the run's category_tokens

@@ -56,7 +56,7 @@ cols = st.columns(3)
 cols[0].metric("Neurons scanned", f"{result.scores[key].drop_duplicates().shape[0]:,}")
 cols[1].metric(f"Neuron-category pairs with score ≥ {threshold:g}", f"{int(counts.sum()):,}")
 cols[2].metric("Categories", len(result.categories))
-explain_categories_without_statistics(without_statistics, result.coverage)
+explain_categories_without_statistics(without_statistics, result.coverage, analysis.has_experts(result.scores))
 
 left, right = st.columns([2, 3])
 with left:
