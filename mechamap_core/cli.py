@@ -179,10 +179,11 @@ def _download_bar():
 
 def _load(args, spec: str, device: str | None = None):
     """load_model(spec) with the command's device (or this one)/dtype and loading flags, a download bar on stderr."""
+    from . import placement
     from .models import load_model
 
     _check_revision_applies(args.revision, spec)
-    _check_max_memory_devices(args.max_memory)
+    placement.check_devices(placement.parse_max_memory(args.max_memory) or {}, "--max-memory", cuda_names=False)
     progress, close = _download_bar()
     try:
         return load_model(
@@ -203,23 +204,6 @@ def _check_revision_applies(revision: str | None, spec: str) -> None:
     source = f"{spec} is the bundled model" if spec.strip() in BUNDLED_ALIASES else f"{spec} is a local model folder"
     raise ValueError(f"--revision {revision} applies to Hugging Face Hub ids only, and {source}: leave --revision out, "
                      "or give the Hub id (org/name) to load that revision")  # fmt: skip
-
-
-def _check_max_memory_devices(max_memory: str | None) -> None:
-    """A ValueError when --max-memory names a GPU this machine lacks, or a device that is none of a GPU index, cpu,
-    mps or disk (accelerate would print stray lines, then fail with a message that names neither)."""
-    import torch
-
-    from .placement import parse_max_memory
-
-    gpus = torch.cuda.device_count()
-    for device in parse_max_memory(max_memory) or {}:
-        if isinstance(device, int) and device >= gpus:
-            have = f"has {gpus} GPU{'' if gpus == 1 else 's'} (0-{gpus - 1})" if gpus else "has no GPU"
-            raise ValueError(f"--max-memory names GPU {device}, but this machine {have}: give only the devices it has "
-                             "(e.g. cpu=30GiB), or leave --max-memory out")  # fmt: skip
-        if isinstance(device, str) and device not in ("cpu", "mps", "disk"):
-            raise ValueError(f"--max-memory device '{device}' is not a GPU index, cpu, mps or disk: use e.g. 0=10GiB,cpu=30GiB")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -225,7 +225,8 @@ def load_model(
         name = f"{name}@{revision}"  # what reads a run's model column back (validate, ablate --csv) loads the same
     max_memory = placement.parse_max_memory(max_memory)
     device_map = placement.parse_device_map(device_map) or ("auto" if max_memory else None)
-    placement.check_device_map_devices(device_map)
+    placement.check_devices(device_map.values() if isinstance(device_map, dict) else (), "device_map", cuda_names=True)
+    placement.check_devices(max_memory or {}, "max_memory", cuda_names=False)
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(dtype, torch_device)
     quantization_config = placement.quantization_config(quantization, torch_dtype)

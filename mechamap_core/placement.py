@@ -251,16 +251,25 @@ def input_device(model: torch.nn.Module, placement: dict[str, str]) -> torch.dev
     return torch.device(where)
 
 
-def check_device_map_devices(device_map) -> None:
-    """ValueError when a device_map names a GPU this machine lacks (before anything is loaded)."""
-    if not isinstance(device_map, dict):
-        return
-    for target in map(str, device_map.values()):
-        if target in ("cpu", "disk"):
+def check_devices(devices, option: str, cuda_names: bool) -> None:
+    """ValueError, before anything is loaded, when a placement names a GPU this machine lacks or a device that is
+    none of a GPU index, cpu, mps or disk: devices are a device_map's values (cuda_names: 'cuda:1' is a GPU too) or
+    max_memory's keys (accelerate takes GPUs there as indices only). option names the setting in the message
+    ('device_map', or the CLI's '--max-memory'); otherwise accelerate prints stray lines, then fails naming neither."""
+    gpus = torch.cuda.device_count()
+    for device in devices:
+        text = str(device)
+        if text in ("cpu", "mps", "disk"):
             continue
-        if target.isdigit() or target.startswith("cuda"):
-            index = int(target) if target.isdigit() else (torch.device(target).index or 0)
-            if index >= torch.cuda.device_count():
-                raise ValueError(f"device_map names GPU {index}, but this machine has {torch.cuda.device_count()} GPU(s)")
-        elif target != "mps":
-            raise ValueError(f"device_map device '{target}' is not a GPU index, cpu, mps or disk")
+        index = int(text) if text.isdigit() else None
+        if index is None and cuda_names and text.startswith("cuda"):
+            try:
+                index = torch.device(text).index or 0
+            except RuntimeError:  # 'cuda:x'
+                index = None
+        if index is None:
+            raise ValueError(f"{option} device '{text}' is not a GPU index, cpu, mps or disk: use e.g. 0, 1, cpu or disk")
+        if index >= gpus:
+            have = f"has {gpus} GPU{'' if gpus == 1 else 's'} (0-{gpus - 1})" if gpus else "has no GPU"
+            raise ValueError(f"{option} names GPU {index}, but this machine {have}: give only the devices it has (e.g. "
+                             f"cpu), or leave {option} out")  # fmt: skip

@@ -255,7 +255,7 @@ def test_quantization_needs_cuda():
         load_model("bundled", device="cpu", quantization="8bit")
     with pytest.raises(ValueError, match="unknown quantization '3bit'"):
         load_model("bundled", device="cpu", quantization="3bit")
-    with pytest.raises(ValueError, match="GPU 0, but this machine has 0 GPU"):
+    with pytest.raises(ValueError, match="device_map names GPU 0, but this machine has no GPU"):
         load_model("bundled", device="cpu", device_map={"": 0})
 
 
@@ -383,3 +383,29 @@ def test_direct_effect_of_a_neuron_whose_weights_are_on_disk_equals_the_plain_lo
     assert lm.model.transformer.h[1].mlp.c_proj.weight.device.type == "meta"
     pd.testing.assert_frame_equal(direct_effect(lm, 1, 3, k=5), direct_effect(tiny_gpt2, 1, 3, k=5))
     assert lm.model.transformer.h[1].mlp.c_proj.weight.device.type == "meta"  # offloaded again afterwards
+
+
+def test_a_placement_naming_a_gpu_or_device_the_machine_lacks_is_refused_before_loading(monkeypatch, tmp_path):
+    """device_map values and max_memory keys are checked against this machine's GPUs before anything loads
+    (accelerate would print stray lines, then fail naming neither), in the Python API as in the CLI."""
+    from tiny_models import build_tiny_model
+
+    from mechamap_core import placement
+
+    folder = build_tiny_model("gpt2", tmp_path / "tiny_gpt2")
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 2)
+    for device_map, max_memory, message in [
+        ({"": 2}, None, "device_map names GPU 2, but this machine has 2 GPUs (0-1)"),
+        ({"transformer.h.0": "cuda:3", "": "cpu"}, None, "device_map names GPU 3, but this machine has 2 GPUs (0-1)"),
+        ({"": "cuda:x"}, None, "device_map device 'cuda:x' is not a GPU index, cpu, mps or disk"),
+        ({"": "tpu"}, None, "device_map device 'tpu' is not a GPU index, cpu, mps or disk"),
+        (None, {5: "1GiB", "cpu": "2GiB"}, "max_memory names GPU 5, but this machine has 2 GPUs (0-1)"),
+        (None, "cuda:0=1GiB", "max_memory device 'cuda:0' is not a GPU index, cpu, mps or disk"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            load_model(str(folder), device="cpu", device_map=device_map, max_memory=max_memory)
+    for fine in ([0, 1, "cpu", "mps", "disk"], ["cuda", "cuda:1"]):
+        placement.check_devices(fine, "device_map", cuda_names=True)  # no error
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 0)
+    with pytest.raises(ValueError, match="names GPU 0, but this machine has no GPU"):
+        placement.check_devices(["cuda"], "device_map", cuda_names=True)
