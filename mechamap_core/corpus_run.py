@@ -9,7 +9,7 @@ from pathlib import Path
 from .config import ScanConfig
 from .corpus import CorpusReport, Document, check_corpus, iter_documents
 from .errors import first_line
-from .models import LoadedModel
+from .models import LoadedModel, model_name
 from .scan.distributed import Ranks, gather_to_rank0, process_group, ranks_from_env
 from .scan.result import ScanResult
 from .scan.stream import Checkpointing, StreamState, corpus_fingerprint, scan_stream, stream_result
@@ -30,16 +30,16 @@ def run_corpus_scan(args, cfg: ScanConfig, load: Callable[[str], LoadedModel], c
     fingerprint = {
         "config": cfg.content_hash(), "corpus": corpus_fingerprint(corpus), "text_field": text_field,
         "layers": args.layers, "limit_neurons": args.limit_neurons, "world_size": ranks.world_size,
+        "model": model_name(cfg.model, args.revision),
     }  # fmt: skip
     checkpointing = None
-    if args.checkpoint_dir:
+    if args.checkpoint_dir:  # a checkpoint this scan may not overwrite, or cannot resume, is refused before loading
         checkpointing = Checkpointing(Path(args.checkpoint_dir), args.checkpoint_every, fingerprint, ranks.rank)
         if not args.resume:
-            checkpointing.refuse_to_overwrite()  # before the model loads
+            checkpointing.refuse_to_overwrite()
+    resumed = checkpointing.load() if checkpointing and args.resume else None
     with process_group(ranks, device):
         lm = load(device)
-        fingerprint["model"] = lm.name
-        resumed = checkpointing.load() if checkpointing and args.resume else None
         report = resumed.report if resumed else CorpusReport()
         start = resumed.next_index if resumed else 0
         documents = iter_documents(corpus, text_field=text_field, on_bad_document=args.on_bad_document,

@@ -133,6 +133,16 @@ def resolve_model_source(spec: str) -> tuple[str, bool]:
     return spec, False
 
 
+def model_name(spec: str, revision: str | None = None) -> str:
+    """The name load_model(spec, revision=revision) gives its model, before loading it (a corpus scan's checkpoint
+    records it): the bundled model's id, else the spec as given, with @revision for a Hub id loaded at a revision, as
+    org/name@revision names it, so what reads a run's model column back (validate, ablate --csv) loads the same.
+    Raises ModelNotAvailableError for a malformed spec."""
+    _, is_local = resolve_model_source(spec)
+    name = BUNDLED_MODEL_ID if spec.strip() in BUNDLED_ALIASES else spec.strip()
+    return f"{name}@{revision}" if revision and not is_local and "@" not in name else name
+
+
 def model_depth(spec: str) -> tuple[int, int | None] | None:
     """(layers, MLP width or None) of the bundled model, a local model folder, or a Hub id (at its revision) whose
     config.json is in the Hugging Face cache, read from that config.json before anything loads, with no network (a
@@ -220,9 +230,7 @@ def load_model(
             raise TypeError(f"{option} must be a str such as {examples}, not {type(value).__name__}")
     hf_logging.disable_progress_bar()
     source, is_local = resolve_model_source(spec)
-    name = BUNDLED_MODEL_ID if spec.strip() in BUNDLED_ALIASES else spec.strip()
-    if revision and not is_local and "@" not in name:  # the name records the revision, as org/name@revision does, so
-        name = f"{name}@{revision}"  # what reads a run's model column back (validate, ablate --csv) loads the same
+    name = model_name(spec, revision)
     max_memory = placement.parse_max_memory(max_memory)
     device_map = placement.parse_device_map(device_map) or ("auto" if max_memory else None)
     placement.check_devices(device_map.values() if isinstance(device_map, dict) else (), "device_map", cuda_names=True)

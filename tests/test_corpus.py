@@ -495,7 +495,8 @@ def test_cli_scan_skips_and_counts_bad_documents(tmp_path, capsys):
 
 def test_cli_scan_never_overwrites_a_checkpoint_it_does_not_resume(tmp_path, capsys):
     """A --checkpoint-dir that already holds a checkpoint (this scan's progress, or another scan's) is refused before
-    the model loads unless --resume continues it: the scan would otherwise replace it at its first checkpoint."""
+    the model loads unless --resume continues it: the scan would otherwise replace it at its first checkpoint. A
+    --resume of another scan's checkpoint is refused before the model loads as well."""
     corpus = tmp_path / "docs.txt"
     corpus.write_text("\n".join(DOCS), encoding="utf-8")
     ckpt = tmp_path / "ckpt"
@@ -512,6 +513,10 @@ def test_cli_scan_never_overwrites_a_checkpoint_it_does_not_resume(tmp_path, cap
         assert "loading" not in err and (ckpt / "rank0.pt").read_bytes() == saved
     assert main([*argv, "--resume"]) == 0
     assert f"resuming after {len(DOCS)} documents" in capsys.readouterr().err
+    assert main([*another, "--resume"]) == 1  # a checkpoint of another scan: refused before the model loads, too
+    err = capsys.readouterr().err
+    assert f"mechamap: error: the checkpoint in {ckpt} belongs to another scan (different config, layers)" in err
+    assert "loading" not in err
 
 
 # --- a Hub dataset's parquet files, through HfFileSystem, from a local stand-in for the Hub ------------------
