@@ -537,6 +537,27 @@ def _forward_measure(lm: LoadedModel, aligned: AlignedText, sites, ablation: dic
     return out
 
 
+def ablation_targets(lm: LoadedModel, neurons) -> tuple[dict[int, list[int]], list]:
+    """({layer: its neurons to ablate}, those layers' dense_sites) of (layer, neuron) pairs (or a text such as '5:376'),
+    as ablate checks them before any forward pass, so that a page can refuse them as they are typed. Raises
+    ValueError for a mixture-of-experts or missing layer (dense_sites), a neuron outside its layer, and a layer of
+    which half the neurons or more are listed (the random control sets could not match them in size and differ)."""
+    by_layer: dict[int, list[int]] = {}
+    for layer, neuron in _neuron_pairs(neurons):
+        by_layer.setdefault(layer, []).append(neuron)
+    with lm.lock:
+        sites = dense_sites(lm.model, sorted(by_layer))
+    d_mlp = {s.layer: s.d_mlp for s in sites}
+    for layer, ids in by_layer.items():
+        check_neuron_range(ids, d_mlp[layer], f"layer {layer}")
+        if d_mlp[layer] - len(ids) <= len(ids):  # with no more others than targets, every control set is the same
+            raise ValueError(f"layer {layer} has {d_mlp[layer]} neurons: ablating {len(ids)} of them leaves "
+                             f"{d_mlp[layer] - len(ids)} others, and the random control sets need {len(ids)} of more "
+                             f"than {len(ids)} to match the targets' size and differ from each other; ablate at most "
+                             f"{(d_mlp[layer] - 1) // 2} neurons of layer {layer}")  # fmt: skip
+    return by_layer, sites
+
+
 def ablate(
     lm: LoadedModel,
     cfg: ScanConfig,
@@ -575,19 +596,8 @@ def ablate(
         raise ValueError(f"{n_controls} random control set(s): the controls' spread needs at least {MIN_CONTROLS}")
     cfg = as_scan_config(cfg, "cfg")
     validate_config(cfg)
-    by_layer: dict[int, list[int]] = {}
-    for layer, neuron in neurons:
-        by_layer.setdefault(layer, []).append(neuron)
-    with lm.lock:
-        sites = dense_sites(lm.model, sorted(by_layer))
-        d_mlp = {s.layer: s.d_mlp for s in sites}
-    for layer, ids in by_layer.items():
-        check_neuron_range(ids, d_mlp[layer], f"layer {layer}")
-        if d_mlp[layer] - len(ids) <= len(ids):  # with no more others than targets, every control set is the same
-            raise ValueError(f"layer {layer} has {d_mlp[layer]} neurons: ablating {len(ids)} of them leaves "
-                             f"{d_mlp[layer] - len(ids)} others, and the random control sets need {len(ids)} of more "
-                             f"than {len(ids)} to match the targets' size and differ from each other; ablate at most "
-                             f"{(d_mlp[layer] - 1) // 2} neurons of layer {layer}")  # fmt: skip
+    by_layer, sites = ablation_targets(lm, neurons)
+    d_mlp = {s.layer: s.d_mlp for s in sites}
     rng = np.random.default_rng(seed)
     conditions = [("ablated", by_layer)]
     for i in range(n_controls):

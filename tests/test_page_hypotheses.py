@@ -95,7 +95,8 @@ def test_hypothesis_page_heldout_and_ablation(app_env, food_result, bundled_lm):
     assert not any(stale in w.value for w in at.warning)
 
 
-def test_hypothesis_results_say_when_the_choices_changed_and_a_failed_ablation_clears_its_result(app_env, food_result):
+def test_hypothesis_results_say_when_the_choices_changed_and_a_failed_ablation_clears_its_result(app_env, food_result,
+                                                                                                 monkeypatch):
     """A result stays on the page after its inputs change, marked as from an earlier run; an ablation that fails
     removes the earlier result instead of showing it under the error."""
     stale = "The results below were computed with other choices than those shown now"
@@ -108,24 +109,34 @@ def test_hypothesis_results_say_when_the_choices_changed_and_a_failed_ablation_c
     [b for b in at.button if b.label == "Run ablation"][0].click().run()
     assert "ablation_result" in at.session_state
     at.radio[1].set_value("Type them").run()
-    at.text_input[0].set_value("0:1, 5:99999").run()  # a neuron the layer lacks: the run does not record its width
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr("mechamap_core.hypothesis.ablate", fails)  # a failure the checks before the button cannot see
+    at.text_input[0].set_value("0:1, 5:2").run()
     [b for b in at.button if b.label == "Run ablation"][0].click().run()
     no_exception(at)
-    assert any("out of range" in e.value for e in at.error)
+    assert texts(at.error) == ["CUDA out of memory"]
     assert "ablation_result" not in at.session_state and not at.metric
 
 
-def test_ablation_refuses_layers_the_model_lacks_before_it_runs(app_env, food_result):
-    """Typed neurons in a layer the run's model does not have (its metadata's n_layers_model) are refused as they
-    are typed, with Run ablation off; a layer the run did not scan but the model has can still be ablated."""
+def test_ablation_refuses_neurons_the_model_lacks_before_it_runs(app_env, food_result):
+    """Typed neurons in a layer the run's model does not have, or beyond their layer's width, or half a layer or more
+    (its control sets could not differ) are refused as they are typed, with Run ablation off, by the checks ablate
+    makes (hypothesis.ablation_targets); a layer the run did not scan but the model has can still be ablated."""
     at = open_page(make_app(food_result), "hypothesis")
     at.radio[1].set_value("Type them").run()
-    at.text_input[0].set_value("5:376, 9:1").run()
-    no_exception(at)
-    assert texts(at.error) == ["Layer 9 is out of range: this model has layers 0-5."]
-    assert [b for b in at.button if b.label == "Run ablation"][0].disabled
+    run_button = lambda: [b for b in at.button if b.label == "Run ablation"][0]  # noqa: E731
+    for typed, refusal in [("5:376, 9:1", "Layer 9 is out of range: this model has layers 0-5."),
+                           ("0:1, 5:99999", "Neuron 99999 is out of range for layer 5 (0-1535)."),
+                           (", ".join(f"2:{n}" for n in range(768)), "Layer 2 has 1536 neurons: ablating 768 of them")]:  # fmt: skip
+        at.text_input[0].set_value(typed).run()
+        no_exception(at)
+        assert len(at.error) == 1 and at.error[0].value.startswith(refusal), texts(at.error)
+        assert run_button().disabled
     at.text_input[0].set_value("0:1").run()
-    assert not at.error and not [b for b in at.button if b.label == "Run ablation"][0].disabled
+    assert not at.error and not run_button().disabled
 
 
 def test_ablation_of_one_neuron_is_counted_in_the_singular(app_env, food_result):

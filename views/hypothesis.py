@@ -12,6 +12,7 @@ from mechamap_core.hypothesis import (
     MIN_CONTROLS,
     TESTED_STATUSES,
     ablate,
+    ablation_targets,
     check_heldout_inputs,
     control_rank_text,
     experts_left_out,
@@ -30,7 +31,6 @@ from mechamap_ui.neuron_data import model_for
 from mechamap_ui.widgets import (
     chart_downloads,
     counted,
-    layers_out_of_range,
     metric_picker,
     neuron_table,
     stat_column_config,
@@ -177,10 +177,11 @@ with ablate_tab:
             neurons = parse_neuron_list(typed)
         except ValueError:
             st.error("Write neurons as layer:neuron pairs separated by commas, e.g. 5:376, 5:544")
-        missing_layers = layers_out_of_range(sorted({layer for layer, _ in neurons}), result.metadata.get("n_layers_model"))
-        if missing_layers:  # refused before the button, as the ablation would refuse it after
-            st.error(missing_layers)
-            neurons = []
+    try:  # refused before the button, as the ablation would refuse them after it
+        ablation_targets(lm, neurons) if neurons else None
+    except ValueError as exc:
+        st.error(f"{str(exc)[0].upper()}{str(exc)[1:]}.")
+        neurons = []
     c1, c2 = st.columns(2)
     mode = c1.radio("Ablation", ["zero", "mean"], horizontal=True)
     controls = int(c2.number_input("Random control sets", MIN_CONTROLS, 50, 5, help="At least two, so that their spread and z exist"))
