@@ -393,13 +393,16 @@ def _draws_below(rows, n_observed, constants, centred_sum, centred_sumsq, total_
         for first in range(0, len(rows), block_rows[width]):
             block = slice(first, first + block_rows[width])
             sums = as_array(F.embedding_bag(rows[block], word_sums, mode="sum"))  # [rows, 2 width]
-            in_place = scratch and [buffer[: sums.size // 2].reshape(len(sums), width) for buffer in scratch]
+            separation_in, compares_in = None, None
+            if scratch is not None:  # views of the buffers in this block's shape
+                separation_in = [buffer[: sums.size // 2].reshape(len(sums), width) for buffer in scratch[:2]]
+                compares_in = scratch[2][: sums.size // 2].reshape(len(sums), width)
             x, y = sums[:, :width], sums[:, width:]
-            scores = _subset_separation(x, y, total_sumsq[neurons], constants[block], in_place and in_place[:2])
+            scores = _subset_separation(x, y, total_sumsq[neurons], constants[block], separation_in)
             if first == 0:
                 observed, scores = scores[:n_observed], scores[n_observed:]
                 reach[:, neurons] = observed - TIE_RTOL * (1.0 + abs(observed))  # NaN where no score
-            below[:, neurons] += _count_below(scores, reach[:, neurons], in_place and in_place[2])  # NaN is never below
+            below[:, neurons] += _count_below(scores, reach[:, neurons], compares_in)  # NaN is never below
     return torch.as_tensor(below).double().cpu().numpy(), torch.as_tensor(reach != reach).cpu().numpy()
 
 
