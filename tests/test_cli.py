@@ -860,8 +860,9 @@ def test_ctrl_c_says_which_outputs_were_written_and_offers_resume_only_with_a_ch
     scan = ["scan", "--config", DEFAULT, "--corpus", str(corpus), "--checkpoint-dir", str(checkpoints), "--csv", str(tmp_path / "c.csv")]
     assert main(scan) == 130
     assert capsys.readouterr().err.splitlines()[-1] == "mechamap: interrupted, no output was written"
-    checkpoints.mkdir(exist_ok=True)
-    (checkpoints / "rank0.pt").write_bytes(b"state")  # an earlier run's checkpoint, resumed (without --resume: refused)
+    monkeypatch.undo()  # an earlier run's checkpoint of this scan, resumed (without --resume: refused) ...
+    assert main([*scan, "--checkpoint-every", "1"]) == 0 and (checkpoints / "rank0.pt").is_file()
+    monkeypatch.setattr("mechamap_core.cli._load", interrupt)  # ... and Ctrl-C while the model loads again
     assert main([*scan, "--resume"]) == 130
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"mechamap: interrupted, no output was written; the last checkpoint in {checkpoints} resumes the scan (--resume)"
