@@ -60,7 +60,11 @@ def describe_active(places: list[DeltaGenerator]) -> None:
     config_place.markdown(f"**Active config:** {state.active_config_label()}  \n**Model:** `{cfg.model}`")
     result = state.active_result()
     if result is None:
-        run_place.caption("No active run yet.")
+        problem = state.active_run_problem()
+        if problem:
+            run_place.warning(problem, icon=":material/warning:")
+        else:
+            run_place.caption("No active run yet.")
         note_place.empty()
         return
     md = result.metadata

@@ -131,7 +131,8 @@ def _check_outputs(
         except OSError as exc:
             raise ValueError(f"cannot write {flag} {path}: {exc.strerror or exc}") from None
     for flag, suffix in (formats or {}).items():
-        found = format_suffix(outputs.get(flag) or "") if suffix == ".csv" else Path(outputs.get(flag) or "").suffix.lower()
+        compressible = suffix in (".csv", ".json")  # out.csv.gz and out.json.gz are written compressed
+        found = format_suffix(outputs.get(flag) or "") if compressible else Path(outputs.get(flag) or "").suffix.lower()
         if found and found != suffix:
             print(f"warning: {flag} {outputs[flag]} does not end in {suffix}: it is written as {suffix[1:].upper()} all the same",
                   file=sys.stderr)  # fmt: skip

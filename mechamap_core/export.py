@@ -5,22 +5,28 @@ Every file goes through files.atomic_output: written whole or not at all, symlin
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import json
+import lzma
 import os
 import re
 import shutil
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from .analysis import has_experts, holding_up, neuron_key, neuron_label, top_token_strings
+from .errors import first_line
 from .files import CSV_COMPRESSIONS, atomic_output, atomic_write_text, kept_mode, replace, temp_beside
 from .scan import ScanResult
 
 ORIGINAL_COLUMNS = ["model", "layer", "neuron", "category", "avg_activation", "top_tokens"]
-_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,80}$")
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]{0,80}")  # fullmatch: "$" would also match before a final newline
+RUN_READ_ERRORS = (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile)  # a damaged run file's
 
 
 def _at_or_above(result: ScanResult, metric: str, threshold: float | None) -> pd.DataFrame:
@@ -67,8 +73,11 @@ def to_csv(result: ScanResult, path=None, **options) -> str | None:
 
 def write_csv(table: pd.DataFrame, path) -> None:
     """A table as CSV (no index) at path, through atomic_output: whole or not at all; compressed where the name
-    ends in a compression suffix (out.csv.gz), as pandas writes it."""
+    ends in a compression suffix (out.csv.gz), as pandas writes it (a gzip header names the file, not the temporary
+    file it is written to)."""
     compression = CSV_COMPRESSIONS.get(Path(path).suffix.lower())
+    if compression == "gzip":
+        compression = {"method": "gzip", "filename": Path(path).name.removesuffix(Path(path).suffix)}
     with atomic_output(path, binary=compression is not None) as handle:
         table.to_csv(handle, index=False, **({"compression": compression} if compression else {}))
 
@@ -113,12 +122,24 @@ def _plain_key(identity) -> tuple:
 
 
 def to_json(result: ScanResult, path=None, **options) -> str | None:
-    """JSON text keyed by neuron (or write it to path)."""
+    """JSON text keyed by neuron (or write it to path; compressed where the name ends in .gz, .bz2 or .xz, as CSV)."""
     text = json.dumps(to_json_dict(result, **options), ensure_ascii=False)
     if path is None:
         return text
-    atomic_write_text(Path(path), text)
+    compression = CSV_COMPRESSIONS.get(Path(path).suffix.lower())
+    if compression is None:
+        atomic_write_text(Path(path), text)
+    else:
+        with atomic_output(path, binary=True) as handle, JSON_COMPRESSORS[compression](Path(path), handle) as packed:
+            packed.write(text.encode("utf-8"))
     return None
+
+
+JSON_COMPRESSORS = {  # compression -> (final path, binary handle) -> a writable compressed stream into the handle
+    "gzip": lambda path, handle: gzip.GzipFile(path.name.removesuffix(path.suffix), "wb", fileobj=handle),
+    "bz2": lambda path, handle: bz2.BZ2File(handle, "wb"),
+    "xz": lambda path, handle: lzma.LZMAFile(handle, "wb"),
+}
 
 
 def to_parquet(result: ScanResult, path=None, **options) -> bytes | None:
@@ -172,13 +193,15 @@ def save_run(result: ScanResult, runs_dir: str | os.PathLike = "runs", run_id: s
     runs_dir = Path(runs_dir)
     new_id = run_id is None
     run_id = run_id or new_run_id(result)
-    if not _RUN_ID.match(run_id):
-        raise ValueError(f"invalid run id '{run_id}'")
+    if not _RUN_ID.fullmatch(run_id):
+        raise ValueError(f"invalid run id {run_id!r}: letters, digits, _ and -, starting with a letter or digit")
     runs_dir.mkdir(parents=True, exist_ok=True)
     wanted = run_id
     if new_id:
         run_id = _free_run_id(runs_dir, wanted)
     final = runs_dir / run_id
+    if not new_id and final.exists() and not (final / "metadata.json").is_file():  # replace a run, never other files
+        raise ValueError(f"{final} exists and is not a MechaMap run folder: save under another run id")
     keep = kept_mode(final)
     keep = RUN_FOLDER_MODE if keep is None else keep
     tmp = temp_beside(final, folder=True, mode=keep)
@@ -189,7 +212,7 @@ def save_run(result: ScanResult, runs_dir: str | os.PathLike = "runs", run_id: s
         result.coverage.to_parquet(tmp / "coverage.parquet", index=False)
         np.save(tmp / "category_mask.npy", result.category_mask)
         if result.activations is not None:
-            np.savez(tmp / "activations.npz", **{str(k): v.astype(np.float16) for k, v in result.activations.items()})
+            np.savez(tmp / "activations.npz", **{str(k): _stored(v) for k, v in result.activations.items()})
         extras = {k: v for k, v in result.extras.items() if isinstance(v, pd.DataFrame)}
         for name, frame in extras.items():
             frame.to_parquet(tmp / f"extra_{name}.parquet", index=False)
@@ -213,6 +236,13 @@ def save_run(result: ScanResult, runs_dir: str | os.PathLike = "runs", run_id: s
         raise
 
 
+def _stored(activations: np.ndarray) -> np.ndarray:
+    """A layer's recorded activations as a run stores them: float16 (half the size; the Neuron page's histogram and
+    colours need no more), float32 where a value is beyond float16's range (65,504), which would become inf."""
+    fits = not activations.size or float(np.nanmax(np.abs(activations))) <= np.finfo(np.float16).max
+    return activations.astype(np.float16 if fits else np.float32)
+
+
 def _write_metadata(folder: Path, run_id: str, result: ScanResult) -> None:
     """A run folder's metadata.json: its id, the scan's metadata and its texts."""
     meta = {"run_id": run_id, "metadata": _jsonable(result.metadata), "texts": result.texts}
@@ -229,26 +259,43 @@ def _free_run_id(runs_dir: Path, run_id: str) -> str:
 
 
 def load_run(run_dir: str | os.PathLike) -> ScanResult:
-    """Load a saved run folder back into a ScanResult. Raises FileNotFoundError or ValueError."""
+    """Load a saved run folder back into a ScanResult; its run_id is the folder's name (a renamed or copied run is
+    itself). Raises FileNotFoundError for a folder without metadata.json, and ValueError naming the run and its file
+    for a file that is damaged, cut short or missing."""
     run_dir = Path(run_dir)
     meta_path = run_dir / "metadata.json"
     if not meta_path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a MechaMap run folder (no metadata.json)")
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    acts = None
-    if (run_dir / "activations.npz").is_file():
-        with np.load(run_dir / "activations.npz", allow_pickle=False) as data:
-            acts = {int(k): data[k] for k in data.files}
-    scores = pd.read_parquet(run_dir / "scores.parquet")
-    scores["category"] = pd.Categorical(scores["category"].astype(str), categories=meta["metadata"]["categories"])
-    extras = {p.stem[len("extra_") :]: pd.read_parquet(p) for p in sorted(run_dir.glob("extra_*.parquet"))}
+
+    def read(name: str, reader):
+        try:
+            return reader(run_dir / name)
+        except RUN_READ_ERRORS as exc:
+            raise ValueError(f"run {run_dir.name}: {name} is damaged or missing ({first_line(exc) or type(exc).__name__})") from None
+
+    def metadata(path: Path) -> dict:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(meta, dict) or not isinstance(meta.get("metadata"), dict):
+            raise ValueError("not a run's metadata: it needs a 'metadata' object")
+        return meta
+
+    def activations(path: Path) -> dict[int, np.ndarray]:
+        with np.load(path, allow_pickle=False) as data:
+            return {int(k): data[k] for k in data.files}
+
+    meta = read("metadata.json", metadata)
+    acts = read("activations.npz", activations) if (run_dir / "activations.npz").is_file() else None
+    scores = read("scores.parquet", pd.read_parquet)
+    categories = meta["metadata"].get("categories") or sorted(scores["category"].astype(str).unique())
+    scores["category"] = pd.Categorical(scores["category"].astype(str), categories=categories)
+    extras = {p.stem[len("extra_") :]: read(p.name, pd.read_parquet) for p in sorted(run_dir.glob("extra_*.parquet"))}
     return ScanResult(
         scores=scores,
-        top_tokens=pd.read_parquet(run_dir / "top_tokens.parquet"),
-        tokens=pd.read_parquet(run_dir / "tokens.parquet"),
-        coverage=pd.read_parquet(run_dir / "coverage.parquet"),
-        category_mask=np.load(run_dir / "category_mask.npy", allow_pickle=False),
-        metadata=meta["metadata"] | {"run_id": meta["run_id"]},
+        top_tokens=read("top_tokens.parquet", pd.read_parquet),
+        tokens=read("tokens.parquet", pd.read_parquet),
+        coverage=read("coverage.parquet", pd.read_parquet),
+        category_mask=read("category_mask.npy", lambda path: np.load(path, allow_pickle=False)),
+        metadata=meta["metadata"] | {"run_id": run_dir.name},
         texts=meta.get("texts", []),
         activations=acts,
         extras=extras,
@@ -256,7 +303,8 @@ def load_run(run_dir: str | os.PathLike) -> ScanResult:
 
 
 def list_runs(runs_dir: str | os.PathLike = "runs") -> pd.DataFrame:
-    """Saved runs, newest first: run_id, model, created, n_tokens, categories, path."""
+    """Saved runs, newest first: run_id (the folder's name), model, created, n_tokens, categories, path. A folder whose
+    metadata.json cannot be read is listed last, with no model: load_run names what is wrong with it."""
     rows = []
     for meta_path in Path(runs_dir).glob("*/metadata.json"):
         if meta_path.parent.name.startswith("."):
@@ -264,11 +312,14 @@ def list_runs(runs_dir: str | os.PathLike = "runs") -> pd.DataFrame:
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
-            continue
-        md = meta.get("metadata", {})
+            meta = {}
+        md = meta.get("metadata") if isinstance(meta, dict) else None
+        md = md if isinstance(md, dict) else {}  # listed all the same: picking it says what is wrong (load_run)
+        created = md.get("created")
         rows.append({
-            "run_id": meta.get("run_id", meta_path.parent.name), "model": md.get("model"), "created": md.get("created"),
-            "n_tokens": md.get("n_tokens"), "categories": ", ".join(md.get("categories", [])), "path": str(meta_path.parent),
+            "run_id": meta_path.parent.name, "model": md.get("model"), "created": None if created is None else str(created),
+            "n_tokens": md.get("n_tokens"), "categories": ", ".join(map(str, md.get("categories") or [])),
+            "path": str(meta_path.parent),
         })  # fmt: skip
     frame = pd.DataFrame(rows, columns=["run_id", "model", "created", "n_tokens", "categories", "path"])
     return frame.sort_values("created", ascending=False, ignore_index=True)

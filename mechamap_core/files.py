@@ -17,7 +17,8 @@ MAX_SYMLINK_HOPS = 40  # the kernel's own limit
 _DESCRIPTOR_TABLE = re.compile(r"^/proc/(?P<pid>[^/]+)(/task/[^/]+)?/fd$")
 
 
-CSV_COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zst": "zstd"}  # as pandas infers from a file name
+# CSV and JSON outputs named out.csv.gz are compressed (the Python standard library's; pandas' names for them)
+CSV_COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz"}
 
 
 def format_suffix(path) -> str:

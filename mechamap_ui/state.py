@@ -276,10 +276,14 @@ def start_on_the_newest_run() -> str | None:
         runs = saved_runs()
     except OSError:
         return None
-    if runs.empty:
-        return None
-    st.session_state[ACTIVE_RUN] = str(runs["run_id"].iloc[0])
-    return st.session_state[ACTIVE_RUN]
+    for run_id in runs["run_id"].astype(str):  # the newest that can be read: a damaged one is skipped, not shown
+        try:
+            saved_run(run_id)
+        except (OSError, ValueError):
+            continue
+        st.session_state[ACTIVE_RUN] = run_id
+        return run_id
+    return None
 
 
 def active_run_id() -> str | None:
@@ -300,6 +304,22 @@ def active_result() -> ScanResult | None:
         return saved_run(run_id)
     except (OSError, ValueError, KeyError):
         return None
+
+
+def active_run_problem() -> str | None:
+    """Why the active saved run cannot be shown (it is gone, or load_run's message naming its damaged file), or None
+    when it can, or when no saved run is active."""
+    run_id = active_run_id()
+    if not run_id:
+        return None
+    try:
+        saved_run(run_id)
+    except FileNotFoundError:
+        return f"The saved run {run_id} is gone (deleted or renamed)."
+    except (OSError, ValueError) as exc:
+        text = str(exc)
+        return f"{text[0].upper()}{text[1:]}."
+    return None
 
 
 def saved_run(run_id: str) -> ScanResult:
@@ -355,11 +375,15 @@ def require_result() -> ScanResult:
     """The active result; otherwise explain what to do, link to the Scan page, and stop the page."""
     result = active_result()
     if result is None:
+        problem = active_run_problem()
         try:
             n_saved = len(saved_runs())
         except OSError:
             n_saved = 0
-        if n_saved:  # e.g. a link to a run that is gone: the saved ones are still there to pick
+        if problem:  # a damaged or vanished run: say which file, and keep the other runs within reach
+            st.warning(f"{problem} Pick another run in the sidebar, or run a scan on the **Scan** page.",
+                       icon=":material/warning:")  # fmt: skip
+        elif n_saved:  # e.g. a link to a run that is gone: the saved ones are still there to pick
             pick = "Pick the saved run" if n_saved == 1 else f"Pick one of the {n_saved:,} saved runs"
             st.info(f"No run is active. {pick} in the sidebar, or run a scan on the **Scan** page, then come back "
                     "here.")  # fmt: skip

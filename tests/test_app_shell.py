@@ -163,6 +163,26 @@ def test_a_session_without_a_run_link_starts_on_the_newest_saved_run(app_env, ti
     assert at.session_state[ACTIVE_RUN] == older and not at.toast
 
 
+def test_a_damaged_run_never_stops_the_app_and_says_which_file(app_env, tiny_result):
+    """The newest saved run with a damaged file is skipped when a session starts (the next one is shown), and picking
+    it says which file is damaged, in the sidebar and on the page, with the other runs still in the picker."""
+    older, newest = saved_in_order(tiny_result, app_env["runs"], "20240101-000000-older", "20240102-000000-newest")
+    (app_env["runs"] / newest / "scores.parquet").write_bytes(b"PAR1 cut short")
+    at = make_app().run()
+    no_exception(at)
+    assert at.session_state[ACTIVE_RUN] == older
+    assert [t.value for t in at.toast] == [f"Showing the newest saved run, {older}: pick another in the sidebar."]
+    at.sidebar.selectbox(key="sidebar_run_picker").set_value(newest).run()
+    no_exception(at)
+    problem = f"Run {newest}: scores.parquet is damaged or missing ("
+    assert any(w.value.startswith(problem) for w in at.sidebar.warning), [w.value for w in at.sidebar.warning]
+    options = at.sidebar.selectbox(key="sidebar_run_picker").options  # labels: "<run id> · 820 tokens"
+    assert {older, newest} <= {option.split(" ")[0] for option in options}
+    open_page(at, "pivot")  # a page that needs the run says so in its body too
+    no_exception(at)
+    assert any(w.value.startswith(problem) and "Pick another run in the sidebar" in w.value for w in at.main.warning)
+
+
 def test_sidebar_picker_switches_the_active_run(app_env, tiny_result):
     first = save_run(tiny_result, app_env["runs"], run_id="20240101-000000-first").name
     second = save_run(tiny_result, app_env["runs"], run_id="20240102-000000-second").name

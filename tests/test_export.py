@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import shutil
 import stat
 import subprocess
 import sys
@@ -224,12 +225,101 @@ def test_save_run_default_id_is_listed(result, tmp_path):
     assert export.list_runs(tmp_path)["run_id"].tolist() == [folder.name]
 
 
-@pytest.mark.parametrize("run_id", ["../x", "a/b", ".hidden", "x y"])
+@pytest.mark.parametrize("run_id", ["../x", "a/b", ".hidden", "x y", "abc\n"])
 def test_save_run_rejects_bad_ids(result, tmp_path, run_id):
     with pytest.raises(ValueError, match="invalid run id"):
         export.save_run(result, tmp_path / "runs", run_id=run_id)
     assert not (tmp_path / "x").exists()
     assert not (tmp_path / "runs").exists() or list((tmp_path / "runs").iterdir()) == []
+
+
+def test_save_run_under_a_given_id_replaces_a_run_but_never_another_folder(result, tmp_path):
+    """save_run(run_id=X) replaces the run X; a folder X that is not a run (no metadata.json) is refused, whole."""
+    (tmp_path / "gpt2").mkdir()
+    (tmp_path / "gpt2" / "notes.txt").write_text("precious", encoding="utf-8")
+    with pytest.raises(ValueError, match="gpt2 exists and is not a MechaMap run folder"):
+        export.save_run(result, tmp_path, run_id="gpt2")
+    assert (tmp_path / "gpt2" / "notes.txt").read_text(encoding="utf-8") == "precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2"]  # no temp folder left
+
+
+def test_a_run_is_its_folder_renamed_copied_or_with_a_foreign_id_inside(result, tmp_path):
+    """The folder's name is the run's id: a renamed run loads under its new name, a copy is a run of its own, and a
+    metadata.json whose run_id points elsewhere ('../outside') leads nowhere outside the runs folder."""
+    runs = tmp_path / "runs"
+    folder = export.save_run(result, runs, run_id="first")
+    folder.rename(runs / "my-baseline")
+    shutil.copytree(runs / "my-baseline", runs / "my-baseline-copy")
+    meta_path = runs / "my-baseline-copy" / "metadata.json"
+    meta_path.write_text(meta_path.read_text(encoding="utf-8").replace('"first"', '"../outside"'), encoding="utf-8")
+    assert sorted(export.list_runs(runs)["run_id"]) == ["my-baseline", "my-baseline-copy"]
+    assert export.load_run(runs / "my-baseline").metadata["run_id"] == "my-baseline"
+    assert export.load_run(runs / "my-baseline-copy").metadata["run_id"] == "my-baseline-copy"
+
+
+DAMAGE = {  # file -> bytes that replace it
+    "metadata.json": b'{"run_id": "x", "metad',
+    "activations.npz": b"PK\x03\x04junk",
+    "scores.parquet": b"PAR1 not really",
+    "category_mask.npy": b"\x93NUMPY\x01\x00",
+    "tokens.parquet": None,  # deleted
+}
+
+
+@pytest.mark.parametrize("name", DAMAGE)
+def test_a_damaged_run_file_is_one_value_error_naming_the_run_and_the_file(result, tmp_path, name):
+    folder = export.save_run(result, tmp_path, run_id="damaged")
+    if DAMAGE[name] is None:
+        (folder / name).unlink()
+    else:
+        (folder / name).write_bytes(DAMAGE[name])
+    with pytest.raises(ValueError, match=rf"^run damaged: {re.escape(name)} is damaged or missing \(.+\)$"):
+        export.load_run(folder)
+
+
+@pytest.mark.parametrize("metadata", ["[]", "null", '{"run_id": "x"}', '{"metadata": [1]}'])
+def test_a_run_whose_metadata_is_no_object_is_listed_without_a_model_and_refused_on_loading(result, tmp_path, metadata):
+    good = export.save_run(result, tmp_path, run_id="good")
+    bad = export.save_run(result, tmp_path, run_id="bad")
+    (bad / "metadata.json").write_text(metadata, encoding="utf-8")
+    listed = export.list_runs(tmp_path)
+    assert listed["run_id"].tolist() == ["good", "bad"]  # the readable run first, the other last
+    assert pd.isna(listed.loc[1, "model"]) and listed.loc[1, "categories"] == ""
+    with pytest.raises(ValueError, match="run bad: metadata.json is damaged or missing"):
+        export.load_run(bad)
+    assert export.load_run(good).metadata["run_id"] == "good"
+
+
+def test_activations_beyond_float16s_range_are_stored_as_float32(result, tmp_path):
+    layer = next(iter(result.activations))
+    huge = {**result.activations, layer: result.activations[layer] * 0 + np.float32(70000.0)}
+    folder = export.save_run(dataclasses.replace(result, activations=huge), tmp_path, run_id="huge")
+    loaded = export.load_run(folder).activations
+    assert loaded[layer].dtype == np.float32 and np.isfinite(loaded[layer]).all()
+    assert all(loaded[other].dtype == np.float16 for other in loaded if other != layer)
+
+
+@pytest.mark.parametrize("suffix", [".gz", ".bz2", ".xz"])
+def test_compressed_json_and_csv_read_back_and_a_gzip_names_the_file_not_its_temp_file(result, tmp_path, suffix):
+    export.to_json(result, tmp_path / f"scan.json{suffix}")
+    assert json.loads(_open(tmp_path / f"scan.json{suffix}")) == json.loads(export.to_json(result))
+    export.to_csv(result, tmp_path / f"scan.csv{suffix}")
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / f"scan.csv{suffix}"), pd.read_csv(io.StringIO(export.to_csv(result))))
+    if suffix == ".gz":
+        for name in ("scan.json", "scan.csv"):
+            header = (tmp_path / f"{name}.gz").read_bytes()
+            assert header[3] & 0x08 and header[10:].split(b"\0")[0] == name.encode()  # FNAME: the file's own name
+
+
+def _open(path: Path) -> str:
+    """A compressed file's text, by its suffix."""
+    import bz2
+    import gzip
+    import lzma
+
+    opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}[path.suffix]
+    with opener(path, "rt", encoding="utf-8") as handle:
+        return handle.read()
 
 
 def test_load_run_of_non_run_folder(tmp_path):

@@ -235,6 +235,7 @@ with st.expander("Word form or meaning? (contrast sentences)", icon=":material/c
     contrast_section(result, lm)
 
 st.divider()
-flagged = flagged_neurons(result)
-st.download_button("Download flagged neurons with hook names (CSV)", flagged.to_csv(index=False), "flagged_neurons.csv", "text/csv")
-st.download_button("Download flagged neurons with hook names (JSON)", flagged.to_json(orient="records"), "flagged_neurons.json", "application/json")
+flagged_rows = flagged_neurons(result, metric, threshold)  # the held-out tab's metric and threshold, as it tests them
+what = f"the {len(flagged_rows):,} rows flagged with {metric} ≥ {threshold:g}, with hook names"
+st.download_button(f"Download {what} (CSV)", flagged_rows.to_csv(index=False), "flagged_neurons.csv", "text/csv")
+st.download_button(f"Download {what} (JSON)", flagged_rows.to_json(orient="records"), "flagged_neurons.json", "application/json")
