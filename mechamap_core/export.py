@@ -83,7 +83,9 @@ def write_csv(table: pd.DataFrame, path) -> None:
 
 
 def to_json_dict(result: ScanResult, **options) -> dict:
-    """{"metadata": ..., "neurons": {"L{layer}.N{neuron}": {layer, neuron, hook, top_tokens, categories: {cat: stats}}}}."""
+    """{"metadata": ..., "neurons": {"L{layer}.N{neuron}": {layer, neuron, hook, top_tokens, categories: {cat: stats}}}}.
+    With exported_scores' filters (flagged_only, min_cv_auroc), the metadata's "rows" says which rows were kept, so
+    the file is never read as the whole scan."""
     table = exported_scores(result, **options)  # top tokens go in as lists, not export_table's text
     key = neuron_key(table)
     tops = result.top_tokens.groupby([c for c in key if c in result.top_tokens.columns], dropna=False)
@@ -106,7 +108,22 @@ def to_json_dict(result: ScanResult, **options) -> dict:
                 for cat, stats in zip(rows["category"], rows[stat_cols].to_dict("records"))
             },
         }
-    return {"metadata": _jsonable(result.metadata), "neurons": neurons}
+    metadata = _jsonable(result.metadata)
+    if options.get("flagged_only") or options.get("min_cv_auroc") is not None:
+        metadata["rows"] = _rows_kept(result, **options)
+    return {"metadata": metadata, "neurons": neurons}
+
+
+def _rows_kept(result: ScanResult, flagged_only: bool = False, metric: str = "score", threshold: float | None = None,
+               min_cv_auroc: float | None = None) -> str:
+    """Which rows a filtered export holds, in words: "score >= 2.0 and cv_auroc >= 0.7 (52 of 9,216 rows)"."""
+    kept = []
+    if flagged_only:
+        kept.append(f"{metric} >= {result.metadata.get('threshold', 1.0) if threshold is None else threshold:g}")
+    if min_cv_auroc is not None:
+        kept.append(f"cv_auroc >= {min_cv_auroc:g}")
+    n_kept = len(exported_scores(result, flagged_only, metric, threshold, min_cv_auroc))
+    return f"{' and '.join(kept)} ({n_kept:,} of {len(result.scores):,} rows)"
 
 
 def _json_number(value, whole: bool) -> int | float | None:

@@ -145,6 +145,11 @@ def test_flagged_only_keeps_rows_at_or_over_threshold(result, threshold):
         assert 0 < len(table) < len(scores)
     csv = pd.read_csv(io.StringIO(export.to_csv(result, flagged_only=True, threshold=threshold)))
     assert len(csv) == len(expected)
+    metadata = json.loads(export.to_json(result, flagged_only=True, threshold=threshold))["metadata"]
+    assert metadata["rows"] == f"score >= {limit:g} ({len(expected):,} of {len(scores):,} rows)"  # a subset says so
+    both = json.loads(export.to_json(result, flagged_only=True, threshold=threshold, min_cv_auroc=0.6))["metadata"]
+    assert both["rows"].startswith(f"score >= {limit:g} and cv_auroc >= 0.6 (")
+    assert "rows" not in json.loads(export.to_json(result))["metadata"]
 
 
 def test_flagged_neurons_have_hook_names(result):
