@@ -121,7 +121,7 @@ _FIELD_TYPES = {
     "cv_folds": (int,),
     "seed": (int,),
 }
-_CATEGORY_NAME = re.compile(r"^[\w][\w \-]{0,63}$")
+_CATEGORY_NAME = re.compile(r"\w(?:[\w \-]{0,62}[\w\-])?")  # fullmatch: no trailing space or line break
 
 
 def config_from_dict(data: object, require_master_text: bool = True) -> ScanConfig:
@@ -214,8 +214,9 @@ def validate_config(cfg: ScanConfig, require_master_text: bool = True) -> None:
         if (bad := unpaired_surrogate(name)) is not None:
             problems.append((where, f"a category name has {bad}"))
             continue
-        if not _CATEGORY_NAME.match(name):
-            problems.append((where, f"category name '{name}' may use letters, digits, spaces, '-' and '_' (max 64)"))
+        if not _CATEGORY_NAME.fullmatch(name):
+            problems.append((where, f"category name {name!r} may use letters, digits, spaces, '-' and '_' (max 64), and "
+                                    "starts with a letter or digit and ends with no space"))  # fmt: skip
         if name.strip().lower() in seen:
             problems.append((where, f"duplicate category '{name}' (same as '{seen[name.strip().lower()]}')"))
         seen[name.strip().lower()] = name
@@ -269,6 +270,10 @@ def _words_problem(name: str, words: object) -> str | None:
                 if isinstance(word, str) and (bad := unpaired_surrogate(word)) is not None]  # fmt: skip
     if not_text:
         return f"category '{name}' entry {not_text[0][0]} has {not_text[0][1]}"
+    broken = [number for number, word in enumerate(words, start=1) if isinstance(word, str) and re.search(r"[\r\n]", word)]
+    if broken:
+        return (f"category '{name}' has a line break in {_entries(broken)}: a word is one line; give each word its "
+                "own entry")  # fmt: skip
     empty = [number for number, word in enumerate(words, start=1) if word is None or not str(word).strip()]
     if len(empty) == len(words):
         return f"category '{name}' has no words"
@@ -296,11 +301,17 @@ def safe_load_yaml(text: str, what: str = "config", words_under: tuple[str, ...]
         document = yaml.compose(text, Loader=yaml.SafeLoader)
         repeated = _repeated_keys(document)
         changed = _words_yaml_changes(document, words_under)
+        expanded = _expanded_size(data, {})
+    except RecursionError:  # [[[[... nested some hundreds deep: the parser's own recursion gives out
+        raise ConfigError([("", "the YAML is nested too deeply to be a config")]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         reason = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError([("", f"the YAML is malformed{where}: {reason}")]) from None
+    if expanded > MAX_CONFIG_BYTES:  # aliases (*name) repeat what an anchor holds: 90 KB of them made 200 MB of text
+        raise ConfigError([("", f"the {what} holds {expanded / 1e6:,.0f} MB of text once YAML repeats what its aliases "
+                                f"(*name) point to: at most {MAX_CONFIG_BYTES // 1_000_000} MB")])  # fmt: skip
     if repeated:  # safe_load keeps the last of them and drops the rest without a word
         raise ConfigError([("", f"{_keys_named(key, first_key)} (lines {first} and {again}): the first would be lost; "
                                 "merge them or rename one")
@@ -310,6 +321,20 @@ def safe_load_yaml(text: str, what: str = "config", words_under: tuple[str, ...]
                                 f"'{value}'; quote it to keep it as written: \"{text}\"")
                            for text, value, line in changed])  # fmt: skip
     return data
+
+
+def _expanded_size(value: object, sizes: dict[int, int]) -> int:
+    """The characters of text in a safe_load result, counting a list or mapping that aliases share each time it is
+    used (sizes: the sizes worked out so far, by id, so that shared ones are measured once)."""
+    if isinstance(value, str):
+        return len(value)
+    if not isinstance(value, (list, dict)):
+        return 1
+    if id(value) not in sizes:
+        sizes[id(value)] = 0  # while it is measured: a list that holds itself (&l [*l]) adds nothing more
+        items = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+        sizes[id(value)] = sum(_expanded_size(item, sizes) for item in items)
+    return sizes[id(value)]
 
 
 _READ_AS_OTHER_THAN_TEXT = {f"tag:yaml.org,2002:{kind}" for kind in ("int", "float", "bool", "null")}
@@ -384,8 +409,8 @@ def _repeated_keys(node) -> list[tuple[str, str, int, int]]:
         if not isinstance(mapping, yaml.MappingNode):
             continue
         seen: dict[tuple, tuple[str, int]] = {}
-        for key, _ in mapping.value:
-            if isinstance(key, yaml.ScalarNode) and key.value != "<<":
+        for key in _keys_with_merged(mapping):  # a key a merge (<<) brings in and the mapping lists too is lost as well
+            if isinstance(key, yaml.ScalarNode):
                 line = key.start_mark.line + 1
                 names = [("as written", key.value)]
                 if key.style is None and key.tag in _READ_AS_OTHER_THAN_TEXT:
@@ -396,6 +421,21 @@ def _repeated_keys(node) -> list[tuple[str, str, int, int]]:
                 for name in names:
                     seen.setdefault(name, (key.value, line))
     return sorted(repeated, key=lambda found: found[3])
+
+
+def _keys_with_merged(mapping: yaml.MappingNode, depth: int = 0) -> list:
+    """The key nodes of a composed mapping: those of the mappings its merge keys (<<) bring in first, as YAML merges
+    them, then its own (a merge key itself left out)."""
+    merged, own = [], []
+    for key, value in mapping.value:
+        if isinstance(key, yaml.ScalarNode) and key.tag == "tag:yaml.org,2002:merge":
+            sources = value.value if isinstance(value, yaml.SequenceNode) else [value]
+            for source in sources:
+                if isinstance(source, yaml.MappingNode) and depth < 32:
+                    merged += _keys_with_merged(source, depth + 1)
+        else:
+            own.append(key)
+    return merged + own
 
 
 def parse_config(text: str, require_master_text: bool = True) -> ScanConfig:
@@ -534,5 +574,7 @@ def words_text(words: list[str]) -> str:
 
 def split_words(text: str) -> list[str]:
     """The words of one line written as words_text writes them: split on commas outside double quotes, each stripped,
-    blank ones dropped ('Washington, D.C.' unquoted is two words; quoted, one)."""
-    return [word.strip() for word in next(csv.reader([text], skipinitialspace=True), []) if word.strip()]
+    blank ones dropped ('Washington, D.C.' unquoted is two words; quoted, one). A line break separates words as a
+    comma does (a word never holds one: a cell typed over two lines is two words)."""
+    one_line = re.sub(r"\r\n|[\r\n]", ",", text)
+    return [word.strip() for word in next(csv.reader([one_line], skipinitialspace=True), []) if word.strip()]

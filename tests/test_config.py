@@ -17,7 +17,7 @@ import yaml
 
 from mechamap_core import ConfigError, ScanConfig, load_config, save_config
 from mechamap_core.alignment import missing_words
-from mechamap_core.config import parse_config, parse_layer_list, safe_child_path, validate_config
+from mechamap_core.config import parse_config, parse_layer_list, safe_child_path, split_words, validate_config
 from mechamap_core.files import atomic_output, atomic_write_text, temp_beside
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -129,9 +129,39 @@ def test_the_repeated_key_check_visits_aliased_nodes_once():
     must not multiply the walk; the config's own faults are reported as usual."""
     laughs = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
         f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(8))  # fmt: skip
-    for extra in ("loop: &l [*l]\n", laughs):
-        err = config_error("master_text: hi\ncategories: {food: [pizza]}\n" + extra)
-        assert "unknown key" in str(err) and "appears twice" not in str(err)
+    err = config_error("master_text: hi\ncategories: {food: [pizza]}\nloop: &l [*l]\n")
+    assert "unknown key" in str(err) and "appears twice" not in str(err)
+    err = config_error("master_text: hi\ncategories: {food: [pizza]}\n" + laughs)  # 9 + 81 + ... + 9^9 x's once expanded
+    assert str(err) == "the config holds 436 MB of text once YAML repeats what its aliases (*name) point to: at most 2 MB"
+
+
+def test_keys_a_merge_brings_in_and_the_mapping_lists_again_are_named():
+    """YAML's merge key (<<) keeps the mapping's own 'fruit' and drops the merged one: its words went without a word."""
+    for text in ("master_text: x\ncategories:\n  <<: {fruit: [apple, kiwi], city: [Lima]}\n  fruit: [mango]\n",
+                 "master_text: x\ncategories: {<<: [{fruit: [apple]}, {fruit: [kiwi]}], city: [Lima]}\n"):  # fmt: skip
+        assert "'fruit' appears twice in one mapping" in str(config_error(text))
+    merged = parse_config("master_text: x\ncategories: {<<: {fruit: [apple]}, city: [Lima]}\n")
+    assert merged.categories == {"fruit": ["apple"], "city": ["Lima"]}  # a merge that loses nothing loads
+
+
+def test_yaml_nested_too_deeply_or_expanded_past_the_size_cap_is_one_error():
+    assert str(config_error("master_text: x\ncategories: " + "[" * 500 + "]" * 500 + "\n")) == (
+        "the YAML is nested too deeply to be a config")
+    blown = "master_text: [&d \"" + "x" * 10_000 + "\"" + ", *d" * 300 + "]\ncategories: {a: [x]}\n"  # 13 KB of YAML
+    assert str(config_error(blown)) == ("the config holds 3 MB of text once YAML repeats what its aliases (*name) "
+                                        "point to: at most 2 MB")  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["food\\n", "fruit ", " fruit"])
+def test_category_names_with_a_line_break_or_edge_space_are_refused(name):
+    err = config_error(f'master_text: x\ncategories:\n  "{name}": [apple]\n  city: [Lima]\n')
+    assert "ends with no space" in str(err)
+
+
+def test_a_word_holding_a_line_break_is_refused_and_the_editor_splits_a_cell_there():
+    err = config_error('master_text: x\ncategories:\n  food: ["new\\nline", bread]\n  city: [Paris]\n')
+    assert "category 'food' has a line break in entry 1: a word is one line" in str(err)
+    assert split_words("alpha\nbeta, Monday\r\n\"1,000\"") == ["alpha", "beta", "Monday", "1,000"]
 
 
 def test_equal_words_or_values_are_not_repeated_keys():
