@@ -9,7 +9,7 @@ import re
 import pandas as pd
 
 from mechamap_core.alignment import align, coverage_summary, find_word_spans, word_coverage, words_in_several_categories
-from mechamap_core.config import ConfigError, ScanConfig, split_words, validate_config, words_text
+from mechamap_core.config import ConfigError, ScanConfig, safe_child_path, split_words, validate_config, words_text
 from mechamap_core.stats import MIN_CATEGORY_TOKENS
 
 TABLE_COLUMNS = ["category", "words"]
@@ -21,7 +21,7 @@ PALETTE = [
 MAX_HIGHLIGHT_CHARS = 30_000
 # A YAML upload (config or contrast set) is capped at this many MB: st.file_uploader's max_upload_size (so the widget
 # states this limit, not the server's maxUploadSize) and checked again on the server by uploaded_yaml_text.
-MAX_YAML_UPLOAD_MB = 1
+MAX_YAML_UPLOAD_MB = 2  # MiB: above config.MAX_CONFIG_BYTES (2 MB), so whatever the Config page saves uploads back
 UPLOAD_MB = 1024 * 1024  # the file uploader's "MB", in bytes: Streamlit counts max_upload_size in MiB
 
 
@@ -41,6 +41,20 @@ def split_documents(text: str) -> str | list[str]:
         return text
     documents = [part.strip("\n") for part in _DOCUMENT_BREAK_LINE.split(text) if part.strip()]
     return documents if len(documents) > 1 else "".join(documents)
+
+
+def loadable_names(folder, names: list[str]) -> tuple[list[str], list[str]]:
+    """(names the Config page can load from folder, names it cannot): a config name (safe_child_path) is 1-64
+    letters, digits, '-' or '_'; a file such as 'exp_v1.2.yaml' is the CLI's to read."""
+    loadable, other = [], []
+    for name in names:
+        try:
+            safe_child_path(folder, name, ".yaml")
+        except ValueError:
+            other.append(name)
+        else:
+            loadable.append(name)
+    return loadable, other
 
 
 def check_upload_size(upload, limit_mb: int, what: str = "it") -> None:

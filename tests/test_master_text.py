@@ -169,8 +169,12 @@ def test_cli_writes_a_text_for_a_config_of_categories_alone(tmp_path, capsys):
 
 
 def test_config_page_writes_previews_and_uses_the_text(app_env):
+    """Written on demand ("Write it": thousands of words took seconds on every rerun), previewed with its coverage,
+    appended or replacing the user's text, and the user's text brought back by Undo."""
     at = open_page(make_app(), "config_editor")
     no_exception(at)
+    assert not at.code  # nothing written until asked
+    next(b for b in at.button if b.label == "Write it").click().run()
     cfg = at.session_state[ACTIVE_CONFIG]
     written = write_master_text(cfg.categories, 3, 0)
     assert at.code[0].value == written.rstrip()
@@ -183,10 +187,17 @@ def test_config_page_writes_previews_and_uses_the_text(app_env):
     no_exception(at)
     assert at.session_state[ACTIVE_CONFIG].master_text == own.rstrip() + "\n\n" + written
     at.number_input(key="cfg_write_contexts").set_value(2).run()
+    assert not at.code and any("changed since it was written" in c.value for c in at.caption)  # no stale preview
+    next(b for b in at.button if b.label == "Write it").click().run()
+    appended = at.session_state[ACTIVE_CONFIG].master_text
     next(b for b in at.button if b.label == "Replace my text with it").click()
     at.run()
     assert at.session_state[ACTIVE_CONFIG].master_text == write_master_text(cfg.categories, 2, 0)
     assert any("now the written text" in s.value for s in at.success)
+    next(b for b in at.button if b.label == "Undo: bring back my master text").click().run()
+    no_exception(at)
+    assert at.session_state[ACTIVE_CONFIG].master_text == appended
+    assert not any(b.label == "Undo: bring back my master text" for b in at.button)
 
 
 def test_config_page_appends_the_written_text_as_one_more_document(app_env):
@@ -195,6 +206,7 @@ def test_config_page_appends_the_written_text_as_one_more_document(app_env):
     cfg = dataclasses.replace(load_config(app_fixtures.REPO_ROOT / "configs" / "default.yaml"), master_text=["A dog in Paris.", "Pizza in Rome."])
     at = open_page(make_app(**{ACTIVE_CONFIG: cfg}), "config_editor")
     written = write_master_text(cfg.categories, 3, 0)
+    next(b for b in at.button if b.label == "Write it").click().run()
     next(b for b in at.button if b.label == "Append it to my text").click()
     at.run()
     no_exception(at)

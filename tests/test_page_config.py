@@ -38,7 +38,7 @@ def edit_table(at, edited=None, added=None, deleted=None):
 def save(at, name: str, overwrite: bool = False):
     version = at.session_state.get(CONFIG_VERSION, 0)
     at.text_input(key=f"cfg{version}_save_name").set_value(name)
-    at.checkbox(key="cfg_overwrite").set_value(overwrite)
+    next(c for c in at.checkbox if c.label == "Overwrite if the file exists").set_value(overwrite)
     next(b for b in at.button if b.label == "Save config").click()
     return at.run()
 
@@ -187,6 +187,39 @@ def test_save_overwrites_only_after_confirmation(app_env):
     save(at, "mine", overwrite=True)
     assert load_config(path).threshold == 2.5
     assert not [p for p in app_env["configs"].iterdir() if p.name.startswith(".")], "no temp files left behind"
+    overwrite = next(c for c in at.checkbox if c.label == "Overwrite if the file exists")
+    assert overwrite.value is False  # for that save only: the next overwrite asks again
+    at.number_input(key="cfg0_threshold").set_value(3.5).run()
+    next(b for b in at.button if b.label == "Save config").click().run()
+    assert any("already exists" in v for v in texts(at.warning)) and load_config(path).threshold == 2.5
+
+
+def test_a_config_too_large_to_load_back_is_neither_saved_nor_downloaded(app_env):
+    """A master text of 2.2 MB was saved, then refused by Load (configs are read up to 2 MB)."""
+    at = config_page()
+    version = at.session_state.get(CONFIG_VERSION, 0)
+    at.text_area(key=f"cfg{version}_text").set_value("A dog in Paris ate pizza. " * 90_000).run()
+    no_exception(at)
+    assert any("as YAML, and configs are read up to 2 MB" in e for e in texts(at.error)), texts(at.error)
+    assert next(b for b in at.button if b.label == "Save config").disabled
+    assert next(d for d in at.get("download_button") if d.label == "Download YAML").proto.disabled
+
+
+def test_configs_with_names_the_page_cannot_load_are_named_not_listed(app_env):
+    for name in ("exp_v1.2", "my config"):
+        shutil.copy(REPO_ROOT / "configs" / "default.yaml", app_env["configs"] / f"{name}.yaml")
+    at = config_page()
+    no_exception(at)
+    assert "exp_v1.2" not in at.selectbox(key="cfg_load_choice").options
+    assert any("Not listed, as their names are not config names" in c and "exp\\_v1.2.yaml" in c for c in texts(at.caption))
+
+
+def test_a_word_typed_over_two_lines_is_two_words(app_env):
+    """Shift+Enter in a Words cell put a line break in a word, and the page stopped with a csv.Error traceback."""
+    at = config_page()
+    edit_table(at, added=[{"category": "planet", "words": "Mars\nVenus, Jupiter"}])
+    no_exception(at)
+    assert at.session_state[ACTIVE_CONFIG].categories["planet"] == ["Mars", "Venus", "Jupiter"]
 
 
 def test_malformed_yaml_upload_changes_nothing(app_env):
@@ -221,14 +254,15 @@ def test_an_upload_whose_word_yaml_would_renumber_changes_nothing_and_says_how_t
 
 
 def test_oversized_upload_is_rejected(app_env):
-    """The widget itself states the 1 MB cap (max_upload_size, not the server's maxUploadSize), and the server
-    checks it again: a larger or non-UTF-8 file changes nothing."""
+    """The widget itself states the 2 MB cap (max_upload_size, not the server's maxUploadSize; above the 2,000,000
+    bytes a config may hold, so whatever the page saves uploads back), and the server checks it again: a larger or
+    non-UTF-8 file changes nothing."""
     at = config_page()
     uploader = at.file_uploader[0]
-    assert uploader.proto.max_upload_size_mb == 1 and "max 1 MB" in uploader.label
+    assert uploader.proto.max_upload_size_mb == 2 and "max 2 MB" in uploader.label
     before_cfg = at.session_state[ACTIVE_CONFIG].to_dict()
-    at.file_uploader[0].set_value(("big.yaml", b"#" * 1_100_000, "application/x-yaml")).run()
-    assert any("big.yaml was not loaded: it is larger than 1 MB." == v for v in texts(at.error)), texts(at.error)
+    at.file_uploader[0].set_value(("big.yaml", b"#" * 2_200_000, "application/x-yaml")).run()
+    assert any("big.yaml was not loaded: it is larger than 2 MB." == v for v in texts(at.error)), texts(at.error)
     assert at.session_state[ACTIVE_CONFIG].to_dict() == before_cfg
     at.file_uploader[0].set_value(("latin.yaml", "threshold: 2 # caf\xe9".encode("latin-1"), "application/x-yaml")).run()
     assert any("latin.yaml was not loaded: it is not UTF-8 text." == v for v in texts(at.error)), texts(at.error)
@@ -299,9 +333,12 @@ def test_loading_over_unsaved_edits_says_so_and_can_be_undone(app_env):
     no_exception(at)
     assert any("replaced your unsaved edits of default (edited, not saved)" in v for v in texts(at.warning)), texts(at.warning)
     assert at.session_state[ACTIVE_CONFIG].categories == {"color": ["red", "blue"]}
-    next(b for b in at.button if b.label == "Undo").click().run()
+    version = at.session_state.get(CONFIG_VERSION, 0)
+    at.number_input(key=f"cfg{version}_threshold").set_value(3.0).run()  # another edit: Undo stays until used
+    next(b for b in at.button if b.label == "Undo the last load").click().run()
     no_exception(at)
     assert "planet" in at.session_state[ACTIVE_CONFIG].categories and at.session_state[ACTIVE_CONFIG_NAME] == "default"
+    assert not any(b.label == "Undo the last load" for b in at.button)  # used: gone
     assert "planet" in list(at.data_editor[0].value["category"])
     assert any("Brought back default (edited, not saved)" in v for v in texts(at.success))
 

@@ -9,6 +9,7 @@ import streamlit as st
 
 from mechamap_core.config import (
     BUNDLED_MODEL_ID,
+    MAX_CONFIG_BYTES,
     ConfigError,
     config_to_yaml,
     load_config,
@@ -20,14 +21,17 @@ from mechamap_core.config import (
 from mechamap_core.master_text import DEFAULT_CONTEXTS, TEMPLATES, mix_texts, overcounted_words, write_master_text
 from mechamap_ui import config_tools, state
 
-MESSAGE = "cfg_message"  # (kind, text, offers Undo) shown once after a load / upload callback
+MESSAGE = "cfg_message"  # (kind, text) shown once after a load / upload / write callback
 UPLOAD = "cfg_upload"
 LOAD_CHOICE = "cfg_load_choice"
-REPLACED = "cfg_replaced"  # (config, name, label) that the last load replaced: Undo brings it back
+REPLACED = "cfg_replaced"  # (config, name, label) that the last load replaced: Undo brings it back until used
+TEXT_REPLACED = "cfg_text_replaced"  # (text box key, the text) a written master text replaced: Undo brings it back
+WRITTEN = "cfg_written"  # (what it was written from, the written master text), once "Write it" was clicked
+SAVES = "cfg_saves"  # saves so far: the Overwrite box is a new one (unticked) after each
 
 
-def _say(kind: str, text: str, offer_undo: bool = False) -> None:
-    st.session_state[MESSAGE] = (kind, text, offer_undo)
+def _say(kind: str, text: str) -> None:
+    st.session_state[MESSAGE] = (kind, text)
 
 
 def _load_saved() -> None:
@@ -68,9 +72,9 @@ def _replace_config(cfg, name: str, message: str) -> None:
     state.set_active_config(cfg, name)
     if label.endswith(state.EDITED_MARK):
         _say("warning", f"{message} It replaced your unsaved edits of {config_tools.literal(label)}: *Undo* brings them "
-                        "back.", offer_undo=True)  # fmt: skip
+                        "back.")  # fmt: skip
     else:
-        _say("success", message, offer_undo=True)
+        _say("success", message)
 
 
 def _undo_load() -> None:
@@ -84,13 +88,30 @@ def _undo_load() -> None:
 
 def _use_written_text(text_key: str, written: str, mode: str) -> None:
     """Callback: the written master text replaces the user's text, or goes after it (as one more document where
-    the text already has several, as write-text --mix append does)."""
+    the text already has several, as write-text --mix append does); the text it changed is kept for Undo."""
     own = st.session_state.get(text_key, "")
     if mode == "append" and isinstance(config_tools.split_documents(own), list):
         written = f"{config_tools.DOCUMENT_BREAK}\n\n{written}"
+    st.session_state[TEXT_REPLACED] = (text_key, own)
     st.session_state[text_key] = mix_texts(own, written, mode)
-    _say("success", "The master text is now the written text." if mode == "replace" else
-         "The written text now follows your master text.")  # fmt: skip
+    _say("success", ("The master text is now the written text" if mode == "replace" else
+                     "The written text now follows your master text") + ": *Undo* below the text brings yours back.")  # fmt: skip
+
+
+def _undo_text() -> None:
+    """Callback: bring back the master text that the written text replaced or was appended to."""
+    text_key, own = st.session_state.pop(TEXT_REPLACED)
+    st.session_state[text_key] = own
+    _say("success", "Brought back your master text.")
+
+
+def _write_text(source: tuple, categories: dict[str, list[str]], contexts: int, seed: int) -> None:
+    """Callback of "Write it": the written master text for these words, kept with what it was written from (written
+    on demand: for thousands of words, writing it and counting its coverage takes seconds)."""
+    try:
+        st.session_state[WRITTEN] = (source, write_master_text(categories, contexts, seed))
+    except ValueError as exc:
+        st.session_state[WRITTEN] = (source, exc)
 
 
 def _show_problems(where, messages: list[str]) -> None:
@@ -136,9 +157,13 @@ if key("table") not in st.session_state or key("table_base") not in st.session_s
 with st.expander("Load, upload or download a config", expanded=False, icon=":material/folder_open:"):
     left, right = st.columns(2)
     with left:
-        saved = state.saved_config_names()
+        saved, unnamed = config_tools.loadable_names(state.configs_dir(), state.saved_config_names())
         st.selectbox("Saved configs", saved or ["(none)"], key=LOAD_CHOICE, disabled=not saved)
         st.button("Load", on_click=_load_saved, disabled=not saved, icon=":material/upload_file:")
+        if unnamed:  # listed and then refused, they only confused: named here instead, with what to do
+            st.caption(f"Not listed, as their names are not config names (letters, digits, '-' and '_'): "
+                       f"{', '.join(config_tools.literal(f'{name}.yaml') for name in unnamed)}. Rename them to load "
+                       "them here (the CLI reads them as they are).")  # fmt: skip
     with right:
         st.file_uploader(
             f"Upload a YAML config (max {config_tools.MAX_YAML_UPLOAD_MB} MB)", type=["yaml", "yml"], key=UPLOAD,
@@ -146,10 +171,11 @@ with st.expander("Load, upload or download a config", expanded=False, icon=":mat
         )  # fmt: skip
 message_box = st.container()
 if MESSAGE in st.session_state:
-    kind, text, offer_undo = st.session_state.pop(MESSAGE)
+    kind, text = st.session_state.pop(MESSAGE)
     getattr(message_box, kind)(text)
-    if offer_undo and REPLACED in st.session_state:
-        message_box.button("Undo", on_click=_undo_load, icon=":material/undo:", help="Bring back the config this load replaced")
+if REPLACED in st.session_state:  # until used or replaced by the next load: a click elsewhere never loses it
+    message_box.button("Undo the last load", on_click=_undo_load, icon=":material/undo:",
+                       help=f"Bring back {st.session_state[REPLACED][2]}, which the last load replaced")  # fmt: skip
 
 st.subheader("Categories")
 st.caption("One row per category. Separate words with commas; multi-word entries such as *New York* work, and a "
@@ -175,6 +201,8 @@ text = st.text_area("Text that uses the category words", key=key("text"), height
                     help=f"A line of just {config_tools.DOCUMENT_BREAK} starts a new document; each document is scanned "
                          "on its own, so no chunk spans two of them.")  # fmt: skip
 text_box = st.container()
+if st.session_state.get(TEXT_REPLACED, ("",))[0] == key("text"):  # this config's text, changed by a written one
+    text_box.button("Undo: bring back my master text", on_click=_undo_text, icon=":material/undo:")
 master_text = cfg.master_text if text == config_tools.join_documents(cfg.master_text) else config_tools.split_documents(text)
 if isinstance(master_text, list):
     text_box.caption(f"{len(master_text)} documents, separated by lines of {config_tools.DOCUMENT_BREAK}; each is "
@@ -252,11 +280,14 @@ with st.expander("Write a master text for these words", icon=":material/edit_not
     w1, w2 = st.columns(2)
     contexts = w1.number_input("Sentences per word", 1, len(TEMPLATES), DEFAULT_CONTEXTS, key="cfg_write_contexts")
     seed = w2.number_input("Seed (word and sentence order)", 0, 2**31 - 1, 0, key="cfg_write_seed")
-    try:
-        written = write_master_text(categories, int(contexts), int(seed))
-    except ValueError as exc:
-        st.info(f"Nothing to write: {exc}.")
-    else:
+    source = (tuple((name, tuple(words)) for name, words in categories.items()), int(contexts), int(seed))
+    st.button("Write it", on_click=_write_text, args=(source, categories, int(contexts), int(seed)), icon=":material/edit:")
+    kept_source, written = st.session_state.get(WRITTEN, (None, None))
+    if kept_source is not None and kept_source != source:
+        st.caption("The words, sentences per word or seed changed since it was written: *Write it* again.")
+    elif isinstance(written, ValueError):
+        st.info(f"Nothing to write: {written}.")
+    elif written is not None:
         st.code(written, language=None, wrap_lines=True, height=200)
         st.dataframe(config_tools.coverage_table([written], categories, tokenizer), hide_index=True)
         for row in overcounted_words(written, categories, int(contexts)).itertuples():
@@ -270,9 +301,16 @@ st.subheader("Save")
 s1, s2 = st.columns([2, 1])
 save_name = s1.text_input("Save as configs/<name>.yaml", key=key("save_name"), placeholder="my-categories")
 save_box = s1.container()
-overwrite = s2.checkbox("Overwrite if the file exists", key="cfg_overwrite")
+overwrite = s2.checkbox("Overwrite if the file exists", key=key(f"overwrite_{st.session_state.get(SAVES, 0)}"),
+                        help="For this save only: it is unticked again after a save, and for each config loaded")  # fmt: skip
+yaml_text = config_to_yaml(edited_cfg) if problem is None else ""
+too_large = len(yaml_text.encode("utf-8")) > MAX_CONFIG_BYTES  # it could not be loaded or uploaded back
+if too_large:
+    save_box.error(f"The config is {len(yaml_text.encode('utf-8')) / 1e6:.1f} MB as YAML, and configs are read up to "
+                   f"{MAX_CONFIG_BYTES // 1_000_000} MB: shorten the master text (a long text is a corpus: the CLI's "
+                   "--corpus, or the Scan page's upload) to save or download it.")  # fmt: skip
 b1, b2 = st.columns([1, 1])
-if b1.button("Save config", type="primary", icon=":material/save:"):
+if b1.button("Save config", type="primary", icon=":material/save:", disabled=too_large):
     if problem is not None:
         save_box.error("The config has problems (shown above); fix them before saving. Nothing was written.")
     else:
@@ -290,11 +328,12 @@ if b1.button("Save config", type="primary", icon=":material/save:"):
                     save_box.error(f"{path.name} was not saved: {exc}")
                 else:
                     st.session_state[state.ACTIVE_CONFIG_NAME] = path.stem
-                    save_box.success(f"Saved {path.name}.")
+                    st.session_state[SAVES] = st.session_state.get(SAVES, 0) + 1  # the next save asks again
+                    state.flash(f"Saved {path.name}.")
+                    st.rerun()
 b2.download_button(
-    "Download YAML", data=config_to_yaml(edited_cfg) if problem is None else "",
-    file_name=f"{download_stem(save_name)}.yaml", mime="application/x-yaml",
-    disabled=problem is not None, icon=":material/download:", on_click="ignore",
+    "Download YAML", data=yaml_text if not too_large else "", file_name=f"{download_stem(save_name)}.yaml",
+    mime="application/x-yaml", disabled=problem is not None or too_large, icon=":material/download:", on_click="ignore",
 )  # fmt: skip
 if problem is not None:
     st.caption("Download is available once the config is valid; Save refuses until then and writes nothing.")
