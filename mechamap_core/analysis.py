@@ -132,6 +132,19 @@ def top_neurons(
     return best
 
 
+def check_one_row_per_neuron(frame: pd.DataFrame, rows: str) -> None:
+    """Raises ValueError when a (layer, expert, neuron, category) of frame (`rows` in the message, e.g. "flagged rows")
+    appears twice: the scores were written twice or two scans joined, and every count would take each copy."""
+    key = [column for column in ("layer", "expert", "neuron") if column in frame.columns] + ["category"]
+    repeated = frame[key].astype({"category": str}).duplicated()
+    if repeated.any():
+        first = frame[repeated].iloc[0]
+        example = ", ".join(f"{column} {first[column]}" for column in key[:-1] if pd.notna(first[column]))
+        raise ValueError(f"{int(repeated.sum())} of the {rows} repeat an earlier row's neuron and category "
+                         f"(e.g. {example}, category '{first['category']}'): the scores were probably written twice, or "
+                         "two scans' scores were joined; keep one row per neuron and category")  # fmt: skip
+
+
 def categories_without_statistics(scores: pd.DataFrame, category_tokens: dict[str, int] | None = None) -> pd.Series:
     """Categories none of whose rows has statistics (fewer than MIN_CATEGORY_TOKENS of their tokens, or of other tokens,
     wherever a neuron saw them), with their tokens in the text: category_tokens' count (a run's

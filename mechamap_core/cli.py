@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import io
 import math
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -185,6 +186,7 @@ def _load(args, spec: str, device: str | None = None):
 
     _check_revision_applies(args.revision, spec)
     placement.check_devices(placement.parse_max_memory(args.max_memory) or {}, "--max-memory", cuda_names=False)
+    print(f"loading {spec} ...", file=sys.stderr)  # every command, so a long load never looks hung
     progress, close = _download_bar()
     try:
         return load_model(
@@ -239,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("interpret", help="summarise a scores CSV as the original interpret_map.py did")
     i.add_argument("--csv", required=True, help="scores CSV written by `scan`")
     i.add_argument("--threshold", type=_finite, default=1.0, help="flag rows with metric >= T (default 1.0)")
-    i.add_argument("--metric", default="score", help="score, avg_activation, cohens_d, auroc, ...")
+    i.add_argument("--metric", default="score", help="score, avg_activation, cohens_d, auroc, ... (default score)")
     i.add_argument("--multi-category", action="store_true", help="list neurons flagged in 2+ categories")
     i.add_argument("--correlation", action="store_true", help="print the category correlation matrix")
     i.add_argument("--top", type=_non_negative, default=5, help="top neurons per category to print (default 5; 0 = all)")
@@ -260,9 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--category", required=True, help="category whose tokens are measured")
     a.add_argument("--neurons", help="neurons to ablate, e.g. 5:376,5:544 (layer:neuron)")
     a.add_argument("--csv", help="scores CSV: ablate every neuron flagged for the category")
-    a.add_argument("--threshold", type=_finite, default=1.0, help="with --csv: flag rows with score >= T")
-    a.add_argument("--max-neurons", type=_non_negative, default=20, help="with --csv: at most N best neurons (0 = all)")
-    a.add_argument("--mode", default="zero", choices=["zero", "mean"])
+    a.add_argument("--threshold", type=_finite, help="with --csv: flag rows with score >= T (default 1.0)")
+    a.add_argument("--max-neurons", type=_non_negative, help="with --csv: at most N best neurons (default 20; 0 = all)")
+    a.add_argument("--mode", default="zero", choices=["zero", "mean"],
+                   help="zero: set the neurons to 0; mean: to their mean over the text (default zero)")  # fmt: skip
     # 2 = hypothesis.MIN_CONTROLS, written out: the parser imports no torch
     a.add_argument("--controls", type=_at_least(2, ": their spread needs two"), default=5, help="random control sets (default 5)")
     a.add_argument("--model", help="model to load; default: the config's")
@@ -278,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--csv", required=True, help="scores CSV (or Parquet) written by `scan`")
     c.add_argument("--contrast", help="contrast set YAML (default: the built-in configs/contrast_default.yaml)")
     c.add_argument("--threshold", type=_finite, default=2.0, help="flag rows with score >= T (default 2.0)")
-    c.add_argument("--top", type=_non_negative, default=5, help="at most N best neurons per category (0 = all)")
+    c.add_argument("--top", type=_non_negative, default=5, help="at most N best neurons per category (default 5; 0 = all)")
     c.add_argument("--model", help="model to load; default: the CSV's model column")
     c.add_argument("--out", help="write the per-word verdicts CSV here")
     _add_loading_flags(c)
@@ -316,6 +319,9 @@ def _read_scores(path: str, *columns: str, numeric: tuple[str, ...] = (), flag: 
     missing = {"layer", "neuron", "category"} - set(scores.columns)
     if missing:
         raise ValueError(f"{path} lacks columns {sorted(missing)}; is it a MechaMap scores file?")
+    for column, command in (("heldout_auroc", "validate --out"), ("verdict", "contrast --out")):
+        if column in scores.columns:  # one row per neuron and held-out category or contrast word: not a scan's
+            raise ValueError(f"{path} is the output of `{command}`, not a scan's scores: pass the CSV or Parquet of `scan`")
     absent = [column for column in columns if column not in scores.columns]
     if absent:
         raise ValueError(f"{path} has no column {', '.join(map(repr, absent))}")
@@ -381,14 +387,21 @@ def _refuse_significance_metric(metric: str) -> None:
                          "auroc or cohens_d, whose higher values are stronger")  # fmt: skip
 
 
+def _one_model(path: str, scores: pd.DataFrame) -> list[str]:
+    """The model the scores name (a list of one, or none without a model column). Raises ValueError when they hold
+    several models' rows: their neuron numbers would be counted as one model's."""
+    scanned = list(scores["model"].dropna().astype(str).unique()) if "model" in scores.columns else []
+    if len(scanned) > 1:
+        raise ValueError(f"{path} holds the scores of {len(scanned)} models ({', '.join(scanned[:3])}"
+                         f"{', ...' if len(scanned) > 3 else ''}): keep one model's rows")  # fmt: skip
+    return scanned
+
+
 def _model_name(args, scores: pd.DataFrame) -> str:
     """--model, else the scores' model column. Raises ValueError when neither names one, or when the scores hold
     several models; warns when --model is not the model the scores were scanned with (their neuron numbers are
     that model's; another model, e.g. a fine-tuned one, is the user's choice)."""
-    scanned = list(scores["model"].dropna().astype(str).unique()) if "model" in scores.columns else []
-    if len(scanned) > 1:
-        raise ValueError(f"{args.csv} holds the scores of {len(scanned)} models ({', '.join(scanned[:3])}"
-                         f"{', ...' if len(scanned) > 3 else ''}): keep one model's rows")  # fmt: skip
+    scanned = _one_model(args.csv, scores)
     if args.model:
         if scanned and not _same_model(args.model, scanned[0]):
             print(f"warning: --model {args.model} is not the model {args.csv} was scanned with ({scanned[0]}): its "
@@ -470,14 +483,26 @@ def _say(level: str, sentence: str) -> None:
 
 
 def _run_ablate(args) -> int:
-    from .hypothesis import ablate, ablation_summary_text, experts_left_out, flagged_for_category, parse_neuron_list
-    from .inspect_neuron import dense_sites
+    from .hypothesis import (
+        ablate,
+        ablation_summary_text,
+        ablation_targets,
+        experts_left_out,
+        flagged_for_category,
+        parse_neuron_list,
+    )
 
     cfg = load_config(args.config)
     if args.category not in cfg.categories:
         raise ValueError(f"{args.config} has no category '{args.category}' (it has {', '.join(cfg.categories)})")
     if args.neurons and args.csv:
         raise ValueError("give --neurons or --csv, not both")
+    ignored = [flag for flag, given in (("--threshold", args.threshold is not None), ("--max-neurons", args.max_neurons is not None)) if given]
+    if args.neurons and ignored:  # refused rather than ignored
+        raise ValueError(f"{' and '.join(ignored)} pick{'s' if len(ignored) == 1 else ''} neurons from --csv; with "
+                         "--neurons, the neurons listed are ablated")  # fmt: skip
+    args.threshold = 1.0 if args.threshold is None else args.threshold
+    args.max_neurons = 20 if args.max_neurons is None else args.max_neurons
     if args.neurons:
         neurons = parse_neuron_list(args.neurons)
         model = args.model or cfg.model
@@ -498,10 +523,14 @@ def _run_ablate(args) -> int:
         left_out = experts_left_out(scores, args.category, "score", args.threshold)
         if left_out:  # how many flagged expert neurons the ablation leaves out
             _say("note", left_out)
+        flagged = len(flagged_for_category(scores, args.category, "score", args.threshold, None, warn=False))
+        if flagged > len(neurons):  # --max-neurons kept the best of them
+            _say("note", f"ablating the best {len(neurons)} of the {flagged} neurons {args.csv} flags for "
+                         f"'{args.category}' (--max-neurons {args.max_neurons}; 0 ablates them all)")  # fmt: skip
     else:
         raise ValueError("give --neurons or --csv")
     lm = _load(args, model)
-    dense_sites(lm.model, sorted({layer for layer, _ in neurons}))  # a mixture-of-experts layer: refused before the bar
+    ablation_targets(lm, neurons)  # a mixture-of-experts layer or a neuron out of range: refused before the bar
     with progress_bar("ablating", "pass") as progress:
         result = ablate(lm, cfg, args.category, neurons, mode=args.mode, n_controls=args.controls, progress=progress)
     print(result.per_condition.drop(columns="neurons").to_string(index=False))
@@ -617,7 +646,6 @@ def _run_scan(args) -> int:
     loaded = []  # the model, once loaded (the corpus scan loads it inside)
 
     def load(device: str):
-        print(f"loading {cfg.model} ...", file=sys.stderr)
         loaded.append(_load(args, cfg.model, device))
         return loaded[-1]
 
@@ -781,6 +809,8 @@ def _say_missing_words(missing: list[str], n_words: int, where: str) -> None:
 def _run_interpret(args) -> int:
     _refuse_significance_metric(args.metric)
     scanned = _read_scores(args.csv, args.metric, numeric=(args.metric,))
+    _one_model(args.csv, scanned)
+    analysis.check_one_row_per_neuron(scanned, f"rows of {args.csv}")  # joined copies would count each neuron twice
     scanned["category"] = pd.Categorical(scanned["category"], categories=list(dict.fromkeys(scanned["category"])))
     scores = scanned
     if args.min_cv_auroc is not None:
@@ -798,6 +828,10 @@ def _run_interpret(args) -> int:
     print(f"Neurons with {args.metric} >= {threshold}, by layer and category:")
     pivot = analysis.layer_category_counts(scanned, args.metric, threshold, args.min_cv_auroc)  # every layer, category
     print(pivot.to_string())
+    if not pivot.to_numpy().any():
+        highest = scores[args.metric].max()
+        print(f"(no row has {args.metric} >= {threshold:g}; the highest is {highest:.3g}: lower --threshold)"
+              if pd.notna(highest) else f"(no row has a {args.metric} value)")  # fmt: skip
     print(f"\n{f'Top {args.top}' if args.top else 'All'} neurons per category by {args.metric}:")
     neuron = analysis.shown_key(scanned)  # layer, [expert,] neuron: no blank expert column for a dense model
     cols = [c for c in ("category", *neuron, args.metric, "avg_activation", "cv_auroc", "top_tokens") if c in scores.columns]
@@ -834,6 +868,9 @@ def main(argv: list[str] | None = None) -> int:
             "write-text": _run_write_text, "contrast": _run_contrast,
         }  # fmt: skip
         return runner[args.command](args)
+    except BrokenPipeError:  # `... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush goes nowhere, not to stderr
+        return 0
     except (ConfigError, ValueError, FileNotFoundError, OSError, RuntimeError) as exc:
         print(f"mechamap: error: {exc}", file=sys.stderr)
         return 1

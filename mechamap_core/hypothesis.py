@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 
 from .alignment import AlignedText, align, missing_words
-from .analysis import has_experts
+from .analysis import check_one_row_per_neuron, has_experts
 from .config import ConfigError, ScanConfig, as_scan_config, split_words, validate_config
 from .inspect_neuron import check_neuron_range, collect_activations, dense_sites
 from .models import LoadedModel
@@ -285,13 +285,7 @@ def check_candidates(lm: LoadedModel, candidates: pd.DataFrame, argument: str, r
     cands["hook"] = candidates["hook"].astype(str) if "hook" in candidates.columns else [
         expert_hook_name(int(r.layer), int(r.expert)) if experts and pd.notna(r.expert) else hook_name(int(r.layer))
         for r in cands.itertuples()]  # fmt: skip
-    repeated = cands.duplicated(key)
-    if repeated.any():
-        first = cands[repeated].iloc[0]
-        example = ", ".join(f"{column} {first[column]}" for column in key[:-1] if pd.notna(first[column]))
-        raise ValueError(f"{int(repeated.sum())} of the {rows} repeat an earlier row's neuron and category "
-                         f"(e.g. {example}, category '{first['category']}'): the scores were probably written twice, or "
-                         "two scans' scores were joined; keep one row per neuron and category")  # fmt: skip
+    check_one_row_per_neuron(cands[key], rows)
     if not cands.empty:
         _check_sites_and_neurons(lm, cands, hooks_given="hook" in candidates.columns)
     return cands

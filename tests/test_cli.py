@@ -969,3 +969,52 @@ def test_p_and_q_values_are_refused_as_a_metric(metric, capsys, tmp_path, monkey
         assert main([*argv, "--metric", metric, "--threshold", "0.05"]) == 1
         assert_one_line_error(capsys.readouterr().err, f"--metric {metric} is a p or q value, where lower is stronger",
                               "use --metric score")  # fmt: skip
+
+
+def test_interpret_refuses_two_models_repeated_rows_and_other_commands_outputs(scanned, capsys, tmp_path):
+    """interpret counted neuron 0:6 of two models as one neuron flagged in two categories, and every row of a CSV
+    written twice twice; the outputs of validate and contrast read as scores (an audit). All refused in one line."""
+    _, paths = scanned
+    table = pd.read_csv(paths["csv"])
+    cases = {
+        "two_models.csv": (pd.concat([table, table.assign(model="gpt2")]), "holds the scores of 2 models"),
+        "twice.csv": (pd.concat([table, table]), f"{len(table)} of the rows of "),
+        "verdicts.csv": (table.assign(verdict="semantic"), "is the output of `contrast --out`, not a scan's scores"),
+        "heldout.csv": (table.assign(heldout_auroc=0.9), "is the output of `validate --out`, not a scan's scores"),
+    }
+    for name, (frame, message) in cases.items():
+        frame.to_csv(tmp_path / name, index=False)
+        assert main(["interpret", "--csv", str(tmp_path / name), "--multi-category"]) == 1
+        assert_one_line_error(capsys.readouterr().err, message)
+
+
+def test_interpret_says_when_the_threshold_flags_nothing(scanned, capsys):
+    _, paths = scanned
+    assert main(["interpret", "--csv", str(paths["csv"]), "--metric", "auroc"]) == 0  # the default threshold 1.0
+    highest = pd.read_csv(paths["csv"])["auroc"].max()
+    assert f"(no row has auroc >= 1; the highest is {highest:.3g}: lower --threshold)" in capsys.readouterr().out
+
+
+def test_ablate_says_how_many_of_the_flagged_neurons_it_ablates_and_refuses_csv_flags_with_neurons(scanned, capsys):
+    _, paths = scanned
+    code = main(["ablate", "--config", DEFAULT, "--category", "food", "--neurons", "5:1", "--max-neurons", "3"])
+    assert code == 1
+    assert_one_line_error(capsys.readouterr().err, "--max-neurons picks neurons from --csv; with --neurons, the neurons")
+    flagged = pd.read_csv(paths["csv"]).query("category == 'food' and score >= 0.2")
+    assert len(flagged) > 2
+    code = main(["ablate", "--config", DEFAULT, "--category", "food", "--csv", str(paths["csv"]), "--threshold", "0.2",
+                 "--max-neurons", "2", "--controls", "2", "--device", "cpu"])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert (f"note: ablating the best 2 of the {len(flagged)} neurons {paths['csv']} flags for 'food' (--max-neurons 2; "
+            "0 ablates them all)") in captured.err
+    assert f"loading {pd.read_csv(paths['csv'])['model'].iloc[0]} ..." in captured.err
+
+
+def test_a_closed_pipe_ends_the_command_quietly(scanned):
+    """`interpret ... | head -3` printed "mechamap: error: [Errno 32] Broken pipe" and exited 1."""
+    _, paths = scanned
+    command = (f"{sys.executable} -m mechamap_core interpret --csv {paths['csv']} --top 0 --multi-category --correlation"
+               " | head -3; exit ${PIPESTATUS[0]}")
+    done = subprocess.run(["bash", "-c", command], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stderr == "" and len(done.stdout.splitlines()) == 3, done.stderr
