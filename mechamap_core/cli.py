@@ -424,7 +424,10 @@ def _run_validate(args) -> int:
 
     _refuse_significance_metric(args.metric)
     scores = _read_scores(args.csv, args.metric, numeric=(args.metric,))
-    heldout = load_config(args.heldout)
+    try:
+        heldout = load_config(args.heldout)
+    except ConfigError as exc:  # of the two files validate reads, say which
+        raise ValueError(f"--heldout {args.heldout}: {exc}") from None
     model = _model_name(args, scores)
     _check_outputs({"--out": args.out}, {"--csv": args.csv, "--heldout": args.heldout},
                    input_folders={"the model folder": _model_folder(model)}, formats={"--out": ".csv"})  # fmt: skip

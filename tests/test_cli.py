@@ -1018,3 +1018,11 @@ def test_a_closed_pipe_ends_the_command_quietly(scanned):
                " | head -3; exit ${PIPESTATUS[0]}")
     done = subprocess.run(["bash", "-c", command], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stderr == "" and len(done.stdout.splitlines()) == 3, done.stderr
+
+
+def test_a_bad_heldout_config_is_named_among_validates_two_files(scanned, capsys, tmp_path):
+    _, paths = scanned
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("master_text: x\ncategories: [\n", encoding="utf-8")
+    assert main(["validate", "--csv", str(paths["csv"]), "--heldout", str(broken)]) == 1
+    assert_one_line_error(capsys.readouterr().err, f"--heldout {broken}: the YAML is malformed at line")
