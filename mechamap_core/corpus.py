@@ -47,12 +47,16 @@ class CorpusReport:
     documents: int = 0
     skipped: dict[str, int] = field(default_factory=dict)  # reason (a key of BAD_REASONS) -> count
     first_skipped: list[tuple[int, str]] = field(default_factory=list)  # (index, "docs.jsonl line 17 is ...")
+    counted_until: int = 0  # the index after the last bad document counted: a resumed read counts none before it
 
     @property
     def n_skipped(self) -> int:
         return sum(self.skipped.values())
 
     def count_bad(self, index: int, message: str, reason: str) -> None:
+        if index < self.counted_until:  # a resumed scan reads again the bad documents after its last good one
+            return
+        self.counted_until = index + 1
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
         if len(self.first_skipped) < self.MAX_EXAMPLES:
             self.first_skipped.append((index, message))
@@ -61,7 +65,8 @@ class CorpusReport:
         """The report of both shares together (exact and associative: examples are kept by index)."""
         skipped = {reason: self.skipped.get(reason, 0) + other.skipped.get(reason, 0) for reason in BAD_REASONS}
         examples = sorted(self.first_skipped + other.first_skipped)[: self.MAX_EXAMPLES]
-        return CorpusReport(self.documents + other.documents, {k: v for k, v in skipped.items() if v}, examples)
+        return CorpusReport(self.documents + other.documents, {k: v for k, v in skipped.items() if v}, examples,
+                            max(self.counted_until, other.counted_until))  # fmt: skip
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready figures for a scan's metadata."""

@@ -590,3 +590,19 @@ def test_a_json_escape_that_makes_no_text_is_one_bad_document():
 def test_a_text_given_to_a_scan_that_is_no_text_is_refused_by_name(bundled_lm, default_cfg):
     with pytest.raises(ValueError, match=r"^text 2 of 2 has an unpaired surrogate \\udc00 at character 4 "):
         scan(bundled_lm, default_cfg, texts=["Paris is fine.", "Red\udc00 bus."], limit_neurons=2, layers=[0])
+
+
+def test_resuming_a_finished_scan_counts_its_trailing_bad_documents_once(tmp_path, capsys):
+    """A corpus ending in 2 bad lines: its report said 'skipped 2' and, resumed from its last checkpoint, 'skipped 4'
+    (the reader read them again after the last good document); the statistics were the same."""
+    corpus = tmp_path / "docs.jsonl"
+    lines = [json.dumps({"text": text}) for text in DOCS] + ['{"body": "no text field"}', "not json"]
+    corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    argv = ["scan", "--config", str(REPO_ROOT / "configs" / "default.yaml"), "--corpus", str(corpus), "--limit-neurons",
+            "2", "--layers", "0", "--device", "cpu", "--checkpoint-dir", str(tmp_path / "ckpt"), "--checkpoint-every", "2"]  # fmt: skip
+    summary = lambda err: next(line for line in err.splitlines() if line.startswith("corpus "))  # noqa: E731
+    assert main(argv) == 0
+    first = summary(capsys.readouterr().err)
+    assert f"read {len(DOCS)} documents, skipped 2 bad ones" in first
+    assert main([*argv, "--resume"]) == 0
+    assert summary(capsys.readouterr().err) == first
