@@ -378,13 +378,17 @@ def _check_index_column(path: str, scores: pd.DataFrame, column: str, suffix: st
 
 def _refuse_significance_metric(metric: str) -> None:
     """A ValueError for --metric p_value, q_value, welch_p or welch_q: --metric ranks the highest values first and
-    flags those >= --threshold, but for a p or q value lower is stronger (it would pick the least significant)."""
+    flags those >= --threshold, but for a p or q value lower is stronger (it would pick the least significant); and
+    for the columns that name a neuron or count tokens (layer, expert, neuron, n_tokens)."""
     from .scan.finish import Q_VALUES  # the q-value columns and the p-value columns they come from
 
     if metric in {*Q_VALUES, *Q_VALUES.values()}:
         raise ValueError(f"--metric {metric} is a p or q value, where lower is stronger, but --metric ranks the highest "
                          "values first and flags those >= --threshold (the least significant): use --metric score, "
                          "auroc or cohens_d, whose higher values are stronger")  # fmt: skip
+    if metric in ("layer", "expert", "neuron", "n_tokens"):  # numbers in every scores file, but no statistic
+        raise ValueError(f"--metric {metric} names a neuron or counts tokens; it is no statistic to rank neurons by: "
+                         "use --metric score, auroc, cv_auroc or cohens_d")  # fmt: skip
 
 
 def _one_model(path: str, scores: pd.DataFrame) -> list[str]:
@@ -733,8 +737,8 @@ def _kept_rows_phrase(threshold: float | None, min_cv_auroc: float | None) -> st
 
 
 def _check_corpus_flags(args, corpus: str | None) -> None:
-    """Refuses the corpus-scan flags without a corpus (they would be ignored), and --resume or --checkpoint-every
-    without --checkpoint-dir; then fills in the defaults of --on-bad-document (skip) and --checkpoint-every (1000)."""
+    """Refuses the corpus-scan flags without a corpus (they would be ignored), --resume or --checkpoint-every
+    without --checkpoint-dir, and the export filters without an export; then fills in the defaults of --on-bad-document (skip) and --checkpoint-every (1000)."""
     given = {"--text-field": args.text_field, "--on-bad-document": args.on_bad_document,
              "--checkpoint-dir": args.checkpoint_dir, "--resume": args.resume}  # fmt: skip
     named = [flag for flag, value in given.items() if value]
@@ -744,6 +748,10 @@ def _check_corpus_flags(args, corpus: str | None) -> None:
         raise ValueError("--resume needs the --checkpoint-dir of the scan to continue")
     if args.checkpoint_every is not None and not args.checkpoint_dir:
         raise ValueError("--checkpoint-every needs --checkpoint-dir, the folder the checkpoints go to")
+    filters = [flag for flag, given in (("--flagged-only", args.flagged_only), ("--min-cv-auroc", args.min_cv_auroc is not None)) if given]
+    if filters and not (args.csv or args.json or args.parquet):
+        raise ValueError(f"{' and '.join(filters)} choose{'s' if len(filters) == 1 else ''} the rows of --csv, --json or "
+                         "--parquet: add one of them (the terminal shows the top neurons whatever they are)")  # fmt: skip
     args.on_bad_document = args.on_bad_document or "skip"
     args.checkpoint_every = args.checkpoint_every or 1000
 

@@ -1026,3 +1026,13 @@ def test_a_bad_heldout_config_is_named_among_validates_two_files(scanned, capsys
     broken.write_text("master_text: x\ncategories: [\n", encoding="utf-8")
     assert main(["validate", "--csv", str(paths["csv"]), "--heldout", str(broken)]) == 1
     assert_one_line_error(capsys.readouterr().err, f"--heldout {broken}: the YAML is malformed at line")
+
+
+def test_flags_that_would_do_nothing_are_refused(capsys):
+    for argv, message in [
+        (["interpret", "--csv", "x.csv", "--metric", "neuron"], "--metric neuron names a neuron or counts tokens"),
+        (["scan", "--config", DEFAULT, "--flagged-only"], "--flagged-only chooses the rows of --csv, --json or --parquet"),
+        (["scan", "--config", DEFAULT, "--min-cv-auroc", "0.9", "--flagged-only"], "--flagged-only and --min-cv-auroc choose"),
+    ]:
+        assert main(argv) == 1
+        assert_one_line_error(capsys.readouterr().err, message)
