@@ -236,17 +236,17 @@ def _contrast_upload_page():
     st.session_state["picked_set"] = _contrast_set()
 
 
-def test_contrast_upload_states_and_checks_its_1_mb_cap():
-    """The uploader states the 1 MB cap of a YAML upload (max_upload_size, not the server's maxUploadSize); the server
+def test_contrast_upload_states_and_checks_its_2_mb_cap():
+    """The uploader states the 2 MB cap of a YAML upload (max_upload_size, not the server's maxUploadSize); the server
     refuses a larger or non-UTF-8 file with one message, and reads a valid one."""
     from streamlit.testing.v1 import AppTest
 
     at = AppTest.from_function(_contrast_upload_page).run()
     at.radio(key="contrast_source").set_value("Upload a YAML file").run()
     uploader = at.file_uploader(key="contrast_upload")
-    assert uploader.proto.max_upload_size_mb == 1 and "max 1 MB" in uploader.label
-    uploader.set_value(("big.yaml", b"#" * 1_100_000, "application/x-yaml")).run()
-    assert [e.value for e in at.error] == ["The contrast set can't be used: it is larger than 1 MB."]
+    assert uploader.proto.max_upload_size_mb == 2 and "max 2 MB" in uploader.label
+    uploader.set_value(("big.yaml", b"#" * 2_200_000, "application/x-yaml")).run()
+    assert [e.value for e in at.error] == ["The contrast set can't be used: it is larger than 2 MB."]
     assert at.session_state["picked_set"] is None
     at.file_uploader(key="contrast_upload").set_value(("latin.yaml", "# caf\xe9".encode("latin-1"), "text/yaml")).run()
     assert [e.value for e in at.error] == ["The contrast set can't be used: it is not UTF-8 text."]
