@@ -288,7 +288,8 @@ def load_run(run_dir: str | os.PathLike) -> ScanResult:
         try:
             return reader(run_dir / name)
         except RUN_READ_ERRORS as exc:
-            raise ValueError(f"run {run_dir.name}: {name} is damaged or missing ({first_line(exc) or type(exc).__name__})") from None
+            reason = first_line(exc).rstrip(".") or type(exc).__name__
+            raise ValueError(f"run {run_dir.name}: {name} is damaged or missing ({reason})") from None
 
     def metadata(path: Path) -> dict:
         meta = json.loads(path.read_text(encoding="utf-8"))
