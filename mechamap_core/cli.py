@@ -523,7 +523,7 @@ def _run_ablate(args) -> int:
         neurons = flagged_for_category(scores, args.category, "score", args.threshold, args.max_neurons or None, warn=False)
         if not neurons and analysis.has_experts(scores):
             raise ValueError(f"{args.csv} flags no dense MLP neuron for '{args.category}': ablation covers dense MLP "
-                             "neurons, not a mixture-of-experts model's experts")  # fmt: skip
+                             "neurons, not a mixture-of-experts model's experts (routed or shared)")  # fmt: skip
         if not neurons:
             raise ValueError(f"{args.csv} flags no neuron for '{args.category}' (score >= {args.threshold}): "
                              "lower --threshold")  # fmt: skip
@@ -852,12 +852,13 @@ def _run_interpret(args) -> int:
         overlap = analysis.multi_category_neurons(scores, args.metric, threshold)[[*neuron, "n_categories", "categories"]]
         print(f"\nNeurons flagged in 2+ categories: {len(overlap)}")
         print(overlap.to_string(index=False) if len(overlap) else "(none)")
-    if args.correlation:
-        print(f"\nCategory correlation of {args.metric} across neurons (Pearson):")
-        if scores[args.metric].notna().any():
-            print(analysis.category_correlation(scores, args.metric).round(3).to_string())
+    if args.correlation:  # across every neuron: --min-cv-auroc keeps rows, and a correlation needs whole neurons
+        across = "every neuron, whatever --min-cv-auroc keeps" if args.min_cv_auroc is not None else "neurons"
+        print(f"\nCategory correlation of {args.metric} across {across} (Pearson):")
+        if scanned[args.metric].notna().any():
+            print(analysis.category_correlation(scanned, args.metric).round(3).to_string())
         else:
-            print(f"(none: {_why_none_ranked(args, scores)})")
+            print(f"(none: {_why_none_ranked(args, scanned)})")
     return 0
 
 

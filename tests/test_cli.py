@@ -1036,3 +1036,13 @@ def test_flags_that_would_do_nothing_are_refused(capsys):
     ]:
         assert main(argv) == 1
         assert_one_line_error(capsys.readouterr().err, message)
+
+
+def test_interpret_correlates_every_neuron_whatever_min_cv_auroc_keeps(scanned, capsys):
+    """--min-cv-auroc 0.9 --correlation printed a matrix of NaN, its diagonal too: the rows it kept were too few
+    neurons per category to correlate (a CLI audit). The correlation is over every neuron, and says so."""
+    _, paths = scanned
+    assert main(["interpret", "--csv", str(paths["csv"]), "--min-cv-auroc", "0.9", "--correlation"]) == 0
+    out = capsys.readouterr().out
+    matrix = out.split("Category correlation of score across every neuron, whatever --min-cv-auroc keeps (Pearson):\n")[1]
+    assert "NaN" not in matrix and matrix.count("1.0") >= 8  # one per category on the diagonal
