@@ -520,7 +520,8 @@ def _run_ablate(args) -> int:
         if args.category not in scanned_categories:
             raise ValueError(f"{args.csv} has no category '{args.category}' (it has {', '.join(scanned_categories)}): "
                              "scan with a config that has it, or pick one of these")  # fmt: skip
-        neurons = flagged_for_category(scores, args.category, "score", args.threshold, args.max_neurons or None, warn=False)
+        flagged = flagged_for_category(scores, args.category, "score", args.threshold, warn=False)  # best first
+        neurons = flagged[: args.max_neurons or None]
         if not neurons and analysis.has_experts(scores):
             raise ValueError(f"{args.csv} flags no dense MLP neuron for '{args.category}': ablation covers dense MLP "
                              "neurons, not a mixture-of-experts model's experts (routed or shared)")  # fmt: skip
@@ -530,9 +531,8 @@ def _run_ablate(args) -> int:
         left_out = experts_left_out(scores, args.category, "score", args.threshold)
         if left_out:  # how many flagged expert neurons the ablation leaves out
             _say("note", left_out)
-        flagged = len(flagged_for_category(scores, args.category, "score", args.threshold, None, warn=False))
-        if flagged > len(neurons):  # --max-neurons kept the best of them
-            _say("note", f"ablating the best {len(neurons)} of the {flagged} neurons {args.csv} flags for "
+        if len(flagged) > len(neurons):  # --max-neurons kept the best of them
+            _say("note", f"ablating the best {len(neurons)} of the {len(flagged)} neurons {args.csv} flags for "
                          f"'{args.category}' (--max-neurons {args.max_neurons}; 0 ablates them all)")  # fmt: skip
     else:
         raise ValueError("give --neurons or --csv")
