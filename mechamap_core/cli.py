@@ -637,7 +637,7 @@ def _run_scan(args) -> int:
     cfg = cfg.covering(args.layers, args.limit_neurons)  # scan() and stream_result record it too; a corpus checkpoint's
     # fingerprint hashes this config, so checkpoints written with --layers resume only with it applied here
     corpus = args.corpus or cfg.corpus
-    _check_corpus_flags(args, corpus)
+    _check_scan_flags(args, corpus)
     outputs = {"--csv": args.csv, "--json": args.json, "--parquet": args.parquet, "--routing": args.routing,
                "--save-run": args.save_run, "--checkpoint-dir": args.checkpoint_dir}  # fmt: skip
     corpus_files = local_files(corpus) if corpus else []  # the corpus module's own listing, checked before loading
@@ -736,9 +736,10 @@ def _kept_rows_phrase(threshold: float | None, min_cv_auroc: float | None) -> st
     return " and ".join(parts)
 
 
-def _check_corpus_flags(args, corpus: str | None) -> None:
-    """Refuses the corpus-scan flags without a corpus (they would be ignored), --resume or --checkpoint-every
-    without --checkpoint-dir, and the export filters without an export; then fills in the defaults of --on-bad-document (skip) and --checkpoint-every (1000)."""
+def _check_scan_flags(args, corpus: str | None) -> None:
+    """Refuses scan flags that would be ignored: the corpus-scan flags without a corpus, --resume or
+    --checkpoint-every without --checkpoint-dir, and the export filters without an export; then fills in the
+    defaults of --on-bad-document (skip) and --checkpoint-every (1000)."""
     given = {"--text-field": args.text_field, "--on-bad-document": args.on_bad_document,
              "--checkpoint-dir": args.checkpoint_dir, "--resume": args.resume}  # fmt: skip
     named = [flag for flag, value in given.items() if value]
