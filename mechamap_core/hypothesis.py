@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 
 from .alignment import AlignedText, align, missing_words
-from .analysis import check_one_row_per_neuron, has_experts
+from .analysis import check_one_row_per_neuron, flagged, has_experts
 from .config import ConfigError, ScanConfig, as_scan_config, split_words, validate_config
 from .inspect_neuron import check_neuron_range, collect_activations, dense_sites
 from .models import LoadedModel
@@ -740,7 +740,8 @@ def experts_left_out(scores: pd.DataFrame, category: str, metric: str = "score",
 
 def _flagged_rows(scores: pd.DataFrame, category: str, metric: str, threshold: float) -> pd.DataFrame:
     """The score rows of a category with metric >= threshold (dense and expert neurons alike)."""
-    return scores[(scores["category"].astype(str) == category) & (scores[metric] >= threshold)]
+    rows = flagged(scores, metric, threshold)
+    return rows[rows["category"].astype(str) == category]
 
 
 class NeuronsLeftOut(UserWarning):
