@@ -9,6 +9,11 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def as_sentence(message: str) -> str:
+    """A core message ('layer 9 is out of range: ...') as a sentence for a page: capitalised, with a full stop."""
+    return f"{message[:1].upper()}{message[1:]}."
+
+
 def unpaired_surrogate(text: str) -> str | None:
     """What keeps text from being text, in words ("an unpaired surrogate \\ud800 at character 7 (half of a
     \\uXXXX\\uXXXX pair, as a JSON or YAML escape can give), which is no character: remove it"), or None. Such a

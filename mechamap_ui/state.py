@@ -10,6 +10,7 @@ import streamlit as st
 from mechamap_core.analysis import differing_config_keys
 from mechamap_core.config import ConfigError, ScanConfig, load_config
 from mechamap_core.contrast import load_contrast_set
+from mechamap_core.errors import as_sentence
 from mechamap_core.export import list_runs, load_run
 from mechamap_core.models import LoadedModel, load_model
 from mechamap_core.scan import ScanResult
@@ -317,8 +318,7 @@ def active_run_problem() -> str | None:
     except FileNotFoundError:
         return f"The saved run {run_id} is gone (deleted or renamed)."
     except (OSError, ValueError) as exc:
-        text = str(exc)
-        return f"{text[0].upper()}{text[1:]}."
+        return as_sentence(str(exc))
     return None
 
 

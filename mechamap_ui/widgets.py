@@ -25,6 +25,7 @@ from mechamap_core.analysis import (
     with_readable_top_tokens,
 )
 from mechamap_core.charts import NO_VALUE_MARK, chart_to_png, chart_to_svg
+from mechamap_core.errors import as_sentence
 from mechamap_core.scan import MIN_CATEGORY_TOKENS
 from mechamap_core.scan.finish import STAT_COLUMNS
 from mechamap_core.stats import CV_AUROC_NEEDS
@@ -63,7 +64,7 @@ def layers_out_of_range(layers: list[int] | None, n_layers: int | None) -> str |
     ("Layer 9 is out of range: this model has layers 0-5."), so that a page can refuse it before starting anything;
     None when every layer exists, layers is None (all layers), or n_layers is not known (None)."""
     problem = None if n_layers is None else core_config.layers_out_of_range(layers, n_layers)
-    return None if problem is None else f"{problem[0].upper()}{problem[1:]}."
+    return None if problem is None else as_sentence(problem)
 
 
 def metric_picker(scores: pd.DataFrame, key: str, label: str = "Metric", default: str = "score", in_url: bool = False) -> str:

@@ -7,6 +7,7 @@ import streamlit as st
 from mechamap_core import charts
 from mechamap_core.analysis import flagged, has_experts, shown_key
 from mechamap_core.config import ConfigError, ScanConfig, load_config, safe_child_path
+from mechamap_core.errors import as_sentence
 from mechamap_core.export import flagged_neurons
 from mechamap_core.hypothesis import (
     MIN_CONTROLS,
@@ -178,9 +179,10 @@ with ablate_tab:
         except ValueError:
             st.error("Write neurons as layer:neuron pairs separated by commas, e.g. 5:376, 5:544")
     try:  # refused before the button, as the ablation would refuse them after it
-        ablation_targets(lm, neurons) if neurons else None
+        if neurons:
+            ablation_targets(lm, neurons)
     except ValueError as exc:
-        st.error(f"{str(exc)[0].upper()}{str(exc)[1:]}.")
+        st.error(as_sentence(str(exc)))
         neurons = []
     c1, c2 = st.columns(2)
     mode = c1.radio("Ablation", ["zero", "mean"], horizontal=True)
