@@ -29,10 +29,14 @@ _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]{0,80}")  # fullmatch: "$" would
 RUN_READ_ERRORS = (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile)  # a damaged run file's
 
 
+def _limit(result: ScanResult, threshold: float | None) -> float:
+    """The threshold a flagged-rows export applies: the given one, else the scan's."""
+    return result.metadata.get("threshold", 1.0) if threshold is None else threshold
+
+
 def _at_or_above(result: ScanResult, metric: str, threshold: float | None) -> pd.DataFrame:
     """Score rows with metric >= threshold (default: the scan's threshold)."""
-    limit = result.metadata.get("threshold", 1.0) if threshold is None else threshold
-    return result.scores[result.scores[metric] >= limit]
+    return result.scores[result.scores[metric] >= _limit(result, threshold)]
 
 
 def exported_scores(
@@ -77,7 +81,7 @@ def write_csv(table: pd.DataFrame, path) -> None:
     file it is written to)."""
     compression = CSV_COMPRESSIONS.get(Path(path).suffix.lower())
     if compression == "gzip":
-        compression = {"method": "gzip", "filename": Path(path).name.removesuffix(Path(path).suffix)}
+        compression = {"method": "gzip", "filename": _packed_name(Path(path))}
     with atomic_output(path, binary=compression is not None) as handle:
         table.to_csv(handle, index=False, **({"compression": compression} if compression else {}))
 
@@ -119,7 +123,7 @@ def _rows_kept(result: ScanResult, flagged_only: bool = False, metric: str = "sc
     """Which rows a filtered export holds, in words: "score >= 2.0 and cv_auroc >= 0.7 (52 of 9,216 rows)"."""
     kept = []
     if flagged_only:
-        kept.append(f"{metric} >= {result.metadata.get('threshold', 1.0) if threshold is None else threshold:g}")
+        kept.append(f"{metric} >= {_limit(result, threshold):g}")
     if min_cv_auroc is not None:
         kept.append(f"cv_auroc >= {min_cv_auroc:g}")
     n_kept = len(exported_scores(result, flagged_only, metric, threshold, min_cv_auroc))
@@ -152,8 +156,13 @@ def to_json(result: ScanResult, path=None, **options) -> str | None:
     return None
 
 
+def _packed_name(path: Path) -> str:
+    """The name a gzip header records for the file inside out.csv.gz: out.csv (not the temporary file's name)."""
+    return path.name.removesuffix(path.suffix)
+
+
 JSON_COMPRESSORS = {  # compression -> (final path, binary handle) -> a writable compressed stream into the handle
-    "gzip": lambda path, handle: gzip.GzipFile(path.name.removesuffix(path.suffix), "wb", fileobj=handle),
+    "gzip": lambda path, handle: gzip.GzipFile(_packed_name(path), "wb", fileobj=handle),
     "bz2": lambda path, handle: bz2.BZ2File(handle, "wb"),
     "xz": lambda path, handle: lzma.LZMAFile(handle, "wb"),
 }
