@@ -443,8 +443,12 @@ def _run_validate(args) -> int:
     _checked_heldout(args.heldout, heldout, run_categories, said)  # before loading: the categories and words
     lm = _load(args, model)
     tested = _checked_heldout(args.heldout, heldout, run_categories, said, lm).config  # and the tokens, with the model
-    scanned = heldout_scan(lm, tested, scores) if args.ceiling else None  # one pass serves the ceiling and the check
-    per_neuron, summary = validate_heldout(lm, candidates, tested, args.min_auroc, scanned=scanned)
+    scanned = None
+    if args.ceiling:  # one pass serves the ceiling and the check
+        with progress_bar("scanning the held-out text", "layer") as progress:
+            scanned = heldout_scan(lm, tested, scores, progress=progress)
+    with progress_bar("checking the flagged neurons", "pass") as progress:
+        per_neuron, summary = validate_heldout(lm, candidates, tested, args.min_auroc, scanned=scanned, progress=progress)
     if args.ceiling:
         summary = with_ceiling(lm, scores, tested, summary, scanned=scanned)
     print(f"Held-out check of {len(candidates)} flagged rows ({args.metric} >= {args.threshold}), pass = AUROC >= {args.min_auroc}:")
@@ -590,7 +594,8 @@ def _run_contrast(args) -> int:
     if not (scores["score"] >= args.threshold).any():
         raise ValueError(f"no row of {args.csv} has score >= {args.threshold}: lower --threshold")
     lm = _load(args, model)
-    table = contrast_neurons(lm, scores, contrast_set, threshold=args.threshold, top=args.top or None)
+    with progress_bar("contrast sentences", "pass") as progress:
+        table = contrast_neurons(lm, scores, contrast_set, threshold=args.threshold, top=args.top or None, progress=progress)
     pd.set_option("display.width", 200)
     print(f"Word form or meaning? Neurons with score >= {args.threshold}, on {args.contrast or 'the built-in set'}:")
     print(table.round(3).to_string(index=False))

@@ -37,6 +37,7 @@ from .alignment import find_word_spans
 from .config import ConfigError, read_yaml_file, safe_load_yaml
 from .inspect_neuron import collect_activations
 from .models import LoadedModel
+from .scan.driver import ProgressFn
 from .sites import dense_mlp_rows, hook_name
 from .stats import auroc_exact
 
@@ -102,14 +103,15 @@ def load_contrast_set(path: str | os.PathLike = DEFAULT_CONTRAST_PATH) -> Contra
 
 
 def sentence_activations(
-    lm: LoadedModel, neurons: dict[int, list[int]], contrast_set: ContrastSet
+    lm: LoadedModel, neurons: dict[int, list[int]], contrast_set: ContrastSet, progress: ProgressFn | None = None
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Each neuron's value on every contrast sentence, and its baseline, from one pass over the sentences.
 
     Returns (values, baseline). values: category, word, sense, sentence, layer, neuron, activation (mean
     over the word's tokens in the sentence). baseline: layer, neuron, baseline_mean, baseline_std, over
-    every token of the sentences that belongs to none of their words. Raises ValueError for a word that gives no
-    token the model counts in its sentences (its tokenizer reads it as its unknown token, say).
+    every token of the sentences that belongs to none of their words. progress as collect_activations'. Raises
+    ValueError for a word that gives no token the model counts in its sentences (its tokenizer reads it as its
+    unknown token, say).
     """
     entries = [
         (category, word, sense, sentence)
@@ -120,7 +122,7 @@ def sentence_activations(
     ]
     sentences = list(dict.fromkeys(sentence for *_, sentence in entries))
     words = list(dict.fromkeys(word.lower() for _, word, _, _ in entries))
-    aligned, acts = collect_activations(lm, sentences, neurons, {w: [w] for w in words})
+    aligned, acts = collect_activations(lm, sentences, neurons, {w: [w] for w in words}, progress=progress)
     docs = aligned.tokens["doc"].to_numpy()
     doc_of = {sentence: i for i, sentence in enumerate(sentences)}
     word_tokens = np.zeros(aligned.n_tokens, dtype=bool)
@@ -161,12 +163,15 @@ def verdict(lift_in: float, lift_out: float, p_value: float) -> tuple[str, str]:
     return "unclear", "in the sense above out of it, but not consistently across sentences"
 
 
-def contrast_table(lm: LoadedModel, candidates: pd.DataFrame, contrast_set: ContrastSet) -> pd.DataFrame:
+def contrast_table(
+    lm: LoadedModel, candidates: pd.DataFrame, contrast_set: ContrastSet, progress: ProgressFn | None = None
+) -> pd.DataFrame:
     """Lexical or semantic verdict for candidate neurons (columns layer, neuron, category) on a contrast set.
 
     One row per candidate and contrast word of its category: layer, neuron, hook, category, word, n_in,
     n_out, in_mean, out_mean, baseline_mean, baseline_std, lift_in, lift_out, auroc, p_value, verdict,
-    reason (see the module docstring). Other candidate columns (e.g. score) are kept.
+    reason (see the module docstring). Other candidate columns (e.g. score) are kept. progress(done, total,
+    message): the forward passes over the sentences.
     Raises ValueError when no candidate's category is in the contrast set.
     """
     cands = candidates.assign(category=candidates["category"].astype(str))
@@ -174,7 +179,7 @@ def contrast_table(lm: LoadedModel, candidates: pd.DataFrame, contrast_set: Cont
     if cands.empty:
         raise ValueError(f"no candidate neuron is in a category of the contrast set ({', '.join(contrast_set)})")
     neurons = {int(layer): sorted(set(g["neuron"].astype(int))) for layer, g in cands.groupby("layer")}
-    values, baseline = sentence_activations(lm, neurons, contrast_set)  # the whole set: a baseline that no choice changes
+    values, baseline = sentence_activations(lm, neurons, contrast_set, progress)  # the whole set: a baseline that no choice changes
     base = baseline.set_index(["layer", "neuron"])
     groups = values.groupby(["layer", "neuron", "category", "word"], sort=False)
     rows = []
@@ -210,12 +215,17 @@ def check_shared_categories(scores: pd.DataFrame, contrast_set: ContrastSet) -> 
 
 
 def contrast_neurons(
-    lm: LoadedModel, scores: pd.DataFrame, contrast_set: ContrastSet, threshold: float = 2.0, top: int | None = 5
+    lm: LoadedModel,
+    scores: pd.DataFrame,
+    contrast_set: ContrastSet,
+    threshold: float = 2.0,
+    top: int | None = 5,
+    progress: ProgressFn | None = None,
 ) -> pd.DataFrame:
     """contrast_table for the dense MLP neurons with score >= threshold in the contrast set's categories (best
     `top` per category by score; None = all). A mixture-of-experts model's expert and shared-expert neurons are
-    left out: an expert sees only the tokens routed to it, so most contrast words never reach it.
-    Raises ValueError when the run has none of the set's categories, or when no neuron is flagged in them."""
+    left out: an expert sees only the tokens routed to it, so most contrast words never reach it. progress as
+    contrast_table's. Raises ValueError when the run has none of the set's categories, or when no neuron is flagged in them."""
     check_shared_categories(scores, contrast_set)
     rows = scores[(scores["score"] >= threshold) & scores["category"].astype(str).isin(list(contrast_set))]
     dense = dense_mlp_rows(rows)
@@ -230,4 +240,4 @@ def contrast_neurons(
         where = f"a category of the contrast set ({', '.join(contrast_set)})"
         raise ValueError(f"no neuron has score >= {threshold} in {where}")
     keep = ["layer", "neuron", "category", "score"]
-    return contrast_table(lm, rows[keep].reset_index(drop=True), contrast_set)
+    return contrast_table(lm, rows[keep].reset_index(drop=True), contrast_set, progress)

@@ -17,7 +17,7 @@ from .analysis import check_one_row_per_neuron, flagged, has_experts
 from .config import ConfigError, ScanConfig, as_scan_config, split_words, validate_config
 from .inspect_neuron import check_neuron_range, collect_activations, dense_sites
 from .models import LoadedModel
-from .scan.driver import batches, hooked, resolve_hook_points
+from .scan.driver import ProgressFn, batches, hooked, resolve_hook_points
 from .scan.result import ScanResult
 from .sites import dense_mlp_rows, expert_hook_name, hook_name, shared_expert_hook_name
 from .stats import MIN_CATEGORY_TOKENS, auroc_exact, moment_statistics
@@ -204,6 +204,7 @@ def validate_heldout(
     heldout: ScanConfig,
     min_auroc: float = DEFAULT_MIN_AUROC,
     scanned: ScanResult | None = None,
+    progress: ProgressFn | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Check candidate neurons (columns layer, neuron, category; expert for a mixture-of-experts model's) on a
     held-out text with its own words.
@@ -216,7 +217,8 @@ def validate_heldout(
     reported as untested rather than failed. scanned: heldout_scan's result (the ceiling's scan); where it
     recorded every candidate's neuron the check reads them off it instead of running the model over the text
     again, with the same results (not an MoE model's dense neurons: its scan keeps no activations).
-    heldout may be a config file's path (as_scan_config). Raises ValueError for an empty candidate list, a
+    progress(done, total, message): the passes over the held-out text (once when read off scanned). heldout may
+    be a config file's path (as_scan_config). Raises ValueError for an empty candidate list, a
     candidate repeated (check_candidates) or outside the model's neurons, or a scan of other text, ConfigError
     for an invalid held-out config, and TypeError for candidates that are not a DataFrame.
     """
@@ -233,9 +235,9 @@ def validate_heldout(
     reusable = scanned if scanned is not None and _recorded_every(scanned, cands) else None
     rows = []
     if dense.any():
-        rows += _dense_heldout_rows(lm, cands[dense], heldout, min_auroc, reusable)
+        rows += _dense_heldout_rows(lm, cands[dense], heldout, min_auroc, reusable, progress)
     if (~dense).any():
-        rows += _scanned_heldout_rows(lm, cands[~dense], heldout, min_auroc, reusable)
+        rows += _scanned_heldout_rows(lm, cands[~dense], heldout, min_auroc, reusable, progress)
     per_neuron = pd.DataFrame(rows)
     if experts:
         per_neuron["expert"] = pd.array(per_neuron["expert"], dtype="Int64")
@@ -253,16 +255,16 @@ def validate_heldout(
     return per_neuron, summary
 
 
-def heldout_scan(lm: LoadedModel, heldout: ScanConfig, scores: pd.DataFrame) -> ScanResult:
+def heldout_scan(lm: LoadedModel, heldout: ScanConfig, scores: pd.DataFrame, progress: ProgressFn | None = None) -> ScanResult:
     """The held-out text scanned over the layers and neurons the run's scores cover, AUROC on (exact when the
     memory plan can record the activations), without permutations or cv folds: with_ceiling's input, which
     validate_heldout can read its candidates off too (scanned=), so the model runs over the held-out text once.
-    heldout may be a config file's path. Raises, before the scan, what validate_heldout would raise for these
-    scores as candidates (check_candidates: repeated rows, neurons outside the model's)."""
+    heldout may be a config file's path; progress as scan's. Raises, before the scan, what validate_heldout would
+    raise for these scores as candidates (check_candidates: repeated rows, neurons outside the model's)."""
     heldout = as_scan_config(heldout, "heldout")
     check_candidates(lm, scores, "scores", "score rows")
     validate_config(heldout)
-    return _quick_scan(lm, heldout, *_run_extent(scores))
+    return _quick_scan(lm, heldout, *_run_extent(scores), progress=progress)
 
 
 def check_candidates(lm: LoadedModel, candidates: pd.DataFrame, argument: str, rows: str) -> pd.DataFrame:
@@ -315,13 +317,15 @@ def _check_sites_and_neurons(lm: LoadedModel, cands: pd.DataFrame, hooks_given: 
         check_neuron_range(group["neuron"].astype(int), widths[hook], where)
 
 
-def _quick_scan(lm: LoadedModel, heldout: ScanConfig, layers: list[int] | None, limit_neurons: int) -> ScanResult:
+def _quick_scan(
+    lm: LoadedModel, heldout: ScanConfig, layers: list[int] | None, limit_neurons: int, progress: ProgressFn | None = None
+) -> ScanResult:
     """A scan of the held-out text with AUROC and neither permutations nor cv folds (what the checks read needs
     neither), over `layers` and the first `limit_neurons` neurons of each site (0: all)."""
     from .scan.run import scan
 
     quick = dataclasses.replace(heldout, auroc=True, permutations=0, cv_folds=0)
-    return scan(lm, quick, layers=layers, limit_neurons=limit_neurons)
+    return scan(lm, quick, layers=layers, limit_neurons=limit_neurons, progress=progress)
 
 
 def _run_extent(scores: pd.DataFrame) -> tuple[list[int], int]:
@@ -344,18 +348,23 @@ def _recorded_every(scanned: ScanResult, cands: pd.DataFrame) -> bool:
 
 
 def heldout_ceiling(
-    lm: LoadedModel, heldout: ScanConfig, counts: dict[str, int], layers: list[int] | None = None, limit_neurons: int = 0
+    lm: LoadedModel,
+    heldout: ScanConfig,
+    counts: dict[str, int],
+    layers: list[int] | None = None,
+    limit_neurons: int = 0,
+    progress: ProgressFn | None = None,
 ) -> pd.Series:
     """Per category: the mean held-out AUROC of the best counts[category] neurons of lm on the held-out text,
     chosen on that text itself (the top by AUROC on a scan of it, over `layers` and the first `limit_neurons`
     neurons, as the run scanned). No choice of as many neurons from other text can do better there, so it
     bounds validate_heldout's mean_heldout_auroc from above; NaN for a category without tokens. The AUROC is
     exact when the scan's memory plan can record the held-out text's activations (any text of a few thousand
-    tokens), else binned from histograms."""
+    tokens), else binned from histograms. progress as scan's."""
     validate_config(heldout)
     if not any(counts.values()):  # nothing was tested: no scan to run
         return _best_aurocs(None, counts)
-    return _best_aurocs(_quick_scan(lm, heldout, layers, limit_neurons).scores, counts)
+    return _best_aurocs(_quick_scan(lm, heldout, layers, limit_neurons, progress).scores, counts)
 
 
 def _best_aurocs(scores: pd.DataFrame | None, counts: dict[str, int]) -> pd.Series:
@@ -369,14 +378,20 @@ def _best_aurocs(scores: pd.DataFrame | None, counts: dict[str, int]) -> pd.Seri
 
 
 def with_ceiling(
-    lm: LoadedModel, scores: pd.DataFrame, heldout: ScanConfig, summary: pd.DataFrame, scanned: ScanResult | None = None
+    lm: LoadedModel,
+    scores: pd.DataFrame,
+    heldout: ScanConfig,
+    summary: pd.DataFrame,
+    scanned: ScanResult | None = None,
+    progress: ProgressFn | None = None,
 ) -> pd.DataFrame:
     """validate_heldout's summary with best_possible_auroc: heldout_ceiling for as many neurons per category as
     were tested, over the layers and neurons the run's scores cover; read off scanned (heldout_scan's result for
-    these scores) when given, else from a scan of its own. Raises ValueError for a scan of other text."""
+    these scores) when given, else from a scan of its own (progress as scan's). Raises ValueError for a scan of
+    other text."""
     counts = dict(zip(summary["category"].astype(str), summary["tested"].astype(int)))
     if scanned is None:
-        ceiling = heldout_ceiling(lm, heldout, counts, *_run_extent(scores))
+        ceiling = heldout_ceiling(lm, heldout, counts, *_run_extent(scores), progress=progress)
     else:
         _check_scanned(scanned, heldout)
         ceiling = _best_aurocs(scanned.scores, counts)
@@ -397,7 +412,12 @@ def _checked(row: dict, n_tokens: int, auroc: float, separation: float, cohens_d
 
 
 def _dense_heldout_rows(
-    lm: LoadedModel, cands: pd.DataFrame, heldout: ScanConfig, min_auroc: float, scanned: ScanResult | None
+    lm: LoadedModel,
+    cands: pd.DataFrame,
+    heldout: ScanConfig,
+    min_auroc: float,
+    scanned: ScanResult | None,
+    progress: ProgressFn | None = None,
 ) -> list[dict]:
     """validate_heldout's rows of dense candidates: their activations on the held-out text, taken from a held-out
     scan that recorded them, else collected in one pass over it (chunked and batched as the scan does)."""
@@ -406,9 +426,10 @@ def _dense_heldout_rows(
         names, mask = scanned.categories, scanned.category_mask
         # C order, as collected: the statistics' sums then add in the same order, to the same last bit
         acts = {layer: np.ascontiguousarray(scanned.activations[layer][:, ids]) for layer, ids in neurons.items()}
+        _read_off_scan(progress)
     else:
-        aligned, acts = collect_activations(lm, heldout.texts, neurons, heldout.categories,
-                                            batch_size=heldout.batch_size, max_chunk_tokens=heldout.max_chunk_tokens)  # fmt: skip
+        aligned, acts = collect_activations(lm, heldout.texts, neurons, heldout.categories, batch_size=heldout.batch_size,
+                                            max_chunk_tokens=heldout.max_chunk_tokens, progress=progress)  # fmt: skip
         names, mask = aligned.categories, aligned.category_mask
     rows = []
     for layer, ids in neurons.items():
@@ -432,6 +453,12 @@ def _dense_heldout_rows(
     return rows
 
 
+def _read_off_scan(progress: ProgressFn | None) -> None:
+    """Tell progress that the held-out check's values come off the held-out scan, with no pass of their own."""
+    if progress is not None:
+        progress(1, 1, "read off the held-out scan")
+
+
 def _identity(cand) -> dict:
     """A candidate row's layer, expert (where the candidates have one), neuron, category and hook."""
     expert = {"expert": pd.NA if pd.isna(cand.expert) else int(cand.expert)} if hasattr(cand, "expert") else {}
@@ -439,13 +466,20 @@ def _identity(cand) -> dict:
 
 
 def _scanned_heldout_rows(
-    lm: LoadedModel, cands: pd.DataFrame, heldout: ScanConfig, min_auroc: float, scanned: ScanResult | None
+    lm: LoadedModel,
+    cands: pd.DataFrame,
+    heldout: ScanConfig,
+    min_auroc: float,
+    scanned: ScanResult | None,
+    progress: ProgressFn | None = None,
 ) -> list[dict]:
     """validate_heldout's rows of expert (and shared-expert) candidates, read off a scan of the held-out text over
     their layers (every candidate's neuron included, whatever the held-out config's limit_neurons), or off scanned
     where given: each expert's statistics on the tokens routed to it, AUROC (exact when the memory plan records,
     as for any short text), Welch's p-value."""
-    scores = scanned.scores if scanned is not None else _quick_scan(lm, heldout, *_run_extent(cands)).scores
+    if scanned is not None:
+        _read_off_scan(progress)
+    scores = scanned.scores if scanned is not None else _quick_scan(lm, heldout, *_run_extent(cands), progress).scores
     found = scores.assign(hook=scores["hook"].astype(str), category=scores["category"].astype(str)).set_index(["hook", "neuron", "category"])
     rows = []
     for cand in cands.itertuples():

@@ -11,7 +11,7 @@ from .analysis import neuron_groups
 from .config import layer_list_text
 from .models import LoadedModel
 from .placement import offloaded_weights_loaded
-from .scan.driver import batches, run_hooked_forward
+from .scan.driver import ProgressFn, batches, run_hooked_forward
 from .scan.result import ScanResult
 from .sites import NeuronSite, expert_hook_name, hook_name, resolve_sites, shared_expert_hook_name
 
@@ -47,10 +47,12 @@ def collect_activations(
     categories: dict[str, list[str]] | None = None,
     batch_size: int = 8,
     max_chunk_tokens: int = 0,
+    progress: ProgressFn | None = None,
 ):
     """Per-token activations of chosen neurons over texts, in one forward pass per batch of chunks.
 
     neurons: {layer: [neuron, ...]}. Returns (AlignedText, {layer: float32 array [n_tokens, len(neurons[layer])]}).
+    progress(done, total, message) is called before the first forward pass and after each (total: the passes).
     Raises ValueError for neurons or layers out of range, mixture-of-experts layers (dense_sites), or texts without
     countable tokens.
     """
@@ -68,7 +70,16 @@ def collect_activations(
         def keep(site, acts, _batch, _slots):
             parts[site.layer].append(acts.cpu().numpy())
 
-        run_hooked_forward(lm, batches(aligned.chunks, batch_size, lm.pad_id), sites, keep, pick)
+        n_passes, passes_done = -(-len(aligned.chunks) // batch_size), 0
+        report = progress or (lambda done, total, message: None)
+
+        def count_pass(_batch) -> None:
+            nonlocal passes_done
+            passes_done += 1
+            report(passes_done, n_passes, f"forward pass {passes_done + 1} of {n_passes}" if passes_done < n_passes else "done")
+
+        report(0, n_passes, f"forward pass 1 of {n_passes}")
+        run_hooked_forward(lm, batches(aligned.chunks, batch_size, lm.pad_id), sites, keep, pick, on_batch=count_pass)
     return aligned, {layer: np.concatenate(p) for layer, p in parts.items()}
 
 

@@ -9,7 +9,7 @@ from mechamap_core.contrast import FORMAT_HELP, contrast_neurons, load_contrast_
 from mechamap_core.scan import ScanResult
 from mechamap_ui import state
 from mechamap_ui.config_tools import MAX_YAML_UPLOAD_MB, readable_error, uploaded_yaml_text
-from mechamap_ui.widgets import neuron_table, stat_column_config
+from mechamap_ui.widgets import neuron_table, progress_bar, stat_column_config
 
 CONTRAST_RESULT = "contrast_result"
 BUILT_IN = "Built-in (ambiguous words of the default categories)"
@@ -48,8 +48,9 @@ def contrast_section(result: ScanResult, lm) -> None:
     inputs = (threshold, top, contrast_set)
     if contrast_set is not None and st.button("Run contrast check", key="contrast_run"):
         try:
-            with st.spinner("Running the contrast sentences through the model..."):
-                state.keep_check(CONTRAST_RESULT, result, inputs, contrast_neurons(lm, result.scores, contrast_set, threshold, top))
+            with progress_bar("Running the contrast sentences through the model") as on_progress:
+                table = contrast_neurons(lm, result.scores, contrast_set, threshold, top, progress=on_progress)
+            state.keep_check(CONTRAST_RESULT, result, inputs, table)
         except (ValueError, RuntimeError) as exc:
             st.session_state.pop(CONTRAST_RESULT, None)  # no earlier result shown as if it were this one's
             st.error(str(exc))

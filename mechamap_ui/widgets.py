@@ -1,10 +1,12 @@
-"""Widgets shared by the explorer pages: metric picker, threshold slider, chart downloads, capped and clickable tables;
-and the wording the pages share (counted nouns, layers a model does not have)."""
+"""Widgets shared by the explorer pages: metric picker, threshold slider, chart downloads, capped and clickable tables,
+progress bars; and the wording the pages share (counted nouns, layers a model does not have)."""
 
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import altair as alt
 import numpy as np
@@ -52,6 +54,20 @@ BLANK_REASONS = {
                                              "swaps labels between categories' words; welch_p has a value)"),
     "top_tokens": "no top tokens were recorded for the neuron",
 }
+
+
+@contextmanager
+def progress_bar(label: str) -> Iterator[Callable[[int, int | None, str], None]]:
+    """A bar for the core's progress(done, total, message) calls, its text "label: message", gone afterwards."""
+    bar = st.progress(0.0, text=f"{label} ...")
+
+    def on_progress(done: int, total: int | None, message: str) -> None:
+        bar.progress(min(done / total, 1.0) if total else 0.0, text=f"{label}: {message}")
+
+    try:
+        yield on_progress
+    finally:
+        bar.empty()
 
 
 def counted(n: int, noun: str, plural: str | None = None) -> str:

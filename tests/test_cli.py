@@ -239,12 +239,16 @@ def test_validate_prints_summary(scanned, capsys, tmp_path):
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "Held-out check of" in captured.out
+    assert "checking the flagged neurons" in captured.err and "%|" in captured.err  # tqdm's bar
+    assert "scanning the held-out text" not in captured.err  # no ceiling, no scan of it
     table = pd.read_csv(paths["csv"])
     assert f"Held-out check of {int((table['score'] >= 1).sum())} flagged rows" in captured.out
     columns = list(pd.read_csv(out_csv).columns)
     assert columns.count("hook") == 1 and not [c for c in columns if c.endswith("_scan")]  # one hook column
     assert main(["validate", "--csv", str(paths["csv"]), "--heldout", HELDOUT, "--threshold", "0", "--device", "cpu", "--ceiling"]) == 0
-    lines = capsys.readouterr().out.splitlines()
+    captured = capsys.readouterr()
+    assert "scanning the held-out text" in captured.err and "read off the held-out scan" in captured.err
+    lines = captured.out.splitlines()
     header = lines[1].split()
     assert header[-2:] == ["mean_heldout_auroc", "best_possible_auroc"]
     for line in lines[2:]:  # the best neurons among the scanned 8 per layer, chosen on the held-out text, bound the mean

@@ -179,7 +179,11 @@ def test_a_contrast_word_the_model_cannot_count_is_named():
 
 def test_contrast_neurons_picks_the_best_flagged_per_category(tiny_bert):
     scores = CANDIDATES.assign(category=["color", "color", "food"])
-    table = contrast_neurons(tiny_bert, scores, SET, threshold=2.15, top=1)
+    calls = []
+    table = contrast_neurons(tiny_bert, scores, SET, threshold=2.15, top=1, progress=lambda *call: calls.append(call))
+    n_passes = calls[0][1]  # one per batch of 8 sentences, counted before the first
+    assert [(done, total) for done, total, _ in calls] == [(done, n_passes) for done in range(n_passes + 1)]
+    assert calls[-1][2] == "done" and n_passes >= 1
     assert set(zip(table["layer"], table["neuron"])) == {(0, 3)}  # (1, 5) is second, (1, 40) not in the set
     with pytest.raises(ValueError, match="no neuron has score >= 9"):
         contrast_neurons(tiny_bert, scores, SET, threshold=9)
@@ -199,7 +203,9 @@ def test_cli_contrast(tiny_models, tiny_bert, tmp_path, capsys):
     out = tmp_path / "verdicts.csv"
     args = ["contrast", "--csv", str(scores_csv), "--contrast", str(contrast_file), "--threshold", "-100", "--top", "2"]
     assert main([*args, "--out", str(out), "--device", "cpu"]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert "contrast sentences" in captured.err and "%|" in captured.err  # tqdm's bar over the forward passes
     expected = contrast_neurons(tiny_bert, pd.read_csv(scores_csv), SET, threshold=-100, top=2)
     got = pd.read_csv(out)
     assert list(got["word"]) == list(expected["word"]) and list(got["verdict"]) == list(expected["verdict"])

@@ -124,12 +124,15 @@ def test_heldout_check_read_off_the_ceilings_scan_equals_its_own_passes(tiny_ber
     scanned = heldout_scan(tiny_bert, heldout, scores)
     assert scanned.metadata["auroc_method"] == "exact" and scanned.metadata["layers"] == [0, 1]
     calls, handle = model_forwards(tiny_bert.model)
+    reported = []
     try:
-        per_neuron, summary = validate_heldout(tiny_bert, candidates, heldout, min_auroc=0.6, scanned=scanned)
+        per_neuron, summary = validate_heldout(tiny_bert, candidates, heldout, min_auroc=0.6, scanned=scanned,
+                                               progress=lambda *call: reported.append(call))  # fmt: skip
         with_best = with_ceiling(tiny_bert, scores, heldout, summary, scanned=scanned)
     finally:
         handle.remove()
     assert calls == []  # the model did not run over the held-out text again
+    assert reported == [(1, 1, "read off the held-out scan")]  # and progress says so
     pd.testing.assert_frame_equal(per_neuron, own_neurons, check_exact=True)
     pd.testing.assert_frame_equal(summary, own_summary, check_exact=True)
     old_scan = scan(tiny_bert, dataclasses.replace(heldout, auroc=True, permutations=0, cv_folds=0), layers=[0, 1],
@@ -173,6 +176,32 @@ def test_expert_heldout_check_read_off_a_wider_scan_equals_its_own(default_cfg):
     assert per_neuron["status"].isin(["pass", "fail"]).any() and per_neuron["hook"].str.contains(".experts.").all()
     pd.testing.assert_frame_equal(per_neuron, own_neurons, check_exact=True)
     pd.testing.assert_frame_equal(summary, own_summary, check_exact=True)
+
+
+def test_heldout_check_and_collect_activations_count_their_forward_passes(tiny_bert):
+    """progress(done, total, message): before the first forward pass and after each, one per batch of chunks, and
+    the same activations as without it; the held-out check's own pass and its scan report theirs."""
+    texts = [TEXT, TEXT.upper(), TEXT[:40], TEXT[40:]]
+    neurons = {0: [1, 2], 1: [3]}
+    calls = []
+    aligned, acts = collect_activations(tiny_bert, texts, neurons, WORDS, batch_size=3, max_chunk_tokens=16,
+                                        progress=lambda *call: calls.append(call))  # fmt: skip
+    n_passes = -(-len(aligned.chunks) // 3)
+    assert n_passes >= 2
+    assert calls == [(0, n_passes, f"forward pass 1 of {n_passes}")] + [
+        (done, n_passes, f"forward pass {done + 1} of {n_passes}" if done < n_passes else "done")
+        for done in range(1, n_passes + 1)
+    ]  # fmt: skip
+    quiet = collect_activations(tiny_bert, texts, neurons, WORDS, batch_size=3, max_chunk_tokens=16)[1]
+    assert all(np.array_equal(acts[layer], quiet[layer]) for layer in neurons)
+    heldout = ScanConfig(master_text=TEXT, categories=WORDS)
+    candidates = pd.DataFrame({"layer": [0, 1], "neuron": [3, 5], "category": ["food", "location"]})
+    checked = []
+    validate_heldout(tiny_bert, candidates, heldout, progress=lambda *call: checked.append(call))
+    assert checked[0][:2] == (0, 1) and checked[-1] == (1, 1, "done")  # the text is one batch
+    scanned = []
+    heldout_scan(tiny_bert, heldout, candidates, progress=lambda *call: scanned.append(call))
+    assert scanned and scanned[-1][0] == scanned[-1][1] == 2  # the scan's steps, one per layer
 
 
 def test_heldout_reports_untested_categories(tiny_bert):

@@ -34,6 +34,7 @@ from mechamap_ui.widgets import (
     counted,
     metric_picker,
     neuron_table,
+    progress_bar,
     stat_column_config,
     threshold_slider,
 )
@@ -104,13 +105,13 @@ with held_tab:
         scanned, ceiling_problem = None, None
         if ceiling and not candidates.empty:  # one scan of the held-out text serves the ceiling and the check
             try:
-                with st.spinner("Scanning the held-out text..."):
-                    scanned = heldout_scan(lm, heldout, result.scores)
+                with progress_bar("Scanning the held-out text") as on_progress:
+                    scanned = heldout_scan(lm, heldout, result.scores, progress=on_progress)
             except (ConfigError, ValueError, RuntimeError) as exc:
                 ceiling_problem = exc
         try:
-            with st.spinner("Checking the flagged neurons on the held-out text..."):
-                per_neuron, summary = validate_heldout(lm, candidates, heldout, min_auroc, scanned=scanned)
+            with progress_bar("Checking the flagged neurons on the held-out text") as on_progress:
+                per_neuron, summary = validate_heldout(lm, candidates, heldout, min_auroc, scanned=scanned, progress=on_progress)
                 if scanned is not None:
                     summary = with_ceiling(lm, result.scores, heldout, summary, scanned=scanned)
             state.keep_check(HELDOUT_CHECK, result, heldout_inputs, (per_neuron, summary))
@@ -189,18 +190,13 @@ with ablate_tab:
     controls = int(c2.number_input("Random control sets", MIN_CONTROLS, 50, 5, help="At least two, so that their spread and z exist"))
     ablation_inputs = (category, tuple(neurons), mode, controls)
     if st.button("Run ablation", type="primary", disabled=not neurons):
-        bar = st.progress(0.0, text="Starting ...")
-
-        def on_progress(done: int, total: int, message: str) -> None:
-            bar.progress(done / total, text=f"Forward pass {min(done + 1, total)} of {total}: {message}" if done < total else "Done")
-
         try:
-            outcome = ablate(lm, scanned_cfg, category, neurons, mode=mode, n_controls=controls, progress=on_progress)
+            with progress_bar("Ablation") as on_progress:
+                outcome = ablate(lm, scanned_cfg, category, neurons, mode=mode, n_controls=controls, progress=on_progress)
             state.keep_check(ABLATION_CHECK, result, ablation_inputs, outcome)
         except (ConfigError, ValueError, RuntimeError) as exc:
             st.session_state.pop(ABLATION_CHECK, None)  # no earlier result shown as if it were this one's
             st.error(str(exc))
-        bar.empty()
     outcome = state.kept_check(ABLATION_CHECK, result, ablation_inputs, "ablation")
     if outcome is not None:
         s = outcome.summary
