@@ -575,6 +575,14 @@ def words_text(words: list[str]) -> str:
 def split_words(text: str) -> list[str]:
     """The words of one line written as words_text writes them: split on commas outside double quotes, each stripped,
     blank ones dropped ('Washington, D.C.' unquoted is two words; quoted, one). A line break separates words as a
-    comma does (a word never holds one: a cell typed over two lines is two words)."""
+    comma does (a word never holds one: a cell typed over two lines is two words). Raises ValueError for a double
+    quote that opens a word and is never closed: read as CSV reads it, it would swallow the rest of the line into
+    one word ('"New York, Paris' one word, where two were meant)."""
     one_line = re.sub(r"\r\n|[\r\n]", ",", text)
+    try:
+        next(csv.reader([one_line], skipinitialspace=True, strict=True), [])
+    except csv.Error as exc:  # strict also refuses text after a closing quote ('"x" , y'), which is read as before
+        if "unexpected end of data" in str(exc):
+            raise ValueError(f"a double quote opens a word and is never closed in '{text.strip()}': close it, or write "
+                             'a double quote inside a word as two ("")') from None  # fmt: skip
     return [word.strip() for word in next(csv.reader([one_line], skipinitialspace=True), []) if word.strip()]

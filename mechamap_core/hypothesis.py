@@ -37,7 +37,8 @@ def parse_typed_words(text: str) -> dict[str, list[str]]:
     """'food: sushi, grape' lines -> {"food": ["sushi", "grape"]} (a word holding a comma in double quotes, as
     config.split_words reads them): blank lines and blank words skipped, a category
     given on several lines gets every line's words (each once, in first order), a category without words kept
-    with none (check_heldout_inputs names it). Raises ConfigError naming a line without ':' or without a name."""
+    with none (check_heldout_inputs names it). Raises ConfigError naming a line without ':' or without a name, or
+    with a double quote never closed."""
     words: dict[str, list[str]] = {}
     problems = []
     for number, line in enumerate(text.splitlines(), start=1):
@@ -49,8 +50,13 @@ def parse_typed_words(text: str) -> dict[str, list[str]]:
         elif not name.strip():
             problems.append(("categories", f"line {number}: the category name before ':' is missing"))
         else:
+            try:
+                typed = split_words(rest)
+            except ValueError as exc:
+                problems.append(("categories", f"line {number}: {exc}"))
+                continue
             listed = words.setdefault(name.strip(), [])
-            listed += [w for w in dict.fromkeys(split_words(rest)) if w not in listed]
+            listed += [w for w in dict.fromkeys(typed) if w not in listed]
     if problems:
         raise ConfigError(problems)
     return words

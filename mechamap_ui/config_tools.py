@@ -106,14 +106,19 @@ def table_to_categories(table: pd.DataFrame) -> tuple[dict[str, list[str]], list
     """Categories from the editor table, plus (field, message) problems the dict alone cannot show.
 
     Fully blank rows are ignored. A name used twice would collapse in a dict, so it is reported here.
-    Words are split on commas outside double quotes and stripped (config.split_words).
+    Words are split on commas outside double quotes and stripped (config.split_words); a row whose words open a
+    double quote and never close it is a problem.
     """
     categories: dict[str, list[str]] = {}
     problems: list[tuple[str, str]] = []
     first_row: dict[str, int] = {}
     for number, (_, row) in enumerate(table.iterrows(), start=1):
         name = _cell(row.get("category")).strip()
-        words = split_words(_cell(row.get("words")))
+        try:
+            words = split_words(_cell(row.get("words")))
+        except ValueError as exc:
+            problems.append((f"categories.{name}", f"row {number}: {exc}"))
+            continue
         if not name and not words:
             continue
         if not name:

@@ -164,6 +164,15 @@ def test_a_word_holding_a_line_break_is_refused_and_the_editor_splits_a_cell_the
     assert split_words("alpha\nbeta, Monday\r\n\"1,000\"") == ["alpha", "beta", "Monday", "1,000"]
 
 
+def test_a_double_quote_never_closed_is_refused_not_read_as_one_word():
+    """'"New York, Paris' read CSV-style was one word holding the rest of the line; a quote inside a word, a doubled
+    one and a space after a closing quote read as before."""
+    for text in ['"New York, Paris', 'Oslo, "Lima', '"a ""b"" c']:
+        with pytest.raises(ValueError, match="opens a word and is never closed"):
+            split_words(text)
+    assert split_words('x"y, "a ""b"" c", "Lima" , Oslo') == ['x"y', 'a "b" c', "Lima", "Oslo"]
+
+
 def test_equal_words_or_values_are_not_repeated_keys():
     cfg = parse_config("master_text: a dog and a dog\ncategories:\n  animal: [dog, dog]\n  pet: [dog]\nlayers: [1, 1]\n")
     assert cfg.categories == {"animal": ["dog", "dog"], "pet": ["dog"]}

@@ -339,6 +339,8 @@ def test_parse_typed_words_merges_repeated_categories_and_names_bad_lines():
         parse_typed_words("food: sushi\nfood sushi")
     with pytest.raises(ConfigError, match=re.escape("line 1: the category name before ':' is missing")):
         parse_typed_words(" : sushi")
+    with pytest.raises(ConfigError, match=re.escape("line 2: a double quote opens a word and is never closed")):
+        parse_typed_words('food: sushi\nlocation: "New York, Lima')
 
 
 def test_check_heldout_inputs_names_unknown_categories_wordless_categories_and_absent_words():

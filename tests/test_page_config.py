@@ -435,6 +435,10 @@ def test_table_helpers_round_trip():
     assert table["words"].tolist()[1] == 'New York, "Washington, D.C."'  # a word with a comma is quoted in the cell
     back, problems = table_to_categories(table)
     assert back == cats and problems == []
+    table.loc[1, "words"] = '"New York, Lima'  # a quote never closed: a problem, not one word "New York, Lima"
+    back, problems = table_to_categories(table)
+    assert "city" not in back and problems == [("categories.city", "row 2: a double quote opens a word and is never closed "
+                                                "in '\"New York, Lima': close it, or write a double quote inside a word as two (\"\")")]  # fmt: skip
 
 
 def test_words_with_commas_survive_loading_editing_and_saving(app_env):
