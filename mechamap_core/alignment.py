@@ -98,6 +98,23 @@ def words_in_several_categories(categories: dict[str, list[str]]) -> dict[str, l
     return {spelled[key]: cats for key, cats in listed.items() if len(cats) > 1}
 
 
+def repeated_word_notes(categories: dict[str, list[str]]) -> list[str]:
+    """One sentence (no closing period) for each word that several categories list (words_in_several_categories) and
+    for each word a category lists more than once as the text matches words ('Pizza' after 'pizza': its tokens count
+    once, distinct_words, so this is only untidy): what the CLI warns of before a scan and the Config page shows."""
+    notes = [f"'{word}' is a word of {' and '.join(map(repr, cats))}: its tokens count for each, so these categories "
+             "share that evidence (keep it in one, unless the overlap is the point)"
+             for word, cats in words_in_several_categories(categories).items()]  # fmt: skip
+    for category, words in categories.items():
+        spellings: dict[str, list[str]] = {}
+        for word in words:
+            if matching_key(word):
+                spellings.setdefault(matching_key(word), []).append(word)
+        notes += [f"'{listed[0]}' is listed {len(listed)} times in '{category}' ({', '.join(map(repr, listed))}): words "
+                  "match whatever their case, so once is enough" for listed in spellings.values() if len(listed) > 1]  # fmt: skip
+    return notes
+
+
 def special_token_frame(tokenizer) -> tuple[list[int], list[int]]:
     """The ids the tokenizer puts before and after a single sequence (e.g. [CLS] / [SEP], or BOS)."""
     probe = "hello"

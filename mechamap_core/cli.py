@@ -789,20 +789,10 @@ def _note_thin_experts(result) -> None:
 def _warn_repeated_words(cfg) -> None:
     """Before a scan: a warning for each word that several categories list (its tokens count for each) and for each
     word one category lists more than once (words match whatever their case and spacing, so once is enough)."""
-    from .alignment import matching_key, words_in_several_categories
+    from .alignment import repeated_word_notes
 
-    for word, categories in words_in_several_categories(cfg.categories).items():
-        print(f"warning: '{word}' is a word of {' and '.join(map(repr, categories))}: its tokens count for each, so "
-              "these categories share that evidence (keep it in one, unless the overlap is the point)", file=sys.stderr)  # fmt: skip
-    for category, words in cfg.categories.items():
-        spellings: dict[str, list[str]] = {}
-        for word in words:
-            spellings.setdefault(matching_key(word), []).append(word)
-        for listed in spellings.values():
-            if len(listed) > 1:
-                print(f"warning: '{listed[0]}' is listed {len(listed)} times in '{category}' "
-                      f"({', '.join(map(repr, listed))}): words match whatever their case, so once is enough",
-                      file=sys.stderr)  # fmt: skip
+    for note in repeated_word_notes(cfg.categories):
+        print(f"warning: {note}", file=sys.stderr)
 
 
 def _warn_missing_words(cfg) -> None:

@@ -8,7 +8,7 @@ import re
 
 import pandas as pd
 
-from mechamap_core.alignment import align, coverage_summary, find_word_spans, word_coverage, words_in_several_categories
+from mechamap_core.alignment import align, coverage_summary, find_word_spans, repeated_word_notes, word_coverage
 from mechamap_core.config import ConfigError, ScanConfig, safe_child_path, split_words, validate_config, words_text
 from mechamap_core.stats import MIN_CATEGORY_TOKENS
 
@@ -160,7 +160,7 @@ def coverage_table(texts: list[str], categories: dict[str, list[str]], tokenizer
 def coverage_warnings(coverage: pd.DataFrame, categories: dict[str, list[str]]) -> list[str]:
     """What a scan of this coverage (coverage_table's) would leave empty or blur, one sentence each: categories with
     fewer than MIN_CATEGORY_TOKENS tokens in the text (their neurons get no statistics; without a tokenizer, those
-    none of whose words occurs), and words that several categories list."""
+    none of whose words occurs), words that several categories list, and words a category lists twice."""
     warnings = []
     if "n_tokens" in coverage.columns:
         for row in coverage[coverage["n_tokens"] < MIN_CATEGORY_TOKENS].itertuples():
@@ -172,12 +172,7 @@ def coverage_warnings(coverage: pd.DataFrame, categories: dict[str, list[str]]) 
     else:
         for row in coverage[coverage["found"] == 0].itertuples():
             warnings.append(f"None of the words of '{row.category}' occurs in the text: its neurons will have no statistics for it.")
-    for word, cats in words_in_several_categories(categories).items():
-        warnings.append(
-            f"'{word}' is a word of {' and '.join(repr(c) for c in cats)}: its tokens count for each, so these "
-            "categories share that evidence (keep it in one, unless the overlap is the point)."
-        )
-    return warnings
+    return warnings + [f"{note}." for note in repeated_word_notes(categories)]
 
 
 def highlight_html(text: str, categories: dict[str, list[str]]) -> tuple[str, bool]:

@@ -76,18 +76,20 @@ def test_add_rename_and_delete_categories(app_env):
 
 def test_coverage_names_categories_too_thin_to_score_and_shared_words(app_env):
     """A category covering fewer than MIN_CATEGORY_TOKENS tokens (counted in the coverage table, with the bundled
-    tokenizer) and a word two categories list each get a warning; the default config's categories get none."""
+    tokenizer), a word two categories list and a word one category lists twice each get a warning (the CLI's, as
+    the CLI words it before a scan); the default config's categories get none."""
     at = config_page()
     assert not [w for w in texts(at.warning) if "fewer than" in w or "is a word of" in w]
     shared = at.session_state[ACTIVE_CONFIG].categories["language"][0]  # "English", as the config writes it
     assert shared != shared.lower()
-    edit_table(at, added=[{"category": "planet", "words": "Mars, Venus"}, {"category": "tongue", "words": shared.lower()}])
+    edit_table(at, added=[{"category": "planet", "words": "Mars, Venus, mars"}, {"category": "tongue", "words": shared.lower()}])
     no_exception(at)
     coverage = at.dataframe[1].value.set_index("category")
     assert coverage.loc["planet", "n_tokens"] == 0
     warned = texts(at.warning)
     assert any(w.startswith("'planet' covers 0 tokens of the text, fewer than 5") for w in warned), warned
     assert any(w.startswith(f"'{shared}' is a word of 'language' and 'tongue'") for w in warned), warned  # as written
+    assert "'Mars' is listed 2 times in 'planet' ('Mars', 'mars'): words match whatever their case, so once is enough." in warned
     assert not at.error, "warnings, not errors: the config can still be saved and scanned"
 
 
