@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from . import analysis
-from .config import ConfigError, layer_list_text, load_config, parse_layer_list
+from .config import ConfigError, layer_list_text, layers_out_of_range, load_config, parse_layer_list
 from .errors import first_line
 from .files import format_suffix
 from .stats import CV_AUROC_NEEDS
@@ -196,6 +196,24 @@ def _load(args, spec: str, device: str | None = None):
         )  # fmt: skip
     finally:
         close()
+
+
+def _check_layers_exist(spec: str, revision: str | None, layers: list[int] | None) -> None:
+    """A ValueError naming the layers the model lacks, read from its config.json before it loads (or downloads its
+    weights), where that file is at hand: the bundled model, a local folder, a cached Hub id (models.model_depth).
+    Elsewhere the scan refuses them once the model has loaded, as a spec the loader refuses is named by _load."""
+    from .hub import ModelNotAvailableError
+    from .models import model_depth, model_name
+
+    if not layers:
+        return
+    try:
+        depth = model_depth(model_name(spec, revision))
+    except ModelNotAvailableError:
+        return
+    problem = layers_out_of_range(layers, depth[0]) if depth else None
+    if problem:
+        raise ValueError(problem)
 
 
 def _check_revision_applies(revision: str | None, spec: str) -> None:
@@ -651,6 +669,7 @@ def _run_scan(args) -> int:
         input_folders={"the model folder": _model_folder(cfg.model), "--checkpoint-dir": args.checkpoint_dir},
         formats={"--csv": ".csv", "--json": ".json", "--parquet": ".parquet", "--routing": ".csv"},
     )
+    _check_layers_exist(cfg.model, args.revision, args.layers if args.layers is not None else cfg.layers)
     _warn_repeated_words(cfg)
     if not corpus:
         _warn_missing_words(cfg)

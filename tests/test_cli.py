@@ -359,6 +359,20 @@ def test_scores_files_are_read_only_as_csv_or_parquet(scanned, capsys, tmp_path,
     assert_one_line_error(capsys.readouterr().err, "--csv", "is a folder")
 
 
+def test_scan_refuses_layers_the_model_lacks_before_it_loads(monkeypatch, tiny_models, tmp_path, capsys):
+    """Read from config.json (the bundled model's, a local folder's): no load, no download of weights first."""
+    no_model_loads(monkeypatch)
+    assert main(["scan", "--config", DEFAULT, "--layers", "0,9"]) == 1
+    assert_one_line_error(capsys.readouterr().err, "layer 9 is out of range: this model has layers 0-5")
+    tiny = ["scan", "--config", DEFAULT, "--model", str(tiny_models.path("gpt2")), "--layers", "1-3"]
+    assert main(tiny) == 1
+    assert_one_line_error(capsys.readouterr().err, "layers 2-3 are out of range: this model has layers 0-1")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("I ate pizza in Paris.\n")
+    assert main([*tiny, "--corpus", str(corpus)]) == 1  # a corpus scan too
+    assert_one_line_error(capsys.readouterr().err, "layers 2-3 are out of range")
+
+
 def test_ablate_neuron_out_of_range(capsys):
     code = main(["ablate", "--config", DEFAULT, "--category", "food", "--neurons", "5:99999", "--device", "cpu"])
     assert code == 1
