@@ -197,11 +197,15 @@ def test_heldout_check_and_collect_activations_count_their_forward_passes(tiny_b
     heldout = ScanConfig(master_text=TEXT, categories=WORDS)
     candidates = pd.DataFrame({"layer": [0, 1], "neuron": [3, 5], "category": ["food", "location"]})
     checked = []
-    validate_heldout(tiny_bert, candidates, heldout, progress=lambda *call: checked.append(call))
+    _, summary = validate_heldout(tiny_bert, candidates, heldout, progress=lambda *call: checked.append(call))
     assert checked[0][:2] == (0, 1) and checked[-1] == (1, 1, "done")  # the text is one batch
-    scanned = []
-    heldout_scan(tiny_bert, heldout, candidates, progress=lambda *call: scanned.append(call))
-    assert scanned and scanned[-1][0] == scanned[-1][1] == 2  # the scan's steps, one per layer
+    for scan_of_its_own in (
+        lambda report: heldout_scan(tiny_bert, heldout, candidates, progress=report),
+        lambda report: with_ceiling(tiny_bert, candidates, heldout, summary, progress=report),  # its ceiling's scan
+    ):
+        scanned = []
+        scan_of_its_own(lambda *call: scanned.append(call))
+        assert scanned and scanned[-1][0] == scanned[-1][1] == 2  # the scan's steps, one per layer
 
 
 def test_heldout_reports_untested_categories(tiny_bert):
