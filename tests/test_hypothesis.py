@@ -204,7 +204,7 @@ def test_heldout_check_and_collect_activations_count_their_forward_passes(tiny_b
         lambda report: with_ceiling(tiny_bert, candidates, heldout, summary, progress=report),  # its ceiling's scan
     ):
         scanned = []
-        scan_of_its_own(lambda *call: scanned.append(call))
+        scan_of_its_own(lambda *call, calls=scanned: calls.append(call))
         assert scanned and scanned[-1][0] == scanned[-1][1] == 2  # the scan's steps, one per layer
 
 
