@@ -18,12 +18,18 @@ def model_for(result: ScanResult):
         return None
 
 
-def recomputed_token_table(result: ScanResult, layer: int, neuron: int):
-    """The neuron's per-token table recomputed with one forward pass (runs without recorded activations)."""
+def recomputed_token_table(result: ScanResult, layer: int, neuron: int, progress=None):
+    """The neuron's per-token table recomputed with one forward pass (runs without recorded activations), over
+    the run's texts in the run's chunks (its max_chunk_tokens: a token's context, so its activation, depends on
+    them) and batches. progress(done, total, message): the forward passes."""
     lm = model_for(result)
     if lm is None:
         return None
-    aligned, acts = collect_activations(lm, result.texts, {layer: [neuron]}, result.metadata["config"]["categories"])
+    cfg = result.metadata["config"]
+    aligned, acts = collect_activations(
+        lm, result.texts, {layer: [neuron]}, cfg["categories"], batch_size=cfg.get("batch_size", 8),
+        max_chunk_tokens=cfg.get("max_chunk_tokens", 0), progress=progress,
+    )  # fmt: skip
     return token_table(aligned.tokens, acts[layer][:, 0], aligned.category_mask, aligned.categories)
 
 

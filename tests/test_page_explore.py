@@ -680,3 +680,24 @@ def test_typed_text_activations_show_in_one_number_format(result):
     (typed,) = [frame for frame in at.dataframe if list(frame.value.columns) == ["token", "activation"]]
     columns = json.loads(typed.proto.columns or "{}")
     assert re.fullmatch(r"%\.\d+f", columns["activation"]["type_config"]["format"]), columns
+
+
+def test_recomputed_activations_of_a_run_without_recording_equal_the_recorded_ones(tiny_models):
+    """The Neuron page recomputes a run's per-token activations when the run did not record them: in the run's own
+    chunks (max_chunk_tokens 16 here: a token's context, so its activation, depends on them), so they equal those a
+    recording scan keeps; progress counts the forward passes."""
+    from mechamap_core import ScanConfig, load_model, scan
+    from mechamap_core.inspect_neuron import neuron_token_table
+    from mechamap_ui.neuron_data import recomputed_token_table
+
+    lm = load_model(str(tiny_models.path("gpt2")), device="cpu")
+    cfg = ScanConfig(master_text="I ate pizza and bread in Paris. " * 12, categories={"food": ["pizza", "bread"], "city": ["Paris"]},
+                     max_chunk_tokens=16, batch_size=3)  # fmt: skip
+    recorded = scan(lm, cfg, record_activations=True)
+    unrecorded = scan(lm, cfg, record_activations=False)
+    assert unrecorded.activations is None and len(recorded.tokens) > 16
+    calls = []
+    recomputed = recomputed_token_table(unrecorded, 1, 5, lambda *call: calls.append(call))
+    expected = neuron_token_table(recorded, 1, 5)
+    pd.testing.assert_frame_equal(recomputed.reset_index(drop=True), expected.reset_index(drop=True), check_exact=False, atol=1e-5)
+    assert calls[-1][0] == calls[-1][1] > 1 and calls[-1][2] == "done"

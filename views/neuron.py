@@ -14,6 +14,7 @@ from mechamap_ui.widgets import (
     capped_table,
     chart_downloads,
     expert_neuron_picker,
+    progress_bar,
     significance_text,
     stat_column_config,
 )
@@ -97,8 +98,8 @@ if hook != hook_name(layer):  # a routed or shared expert: the model-based views
 if samples is None:
     tokens = neuron_token_table(result, layer, neuron)
     if tokens is None:
-        with st.spinner("Recomputing this neuron's activations (they were not recorded for this run)..."):
-            tokens = recomputed_token_table(result, layer, neuron)
+        with progress_bar("Recomputing this neuron's activations (they were not recorded for this run)") as on_progress:
+            tokens = recomputed_token_table(result, layer, neuron, on_progress)
     if tokens is not None:
         st.markdown("#### Activations over all tokens")
         hist = activation_histogram(tokens)
