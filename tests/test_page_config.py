@@ -106,6 +106,19 @@ def test_empty_category_words_are_an_error_and_block_saving(app_env):
     assert download.proto.disabled
 
 
+def test_words_with_a_double_quote_never_closed_are_an_error_and_block_saving(app_env):
+    """'"New York, Lima' read CSV-style was one word holding the rest of the cell: the page names the row instead,
+    and the config cannot be saved (nor scanned: the Scan page refuses on the same problems)."""
+    at = config_page()
+    before = files(app_env["configs"])
+    edit_table(at, added=[{"category": "city", "words": '"New York, Lima'}])
+    no_exception(at)
+    assert any("a double quote opens a word and is never closed" in v for v in texts(at.error)), texts(at.error)
+    save(at, "unclosed")
+    assert any("fix them before saving" in v for v in texts(at.error))
+    assert files(app_env["configs"]) == before
+
+
 def test_duplicate_category_names_are_an_error(app_env):
     at = config_page()
     edit_table(at, added=[{"category": "Food", "words": "kiwi"}])
