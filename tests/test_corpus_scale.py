@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from test_stream import assert_score_is_separation_kept_by_cv_auroc
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT = str(REPO_ROOT / "configs" / "default.yaml")
@@ -44,11 +45,39 @@ def scores(path: Path) -> pd.DataFrame:
 
 
 def assert_same_scan(got: pd.DataFrame, expected: pd.DataFrame) -> None:
+    """Two corpus scans of the same documents agree: moments closely, auroc and cv_auroc within the binned tolerance,
+    p_value and q_value exactly (the same word sums, draws and counts), top tokens; each one's score is separation
+    kept as far as its cv_auroc agrees with its sign."""
     assert len(got) == len(expected)
     for column in MOMENTS:
         np.testing.assert_allclose(got[column], expected[column], rtol=1e-5, atol=1e-5, err_msg=column)
-    np.testing.assert_allclose(got["auroc"], expected["auroc"], atol=0.03)
+    for column in ("auroc", "cv_auroc"):
+        np.testing.assert_allclose(got[column], expected[column], atol=0.03, err_msg=column)
+    for column in ("p_value", "q_value"):
+        assert got[column].notna().sum() > len(got) // 2, column
+        np.testing.assert_array_equal(got[column], expected[column], err_msg=column)
+    for scores_ in (got, expected):
+        assert_score_is_separation_kept_by_cv_auroc(scores_)
     assert (got["top_tokens"] == expected["top_tokens"]).all()
+
+
+def wait_for_checkpoint(proc: subprocess.Popen, checkpoint: Path, seconds: float = 300) -> None:
+    """Wait until the scan proc has written checkpoint (or has exited). Without a checkpoint by then, the scan is
+    killed and the test fails saying so, rather than signalling it and failing later on a misleading message."""
+    deadline = time.monotonic() + seconds
+    while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    why = ""
+    if not checkpoint.exists():
+        exited = proc.poll()
+        proc.kill()  # never leave the scan running behind a failed test
+        _, stderr = proc.communicate(timeout=60)
+        if exited is None:
+            why = f"no checkpoint {checkpoint} appeared within {seconds:.0f} s of starting the scan"
+        else:
+            why = f"the scan exited with code {exited} before writing its checkpoint {checkpoint}"
+        why += f"; its stderr ends: {stderr[-2000:]}" if stderr else ""
+    assert checkpoint.exists(), why
 
 
 def test_torchrun_two_ranks_equal_one_process(tiny_models, corpus, tmp_path):
@@ -92,9 +121,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_models, tmp_path, default
     launcher = [sys.executable, "-m", "mechamap_core", "scan", "--config", DEFAULT, "--device", "cpu"]
     proc = subprocess.Popen([*launcher, *args, "--parquet", str(tmp_path / "killed.parquet")], cwd=REPO_ROOT, env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.monotonic() + 300
-    while not (checkpoints / "rank0.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for_checkpoint(proc, checkpoints / "rank0.pt")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the scan finished before it could be killed"
@@ -119,9 +146,7 @@ def test_ctrl_c_stops_a_scan_with_one_line(tiny_models, tmp_path, default_cfg):
                str(tiny_models.path("gpt2")), "--corpus", str(big), "--checkpoint-dir", str(checkpoints),
                "--checkpoint-every", "20", "--parquet", str(tmp_path / "out.parquet")]  # fmt: skip
     proc = subprocess.Popen(command, cwd=REPO_ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while not (checkpoints / "rank0.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for_checkpoint(proc, checkpoints / "rank0.pt")
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr[-2000:]

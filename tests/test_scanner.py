@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 from scipy import stats as sps
+from test_stats import pair_counted_auroc
 from tiny_models import capture_mlp_input
 
 from mechamap_core import ScanConfig, scan
@@ -342,6 +343,57 @@ def test_binned_auroc_calibrates_its_edges_when_batches_are_small(bundled_lm, de
     for column in ("auroc", "cv_auroc"):
         a, b = exact.scores[column].to_numpy(), binned.scores[column].to_numpy()
         assert np.abs(a - b).max() <= 0.01
+
+
+def test_binned_auroc_and_cv_auroc_of_a_scan_equal_pair_counting_on_its_own_bins(tiny_gpt2, default_cfg, monkeypatch):
+    """A scan without recording: its auroc and cv_auroc equal, to 1e-9, every (category token, rest token) pair
+    counted on the bins of the recorded activations (a recording scan of the same config) on the run's own edges
+    (a higher bin wins 1, the same bin 0.5), not merely the exact AUROC within a tolerance, which passed a same-bin
+    weight of 0.25. Batches of 2 chunks: the edges come from a calibration pass and the histograms add over batches.
+    cv_auroc: the mean over the category's folds of words (with tokens) of each fold's tokens against the tokens
+    outside the category; NaN with fewer than two folds, and every statistic NaN with too few tokens on a side."""
+    cfg = dataclasses.replace(default_cfg, batch_size=2)
+    states = {}
+    finish_part = scan_run.finish_part
+
+    def keep_state(layer, neurons, stats, *args):  # the run's edges and histograms, as finishing reads them
+        states[layer] = stats
+        return finish_part(layer, neurons, stats, *args)
+
+    monkeypatch.setattr(scan_run, "finish_part", keep_state)
+    binned = scan(tiny_gpt2, cfg, record_activations=False)
+    monkeypatch.setattr(scan_run, "finish_part", finish_part)
+    recorded = scan(tiny_gpt2, cfg, record_activations=True)
+    assert binned.metadata["auroc_method"].startswith("binned") and recorded.metadata["auroc_method"] == "exact"
+    assert binned.metadata["n_forward_passes"] == recorded.metadata["n_forward_passes"] + 1 > 2  # the calibration pass
+    # each token's word in each category (coverage row), from aligning the same text; and each word's fold
+    aligned = align(tiny_gpt2.tokenizer, cfg.texts, cfg.categories, binned.metadata["chunk_tokens"])
+    pd.testing.assert_frame_equal(aligned.tokens, binned.tokens)
+    mask = binned.category_mask
+    np.testing.assert_array_equal(aligned.category_mask, mask)
+    _, word_fold = scan_run.word_labels(cfg, binned.coverage)
+    token_fold = np.where(aligned.token_word >= 0, word_fold[aligned.token_word], -1)  # [T, C]
+    assert ((token_fold >= 0) == mask).all()  # every category token is in a word with a fold
+    n_cat = mask.sum(axis=0)
+    enough = (n_cat >= MIN_CATEGORY_TOKENS) & (len(mask) - n_cat >= MIN_CATEGORY_TOKENS)
+    assert enough.sum() >= 6
+    for layer in (0, 1):
+        acts = recorded.activations[layer]  # [T, N] float32, the values the binned run's hook saw
+        edges = states[layer].hist_edges.numpy()  # [N, bins - 1]
+        bins = (acts[:, :, None] >= edges[None, :, :]).sum(axis=2)  # edges at or below: an edge's value goes above
+        counts = np.stack([np.bincount(bins[:, n], minlength=HIST_BINS) for n in range(acts.shape[1])])
+        np.testing.assert_array_equal(counts, states[layer].hist_all.numpy())  # the same values, binned alike
+        expected = {column: np.full((len(n_cat), acts.shape[1]), np.nan) for column in ("auroc", "cv_auroc")}
+        for c in np.flatnonzero(enough):
+            rest = bins[~mask[:, c]]
+            expected["auroc"][c] = pair_counted_auroc(bins[mask[:, c]], rest)
+            folds = [f for f in np.unique(token_fold[:, c]) if f >= 0]
+            if len(folds) >= 2:
+                expected["cv_auroc"][c] = np.mean([pair_counted_auroc(bins[token_fold[:, c] == f], rest) for f in folds], axis=0)
+        got = scores_as_arrays(binned, layer, ["auroc", "cv_auroc"])
+        assert np.isfinite(expected["cv_auroc"]).sum() >= 6 * acts.shape[1]
+        for column in ("auroc", "cv_auroc"):
+            np.testing.assert_allclose(got[column], expected[column], rtol=0, atol=1e-9, err_msg=f"layer {layer} {column}")
 
 
 def test_calibration_batch_size():

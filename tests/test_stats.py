@@ -73,3 +73,80 @@ def test_score_keeps_separation_only_where_the_folds_of_words_agree_with_its_sig
     cv_auroc = np.array([0.9, 0.2, 0.1, 0.8, 0.5, np.nan])
     np.testing.assert_allclose(consistent_separation(separation, cv_auroc), [1.6, 0.0, -1.6, 0.0, 0.0, np.nan])
     np.testing.assert_allclose(consistent_separation(separation, np.full(6, np.nan), cv_measured=False), separation)
+
+
+def bins_by_definition(acts: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """[T, N] bin of each activation acts [T, N] on per-neuron edges [N, B - 1], as SiteStats fills its histograms:
+    the number of the neuron's edges at or below the value (a value equal to an edge counts in the bin above; below
+    the first edge bin 0, above the last bin B - 1: the end bins are open)."""
+    return (acts[:, :, None] >= edges[None, :, :]).sum(axis=2)
+
+
+def pair_counted_auroc(pos_bins: np.ndarray, neg_bins: np.ndarray) -> np.ndarray:
+    """[N] AUROC of positive vs negative tokens' bins ([P, N] and [Q, N]) by counting every pair: a higher bin wins
+    1, the same bin 0.5. NaN where a side is empty."""
+    if not len(pos_bins) or not len(neg_bins):
+        return np.full(pos_bins.shape[1], np.nan)
+    above = (pos_bins[:, None, :] > neg_bins[None, :, :]).sum(axis=(0, 1))
+    same = (pos_bins[:, None, :] == neg_bins[None, :, :]).sum(axis=(0, 1))
+    return (above + 0.5 * same) / (len(pos_bins) * len(neg_bins))
+
+
+@pytest.mark.parametrize("as_tensors", [False, True], ids=["numpy", "torch"])
+def test_binned_auroc_and_cv_auroc_equal_pair_counting_on_the_bins(as_tensors):
+    """auroc_binned and cv_auroc_binned, exactly (1e-12), against every (category token, rest token) pair counted
+    on the tokens' bins: same-bin pairs weigh 0.5 (a weight of 0.25 passed the tests that compared binned with exact
+    AUROC within 0.01-0.05). Values on edges, beyond the outer edges and few bins give many same-bin pairs.
+    cv_auroc: the mean over a category's folds holding tokens of each fold's tokens against the tokens in no
+    fold of the category; NaN with fewer than two such folds. torch tensors take the GPU route of both functions."""
+    import torch
+
+    from mechamap_core.stats import as_numpy, auroc_binned, cv_auroc_binned
+
+    rng = np.random.default_rng(11)
+    n_tokens, n_neurons, n_bins, n_folds = 240, 6, 8, 3
+    acts = np.round(rng.standard_normal((n_tokens, n_neurons)), 2)
+    edges = np.sort(rng.standard_normal((n_neurons, n_bins - 1)), axis=1)
+    on_edge = rng.choice(n_tokens, 40, replace=False)  # values equal to an edge go to the bin above it
+    acts[on_edge] = edges[:, rng.integers(0, n_bins - 1, 40)].T
+    acts[:5] = -50.0  # below the first edge: bin 0
+    acts[5:10] = 50.0  # above the last edge: the last bin
+    bins = bins_by_definition(acts, edges)
+    assert (bins == 0).any() and (bins == n_bins - 1).any()
+    assert (np.diff(np.sort(bins, axis=0), axis=0) == 0).mean() > 0.9  # most neighbouring tokens share a bin
+
+    # each category's tokens, each with a fold (that of its word): -1 outside the category
+    token_fold = np.full((n_tokens, 5), -1)
+    token_fold[rng.random(n_tokens) < 0.3, 0] = 0
+    token_fold[token_fold[:, 0] == 0, 0] = rng.integers(0, n_folds, (token_fold[:, 0] == 0).sum())  # three folds
+    chosen = rng.random(n_tokens) < 0.2  # overlaps category 0; its fold 2 has no tokens
+    token_fold[chosen, 1] = rng.integers(0, 2, chosen.sum())
+    token_fold[rng.choice(n_tokens, 12, replace=False), 2] = 1  # one fold: no cv_auroc
+    token_fold[:, 4] = np.arange(n_tokens) % 2  # every token: no rest, no AUROC (category 3 has no tokens)
+    mask = token_fold >= 0
+
+    counts_all = np.stack([np.bincount(bins[:, n], minlength=n_bins) for n in range(n_neurons)]).astype(np.float64)
+    counts_cat = np.zeros((5, n_neurons, n_bins))
+    counts_group = np.zeros((5 * n_folds, n_neurons, n_bins))  # category-major, then fold, as a scan's layout
+    for c in range(5):
+        for n in range(n_neurons):
+            counts_cat[c, n] = np.bincount(bins[mask[:, c], n], minlength=n_bins)
+            for f in range(n_folds):
+                counts_group[c * n_folds + f, n] = np.bincount(bins[token_fold[:, c] == f, n], minlength=n_bins)
+    group_category = np.repeat(np.arange(5), n_folds)
+    if as_tensors:
+        counts_all, counts_cat, counts_group = (torch.from_numpy(x) for x in (counts_all, counts_cat, counts_group))
+    auroc = as_numpy(auroc_binned(counts_all, counts_cat))
+    cv_auroc = cv_auroc_binned(counts_all, counts_group, group_category, 5)
+
+    expected_auroc = np.stack([pair_counted_auroc(bins[mask[:, c]], bins[~mask[:, c]]) for c in range(5)])
+    expected_cv = np.full((5, n_neurons), np.nan)
+    for c in range(5):
+        folds = [f for f in range(n_folds) if (token_fold[:, c] == f).any()]
+        rest = bins[~mask[:, c]]
+        if len(folds) >= 2 and len(rest):
+            expected_cv[c] = np.mean([pair_counted_auroc(bins[token_fold[:, c] == f], rest) for f in folds], axis=0)
+    assert np.isfinite(expected_auroc[[0, 1, 2]]).all() and np.isnan(expected_auroc[[3, 4]]).all()
+    assert np.isfinite(expected_cv[[0, 1]]).all() and np.isnan(expected_cv[[2, 3, 4]]).all()
+    np.testing.assert_allclose(auroc, expected_auroc, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(cv_auroc, expected_cv, rtol=0, atol=1e-12)
