@@ -306,3 +306,132 @@ def test_words_in_several_categories_match_as_the_text_does():
         spans = {tuple(find_word_spans(text, w)) for c in cats for w in categories[c] if " ".join(w.lower().split()) == same}
         assert len(spans) == 1 and spans != {()}
     assert words_in_several_categories({"a": ["x", "X"], "b": ["y"]}) == {}  # twice in one category is not shared
+
+
+# --- token_word: each token's word per category ----------------------------------------------
+
+
+def reference_words(tokenizer, texts: list[str], categories: dict[str, list[str]]) -> dict:
+    """Independent reference for the word-level labels, by hand from the tokenizer's offsets and one regex per word.
+
+    rows: (category, word) of each category's words in config order, a word listed again in any case or inner
+    spacing dropped (the first spelling kept): the rows of align's coverage. Per document, the tokens are the
+    tokenizer's without special tokens (typed into the text too) and without empty ones. A token belongs to a word
+    when its characters [s, e) overlap an occurrence [a, b) (s < b and e > a) that lookbehind_spans finds
+    (case-insensitive, whole word). token_word [T, C]: per category, the row of the word the token belongs to, -1 for
+    none; a token in several words of one category goes to the longest as the text matches it (case-folded, inner
+    whitespace collapsed), of two as long to the alphabetically first. n_tokens [R]: how many tokens each word's
+    occurrences overlap (shared ones too); token_ids: the counted tokens' ids, documents one after another."""
+    special = set(tokenizer.all_special_ids)
+
+    def key(word: str) -> str:
+        return " ".join(word.casefold().split())
+
+    rows: list[tuple[str, str]] = []
+    for category, words in categories.items():
+        seen: set[str] = set()
+        for word in words:
+            if key(word) and key(word) not in seen:
+                seen.add(key(word))
+                rows.append((category, word))
+    names = list(categories)
+    token_ids: list[int] = []
+    token_word: list[list[int]] = []
+    n_tokens = [0] * len(rows)
+    for text in texts:
+        spans = [lookbehind_spans(text, word.strip()) for _, word in rows]
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        for token_id, (s, e) in zip(enc["input_ids"], enc["offset_mapping"], strict=True):
+            if token_id in special or e <= s:
+                continue
+            token_ids.append(token_id)
+            hit = [r for r in range(len(rows)) if any(s < b and e > a for a, b in spans[r])]
+            for r in hit:
+                n_tokens[r] += 1
+            per_category = []
+            for name in names:
+                mine = [r for r in hit if rows[r][0] == name]
+                best = min(mine, key=lambda r: (-len(key(rows[r][1])), key(rows[r][1])), default=-1)
+                per_category.append(best)
+            token_word.append(per_category)
+    return {"rows": rows, "token_ids": token_ids, "n_tokens": np.array(n_tokens, dtype=np.int64),
+            "token_word": np.array(token_word, dtype=np.int64).reshape(-1, len(names))}  # fmt: skip
+
+
+OVERLAPPING_TEXTS = [
+    "I ate ice cream, Ice  Cream and cream cheese in New York City; a giraffe [SEP] sep.",
+    "Big apple pie? Creamy cream-cake in Canberra, the big apple.",
+]
+OVERLAPPING_CATEGORIES = {
+    "dessert": ["cream", "Ice Cream", "apple pie", "CREAM"],  # 'cream' inside 'ice cream', listed first and again
+    "dairy": ["Cream", "cheese"],  # 'cream' in another category than 'ice cream'
+    "city": ["New York", "York City", "Canberra"],  # 'York' is in both words of 'New York City'
+    "nickname": ["big apple", "apple pie"],  # as long as each other: 'apple' of 'Big apple pie' goes to 'apple pie'
+    "animal": ["giraffe", "SEP"],  # a word of three tokens, and a word inside the typed special token [SEP]
+}
+
+
+def words_of(aligned, category: str) -> list[str]:
+    """Each counted token's word in category, by name ('' for none)."""
+    column = aligned.token_word[:, aligned.categories.index(category)]
+    return ["" if row < 0 else aligned.coverage.loc[row, "word"] for row in column]
+
+
+def test_token_word_equals_the_hand_built_one_for_overlapping_entries(tok):
+    """align's token_word against reference_words on texts where entries overlap: 'ice cream' and 'cream' in one
+    category (the longer word gets the shared tokens, whatever the listed order) and in different categories (each
+    gets them), 'York' in 'New York' and 'York City', two words as long as each other, a multi-token word and a word
+    typed as a special token."""
+    aligned = align(tok, OVERLAPPING_TEXTS, OVERLAPPING_CATEGORIES, max_chunk_tokens=512)
+    ref = reference_words(tok, OVERLAPPING_TEXTS, OVERLAPPING_CATEGORIES)
+    assert list(aligned.coverage[["category", "word"]].itertuples(index=False, name=None)) == ref["rows"]
+    assert aligned.tokens["token_id"].tolist() == ref["token_ids"]
+    assert aligned.token_word.shape == ref["token_word"].shape
+    np.testing.assert_array_equal(aligned.token_word, ref["token_word"])
+    np.testing.assert_array_equal(aligned.coverage["n_tokens"].to_numpy(), ref["n_tokens"])
+    # the same by name, spelled out for the tokens that matter
+    tokens = aligned.tokens["token"].tolist()
+    named = {c: dict(zip(range(len(tokens)), words_of(aligned, c))) for c in OVERLAPPING_CATEGORIES}
+    creams = [t for t, token in enumerate(tokens) if token.lower() == "cream"]
+    assert [named["dessert"][t] for t in creams] == ["Ice Cream", "Ice Cream", "cream", "cream"]
+    assert [named["dairy"][t] for t in creams] == ["Cream"] * 4
+    ices = [t for t, token in enumerate(tokens) if token.lower() == "ice"]
+    assert [named["dessert"][t] for t in ices] == ["Ice Cream"] * 2 and [named["dairy"][t] for t in ices] == ["", ""]
+    new_york_city = [named["city"][t] for t, token in enumerate(tokens) if token in ("New", "York", "City")]
+    assert new_york_city == ["New York", "York City", "York City"]
+    apples = [t for t, token in enumerate(tokens) if token.lower() == "apple"]
+    assert [named["nickname"][t] for t in apples] == ["apple pie", "big apple"]
+    assert [named["dessert"][t] for t in apples] == ["apple pie", ""]
+    giraffe = [named["animal"][t] for t, token in enumerate(tokens) if token.strip("#") in ("gi", "raf", "fe")]
+    assert giraffe == ["giraffe"] * 3
+    assert [w for w, token in zip(named["animal"].values(), tokens, strict=True) if w == "SEP"] == ["SEP"]  # typed 'sep'
+    assert "[SEP]" not in tokens
+
+
+def test_token_word_does_not_depend_on_the_order_of_the_words(tok):
+    """With every category's words listed in reverse, each token keeps the same word (as the text matches it, since a
+    word listed twice keeps its first spelling): a shared token's word is chosen by length, then alphabetically, not
+    by which word the config lists first or last; and it is still the hand-built one."""
+    backwards = {c: list(reversed(w)) for c, w in OVERLAPPING_CATEGORIES.items()}
+    aligned = align(tok, OVERLAPPING_TEXTS, backwards, max_chunk_tokens=512)
+    np.testing.assert_array_equal(aligned.token_word, reference_words(tok, OVERLAPPING_TEXTS, backwards)["token_word"])
+    forward = align(tok, OVERLAPPING_TEXTS, OVERLAPPING_CATEGORIES, max_chunk_tokens=512)
+    for category in OVERLAPPING_CATEGORIES:
+        assert [w.casefold() for w in words_of(aligned, category)] == [w.casefold() for w in words_of(forward, category)]
+
+
+def test_token_word_equals_the_hand_built_one_on_the_default_config(tok, default_cfg):
+    """The default master text and categories, with 'cream' added to food beside 'ice cream' and 'New York' to
+    color too: align's token_word and word token counts are reference_words'."""
+    categories = {**default_cfg.categories, "food": [*default_cfg.categories["food"], "cream"],
+                  "color": [*default_cfg.categories["color"], "New York"]}  # fmt: skip
+    aligned = align(tok, default_cfg.texts, categories, max_chunk_tokens=128)
+    ref = reference_words(tok, default_cfg.texts, categories)
+    assert aligned.tokens["token_id"].tolist() == ref["token_ids"]
+    np.testing.assert_array_equal(aligned.token_word, ref["token_word"])
+    np.testing.assert_array_equal(aligned.coverage["n_tokens"].to_numpy(), ref["n_tokens"])
+    food = aligned.categories.index("food")
+    ice_cream_rows = ref["rows"].index(("food", "ice cream"))
+    assert (aligned.token_word[:, food] == ice_cream_rows).sum() == 4  # 'ice cream' twice: ice, cream
+    assert ref["n_tokens"][ref["rows"].index(("food", "cream"))] == 2  # its tokens are all inside 'ice cream'
+    assert not (aligned.token_word[:, food] == ref["rows"].index(("food", "cream"))).any()

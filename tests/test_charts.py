@@ -263,9 +263,19 @@ def test_heldout_ceiling_dots_axis_reaches_below_the_lowest_auroc(lowest, axis_f
     summary = pd.DataFrame({"category": ["food", "date"], "tested": [2, 2],
                             "mean_heldout_auroc": [0.8, lowest], "best_possible_auroc": [0.9, 0.7]})  # fmt: skip
     chart = charts.heldout_ceiling_dots(summary)
-    x = chart.to_dict()["layer"][2]["encoding"]["x"]
+    spec = chart.to_dict()
+    dots = spec["layer"][2]
+    x = dots["encoding"]["x"]
     assert x["scale"]["domain"] == [pytest.approx(axis_from), 1.0] and "clamp" not in x["scale"]
-    assert axis_from <= lowest - 0.05 or axis_from == 0.0
+    start, end = x["scale"]["domain"]  # the axis the chart draws, checked against its own dots
+    drawn_lowest = data_of(spec, dots)["auroc"].min()
+    assert drawn_lowest == lowest
+    assert start >= 0.0 and round(start * 20, 9) == int(round(start * 20))  # in 0.05 steps, never below 0
+    if start > 0.0:  # 0.05 or more below the lowest dot, and the highest such step (the axis starts no lower)
+        assert start <= drawn_lowest - 0.05 + 1e-12 and start > drawn_lowest - 0.1
+    else:
+        assert drawn_lowest < 0.1  # below 0.1 no step above 0 lies 0.05 under the dot
+    assert end == 1.0 and start < drawn_lowest
     assert "date" in charts.chart_to_svg(chart)
 
 

@@ -59,51 +59,103 @@ def test_scan_writes_every_format(scanned):
     pd.testing.assert_frame_equal(pd.read_parquet(paths["parquet"]), table, check_dtype=False, rtol=1e-9)
 
 
-@pytest.mark.parametrize("corpus", [False, True])
-def test_scan_of_an_moe_model_writes_expert_rows_and_the_routing_table(tmp_path, capsys, corpus):
-    """A mixture-of-experts model from a folder, scanned over the master text or streamed over a corpus: the CSV
-    has expert rows and --routing writes the routing table, whose shares over a layer's experts add up to top_k."""
-    from tiny_models import D_EXPERT, N_EXPERTS, TOP_K, build_tiny_model
+CORPUS_LINES = ["The red bus drove to Paris.", "She ate an apple on Monday.", "A cat sat by the tram."]
+
+
+def moe_shape() -> str:
+    """What a scan of the tiny Mixtral says it covered: its layers, neurons and routed experts."""
+    from tiny_models import D_EXPERT, LAYERS, N_EXPERTS
+
+    return (f"{LAYERS} layers · {LAYERS * N_EXPERTS * D_EXPERT} neurons in {N_EXPERTS} routed experts per layer "
+            f"({LAYERS * N_EXPERTS} in all)")  # fmt: skip
+
+
+def counted_tokens(texts: list[str]) -> int:
+    """How many tokens the bundled tokenizer gives the texts, special tokens left out: what a scan counts."""
+    from tiny_models import bundled_tokenizer
+
+    tokenizer = bundled_tokenizer()
+    return sum(len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts)
+
+
+def check_expert_rows_and_routing(csv: Path, routing: Path, said: str, more: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The scores CSV has expert rows; the routing table's shares over a layer's experts add up to top_k and it names
+    the scanned experts; its cells with fewer than MIN_CATEGORY_TOKENS tokens are blank in the scores, and the scan's
+    note counts them and says what gives them more (more), or is not printed when there are none."""
+    from tiny_models import D_EXPERT, TOP_K
 
     from mechamap_core.scan import MIN_CATEGORY_TOKENS
 
-    model = build_tiny_model("mixtral", tmp_path / "tiny-mixtral")
-    csv, routing = tmp_path / "scores.csv", tmp_path / "routing.csv"
-    argv = ["scan", "--config", DEFAULT, "--model", str(model), "--device", "cpu", "--csv", str(csv), "--routing", str(routing)]
-    if corpus:
-        documents = tmp_path / "corpus.txt"
-        documents.write_text("The red bus drove to Paris.\nShe ate an apple on Monday.\nA cat sat by the tram.\n", encoding="utf-8")
-        argv += ["--corpus", str(documents)]
-    assert main(argv) == 0, capsys.readouterr().err
-    said = capsys.readouterr().err
-    assert corpus or f"scanned 2 layers · {2 * N_EXPERTS * D_EXPERT} neurons in {N_EXPERTS} routed experts per layer ({2 * N_EXPERTS} in all) over " in said
     scores = pd.read_csv(csv, dtype={"expert": "Int64"})
     assert scores["expert"].notna().any()
     table = pd.read_csv(routing)
-    thin = int((table["n_tokens"] < MIN_CATEGORY_TOKENS).sum())  # cells whose expert neurons have no statistics
-    assert thin > 0 or not corpus  # three short documents leave some experts short of a category's tokens
-    assert (f"note: in {thin:,} of {len(table):,} (layer, expert, category) cells the expert saw fewer than" in said) == (thin > 0)
-    short = table[table["n_tokens"] < MIN_CATEGORY_TOKENS]
-    blank = scores.merge(short[["layer", "expert", "category"]], on=["layer", "expert", "category"])
-    assert len(blank) == len(short) * D_EXPERT and blank["score"].isna().all()
     assert list(table.columns[:5]) == ["layer", "expert", "category", "n_tokens", "share"]
     shares = table.groupby(["layer", "category"])["share"].sum(min_count=1).dropna()  # NaN: a category without tokens
     assert len(shares) > 0
     assert shares.round(9).eq(TOP_K).all()
     assert set(zip(table["layer"], table["expert"])) == set(zip(*scores.loc[scores["expert"].notna(), ["layer", "expert"]].to_numpy().T))
-    if not corpus:  # without an output file the top neurons are printed, each with its expert
-        capsys.readouterr()
-        assert main(["scan", "--config", DEFAULT, "--model", str(model), "--device", "cpu"]) == 0
-        assert capsys.readouterr().out.split()[:4] == ["category", "layer", "expert", "neuron"]
-        assert main(["interpret", "--csv", str(csv), "--threshold", "-100"]) == 0
-        assert capsys.readouterr().out.split("by score:")[1].split()[:4] == ["category", "layer", "expert", "neuron"]
-        checked = tmp_path / "checked.csv"
-        code = main(["validate", "--csv", str(csv), "--heldout", HELDOUT, "--threshold", "-100", "--device", "cpu", "--out", str(checked)])
-        assert code == 0 and "Held-out check of" in capsys.readouterr().out  # expert neurons on their routed tokens
-        statuses = pd.read_csv(checked)[lambda t: t["expert"].notna()]["status"]
-        assert statuses.isin(["pass", "fail"]).any(), statuses.value_counts()
-        assert main(["ablate", "--config", DEFAULT, "--model", str(model), "--category", "food", "--csv", str(csv)]) == 1
-        assert_one_line_error(capsys.readouterr().err, "ablation covers dense MLP neurons")
+    short = table[table["n_tokens"] < MIN_CATEGORY_TOKENS]  # cells whose expert neurons have no statistics
+    blank = scores.merge(short[["layer", "expert", "category"]], on=["layer", "expert", "category"])
+    assert len(blank) == len(short) * D_EXPERT and blank["score"].isna().all()
+    note = (f"note: in {len(short):,} of {len(table):,} (layer, expert, category) cells the expert saw fewer than "
+            f"{MIN_CATEGORY_TOKENS} of the category's tokens; its neurons have no statistics there ({more} gives them more)")  # fmt: skip
+    assert [line for line in said.splitlines() if "(layer, expert, category) cells" in line] == ([note] if len(short) else [])
+    return scores, table
+
+
+def test_scan_of_an_moe_model_writes_expert_rows_and_the_routing_table(tiny_models, tmp_path, capsys):
+    """A mixture-of-experts model from a folder, scanned over the master text: the summary counts its experts and the
+    master text's tokens, the CSV has expert rows and --routing writes the routing table (check_expert_rows_and_routing,
+    whose note suggests a longer text or a corpus); without an output file the top neurons are printed with their
+    expert, and interpret, validate and ablate read the expert rows."""
+    from mechamap_core import load_config
+
+    model = tiny_models.path("mixtral")
+    csv, routing = tmp_path / "scores.csv", tmp_path / "routing.csv"
+    argv = ["scan", "--config", DEFAULT, "--model", str(model), "--device", "cpu", "--csv", str(csv), "--routing", str(routing)]
+    assert main(argv) == 0, capsys.readouterr().err
+    said = capsys.readouterr().err
+    assert f"scanned {moe_shape()} over {counted_tokens(load_config(DEFAULT).texts):,} tokens in " in said, said
+    check_expert_rows_and_routing(csv, routing, said, "a longer text or --corpus")
+    assert main(["scan", "--config", DEFAULT, "--model", str(model), "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.split()[:4] == ["category", "layer", "expert", "neuron"]
+    assert main(["interpret", "--csv", str(csv), "--threshold", "-100"]) == 0
+    assert capsys.readouterr().out.split("by score:")[1].split()[:4] == ["category", "layer", "expert", "neuron"]
+    checked = tmp_path / "checked.csv"
+    code = main(["validate", "--csv", str(csv), "--heldout", HELDOUT, "--threshold", "-100", "--device", "cpu", "--out", str(checked)])
+    assert code == 0 and "Held-out check of" in capsys.readouterr().out  # expert neurons on their routed tokens
+    statuses = pd.read_csv(checked)[lambda t: t["expert"].notna()]["status"]
+    assert statuses.isin(["pass", "fail"]).any(), statuses.value_counts()
+    assert main(["ablate", "--config", DEFAULT, "--model", str(model), "--category", "food", "--csv", str(csv)]) == 1
+    assert_one_line_error(capsys.readouterr().err, "ablation covers dense MLP neurons")
+
+
+def test_corpus_scan_of_an_moe_model_says_what_it_covered_and_writes_the_routing_table(tiny_models, tmp_path, capsys):
+    """The same model streamed over a corpus of three short documents: the summary counts the documents and their
+    tokens, the CSV and routing table are as over the master text (check_expert_rows_and_routing), and as no category
+    has MIN_CATEGORY_TOKENS tokens in three sentences every cell is thin; the note says so and suggests a larger
+    corpus, not --corpus (the scan already has one)."""
+    from test_alignment import reference_words
+    from tiny_models import LAYERS, N_EXPERTS, bundled_tokenizer
+
+    from mechamap_core import load_config
+    from mechamap_core.scan import MIN_CATEGORY_TOKENS
+
+    documents = tmp_path / "corpus.txt"
+    documents.write_text("".join(f"{line}\n" for line in CORPUS_LINES), encoding="utf-8")
+    csv, routing = tmp_path / "scores.csv", tmp_path / "routing.csv"
+    argv = ["scan", "--config", DEFAULT, "--model", str(tiny_models.path("mixtral")), "--device", "cpu",
+            "--csv", str(csv), "--routing", str(routing), "--corpus", str(documents)]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    said = capsys.readouterr().err
+    assert f"scanned {moe_shape()} over 3 documents, {counted_tokens(CORPUS_LINES)} tokens, on 1 process(es)\n" in said, said
+    words = reference_words(bundled_tokenizer(), CORPUS_LINES, load_config(DEFAULT).categories)  # by hand
+    per_category = pd.Series(words["n_tokens"]).groupby([c for c, _ in words["rows"]]).sum()  # >= each one's tokens
+    assert len(per_category) == 8 and per_category.max() < MIN_CATEGORY_TOKENS
+    scores, table = check_expert_rows_and_routing(csv, routing, said, "a larger corpus")
+    assert len(table) == LAYERS * N_EXPERTS * 8 and (table["n_tokens"] < MIN_CATEGORY_TOKENS).all()
+    assert scores.loc[scores["expert"].notna(), "score"].isna().all()
+    assert "--corpus" not in next(line for line in said.splitlines() if "(layer, expert, category) cells" in line)
 
 
 def test_routing_of_a_dense_model_says_there_is_none(tmp_path, capsys):

@@ -749,11 +749,20 @@ def test_token_views_match_recorded_activations(bundled_lm, default_cfg):
 
 
 def test_direct_effect_is_unembedding_times_output_weight(tiny_gpt2, bundled_lm):
+    """The up and down rows are the k largest and smallest entries of unembedding @ the neuron's output weight, in
+    order: their logit_effect, rank 1..k, and token, the tokenizer's decoding of each of those vocabulary ids."""
     effect = direct_effect(tiny_gpt2, 1, 2, k=5)
     w_out = tiny_gpt2.model.get_submodule("transformer.h.1.mlp.c_proj").weight[2]  # Conv1D: [d_mlp, d_model]
-    logits = tiny_gpt2.model.get_output_embeddings().weight @ w_out
-    assert effect[effect.direction == "up"]["logit_effect"].tolist() == pytest.approx(torch.topk(logits, 5).values.tolist(), abs=1e-5)
-    assert effect[effect.direction == "down"]["logit_effect"].tolist() == pytest.approx((-torch.topk(-logits, 5).values).tolist(), abs=1e-5)
+    logits = (tiny_gpt2.model.get_output_embeddings().weight @ w_out).detach().double().numpy()
+    order = np.argsort(logits, kind="stable")
+    top, bottom = order[::-1][:5], order[:5]
+    ranked, scale = logits[order], np.abs(logits).max()  # no two of the six lowest or highest within float32 rounding
+    assert np.diff(ranked[:6]).min() > 1e-4 * scale and np.diff(ranked[-6:]).min() > 1e-4 * scale  # so one order
+    for direction, ids in (("up", top), ("down", bottom)):
+        rows = effect[effect.direction == direction]
+        assert rows["logit_effect"].tolist() == pytest.approx(logits[ids].tolist(), rel=1e-4, abs=1e-9)  # values ~4e-3
+        assert rows["rank"].tolist() == [1, 2, 3, 4, 5]
+        assert rows["token"].tolist() == [tiny_gpt2.tokenizer.decode([int(i)]) for i in ids]
     assert direct_effect(bundled_lm, 0, 0) is None  # a bare encoder has no unembedding
     for neuron in (-1, D_MLP):
         with pytest.raises(ValueError) as refused:

@@ -157,16 +157,3 @@ def test_heldout_check_of_shared_expert_rows_without_their_hook_asks_for_it(tiny
     with pytest.raises(ValueError, match="layer 1 is a mixture-of-experts layer without a dense MLP, so its rows with an "
                                          "empty expert are its shared expert's: keep their hook column"):  # fmt: skip
         validate_heldout(tiny_models.lm("qwen2_moe"), candidates, HELDOUT)
-
-
-def test_a_corpus_scan_says_what_it_covered_and_its_thin_experts_note_does_not_suggest_a_corpus(tiny_models, tmp_path, capsys):
-    documents = tmp_path / "corpus.txt"
-    documents.write_text("The red bus drove to Paris.\nShe ate an apple on Monday.\nA cat sat by the tram.\n", encoding="utf-8")
-    argv = ["scan", "--config", DEFAULT, "--model", str(tiny_models.path("mixtral")), "--device", "cpu",
-            "--corpus", str(documents), "--csv", str(tmp_path / "scores.csv")]  # fmt: skip
-    assert main(argv) == 0
-    err = capsys.readouterr().err
-    shape = f"2 layers · {2 * N_EXPERTS * D_EXPERT} neurons in {N_EXPERTS} routed experts per layer ({2 * N_EXPERTS} in all)"
-    assert f"scanned {shape} over 3 documents, " in err
-    thin = next(line for line in err.splitlines() if "(layer, expert, category) cells" in line)
-    assert "(a larger corpus gives them more)" in thin and "--corpus" not in thin

@@ -516,22 +516,23 @@ def test_concurrent_scans_on_one_model_equal_sequential_scans(bundled_lm, defaul
 
 def test_a_scan_that_waits_for_the_model_records_the_wait_apart(bundled_lm, default_cfg):
     """Another scan holding the model (another session, a corpus job) is not this scan's time: timings_s["total"]
-    starts once the model is free, and the wait is recorded as waited_for_model."""
+    starts once the model is free, and the wait is recorded as waited_for_model. align, the first step after the
+    wait, is a small part of it (it used to hold the whole wait, and waited_for_model none)."""
     held = threading.Event()
 
     def hold_the_model():
         with bundled_lm.lock:
             held.set()
-            time.sleep(1.0)
+            time.sleep(2.0)
 
     holder = threading.Thread(target=hold_the_model)
     holder.start()
-    held.wait(timeout=30)
+    assert held.wait(30)
     result = scan(bundled_lm, default_cfg, layers=[0], limit_neurons=8)
     holder.join()
     timings = result.metadata["timings_s"]
-    assert timings["waited_for_model"] >= 0.5, timings
-    assert timings["align"] < 0.5, timings  # the first step after the wait: it used to hold the whole wait
+    assert timings["waited_for_model"] > 0, timings
+    assert timings["align"] < timings["waited_for_model"] / 4, timings
 
 
 def test_the_scan_settings_survive_leaving_the_page(app_env):

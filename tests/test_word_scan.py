@@ -8,12 +8,11 @@ import dataclasses
 import numpy as np
 import pandas as pd
 import pytest
+from test_alignment import reference_words
 
 from mechamap_core import scan
-from mechamap_core.alignment import align
 from mechamap_core.cli import main
-from mechamap_core.scan.run import word_keys, word_labels
-from mechamap_core.stats import cv_auroc_exact, permutation_pvalues, word_moments
+from mechamap_core.stats import cv_auroc_exact, permutation_pvalues, word_folds, word_moments
 
 KEY = ["layer", "neuron", "category"]
 
@@ -29,18 +28,33 @@ def as_grid(scores, layer, column, categories):
     return frame.loc[categories].to_numpy(dtype=np.float64)
 
 
+def word_level_expected(cfg, ref: dict, activations: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(p_value [C, N], cv_auroc [C, N]) by their definitions (permutation_pvalues, cv_auroc_exact) on one layer's
+    recorded activations [T, N], with the word labels of reference_words (ref): each word's category, its key as
+    the text matches it, and folds over the words that have tokens."""
+    names = list(cfg.categories)
+    word_category = np.array([names.index(category) for category, _ in ref["rows"]], dtype=np.int64)
+    keys = [f"{category}\x1f{' '.join(word.casefold().split())}" for category, word in ref["rows"]]
+    word_fold = word_folds(word_category, cfg.cv_folds, cfg.seed, ref["n_tokens"] > 0, names, keys)
+    token_word = ref["token_word"].astype(np.int32)
+    acts = activations.astype(np.float64)  # [T, N]
+    moments = word_moments(acts, token_word, len(word_category))
+    p = permutation_pvalues(**moments, word_category=word_category, n_permutations=cfg.permutations, seed=cfg.seed,
+                            n_categories=len(names), word_keys=keys)  # fmt: skip
+    cv = cv_auroc_exact(np.ascontiguousarray(acts.T.astype(np.float32)), token_word, word_category, word_fold, len(names))
+    return p, cv
+
+
 def test_permutation_p_and_cv_auroc_equal_their_definitions_on_the_recording(bundled_lm, recorded):
+    """p_value and cv_auroc of the scan equal permutation_pvalues and cv_auroc_exact on the recorded activations, with
+    the word labels built by hand (reference_words: each token's word per category from the tokenizer's offsets and
+    a regex per word), not taken from the scan's own alignment."""
     cfg, result = recorded
-    aligned = align(bundled_lm.tokenizer, cfg.texts, cfg.categories, bundled_lm.chunk_tokens(cfg.max_chunk_tokens))
-    word_category, word_fold = word_labels(cfg, aligned.coverage)
+    ref = reference_words(bundled_lm.tokenizer, cfg.texts, cfg.categories)
+    assert result.tokens["token_id"].tolist() == ref["token_ids"]  # the recording's rows are the reference's tokens
     for layer in (0, 5):
-        acts = result.activations[layer].astype(np.float64)  # [T, N]
-        moments = word_moments(acts, aligned.token_word, len(word_category))
-        expected_p = permutation_pvalues(**moments, word_category=word_category, n_permutations=200, seed=cfg.seed,
-                                         n_categories=len(cfg.categories), word_keys=word_keys(cfg))  # fmt: skip
+        expected_p, expected_cv = word_level_expected(cfg, ref, result.activations[layer])
         np.testing.assert_allclose(as_grid(result.scores, layer, "p_value", result.categories), expected_p, atol=1e-12)
-        expected_cv = cv_auroc_exact(np.ascontiguousarray(acts.T.astype(np.float32)), aligned.token_word, word_category,
-                                     word_fold, len(cfg.categories))  # fmt: skip
         np.testing.assert_allclose(as_grid(result.scores, layer, "cv_auroc", result.categories), expected_cv, atol=1e-9)
     confident = result.scores[result.scores["welch_p"] < 1e-3]  # where the token-level test is sure, words are less so
     assert len(confident) and (confident["p_value"] > confident["welch_p"]).mean() > 0.9
@@ -79,8 +93,10 @@ def test_results_do_not_depend_on_the_order_of_a_categorys_words(bundled_lm, rec
 def test_categories_sharing_words_do_not_depend_on_their_order(bundled_lm, recorded):
     """A category that lists some of another's words ('produce': apple, pizza, ... beside food) gets the shared tokens
     in its word-level statistics whichever comes first, and its cv_auroc is what it gets alone; within a category, a
-    word inside another ('cream', 'ice cream') gives its tokens to the longer one whatever the order. Before, a token
-    kept the first word it matched: the category listed second lost it, and cv_auroc, score and p moved with order."""
+    word inside another ('cream', 'ice cream') gives its tokens to the longer one whatever the order: food's p_value
+    and cv_auroc are those of the hand-built labels where 'ice cream' has both its tokens, not those where 'cream'
+    takes the 'cream' of 'ice cream'. Before, a token kept the first word it matched: the category listed second lost
+    it, and cv_auroc, score and p moved with order."""
     cfg, _ = recorded
     food = list(cfg.categories["food"])
     produce = [w for w in food if w.lower() != "ice cream"][:6]
@@ -88,7 +104,8 @@ def test_categories_sharing_words_do_not_depend_on_their_order(bundled_lm, recor
     first = dataclasses.replace(cfg, categories={"produce": produce, **base})
     last = dataclasses.replace(cfg, categories={**base, "produce": produce})
     cream_first = dataclasses.replace(cfg, categories={**base, "food": ["cream", *food], "produce": produce})
-    results = [scan(bundled_lm, c, limit_neurons=24).scores for c in (first, last, cream_first)]
+    scanned = [scan(bundled_lm, c, limit_neurons=24, record_activations=True) for c in (first, last, cream_first)]
+    results = [r.scores for r in scanned]
     key = ["layer", "neuron", "category"]
     frames = [r.astype({"category": str}).sort_values(key, ignore_index=True) for r in results]
     assert frames[0]["cv_auroc"][frames[0]["category"] == "produce"].notna().all()
@@ -98,6 +115,24 @@ def test_categories_sharing_words_do_not_depend_on_their_order(bundled_lm, recor
     alone = scan(bundled_lm, dataclasses.replace(cfg, categories={"produce": produce}), limit_neurons=24).scores
     np.testing.assert_allclose(alone["cv_auroc"].to_numpy(),
                                frames[0][frames[0]["category"] == "produce"]["cv_auroc"].to_numpy(), atol=1e-12)  # fmt: skip
+    # which word the shared tokens go to, in the order that lists 'cream' before 'ice cream'
+    result, config = scanned[2], cream_first
+    longer = reference_words(bundled_lm.tokenizer, config.texts, config.categories)
+    f = list(config.categories).index("food")
+    ice_cream, cream = longer["rows"].index(("food", "ice cream")), longer["rows"].index(("food", "cream"))
+    is_cream = (result.tokens["token"].str.lower() == "cream").to_numpy()
+    shared = (longer["token_word"][:, f] == ice_cream) & is_cream
+    assert shared.sum() == 2 and longer["n_tokens"][cream] == 2  # every 'cream' of the text is inside 'ice cream'
+    shorter = dict(longer, token_word=longer["token_word"].copy())
+    shorter["token_word"][shared, f] = cream
+    for layer in (0, 5):
+        got_p = as_grid(result.scores, layer, "p_value", result.categories)[f]
+        got_cv = as_grid(result.scores, layer, "cv_auroc", result.categories)[f]
+        expected_p, expected_cv = word_level_expected(config, longer, result.activations[layer])
+        np.testing.assert_allclose(got_p, expected_p[f], atol=1e-12)
+        np.testing.assert_allclose(got_cv, expected_cv[f], atol=1e-9)
+        other_p, other_cv = word_level_expected(config, shorter, result.activations[layer])
+        assert np.abs(got_p - other_p[f]).max() > 0.01 and np.abs(got_cv - other_cv[f]).max() > 0.01  # it can tell
 
 
 def test_a_word_listed_again_in_another_case_changes_no_statistic(bundled_lm, recorded):
@@ -121,17 +156,29 @@ def test_binned_cv_auroc_close_to_exact(bundled_lm, recorded):
 
 
 def test_cli_filters_by_cv_auroc(recorded, tmp_path, capsys):
-    cfg, result = recorded
-    csv = tmp_path / "scores.csv"
-    from mechamap_core import export
+    """scan --min-cv-auroc 0.9 writes exactly the rows of the unfiltered scan with cv_auroc >= 0.9 (same neurons, same
+    values), and interpret --min-cv-auroc 0.9 of the unfiltered CSV counts as many."""
+    from mechamap_core import export, save_config
 
-    export.to_csv(result, csv)
+    cfg, result = recorded
+    config = tmp_path / "config.yaml"
+    save_config(cfg, config)
     kept = tmp_path / "kept.csv"
+    argv = ["scan", "--config", str(config), "--limit-neurons", "24", "--device", "cpu", "--csv", str(kept)]
+    assert main([*argv, "--min-cv-auroc", "0.9"]) == 0
+    scores = result.scores.astype({"category": str})
+    expected = scores[scores["cv_auroc"] >= 0.9].sort_values(KEY, ignore_index=True)
+    assert 0 < len(expected) < len(scores)  # the filter keeps some rows and drops others
+    written = pd.read_csv(kept, dtype={"category": str}).sort_values(KEY, ignore_index=True)
+    assert (written["cv_auroc"] >= 0.9).all()
+    pd.testing.assert_frame_equal(written[KEY], expected[KEY])
+    for column in ("cv_auroc", "score", "avg_activation", "p_value"):
+        np.testing.assert_allclose(written[column].to_numpy(), expected[column].to_numpy(), rtol=1e-6, err_msg=column)
+    capsys.readouterr()
+    csv = tmp_path / "scores.csv"
+    export.to_csv(result, csv)  # unfiltered
     assert main(["interpret", "--csv", str(csv), "--min-cv-auroc", "0.9", "--metric", "cv_auroc"]) == 0
-    assert "cv_auroc >= 0.9" in capsys.readouterr().out
-    filtered = export.export_table(result, min_cv_auroc=0.9)
-    assert len(filtered) == int((result.scores["cv_auroc"] >= 0.9).sum()) and len(filtered) < len(result.scores)
-    assert not kept.exists()
+    assert f"cv_auroc >= 0.9 ({len(expected):,} of {len(scores):,} rows)" in capsys.readouterr().out
 
 
 def test_a_one_word_category_has_no_score_but_keeps_its_other_statistics(bundled_lm, recorded):
