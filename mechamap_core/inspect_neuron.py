@@ -83,10 +83,10 @@ def collect_activations(
     return aligned, {layer: np.concatenate(p) for layer, p in parts.items()}
 
 
-def token_activations(lm: LoadedModel, text: str, layer: int, neuron: int) -> pd.DataFrame:
-    """This neuron's activation on every token of text: token, start, end, activation. Raises ValueError for a
-    mixture-of-experts layer (dense_sites) and a neuron out of range."""
-    aligned, acts = collect_activations(lm, [text], {layer: [neuron]})
+def token_activations(lm: LoadedModel, text: str, layer: int, neuron: int, max_chunk_tokens: int = 0) -> pd.DataFrame:
+    """This neuron's activation on every token of text (in chunks of max_chunk_tokens, 0: the model's limit): token,
+    start, end, activation. Raises ValueError for a mixture-of-experts layer (dense_sites) and a neuron out of range."""
+    aligned, acts = collect_activations(lm, [text], {layer: [neuron]}, max_chunk_tokens=max_chunk_tokens)
     out = aligned.tokens[["token", "start", "end"]].copy()
     out["activation"] = acts[layer][:, 0]
     return out

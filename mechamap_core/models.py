@@ -135,12 +135,52 @@ def resolve_model_source(spec: str) -> tuple[str, bool]:
 
 def model_name(spec: str, revision: str | None = None) -> str:
     """The name load_model(spec, revision=revision) gives its model, before loading it (a corpus scan's checkpoint
-    records it): the bundled model's id, else the spec as given, with @revision for a Hub id loaded at a revision, as
-    org/name@revision names it, so what reads a run's model column back (validate, ablate --csv) loads the same.
+    records it): the bundled model's id, a local folder's absolute path, a Hub id as given, with @revision for one
+    loaded at a revision, as org/name@revision names it, so what reads a run's model column back (validate, ablate
+    --csv, the app's pages) loads the same from any working folder.
     Raises ModelNotAvailableError for a malformed spec."""
-    _, is_local = resolve_model_source(spec)
-    name = BUNDLED_MODEL_ID if spec.strip() in BUNDLED_ALIASES else spec.strip()
-    return f"{name}@{revision}" if revision and not is_local and "@" not in name else name
+    source, is_local = resolve_model_source(spec)
+    if spec.strip() in BUNDLED_ALIASES:
+        return BUNDLED_MODEL_ID
+    if is_local:  # the folder's absolute path: './model' read back from another folder is another model
+        return source
+    return f"{spec.strip()}@{revision}" if revision and "@" not in spec else spec.strip()
+
+
+def loading_as_scanned(metadata: dict) -> dict:
+    """load_model's spec, dtype and quantization that load a run's model as the run scanned it (its metadata): its
+    name, its dtype ("auto" where auto picks that dtype here, so the Scan page's copy is shared), its 8/4-bit
+    quantization where a CUDA GPU can load it (else full precision). A Hub id whose cached branch has moved since
+    is loaded at the run's commit by the caller (pinned_to_run); reload_differences says what still differs."""
+    dtype = metadata.get("dtype") or "auto"
+    if dtype == str(pick_dtype("auto", pick_device("auto"))).removeprefix("torch."):
+        dtype = "auto"
+    quantization = metadata.get("quantization") if torch.cuda.is_available() else None
+    return {"spec": metadata["model"], "dtype": dtype, "quantization": quantization}
+
+
+def pinned_to_run(metadata: dict, lm: LoadedModel) -> str | None:
+    """The spec that loads a run's Hub model at the commit the run scanned (name@commit) when lm, loaded by name,
+    came from another commit (the cached branch has moved since); None when lm is the run's (or no commit is known)."""
+    commit, name = metadata.get("model_commit"), metadata["model"]
+    if not commit or not lm.commit or lm.commit == commit or "@" in name:
+        return None
+    return f"{name}@{commit}"
+
+
+def reload_differences(metadata: dict, lm: LoadedModel) -> list[str]:
+    """How lm, loaded to recompute a run's values, differs from the model the run scanned (its metadata): dtype,
+    8/4-bit quantization, Hub commit, one phrase each; recomputed values then differ slightly from the run's."""
+    notes = []
+    dtype = str(lm.dtype).removeprefix("torch.")
+    if metadata.get("dtype") and metadata["dtype"] != dtype:
+        notes.append(f"in {dtype} (the run: {metadata['dtype']})")
+    if metadata.get("quantization") != lm.quantization:
+        notes.append(f"{lm.quantization or 'at full precision'} (the run: {metadata.get('quantization') or 'full precision'}"
+                     f"{', which needs a CUDA GPU' if metadata.get('quantization') else ''})")  # fmt: skip
+    if metadata.get("model_commit") and lm.commit and lm.commit != metadata["model_commit"]:
+        notes.append(f"at commit {lm.commit[:8]} (the run: {metadata['model_commit'][:8]})")
+    return notes
 
 
 def model_depth(spec: str) -> tuple[int, int | None] | None:

@@ -5,17 +5,31 @@ from __future__ import annotations
 import streamlit as st
 
 from mechamap_core.inspect_neuron import collect_activations, token_activations, token_table
-from mechamap_core.models import ModelNotAvailableError
+from mechamap_core.models import ModelNotAvailableError, loading_as_scanned, pinned_to_run, reload_differences
 from mechamap_core.scan import ScanResult
 from mechamap_ui.state import get_model
 
 
 def model_for(result: ScanResult):
-    """The run's model (cached), or None when it can't be loaded here."""
+    """The run's model as the run scanned it (cached; models.loading_as_scanned: its dtype, 8/4-bit where a GPU
+    can, a Hub id at the run's commit when its cached branch has moved since), or None when it can't be loaded
+    here. reload_note says what still differs."""
+    loading = loading_as_scanned(result.metadata)
     try:
-        return get_model(result.metadata["model"], "auto", "auto")
+        lm = get_model(loading["spec"], "auto", loading["dtype"], quantization=loading["quantization"])
+        pinned = pinned_to_run(result.metadata, lm)
+        return lm if pinned is None else get_model(pinned, "auto", loading["dtype"], quantization=loading["quantization"])
     except (ModelNotAvailableError, ValueError, OSError):
         return None
+
+
+def reload_note(result: ScanResult, lm) -> str | None:
+    """A caption when the model loaded to recompute this run's values differs from the one it scanned, else None."""
+    differences = reload_differences(result.metadata, lm) if lm is not None else []
+    if not differences:
+        return None
+    return (f"Values computed here come from the run's model loaded {'; '.join(differences)}, so they may differ "
+            "slightly from the run's.")  # fmt: skip
 
 
 def recomputed_token_table(result: ScanResult, layer: int, neuron: int, progress=None):
@@ -33,11 +47,14 @@ def recomputed_token_table(result: ScanResult, layer: int, neuron: int, progress
     return token_table(aligned.tokens, acts[layer][:, 0], aligned.category_mask, aligned.categories)
 
 
+def typed_text_activations(result: ScanResult, lm, text: str, layer: int, neuron: int):
+    """The neuron's activations over a typed text from the run's model lm (model_for), in the run's chunk length (a
+    token's context, so its activation, depends on it), cached per model as loaded, text and neuron."""
+    as_loaded = f"{lm.name}|{lm.dtype}|{lm.quantization}|{lm.commit}"
+    return _typed_text_activations(as_loaded, text, layer, neuron, result.metadata["config"].get("max_chunk_tokens", 0), lm)
+
+
 @st.cache_data(show_spinner="Running the model on your text...", max_entries=64)
-def typed_text_activations(model_spec: str, text: str, layer: int, neuron: int):
-    """One forward pass over a typed text (cached per text and neuron); None if the model is unavailable."""
-    try:
-        lm = get_model(model_spec, "auto", "auto")
-    except (ModelNotAvailableError, OSError):
-        return None
-    return token_activations(lm, text, layer, neuron)
+def _typed_text_activations(as_loaded: str, text: str, layer: int, neuron: int, max_chunk_tokens: int, _lm):
+    """typed_text_activations' forward pass; as_loaded names _lm and how it was loaded (the cache's key for it)."""
+    return token_activations(_lm, text, layer, neuron, max_chunk_tokens)

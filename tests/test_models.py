@@ -409,3 +409,45 @@ def test_a_placement_naming_a_gpu_or_device_the_machine_lacks_is_refused_before_
     monkeypatch.setattr("torch.cuda.device_count", lambda: 0)
     with pytest.raises(ValueError, match="names GPU 0, but this machine has no GPU"):
         placement.check_devices(["cuda"], "device_map", cuda_names=True)
+
+
+def test_a_local_folder_is_named_by_its_absolute_path_from_any_working_folder(tiny_models, tmp_path, monkeypatch):
+    """'./model' recorded as typed was read back from another working folder as another model (a run of a GPT-2
+    reopened beside a Llama folder of the same name loaded the Llama): the name is the folder's absolute path."""
+    from mechamap_core.models import model_name
+
+    (tmp_path / "a").mkdir()
+    shutil.copytree(tiny_models.path("gpt2"), tmp_path / "a" / "model")
+    monkeypatch.chdir(tmp_path / "a")
+    assert model_name("./model") == model_name("model") == str((tmp_path / "a" / "model").resolve())
+    assert load_model("./model", device="cpu").name == str((tmp_path / "a" / "model").resolve())
+    assert model_name("gpt2", "v1") == "gpt2@v1" and model_name("gpt2@v2", "v1") == "gpt2@v2"  # Hub ids as given
+    assert model_name("bundled") == BUNDLED_MODEL_ID
+
+
+def test_a_runs_model_is_reloaded_as_it_scanned_and_what_differs_is_named(tiny_gpt2):
+    """loading_as_scanned: the run's dtype ('auto' where auto picks it here, so the Scan page's copy is shared), its
+    quantization only where a CUDA GPU can load it; pinned_to_run: name@commit when the model loaded by name came
+    from another commit than the run's; reload_differences names dtype, quantization and commit differences."""
+    import dataclasses
+
+    from mechamap_core.models import loading_as_scanned, pinned_to_run, reload_differences
+
+    here = str(pick_dtype("auto", pick_device("auto"))).removeprefix("torch.")
+    other = "bfloat16" if here != "bfloat16" else "float16"
+    run = {"model": "org/tiny", "dtype": here, "quantization": None, "model_commit": "a" * 40}
+    assert loading_as_scanned(run) == {"spec": "org/tiny", "dtype": "auto", "quantization": None}
+    assert loading_as_scanned({**run, "dtype": other})["dtype"] == other
+    assert loading_as_scanned({**run, "quantization": "8bit"})["quantization"] == ("8bit" if torch.cuda.is_available() else None)
+    assert loading_as_scanned({"model": "org/tiny"})["dtype"] == "auto"  # an old run without dtype
+    same = dataclasses.replace(tiny_gpt2, commit="a" * 40, dtype=getattr(torch, here))
+    moved = dataclasses.replace(same, commit="b" * 40)
+    assert pinned_to_run(run, same) is None and pinned_to_run(run, moved) == f"org/tiny@{'a' * 40}"
+    assert pinned_to_run({**run, "model": "org/tiny@v1"}, moved) is None  # the run named its revision itself
+    assert pinned_to_run({**run, "model_commit": None}, moved) is None
+    assert reload_differences(run, same) == []
+    shifted = dataclasses.replace(moved, dtype=getattr(torch, other))
+    assert reload_differences({**run, "quantization": "4bit"}, shifted) == [
+        f"in {other} (the run: {here})", "at full precision (the run: 4bit, which needs a CUDA GPU)",
+        "at commit bbbbbbbb (the run: aaaaaaaa)",
+    ]  # fmt: skip

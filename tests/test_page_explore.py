@@ -10,6 +10,7 @@ from collections import Counter
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from conftest import REPO_ROOT
 from streamlit.testing.v1 import AppTest
 from test_analysis import CATS, build_moe_scores, hand_correlation, hand_overlap, moe_key
@@ -701,3 +702,29 @@ def test_recomputed_activations_of_a_run_without_recording_equal_the_recorded_on
     expected = neuron_token_table(recorded, 1, 5)
     pd.testing.assert_frame_equal(recomputed.reset_index(drop=True), expected.reset_index(drop=True), check_exact=False, atol=1e-5)
     assert calls[-1][0] == calls[-1][1] > 1 and calls[-1][2] == "done"
+
+
+def test_a_runs_model_is_reloaded_in_its_dtype_and_typed_text_is_read_in_its_chunks(tiny_models):
+    """A bfloat16 run without recorded activations: the Neuron page reloads its model in bfloat16 (it loaded float32
+    whatever the run used: every value differed), so the recomputed activations equal a recording bfloat16 scan's.
+    Typed text is read in the run's chunk length: the run's own text typed in gives the run's activations."""
+    from mechamap_core import ScanConfig, load_model, scan
+    from mechamap_core.inspect_neuron import neuron_token_table
+    from mechamap_ui.neuron_data import model_for, recomputed_token_table, reload_note, typed_text_activations
+
+    path = str(tiny_models.path("gpt2"))
+    lm = load_model(path, device="cpu", dtype="bfloat16")
+    text = "I ate pizza and bread in Paris, then rice in Rome. " * 4
+    cfg = ScanConfig(master_text=text, categories={"food": ["pizza", "bread", "rice"], "city": ["Paris", "Rome"]},
+                     max_chunk_tokens=16)  # fmt: skip
+    recorded, unrecorded = scan(lm, cfg, record_activations=True), scan(lm, cfg, record_activations=False)
+    assert unrecorded.metadata["dtype"] == "bfloat16"
+    reloaded = model_for(unrecorded)
+    assert reloaded.dtype == torch.bfloat16 and reload_note(unrecorded, reloaded) is None
+    expected = neuron_token_table(recorded, 1, 5)
+    recomputed = recomputed_token_table(unrecorded, 1, 5)
+    np.testing.assert_array_equal(recomputed["activation"].to_numpy(), expected["activation"].to_numpy())
+    typed = typed_text_activations(unrecorded, reloaded, text, 1, 5)
+    np.testing.assert_array_equal(typed["activation"].to_numpy(), expected["activation"].to_numpy())
+    as_float32 = load_model(path, device="cpu")
+    assert "in float32 (the run: bfloat16)" in reload_note(unrecorded, as_float32)

@@ -8,7 +8,7 @@ from mechamap_core.inspect_neuron import direct_effect, neuron_token_table, quan
 from mechamap_core.scan import MIN_CATEGORY_TOKENS
 from mechamap_core.sites import hook_name
 from mechamap_ui import links, state
-from mechamap_ui.neuron_data import model_for, recomputed_token_table, typed_text_activations
+from mechamap_ui.neuron_data import model_for, recomputed_token_table, reload_note, typed_text_activations
 from mechamap_ui.widgets import (
     SELECTED_NEURON,
     capped_table,
@@ -100,6 +100,8 @@ if samples is None:
     if tokens is None:
         with progress_bar("Recomputing this neuron's activations (they were not recorded for this run)") as on_progress:
             tokens = recomputed_token_table(result, layer, neuron, on_progress)
+        if tokens is not None and (note := reload_note(result, model_for(result))):
+            st.caption(note)
     if tokens is not None:
         st.markdown("#### Activations over all tokens")
         hist = activation_histogram(tokens)
@@ -116,7 +118,9 @@ if samples is None:
 st.markdown("#### Direct effect on the vocabulary")
 lm = model_for(result)
 effect = direct_effect(lm, layer, neuron) if lm is not None else None
-if effect is None:
+if lm is None:
+    st.caption("The model of this run is not available here, so its direct effect can't be computed.")
+elif effect is None:
     st.caption("This model has no output embedding (e.g. a bare encoder), so there is no direct effect on tokens.")
 else:
     st.altair_chart(direct_effect_bars(effect))
@@ -124,14 +128,16 @@ else:
 st.markdown("#### Try your own text")
 typed = st.text_area("Text", "I had pizza and pasta in Rome on Monday.", max_chars=5000)
 if typed.strip():
-    try:
-        acts = typed_text_activations(result.metadata["model"], typed, layer, neuron)
-    except ValueError as exc:
-        st.error(str(exc))
+    if lm is None:
+        st.info("The model of this run is not available here, so typed text can't be scanned.")
     else:
-        if acts is None:
-            st.info("The model of this run is not available here, so typed text can't be scanned.")
+        try:
+            acts = typed_text_activations(result, lm, typed, layer, neuron)
+        except ValueError as exc:
+            st.error(str(exc))
         else:
+            if note := reload_note(result, lm):
+                st.caption(note)
             st.html(coloured_text_html(typed, acts))
             shown = acts[["token", "activation"]]
             st.dataframe(shown, hide_index=True, column_config=stat_column_config(shown))  # one number format
