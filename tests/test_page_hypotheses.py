@@ -428,3 +428,40 @@ def test_neuron_of_an_unsaved_result_has_no_link(app_env, food_result):
     no_exception(at)
     assert not at.code
     assert any("not a saved run" in c.value for c in at.caption)
+
+
+def test_typed_heldout_text_and_the_ablation_are_read_as_the_run_scanned(app_env, bundled_lm, default_cfg):
+    """A run in 16-token chunks over texts of its own (scan(texts=)): typed held-out text is checked in the run's
+    chunks (a token's context, so its activation, depends on them; typed text took the model's 512 and its own
+    default batch), and the ablation runs over the texts the run scanned, not its config's master text."""
+    import dataclasses
+
+    from mechamap_core.alignment import align
+    from mechamap_core.analysis import flagged
+    from mechamap_core.config import ScanConfig
+    from mechamap_core.hypothesis import validate_heldout
+
+    texts = ["I ate pizza, bread and rice in Paris and Rome.", "Then pasta and soup in Oslo, Lima and Tokyo."]
+    cfg = dataclasses.replace(default_cfg, max_chunk_tokens=16, batch_size=3)
+    run = scan(bundled_lm, cfg, texts=texts, layers=[5], limit_neurons=64)
+    words = "food: sushi, grape, cheese\nlocation: Berlin, Madrid, Cairo"
+    heldout_text = "We had sushi and grape juice in Berlin, then cheese in Madrid and Cairo, and more sushi later."
+    at = typed_heldout(open_page(make_app(run), "hypothesis"), heldout_text, words)
+    [b for b in at.button if b.label == "Run held-out check"][0].click().run()
+    no_exception(at)
+    per_neuron, _ = at.session_state["heldout_result"][-1]
+    metric, threshold, min_auroc, heldout, _ = at.session_state["heldout_result"][1]
+    assert (heldout.max_chunk_tokens, heldout.batch_size) == (16, 3)
+    as_scanned = ScanConfig(master_text=heldout_text, categories={"food": ["sushi", "grape", "cheese"],
+                            "location": ["Berlin", "Madrid", "Cairo"]}, max_chunk_tokens=16)  # fmt: skip
+    expected, _ = validate_heldout(bundled_lm, flagged(run.scores, metric, threshold), as_scanned, min_auroc)
+    pd.testing.assert_frame_equal(per_neuron, expected)
+    next(box for box in at.selectbox if box.label == "Category").set_value("food").run()
+    at.radio[1].set_value("Type them").run()
+    at.text_input[0].set_value("5:1, 5:2").run()
+    [b for b in at.button if b.label == "Run ablation"][0].click().run()
+    no_exception(at)
+    outcome = at.session_state["ablation_result"][-1]
+    in_run = int(run.category_mask[:, run.categories.index("food")].sum())  # the food tokens of the scanned texts
+    in_config = int(align(bundled_lm.tokenizer, cfg.texts, cfg.categories, 16).category_mask[:, run.categories.index("food")].sum())
+    assert outcome.summary["category"] == "food" and outcome.summary["n_target_tokens"] == in_run != in_config

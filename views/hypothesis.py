@@ -1,5 +1,7 @@
 """Hypothesis page: do flagged neurons hold up on held-out text, and does ablating them hurt more than random neurons?"""
 
+import dataclasses
+
 import altair as alt
 import pandas as pd
 import streamlit as st
@@ -28,7 +30,7 @@ from mechamap_core.hypothesis import (
 )
 from mechamap_ui import config_tools, state
 from mechamap_ui.contrast_panel import contrast_section
-from mechamap_ui.neuron_data import model_for
+from mechamap_ui.neuron_data import model_for, reload_note
 from mechamap_ui.widgets import (
     chart_downloads,
     counted,
@@ -46,6 +48,10 @@ if lm is None:
     st.error(f"The model of this run ({result.metadata['model']}) can't be loaded here, so it can't be tested.")
     st.stop()
 scanned_cfg = ScanConfig(**{k: v for k, v in result.metadata["config"].items() if k in ScanConfig.__dataclass_fields__})
+if result.texts and list(result.texts) != scanned_cfg.texts:  # it scanned other texts (a corpus file, scan(texts=))
+    scanned_cfg = dataclasses.replace(scanned_cfg, master_text=list(result.texts))
+if note := reload_note(result, lm):
+    st.caption(note)
 
 
 HELDOUT_CHECK, ABLATION_CHECK = "heldout_result", "ablation_result"  # session_state: kept by state.keep_check
@@ -73,7 +79,8 @@ with held_tab:
         else:
             text = st.text_area("Held-out text", height=150)
             words = st.text_area("Category words, one category per line", "food: sushi, grape\nlocation: Berlin, Lima", height=100)
-            heldout = ScanConfig(master_text=text, categories=parse_typed_words(words), model=result.metadata["model"])
+            heldout = ScanConfig(master_text=text, categories=parse_typed_words(words), model=result.metadata["model"],
+                                 max_chunk_tokens=scanned_cfg.max_chunk_tokens, batch_size=scanned_cfg.batch_size)  # as scanned
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         if source == FROM_FILE:
             st.error(f"The held-out config can't be used: {config_tools.readable_error(exc)}")
@@ -158,7 +165,8 @@ with held_tab:
         st.download_button("Download per-neuron results (CSV)", shown.to_csv(index=False), "heldout_check.csv", "text/csv")
 
 with ablate_tab:
-    st.caption("Ablate neurons in a forward pass over the master text and compare with as many random neurons from the same layers.")
+    st.caption("Ablate neurons in a forward pass over the text the run scanned (a streamed corpus run's config master text) "
+               "and compare with as many random neurons from the same layers.")
     categories = result.categories
     category = st.selectbox("Category", categories)
     how = st.radio("Neurons", ["Flagged for this category", "Type them"], horizontal=True)
