@@ -370,8 +370,9 @@ def config_differences(meta_a: dict, meta_b: dict) -> list[str]:
     """Readable differences between the scan settings of two runs (empty when they scanned alike): every config key
     that differs (the model aside), and every difference in what they covered (coverage_differences: the layers,
     the neurons per layer, the text), which stands in for the config's layers / limit_neurons / corpus where both
-    runs record it."""
+    runs record it; and how the model was loaded (loading_differences)."""
     coverage, covered = coverage_differences(meta_a, meta_b)
+    coverage += loading_differences(meta_a, meta_b)
     if meta_a.get("config_hash") == meta_b.get("config_hash"):
         return coverage
     cfg_a, cfg_b = meta_a.get("config", {}), meta_b.get("config", {})
@@ -393,6 +394,22 @@ def config_differences(meta_a: dict, meta_b: dict) -> list[str]:
     if not notes and not coverage and not (cfg_a or cfg_b):  # hashes differ, and neither run records its config
         return ["the configs differ"]
     return notes + coverage  # configs that differ only in the model: no note, the model is what is compared
+
+
+def loading_differences(meta_a: dict, meta_b: dict) -> list[str]:
+    """How two runs loaded their model, where that differs (as their metadata record it): dtype, 8/4-bit quantization,
+    and, for runs of the same model, its Hub commit. Each changes the activations, so the scores, a little."""
+    notes = []
+    dtype_a, dtype_b = meta_a.get("dtype"), meta_b.get("dtype")
+    if dtype_a and dtype_b and dtype_a != dtype_b:  # a run that records none: not known, so not said
+        notes.append(f"dtype: {dtype_a} vs {dtype_b}")
+    quantized_a, quantized_b = meta_a.get("quantization"), meta_b.get("quantization")  # None: full precision
+    if quantized_a != quantized_b:
+        notes.append(f"quantization: {quantized_a or 'full precision'} vs {quantized_b or 'full precision'}")
+    commit_a, commit_b = meta_a.get("model_commit"), meta_b.get("model_commit")
+    if meta_a.get("model") == meta_b.get("model") and commit_a and commit_b and commit_a != commit_b:
+        notes.append(f"model commit: {commit_a[:8]} vs {commit_b[:8]}")
+    return notes
 
 
 def differing_config_keys(cfg_a: dict, cfg_b: dict) -> list[str]:

@@ -204,6 +204,19 @@ def test_config_differences_name_layers_and_neuron_limits_given_beside_the_confi
     assert analysis.config_differences(full, uploaded) == ["text scanned: the master text vs a corpus (5 uploaded documents)"]
 
 
+def test_config_differences_name_how_the_model_was_loaded():
+    """The same config scanned in float32 and bfloat16, 8-bit or at another Hub commit gives other activations, so
+    other scores: config_differences says so (it said nothing); a run that records no dtype says nothing of it, and
+    commits of two different models are not compared."""
+    plain = run_metadata(dtype="float32", quantization=None, model_commit="a" * 40)
+    assert analysis.config_differences(plain, plain) == []
+    other = run_metadata(dtype="bfloat16", quantization="8bit", model_commit="b" * 40)
+    assert analysis.config_differences(plain, other) == [
+        "dtype: float32 vs bfloat16", "quantization: full precision vs 8bit", "model commit: aaaaaaaa vs bbbbbbbb"]  # fmt: skip
+    assert analysis.config_differences(run_metadata(), run_metadata(dtype="bfloat16")) == []  # dtype not recorded in one
+    assert analysis.config_differences(plain, run_metadata(model="m2", dtype="float32", model_commit="b" * 40)) == []
+
+
 def test_config_differences_read_the_config_where_the_run_does_not_say():
     """Between two models, neuron widths are the models'; the configs' limit_neurons tells a limit then (the app
     writes the Scan page's limit into the run's config), and says what 0 means. The layers the runs record stand in
