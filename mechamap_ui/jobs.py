@@ -111,26 +111,27 @@ def start_master_scan(spec: str, cfg: ScanConfig, *, device: str, dtype: str, lo
 
 
 def start_corpus_scan(spec: str, cfg: ScanConfig, label: str, *, device: str, dtype: str, texts: list[str],
-                      again: pending.PendingScan | None = None, **options) -> bool:  # fmt: skip
+                      loading: dict | None = None, again: pending.PendingScan | None = None, **options) -> bool:  # fmt: skip
     """Queue a background scan of texts, or open an identical earlier scan's run at once, or follow the same scan
-    this session already has queued or running. The model loads here, in the page; errors become one st.error line,
-    and False. options: layers, limit_neurons."""
-    spec = spec.strip()
-    key = scanning.scan_key(spec, device, dtype, cfg, options.get("layers"), options.get("limit_neurons"), texts)
+    this session already has queued or running. The model loads here, in the page, with the loading options
+    (spread over devices, 8/4-bit) as a master-text scan takes them; errors become one st.error line, and False.
+    options: layers, limit_neurons."""
+    spec, loading = spec.strip(), scanning.loading_options(loading)
+    key = scanning.scan_key(spec, device, dtype, cfg, options.get("layers"), options.get("limit_neurons"), texts, loading)
     def reused(earlier) -> str:
         return f"Same model, config, options and corpus as an earlier scan: reused run {earlier.run_id}."
 
     if _needs_no_job(key, again, reused):
         return True
     try:
-        lm = state.get_model(spec, device, dtype)
+        lm = state.get_model(spec, device, dtype, **loading)
     except Exception as exc:  # noqa: BLE001 - every failure becomes one readable sentence, never a traceback
         st.error(scanning.friendly_error(exc))
         return False
     work = corpus_scan_work(lm, cfg, texts, state.runs_dir(), key, label=label, **options)  # the run records what it covered
-    request = {"spec": spec, "config": cfg.to_dict(), "device": device, "dtype": dtype, "corpus": label, "texts": texts,
-               **options}  # fmt: skip
-    _submit(label, work, key, _model_resource(spec, device, dtype), request, again)
+    request = {"spec": spec, "config": cfg.to_dict(), "device": device, "dtype": dtype, "loading": loading, "corpus": label,
+               "texts": texts, **options}  # fmt: skip
+    _submit(label, work, key, _model_resource(spec, device, dtype, loading), request, again)
     return True
 
 

@@ -467,6 +467,24 @@ def test_a_failed_job_shows_its_error_on_the_scan_page(app_env, fresh_registry):
     assert os.listdir(app_env["runs"]) == []
 
 
+def test_a_corpus_scan_takes_the_pages_loading_options(app_env, fresh_registry):
+    """An uploaded corpus is scanned with the model loaded as the page's "Big models" options say (here offloading,
+    device_map='auto'), as a master-text scan is: the options reach the job's model and its scan key, so the same
+    upload without them is another scan, not a reuse of this one's run (the options were dropped for corpora)."""
+    at = open_page(make_app(), "scan")
+    upload_corpus(at, "docs.txt", DOCS[:4])
+    at.checkbox(key="scan_spread").check().run()
+    click(at, "Scan")
+    (job,) = fresh_registry.jobs()
+    assert fresh_registry.wait(job.id, WAIT_S) and fresh_registry.job(job.id).state == DONE
+    at.run()
+    at.checkbox(key="scan_spread").uncheck().run()
+    click(at, "Scan")
+    no_exception(at)
+    assert not any("reused run" in v for v in texts(at.success)), texts(at.success)
+    assert len([j for j in fresh_registry.jobs() if j.id != job.id]) == 1  # a scan of its own
+
+
 def test_a_corpus_scan_of_a_model_that_is_not_there_is_one_error_and_no_job(app_env, fresh_registry):
     at = open_page(make_app(), "scan")
     upload_corpus(at, "docs.txt", DOCS[:3])

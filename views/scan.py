@@ -174,7 +174,7 @@ st.caption(jobs.GOES_ON_IN_THE_BACKGROUND)
 scan_clicked = st.button("Scan", type="primary", icon=":material/play_arrow:", disabled=not can_scan)
 if scan_clicked and texts is not None:
     corpus_label = f"{upload.name} ({len(texts):,} documents)"
-    jobs.start_corpus_scan(spec, cfg, corpus_label, device=device, dtype=dtype, texts=texts, layers=layers,
+    jobs.start_corpus_scan(spec, cfg, corpus_label, device=device, dtype=dtype, texts=texts, loading=loading, layers=layers,
                            limit_neurons=int(limit))  # fmt: skip
 elif scan_clicked:
     jobs.start_master_scan(spec, cfg, device=device, dtype=dtype, loading=loading, layers=layers, limit_neurons=int(limit))
