@@ -155,6 +155,8 @@ def _model_folder(spec: str | None) -> str | None:
 def _add_loading_flags(parser: argparse.ArgumentParser) -> None:
     """Flags for where a model comes from and how it is placed (passed to load_model)."""
     parser.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda or mps")
+    parser.add_argument("--dtype", default="auto", help="auto (float32 on a CPU, bfloat16 or float16 on a GPU), float32, "
+                        "float16 or bfloat16; a scores file's checks reproduce its activations in the scan's dtype")  # fmt: skip
     parser.add_argument("--offline", action="store_true", help="use the Hugging Face cache only, never download")
     parser.add_argument("--revision", help="Hub branch, tag or commit (same as --model org/name@REVISION)")
     parser.add_argument("--device-map", help="spread the model with accelerate: auto, or a JSON {module: device} "
@@ -190,7 +192,7 @@ def _load(args, spec: str, device: str | None = None):
     progress, close = _download_bar()
     try:
         return load_model(
-            spec, device=device or args.device, dtype=getattr(args, "dtype", "auto"), offline=True if args.offline else None,
+            spec, device=device or args.device, dtype=args.dtype, offline=True if args.offline else None,
             revision=args.revision, device_map=args.device_map, max_memory=args.max_memory,
             quantization=args.quantization, download_progress=progress,
         )  # fmt: skip
@@ -236,7 +238,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", required=True, help="YAML config (e.g. configs/default.yaml)")
     s.add_argument("--limit-neurons", type=_non_negative, help="first N neurons per layer (0 = all)")
     s.add_argument("--layers", type=_layers, help="layer subset, e.g. 0,2,5-7")
-    s.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
     _add_loading_flags(s)
     s.add_argument("--corpus", help="corpus instead of the master text: .txt (one document per line), .jsonl, "
                    ".parquet, a folder of .txt files (one document each), a glob, or hf://datasets/ORG/NAME/...")

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -306,6 +307,28 @@ def test_validate_prints_summary(scanned, capsys, tmp_path):
     for line in lines[2:]:  # the best neurons among the scanned 8 per layer, chosen on the held-out text, bound the mean
         mean, best = (float(v) for v in line.split()[-2:])
         assert mean <= best + 1e-9
+
+
+def test_validate_loads_the_model_in_the_dtype_asked_for(scanned, tmp_path, capsys):
+    """validate, ablate and contrast take --dtype, as scan does, so a scores file's checks can reproduce the scan's
+    activations (a bfloat16 scan's neurons read in float32 differ); a dtype that does not exist is refused."""
+    from mechamap_core import load_config, load_model
+    from mechamap_core.hypothesis import validate_heldout
+
+    _, paths = scanned
+    out = tmp_path / "checked.csv"
+    assert main(["validate", "--csv", str(paths["csv"]), "--heldout", HELDOUT, "--threshold", "1", "--device", "cpu",
+                 "--dtype", "bfloat16", "--out", str(out)]) == 0  # fmt: skip
+    scores = pd.read_csv(paths["csv"])
+    as_bf16, _ = validate_heldout(load_model(scores["model"].iloc[0], device="cpu", dtype="bfloat16"),
+                                  scores[scores["score"] >= 1], load_config(HELDOUT))  # fmt: skip
+    np.testing.assert_allclose(pd.read_csv(out)["heldout_auroc"], as_bf16["heldout_auroc"], rtol=1e-12)
+    capsys.readouterr()
+    for command in (["validate", "--csv", str(paths["csv"]), "--heldout", HELDOUT], ["contrast", "--csv", str(paths["csv"])],
+                    ["ablate", "--config", DEFAULT, "--category", "food", "--neurons", "5:1"]):  # fmt: skip
+        assert main([*command, "--dtype", "float64", "--threshold", "-100"] if command[0] == "contrast"
+                    else [*command, "--dtype", "float64"]) == 1  # fmt: skip
+        assert_one_line_error(capsys.readouterr().err, "unknown dtype 'float64'")
 
 
 def test_ablate_prints_effect_vs_controls(capsys):
