@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import re
 import tempfile
@@ -145,6 +146,20 @@ def model_name(spec: str, revision: str | None = None) -> str:
     if is_local:  # the folder's absolute path: './model' read back from another folder is another model
         return source
     return f"{spec.strip()}@{revision}" if revision and "@" not in spec else spec.strip()
+
+
+def local_model_version(spec: str) -> str:
+    """A fingerprint of a local model folder's files (names, sizes, modification times); '' for the bundled model,
+    a Hub id (its cache keeps each commit apart) and a spec that names no model. Caches of loaded models and scans
+    key on it, so a folder saved again (a new checkpoint under the same path) is loaded and scanned again."""
+    try:
+        source, is_local = resolve_model_source(spec)
+    except ModelNotAvailableError:
+        return ""
+    if not is_local or spec.strip() in BUNDLED_ALIASES:
+        return ""
+    entries = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(source).iterdir() if p.is_file())
+    return hashlib.sha256(repr(entries).encode()).hexdigest()[:16]
 
 
 def loading_as_scanned(metadata: dict) -> dict:

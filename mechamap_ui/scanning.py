@@ -19,7 +19,7 @@ from mechamap_core.analysis import describe_shape
 from mechamap_core.config import ConfigError, ScanConfig, config_to_yaml
 from mechamap_core.errors import first_line as _first_line
 from mechamap_core.export import save_run
-from mechamap_core.models import ModelNotAvailableError, folder_depth, resolve_model_source
+from mechamap_core.models import ModelNotAvailableError, folder_depth, local_model_version, resolve_model_source
 from mechamap_core.scan import ScanCancelled, ScanResult, scan
 from mechamap_core.sites import SiteResolutionError
 
@@ -234,9 +234,10 @@ def loading_options(loading: dict | None) -> dict:
 
 
 def scan_key(spec: str, device: str, dtype: str, cfg: ScanConfig, layers, limit_neurons, texts, loading=None) -> str:
-    """Cache key of a scan: model spec/device/dtype/loading options, the config's YAML text and the overrides."""
+    """Cache key of a scan: model spec (and a local folder's files: models.local_model_version)/device/dtype/loading
+    options, the config's YAML text and the overrides."""
     parts = [
-        spec.strip(), device, dtype, config_to_yaml(cfg), repr(None if layers is None else tuple(layers)),
+        spec.strip(), local_model_version(spec), device, dtype, config_to_yaml(cfg), repr(None if layers is None else tuple(layers)),
         repr(limit_neurons), "" if texts is None else "\x00".join(texts), repr(sorted(loading_options(loading).items())),
     ]  # fmt: skip
     return hashlib.sha256("\x1f".join(parts).encode("utf-8", errors="replace")).hexdigest()

@@ -12,7 +12,7 @@ from mechamap_core.config import ConfigError, ScanConfig, load_config
 from mechamap_core.contrast import load_contrast_set
 from mechamap_core.errors import as_sentence
 from mechamap_core.export import list_runs, load_run
-from mechamap_core.models import LoadedModel, load_model
+from mechamap_core.models import LoadedModel, load_model, local_model_version
 from mechamap_core.scan import ScanResult
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,7 +75,6 @@ def default_config_path() -> Path:
     return path if path.is_file() else BUNDLED_DEFAULT_CONFIG
 
 
-@st.cache_resource(show_spinner="Loading model...", max_entries=3)
 def get_model(
     spec: str,
     device: str = "auto",
@@ -88,16 +87,27 @@ def get_model(
 ) -> LoadedModel:
     """The model, shared by every browser session. LoadedModel.lock serialises scans on it.
 
-    Downloads a Hub id not in the cache (unless offline), reporting to _download_progress(done, total, file).
-    The _-prefixed arguments are not part of the cache key, so the token is never hashed or kept."""
+    Downloads a Hub id not in the cache (unless offline), reporting to _download_progress(done, total, file). A local
+    folder saved again since it was loaded (models.local_model_version) is loaded again. The _-prefixed arguments
+    are not part of the cache key, so the token is never hashed or kept."""
+    return _cached_model(spec, local_model_version(spec), device, dtype, device_map, max_memory, quantization, _token,
+                         _download_progress)  # fmt: skip
+
+
+@st.cache_resource(show_spinner="Loading model...", max_entries=3)
+def _cached_model(spec, version, device, dtype, device_map, max_memory, quantization, _token, _download_progress):
+    """get_model's load, cached on every argument but the _-prefixed ones (version: the local folder's files)."""
     return load_model(
         spec, device=device, dtype=dtype, device_map=device_map, max_memory=max_memory, quantization=quantization,
         token=_token, download_progress=_download_progress,
     )  # fmt: skip
 
 
+get_model.clear = _cached_model.clear  # forget every loaded model (tests)
+
+
 @st.cache_resource(show_spinner=False, max_entries=8)
-def _tokenizer(spec: str):
+def _tokenizer(spec: str, version: str):  # version: the local folder's files, part of the key
     from transformers import AutoTokenizer
 
     from mechamap_core.models import resolve_model_source
@@ -109,7 +119,7 @@ def _tokenizer(spec: str):
 def get_tokenizer(spec: str):
     """The fast tokenizer of a bundled / cached / local model (no weights loaded), or None if unavailable."""
     try:
-        tokenizer = _tokenizer(spec)
+        tokenizer = _tokenizer(spec, local_model_version(spec))
     except Exception:  # noqa: BLE001 - any failure just means "no token counts"
         return None
     return tokenizer if getattr(tokenizer, "is_fast", False) else None

@@ -559,3 +559,32 @@ def test_the_scan_settings_survive_leaving_the_page(app_env):
     at.session_state[ACTIVE_CONFIG] = dataclasses.replace(cfg, layers=[0, 1])  # the config changed meanwhile
     at.switch_page("views/scan.py").run()
     assert at.text_input(key="scan_layers").value == "0,1" and at.number_input(key="scan_limit").value == 0
+
+
+def test_a_local_model_folder_saved_again_is_loaded_and_scanned_again(tiny_models, tmp_path, default_cfg):
+    """A new checkpoint saved under the same folder path while the app runs: the app's cached model, tokenizer and
+    scan key follow the folder's files (models.local_model_version), so a scan never reuses the old weights or the
+    old weights' run; an unchanged folder keeps its one cached copy."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path / "checkpoint"
+    shutil.copytree(tiny_models.path("gpt2"), folder)
+    spec = str(folder)
+    first = state.get_model(spec, "cpu")
+    assert state.get_model(spec, "cpu") is first
+    key = scanning.scan_key(spec, "cpu", "auto", default_cfg, None, None, None)
+    tokenizer = state.get_tokenizer(spec)
+    assert state.get_tokenizer(spec) is tokenizer
+    trained = AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        trained.transformer.h[0].mlp.c_fc.weight.mul_(2.0)  # a "trained" checkpoint
+    time.sleep(0.01)  # a later modification time, whatever the file system's resolution
+    trained.save_pretrained(folder)
+    again = state.get_model(spec, "cpu")
+    assert again is not first
+    assert torch.equal(again.model.transformer.h[0].mlp.c_fc.weight, 2 * first.model.transformer.h[0].mlp.c_fc.weight)
+    assert scanning.scan_key(spec, "cpu", "auto", default_cfg, None, None, None) != key
+    assert state.get_tokenizer(spec) is not tokenizer
+    state.get_model.clear()
