@@ -170,6 +170,19 @@ def blank_without_statistics(counts: pd.DataFrame, without: pd.Series) -> pd.Dat
     return shown
 
 
+def nonfinite_note(metadata: dict) -> str | None:
+    """What a run says of its neurons with an inf or NaN activation (metadata nonfinite_neurons, finish's
+    nonfinite_neurons), one sentence, or None when it had none."""
+    counts = metadata.get("nonfinite_neurons") or {}
+    if not counts:
+        return None
+    total = sum(counts.values())
+    where = ", ".join(f"{hook}: {n:,}" for hook, n in counts.items())
+    return (f"{total:,} neuron{'s' if total != 1 else ''} ({where}) had an inf or NaN activation (a float16 overflow?) or "
+            "one too large to square in float32: no statistic of theirs is a number worth reading, so they have none, "
+            "no top tokens of those values, and no place in the q-values. Scan in float32 or bfloat16.")  # fmt: skip
+
+
 def no_statistics_note(without: pd.Series, coverage: pd.DataFrame | None = None, routed: bool = False) -> str | None:
     """A note naming the categories without statistics (`without`, categories_without_statistics) and why, or None
     when there is nothing to say. A category with MIN_CATEGORY_TOKENS tokens or more in the text has none because, in a

@@ -788,6 +788,8 @@ def _note_categories_without_statistics(result) -> None:
     note = analysis.no_statistics_note(without, result.coverage, routed=analysis.has_experts(result.scores))
     if note:
         _say("note", note)
+    if broken := analysis.nonfinite_note(result.metadata):
+        _say("warning", broken)
 
 
 def _note_thin_experts(result) -> None:

@@ -42,7 +42,7 @@ def moment_statistics(
     """
     n_c = n_cat.astype(np.float64)[:, None]  # [C, 1]
     n_r = float(n_all) - n_c
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         mean_c, var_c = mean_and_variance(n_c, sum_cat, sumsq_cat)
         mean_r, var_r = mean_and_variance(n_r, sum_all[None, :] - sum_cat, sumsq_all[None, :] - sumsq_cat)
         diff = mean_c - mean_r
@@ -435,7 +435,7 @@ def _subset_separation(x, y, total_sumsq, constants, scratch=None):
     CPU, fresh arrays of this size come from the system each time and fault in every page again).
     """
     v, z, w, floor = (constants[:, i : i + 1] for i in range(4))
-    with np.errstate(invalid="ignore", divide="ignore"):  # a subset without tokens: 0 * inf, a NaN score
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):  # a subset without tokens: 0 * inf, a NaN score
         spread = y * v if scratch is None else np.multiply(y, v, out=scratch[0])
         spread += total_sumsq
         squares = x * x if scratch is None else np.multiply(x, x, out=scratch[1])

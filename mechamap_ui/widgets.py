@@ -23,6 +23,7 @@ from mechamap_core.analysis import (
     neuron_groups,
     neuron_label,
     no_statistics_note,
+    nonfinite_note,
     permutation_floor,
     with_readable_top_tokens,
 )
@@ -315,6 +316,12 @@ def explain_categories_without_statistics(without: pd.Series, coverage: pd.DataF
     note = no_statistics_note(without, coverage, routed)
     if note:
         st.info(note, icon=":material/info:")
+
+
+def warn_of_nonfinite_neurons(metadata: dict) -> None:
+    """A warning naming the run's neurons with an inf or NaN activation (analysis.nonfinite_note); nothing without."""
+    if note := nonfinite_note(metadata):
+        st.warning(note, icon=":material/warning:")
 
 
 def neuron_pick(row: pd.Series) -> tuple[int, ...]:

@@ -600,3 +600,46 @@ def test_a_rest_of_fewer_than_min_tokens_gives_no_statistics(tiny_gpt2, default_
     for column in ("avg_activation", "separation", "score", "auroc", "p_value", "q_value"):
         assert res.scores[column].isna().all(), column
     assert set(res.scores["n_tokens"]) == set(mask.tolist())
+
+
+@pytest.mark.parametrize("record", [True, False], ids=["recorded", "record-off"])
+def test_neurons_with_inf_or_nan_activations_get_no_statistics_and_are_named(tiny_gpt2, default_cfg, record):
+    """An inf or NaN activation (a float16 overflow) or one too large to square in float32 made a neuron's statistics
+    NaN or, worse, finite and wrong: NaN ranked by its sign bit in the exact AUROC (auroc 1.0 for a neuron NaN on
+    every food token), binned AUROC above 1, NaN ranked first among top tokens. Such neurons now get no statistic at
+    all (every column NaN), no top token holding such a value, and are named in metadata; the other neurons keep the
+    numbers of a clean scan (their q-values aside: the broken neurons' p-values leave the count)."""
+    from mechamap_core.analysis import nonfinite_note
+
+    cfg = dataclasses.replace(default_cfg, batch_size=2)
+    clean = scan(tiny_gpt2, cfg, layers=[0], record_activations=record)
+
+    def overwrite(module, args):  # the MLP input of layer 0, before the scan's own hook reads it
+        hidden = args[0].clone()
+        flat = hidden.view(-1, hidden.shape[-1])
+        rows = torch.arange(len(flat))
+        flat[rows % 7 == 0, 3] = float("nan")  # NaN on some tokens
+        flat[rows % 11 == 1, 4] = float("inf")  # inf on others
+        flat[rows % 13 == 2, 5] = 1e30  # finite, but its square overflows float32
+        return (hidden,)
+
+    module = tiny_gpt2.model.get_submodule("transformer.h.0.mlp.c_proj")
+    handle = module.register_forward_pre_hook(overwrite)
+    try:
+        broken = scan(tiny_gpt2, cfg, layers=[0], record_activations=record)
+    finally:
+        handle.remove()
+    assert broken.metadata["nonfinite_neurons"] == {"blocks.0.mlp.hook_post": 3}
+    assert "3 neurons (blocks.0.mlp.hook_post: 3) had an inf or NaN activation" in nonfinite_note(broken.metadata)
+    assert "nonfinite_neurons" not in clean.metadata and nonfinite_note(clean.metadata) is None
+    bad = broken.scores["neuron"].isin([3, 4, 5])
+    assert broken.scores.loc[bad, scan_finish.STAT_COLUMNS].isna().all().all()
+    kept = [c for c in scan_finish.STAT_COLUMNS if c not in scan_finish.Q_VALUES]
+    pd.testing.assert_frame_equal(broken.scores.loc[~bad, kept], clean.scores.loc[~bad, kept])
+    assert np.isfinite(broken.top_tokens["activation"]).all()
+    top_clean = clean.top_tokens[~clean.top_tokens["neuron"].isin([3, 4, 5])].reset_index(drop=True)
+    top_broken = broken.top_tokens[~broken.top_tokens["neuron"].isin([3, 4, 5])].reset_index(drop=True)
+    pd.testing.assert_frame_equal(top_broken, top_clean)
+    for neuron in (3, 4):  # their top tokens: the highest finite values only
+        ranked = broken.top_tokens[broken.top_tokens["neuron"] == neuron]
+        assert len(ranked) == cfg.top_k_tokens and ranked["activation"].is_monotonic_decreasing

@@ -13,6 +13,7 @@ from mechamap_ui.widgets import (
     holds_up_toggle,
     neuron_table,
     stat_column_config,
+    warn_of_nonfinite_neurons,
 )
 
 st.title(":material/explore: MechaMap")
@@ -57,6 +58,7 @@ cols[0].metric("Neurons scanned", f"{result.scores[key].drop_duplicates().shape[
 cols[1].metric(f"Neuron-category pairs with score ≥ {threshold:g}", f"{int(counts.sum()):,}")
 cols[2].metric("Categories", len(result.categories))
 explain_categories_without_statistics(without_statistics, result.coverage, analysis.has_experts(result.scores))
+warn_of_nonfinite_neurons(result.metadata)
 
 left, right = st.columns([2, 3])
 with left:

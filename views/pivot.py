@@ -31,6 +31,7 @@ widgets.holds_up_effect(result.scores, metric, threshold, min_cv_auroc)
 st.subheader(f"Neurons with {metric} ≥ {threshold:g}, per layer and category")
 without_statistics = analysis.categories_without_statistics(result.scores, result.metadata.get("category_tokens"))
 widgets.explain_categories_without_statistics(without_statistics, result.coverage, analysis.has_experts(result.scores))
+widgets.warn_of_nonfinite_neurons(result.metadata)
 if counts.empty:
     st.info("This scan has no layers or categories to count.")
 else:

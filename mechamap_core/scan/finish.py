@@ -22,7 +22,7 @@ from ..stats import (
     permutation_pvalues,
     word_pairs,
 )  # fmt: skip
-from .state import SiteStats
+from .state import SiteStats, finite_or_lowest
 
 STAT_COLUMNS = [
     "avg_activation", "score", "mean_rest", "std_category", "std_rest", "cohens_d", "separation",
@@ -46,6 +46,7 @@ class SitePart:
     hook: str = ""  # the site's hook name (set by the caller; the dense hook name when empty)
     expert: int | None = None  # routed expert, None for dense and shared-expert neurons
     word_moments: dict | None = None  # permutation_pvalues' inputs, until add_permutation_pvalues uses them
+    nonfinite: np.ndarray | None = None  # [n] bool: neurons with an inf or NaN value (nonfinite_neurons)
 
 
 def site_moments(stats: SiteStats, neurons: slice = slice(None)) -> dict[str, np.ndarray]:
@@ -89,6 +90,7 @@ def finish_part(layer: int, neurons: slice, stats: SiteStats, recorded: list[np.
     AUROCs' sorts then run) when there are any, else from the state's histograms and top-k. Histograms and
     the permutation test are computed on the state's device."""
     moments = site_moments(stats, neurons)
+    nonfinite = nonfinite_neurons(moments)
     result = moment_statistics(**moments)
     result["welch_p"] = result.pop("p_value")
     n_categories = stats.layout.n_categories
@@ -103,7 +105,8 @@ def finish_part(layer: int, neurons: slice, stats: SiteStats, recorded: list[np.
             auroc, cv = exact_aurocs(acts_t, context.category_mask, context.token_word, context.word_category,
                                      context.word_fold, n_categories)  # fmt: skip
         if top is None and context.top_k:
-            vals, index = torch.topk(torch.as_tensor(acts_t), min(context.top_k, acts_t.shape[1]), dim=1)
+            ranked = finite_or_lowest(torch.as_tensor(acts_t)) if nonfinite.any() else torch.as_tensor(acts_t)
+            vals, index = torch.topk(ranked, min(context.top_k, acts_t.shape[1]), dim=1)
             top = (vals.T.cpu().numpy(), index.T.cpu().numpy())
         acts_t = as_numpy(acts_t)  # the result keeps the recording on the host
     elif context.with_auroc and stats.layout.hist_bins:
@@ -116,9 +119,21 @@ def finish_part(layer: int, neurons: slice, stats: SiteStats, recorded: list[np.
     result["auroc"] = nan if auroc is None else auroc
     result["cv_auroc"] = nan if cv is None else cv
     result["score"] = consistent_separation(result["separation"], result["cv_auroc"], cv_measured=cv is not None)
+    for values in result.values():  # an inf or NaN value: no statistic of the neuron is a number worth reading
+        values[:, nonfinite] = np.nan
     n_tokens = stats.n_cat.cpu().numpy().round().astype(np.int64)
     n_seen = int(round(float(stats.n_all)))
-    return SitePart(layer, neurons.start, result, top, acts_t, n_tokens, n_seen, hook_name(layer), word_moments=word_moments)
+    return SitePart(layer, neurons.start, result, top, acts_t, n_tokens, n_seen, hook_name(layer), word_moments=word_moments,
+                    nonfinite=nonfinite)  # fmt: skip
+
+
+def nonfinite_neurons(moments: dict) -> np.ndarray:
+    """[n] bool: the neurons whose activations held an inf or NaN (a float16 overflow, say) or a value too large to
+    square in float32: their sums over all tokens (site_moments) are not finite. Their statistics would be NaN or,
+    worse, finite and wrong (NaN ranks by its sign bit in the exact AUROC's sort; binned AUROC above 1), so a scan
+    gives them none, keeps them out of top tokens and q-values, and names them (metadata nonfinite_neurons)."""
+    return ~(np.isfinite(moments["sum_all"]) & np.isfinite(moments["sumsq_all"]))
+
 
 
 def for_finishing(values: torch.Tensor):
@@ -184,6 +199,8 @@ def add_permutation_pvalues(parts: list[SitePart], context: FinishContext) -> No
     for part, p_values in zip(parts, permutation_pvalues_of([part.word_moments for part in parts], context)):
         if p_values is not None:
             part.stats["p_value"] = p_values
+            if part.nonfinite is not None:
+                p_values[:, part.nonfinite] = np.nan
         part.word_moments = None
 
 
@@ -278,4 +295,14 @@ def assemble(model_name: str, categories: list[str], parts: list[SitePart], n_la
         "activation": np.concatenate([p.top[0].T.reshape(-1) for p, _ in with_top]),
     })  # fmt: skip
     top.loc[top["expert"] < 0, "expert"] = pd.NA
-    return scores, top
+    finite = np.isfinite(top["activation"].to_numpy())
+    return scores, top if finite.all() else top[finite].reset_index(drop=True)  # no inf or NaN among top tokens
+
+
+def nonfinite_counts(parts: list[SitePart]) -> dict[str, int]:
+    """{hook: how many of its neurons had an inf or NaN value} over the parts (nonfinite_neurons), sites with any."""
+    counts: dict[str, int] = {}
+    for part in parts:
+        if part.nonfinite is not None and part.nonfinite.any():
+            counts[part.hook] = counts.get(part.hook, 0) + int(part.nonfinite.sum())
+    return counts

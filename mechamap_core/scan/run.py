@@ -26,6 +26,7 @@ from .finish import (
     add_permutation_pvalues,
     assemble,
     finish_part,
+    nonfinite_counts,
     token_folds,
 )
 from .plan import plan_for, run_with_retry
@@ -235,6 +236,7 @@ def scan(
         "config": cfg.to_dict(),
         "plan": plan.as_dict(),
         **({"expert_neurons": {str(p.layer): p.neuron_source for p in points if isinstance(p, MoELayer)}} if has_experts else {}),
+        **({"nonfinite_neurons": nonfinite} if (nonfinite := nonfinite_counts(parts)) else {}),
     }
     return ScanResult(
         scores, top, aligned.tokens, aligned.coverage, aligned.category_mask, metadata, aligned.texts, activations, extras

@@ -219,6 +219,8 @@ class SiteStats:
     def _update_top(self, acts_t: torch.Tensor, keys: torch.Tensor) -> None:
         k = min(self.layout.top_k, acts_t.shape[1])
         vals, rows = torch.topk(acts_t, k, dim=1)  # [N, k]
+        if not torch.isfinite(vals).all():  # topk ranks NaN (and inf) highest: rank them lowest (finish drops them)
+            vals, rows = torch.topk(finite_or_lowest(acts_t), k, dim=1)
         self.top_vals, self.top_keys = _keep_top(
             torch.cat([self.top_vals, vals.T]), torch.cat([self.top_keys, keys[rows].T]), self.layout.top_k
         )
@@ -361,6 +363,12 @@ def _lowest_first(priority: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     by_key = torch.sort(keys, dim=0, stable=True).indices
     by_priority = torch.sort(priority.gather(0, by_key), dim=0, stable=True).indices
     return by_key.gather(0, by_priority)
+
+
+def finite_or_lowest(values: torch.Tensor) -> torch.Tensor:
+    """values with every inf and NaN made -inf, for top-k (torch.topk ranks NaN highest; finish.assemble drops the
+    -inf rows): an overflowed value is no activation to rank."""
+    return torch.where(torch.isfinite(values), values, torch.tensor(float("-inf"), dtype=values.dtype, device=values.device))
 
 
 def _keep_top(vals: torch.Tensor, keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,7 +26,7 @@ from ..sites import hook_name
 from ..sites import n_layers as count_layers
 from .calibrate import calibrate_edges, calibration_chunks, first_texts_for_edges
 from .driver import Batch, Site, batches, resolve_hook_points, run_hooked_forward, site_device
-from .finish import FinishContext, add_permutation_pvalues, assemble, finish_part, token_folds
+from .finish import FinishContext, add_permutation_pvalues, assemble, finish_part, nonfinite_counts, token_folds
 from .result import ScanResult
 from .run import batch_labels, config_words, model_metadata, routing_from_states, scan_targets, word_keys, word_labels
 from .state import HIST_BINS, SiteStats, StatsLayout
@@ -367,7 +367,7 @@ def stream_result(lm: LoadedModel, cfg: ScanConfig, state: StreamState, extra_me
         "threshold": cfg.threshold, "source": "corpus", "corpus_report": state.report.as_dict(),
         "timings_s": {"statistics": round(time.perf_counter() - started, 4)},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "mechamap_version": __version__, "config": cfg.to_dict(),
-        **(extra_metadata or {}),
+        **({"nonfinite_neurons": nonfinite} if (nonfinite := nonfinite_counts(parts)) else {}), **(extra_metadata or {}),
     }  # fmt: skip
     experts = {site_of_hook(hook): stats for hook, stats in state.sites.items() if site_of_hook(hook)[1] >= 0}
     if experts:  # every expert has a state (scan_stream makes one for each), so a layer's count is its largest + 1
