@@ -417,14 +417,8 @@ def _checked(row: dict, n_tokens: int, auroc: float, separation: float, cohens_d
     }  # fmt: skip
 
 
-def _dense_heldout_rows(
-    lm: LoadedModel,
-    cands: pd.DataFrame,
-    heldout: ScanConfig,
-    min_auroc: float,
-    scanned: ScanResult | None,
-    progress: ProgressFn | None = None,
-) -> list[dict]:
+def _dense_heldout_rows(lm: LoadedModel, cands: pd.DataFrame, heldout: ScanConfig, min_auroc: float,
+                        scanned: ScanResult | None, progress: ProgressFn | None = None) -> list[dict]:  # fmt: skip
     """validate_heldout's rows of dense candidates: their activations on the held-out text, taken from a held-out
     scan that recorded them, else collected in one pass over it (chunked and batched as the scan does)."""
     neurons = {int(layer): sorted(set(g["neuron"].astype(int))) for layer, g in cands.groupby("layer")}
@@ -471,14 +465,8 @@ def _identity(cand) -> dict:
     return {"layer": int(cand.layer), **expert, "neuron": int(cand.neuron), "category": cand.category, "hook": cand.hook}
 
 
-def _scanned_heldout_rows(
-    lm: LoadedModel,
-    cands: pd.DataFrame,
-    heldout: ScanConfig,
-    min_auroc: float,
-    scanned: ScanResult | None,
-    progress: ProgressFn | None = None,
-) -> list[dict]:
+def _scanned_heldout_rows(lm: LoadedModel, cands: pd.DataFrame, heldout: ScanConfig, min_auroc: float,
+                          scanned: ScanResult | None, progress: ProgressFn | None = None) -> list[dict]:  # fmt: skip
     """validate_heldout's rows of expert (and shared-expert) candidates, read off a scan of the held-out text over
     their layers (every candidate's neuron included, whatever the held-out config's limit_neurons), or off scanned
     where given: each expert's statistics on the tokens routed to it, AUROC (exact when the memory plan records,
