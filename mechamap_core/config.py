@@ -579,10 +579,30 @@ def split_words(text: str) -> list[str]:
     quote that opens a word and is never closed: read as CSV reads it, it would swallow the rest of the line into
     one word ('"New York, Paris' one word, where two were meant)."""
     one_line = re.sub(r"\r\n|[\r\n]", ",", text)
-    try:
-        next(csv.reader([one_line], skipinitialspace=True, strict=True), [])
-    except csv.Error as exc:  # strict also refuses text after a closing quote ('"x" , y'), which is read as before
-        if "unexpected end of data" in str(exc):
-            raise ValueError(f"a double quote opens a word and is never closed in '{text.strip()}': close it, or write "
-                             'a double quote inside a word as two ("")') from None  # fmt: skip
+    if _opens_a_quote_never_closed(one_line):
+        raise ValueError(f"a double quote opens a word and is never closed in '{text.strip()}': close it, or write "
+                         'a double quote inside a word as two ("")')  # fmt: skip
     return [word.strip() for word in next(csv.reader([one_line], skipinitialspace=True), []) if word.strip()]
+
+
+def _opens_a_quote_never_closed(line: str) -> bool:
+    """Whether a field of the comma-separated line starts (after spaces) with a double quote that no later single
+    double quote closes ("" inside is an escaped quote): csv would read the rest of the line into that field."""
+    at = 0
+    while True:
+        while line[at : at + 1] == " ":
+            at += 1
+        if line[at : at + 1] == '"':
+            at += 1
+            while True:
+                at = line.find('"', at)
+                if at < 0:
+                    return True
+                if line[at + 1 : at + 2] != '"':
+                    break
+                at += 2
+            at += 1
+        comma = line.find(",", at)
+        if comma < 0:
+            return False
+        at = comma + 1

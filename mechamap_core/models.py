@@ -158,29 +158,35 @@ def local_model_version(spec: str) -> str:
         return ""
     if not is_local or spec.strip() in BUNDLED_ALIASES:
         return ""
-    entries = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(source).iterdir() if p.is_file())
+    try:
+        entries = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(source).iterdir() if p.is_file())
+    except OSError:  # a file removed while listing (a save in progress), an unreadable folder: the load will say
+        return ""
     return hashlib.sha256(repr(entries).encode()).hexdigest()[:16]
 
 
 def loading_as_scanned(metadata: dict) -> dict:
     """load_model's spec, dtype and quantization that load a run's model as the run scanned it (its metadata): its
-    name, its dtype ("auto" where auto picks that dtype here, so the Scan page's copy is shared), its 8/4-bit
-    quantization where a CUDA GPU can load it (else full precision). A Hub id whose cached branch has moved since
-    is loaded at the run's commit by the caller (pinned_to_run); reload_differences says what still differs."""
-    dtype = metadata.get("dtype") or "auto"
-    if dtype == str(pick_dtype("auto", pick_device("auto"))).removeprefix("torch."):
-        dtype = "auto"
+    name, its dtype ('auto' for a run that records none), its 8/4-bit quantization where a CUDA GPU can load it
+    (else full precision). A Hub id whose cached branch has moved since is loaded at the run's commit (pinned_to_run);
+    reload_differences says what still differs."""
     quantization = metadata.get("quantization") if torch.cuda.is_available() else None
-    return {"spec": metadata["model"], "dtype": dtype, "quantization": quantization}
+    return {"spec": metadata["model"], "dtype": metadata.get("dtype") or "auto", "quantization": quantization}
 
 
-def pinned_to_run(metadata: dict, lm: LoadedModel) -> str | None:
-    """The spec that loads a run's Hub model at the commit the run scanned (name@commit) when lm, loaded by name,
-    came from another commit (the cached branch has moved since); None when lm is the run's (or no commit is known)."""
+def pinned_to_run(metadata: dict) -> str | None:
+    """The spec that loads a run's Hub model at the commit the run scanned (name@commit) when the cached branch its
+    name follows points at another commit now (read from the cache, before anything loads; online, a new commit
+    the Hub has since is the caller's to find by loading); None when it is the run's, or not known."""
     commit, name = metadata.get("model_commit"), metadata["model"]
-    if not commit or not lm.commit or lm.commit == commit or "@" in name:
+    if not commit or "@" in name:
         return None
-    return f"{name}@{commit}"
+    try:
+        source, is_local = resolve_model_source(name)
+    except ModelNotAvailableError:
+        return None
+    snapshot = None if is_local else hub.cached_snapshot(*hub.parse_hub_spec(source))
+    return f"{name}@{commit}" if snapshot is not None and snapshot.name != commit else None
 
 
 def reload_differences(metadata: dict, lm: LoadedModel) -> list[str]:
@@ -195,6 +201,8 @@ def reload_differences(metadata: dict, lm: LoadedModel) -> list[str]:
                      f"{', which needs a CUDA GPU' if metadata.get('quantization') else ''})")  # fmt: skip
     if metadata.get("model_commit") and lm.commit and lm.commit != metadata["model_commit"]:
         notes.append(f"at commit {lm.commit[:8]} (the run: {metadata['model_commit'][:8]})")
+    if metadata.get("model_files") and metadata["model_files"] != local_model_version(lm.name):
+        notes.append("from its folder as saved since the run (its files have changed)")
     return notes
 
 

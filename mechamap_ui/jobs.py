@@ -136,8 +136,9 @@ def start_corpus_scan(spec: str, cfg: ScanConfig, label: str, *, device: str, dt
 
 
 def _model_resource(spec: str, device: str, dtype: str, loading: dict | None = None) -> str:
-    """The queue's resource for a scan: one per loaded model (st.cache_resource keys models on these), whose jobs run
-    one at a time."""
+    """The queue's resource for a scan: one per model as the page names it and loads it (spec, device, dtype, loading
+    options), whose jobs run one at a time (state.get_model may map two spellings to one cached copy: their jobs
+    then take turns on its lock)."""
     return f"{spec}|{device}|{dtype}" + (f"|{sorted(loading.items())}" if loading else "")
 
 

@@ -5,7 +5,13 @@ from __future__ import annotations
 import streamlit as st
 
 from mechamap_core.inspect_neuron import collect_activations, token_activations, token_table
-from mechamap_core.models import ModelNotAvailableError, loading_as_scanned, pinned_to_run, reload_differences
+from mechamap_core.models import (
+    ModelNotAvailableError,
+    loading_as_scanned,
+    local_model_version,
+    pinned_to_run,
+    reload_differences,
+)
 from mechamap_core.scan import ScanResult
 from mechamap_ui.state import get_model
 
@@ -15,12 +21,13 @@ def model_for(result: ScanResult):
     can, a Hub id at the run's commit when its cached branch has moved since), or None when it can't be loaded
     here. reload_note says what still differs."""
     loading = loading_as_scanned(result.metadata)
-    try:
-        lm = get_model(loading["spec"], "auto", loading["dtype"], quantization=loading["quantization"])
-        pinned = pinned_to_run(result.metadata, lm)
-        return lm if pinned is None else get_model(pinned, "auto", loading["dtype"], quantization=loading["quantization"])
-    except (ModelNotAvailableError, ValueError, OSError):
-        return None
+    pinned = pinned_to_run(result.metadata)
+    for spec in [pinned, loading["spec"]] if pinned else [loading["spec"]]:  # the run's commit, else the branch's now
+        try:
+            return get_model(spec, "auto", loading["dtype"], quantization=loading["quantization"])
+        except (ModelNotAvailableError, ValueError, OSError):
+            continue
+    return None
 
 
 def reload_note(result: ScanResult, lm) -> str | None:
@@ -50,7 +57,7 @@ def recomputed_token_table(result: ScanResult, layer: int, neuron: int, progress
 def typed_text_activations(result: ScanResult, lm, text: str, layer: int, neuron: int):
     """The neuron's activations over a typed text from the run's model lm (model_for), in the run's chunk length (a
     token's context, so its activation, depends on it), cached per model as loaded, text and neuron."""
-    as_loaded = f"{lm.name}|{lm.dtype}|{lm.quantization}|{lm.commit}"
+    as_loaded = f"{lm.name}|{local_model_version(lm.name)}|{lm.dtype}|{lm.quantization}|{lm.commit}"
     return _typed_text_activations(as_loaded, text, layer, neuron, result.metadata["config"].get("max_chunk_tokens", 0), lm)
 
 

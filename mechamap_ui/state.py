@@ -6,13 +6,22 @@ import os
 from pathlib import Path
 
 import streamlit as st
+import torch
 
 from mechamap_core.analysis import differing_config_keys
 from mechamap_core.config import ConfigError, ScanConfig, load_config
 from mechamap_core.contrast import load_contrast_set
 from mechamap_core.errors import as_sentence
 from mechamap_core.export import list_runs, load_run
-from mechamap_core.models import LoadedModel, load_model, local_model_version
+from mechamap_core.models import (
+    LoadedModel,
+    ModelNotAvailableError,
+    load_model,
+    local_model_version,
+    model_name,
+    pick_device,
+    pick_dtype,
+)
 from mechamap_core.scan import ScanResult
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,6 +99,11 @@ def get_model(
     Downloads a Hub id not in the cache (unless offline), reporting to _download_progress(done, total, file). A local
     folder saved again since it was loaded (models.local_model_version) is loaded again. The _-prefixed arguments
     are not part of the cache key, so the token is never hashed or kept."""
+    try:  # one key per model as loaded: './m' and its absolute path, 'auto' and the dtype it picks, share a copy
+        spec, device = model_name(spec), str(pick_device(device))
+        dtype = str(pick_dtype(dtype, torch.device(device))).removeprefix("torch.")
+    except (ModelNotAvailableError, ValueError):
+        pass  # load_model names what is wrong
     return _cached_model(spec, local_model_version(spec), device, dtype, device_map, max_memory, quantization, _token,
                          _download_progress)  # fmt: skip
 

@@ -504,3 +504,30 @@ def test_dataset_repos_read_through_hf_paths(hub):
     frame = pd.read_parquet("hf://datasets/org/words/data/train-1.parquet", storage_options={"skip_instance_cache": True})
     assert frame["text"].tolist() == ["doc 1 a", "doc 1 b"]
     assert any(path.startswith("/api/datasets/org/words") for _, path, _ in hub.requests)
+
+
+def test_a_runs_hub_model_is_reloaded_at_the_runs_commit_when_the_branch_has_moved(hub, default_cfg):
+    """A run of org/tiny at main's commit; later the cached main moves to another commit (an online load fetched a new
+    one). The pages reload the run's model at the run's own commit, read from the cache before loading anything (it
+    loaded main, whose weights differ), with nothing to note; a run whose commit cannot be had falls back to the
+    model its name loads (online, the Hub's main), and the note names the commit that came from."""
+    import dataclasses
+
+    from mechamap_ui import state
+    from mechamap_ui.neuron_data import model_for, reload_note
+
+    state.get_model.clear()
+    lm = load_model("org/tiny", device="cpu")
+    run = scan(lm, dataclasses.replace(default_cfg, master_text=default_cfg.master_text[:400]), layers=[0], limit_neurons=4)
+    assert run.metadata["model_commit"] == lm.commit
+    newer = load_model("org/tiny@v1", device="cpu")
+    assert newer.commit != lm.commit
+    (hub.cache / "models--org--tiny" / "refs" / "main").write_text(newer.commit)  # the cached main has moved
+    reloaded = model_for(run)
+    assert reloaded.commit == lm.commit and reload_note(run, reloaded) is None
+    assert torch.equal(_logits(reloaded), _logits(lm)) and not torch.equal(_logits(reloaded), _logits(newer))
+    lost = dataclasses.replace(run, metadata={**run.metadata, "model_commit": "c" * 40})  # a commit the Hub never had
+    fallback = model_for(lost)  # by name: online, main as the Hub has it now
+    assert fallback is not None and fallback.commit == lm.commit
+    assert f"at commit {fallback.commit[:8]} (the run: cccccccc)" in reload_note(lost, fallback)
+    state.get_model.clear()

@@ -569,6 +569,8 @@ def test_a_local_model_folder_saved_again_is_loaded_and_scanned_again(tiny_model
 
     from transformers import AutoModelForCausalLM
 
+    from mechamap_ui.neuron_data import reload_note, typed_text_activations
+
     folder = tmp_path / "checkpoint"
     shutil.copytree(tiny_models.path("gpt2"), folder)
     spec = str(folder)
@@ -577,6 +579,9 @@ def test_a_local_model_folder_saved_again_is_loaded_and_scanned_again(tiny_model
     key = scanning.scan_key(spec, "cpu", "auto", default_cfg, None, None, None)
     tokenizer = state.get_tokenizer(spec)
     assert state.get_tokenizer(spec) is tokenizer
+    run = scan(first, dataclasses.replace(default_cfg, master_text="Pizza in Paris."), layers=[0], limit_neurons=2)
+    old_text = typed_text_activations(run, first, "Pizza in Paris.", 0, 1)  # typed on the Neuron page, then cached
+    assert reload_note(run, first) is None
     trained = AutoModelForCausalLM.from_pretrained(folder)
     with torch.no_grad():
         trained.transformer.h[0].mlp.c_fc.weight.mul_(2.0)  # a "trained" checkpoint
@@ -587,4 +592,28 @@ def test_a_local_model_folder_saved_again_is_loaded_and_scanned_again(tiny_model
     assert torch.equal(again.model.transformer.h[0].mlp.c_fc.weight, 2 * first.model.transformer.h[0].mlp.c_fc.weight)
     assert scanning.scan_key(spec, "cpu", "auto", default_cfg, None, None, None) != key
     assert state.get_tokenizer(spec) is not tokenizer
+    # the old weights' run: the same typed text is read with the new weights (not the cached values), and the pages
+    # say the folder has changed since the run
+    assert run.metadata["model_files"]
+    new_text = typed_text_activations(run, again, "Pizza in Paris.", 0, 1)  # same name, dtype and commit: new files
+    assert not old_text["activation"].equals(new_text["activation"])
+    assert "from its folder as saved since the run (its files have changed)" in reload_note(run, again)
+    state.get_model.clear()
+
+
+def test_the_app_loads_one_copy_of_a_model_however_its_spec_and_dtype_are_written(tiny_models, tmp_path, monkeypatch):
+    """The Scan page's spec as typed ('./model', a trailing slash) and a run's absolute name, 'auto' and the dtype it
+    picks, 'auto' and the device it picks: one cached copy, not one per spelling (the Neuron and Hypothesis pages
+    load a run's model by its recorded name and dtype); a folder that cannot be listed is no traceback."""
+    import shutil
+
+    from mechamap_core.models import local_model_version
+
+    shutil.copytree(tiny_models.path("gpt2"), tmp_path / "model")
+    monkeypatch.chdir(tmp_path)
+    state.get_model.clear()
+    first = state.get_model("./model", "auto", "auto")
+    assert state.get_model(str(tmp_path / "model") + "/", "cpu", "float32") is first
+    assert state.get_model(first.name, "auto", "float32") is first and first.name == str(tmp_path / "model")
+    assert local_model_version(str(tmp_path / "missing")) == ""  # no such folder: the load will say so
     state.get_model.clear()

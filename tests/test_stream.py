@@ -321,3 +321,23 @@ def test_a_corpus_is_known_by_the_files_it_reads(tmp_path, monkeypatch):
         with open(folder / "a.txt", "a", encoding="utf-8") as handle:
             handle.write(" And old.")
         assert corpus_fingerprint(source) != before, source
+
+
+def test_a_checkpoint_that_named_its_local_model_as_typed_resumes(tiny_models, tiny_gpt2, default_cfg, documents, tmp_path,
+                                                                  monkeypatch):  # fmt: skip
+    """Checkpoints written before local models were named by their absolute path kept the name as typed ('./tiny'):
+    resuming one in the same working folder names the same folder, so it resumes; another folder's is refused."""
+    import shutil
+
+    from mechamap_core.models import model_name
+
+    cfg = dataclasses.replace(default_cfg, batch_size=4)
+    shutil.copytree(tiny_models.path("gpt2"), tmp_path / "tiny")
+    monkeypatch.chdir(tmp_path)
+    typed = Checkpointing(tmp_path / "ck", 5, {"config": cfg.content_hash(), "model": "./tiny"})  # as recorded before
+    stream(tiny_gpt2, cfg, documents, source=(d for d in docs(documents) if d.index < 6), checkpointing=typed)
+    now = {"config": cfg.content_hash(), "model": model_name("./tiny")}
+    assert now["model"] == str(tmp_path / "tiny") and Checkpointing(tmp_path / "ck", 5, now).load().next_index == 6
+    other = {**now, "model": str(tiny_models.path("bert"))}
+    with pytest.raises(ValueError, match="belongs to another scan .*model"):
+        Checkpointing(tmp_path / "ck", 5, other).load()

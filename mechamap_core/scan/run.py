@@ -14,7 +14,7 @@ import torch
 from .. import __version__
 from ..alignment import AlignedText, align, distinct_words, matching_key
 from ..config import ScanConfig, as_scan_config, validate_config
-from ..models import LoadedModel
+from ..models import LoadedModel, local_model_version
 from ..moe import MoELayer
 from ..sites import n_layers as count_layers
 from ..stats import word_folds
@@ -90,6 +90,7 @@ def model_metadata(lm: LoadedModel, cfg: ScanConfig) -> dict:
     return {
         "model": lm.name, "config_hash": cfg.content_hash(), "device": str(lm.device), "placement": dict(lm.placement),
         "model_commit": lm.commit, "dtype": str(lm.dtype).replace("torch.", ""), "quantization": lm.quantization,
+        **({"model_files": files} if (files := local_model_version(lm.name)) else {}),  # a local folder's, as scanned
     }  # fmt: skip
 
 

@@ -218,9 +218,12 @@ class SiteStats:
 
     def _update_top(self, acts_t: torch.Tensor, keys: torch.Tensor) -> None:
         k = min(self.layout.top_k, acts_t.shape[1])
-        vals, rows = torch.topk(acts_t, k, dim=1)  # [N, k]
-        if not torch.isfinite(vals).all():  # topk ranks NaN (and inf) highest: rank them lowest (finish drops them)
-            vals, rows = torch.topk(finite_or_lowest(acts_t), k, dim=1)
+        if acts_t.device.type != "cpu":  # topk ranks NaN (and inf) highest: rank them lowest (finish drops them), on a
+            vals, rows = torch.topk(finite_or_lowest(acts_t), k, dim=1)  # GPU with no check, which would wait for it
+        else:  # on a CPU, look again only when the top values hold one
+            vals, rows = torch.topk(acts_t, k, dim=1)  # [N, k]
+            if not torch.isfinite(vals).all():
+                vals, rows = torch.topk(finite_or_lowest(acts_t), k, dim=1)
         self.top_vals, self.top_keys = _keep_top(
             torch.cat([self.top_vals, vals.T]), torch.cat([self.top_keys, keys[rows].T]), self.layout.top_k
         )

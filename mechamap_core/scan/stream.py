@@ -20,7 +20,7 @@ from ..config import ScanConfig
 from ..corpus import CorpusReport, Document, local_files
 from ..errors import first_line
 from ..files import atomic_output
-from ..models import LoadedModel
+from ..models import LoadedModel, ModelNotAvailableError, model_name
 from ..moe import RECOMPUTED_AFTER_CHECK, MoELayer
 from ..sites import hook_name
 from ..sites import n_layers as count_layers
@@ -153,7 +153,9 @@ class Checkpointing:
                              "use a new --checkpoint-dir, to start the scan afresh") from None  # fmt: skip
         if not isinstance(saved, dict) or saved.get("version") != CHECKPOINT_VERSION or "state" not in saved:
             raise ValueError(f"{self.path} was written by another version of MechaMap's checkpoints")
-        recorded = saved.get("fingerprint") or {}
+        recorded = dict(saved.get("fingerprint") or {})
+        if "model" in recorded:  # checkpoints before 2026-12-07 kept a local folder's name as typed ('./model')
+            recorded["model"] = _as_named_now(recorded["model"])
         differs = [k for k in self.fingerprint if recorded.get(k) != self.fingerprint[k]]
         if differs:
             raise ValueError(
@@ -161,6 +163,15 @@ class Checkpointing:
                 "use a new --checkpoint-dir, or delete that checkpoint to start this scan afresh"
             )
         return StreamState.from_payload(saved["state"])
+
+
+def _as_named_now(name):
+    """A checkpoint's recorded model name as models.model_name names it today (a local folder by its absolute path),
+    or as recorded where it names no model here."""
+    try:
+        return model_name(name) if isinstance(name, str) else name
+    except ModelNotAvailableError:
+        return name
 
 
 def _plain(text: str) -> str:
