@@ -114,19 +114,19 @@ def to_json_dict(result: ScanResult, **options) -> dict:
         }
     metadata = _jsonable(result.metadata)
     if options.get("flagged_only") or options.get("min_cv_auroc") is not None:
-        metadata["rows"] = _rows_kept(result, **options)
+        metadata["rows"] = _rows_kept(result, len(table), **options)
     return {"metadata": metadata, "neurons": neurons}
 
 
-def _rows_kept(result: ScanResult, flagged_only: bool = False, metric: str = "score", threshold: float | None = None,
-               min_cv_auroc: float | None = None) -> str:
-    """Which rows a filtered export holds, in words: "score >= 2.0 and cv_auroc >= 0.7 (52 of 9,216 rows)"."""
+def _rows_kept(result: ScanResult, n_kept: int, flagged_only: bool = False, metric: str = "score",
+               threshold: float | None = None, min_cv_auroc: float | None = None) -> str:
+    """Which rows a filtered export holds (n_kept of them: exported_scores' count), in words: "score >= 2.0 and
+    cv_auroc >= 0.7 (52 of 9,216 rows)"."""
     kept = []
     if flagged_only:
         kept.append(f"{metric} >= {_limit(result, threshold):g}")
     if min_cv_auroc is not None:
         kept.append(f"cv_auroc >= {min_cv_auroc:g}")
-    n_kept = len(exported_scores(result, flagged_only, metric, threshold, min_cv_auroc))
     return f"{' and '.join(kept)} ({n_kept:,} of {len(result.scores):,} rows)"
 
 
