@@ -39,13 +39,10 @@ def reload_note(result: ScanResult, lm) -> str | None:
             "slightly from the run's.")  # fmt: skip
 
 
-def recomputed_token_table(result: ScanResult, layer: int, neuron: int, progress=None):
-    """The neuron's per-token table recomputed with one forward pass (runs without recorded activations), over
-    the run's texts in the run's chunks (its max_chunk_tokens: a token's context, so its activation, depends on
-    them) and batches. progress(done, total, message): the forward passes."""
-    lm = model_for(result)
-    if lm is None:
-        return None
+def recomputed_token_table(result: ScanResult, lm, layer: int, neuron: int, progress=None):
+    """The neuron's per-token table recomputed by lm (the run's model, model_for) with one forward pass (runs without
+    recorded activations), over the run's texts in the run's chunks (its max_chunk_tokens: a token's context, so its
+    activation, depends on them) and batches. progress(done, total, message): the forward passes."""
     cfg = result.metadata["config"]
     aligned, acts = collect_activations(
         lm, result.texts, {layer: [neuron]}, cfg["categories"], batch_size=cfg.get("batch_size", 8),

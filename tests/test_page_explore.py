@@ -689,7 +689,7 @@ def test_recomputed_activations_of_a_run_without_recording_equal_the_recorded_on
     recording scan keeps; progress counts the forward passes."""
     from mechamap_core import ScanConfig, load_model, scan
     from mechamap_core.inspect_neuron import neuron_token_table
-    from mechamap_ui.neuron_data import recomputed_token_table
+    from mechamap_ui.neuron_data import model_for, recomputed_token_table
 
     lm = load_model(str(tiny_models.path("gpt2")), device="cpu")
     cfg = ScanConfig(master_text="I ate pizza and bread in Paris. " * 12, categories={"food": ["pizza", "bread"], "city": ["Paris"]},
@@ -698,7 +698,7 @@ def test_recomputed_activations_of_a_run_without_recording_equal_the_recorded_on
     unrecorded = scan(lm, cfg, record_activations=False)
     assert unrecorded.activations is None and len(recorded.tokens) > 16
     calls = []
-    recomputed = recomputed_token_table(unrecorded, 1, 5, lambda *call: calls.append(call))
+    recomputed = recomputed_token_table(unrecorded, model_for(unrecorded), 1, 5, lambda *call: calls.append(call))
     expected = neuron_token_table(recorded, 1, 5)
     pd.testing.assert_frame_equal(recomputed.reset_index(drop=True), expected.reset_index(drop=True), check_exact=False, atol=1e-5)
     assert calls[-1][0] == calls[-1][1] > 1 and calls[-1][2] == "done"
@@ -722,7 +722,7 @@ def test_a_runs_model_is_reloaded_in_its_dtype_and_typed_text_is_read_in_its_chu
     reloaded = model_for(unrecorded)
     assert reloaded.dtype == torch.bfloat16 and reload_note(unrecorded, reloaded) is None
     expected = neuron_token_table(recorded, 1, 5)
-    recomputed = recomputed_token_table(unrecorded, 1, 5)
+    recomputed = recomputed_token_table(unrecorded, reloaded, 1, 5)
     np.testing.assert_array_equal(recomputed["activation"].to_numpy(), expected["activation"].to_numpy())
     typed = typed_text_activations(unrecorded, reloaded, text, 1, 5)
     np.testing.assert_array_equal(typed["activation"].to_numpy(), expected["activation"].to_numpy())

@@ -95,12 +95,13 @@ if hook != hook_name(layer):  # a routed or shared expert: the model-based views
     )
     st.stop()
 
+lm = model_for(result)  # the run's model, for what the page computes again below (None: not available here)
 if samples is None:
     tokens = neuron_token_table(result, layer, neuron)
-    if tokens is None:
+    if tokens is None and lm is not None:
         with progress_bar("Recomputing this neuron's activations (they were not recorded for this run)") as on_progress:
-            tokens = recomputed_token_table(result, layer, neuron, on_progress)
-        if tokens is not None and (note := reload_note(result, model_for(result))):
+            tokens = recomputed_token_table(result, lm, layer, neuron, on_progress)
+        if note := reload_note(result, lm):
             st.caption(note)
     if tokens is not None:
         st.markdown("#### Activations over all tokens")
@@ -116,7 +117,6 @@ if samples is None:
         st.info("Per-token activations are unavailable: the model of this run could not be loaded here.")
 
 st.markdown("#### Direct effect on the vocabulary")
-lm = model_for(result)
 effect = direct_effect(lm, layer, neuron) if lm is not None else None
 if lm is None:
     st.caption("The model of this run is not available here, so its direct effect can't be computed.")
