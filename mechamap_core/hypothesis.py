@@ -473,7 +473,9 @@ def _scanned_heldout_rows(lm: LoadedModel, cands: pd.DataFrame, heldout: ScanCon
     as for any short text), Welch's p-value."""
     if scanned is not None:
         _read_off_scan(progress)
-    scores = scanned.scores if scanned is not None else _quick_scan(lm, heldout, *_run_extent(cands), progress).scores
+        scores = scanned.scores
+    else:
+        scores = _quick_scan(lm, heldout, *_run_extent(cands), progress).scores
     found = scores.assign(hook=scores["hook"].astype(str), category=scores["category"].astype(str)).set_index(["hook", "neuron", "category"])
     rows = []
     for cand in cands.itertuples():

@@ -304,9 +304,10 @@ save_box = s1.container()
 overwrite = s2.checkbox("Overwrite if the file exists", key=key(f"overwrite_{st.session_state.get(SAVES, 0)}"),
                         help="For this save only: it is unticked again after a save, and for each config loaded")  # fmt: skip
 yaml_text = config_to_yaml(edited_cfg) if problem is None else ""
-too_large = len(yaml_text.encode("utf-8")) > MAX_CONFIG_BYTES  # it could not be loaded or uploaded back
+yaml_bytes = len(yaml_text.encode("utf-8"))
+too_large = yaml_bytes > MAX_CONFIG_BYTES  # it could not be loaded or uploaded back
 if too_large:
-    save_box.error(f"The config is {len(yaml_text.encode('utf-8')) / 1e6:.1f} MB as YAML, and configs are read up to "
+    save_box.error(f"The config is {yaml_bytes / 1e6:.1f} MB as YAML, and configs are read up to "
                    f"{MAX_CONFIG_BYTES // 1_000_000} MB: shorten the master text (a long text is a corpus: the CLI's "
                    "--corpus, or the Scan page's upload) to save or download it.")  # fmt: skip
 b1, b2 = st.columns([1, 1])

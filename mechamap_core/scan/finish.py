@@ -135,7 +135,6 @@ def nonfinite_neurons(moments: dict) -> np.ndarray:
     return ~(np.isfinite(moments["sum_all"]) & np.isfinite(moments["sumsq_all"]))
 
 
-
 def for_finishing(values: torch.Tensor):
     """values in float64 for the finishing arithmetic: on a CUDA GPU a tensor there (torch's arithmetic, no
     copy to the host); elsewhere a numpy array (numpy's single-threaded reductions do not wake torch's thread
