@@ -329,9 +329,9 @@ def permutation_pvalues(
     Scores come from sums centred on each neuron's mean (separation is shift-invariant; centring keeps
     the variances' cancellation small), gathered per subset (embedding_bag) on the device of word_sum,
     in `dtype`, GATHER_NEURONS neurons at a time on a CPU (their word sums stay in cache), about
-    chunk_elements subsets x neurons per gather and score (see _subset_separation). On a CPU the arithmetic is numpy's, on one thread: torch's
-    thread pool, woken for each small operation, would spin between them. NaN for categories without
-    words. Inputs may be numpy arrays or torch tensors.
+    chunk_elements subsets x neurons per gather and score (see _subset_separation, torch's fused arithmetic on
+    every device). On a CPU the counting is numpy's, on one thread (_count_below: a third of torch's time). NaN for
+    categories without words. Inputs may be numpy arrays or torch tensors.
     """
     word_sum = torch.as_tensor(word_sum)
     device = word_sum.device
@@ -347,7 +347,8 @@ def permutation_pvalues(
     centred_sum = (word_sum - word_n[:, None] * mean_all).to(dtype)
     total_sumsq = (sumsq_all - n_all * mean_all**2).to(dtype)  # and the centred total sum is 0
 
-    as_array = (lambda t: t.numpy()) if _numpy_arithmetic(device) else (lambda t: t)  # noqa: E731
+    # scores counted by numpy on a CPU
+    as_array = (lambda t: t.numpy()) if _numpy_counting(device) else (lambda t: t)  # noqa: E731
     pool = draw_pool(word_n, word_keys)
     tested = np.ones(n_categories, dtype=bool) if tested is None else np.asarray(tested, dtype=bool)
     # a word without tokens here is no evidence; the words of a category not tested set no size to draw
@@ -360,7 +361,7 @@ def permutation_pvalues(
         same_size = np.flatnonzero(sizes == size)
         own_words = torch.as_tensor(np.stack([np.flatnonzero(word_category == c) for c in same_size]))
         rows = torch.cat([own_words, subsets.sort(dim=1).values]).to(device)  # the observed rows come first
-        constants = as_array(_subset_constants(word_n[rows].sum(dim=1, keepdim=True), n_all).to(dtype))
+        constants = _subset_constants(word_n[rows].sum(dim=1, keepdim=True), n_all).to(dtype)
         below[same_size], observed_nan[same_size] = _draws_below(
             rows, len(same_size), constants, centred_sum, centred_sumsq, total_sumsq, chunk_elements, as_array
         )
@@ -375,30 +376,30 @@ def _draws_below(rows, n_observed, constants, centred_sum, centred_sumsq, total_
     how many null draws (rows[n_observed:], word subsets) score below each observed row's score (rows[:n_observed],
     the categories' own words) less TIE_RTOL, and where the observed score is NaN. See permutation_pvalues."""
     n_neurons, device, dtype = centred_sum.shape[1], centred_sum.device, centred_sum.dtype
-    total_sumsq = as_array(total_sumsq)
     below = as_array(torch.zeros((n_observed, n_neurons), dtype=torch.int32, device=device))
     reach = as_array(torch.empty((n_observed, n_neurons), dtype=dtype, device=device))
     block_neurons = GATHER_NEURONS if device.type == "cpu" else max(1, chunk_elements // (n_observed + 1))
     starts = range(0, n_neurons, block_neurons)
     widths = {min(block_neurons, n_neurons - start) for start in starts}
     block_rows = {width: max(n_observed + 1, chunk_elements // width) for width in widths}
-    scratch = None
-    if isinstance(total_sumsq, np.ndarray):  # numpy's arithmetic: flat buffers for every block, the largest's size
+    scratch, compares = None, None
+    if isinstance(below, np.ndarray):  # on a CPU, flat buffers for every block, the largest's size (fresh ones fault)
         size = max(min(len(rows), block_rows[width]) * width for width in widths)
-        scratch = [np.empty(size, dtype=total_sumsq.dtype) for _ in range(2)] + [np.empty(size, dtype=bool)]
+        scratch = [torch.empty(size, dtype=dtype) for _ in range(2)]
+        compares = np.empty(size, dtype=bool)
     for start in starts:  # a block's word sums stay in cache while every draw gathers them
         neurons = slice(start, min(start + block_neurons, n_neurons))
         width = neurons.stop - start
         word_sums = torch.cat([centred_sum[:, neurons], centred_sumsq[:, neurons]], dim=1)  # [W, 2 width]
         for first in range(0, len(rows), block_rows[width]):
             block = slice(first, first + block_rows[width])
-            sums = as_array(F.embedding_bag(rows[block], word_sums, mode="sum"))  # [rows, 2 width]
+            sums = F.embedding_bag(rows[block], word_sums, mode="sum")  # [rows, 2 width]
             separation_in, compares_in = None, None
             if scratch is not None:  # views of the buffers in this block's shape
-                separation_in = [buffer[: sums.size // 2].reshape(len(sums), width) for buffer in scratch[:2]]
-                compares_in = scratch[2][: sums.size // 2].reshape(len(sums), width)
+                separation_in = [buffer[: sums.numel() // 2].view(len(sums), width) for buffer in scratch]
+                compares_in = compares[: sums.numel() // 2].reshape(len(sums), width)
             x, y = sums[:, :width], sums[:, width:]
-            scores = _subset_separation(x, y, total_sumsq[neurons], constants[block], separation_in)
+            scores = as_array(_subset_separation(x, y, total_sumsq[neurons], constants[block], separation_in))
             if first == 0:
                 observed, scores = scores[:n_observed], scores[n_observed:]
                 reach[:, neurons] = observed - TIE_RTOL * (1.0 + abs(observed))  # NaN where no score
@@ -406,8 +407,8 @@ def _draws_below(rows, n_observed, constants, centred_sum, centred_sumsq, total_
     return torch.as_tensor(below).double().cpu().numpy(), torch.as_tensor(reach != reach).cpu().numpy()
 
 
-def _numpy_arithmetic(device: torch.device) -> bool:
-    """Whether the permutation test scores on the CPU through numpy (torch elsewhere)."""
+def _numpy_counting(device: torch.device) -> bool:
+    """Whether the permutation test counts its null scores through numpy (on a CPU; torch elsewhere)."""
     return device.type == "cpu"
 
 
@@ -420,7 +421,7 @@ def _subset_constants(n_c: torch.Tensor, n_all: float) -> torch.Tensor:
 
 
 def _subset_separation(x, y, total_sumsq, constants, scratch=None):
-    """separation [R, n] of word subsets against all other tokens (numpy arrays or torch tensors).
+    """separation [R, n] of word subsets against all other tokens (torch tensors).
 
     x, y [R, n]: each subset's centred sums and sums of squares; total_sumsq [n]: over all tokens;
     constants [R, 4]: _subset_constants. These are moment_statistics' formulas with the rest's sum -x
@@ -430,28 +431,17 @@ def _subset_separation(x, y, total_sumsq, constants, scratch=None):
     var_r = (Q - y - x^2/b) / b1, so (var_c + var_r) / 2 = w (Q + y v - x^2 z) with v = b1/a1 - 1,
     z = b1/(a a1) + 1/b, w = 1/(2 b1); and separation = x / sqrt((w/u^2) (Q + y v - x^2 z) + EPS/u^2).
     The variances' sum is floored at EPS instead of clipped at 0 before adding EPS: a change of at
-    most EPS, and only where the sum is below it (rounding).
-    scratch: two numpy buffers [R, n] to compute in (the result is the first), else fresh arrays or tensors (on a
-    CPU, fresh arrays of this size come from the system each time and fault in every page again).
+    most EPS, and only where the sum is below it (rounding). A subset without tokens scores NaN (0 * inf).
+    Torch's fused multiply-adds and rsqrt make 7 passes over the block where numpy takes 9, each of them
+    vectorised: on a CPU half numpy's time at 1 thread (bench/README.md, bench_word_stats.py).
+    scratch: two tensors [R, n] to compute in (the result is the first), else fresh ones.
     """
     v, z, w, floor = (constants[:, i : i + 1] for i in range(4))
-    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):  # a subset without tokens: 0 * inf, a NaN score
-        spread = y * v if scratch is None else np.multiply(y, v, out=scratch[0])
-        spread += total_sumsq
-        squares = x * x if scratch is None else np.multiply(x, x, out=scratch[1])
-        squares *= z
-        spread -= squares
-        spread *= w
-        spread = _floor_at(spread, floor)
-        spread **= 0.5
-        return x / spread if scratch is None else np.divide(x, spread, out=spread)
-
-
-def _floor_at(values, floor):
-    """values, raised in place to at least floor (broadcast), for numpy arrays and torch tensors."""
-    if isinstance(values, torch.Tensor):
-        return torch.maximum(values, floor, out=values)
-    return np.maximum(values, floor, out=values)
+    spread = torch.addcmul(total_sumsq, y, v, out=None if scratch is None else scratch[0])
+    squares = torch.mul(x, x, out=None if scratch is None else scratch[1])
+    spread.addcmul_(squares, z, value=-1).mul_(w)
+    torch.maximum(spread, floor, out=spread)
+    return spread.rsqrt_().mul_(x)
 
 
 def _count_below(values, thresholds, scratch=None):

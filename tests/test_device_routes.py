@@ -2,7 +2,7 @@
 
 Much of finishing has a torch route for tensors on a CUDA device beside the numpy route a CPU takes: the exact
 AUROC's sort (_twice_rank_sums_on_device), binned AUROC and cv_auroc from tensor histograms, the permutation test's
-torch arithmetic (_subset_separation, _floor_at, _count_below), _transposed and _joined of tensors, and in SiteStats
+torch counting (_count_below), _transposed and _joined of tensors, and in SiteStats
 the histograms binned by search (sorts_rows_to_bin) and the sums by one-hot matmul (_group_sums). Without a GPU these
 ran only in bench/gpu_check.py. Here each is given CPU tensors, or taken by patching the small predicate that routes
 it (never the arithmetic under test: the patched predicates and spies call the real functions), and compared with the
@@ -41,7 +41,6 @@ from mechamap_core.stats import (
     EPS,
     TIE_RTOL,
     _count_below,
-    _floor_at,
     _subset_constants,
     _subset_separation,
     auroc_binned,
@@ -82,7 +81,7 @@ def force_gpu_finishing(monkeypatch, routes: Routes | None = None) -> None:
     """The routes a CUDA device takes, on the CPU: SiteStats bins every token by searching the edges
     (sorts_rows_to_bin) and sums groups by one-hot matmul (_group_sums' one_hot, decided there by the device type:
     the real function runs with one_hot=True); for_finishing hands finishing float64 tensors (its cuda branch,
-    values.double()); the permutation test scores in torch (_numpy_arithmetic)."""
+    values.double()); the permutation test counts in torch (_numpy_counting)."""
     real_group_sums = state_module._group_sums
 
     def one_hot_group_sums(values, group, n_groups, one_hot=None):
@@ -93,7 +92,7 @@ def force_gpu_finishing(monkeypatch, routes: Routes | None = None) -> None:
     monkeypatch.setattr(state_module, "_group_sums", one_hot_group_sums)
     monkeypatch.setattr(state_module, "sorts_rows_to_bin", lambda device: False)
     monkeypatch.setattr(finish_module, "for_finishing", lambda values: values.double())  # its cuda branch, on the CPU
-    monkeypatch.setattr(stats_module, "_numpy_arithmetic", lambda device: False)
+    monkeypatch.setattr(stats_module, "_numpy_counting", lambda device: False)
 
 
 def tied_values(rng, shape) -> np.ndarray:
@@ -339,8 +338,8 @@ def brute_permutation_pvalues(acts, token_word, word_category, word_keys, n_perm
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_permutation_pvalues_in_torch_equal_the_numpy_route_and_brute_force(monkeypatch, dtype):
-    """permutation_pvalues with tensor word sums: on the CPU (numpy arithmetic of the tensors), and with the torch
-    arithmetic a GPU takes (_numpy_arithmetic false: _subset_separation, _floor_at and _count_below get tensors), in
+    """permutation_pvalues with tensor word sums: on the CPU (numpy counting of the scores), and with the torch
+    counting a GPU takes (_numpy_counting false: _count_below gets tensors; _subset_separation always does), in
     one block and in blocks of 3 neurons and a few draws, give exactly the numpy route's p-values, in float32 and
     float64. Both equal a float64 brute force of the same draws wherever no null score lies near the TIE_RTOL
     threshold, and draws that swap word 11 for its copy (word 13) tie with category 3's observed score and reach it."""
@@ -353,15 +352,15 @@ def test_permutation_pvalues_in_torch_equal_the_numpy_route_and_brute_force(monk
     tensors = {key: torch.as_tensor(value) if isinstance(value, np.ndarray) else value for key, value in moments.items()}
     np.testing.assert_array_equal(permutation_pvalues(**tensors, **options), expected)
     routes = Routes(monkeypatch)
-    for name in ("_count_below", "_floor_at", "_subset_separation"):
+    for name in ("_count_below", "_subset_separation"):
         routes.watch(stats_module, name)
-    monkeypatch.setattr(stats_module, "_numpy_arithmetic", lambda device: False)
+    monkeypatch.setattr(stats_module, "_numpy_counting", lambda device: False)
     for chunk_elements, gather_neurons in ((2**19, 1024), (40, 3)):
         monkeypatch.setattr(stats_module, "GATHER_NEURONS", gather_neurons)
         got = permutation_pvalues(**tensors, **options, chunk_elements=chunk_elements)
         np.testing.assert_array_equal(got, expected, err_msg=f"chunk_elements {chunk_elements}")
     assert routes.seen["_count_below", "tensor"] and not routes.seen["_count_below", "numpy"]
-    assert routes.seen["_floor_at", "tensor"] and routes.seen["_subset_separation", "tensor"]
+    assert routes.seen["_subset_separation", "tensor"] and not routes.seen["_subset_separation", "numpy"]
     wide, ties = brute_permutation_pvalues(acts, token_word, word_category, word_keys, n_permutations, seed, 4, 2 * TIE_RTOL)
     narrow, _ = brute_permutation_pvalues(acts, token_word, word_category, word_keys, n_permutations, seed, 4, TIE_RTOL / 2)
     robust = (wide == narrow) | (np.isnan(wide) & np.isnan(narrow))  # no null score near the threshold
@@ -371,18 +370,18 @@ def test_permutation_pvalues_in_torch_equal_the_numpy_route_and_brute_force(monk
     assert (expected[0, :2] < 0.05).all() and not np.isnan(expected).any()  # category 0 neurons
     tested = np.array([True, False, True, True])  # category 1 left out: NaN, the others unchanged, in both routes
     some = permutation_pvalues(**tensors, **options, tested=tested)
-    monkeypatch.setattr(stats_module, "_numpy_arithmetic", lambda device: True)
+    monkeypatch.setattr(stats_module, "_numpy_counting", lambda device: True)
     np.testing.assert_array_equal(permutation_pvalues(**moments, **options, tested=tested), some)
     np.testing.assert_array_equal(some[tested], expected[tested])
     assert np.isnan(some[1]).all()
 
 
-def test_permutation_kernels_in_torch_equal_numpy_on_ties_floors_and_empty_subsets():
+def test_permutation_kernels_count_ties_in_torch_as_numpy_and_score_empty_subsets_nan():
     """The permutation test's kernels, each with torch tensors (a GPU's route) and numpy arrays: _count_below counts
     values strictly below each threshold (one equal is not below) over more than 255 rows (the numpy route sums
-    bytes 255 rows at a time); _floor_at raises in place to a broadcast floor; _subset_separation of float32 word
-    subsets, one of them empty (a NaN score in both), gives the numpy route's scores to a float32 ulp (numpy computes in
-    scratch buffers) and the float64 brute force's to float32 precision."""
+    bytes 255 rows at a time); _subset_separation of float32 word subsets, one of them empty (a NaN score), gives the
+    same scores in scratch buffers (a CPU's route, the result in the first) as in fresh tensors, and the float64 brute
+    force's to float32 precision."""
     rng = np.random.default_rng(8)
     values = np.round(rng.standard_normal((600, 5)), 1).astype(np.float32)
     thresholds = values[[0, 7, 300]]  # equal to some values: those are not below
@@ -393,13 +392,6 @@ def test_permutation_kernels_in_torch_equal_numpy_on_ties_floors_and_empty_subse
     np.testing.assert_array_equal(from_numpy, brute)
     np.testing.assert_array_equal(from_torch.numpy(), brute)
 
-    raw = rng.standard_normal((4, 3)).astype(np.float32)
-    floor = np.array([[0.0], [0.5], [-9.0], [2.0]], dtype=np.float32)
-    in_numpy, in_torch = raw.copy(), torch.from_numpy(raw.copy())
-    assert _floor_at(in_numpy, floor) is in_numpy and _floor_at(in_torch, torch.from_numpy(floor)) is in_torch
-    np.testing.assert_array_equal(in_numpy, np.maximum(raw, floor))
-    np.testing.assert_array_equal(in_torch.numpy(), np.maximum(raw, floor))
-
     acts, token_word, word_category, _ = permutation_problem(5)
     centred = acts.astype(np.float64) - acts.mean(axis=0, dtype=np.float64)
     moments = word_moments(centred, token_word, len(word_category))
@@ -409,15 +401,15 @@ def test_permutation_kernels_in_torch_equal_numpy_on_ties_floors_and_empty_subse
     x = np.stack([moments["word_sum"][s].sum(axis=0) for s in subsets]).astype(np.float32)
     y = np.stack([moments["word_sumsq"][s].sum(axis=0) for s in subsets]).astype(np.float32)
     total_sumsq = moments["sumsq_all"].astype(np.float32)
-    scratch = [np.empty(x.shape, np.float32), np.empty(x.shape, np.float32)]
-    from_numpy = _subset_separation(x, y, total_sumsq, constants.numpy(), scratch)
-    from_torch = _subset_separation(torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(total_sumsq), constants)
-    # the same float32 operations in the same order, but torch's CPU sqrt (the ** 0.5) is not correctly rounded as
-    # numpy's is: one float32 ulp apart in about a sixth of the scores, far inside TIE_RTOL
-    np.testing.assert_allclose(from_torch.numpy(), from_numpy, rtol=3e-7, atol=0, equal_nan=True)
-    assert np.isnan(from_numpy[-1]).all() and not np.isnan(from_numpy[:-1]).any()
+    x, y, total_sumsq = torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(total_sumsq)
+    scratch = [torch.empty(x.shape), torch.empty(x.shape)]
+    in_scratch = _subset_separation(x, y, total_sumsq, constants, scratch)
+    assert in_scratch.data_ptr() == scratch[0].data_ptr()
+    from_torch = _subset_separation(x, y, total_sumsq, constants).numpy()
+    np.testing.assert_array_equal(in_scratch.numpy(), from_torch)
+    assert np.isnan(from_torch[-1]).all() and not np.isnan(from_torch[:-1]).any()
     exact = brute_separation(acts, np.stack([np.isin(token_word, s) for s in subsets[:-1]]))
-    np.testing.assert_allclose(from_numpy[:-1], exact, rtol=1e-4, atol=1e-5)  # float32 sums against float64
+    np.testing.assert_allclose(from_torch[:-1], exact, rtol=1e-4, atol=1e-5)  # float32 sums against float64
 
 
 def site_entries(acts, token_word, word_category):
@@ -436,7 +428,7 @@ def site_entries(acts, token_word, word_category):
 
 def test_permutation_pvalues_of_tensor_word_sums_equal_numpy_and_joined_sites(monkeypatch):
     """permutation_pvalues_of with the word sums as float64 tensors (site_word_moments' output where for_finishing
-    keeps them on the device) and the torch arithmetic: each site's p-values equal the numpy route's, sites that saw
+    keeps them on the device) and the torch counting: each site's p-values equal the numpy route's, sites that saw
     the same tokens are joined (_joined: one tensor, or numpy when no part is a tensor) and split back in order, an
     entry of numpy and tensor parts mixed is joined into a tensor, and None stays None."""
     acts, token_word, word_category, word_keys = permutation_problem(11)
@@ -456,7 +448,7 @@ def test_permutation_pvalues_of_tensor_word_sums_equal_numpy_and_joined_sites(mo
     routes = Routes(monkeypatch)
     routes.watch(finish_module, "_joined")
     routes.watch(stats_module, "_count_below")
-    monkeypatch.setattr(stats_module, "_numpy_arithmetic", lambda device: False)
+    monkeypatch.setattr(stats_module, "_numpy_counting", lambda device: False)
     for mixed in ([on_device(e) for e in entries], [entries[0], on_device(entries[1]), entries[2], on_device(entries[3])]):
         got = permutation_pvalues_of([*mixed, None], context)
         assert got[-1] is None

@@ -208,7 +208,7 @@ def test_histograms_and_permutation_sums_kept_as_tensors_give_the_same_scan_as_n
 
     host = scan(tiny_gpt2, default_cfg, record_activations=False)
     monkeypatch.setattr(finish_module, "for_finishing", lambda values: values.double())
-    monkeypatch.setattr(stats_module, "_numpy_arithmetic", lambda device: False)
+    monkeypatch.setattr(stats_module, "_numpy_counting", lambda device: False)
     kept = scan(tiny_gpt2, default_cfg, record_activations=False)
     key = ["layer", "neuron", "category"]
     numeric = [c for c in host.scores.columns if c not in key and host.scores[c].dtype.kind == "f"]
