@@ -385,7 +385,7 @@ def _draws_below(rows, n_observed, constants, centred_sum, centred_sumsq, total_
     scratch, compares = None, None
     if isinstance(below, np.ndarray):  # on a CPU, flat buffers for every block, the largest's size (fresh ones fault)
         size = max(min(len(rows), block_rows[width]) * width for width in widths)
-        scratch = [torch.empty(size, dtype=dtype) for _ in range(2)]
+        scratch = [torch.empty(size, dtype=dtype, device=device) for _ in range(2)]
         compares = np.empty(size, dtype=bool)
     for start in starts:  # a block's word sums stay in cache while every draw gathers them
         neurons = slice(start, min(start + block_neurons, n_neurons))
@@ -430,8 +430,10 @@ def _subset_separation(x, y, total_sumsq, constants, scratch=None):
     b1 = max(b - 1, 1): mean_c - mean_r = x (1/a + 1/b) = x u, var_c = (y - x^2/a) / a1 and
     var_r = (Q - y - x^2/b) / b1, so (var_c + var_r) / 2 = w (Q + y v - x^2 z) with v = b1/a1 - 1,
     z = b1/(a a1) + 1/b, w = 1/(2 b1); and separation = x / sqrt((w/u^2) (Q + y v - x^2 z) + EPS/u^2).
-    The variances' sum is floored at EPS instead of clipped at 0 before adding EPS: a change of at
-    most EPS, and only where the sum is below it (rounding). A subset without tokens scores NaN (0 * inf).
+    The half-sum of the variances s is floored, max(s, EPS), where separation_of takes s + EPS after clipping
+    at 0: relatively EPS / s apart, so the two differ only where the variances are within a few EPS of 0 (a
+    near-dead neuron, activations about 1e-6). The observed score and every null draw come from this same kernel,
+    so a p-value compares like with like. A subset without tokens scores NaN (0 * inf).
     Torch's fused multiply-adds and rsqrt make 7 passes over the block where numpy takes 9, each of them
     vectorised: on a CPU half numpy's time at 1 thread (bench/README.md, bench_word_stats.py).
     scratch: two tensors [R, n] to compute in (the result is the first), else fresh ones.

@@ -377,11 +377,11 @@ def test_permutation_pvalues_in_torch_equal_the_numpy_route_and_brute_force(monk
 
 
 def test_permutation_kernels_count_ties_in_torch_as_numpy_and_score_empty_subsets_nan():
-    """The permutation test's kernels, each with torch tensors (a GPU's route) and numpy arrays: _count_below counts
-    values strictly below each threshold (one equal is not below) over more than 255 rows (the numpy route sums
-    bytes 255 rows at a time); _subset_separation of float32 word subsets, one of them empty (a NaN score), gives the
-    same scores in scratch buffers (a CPU's route, the result in the first) as in fresh tensors, and the float64 brute
-    force's to float32 precision."""
+    """The permutation test's kernels: _count_below, with torch tensors (a GPU's route) and numpy arrays (a CPU's),
+    counts values strictly below each threshold (one equal is not below) over more than 255 rows (the numpy route
+    sums bytes 255 rows at a time); _subset_separation (torch on every device) of float32 word subsets, one of them
+    empty (a NaN score), gives the same scores in scratch buffers (a CPU's route, the result in the first) as in
+    fresh tensors, and the float64 brute force's to float32 precision."""
     rng = np.random.default_rng(8)
     values = np.round(rng.standard_normal((600, 5)), 1).astype(np.float32)
     thresholds = values[[0, 7, 300]]  # equal to some values: those are not below

@@ -9,6 +9,7 @@ from scipy import stats as sps
 
 from mechamap_core import stats as stats_module
 from mechamap_core.stats import (
+    EPS,
     TIE_RTOL,
     _count_below,
     _subset_constants,
@@ -199,14 +200,39 @@ def test_folded_subset_separation_equals_moment_statistics_and_counts_agree_in_n
     total_sumsq = moments["sumsq_all"]
     x, y = moments["word_sum"][subsets].sum(axis=1), moments["word_sumsq"][subsets].sum(axis=1)
     tensors = (torch.as_tensor(x), torch.as_tensor(y), torch.as_tensor(total_sumsq))
-    from_numpy = _subset_separation(*tensors, constants).numpy()  # the scores every device computes, counted by numpy on a CPU
-    np.testing.assert_allclose(from_numpy[:, :5], expected[:, :5], rtol=1e-9, atol=0)  # word-effect neurons
-    np.testing.assert_allclose(from_numpy[:, 5:], 0.0, atol=1e-6)  # constant and dead neurons: no separation
-    thresholds = from_numpy[:3] + 0.1
+    scores = _subset_separation(*tensors, constants).numpy()  # the scores every device computes, counted by numpy on a CPU
+    np.testing.assert_allclose(scores[:, :5], expected[:, :5], rtol=1e-9, atol=0)  # word-effect neurons
+    np.testing.assert_allclose(scores[:, 5:], 0.0, atol=1e-6)  # constant and dead neurons: no separation
+    thresholds = scores[:3] + 0.1
     np.testing.assert_array_equal(
-        _count_below(torch.as_tensor(from_numpy), torch.as_tensor(thresholds)).numpy(), _count_below(from_numpy, thresholds)
+        _count_below(torch.as_tensor(scores), torch.as_tensor(thresholds)).numpy(), _count_below(scores, thresholds)
     )
-    assert (_count_below(from_numpy, thresholds) == (from_numpy[:, None, :] < thresholds).sum(axis=0)).all()
+    assert (_count_below(scores, thresholds) == (scores[:, None, :] < thresholds).sum(axis=0)).all()
+
+
+@pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-9), (torch.float32, 2e-4)])
+def test_subset_separation_floors_near_dead_neurons_variances_at_eps(dtype, rtol):
+    """Activations about 1e-6 (a near-dead neuron) give variances near EPS, where the floor decides the score: the
+    kernel scores a subset as (mean_c - mean_r) / sqrt(max((var_c + var_r) / 2, EPS)), written out here from the
+    tokens in float64, for scales at which the floor binds on every neuron, on some, and on none."""
+    acts, token_word, word_category = tiny_problem(4)
+    acts = acts[:, :5] * np.array([1e-7, 3e-7, 1e-6, 3e-6, 1e-3])  # word-effect neurons only
+    rng = np.random.default_rng(4)
+    subsets = np.stack([rng.choice(8, size=3, replace=False) for _ in range(40)])  # words 0-7 all occur
+    masks = np.stack([np.isin(token_word, row) for row in subsets], axis=1)  # [T, R]
+    expected, half_sum = np.empty((2, len(subsets), acts.shape[1]))
+    for r, mask in enumerate(masks.T):
+        inside, outside = acts[mask], acts[~mask]
+        half_sum[r] = (inside.var(axis=0, ddof=1) + outside.var(axis=0, ddof=1)) / 2
+        expected[r] = (inside.mean(axis=0) - outside.mean(axis=0)) / np.sqrt(np.maximum(half_sum[r], EPS))
+    assert (half_sum[:, 0] < EPS).all() and (half_sum[:, 2] < EPS).any() and (half_sum[:, 3:] > EPS).all()
+    centred = acts - acts.mean(axis=0)
+    moments = word_moments(centred, token_word, len(word_category))
+    x, y = (torch.as_tensor(moments[key][subsets].sum(axis=1), dtype=dtype) for key in ("word_sum", "word_sumsq"))
+    word_n = torch.as_tensor(moments["word_n"][subsets].sum(axis=1, keepdims=True))
+    constants = _subset_constants(word_n, float(len(acts))).to(dtype)
+    scores = _subset_separation(x, y, torch.as_tensor(moments["sumsq_all"], dtype=dtype), constants).double().numpy()
+    np.testing.assert_allclose(scores, expected, rtol=rtol, atol=0)
 
 
 def test_permutation_pvalues_in_torch_as_on_an_accelerator_equal_the_numpy_route(monkeypatch):

@@ -137,8 +137,9 @@ def nonfinite_neurons(moments: dict) -> np.ndarray:
 
 def for_finishing(values: torch.Tensor):
     """values in float64 for the finishing arithmetic: on a CUDA GPU a tensor there (torch's arithmetic, no
-    copy to the host); elsewhere a numpy array (numpy's single-threaded reductions do not wake torch's thread
-    pool beside a forward pass, and Apple's MPS has no float64)."""
+    copy to the host); elsewhere a numpy array (numpy's single-threaded reductions, the moments' and the binned
+    AUROC's, do not wake torch's thread pool beside a forward pass, and Apple's MPS has no float64). The
+    permutation test takes its word sums into torch float32 on any device (permutation_pvalues)."""
     if values.device.type == "cuda":
         return values.double()
     return values.cpu().double().numpy()
