@@ -40,9 +40,10 @@ DOWN_PROJ_PATHS = (
     "ffn.lin2",  # DistilBERT
 )
 
-# Inside a mixture-of-experts block: the shared (always-on) expert MLP and, inside it, its down-projection.
+# Inside a mixture-of-experts block, or beside it in the layer (Granite's shared_mlp): the shared (always-on) expert MLP
+# and, inside it, its down-projection.
 SHARED_EXPERT_NAMES = ("shared_experts", "shared_expert", "shared_mlp")
-EXPERT_DOWN_PROJ_NAMES = ("down_proj", "w2", "c_proj", "fc2")
+EXPERT_DOWN_PROJ_NAMES = ("down_proj", "w2", "c_proj", "fc2", "output_linear")
 
 # A generic find must sit inside the block's MLP: one of these words is a part of its path.
 MLP_PATH_WORDS = {"mlp", "ffn", "ff", "feedforward", "feed_forward", "fc", "fc1", "fc2", "mlp_block"}
@@ -52,8 +53,15 @@ MLP_FREE_TYPES = {
     "mamba": "state-space (selective scan) mixers",
     "mamba2": "state-space (SSD) mixers",
     "falcon_mamba": "state-space (selective scan) mixers",
-    "rwkv": "RWKV time-mix and channel-mix recurrences",
-    "xlstm": "xLSTM recurrent cells",
+}
+
+# Model types whose layers hold neurons MechaMap cannot yet read correctly, refused by name with the reason.
+UNSUPPORTED_TYPES = {
+    "longcat_flash": (
+        "its router also picks zero-computation experts, which the model passes to its experts as real expert ids "
+        "with weight 0 (so the tokens each expert sees cannot be read from the experts' call), and each layer has "
+        "two dense MLPs (mlps.0, mlps.1) beside the mixture of experts"
+    ),
 }
 
 
@@ -162,7 +170,8 @@ def declared_mlp_widths(config) -> set[int]:
         return set()
     widths: set[int] = set()
     for key in ("intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size", "hidden_dim", "moe_intermediate_size",
-                "shared_expert_intermediate_size", "expert_intermediate_size"):  # fmt: skip
+                "shared_expert_intermediate_size", "expert_intermediate_size", "shared_intermediate_size",
+                "intermediate_size_mlp"):  # fmt: skip
         widths.update(_config_ints(config, key))
     hidden = next(iter(_config_ints(config, "hidden_size") or _config_ints(config, "n_embd")), None)
     shared = _config_ints(config, "n_shared_experts")
@@ -170,7 +179,7 @@ def declared_mlp_widths(config) -> set[int]:
     if shared and moe_width:
         widths.add(shared[0] * moe_width[0])  # DeepSeek's shared experts form one MLP
     # n_inner / intermediate_size None means 4 * hidden; Bloom and MPT (whatever expansion_ratio says) always are
-    defaults_to_4x = config.model_type in ("gpt2", "gptj", "gpt_neo", "codegen", "bloom", "gpt_bigcode", "mpt")
+    defaults_to_4x = config.model_type in ("gpt2", "gptj", "gpt_neo", "codegen", "bloom", "gpt_bigcode", "mpt", "rwkv")
     if hidden and defaults_to_4x:
         widths.add(4 * hidden)
     return widths
@@ -203,7 +212,9 @@ def _in_mlp(path: str) -> bool:
 
 
 def _generic_down_proj(block: nn.Module, config) -> tuple[str, nn.Module] | None:
-    """The widest Linear inside the block's MLP that maps a declared MLP width to the residual width."""
+    """The widest Linear inside the block's MLP that maps an MLP width to the residual width: a width the config
+    declares, or (where the config's figure is not the layer's, as in LFM2's adjusted widths) the width of an
+    up-projection beside it in an MLP module of its own (hidden -> width, or -> 2 x width fused with the gate)."""
     widths = declared_mlp_widths(config)
     hidden = getattr(config, "hidden_size", None) if config is not None else None
     best = None
@@ -215,10 +226,23 @@ def _generic_down_proj(block: nn.Module, config) -> tuple[str, nn.Module] | None
         if config is None:  # a custom nn.Module, no config to check against: a narrowing Linear inside the MLP
             fits = d_in > d_out
         else:
-            fits = d_in in widths and (not isinstance(hidden, int) or d_out == hidden)
+            fits = (d_in in widths or _beside_up_projection(block, name, d_in, d_out)) and (
+                not isinstance(hidden, int) or d_out == hidden
+            )
         if fits and (best is None or d_in > best[0]):
             best = (d_in, name, mod)
     return (best[1], best[2]) if best else None
+
+
+def _beside_up_projection(block: nn.Module, name: str, width: int, hidden: int) -> bool:
+    """Whether the module at `name` sits in an MLP module of its own (its parent's path names an MLP) beside a
+    Linear that maps hidden to width (or to 2 x width, gate and up fused)."""
+    parent = name.rpartition(".")[0]
+    if not parent or not _in_mlp(parent):
+        return False
+    siblings = (shape for child_name, child in block.get_submodule(parent).named_children()
+                if child_name != name.rpartition(".")[2] and (shape := _in_out(child)))  # fmt: skip
+    return any(d_in == hidden and d_out in (width, 2 * width) for d_in, d_out in siblings)
 
 
 def find_experts(block: nn.Module) -> tuple[str, nn.Module, nn.Module] | None:
@@ -252,14 +276,17 @@ def _expert_down_proj(expert: nn.Module) -> tuple[str, nn.Module] | None:
     return next(((n, m) for n in EXPERT_DOWN_PROJ_NAMES if (m := _get(expert, n)) is not None and _in_out(m)), None)
 
 
-def _shared_expert_site(layer: int, block_path: str, moe_path: str, moe_block: nn.Module) -> NeuronSite | None:
-    for name in SHARED_EXPERT_NAMES:
-        shared = _get(moe_block, name)
-        found = _expert_down_proj(shared) if shared is not None else None
-        if found:
-            down_name, down = found
-            path = ".".join(p for p in (block_path, moe_path, name, down_name) if p)
-            return NeuronSite(layer, path, down, _in_out(down)[0], kind="shared_expert")
+def _shared_expert_site(layer: int, block_path: str, block: nn.Module, moe_path: str) -> NeuronSite | None:
+    """The shared expert of a mixture-of-experts layer: inside the MoE block (DeepSeek, Qwen2-MoE) or beside it in
+    the layer (Granite's shared_mlp), or None."""
+    for where in dict.fromkeys((moe_path, "")):  # the MoE block first, then the layer
+        for name in SHARED_EXPERT_NAMES:
+            shared = _get(block, ".".join(p for p in (where, name) if p))
+            found = _expert_down_proj(shared) if shared is not None else None
+            if found:
+                down_name, down = found
+                path = ".".join(p for p in (block_path, where, name, down_name) if p)
+                return NeuronSite(layer, path, down, _in_out(down)[0], kind="shared_expert")
     return None
 
 
@@ -287,8 +314,10 @@ def resolve_sites(model: nn.Module, layers: list[int] | None = None, *, with_moe
     SiteResolutionError, so a caller that does not read experts never scans a shared expert as if it
     were the layer. With with_moe=True it contributes its shared-expert site (kind "shared_expert")
     when it has one, and nothing otherwise; its routed experts come from mechamap_core.moe.find_moe_layers.
-    Raises SiteResolutionError (MLP-free models, unknown layouts; the message says what was tried),
-    and ValueError for layers out of range.
+    Raises SiteResolutionError (MLP-free models, unknown layouts, a layer without an MLP in a hybrid model (the
+    message lists the layers that have one), an MLP module shared by several layers, routed experts inside a
+    dense-looking MLP, families known to be unreadable; the message says what was tried or why), and ValueError
+    for layers out of range.
     """
     blocks_path, blocks = find_blocks(model)
     n_layers = len(blocks)
@@ -296,14 +325,16 @@ def resolve_sites(model: nn.Module, layers: list[int] | None = None, *, with_moe
     if (problem := layers_out_of_range(wanted, n_layers)) is not None:
         raise ValueError(problem)
     config = getattr(model, "config", None)
-    if getattr(config, "model_type", None) in MLP_FREE_TYPES:
+    model_type = getattr(config, "model_type", None)
+    if model_type in MLP_FREE_TYPES:
         first = wanted[0] if wanted else 0
         raise _no_mlp_error(model, first, blocks[first], "")
+    if model_type in UNSUPPORTED_TYPES:
+        raise SiteResolutionError(f"{_architecture(model)} is not supported yet: {UNSUPPORTED_TYPES[model_type]}")
     sites = []
     for layer in wanted:
-        block = blocks[layer]
         block_path = f"{blocks_path}.{layer}"
-        moe = find_experts(block)
+        moe = find_experts(blocks[layer])
         if moe is not None:
             if not with_moe:
                 raise SiteResolutionError(
@@ -311,16 +342,79 @@ def resolve_sites(model: nn.Module, layers: list[int] | None = None, *, with_moe
                     f"({block_path}.{moe[0]}), whose neurons are read expert by expert (mechamap_core.moe), "
                     "not as one dense MLP"
                 )
-            shared = _shared_expert_site(layer, block_path, moe[0], moe[1])
+            shared = _shared_expert_site(layer, block_path, blocks[layer], moe[0])
             sites.extend([shared] if shared else [])
             continue
-        found = next(((p, m) for p in DOWN_PROJ_PATHS if (m := _get(block, p)) is not None and _in_out(m)), None)
-        found = found or _generic_down_proj(block, config)
-        if found is None:
-            raise _no_mlp_error(model, layer, block, ", ".join(f"{block_path}.{p}" for p in DOWN_PROJ_PATHS))
-        path, module = found
-        sites.append(NeuronSite(layer, f"{block_path}.{path}", module, _in_out(module)[0]))
+        site = _dense_site(model, layer, block_path, blocks[layer])
+        if site is None:
+            raise _missing_mlp_error(model, blocks_path, blocks, layer)
+        sites.append(site)
+    _refuse_shared_modules(model, blocks_path, blocks, sites)
     return sites
+
+
+def _dense_site(model: nn.Module, layer: int, block_path: str, block: nn.Module) -> NeuronSite | None:
+    """The dense MLP site of one block, or None when the block has no MLP down-projection. Raises
+    SiteResolutionError for an MLP that also routes tokens to experts it holds in a form MechaMap cannot read
+    (Doge's CDMoE: single-neuron experts picked by product keys): its dense part alone would leave them out."""
+    found = next(((p, m) for p in DOWN_PROJ_PATHS if (m := _get(block, p)) is not None and _in_out(m)), None)
+    found = found or _generic_down_proj(block, getattr(model, "config", None))
+    if found is None:
+        return None
+    path, module = found
+    mlp_path = path.rpartition(".")[0]
+    if mlp_path and (router := next((n for n, _ in block.get_submodule(mlp_path).named_modules() if "router" in n), None)):
+        raise SiteResolutionError(
+            f"{_architecture(model)} layer {layer}: its MLP ({block_path}.{mlp_path}) also routes tokens "
+            f"({block_path}.{mlp_path}.{router}) to experts whose layout MechaMap cannot read, so scanning its "
+            "dense part alone would leave them out"
+        )
+    return NeuronSite(layer, f"{block_path}.{path}", module, _in_out(module)[0])
+
+
+def _missing_mlp_error(model: nn.Module, blocks_path: str, blocks: nn.ModuleList, layer: int) -> SiteResolutionError:
+    """The error for a layer without an MLP: in a hybrid model whose other layers have one, it names those layers
+    (raising _refuse_shared_modules' error instead where they share one MLP module, as Zamba's do); else
+    _no_mlp_error."""
+    tried = ", ".join(f"{blocks_path}.{layer}.{p}" for p in DOWN_PROJ_PATHS)
+    with_mlp, dense_sites = [], []
+    for other, block in enumerate(blocks):
+        try:
+            site = None if other == layer else _dense_site(model, other, f"{blocks_path}.{other}", block)
+            has_mlp = site is not None or (other != layer and find_experts(block) is not None)
+        except SiteResolutionError:
+            site, has_mlp = None, True
+        with_mlp.extend([other] if has_mlp else [])
+        dense_sites.extend([site] if site else [])
+    _refuse_shared_modules(model, blocks_path, blocks, dense_sites)
+    if not with_mlp:
+        return _no_mlp_error(model, layer, blocks[layer], tried)
+    children = ", ".join(name for name, _ in blocks[layer].named_children()) or "nothing"
+    listed = ",".join(map(str, with_mlp))
+    return SiteResolutionError(
+        f"layer {layer} of {_architecture(model)} has no MLP (the block holds: {children}; tried: {tried}, and a "
+        f"search inside the block's MLP): it is a hybrid whose layers {listed} have one. Scan those layers "
+        f"(layers=[{listed}], CLI --layers {listed}, or the Scan page's Layers field)"
+    )
+
+
+def _refuse_shared_modules(model: nn.Module, blocks_path: str, blocks: nn.ModuleList, sites: list[NeuronSite]) -> None:
+    """Raise SiteResolutionError when a site's module also belongs to another layer (Zamba's shared transformer
+    block): a hook on it fires for every layer that calls it, so its neurons cannot be told apart by layer."""
+    layers_of: dict[int, list[int]] = {}
+    wanted = {id(site.module) for site in sites}
+    for layer, block in enumerate(blocks):
+        for module in block.modules():
+            if id(module) in wanted:
+                layers_of.setdefault(id(module), []).append(layer)
+    for site in sites:
+        if len(set(layers_of[id(site.module)])) > 1:
+            shared_by = ", ".join(map(str, sorted(set(layers_of[id(site.module)]))))
+            raise SiteResolutionError(
+                f"{_architecture(model)}: layers {shared_by} share one MLP module ({site.path}), so a hook on it fires "
+                "for each of those layers and its neurons cannot be told apart by layer; MechaMap does not scan "
+                "weight-shared blocks yet"
+            )
 
 
 def n_layers(model: nn.Module) -> int:

