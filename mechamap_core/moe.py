@@ -2,7 +2,7 @@
 
 Definitions (DESIGN.md): neuron i of expert E in layer L is coordinate i of act(gate_E x) * (up_E x), the input
 of E's down-projection, on the tokens the router sends to E. Hook name: `blocks.{L}.mlp.experts.{E}.hook_post`
-(sites.expert_hook_name). A shared expert (DeepSeek `shared_experts`, Qwen2-MoE `shared_expert`) is an ordinary
+(sites.expert_hook_name). A shared expert (DeepSeek `shared_experts`, Qwen2-MoE `shared_expert`, Granite `shared_mlp`) is an ordinary
 dense MLP: sites.resolve_sites(model, with_moe=True) returns it as a NeuronSite of kind "shared_expert", read
 with a forward pre-hook on its down_proj, hook name `blocks.{L}.mlp.shared_experts.hook_post`.
 
