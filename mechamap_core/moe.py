@@ -25,7 +25,7 @@ batch checks 16 rows of one expert against the recomputation; a mismatch warns a
 T is the batch flattened row-major: row r is position r % S of sequence r // S for input [B, S] (padding
 included: the caller drops padded rows, as it does for OPT's flattened dense input).
 
-Two layouts:
+Three layouts:
 - "fused" (transformers 5): the experts are one module with 3-D parameters (gate_up_proj [E, 2I, H], or
   [E, H, 2I] when transposed as in gpt-oss; down_proj; optional biases), called as
   experts(hidden [T, H], top_k_index [T, k], top_k_weights [T, k]). hook_module is that experts module, so the
@@ -35,6 +35,10 @@ Two layouts:
   gate_proj/up_proj/down_proj and act_fn, and a Linear gate giving router logits. hook_module is the MoE block;
   the routing is replayed by route(): softmax over the logits in float32, top-k, renormalised when the block
   (or config) says norm_topk_prob, or always for Mixtral.
+- "scaled" (Llama 4): the experts module (gate_up_proj [E, H, 2I], down_proj [E, I, H]) runs every expert on every
+  token, each token's input scaled by its router score: the sigmoid of its top-k logit, 0 for the other experts.
+  hook_module is the MoE block; route() reads the router's scores and logits. An expert's input, so its neurons,
+  is the token's hidden state times that score, as the model computes it.
 """
 
 from __future__ import annotations
@@ -101,7 +105,7 @@ class MoELayer:
     block: nn.Module  # the MoE block: hidden states [B, S, H] in, hidden states out
     experts: nn.Module  # the fused experts module, or the nn.ModuleList of expert MLPs
     router: nn.Module  # the block's gate / router module
-    layout: str  # "fused" or "modules"
+    layout: str  # "fused", "scaled" or "modules" (module docstring)
     n_experts: int
     top_k: int
     d_expert: int  # neurons per expert (I)
@@ -155,8 +159,13 @@ class MoELayer:
         Fused layout: the router module's call itself (it returns logits, weights, indices).
         Per-module layout: the gate's logits, softmax in float32, top-k, renormalised if the family does,
         weights cast to hidden's dtype (as transformers 4's Mixtral and Qwen2-MoE blocks did).
+        Scaled layout: the router's (scores [T, E], logits [T, E]): the top-k of the logits, and the scores there.
         """
         with torch.no_grad():
+            if self.layout == "scaled":
+                scores, logits = self.router(hidden)[:2]
+                index = torch.topk(logits, self.top_k, dim=-1).indices
+                return index, scores.gather(1, index)
             if self.layout == "modules":
                 probs = F.softmax(self.router(hidden).float(), dim=-1)
                 weights, index = torch.topk(probs, self.top_k, dim=-1)
@@ -183,30 +192,41 @@ class MoELayer:
         """
         if not 0 <= expert < self.n_experts:
             raise ValueError(f"expert {expert} is out of range: layer {self.layer} has experts 0-{self.n_experts - 1}")
-        index = self.route(hidden)[0] if top_k_index is None else top_k_index
-        rows = (index == expert).any(dim=-1).nonzero().flatten()
-        return rows, self._recompute(hidden[rows], expert)
+        index, weights = self.route(hidden) if top_k_index is None else (top_k_index, None)
+        index = torch.where(index == expert, index, self.n_experts)  # the other experts' slots: no expert
+        part = next(iter(self.iter_expert_activations(hidden, index, weights)), None)
+        if part is None:
+            return torch.zeros(0, dtype=torch.long, device=index.device), torch.zeros((0, self.d_expert))
+        return part.rows, part.acts
 
     def iter_expert_activations(
-        self, hidden: torch.Tensor, top_k_index: torch.Tensor | None = None
+        self, hidden: torch.Tensor, top_k_index: torch.Tensor | None = None, top_k_weights: torch.Tensor | None = None
     ) -> Iterator[ExpertActivations]:
-        """ExpertActivations for every expert that received tokens, in expert order (one host sync per call)."""
-        index = self.route(hidden)[0] if top_k_index is None else top_k_index
-        n_tokens, k = index.shape
-        flat = index.reshape(-1)
-        tokens = torch.arange(n_tokens, device=index.device).repeat_interleave(k)
+        """ExpertActivations for every expert that received tokens, in expert order (one host sync per call).
+        The scaled layout (Llama 4) scales each token's input by its top_k_weights (routed when None)."""
+        if top_k_index is None:
+            top_k_index, top_k_weights = self.route(hidden)
+        elif self.layout == "scaled" and top_k_weights is None:
+            raise ValueError(f"layer {self.layer} scales each expert's input by its router weight: give top_k_weights")
+        n_tokens, k = top_k_index.shape
+        flat = top_k_index.reshape(-1)
+        tokens = torch.arange(n_tokens, device=flat.device).repeat_interleave(k)
+        slots = torch.arange(flat.numel(), device=flat.device)
         real = (flat >= 0) & (flat < self.n_experts)
-        flat, tokens = flat[real], tokens[real]
+        flat, tokens, slots = flat[real], tokens[real], slots[real]
         order = torch.argsort(flat * n_tokens + tokens)  # by expert, then by token
         counts = torch.bincount(flat, minlength=self.n_experts).tolist()
-        for expert, rows in enumerate(torch.split(tokens[order], counts)):
+        for expert, (rows, slot) in enumerate(zip(torch.split(tokens[order], counts), torch.split(slots[order], counts))):
             if len(rows):
-                yield ExpertActivations(expert, rows, self._recompute(hidden[rows], expert))
+                x = hidden[rows]
+                if self.layout == "scaled":  # the model's own expert input: hidden x router score, in its dtype
+                    x = x * top_k_weights.reshape(-1)[slot.to(top_k_weights.device)][:, None].to(x)
+                yield ExpertActivations(expert, rows, self._recompute(x, expert))
 
     def recomputed_activations(self, routed: RoutedTokens, counted: torch.Tensor) -> Iterator[ExpertActivations]:
         """iter_expert_activations for the tokens of `routed` where counted [T] (bool) is set: recomputed."""
         index = torch.where(counted[:, None].to(routed.top_k_index.device), routed.top_k_index, self.n_experts)
-        return self.iter_expert_activations(routed.hidden, index)
+        return self.iter_expert_activations(routed.hidden, index, routed.top_k_weights)
 
     @property
     def experts_implementation(self) -> str | None:
@@ -319,7 +339,7 @@ class MoELayer:
         name = "gate_up_proj" if has_gate else "up_proj"
         weight = getattr(experts, name)[expert]
         x = x.to(device=weight.device, dtype=torch.float32)
-        transposed = getattr(experts, "is_transposed", False)
+        transposed = getattr(experts, "is_transposed", self.layout == "scaled")  # Llama 4's gate_up_proj: [E, H, 2I]
         out = x @ weight.float() if transposed else x @ weight.float().T
         if getattr(experts, "has_bias", False):
             out = out + getattr(experts, f"{name}_bias")[expert].float()
@@ -360,8 +380,8 @@ def _moe_layer(model: nn.Module, layer: int, block_path: str, block: nn.Module) 
     if layout is None:
         raise SiteResolutionError(
             f"{where}: unsupported mixture-of-experts layout {type(experts).__name__}; readable layouts are fused "
-            "experts called as experts(hidden, top_k_index, top_k_weights) (transformers 5) and a ModuleList of "
-            "expert MLPs"
+            "experts called as experts(hidden, top_k_index, top_k_weights) (transformers 5), experts called on "
+            "router-scaled inputs (Llama 4) and a ModuleList of expert MLPs"
         )
     router = next((m for n in ROUTER_NAMES if isinstance(m := getattr(moe_block, n, None), nn.Module)), None)
     if router is None:
@@ -374,13 +394,13 @@ def _moe_layer(model: nn.Module, layer: int, block_path: str, block: nn.Module) 
     if layout == "modules":
         return _per_module_layer(layer, path, moe_block, experts, router, top_k, family, config, where)
     down = experts.down_proj
-    transposed = getattr(experts, "is_transposed", False)
+    transposed = getattr(experts, "is_transposed", layout == "scaled")
     d_expert = down.shape[1] if transposed else down.shape[2]
     d_model = d_model or (down.shape[2] if transposed else down.shape[1])
     has_gate = getattr(experts, "has_gate", hasattr(experts, "gate_up_proj"))
     if not has_gate and not hasattr(experts, "up_proj"):
         raise SiteResolutionError(f"{where}: the fused experts have neither gate_up_proj nor up_proj")
-    return MoELayer(layer, path, moe_block, experts, router, "fused", down.shape[0], top_k, d_expert, d_model, family)
+    return MoELayer(layer, path, moe_block, experts, router, layout, down.shape[0], top_k, d_expert, d_model, family)
 
 
 def _per_module_layer(layer, path, moe_block, experts, router, top_k, family, config, where) -> MoELayer:

@@ -263,10 +263,15 @@ def find_experts(block: nn.Module) -> tuple[str, nn.Module, nn.Module] | None:
 
 
 def experts_layout(experts: nn.Module) -> str | None:
-    """ "fused" (3-D down_proj, called with the routing), "modules" (a ModuleList of expert MLPs), or None."""
-    fused_call = len(inspect.signature(type(experts).forward).parameters) >= 4  # self, hidden, index, weights
-    if getattr(getattr(experts, "down_proj", None), "ndim", 0) == 3 and fused_call:
+    """ "fused" (3-D down_proj, called with the routing), "scaled" (3-D gate_up_proj [E, H, 2I] and down_proj,
+    called with every token's input for every expert, already scaled by its router score: Llama 4), "modules" (a
+    ModuleList of expert MLPs), or None."""
+    n_params = len(inspect.signature(type(experts).forward).parameters)
+    three_d = getattr(getattr(experts, "down_proj", None), "ndim", 0) == 3
+    if three_d and n_params >= 4:  # self, hidden, index, weights
         return "fused"
+    if three_d and n_params == 2 and getattr(getattr(experts, "gate_up_proj", None), "ndim", 0) == 3:  # self, hidden
+        return "scaled"
     if isinstance(experts, nn.ModuleList) and len(experts) > 0 and all(_expert_down_proj(m) for m in experts):
         return "modules"
     return None

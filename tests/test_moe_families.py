@@ -1,4 +1,4 @@
-"""Sixteen more MoE families: their scanned expert, shared and dense neurons equal a float64 recomputation."""
+"""Seventeen more MoE families: their scanned expert, shared and dense neurons equal a float64 recomputation."""
 
 from __future__ import annotations
 
@@ -156,6 +156,14 @@ FAMILIES = {
              mamba_expand=2, use_mamba_kernels=False), (1, 3), "softmax", "router.weight",
         block="model.layers.{L}.feed_forward", dense="model.layers.{L}.feed_forward.down_proj", layers=4,
     ),
+    # top-k of the logits; each expert runs on every token, its input scaled by sigmoid(logit) of the chosen experts
+    # and by 0 for the others (modeling_llama4.py:151-155, 171-174); gate_up_proj [E, H, 2I] applied as x @ W
+    "llama4_text": Family(
+        dict(num_local_experts=4, num_experts_per_tok=TOP_K, intermediate_size=D_EXPERT, intermediate_size_mlp=D_MLP,
+             moe_layers=[1], attention_chunk_size=16, router_jitter_noise=0.0), (1,), "scaled", "router.weight",
+        block="model.layers.{L}.feed_forward", shared="model.layers.{L}.feed_forward.shared_expert.down_proj",
+        dense="model.layers.{L}.feed_forward.down_proj",
+    ),
 }
 # fmt: on
 
@@ -227,6 +235,7 @@ def reference_top_k(family: Family, block: torch.nn.Module, config, x: torch.Ten
     bias = 0.0 if family.bias is None else resolve(block, family.bias).detach().double().reshape(-1)
     scores = {
         "logits": lambda: logits,
+        "scaled": lambda: logits,
         "softmax": lambda: logits.softmax(-1),
         "softmax+bias": lambda: logits.softmax(-1) + bias,
         "sigmoid+bias": lambda: logits.sigmoid() + bias,
@@ -328,12 +337,17 @@ class Case:
         probe = torch.linspace(-4, 4, 9)
         torch.testing.assert_close(experts.act_fn(probe), F.silu(probe))  # every family here gates with silu
         gate_up = experts.gate_up_proj.detach().double()  # [E, 2I, H]: gate rows, then up rows
+        if family.routing == "scaled":  # Llama 4 stores [E, H, 2I]
+            gate_up = gate_up.transpose(1, 2)
         assert gate_up.shape == (family.n_experts, 2 * D_EXPERT, HIDDEN)
+        logits = x @ resolve(block, family.router).detach().double().T
         self.routing[layer] = np.zeros((family.n_experts, len(CATS)), dtype=np.int64)
         self.load[layer] = np.zeros(family.n_experts, dtype=np.int64)
         for expert in range(family.n_experts):
             routed = (chosen == expert).any(-1).numpy()
             xe = x[torch.from_numpy(routed)]
+            if family.routing == "scaled":  # the expert's input is the token's hidden state times sigmoid(its logit)
+                xe = xe * logits[torch.from_numpy(routed), expert].sigmoid()[:, None]
             neurons = silu64(xe @ gate_up[expert, :D_EXPERT].T) * (xe @ gate_up[expert, D_EXPERT:].T)
             mask = self.mask[routed]
             self.routing[layer][expert] = mask.sum(0)
