@@ -219,14 +219,38 @@ def _with_context(rows: pd.DataFrame, examples: pd.DataFrame, context_chars: int
     return joined.astype({"activation": float})
 
 
+# Model types whose MLP output never enters the residual stream as it is, by why; direct_effect gives them none.
+NO_DIRECT_PATH = {
+    "zamba": "Zamba's shared attention + MLP block feeds the next Mamba mixer's input through a linear map, never the "
+    "residual stream, so its neurons have no direct effect on the vocabulary",
+    "zamba2": "Zamba2's shared attention + MLP block feeds the next Mamba mixer's input through a linear map, never "
+    "the residual stream, so its neurons have no direct effect on the vocabulary",
+}
+# Model types whose direct effect leaves out a step between the MLP and the residual stream, by what it leaves out.
+DIRECT_EFFECT_CAVEATS = {
+    "rwkv": "RWKV multiplies its channel-mix output by a per-token gate, sigmoid(receptance), which this leaves out",
+}
+
+
+def direct_effect_note(lm: LoadedModel) -> str | None:
+    """Why direct_effect gives lm's neurons none, or what it leaves out; None when there is nothing to say."""
+    model_type = getattr(getattr(lm.model, "config", None), "model_type", None)
+    unembed = lm.model.get_output_embeddings() if hasattr(lm.model, "get_output_embeddings") else None
+    if unembed is None or getattr(unembed, "weight", None) is None:
+        return "This model has no output embedding (e.g. a bare encoder), so there is no direct effect on tokens"
+    return NO_DIRECT_PATH.get(model_type) or DIRECT_EFFECT_CAVEATS.get(model_type)
+
+
 def direct_effect(lm: LoadedModel, layer: int, neuron: int, k: int = 10) -> pd.DataFrame | None:
     """Tokens the neuron's output weight pushes up and down most through the unembedding (no final norm).
 
-    Returns columns direction ('up'/'down'), rank, token, logit_effect; None if the model has no output embedding.
+    Returns columns direction ('up'/'down'), rank, token, logit_effect; None if the model has no output embedding
+    or its MLP output never enters the residual stream as it is (NO_DIRECT_PATH; direct_effect_note says why).
     Raises ValueError for a mixture-of-experts layer (dense_sites) and a neuron out of range.
     """
     unembed = lm.model.get_output_embeddings() if hasattr(lm.model, "get_output_embeddings") else None
-    if unembed is None or getattr(unembed, "weight", None) is None:
+    model_type = getattr(getattr(lm.model, "config", None), "model_type", None)
+    if unembed is None or getattr(unembed, "weight", None) is None or model_type in NO_DIRECT_PATH:
         return None
     site = dense_sites(lm.model, [layer])[0]
     check_neuron_range([neuron], site.d_mlp, f"layer {layer}")

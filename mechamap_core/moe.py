@@ -142,7 +142,7 @@ class MoELayer:
         """RoutedTokens from the arguments a forward pre-hook on hook_module received.
 
         Fused layout: the experts' own inputs (hidden, top_k_index, top_k_weights), the routing the model used.
-        Per-module layout: the block's input hidden states [B, S, H], flattened, routed by route().
+        Per-module and scaled layouts: the block's input hidden states [B, S, H], flattened, routed by route().
         """
         if self.layout == "fused":
             bound = dict(zip(self._experts_params, args, strict=False)) | kwargs
@@ -184,20 +184,38 @@ class MoELayer:
         return index[0].reshape(-1, self.top_k).long(), pairs[-1].reshape(-1, self.top_k)
 
     def expert_activations(
-        self, hidden: torch.Tensor, expert: int, top_k_index: torch.Tensor | None = None
+        self,
+        hidden: torch.Tensor,
+        expert: int,
+        top_k_index: torch.Tensor | None = None,
+        top_k_weights: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(rows [t_E] int64 ascending, acts [t_E, d_expert] float32): expert `expert`'s neurons on its tokens.
 
-        hidden [T, H]; top_k_index [T, k] (route(hidden) when None). Computed in float32 on the weights' device.
+        hidden [T, H]; top_k_index [T, k] and top_k_weights [T, k] (route(hidden) when no index is given; the
+        weights are needed by the scaled layout only). Computed in float32 on the weights' device.
         """
         if not 0 <= expert < self.n_experts:
             raise ValueError(f"expert {expert} is out of range: layer {self.layer} has experts 0-{self.n_experts - 1}")
-        index, weights = self.route(hidden) if top_k_index is None else (top_k_index, None)
+        index, weights = self.route(hidden) if top_k_index is None else (top_k_index, top_k_weights)
         index = torch.where(index == expert, index, self.n_experts)  # the other experts' slots: no expert
         part = next(iter(self.iter_expert_activations(hidden, index, weights)), None)
         if part is None:
-            return torch.zeros(0, dtype=torch.long, device=index.device), torch.zeros((0, self.d_expert))
+            return torch.zeros(0, dtype=torch.long, device=index.device), self._recompute(hidden[:0], expert)
         return part.rows, part.acts
+
+    def input_scales(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """[T, E]: the factor each expert's input would be scaled by were the token routed to it (the scaled layout:
+        the sigmoid of its router logit, in float32); None for layouts whose experts take the hidden state as it is."""
+        if self.layout != "scaled":
+            return None
+        with torch.no_grad():
+            return torch.sigmoid(self.router(hidden)[1].float())
+
+    @property
+    def transposed(self) -> bool:
+        """Whether the fused experts' gate_up_proj is [E, H, 2I] (applied as x @ W: gpt-oss, Llama 4)."""
+        return getattr(self.experts, "is_transposed", self.layout == "scaled")
 
     def iter_expert_activations(
         self, hidden: torch.Tensor, top_k_index: torch.Tensor | None = None, top_k_weights: torch.Tensor | None = None
@@ -339,8 +357,7 @@ class MoELayer:
         name = "gate_up_proj" if has_gate else "up_proj"
         weight = getattr(experts, name)[expert]
         x = x.to(device=weight.device, dtype=torch.float32)
-        transposed = getattr(experts, "is_transposed", self.layout == "scaled")  # Llama 4's gate_up_proj: [E, H, 2I]
-        out = x @ weight.float() if transposed else x @ weight.float().T
+        out = x @ weight.float() if self.transposed else x @ weight.float().T
         if getattr(experts, "has_bias", False):
             out = out + getattr(experts, f"{name}_bias")[expert].float()
         if not has_gate:

@@ -48,7 +48,7 @@ EXPERT_DOWN_PROJ_NAMES = ("down_proj", "w2", "c_proj", "fc2", "output_linear")
 # A generic find must sit inside the block's MLP: one of these words is a part of its path.
 MLP_PATH_WORDS = {"mlp", "ffn", "ff", "feedforward", "feed_forward", "fc", "fc1", "fc2", "mlp_block"}
 
-# Model types whose blocks hold no MLP at all (state-space or recurrent mixers), refused by name.
+# Model types whose blocks hold no MLP at all (state-space mixers), refused by name.
 MLP_FREE_TYPES = {
     "mamba": "state-space (selective scan) mixers",
     "mamba2": "state-space (SSD) mixers",
@@ -61,6 +61,10 @@ UNSUPPORTED_TYPES = {
         "its router also picks zero-computation experts, which the model passes to its experts as real expert ids "
         "with weight 0 (so the tokens each expert sees cannot be read from the experts' call), and each layer has "
         "two dense MLPs (mlps.0, mlps.1) beside the mixture of experts"
+    ),
+    "albert": (
+        "its one layer group is applied num_hidden_layers times in each forward pass, so a hook on its MLP sees every "
+        "application, which cannot be told apart by layer"
     ),
 }
 
@@ -220,7 +224,7 @@ def _generic_down_proj(block: nn.Module, config) -> tuple[str, nn.Module] | None
     best = None
     for name, mod in block.named_modules():
         shape = _in_out(mod)
-        if not shape or not _in_mlp(name) or "router" in name:
+        if not shape or not (_in_mlp(name) or _in_mlp_class(block, name)) or "router" in name:
             continue
         d_in, d_out = shape
         if config is None:  # a custom nn.Module, no config to check against: a narrowing Linear inside the MLP
@@ -232,6 +236,14 @@ def _generic_down_proj(block: nn.Module, config) -> tuple[str, nn.Module] | None
         if fits and (best is None or d_in > best[0]):
             best = (d_in, name, mod)
     return (best[1], best[2]) if best else None
+
+
+def _in_mlp_class(block: nn.Module, name: str) -> bool:
+    """Whether the module at `name` sits in a module whose class names an MLP (Nemotron-H's MLP layers hold a
+    NemotronHMLP as their `mixer`)."""
+    parent = name.rpartition(".")[0]
+    kind = type(block.get_submodule(parent)).__name__.lower() if parent else ""
+    return any(word in kind for word in ("mlp", "feedforward", "ffn"))
 
 
 def _beside_up_projection(block: nn.Module, name: str, width: int, hidden: int) -> bool:
@@ -249,7 +261,7 @@ def find_experts(block: nn.Module) -> tuple[str, nn.Module, nn.Module] | None:
     """The mixture-of-experts part of one block, or None for a dense block.
 
     Returns (path of the MoE block inside `block`, the MoE block, its experts module). The experts module
-    is either fused (transformers 5: 3-D `down_proj` parameter [E, H, I] or [E, I, H]) or an
+    is fused (transformers 5: 3-D `down_proj` parameter [E, H, I] or [E, I, H]), scaled (Llama 4) or an
     nn.ModuleList of per-expert MLP modules (the older layout); experts_layout tells which.
     Any other module named "...experts" that holds weights is returned too, so that the caller refuses its
     layout loudly (moe.find_moe_layers) instead of reading a piece of it as a dense MLP.
@@ -368,7 +380,8 @@ def _dense_site(model: nn.Module, layer: int, block_path: str, block: nn.Module)
         return None
     path, module = found
     mlp_path = path.rpartition(".")[0]
-    if mlp_path and (router := next((n for n, _ in block.get_submodule(mlp_path).named_modules() if "router" in n), None)):
+    mlp = block.get_submodule(mlp_path) if mlp_path else nn.Module()  # a down-projection directly in the block: none
+    if router := next((name for name, _ in mlp.named_modules() if "router" in name), None):
         raise SiteResolutionError(
             f"{_architecture(model)} layer {layer}: its MLP ({block_path}.{mlp_path}) also routes tokens "
             f"({block_path}.{mlp_path}.{router}) to experts whose layout MechaMap cannot read, so scanning its "
@@ -396,10 +409,10 @@ def _missing_mlp_error(model: nn.Module, blocks_path: str, blocks: nn.ModuleList
         return _no_mlp_error(model, layer, blocks[layer], tried)
     children = ", ".join(name for name, _ in blocks[layer].named_children()) or "nothing"
     listed = ",".join(map(str, with_mlp))
+    which = f"layers {listed} have" if len(with_mlp) > 1 else f"layer {listed} has"
     return SiteResolutionError(
-        f"layer {layer} of {_architecture(model)} has no MLP (the block holds: {children}; tried: {tried}, and a "
-        f"search inside the block's MLP): it is a hybrid whose layers {listed} have one. Scan those layers "
-        f"(layers=[{listed}], CLI --layers {listed}, or the Scan page's Layers field)"
+        f"scan layers {listed} of {_architecture(model)}: no MLP was found in its layer {layer} (the block holds: "
+        f"{children}), while its {which} one (layers=[{listed}], CLI --layers {listed}, the Scan page's Layers field)"
     )
 
 

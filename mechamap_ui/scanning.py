@@ -361,10 +361,8 @@ def friendly_error(exc: BaseException) -> str:
         return "The scan ran out of memory: scan fewer layers, set a neuron limit, use float16/bfloat16, or pick a smaller model."
     if isinstance(exc, ConfigError):
         return _sentence("The config cannot be scanned: " + "; ".join(msg for _, msg in exc.problems))
-    if isinstance(exc, ModelNotAvailableError):  # gated, remote code, too large, not found: all one line
-        return _sentence(_first_line(exc))
-    if isinstance(exc, SiteResolutionError):
-        return _sentence("MechaMap does not support this model's architecture yet: " + _first_line(exc))
+    if isinstance(exc, (ModelNotAvailableError, SiteResolutionError)):  # each says what and why in one line (a
+        return _sentence(_first_line(exc))  # SiteResolutionError may say what to scan instead: not "unsupported")
     if isinstance(exc, ValueError):
         return _sentence(_first_line(exc))
     if isinstance(exc, OSError):

@@ -21,6 +21,7 @@ from torch import nn
 
 from mechamap_core import ScanConfig, SiteResolutionError, scan
 from mechamap_core import sites as sites_module
+from mechamap_core.inspect_neuron import direct_effect, direct_effect_note
 from mechamap_core.models import wrap_model
 from mechamap_core.scan import MIN_CATEGORY_TOKENS
 from mechamap_core.sites import resolve_sites
@@ -453,7 +454,8 @@ def test_hybrid_without_an_mlp_in_some_layers_names_the_layers_that_have_one():
     )  # fmt: skip
     paths = {layer: f"model.layers.{layer}.shared_transf.feed_forward.down_proj" for layer in (2, 4)}
     assert all(isinstance(model.get_submodule(path), nn.Linear) for path in paths.values())
-    with pytest.raises(SiteResolutionError, match=r"layer 0 of .*'zamba'.* has no MLP .*layers 2,4 have one.*--layers 2,4"):
+    with pytest.raises(SiteResolutionError, match=r"^scan layers 2,4 of .*'zamba'.*no MLP was found in its layer 0 .*its "
+                       r"layers 2,4 have one .*--layers 2,4"):  # fmt: skip
         resolve_sites(model)
     assert [(s.layer, s.path) for s in resolve_sites(model, [2, 4])] == list(paths.items())
     tokenizer = bundled_tokenizer()
@@ -465,6 +467,32 @@ def test_hybrid_without_an_mlp_in_some_layers_names_the_layers_that_have_one():
         frame = res.scores[(res.scores["layer"] == layer) & (res.scores["category"] == "location")]
         expected = acts[mask[:, list(CATEGORIES).index("location")]].mean(axis=0)
         np.testing.assert_allclose(frame.sort_values("neuron")["avg_activation"], expected, rtol=1e-4, atol=1e-5)
+    # its MLP output feeds the next Mamba mixer through a linear map, not the residual stream: no direct effect
+    assert direct_effect(lm, 2, 0) is None and "no direct effect on the vocabulary" in direct_effect_note(lm)
+
+
+def test_hybrid_with_an_mlp_as_its_mixer_finds_it_and_names_the_layers_with_one():
+    """Nemotron-H: each layer holds one mixer, a Mamba-2 mixer, attention, an MLP (NemotronHMLP) or a MoE."""
+    model = tiny_model("nemotron_h", num_hidden_layers=4, hybrid_override_pattern="M-*E")
+    assert [(s.layer, s.path) for s in resolve_sites(model, [1])] == [(1, "model.layers.1.mixer.down_proj")]
+    with pytest.raises(SiteResolutionError, match=r"^scan layers 1,3 of .*: no MLP was found in its layer 0 "):
+        resolve_sites(model, with_moe=True)
+
+
+def test_model_that_runs_a_layer_twice_per_pass_is_refused():
+    """Inkling2-Loop runs its loop layers loop_num_passes times: one hook would merge the passes and count each token
+    twice. ALBERT applies one layer group num_hidden_layers times: refused by name."""
+    model = tiny_model("inkling2_loop_text", num_hidden_layers=4, loop_layer_index_start=1, loop_layer_index_end=3,
+                       loop_num_passes=2, n_layers_per_attn_res_block=1)  # fmt: skip
+    lm = wrap_model(model, bundled_tokenizer(), "tiny-loop")
+    with pytest.raises(SiteResolutionError, match="layer 1 .* runs more than once in one forward pass"):
+        scan(lm, ScanConfig(master_text=TEXT, categories=CATEGORIES, model="tiny-loop", permutations=0, cv_folds=0))
+    import transformers as tf
+
+    albert = tf.AlbertModel(tf.AlbertConfig(vocab_size=100, hidden_size=32, embedding_size=16, num_hidden_layers=3,
+                                            num_attention_heads=2, intermediate_size=48))  # fmt: skip
+    with pytest.raises(SiteResolutionError, match="'albert'.* not supported yet: its one layer group is applied"):
+        resolve_sites(albert)
 
 
 def test_mlp_module_shared_by_layers_is_refused():

@@ -145,7 +145,7 @@ def test_neuron_page_of_a_corpus_runs_expert_neuron_shows_its_samples_then_what_
     assert len(expected) > 0
     shown_samples = next(d.value for d in at.dataframe if "band" in d.value.columns)
     pd.testing.assert_frame_equal(shown_samples.reset_index(drop=True), expected)
-    [note] = [i for i in at.info if "dense MLP neurons only" in i.value]
+    [note] = [i for i in at.info if "dense MLP layers only" in i.value]
     assert "tokens sampled across its activation range" in note.value
     [heading] = [m for m in at.markdown if m.value == "#### Examples across the activation range"]
     positions = {id(element): i for i, element in enumerate(at.main)}  # the page's elements, top to bottom

@@ -455,3 +455,15 @@ def test_every_layer_and_expert_is_scanned_under_its_hook_name(name, cases):
     # the scan's alignment is the reference's: the same tokens, the same category mask
     assert case.result.tokens["token_id"].tolist() == [case.ids[p] for p in case.positions]
     np.testing.assert_array_equal(case.result.category_mask, case.mask)
+
+
+def test_llama4_experts_inputs_scale_by_the_sigmoid_of_their_router_logit(cases):
+    """The factor a Llama 4 expert's input is scaled by (its histogram edges are calibrated on inputs so scaled) is
+    the sigmoid of the token's router logit for that expert; other layouts pass the hidden state as it is."""
+    from mechamap_core.moe import find_moe_layers
+
+    [moe] = find_moe_layers(cases("llama4_text").model)
+    hidden = torch.randn(5, HIDDEN)
+    expected = torch.sigmoid(hidden.double() @ moe.router.weight.detach().double().T)
+    torch.testing.assert_close(moe.input_scales(hidden).double(), expected, rtol=1e-5, atol=1e-6)
+    assert all(layer.input_scales(hidden) is None for layer in find_moe_layers(cases("granitemoe").model))

@@ -146,7 +146,7 @@ def test_neuron_link_opens_an_expert_neuron(app_env, moe_result):
     top = moe_result.top_tokens
     top = top[(top["layer"] == 1) & (top["expert"] == 2) & (top["neuron"] == 5)].sort_values("rank")
     assert at.dataframe[1].value["token"].tolist() == top["token"].tolist()
-    assert any("dense MLP neurons only" in i.value for i in at.info)
+    assert any("dense MLP layers only" in i.value for i in at.info)
 
     at.selectbox[1].set_value(3).run()  # layer, expert: the pickers carry no keys
     no_exception(at)

@@ -326,7 +326,7 @@ def test_layers_are_checked_against_no_count_for_a_model_the_page_does_not_know(
 @pytest.mark.parametrize(
     ("exc", "expected"),
     [
-        (SiteResolutionError("could not find the transformer blocks of Foo; tried: transformer.h"), "architecture"),
+        (SiteResolutionError("could not find the transformer blocks of Foo; tried: transformer.h"), "transformer blocks of Foo"),
         (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), "ran out of memory"),
         (RuntimeError("[enforce fail at alloc_cpu.cpp] DefaultCPUAllocator: can't allocate memory"), "ran out of memory"),
         (ConfigError([("categories", "there are no categories")]), "config cannot be scanned"),

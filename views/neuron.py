@@ -4,7 +4,7 @@ import streamlit as st
 
 from mechamap_core.analysis import has_experts, neuron_label, neuron_profile, permutation_count
 from mechamap_core.charts import activation_histogram, category_bars, coloured_text_html, direct_effect_bars
-from mechamap_core.inspect_neuron import direct_effect, neuron_token_table, quantile_samples, top_examples
+from mechamap_core.inspect_neuron import direct_effect, direct_effect_note, neuron_token_table, quantile_samples, top_examples
 from mechamap_core.scan import MIN_CATEGORY_TOKENS
 from mechamap_core.sites import hook_name
 from mechamap_ui import links, state
@@ -89,8 +89,9 @@ if samples is not None:  # a streamed corpus scan: its texts and per-token activ
 if hook != hook_name(layer):  # a routed or shared expert: the model-based views below read dense MLPs only
     kept = "its top-activating tokens" + ("" if samples is None else " and tokens sampled across its activation range")
     st.info(
-        "Per-token activations, the direct effect and typed-text activations are computed for dense MLP neurons "
-        "only. An expert neuron is read from its expert's own computation (a routed expert's only on the tokens the "
+        "Per-token activations, the direct effect and typed-text activations are computed for the neurons of dense "
+        "MLP layers only, not for routed or shared experts (a shared expert, as Granite's shared_mlp, is a dense MLP "
+        "but sits in a mixture-of-experts layer). An expert neuron is read from its expert's own computation (a routed expert's only on the tokens the "
         f"router sends to it); the examples above are {kept} from the scan."
     )
     st.stop()
@@ -121,9 +122,11 @@ effect = direct_effect(lm, layer, neuron) if lm is not None else None
 if lm is None:
     st.caption("The model of this run is not available here, so its direct effect can't be computed.")
 elif effect is None:
-    st.caption("This model has no output embedding (e.g. a bare encoder), so there is no direct effect on tokens.")
+    st.caption(f"{direct_effect_note(lm)}.")
 else:
     st.altair_chart(direct_effect_bars(effect))
+    if note := direct_effect_note(lm):
+        st.caption(f"{note}.")
 
 st.markdown("#### Try your own text")
 typed = st.text_area("Text", "I had pizza and pasta in Rome on Monday.", max_chars=5000)

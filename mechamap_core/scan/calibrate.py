@@ -65,8 +65,10 @@ def calibrate_edges(
     def on_moe(module, args, kwargs, moe: MoELayer):
         hidden = moe.read_hook_inputs(args, kwargs).hidden
         hidden = hidden.index_select(0, first.positions_on(hidden.device))  # the counted tokens
+        scales = moe.input_scales(hidden)  # Llama 4: each expert's input is the hidden state times its router score
         for expert in range(moe.n_experts):
-            edges[moe.hook_name(expert)] = edges_of(moe._recompute(hidden, expert)[:, : n_neurons[moe.hook_name(expert)]])
+            x = hidden if scales is None else hidden * scales[:, expert : expert + 1].to(hidden)
+            edges[moe.hook_name(expert)] = edges_of(moe._recompute(x, expert)[:, : n_neurons[moe.hook_name(expert)]])
 
     handles = [p.hook_module.register_forward_pre_hook(lambda m, a, k, moe=p: on_moe(m, a, k, moe), with_kwargs=True)
                for p in every_token]  # fmt: skip

@@ -12,7 +12,7 @@ import torch
 from ..alignment import Chunk
 from ..models import LoadedModel
 from ..moe import MoELayer, find_moe_layers
-from ..sites import NeuronSite, resolve_sites
+from ..sites import NeuronSite, SiteResolutionError, resolve_sites
 
 ProgressFn = Callable[[int, int, str], None]
 
@@ -167,8 +167,20 @@ def run_hooked_forward(
             if not current["pending"]:
                 raise _StopForward
 
+    def first_call(point: HookPoint) -> None:
+        """Refuse a point whose module runs twice in one forward pass (a looped layer, as Inkling2-Loop's): its
+        calls' activations would be merged under one hook and every token counted once per call."""
+        if id(point) in current["called"]:
+            raise SiteResolutionError(
+                f"layer {point.layer} ({type(lm.model).__name__}) runs more than once in one forward pass (a looped or "
+                "weight-shared layer): its neurons' activations from each run cannot be told apart, so MechaMap does "
+                "not scan such models yet"
+            )
+        current["called"].add(id(point))
+
     def hook_fn(point: HookPoint):
         def dense_hook(module, args):
+            first_call(point)
             batch = current["batch"]
             x = args[0]
             x = x.reshape(-1, x.shape[-1])  # [B*S, d_mlp]; OPT's fc2 input is already flat
@@ -176,6 +188,7 @@ def run_hooked_forward(
             finished(point)
 
         def moe_hook(module, args, kwargs):
+            first_call(point)
             routed = point.read_hook_inputs(args, kwargs)
             if point.reads_model_gate:  # read on the way out of the experts' gate: gate_hook
                 current["routed"][id(point)] = routed
@@ -221,7 +234,7 @@ def run_hooked_forward(
     with torch.inference_mode(), hooked(points, hook_fn, gate_hook):
         for batch in batch_stream:
             current["batch"] = batch
-            current["routed"] = {}
+            current["routed"], current["called"] = {}, set()
             current["pending"] = {id(p) for p in points if p.layer == last_layer}
             try:
                 lm.model(input_ids=batch.input_ids.to(lm.device), attention_mask=batch.attention_mask.to(lm.device), **extra)
