@@ -219,25 +219,34 @@ def _with_context(rows: pd.DataFrame, examples: pd.DataFrame, context_chars: int
     return joined.astype({"activation": float})
 
 
+_ZAMBA_NO_DIRECT_PATH = (
+    "{}'s shared attention + MLP block feeds the next Mamba mixer's input through a linear map, never the residual "
+    "stream, so its neurons have no direct effect on the vocabulary"
+)
 # Model types whose MLP output never enters the residual stream as it is, by why; direct_effect gives them none.
-NO_DIRECT_PATH = {
-    "zamba": "Zamba's shared attention + MLP block feeds the next Mamba mixer's input through a linear map, never the "
-    "residual stream, so its neurons have no direct effect on the vocabulary",
-    "zamba2": "Zamba2's shared attention + MLP block feeds the next Mamba mixer's input through a linear map, never "
-    "the residual stream, so its neurons have no direct effect on the vocabulary",
-}
+NO_DIRECT_PATH = {"zamba": _ZAMBA_NO_DIRECT_PATH.format("Zamba"), "zamba2": _ZAMBA_NO_DIRECT_PATH.format("Zamba2")}
 # Model types whose direct effect leaves out a step between the MLP and the residual stream, by what it leaves out.
 DIRECT_EFFECT_CAVEATS = {
     "rwkv": "RWKV multiplies its channel-mix output by a per-token gate, sigmoid(receptance), which this leaves out",
 }
+NO_OUTPUT_EMBEDDING = "This model has no output embedding (e.g. a bare encoder), so there is no direct effect on tokens"
+
+
+def _unembedding(lm: LoadedModel):
+    """The model's output embedding, or None when it has none with a weight."""
+    unembed = lm.model.get_output_embeddings() if hasattr(lm.model, "get_output_embeddings") else None
+    return unembed if getattr(unembed, "weight", None) is not None else None
+
+
+def _model_type(lm: LoadedModel) -> str | None:
+    return getattr(getattr(lm.model, "config", None), "model_type", None)
 
 
 def direct_effect_note(lm: LoadedModel) -> str | None:
     """Why direct_effect gives lm's neurons none, or what it leaves out; None when there is nothing to say."""
-    model_type = getattr(getattr(lm.model, "config", None), "model_type", None)
-    unembed = lm.model.get_output_embeddings() if hasattr(lm.model, "get_output_embeddings") else None
-    if unembed is None or getattr(unembed, "weight", None) is None:
-        return "This model has no output embedding (e.g. a bare encoder), so there is no direct effect on tokens"
+    if _unembedding(lm) is None:
+        return NO_OUTPUT_EMBEDDING
+    model_type = _model_type(lm)
     return NO_DIRECT_PATH.get(model_type) or DIRECT_EFFECT_CAVEATS.get(model_type)
 
 
@@ -248,9 +257,8 @@ def direct_effect(lm: LoadedModel, layer: int, neuron: int, k: int = 10) -> pd.D
     or its MLP output never enters the residual stream as it is (NO_DIRECT_PATH; direct_effect_note says why).
     Raises ValueError for a mixture-of-experts layer (dense_sites) and a neuron out of range.
     """
-    unembed = lm.model.get_output_embeddings() if hasattr(lm.model, "get_output_embeddings") else None
-    model_type = getattr(getattr(lm.model, "config", None), "model_type", None)
-    if unembed is None or getattr(unembed, "weight", None) is None or model_type in NO_DIRECT_PATH:
+    unembed = _unembedding(lm)
+    if unembed is None or _model_type(lm) in NO_DIRECT_PATH:
         return None
     site = dense_sites(lm.model, [layer])[0]
     check_neuron_range([neuron], site.d_mlp, f"layer {layer}")

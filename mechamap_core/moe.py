@@ -2,8 +2,8 @@
 
 Definitions (DESIGN.md): neuron i of expert E in layer L is coordinate i of act(gate_E x) * (up_E x), the input
 of E's down-projection, on the tokens the router sends to E. Hook name: `blocks.{L}.mlp.experts.{E}.hook_post`
-(sites.expert_hook_name). A shared expert (DeepSeek `shared_experts`, Qwen2-MoE `shared_expert`, Granite `shared_mlp`) is an ordinary
-dense MLP: sites.resolve_sites(model, with_moe=True) returns it as a NeuronSite of kind "shared_expert", read
+(sites.expert_hook_name). A shared expert (DeepSeek `shared_experts`, Qwen2-MoE `shared_expert`, Granite
+`shared_mlp`) is an ordinary dense MLP: sites.resolve_sites(model, with_moe=True) returns it as a NeuronSite of kind "shared_expert", read
 with a forward pre-hook on its down_proj, hook name `blocks.{L}.mlp.shared_experts.hook_post`.
 
 How a scan reads routed experts, in one forward pass:
@@ -215,7 +215,7 @@ class MoELayer:
     @property
     def transposed(self) -> bool:
         """Whether the fused experts' gate_up_proj is [E, H, 2I] (applied as x @ W: gpt-oss, Llama 4)."""
-        return getattr(self.experts, "is_transposed", self.layout == "scaled")
+        return _transposed(self.experts, self.layout)
 
     def iter_expert_activations(
         self, hidden: torch.Tensor, top_k_index: torch.Tensor | None = None, top_k_weights: torch.Tensor | None = None
@@ -411,13 +411,18 @@ def _moe_layer(model: nn.Module, layer: int, block_path: str, block: nn.Module) 
     if layout == "modules":
         return _per_module_layer(layer, path, moe_block, experts, router, top_k, family, config, where)
     down = experts.down_proj
-    transposed = getattr(experts, "is_transposed", layout == "scaled")
+    transposed = _transposed(experts, layout)
     d_expert = down.shape[1] if transposed else down.shape[2]
     d_model = d_model or (down.shape[2] if transposed else down.shape[1])
     has_gate = getattr(experts, "has_gate", hasattr(experts, "gate_up_proj"))
     if not has_gate and not hasattr(experts, "up_proj"):
         raise SiteResolutionError(f"{where}: the fused experts have neither gate_up_proj nor up_proj")
     return MoELayer(layer, path, moe_block, experts, router, layout, down.shape[0], top_k, d_expert, d_model, family)
+
+
+def _transposed(experts: nn.Module, layout: str) -> bool:
+    """Whether fused experts hold gate_up_proj as [E, H, 2I] (gpt-oss says so; Llama 4's scaled layout always is)."""
+    return getattr(experts, "is_transposed", layout == "scaled")
 
 
 def _per_module_layer(layer, path, moe_block, experts, router, top_k, family, config, where) -> MoELayer:

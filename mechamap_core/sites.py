@@ -379,12 +379,12 @@ def _dense_site(model: nn.Module, layer: int, block_path: str, block: nn.Module)
     if found is None:
         return None
     path, module = found
-    mlp_path = path.rpartition(".")[0]
-    mlp = block.get_submodule(mlp_path) if mlp_path else nn.Module()  # a down-projection directly in the block: none
-    if router := next((name for name, _ in mlp.named_modules() if "router" in name), None):
+    mlp_path = path.rpartition(".")[0]  # empty for a down-projection directly in the block: no MLP module to search
+    routers = [name for name, _ in block.get_submodule(mlp_path).named_modules() if "router" in name] if mlp_path else []
+    if routers:
         raise SiteResolutionError(
             f"{_architecture(model)} layer {layer}: its MLP ({block_path}.{mlp_path}) also routes tokens "
-            f"({block_path}.{mlp_path}.{router}) to experts whose layout MechaMap cannot read, so scanning its "
+            f"({block_path}.{mlp_path}.{routers[0]}) to experts whose layout MechaMap cannot read, so scanning its "
             "dense part alone would leave them out"
         )
     return NeuronSite(layer, f"{block_path}.{path}", module, _in_out(module)[0])
@@ -397,12 +397,15 @@ def _missing_mlp_error(model: nn.Module, blocks_path: str, blocks: nn.ModuleList
     tried = ", ".join(f"{blocks_path}.{layer}.{p}" for p in DOWN_PROJ_PATHS)
     with_mlp, dense_sites = [], []
     for other, block in enumerate(blocks):
+        if other == layer:
+            continue
         try:
-            site = None if other == layer else _dense_site(model, other, f"{blocks_path}.{other}", block)
-            has_mlp = site is not None or (other != layer and find_experts(block) is not None)
-        except SiteResolutionError:
-            site, has_mlp = None, True
-        with_mlp.extend([other] if has_mlp else [])
+            site = _dense_site(model, other, f"{blocks_path}.{other}", block)
+        except SiteResolutionError:  # an MLP it cannot read is still an MLP
+            with_mlp.append(other)
+            continue
+        if site is not None or find_experts(block) is not None:
+            with_mlp.append(other)
         dense_sites.extend([site] if site else [])
     _refuse_shared_modules(model, blocks_path, blocks, dense_sites)
     if not with_mlp:
@@ -419,15 +422,14 @@ def _missing_mlp_error(model: nn.Module, blocks_path: str, blocks: nn.ModuleList
 def _refuse_shared_modules(model: nn.Module, blocks_path: str, blocks: nn.ModuleList, sites: list[NeuronSite]) -> None:
     """Raise SiteResolutionError when a site's module also belongs to another layer (Zamba's shared transformer
     block): a hook on it fires for every layer that calls it, so its neurons cannot be told apart by layer."""
-    layers_of: dict[int, list[int]] = {}
-    wanted = {id(site.module) for site in sites}
+    layers_of: dict[int, set[int]] = {id(site.module): set() for site in sites}
     for layer, block in enumerate(blocks):
         for module in block.modules():
-            if id(module) in wanted:
-                layers_of.setdefault(id(module), []).append(layer)
+            if id(module) in layers_of:
+                layers_of[id(module)].add(layer)
     for site in sites:
-        if len(set(layers_of[id(site.module)])) > 1:
-            shared_by = ", ".join(map(str, sorted(set(layers_of[id(site.module)]))))
+        if len(layers_of[id(site.module)]) > 1:
+            shared_by = ", ".join(map(str, sorted(layers_of[id(site.module)])))
             raise SiteResolutionError(
                 f"{_architecture(model)}: layers {shared_by} share one MLP module ({site.path}), so a hook on it fires "
                 "for each of those layers and its neurons cannot be told apart by layer; MechaMap does not scan "

@@ -91,8 +91,8 @@ if hook != hook_name(layer):  # a routed or shared expert: the model-based views
     st.info(
         "Per-token activations, the direct effect and typed-text activations are computed for the neurons of dense "
         "MLP layers only, not for routed or shared experts (a shared expert, as Granite's shared_mlp, is a dense MLP "
-        "but sits in a mixture-of-experts layer). An expert neuron is read from its expert's own computation (a routed expert's only on the tokens the "
-        f"router sends to it); the examples above are {kept} from the scan."
+        "but sits in a mixture-of-experts layer). An expert neuron is read from its expert's own computation (a "
+        f"routed expert's only on the tokens the router sends to it); the examples above are {kept} from the scan."
     )
     st.stop()
 

@@ -14,7 +14,8 @@ routing = result.extras.get("routing")
 if routing is None or routing.empty:
     st.info(
         "This run has no mixture-of-experts layers, so there is no routing to show. Scan a mixture-of-experts "
-        "model (Mixtral, Qwen-MoE, OLMoE, gpt-oss, DeepSeek, Llama 4, Granite 4, GLM-4 MoE, ...) to see which experts each category's tokens go to."
+        "model (Mixtral, Qwen-MoE, OLMoE, gpt-oss, DeepSeek, Llama 4, Granite 4, GLM-4 MoE, ...) to see which "
+        "experts each category's tokens go to."
     )
     st.stop()
 
