@@ -8,7 +8,7 @@ import altair as alt
 import numpy as np
 import pandas as pd
 
-from .analysis import COMBINATION_SEPARATOR, NO_VALUE_MARK, flagged
+from .analysis import COMBINATION_SEPARATOR, NO_VALUE_MARK
 
 _CELL = 28  # pixels per heatmap cell / bar band
 # Pixels per labelled row: Streamlit's chart theme draws axis labels 14 px high, 4 px apart, and hides any that
@@ -239,28 +239,29 @@ def correlation_heatmap(corr: pd.DataFrame, title: str | None = None, labels: bo
     return chart.properties(title=title) if title else chart
 
 
-def flagged_per_category_bars(scores: pd.DataFrame, metric: str = "score", threshold: float = 1.0) -> alt.Chart:
-    """Bars of how many neurons each category flags (metric >= threshold), every category shown, zeros included.
-
-    Raises ValueError for a metric that is not a column of scores.
-    """
-    hits = flagged(scores, metric, threshold)
-    cats = (
-        list(scores["category"].cat.categories)
-        if isinstance(scores["category"].dtype, pd.CategoricalDtype)
-        else sorted(scores["category"].astype(str).unique())
-    )
-    counts = hits["category"].astype(str).value_counts().reindex([str(c) for c in cats], fill_value=0)
+def flagged_per_category_bars(counts: pd.Series, metric: str = "score", threshold: float = 1.0) -> alt.Chart:
+    """Horizontal bars of how many neurons each category flags (counts: category -> neurons with metric >=
+    threshold, zeros included), most first. The count axis shows whole numbers and runs to at least 1, so a run
+    that flags nothing draws an empty axis from 0 to 1, not a bare 0."""
     data = counts.rename("neurons").rename_axis("category").reset_index()
+    data["category"] = data["category"].astype(str)
+    data["neurons"] = data["neurons"].astype("int64")
+    order = list(data.sort_values("neurons", ascending=False, kind="stable")["category"])
+    top = max(int(data["neurons"].max()) if len(data) else 0, 1)
     return (
         alt.Chart(data)
         .mark_bar(color="#4c78a8")
         .encode(
-            x=alt.X("category:N", sort=list(data["category"]), title="category", axis=_category_axis()),
-            y=alt.Y("neurons:Q", title=f"neurons with {metric} ≥ {threshold:g}", axis=alt.Axis(format="d", tickMinStep=1)),
+            y=alt.Y("category:N", sort=order, title=None, axis=_row_axis()),
+            x=alt.X(
+                "neurons:Q",
+                title=f"neurons with {metric} ≥ {threshold:g}",
+                scale=alt.Scale(domain=[0, top], nice=True),
+                axis=alt.Axis(format="d", values=list(range(top + 1))) if top <= 10 else alt.Axis(format=",d", tickMinStep=1),
+            ),
             tooltip=[alt.Tooltip("category:N"), alt.Tooltip("neurons:Q", format=",")],
         )
-        .properties(width=max(len(data), 1) * 48, height=220)
+        .properties(height=alt.Step(_LABEL_ROW))
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 
@@ -226,7 +227,11 @@ def test_overview_headline_for_a_result(app_env, tiny_result):
     top = at.dataframe[0].value
     assert list(top["category"]) == tiny_result.categories  # one top neuron per category, in config order
     assert top["top_tokens"].str.contains(" · ").all() and not top["top_tokens"].str.startswith("[(").any()  # readable
-    assert at.get("vega_lite_chart"), "the flagged-per-category bar chart is drawn"
+    charts_drawn = at.get("vega_lite_chart")
+    assert charts_drawn, "the flagged-per-category bar chart is drawn"
+    spec = json.loads(charts_drawn[0].proto.spec)
+    threshold = float(tiny_result.metadata.get("threshold", 1.0))
+    assert spec["mark"]["type"] == "bar" and spec["encoding"]["x"]["title"] == f"neurons with score ≥ {threshold:g}"
 
 
 def test_overview_holds_up_toggle_counts_pairs_by_hand(app_env, tiny_result):

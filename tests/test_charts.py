@@ -170,7 +170,6 @@ def test_category_axes_show_every_name(scores):
         "correlation": charts.correlation_heatmap(corr).to_dict(),
         "unlabelled correlation": charts.correlation_heatmap(corr, labels=False).to_dict(),
         "pivot": charts.layer_category_heatmap(analysis.layer_category_counts(scores, "score", 1.0)).to_dict(),
-        "bars": charts.flagged_per_category_bars(scores, "score", 1.0).to_dict(),
     }
     for name, spec in specs.items():
         axis = x_axis(spec)
@@ -216,16 +215,27 @@ def test_relative_depth_lines_leave_out_layers_without_a_measured_neuron(scores)
     assert {"field": "fraction_hover", "title": "fraction", "type": "nominal"} in tooltip
 
 
-def test_flagged_per_category_bars_counts_every_category(scores):
-    chart = charts.flagged_per_category_bars(scores, "score", 2.0)
-    spec = chart.to_dict()
+def test_flagged_per_category_bars_count_every_category_most_first(scores):
+    counts = analysis.layer_category_counts(scores, "score", 2.0).sum(axis=0)
+    spec = charts.flagged_per_category_bars(counts, "score", 2.0).to_dict()
     assert spec["mark"]["type"] == "bar"
-    assert (spec["encoding"]["x"]["field"], spec["encoding"]["y"]["field"]) == ("category", "neurons")
+    assert (spec["encoding"]["y"]["field"], spec["encoding"]["x"]["field"]) == ("category", "neurons")
     data = data_of(spec)
     manual = {c: int(((scores["category"] == c) & (scores["score"] >= 2.0)).sum()) for c in CATS}
     assert dict(zip(data["category"], data["neurons"])) == manual == {"animal": 1, "food": 1, "place": 0}
-    with pytest.raises(ValueError, match="unknown metric"):
-        charts.flagged_per_category_bars(scores, "nope", 1.0)
+    assert spec["encoding"]["y"]["sort"] == ["animal", "food", "place"]
+    assert spec["encoding"]["y"]["axis"]["labelOverlap"] is False
+
+
+def test_flagged_per_category_bars_of_a_run_that_flags_nothing_keep_a_whole_number_axis(scores):
+    """All zeros: the count axis runs 0 to 1 in whole numbers (Vega-Lite's own domain [0, 0] printed a lone tick)."""
+    counts = analysis.layer_category_counts(scores, "score", 1e9).sum(axis=0)
+    chart = charts.flagged_per_category_bars(counts, "score", 1e9)
+    x = chart.to_dict()["encoding"]["x"]
+    assert x["scale"]["domain"] == [0, 1] and x["axis"]["format"] == "d"
+    labels = re.findall(r"<text[^>]*>([^<]*)</text>", charts.chart_to_svg(chart))
+    assert labels[: labels.index("neurons with score ≥ 1e+09")] == ["0", "1"], "one tick per whole number, none repeated"
+    assert all(int(n) == 0 for n in data_of(chart.to_dict())["neurons"])
 
 
 def test_chart_export_png_and_svg(scores):

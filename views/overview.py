@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from mechamap_core import analysis
+from mechamap_core import analysis, charts
 from mechamap_core.config import BUNDLED_MODEL_ID, ConfigError, load_config
 from mechamap_ui import jobs, state
 from mechamap_ui.widgets import (
@@ -51,8 +51,6 @@ scores = result.scores if min_cv_auroc is None else analysis.holding_up(result.s
 counts = analysis.layer_category_counts(result.scores, "score", threshold, min_cv_auroc).sum(axis=0)  # every category
 without_statistics = analysis.categories_without_statistics(result.scores, result.metadata.get("category_tokens"))
 counts = counts.drop(without_statistics.index, errors="ignore")  # named below
-flagged = counts.rename("flagged neurons").rename_axis("category").reset_index()
-flagged["category"] = flagged["category"].astype(str)
 cols = st.columns(3)
 cols[0].metric("Neurons scanned", f"{result.scores[key].drop_duplicates().shape[0]:,}")
 cols[1].metric(f"Neuron-category pairs with score ≥ {threshold:g}", f"{int(counts.sum()):,}")
@@ -63,7 +61,7 @@ warn_of_nonfinite_neurons(result.metadata)
 left, right = st.columns([2, 3])
 with left:
     st.markdown(f"**Flagged neurons per category** (score ≥ {threshold:g})")
-    st.bar_chart(flagged, x="category", y="flagged neurons", horizontal=True, sort="-flagged neurons")
+    st.altair_chart(charts.flagged_per_category_bars(counts, "score", threshold))
 with right:
     st.markdown("**Top neuron of each category** (by score)")
     top = analysis.top_neurons(scores, "score", n=1, top_tokens=result.top_tokens)
