@@ -170,6 +170,18 @@ def blank_without_statistics(counts: pd.DataFrame, without: pd.Series) -> pd.Dat
     return shown
 
 
+def layers_without_mlp_note(metadata: dict) -> str | None:
+    """One sentence on a hybrid run's layers that hold no MLP (metadata layers_without_mlp), or None where it has none."""
+    without = metadata.get("layers_without_mlp")
+    if not without:
+        return None
+    depth = metadata.get("n_layers_model")
+    named = f"Layer {without[0]}" if len(without) == 1 else f"Layers {layer_list_text(without)}"
+    verb = "holds" if len(without) == 1 else "hold"
+    return (f"{named}{f' of {depth}' if depth else ''} {verb} no MLP (a hybrid model's Mamba or attention-only layers): "
+            "they have no MLP neurons, so the scan of every layer read the others.")  # fmt: skip
+
+
 def nonfinite_note(metadata: dict) -> str | None:
     """What a run says of its neurons with an inf or NaN activation (metadata nonfinite_neurons, finish's
     nonfinite_neurons), one sentence, or None when it had none."""
@@ -432,16 +444,19 @@ def differing_config_keys(cfg_a: dict, cfg_b: dict) -> list[str]:
 
 
 def scan_coverage(metadata: dict) -> dict[str, str]:
-    """What a run covered, from its metadata, in words that compare across models: LAYERS_SCANNED ("all", or
-    "0, 5 of 6"), NEURONS_SCANNED ("1,536", or "32-64" where widths differ) and TEXT_SCANNED ("the master text", or
-    "a corpus (...)"). A key is left out where the metadata does not record it (a run saved before it did)."""
+    """What a run covered, from its metadata, in words that compare across models: LAYERS_SCANNED ("all", "0, 5 of
+    6", or for a hybrid whose other layers hold no MLP "all 2 with an MLP (2, 4 of 6)"), NEURONS_SCANNED ("1,536",
+    or "32-64" where widths differ) and TEXT_SCANNED ("the master text", or "a corpus (...)"). A key is left out
+    where the metadata does not record it (a run saved before it did)."""
     coverage = {}
     if metadata.get("layers") is not None:
         layers = sorted(int(layer) for layer in metadata["layers"])
         depth = metadata.get("n_layers_model")
-        whole = depth is not None and layers == list(range(int(depth)))
+        without = set(metadata.get("layers_without_mlp") or ())
+        whole = depth is not None and layers == [layer for layer in range(int(depth)) if layer not in without]
         of_depth = "" if depth is None else f" of {depth}"
-        coverage[LAYERS_SCANNED] = "all" if whole else layer_list_text(layers) + of_depth
+        listed = layer_list_text(layers) + of_depth
+        coverage[LAYERS_SCANNED] = listed if not whole else f"all {len(layers)} with an MLP ({listed})" if without else "all"
     widths = metadata.get("neurons_per_site") or metadata.get("neurons_per_layer")
     if widths:
         coverage[NEURONS_SCANNED] = number_span([int(width) for width in widths.values()])

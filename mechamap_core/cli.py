@@ -783,13 +783,16 @@ def _check_scan_flags(args, corpus: str | None) -> None:
 
 
 def _note_categories_without_statistics(result) -> None:
-    """After a scan: the categories no neuron has statistics for (too few of their tokens), so blank rows are explained."""
+    """After a scan: the categories no neuron has statistics for (too few of their tokens), so blank rows are explained;
+    neurons with an inf or NaN activation; a hybrid's layers that hold no MLP, so missing layers are explained."""
     without = analysis.categories_without_statistics(result.scores, result.metadata.get("category_tokens"))
     note = analysis.no_statistics_note(without, result.coverage, routed=analysis.has_experts(result.scores))
     if note:
         _say("note", note)
     if broken := analysis.nonfinite_note(result.metadata):
         _say("warning", broken)
+    if skipped := analysis.layers_without_mlp_note(result.metadata):
+        _say("note", skipped)
 
 
 def _note_thin_experts(result) -> None:

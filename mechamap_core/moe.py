@@ -30,7 +30,10 @@ Three layouts:
   [E, H, 2I] when transposed as in gpt-oss; down_proj; optional biases), called as
   experts(hidden [T, H], top_k_index [T, k], top_k_weights [T, k]). hook_module is that experts module, so the
   hook sees the routing the model really used. The gate is applied with the module's own `_apply_gate`
-  (gpt-oss: interleaved gate/up, clamped swiglu with alpha and limit), so it cannot drift from the model.
+  (gpt-oss: interleaved gate/up, clamped swiglu with alpha and limit), so it cannot drift from the model. Ungated
+  experts hold up_proj [E, I, H] alone (Nemotron-H: relu(up x)^2), and a block may map its input to a narrower
+  latent space before its experts (Nemotron-H's fc1_latent_proj): the hook reads the experts' input as it is,
+  d_input wide.
 - "modules" (transformers 4 and hand-written blocks): an nn.ModuleList of expert MLPs with w1/w3/w2 or
   gate_proj/up_proj/down_proj and act_fn, and a Linear gate giving router logits. hook_module is the MoE block;
   the routing is replayed by route(): softmax over the logits in float32, top-k, renormalised when the block
@@ -134,6 +137,16 @@ class MoELayer:
         # the fused experts' forward(hidden_states, top_k_index, top_k_weights), whatever the names
         return list(inspect.signature(type(self.experts).forward).parameters)[1:]
 
+    @property
+    def d_input(self) -> int:
+        """Width of the experts' input: the hidden size, or that of a latent projection the block applies before its
+        experts (Nemotron-H's fc1_latent_proj, moe_latent_size)."""
+        if self.layout == "modules":
+            return self.d_model
+        up = getattr(self.experts, "gate_up_proj", None)
+        up = self.experts.up_proj if up is None else up
+        return up.shape[1] if self.transposed else up.shape[2]
+
     def hook_name(self, expert: int) -> str:
         """`blocks.{L}.mlp.experts.{E}.hook_post`."""
         return expert_hook_name(self.layer, expert)
@@ -147,7 +160,7 @@ class MoELayer:
         if self.layout == "fused":
             bound = dict(zip(self._experts_params, args, strict=False)) | kwargs
             hidden, index, weights = (bound[name] for name in self._experts_params[:3])
-            hidden = hidden.reshape(-1, self.d_model)
+            hidden = hidden.reshape(-1, self.d_input)
             n_tokens = hidden.shape[0]
             return RoutedTokens(hidden, index.reshape(n_tokens, -1).long(), weights.reshape(n_tokens, -1))
         hidden = (args[0] if args else kwargs["hidden_states"]).reshape(-1, self.d_model)
@@ -160,7 +173,13 @@ class MoELayer:
         Per-module layout: the gate's logits, softmax in float32, top-k, renormalised if the family does,
         weights cast to hidden's dtype (as transformers 4's Mixtral and Qwen2-MoE blocks did).
         Scaled layout: the router's (scores [T, E], logits [T, E]): the top-k of the logits, and the scores there.
+        Raises ValueError where the experts read a latent projection (d_input): their input is not the router's.
         """
+        if self.d_input != self.d_model:
+            raise ValueError(
+                f"layer {self.layer}'s experts read a latent projection of the block's input ({self.d_input} wide, the "
+                f"router reads {self.d_model}): give the routing (top_k_index, top_k_weights) with the experts' input"
+            )
         with torch.no_grad():
             if self.layout == "scaled":
                 scores, logits = self.router(hidden)[:2]

@@ -331,7 +331,9 @@ def resolve_sites(model: nn.Module, layers: list[int] | None = None, *, with_moe
     SiteResolutionError, so a caller that does not read experts never scans a shared expert as if it
     were the layer. With with_moe=True it contributes its shared-expert site (kind "shared_expert")
     when it has one, and nothing otherwise; its routed experts come from mechamap_core.moe.find_moe_layers.
-    Raises SiteResolutionError (MLP-free models, unknown layouts, a layer without an MLP in a hybrid model (the
+    In a hybrid model some layers hold no MLP (Zamba's and Nemotron-H's Mamba and attention layers): layers=None
+    then means every layer with one (layers_without_mlp lists the others), while a requested layer without one is
+    refused. Raises SiteResolutionError (MLP-free models, unknown layouts, a requested layer without an MLP (the
     message lists the layers that have one), an MLP module shared by several layers, routed experts inside a
     dense-looking MLP, families known to be unreadable; the message says what was tried or why), and ValueError
     for layers out of range.
@@ -348,6 +350,8 @@ def resolve_sites(model: nn.Module, layers: list[int] | None = None, *, with_moe
         raise _no_mlp_error(model, first, blocks[first], "")
     if model_type in UNSUPPORTED_TYPES:
         raise SiteResolutionError(f"{_architecture(model)} is not supported yet: {UNSUPPORTED_TYPES[model_type]}")
+    if layers is None and (without := layers_without_mlp(model)) and len(without) < n_layers:
+        wanted = [layer for layer in wanted if layer not in without]
     sites = []
     for layer in wanted:
         block_path = f"{blocks_path}.{layer}"
@@ -390,32 +394,36 @@ def _dense_site(model: nn.Module, layer: int, block_path: str, block: nn.Module)
     return NeuronSite(layer, f"{block_path}.{path}", module, _in_out(module)[0])
 
 
+def layers_without_mlp(model: nn.Module) -> list[int]:
+    """The layers whose block holds neither a dense MLP nor routed experts (a hybrid's Mamba or attention layers;
+    every layer of an MLP-free model). An MLP that MechaMap cannot read still counts as one."""
+    blocks_path, blocks = find_blocks(model)
+    return [layer for layer, block in enumerate(blocks) if not _has_mlp(model, layer, f"{blocks_path}.{layer}", block)]
+
+
+def _has_mlp(model: nn.Module, layer: int, block_path: str, block: nn.Module) -> bool:
+    """Whether a block holds a dense MLP or routed experts, readable or not."""
+    try:
+        return _dense_site(model, layer, block_path, block) is not None or find_experts(block) is not None
+    except SiteResolutionError:  # an MLP it cannot read is still an MLP
+        return True
+
+
 def _missing_mlp_error(model: nn.Module, blocks_path: str, blocks: nn.ModuleList, layer: int) -> SiteResolutionError:
-    """The error for a layer without an MLP: in a hybrid model whose other layers have one, it names those layers
-    (raising _refuse_shared_modules' error instead where they share one MLP module, as Zamba's do); else
-    _no_mlp_error."""
-    tried = ", ".join(f"{blocks_path}.{layer}.{p}" for p in DOWN_PROJ_PATHS)
-    with_mlp, dense_sites = [], []
-    for other, block in enumerate(blocks):
-        if other == layer:
-            continue
-        try:
-            site = _dense_site(model, other, f"{blocks_path}.{other}", block)
-        except SiteResolutionError:  # an MLP it cannot read is still an MLP
-            with_mlp.append(other)
-            continue
-        if site is not None or find_experts(block) is not None:
-            with_mlp.append(other)
-        dense_sites.extend([site] if site else [])
-    _refuse_shared_modules(model, blocks_path, blocks, dense_sites)
+    """The error for a requested layer without an MLP: in a hybrid model whose other layers have one, it names those
+    layers; else _no_mlp_error."""
+    without = {layer, *layers_without_mlp(model)}
+    with_mlp = [other for other in range(len(blocks)) if other not in without]
     if not with_mlp:
+        tried = ", ".join(f"{blocks_path}.{layer}.{p}" for p in DOWN_PROJ_PATHS)
         return _no_mlp_error(model, layer, blocks[layer], tried)
     children = ", ".join(name for name, _ in blocks[layer].named_children()) or "nothing"
     listed = ",".join(map(str, with_mlp))
     which = f"layers {listed} have" if len(with_mlp) > 1 else f"layer {listed} has"
     return SiteResolutionError(
-        f"scan layers {listed} of {_architecture(model)}: no MLP was found in its layer {layer} (the block holds: "
-        f"{children}), while its {which} one (layers=[{listed}], CLI --layers {listed}, the Scan page's Layers field)"
+        f"{_architecture(model)} layer {layer} has no MLP (the block holds: {children}); its {which} one: scan "
+        f"those (layers=[{listed}], CLI --layers {listed}, the Scan page's Layers field), or leave the layers out to "
+        "scan every layer with an MLP"
     )
 
 

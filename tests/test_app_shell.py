@@ -234,6 +234,15 @@ def test_overview_headline_for_a_result(app_env, tiny_result):
     assert spec["mark"]["type"] == "bar" and spec["encoding"]["x"]["title"] == f"neurons with score ≥ {threshold:g}"
 
 
+def test_overview_names_a_hybrids_layers_without_an_mlp(app_env, tiny_result):
+    at = make_app(tiny_result).run()
+    assert not any("hold no MLP" in text for text in texts(at.caption)), "a plain model's run says nothing of it"
+    hybrid = dataclasses.replace(tiny_result, metadata={**tiny_result.metadata, "layers_without_mlp": [1, 3]})
+    at = make_app(hybrid).run()
+    no_exception(at)
+    assert any(text.startswith("Layers 1, 3 of ") and "hold no MLP" in text for text in texts(at.caption)), texts(at.caption)
+
+
 def test_overview_holds_up_toggle_counts_pairs_by_hand(app_env, tiny_result):
     """The headline's flagged pairs with and without "holds up across words", against a count over the rows."""
     scores = tiny_result.scores

@@ -21,10 +21,12 @@ from torch import nn
 
 from mechamap_core import ScanConfig, SiteResolutionError, scan
 from mechamap_core import sites as sites_module
+from mechamap_core.analysis import LAYERS_SCANNED, layers_without_mlp_note, scan_coverage
 from mechamap_core.inspect_neuron import direct_effect, direct_effect_note
 from mechamap_core.models import wrap_model
 from mechamap_core.scan import MIN_CATEGORY_TOKENS
-from mechamap_core.sites import resolve_sites
+from mechamap_core.scan.stream import scan_stream, stream_result
+from mechamap_core.sites import layers_without_mlp, resolve_sites
 
 # Independent table of each family's MLP down-projection (its input holds the neurons).
 DOWN_PROJ = {
@@ -446,21 +448,32 @@ def test_family_known_to_be_unreadable_is_refused_by_name():
 
 def test_hybrid_without_an_mlp_in_some_layers_names_the_layers_that_have_one():
     """Zamba: Mamba-only layers, and hybrid layers with an attention + MLP block whose weights are tied across layers
-    (separate modules, so each layer's hook sees that layer only). A full scan is refused with the layers to scan;
-    those layers scan equal to a plain forward hook."""
+    (separate modules, so each layer's hook sees that layer only). A full scan reads the layers with an MLP, equal
+    to a plain forward hook, and records the others; a requested layer without one is refused with the layers to
+    scan."""
     model = tiny_model(
         "zamba", num_hidden_layers=6, attn_layer_period=2, attn_layer_offset=1, attention_hidden_size=64,
         attention_head_dim=32, n_mamba_heads=2, mamba_d_state=4, mamba_dt_rank=4, use_mamba_kernels=False,
     )  # fmt: skip
     paths = {layer: f"model.layers.{layer}.shared_transf.feed_forward.down_proj" for layer in (2, 4)}
     assert all(isinstance(model.get_submodule(path), nn.Linear) for path in paths.values())
-    with pytest.raises(SiteResolutionError, match=r"^scan layers 2,4 of .*'zamba'.*no MLP was found in its layer 0 .*its "
-                       r"layers 2,4 have one .*--layers 2,4"):  # fmt: skip
-        resolve_sites(model)
-    assert [(s.layer, s.path) for s in resolve_sites(model, [2, 4])] == list(paths.items())
+    with pytest.raises(SiteResolutionError, match=r"^.*'zamba'.* layer 0 has no MLP \(the block holds: .*\); its "
+                       r"layers 2,4 have one: .*--layers 2,4.*or leave the layers out"):  # fmt: skip
+        resolve_sites(model, [0, 2])
+    assert layers_without_mlp(model) == [0, 1, 3, 5]
+    assert [(s.layer, s.path) for s in resolve_sites(model)] == list(paths.items()) == [
+        (s.layer, s.path) for s in resolve_sites(model, [2, 4])]  # fmt: skip
     tokenizer = bundled_tokenizer()
     lm = wrap_model(model, tokenizer, "tiny-zamba")
-    res = scan(lm, ScanConfig(master_text=TEXT, categories=CATEGORIES, model="tiny-zamba"), layers=[2, 4])
+    res = scan(lm, ScanConfig(master_text=TEXT, categories=CATEGORIES, model="tiny-zamba"))
+    assert res.metadata["layers"] == [2, 4] and res.metadata["layers_without_mlp"] == [0, 1, 3, 5]
+    assert scan_coverage(res.metadata)[LAYERS_SCANNED] == "all 2 with an MLP (2, 4 of 6)"
+    assert scan_coverage({**res.metadata, "layers": [2]})[LAYERS_SCANNED] == "2 of 6"
+    assert layers_without_mlp_note(res.metadata).startswith("Layers 0-1, 3, 5 of 6 hold no MLP (a hybrid model's Mamba")
+    streamed = stream_result(lm, res_cfg := ScanConfig(master_text=TEXT, categories=CATEGORIES, model="tiny-zamba"),
+                             scan_stream(lm, res_cfg, [TEXT], calibration_texts=[TEXT]))  # fmt: skip
+    assert streamed.metadata["layers"] == [2, 4] and streamed.metadata["layers_without_mlp"] == [0, 1, 3, 5]
+    assert streamed.metadata["config"]["layers"] is None, "a corpus scan of every layer records it as scan() does"
     ids, positions, mask, _ = reference_tokens(tokenizer, TEXT, CATEGORIES)
     for layer, path in paths.items():
         acts = capture_mlp_input(model, path, ids)[positions].double().numpy()
@@ -475,8 +488,10 @@ def test_hybrid_with_an_mlp_as_its_mixer_finds_it_and_names_the_layers_with_one(
     """Nemotron-H: each layer holds one mixer, a Mamba-2 mixer, attention, an MLP (NemotronHMLP) or a MoE."""
     model = tiny_model("nemotron_h", num_hidden_layers=4, hybrid_override_pattern="M-*E")
     assert [(s.layer, s.path) for s in resolve_sites(model, [1])] == [(1, "model.layers.1.mixer.down_proj")]
-    with pytest.raises(SiteResolutionError, match=r"^scan layers 1,3 of .*: no MLP was found in its layer 0 "):
-        resolve_sites(model, with_moe=True)
+    with pytest.raises(SiteResolutionError, match=r"layer 0 has no MLP .*its layers 1,3 have one: "):
+        resolve_sites(model, [0, 1], with_moe=True)
+    assert layers_without_mlp(model) == [0, 2]
+    assert [(s.layer, s.kind) for s in resolve_sites(model, with_moe=True)] == [(1, "dense"), (3, "shared_expert")]
 
 
 def test_model_that_runs_a_layer_twice_per_pass_is_refused():

@@ -1,4 +1,4 @@
-"""Seventeen more MoE families: their scanned expert, shared and dense neurons equal a float64 recomputation."""
+"""Nineteen more MoE families (two of them Nemotron-H, plain and with its latent projection): their scanned expert, shared and dense neurons equal a float64 recomputation."""
 
 from __future__ import annotations
 
@@ -47,6 +47,9 @@ DROPOUTS = ("attention_dropout", "hidden_dropout", "dropout", "activation_dropou
 MAMBA = dict(mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=1, mamba_d_state=4, mamba_expand=2, mamba_chunk_size=16)
 LINEAR_ATTENTION = dict(linear_num_key_heads=2, linear_num_value_heads=2, linear_key_head_dim=16,
                         linear_value_head_dim=16)  # fmt: skip
+NEMOTRON_H = dict(hybrid_override_pattern="-E", n_routed_experts=4, num_experts_per_tok=TOP_K, moe_intermediate_size=D_EXPERT,
+                  moe_shared_expert_intermediate_size=D_SHARED, n_group=1, topk_group=1, norm_topk_prob=True,
+                  use_cache=False)  # with neither Mamba nor attention layers its DynamicCache has no layer to measure
 GRANITE = dict(num_local_experts=4, num_experts_per_tok=TOP_K, intermediate_size=D_EXPERT)
 SHARED_EXPERTS = "model.layers.{L}.mlp.shared_experts.down_proj"
 
@@ -65,6 +68,9 @@ class Family:
     dense: str = "model.layers.{L}.mlp.down_proj"  # a dense layer's down-projection
     layers: int = 2
     n_experts: int = 4
+    model_type: str | None = None  # the config's model type, where it is not the family's name
+    gated: bool = True  # experts' neurons are silu(gate x) * (up x); False: relu(up x)^2 (Nemotron-H)
+    latent: str | None = None  # a Linear of the MoE block that maps its input to the experts' input (Nemotron-H)
 
 
 # fmt: off
@@ -164,6 +170,20 @@ FAMILIES = {
         block="model.layers.{L}.feed_forward", shared="model.layers.{L}.feed_forward.shared_expert.down_proj",
         dense="model.layers.{L}.feed_forward.down_proj",
     ),
+    # layer 0 an MLP mixer, layer 1 a MoE mixer (hybrid_override_pattern "-E"; Mamba layers are in
+    # test_architectures); ungated relu^2 experts with up_proj [E, I, H] (modeling_nemotron_h.py NemotronHExperts),
+    # top-k of sigmoid + bias within topk_group of n_group groups, here 1 of 1
+    "nemotron_h": Family(
+        NEMOTRON_H, (1,), "sigmoid+bias", "gate.weight", block="model.layers.{L}.mixer",
+        bias="gate.e_score_correction_bias", shared="model.layers.{L}.mixer.shared_experts.down_proj",
+        dense="model.layers.{L}.mixer.down_proj", gated=False,
+    ),
+    # the same with moe_latent_size: the experts read fc1_latent_proj of the block's input
+    "nemotron_h_latent": Family(
+        NEMOTRON_H | dict(moe_latent_size=16), (1,), "sigmoid+bias", "gate.weight", block="model.layers.{L}.mixer",
+        bias="gate.e_score_correction_bias", shared="model.layers.{L}.mixer.shared_experts.down_proj",
+        dense="model.layers.{L}.mixer.down_proj", gated=False, latent="fc1_latent_proj", model_type="nemotron_h",
+    ),
 }
 # fmt: on
 
@@ -181,12 +201,13 @@ def build(name: str, tokenizer, ids: list[int]) -> torch.nn.Module:
                 max_position_embeddings=512,  # the text is one chunk
                 pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.cls_token_id,
                 eos_token_id=tokenizer.sep_token_id)  # fmt: skip
-    config = CONFIG_MAPPING[name](**(base | family.config))
+    model_type = family.model_type or name
+    config = CONFIG_MAPPING[model_type](**(base | family.config))
     for key in DROPOUTS:
         if isinstance(getattr(config, key, None), float):
             setattr(config, key, 0.0)
     torch.manual_seed(SEED)
-    model = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[name])(config).eval()
+    model = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])(config).eval()
     generator = torch.Generator().manual_seed(SEED)
     for layer in family.moe:  # in order: each router changes the input of the next MoE layer
         block = model.get_submodule(family.block.format(L=layer))
@@ -335,12 +356,19 @@ class Case:
         self.changed_by_quirk[layer] = int((chosen.sort(-1).values != plain.sort(-1).values).any(-1).sum())
         experts = block.experts
         probe = torch.linspace(-4, 4, 9)
-        torch.testing.assert_close(experts.act_fn(probe), F.silu(probe))  # every family here gates with silu
-        gate_up = experts.gate_up_proj.detach().double()  # [E, 2I, H]: gate rows, then up rows
-        if family.routing == "scaled":  # Llama 4 stores [E, H, 2I]
-            gate_up = gate_up.transpose(1, 2)
-        assert gate_up.shape == (family.n_experts, 2 * D_EXPERT, HIDDEN)
+        torch.testing.assert_close(experts.act_fn(probe), F.silu(probe) if family.gated else probe.relu() ** 2)
+        if family.gated:
+            gate_up = experts.gate_up_proj.detach().double()  # [E, 2I, H]: gate rows, then up rows
+            if family.routing == "scaled":  # Llama 4 stores [E, H, 2I]
+                gate_up = gate_up.transpose(1, 2)
+            assert gate_up.shape == (family.n_experts, 2 * D_EXPERT, HIDDEN)
+        else:
+            up = experts.up_proj.detach().double()  # [E, I, expert input]
         logits = x @ resolve(block, family.router).detach().double().T
+        if family.latent:  # the experts' input is the latent projection of the block's input
+            latent = block.get_submodule(family.latent)
+            x = x @ latent.weight.detach().double().T + (0 if latent.bias is None else latent.bias.detach().double())
+            assert up.shape == (family.n_experts, D_EXPERT, x.shape[1]) and x.shape[1] != HIDDEN
         self.routing[layer] = np.zeros((family.n_experts, len(CATS)), dtype=np.int64)
         self.load[layer] = np.zeros(family.n_experts, dtype=np.int64)
         for expert in range(family.n_experts):
@@ -348,7 +376,10 @@ class Case:
             xe = x[torch.from_numpy(routed)]
             if family.routing == "scaled":  # the expert's input is the token's hidden state times sigmoid(its logit)
                 xe = xe * logits[torch.from_numpy(routed), expert].sigmoid()[:, None]
-            neurons = silu64(xe @ gate_up[expert, :D_EXPERT].T) * (xe @ gate_up[expert, D_EXPERT:].T)
+            if family.gated:
+                neurons = silu64(xe @ gate_up[expert, :D_EXPERT].T) * (xe @ gate_up[expert, D_EXPERT:].T)
+            else:
+                neurons = (xe @ up[expert].T).clamp(min=0) ** 2
             mask = self.mask[routed]
             self.routing[layer][expert] = mask.sum(0)
             self.load[layer][expert] = routed.sum()
@@ -439,7 +470,7 @@ def test_every_layer_and_expert_is_scanned_under_its_hook_name(name, cases):
     family, scores = case.family, case.result.scores
     # independent of the spec above: a layer is MoE when it holds fused 3-D expert weights
     blocks = case.model.model.layers
-    found = tuple(L for L, block in enumerate(blocks) if any(n.endswith("gate_up_proj") and p.dim() == 3
+    found = tuple(L for L, block in enumerate(blocks) if any(n.endswith(("gate_up_proj", "experts.up_proj")) and p.dim() == 3
                                                               for n, p in block.named_parameters()))  # fmt: skip
     assert found == family.moe and len(blocks) == family.layers
     assert set(scores["hook"].astype(str)) == set(case.expected)
@@ -467,3 +498,19 @@ def test_llama4_experts_inputs_scale_by_the_sigmoid_of_their_router_logit(cases)
     expected = torch.sigmoid(hidden.double() @ moe.router.weight.detach().double().T)
     torch.testing.assert_close(moe.input_scales(hidden).double(), expected, rtol=1e-5, atol=1e-6)
     assert all(layer.input_scales(hidden) is None for layer in find_moe_layers(cases("granitemoe").model))
+
+
+def test_nemotron_h_latent_experts_read_the_latent_projection_and_routing_is_not_guessed(cases):
+    """With moe_latent_size the experts' input is fc1_latent_proj of the block's input, 16 wide here: the hook reads
+    it at that width (before, it was reshaped to the hidden size and the scan crashed); the router reads the block's
+    input, so routing the experts' input is refused rather than computed on the wrong tensor."""
+    from mechamap_core.moe import find_moe_layers
+
+    case = cases("nemotron_h_latent")
+    (moe,) = find_moe_layers(case.model, None)
+    assert (moe.d_input, moe.d_model) == (16, HIDDEN)
+    with pytest.raises(ValueError, match="layer 1's experts read a latent projection .*give the routing"):
+        moe.expert_activations(torch.zeros(3, 16), 0)
+    index = torch.tensor([[0, 1], [1, 2], [0, 3]])
+    rows, acts = moe.expert_activations(torch.randn(3, 16), 0, index, torch.full((3, 2), 0.5))
+    assert rows.tolist() == [0, 2] and acts.shape == (2, D_EXPERT) and bool((acts >= 0).all())  # relu^2

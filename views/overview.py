@@ -56,6 +56,8 @@ cols[0].metric("Neurons scanned", f"{result.scores[key].drop_duplicates().shape[
 cols[1].metric(f"Neuron-category pairs with score ≥ {threshold:g}", f"{int(counts.sum()):,}")
 cols[2].metric("Categories", len(result.categories))
 explain_categories_without_statistics(without_statistics, result.coverage, analysis.has_experts(result.scores))
+if skipped := analysis.layers_without_mlp_note(md):
+    st.caption(skipped)
 warn_of_nonfinite_neurons(result.metadata)
 
 left, right = st.columns([2, 3])

@@ -16,6 +16,7 @@ from ..alignment import AlignedText, align, distinct_words, matching_key
 from ..config import ScanConfig, as_scan_config, validate_config
 from ..models import LoadedModel, local_model_version
 from ..moe import MoELayer
+from ..sites import layers_without_mlp
 from ..sites import n_layers as count_layers
 from ..stats import word_folds
 from .calibrate import calibrate_edges, calibration_chunks
@@ -91,6 +92,7 @@ def model_metadata(lm: LoadedModel, cfg: ScanConfig) -> dict:
         "model": lm.name, "config_hash": cfg.content_hash(), "device": str(lm.device), "placement": dict(lm.placement),
         "model_commit": lm.commit, "dtype": str(lm.dtype).replace("torch.", ""), "quantization": lm.quantization,
         **({"model_files": files} if (files := local_model_version(lm.name)) else {}),  # a local folder's, as scanned
+        **({"layers_without_mlp": without} if (without := layers_without_mlp(lm.model)) else {}),  # a hybrid's
     }  # fmt: skip
 
 
