@@ -25,7 +25,7 @@ batch checks 16 rows of one expert against the recomputation; a mismatch warns a
 T is the batch flattened row-major: row r is position r % S of sequence r // S for input [B, S] (padding
 included: the caller drops padded rows, as it does for OPT's flattened dense input).
 
-Three layouts:
+Four layouts:
 - "fused" (transformers 5): the experts are one module with 3-D parameters (gate_up_proj [E, 2I, H], or
   [E, H, 2I] when transposed as in gpt-oss; down_proj; optional biases), called as
   experts(hidden [T, H], top_k_index [T, k], top_k_weights [T, k]). hook_module is that experts module, so the
@@ -34,6 +34,9 @@ Three layouts:
   experts hold up_proj [E, I, H] alone (Nemotron-H: relu(up x)^2), and a block may map its input to a narrower
   latent space before its experts (Nemotron-H's fc1_latent_proj): the hook reads the experts' input as it is,
   d_input wide.
+- "stacked" (DBRX): the experts are called as the fused ones, with the routing, and hold every expert's gate, up and
+  down weights as 2-D [E * I, H] parameters (w1, v1, w2) of one submodule; hook_module is that experts module.
+  Its router returns logits, which the block's own route_tokens_to_experts turns into the top-k.
 - "modules" (transformers 4 and hand-written blocks): an nn.ModuleList of expert MLPs with w1/w3/w2 or
   gate_proj/up_proj/down_proj and act_fn, and a Linear gate giving router logits. hook_module is the MoE block;
   the routing is replayed by route(): softmax over the logits in float32, top-k, renormalised when the block
@@ -61,7 +64,7 @@ from torch.nn import functional as F
 
 from .config import layers_out_of_range
 from .placement import offloaded_weights_loaded
-from .sites import SiteResolutionError, expert_hook_name, experts_layout, find_blocks, find_experts
+from .sites import SiteResolutionError, expert_hook_name, experts_layout, find_blocks, find_experts, stacked_experts_glu
 
 ROUTER_NAMES = ("gate", "router")
 # (gate, up, down) module names of one expert MLP in the per-module layout
@@ -71,6 +74,7 @@ ALWAYS_RENORMALISED = {"mixtral"}
 # transformers 5 experts implementations that gate all S = T * k routed rows in one `_apply_gate` call, whose
 # output a scan reads instead of recomputing the experts (row order: MoELayer.gated_rows)
 GATE_READING_IMPLEMENTATIONS = ("grouped_mm", "batched_mm")
+CALLED_WITH_ROUTING = ("fused", "stacked")  # layouts whose experts module is called with the model's routing
 GATE_READ = "read from the model's own expert computation (no second pass over the expert weights)"
 RECOMPUTED = "recomputed from the expert weights"
 RECOMPUTED_AFTER_CHECK = "recomputed from the expert weights: reading the gate output failed its check"
@@ -108,7 +112,7 @@ class MoELayer:
     block: nn.Module  # the MoE block: hidden states [B, S, H] in, hidden states out
     experts: nn.Module  # the fused experts module, or the nn.ModuleList of expert MLPs
     router: nn.Module  # the block's gate / router module
-    layout: str  # "fused", "scaled" or "modules" (module docstring)
+    layout: str  # "fused", "stacked", "scaled" or "modules" (module docstring)
     n_experts: int
     top_k: int
     d_expert: int  # neurons per expert (I)
@@ -121,7 +125,7 @@ class MoELayer:
     @property
     def hook_module(self) -> nn.Module:
         """Register `register_forward_pre_hook(fn, with_kwargs=True)` here; fn passes (args, kwargs) to read_hook_inputs."""
-        return self.experts if self.layout == "fused" else self.block
+        return self.experts if self.layout in CALLED_WITH_ROUTING else self.block
 
     @property
     def experts_path(self) -> str:
@@ -143,6 +147,8 @@ class MoELayer:
         experts (Nemotron-H's fc1_latent_proj, moe_latent_size)."""
         if self.layout == "modules":
             return self.d_model
+        if self.layout == "stacked":
+            return stacked_experts_glu(self.experts).w1.shape[1]
         up = getattr(self.experts, "gate_up_proj", None)
         up = self.experts.up_proj if up is None else up
         return up.shape[1] if self.transposed else up.shape[2]
@@ -154,10 +160,11 @@ class MoELayer:
     def read_hook_inputs(self, args: tuple, kwargs: dict) -> RoutedTokens:
         """RoutedTokens from the arguments a forward pre-hook on hook_module received.
 
-        Fused layout: the experts' own inputs (hidden, top_k_index, top_k_weights), the routing the model used.
+        Fused and stacked layouts: the experts' own inputs (hidden, top_k_index, top_k_weights), the routing the model
+        used.
         Per-module and scaled layouts: the block's input hidden states [B, S, H], flattened, routed by route().
         """
-        if self.layout == "fused":
+        if self.layout in CALLED_WITH_ROUTING:
             bound = dict(zip(self._experts_params, args, strict=False)) | kwargs
             hidden, index, weights = (bound[name] for name in self._experts_params[:3])
             hidden = hidden.reshape(-1, self.d_input)
@@ -169,7 +176,8 @@ class MoELayer:
     def route(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(top_k_index [T, k] int64, top_k_weights [T, k]) for hidden [T, H], computed by the model's own router.
 
-        Fused layout: the router module's call itself (it returns logits, weights, indices).
+        Fused layout: the router module's call itself (it returns logits, weights, indices). Stacked layout (DBRX):
+        the block's route_tokens_to_experts of the router's logits.
         Per-module layout: the gate's logits, softmax in float32, top-k, renormalised if the family does,
         weights cast to hidden's dtype (as transformers 4's Mixtral and Qwen2-MoE blocks did).
         Scaled layout: the router's (scores [T, E], logits [T, E]): the top-k of the logits, and the scores there.
@@ -192,6 +200,9 @@ class MoELayer:
                     weights = weights / weights.sum(dim=-1, keepdim=True)
                 return index, weights.to(hidden.dtype)
             out = self.router(hidden)
+            if self.layout == "stacked" and callable(to_experts := getattr(self.block, "route_tokens_to_experts", None)):
+                weights, index = to_experts(out)
+                return index.reshape(-1, self.top_k).long(), weights.reshape(-1, self.top_k)
         tensors = [t for t in (out if isinstance(out, tuple) else (out,)) if isinstance(t, torch.Tensor)]
         index = [t for t in tensors if not t.is_floating_point()]
         pairs = [t for t in tensors if t.is_floating_point() and t.shape[-1] == self.top_k]
@@ -367,8 +378,14 @@ class MoELayer:
             expert_mlp = self.experts[expert]
             with offloaded_weights_loaded(*expert_mlp.modules()):
                 return _module_expert_acts(expert_mlp, x)
-        with offloaded_weights_loaded(self.experts):
-            return self._recompute_fused(x, expert)
+        with offloaded_weights_loaded(*self.experts.modules()):
+            return self._recompute_stacked(x, expert) if self.layout == "stacked" else self._recompute_fused(x, expert)
+
+    def _recompute_stacked(self, x: torch.Tensor, expert: int) -> torch.Tensor:
+        glu = stacked_experts_glu(self.experts)
+        rows = slice(expert * self.d_expert, (expert + 1) * self.d_expert)  # expert E's rows of w1 and v1 [E * I, H]
+        x = x.to(device=glu.w1.device, dtype=torch.float32)
+        return glu.activation_fn(x @ glu.w1[rows].float().T) * (x @ glu.v1[rows].float().T)
 
     def _recompute_fused(self, x: torch.Tensor, expert: int) -> torch.Tensor:
         experts = self.experts
@@ -416,8 +433,8 @@ def _moe_layer(model: nn.Module, layer: int, block_path: str, block: nn.Module) 
     if layout is None:
         raise SiteResolutionError(
             f"{where}: unsupported mixture-of-experts layout {type(experts).__name__}; readable layouts are fused "
-            "experts called as experts(hidden, top_k_index, top_k_weights) (transformers 5), experts called on "
-            "router-scaled inputs (Llama 4) and a ModuleList of expert MLPs"
+            "experts called as experts(hidden, top_k_index, top_k_weights) (transformers 5), with 3-D weights or "
+            "DBRX's stacked 2-D ones, experts called on router-scaled inputs (Llama 4) and a ModuleList of expert MLPs"
         )
     router = next((m for n in ROUTER_NAMES if isinstance(m := getattr(moe_block, n, None), nn.Module)), None)
     if router is None:
@@ -429,6 +446,8 @@ def _moe_layer(model: nn.Module, layer: int, block_path: str, block: nn.Module) 
     d_model = _first_int(getattr(config, "hidden_size", None), getattr(router, "hidden_dim", None))
     if layout == "modules":
         return _per_module_layer(layer, path, moe_block, experts, router, top_k, family, config, where)
+    if layout == "stacked":
+        return _stacked_layer(layer, path, moe_block, experts, router, top_k, d_model, family, where)
     down = experts.down_proj
     transposed = _transposed(experts, layout)
     d_expert = down.shape[1] if transposed else down.shape[2]
@@ -437,6 +456,19 @@ def _moe_layer(model: nn.Module, layer: int, block_path: str, block: nn.Module) 
     if not has_gate and not hasattr(experts, "up_proj"):
         raise SiteResolutionError(f"{where}: the fused experts have neither gate_up_proj nor up_proj")
     return MoELayer(layer, path, moe_block, experts, router, layout, down.shape[0], top_k, d_expert, d_model, family)
+
+
+def _stacked_layer(layer, path, moe_block, experts, router, top_k, d_model, family, where) -> MoELayer:
+    """DBRX's layout: every expert's weights stacked in [E * I, H] matrices, split by the number of experts."""
+    glu = stacked_experts_glu(experts)
+    n_experts = _first_int(getattr(experts, "num_experts", None), getattr(glu, "moe_num_experts", None))
+    if n_experts is None or glu.w1.shape[0] % n_experts or not callable(getattr(glu, "activation_fn", None)):
+        raise SiteResolutionError(
+            f"{where}: the stacked experts' weights [{glu.w1.shape[0]}, {glu.w1.shape[1]}] cannot be split by expert "
+            "(no num_experts that divides them) or have no activation_fn"
+        )
+    d_expert = glu.w1.shape[0] // n_experts
+    return MoELayer(layer, path, moe_block, experts, router, "stacked", n_experts, top_k, d_expert, d_model or glu.w1.shape[1], family)
 
 
 def _transposed(experts: nn.Module, layout: str) -> bool:

@@ -275,17 +275,33 @@ def find_experts(block: nn.Module) -> tuple[str, nn.Module, nn.Module] | None:
 
 
 def experts_layout(experts: nn.Module) -> str | None:
-    """ "fused" (3-D down_proj, called with the routing), "scaled" (3-D gate_up_proj [E, H, 2I] and down_proj,
-    called with every token's input for every expert, already scaled by its router score: Llama 4), "modules" (a
-    ModuleList of expert MLPs), or None."""
+    """ "fused" (3-D down_proj, called with the routing), "stacked" (2-D gate, up and down weights [E * I, H] stacked
+    expert by expert in one submodule, called with the routing: DBRX), "scaled" (3-D gate_up_proj [E, H, 2I] and
+    down_proj, called with every token's input for every expert, already scaled by its router score: Llama 4),
+    "modules" (a ModuleList of expert MLPs), or None."""
     n_params = len(inspect.signature(type(experts).forward).parameters)
     three_d = getattr(getattr(experts, "down_proj", None), "ndim", 0) == 3
     if three_d and n_params >= 4:  # self, hidden, index, weights
         return "fused"
+    if n_params >= 4 and stacked_experts_glu(experts) is not None:
+        return "stacked"
     if three_d and n_params == 2 and getattr(getattr(experts, "gate_up_proj", None), "ndim", 0) == 3:  # self, hidden
         return "scaled"
     if isinstance(experts, nn.ModuleList) and len(experts) > 0 and all(_expert_down_proj(m) for m in experts):
         return "modules"
+    return None
+
+
+STACKED_GLU_NAMES = ("w1", "v1", "w2")  # DBRX's gate, up and down weights, each [E * I, H]
+
+
+def stacked_experts_glu(experts: nn.Module) -> nn.Module | None:
+    """The module below experts (or experts itself) that holds every expert's gate, up and down weights as 2-D
+    [E * I, H] parameters of one shape (DBRX's DbrxExpertGLU: w1, v1, w2), or None."""
+    for module in experts.modules():
+        weights = [getattr(module, name, None) for name in STACKED_GLU_NAMES]
+        if all(isinstance(w, nn.Parameter) and w.ndim == 2 for w in weights) and len({w.shape for w in weights}) == 1:
+            return module
     return None
 
 

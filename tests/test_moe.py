@@ -414,15 +414,41 @@ def test_routing_counts_ignore_sentinel_experts():
     assert load.tolist() == [2, 1, 0, 0] and counts[:, 0].tolist() == [1, 0, 0, 0]
 
 
-def test_unsupported_fused_layout_is_refused():
-    """DBRX's experts hold their weights as 2-D w1/v1/w2 [E * I, H] in one DbrxExpertGLU, called per expert
-    with its own routing: a layout MechaMap does not read, refused loudly; so is a dense-only read of the model."""
-    model = tiny_model(
+def tiny_dbrx():
+    return tiny_model(
         "dbrx", drop=("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                       "num_key_value_heads", "max_position_embeddings"),
-        d_model=HIDDEN, n_heads=2, n_layers=2, max_seq_len=128, attn_config={"kv_n_heads": 2, "rope_theta": 10000.0},
+        d_model=HIDDEN, n_heads=2, n_layers=2, max_seq_len=128,
+        attn_config={"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
         ffn_config={"ffn_hidden_size": D_EXPERT, "moe_num_experts": N_EXPERTS, "moe_top_k": TOP_K, "hidden_size": HIDDEN},
     )  # fmt: skip
+
+
+def test_dbrx_stacked_experts_route_as_the_block_does():
+    """DBRX's experts hold w1/v1/w2 [E * I, H] in one DbrxExpertGLU ("stacked"); its router returns logits only, and
+    route() takes the top-k of their softmax, weights divided by their sum (moe_normalize_expert_weights = 1), as
+    DbrxFFN does. Its expert neurons against a float64 recomputation: tests/test_moe_families.py."""
+    model = tiny_dbrx()
+    layers = find_moe_layers(model)
+    assert [(m.layer, m.layout, m.n_experts, m.d_expert, m.d_input) for m in layers] == [
+        (0, "stacked", N_EXPERTS, D_EXPERT, HIDDEN), (1, "stacked", N_EXPERTS, D_EXPERT, HIDDEN)]  # fmt: skip
+    moe = layers[0]
+    hidden = torch.randn(7, HIDDEN, generator=torch.Generator().manual_seed(0))
+    index, weights = moe.route(hidden)
+    probs = (hidden.double() @ moe.router.layer.weight.detach().double().T).softmax(-1)
+    top = probs.topk(TOP_K, dim=-1)
+    assert torch.equal(index.sort(-1).values, top.indices.sort(-1).values)
+    torch.testing.assert_close(weights.double(), top.values / top.values.sum(-1, keepdim=True), rtol=1e-5, atol=1e-6)
+    rows, acts = moe.expert_activations(hidden, 2)
+    assert rows.tolist() == (index == 2).any(-1).nonzero().flatten().tolist() and acts.shape == (len(rows), D_EXPERT)
+
+
+def test_unsupported_fused_layout_is_refused():
+    """Experts called with the routing whose weights match no known layout (here DBRX's with a down weight of
+    another shape): refused loudly; so is a dense-only read of the model."""
+    model = tiny_dbrx()
+    for block in model.transformer.blocks:
+        block.ffn.experts.mlp.w2 = torch.nn.Parameter(torch.zeros(3, 3))
     with pytest.raises(SiteResolutionError, match="unsupported mixture-of-experts layout DbrxExperts"):
         find_moe_layers(model)
     with pytest.raises(SiteResolutionError, match="is a mixture-of-experts model"):

@@ -1,4 +1,4 @@
-"""Nineteen more MoE families (two of them Nemotron-H, plain and with its latent projection): their scanned expert, shared and dense neurons equal a float64 recomputation."""
+"""Twenty more MoE families (two of them Nemotron-H, plain and with its latent projection): their scanned expert, shared and dense neurons equal a float64 recomputation."""
 
 from __future__ import annotations
 
@@ -71,6 +71,8 @@ class Family:
     model_type: str | None = None  # the config's model type, where it is not the family's name
     gated: bool = True  # experts' neurons are silu(gate x) * (up x); False: relu(up x)^2 (Nemotron-H)
     latent: str | None = None  # a Linear of the MoE block that maps its input to the experts' input (Nemotron-H)
+    stacked: bool = False  # gate and up weights are 2-D [E * I, H] w1 and v1 of experts.mlp (DBRX)
+    blocks: str = "model.layers"  # the decoder layers
 
 
 # fmt: off
@@ -177,6 +179,14 @@ FAMILIES = {
         NEMOTRON_H, (1,), "sigmoid+bias", "gate.weight", block="model.layers.{L}.mixer",
         bias="gate.e_score_correction_bias", shared="model.layers.{L}.mixer.shared_experts.down_proj",
         dense="model.layers.{L}.mixer.down_proj", gated=False,
+    ),
+    # experts.mlp.w1 / v1 / w2 [E * I, H], called with the routing; top-k of the softmax, weights p-normalised
+    # (modeling_dbrx.py DbrxExperts, DbrxFFN.route_tokens_to_experts)
+    "dbrx": Family(
+        dict(d_model=HIDDEN, n_heads=HEADS, n_layers=2, max_seq_len=512,  # hidden_size= alone leaves ffn_config at 2048
+             ffn_config=dict(ffn_hidden_size=D_EXPERT, moe_num_experts=4, moe_top_k=TOP_K, hidden_size=HIDDEN),
+             attn_config=dict(kv_n_heads=HEADS, rope_theta=10000.0, clip_qkv=8.0)), (0, 1), "softmax", "router.layer.weight",
+        block="transformer.blocks.{L}.ffn", stacked=True, blocks="transformer.blocks",
     ),
     # the same with moe_latent_size: the experts read fc1_latent_proj of the block's input
     "nemotron_h_latent": Family(
@@ -356,8 +366,12 @@ class Case:
         self.changed_by_quirk[layer] = int((chosen.sort(-1).values != plain.sort(-1).values).any(-1).sum())
         experts = block.experts
         probe = torch.linspace(-4, 4, 9)
-        torch.testing.assert_close(experts.act_fn(probe), F.silu(probe) if family.gated else probe.relu() ** 2)
-        if family.gated:
+        act = experts.mlp.activation_fn if family.stacked else experts.act_fn
+        torch.testing.assert_close(act(probe), F.silu(probe) if family.gated else probe.relu() ** 2)
+        if family.stacked:  # [E * I, H] each: expert E's rows E * I to (E + 1) * I
+            split = (family.n_experts, D_EXPERT, HIDDEN)
+            gate_up = torch.cat([experts.mlp.w1.detach().view(split), experts.mlp.v1.detach().view(split)], 1).double()
+        elif family.gated:
             gate_up = experts.gate_up_proj.detach().double()  # [E, 2I, H]: gate rows, then up rows
             if family.routing == "scaled":  # Llama 4 stores [E, H, 2I]
                 gate_up = gate_up.transpose(1, 2)
@@ -469,9 +483,10 @@ def test_every_layer_and_expert_is_scanned_under_its_hook_name(name, cases):
     case = cases(name)
     family, scores = case.family, case.result.scores
     # independent of the spec above: a layer is MoE when it holds fused 3-D expert weights
-    blocks = case.model.model.layers
-    found = tuple(L for L, block in enumerate(blocks) if any(n.endswith(("gate_up_proj", "experts.up_proj")) and p.dim() == 3
-                                                              for n, p in block.named_parameters()))  # fmt: skip
+    blocks = case.model.get_submodule(family.blocks)
+    found = tuple(L for L, block in enumerate(blocks) if any(
+        (n.endswith(("gate_up_proj", "experts.up_proj")) and p.dim() == 3) or n.endswith("experts.mlp.w1")
+        for n, p in block.named_parameters()))  # fmt: skip
     assert found == family.moe and len(blocks) == family.layers
     assert set(scores["hook"].astype(str)) == set(case.expected)
     assert sorted(set(scores["layer"])) == list(range(family.layers))
