@@ -351,25 +351,33 @@ def _colour(value: float, vmax: float) -> str:
     return f"rgba({rgb},{alpha:.2f})"
 
 
+NOT_ROUTED = "no value (not routed to this expert)"
+
+
 def coloured_text_html(text: str, tokens: pd.DataFrame, vmax: float | None = None) -> str:
     """The text with each token's characters shaded by its activation, and the value on hover.
 
     tokens: columns start, end, activation (and optionally categories). Characters between tokens are
-    kept as they are. Returns an HTML fragment (escaped) with a scale legend.
+    kept as they are. A token without a value (NaN: not routed to the expert shown) is greyed, with no shade.
+    Returns an HTML fragment (escaped) with a scale legend.
     """
     ordered = tokens.sort_values("start")
     acts = ordered["activation"].to_numpy(dtype=float)
-    vmax = float(np.nanmax(np.abs(acts))) if vmax is None and len(acts) else (vmax or 1.0)
+    finite = np.abs(acts[~np.isnan(acts)])
+    vmax = (float(finite.max()) if finite.size else 1.0) if vmax is None else (vmax or 1.0)
     parts, cursor = [], 0
     for row in ordered.itertuples(index=False):
         start, end = int(row.start), int(row.end)
         if start < cursor:
             continue
         parts.append(html.escape(text[cursor:start]))
-        label = f"{row.activation:.3f}" + (f" [{row.categories}]" if getattr(row, "categories", "") else "")
+        missing = bool(np.isnan(row.activation))
+        value = NOT_ROUTED if missing else f"{row.activation:.3f}"
+        label = value + (f" [{row.categories}]" if getattr(row, "categories", "") else "")
         border = "border-bottom:2px solid #444;" if getattr(row, "categories", "") else ""
+        shade = "color:#9a9a9a" if missing else f"background:{_colour(row.activation, vmax)}"
         parts.append(
-            f'<span title="{html.escape(label)}" style="background:{_colour(row.activation, vmax)};{border}'
+            f'<span title="{html.escape(label)}" style="{shade};{border}'
             f'border-radius:3px;padding:0 1px">{html.escape(text[start:end])}</span>'
         )
         cursor = end
@@ -377,6 +385,7 @@ def coloured_text_html(text: str, tokens: pd.DataFrame, vmax: float | None = Non
     body = "".join(parts).replace("\n", "<br>")
     marked = "categories" in tokens.columns and bool(tokens["categories"].fillna("").astype(bool).any())
     underlined = "; underlined = category token" if marked else ""  # typed text has no category tokens
+    underlined += "; grey = no value, not routed to this expert" if np.isnan(acts).any() else ""
     legend = (
         '<div style="display:flex;align-items:center;gap:6px;font-size:0.8em;margin-bottom:6px">'
         f"<span>{-vmax:.2f}</span>"

@@ -10,6 +10,7 @@ from .alignment import align
 from .analysis import neuron_groups
 from .config import layer_list_text
 from .models import LoadedModel
+from .moe import find_moe_layers
 from .placement import offloaded_weights_loaded
 from .scan.driver import ProgressFn, batches, run_hooked_forward
 from .scan.result import ScanResult
@@ -28,22 +29,55 @@ def check_neuron_range(neurons, width: int | None, where: str) -> None:
 
 
 def dense_sites(model: torch.nn.Module, layers: list[int]) -> list[NeuronSite]:
-    """The dense MLP sites of `layers`, for the views that run the model on a neuron (per-token activations, direct
-    effect, ablation). Raises ValueError naming the layers that are mixture-of-experts layers (their expert and
-    shared-expert neurons are read only by a scan), and for layers out of range."""
+    """The dense MLP sites of `layers`, for ablation (hypothesis.ablate), which edits dense MLP neurons only. Raises
+    ValueError naming the layers that are mixture-of-experts layers, and for layers out of range. The per-token
+    views and the direct effect also read shared and routed experts (_view_points)."""
     sites = resolve_sites(model, layers, with_moe=True)
     moe = sorted(set(layers) - {site.layer for site in sites if site.kind == "dense"})
     if moe:
         named = f"layer {moe[0]} is a mixture-of-experts layer" if len(moe) == 1 else (
             f"layers {layer_list_text(moe)} are mixture-of-experts layers")  # fmt: skip
-        raise ValueError(f"{named}: per-token views and ablation cover dense MLP layers only")
+        raise ValueError(f"{named}: ablation covers dense MLP layers only")
     return sites
+
+
+NeuronSet = int | tuple[int, int]  # a layer (its dense MLP or, in a mixture-of-experts layer, its shared expert), or (layer, expert)
+
+
+def _view_points(model: torch.nn.Module, neurons: dict) -> tuple[list, dict]:
+    """(hook points, {hook: neuron indices or 0}) that read neurons' keys (NeuronSet) in one forward pass: a layer's
+    dense or shared-expert site, and the MoE layer of each routed expert (its other experts read no neuron). Raises
+    ValueError for layers out of range, a layer of routed experts only given without an expert, an expert a layer
+    lacks, and neurons out of range."""
+    layers = sorted(key for key in neurons if not isinstance(key, tuple))
+    sites = resolve_sites(model, layers, with_moe=True)
+    routed_only = sorted(set(layers) - {site.layer for site in sites})
+    if routed_only:
+        raise ValueError(f"layer {routed_only[0]} has routed experts only (no dense MLP or shared expert): pick one of its experts")
+    pick: dict = {}
+    for site in sites:
+        check_neuron_range(neurons[site.layer], site.d_mlp, f"layer {site.layer}")
+        pick[site.hook] = torch.tensor(neurons[site.layer], dtype=torch.long)
+    wanted = sorted(key for key in neurons if isinstance(key, tuple))
+    moe_layers = {moe.layer: moe for moe in find_moe_layers(model, sorted({layer for layer, _ in wanted}))} if wanted else {}
+    for layer, expert in wanted:
+        moe = moe_layers.get(layer)
+        if moe is None:
+            raise ValueError(f"layer {layer} has no routed experts: leave the expert out")
+        if not 0 <= expert < moe.n_experts:
+            raise ValueError(f"expert {expert} is out of range: layer {layer} has experts 0-{moe.n_experts - 1}")
+        check_neuron_range(neurons[(layer, expert)], moe.d_expert, f"expert {expert} of layer {layer}")
+    for moe in moe_layers.values():
+        for expert in range(moe.n_experts):
+            chosen = neurons.get((moe.layer, expert))
+            pick[moe.hook_name(expert)] = 0 if chosen is None else torch.tensor(chosen, dtype=torch.long)
+    return [*sites, *moe_layers.values()], pick
 
 
 def collect_activations(
     lm: LoadedModel,
     texts: list[str],
-    neurons: dict[int, list[int]],
+    neurons: dict[NeuronSet, list[int]],
     categories: dict[str, list[str]] | None = None,
     batch_size: int = 8,
     max_chunk_tokens: int = 0,
@@ -51,24 +85,26 @@ def collect_activations(
 ):
     """Per-token activations of chosen neurons over texts, in one forward pass per batch of chunks.
 
-    neurons: {layer: [neuron, ...]}. Returns (AlignedText, {layer: float32 array [n_tokens, len(neurons[layer])]}).
+    neurons: {layer: [neuron, ...]} for a layer's dense MLP (in a mixture-of-experts layer: its shared expert), and
+    {(layer, expert): [neuron, ...]} for a routed expert. Returns (AlignedText, {key: float32 array [n_tokens,
+    len(neurons[key])]}); a routed expert's rows are NaN on the tokens its router did not send it.
     progress(done, total, message) is called before the first forward pass and after each (total: the passes).
-    Raises ValueError for neurons or layers out of range, mixture-of-experts layers (dense_sites), or texts without
-    countable tokens.
+    Raises ValueError for neurons, layers or experts out of range, a layer of routed experts only given without an
+    expert, or texts without countable tokens.
     """
     with lm.lock:
-        sites = dense_sites(lm.model, sorted(neurons))
-        for site in sites:
-            check_neuron_range(neurons[site.layer], site.d_mlp, f"layer {site.layer}")
+        points, pick = _view_points(lm.model, neurons)
         chunk = lm.chunk_tokens(max_chunk_tokens)
         aligned = align(lm.tokenizer, texts, categories or {}, chunk)
         if aligned.n_tokens == 0:
             raise ValueError("the text has no tokens besides special tokens")
-        pick = {s.hook: torch.tensor(neurons[s.layer], dtype=torch.long) for s in sites}
-        parts: dict[int, list[np.ndarray]] = {s.layer: [] for s in sites}
+        out = {key: np.full((aligned.n_tokens, len(chosen)), np.nan, dtype=np.float32) for key, chosen in neurons.items()}
 
-        def keep(site, acts, _batch, _slots):
-            parts[site.layer].append(acts.cpu().numpy())
+        def keep(site, acts, batch, slots):
+            key = (site.layer, site.expert) if site.kind == "expert" else site.layer
+            if key in out:  # slots: an expert's tokens among the batch's counted ones
+                rows = batch.token_index if slots is None else batch.token_index[slots.cpu()]
+                out[key][rows.numpy()] = acts.cpu().numpy()
 
         n_passes, passes_done = -(-len(aligned.chunks) // batch_size), 0
         report = progress or (lambda done, total, message: None)
@@ -79,16 +115,25 @@ def collect_activations(
             report(passes_done, n_passes, f"forward pass {passes_done + 1} of {n_passes}" if passes_done < n_passes else "done")
 
         report(0, n_passes, f"forward pass 1 of {n_passes}")
-        run_hooked_forward(lm, batches(aligned.chunks, batch_size, lm.pad_id), sites, keep, pick, on_batch=count_pass)
-    return aligned, {layer: np.concatenate(p) for layer, p in parts.items()}
+        run_hooked_forward(lm, batches(aligned.chunks, batch_size, lm.pad_id), points, keep, pick, on_batch=count_pass)
+    return aligned, out
 
 
-def token_activations(lm: LoadedModel, text: str, layer: int, neuron: int, max_chunk_tokens: int = 0) -> pd.DataFrame:
+def neuron_set(layer: int, expert: int | None = None) -> NeuronSet:
+    """collect_activations' key of a neuron's layer and (routed) expert."""
+    return layer if expert is None else (layer, expert)
+
+
+def token_activations(
+    lm: LoadedModel, text: str, layer: int, neuron: int, max_chunk_tokens: int = 0, expert: int | None = None
+) -> pd.DataFrame:
     """This neuron's activation on every token of text (in chunks of max_chunk_tokens, 0: the model's limit): token,
-    start, end, activation. Raises ValueError for a mixture-of-experts layer (dense_sites) and a neuron out of range."""
-    aligned, acts = collect_activations(lm, [text], {layer: [neuron]}, max_chunk_tokens=max_chunk_tokens)
+    start, end, activation (of routed expert `expert`'s neuron when given: NaN on the tokens not routed to it).
+    Raises ValueError as collect_activations does."""
+    key = neuron_set(layer, expert)
+    aligned, acts = collect_activations(lm, [text], {key: [neuron]}, max_chunk_tokens=max_chunk_tokens)
     out = aligned.tokens[["token", "start", "end"]].copy()
-    out["activation"] = acts[layer][:, 0]
+    out["activation"] = acts[key][:, 0]
     return out
 
 
@@ -242,28 +287,43 @@ def _model_type(lm: LoadedModel) -> str | None:
     return getattr(getattr(lm.model, "config", None), "model_type", None)
 
 
-def direct_effect_note(lm: LoadedModel) -> str | None:
-    """Why direct_effect gives lm's neurons none, or what it leaves out; None when there is nothing to say."""
+ROUTER_WEIGHTED = ("a routed expert's output is multiplied by its router weight for each token, so this is the effect "
+                   "per unit of that weight")  # fmt: skip
+SHARED_GATED = "this shared expert's output is multiplied by a per-token gate, sigmoid(shared_expert_gate), which this leaves out"
+
+
+def direct_effect_note(lm: LoadedModel, layer: int | None = None, expert: int | None = None) -> str | None:
+    """Why direct_effect gives lm's neurons none, or what it leaves out (for the neurons of `layer`'s routed
+    `expert`, or its shared expert, where they say more); None when there is nothing to say."""
     if _unembedding(lm) is None:
         return NO_OUTPUT_EMBEDDING
     model_type = _model_type(lm)
-    return NO_DIRECT_PATH.get(model_type) or DIRECT_EFFECT_CAVEATS.get(model_type)
+    notes = [NO_DIRECT_PATH.get(model_type) or DIRECT_EFFECT_CAVEATS.get(model_type)]
+    if layer is not None and expert is not None:
+        notes.append(ROUTER_WEIGHTED)
+    elif layer is not None and (moe := find_moe_layers(lm.model, [layer])) and hasattr(moe[0].block, "shared_expert_gate"):
+        notes.append(SHARED_GATED)  # Qwen2-MoE, Qwen3-Next, Qwen3.5-MoE
+    said = [note for note in notes if note]
+    return "; ".join(said[:1] + [note[0].lower() + note[1:] for note in said[1:]]) if said else None
 
 
-def direct_effect(lm: LoadedModel, layer: int, neuron: int, k: int = 10) -> pd.DataFrame | None:
-    """Tokens the neuron's output weight pushes up and down most through the unembedding (no final norm).
+def direct_effect(lm: LoadedModel, layer: int, neuron: int, k: int = 10, expert: int | None = None) -> pd.DataFrame | None:
+    """Tokens the neuron's output weight pushes up and down most through the unembedding (no final norm): of the
+    layer's dense MLP or shared expert, or of routed expert `expert` (its down-projection, before the router weight).
 
     Returns columns direction ('up'/'down'), rank, token, logit_effect; None if the model has no output embedding
     or its MLP output never enters the residual stream as it is (NO_DIRECT_PATH; direct_effect_note says why).
-    Raises ValueError for a mixture-of-experts layer (dense_sites) and a neuron out of range.
+    Raises ValueError as collect_activations does (layers, experts or neurons out of range).
     """
     unembed = _unembedding(lm)
     if unembed is None or _model_type(lm) in NO_DIRECT_PATH:
         return None
-    site = dense_sites(lm.model, [layer])[0]
-    check_neuron_range([neuron], site.d_mlp, f"layer {layer}")
-    with torch.inference_mode(), offloaded_weights_loaded(site.module, unembed):  # weights accelerate offloaded
-        logits = unembed.weight.float() @ site.output_weight()[neuron].float().to(unembed.weight.device)  # [vocab]
+    points, _ = _view_points(lm.model, {neuron_set(layer, expert): [neuron]})
+    point = points[0]
+    holding = [point.module] if expert is None else list(point.block.modules())  # what holds the output weight
+    with torch.inference_mode(), offloaded_weights_loaded(*holding, unembed):  # weights accelerate offloaded
+        weight = point.output_weight() if expert is None else point.output_weight(expert)  # [neurons, d_model]
+        logits = unembed.weight.float() @ weight[neuron].float().to(unembed.weight.device)  # [vocab]
         up = torch.topk(logits, k)
         down = torch.topk(-logits, k)
     rows = []

@@ -153,6 +153,24 @@ class MoELayer:
         up = self.experts.up_proj if up is None else up
         return up.shape[1] if self.transposed else up.shape[2]
 
+    def output_weight(self, expert: int) -> torch.Tensor:
+        """[d_expert, d_model]: what each neuron of `expert` adds to the residual stream per unit of its activation,
+        before the router weight that scales the expert's output. A latent block (Nemotron-H) maps the experts'
+        output back through its fc2_latent_proj, folded in here. Raises ValueError for an expert out of range."""
+        if not 0 <= expert < self.n_experts:
+            raise ValueError(f"expert {expert} is out of range: layer {self.layer} has experts 0-{self.n_experts - 1}")
+        if self.layout == "modules":
+            weight = _expert_down_proj_module(self.experts[expert]).weight.T  # Linear [H, I]
+        elif self.layout == "stacked":
+            weight = stacked_experts_glu(self.experts).w2[expert * self.d_expert : (expert + 1) * self.d_expert]  # [I, H]
+        else:
+            down = self.experts.down_proj[expert]
+            weight = down if self.transposed else down.T  # [I, H] applied as a @ W, or [H, I] as F.linear
+        latent = getattr(self.block, "fc2_latent_proj", None)
+        if isinstance(latent, nn.Linear):  # nn.Identity where the block has no latent space
+            weight = weight.float() @ latent.weight.float().T.to(weight.device)
+        return weight
+
     def hook_name(self, expert: int) -> str:
         """`blocks.{L}.mlp.experts.{E}.hook_post`."""
         return expert_hook_name(self.layer, expert)
@@ -403,6 +421,10 @@ class MoELayer:
             return apply_gate(out)
         gate, up = out.chunk(2, dim=-1)
         return experts.act_fn(gate) * up
+
+
+def _expert_down_proj_module(expert: nn.Module) -> nn.Module:
+    return getattr(expert, next(names for names in EXPERT_PROJ_NAMES if hasattr(expert, names[0]))[2])
 
 
 def _module_expert_acts(expert: nn.Module, x: torch.Tensor) -> torch.Tensor:

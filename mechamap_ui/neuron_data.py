@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from mechamap_core.inspect_neuron import collect_activations, token_activations, token_table
+from mechamap_core.inspect_neuron import collect_activations, neuron_set, token_activations, token_table
 from mechamap_core.models import (
     ModelNotAvailableError,
     loading_as_scanned,
@@ -39,26 +39,29 @@ def reload_note(result: ScanResult, lm) -> str | None:
             "slightly from the run's.")  # fmt: skip
 
 
-def recomputed_token_table(result: ScanResult, lm, layer: int, neuron: int, progress=None):
+def recomputed_token_table(result: ScanResult, lm, layer: int, neuron: int, progress=None, expert: int | None = None):
     """The neuron's per-token table recomputed by lm (the run's model, model_for) with one forward pass (runs without
     recorded activations), over the run's texts in the run's chunks (its max_chunk_tokens: a token's context, so its
-    activation, depends on them) and batches. progress(done, total, message): the forward passes."""
+    activation, depends on them) and batches; of routed expert `expert`'s neuron when given (NaN on the tokens not
+    routed to it). progress(done, total, message): the forward passes."""
     cfg = result.metadata["config"]
+    key = neuron_set(layer, expert)
     aligned, acts = collect_activations(
-        lm, result.texts, {layer: [neuron]}, cfg["categories"], batch_size=cfg.get("batch_size", 8),
+        lm, result.texts, {key: [neuron]}, cfg["categories"], batch_size=cfg.get("batch_size", 8),
         max_chunk_tokens=cfg.get("max_chunk_tokens", 0), progress=progress,
     )  # fmt: skip
-    return token_table(aligned.tokens, acts[layer][:, 0], aligned.category_mask, aligned.categories)
+    return token_table(aligned.tokens, acts[key][:, 0], aligned.category_mask, aligned.categories)
 
 
-def typed_text_activations(result: ScanResult, lm, text: str, layer: int, neuron: int):
+def typed_text_activations(result: ScanResult, lm, text: str, layer: int, neuron: int, expert: int | None = None):
     """The neuron's activations over a typed text from the run's model lm (model_for), in the run's chunk length (a
     token's context, so its activation, depends on it), cached per model as loaded, text and neuron."""
     as_loaded = f"{lm.name}|{local_model_version(lm.name)}|{lm.dtype}|{lm.quantization}|{lm.commit}"
-    return _typed_text_activations(as_loaded, text, layer, neuron, result.metadata["config"].get("max_chunk_tokens", 0), lm)
+    chunk = result.metadata["config"].get("max_chunk_tokens", 0)
+    return _typed_text_activations(as_loaded, text, layer, neuron, expert, chunk, lm)
 
 
 @st.cache_data(show_spinner="Running the model on your text...", max_entries=64)
-def _typed_text_activations(as_loaded: str, text: str, layer: int, neuron: int, max_chunk_tokens: int, _lm):
+def _typed_text_activations(as_loaded: str, text: str, layer: int, neuron: int, expert: int | None, max_chunk_tokens: int, _lm):
     """typed_text_activations' forward pass; as_loaded names _lm and how it was loaded (the cache's key for it)."""
-    return token_activations(_lm, text, layer, neuron, max_chunk_tokens)
+    return token_activations(_lm, text, layer, neuron, max_chunk_tokens, expert=expert)

@@ -365,3 +365,17 @@ def test_category_bars_order_the_categories_by_score_in_both_panels():
     })  # fmt: skip
     spec = charts.category_bars(profile).to_dict()
     assert spec["spec"]["encoding"]["y"]["sort"] == ["date", "place", "animal", "food"]
+
+
+def test_coloured_text_greys_tokens_without_a_value_and_scales_by_the_others():
+    """A routed expert's neuron has no value on the tokens its router did not send it (NaN): those are greyed with a
+    hover that says why, never shaded or labelled "nan", and the scale comes from the tokens with a value."""
+    tokens = pd.DataFrame({"start": [0, 6, 12], "end": [5, 11, 17], "activation": [2.0, np.nan, -1.0],
+                           "categories": ["", "food", ""]})  # fmt: skip
+    out = charts.coloured_text_html("Paris pizza Rome!", tokens)
+    assert "nan" not in out.lower()
+    assert f'title="{charts.NOT_ROUTED} [food]" style="color:#9a9a9a;' in out
+    assert "<span>-2.00</span>" in out and "grey = no value, not routed to this expert" in out
+    assert "rgba(255,140,0,1.00)" in out and "rgba(30,144,255,0.50)" in out
+    everywhere = charts.coloured_text_html("Paris", pd.DataFrame({"start": [0], "end": [5], "activation": [np.nan]}))
+    assert "<span>-1.00</span>" in everywhere  # nothing to scale by: the default scale

@@ -133,9 +133,9 @@ def streamed_qwen2_moe(tiny_models, default_cfg, documents):
 
 
 @pytest.mark.parametrize("expert", [2, None], ids=["routed", "shared"])
-def test_neuron_page_of_a_corpus_runs_expert_neuron_shows_its_samples_then_what_it_cannot(app_env, streamed_qwen2_moe, expert):
+def test_neuron_page_of_a_corpus_runs_expert_neuron_shows_its_samples_and_direct_effect(app_env, streamed_qwen2_moe, expert):
     """A routed (expert=) or shared-expert neuron of a corpus run shows its samples across the activation range, as a
-    dense neuron's page does; the note that per-token views cover dense neurons only comes after them."""
+    dense neuron's page does, then its direct effect through its own down-projection and the typed-text box."""
     picked = (LAYER, NEURON) if expert is None else (LAYER, NEURON, expert)
     at = open_page(make_app(streamed_qwen2_moe, selected_neuron=picked), "neuron")
     assert not at.exception, [e.message for e in at.exception]
@@ -145,10 +145,9 @@ def test_neuron_page_of_a_corpus_runs_expert_neuron_shows_its_samples_then_what_
     assert len(expected) > 0
     shown_samples = next(d.value for d in at.dataframe if "band" in d.value.columns)
     pd.testing.assert_frame_equal(shown_samples.reset_index(drop=True), expected)
-    [note] = [i for i in at.info if "dense MLP layers only" in i.value]
-    assert "tokens sampled across its activation range" in note.value
-    [heading] = [m for m in at.markdown if m.value == "#### Examples across the activation range"]
-    positions = {id(element): i for i, element in enumerate(at.main)}  # the page's elements, top to bottom
-    assert positions[id(heading)] < positions[id(note)], "the dense-only note comes after what can be shown"
     headings = texts(at.markdown)
-    assert not any("Direct effect" in h or "Try your own text" in h for h in headings)
+    assert "#### Direct effect on the vocabulary" in headings and "#### Try your own text" in headings
+    assert not any("Master text coloured" in h for h in headings), "a corpus run keeps no texts to colour"
+    notes = " ".join(texts(at.caption))
+    assert ("router weight" in notes) == (expert is not None)
+    assert ("sigmoid(shared_expert_gate)" in notes) == (expert is None)  # Qwen2-MoE gates its shared expert

@@ -529,3 +529,77 @@ def test_nemotron_h_latent_experts_read_the_latent_projection_and_routing_is_not
     index = torch.tensor([[0, 1], [1, 2], [0, 3]])
     rows, acts = moe.expert_activations(torch.randn(3, 16), 0, index, torch.full((3, 2), 0.5))
     assert rows.tolist() == [0, 2] and acts.shape == (2, D_EXPERT) and bool((acts >= 0).all())  # relu^2
+
+
+# per-token views (the Neuron page): one family per layout and quirk — beside-the-block and gated shared experts,
+# scaled, stacked and latent experts, a dense first layer
+VIEW_FAMILIES = ["granitemoeshared", "qwen3_5_moe_text", "llama4_text", "dbrx", "nemotron_h_latent", "ernie4_5_moe"]
+
+
+def view_hook(layer: int, key) -> str:
+    return f"blocks.{layer}.mlp.experts.{key[1]}.hook_post" if isinstance(key, tuple) else f"blocks.{layer}.mlp.shared_experts.hook_post"
+
+
+@pytest.mark.parametrize("name", VIEW_FAMILIES)
+def test_per_token_activations_of_expert_and_shared_neurons_equal_the_float64_recomputation(name, cases):
+    """collect_activations of every routed expert's and the shared expert's neurons: values on exactly the tokens the
+    reference routes to each expert (NaN elsewhere), whose per-category means equal the float64 recomputation."""
+    from mechamap_core.inspect_neuron import collect_activations
+
+    case = cases(name)
+    layer = case.family.moe[-1]
+    neurons = {(layer, e): list(range(D_EXPERT)) for e in range(case.family.n_experts)}
+    if case.family.shared:
+        neurons[layer] = list(range(case.expected[view_hook(layer, layer)][2].shape[1]))
+    lm = wrap_model(case.model, bundled_tokenizer(), f"tiny-{name}")
+    aligned, acts = collect_activations(lm, [TEXT], neurons, CATEGORIES)
+    assert aligned.tokens["token_id"].tolist() == [case.ids[p] for p in case.positions]
+    assert set(acts) == set(neurons)
+    for key, values in acts.items():
+        counts, n_seen, means = case.expected[view_hook(layer, key)]
+        seen = ~np.isnan(values).any(axis=1)
+        assert np.isnan(values[~seen]).all() and int(seen.sum()) == n_seen, key
+        np.testing.assert_array_equal(case.mask[seen].sum(0), counts, err_msg=str(key))
+        got = Case.category_means(values[seen].astype(np.float64), case.mask[seen])
+        present = counts > 0
+        np.testing.assert_allclose(got[present], means[present], rtol=RTOL, atol=RTOL * np.abs(means[present]).max())
+
+
+def reference_output_column(case: Case, layer: int, expert: int, neuron: int) -> torch.Tensor:
+    """[H] float64: what one neuron of a routed expert adds to the residual stream per unit of activation, read off
+    each family's raw weights as its modeling code applies them."""
+    block = case.model.get_submodule(case.family.block.format(L=layer))
+    experts = block.experts
+    if case.family.stacked:  # DbrxExpertGLU: intermediate [t, I] @ w2[expert rows] [I, H]
+        return experts.mlp.w2.detach().view(case.family.n_experts, D_EXPERT, HIDDEN)[expert, neuron].double()
+    if case.family.routing == "scaled":  # Llama 4: down_proj [E, I, H] applied as x @ W
+        return experts.down_proj.detach()[expert, neuron].double()
+    column = experts.down_proj.detach()[expert][:, neuron].double()  # F.linear with [E, out, I]
+    if case.family.latent:  # the experts' output goes back through fc2_latent_proj
+        column = block.fc2_latent_proj.weight.detach().double() @ column
+    return column
+
+
+@pytest.mark.parametrize("name", VIEW_FAMILIES)
+def test_direct_effect_of_an_expert_neuron_equals_the_unembedded_output_column(name, cases):
+    from mechamap_core.inspect_neuron import ROUTER_WEIGHTED, direct_effect, direct_effect_note
+
+    case = cases(name)
+    layer, expert, neuron = case.family.moe[-1], 1, 5
+    lm = wrap_model(case.model, bundled_tokenizer(), f"tiny-{name}")
+    effect = direct_effect(lm, layer, neuron, k=5, expert=expert)
+    logits = case.model.get_output_embeddings().weight.detach().double() @ reference_output_column(case, layer, expert, neuron)
+    up = effect[effect["direction"] == "up"]
+    np.testing.assert_allclose(up["logit_effect"], logits.topk(5).values.numpy(), rtol=1e-5, atol=1e-6)
+    assert up["token"].tolist() == [lm.tokenizer.decode([i]) for i in logits.topk(5).indices.tolist()]
+    down = effect[effect["direction"] == "down"]
+    np.testing.assert_allclose(down["logit_effect"], (-(-logits).topk(5).values).numpy(), rtol=1e-5, atol=1e-6)
+    assert ROUTER_WEIGHTED in direct_effect_note(lm, layer, expert)
+    if case.family.shared:  # the shared expert's own down-projection, read as a dense site's
+        shared = case.model.get_submodule(case.family.shared.format(L=layer)).weight.detach().double()[:, neuron]
+        shared_logits = case.model.get_output_embeddings().weight.detach().double() @ shared
+        got = direct_effect(lm, layer, neuron, k=5)
+        np.testing.assert_allclose(got[got["direction"] == "up"]["logit_effect"], shared_logits.topk(5).values.numpy(),
+                                   rtol=1e-5, atol=1e-6)  # fmt: skip
+        gated = hasattr(case.model.get_submodule(case.family.block.format(L=layer)), "shared_expert_gate")
+        assert ("sigmoid(shared_expert_gate)" in (direct_effect_note(lm, layer) or "")) == gated

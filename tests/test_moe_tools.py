@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 from types import SimpleNamespace
 
@@ -19,7 +20,7 @@ from mechamap_core.scan import MIN_CATEGORY_TOKENS
 from mechamap_core.scan.stream import scan_stream, stream_result
 from mechamap_core.sites import expert_hook_name, hook_name, shared_expert_hook_name
 
-MOE_REFUSAL = "layer 1 is a mixture-of-experts layer: per-token views and ablation cover dense MLP layers only"
+MOE_REFUSAL = "layer 1 is a mixture-of-experts layer: ablation covers dense MLP layers only"
 
 
 @pytest.fixture(scope="module")
@@ -121,17 +122,33 @@ def test_top_examples_and_quantile_samples_refuse_a_site_the_run_lacks(mixtral_r
         top_examples(streamed_qwen2_moe, 7, 3)
 
 
-def test_per_token_views_and_ablation_refuse_a_mixture_of_experts_layer_in_one_plain_sentence(tiny_models, default_cfg):
+def test_per_token_views_read_shared_and_routed_experts_and_ablation_refuses_them_in_one_plain_sentence(
+    tiny_models, default_cfg
+):
+    """A layer's key is its shared expert in a mixture-of-experts layer (Qwen2-MoE's), and (layer, expert) a routed
+    expert (values against recomputations: tests/test_moe_families.py); a layer of routed experts only needs an
+    expert. Ablation covers dense MLP layers only."""
     lm = tiny_models.lm("qwen2_moe")
-    for view in (lambda: token_activations(lm, "Paris is in France.", 1, 3), lambda: direct_effect(lm, 1, 3),
-                 lambda: ablate(lm, default_cfg, "food", [(1, 3)], n_controls=2)):  # fmt: skip
-        with pytest.raises(ValueError) as info:
+    shared = token_activations(lm, "Paris is in France.", 1, 3)
+    assert len(shared) > 0 and shared["activation"].notna().all()
+    routed = token_activations(lm, "Paris is in France.", 1, 3, expert=2)
+    assert routed["token"].tolist() == shared["token"].tolist()  # every token; NaN where not routed to expert 2
+    assert len(direct_effect(lm, 1, 3)) == len(direct_effect(lm, 1, 3, expert=2)) == 20
+    with pytest.raises(ValueError) as info:
+        ablate(lm, default_cfg, "food", [(1, 3)], n_controls=2)
+    assert str(info.value) == MOE_REFUSAL
+    mixtral = tiny_models.lm("mixtral")  # routed experts only
+    for view in (lambda: token_activations(mixtral, "Paris is in France.", 1, 3), lambda: direct_effect(mixtral, 1, 3)):
+        with pytest.raises(ValueError, match=r"^layer 1 has routed experts only \(no dense MLP or shared expert\): pick one of"):
             view()
-        assert str(info.value) == MOE_REFUSAL
-    dense = tiny_models.lm("deepseek_v3")  # its layer 0 is dense: still read
+    for expert, neuron, message in ((N_EXPERTS, 0, f"expert {N_EXPERTS} is out of range: layer 1 has experts 0-{N_EXPERTS - 1}"),
+                                    (0, 10_000, "neuron 10000 is out of range for expert 0 of layer 1")):  # fmt: skip
+        with pytest.raises(ValueError, match=re.escape(message)):
+            token_activations(mixtral, "Paris is in France.", 1, neuron, expert=expert)
+    dense = tiny_models.lm("deepseek_v3")  # its layer 0 is dense: read as before, and has no experts
     assert len(token_activations(dense, "Paris is in France.", 0, 3)) > 0
-    with pytest.raises(ValueError, match=MOE_REFUSAL):
-        token_activations(dense, "Paris is in France.", 1, 3)
+    with pytest.raises(ValueError, match="layer 0 has no routed experts: leave the expert out"):
+        token_activations(dense, "Paris is in France.", 0, 3, expert=1)
 
 
 def test_ablate_neurons_of_a_mixture_of_experts_layer_is_refused_before_any_progress_bar(tiny_models, capsys):

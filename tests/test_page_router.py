@@ -146,13 +146,38 @@ def test_neuron_link_opens_an_expert_neuron(app_env, moe_result):
     top = moe_result.top_tokens
     top = top[(top["layer"] == 1) & (top["expert"] == 2) & (top["neuron"] == 5)].sort_values("rank")
     assert at.dataframe[1].value["token"].tolist() == top["token"].tolist()
-    assert any("dense MLP layers only" in i.value for i in at.info)
+    assert any("the model of this run could not be loaded here" in i.value for i in at.info)  # a model built in memory
 
     at.selectbox[1].set_value(3).run()  # layer, expert: the pickers carry no keys
     no_exception(at)
     assert at.session_state[SELECTED_NEURON] == (1, 5, 3)
     assert (at.query_params["expert"], at.query_params["neuron"]) == ("3", "5")
     assert at.subheader[0].value.startswith("L1.E3.N5")
+
+
+def test_neuron_page_recomputes_an_expert_neuron_on_its_routed_tokens(app_env, tiny_models, default_cfg):
+    """A master-text run of a model the app can load (a saved tiny Mixtral): the Neuron page recomputes a routed
+    expert's neuron on the tokens the router sends it (as many as the run's routing table says), greys the others
+    in the text, and shows its direct effect with the router-weight caveat."""
+    lm = tiny_models.lm("mixtral")
+    text = "\n\n".join(default_cfg.master_text.split("\n\n")[:SCANNED_PARAGRAPHS])
+    result = scan(lm, dataclasses.replace(default_cfg, master_text=text, categories=dict(default_cfg.categories)))
+    at = open_page(make_app(result, selected_neuron=(1, 5, 2)), "neuron")
+    no_exception(at)
+    assert not at.error, [e.value for e in at.error]
+    headings = [m.value for m in at.markdown]
+    for heading in ("#### Activations over the tokens routed to this expert", "#### Master text coloured by this neuron",
+                    "#### Direct effect on the vocabulary"):  # fmt: skip
+        assert heading in headings
+    routing = result.extras["routing"]
+    share = routing[(routing["layer"] == 1) & (routing["expert"] == 2)]["expert_share"].iloc[0]
+    n_tokens = result.metadata["n_tokens"]
+    routed = round(share * n_tokens)
+    captions = [c.value for c in at.caption]
+    assert f"The router sent {routed:,} of the {n_tokens:,} tokens to expert 2; the others have no value here" in " ".join(captions)
+    coloured = next(h.proto.body for h in at.get("html") if "hover a token" in h.proto.body)
+    assert coloured.count("no value (not routed to this expert)") == n_tokens - routed > 0
+    assert any("router weight" in c for c in captions)
 
 
 def test_neuron_page_starts_at_the_best_expert_neuron(app_env, moe_result):

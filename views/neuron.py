@@ -86,47 +86,41 @@ if samples is not None:  # a streamed corpus scan: its texts and per-token activ
     )
     st.dataframe(samples, hide_index=True)
 
-if hook != hook_name(layer):  # a routed or shared expert: the model-based views below read dense MLPs only
-    kept = "its top-activating tokens" + ("" if samples is None else " and tokens sampled across its activation range")
-    st.info(
-        "Per-token activations, the direct effect and typed-text activations are computed for the neurons of dense "
-        "MLP layers only, not for routed or shared experts (a shared expert, as Granite's shared_mlp, is a dense MLP "
-        "but sits in a mixture-of-experts layer). An expert neuron is read from its expert's own computation (a "
-        f"routed expert's only on the tokens the router sends to it); the examples above are {kept} from the scan."
-    )
-    st.stop()
-
 lm = model_for(result)  # the run's model, for what the page computes again below (None: not available here)
 if samples is None:
-    tokens = neuron_token_table(result, layer, neuron)
+    tokens = neuron_token_table(result, layer, neuron) if hook == hook_name(layer) else None  # recorded: dense only
     if tokens is None and lm is not None:
         with progress_bar("Recomputing this neuron's activations (they were not recorded for this run)") as on_progress:
-            tokens = recomputed_token_table(result, lm, layer, neuron, on_progress)
+            tokens = recomputed_token_table(result, lm, layer, neuron, on_progress, expert=expert)
         if note := reload_note(result, lm):
             st.caption(note)
     if tokens is not None:
-        st.markdown("#### Activations over all tokens")
-        hist = activation_histogram(tokens)
+        routed = tokens.dropna(subset=["activation"])
+        st.markdown("#### Activations over all tokens" if expert is None else "#### Activations over the tokens routed to this expert")
+        if expert is not None:
+            st.caption(f"The router sent {len(routed):,} of the {len(tokens):,} tokens to expert {expert}; the "
+                       "others have no value here and are greyed in the text below.")  # fmt: skip
+        hist = activation_histogram(routed)
         st.altair_chart(hist)
         chart_downloads(hist, f"neuron_{label.replace('.', '_')}_histogram")
         st.markdown("#### Master text coloured by this neuron")
         docs = sorted(tokens["doc"].unique())
         doc = st.selectbox("Document", docs) if len(docs) > 1 else docs[0]
-        vmax = float(tokens["activation"].abs().max()) or 1.0
+        vmax = (float(routed["activation"].abs().max()) if len(routed) else 0.0) or 1.0
         st.html(coloured_text_html(result.texts[doc], tokens[tokens["doc"] == doc], vmax))
     else:
         st.info("Per-token activations are unavailable: the model of this run could not be loaded here.")
 
 st.markdown("#### Direct effect on the vocabulary")
-effect = direct_effect(lm, layer, neuron) if lm is not None else None
+effect = direct_effect(lm, layer, neuron, expert=expert) if lm is not None else None
 if lm is None:
     st.caption("The model of this run is not available here, so its direct effect can't be computed.")
 elif effect is None:
     st.caption(f"{direct_effect_note(lm)}.")
 else:
     st.altair_chart(direct_effect_bars(effect))
-    if note := direct_effect_note(lm):
-        st.caption(f"{note}.")
+    if note := direct_effect_note(lm, layer, expert):
+        st.caption(f"{note[0].upper()}{note[1:]}.")
 
 st.markdown("#### Try your own text")
 typed = st.text_area("Text", "I had pizza and pasta in Rome on Monday.", max_chars=5000)
@@ -135,7 +129,7 @@ if typed.strip():
         st.info("The model of this run is not available here, so typed text can't be scanned.")
     else:
         try:
-            acts = typed_text_activations(result, lm, typed, layer, neuron)
+            acts = typed_text_activations(result, lm, typed, layer, neuron, expert)
         except ValueError as exc:
             st.error(str(exc))
         else:
