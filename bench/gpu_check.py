@@ -60,7 +60,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from bench_moe import SHAPE as MOE_SHAPE  # noqa: E402
 from bench_moe import TARGET_RATIO as MOE_TARGET  # noqa: E402
-from tiny_models import ARCHS, MOE_ARCHS, tiny_model  # noqa: E402
+from tiny_models import ARCHS, MOE_ARCHS, MORE_MOE_ARCHS, tiny_model  # noqa: E402
 
 from mechamap_core import load_config, scan  # noqa: E402
 from mechamap_core.models import wrap_model  # noqa: E402
@@ -202,7 +202,7 @@ def check_architectures(rows: Rows, device: torch.device, cfg, archs: list[str])
                 if "expert_neurons" in res.metadata:
                     ways = sorted(set(res.metadata["expert_neurons"].values()))
                     rows.add("moe", f"{arch} on {device.type}", "expert neurons", "; ".join(ways)[:60])
-            elif arch in MOE_ARCHS:  # against what the dtype itself does on the CPU (module docstring)
+            elif arch in MOE_ARCHS or arch in MORE_MOE_ARCHS:  # against what the dtype itself does on the CPU (docstring)
                 diff, _, _ = compare(res, ref, tolerance, scale, same_routing=True)
                 cpu_run = scan(wrap_model(copy.deepcopy(base).to(dtype=dtype), tokenizer, arch), cfg, record_activations=True)
                 cpu_diff, _, _ = compare(cpu_run, ref, tolerance, scale, same_routing=True)
@@ -645,7 +645,7 @@ def main(argv: list[str] | None = None) -> int:
     rows.check("setup", "import", "mechamap_core without streamlit", "streamlit" in sys.modules and "imported" or "not imported",
                "not imported", "streamlit" not in sys.modules)  # fmt: skip
     sections = set(args.sections.split(","))
-    archs = args.archs.split(",") if args.archs else [*ARCHS, *MOE_ARCHS]
+    archs = args.archs.split(",") if args.archs else [*ARCHS, *MOE_ARCHS, *MORE_MOE_ARCHS]
     if "correctness" in sections:
         guarded(rows, "correctness", check_architectures, rows, device, cfg, archs)
     if "streamed" in sections:

@@ -171,15 +171,17 @@ def blank_without_statistics(counts: pd.DataFrame, without: pd.Series) -> pd.Dat
 
 
 def layers_without_mlp_note(metadata: dict) -> str | None:
-    """One sentence on a hybrid run's layers that hold no MLP (metadata layers_without_mlp), or None where it has none."""
+    """One sentence on a hybrid model's layers that hold no MLP (metadata layers_without_mlp), or None where it has
+    none; where the run covered every layer with an MLP (scan_coverage), that it read those."""
     without = metadata.get("layers_without_mlp")
     if not without:
         return None
     depth = metadata.get("n_layers_model")
     named = f"Layer {without[0]}" if len(without) == 1 else f"Layers {layer_list_text(without)}"
     verb = "holds" if len(without) == 1 else "hold"
-    return (f"{named}{f' of {depth}' if depth else ''} {verb} no MLP (a hybrid model's Mamba or attention-only layers): "
-            "they have no MLP neurons, so the scan of every layer read the others.")  # fmt: skip
+    every = scan_coverage(metadata).get(LAYERS_SCANNED, "").startswith("all ")
+    read = ", so the scan of every layer read the others" if every else ""
+    return f"{named}{f' of {depth}' if depth else ''} {verb} no MLP (a hybrid model's Mamba or attention-only layers): they have no MLP neurons{read}."
 
 
 def nonfinite_note(metadata: dict) -> str | None:

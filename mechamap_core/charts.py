@@ -239,10 +239,13 @@ def correlation_heatmap(corr: pd.DataFrame, title: str | None = None, labels: bo
     return chart.properties(title=title) if title else chart
 
 
-def flagged_per_category_bars(counts: pd.Series, metric: str = "score", threshold: float = 1.0) -> alt.Chart:
+def flagged_per_category_bars(
+    counts: pd.Series, metric: str = "score", threshold: float = 1.0, min_cv_auroc: float | None = None
+) -> alt.Chart:
     """Horizontal bars of how many neurons each category flags (counts: category -> neurons with metric >=
-    threshold, zeros included), most first. The count axis shows whole numbers and runs to at least 1, so a run
-    that flags nothing draws an empty axis from 0 to 1, not a bare 0."""
+    threshold, and cv_auroc >= min_cv_auroc where the counts were filtered so; zeros included), most first. The
+    count axis shows whole numbers and runs to at least 1, so a run that flags nothing draws an empty axis from 0
+    to 1, not a bare 0."""
     data = counts.rename("neurons").rename_axis("category").reset_index()
     data["category"] = data["category"].astype(str)
     data["neurons"] = data["neurons"].astype("int64")
@@ -255,7 +258,7 @@ def flagged_per_category_bars(counts: pd.Series, metric: str = "score", threshol
             y=alt.Y("category:N", sort=order, title=None, axis=_row_axis()),
             x=alt.X(
                 "neurons:Q",
-                title=f"neurons with {metric} ≥ {threshold:g}",
+                title=f"neurons with {metric} ≥ {threshold:g}" + ("" if min_cv_auroc is None else f", cv_auroc ≥ {min_cv_auroc:g}"),
                 scale=alt.Scale(domain=[0, top], nice=True),
                 axis=alt.Axis(format="d", values=list(range(top + 1))) if top <= 10 else alt.Axis(format=",d", tickMinStep=1),
             ),

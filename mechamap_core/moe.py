@@ -12,7 +12,7 @@ How a scan reads routed experts, in one forward pass:
     for moe in layers:
         moe.hook_module.register_forward_pre_hook(fn, with_kwargs=True)
     def fn(module, args, kwargs):                        # runs inside the model's forward
-        routed = moe.read_hook_inputs(args, kwargs)      # RoutedTokens: hidden [T, H], top_k_index [T, k]
+        routed = moe.read_hook_inputs(args, kwargs)      # RoutedTokens: hidden [T, d_input], top_k_index [T, k]
         for part in moe.recomputed_activations(routed, counted):   # counted [T] bool: tokens to keep
             part.expert, part.rows, part.acts            # int, [t_E] int64, [t_E, d_expert] float32
 
@@ -53,7 +53,7 @@ import inspect
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
@@ -64,7 +64,15 @@ from torch.nn import functional as F
 
 from .config import layers_out_of_range
 from .placement import offloaded_weights_loaded
-from .sites import SiteResolutionError, expert_hook_name, experts_layout, find_blocks, find_experts, stacked_experts_glu
+from .sites import (
+    SiteResolutionError,
+    expert_down_proj,
+    expert_hook_name,
+    experts_layout,
+    find_blocks,
+    find_experts,
+    stacked_experts_glu,
+)
 
 ROUTER_NAMES = ("gate", "router")
 # (gate, up, down) module names of one expert MLP in the per-module layout
@@ -85,8 +93,9 @@ GATE_CHECK_ROWS = 16  # the rows of one expert that the first batch recomputes t
 class RoutedTokens:
     """The tokens entering one MoE layer's experts and where the router sends them.
 
-    hidden [T, H] in the model's dtype; top_k_index [T, k] int64 expert ids (an id >= n_experts is a sentinel
-    that selects no expert); top_k_weights [T, k] the router's weights for them.
+    hidden [T, d_input] in the model's dtype (the experts' input: the hidden state, or a latent projection of it);
+    top_k_index [T, k] int64 expert ids (an id >= n_experts is a sentinel that selects no expert); top_k_weights
+    [T, k] the router's weights for them.
     """
 
     hidden: torch.Tensor
@@ -110,7 +119,7 @@ class MoELayer:
     layer: int
     path: str  # the MoE block, from the model root
     block: nn.Module  # the MoE block: hidden states [B, S, H] in, hidden states out
-    experts: nn.Module  # the fused experts module, or the nn.ModuleList of expert MLPs
+    experts: nn.Module  # the fused, stacked or scaled experts module, or the nn.ModuleList of expert MLPs
     router: nn.Module  # the block's gate / router module
     layout: str  # "fused", "stacked", "scaled" or "modules" (module docstring)
     n_experts: int
@@ -121,6 +130,7 @@ class MoELayer:
     renormalise: bool = False  # per-module layout only: renormalise the top-k softmax weights
     gate_checked: bool = False  # the model's gate output was compared with a recomputation once
     gate_unreadable: bool = False  # that comparison failed: recompute instead
+    stacked_glu: nn.Module | None = field(default=None, repr=False)  # stacked layout: the module holding w1, v1, w2
 
     @property
     def hook_module(self) -> nn.Module:
@@ -138,7 +148,7 @@ class MoELayer:
 
     @cached_property
     def _experts_params(self) -> list[str]:
-        # the fused experts' forward(hidden_states, top_k_index, top_k_weights), whatever the names
+        # the fused or stacked experts' forward(hidden_states, top_k_index, top_k_weights), whatever the names
         return list(inspect.signature(type(self.experts).forward).parameters)[1:]
 
     @property
@@ -148,7 +158,7 @@ class MoELayer:
         if self.layout == "modules":
             return self.d_model
         if self.layout == "stacked":
-            return stacked_experts_glu(self.experts).w1.shape[1]
+            return self.stacked_glu.w1.shape[1]
         up = getattr(self.experts, "gate_up_proj", None)
         up = self.experts.up_proj if up is None else up
         return up.shape[1] if self.transposed else up.shape[2]
@@ -160,9 +170,9 @@ class MoELayer:
         if not 0 <= expert < self.n_experts:
             raise ValueError(f"expert {expert} is out of range: layer {self.layer} has experts 0-{self.n_experts - 1}")
         if self.layout == "modules":
-            weight = _expert_down_proj_module(self.experts[expert]).weight.T  # Linear [H, I]
+            weight = expert_down_proj(self.experts[expert])[1].weight.T  # Linear [H, I]
         elif self.layout == "stacked":
-            weight = stacked_experts_glu(self.experts).w2[expert * self.d_expert : (expert + 1) * self.d_expert]  # [I, H]
+            weight = self.stacked_glu.w2[expert * self.d_expert : (expert + 1) * self.d_expert]  # [I, H]
         else:
             down = self.experts.down_proj[expert]
             weight = down if self.transposed else down.T  # [I, H] applied as a @ W, or [H, I] as F.linear
@@ -185,6 +195,12 @@ class MoELayer:
         if self.layout in CALLED_WITH_ROUTING:
             bound = dict(zip(self._experts_params, args, strict=False)) | kwargs
             hidden, index, weights = (bound[name] for name in self._experts_params[:3])
+            if index.is_floating_point() or not weights.is_floating_point() or index.shape[-1] != self.top_k:
+                raise SiteResolutionError(
+                    f"layer {self.layer}: the experts' call does not take (hidden states, top-k expert ids [T, "
+                    f"{self.top_k}], top-k weights) in that order ({', '.join(self._experts_params[:3])}), so its routing "
+                    "cannot be read"
+                )
             hidden = hidden.reshape(-1, self.d_input)
             n_tokens = hidden.shape[0]
             return RoutedTokens(hidden, index.reshape(n_tokens, -1).long(), weights.reshape(n_tokens, -1))
@@ -240,8 +256,9 @@ class MoELayer:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(rows [t_E] int64 ascending, acts [t_E, d_expert] float32): expert `expert`'s neurons on its tokens.
 
-        hidden [T, H]; top_k_index [T, k] and top_k_weights [T, k] (route(hidden) when no index is given; the
-        weights are needed by the scaled layout only). Computed in float32 on the weights' device.
+        hidden [T, d_input] (the experts' input); top_k_index [T, k] and top_k_weights [T, k] (route(hidden) when no
+        index is given, which a latent layer refuses: its router reads the block's input; the weights are needed by
+        the scaled layout only). Computed in float32 on the weights' device.
         """
         if not 0 <= expert < self.n_experts:
             raise ValueError(f"expert {expert} is out of range: layer {self.layer} has experts 0-{self.n_experts - 1}")
@@ -400,7 +417,7 @@ class MoELayer:
             return self._recompute_stacked(x, expert) if self.layout == "stacked" else self._recompute_fused(x, expert)
 
     def _recompute_stacked(self, x: torch.Tensor, expert: int) -> torch.Tensor:
-        glu = stacked_experts_glu(self.experts)
+        glu = self.stacked_glu
         rows = slice(expert * self.d_expert, (expert + 1) * self.d_expert)  # expert E's rows of w1 and v1 [E * I, H]
         x = x.to(device=glu.w1.device, dtype=torch.float32)
         return glu.activation_fn(x @ glu.w1[rows].float().T) * (x @ glu.v1[rows].float().T)
@@ -421,10 +438,6 @@ class MoELayer:
             return apply_gate(out)
         gate, up = out.chunk(2, dim=-1)
         return experts.act_fn(gate) * up
-
-
-def _expert_down_proj_module(expert: nn.Module) -> nn.Module:
-    return getattr(expert, next(names for names in EXPERT_PROJ_NAMES if hasattr(expert, names[0]))[2])
 
 
 def _module_expert_acts(expert: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -490,7 +503,8 @@ def _stacked_layer(layer, path, moe_block, experts, router, top_k, d_model, fami
             "(no num_experts that divides them) or have no activation_fn"
         )
     d_expert = glu.w1.shape[0] // n_experts
-    return MoELayer(layer, path, moe_block, experts, router, "stacked", n_experts, top_k, d_expert, d_model or glu.w1.shape[1], family)
+    return MoELayer(layer, path, moe_block, experts, router, "stacked", n_experts, top_k, d_expert,
+                    d_model or glu.w1.shape[1], family, stacked_glu=glu)  # fmt: skip
 
 
 def _transposed(experts: nn.Module, layout: str) -> bool:

@@ -287,7 +287,7 @@ def experts_layout(experts: nn.Module) -> str | None:
         return "stacked"
     if three_d and n_params == 2 and getattr(getattr(experts, "gate_up_proj", None), "ndim", 0) == 3:  # self, hidden
         return "scaled"
-    if isinstance(experts, nn.ModuleList) and len(experts) > 0 and all(_expert_down_proj(m) for m in experts):
+    if isinstance(experts, nn.ModuleList) and len(experts) > 0 and all(expert_down_proj(m) for m in experts):
         return "modules"
     return None
 
@@ -305,7 +305,8 @@ def stacked_experts_glu(experts: nn.Module) -> nn.Module | None:
     return None
 
 
-def _expert_down_proj(expert: nn.Module) -> tuple[str, nn.Module] | None:
+def expert_down_proj(expert: nn.Module) -> tuple[str, nn.Module] | None:
+    """(name, module) of an expert MLP's down-projection (EXPERT_DOWN_PROJ_NAMES), or None."""
     return next(((n, m) for n in EXPERT_DOWN_PROJ_NAMES if (m := _get(expert, n)) is not None and _in_out(m)), None)
 
 
@@ -315,7 +316,7 @@ def _shared_expert_site(layer: int, block_path: str, block: nn.Module, moe_path:
     for where in dict.fromkeys((moe_path, "")):  # the MoE block first, then the layer
         for name in SHARED_EXPERT_NAMES:
             shared = _get(block, ".".join(p for p in (where, name) if p))
-            found = _expert_down_proj(shared) if shared is not None else None
+            found = expert_down_proj(shared) if shared is not None else None
             if found:
                 down_name, down = found
                 path = ".".join(p for p in (block_path, where, name, down_name) if p)
@@ -366,8 +367,8 @@ def resolve_sites(model: nn.Module, layers: list[int] | None = None, *, with_moe
         raise _no_mlp_error(model, first, blocks[first], "")
     if model_type in UNSUPPORTED_TYPES:
         raise SiteResolutionError(f"{_architecture(model)} is not supported yet: {UNSUPPORTED_TYPES[model_type]}")
-    if layers is None and (without := layers_without_mlp(model)) and len(without) < n_layers:
-        wanted = [layer for layer in wanted if layer not in without]
+    if layers is None and (with_mlp := layers_with_mlp(model)):
+        wanted = with_mlp
     sites = []
     for layer in wanted:
         block_path = f"{blocks_path}.{layer}"
@@ -417,6 +418,12 @@ def layers_without_mlp(model: nn.Module) -> list[int]:
     return [layer for layer, block in enumerate(blocks) if not _has_mlp(model, layer, f"{blocks_path}.{layer}", block)]
 
 
+def layers_with_mlp(model: nn.Module) -> list[int]:
+    """The other layers: what a scan of every layer reads (all of them, but in a hybrid model)."""
+    without = set(layers_without_mlp(model))
+    return [layer for layer in range(n_layers(model)) if layer not in without]
+
+
 def _has_mlp(model: nn.Module, layer: int, block_path: str, block: nn.Module) -> bool:
     """Whether a block holds a dense MLP or routed experts, readable or not."""
     try:
@@ -428,8 +435,7 @@ def _has_mlp(model: nn.Module, layer: int, block_path: str, block: nn.Module) ->
 def _missing_mlp_error(model: nn.Module, blocks_path: str, blocks: nn.ModuleList, layer: int) -> SiteResolutionError:
     """The error for a requested layer without an MLP: in a hybrid model whose other layers have one, it names those
     layers; else _no_mlp_error."""
-    without = {layer, *layers_without_mlp(model)}
-    with_mlp = [other for other in range(len(blocks)) if other not in without]
+    with_mlp = [other for other in layers_with_mlp(model) if other != layer]
     if not with_mlp:
         tried = ", ".join(f"{blocks_path}.{layer}.{p}" for p in DOWN_PROJ_PATHS)
         return _no_mlp_error(model, layer, blocks[layer], tried)

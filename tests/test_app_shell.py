@@ -254,6 +254,8 @@ def test_overview_holds_up_toggle_counts_pairs_by_hand(app_env, tiny_result):
     assert at.metric[pairs].value == f"{int((scores['score'] >= threshold).sum()):,}"
     at.toggle[0].set_value(True).run()
     no_exception(at)
+    title = json.loads(at.get("vega_lite_chart")[0].proto.spec)["encoding"]["x"]["title"]
+    assert title == f"neurons with score ≥ {threshold:g}, cv_auroc ≥ 0.75", "the bars count what the filter keeps"
     holding = int(((scores["score"] >= threshold) & (scores["cv_auroc"] >= 0.75)).sum())
     assert at.metric[pairs].value == f"{holding:,}"
     flagged = int((scores["score"] >= threshold).sum())

@@ -470,6 +470,8 @@ def test_hybrid_without_an_mlp_in_some_layers_names_the_layers_that_have_one():
     assert scan_coverage(res.metadata)[LAYERS_SCANNED] == "all 2 with an MLP (2, 4 of 6)"
     assert scan_coverage({**res.metadata, "layers": [2]})[LAYERS_SCANNED] == "2 of 6"
     assert layers_without_mlp_note(res.metadata).startswith("Layers 0-1, 3, 5 of 6 hold no MLP (a hybrid model's Mamba")
+    assert layers_without_mlp_note(res.metadata).endswith("so the scan of every layer read the others.")
+    assert layers_without_mlp_note({**res.metadata, "layers": [2]}).endswith("they have no MLP neurons."), "2 of 6 chosen"
     streamed = stream_result(lm, res_cfg := ScanConfig(master_text=TEXT, categories=CATEGORIES, model="tiny-zamba"),
                              scan_stream(lm, res_cfg, [TEXT], calibration_texts=[TEXT]))  # fmt: skip
     assert streamed.metadata["layers"] == [2, 4] and streamed.metadata["layers_without_mlp"] == [0, 1, 3, 5]

@@ -23,13 +23,14 @@ def test_gpu_check_runs_on_the_cpu_and_every_correctness_row_passes(tmp_path):
     by_section = {}
     for section, case, check, _measured, _target, status in rows:
         by_section.setdefault(section, []).append((case, check, status))
-    from tiny_models import ARCHS, MOE_ARCHS
+    from tiny_models import ARCHS, MOE_ARCHS, MORE_MOE_ARCHS
 
     correctness = by_section["correctness"]
+    moe = set(MOE_ARCHS) | set(MORE_MOE_ARCHS)  # DBRX's stacked experts, Nemotron-H's hybrid with a latent MoE
     # every architecture, dense and MoE, in float32, bfloat16 and float16: the values row and the hooks row
-    assert len(correctness) == (len(ARCHS) + len(MOE_ARCHS)) * 3 * 2
-    assert {case.split()[0] for case, _, _ in correctness} == set(ARCHS) | set(MOE_ARCHS)
-    assert {case.split()[0] for case, _, _ in by_section["moe"]} == set(MOE_ARCHS)  # how expert neurons were read
+    assert len(correctness) == (len(ARCHS) + len(moe)) * 3 * 2
+    assert {case.split()[0] for case, _, _ in correctness} == set(ARCHS) | moe
+    assert {case.split()[0] for case, _, _ in by_section["moe"]} == moe  # how expert neurons were read
     assert [row for row in correctness if row[2] != "pass"] == []
     assert by_section["setup"] == [("import", "mechamap_core without streamlit", "pass")]
     assert [status for _, _, status in by_section["multi-device"]] == ["pass"] * 4  # 3 dispatched, 1 max_memory

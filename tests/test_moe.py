@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tiny_models import D_EXPERT, D_SHARED, HIDDEN, MOE_ARCHS, N_EXPERTS, TOP_K, tiny_model
+from tiny_models import D_EXPERT, D_SHARED, HIDDEN, MOE_ARCHS, N_EXPERTS, TOP_K, bundled_tokenizer, tiny_model
 from torch import nn
 
 from mechamap_core import SiteResolutionError
@@ -454,3 +454,39 @@ def test_unsupported_fused_layout_is_refused():
     with pytest.raises(SiteResolutionError, match="is a mixture-of-experts model"):
         resolve_sites(model)
     assert resolve_sites(model, with_moe=True) == []  # no shared expert: nothing dense to read
+
+
+def test_experts_called_with_the_routing_in_another_order_are_refused_not_misread():
+    """transformers 4's DBRX called its experts as (x, weights [T, E], top_weights, top_experts): read as (hidden,
+    index, weights), every token would look routed to expert 0. The first call's index and weights are checked."""
+    from mechamap_core import ScanConfig, scan
+    from mechamap_core.models import wrap_model
+
+    class OldOrderExperts(torch.nn.Module):
+        def __init__(self, experts):
+            super().__init__()
+            self.mlp, self.num_experts = experts.mlp, experts.num_experts
+            self.new = experts
+
+        def forward(self, x, weights, top_weights, top_experts):
+            return self.new(x, top_experts, top_weights)
+
+    class OldOrderFFN(torch.nn.Module):
+        def __init__(self, ffn):
+            super().__init__()
+            self.router, self.experts, self.top_k, self.ffn = ffn.router, OldOrderExperts(ffn.experts), ffn.top_k, ffn
+
+        def forward(self, x):
+            logits = self.router(x)
+            top_weights, top_experts = self.ffn.route_tokens_to_experts(logits)
+            return self.experts(x, logits.softmax(-1), top_weights, top_experts)
+
+    model = tiny_dbrx()
+    for block in model.transformer.blocks:
+        block.ffn = OldOrderFFN(block.ffn)
+    assert [m.layout for m in find_moe_layers(model)] == ["stacked", "stacked"]
+    lm = wrap_model(model, bundled_tokenizer(), "tiny-dbrx-old-order")
+    cfg = ScanConfig(master_text="A dog ate bread in Paris.", categories={"animal": ["dog"]}, model="x", permutations=0)
+    with pytest.raises(SiteResolutionError, match=r"layer 0: the experts' call does not take \(hidden states, top-k expert "
+                       r"ids \[T, 2\], top-k weights\) in that order \(x, weights, top_weights\)"):  # fmt: skip
+        scan(lm, cfg)

@@ -48,7 +48,6 @@ ENCODER_ARCHS = {"bert", "roberta", "distilbert"}
 # Mixture-of-experts families (transformers 5 fused experts); DeepSeek's first layer is dense.
 MLP_FREE_ARCHS = ["mamba", "mamba2"]  # state-space models: no MLP neurons, refused with a clear message
 MOE_ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "deepseek_v3", "deepseek_v2"]
-
 HIDDEN = 32
 D_MLP = 48  # differs from HIDDEN so neuron counts cannot be confused with the residual width
 LAYERS = 2
@@ -59,6 +58,24 @@ D_EXPERT = 24  # neurons per routed expert
 D_SHARED = 36  # Qwen2-MoE's shared expert width
 N_EXPERTS = 4
 TOP_K = 2
+# Two more MoE families for bench/gpu_check.py, built as tiny_model(arch) with these overrides (their own tests build
+# them with others): DBRX's stacked experts, and a Nemotron-H hybrid of a Mamba-2, an MLP, an attention and a latent
+# MoE layer (relu^2 experts)
+MORE_MOE_ARCHS = {
+    "dbrx": {
+        "drop": ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                 "max_position_embeddings"),
+        "d_model": HIDDEN, "n_heads": HEADS, "n_layers": LAYERS, "max_seq_len": POSITIONS,
+        "attn_config": {"kv_n_heads": HEADS, "rope_theta": 10000.0, "clip_qkv": 8.0},
+        "ffn_config": {"ffn_hidden_size": D_EXPERT, "moe_num_experts": N_EXPERTS, "moe_top_k": TOP_K, "hidden_size": HIDDEN},
+    },
+    "nemotron_h": {
+        "num_hidden_layers": 4, "hybrid_override_pattern": "M-*E", "n_routed_experts": N_EXPERTS,
+        "num_experts_per_tok": TOP_K, "moe_intermediate_size": D_EXPERT, "moe_shared_expert_intermediate_size": D_SHARED,
+        "moe_latent_size": 16, "n_group": 1, "topk_group": 1, "mamba_num_heads": 4, "mamba_head_dim": 16, "n_groups": 1,
+        "ssm_state_size": 4, "chunk_size": 16,
+    },
+}  # fmt: skip
 
 
 def bundled_tokenizer():
@@ -236,7 +253,7 @@ def tiny_model(arch: str, tokenizer=None, **overrides) -> torch.nn.Module:
     With overrides, arch may be any transformers model type, built as MORE_ARCHS are with these config values
     (drop=(keys,) leaves out llama-like sizes the type does not take).
     """
-    config = _config(arch, tokenizer or bundled_tokenizer(), overrides or None)
+    config = _config(arch, tokenizer or bundled_tokenizer(), overrides or MORE_MOE_ARCHS.get(arch))
     for key in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "hidden_dropout_prob", "attention_probs_dropout_prob",
                 "dropout", "attention_dropout", "hidden_dropout", "activation_dropout"):  # fmt: skip
         if hasattr(config, key):

@@ -63,7 +63,7 @@ warn_of_nonfinite_neurons(result.metadata)
 left, right = st.columns([2, 3])
 with left:
     st.markdown(f"**Flagged neurons per category** (score ≥ {threshold:g})")
-    st.altair_chart(charts.flagged_per_category_bars(counts, "score", threshold))
+    st.altair_chart(charts.flagged_per_category_bars(counts, "score", threshold, min_cv_auroc))
 with right:
     st.markdown("**Top neuron of each category** (by score)")
     top = analysis.top_neurons(scores, "score", n=1, top_tokens=result.top_tokens)

@@ -22,7 +22,7 @@ from ..errors import first_line
 from ..files import atomic_output
 from ..models import LoadedModel, ModelNotAvailableError, model_name
 from ..moe import RECOMPUTED_AFTER_CHECK, MoELayer
-from ..sites import hook_name, layers_without_mlp
+from ..sites import hook_name, layers_with_mlp
 from ..sites import n_layers as count_layers
 from .calibrate import calibrate_edges, calibration_chunks, first_texts_for_edges
 from .driver import Batch, Site, batches, resolve_hook_points, run_hooked_forward, site_device
@@ -402,8 +402,7 @@ def _covered_config(lm: LoadedModel, cfg: ScanConfig, state: StreamState) -> Sca
         limit = max(read.values())
     else:  # every neuron read: the config's own limit says so unless it would have cut (then limit_neurons=0 overrode it)
         limit = None if not cfg.limit_neurons or cfg.limit_neurons >= max(widths.values(), default=0) else 0
-    without = set(layers_without_mlp(lm.model))  # a hybrid's layers without an MLP: a scan of every layer skips them
-    every_layer = cfg.layers is None and layers == [layer for layer in range(count_layers(lm.model)) if layer not in without]
+    every_layer = cfg.layers is None and layers == layers_with_mlp(lm.model)  # a hybrid's: those with an MLP
     return cfg.covering(None if every_layer else layers, limit)
 
 
