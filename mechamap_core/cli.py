@@ -546,8 +546,8 @@ def _run_ablate(args) -> int:
         flagged = flagged_for_category(scores, args.category, "score", args.threshold, warn=False)  # best first
         neurons = flagged[: args.max_neurons or None]
         if not neurons and analysis.has_experts(scores):
-            raise ValueError(f"{args.csv} flags no dense MLP neuron for '{args.category}': ablation covers dense MLP "
-                             "neurons, not a mixture-of-experts model's experts (routed or shared)")  # fmt: skip
+            raise ValueError(f"{args.csv} flags no dense MLP or shared-expert neuron for '{args.category}': ablation "
+                             "covers those, not a mixture-of-experts model's routed experts")  # fmt: skip
         if not neurons:
             raise ValueError(f"{args.csv} flags no neuron for '{args.category}' (score >= {args.threshold}): "
                              "lower --threshold")  # fmt: skip

@@ -15,11 +15,11 @@ import torch
 from .alignment import AlignedText, align, missing_words
 from .analysis import check_one_row_per_neuron, flagged, has_experts
 from .config import ConfigError, ScanConfig, as_scan_config, split_words, validate_config
-from .inspect_neuron import check_neuron_range, collect_activations, dense_sites
+from .inspect_neuron import ROUTED_ONLY_ABLATION, check_neuron_range, collect_activations, mlp_sites
 from .models import LoadedModel
 from .scan.driver import ProgressFn, batches, hooked, resolve_hook_points
 from .scan.result import ScanResult
-from .sites import dense_mlp_rows, expert_hook_name, hook_name, shared_expert_hook_name
+from .sites import dense_mlp_rows, expert_hook_name, hook_name, routed_expert_rows, shared_expert_hook_name
 from .stats import MIN_CATEGORY_TOKENS, auroc_exact, moment_statistics
 
 DEFAULT_MIN_AUROC = 0.75
@@ -562,15 +562,16 @@ def _forward_measure(lm: LoadedModel, aligned: AlignedText, sites, ablation: dic
 
 
 def ablation_targets(lm: LoadedModel, neurons) -> tuple[dict[int, list[int]], list]:
-    """({layer: its neurons to ablate}, those layers' dense_sites) of (layer, neuron) pairs (or a text such as '5:376'),
+    """({layer: its neurons to ablate}, those layers' mlp_sites: a dense MLP, or a mixture-of-experts layer's shared
+    expert) of (layer, neuron) pairs (or a text such as '5:376'),
     as ablate checks them before any forward pass, so that a page can refuse them as they are typed. Raises
-    ValueError for a mixture-of-experts or missing layer (dense_sites), a neuron outside its layer, and a layer of
+    ValueError for a layer of routed experts only or a missing layer (mlp_sites), a neuron outside its layer, and a layer of
     which half the neurons or more are listed (the random control sets could not match them in size and differ)."""
     by_layer: dict[int, list[int]] = {}
     for layer, neuron in _neuron_pairs(neurons):
         by_layer.setdefault(layer, []).append(neuron)
     with lm.lock:
-        sites = dense_sites(lm.model, sorted(by_layer))
+        sites = mlp_sites(lm.model, sorted(by_layer), ROUTED_ONLY_ABLATION)
     d_mlp = {s.layer: s.d_mlp for s in sites}
     for layer, ids in by_layer.items():
         check_neuron_range(ids, d_mlp[layer], f"layer {layer}")
@@ -606,7 +607,7 @@ def ablate(
     Hooks are removed afterwards. progress(done, total, message) is called before the first forward pass and
     after each: n_controls + 2 passes, one more for mean ablation's means. neurons may be a text such as
     '5:376,5:544' (parse_neuron_list), and cfg a config file's path (as_scan_config); a repeated neuron counts
-    once. Raises ValueError for bad neurons, modes or categories, for a mixture-of-experts layer (dense_sites), for
+    once. Raises ValueError for bad neurons, modes or categories, for a layer of routed experts only (mlp_sites), for
     fewer than MIN_CONTROLS control sets, and for a layer of which half the neurons or more are ablated (its control
     sets could not match them in size and still differ);
     TypeError for neurons that are not (layer, neuron) pairs.
@@ -759,13 +760,13 @@ def parse_neuron_list(text: str) -> list[tuple[int, int]]:
 
 def experts_left_out(scores: pd.DataFrame, category: str, metric: str = "score", threshold: float = 1.0) -> str | None:
     """How many of a category's flagged neurons flagged_for_category leaves out of an ablation (a mixture-of-experts
-    model's expert and shared-expert neurons), in a sentence; None when it leaves none out."""
+    model's routed-expert neurons), in a sentence; None when it leaves none out."""
     rows = _flagged_rows(scores, category, metric, threshold)
-    left_out = int((~dense_mlp_rows(rows)).sum())
+    left_out = int(routed_expert_rows(rows).sum())
     if not left_out:
         return None
-    return (f"{left_out} of the {len(rows)} neurons flagged for '{category}' are mixture-of-experts (expert or "
-            "shared-expert) neurons and were left out: ablation covers dense MLP neurons only")
+    return (f"{left_out} of the {len(rows)} neurons flagged for '{category}' are routed experts' neurons and were left "
+            f"out: {ROUTED_ONLY_ABLATION}")
 
 
 def _flagged_rows(scores: pd.DataFrame, category: str, metric: str, threshold: float) -> pd.DataFrame:
@@ -775,22 +776,22 @@ def _flagged_rows(scores: pd.DataFrame, category: str, metric: str, threshold: f
 
 
 class NeuronsLeftOut(UserWarning):
-    """flagged_for_category left flagged neurons out: a mixture-of-experts model's expert and shared-expert neurons,
-    which ablate does not cover. The message says how many."""
+    """flagged_for_category left flagged neurons out: a mixture-of-experts model's routed-expert neurons, which ablate
+    does not cover. The message says how many."""
 
 
 def flagged_for_category(
     scores: pd.DataFrame, category: str, metric: str = "score", threshold: float = 1.0, limit: int | None = None,
     warn: bool = True,
 ) -> list[tuple[int, int]]:  # fmt: skip
-    """(layer, neuron) of every dense MLP neuron flagged for a category, best first (at most `limit`): ablation's
-    neurons. A mixture-of-experts model's expert and shared-expert neurons are left out (ablate covers dense MLPs),
-    with a NeuronsLeftOut warning (unless warn is False) saying how many, as experts_left_out does."""
+    """(layer, neuron) of every dense MLP or shared-expert neuron flagged for a category, best first (at most
+    `limit`): ablation's neurons. A mixture-of-experts model's routed-expert neurons are left out (ablate does not
+    cover them), with a NeuronsLeftOut warning (unless warn is False) saying how many, as experts_left_out does."""
     note = experts_left_out(scores, category, metric, threshold) if warn else None
     if note:
         warnings.warn(note, NeuronsLeftOut, stacklevel=2)
     rows = _flagged_rows(scores, category, metric, threshold)
-    rows = rows[dense_mlp_rows(rows)]
+    rows = rows[~routed_expert_rows(rows)]
     rows = rows.sort_values(metric, ascending=False)
     if limit:
         rows = rows.head(limit)

@@ -28,16 +28,19 @@ def check_neuron_range(neurons, width: int | None, where: str) -> None:
         raise ValueError(f"{named} out of range for {where} ({span})")
 
 
-def dense_sites(model: torch.nn.Module, layers: list[int]) -> list[NeuronSite]:
-    """The dense MLP sites of `layers`, for ablation (hypothesis.ablate), which edits dense MLP neurons only. Raises
-    ValueError naming the layers that are mixture-of-experts layers, and for layers out of range. The per-token
-    views and the direct effect also read shared and routed experts (_view_points)."""
+ROUTED_ONLY_VIEW = "pick one of its experts"
+ROUTED_ONLY_ABLATION = "ablation covers dense MLP and shared-expert neurons only"
+
+
+def mlp_sites(model: torch.nn.Module, layers: list[int], routed_only: str = ROUTED_ONLY_VIEW) -> list[NeuronSite]:
+    """The site a layer's own key names in the per-token views and in ablation: its dense MLP or, in a
+    mixture-of-experts layer, its shared expert. Raises ValueError naming the layers of routed experts only (the
+    message ends with routed_only: what the caller takes instead), and for layers out of range."""
     sites = resolve_sites(model, layers, with_moe=True)
-    moe = sorted(set(layers) - {site.layer for site in sites if site.kind == "dense"})
-    if moe:
-        named = f"layer {moe[0]} is a mixture-of-experts layer" if len(moe) == 1 else (
-            f"layers {layer_list_text(moe)} are mixture-of-experts layers")  # fmt: skip
-        raise ValueError(f"{named}: ablation covers dense MLP layers only")
+    routed = sorted(set(layers) - {site.layer for site in sites})
+    if routed:
+        named = f"layer {routed[0]} has" if len(routed) == 1 else f"layers {layer_list_text(routed)} have"
+        raise ValueError(f"{named} routed experts only (no dense MLP or shared expert): {routed_only}")
     return sites
 
 
@@ -49,11 +52,7 @@ def _view_points(model: torch.nn.Module, neurons: dict) -> tuple[list, dict]:
     dense or shared-expert site, and the MoE layer of each routed expert (its other experts read no neuron). Raises
     ValueError for layers out of range, a layer of routed experts only given without an expert, an expert a layer
     lacks, and neurons out of range."""
-    layers = sorted(key for key in neurons if not isinstance(key, tuple))
-    sites = resolve_sites(model, layers, with_moe=True)
-    routed_only = sorted(set(layers) - {site.layer for site in sites})
-    if routed_only:
-        raise ValueError(f"layer {routed_only[0]} has routed experts only (no dense MLP or shared expert): pick one of its experts")
+    sites = mlp_sites(model, sorted(key for key in neurons if not isinstance(key, tuple)))
     pick: dict = {}
     for site in sites:
         check_neuron_range(neurons[site.layer], site.d_mlp, f"layer {site.layer}")

@@ -128,7 +128,7 @@ def test_scan_of_an_moe_model_writes_expert_rows_and_the_routing_table(tiny_mode
     statuses = pd.read_csv(checked)[lambda t: t["expert"].notna()]["status"]
     assert statuses.isin(["pass", "fail"]).any(), statuses.value_counts()
     assert main(["ablate", "--config", DEFAULT, "--model", str(model), "--category", "food", "--csv", str(csv)]) == 1
-    assert_one_line_error(capsys.readouterr().err, "ablation covers dense MLP neurons")
+    assert_one_line_error(capsys.readouterr().err, "ablation covers those, not a mixture-of-experts model's routed experts")
 
 
 def test_corpus_scan_of_an_moe_model_says_what_it_covered_and_writes_the_routing_table(tiny_models, tmp_path, capsys):

@@ -530,7 +530,10 @@ def test_ablation_effect_matches_manual_zeroing(tiny_gpt2):
 # --- ablation effect, recomputed from plain forward passes -----------------------------------
 
 ABLATION_DOCS = ["I ate pizza and bread in Paris, then rice", "Later pasta in New York and cheese at home in Tokyo."]
-DOWN_PROJECTION = {"gpt2": "transformer.h.{layer}.mlp.c_proj", "bert": "encoder.layer.{layer}.output.dense"}
+DOWN_PROJECTION = {"gpt2": "transformer.h.{layer}.mlp.c_proj", "bert": "encoder.layer.{layer}.output.dense",
+                   "qwen2_moe": "model.layers.{layer}.mlp.shared_expert.down_proj"}  # a layer's key: its shared expert
+CAUSAL = {"gpt2", "qwen2_moe"}
+FINAL_NORM = {"gpt2": "transformer.ln_f", "qwen2_moe": "model.norm"}
 
 
 def hand_tokens(tokenizer, text: str, words: list[str]) -> tuple[list[int], list[int], np.ndarray]:
@@ -567,7 +570,7 @@ def hand_forward(model, arch: str, ids: list[int], replace: dict[int, dict[int, 
     finally:
         for handle in handles:
             handle.remove()
-    return (out.logits if arch == "gpt2" else out.last_hidden_state)[0].double()
+    return (out.logits if arch in CAUSAL else out.last_hidden_state)[0].double()
 
 
 def hand_ablation_effects(lm, arch: str, category_words: list[str], replace, window: int) -> tuple[float, float, int]:
@@ -580,7 +583,7 @@ def hand_ablation_effects(lm, arch: str, category_words: list[str], replace, win
     for text in ABLATION_DOCS:
         ids, positions, hit = hand_tokens(lm.tokenizer, text, category_words)
         clean, changed = hand_forward(lm.model, arch, ids, {}), hand_forward(lm.model, arch, ids, replace)
-        if arch == "gpt2":
+        if arch in CAUSAL:
             target = hit.copy()
             for shift in range(1, window + 1):
                 target[shift:] |= hit[:-shift]
@@ -625,15 +628,16 @@ def loud_models(tiny_models):
         model = copy.deepcopy(lm.model)
         for layer in range(model.config.num_hidden_layers):
             model.get_submodule(DOWN_PROJECTION[arch].format(layer=layer)).weight.data *= 20
-        if arch == "gpt2":  # and logits far from uniform, so log p moves with them
-            model.transformer.ln_f.weight.data *= 30
+        if arch in CAUSAL:  # and logits far from uniform, so log p moves with them
+            model.get_submodule(FINAL_NORM[arch]).weight.data *= 30
         loud[arch] = dataclasses.replace(lm, model=model, lock=threading.Lock())
     return loud
 
 
 @pytest.mark.parametrize(
     ("arch", "mode", "window"),
-    [("gpt2", "zero", 2), ("gpt2", "mean", 1), ("gpt2", "zero", 0), ("bert", "zero", 2), ("bert", "mean", 2)],
+    [("gpt2", "zero", 2), ("gpt2", "mean", 1), ("gpt2", "zero", 0), ("bert", "zero", 2), ("bert", "mean", 2),
+     ("qwen2_moe", "zero", 2), ("qwen2_moe", "mean", 1)],  # Qwen2-MoE: its shared experts' neurons
 )
 def test_ablation_effects_match_plain_forward_passes_with_hand_made_hooks(loud_models, arch, mode, window):
     """Every condition's effect_target and effect_other, and the summary's effect and target-token count, equal the
@@ -641,11 +645,11 @@ def test_ablation_effects_match_plain_forward_passes_with_hand_made_hooks(loud_m
     condition's neurons at the down-projection input), the category words found with re, the window spelled out."""
     lm = loud_models[arch]
     cfg = ScanConfig(master_text=ABLATION_DOCS, categories=WORDS)
-    chosen = [(0, 3), (1, 4), (1, 40)]
+    chosen = [(0, 3), (1, 4), (1, 30)]  # within every site's width (a Qwen2-MoE shared expert's: 36)
     result = ablate(lm, cfg, "food", chosen, mode=mode, n_controls=2, window=window, seed=7)
     table = result.per_condition
     assert table["condition"].tolist() == ["ablated", "control 1", "control 2"]
-    assert parsed_neurons(table.loc[0, "neurons"]) == {0: [3], 1: [4, 40]}
+    assert parsed_neurons(table.loc[0, "neurons"]) == {0: [3], 1: [4, 30]}
     for row in table.itertuples():
         neurons = parsed_neurons(row.neurons)
         assert {layer: len(ids) for layer, ids in neurons.items()} == {0: 1, 1: 2}

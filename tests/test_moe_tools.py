@@ -20,7 +20,7 @@ from mechamap_core.scan import MIN_CATEGORY_TOKENS
 from mechamap_core.scan.stream import scan_stream, stream_result
 from mechamap_core.sites import expert_hook_name, hook_name, shared_expert_hook_name
 
-MOE_REFUSAL = "layer 1 is a mixture-of-experts layer: ablation covers dense MLP layers only"
+MOE_REFUSAL = "layer 1 has routed experts only (no dense MLP or shared expert): ablation covers dense MLP and shared-expert neurons only"
 
 
 @pytest.fixture(scope="module")
@@ -52,12 +52,13 @@ def mixed_scores(model: str) -> pd.DataFrame:
     })  # fmt: skip
 
 
-def test_flagging_for_ablation_warns_of_the_expert_neurons_it_leaves_out():
-    with pytest.warns(NeuronsLeftOut, match="2 of the 3 neurons flagged for 'food' are mixture-of-experts"):
-        assert flagged_for_category(mixed_scores("m"), "food") == [(0, 3)]
+def test_flagging_for_ablation_warns_of_the_routed_expert_neurons_it_leaves_out():
+    """The dense and the shared-expert neuron are ablation's, best first; the routed expert's is left out, with a warning."""
+    with pytest.warns(NeuronsLeftOut, match="1 of the 3 neurons flagged for 'food' are routed experts' neurons"):
+        assert flagged_for_category(mixed_scores("m"), "food") == [(1, 0), (0, 3)]
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # dense neurons only: nothing left out, no warning
-        assert flagged_for_category(mixed_scores("m").head(1), "food") == [(0, 3)]
+        warnings.simplefilter("error")  # no routed expert's neuron: nothing left out, no warning
+        assert flagged_for_category(mixed_scores("m").iloc[[0, 2]], "food") == [(1, 0), (0, 3)]
 
 
 def test_ablate_csv_notes_the_expert_neurons_it_leaves_out(tiny_models, tmp_path, capsys):
@@ -67,9 +68,9 @@ def test_ablate_csv_notes_the_expert_neurons_it_leaves_out(tiny_models, tmp_path
     assert main(argv) == 0
     captured = capsys.readouterr()
     notes = [line for line in captured.err.splitlines() if line.startswith("note:")]
-    assert notes == ["note: 2 of the 3 neurons flagged for 'food' are mixture-of-experts (expert or shared-expert) "
-                     "neurons and were left out: ablation covers dense MLP neurons only"]  # fmt: skip
-    assert "zero-ablating 1 neuron for 'food'" in captured.out
+    assert notes == ["note: 1 of the 3 neurons flagged for 'food' are routed experts' neurons and were left out: "
+                     "ablation covers dense MLP and shared-expert neurons only"]  # fmt: skip
+    assert "zero-ablating 2 neurons for 'food'" in captured.out  # layer 0's dense neuron and layer 1's shared one
 
 
 def test_no_statistics_note_of_an_moe_run_gives_the_texts_tokens_and_blames_the_spread_over_experts(capsys):
@@ -122,22 +123,22 @@ def test_top_examples_and_quantile_samples_refuse_a_site_the_run_lacks(mixtral_r
         top_examples(streamed_qwen2_moe, 7, 3)
 
 
-def test_per_token_views_read_shared_and_routed_experts_and_ablation_refuses_them_in_one_plain_sentence(
+def test_per_token_views_read_shared_and_routed_experts_and_ablation_refuses_routed_only_layers_in_one_sentence(
     tiny_models, default_cfg
 ):
     """A layer's key is its shared expert in a mixture-of-experts layer (Qwen2-MoE's), and (layer, expert) a routed
     expert (values against recomputations: tests/test_moe_families.py); a layer of routed experts only needs an
-    expert. Ablation covers dense MLP layers only."""
+    expert, and ablation refuses it in one sentence (it covers dense MLP and shared-expert neurons)."""
     lm = tiny_models.lm("qwen2_moe")
-    shared = token_activations(lm, "Paris is in France.", 1, 3)
+    shared = token_activations(lm, "Paris is in France.", 1, 3)  # its shared expert's neuron 3
     assert len(shared) > 0 and shared["activation"].notna().all()
     routed = token_activations(lm, "Paris is in France.", 1, 3, expert=2)
     assert routed["token"].tolist() == shared["token"].tolist()  # every token; NaN where not routed to expert 2
     assert len(direct_effect(lm, 1, 3)) == len(direct_effect(lm, 1, 3, expert=2)) == 20
-    with pytest.raises(ValueError) as info:
-        ablate(lm, default_cfg, "food", [(1, 3)], n_controls=2)
-    assert str(info.value) == MOE_REFUSAL
     mixtral = tiny_models.lm("mixtral")  # routed experts only
+    with pytest.raises(ValueError) as info:
+        ablate(mixtral, default_cfg, "food", [(1, 3)], n_controls=2)
+    assert str(info.value) == MOE_REFUSAL
     for view in (lambda: token_activations(mixtral, "Paris is in France.", 1, 3), lambda: direct_effect(mixtral, 1, 3)):
         with pytest.raises(ValueError, match=r"^layer 1 has routed experts only \(no dense MLP or shared expert\): pick one of"):
             view()
@@ -152,7 +153,7 @@ def test_per_token_views_read_shared_and_routed_experts_and_ablation_refuses_the
 
 
 def test_ablate_neurons_of_a_mixture_of_experts_layer_is_refused_before_any_progress_bar(tiny_models, capsys):
-    argv = ["ablate", "--config", DEFAULT, "--category", "food", "--model", str(tiny_models.path("qwen2_moe")),
+    argv = ["ablate", "--config", DEFAULT, "--category", "food", "--model", str(tiny_models.path("mixtral")),
             "--neurons", "1:3", "--device", "cpu"]  # fmt: skip
     assert main(argv) == 1
     err = capsys.readouterr().err

@@ -366,7 +366,7 @@ def test_hypothesis_page_checks_expert_neurons_on_heldout_text(app_env, default_
     tested = summary[summary["tested"] > 0]  # the ceiling, on by default, covers the experts' neurons too
     assert tested["best_possible_auroc"].notna().all()
     assert (tested["mean_heldout_auroc"] <= tested["best_possible_auroc"] + 1e-12).all()
-    assert any("ablation covers dense MLP neurons, not experts" in c.value for c in at.caption)
+    assert any("ablation does not cover routed experts" in c.value for c in at.caption)
     at.number_input(key="contrast_threshold").set_value(-100.0).run()
     at.button(key="contrast_run").click().run()
     no_exception(at)
@@ -374,31 +374,37 @@ def test_hypothesis_page_checks_expert_neurons_on_heldout_text(app_env, default_
 
 
 def test_ablation_says_on_the_page_how_many_flagged_expert_neurons_it_leaves_out(app_env, tiny_models, default_cfg):
-    """A DeepSeek run (dense layer 0, experts in layer 1) on the Test page: the ablation's flagged neurons are the dense
-    ones, and a caption next to them says how many flagged expert and shared-expert neurons it leaves out; the
-    NeuronsLeftOut warning behind it reaches no console."""
+    """A DeepSeek run (dense layer 0, routed and shared experts in layer 1) on the Test page: the ablation's flagged
+    neurons are the dense and shared-expert ones, and a caption next to them says how many flagged routed-expert
+    neurons it leaves out; the NeuronsLeftOut warning behind it reaches no console."""
     import warnings
 
     from mechamap_core.hypothesis import NeuronsLeftOut
 
     lm = tiny_models.lm("deepseek_v3")
-    paragraph = default_cfg.master_text.split("\n\n")[0]
-    cfg = dataclasses.replace(default_cfg, master_text=paragraph, categories=dict(default_cfg.categories), threshold=0.0)
+    text = "\n\n".join(default_cfg.master_text.split("\n\n")[:SCANNED_PARAGRAPHS])  # experts see enough tokens
+    cfg = dataclasses.replace(default_cfg, master_text=text, categories=dict(default_cfg.categories), threshold=0.0)
     result = scan(lm, cfg)
-    category = result.categories[0]
-    flagged = result.scores[(result.scores["category"] == category) & (result.scores["score"] >= 0.0)]
-    dense = flagged["hook"] == flagged["layer"].map(lambda layer: f"blocks.{layer}.mlp.hook_post")
-    assert dense.any() and not dense.all()  # the caption has dense neurons to list and expert neurons to count
+    all_flagged = result.scores[result.scores["score"] >= 0.0]
+    # the first category with neurons to list and routed-expert neurons to count
+    experts_of = {c: all_flagged[all_flagged["category"] == c]["expert"] for c in result.categories}
+    category = next(c for c, experts in experts_of.items() if experts.notna().any() and experts.isna().any())
+    flagged = all_flagged[all_flagged["category"] == category]
+    routed = flagged["expert"].notna()
+    assert routed.any() and not routed.all()
     with warnings.catch_warnings(record=True) as console:
         warnings.simplefilter("always")
         at = open_page(make_app(result), "hypothesis")
+        [box for box in at.selectbox if box.label == "Category"][-1].set_value(category).run()
     no_exception(at)
     assert not [w for w in console if issubclass(w.category, NeuronsLeftOut)], "the warning went to the console"
-    left_out = (f"{int((~dense).sum())} of the {len(flagged)} neurons flagged for '{category}' are mixture-of-experts "
-                "(expert or shared-expert) neurons and were left out: ablation covers dense MLP neurons only.")  # fmt: skip
+    left_out = (f"{int(routed.sum())} of the {len(flagged)} neurons flagged for '{category}' are routed experts' neurons "
+                "and were left out: ablation covers dense MLP and shared-expert neurons only.")  # fmt: skip
     captions = [c.value for c in at.caption]
     assert left_out in captions
-    assert captions[captions.index(left_out) - 1].startswith("L0.N"), "next to the flagged dense neurons it lists"
+    listed = captions[captions.index(left_out) - 1].split(", ")  # next to the flagged neurons it lists
+    kept = flagged[~routed].sort_values("score", ascending=False).head(10)
+    assert listed == [f"L{layer}.N{neuron}" for layer, neuron in zip(kept["layer"], kept["neuron"])]
 
 
 def test_a_bad_neuron_link_to_a_shared_expert_falls_back_to_the_shared_experts_top_neuron(deepseek_result):

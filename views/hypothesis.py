@@ -175,14 +175,15 @@ with ablate_tab:
         limit = st.number_input("At most this many (best score first)", 1, 500, 10)
         threshold = result.metadata.get("threshold", 1.0)
         neurons = flagged_for_category(result.scores, category, "score", threshold, int(limit), warn=False)
-        none = ("No dense MLP neuron is flagged for this category (ablation covers dense MLP neurons, not experts)."
+        none = ("No dense MLP or shared-expert neuron is flagged for this category (ablation does not cover routed experts)."
                 if has_experts(result.scores) else "No neuron is flagged for this category.")  # fmt: skip
         st.caption(", ".join(f"L{a}.N{b}" for a, b in neurons) or none)
         left_out = experts_left_out(result.scores, category, "score", threshold)
-        if left_out:  # "2 of the 5 neurons flagged for 'food' are mixture-of-experts ... left out: ..."
+        if left_out:  # "2 of the 5 neurons flagged for 'food' are routed experts' neurons and were left out: ..."
             st.caption(f"{left_out}.")
     else:
-        typed = st.text_input("layer:neuron pairs", placeholder="5:376, 5:544")
+        typed = st.text_input("layer:neuron pairs", placeholder="5:376, 5:544",
+                              help="In a mixture-of-experts layer, layer:neuron is its shared expert's neuron")
         try:
             neurons = parse_neuron_list(typed)
         except ValueError:
