@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import math
 
 import pandas as pd
 
@@ -251,13 +252,20 @@ def uncounted_words(coverage: pd.DataFrame | None) -> pd.DataFrame:
     return coverage[(coverage["occurrences"] > 0) & (coverage["n_tokens"] == 0)]
 
 
+def shown_activation(value: float, digits: int) -> float:
+    """value to `digits` decimals, or below 1 to `digits` significant digits (0.000201 stays 0.000201 at 3, where
+    rounding would make it 0.0 and a small neuron's top tokens all alike)."""
+    return round(value, digits) if abs(value) >= 1 else float(f"{value:.{digits}g}")
+
+
 def top_token_strings(top_tokens: pd.DataFrame, digits: int = 3) -> pd.DataFrame:
-    """One row per neuron with `top_tokens` as the original's readable list, e.g. "[('pizza', 0.82), ...]"."""
+    """One row per neuron with `top_tokens` as the original's readable list, e.g. "[('pizza', 0.823), ...]", each
+    activation as shown_activation gives it."""
     key = neuron_key(top_tokens)
     if top_tokens.empty:
         return pd.DataFrame(columns=[*key, "top_tokens"])
     ordered = top_tokens.sort_values([*key, "rank"])
-    pairs = [(tok, round(float(act), digits)) for tok, act in zip(ordered["token"], ordered["activation"])]
+    pairs = [(tok, shown_activation(float(act), digits)) for tok, act in zip(ordered["token"], ordered["activation"])]
     ordered = ordered.assign(pair=pairs)
     text = ordered.groupby(key, sort=True, dropna=False)["pair"].agg(lambda p: str(list(p)))
     return text.rename("top_tokens").reset_index()
@@ -269,8 +277,9 @@ TOKEN_SEPARATOR = " · "  # readable_top_tokens joins the tokens with this
 def readable_top_tokens(text: object) -> object:
     """The original's top-token list text (top_token_strings), e.g. "[('Paris', 3.2), (' London', 2.91)]", as
     "Paris 3.20 · London 2.91" for a table: tokens stripped of surrounding spaces (a whitespace-only token keeps
-    its quoted form), activations to 2 decimals (3 when the largest is below 0.1). Anything that is not such a
-    list (a missing value, other text) comes back unchanged."""
+    its quoted form), activations to 2 decimals, or where the largest is below 0.1 to as many as give it 2 significant
+    digits (at least 3: 0.012, 0.00020). Anything that is not such a list (a missing value, other text) comes back
+    unchanged."""
     if not isinstance(text, str) or not text.startswith("[("):
         return text
     try:
@@ -279,7 +288,7 @@ def readable_top_tokens(text: object) -> object:
     except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
         return text
     peak = max((abs(activation) for _, activation in tokens), default=0.0)
-    decimals = 2 if peak >= 0.1 else 3
+    decimals = 2 if peak >= 0.1 else max(3, 1 - math.floor(math.log10(peak))) if peak > 0 else 3
     return TOKEN_SEPARATOR.join(f"{token.strip() or repr(token)} {activation:.{decimals}f}" for token, activation in tokens)
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .analysis import has_experts, holding_up, neuron_key, neuron_label, top_token_strings
+from .analysis import has_experts, holding_up, neuron_key, neuron_label, shown_activation, top_token_strings
 from .errors import first_line
 from .files import CSV_COMPRESSIONS, atomic_output, atomic_write_text, kept_mode, replace, temp_beside
 from .scan import ScanResult
@@ -93,7 +93,7 @@ def to_json_dict(result: ScanResult, **options) -> dict:
     table = exported_scores(result, **options)  # top tokens go in as lists, not export_table's text
     key = neuron_key(table)
     tops = result.top_tokens.groupby([c for c in key if c in result.top_tokens.columns], dropna=False)
-    top_lists = {_plain_key(k): list(zip(g["token"], g["activation"].astype(float).round(4))) for k, g in tops}
+    top_lists = {_plain_key(k): [(tok, shown_activation(float(a), 4)) for tok, a in zip(g["token"], g["activation"])] for k, g in tops}
     ids = ("model", "layer", "expert", "neuron", "hook", "category", "top_tokens")
     stat_cols = [c for c in dict.fromkeys([*ORIGINAL_COLUMNS, *table.columns]) if c not in ids]  # export_table's order
     whole_numbers = {c for c in stat_cols if pd.api.types.is_integer_dtype(table[c])}  # n_tokens: 19, not 19.0

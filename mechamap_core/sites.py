@@ -335,7 +335,7 @@ def _shared_expert_site(layer: int, block_path: str, block: nn.Module, moe_path:
 def _no_mlp_error(model: nn.Module, layer: int, block: nn.Module, tried: str) -> SiteResolutionError:
     arch = _architecture(model)
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    children = ", ".join(name for name, _ in block.named_children()) or "nothing"
+    children = _children_text(block)
     if model_type in MLP_FREE_TYPES:
         return SiteResolutionError(
             f"{arch} has no MLP neurons: its blocks are {MLP_FREE_TYPES[model_type]} (layer {layer} holds: "
@@ -440,6 +440,12 @@ def _has_mlp(model: nn.Module, layer: int, block_path: str, block: nn.Module) ->
         return True
 
 
+def _children_text(block: nn.Module) -> str:
+    """What a block holds, for a message: each child's name and class ("norm (NemotronHRMSNorm), mixer
+    (NemotronHAttention)"), since a hybrid's names alone ("mixer") do not say what a layer is."""
+    return ", ".join(f"{name} ({type(child).__name__})" for name, child in block.named_children()) or "nothing"
+
+
 def _missing_mlp_error(model: nn.Module, blocks_path: str, blocks: nn.ModuleList, layer: int) -> SiteResolutionError:
     """The error for a requested layer without an MLP: in a hybrid model whose other layers have one, it names those
     layers; else _no_mlp_error."""
@@ -447,7 +453,7 @@ def _missing_mlp_error(model: nn.Module, blocks_path: str, blocks: nn.ModuleList
     if not with_mlp:
         tried = ", ".join(f"{blocks_path}.{layer}.{p}" for p in DOWN_PROJ_PATHS)
         return _no_mlp_error(model, layer, blocks[layer], tried)
-    children = ", ".join(name for name, _ in blocks[layer].named_children()) or "nothing"
+    children = _children_text(blocks[layer])
     listed = ",".join(map(str, with_mlp))
     which = f"layers {listed} have" if len(with_mlp) > 1 else f"layer {listed} has"
     return SiteResolutionError(

@@ -91,7 +91,8 @@ def consistent_separation(separation: np.ndarray, cv_auroc: np.ndarray, cv_measu
     category neurons), plain separation when the scan does not measure it (auroc or cv_folds off). (Before, |2
     cv_auroc - 1| also kept a positive separation whose folds rank below the rest.)"""
     agreement = np.maximum(np.sign(separation) * (2.0 * cv_auroc - 1.0), 0.0)
-    return np.where(np.isnan(cv_auroc), np.nan if cv_measured else separation, separation * agreement)
+    # + 0.0: a negative separation times an agreement of 0 is -0.0, which a CSV would print as such
+    return np.where(np.isnan(cv_auroc), np.nan if cv_measured else separation, separation * agreement + 0.0)
 
 
 def auroc_exact(acts: np.ndarray, mask: np.ndarray) -> np.ndarray:

@@ -119,6 +119,10 @@ def test_top_token_strings_format(top_tokens):
     assert len(text) == 12 and list(text.columns) == ["layer", "neuron", "top_tokens"]
     assert text["top_tokens"].iloc[0] == "[('pizza', 0.823), ('bread', 0.5)]"
     assert analysis.top_token_strings(top_tokens, digits=1)["top_tokens"].iloc[0] == "[('pizza', 0.8), ('bread', 0.5)]"
+    small = top_tokens.assign(activation=top_tokens["activation"] * 1e-3)  # below 1: significant digits, not decimals
+    assert analysis.top_token_strings(small)["top_tokens"].iloc[0] == "[('pizza', 0.000823), ('bread', 0.0005)]"
+    large = top_tokens.assign(activation=top_tokens["activation"] * 100)  # 82.3456 -> 3 decimals
+    assert analysis.top_token_strings(large)["top_tokens"].iloc[0].startswith("[('pizza', 82.3")
     assert analysis.top_token_strings(top_tokens.iloc[:0]).empty
 
 
@@ -130,11 +134,13 @@ def test_readable_top_tokens_turns_the_original_list_into_text(top_tokens):
         mine = top_tokens[(top_tokens["layer"] == row.layer) & (top_tokens["neuron"] == row.neuron)].sort_values("rank")
         peak = mine["activation"].abs().max()
         digits = 2 if peak >= 0.1 else 3
-        expected = " · ".join(f"{t.strip()} {round(a, 3):.{digits}f}" for t, a in zip(mine["token"], mine["activation"]))
+        expected = " · ".join(f"{t.strip()} {float(f'{a:.3g}'):.{digits}f}" for t, a in zip(mine["token"], mine["activation"]))
         assert analysis.readable_top_tokens(row.top_tokens) == expected
     quirky = str([(" Paris", 3.2), ("'s", 2.914), ('say "hi"', -0.5), (" ", 0.25)])
     assert analysis.readable_top_tokens(quirky) == "Paris 3.20 · 's 2.91 · say \"hi\" -0.50 · ' ' 0.25"
     assert analysis.readable_top_tokens(str([("tiny", 0.0123), ("less", 0.004)])) == "tiny 0.012 · less 0.004"
+    # a neuron whose activations are all small (a routed expert's, 2e-4): still told apart, not "0.000" each
+    assert analysis.readable_top_tokens(str([("tree", 0.000201), ("car", 0.000156)])) == "tree 0.00020 · car 0.00016"
     for other in (None, np.nan, "", "pizza, bread", "[('broken', )", "[('nan', nan)]"):
         assert analysis.readable_top_tokens(other) is other
 

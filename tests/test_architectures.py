@@ -493,6 +493,9 @@ def test_hybrid_with_an_mlp_as_its_mixer_finds_it_and_names_the_layers_with_one(
     with pytest.raises(SiteResolutionError, match=r"layer 0 has no MLP .*its layers 1,3 have one: "):
         resolve_sites(model, [0, 1], with_moe=True)
     assert layers_without_mlp(model) == [0, 2]
+    with pytest.raises(SiteResolutionError, match=r"layer 2 has no MLP \(the block holds: norm \(NemotronHRMSNorm\), "
+                       r"mixer \(NemotronHAttention\)\)"):  # every block holds a "mixer": its class says which  # fmt: skip
+        resolve_sites(model, [2])
     assert [(s.layer, s.kind) for s in resolve_sites(model, with_moe=True)] == [(1, "dense"), (3, "shared_expert")]
 
 

@@ -110,7 +110,8 @@ def test_json_keyed_by_neuron(result):
         tops = result.top_tokens[(result.top_tokens["layer"] == layer) & (result.top_tokens["neuron"] == neuron)]
         assert [t for t, _ in entry["top_tokens"]] == tops.sort_values("rank")["token"].tolist()
         # rounded in float64, so 1.557783 is 1.5578, not float32's 1.557800054550171
-        assert [a for _, a in entry["top_tokens"]] == [round(float(a), 4) for a in tops.sort_values("rank")["activation"]]
+        shown = [round(float(a), 4) if abs(a) >= 1 else float(f"{a:.4g}") for a in tops.sort_values("rank")["activation"]]
+        assert [a for _, a in entry["top_tokens"]] == shown  # 4 decimals, or 4 significant digits below 1
 
 
 def test_json_written_to_path(result, tmp_path):

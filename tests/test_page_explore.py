@@ -261,7 +261,16 @@ def test_correlation_method_metric_and_layer_range(result):
     assert not np.allclose(
         expected.to_numpy(), analysis.category_correlation(result.scores, "avg_activation", "spearman").to_numpy()
     )
-    assert any("layers 2–4" in c.value for c in at.caption)
+    assert any("layers 2-4" in c.value for c in at.caption)
+
+
+def test_correlation_names_the_scanned_layers_of_a_range_with_gaps(result):
+    """A hybrid's run has no rows for its layers without an MLP: a range over them names the layers it has."""
+    gapped = dataclasses.replace(result, scores=result.scores[result.scores["layer"] != 3].reset_index(drop=True))
+    at = open_page("correlation", gapped)
+    at.select_slider(key="layers").set_range(2, 4).run()
+    assert_clean(at)
+    assert any("in layers 2, 4" in c.value for c in at.caption), [c.value for c in at.caption]
 
 
 def test_correlation_of_one_layer_says_layer_not_a_range(result):
@@ -484,7 +493,7 @@ def test_moe_correlation_page_matches_numpy_over_every_expert_neuron(moe_result,
     np.testing.assert_allclose(shown.to_numpy(dtype=float), expected, atol=1e-12)
     in_range = moe_result.scores[moe_result.scores["layer"].isin([1, 2])]
     assert in_range["score"].isna().any()  # an expert that never saw a category: pairs go over fewer neurons
-    said = f"across up to {n_neurons} neurons in layers 1–2 (each pair over the neurons with a value for both categories)"
+    said = f"across up to {n_neurons} neurons in layers 1-2 (each pair over the neurons with a value for both categories)"
     assert n_neurons == 17 and any(said in c.value for c in at.caption)
 
 

@@ -72,6 +72,7 @@ def test_score_keeps_separation_only_where_the_folds_of_words_agree_with_its_sig
     separation = np.array([2.0, 2.0, -2.0, -2.0, 2.0, 2.0])
     cv_auroc = np.array([0.9, 0.2, 0.1, 0.8, 0.5, np.nan])
     np.testing.assert_allclose(consistent_separation(separation, cv_auroc), [1.6, 0.0, -1.6, 0.0, 0.0, np.nan])
+    assert not np.signbit(consistent_separation(separation, cv_auroc)[3]), "0, not -0.0 (a CSV prints '-0.0')"
     np.testing.assert_allclose(consistent_separation(separation, np.full(6, np.nan), cv_measured=False), separation)
 
 

@@ -3,6 +3,7 @@
 import streamlit as st
 
 from mechamap_core import analysis, charts
+from mechamap_core.config import layer_list_text
 from mechamap_ui import widgets
 from mechamap_ui.state import require_result
 
@@ -30,7 +31,8 @@ except (ValueError, KeyError) as err:
     st.error(f"Could not compute the correlation: {err}.")
     st.stop()
 
-where = f"layer {lo}" if lo == hi else f"layers {lo}–{hi}"
+chosen = [layer for layer in layers if lo <= layer <= hi]  # a hybrid's scanned layers need not be consecutive
+where = f"layer {lo}" if lo == hi else f"layers {layer_list_text(chosen)}"
 in_range = scores[scores["layer"].between(lo, hi)]
 n_neurons = in_range[analysis.shown_key(scores)].drop_duplicates().shape[0]
 gaps = in_range[metric].isna().any()  # pandas correlates each pair over the neurons with a value for both

@@ -73,7 +73,8 @@ with st.expander("All statistics"):
     capped_table(table, column_config=stat_column_config(table, permutation_count(result.metadata)))
 
 st.markdown("#### Top-activating examples")
-st.dataframe(top_examples(result, layer, neuron, expert=expert), hide_index=True)
+examples = top_examples(result, layer, neuron, expert=expert)
+st.dataframe(examples, hide_index=True, column_config=stat_column_config(examples))  # small activations: 3 significant digits
 
 samples = quantile_samples(result, layer, neuron, expert=expert)
 if samples is not None:  # a streamed corpus scan: its texts and per-token activations were not kept
@@ -84,7 +85,7 @@ if samples is not None:  # a streamed corpus scan: its texts and per-token activ
         "examples and tokens sampled across its activation quantiles (band 0 = lowest), not every token's "
         "activation, so there is no histogram or coloured text here."
     )
-    st.dataframe(samples, hide_index=True)
+    st.dataframe(samples, hide_index=True, column_config=stat_column_config(samples))
 
 lm = model_for(result)  # the run's model, for what the page computes again below (None: not available here)
 if samples is None:
