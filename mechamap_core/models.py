@@ -219,6 +219,36 @@ def model_depth(spec: str) -> tuple[int, int | None] | None:
     return None if folder is None else folder_depth(folder)
 
 
+def model_layers_without_mlp(spec: str) -> list[int] | None:
+    """sites.layers_without_mlp of the model model_depth reads (a hybrid's Mamba or attention-only layers; [] for
+    most models), from its config.json alone: the model's modules are built on the meta device (no weights, no
+    memory), so that a page can refuse such a layer before a scan loads anything. None where the config cannot be
+    read or the model cannot be built from it here."""
+    try:
+        source, is_local = resolve_model_source(spec)
+        folder = Path(source) if is_local else hub.cached_snapshot(*hub.parse_hub_spec(source))
+        config_file = Path(folder) / "config.json" if folder is not None else None
+        return None if config_file is None else _config_layers_without_mlp(str(config_file), config_file.stat().st_mtime_ns)
+    except (ModelNotAvailableError, OSError):
+        return None
+
+
+@functools.lru_cache(maxsize=16)
+def _config_layers_without_mlp(config_file: str, modified_ns: int) -> list[int] | None:
+    """model_layers_without_mlp of one config.json, kept while the file is unchanged (modified_ns)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    from .sites import layers_without_mlp
+
+    try:
+        config = AutoConfig.from_pretrained(Path(config_file).parent, local_files_only=True, trust_remote_code=False)
+        with torch.device("meta"):
+            model = (AutoModelForCausalLM if _is_causal(config) else AutoModel).from_config(config, trust_remote_code=False)
+        return layers_without_mlp(model)
+    except Exception:  # noqa: BLE001 - a pre-check only: any model it cannot build is checked by the scan itself
+        return None
+
+
 def folder_depth(folder: Path) -> tuple[int, int | None] | None:
     """model_depth of the model whose config.json is in folder (None where it cannot be read or does not say)."""
     config_file = Path(folder) / "config.json"

@@ -84,6 +84,19 @@ def layers_out_of_range(layers: list[int] | None, n_layers: int | None) -> str |
     return None if problem is None else as_sentence(problem)
 
 
+def layers_without_mlp_problem(layers: list[int] | None, without: list[int] | None, n_layers: int | None) -> str | None:
+    """The scan's refusal of chosen layers that hold no MLP (a hybrid model's Mamba or attention-only layers; without:
+    models.model_layers_without_mlp), as a sentence naming the layers to pick instead; None when none is chosen, or
+    nothing is known."""
+    bad = sorted(set(layers or []) & set(without or []))
+    if not bad or n_layers is None:
+        return None
+    named = f"Layer {bad[0]} holds" if len(bad) == 1 else f"Layers {core_config.layer_list_text(bad)} hold"
+    others = [layer for layer in range(n_layers) if layer not in set(without)]
+    return (f"{named} no MLP (a Mamba or attention-only layer of this hybrid model): pick among layers "
+            f"{core_config.layer_list_text(others)}, or leave the field empty to scan every layer with an MLP.")
+
+
 def metric_picker(scores: pd.DataFrame, key: str, label: str = "Metric", default: str = "score", in_url: bool = False) -> str:
     """Selectbox over the analysis.METRICS present in scores; returns the column name (e.g. "score").
 

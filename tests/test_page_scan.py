@@ -312,6 +312,30 @@ def test_a_local_folders_layers_are_checked_before_any_job(app_env, tiny_models)
     assert scan_button(at).disabled
 
 
+def test_a_hybrids_layers_without_an_mlp_are_refused_before_any_job(app_env, tmp_path):
+    """A Nemotron-H folder (layers: Mamba-2, MLP, attention, MoE): a chosen Mamba or attention layer is refused while
+    typed, naming the layers to pick (from its config alone, built on the meta device); the MLP layers pass."""
+    from tiny_models import bundled_tokenizer, tiny_model
+
+    from mechamap_core.models import model_layers_without_mlp
+
+    folder = tmp_path / "nemotron_h"
+    tiny_model("nemotron_h").save_pretrained(folder)
+    bundled_tokenizer().save_pretrained(folder)
+    assert model_layers_without_mlp(str(folder)) == [0, 2]
+    assert model_layers_without_mlp(str(tmp_path / "missing")) is None
+    at = scan_page()
+    at.radio(key="scan_source").set_value("Local folder").run()
+    at.text_input(key="scan_local_dir").set_value(str(folder)).run()
+    at.text_input(key="scan_layers").set_value("0,1,2").run()
+    no_exception(at)
+    assert texts(at.error) == ["Layers 0, 2 hold no MLP (a Mamba or attention-only layer of this hybrid model): pick "
+                               "among layers 1, 3, or leave the field empty to scan every layer with an MLP."]  # fmt: skip
+    assert scan_button(at).disabled
+    at.text_input(key="scan_layers").set_value("1,3").run()
+    assert not at.error and not scan_button(at).disabled
+
+
 def test_layers_are_checked_against_no_count_for_a_model_the_page_does_not_know(app_env):
     """A Hub model whose config is not in the cache (nor reachable: no network here) has no layer count before it
     loads: its layers are left to the scan to check."""

@@ -12,7 +12,7 @@ import torch
 from mechamap_core import analysis, export, hub, placement
 from mechamap_core.config import BUNDLED_MODEL_ID, parse_layer_list
 from mechamap_core.corpus import CorpusReport, parse_corpus
-from mechamap_core.models import BUNDLED_ALIASES, DTYPES, model_depth
+from mechamap_core.models import BUNDLED_ALIASES, DTYPES, model_depth, model_layers_without_mlp
 from mechamap_ui import config_tools, jobs, scanning, state, widgets
 
 MAX_CORPUS_UPLOAD_MB = 5
@@ -127,6 +127,8 @@ except ValueError as exc:
     layers, layers_problem = None, str(exc)
 else:
     layers_problem = widgets.layers_out_of_range(layers, model_layers)  # refused now, not by the job it would start
+    if layers and model_layers and not layers_problem:  # built on the meta device once per config (~2 s for 70B)
+        layers_problem = widgets.layers_without_mlp_problem(layers, model_layers_without_mlp(spec), model_layers)
 if layers_problem:
     c3.error(layers_problem)
     input_errors.append(layers_problem)
