@@ -35,10 +35,10 @@ from scipy.stats import mannwhitneyu
 
 from .alignment import find_word_spans
 from .config import ConfigError, read_yaml_file, safe_load_yaml
-from .inspect_neuron import collect_activations
+from .inspect_neuron import collect_activations, mlp_sites
 from .models import LoadedModel
 from .scan.driver import ProgressFn
-from .sites import dense_mlp_rows, hook_name
+from .sites import routed_expert_rows
 from .stats import auroc_exact
 
 SENSES = ("in_sense", "out_of_sense")
@@ -166,7 +166,8 @@ def verdict(lift_in: float, lift_out: float, p_value: float) -> tuple[str, str]:
 def contrast_table(
     lm: LoadedModel, candidates: pd.DataFrame, contrast_set: ContrastSet, progress: ProgressFn | None = None
 ) -> pd.DataFrame:
-    """Lexical or semantic verdict for candidate neurons (columns layer, neuron, category) on a contrast set.
+    """Lexical or semantic verdict for candidate neurons (columns layer, neuron, category) on a contrast set: a
+    layer's dense MLP neurons, or in a mixture-of-experts layer its shared expert's (the hook column says which).
 
     One row per candidate and contrast word of its category: layer, neuron, hook, category, word, n_in,
     n_out, in_mean, out_mean, baseline_mean, baseline_std, lift_in, lift_out, auroc, p_value, verdict,
@@ -179,6 +180,9 @@ def contrast_table(
     if cands.empty:
         raise ValueError(f"no candidate neuron is in a category of the contrast set ({', '.join(contrast_set)})")
     neurons = {int(layer): sorted(set(g["neuron"].astype(int))) for layer, g in cands.groupby("layer")}
+    with lm.lock:
+        hooks = {site.layer: site.hook for site in mlp_sites(lm.model, sorted(neurons), "the contrast check covers dense "
+                                                              "MLP and shared-expert neurons")}  # fmt: skip
     values, baseline = sentence_activations(lm, neurons, contrast_set, progress)  # the whole set: a baseline that no choice changes
     base = baseline.set_index(["layer", "neuron"])
     groups = values.groupby(["layer", "neuron", "category", "word"], sort=False)
@@ -196,7 +200,7 @@ def contrast_table(
             p_value = float(mannwhitneyu(in_vals, out_vals, alternative="greater").pvalue)
             label, reason = verdict(lift_in, lift_out, p_value)
             rows.append({
-                **cand, "layer": layer, "neuron": neuron, "hook": hook_name(layer), "word": word,
+                **cand, "layer": layer, "neuron": neuron, "hook": hooks[layer], "word": word,
                 "n_in": len(in_vals), "n_out": len(out_vals),
                 "in_mean": in_vals.mean(), "out_mean": out_vals.mean(), "baseline_mean": mean, "baseline_std": std,
                 "lift_in": lift_in, "lift_out": lift_out, "auroc": float(auroc_exact(both, is_in)[0, 0]),
@@ -222,17 +226,17 @@ def contrast_neurons(
     top: int | None = 5,
     progress: ProgressFn | None = None,
 ) -> pd.DataFrame:
-    """contrast_table for the dense MLP neurons with score >= threshold in the contrast set's categories (best
-    `top` per category by score; None = all). A mixture-of-experts model's expert and shared-expert neurons are
-    left out: an expert sees only the tokens routed to it, so most contrast words never reach it. progress as
+    """contrast_table for the dense MLP and shared-expert neurons with score >= threshold in the contrast set's
+    categories (best `top` per category by score; None = all). A mixture-of-experts model's routed-expert neurons
+    are left out: an expert sees only the tokens routed to it, so most contrast words never reach it. progress as
     contrast_table's. Raises ValueError when the run has none of the set's categories, or when no neuron is flagged in them."""
     check_shared_categories(scores, contrast_set)
     rows = scores[(scores["score"] >= threshold) & scores["category"].astype(str).isin(list(contrast_set))]
-    dense = dense_mlp_rows(rows)
-    if len(rows) and not dense.any():
-        raise ValueError(f"the neurons with score >= {threshold} in the contrast set's categories are all experts' "
-                         "(or shared experts') neurons: the contrast check covers dense MLP neurons")  # fmt: skip
-    rows = rows[dense]
+    kept = ~routed_expert_rows(rows)
+    if len(rows) and not kept.any():
+        raise ValueError(f"the neurons with score >= {threshold} in the contrast set's categories are all routed experts' "
+                         "neurons: the contrast check covers dense MLP and shared-expert neurons")  # fmt: skip
+    rows = rows[kept]
     rows = rows.sort_values("score", ascending=False, kind="stable")
     if top:
         rows = rows.groupby(rows["category"].astype(str), sort=False).head(top)

@@ -43,14 +43,15 @@ SET = {
 CANDIDATES = pd.DataFrame({"layer": [0, 1, 1], "neuron": [3, 5, 40], "category": ["color"] * 3, "score": [2.5, 2.2, 2.1]})
 
 
-def hand_values(lm, layer: int, neuron: int) -> tuple[dict, np.ndarray]:
+def hand_values(lm, layer: int, neuron: int, down: str = "encoder.layer.{layer}.output.dense") -> tuple[dict, np.ndarray]:
     """(sentence -> mean activation over the word's tokens, activations of all other tokens), computed with
-    a forward hook on the BERT output projection and the tokenizer's offsets, without MechaMap's alignment."""
+    a forward hook on the down-projection (BERT's output projection by default) and the tokenizer's offsets,
+    without MechaMap's alignment."""
     per_sentence, context = {}, []
     for word, senses in SET["color"].items():
         for sentence in senses["in_sense"] + senses["out_of_sense"]:
             enc = lm.tokenizer(sentence, return_offsets_mapping=True, return_special_tokens_mask=True)
-            acts = capture_mlp_input(lm.model, f"encoder.layer.{layer}.output.dense", enc["input_ids"])[:, neuron].numpy()
+            acts = capture_mlp_input(lm.model, down.format(layer=layer), enc["input_ids"])[:, neuron].numpy()
             lower, spans, at = sentence.lower(), [], 0
             while (at := lower.find(word, at)) >= 0:
                 spans.append((at, at + len(word)))
@@ -95,6 +96,25 @@ def test_contrast_table_matches_hand_computed_activations(tiny_bert):
         assert row.p_value == pytest.approx(exact_p_greater(in_vals, out_vals))
         assert (row.verdict, row.reason) == verdict(row.lift_in, row.lift_out, row.p_value)
         assert row.hook == f"blocks.{row.layer}.mlp.hook_post"
+
+
+def test_contrast_table_reads_a_mixture_of_experts_layers_shared_expert(tiny_models):
+    """In a Qwen2-MoE layer, (layer, neuron) is its shared expert's neuron: the values equal a hook on the shared
+    expert's down-projection, and the hook column says so. A layer of routed experts only is refused."""
+    lm = tiny_models.lm("qwen2_moe")
+    candidates = CANDIDATES.assign(neuron=[3, 5, 30])  # within the shared expert's 36 neurons
+    table = contrast_table(lm, candidates, SET)
+    assert len(table) == 3 * 2
+    for row in table.itertuples():
+        values, context = hand_values(lm, row.layer, row.neuron, "model.layers.{layer}.mlp.shared_expert.down_proj")
+        senses = SET["color"][row.word]
+        assert row.in_mean == pytest.approx(np.mean([values[s] for s in senses["in_sense"]]), abs=1e-6)
+        assert row.out_mean == pytest.approx(np.mean([values[s] for s in senses["out_of_sense"]]), abs=1e-6)
+        assert row.baseline_mean == pytest.approx(context.mean(), abs=1e-6)
+        assert row.hook == f"blocks.{row.layer}.mlp.shared_experts.hook_post"
+    with pytest.raises(ValueError, match=r"layers 0-1 have routed experts only .*: the contrast check covers dense MLP and "
+                       r"shared-expert neurons"):  # fmt: skip
+        contrast_table(tiny_models.lm("mixtral"), candidates, SET)
 
 
 @pytest.mark.parametrize(
