@@ -422,7 +422,8 @@ def category_bars(profile: pd.DataFrame) -> alt.Chart:
 
 
 def activation_histogram(token_table: pd.DataFrame, bins: int = 40) -> alt.VConcatChart:
-    """Histogram of the neuron's activations over all tokens (grey bars, tokens per bin) and, below it on the same
+    """Histogram of the neuron's activations over the tokens of token_table (all of them; a routed expert's: those
+    routed to it) (grey bars, tokens per bin) and, below it on the same
     activation axis, a row of ticks per category: one tick per token of that category (a token of two categories
     has a tick in each row), so the category tokens never sit on the count axis as if they were counts."""
     hist = (

@@ -560,7 +560,7 @@ def _run_ablate(args) -> int:
     else:
         raise ValueError("give --neurons or --csv")
     lm = _load(args, model)
-    ablation_targets(lm, neurons)  # a mixture-of-experts layer or a neuron out of range: refused before the bar
+    ablation_targets(lm, neurons)  # a layer of routed experts only or a neuron out of range: refused before the bar
     with progress_bar("ablating", "pass") as progress:
         result = ablate(lm, cfg, args.category, neurons, mode=args.mode, n_controls=args.controls, progress=progress)
     print(result.per_condition.drop(columns="neurons").to_string(index=False))

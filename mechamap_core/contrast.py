@@ -163,6 +163,9 @@ def verdict(lift_in: float, lift_out: float, p_value: float) -> tuple[str, str]:
     return "unclear", "in the sense above out of it, but not consistently across sentences"
 
 
+CONTRAST_COVERS = "the contrast check covers dense MLP and shared-expert neurons"
+
+
 def contrast_table(
     lm: LoadedModel, candidates: pd.DataFrame, contrast_set: ContrastSet, progress: ProgressFn | None = None
 ) -> pd.DataFrame:
@@ -176,13 +179,15 @@ def contrast_table(
     Raises ValueError when no candidate's category is in the contrast set.
     """
     cands = candidates.assign(category=candidates["category"].astype(str))
+    if (routed := int(routed_expert_rows(cands).sum())) > 0:
+        raise ValueError(f"{routed} of the candidates are routed experts' neurons: {CONTRAST_COVERS} (an expert sees only "
+                         "the tokens routed to it, so most contrast words never reach it)")  # fmt: skip
     cands = cands[cands["category"].isin(list(contrast_set))]
     if cands.empty:
         raise ValueError(f"no candidate neuron is in a category of the contrast set ({', '.join(contrast_set)})")
     neurons = {int(layer): sorted(set(g["neuron"].astype(int))) for layer, g in cands.groupby("layer")}
     with lm.lock:
-        hooks = {site.layer: site.hook for site in mlp_sites(lm.model, sorted(neurons), "the contrast check covers dense "
-                                                              "MLP and shared-expert neurons")}  # fmt: skip
+        hooks = {site.layer: site.hook for site in mlp_sites(lm.model, sorted(neurons), CONTRAST_COVERS)}
     values, baseline = sentence_activations(lm, neurons, contrast_set, progress)  # the whole set: a baseline that no choice changes
     base = baseline.set_index(["layer", "neuron"])
     groups = values.groupby(["layer", "neuron", "category", "word"], sort=False)
@@ -235,7 +240,7 @@ def contrast_neurons(
     kept = ~routed_expert_rows(rows)
     if len(rows) and not kept.any():
         raise ValueError(f"the neurons with score >= {threshold} in the contrast set's categories are all routed experts' "
-                         "neurons: the contrast check covers dense MLP and shared-expert neurons")  # fmt: skip
+                         f"neurons: {CONTRAST_COVERS}")  # fmt: skip
     rows = rows[kept]
     rows = rows.sort_values("score", ascending=False, kind="stable")
     if top:

@@ -276,7 +276,8 @@ def heldout_scan(lm: LoadedModel, heldout: ScanConfig, scores: pd.DataFrame, pro
 def check_candidates(lm: LoadedModel, candidates: pd.DataFrame, argument: str, rows: str) -> pd.DataFrame:
     """validate_heldout's candidates (or heldout_scan's scores; messages name the argument, and its rows as `rows`,
     e.g. "flagged rows") checked, as their key columns (layer, expert where routed experts are, neuron, category as
-    text) and each row's hook (its own column's, else the layer's or its expert's hook name). Raises TypeError for a non-DataFrame; ValueError for a missing column, a
+    text) and each row's hook (its own column's, else its expert's hook name, or the layer's: its dense MLP's or, in a
+    mixture-of-experts layer, its shared expert's, as everywhere a layer key names a neuron). Raises TypeError for a non-DataFrame; ValueError for a missing column, a
     (layer, expert, neuron, category) repeated (merged back, each copy would multiply the results: refused, as
     the copies may differ), or a neuron outside its layer's (or expert's) range in the model, negative included."""
     if not isinstance(candidates, pd.DataFrame):
@@ -300,12 +301,16 @@ def check_candidates(lm: LoadedModel, candidates: pd.DataFrame, argument: str, r
 
 
 def _check_sites_and_neurons(lm: LoadedModel, cands: pd.DataFrame, hooks_given: bool = True) -> None:
-    """Raises ValueError for a candidate (layer, hook, neuron) the model does not have (check_neuron_range), and,
-    where the candidates had no hook column (hooks_given False), for a row of an empty expert in a
-    mixture-of-experts layer: its shared expert's, which only that column tells apart."""
+    """Raises ValueError for a candidate (layer, hook, neuron) the model does not have (check_neuron_range). Where
+    the candidates had no hook column (hooks_given False), a row of an empty expert in a mixture-of-experts layer
+    is its shared expert's: its hook in cands is set so."""
     with lm.lock:
         _, sites = resolve_hook_points(lm.model, sorted({int(layer) for layer in cands["layer"]}))
     widths = {site.hook: site.d_mlp for site in sites}
+    if not hooks_given:
+        shared = cands["hook"].map(lambda hook: hook not in widths) & cands["layer"].map(
+            lambda layer: shared_expert_hook_name(int(layer)) in widths)  # fmt: skip
+        cands.loc[shared, "hook"] = cands.loc[shared, "layer"].map(lambda layer: shared_expert_hook_name(int(layer)))
     for (layer, hook), group in cands.groupby(["layer", "hook"], sort=False):
         layer = int(layer)
         expert = group["expert"].iloc[0] if "expert" in group.columns else pd.NA
@@ -315,9 +320,6 @@ def _check_sites_and_neurons(lm: LoadedModel, cands: pd.DataFrame, hooks_given: 
             where = f"the shared expert of layer {layer}"
         else:
             where = f"expert {int(expert)} of layer {layer}" if pd.notna(expert) else f"hook {hook}"
-        if hook not in widths and not hooks_given and shared_expert_hook_name(layer) in widths:
-            raise ValueError(f"layer {layer} is a mixture-of-experts layer without a dense MLP, so its rows with an "
-                             "empty expert are its shared expert's: keep their hook column, which tells them apart")  # fmt: skip
         if hook not in widths:
             raise ValueError(f"the model has no hook {hook} ({where}): are these scores of another model?")
         check_neuron_range(group["neuron"].astype(int), widths[hook], where)
@@ -572,14 +574,14 @@ def ablation_targets(lm: LoadedModel, neurons) -> tuple[dict[int, list[int]], li
         by_layer.setdefault(layer, []).append(neuron)
     with lm.lock:
         sites = mlp_sites(lm.model, sorted(by_layer), ROUTED_ONLY_ABLATION)
-    d_mlp = {s.layer: s.d_mlp for s in sites}
+    d_mlp, where = {s.layer: s.d_mlp for s in sites}, {s.layer: s.where for s in sites}
     for layer, ids in by_layer.items():
-        check_neuron_range(ids, d_mlp[layer], f"layer {layer}")
+        check_neuron_range(ids, d_mlp[layer], where[layer])
         if d_mlp[layer] - len(ids) <= len(ids):  # with no more others than targets, every control set is the same
-            raise ValueError(f"layer {layer} has {d_mlp[layer]} neurons: ablating {len(ids)} of them leaves "
+            raise ValueError(f"{where[layer]} has {d_mlp[layer]} neurons: ablating {len(ids)} of them leaves "
                              f"{d_mlp[layer] - len(ids)} others, and the random control sets need {len(ids)} of more "
                              f"than {len(ids)} to match the targets' size and differ from each other; ablate at most "
-                             f"{(d_mlp[layer] - 1) // 2} neurons of layer {layer}")  # fmt: skip
+                             f"{(d_mlp[layer] - 1) // 2} neurons of {where[layer]}")  # fmt: skip
     return by_layer, sites
 
 

@@ -55,7 +55,7 @@ def _view_points(model: torch.nn.Module, neurons: dict) -> tuple[list, dict]:
     sites = mlp_sites(model, sorted(key for key in neurons if not isinstance(key, tuple)))
     pick: dict = {}
     for site in sites:
-        check_neuron_range(neurons[site.layer], site.d_mlp, f"layer {site.layer}")
+        check_neuron_range(neurons[site.layer], site.d_mlp, site.where)
         pick[site.hook] = torch.tensor(neurons[site.layer], dtype=torch.long)
     wanted = sorted(key for key in neurons if isinstance(key, tuple))
     moe_layers = {moe.layer: moe for moe in find_moe_layers(model, sorted({layer for layer, _ in wanted}))} if wanted else {}
@@ -127,8 +127,9 @@ def token_activations(
     lm: LoadedModel, text: str, layer: int, neuron: int, max_chunk_tokens: int = 0, expert: int | None = None
 ) -> pd.DataFrame:
     """This neuron's activation on every token of text (in chunks of max_chunk_tokens, 0: the model's limit): token,
-    start, end, activation (of routed expert `expert`'s neuron when given: NaN on the tokens not routed to it).
-    Raises ValueError as collect_activations does."""
+    start, end, activation. Without expert: the layer's dense MLP neuron or, in a mixture-of-experts layer, its shared
+    expert's (as the run's rows with an empty expert); with it: routed expert `expert`'s neuron, NaN on the tokens
+    not routed to it. Raises ValueError as collect_activations does."""
     key = neuron_set(layer, expert)
     aligned, acts = collect_activations(lm, [text], {key: [neuron]}, max_chunk_tokens=max_chunk_tokens)
     out = aligned.tokens[["token", "start", "end"]].copy()
@@ -299,7 +300,8 @@ def direct_effect_note(lm: LoadedModel, layer: int | None = None, expert: int | 
     model_type = _model_type(lm)
     notes = [NO_DIRECT_PATH.get(model_type) or DIRECT_EFFECT_CAVEATS.get(model_type)]
     if layer is not None and expert is not None:
-        notes.append(ROUTER_WEIGHTED)
+        (moe,) = find_moe_layers(lm.model, [layer])  # Llama 4 scales the expert's input: inside the activation already
+        notes.append(None if moe.layout == "scaled" else ROUTER_WEIGHTED)
     elif layer is not None and (moe := find_moe_layers(lm.model, [layer])) and hasattr(moe[0].block, "shared_expert_gate"):
         notes.append(SHARED_GATED)  # Qwen2-MoE, Qwen3-Next, Qwen3.5-MoE
     said = [note for note in notes if note]

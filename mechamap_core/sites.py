@@ -92,6 +92,11 @@ class NeuronSite:
         """TransformerLens-style hook name for these neurons."""
         return shared_expert_hook_name(self.layer) if self.kind == "shared_expert" else hook_name(self.layer)
 
+    @property
+    def where(self) -> str:
+        """These neurons in words, for messages: "layer 3", or "the shared expert of layer 3"."""
+        return f"the shared expert of layer {self.layer}" if self.kind == "shared_expert" else f"layer {self.layer}"
+
     def output_weight(self):
         """[d_mlp, d_model] weight that maps each neuron to the residual stream."""
         weight = self.module.weight

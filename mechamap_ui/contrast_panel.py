@@ -13,8 +13,9 @@ from mechamap_ui.widgets import neuron_table, progress_bar, stat_column_config
 
 CONTRAST_RESULT = "contrast_result"
 BUILT_IN = "Built-in (ambiguous words of the default categories)"
+# hook: a dense MLP's, or (the same layer:neuron) a mixture-of-experts layer's shared expert's
 SHOWN = ["layer", "neuron", "category", "word", "verdict", "score", "lift_in", "lift_out", "auroc", "p_value",
-         "reason"]  # fmt: skip
+         "reason", "hook"]  # fmt: skip
 
 
 def _contrast_set():

@@ -89,7 +89,7 @@ def layers_without_mlp_problem(layers: list[int] | None, without: list[int] | No
     models.model_layers_without_mlp), as a sentence naming the layers to pick instead; None when none is chosen, or
     nothing is known."""
     bad = sorted(set(layers or []) & set(without or []))
-    if not bad or n_layers is None:
+    if not bad or n_layers is None or len(set(without)) >= n_layers:  # no MLP anywhere: the scan's own refusal says so
         return None
     named = f"Layer {bad[0]} holds" if len(bad) == 1 else f"Layers {core_config.layer_list_text(bad)} hold"
     others = [layer for layer in range(n_layers) if layer not in set(without)]

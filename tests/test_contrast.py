@@ -112,6 +112,9 @@ def test_contrast_table_reads_a_mixture_of_experts_layers_shared_expert(tiny_mod
         assert row.out_mean == pytest.approx(np.mean([values[s] for s in senses["out_of_sense"]]), abs=1e-6)
         assert row.baseline_mean == pytest.approx(context.mean(), abs=1e-6)
         assert row.hook == f"blocks.{row.layer}.mlp.shared_experts.hook_post"
+    routed = candidates.assign(expert=pd.array([pd.NA, 2, pd.NA], dtype="Int64"))  # a routed expert's row: refused
+    with pytest.raises(ValueError, match=r"^1 of the candidates are routed experts' neurons: the contrast check covers"):
+        contrast_table(lm, routed, SET)
     with pytest.raises(ValueError, match=r"layers 0-1 have routed experts only .*: the contrast check covers dense MLP and "
                        r"shared-expert neurons"):  # fmt: skip
         contrast_table(tiny_models.lm("mixtral"), candidates, SET)

@@ -14,7 +14,7 @@ from tiny_models import D_EXPERT, D_SHARED, N_EXPERTS
 
 from mechamap_core import analysis, scan
 from mechamap_core.cli import _note_categories_without_statistics, main
-from mechamap_core.hypothesis import NeuronsLeftOut, ablate, flagged_for_category, validate_heldout
+from mechamap_core.hypothesis import NeuronsLeftOut, ablate, ablation_targets, flagged_for_category, validate_heldout
 from mechamap_core.inspect_neuron import direct_effect, quantile_samples, token_activations, top_examples
 from mechamap_core.scan import MIN_CATEGORY_TOKENS
 from mechamap_core.scan.stream import scan_stream, stream_result
@@ -135,6 +135,10 @@ def test_per_token_views_read_shared_and_routed_experts_and_ablation_refuses_rou
     routed = token_activations(lm, "Paris is in France.", 1, 3, expert=2)
     assert routed["token"].tolist() == shared["token"].tolist()  # every token; NaN where not routed to expert 2
     assert len(direct_effect(lm, 1, 3)) == len(direct_effect(lm, 1, 3, expert=2)) == 20
+    with pytest.raises(ValueError, match=re.escape("neuron 40 is out of range for the shared expert of layer 1 (0-35)")):
+        token_activations(lm, "Paris is in France.", 1, 40)
+    with pytest.raises(ValueError, match="^the shared expert of layer 1 has 36 neurons: ablating 18 of them"):
+        ablation_targets(lm, [(1, n) for n in range(18)])
     mixtral = tiny_models.lm("mixtral")  # routed experts only
     with pytest.raises(ValueError) as info:
         ablate(mixtral, default_cfg, "food", [(1, 3)], n_controls=2)
@@ -170,8 +174,12 @@ def test_routing_with_only_dense_layers_of_an_moe_model_says_so(tiny_models, tmp
     assert not routing.exists()
 
 
-def test_heldout_check_of_shared_expert_rows_without_their_hook_asks_for_it(tiny_models):
-    candidates = pd.DataFrame({"layer": [1], "expert": pd.array([pd.NA], dtype="Int64"), "neuron": [0], "category": ["food"]})
-    with pytest.raises(ValueError, match="layer 1 is a mixture-of-experts layer without a dense MLP, so its rows with an "
-                                         "empty expert are its shared expert's: keep their hook column"):  # fmt: skip
-        validate_heldout(tiny_models.lm("qwen2_moe"), candidates, HELDOUT)
+def test_heldout_check_reads_rows_of_an_empty_expert_without_their_hook_as_the_shared_experts(tiny_models):
+    """As everywhere a layer key names a neuron (views, ablation, contrast), (layer 1, no expert) in a Qwen2-MoE layer
+    is its shared expert's neuron: the same result as with the hook column given."""
+    lm = tiny_models.lm("qwen2_moe")
+    bare = pd.DataFrame({"layer": [1], "expert": pd.array([pd.NA], dtype="Int64"), "neuron": [0], "category": ["food"]})
+    with_hook = bare.assign(hook=shared_expert_hook_name(1))
+    (read, _), (given, _) = validate_heldout(lm, bare, HELDOUT), validate_heldout(lm, with_hook, HELDOUT)
+    assert read["hook"].tolist() == [shared_expert_hook_name(1)]
+    pd.testing.assert_frame_equal(read, given)

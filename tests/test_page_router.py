@@ -342,7 +342,8 @@ def test_router_page_warns_when_a_layers_gate_output_failed_its_check(app_env, m
 
 def test_hypothesis_page_checks_expert_neurons_on_heldout_text(app_env, default_cfg, tmp_path):
     """A loadable MoE model's run on the Test page: the held-out check measures its expert neurons (no
-    traceback); ablation and the word-form-or-meaning check say they cover dense neurons, which this model lacks."""
+    traceback); ablation and the word-form-or-meaning check say they cover dense and shared-expert neurons, which
+    this model lacks."""
     import shutil
 
     from conftest import REPO_ROOT
@@ -370,7 +371,7 @@ def test_hypothesis_page_checks_expert_neurons_on_heldout_text(app_env, default_
     at.number_input(key="contrast_threshold").set_value(-100.0).run()
     at.button(key="contrast_run").click().run()
     no_exception(at)
-    assert any("the contrast check covers dense MLP neurons" in e.value for e in at.error)
+    assert any("the contrast check covers dense MLP and shared-expert neurons" in e.value for e in at.error)
 
 
 def test_ablation_says_on_the_page_how_many_flagged_expert_neurons_it_leaves_out(app_env, tiny_models, default_cfg):

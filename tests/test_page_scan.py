@@ -324,6 +324,9 @@ def test_a_hybrids_layers_without_an_mlp_are_refused_before_any_job(app_env, tmp
     bundled_tokenizer().save_pretrained(folder)
     assert model_layers_without_mlp(str(folder)) == [0, 2]
     assert model_layers_without_mlp(str(tmp_path / "missing")) is None
+    from mechamap_ui.widgets import layers_without_mlp_problem
+
+    assert layers_without_mlp_problem([0], [0, 1], 2) is None, "no MLP anywhere (Mamba): the scan's refusal says so"
     at = scan_page()
     at.radio(key="scan_source").set_value("Local folder").run()
     at.text_input(key="scan_local_dir").set_value(str(folder)).run()

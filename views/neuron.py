@@ -137,5 +137,7 @@ if typed.strip():
             if note := reload_note(result, lm):
                 st.caption(note)
             st.html(coloured_text_html(typed, acts))
+            if acts["activation"].isna().any():
+                st.caption(f"A blank activation: the router did not send that token to expert {expert}.")
             shown = acts[["token", "activation"]]
             st.dataframe(shown, hide_index=True, column_config=stat_column_config(shown))  # one number format
