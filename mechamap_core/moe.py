@@ -306,9 +306,15 @@ class MoELayer:
                     x = x * top_k_weights.reshape(-1)[slot.to(top_k_weights.device)][:, None].to(x)
                 yield ExpertActivations(expert, rows, self._recompute(x, expert))
 
-    def recomputed_activations(self, routed: RoutedTokens, counted: torch.Tensor) -> Iterator[ExpertActivations]:
-        """iter_expert_activations for the tokens of `routed` where counted [T] (bool) is set: recomputed."""
-        index = torch.where(counted[:, None].to(routed.top_k_index.device), routed.top_k_index, self.n_experts)
+    def recomputed_activations(
+        self, routed: RoutedTokens, counted: torch.Tensor, experts: list[int] | None = None
+    ) -> Iterator[ExpertActivations]:
+        """iter_expert_activations for the tokens of `routed` where counted [T] (bool) is set: recomputed, for every
+        expert or only those listed (the others get no rows and cost nothing)."""
+        keep = counted[:, None].to(routed.top_k_index.device)
+        if experts is not None:
+            keep = keep & torch.isin(routed.top_k_index, torch.as_tensor(experts, device=routed.top_k_index.device))
+        index = torch.where(keep, routed.top_k_index, self.n_experts)
         return self.iter_expert_activations(routed.hidden, index, routed.top_k_weights)
 
     @property

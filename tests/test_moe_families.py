@@ -604,3 +604,27 @@ def test_direct_effect_of_an_expert_neuron_equals_the_unembedded_output_column(n
                                    rtol=1e-5, atol=1e-6)  # fmt: skip
         gated = hasattr(case.model.get_submodule(case.family.block.format(L=layer)), "shared_expert_gate")
         assert ("sigmoid(shared_expert_gate)" in (direct_effect_note(lm, layer) or "")) == gated
+
+
+@pytest.mark.parametrize("name", ["dbrx", "llama4_text"])
+def test_a_view_of_one_routed_expert_computes_that_expert_only(name, cases, monkeypatch):
+    """Where the scan recomputes experts (here DBRX's stacked and Llama 4's scaled ones), a view of one expert's
+    neurons recomputes that expert alone, with the values of the float64 reference on its routed tokens."""
+    from mechamap_core.inspect_neuron import collect_activations
+    from mechamap_core.moe import MoELayer
+
+    case = cases(name)
+    layer, expert = case.family.moe[-1], 2
+    computed = []
+    recompute = MoELayer._recompute
+    monkeypatch.setattr(MoELayer, "_recompute", lambda self, x, e: computed.append(e) or recompute(self, x, e))
+    lm = wrap_model(case.model, bundled_tokenizer(), f"tiny-{name}")
+    _, acts = collect_activations(lm, [TEXT], {(layer, expert): list(range(D_EXPERT))}, CATEGORIES)
+    assert set(computed) == {expert}, computed
+    counts, n_seen, means = case.expected[f"blocks.{layer}.mlp.experts.{expert}.hook_post"]
+    values = acts[(layer, expert)]
+    seen = ~np.isnan(values).any(axis=1)
+    assert int(seen.sum()) == n_seen
+    got = Case.category_means(values[seen].astype(np.float64), case.mask[seen])
+    present = counts > 0
+    np.testing.assert_allclose(got[present], means[present], rtol=RTOL, atol=RTOL * np.abs(means[present]).max())

@@ -131,6 +131,11 @@ def site_device(site: Site, fallback: torch.device) -> torch.device:
     return fallback
 
 
+def _reads_none(pick) -> bool:
+    """Whether a site's n_neurons entry picks no neuron (0, or an empty index): its expert need not be computed."""
+    return pick is None or (isinstance(pick, int) and pick == 0) or (isinstance(pick, torch.Tensor) and pick.numel() == 0)
+
+
 def run_hooked_forward(
     lm: LoadedModel,
     batch_stream: Iterable[Batch],
@@ -205,7 +210,9 @@ def run_hooked_forward(
 
     def read_recomputed(point: MoELayer, routed) -> None:
         slots_of_rows = current["batch"].slots_on(routed.top_k_index.device)
-        read_experts(point, point.recomputed_activations(routed, slots_of_rows >= 0), slots_of_rows)
+        read = [e for e in range(point.n_experts) if not _reads_none(n_neurons.get(point.hook_name(e)))]
+        read = None if len(read) == point.n_experts else read  # a view of some experts: the others are not computed
+        read_experts(point, point.recomputed_activations(routed, slots_of_rows >= 0, read), slots_of_rows)
 
     def gate_hook(point: MoELayer):
         def on_gate_output(gated: torch.Tensor) -> None:
