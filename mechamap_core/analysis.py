@@ -180,8 +180,7 @@ def layers_without_mlp_note(metadata: dict) -> str | None:
     depth = metadata.get("n_layers_model")
     named = f"Layer {without[0]}" if len(without) == 1 else f"Layers {layer_list_text(without)}"
     verb = "holds" if len(without) == 1 else "hold"
-    every = scan_coverage(metadata).get(LAYERS_SCANNED, "").startswith("all ")
-    read = ", so the scan of every layer read the others" if every else ""
+    read = ", so the scan of every layer read the others" if covers_every_layer(metadata) else ""
     return f"{named}{f' of {depth}' if depth else ''} {verb} no MLP (a hybrid model's Mamba or attention-only layers): they have no MLP neurons{read}."
 
 
@@ -463,11 +462,11 @@ def scan_coverage(metadata: dict) -> dict[str, str]:
     if metadata.get("layers") is not None:
         layers = sorted(int(layer) for layer in metadata["layers"])
         depth = metadata.get("n_layers_model")
-        without = set(metadata.get("layers_without_mlp") or ())
-        whole = depth is not None and layers == [layer for layer in range(int(depth)) if layer not in without]
-        of_depth = "" if depth is None else f" of {depth}"
-        listed = layer_list_text(layers) + of_depth
-        coverage[LAYERS_SCANNED] = listed if not whole else f"all {len(layers)} with an MLP ({listed})" if without else "all"
+        listed = layer_list_text(layers) + ("" if depth is None else f" of {depth}")
+        if not covers_every_layer(metadata):
+            coverage[LAYERS_SCANNED] = listed
+        else:
+            coverage[LAYERS_SCANNED] = f"all {len(layers)} with an MLP ({listed})" if metadata.get("layers_without_mlp") else "all"
     widths = metadata.get("neurons_per_site") or metadata.get("neurons_per_layer")
     if widths:
         coverage[NEURONS_SCANNED] = number_span([int(width) for width in widths.values()])
@@ -475,6 +474,16 @@ def scan_coverage(metadata: dict) -> dict[str, str]:
         corpus = f"a corpus ({metadata['corpus']})" if metadata.get("corpus") else "a corpus"
         coverage[TEXT_SCANNED] = corpus if metadata.get("source") == "corpus" else "the master text"
     return coverage
+
+
+def covers_every_layer(metadata: dict) -> bool:
+    """Whether a run scanned every layer of its model that holds an MLP (all of them, but in a hybrid model: its
+    metadata's layers_without_mlp), from its metadata's layers and n_layers_model (False where either is missing)."""
+    layers, depth = metadata.get("layers"), metadata.get("n_layers_model")
+    if layers is None or depth is None:
+        return False
+    without = set(metadata.get("layers_without_mlp") or ())
+    return sorted(int(layer) for layer in layers) == [layer for layer in range(int(depth)) if layer not in without]
 
 
 def number_span(values: list[int]) -> str:

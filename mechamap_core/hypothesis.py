@@ -291,26 +291,33 @@ def check_candidates(lm: LoadedModel, candidates: pd.DataFrame, argument: str, r
     key = ["layer", "expert", "neuron", "category"] if experts else ["layer", "neuron", "category"]
     cands = candidates[key].copy()
     cands["category"] = cands["category"].astype(str)
+    check_one_row_per_neuron(cands, rows)
+    widths = _site_widths(lm, cands["layer"]) if not cands.empty else {}
     cands["hook"] = candidates["hook"].astype(str) if "hook" in candidates.columns else [
-        expert_hook_name(int(r.layer), int(r.expert)) if experts and pd.notna(r.expert) else hook_name(int(r.layer))
+        expert_hook_name(int(r.layer), int(r.expert)) if experts and pd.notna(r.expert) else _layer_key_hook(int(r.layer), widths)
         for r in cands.itertuples()]  # fmt: skip
-    check_one_row_per_neuron(cands[key], rows)
     if not cands.empty:
-        _check_sites_and_neurons(lm, cands, hooks_given="hook" in candidates.columns)
+        _check_sites_and_neurons(cands, widths)
     return cands
 
 
-def _check_sites_and_neurons(lm: LoadedModel, cands: pd.DataFrame, hooks_given: bool = True) -> None:
-    """Raises ValueError for a candidate (layer, hook, neuron) the model does not have (check_neuron_range). Where
-    the candidates had no hook column (hooks_given False), a row of an empty expert in a mixture-of-experts layer
-    is its shared expert's: its hook in cands is set so."""
+def _site_widths(lm: LoadedModel, layers) -> dict[str, int]:
+    """{hook: neurons} of every site (dense, shared expert, routed expert) of these layers of lm's model."""
     with lm.lock:
-        _, sites = resolve_hook_points(lm.model, sorted({int(layer) for layer in cands["layer"]}))
-    widths = {site.hook: site.d_mlp for site in sites}
-    if not hooks_given:
-        shared = cands["hook"].map(lambda hook: hook not in widths) & cands["layer"].map(
-            lambda layer: shared_expert_hook_name(int(layer)) in widths)  # fmt: skip
-        cands.loc[shared, "hook"] = cands.loc[shared, "layer"].map(lambda layer: shared_expert_hook_name(int(layer)))
+        _, sites = resolve_hook_points(lm.model, sorted({int(layer) for layer in layers}))
+    return {site.hook: site.d_mlp for site in sites}
+
+
+def _layer_key_hook(layer: int, widths: dict[str, int]) -> str:
+    """The hook a layer key names (a row without an expert): its dense MLP's, or in a mixture-of-experts layer without
+    one its shared expert's (widths: _site_widths)."""
+    shared = shared_expert_hook_name(layer)
+    return shared if hook_name(layer) not in widths and shared in widths else hook_name(layer)
+
+
+def _check_sites_and_neurons(cands: pd.DataFrame, widths: dict[str, int]) -> None:
+    """Raises ValueError for a candidate (layer, hook, neuron) the model does not have (widths: _site_widths; a
+    neuron out of range: check_neuron_range)."""
     for (layer, hook), group in cands.groupby(["layer", "hook"], sort=False):
         layer = int(layer)
         expert = group["expert"].iloc[0] if "expert" in group.columns else pd.NA
