@@ -279,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("ablate", help="ablate neurons and compare the effect with random-neuron controls")
     a.add_argument("--config", required=True, help="YAML config whose text and words are used")
     a.add_argument("--category", required=True, help="category whose tokens are measured")
-    a.add_argument("--neurons", help="neurons to ablate, e.g. 5:376,5:544 (layer:neuron)")
+    a.add_argument("--neurons", help="neurons to ablate, e.g. 5:376,5:2:544 (layer:neuron, or "
+                   "layer:expert:neuron for a routed expert's neuron)")
     a.add_argument("--csv", help="scores CSV: ablate every neuron flagged for the category")
     a.add_argument("--threshold", type=_finite, help="with --csv: flag rows with score >= T (default 1.0)")
     a.add_argument("--max-neurons", type=_non_negative, help="with --csv: at most N best neurons (default 20; 0 = all)")
@@ -517,7 +518,6 @@ def _run_ablate(args) -> int:
         ablate,
         ablation_summary_text,
         ablation_targets,
-        experts_left_out,
         flagged_for_category,
         parse_neuron_list,
     )
@@ -543,24 +543,18 @@ def _run_ablate(args) -> int:
         if args.category not in scanned_categories:
             raise ValueError(f"{args.csv} has no category '{args.category}' (it has {', '.join(scanned_categories)}): "
                              "scan with a config that has it, or pick one of these")  # fmt: skip
-        flagged = flagged_for_category(scores, args.category, "score", args.threshold, warn=False)  # best first
+        flagged = flagged_for_category(scores, args.category, "score", args.threshold)  # best first
         neurons = flagged[: args.max_neurons or None]
-        if not neurons and analysis.has_experts(scores):
-            raise ValueError(f"{args.csv} flags no dense MLP or shared-expert neuron for '{args.category}': ablation "
-                             "covers those, not a mixture-of-experts model's routed experts")  # fmt: skip
         if not neurons:
             raise ValueError(f"{args.csv} flags no neuron for '{args.category}' (score >= {args.threshold}): "
                              "lower --threshold")  # fmt: skip
-        left_out = experts_left_out(scores, args.category, "score", args.threshold)
-        if left_out:  # how many flagged expert neurons the ablation leaves out
-            _say("note", left_out)
         if len(flagged) > len(neurons):  # --max-neurons kept the best of them
             _say("note", f"ablating the best {len(neurons)} of the {len(flagged)} neurons {args.csv} flags for "
                          f"'{args.category}' (--max-neurons {args.max_neurons}; 0 ablates them all)")  # fmt: skip
     else:
         raise ValueError("give --neurons or --csv")
     lm = _load(args, model)
-    ablation_targets(lm, neurons)  # a layer of routed experts only or a neuron out of range: refused before the bar
+    ablation_targets(lm, neurons)  # a routed layer without an expert or a neuron out of range: refused before the bar
     with progress_bar("ablating", "pass") as progress:
         result = ablate(lm, cfg, args.category, neurons, mode=args.mode, n_controls=args.controls, progress=progress)
     print(result.per_condition.drop(columns="neurons").to_string(index=False))

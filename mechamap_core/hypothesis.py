@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-import warnings
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,13 +13,14 @@ import pandas as pd
 import torch
 
 from .alignment import AlignedText, align, missing_words
-from .analysis import check_one_row_per_neuron, flagged, has_experts
+from .analysis import check_one_row_per_neuron, flagged, has_experts, neuron_label
 from .config import ConfigError, ScanConfig, as_scan_config, split_words, validate_config
-from .inspect_neuron import ROUTED_ONLY_ABLATION, check_neuron_range, collect_activations, mlp_sites
+from .inspect_neuron import ROUTED_ONLY_ABLATION, NeuronSet, check_neuron_range, collect_activations, neuron_set, view_points
 from .models import LoadedModel
+from .moe import MoELayer
 from .scan.driver import ProgressFn, batches, hooked, resolve_hook_points
 from .scan.result import ScanResult
-from .sites import dense_mlp_rows, expert_hook_name, hook_name, routed_expert_rows, shared_expert_hook_name
+from .sites import dense_mlp_rows, expert_hook_name, hook_name, shared_expert_hook_name
 from .stats import MIN_CATEGORY_TOKENS, auroc_exact, moment_statistics
 
 DEFAULT_MIN_AUROC = 0.75
@@ -28,6 +29,7 @@ TESTED_STATUSES = ("pass", "fail")  # validate_heldout's statuses of a neuron th
 NOT_TESTED = "not tested"  # heldout_summary_table: a category none of whose flagged neurons could be tested
 MAX_NAMED_WORDS = 20  # check_heldout_inputs names at most this many missing words
 CANDIDATE_COLUMNS = ("layer", "neuron", "category")  # validate_heldout's candidates (and heldout_scan's scores) need these
+NeuronId = tuple[int, int] | tuple[int, int, int]  # (layer, neuron), or (layer, expert, neuron) of a routed expert
 
 
 # --- held-out inputs ---------------------------------------------------------------------------
@@ -531,9 +533,11 @@ def _target_tokens(aligned: AlignedText, category: str, causal: bool, window: in
     return hit
 
 
-def _forward_measure(lm: LoadedModel, aligned: AlignedText, sites, ablation: dict | None, batch_size: int) -> np.ndarray:
+def _forward_measure(lm: LoadedModel, aligned: AlignedText, points, ablation: dict | None, batch_size: int) -> np.ndarray:
     """Per counted token: log p(actual token | prefix) for causal LMs ([n_tokens], NaN where unpredicted),
-    else the final hidden state ([n_tokens, d_model]). ablation: {layer: (neuron index tensor, values tensor)}."""
+    else the final hidden state ([n_tokens, d_model]). points: ablation_targets' hook points; ablation: {key:
+    (neuron index tensor, values tensor)}, key a layer (its dense MLP or shared expert) or (layer, expert)."""
+    ablation = ablation or {}
 
     def hook_fn(site):
         idx, values = ablation[site.layer]
@@ -546,8 +550,12 @@ def _forward_measure(lm: LoadedModel, aligned: AlignedText, sites, ablation: dic
         return hook
 
     out = None
-    active = [s for s in sites if ablation and s.layer in ablation]
-    with torch.inference_mode(), hooked(active, hook_fn):
+    active = [p for p in points if not isinstance(p, MoELayer) and p.layer in ablation]
+    with torch.inference_mode(), hooked(active, hook_fn), ExitStack() as routed:
+        for moe in (p for p in points if isinstance(p, MoELayer)):
+            chosen = {key[1]: spec for key, spec in ablation.items() if isinstance(key, tuple) and key[0] == moe.layer}
+            if chosen:
+                routed.enter_context(moe.neurons_set(chosen))
         for batch in batches(aligned.chunks, batch_size, lm.pad_id):
             ids, mask = batch.input_ids.to(lm.device), batch.attention_mask.to(lm.device)
             flat, index = batch.positions.to(lm.device), batch.token_index
@@ -570,26 +578,38 @@ def _forward_measure(lm: LoadedModel, aligned: AlignedText, sites, ablation: dic
     return out
 
 
-def ablation_targets(lm: LoadedModel, neurons) -> tuple[dict[int, list[int]], list]:
-    """({layer: its neurons to ablate}, those layers' mlp_sites: a dense MLP, or a mixture-of-experts layer's shared
-    expert) of (layer, neuron) pairs (or a text such as '5:376'),
-    as ablate checks them before any forward pass, so that a page can refuse them as they are typed. Raises
-    ValueError for a layer of routed experts only or a missing layer (mlp_sites), a neuron outside its layer, and a layer of
-    which half the neurons or more are listed (the random control sets could not match them in size and differ)."""
-    by_layer: dict[int, list[int]] = {}
-    for layer, neuron in _neuron_pairs(neurons):
-        by_layer.setdefault(layer, []).append(neuron)
+def ablation_targets(lm: LoadedModel, neurons) -> tuple[dict[NeuronSet, list[int]], list]:
+    """({key: its neurons to ablate}, the hook points that reach them) of (layer, neuron) pairs and (layer, expert,
+    neuron) triples (or a text such as '5:376, 7:2:40'), as ablate checks them before any forward pass, so that a page
+    can refuse them as they are typed. A key is a layer (its dense MLP or, in a mixture-of-experts layer, its shared
+    expert) or (layer, expert) for a routed expert (NeuronSet). Raises ValueError for a layer of routed experts only
+    given without an expert, a missing layer or expert, a neuron outside its site, and a site of which half the
+    neurons or more are listed (the random control sets could not match them in size and differ)."""
+    by_key: dict[NeuronSet, list[int]] = {}
+    for *site, neuron in _neuron_ids(neurons):
+        by_key.setdefault(neuron_set(*site), []).append(neuron)
     with lm.lock:
-        sites = mlp_sites(lm.model, sorted(by_layer), ROUTED_ONLY_ABLATION)
-    d_mlp, where = {s.layer: s.d_mlp for s in sites}, {s.layer: s.where for s in sites}
-    for layer, ids in by_layer.items():
-        check_neuron_range(ids, d_mlp[layer], where[layer])
-        if d_mlp[layer] - len(ids) <= len(ids):  # with no more others than targets, every control set is the same
-            raise ValueError(f"{where[layer]} has {d_mlp[layer]} neurons: ablating {len(ids)} of them leaves "
-                             f"{d_mlp[layer] - len(ids)} others, and the random control sets need {len(ids)} of more "
-                             f"than {len(ids)} to match the targets' size and differ from each other; ablate at most "
-                             f"{(d_mlp[layer] - 1) // 2} neurons of {where[layer]}")  # fmt: skip
-    return by_layer, sites
+        points, _ = view_points(lm.model, by_key, ROUTED_ONLY_ABLATION)
+    widths = _key_widths(points)
+    for key, ids in by_key.items():
+        width, where = widths[key]
+        if width - len(ids) <= len(ids):  # with no more others than targets, every control set is the same
+            raise ValueError(f"{where} has {width} neurons: ablating {len(ids)} of them leaves {width - len(ids)} "
+                             f"others, and the random control sets need {len(ids)} of more than {len(ids)} to match "
+                             f"the targets' size and differ from each other; ablate at most {(width - 1) // 2} neurons "
+                             f"of {where}")  # fmt: skip
+    return by_key, points
+
+
+def _key_widths(points) -> dict[NeuronSet, tuple[int, str]]:
+    """{key: (its neurons, its name in messages)} of every site that hook points (ablation_targets') reach."""
+    widths = {}
+    for point in points:
+        if isinstance(point, MoELayer):
+            widths |= {(point.layer, e): (point.d_expert, f"expert {e} of layer {point.layer}") for e in range(point.n_experts)}
+        else:
+            widths[point.layer] = (point.d_mlp, point.where)
+    return widths
 
 
 def ablate(
@@ -603,42 +623,46 @@ def ablate(
     seed: int = 0,
     progress: Callable[[int, int, str], None] | None = None,
 ) -> AblationResult:
-    """Zero- or mean-ablate neurons [(layer, neuron), ...] and measure the effect against random controls.
+    """Zero- or mean-ablate neurons [(layer, neuron), (layer, expert, neuron), ...] and measure the effect against
+    random controls. (layer, neuron) is a layer's dense MLP neuron or, in a mixture-of-experts layer, its shared
+    expert's; (layer, expert, neuron) a routed expert's, set on the tokens routed to that expert (MoELayer.neurons_set;
+    a mean ablation sets it to its mean over those tokens).
 
     Causal LMs: mean change in log-probability of the actual next token at the category's tokens and
     the `window` tokens after them (effect_target), and elsewhere (effect_other). Encoders: mean
     relative change ||h' - h|| / ||h|| of the final hidden states at the category's tokens / elsewhere.
-    Controls: n_controls sets of as many random neurons from the same layers (never the targets); the summary
+    Controls: n_controls sets of as many random neurons from the same sites (layer or expert; never the targets); the summary
     compares the effect with theirs by z_vs_controls (when they spread) and by rank (rank_vs_controls), and does
     the same for the category-specific effect, effect_target - effect_other (specific_*): neurons that matter to
     every token (large, non-selective activations) also beat random controls at the category's tokens, so only
     the specific effect says the harm is the category's.
     Hooks are removed afterwards. progress(done, total, message) is called before the first forward pass and
     after each: n_controls + 2 passes, one more for mean ablation's means. neurons may be a text such as
-    '5:376,5:544' (parse_neuron_list), and cfg a config file's path (as_scan_config); a repeated neuron counts
-    once. Raises ValueError for bad neurons, modes or categories, for a layer of routed experts only (mlp_sites), for
-    fewer than MIN_CONTROLS control sets, and for a layer of which half the neurons or more are ablated (its control
-    sets could not match them in size and still differ);
-    TypeError for neurons that are not (layer, neuron) pairs.
+    '5:376,5:544,7:2:40' (parse_neuron_list), and cfg a config file's path (as_scan_config); a repeated neuron
+    counts once. Raises ValueError for bad neurons, modes or categories, for a layer of routed experts only given
+    without an expert, for fewer than MIN_CONTROLS control sets, for a site of which half the neurons or more are
+    ablated (its control sets could not match them in size and still differ), and for a mean ablation of an expert
+    the text routes no token to; TypeError for neurons that are not (layer, neuron) pairs or (layer, expert, neuron)
+    triples.
     """
     if mode not in ("zero", "mean"):
         raise ValueError(f"unknown ablation mode '{mode}': use zero or mean")
-    neurons = _neuron_pairs(neurons)
+    neurons = _neuron_ids(neurons)
     if not neurons:
         raise ValueError("no neurons to ablate: pick at least one")
     if n_controls < MIN_CONTROLS:
         raise ValueError(f"{n_controls} random control set(s): the controls' spread needs at least {MIN_CONTROLS}")
     cfg = as_scan_config(cfg, "cfg")
     validate_config(cfg)
-    by_layer, sites = ablation_targets(lm, neurons)
-    d_mlp = {s.layer: s.d_mlp for s in sites}
+    by_key, points = ablation_targets(lm, neurons)
+    widths = _key_widths(points)
     rng = np.random.default_rng(seed)
-    conditions = [("ablated", by_layer)]
+    conditions = [("ablated", by_key)]
     for i in range(n_controls):
         control = {}
-        for layer, ids in by_layer.items():
-            pool = np.setdiff1d(np.arange(d_mlp[layer]), ids)
-            control[layer] = sorted(rng.choice(pool, size=len(ids), replace=False).tolist())
+        for key, ids in by_key.items():
+            pool = np.setdiff1d(np.arange(widths[key][0]), ids)
+            control[key] = sorted(rng.choice(pool, size=len(ids), replace=False).tolist())
         conditions.append((f"control {i + 1}", control))
     chunk = lm.chunk_tokens(cfg.max_chunk_tokens)
     report = progress or (lambda done, total, message: None)
@@ -646,26 +670,30 @@ def ablate(
     report(0, n_passes, "the neurons' mean activations" if mode == "mean" else "the model as it is")
     means, aligned = {}, None
     if mode == "mean":  # collect_activations aligns the same texts, so its alignment is reused below
-        union = {layer: sorted({n for _, c in conditions for n in c[layer]}) for layer in by_layer}
+        union = {key: sorted({n for _, c in conditions for n in c[key]}) for key in by_key}
         aligned, acts = collect_activations(lm, cfg.texts, union, cfg.categories, max_chunk_tokens=chunk)
-        means = {layer: dict(zip(union[layer], acts[layer].mean(0))) for layer in union}
+        for key, values in acts.items():  # a routed expert's neurons are NaN on the tokens not routed to it
+            if np.isnan(values).all():
+                raise ValueError(f"the text routes no token to expert {key[1]} of layer {key[0]}, so its neurons have "
+                                 "no mean to ablate to (and ablating them changes nothing)")  # fmt: skip
+        means = {key: dict(zip(union[key], np.nanmean(acts[key], axis=0))) for key in union}
         report(1, n_passes, "the model as it is")
     batch = 1 if lm.is_causal_lm else cfg.batch_size
     with lm.lock:
         if aligned is None:
             aligned = align(lm.tokenizer, cfg.texts, cfg.categories, chunk)
         target = _target_tokens(aligned, category, lm.is_causal_lm, window)
-        clean = _forward_measure(lm, aligned, sites, None, batch)
+        clean = _forward_measure(lm, aligned, points, None, batch)
         rows = []
         for i, (name, chosen) in enumerate(conditions):
             done = n_passes - len(conditions) + i
             report(done, n_passes, "the chosen neurons ablated" if i == 0 else f"random {name} of {n_controls}")
             spec = {}
-            for layer, ids in chosen.items():
+            for key, ids in chosen.items():
                 idx = torch.tensor(ids, dtype=torch.long, device=lm.device)
-                vals = torch.tensor([means[layer][n] if mode == "mean" else 0.0 for n in ids], device=lm.device)
-                spec[layer] = (idx, vals)
-            changed = _forward_measure(lm, aligned, sites, spec, batch)
+                vals = torch.tensor([means[key][n] if mode == "mean" else 0.0 for n in ids], device=lm.device)
+                spec[key] = (idx, vals)
+            changed = _forward_measure(lm, aligned, points, spec, batch)
             if lm.is_causal_lm:
                 delta = changed - clean  # [T]
                 valid = ~np.isnan(delta)
@@ -674,7 +702,8 @@ def ablate(
                 rel = np.linalg.norm(changed - clean, axis=1) / np.maximum(np.linalg.norm(clean, axis=1), 1e-9)
                 eff_t, eff_o = rel[target].mean(), rel[~target].mean() if (~target).any() else np.nan
             rows.append({"condition": name, "n_neurons": sum(len(v) for v in chosen.values()),
-                         "neurons": "; ".join(f"L{lay}.N{n}" for lay, ids in chosen.items() for n in ids),
+                         "neurons": "; ".join(neuron_id_label((*key, n) if isinstance(key, tuple) else (key, n))
+                                                for key, ids in chosen.items() for n in ids),
                          "effect_target": float(eff_t), "effect_other": float(eff_o),
                          "effect_specific": float(eff_t - eff_o)})  # fmt: skip
     report(n_passes, n_passes, "done")
@@ -705,21 +734,28 @@ def _versus_controls(table: pd.DataFrame, column: str) -> dict:
     return out | rank_vs_controls(effect, controls.to_numpy())
 
 
-def _neuron_pairs(neurons) -> list[tuple[int, int]]:
-    """ablate's neurons as (layer, neuron) pairs of ints, each once, in first order: a text parsed as the CLI's
-    --neurons (parse_neuron_list). Raises TypeError for anything but (layer, neuron) pairs of whole numbers."""
+def neuron_id_label(neuron_id: NeuronId) -> str:
+    """"L5.N7" for (5, 7), "L5.E2.N7" for neuron 7 of routed expert 2 of layer 5, (5, 2, 7)."""
+    layer, *expert, neuron = neuron_id
+    return neuron_label(layer, neuron, *expert)
+
+
+def _neuron_ids(neurons) -> list[NeuronId]:
+    """ablate's neurons as (layer, neuron) pairs and (layer, expert, neuron) triples of ints, each once, in first order:
+    a text parsed as the CLI's --neurons (parse_neuron_list). Raises TypeError for anything else."""
     if isinstance(neurons, str):
         return parse_neuron_list(neurons)
-    expected = "neurons must be a list of (layer, neuron) pairs of whole numbers, e.g. [(5, 376), (5, 544)], or a text such as '5:376,5:544'"
+    expected = ("neurons must be a list of (layer, neuron) pairs or (layer, expert, neuron) triples of whole numbers, "
+                "e.g. [(5, 376), (7, 2, 40)], or a text such as '5:376,7:2:40'")  # fmt: skip
     whole = lambda value: isinstance(value, numbers.Integral) and not isinstance(value, bool)  # noqa: E731
     try:
         items = list(neurons)
     except TypeError:
         raise TypeError(f"{expected}, not {type(neurons).__name__}") from None
     for item in items:
-        if not (isinstance(item, (tuple, list, np.ndarray)) and len(item) == 2 and all(whole(v) for v in item)):
+        if not (isinstance(item, (tuple, list, np.ndarray)) and len(item) in (2, 3) and all(whole(v) for v in item)):
             raise TypeError(f"{expected}; got {item!r}")
-    return list(dict.fromkeys((int(layer), int(neuron)) for layer, neuron in items))
+    return list(dict.fromkeys(tuple(int(v) for v in item) for item in items))
 
 
 def rank_vs_controls(effect: float, controls: np.ndarray) -> dict:
@@ -758,50 +794,28 @@ def ablation_summary_text(summary: dict) -> str:
             f"({s['measure']}): " + ". Its ".join(parts))
 
 
-def parse_neuron_list(text: str) -> list[tuple[int, int]]:
-    """'5:376, 5:544' -> [(5, 376), (5, 544)] (empty parts skipped, a repeated pair kept once, in first order).
-    Raises ValueError for anything else."""
+def parse_neuron_list(text: str) -> list[NeuronId]:
+    """'5:376, 7:2:40' -> [(5, 376), (7, 2, 40)]: layer:neuron, or layer:expert:neuron for a routed expert's neuron
+    (empty parts skipped, a repeated one kept once, in first order). Raises ValueError for anything else."""
     try:
-        return list(dict.fromkeys((int(a), int(b)) for a, b in (part.split(":") for part in text.split(",") if part.strip())))
+        ids = [tuple(int(field) for field in part.split(":")) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise ValueError(f"invalid neuron list '{text}': use layer:neuron pairs, e.g. 5:376,5:544") from None
-
-
-def experts_left_out(scores: pd.DataFrame, category: str, metric: str = "score", threshold: float = 1.0) -> str | None:
-    """How many of a category's flagged neurons flagged_for_category leaves out of an ablation (a mixture-of-experts
-    model's routed-expert neurons), in a sentence; None when it leaves none out."""
-    rows = _flagged_rows(scores, category, metric, threshold)
-    left_out = int(routed_expert_rows(rows).sum())
-    if not left_out:
-        return None
-    return (f"{left_out} of the {len(rows)} neurons flagged for '{category}' are routed experts' neurons and were left "
-            f"out: {ROUTED_ONLY_ABLATION}")
-
-
-def _flagged_rows(scores: pd.DataFrame, category: str, metric: str, threshold: float) -> pd.DataFrame:
-    """The score rows of a category with metric >= threshold (dense and expert neurons alike)."""
-    rows = flagged(scores, metric, threshold)
-    return rows[rows["category"].astype(str) == category]
-
-
-class NeuronsLeftOut(UserWarning):
-    """flagged_for_category left flagged neurons out: a mixture-of-experts model's routed-expert neurons, which ablate
-    does not cover. The message says how many."""
+        ids = None
+    if ids is None or any(len(fields) not in (2, 3) for fields in ids):
+        raise ValueError(f"invalid neuron list '{text}': use layer:neuron, or layer:expert:neuron for a routed expert's "
+                         "neuron, e.g. 5:376,7:2:40")
+    return list(dict.fromkeys(ids))
 
 
 def flagged_for_category(
-    scores: pd.DataFrame, category: str, metric: str = "score", threshold: float = 1.0, limit: int | None = None,
-    warn: bool = True,
-) -> list[tuple[int, int]]:  # fmt: skip
-    """(layer, neuron) of every dense MLP or shared-expert neuron flagged for a category, best first (at most
-    `limit`): ablation's neurons. A mixture-of-experts model's routed-expert neurons are left out (ablate does not
-    cover them), with a NeuronsLeftOut warning (unless warn is False) saying how many, as experts_left_out does."""
-    note = experts_left_out(scores, category, metric, threshold) if warn else None
-    if note:
-        warnings.warn(note, NeuronsLeftOut, stacklevel=2)
-    rows = _flagged_rows(scores, category, metric, threshold)
-    rows = rows[~routed_expert_rows(rows)]
-    rows = rows.sort_values(metric, ascending=False)
+    scores: pd.DataFrame, category: str, metric: str = "score", threshold: float = 1.0, limit: int | None = None
+) -> list[NeuronId]:
+    """Every neuron flagged for a category (metric >= threshold), best first (at most `limit`): ablation's neurons, as
+    (layer, neuron), or (layer, expert, neuron) for a routed expert's."""
+    rows = flagged(scores, metric, threshold)
+    rows = rows[rows["category"].astype(str) == category].sort_values(metric, ascending=False)
     if limit:
         rows = rows.head(limit)
-    return list(zip(rows["layer"].astype(int), rows["neuron"].astype(int)))
+    experts = rows["expert"] if "expert" in rows.columns else pd.Series(pd.NA, index=rows.index)
+    return [(int(layer), int(neuron)) if pd.isna(expert) else (int(layer), int(expert), int(neuron))
+            for layer, expert, neuron in zip(rows["layer"], experts, rows["neuron"])]  # fmt: skip

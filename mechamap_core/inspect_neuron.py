@@ -29,7 +29,7 @@ def check_neuron_range(neurons, width: int | None, where: str) -> None:
 
 
 ROUTED_ONLY_VIEW = "pick one of its experts"
-ROUTED_ONLY_ABLATION = "ablation covers dense MLP and shared-expert neurons only"
+ROUTED_ONLY_ABLATION = "name an expert's neuron as layer:expert:neuron"
 
 
 def mlp_sites(model: torch.nn.Module, layers: list[int], routed_only: str = ROUTED_ONLY_VIEW) -> list[NeuronSite]:
@@ -47,12 +47,12 @@ def mlp_sites(model: torch.nn.Module, layers: list[int], routed_only: str = ROUT
 NeuronSet = int | tuple[int, int]  # a layer (its dense MLP or, in a mixture-of-experts layer, its shared expert), or (layer, expert)
 
 
-def _view_points(model: torch.nn.Module, neurons: dict) -> tuple[list, dict]:
+def view_points(model: torch.nn.Module, neurons: dict, routed_only: str = ROUTED_ONLY_VIEW) -> tuple[list, dict]:
     """(hook points, {hook: neuron indices or 0}) that read neurons' keys (NeuronSet) in one forward pass: a layer's
     dense or shared-expert site, and the MoE layer of each routed expert (its other experts read no neuron). Raises
-    ValueError for layers out of range, a layer of routed experts only given without an expert, an expert a layer
-    lacks, and neurons out of range."""
-    sites = mlp_sites(model, sorted(key for key in neurons if not isinstance(key, tuple)))
+    ValueError for layers out of range, a layer of routed experts only given without an expert (the message ends with
+    routed_only, as mlp_sites'), an expert a layer lacks, and neurons out of range."""
+    sites = mlp_sites(model, sorted(key for key in neurons if not isinstance(key, tuple)), routed_only)
     pick: dict = {}
     for site in sites:
         check_neuron_range(neurons[site.layer], site.d_mlp, site.where)
@@ -92,7 +92,7 @@ def collect_activations(
     expert, or texts without countable tokens.
     """
     with lm.lock:
-        points, pick = _view_points(lm.model, neurons)
+        points, pick = view_points(lm.model, neurons)
         chunk = lm.chunk_tokens(max_chunk_tokens)
         aligned = align(lm.tokenizer, texts, categories or {}, chunk)
         if aligned.n_tokens == 0:
@@ -319,7 +319,7 @@ def direct_effect(lm: LoadedModel, layer: int, neuron: int, k: int = 10, expert:
     unembed = _unembedding(lm)
     if unembed is None or _model_type(lm) in NO_DIRECT_PATH:
         return None
-    points, _ = _view_points(lm.model, {neuron_set(layer, expert): [neuron]})
+    points, _ = view_points(lm.model, {neuron_set(layer, expert): [neuron]})
     point = points[0]
     holding = [point.module] if expert is None else list(point.block.modules())  # what holds the output weight
     with torch.inference_mode(), offloaded_weights_loaded(*holding, unembed):  # weights accelerate offloaded

@@ -412,6 +412,53 @@ class MoELayer:
                 return
         yield from parts
 
+    @contextmanager
+    def neurons_set(self, settings: Mapping[int, tuple[torch.Tensor, torch.Tensor]]):
+        """Within it, the block outputs what it would were some neurons of its routed experts set to values on the
+        tokens routed to them (ablation): settings {expert: (neuron indices [n], values [n])}.
+
+        Per token t routed to expert E, the block's output moves by w_tE (v - a_t) @ output_weight(E)[indices]: a_t
+        the neurons recomputed from the experts' input (float32), w_tE the router weight that scales E's output (1 in
+        the scaled layout, whose score scales E's input, so a_t holds it). Exact because an expert's down-projection,
+        the router weights, the block's sum over experts and a latent block's fc2_latent_proj are linear. A pre-hook
+        on hook_module reads the routing; a forward hook on the block adds the change. Removed on exit."""
+        pending: list[torch.Tensor] = []
+
+        def read(module, args, kwargs):
+            pending.append(self._setting_change(self.read_hook_inputs(args, kwargs), settings))
+
+        def change(module, args, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            delta = pending.pop()
+            if hidden.numel() != delta.numel():
+                raise SiteResolutionError(f"layer {self.layer}: the MoE block's output {tuple(hidden.shape)} is not one "
+                                          f"{self.d_model}-wide row per token of its experts' input ({len(delta)})")  # fmt: skip
+            changed = hidden + delta.view(hidden.shape).to(device=hidden.device, dtype=hidden.dtype)
+            return (changed, *output[1:]) if isinstance(output, tuple) else changed
+
+        handles = [self.hook_module.register_forward_pre_hook(read, with_kwargs=True), self.block.register_forward_hook(change)]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _setting_change(self, routed: RoutedTokens, settings: Mapping[int, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """[T, d_model] float32: how setting neurons of routed experts (neurons_set) moves the block's output."""
+        change = torch.zeros((len(routed.hidden), self.d_model), dtype=torch.float32, device=routed.hidden.device)
+        every = torch.ones(len(routed.hidden), dtype=torch.bool, device=routed.hidden.device)
+        for part in self.recomputed_activations(routed, every, sorted(settings)):
+            neurons, values = settings[part.expert]
+            neurons = neurons.to(part.acts.device)
+            delta = values.to(part.acts) - part.acts[:, neurons]  # [t_E, n]
+            with offloaded_weights_loaded(*self.block.modules()):
+                moved = delta @ self.output_weight(part.expert)[neurons.to(delta.device)].float().to(delta.device)
+            if self.layout != "scaled":
+                weight = (routed.top_k_weights * (routed.top_k_index == part.expert)).sum(-1)  # [T]: 0 where not routed
+                moved = moved * weight[part.rows.to(weight.device)].float().to(moved.device)[:, None]
+            change.index_add_(0, part.rows.to(change.device), moved.to(change.device))
+        return change
+
     def _recompute(self, x: torch.Tensor, expert: int) -> torch.Tensor:
         """act(gate_E x) * (up_E x) in float32, [t, d_expert]. Weights offloaded by accelerate (to the CPU or
         disk, loaded only inside their module's forward) are loaded for the recomputation."""

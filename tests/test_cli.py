@@ -127,8 +127,11 @@ def test_scan_of_an_moe_model_writes_expert_rows_and_the_routing_table(tiny_mode
     assert code == 0 and "Held-out check of" in capsys.readouterr().out  # expert neurons on their routed tokens
     statuses = pd.read_csv(checked)[lambda t: t["expert"].notna()]["status"]
     assert statuses.isin(["pass", "fail"]).any(), statuses.value_counts()
-    assert main(["ablate", "--config", DEFAULT, "--model", str(model), "--category", "food", "--csv", str(csv)]) == 1
-    assert_one_line_error(capsys.readouterr().err, "ablation covers those, not a mixture-of-experts model's routed experts")
+    argv = ["ablate", "--config", DEFAULT, "--model", str(model), "--category", "food", "--csv", str(csv), "--threshold", "-100",
+            "--max-neurons", "3", "--controls", "2"]  # fmt: skip
+    assert main(argv) == 0  # the best 3 flagged neurons: routed experts' (this model has no other)
+    out = capsys.readouterr().out
+    assert "zero-ablating 3 neurons for 'food'" in out and "control 2" in out
 
 
 def test_corpus_scan_of_an_moe_model_says_what_it_covered_and_writes_the_routing_table(tiny_models, tmp_path, capsys):

@@ -549,9 +549,11 @@ def hand_tokens(tokenizer, text: str, words: list[str]) -> tuple[list[int], list
     return ids, positions, hit
 
 
-def hand_forward(model, arch: str, ids: list[int], replace: dict[int, dict[int, float]]) -> torch.Tensor:
+def hand_forward(model, arch: str, ids: list[int], replace: dict[int, dict[int, float]], routed=None) -> torch.Tensor:
     """One plain forward pass of one sequence with chosen down-projection input columns set to given values
-    ({layer: {neuron: value}}): logits [pos, vocab] for a causal LM, else the final hidden states [pos, d]."""
+    ({layer: {neuron: value}}) and routed experts' neurons {(layer, expert): [neuron, ...]} zeroed (their columns of
+    the fused experts' down_proj [E, H, I] set to 0 for the pass): logits [pos, vocab] for a causal LM, else the
+    final hidden states [pos, d]."""
 
     def setter(values):
         def hook(module, args):
@@ -564,16 +566,23 @@ def hand_forward(model, arch: str, ids: list[int], replace: dict[int, dict[int, 
 
     handles = [model.get_submodule(DOWN_PROJECTION[arch].format(layer=layer)).register_forward_pre_hook(setter(values))
                for layer, values in replace.items()]  # fmt: skip
+    saved = {}
     try:
+        for (layer, expert), neurons in (routed or {}).items():
+            weight = model.get_submodule(f"model.layers.{layer}.mlp.experts").down_proj
+            saved.setdefault(layer, weight.detach().clone())
+            weight.data[expert, :, neurons] = 0
         with torch.no_grad():
             out = model(input_ids=torch.tensor([ids]))
     finally:
         for handle in handles:
             handle.remove()
+        for layer, weight in saved.items():
+            model.get_submodule(f"model.layers.{layer}.mlp.experts").down_proj.data.copy_(weight)
     return (out.logits if arch in CAUSAL else out.last_hidden_state)[0].double()
 
 
-def hand_ablation_effects(lm, arch: str, category_words: list[str], replace, window: int) -> tuple[float, float, int]:
+def hand_ablation_effects(lm, arch: str, category_words: list[str], replace, window: int, routed=None) -> tuple[float, float, int]:
     """(mean effect at the target tokens, mean effect at the others, number of target tokens) over ABLATION_DOCS.
 
     Causal LM: the change in log p(actual token | prefix) at each token, targets being the category's tokens and
@@ -582,7 +591,7 @@ def hand_ablation_effects(lm, arch: str, category_words: list[str], replace, win
     effects, targets = [], []
     for text in ABLATION_DOCS:
         ids, positions, hit = hand_tokens(lm.tokenizer, text, category_words)
-        clean, changed = hand_forward(lm.model, arch, ids, {}), hand_forward(lm.model, arch, ids, replace)
+        clean, changed = hand_forward(lm.model, arch, ids, {}), hand_forward(lm.model, arch, ids, replace, routed)
         if arch in CAUSAL:
             target = hit.copy()
             for shift in range(1, window + 1):
@@ -609,12 +618,13 @@ def hand_means(lm, arch: str, neurons: dict[int, list[int]]) -> dict[int, dict[i
     return {layer: {n: torch.cat(acts[layer])[:, n].double().mean().item() for n in ids} for layer, ids in neurons.items()}
 
 
-def parsed_neurons(label: str) -> dict[int, list[int]]:
-    """'L0.N3; L1.N4' -> {0: [3], 1: [4]}."""
-    out: dict[int, list[int]] = {}
+def parsed_neurons(label: str) -> dict:
+    """'L0.N3; L1.N4; L1.E2.N5' -> {0: [3], 1: [4], (1, 2): [5]}."""
+    out: dict = {}
     for part in label.split("; "):
-        layer, neuron = part.removeprefix("L").split(".N")
-        out.setdefault(int(layer), []).append(int(neuron))
+        site, neuron = part.removeprefix("L").split(".N")
+        layer, _, expert = site.partition(".E")
+        out.setdefault((int(layer), int(expert)) if expert else int(layer), []).append(int(neuron))
     return out
 
 
@@ -666,6 +676,32 @@ def test_ablation_effects_match_plain_forward_passes_with_hand_made_hooks(loud_m
             assert result.summary["n_target_tokens"] == n_target
 
 
+def test_ablating_routed_expert_neurons_matches_plain_forward_passes_with_their_weights_zeroed(loud_models):
+    """Qwen2-MoE with neurons of routed experts (two of one expert, one of another layer's), of the shared expert and
+    their random controls (neurons of the same experts): every condition's effects equal plain forward passes with
+    the routed neurons' down-projection columns zeroed and the shared expert's neurons zeroed by a hook."""
+    lm = loud_models["qwen2_moe"]
+    model = copy.deepcopy(lm.model)
+    for layer in range(model.config.num_hidden_layers):  # routed experts as loud as the shared one
+        model.get_submodule(f"model.layers.{layer}.mlp.experts").down_proj.data *= 20
+    lm = dataclasses.replace(lm, model=model, lock=threading.Lock())
+    cfg = ScanConfig(master_text=ABLATION_DOCS, categories=WORDS)
+    chosen = [(1, 2, 3), (1, 2, 5), (0, 1, 4), (1, 4)]
+    table = ablate(lm, cfg, "food", chosen, n_controls=2, window=2, seed=3).per_condition
+    assert parsed_neurons(table.loc[0, "neurons"]) == {(1, 2): [3, 5], (0, 1): [4], 1: [4]}
+    for row in table.itertuples():
+        neurons = parsed_neurons(row.neurons)
+        assert {key: len(ids) for key, ids in neurons.items()} == {(1, 2): 2, (0, 1): 1, 1: 1}
+        if row.condition != "ablated":  # random neurons of the same experts, never the chosen ones
+            assert not set(neurons[(1, 2)]) & {3, 5} and neurons[(0, 1)] != [4]
+        replace = {key: dict.fromkeys(ids, 0.0) for key, ids in neurons.items() if not isinstance(key, tuple)}
+        routed = {key: ids for key, ids in neurons.items() if isinstance(key, tuple)}
+        target, other, _ = hand_ablation_effects(lm, "qwen2_moe", WORDS["food"], replace, 2, routed)
+        assert row.effect_target == pytest.approx(target, rel=1e-4, abs=1e-7)
+        assert row.effect_other == pytest.approx(other, rel=1e-4, abs=1e-7)
+        assert abs(target) > 1e-3
+
+
 def test_ablation_bad_input(tiny_gpt2):
     cfg = ScanConfig(master_text=TEXT, categories=WORDS)
     with pytest.raises(ValueError, match="mode"):
@@ -712,13 +748,13 @@ def test_ablation_takes_neurons_as_the_clis_text_and_a_config_path(tiny_gpt2, tm
     for neurons, config in (("0:3, 1:4,", cfg), ([(0, 3), (1, 4), (0, 3)], str(path)), (np.array([[0, 3], [1, 4]]), path)):
         pd.testing.assert_frame_equal(ablate(tiny_gpt2, config, "food", neurons, n_controls=2).per_condition,
                                       as_pairs.per_condition, check_exact=True)  # fmt: skip
-    expected = ("neurons must be a list of (layer, neuron) pairs of whole numbers, e.g. [(5, 376), (5, 544)], "
-                "or a text such as '5:376,5:544'")  # fmt: skip
+    expected = ("neurons must be a list of (layer, neuron) pairs or (layer, expert, neuron) triples of whole numbers, "
+                "e.g. [(5, 376), (7, 2, 40)], or a text such as '5:376,7:2:40'")  # fmt: skip
     for neurons, got in (([(0,)], "; got (0,)"), ([(0, 1.5)], "; got (0, 1.5)"), ([(True, 1)], "; got (True, 1)"), (5, ", not int")):
         with pytest.raises(TypeError) as refused:
             ablate(tiny_gpt2, cfg, "food", neurons)
         assert str(refused.value) == expected + got
-    with pytest.raises(ValueError, match="invalid neuron list '0-1': use layer:neuron pairs"):
+    with pytest.raises(ValueError, match="invalid neuron list '0-1': use layer:neuron, or layer:expert:neuron"):
         ablate(tiny_gpt2, cfg, "food", "0-1")
     with pytest.raises(TypeError) as refused:
         ablate(tiny_gpt2, 42, "food", [(0, 1)])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import ExitStack
+
 import numpy as np
 import pytest
 import torch
@@ -301,6 +303,44 @@ def test_expert_activations_equal_an_independent_recomputation(run):
             torch.testing.assert_close(rebuilt, run.experts_output[moe.layer].double(), rtol=1e-4, atol=1e-6)
         with pytest.raises(ValueError, match="out of range"):
             moe.expert_activations(hidden, moe.n_experts)
+
+
+@pytest.mark.parametrize("run", FAMILIES, indirect=True)
+def test_setting_expert_neurons_equals_setting_the_input_of_their_down_projection(run):
+    """MoELayer.neurons_set of two neurons of one expert in each MoE layer, against the model run with them set where
+    it computes them: the legacy experts' down-projection input (a pre-hook of this test: a zero and a nonzero value,
+    as a mean ablation sets), the fused experts' down-projection weights zeroed (their values set to 0). Batched and
+    padded-free input of BATCH sequences."""
+    expert, neurons = 2, [1, 6]
+    values = [0.0, 1.5] if run.family in LEGACY else [0.0, 0.0]
+    ids = torch.randint(1000, 5000, (BATCH, SEQ), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        clean = run.model(input_ids=ids).logits.double()
+    with ExitStack() as stack, torch.no_grad():
+        for moe in run.layers:
+            stack.enter_context(moe.neurons_set({expert: (torch.tensor(neurons), torch.tensor(values))}))
+        hooked = run.model(input_ids=ids).logits.double()
+    with ExitStack() as stack, torch.no_grad():
+        for moe in run.layers:
+            if run.family in LEGACY:
+                down = getattr(moe.experts[expert], moe.experts[expert].names[2])
+
+                def setter(module, args):
+                    x = args[0].clone()
+                    x[:, neurons] = torch.tensor(values, dtype=x.dtype)
+                    return (x,)
+
+                stack.callback(down.register_forward_pre_hook(setter).remove)
+            else:  # gpt-oss [E, I, H], the others [E, H, I]
+                weight = moe.experts.down_proj
+                stack.callback(weight.data.copy_, weight.detach().clone())
+                weight.data[(expert, neurons) if moe.transposed else (expert, slice(None), neurons)] = 0
+        reference = run.model(input_ids=ids).logits.double()
+    scale = (reference - clean).abs().max().item()
+    assert scale > 1e-5, scale
+    torch.testing.assert_close(hooked, reference, rtol=0, atol=1e-3 * scale)
+    with torch.no_grad():
+        assert torch.equal(run.model(input_ids=ids).logits.double(), clean)  # hooks and weights restored
 
 
 def test_gpt_oss_clamps_are_exercised():

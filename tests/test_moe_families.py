@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -628,3 +629,44 @@ def test_a_view_of_one_routed_expert_computes_that_expert_only(name, cases, monk
     got = Case.category_means(values[seen].astype(np.float64), case.mask[seen])
     present = counts > 0
     np.testing.assert_allclose(got[present], means[present], rtol=RTOL, atol=RTOL * np.abs(means[present]).max())
+
+
+def expert_output_weight(case: Case, layer: int, expert: int) -> tuple[torch.Tensor, Callable]:
+    """(the raw weight tensor holding a routed expert's down-projection, as each family stores it, and a function of
+    neuron indices giving the index of their part of it)."""
+    experts = case.model.get_submodule(case.family.block.format(L=layer)).experts
+    if case.family.stacked:  # DBRX w2 [E * I, H]: expert E's rows E * I to (E + 1) * I
+        return experts.mlp.w2, lambda neurons: [expert * D_EXPERT + n for n in neurons]
+    if case.family.routing == "scaled":  # Llama 4: [E, I, H]
+        return experts.down_proj, lambda neurons: (expert, neurons)
+    return experts.down_proj, lambda neurons: (expert, slice(None), neurons)  # [E, out, I]
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_zero_ablating_routed_expert_neurons_equals_zeroing_their_down_projection_weights(name, cases):
+    """MoELayer.neurons_set zeroing two neurons of one expert (on the tokens routed to it) gives the logits of the
+    same model with those neurons' down-projection weights zeroed: a neuron at zero adds nothing, and a token not
+    routed to the expert never reads them. The expert's down-projection is made 100x louder for the test, so both
+    differ from the unablated logits far above float32 rounding."""
+    from mechamap_core.moe import find_moe_layers
+
+    case = cases(name)
+    layer, expert, neurons = case.family.moe[-1], 1, [2, 7]
+    moe = next(m for m in find_moe_layers(case.model) if m.layer == layer)
+    weight, part = expert_output_weight(case, layer, expert)
+    saved = weight.detach().clone()
+    ids = torch.tensor([case.ids])
+    try:
+        with torch.no_grad():
+            weight.data[part(list(range(D_EXPERT)))] *= 100
+            clean = case.model(input_ids=ids).logits.double()
+            with moe.neurons_set({expert: (torch.tensor(neurons), torch.zeros(len(neurons)))}):
+                hooked = case.model(input_ids=ids).logits.double()
+            assert torch.equal(case.model(input_ids=ids).logits.double(), clean)  # the hooks are gone
+            weight.data[part(neurons)] = 0
+            zeroed = case.model(input_ids=ids).logits.double()
+    finally:
+        weight.data.copy_(saved)
+    scale = (zeroed - clean).abs().max().item()
+    assert scale > 1e-4, scale
+    torch.testing.assert_close(hooked, zeroed, rtol=0, atol=1e-3 * scale)

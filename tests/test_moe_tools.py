@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -14,13 +13,13 @@ from tiny_models import D_EXPERT, D_SHARED, N_EXPERTS
 
 from mechamap_core import analysis, scan
 from mechamap_core.cli import _note_categories_without_statistics, main
-from mechamap_core.hypothesis import NeuronsLeftOut, ablate, ablation_targets, flagged_for_category, validate_heldout
+from mechamap_core.hypothesis import ablate, ablation_targets, flagged_for_category, validate_heldout
 from mechamap_core.inspect_neuron import direct_effect, quantile_samples, token_activations, top_examples
 from mechamap_core.scan import MIN_CATEGORY_TOKENS
 from mechamap_core.scan.stream import scan_stream, stream_result
 from mechamap_core.sites import expert_hook_name, hook_name, shared_expert_hook_name
 
-MOE_REFUSAL = "layer 1 has routed experts only (no dense MLP or shared expert): ablation covers dense MLP and shared-expert neurons only"
+MOE_REFUSAL = "layer 1 has routed experts only (no dense MLP or shared expert): name an expert's neuron as layer:expert:neuron"
 
 
 @pytest.fixture(scope="module")
@@ -52,25 +51,21 @@ def mixed_scores(model: str) -> pd.DataFrame:
     })  # fmt: skip
 
 
-def test_flagging_for_ablation_warns_of_the_routed_expert_neurons_it_leaves_out():
-    """The dense and the shared-expert neuron are ablation's, best first; the routed expert's is left out, with a warning."""
-    with pytest.warns(NeuronsLeftOut, match="1 of the 3 neurons flagged for 'food' are routed experts' neurons"):
-        assert flagged_for_category(mixed_scores("m"), "food") == [(1, 0), (0, 3)]
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no routed expert's neuron: nothing left out, no warning
-        assert flagged_for_category(mixed_scores("m").iloc[[0, 2]], "food") == [(1, 0), (0, 3)]
+def test_flagging_for_ablation_names_routed_expert_neurons_by_layer_expert_and_neuron():
+    """Dense, shared-expert and routed-expert neurons are all ablation's, best first: a routed expert's as a triple."""
+    assert flagged_for_category(mixed_scores("m"), "food") == [(1, 2, 1), (1, 0), (0, 3)]
+    assert flagged_for_category(mixed_scores("m"), "food", limit=1) == [(1, 2, 1)]
+    assert flagged_for_category(mixed_scores("m").drop(columns="expert"), "food") == [(1, 1), (1, 0), (0, 3)]
 
 
-def test_ablate_csv_notes_the_expert_neurons_it_leaves_out(tiny_models, tmp_path, capsys):
+def test_ablate_csv_ablates_the_flagged_routed_expert_neurons_too(tiny_models, tmp_path, capsys):
     csv = tmp_path / "scores.csv"
     mixed_scores(str(tiny_models.path("deepseek_v3"))).to_csv(csv, index=False)
     argv = ["ablate", "--config", DEFAULT, "--category", "food", "--csv", str(csv), "--controls", "2", "--device", "cpu"]
     assert main(argv) == 0
     captured = capsys.readouterr()
-    notes = [line for line in captured.err.splitlines() if line.startswith("note:")]
-    assert notes == ["note: 1 of the 3 neurons flagged for 'food' are routed experts' neurons and were left out: "
-                     "ablation covers dense MLP and shared-expert neurons only"]  # fmt: skip
-    assert "zero-ablating 2 neurons for 'food'" in captured.out  # layer 0's dense neuron and layer 1's shared one
+    assert not [line for line in captured.err.splitlines() if line.startswith("note:")]
+    assert "zero-ablating 3 neurons for 'food'" in captured.out  # layer 0's dense, layer 1's shared and expert 2's
 
 
 def test_no_statistics_note_of_an_moe_run_gives_the_texts_tokens_and_blames_the_spread_over_experts(capsys):
@@ -156,13 +151,15 @@ def test_per_token_views_read_shared_and_routed_experts_and_ablation_refuses_rou
         token_activations(dense, "Paris is in France.", 0, 3, expert=1)
 
 
-def test_ablate_neurons_of_a_mixture_of_experts_layer_is_refused_before_any_progress_bar(tiny_models, capsys):
+def test_ablate_of_a_routed_layer_without_an_expert_is_refused_before_any_progress_bar_and_with_one_it_runs(tiny_models, capsys):
     argv = ["ablate", "--config", DEFAULT, "--category", "food", "--model", str(tiny_models.path("mixtral")),
             "--neurons", "1:3", "--device", "cpu"]  # fmt: skip
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert_one_line_error(err, MOE_REFUSAL)
     assert "ablating" not in err
+    assert main([*argv[:-3], "1:2:3,1:2:5", "--device", "cpu", "--controls", "2"]) == 0
+    assert "zero-ablating 2 neurons for 'food'" in capsys.readouterr().out
 
 
 def test_routing_with_only_dense_layers_of_an_moe_model_says_so(tiny_models, tmp_path, capsys):

@@ -9,6 +9,7 @@ import re
 
 import app_fixtures
 import numpy as np
+import pandas as pd
 import pytest
 from app_fixtures import make_app, no_exception, open_page
 from test_moe import build
@@ -367,45 +368,42 @@ def test_hypothesis_page_checks_expert_neurons_on_heldout_text(app_env, default_
     tested = summary[summary["tested"] > 0]  # the ceiling, on by default, covers the experts' neurons too
     assert tested["best_possible_auroc"].notna().all()
     assert (tested["mean_heldout_auroc"] <= tested["best_possible_auroc"] + 1e-12).all()
-    assert any("ablation does not cover routed experts" in c.value for c in at.caption)
+    assert any(re.fullmatch(r"L\d\.E\d\.N\d+(, L\d\.E\d\.N\d+)*", c.value) for c in at.caption)  # the flagged, by expert
     at.number_input(key="contrast_threshold").set_value(-100.0).run()
     at.button(key="contrast_run").click().run()
     no_exception(at)
     assert any("the contrast check covers dense MLP and shared-expert neurons" in e.value for e in at.error)
 
 
-def test_ablation_says_on_the_page_how_many_flagged_expert_neurons_it_leaves_out(app_env, tiny_models, default_cfg):
-    """A DeepSeek run (dense layer 0, routed and shared experts in layer 1) on the Test page: the ablation's flagged
-    neurons are the dense and shared-expert ones, and a caption next to them says how many flagged routed-expert
-    neurons it leaves out; the NeuronsLeftOut warning behind it reaches no console."""
-    import warnings
-
-    from mechamap_core.hypothesis import NeuronsLeftOut
-
+def test_ablation_on_the_page_lists_and_ablates_flagged_routed_expert_neurons(app_env, tiny_models, default_cfg):
+    """A DeepSeek run (dense layer 0, routed and shared experts in layer 1) on the Test page: the flagged neurons it
+    would ablate, best first, name routed experts' neurons by expert (L1.E2.N5) beside the shared expert's (L1.N5),
+    and the ablation of them runs; a typed layer of routed experts gets the page's error, not a traceback."""
     lm = tiny_models.lm("deepseek_v3")
     text = "\n\n".join(default_cfg.master_text.split("\n\n")[:SCANNED_PARAGRAPHS])  # experts see enough tokens
     cfg = dataclasses.replace(default_cfg, master_text=text, categories=dict(default_cfg.categories), threshold=0.0)
     result = scan(lm, cfg)
     all_flagged = result.scores[result.scores["score"] >= 0.0]
-    # the first category with neurons to list and routed-expert neurons to count
-    experts_of = {c: all_flagged[all_flagged["category"] == c]["expert"] for c in result.categories}
-    category = next(c for c, experts in experts_of.items() if experts.notna().any() and experts.isna().any())
-    flagged = all_flagged[all_flagged["category"] == category]
-    routed = flagged["expert"].notna()
-    assert routed.any() and not routed.all()
-    with warnings.catch_warnings(record=True) as console:
-        warnings.simplefilter("always")
-        at = open_page(make_app(result), "hypothesis")
-        [box for box in at.selectbox if box.label == "Category"][-1].set_value(category).run()
+    # the first category with both routed-expert and other neurons among its 4 best
+    best = {c: all_flagged[all_flagged["category"] == c].sort_values("score", ascending=False).head(4) for c in result.categories}
+    category = next(c for c, rows in best.items() if rows["expert"].notna().any() and rows["expert"].isna().any())
+    at = open_page(make_app(result), "hypothesis")
+    [box for box in at.selectbox if box.label == "Category"][-1].set_value(category).run()
+    [box for box in at.number_input if box.label.startswith("At most")][0].set_value(4).run()
     no_exception(at)
-    assert not [w for w in console if issubclass(w.category, NeuronsLeftOut)], "the warning went to the console"
-    left_out = (f"{int(routed.sum())} of the {len(flagged)} neurons flagged for '{category}' are routed experts' neurons "
-                "and were left out: ablation covers dense MLP and shared-expert neurons only.")  # fmt: skip
-    captions = [c.value for c in at.caption]
-    assert left_out in captions
-    listed = captions[captions.index(left_out) - 1].split(", ")  # next to the flagged neurons it lists
-    kept = flagged[~routed].sort_values("score", ascending=False).head(10)
-    assert listed == [f"L{layer}.N{neuron}" for layer, neuron in zip(kept["layer"], kept["neuron"])]
+    expected = ", ".join(analysis.neuron_label(r.layer, r.neuron, None if pd.isna(r.expert) else r.expert)
+                         for r in best[category].itertuples())  # fmt: skip
+    assert expected in [c.value for c in at.caption]
+    [b for b in at.button if b.label == "Run ablation"][0].click().run()
+    no_exception(at)
+    assert not at.error, [e.value for e in at.error]
+    outcome = at.session_state["ablation_result"][-1]
+    assert outcome.per_condition.loc[0, "neurons"] == expected.replace(", ", "; ")
+    [r for r in at.radio if r.label == "Neurons"][0].set_value("Type them").run()
+    [t for t in at.text_input if t.label.startswith("layer:neuron")][0].input("1:2:3, 0:5").run()
+    assert not at.error
+    [t for t in at.text_input if t.label.startswith("layer:neuron")][0].input("1:9:3").run()
+    assert [e.value for e in at.error] == ["Expert 9 is out of range: layer 1 has experts 0-7."]
 
 
 def test_a_bad_neuron_link_to_a_shared_expert_falls_back_to_the_shared_experts_top_neuron(deepseek_result):

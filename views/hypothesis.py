@@ -18,10 +18,10 @@ from mechamap_core.hypothesis import (
     ablation_targets,
     check_heldout_inputs,
     control_rank_text,
-    experts_left_out,
     flagged_for_category,
     heldout_scan,
     heldout_summary_table,
+    neuron_id_label,
     parse_neuron_list,
     parse_typed_words,
     untested_categories,
@@ -166,28 +166,28 @@ with held_tab:
 
 with ablate_tab:
     st.caption("Ablate neurons in a forward pass over the text the run scanned (a streamed corpus run's config master text) "
-               "and compare with as many random neurons from the same layers.")
+               "and compare with as many random neurons from the same layers (of a routed expert's neurons: from the same expert, on "
+               "the tokens routed to it).")
     categories = result.categories
     category = st.selectbox("Category", categories)
     how = st.radio("Neurons", ["Flagged for this category", "Type them"], horizontal=True)
-    neurons: list[tuple[int, int]] = []
+    neurons: list[tuple[int, ...]] = []
     if how == "Flagged for this category":
         limit = st.number_input("At most this many (best score first)", 1, 500, 10)
         threshold = result.metadata.get("threshold", 1.0)
-        neurons = flagged_for_category(result.scores, category, "score", threshold, int(limit), warn=False)
-        none = ("No dense MLP or shared-expert neuron is flagged for this category (ablation does not cover routed experts)."
-                if has_experts(result.scores) else "No neuron is flagged for this category.")  # fmt: skip
-        st.caption(", ".join(f"L{a}.N{b}" for a, b in neurons) or none)
-        left_out = experts_left_out(result.scores, category, "score", threshold)
-        if left_out:  # "2 of the 5 neurons flagged for 'food' are routed experts' neurons and were left out: ..."
-            st.caption(f"{left_out}.")
+        neurons = flagged_for_category(result.scores, category, "score", threshold, int(limit))
+        st.caption(", ".join(map(neuron_id_label, neurons)) or "No neuron is flagged for this category.")
     else:
-        typed = st.text_input("layer:neuron pairs", placeholder="5:376, 5:544",
-                              help="In a mixture-of-experts layer, layer:neuron is its shared expert's neuron")
+        experts = has_experts(result.scores)
+        typed = st.text_input("layer:neuron" + (" or layer:expert:neuron" if experts else ""),
+                              placeholder="5:376, 5:2:544" if experts else "5:376, 5:544",
+                              help="layer:neuron is a dense MLP's neuron or, in a mixture-of-experts layer, its shared "
+                                   "expert's; layer:expert:neuron a routed expert's, ablated on the tokens routed to it")  # fmt: skip
         try:
             neurons = parse_neuron_list(typed)
         except ValueError:
-            st.error("Write neurons as layer:neuron pairs separated by commas, e.g. 5:376, 5:544")
+            st.error("Write neurons as layer:neuron (or layer:expert:neuron for a routed expert's) separated by commas, "
+                     "e.g. 5:376, 5:2:544")
     try:  # refused before the button, as the ablation would refuse them after it
         if neurons:
             ablation_targets(lm, neurons)
