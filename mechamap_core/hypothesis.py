@@ -780,6 +780,13 @@ def control_rank_text(summary: dict, prefix: str = "") -> str:
     return f"larger in size than {n - as_large} of {n} random control sets (p = {summary[f'{prefix}p_vs_controls']:.2f}{floor})"
 
 
+def effect_text(value: float, signed: bool = True) -> str:
+    """An ablation's effect (or spread) as shown: 4 decimals (+0.0123), or 3 significant digits below 0.001
+    (+1.23e-05), where 4 decimals would read -0.0000 for an effect that is not zero."""
+    small = value != 0 and abs(value) < 1e-3
+    return f"{value:{'+' if signed else ''}.{'3g' if small else '4f'}}"
+
+
 def ablation_summary_text(summary: dict) -> str:
     """An ablation's summary in words: its effect at the category's tokens, then its category-specific effect (minus
     the effect elsewhere), each against the random controls (z, rank)."""
@@ -788,8 +795,8 @@ def ablation_summary_text(summary: dict) -> str:
     for prefix, what in (("", "effect"), ("specific_", "category-specific effect (minus the effect elsewhere)")):
         z = f", z = {s[f'{prefix}z_vs_controls']:.1f}" if f"{prefix}z_vs_controls" in s else ""
         rank = control_rank_text(s, prefix)
-        parts.append(f"{what} {s[f'{prefix}effect']:+.4f} vs random controls {s[f'{prefix}control_mean']:+.4f} ± "
-                     f"{s[f'{prefix}control_std']:.4f}{z}{f'; {rank}' if rank else ''}")  # fmt: skip
+        parts.append(f"{what} {effect_text(s[f'{prefix}effect'])} vs random controls {effect_text(s[f'{prefix}control_mean'])} "
+                     f"± {effect_text(s[f'{prefix}control_std'], signed=False)}{z}{f'; {rank}' if rank else ''}")  # fmt: skip
     return (f"{s['mode']}-ablating {s['n_neurons']} neuron{'' if s['n_neurons'] == 1 else 's'} for '{s['category']}' "
             f"({s['measure']}): " + ". Its ".join(parts))
 

@@ -24,6 +24,7 @@ from mechamap_core.hypothesis import (
     ablation_summary_text,
     check_heldout_inputs,
     control_rank_text,
+    effect_text,
     flagged_for_category,
     heldout_scan,
     heldout_summary_table,
@@ -451,9 +452,17 @@ def test_ablating_a_neuron_changes_a_tiny_model_and_nothing_changes_nothing(tiny
     assert result.summary["specific_p_vs_controls"] == (1 + s_large) / 4
     text = ablation_summary_text(result.summary)
     assert text.startswith("zero-ablating 2 neurons for 'food' (change in log p(next token)")
-    assert f"Its category-specific effect (minus the effect elsewhere) {specific[0]:+.4f} vs random controls" in text
+    assert f"Its category-specific effect (minus the effect elsewhere) {effect_text(specific[0])} vs random controls" in text
     hooks = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in tiny_gpt2.model.modules())
     assert hooks == 0
+
+
+def test_effects_below_a_thousandth_keep_three_significant_digits_where_four_decimals_would_read_zero():
+    assert [effect_text(v) for v in (0.0123, -1.234e-5, 0.0, 2.5, -0.00099)] == ["+0.0123", "-1.23e-05", "+0.0000", "+2.5000", "-0.00099"]
+    assert effect_text(4.56e-6, signed=False) == "4.56e-06"
+    summary = {"category": "food", "mode": "zero", "n_neurons": 1, "measure": "m", "effect": -2.2e-5, "control_mean": 1e-5,
+               "control_std": 3.3e-5, "specific_effect": 0.02, "specific_control_mean": 0.0, "specific_control_std": 0.01}  # fmt: skip
+    assert "effect -2.2e-05 vs random controls +1e-05 ± 3.3e-05" in ablation_summary_text(summary)
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,7 @@ from mechamap_core.hypothesis import (
     ablation_targets,
     check_heldout_inputs,
     control_rank_text,
+    effect_text,
     flagged_for_category,
     heldout_scan,
     heldout_summary_table,
@@ -213,10 +214,10 @@ with ablate_tab:
         for place, prefix, what in zip(st.columns(2), ("", "specific_"),
                                        (f"Effect on '{s['category']}' tokens", "Category-specific effect (minus elsewhere)")):  # fmt: skip
             z = f", z = {s[f'{prefix}z_vs_controls']:.1f}" if f"{prefix}z_vs_controls" in s else ""
-            place.metric(f"{what} ({ablated})", f"{s[f'{prefix}effect']:+.4f}",
-                         f"{s[f'{prefix}effect'] - s[f'{prefix}control_mean']:+.4f} vs random controls{z}", delta_color="off")  # fmt: skip
+            place.metric(f"{what} ({ablated})", effect_text(s[f"{prefix}effect"]),
+                         f"{effect_text(s[f'{prefix}effect'] - s[f'{prefix}control_mean'])} vs random controls{z}", delta_color="off")  # fmt: skip
             rank = control_rank_text(s, prefix)
-            place.caption(f"Controls: {s[f'{prefix}control_mean']:+.4f} ± {s[f'{prefix}control_std']:.4f}."
+            place.caption(f"Controls: {effect_text(s[f'{prefix}control_mean'])} ± {effect_text(s[f'{prefix}control_std'], signed=False)}."
                           + (f" It is {rank}." if rank else ""))  # fmt: skip
         st.caption(f"Measure: {s['measure']}. The category-specific effect is the effect at the category's tokens minus "
                    "the effect elsewhere: neurons that matter to every token also beat random ones at the category's "
@@ -231,7 +232,7 @@ with ablate_tab:
             .encode(
                 x=alt.X("value:Q", title="effect"), y=alt.Y("condition:N", sort=None, title=None),
                 color=alt.Color("kind:N", scale=alt.Scale(domain=["ablated", "random control"], range=["#d62728", "#999999"])),
-                row=alt.Row("tokens:N", title=None), tooltip=["condition", "tokens", alt.Tooltip("value:Q", format=".4f")],
+                row=alt.Row("tokens:N", title=None), tooltip=["condition", "tokens", alt.Tooltip("value:Q", format=".3~g")],
             )  # fmt: skip
         )
         st.altair_chart(chart)
