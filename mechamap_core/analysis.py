@@ -40,6 +40,16 @@ def shown_key(frame: pd.DataFrame) -> list[str]:
     return neuron_key(frame) if has_experts(frame) else NEURON_KEY
 
 
+NeuronId = tuple[int, int] | tuple[int, int, int]  # (layer, neuron), or (layer, expert, neuron) of a routed expert
+
+
+def neuron_ids(frame: pd.DataFrame) -> list[NeuronId]:
+    """Each row's neuron, in row order: (layer, neuron), or (layer, expert, neuron) where its expert is set."""
+    experts = frame["expert"] if "expert" in frame.columns else pd.Series(pd.NA, index=frame.index)
+    return [(int(layer), int(neuron)) if pd.isna(expert) else (int(layer), int(expert), int(neuron))
+            for layer, expert, neuron in zip(frame["layer"], experts, frame["neuron"])]  # fmt: skip
+
+
 def neuron_label(layer: int, neuron: int, expert: int | None = None) -> str:
     """A neuron's short name: "L5.N7", or "L5.E2.N7" for neuron 7 of routed expert 2."""
     return f"L{layer}.N{neuron}" if expert is None else f"L{layer}.E{expert}.N{neuron}"

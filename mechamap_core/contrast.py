@@ -5,7 +5,10 @@ sentence uses the word once or more; in_sense in the category's meaning ("orange
 color category), out_of_sense in another ("orange" the fruit). A neuron's value on a sentence is its
 mean activation over the word's tokens there. Against the neuron's baseline (mean and SD of its
 activation on the other tokens of all the set's sentences, whichever categories have candidates, so that no
-other choice, such as the threshold or the other categories, moves a neuron's verdict):
+other choice, such as the threshold or the other categories, moves a neuron's verdict). A routed expert's neuron
+is read as the scan reads it, on the tokens routed to its expert: a sentence counts where the router sent the word
+there, its baseline is over the other tokens routed there, and a word that reached it in fewer than MIN_SENTENCES
+sentences of either sense gets no verdict but "unclear", with how many:
 
 - lift_in / lift_out: how many baseline SDs the in-sense / out-of-sense values lie above the baseline mean;
 - auroc, p_value: in-sense vs out-of-sense sentences, one-sided Mann-Whitney (sentences are the unit; scipy's
@@ -34,11 +37,13 @@ import pandas as pd
 from scipy.stats import mannwhitneyu
 
 from .alignment import find_word_spans
+from .analysis import neuron_ids
 from .config import ConfigError, read_yaml_file, safe_load_yaml
-from .inspect_neuron import collect_activations, mlp_sites
+from .inspect_neuron import NeuronSet, collect_activations, neuron_set, neurons_by_set, view_points
 from .models import LoadedModel
+from .moe import MoELayer
 from .scan.driver import ProgressFn
-from .sites import routed_expert_rows
+from .sites import expert_hook_name
 from .stats import auroc_exact
 
 SENSES = ("in_sense", "out_of_sense")
@@ -103,15 +108,17 @@ def load_contrast_set(path: str | os.PathLike = DEFAULT_CONTRAST_PATH) -> Contra
 
 
 def sentence_activations(
-    lm: LoadedModel, neurons: dict[int, list[int]], contrast_set: ContrastSet, progress: ProgressFn | None = None
+    lm: LoadedModel, neurons: dict[NeuronSet, list[int]], contrast_set: ContrastSet, progress: ProgressFn | None = None
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Each neuron's value on every contrast sentence, and its baseline, from one pass over the sentences.
 
-    Returns (values, baseline). values: category, word, sense, sentence, layer, neuron, activation (mean
-    over the word's tokens in the sentence). baseline: layer, neuron, baseline_mean, baseline_std, over
-    every token of the sentences that belongs to none of their words. progress as collect_activations'. Raises
-    ValueError for a word that gives no token the model counts in its sentences (its tokenizer reads it as its
-    unknown token, say).
+    neurons: {layer: [neuron, ...]} (a dense MLP, or a mixture-of-experts layer's shared expert) and {(layer,
+    expert): [neuron, ...]} (a routed expert), as collect_activations takes them. Returns (values, baseline).
+    values: category, word, sense, sentence, layer, expert (empty but for a routed expert), neuron, activation
+    (mean over the word's tokens in the sentence that reach the neuron: a routed expert's, those routed to it; NaN
+    where none is). baseline: layer, expert, neuron, baseline_mean, baseline_std, over every token of the sentences
+    that belongs to none of their words (that reaches it). progress as collect_activations'. Raises ValueError for
+    a word that gives no token the model counts in its sentences (its tokenizer reads it as its unknown token, say).
     """
     entries = [
         (category, word, sense, sentence)
@@ -125,28 +132,26 @@ def sentence_activations(
     aligned, acts = collect_activations(lm, sentences, neurons, {w: [w] for w in words}, progress=progress)
     docs = aligned.tokens["doc"].to_numpy()
     doc_of = {sentence: i for i, sentence in enumerate(sentences)}
-    word_tokens = np.zeros(aligned.n_tokens, dtype=bool)
     without_tokens = sorted({f"'{word}' ({category})" for category, word, *_ in entries
                              if not aligned.category_mask[:, words.index(word.lower())].any()})  # fmt: skip
     if without_tokens:
         raise ValueError(f"{', '.join(without_tokens)} gives no token this model's tokenizer counts in its sentences "
                          "(it reads it as a special token, such as its unknown token): use another word")  # fmt: skip
-    rows, keys = [], []
-    for category, word, sense, sentence in entries:
+    table = np.concatenate([acts[key] for key in neurons], axis=1).astype(np.float64)  # [tokens, neurons], NaN: not routed
+    word_tokens = np.zeros(aligned.n_tokens, dtype=bool)
+    rows = []
+    for _, word, _, sentence in entries:
         picked = (docs == doc_of[sentence]) & aligned.category_mask[:, words.index(word.lower())]
         word_tokens |= picked
-        keys.append((category, word, sense, sentence))
-        rows.append(np.concatenate([acts[layer][picked].mean(0) for layer in neurons]))
-    pairs = [(layer, n) for layer, ids in neurons.items() for n in ids]
-    columns = pd.MultiIndex.from_tuples(pairs, names=["layer", "neuron"])
-    wide = pd.DataFrame(np.array(rows), columns=columns, index=pd.MultiIndex.from_tuples(keys))
-    values = wide.stack(["layer", "neuron"], future_stack=True).rename("activation").reset_index()
-    values.columns = ["category", "word", "sense", "sentence", "layer", "neuron", "activation"]
-    context = np.concatenate([acts[layer][~word_tokens] for layer in neurons], axis=1).astype(np.float64)
-    baseline = pd.DataFrame({
-        "layer": columns.get_level_values(0), "neuron": columns.get_level_values(1),
-        "baseline_mean": context.mean(0), "baseline_std": context.std(0, ddof=1),
-    })  # fmt: skip
+        rows.append(pd.DataFrame(table[picked]).mean().to_numpy())  # skips NaN: a routed expert's tokens only
+    sites = pd.DataFrame(
+        [(key[0], key[1], n) if isinstance(key, tuple) else (key, pd.NA, n) for key, ids in neurons.items() for n in ids],
+        columns=["layer", "expert", "neuron"],
+    ).astype({"expert": "Int64"})
+    values = pd.DataFrame(entries, columns=["category", "word", "sense", "sentence"]).merge(sites, how="cross")  # entry-major
+    values["activation"] = np.concatenate(rows)
+    context = pd.DataFrame(table[~word_tokens])
+    baseline = sites.assign(baseline_mean=context.mean().to_numpy(), baseline_std=context.std(ddof=1).to_numpy())
     return values, baseline
 
 
@@ -163,55 +168,74 @@ def verdict(lift_in: float, lift_out: float, p_value: float) -> tuple[str, str]:
     return "unclear", "in the sense above out of it, but not consistently across sentences"
 
 
-CONTRAST_COVERS = "the contrast check covers dense MLP and shared-expert neurons"
+ROUTED_ONLY_CONTRAST = "the candidates need an expert column naming each of their neurons' expert"
 
 
 def contrast_table(
     lm: LoadedModel, candidates: pd.DataFrame, contrast_set: ContrastSet, progress: ProgressFn | None = None
 ) -> pd.DataFrame:
-    """Lexical or semantic verdict for candidate neurons (columns layer, neuron, category) on a contrast set: a
-    layer's dense MLP neurons, or in a mixture-of-experts layer its shared expert's (the hook column says which).
+    """Lexical or semantic verdict for candidate neurons (columns layer, neuron, category, and expert where some are
+    routed experts' neurons): a layer's dense MLP neurons, in a mixture-of-experts layer its shared expert's (the hook
+    column says which), and a routed expert's, measured as the scan measures it, on the tokens routed to it.
 
-    One row per candidate and contrast word of its category: layer, neuron, hook, category, word, n_in,
-    n_out, in_mean, out_mean, baseline_mean, baseline_std, lift_in, lift_out, auroc, p_value, verdict,
-    reason (see the module docstring). Other candidate columns (e.g. score) are kept. progress(done, total,
-    message): the forward passes over the sentences.
-    Raises ValueError when no candidate's category is in the contrast set.
+    One row per candidate and contrast word of its category: layer, (expert,) neuron, hook, category, word, n_in,
+    n_out, in_mean, out_mean, baseline_mean, baseline_std, lift_in, lift_out, auroc, p_value, verdict, reason (see
+    the module docstring). n_in and n_out count the sentences of each sense where the neuron has a value: for a routed
+    expert's neuron, those where the router sent the word to its expert; with fewer than MIN_SENTENCES of either
+    sense the verdict is "unclear" and the reason says how many reached it. Other candidate columns (e.g. score) are
+    kept. progress(done, total, message): the forward passes over the sentences.
+    Raises ValueError when no candidate's category is in the contrast set, and for a layer of routed experts only
+    without an expert, or an expert or neuron the model lacks.
     """
     cands = candidates.assign(category=candidates["category"].astype(str))
-    if (routed := int(routed_expert_rows(cands).sum())) > 0:
-        raise ValueError(f"{routed} of the candidates are routed experts' neurons: {CONTRAST_COVERS} (an expert sees only "
-                         "the tokens routed to it, so most contrast words never reach it)")  # fmt: skip
     cands = cands[cands["category"].isin(list(contrast_set))]
     if cands.empty:
         raise ValueError(f"no candidate neuron is in a category of the contrast set ({', '.join(contrast_set)})")
-    neurons = {int(layer): sorted(set(g["neuron"].astype(int))) for layer, g in cands.groupby("layer")}
-    with lm.lock:
-        hooks = {site.layer: site.hook for site in mlp_sites(lm.model, sorted(neurons), CONTRAST_COVERS)}
+    ids = neuron_ids(cands)
+    neurons = neurons_by_set(ids)
+    with lm.lock:  # a routed-only layer without an expert, a missing expert or neuron: refused before the sentences run
+        points, _ = view_points(lm.model, neurons, ROUTED_ONLY_CONTRAST)
+    hooks = {point.layer: point.hook for point in points if not isinstance(point, MoELayer)}
     values, baseline = sentence_activations(lm, neurons, contrast_set, progress)  # the whole set: a baseline that no choice changes
-    base = baseline.set_index(["layer", "neuron"])
-    groups = values.groupby(["layer", "neuron", "category", "word"], sort=False)
+    groups = values.groupby([_site_keys(values), "category", "word"], sort=False)
+    base = baseline.set_index(pd.Index(_site_keys(baseline)))
     rows = []
-    for cand in cands.to_dict("records"):
+    for (*site_of, _), cand in zip(ids, cands.to_dict("records")):
+        key = neuron_set(*site_of)
         layer, neuron = int(cand["layer"]), int(cand["neuron"])
-        mean, std = base.loc[(layer, neuron)]
-        for word in contrast_set[cand["category"]]:
-            group = groups.get_group((layer, neuron, cand["category"], word))
-            in_vals = group.loc[group["sense"] == "in_sense", "activation"].to_numpy(np.float64)
-            out_vals = group.loc[group["sense"] == "out_of_sense", "activation"].to_numpy(np.float64)
-            both = np.concatenate([in_vals, out_vals])[:, None]
-            is_in = np.arange(len(both))[:, None] < len(in_vals)
-            lift_in, lift_out = (in_vals.mean() - mean) / std, (out_vals.mean() - mean) / std
-            p_value = float(mannwhitneyu(in_vals, out_vals, alternative="greater").pvalue)
-            label, reason = verdict(lift_in, lift_out, p_value)
-            rows.append({
-                **cand, "layer": layer, "neuron": neuron, "hook": hooks[layer], "word": word,
-                "n_in": len(in_vals), "n_out": len(out_vals),
-                "in_mean": in_vals.mean(), "out_mean": out_vals.mean(), "baseline_mean": mean, "baseline_std": std,
-                "lift_in": lift_in, "lift_out": lift_out, "auroc": float(auroc_exact(both, is_in)[0, 0]),
-                "p_value": p_value, "verdict": label, "reason": reason,
-            })  # fmt: skip
-    return pd.DataFrame(rows)
+        site = (*key, neuron) if isinstance(key, tuple) else (key, -1, neuron)
+        mean, std = base.loc[[site], ["baseline_mean", "baseline_std"]].iloc[0]
+        hook = expert_hook_name(*key) if isinstance(key, tuple) else hooks[layer]
+        for word, senses in contrast_set[cand["category"]].items():
+            group = groups.get_group((site, cand["category"], word))
+            in_vals, out_vals = (group.loc[group["sense"] == sense, "activation"].dropna().to_numpy(np.float64) for sense in SENSES)
+            rows.append({**cand, "layer": layer, "neuron": neuron, "hook": hook, "word": word,
+                         **_word_statistics(in_vals, out_vals, mean, std, [len(senses[sense]) for sense in SENSES])})  # fmt: skip
+    table = pd.DataFrame(rows)
+    return table.astype({"expert": "Int64"}) if "expert" in table.columns else table
+
+
+def _site_keys(frame: pd.DataFrame) -> list[tuple[int, int, int]]:
+    """(layer, expert or -1, neuron) of each row of sentence_activations' values or baseline."""
+    return list(zip(frame["layer"], frame["expert"].fillna(-1), frame["neuron"]))
+
+
+def _word_statistics(in_vals: np.ndarray, out_vals: np.ndarray, mean: float, std: float, n_sentences: list[int]) -> dict:
+    """contrast_table's columns from n_in to reason for one neuron and word: its values on the sentences of each sense
+    that reached it (of n_sentences), against its baseline mean and std."""
+    out = {"n_in": len(in_vals), "n_out": len(out_vals), "in_mean": np.nan, "out_mean": np.nan, "baseline_mean": mean,
+           "baseline_std": std, "lift_in": np.nan, "lift_out": np.nan, "auroc": np.nan, "p_value": np.nan}  # fmt: skip
+    if len(in_vals) < MIN_SENTENCES or len(out_vals) < MIN_SENTENCES:  # only a routed expert misses sentences
+        reached = f"{len(in_vals)} of {n_sentences[0]} in-sense and {len(out_vals)} of {n_sentences[1]} out-of-sense"
+        return out | {"verdict": "unclear", "reason": f"the router sent the word to this expert in {reached} "
+                      f"sentences; a verdict needs {MIN_SENTENCES} of each"}  # fmt: skip
+    both = np.concatenate([in_vals, out_vals])[:, None]
+    is_in = np.arange(len(both))[:, None] < len(in_vals)
+    out |= {"in_mean": in_vals.mean(), "out_mean": out_vals.mean(), "lift_in": (in_vals.mean() - mean) / std,
+            "lift_out": (out_vals.mean() - mean) / std, "auroc": float(auroc_exact(both, is_in)[0, 0]),
+            "p_value": float(mannwhitneyu(in_vals, out_vals, alternative="greater").pvalue)}  # fmt: skip
+    label, reason = verdict(out["lift_in"], out["lift_out"], out["p_value"])
+    return out | {"verdict": label, "reason": reason}
 
 
 def check_shared_categories(scores: pd.DataFrame, contrast_set: ContrastSet) -> None:
@@ -231,22 +255,16 @@ def contrast_neurons(
     top: int | None = 5,
     progress: ProgressFn | None = None,
 ) -> pd.DataFrame:
-    """contrast_table for the dense MLP and shared-expert neurons with score >= threshold in the contrast set's
-    categories (best `top` per category by score; None = all). A mixture-of-experts model's routed-expert neurons
-    are left out: an expert sees only the tokens routed to it, so most contrast words never reach it. progress as
-    contrast_table's. Raises ValueError when the run has none of the set's categories, or when no neuron is flagged in them."""
+    """contrast_table for the neurons with score >= threshold in the contrast set's categories (best `top` per category
+    by score; None = all): dense MLP, shared-expert and routed-expert neurons alike. progress as contrast_table's.
+    Raises ValueError when the run has none of the set's categories, or when no neuron is flagged in them."""
     check_shared_categories(scores, contrast_set)
     rows = scores[(scores["score"] >= threshold) & scores["category"].astype(str).isin(list(contrast_set))]
-    kept = ~routed_expert_rows(rows)
-    if len(rows) and not kept.any():
-        raise ValueError(f"the neurons with score >= {threshold} in the contrast set's categories are all routed experts' "
-                         f"neurons: {CONTRAST_COVERS}")  # fmt: skip
-    rows = rows[kept]
     rows = rows.sort_values("score", ascending=False, kind="stable")
     if top:
         rows = rows.groupby(rows["category"].astype(str), sort=False).head(top)
     if rows.empty:
         where = f"a category of the contrast set ({', '.join(contrast_set)})"
         raise ValueError(f"no neuron has score >= {threshold} in {where}")
-    keep = ["layer", "neuron", "category", "score"]
+    keep = [column for column in ("layer", "expert", "neuron", "category", "score") if column in rows.columns]
     return contrast_table(lm, rows[keep].reset_index(drop=True), contrast_set, progress)

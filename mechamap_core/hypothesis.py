@@ -13,9 +13,9 @@ import pandas as pd
 import torch
 
 from .alignment import AlignedText, align, missing_words
-from .analysis import check_one_row_per_neuron, flagged, has_experts, neuron_label
+from .analysis import NeuronId, check_one_row_per_neuron, flagged, has_experts, neuron_ids, neuron_label
 from .config import ConfigError, ScanConfig, as_scan_config, split_words, validate_config
-from .inspect_neuron import ROUTED_ONLY_ABLATION, NeuronSet, check_neuron_range, collect_activations, neuron_set, view_points
+from .inspect_neuron import ROUTED_ONLY_ABLATION, NeuronSet, check_neuron_range, collect_activations, neurons_by_set, view_points
 from .models import LoadedModel
 from .moe import MoELayer
 from .scan.driver import ProgressFn, batches, hooked, resolve_hook_points
@@ -29,7 +29,6 @@ TESTED_STATUSES = ("pass", "fail")  # validate_heldout's statuses of a neuron th
 NOT_TESTED = "not tested"  # heldout_summary_table: a category none of whose flagged neurons could be tested
 MAX_NAMED_WORDS = 20  # check_heldout_inputs names at most this many missing words
 CANDIDATE_COLUMNS = ("layer", "neuron", "category")  # validate_heldout's candidates (and heldout_scan's scores) need these
-NeuronId = tuple[int, int] | tuple[int, int, int]  # (layer, neuron), or (layer, expert, neuron) of a routed expert
 
 
 # --- held-out inputs ---------------------------------------------------------------------------
@@ -585,9 +584,7 @@ def ablation_targets(lm: LoadedModel, neurons) -> tuple[dict[NeuronSet, list[int
     expert) or (layer, expert) for a routed expert (NeuronSet). Raises ValueError for a layer of routed experts only
     given without an expert, a missing layer or expert, a neuron outside its site, and a site of which half the
     neurons or more are listed (the random control sets could not match them in size and differ)."""
-    by_key: dict[NeuronSet, list[int]] = {}
-    for *site, neuron in _neuron_ids(neurons):
-        by_key.setdefault(neuron_set(*site), []).append(neuron)
+    by_key = neurons_by_set(_neuron_ids(neurons))
     with lm.lock:
         points, _ = view_points(lm.model, by_key, ROUTED_ONLY_ABLATION)
     widths = _key_widths(points)
@@ -823,6 +820,4 @@ def flagged_for_category(
     rows = rows[rows["category"].astype(str) == category].sort_values(metric, ascending=False)
     if limit:
         rows = rows.head(limit)
-    experts = rows["expert"] if "expert" in rows.columns else pd.Series(pd.NA, index=rows.index)
-    return [(int(layer), int(neuron)) if pd.isna(expert) else (int(layer), int(expert), int(neuron))
-            for layer, expert, neuron in zip(rows["layer"], experts, rows["neuron"])]  # fmt: skip
+    return neuron_ids(rows)

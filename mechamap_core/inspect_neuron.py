@@ -123,6 +123,14 @@ def neuron_set(layer: int, expert: int | None = None) -> NeuronSet:
     return layer if expert is None else (layer, expert)
 
 
+def neurons_by_set(ids) -> dict[NeuronSet, list[int]]:
+    """{key (neuron_set): its neurons, each once, in first order} of (layer, neuron) and (layer, expert, neuron) ids."""
+    grouped: dict[NeuronSet, dict[int, None]] = {}
+    for *site, neuron in ids:
+        grouped.setdefault(neuron_set(*site), {})[neuron] = None
+    return {key: list(neurons) for key, neurons in grouped.items()}
+
+
 def token_activations(
     lm: LoadedModel, text: str, layer: int, neuron: int, max_chunk_tokens: int = 0, expert: int | None = None
 ) -> pd.DataFrame:

@@ -116,14 +116,6 @@ def dense_mlp_rows(frame: pd.DataFrame) -> pd.Series:
     return frame["hook"].astype(str) == frame["layer"].astype(int).map(hook_name).astype(str)
 
 
-def routed_expert_rows(frame: pd.DataFrame) -> pd.Series:
-    """Bool per row of a scores-like frame: whether the row is a routed expert's neuron (its expert is set); no row
-    when there is no expert column."""
-    if "expert" not in frame.columns:
-        return pd.Series(False, index=frame.index)
-    return frame["expert"].notna()
-
-
 def shared_expert_hook_name(layer: int) -> str:
     """Hook name of the shared expert's neurons in a mixture-of-experts layer (DeepSeek, Qwen2-MoE)."""
     return f"blocks.{layer}.mlp.shared_experts.hook_post"

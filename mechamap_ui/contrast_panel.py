@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
+from mechamap_core.analysis import shown_key
 from mechamap_core.config import ConfigError
 from mechamap_core.contrast import FORMAT_HELP, contrast_neurons, load_contrast_set, parse_contrast_set
 from mechamap_core.scan import ScanResult
@@ -13,9 +14,9 @@ from mechamap_ui.widgets import neuron_table, progress_bar, stat_column_config
 
 CONTRAST_RESULT = "contrast_result"
 BUILT_IN = "Built-in (ambiguous words of the default categories)"
-# hook: a dense MLP's, or (the same layer:neuron) a mixture-of-experts layer's shared expert's
-SHOWN = ["layer", "neuron", "category", "word", "verdict", "score", "lift_in", "lift_out", "auroc", "p_value",
-         "reason", "hook"]  # fmt: skip
+# after the neuron's key (shown_key: layer, expert where routed experts are, neuron); hook: a dense MLP's, a
+# mixture-of-experts layer's shared expert's (the same layer:neuron) or a routed expert's
+SHOWN = ["category", "word", "verdict", "score", "lift_in", "lift_out", "auroc", "p_value", "n_in", "n_out", "reason", "hook"]
 
 
 def _contrast_set():
@@ -58,9 +59,9 @@ def contrast_section(result: ScanResult, lm) -> None:
     table = state.kept_check(CONTRAST_RESULT, result, inputs, "contrast check")
     if table is not None:
         counts = table["verdict"].value_counts()
-        n_neurons = len(table[["layer", "neuron"]].drop_duplicates())
+        n_neurons = len(table[shown_key(table)].drop_duplicates())
         verdicts = ", ".join(f"**{counts.get(v, 0)}** {v}" for v in ("semantic", "lexical", "unclear"))
         st.write(f"{verdicts} (neuron, word) pairs, {n_neurons} neurons.")
-        shown = table[SHOWN]
+        shown = table[[*shown_key(table), *SHOWN]]
         neuron_table(shown, key="contrast_table", column_config=stat_column_config(shown))
         st.download_button("Download the verdicts (CSV)", table.to_csv(index=False), "contrast.csv", "text/csv")

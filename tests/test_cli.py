@@ -108,7 +108,7 @@ def test_scan_of_an_moe_model_writes_expert_rows_and_the_routing_table(tiny_mode
     """A mixture-of-experts model from a folder, scanned over the master text: the summary counts its experts and the
     master text's tokens, the CSV has expert rows and --routing writes the routing table (check_expert_rows_and_routing,
     whose note suggests a longer text or a corpus); without an output file the top neurons are printed with their
-    expert, and interpret, validate and ablate read the expert rows."""
+    expert, and interpret, validate, ablate and contrast read the expert rows."""
     from mechamap_core import load_config
 
     model = tiny_models.path("mixtral")
@@ -132,6 +132,12 @@ def test_scan_of_an_moe_model_writes_expert_rows_and_the_routing_table(tiny_mode
     assert main(argv) == 0  # the best 3 flagged neurons: routed experts' (this model has no other)
     out = capsys.readouterr().out
     assert "zero-ablating 3 neurons for 'food'" in out and "control 2" in out
+    verdicts = tmp_path / "contrast.csv"
+    argv = ["contrast", "--csv", str(csv), "--threshold", "-100", "--top", "2", "--device", "cpu", "--out", str(verdicts)]
+    assert main(argv) == 0, capsys.readouterr().err
+    table = pd.read_csv(verdicts)
+    assert table["expert"].notna().all() and table["hook"].str.match(r"blocks\.\d\.mlp\.experts\.\d\.hook_post$").all()
+    assert "layer  expert  neuron" in capsys.readouterr().out
 
 
 def test_corpus_scan_of_an_moe_model_says_what_it_covered_and_writes_the_routing_table(tiny_models, tmp_path, capsys):

@@ -8,6 +8,7 @@ import app_fixtures
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 from app_fixtures import make_app, no_exception, open_page
 from tiny_models import capture_mlp_input
@@ -43,6 +44,17 @@ SET = {
 CANDIDATES = pd.DataFrame({"layer": [0, 1, 1], "neuron": [3, 5, 40], "category": ["color"] * 3, "score": [2.5, 2.2, 2.1]})
 
 
+def word_and_special_tokens(enc, sentence: str, word: str) -> tuple[np.ndarray, np.ndarray]:
+    """(bool per token: overlaps an occurrence of word, case-insensitive; is a special token) from the tokenizer's
+    offsets and special-token mask of enc, without MechaMap's alignment."""
+    lower, spans, at = sentence.lower(), [], 0
+    while (at := lower.find(word, at)) >= 0:
+        spans.append((at, at + len(word)))
+        at += len(word)
+    in_word = np.array([any(s < b and e > a for a, b in spans) for s, e in enc["offset_mapping"]])
+    return in_word, np.array(enc["special_tokens_mask"], dtype=bool)
+
+
 def hand_values(lm, layer: int, neuron: int, down: str = "encoder.layer.{layer}.output.dense") -> tuple[dict, np.ndarray]:
     """(sentence -> mean activation over the word's tokens, activations of all other tokens), computed with
     a forward hook on the down-projection (BERT's output projection by default) and the tokenizer's offsets,
@@ -52,12 +64,7 @@ def hand_values(lm, layer: int, neuron: int, down: str = "encoder.layer.{layer}.
         for sentence in senses["in_sense"] + senses["out_of_sense"]:
             enc = lm.tokenizer(sentence, return_offsets_mapping=True, return_special_tokens_mask=True)
             acts = capture_mlp_input(lm.model, down.format(layer=layer), enc["input_ids"])[:, neuron].numpy()
-            lower, spans, at = sentence.lower(), [], 0
-            while (at := lower.find(word, at)) >= 0:
-                spans.append((at, at + len(word)))
-                at += len(word)
-            in_word = np.array([any(s < b and e > a for a, b in spans) for s, e in enc["offset_mapping"]])
-            special = np.array(enc["special_tokens_mask"], dtype=bool)
+            in_word, special = word_and_special_tokens(enc, sentence, word)
             per_sentence[sentence] = acts[in_word & ~special].mean()
             context.extend(acts[~in_word & ~special])
     return per_sentence, np.array(context, dtype=np.float64)
@@ -112,12 +119,73 @@ def test_contrast_table_reads_a_mixture_of_experts_layers_shared_expert(tiny_mod
         assert row.out_mean == pytest.approx(np.mean([values[s] for s in senses["out_of_sense"]]), abs=1e-6)
         assert row.baseline_mean == pytest.approx(context.mean(), abs=1e-6)
         assert row.hook == f"blocks.{row.layer}.mlp.shared_experts.hook_post"
-    routed = candidates.assign(expert=pd.array([pd.NA, 2, pd.NA], dtype="Int64"))  # a routed expert's row: refused
-    with pytest.raises(ValueError, match=r"^1 of the candidates are routed experts' neurons: the contrast check covers"):
-        contrast_table(lm, routed, SET)
-    with pytest.raises(ValueError, match=r"layers 0-1 have routed experts only .*: the contrast check covers dense MLP and "
-                       r"shared-expert neurons"):  # fmt: skip
+    with pytest.raises(ValueError, match=r"^layers 0-1 have routed experts only \(no dense MLP or shared expert\): the "
+                       r"candidates need an expert column"):  # fmt: skip
         contrast_table(tiny_models.lm("mixtral"), candidates, SET)
+
+
+def hand_routed_values(lm, layer: int, expert: int, neuron: int) -> tuple[dict, np.ndarray]:
+    """hand_values for neuron `neuron` of routed expert `expert` of a Qwen2-MoE layer: silu(gate x) * (up x) from the
+    raw gate_up_proj [E, 2I, H] in float64, on the tokens whose top-k (the experts' own call) holds the expert.
+    Returns (sentence -> (mean over the word's tokens routed there or NaN, how many), other routed tokens' values)."""
+    experts = lm.model.get_submodule(f"model.layers.{layer}.mlp.experts")
+    weight = experts.gate_up_proj.detach()[expert].double()
+    width = weight.shape[0] // 2
+    per_sentence, context, called = {}, [], []
+    handle = experts.register_forward_pre_hook(lambda module, args: called.append((args[0].detach(), args[1].detach())))
+    try:
+        for word, senses in SET["color"].items():
+            for sentence in senses["in_sense"] + senses["out_of_sense"]:
+                enc = lm.tokenizer(sentence, return_offsets_mapping=True, return_special_tokens_mask=True)
+                called.clear()
+                with torch.no_grad():
+                    lm.model(input_ids=torch.tensor([enc["input_ids"]]))
+                hidden, index = called[0]
+                x = hidden.double()
+                acts = (torch.nn.functional.silu(x @ weight[:width].T) * (x @ weight[width:].T))[:, neuron].numpy()
+                routed = (index == expert).any(-1).numpy()
+                in_word, special = word_and_special_tokens(enc, sentence, word)
+                picked = in_word & ~special & routed
+                per_sentence[sentence] = (acts[picked].mean() if picked.any() else np.nan, int(picked.sum()))
+                context.extend(acts[~in_word & ~special & routed])
+    finally:
+        handle.remove()
+    return per_sentence, np.array(context, dtype=np.float64)
+
+
+def test_contrast_table_reads_routed_expert_neurons_on_the_tokens_routed_to_them(tiny_models):
+    """Qwen2-MoE's routed experts' neurons beside a shared expert's: a sentence counts where the router sent the word to
+    the expert, its value and the baseline are over the tokens routed there (a float64 recomputation from the raw
+    weights and the experts' own routing), and a word that reached the expert in fewer than 3 sentences of a sense
+    gets no lifts and says how many it reached."""
+    lm = tiny_models.lm("qwen2_moe")
+    candidates = pd.DataFrame({"layer": [1, 1, 1, 0], "expert": pd.array([2, 0, pd.NA, 1], dtype="Int64"),
+                               "neuron": [5, 7, 30, 3], "category": "color", "score": [2.4, 2.3, 2.2, 2.1]})  # fmt: skip
+    table = contrast_table(lm, candidates, SET)
+    assert len(table) == 4 * 2 and str(table["expert"].dtype) == "Int64"
+    short = 0
+    for row in table[table["expert"].notna()].itertuples():
+        values, context = hand_routed_values(lm, row.layer, int(row.expert), row.neuron)
+        senses = SET["color"][row.word]
+        assert row.hook == f"blocks.{row.layer}.mlp.experts.{row.expert}.hook_post"
+        assert row.baseline_mean == pytest.approx(context.mean(), abs=1e-6)
+        assert row.baseline_std == pytest.approx(context.std(ddof=1), rel=1e-5)
+        reached = [[values[s][0] for s in senses[sense] if values[s][1]] for sense in ("in_sense", "out_of_sense")]
+        assert (row.n_in, row.n_out) == (len(reached[0]), len(reached[1]))
+        if min(row.n_in, row.n_out) >= 3:
+            assert row.in_mean == pytest.approx(np.mean(reached[0]), abs=1e-6)
+            assert row.out_mean == pytest.approx(np.mean(reached[1]), abs=1e-6)
+            assert row.lift_in == pytest.approx((np.mean(reached[0]) - context.mean()) / context.std(ddof=1), abs=1e-4)
+            assert (row.verdict, row.reason) == verdict(row.lift_in, row.lift_out, row.p_value)
+        else:
+            short += 1
+            assert np.isnan([row.in_mean, row.out_mean, row.lift_in, row.lift_out, row.auroc, row.p_value]).all()
+            assert row.verdict == "unclear" and row.reason == (
+                f"the router sent the word to this expert in {row.n_in} of 3 in-sense and {row.n_out} of 3 "
+                "out-of-sense sentences; a verdict needs 3 of each")  # fmt: skip
+    assert 0 < short < 6  # both cases occur
+    with pytest.raises(ValueError, match=r"^expert 9 is out of range: layer 1 has experts 0-3"):
+        contrast_table(lm, candidates.assign(expert=pd.array([9, 0, pd.NA, 1], dtype="Int64")), SET)
 
 
 @pytest.mark.parametrize(

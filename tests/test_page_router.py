@@ -343,8 +343,8 @@ def test_router_page_warns_when_a_layers_gate_output_failed_its_check(app_env, m
 
 def test_hypothesis_page_checks_expert_neurons_on_heldout_text(app_env, default_cfg, tmp_path):
     """A loadable MoE model's run on the Test page: the held-out check measures its expert neurons (no
-    traceback); ablation and the word-form-or-meaning check say they cover dense and shared-expert neurons, which
-    this model lacks."""
+    traceback); ablation lists its flagged routed experts' neurons by expert, and the word-form-or-meaning check reads
+    them on the tokens routed to their experts."""
     import shutil
 
     from conftest import REPO_ROOT
@@ -372,7 +372,11 @@ def test_hypothesis_page_checks_expert_neurons_on_heldout_text(app_env, default_
     at.number_input(key="contrast_threshold").set_value(-100.0).run()
     at.button(key="contrast_run").click().run()
     no_exception(at)
-    assert any("the contrast check covers dense MLP and shared-expert neurons" in e.value for e in at.error)
+    assert not at.error, [e.value for e in at.error]
+    verdicts = at.session_state["contrast_result"][-1]  # the routed experts' neurons, read on their routed tokens
+    assert verdicts["expert"].notna().all() and verdicts["hook"].str.contains(r"\.experts\.\d+\.hook_post").all()
+    shown = at.dataframe[-1].value
+    assert list(shown.columns[:3]) == ["layer", "expert", "neuron"] and "n_in" in shown.columns
 
 
 def test_ablation_on_the_page_lists_and_ablates_flagged_routed_expert_neurons(app_env, tiny_models, default_cfg):
