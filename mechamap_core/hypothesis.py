@@ -532,10 +532,13 @@ def _target_tokens(aligned: AlignedText, category: str, causal: bool, window: in
     return hit
 
 
-def _forward_measure(lm: LoadedModel, aligned: AlignedText, points, ablation: dict | None, batch_size: int) -> np.ndarray:
+def _forward_measure(
+    lm: LoadedModel, aligned: AlignedText, points, ablation: dict | None, batch_size: int, reached: dict | None = None
+) -> np.ndarray:
     """Per counted token: log p(actual token | prefix) for causal LMs ([n_tokens], NaN where unpredicted),
     else the final hidden state ([n_tokens, d_model]). points: ablation_targets' hook points; ablation: {key:
-    (neuron index tensor, values tensor)}, key a layer (its dense MLP or shared expert) or (layer, expert)."""
+    (neuron index tensor, values tensor)}, key a layer (its dense MLP or shared expert) or (layer, expert);
+    reached, when given, gets {(layer, expert): tokens that reached it} of the routed experts ablated."""
     ablation = ablation or {}
 
     def hook_fn(site):
@@ -548,13 +551,14 @@ def _forward_measure(lm: LoadedModel, aligned: AlignedText, points, ablation: di
 
         return hook
 
-    out = None
+    out, counts = None, {}
     active = [p for p in points if not isinstance(p, MoELayer) and p.layer in ablation]
     with torch.inference_mode(), hooked(active, hook_fn), ExitStack() as routed:
         for moe in (p for p in points if isinstance(p, MoELayer)):
             chosen = {key[1]: spec for key, spec in ablation.items() if isinstance(key, tuple) and key[0] == moe.layer}
             if chosen:
-                routed.enter_context(moe.neurons_set(chosen))
+                counts[moe.layer] = dict.fromkeys(chosen, 0)
+                routed.enter_context(moe.neurons_set(chosen, counts[moe.layer]))
         for batch in batches(aligned.chunks, batch_size, lm.pad_id):
             ids, mask = batch.input_ids.to(lm.device), batch.attention_mask.to(lm.device)
             flat, index = batch.positions.to(lm.device), batch.token_index
@@ -574,6 +578,8 @@ def _forward_measure(lm: LoadedModel, aligned: AlignedText, points, ablation: di
                 if out is None:
                     out = np.zeros((aligned.n_tokens, hidden.shape[-1]))
                 out[index.numpy()] = picked.cpu().numpy()
+    if reached is not None:
+        reached.update({(layer, expert): n for layer, by_expert in counts.items() for expert, n in by_expert.items()})
     return out
 
 
@@ -587,6 +593,8 @@ def ablation_targets(lm: LoadedModel, neurons) -> tuple[dict[NeuronSet, list[int
     by_key = neurons_by_set(_neuron_ids(neurons))
     with lm.lock:
         points, _ = view_points(lm.model, by_key, ROUTED_ONLY_ABLATION)
+    for moe in (point for point in points if isinstance(point, MoELayer)):  # the layers of the routed experts listed
+        moe.check_settable()
     widths = _key_widths(points)
     for key, ids in by_key.items():
         width, where = widths[key]
@@ -598,12 +606,22 @@ def ablation_targets(lm: LoadedModel, neurons) -> tuple[dict[NeuronSet, list[int
     return by_key, points
 
 
+def _refuse_unreached(reached: dict) -> None:
+    """Raises ValueError naming the routed experts ({key: tokens that reached it}) the text routes no token to: their
+    neurons have no mean to ablate to, and ablating them changes nothing."""
+    unreached = [key for key, n in reached.items() if isinstance(key, tuple) and n == 0]
+    if unreached:
+        named = ", ".join(f"expert {expert} of layer {layer}" for layer, expert in unreached)
+        raise ValueError(f"the text routes no token to {named}: ablating its neurons would change nothing (and they "
+                         "have no mean to ablate to); pick neurons of an expert the text reaches")  # fmt: skip
+
+
 def _key_widths(points) -> dict[NeuronSet, tuple[int, str]]:
     """{key: (its neurons, its name in messages)} of every site that hook points (ablation_targets') reach."""
     widths = {}
     for point in points:
         if isinstance(point, MoELayer):
-            widths |= {(point.layer, e): (point.d_expert, f"expert {e} of layer {point.layer}") for e in range(point.n_experts)}
+            widths |= {(point.layer, e): (point.d_expert, point.expert_where(e)) for e in range(point.n_experts)}
         else:
             widths[point.layer] = (point.d_mlp, point.where)
     return widths
@@ -613,7 +631,7 @@ def ablate(
     lm: LoadedModel,
     cfg: ScanConfig,
     category: str,
-    neurons: list[tuple[int, int]],
+    neurons: list[NeuronId] | str,
     mode: str = "zero",
     n_controls: int = 5,
     window: int = 2,
@@ -638,8 +656,8 @@ def ablate(
     '5:376,5:544,7:2:40' (parse_neuron_list), and cfg a config file's path (as_scan_config); a repeated neuron
     counts once. Raises ValueError for bad neurons, modes or categories, for a layer of routed experts only given
     without an expert, for fewer than MIN_CONTROLS control sets, for a site of which half the neurons or more are
-    ablated (its control sets could not match them in size and still differ), and for a mean ablation of an expert
-    the text routes no token to; TypeError for neurons that are not (layer, neuron) pairs or (layer, expert, neuron)
+    ablated (its control sets could not match them in size and still differ), for experts whose neurons cannot be
+    set (MoELayer.check_settable), and, once a pass shows it, for an expert the text routes no token to; TypeError for neurons that are not (layer, neuron) pairs or (layer, expert, neuron)
     triples.
     """
     if mode not in ("zero", "mean"):
@@ -669,10 +687,7 @@ def ablate(
     if mode == "mean":  # collect_activations aligns the same texts, so its alignment is reused below
         union = {key: sorted({n for _, c in conditions for n in c[key]}) for key in by_key}
         aligned, acts = collect_activations(lm, cfg.texts, union, cfg.categories, max_chunk_tokens=chunk)
-        for key, values in acts.items():  # a routed expert's neurons are NaN on the tokens not routed to it
-            if np.isnan(values).all():
-                raise ValueError(f"the text routes no token to expert {key[1]} of layer {key[0]}, so its neurons have "
-                                 "no mean to ablate to (and ablating them changes nothing)")  # fmt: skip
+        _refuse_unreached({key: int((~np.isnan(values).all(axis=1)).sum()) for key, values in acts.items()})
         means = {key: dict(zip(union[key], np.nanmean(acts[key], axis=0))) for key in union}
         report(1, n_passes, "the model as it is")
     batch = 1 if lm.is_causal_lm else cfg.batch_size
@@ -690,7 +705,10 @@ def ablate(
                 idx = torch.tensor(ids, dtype=torch.long, device=lm.device)
                 vals = torch.tensor([means[key][n] if mode == "mean" else 0.0 for n in ids], device=lm.device)
                 spec[key] = (idx, vals)
-            changed = _forward_measure(lm, aligned, points, spec, batch)
+            reached = {}
+            changed = _forward_measure(lm, aligned, points, spec, batch, reached)
+            if i == 0:
+                _refuse_unreached(reached)
             if lm.is_causal_lm:
                 delta = changed - clean  # [T]
                 valid = ~np.isnan(delta)

@@ -65,7 +65,7 @@ def view_points(model: torch.nn.Module, neurons: dict, routed_only: str = ROUTED
             raise ValueError(f"layer {layer} has no routed experts: leave the expert out")
         if not 0 <= expert < moe.n_experts:
             raise ValueError(f"expert {expert} is out of range: layer {layer} has experts 0-{moe.n_experts - 1}")
-        check_neuron_range(neurons[(layer, expert)], moe.d_expert, f"expert {expert} of layer {layer}")
+        check_neuron_range(neurons[(layer, expert)], moe.d_expert, moe.expert_where(expert))
     for moe in moe_layers.values():
         for expert in range(moe.n_experts):
             chosen = neurons.get((moe.layer, expert))

@@ -52,7 +52,7 @@ from __future__ import annotations
 import inspect
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -163,19 +163,23 @@ class MoELayer:
         up = self.experts.up_proj if up is None else up
         return up.shape[1] if self.transposed else up.shape[2]
 
-    def output_weight(self, expert: int) -> torch.Tensor:
-        """[d_expert, d_model]: what each neuron of `expert` adds to the residual stream per unit of its activation,
-        before the router weight that scales the expert's output. A latent block (Nemotron-H) maps the experts'
-        output back through its fc2_latent_proj, folded in here. Raises ValueError for an expert out of range."""
+    def down_weight(self, expert: int) -> torch.Tensor:
+        """[d_expert, width of the experts' output]: the raw rows through which each neuron of `expert` reaches the
+        experts' output, as the layout stores them. Raises ValueError for an expert out of range."""
         if not 0 <= expert < self.n_experts:
             raise ValueError(f"expert {expert} is out of range: layer {self.layer} has experts 0-{self.n_experts - 1}")
         if self.layout == "modules":
-            weight = expert_down_proj(self.experts[expert])[1].weight.T  # Linear [H, I]
-        elif self.layout == "stacked":
-            weight = self.stacked_glu.w2[expert * self.d_expert : (expert + 1) * self.d_expert]  # [I, H]
-        else:
-            down = self.experts.down_proj[expert]
-            weight = down if self.transposed else down.T  # [I, H] applied as a @ W, or [H, I] as F.linear
+            return expert_down_proj(self.experts[expert])[1].weight.T  # Linear [H, I]
+        if self.layout == "stacked":
+            return self.stacked_glu.w2[expert * self.d_expert : (expert + 1) * self.d_expert]  # [I, H]
+        down = self.experts.down_proj[expert]
+        return down if self.transposed else down.T  # [I, H] applied as a @ W, or [H, I] as F.linear
+
+    def output_weight(self, expert: int) -> torch.Tensor:
+        """[d_expert, d_model]: what each neuron of `expert` adds to the residual stream per unit of its activation,
+        before the router weight that scales the expert's output: down_weight, and a latent block's (Nemotron-H)
+        fc2_latent_proj that maps the experts' output back, folded in. Raises ValueError for an expert out of range."""
+        weight = self.down_weight(expert)
         latent = getattr(self.block, "fc2_latent_proj", None)
         if isinstance(latent, nn.Linear):  # nn.Identity where the block has no latent space
             weight = weight.float() @ latent.weight.float().T.to(weight.device)
@@ -412,51 +416,80 @@ class MoELayer:
                 return
         yield from parts
 
+    def expert_where(self, expert: int) -> str:
+        """An expert in messages: "expert 2 of layer 5"."""
+        return f"expert {expert} of layer {self.layer}"
+
+    def check_settable(self) -> None:
+        """Raises ValueError where neurons_set cannot set this layer's expert neurons: experts that normalise each
+        expert's output (has_post_expert_norm), where a neuron's part of the output is not linear."""
+        if getattr(self.experts, "has_post_expert_norm", False):
+            raise ValueError(f"layer {self.layer}'s experts normalise each expert's output ({type(self.experts).__name__}: "
+                             "post_expert_norm), so a neuron's part of it is not linear: its routed experts' neurons "
+                             "cannot be set for ablation")  # fmt: skip
+
     @contextmanager
-    def neurons_set(self, settings: Mapping[int, tuple[torch.Tensor, torch.Tensor]]):
-        """Within it, the block outputs what it would were some neurons of its routed experts set to values on the
-        tokens routed to them (ablation): settings {expert: (neuron indices [n], values [n])}.
+    def neurons_set(self, settings: Mapping[int, tuple[torch.Tensor, torch.Tensor]], reached: dict[int, int] | None = None):
+        """Within it, the model runs as if some neurons of this layer's routed experts were set to values on the tokens
+        routed to them (ablation): settings {expert: (neuron indices [n], values [n])}. reached, when given, counts
+        per expert the tokens (padding included) that reached it.
 
-        Per token t routed to expert E, the block's output moves by w_tE (v - a_t) @ output_weight(E)[indices]: a_t
-        the neurons recomputed from the experts' input (float32), w_tE the router weight that scales E's output (1 in
-        the scaled layout, whose score scales E's input, so a_t holds it). Exact because an expert's down-projection,
-        the router weights, the block's sum over experts and a latent block's fc2_latent_proj are linear. A pre-hook
-        on hook_module reads the routing; a forward hook on the block adds the change. Removed on exit."""
-        pending: list[torch.Tensor] = []
+        Per-module layout: a pre-hook on each chosen expert's down-projection sets its input's columns, where the
+        model computes them. Fused and stacked layouts (one experts call with the routing): the experts' output moves,
+        per token t routed to expert E, by w_tE (v - a_t) @ down_weight(E)[indices], a_t the neurons recomputed from
+        the experts' input (float32) and w_tE the router weight the experts scale E's output by; whatever the block
+        does after its experts (a latent projection, a scaling factor, a norm) acts on the moved output. Scaled
+        layout (Llama 4, whose router score scales each expert's input, so a_t holds it): the block's output moves by
+        (v - a_t) @ down_weight(E)[indices]. An expert's down-projection and the sum over experts are linear, so this
+        equals setting the neurons inside the experts, up to rounding (exactly in float32, to a rounding step in 16
+        bits). Raises ValueError for experts that normalise each expert's output (has_post_expert_norm: not linear).
+        Hooks removed on exit."""
+        self.check_settable()
+        counts = reached if reached is not None else {}
+        with ExitStack() as hooks:
+            if self.layout == "modules":
+                for expert, (neurons, values) in settings.items():
+                    down = expert_down_proj(self.experts[expert])[1]
+                    hooks.callback(down.register_forward_pre_hook(_column_setter(expert, neurons, values, counts)).remove)
+            else:
+                pending: list[torch.Tensor] = []
 
-        def read(module, args, kwargs):
-            pending.append(self._setting_change(self.read_hook_inputs(args, kwargs), settings))
+                def read(module, args, kwargs):
+                    pending.append(self._setting_change(self.read_hook_inputs(args, kwargs), settings, counts))
 
-        def change(module, args, output):
-            hidden = output[0] if isinstance(output, tuple) else output
-            delta = pending.pop()
-            if hidden.numel() != delta.numel():
-                raise SiteResolutionError(f"layer {self.layer}: the MoE block's output {tuple(hidden.shape)} is not one "
-                                          f"{self.d_model}-wide row per token of its experts' input ({len(delta)})")  # fmt: skip
-            changed = hidden + delta.view(hidden.shape).to(device=hidden.device, dtype=hidden.dtype)
-            return (changed, *output[1:]) if isinstance(output, tuple) else changed
+                def change(module, args, output):
+                    hidden = output[0] if isinstance(output, tuple) else output
+                    delta = pending.pop()
+                    if delta is None:  # no chosen expert got a token of this call
+                        return output
+                    changed = hidden + delta.view(hidden.shape).to(device=hidden.device, dtype=hidden.dtype)
+                    return (changed, *output[1:]) if isinstance(output, tuple) else changed
 
-        handles = [self.hook_module.register_forward_pre_hook(read, with_kwargs=True), self.block.register_forward_hook(change)]
-        try:
+                hooks.callback(self.hook_module.register_forward_pre_hook(read, with_kwargs=True).remove)
+                hooks.callback(self.hook_module.register_forward_hook(change).remove)
             yield
-        finally:
-            for handle in handles:
-                handle.remove()
 
-    def _setting_change(self, routed: RoutedTokens, settings: Mapping[int, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """[T, d_model] float32: how setting neurons of routed experts (neurons_set) moves the block's output."""
-        change = torch.zeros((len(routed.hidden), self.d_model), dtype=torch.float32, device=routed.hidden.device)
+    def _setting_change(
+        self, routed: RoutedTokens, settings: Mapping[int, tuple[torch.Tensor, torch.Tensor]], reached: dict[int, int]
+    ) -> torch.Tensor | None:
+        """[T, width of the hooked module's output] float32: how setting neurons of routed experts (neurons_set) moves
+        the experts' output (fused, stacked) or the block's (scaled); None where no chosen expert got a token."""
         every = torch.ones(len(routed.hidden), dtype=torch.bool, device=routed.hidden.device)
-        for part in self.recomputed_activations(routed, every, sorted(settings)):
-            neurons, values = settings[part.expert]
-            neurons = neurons.to(part.acts.device)
-            delta = values.to(part.acts) - part.acts[:, neurons]  # [t_E, n]
-            with offloaded_weights_loaded(*self.block.modules()):
-                moved = delta @ self.output_weight(part.expert)[neurons.to(delta.device)].float().to(delta.device)
-            if self.layout != "scaled":
-                weight = (routed.top_k_weights * (routed.top_k_index == part.expert)).sum(-1)  # [T]: 0 where not routed
-                moved = moved * weight[part.rows.to(weight.device)].float().to(moved.device)[:, None]
-            change.index_add_(0, part.rows.to(change.device), moved.to(change.device))
+        change = None
+        with offloaded_weights_loaded(*self.experts.modules()):
+            for part in self.recomputed_activations(routed, every, sorted(settings)):
+                reached[part.expert] = reached.get(part.expert, 0) + len(part.rows)
+                neurons, values = settings[part.expert]
+                neurons = neurons.to(part.acts.device)
+                down = self.down_weight(part.expert)
+                down = down[neurons.to(down.device)].float().to(part.acts.device)
+                moved = (values.to(part.acts) - part.acts[:, neurons]) @ down  # [t_E, width]
+                if self.layout != "scaled":
+                    weight = (routed.top_k_weights * (routed.top_k_index == part.expert)).sum(-1)  # [T]: 0 where not routed
+                    moved = moved * weight[part.rows.to(weight.device)].float().to(moved.device)[:, None]
+                if change is None:
+                    change = torch.zeros((len(routed.hidden), moved.shape[1]), dtype=torch.float32, device=routed.hidden.device)
+                change.index_add_(0, part.rows.to(change.device), moved.to(change.device))
         return change
 
     def _recompute(self, x: torch.Tensor, expert: int) -> torch.Tensor:
@@ -491,6 +524,19 @@ class MoELayer:
             return apply_gate(out)
         gate, up = out.chunk(2, dim=-1)
         return experts.act_fn(gate) * up
+
+
+def _column_setter(expert: int, neurons: torch.Tensor, values: torch.Tensor, reached: dict[int, int]) -> Callable:
+    """A forward pre-hook for one expert's down-projection that sets its input's columns `neurons` to `values` (and
+    counts the rows in reached[expert])."""
+
+    def hook(module, args):
+        x = args[0].clone()
+        x[..., neurons.to(x.device)] = values.to(device=x.device, dtype=x.dtype)
+        reached[expert] = reached.get(expert, 0) + x[..., 0].numel()
+        return (x, *args[1:])
+
+    return hook
 
 
 def _module_expert_acts(expert: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import re
 import threading
+from contextlib import ExitStack
 
 import numpy as np
 import pandas as pd
@@ -36,6 +37,7 @@ from mechamap_core.hypothesis import (
     with_ceiling,
 )
 from mechamap_core.inspect_neuron import collect_activations, direct_effect, neuron_token_table, token_activations, top_examples
+from mechamap_core.moe import find_moe_layers
 from mechamap_core.sites import resolve_sites
 
 TEXT = "I ate pizza and bread in Paris. Later pasta in New York, then rice and cheese at home in Tokyo and Paris."
@@ -560,9 +562,10 @@ def hand_tokens(tokenizer, text: str, words: list[str]) -> tuple[list[int], list
 
 def hand_forward(model, arch: str, ids: list[int], replace: dict[int, dict[int, float]], routed=None) -> torch.Tensor:
     """One plain forward pass of one sequence with chosen down-projection input columns set to given values
-    ({layer: {neuron: value}}) and routed experts' neurons {(layer, expert): [neuron, ...]} zeroed (their columns of
-    the fused experts' down_proj [E, H, I] set to 0 for the pass): logits [pos, vocab] for a causal LM, else the
-    final hidden states [pos, d]."""
+    ({layer: {neuron: value}}) and routed experts' neurons {(layer, expert): {neuron: value}} set: to zero, by their
+    columns of the fused experts' down_proj [E, H, I] set to 0 for the pass; to other values, by MoELayer.neurons_set
+    (itself checked against the model's own expert computation in tests/test_moe.py): logits [pos, vocab] for a
+    causal LM, else the final hidden states [pos, d]."""
 
     def setter(values):
         def hook(module, args):
@@ -573,21 +576,20 @@ def hand_forward(model, arch: str, ids: list[int], replace: dict[int, dict[int, 
 
         return hook
 
-    handles = [model.get_submodule(DOWN_PROJECTION[arch].format(layer=layer)).register_forward_pre_hook(setter(values))
-               for layer, values in replace.items()]  # fmt: skip
-    saved = {}
-    try:
-        for (layer, expert), neurons in (routed or {}).items():
-            weight = model.get_submodule(f"model.layers.{layer}.mlp.experts").down_proj
-            saved.setdefault(layer, weight.detach().clone())
-            weight.data[expert, :, neurons] = 0
-        with torch.no_grad():
-            out = model(input_ids=torch.tensor([ids]))
-    finally:
-        for handle in handles:
-            handle.remove()
-        for layer, weight in saved.items():
-            model.get_submodule(f"model.layers.{layer}.mlp.experts").down_proj.data.copy_(weight)
+    moe_layers = {moe.layer: moe for moe in find_moe_layers(model)} if routed else {}
+    with ExitStack() as undo, torch.no_grad():
+        for layer, values in replace.items():
+            down = model.get_submodule(DOWN_PROJECTION[arch].format(layer=layer))
+            undo.callback(down.register_forward_pre_hook(setter(values)).remove)
+        for (layer, expert), values in (routed or {}).items():
+            if any(values.values()):
+                neurons, to = torch.tensor(list(values)), torch.tensor(list(values.values()), dtype=torch.float32)
+                undo.enter_context(moe_layers[layer].neurons_set({expert: (neurons, to)}))
+            else:
+                weight = model.get_submodule(f"model.layers.{layer}.mlp.experts").down_proj
+                undo.callback(weight.data.copy_, weight.detach().clone())
+                weight.data[expert, :, list(values)] = 0
+        out = model(input_ids=torch.tensor([ids]))
     return (out.logits if arch in CAUSAL else out.last_hidden_state)[0].double()
 
 
@@ -625,6 +627,33 @@ def hand_means(lm, arch: str, neurons: dict[int, list[int]]) -> dict[int, dict[i
         for layer in neurons:
             acts[layer].append(capture_mlp_input(lm.model, DOWN_PROJECTION[arch].format(layer=layer), ids)[positions])
     return {layer: {n: torch.cat(acts[layer])[:, n].double().mean().item() for n in ids} for layer, ids in neurons.items()}
+
+
+def hand_routed_means(lm, neurons: dict[tuple[int, int], list[int]]) -> dict[tuple[int, int], dict[int, float]]:
+    """{(layer, expert): {neuron: its mean over the non-special tokens of ABLATION_DOCS routed to the expert}} of a
+    Qwen2-MoE, in float64: silu(gate x) * (up x) from the raw gate_up_proj [E, 2I, H] on the experts' own input, the
+    tokens picked by the top-k the experts are called with."""
+    sums: dict = {key: 0.0 for key in neurons}
+    counts: dict = dict.fromkeys(neurons, 0)
+    for text in ABLATION_DOCS:
+        ids, positions, _ = hand_tokens(lm.tokenizer, text, [])
+        for (layer, expert), chosen in neurons.items():
+            experts = lm.model.get_submodule(f"model.layers.{layer}.mlp.experts")
+            called = []
+            handle = experts.register_forward_pre_hook(lambda module, args, called=called: called.append(args[:2]))
+            try:
+                with torch.no_grad():
+                    lm.model(input_ids=torch.tensor([ids]))
+            finally:
+                handle.remove()
+            hidden, index = called[0]
+            weight = experts.gate_up_proj.detach()[expert].double()
+            x = hidden.double()[positions]
+            acts = torch.nn.functional.silu(x @ weight[: len(weight) // 2].T) * (x @ weight[len(weight) // 2 :].T)
+            routed = (index[positions] == expert).any(-1)
+            sums[(layer, expert)] = sums[(layer, expert)] + acts[routed][:, chosen].sum(0)
+            counts[(layer, expert)] += int(routed.sum())
+    return {key: dict(zip(chosen, (sums[key] / counts[key]).tolist())) for key, chosen in neurons.items()}
 
 
 def parsed_neurons(label: str) -> dict:
@@ -685,10 +714,12 @@ def test_ablation_effects_match_plain_forward_passes_with_hand_made_hooks(loud_m
             assert result.summary["n_target_tokens"] == n_target
 
 
-def test_ablating_routed_expert_neurons_matches_plain_forward_passes_with_their_weights_zeroed(loud_models):
+@pytest.mark.parametrize("mode", ["zero", "mean"])
+def test_ablating_routed_expert_neurons_matches_plain_forward_passes(loud_models, mode):
     """Qwen2-MoE with neurons of routed experts (two of one expert, one of another layer's), of the shared expert and
     their random controls (neurons of the same experts): every condition's effects equal plain forward passes with
-    the routed neurons' down-projection columns zeroed and the shared expert's neurons zeroed by a hook."""
+    the shared expert's neurons set by a hook and the routed ones zeroed by their down-projection columns, or set to
+    their means over the tokens routed to their expert (hand_routed_means, set with neurons_set)."""
     lm = loud_models["qwen2_moe"]
     model = copy.deepcopy(lm.model)
     for layer in range(model.config.num_hidden_layers):  # routed experts as loud as the shared one
@@ -696,15 +727,19 @@ def test_ablating_routed_expert_neurons_matches_plain_forward_passes_with_their_
     lm = dataclasses.replace(lm, model=model, lock=threading.Lock())
     cfg = ScanConfig(master_text=ABLATION_DOCS, categories=WORDS)
     chosen = [(1, 2, 3), (1, 2, 5), (0, 1, 4), (1, 4)]
-    table = ablate(lm, cfg, "food", chosen, n_controls=2, window=2, seed=3).per_condition
+    table = ablate(lm, cfg, "food", chosen, mode=mode, n_controls=2, window=2, seed=3).per_condition
     assert parsed_neurons(table.loc[0, "neurons"]) == {(1, 2): [3, 5], (0, 1): [4], 1: [4]}
     for row in table.itertuples():
         neurons = parsed_neurons(row.neurons)
         assert {key: len(ids) for key, ids in neurons.items()} == {(1, 2): 2, (0, 1): 1, 1: 1}
         if row.condition != "ablated":  # random neurons of the same experts, never the chosen ones
             assert not set(neurons[(1, 2)]) & {3, 5} and neurons[(0, 1)] != [4]
-        replace = {key: dict.fromkeys(ids, 0.0) for key, ids in neurons.items() if not isinstance(key, tuple)}
+        dense = {key: ids for key, ids in neurons.items() if not isinstance(key, tuple)}
         routed = {key: ids for key, ids in neurons.items() if isinstance(key, tuple)}
+        if mode == "mean":
+            replace, routed = hand_means(lm, "qwen2_moe", dense), hand_routed_means(lm, routed)
+        else:
+            replace, routed = {key: dict.fromkeys(ids, 0.0) for key, ids in dense.items()}, {key: dict.fromkeys(ids, 0.0) for key, ids in routed.items()}
         target, other, _ = hand_ablation_effects(lm, "qwen2_moe", WORDS["food"], replace, 2, routed)
         assert row.effect_target == pytest.approx(target, rel=1e-4, abs=1e-7)
         assert row.effect_other == pytest.approx(other, rel=1e-4, abs=1e-7)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from contextlib import ExitStack
 
 import numpy as np
@@ -306,41 +307,60 @@ def test_expert_activations_equal_an_independent_recomputation(run):
 
 
 @pytest.mark.parametrize("run", FAMILIES, indirect=True)
-def test_setting_expert_neurons_equals_setting_the_input_of_their_down_projection(run):
-    """MoELayer.neurons_set of two neurons of one expert in each MoE layer, against the model run with them set where
-    it computes them: the legacy experts' down-projection input (a pre-hook of this test: a zero and a nonzero value,
-    as a mean ablation sets), the fused experts' down-projection weights zeroed (their values set to 0). Batched and
-    padded-free input of BATCH sequences."""
-    expert, neurons = 2, [1, 6]
-    values = [0.0, 1.5] if run.family in LEGACY else [0.0, 0.0]
-    ids = torch.randint(1000, 5000, (BATCH, SEQ), generator=torch.Generator().manual_seed(4))
+def set_where_computed(stack: ExitStack, moe, expert: int, neurons: list[int], values: list[float]) -> None:
+    """Within stack, the model computes expert `expert`'s neurons and then has them set to values: a pre-hook on a
+    legacy expert's down-projection input, or for fused experts a wrapper of their own `_apply_gate` that sets the
+    columns of the rows it gates for that expert (grouped_mm gates the top-k slots sorted by expert, batched_mm in
+    order), the slots read by a pre-hook on the experts' call."""
+    def setter(x: torch.Tensor, rows) -> torch.Tensor:
+        x = x.clone()
+        x[rows[:, None], torch.tensor(neurons)[None, :]] = torch.tensor(values, dtype=x.dtype)
+        return x
+
+    if moe.layout == "modules":
+        down = getattr(moe.experts[expert], moe.experts[expert].names[2])
+        stack.callback(down.register_forward_pre_hook(lambda module, args: (setter(args[0], torch.arange(len(args[0]))),)).remove)
+        return
+    experts, called = moe.experts, {}
+    stack.callback(experts.register_forward_pre_hook(lambda module, args: called.update(index=args[1])).remove)
+    model_gate = experts._apply_gate
+
+    def apply_gate(gate_up: torch.Tensor) -> torch.Tensor:
+        slots = called["index"].reshape(-1)
+        row_experts = torch.sort(slots).values if experts.config._experts_implementation == "grouped_mm" else slots
+        return setter(model_gate(gate_up), (row_experts == expert).nonzero().flatten())
+
+    experts._apply_gate = apply_gate
+    stack.callback(vars(experts).pop, "_apply_gate")
+
+
+@pytest.mark.parametrize("run", FAMILIES, indirect=True)
+def test_setting_expert_neurons_equals_setting_them_where_the_model_computes_them(run):
+    """MoELayer.neurons_set of three neurons of one expert in each MoE layer (one to zero, two to other values, as a
+    mean ablation sets them) against the model run with them set where it computes them (set_where_computed), over a
+    batch of BATCH sequences (Run's). The first MoE layer counts the tokens that reached the expert as the captured
+    pass routed them (later layers route the ablated model's hidden states)."""
+    expert, neurons, values = 2, [1, 6, 3], [0.0, 1.5, -0.7]
+    assert run.family in LEGACY or run.layers[0].experts.config._experts_implementation in ("grouped_mm", "batched_mm")
+    ids = torch.randint(1000, 5000, (BATCH, SEQ), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         clean = run.model(input_ids=ids).logits.double()
+    reached = {moe.layer: {} for moe in run.layers}
     with ExitStack() as stack, torch.no_grad():
         for moe in run.layers:
-            stack.enter_context(moe.neurons_set({expert: (torch.tensor(neurons), torch.tensor(values))}))
+            stack.enter_context(moe.neurons_set({expert: (torch.tensor(neurons), torch.tensor(values))}, reached[moe.layer]))
         hooked = run.model(input_ids=ids).logits.double()
     with ExitStack() as stack, torch.no_grad():
         for moe in run.layers:
-            if run.family in LEGACY:
-                down = getattr(moe.experts[expert], moe.experts[expert].names[2])
-
-                def setter(module, args):
-                    x = args[0].clone()
-                    x[:, neurons] = torch.tensor(values, dtype=x.dtype)
-                    return (x,)
-
-                stack.callback(down.register_forward_pre_hook(setter).remove)
-            else:  # gpt-oss [E, I, H], the others [E, H, I]
-                weight = moe.experts.down_proj
-                stack.callback(weight.data.copy_, weight.detach().clone())
-                weight.data[(expert, neurons) if moe.transposed else (expert, slice(None), neurons)] = 0
+            set_where_computed(stack, moe, expert, neurons, values)
         reference = run.model(input_ids=ids).logits.double()
     scale = (reference - clean).abs().max().item()
     assert scale > 1e-5, scale
     torch.testing.assert_close(hooked, reference, rtol=0, atol=1e-3 * scale)
     with torch.no_grad():
-        assert torch.equal(run.model(input_ids=ids).logits.double(), clean)  # hooks and weights restored
+        assert torch.equal(run.model(input_ids=ids).logits.double(), clean)  # hooks restored
+    first = run.layers[0].layer
+    assert reached[first][expert] == int((run.read[first].top_k_index == expert).any(-1).sum()) > 0
 
 
 def test_gpt_oss_clamps_are_exercised():
@@ -530,3 +550,78 @@ def test_experts_called_with_the_routing_in_another_order_are_refused_not_misrea
     with pytest.raises(SiteResolutionError, match=r"layer 0: the experts' call does not take \(hidden states, top-k expert "
                        r"ids \[T, 2\], top-k weights\) in that order \(x, weights, top_weights\)"):  # fmt: skip
         scan(lm, cfg)
+
+
+# families whose MoE block changes the experts' output after their call: a scaling factor, a norm
+AFTER_THE_EXPERTS = {
+    "beam": dict(layer_types=["full_attention"] * 2, mlp_layer_types=["dense", "sparse"], num_experts=4, n_group=1,
+                 topk_group=1, routed_scaling_factor=2.5),  # final_hidden_states * routed_scaling_factor
+    "laguna": dict(layer_types=["full_attention"] * 2, mlp_layer_types=["dense", "sparse"], num_experts=4,
+                   shared_expert_intermediate_size=24, moe_routed_scaling_factor=2.5),  # the same, another name
+    "axk1": dict(head_dim=8, mlp_layer_types=["dense", "sparse"], n_routed_experts=4, n_shared_experts=1, n_group=1,
+                 topk_group=1, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                 v_head_dim=16),  # post_mlp_layernorm of the block's output
+}  # fmt: skip
+
+
+def loud_tiny(model_type: str, overrides: dict) -> nn.Module:
+    """A tiny seeded causal LM of model_type (2 layers, the second an MoE layer of 4 experts, top 2) with every
+    matrix drawn at std 0.3, so that an expert's neurons move the logits far above rounding."""
+    import transformers
+    from transformers import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    tokenizer = bundled_tokenizer()
+    base = dict(vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=48, num_hidden_layers=2,
+                num_attention_heads=2, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+                num_experts_per_tok=TOP_K, moe_intermediate_size=D_EXPERT, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    torch.manual_seed(0)
+    model = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])(CONFIG_MAPPING[model_type](**(base | overrides)))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() >= 2:
+                parameter.normal_(std=0.3)
+    return model.eval()
+
+
+@pytest.mark.parametrize("model_type", list(AFTER_THE_EXPERTS))
+def test_setting_expert_neurons_holds_where_the_block_scales_or_normalises_the_experts_output(model_type):
+    """Zeroing two neurons of one expert with neurons_set equals zeroing their down-projection weights, where the
+    block multiplies the experts' output by a factor or normalises it after the experts' call (the change is made at
+    the experts' own output, before either)."""
+    model = loud_tiny(model_type, AFTER_THE_EXPERTS[model_type])
+    moe = find_moe_layers(model)[-1]
+    assert moe.layout == "fused"
+    expert, neurons = 1, [2, 7]
+    ids = torch.randint(1000, 5000, (2, 12), generator=torch.Generator().manual_seed(5))
+    weight = moe.experts.down_proj  # [E, H, I]
+    with torch.no_grad():
+        clean = model(input_ids=ids).logits.double()
+        with moe.neurons_set({expert: (torch.tensor(neurons), torch.zeros(2))}):
+            hooked = model(input_ids=ids).logits.double()
+        saved = weight.detach().clone()
+        weight.data[expert, :, neurons] = 0
+        zeroed = model(input_ids=ids).logits.double()
+        weight.data.copy_(saved)
+    scale = (zeroed - clean).abs().max().item()
+    assert scale > 1e-2, scale
+    torch.testing.assert_close(hooked, zeroed, rtol=0, atol=1e-5 * scale)
+
+
+def test_experts_that_normalise_each_experts_output_cannot_have_their_neurons_set():
+    """Muse Spark's experts normalise each expert's output before the router weight: a neuron's part of it is not
+    linear, so neurons_set (and ablation_targets, before any pass) refuse in one sentence."""
+    from transformers.models.muse_spark.configuration_muse_spark import MuseSparkTextConfig
+    from transformers.models.muse_spark.modeling_muse_spark import MuseSparkTextModel
+
+    config = MuseSparkTextConfig(vocab_size=500, hidden_size=HIDDEN, intermediate_size=48, num_hidden_layers=2,
+                                 num_attention_heads=2, num_key_value_heads=2, head_dim=16, layer_types=["full_attention"] * 2,
+                                 layer_rope_theta=[10000.0] * 2, moe_intermediate_size=D_EXPERT, num_local_experts=4,
+                                 num_experts_per_tok=TOP_K, moe_hidden_size=16, mlp_layer_types=["sparse"] * 2,
+                                 sliding_window=16, max_position_embeddings=128, bos_token_id=1, eos_token_id=2)  # fmt: skip
+    moe = find_moe_layers(MuseSparkTextModel(config).eval())[-1]
+    message = "experts normalise each expert's output (MuseSparkExperts: post_expert_norm), so a neuron's part of it is not linear"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        moe.check_settable()
+    with pytest.raises(ValueError, match=re.escape(message)), moe.neurons_set({1: (torch.tensor([2]), torch.zeros(1))}):
+        pass

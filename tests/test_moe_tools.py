@@ -180,3 +180,29 @@ def test_heldout_check_reads_rows_of_an_empty_expert_without_their_hook_as_the_s
     (read, _), (given, _) = validate_heldout(lm, bare, HELDOUT), validate_heldout(lm, with_hook, HELDOUT)
     assert read["hook"].tolist() == [shared_expert_hook_name(1)]
     pd.testing.assert_frame_equal(read, given)
+
+
+def test_ablating_an_expert_the_text_never_reaches_is_refused_in_both_modes(tiny_models):
+    """A DeepSeek-V3 whose router never picks expert 5 (its correction bias -1e4): zero ablation of its neurons would
+    report an effect of exactly 0 and mean ablation has no mean, so both say which expert the text never reaches."""
+    import copy
+    import dataclasses
+    import threading
+
+    import torch
+
+    from mechamap_core import ScanConfig
+
+    lm = tiny_models.lm("deepseek_v3")
+    model = copy.deepcopy(lm.model)
+    with torch.no_grad():
+        model.model.layers[1].mlp.gate.e_score_correction_bias[5] = -1e4
+    lm = dataclasses.replace(lm, model=model, lock=threading.Lock())
+    cfg = ScanConfig(master_text="I ate pizza and bread in Paris, then rice at home in Tokyo.",
+                     categories={"food": ["pizza", "bread", "rice"], "location": ["Paris", "Tokyo"]})  # fmt: skip
+    for mode in ("zero", "mean"):
+        with pytest.raises(ValueError) as refused:
+            ablate(lm, cfg, "food", [(1, 5, 3), (1, 5, 4)], mode=mode, n_controls=2)
+        assert str(refused.value) == ("the text routes no token to expert 5 of layer 1: ablating its neurons would change "
+                                      "nothing (and they have no mean to ablate to); pick neurons of an expert the text reaches")  # fmt: skip
+    assert ablate(lm, cfg, "food", [(1, 2, 3)], n_controls=2).summary["n_neurons"] == 1  # a reached expert: no refusal
