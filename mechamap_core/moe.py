@@ -452,7 +452,7 @@ class MoELayer:
                     down = expert_down_proj(self.experts[expert])[1]
                     hooks.callback(down.register_forward_pre_hook(_column_setter(expert, neurons, values, counts)).remove)
             else:
-                pending: list[torch.Tensor] = []
+                pending: list[torch.Tensor | None] = []
 
                 def read(module, args, kwargs):
                     pending.append(self._setting_change(self.read_hook_inputs(args, kwargs), settings, counts))
