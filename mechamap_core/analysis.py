@@ -510,9 +510,18 @@ def coverage_differences(meta_a: dict, meta_b: dict) -> tuple[list[str], set[str
         a.pop(NEURONS_SCANNED, None)
         b.pop(NEURONS_SCANNED, None)
     both = set(a) & set(b)
-    differing = [key for key in (LAYERS_SCANNED, NEURONS_SCANNED, TEXT_SCANNED) if key in both and a[key] != b[key]]
+    compared = [NEURONS_SCANNED, TEXT_SCANNED]
+    if _scanned_layers(meta_a) is None or _scanned_layers(meta_a) != _scanned_layers(meta_b):
+        compared.insert(0, LAYERS_SCANNED)  # not the same layers worded otherwise (a hybrid's "all 2 with an MLP")
+    differing = [key for key in compared if key in both and a[key] != b[key]]
     notes = [f"{key}: {a[key]} vs {b[key]}" for key in differing]
     return notes, both
+
+
+def _scanned_layers(metadata: dict) -> tuple[list[int], int] | None:
+    """(the layers a run scanned, its model's depth) from its metadata; None where either is missing."""
+    layers, depth = metadata.get("layers"), metadata.get("n_layers_model")
+    return None if layers is None or depth is None else (sorted(int(layer) for layer in layers), int(depth))
 
 
 CONFIG_NONE = {"layers": "all layers", "corpus": "no corpus"}  # what a config's empty (None) value means

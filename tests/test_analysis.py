@@ -210,6 +210,19 @@ def test_config_differences_name_layers_and_neuron_limits_given_beside_the_confi
     assert analysis.config_differences(full, uploaded) == ["text scanned: the master text vs a corpus (5 uploaded documents)"]
 
 
+def test_the_same_layers_worded_otherwise_are_no_coverage_difference():
+    """A hybrid's run saved before runs recorded layers_without_mlp reads "2, 4 of 6", a later run of the same layers
+    "all 2 with an MLP (2, 4 of 6)": the same layers, so Compare names no difference; other layers still differ."""
+    old = run_metadata(layers=[2, 4], depth=6)
+    new = run_metadata(layers=[2, 4], depth=6, layers_without_mlp=[0, 1, 3, 5])
+    assert analysis.scan_coverage(old)["layers scanned"] != analysis.scan_coverage(new)["layers scanned"]
+    assert analysis.coverage_differences(old, new)[0] == analysis.coverage_differences(new, old)[0] == []
+    old["config"], old["config_hash"] = {**old["config"], "layers": [2, 4]}, "h-old"  # scanned with --layers 2,4
+    assert analysis.config_differences(old, new) == []  # the config's layers stand for what was covered: the same
+    assert analysis.coverage_differences(run_metadata(layers=[2], depth=6), new)[0] == [
+        "layers scanned: 2 of 6 vs all 2 with an MLP (2, 4 of 6)"]  # fmt: skip
+
+
 def test_config_differences_name_how_the_model_was_loaded():
     """The same config scanned in float32 and bfloat16, 8-bit or at another Hub commit gives other activations, so
     other scores: config_differences says so (it said nothing); a run that records no dtype says nothing of it, and
