@@ -138,7 +138,9 @@ def combination_bars(
 
     With matrix, a dot matrix below shows which categories make up each combination (a VConcatChart);
     without, a single bar Chart with the combinations as x labels. Only the max_combinations largest are drawn.
-    categories orders the matrix rows (default: as they first appear).
+    categories are the matrix rows, in order, each shown even when it is in no combination drawn (its dots grey, so
+    that a category sharing no neuron is seen to share none); others in the combinations follow (default: as they
+    first appear).
     """
     data = combos.sort_values(["neurons", "combination"], ascending=[False, True], kind="stable").head(max_combinations)
     data = data[["combination", "n_categories", "neurons"]].reset_index(drop=True)
@@ -186,7 +188,7 @@ def _membership(combos: pd.DataFrame, categories: list[str] | None) -> pd.DataFr
     """Long rows (combination, category, member) for the UpSet dot matrix."""
     sets = {c: c.split(COMBINATION_SEPARATOR) for c in combos["combination"]}
     seen = list(dict.fromkeys(cat for parts in sets.values() for cat in parts))
-    rows = [c for c in (categories or []) if c in seen] + [c for c in seen if c not in (categories or [])]
+    rows = list(dict.fromkeys(categories or [])) + [c for c in seen if c not in (categories or [])]
     records = [(combo, cat, cat in parts) for combo, parts in sets.items() for cat in rows]
     return pd.DataFrame(records, columns=["combination", "category", "member"])
 

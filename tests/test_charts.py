@@ -104,6 +104,11 @@ def test_combination_bars_upset_with_dot_matrix(scores):
     members = dots[dots["member"]].groupby("combination")["category"].agg(lambda c: " + ".join(sorted(c)))
     assert {k: v for k, v in members.items()} == {c: " + ".join(sorted(c.split(" + "))) for c in bars["combination"]}
     assert len(dots) == len(bars) * len(CATS)
+    lonely = charts.combination_bars(combos, categories=[*CATS, "vehicle"])  # a category in no combination: a grey row
+    lonely_dots = data_of(lonely.to_dict(), by_mark(lonely.to_dict()["vconcat"][1]["layer"])["circle"])
+    assert by_mark(lonely.to_dict()["vconcat"][1]["layer"])["circle"]["encoding"]["y"]["sort"] == [*CATS, "vehicle"]
+    assert not lonely_dots[lonely_dots["category"] == "vehicle"]["member"].any()
+    assert (lonely_dots["category"] == "vehicle").sum() == len(bars)
 
 
 def test_combination_bars_without_matrix_and_capped():
