@@ -20,7 +20,7 @@ from .models import LoadedModel
 from .moe import MoELayer
 from .scan.driver import ProgressFn, batches, hooked, resolve_hook_points
 from .scan.result import ScanResult
-from .sites import dense_mlp_rows, expert_hook_name, hook_name, shared_expert_hook_name
+from .sites import dense_mlp_rows, expert_hook_name, expert_where, hook_name, shared_expert_hook_name
 from .stats import MIN_CATEGORY_TOKENS, auroc_exact, moment_statistics
 
 DEFAULT_MIN_AUROC = 0.75
@@ -327,7 +327,7 @@ def _check_sites_and_neurons(cands: pd.DataFrame, widths: dict[str, int]) -> Non
         elif hook == shared_expert_hook_name(layer):
             where = f"the shared expert of layer {layer}"
         else:
-            where = f"expert {int(expert)} of layer {layer}" if pd.notna(expert) else f"hook {hook}"
+            where = expert_where(layer, int(expert)) if pd.notna(expert) else f"hook {hook}"
         if hook not in widths:
             raise ValueError(f"the model has no hook {hook} ({where}): are these scores of another model?")
         check_neuron_range(group["neuron"].astype(int), widths[hook], where)
@@ -611,7 +611,7 @@ def _refuse_unreached(reached: dict) -> None:
     neurons have no mean to ablate to, and ablating them changes nothing."""
     unreached = [key for key, n in reached.items() if isinstance(key, tuple) and n == 0]
     if unreached:
-        named = ", ".join(f"expert {expert} of layer {layer}" for layer, expert in unreached)
+        named = ", ".join(expert_where(layer, expert) for layer, expert in unreached)
         raise ValueError(f"the text routes no token to {named}: ablating its neurons would change nothing (and they "
                          "have no mean to ablate to); pick neurons of an expert the text reaches")  # fmt: skip
 
@@ -621,7 +621,7 @@ def _key_widths(points) -> dict[NeuronSet, tuple[int, str]]:
     widths = {}
     for point in points:
         if isinstance(point, MoELayer):
-            widths |= {(point.layer, e): (point.d_expert, point.expert_where(e)) for e in range(point.n_experts)}
+            widths |= {(point.layer, e): (point.d_expert, expert_where(point.layer, e)) for e in range(point.n_experts)}
         else:
             widths[point.layer] = (point.d_mlp, point.where)
     return widths

@@ -14,7 +14,7 @@ from .moe import find_moe_layers
 from .placement import offloaded_weights_loaded
 from .scan.driver import ProgressFn, batches, run_hooked_forward
 from .scan.result import ScanResult
-from .sites import NeuronSite, expert_hook_name, hook_name, resolve_sites, shared_expert_hook_name
+from .sites import NeuronSite, expert_hook_name, expert_where, hook_name, resolve_sites, shared_expert_hook_name
 
 
 def check_neuron_range(neurons, width: int | None, where: str) -> None:
@@ -63,9 +63,8 @@ def view_points(model: torch.nn.Module, neurons: dict, routed_only: str = ROUTED
         moe = moe_layers.get(layer)
         if moe is None:
             raise ValueError(f"layer {layer} has no routed experts: leave the expert out")
-        if not 0 <= expert < moe.n_experts:
-            raise ValueError(f"expert {expert} is out of range: layer {layer} has experts 0-{moe.n_experts - 1}")
-        check_neuron_range(neurons[(layer, expert)], moe.d_expert, moe.expert_where(expert))
+        moe.check_expert(expert)
+        check_neuron_range(neurons[(layer, expert)], moe.d_expert, expert_where(layer, expert))
     for moe in moe_layers.values():
         for expert in range(moe.n_experts):
             chosen = neurons.get((moe.layer, expert))
@@ -227,7 +226,7 @@ def _check_run_neuron(result: ScanResult, layer: int, neuron: int, expert: int |
     found = [widths[hook] for hook in hooks if hook in widths]
     if not found:
         raise ValueError(_missing_site(result, layer, expert))
-    where = f"layer {layer}" if expert is None else f"expert {expert} of layer {layer}"
+    where = f"layer {layer}" if expert is None else expert_where(layer, expert)
     check_neuron_range([neuron], found[0], f"{where} of this run")
 
 

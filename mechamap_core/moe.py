@@ -163,11 +163,15 @@ class MoELayer:
         up = self.experts.up_proj if up is None else up
         return up.shape[1] if self.transposed else up.shape[2]
 
+    def check_expert(self, expert: int) -> None:
+        """Raises ValueError for an expert this layer does not have."""
+        if not 0 <= expert < self.n_experts:
+            raise ValueError(f"expert {expert} is out of range: layer {self.layer} has experts 0-{self.n_experts - 1}")
+
     def down_weight(self, expert: int) -> torch.Tensor:
         """[d_expert, width of the experts' output]: the raw rows through which each neuron of `expert` reaches the
         experts' output, as the layout stores them. Raises ValueError for an expert out of range."""
-        if not 0 <= expert < self.n_experts:
-            raise ValueError(f"expert {expert} is out of range: layer {self.layer} has experts 0-{self.n_experts - 1}")
+        self.check_expert(expert)
         if self.layout == "modules":
             return expert_down_proj(self.experts[expert])[1].weight.T  # Linear [H, I]
         if self.layout == "stacked":
@@ -264,8 +268,7 @@ class MoELayer:
         index is given, which a latent layer refuses: its router reads the block's input; the weights are needed by
         the scaled layout only). Computed in float32 on the weights' device.
         """
-        if not 0 <= expert < self.n_experts:
-            raise ValueError(f"expert {expert} is out of range: layer {self.layer} has experts 0-{self.n_experts - 1}")
+        self.check_expert(expert)
         index, weights = self.route(hidden) if top_k_index is None else (top_k_index, top_k_weights)
         index = torch.where(index == expert, index, self.n_experts)  # the other experts' slots: no expert
         part = next(iter(self.iter_expert_activations(hidden, index, weights)), None)
@@ -415,10 +418,6 @@ class MoELayer:
                 yield from self.recomputed_activations(routed, counted)
                 return
         yield from parts
-
-    def expert_where(self, expert: int) -> str:
-        """An expert in messages: "expert 2 of layer 5"."""
-        return f"expert {expert} of layer {self.layer}"
 
     def check_settable(self) -> None:
         """Raises ValueError where neurons_set cannot set this layer's expert neurons: experts that normalise each

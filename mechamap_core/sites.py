@@ -121,6 +121,11 @@ def shared_expert_hook_name(layer: int) -> str:
     return f"blocks.{layer}.mlp.shared_experts.hook_post"
 
 
+def expert_where(layer: int, expert: int) -> str:
+    """A routed expert in messages: "expert 2 of layer 5"."""
+    return f"expert {expert} of layer {layer}"
+
+
 def expert_hook_name(layer: int, expert: int) -> str:
     """Hook name of routed expert `expert`'s neurons in layer `layer`."""
     return f"blocks.{layer}.mlp.experts.{expert}.hook_post"
