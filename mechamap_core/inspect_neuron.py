@@ -14,7 +14,7 @@ from .moe import find_moe_layers
 from .placement import offloaded_weights_loaded
 from .scan.driver import ProgressFn, batches, run_hooked_forward
 from .scan.result import ScanResult
-from .sites import NeuronSite, expert_hook_name, expert_where, hook_name, resolve_sites, shared_expert_hook_name
+from .sites import NeuronSite, expert_hook_name, expert_where, find_blocks, hook_name, resolve_sites, shared_expert_hook_name
 
 
 def check_neuron_range(neurons, width: int | None, where: str) -> None:
@@ -271,6 +271,35 @@ def _with_context(rows: pd.DataFrame, examples: pd.DataFrame, context_chars: int
     return joined.astype({"activation": float})
 
 
+# What transformers names a norm of the MLP's output before the residual add: Gemma 2/3/3n, OLMo 2/3, EXAONE 4, GLM-4,
+# Afmoe, FlexOlmo, Beam on the block; A.X-K1 inside its MoE block.
+POST_MLP_NORMS = ("post_feedforward_layernorm", "post_mlp_layernorm")
+
+
+def post_mlp_norm(model: torch.nn.Module, layer: int) -> tuple[str, torch.nn.Module] | None:
+    """(name, module) of the norm that layer's block applies to its MLP's (or MoE block's) output before the residual
+    add, found by name (POST_MLP_NORMS) in the block; None when it has none."""
+    block = find_blocks(model)[1][layer]
+    found = [(name, module) for name, module in block.named_modules() if name.rsplit(".", 1)[-1] in POST_MLP_NORMS]
+    return found[0] if found else None
+
+
+def channel_gains(norm: torch.nn.Module, width: int) -> torch.Tensor | None:
+    """[width] float32 g with norm(x) = g * x / rms(x) for every x, the form of an RMS norm with per-channel weights
+    (Gemma's 1 + weight and OLMo's weight alike), read by running the norm on two random probes of entries of either
+    sign and size 1 to 2; None when the norm is not of that form (LayerNorm's centring, a bias, a mix of channels)."""
+    parameter = next(norm.parameters(), None)
+    device, dtype = (parameter.device, parameter.dtype) if parameter is not None else (torch.device("cpu"), torch.float32)
+    generator = torch.Generator().manual_seed(0)
+    size = 1.0 + torch.rand((2, width), generator=generator)
+    probes = torch.where(torch.rand((2, width), generator=generator) < 0.5, -size, size)
+    with torch.inference_mode():
+        out = norm(probes.to(device, dtype)).float().cpu()
+    gains = out * probes.pow(2).mean(dim=1, keepdim=True).sqrt() / probes
+    tolerance = max(1e-4, 4 * torch.finfo(dtype).eps) * float(gains.abs().max().clamp(min=1e-12))
+    return gains.mean(dim=0) if torch.allclose(gains[0], gains[1], rtol=0, atol=tolerance) else None
+
+
 _ZAMBA_NO_DIRECT_PATH = (
     "{}'s shared attention + MLP block feeds the next Mamba mixer's input through a linear map, never the residual "
     "stream, so its neurons have no direct effect on the vocabulary"
@@ -280,7 +309,13 @@ NO_DIRECT_PATH = {"zamba": _ZAMBA_NO_DIRECT_PATH.format("Zamba"), "zamba2": _ZAM
 # Model types whose direct effect leaves out a step between the MLP and the residual stream, by what it leaves out.
 DIRECT_EFFECT_CAVEATS = {
     "rwkv": "RWKV multiplies its channel-mix output by a per-token gate, sigmoid(receptance), which this leaves out",
-}
+    "gemma3n_text": "Gemma 3n's AltUp mixes the MLP's output into its residual streams by per-token weights, which this "
+                    "leaves out",
+    "beam": "Beam scales each MLP's output by a factor of its depth before the residual add, and its experts' output "
+            "by routed_scaling_factor, which this leaves out (positive factors: the tokens' order stands)",
+    "laguna": "Laguna scales its experts' output by moe_routed_scaling_factor, which this leaves out (a positive "
+              "factor: the tokens' order stands)",
+}  # fmt: skip
 NO_OUTPUT_EMBEDDING = "This model has no output embedding (e.g. a bare encoder), so there is no direct effect on tokens"
 
 
@@ -297,6 +332,10 @@ def _model_type(lm: LoadedModel) -> str | None:
 ROUTER_WEIGHTED = ("a routed expert's output is multiplied by its router weight for each token, so this is the effect "
                    "per unit of that weight")  # fmt: skip
 SHARED_GATED = "this shared expert's output is multiplied by a per-token gate, sigmoid(shared_expert_gate), which this leaves out"
+EXPERT_NORMED = "each expert's output is normalised (post_expert_norm) before its router weight, which this leaves out"
+NORM_FOLDED = ("the MLP's output passes {} before the residual add: its per-channel weights are folded in and its "
+               "division by the output's RMS is not, so this is the effect per unit of that RMS")  # fmt: skip
+NORM_LEFT_OUT = "the MLP's output passes {} before the residual add, which is not a per-channel scaling of its RMS and is left out"
 
 
 def direct_effect_note(lm: LoadedModel, layer: int | None = None, expert: int | None = None) -> str | None:
@@ -309,10 +348,22 @@ def direct_effect_note(lm: LoadedModel, layer: int | None = None, expert: int | 
     if layer is not None and expert is not None:
         (moe,) = find_moe_layers(lm.model, [layer])  # Llama 4 scales the expert's input: inside the activation already
         notes.append(None if moe.layout == "scaled" else ROUTER_WEIGHTED)
+        notes.append(EXPERT_NORMED if getattr(moe.experts, "has_post_expert_norm", False) else None)  # Muse Spark
     elif layer is not None and (moe := find_moe_layers(lm.model, [layer])) and hasattr(moe[0].block, "shared_expert_gate"):
         notes.append(SHARED_GATED)  # Qwen2-MoE, Qwen3-Next, Qwen3.5-MoE
+    if layer is not None and (norm := post_mlp_norm(lm.model, layer)):
+        notes.append((NORM_FOLDED if _norm_gains(lm, layer) is not None else NORM_LEFT_OUT).format(norm[0]))
     said = [note for note in notes if note]
     return "; ".join(said[:1] + [note[0].lower() + note[1:] for note in said[1:]]) if said else None
+
+
+def _norm_gains(lm: LoadedModel, layer: int) -> torch.Tensor | None:
+    """channel_gains of the norm after layer's MLP (post_mlp_norm), None when it has none or they are not of that form."""
+    norm = post_mlp_norm(lm.model, layer)
+    if norm is None:
+        return None
+    with offloaded_weights_loaded(norm[1]):
+        return channel_gains(norm[1], _unembedding(lm).weight.shape[1])
 
 
 def direct_effect(lm: LoadedModel, layer: int, neuron: int, k: int = 10, expert: int | None = None) -> pd.DataFrame | None:
@@ -331,7 +382,10 @@ def direct_effect(lm: LoadedModel, layer: int, neuron: int, k: int = 10, expert:
     holding = [point.module] if expert is None else list(point.block.modules())  # what holds the output weight
     with torch.inference_mode(), offloaded_weights_loaded(*holding, unembed):  # weights accelerate offloaded
         weight = point.output_weight() if expert is None else point.output_weight(expert)  # [neurons, d_model]
-        logits = unembed.weight.float() @ weight[neuron].float().to(unembed.weight.device)  # [vocab]
+        output = weight[neuron].float().to(unembed.weight.device)
+        if (gains := _norm_gains(lm, layer)) is not None:  # a norm after the MLP (direct_effect_note says so)
+            output = output * gains.to(output.device)
+        logits = unembed.weight.float() @ output  # [vocab]
         up = torch.topk(logits, k)
         down = torch.topk(-logits, k)
     rows = []

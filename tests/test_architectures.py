@@ -546,3 +546,59 @@ def test_generic_search_takes_the_width_of_an_up_projection_beside_it_in_an_mlp_
         block.feed_forward.up = nn.Linear(16, 24)
     with pytest.raises(SiteResolutionError, match="intermediate size"):
         resolve_sites(model)
+
+
+# families whose block normalises its MLP's output before the residual add: the norm's name and its per-channel gain
+# from its weight, as each family's RMSNorm computes it (Gemma's 1 + weight, the others' weight)
+POST_MLP_NORM_GAIN = {
+    "gemma2": ("post_feedforward_layernorm", lambda weight: 1 + weight),
+    "gemma3_text": ("post_feedforward_layernorm", lambda weight: 1 + weight),
+    "olmo2": ("post_feedforward_layernorm", lambda weight: weight),
+    "olmo3": ("post_feedforward_layernorm", lambda weight: weight),
+    "exaone4": ("post_feedforward_layernorm", lambda weight: weight),
+    "glm4": ("post_mlp_layernorm", lambda weight: weight),
+}
+
+
+def _top_and_bottom(logits: torch.Tensor, k: int) -> tuple[list[float], list[float]]:
+    return logits.topk(k).values.tolist(), (-(-logits).topk(k).values).tolist()
+
+
+@pytest.mark.parametrize("arch", list(POST_MLP_NORM_GAIN))
+def test_direct_effect_folds_in_the_norm_after_the_mlp(arch):
+    """Where the block normalises the MLP's output before the residual add, the direct effect is unembedding @ (the
+    norm's per-channel gain x the neuron's output weight), the RMS division left out and said so; a norm that is not a
+    per-channel scaling of the RMS (here a LayerNorm put in its place) is left out and said so."""
+    model = tiny_model(arch)
+    name, gain_of = POST_MLP_NORM_GAIN[arch]
+    layer, neuron = 1, 3
+    norm = model.get_submodule(f"model.layers.{layer}.{name}")
+    with torch.no_grad():
+        norm.weight.normal_(std=0.5, generator=torch.Generator().manual_seed(2))  # ones or zeros as initialised
+    lm = wrap_model(model, bundled_tokenizer(), f"tiny-{arch}")
+    unembed = model.get_output_embeddings().weight.detach().double()
+    w_out = model.get_submodule(DOWN_PROJ[arch].format(L=layer)).weight.detach().double()[:, neuron]
+    expected = unembed @ (gain_of(norm.weight.detach().double()) * w_out)
+    effect = direct_effect(lm, layer, neuron, k=5)
+    up, down = effect[effect["direction"] == "up"], effect[effect["direction"] == "down"]
+    top, bottom = _top_and_bottom(expected, 5)
+    np.testing.assert_allclose(up["logit_effect"], top, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(down["logit_effect"], bottom, rtol=1e-4, atol=1e-7)
+    assert up["token"].tolist() == [lm.tokenizer.decode([i]) for i in expected.topk(5).indices.tolist()]
+    assert not np.allclose(_top_and_bottom(unembed @ w_out, 5), (top, bottom), rtol=1e-2)  # the gain matters here
+    assert f"passes {name} before the residual add: its per-channel weights are folded in" in direct_effect_note(lm, layer)
+
+    model.get_submodule(f"model.layers.{layer}").register_module(name, nn.LayerNorm(w_out.numel()))
+    plain = direct_effect(lm, layer, neuron, k=5)
+    np.testing.assert_allclose(plain[plain["direction"] == "up"]["logit_effect"], _top_and_bottom(unembed @ w_out, 5)[0],
+                               rtol=1e-4, atol=1e-7)  # fmt: skip
+    assert f"passes {name} before the residual add, which is not a per-channel scaling" in direct_effect_note(lm, layer)
+    assert direct_effect_note(lm, 0).count(name) == 1 and direct_effect_note(lm) is None  # per layer, not model-wide
+
+
+def test_direct_effect_names_what_it_leaves_out_per_family():
+    """A family whose MLP has no norm after it gets no note; Gemma 3n's AltUp, read per token, is named."""
+    assert direct_effect_note(wrap_model(tiny_model("llama"), bundled_tokenizer(), "tiny-llama"), 1) is None
+    note = direct_effect_note(wrap_model(tiny_model("gemma3n_text"), bundled_tokenizer(), "tiny-gemma3n"), 1)
+    assert note.startswith("Gemma 3n's AltUp mixes the MLP's output into its residual streams by per-token weights")
+    assert "post_feedforward_layernorm" in note

@@ -619,9 +619,55 @@ def test_experts_that_normalise_each_experts_output_cannot_have_their_neurons_se
                                  layer_rope_theta=[10000.0] * 2, moe_intermediate_size=D_EXPERT, num_local_experts=4,
                                  num_experts_per_tok=TOP_K, moe_hidden_size=16, mlp_layer_types=["sparse"] * 2,
                                  sliding_window=16, max_position_embeddings=128, bos_token_id=1, eos_token_id=2)  # fmt: skip
-    moe = find_moe_layers(MuseSparkTextModel(config).eval())[-1]
+    body = MuseSparkTextModel(config).eval()
+    moe = find_moe_layers(body)[-1]
     message = "experts normalise each expert's output (MuseSparkExperts: post_expert_norm), so a neuron's part of it is not linear"
     with pytest.raises(ValueError, match=re.escape(message)):
         moe.check_settable()
     with pytest.raises(ValueError, match=re.escape(message)), moe.neurons_set({1: (torch.tensor([2]), torch.zeros(1))}):
         pass
+    # its direct effect (given an output embedding, which the text model lacks) says the same
+    from mechamap_core.inspect_neuron import EXPERT_NORMED, direct_effect_note
+    from mechamap_core.models import wrap_model
+
+    class WithHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model, self.lm_head, self.config = body, nn.Linear(HIDDEN, 500, bias=False), body.config
+
+        def get_output_embeddings(self):
+            return self.lm_head
+
+    lm = wrap_model(WithHead(), bundled_tokenizer(), "tiny-muse-spark")
+    assert EXPERT_NORMED in direct_effect_note(lm, 1, 2) and EXPERT_NORMED not in (direct_effect_note(lm, 1) or "")
+
+
+def test_direct_effect_of_a_block_that_normalises_or_scales_its_experts_output():
+    """A.X-K1 normalises its MoE block's output (post_mlp_layernorm, inside the block): a routed expert's and the shared
+    expert's direct effect are unembedding @ (the norm's weight x the neuron's output column), and the note says so;
+    its dense layer has no such norm. Beam's and Laguna's scaling factors are named as left out."""
+    from mechamap_core.inspect_neuron import direct_effect, direct_effect_note
+    from mechamap_core.models import wrap_model
+
+    model = loud_tiny("axk1", AFTER_THE_EXPERTS["axk1"])
+    block = model.model.layers[1].mlp
+    with torch.no_grad():
+        block.post_mlp_layernorm.weight.normal_(std=0.5, generator=torch.Generator().manual_seed(2))
+    lm = wrap_model(model, bundled_tokenizer(), "tiny-axk1")
+    unembed, gain = model.get_output_embeddings().weight.detach().double(), block.post_mlp_layernorm.weight.detach().double()
+    expert, neuron = 2, 5
+    for column, effect in (
+        (block.experts.down_proj.detach()[expert][:, neuron], direct_effect(lm, 1, neuron, k=5, expert=expert)),
+        (block.shared_experts.down_proj.weight.detach()[:, neuron], direct_effect(lm, 1, neuron, k=5)),
+    ):
+        expected = unembed @ (gain * column.double())
+        np.testing.assert_allclose(effect[effect["direction"] == "up"]["logit_effect"], expected.topk(5).values,
+                                   rtol=1e-4, atol=1e-6)  # fmt: skip
+        np.testing.assert_allclose(effect[effect["direction"] == "down"]["logit_effect"], -(-expected).topk(5).values,
+                                   rtol=1e-4, atol=1e-6)  # fmt: skip
+    folded = "passes mlp.post_mlp_layernorm before the residual add: its per-channel weights are folded in"
+    assert folded in direct_effect_note(lm, 1, expert) and folded in direct_effect_note(lm, 1)
+    assert "post_mlp_layernorm" not in (direct_effect_note(lm, 0) or "")  # its dense layer's MLP has none
+    for model_type, factor in (("beam", "routed_scaling_factor"), ("laguna", "moe_routed_scaling_factor")):
+        scaled = wrap_model(loud_tiny(model_type, AFTER_THE_EXPERTS[model_type]), bundled_tokenizer(), model_type)
+        assert f"experts' output by {factor}, which this leaves out" in direct_effect_note(scaled)
