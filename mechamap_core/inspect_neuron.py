@@ -369,6 +369,8 @@ def _norm_gains(lm: LoadedModel, layer: int) -> torch.Tensor | None:
 def direct_effect(lm: LoadedModel, layer: int, neuron: int, k: int = 10, expert: int | None = None) -> pd.DataFrame | None:
     """Tokens the neuron's output weight pushes up and down most through the unembedding (no final norm): of the
     layer's dense MLP or shared expert, or of routed expert `expert` (its down-projection, before the router weight).
+    Where the block normalises the MLP's output before the residual add, the norm's per-channel weights are folded in
+    (channel_gains; its division by the RMS is not: direct_effect_note says so).
 
     Returns columns direction ('up'/'down'), rank, token, logit_effect; None if the model has no output embedding
     or its MLP output never enters the residual stream as it is (NO_DIRECT_PATH; direct_effect_note says why).
