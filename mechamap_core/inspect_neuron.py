@@ -284,20 +284,70 @@ def post_mlp_norm(model: torch.nn.Module, layer: int) -> tuple[str, torch.nn.Mod
     return found[0] if found else None
 
 
-def channel_gains(norm: torch.nn.Module, width: int) -> torch.Tensor | None:
-    """[width] float32 g with norm(x) = g * x / rms(x) for every x, the form of an RMS norm with per-channel weights
-    (Gemma's 1 + weight and OLMo's weight alike), read by running the norm on two random probes of entries of either
-    sign and size 1 to 2; None when the norm is not of that form (LayerNorm's centring, a bias, a mix of channels)."""
+# The final norm before the unembedding, by its name beside the blocks; a family that names it otherwise, by model type.
+FINAL_NORMS = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "norm_f", "final_norm", "ln_out", "out_norm")
+FINAL_NORM_BY_TYPE = {"lfm2": "embedding_norm"}  # applied after its last layer, whatever its name says
+
+
+def _blocks_parent(model: torch.nn.Module) -> torch.nn.Module:
+    """The module that holds the model's list of blocks (and, beside it, its final norm)."""
+    path, _ = find_blocks(model)
+    return model.get_submodule(path.rsplit(".", 1)[0]) if "." in path else model
+
+
+def final_norm(model: torch.nn.Module) -> tuple[str, torch.nn.Module] | None:
+    """(name, module) of the norm the model applies after its last block, before the unembedding: a child of the
+    blocks' parent named as in FINAL_NORMS (or FINAL_NORM_BY_TYPE); None when there is none."""
+    parent = _blocks_parent(model)
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    for name in (FINAL_NORM_BY_TYPE[model_type],) if model_type in FINAL_NORM_BY_TYPE else FINAL_NORMS:
+        if isinstance(module := getattr(parent, name, None), torch.nn.Module):
+            return name, module
+    return None
+
+
+def final_projection(model: torch.nn.Module) -> torch.nn.Linear | None:
+    """The linear map some models apply between the last block (and final norm) and a narrower unembedding (OPT-350m's
+    project_out), a child of the blocks' parent; None when there is none."""
+    projection = getattr(_blocks_parent(model), "project_out", None)
+    return projection if isinstance(projection, torch.nn.Linear) else None
+
+
+def norm_as_linear(norm: torch.nn.Module, width: int) -> tuple[torch.Tensor, bool] | None:
+    """(gains [width] float32, centred) with norm(x) = gains * (x - mean(x) if centred else x) / scale(x) + bias for
+    every x [width], scale(x) a positive number per token (the RMS, or the standard deviation): an RMS norm with
+    per-channel weights (centred False; Gemma's 1 + weight and OLMo's weight alike) or a LayerNorm (True).
+
+    Read by running the norm on probes: one of mean 0 and its negative (half their difference gives the gains, half
+    their sum the bias), then one of positive entries, on which the two forms differ. None when neither form predicts
+    it (a norm that mixes channels, say) or the norm refuses a [3, width] input."""
     parameter = next(norm.parameters(), None)
     device, dtype = (parameter.device, parameter.dtype) if parameter is not None else (torch.device("cpu"), torch.float32)
     generator = torch.Generator().manual_seed(0)
-    size = 1.0 + torch.rand((2, width), generator=generator)
-    probes = torch.where(torch.rand((2, width), generator=generator) < 0.5, -size, size)
-    with torch.inference_mode():
-        out = norm(probes.to(device, dtype)).float().cpu()
-    gains = out * probes.pow(2).mean(dim=1, keepdim=True).sqrt() / probes
-    tolerance = max(1e-4, 4 * torch.finfo(dtype).eps) * float(gains.abs().max().clamp(min=1e-12))
-    return gains.mean(dim=0) if torch.allclose(gains[0], gains[1], rtol=0, atol=tolerance) else None
+    size = 1.0 + torch.rand(width, generator=generator)
+    balanced = torch.where(torch.rand(width, generator=generator) < 0.5, -size, size)
+    balanced -= balanced.mean()
+    positive = 1.0 + torch.rand(width, generator=generator)
+    try:
+        with torch.inference_mode():
+            out = norm(torch.stack([balanced, -balanced, positive]).to(device, dtype)).float().cpu()
+    except (RuntimeError, TypeError, ValueError):  # not a norm of a [..., width] input
+        return None
+    unit = balanced / balanced.pow(2).mean().sqrt()  # the same under both forms: its mean is 0
+    gains, bias = (out[0] - out[1]) / (2 * unit), (out[0] + out[1]) / 2
+    tolerance = max(1e-4, 4 * torch.finfo(dtype).eps) * float(out.abs().max().clamp(min=1e-12))
+    for centred in (False, True):
+        shifted = positive - positive.mean() if centred else positive
+        predicted = gains * shifted / shifted.pow(2).mean().sqrt() + bias
+        if torch.allclose(predicted, out[2], rtol=0, atol=tolerance):
+            return gains, centred
+    return None
+
+
+def through_norm(vector: torch.Tensor, linear: tuple[torch.Tensor, bool]) -> torch.Tensor:
+    """What a norm of norm_as_linear's form does to a direction added to its input, its per-token scale held fixed."""
+    gains, centred = linear
+    return (vector - vector.mean() if centred else vector) * gains.to(vector.device)
 
 
 _ZAMBA_NO_DIRECT_PATH = (
@@ -333,9 +383,19 @@ ROUTER_WEIGHTED = ("a routed expert's output is multiplied by its router weight 
                    "per unit of that weight")  # fmt: skip
 SHARED_GATED = "this shared expert's output is multiplied by a per-token gate, sigmoid(shared_expert_gate), which this leaves out"
 EXPERT_NORMED = "each expert's output is normalised (post_expert_norm) before its router weight, which this leaves out"
-NORM_FOLDED = ("the MLP's output passes {} before the residual add: its per-channel weights are folded in and its "
-               "division by the output's RMS is not, so this is the effect per unit of that RMS")  # fmt: skip
-NORM_LEFT_OUT = "the MLP's output passes {} before the residual add, which is not a per-channel scaling of its RMS and is left out"
+NORM_FOLDED = ("the MLP's output passes {} before the residual add: its per-channel weights{} are folded in and its "
+               "division by the output's {} is not, so this is the effect per unit of that {}")  # fmt: skip
+NORM_LEFT_OUT = ("the MLP's output passes {} before the residual add, which is not a per-channel scaling of its input's RMS "
+                 "or standard deviation and is left out")  # fmt: skip
+FINAL_FOLDED = ("the final norm's ({}) per-channel weights{} are folded in and its division by the residual stream's {} "
+                "is not, as in TransformerLens' folded weights")  # fmt: skip
+FINAL_LEFT_OUT = "the final norm ({}) is not a per-channel scaling of its input's RMS or standard deviation and is left out"
+
+
+def _folded_words(linear: tuple[torch.Tensor, bool]) -> tuple[str, str]:
+    """(" and centring" or "", "standard deviation" or "RMS"): what a norm of norm_as_linear's form folds in and divides by."""
+    return (" and centring", "standard deviation") if linear[1] else ("", "RMS")
+NO_FINAL_NORM = "no final norm was found before the unembedding"
 
 
 def direct_effect_note(lm: LoadedModel, layer: int | None = None, expert: int | None = None) -> str | None:
@@ -352,25 +412,44 @@ def direct_effect_note(lm: LoadedModel, layer: int | None = None, expert: int | 
     elif layer is not None and (moe := find_moe_layers(lm.model, [layer])) and hasattr(moe[0].block, "shared_expert_gate"):
         notes.append(SHARED_GATED)  # Qwen2-MoE, Qwen3-Next, Qwen3.5-MoE
     if layer is not None and (norm := post_mlp_norm(lm.model, layer)):
-        notes.append((NORM_FOLDED if _norm_gains(lm, layer) is not None else NORM_LEFT_OUT).format(norm[0]))
+        linear = _as_linear(lm, norm)
+        folded, divisor = _folded_words(linear) if linear is not None else ("", "")
+        notes.append(NORM_LEFT_OUT.format(norm[0]) if linear is None else NORM_FOLDED.format(norm[0], folded, divisor, divisor))
+    if layer is not None:
+        notes.append(_final_norm_note(lm))
     said = [note for note in notes if note]
     return "; ".join(said[:1] + [note[0].lower() + note[1:] for note in said[1:]]) if said else None
 
 
-def _norm_gains(lm: LoadedModel, layer: int) -> torch.Tensor | None:
-    """channel_gains of the norm after layer's MLP (post_mlp_norm), None when it has none or they are not of that form."""
-    norm = post_mlp_norm(lm.model, layer)
+def _as_linear(lm: LoadedModel, norm: tuple[str, torch.nn.Module] | None, width: int | None = None) -> tuple[torch.Tensor, bool] | None:
+    """norm_as_linear of a (name, module) norm of the residual width (width; else its weight's, the config's hidden_size
+    or the unembedding's), its weights loaded; None for no norm."""
     if norm is None:
         return None
     with offloaded_weights_loaded(norm[1]):
-        return channel_gains(norm[1], _unembedding(lm).weight.shape[1])
+        weight = getattr(norm[1], "weight", None)
+        if width is None:
+            width = getattr(lm.model.config, "hidden_size", None) or _unembedding(lm).weight.shape[1]
+            width = weight.shape[0] if isinstance(weight, torch.Tensor) and weight.dim() == 1 else width
+        return norm_as_linear(norm[1], width)
+
+
+def _final_norm_note(lm: LoadedModel) -> str:
+    norm = final_norm(lm.model)
+    if norm is None:
+        return NO_FINAL_NORM
+    linear = _as_linear(lm, norm)
+    if linear is None:
+        return FINAL_LEFT_OUT.format(norm[0])
+    return FINAL_FOLDED.format(norm[0], *_folded_words(linear))
 
 
 def direct_effect(lm: LoadedModel, layer: int, neuron: int, k: int = 10, expert: int | None = None) -> pd.DataFrame | None:
-    """Tokens the neuron's output weight pushes up and down most through the unembedding (no final norm): of the
+    """Tokens the neuron's output weight pushes up and down most through the unembedding: of the
     layer's dense MLP or shared expert, or of routed expert `expert` (its down-projection, before the router weight).
-    Where the block normalises the MLP's output before the residual add, the norm's per-channel weights are folded in
-    (channel_gains; its division by the RMS is not: direct_effect_note says so).
+    Folded in, as TransformerLens' folded weights do: the final norm's per-channel weights (and centring, for a
+    LayerNorm), and those of a norm the block applies to the MLP's output before the residual add; not their division
+    by an RMS or standard deviation (norm_as_linear; direct_effect_note says what is folded).
 
     Returns columns direction ('up'/'down'), rank, token, logit_effect; None if the model has no output embedding
     or its MLP output never enters the residual stream as it is (NO_DIRECT_PATH; direct_effect_note says why).
@@ -385,9 +464,13 @@ def direct_effect(lm: LoadedModel, layer: int, neuron: int, k: int = 10, expert:
     with torch.inference_mode(), offloaded_weights_loaded(*holding, unembed):  # weights accelerate offloaded
         weight = point.output_weight() if expert is None else point.output_weight(expert)  # [neurons, d_model]
         output = weight[neuron].float().to(unembed.weight.device)
-        if (gains := _norm_gains(lm, layer)) is not None:  # a norm after the MLP (direct_effect_note says so)
-            output = output * gains.to(output.device)
-        logits = unembed.weight.float() @ output  # [vocab]
+        for norm in (post_mlp_norm(lm.model, layer), final_norm(lm.model)):  # direct_effect_note says what is folded
+            if (linear := _as_linear(lm, norm, len(output))) is not None:
+                output = through_norm(output, linear)
+        if (projection := final_projection(lm.model)) is not None:
+            with offloaded_weights_loaded(projection):
+                output = projection.weight.float() @ output.to(projection.weight.device)
+        logits = unembed.weight.float() @ output.to(unembed.weight.device)  # [vocab]
         up = torch.topk(logits, k)
         down = torch.topk(-logits, k)
     rows = []

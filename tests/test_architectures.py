@@ -22,7 +22,7 @@ from torch import nn
 from mechamap_core import ScanConfig, SiteResolutionError, scan
 from mechamap_core import sites as sites_module
 from mechamap_core.analysis import LAYERS_SCANNED, layers_without_mlp_note, scan_coverage
-from mechamap_core.inspect_neuron import direct_effect, direct_effect_note
+from mechamap_core.inspect_neuron import FINAL_FOLDED, direct_effect, direct_effect_note
 from mechamap_core.models import wrap_model
 from mechamap_core.scan import MIN_CATEGORY_TOKENS
 from mechamap_core.scan.stream import scan_stream, stream_result
@@ -565,40 +565,92 @@ def _top_and_bottom(logits: torch.Tensor, k: int) -> tuple[list[float], list[flo
 
 
 @pytest.mark.parametrize("arch", list(POST_MLP_NORM_GAIN))
-def test_direct_effect_folds_in_the_norm_after_the_mlp(arch):
+def test_direct_effect_folds_in_the_norm_after_the_mlp_and_the_final_norm(arch):
     """Where the block normalises the MLP's output before the residual add, the direct effect is unembedding @ (the
-    norm's per-channel gain x the neuron's output weight), the RMS division left out and said so; a norm that is not a
-    per-channel scaling of the RMS (here a LayerNorm put in its place) is left out and said so."""
+    final norm's gain x that norm's gain x the neuron's output weight), each gain by the family's own formula, the RMS
+    divisions left out and said so; a norm after the MLP that is not a per-channel scaling of its input's RMS or
+    standard deviation (here a linear map put in its place) is left out and said so."""
     model = tiny_model(arch)
     name, gain_of = POST_MLP_NORM_GAIN[arch]
     layer, neuron = 1, 3
-    norm = model.get_submodule(f"model.layers.{layer}.{name}")
-    with torch.no_grad():
-        norm.weight.normal_(std=0.5, generator=torch.Generator().manual_seed(2))  # ones or zeros as initialised
+    norm, final = model.get_submodule(f"model.layers.{layer}.{name}"), model.model.norm
+    with torch.no_grad():  # ones or zeros as initialised
+        norm.weight.normal_(std=0.5, generator=torch.Generator().manual_seed(2))
+        final.weight.normal_(std=0.5, generator=torch.Generator().manual_seed(3))
     lm = wrap_model(model, bundled_tokenizer(), f"tiny-{arch}")
     unembed = model.get_output_embeddings().weight.detach().double()
     w_out = model.get_submodule(DOWN_PROJ[arch].format(L=layer)).weight.detach().double()[:, neuron]
-    expected = unembed @ (gain_of(norm.weight.detach().double()) * w_out)
+    final_gain = gain_of(final.weight.detach().double())
+    expected = unembed @ (final_gain * gain_of(norm.weight.detach().double()) * w_out)
     effect = direct_effect(lm, layer, neuron, k=5)
     up, down = effect[effect["direction"] == "up"], effect[effect["direction"] == "down"]
     top, bottom = _top_and_bottom(expected, 5)
     np.testing.assert_allclose(up["logit_effect"], top, rtol=1e-4, atol=1e-7)
     np.testing.assert_allclose(down["logit_effect"], bottom, rtol=1e-4, atol=1e-7)
     assert up["token"].tolist() == [lm.tokenizer.decode([i]) for i in expected.topk(5).indices.tolist()]
-    assert not np.allclose(_top_and_bottom(unembed @ w_out, 5), (top, bottom), rtol=1e-2)  # the gain matters here
-    assert f"passes {name} before the residual add: its per-channel weights are folded in" in direct_effect_note(lm, layer)
+    without_norm = unembed @ (final_gain * w_out)
+    assert not np.allclose(_top_and_bottom(without_norm, 5), (top, bottom), rtol=1e-2)  # the gain matters here
+    note = direct_effect_note(lm, layer)
+    assert f"passes {name} before the residual add: its per-channel weights are folded in" in note
+    assert "the final norm's (norm) per-channel weights are folded in and its division by the residual stream's RMS" in note
 
-    model.get_submodule(f"model.layers.{layer}").register_module(name, nn.LayerNorm(w_out.numel()))
+    model.get_submodule(f"model.layers.{layer}").register_module(name, nn.Linear(w_out.numel(), w_out.numel()))
     plain = direct_effect(lm, layer, neuron, k=5)
-    np.testing.assert_allclose(plain[plain["direction"] == "up"]["logit_effect"], _top_and_bottom(unembed @ w_out, 5)[0],
+    np.testing.assert_allclose(plain[plain["direction"] == "up"]["logit_effect"], _top_and_bottom(without_norm, 5)[0],
                                rtol=1e-4, atol=1e-7)  # fmt: skip
-    assert f"passes {name} before the residual add, which is not a per-channel scaling" in direct_effect_note(lm, layer)
+    assert f"passes {name} before the residual add, which is not a per-channel scaling of its input's RMS" in direct_effect_note(lm, layer)
     assert direct_effect_note(lm, 0).count(name) == 1 and direct_effect_note(lm) is None  # per layer, not model-wide
 
 
 def test_direct_effect_names_what_it_leaves_out_per_family():
-    """A family whose MLP has no norm after it gets no note; Gemma 3n's AltUp, read per token, is named."""
-    assert direct_effect_note(wrap_model(tiny_model("llama"), bundled_tokenizer(), "tiny-llama"), 1) is None
+    """A family with a final RMS norm and nothing after its MLP gets only the final norm's note; Gemma 3n's AltUp,
+    read per token, is named before the rest."""
+    llama = direct_effect_note(wrap_model(tiny_model("llama"), bundled_tokenizer(), "tiny-llama"), 1)
+    assert llama == FINAL_FOLDED.format("norm", "", "RMS")
     note = direct_effect_note(wrap_model(tiny_model("gemma3n_text"), bundled_tokenizer(), "tiny-gemma3n"), 1)
     assert note.startswith("Gemma 3n's AltUp mixes the MLP's output into its residual streams by per-token weights")
     assert "post_feedforward_layernorm" in note
+
+
+def test_direct_effect_follows_a_projection_to_a_narrower_unembedding():
+    """OPT-350m maps its residual stream to a narrower unembedding (project_out) and has no final norm: the direct
+    effect is unembedding @ project_out @ the neuron's output weight, and the note says no final norm was found."""
+    import transformers as tf
+
+    from mechamap_core.inspect_neuron import NO_FINAL_NORM
+
+    tokenizer = bundled_tokenizer()
+    torch.manual_seed(0)
+    config = tf.OPTConfig(vocab_size=len(tokenizer), hidden_size=32, ffn_dim=48, num_hidden_layers=2, num_attention_heads=2,
+                          word_embed_proj_dim=16, do_layer_norm_before=False, max_position_embeddings=64)  # fmt: skip
+    model = tf.OPTForCausalLM(config).eval()
+    lm = wrap_model(model, tokenizer, "tiny-opt-350m")
+    w_out = model.model.decoder.layers[1].fc2.weight.detach().double()[:, 3]
+    expected = model.get_output_embeddings().weight.detach().double() @ (model.model.decoder.project_out.weight.detach().double() @ w_out)
+    effect = direct_effect(lm, 1, 3, k=5)
+    top, bottom = _top_and_bottom(expected, 5)
+    np.testing.assert_allclose(effect[effect["direction"] == "up"]["logit_effect"], top, rtol=1e-4, atol=1e-8)
+    np.testing.assert_allclose(effect[effect["direction"] == "down"]["logit_effect"], bottom, rtol=1e-4, atol=1e-8)
+    assert direct_effect_note(lm, 1) == NO_FINAL_NORM
+
+
+def test_norm_as_linear_reads_a_norms_form_and_weights():
+    """An RMSNorm's weights (in bfloat16 too, within its rounding), a LayerNorm's weights and centring (its bias a
+    constant); None for a map that mixes channels and for a module that cannot take a [3, width] input."""
+    from mechamap_core.inspect_neuron import norm_as_linear
+
+    weight = torch.randn(24, generator=torch.Generator().manual_seed(0))
+    rms, layer_norm = nn.RMSNorm(24, eps=1e-6), nn.LayerNorm(24)
+    with torch.no_grad():
+        rms.weight.copy_(weight)
+        layer_norm.weight.copy_(weight)
+        layer_norm.bias.normal_()
+    rms_bf16 = nn.RMSNorm(24, eps=1e-6).to(torch.bfloat16)
+    with torch.no_grad():
+        rms_bf16.weight.copy_(weight)
+    for norm, centred, rtol in ((rms, False, 1e-5), (rms_bf16, False, 2e-2), (layer_norm, True, 1e-4)):
+        gains, got_centred = norm_as_linear(norm, 24)
+        assert got_centred == centred
+        torch.testing.assert_close(gains, weight.to(norm.weight.dtype).float(), rtol=rtol, atol=rtol)
+    assert norm_as_linear(nn.Linear(24, 24), 24) is None
+    assert norm_as_linear(nn.Bilinear(24, 24, 24), 24) is None  # takes two inputs

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import torch
 from tiny_models import D_EXPERT, D_MLP, capture_mlp_input
+from torch import nn
 
 from mechamap_core import ScanConfig, scan
 from mechamap_core.alignment import align
@@ -36,7 +37,17 @@ from mechamap_core.hypothesis import (
     validate_heldout,
     with_ceiling,
 )
-from mechamap_core.inspect_neuron import collect_activations, direct_effect, neuron_token_table, token_activations, top_examples
+from mechamap_core.inspect_neuron import (
+    FINAL_FOLDED,
+    FINAL_LEFT_OUT,
+    NO_FINAL_NORM,
+    collect_activations,
+    direct_effect,
+    direct_effect_note,
+    neuron_token_table,
+    token_activations,
+    top_examples,
+)
 from mechamap_core.moe import find_moe_layers
 from mechamap_core.sites import resolve_sites
 
@@ -832,12 +843,25 @@ def test_token_views_match_recorded_activations(bundled_lm, default_cfg):
             assert str(refused.value) == f"neuron {neuron} is out of range for layer 5 of this run (0-39)"
 
 
-def test_direct_effect_is_unembedding_times_output_weight(tiny_gpt2, bundled_lm):
-    """The up and down rows are the k largest and smallest entries of unembedding @ the neuron's output weight, in
-    order: their logit_effect, rank 1..k, and token, the tokenizer's decoding of each of those vocabulary ids."""
-    effect = direct_effect(tiny_gpt2, 1, 2, k=5)
-    w_out = tiny_gpt2.model.get_submodule("transformer.h.1.mlp.c_proj").weight[2]  # Conv1D: [d_mlp, d_model]
-    logits = (tiny_gpt2.model.get_output_embeddings().weight @ w_out).detach().double().numpy()
+def test_direct_effect_is_unembedding_times_output_weight_through_the_final_norm(tiny_gpt2, bundled_lm):
+    """The up and down rows are the k largest and smallest entries of unembedding @ (ln_f's weight x the neuron's
+    output weight less its mean: the LayerNorm's per-channel weights and centring, its bias a constant, its division
+    by the standard deviation left out), in order: their logit_effect, rank 1..k, and token, the tokenizer's decoding
+    of each of those vocabulary ids. A final norm that mixes channels is left out, as is a missing one, and said so."""
+    ln_f = tiny_gpt2.model.transformer.ln_f
+    saved = {name: value.clone() for name, value in ln_f.state_dict().items()}
+    gain = torch.empty(len(ln_f.weight), dtype=torch.float64).normal_(std=0.5, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():  # ones and zeros as initialised
+        ln_f.weight.copy_(gain)
+        ln_f.bias.normal_(std=0.5, generator=torch.Generator().manual_seed(3))
+    try:
+        effect = direct_effect(tiny_gpt2, 1, 2, k=5)
+        note = direct_effect_note(tiny_gpt2, 1)
+    finally:
+        ln_f.load_state_dict(saved)
+    w_out = tiny_gpt2.model.get_submodule("transformer.h.1.mlp.c_proj").weight[2].detach().double()  # Conv1D: [d_mlp, d_model]
+    unembed = tiny_gpt2.model.get_output_embeddings().weight.detach().double()
+    logits = (unembed @ (gain.float().double() * (w_out - w_out.mean()))).numpy()
     order = np.argsort(logits, kind="stable")
     top, bottom = order[::-1][:5], order[:5]
     ranked, scale = logits[order], np.abs(logits).max()  # no two of the six lowest or highest within float32 rounding
@@ -847,11 +871,23 @@ def test_direct_effect_is_unembedding_times_output_weight(tiny_gpt2, bundled_lm)
         assert rows["logit_effect"].tolist() == pytest.approx(logits[ids].tolist(), rel=1e-4, abs=1e-9)  # values ~4e-3
         assert rows["rank"].tolist() == [1, 2, 3, 4, 5]
         assert rows["token"].tolist() == [tiny_gpt2.tokenizer.decode([int(i)]) for i in ids]
+    assert note == FINAL_FOLDED.format("ln_f", " and centring", "standard deviation")
     assert direct_effect(bundled_lm, 0, 0) is None  # a bare encoder has no unembedding
     for neuron in (-1, D_MLP):
         with pytest.raises(ValueError) as refused:
             direct_effect(tiny_gpt2, 1, neuron)
         assert str(refused.value) == f"neuron {neuron} is out of range for layer 1 (0-{D_MLP - 1})"
+
+    plain = (unembed @ w_out).numpy()  # a final norm that mixes channels, or none: the unembedding as it is
+    for replacement, said in ((nn.Linear(len(w_out), len(w_out)), FINAL_LEFT_OUT.format("ln_f")), (None, NO_FINAL_NORM)):
+        tiny_gpt2.model.transformer.ln_f = replacement
+        try:
+            left_out = direct_effect(tiny_gpt2, 1, 2, k=5)
+            assert said in direct_effect_note(tiny_gpt2, 1)
+        finally:
+            tiny_gpt2.model.transformer.ln_f = ln_f
+        assert left_out[left_out.direction == "up"]["logit_effect"].tolist() == pytest.approx(
+            np.sort(plain)[::-1][:5].tolist(), rel=1e-4, abs=1e-9)  # fmt: skip
 
 
 def test_relative_depth_and_config_differences():

@@ -581,6 +581,20 @@ def reference_output_column(case: Case, layer: int, expert: int, neuron: int) ->
     return column
 
 
+# each family's final norm: its path, whether it centres (a LayerNorm), its gain from its weight
+FINAL_NORM = {"dbrx": ("transformer.norm_f", True, lambda weight: weight),
+              "qwen3_5_moe_text": ("model.norm", False, lambda weight: 1 + weight),  # zero-initialised, as Gemma's
+              "nemotron_h_latent": ("model.norm_f", False, lambda weight: weight)}  # fmt: skip
+
+
+def through_final_norm(name: str, model: torch.nn.Module, column: torch.Tensor) -> torch.Tensor:
+    """column through the model's final norm, its division held fixed, as the family's norm computes it (FINAL_NORM;
+    the others: an RMS norm at model.norm, its weight the gain)."""
+    path, centred, gain_of = FINAL_NORM.get(name, ("model.norm", False, lambda weight: weight))
+    gain = gain_of(model.get_submodule(path).weight.detach().double())
+    return (column - column.mean() if centred else column) * gain
+
+
 @pytest.mark.parametrize("name", VIEW_FAMILIES)
 def test_direct_effect_of_an_expert_neuron_equals_the_unembedded_output_column(name, cases):
     from mechamap_core.inspect_neuron import ROUTER_WEIGHTED, direct_effect, direct_effect_note
@@ -589,7 +603,8 @@ def test_direct_effect_of_an_expert_neuron_equals_the_unembedded_output_column(n
     layer, expert, neuron = case.family.moe[-1], 1, 5
     lm = wrap_model(case.model, bundled_tokenizer(), f"tiny-{name}")
     effect = direct_effect(lm, layer, neuron, k=5, expert=expert)
-    logits = case.model.get_output_embeddings().weight.detach().double() @ reference_output_column(case, layer, expert, neuron)
+    column = through_final_norm(name, case.model, reference_output_column(case, layer, expert, neuron))
+    logits = case.model.get_output_embeddings().weight.detach().double() @ column
     up = effect[effect["direction"] == "up"]
     np.testing.assert_allclose(up["logit_effect"], logits.topk(5).values.numpy(), rtol=1e-5, atol=1e-6)
     assert up["token"].tolist() == [lm.tokenizer.decode([i]) for i in logits.topk(5).indices.tolist()]
@@ -599,7 +614,7 @@ def test_direct_effect_of_an_expert_neuron_equals_the_unembedded_output_column(n
     assert (ROUTER_WEIGHTED in (direct_effect_note(lm, layer, expert) or "")) == (case.family.routing != "scaled")
     if case.family.shared:  # the shared expert's own down-projection, read as a dense site's
         shared = case.model.get_submodule(case.family.shared.format(L=layer)).weight.detach().double()[:, neuron]
-        shared_logits = case.model.get_output_embeddings().weight.detach().double() @ shared
+        shared_logits = case.model.get_output_embeddings().weight.detach().double() @ through_final_norm(name, case.model, shared)
         got = direct_effect(lm, layer, neuron, k=5)
         np.testing.assert_allclose(got[got["direction"] == "up"]["logit_effect"], shared_logits.topk(5).values.numpy(),
                                    rtol=1e-5, atol=1e-6)  # fmt: skip
