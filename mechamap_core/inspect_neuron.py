@@ -286,7 +286,7 @@ def post_mlp_norm(model: torch.nn.Module, layer: int) -> tuple[str, torch.nn.Mod
 
 # The final norm before the unembedding, by its name beside the blocks; a family that names it otherwise, by model type.
 FINAL_NORMS = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "norm_f", "final_norm", "ln_out", "out_norm")
-FINAL_NORM_BY_TYPE = {"lfm2": "embedding_norm"}  # applied after its last layer, whatever its name says
+FINAL_NORM_BY_TYPE = dict.fromkeys(("lfm2", "lfm2_moe", "lfm3"), "embedding_norm")  # after its last layer, whatever its name says
 
 
 def _blocks_parent(model: torch.nn.Module) -> torch.nn.Module:
@@ -320,18 +320,22 @@ def norm_as_linear(norm: torch.nn.Module, width: int) -> tuple[torch.Tensor, boo
 
     Read by running the norm on probes: one of mean 0 and its negative (half their difference gives the gains, half
     their sum the bias), then one of positive entries, on which the two forms differ. None when neither form predicts
-    it (a norm that mixes channels, say) or the norm refuses a [3, width] input."""
+    it (a norm that mixes channels, a fixed scale, Muse Spark's norm of its weighted input) or the norm refuses a
+    [3, width] input."""
     parameter = next(norm.parameters(), None)
     device, dtype = (parameter.device, parameter.dtype) if parameter is not None else (torch.device("cpu"), torch.float32)
     generator = torch.Generator().manual_seed(0)
     size = 1.0 + torch.rand(width, generator=generator)
     balanced = torch.where(torch.rand(width, generator=generator) < 0.5, -size, size)
     balanced -= balanced.mean()
-    positive = 1.0 + torch.rand(width, generator=generator)
+    # entries rising from 1-2 to 4-8 across the channels: an RMS about twice the balanced probe's, and unequal halves,
+    # so that a map that does not divide by the whole input's RMS (a fixed scale, per-group norms) misses it by far
+    # more than 16-bit rounding
+    positive = (1.0 + torch.rand(width, generator=generator)) * torch.linspace(1.0, 4.0, width)
     try:
         with torch.inference_mode():
             out = norm(torch.stack([balanced, -balanced, positive]).to(device, dtype)).float().cpu()
-    except (RuntimeError, TypeError, ValueError):  # not a norm of a [..., width] input
+    except Exception:  # noqa: BLE001 - not a norm of a [..., width] input, whatever it raises: left out, and said so
         return None
     unit = balanced / balanced.pow(2).mean().sqrt()  # the same under both forms: its mean is 0
     gains, bias = (out[0] - out[1]) / (2 * unit), (out[0] + out[1]) / 2
@@ -359,8 +363,14 @@ NO_DIRECT_PATH = {"zamba": _ZAMBA_NO_DIRECT_PATH.format("Zamba"), "zamba2": _ZAM
 # Model types whose direct effect leaves out a step between the MLP and the residual stream, by what it leaves out.
 DIRECT_EFFECT_CAVEATS = {
     "rwkv": "RWKV multiplies its channel-mix output by a per-token gate, sigmoid(receptance), which this leaves out",
-    "gemma3n_text": "Gemma 3n's AltUp mixes the MLP's output into its residual streams by per-token weights, which this "
-                    "leaves out",
+    **dict.fromkeys(("gemma3n", "gemma3n_text"), "Gemma 3n's AltUp mixes the MLP's output into its residual streams by "
+                                                 "per-token weights, which this leaves out"),
+    "ergo": "Ergo adds each MLP's output to the residual stream through a per-channel gate, sigmoid(weight), and "
+            "rescales the stream per channel in each layer, which this leaves out",
+    "muse_spark_text": "Muse Spark adds each MLP's output to the residual stream through a per-channel gate, which this "
+                       "leaves out",
+    "dory": "Dory mixes each MLP's output into the residual stream by per-channel rates and scales each token's logit "
+            "by its own factor (logit_scale), which this leaves out",
     "beam": "Beam scales each MLP's output by a factor of its depth before the residual add, and its experts' output "
             "by routed_scaling_factor, which this leaves out (positive factors: the tokens' order stands)",
     "laguna": "Laguna scales its experts' output by moe_routed_scaling_factor, which this leaves out (a positive "
@@ -383,19 +393,19 @@ ROUTER_WEIGHTED = ("a routed expert's output is multiplied by its router weight 
                    "per unit of that weight")  # fmt: skip
 SHARED_GATED = "this shared expert's output is multiplied by a per-token gate, sigmoid(shared_expert_gate), which this leaves out"
 EXPERT_NORMED = "each expert's output is normalised (post_expert_norm) before its router weight, which this leaves out"
-NORM_FOLDED = ("the MLP's output passes {} before the residual add: its per-channel weights{} are folded in and its "
-               "division by the output's {} is not, so this is the effect per unit of that {}")  # fmt: skip
-NORM_LEFT_OUT = ("the MLP's output passes {} before the residual add, which is not a per-channel scaling of its input's RMS "
-                 "or standard deviation and is left out")  # fmt: skip
-FINAL_FOLDED = ("the final norm's ({}) per-channel weights{} are folded in and its division by the residual stream's {} "
-                "is not, as in TransformerLens' folded weights")  # fmt: skip
-FINAL_LEFT_OUT = "the final norm ({}) is not a per-channel scaling of its input's RMS or standard deviation and is left out"
+NORM_FOLDED = ("the MLP's output passes {} before the residual add: its per-channel weights{} are folded in, not its "
+               "division by the output's {}, which varies by token (the logits move by this divided by it)")  # fmt: skip
+NORM_LEFT_OUT = ("the MLP's output passes {} before the residual add, which is not an RMS norm or LayerNorm with "
+                 "per-channel weights, so this leaves it out")  # fmt: skip
+FINAL_FOLDED = ("the final norm's ({}) per-channel weights{} are folded in, as in TransformerLens' folded weights, not its "
+                "division by the residual stream's {}, which varies by token (the logits move by this divided by it)")  # fmt: skip
+FINAL_LEFT_OUT = "the final norm ({}) is not an RMS norm or LayerNorm with per-channel weights, so this leaves it out"
+NO_FINAL_NORM = "no final norm was found before the unembedding"
 
 
 def _folded_words(linear: tuple[torch.Tensor, bool]) -> tuple[str, str]:
     """(" and centring" or "", "standard deviation" or "RMS"): what a norm of norm_as_linear's form folds in and divides by."""
     return (" and centring", "standard deviation") if linear[1] else ("", "RMS")
-NO_FINAL_NORM = "no final norm was found before the unembedding"
 
 
 def direct_effect_note(lm: LoadedModel, layer: int | None = None, expert: int | None = None) -> str | None:
@@ -404,33 +414,35 @@ def direct_effect_note(lm: LoadedModel, layer: int | None = None, expert: int | 
     if _unembedding(lm) is None:
         return NO_OUTPUT_EMBEDDING
     model_type = _model_type(lm)
-    notes = [NO_DIRECT_PATH.get(model_type) or DIRECT_EFFECT_CAVEATS.get(model_type)]
+    if model_type in NO_DIRECT_PATH:
+        return NO_DIRECT_PATH[model_type]
+    notes = [DIRECT_EFFECT_CAVEATS.get(model_type)]
     if layer is not None and expert is not None:
         (moe,) = find_moe_layers(lm.model, [layer])  # Llama 4 scales the expert's input: inside the activation already
         notes.append(None if moe.layout == "scaled" else ROUTER_WEIGHTED)
-        notes.append(EXPERT_NORMED if getattr(moe.experts, "has_post_expert_norm", False) else None)  # Muse Spark
+        notes.append(EXPERT_NORMED if moe.normalises_each_expert else None)  # Muse Spark, Ergo
     elif layer is not None and (moe := find_moe_layers(lm.model, [layer])) and hasattr(moe[0].block, "shared_expert_gate"):
         notes.append(SHARED_GATED)  # Qwen2-MoE, Qwen3-Next, Qwen3.5-MoE
     if layer is not None and (norm := post_mlp_norm(lm.model, layer)):
         linear = _as_linear(lm, norm)
-        folded, divisor = _folded_words(linear) if linear is not None else ("", "")
-        notes.append(NORM_LEFT_OUT.format(norm[0]) if linear is None else NORM_FOLDED.format(norm[0], folded, divisor, divisor))
+        notes.append(NORM_LEFT_OUT.format(norm[0]) if linear is None else NORM_FOLDED.format(norm[0], *_folded_words(linear)))
     if layer is not None:
         notes.append(_final_norm_note(lm))
     said = [note for note in notes if note]
     return "; ".join(said[:1] + [note[0].lower() + note[1:] for note in said[1:]]) if said else None
 
 
-def _as_linear(lm: LoadedModel, norm: tuple[str, torch.nn.Module] | None, width: int | None = None) -> tuple[torch.Tensor, bool] | None:
-    """norm_as_linear of a (name, module) norm of the residual width (width; else its weight's, the config's hidden_size
-    or the unembedding's), its weights loaded; None for no norm."""
+def _as_linear(lm: LoadedModel, norm: tuple[str, torch.nn.Module] | None) -> tuple[torch.Tensor, bool] | None:
+    """norm_as_linear of a (name, module) norm, its weights loaded, at its own weight's width (else the config's
+    hidden_size, else the unembedding's); None for no norm."""
     if norm is None:
         return None
     with offloaded_weights_loaded(norm[1]):
         weight = getattr(norm[1], "weight", None)
-        if width is None:
-            width = getattr(lm.model.config, "hidden_size", None) or _unembedding(lm).weight.shape[1]
-            width = weight.shape[0] if isinstance(weight, torch.Tensor) and weight.dim() == 1 else width
+        if isinstance(weight, torch.Tensor) and weight.dim() == 1:
+            width = weight.shape[0]
+        else:
+            width = getattr(getattr(lm.model, "config", None), "hidden_size", None) or _unembedding(lm).weight.shape[1]
         return norm_as_linear(norm[1], width)
 
 
@@ -447,9 +459,10 @@ def _final_norm_note(lm: LoadedModel) -> str:
 def direct_effect(lm: LoadedModel, layer: int, neuron: int, k: int = 10, expert: int | None = None) -> pd.DataFrame | None:
     """Tokens the neuron's output weight pushes up and down most through the unembedding: of the
     layer's dense MLP or shared expert, or of routed expert `expert` (its down-projection, before the router weight).
-    Folded in, as TransformerLens' folded weights do: the final norm's per-channel weights (and centring, for a
-    LayerNorm), and those of a norm the block applies to the MLP's output before the residual add; not their division
-    by an RMS or standard deviation (norm_as_linear; direct_effect_note says what is folded).
+    Folded in: the final norm's per-channel weights (and centring, for a LayerNorm), as TransformerLens' folded weights
+    do, and those of a norm the block applies to the MLP's output before the residual add (which TransformerLens keeps
+    apart); not their division by an RMS or standard deviation, which varies by token (norm_as_linear;
+    direct_effect_note says what is folded and what is left out).
 
     Returns columns direction ('up'/'down'), rank, token, logit_effect; None if the model has no output embedding
     or its MLP output never enters the residual stream as it is (NO_DIRECT_PATH; direct_effect_note says why).
@@ -465,7 +478,7 @@ def direct_effect(lm: LoadedModel, layer: int, neuron: int, k: int = 10, expert:
         weight = point.output_weight() if expert is None else point.output_weight(expert)  # [neurons, d_model]
         output = weight[neuron].float().to(unembed.weight.device)
         for norm in (post_mlp_norm(lm.model, layer), final_norm(lm.model)):  # direct_effect_note says what is folded
-            if (linear := _as_linear(lm, norm, len(output))) is not None:
+            if (linear := _as_linear(lm, norm)) is not None:
                 output = through_norm(output, linear)
         if (projection := final_projection(lm.model)) is not None:
             with offloaded_weights_loaded(projection):

@@ -419,10 +419,19 @@ class MoELayer:
                 return
         yield from parts
 
+    @property
+    def normalises_each_expert(self) -> bool:
+        """Whether the experts normalise each expert's output before its router weight (Muse Spark's
+        has_post_expert_norm, Ergo's post_expert_norm module), so that a neuron's part of it is not linear."""
+        norm = getattr(self.experts, "post_expert_norm", None)
+        return bool(getattr(self.experts, "has_post_expert_norm", False)) or (
+            isinstance(norm, nn.Module) and not isinstance(norm, nn.Identity)
+        )
+
     def check_settable(self) -> None:
         """Raises ValueError where neurons_set cannot set this layer's expert neurons: experts that normalise each
-        expert's output (has_post_expert_norm), where a neuron's part of the output is not linear."""
-        if getattr(self.experts, "has_post_expert_norm", False):
+        expert's output (normalises_each_expert), where a neuron's part of the output is not linear."""
+        if self.normalises_each_expert:
             raise ValueError(f"layer {self.layer}'s experts normalise each expert's output ({type(self.experts).__name__}: "
                              "post_expert_norm), so a neuron's part of it is not linear: its routed experts' neurons "
                              "cannot be set for ablation")  # fmt: skip

@@ -484,6 +484,7 @@ def test_hybrid_without_an_mlp_in_some_layers_names_the_layers_that_have_one():
         np.testing.assert_allclose(frame.sort_values("neuron")["avg_activation"], expected, rtol=1e-4, atol=1e-5)
     # its MLP output feeds the next Mamba mixer through a linear map, not the residual stream: no direct effect
     assert direct_effect(lm, 2, 0) is None and "no direct effect on the vocabulary" in direct_effect_note(lm)
+    assert direct_effect_note(lm, 2) == direct_effect_note(lm)  # nothing folded where nothing is shown
 
 
 def test_hybrid_with_an_mlp_as_its_mixer_finds_it_and_names_the_layers_with_one():
@@ -591,14 +592,14 @@ def test_direct_effect_folds_in_the_norm_after_the_mlp_and_the_final_norm(arch):
     without_norm = unembed @ (final_gain * w_out)
     assert not np.allclose(_top_and_bottom(without_norm, 5), (top, bottom), rtol=1e-2)  # the gain matters here
     note = direct_effect_note(lm, layer)
-    assert f"passes {name} before the residual add: its per-channel weights are folded in" in note
-    assert "the final norm's (norm) per-channel weights are folded in and its division by the residual stream's RMS" in note
+    assert f"passes {name} before the residual add: its per-channel weights are folded in, not its division" in note
+    assert "the final norm's (norm) per-channel weights are folded in, as in TransformerLens' folded weights, not its" in note
 
     model.get_submodule(f"model.layers.{layer}").register_module(name, nn.Linear(w_out.numel(), w_out.numel()))
     plain = direct_effect(lm, layer, neuron, k=5)
     np.testing.assert_allclose(plain[plain["direction"] == "up"]["logit_effect"], _top_and_bottom(without_norm, 5)[0],
                                rtol=1e-4, atol=1e-7)  # fmt: skip
-    assert f"passes {name} before the residual add, which is not a per-channel scaling of its input's RMS" in direct_effect_note(lm, layer)
+    assert f"passes {name} before the residual add, which is not an RMS norm or LayerNorm with" in direct_effect_note(lm, layer)
     assert direct_effect_note(lm, 0).count(name) == 1 and direct_effect_note(lm) is None  # per layer, not model-wide
 
 
@@ -607,9 +608,13 @@ def test_direct_effect_names_what_it_leaves_out_per_family():
     read per token, is named before the rest."""
     llama = direct_effect_note(wrap_model(tiny_model("llama"), bundled_tokenizer(), "tiny-llama"), 1)
     assert llama == FINAL_FOLDED.format("norm", "", "RMS")
-    note = direct_effect_note(wrap_model(tiny_model("gemma3n_text"), bundled_tokenizer(), "tiny-gemma3n"), 1)
-    assert note.startswith("Gemma 3n's AltUp mixes the MLP's output into its residual streams by per-token weights")
-    assert "post_feedforward_layernorm" in note
+    assert llama.startswith("the final norm's (norm) per-channel weights are folded in, as in TransformerLens'")
+    gemma3n = tiny_model("gemma3n_text")
+    for model_type in ("gemma3n_text", "gemma3n"):  # the text model, and the type a real checkpoint loads with
+        gemma3n.config.model_type = model_type
+        note = direct_effect_note(wrap_model(gemma3n, bundled_tokenizer(), "tiny-gemma3n"), 1)
+        assert note.startswith("Gemma 3n's AltUp mixes the MLP's output into its residual streams by per-token weights")
+        assert "post_feedforward_layernorm" in note
 
 
 def test_direct_effect_follows_a_projection_to_a_narrower_unembedding():
@@ -654,3 +659,43 @@ def test_norm_as_linear_reads_a_norms_form_and_weights():
         torch.testing.assert_close(gains, weight.to(norm.weight.dtype).float(), rtol=rtol, atol=rtol)
     assert norm_as_linear(nn.Linear(24, 24), 24) is None
     assert norm_as_linear(nn.Bilinear(24, 24, 24), 24) is None  # takes two inputs
+
+    class FixedScale(nn.Module):  # per-channel weights without a division: not a norm, in 16 bits too
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(weight.clone())
+
+        def forward(self, x):
+            return x * self.weight
+
+    batch_norm = nn.BatchNorm1d(24).eval()  # running statistics: a fixed affine map per channel
+    for module in (FixedScale(), batch_norm):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            assert norm_as_linear(module.to(dtype), 24) is None, (type(module).__name__, dtype)
+
+
+def test_final_norm_is_the_module_that_feeds_the_unembedding():
+    """For every causal family with an output embedding, final_norm names the module whose output is the
+    unembedding's input in a forward pass (LFM2's embedding_norm included)."""
+    from mechamap_core.inspect_neuron import final_norm
+
+    ids, seen, checked = torch.tensor([[5, 9, 13, 7, 2, 11]]), {}, []
+    for arch in [*ARCHS, *MORE_ARCHS]:
+        model = tiny_model(arch)
+        unembed = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if unembed is None:
+            continue
+        found = final_norm(model)
+        assert found is not None, arch
+        seen.clear()
+        handles = [found[1].register_forward_hook(lambda m, i, o: seen.__setitem__("norm", o)),
+                   unembed.register_forward_pre_hook(lambda m, i: seen.__setitem__("unembed", i[0]))]  # fmt: skip
+        try:
+            with torch.no_grad():
+                model(input_ids=ids, use_cache=False)
+        finally:
+            for handle in handles:
+                handle.remove()
+        torch.testing.assert_close(seen["unembed"], seen["norm"], msg=arch)
+        checked.append(arch)
+    assert {"gpt2", "llama", "gemma2", "lfm2", "rwkv", "xlstm"} <= set(checked)

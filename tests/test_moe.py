@@ -641,6 +641,15 @@ def test_experts_that_normalise_each_experts_output_cannot_have_their_neurons_se
     lm = wrap_model(WithHead(), bundled_tokenizer(), "tiny-muse-spark")
     assert EXPERT_NORMED in direct_effect_note(lm, 1, 2) and EXPERT_NORMED not in (direct_effect_note(lm, 1) or "")
 
+    # Ergo's experts hold a post_expert_norm module (no has_post_expert_norm flag): refused and said the same way
+    ergo = tiny_model("ergo", drop=())
+    (ergo_moe,) = find_moe_layers(ergo)
+    with pytest.raises(ValueError, match=re.escape("experts normalise each expert's output (ErgoExperts: post_expert_norm)")):
+        ergo_moe.check_settable()
+    ergo_lm = wrap_model(ergo, bundled_tokenizer(), "tiny-ergo")
+    note = direct_effect_note(ergo_lm, ergo_moe.layer, 0)
+    assert note.startswith("Ergo adds each MLP's output to the residual stream through a per-channel gate") and EXPERT_NORMED in note
+
 
 def test_direct_effect_of_a_block_that_normalises_or_scales_its_experts_output():
     """A.X-K1 normalises its MoE block's output (post_mlp_layernorm, inside the block): a routed expert's and the shared
