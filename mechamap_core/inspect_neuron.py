@@ -447,6 +447,7 @@ def _as_linear(lm: LoadedModel, norm: tuple[str, torch.nn.Module] | None) -> tup
 
 
 def _final_norm_note(lm: LoadedModel) -> str:
+    """What direct_effect does with lm's final norm, in words: folded (and how), left out, or none found."""
     norm = final_norm(lm.model)
     if norm is None:
         return NO_FINAL_NORM
