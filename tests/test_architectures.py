@@ -663,15 +663,15 @@ def test_norm_as_linear_reads_a_norms_form_and_weights():
     class FixedScale(nn.Module):  # per-channel weights without a division: not a norm, in 16 bits too
         def __init__(self):
             super().__init__()
-            self.weight = nn.Parameter(weight.clone())
+            self.weight = nn.Parameter(torch.randn(64, generator=torch.Generator().manual_seed(0)))
 
         def forward(self, x):
             return x * self.weight
 
-    batch_norm = nn.BatchNorm1d(24).eval()  # running statistics: a fixed affine map per channel
-    for module in (FixedScale(), batch_norm):
+    batch_norm = nn.BatchNorm1d(64).eval()  # running statistics: a fixed affine map per channel
+    for module in (FixedScale(), batch_norm):  # 64 channels: where probes of like RMS passed both in bfloat16
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
-            assert norm_as_linear(module.to(dtype), 24) is None, (type(module).__name__, dtype)
+            assert norm_as_linear(module.to(dtype), 64) is None, (type(module).__name__, dtype)
 
 
 def test_final_norm_is_the_module_that_feeds_the_unembedding():
