@@ -511,7 +511,8 @@ def coverage_differences(meta_a: dict, meta_b: dict) -> tuple[list[str], set[str
         b.pop(NEURONS_SCANNED, None)
     both = set(a) & set(b)
     compared = [NEURONS_SCANNED, TEXT_SCANNED]
-    if _scanned_layers(meta_a) is None or _scanned_layers(meta_a) != _scanned_layers(meta_b):
+    layers_a = _scanned_layers(meta_a)
+    if layers_a is None or layers_a != _scanned_layers(meta_b):
         compared.insert(0, LAYERS_SCANNED)  # not the same layers worded otherwise (a hybrid's "all 2 with an MLP")
     differing = [key for key in compared if key in both and a[key] != b[key]]
     notes = [f"{key}: {a[key]} vs {b[key]}" for key in differing]

@@ -424,10 +424,10 @@ def direct_effect_note(lm: LoadedModel, layer: int | None = None, expert: int | 
     elif layer is not None and (moe := find_moe_layers(lm.model, [layer])) and hasattr(moe[0].block, "shared_expert_gate"):
         notes.append(SHARED_GATED)  # Qwen2-MoE, Qwen3-Next, Qwen3.5-MoE
     if layer is not None and (norm := post_mlp_norm(lm.model, layer)):
-        linear = _as_linear(lm, norm)
-        notes.append(NORM_LEFT_OUT.format(norm[0]) if linear is None else NORM_FOLDED.format(norm[0], *_folded_words(linear)))
+        notes.append(_norm_note(lm, norm, NORM_FOLDED, NORM_LEFT_OUT))
     if layer is not None:
-        notes.append(_final_norm_note(lm))
+        norm = final_norm(lm.model)
+        notes.append(NO_FINAL_NORM if norm is None else _norm_note(lm, norm, FINAL_FOLDED, FINAL_LEFT_OUT))
     said = [note for note in notes if note]
     return "; ".join(said[:1] + [note[0].lower() + note[1:] for note in said[1:]]) if said else None
 
@@ -446,15 +446,11 @@ def _as_linear(lm: LoadedModel, norm: tuple[str, torch.nn.Module] | None) -> tup
         return norm_as_linear(norm[1], width)
 
 
-def _final_norm_note(lm: LoadedModel) -> str:
-    """What direct_effect does with lm's final norm, in words: folded (and how), left out, or none found."""
-    norm = final_norm(lm.model)
-    if norm is None:
-        return NO_FINAL_NORM
+def _norm_note(lm: LoadedModel, norm: tuple[str, torch.nn.Module], folded: str, left_out: str) -> str:
+    """What direct_effect does with a (name, module) norm, in words: the `folded` wording (what it folds in, what it
+    divides by) where norm_as_linear reads it, else the `left_out` one."""
     linear = _as_linear(lm, norm)
-    if linear is None:
-        return FINAL_LEFT_OUT.format(norm[0])
-    return FINAL_FOLDED.format(norm[0], *_folded_words(linear))
+    return left_out.format(norm[0]) if linear is None else folded.format(norm[0], *_folded_words(linear))
 
 
 def direct_effect(lm: LoadedModel, layer: int, neuron: int, k: int = 10, expert: int | None = None) -> pd.DataFrame | None:

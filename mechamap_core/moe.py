@@ -450,7 +450,7 @@ class MoELayer:
         layout (Llama 4, whose router score scales each expert's input, so a_t holds it): the block's output moves by
         (v - a_t) @ down_weight(E)[indices]. An expert's down-projection and the sum over experts are linear, so this
         equals setting the neurons inside the experts, up to rounding (exactly in float32, to a rounding step in 16
-        bits). Raises ValueError for experts that normalise each expert's output (has_post_expert_norm: not linear).
+        bits). Raises ValueError for experts that normalise each expert's output (normalises_each_expert: not linear).
         Hooks removed on exit."""
         self.check_settable()
         counts = reached if reached is not None else {}
