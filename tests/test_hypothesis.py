@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from scipy import stats as sps
 from tiny_models import D_EXPERT, D_MLP, capture_mlp_input
 from torch import nn
 
@@ -82,6 +83,9 @@ def test_heldout_reproduces_hand_computed_auroc(tiny_bert):
         pooled = ((len(pos) - 1) * var_c + (len(neg) - 1) * var_r) / (len(pos) + len(neg) - 2)
         hedges = 1 - 3 / (4 * (len(pos) + len(neg)) - 9)
         assert row.heldout_cohens_d == pytest.approx(hedges * (pos.mean() - neg.mean()) / np.sqrt(pooled), rel=1e-5)
+        assert row.heldout_tokens == in_cat.sum()
+        welch = sps.ttest_ind(pos, neg, equal_var=False, alternative="greater")
+        assert row.heldout_welch_p == pytest.approx(welch.pvalue, rel=1e-4)
     for category, rows in per_neuron.groupby("category"):  # the summary, counted row by row
         line = summary.set_index("category").loc[category]
         statuses = list(rows["status"])

@@ -199,3 +199,79 @@ def test_a_one_word_category_has_no_score_but_keeps_its_other_statistics(bundled
     assert categories_without_statistics(scores).empty  # it has statistics: only its score is empty
     no_cv = scan(bundled_lm, dataclasses.replace(one_word, cv_folds=0), layers=[2], limit_neurons=64).scores
     np.testing.assert_array_equal(no_cv["score"].to_numpy(), no_cv["separation"].to_numpy())
+
+
+def brute_separation(acts: np.ndarray, in_category: np.ndarray) -> np.ndarray:
+    """separation [N] of the tokens in_category [T] against the others, by numpy, with the permutation test's guards
+    for a null draw: a side of one token has variance 0 (n - 1 floored at 1), and 1e-12 under the root."""
+    inside, rest = acts[in_category], acts[~in_category]
+    var_in = ((inside - inside.mean(0)) ** 2).sum(0) / max(len(inside) - 1, 1)
+    var_rest = ((rest - rest.mean(0)) ** 2).sum(0) / max(len(rest) - 1, 1)
+    return (inside.mean(0) - rest.mean(0)) / np.sqrt((var_in + var_rest) / 2 + 1e-12)
+
+
+def mann_whitney_auroc(positives: np.ndarray, negatives: np.ndarray) -> np.ndarray:
+    """AUROC per column [N] from scipy's Mann-Whitney U (ties count half)."""
+    from scipy import stats as sps
+
+    return sps.mannwhitneyu(positives, negatives, axis=0).statistic / (len(positives) * len(negatives))
+
+
+def test_word_level_columns_equal_brute_force_from_the_documented_rules(bundled_lm, recorded):
+    """t_stat, auroc, cv_auroc, score and p_value of a scan against scipy and brute force on its recording, with
+    the word labels built by hand (reference_words) and the folds and null draws rebuilt from the rules the README
+    and docstrings state, not from the code's word_folds or permutation_subsets:
+    - a category's words with tokens, sorted by "category\\x1fword as it matches", permuted by
+      default_rng([seed, crc32(category)]), go to folds 0..k-1 in turn; cv_auroc is the mean over its folds of
+      the AUROC of the fold's tokens against the tokens outside the category;
+    - score = separation * max(0, sign(separation) * (2 cv_auroc - 1));
+    - a null draw of size m is the m pool words (those with tokens) of lowest key, word w's keys drawn by
+      default_rng([seed, m, crc32(its key)]); its tokens are the union of those words' tokens, scored by separation;
+      p = (1 + #{draws scoring >= the observed score less 1e-6 relative}) / (1 + P)."""
+    import zlib
+
+    from scipy import stats as sps
+
+    cfg, result = recorded
+    names = list(cfg.categories)
+    ref = reference_words(bundled_lm.tokenizer, cfg.texts, cfg.categories)
+    token_word, rows = ref["token_word"], ref["rows"]
+    word_category = np.array([names.index(category) for category, _ in rows])
+    keys = [f"{category}\x1f{' '.join(word.casefold().split())}" for category, word in rows]
+    assert len({key.partition("\x1f")[2] for key in keys}) == len(keys)  # no text in two categories: no pool rule
+    has_tokens = np.array([(token_word == r).any() for r in range(len(rows))])
+    fold = np.full(len(rows), -1)
+    for c, name in enumerate(names):
+        words = sorted(np.flatnonzero((word_category == c) & has_tokens), key=lambda r: keys[r])
+        for position, index in enumerate(np.random.default_rng([cfg.seed, zlib.crc32(name.encode())]).permutation(len(words))):
+            fold[words[index]] = position % cfg.cv_folds
+    in_category = token_word >= 0  # [T, C]
+    checked = 0
+    for layer in (0, 5):
+        acts = result.activations[layer].astype(np.float64)  # [T, N]
+        got = {column: as_grid(result.scores, layer, column, names) for column in
+               ("t_stat", "auroc", "cv_auroc", "score", "p_value", "separation")}  # fmt: skip
+        for c, name in enumerate(names):
+            inside, rest = acts[in_category[:, c]], acts[~in_category[:, c]]
+            t_stat = sps.ttest_ind(inside, rest, equal_var=False, axis=0).statistic
+            np.testing.assert_allclose(got["t_stat"][c], t_stat, rtol=1e-5, err_msg=name)
+            np.testing.assert_allclose(got["auroc"][c], mann_whitney_auroc(inside, rest), atol=1e-9, err_msg=name)
+            token_fold = np.where(in_category[:, c], fold[token_word[:, c]], -1)
+            per_fold = [mann_whitney_auroc(acts[token_fold == f], rest) for f in np.unique(token_fold[token_fold >= 0])]
+            cv = np.mean(per_fold, axis=0)
+            np.testing.assert_allclose(got["cv_auroc"][c], cv, atol=1e-9, err_msg=name)
+            separation = got["separation"][c]
+            np.testing.assert_allclose(got["score"][c], separation * np.maximum(0, np.sign(separation) * (2 * cv - 1)),
+                                       rtol=1e-9, atol=1e-12, err_msg=name)  # fmt: skip
+            size = int(((word_category == c) & has_tokens).sum())
+            draw_keys = np.stack([np.random.default_rng([cfg.seed, size, zlib.crc32(key.encode())]).random(cfg.permutations)
+                                  for key in keys], axis=1)  # fmt: skip
+            draw_keys[:, ~has_tokens] = np.inf  # a word without tokens is never drawn
+            observed = brute_separation(acts, in_category[:, c])
+            reached = np.zeros(acts.shape[1])
+            for draw in np.argsort(draw_keys, axis=1)[:, :size]:
+                null = brute_separation(acts, np.isin(token_word, draw).any(axis=1))
+                reached += ~(null < observed - 1e-6 * (1 + np.abs(observed)))
+            np.testing.assert_allclose(got["p_value"][c], (1 + reached) / (1 + cfg.permutations), atol=1e-12, err_msg=name)
+            checked += 1
+    assert checked == 2 * len(names)
