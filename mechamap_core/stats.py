@@ -206,16 +206,38 @@ def word_pairs(token_word) -> tuple[np.ndarray, np.ndarray]:
     return tokens, token_word[tokens, columns]
 
 
-def word_moments(acts: np.ndarray, token_word: np.ndarray, n_words: int) -> dict[str, np.ndarray | float]:
+def shared_token_groups(token_word: np.ndarray, word_texts) -> tuple[np.ndarray, np.ndarray]:
+    """(group [T] int64, keys [G, C] int64) of the tokens that belong to words of different texts in two or more
+    categories ('cream' inside food's 'ice cream' and dessert's 'cream'): tokens with the same words share a group,
+    keyed by their token_word row [C] (per category the word, -1 none), keys in ascending row order; -1 for every
+    other token. word_texts [W]: each word as the text matches it (the same text in two categories, 'orange' in
+    food and colour, always has the same tokens, so it makes no group). permutation_pvalues counts a group's tokens
+    once in a null draw holding several of its words."""
+    token_word = np.asarray(token_word)
+    group = np.full(len(token_word), -1, dtype=np.int64)
+    if token_word.ndim != 2 or not len(token_word):
+        return group, np.zeros((0, token_word.shape[1] if token_word.ndim == 2 else 1), dtype=np.int64)
+    rows = np.flatnonzero((token_word >= 0).sum(axis=1) >= 2)
+    texts = np.asarray(word_texts, dtype=object)
+    rows = rows[[len(set(texts[token_word[r][token_word[r] >= 0]])) >= 2 for r in rows]]
+    if not len(rows):
+        return group, np.zeros((0, token_word.shape[1]), dtype=np.int64)
+    keys, group[rows] = np.unique(token_word[rows].astype(np.int64), axis=0, return_inverse=True)
+    return group, keys
+
+
+def word_moments(acts: np.ndarray, token_word: np.ndarray, n_words: int, word_texts=None) -> dict[str, np.ndarray | float]:
     """permutation_pvalues' inputs from per-token activations acts [T, N] and token_word ([T, C] or [T], as
     word_pairs; -1: no word): word_n [W], word_sum and word_sumsq [W, N], n_all, sum_all and sumsq_all [N], all
-    float64. A token in two words counts in both."""
+    float64. A token in two words counts in both; with word_texts [W] (each word as the text matches it), also the
+    sums of the tokens words of different texts share (shared_token_groups: shared_keys, shared_n, shared_sum,
+    shared_sumsq), which permutation_pvalues counts once in a draw."""
     acts = np.asarray(acts, dtype=np.float64)
     in_word, words = word_pairs(token_word)
     word_sum, word_sumsq = np.zeros((n_words, acts.shape[1])), np.zeros((n_words, acts.shape[1]))
     np.add.at(word_sum, words, acts[in_word])
     np.add.at(word_sumsq, words, acts[in_word] ** 2)
-    return {
+    out = {
         "word_n": np.bincount(words, minlength=n_words).astype(np.float64),
         "word_sum": word_sum,
         "word_sumsq": word_sumsq,
@@ -223,6 +245,14 @@ def word_moments(acts: np.ndarray, token_word: np.ndarray, n_words: int) -> dict
         "sum_all": acts.sum(axis=0),
         "sumsq_all": (acts**2).sum(axis=0),
     }
+    if word_texts is not None:
+        group, keys = shared_token_groups(token_word, word_texts)
+        in_group = group >= 0
+        out["shared_keys"], out["shared_n"] = keys, np.bincount(group[in_group], minlength=len(keys)).astype(np.float64)
+        out["shared_sum"], out["shared_sumsq"] = np.zeros((len(keys), acts.shape[1])), np.zeros((len(keys), acts.shape[1]))
+        np.add.at(out["shared_sum"], group[in_group], acts[in_group])
+        np.add.at(out["shared_sumsq"], group[in_group], acts[in_group] ** 2)
+    return out
 
 
 def permutation_subsets(
@@ -312,13 +342,20 @@ def permutation_pvalues(
     chunk_elements: int = CHUNK_ELEMENTS,
     word_keys=None,  # [W] str: order the words before the draws (permutation_subsets)
     tested=None,  # [C] bool: the categories to test (default all); the others get NaN and cost nothing
+    shared_keys=None,  # [G, C] words whose texts differ sharing tokens (shared_token_groups); None: no such tokens
+    shared_n=None,  # [G] tokens of each group
+    shared_sum=None,  # [G, N] sum of each neuron's activation over each group's tokens
+    shared_sumsq=None,  # [G, N]
 ) -> np.ndarray:
     """Word-level permutation p-values [C, N] (float64) of the separation score, one-sided (higher).
 
     The observed score of category c is the separation of its words' tokens against all other tokens.
     The null shuffles category labels among words, keeping each word's tokens together: category c's
     permuted tokens are those of a random |W_c|-subset of the words that have tokens here, each text once
-    (draw_pool; |W_c| counts c's words with tokens), the rest all other tokens (permutation_subsets).
+    (draw_pool; |W_c| counts c's words with tokens), the rest all other tokens (permutation_subsets). A token
+    that words of different texts share (shared_keys: 'cream' in food's 'ice cream' and dessert's 'cream') is
+    one token of a draw holding several of them: the draw's word sums count it once per word, so the group's
+    sums are taken off as often as it is counted more than once (the sums of a union, not of a multiset).
     p = (1 + #{null score >= observed}) / (1 + P). A null draw without a score (an
     empty side) counts as reaching the observed score, and so does one within TIE_RTOL of it (a draw
     of the category's own words, summed in another order). NaN for a category without words, and for one
@@ -340,7 +377,15 @@ def permutation_pvalues(
     word_sum, word_sumsq = word_sum.to(**exact), torch.as_tensor(word_sumsq).to(**exact)
     word_n, sum_all, sumsq_all = (torch.as_tensor(x).to(**exact) for x in (word_n, sum_all, sumsq_all))
     word_category = np.asarray(word_category)
-    n_neurons = word_sum.shape[1]
+    n_words, n_neurons = word_sum.shape
+    shares = _shared_members(shared_keys, n_words)  # [W, G] bool: the words of each group of shared tokens
+    if shares.shape[1]:  # the groups' rows after the words': a draw takes them off where it counts them twice
+        # in float64: a draw of other words with the category's very tokens (colour's 'cream' for dessert's) sums
+        # them with a subtraction, whose float32 rounding can exceed TIE_RTOL and miss the tie
+        dtype = torch.float64
+        word_n = torch.cat([word_n, torch.as_tensor(shared_n).to(**exact)])
+        word_sum = torch.cat([word_sum, torch.as_tensor(shared_sum).to(**exact)])
+        word_sumsq = torch.cat([word_sumsq, torch.as_tensor(shared_sumsq).to(**exact)])
     n_categories = int(word_category.max(initial=-1)) + 1 if n_categories is None else n_categories
     n_all = float(n_all)
     mean_all = sum_all / max(n_all, 1.0)
@@ -350,10 +395,10 @@ def permutation_pvalues(
 
     # scores counted by numpy on a CPU
     as_array = (lambda t: t.numpy()) if _numpy_counting(device) else (lambda t: t)  # noqa: E731
-    pool = draw_pool(word_n, word_keys)
+    pool = draw_pool(word_n[:n_words], word_keys)
     tested = np.ones(n_categories, dtype=bool) if tested is None else np.asarray(tested, dtype=bool)
     # a word without tokens here is no evidence; the words of a category not tested set no size to draw
-    counted = (word_n.cpu().numpy() > 0) & np.isin(word_category, np.flatnonzero(tested))
+    counted = (word_n[:n_words].cpu().numpy() > 0) & np.isin(word_category, np.flatnonzero(tested))
     word_category = np.where(counted, word_category, -1)
     sizes = np.bincount(word_category[word_category >= 0], minlength=n_categories)
     below = np.zeros((n_categories, n_neurons))  # null draws scoring below the observed score (less TIE_RTOL)
@@ -361,21 +406,49 @@ def permutation_pvalues(
     for size, subsets in permutation_subsets(word_category, n_permutations, seed, word_keys, pool).items():
         same_size = np.flatnonzero(sizes == size)
         own_words = torch.as_tensor(np.stack([np.flatnonzero(word_category == c) for c in same_size]))
-        rows = torch.cat([own_words, subsets.sort(dim=1).values]).to(device)  # the observed rows come first
-        constants = _subset_constants(word_n[rows].sum(dim=1, keepdim=True), n_all).to(dtype)
+        rows = torch.cat([own_words, subsets.sort(dim=1).values])  # the observed rows come first
+        rows, weights = _union_rows(rows, shares, n_words)
+        rows, weights = rows.to(device), None if weights is None else weights.to(**exact)
+        n_c = (word_n[rows] if weights is None else word_n[rows] * weights).sum(dim=1, keepdim=True)
+        constants = _subset_constants(n_c, n_all).to(dtype)
         below[same_size], observed_nan[same_size] = _draws_below(
-            rows, len(same_size), constants, centred_sum, centred_sumsq, total_sumsq, chunk_elements, as_array
-        )
+            rows, len(same_size), constants, centred_sum, centred_sumsq, total_sumsq, chunk_elements, as_array,
+            None if weights is None else weights.to(dtype),
+        )  # fmt: skip
     p_values = (1.0 + n_permutations - below) / (1.0 + n_permutations)
     alone = sizes == pool.sum()  # a category with every word: no other subset, so no test (p 1)
     p_values[((sizes == 0) | alone)[:, None] | observed_nan] = np.nan
     return p_values
 
 
-def _draws_below(rows, n_observed, constants, centred_sum, centred_sumsq, total_sumsq, chunk_elements, as_array):
+def _shared_members(shared_keys, n_words: int) -> np.ndarray:
+    """[W, G] bool: which words hold each group of shared tokens (shared_keys [G, C], a token_word row each)."""
+    keys = np.zeros((0, 1), dtype=np.int64) if shared_keys is None else np.asarray(torch.as_tensor(shared_keys).cpu())
+    members = np.zeros((n_words, len(keys)), dtype=bool)
+    group, column = np.nonzero(keys >= 0)
+    members[keys[group, column], group] = True
+    return members
+
+
+def _union_rows(rows: torch.Tensor, shares: np.ndarray, n_words: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(rows, weights or None) to sum for each word subset of rows [R, m] as the union of its words' tokens: where
+    a subset holds h >= 2 words of a group of shared tokens (shares [W, G]), the group's row (n_words + g) with
+    weight 1 - h; without such subsets, rows as they are and no weights."""
+    if not shares.shape[1]:
+        return rows, None
+    extra = (1 - shares[rows.numpy()].sum(axis=1)).clip(max=0)  # [R, G]: 1 - h, or 0 where counted at most once
+    if not extra.any():
+        return rows, None
+    groups = torch.arange(n_words, n_words + shares.shape[1]).expand(len(rows), -1)
+    weights = torch.cat([torch.ones(rows.shape, dtype=torch.float64), torch.from_numpy(extra.astype(np.float64))], dim=1)
+    return torch.cat([rows, groups], dim=1), weights
+
+
+def _draws_below(rows, n_observed, constants, centred_sum, centred_sumsq, total_sumsq, chunk_elements, as_array, weights=None):
     """(below [n_observed, n] float64, observed_nan [n_observed, n] bool) for the neurons of centred_sum [W, n]:
     how many null draws (rows[n_observed:], word subsets) score below each observed row's score (rows[:n_observed],
-    the categories' own words) less TIE_RTOL, and where the observed score is NaN. See permutation_pvalues."""
+    the categories' own words) less TIE_RTOL, and where the observed score is NaN. See permutation_pvalues.
+    weights [R, m]: each row entry's weight in its sum (_union_rows), None for 1."""
     n_neurons, device, dtype = centred_sum.shape[1], centred_sum.device, centred_sum.dtype
     below = as_array(torch.zeros((n_observed, n_neurons), dtype=torch.int32, device=device))
     reach = as_array(torch.empty((n_observed, n_neurons), dtype=dtype, device=device))
@@ -394,7 +467,8 @@ def _draws_below(rows, n_observed, constants, centred_sum, centred_sumsq, total_
         word_sums = torch.cat([centred_sum[:, neurons], centred_sumsq[:, neurons]], dim=1)  # [W, 2 width]
         for first in range(0, len(rows), block_rows[width]):
             block = slice(first, first + block_rows[width])
-            sums = F.embedding_bag(rows[block], word_sums, mode="sum")  # [rows, 2 width]
+            sums = F.embedding_bag(rows[block], word_sums, mode="sum",
+                                   per_sample_weights=None if weights is None else weights[block])  # [rows, 2 width]
             separation_in, compares_in = None, None
             if scratch is not None:  # views of the buffers in this block's shape
                 separation_in = [buffer[: sums.numel() // 2].view(len(sums), width) for buffer in scratch]

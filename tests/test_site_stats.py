@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import itertools
 
 import numpy as np
@@ -16,8 +17,12 @@ N_NEURONS, N_CAT, N_WORDS, BINS, BANDS, PER_BAND, TOP_K = 6, 3, 7, 16, 4, 2, 5
 LAYOUT = StatsLayout(N_NEURONS, N_CAT, N_WORDS, 1, TOP_K, BINS, BANDS, PER_BAND)
 
 
+SHARED_KEYS = torch.tensor([[0, 3, -1], [1, -1, 5], [0, 4, 6]])  # groups of shared tokens: a token_word row each
+
+
 def make_batches(seed: int = 3, sizes=(40, 25, 31, 18)):
-    """Random batches with ties (rounded values), category masks, words and unique keys."""
+    """Random batches with ties (rounded values), category masks, words, unique keys, and tokens of groups of words
+    that share them, each batch naming two of the three groups (SHARED_KEYS), in its own order."""
     rng = np.random.default_rng(seed)
     out, first_key = [], 0
     for n in sizes:
@@ -25,9 +30,18 @@ def make_batches(seed: int = 3, sizes=(40, 25, 31, 18)):
         mask = (rng.random((n, N_CAT)) < 0.3).astype(np.float32)
         word = torch.from_numpy(np.where(mask.any(1), rng.integers(0, N_WORDS, n), -1).astype(np.int64))
         keys = torch.arange(first_key, first_key + n, dtype=torch.long) * 7 + 11
-        out.append((acts, BatchLabels(torch.from_numpy(mask), keys, word)))
+        named = rng.permutation(3)[:2]
+        shared = torch.from_numpy(np.where(mask.any(1) & (rng.random(n) < 0.4), rng.integers(0, 2, n), -1))
+        out.append((acts, BatchLabels(torch.from_numpy(mask), keys, word, shared=shared, shared_keys=SHARED_KEYS[named])))
         first_key += n
     return out
+
+
+def shared_sums_by_key(state: SiteStats) -> dict[tuple, np.ndarray]:
+    """{group's key: [count, sums [N], sums of squares [N]]} of a state's tokens shared by words (any row order)."""
+    return {tuple(key): np.concatenate([state.shared_n[row : row + 1].numpy(), state.shared_sums[row].numpy(),
+                                        state.shared_sumsq[row].numpy()])
+            for row, key in enumerate(state.shared_keys.tolist())}  # fmt: skip
 
 
 def edges_for(batches_) -> torch.Tensor:
@@ -48,6 +62,10 @@ def assert_same(a: SiteStats, b: SiteStats) -> None:
         np.testing.assert_allclose(site_moments(b)[key], value, rtol=1e-12, atol=1e-9, err_msg=key)
     for name in ("word_n", "word_sums", "word_sumsq"):
         torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=1e-12, atol=1e-9)
+    shared_a, shared_b = shared_sums_by_key(a), shared_sums_by_key(b)
+    assert shared_a.keys() == shared_b.keys()
+    for key, sums in shared_a.items():
+        np.testing.assert_allclose(shared_b[key], sums, rtol=1e-12, atol=1e-9, err_msg=str(key))
     for left, right in zip(histogram_counts(a), histogram_counts(b)):
         np.testing.assert_array_equal(left, right)
     for name in ("top_vals", "top_keys", "sample_keys", "sample_vals", "sample_priority"):
@@ -71,6 +89,15 @@ def test_update_equals_brute_force():
     word_sums = np.stack([acts[word == w].sum(0) for w in range(N_WORDS)])
     np.testing.assert_allclose(state.word_sums.numpy(), word_sums, **close)
     np.testing.assert_array_equal(state.word_n.numpy(), [(word == w).sum() for w in range(N_WORDS)])
+    group_key = [tuple(lab.shared_keys[g].tolist()) if g >= 0 else None for _, lab in batches_ for g in lab.shared.tolist()]
+    expected_shared = {}
+    for key in {k for k in group_key if k is not None}:
+        rows = np.array([k == key for k in group_key])
+        expected_shared[key] = np.concatenate([[rows.sum()], acts[rows].sum(0), (acts[rows] ** 2).sum(0)])
+    got_shared = shared_sums_by_key(state)
+    assert got_shared.keys() == expected_shared.keys() and len(got_shared) == 3
+    for key, sums in expected_shared.items():
+        np.testing.assert_allclose(got_shared[key], sums, **close)
     counts_all, counts_cat = histogram_counts(state)
     for n in range(N_NEURONS):
         which = np.searchsorted(edges[n].numpy(), acts[:, n].astype(np.float32), side="right")
@@ -175,6 +202,10 @@ def test_state_dict_round_trip_and_empty_shard():
     whole = state_of(batches_, edges)
     restored = SiteStats.from_state_dict(whole.state_dict())
     assert_same(whole, restored)
+    saved = io.BytesIO()  # as a checkpoint holds it: read back with weights_only, which runs no code
+    torch.save(whole.state_dict(), saved)
+    saved.seek(0)
+    assert_same(whole, SiteStats.from_state_dict(torch.load(saved, weights_only=True)))
     assert_same(whole, whole.merge(SiteStats(LAYOUT, "cpu", edges)))  # a shard that saw nothing changes nothing
 
 

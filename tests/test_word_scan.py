@@ -4,6 +4,7 @@ activations, cv_auroc equals its definition on the recording, and binned cv_auro
 from __future__ import annotations
 
 import dataclasses
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -12,7 +13,7 @@ from test_alignment import reference_words
 
 from mechamap_core import scan
 from mechamap_core.cli import main
-from mechamap_core.stats import cv_auroc_exact, permutation_pvalues, word_folds, word_moments
+from mechamap_core.stats import MIN_CATEGORY_TOKENS, cv_auroc_exact, permutation_pvalues, word_folds, word_moments
 
 KEY = ["layer", "neuron", "category"]
 
@@ -217,17 +218,51 @@ def mann_whitney_auroc(positives: np.ndarray, negatives: np.ndarray) -> np.ndarr
     return sps.mannwhitneyu(positives, negatives, axis=0).statistic / (len(positives) * len(negatives))
 
 
+def brute_force_p_values(acts, token_word, rows, n_categories, permutations, seed) -> np.ndarray:
+    """Word-level permutation p-values [C, N] by the rules README and docstrings state, on activations acts [T, N]
+    with token_word [T, C] (reference_words' rows: (category, word) each, in category order):
+    - the pool: the words with tokens here, a text two categories list once (its entry of least key, the key being
+      "category\x1fword as it matches");
+    - a draw of size m (a category's words with tokens) is the m pool words of lowest key, word w's keys drawn by
+      default_rng([seed, m, crc32(its key)]); its tokens are the union of those words' tokens, scored by separation;
+    - p = (1 + #{draws scoring >= the observed score less 1e-6 relative}) / (1 + P); NaN for a category with too few
+      tokens on a side, or whose words are the whole pool."""
+    import zlib
+
+    names = list(dict.fromkeys(category for category, _ in rows))
+    keys = [f"{category}\x1f{' '.join(word.casefold().split())}" for category, word in rows]
+    word_category = np.array([names.index(category) for category, _ in rows])
+    has_tokens = np.array([(token_word == r).any() for r in range(len(rows))])
+    in_pool = has_tokens.copy()
+    for text in {key.partition("\x1f")[2] for key in keys}:
+        listing = sorted((key, r) for r, key in enumerate(keys) if key.partition("\x1f")[2] == text and has_tokens[r])
+        in_pool[[r for _, r in listing[1:]]] = False
+    in_category = token_word >= 0
+    p_values = np.full((n_categories, acts.shape[1]), np.nan)
+    for c in range(n_categories):
+        n_in = in_category[:, c].sum()
+        size = int(((word_category == c) & has_tokens).sum())
+        if min(n_in, len(acts) - n_in) < MIN_CATEGORY_TOKENS or size == in_pool.sum():
+            continue
+        draw_keys = np.stack([np.random.default_rng([seed, size, zlib.crc32(key.encode())]).random(permutations)
+                              for key in keys], axis=1)  # fmt: skip
+        draw_keys[:, ~in_pool] = np.inf
+        observed = brute_separation(acts, in_category[:, c])
+        reached = np.zeros(acts.shape[1])
+        for draw in np.argsort(draw_keys, axis=1)[:, :size]:
+            null = brute_separation(acts, np.isin(token_word, draw).any(axis=1))
+            reached += ~(null < observed - 1e-6 * (1 + np.abs(observed)))
+        p_values[c] = (1 + reached) / (1 + permutations)
+    return p_values
+
+
 def test_word_level_columns_equal_brute_force_from_the_documented_rules(bundled_lm, recorded):
     """t_stat, auroc, cv_auroc, score and p_value of a scan against scipy and brute force on its recording, with
     the word labels built by hand (reference_words) and the folds and null draws rebuilt from the rules the README
-    and docstrings state, not from the code's word_folds or permutation_subsets:
-    - a category's words with tokens, sorted by "category\\x1fword as it matches", permuted by
-      default_rng([seed, crc32(category)]), go to folds 0..k-1 in turn; cv_auroc is the mean over its folds of
-      the AUROC of the fold's tokens against the tokens outside the category;
-    - score = separation * max(0, sign(separation) * (2 cv_auroc - 1));
-    - a null draw of size m is the m pool words (those with tokens) of lowest key, word w's keys drawn by
-      default_rng([seed, m, crc32(its key)]); its tokens are the union of those words' tokens, scored by separation;
-      p = (1 + #{draws scoring >= the observed score less 1e-6 relative}) / (1 + P)."""
+    and docstrings state (brute_force_p_values), not from the code's word_folds or permutation_subsets: a category's
+    words with tokens, sorted by "category\x1fword as it matches", permuted by default_rng([seed, crc32(category)]),
+    go to folds 0..k-1 in turn; cv_auroc is the mean over its folds of the AUROC of the fold's tokens against the
+    tokens outside the category; score = separation * max(0, sign(separation) * (2 cv_auroc - 1))."""
     import zlib
 
     from scipy import stats as sps
@@ -238,7 +273,6 @@ def test_word_level_columns_equal_brute_force_from_the_documented_rules(bundled_
     token_word, rows = ref["token_word"], ref["rows"]
     word_category = np.array([names.index(category) for category, _ in rows])
     keys = [f"{category}\x1f{' '.join(word.casefold().split())}" for category, word in rows]
-    assert len({key.partition("\x1f")[2] for key in keys}) == len(keys)  # no text in two categories: no pool rule
     has_tokens = np.array([(token_word == r).any() for r in range(len(rows))])
     fold = np.full(len(rows), -1)
     for c, name in enumerate(names):
@@ -246,7 +280,6 @@ def test_word_level_columns_equal_brute_force_from_the_documented_rules(bundled_
         for position, index in enumerate(np.random.default_rng([cfg.seed, zlib.crc32(name.encode())]).permutation(len(words))):
             fold[words[index]] = position % cfg.cv_folds
     in_category = token_word >= 0  # [T, C]
-    checked = 0
     for layer in (0, 5):
         acts = result.activations[layer].astype(np.float64)  # [T, N]
         got = {column: as_grid(result.scores, layer, column, names) for column in
@@ -263,15 +296,56 @@ def test_word_level_columns_equal_brute_force_from_the_documented_rules(bundled_
             separation = got["separation"][c]
             np.testing.assert_allclose(got["score"][c], separation * np.maximum(0, np.sign(separation) * (2 * cv - 1)),
                                        rtol=1e-9, atol=1e-12, err_msg=name)  # fmt: skip
-            size = int(((word_category == c) & has_tokens).sum())
-            draw_keys = np.stack([np.random.default_rng([cfg.seed, size, zlib.crc32(key.encode())]).random(cfg.permutations)
-                                  for key in keys], axis=1)  # fmt: skip
-            draw_keys[:, ~has_tokens] = np.inf  # a word without tokens is never drawn
-            observed = brute_separation(acts, in_category[:, c])
-            reached = np.zeros(acts.shape[1])
-            for draw in np.argsort(draw_keys, axis=1)[:, :size]:
-                null = brute_separation(acts, np.isin(token_word, draw).any(axis=1))
-                reached += ~(null < observed - 1e-6 * (1 + np.abs(observed)))
-            np.testing.assert_allclose(got["p_value"][c], (1 + reached) / (1 + cfg.permutations), atol=1e-12, err_msg=name)
-            checked += 1
-    assert checked == 2 * len(names)
+        expected_p = brute_force_p_values(acts, token_word, rows, len(names), cfg.permutations, cfg.seed)
+        assert not np.isnan(expected_p).any()
+        np.testing.assert_allclose(got["p_value"], expected_p, atol=1e-12)
+
+
+SHARED_WORDS = {  # tokens words of different texts share across categories, and one text listed in two of them
+    "food": ["ice cream", "bread", "rice", "cheese", "pizza"],
+    "dessert": ["cream", "cake", "pie", "ice cream cake"],
+    "colour": ["cream", "red", "blue", "green", "orange"],
+    "place": ["Paris", "New York", "Tokyo", "York", "Oslo"],
+}
+SHARED_DOCS = [
+    "We ate ice cream and bread in Paris, then rice with cheese in New York. The walls were cream and red.",
+    "An ice cream cake in Tokyo, a pie in Oslo, and pizza in York. Blue and green boats; an orange sail.",
+    "Cream on the cake, cream in the pie, and more ice cream in Paris. A red pizza oven in Tokyo, a blue door.",
+    "Bread, rice and cheese in Oslo; the green bench in New York; orange and cream flowers by the cake shop.",
+    "Another ice cream cake and a cream pie in York; pizza and bread in Paris; red, blue and green kites.",
+]
+
+
+def test_tokens_that_words_of_two_categories_share_count_once_in_a_null_draw(bundled_lm, default_cfg):
+    """'cream' inside food's 'ice cream' is also dessert's and colour's 'cream': a null draw holding both words
+    holds those tokens once, as the union of its words' tokens (until 2026-12-07 the word sums counted them twice,
+    and p-values of such configs were up to 0.027 off their definition, found by a statistics audit). The scan,
+    with and without a recording, and a corpus scan of two merged shards all equal brute_force_p_values; the
+    same word sums without the groups of shared tokens (stats.shared_token_groups) would not."""
+    from mechamap_core.scan.stream import merge_states, scan_stream, stream_result
+
+    cfg = dataclasses.replace(default_cfg, master_text=SHARED_DOCS, categories=SHARED_WORDS, permutations=200)
+    recorded = scan(bundled_lm, cfg, layers=[1, 4], limit_neurons=32, record_activations=True)
+    unrecorded = scan(bundled_lm, cfg, layers=[1, 4], limit_neurons=32, record_activations=False)
+    ref = reference_words(bundled_lm.tokenizer, cfg.texts, cfg.categories)
+    token_word, names = ref["token_word"], list(SHARED_WORDS)
+    shared = (token_word >= 0).sum(axis=1) >= 2
+    assert shared.sum() >= 10
+    np.testing.assert_array_equal(unrecorded.scores["p_value"].to_numpy(), recorded.scores["p_value"].to_numpy())
+    shards = [scan_stream(bundled_lm, cfg, (SimpleNamespace(index=i, text=text) for i, text in enumerate(SHARED_DOCS) if i % 2 == rank),
+                          calibration_texts=SHARED_DOCS, layers=[1, 4], limit_neurons=32) for rank in range(2)]  # fmt: skip
+    streamed = stream_result(bundled_lm, cfg, merge_states(shards))
+    joined = streamed.scores.merge(unrecorded.scores, on=KEY, suffixes=("", "_scan"))
+    np.testing.assert_array_equal(joined["p_value"].to_numpy(), joined["p_value_scan"].to_numpy())
+    word_category = np.array([names.index(category) for category, _ in ref["rows"]])
+    keys = [f"{category}\x1f{' '.join(word.casefold().split())}" for category, word in ref["rows"]]
+    for layer in (1, 4):
+        acts = recorded.activations[layer].astype(np.float64)
+        expected = brute_force_p_values(acts, token_word, ref["rows"], len(names), cfg.permutations, cfg.seed)
+        got = as_grid(recorded.scores, layer, "p_value", names)
+        assert np.isfinite(expected).sum() >= 3 * acts.shape[1]
+        np.testing.assert_allclose(got, expected, atol=1e-12)
+        twice = permutation_pvalues(**word_moments(acts, token_word, len(keys)), word_category=word_category,
+                                    n_permutations=cfg.permutations, seed=cfg.seed, n_categories=len(names),
+                                    word_keys=keys)  # fmt: skip
+        assert (np.abs(twice - expected) > 1.5 / (1 + cfg.permutations)).any()  # counted twice: other p-values

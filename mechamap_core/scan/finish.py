@@ -155,6 +155,8 @@ def site_word_moments(stats: SiteStats, neurons: slice, context: FinishContext, 
         "word_sumsq": for_finishing(stats.word_sumsq[:, neurons]), "n_all": moments["n_all"],
         "sum_all": moments["sum_all"], "sumsq_all": moments["sumsq_all"],
         "tested": enough_tokens(moments["n_cat"].round(), round(moments["n_all"])),
+        "shared_keys": stats.shared_keys.numpy(), "shared_n": stats.shared_n.cpu().double().numpy(),
+        "shared_sum": for_finishing(stats.shared_sums[:, neurons]), "shared_sumsq": for_finishing(stats.shared_sumsq[:, neurons]),
     }  # fmt: skip
 
 
@@ -166,16 +168,19 @@ def permutation_pvalues_of(word_moments: list[dict | None], context: FinishConte
     groups: dict[tuple, list[int]] = {}
     for i, seen in enumerate(word_moments):
         if seen is not None:
-            groups.setdefault((seen["n_all"], seen["word_n"].tobytes(), seen["tested"].tobytes()), []).append(i)
+            seen_alike = (seen["word_n"], seen["tested"], seen.get("shared_keys"), seen.get("shared_n"))
+            groups.setdefault((seen["n_all"], *(None if x is None else x.tobytes() for x in seen_alike)), []).append(i)
     out: list[np.ndarray | None] = [None] * len(word_moments)
     for members in groups.values():
         first = word_moments[members[0]]
         joined = {key: _joined([word_moments[i][key] for i in members])
-                  for key in ("word_sum", "word_sumsq", "sum_all", "sumsq_all")}  # fmt: skip
+                  for key in ("word_sum", "word_sumsq", "sum_all", "sumsq_all", "shared_sum", "shared_sumsq")
+                  if key in first}  # fmt: skip
         p_values = permutation_pvalues(
             first["word_n"], joined["word_sum"], joined["word_sumsq"], first["n_all"], joined["sum_all"],
             joined["sumsq_all"], context.word_category, context.permutations, context.seed, context.category_mask.shape[1],
-            word_keys=context.word_keys, tested=first["tested"],
+            word_keys=context.word_keys, tested=first["tested"], shared_keys=first.get("shared_keys"),
+            shared_n=first.get("shared_n"), shared_sum=joined.get("shared_sum"), shared_sumsq=joined.get("shared_sumsq"),
         )  # fmt: skip
         start = 0
         for i in members:

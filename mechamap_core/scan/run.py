@@ -18,7 +18,7 @@ from ..models import LoadedModel, local_model_version
 from ..moe import MoELayer
 from ..sites import layers_without_mlp
 from ..sites import n_layers as count_layers
-from ..stats import word_folds
+from ..stats import shared_token_groups, word_folds
 from .calibrate import calibrate_edges, calibration_chunks
 from .driver import Batch, ProgressFn, Site, batches, resolve_hook_points, run_hooked_forward, site_device
 from .finish import (
@@ -139,13 +139,20 @@ def word_labels(cfg: ScanConfig, coverage=None) -> tuple[np.ndarray, np.ndarray 
 def batch_labels(
     aligned: AlignedText, batch: Batch, folds: np.ndarray | None = None, keys: np.ndarray | None = None
 ) -> BatchLabels:
-    """The category rows, keys, words and (binned cv_auroc) word folds of a batch's tokens. keys [n_tokens]:
-    each token's key (a corpus scan's document and position); None: the token indices."""
+    """The category rows, keys, words (and the groups of tokens words of different texts share among them) and
+    (binned cv_auroc) word folds of a batch's tokens. keys [n_tokens]: each token's key (a corpus scan's document
+    and position); None: the token indices."""
     index = batch.token_index.numpy()
     word = None if aligned.token_word is None else torch.from_numpy(aligned.token_word[index].astype(np.int64))
     fold = None if folds is None else torch.from_numpy(folds[index])
     token_keys = batch.token_index if keys is None else torch.from_numpy(keys[index])
-    return BatchLabels(torch.from_numpy(aligned.category_mask[index].astype(np.float32)), token_keys, word, fold)
+    shared, shared_keys = None, None
+    if word is not None:
+        group, group_keys = shared_token_groups(aligned.token_word[index], [matching_key(w) for w in aligned.coverage["word"]])
+        if len(group_keys):
+            shared, shared_keys = torch.from_numpy(group), torch.from_numpy(group_keys)
+    mask = torch.from_numpy(aligned.category_mask[index].astype(np.float32))
+    return BatchLabels(mask, token_keys, word, fold, shared, shared_keys)
 
 
 def scan_targets(lm: LoadedModel, cfg: ScanConfig, layers: list[int] | None, limit_neurons: int | None):

@@ -9,6 +9,7 @@ import torch
 HIST_BINS = 64
 _FLOAT_FIELDS = ("n_all", "n_cat", "sums", "sums_sq", "word_n", "word_sums", "word_sumsq")
 _COUNT_FIELDS = ("hist_all", "hist_group")
+_SHARED_FIELDS = ("shared_n", "shared_sums", "shared_sumsq")  # rows per group of shared tokens, as many as shared_keys
 _HASH_MULTIPLIER = 0x9E3779B97F4A7C15 - 2**64  # golden-ratio mixing, as a signed int64
 
 
@@ -38,12 +39,16 @@ class LabelIndex:
     word_rows: torch.Tensor | None = None  # [K_w] the token of each (token, word) membership (None: no word labels)
     words: torch.Tensor | None = None  # [U] the distinct words among them, ascending
     word_slot: torch.Tensor | None = None  # [K_w] each membership's word, as its place in words
+    shared_rows: torch.Tensor | None = None  # [K_s] the tokens that words of different texts share (BatchLabels.shared)
+    shared_slot: torch.Tensor | None = None  # [K_s] and their group, a row of BatchLabels.shared_keys
 
     def to(self, device: torch.device) -> LabelIndex:
         return LabelIndex(*(None if t is None else _moved(t, device) for t in vars(self).values()))
 
 
-def label_index(category_mask: torch.Tensor, word: torch.Tensor | None, fold: torch.Tensor | None) -> LabelIndex:
+def label_index(
+    category_mask: torch.Tensor, word: torch.Tensor | None, fold: torch.Tensor | None, shared: torch.Tensor | None = None
+) -> LabelIndex:
     """The LabelIndex of a batch's labels, computed where they are."""
     in_category = category_mask > 0
     rows = torch.nonzero(in_category.any(dim=1)).view(-1)
@@ -57,7 +62,9 @@ def label_index(category_mask: torch.Tensor, word: torch.Tensor | None, fold: to
     word = word[:, None] if word.dim() == 1 else word  # [T, C]: a token in words of two categories counts in both
     word_rows, word_column = torch.nonzero(word >= 0, as_tuple=True)
     words, word_slot = torch.unique(word[word_rows, word_column], return_inverse=True)
-    return LabelIndex(rows, pair_token, pair_category, pair_fold, word_rows, words, word_slot)
+    shared_rows = None if shared is None else torch.nonzero(shared >= 0).view(-1)
+    shared_slot = None if shared is None else shared.index_select(0, shared_rows)
+    return LabelIndex(rows, pair_token, pair_category, pair_fold, word_rows, words, word_slot, shared_rows, shared_slot)
 
 
 def _moved(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -65,6 +72,9 @@ def _moved(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     if t.device.type == "cpu" and device.type == "cuda":
         t = t.pin_memory()
     return t.to(device, non_blocking=True)
+
+
+_PER_TOKEN = ("category_mask", "keys", "word", "fold", "shared")  # BatchLabels' fields with a row per token
 
 
 @dataclass
@@ -75,13 +85,15 @@ class BatchLabels:
     keys: torch.Tensor  # [T] int64: a token's unique, stable key (its token index or document and position)
     word: torch.Tensor | None = None  # [T, C] (or [T]) int64: the token's word (coverage row) in each category, -1 none
     fold: torch.Tensor | None = None  # [T, C] int64: the fold of the token's word in each category, -1 outside
+    shared: torch.Tensor | None = None  # [T] int64: the token's group among shared_keys (stats.shared_token_groups), -1 none
+    shared_keys: torch.Tensor | None = None  # [G, C] int64 on the CPU: each group's words (a token_word row)
     _copies: dict = field(default_factory=dict, repr=False, compare=False)  # device -> these labels there
     _index: LabelIndex | None = field(default=None, repr=False, compare=False)
 
     def index(self) -> LabelIndex:
         """Where the category and word tokens are (computed once, where the labels are)."""
         if self._index is None:
-            self._index = label_index(self.category_mask, self.word, self.fold)
+            self._index = label_index(self.category_mask, self.word, self.fold, self.shared)
         return self._index
 
     def on(self, device: torch.device) -> BatchLabels:
@@ -93,12 +105,13 @@ class BatchLabels:
     def select(self, rows: torch.Tensor) -> BatchLabels:
         """The labels of some of the tokens (rows [t] indices), e.g. those routed to one expert."""
         pick = lambda t: None if t is None else t.index_select(0, rows.to(t.device))  # noqa: E731
-        return BatchLabels(*(pick(getattr(self, name)) for name in ("category_mask", "keys", "word", "fold")))
+        return BatchLabels(*(pick(getattr(self, name)) for name in _PER_TOKEN), shared_keys=self.shared_keys)
 
     def to(self, device: torch.device) -> BatchLabels:
         """These labels, with their index found here first (on the host, for a batch bound for a GPU), on device."""
-        tensors = (getattr(self, name) for name in ("category_mask", "keys", "word", "fold"))
-        return BatchLabels(*(None if t is None else _moved(t, device) for t in tensors), _index=self.index().to(device))
+        tensors = (getattr(self, name) for name in _PER_TOKEN)
+        moved = (None if t is None else _moved(t, device) for t in tensors)
+        return BatchLabels(*moved, shared_keys=self.shared_keys, _index=self.index().to(device))
 
 
 def token_priority(keys: torch.Tensor) -> torch.Tensor:
@@ -150,6 +163,12 @@ class SiteStats:
         self.word_n = zeros(w)
         self.word_sums = zeros(w, n)
         self.word_sumsq = zeros(w, n)
+        # the tokens that words of different texts share, per group (stats.shared_token_groups), found as they come:
+        # a corpus's documents, or another rank's, may hold groups this state has not seen
+        self.shared_keys = torch.zeros(0, c, dtype=torch.long)  # [G, C] on the CPU: each group's token_word row
+        self.shared_n = zeros(0)
+        self.shared_sums = zeros(0, n)
+        self.shared_sumsq = zeros(0, n)
         self.top_vals = torch.empty(0, n, device=device)  # [k, N] float32, descending
         self.top_keys = torch.empty(0, n, dtype=torch.long, device=device)
         bins = layout.hist_bins
@@ -202,6 +221,17 @@ class SiteStats:
                 self.word_n.index_add_(0, present, n_word[:, 0])
                 self.word_sums.index_add_(0, present, word_sum)
                 self.word_sumsq.index_add_(0, present, word_sumsq)
+            if labels.shared is not None and len(index.shared_rows):  # a group's tokens once, beside their words
+                rows, slot = self._shared_rows(labels.shared_keys), index.shared_slot
+                values = centred.index_select(0, index.shared_rows)
+                n_shared = _group_sums(torch.ones(len(slot), 1, dtype=wide, device=acts.device), slot, len(rows))
+                shared_sum, shared_sumsq = _shifted_back(
+                    n_shared, _group_sums(values, slot, len(rows)).to(wide),
+                    _group_sums(values * values, slot, len(rows)).to(wide), shift,
+                )  # fmt: skip
+                self.shared_n.index_add_(0, rows, n_shared[:, 0])
+                self.shared_sums.index_add_(0, rows, shared_sum)
+                self.shared_sumsq.index_add_(0, rows, shared_sumsq)
         layout = self.layout
         if not (layout.top_k or layout.hist_bins or layout.sample_bands):
             return
@@ -215,6 +245,18 @@ class SiteStats:
             self._update_histograms(acts_t, ordered, index)
         if layout.sample_bands:
             self._update_samples(acts_t, labels.keys)
+
+    def _shared_rows(self, keys: torch.Tensor) -> torch.Tensor:
+        """This state's row of each group of shared tokens keys [U, C] names, new groups added as zero rows."""
+        known = {tuple(key): row for row, key in enumerate(self.shared_keys.tolist())}
+        new = [key for key in dict.fromkeys(map(tuple, keys.tolist())) if key not in known]
+        if new:
+            known.update({key: len(self.shared_keys) + i for i, key in enumerate(new)})
+            self.shared_keys = torch.cat([self.shared_keys, torch.tensor(new, dtype=torch.long)])
+            for name in _SHARED_FIELDS:
+                grown = getattr(self, name)
+                setattr(self, name, torch.cat([grown, grown.new_zeros(len(new), *grown.shape[1:])]))
+        return torch.tensor([known[tuple(key)] for key in keys.tolist()], device=self.device)
 
     def _update_top(self, acts_t: torch.Tensor, keys: torch.Tensor) -> None:
         k = min(self.layout.top_k, acts_t.shape[1])
@@ -308,6 +350,10 @@ class SiteStats:
         out = SiteStats(self.layout, self.device, edges)
         for name in _FLOAT_FIELDS + _COUNT_FIELDS:
             setattr(out, name, getattr(self, name) + getattr(other, name))
+        out.shared_keys, both = torch.unique(torch.cat([self.shared_keys, other.shared_keys]), dim=0, return_inverse=True)
+        for name in _SHARED_FIELDS:  # each side's groups added into the row of their key
+            rows = torch.cat([getattr(self, name), getattr(other, name)])
+            setattr(out, name, rows.new_zeros(len(out.shared_keys), *rows.shape[1:]).index_add_(0, both.to(self.device), rows))
         out.top_vals, out.top_keys = _keep_top(
             torch.cat([self.top_vals, other.top_vals]), torch.cat([self.top_keys, other.top_keys]), self.layout.top_k
         )
@@ -329,7 +375,8 @@ class SiteStats:
 
     def state_dict(self) -> dict:
         """Plain tensors on the CPU and the layout: what a checkpoint or a gather sends."""
-        names = _FLOAT_FIELDS + _COUNT_FIELDS + ("top_vals", "top_keys", "sample_priority", "sample_keys", "sample_vals")
+        names = _FLOAT_FIELDS + _COUNT_FIELDS + _SHARED_FIELDS + ("shared_keys", "top_vals", "top_keys", "sample_priority",
+                                                                 "sample_keys", "sample_vals")
         state = {name: getattr(self, name).detach().cpu() for name in names}
         state["hist_edges"] = None if self.hist_edges is None else self.hist_edges.cpu()
         state["layout"] = asdict(self.layout)
@@ -340,7 +387,7 @@ class SiteStats:
         out = cls(StatsLayout(**state["layout"]), device, state["hist_edges"])
         for name, value in state.items():
             if name not in ("layout", "hist_edges"):
-                setattr(out, name, value.to(out.device))
+                setattr(out, name, value if name == "shared_keys" else value.to(out.device))
         return out
 
 
