@@ -135,6 +135,21 @@ def _group_sums(values: torch.Tensor, group: torch.Tensor, n_groups: int, one_ho
     return members @ values
 
 
+def _add_centred_sums(into: tuple, rows: torch.Tensor, centred: torch.Tensor, token_rows, slot, shift) -> None:
+    """Add the count, sum and sum of squares of some tokens (token_rows [K] of centred [T, N], the float32 values less
+    shift; slot [K]: each one's place in rows) into rows of into's (counts [R], sums [R, N], sums of squares [R, N]):
+    float32 sums of the centred values, the shift undone in float64 (a word's or a group of shared tokens')."""
+    counts, sums, sums_sq = into
+    wide, values = sums.dtype, centred.index_select(0, token_rows)  # [K, N]
+    n = _group_sums(torch.ones(len(slot), 1, dtype=wide, device=centred.device), slot, len(rows))
+    total, total_sq = _shifted_back(
+        n, _group_sums(values, slot, len(rows)).to(wide), _group_sums(values * values, slot, len(rows)).to(wide), shift
+    )
+    counts.index_add_(0, rows, n[:, 0])
+    sums.index_add_(0, rows, total)
+    sums_sq.index_add_(0, rows, total_sq)
+
+
 def _shifted_back(count, centred_sum, centred_sumsq, shift):
     """(sum, sum of squares) of values x = c + shift, from the count, sum and sum of squares of the centred
     c (float64, so the float32 sums of c keep a spread that a large mean would swamp)."""
@@ -210,28 +225,13 @@ class SiteStats:
             self.sums[1:] += _group_sums(values, index.pair_category, len(self.n_cat))
             self.sums_sq[1:] += _group_sums(values * values, index.pair_category, len(self.n_cat))
         if self.layout.n_words and labels.word is not None:
-            in_word, present, slot = index.word_rows, index.words, index.word_slot
-            if len(in_word):  # per word present: float32 sums of the centred values, the shift undone in float64
-                values = centred.index_select(0, in_word)  # [K, N]
-                n_word = _group_sums(torch.ones(len(slot), 1, dtype=wide, device=acts.device), slot, len(present))
-                word_sum, word_sumsq = _shifted_back(
-                    n_word, _group_sums(values, slot, len(present)).to(wide),
-                    _group_sums(values * values, slot, len(present)).to(wide), shift,
-                )  # fmt: skip
-                self.word_n.index_add_(0, present, n_word[:, 0])
-                self.word_sums.index_add_(0, present, word_sum)
-                self.word_sumsq.index_add_(0, present, word_sumsq)
+            if len(index.word_rows):  # per word present
+                _add_centred_sums((self.word_n, self.word_sums, self.word_sumsq), index.words, centred, index.word_rows,
+                                  index.word_slot, shift)  # fmt: skip
             if labels.shared is not None and len(index.shared_rows):  # a group's tokens once, beside their words
-                rows, slot = self._shared_rows(labels.shared_keys), index.shared_slot
-                values = centred.index_select(0, index.shared_rows)
-                n_shared = _group_sums(torch.ones(len(slot), 1, dtype=wide, device=acts.device), slot, len(rows))
-                shared_sum, shared_sumsq = _shifted_back(
-                    n_shared, _group_sums(values, slot, len(rows)).to(wide),
-                    _group_sums(values * values, slot, len(rows)).to(wide), shift,
-                )  # fmt: skip
-                self.shared_n.index_add_(0, rows, n_shared[:, 0])
-                self.shared_sums.index_add_(0, rows, shared_sum)
-                self.shared_sumsq.index_add_(0, rows, shared_sumsq)
+                rows = self._shared_rows(labels.shared_keys)  # first: it grows the tables for new groups
+                _add_centred_sums((self.shared_n, self.shared_sums, self.shared_sumsq), rows, centred, index.shared_rows,
+                                  index.shared_slot, shift)  # fmt: skip
         layout = self.layout
         if not (layout.top_k or layout.hist_bins or layout.sample_bands):
             return
