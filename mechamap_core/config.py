@@ -149,6 +149,7 @@ def config_from_dict(data: object, require_master_text: bool = True) -> ScanConf
     return cfg
 
 
+THRESHOLD_LIMIT = 1000.0  # |threshold| above it flags nothing or everything: scores are scale-free (top neurons ~5)
 MIN_CHUNK_TOKENS = 16  # the shortest chunk a scan cuts a text into (max_chunk_tokens; 0: the model's own limit)
 _LARGEST_SETTING = 2**63 - 1  # a whole-number setting must fit an int64 (numpy, torch's generator seed, float())
 
@@ -231,6 +232,9 @@ def validate_config(cfg: ScanConfig, require_master_text: bool = True) -> None:
                                              f"{MIN_CHUNK_TOKENS}: shorter chunks leave the model no context to read a "
                                              f"word in (with 1, activations of a token repeat exactly and scores run "
                                              f"into the hundreds of thousands)"))  # fmt: skip
+    if abs(cfg.threshold) > THRESHOLD_LIMIT:
+        problems.append(("threshold", f"'threshold' must be between -{THRESHOLD_LIMIT:g} and {THRESHOLD_LIMIT:g} (the "
+                                      f"score is scale-free: the bundled model's top neurons score about 5)"))  # fmt: skip
     if cfg.top_k_tokens > 100:
         problems.append(("top_k_tokens", "'top_k_tokens' must be at most 100"))
     if cfg.permutations > 100_000:

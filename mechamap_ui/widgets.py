@@ -145,6 +145,7 @@ def threshold_range(scores: pd.DataFrame, metric: str, default: float | None = N
         lo, hi, value, step = 0.5, 1.0, 0.8, 0.01
     elif metric in SCORE_LIKE:  # stretched to the run's own threshold too, so that no page clamps it
         value = 1.0 if default is None or not math.isfinite(float(default)) else float(default)
+        value = min(max(value, -core_config.THRESHOLD_LIMIT), core_config.THRESHOLD_LIMIT)  # a run saved before the limit
         lo, hi, step = min(-1.0, math.floor(value)), max(6.0, math.ceil(data_hi), math.ceil(value)), 0.05
     elif metric == "t_stat":
         lo, hi, step = 0.0, max(10.0, math.ceil(data_hi)), 0.1

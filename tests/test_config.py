@@ -396,6 +396,16 @@ def test_non_finite_threshold_is_refused_naming_the_key(value):
     assert "'threshold' must be a finite number" in str(err)
 
 
+@pytest.mark.parametrize("value", ["1.0e+308", "-5000", "1000.5"])
+def test_a_threshold_beyond_the_limit_is_refused_naming_the_key(value):
+    """An app audit typed 1e308 on the Config page: the run saved it, and every page's threshold slider then raised
+    OverflowError. Scores are scale-free, so |threshold| > 1000 flags nothing or everything."""
+    err = config_error(yaml_of() + f"threshold: {value}\n")
+    assert fields_of(err) == {"threshold"}
+    assert "'threshold' must be between -1000 and 1000" in str(err)
+    assert parse_config(yaml_of() + "threshold: -1000\n").threshold == -1000
+
+
 @pytest.mark.parametrize("key, value", [("threshold", 10**400), ("seed", 2**64), ("limit_neurons", -(2**70))])
 def test_whole_numbers_beyond_int64_are_refused_before_the_scan(key, value):
     """A 401-digit threshold overflowed float() when flagging (a traceback after the scan), a seed of 2^64 overflowed
@@ -659,7 +669,7 @@ def test_layers_out_of_range_names_them_as_ranges():
 
 
 @pytest.mark.parametrize("key, written, wanted", [
-    ("threshold", "1e0", "write 1.0"), ("threshold", "-1e308", "write -1.0e+308"), ("threshold", "1e-3", "write 0.001"),
+    ("threshold", "1e0", "write 1.0"), ("threshold", "-2e2", "write -200.0"), ("threshold", "1e-3", "write 0.001"),
     ("seed", "1e3", "write 1000"),
 ])  # fmt: skip
 def test_a_number_yaml_reads_as_text_says_how_to_write_it(key, written, wanted):

@@ -337,6 +337,7 @@ def test_threshold_range_per_metric(result):
     assert threshold_range(result.scores, "score", 2.5)[2] == 2.5
     assert threshold_range(result.scores, "score", 8.0) == (-1.0, 8.0, 8.0, 0.05)  # a run's own threshold, never clamped
     assert threshold_range(result.scores, "score", -3.0) == (-3.0, 6.0, -3.0, 0.05)
+    assert threshold_range(result.scores, "score", 1e308) == (-1.0, 1000.0, 1000.0, 0.05)  # a run saved before the limit
     assert threshold_range(result.scores, "auroc") == (0.5, 1.0, 0.8, 0.01)
     assert threshold_range(result.scores, "cv_auroc") == (0.5, 1.0, 0.8, 0.01)  # before: the data's range, step 0.005
     lo, hi, value, step = threshold_range(result.scores, "cohens_d", None)

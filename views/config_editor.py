@@ -10,6 +10,7 @@ import streamlit as st
 from mechamap_core.config import (
     BUNDLED_MODEL_ID,
     MAX_CONFIG_BYTES,
+    THRESHOLD_LIMIT,
     ConfigError,
     config_to_yaml,
     load_config,
@@ -161,9 +162,7 @@ with st.expander("Load, upload or download a config", expanded=False, icon=":mat
         st.selectbox("Saved configs", saved or ["(none)"], key=LOAD_CHOICE, disabled=not saved)
         st.button("Load", on_click=_load_saved, disabled=not saved, icon=":material/upload_file:")
         if unnamed:  # listed and then refused, they only confused: named here instead, with what to do
-            st.caption(f"Not listed, as their names are not config names (letters, digits, '-' and '_'): "
-                       f"{', '.join(config_tools.literal(f'{name}.yaml') for name in unnamed)}. Rename them to load "
-                       "them here (the CLI reads them as they are).")  # fmt: skip
+            st.caption(config_tools.unlisted_configs_note(unnamed))
     with right:
         st.file_uploader(
             f"Upload a YAML config (max {config_tools.MAX_YAML_UPLOAD_MB} MB)", type=["yaml", "yml"], key=UPLOAD,
@@ -211,6 +210,7 @@ if isinstance(master_text, list):
 st.subheader("Scan settings")
 c1, c2, c3 = st.columns(3)
 threshold = c1.number_input("Flag threshold (score)", key=key("threshold"), step=0.1, format="%.2f",
+                            min_value=-THRESHOLD_LIMIT, max_value=THRESHOLD_LIMIT,
                             help="Views flag neuron-category pairs whose score is at least this")  # fmt: skip
 top_k = c2.number_input("Top tokens per neuron", key=key("top_k"), min_value=0, max_value=100, step=1)
 limit = c3.number_input("Neuron limit per layer (0 = all)", key=key("limit"), min_value=0, step=32)
