@@ -364,6 +364,8 @@ def load_model(
     except (OSError, ValueError, TypeError) as exc:
         raise ModelNotAvailableError(f"could not load the tokenizer of '{name}': {first_line(exc)}") from exc
     causal = _is_causal(config)
+    if isinstance(device_map, dict):
+        device_map = placement.without_catch_all(placement.empty_model(config, causal), device_map)
     options = {"dtype": torch_dtype, "local_files_only": True, "trust_remote_code": False}
     offload_dir = None
     if device_map is not None:

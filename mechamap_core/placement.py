@@ -108,6 +108,35 @@ def parse_device_map(text: str | dict | None) -> str | dict | None:
     return mapping
 
 
+def without_catch_all(model: torch.nn.Module, device_map: dict) -> dict:
+    """device_map with a catch-all '' entry beside others ({"": "cpu", "transformer.h.1": "disk"}) spelled out: ''
+    replaced by each module, parameter and buffer it covers that no other entry does. accelerate dispatches the ''
+    entry over the whole model, and a module offloaded inside it then stays on the meta device ("weight is on the
+    meta device"). model: the model's skeleton (empty_model)."""
+    if "" not in device_map or len(device_map) == 1:
+        return device_map
+    named = {key: device for key, device in device_map.items() if key}
+    spelled = dict(named)
+
+    def placed(name: str) -> bool:
+        return any(name == key or name.startswith(key + ".") for key in named)
+
+    def spell(module: torch.nn.Module, prefix: str) -> None:
+        for child_name, child in module.named_children():
+            name = f"{prefix}{child_name}"
+            if not placed(name):
+                if any(key.startswith(name + ".") for key in named):
+                    spell(child, name + ".")
+                else:
+                    spelled[name] = device_map[""]
+        for tensor_name, _ in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            if not placed(prefix + tensor_name):
+                spelled[prefix + tensor_name] = device_map[""]
+
+    spell(model, "")
+    return spelled
+
+
 def quantization_config(quantization: str | None, dtype: torch.dtype):
     """bitsandbytes' BitsAndBytesConfig for '8bit' / '4bit' (CUDA only), or None. Raises ValueError."""
     if quantization is None:

@@ -204,6 +204,21 @@ def test_device_map_with_cpu_and_disk_offload_matches_plain_load(tiny_models, ti
     assert torch.equal(_logits(lm), _logits(tiny_gpt2))
 
 
+@pytest.mark.parametrize("catch_all_first", [True, False])
+def test_a_catch_all_entry_beside_a_disk_entry_loads_and_matches(tiny_models, tiny_gpt2, catch_all_first):
+    """{"": "cpu", "transformer.h.1": "disk"}: accelerate dispatched '' over the whole model and left the offloaded
+    block on the meta device ("weight is on the meta device", a CLI audit's finding); the '' entry is spelled out
+    into the modules it covers beside the others (placement.without_catch_all), in either key order."""
+    entries = [("", "cpu"), ("transformer.h.1", "disk")]
+    device_map = dict(entries if catch_all_first else entries[::-1])
+    lm = load_model(str(tiny_models.path("gpt2")), device="cpu", device_map=device_map)
+    assert lm.placement == {"transformer.wte": "cpu", "transformer.wpe": "cpu", "transformer.drop": "cpu",
+                            "transformer.h.0": "cpu", "transformer.h.1": "disk", "transformer.ln_f": "cpu",
+                            "lm_head": "cpu"}  # fmt: skip
+    assert lm.model.transformer.h[1].mlp.c_fc.weight.device.type == "meta"  # really on disk, loaded per use
+    assert torch.equal(_logits(lm), _logits(tiny_gpt2))
+
+
 def test_max_memory_spreads_to_disk_and_matches(tiny_models, tiny_gpt2):
     lm = load_model(str(tiny_models.path("gpt2")), device="cpu", max_memory="cpu=1MiB")
     assert "disk" in lm.placement.values()  # 1 MiB of CPU memory cannot hold the 3.9 MB embedding
