@@ -57,6 +57,13 @@ def loadable_names(folder, names: list[str]) -> tuple[list[str], list[str]]:
     return loadable, other
 
 
+def unlisted_configs_note(unnamed: list[str]) -> str:
+    """What a page says of the saved configs it leaves out of its list (loadable_names' second list)."""
+    files = ", ".join(literal(f"{name}.yaml") for name in unnamed)
+    return (f"Not listed, as their names are not config names (letters, digits, '-' and '_'): {files}. Rename them to "
+            "load them here (the CLI reads them as they are).")  # fmt: skip
+
+
 def check_upload_size(upload, limit_mb: int, what: str = "it") -> None:
     """ValueError when an upload (a Streamlit UploadedFile) is larger than limit_mb, counted as the widget that
     states the limit counts it, so a file the widget accepts is never refused here."""

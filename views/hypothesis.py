@@ -57,6 +57,14 @@ if note := reload_note(result, lm):
 
 HELDOUT_CHECK, ABLATION_CHECK = "heldout_result", "ablation_result"  # session_state: kept by state.keep_check
 FROM_FILE, TYPED = "A config file", "Type text and words"  # where the held-out text and words come from
+FLAGGED, TYPE_THEM = "Flagged for this category", "Type them"  # which neurons the ablation takes
+KEPT = {  # the page's choices and typed text, kept while this run stays active, as the user left them on another page
+    "hyp_min_auroc": 0.75, "hyp_source": FROM_FILE, "hyp_heldout_name": None, "hyp_heldout_text": "",
+    "hyp_heldout_words": "food: sushi, grape\nlocation: Berlin, Lima", "hyp_ceiling": True, "abl_category": None,
+    "abl_how": FLAGGED, "abl_limit": 10, "abl_typed": "", "abl_mode": "zero", "abl_controls": 5,
+}  # fmt: skip
+kept_basis = state.result_identity(result)
+state.restore_widgets("hypothesis", KEPT, kept_basis)
 
 held_tab, ablate_tab = st.tabs(["Held-out text", "Ablation"])
 with held_tab:
@@ -67,19 +75,22 @@ with held_tab:
     with c2:
         threshold = threshold_slider(result.scores, metric, key="hyp_threshold", default=result.metadata.get("threshold"))
     with c3:
-        min_auroc = st.slider("Pass if held-out AUROC ≥", 0.5, 1.0, 0.75, 0.01)
-    source = st.radio("Held-out text", [FROM_FILE, TYPED], horizontal=True)
+        min_auroc = st.slider("Pass if held-out AUROC ≥", 0.5, 1.0, step=0.01, key="hyp_min_auroc")
+    source = st.radio("Held-out text", [FROM_FILE, TYPED], horizontal=True, key="hyp_source")
     heldout = None
     try:
         if source == FROM_FILE:
-            names = state.saved_config_names()
-            default = names.index("validation") if "validation" in names else 0
-            name = st.selectbox("Held-out config", names, index=default) if names else None
+            names, unnamed = config_tools.loadable_names(state.configs_dir(), state.saved_config_names())
+            if names and st.session_state.get("hyp_heldout_name") not in names:
+                st.session_state["hyp_heldout_name"] = "validation" if "validation" in names else names[0]
+            name = st.selectbox("Held-out config", names, key="hyp_heldout_name") if names else None
+            if unnamed:
+                st.caption(config_tools.unlisted_configs_note(unnamed))
             if name:
                 heldout = load_config(safe_child_path(state.configs_dir(), name, ".yaml"))
         else:
-            text = st.text_area("Held-out text", height=150)
-            words = st.text_area("Category words, one category per line", "food: sushi, grape\nlocation: Berlin, Lima", height=100)
+            text = st.text_area("Held-out text", height=150, key="hyp_heldout_text")
+            words = st.text_area("Category words, one category per line", height=100, key="hyp_heldout_words")
             heldout = ScanConfig(master_text=text, categories=parse_typed_words(words), model=result.metadata["model"],
                                  max_chunk_tokens=scanned_cfg.max_chunk_tokens, batch_size=scanned_cfg.batch_size)  # as scanned
     except (ConfigError, ValueError, FileNotFoundError) as exc:
@@ -102,7 +113,7 @@ with held_tab:
     candidates = flagged(result.scores, metric, threshold)
     st.write(f"**{len(candidates):,}** flagged (neuron, category) rows with {metric} ≥ {threshold:g}.")
     ceiling = st.checkbox(
-        "Also find the best neurons on the held-out text", value=True,
+        "Also find the best neurons on the held-out text", key="hyp_ceiling",
         help="Scans the held-out text once and takes, per category, as many neurons as were tested with the highest "
              "AUROC on it: no choice of neurons from other text can beat them there, so their mean is an upper bound.",
     )  # fmt: skip
@@ -170,18 +181,18 @@ with ablate_tab:
                "and compare with as many random neurons from the same layers (of a routed expert's neurons: from the same expert, on "
                "the tokens routed to it).")
     categories = result.categories
-    category = st.selectbox("Category", categories)
-    how = st.radio("Neurons", ["Flagged for this category", "Type them"], horizontal=True)
+    category = st.selectbox("Category", categories, key="abl_category")
+    how = st.radio("Neurons", [FLAGGED, TYPE_THEM], horizontal=True, key="abl_how")
     neurons: list[tuple[int, ...]] = []
-    if how == "Flagged for this category":
-        limit = st.number_input("At most this many (best score first)", 1, 500, 10)
+    if how == FLAGGED:
+        limit = st.number_input("At most this many (best score first)", 1, 500, key="abl_limit")
         threshold = result.metadata.get("threshold", 1.0)
         neurons = flagged_for_category(result.scores, category, "score", threshold, int(limit))
         st.caption(", ".join(map(neuron_id_label, neurons)) or "No neuron is flagged for this category.")
     else:
         experts = has_experts(result.scores)
         typed = st.text_input("layer:neuron" + (" or layer:expert:neuron" if experts else ""),
-                              placeholder="5:376, 5:2:544" if experts else "5:376, 5:544",
+                              placeholder="5:376, 5:2:544" if experts else "5:376, 5:544", key="abl_typed",
                               help="layer:neuron is a dense MLP's neuron or, in a mixture-of-experts layer, its shared "
                                    "expert's; layer:expert:neuron a routed expert's, ablated on the tokens routed to it")  # fmt: skip
         try:
@@ -196,8 +207,9 @@ with ablate_tab:
         st.error(as_sentence(str(exc)))
         neurons = []
     c1, c2 = st.columns(2)
-    mode = c1.radio("Ablation", ["zero", "mean"], horizontal=True)
-    controls = int(c2.number_input("Random control sets", MIN_CONTROLS, 50, 5, help="At least two, so that their spread and z exist"))
+    mode = c1.radio("Ablation", ["zero", "mean"], horizontal=True, key="abl_mode")
+    controls = int(c2.number_input("Random control sets", MIN_CONTROLS, 50, key="abl_controls",
+                                   help="At least two, so that their spread and z exist"))  # fmt: skip
     ablation_inputs = (category, tuple(neurons), mode, controls)
     if st.button("Run ablation", type="primary", disabled=not neurons):
         try:
@@ -247,3 +259,4 @@ flagged_rows = flagged_neurons(result, metric, threshold)  # the held-out tab's 
 what = f"the {len(flagged_rows):,} rows flagged with {metric} ≥ {threshold:g}, with hook names"
 st.download_button(f"Download {what} (CSV)", flagged_rows.to_csv(index=False), "flagged_neurons.csv", "text/csv")
 st.download_button(f"Download {what} (JSON)", flagged_rows.to_json(orient="records"), "flagged_neurons.json", "application/json")
+state.keep_widgets("hypothesis", KEPT, kept_basis)

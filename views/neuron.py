@@ -124,7 +124,10 @@ else:
         st.caption(f"{note[0].upper()}{note[1:]}.")
 
 st.markdown("#### Try your own text")
-typed = st.text_area("Text", "I had pizza and pasta in Rome on Monday.", max_chars=5000)
+typed_kept = {"neuron_typed": "I had pizza and pasta in Rome on Monday."}  # the user's text, kept across pages and neurons
+state.restore_widgets("neuron", typed_kept, None)
+typed = st.text_area("Text", max_chars=5000, key="neuron_typed")
+state.keep_widgets("neuron", typed_kept, None)
 if typed.strip():
     if lm is None:
         st.info("The model of this run is not available here, so typed text can't be scanned.")

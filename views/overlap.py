@@ -3,7 +3,7 @@
 import streamlit as st
 
 from mechamap_core import analysis, charts
-from mechamap_ui import widgets
+from mechamap_ui import state, widgets
 from mechamap_ui.state import require_result
 
 MAX_BARS = 30
@@ -12,6 +12,10 @@ MATCH_ALL, MATCH_ANY = "all selected", "any selected"
 st.title("Overlap: multi-category neurons")
 result = require_result()
 scores = result.scores
+# kept while this run stays active, as the user left them on another page (metric and threshold live in the URL)
+kept = {"overlap_min": 2, "overlap_filter": None, "overlap_match": MATCH_ALL}
+basis = state.result_identity(result)
+state.restore_widgets("overlap", kept, basis)
 
 left, mid, right = st.columns([2, 3, 1])
 with left:
@@ -21,9 +25,10 @@ with mid:
 with right:
     min_categories = int(
         st.number_input(
-            "Min categories", min_value=2, max_value=max(2, len(result.categories)), value=2, step=1, key="overlap_min"
+            "Min categories", min_value=2, max_value=max(2, len(result.categories)), step=1, key="overlap_min"
         )
     )
+state.keep_widgets("overlap", kept, basis)  # here too: the page may stop before the rest are drawn
 
 try:
     overlap = analysis.multi_category_neurons(scores, metric, threshold, min_categories)
@@ -57,6 +62,7 @@ with pick_col:
     chosen = st.multiselect("Only neurons flagged in", result.categories, key="overlap_filter", placeholder="any category")
 with mode_col:
     mode = st.radio("Match", [MATCH_ALL, MATCH_ANY], key="overlap_match", horizontal=True)
+state.keep_widgets("overlap", kept, basis)
 rows = widgets.filter_by_categories(overlap, chosen, match_all=mode == MATCH_ALL)
 strings = analysis.top_token_strings(result.top_tokens)
 rows = rows.merge(strings, on=[c for c in analysis.neuron_key(rows) if c in strings.columns], how="left")

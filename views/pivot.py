@@ -3,7 +3,7 @@
 import streamlit as st
 
 from mechamap_core import analysis, charts
-from mechamap_ui import widgets
+from mechamap_ui import state, widgets
 from mechamap_ui.state import require_result
 
 ALL = "All categories"
@@ -11,6 +11,9 @@ ALL = "All categories"
 st.title("Pivot: layer × category")
 result = require_result()
 scores = result.scores
+# kept while this run stays active, as the user left them on another page (metric and threshold live in the URL)
+kept = {"pivot_holds_up": None, "pivot_top_n": 10, "pivot_category": ALL}
+state.restore_widgets("pivot", kept, state.result_identity(result))
 min_cv_auroc = widgets.holds_up_toggle(scores, key="pivot_holds_up")
 if min_cv_auroc is not None:
     scores = analysis.holding_up(scores, min_cv_auroc)
@@ -45,9 +48,10 @@ else:
 st.subheader("Top neurons per category")
 n_col, cat_col = st.columns(2)
 with n_col:
-    n = int(st.number_input("Neurons per category", min_value=1, max_value=500, value=10, step=1, key="pivot_top_n"))
+    n = int(st.number_input("Neurons per category", min_value=1, max_value=500, step=1, key="pivot_top_n"))
 with cat_col:
     choice = st.selectbox("Category", [ALL, *result.categories], key="pivot_category")
+state.keep_widgets("pivot", kept, state.result_identity(result))
 try:
     top = analysis.top_neurons(scores, metric, n=n, category=None if choice == ALL else choice, top_tokens=result.top_tokens)
 except (ValueError, KeyError) as err:
