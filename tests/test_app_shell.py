@@ -372,3 +372,38 @@ def test_community_cloud_installs_the_cpu_torch_and_local_installs_never_wait_on
     assert not [line for line in requirements if line.startswith("-") or "download.pytorch.org" in line]
     for higher_priority in ("uv.lock", "Pipfile"):  # Cloud would take either of these before environment.yml
         assert not (REPO_ROOT / higher_priority).exists()
+
+
+def test_choices_and_typed_text_survive_a_visit_to_another_page(app_env, tiny_result):
+    """Streamlit drops a widget's state on a run that does not draw it, so leaving a page reset its choices (an app
+    audit: Pivot's neurons per category, Overlap's minimum, the Hypothesis page's pass level, held-out source and
+    typed text, the Neuron page's typed text). They come back as left, while the run stays the active one."""
+    at = make_app(tiny_result).run()
+    at.switch_page("views/pivot.py").run()
+    at.number_input(key="pivot_top_n").set_value(3).run()
+    at.selectbox(key="pivot_category").set_value(tiny_result.categories[1]).run()
+    at.switch_page("views/overlap.py").run()
+    no_exception(at)
+    at.number_input(key="overlap_min").set_value(3).run()
+    at.switch_page("views/pivot.py").run()
+    no_exception(at)
+    assert at.number_input(key="pivot_top_n").value == 3
+    assert at.selectbox(key="pivot_category").value == tiny_result.categories[1]
+    at.switch_page("views/overlap.py").run()
+    assert at.number_input(key="overlap_min").value == 3
+    at.switch_page("views/hypothesis.py").run()
+    no_exception(at)
+    at.slider(key="hyp_min_auroc").set_value(0.9).run()
+    at.radio(key="hyp_source").set_value("Type text and words").run()
+    at.text_area(key="hyp_heldout_text").input("Sushi in Lima.").run()
+    at.switch_page("views/neuron.py").run()
+    no_exception(at)
+    at.text_area(key="neuron_typed").input("Grapes in Berlin.").run()
+    at.switch_page("views/pivot.py").run()
+    at.switch_page("views/hypothesis.py").run()
+    no_exception(at)
+    assert at.slider(key="hyp_min_auroc").value == 0.9
+    assert at.radio(key="hyp_source").value == "Type text and words"
+    assert at.text_area(key="hyp_heldout_text").value == "Sushi in Lima."
+    at.switch_page("views/neuron.py").run()
+    assert at.text_area(key="neuron_typed").value == "Grapes in Berlin."
