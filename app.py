@@ -133,6 +133,7 @@ page = st.navigation(sections)
 if page.url_path not in ("scan", "overview", ""):  # these list them in full (jobs.show_jobs; "" is the Overview at /)
     with st.sidebar:
         jobs.note_interrupted_elsewhere()
+        jobs.note_jobs_elsewhere()
 links.keep_page_params(page.url_path)
 state.note_page(page.url_path)
 page.run()

@@ -340,6 +340,34 @@ def note_interrupted_elsewhere() -> None:
         st.page_link("views/scan.py", label="Go to the Scan page", icon=":material/play_arrow:")
 
 
+def note_jobs_elsewhere() -> None:
+    """For the sidebar of the pages that do not list the jobs in full: each background scan in a line (a progress bar
+    while it runs, refreshed every POLL_S seconds; Open once it is saved), and a link to the Scan page. A scan goes on
+    while its user explores another run: the page they are on is not switched to its run, it is offered."""
+    views = registry().jobs()
+    if views:
+        polling = any(not job.finished for job in views)
+        st.fragment(_jobs_in_brief, run_every=POLL_S if polling else None)(polling)
+
+
+def _jobs_in_brief(polling: bool) -> None:
+    views = registry().jobs()
+    if polling and all(job.finished for job in views):
+        st.rerun()  # nothing left to poll; the full rerun also lists the new runs in the sidebar
+    for job in views:
+        if job.state == RUNNING:
+            st.progress(job.fraction, text=f"**{job.label}**: {progress_line(job)}")
+        elif job.state == QUEUED:
+            st.caption(f":material/schedule: **{job.label}**: queued.")
+        elif job.state == DONE:
+            st.caption(f":material/check_circle: **{job.label}**: saved as run {job.outcome.run_id}.")
+            if st.button("Open", key=f"sidebar-open-{job.id}", icon=":material/open_in_new:"):
+                _open_run_of(job)
+        else:
+            st.caption(f":material/error: **{job.label}**: {'failed' if job.state == FAILED else 'cancelled'}.")
+    st.page_link("views/scan.py", label="Background jobs", icon=":material/play_arrow:")
+
+
 def show_jobs() -> None:
     """The background jobs, newest last, refreshed every POLL_S seconds while one is queued or running; before them,
     the scans a server restart interrupted."""

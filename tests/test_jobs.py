@@ -533,3 +533,29 @@ def test_a_finished_jobs_success_shows_once_after_its_run_is_opened(app_env, fre
     other.run()
     assert saved_messages(other) == []
 
+
+
+def test_other_pages_show_a_running_scan_in_the_sidebar_and_offer_its_run(app_env, fresh_registry, tiny_result):
+    """A scan started on the Scan page goes on while its user explores another run on another page: that page's
+    sidebar shows its progress, then offers its saved run (Open), without switching the page to it (an app audit:
+    nothing on the explorer pages said a scan was running or had finished)."""
+    at = open_page(make_app(), "scan")
+    upload_corpus(at, "docs.txt", DOCS)
+    lm = state.get_model(BUNDLED_MODEL_ID, "auto", "auto")
+    with lm.lock:  # the job waits on the model until the pivot is open
+        click(at, "Scan")
+        (job,) = fresh_registry.jobs()
+        at.session_state[state.RESULT_OVERRIDE] = tiny_result  # exploring another result meanwhile
+        at.switch_page("views/pivot.py").run()
+        no_exception(at)
+        running = [str(p.proto.text) for p in at.sidebar.get("progress")]
+        assert any(f"docs.txt ({len(DOCS)} documents)" in text for text in running), running
+    assert fresh_registry.wait(job.id, WAIT_S)
+    at.run()
+    no_exception(at)
+    saved = fresh_registry.job(job.id).outcome.run_id
+    assert any(f"saved as run {saved}" in text for text in texts(at.sidebar.caption))
+    assert state.ACTIVE_RUN not in at.session_state or at.session_state[state.ACTIVE_RUN] != saved  # offered, not opened
+    [button for button in at.sidebar.button if button.label == "Open"][0].click().run()
+    no_exception(at)
+    assert at.session_state[state.ACTIVE_RUN] == saved and fresh_registry.jobs() == []

@@ -244,7 +244,7 @@ with ablate_tab:
             .encode(
                 x=alt.X("value:Q", title="effect"), y=alt.Y("condition:N", sort=None, title=None),
                 color=alt.Color("kind:N", scale=alt.Scale(domain=["ablated", "random control"], range=["#d62728", "#999999"])),
-                row=alt.Row("tokens:N", title=None), tooltip=["condition", "tokens", alt.Tooltip("value:Q", format=".4~r")],
+                row=alt.Row("tokens:N", title=None, sort=list(effects.values())), tooltip=["condition", "tokens", alt.Tooltip("value:Q", format=".4~r")],
             )  # fmt: skip
         )
         st.altair_chart(chart)
