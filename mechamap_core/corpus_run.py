@@ -71,18 +71,31 @@ def run_corpus_scan(args, cfg: ScanConfig, load: Callable[[str], LoadedModel], c
 
 
 class _Tracked:
-    """Iterates documents and remembers the last one handed out, to name it when a rank fails."""
+    """Iterates documents and remembers the last one handed out, and whether reading the next one failed, to say
+    where a rank failed."""
 
     def __init__(self, documents: Iterator[Document]):
         self.documents = documents
         self.last: Document | None = None
+        self.reading_failed = False
 
     def __iter__(self):
-        for document in self.documents:
+        documents = iter(self.documents)
+        while True:
+            try:
+                document = next(documents)
+            except StopIteration:
+                return
+            except Exception:  # the reader's own message names the line; the last document handed out was fine
+                self.reading_failed = True
+                raise
             self.last = document
             yield document
 
     def where(self) -> str:
+        if self.reading_failed:
+            after = "" if self.last is None else f" after document {self.last.index} ({self.last.where})"
+            return f"reading its share of the corpus{after}"
         return "before its first document" if self.last is None else f"at or before document {self.last.index} ({self.last.where})"
 
 
