@@ -8,6 +8,8 @@ import math
 import os
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -198,6 +200,14 @@ def _load(args, spec: str, device: str | None = None):
         )  # fmt: skip
     finally:
         close()
+
+
+def _check_device_and_dtype(device: str, dtype: str) -> None:
+    """A ValueError for a --device this machine lacks or does not know, or an unknown --dtype (models.pick_device and
+    pick_dtype, as load_model reads them), before any other work and before `loading ...` is said."""
+    from .models import pick_device, pick_dtype
+
+    pick_dtype(dtype, pick_device(device))
 
 
 def _check_layers_exist(spec: str, revision: str | None, layers: list[int] | None) -> None:
@@ -480,7 +490,8 @@ def _run_validate(args) -> int:
         print(f"note: no flagged neuron could be tested ({reasons}): does {args.heldout} have the scan's categories, "
               "with their words in its text?", file=sys.stderr)  # fmt: skip
     if args.out:
-        export.write_csv(per_neuron, args.out)
+        with _writing(args, "--out", args.out):
+            export.write_csv(per_neuron, args.out)
         _wrote(args, args.out)
     return 0
 
@@ -553,6 +564,7 @@ def _run_ablate(args) -> int:
                          f"'{args.category}' (--max-neurons {args.max_neurons}; 0 ablates them all)")  # fmt: skip
     else:
         raise ValueError("give --neurons or --csv")
+    _check_layers_exist(model, args.revision, sorted({neuron[0] for neuron in neurons}))  # before the model loads
     lm = _load(args, model)
     ablation_targets(lm, neurons)  # a routed layer without an expert or a neuron out of range: refused before the bar
     with progress_bar("ablating", "pass") as progress:
@@ -587,9 +599,11 @@ def _run_write_text(args) -> int:
         # a config of several documents keeps them apart (each is scanned alone); the written text is one more
         new_cfg = dataclasses.replace(cfg, master_text=[*cfg.master_text, generated] if documents else text)
         validate_config(new_cfg)
-        atomic_write_text(out, config_to_yaml(new_cfg))
+        with _writing(args, "--out", out):
+            atomic_write_text(out, config_to_yaml(new_cfg))
     else:
-        atomic_write_text(out, text)
+        with _writing(args, "--out", out):
+            atomic_write_text(out, text)
     _wrote(args, out)
     return 0
 
@@ -601,7 +615,8 @@ def _run_contrast(args) -> int:
     contrast_set = _load_contrast_set(args.contrast)
     scores = _read_scores(args.csv, "score", numeric=("score",))
     check_shared_categories(scores, contrast_set)
-    model = _model_name(args, scores)
+    model = _model_name(args, scores)  # one model's scores, then one row per neuron: joined copies would each get verdicts
+    analysis.check_one_row_per_neuron(scores, f"rows of {args.csv}")
     _check_outputs({"--out": args.out}, {"--csv": args.csv, "--contrast": args.contrast},
                    input_folders={"the model folder": _model_folder(model)}, formats={"--out": ".csv"})  # fmt: skip
     if not (scores["score"] >= args.threshold).any():
@@ -613,34 +628,21 @@ def _run_contrast(args) -> int:
     print(f"Word form or meaning? Neurons with score >= {args.threshold}, on {args.contrast or 'the built-in set'}:")
     print(table.round(3).to_string(index=False))
     if args.out:
-        export.write_csv(table, args.out)
+        with _writing(args, "--out", args.out):
+            export.write_csv(table, args.out)
         _wrote(args, args.out)
     return 0
 
 
 def _load_contrast_set(path: str | None):
     """contrast.load_contrast_set of --contrast (default: the built-in set); a scan config given instead is named as
-    such, with the format expected, rather than as a fault per key."""
-    from .contrast import DEFAULT_CONTRAST_PATH, FORMAT_HELP, load_contrast_set
+    such with the file (contrast.ScanConfigGivenError), rather than as a fault per key."""
+    from .contrast import DEFAULT_CONTRAST_PATH, ScanConfigGivenError, load_contrast_set
 
     try:
         return load_contrast_set(path or DEFAULT_CONTRAST_PATH)
-    except ConfigError:
-        if path and _looks_like_scan_config(path):
-            raise ValueError(f"--contrast {path}: this looks like a scan config, not a contrast set; a contrast "
-                             f"set maps {FORMAT_HELP} (see configs/contrast_default.yaml)") from None  # fmt: skip
-        raise
-
-
-def _looks_like_scan_config(path: str) -> bool:
-    """Whether a YAML file holds a mapping with a scan config's master_text or categories."""
-    from .config import read_yaml_file, safe_load_yaml
-
-    try:
-        data = safe_load_yaml(read_yaml_file(path, "contrast set"), words_under=())  # its shape, not its words
-    except ConfigError:
-        return False
-    return isinstance(data, dict) and bool({"master_text", "categories"} & set(data))
+    except ScanConfigGivenError as exc:
+        raise ValueError(f"--contrast {path}: {exc}") from None
 
 
 def _run_scan(args) -> int:
@@ -712,17 +714,20 @@ def _run_scan(args) -> int:
         else:
             print(f"{kept:,} of {len(result.scores):,} rows {kept_rows}", file=sys.stderr)
     for fmt, path in outputs:
-        getattr(export, f"to_{fmt}")(result, path, **options)
+        with _writing(args, f"--{fmt}", path):
+            getattr(export, f"to_{fmt}")(result, path, **options)
         _wrote(args, path)
     if args.routing:
         routing = result.extras.get("routing")
         if routing is None:
             print(f"{_without_experts(loaded[-1], result.metadata)}: no routing table written", file=sys.stderr)
         else:
-            export.write_csv(routing, args.routing)
+            with _writing(args, "--routing", args.routing):
+                export.write_csv(routing, args.routing)
             _wrote(args, args.routing)
     if args.save_run:
-        saved = export.save_run(result, args.save_run)
+        with _writing(args, "--save-run", args.save_run):
+            saved = export.save_run(result, args.save_run)
         args.written.append(str(saved))
         print(f"saved run {saved}", file=sys.stderr)
     if not (args.csv or args.json or args.parquet):
@@ -890,6 +895,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.written = []  # the output files written so far (_wrote), for the message after Ctrl-C
     try:
+        if hasattr(args, "dtype"):  # the commands that load a model
+            _check_device_and_dtype(args.device, args.dtype)
         runner = {
             "scan": _run_scan, "interpret": _run_interpret, "validate": _run_validate, "ablate": _run_ablate,
             "write-text": _run_write_text, "contrast": _run_contrast,
@@ -912,13 +919,28 @@ def _wrote(args, path) -> None:
     print(f"wrote {path}", file=sys.stderr)
 
 
+@contextmanager
+def _writing(args, flag: str, path) -> Iterator[None]:
+    """Around the writing of the output `flag` names: an OSError (a full disk, say) becomes a ValueError naming the
+    flag, the file and the outputs written before it (args.written), as Ctrl-C's message does."""
+    try:
+        yield
+    except OSError as exc:
+        raise ValueError(f"cannot write {flag} {path} ({exc.strerror or first_line(exc)}){_outputs_written(args)}") from None
+
+
+def _outputs_written(args) -> str:
+    """The end of a message about a stop: ' after writing a.csv, b.json; nothing else was written' (args.written), or
+    ', no output was written'."""
+    if args.written:
+        return f" after writing {', '.join(args.written)}; nothing else was written"
+    return ", no output was written"
+
+
 def _interrupted_message(args) -> str:
     """What Ctrl-C left behind, in words: the outputs written before it (args.written), and, for a corpus scan
     whose --checkpoint-dir holds this rank's checkpoint, that --resume continues from it."""
-    if args.written:
-        message = f"interrupted after writing {', '.join(args.written)}; nothing else was written"
-    else:
-        message = "interrupted, no output was written"
+    message = f"interrupted{_outputs_written(args)}"
     checkpoint_dir = getattr(args, "checkpoint_dir", None)
     if checkpoint_dir and _checkpoint_exists(checkpoint_dir):
         message += f"; the last checkpoint in {checkpoint_dir} resumes the scan (--resume)"

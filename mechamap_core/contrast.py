@@ -37,7 +37,7 @@ import pandas as pd
 from scipy.stats import mannwhitneyu
 
 from .alignment import find_word_spans
-from .analysis import neuron_ids
+from .analysis import check_one_row_per_neuron, neuron_ids
 from .config import ConfigError, read_yaml_file, safe_load_yaml
 from .inspect_neuron import NeuronSet, collect_activations, neuron_set, neurons_by_set, view_points
 from .models import LoadedModel
@@ -55,10 +55,40 @@ DEFAULT_CONTRAST_PATH = Path(__file__).resolve().parent.parent / "configs" / "co
 FORMAT_HELP = "category -> word -> {in_sense: [sentences], out_of_sense: [sentences]}"
 
 ContrastSet = dict[str, dict[str, dict[str, list[str]]]]
+SCAN_CONFIG_KEYS = ("model", "categories", "master_text")  # a scan config's keys: one of them, not a category, names it one
+
+
+class ScanConfigGivenError(ConfigError):
+    """A scan config given for a contrast set: named as such, with the contrast set's format, rather than as a fault
+    per key."""
+
+
+def _scan_config_keys(data: object) -> list[str]:
+    """The keys of SCAN_CONFIG_KEYS that a parsed mapping holds with anything but a contrast category's value (words
+    mapped to their senses), in its order: a scan config's model name, category word lists or text."""
+    if not isinstance(data, dict):
+        return []
+
+    def category_like(value: object) -> bool:
+        return isinstance(value, dict) and bool(value) and all(isinstance(senses, dict) for senses in value.values())
+
+    return [key for key, value in data.items() if key in SCAN_CONFIG_KEYS and not category_like(value)]
+
+
+def _refuse_scan_config(data: object) -> None:
+    """Raises ScanConfigGivenError when data looks like a scan config (_scan_config_keys) rather than a contrast set."""
+    keys = _scan_config_keys(data)
+    if keys:
+        named = " and ".join(", ".join(keys).rsplit(", ", 1))
+        raise ScanConfigGivenError([("", f"this looks like a scan config, not a contrast set (it has {named}); a "
+                                         f"contrast set maps {FORMAT_HELP}, with at least {MIN_SENTENCES} sentences per "
+                                         "sense, as configs/contrast_default.yaml does")])  # fmt: skip
 
 
 def validate_contrast_set(data: object) -> ContrastSet:
-    """Check a parsed contrast set and return it with string keys. Raises ConfigError listing every fault."""
+    """Check a parsed contrast set and return it with string keys. Raises ConfigError listing every fault, or
+    ScanConfigGivenError (one fault) for a scan config."""
+    _refuse_scan_config(data)
     if not isinstance(data, dict) or not data:
         raise ConfigError([("", f"a contrast set must be a non-empty mapping: {FORMAT_HELP}")])
     problems: list[tuple[str, str]] = []
@@ -98,12 +128,23 @@ def validate_contrast_set(data: object) -> ContrastSet:
 
 
 def parse_contrast_set(text: str) -> ContrastSet:
-    """Parse and validate contrast-set YAML text. Raises ConfigError on malformed or invalid input."""
-    return validate_contrast_set(safe_load_yaml(text, "contrast set", words_under=None))
+    """Parse and validate contrast-set YAML text. Raises ConfigError on malformed or invalid input, and
+    ScanConfigGivenError for a scan config (whose words are a scan config's business: 2.50 there is not refused)."""
+    try:
+        data = safe_load_yaml(text, "contrast set", words_under=None)
+    except ConfigError:
+        try:
+            shape = safe_load_yaml(text, "contrast set", words_under=())  # the words unchecked: what kind of file
+        except ConfigError:
+            shape = None
+        _refuse_scan_config(shape)
+        raise
+    return validate_contrast_set(data)
 
 
 def load_contrast_set(path: str | os.PathLike = DEFAULT_CONTRAST_PATH) -> ContrastSet:
-    """Load and validate a contrast-set file. Raises ConfigError (bad content, or no UTF-8 text) or FileNotFoundError."""
+    """Load and validate a contrast-set file. Raises ConfigError (bad content, or no UTF-8 text), ScanConfigGivenError
+    (a scan config) or FileNotFoundError."""
     return parse_contrast_set(read_yaml_file(path, "contrast set"))
 
 
@@ -257,8 +298,11 @@ def contrast_neurons(
 ) -> pd.DataFrame:
     """contrast_table for the neurons with score >= threshold in the contrast set's categories (best `top` per category
     by score; None = all): dense MLP, shared-expert and routed-expert neurons alike. progress as contrast_table's.
-    Raises ValueError when the run has none of the set's categories, or when no neuron is flagged in them."""
+    Raises ValueError when the run has none of the set's categories, when a row repeats an earlier row's neuron and
+    category (scores written twice, or two scans' joined: each copy would get its own verdicts), or when no neuron
+    is flagged in them."""
     check_shared_categories(scores, contrast_set)
+    check_one_row_per_neuron(scores, "score rows")
     rows = scores[(scores["score"] >= threshold) & scores["category"].astype(str).isin(list(contrast_set))]
     rows = rows.sort_values("score", ascending=False, kind="stable")
     if top:

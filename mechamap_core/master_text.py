@@ -46,6 +46,19 @@ def usable_templates(categories: dict[str, list[str]]) -> list[str]:
     return [t for t in TEMPLATES if not any(find_word_spans(t.format(""), w) for w in words)]
 
 
+def template_words(categories: dict[str, list[str]]) -> list[str]:
+    """The category words that some template contains, in the categories' order: the reason usable_templates leaves
+    those templates out."""
+    frames = [t.format("") for t in TEMPLATES]
+    return list(dict.fromkeys(w for ws in categories.values() for w in ws if any(find_word_spans(f, w) for f in frames)))
+
+
+def _quoted(words: list[str], at_most: int = 8) -> str:
+    """'the', 'a', 'on' and 10 more: words for a message, the first at_most of them named."""
+    more = f" and {len(words) - at_most} more" if len(words) > at_most else ""
+    return ", ".join(f"'{w}'" for w in words[:at_most]) + more
+
+
 def write_master_text(categories: dict[str, list[str]], contexts: int = DEFAULT_CONTEXTS, seed: int = 0) -> str:
     """A balanced master text: each word in `contexts` different templates, categories interleaved.
 
@@ -58,7 +71,7 @@ def write_master_text(categories: dict[str, list[str]], contexts: int = DEFAULT_
     largest fills only the first slots, so it uses fewer templates, and the last blocks hold only the larger
     categories (then one category can follow itself). Deterministic for a given seed.
     Raises ValueError when there are no words, when every template holds a category word, or when `contexts` is
-    below 1 or above the usable templates.
+    below 1 or above the usable templates (naming the words that took the others).
     """
     rng = random.Random(seed)
     words = {name: distinct_words(str(w).strip() for w in ws) for name, ws in categories.items()}  # Pizza = pizza
@@ -67,8 +80,15 @@ def write_master_text(categories: dict[str, list[str]], contexts: int = DEFAULT_
         raise ValueError("there are no category words to write a text for")
     templates = usable_templates(words)
     if not templates:
-        raise ValueError(f"every one of the {len(TEMPLATES)} templates contains one of the category words (such as "
-                         "'the' or 'was'), so none can hold a word without counting another: drop such common words")  # fmt: skip
+        raise ValueError(f"every one of the {len(TEMPLATES)} templates contains one of the category words "
+                         f"({_quoted(template_words(words))}), so none can hold a word without counting another: "
+                         "drop such common words")  # fmt: skip
+    usable, left_out = len(templates), len(TEMPLATES) - len(templates)
+    if contexts > usable and left_out:  # the category words took the templates that would have been enough
+        raise ValueError(f"only {usable} of the {len(TEMPLATES)} templates can hold a word (the other {left_out} contain "
+                         f"the category words {_quoted(template_words(words))}, which would be counted there too), so "
+                         f"contexts must be between 1 and {usable}, got {contexts}: ask for {usable} or fewer contexts, "
+                         "or drop such common words")  # fmt: skip
     if not 1 <= contexts <= len(templates):
         raise ValueError(f"contexts must be between 1 and {len(templates)} (the usable templates), got {contexts}")
     rng.shuffle(templates)

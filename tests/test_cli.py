@@ -1148,3 +1148,66 @@ def test_interpret_correlates_every_neuron_whatever_min_cv_auroc_keeps(scanned, 
     out = capsys.readouterr().out
     matrix = out.split("Category correlation of score across every neuron, whatever --min-cv-auroc keeps (Pearson):\n")[1]
     assert "NaN" not in matrix and matrix.count("1.0") >= 8  # one per category on the diagonal
+
+
+def test_contrast_refuses_repeated_rows_before_the_model_loads(capsys, tmp_path, monkeypatch):
+    """contrast printed every row of a CSV written twice twice, where interpret and validate refuse it (an audit)."""
+    no_model_loads(monkeypatch)
+    twice = tmp_path / "twice.csv"
+    pd.concat([scores_of("bundled", category="color")] * 2).to_csv(twice, index=False)
+    assert main(["contrast", "--csv", str(twice)]) == 1
+    assert_one_line_error(capsys.readouterr().err, f"2 of the rows of {twice} repeat an earlier row's neuron and category",
+                          "(e.g. layer 0, neuron 3, category 'color')", "keep one row per neuron and category")  # fmt: skip
+
+
+def test_ablate_refuses_layers_the_model_lacks_before_it_loads(capsys, tiny_models, tmp_path, monkeypatch):
+    """ablate --neurons 9:1 said "loading ..." and refused layer 9 only once the model had loaded (8 s), where scan
+    --layers 9 refuses it from the model's config.json at once (an audit); --csv's neurons likewise."""
+    no_model_loads(monkeypatch)
+    ablate = ["ablate", "--config", DEFAULT, "--category", "food"]
+    assert main([*ablate, "--neurons", "5:1,9:1"]) == 1  # the bundled model: 6 layers
+    err = capsys.readouterr().err
+    assert_one_line_error(err, "layer 9 is out of range: this model has layers 0-5")
+    assert "loading" not in err
+    tiny = str(tiny_models.path("gpt2"))  # 2 layers
+    scores = tmp_path / "scores.csv"
+    pd.DataFrame({"model": tiny, "layer": [1, 3], "neuron": [0, 2], "category": "food", "score": 5.0}).to_csv(scores, index=False)
+    assert main([*ablate, "--csv", str(scores)]) == 1
+    assert_one_line_error(capsys.readouterr().err, "layer 3 is out of range: this model has layers 0-1")
+
+
+def test_a_bad_device_or_dtype_is_refused_before_loading_is_said(capsys, tmp_path):
+    """scan --device tpu printed "loading ..." and only then "unknown device 'tpu'" (an audit)."""
+    scores = tmp_path / "scores.csv"
+    scores_of("bundled").to_csv(scores, index=False)
+    commands = [["scan", "--config", DEFAULT], ["validate", "--csv", str(scores), "--heldout", HELDOUT],
+                ["ablate", "--config", DEFAULT, "--category", "food", "--neurons", "0:1"], ["contrast", "--csv", str(scores)]]  # fmt: skip
+    for command in commands:
+        for flags, message in ((["--device", "tpu"], "unknown device 'tpu'"), (["--dtype", "float8"], "unknown dtype 'float8'")):
+            assert main([*command, *flags]) == 1
+            err = capsys.readouterr().err
+            assert_one_line_error(err, message)
+            assert "loading" not in err, command
+
+
+def test_a_failed_write_names_its_output_and_those_written_before(capsys, tmp_path, monkeypatch):
+    """--json /dev/full after --csv said "wrote k.csv", then "[Errno 28] No space left on device": not which output
+    failed (an audit). Named with its flag, and the outputs written before it, as after Ctrl-C."""
+    import errno
+
+    from mechamap_core import export, files
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(export, "to_json", disk_full)
+    csv, json_out = tmp_path / "k.csv", tmp_path / "k.json"
+    argv = ["scan", "--config", DEFAULT, "--limit-neurons", "2", "--layers", "0", "--device", "cpu",
+            "--csv", str(csv), "--json", str(json_out)]  # fmt: skip
+    assert main(argv) == 1
+    assert_one_line_error(capsys.readouterr().err, f"cannot write --json {json_out} ({os.strerror(errno.ENOSPC)}) after "
+                          f"writing {csv}; nothing else was written")  # fmt: skip
+    monkeypatch.setattr(files, "atomic_write_text", disk_full)
+    text = tmp_path / "text.txt"
+    assert main(["write-text", "--config", DEFAULT, "--out", str(text)]) == 1
+    assert_one_line_error(capsys.readouterr().err, f"cannot write --out {text} ({os.strerror(errno.ENOSPC)}), no output was written")

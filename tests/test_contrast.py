@@ -353,3 +353,47 @@ def test_contrast_upload_states_and_checks_its_2_mb_cap():
     at.file_uploader(key="contrast_upload").set_value(("broken.yaml", yaml.safe_dump(broken).encode(), "text/yaml")).run()
     [message] = [e.value for e in at.error]
     assert message.startswith("The contrast set can't be used: \n\n- ") and message.count("\n- ") >= 2, message
+
+
+def test_a_scan_config_is_named_as_one_not_as_a_fault_per_key():
+    """A scan config uploaded as a contrast set on the Hypothesis page got one error per key ("model: category
+    'model' must map words to their sentences ..."), or, with a word YAML reads as a number, a quoting fault (an
+    audit). It is named as a scan config in one message with the contrast set's format, in the core's loader."""
+    from mechamap_core.contrast import ScanConfigGivenError
+
+    default = DEFAULT_CONTRAST_PATH.parent / "default.yaml"
+    cases = {
+        default.read_text(encoding="utf-8"): "model, categories and master_text",
+        "master_text: it cost 2.50\ncategories:\n  price: [2.50]\n": "master_text and categories",
+        "categories:\n  food: [pizza]\n": "categories",
+    }
+    for text, keys in cases.items():
+        with pytest.raises(ScanConfigGivenError) as refused:
+            parse_contrast_set(text)
+        assert len(refused.value.problems) == 1
+        assert str(refused.value) == (f"this looks like a scan config, not a contrast set (it has {keys}); a contrast set "
+                                      "maps category -> word -> {in_sense: [sentences], out_of_sense: [sentences]}, with "
+                                      "at least 3 sentences per sense, as configs/contrast_default.yaml does")  # fmt: skip
+    with pytest.raises(ScanConfigGivenError):
+        load_contrast_set(default)
+    model_category = {"model": SET["color"]}  # a contrast category may be called model: its words are a set's
+    assert parse_contrast_set(yaml.safe_dump(model_category)) == model_category
+
+
+def test_contrast_neurons_refuses_scores_with_repeated_rows(tiny_bert):
+    """contrast_neurons gave every row of scores written twice its verdicts twice (an audit), where validate refuses
+    them."""
+    with pytest.raises(ValueError, match=r"3 of the score rows repeat an earlier row's neuron and category .*keep one row"):
+        contrast_neurons(tiny_bert, pd.concat([CANDIDATES, CANDIDATES]), SET)
+
+
+def test_contrast_upload_of_a_scan_config_says_so_in_one_message():
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_function(_contrast_upload_page).run()
+    at.radio(key="contrast_source").set_value("Upload a YAML file").run()
+    config = (DEFAULT_CONTRAST_PATH.parent / "default.yaml").read_bytes()
+    at.file_uploader(key="contrast_upload").set_value(("default.yaml", config, "text/yaml")).run()
+    [message] = [e.value for e in at.error]
+    assert message.startswith("The contrast set can't be used: this looks like a scan config, not a contrast set"), message
+    assert "\n" not in message and at.session_state["picked_set"] is None

@@ -219,3 +219,25 @@ def test_words_that_leave_no_template_are_named_as_the_reason():
     common = sorted({word for template in TEMPLATES for word in template.format("").replace(".", "").split()})
     with pytest.raises(ValueError, match=r"every one of the \d+ templates contains one of the category words"):
         write_master_text({"func": common, "other": ["zebra"]}, 1)
+
+
+def test_words_that_leave_too_few_templates_are_named_with_the_contexts_that_fit(tmp_path, capsys):
+    """Common words removed all but one template, and the message read only "contexts must be between 1 and 1 (the
+    usable templates), got 3", naming no word (an audit)."""
+    stop = ["the", "a", "on", "said", "was", "for", "he", "her", "we", "about", "had", "to", "of"]
+    template_words = [set(re.findall(r"[a-z]+", t.lower().replace("{}", " "))) for t in TEMPLATES]
+    free = [t for t, words in zip(TEMPLATES, template_words) if not words & set(stop)]
+    used = [w for w in stop if any(w in words for words in template_words)]
+    assert len(free) == 1 and len(used) == 13  # the audit's config: "The crossword answer turned out to be {}." is left
+    with pytest.raises(ValueError) as refused:
+        write_master_text({"stop": stop, "food": ["ice cream"]}, 3)
+    message = str(refused.value)
+    named = ", ".join(f"'{w}'" for w in used[:8])
+    assert (f"only 1 of the {len(TEMPLATES)} templates can hold a word (the other {len(TEMPLATES) - 1} contain the "
+            f"category words {named} and 5 more, which would be counted there too), so contexts must be between 1 and "
+            "1, got 3: ask for 1 or fewer contexts, or drop such common words") == message
+    config = tmp_path / "stop.yaml"
+    config.write_text(f"categories:\n  stop: [{', '.join(repr(w) for w in stop)}]\n  food: [ice cream]\n", encoding="utf-8")
+    assert main(["write-text", "--config", str(config)]) == 1
+    assert capsys.readouterr().err == f"mechamap: error: {message}\n"
+    assert main(["write-text", "--config", str(config), "--contexts", "1"]) == 0  # the number it suggests works

@@ -127,6 +127,8 @@ def test_pick_device_auto_is_cpu_here():
 def test_pick_device_cuda_without_cuda():
     with pytest.raises(ValueError, match="cuda"):
         pick_device("cuda")
+    with pytest.raises(ValueError, match="device 'cuda:1' was asked for"):  # as typed (it said 'cuda')
+        pick_device("cuda:1")
     with pytest.raises(ValueError):
         load_model("bundled", device="cuda:0")
 

@@ -341,3 +341,16 @@ def test_a_checkpoint_that_named_its_local_model_as_typed_resumes(tiny_models, t
     other = {**now, "model": str(tiny_models.path("bert"))}
     with pytest.raises(ValueError, match="belongs to another scan .*model"):
         Checkpointing(tmp_path / "ck", 5, other).load()
+
+
+def test_a_damaged_checkpoint_is_named_with_a_reason_not_a_number(tmp_path):
+    """`echo junk > rank0.pt` was refused as "not a checkpoint this MechaMap can resume (174812789)": torch's KeyError
+    of a stray pickle opcode, a number that says nothing (an audit)."""
+    checkpoints = Checkpointing(tmp_path / "ck", 5, {})
+    checkpoints.directory.mkdir()
+    for damaged, why in ((b"junk\n", "the file is damaged, cut short, or not a checkpoint at all"), (b"", "the file is empty")):
+        checkpoints.path.write_bytes(damaged)
+        with pytest.raises(ValueError) as refused:
+            checkpoints.load()
+        assert str(refused.value) == (f"{checkpoints.path} is not a checkpoint this MechaMap can resume ({why}); delete "
+                                      "it, or use a new --checkpoint-dir, to start the scan afresh")  # fmt: skip

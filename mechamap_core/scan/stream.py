@@ -18,7 +18,6 @@ from .. import __version__
 from ..alignment import align
 from ..config import ScanConfig
 from ..corpus import CorpusReport, Document, local_files
-from ..errors import first_line
 from ..files import atomic_output
 from ..models import LoadedModel, ModelNotAvailableError, model_name
 from ..moe import RECOMPUTED_AFTER_CHECK, MoELayer
@@ -147,9 +146,13 @@ class Checkpointing:
             return None
         try:
             saved = torch.load(self.path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # a damaged pickle raises almost anything (IndexError for 5 stray bytes)
-            why = "written by an older MechaMap, or not a checkpoint" if "weights only" in str(exc).lower() else first_line(exc)
-            raise ValueError(f"{self.path} is not a checkpoint this MechaMap can resume ({_plain(why)}); delete it, or "
+        except Exception as exc:  # a damaged pickle raises almost anything (KeyError 174812789 for "junk"): not said
+            if "weights only" in str(exc).lower():
+                why = "written by an older MechaMap, or not a checkpoint"
+            else:
+                empty = self.path.stat().st_size == 0
+                why = "the file is empty" if empty else "the file is damaged, cut short, or not a checkpoint at all"
+            raise ValueError(f"{self.path} is not a checkpoint this MechaMap can resume ({why}); delete it, or "
                              "use a new --checkpoint-dir, to start the scan afresh") from None  # fmt: skip
         if not isinstance(saved, dict) or saved.get("version") != CHECKPOINT_VERSION or "state" not in saved:
             raise ValueError(f"{self.path} was written by another version of MechaMap's checkpoints")
@@ -172,11 +175,6 @@ def _as_named_now(name):
         return model_name(name) if isinstance(name, str) else name
     except ModelNotAvailableError:
         return name
-
-
-def _plain(text: str) -> str:
-    """text without terminal escape codes (torch colours some of its messages)."""
-    return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
 
 def corpus_fingerprint(source: str | os.PathLike) -> str:
