@@ -113,6 +113,7 @@ def plain_scan(lm, cfg, aligned, inputs):
     import torch
     from scipy import stats
 
+    from mechamap_core.alignment import matching_key
     from mechamap_core.scan.driver import batches
     from mechamap_core.scan.run import word_keys, word_labels
     from mechamap_core.sites import resolve_sites
@@ -145,7 +146,8 @@ def plain_scan(lm, cfg, aligned, inputs):
     frames = []
     word_category, word_fold = word_labels(cfg, aligned.coverage)
     all_acts = {layer: torch.cat(parts) for layer, parts in cache.items()}
-    moments = word_moments(torch.cat(list(all_acts.values()), dim=1).numpy(), aligned.token_word, len(word_category))
+    word_texts = [matching_key(word) for word in aligned.coverage["word"]]  # tokens words share count once in a draw
+    moments = word_moments(torch.cat(list(all_acts.values()), dim=1).numpy(), aligned.token_word, len(word_category), word_texts)
     permutation_p = permutation_pvalues(**moments, word_category=word_category, n_permutations=cfg.permutations,
                                         seed=cfg.seed, n_categories=len(aligned.categories),
                                         word_keys=word_keys(cfg))  # [C, all neurons]; the scan's word order

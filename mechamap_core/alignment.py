@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 import numpy as np
 import pandas as pd
@@ -153,6 +153,14 @@ class AlignedText:
     @property
     def n_tokens(self) -> int:
         return len(self.tokens)
+
+    @cached_property
+    def shared_groups(self) -> tuple[np.ndarray, np.ndarray]:
+        """(group [n_tokens], keys [G, C]): the tokens that words of different texts share, per group of words
+        (stats.shared_token_groups of token_word, the words as the text matches them), found once per text."""
+        from .stats import shared_token_groups
+
+        return shared_token_groups(self.token_word, [matching_key(word) for word in self.coverage["word"]])
 
 
 def align(

@@ -210,9 +210,10 @@ def shared_token_groups(token_word: np.ndarray, word_texts) -> tuple[np.ndarray,
     """(group [T] int64, keys [G, C] int64) of the tokens that belong to words of different texts in two or more
     categories ('cream' inside food's 'ice cream' and dessert's 'cream'): tokens with the same words share a group,
     keyed by their token_word row [C] (per category the word, -1 none), keys in ascending row order; -1 for every
-    other token. word_texts [W]: each word as the text matches it (the same text in two categories, 'orange' in
-    food and colour, always has the same tokens, so it makes no group). permutation_pvalues counts a group's tokens
-    once in a null draw holding several of its words."""
+    other token. word_texts [W]: each word as the text matches it. Tokens only entries of one text share ('orange'
+    in food and colour) make no group: a scan's draw pool (draw_pool, with word_keys) holds one entry per text, so no
+    draw holds two of them. permutation_pvalues counts a group's tokens once in a null draw holding several of its
+    words."""
     token_word = np.asarray(token_word)
     group = np.full(len(token_word), -1, dtype=np.int64)
     if token_word.ndim != 2 or not len(token_word):
@@ -355,7 +356,8 @@ def permutation_pvalues(
     (draw_pool; |W_c| counts c's words with tokens), the rest all other tokens (permutation_subsets). A token
     that words of different texts share (shared_keys: 'cream' in food's 'ice cream' and dessert's 'cream') is
     one token of a draw holding several of them: the draw's word sums count it once per word, so the group's
-    sums are taken off as often as it is counted more than once (the sums of a union, not of a multiset).
+    sums are taken off as often as it is counted more than once (the sums of a union, not of a multiset). The groups
+    leave out tokens only entries of one text share, which word_keys' pool draws once: give word_keys with them.
     p = (1 + #{null score >= observed}) / (1 + P). A null draw without a score (an
     empty side) counts as reaching the observed score, and so does one within TIE_RTOL of it (a draw
     of the category's own words, summed in another order). NaN for a category without words, and for one
@@ -437,11 +439,12 @@ def _union_rows(rows: torch.Tensor, shares: np.ndarray, n_words: int) -> tuple[t
     if not shares.shape[1]:
         return rows, None
     extra = (1 - shares[rows.numpy()].sum(axis=1)).clip(max=0)  # [R, G]: 1 - h, or 0 where counted at most once
-    if not extra.any():
+    counted_twice = np.flatnonzero(extra.any(axis=0))  # the groups some subset holds twice: the others add nothing
+    if not len(counted_twice):
         return rows, None
-    groups = torch.arange(n_words, n_words + shares.shape[1]).expand(len(rows), -1)
-    weights = torch.cat([torch.ones(rows.shape, dtype=torch.float64), torch.from_numpy(extra.astype(np.float64))], dim=1)
-    return torch.cat([rows, groups], dim=1), weights
+    groups = torch.from_numpy(n_words + counted_twice).expand(len(rows), -1)
+    weights = torch.from_numpy(extra[:, counted_twice].astype(np.float64))
+    return torch.cat([rows, groups], dim=1), torch.cat([torch.ones(rows.shape, dtype=torch.float64), weights], dim=1)
 
 
 def _draws_below(rows, n_observed, constants, centred_sum, centred_sumsq, total_sumsq, chunk_elements, as_array, weights=None):

@@ -217,3 +217,20 @@ def test_merge_refuses_other_edges_or_layouts():
         a.merge(b)
     with pytest.raises(ValueError, match="different layouts"):
         a.merge(SiteStats(StatsLayout(N_NEURONS, N_CAT), "cpu"))
+
+
+def test_a_batch_registers_only_the_groups_of_shared_tokens_it_holds():
+    """A batch's labels name every group of its text (an expert's selection of them, those of the whole batch); a
+    state takes on only the groups whose tokens it saw, so an expert that met none of a group's tokens keeps no
+    row for it (nor pays for it in its permutation test)."""
+    layout = StatsLayout(N_NEURONS, N_CAT, N_WORDS)
+    acts = torch.randn(6, N_NEURONS)
+    mask = torch.tensor([[1, 1, 0]] * 3 + [[0, 0, 0]] * 3, dtype=torch.float32)
+    word = torch.tensor([0, 0, 1, -1, -1, -1])
+    shared = torch.tensor([1, 1, -1, -1, -1, -1])  # only the second group's tokens are here
+    state = SiteStats(layout, "cpu")
+    with torch.inference_mode():
+        state.update(acts, BatchLabels(mask, torch.arange(6), word, shared=shared, shared_keys=SHARED_KEYS))
+    assert state.shared_keys.tolist() == [SHARED_KEYS[1].tolist()]
+    np.testing.assert_allclose(state.shared_sums[0].numpy(), acts[:2].double().sum(0).numpy(), rtol=1e-6, atol=1e-6)
+    assert state.shared_n.tolist() == [2.0]

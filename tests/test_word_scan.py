@@ -318,8 +318,9 @@ SHARED_DOCS = [
 
 def test_tokens_that_words_of_two_categories_share_count_once_in_a_null_draw(bundled_lm, default_cfg):
     """'cream' inside food's 'ice cream' is also dessert's and colour's 'cream': a null draw holding both words
-    holds those tokens once, as the union of its words' tokens (until 2026-12-07 the word sums counted them twice,
-    and p-values of such configs were up to 0.027 off their definition, found by a statistics audit). The scan,
+    holds those tokens once, as the union of its words' tokens (until 2026-12-07 the word sums counted them twice:
+    on this config over all neurons, 71% of the p-values were off their definition, by up to 0.147; a statistics
+    audit found it). The scan,
     with and without a recording, and a corpus scan of two merged shards all equal brute_force_p_values; the
     same word sums without the groups of shared tokens (stats.shared_token_groups) would not."""
     from mechamap_core.scan.stream import merge_states, scan_stream, stream_result

@@ -139,7 +139,8 @@ def for_finishing(values: torch.Tensor):
     """values in float64 for the finishing arithmetic: on a CUDA GPU a tensor there (torch's arithmetic, no
     copy to the host); elsewhere a numpy array (numpy's single-threaded reductions, the moments' and the binned
     AUROC's, do not wake torch's thread pool beside a forward pass, and Apple's MPS has no float64). The
-    permutation test takes its word sums into torch float32 on any device (permutation_pvalues)."""
+    permutation test takes its word sums into torch float32 on any device (float64 where words of two categories share
+    tokens; permutation_pvalues)."""
     if values.device.type == "cuda":
         return values.double()
     return values.cpu().double().numpy()

@@ -18,7 +18,7 @@ from ..models import LoadedModel, local_model_version
 from ..moe import MoELayer
 from ..sites import layers_without_mlp
 from ..sites import n_layers as count_layers
-from ..stats import shared_token_groups, word_folds
+from ..stats import word_folds
 from .calibrate import calibrate_edges, calibration_chunks
 from .driver import Batch, ProgressFn, Site, batches, resolve_hook_points, run_hooked_forward, site_device
 from .finish import (
@@ -147,10 +147,9 @@ def batch_labels(
     fold = None if folds is None else torch.from_numpy(folds[index])
     token_keys = batch.token_index if keys is None else torch.from_numpy(keys[index])
     shared, shared_keys = None, None
-    if word is not None:
-        group, group_keys = shared_token_groups(aligned.token_word[index], [matching_key(w) for w in aligned.coverage["word"]])
-        if len(group_keys):
-            shared, shared_keys = torch.from_numpy(group), torch.from_numpy(group_keys)
+    if word is not None and len(aligned.shared_groups[1]):  # the batch's index keeps the groups it holds
+        group, group_keys = aligned.shared_groups
+        shared, shared_keys = torch.from_numpy(group[index]), torch.from_numpy(group_keys)
     mask = torch.from_numpy(aligned.category_mask[index].astype(np.float32))
     return BatchLabels(mask, token_keys, word, fold, shared, shared_keys)
 

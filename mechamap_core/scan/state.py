@@ -40,10 +40,11 @@ class LabelIndex:
     words: torch.Tensor | None = None  # [U] the distinct words among them, ascending
     word_slot: torch.Tensor | None = None  # [K_w] each membership's word, as its place in words
     shared_rows: torch.Tensor | None = None  # [K_s] the tokens that words of different texts share (BatchLabels.shared)
-    shared_slot: torch.Tensor | None = None  # [K_s] and their group, a row of BatchLabels.shared_keys
+    shared_slot: torch.Tensor | None = None  # [K_s] and their group, as its place in shared_groups
+    shared_groups: tuple[int, ...] | None = None  # the groups among them, as rows of BatchLabels.shared_keys (host ints)
 
     def to(self, device: torch.device) -> LabelIndex:
-        return LabelIndex(*(None if t is None else _moved(t, device) for t in vars(self).values()))
+        return LabelIndex(*(_moved(t, device) if isinstance(t, torch.Tensor) else t for t in vars(self).values()))
 
 
 def label_index(
@@ -62,9 +63,12 @@ def label_index(
     word = word[:, None] if word.dim() == 1 else word  # [T, C]: a token in words of two categories counts in both
     word_rows, word_column = torch.nonzero(word >= 0, as_tuple=True)
     words, word_slot = torch.unique(word[word_rows, word_column], return_inverse=True)
-    shared_rows = None if shared is None else torch.nonzero(shared >= 0).view(-1)
-    shared_slot = None if shared is None else shared.index_select(0, shared_rows)
-    return LabelIndex(rows, pair_token, pair_category, pair_fold, word_rows, words, word_slot, shared_rows, shared_slot)
+    if shared is None:
+        return LabelIndex(rows, pair_token, pair_category, pair_fold, word_rows, words, word_slot)
+    shared_rows = torch.nonzero(shared >= 0).view(-1)
+    groups, shared_slot = torch.unique(shared.index_select(0, shared_rows), return_inverse=True)
+    return LabelIndex(rows, pair_token, pair_category, pair_fold, word_rows, words, word_slot, shared_rows, shared_slot,
+                      tuple(groups.tolist()))  # fmt: skip
 
 
 def _moved(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -229,7 +233,7 @@ class SiteStats:
                 _add_centred_sums((self.word_n, self.word_sums, self.word_sumsq), index.words, centred, index.word_rows,
                                   index.word_slot, shift)  # fmt: skip
             if labels.shared is not None and len(index.shared_rows):  # a group's tokens once, beside their words
-                rows = self._shared_rows(labels.shared_keys)  # first: it grows the tables for new groups
+                rows = self._add_groups(labels.shared_keys[list(index.shared_groups)])  # first: it grows the tables
                 _add_centred_sums((self.shared_n, self.shared_sums, self.shared_sumsq), rows, centred, index.shared_rows,
                                   index.shared_slot, shift)  # fmt: skip
         layout = self.layout
@@ -246,8 +250,9 @@ class SiteStats:
         if layout.sample_bands:
             self._update_samples(acts_t, labels.keys)
 
-    def _shared_rows(self, keys: torch.Tensor) -> torch.Tensor:
-        """This state's row of each group of shared tokens keys [U, C] names, new groups added as zero rows."""
+    def _add_groups(self, keys: torch.Tensor) -> torch.Tensor:
+        """This state's row of each group of shared tokens keys [U, C] names (on the CPU), new groups added as zero
+        rows; the rows on this state's device, sent without waiting for it (_moved)."""
         known = {tuple(key): row for row, key in enumerate(self.shared_keys.tolist())}
         new = [key for key in dict.fromkeys(map(tuple, keys.tolist())) if key not in known]
         if new:
@@ -256,7 +261,7 @@ class SiteStats:
             for name in _SHARED_FIELDS:
                 grown = getattr(self, name)
                 setattr(self, name, torch.cat([grown, grown.new_zeros(len(new), *grown.shape[1:])]))
-        return torch.tensor([known[tuple(key)] for key in keys.tolist()], device=self.device)
+        return _moved(torch.tensor([known[tuple(key)] for key in keys.tolist()]), self.device)
 
     def _update_top(self, acts_t: torch.Tensor, keys: torch.Tensor) -> None:
         k = min(self.layout.top_k, acts_t.shape[1])
@@ -350,10 +355,10 @@ class SiteStats:
         out = SiteStats(self.layout, self.device, edges)
         for name in _FLOAT_FIELDS + _COUNT_FIELDS:
             setattr(out, name, getattr(self, name) + getattr(other, name))
-        out.shared_keys, both = torch.unique(torch.cat([self.shared_keys, other.shared_keys]), dim=0, return_inverse=True)
+        out.shared_keys, row_of = torch.unique(torch.cat([self.shared_keys, other.shared_keys]), dim=0, return_inverse=True)
         for name in _SHARED_FIELDS:  # each side's groups added into the row of their key
             rows = torch.cat([getattr(self, name), getattr(other, name)])
-            setattr(out, name, rows.new_zeros(len(out.shared_keys), *rows.shape[1:]).index_add_(0, both.to(self.device), rows))
+            setattr(out, name, rows.new_zeros(len(out.shared_keys), *rows.shape[1:]).index_add_(0, row_of.to(self.device), rows))
         out.top_vals, out.top_keys = _keep_top(
             torch.cat([self.top_vals, other.top_vals]), torch.cat([self.top_keys, other.top_keys]), self.layout.top_k
         )

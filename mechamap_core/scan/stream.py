@@ -33,7 +33,7 @@ from .state import HIST_BINS, SiteStats, StatsLayout
 KEY_POSITIONS = 2**24  # a token's key: document index * KEY_POSITIONS + its ordinal among the document's tokens
 CONTEXT_CHARS = 60
 SAMPLE_BANDS, SAMPLES_PER_BAND = 8, 2
-CHECKPOINT_VERSION = 3  # 3: word counts (the corpus coverage table); 2: plain data, weights_only
+CHECKPOINT_VERSION = 4  # 4: sums of tokens words share; 3: word counts (the corpus coverage table); 2: plain data
 ProgressFn = Callable[[int, int | None, str], None]
 
 
