@@ -266,7 +266,7 @@ def restore_widgets(page: str, defaults: dict, basis) -> None:
     a key still unset is set.
     basis: what the defaults come from (e.g. the active config's model and layers); once it changes, the
     defaults win again. keep_widgets saves the values."""
-    values = _kept_widgets(page, basis)
+    values = kept_widgets(page, basis)
     returning = st.session_state.get(PAGE_BEFORE) != st.session_state.get(PAGE_NOW)
     for key, default in defaults.items():
         value = values.get(key, default)
@@ -274,13 +274,26 @@ def restore_widgets(page: str, defaults: dict, basis) -> None:
             st.session_state[key] = value
 
 
+def restore_url_params(page: str, keys, basis) -> None:
+    """restore_widgets for widgets bound to the URL: on coming back from another page, put into the URL the values
+    keep_widgets kept of those keys it lacks (a URL naming them wins), and run the page again. Such a widget takes its
+    value from the URL the browser had when the run began, so setting it in this run would not show."""
+    if st.session_state.get(PAGE_BEFORE) == st.session_state.get(PAGE_NOW):
+        return
+    values = kept_widgets(page, basis)
+    missing = {key: str(values[key]) for key in keys if key in values and key not in st.query_params}
+    if missing:
+        st.query_params.update(missing)
+        st.rerun()
+
+
 def keep_widgets(page: str, keys, basis) -> None:
     """After a page drew its widgets: keep their values (those drawn on an earlier run too) for restore_widgets."""
-    values = {**_kept_widgets(page, basis), **{key: st.session_state[key] for key in keys if key in st.session_state}}
+    values = {**kept_widgets(page, basis), **{key: st.session_state[key] for key in keys if key in st.session_state}}
     st.session_state[f"kept_widgets:{page}"] = (basis, values)
 
 
-def _kept_widgets(page: str, basis) -> dict:
+def kept_widgets(page: str, basis) -> dict:
     """The widget values keep_widgets kept for page, if they were kept with this basis; else none."""
     kept_basis, values = st.session_state.get(f"kept_widgets:{page}", (None, {}))
     return values if kept_basis == basis else {}

@@ -32,6 +32,7 @@ from mechamap_core.errors import as_sentence
 from mechamap_core.scan import MIN_CATEGORY_TOKENS
 from mechamap_core.scan.finish import STAT_COLUMNS
 from mechamap_core.stats import CV_AUROC_NEEDS
+from mechamap_ui import state
 from mechamap_ui.state import ROOT, RUN_PARAM, set_active_run
 
 SELECTED_NEURON = "selected_neuron"  # session_state: (layer, neuron), or (layer, neuron, expert) for a routed expert
@@ -113,6 +114,18 @@ def metric_picker(scores: pd.DataFrame, key: str, label: str = "Metric", default
     return st.selectbox(
         label, options, index=index, key=key, help=described, bind=_binding(in_url),
     )  # fmt: skip
+
+
+def url_choices_restored(basis) -> Callable[[], None]:
+    """Before an explorer page draws its metric picker and threshold slider bound to the URL (keys "metric" and
+    "threshold", in_url): on coming back from another page to an address without them (the browser's Back returns to
+    one Streamlit had stripped of them as the page was left), put them back as this run's explorer pages last had
+    them (state.restore_url_params: one more run); a URL that names them wins. Returns the function that keeps them,
+    to call once they are drawn."""
+    metric = st.query_params.get("metric", state.kept_widgets("url_choices", basis).get("metric", "score"))
+    state.restore_url_params("url_choices", ["metric", f"threshold_{metric}"], basis)  # the other metrics' stay out
+    keys = ["metric", *(f"threshold_{metric}" for metric in METRICS)]
+    return lambda: state.keep_widgets("url_choices", keys, basis)
 
 
 def _binding(in_url: bool) -> str | None:

@@ -330,7 +330,9 @@ def test_a_row_click_opens_the_neuron_even_with_the_metric_in_the_url(server_wit
 def test_each_page_visit_is_one_step_of_the_browser_history(server_with_a_saved_run, browser):
     """Overview -> Pivot (its metric changed) -> Neuron -> Config adds one history entry per page, and Back returns
     one page per press. Streamlit's browser side adds an entry for each change of the URL's params too (the Pivot's
-    bound metric dropped, ?run= put back, the Neuron page's neuron): Back took 2-3 presses on those pages."""
+    bound metric dropped, ?run= put back, the Neuron page's neuron): Back took 2-3 presses on those pages. Back on
+    the Pivot shows the metric it was left with (Streamlit had stripped it from that entry's address as the page was
+    left, and the Pivot came back at 'score': an app audit; widgets.url_choices_restored)."""
     from playwright.sync_api import expect
 
     url = server_with_a_saved_run["url"]
@@ -362,7 +364,9 @@ def test_each_page_visit_is_one_step_of_the_browser_history(server_with_a_saved_
             assert page.evaluate("history.length") == entries, "a changed setting is no page visit"
     for visit in (neuron, pivot, overview):
         page.go_back()
-        settled_on(visit)
+        settled_on(visit, rf"/pivot\?{run}&metric=auroc$" if visit is pivot else None)
+        if visit is pivot:
+            expect(page.get_by_role("heading", name="Neurons with auroc ≥ 0.8, per layer and category")).to_be_visible()
     assert page.evaluate("history.length") == entries
 
 

@@ -7,7 +7,7 @@ import pandas as pd
 import streamlit as st
 
 from mechamap_core import charts
-from mechamap_core.analysis import flagged, has_experts, shown_key
+from mechamap_core.analysis import METRICS, flagged, has_experts, shown_key
 from mechamap_core.config import ConfigError, ScanConfig, load_config, safe_child_path
 from mechamap_core.errors import as_sentence
 from mechamap_core.export import flagged_neurons
@@ -62,6 +62,7 @@ KEPT = {  # the page's choices and typed text, kept while this run stays active,
     "hyp_min_auroc": 0.75, "hyp_source": FROM_FILE, "hyp_heldout_name": None, "hyp_heldout_text": "",
     "hyp_heldout_words": "food: sushi, grape\nlocation: Berlin, Lima", "hyp_ceiling": True, "abl_category": None,
     "abl_how": FLAGGED, "abl_limit": 10, "abl_typed": "", "abl_mode": "zero", "abl_controls": 5,
+    "hyp_metric": None, **{f"hyp_threshold_{metric}": None for metric in METRICS},  # as left, if changed
 }  # fmt: skip
 kept_basis = state.result_identity(result)
 state.restore_widgets("hypothesis", KEPT, kept_basis)

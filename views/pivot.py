@@ -18,11 +18,13 @@ min_cv_auroc = widgets.holds_up_toggle(scores, key="pivot_holds_up")
 if min_cv_auroc is not None:
     scores = analysis.holding_up(scores, min_cv_auroc)
 
+keep_url_choices = widgets.url_choices_restored(state.result_identity(result))
 left, right = st.columns(2)
 with left:
     metric = widgets.metric_picker(scores, key="metric", in_url=True)
 with right:
     threshold = widgets.threshold_slider(scores, metric, key="threshold", default=result.metadata.get("threshold"), in_url=True)
+keep_url_choices()
 
 try:
     counts = analysis.layer_category_counts(result.scores, metric, threshold, min_cv_auroc)  # every layer and category
