@@ -7,6 +7,7 @@ from pathlib import Path
 
 import streamlit as st
 import torch
+from streamlit.errors import StreamlitAPIException
 
 from mechamap_core.analysis import differing_config_keys
 from mechamap_core.config import ConfigError, ScanConfig, load_config
@@ -277,13 +278,21 @@ def restore_widgets(page: str, defaults: dict, basis) -> None:
 def restore_url_params(page: str, keys, basis) -> None:
     """restore_widgets for widgets bound to the URL: on coming back from another page, put into the URL the values
     keep_widgets kept of those keys it lacks (a URL naming them wins), and run the page again. Such a widget takes its
-    value from the URL the browser had when the run began, so setting it in this run would not show."""
+    value from the URL the browser had when the run began, so setting it in this run would not show. A key still
+    bound to a widget of the page before (Pivot's metric on the way to Overlap) kept its value with it: left alone
+    (Streamlit refuses to set it)."""
     if st.session_state.get(PAGE_BEFORE) == st.session_state.get(PAGE_NOW):
         return
     values = kept_widgets(page, basis)
-    missing = {key: str(values[key]) for key in keys if key in values and key not in st.query_params}
-    if missing:
-        st.query_params.update(missing)
+    restored = False
+    for key in keys:
+        if key in values and key not in st.query_params:
+            try:
+                st.query_params[key] = str(values[key])
+            except StreamlitAPIException:
+                continue
+            restored = True
+    if restored:
         st.rerun()
 
 
