@@ -215,14 +215,11 @@ def shared_token_groups(token_word: np.ndarray, word_texts) -> tuple[np.ndarray,
     draw holds two of them. permutation_pvalues counts a group's tokens once in a null draw holding several of its
     words."""
     token_word = np.asarray(token_word)
+    token_word = token_word[:, None] if token_word.ndim == 1 else token_word  # [T] is one column: no token shared
     group = np.full(len(token_word), -1, dtype=np.int64)
-    if token_word.ndim != 2 or not len(token_word):
-        return group, np.zeros((0, token_word.shape[1] if token_word.ndim == 2 else 1), dtype=np.int64)
     rows = np.flatnonzero((token_word >= 0).sum(axis=1) >= 2)
     texts = np.asarray(word_texts, dtype=object)
-    rows = rows[[len(set(texts[token_word[r][token_word[r] >= 0]])) >= 2 for r in rows]]
-    if not len(rows):
-        return group, np.zeros((0, token_word.shape[1]), dtype=np.int64)
+    rows = rows[np.array([len(set(texts[token_word[r][token_word[r] >= 0]])) >= 2 for r in rows], dtype=bool)]
     keys, group[rows] = np.unique(token_word[rows].astype(np.int64), axis=0, return_inverse=True)
     return group, keys
 
@@ -235,9 +232,7 @@ def word_moments(acts: np.ndarray, token_word: np.ndarray, n_words: int, word_te
     shared_sumsq), which permutation_pvalues counts once in a draw."""
     acts = np.asarray(acts, dtype=np.float64)
     in_word, words = word_pairs(token_word)
-    word_sum, word_sumsq = np.zeros((n_words, acts.shape[1])), np.zeros((n_words, acts.shape[1]))
-    np.add.at(word_sum, words, acts[in_word])
-    np.add.at(word_sumsq, words, acts[in_word] ** 2)
+    word_sum, word_sumsq = _sums_by_group(acts, in_word, words, n_words)
     out = {
         "word_n": np.bincount(words, minlength=n_words).astype(np.float64),
         "word_sum": word_sum,
@@ -248,12 +243,18 @@ def word_moments(acts: np.ndarray, token_word: np.ndarray, n_words: int, word_te
     }
     if word_texts is not None:
         group, keys = shared_token_groups(token_word, word_texts)
-        in_group = group >= 0
+        in_group = np.flatnonzero(group >= 0)
         out["shared_keys"], out["shared_n"] = keys, np.bincount(group[in_group], minlength=len(keys)).astype(np.float64)
-        out["shared_sum"], out["shared_sumsq"] = np.zeros((len(keys), acts.shape[1])), np.zeros((len(keys), acts.shape[1]))
-        np.add.at(out["shared_sum"], group[in_group], acts[in_group])
-        np.add.at(out["shared_sumsq"], group[in_group], acts[in_group] ** 2)
+        out["shared_sum"], out["shared_sumsq"] = _sums_by_group(acts, in_group, group[in_group], len(keys))
     return out
+
+
+def _sums_by_group(acts: np.ndarray, rows: np.ndarray, group: np.ndarray, n_groups: int) -> tuple[np.ndarray, np.ndarray]:
+    """(sums, sums of squares) [n_groups, N] of the rows of acts [T, N] (rows [K], each in group [K])."""
+    sums, sums_sq = np.zeros((n_groups, acts.shape[1])), np.zeros((n_groups, acts.shape[1]))
+    np.add.at(sums, group, acts[rows])
+    np.add.at(sums_sq, group, acts[rows] ** 2)
+    return sums, sums_sq
 
 
 def permutation_subsets(

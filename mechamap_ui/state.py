@@ -268,7 +268,7 @@ def restore_widgets(page: str, defaults: dict, basis) -> None:
     basis: what the defaults come from (e.g. the active config's model and layers); once it changes, the
     defaults win again. keep_widgets saves the values."""
     values = kept_widgets(page, basis)
-    returning = st.session_state.get(PAGE_BEFORE) != st.session_state.get(PAGE_NOW)
+    returning = _coming_back()
     for key, default in defaults.items():
         value = values.get(key, default)
         if value is not None and (returning or key not in st.session_state):
@@ -281,7 +281,7 @@ def restore_url_params(page: str, keys, basis) -> None:
     value from the URL the browser had when the run began, so setting it in this run would not show. A key still
     bound to a widget of the page before (Pivot's metric on the way to Overlap) kept its value with it: left alone
     (Streamlit refuses to set it)."""
-    if st.session_state.get(PAGE_BEFORE) == st.session_state.get(PAGE_NOW):
+    if not _coming_back():
         return
     values = kept_widgets(page, basis)
     restored = False
@@ -294,6 +294,11 @@ def restore_url_params(page: str, keys, basis) -> None:
             restored = True
     if restored:
         st.rerun()
+
+
+def _coming_back() -> bool:
+    """Whether this run draws a page other than the run before's (note_page): the user came back to it."""
+    return st.session_state.get(PAGE_BEFORE) != st.session_state.get(PAGE_NOW)
 
 
 def keep_widgets(page: str, keys, basis) -> None:

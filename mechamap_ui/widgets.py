@@ -35,6 +35,7 @@ from mechamap_core.stats import CV_AUROC_NEEDS
 from mechamap_ui import state
 from mechamap_ui.state import ROOT, RUN_PARAM, set_active_run
 
+URL_CHOICES = "url_choices"  # state.keep_widgets' page name for the explorer pages' metric and threshold
 SELECTED_NEURON = "selected_neuron"  # session_state: (layer, neuron), or (layer, neuron, expert) for a routed expert
 NEURON_PAGE = "views/neuron.py"  # relative to the repo root, where app.py lives
 SCORE_LIKE = ("score", "separation", "cohens_d")  # effect sizes: slider -1..6, default the run's threshold
@@ -116,16 +117,21 @@ def metric_picker(scores: pd.DataFrame, key: str, label: str = "Metric", default
     )  # fmt: skip
 
 
-def url_choices_restored(basis) -> Callable[[], None]:
-    """Before an explorer page draws its metric picker and threshold slider bound to the URL (keys "metric" and
-    "threshold", in_url): on coming back from another page to an address without them (the browser's Back returns to
-    one Streamlit had stripped of them as the page was left), put them back as this run's explorer pages last had
-    them (state.restore_url_params: one more run); a URL that names them wins. Returns the function that keeps them,
-    to call once they are drawn."""
-    metric = st.query_params.get("metric", state.kept_widgets("url_choices", basis).get("metric", "score"))
-    state.restore_url_params("url_choices", ["metric", f"threshold_{metric}"], basis)  # the other metrics' stay out
-    keys = ["metric", *(f"threshold_{metric}" for metric in METRICS)]
-    return lambda: state.keep_widgets("url_choices", keys, basis)
+def metric_and_threshold_in_url(scores: pd.DataFrame, default_threshold, basis, metric_place, threshold_place):
+    """(metric, threshold) from the explorer pages' metric picker and threshold slider, drawn in their places (e.g.
+    columns) and bound to the URL (keys "metric" and "threshold", in_url). On coming back from another page to an
+    address without them (the browser's Back returns to one Streamlit had stripped of them as the page was left),
+    they are put back as this run's explorer pages last had them (state.restore_url_params: one more run); a URL
+    that names them wins. basis: the active run (state.result_identity)."""
+    kept = state.kept_widgets(URL_CHOICES, basis)
+    shown = st.query_params.get("metric", kept.get("metric", "score"))
+    state.restore_url_params(URL_CHOICES, ["metric", f"threshold_{shown}"], basis)  # the other metrics' stay out
+    with metric_place:
+        metric = metric_picker(scores, key="metric", in_url=True)
+    with threshold_place:
+        threshold = threshold_slider(scores, metric, key="threshold", default=default_threshold, in_url=True)
+    state.keep_widgets(URL_CHOICES, ["metric", *(f"threshold_{name}" for name in METRICS)], basis)
+    return metric, threshold
 
 
 def _binding(in_url: bool) -> str | None:

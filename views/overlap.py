@@ -17,13 +17,8 @@ kept = {"overlap_min": 2, "overlap_filter": None, "overlap_match": MATCH_ALL}
 basis = state.result_identity(result)
 state.restore_widgets("overlap", kept, basis)
 
-keep_url_choices = widgets.url_choices_restored(basis)
 left, mid, right = st.columns([2, 3, 1])
-with left:
-    metric = widgets.metric_picker(scores, key="metric", in_url=True)
-with mid:
-    threshold = widgets.threshold_slider(scores, metric, key="threshold", default=result.metadata.get("threshold"), in_url=True)
-keep_url_choices()
+metric, threshold = widgets.metric_and_threshold_in_url(scores, result.metadata.get("threshold"), basis, left, mid)
 with right:
     min_categories = int(
         st.number_input(

@@ -13,18 +13,14 @@ result = require_result()
 scores = result.scores
 # kept while this run stays active, as the user left them on another page (metric and threshold live in the URL)
 kept = {"pivot_holds_up": None, "pivot_top_n": 10, "pivot_category": ALL}
-state.restore_widgets("pivot", kept, state.result_identity(result))
+basis = state.result_identity(result)
+state.restore_widgets("pivot", kept, basis)
 min_cv_auroc = widgets.holds_up_toggle(scores, key="pivot_holds_up")
 if min_cv_auroc is not None:
     scores = analysis.holding_up(scores, min_cv_auroc)
 
-keep_url_choices = widgets.url_choices_restored(state.result_identity(result))
 left, right = st.columns(2)
-with left:
-    metric = widgets.metric_picker(scores, key="metric", in_url=True)
-with right:
-    threshold = widgets.threshold_slider(scores, metric, key="threshold", default=result.metadata.get("threshold"), in_url=True)
-keep_url_choices()
+metric, threshold = widgets.metric_and_threshold_in_url(scores, result.metadata.get("threshold"), basis, left, right)
 
 try:
     counts = analysis.layer_category_counts(result.scores, metric, threshold, min_cv_auroc)  # every layer and category
@@ -53,7 +49,7 @@ with n_col:
     n = int(st.number_input("Neurons per category", min_value=1, max_value=500, step=1, key="pivot_top_n"))
 with cat_col:
     choice = st.selectbox("Category", [ALL, *result.categories], key="pivot_category")
-state.keep_widgets("pivot", kept, state.result_identity(result))
+state.keep_widgets("pivot", kept, basis)
 try:
     top = analysis.top_neurons(scores, metric, n=n, category=None if choice == ALL else choice, top_tokens=result.top_tokens)
 except (ValueError, KeyError) as err:
