@@ -371,7 +371,7 @@ def test_binned_auroc_and_cv_auroc_of_a_scan_equal_pair_counting_on_its_own_bins
     pd.testing.assert_frame_equal(aligned.tokens, binned.tokens)
     mask = binned.category_mask
     np.testing.assert_array_equal(aligned.category_mask, mask)
-    _, word_fold = scan_run.word_labels(cfg, binned.coverage)
+    _, word_fold = scan_run.word_labels(cfg, aligned.token_word)
     token_fold = np.where(aligned.token_word >= 0, word_fold[aligned.token_word], -1)  # [T, C]
     assert ((token_fold >= 0) == mask).all()  # every category token is in a word with a fold
     n_cat = mask.sum(axis=0)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from mechamap_core import scan
+from mechamap_core.alignment import align
 from mechamap_core.scan import run as scan_run
 from mechamap_core.scan.stream import Checkpointing, StreamState, merge_states, scan_stream, stream_result
 
@@ -69,7 +70,8 @@ def test_stream_equals_in_memory_scan(tiny_gpt2, default_cfg, documents, monkeyp
     # absent from its text (README, "Coverage and cv folds"). Here '3.14' is absent (the sentence split cuts it), so
     # the folds of 'numeric' differ and its cv_auroc may differ beyond the binned tolerance (0.036 measured).
     word_category, stream_folds = scan_run.word_labels(cfg)
-    scan_folds = scan_run.word_labels(cfg, reference.coverage)[1]
+    aligned = align(tiny_gpt2.tokenizer, documents, cfg.categories, reference.metadata["chunk_tokens"])
+    scan_folds = scan_run.word_labels(cfg, aligned.token_word)[1]
     same_folds = [name for c, name in enumerate(cfg.categories)
                   if np.array_equal(stream_folds[word_category == c], scan_folds[word_category == c])]  # fmt: skip
     absent = set(reference.coverage.loc[reference.coverage["n_tokens"] == 0, "category"])
@@ -77,7 +79,7 @@ def test_stream_equals_in_memory_scan(tiny_gpt2, default_cfg, documents, monkeyp
     rows = merged["category"].isin(same_folds).to_numpy()
     np.testing.assert_allclose(merged["cv_auroc"][rows], merged["cv_auroc_ref"][rows], atol=0.03)
     # and with scan() given the stream's folds (every config word's), every category's cv_auroc agrees
-    monkeypatch.setattr(scan_run, "word_labels", lambda cfg, coverage=None, labels=scan_run.word_labels: labels(cfg))
+    monkeypatch.setattr(scan_run, "word_labels", lambda cfg, token_word=None, labels=scan_run.word_labels: labels(cfg))
     same_draws = scan(tiny_gpt2, cfg, texts=documents, record_activations=False)
     assert not np.allclose(same_draws.scores["cv_auroc"], reference.scores["cv_auroc"])  # the folds did change
     joined = streamed.scores.merge(same_draws.scores, on=KEY, suffixes=("", "_ref"))

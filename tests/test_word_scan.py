@@ -12,7 +12,9 @@ import pytest
 from test_alignment import reference_words
 
 from mechamap_core import scan
+from mechamap_core.alignment import align
 from mechamap_core.cli import main
+from mechamap_core.scan import run as scan_run
 from mechamap_core.stats import MIN_CATEGORY_TOKENS, cv_auroc_exact, permutation_pvalues, word_folds, word_moments
 
 KEY = ["layer", "neuron", "category"]
@@ -32,11 +34,12 @@ def as_grid(scores, layer, column, categories):
 def word_level_expected(cfg, ref: dict, activations: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(p_value [C, N], cv_auroc [C, N]) by their definitions (permutation_pvalues, cv_auroc_exact) on one layer's
     recorded activations [T, N], with the word labels of reference_words (ref): each word's category, its key as
-    the text matches it, and folds over the words that have tokens."""
+    the text matches it, and folds over the words that have tokens of their own."""
     names = list(cfg.categories)
     word_category = np.array([names.index(category) for category, _ in ref["rows"]], dtype=np.int64)
     keys = [f"{category}\x1f{' '.join(word.casefold().split())}" for category, word in ref["rows"]]
-    word_fold = word_folds(word_category, cfg.cv_folds, cfg.seed, ref["n_tokens"] > 0, names, keys)
+    own_tokens = np.array([(ref["token_word"] == r).any() for r in range(len(ref["rows"]))])
+    word_fold = word_folds(word_category, cfg.cv_folds, cfg.seed, own_tokens, names, keys)
     token_word = ref["token_word"].astype(np.int32)
     acts = activations.astype(np.float64)  # [T, N]
     moments = word_moments(acts, token_word, len(word_category))
@@ -256,6 +259,30 @@ def brute_force_p_values(acts, token_word, rows, n_categories, permutations, see
     return p_values
 
 
+def brute_force_cv_auroc(acts, token_word, rows, names, seed, k) -> np.ndarray:
+    """cv_auroc [C, N] by the rules the README and docstrings state, on activations acts [T, N] with reference_words'
+    token_word [T, C] and rows: a category's words with tokens of their own, sorted by "category\x1fword as it
+    matches", permuted by default_rng([seed, crc32(category)]), go to folds 0..k-1 in turn; cv_auroc is the mean over
+    its folds of the AUROC of the fold's tokens against the tokens outside the category."""
+    import zlib
+
+    word_category = np.array([names.index(category) for category, _ in rows])
+    keys = [f"{category}\x1f{' '.join(word.casefold().split())}" for category, word in rows]
+    has_tokens = np.array([(token_word == r).any() for r in range(len(rows))])
+    fold = np.full(len(rows), -1)
+    cv = np.full((len(names), acts.shape[1]), np.nan)
+    for c, name in enumerate(names):
+        words = sorted(np.flatnonzero((word_category == c) & has_tokens), key=lambda r: keys[r])
+        for position, index in enumerate(np.random.default_rng([seed, zlib.crc32(name.encode())]).permutation(len(words))):
+            fold[words[index]] = position % k
+        in_category = token_word[:, c] >= 0
+        token_fold = np.where(in_category, fold[token_word[:, c]], -1)
+        folds = np.unique(token_fold[token_fold >= 0])
+        if len(folds) >= 2:
+            cv[c] = np.mean([mann_whitney_auroc(acts[token_fold == f], acts[~in_category]) for f in folds], axis=0)
+    return cv
+
+
 def test_word_level_columns_equal_brute_force_from_the_documented_rules(bundled_lm, recorded):
     """t_stat, auroc, cv_auroc, score and p_value of a scan against scipy and brute force on its recording, with
     the word labels built by hand (reference_words) and the folds and null draws rebuilt from the rules the README
@@ -263,35 +290,24 @@ def test_word_level_columns_equal_brute_force_from_the_documented_rules(bundled_
     words with tokens, sorted by "category\x1fword as it matches", permuted by default_rng([seed, crc32(category)]),
     go to folds 0..k-1 in turn; cv_auroc is the mean over its folds of the AUROC of the fold's tokens against the
     tokens outside the category; score = separation * max(0, sign(separation) * (2 cv_auroc - 1))."""
-    import zlib
-
     from scipy import stats as sps
 
     cfg, result = recorded
     names = list(cfg.categories)
     ref = reference_words(bundled_lm.tokenizer, cfg.texts, cfg.categories)
     token_word, rows = ref["token_word"], ref["rows"]
-    word_category = np.array([names.index(category) for category, _ in rows])
-    keys = [f"{category}\x1f{' '.join(word.casefold().split())}" for category, word in rows]
-    has_tokens = np.array([(token_word == r).any() for r in range(len(rows))])
-    fold = np.full(len(rows), -1)
-    for c, name in enumerate(names):
-        words = sorted(np.flatnonzero((word_category == c) & has_tokens), key=lambda r: keys[r])
-        for position, index in enumerate(np.random.default_rng([cfg.seed, zlib.crc32(name.encode())]).permutation(len(words))):
-            fold[words[index]] = position % cfg.cv_folds
     in_category = token_word >= 0  # [T, C]
     for layer in (0, 5):
         acts = result.activations[layer].astype(np.float64)  # [T, N]
         got = {column: as_grid(result.scores, layer, column, names) for column in
                ("t_stat", "auroc", "cv_auroc", "score", "p_value", "separation")}  # fmt: skip
+        expected_cv = brute_force_cv_auroc(acts, token_word, rows, names, cfg.seed, cfg.cv_folds)
         for c, name in enumerate(names):
             inside, rest = acts[in_category[:, c]], acts[~in_category[:, c]]
             t_stat = sps.ttest_ind(inside, rest, equal_var=False, axis=0).statistic
             np.testing.assert_allclose(got["t_stat"][c], t_stat, rtol=1e-5, err_msg=name)
             np.testing.assert_allclose(got["auroc"][c], mann_whitney_auroc(inside, rest), atol=1e-9, err_msg=name)
-            token_fold = np.where(in_category[:, c], fold[token_word[:, c]], -1)
-            per_fold = [mann_whitney_auroc(acts[token_fold == f], rest) for f in np.unique(token_fold[token_fold >= 0])]
-            cv = np.mean(per_fold, axis=0)
+            cv = expected_cv[c]
             np.testing.assert_allclose(got["cv_auroc"][c], cv, atol=1e-9, err_msg=name)
             separation = got["separation"][c]
             np.testing.assert_allclose(got["score"][c], separation * np.maximum(0, np.sign(separation) * (2 * cv - 1)),
@@ -350,3 +366,21 @@ def test_tokens_that_words_of_two_categories_share_count_once_in_a_null_draw(bun
                                     n_permutations=cfg.permutations, seed=cfg.seed, n_categories=len(names),
                                     word_keys=keys)  # fmt: skip
         assert (np.abs(twice - expected) > 1.5 / (1 + cfg.permutations)).any()  # counted twice: other p-values
+
+
+def test_a_word_only_inside_a_longer_word_of_its_category_takes_no_fold(bundled_lm, default_cfg):
+    """Food's 'ice' occurs only inside its 'ice cream', whose tokens are the longer word's: it has no tokens of its
+    own, so it takes no fold's place (until 2026-12-08 it did, as a word the text has, and left a fold emptier than
+    the others). cv_auroc equals brute_force_cv_auroc's, whose folds hold the words with tokens of their own."""
+    categories = {**SHARED_WORDS, "food": ["ice cream", "ice", "bread", "rice", "cheese", "pizza"]}
+    cfg = dataclasses.replace(default_cfg, master_text=SHARED_DOCS, categories=categories, cv_folds=3)
+    result = scan(bundled_lm, cfg, layers=[2], limit_neurons=32, record_activations=True)
+    ref = reference_words(bundled_lm.tokenizer, cfg.texts, cfg.categories)
+    names, ice = list(categories), ref["rows"].index(("food", "ice"))
+    assert result.coverage["n_tokens"].iloc[ice] > 0 and not (ref["token_word"] == ice).any()
+    _, word_fold = scan_run.word_labels(cfg, align(bundled_lm.tokenizer, cfg.texts, categories, 512).token_word)
+    assert word_fold[ice] == -1
+    expected = brute_force_cv_auroc(result.activations[2].astype(np.float64), ref["token_word"], ref["rows"], names,
+                                    cfg.seed, cfg.cv_folds)  # fmt: skip
+    assert np.isfinite(expected[names.index("food")]).all()
+    np.testing.assert_allclose(as_grid(result.scores, 2, "cv_auroc", names), expected, atol=1e-9)

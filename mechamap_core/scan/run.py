@@ -126,13 +126,19 @@ def word_keys(cfg: ScanConfig) -> list[str]:
     return [f"{category}\x1f{matching_key(word)}" for _, category, word in config_words(cfg)]
 
 
-def word_labels(cfg: ScanConfig, coverage=None) -> tuple[np.ndarray, np.ndarray | None]:
+def word_labels(cfg: ScanConfig, token_word: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """(word_category [W], word_fold [W] or None without cv) of the config's words, in coverage-row order
-    (each category's distinct words). With a coverage table, a word that never occurs gets no fold."""
+    (each category's distinct words). With the aligned tokens' words (AlignedText.token_word [T, C]), a word
+    without tokens of its own gets no fold: one that never occurs, or one that occurs only inside a longer word of
+    its category ('ice' in 'ice cream', whose tokens are the longer word's), which would hold a fold's place
+    with nothing in it, as the permutation test's draw pool leaves it out."""
     word_category = np.array([c for c, _, _ in config_words(cfg)], dtype=np.int64)
     if not cfg.cv_folds:
         return word_category, None
-    present = None if coverage is None else coverage["n_tokens"].to_numpy() > 0
+    present = None
+    if token_word is not None:
+        present = np.zeros(len(word_category), dtype=bool)
+        present[np.asarray(token_word)[np.asarray(token_word) >= 0]] = True
     return word_category, word_folds(word_category, cfg.cv_folds, cfg.seed, present, list(cfg.categories), word_keys(cfg))
 
 
@@ -301,7 +307,7 @@ def _run_sites(
     n_categories, n_words = len(aligned.categories), len(aligned.coverage)
     histogram = cfg.auroc and not record  # exact AUROC needs the recorded activations, else histograms
     top_k_in_hook = hook_top_k(lm.device, record, cfg.top_k_tokens)
-    word_category, word_fold = word_labels(cfg, aligned.coverage)
+    word_category, word_fold = word_labels(cfg, aligned.token_word)
     n_folds = cfg.cv_folds if histogram and word_fold is not None else 1
     folds = token_folds(aligned.token_word, word_category, word_fold, n_categories) if n_folds > 1 else None
     layouts = {
