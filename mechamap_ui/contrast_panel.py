@@ -45,7 +45,7 @@ def contrast_section(result: ScanResult, lm) -> None:
     c1, c2 = st.columns(2)
     default = float(result.metadata.get("threshold", 2.0))
     threshold = c1.number_input("Neurons with score at least", value=default, step=0.1, key="contrast_threshold")
-    top = int(c2.number_input("Best neurons per category", 1, 100, 5, key="contrast_top"))
+    top = int(c2.number_input("Best neurons per category (1-100)", 1, 100, 5, key="contrast_top"))
     contrast_set = _contrast_set()
     inputs = (threshold, top, contrast_set)
     if contrast_set is not None and st.button("Run contrast check", key="contrast_run"):

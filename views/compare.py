@@ -59,7 +59,7 @@ st.altair_chart(chart)
 chart_downloads(chart, "compare_depth")
 
 st.markdown("#### Top neurons per category")
-n = int(st.number_input("Neurons per category", 1, 50, 3))
+n = int(st.number_input("Neurons per category (1-50)", 1, 50, 3))
 cols = st.columns(2)
 for col, res, run_id, tag, key in ((cols[0], res_a, run_a, "A", "cmp_top_a"), (cols[1], res_b, run_b, "B", "cmp_top_b")):
     with col:

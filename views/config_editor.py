@@ -212,7 +212,7 @@ c1, c2, c3 = st.columns(3)
 threshold = c1.number_input("Flag threshold (score)", key=key("threshold"), step=0.1, format="%.2f",
                             min_value=-THRESHOLD_LIMIT, max_value=THRESHOLD_LIMIT,
                             help="Views flag neuron-category pairs whose score is at least this")  # fmt: skip
-top_k = c2.number_input("Top tokens per neuron", key=key("top_k"), min_value=0, max_value=100, step=1)
+top_k = c2.number_input("Top tokens per neuron (0-100)", key=key("top_k"), min_value=0, max_value=100, step=1)
 limit = c3.number_input("Neuron limit per layer (0 = all)", key=key("limit"), min_value=0, step=32)
 c4, c5 = st.columns(2)
 layers_text = c4.text_input("Layers (empty = all)", key=key("layers"), placeholder="e.g. 0,2,5-7")
@@ -278,7 +278,7 @@ with st.expander("Write a master text for these words", icon=":material/edit_not
     st.caption("Every word in the same neutral sentences, the categories taking turns, so that each category "
                "meets the same contexts. Use it instead of your text, or after it.")  # fmt: skip
     w1, w2 = st.columns(2)
-    contexts = w1.number_input("Sentences per word", 1, len(TEMPLATES), DEFAULT_CONTEXTS, key="cfg_write_contexts")
+    contexts = w1.number_input(f"Sentences per word (1-{len(TEMPLATES)})", 1, len(TEMPLATES), DEFAULT_CONTEXTS, key="cfg_write_contexts")
     seed = w2.number_input("Seed (word and sentence order)", 0, 2**31 - 1, 0, key="cfg_write_seed")
     source = (tuple((name, tuple(words)) for name, words in categories.items()), int(contexts), int(seed))
     st.button("Write it", on_click=_write_text, args=(source, categories, int(contexts), int(seed)), icon=":material/edit:")

@@ -186,7 +186,7 @@ with ablate_tab:
     how = st.radio("Neurons", [FLAGGED, TYPE_THEM], horizontal=True, key="abl_how")
     neurons: list[tuple[int, ...]] = []
     if how == FLAGGED:
-        limit = st.number_input("At most this many (best score first)", 1, 500, key="abl_limit")
+        limit = st.number_input("At most this many, best score first (1-500)", 1, 500, key="abl_limit")
         threshold = result.metadata.get("threshold", 1.0)
         neurons = flagged_for_category(result.scores, category, "score", threshold, int(limit))
         st.caption(", ".join(map(neuron_id_label, neurons)) or "No neuron is flagged for this category.")
@@ -209,7 +209,7 @@ with ablate_tab:
         neurons = []
     c1, c2 = st.columns(2)
     mode = c1.radio("Ablation", ["zero", "mean"], horizontal=True, key="abl_mode")
-    controls = int(c2.number_input("Random control sets", MIN_CONTROLS, 50, key="abl_controls",
+    controls = int(c2.number_input(f"Random control sets ({MIN_CONTROLS}-50)", MIN_CONTROLS, 50, key="abl_controls",
                                    help="At least two, so that their spread and z exist"))  # fmt: skip
     ablation_inputs = (category, tuple(neurons), mode, controls)
     if st.button("Run ablation", type="primary", disabled=not neurons):

@@ -22,7 +22,8 @@ metric, threshold = widgets.metric_and_threshold_in_url(scores, result.metadata.
 with right:
     min_categories = int(
         st.number_input(
-            "Min categories", min_value=2, max_value=max(2, len(result.categories)), step=1, key="overlap_min"
+            f"Min categories (2-{max(2, len(result.categories))})", min_value=2, max_value=max(2, len(result.categories)),
+            step=1, key="overlap_min",
         )
     )
 state.keep_widgets("overlap", kept, basis)  # here too: the page may stop before the rest are drawn

@@ -46,7 +46,7 @@ else:
 st.subheader("Top neurons per category")
 n_col, cat_col = st.columns(2)
 with n_col:
-    n = int(st.number_input("Neurons per category", min_value=1, max_value=500, step=1, key="pivot_top_n"))
+    n = int(st.number_input("Neurons per category (1-500)", min_value=1, max_value=500, step=1, key="pivot_top_n"))
 with cat_col:
     choice = st.selectbox("Category", [ALL, *result.categories], key="pivot_category")
 state.keep_widgets("pivot", kept, basis)
