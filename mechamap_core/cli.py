@@ -22,9 +22,18 @@ from .stats import CV_AUROC_NEEDS
 from .terminal import progress_bar
 
 
+def _error_prefix() -> str:
+    """'mechamap: error: ', or under torchrun 'mechamap: error on rank R of N: ': every rank checks the same inputs, so
+    a bad one is named once per rank, each line saying whose it is (and a rank's own failure, which one failed)."""
+    world, rank = os.environ.get("WORLD_SIZE", "1"), os.environ.get("RANK")
+    if rank is not None and world.isdigit() and int(world) > 1:
+        return f"mechamap: error on rank {rank} of {world}: "
+    return "mechamap: error: "
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, non-zero exit
-        self.exit(2, f"mechamap: error: {message}\n")
+        self.exit(2, f"{_error_prefix()}{message}\n")
 
     def add_argument(self, *args, **kwargs):
         """As argparse's, with text options (no type or choices of their own) refusing an empty value: --csv ""
@@ -906,7 +915,7 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush goes nowhere, not to stderr
         return 0
     except (ConfigError, ValueError, FileNotFoundError, OSError, RuntimeError) as exc:
-        print(f"mechamap: error: {exc}", file=sys.stderr)
+        print(f"{_error_prefix()}{exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback from wherever the scan was
         print(f"mechamap: {_interrupted_message(args)}", file=sys.stderr)

@@ -17,7 +17,7 @@ from .terminal import progress_bar
 
 
 class RankFailed(RuntimeError):
-    """A rank of a corpus scan failed; the message names the rank and the documents it was scanning."""
+    """A rank of a corpus scan failed; the message names the documents it was scanning (the CLI's line, the rank)."""
 
 
 def run_corpus_scan(args, cfg: ScanConfig, load: Callable[[str], LoadedModel], corpus: str) -> ScanResult | None:
@@ -61,7 +61,7 @@ def run_corpus_scan(args, cfg: ScanConfig, load: Callable[[str], LoadedModel], c
             except Exception as exc:
                 if not ranks.distributed:
                     raise
-                raise RankFailed(f"rank {ranks.rank} failed {tracked.where()}: {first_line(exc)}") from exc
+                raise RankFailed(f"failed {tracked.where()}: {first_line(exc)}") from exc  # the CLI names the rank
         merged, documents_per_rank = gather_to_rank0(state, ranks)
     if merged is None:
         return None

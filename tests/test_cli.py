@@ -1211,3 +1211,21 @@ def test_a_failed_write_names_its_output_and_those_written_before(capsys, tmp_pa
     text = tmp_path / "text.txt"
     assert main(["write-text", "--config", DEFAULT, "--out", str(text)]) == 1
     assert_one_line_error(capsys.readouterr().err, f"cannot write --out {text} ({os.strerror(errno.ENOSPC)}), no output was written")
+
+
+def test_under_torchrun_each_ranks_error_line_names_its_rank(tmp_path, monkeypatch, capsys):
+    """Every rank of a torchrun job checks the same inputs, so a bad one is named once per rank: each line says
+    whose it is, as torchrun's own report of the failed ranks does below them."""
+    missing = tmp_path / "missing.txt"
+    argv = ["scan", "--config", "configs/default.yaml", "--corpus", str(missing), "--device", "cpu", "--csv", str(tmp_path / "o.csv")]
+    for rank in ("0", "1"):
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("RANK", rank)
+        assert main(argv) == 1
+        assert capsys.readouterr().err == f"mechamap: error on rank {rank} of 2: corpus file not found: {missing}\n"
+    with pytest.raises(SystemExit):
+        main(["scan", "--no-such-flag"])
+    assert capsys.readouterr().err.startswith("mechamap: error on rank 1 of 2: the following arguments are required")
+    monkeypatch.delenv("WORLD_SIZE")
+    assert main(argv) == 1
+    assert capsys.readouterr().err == f"mechamap: error: corpus file not found: {missing}\n"

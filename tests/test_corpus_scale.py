@@ -104,9 +104,9 @@ def test_a_failing_rank_stops_the_job_with_its_name(tiny_models, corpus, tmp_pat
     proc = cli("--model", str(tiny_models.path("gpt2")), "--corpus", str(bad), "--on-bad-document", "error",
                "--parquet", str(tmp_path / "x.parquet"), torchrun=2, timeout=300)  # fmt: skip
     assert proc.returncode != 0
-    assert "rank 1 failed" in proc.stderr and "line 6" in proc.stderr, proc.stderr[-3000:]
+    assert "mechamap: error on rank 1 of 2: failed" in proc.stderr and "line 6" in proc.stderr, proc.stderr[-3000:]
     # its last document, 3, was scanned; reading the next one failed (it said "at or before document 3" of line 6's)
-    assert "rank 1 failed reading its share of the corpus after document 3 (" in proc.stderr, proc.stderr[-3000:]
+    assert "rank 1 of 2: failed reading its share of the corpus after document 3 (" in proc.stderr, proc.stderr[-3000:]
     assert not (tmp_path / "x.parquet").exists()
     assert time.monotonic() - started < 280  # stopped by torchrun, never a hang
 
