@@ -408,14 +408,8 @@ def _hub_snapshot(source: str, revision, offline, token, download_progress, chec
             f"'{source}' was to be downloaded, but HF_HUB_OFFLINE=1 is set in this environment: unset it to download"
         )
     if offline or (offline is None and env_offline):
-        folder = hub.cached_snapshot(repo_id, revision)
-        if folder is None:
-            download_command = f"hf download {repo_id}" + (f" --revision {revision}" if revision else "")
-            raise ModelNotAvailableError(
-                f"'{source}' is not in the local Hugging Face cache and downloads are off (offline mode: "
-                f"--offline or HF_HUB_OFFLINE=1); go online, or fetch it once with `{download_command}`"
-            )
-        return _complete(folder, source, repo_id), folder.name, check(folder)
+        folder = cached_model_folder(source, revision)
+        return folder, folder.name, check(folder)
     try:
         files = hub.list_repo_files(repo_id, revision, token)
     except ModelNotAvailableError as exc:
@@ -427,6 +421,22 @@ def _hub_snapshot(source: str, revision, offline, token, download_progress, chec
     config = check(folder)
     hub.fetch_files(files, token, download_progress)
     return folder, files.commit, config
+
+
+def cached_model_folder(source: str, revision: str | None = None) -> Path:
+    """The complete cached snapshot of a Hub id (source: 'org/name' or 'org/name@rev'; revision, one given apart) that
+    an offline load uses. Raises ModelNotAvailableError: not in the cache (with the command that fetches it), or a
+    cached copy a download left unfinished. The Scan page asks it as an id is typed, offline, as the load would."""
+    repo_id, spec_revision = hub.parse_hub_spec(source)
+    revision = revision or spec_revision
+    folder = hub.cached_snapshot(repo_id, revision)
+    if folder is None:
+        download_command = f"hf download {repo_id}" + (f" --revision {revision}" if revision else "")
+        raise ModelNotAvailableError(
+            f"'{source}' is not in the local Hugging Face cache and downloads are off (offline mode: "
+            f"--offline or HF_HUB_OFFLINE=1); go online, or fetch it once with `{download_command}`"
+        )
+    return _complete(folder, source, repo_id)
 
 
 def _complete(folder: Path, source: str, repo_id: str) -> Path:

@@ -19,7 +19,13 @@ from mechamap_core.analysis import describe_shape
 from mechamap_core.config import ConfigError, ScanConfig, config_to_yaml
 from mechamap_core.errors import first_line as _first_line
 from mechamap_core.export import save_run
-from mechamap_core.models import ModelNotAvailableError, folder_depth, local_model_version, resolve_model_source
+from mechamap_core.models import (
+    ModelNotAvailableError,
+    cached_model_folder,
+    folder_depth,
+    local_model_version,
+    resolve_model_source,
+)
 from mechamap_core.scan import ScanCancelled, ScanResult, scan
 from mechamap_core.sites import SiteResolutionError
 
@@ -185,6 +191,21 @@ def local_folder_problem(folder_text: str) -> str | None:
         return f"There is no folder {folder} on the machine running MechaMap: give the folder that holds the model's config.json."
     try:
         resolve_model_source(folder)
+    except ModelNotAvailableError as exc:
+        return _sentence(str(exc))
+    return None
+
+
+def offline_model_problem(spec_text: str) -> str | None:
+    """Why a typed Hub id cannot be scanned while offline (HF_HUB_OFFLINE=1: not in the local cache, or a download
+    left it unfinished there), or None; said as the user types, as local_folder_problem, not by the job."""
+    spec = (spec_text or "").strip()
+    if not spec:
+        return None
+    try:
+        source, is_local = resolve_model_source(spec)
+        if not is_local:
+            cached_model_folder(source)
     except ModelNotAvailableError as exc:
         return _sentence(str(exc))
     return None

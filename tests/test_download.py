@@ -432,7 +432,7 @@ def test_scan_page_shows_size_then_downloads_and_scans(hub, app_env, hub_root):
 def test_a_hub_models_layers_are_checked_before_its_weights_download(hub, app_env, monkeypatch):
     """Typing a Hub id fetches its config.json alone (at the listed commit of the revision asked, leaving the cache's
     branch pointers alone), so the Scan page refuses layers the model lacks at once, with Scan off, before any job or
-    weight download; offline, a cached model's config serves the same."""
+    weight download; offline, a cached model's config serves the same, and a model not cached is refused at once."""
     from app_fixtures import make_app, no_exception, open_page, texts
     from huggingface_hub import constants
     from tiny_models import LAYERS
@@ -460,8 +460,9 @@ def test_a_hub_models_layers_are_checked_before_its_weights_download(hub, app_en
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     at.text_input(key="scan_hub_id").set_value("org/tiny").run()
     assert any("Offline" in v for v in texts(at.caption)) and texts(at.error) == refused
-    at.text_input(key="scan_hub_id").set_value("org/gated").run()  # not cached: left to the scan
-    assert not texts(at.error)
+    at.text_input(key="scan_hub_id").set_value("org/gated").run()  # not cached: refused before any job
+    assert [e for e in texts(at.error) if "not in the local Hugging Face cache" in e]
+    assert next(b for b in at.button if b.label == "Scan").disabled
 
 
 def test_a_scan_job_reports_its_download_then_its_scan_and_a_cancel_stops_the_download(hub, app_env, default_cfg):

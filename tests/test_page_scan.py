@@ -29,6 +29,7 @@ app_env = app_fixtures.app_env
 tiny_result = app_fixtures.tiny_result
 
 HUB = "Hugging Face id (downloads on demand)"
+BUNDLED = "Bundled model (offline)"
 RUN_PICKER = "sidebar_run_picker"  # app.py's sidebar picker of the saved runs
 LOCAL = "Local folder"
 
@@ -207,21 +208,22 @@ def test_an_emptied_layers_field_scans_every_layer_even_when_the_config_names_so
     assert load_run(app_env["runs"] / run).metadata["config"]["layers"] is None
 
 
-@pytest.mark.parametrize("model_id", ["gpt2", "mechamap-tests/never-downloaded-model"])
-def test_uncached_hub_id_is_one_readable_error(app_env, model_id):
-    if _hub_cached(model_id):
+@pytest.mark.parametrize("model_id", ["gpt2", "mechamap-tests/never-downloaded-model", "gpt2@main"])
+def test_uncached_hub_id_offline_is_one_readable_error_before_any_job(app_env, model_id):
+    """Offline, a Hub id the cache lacks is named as it is typed and the Scan button stays off (until 2026-12-08 the
+    page let the scan start, and the job failed after loading began)."""
+    if _hub_cached(model_id.partition("@")[0]):
         pytest.skip(f"{model_id} is in this machine's Hugging Face cache, so it would load")
     at = scan_page()
     at.radio(key="scan_source").set_value(HUB).run()
-    at.text_input(key="scan_hub_id").set_value(model_id)
-    at.number_input(key="scan_limit").set_value(8)
-    click_scan(at)
+    at.text_input(key="scan_hub_id").set_value(model_id).run()
     no_exception(at)
     assert len(at.error) == 1
     assert "not in the local Hugging Face cache" in at.error[0].value and "hf download" in at.error[0].value
+    assert scan_button(at).disabled
     assert os.listdir(app_env["runs"]) == []
-    assert at.session_state.get(ACTIVE_RUN) is None
-    assert scan_button(at).disabled is False, "the page stays usable"
+    at.radio(key="scan_source").set_value(BUNDLED).run()
+    assert not at.error and not scan_button(at).disabled, "the page stays usable"
 
 
 def test_missing_local_folder_is_one_readable_error_before_scanning(app_env, tmp_path):

@@ -84,12 +84,16 @@ else:
     elif (spec or "").strip():
         model_layers = (model_depth(spec) or (None, None))[0]
 
+input_errors: list[str] = [folder_problem] if folder_problem else []
 c1, c2, c3, c4 = st.columns(4)
 device = c1.selectbox("Device", _devices(), key="scan_device")
 dtype = c2.selectbox("Precision", ["auto", *DTYPES], key="scan_dtype", help="auto: float32 on CPU, bfloat16/float16 on GPUs")
 if source == SOURCES[1] and (spec or "").strip():
     if hub.hub_offline():
         st.caption("Offline (HF_HUB_OFFLINE=1): the model must already be in the local Hugging Face cache.")
+        if offline_problem := scanning.offline_model_problem(spec):
+            st.error(offline_problem)
+            input_errors.append(offline_problem)
         model_layers = (model_depth(spec) or (None, None))[0]  # from its cached config.json
     else:
         files, problem_with_model = scanning.hub_repo_files(spec)
@@ -120,7 +124,6 @@ with st.expander("Big models: spread over devices, 8/4-bit", icon=":material/mem
 loading = {"device_map": "auto" if spread else None, "quantization": None if quantization == "full precision" else quantization}
 layers_text = c3.text_input("Layers (empty = all)", key="scan_layers", placeholder="e.g. 0,2,5-7")
 limit = c4.number_input("Neuron limit per layer (0 = all)", key="scan_limit", min_value=0, step=32)
-input_errors: list[str] = [folder_problem] if folder_problem else []
 try:
     layers = parse_layer_list(layers_text)
 except ValueError as exc:
