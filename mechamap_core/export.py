@@ -27,6 +27,7 @@ from .scan import ScanResult
 
 ORIGINAL_COLUMNS = ["model", "layer", "neuron", "category", "avg_activation", "top_tokens"]
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]{0,80}")  # fullmatch: "$" would also match before a final newline
+RUN_SCORE_COLUMNS = ["model", "layer", "neuron", "hook", "category", "n_tokens", "avg_activation", "score"]  # load_run checks them
 RUN_READ_ERRORS = (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile)  # a damaged run file's
 
 
@@ -284,8 +285,10 @@ def _stored(activations: np.ndarray) -> np.ndarray:
 
 
 def _write_metadata(folder: Path, run_id: str, result: ScanResult) -> None:
-    """A run folder's metadata.json: its id, the scan's metadata and its texts."""
-    meta = {"run_id": run_id, "metadata": _jsonable(result.metadata), "texts": result.texts}
+    """A run folder's metadata.json: its id, the scan's metadata, its texts and the layers whose activations
+    activations.npz holds (load_run then knows that a missing file lost them)."""
+    layers = [] if result.activations is None else sorted(int(layer) for layer in result.activations)
+    meta = {"run_id": run_id, "metadata": _jsonable(result.metadata), "texts": result.texts, "activation_layers": layers}
     (folder / "metadata.json").write_text(json.dumps(meta, ensure_ascii=False, indent=1), encoding="utf-8")
 
 
@@ -321,21 +324,45 @@ def load_run(run_dir: str | os.PathLike) -> ScanResult:
         return meta
 
     def activations(path: Path) -> dict[int, np.ndarray]:
+        if not path.is_file():
+            raise ValueError(f"the file is gone, where the run saved layers {saved_layers}")
         with np.load(path, allow_pickle=False) as data:
-            return {int(k): data[k] for k in data.files}
+            layers = {int(k): data[k] for k in data.files}
+        if saved_layers and sorted(layers) != saved_layers:
+            raise ValueError(f"it holds layers {sorted(layers)} where the run saved {saved_layers}")
+        return layers
+
+    def scores_table(path: Path) -> pd.DataFrame:
+        scores = pd.read_parquet(path)
+        lacking = [column for column in RUN_SCORE_COLUMNS if column not in scores.columns]
+        if lacking:
+            raise ValueError(f"not a run's scores table: it has no {', '.join(lacking)} column")
+        listed = meta["metadata"].get("categories") or sorted(scores["category"].astype(str).unique())
+        unlisted = sorted(set(scores["category"].astype(str)) - set(map(str, listed)))
+        if unlisted:  # pd.Categorical would make them NaN
+            raise ValueError(f"its categories {', '.join(unlisted[:5])} are not among metadata.json's ({', '.join(map(str, listed))})")
+        scores["category"] = pd.Categorical(scores["category"].astype(str), categories=listed)
+        return scores
+
+    def category_mask(path: Path) -> np.ndarray:
+        mask = np.load(path, allow_pickle=False)
+        n_categories = scores["category"].cat.categories.size
+        if mask.ndim != 2 or mask.shape[1] != n_categories or len(mask) not in (0, len(tokens)):
+            raise ValueError(f"shape {mask.shape}, where the run has {len(tokens):,} tokens and {n_categories} categories")
+        return mask
 
     meta = read("metadata.json", metadata)
-    acts = read("activations.npz", activations) if (run_dir / "activations.npz").is_file() else None
-    scores = read("scores.parquet", pd.read_parquet)
-    categories = meta["metadata"].get("categories") or sorted(scores["category"].astype(str).unique())
-    scores["category"] = pd.Categorical(scores["category"].astype(str), categories=categories)
+    saved_layers = meta.get("activation_layers") or []  # runs saved before 2026-12-08 do not say
+    acts = read("activations.npz", activations) if saved_layers or (run_dir / "activations.npz").is_file() else None
+    scores = read("scores.parquet", scores_table)
+    tokens = read("tokens.parquet", pd.read_parquet)
     extras = {p.stem[len("extra_") :]: read(p.name, pd.read_parquet) for p in sorted(run_dir.glob("extra_*.parquet"))}
     return ScanResult(
         scores=scores,
         top_tokens=read("top_tokens.parquet", pd.read_parquet),
-        tokens=read("tokens.parquet", pd.read_parquet),
+        tokens=tokens,
         coverage=read("coverage.parquet", pd.read_parquet),
-        category_mask=read("category_mask.npy", lambda path: np.load(path, allow_pickle=False)),
+        category_mask=read("category_mask.npy", category_mask),
         metadata=meta["metadata"] | {"run_id": run_dir.name},
         texts=meta.get("texts", []),
         activations=acts,

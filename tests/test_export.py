@@ -283,6 +283,50 @@ def test_a_damaged_run_file_is_one_value_error_naming_the_run_and_the_file(resul
         export.load_run(folder)
 
 
+def _foreign_scores(folder: Path) -> None:
+    (folder / "scores.parquet").write_bytes((folder / "top_tokens.parquet").read_bytes())
+
+
+def _fewer_categories_listed(folder: Path) -> None:
+    meta = json.loads((folder / "metadata.json").read_text(encoding="utf-8"))
+    meta["metadata"]["categories"] = meta["metadata"]["categories"][:1]
+    (folder / "metadata.json").write_text(json.dumps(meta), encoding="utf-8")
+
+
+def _mask_of_another_shape(folder: Path) -> None:
+    np.save(folder / "category_mask.npy", np.zeros((3, 2), dtype=bool))
+
+
+def _activations_deleted(folder: Path) -> None:
+    (folder / "activations.npz").unlink()
+
+
+def _activations_of_fewer_layers(folder: Path) -> None:
+    with np.load(folder / "activations.npz") as data:
+        kept = {name: data[name] for name in data.files[:1]}
+    np.savez(folder / "activations.npz", **kept)
+
+
+@pytest.mark.parametrize(
+    ("damage", "name", "why"),
+    [
+        (_foreign_scores, "scores.parquet", "not a run's scores table: it has no model, hook, category, n_tokens, avg_activation, score column"),
+        (_fewer_categories_listed, "scores.parquet", "its categories .+ are not among metadata.json's"),
+        (_mask_of_another_shape, "category_mask.npy", r"shape \(3, 2\), where the run has [\d,]+ tokens and 8 categories"),
+        (_activations_deleted, "activations.npz", r"the file is gone, where the run saved layers \[0, 1, 2, 3, 4, 5\]"),
+        (_activations_of_fewer_layers, "activations.npz", r"it holds layers \[0\] where the run saved \[0, 1, 2, 3, 4, 5\]"),
+    ],
+)
+def test_a_run_whose_files_disagree_is_refused_naming_the_file(result, tmp_path, damage, name, why):
+    """Files that read but do not belong together (an export audit): a foreign scores table gave a bare KeyError;
+    categories metadata.json does not list became NaN and exported as "nan"; a category mask of another shape, and a
+    deleted activations.npz (the run now says which layers it saved), loaded without a word."""
+    folder = export.save_run(result, tmp_path, run_id="mixed")
+    damage(folder)
+    with pytest.raises(ValueError, match=rf"^run mixed: {re.escape(name)} is damaged or missing \({why}"):
+        export.load_run(folder)
+
+
 @pytest.mark.parametrize("metadata", ["[]", "null", '{"run_id": "x"}', '{"metadata": [1]}'])
 def test_a_run_whose_metadata_is_no_object_is_listed_without_a_model_and_refused_on_loading(result, tmp_path, metadata):
     good = export.save_run(result, tmp_path, run_id="good")

@@ -448,21 +448,25 @@ def test_scan_page_shows_a_running_job_a_queue_and_opens_the_finished_run(app_en
     assert fresh_registry.jobs() == [] and not any(s.value == "Background jobs" for s in at.subheader)
 
 
-def test_a_failed_job_shows_its_error_on_the_scan_page(app_env, fresh_registry):
-    """A failure only the job finds (a master-text scan loads its model in the job: here a Hub id that is not in the
-    offline cache; the page refuses what it can check before, e.g. layers a known model lacks): one readable line
-    on the page, nothing saved."""
+def test_a_failed_job_shows_its_error_on_the_scan_page(app_env, fresh_registry, tiny_models, tmp_path):
+    """A failure only the job finds (a master-text scan loads its model in the job: here a local folder whose
+    config.json is whole but whose weights are gone; the page refuses what it can check before, e.g. a Hub id the
+    offline cache lacks, or layers a known model lacks): one readable line on the page, nothing saved."""
+    import shutil
+
+    folder = shutil.copytree(tiny_models.path("gpt2"), tmp_path / "no-weights")
+    for weights in folder.glob("*.safetensors"):
+        weights.unlink()
     at = open_page(make_app(), "scan")
-    at.radio(key="scan_source").set_value("Hugging Face id (downloads on demand)").run()
-    at.text_input(key="scan_hub_id").set_value("no-such-org/no-such-model-xyz").run()
+    at.radio(key="scan_source").set_value("Local folder").run()
+    at.text_input(key="scan_local_dir").set_value(str(folder)).run()
     click(at, "Scan")
     (job,) = fresh_registry.jobs()
     assert fresh_registry.wait(job.id, WAIT_S)
     at.run()
     no_exception(at)
     errors = texts(at.error)
-    assert any("Master text on no-such-org/no-such-model-xyz" in e and "not in the local Hugging Face cache" in e
-               for e in errors), errors  # fmt: skip
+    assert any(f"Master text on {folder}" in e and "Could not load the weights" in e for e in errors), errors
     assert all("Traceback" not in e for e in errors)
     assert os.listdir(app_env["runs"]) == []
 
@@ -489,10 +493,10 @@ def test_a_corpus_scan_of_a_model_that_is_not_there_is_one_error_and_no_job(app_
     at = open_page(make_app(), "scan")
     upload_corpus(at, "docs.txt", DOCS[:3])
     at.radio(key="scan_source").set_value("Hugging Face id (downloads on demand)").run()
-    at.text_input(key="scan_hub_id").set_value("no-such-org/no-such-model-xyz")
-    click(at, "Scan")
+    at.text_input(key="scan_hub_id").set_value("no-such-org/no-such-model-xyz").run()
     no_exception(at)
     assert len(at.error) == 1 and "no-such-org/no-such-model-xyz" in at.error[0].value, texts(at.error)
+    assert next(b for b in at.button if b.label == "Scan").disabled
     assert fresh_registry.jobs() == [] and os.listdir(app_env["runs"]) == []
 
 
