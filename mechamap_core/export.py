@@ -27,6 +27,7 @@ from .scan import ScanResult
 
 ORIGINAL_COLUMNS = ["model", "layer", "neuron", "category", "avg_activation", "top_tokens"]
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]{0,80}")  # fullmatch: "$" would also match before a final newline
+PARQUET_METADATA_KEY = b"mechamap"  # a Parquet export's key-value metadata: the scan's metadata as JSON
 RUN_SCORE_COLUMNS = ["model", "layer", "neuron", "hook", "category", "n_tokens", "avg_activation", "score"]  # load_run checks them
 RUN_READ_ERRORS = (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile)  # a damaged run file's
 
@@ -113,10 +114,17 @@ def to_json_dict(result: ScanResult, **options) -> dict:
             "top_tokens": top_lists.get(identity, []),
             "categories": {category: dict(zip(stat_cols, values)) for category, values in zip(rows["category"], stats)},
         }
+    return {"metadata": export_metadata(result, len(table), **options), "neurons": neurons}
+
+
+def export_metadata(result: ScanResult, n_kept: int, **options) -> dict:
+    """The scan's metadata as an export carries it (JSON's "metadata", Parquet's PARQUET_METADATA_KEY): config, seed,
+    model and commit, dtype, plan, AUROC method, ...; with exported_scores' filters, "rows" says which rows the file
+    kept (n_kept of them), so it is never read as the whole scan."""
     metadata = _jsonable(result.metadata)
     if options.get("flagged_only") or options.get("min_cv_auroc") is not None:
-        metadata["rows"] = _rows_kept(result, len(table), **options)
-    return {"metadata": metadata, "neurons": neurons}
+        metadata["rows"] = _rows_kept(result, n_kept, **options)
+    return metadata
 
 
 def _neuron_blocks(frame: pd.DataFrame, key: list[str]) -> Iterator[tuple[tuple, dict[str, list]]]:
@@ -184,13 +192,30 @@ JSON_COMPRESSORS = {  # compression -> (final path, binary handle) -> a writable
 
 
 def to_parquet(result: ScanResult, path=None, **options) -> bytes | None:
-    """Parquet of the export table: bytes, or written to path."""
+    """Parquet of the export table, with the scan's metadata (export_metadata) as JSON under PARQUET_METADATA_KEY in
+    the file's key-value metadata (read_parquet_metadata): bytes, or written to path."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     table = export_table(result, **options)
+    arrow = pa.Table.from_pandas(table, preserve_index=False)
+    scan_metadata = json.dumps(export_metadata(result, len(table), **options), ensure_ascii=False)
+    arrow = arrow.replace_schema_metadata({**(arrow.schema.metadata or {}), PARQUET_METADATA_KEY: scan_metadata.encode("utf-8")})
     if path is None:
-        return table.to_parquet(index=False)
+        sink = pa.BufferOutputStream()
+        pq.write_table(arrow, sink)
+        return sink.getvalue().to_pybytes()
     with atomic_output(path, binary=True) as handle:
-        table.to_parquet(handle, index=False)
+        pq.write_table(arrow, handle)
     return None
+
+
+def read_parquet_metadata(path) -> dict | None:
+    """The scan's metadata a Parquet export carries (to_parquet), or None for a file written without it."""
+    import pyarrow.parquet as pq
+
+    stored = (pq.read_schema(path).metadata or {}).get(PARQUET_METADATA_KEY)
+    return None if stored is None else json.loads(stored)
 
 
 def flagged_neurons(result: ScanResult, metric: str = "score", threshold: float | None = None) -> pd.DataFrame:
