@@ -6,15 +6,18 @@ Every file goes through files.atomic_output: written whole or not at all, symlin
 from __future__ import annotations
 
 import bz2
+import errno
 import gzip
 import json
 import lzma
+import math
 import os
 import re
 import shutil
 import time
 import zipfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -38,8 +41,15 @@ def _limit(result: ScanResult, threshold: float | None) -> float:
 
 
 def _at_or_above(result: ScanResult, metric: str, threshold: float | None) -> pd.DataFrame:
-    """Score rows with metric >= threshold (default: the scan's threshold)."""
-    return result.scores[result.scores[metric] >= _limit(result, threshold)]
+    """Score rows with metric >= threshold (default: the scan's threshold). Raises ValueError for a metric the scores
+    lack or that is no number, and for a threshold that is not a finite number (NaN would keep no row, silently)."""
+    numeric = [c for c in result.scores.columns if pd.api.types.is_float_dtype(result.scores[c])]
+    if metric not in numeric:
+        raise ValueError(f"unknown metric {metric!r}: use one of {', '.join(numeric)}")
+    limit = _limit(result, threshold)
+    if not math.isfinite(limit):
+        raise ValueError(f"the threshold must be a finite number, not {limit}")
+    return result.scores[result.scores[metric] >= limit]
 
 
 def exported_scores(
@@ -50,6 +60,8 @@ def exported_scores(
     min_cv_auroc, if given), with model, hook and category as plain text."""
     scores = _at_or_above(result, metric, threshold) if flagged_only else result.scores
     if min_cv_auroc is not None:
+        if not 0.0 <= min_cv_auroc <= 1.0:  # NaN too: it would keep no row, silently
+            raise ValueError(f"min_cv_auroc must be between 0 and 1 (an AUROC), not {min_cv_auroc}")
         scores = holding_up(scores, min_cv_auroc)
     return scores.astype({column: str for column in ("model", "hook", "category")})  # categorical in the scan's table
 
@@ -85,6 +97,8 @@ def write_csv(table: pd.DataFrame, path) -> None:
     compression = CSV_COMPRESSIONS.get(Path(path).suffix.lower())
     if compression == "gzip":
         compression = {"method": "gzip", "filename": _packed_name(Path(path))}
+    elif compression == "zip":  # one member, out.csv, as pandas reads it back
+        compression = {"method": "zip", "archive_name": _packed_name(Path(path))}
     with atomic_output(path, binary=compression is not None) as handle:
         table.to_csv(handle, index=False, **({"compression": compression} if compression else {}))
 
@@ -172,7 +186,7 @@ def to_json(result: ScanResult, path=None, **options) -> str | None:
         return text
     compression = CSV_COMPRESSIONS.get(Path(path).suffix.lower())
     if compression is None:
-        atomic_write_text(Path(path), text)
+        atomic_write_text(path, text)
     else:
         with atomic_output(path, binary=True) as handle, JSON_COMPRESSORS[compression](Path(path), handle) as packed:
             packed.write(text.encode("utf-8"))
@@ -184,10 +198,18 @@ def _packed_name(path: Path) -> str:
     return path.name.removesuffix(path.suffix)
 
 
+@contextmanager
+def _zip_member(path: Path, handle) -> Iterator:
+    """A writable stream into one member, out.json, of a zip archive written to handle."""
+    with zipfile.ZipFile(handle, "w", zipfile.ZIP_DEFLATED) as archive, archive.open(_packed_name(path), "w") as member:
+        yield member
+
+
 JSON_COMPRESSORS = {  # compression -> (final path, binary handle) -> a writable compressed stream into the handle
     "gzip": lambda path, handle: gzip.GzipFile(_packed_name(path), "wb", fileobj=handle),
     "bz2": lambda path, handle: bz2.BZ2File(handle, "wb"),
     "xz": lambda path, handle: lzma.LZMAFile(handle, "wb"),
+    "zip": _zip_member,
 }
 
 
@@ -257,6 +279,8 @@ def save_run(result: ScanResult, runs_dir: str | os.PathLike = "runs", run_id: s
     one model and config saved in the same second (their corpora, devices or dtypes may differ) get id and
     id-2. Returns the run folder."""
     runs_dir = Path(runs_dir)
+    if runs_dir.exists() and not runs_dir.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "is a file, not a folder of runs", os.fspath(runs_dir))
     new_id = run_id is None
     run_id = run_id or new_run_id(result)
     if not _RUN_ID.fullmatch(run_id):

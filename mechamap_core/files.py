@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import secrets
@@ -18,7 +19,7 @@ _DESCRIPTOR_TABLE = re.compile(r"^/proc/(?P<pid>[^/]+)(/task/[^/]+)?/fd$")
 
 
 # CSV and JSON outputs named out.csv.gz are compressed (the Python standard library's; pandas' names for them)
-CSV_COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz"}
+CSV_COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zip": "zip"}
 
 
 def format_suffix(path) -> str:
@@ -48,6 +49,10 @@ def atomic_output(path: str | os.PathLike, binary: bool = False) -> Iterator[IO]
     (/dev/stdout -> /proc/self/fd/1), written through that descriptor after Python's own buffers are flushed, so a
     file the shell opened (`> out.csv`, `>> log`) keeps its offset, append mode and order."""
     mode, text_options = ("wb", {}) if binary else ("w", {"encoding": "utf-8", "newline": ""})
+    if not os.fspath(path):
+        raise ValueError("no file name given for the output (an empty path)")
+    if os.path.isdir(path):
+        raise IsADirectoryError(errno.EISDIR, "is a folder: give a file name", os.fspath(path))
     stream = _stream(path)
     if stream is not None:
         if isinstance(stream, int):
@@ -65,7 +70,10 @@ def atomic_output(path: str | os.PathLike, binary: bool = False) -> Iterator[IO]
         return
     target = final_target(path)
     keep = kept_mode(target)
-    tmp = temp_beside(target, mode=keep)
+    try:
+        tmp = temp_beside(target, mode=keep)
+    except OSError as exc:  # named by the path asked for, not by the temp file's (/proc/.x.csv.1a2b.tmp)
+        raise type(exc)(exc.errno, exc.strerror, os.fspath(path)) from None
     try:
         with open(tmp, mode, **text_options) as handle:
             yield handle

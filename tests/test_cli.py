@@ -834,11 +834,12 @@ def test_validate_marks_untested_categories_rather_than_printing_nan(scanned, ca
     assert "(–: no flagged neuron of that category could be tested on the held-out text)" in out
 
 
-def test_a_compressed_csv_is_written_compressed_and_read_back(capsys, tmp_path):
-    packed = tmp_path / "scores.csv.gz"
+@pytest.mark.parametrize(("suffix", "magic"), [(".gz", b"\x1f\x8b"), (".zip", b"PK")])
+def test_a_compressed_csv_is_written_compressed_and_read_back(capsys, tmp_path, suffix, magic):
+    packed = tmp_path / f"scores.csv{suffix}"
     assert main(["scan", "--config", DEFAULT, "--device", "cpu", "--layers", "5", "--limit-neurons", "4", "--csv", str(packed)]) == 0
     assert "warning" not in capsys.readouterr().err  # .csv.gz is a CSV name
-    assert packed.read_bytes()[:2] == b"\x1f\x8b"  # gzip's magic number, as pandas writes out.csv.gz
+    assert packed.read_bytes()[:2] == magic  # gzip's or zip's magic number, as pandas writes out.csv.gz
     assert len(pd.read_csv(packed)) == 4 * 8
     assert main(["interpret", "--csv", str(packed), "--top", "1"]) == 0
     assert "Top 1 neurons per category by score" in capsys.readouterr().out

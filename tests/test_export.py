@@ -14,6 +14,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -366,8 +367,9 @@ def test_activations_beyond_float16s_range_are_stored_as_float32(result, tmp_pat
     assert all(loaded[other].dtype == np.float16 for other in loaded if other != layer)
 
 
-@pytest.mark.parametrize("suffix", [".gz", ".bz2", ".xz"])
+@pytest.mark.parametrize("suffix", [".gz", ".bz2", ".xz", ".zip"])
 def test_compressed_json_and_csv_read_back_and_a_gzip_names_the_file_not_its_temp_file(result, tmp_path, suffix):
+    """.zip since 2026-12-08: an export audit's out.csv.zip was plain CSV, which pandas then failed to read as a zip."""
     export.to_json(result, tmp_path / f"scan.json{suffix}")
     assert json.loads(_open(tmp_path / f"scan.json{suffix}")) == json.loads(export.to_json(result))
     export.to_csv(result, tmp_path / f"scan.csv{suffix}")
@@ -376,6 +378,10 @@ def test_compressed_json_and_csv_read_back_and_a_gzip_names_the_file_not_its_tem
         for name in ("scan.json", "scan.csv"):
             header = (tmp_path / f"{name}.gz").read_bytes()
             assert header[3] & 0x08 and header[10:].split(b"\0")[0] == name.encode()  # FNAME: the file's own name
+    if suffix == ".zip":
+        for name in ("scan.json", "scan.csv"):
+            with zipfile.ZipFile(tmp_path / f"{name}.zip") as archive:
+                assert archive.namelist() == [name]
 
 
 def _open(path: Path) -> str:
@@ -384,6 +390,9 @@ def _open(path: Path) -> str:
     import gzip
     import lzma
 
+    if path.suffix == ".zip":
+        with zipfile.ZipFile(path) as archive:
+            return archive.read(path.stem).decode("utf-8")
     opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}[path.suffix]
     with opener(path, "rt", encoding="utf-8") as handle:
         return handle.read()
@@ -547,3 +556,33 @@ def test_a_new_run_id_never_replaces_a_saved_run(result, tmp_path, monkeypatch):
     assert json.loads((tmp_path / "20261206-213832-model-a2f38c-3" / "metadata.json").read_text(encoding="utf-8")) == {"run_id": "theirs"}
     assert json.loads((third / "metadata.json").read_text(encoding="utf-8"))["run_id"] == third.name
     assert sorted(p.name for p in tmp_path.iterdir()) == [first.name, second.name, f"{first.name}-3", third.name]
+
+
+def test_the_python_exports_refuse_bad_paths_and_filters_in_one_readable_error(result, tmp_path):
+    """What the CLI checks before it writes, the Python functions refuse too (an export audit found raw exceptions,
+    one naming the temp file, and filters that silently kept no row)."""
+    with pytest.raises(ValueError, match=r"^no file name given for the output"):
+        export.to_json(result, "")
+    with pytest.raises(IsADirectoryError, match=rf"is a folder: give a file name: '{re.escape(str(tmp_path))}'"):
+        export.to_csv(result, tmp_path)
+    unwritable = tmp_path / "locked"
+    unwritable.mkdir(mode=0o500)
+    if os.geteuid() != 0:  # root writes anywhere
+        with pytest.raises(PermissionError, match=re.escape(str(unwritable / "x.csv"))):
+            export.to_csv(result, unwritable / "x.csv")
+    with pytest.raises(OSError, match=r"'/proc/x\.csv'$"):  # no file can be made there: named as asked, not the temp
+        export.to_csv(result, "/proc/x.csv")
+    a_file = tmp_path / "runs.txt"
+    a_file.write_text("not a folder")
+    with pytest.raises(NotADirectoryError, match="is a file, not a folder of runs"):
+        export.save_run(result, a_file)
+    with pytest.raises(ValueError, match=r"^unknown metric 'nope': use one of .*score"):
+        export.to_csv(result, flagged_only=True, metric="nope")
+    with pytest.raises(ValueError, match=r"^unknown metric 'nope'"):
+        export.flagged_neurons(result, metric="nope")
+    with pytest.raises(ValueError, match=r"^the threshold must be a finite number, not nan"):
+        export.export_table(result, flagged_only=True, threshold=float("nan"))
+    for bound in (2.0, -0.1, float("nan")):
+        with pytest.raises(ValueError, match=r"^min_cv_auroc must be between 0 and 1"):
+            export.export_table(result, min_cv_auroc=bound)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["locked", "runs.txt"]  # nothing else was written
