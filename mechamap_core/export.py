@@ -180,7 +180,7 @@ def _rows_kept(result: ScanResult, n_kept: int, flagged_only: bool = False, metr
 
 
 def to_json(result: ScanResult, path=None, **options) -> str | None:
-    """JSON text keyed by neuron (or write it to path; compressed where the name ends in .gz, .bz2 or .xz, as CSV)."""
+    """JSON text keyed by neuron (or write it to path; compressed where the name ends in .gz, .bz2, .xz or .zip, as CSV)."""
     text = json.dumps(to_json_dict(result, **options), ensure_ascii=False)
     if path is None:
         return text
