@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -12,7 +13,7 @@ from .errors import first_line
 from .models import LoadedModel, model_name
 from .scan.distributed import Ranks, gather_to_rank0, process_group, ranks_from_env
 from .scan.result import ScanResult
-from .scan.stream import Checkpointing, StreamState, corpus_fingerprint, scan_stream, stream_result
+from .scan.stream import Checkpointing, StreamState, corpus_fingerprint, model_files_fingerprint, scan_stream, stream_result
 from .terminal import progress_bar
 
 
@@ -27,10 +28,11 @@ def run_corpus_scan(args, cfg: ScanConfig, load: Callable[[str], LoadedModel], c
     device = ranks.device(args.device)
     text_field = args.text_field or cfg.corpus_text_field
     check_corpus(corpus, text_field=text_field, on_bad_document=args.on_bad_document)  # a bad corpus before loading
-    fingerprint = {
-        "config": cfg.content_hash(), "corpus": corpus_fingerprint(corpus), "text_field": text_field,
-        "layers": args.layers, "limit_neurons": args.limit_neurons, "world_size": ranks.world_size,
-        "model": model_name(cfg.model, args.revision),
+    fingerprint = {  # the config but for what only the end applies: a resume may change its threshold or permutations
+        "config": dataclasses.replace(cfg, threshold=0.0, permutations=0).content_hash(),
+        "corpus": corpus_fingerprint(corpus), "text_field": text_field, "layers": args.layers,
+        "limit_neurons": args.limit_neurons, "world_size": ranks.world_size, "model": model_name(cfg.model, args.revision),
+        "model files": model_files_fingerprint(cfg.model),
     }  # fmt: skip
     checkpointing = None
     if args.checkpoint_dir:  # a checkpoint this scan may not overwrite, or cannot resume, is refused before loading
@@ -40,6 +42,8 @@ def run_corpus_scan(args, cfg: ScanConfig, load: Callable[[str], LoadedModel], c
     resumed = checkpointing.load() if checkpointing and args.resume else None
     with process_group(ranks, device):
         lm = load(device)
+        if checkpointing is not None:
+            checkpointing.confirm("model commit", lm.commit)
         report = resumed.report if resumed else CorpusReport()
         start = resumed.next_index if resumed else 0
         documents = iter_documents(corpus, text_field=text_field, on_bad_document=args.on_bad_document,

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import tracemalloc
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -14,6 +15,7 @@ from hub_server import serve_hub, use_hub
 
 from mechamap_core import scan
 from mechamap_core.cli import main
+from mechamap_core.config import config_to_yaml, load_config
 from mechamap_core.corpus import CorpusReport, Document, iter_documents, parse_corpus, read_corpus
 
 DOCS = [
@@ -517,6 +519,48 @@ def test_cli_scan_never_overwrites_a_checkpoint_it_does_not_resume(tmp_path, cap
     err = capsys.readouterr().err
     assert f"mechamap: error: the checkpoint in {ckpt} belongs to another scan (different config, layers)" in err
     assert "loading" not in err
+
+
+def test_a_resume_checks_the_models_files_and_ignores_what_only_the_end_applies(tmp_path, capsys, tiny_models):
+    """Another model saved under the checkpoint's model folder (a corpus audit put a Llama where a GPT-2 was, and the
+    resume mixed their statistics) is refused before it loads; a threshold or a number of permutations changed since
+    (applied only when the scan ends) resumes, and the result uses the new ones."""
+    import shutil
+
+    corpus = tmp_path / "docs.txt"
+    corpus.write_text("\n".join(DOCS), encoding="utf-8")
+    model, ckpt, config = tmp_path / "model", tmp_path / "ckpt", tmp_path / "cfg.yaml"
+    shutil.copytree(tiny_models.path("gpt2"), model)
+    config.write_text((REPO_ROOT / "configs" / "default.yaml").read_text(encoding="utf-8"), encoding="utf-8")
+    argv = ["scan", "--config", str(config), "--model", str(model), "--corpus", str(corpus), "--device", "cpu",
+            "--checkpoint-dir", str(ckpt), "--checkpoint-every", "2", "--json", str(tmp_path / "out.json")]  # fmt: skip
+    assert main(argv) == 0
+    capsys.readouterr()
+    cfg = load_config(config)
+    config.write_text(config_to_yaml(dataclasses.replace(cfg, threshold=cfg.threshold + 0.5, permutations=99)), encoding="utf-8")
+    assert main([*argv, "--resume"]) == 0, capsys.readouterr().err
+    assert f"resuming after {len(DOCS)} documents" in capsys.readouterr().err
+    written = json.loads((tmp_path / "out.json").read_text(encoding="utf-8"))["metadata"]["config"]
+    assert written["threshold"] == cfg.threshold + 0.5 and written["permutations"] == 99
+    shutil.rmtree(model)
+    shutil.copytree(tiny_models.path("llama"), model)
+    assert main([*argv, "--resume"]) == 1
+    err = capsys.readouterr().err
+    assert f"the checkpoint in {ckpt} belongs to another scan (different model files)" in err and "loading" not in err
+
+
+def test_a_resume_confirms_the_hub_commit_once_the_model_has_loaded(tmp_path):
+    """A Hub id's commit is known only once it loads: a checkpoint of main at another commit is refused then."""
+    from mechamap_core.scan.stream import Checkpointing, StreamState
+
+    Checkpointing(tmp_path, 1, {"model": "org/m", "model commit": "aaa111"}).save(StreamState(sites={}, word_counts=np.zeros((0, 2))))
+    resuming = Checkpointing(tmp_path, 1, {"model": "org/m"})
+    assert resuming.load() is not None
+    resuming.confirm("model commit", "aaa111")
+    with pytest.raises(ValueError, match=r"a different model commit: aaa111 then, bbb222 now\); resume at its commit with "
+                                         r"--revision aaa111"):  # fmt: skip
+        resuming.confirm("model commit", "bbb222")
+    Checkpointing(tmp_path / "new", 1, {"model": "org/m"}).confirm("model commit", "bbb222")  # nothing resumed: recorded
 
 
 # --- a Hub dataset's parquet files, through HfFileSystem, from a local stand-in for the Hub ------------------

@@ -19,7 +19,7 @@ from ..alignment import align
 from ..config import ScanConfig
 from ..corpus import CorpusReport, Document, local_files
 from ..files import atomic_output
-from ..models import LoadedModel, ModelNotAvailableError, model_name
+from ..models import LoadedModel, ModelNotAvailableError, model_name, resolve_model_source
 from ..moe import RECOMPUTED_AFTER_CHECK, MoELayer
 from ..sites import hook_name, layers_with_mlp
 from ..sites import n_layers as count_layers
@@ -33,7 +33,8 @@ from .state import HIST_BINS, SiteStats, StatsLayout
 KEY_POSITIONS = 2**24  # a token's key: document index * KEY_POSITIONS + its ordinal among the document's tokens
 CONTEXT_CHARS = 60
 SAMPLE_BANDS, SAMPLES_PER_BAND = 8, 2
-CHECKPOINT_VERSION = 4  # 4: sums of tokens words share; 3: word counts (the corpus coverage table); 2: plain data
+CHECKPOINT_VERSION = 5  # 5: the model's files and commit, and the config but for threshold and permutations, in the
+# fingerprint; 4: sums of tokens words share; 3: word counts (the corpus coverage table); 2: plain data
 ProgressFn = Callable[[int, int | None, str], None]
 
 
@@ -120,6 +121,17 @@ class Checkpointing:
     every_documents: int
     fingerprint: dict  # config hash, model, corpus, layers, world size: a resume must match it
     rank: int = 0
+    resumed_fingerprint: dict | None = None  # the fingerprint of the checkpoint load() read
+
+    def confirm(self, key: str, value) -> None:
+        """Add to the fingerprint what is known only once the model has loaded (a Hub id's commit); raise ValueError
+        where the checkpoint being resumed recorded another value (main moved to another commit since)."""
+        self.fingerprint[key] = value
+        if self.resumed_fingerprint is not None and self.resumed_fingerprint.get(key) != value:
+            then = self.resumed_fingerprint.get(key)
+            raise ValueError(f"the checkpoint in {self.directory} belongs to another scan (a different {key}: {then} "
+                             f"then, {value} now); resume at its commit with --revision {then}, or use a new "
+                             "--checkpoint-dir")  # fmt: skip
 
     @property
     def path(self) -> Path:
@@ -160,6 +172,7 @@ class Checkpointing:
         if "model" in recorded:  # checkpoints before 2026-12-07 kept a local folder's name as typed ('./model')
             recorded["model"] = _as_named_now(recorded["model"])
         differs = [k for k in self.fingerprint if recorded.get(k) != self.fingerprint[k]]
+        self.resumed_fingerprint = recorded
         if differs:
             raise ValueError(
                 f"the checkpoint in {self.directory} belongs to another scan (different {', '.join(differs)}); "
@@ -179,11 +192,27 @@ def _as_named_now(name):
 
 def corpus_fingerprint(source: str | os.PathLike) -> str:
     """Identifies a corpus for resume checks by what it reads, wherever it is and however its path is written: each
-    file it reads (corpus.local_files: a glob's matches, a folder's .txt files, the file), in reading order, by name,
-    size and first and last MiB. A Hub source by its address."""
+    file it reads (corpus.local_files: a glob's matches, a folder's .txt files, the file), in reading order
+    (files_fingerprint). A Hub source by its address."""
     source = os.fspath(source)
     files = local_files(source)
-    digest = hashlib.sha256(b"" if files else source.encode())
+    return files_fingerprint(files) if files else hashlib.sha256(source.encode()).hexdigest()[:16]
+
+
+def model_files_fingerprint(spec: str) -> str:
+    """Identifies a local model folder's weights for resume checks (files_fingerprint of its files), so another model
+    saved under the same path (a fine-tuned copy, another architecture) is not resumed into the statistics of the
+    first; '' for a Hub id, whose commit the scan confirms once it has loaded (Checkpointing.confirm)."""
+    source, is_local = resolve_model_source(spec)
+    if not is_local:
+        return ""
+    return files_fingerprint(sorted(p for p in Path(source).iterdir() if p.is_file() and not p.name.startswith(".")))
+
+
+def files_fingerprint(files: list) -> str:
+    """A short hash of files by name, size and first and last MiB, in the order given: what tells a corpus or a model
+    folder from another without reading gigabytes."""
+    digest = hashlib.sha256()
     for file in map(Path, files):
         size = file.stat().st_size
         digest.update(f"{file.name}:{size}".encode())
@@ -443,4 +472,7 @@ def merge_states(states: list[StreamState]) -> StreamState:
     return merged
 
 
-__all__ = ["Checkpointing", "StreamState", "corpus_fingerprint", "merge_states", "scan_stream", "stream_result"]
+__all__ = [
+    "Checkpointing", "StreamState", "corpus_fingerprint", "merge_states", "model_files_fingerprint", "scan_stream",
+    "stream_result",
+]  # fmt: skip
