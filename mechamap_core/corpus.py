@@ -17,6 +17,7 @@ from .errors import unpaired_surrogate
 MAX_CORPUS_BYTES = 200 * 2**20  # cap of the in-memory paths (parse_corpus, read_corpus); iter_documents has none
 FILE_KINDS = ("txt", "jsonl", "parquet")
 PARQUET_BATCH_ROWS = 1024  # rows per decoded batch; pyarrow reads one row group at a time
+CHECK_BAD_LIMIT = 1000  # check_corpus stops at this many bad documents before a good one (a wrong text field)
 BAD_REASONS = {  # key -> what the report calls it
     "not_utf8": "not valid UTF-8",
     "invalid_json": "not valid JSON",
@@ -150,17 +151,81 @@ def iter_documents(
     return _documents(f"the corpus {source}", readers, on_bad_document, rank, world_size, start, report)
 
 
-def check_corpus(source: str | os.PathLike, *, text_field: str = "text", on_bad_document: str = "skip") -> None:
+def check_corpus(source: str | os.PathLike, *, text_field: str = "text", on_bad_document: str = "skip") -> list[str]:
     """Check a corpus cheaply before a scan loads its model: iter_documents' checks of the source (its files exist
-    and are of a kind read here), then reading up to its first good document (a corpus of bad documents only is
-    read to its end). Raises what iter_documents raises: FileNotFoundError, OSError, or ValueError for a corpus
-    without documents, with no usable one (e.g. no record has the text field), or (on_bad_document="error")
-    whose first document is bad."""
-    documents = iter_documents(source, text_field=text_field, on_bad_document=on_bad_document)
+    and are of a kind read here), every local Parquet file's footer and text column (one of many found bad only
+    when the scan reaches it would cost the hours before it), then reading up to its first good document. Raises
+    what iter_documents raises: FileNotFoundError, OSError, or ValueError for a corpus without documents, with no
+    usable one, or (on_bad_document="error") whose first document is bad; and ValueError when its first
+    CHECK_BAD_LIMIT documents are all bad (a wrong text field, mostly), naming the fields its records have, rather
+    than reading all of it to say so. Returns warnings: a folder's .jsonl and .parquet files, which a folder corpus
+    does not read."""
+    source = os.fspath(source)
+    for path in local_files(source):
+        if _kind(path) == "parquet":
+            _check_parquet_file(path, text_field)
+    report = _StopsAtBadStart()
+    documents = iter_documents(source, text_field=text_field, on_bad_document=on_bad_document, report=report)
     try:
         next(documents, None)
+    except _AllBadSoFar:
+        raise ValueError(f"the first {report.n_skipped:,} documents of the corpus {source} are all bad "
+                         f"({report.summary()}){_fields_hint(source, text_field)}") from None  # fmt: skip
+    except ValueError as exc:  # no usable document, or the first bad one with on_bad_document="error"
+        if report.documents:
+            raise
+        raise ValueError(f"{exc}{_fields_hint(source, text_field)}") from None
     finally:
         documents.close()
+    return _unread_in_folder(source)
+
+
+class _AllBadSoFar(Exception):
+    """check_corpus's reading stops: CHECK_BAD_LIMIT bad documents and no good one."""
+
+
+class _StopsAtBadStart(CorpusReport):
+    """A report that stops check_corpus's reading at CHECK_BAD_LIMIT bad documents before any good one."""
+
+    def count_bad(self, index: int, message: str, reason: str) -> None:
+        super().count_bad(index, message, reason)
+        if not self.documents and self.n_skipped >= CHECK_BAD_LIMIT:
+            raise _AllBadSoFar
+
+
+def _fields_hint(source: str, text_field: str) -> str:
+    """'; its first record's fields are ...' for a .jsonl corpus whose first record lacks text_field, else ''."""
+    path = next((path for path in local_files(source) if _kind(path) == "jsonl"), None)
+    if path is None:
+        return ""
+    with open(path, "rb") as stream:
+        first = next((raw for raw in stream if raw.strip()), b"")
+    try:
+        record = json.loads(first.removeprefix(codecs.BOM_UTF8))
+    except ValueError:
+        return ""
+    if not isinstance(record, dict) or text_field in record:
+        return ""
+    return f"; the first record of {path} has the fields {', '.join(map(str, record))}: name the text's with --text-field"
+
+
+def _unread_in_folder(source: str) -> list[str]:
+    """A warning naming a folder corpus's .jsonl and .parquet files, which it does not read ([] for other sources)."""
+    if glob.has_magic(source) or not Path(source).is_dir():
+        return []
+    others = _other_kinds(source)
+    if not others:
+        return []
+    shown = ", ".join(others[:3]) + (f" and {len(others) - 3:,} more" if len(others) > 3 else "")
+    return [f"the folder {source} also holds {shown}, which a folder corpus does not read (it reads each .txt file "
+            f"as one document); give a glob, {os.path.join(source, '*')}, to read every file's documents, a .txt "
+            "file's one per line"]  # fmt: skip
+
+
+def _other_kinds(folder: str) -> list[str]:
+    """The sorted names of a folder's .jsonl and .parquet files."""
+    with os.scandir(folder) as entries:
+        return sorted(e.name for e in entries if _kind(e.name) in ("jsonl", "parquet") and e.is_file())
 
 
 def _check_on_bad_document(on_bad_document: str) -> None:
@@ -252,7 +317,10 @@ def _folder_names(folder: str) -> list[str]:
     with os.scandir(folder) as entries:  # names only: the listing is the one part that grows with the corpus
         names = sorted(e.name for e in entries if e.name.lower().endswith(".txt") and e.is_file())
     if not names:
-        raise ValueError(f"the folder {folder} has no .txt files (a folder corpus is one document per .txt file)")
+        others = _other_kinds(folder)
+        hint = f"; for its {', '.join(others[:3])}{' ...' if len(others) > 3 else ''}, give a glob: {os.path.join(folder, '*')}"
+        raise ValueError(f"the folder {folder} has no .txt files (a folder corpus is one document per .txt file)"
+                         f"{hint if others else ''}")  # fmt: skip
     return names
 
 
@@ -323,15 +391,7 @@ def _parquet_records(file: _File, text_field: str, skip: int) -> Iterator[tuple[
             parquet = pq.ParquetFile(stream, pre_buffer=False)
         except pa.ArrowException as exc:
             raise ValueError(f"{file.name} is not a readable Parquet file: {exc}") from None
-        schema = parquet.schema_arrow
-        if text_field not in schema.names:
-            raise ValueError(f"{file.name} has no column '{text_field}' (its columns: {', '.join(schema.names)})")
-        column_type = schema.field(text_field).type
-        if pa.types.is_dictionary(column_type):
-            column_type = column_type.value_type
-        if not any(check(column_type) for check in (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary,
-                                                     pa.types.is_large_binary)):  # fmt: skip
-            raise ValueError(f"column '{text_field}' of {file.name} holds {column_type}, not text")
+        _check_text_column(parquet.schema_arrow, file.name, text_field)
         metadata = parquet.metadata
         position, groups = 0, []
         for group in range(metadata.num_row_groups):
@@ -346,6 +406,32 @@ def _parquet_records(file: _File, text_field: str, skip: int) -> Iterator[tuple[
                     position += 1
                     yield position - 1, f"{file.name} row {position}", value
         return metadata.num_rows
+
+
+def _check_text_column(schema, name: str, text_field: str) -> None:
+    """Raise ValueError where a Parquet file's schema has no text column text_field (strings or bytes)."""
+    import pyarrow as pa
+
+    if text_field not in schema.names:
+        raise ValueError(f"{name} has no column '{text_field}' (its columns: {', '.join(schema.names)})")
+    column_type = schema.field(text_field).type
+    if pa.types.is_dictionary(column_type):
+        column_type = column_type.value_type
+    if not any(check(column_type) for check in (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary,
+                                                 pa.types.is_large_binary)):  # fmt: skip
+        raise ValueError(f"column '{text_field}' of {name} holds {column_type}, not text")
+
+
+def _check_parquet_file(path: str, text_field: str) -> None:
+    """Raise ValueError where a local Parquet file cannot be read as a corpus: its footer and text column only."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        schema = pq.read_schema(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise ValueError(f"{path} is not a readable Parquet file: {exc}") from None
+    _check_text_column(schema, path, text_field)
 
 
 def _folder_records(folder: str, names: list[str], skip: int) -> Iterator[tuple[int, str, str]]:

@@ -27,7 +27,9 @@ def run_corpus_scan(args, cfg: ScanConfig, load: Callable[[str], LoadedModel], c
     ranks = ranks_from_env()
     device = ranks.device(args.device)
     text_field = args.text_field or cfg.corpus_text_field
-    check_corpus(corpus, text_field=text_field, on_bad_document=args.on_bad_document)  # a bad corpus before loading
+    notes = check_corpus(corpus, text_field=text_field, on_bad_document=args.on_bad_document)  # before loading
+    for note in notes if ranks.rank == 0 else []:
+        print(f"warning: {note}", file=sys.stderr)
     fingerprint = {  # the config but for what only the end applies: a resume may change its threshold or permutations
         "config": dataclasses.replace(cfg, threshold=0.0, permutations=0).content_hash(),
         "corpus": corpus_fingerprint(corpus), "text_field": text_field, "layers": args.layers,
@@ -55,7 +57,8 @@ def run_corpus_scan(args, cfg: ScanConfig, load: Callable[[str], LoadedModel], c
             print(f"rank {ranks.rank}: no checkpoint in {args.checkpoint_dir} to resume: starting from the first document",
                   file=sys.stderr)  # fmt: skip
         tracked = _Tracked(documents)
-        with progress_bar(f"rank {ranks.rank}" if ranks.distributed else "scanning", "doc") as progress:
+        description = f"rank {ranks.rank}" if ranks.distributed else "scanning"
+        with progress_bar(description, "doc", position=ranks.rank if ranks.distributed else None) as progress:
             try:
                 state = scan_stream(
                     lm, cfg, tracked, calibration_texts=calibration, layers=args.layers,
@@ -66,7 +69,12 @@ def run_corpus_scan(args, cfg: ScanConfig, load: Callable[[str], LoadedModel], c
                 if not ranks.distributed:
                     raise
                 raise RankFailed(f"failed {tracked.where()}: {first_line(exc)}") from exc  # the CLI names the rank
-        merged, documents_per_rank = gather_to_rank0(state, ranks)
+        try:
+            merged, documents_per_rank = gather_to_rank0(state, ranks)
+        except Exception as exc:  # a rank that failed left the gather: gloo's "Connection closed by peer" says nothing
+            if not ranks.distributed:
+                raise
+            raise RankFailed("stopped after its share, as another rank failed (its line says why)") from exc
     if merged is None:
         return None
     print(f"corpus {corpus}: {merged.report.summary()}", file=sys.stderr)

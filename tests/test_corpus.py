@@ -16,7 +16,7 @@ from hub_server import serve_hub, use_hub
 from mechamap_core import scan
 from mechamap_core.cli import main
 from mechamap_core.config import config_to_yaml, load_config
-from mechamap_core.corpus import CorpusReport, Document, iter_documents, parse_corpus, read_corpus
+from mechamap_core.corpus import CorpusReport, Document, check_corpus, iter_documents, parse_corpus, read_corpus
 
 DOCS = [
     "Anna ate pizza in Paris on Monday.",
@@ -561,6 +561,59 @@ def test_a_resume_confirms_the_hub_commit_once_the_model_has_loaded(tmp_path):
                                          r"--revision aaa111"):  # fmt: skip
         resuming.confirm("model commit", "bbb222")
     Checkpointing(tmp_path / "new", 1, {"model": "org/m"}).confirm("model commit", "bbb222")  # nothing resumed: recorded
+
+
+def test_the_corpus_check_finds_a_bad_file_or_a_wrong_field_before_the_model_loads(tmp_path, capsys):
+    """A corpus audit's glob held a damaged Parquet file after 1,152 good documents: the scan stopped there, 32 s in,
+    with nothing written (and a checkpoint it could not resume once the file was mended). Every local Parquet file's
+    footer and text column are now checked first; a wrong --text-field stops at the first 1,000 bad documents (it read
+    the whole corpus to say so) and names the fields the first record has."""
+    (tmp_path / "glob").mkdir()
+    (tmp_path / "glob" / "a.txt").write_text("\n".join(DOCS), encoding="utf-8")
+    (tmp_path / "glob" / "b.parquet").write_bytes(b"junk")
+    with pytest.raises(ValueError, match=r"b\.parquet is not a readable Parquet file"):
+        check_corpus(str(tmp_path / "glob" / "*"))
+    pq.write_table(pa.table({"content": DOCS}), tmp_path / "glob" / "b.parquet")
+    with pytest.raises(ValueError, match=r"b\.parquet has no column 'text' \(its columns: content\)"):
+        check_corpus(str(tmp_path / "glob" / "*"))
+    assert check_corpus(str(tmp_path / "glob" / "*"), text_field="content") == []  # a.txt's lines need no field
+    many = tmp_path / "body.jsonl"
+    many.write_text("\n".join(json.dumps({"body": f"text {i}", "id": i}) for i in range(5000)) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"^the first 1,000 documents of the corpus .+ are all bad \(read 0 documents, "
+                                         r"skipped 1,000 bad ones .+; the first record of .+ has the fields body, id: "
+                                         r"name the text's with --text-field$"):  # fmt: skip
+        check_corpus(str(many))
+    few = tmp_path / "few.jsonl"
+    few.write_text('{"body": "a"}\n{"body": "b"}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"has no usable documents: .+; the first record of .+ has the fields body"):
+        check_corpus(str(few))
+    argv = ["scan", "--config", str(REPO_ROOT / "configs" / "default.yaml"), "--corpus", str(tmp_path / "glob" / "*"),
+            "--device", "cpu", "--csv", str(tmp_path / "x.csv")]  # fmt: skip
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "no column 'text'" in err and "loading" not in err
+
+
+def test_a_folder_corpus_names_the_files_it_does_not_read(tmp_path, capsys):
+    """A folder reads each .txt file as one document; its .jsonl and .parquet files were dropped without a word (a
+    corpus audit: 40 documents lost). A warning names them and gives the glob that reads them; a folder of them only
+    is refused with that glob."""
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    (folder / "a.txt").write_text("\n".join(DOCS), encoding="utf-8")
+    (folder / "b.jsonl").write_text(json.dumps({"text": DOCS[0]}) + "\n", encoding="utf-8")
+    pq.write_table(pa.table({"text": DOCS}), folder / "c.parquet")
+    (notes,) = check_corpus(str(folder))
+    assert notes == (f"the folder {folder} also holds b.jsonl, c.parquet, which a folder corpus does not read (it reads "
+                     f"each .txt file as one document); give a glob, {folder}/*, to read every file's documents, a .txt "
+                     "file's one per line")  # fmt: skip
+    argv = ["scan", "--config", str(REPO_ROOT / "configs" / "default.yaml"), "--corpus", str(folder), "--device", "cpu",
+            "--layers", "0", "--limit-neurons", "2", "--csv", str(tmp_path / "x.csv")]  # fmt: skip
+    assert main(argv) == 0
+    assert f"warning: {notes}" in capsys.readouterr().err
+    (folder / "a.txt").unlink()
+    with pytest.raises(ValueError, match=rf"has no \.txt files .+; for its b\.jsonl, c\.parquet, give a glob: {folder}/\*$"):
+        check_corpus(str(folder))
 
 
 # --- a Hub dataset's parquet files, through HfFileSystem, from a local stand-in for the Hub ------------------

@@ -356,3 +356,42 @@ def test_a_damaged_checkpoint_is_named_with_a_reason_not_a_number(tmp_path):
             checkpoints.load()
         assert str(refused.value) == (f"{checkpoints.path} is not a checkpoint this MechaMap can resume ({why}); delete "
                                       "it, or use a new --checkpoint-dir, to start the scan afresh")  # fmt: skip
+
+
+def test_checkpoints_come_every_n_documents_and_long_texts_make_smaller_groups(tiny_gpt2, default_cfg, documents,
+                                                                                tmp_path, monkeypatch):  # fmt: skip
+    """--checkpoint-every N writes every N documents exactly (a corpus audit saw 100 write every 128: groups of 64); a
+    group is scanned once it holds GROUP_CHARACTERS of text, so long documents come fewer at a time; the bar starts
+    at the resumed documents. None of it changes a statistic."""
+    from mechamap_core.scan import stream as stream_module
+
+    cfg = dataclasses.replace(default_cfg, batch_size=4)
+    saved_at, groups, calls = [], [], []
+
+    class Recording(Checkpointing):
+        def save(self, state):
+            saved_at.append(state.documents)
+            super().save(state)
+
+    scan_group = stream_module._scan_group
+    monkeypatch.setattr(stream_module, "_scan_group", lambda *a: groups.append(len(a[4])) or scan_group(*a))
+    every_3 = stream(tiny_gpt2, cfg, documents[:20], checkpointing=Recording(tmp_path / "ck", 3, {}),
+                     progress=lambda done, total, message: calls.append(done))  # fmt: skip
+    assert saved_at == [3, 6, 9, 12, 15, 18, 20] and groups == [3, 3, 3, 3, 3, 3, 2] and calls[0] == 0
+    groups.clear()
+    budget = 2 * max(map(len, documents[:20]))
+    monkeypatch.setattr(stream_module, "GROUP_CHARACTERS", budget)
+    by_text = stream(tiny_gpt2, cfg, documents[:20])  # groups of 5 documents, or fewer holding that much text
+    expected, size, characters = [], 0, 0
+    for text in documents[:20]:
+        size, characters = size + 1, characters + len(text)
+        if size == 5 or characters >= budget:
+            expected, size, characters = [*expected, size], 0, 0
+    assert groups == expected + ([size] if size else []) and min(expected) < 5
+    for hook, stats in every_3.sites.items():
+        np.testing.assert_allclose(stats.sums.numpy(), by_text.sites[hook].sums.numpy(), rtol=1e-5, atol=1e-5)
+    calls.clear()
+    resumed = Checkpointing(tmp_path / "ck", 3, {})
+    stream(tiny_gpt2, cfg, documents[:20] + documents[20:26], checkpointing=resumed, resume_from=resumed.load(),
+           progress=lambda done, total, message: calls.append(done))  # fmt: skip
+    assert calls[0] == 20 and calls[-1] == 26  # the bar starts at the resumed documents

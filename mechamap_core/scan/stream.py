@@ -33,6 +33,8 @@ from .state import HIST_BINS, SiteStats, StatsLayout
 KEY_POSITIONS = 2**24  # a token's key: document index * KEY_POSITIONS + its ordinal among the document's tokens
 CONTEXT_CHARS = 60
 SAMPLE_BANDS, SAMPLES_PER_BAND = 8, 2
+GROUP_CHARACTERS = 2**19  # a group of documents is scanned once it holds this much text (about 130k tokens), or 64
+# documents, or a checkpoint is due: its alignment and tokens take about 1 KB a token, so long documents come fewer
 CHECKPOINT_VERSION = 5  # 5: the model's files and commit, and the config but for threshold and permutations, in the
 # fingerprint; 4: sums of tokens words share; 3: word counts (the corpus coverage table); 2: plain data
 ProgressFn = Callable[[int, int | None, str], None]
@@ -241,8 +243,9 @@ def scan_stream(
     """Scan a stream of documents (objects with .index and .text, e.g. corpus.iter_documents; or plain strings,
     indexed by their position in the stream) into a StreamState.
 
-    Memory stays flat in corpus size: documents are aligned and scanned in groups, and only each site's
-    SiteStats and the contexts of the tokens they hold are kept. Histogram edges come from
+    Memory stays flat in corpus size: documents are aligned and scanned in groups (group_documents, or fewer
+    holding GROUP_CHARACTERS of text; a checkpoint every N documents exactly), and only each site's SiteStats and the
+    contexts of the tokens they hold are kept. Histogram edges come from
     calibration_texts: the corpus's texts from its first document (any iterable, read lazily until they hold
     calibration.CALIBRATION_TOKENS tokens: first_texts_for_edges), so every rank and every resumed run agrees on them.
     With checkpointing, the state is written every N documents; resume_from (a checkpoint's state) is
@@ -278,17 +281,21 @@ def scan_stream(
             else:  # resumed: the checkpoint's state moves to the site's device
                 state.sites[site.hook] = state.sites[site.hook].to(site_device(site, lm.device))
 
-        since_checkpoint = 0
+        since_checkpoint, group_characters = 0, 0
         group: list = []
         resumed_up_to = resume_from.next_index if resume_from is not None else 0
+        if progress:  # where the bar starts: 0, or the resumed documents (not counted in its rate)
+            progress(state.documents, total_documents, f"documents {state.documents:,}, tokens {state.tokens:,}")
         for document in _as_documents(documents):
             if document.index < resumed_up_to:  # already in the resumed state
                 continue
             group.append(document)
-            if len(group) == min(group_documents, checkpointing.every_documents if checkpointing else group_documents):
+            group_characters += len(document.text)
+            checkpoint_due = checkpointing is not None and since_checkpoint + len(group) >= checkpointing.every_documents
+            if len(group) == group_documents or group_characters >= GROUP_CHARACTERS or checkpoint_due:
                 _scan_group(lm, cfg, points, n_neurons, group, chunk_tokens, state, word_category, word_fold)
                 since_checkpoint += len(group)
-                group = []
+                group, group_characters = [], 0
                 if progress:
                     progress(state.documents, total_documents, f"documents {state.documents:,}, tokens {state.tokens:,}")
                 if checkpointing and since_checkpoint >= checkpointing.every_documents:
