@@ -442,10 +442,33 @@ def _keys_with_merged(mapping: yaml.MappingNode, depth: int = 0) -> list:
     return merged + own
 
 
+class ContrastSetGivenError(ConfigError):
+    """A contrast set given for a scan config: named as such, rather than as an unknown key per category."""
+
+
 def parse_config(text: str, require_master_text: bool = True) -> ScanConfig:
-    """Parse YAML text into a validated ScanConfig. Raises ConfigError on malformed or invalid input.
-    require_master_text=False accepts a config without a master text."""
-    return config_from_dict(safe_load_yaml(text), require_master_text)
+    """Parse YAML text into a validated ScanConfig. Raises ConfigError on malformed or invalid input, and
+    ContrastSetGivenError (one fault) for a contrast set. require_master_text=False accepts a config without a master
+    text."""
+    data = safe_load_yaml(text)
+    try:
+        return config_from_dict(data, require_master_text)
+    except ConfigError:
+        if _is_contrast_set(text):
+            raise ContrastSetGivenError([("", "this is a contrast set (words with in-sense and out-of-sense sentences), "
+                                              "not a scan config: the Hypothesis page's \"Word form or meaning?\" check "
+                                              "and `python -m mechamap_core contrast --contrast FILE` take it")]) from None  # fmt: skip
+        raise
+
+
+def _is_contrast_set(text: str) -> bool:
+    from .contrast import parse_contrast_set  # the contrast module builds on this one
+
+    try:
+        parse_contrast_set(text)
+    except ConfigError:
+        return False
+    return True
 
 
 def load_config(path: str | os.PathLike, require_master_text: bool = True) -> ScanConfig:

@@ -312,8 +312,15 @@ def _job_panel(polling: bool) -> None:
                 _open_run_of(job)
     if polling and all(job.finished for job in views):
         st.rerun()  # nothing left to poll; the full rerun also lists the new runs in the sidebar
-    for job in views:
+    for job in panel_order(views):
         _show_job(job)
+
+
+def panel_order(views: list) -> list:
+    """The jobs (registry order: oldest first) as the panel lists them: the running and queued ones first, in the
+    order they run, then the finished ones, newest first. A scan just started shows its progress right under the
+    Scan button, not below old failures (an app audit found it below the fold)."""
+    return [job for job in views if not job.finished] + [job for job in reversed(views) if job.finished]
 
 
 def _show_interrupted(scans: list[pending.PendingScan]) -> None:
@@ -369,13 +376,14 @@ def _jobs_in_brief(polling: bool) -> None:
 
 
 def show_jobs() -> None:
-    """The background jobs, newest last, refreshed every POLL_S seconds while one is queued or running; before them,
+    """The background jobs, running and queued first, refreshed every POLL_S seconds while one is; before them,
     the scans a server restart interrupted."""
     views, interrupted = registry().jobs(), pending.interrupted_scans(state.runs_dir())
     if not views and not interrupted:
         return
     st.subheader("Background jobs")
-    st.caption("Every scan started on this server, by anyone using it, newest last. Dismiss takes a finished one off the list for everyone.")
+    st.caption("Every scan started on this server, by anyone using it: running and queued first, then finished ones, "
+               "newest first. Dismiss takes a finished one off the list for everyone.")  # fmt: skip
     _show_interrupted(interrupted)
     polling = any(not job.finished for job in views)
     st.fragment(_job_panel, run_every=POLL_S if polling else None)(polling)

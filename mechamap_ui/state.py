@@ -25,6 +25,8 @@ from mechamap_core.models import (
 )
 from mechamap_core.scan import ScanResult
 
+from . import config_tools
+
 ROOT = Path(__file__).resolve().parent.parent
 # configs_dir() / runs_dir() read the environment on every call (tests point MECHAMAP_CONFIGS_DIR /
 # MECHAMAP_RUNS_DIR at temp folders).
@@ -140,6 +142,18 @@ def get_tokenizer(spec: str):
     return tokenizer if getattr(tokenizer, "is_fast", False) else None
 
 
+def coverage_table(texts: list[str], categories: dict[str, list[str]], spec: str):
+    """config_tools.coverage_table of texts with spec's tokenizer (get_tokenizer), computed once per text, words and
+    tokenizer: a page reruns at every click, and a long text of thousands of words takes tens of seconds."""
+    words = tuple((name, tuple(listed)) for name, listed in categories.items())
+    return _coverage_table(tuple(texts), words, spec, local_model_version(spec))
+
+
+@st.cache_data(show_spinner="Counting the words in the text ...", max_entries=16)
+def _coverage_table(texts: tuple[str, ...], words: tuple, spec: str, version: str):  # version: part of the key
+    return config_tools.coverage_table(list(texts), {name: list(listed) for name, listed in words}, get_tokenizer(spec))
+
+
 @st.cache_resource(show_spinner=False, max_entries=8)
 def get_run(run_dir: str) -> ScanResult:
     """A saved run, loaded once per process and shared: switching pages never re-reads or rescans it.
@@ -158,7 +172,7 @@ def active_config() -> ScanConfig:
             st.session_state[ACTIVE_CONFIG_NAME] = path.stem
         except (ConfigError, FileNotFoundError):
             st.session_state[ACTIVE_CONFIG] = ScanConfig()
-            st.session_state[ACTIVE_CONFIG_NAME] = "unsaved"
+            st.session_state[ACTIVE_CONFIG_NAME] = UNSAVED_NAME
     return st.session_state[ACTIVE_CONFIG]
 
 
@@ -193,16 +207,20 @@ def _saved_config_settings(path: str, modified_ns: int) -> dict | None:
 
 
 EDITED_MARK = " (edited, not saved)"  # after the active config's name once it differs from its file
+UNSAVED_NAME = "unsaved"  # the active config's name when the default config could not be read
+NOT_SAVED_MARK = " (not saved)"  # after the name of an active config no file holds (an upload)
+UNSAVED_MARKS = (EDITED_MARK, NOT_SAVED_MARK)
 
 
 def active_config_label() -> str:
-    """The active config's name for captions, with "(edited, not saved)" once it differs from the file of that name."""
+    """The active config's name for captions, with "(edited, not saved)" once it differs from the file of that name,
+    and "(not saved)" where no file has that name (an uploaded config, which a reload would lose)."""
     name = active_config_name()
     path = configs_dir() / f"{name}.yaml"
     try:
         saved = _saved_config_dict(str(path), path.stat().st_mtime_ns)
     except OSError:
-        return name
+        return name if name == UNSAVED_NAME else f"{name}{NOT_SAVED_MARK}"
     return f"{name}{EDITED_MARK}" if saved is not None and saved != active_config().to_dict() else name
 
 

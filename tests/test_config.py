@@ -707,3 +707,17 @@ def test_max_chunk_tokens_is_the_models_limit_or_enough_for_context(chunk, fine)
         assert parse_config(text).max_chunk_tokens == chunk
     else:
         assert "'max_chunk_tokens' must be 0 (the model's own limit) or at least 16" in dict(config_error(text).problems)["max_chunk_tokens"]
+
+
+def test_a_contrast_set_given_as_a_config_is_named_as_one():
+    """One fault naming what the file is, not one "unknown key" per category (an app audit found 8)."""
+    from mechamap_core.config import ContrastSetGivenError
+
+    text = (Path(__file__).resolve().parent.parent / "configs" / "contrast_default.yaml").read_text(encoding="utf-8")
+    with pytest.raises(ContrastSetGivenError) as caught:
+        parse_config(text)
+    (problem,) = caught.value.problems
+    assert problem[1].startswith("this is a contrast set") and "contrast --contrast FILE" in problem[1]
+    with pytest.raises(ConfigError, match="unknown key 'bogus'") as caught:
+        parse_config("bogus: 1\nmaster_text: x\ncategories: {a: [x]}\n")
+    assert not isinstance(caught.value, ContrastSetGivenError)

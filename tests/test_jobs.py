@@ -563,3 +563,12 @@ def test_other_pages_show_a_running_scan_in_the_sidebar_and_offer_its_run(app_en
     [button for button in at.sidebar.button if button.label == "Open"][0].click().run()
     no_exception(at)
     assert at.session_state[state.ACTIVE_RUN] == saved and fresh_registry.jobs() == []
+
+
+def test_the_panel_lists_running_and_queued_jobs_first_then_the_finished_newest_first():
+    from types import SimpleNamespace
+
+    old_failure, done, running, queued, new_failure = (SimpleNamespace(name=name, finished=finished) for name, finished in
+        [("old failure", True), ("done", True), ("running", False), ("queued", False), ("new failure", True)])  # fmt: skip
+    order = jobs.panel_order([old_failure, done, running, queued, new_failure])
+    assert [job.name for job in order] == ["running", "queued", "new failure", "done", "old failure"]

@@ -257,6 +257,21 @@ def test_invalid_config_upload_changes_nothing(app_env):
     assert at.session_state[ACTIVE_CONFIG].to_dict() == before_cfg
 
 
+def test_a_contrast_set_uploaded_as_a_config_is_named_as_one_and_an_upload_is_marked_not_saved(app_env):
+    """An app audit: a contrast set got one "unknown key" error per category, and an uploaded config read in the
+    sidebar as a saved one, though a reload loses it."""
+    at = config_page()
+    before_cfg = at.session_state[ACTIVE_CONFIG].to_dict()
+    body = (REPO_ROOT / "configs" / "contrast_default.yaml").read_bytes()
+    at.file_uploader[0].set_value(("senses.yaml", body, "application/x-yaml")).run()
+    (error,) = texts(at.error)
+    assert "senses.yaml was not loaded" in error and "this is a contrast set" in error and "unknown key" not in error
+    assert at.session_state[ACTIVE_CONFIG].to_dict() == before_cfg
+    body = yaml.safe_dump({"master_text": "A cat and a dog.", "categories": {"animal": ["cat", "dog"]}}).encode()
+    at.file_uploader[0].set_value(("mine.yaml", body, "application/x-yaml")).run()
+    assert any("**Active config:** mine (not saved)" in v for v in texts(at.sidebar.markdown)), texts(at.sidebar.markdown)
+
+
 def test_an_upload_whose_word_yaml_would_renumber_changes_nothing_and_says_how_to_quote_it(app_env):
     at = config_page()
     before_cfg = at.session_state[ACTIVE_CONFIG].to_dict()

@@ -27,7 +27,7 @@ UPLOAD = "cfg_upload"
 LOAD_CHOICE = "cfg_load_choice"
 REPLACED = "cfg_replaced"  # (config, name, label) that the last load replaced: Undo brings it back until used
 TEXT_REPLACED = "cfg_text_replaced"  # (text box key, the text) a written master text replaced: Undo brings it back
-WRITTEN = "cfg_written"  # (what it was written from, the written master text), once "Write it" was clicked
+WRITTEN = "cfg_written"  # once "Write it" was clicked: (what it was written from, (the text, its overcounted words) or the ValueError)
 SAVES = "cfg_saves"  # saves so far: the Overwrite box is a new one (unticked) after each
 
 
@@ -71,7 +71,7 @@ def _replace_config(cfg, name: str, message: str) -> None:
     label = state.active_config_label()
     st.session_state[REPLACED] = (state.active_config(), state.active_config_name(), label)
     state.set_active_config(cfg, name)
-    if label.endswith(state.EDITED_MARK):
+    if label.endswith(state.UNSAVED_MARKS):
         _say("warning", f"{message} It replaced your unsaved edits of {config_tools.literal(label)}: *Undo* brings them "
                         "back.")  # fmt: skip
     else:
@@ -110,9 +110,11 @@ def _write_text(source: tuple, categories: dict[str, list[str]], contexts: int, 
     """Callback of "Write it": the written master text for these words, kept with what it was written from (written
     on demand: for thousands of words, writing it and counting its coverage takes seconds)."""
     try:
-        st.session_state[WRITTEN] = (source, write_master_text(categories, contexts, seed))
+        written = write_master_text(categories, contexts, seed)
     except ValueError as exc:
         st.session_state[WRITTEN] = (source, exc)
+    else:  # with its overcounted words, found once here, not at every rerun
+        st.session_state[WRITTEN] = (source, (written, overcounted_words(written, categories, contexts)))
 
 
 def _show_problems(where, messages: list[str]) -> None:
@@ -247,7 +249,7 @@ if problem is not None:
 
 st.subheader("Word coverage")
 tokenizer = state.get_tokenizer(edited_cfg.model or BUNDLED_MODEL_ID)
-coverage = config_tools.coverage_table(edited_cfg.texts, categories, tokenizer)
+coverage = state.coverage_table(edited_cfg.texts, categories, edited_cfg.model or BUNDLED_MODEL_ID)
 if coverage.empty:
     st.info("Add categories with words to see which of them the master text covers.")
 else:
@@ -288,9 +290,10 @@ with st.expander("Write a master text for these words", icon=":material/edit_not
     elif isinstance(written, ValueError):
         st.info(f"Nothing to write: {written}.")
     elif written is not None:
+        written, overcounted = written
         st.code(written, language=None, wrap_lines=True, height=200)
-        st.dataframe(config_tools.coverage_table([written], categories, tokenizer), hide_index=True)
-        for row in overcounted_words(written, categories, int(contexts)).itertuples():
+        st.dataframe(state.coverage_table([written], categories, edited_cfg.model or BUNDLED_MODEL_ID), hide_index=True)
+        for row in overcounted.itertuples():
             st.warning(f"'{row.word}' ({row.category}) occurs {row.occurrences} times: another word contains it, or "
                        "another category lists it too.")  # fmt: skip
         w3, w4 = st.columns(2)

@@ -171,7 +171,7 @@ state.keep_widgets("scan", setting_defaults, settings_basis)
 
 # --- scan ----------------------------------------------------------------------------------
 if texts is None and problem is None and (spec or "").strip():  # what a scan of the master text would leave blank
-    coverage = config_tools.coverage_table(cfg.texts, cfg.categories, state.get_tokenizer(spec.strip()))
+    coverage = state.coverage_table(cfg.texts, cfg.categories, spec.strip())
     for warning in config_tools.coverage_warnings(coverage, cfg.categories):
         st.warning(warning)
 can_scan = problem is None and not input_errors and bool((spec or "").strip())
