@@ -9,6 +9,7 @@ from functools import cached_property, lru_cache
 import numpy as np
 import pandas as pd
 
+from .config import words_text
 from .errors import unpaired_surrogate
 
 _WORD_CHAR = re.compile(r"\w")
@@ -283,7 +284,7 @@ def coverage_summary(
             "words": len(g),
             "found": len(found),
             "missing": len(g) - len(found),
-            "missing_words": ", ".join(g.loc[g["occurrences"] == 0, "word"]),
+            "missing_words": words_text(g.loc[g["occurrences"] == 0, "word"].tolist()),  # "1,000" keeps its quotes
         }
         if category_mask is not None and names is not None:
             row["n_tokens"] = int(category_mask[:, names.index(cat)].sum())

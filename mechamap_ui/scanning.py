@@ -196,6 +196,20 @@ def local_folder_problem(folder_text: str) -> str | None:
     return None
 
 
+def tokenizer_unavailable(spec: str) -> str:
+    """Why state.get_tokenizer has no tokenizer of spec to count tokens with, as a sentence without its full stop: not
+    a model (resolve_model_source's message), a folder without a fast tokenizer, or a Hub id not downloaded yet."""
+    try:
+        source, is_local = resolve_model_source(spec)
+    except ModelNotAvailableError as exc:
+        return _sentence(str(exc)).rstrip(".")
+    if is_local:
+        return f"The folder {source} has no fast tokenizer to read"
+    if hub.hub_offline():
+        return f"{spec} is not in the local Hugging Face cache, and downloads are off (offline)"
+    return f"{spec} is not downloaded yet (a scan downloads it)"
+
+
 def offline_model_problem(spec_text: str) -> str | None:
     """Why a typed Hub id cannot be scanned while offline (HF_HUB_OFFLINE=1: not in the local cache, or a download
     left it unfinished there), or None; said as the user types, as local_folder_problem, not by the job."""

@@ -78,6 +78,15 @@ def counted(n: int, noun: str, plural: str | None = None) -> str:
     return f"{n:,} {noun if n == 1 else plural or noun + 's'}"
 
 
+def warnings_box(warnings: list[str]) -> None:
+    """Warnings in one box, a bullet each where there are several (a text short of eight categories' tokens made a
+    wall of eight boxes)."""
+    if len(warnings) == 1:
+        st.warning(warnings[0])
+    elif warnings:
+        st.warning("\n".join(f"- {warning}" for warning in warnings))
+
+
 def layers_out_of_range(layers: list[int] | None, n_layers: int | None) -> str | None:
     """The scan's own refusal of layers a model of n_layers layers lacks (config.layers_out_of_range), as a sentence
     ("Layer 9 is out of range: this model has layers 0-5."), so that a page can refuse it before starting anything;

@@ -435,3 +435,13 @@ def test_token_word_equals_the_hand_built_one_on_the_default_config(tok, default
     assert (aligned.token_word[:, food] == ice_cream_rows).sum() == 4  # 'ice cream' twice: ice, cream
     assert ref["n_tokens"][ref["rows"].index(("food", "cream"))] == 2  # its tokens are all inside 'ice cream'
     assert not (aligned.token_word[:, food] == ref["rows"].index(("food", "cream"))).any()
+
+
+def test_missing_words_are_listed_as_the_editor_writes_them():
+    """A missing word holding a comma keeps its quotes ("1,000" read as two words, 1 and 000, in an app audit)."""
+    from mechamap_core.alignment import coverage_summary, word_coverage
+    from mechamap_core.config import split_words
+
+    summary = coverage_summary(word_coverage(["A cat."], {"misc": ["cat", "1,000", 'say "hi"', "dog"]}))
+    assert summary.loc[0, "missing_words"] == '"1,000", "say ""hi""", dog'
+    assert split_words(summary.loc[0, "missing_words"]) == ["1,000", 'say "hi"', "dog"]

@@ -11,7 +11,14 @@ import yaml
 from app_fixtures import REPO_ROOT, make_app, no_exception, open_page, texts
 
 from mechamap_core.config import load_config
-from mechamap_ui.config_tools import categories_to_table, highlight_html, join_documents, split_documents, table_to_categories
+from mechamap_ui.config_tools import (
+    categories_to_table,
+    highlight_html,
+    join_documents,
+    literal,
+    split_documents,
+    table_to_categories,
+)
 from mechamap_ui.state import ACTIVE_CONFIG, ACTIVE_CONFIG_NAME, CONFIG_VERSION
 
 # fixtures shared with the other app tests
@@ -86,7 +93,9 @@ def test_coverage_names_categories_too_thin_to_score_and_shared_words(app_env):
     no_exception(at)
     coverage = at.dataframe[1].value.set_index("category")
     assert coverage.loc["planet", "n_tokens"] == 0
-    warned = texts(at.warning)
+    boxes = [w for w in texts(at.warning) if "covers" in w]
+    assert len(boxes) == 1, boxes  # one box, a bullet each
+    warned = [line.removeprefix("- ") for w in texts(at.warning) for line in w.split("\n")]
     assert any(w.startswith("'planet' covers 0 tokens of the text, fewer than 5") for w in warned), warned
     assert any(w.startswith(f"'{shared}' is a word of 'language' and 'tongue'") for w in warned), warned  # as written
     assert "'Mars' is listed 2 times in 'planet' ('Mars', 'mars'): words match whatever their case, so once is enough." in warned
@@ -491,3 +500,14 @@ def test_highlight_escapes_html():
     body, truncated = highlight_html("<b>Paris</b> & <script>x</script>", {"city": ["Paris"]})
     assert "<script>" not in body and "&lt;script&gt;" in body and "&amp;" in body
     assert 'title="city"' in body and not truncated
+
+
+def test_the_coverage_says_why_a_model_gives_no_token_counts(app_env, tmp_path):
+    """A folder that is no model got "not available offline" (an app audit typed /etc); now the reason itself."""
+    at = config_page()
+    at.text_input(key="cfg0_model").set_value(str(tmp_path)).run()
+    no_exception(at)
+    assert any(c.startswith(f"The folder {literal(str(tmp_path))} has no config.json") and c.endswith("only word occurrences are shown, "
+               "not the tokens they cover.") for c in texts(at.caption)), texts(at.caption)  # fmt: skip
+    at.text_input(key="cfg0_model").set_value("mechamap-tests/never-downloaded").run()
+    assert any(c.startswith("mechamap-tests/never-downloaded is not in the local Hugging Face cache") for c in texts(at.caption))

@@ -20,7 +20,7 @@ from mechamap_core.config import (
     save_config,
 )
 from mechamap_core.master_text import DEFAULT_CONTEXTS, TEMPLATES, mix_texts, overcounted_words, write_master_text
-from mechamap_ui import config_tools, state
+from mechamap_ui import config_tools, scanning, state, widgets
 
 MESSAGE = "cfg_message"  # (kind, text) shown once after a load / upload / write callback
 UPLOAD = "cfg_upload"
@@ -258,13 +258,13 @@ else:
         "n_tokens": "tokens covered",
     })  # fmt: skip
     if tokenizer is None:
-        st.caption(f"The tokenizer of {edited_cfg.model} is not available offline, so only word occurrences are shown.")
+        st.caption(f"{config_tools.literal(scanning.tokenizer_unavailable(edited_cfg.model))}: only word occurrences are "
+                   "shown, not the tokens they cover.")  # fmt: skip
     else:
         st.caption(f"Tokens counted with the tokenizer of {edited_cfg.model or BUNDLED_MODEL_ID}.")
     if int(coverage["missing"].sum()):
         st.warning("Some category words never occur in the master text; they add nothing to the scan.")
-    for warning in config_tools.coverage_warnings(coverage, categories):
-        st.warning(warning)
+    widgets.warnings_box(config_tools.coverage_warnings(coverage, categories))
 if cfg.corpus:
     st.caption(
         f"The CLI (`python -m mechamap_core scan`) scans this config's corpus file {cfg.corpus} instead of the "

@@ -250,7 +250,8 @@ with ablate_tab:
         )
         st.altair_chart(chart)
         chart_downloads(chart, "ablation")
-        st.dataframe(pd.DataFrame(outcome.per_condition), hide_index=True)
+        st.dataframe(pd.DataFrame(outcome.per_condition), hide_index=True,  # every effect to 4 decimals, aligned
+                     column_config={column: st.column_config.NumberColumn(label, format="%.4f") for column, label in effects.items()})  # fmt: skip
 
 with st.expander("Word form or meaning? (contrast sentences)", icon=":material/compare_arrows:"):
     contrast_section(result, lm)

@@ -172,8 +172,7 @@ state.keep_widgets("scan", setting_defaults, settings_basis)
 # --- scan ----------------------------------------------------------------------------------
 if texts is None and problem is None and (spec or "").strip():  # what a scan of the master text would leave blank
     coverage = state.coverage_table(cfg.texts, cfg.categories, spec.strip())
-    for warning in config_tools.coverage_warnings(coverage, cfg.categories):
-        st.warning(warning)
+    widgets.warnings_box(config_tools.coverage_warnings(coverage, cfg.categories))
 can_scan = problem is None and not input_errors and bool((spec or "").strip())
 st.caption(jobs.GOES_ON_IN_THE_BACKGROUND)
 scan_clicked = st.button("Scan", type="primary", icon=":material/play_arrow:", disabled=not can_scan)
