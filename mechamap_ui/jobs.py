@@ -311,6 +311,7 @@ def _job_panel(polling: bool) -> None:
             if job.state == DONE:  # this session's scan is a saved run now: make it the active one
                 _open_run_of(job)
     if polling and all(job.finished for job in views):
+        state.keep_flash()  # a "Scan finished" shown at the top stays for the full rerun
         st.rerun()  # nothing left to poll; the full rerun also lists the new runs in the sidebar
     for job in panel_order(views):
         _show_job(job)
@@ -360,6 +361,7 @@ def note_jobs_elsewhere() -> None:
 def _jobs_in_brief(polling: bool) -> None:
     views = registry().jobs()
     if polling and all(job.finished for job in views):
+        state.keep_flash()  # a "Scan finished" shown at the top stays for the full rerun
         st.rerun()  # nothing left to poll; the full rerun also lists the new runs in the sidebar
     for job in views:
         if job.state == RUNNING:

@@ -42,6 +42,7 @@ ACTIVE_CONFIG_PROBLEMS = "active_config_problems"  # [(field, message)] the edit
 CONFIG_VERSION = "active_config_version"  # int: bumped when ACTIVE_CONFIG is replaced (resets editor widgets)
 PAGE_NOW, PAGE_BEFORE = "page_now", "page_before"  # url_path of the page this run draws, and of the run before's
 FLASH = "flash_message"  # str: one-shot success message shown after a rerun (e.g. "scan finished")
+FLASH_SHOWN = "flash_shown"  # the flash message the last full run showed (keep_flash)
 
 
 def configs_dir() -> Path:
@@ -239,7 +240,9 @@ def run_config_note(metadata: dict) -> tuple[str, str | None]:
     models and layer choices. Runs record their config, not the file it came from: a saved config with the same
     settings names it."""
     active, active_name = active_config(), active_config_name()
-    active_label = active_name + (", edited since it was loaded" if active_config_label() != active_name else "")
+    label = active_config_label()
+    active_label = active_name + (", edited since it was loaded" if label.endswith(EDITED_MARK) else
+                                  ", not saved" if label.endswith(NOT_SAVED_MARK) else "")  # fmt: skip
     run_config = metadata.get("config") or {}
     differing = differing_config_keys(settings_of(run_config), settings_of(active.to_dict()))
     if metadata.get("config_hash") == active.content_hash() or (run_config and not differing):
@@ -407,10 +410,19 @@ def flash(message: str) -> None:
 
 
 def show_flash() -> None:
-    """Show and forget the pending flash message, if any."""
+    """Show and forget the pending flash message, if any (remembered as shown, for keep_flash)."""
     message = st.session_state.pop(FLASH, None)
+    st.session_state[FLASH_SHOWN] = message
     if message:
         st.success(message)
+
+
+def keep_flash() -> None:
+    """Before a rerun the page starts itself (the jobs panel's, once nothing is left to poll): show the message the
+    page shows now once more. Else another session's job ending a few seconds after this session's took its "Scan
+    finished" away before it was read (an app audit)."""
+    if st.session_state.get(FLASH_SHOWN):
+        st.session_state[FLASH] = st.session_state[FLASH_SHOWN]
 
 
 def result_identity(result: ScanResult) -> tuple:

@@ -74,7 +74,7 @@ def test_sidebar_names_the_config_the_run_was_scanned_with(app_env, tiny_result)
     no_exception(at)
     assert "**Active config:** mine" in sidebar_text(at)
     assert "**Scanned with:** config default" in sidebar_text(at)  # the saved config with the run's config hash
-    assert "Not the active config (mine): it differs in threshold. The Scan page uses the active one." in sidebar_text(at)
+    assert "Not the active config (mine, not saved): it differs in threshold. The Scan page uses the active one." in sidebar_text(at)
 
     at = make_app(tiny_result, **{ACTIVE_CONFIG: mine, ACTIVE_CONFIG_NAME: "default"}).run()  # default.yaml, edited
     assert "**Scanned with:** config default" in sidebar_text(at)

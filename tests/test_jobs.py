@@ -572,3 +572,29 @@ def test_the_panel_lists_running_and_queued_jobs_first_then_the_finished_newest_
         [("old failure", True), ("done", True), ("running", False), ("queued", False), ("new failure", True)])  # fmt: skip
     order = jobs.panel_order([old_failure, done, running, queued, new_failure])
     assert [job.name for job in order] == ["running", "queued", "new failure", "done", "old failure"]
+
+
+def test_a_rerun_the_jobs_panel_starts_shows_the_finish_message_again():
+    """This session's scan ends, its "finished" shows; another session's job ends seconds later and the panel, with
+    nothing left to poll, reruns the page: the message stays (an app audit saw it gone). A rerun of the user's own
+    (a click) shows it no more."""
+    from streamlit.testing.v1 import AppTest
+
+    def page():
+        import streamlit as st
+
+        from mechamap_ui import state
+
+        if st.session_state.get("fragment_only"):  # what a fragment's own rerun runs: the panel, not the page's top
+            st.session_state["fragment_only"] = False
+            state.keep_flash()
+        else:
+            state.show_flash()
+
+    at = AppTest.from_function(page)
+    at.session_state[state.FLASH] = "Scan finished."
+    assert [s.value for s in at.run().success] == ["Scan finished."]
+    at.session_state["fragment_only"] = True
+    at.run()
+    assert [s.value for s in at.run().success] == ["Scan finished."]  # the panel's full rerun shows it again
+    assert [s.value for s in at.run().success] == []  # a click's rerun: gone
