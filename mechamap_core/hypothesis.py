@@ -732,21 +732,22 @@ def ablate(
         "category": category, "mode": mode, "n_neurons": int(table.loc[0, "n_neurons"]),
         "n_target_tokens": int(target.sum()), "effect_other_tokens": float(table.loc[0, "effect_other"]), "measure": kind,
     }  # fmt: skip
+    harm = -1 if lm.is_causal_lm else 1  # a drop in log p; a change of the hidden states
     for prefix, column in (("", "effect_target"), ("specific_", "effect_specific")):
-        summary |= {f"{prefix}{k}": v for k, v in _versus_controls(table, column).items()}
+        summary |= {f"{prefix}{k}": v for k, v in _versus_controls(table, column, harm).items()}
     return AblationResult(table, summary, kind)
 
 
-def _versus_controls(table: pd.DataFrame, column: str) -> dict:
+def _versus_controls(table: pd.DataFrame, column: str, harm: int) -> dict:
     """The ablated set's `column` against the control sets': effect, control_mean, control_std, z_vs_controls (when
-    the controls spread) and rank_vs_controls."""
+    the controls spread) and rank_vs_controls (harm: its direction)."""
     controls = table.loc[table["condition"] != "ablated", column]
     effect = float(table.loc[0, column])
     out = {"effect": effect, "control_mean": float(controls.mean()) if len(controls) else float("nan"),
            "control_std": float(controls.std(ddof=1)) if len(controls) > 1 else float("nan")}  # fmt: skip
     if len(controls) > 1 and out["control_std"] > 0:
         out["z_vs_controls"] = (effect - out["control_mean"]) / out["control_std"]
-    return out | rank_vs_controls(effect, controls.to_numpy())
+    return out | rank_vs_controls(effect, controls.to_numpy(), harm)
 
 
 def neuron_id_label(neuron_id: NeuronId) -> str:
@@ -773,26 +774,30 @@ def _neuron_ids(neurons) -> list[NeuronId]:
     return list(dict.fromkeys(tuple(int(v) for v in item) for item in items))
 
 
-def rank_vs_controls(effect: float, controls: np.ndarray) -> dict:
-    """How an ablation's effect ranks among its random control sets' effects, by size (the absolute value: a causal
-    LM's effect is a drop in log p, an encoder's a positive change): n_controls; controls_as_large, the control sets
-    whose effect is at least as large; p_vs_controls = (1 + controls_as_large) / (1 + n_controls), the
-    permutation-style p-value, which n control sets cannot take below 1 / (1 + n). Empty when an effect is NaN."""
+def rank_vs_controls(effect: float, controls: np.ndarray, harm: int = 1) -> dict:
+    """How an ablation's effect ranks among its random control sets' effects in the direction of harm (harm +1: higher
+    is more harmful, an encoder's change of its hidden states; -1: lower, a causal LM's change in log p; the
+    category-specific effect, target minus elsewhere, the same way): n_controls; controls_as_large, the control sets
+    whose effect goes at least as far; p_vs_controls = (1 + controls_as_large) / (1 + n_controls), the
+    permutation-style p-value, which n control sets cannot take below 1 / (1 + n). Empty when an effect is NaN. (Until
+    2026-12-08 the rank went by absolute value: a control set that raised log p, or hurt the other tokens more, counted
+    as at least as large, and a specific effect above every control's read p = 1.00 beside z = 2.8; a hypothesis
+    audit.)"""
     controls = np.asarray(controls, dtype=float)
     if not len(controls) or not np.isfinite(effect) or not np.isfinite(controls).all():
         return {}
-    as_large = int((np.abs(controls) >= abs(effect)).sum())
+    as_large = int((controls * harm >= effect * harm).sum())
     return {"n_controls": len(controls), "controls_as_large": as_large, "p_vs_controls": (1 + as_large) / (1 + len(controls))}
 
 
 def control_rank_text(summary: dict, prefix: str = "") -> str:
-    """rank_vs_controls' result in words, e.g. 'larger in size than 5 of 5 random control sets (p = 0.17, the smallest 5
+    """rank_vs_controls' result in words, e.g. 'more harmful than 5 of 5 random control sets (p = 0.17, the smallest 5
     sets allow)'; empty when the summary has no rank. prefix "specific_": the category-specific effect's."""
     if f"{prefix}p_vs_controls" not in summary:
         return ""
     n, as_large = summary[f"{prefix}n_controls"], summary[f"{prefix}controls_as_large"]
     floor = f", the smallest {n} sets allow" if as_large == 0 else ""
-    return f"larger in size than {n - as_large} of {n} random control sets (p = {summary[f'{prefix}p_vs_controls']:.2f}{floor})"
+    return f"more harmful than {n - as_large} of {n} random control sets (p = {summary[f'{prefix}p_vs_controls']:.2f}{floor})"
 
 
 def effect_text(value: float, signed: bool = True) -> str:

@@ -481,6 +481,7 @@ def direct_effect(lm: LoadedModel, layer: int, neuron: int, k: int = 10, expert:
             with offloaded_weights_loaded(projection):
                 output = projection.weight.float() @ output.to(projection.weight.device)
         logits = unembed.weight.float() @ output.to(unembed.weight.device)  # [vocab]
+        k = min(k, logits.numel())  # a k past the vocabulary: all of it, each way
         up = torch.topk(logits, k)
         down = torch.topk(-logits, k)
     rows = []

@@ -456,7 +456,7 @@ def test_ablating_a_neuron_changes_a_tiny_model_and_nothing_changes_nothing(tiny
     std = (sum((c - mean) ** 2 for c in controls) / (len(controls) - 1)) ** 0.5  # the sample standard deviation
     assert result.summary["control_mean"] == pytest.approx(mean) and result.summary["control_std"] == pytest.approx(std)
     assert result.summary["z_vs_controls"] == pytest.approx((table.loc[0, "effect_target"] - mean) / std)
-    as_large = sum(abs(c) >= abs(table.loc[0, "effect_target"]) for c in controls)  # the rank, counted by size
+    as_large = sum(c <= table.loc[0, "effect_target"] for c in controls)  # the rank, toward harm: a lower log p
     assert (result.summary["n_controls"], result.summary["controls_as_large"]) == (3, as_large)
     assert result.summary["p_vs_controls"] == (1 + as_large) / 4
     # the category-specific effect: at the category's tokens minus elsewhere, against the controls' own
@@ -465,7 +465,7 @@ def test_ablating_a_neuron_changes_a_tiny_model_and_nothing_changes_nothing(tiny
     s_mean, s_std = np.mean(specific[1:]), np.std(specific[1:], ddof=1)
     assert result.summary["specific_effect"] == pytest.approx(specific[0])
     assert result.summary["specific_z_vs_controls"] == pytest.approx((specific[0] - s_mean) / s_std)
-    s_large = sum(abs(c) >= abs(specific[0]) for c in specific[1:])
+    s_large = sum(c <= specific[0] for c in specific[1:])
     assert result.summary["specific_p_vs_controls"] == (1 + s_large) / 4
     text = ablation_summary_text(result.summary)
     assert text.startswith("zero-ablating 2 neurons for 'food' (change in log p(next token)")
@@ -483,16 +483,20 @@ def test_effects_below_a_thousandth_keep_three_significant_digits_where_four_dec
 
 
 @pytest.mark.parametrize(
-    ("effect", "controls", "as_large", "text"),
+    ("effect", "controls", "harm", "as_large", "text"),
     [
-        (-0.5, [-0.1, 0.6, -0.5, 0.2, 0.05], 2, "larger in size than 3 of 5 random control sets (p = 0.50)"),
-        (0.9, [0.1, -0.2], 0, "larger in size than 2 of 2 random control sets (p = 0.33, the smallest 2 sets allow)"),
-        (0.0, [0.0, 0.0, 0.0], 3, "larger in size than 0 of 3 random control sets (p = 1.00)"),  # ties count as large
+        (-0.5, [-0.1, 0.6, -0.5, 0.2, 0.05], -1, 1, "more harmful than 4 of 5 random control sets (p = 0.33)"),
+        (0.9, [0.1, -0.2], 1, 0, "more harmful than 2 of 2 random control sets (p = 0.33, the smallest 2 sets allow)"),
+        (0.0, [0.0, 0.0, 0.0], 1, 3, "more harmful than 0 of 3 random control sets (p = 1.00)"),  # ties count as large
+        # a hypothesis audit's specific effect above every control's, which the absolute value ranked below them all
+        (0.000638, [-0.003960, -0.001963, -0.001939], 1, 0, "more harmful than 3 of 3 random control sets (p = 0.25, "
+                                                            "the smallest 3 sets allow)"),  # fmt: skip
+        (-0.00073, [0.00093, 0.00107, -0.0002, -0.001], -1, 1, "more harmful than 3 of 4 random control sets (p = 0.40)"),
     ],
 )
-def test_rank_vs_controls_is_the_permutation_p_value_of_hand_built_effects(effect, controls, as_large, text):
-    """p = (1 + control sets whose effect is at least as large in size) / (1 + control sets), said in words."""
-    rank = rank_vs_controls(effect, np.array(controls))
+def test_rank_vs_controls_is_the_permutation_p_value_of_hand_built_effects(effect, controls, harm, as_large, text):
+    """p = (1 + control sets whose effect goes at least as far toward harm) / (1 + control sets), said in words."""
+    rank = rank_vs_controls(effect, np.array(controls), harm)
     assert rank == {"n_controls": len(controls), "controls_as_large": as_large, "p_vs_controls": (1 + as_large) / (1 + len(controls))}
     assert control_rank_text(rank) == text
 
@@ -950,3 +954,10 @@ def test_score_generalises_to_heldout_text(bundled_lm, default_cfg, default_scor
     assert mean_auc["score"] > HELDOUT_FLOORS[heldout_name]
     assert mean_auc["score"] >= mean_auc["separation"] - (FOLD_NOISE if heldout_name == "heldout_fresh.yaml" else 0)
     assert mean_auc["score"] > mean_auc["avg_activation"] + 0.1
+
+
+def test_direct_effect_with_k_past_the_vocabulary_ranks_all_of_it(tiny_gpt2):
+    """A k larger than the vocabulary gave torch's "selected index k out of range" (a hypothesis audit)."""
+    vocab = tiny_gpt2.model.get_output_embeddings().weight.shape[0]
+    effect = direct_effect(tiny_gpt2, 1, 2, k=10**6)
+    assert (effect["direction"] == "up").sum() == (effect["direction"] == "down").sum() == vocab
