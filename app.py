@@ -136,6 +136,7 @@ if page.url_path not in ("scan", "overview", ""):  # these list them in full (jo
         jobs.note_jobs_elsewhere()
 links.keep_page_params(page.url_path)
 state.note_page(page.url_path)
+st.session_state.pop(state.FLASH_SHOWN, None)  # set again by a page that shows a flash now (state.keep_flash)
 page.run()
 # The page may have changed what the sidebar describes (the Config page writes the edited config as it draws, and
 # saving names it): describe it again, or the sidebar would lag one change behind. A page that stops early (st.stop)

@@ -102,7 +102,7 @@ def main() -> None:
     lm = load_model("bundled")
     result = scan(lm, cfg)
     aligned = align(lm.tokenizer, cfg.texts, cfg.categories, lm.chunk_tokens(cfg.max_chunk_tokens))
-    word_category, word_fold = word_labels(cfg, aligned.coverage)
+    word_category, word_fold = word_labels(cfg, aligned.token_word)
     labels = {"mask": aligned.category_mask, "token_word": aligned.token_word, "word_category": word_category,
               "word_fold": word_fold, "n_categories": len(aligned.categories)}  # fmt: skip
     jobs = _jobs_of(result.activations, labels)

@@ -144,7 +144,7 @@ def plain_scan(lm, cfg, aligned, inputs):
     n_c = mask.sum(0)[:, None].double()
     n_r = mask.shape[0] - n_c
     frames = []
-    word_category, word_fold = word_labels(cfg, aligned.coverage)
+    word_category, word_fold = word_labels(cfg, aligned.token_word)
     all_acts = {layer: torch.cat(parts) for layer, parts in cache.items()}
     word_texts = [matching_key(word) for word in aligned.coverage["word"]]  # tokens words share count once in a draw
     moments = word_moments(torch.cat(list(all_acts.values()), dim=1).numpy(), aligned.token_word, len(word_category), word_texts)
@@ -307,7 +307,7 @@ def bench_breakdown(lm, cfg, repeats: int) -> dict:
     out["hook_norec"] = tm(lambda: updates(n_words, k, HIST_BINS))
     kept = {s.hook: [a.numpy() for hook, a, _ in captured if hook == s.hook] for s in sites}
     states = updates(n_words, record_top_k, 0)
-    word_category, word_fold = word_labels(cfg, aligned.coverage)
+    word_category, word_fold = word_labels(cfg, aligned.token_word)
 
     def finish(with_auroc):
         context = FinishContext(aligned.category_mask, k, with_auroc, aligned.token_word, word_category,

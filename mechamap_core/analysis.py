@@ -89,14 +89,36 @@ def describe_shape(scores: pd.DataFrame) -> str:
     return shape + (f" and {int(plain['n_neurons'].sum()):,} in {len(plain)} dense or shared-expert MLPs" if len(plain) else "")
 
 
-def _check_metric(scores: pd.DataFrame, metric: str) -> None:
-    if metric not in scores.columns:
+SIGNIFICANCE_COLUMNS = ("p_value", "q_value", "welch_p", "welch_q")  # lower is stronger: no ranking metric
+NOT_STATISTICS = ("layer", "expert", "neuron", "n_tokens")  # numbers in every scores table, but no statistic
+
+
+def check_metric(scores: pd.DataFrame | None, metric: str) -> None:
+    """Raise ValueError for a metric no ranking or flag may use: a p or q value (a ranking takes the highest values
+    first and flags those at or above a threshold, where for a p or q value lower is stronger, so it would pick the
+    least significant), a column that names a neuron or counts tokens, or one the scores lack (scores None: not
+    checked)."""
+    if metric in SIGNIFICANCE_COLUMNS:
+        raise ValueError(f"{metric} is a p or q value, where lower is stronger, but a ranking takes the highest values "
+                         "first and flags those at or above its threshold (the least significant): use score, auroc "
+                         "or cohens_d, whose higher values are stronger")  # fmt: skip
+    if metric in NOT_STATISTICS:
+        raise ValueError(f"{metric} names a neuron or counts tokens; it is no statistic to rank neurons by: use score, "
+                         "auroc, cv_auroc or cohens_d")  # fmt: skip
+    if scores is not None and metric not in scores.columns:
         raise ValueError(f"unknown metric '{metric}': choose one of {', '.join(c for c in METRICS if c in scores.columns)}")
+
+
+def auroc_bound(value: float) -> float:
+    """value, checked to be an AUROC bound (a number from 0 to 1: NaN would keep no row, silently); else ValueError."""
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"must be between 0 and 1 (an AUROC), not {value:g}")
+    return value
 
 
 def flagged(scores: pd.DataFrame, metric: str = "score", threshold: float = 1.0) -> pd.DataFrame:
     """Rows whose metric is at or above the threshold."""
-    _check_metric(scores, metric)
+    check_metric(scores, metric)
     return scores[scores[metric] >= threshold]
 
 
@@ -132,7 +154,7 @@ def top_neurons(
 
     With top_tokens, adds a readable `top_tokens` column.
     """
-    _check_metric(scores, metric)
+    check_metric(scores, metric)
     rows = scores if category is None else scores[scores["category"] == category]
     rows = rows[rows[metric].notna()]  # a category without statistics (too few tokens) has no top neuron
     best = rows.sort_values(metric, ascending=False, kind="stable").groupby("category", observed=True).head(n)
@@ -354,7 +376,7 @@ def category_correlation(
     scores: pd.DataFrame, metric: str = "score", method: str = "pearson", layers: tuple[int, int] | None = None
 ) -> pd.DataFrame:
     """Category x category correlation of a metric across neurons (optionally within a layer range, inclusive)."""
-    _check_metric(scores, metric)
+    check_metric(scores, metric)
     if method not in ("pearson", "spearman"):
         raise ValueError(f"unknown correlation method '{method}': use pearson or spearman")
     rows = scores if layers is None else scores[scores["layer"].between(*layers)]
@@ -393,7 +415,7 @@ def flagged_by_relative_depth(
     expert saw too few of the category's tokens, or the text has none), so it counts in neither the flagged count
     nor the neurons: a layer without any measured neuron has a NaN fraction, not a false 0.
     """
-    _check_metric(scores, metric)
+    check_metric(scores, metric)
     if n_layers < 1:
         raise ValueError("n_layers must be at least 1")
     per_layer = scores.groupby(["category", "layer"], observed=True)

@@ -25,10 +25,13 @@ from .terminal import progress_bar
 def _error_prefix() -> str:
     """'mechamap: error: ', or under torchrun 'mechamap: error on rank R of N: ': every rank checks the same inputs, so
     a bad one is named once per rank, each line saying whose it is (and a rank's own failure, which one failed)."""
-    world, rank = os.environ.get("WORLD_SIZE", "1"), os.environ.get("RANK")
-    if rank is not None and world.isdigit() and int(world) > 1:
-        return f"mechamap: error on rank {rank} of {world}: "
-    return "mechamap: error: "
+    from .scan.distributed import ranks_from_env
+
+    try:
+        ranks = ranks_from_env()
+    except (KeyError, ValueError):  # torchrun's variables half set or not numbers: no rank to name
+        return "mechamap: error: "
+    return f"mechamap: error on rank {ranks.rank} of {ranks.world_size}: " if ranks.distributed else "mechamap: error: "
 
 
 class _Parser(argparse.ArgumentParser):
@@ -91,11 +94,11 @@ def _finite(text: str) -> float:
 
 
 def _fraction(text: str) -> float:
-    """argparse type: a number from 0 to 1 (an AUROC)."""
-    value = _finite(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (an AUROC), not {text}")
-    return value
+    """argparse type: a number from 0 to 1 (an AUROC; analysis.auroc_bound)."""
+    try:
+        return analysis.auroc_bound(_finite(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (an AUROC), not {text}") from None
 
 
 def _check_outputs(
@@ -416,18 +419,11 @@ def _check_index_column(path: str, scores: pd.DataFrame, column: str, suffix: st
 
 
 def _refuse_significance_metric(metric: str) -> None:
-    """A ValueError for --metric p_value, q_value, welch_p or welch_q: --metric ranks the highest values first and
-    flags those >= --threshold, but for a p or q value lower is stronger (it would pick the least significant); and
-    for the columns that name a neuron or count tokens (layer, expert, neuron, n_tokens)."""
-    from .scan.finish import Q_VALUES  # the q-value columns and the p-value columns they come from
-
-    if metric in {*Q_VALUES, *Q_VALUES.values()}:
-        raise ValueError(f"--metric {metric} is a p or q value, where lower is stronger, but --metric ranks the highest "
-                         "values first and flags those >= --threshold (the least significant): use --metric score, "
-                         "auroc or cohens_d, whose higher values are stronger")  # fmt: skip
-    if metric in ("layer", "expert", "neuron", "n_tokens"):  # numbers in every scores file, but no statistic
-        raise ValueError(f"--metric {metric} names a neuron or counts tokens; it is no statistic to rank neurons by: "
-                         "use --metric score, auroc, cv_auroc or cohens_d")  # fmt: skip
+    """analysis.check_metric's refusal of a p or q value or a neuron's id as --metric, said of the flag."""
+    try:
+        analysis.check_metric(None, metric)
+    except ValueError as exc:
+        raise ValueError(f"--metric {exc}") from None
 
 
 def _one_model(path: str, scores: pd.DataFrame) -> list[str]:
@@ -480,6 +476,7 @@ def _run_validate(args) -> int:
     run_categories = list(dict.fromkeys(scores["category"].astype(str)))
     said: set[str] = set()
     _checked_heldout(args.heldout, heldout, run_categories, said)  # before loading: the categories and words
+    _check_layers_exist(model, args.revision, sorted(set(candidates["layer"].astype(int))))  # and the layers
     lm = _load(args, model)
     tested = _checked_heldout(args.heldout, heldout, run_categories, said, lm).config  # and the tokens, with the model
     scanned = None
@@ -630,6 +627,7 @@ def _run_contrast(args) -> int:
                    input_folders={"the model folder": _model_folder(model)}, formats={"--out": ".csv"})  # fmt: skip
     if not (scores["score"] >= args.threshold).any():
         raise ValueError(f"no row of {args.csv} has score >= {args.threshold}: lower --threshold")
+    _check_layers_exist(model, args.revision, sorted(set(scores.loc[scores["score"] >= args.threshold, "layer"].astype(int))))
     lm = _load(args, model)
     with progress_bar("contrast sentences", "pass") as progress:
         table = contrast_neurons(lm, scores, contrast_set, threshold=args.threshold, top=args.top or None, progress=progress)

@@ -450,25 +450,17 @@ def parse_config(text: str, require_master_text: bool = True) -> ScanConfig:
     """Parse YAML text into a validated ScanConfig. Raises ConfigError on malformed or invalid input, and
     ContrastSetGivenError (one fault) for a contrast set. require_master_text=False accepts a config without a master
     text."""
+    from .contrast import contrast_shaped  # the contrast module builds on this one
+
     data = safe_load_yaml(text)
     try:
         return config_from_dict(data, require_master_text)
     except ConfigError:
-        if _is_contrast_set(text):
+        if contrast_shaped(data):
             raise ContrastSetGivenError([("", "this is a contrast set (words with in-sense and out-of-sense sentences), "
                                               "not a scan config: the Hypothesis page's \"Word form or meaning?\" check "
                                               "and `python -m mechamap_core contrast --contrast FILE` take it")]) from None  # fmt: skip
         raise
-
-
-def _is_contrast_set(text: str) -> bool:
-    from .contrast import parse_contrast_set  # the contrast module builds on this one
-
-    try:
-        parse_contrast_set(text)
-    except ConfigError:
-        return False
-    return True
 
 
 def load_config(path: str | os.PathLike, require_master_text: bool = True) -> ScanConfig:

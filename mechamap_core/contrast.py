@@ -63,6 +63,16 @@ class ScanConfigGivenError(ConfigError):
     per key."""
 
 
+def contrast_shaped(data: object) -> bool:
+    """Whether parsed YAML has a contrast set's shape, category -> word -> {in_sense, out_of_sense}, however many or
+    few its sentences: what tells a contrast set given for a scan config, even one with a fault of its own."""
+    return isinstance(data, dict) and bool(data) and all(
+        isinstance(words, dict) and bool(words)
+        and all(isinstance(senses, dict) and bool(senses) and set(senses) <= set(SENSES) for senses in words.values())
+        for words in data.values()
+    )  # fmt: skip
+
+
 def _scan_config_keys(data: object) -> list[str]:
     """The keys of SCAN_CONFIG_KEYS that a parsed mapping holds with anything but a contrast category's value (words
     mapped to their senses), in its order: a scan config's model name, category word lists or text."""

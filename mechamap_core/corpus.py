@@ -17,7 +17,7 @@ from .errors import unpaired_surrogate
 MAX_CORPUS_BYTES = 200 * 2**20  # cap of the in-memory paths (parse_corpus, read_corpus); iter_documents has none
 FILE_KINDS = ("txt", "jsonl", "parquet")
 PARQUET_BATCH_ROWS = 1024  # rows per decoded batch; pyarrow reads one row group at a time
-CHECK_BAD_LIMIT = 1000  # check_corpus stops at this many bad documents before a good one (a wrong text field)
+CHECK_BAD_LIMIT = 1000  # check_corpus stops at this many documents without the text field before a good one
 BAD_REASONS = {  # key -> what the report calls it
     "not_utf8": "not valid UTF-8",
     "invalid_json": "not valid JSON",
@@ -185,11 +185,13 @@ class _AllBadSoFar(Exception):
 
 
 class _StopsAtBadStart(CorpusReport):
-    """A report that stops check_corpus's reading at CHECK_BAD_LIMIT bad documents before any good one."""
+    """A report that stops check_corpus's reading at CHECK_BAD_LIMIT documents without the text field before any good
+    one (and no bad document of another kind)."""
 
     def count_bad(self, index: int, message: str, reason: str) -> None:
         super().count_bad(index, message, reason)
-        if not self.documents and self.n_skipped >= CHECK_BAD_LIMIT:
+        no_text = self.skipped.get("no_text", 0)  # a wrong field's symptom; empty texts may come before good ones
+        if not self.documents and no_text >= CHECK_BAD_LIMIT and no_text == self.n_skipped:
             raise _AllBadSoFar
 
 
@@ -216,16 +218,16 @@ def _unread_in_folder(source: str) -> list[str]:
     others = _other_kinds(source)
     if not others:
         return []
-    shown = ", ".join(others[:3]) + (f" and {len(others) - 3:,} more" if len(others) > 3 else "")
-    return [f"the folder {source} also holds {shown}, which a folder corpus does not read (it reads each .txt file "
+    return [f"the folder {source} also holds {others}, which a folder corpus does not read (it reads each .txt file "
             f"as one document); give a glob, {os.path.join(source, '*')}, to read every file's documents, a .txt "
             "file's one per line"]  # fmt: skip
 
 
-def _other_kinds(folder: str) -> list[str]:
-    """The sorted names of a folder's .jsonl and .parquet files."""
+def _other_kinds(folder: str) -> str:
+    """A folder's .jsonl and .parquet files, named ('a.jsonl, b.parquet and 4 more'), or '' when it has none."""
     with os.scandir(folder) as entries:
-        return sorted(e.name for e in entries if _kind(e.name) in ("jsonl", "parquet") and e.is_file())
+        names = sorted(e.name for e in entries if _kind(e.name) in ("jsonl", "parquet") and e.is_file())
+    return ", ".join(names[:3]) + (f" and {len(names) - 3:,} more" if len(names) > 3 else "")
 
 
 def _check_on_bad_document(on_bad_document: str) -> None:
@@ -318,9 +320,8 @@ def _folder_names(folder: str) -> list[str]:
         names = sorted(e.name for e in entries if e.name.lower().endswith(".txt") and e.is_file())
     if not names:
         others = _other_kinds(folder)
-        hint = f"; for its {', '.join(others[:3])}{' ...' if len(others) > 3 else ''}, give a glob: {os.path.join(folder, '*')}"
-        raise ValueError(f"the folder {folder} has no .txt files (a folder corpus is one document per .txt file)"
-                         f"{hint if others else ''}")  # fmt: skip
+        hint = f"; for its {others}, give a glob: {os.path.join(folder, '*')}" if others else ""
+        raise ValueError(f"the folder {folder} has no .txt files (a folder corpus is one document per .txt file){hint}")
     return names
 
 

@@ -23,7 +23,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .analysis import has_experts, holding_up, neuron_key, neuron_label, shown_activation, top_token_strings
+from .analysis import (
+    auroc_bound,
+    flagged,
+    has_experts,
+    holding_up,
+    neuron_key,
+    neuron_label,
+    shown_activation,
+    top_token_strings,
+)
 from .errors import first_line
 from .files import CSV_COMPRESSIONS, atomic_output, atomic_write_text, kept_mode, replace, temp_beside
 from .scan import ScanResult
@@ -41,15 +50,12 @@ def _limit(result: ScanResult, threshold: float | None) -> float:
 
 
 def _at_or_above(result: ScanResult, metric: str, threshold: float | None) -> pd.DataFrame:
-    """Score rows with metric >= threshold (default: the scan's threshold). Raises ValueError for a metric the scores
-    lack or that is no number, and for a threshold that is not a finite number (NaN would keep no row, silently)."""
-    numeric = [c for c in result.scores.columns if pd.api.types.is_float_dtype(result.scores[c])]
-    if metric not in numeric:
-        raise ValueError(f"unknown metric {metric!r}: use one of {', '.join(numeric)}")
+    """Score rows with metric >= threshold (default: the scan's threshold): analysis.flagged, which refuses a metric
+    no ranking may use. Raises ValueError for a threshold that is not a finite number (NaN would keep no row)."""
     limit = _limit(result, threshold)
     if not math.isfinite(limit):
         raise ValueError(f"the threshold must be a finite number, not {limit}")
-    return result.scores[result.scores[metric] >= limit]
+    return flagged(result.scores, metric, limit)
 
 
 def exported_scores(
@@ -60,9 +66,11 @@ def exported_scores(
     min_cv_auroc, if given), with model, hook and category as plain text."""
     scores = _at_or_above(result, metric, threshold) if flagged_only else result.scores
     if min_cv_auroc is not None:
-        if not 0.0 <= min_cv_auroc <= 1.0:  # NaN too: it would keep no row, silently
-            raise ValueError(f"min_cv_auroc must be between 0 and 1 (an AUROC), not {min_cv_auroc}")
-        scores = holding_up(scores, min_cv_auroc)
+        try:
+            bound = auroc_bound(min_cv_auroc)
+        except ValueError as exc:
+            raise ValueError(f"min_cv_auroc {exc}") from None
+        scores = holding_up(scores, bound)
     return scores.astype({column: str for column in ("model", "hook", "category")})  # categorical in the scan's table
 
 

@@ -17,6 +17,7 @@ from safetensors import SafetensorError
 from . import hub, placement
 from .config import BUNDLED_MODEL_ID
 from .errors import first_line
+from .files import files_fingerprint
 from .hub import DownloadProgress, ModelNotAvailableError
 
 BUNDLED_ALIASES = {BUNDLED_MODEL_ID, "all-MiniLM-L6-v2", "bundled"}
@@ -148,10 +149,12 @@ def model_name(spec: str, revision: str | None = None) -> str:
     return f"{spec.strip()}@{revision}" if revision and "@" not in spec else spec.strip()
 
 
-def local_model_version(spec: str) -> str:
-    """A fingerprint of a local model folder's files (names, sizes, modification times); '' for the bundled model,
-    a Hub id (its cache keeps each commit apart) and a spec that names no model. Caches of loaded models and scans
-    key on it, so a folder saved again (a new checkpoint under the same path) is loaded and scanned again."""
+def local_model_version(spec: str, by_content: bool = False) -> str:
+    """A fingerprint of a local model folder's files; '' for the bundled model, a Hub id (its cache keeps each commit
+    apart) and a spec that names no model. By names, sizes and modification times: caches of loaded models and scans
+    key on it, so a folder saved again (a new checkpoint under the same path) is loaded and scanned again. by_content:
+    by names, sizes and first and last MiB (files.files_fingerprint), what a corpus scan's checkpoint records, so a
+    copy of the folder resumes it and another model saved under its path does not."""
     try:
         source, is_local = resolve_model_source(spec)
     except ModelNotAvailableError:
@@ -159,7 +162,10 @@ def local_model_version(spec: str) -> str:
     if not is_local or spec.strip() in BUNDLED_ALIASES:
         return ""
     try:
-        entries = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(source).iterdir() if p.is_file())
+        files = sorted(p for p in Path(source).iterdir() if p.is_file())
+        if by_content:
+            return files_fingerprint(files)
+        entries = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
     except OSError:  # a file removed while listing (a save in progress), an unreadable folder: the load will say
         return ""
     return hashlib.sha256(repr(entries).encode()).hexdigest()[:16]

@@ -363,7 +363,7 @@ def _jobs_in_brief(polling: bool) -> None:
     if polling and all(job.finished for job in views):
         state.keep_flash()  # a "Scan finished" shown at the top stays for the full rerun
         st.rerun()  # nothing left to poll; the full rerun also lists the new runs in the sidebar
-    for job in views:
+    for job in panel_order(views):
         if job.state == RUNNING:
             st.progress(job.fraction, text=f"**{job.label}**: {progress_line(job)}")
         elif job.state == QUEUED:

@@ -205,9 +205,11 @@ def tokenizer_unavailable(spec: str) -> str:
         return _sentence(str(exc)).rstrip(".")
     if is_local:
         return f"The folder {source} has no fast tokenizer to read"
-    if hub.hub_offline():
-        return f"{spec} is not in the local Hugging Face cache, and downloads are off (offline)"
-    return f"{spec} is not downloaded yet (a scan downloads it)"
+    try:
+        cached_model_folder(source)
+    except ModelNotAvailableError as exc:  # not in the cache, or cut short there
+        return _sentence(str(exc)).rstrip(".") if hub.hub_offline() else f"{spec} is not downloaded yet (a scan downloads it)"
+    return f"{spec} has no fast tokenizer to read in the Hugging Face cache"
 
 
 def offline_model_problem(spec_text: str) -> str | None:

@@ -42,7 +42,7 @@ ACTIVE_CONFIG_PROBLEMS = "active_config_problems"  # [(field, message)] the edit
 CONFIG_VERSION = "active_config_version"  # int: bumped when ACTIVE_CONFIG is replaced (resets editor widgets)
 PAGE_NOW, PAGE_BEFORE = "page_now", "page_before"  # url_path of the page this run draws, and of the run before's
 FLASH = "flash_message"  # str: one-shot success message shown after a rerun (e.g. "scan finished")
-FLASH_SHOWN = "flash_shown"  # the flash message the last full run showed (keep_flash)
+FLASH_SHOWN = "flash_shown"  # the flash message the page of the last full run showed (keep_flash; app.py clears it)
 
 
 def configs_dir() -> Path:
@@ -145,14 +145,17 @@ def get_tokenizer(spec: str):
 
 def coverage_table(texts: list[str], categories: dict[str, list[str]], spec: str):
     """config_tools.coverage_table of texts with spec's tokenizer (get_tokenizer), computed once per text, words and
-    tokenizer: a page reruns at every click, and a long text of thousands of words takes tens of seconds."""
+    tokenizer: a page reruns at every click, and a long text of thousands of words takes tens of seconds. A Hub id
+    counted before its tokenizer was there (not downloaded yet) is counted again once it is."""
     words = tuple((name, tuple(listed)) for name, listed in categories.items())
-    return _coverage_table(tuple(texts), words, spec, local_model_version(spec))
+    return _coverage_table(tuple(texts), words, spec, local_model_version(spec), get_tokenizer(spec) is not None)
 
 
 @st.cache_data(show_spinner="Counting the words in the text ...", max_entries=16)
-def _coverage_table(texts: tuple[str, ...], words: tuple, spec: str, version: str):  # version: part of the key
-    return config_tools.coverage_table(list(texts), {name: list(listed) for name, listed in words}, get_tokenizer(spec))
+def _coverage_table(texts: tuple[str, ...], words: tuple, spec: str, version: str, with_tokenizer: bool):
+    """coverage_table's cached count; version and with_tokenizer are part of the key."""
+    tokenizer = get_tokenizer(spec) if with_tokenizer else None
+    return config_tools.coverage_table(list(texts), {name: list(listed) for name, listed in words}, tokenizer)
 
 
 @st.cache_resource(show_spinner=False, max_entries=8)

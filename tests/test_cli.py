@@ -349,7 +349,7 @@ def test_ablate_prints_effect_vs_controls(capsys):
     assert "ablated" in out and "control 1" in out and "control 2" in out
     assert "effect" in out and "vs random controls" in out
     assert "'food'" in out and "2 neurons" in out and "effect_specific" in out
-    rank = r"; larger in size than [0-2] of 2 random control sets \(p = (0\.33|0\.67|1\.00)"
+    rank = r"; more harmful than [0-2] of 2 random control sets \(p = (0\.33|0\.67|1\.00)"
     assert len(re.findall(rank, out)) == 2  # the effect's rank, and the category-specific effect's
     assert "ablating" in captured.err and "4/4" in captured.err  # the progress bar: the clean pass, ablated, 2 controls
 
@@ -1071,7 +1071,7 @@ def test_p_and_q_values_are_refused_as_a_metric(metric, capsys, tmp_path, monkey
     for argv in (["interpret", "--csv", str(csv)], ["validate", "--csv", str(csv), "--heldout", HELDOUT]):
         assert main([*argv, "--metric", metric, "--threshold", "0.05"]) == 1
         assert_one_line_error(capsys.readouterr().err, f"--metric {metric} is a p or q value, where lower is stronger",
-                              "use --metric score")  # fmt: skip
+                              "use score, auroc or cohens_d")  # fmt: skip
 
 
 def test_interpret_refuses_two_models_repeated_rows_and_other_commands_outputs(scanned, capsys, tmp_path):
@@ -1230,3 +1230,14 @@ def test_under_torchrun_each_ranks_error_line_names_its_rank(tmp_path, monkeypat
     monkeypatch.delenv("WORLD_SIZE")
     assert main(argv) == 1
     assert capsys.readouterr().err == f"mechamap: error: corpus file not found: {missing}\n"
+
+
+def test_validate_and_contrast_refuse_a_layer_the_model_lacks_before_it_loads(capsys, tmp_path, monkeypatch):
+    """As ablate did: a flagged row of layer 9 in a 6-layer model's scores was refused only after the model loaded and
+    an empty progress bar was drawn (a hypothesis audit)."""
+    no_model_loads(monkeypatch)
+    csv = tmp_path / "scores.csv"
+    scores_of("bundled").assign(layer=[0, 9]).to_csv(csv, index=False)
+    for argv in (["validate", "--csv", str(csv), "--heldout", HELDOUT], ["contrast", "--csv", str(csv), "--threshold", "1"]):
+        assert main(argv) == 1
+        assert_one_line_error(capsys.readouterr().err, "layer 9 is out of range: this model has layers 0-5")

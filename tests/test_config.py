@@ -718,6 +718,8 @@ def test_a_contrast_set_given_as_a_config_is_named_as_one():
         parse_config(text)
     (problem,) = caught.value.problems
     assert problem[1].startswith("this is a contrast set") and "contrast --contrast FILE" in problem[1]
+    with pytest.raises(ContrastSetGivenError):  # one with a fault of its own (too few sentences) is one all the same
+        parse_config("colour:\n  orange:\n    in_sense: [An orange wall.]\n    out_of_sense: [An orange fell.]\n")
     with pytest.raises(ConfigError, match="unknown key 'bogus'") as caught:
         parse_config("bogus: 1\nmaster_text: x\ncategories: {a: [x]}\n")
     assert not isinstance(caught.value, ContrastSetGivenError)

@@ -583,6 +583,9 @@ def test_the_corpus_check_finds_a_bad_file_or_a_wrong_field_before_the_model_loa
                                          r"skipped 1,000 bad ones .+; the first record of .+ has the fields body, id: "
                                          r"name the text's with --text-field$"):  # fmt: skip
         check_corpus(str(many))
+    late = tmp_path / "late.jsonl"  # empty texts first, then good ones: a corpus that scans, not a wrong field
+    late.write_text("\n".join([json.dumps({"text": ""})] * 1200 + [json.dumps({"text": d}) for d in DOCS]), encoding="utf-8")
+    assert check_corpus(str(late)) == []
     few = tmp_path / "few.jsonl"
     few.write_text('{"body": "a"}\n{"body": "b"}\n', encoding="utf-8")
     with pytest.raises(ValueError, match=r"has no usable documents: .+; the first record of .+ has the fields body"):

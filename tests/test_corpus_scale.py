@@ -109,7 +109,7 @@ def test_a_failing_rank_stops_the_job_with_its_name(tiny_models, corpus, tmp_pat
     assert "rank 1 of 2: failed reading its share of the corpus after document 3 (" in proc.stderr, proc.stderr[-3000:]
     assert not (tmp_path / "x.parquet").exists()
     assert "Connection closed by peer" not in proc.stderr, proc.stderr[-3000:]  # rank 0, if it reached the gather:
-    # "stopped after its share, as another rank failed" (a corpus audit saw gloo's own message there)
+    # "stopped after its share, as another rank failed (its line says why)" (a corpus audit saw only gloo's line)
     assert time.monotonic() - started < 280  # stopped by torchrun, never a hang
 
 

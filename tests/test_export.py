@@ -576,13 +576,52 @@ def test_the_python_exports_refuse_bad_paths_and_filters_in_one_readable_error(r
     a_file.write_text("not a folder")
     with pytest.raises(NotADirectoryError, match="is a file, not a folder of runs"):
         export.save_run(result, a_file)
-    with pytest.raises(ValueError, match=r"^unknown metric 'nope': use one of .*score"):
+    with pytest.raises(ValueError, match=r"^unknown metric 'nope': choose one of .*score"):
         export.to_csv(result, flagged_only=True, metric="nope")
     with pytest.raises(ValueError, match=r"^unknown metric 'nope'"):
         export.flagged_neurons(result, metric="nope")
+    with pytest.raises(ValueError, match=r"^p_value is a p or q value, where lower is stronger"):
+        export.flagged_neurons(result, metric="p_value")
     with pytest.raises(ValueError, match=r"^the threshold must be a finite number, not nan"):
         export.export_table(result, flagged_only=True, threshold=float("nan"))
     for bound in (2.0, -0.1, float("nan")):
         with pytest.raises(ValueError, match=r"^min_cv_auroc must be between 0 and 1"):
             export.export_table(result, min_cv_auroc=bound)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["locked", "runs.txt"]  # nothing else was written
+
+
+def reference_json_neurons(result, **options) -> dict:
+    """to_json_dict's "neurons" built the plain way, one pandas group per neuron (what it did until 2026-12-08)."""
+    from mechamap_core.analysis import neuron_key, neuron_label, shown_activation
+
+    table = export.exported_scores(result, **options)
+    key = neuron_key(table)
+    ids = ("model", "layer", "expert", "neuron", "hook", "category", "top_tokens")
+    stats = [c for c in dict.fromkeys([*export.ORIGINAL_COLUMNS, *table.columns]) if c not in ids]
+    plain = lambda v, whole: None if pd.isna(v) else int(v) if whole else float(v)  # noqa: E731
+    whole = {c for c in stats if pd.api.types.is_integer_dtype(table[c])}
+    as_ints = lambda k: tuple(None if pd.isna(v) else int(v) for v in (k if isinstance(k, tuple) else (k,)))  # noqa: E731
+    tops = {as_ints(k): [[t, shown_activation(float(a), 4)] for t, a in zip(g["token"], g["activation"])]
+            for k, g in result.top_tokens.groupby([c for c in key if c in result.top_tokens.columns], dropna=False)}  # fmt: skip
+    neurons = {}
+    for k, rows in table.groupby(key, sort=True, dropna=False):
+        k = as_ints(k)
+        expert = k[1] if len(k) == 3 else None
+        neurons[neuron_label(k[0], k[-1], expert)] = {
+            "layer": k[0], **({} if expert is None else {"expert": expert}), "neuron": k[-1], "hook": rows["hook"].iloc[0],
+            "top_tokens": tops.get(k, []),
+            "categories": {cat: {c: plain(v, c in whole) for c, v in r.items()}
+                           for cat, r in zip(rows["category"], rows[stats].to_dict("records"))},
+        }  # fmt: skip
+    return neurons
+
+
+@pytest.mark.parametrize("options", [{}, {"flagged_only": True, "threshold": 0.5}, {"min_cv_auroc": 0.6}])
+def test_the_json_neurons_equal_the_plain_per_neuron_build(result, tiny_models, default_cfg, options):
+    """The column-wise build (66 s -> 4 s for the bundled model) gives what a groupby per neuron gives, key order
+    and all, for dense neurons and a tiny Mixtral's experts, whole or filtered."""
+    moe = scan(tiny_models.lm("mixtral"), default_cfg)
+    for scanned in (result, moe):
+        got = export.to_json_dict(scanned, **options)["neurons"]
+        expected = reference_json_neurons(scanned, **options)
+        assert json.dumps(got) == json.dumps(expected) and len(got) > 0

@@ -510,4 +510,23 @@ def test_the_coverage_says_why_a_model_gives_no_token_counts(app_env, tmp_path):
     assert any(c.startswith(f"The folder {literal(str(tmp_path))} has no config.json") and c.endswith("only word occurrences are shown, "
                "not the tokens they cover.") for c in texts(at.caption)), texts(at.caption)  # fmt: skip
     at.text_input(key="cfg0_model").set_value("mechamap-tests/never-downloaded").run()
-    assert any(c.startswith("mechamap-tests/never-downloaded is not in the local Hugging Face cache") for c in texts(at.caption))
+    assert any(c.startswith("'mechamap-tests/never-downloaded' is not in the local Hugging Face cache") for c in texts(at.caption))
+
+
+def test_the_coverage_is_counted_once_per_text_words_and_tokenizer(app_env, monkeypatch):
+    """An app audit's 550k-character written text took 40 s to count at every rerun of the page; now once, and again
+    only when the text, the words or the model change."""
+    from mechamap_ui import config_tools
+
+    counted = []
+    count = config_tools.coverage_table
+    monkeypatch.setattr(config_tools, "coverage_table", lambda *args: counted.append(args[0]) or count(*args))
+    cfg = dataclasses.replace(load_config(app_env["configs"] / "default.yaml"), master_text="A zebra-7f3e and a cat. " * 3)
+    at = open_page(make_app(**{ACTIVE_CONFIG: cfg}), "config_editor")
+    no_exception(at)
+    assert len(counted) == 1
+    at.run()
+    at.text_input(key="cfg0_layers").set_value("0").run()  # another setting: the same text, words and model
+    assert len(counted) == 1
+    at.text_input(key="cfg0_model").set_value("mechamap-tests/never-downloaded").run()  # another tokenizer (none)
+    assert len(counted) == 2

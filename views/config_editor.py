@@ -72,8 +72,8 @@ def _replace_config(cfg, name: str, message: str) -> None:
     st.session_state[REPLACED] = (state.active_config(), state.active_config_name(), label)
     state.set_active_config(cfg, name)
     if label.endswith(state.UNSAVED_MARKS):
-        _say("warning", f"{message} It replaced your unsaved edits of {config_tools.literal(label)}: *Undo* brings them "
-                        "back.")  # fmt: skip
+        lost = "your unsaved edits of" if label.endswith(state.EDITED_MARK) else "the unsaved config"
+        _say("warning", f"{message} It replaced {lost} {config_tools.literal(label)}: *Undo* brings it back.")
     else:
         _say("success", message)
 

@@ -18,8 +18,8 @@ from .. import __version__
 from ..alignment import align
 from ..config import ScanConfig
 from ..corpus import CorpusReport, Document, local_files
-from ..files import atomic_output
-from ..models import LoadedModel, ModelNotAvailableError, model_name, resolve_model_source
+from ..files import atomic_output, files_fingerprint
+from ..models import LoadedModel, ModelNotAvailableError, model_name
 from ..moe import RECOMPUTED_AFTER_CHECK, MoELayer
 from ..sites import hook_name, layers_with_mlp
 from ..sites import n_layers as count_layers
@@ -199,30 +199,6 @@ def corpus_fingerprint(source: str | os.PathLike) -> str:
     source = os.fspath(source)
     files = local_files(source)
     return files_fingerprint(files) if files else hashlib.sha256(source.encode()).hexdigest()[:16]
-
-
-def model_files_fingerprint(spec: str) -> str:
-    """Identifies a local model folder's weights for resume checks (files_fingerprint of its files), so another model
-    saved under the same path (a fine-tuned copy, another architecture) is not resumed into the statistics of the
-    first; '' for a Hub id, whose commit the scan confirms once it has loaded (Checkpointing.confirm)."""
-    source, is_local = resolve_model_source(spec)
-    if not is_local:
-        return ""
-    return files_fingerprint(sorted(p for p in Path(source).iterdir() if p.is_file() and not p.name.startswith(".")))
-
-
-def files_fingerprint(files: list) -> str:
-    """A short hash of files by name, size and first and last MiB, in the order given: what tells a corpus or a model
-    folder from another without reading gigabytes."""
-    digest = hashlib.sha256()
-    for file in map(Path, files):
-        size = file.stat().st_size
-        digest.update(f"{file.name}:{size}".encode())
-        with open(file, "rb") as handle:
-            digest.update(handle.read(2**20))
-            handle.seek(max(0, size - 2**20))
-            digest.update(handle.read(2**20))
-    return digest.hexdigest()[:16]
 
 
 def scan_stream(
@@ -479,7 +455,4 @@ def merge_states(states: list[StreamState]) -> StreamState:
     return merged
 
 
-__all__ = [
-    "Checkpointing", "StreamState", "corpus_fingerprint", "merge_states", "model_files_fingerprint", "scan_stream",
-    "stream_result",
-]  # fmt: skip
+__all__ = ["Checkpointing", "StreamState", "corpus_fingerprint", "merge_states", "scan_stream", "stream_result"]
