@@ -706,3 +706,19 @@ def test_resuming_a_finished_scan_counts_its_trailing_bad_documents_once(tmp_pat
     assert f"read {len(DOCS)} documents, skipped 2 bad ones" in first
     assert main([*argv, "--resume"]) == 0
     assert summary(capsys.readouterr().err) == first
+
+
+def test_a_checkpoint_names_a_hub_model_without_its_revision(tmp_path, default_cfg):
+    """So a checkpoint of main resumes with --revision at the commit it recorded (Checkpointing.confirm checks the
+    commit once the model has loaded): a review found the advice could not be followed, the name with @rev differing."""
+    from types import SimpleNamespace
+
+    from mechamap_core.corpus_run import _checkpoint_fingerprint
+    from mechamap_core.scan.distributed import Ranks
+
+    corpus = tmp_path / "docs.txt"
+    corpus.write_text("\n".join(DOCS), encoding="utf-8")
+    args = SimpleNamespace(layers=None, limit_neurons=None)
+    prints = [_checkpoint_fingerprint(args, dataclasses.replace(default_cfg, model=model), str(corpus), "text", Ranks())
+              for model in ("org/m", "org/m@aaa111")]  # fmt: skip
+    assert prints[0] == prints[1] and prints[0]["model"] == "org/m" and prints[0]["model files"] == ""
