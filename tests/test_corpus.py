@@ -718,7 +718,10 @@ def test_a_checkpoint_names_a_hub_model_without_its_revision(tmp_path, default_c
 
     corpus = tmp_path / "docs.txt"
     corpus.write_text("\n".join(DOCS), encoding="utf-8")
-    args = SimpleNamespace(layers=None, limit_neurons=None)
-    prints = [_checkpoint_fingerprint(args, dataclasses.replace(default_cfg, model=model), str(corpus), "text", Ranks())
-              for model in ("org/m", "org/m@aaa111")]  # fmt: skip
+    cfg = dataclasses.replace(default_cfg, model="org/m")
+    prints = [_checkpoint_fingerprint(SimpleNamespace(layers=None, limit_neurons=None, revision=revision), cfg,
+                                      str(corpus), "text", Ranks()) for revision in (None, "aaa111")]  # fmt: skip
     assert prints[0] == prints[1] and prints[0]["model"] == "org/m" and prints[0]["model files"] == ""
+    typed = _checkpoint_fingerprint(SimpleNamespace(layers=None, limit_neurons=None, revision=None),
+                                    dataclasses.replace(default_cfg, model="org/m@aaa111"), str(corpus), "text", Ranks())
+    assert typed["model"] == "org/m"  # the commit is Checkpointing.confirm's to check
