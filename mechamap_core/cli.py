@@ -535,6 +535,7 @@ def _run_ablate(args) -> int:
         ablate,
         ablation_summary_text,
         ablation_targets,
+        effect_text,
         flagged_for_category,
         parse_neuron_list,
     )
@@ -575,7 +576,8 @@ def _run_ablate(args) -> int:
     ablation_targets(lm, neurons)  # a routed layer without an expert or a neuron out of range: refused before the bar
     with progress_bar("ablating", "pass") as progress:
         result = ablate(lm, cfg, args.category, neurons, mode=args.mode, n_controls=args.controls, progress=progress)
-    print(result.per_condition.drop(columns="neurons").to_string(index=False))
+    effects = ("effect_target", "effect_other", "effect_specific")  # each as the summary shows it, aligned
+    print(result.per_condition.drop(columns="neurons").to_string(index=False, formatters=dict.fromkeys(effects, effect_text)))
     print(f"\n{ablation_summary_text(result.summary)}")
     return 0
 
@@ -633,7 +635,8 @@ def _run_contrast(args) -> int:
         table = contrast_neurons(lm, scores, contrast_set, threshold=args.threshold, top=args.top or None, progress=progress)
     pd.set_option("display.width", 200)
     print(f"Word form or meaning? Neurons with score >= {args.threshold}, on {args.contrast or 'the built-in set'}:")
-    print(table.round(3).to_string(index=False))
+    shown = table if analysis.has_experts(table) else table.drop(columns="expert", errors="ignore")  # dense: no experts
+    print(shown.round(3).to_string(index=False))
     if args.out:
         with _writing(args, "--out", args.out):
             export.write_csv(table, args.out)

@@ -248,6 +248,8 @@ def validate_heldout(
     per_neuron = pd.DataFrame(rows)
     if experts:
         per_neuron["expert"] = pd.array(per_neuron["expert"], dtype="Int64")
+    if "heldout_tokens" in per_neuron:  # a count, empty for an untested row (not 10.0 beside NaN)
+        per_neuron["heldout_tokens"] = pd.array(per_neuron["heldout_tokens"], dtype="Int64")
     # per_neuron has each candidate's hook already: merged again, it came back as a second column, hook_scan
     scanned = candidates.drop(columns="hook", errors="ignore").assign(category=candidates["category"].astype(str))
     per_neuron = per_neuron.merge(scanned, on=key, how="left", suffixes=("", "_scan"))

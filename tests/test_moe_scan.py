@@ -234,6 +234,7 @@ def test_heldout_check_of_a_model_with_dense_shared_and_routed_neurons():
     np.testing.assert_allclose(tested["heldout_auroc"], tested["auroc_exact"], atol=1e-9)
     np.testing.assert_allclose(tested["heldout_avg_activation"], tested["avg_activation_exact"], rtol=1e-5, atol=1e-7)
     np.testing.assert_array_equal(tested["heldout_tokens"], tested["n_tokens_exact"])
+    assert str(joined["heldout_tokens"].dtype) == "Int64"  # a count, empty where untested (10.0 in --out before)
     untested = joined.loc[~joined.index.isin(tested.index)]
     assert (
         untested["n_tokens_exact"].lt(MIN_CATEGORY_TOKENS).all() and untested["hook"].str.contains(".experts.").all()
