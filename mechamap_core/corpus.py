@@ -161,7 +161,8 @@ def check_corpus(source: str | os.PathLike, *, text_field: str = "text", on_bad_
     than reading all of it to say so. Returns warnings: a folder's .jsonl and .parquet files, which a folder corpus
     does not read."""
     source = os.fspath(source)
-    for path in local_files(source):
+    files = local_files(source)
+    for path in files:
         if _kind(path) == "parquet":
             _check_parquet_file(path, text_field)
     report = _StopsAtBadStart()
@@ -170,11 +171,11 @@ def check_corpus(source: str | os.PathLike, *, text_field: str = "text", on_bad_
         next(documents, None)
     except _AllBadSoFar:
         raise ValueError(f"the first {report.n_skipped:,} documents of the corpus {source} are all bad "
-                         f"({report.summary()}){_fields_hint(source, text_field)}") from None  # fmt: skip
+                         f"({report.summary()}){_fields_hint(files, text_field)}") from None  # fmt: skip
     except ValueError as exc:  # no usable document, or the first bad one with on_bad_document="error"
         if report.documents:
             raise
-        raise ValueError(f"{exc}{_fields_hint(source, text_field)}") from None
+        raise ValueError(f"{exc}{_fields_hint(files, text_field)}") from None
     finally:
         documents.close()
     return _unread_in_folder(source)
@@ -195,9 +196,10 @@ class _StopsAtBadStart(CorpusReport):
             raise _AllBadSoFar
 
 
-def _fields_hint(source: str, text_field: str) -> str:
-    """'; its first record's fields are ...' for a .jsonl corpus whose first record lacks text_field, else ''."""
-    path = next((path for path in local_files(source) if _kind(path) == "jsonl"), None)
+def _fields_hint(files: list[str], text_field: str) -> str:
+    """'; its first record's fields are ...' for a .jsonl corpus (its files: local_files) whose first record lacks
+    text_field, else ''."""
+    path = next((path for path in files if _kind(path) == "jsonl"), None)
     if path is None:
         return ""
     with open(path, "rb") as stream:

@@ -310,11 +310,17 @@ def _job_panel(polling: bool) -> None:
             del mine[job.id]
             if job.state == DONE:  # this session's scan is a saved run now: make it the active one
                 _open_run_of(job)
-    if polling and all(job.finished for job in views):
-        state.keep_flash()  # a "Scan finished" shown at the top stays for the full rerun
-        st.rerun()  # nothing left to poll; the full rerun also lists the new runs in the sidebar
+    _rerun_once_all_finished(polling, views)
     for job in panel_order(views):
         _show_job(job)
+
+
+def _rerun_once_all_finished(polling: bool, views: list) -> None:
+    """From a polling fragment (the panel, the sidebar's jobs): once every job is finished, nothing is left to poll, so
+    rerun the whole page, which also lists the new runs in the sidebar; a "Scan finished" shown at its top stays."""
+    if polling and all(job.finished for job in views):
+        state.keep_flash()
+        st.rerun()
 
 
 def panel_order(views: list) -> list:
@@ -360,9 +366,7 @@ def note_jobs_elsewhere() -> None:
 
 def _jobs_in_brief(polling: bool) -> None:
     views = registry().jobs()
-    if polling and all(job.finished for job in views):
-        state.keep_flash()  # a "Scan finished" shown at the top stays for the full rerun
-        st.rerun()  # nothing left to poll; the full rerun also lists the new runs in the sidebar
+    _rerun_once_all_finished(polling, views)
     for job in panel_order(views):
         if job.state == RUNNING:
             st.progress(job.fraction, text=f"**{job.label}**: {progress_line(job)}")

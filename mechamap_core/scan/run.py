@@ -18,7 +18,7 @@ from ..models import LoadedModel, local_model_version
 from ..moe import MoELayer
 from ..sites import layers_without_mlp
 from ..sites import n_layers as count_layers
-from ..stats import word_folds
+from ..stats import word_folds, word_pairs
 from .calibrate import calibrate_edges, calibration_chunks
 from .driver import Batch, ProgressFn, Site, batches, resolve_hook_points, run_hooked_forward, site_device
 from .finish import (
@@ -138,7 +138,7 @@ def word_labels(cfg: ScanConfig, token_word: np.ndarray | None = None) -> tuple[
     present = None
     if token_word is not None:
         present = np.zeros(len(word_category), dtype=bool)
-        present[np.asarray(token_word)[np.asarray(token_word) >= 0]] = True
+        present[word_pairs(token_word)[1]] = True
     return word_category, word_folds(word_category, cfg.cv_folds, cfg.seed, present, list(cfg.categories), word_keys(cfg))
 
 

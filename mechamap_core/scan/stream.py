@@ -260,8 +260,12 @@ def scan_stream(
         since_checkpoint, group_characters = 0, 0
         group: list = []
         resumed_up_to = resume_from.next_index if resume_from is not None else 0
-        if progress:  # where the bar starts: 0, or the resumed documents (not counted in its rate)
-            progress(state.documents, total_documents, f"documents {state.documents:,}, tokens {state.tokens:,}")
+
+        def report_progress() -> None:
+            if progress:
+                progress(state.documents, total_documents, f"documents {state.documents:,}, tokens {state.tokens:,}")
+
+        report_progress()  # where the bar starts: 0, or the resumed documents
         for document in _as_documents(documents):
             if document.index < resumed_up_to:  # already in the resumed state
                 continue
@@ -272,8 +276,7 @@ def scan_stream(
                 _scan_group(lm, cfg, points, n_neurons, group, chunk_tokens, state, word_category, word_fold)
                 since_checkpoint += len(group)
                 group, group_characters = [], 0
-                if progress:
-                    progress(state.documents, total_documents, f"documents {state.documents:,}, tokens {state.tokens:,}")
+                report_progress()
                 if checkpointing and since_checkpoint >= checkpointing.every_documents:
                     _note_sources(state, points)  # a resumed run keeps a layer's fallback to recomputing
                     checkpointing.save(state)
@@ -281,8 +284,7 @@ def scan_stream(
         if group:
             _scan_group(lm, cfg, points, n_neurons, group, chunk_tokens, state, word_category, word_fold)
         _note_sources(state, points)
-        if progress:
-            progress(state.documents, total_documents, f"documents {state.documents:,}, tokens {state.tokens:,}")
+        report_progress()
         if checkpointing:
             checkpointing.save(state)
     state.sites = {hook: stats.to("cpu") for hook, stats in state.sites.items()}
